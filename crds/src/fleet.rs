@@ -1,0 +1,226 @@
+//! `GatewayFleet`: the gateway pods behind one address, their scaling bounds, front mode and
+//! shared state. The operator reconciles it into the workload and Services.
+
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::{SecretKeyRef, ValidationError, duration};
+
+/// A fleet of gateway pods terminating IKE and ESP behind one address.
+#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "vpn.concentrator.io",
+    version = "v1alpha1",
+    kind = "GatewayFleet",
+    namespaced,
+    status = "GatewayFleetStatus",
+    shortname = "gwf",
+    category = "concentrator",
+    printcolumn = r#"{"name":"Front","type":"string","jsonPath":".spec.front.mode"}"#,
+    printcolumn = r#"{"name":"Min","type":"integer","jsonPath":".spec.scaling.minReplicas"}"#,
+    printcolumn = r#"{"name":"Max","type":"integer","jsonPath":".spec.scaling.maxReplicas"}"#,
+    printcolumn = r#"{"name":"Replicas","type":"integer","jsonPath":".status.replicas"}"#,
+    printcolumn = r#"{"name":"Tunnels","type":"integer","jsonPath":".status.tunnels"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayFleetSpec {
+    /// Container image of the gateway. Default: the operator's own version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Replica bounds and autoscaling targets.
+    #[serde(default)]
+    pub scaling: ScalingSpec,
+    /// How sites reach the pods.
+    #[serde(default)]
+    pub front: FrontSpec,
+    /// etcd holding membership, leases and dynamic-eroute ownership.
+    pub etcd: EtcdSpec,
+    /// Secret key with the fleet key that encrypts replicated SA state.
+    pub fleet_key_secret_ref: SecretKeyRef,
+    /// Name of a `kubernetes.io/tls` Secret for the admin gRPC API (mTLS). Unset: plaintext on
+    /// the pod network only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_tls_secret_name: Option<String>,
+}
+
+/// Replica bounds and autoscaling targets.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ScalingSpec {
+    /// Never fewer pods than this. Default: 2.
+    pub min_replicas: u32,
+    /// Never more pods than this. Default: 10.
+    pub max_replicas: u32,
+    /// Tunnels per pod the autoscaler aims for. Default: 5000.
+    pub target_tunnels_per_pod: u32,
+    /// CPU utilisation per pod the autoscaler aims for, in percent. Default: 70.
+    pub target_cpu_percent: u32,
+    /// How long a lower replica count must be wanted before scaling in (`5m`). Default: 5m.
+    pub stabilization_window: String,
+}
+
+impl Default for ScalingSpec {
+    fn default() -> Self {
+        Self {
+            min_replicas: 2,
+            max_replicas: 10,
+            target_tunnels_per_pod: 5000,
+            target_cpu_percent: 70,
+            stabilization_window: "5m".into(),
+        }
+    }
+}
+
+/// How sites reach the pods.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FrontSpec {
+    /// Slb: one Service with ClientIP affinity. Vip: a director redirects to per-pod addresses.
+    #[serde(default)]
+    pub mode: FrontMode,
+    /// Type of the front Service. Default: LoadBalancer.
+    #[serde(default)]
+    pub service_type: FrontServiceType,
+    /// Fixed address for the front (the VIP sites connect to), when the platform allows one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+}
+
+/// How sites reach the pods.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum FrontMode {
+    /// A Service on UDP 500/4500 with `sessionAffinity: ClientIP`; SPI routing fixes the rest.
+    #[default]
+    Slb,
+    /// An elected director on the VIP sends IKEv2 REDIRECT to the least-loaded pod.
+    Vip,
+}
+
+/// Type of the front Service.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum FrontServiceType {
+    #[default]
+    LoadBalancer,
+    NodePort,
+}
+
+/// etcd endpoints and credentials.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EtcdSpec {
+    /// Client URLs (`https://etcd-0.etcd:2379`).
+    pub endpoints: Vec<String>,
+    /// Name of a Secret with `ca.crt`, `tls.crt`, `tls.key` for etcd client TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_secret_name: Option<String>,
+}
+
+/// What the operator observed of the fleet.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayFleetStatus {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Pods that exist.
+    #[serde(default)]
+    pub replicas: u32,
+    /// Pods that are ready.
+    #[serde(default)]
+    pub ready_replicas: u32,
+    /// Established tunnels across the fleet.
+    #[serde(default)]
+    pub tunnels: u64,
+}
+
+impl GatewayFleetSpec {
+    /// Validates the spec; returns the parsed stabilisation window.
+    pub fn validate(&self) -> Result<Duration, ValidationError> {
+        let s = &self.scaling;
+        if s.min_replicas == 0 {
+            return Err(ValidationError::new("spec.scaling.minReplicas", "must be at least 1"));
+        }
+        if s.max_replicas < s.min_replicas {
+            return Err(ValidationError::new(
+                "spec.scaling.maxReplicas",
+                format!("{} is below minReplicas {}", s.max_replicas, s.min_replicas),
+            ));
+        }
+        if s.target_tunnels_per_pod == 0 {
+            return Err(ValidationError::new("spec.scaling.targetTunnelsPerPod", "must be at least 1"));
+        }
+        if !(1..=100).contains(&s.target_cpu_percent) {
+            return Err(ValidationError::new(
+                "spec.scaling.targetCpuPercent",
+                format!("{} is not a percentage between 1 and 100", s.target_cpu_percent),
+            ));
+        }
+        let window = duration::parse("spec.scaling.stabilizationWindow", &s.stabilization_window)?;
+        if self.etcd.endpoints.is_empty() {
+            return Err(ValidationError::new(
+                "spec.etcd.endpoints",
+                "needs at least one etcd client URL (e.g. http://etcd:2379)",
+            ));
+        }
+        for (i, e) in self.etcd.endpoints.iter().enumerate() {
+            if !(e.starts_with("http://") || e.starts_with("https://")) || e.len() <= "https://".len() {
+                return Err(ValidationError::new(
+                    format!("spec.etcd.endpoints[{i}]"),
+                    format!("'{e}' is not an etcd client URL; write e.g. 'http://etcd:2379'"),
+                ));
+            }
+        }
+        self.fleet_key_secret_ref.validate("spec.fleetKeySecretRef")?;
+        if let Some(a) = &self.front.address {
+            if a.parse::<std::net::IpAddr>().is_err() {
+                return Err(ValidationError::new(
+                    "spec.front.address",
+                    format!("'{a}' is not an IP address"),
+                ));
+            }
+        }
+        Ok(window)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> GatewayFleetSpec {
+        serde_yaml::from_str(
+            "etcd:\n  endpoints: [\"http://etcd:2379\"]\nfleetKeySecretRef: {name: fleet, key: key}\n",
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn defaults_validate() {
+        let s = spec();
+        assert_eq!(s.front.mode, FrontMode::Slb);
+        assert_eq!(s.validate().unwrap(), Duration::from_secs(300));
+    }
+
+    #[test]
+    fn rejects_inverted_bounds_and_bad_endpoints() {
+        let mut s = spec();
+        s.scaling.max_replicas = 1;
+        assert_eq!(s.validate().unwrap_err().field, "spec.scaling.maxReplicas");
+        let mut s = spec();
+        s.etcd.endpoints = vec!["etcd:2379".into()];
+        assert_eq!(s.validate().unwrap_err().field, "spec.etcd.endpoints[0]");
+        let mut s = spec();
+        s.etcd.endpoints.clear();
+        assert_eq!(s.validate().unwrap_err().field, "spec.etcd.endpoints");
+        let mut s = spec();
+        s.scaling.target_cpu_percent = 0;
+        assert_eq!(s.validate().unwrap_err().field, "spec.scaling.targetCpuPercent");
+    }
+}

@@ -1,0 +1,73 @@
+//! Command line. Every flag can also be set through the `CONCENTRATOR_*` variable shown in
+//! `--help`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use concentrator_telemetry::LogFormat;
+
+/// Gateway pod of the concentrator: terminates IKEv2/ESP tunnels for the eroutes and egroups
+/// found in a config directory.
+#[derive(Clone, Debug, clap::Parser)]
+#[command(name = "concentrator-gateway", version, about, long_about = None)]
+pub struct Options {
+    /// Directory with Eroute/Egroup YAML (every *.yaml/*.yml, multi-document allowed) and
+    /// Secrets as secrets/<name>/<key>.
+    #[arg(long, env = "CONCENTRATOR_CONFIG_DIR", value_name = "DIR")]
+    pub config_dir: PathBuf,
+
+    /// Directory for state: the embedded SQLite site store (sites.db) lives here.
+    #[arg(long, env = "CONCENTRATOR_DATA_DIR", value_name = "DIR", default_value = "/var/lib/concentrator")]
+    pub data_dir: PathBuf,
+
+    /// Default site store instead of the embedded one: mysql://user:pass@host:port/db
+    /// (mariadb:// works too) or sqlite:PATH. Prefer the variable: a URL on the command
+    /// line is visible to every local user.
+    #[arg(long, env = "CONCENTRATOR_SITE_DB", value_name = "URL", hide_env_values = true)]
+    pub site_db: Option<String>,
+
+    /// Address of the gRPC admin API (tunnels, counters, drain) and gRPC health.
+    #[arg(long, env = "CONCENTRATOR_ADMIN_LISTEN", value_name = "ADDR", default_value = "127.0.0.1:50051")]
+    pub admin_listen: SocketAddr,
+
+    /// Address of the Prometheus endpoint (/metrics, /healthz, /readyz).
+    #[arg(long, env = "CONCENTRATOR_METRICS_LISTEN", value_name = "ADDR", default_value = "127.0.0.1:9090")]
+    pub metrics_listen: SocketAddr,
+
+    /// Log format; the level comes from RUST_LOG (default info). OTLP trace export is on
+    /// when OTEL_EXPORTER_OTLP_ENDPOINT is set.
+    #[arg(long, env = "CONCENTRATOR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
+    pub log_format: LogFormat,
+
+    /// Validate the config directory, print a summary and exit (0 valid, 2 invalid).
+    #[arg(long, env = "CONCENTRATOR_CHECK")]
+    pub check: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[test]
+    fn every_flag_has_an_env_variable() {
+        let cmd = <Options as clap::CommandFactory>::command();
+        for arg in cmd.get_arguments() {
+            let id = arg.get_id().as_str();
+            if id == "help" || id == "version" {
+                continue;
+            }
+            let env = arg.get_env().and_then(|e| e.to_str()).unwrap_or_default();
+            assert!(env.starts_with("CONCENTRATOR_"), "--{id} has no CONCENTRATOR_* variable");
+        }
+    }
+
+    #[test]
+    fn parses_flags() {
+        let o = Options::try_parse_from(["g", "--config-dir", "ex", "--check", "--log-format", "json"]).unwrap();
+        assert!(o.check);
+        assert_eq!(o.log_format, LogFormat::Json);
+        assert!(Options::try_parse_from(["g"]).is_err(), "config dir is required");
+    }
+}

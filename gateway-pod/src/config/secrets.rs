@@ -1,0 +1,45 @@
+use std::path::Path;
+
+use concentrator_crds::SecretKeyRef;
+
+use super::ConfigError;
+use crate::secret::Secret;
+
+/// Reads `dir/secrets/<name>/<key>`. A single trailing newline is dropped: it is almost always
+/// an artefact of `echo` or an editor, never part of a key.
+pub(super) fn read(
+    dir: &Path,
+    r: &SecretKeyRef,
+    kind: &'static str,
+    name: &str,
+    field: &str,
+) -> Result<Secret, ConfigError> {
+    let rel = Path::new("secrets").join(&r.name).join(&r.key);
+    let fail = |message: String| ConfigError::Secret {
+        kind,
+        name: name.to_owned(),
+        field: field.to_owned(),
+        message,
+    };
+    let mut bytes = std::fs::read(dir.join(&rel)).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            fail(format!(
+                "Secret '{}' key '{}' not found: expected the file {}",
+                r.name,
+                r.key,
+                rel.display()
+            ))
+        } else {
+            fail(format!("cannot read {}: {e}", rel.display()))
+        }
+    })?;
+    if bytes.ends_with(b"\r\n") {
+        bytes.truncate(bytes.len() - 2);
+    } else if bytes.ends_with(b"\n") {
+        bytes.truncate(bytes.len() - 1);
+    }
+    if bytes.is_empty() {
+        return Err(fail(format!("Secret '{}' key '{}' is empty", r.name, r.key)));
+    }
+    Ok(Secret::new(bytes))
+}

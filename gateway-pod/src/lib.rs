@@ -1,0 +1,147 @@
+//! The gateway pod: reads eroutes and egroups, opens the site store and serves the admin API
+//! and metrics. The IKEv2 engine and ESP data plane plug into [`state::Gateway`].
+
+pub mod admin;
+pub mod cli;
+pub mod config;
+pub mod metrics;
+pub mod secret;
+pub mod sitedb;
+pub mod state;
+pub mod tunnels;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use concentrator_proto::admin::gateway_admin_server::GatewayAdminServer;
+use prometheus_client::registry::Registry;
+use tokio::sync::oneshot;
+
+pub use cli::Options;
+
+use crate::config::Config;
+use crate::sitedb::SiteStore;
+use crate::state::Gateway;
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    SiteDb(#[from] sitedb::SiteDbError),
+    #[error(transparent)]
+    Telemetry(#[from] concentrator_telemetry::TelemetryError),
+    #[error("cannot listen for the admin API on {addr}: {source}")]
+    AdminBind { addr: SocketAddr, source: std::io::Error },
+}
+
+/// A started gateway.
+pub struct Running {
+    pub gateway: Arc<Gateway>,
+    pub admin_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub site_store: SiteStore,
+    shutdown: Option<oneshot::Sender<()>>,
+    admin_task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    metrics: concentrator_telemetry::MetricsServer,
+}
+
+impl Running {
+    /// Stops serving and waits for in-flight admin calls to finish.
+    pub async fn shutdown(mut self) {
+        self.metrics.set_ready(false);
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        match (&mut self.admin_task).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "admin server ended with an error"),
+            Err(e) => tracing::warn!(error = %e, "admin server task failed"),
+        }
+        self.metrics.abort();
+        self.site_store.close().await;
+    }
+}
+
+/// Opens the site store and starts the admin API and metrics for an already loaded config.
+pub async fn start(opts: &Options, config: Config) -> Result<Running, StartError> {
+    let site_store = match &opts.site_db {
+        Some(url) => SiteStore::open_url(url, std::time::Duration::from_secs(5)).await?,
+        None => SiteStore::open_embedded(&opts.data_dir).await?,
+    };
+    // The embedded store is ours to shape. An external database belongs to its operators:
+    // migrate it with the migrations in gateway-pod/migrations, not behind their back.
+    if matches!(site_store, SiteStore::Sqlite(_)) {
+        site_store.migrate().await?;
+    }
+
+    let metrics = metrics::Metrics::default();
+    let mut registry = Registry::default();
+    metrics.register(&mut registry);
+    let gateway = Arc::new(Gateway::new(config, metrics));
+    match site_store.count_sites().await {
+        Ok(n) => {
+            gateway.metrics.sites.set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot count sites; the site store may be unreachable"),
+    }
+
+    let metrics_srv = concentrator_telemetry::serve_metrics(opts.metrics_listen, Arc::new(registry)).await?;
+
+    let listener = tokio::net::TcpListener::bind(opts.admin_listen)
+        .await
+        .map_err(|source| StartError::AdminBind {
+            addr: opts.admin_listen,
+            source,
+        })?;
+    let admin_addr = listener.local_addr().map_err(|source| StartError::AdminBind {
+        addr: opts.admin_listen,
+        source,
+    })?;
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<GatewayAdminServer<admin::AdminService>>()
+        .await;
+    let (tx, rx) = oneshot::channel::<()>();
+    let admin = GatewayAdminServer::new(admin::AdminService::new(gateway.clone()));
+    let admin_task = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(admin)
+            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
+                let _ = rx.await;
+            }),
+    );
+    metrics_srv.set_ready(true);
+    Ok(Running {
+        gateway,
+        admin_addr,
+        metrics_addr: metrics_srv.local_addr,
+        site_store,
+        shutdown: Some(tx),
+        admin_task,
+        metrics: metrics_srv,
+    })
+}
+
+/// One line per object, for `--check` and the start-up log.
+pub fn summary(config: &Config) -> Vec<String> {
+    let set = &config.set;
+    let mut lines = Vec::new();
+    for (name, e) in &set.eroutes {
+        let binding = match set.egroup_of(name) {
+            Some((g, eg)) => format!("egroup {g} (sites /{}, max {})", eg.remote_subnet_prefix, eg.max_dynamic_eroutes),
+            None => format!("static peer {}", e.peer_address.as_deref().unwrap_or("(any address)")),
+        };
+        lines.push(format!(
+            "eroute {name}: {} <-> {} peer-id {} role {:?}, {binding}",
+            e.local_subnet,
+            e.remote_subnet,
+            e.peer_id.as_deref().unwrap_or("(any)"),
+            e.role
+        ));
+    }
+    for f in &config.ignored_fleets {
+        lines.push(format!("gatewayfleet {f}: ignored by a standalone gateway"));
+    }
+    lines
+}

@@ -1,0 +1,92 @@
+//! Validation controllers for `Eroute` and `Egroup`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use concentrator_crds::{Egroup, Eroute, ValidationError};
+use futures::StreamExt;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::watcher;
+use kube::{Api, Client, Resource, ResourceExt};
+use serde_json::json;
+
+use crate::status::ready_status;
+
+/// Field manager for status patches.
+pub const MANAGER: &str = "concentrator-operator";
+
+/// Errors of one reconcile.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("object has no namespace")]
+    NoNamespace,
+}
+
+/// What every reconcile needs.
+pub struct Context {
+    pub client: Client,
+}
+
+/// A resource whose spec validates on its own.
+pub trait Validated:
+    Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope> + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static {
+    const KIND: &'static str;
+    fn check(&self) -> Result<(), ValidationError>;
+}
+
+impl Validated for Eroute {
+    const KIND: &'static str = "Eroute";
+    fn check(&self) -> Result<(), ValidationError> {
+        self.spec.validate().map(|_| ())
+    }
+}
+
+impl Validated for Egroup {
+    const KIND: &'static str = "Egroup";
+    fn check(&self) -> Result<(), ValidationError> {
+        self.spec.validate().map(|_| ())
+    }
+}
+
+/// Validates the object and records the verdict in its status by server-side apply.
+#[tracing::instrument(skip_all, fields(kind = K::KIND, name = %obj.name_any(), namespace = obj.namespace().unwrap_or_default()))]
+pub async fn reconcile<K: Validated>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let ns = obj.namespace().ok_or(Error::NoNamespace)?;
+    let verdict = obj.check();
+    if let Err(e) = &verdict {
+        tracing::warn!(error = %e, "invalid spec");
+    }
+    let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    let patch = json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::KIND,
+        "status": ready_status(&verdict, obj.meta().generation, &now),
+    });
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), &ns);
+    api.patch_status(&obj.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch))
+        .await?;
+    Ok(Action::requeue(Duration::from_secs(300)))
+}
+
+/// Retry soon after an API error.
+pub fn error_policy<K: Validated>(_obj: Arc<K>, err: &Error, _ctx: Arc<Context>) -> Action {
+    tracing::warn!(error = %err, "reconcile failed");
+    Action::requeue(Duration::from_secs(15))
+}
+
+/// Runs the Eroute and Egroup controllers until the stream ends.
+pub async fn run(client: Client) {
+    let ctx = Arc::new(Context { client: client.clone() });
+    let eroutes = Controller::new(Api::<Eroute>::all(client.clone()), watcher::Config::default())
+        .shutdown_on_signal()
+        .run(reconcile::<Eroute>, error_policy::<Eroute>, ctx.clone())
+        .for_each(|_| async {});
+    let egroups = Controller::new(Api::<Egroup>::all(client), watcher::Config::default())
+        .shutdown_on_signal()
+        .run(reconcile::<Egroup>, error_policy::<Egroup>, ctx)
+        .for_each(|_| async {});
+    tokio::join!(eroutes, egroups);
+}
