@@ -201,14 +201,19 @@ fn sql_identifier(field: &str, given: Option<&str>, default: &str) -> Result<Str
     let name = given.unwrap_or(default);
     let ok = !name.is_empty()
         && name.len() <= 64
-        && name.bytes().next().is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        && name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
     if ok {
         Ok(name.to_owned())
     } else {
         Err(ValidationError::new(
             field,
-            format!("'{name}' is not a plain SQL identifier (letters, digits and '_', not starting with a digit, at most 64)"),
+            format!(
+                "'{name}' is not a plain SQL identifier (letters, digits and '_', not starting with a digit, at most 64)"
+            ),
         ))
     }
 }
@@ -225,11 +230,17 @@ impl EgroupSpec {
         if self.remote_subnet_prefix > 128 {
             return Err(ValidationError::new(
                 "spec.remoteSubnetPrefix",
-                format!("{} is not a prefix length (0-32 for IPv4, 0-128 for IPv6)", self.remote_subnet_prefix),
+                format!(
+                    "{} is not a prefix length (0-32 for IPv4, 0-128 for IPv6)",
+                    self.remote_subnet_prefix
+                ),
             ));
         }
         if self.max_dynamic_eroutes == 0 {
-            return Err(ValidationError::new("spec.maxDynamicEroutes", "must be at least 1"));
+            return Err(ValidationError::new(
+                "spec.maxDynamicEroutes",
+                "must be at least 1",
+            ));
         }
         let db = &self.database;
         let database = match (&db.url, &db.url_secret_ref) {
@@ -254,8 +265,16 @@ impl EgroupSpec {
             table: sql_identifier("spec.database.table", db.table.as_deref(), "sites")?,
             peer_id: sql_identifier("spec.database.columns.peerId", c.peer_id.as_deref(), "peer_id")?,
             psk: sql_identifier("spec.database.columns.psk", c.psk.as_deref(), "psk")?,
-            remote_subnet: sql_identifier("spec.database.columns.remoteSubnet", c.remote_subnet.as_deref(), "remote_subnet")?,
-            peer_address: sql_identifier("spec.database.columns.peerAddress", c.peer_address.as_deref(), "peer_address")?,
+            remote_subnet: sql_identifier(
+                "spec.database.columns.remoteSubnet",
+                c.remote_subnet.as_deref(),
+                "remote_subnet",
+            )?,
+            peer_address: sql_identifier(
+                "spec.database.columns.peerAddress",
+                c.peer_address.as_deref(),
+                "peer_address",
+            )?,
             backup_peer_address: sql_identifier(
                 "spec.database.columns.backupPeerAddress",
                 c.backup_peer_address.as_deref(),
@@ -306,7 +325,10 @@ mod tests {
     fn rejects_url_and_secret_together_and_bad_scheme_without_leaking() {
         let mut s = spec();
         s.database.url = Some("mysql://u:p@h/db".into());
-        s.database.url_secret_ref = Some(SecretKeyRef { name: "db".into(), key: "url".into() });
+        s.database.url_secret_ref = Some(SecretKeyRef {
+            name: "db".into(),
+            key: "url".into(),
+        });
         assert_eq!(s.validate().unwrap_err().field, "spec.database");
         let mut s = spec();
         s.database.url = Some("postgres://u:hunter2@h/db".into());

@@ -259,11 +259,33 @@ impl ErouteSpec {
         if let Some(r) = &self.psk_secret_ref {
             r.validate("spec.pskSecretRef")?;
         }
-        let ike_proposals = proposals(&self.ike.proposals, DEFAULT_IKE_PROPOSAL, "spec.ike.proposals", proposal::parse_ike)?;
-        let esp_proposals = proposals(&self.esp.proposals, DEFAULT_ESP_PROPOSAL, "spec.esp.proposals", proposal::parse_esp)?;
-        let ike_lifetime = duration::parse_or("spec.ike.lifetime", self.ike.lifetime.as_deref(), Duration::from_secs(4 * 3600))?;
-        let dpd_interval = duration::parse_or("spec.ike.dpdInterval", self.ike.dpd_interval.as_deref(), Duration::from_secs(30))?;
-        let esp_lifetime = duration::parse_or("spec.esp.lifetime", self.esp.lifetime.as_deref(), Duration::from_secs(3600))?;
+        let ike_proposals = proposals(
+            &self.ike.proposals,
+            DEFAULT_IKE_PROPOSAL,
+            "spec.ike.proposals",
+            proposal::parse_ike,
+        )?;
+        let esp_proposals = proposals(
+            &self.esp.proposals,
+            DEFAULT_ESP_PROPOSAL,
+            "spec.esp.proposals",
+            proposal::parse_esp,
+        )?;
+        let ike_lifetime = duration::parse_or(
+            "spec.ike.lifetime",
+            self.ike.lifetime.as_deref(),
+            Duration::from_secs(4 * 3600),
+        )?;
+        let dpd_interval = duration::parse_or(
+            "spec.ike.dpdInterval",
+            self.ike.dpd_interval.as_deref(),
+            Duration::from_secs(30),
+        )?;
+        let esp_lifetime = duration::parse_or(
+            "spec.esp.lifetime",
+            self.esp.lifetime.as_deref(),
+            Duration::from_secs(3600),
+        )?;
         let replay_window = self.esp.replay_window.unwrap_or(DEFAULT_REPLAY_WINDOW);
         if replay_window > MAX_REPLAY_WINDOW {
             return Err(ValidationError::new(
@@ -418,7 +440,8 @@ peerId: "*.sites.example.com"
 
     #[test]
     fn role_is_case_exact_in_yaml() {
-        let r: Result<ErouteSpec, _> = serde_yaml::from_str("localSubnet: a\nremoteSubnet: b\nrole: responder\n");
+        let r: Result<ErouteSpec, _> =
+            serde_yaml::from_str("localSubnet: a\nremoteSubnet: b\nrole: responder\n");
         assert!(r.is_err());
     }
 }

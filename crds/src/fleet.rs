@@ -145,7 +145,10 @@ impl GatewayFleetSpec {
     pub fn validate(&self) -> Result<Duration, ValidationError> {
         let s = &self.scaling;
         if s.min_replicas == 0 {
-            return Err(ValidationError::new("spec.scaling.minReplicas", "must be at least 1"));
+            return Err(ValidationError::new(
+                "spec.scaling.minReplicas",
+                "must be at least 1",
+            ));
         }
         if s.max_replicas < s.min_replicas {
             return Err(ValidationError::new(
@@ -154,7 +157,10 @@ impl GatewayFleetSpec {
             ));
         }
         if s.target_tunnels_per_pod == 0 {
-            return Err(ValidationError::new("spec.scaling.targetTunnelsPerPod", "must be at least 1"));
+            return Err(ValidationError::new(
+                "spec.scaling.targetTunnelsPerPod",
+                "must be at least 1",
+            ));
         }
         if !(1..=100).contains(&s.target_cpu_percent) {
             return Err(ValidationError::new(
@@ -178,13 +184,13 @@ impl GatewayFleetSpec {
             }
         }
         self.fleet_key_secret_ref.validate("spec.fleetKeySecretRef")?;
-        if let Some(a) = &self.front.address {
-            if a.parse::<std::net::IpAddr>().is_err() {
-                return Err(ValidationError::new(
-                    "spec.front.address",
-                    format!("'{a}' is not an IP address"),
-                ));
-            }
+        if let Some(a) = &self.front.address
+            && a.parse::<std::net::IpAddr>().is_err()
+        {
+            return Err(ValidationError::new(
+                "spec.front.address",
+                format!("'{a}' is not an IP address"),
+            ));
         }
         Ok(window)
     }

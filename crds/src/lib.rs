@@ -27,7 +27,10 @@ pub const GROUP: &str = "vpn.concentrator.io";
 pub const VERSION: &str = "v1alpha1";
 
 /// The CRDs this crate defines, as `(file stem, CRD)` pairs, in a stable order.
-pub fn all_crds() -> Vec<(&'static str, k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition)> {
+pub fn all_crds() -> Vec<(
+    &'static str,
+    k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+)> {
     use kube::CustomResourceExt;
     vec![
         ("eroute", Eroute::crd()),

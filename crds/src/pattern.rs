@@ -20,7 +20,10 @@ pub fn validate(field: &str, pattern: &str) -> Result<(), ValidationError> {
     if let Some(c) = pattern.chars().find(|c| c.is_control() || c.is_whitespace()) {
         return Err(ValidationError::new(
             field,
-            format!("'{}' contains the character {c:?}; peer IDs have no spaces or control characters", pattern.escape_debug()),
+            format!(
+                "'{}' contains the character {c:?}; peer IDs have no spaces or control characters",
+                pattern.escape_debug()
+            ),
         ));
     }
     Ok(())
@@ -84,10 +87,12 @@ pub fn overlap(a: &str, b: &str) -> bool {
                     reach[(i + 1) * width + j] = true;
                 }
             }
-            if let (Some(&x), Some(&y)) = (ca, cb) {
-                if x != b'*' && y != b'*' && (x == y || x == b'?' || y == b'?') {
-                    reach[(i + 1) * width + j + 1] = true;
-                }
+            if let (Some(&x), Some(&y)) = (ca, cb)
+                && x != b'*'
+                && y != b'*'
+                && (x == y || x == b'?' || y == b'?')
+            {
+                reach[(i + 1) * width + j + 1] = true;
             }
         }
     }

@@ -169,7 +169,9 @@ fn token(t: &str) -> Result<Token, String> {
         "esn" => Token::Esn(Esn::Yes),
         "noesn" => Token::Esn(Esn::No),
         "aes192" | "aes192gcm16" | "aes192gcm128" | "aes192gcm" => {
-            return Err(format!("'{t}' is not supported: use a 128 or 256 bit key (aes128..., aes256...)"));
+            return Err(format!(
+                "'{t}' is not supported: use a 128 or 256 bit key (aes128..., aes256...)"
+            ));
         }
         "3des" | "des" | "md5" | "sha1" | "sha" | "prfsha1" | "prfmd5" | "modp768" | "modp1024"
         | "modp1536" => {
@@ -252,7 +254,10 @@ fn parse_tokens(field: &str, s: &str) -> Result<Parsed, ValidationError> {
 pub fn parse_ike(field: &str, s: &str) -> Result<IkeProposal, ValidationError> {
     let mut p = parse_tokens(field, s)?;
     if !p.esn.is_empty() {
-        return Err(ValidationError::new(field, format!("'{s}': esn/noesn only apply to ESP proposals")));
+        return Err(ValidationError::new(
+            field,
+            format!("'{s}': esn/noesn only apply to ESP proposals"),
+        ));
     }
     if p.dh.is_empty() {
         return Err(ValidationError::new(
@@ -282,7 +287,10 @@ pub fn parse_ike(field: &str, s: &str) -> Result<IkeProposal, ValidationError> {
 pub fn parse_esp(field: &str, s: &str) -> Result<EspProposal, ValidationError> {
     let mut p = parse_tokens(field, s)?;
     if !p.prf.is_empty() {
-        return Err(ValidationError::new(field, format!("'{s}': a PRF only applies to IKE proposals")));
+        return Err(ValidationError::new(
+            field,
+            format!("'{s}': a PRF only applies to IKE proposals"),
+        ));
     }
     if p.esn.is_empty() {
         p.esn.push(Esn::No);
@@ -357,14 +365,29 @@ mod tests {
 
     #[test]
     fn rejects_cbc_without_integrity_and_gcm_with_integrity() {
-        assert!(parse_esp("f", "aes128").unwrap_err().message.contains("integrity"));
-        assert!(parse_esp("f", "aes128gcm16-sha256").unwrap_err().message.contains("AEAD"));
+        assert!(
+            parse_esp("f", "aes128")
+                .unwrap_err()
+                .message
+                .contains("integrity")
+        );
+        assert!(
+            parse_esp("f", "aes128gcm16-sha256")
+                .unwrap_err()
+                .message
+                .contains("AEAD")
+        );
         assert!(parse_esp("f", "aes128gcm16-aes128-sha256").is_err());
     }
 
     #[test]
     fn rejects_weak_and_misplaced() {
-        assert!(parse_ike("f", "aes128-sha1-modp1024").unwrap_err().message.contains("weak"));
+        assert!(
+            parse_ike("f", "aes128-sha1-modp1024")
+                .unwrap_err()
+                .message
+                .contains("weak")
+        );
         assert!(parse_esp("f", "aes128gcm16-prfsha256").is_err());
         assert!(parse_ike("f", "aes128gcm16-x25519-esn").is_err());
         assert!(parse_ike("f", "").is_err());

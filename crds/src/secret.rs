@@ -64,8 +64,7 @@ fn is_secret_key(s: &str) -> bool {
         && s.len() <= 253
         && s != "."
         && s != ".."
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
 }
 

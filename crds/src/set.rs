@@ -50,7 +50,10 @@ fn err(kind: &'static str, name: &str, field: impl Into<String>, message: impl I
 
 /// Validates every object, then the relations between them. Stops at the first problem, in
 /// the order the objects were given, so the message points at one place to fix.
-pub fn validate(eroutes: &[(String, ErouteSpec)], egroups: &[(String, EgroupSpec)]) -> Result<ValidatedSet, ObjectError> {
+pub fn validate(
+    eroutes: &[(String, ErouteSpec)],
+    egroups: &[(String, EgroupSpec)],
+) -> Result<ValidatedSet, ObjectError> {
     let mut set = ValidatedSet::default();
     for (name, spec) in eroutes {
         let v = spec.validate().map_err(|error| ObjectError {
@@ -76,7 +79,11 @@ pub fn validate(eroutes: &[(String, ErouteSpec)], egroups: &[(String, EgroupSpec
                 format!("refers to Eroute '{}', which does not exist", g.eroute),
             ));
         };
-        let max_prefix = if base.remote_subnet.addr().is_ipv4() { 32 } else { 128 };
+        let max_prefix = if base.remote_subnet.addr().is_ipv4() {
+            32
+        } else {
+            128
+        };
         if g.remote_subnet_prefix > max_prefix || g.remote_subnet_prefix < base.remote_subnet.prefix_len() {
             return Err(err(
                 "Egroup",
@@ -94,7 +101,10 @@ pub fn validate(eroutes: &[(String, ErouteSpec)], egroups: &[(String, EgroupSpec
                 "Egroup",
                 name,
                 "spec.eroute",
-                format!("Eroute '{}' has no peerId pattern to match sites against", g.eroute),
+                format!(
+                    "Eroute '{}' has no peerId pattern to match sites against",
+                    g.eroute
+                ),
             ));
         }
         for (other_name, other) in &set.egroups {
@@ -103,22 +113,25 @@ pub fn validate(eroutes: &[(String, ErouteSpec)], egroups: &[(String, EgroupSpec
                     "Egroup",
                     name,
                     "spec.eroute",
-                    format!("Eroute '{}' is already bound to Egroup '{other_name}'; one database per eroute", g.eroute),
+                    format!(
+                        "Eroute '{}' is already bound to Egroup '{other_name}'; one database per eroute",
+                        g.eroute
+                    ),
                 ));
             }
             let (a, b) = (&set.eroutes[&other.eroute].peer_id, &base.peer_id);
-            if let (Some(a), Some(b)) = (a, b) {
-                if pattern::overlap(a, b) {
-                    return Err(err(
-                        "Egroup",
-                        name,
-                        "spec.eroute",
-                        format!(
-                            "peer-ID pattern '{b}' of Eroute '{}' overlaps '{a}' of Egroup '{other_name}': a site ID could match both",
-                            g.eroute
-                        ),
-                    ));
-                }
+            if let (Some(a), Some(b)) = (a, b)
+                && pattern::overlap(a, b)
+            {
+                return Err(err(
+                    "Egroup",
+                    name,
+                    "spec.eroute",
+                    format!(
+                        "peer-ID pattern '{b}' of Eroute '{}' overlaps '{a}' of Egroup '{other_name}': a site ID could match both",
+                        g.eroute
+                    ),
+                ));
             }
         }
         if set.egroups.insert(name.clone(), g).is_some() {
@@ -160,7 +173,9 @@ mod tests {
     }
 
     fn base(peer: &str) -> ErouteSpec {
-        eroute(&format!("localSubnet: 10.0.0.0/16\nremoteSubnet: 10.128.0.0/9\npeerId: '{peer}'\n"))
+        eroute(&format!(
+            "localSubnet: 10.0.0.0/16\nremoteSubnet: 10.128.0.0/9\npeerId: '{peer}'\n"
+        ))
     }
 
     fn egroup(eroute: &str) -> EgroupSpec {
@@ -169,14 +184,21 @@ mod tests {
 
     #[test]
     fn accepts_base_plus_egroup() {
-        let set = validate(&[("b".into(), base("*.example.com"))], &[("g".into(), egroup("b"))]).unwrap();
+        let set = validate(
+            &[("b".into(), base("*.example.com"))],
+            &[("g".into(), egroup("b"))],
+        )
+        .unwrap();
         assert_eq!(set.egroup_of("b").unwrap().0, "g");
     }
 
     #[test]
     fn rejects_dangling_eroute_reference() {
         let e = validate(&[], &[("g".into(), egroup("nope"))]).unwrap_err();
-        assert_eq!((e.kind, e.name.as_str(), e.error.field.as_str()), ("Egroup", "g", "spec.eroute"));
+        assert_eq!(
+            (e.kind, e.name.as_str(), e.error.field.as_str()),
+            ("Egroup", "g", "spec.eroute")
+        );
         assert!(e.to_string().contains("'nope'"));
     }
 
@@ -190,7 +212,10 @@ mod tests {
         assert!(e.error.message.contains("overlaps"), "{e}");
         assert!(
             validate(
-                &[("a".into(), base("*.a.example.com")), ("b".into(), base("*.b.example.com"))],
+                &[
+                    ("a".into(), base("*.a.example.com")),
+                    ("b".into(), base("*.b.example.com"))
+                ],
                 &[("ga".into(), egroup("a")), ("gb".into(), egroup("b"))],
             )
             .is_ok()

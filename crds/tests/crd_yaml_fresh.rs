@@ -10,8 +10,12 @@ fn checked_in_crds_match_the_types() {
         for (stem, crd) in concentrator_crds::all_crds() {
             let want = concentrator_crds::crd_yaml(&crd).unwrap();
             let path = dir.join(format!("{stem}.yaml"));
-            let have = std::fs::read_to_string(&path)
-                .unwrap_or_else(|e| panic!("{}: {e}; run `cargo run -p concentrator-crds --bin crdgen`", path.display()));
+            let have = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+                panic!(
+                    "{}: {e}; run `cargo run -p concentrator-crds --bin crdgen`",
+                    path.display()
+                )
+            });
             assert!(
                 have == want,
                 "{} is stale; run `cargo run -p concentrator-crds --bin crdgen` and commit the result",
@@ -27,7 +31,10 @@ fn crds_have_status_subresource_and_columns() {
         assert_eq!(crd.spec.group, concentrator_crds::GROUP);
         let v = &crd.spec.versions[0];
         assert_eq!(v.name, concentrator_crds::VERSION);
-        assert!(v.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some(), "{stem}: status subresource");
+        assert!(
+            v.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some(),
+            "{stem}: status subresource"
+        );
         let cols = v.additional_printer_columns.as_ref().map(Vec::len).unwrap_or(0);
         assert!(cols >= 4, "{stem}: printer columns");
         assert_eq!(crd.spec.scope, "Namespaced");

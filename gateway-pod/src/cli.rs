@@ -17,21 +17,41 @@ pub struct Options {
     pub config_dir: PathBuf,
 
     /// Directory for state: the embedded SQLite site store (sites.db) lives here.
-    #[arg(long, env = "CONCENTRATOR_DATA_DIR", value_name = "DIR", default_value = "/var/lib/concentrator")]
+    #[arg(
+        long,
+        env = "CONCENTRATOR_DATA_DIR",
+        value_name = "DIR",
+        default_value = "/var/lib/concentrator"
+    )]
     pub data_dir: PathBuf,
 
     /// Default site store instead of the embedded one: mysql://user:pass@host:port/db
     /// (mariadb:// works too) or sqlite:PATH. Prefer the variable: a URL on the command
     /// line is visible to every local user.
-    #[arg(long, env = "CONCENTRATOR_SITE_DB", value_name = "URL", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "CONCENTRATOR_SITE_DB",
+        value_name = "URL",
+        hide_env_values = true
+    )]
     pub site_db: Option<String>,
 
     /// Address of the gRPC admin API (tunnels, counters, drain) and gRPC health.
-    #[arg(long, env = "CONCENTRATOR_ADMIN_LISTEN", value_name = "ADDR", default_value = "127.0.0.1:50051")]
+    #[arg(
+        long,
+        env = "CONCENTRATOR_ADMIN_LISTEN",
+        value_name = "ADDR",
+        default_value = "127.0.0.1:50051"
+    )]
     pub admin_listen: SocketAddr,
 
     /// Address of the Prometheus endpoint (/metrics, /healthz, /readyz).
-    #[arg(long, env = "CONCENTRATOR_METRICS_LISTEN", value_name = "ADDR", default_value = "127.0.0.1:9090")]
+    #[arg(
+        long,
+        env = "CONCENTRATOR_METRICS_LISTEN",
+        value_name = "ADDR",
+        default_value = "127.0.0.1:9090"
+    )]
     pub metrics_listen: SocketAddr,
 
     /// Log format; the level comes from RUST_LOG (default info). OTLP trace export is on
@@ -59,13 +79,17 @@ mod tests {
                 continue;
             }
             let env = arg.get_env().and_then(|e| e.to_str()).unwrap_or_default();
-            assert!(env.starts_with("CONCENTRATOR_"), "--{id} has no CONCENTRATOR_* variable");
+            assert!(
+                env.starts_with("CONCENTRATOR_"),
+                "--{id} has no CONCENTRATOR_* variable"
+            );
         }
     }
 
     #[test]
     fn parses_flags() {
-        let o = Options::try_parse_from(["g", "--config-dir", "ex", "--check", "--log-format", "json"]).unwrap();
+        let o =
+            Options::try_parse_from(["g", "--config-dir", "ex", "--check", "--log-format", "json"]).unwrap();
         assert!(o.check);
         assert_eq!(o.log_format, LogFormat::Json);
         assert!(Options::try_parse_from(["g"]).is_err(), "config dir is required");

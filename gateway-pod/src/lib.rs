@@ -31,7 +31,10 @@ pub enum StartError {
     #[error(transparent)]
     Telemetry(#[from] concentrator_telemetry::TelemetryError),
     #[error("cannot listen for the admin API on {addr}: {source}")]
-    AdminBind { addr: SocketAddr, source: std::io::Error },
+    AdminBind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// A started gateway.
@@ -129,8 +132,14 @@ pub fn summary(config: &Config) -> Vec<String> {
     let mut lines = Vec::new();
     for (name, e) in &set.eroutes {
         let binding = match set.egroup_of(name) {
-            Some((g, eg)) => format!("egroup {g} (sites /{}, max {})", eg.remote_subnet_prefix, eg.max_dynamic_eroutes),
-            None => format!("static peer {}", e.peer_address.as_deref().unwrap_or("(any address)")),
+            Some((g, eg)) => format!(
+                "egroup {g} (sites /{}, max {})",
+                eg.remote_subnet_prefix, eg.max_dynamic_eroutes
+            ),
+            None => format!(
+                "static peer {}",
+                e.peer_address.as_deref().unwrap_or("(any address)")
+            ),
         };
         lines.push(format!(
             "eroute {name}: {} <-> {} peer-id {} role {:?}, {binding}",

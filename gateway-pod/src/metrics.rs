@@ -29,12 +29,20 @@ impl Metrics {
     /// Registers everything under the `concentrator_gateway` prefix.
     pub fn register(&self, registry: &mut Registry) {
         let r = registry.sub_registry_with_prefix("concentrator_gateway");
-        r.register("admin_requests", "Admin API requests by method", self.admin_requests.clone());
+        r.register(
+            "admin_requests",
+            "Admin API requests by method",
+            self.admin_requests.clone(),
+        );
         r.register("eroutes", "Base eroutes loaded", self.eroutes.clone());
         r.register("egroups", "Egroups loaded", self.egroups.clone());
         r.register("sites", "Sites in the embedded site store", self.sites.clone());
         r.register("tunnels", "Tunnels this pod terminates", self.tunnels.clone());
-        r.register("drain_state", "0 active, 1 draining, 2 drained", self.drain_state.clone());
+        r.register(
+            "drain_state",
+            "0 active, 1 draining, 2 drained",
+            self.drain_state.clone(),
+        );
     }
 
     pub fn count_admin(&self, method: &str) {

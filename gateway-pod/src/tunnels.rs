@@ -38,7 +38,10 @@ impl TunnelTable {
     pub fn list(&self, peer_id_pattern: &str, eroute: &str) -> Vec<Tunnel> {
         self.read()
             .values()
-            .filter(|t| peer_id_pattern.is_empty() || concentrator_crds::pattern::matches(peer_id_pattern, &t.remote_peer_id))
+            .filter(|t| {
+                peer_id_pattern.is_empty()
+                    || concentrator_crds::pattern::matches(peer_id_pattern, &t.remote_peer_id)
+            })
             .filter(|t| eroute.is_empty() || t.base_eroute == eroute)
             .cloned()
             .collect()

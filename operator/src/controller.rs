@@ -32,7 +32,14 @@ pub struct Context {
 
 /// A resource whose spec validates on its own.
 pub trait Validated:
-    Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope> + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static {
+    Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+    + Clone
+    + serde::de::DeserializeOwned
+    + std::fmt::Debug
+    + Send
+    + Sync
+    + 'static
+{
     const KIND: &'static str;
     fn check(&self) -> Result<(), ValidationError>;
 }
@@ -66,8 +73,12 @@ pub async fn reconcile<K: Validated>(obj: Arc<K>, ctx: Arc<Context>) -> Result<A
         "status": ready_status(&verdict, obj.meta().generation, &now),
     });
     let api: Api<K> = Api::namespaced(ctx.client.clone(), &ns);
-    api.patch_status(&obj.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch))
-        .await?;
+    api.patch_status(
+        &obj.name_any(),
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
     Ok(Action::requeue(Duration::from_secs(300)))
 }
 
@@ -79,7 +90,9 @@ pub fn error_policy<K: Validated>(_obj: Arc<K>, err: &Error, _ctx: Arc<Context>)
 
 /// Runs the Eroute and Egroup controllers until the stream ends.
 pub async fn run(client: Client) {
-    let ctx = Arc::new(Context { client: client.clone() });
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+    });
     let eroutes = Controller::new(Api::<Eroute>::all(client.clone()), watcher::Config::default())
         .shutdown_on_signal()
         .run(reconcile::<Eroute>, error_policy::<Eroute>, ctx.clone())

@@ -43,9 +43,9 @@ async fn main() -> ExitCode {
 async fn run(opts: Options) -> anyhow::Result<()> {
     let registry = prometheus_client::registry::Registry::default();
     let metrics = concentrator_telemetry::serve_metrics(opts.metrics_listen, Arc::new(registry)).await?;
-    let client = Client::try_default()
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot reach the Kubernetes API (in-cluster config or KUBECONFIG): {e}"))?;
+    let client = Client::try_default().await.map_err(|e| {
+        anyhow::anyhow!("cannot reach the Kubernetes API (in-cluster config or KUBECONFIG): {e}")
+    })?;
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     for (_, crd) in concentrator_crds::all_crds() {
         let name = crd.metadata.name.unwrap_or_default();

@@ -4,7 +4,11 @@ use concentrator_crds::ValidationError;
 use serde_json::{Value, json};
 
 /// The `status` body for an object whose spec at `generation` validated to `result`.
-pub fn ready_status(result: &Result<(), ValidationError>, generation: Option<i64>, now_rfc3339: &str) -> Value {
+pub fn ready_status(
+    result: &Result<(), ValidationError>,
+    generation: Option<i64>,
+    now_rfc3339: &str,
+) -> Value {
     let (status, reason, message) = match result {
         Ok(()) => ("True", "Valid", "spec is valid".to_owned()),
         Err(e) => ("False", "Invalid", e.to_string()),

@@ -2,6 +2,12 @@
 
 /// `concentrator.admin.v1`
 pub mod admin {
-    #![allow(missing_docs, unreachable_pub, unused_qualifications, clippy::all, clippy::pedantic)]
+    #![allow(
+        missing_docs,
+        unreachable_pub,
+        unused_qualifications,
+        clippy::all,
+        clippy::pedantic
+    )]
     tonic::include_proto!("concentrator.admin.v1");
 }

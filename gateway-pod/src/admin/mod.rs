@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use concentrator_proto::admin::gateway_admin_server::GatewayAdmin;
 use concentrator_proto::admin::{
-    Counters, DrainRequest, DrainStatus, ErouteInfo, GetCountersRequest, GetTunnelRequest, ListEroutesRequest,
-    ListEroutesResponse, ListTunnelsRequest, ListTunnelsResponse, Tunnel, drain_status,
+    Counters, DrainRequest, DrainStatus, ErouteInfo, GetCountersRequest, GetTunnelRequest,
+    ListEroutesRequest, ListEroutesResponse, ListTunnelsRequest, ListTunnelsResponse, Tunnel, drain_status,
 };
 use tonic::{Request, Response, Status};
 
@@ -27,7 +27,10 @@ impl AdminService {
 #[tonic::async_trait]
 impl GatewayAdmin for AdminService {
     #[tracing::instrument(skip_all, fields(pattern = %req.get_ref().peer_id_pattern))]
-    async fn list_tunnels(&self, req: Request<ListTunnelsRequest>) -> Result<Response<ListTunnelsResponse>, Status> {
+    async fn list_tunnels(
+        &self,
+        req: Request<ListTunnelsRequest>,
+    ) -> Result<Response<ListTunnelsResponse>, Status> {
         self.gw.metrics.count_admin("ListTunnels");
         let r = req.into_inner();
         if !r.peer_id_pattern.is_empty() {
@@ -48,7 +51,10 @@ impl GatewayAdmin for AdminService {
             .ok_or_else(|| Status::not_found(format!("no tunnel with id '{id}'")))
     }
 
-    async fn list_eroutes(&self, _req: Request<ListEroutesRequest>) -> Result<Response<ListEroutesResponse>, Status> {
+    async fn list_eroutes(
+        &self,
+        _req: Request<ListEroutesRequest>,
+    ) -> Result<Response<ListEroutesResponse>, Status> {
         self.gw.metrics.count_admin("ListEroutes");
         let set = &self.gw.config.set;
         let eroutes = set
@@ -65,7 +71,13 @@ impl GatewayAdmin for AdminService {
                     role: format!("{:?}", e.role),
                     ike_proposals: e.ike_proposals.iter().map(|p| format!("{p:?}")).collect(),
                     esp_proposals: e.esp_proposals.iter().map(|p| format!("{p:?}")).collect(),
-                    dynamic_eroutes: self.gw.tunnels.list("", name).iter().filter(|t| t.dynamic).count() as u64,
+                    dynamic_eroutes: self
+                        .gw
+                        .tunnels
+                        .list("", name)
+                        .iter()
+                        .filter(|t| t.dynamic)
+                        .count() as u64,
                     max_dynamic_eroutes: group.map(|(_, g)| g.max_dynamic_eroutes).unwrap_or(0),
                 }
             })

@@ -104,7 +104,9 @@ pub fn load_dir(dir: &Path) -> Result<Config, ConfigError> {
                     // Parsed so a typo is still caught, then set aside: one process has no fleet.
                     let obj: GatewayFleet = typed(value).map_err(parse_err)?;
                     let name = object_name(obj.metadata.name, &origin)?;
-                    obj.spec.validate().map_err(|e| doc_err(format!("GatewayFleet '{name}': {e}")))?;
+                    obj.spec
+                        .validate()
+                        .map_err(|e| doc_err(format!("GatewayFleet '{name}': {e}")))?;
                     ignored_fleets.push(name);
                 }
                 other => {
@@ -178,13 +180,19 @@ fn typed<T: serde::de::DeserializeOwned>(value: serde_yaml::Value) -> Result<T, 
     let obj: T = serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
-        if path == "." { inner.to_string() } else { format!("{path}: {inner}") }
+        if path == "." {
+            inner.to_string()
+        } else {
+            format!("{path}: {inner}")
+        }
     })?;
     // Type fields were checked already, and Kubernetes adds fields to metadata that the
     // standalone gateway has no use for; those are not typos in the spec.
     let known = |p: &str| p == "apiVersion" || p == "kind" || p.starts_with("metadata.");
     match unknown.into_iter().find(|p| !known(p)) {
-        Some(p) => Err(format!("{p}: unknown field (check the spelling against the CRD in crds/)")),
+        Some(p) => Err(format!(
+            "{p}: unknown field (check the spelling against the CRD in crds/)"
+        )),
         None => Ok(obj),
     }
 }
@@ -294,7 +302,10 @@ spec:
 
     #[test]
     fn rejects_empty_peer_id_on_responder() {
-        let bad = BASE.replace("  peerId: \"*.sites.example.com\"", "  role: Responder\n  peerId: \"\"");
+        let bad = BASE.replace(
+            "  peerId: \"*.sites.example.com\"",
+            "  role: Responder\n  peerId: \"\"",
+        );
         let d = dir(&[("base.yaml", &bad)]);
         let e = load_dir(d.path()).unwrap_err().to_string();
         assert!(e.contains("spec.peerId"), "{e}");
@@ -303,11 +314,27 @@ spec:
     #[test]
     fn rejects_unknown_kind_and_wrong_api_version_and_bad_yaml() {
         let d = dir(&[("a.yaml", "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n")]);
-        assert!(load_dir(d.path()).unwrap_err().to_string().contains("apiVersion 'v1'"));
-        let d = dir(&[("a.yaml", "apiVersion: vpn.concentrator.io/v1alpha1\nkind: Tunnel\n")]);
-        assert!(load_dir(d.path()).unwrap_err().to_string().contains("kind 'Tunnel'"));
+        assert!(
+            load_dir(d.path())
+                .unwrap_err()
+                .to_string()
+                .contains("apiVersion 'v1'")
+        );
+        let d = dir(&[(
+            "a.yaml",
+            "apiVersion: vpn.concentrator.io/v1alpha1\nkind: Tunnel\n",
+        )]);
+        assert!(
+            load_dir(d.path())
+                .unwrap_err()
+                .to_string()
+                .contains("kind 'Tunnel'")
+        );
         let d = dir(&[("a.yaml", "kind: [unclosed\n")]);
-        assert!(matches!(load_dir(d.path()).unwrap_err(), ConfigError::Yaml { .. }));
+        assert!(matches!(
+            load_dir(d.path()).unwrap_err(),
+            ConfigError::Yaml { .. }
+        ));
     }
 
     #[test]
@@ -315,20 +342,31 @@ spec:
         let bad = BASE.replace("remoteSubnetPrefix: 24", "remoteSubnetPrefix: twenty");
         let d = dir(&[("base.yaml", &bad)]);
         let e = load_dir(d.path()).unwrap_err().to_string();
-        assert!(e.contains("document 2") && e.contains("spec.remoteSubnetPrefix: invalid type"), "{e}");
+        assert!(
+            e.contains("document 2") && e.contains("spec.remoteSubnetPrefix: invalid type"),
+            "{e}"
+        );
         let typo = BASE.replace("  peerId:", "  peerID:");
         let d = dir(&[("base.yaml", &typo)]);
         let e = load_dir(d.path()).unwrap_err().to_string();
         assert!(e.contains("spec.peerID: unknown field"), "{e}");
         let bad = BASE.replacen("metadata: {name: branches}", "metadata: {}", 1);
         let d = dir(&[("base.yaml", &bad)]);
-        assert!(load_dir(d.path()).unwrap_err().to_string().contains("metadata.name"));
+        assert!(
+            load_dir(d.path())
+                .unwrap_err()
+                .to_string()
+                .contains("metadata.name")
+        );
     }
 
     #[test]
     fn empty_directory_is_an_error() {
         let d = dir(&[]);
-        assert!(matches!(load_dir(d.path()).unwrap_err(), ConfigError::Empty { .. }));
+        assert!(matches!(
+            load_dir(d.path()).unwrap_err(),
+            ConfigError::Empty { .. }
+        ));
     }
 
     #[test]
@@ -337,10 +375,16 @@ spec:
             "  remoteSubnetPrefix: 24",
             "  remoteSubnetPrefix: 24\n  database: {urlSecretRef: {name: sitedb, key: url}}",
         );
-        let d = dir(&[("base.yaml", &with_ref), ("secrets/sitedb/url", "postgres://u:hunter2@db/x")]);
+        let d = dir(&[
+            ("base.yaml", &with_ref),
+            ("secrets/sitedb/url", "postgres://u:hunter2@db/x"),
+        ]);
         let e = load_dir(d.path()).unwrap_err().to_string();
         assert!(e.contains("urlSecretRef") && !e.contains("hunter2"), "{e}");
-        let d = dir(&[("base.yaml", &with_ref), ("secrets/sitedb/url", "mysql://u:hunter2@db/x")]);
+        let d = dir(&[
+            ("base.yaml", &with_ref),
+            ("secrets/sitedb/url", "mysql://u:hunter2@db/x"),
+        ]);
         let c = load_dir(d.path()).unwrap();
         assert!(!format!("{c:?}").contains("hunter2"));
     }

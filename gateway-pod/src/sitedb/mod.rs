@@ -45,7 +45,10 @@ impl SiteStore {
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .busy_timeout(Duration::from_secs(5));
-        let pool = SqlitePoolOptions::new().max_connections(4).connect_with(opts).await?;
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(opts)
+            .await?;
         Ok(Self::Sqlite(pool))
     }
 
@@ -59,7 +62,12 @@ impl SiteStore {
                 let opts = SqliteConnectOptions::from_str(url)
                     .map_err(|e| SiteDbError::Url(redact(&e.to_string(), url)))?
                     .create_if_missing(true);
-                Ok(Self::Sqlite(SqlitePoolOptions::new().max_connections(4).connect_with(opts).await?))
+                Ok(Self::Sqlite(
+                    SqlitePoolOptions::new()
+                        .max_connections(4)
+                        .connect_with(opts)
+                        .await?,
+                ))
             }
             "mysql" | "mariadb" => {
                 let normalized = if scheme == "mariadb" {
@@ -91,8 +99,16 @@ impl SiteStore {
     /// Number of sites in the default table.
     pub async fn count_sites(&self) -> Result<u64, SiteDbError> {
         let n: i64 = match self {
-            Self::Sqlite(p) => sqlx::query_scalar("SELECT COUNT(*) FROM sites").fetch_one(p).await?,
-            Self::MySql(p) => sqlx::query_scalar("SELECT COUNT(*) FROM sites").fetch_one(p).await?,
+            Self::Sqlite(p) => {
+                sqlx::query_scalar("SELECT COUNT(*) FROM sites")
+                    .fetch_one(p)
+                    .await?
+            }
+            Self::MySql(p) => {
+                sqlx::query_scalar("SELECT COUNT(*) FROM sites")
+                    .fetch_one(p)
+                    .await?
+            }
         };
         Ok(u64::try_from(n).unwrap_or(0))
     }
@@ -115,14 +131,12 @@ impl SiteStore {
 /// sqlx's URL errors can quote the URL; keep the password out of anything we print.
 fn redact(message: &str, url: &str) -> String {
     let mut out = message.replace(url, "<url>");
-    if let Some((_, rest)) = url.split_once("://") {
-        if let Some((userinfo, _)) = rest.split_once('@') {
-            if let Some((_, pass)) = userinfo.split_once(':') {
-                if !pass.is_empty() {
-                    out = out.replace(pass, "<redacted>");
-                }
-            }
-        }
+    if let Some((_, rest)) = url.split_once("://")
+        && let Some((userinfo, _)) = rest.split_once('@')
+        && let Some((_, pass)) = userinfo.split_once(':')
+        && !pass.is_empty()
+    {
+        out = out.replace(pass, "<redacted>");
     }
     out
 }
@@ -164,6 +178,9 @@ mod tests {
     #[test]
     fn redact_hides_password() {
         assert_eq!(redact("bad mysql://u:pw@h/db", "mysql://u:pw@h/db"), "bad <url>");
-        assert_eq!(redact("port in u:pw@h", "mysql://u:pw@h"), "port in u:<redacted>@h");
+        assert_eq!(
+            redact("port in u:pw@h", "mysql://u:pw@h"),
+            "port in u:<redacted>@h"
+        );
     }
 }

@@ -41,11 +41,16 @@ impl MetricsServer {
 
 /// Serves the registry on `addr`: `/metrics` (OpenMetrics text), `/healthz` (always 200 while
 /// the process runs), `/readyz` (200 after [`MetricsServer::set_ready`]).
-pub async fn serve_metrics(addr: SocketAddr, registry: Arc<Registry>) -> Result<MetricsServer, TelemetryError> {
+pub async fn serve_metrics(
+    addr: SocketAddr,
+    registry: Arc<Registry>,
+) -> Result<MetricsServer, TelemetryError> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| TelemetryError::Bind { addr, source })?;
-    let local_addr = listener.local_addr().map_err(|source| TelemetryError::Bind { addr, source })?;
+    let local_addr = listener
+        .local_addr()
+        .map_err(|source| TelemetryError::Bind { addr, source })?;
     let ready = Arc::new(AtomicBool::new(false));
     let app = Router::new()
         .route("/metrics", get(metrics))
@@ -60,14 +65,22 @@ pub async fn serve_metrics(addr: SocketAddr, registry: Arc<Registry>) -> Result<
             tracing::error!(error = %e, "metrics server stopped");
         }
     });
-    Ok(MetricsServer { local_addr, ready, task })
+    Ok(MetricsServer {
+        local_addr,
+        ready,
+        task,
+    })
 }
 
 async fn metrics(State(s): State<Shared>) -> impl IntoResponse {
     let mut body = String::new();
     match prometheus_client::encoding::text::encode(&mut body, &s.registry) {
         Ok(()) => (StatusCode::OK, [(header::CONTENT_TYPE, OPENMETRICS)], body).into_response(),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("encoding metrics: {e}\n")).into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("encoding metrics: {e}\n"),
+        )
+            .into_response(),
     }
 }
 
@@ -101,7 +114,9 @@ mod tests {
         let c = Counter::<u64>::default();
         reg.register("ike_sa_init_received", "IKE_SA_INIT requests", c.clone());
         c.inc_by(3);
-        let srv = serve_metrics("127.0.0.1:0".parse().unwrap(), Arc::new(reg)).await.unwrap();
+        let srv = serve_metrics("127.0.0.1:0".parse().unwrap(), Arc::new(reg))
+            .await
+            .unwrap();
         let body = get(srv.local_addr, "/metrics").await;
         assert!(body.contains("ike_sa_init_received_total 3"), "{body}");
         assert!(get(srv.local_addr, "/readyz").await.starts_with("HTTP/1.1 503"));

@@ -1,0 +1,33 @@
+//! End-to-end test harness for the concentrator.
+//!
+//! Every piece of the test world is an owned value whose `Drop` tears it down, so a test that
+//! fails or panics still leaves nothing behind:
+//!
+//! * [`netns`]: network namespaces, a WAN bridge joining them with veth pairs, "LAN" addresses
+//!   on `lo`, commands and daemons inside a namespace.
+//! * [`strongswan`]: one strongSwan `charon` (kernel-libipsec data plane) per namespace,
+//!   `swanctl.conf` written from [`strongswan::Connection`], SA state polling.
+//! * [`mariadb`]: a private MariaDB server in a temp dir, as a `mysql://` URL.
+//! * [`etcd`]: a private single-node etcd, as an `http://` endpoint.
+//! * [`prereq`]: skip (not root) or fail (root, package missing) before touching anything.
+//!
+//! Support modules: [`tools`] (the external programs and where Debian puts them), [`wait`]
+//! (poll a condition with a timeout), [`process`] (commands with timeouts, daemon guards),
+//! [`ports`] (free loopback ports), [`ids`] (unique names, random tokens), [`scratch`] (temp
+//! dirs, kept with `E2E_KEEP=1`), [`logs`] (log tails for error messages).
+//!
+//! All calls are blocking (`std::process`); they are short and fine to call from
+//! `#[tokio::test]` bodies.
+
+pub mod etcd;
+pub mod ids;
+pub mod logs;
+pub mod mariadb;
+pub mod netns;
+pub mod ports;
+pub mod prereq;
+pub mod process;
+pub mod scratch;
+pub mod strongswan;
+pub mod tools;
+pub mod wait;

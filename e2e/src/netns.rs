@@ -1,0 +1,265 @@
+//! Network namespaces, a WAN bridge joining them, and commands run inside them.
+//!
+//! Names are `e2e-{pid}-{counter}-{role}`: unique across parallel tests (counter) and test
+//! processes (pid). Namespaces left behind by a killed run (whose pid no longer exists) are
+//! deleted the first time this process creates one.
+
+use std::ffi::OsStr;
+use std::net::IpAddr;
+use std::path::Path;
+use std::process::{Command, Output};
+use std::sync::Once;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use ipnet::IpNet;
+
+use crate::ids;
+use crate::process::{self, COMMAND_TIMEOUT, Daemon};
+use crate::tools::{self, Tool};
+use crate::wait::{self, Probe};
+
+/// What this module needs.
+pub const TOOLS: &[Tool] = &[tools::IP, tools::PING, tools::SH];
+
+/// Every namespace this harness creates starts with this.
+pub const PREFIX: &str = "e2e-";
+
+/// A network namespace, deleted on drop together with every process still inside it.
+#[derive(Debug)]
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    /// Creates a namespace for `role` (a short word such as `siteA`, `gw1`, `wan`), with `lo`
+    /// up.
+    pub fn new(role: &str) -> Result<Self> {
+        static REAP: Once = Once::new();
+        REAP.call_once(reap_stale);
+        ensure!(
+            !role.is_empty() && role.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+            "namespace role {role:?} must be ASCII letters, digits or _"
+        );
+        let name = format!("{PREFIX}{}-{role}", ids::unique_suffix());
+        ip(&["netns", "add", &name])?;
+        let ns = Self { name };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// The namespace name (for `ip netns exec NAME` / `ip -n NAME`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Runs `ip -n NAME args...`, returning stdout.
+    pub fn ip(&self, args: &[&str]) -> Result<String> {
+        let mut all = vec!["-n", self.name.as_str()];
+        all.extend_from_slice(args);
+        ip(&all)
+    }
+
+    /// A [`Command`] that runs `program` inside the namespace (`ip netns exec NAME program`).
+    /// Add arguments, environment and so on as usual.
+    pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
+        let mut cmd = Command::new(tools::IP.path());
+        cmd.args(["netns", "exec", &self.name]).arg(program);
+        cmd
+    }
+
+    /// Runs `program args...` in the namespace; a non-zero exit is an error. Returns stdout.
+    pub fn run(&self, program: impl AsRef<OsStr>, args: &[&str]) -> Result<String> {
+        process::run(self.command(program).args(args), COMMAND_TIMEOUT)
+    }
+
+    /// Runs `program args...` in the namespace and returns its output whatever the status.
+    pub fn output(&self, program: impl AsRef<OsStr>, args: &[&str]) -> Result<Output> {
+        process::output(self.command(program).args(args), COMMAND_TIMEOUT)
+    }
+
+    /// Starts a long-running `program args...` in the namespace, output to `log`. It is
+    /// killed when the returned [`Daemon`] is dropped (and, at the latest, when this
+    /// namespace is).
+    pub fn spawn(&self, name: &str, program: impl AsRef<OsStr>, args: &[&str], log: &Path) -> Result<Daemon> {
+        let mut cmd = self.command(program);
+        cmd.args(args);
+        Daemon::spawn(name, cmd, log)
+    }
+
+    /// Adds `addr` (e.g. `10.1.0.1/24`) to interface `dev`.
+    pub fn add_addr(&self, dev: &str, addr: IpNet) -> Result<()> {
+        self.ip(&["addr", "add", &addr.to_string(), "dev", dev]).map(drop)
+    }
+
+    /// Adds a "LAN" address on `lo` (this kernel has no dummy interfaces). The whole prefix
+    /// becomes local to the namespace, and the address is a valid ping source / target.
+    pub fn add_lo_addr(&self, addr: IpNet) -> Result<()> {
+        self.add_addr("lo", addr)
+    }
+
+    /// Polls `ping` from this namespace (optionally from source address `from`) until `to`
+    /// answers.
+    pub fn wait_reachable(&self, from: Option<IpAddr>, to: IpAddr, timeout: Duration) -> Result<()> {
+        let to_s = to.to_string();
+        let from_s = from.map(|a| a.to_string());
+        let mut args = vec!["-c", "1", "-W", "1", "-n", "-q"];
+        if let Some(f) = &from_s {
+            args.extend(["-I", f.as_str()]);
+        }
+        args.push(&to_s);
+        wait::until(
+            format!("{to} to answer ping from namespace {}", self.name),
+            timeout,
+            || {
+                let out = self.output(tools::PING.path(), &args)?;
+                Ok(if out.status.success() {
+                    Probe::Ready(())
+                } else {
+                    Probe::pending(format!(
+                        "ping: {} {}",
+                        String::from_utf8_lossy(&out.stdout).trim(),
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    ))
+                })
+            },
+        )
+    }
+
+    /// The pids of all processes in the namespace.
+    pub fn pids(&self) -> Vec<u32> {
+        pids(&self.name)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if let Err(e) = destroy(&self.name) {
+            eprintln!("e2e: cleaning up namespace {}: {e:#}", self.name);
+        }
+    }
+}
+
+/// A WAN: a namespace holding bridge `br0`; [`Wan::attach`] plugs other namespaces into it
+/// with veth pairs. Dropping it deletes the bridge namespace, which removes every veth pair.
+#[derive(Debug)]
+pub struct Wan {
+    ns: Netns,
+    ports: AtomicU32,
+}
+
+impl Wan {
+    /// Creates the bridge namespace and `br0`.
+    pub fn new() -> Result<Self> {
+        let ns = Netns::new("wan")?;
+        ns.ip(&["link", "add", "br0", "type", "bridge"])?;
+        ns.ip(&["link", "set", "br0", "up"])?;
+        Ok(Self {
+            ns,
+            ports: AtomicU32::new(0),
+        })
+    }
+
+    /// The bridge namespace (e.g. for tcpdump or nftables loss emulation on `br0`).
+    pub fn namespace(&self) -> &Netns {
+        &self.ns
+    }
+
+    /// Creates veth `ifname` in `ns` (address `addr`, up) whose peer is a port of `br0`.
+    /// Returns the name of the bridge port in the WAN namespace.
+    pub fn attach(&self, ns: &Netns, ifname: &str, addr: IpNet) -> Result<String> {
+        ensure!(
+            !ifname.is_empty() && ifname.len() <= 15,
+            "interface name {ifname:?} must be 1..=15 bytes"
+        );
+        let port = format!("p{}", self.ports.fetch_add(1, Ordering::Relaxed));
+        ns.ip(&[
+            "link",
+            "add",
+            ifname,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &port,
+            "netns",
+            self.ns.name(),
+        ])
+        .with_context(|| format!("attaching {} to the WAN", ns.name()))?;
+        self.ns.ip(&["link", "set", &port, "master", "br0", "up"])?;
+        ns.add_addr(ifname, addr)?;
+        ns.ip(&["link", "set", ifname, "up"])?;
+        Ok(port)
+    }
+}
+
+fn ip(args: &[&str]) -> Result<String> {
+    process::run(Command::new(tools::IP.path()).args(args), COMMAND_TIMEOUT)
+}
+
+fn pids(name: &str) -> Vec<u32> {
+    ip(&["netns", "pids", name])
+        .map(|out| out.split_whitespace().filter_map(|p| p.parse().ok()).collect())
+        .unwrap_or_default()
+}
+
+/// Kills every process in namespace `name`, waits for them to go, deletes the namespace.
+fn destroy(name: &str) -> Result<()> {
+    let victims = pids(name);
+    if !victims.is_empty() {
+        let mut cmd = Command::new(tools::SH.path());
+        cmd.args(["-c", "kill -KILL \"$@\" 2>/dev/null; true", "sh"]);
+        cmd.args(victims.iter().map(u32::to_string));
+        process::run(&mut cmd, COMMAND_TIMEOUT)?;
+        // Zombies whose parent is this process are reaped by their owners; only wait for
+        // processes that are not zombies to disappear.
+        wait::until(
+            format!("processes {victims:?} in {name} to die"),
+            Duration::from_secs(10),
+            || {
+                let alive: Vec<u32> = victims.iter().copied().filter(|&p| running(p)).collect();
+                Ok(if alive.is_empty() {
+                    Probe::Ready(())
+                } else {
+                    Probe::pending(format!("still alive: {alive:?}"))
+                })
+            },
+        )?;
+    }
+    ip(&["netns", "del", name])?;
+    Ok(())
+}
+
+/// Whether `pid` exists and is not a zombie.
+fn running(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+/// Deletes `e2e-{pid}-...` namespaces whose creating process is gone (a test run that was
+/// killed before its destructors ran).
+fn reap_stale() {
+    let Ok(list) = ip(&["netns", "list"]) else {
+        return;
+    };
+    for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
+        let Some(rest) = name.strip_prefix(PREFIX) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            match destroy(name) {
+                Ok(()) => eprintln!("e2e: removed stale namespace {name}"),
+                Err(e) => eprintln!("e2e: could not remove stale namespace {name}: {e:#}"),
+            }
+        }
+    }
+}

@@ -1,0 +1,140 @@
+//! The real binary: `--check`, exit codes, environment variables, start-up and SIGTERM.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_concentrator-gateway");
+
+fn examples() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples")
+}
+
+#[test]
+fn check_accepts_the_examples() {
+    let out = Command::new(BIN)
+        .arg("--config-dir")
+        .arg(examples())
+        .arg("--check")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("eroute branches:"), "{stdout}");
+    assert!(stdout.contains("is valid"), "{stdout}");
+}
+
+#[test]
+fn check_refuses_a_bad_document_with_exit_2_and_the_field() {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(
+        d.path().join("bad.yaml"),
+        "apiVersion: vpn.concentrator.io/v1alpha1\nkind: Eroute\nmetadata: {name: x}\nspec:\n  localSubnet: 10.0.0.0/40\n  remoteSubnet: 10.1.0.0/16\n  peerId: a\n",
+    )
+    .unwrap();
+    // The directory comes from the environment this time.
+    let out = Command::new(BIN)
+        .env("CONCENTRATOR_CONFIG_DIR", d.path())
+        .env("CONCENTRATOR_CHECK", "true")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bad.yaml (document 1)") && err.contains("spec.localSubnet"),
+        "{err}"
+    );
+}
+
+#[test]
+fn help_documents_every_variable() {
+    let out = Command::new(BIN).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for var in [
+        "CONCENTRATOR_CONFIG_DIR",
+        "CONCENTRATOR_DATA_DIR",
+        "CONCENTRATOR_SITE_DB",
+        "CONCENTRATOR_ADMIN_LISTEN",
+        "CONCENTRATOR_METRICS_LISTEN",
+        "CONCENTRATOR_LOG_FORMAT",
+        "CONCENTRATOR_CHECK",
+    ] {
+        assert!(help.contains(var), "--help lacks {var}:\n{help}");
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn serves_until_sigterm() {
+    let data = tempfile::tempdir().unwrap();
+    let (admin, metrics) = (free_port(), free_port());
+    let mut child = Command::new(BIN)
+        .arg("--config-dir")
+        .arg(examples())
+        .arg("--data-dir")
+        .arg(data.path())
+        .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
+        .args(["--metrics-listen", &format!("127.0.0.1:{metrics}")])
+        .args(["--log-format", "json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut ready = None;
+    while Instant::now() < deadline {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(line) if line.contains("gateway ready") => {
+                ready = Some(line);
+                break;
+            }
+            Ok(_) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("gateway exited early: {status}");
+        }
+    }
+    let line = ready.expect("gateway logs 'gateway ready' within 20s");
+    let v: serde_json::Value = serde_json::from_str(&line).expect("JSON log line");
+    assert_eq!(v["admin"], format!("127.0.0.1:{admin}"));
+    assert!(std::net::TcpStream::connect(("127.0.0.1", metrics)).is_ok());
+
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "gateway did not stop within 10s of SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+}

@@ -1,0 +1,45 @@
+# Shared set-up for the two README commands. Sourced, not run.
+
+# Build cache outside the clone, so repeated runs (and CI on the same machine) reuse it.
+if [ -z "${CARGO_TARGET_DIR:-}" ]; then
+    if [ "$(id -u)" -eq 0 ]; then
+        export CARGO_TARGET_DIR=/var/cache/concentrator/target
+    else
+        export CARGO_TARGET_DIR="$HOME/.cache/concentrator/target"
+    fi
+fi
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+# Installs the Debian packages given as arguments that are not installed yet.
+ensure_packages() {
+    local missing=()
+    for p in "$@"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+    done
+    if [ "${#missing[@]}" -gt 0 ]; then
+        echo "==> installing Debian packages: ${missing[*]}"
+        as_root apt-get update -qq
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+    fi
+}
+
+# A Rust toolchain with rustfmt and clippy (rustup from rust-lang.org on a machine that has none).
+ensure_rust() {
+    if ! command -v cargo >/dev/null 2>&1 && [ -x "$HOME/.cargo/bin/cargo" ]; then
+        export PATH="$HOME/.cargo/bin:$PATH"
+    fi
+    if ! command -v cargo >/dev/null 2>&1; then
+        echo "==> installing the Rust toolchain (rustup)"
+        ensure_packages curl ca-certificates build-essential
+        curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal -c rustfmt,clippy
+        export PATH="$HOME/.cargo/bin:$PATH"
+    fi
+    if command -v rustup >/dev/null 2>&1; then
+        for c in rustfmt clippy; do
+            rustup component list --installed 2>/dev/null | grep -q "^$c" || rustup component add "$c"
+        done
+    fi
+}

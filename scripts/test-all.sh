@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Runs every check and test: formatting, clippy, unit and integration tests, and the e2e tests
+# (strongSwan sites in network namespaces, private MariaDB and etcd instances: run as root).
+# Installs whatever is missing first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib.sh
+
+ensure_packages build-essential pkg-config ca-certificates \
+    strongswan-charon strongswan-swanctl libcharon-extra-plugins \
+    mariadb-server etcd-server nftables iproute2 iperf3 iputils-ping procps \
+    protobuf-compiler libprotobuf-dev libstrongswan-standard-plugins
+ensure_rust
+# Debian's mariadb-server and etcd-server packages start system services; the tests start
+# their own private instances and never rely on these.
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "NOTE: not root: the e2e tests will be skipped (they need network namespaces)."
+fi
+
+start=$(date +%s)
+step() { echo; echo "==> $* ($(( $(date +%s) - start ))s)"; }
+
+step "cargo fmt --check"
+cargo fmt --all --check
+
+step "cargo clippy --workspace --all-targets -- -D warnings"
+cargo clippy --locked --workspace --all-targets -- -D warnings
+
+step "cargo test --workspace"
+cargo test --locked --workspace --no-fail-fast
+
+step "crdgen leaves crds/ unchanged"
+cargo run --locked -q -p concentrator-crds --bin crdgen >/dev/null
+if [ -n "$(git status --porcelain -- crds charts/concentrator/crds)" ]; then
+    git status --short -- crds charts/concentrator/crds
+    echo "crds/ is stale: commit the output of 'cargo run -p concentrator-crds --bin crdgen'" >&2
+    exit 1
+fi
+
+step "done"
