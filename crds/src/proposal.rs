@@ -313,9 +313,106 @@ impl fmt::Display for Encryption {
     }
 }
 
+impl fmt::Display for Integrity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::HmacSha256_128 => "sha256",
+            Self::HmacSha384_192 => "sha384",
+            Self::HmacSha512_256 => "sha512",
+        })
+    }
+}
+
+impl fmt::Display for Prf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::HmacSha256 => "prfsha256",
+            Self::HmacSha384 => "prfsha384",
+            Self::HmacSha512 => "prfsha512",
+        })
+    }
+}
+
+impl fmt::Display for DhGroup {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Modp2048 => "modp2048",
+            Self::Modp3072 => "modp3072",
+            Self::Ecp256 => "ecp256",
+            Self::Ecp384 => "ecp384",
+            Self::Curve25519 => "x25519",
+        })
+    }
+}
+
+impl fmt::Display for Esn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::No => "noesn",
+            Self::Yes => "esn",
+        })
+    }
+}
+
+fn join(f: &mut fmt::Formatter<'_>, parts: &[&dyn fmt::Display]) -> fmt::Result {
+    for (i, p) in parts.iter().enumerate() {
+        if i > 0 {
+            f.write_str("-")?;
+        }
+        write!(f, "{p}")?;
+    }
+    Ok(())
+}
+
+/// The canonical strongSwan spelling, with defaults filled in (`aes128gcm16-prfsha256-x25519`).
+impl fmt::Display for IkeProposal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut parts: Vec<&dyn fmt::Display> = Vec::new();
+        parts.extend(self.encryption.iter().map(|x| x as &dyn fmt::Display));
+        parts.extend(self.integrity.iter().map(|x| x as &dyn fmt::Display));
+        parts.extend(self.prf.iter().map(|x| x as &dyn fmt::Display));
+        parts.extend(self.dh.iter().map(|x| x as &dyn fmt::Display));
+        join(f, &parts)
+    }
+}
+
+/// The canonical strongSwan spelling, with defaults filled in (`aes128gcm16-noesn`).
+impl fmt::Display for EspProposal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut parts: Vec<&dyn fmt::Display> = Vec::new();
+        parts.extend(self.encryption.iter().map(|x| x as &dyn fmt::Display));
+        parts.extend(self.integrity.iter().map(|x| x as &dyn fmt::Display));
+        parts.extend(self.dh.iter().map(|x| x as &dyn fmt::Display));
+        parts.extend(self.esn.iter().map(|x| x as &dyn fmt::Display));
+        join(f, &parts)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn display_is_canonical_and_reparses() {
+        for (ike, want) in [
+            ("aes128gcm16-prfsha256-x25519", "aes128gcm16-prfsha256-x25519"),
+            ("aes256-sha256-modp2048", "aes256-sha256-prfsha256-modp2048"),
+            (
+                "AES128GCM-curve25519",
+                "aes128gcm16-prfsha256-prfsha384-prfsha512-x25519",
+            ),
+        ] {
+            let p = parse_ike("f", ike).unwrap();
+            assert_eq!(p.to_string(), want);
+            assert_eq!(parse_ike("f", want).unwrap(), p);
+        }
+        let p = parse_esp("f", "aes256-sha384-ecp384-esn").unwrap();
+        assert_eq!(p.to_string(), "aes256-sha384-ecp384-esn");
+        assert_eq!(
+            parse_esp("f", "chacha20poly1305").unwrap().to_string(),
+            "chacha20poly1305-noesn"
+        );
+    }
 
     #[test]
     fn parses_the_issue_matrix() {

@@ -65,6 +65,14 @@ async fn admin_api_serves_the_loaded_config() {
     assert_eq!(names, ["branches", "hq-backup"]);
     assert_eq!(eroutes[0].egroup, "branches");
     assert_eq!(eroutes[0].max_dynamic_eroutes, 10_000);
+    assert_eq!(
+        eroutes[0].ike_proposals,
+        ["aes128gcm16-prfsha256-x25519", "aes256-sha256-prfsha256-modp2048"]
+    );
+    assert_eq!(
+        eroutes[0].esp_proposals,
+        ["aes128gcm16-noesn", "aes256-sha256-noesn"]
+    );
     assert_eq!(eroutes[1].egroup, "");
     assert_eq!(eroutes[1].remote_subnet, "172.16.0.0/24");
 

@@ -69,8 +69,8 @@ impl GatewayAdmin for AdminService {
                     remote_subnet: e.remote_subnet.to_string(),
                     peer_id: e.peer_id.clone().unwrap_or_default(),
                     role: format!("{:?}", e.role),
-                    ike_proposals: e.ike_proposals.iter().map(|p| format!("{p:?}")).collect(),
-                    esp_proposals: e.esp_proposals.iter().map(|p| format!("{p:?}")).collect(),
+                    ike_proposals: e.ike_proposals.iter().map(|p| p.to_string()).collect(),
+                    esp_proposals: e.esp_proposals.iter().map(|p| p.to_string()).collect(),
                     dynamic_eroutes: self
                         .gw
                         .tunnels
