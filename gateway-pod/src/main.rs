@@ -41,6 +41,9 @@ async fn run(opts: Options) -> ExitCode {
     for line in summary(&config) {
         tracing::info!("{line}");
     }
+    if config.set.eroutes.is_empty() {
+        tracing::warn!(dir = %opts.config_dir.display(), "no Eroute configured: no tunnel will be accepted");
+    }
     let running = match start(&opts, config).await {
         Ok(r) => r,
         Err(e) => {

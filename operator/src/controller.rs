@@ -3,8 +3,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use concentrator_crds::{Egroup, Eroute, ValidationError};
+use concentrator_crds::{Egroup, Eroute, GatewayFleet, ValidationError};
 use futures::StreamExt;
+use k8s_openapi::api::apps::v1::StatefulSet;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
@@ -23,6 +24,8 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error("object has no namespace")]
     NoNamespace,
+    #[error("building objects: {0}")]
+    Build(String),
 }
 
 /// What every reconcile needs.
@@ -83,12 +86,12 @@ pub async fn reconcile<K: Validated>(obj: Arc<K>, ctx: Arc<Context>) -> Result<A
 }
 
 /// Retry soon after an API error.
-pub fn error_policy<K: Validated>(_obj: Arc<K>, err: &Error, _ctx: Arc<Context>) -> Action {
+pub fn error_policy<K: ResourceExt>(_obj: Arc<K>, err: &Error, _ctx: Arc<Context>) -> Action {
     tracing::warn!(error = %err, "reconcile failed");
     Action::requeue(Duration::from_secs(15))
 }
 
-/// Runs the Eroute and Egroup controllers until the stream ends.
+/// Runs the GatewayFleet, Eroute and Egroup controllers until the stream ends.
 pub async fn run(client: Client) {
     let ctx = Arc::new(Context {
         client: client.clone(),
@@ -97,9 +100,20 @@ pub async fn run(client: Client) {
         .shutdown_on_signal()
         .run(reconcile::<Eroute>, error_policy::<Eroute>, ctx.clone())
         .for_each(|_| async {});
-    let egroups = Controller::new(Api::<Egroup>::all(client), watcher::Config::default())
+    let egroups = Controller::new(Api::<Egroup>::all(client.clone()), watcher::Config::default())
         .shutdown_on_signal()
-        .run(reconcile::<Egroup>, error_policy::<Egroup>, ctx)
+        .run(reconcile::<Egroup>, error_policy::<Egroup>, ctx.clone())
         .for_each(|_| async {});
-    tokio::join!(eroutes, egroups);
+    let fleets = Controller::new(
+        Api::<GatewayFleet>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .owns(
+        Api::<StatefulSet>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .shutdown_on_signal()
+    .run(crate::fleet::reconcile, error_policy::<GatewayFleet>, ctx.clone())
+    .for_each(|_| async {});
+    tokio::join!(eroutes, egroups, fleets);
 }

@@ -1,6 +1,7 @@
-//! The concentrator operator. This first cut checks that the CRDs are installed and keeps each
-//! `Eroute` and `Egroup` status honest: `Ready=True`, or `Ready=False` with reason `Invalid`
-//! and the validation message naming the field.
+//! The concentrator operator: keeps each `Eroute` and `Egroup` status honest (`Ready=True`, or
+//! `Ready=False` with reason `Invalid` and the field), and reconciles each `GatewayFleet` into
+//! its gateway StatefulSet, Services, PodDisruptionBudget and rendered configuration.
 
 pub mod controller;
+pub mod fleet;
 pub mod status;

@@ -51,7 +51,11 @@ pub fn load_dir(dir: &Path) -> Result<Config, ConfigError> {
     let mut origins: HashMap<(&'static str, String), Origin> = HashMap::new();
     let mut ignored_fleets = Vec::new();
 
-    for file in yaml_files(dir)? {
+    let files = yaml_files(dir)?;
+    if files.is_empty() {
+        return Err(ConfigError::Empty { dir: dir.to_owned() });
+    }
+    for file in files {
         let text = std::fs::read_to_string(&file).map_err(|source| ConfigError::ReadFile {
             file: file.clone(),
             source,
@@ -117,10 +121,6 @@ pub fn load_dir(dir: &Path) -> Result<Config, ConfigError> {
             }
         }
     }
-    if eroutes.is_empty() {
-        return Err(ConfigError::Empty { dir: dir.to_owned() });
-    }
-
     let set = concentrator_crds::set::validate(&eroutes, &egroups).map_err(|error| {
         let origin = origins
             .get(&(error.kind, error.name.clone()))

@@ -63,6 +63,6 @@ pub enum ConfigError {
         field: String,
         message: String,
     },
-    #[error("no Eroute found in {dir}: nothing to serve (expected *.yaml files with kind: Eroute)")]
+    #[error("no *.yaml or *.yml file in {dir}: is this the right directory?")]
     Empty { dir: PathBuf },
 }

@@ -1,0 +1,478 @@
+//! Pure builders: a validated fleet and the Eroutes/Egroups of its namespace in, the Kubernetes
+//! objects that realise it out. No API calls here, so every object is unit-tested from YAML.
+
+use std::collections::BTreeSet;
+
+use concentrator_crds::fleet::{FrontMode, FrontServiceType};
+use concentrator_crds::{Egroup, Eroute, GatewayFleet, SecretKeyRef};
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::{Resource, ResourceExt};
+use serde_json::{Value, json};
+
+/// Where the rendered config and Secrets are mounted in a gateway pod: the same directory
+/// layout `concentrator-gateway --config-dir` reads standalone.
+pub const CONFIG_DIR: &str = "/etc/concentrator";
+/// Default gateway image when the fleet names none.
+pub const DEFAULT_IMAGE: &str = concat!(
+    "ghcr.io/concentrator/concentrator-gateway:",
+    env!("CARGO_PKG_VERSION")
+);
+
+/// Errors building objects (a builder bug, caught by the unit tests, never by users).
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("building {0}: {1}")]
+    Shape(&'static str, serde_json::Error),
+    #[error("rendering config: {0}")]
+    Yaml(#[from] serde_yaml::Error),
+    #[error("fleet has no name or namespace")]
+    Unnamed,
+}
+
+/// Everything one fleet needs in the cluster.
+#[derive(Debug, Clone)]
+pub struct Desired {
+    pub config: ConfigMap,
+    pub statefulset: StatefulSet,
+    pub headless: Service,
+    /// SLB: the one front Service. VIP: the director's VIP Service plus one per pod.
+    pub fronts: Vec<Service>,
+    pub pdb: PodDisruptionBudget,
+}
+
+fn labels(fleet: &str) -> Value {
+    json!({
+        "app.kubernetes.io/name": "concentrator-gateway",
+        "app.kubernetes.io/instance": fleet,
+        "app.kubernetes.io/component": "gateway",
+        "app.kubernetes.io/managed-by": "concentrator-operator",
+    })
+}
+
+fn selector(fleet: &str) -> Value {
+    json!({"app.kubernetes.io/name": "concentrator-gateway", "app.kubernetes.io/instance": fleet})
+}
+
+fn meta(fleet: &GatewayFleet, name: &str, ns: &str) -> Value {
+    let owner = fleet
+        .controller_owner_ref(&())
+        .map(|o| serde_json::to_value(o).unwrap_or(Value::Null));
+    json!({
+        "name": name,
+        "namespace": ns,
+        "labels": labels(&fleet.name_any()),
+        "ownerReferences": owner.into_iter().collect::<Vec<_>>(),
+    })
+}
+
+fn typed<T: serde::de::DeserializeOwned>(what: &'static str, v: Value) -> Result<T, BuildError> {
+    serde_json::from_value(v).map_err(|e| BuildError::Shape(what, e))
+}
+
+/// The Eroutes and Egroups as the gateway reads them: one multi-document YAML file, with
+/// only what the gateway needs (no status, no managed fields).
+pub fn render_config(eroutes: &[Eroute], egroups: &[Egroup]) -> Result<String, BuildError> {
+    let mut out = String::new();
+    let mut docs: Vec<(String, Value)> = Vec::new();
+    for e in eroutes {
+        docs.push((
+            format!("Eroute/{}", e.name_any()),
+            json!({
+                "apiVersion": "vpn.concentrator.io/v1alpha1", "kind": "Eroute",
+                "metadata": {"name": e.name_any()}, "spec": e.spec,
+            }),
+        ));
+    }
+    for g in egroups {
+        docs.push((
+            format!("Egroup/{}", g.name_any()),
+            json!({
+                "apiVersion": "vpn.concentrator.io/v1alpha1", "kind": "Egroup",
+                "metadata": {"name": g.name_any()}, "spec": g.spec,
+            }),
+        ));
+    }
+    // Sorted so the same objects always render the same bytes (and the same rollout hash).
+    docs.sort_by(|a, b| a.0.cmp(&b.0));
+    for (_, d) in docs {
+        out.push_str("---\n");
+        out.push_str(&serde_yaml::to_string(&d)?);
+    }
+    Ok(out)
+}
+
+/// Secret keys the gateways must see under `secrets/<name>/<key>`.
+pub fn referenced_secrets(eroutes: &[Eroute], egroups: &[Egroup]) -> BTreeSet<(String, String)> {
+    let mut refs = BTreeSet::new();
+    let mut add = |r: &SecretKeyRef| {
+        refs.insert((r.name.clone(), r.key.clone()));
+    };
+    eroutes
+        .iter()
+        .filter_map(|e| e.spec.psk_secret_ref.as_ref())
+        .for_each(&mut add);
+    egroups
+        .iter()
+        .filter_map(|g| g.spec.database.url_secret_ref.as_ref())
+        .for_each(&mut add);
+    refs
+}
+
+/// A short, stable digest of the rendered config, put on the pod template so that a config
+/// change rolls the pods. FNV-1a: stability matters here, not collision resistance.
+pub fn config_hash(rendered: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in rendered.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// Builds every object of the fleet.
+pub fn desired(
+    fleet: &GatewayFleet,
+    eroutes: &[Eroute],
+    egroups: &[Egroup],
+    replicas: u32,
+) -> Result<Desired, BuildError> {
+    let name = fleet.meta().name.clone().ok_or(BuildError::Unnamed)?;
+    let ns = fleet.meta().namespace.clone().ok_or(BuildError::Unnamed)?;
+    let spec = &fleet.spec;
+    let rendered = render_config(eroutes, egroups)?;
+    let hash = config_hash(&rendered);
+    let config_name = format!("{name}-config");
+    let headless_name = format!("{name}-pods");
+
+    let config = typed(
+        "ConfigMap",
+        json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": meta(fleet, &config_name, &ns),
+            "data": {"concentrator.yaml": rendered},
+        }),
+    )?;
+
+    let mut sources = vec![json!({"configMap": {"name": config_name}})];
+    let mut by_secret: std::collections::BTreeMap<String, Vec<Value>> = Default::default();
+    for (secret, key) in referenced_secrets(eroutes, egroups) {
+        by_secret
+            .entry(secret.clone())
+            .or_default()
+            .push(json!({"key": key, "path": format!("secrets/{secret}/{key}")}));
+    }
+    for (secret, items) in by_secret {
+        sources.push(json!({"secret": {"name": secret, "items": items}}));
+    }
+
+    let image = spec.image.clone().unwrap_or_else(|| DEFAULT_IMAGE.to_owned());
+    let statefulset = typed(
+        "StatefulSet",
+        json!({
+            "apiVersion": "apps/v1", "kind": "StatefulSet",
+            "metadata": meta(fleet, &name, &ns),
+            "spec": {
+                "replicas": replicas,
+                "serviceName": headless_name,
+                // Pods start and stop in parallel: ordering buys nothing, member identity comes
+                // from the stable ordinal, which is why this is a StatefulSet.
+                "podManagementPolicy": "Parallel",
+                "selector": {"matchLabels": selector(&name)},
+                "template": {
+                    "metadata": {
+                        "labels": labels(&name),
+                        "annotations": {"vpn.concentrator.io/config-hash": hash},
+                    },
+                    "spec": {
+                        "automountServiceAccountToken": false,
+                        "terminationGracePeriodSeconds": 60,
+                        "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
+                        "containers": [{
+                            "name": "gateway",
+                            "image": image,
+                            "args": [
+                                "--config-dir", CONFIG_DIR,
+                                "--data-dir", "/var/lib/concentrator",
+                                "--admin-listen", "0.0.0.0:50051",
+                                "--metrics-listen", "0.0.0.0:9090",
+                                "--log-format", "json",
+                            ],
+                            "ports": [
+                                {"name": "ike", "containerPort": 500, "protocol": "UDP"},
+                                {"name": "ike-natt", "containerPort": 4500, "protocol": "UDP"},
+                                {"name": "admin", "containerPort": 50051, "protocol": "TCP"},
+                                {"name": "metrics", "containerPort": 9090, "protocol": "TCP"},
+                            ],
+                            "readinessProbe": {"httpGet": {"path": "/readyz", "port": "metrics"}},
+                            "livenessProbe": {"httpGet": {"path": "/healthz", "port": "metrics"}},
+                            // NET_ADMIN for the TUN device and its routes, NET_BIND_SERVICE for
+                            // UDP 500: nothing more.
+                            "securityContext": {
+                                "allowPrivilegeEscalation": false,
+                                "readOnlyRootFilesystem": true,
+                                "capabilities": {"drop": ["ALL"], "add": ["NET_ADMIN", "NET_BIND_SERVICE"]},
+                            },
+                            "volumeMounts": [
+                                {"name": "config", "mountPath": CONFIG_DIR, "readOnly": true},
+                                {"name": "data", "mountPath": "/var/lib/concentrator"},
+                                {"name": "tun", "mountPath": "/dev/net/tun"},
+                            ],
+                        }],
+                        "volumes": [
+                            {"name": "config", "projected": {"sources": sources}},
+                            {"name": "data", "emptyDir": {}},
+                            {"name": "tun", "hostPath": {"path": "/dev/net/tun", "type": "CharDevice"}},
+                        ],
+                    },
+                },
+            },
+        }),
+    )?;
+
+    let headless = typed(
+        "Service",
+        json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": meta(fleet, &headless_name, &ns),
+            "spec": {
+                "clusterIP": "None",
+                "publishNotReadyAddresses": true,
+                "selector": selector(&name),
+                "ports": [{"name": "admin", "port": 50051, "protocol": "TCP"}],
+            },
+        }),
+    )?;
+
+    let service_type = match spec.front.service_type {
+        FrontServiceType::LoadBalancer => "LoadBalancer",
+        FrontServiceType::NodePort => "NodePort",
+    };
+    let udp_ports = json!([
+        {"name": "ike", "port": 500, "targetPort": 500, "protocol": "UDP"},
+        {"name": "ike-natt", "port": 4500, "targetPort": 4500, "protocol": "UDP"},
+    ]);
+    let front = |svc_name: &str, sel: Value| -> Result<Service, BuildError> {
+        let mut s = json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": meta(fleet, svc_name, &ns),
+            "spec": {
+                "type": service_type,
+                // Source addresses must survive to the pod: IKE NAT detection and per-site
+                // affinity depend on them.
+                "externalTrafficPolicy": "Local",
+                "sessionAffinity": "ClientIP",
+                "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 10800}},
+                "selector": sel,
+                "ports": udp_ports,
+            },
+        });
+        if let Some(addr) = &spec.front.address {
+            s["spec"]["loadBalancerIP"] = json!(addr);
+        }
+        typed("Service", s)
+    };
+    let mut fronts = vec![front(&name, selector(&name))?];
+    if spec.front.mode == FrontMode::Vip {
+        // Redirect targets: one externally reachable address per pod.
+        for i in 0..replicas {
+            let pod = format!("{name}-{i}");
+            let mut sel = selector(&name);
+            sel["statefulset.kubernetes.io/pod-name"] = json!(pod);
+            let mut svc = front(&pod, sel)?;
+            if let Some(s) = svc.spec.as_mut() {
+                s.load_balancer_ip = None;
+                s.session_affinity = None;
+                s.session_affinity_config = None;
+            }
+            fronts.push(svc);
+        }
+    }
+
+    let pdb = typed(
+        "PodDisruptionBudget",
+        json!({
+            "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+            "metadata": meta(fleet, &name, &ns),
+            // One pod at a time: its tunnels must be handed over before the next goes.
+            "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector(&name)}},
+        }),
+    )?;
+
+    Ok(Desired {
+        config,
+        statefulset,
+        headless,
+        fronts,
+        pdb,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fleet(extra: &str) -> GatewayFleet {
+        let mut f: GatewayFleet = serde_yaml::from_str(&format!(
+            "apiVersion: vpn.concentrator.io/v1alpha1\nkind: GatewayFleet\nmetadata: {{name: edge, namespace: vpn, uid: u-1}}\n\
+             spec:\n  etcd: {{endpoints: ['http://etcd:2379']}}\n  fleetKeySecretRef: {{name: fleet, key: key}}\n{extra}"
+        ))
+        .unwrap();
+        f.meta_mut().uid = Some("u-1".into());
+        f
+    }
+
+    fn eroute() -> Eroute {
+        serde_yaml::from_str(
+            "apiVersion: vpn.concentrator.io/v1alpha1\nkind: Eroute\nmetadata: {name: hq, namespace: vpn}\n\
+             spec: {localSubnet: 10.0.0.0/16, remoteSubnet: 172.16.0.0/24, peerId: hq, pskSecretRef: {name: hq, key: psk}}\n",
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn slb_front_has_affinity_local_policy_and_udp_ports() {
+        let d = desired(&fleet(""), &[eroute()], &[], 2).unwrap();
+        assert_eq!(d.fronts.len(), 1);
+        let s = d.fronts[0].spec.as_ref().unwrap();
+        assert_eq!(s.type_.as_deref(), Some("LoadBalancer"));
+        assert_eq!(s.session_affinity.as_deref(), Some("ClientIP"));
+        assert_eq!(s.external_traffic_policy.as_deref(), Some("Local"));
+        let ports: Vec<_> = s
+            .ports
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|p| (p.port, p.protocol.clone().unwrap()))
+            .collect();
+        assert_eq!(ports, [(500, "UDP".to_owned()), (4500, "UDP".to_owned())]);
+    }
+
+    #[test]
+    fn vip_mode_adds_one_service_per_pod() {
+        let d = desired(
+            &fleet("  front: {mode: Vip, serviceType: NodePort}\n"),
+            &[],
+            &[],
+            3,
+        )
+        .unwrap();
+        assert_eq!(d.fronts.len(), 4);
+        let last = d.fronts[3].spec.as_ref().unwrap();
+        assert_eq!(
+            last.selector.as_ref().unwrap()["statefulset.kubernetes.io/pod-name"],
+            "edge-2"
+        );
+        assert_eq!(last.type_.as_deref(), Some("NodePort"));
+    }
+
+    #[test]
+    fn pods_get_net_admin_and_tun_and_nothing_more() {
+        let d = desired(&fleet(""), &[eroute()], &[], 2).unwrap();
+        let pod = d
+            .statefulset
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap();
+        let c = &pod.containers[0];
+        let sc = c.security_context.as_ref().unwrap();
+        let caps = sc.capabilities.as_ref().unwrap();
+        assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_owned()][..]));
+        assert_eq!(
+            caps.add.as_deref(),
+            Some(&["NET_ADMIN".to_owned(), "NET_BIND_SERVICE".to_owned()][..])
+        );
+        assert_eq!(sc.privileged, None);
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(pod.automount_service_account_token, Some(false));
+        let tun = pod
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| v.name == "tun")
+            .unwrap();
+        assert_eq!(
+            tun.host_path.as_ref().unwrap().type_.as_deref(),
+            Some("CharDevice")
+        );
+    }
+
+    #[test]
+    fn owner_reference_points_at_the_fleet() {
+        let d = desired(&fleet(""), &[], &[], 1).unwrap();
+        for m in [
+            &d.statefulset.metadata,
+            &d.config.metadata,
+            &d.headless.metadata,
+            &d.pdb.metadata,
+        ] {
+            let o = &m.owner_references.as_ref().unwrap()[0];
+            assert_eq!(
+                (o.kind.as_str(), o.name.as_str(), o.controller),
+                ("GatewayFleet", "edge", Some(true))
+            );
+            assert_eq!(m.labels.as_ref().unwrap()["app.kubernetes.io/instance"], "edge");
+        }
+    }
+
+    #[test]
+    fn config_is_rendered_for_the_gateway_with_secrets_mounted_in_its_layout() {
+        let d = desired(&fleet(""), &[eroute()], &[], 1).unwrap();
+        let yaml = &d.config.data.as_ref().unwrap()["concentrator.yaml"];
+        assert!(
+            yaml.contains("kind: Eroute") && yaml.contains("name: hq"),
+            "{yaml}"
+        );
+        assert!(!yaml.contains("status"), "{yaml}");
+        let pod = d
+            .statefulset
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap();
+        let cfg = pod
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| v.name == "config")
+            .unwrap();
+        let sources = cfg.projected.as_ref().unwrap().sources.as_ref().unwrap();
+        let secret = sources.iter().find_map(|s| s.secret.as_ref()).unwrap();
+        assert_eq!(secret.name, "hq");
+        assert_eq!(secret.items.as_ref().unwrap()[0].path, "secrets/hq/psk");
+    }
+
+    #[test]
+    fn config_change_changes_the_pod_template_hash() {
+        let a = desired(&fleet(""), &[eroute()], &[], 1).unwrap();
+        let mut e = eroute();
+        e.spec.peer_id = Some("other".into());
+        let b = desired(&fleet(""), &[e], &[], 1).unwrap();
+        let hash = |d: &Desired| {
+            d.statefulset
+                .spec
+                .as_ref()
+                .unwrap()
+                .template
+                .metadata
+                .as_ref()
+                .unwrap()
+                .annotations
+                .as_ref()
+                .unwrap()["vpn.concentrator.io/config-hash"]
+                .clone()
+        };
+        assert_ne!(hash(&a), hash(&b));
+        assert_eq!(hash(&a), hash(&desired(&fleet(""), &[eroute()], &[], 3).unwrap()));
+    }
+}

@@ -1,0 +1,193 @@
+//! The GatewayFleet controller: validate -> dereference (Eroutes, Egroups, Secrets) -> build
+//! (pure, see [`build`]) -> server-side apply -> status.
+
+pub mod build;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use concentrator_crds::{Egroup, Eroute, GatewayFleet};
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::{Api, Resource, ResourceExt};
+use serde_json::json;
+
+use crate::controller::{Context, Error, MANAGER};
+
+/// Why a fleet is not Ready, as the condition's reason and message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotReady {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// Secrets (name, key) the fleet's pods need, found missing.
+async fn missing_secrets(
+    api: &Api<Secret>,
+    wanted: &BTreeSet<(String, String)>,
+) -> Result<Option<NotReady>, Error> {
+    for (name, key) in wanted {
+        let found = api.get_opt(name).await?;
+        let has_key = found.as_ref().is_some_and(|s| {
+            s.data.as_ref().is_some_and(|d| d.contains_key(key))
+                || s.string_data.as_ref().is_some_and(|d| d.contains_key(key))
+        });
+        if !has_key {
+            let message = match found {
+                None => format!("Secret '{name}' not found"),
+                Some(_) => format!("Secret '{name}' has no key '{key}'"),
+            };
+            return Ok(Some(NotReady {
+                reason: "SecretMissing",
+                message,
+            }));
+        }
+    }
+    Ok(None)
+}
+
+async fn apply<K>(api: &Api<K>, obj: &K) -> Result<K, Error>
+where
+    K: Resource + Clone + serde::Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let name = obj.meta().name.clone().unwrap_or_default();
+    Ok(api
+        .patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(obj))
+        .await?)
+}
+
+async fn patch_status(
+    api: &Api<GatewayFleet>,
+    fleet: &GatewayFleet,
+    verdict: Result<(), NotReady>,
+    replicas: (i32, i32),
+) -> Result<(), Error> {
+    let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    let (status, reason, message) = match verdict {
+        Ok(()) => ("True", "Applied", "gateway objects applied".to_owned()),
+        Err(n) => ("False", n.reason, n.message),
+    };
+    let generation = fleet.meta().generation;
+    let patch = json!({
+        "apiVersion": "vpn.concentrator.io/v1alpha1",
+        "kind": "GatewayFleet",
+        "status": {
+            "observedGeneration": generation,
+            "replicas": replicas.0.max(0),
+            "readyReplicas": replicas.1.max(0),
+            "tunnels": 0,
+            "conditions": [{
+                "type": "Ready", "status": status, "reason": reason, "message": message,
+                "observedGeneration": generation, "lastTransitionTime": now,
+            }],
+        },
+    });
+    api.patch_status(
+        &fleet.name_any(),
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Reconciles one fleet.
+#[tracing::instrument(skip_all, fields(fleet = %fleet.name_any(), namespace = fleet.namespace().unwrap_or_default()))]
+pub async fn reconcile(fleet: Arc<GatewayFleet>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let ns = fleet.namespace().ok_or(Error::NoNamespace)?;
+    let client = ctx.client.clone();
+    let fleets: Api<GatewayFleet> = Api::namespaced(client.clone(), &ns);
+
+    if let Err(e) = fleet.spec.validate() {
+        tracing::warn!(error = %e, "invalid GatewayFleet");
+        let n = NotReady {
+            reason: "Invalid",
+            message: e.to_string(),
+        };
+        patch_status(&fleets, &fleet, Err(n), (0, 0)).await?;
+        return Ok(Action::await_change());
+    }
+
+    let eroutes = Api::<Eroute>::namespaced(client.clone(), &ns)
+        .list(&ListParams::default())
+        .await?
+        .items;
+    let egroups = Api::<Egroup>::namespaced(client.clone(), &ns)
+        .list(&ListParams::default())
+        .await?
+        .items;
+    let named_e: Vec<_> = eroutes.iter().map(|e| (e.name_any(), e.spec.clone())).collect();
+    let named_g: Vec<_> = egroups.iter().map(|g| (g.name_any(), g.spec.clone())).collect();
+    if let Err(e) = concentrator_crds::set::validate(&named_e, &named_g) {
+        // The pods keep the last configuration that was valid as a whole.
+        let n = NotReady {
+            reason: "InvalidConfig",
+            message: e.to_string(),
+        };
+        patch_status(&fleets, &fleet, Err(n), (0, 0)).await?;
+        return Ok(Action::requeue(Duration::from_secs(60)));
+    }
+    let mut wanted = build::referenced_secrets(&eroutes, &egroups);
+    let fk = &fleet.spec.fleet_key_secret_ref;
+    wanted.insert((fk.name.clone(), fk.key.clone()));
+    if let Some(n) = missing_secrets(&Api::namespaced(client.clone(), &ns), &wanted).await? {
+        tracing::warn!(message = %n.message, "fleet waits for a Secret");
+        patch_status(&fleets, &fleet, Err(n), (0, 0)).await?;
+        return Ok(Action::requeue(Duration::from_secs(30)));
+    }
+
+    let replicas = fleet.spec.scaling.min_replicas;
+    let d = build::desired(&fleet, &eroutes, &egroups, replicas).map_err(|e| Error::Build(e.to_string()))?;
+    apply(&Api::<ConfigMap>::namespaced(client.clone(), &ns), &d.config).await?;
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+    apply(&services, &d.headless).await?;
+    for s in &d.fronts {
+        apply(&services, s).await?;
+    }
+    let sts = apply(
+        &Api::<StatefulSet>::namespaced(client.clone(), &ns),
+        &d.statefulset,
+    )
+    .await?;
+    apply(
+        &Api::<PodDisruptionBudget>::namespaced(client.clone(), &ns),
+        &d.pdb,
+    )
+    .await?;
+
+    // Per-pod front Services of pods that no longer exist (VIP mode scaled in, or mode
+    // switched to SLB) are removed.
+    let keep: BTreeSet<String> = d
+        .fronts
+        .iter()
+        .chain(std::iter::once(&d.headless))
+        .filter_map(|s| s.metadata.name.clone())
+        .collect();
+    let selector = format!(
+        "app.kubernetes.io/instance={},app.kubernetes.io/managed-by={MANAGER}",
+        fleet.name_any()
+    );
+    for s in services
+        .list(&ListParams::default().labels(&selector))
+        .await?
+        .items
+    {
+        let n = s.name_any();
+        if !keep.contains(&n) {
+            tracing::info!(service = %n, "deleting orphaned Service");
+            services.delete(&n, &DeleteParams::default()).await?;
+        }
+    }
+
+    let st = sts.status.as_ref();
+    let counts = (
+        st.map_or(0, |s| s.replicas),
+        st.and_then(|s| s.ready_replicas).unwrap_or(0),
+    );
+    patch_status(&fleets, &fleet, Ok(()), counts).await?;
+    Ok(Action::requeue(Duration::from_secs(60)))
+}
