@@ -51,4 +51,7 @@ if "$HELM" template concentrator charts/concentrator --set operator.logFormat=xm
     exit 1
 fi
 
+step "e2e on a real cluster (skips without KUBECONFIG)"
+e2e/k8s/run.sh
+
 step "done"
