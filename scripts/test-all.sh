@@ -38,6 +38,10 @@ if [ -n "$(git status --porcelain -- crds charts/concentrator/crds)" ]; then
     exit 1
 fi
 
+step "fuzz the IKEv2 codec (${FUZZ_SECONDS:-20}s per target)"
+# Own target dir: sanitizer flags would otherwise invalidate the main build cache.
+CARGO_TARGET_DIR="$CARGO_TARGET_DIR-fuzz" gateway-pod/ike/fuzz/run.sh "${FUZZ_SECONDS:-20}"
+
 step "helm lint --strict and helm template"
 ensure_helm
 "$HELM" lint --strict charts/concentrator
