@@ -4,4 +4,5 @@
 
 pub mod controller;
 pub mod fleet;
+pub mod lease;
 pub mod status;

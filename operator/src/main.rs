@@ -3,8 +3,10 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
+use concentrator_operator::lease::LeaseLock;
 use concentrator_telemetry::LogFormat;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::jiff::Timestamp;
 use kube::{Api, Client};
 
 /// Kubernetes operator of the concentrator: validates Eroute and Egroup resources and reports
@@ -56,8 +58,57 @@ async fn run(opts: Options) -> anyhow::Result<()> {
             );
         }
     }
+    tracing::info!("CRDs present");
+
+    // Only the Lease holder acts; standbys wait (and report ready: they are healthy).
+    let identity =
+        std::env::var("POD_NAME").unwrap_or_else(|_| format!("concentrator-operator-{}", std::process::id()));
+    let namespace = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "default".to_owned());
+    let lock = LeaseLock::new(
+        Api::namespaced(client.clone(), &namespace),
+        LEASE_NAME,
+        &identity,
+        LEASE_DURATION,
+    );
     metrics.set_ready(true);
-    tracing::info!("CRDs present; reconciling Eroutes and Egroups");
-    concentrator_operator::controller::run(client).await;
-    Ok(())
+    tracing::info!(%identity, %namespace, lease = LEASE_NAME, "waiting to lead");
+    loop {
+        tokio::select! {
+            r = lock.try_acquire_or_renew(Timestamp::now()) => {
+                if r? { break; }
+            }
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+        tokio::time::sleep(lock.renew_interval()).await;
+    }
+    tracing::info!(%identity, "leading; reconciling GatewayFleets, Eroutes and Egroups");
+    let renew = async {
+        let mut last_renewed = std::time::Instant::now();
+        loop {
+            tokio::time::sleep(lock.renew_interval()).await;
+            match lock.try_acquire_or_renew(Timestamp::now()).await {
+                Ok(true) => last_renewed = std::time::Instant::now(),
+                Ok(false) => return anyhow::anyhow!("lost the leader Lease to another replica"),
+                Err(e) if last_renewed.elapsed() >= LEASE_DURATION => {
+                    return anyhow::anyhow!("could not renew the leader Lease for {LEASE_DURATION:?}: {e}");
+                }
+                Err(e) => tracing::warn!(error = %e, "renewing the leader Lease failed; retrying"),
+            }
+        }
+    };
+    tokio::select! {
+        () = concentrator_operator::controller::run(client) => {
+            // Controllers end on SIGTERM/Ctrl-C: hand the Lease over at once.
+            if let Err(e) = lock.release().await {
+                tracing::warn!(error = %e, "could not release the leader Lease; it will expire");
+            }
+            Ok(())
+        }
+        // Acting without the Lease could fight the new leader: stop, and let Kubernetes
+        // restart this replica as a standby.
+        e = renew => Err(e),
+    }
 }
+
+const LEASE_NAME: &str = "concentrator-operator";
+const LEASE_DURATION: std::time::Duration = std::time::Duration::from_secs(15);
