@@ -31,6 +31,20 @@ pub enum Error {
 /// What every reconcile needs.
 pub struct Context {
     pub client: Client,
+    /// The gateway pods' admin API (load reports, drain).
+    pub admin: Arc<dyn crate::fleet::admin::FleetAdmin>,
+    /// Autoscaling recommendations per fleet (`namespace/name`), for the stabilisation window.
+    pub scale_history: std::sync::Mutex<std::collections::HashMap<String, crate::fleet::scale::History>>,
+}
+
+impl Context {
+    pub fn new(client: Client, admin: Arc<dyn crate::fleet::admin::FleetAdmin>) -> Self {
+        Self {
+            client,
+            admin,
+            scale_history: Default::default(),
+        }
+    }
 }
 
 /// A resource whose spec validates on its own.
@@ -93,9 +107,7 @@ pub fn error_policy<K: ResourceExt>(_obj: Arc<K>, err: &Error, _ctx: Arc<Context
 
 /// Runs the GatewayFleet, Eroute and Egroup controllers until the stream ends.
 pub async fn run(client: Client) {
-    let ctx = Arc::new(Context {
-        client: client.clone(),
-    });
+    let ctx = Arc::new(Context::new(client.clone(), Arc::new(crate::fleet::admin::GrpcFleetAdmin)));
     let eroutes = Controller::new(Api::<Eroute>::all(client.clone()), watcher::Config::default())
         .shutdown_on_signal()
         .run(reconcile::<Eroute>, error_policy::<Eroute>, ctx.clone())

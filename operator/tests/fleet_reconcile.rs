@@ -6,11 +6,15 @@ use std::time::Duration;
 
 use concentrator_crds::GatewayFleet;
 use concentrator_operator::controller::Context;
+use concentrator_operator::fleet::admin::{AdminError, DrainState, FleetAdmin};
 use concentrator_operator::fleet::reconcile;
+use concentrator_operator::fleet::scale::PodReport;
+use futures::future::BoxFuture;
 use http::{Method, Request, Response, StatusCode};
 use kube::Client;
 use kube::client::Body;
 use serde_json::{Value, json};
+use std::sync::Mutex;
 
 type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
 
@@ -20,6 +24,60 @@ struct World {
     eroutes: Vec<Value>,
     secrets: Vec<(&'static str, &'static str)>,
     services: Vec<&'static str>,
+    /// Replicas of the existing StatefulSet; None: not created yet.
+    statefulset: Option<u32>,
+}
+
+/// Scripted gateway pods: tunnels per ordinal (None: pod does not answer) and the drain answer.
+struct Pods {
+    tunnels: Vec<Option<u64>>,
+    drained: bool,
+    drain_calls: Mutex<Vec<u32>>,
+}
+
+impl Pods {
+    fn new(tunnels: Vec<Option<u64>>, drained: bool) -> Arc<Self> {
+        Arc::new(Self {
+            tunnels,
+            drained,
+            drain_calls: Mutex::default(),
+        })
+    }
+}
+
+impl FleetAdmin for Pods {
+    fn report<'a>(
+        &'a self,
+        _: &'a str,
+        _: &'a str,
+        ordinal: u32,
+    ) -> BoxFuture<'a, Result<PodReport, AdminError>> {
+        let r = match self.tunnels.get(ordinal as usize).copied().flatten() {
+            Some(tunnels) => Ok(PodReport {
+                tunnels,
+                cpu_percent: None,
+            }),
+            None => Err(AdminError::Unreachable {
+                pod: format!("edge-{ordinal}"),
+                message: "connection refused".into(),
+            }),
+        };
+        Box::pin(async move { r })
+    }
+    fn drain<'a>(
+        &'a self,
+        _: &'a str,
+        _: &'a str,
+        ordinal: u32,
+    ) -> BoxFuture<'a, Result<DrainState, AdminError>> {
+        self.drain_calls.lock().unwrap().push(ordinal);
+        let s = if self.drained {
+            DrainState::Drained
+        } else {
+            DrainState::Draining { remaining: 4 }
+        };
+        Box::pin(async move { Ok(s) })
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -66,6 +124,17 @@ async fn fake_api(mut handle: Handle, world: World) -> Vec<Call> {
                     .collect();
                 reply(StatusCode::OK, &list("ServiceList", items))
             }
+            (Method::GET, p) if p.ends_with("/statefulsets/edge") => match world.statefulset {
+                Some(n) => reply(
+                    StatusCode::OK,
+                    &json!({"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": "edge", "namespace": "vpn"},
+                            "spec": {"replicas": n, "serviceName": "edge-pods", "selector": {}, "template": {}}}),
+                ),
+                None => reply(
+                    StatusCode::NOT_FOUND,
+                    &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"}),
+                ),
+            },
             (Method::GET, p) if p.contains("/secrets/") => {
                 match world.secrets.iter().find(|(n, _)| *n == last) {
                     Some((n, key)) => reply(
@@ -123,11 +192,13 @@ fn static_eroute() -> Value {
 }
 
 async fn run(fleet: GatewayFleet, world: World) -> Vec<Call> {
+    run_with(fleet, world, Pods::new(vec![], true)).await
+}
+
+async fn run_with(fleet: GatewayFleet, world: World, pods: Arc<Pods>) -> Vec<Call> {
     let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let api = tokio::spawn(fake_api(handle, world));
-    let ctx = Arc::new(Context {
-        client: Client::new(svc, "vpn"),
-    });
+    let ctx = Arc::new(Context::new(Client::new(svc, "vpn"), pods));
     reconcile(Arc::new(fleet), ctx).await.unwrap();
     api.await.unwrap()
 }
@@ -154,6 +225,7 @@ async fn create_applies_every_object_and_reports_ready() {
         eroutes: vec![static_eroute()],
         secrets: vec![("fleet", "key"), ("hq", "psk")],
         services: vec!["edge", "edge-pods", "edge-7"],
+        statefulset: None,
     };
     let calls = run(fleet(""), world).await;
     let p = "/api/v1/namespaces/vpn";
@@ -167,12 +239,7 @@ async fn create_applies_every_object_and_reports_ready() {
             "/apis/policy/v1/namespaces/vpn/poddisruptionbudgets/edge".to_owned(),
         ]
     );
-    let sts = &calls
-        .iter()
-        .find(|c| c.path.ends_with("/statefulsets/edge"))
-        .unwrap()
-        .body;
-    assert_eq!(sts["spec"]["replicas"], 2, "minReplicas");
+    assert_eq!(sts_replicas(&calls), 2, "a new fleet starts at minReplicas");
     // The stale per-pod Service left from an earlier VIP mode is deleted.
     let deleted: Vec<_> = calls
         .iter()
@@ -195,6 +262,7 @@ async fn missing_secret_blocks_the_rollout_with_a_reason() {
         eroutes: vec![static_eroute()],
         secrets: vec![("fleet", "key")],
         services: vec![],
+        statefulset: None,
     };
     let calls = run(fleet(""), world).await;
     assert!(
@@ -233,6 +301,7 @@ async fn invalid_eroute_set_keeps_the_last_good_config() {
         eroutes: vec![bad],
         secrets: vec![("fleet", "key")],
         services: vec![],
+        statefulset: None,
     };
     let calls = run(fleet(""), world).await;
     assert!(patched(&calls).is_empty());
@@ -242,4 +311,65 @@ async fn invalid_eroute_set_keeps_the_last_good_config() {
         c["message"].as_str().unwrap().contains("spec.pskSecretRef"),
         "{c}"
     );
+}
+
+fn sts_replicas(calls: &[Call]) -> i64 {
+    let c = calls
+        .iter()
+        .find(|c| c.method == Method::PATCH && c.path.ends_with("/statefulsets/edge"))
+        .expect("the StatefulSet is applied");
+    c.body["spec"]["replicas"].as_i64().unwrap()
+}
+
+fn scaling_fleet() -> GatewayFleet {
+    fleet(
+        "  scaling: {minReplicas: 2, maxReplicas: 6, targetTunnelsPerPod: 100, targetCpuPercent: 70, stabilizationWindow: 5m}\n",
+    )
+}
+
+fn ready_world(replicas: u32) -> World {
+    World {
+        eroutes: vec![],
+        secrets: vec![("fleet", "key")],
+        services: vec![],
+        statefulset: Some(replicas),
+    }
+}
+
+#[tokio::test]
+async fn scales_out_on_reported_tunnels() {
+    let pods = Pods::new(vec![Some(250), Some(240)], true);
+    let calls = run_with(scaling_fleet(), ready_world(2), pods.clone()).await;
+    assert_eq!(sts_replicas(&calls), 5, "490 tunnels at 100 per pod");
+    assert_eq!(status_patch(&calls)["tunnels"], 490);
+    assert!(pods.drain_calls.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn scale_in_waits_until_the_leaving_pod_is_drained() {
+    let draining = Pods::new(vec![Some(10), Some(10), Some(4)], false);
+    let calls = run_with(scaling_fleet(), ready_world(3), draining.clone()).await;
+    assert_eq!(
+        sts_replicas(&calls),
+        3,
+        "no pod removed while it still holds tunnels"
+    );
+    assert_eq!(
+        *draining.drain_calls.lock().unwrap(),
+        [2],
+        "the highest ordinal is drained"
+    );
+
+    let drained = Pods::new(vec![Some(10), Some(10), Some(0)], true);
+    let calls = run_with(scaling_fleet(), ready_world(3), drained.clone()).await;
+    assert_eq!(sts_replicas(&calls), 2);
+    assert_eq!(*drained.drain_calls.lock().unwrap(), [2]);
+}
+
+#[tokio::test]
+async fn a_silent_pod_blocks_scale_in() {
+    let pods = Pods::new(vec![Some(0), None, Some(0)], true);
+    let calls = run_with(scaling_fleet(), ready_world(3), pods.clone()).await;
+    assert_eq!(sts_replicas(&calls), 3);
+    assert!(pods.drain_calls.lock().unwrap().is_empty());
 }

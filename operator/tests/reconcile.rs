@@ -6,9 +6,23 @@ use std::time::Duration;
 
 use concentrator_crds::{Egroup, Eroute};
 use concentrator_operator::controller::{Context, reconcile};
+use concentrator_operator::fleet::admin::{AdminError, DrainState, FleetAdmin};
+use concentrator_operator::fleet::scale::PodReport;
+use futures::future::BoxFuture;
 use http::{Method, Request, Response};
 use kube::Client;
 use kube::client::Body;
+
+/// No gateway pod answers (Eroute/Egroup reconciles never ask).
+struct NoPods;
+impl FleetAdmin for NoPods {
+    fn report<'a>(&'a self, _: &'a str, _: &'a str, _: u32) -> BoxFuture<'a, Result<PodReport, AdminError>> {
+        unreachable!("Eroute/Egroup reconcile asked a pod for a report")
+    }
+    fn drain<'a>(&'a self, _: &'a str, _: &'a str, _: u32) -> BoxFuture<'a, Result<DrainState, AdminError>> {
+        unreachable!("Eroute/Egroup reconcile drained a pod")
+    }
+}
 
 type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
 
@@ -59,7 +73,7 @@ async fn invalid_eroute_gets_ready_false_with_the_field() {
         handle,
         "/apis/vpn.concentrator.io/v1alpha1/namespaces/default/eroutes/x/status",
     ));
-    reconcile(Arc::new(obj), Arc::new(Context { client }))
+    reconcile(Arc::new(obj), Arc::new(Context::new(client, Arc::new(NoPods))))
         .await
         .unwrap();
     let body = server.await.unwrap();
@@ -85,7 +99,7 @@ async fn valid_egroup_gets_ready_true() {
         handle,
         "/apis/vpn.concentrator.io/v1alpha1/namespaces/default/egroups/x/status",
     ));
-    reconcile(Arc::new(obj), Arc::new(Context { client }))
+    reconcile(Arc::new(obj), Arc::new(Context::new(client, Arc::new(NoPods))))
         .await
         .unwrap();
     let body = server.await.unwrap();

@@ -1,7 +1,9 @@
 //! The GatewayFleet controller: validate -> dereference (Eroutes, Egroups, Secrets) -> build
 //! (pure, see [`build`]) -> server-side apply -> status.
 
+pub mod admin;
 pub mod build;
+pub mod scale;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -65,6 +67,7 @@ async fn patch_status(
     fleet: &GatewayFleet,
     verdict: Result<(), NotReady>,
     replicas: (i32, i32),
+    tunnels: u64,
 ) -> Result<(), Error> {
     let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
     let (status, reason, message) = match verdict {
@@ -79,7 +82,7 @@ async fn patch_status(
             "observedGeneration": generation,
             "replicas": replicas.0.max(0),
             "readyReplicas": replicas.1.max(0),
-            "tunnels": 0,
+            "tunnels": tunnels,
             "conditions": [{
                 "type": "Ready", "status": status, "reason": reason, "message": message,
                 "observedGeneration": generation, "lastTransitionTime": now,
@@ -102,15 +105,18 @@ pub async fn reconcile(fleet: Arc<GatewayFleet>, ctx: Arc<Context>) -> Result<Ac
     let client = ctx.client.clone();
     let fleets: Api<GatewayFleet> = Api::namespaced(client.clone(), &ns);
 
-    if let Err(e) = fleet.spec.validate() {
-        tracing::warn!(error = %e, "invalid GatewayFleet");
-        let n = NotReady {
-            reason: "Invalid",
-            message: e.to_string(),
-        };
-        patch_status(&fleets, &fleet, Err(n), (0, 0)).await?;
-        return Ok(Action::await_change());
-    }
+    let window = match fleet.spec.validate() {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(error = %e, "invalid GatewayFleet");
+            let n = NotReady {
+                reason: "Invalid",
+                message: e.to_string(),
+            };
+            patch_status(&fleets, &fleet, Err(n), (0, 0), 0).await?;
+            return Ok(Action::await_change());
+        }
+    };
 
     let eroutes = Api::<Eroute>::namespaced(client.clone(), &ns)
         .list(&ListParams::default())
@@ -128,7 +134,7 @@ pub async fn reconcile(fleet: Arc<GatewayFleet>, ctx: Arc<Context>) -> Result<Ac
             reason: "InvalidConfig",
             message: e.to_string(),
         };
-        patch_status(&fleets, &fleet, Err(n), (0, 0)).await?;
+        patch_status(&fleets, &fleet, Err(n), (0, 0), 0).await?;
         return Ok(Action::requeue(Duration::from_secs(60)));
     }
     let mut wanted = build::referenced_secrets(&eroutes, &egroups);
@@ -136,11 +142,12 @@ pub async fn reconcile(fleet: Arc<GatewayFleet>, ctx: Arc<Context>) -> Result<Ac
     wanted.insert((fk.name.clone(), fk.key.clone()));
     if let Some(n) = missing_secrets(&Api::namespaced(client.clone(), &ns), &wanted).await? {
         tracing::warn!(message = %n.message, "fleet waits for a Secret");
-        patch_status(&fleets, &fleet, Err(n), (0, 0)).await?;
+        patch_status(&fleets, &fleet, Err(n), (0, 0), 0).await?;
         return Ok(Action::requeue(Duration::from_secs(30)));
     }
 
-    let replicas = fleet.spec.scaling.min_replicas;
+    let sts_api = Api::<StatefulSet>::namespaced(client.clone(), &ns);
+    let (replicas, tunnels, draining) = scale_step(&ctx, &sts_api, &fleet, &ns, window).await?;
     let d = build::desired(&fleet, &eroutes, &egroups, replicas).map_err(|e| Error::Build(e.to_string()))?;
     apply(&Api::<ConfigMap>::namespaced(client.clone(), &ns), &d.config).await?;
     let services: Api<Service> = Api::namespaced(client.clone(), &ns);
@@ -188,6 +195,82 @@ pub async fn reconcile(fleet: Arc<GatewayFleet>, ctx: Arc<Context>) -> Result<Ac
         st.map_or(0, |s| s.replicas),
         st.and_then(|s| s.ready_replicas).unwrap_or(0),
     );
-    patch_status(&fleets, &fleet, Ok(()), counts).await?;
-    Ok(Action::requeue(Duration::from_secs(60)))
+    patch_status(&fleets, &fleet, Ok(()), counts, tunnels).await?;
+    // Reports change with load: look again soon, sooner while a pod drains.
+    Ok(Action::requeue(Duration::from_secs(if draining {
+        10
+    } else {
+        30
+    })))
+}
+
+/// Decides this round's replica count from the pods' reports; returns it, the fleet's tunnel
+/// total and whether a pod is being drained.
+async fn scale_step(
+    ctx: &Context,
+    sts_api: &Api<StatefulSet>,
+    fleet: &GatewayFleet,
+    ns: &str,
+    window: Duration,
+) -> Result<(u32, u64, bool), Error> {
+    let name = fleet.name_any();
+    let spec = &fleet.spec.scaling;
+    let current = sts_api
+        .get_opt(&name)
+        .await?
+        .and_then(|s| s.spec.and_then(|sp| sp.replicas))
+        .map(|r| u32::try_from(r).unwrap_or(0));
+    let Some(current) = current else {
+        return Ok((spec.min_replicas, 0, false));
+    };
+    let mut reports = Vec::new();
+    let mut all_reported = true;
+    for ordinal in 0..current {
+        match ctx.admin.report(ns, &name, ordinal).await {
+            Ok(r) => reports.push(r),
+            Err(e) => {
+                tracing::debug!(error = %e, "no load report");
+                all_reported = false;
+            }
+        }
+    }
+    let tunnels = reports.iter().map(|r| r.tunnels).sum();
+    let recommended = scale::recommend(spec, &reports);
+    let target = {
+        let mut h = ctx.scale_history.lock().unwrap_or_else(|e| e.into_inner());
+        h.entry(format!("{ns}/{name}"))
+            .or_default()
+            .stabilize(std::time::Instant::now(), window, recommended)
+    };
+    Ok(match scale::step(current, target, all_reported) {
+        scale::Step::Set(n) => {
+            if n != current {
+                tracing::info!(from = current, to = n, tunnels, "scaling");
+            }
+            (n, tunnels, false)
+        }
+        scale::Step::Drain(ordinal) => match ctx.admin.drain(ns, &name, ordinal).await {
+            Ok(admin::DrainState::Drained) => {
+                tracing::info!(
+                    pod = ordinal,
+                    from = current,
+                    to = current - 1,
+                    "pod drained; scaling in"
+                );
+                (current - 1, tunnels, false)
+            }
+            Ok(admin::DrainState::Draining { remaining }) => {
+                tracing::info!(
+                    pod = ordinal,
+                    remaining,
+                    "waiting for the pod to drain before scaling in"
+                );
+                (current, tunnels, true)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot drain; not scaling in");
+                (current, tunnels, true)
+            }
+        },
+    })
 }
