@@ -107,7 +107,10 @@ pub fn error_policy<K: ResourceExt>(_obj: Arc<K>, err: &Error, _ctx: Arc<Context
 
 /// Runs the GatewayFleet, Eroute and Egroup controllers until the stream ends.
 pub async fn run(client: Client) {
-    let ctx = Arc::new(Context::new(client.clone(), Arc::new(crate::fleet::admin::GrpcFleetAdmin)));
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        Arc::new(crate::fleet::admin::GrpcFleetAdmin),
+    ));
     let eroutes = Controller::new(Api::<Eroute>::all(client.clone()), watcher::Config::default())
         .shutdown_on_signal()
         .run(reconcile::<Eroute>, error_policy::<Eroute>, ctx.clone())
