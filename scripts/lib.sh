@@ -70,3 +70,14 @@ PY
     rm -rf "$tmp"
     "$HELM" version --short
 }
+
+# kubernetes-validate (PyPI) in a private venv: schema checks of rendered manifests, offline.
+# Sets KVALIDATE to its path.
+ensure_kubernetes_validate() {
+    local dir="${CONCENTRATOR_TOOLS_DIR:-$(dirname "$CARGO_TARGET_DIR")/tools}/venv"
+    KVALIDATE="$dir/bin/kubernetes-validate"
+    if [ -x "$KVALIDATE" ]; then return; fi
+    echo "==> installing kubernetes-validate (PyPI) into $dir"
+    python3 -m venv "$dir" 2>/dev/null || { ensure_packages python3-venv; python3 -m venv "$dir"; }
+    "$dir/bin/pip" install -q 'kubernetes-validate==1.37.0'
+}

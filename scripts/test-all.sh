@@ -42,18 +42,38 @@ step "fuzz the IKEv2 codec (${FUZZ_SECONDS:-20}s per target)"
 # Own target dir: sanitizer flags would otherwise invalidate the main build cache.
 CARGO_TARGET_DIR="$CARGO_TARGET_DIR-fuzz" gateway-pod/ike/fuzz/run.sh "${FUZZ_SECONDS:-20}"
 
-step "helm lint --strict and helm template"
+step "helm lint --strict, helm template, schema checks, snapshot"
 ensure_helm
-"$HELM" lint --strict charts/concentrator
-rendered=$("$HELM" template concentrator charts/concentrator --namespace concentrator --include-crds)
-for kind in CustomResourceDefinition Deployment ServiceAccount ClusterRole ClusterRoleBinding; do
-    grep -q "^kind: $kind\$" <<<"$rendered" || { echo "helm template renders no $kind" >&2; exit 1; }
+ensure_kubernetes_validate
+rendered_dir=$(mktemp -d)
+trap 'rm -rf "$rendered_dir"' EXIT
+for values in "" charts/concentrator/ci/*-values.yaml; do
+    args=(); [ -n "$values" ] && args=(-f "$values")
+    "$HELM" lint --strict charts/concentrator "${args[@]}"
+    out="$rendered_dir/chart-$(basename "${values:-default}" .yaml).yaml"
+    "$HELM" template concentrator charts/concentrator --namespace concentrator --include-crds "${args[@]}" >"$out"
+done
+for kind in CustomResourceDefinition Deployment ServiceAccount ClusterRole ClusterRoleBinding Role RoleBinding; do
+    grep -q "^kind: $kind\$" "$rendered_dir/chart-default.yaml" || { echo "helm template renders no $kind" >&2; exit 1; }
 done
 # values.schema.json must refuse bad values.
 if "$HELM" template concentrator charts/concentrator --set operator.logFormat=xml >/dev/null 2>&1; then
     echo "values.schema.json accepted operator.logFormat=xml" >&2
     exit 1
 fi
+# What the operator builds for a fleet, checked against the same Kubernetes schemas.
+cargo run --locked -q -p concentrator-operator -- render \
+    --fleet examples/kubernetes/fleet.yaml --config-dir examples >"$rendered_dir/fleet.yaml"
+"$KVALIDATE" -k 1.33.0 --strict --quiet "$rendered_dir"/*.yaml
+# Any change to the rendered chart must be deliberate: UPDATE_SNAPSHOTS=1 rewrites the snapshot.
+snapshot=charts/concentrator/tests/snapshot-default.yaml
+if [ "${UPDATE_SNAPSHOTS:-}" = 1 ]; then
+    cp "$rendered_dir/chart-default.yaml" "$snapshot"
+fi
+diff -u "$snapshot" "$rendered_dir/chart-default.yaml" || {
+    echo "helm template output changed; if intended, run UPDATE_SNAPSHOTS=1 scripts/test-all.sh and commit $snapshot" >&2
+    exit 1
+}
 
 step "e2e on a real cluster (skips without KUBECONFIG)"
 e2e/k8s/run.sh

@@ -9,11 +9,13 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use k8s_openapi::jiff::Timestamp;
 use kube::{Api, Client};
 
-/// Kubernetes operator of the concentrator: validates Eroute and Egroup resources and reports
-/// the verdict in their status.
+/// Kubernetes operator of the concentrator: reconciles GatewayFleets into gateway pods and
+/// Services, and reports the validity of Eroutes and Egroups in their status.
 #[derive(Debug, Parser)]
 #[command(name = "concentrator-operator", version, about, long_about = None)]
 struct Options {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Address of the Prometheus endpoint (/metrics, /healthz, /readyz).
     #[arg(long, env = "CONCENTRATOR_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
     metrics_listen: SocketAddr,
@@ -23,9 +25,34 @@ struct Options {
     log_format: LogFormat,
 }
 
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Print the objects the operator would apply for a GatewayFleet, without a cluster.
+    Render {
+        /// YAML file with a GatewayFleet document.
+        #[arg(long)]
+        fleet: std::path::PathBuf,
+        /// Directory whose *.yaml files hold the namespace's Eroutes and Egroups.
+        #[arg(long)]
+        config_dir: std::path::PathBuf,
+    },
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let opts = Options::parse();
+    if let Some(Command::Render { fleet, config_dir }) = &opts.command {
+        return match concentrator_operator::fleet::render::render(fleet, config_dir) {
+            Ok(yaml) => {
+                print!("{yaml}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("concentrator-operator render: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
     let _telemetry = match concentrator_telemetry::init("concentrator-operator", opts.log_format) {
         Ok(g) => g,
         Err(e) => {

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod build;
+pub mod render;
 pub mod scale;
 
 use std::collections::BTreeSet;

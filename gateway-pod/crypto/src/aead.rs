@@ -1,0 +1,181 @@
+//! AES-GCM-16 (128/256) and ChaCha20-Poly1305 with the IPsec nonce layout, shared by the IKE
+//! SK payload ([`crate::SkCipher`]) and the ESP data plane.
+//!
+//! The nonce is `salt (4 bytes, from the key material) || IV (8 bytes, carried in the packet)`
+//! for both ciphers (RFC 4106 and RFC 5282 for GCM, RFC 7634 §2 for ChaCha20-Poly1305), and
+//! the ICV is 16 bytes.
+
+use aws_lc_rs::aead::{AES_128_GCM, AES_256_GCM, Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey};
+use concentrator_crds::proposal::Encryption;
+
+use crate::error::{CryptoError, PacketError};
+use crate::keymat::{DirectionKeys, SALT_LEN, cipher_key_len, key_and_salt};
+
+/// Length of the explicit IV carried in each packet.
+pub const IV_LEN: usize = 8;
+/// Length of the ICV (authentication tag) of every supported AEAD.
+pub const TAG_LEN: usize = 16;
+
+/// An AEAD key with its salt. Immutable and `Sync`: one per SA direction, shareable between
+/// worker threads; the IV is supplied per call.
+pub struct AeadKey {
+    encr: Encryption,
+    key: LessSafeKey,
+    salt: [u8; SALT_LEN],
+}
+
+impl std::fmt::Debug for AeadKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AeadKey")
+            .field("encr", &self.encr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for AeadKey {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.salt);
+    }
+}
+
+impl AeadKey {
+    /// A key from `keymat = key || salt` as taken from KEYMAT or SK_e (20 bytes for
+    /// AES-128-GCM, 36 for AES-256-GCM and ChaCha20-Poly1305).
+    ///
+    /// # Errors
+    /// [`CryptoError::Unsupported`] for a non-AEAD transform, [`CryptoError::KeyLength`] for
+    /// key material of the wrong length.
+    pub fn new(encr: Encryption, keymat: &[u8]) -> Result<Self, CryptoError> {
+        let alg = match encr {
+            Encryption::AesGcm16 { key_bits: 128 } => &AES_128_GCM,
+            Encryption::AesGcm16 { key_bits: 256 } => &AES_256_GCM,
+            Encryption::ChaCha20Poly1305 => &CHACHA20_POLY1305,
+            Encryption::AesGcm16 { .. } => return Err(CryptoError::Unsupported("AES-GCM key length")),
+            Encryption::AesCbc { .. } => return Err(CryptoError::Unsupported("AES-CBC is not an AEAD")),
+        };
+        let k = cipher_key_len(encr)?;
+        if keymat.len() != k + SALT_LEN {
+            return Err(CryptoError::KeyLength {
+                what: "AEAD key + salt",
+                expected: k + SALT_LEN,
+                got: keymat.len(),
+            });
+        }
+        let (key, salt) = keymat.split_at(k);
+        let key = UnboundKey::new(alg, key).map_err(|_| CryptoError::Internal)?;
+        let mut s = [0; SALT_LEN];
+        s.copy_from_slice(salt);
+        Ok(Self {
+            encr,
+            key: LessSafeKey::new(key),
+            salt: s,
+        })
+    }
+
+    /// A key for one direction of a CHILD SA.
+    ///
+    /// # Errors
+    /// As [`Self::new`].
+    pub fn from_direction(encr: Encryption, keys: &DirectionKeys) -> Result<Self, CryptoError> {
+        Self::new(encr, &key_and_salt(keys))
+    }
+
+    /// The transform.
+    pub fn encryption(&self) -> Encryption {
+        self.encr
+    }
+
+    fn nonce(&self, iv: &[u8; IV_LEN]) -> Nonce {
+        let mut n = [0u8; 12];
+        n[..SALT_LEN].copy_from_slice(&self.salt);
+        n[SALT_LEN..].copy_from_slice(iv);
+        Nonce::assume_unique_for_key(n)
+    }
+
+    /// Encrypts `data[..len - 16]` in place and writes the 16-byte ICV into the last 16 bytes
+    /// of `data`. `iv` must never repeat under this key (use an [`IvCounter`]); `aad` is the
+    /// associated data (ESP: SPI || sequence number, or SPI || seq_hi || seq_lo with ESN).
+    ///
+    /// # Errors
+    /// [`PacketError::Malformed`] if `data` is shorter than the ICV.
+    pub fn seal_in_place(&self, iv: &[u8; IV_LEN], aad: &[u8], data: &mut [u8]) -> Result<(), PacketError> {
+        let Some(pt_len) = data.len().checked_sub(TAG_LEN) else {
+            return Err(PacketError::Malformed);
+        };
+        let (pt, icv) = data.split_at_mut(pt_len);
+        let tag = self
+            .key
+            .seal_in_place_separate_tag(self.nonce(iv), Aad::from(aad), pt)
+            .map_err(|_| PacketError::Internal)?;
+        icv.copy_from_slice(tag.as_ref());
+        Ok(())
+    }
+
+    /// Decrypts `data = ciphertext || ICV` in place and returns the plaintext (the first
+    /// `len - 16` bytes).
+    ///
+    /// # Errors
+    /// [`PacketError::Malformed`] if `data` is shorter than the ICV,
+    /// [`PacketError::IcvMismatch`] if the ICV does not verify (nothing is returned then).
+    pub fn open_in_place<'a>(
+        &self,
+        iv: &[u8; IV_LEN],
+        aad: &[u8],
+        data: &'a mut [u8],
+    ) -> Result<&'a mut [u8], PacketError> {
+        if data.len() < TAG_LEN {
+            return Err(PacketError::Malformed);
+        }
+        self.key
+            .open_in_place(self.nonce(iv), Aad::from(aad), data)
+            .map_err(|_| PacketError::IcvMismatch)
+    }
+}
+
+/// ESP associated data (RFC 4106; RFC 7634 §2.1 "AAD Construction"): SPI || sequence number (8 bytes), or
+/// with extended sequence numbers SPI || high 32 bits || low 32 bits (12 bytes). Returns the
+/// buffer and the number of bytes used.
+pub fn esp_aad(spi: u32, seq: u64, esn: bool) -> ([u8; 12], usize) {
+    let mut a = [0u8; 12];
+    a[..4].copy_from_slice(&spi.to_be_bytes());
+    if esn {
+        a[4..8].copy_from_slice(&((seq >> 32) as u32).to_be_bytes());
+        a[8..12].copy_from_slice(&(seq as u32).to_be_bytes());
+        (a, 12)
+    } else {
+        a[4..8].copy_from_slice(&(seq as u32).to_be_bytes());
+        (a, 8)
+    }
+}
+
+/// Explicit IVs for one AEAD key: a counter, never random, so an IV cannot repeat under the
+/// key (a repeated GCM or ChaCha20-Poly1305 nonce reveals the authentication key). This is the
+/// counter nonce of RFC 5116 §3.2 with the salt as its fixed field: "The Counter part SHOULD
+/// be equal to zero for the first nonce, and increment by one for each successive nonce that
+/// is generated." Keep exactly one counter per key and never reset it while the key lives.
+#[derive(Debug, Default)]
+pub struct IvCounter {
+    next: u64,
+}
+
+impl IvCounter {
+    /// A counter starting at 0.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A counter resuming at `next` (after a takeover, jump ahead by a safe margin).
+    pub fn starting_at(next: u64) -> Self {
+        Self { next }
+    }
+
+    /// The next IV.
+    ///
+    /// # Errors
+    /// [`PacketError::IvExhausted`] after 2^64 - 1 IVs: the key must be replaced.
+    pub fn next_iv(&mut self) -> Result<[u8; IV_LEN], PacketError> {
+        let v = self.next;
+        self.next = v.checked_add(1).ok_or(PacketError::IvExhausted)?;
+        Ok(v.to_be_bytes())
+    }
+}
