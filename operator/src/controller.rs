@@ -26,6 +26,10 @@ pub enum Error {
     NoNamespace,
     #[error("building objects: {0}")]
     Build(String),
+    #[error("waiting for {0} tunnel(s) to leave the fleet before it is deleted")]
+    StillDraining(u64),
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Self>>),
 }
 
 /// What every reconcile needs.
@@ -35,14 +39,46 @@ pub struct Context {
     pub admin: Arc<dyn crate::fleet::admin::FleetAdmin>,
     /// Autoscaling recommendations per fleet (`namespace/name`), for the stabilisation window.
     pub scale_history: std::sync::Mutex<std::collections::HashMap<String, crate::fleet::scale::History>>,
+    /// Kubernetes Events on the objects the operator acts on.
+    pub recorder: kube::runtime::events::Recorder,
 }
 
 impl Context {
     pub fn new(client: Client, admin: Arc<dyn crate::fleet::admin::FleetAdmin>) -> Self {
+        let reporter = kube::runtime::events::Reporter {
+            controller: MANAGER.into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
         Self {
+            recorder: kube::runtime::events::Recorder::new(client.clone(), reporter),
             client,
             admin,
             scale_history: Default::default(),
+        }
+    }
+
+    /// Publishes an Event on `obj`; a failure to do so is logged, never fatal.
+    pub async fn event<K: Resource<DynamicType = ()>>(
+        &self,
+        obj: &K,
+        warning: bool,
+        reason: &str,
+        note: String,
+    ) {
+        use kube::runtime::events::{Event, EventType};
+        let ev = Event {
+            type_: if warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: reason.into(),
+            note: Some(note),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&ev, &obj.object_ref(&())).await {
+            tracing::warn!(error = %e, reason, "cannot publish Event");
         }
     }
 }

@@ -147,6 +147,14 @@ async fn fake_api(mut handle: Handle, world: World) -> Vec<Call> {
                     ),
                 }
             }
+            (Method::POST, p) if p.ends_with("/events") => reply(StatusCode::CREATED, &body),
+            // The finalizer's JSON patch on the fleet itself.
+            (Method::PATCH, p) if p.ends_with("/gatewayfleets/edge") => reply(
+                StatusCode::OK,
+                &json!({"apiVersion": "vpn.concentrator.io/v1alpha1", "kind": "GatewayFleet",
+                        "metadata": {"name": "edge", "namespace": "vpn"},
+                        "spec": {"etcd": {"endpoints": []}, "fleetKeySecretRef": {"name": "f", "key": "k"}}}),
+            ),
             (Method::PATCH, _) => {
                 // Server-side apply echoes the object; add the fields the server owns.
                 let mut obj = body.clone();
@@ -178,7 +186,7 @@ async fn fake_api(mut handle: Handle, world: World) -> Vec<Call> {
 
 fn fleet(spec_extra: &str) -> GatewayFleet {
     serde_yaml::from_str(&format!(
-        "apiVersion: vpn.concentrator.io/v1alpha1\nkind: GatewayFleet\nmetadata: {{name: edge, namespace: vpn, uid: u1, generation: 2}}\n\
+        "apiVersion: vpn.concentrator.io/v1alpha1\nkind: GatewayFleet\nmetadata: {{name: edge, namespace: vpn, uid: u1, generation: 2, finalizers: [vpn.concentrator.io/drain]}}\n\
          spec:\n  etcd: {{endpoints: ['http://etcd:2379']}}\n  fleetKeySecretRef: {{name: fleet, key: key}}\n{spec_extra}"
     ))
     .unwrap()
@@ -196,11 +204,24 @@ async fn run(fleet: GatewayFleet, world: World) -> Vec<Call> {
 }
 
 async fn run_with(fleet: GatewayFleet, world: World, pods: Arc<Pods>) -> Vec<Call> {
+    let (calls, result) = try_run(fleet, world, pods).await;
+    result.unwrap();
+    calls
+}
+
+async fn try_run(
+    fleet: GatewayFleet,
+    world: World,
+    pods: Arc<Pods>,
+) -> (
+    Vec<Call>,
+    Result<kube::runtime::controller::Action, concentrator_operator::controller::Error>,
+) {
     let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let api = tokio::spawn(fake_api(handle, world));
     let ctx = Arc::new(Context::new(Client::new(svc, "vpn"), pods));
-    reconcile(Arc::new(fleet), ctx).await.unwrap();
-    api.await.unwrap()
+    let result = reconcile(Arc::new(fleet), ctx).await;
+    (api.await.unwrap(), result)
 }
 
 fn status_patch(calls: &[Call]) -> &Value {
@@ -281,7 +302,12 @@ async fn missing_secret_blocks_the_rollout_with_a_reason() {
 #[tokio::test]
 async fn invalid_spec_is_reported_without_touching_anything_else() {
     let calls = run(fleet("  scaling: {minReplicas: 3, maxReplicas: 2, targetTunnelsPerPod: 10, targetCpuPercent: 50, stabilizationWindow: 1m}\n"), World::default()).await;
-    assert_eq!(calls.len(), 1, "{calls:?}");
+    // Only a Warning Event and the status: nothing listed, read or applied.
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    assert_eq!(
+        (calls[0].method.as_str(), calls[0].body["type"].as_str()),
+        ("POST", Some("Warning"))
+    );
     let c = &status_patch(&calls)["conditions"][0];
     assert_eq!(c["reason"], "Invalid");
     assert!(
@@ -372,4 +398,72 @@ async fn a_silent_pod_blocks_scale_in() {
     let calls = run_with(scaling_fleet(), ready_world(3), pods.clone()).await;
     assert_eq!(sts_replicas(&calls), 3);
     assert!(pods.drain_calls.lock().unwrap().is_empty());
+}
+
+fn deleted(f: GatewayFleet) -> GatewayFleet {
+    let mut f = f;
+    f.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        "2026-11-22T10:00:00Z".parse().unwrap(),
+    ));
+    f
+}
+
+fn finalizer_removed(calls: &[Call]) -> bool {
+    calls.iter().any(|c| {
+        c.method == Method::PATCH
+            && c.path.ends_with("/gatewayfleets/edge")
+            && c.body.to_string().contains("/metadata/finalizers")
+    })
+}
+
+#[tokio::test]
+async fn new_fleet_gets_the_drain_finalizer_first() {
+    let mut f = fleet("");
+    f.metadata.finalizers = None;
+    let calls = run(f, World::default()).await;
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert_eq!(calls[0].method, Method::PATCH);
+    assert!(
+        calls[0].body.to_string().contains("vpn.concentrator.io/drain"),
+        "{:?}",
+        calls[0].body
+    );
+}
+
+#[tokio::test]
+async fn deletion_waits_for_tunnels_to_leave() {
+    let pods = Pods::new(vec![Some(3), Some(0)], false);
+    let (calls, result) = try_run(deleted(fleet("")), ready_world(2), pods.clone()).await;
+    assert!(result.is_err(), "the finalizer stays while tunnels remain");
+    assert!(!finalizer_removed(&calls));
+    assert_eq!(*pods.drain_calls.lock().unwrap(), [0, 1], "every pod is drained");
+    assert!(
+        calls
+            .iter()
+            .any(|c| c.method == Method::POST && c.body["reason"] == "Draining"),
+        "an Event says why"
+    );
+}
+
+#[tokio::test]
+async fn deletion_completes_once_drained() {
+    let pods = Pods::new(vec![Some(0), Some(0)], true);
+    let calls = run_with(deleted(fleet("")), ready_world(2), pods.clone()).await;
+    assert!(finalizer_removed(&calls), "{calls:?}");
+    assert!(
+        patched(&calls).iter().all(|p| p.ends_with("/gatewayfleets/edge")),
+        "nothing re-applied while deleting"
+    );
+}
+
+#[tokio::test]
+async fn scaling_is_recorded_as_an_event() {
+    let pods = Pods::new(vec![Some(250), Some(240)], true);
+    let calls = run_with(scaling_fleet(), ready_world(2), pods).await;
+    let ev = calls
+        .iter()
+        .find(|c| c.method == Method::POST && c.path.ends_with("/events"))
+        .expect("an Event");
+    assert_eq!(ev.body["reason"], "Scaled");
+    assert_eq!(ev.body["note"], "2 -> 5 pods for 490 tunnels");
 }

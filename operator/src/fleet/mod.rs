@@ -99,9 +99,62 @@ async fn patch_status(
     Ok(())
 }
 
-/// Reconciles one fleet.
+/// Finalizer that keeps a deleted fleet (and its pods) until its tunnels have left.
+pub const FINALIZER: &str = "vpn.concentrator.io/drain";
+
+/// Reconciles one fleet: apply while it exists, drain before it goes.
 #[tracing::instrument(skip_all, fields(fleet = %fleet.name_any(), namespace = fleet.namespace().unwrap_or_default()))]
 pub async fn reconcile(fleet: Arc<GatewayFleet>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let ns = fleet.namespace().ok_or(Error::NoNamespace)?;
+    let api: Api<GatewayFleet> = Api::namespaced(ctx.client.clone(), &ns);
+    kube::runtime::finalizer(&api, FINALIZER, fleet, |event| async {
+        match event {
+            kube::runtime::finalizer::Event::Apply(f) => apply_fleet(f, ctx.clone()).await,
+            kube::runtime::finalizer::Event::Cleanup(f) => cleanup(f, ctx.clone()).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)))
+}
+
+/// A deleted fleet: drain every pod; only when no tunnel is left does the finalizer go (an
+/// error keeps it and retries). A pod that cannot be reached has nothing left to hand over.
+async fn cleanup(fleet: Arc<GatewayFleet>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let ns = fleet.namespace().ok_or(Error::NoNamespace)?;
+    let name = fleet.name_any();
+    let sts = Api::<StatefulSet>::namespaced(ctx.client.clone(), &ns)
+        .get_opt(&name)
+        .await?;
+    let replicas = sts.and_then(|s| s.spec.and_then(|sp| sp.replicas)).unwrap_or(0);
+    let mut remaining = 0;
+    for ordinal in 0..u32::try_from(replicas).unwrap_or(0) {
+        match ctx.admin.drain(&ns, &name, ordinal).await {
+            Ok(admin::DrainState::Drained) => {}
+            Ok(admin::DrainState::Draining { remaining: r }) => remaining += r.max(1),
+            Err(e) => tracing::warn!(error = %e, "pod unreachable while deleting the fleet"),
+        }
+    }
+    if remaining > 0 {
+        ctx.event(
+            &*fleet,
+            false,
+            "Draining",
+            format!("deleting: waiting for {remaining} tunnel(s) to leave"),
+        )
+        .await;
+        return Err(Error::StillDraining(remaining));
+    }
+    ctx.event(
+        &*fleet,
+        false,
+        "Drained",
+        "all pods drained; deleting the fleet".into(),
+    )
+    .await;
+    Ok(Action::await_change())
+}
+
+async fn apply_fleet(fleet: Arc<GatewayFleet>, ctx: Arc<Context>) -> Result<Action, Error> {
     let ns = fleet.namespace().ok_or(Error::NoNamespace)?;
     let client = ctx.client.clone();
     let fleets: Api<GatewayFleet> = Api::namespaced(client.clone(), &ns);
@@ -110,6 +163,7 @@ pub async fn reconcile(fleet: Arc<GatewayFleet>, ctx: Arc<Context>) -> Result<Ac
         Ok(w) => w,
         Err(e) => {
             tracing::warn!(error = %e, "invalid GatewayFleet");
+            ctx.event(&*fleet, true, "Invalid", e.to_string()).await;
             let n = NotReady {
                 reason: "Invalid",
                 message: e.to_string(),
@@ -131,6 +185,7 @@ pub async fn reconcile(fleet: Arc<GatewayFleet>, ctx: Arc<Context>) -> Result<Ac
     let named_g: Vec<_> = egroups.iter().map(|g| (g.name_any(), g.spec.clone())).collect();
     if let Err(e) = concentrator_crds::set::validate(&named_e, &named_g) {
         // The pods keep the last configuration that was valid as a whole.
+        ctx.event(&*fleet, true, "InvalidConfig", e.to_string()).await;
         let n = NotReady {
             reason: "InvalidConfig",
             message: e.to_string(),
@@ -143,6 +198,7 @@ pub async fn reconcile(fleet: Arc<GatewayFleet>, ctx: Arc<Context>) -> Result<Ac
     wanted.insert((fk.name.clone(), fk.key.clone()));
     if let Some(n) = missing_secrets(&Api::namespaced(client.clone(), &ns), &wanted).await? {
         tracing::warn!(message = %n.message, "fleet waits for a Secret");
+        ctx.event(&*fleet, true, n.reason, n.message.clone()).await;
         patch_status(&fleets, &fleet, Err(n), (0, 0), 0).await?;
         return Ok(Action::requeue(Duration::from_secs(30)));
     }
@@ -247,6 +303,13 @@ async fn scale_step(
         scale::Step::Set(n) => {
             if n != current {
                 tracing::info!(from = current, to = n, tunnels, "scaling");
+                ctx.event(
+                    fleet,
+                    false,
+                    "Scaled",
+                    format!("{current} -> {n} pods for {tunnels} tunnels"),
+                )
+                .await;
             }
             (n, tunnels, false)
         }
