@@ -55,7 +55,8 @@ impl FleetAdmin for Pods {
         let r = match self.tunnels.get(ordinal as usize).copied().flatten() {
             Some(tunnels) => Ok(PodReport {
                 tunnels,
-                cpu_percent: None,
+                dynamic_eroutes: [("hq".to_owned(), tunnels)].into(),
+                ..PodReport::default()
             }),
             None => Err(AdminError::Unreachable {
                 pod: format!("edge-{ordinal}"),
@@ -164,6 +165,9 @@ async fn fake_api(mut handle: Handle, world: World) -> Vec<Call> {
                     last
                 });
                 obj["metadata"]["namespace"] = json!("vpn");
+                if obj["kind"] == "Eroute" {
+                    obj["spec"] = json!({"localSubnet": "", "remoteSubnet": ""});
+                }
                 if obj["kind"] == "GatewayFleet" {
                     obj["spec"] =
                         json!({"etcd": {"endpoints": []}, "fleetKeySecretRef": {"name": "f", "key": "k"}});
@@ -466,4 +470,21 @@ async fn scaling_is_recorded_as_an_event() {
         .expect("an Event");
     assert_eq!(ev.body["reason"], "Scaled");
     assert_eq!(ev.body["note"], "2 -> 5 pods for 490 tunnels");
+}
+
+#[tokio::test]
+async fn live_counts_from_the_pods_reach_the_eroute_status() {
+    let mut world = ready_world(2);
+    world.eroutes = vec![static_eroute()];
+    world.secrets.push(("hq", "psk"));
+    let calls = run_with(scaling_fleet(), world, Pods::new(vec![Some(3), Some(4)], true)).await;
+    let c = calls
+        .iter()
+        .find(|c| c.method == Method::PATCH && c.path.ends_with("/eroutes/hq/status"))
+        .expect("the Eroute status gets the counts");
+    assert_eq!(c.body["status"]["dynamicEroutes"], 7);
+    assert!(
+        c.body["status"].get("conditions").is_none(),
+        "counts never overwrite the validity condition"
+    );
 }

@@ -85,9 +85,19 @@ impl FleetAdmin for GrpcFleetAdmin {
                 })?
                 .into_inner()
                 .values;
+            let eroutes = c
+                .list_eroutes(concentrator_proto::admin::ListEroutesRequest {})
+                .await
+                .map_err(|e| AdminError::Unreachable {
+                    pod: format!("{fleet}-{ordinal}"),
+                    message: e.message().to_owned(),
+                })?
+                .into_inner()
+                .eroutes;
             Ok(PodReport {
                 tunnels: v.get("tunnels").copied().unwrap_or(0),
                 cpu_percent: v.get("cpu_percent").and_then(|c| u32::try_from(*c).ok()),
+                dynamic_eroutes: eroutes.into_iter().map(|e| (e.name, e.dynamic_eroutes)).collect(),
             })
         })
     }

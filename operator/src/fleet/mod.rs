@@ -204,7 +204,7 @@ async fn apply_fleet(fleet: Arc<GatewayFleet>, ctx: Arc<Context>) -> Result<Acti
     }
 
     let sts_api = Api::<StatefulSet>::namespaced(client.clone(), &ns);
-    let (replicas, tunnels, draining) = scale_step(&ctx, &sts_api, &fleet, &ns, window).await?;
+    let (replicas, tunnels, draining, reports) = scale_step(&ctx, &sts_api, &fleet, &ns, window).await?;
     let d = build::desired(&fleet, &eroutes, &egroups, replicas).map_err(|e| Error::Build(e.to_string()))?;
     apply(&Api::<ConfigMap>::namespaced(client.clone(), &ns), &d.config).await?;
     let services: Api<Service> = Api::namespaced(client.clone(), &ns);
@@ -253,6 +253,9 @@ async fn apply_fleet(fleet: Arc<GatewayFleet>, ctx: Arc<Context>) -> Result<Acti
         st.and_then(|s| s.ready_replicas).unwrap_or(0),
     );
     patch_status(&fleets, &fleet, Ok(()), counts, tunnels).await?;
+    if !reports.is_empty() {
+        publish_counts(&ctx, &ns, &eroutes, &egroups, &reports).await?;
+    }
     // Reports change with load: look again soon, sooner while a pod drains.
     Ok(Action::requeue(Duration::from_secs(if draining {
         10
@@ -269,7 +272,7 @@ async fn scale_step(
     fleet: &GatewayFleet,
     ns: &str,
     window: Duration,
-) -> Result<(u32, u64, bool), Error> {
+) -> Result<(u32, u64, bool, Vec<scale::PodReport>), Error> {
     let name = fleet.name_any();
     let spec = &fleet.spec.scaling;
     let current = sts_api
@@ -278,7 +281,7 @@ async fn scale_step(
         .and_then(|s| s.spec.and_then(|sp| sp.replicas))
         .map(|r| u32::try_from(r).unwrap_or(0));
     let Some(current) = current else {
-        return Ok((spec.min_replicas, 0, false));
+        return Ok((spec.min_replicas, 0, false, Vec::new()));
     };
     let mut reports = Vec::new();
     let mut all_reported = true;
@@ -299,7 +302,7 @@ async fn scale_step(
             .or_default()
             .stabilize(std::time::Instant::now(), window, recommended)
     };
-    Ok(match scale::step(current, target, all_reported) {
+    let (n, draining) = match scale::step(current, target, all_reported) {
         scale::Step::Set(n) => {
             if n != current {
                 tracing::info!(from = current, to = n, tunnels, "scaling");
@@ -311,7 +314,7 @@ async fn scale_step(
                 )
                 .await;
             }
-            (n, tunnels, false)
+            (n, false)
         }
         scale::Step::Drain(ordinal) => match ctx.admin.drain(ns, &name, ordinal).await {
             Ok(admin::DrainState::Drained) => {
@@ -321,7 +324,7 @@ async fn scale_step(
                     to = current - 1,
                     "pod drained; scaling in"
                 );
-                (current - 1, tunnels, false)
+                (current - 1, false)
             }
             Ok(admin::DrainState::Draining { remaining }) => {
                 tracing::info!(
@@ -329,12 +332,46 @@ async fn scale_step(
                     remaining,
                     "waiting for the pod to drain before scaling in"
                 );
-                (current, tunnels, true)
+                (current, true)
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot drain; not scaling in");
-                (current, tunnels, true)
+                (current, true)
             }
         },
-    })
+    };
+    Ok((n, tunnels, draining, reports))
+}
+
+/// Field manager of the live counts, apart from the validity conditions, so that neither
+/// server-side apply removes the other's fields.
+pub const COUNTS_MANAGER: &str = "concentrator-operator-counts";
+
+/// Writes the fleet-wide dynamic-eroute counts into each Eroute's and Egroup's status.
+async fn publish_counts(
+    ctx: &Context,
+    ns: &str,
+    eroutes: &[Eroute],
+    egroups: &[Egroup],
+    reports: &[scale::PodReport],
+) -> Result<(), Error> {
+    let count = |eroute: &str| -> u64 { reports.iter().filter_map(|r| r.dynamic_eroutes.get(eroute)).sum() };
+    let params = PatchParams::apply(COUNTS_MANAGER).force();
+    let eroute_api: Api<Eroute> = Api::namespaced(ctx.client.clone(), ns);
+    for e in eroutes {
+        let patch = json!({"apiVersion": "vpn.concentrator.io/v1alpha1", "kind": "Eroute",
+                           "status": {"dynamicEroutes": count(&e.name_any())}});
+        eroute_api
+            .patch_status(&e.name_any(), &params, &Patch::Apply(&patch))
+            .await?;
+    }
+    let egroup_api: Api<Egroup> = Api::namespaced(ctx.client.clone(), ns);
+    for g in egroups {
+        let patch = json!({"apiVersion": "vpn.concentrator.io/v1alpha1", "kind": "Egroup",
+                           "status": {"dynamicEroutes": count(&g.spec.eroute)}});
+        egroup_api
+            .patch_status(&g.name_any(), &params, &Patch::Apply(&patch))
+            .await?;
+    }
+    Ok(())
 }

@@ -8,11 +8,13 @@ use std::time::{Duration, Instant};
 use concentrator_crds::fleet::ScalingSpec;
 
 /// What one gateway pod said about itself.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PodReport {
     pub tunnels: u64,
     /// CPU utilisation in percent of the pod's request, when known.
     pub cpu_percent: Option<u32>,
+    /// Dynamic eroutes per base eroute name.
+    pub dynamic_eroutes: std::collections::BTreeMap<String, u64>,
 }
 
 /// The replica count the load asks for, within the spec's bounds. Like the HPA: each metric
@@ -88,6 +90,7 @@ mod tests {
         PodReport {
             tunnels,
             cpu_percent: cpu,
+            ..PodReport::default()
         }
     }
 
