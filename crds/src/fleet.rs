@@ -47,6 +47,10 @@ pub struct GatewayFleetSpec {
     /// the pod network only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin_tls_secret_name: Option<String>,
+    /// Secret key holding the default site database URL (`mysql://...`) of the pods, used by
+    /// Egroups that name no database of their own. Unset: each pod's embedded SQLite store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site_database_url_secret_ref: Option<SecretKeyRef>,
 }
 
 /// Replica bounds and autoscaling targets.
@@ -184,6 +188,9 @@ impl GatewayFleetSpec {
             }
         }
         self.fleet_key_secret_ref.validate("spec.fleetKeySecretRef")?;
+        if let Some(r) = &self.site_database_url_secret_ref {
+            r.validate("spec.siteDatabaseUrlSecretRef")?;
+        }
         if let Some(a) = &self.front.address
             && a.parse::<std::net::IpAddr>().is_err()
         {

@@ -168,6 +168,13 @@ pub fn desired(
     }
 
     let image = spec.image.clone().unwrap_or_else(|| DEFAULT_IMAGE.to_owned());
+    // From the Secret straight into the environment: the URL holds a password and never
+    // appears in the pod spec or the rendered config.
+    let site_db_env: Vec<Value> = spec
+        .site_database_url_secret_ref
+        .iter()
+        .map(|r| json!({"name": "CONCENTRATOR_SITE_DB", "valueFrom": {"secretKeyRef": {"name": r.name, "key": r.key}}}))
+        .collect();
     let statefulset = typed(
         "StatefulSet",
         json!({
@@ -205,7 +212,8 @@ pub fn desired(
                                 {"name": "admin", "containerPort": 50051, "protocol": "TCP"},
                                 {"name": "metrics", "containerPort": 9090, "protocol": "TCP"},
                             ],
-                            "readinessProbe": {"httpGet": {"path": "/readyz", "port": "metrics"}},
+                            "env": site_db_env,
+                        "readinessProbe": {"httpGet": {"path": "/readyz", "port": "metrics"}},
                             "livenessProbe": {"httpGet": {"path": "/healthz", "port": "metrics"}},
                             // NET_ADMIN for the TUN device and its routes, NET_BIND_SERVICE for
                             // UDP 500: nothing more.
@@ -401,6 +409,44 @@ mod tests {
             tun.host_path.as_ref().unwrap().type_.as_deref(),
             Some("CharDevice")
         );
+    }
+
+    #[test]
+    fn site_database_url_comes_from_its_secret() {
+        let d = desired(
+            &fleet("  siteDatabaseUrlSecretRef: {name: sitedb, key: url}\n"),
+            &[],
+            &[],
+            1,
+        )
+        .unwrap();
+        let c = &d
+            .statefulset
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap()
+            .containers[0];
+        let env = &c.env.as_ref().unwrap()[0];
+        assert_eq!(env.name, "CONCENTRATOR_SITE_DB");
+        assert_eq!(env.value, None);
+        let r = env.value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap();
+        assert_eq!((r.name.as_str(), r.key.as_str()), ("sitedb", "url"));
+        let none = desired(&fleet(""), &[], &[], 1).unwrap();
+        let c = &none
+            .statefulset
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap()
+            .containers[0];
+        assert!(c.env.as_ref().is_none_or(Vec::is_empty));
     }
 
     #[test]

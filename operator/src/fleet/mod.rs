@@ -196,6 +196,9 @@ async fn apply_fleet(fleet: Arc<GatewayFleet>, ctx: Arc<Context>) -> Result<Acti
     let mut wanted = build::referenced_secrets(&eroutes, &egroups);
     let fk = &fleet.spec.fleet_key_secret_ref;
     wanted.insert((fk.name.clone(), fk.key.clone()));
+    if let Some(r) = &fleet.spec.site_database_url_secret_ref {
+        wanted.insert((r.name.clone(), r.key.clone()));
+    }
     if let Some(n) = missing_secrets(&Api::namespaced(client.clone(), &ns), &wanted).await? {
         tracing::warn!(message = %n.message, "fleet waits for a Secret");
         ctx.event(&*fleet, true, n.reason, n.message.clone()).await;
