@@ -76,7 +76,6 @@ for f in glob.glob(os.path.join(src, "chart-*.yaml")):
 if n == 0:
     sys.exit("no GatewayFleet rendered by any values file")
 PY
-printf 'apiVersion: vpn.concentrator.io/v1alpha1\nkind: Eroute\nmetadata: {name: probe}\nspec: {localSubnet: 10.0.0.0/8, remoteSubnet: 172.16.0.0/12, peerId: "*", role: Responder}\n---\napiVersion: vpn.concentrator.io/v1alpha1\nkind: Egroup\nmetadata: {name: probe}\nspec: {eroute: probe, remoteSubnetPrefix: 24}\n' >"$fleet_dir/probe.yaml"
 cargo run --locked -q -p concentrator-gateway -- --config-dir "$fleet_dir" --check
 # What the operator builds for a fleet, checked against the same Kubernetes schemas.
 cargo run --locked -q -p concentrator-operator -- render \
