@@ -67,6 +67,13 @@ async fn client(
     Ok(concentrator_proto::admin::gateway_admin_client::GatewayAdminClient::new(ch))
 }
 
+fn rpc_error(fleet: &str, ordinal: u32) -> impl Fn(tonic::Status) -> AdminError + '_ {
+    move |e| AdminError::Unreachable {
+        pod: format!("{fleet}-{ordinal}"),
+        message: e.message().to_owned(),
+    }
+}
+
 impl FleetAdmin for GrpcFleetAdmin {
     fn report<'a>(
         &'a self,
@@ -79,19 +86,13 @@ impl FleetAdmin for GrpcFleetAdmin {
             let v = c
                 .get_counters(concentrator_proto::admin::GetCountersRequest {})
                 .await
-                .map_err(|e| AdminError::Unreachable {
-                    pod: format!("{fleet}-{ordinal}"),
-                    message: e.message().to_owned(),
-                })?
+                .map_err(rpc_error(fleet, ordinal))?
                 .into_inner()
                 .values;
             let eroutes = c
                 .list_eroutes(concentrator_proto::admin::ListEroutesRequest {})
                 .await
-                .map_err(|e| AdminError::Unreachable {
-                    pod: format!("{fleet}-{ordinal}"),
-                    message: e.message().to_owned(),
-                })?
+                .map_err(rpc_error(fleet, ordinal))?
                 .into_inner()
                 .eroutes;
             Ok(PodReport {
@@ -114,10 +115,7 @@ impl FleetAdmin for GrpcFleetAdmin {
             let s = c
                 .drain(concentrator_proto::admin::DrainRequest {})
                 .await
-                .map_err(|e| AdminError::Unreachable {
-                    pod: format!("{fleet}-{ordinal}"),
-                    message: e.message().to_owned(),
-                })?
+                .map_err(rpc_error(fleet, ordinal))?
                 .into_inner();
             Ok(match s.state() {
                 State::Drained => DrainState::Drained,
