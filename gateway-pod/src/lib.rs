@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod cpu;
 pub mod metrics;
 pub mod secret;
 pub mod sitedb;
@@ -46,6 +47,7 @@ pub struct Running {
     shutdown: Option<oneshot::Sender<()>>,
     admin_task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
     metrics: concentrator_telemetry::MetricsServer,
+    cpu_sampler: tokio::task::JoinHandle<()>,
 }
 
 impl Running {
@@ -61,6 +63,7 @@ impl Running {
             Err(e) => tracing::warn!(error = %e, "admin server task failed"),
         }
         self.metrics.abort();
+        self.cpu_sampler.abort();
         self.site_store.close().await;
     }
 }
@@ -114,6 +117,10 @@ pub async fn start(opts: &Options, config: Config) -> Result<Running, StartError
                 let _ = rx.await;
             }),
     );
+    let cpu_sampler = cpu::spawn_sampler(
+        gateway.metrics.cpu_percent.clone(),
+        std::time::Duration::from_secs(5),
+    );
     metrics_srv.set_ready(true);
     Ok(Running {
         gateway,
@@ -123,6 +130,7 @@ pub async fn start(opts: &Options, config: Config) -> Result<Running, StartError
         shutdown: Some(tx),
         admin_task,
         metrics: metrics_srv,
+        cpu_sampler,
     })
 }
 

@@ -23,6 +23,8 @@ pub struct Metrics {
     pub tunnels: Gauge,
     /// 0 active, 1 draining, 2 drained.
     pub drain_state: Gauge,
+    /// CPU use of the process in percent of one core, over the last few seconds.
+    pub cpu_percent: Gauge,
 }
 
 impl Metrics {
@@ -43,6 +45,11 @@ impl Metrics {
             "0 active, 1 draining, 2 drained",
             self.drain_state.clone(),
         );
+        r.register(
+            "cpu_percent",
+            "CPU use of the process in percent of one core (5 s samples)",
+            self.cpu_percent.clone(),
+        );
     }
 
     pub fn count_admin(&self, method: &str) {
@@ -62,6 +69,7 @@ impl Metrics {
             ("sites".to_owned(), g(self.sites.get())),
             ("tunnels".to_owned(), g(self.tunnels.get())),
             ("drain_state".to_owned(), g(self.drain_state.get())),
+            ("cpu_percent".to_owned(), g(self.cpu_percent.get())),
         ]);
         for method in ["ListTunnels", "GetTunnel", "ListEroutes", "GetCounters", "Drain"] {
             let n = self
