@@ -63,7 +63,7 @@ pub struct ScalingSpec {
     pub max_replicas: u32,
     /// Tunnels per pod the autoscaler aims for. Default: 5000.
     pub target_tunnels_per_pod: u32,
-    /// CPU utilisation per pod the autoscaler aims for, in percent. Default: 70.
+    /// CPU use per pod the autoscaler aims for, in percent of one core. Default: 70.
     pub target_cpu_percent: u32,
     /// How long a lower replica count must be wanted before scaling in (`5m`). Default: 5m.
     pub stabilization_window: String,
