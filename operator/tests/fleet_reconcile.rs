@@ -488,3 +488,39 @@ async fn live_counts_from_the_pods_reach_the_eroute_status() {
         "counts never overwrite the validity condition"
     );
 }
+
+#[tokio::test]
+async fn update_of_an_eroute_rolls_the_pods_with_the_new_config() {
+    let body_of = |calls: &[Call], suffix: &str| {
+        calls
+            .iter()
+            .find(|c| c.method == Method::PATCH && c.path.ends_with(suffix))
+            .map(|c| c.body.clone())
+            .unwrap()
+    };
+    let mut world = ready_world(2);
+    world.eroutes = vec![static_eroute()];
+    world.secrets.push(("hq", "psk"));
+    let before = run_with(fleet(""), world.clone(), Pods::new(vec![Some(0), Some(0)], true)).await;
+    world.eroutes[0]["spec"]["peerId"] = json!("hq-renamed.example.com");
+    let after = run_with(fleet(""), world, Pods::new(vec![Some(0), Some(0)], true)).await;
+
+    let cm = body_of(&after, "/configmaps/edge-config");
+    assert!(
+        cm["data"]["concentrator.yaml"]
+            .as_str()
+            .unwrap()
+            .contains("hq-renamed.example.com")
+    );
+    let hash = |calls: &[Call]| {
+        body_of(calls, "/statefulsets/edge")["spec"]["template"]["metadata"]["annotations"]
+            ["vpn.concentrator.io/config-hash"]
+            .clone()
+    };
+    assert_ne!(
+        hash(&before),
+        hash(&after),
+        "a config change changes the pod template"
+    );
+    assert_eq!(sts_replicas(&after), 2, "an update keeps the replica count");
+}
