@@ -60,6 +60,36 @@ async fn gateway_uses_mariadb_by_url() {
     let indexes: Vec<_> = explain.into_iter().filter_map(|r| r.0).collect();
     assert!(indexes.iter().any(|i| i == "PRIMARY"), "{indexes:?}");
     assert!(indexes.iter().any(|i| i == "sites_remote_subnet"), "{indexes:?}");
+
+    // Both lookup paths, on the real server.
+    let t = concentrator_crds::EgroupSpec {
+        eroute: "branches".into(),
+        remote_subnet_prefix: 24,
+        database: Default::default(),
+        max_dynamic_eroutes: 10,
+    }
+    .validate()
+    .unwrap()
+    .site_table;
+    let to = Duration::from_secs(5);
+    let s = store
+        .site_by_peer_id(&t, "s2.sites.example.com", 24, to)
+        .await
+        .unwrap();
+    assert_eq!(
+        (s.psk.expose(), s.remote_subnet.to_string().as_str()),
+        (&b"k"[..], "10.128.2.0/24")
+    );
+    assert_eq!(s.peer_address.as_deref(), Some("192.0.2.2"));
+    let s = store
+        .site_by_subnet(&t, "10.128.3.0/24".parse().unwrap(), to)
+        .await
+        .unwrap();
+    assert_eq!(s.peer_id, "s3.sites.example.com");
+    assert_eq!(
+        store.site_by_peer_id(&t, "nobody", 24, to).await,
+        Err(concentrator_gateway::sitedb::LookupError::NotFound)
+    );
     store.close().await;
 
     let data = tempfile::tempdir().unwrap();

@@ -1,6 +1,12 @@
 //! Site store: where per-site facts (peer ID, PSK, remote subnet, addresses) live. SQLite under
 //! the data directory by default; MySQL/MariaDB when a `mysql://` URL is given.
 
+pub mod cache;
+mod lookup;
+
+pub use cache::{Key, LookupCache};
+pub use lookup::{LookupError, Site, check_row};
+
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
