@@ -9,12 +9,15 @@ use concentrator_telemetry::LogFormat;
 /// Gateway pod of the concentrator: terminates IKEv2/ESP tunnels for the eroutes and egroups
 /// found in a config directory.
 #[derive(Clone, Debug, clap::Parser)]
-#[command(name = "concentrator-gateway", version, about, long_about = None)]
+#[command(name = "concentrator-gateway", version, about, long_about = None, subcommand_negates_reqs = true)]
 pub struct Options {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// Directory with Eroute/Egroup YAML (every *.yaml/*.yml, multi-document allowed) and
-    /// Secrets as secrets/<name>/<key>.
-    #[arg(long, env = "CONCENTRATOR_CONFIG_DIR", value_name = "DIR")]
-    pub config_dir: PathBuf,
+    /// Secrets as secrets/<name>/<key>. Required to run the gateway.
+    #[arg(long, env = "CONCENTRATOR_CONFIG_DIR", value_name = "DIR", required = true)]
+    pub config_dir: Option<PathBuf>,
 
     /// Directory for state: the embedded SQLite site store (sites.db) lives here.
     #[arg(
@@ -64,6 +67,31 @@ pub struct Options {
     pub check: bool,
 }
 
+/// Maintenance of the site store (the same --data-dir / --site-db as the gateway).
+#[derive(Clone, Debug, clap::Subcommand)]
+pub enum Command {
+    /// Create the default site table and its indexes (idempotent). For an external MySQL,
+    /// this is the documented schema; the gateway never migrates one by itself.
+    Migrate,
+    /// Site rows.
+    #[command(subcommand)]
+    Sites(SitesCommand),
+}
+
+/// `sites ...`
+#[derive(Clone, Debug, clap::Subcommand)]
+pub enum SitesCommand {
+    /// Bulk-load a CSV (header: peer_id,psk,remote_subnet[,peer_address][,backup_peer_address])
+    /// into the default table, replacing rows with the same peer_id; all rows or none.
+    Import {
+        /// The CSV file.
+        file: PathBuf,
+        /// Refuse subnets whose prefix length differs (the Egroup's remoteSubnetPrefix).
+        #[arg(long, value_name = "LEN")]
+        prefix: Option<u8>,
+    },
+}
+
 #[cfg(test)]
 mod tests {
     use clap::Parser;
@@ -75,7 +103,7 @@ mod tests {
         let cmd = <Options as clap::CommandFactory>::command();
         for arg in cmd.get_arguments() {
             let id = arg.get_id().as_str();
-            if id == "help" || id == "version" {
+            if id == "help" || id == "version" || id == "command" {
                 continue;
             }
             let env = arg.get_env().and_then(|e| e.to_str()).unwrap_or_default();
@@ -93,5 +121,24 @@ mod tests {
         assert!(o.check);
         assert_eq!(o.log_format, LogFormat::Json);
         assert!(Options::try_parse_from(["g"]).is_err(), "config dir is required");
+        let o = Options::try_parse_from([
+            "g",
+            "--data-dir",
+            "/tmp/x",
+            "sites",
+            "import",
+            "s.csv",
+            "--prefix",
+            "24",
+        ])
+        .unwrap();
+        assert!(matches!(
+            o.command,
+            Some(Command::Sites(SitesCommand::Import { prefix: Some(24), .. }))
+        ));
+        assert!(
+            Options::try_parse_from(["g", "migrate"]).is_ok(),
+            "maintenance needs no config dir"
+        );
     }
 }

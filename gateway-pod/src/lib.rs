@@ -8,6 +8,7 @@ pub mod cpu;
 pub mod metrics;
 pub mod secret;
 pub mod sitedb;
+pub mod sites;
 pub mod state;
 pub mod tunnels;
 
@@ -68,12 +69,17 @@ impl Running {
     }
 }
 
+/// The site store the options name: `--site-db`, or the embedded one in `--data-dir`.
+pub async fn open_site_store(opts: &Options) -> Result<SiteStore, sitedb::SiteDbError> {
+    match &opts.site_db {
+        Some(url) => SiteStore::open_url(url, std::time::Duration::from_secs(5)).await,
+        None => SiteStore::open_embedded(&opts.data_dir).await,
+    }
+}
+
 /// Opens the site store and starts the admin API and metrics for an already loaded config.
 pub async fn start(opts: &Options, config: Config) -> Result<Running, StartError> {
-    let site_store = match &opts.site_db {
-        Some(url) => SiteStore::open_url(url, std::time::Duration::from_secs(5)).await?,
-        None => SiteStore::open_embedded(&opts.data_dir).await?,
-    };
+    let site_store = open_site_store(opts).await?;
     // The embedded store is ours to shape. An external database belongs to its operators:
     // migrate it with the migrations in gateway-pod/migrations, not behind their back.
     if matches!(site_store, SiteStore::Sqlite(_)) {

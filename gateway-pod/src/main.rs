@@ -1,7 +1,8 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use concentrator_gateway::{Options, config, start, summary};
+use concentrator_gateway::cli::{Command, SitesCommand};
+use concentrator_gateway::{Options, config, open_site_store, start, summary};
 
 fn main() -> ExitCode {
     let opts = Options::parse();
@@ -15,9 +16,62 @@ fn main() -> ExitCode {
     runtime.block_on(run(opts))
 }
 
+/// `migrate` and `sites import`: one-shot maintenance of the site store.
+async fn maintain(opts: &Options, command: &Command) -> ExitCode {
+    let store = match open_site_store(opts).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("concentrator-gateway: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match command {
+        Command::Migrate => store
+            .migrate()
+            .await
+            .map(|()| format!("{} site store migrated", store.kind()))
+            .map_err(|e| e.to_string()),
+        Command::Sites(SitesCommand::Import { file, prefix }) => {
+            // The embedded store is ours to shape (as at start); an external one must have
+            // been migrated by its operators (`migrate`).
+            let ready = match store {
+                concentrator_gateway::sitedb::SiteStore::Sqlite(_) => {
+                    store.migrate().await.map_err(|e| e.to_string())
+                }
+                concentrator_gateway::sitedb::SiteStore::MySql(_) => Ok(()),
+            };
+            match ready {
+                Err(e) => Err(e),
+                Ok(()) => concentrator_gateway::sites::import(&store, file, *prefix)
+                    .await
+                    .map(|n| format!("imported {n} site(s) from {}", file.display()))
+                    .map_err(|e| e.to_string()),
+            }
+        }
+    };
+    store.close().await;
+    match result {
+        Ok(msg) => {
+            println!("{msg}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("concentrator-gateway: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
 async fn run(opts: Options) -> ExitCode {
+    if let Some(command) = &opts.command {
+        return maintain(&opts, command).await;
+    }
+    let Some(config_dir) = opts.config_dir.clone() else {
+        eprintln!("concentrator-gateway: --config-dir (or CONCENTRATOR_CONFIG_DIR) is required");
+        return ExitCode::from(2);
+    };
     // Config errors are the common failure: report them plainly, before any log set-up.
-    let config = match config::load_dir(&opts.config_dir) {
+    let config = match config::load_dir(&config_dir) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("concentrator-gateway: invalid configuration: {e}");
@@ -28,7 +82,7 @@ async fn run(opts: Options) -> ExitCode {
         for line in summary(&config) {
             println!("{line}");
         }
-        println!("configuration in {} is valid", opts.config_dir.display());
+        println!("configuration in {} is valid", config_dir.display());
         return ExitCode::SUCCESS;
     }
     let _telemetry = match concentrator_telemetry::init("concentrator-gateway", opts.log_format) {
@@ -42,8 +96,9 @@ async fn run(opts: Options) -> ExitCode {
         tracing::info!("{line}");
     }
     if config.set.eroutes.is_empty() {
-        tracing::warn!(dir = %opts.config_dir.display(), "no Eroute configured: no tunnel will be accepted");
+        tracing::warn!(dir = %config_dir.display(), "no Eroute configured: no tunnel will be accepted");
     }
+    let stop = StopSignals::register();
     let running = match start(&opts, config).await {
         Ok(r) => r,
         Err(e) => {
@@ -57,29 +112,38 @@ async fn run(opts: Options) -> ExitCode {
         site_store = running.site_store.kind(),
         "gateway ready"
     );
-    wait_for_signal().await;
+    stop.wait().await;
     tracing::info!("shutting down");
     running.shutdown().await;
     ExitCode::SUCCESS
 }
 
-async fn wait_for_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut term) => {
+/// Stop signals, registered before the gateway says it is ready: a SIGTERM that arrives right
+/// after "gateway ready" must shut down cleanly, not kill the process.
+struct StopSignals {
+    term: Option<tokio::signal::unix::Signal>,
+}
+
+impl StopSignals {
+    fn register() -> Self {
+        let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(|e| tracing::warn!(error = %e, "cannot watch SIGTERM; stopping on Ctrl-C only"))
+            .ok();
+        Self { term }
+    }
+
+    async fn wait(mut self) {
+        let ctrl_c = tokio::signal::ctrl_c();
+        match self.term.as_mut() {
+            Some(term) => {
                 tokio::select! {
                     _ = ctrl_c => {}
                     _ = term.recv() => {}
                 }
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot watch SIGTERM; stopping on Ctrl-C only");
+            None => {
                 let _ = ctrl_c.await;
             }
         }
     }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }

@@ -42,7 +42,7 @@ async fn admin_api_serves_the_loaded_config() {
         "127.0.0.1:0",
     ])
     .unwrap();
-    let cfg = config::load_dir(&opts.config_dir).unwrap();
+    let cfg = config::load_dir(opts.config_dir.as_deref().unwrap()).unwrap();
     let running = start(&opts, cfg).await.unwrap();
     assert!(
         data.path().join("sites.db").exists(),

@@ -138,3 +138,42 @@ fn serves_until_sigterm() {
     };
     assert!(status.success(), "{status}");
 }
+
+#[test]
+fn migrate_and_import_sites_into_the_embedded_store() {
+    let data = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .arg("--data-dir")
+        .arg(data.path())
+        .arg("migrate")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let csv = data.path().join("sites.csv");
+    std::fs::write(&csv, "peer_id,psk,remote_subnet,peer_address\na.sites,k1,10.128.1.0/24,192.0.2.1\nb.sites,k2,10.128.2.0/24,\n")
+        .unwrap();
+    let out = Command::new(BIN)
+        .env("CONCENTRATOR_DATA_DIR", data.path())
+        .args(["sites", "import", "--prefix", "24"])
+        .arg(&csv)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("imported 2 site(s)"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A bad file: exit 2, the line named, the PSK not shown.
+    std::fs::write(&csv, "peer_id,psk,remote_subnet\nc.sites,hunter2,10.128.3.0/23\n").unwrap();
+    let out = Command::new(BIN)
+        .arg("--data-dir")
+        .arg(data.path())
+        .args(["sites", "import", "--prefix", "24"])
+        .arg(&csv)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("line 2") && !err.contains("hunter2"), "{err}");
+}

@@ -94,7 +94,9 @@ async fn gateway_uses_mariadb_by_url() {
 
     let data = tempfile::tempdir().unwrap();
     let o = opts(&db.url().replacen("mysql://", "mariadb://", 1), data.path());
-    let running = start(&o, config::load_dir(&o.config_dir).unwrap()).await.unwrap();
+    let running = start(&o, config::load_dir(o.config_dir.as_deref().unwrap()).unwrap())
+        .await
+        .unwrap();
     assert_eq!(running.site_store.kind(), "mysql");
     assert_eq!(running.gateway.metrics.sites.get(), 3);
     assert!(
@@ -115,7 +117,7 @@ async fn gateway_starts_while_the_database_is_down() {
     let o = opts(&format!("mysql://u:hunter2@127.0.0.1:{free}/sites"), data.path());
     let running = tokio::time::timeout(
         Duration::from_secs(15),
-        start(&o, config::load_dir(&o.config_dir).unwrap()),
+        start(&o, config::load_dir(o.config_dir.as_deref().unwrap()).unwrap()),
     )
     .await
     .expect("start does not hang on a dead database")
