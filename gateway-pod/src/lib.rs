@@ -5,6 +5,7 @@ pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod cpu;
+pub mod eroute;
 pub mod metrics;
 pub mod secret;
 pub mod sitedb;
