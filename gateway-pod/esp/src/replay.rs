@@ -27,9 +27,13 @@ pub enum Refused {
 }
 
 impl ReplayWindow {
-    /// A window of at least `size` packets (rounded up to a multiple of 64; 0 disables it).
+    /// Largest window: the Eroute CRD's limit; larger requests are clamped to it.
+    pub const MAX: u32 = 65536;
+
+    /// A window of at least `size` packets (rounded up to a multiple of 64, at most
+    /// [`Self::MAX`]; 0 disables it).
     pub fn new(size: u32, esn: bool) -> Self {
-        let size = u64::from(size).div_ceil(64) * 64;
+        let size = u64::from(size.min(Self::MAX)).div_ceil(64) * 64;
         let words = if size == 0 { 0 } else { size / 64 + 1 };
         Self {
             size,
@@ -215,6 +219,11 @@ mod tests {
         let mut w = ReplayWindow::new(64, false);
         w.accept(0xffff_fff0).unwrap();
         assert_eq!(w.infer(5), 5);
+    }
+
+    #[test]
+    fn huge_sizes_are_clamped() {
+        assert_eq!(ReplayWindow::new(u32::MAX, true).size(), u64::from(ReplayWindow::MAX));
     }
 
     #[test]
