@@ -61,18 +61,22 @@ pub fn next_header_for(packet: &[u8]) -> Option<u8> {
     }
 }
 
+/// A minimal IPv4 packet for tests.
+#[cfg(test)]
+pub(crate) fn test_v4(src: [u8; 4], dst: [u8; 4], proto: u8) -> Vec<u8> {
+    let mut p = vec![0u8; 28];
+    p[0] = 0x45;
+    p[9] = proto;
+    p[12..16].copy_from_slice(&src);
+    p[16..20].copy_from_slice(&dst);
+    p
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    pub(crate) fn v4(src: [u8; 4], dst: [u8; 4], proto: u8) -> Vec<u8> {
-        let mut p = vec![0u8; 28];
-        p[0] = 0x45;
-        p[9] = proto;
-        p[12..16].copy_from_slice(&src);
-        p[16..20].copy_from_slice(&dst);
-        p
-    }
+    use super::test_v4 as v4;
 
     #[test]
     fn parses_v4_and_v6() {

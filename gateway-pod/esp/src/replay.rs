@@ -223,7 +223,10 @@ mod tests {
 
     #[test]
     fn huge_sizes_are_clamped() {
-        assert_eq!(ReplayWindow::new(u32::MAX, true).size(), u64::from(ReplayWindow::MAX));
+        assert_eq!(
+            ReplayWindow::new(u32::MAX, true).size(),
+            u64::from(ReplayWindow::MAX)
+        );
     }
 
     #[test]

@@ -129,14 +129,7 @@ mod tests {
         }
     }
 
-    fn v4(src: [u8; 4], dst: [u8; 4], proto: u8) -> Vec<u8> {
-        let mut p = vec![0u8; 28];
-        p[0] = 0x45;
-        p[9] = proto;
-        p[12..16].copy_from_slice(&src);
-        p[16..20].copy_from_slice(&dst);
-        p
-    }
+    use crate::ip::test_v4 as v4;
 
     #[test]
     fn inbound_packets_must_fit_the_selectors() {
