@@ -76,6 +76,53 @@ pub enum Command {
     /// Site rows.
     #[command(subcommand)]
     Sites(SitesCommand),
+    /// Carry traffic through one ESP-in-UDP tunnel with SAs whose keys are given by hand (no
+    /// IKE): for testing the data plane and for benchmarks. Runs until stopped.
+    EspStatic(Box<EspStaticArgs>),
+}
+
+/// A tunnel with hand-made SAs. Both ends must mirror each other's SPIs and keys.
+#[derive(Clone, Debug, clap::Args)]
+pub struct EspStaticArgs {
+    /// Name of the TUN device to create.
+    #[arg(long, default_value = "esp0")]
+    pub tun_name: String,
+    /// Our inner address with prefix, put on the TUN device (e.g. 10.1.0.1/32).
+    #[arg(long)]
+    pub tun_address: ipnet::IpNet,
+    /// MTU of the TUN device.
+    #[arg(long, default_value_t = 1400)]
+    pub mtu: u16,
+    /// UDP address to receive ESP on.
+    #[arg(long, default_value = "0.0.0.0:4500")]
+    pub local: SocketAddr,
+    /// The peer's UDP address.
+    #[arg(long)]
+    pub peer: SocketAddr,
+    /// Traffic selector on our side.
+    #[arg(long)]
+    pub local_subnet: ipnet::IpNet,
+    /// Traffic selector on the peer's side (routed into the tunnel).
+    #[arg(long)]
+    pub remote_subnet: ipnet::IpNet,
+    /// ESP proposal of both SAs (an AEAD: aes128gcm16, aes256gcm16, chacha20poly1305).
+    #[arg(long, default_value = "aes128gcm16")]
+    pub cipher: String,
+    /// SPI of the SA we send on (hex).
+    #[arg(long)]
+    pub spi_out: String,
+    /// SPI of the SA we receive on (hex).
+    #[arg(long)]
+    pub spi_in: String,
+    /// Key material of the outbound SA, hex: key then 4-byte salt.
+    #[arg(long, env = "CONCENTRATOR_ESP_KEY_OUT", hide_env_values = true)]
+    pub key_out: String,
+    /// Key material of the inbound SA, hex: key then 4-byte salt.
+    #[arg(long, env = "CONCENTRATOR_ESP_KEY_IN", hide_env_values = true)]
+    pub key_in: String,
+    /// Anti-replay window in packets.
+    #[arg(long, default_value_t = 4096)]
+    pub replay_window: u32,
 }
 
 /// `sites ...`

@@ -5,6 +5,7 @@ pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod cpu;
+pub mod dataplane;
 pub mod eroute;
 pub mod metrics;
 pub mod secret;
@@ -168,4 +169,40 @@ pub fn summary(config: &Config) -> Vec<String> {
         lines.push(format!("gatewayfleet {f}: ignored by a standalone gateway"));
     }
     lines
+}
+
+/// Builds the tunnel of `esp-static` from its arguments.
+pub fn static_tunnel(a: &cli::EspStaticArgs) -> Result<dataplane::StaticTunnel, String> {
+    let esp = concentrator_crds::proposal::parse_esp("--cipher", &a.cipher).map_err(|e| e.to_string())?;
+    let enc = match (esp.encryption.as_slice(), esp.integrity.is_empty()) {
+        ([e], true) => *e,
+        _ => return Err("--cipher: name exactly one AEAD cipher".into()),
+    };
+    let spi = |what: &str, s: &str| {
+        u32::from_str_radix(s.trim_start_matches("0x"), 16).map_err(|e| format!("--{what}: {e}"))
+    };
+    let key = |what: &str, s: &str| -> Result<concentrator_crypto::aead::AeadKey, String> {
+        let bytes = zeroize::Zeroizing::new(hex::decode(s).map_err(|e| format!("--{what}: {e}"))?);
+        concentrator_crypto::aead::AeadKey::new(enc, &bytes).map_err(|e| format!("--{what}: {e}"))
+    };
+    Ok(dataplane::StaticTunnel {
+        tun_name: a.tun_name.clone(),
+        tun_address: a.tun_address,
+        mtu: a.mtu,
+        local: a.local,
+        peer: a.peer,
+        local_subnet: a.local_subnet,
+        remote_subnet: a.remote_subnet,
+        outbound: concentrator_esp::Outbound::new(
+            spi("spi-out", &a.spi_out)?,
+            key("key-out", &a.key_out)?,
+            false,
+        ),
+        inbound: concentrator_esp::Inbound::new(
+            spi("spi-in", &a.spi_in)?,
+            key("key-in", &a.key_in)?,
+            false,
+            a.replay_window,
+        ),
+    })
 }

@@ -16,8 +16,43 @@ fn main() -> ExitCode {
     runtime.block_on(run(opts))
 }
 
+/// `esp-static`: one tunnel with hand-made SAs, until stopped.
+async fn esp_static(args: &concentrator_gateway::cli::EspStaticArgs) -> ExitCode {
+    let tunnel = match concentrator_gateway::static_tunnel(args) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("concentrator-gateway esp-static: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let counters = std::sync::Arc::new(concentrator_gateway::dataplane::Counters::default());
+    let stop = StopSignals::register();
+    println!("esp-static: {} -> {} up", args.local, args.peer);
+    tokio::select! {
+        r = concentrator_gateway::dataplane::run(tunnel, counters.clone()) => {
+            if let Err(e) = r {
+                eprintln!("concentrator-gateway esp-static: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+        () = stop.wait() => {}
+    }
+    use std::sync::atomic::Ordering::Relaxed;
+    println!(
+        "esp-static: out {} in {} dropped {} policy-dropped {}",
+        counters.packets_out.load(Relaxed),
+        counters.packets_in.load(Relaxed),
+        counters.dropped_in.load(Relaxed),
+        counters.policy_dropped.load(Relaxed)
+    );
+    ExitCode::SUCCESS
+}
+
 /// `migrate` and `sites import`: one-shot maintenance of the site store.
 async fn maintain(opts: &Options, command: &Command) -> ExitCode {
+    if let Command::EspStatic(args) = command {
+        return esp_static(args).await;
+    }
     let store = match open_site_store(opts).await {
         Ok(s) => s,
         Err(e) => {
@@ -26,6 +61,7 @@ async fn maintain(opts: &Options, command: &Command) -> ExitCode {
         }
     };
     let result = match command {
+        Command::EspStatic(_) => Ok(String::new()),
         Command::Migrate => store
             .migrate()
             .await

@@ -10,6 +10,7 @@
 //!   8-byte explicit IV, shared by the IKE SK payload and the ESP data plane; [`IvCounter`].
 //! - [`cipher`]: [`SkCipher`], the SK (Encrypted) payload of RFC 7296 §3.14 / RFC 5282 /
 //!   RFC 7634, with the framing rules (IV, padding, ICV) in one place.
+//! - [`util`]: SHA-1 for NAT detection, the system random generator, constant-time equality.
 //!
 //! Nothing here panics on peer input: every length and value that comes off the wire is
 //! checked and answered with an error.
@@ -22,6 +23,7 @@ pub mod dh;
 mod error;
 pub mod keymat;
 pub mod prf;
+pub mod util;
 
 pub use aead::{AeadKey, IvCounter};
 pub use cipher::SkCipher;

@@ -1,8 +1,11 @@
-//! The sans-IO IKEv2 engine of the concentrator. So far: the message codec of RFC 7296
-//! section 3 (header, payload chain, every payload of the base protocol, plus RFC 7383
-//! fragments).
+//! The sans-IO IKEv2 engine of the concentrator: the message codec of RFC 7296 section 3
+//! (header, payload chain, every payload of the base protocol, plus RFC 7383 fragments), and
+//! the responder side of IKE_SA_INIT + IKE_AUTH with PSK ([`responder`]), built from
+//! proposal/TS negotiation ([`negotiate`]), PSK AUTH ([`auth`]) and NAT detection ([`nat`]);
+//! the cryptography is `concentrator-crypto`.
 //!
-//! The crate is deterministic: no sockets, no clock, no threads and (for now) no crypto.
+//! The crate is deterministic: no sockets, no clock, no threads; time is an argument and
+//! randomness comes from the caller ([`responder::Entropy`]).
 //! Decoding borrows the datagram and never panics on peer input: every length is read through
 //! [`Reader`], which hands out sub-slices or `None`. Encoding cannot fail; it appends to a
 //! `Vec<u8>` and fills in lengths and the next-payload chain. Codepoints are newtypes with named
@@ -23,8 +26,12 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod auth;
 pub mod message;
+pub mod nat;
+pub mod negotiate;
 pub mod payload;
+pub mod responder;
 
 pub use message::Message;
 pub use message::codepoints::*;
@@ -32,3 +39,4 @@ pub use message::error::{InvalidMessage, notify_for};
 pub use message::header::{Flags, Header};
 pub use message::reader::Reader;
 pub use payload::Payload;
+pub use responder::{Event, Responder};
