@@ -99,8 +99,9 @@ pub async fn run(t: StaticTunnel, counters: Arc<Counters>) -> Result<(), Datapla
     let mut inbound = t.inbound;
     let peer = t.peer;
 
+    let tun_name = t.tun_name.clone();
     let egress = {
-        let (dev, udp, counters) = (dev.clone(), udp.clone(), counters.clone());
+        let (dev, udp, counters, tun_name) = (dev.clone(), udp.clone(), counters.clone(), tun_name.clone());
         async move {
             let mut inner = vec![0u8; 65536];
             let mut wire = vec![0u8; sealed_len(65536)];
@@ -108,7 +109,7 @@ pub async fn run(t: StaticTunnel, counters: Arc<Counters>) -> Result<(), Datapla
                 let n = dev
                     .recv(&mut inner)
                     .await
-                    .map_err(|e| DataplaneError::Tun(String::new(), e))?;
+                    .map_err(|e| DataplaneError::Tun(tun_name.clone(), e))?;
                 let Some(nh) = next_header_for(&inner[..n]) else {
                     continue;
                 };
@@ -143,7 +144,7 @@ pub async fn run(t: StaticTunnel, counters: Arc<Counters>) -> Result<(), Datapla
                     }
                     dev.send(pkt)
                         .await
-                        .map_err(|e| DataplaneError::Tun(String::new(), e))?;
+                        .map_err(|e| DataplaneError::Tun(tun_name.clone(), e))?;
                     counters.packets_in.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(_) => {
