@@ -4,56 +4,13 @@
 
 use std::time::Duration;
 
+mod common;
+
+use common::{A, B, as_refs, esp_static_args};
 use concentrator_e2e::netns::{self, Netns, Wan};
 use concentrator_e2e::prereq;
 
 const BIN: &str = env!("CARGO_BIN_EXE_concentrator-gateway");
-const KEY_AB: &str = "000102030405060708090a0b0c0d0e0f10111213";
-const KEY_BA: &str = "a0a1a2a3a4a5a6a7a8a9aaabacadaeafb0b1b2b3";
-
-#[allow(clippy::too_many_arguments)]
-fn gateway_args(
-    tun: &str,
-    local: &str,
-    peer: &str,
-    lsub: &str,
-    rsub: &str,
-    spi_out: &str,
-    spi_in: &str,
-    kout: &str,
-    kin: &str,
-) -> Vec<String> {
-    [
-        "esp-static",
-        "--tun-name",
-        "esp0",
-        "--tun-address",
-        tun,
-        "--local",
-        local,
-        "--peer",
-        peer,
-        "--local-subnet",
-        lsub,
-        "--remote-subnet",
-        rsub,
-        "--spi-out",
-        spi_out,
-        "--spi-in",
-        spi_in,
-        "--key-out",
-        kout,
-        "--key-in",
-        kin,
-    ]
-    .iter()
-    .map(|s| (*s).to_owned())
-    .collect()
-}
-
-fn as_refs(v: &[String]) -> Vec<&str> {
-    v.iter().map(String::as_str).collect()
-}
 
 #[test]
 fn two_gateways_carry_ping_and_tcp_through_esp_in_udp() {
@@ -66,28 +23,8 @@ fn two_gateways_carry_ping_and_tcp_through_esp_in_udp() {
     wan.attach(&b, "wan0", "192.0.2.2/24".parse().unwrap()).unwrap();
     let logs = tempfile::tempdir().unwrap();
 
-    let args_a = gateway_args(
-        "10.1.0.1/32",
-        "192.0.2.1:4500",
-        "192.0.2.2:4500",
-        "10.1.0.0/24",
-        "10.2.0.0/24",
-        "b1",
-        "a1",
-        KEY_AB,
-        KEY_BA,
-    );
-    let args_b = gateway_args(
-        "10.2.0.1/32",
-        "192.0.2.2:4500",
-        "192.0.2.1:4500",
-        "10.2.0.0/24",
-        "10.1.0.0/24",
-        "a1",
-        "b1",
-        KEY_BA,
-        KEY_AB,
-    );
+    let args_a = esp_static_args(&A, &B);
+    let args_b = esp_static_args(&B, &A);
     let _ga = a
         .spawn("gateway A", BIN, &as_refs(&args_a), &logs.path().join("a.log"))
         .unwrap();
