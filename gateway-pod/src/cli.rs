@@ -79,6 +79,15 @@ pub enum Command {
     /// Carry traffic through one ESP-in-UDP tunnel with SAs whose keys are given by hand (no
     /// IKE): for testing the data plane and for benchmarks. Runs until stopped.
     EspStatic(Box<EspStaticArgs>),
+    /// List the tunnels of a running gateway through its admin API (--admin-listen).
+    Tunnels {
+        /// Only peers whose ID matches this pattern (`*` and `?` wildcards).
+        #[arg(long, value_name = "PATTERN")]
+        peer_id: Option<String>,
+        /// Only tunnels derived from this base eroute.
+        #[arg(long, value_name = "NAME")]
+        eroute: Option<String>,
+    },
 }
 
 /// A tunnel with hand-made SAs. Both ends must mirror each other's SPIs and keys.

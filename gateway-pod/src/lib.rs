@@ -206,3 +206,60 @@ pub fn static_tunnel(a: &cli::EspStaticArgs) -> Result<dataplane::StaticTunnel, 
         ),
     })
 }
+
+/// The `tunnels` table: one line per tunnel, widths fitted to the content.
+pub fn tunnels_table(tunnels: &[concentrator_proto::admin::Tunnel]) -> String {
+    let header = [
+        "PEER ID",
+        "EROUTE",
+        "EGROUP",
+        "PEER ADDRESS",
+        "REMOTE SUBNET",
+        "SAS",
+        "BYTES IN",
+        "BYTES OUT",
+        "IDLE",
+    ];
+    let rows: Vec<[String; 9]> = tunnels
+        .iter()
+        .map(|t| {
+            [
+                t.remote_peer_id.clone(),
+                t.base_eroute.clone(),
+                if t.egroup.is_empty() {
+                    "-".into()
+                } else {
+                    t.egroup.clone()
+                },
+                t.peer_address.clone(),
+                t.remote_subnet.clone(),
+                t.child_sas.len().to_string(),
+                t.bytes_in.to_string(),
+                t.bytes_out.to_string(),
+                format!("{}s", t.idle_seconds),
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut l = String::new();
+        for (i, (c, w)) in cells.iter().zip(widths).enumerate() {
+            if i + 1 == cells.len() {
+                l.push_str(c);
+            } else {
+                l.push_str(&format!("{c:<w$}  "));
+            }
+        }
+        l.trim_end().to_owned() + "\n"
+    };
+    let mut out = line(header.to_vec());
+    for r in &rows {
+        out.push_str(&line(r.iter().map(String::as_str).collect()));
+    }
+    out
+}

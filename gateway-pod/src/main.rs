@@ -48,10 +48,48 @@ async fn esp_static(args: &concentrator_gateway::cli::EspStaticArgs) -> ExitCode
     ExitCode::SUCCESS
 }
 
+/// `tunnels`: the status view of a running gateway.
+async fn tunnels(opts: &Options, peer_id_pattern: String, eroute: String) -> ExitCode {
+    use concentrator_proto::admin::ListTunnelsRequest;
+    use concentrator_proto::admin::gateway_admin_client::GatewayAdminClient;
+    let url = format!("http://{}", opts.admin_listen);
+    let mut client = match GatewayAdminClient::connect(url.clone()).await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("concentrator-gateway tunnels: cannot reach the admin API at {url}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match client
+        .list_tunnels(ListTunnelsRequest {
+            peer_id_pattern,
+            eroute,
+        })
+        .await
+    {
+        Ok(r) => {
+            print!("{}", concentrator_gateway::tunnels_table(&r.into_inner().tunnels));
+            ExitCode::SUCCESS
+        }
+        Err(s) => {
+            eprintln!("concentrator-gateway tunnels: {}", s.message());
+            ExitCode::from(2)
+        }
+    }
+}
+
 /// `migrate` and `sites import`: one-shot maintenance of the site store.
 async fn maintain(opts: &Options, command: &Command) -> ExitCode {
     if let Command::EspStatic(args) = command {
         return esp_static(args).await;
+    }
+    if let Command::Tunnels { peer_id, eroute } = command {
+        return tunnels(
+            opts,
+            peer_id.clone().unwrap_or_default(),
+            eroute.clone().unwrap_or_default(),
+        )
+        .await;
     }
     let store = match open_site_store(opts).await {
         Ok(s) => s,
@@ -61,7 +99,7 @@ async fn maintain(opts: &Options, command: &Command) -> ExitCode {
         }
     };
     let result = match command {
-        Command::EspStatic(_) => Ok(String::new()),
+        Command::EspStatic(_) | Command::Tunnels { .. } => Ok(String::new()),
         Command::Migrate => store
             .migrate()
             .await

@@ -72,6 +72,20 @@ mod tests {
     }
 
     #[test]
+    fn table_aligns_columns() {
+        let mut a = t("1", "a.sites.example.com", "branches");
+        a.egroup = "branches".into();
+        a.bytes_in = 12345;
+        let table = crate::tunnels_table(&[a, t("2", "hq", "static")]);
+        let lines: Vec<_> = table.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert!(lines[0].starts_with("PEER ID"));
+        let col = |l: &str| l.find("branches").or_else(|| l.find("static"));
+        assert_eq!(col(lines[1]), col(lines[2]), "EROUTE column aligned:\n{table}");
+        assert!(lines[2].contains("  -  "), "no egroup shown as -:\n{table}");
+    }
+
+    #[test]
     fn filters_by_pattern_and_eroute() {
         let tt = TunnelTable::default();
         tt.upsert(t("1", "a.sites.example.com", "branches"));

@@ -121,6 +121,29 @@ fn serves_until_sigterm() {
     assert_eq!(v["admin"], format!("127.0.0.1:{admin}"));
     assert!(std::net::TcpStream::connect(("127.0.0.1", metrics)).is_ok());
 
+    // The status view talks to the running gateway's admin API.
+    let admin_addr = format!("127.0.0.1:{admin}");
+    let out = Command::new(BIN)
+        .args(["--admin-listen", &admin_addr, "tunnels"])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && table.starts_with("PEER ID"),
+        "{table}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(table.lines().count(), 1, "no tunnels yet: header only");
+    let out = Command::new(BIN)
+        .args(["--admin-listen", &admin_addr, "tunnels", "--peer-id", "a b"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a malformed pattern is refused by the gateway"
+    );
+
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
