@@ -7,13 +7,13 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use tempfile::TempDir;
 
 use crate::process::Daemon;
 use crate::tools::{self, Tool};
 use crate::wait::{self, Probe};
-use crate::{ids, logs, ports, scratch};
+use crate::{ids, ports, scratch};
 
 /// What this module needs.
 pub const TOOLS: &[Tool] = &[tools::ETCD];
@@ -38,8 +38,7 @@ impl Etcd {
     pub fn start() -> Result<Self> {
         let dir = scratch::dir("etcd")?;
         let path = dir.path().to_owned();
-        let mut last_error = None;
-        for attempt in 0..ATTEMPTS {
+        ports::start_on_free_ports("etcd", ATTEMPTS, |attempt| {
             let client_port = ports::free_tcp_port()?;
             let peer_port = ports::free_tcp_port()?;
             let client = format!("http://127.0.0.1:{client_port}");
@@ -69,27 +68,16 @@ impl Etcd {
                 .args(["--logger", "zap", "--log-outputs", "stderr"]);
             let mut daemon = Daemon::spawn("etcd", cmd, &log)?;
             match wait_healthy(&mut daemon, client_port) {
-                Ok(()) => {
-                    return Ok(Self {
-                        daemon,
-                        client_port,
-                        peer_port,
-                        dir: Some(dir),
-                    });
-                }
-                Err(e) => {
-                    daemon.kill();
-                    if !logs::contains(&log, "already in use") {
-                        return Err(e.context(logs::tail(&log, 30)));
-                    }
-                    last_error = Some(e);
-                }
+                Ok(()) => Ok(ports::Attempt::Started((daemon, client_port, peer_port))),
+                Err(e) => ports::failed_start(&mut daemon, e, &log),
             }
-        }
-        match last_error {
-            Some(e) => Err(e.context(format!("etcd could not bind in {ATTEMPTS} tries"))),
-            None => bail!("etcd was not started"),
-        }
+        })
+        .map(|(daemon, client_port, peer_port)| Self {
+            daemon,
+            client_port,
+            peer_port,
+            dir: Some(dir),
+        })
     }
 
     /// The client endpoint, `http://127.0.0.1:PORT`.

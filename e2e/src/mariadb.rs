@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use tempfile::TempDir;
 
 use crate::process::{self, Daemon};
@@ -80,8 +80,7 @@ impl MariaDb {
         let socket = path.join("mysqld.sock");
         let error_log = path.join("error.log");
 
-        let mut last_error = None;
-        for _ in 0..ATTEMPTS {
+        ports::start_on_free_ports("mariadbd", ATTEMPTS, |_| {
             let port = ports::free_tcp_port()?;
             let mut cmd = Command::new(tools::MARIADBD.path());
             cmd.arg("--no-defaults")
@@ -101,29 +100,18 @@ impl MariaDb {
                 ]);
             let mut daemon = Daemon::spawn("mariadbd", cmd, &path.join("mariadbd.out"))?;
             match wait_greeting(&mut daemon, port, &error_log) {
-                Ok(()) => {
-                    return Ok(Self {
-                        daemon,
-                        port,
-                        socket,
-                        error_log,
-                        password,
-                        dir: Some(dir),
-                    });
-                }
-                Err(e) => {
-                    daemon.kill();
-                    if !logs::contains(&error_log, "already in use") {
-                        return Err(e.context(logs::tail(&error_log, 30)));
-                    }
-                    last_error = Some(e);
-                }
+                Ok(()) => Ok(ports::Attempt::Started((daemon, port))),
+                Err(e) => ports::failed_start(&mut daemon, e, &error_log),
             }
-        }
-        match last_error {
-            Some(e) => Err(e.context(format!("mariadbd could not bind in {ATTEMPTS} tries"))),
-            None => bail!("mariadbd was not started"),
-        }
+        })
+        .map(|(daemon, port)| Self {
+            daemon,
+            port,
+            socket,
+            error_log,
+            password,
+            dir: Some(dir),
+        })
     }
 
     /// `mysql://e2e:PASSWORD@127.0.0.1:PORT/e2e`.

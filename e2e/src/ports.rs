@@ -36,6 +36,49 @@ pub fn free_tcp_port() -> Result<u16> {
     bail!("no free TCP port on 127.0.0.1 in {LOW}..{HIGH} after 200 tries")
 }
 
+/// How one attempt to start a daemon on freshly picked ports ended.
+pub enum Attempt<T> {
+    /// It runs.
+    Started(T),
+    /// Another process took a picked port between the check and the bind: try new ports.
+    PortTaken(anyhow::Error),
+}
+
+/// Runs `start` with new ports until the daemon runs, a failure other than a port clash
+/// occurs, or `attempts` clashes happened.
+pub fn start_on_free_ports<T>(
+    what: &str,
+    attempts: usize,
+    mut start: impl FnMut(usize) -> Result<Attempt<T>>,
+) -> Result<T> {
+    let mut last_error = None;
+    for attempt in 0..attempts {
+        match start(attempt)? {
+            Attempt::Started(t) => return Ok(t),
+            Attempt::PortTaken(e) => last_error = Some(e),
+        }
+    }
+    match last_error {
+        Some(e) => Err(e.context(format!("{what} could not bind in {attempts} tries"))),
+        None => bail!("{what} was not started"),
+    }
+}
+
+/// Classifies a daemon that failed to come up: killed either way; a bind clash named in `log`
+/// may be retried, anything else is final and carries the log's tail.
+pub fn failed_start<T>(
+    daemon: &mut crate::process::Daemon,
+    error: anyhow::Error,
+    log: &std::path::Path,
+) -> Result<Attempt<T>> {
+    daemon.kill();
+    if crate::logs::contains(log, "already in use") {
+        Ok(Attempt::PortTaken(error))
+    } else {
+        Err(error.context(crate::logs::tail(log, 30)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
