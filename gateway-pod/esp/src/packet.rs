@@ -5,7 +5,9 @@
 //! SPI (4) | Sequence Number (4) | IV (8) | ciphertext(inner | padding | pad length | next header) | ICV (16)
 //! ```
 
+use concentrator_crds::proposal::{Encryption, Integrity};
 use concentrator_crypto::aead::{AeadKey, IV_LEN, TAG_LEN, esp_aad};
+use concentrator_crypto::{CryptoError, DirectionKeys};
 
 use crate::replay::{Refused, ReplayWindow};
 
@@ -72,6 +74,22 @@ pub fn sealed_len(inner: usize) -> usize {
     OVERHEAD + inner + pad_len(inner)
 }
 
+/// The AEAD key of one direction; refuses what only CBC+HMAC can carry.
+fn aead_key(
+    encryption: Encryption,
+    integrity: Option<Integrity>,
+    keys: &DirectionKeys,
+) -> Result<AeadKey, CryptoError> {
+    // RFC 4303 §3.2: combined-mode algorithms provide integrity themselves; an integrity
+    // transform beside one is a negotiation error, not something to ignore.
+    if integrity.is_some() || !keys.integ.is_empty() {
+        return Err(CryptoError::Unsupported(
+            "integrity transform with an AEAD cipher",
+        ));
+    }
+    AeadKey::from_direction(encryption, keys)
+}
+
 /// The sending half of a CHILD SA.
 #[derive(Debug)]
 pub struct Outbound {
@@ -86,6 +104,21 @@ impl Outbound {
     /// A fresh SA: the first packet gets sequence number 1.
     pub fn new(spi: u32, key: AeadKey, esn: bool) -> Self {
         Self::resume(spi, key, esn, 0)
+    }
+
+    /// An outbound SA from negotiated keys (AEAD when `integrity` is `None`, else CBC+HMAC).
+    ///
+    /// # Errors
+    /// [`CryptoError::Unsupported`] for a transform combination ESP does not support here,
+    /// [`CryptoError::KeyLength`] for keys of the wrong length.
+    pub fn from_keys(
+        spi: u32,
+        encryption: Encryption,
+        integrity: Option<Integrity>,
+        keys: &DirectionKeys,
+        esn: bool,
+    ) -> Result<Self, CryptoError> {
+        Ok(Self::new(spi, aead_key(encryption, integrity, keys)?, esn))
     }
 
     /// An SA taken over from another pod: continues after `last_seq` (which the caller has
@@ -176,6 +209,26 @@ impl Inbound {
         }
     }
 
+    /// An inbound SA from negotiated keys (AEAD when `integrity` is `None`, else CBC+HMAC).
+    ///
+    /// # Errors
+    /// As [`Outbound::from_keys`].
+    pub fn from_keys(
+        spi: u32,
+        encryption: Encryption,
+        integrity: Option<Integrity>,
+        keys: &DirectionKeys,
+        esn: bool,
+        replay_window: u32,
+    ) -> Result<Self, CryptoError> {
+        Ok(Self::new(
+            spi,
+            aead_key(encryption, integrity, keys)?,
+            esn,
+            replay_window,
+        ))
+    }
+
     /// Our SPI, which the peer puts in its packets.
     pub fn spi(&self) -> u32 {
         self.spi
@@ -232,8 +285,6 @@ impl Inbound {
 
 #[cfg(test)]
 mod tests {
-    use concentrator_crds::proposal::Encryption;
-
     use super::*;
 
     const KEYMAT_128: [u8; 20] = [7; 20];
@@ -269,6 +320,57 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn from_keys_round_trips_derived_child_sa_keys() {
+        use concentrator_crypto::{ChildSaKeys, Prf, PrfAlg};
+        for enc in [
+            Encryption::AesGcm16 { key_bits: 128 },
+            Encryption::AesGcm16 { key_bits: 256 },
+            Encryption::ChaCha20Poly1305,
+        ] {
+            let keys = ChildSaKeys::derive(
+                Prf::new(PrfAlg::HmacSha256),
+                &[1; 32],
+                None,
+                &[2; 32],
+                &[3; 32],
+                enc,
+                None,
+            )
+            .unwrap();
+            let mut tx = Outbound::from_keys(9, enc, None, &keys.initiator, true).unwrap();
+            let mut rx = Inbound::from_keys(9, enc, None, &keys.initiator, true, 64).unwrap();
+            let mut buf = vec![0u8; sealed_len(50)];
+            let n = tx.seal(&ipv4(50), 4, &mut buf).unwrap();
+            let o = rx.open(&mut buf[..n]).unwrap();
+            assert_eq!(&buf[o.inner], &ipv4(50)[..], "{enc:?}");
+            // The other direction's keys do not open it.
+            let mut rx = Inbound::from_keys(9, enc, None, &keys.responder, true, 64).unwrap();
+            let n = tx.seal(&ipv4(50), 4, &mut buf).unwrap();
+            assert_eq!(rx.open(&mut buf[..n]), Err(EspError::IcvMismatch));
+        }
+    }
+
+    #[test]
+    fn from_keys_rejects_an_integrity_transform_beside_an_aead() {
+        use concentrator_crypto::{ChildSaKeys, Prf, PrfAlg};
+        let enc = Encryption::AesGcm16 { key_bits: 128 };
+        let keys = ChildSaKeys::derive(
+            Prf::new(PrfAlg::HmacSha256),
+            &[1; 32],
+            None,
+            &[2; 32],
+            &[3; 32],
+            enc,
+            None,
+        )
+        .unwrap();
+        assert!(matches!(
+            Outbound::from_keys(9, enc, Some(Integrity::HmacSha256_128), &keys.initiator, false),
+            Err(CryptoError::Unsupported(_))
+        ));
     }
 
     #[test]
