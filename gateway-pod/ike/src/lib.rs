@@ -27,6 +27,7 @@
 #![warn(missing_docs)]
 
 pub mod auth;
+pub mod endpoint;
 pub mod message;
 pub mod nat;
 pub mod negotiate;

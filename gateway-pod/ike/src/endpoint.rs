@@ -1,0 +1,460 @@
+//! Many IKE SAs behind one pair of UDP ports: the endpoint routes each datagram to its
+//! [`Responder`], creates responders for new IKE_SA_INIT requests, bounds the half-open ones
+//! and defends them with stateless cookies (RFC 7296 §2.6), and forgets SAs that failed or
+//! never finished.
+//!
+//! Sans-IO like the responder: datagrams in ([`Endpoint::handle_datagram`]), datagrams and
+//! events out ([`Endpoint::poll_transmit`], [`Endpoint::poll_event`]), time as an argument
+//! ([`Endpoint::handle_timeout`]). A request is routed by our SPI once we have chosen one; an
+//! IKE_SA_INIT request (SPIr zero) by the initiator's address and SPI, so a retransmitted
+//! request reaches the responder that answered it instead of creating a second SA.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use concentrator_crds::proposal::Prf as PrfAlg;
+use concentrator_crypto::Prf;
+use concentrator_crypto::util::constant_time_eq as ct_eq;
+
+use crate::Message;
+use crate::message::codepoints::{ExchangeType, NotifyType, PayloadType};
+use crate::message::header::{Flags, Header};
+use crate::payload::{Notify, Payload};
+use crate::responder::{self, Config, Entropy, Event, Responder, Transmit};
+
+/// Limits of an endpoint.
+#[derive(Clone, Debug)]
+pub struct EndpointConfig {
+    /// Half-open SAs (IKE_SA_INIT answered, IKE_AUTH not finished) at or above which a new
+    /// IKE_SA_INIT must return our COOKIE before we keep any state for it.
+    pub cookie_threshold: usize,
+    /// Half-open SAs at which new IKE_SA_INIT requests are dropped even with a valid cookie.
+    pub max_half_open: usize,
+    /// How long an SA may stay half-open.
+    pub half_open_timeout: Duration,
+    /// How long a failed negotiation still answers retransmissions of its last request.
+    pub linger: Duration,
+    /// How often the cookie secret changes (the previous one stays valid for one period, so
+    /// an initiator that got a cookie just before the change is not refused).
+    pub cookie_secret_lifetime: Duration,
+}
+
+impl Default for EndpointConfig {
+    fn default() -> Self {
+        Self {
+            cookie_threshold: 1000,
+            max_half_open: 20_000,
+            half_open_timeout: Duration::from_secs(30),
+            linger: Duration::from_secs(10),
+            cookie_secret_lifetime: Duration::from_secs(120),
+        }
+    }
+}
+
+/// What the endpoint reports.
+#[derive(Debug)]
+pub enum EndpointEvent {
+    /// An event of the IKE SA whose SPI (ours) is `spi_r`.
+    Sa {
+        /// Our SPI of the IKE SA.
+        spi_r: u64,
+        /// The responder's event.
+        event: Event,
+    },
+    /// The endpoint forgot this IKE SA (failed, expired half-open, or closed): whatever the
+    /// caller keeps for it (a pending PSK lookup, tunnels) is stale now.
+    Removed {
+        /// Our SPI of the IKE SA.
+        spi_r: u64,
+        /// Whether the SA had been established.
+        established: bool,
+    },
+}
+
+/// Why a datagram was not handed to a responder, or what the responder said about it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum EndpointError {
+    /// Too short for an IKE header.
+    #[error("not an IKE message")]
+    NotIke,
+    /// A request for an SPI we do not know (or no longer know).
+    #[error("unknown IKE SPI {0:016x}")]
+    UnknownSpi(u64),
+    /// A response: the endpoint only responds, it has not sent requests of its own yet.
+    #[error("unexpected response")]
+    UnexpectedResponse,
+    /// Under load and without a valid cookie: answered with N(COOKIE), no state kept.
+    #[error("cookie required (half-open SAs at the threshold)")]
+    CookieRequired,
+    /// Too many half-open SAs: dropped.
+    #[error("half-open SA limit reached")]
+    HalfOpenLimit,
+    /// The responder dropped the message or failed the negotiation.
+    #[error(transparent)]
+    Responder(#[from] responder::Error),
+}
+
+/// Counts of the SAs an endpoint holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SaCounts {
+    /// IKE_SA_INIT answered, IKE_AUTH not finished.
+    pub half_open: usize,
+    /// Established.
+    pub established: usize,
+    /// Failed, answering retransmissions until they linger out.
+    pub closing: usize,
+}
+
+struct Slot {
+    responder: Responder,
+    remote: SocketAddr,
+    spi_i: u64,
+    created: Instant,
+    established: bool,
+    closed_at: Option<Instant>,
+}
+
+struct CookieSecret {
+    version: u8,
+    key: [u8; 32],
+    created: Instant,
+}
+
+/// Length of our cookies: one version octet and an HMAC-SHA-256 (RFC 7296 §2.6 allows 1 to
+/// 64 octets).
+const COOKIE_LEN: usize = 33;
+
+/// The IKE SAs behind one address (see the module docs).
+pub struct Endpoint {
+    config: EndpointConfig,
+    responder_config: Arc<Config>,
+    slots: HashMap<u64, Slot>,
+    by_init: HashMap<(SocketAddr, u64), u64>,
+    secret: Option<CookieSecret>,
+    previous_secret: Option<CookieSecret>,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<EndpointEvent>,
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("counts", &self.counts())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Endpoint {
+    /// An endpoint whose new responders use `responder_config`.
+    pub fn new(config: EndpointConfig, responder_config: Arc<Config>) -> Self {
+        Self {
+            config,
+            responder_config,
+            slots: HashMap::new(),
+            by_init: HashMap::new(),
+            secret: None,
+            previous_secret: None,
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+        }
+    }
+
+    /// The configuration of responders created from now on (existing SAs keep theirs).
+    pub fn set_responder_config(&mut self, config: Arc<Config>) {
+        self.responder_config = config;
+    }
+
+    /// How many SAs are in each phase.
+    pub fn counts(&self) -> SaCounts {
+        let mut c = SaCounts::default();
+        for s in self.slots.values() {
+            match (s.closed_at, s.established) {
+                (Some(_), _) => c.closing += 1,
+                (None, true) => c.established += 1,
+                (None, false) => c.half_open += 1,
+            }
+        }
+        c
+    }
+
+    /// The responder of the IKE SA whose SPI (ours) is `spi_r`.
+    pub fn responder_mut(&mut self, spi_r: u64) -> Option<&mut Responder> {
+        self.slots.get_mut(&spi_r).map(|s| &mut s.responder)
+    }
+
+    /// The next datagram to send.
+    #[must_use]
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// The next event.
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<EndpointEvent> {
+        self.events.pop_front()
+    }
+
+    /// The next instant [`Endpoint::handle_timeout`] has something to do.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.slots
+            .values()
+            .filter_map(|s| match (s.closed_at, s.established) {
+                (Some(at), _) => Some(at + self.config.linger),
+                (None, false) => Some(s.created + self.config.half_open_timeout),
+                (None, true) => None,
+            })
+            .min()
+    }
+
+    /// Forgets half-open SAs that took too long and failed ones that lingered long enough.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let (linger, half_open) = (self.config.linger, self.config.half_open_timeout);
+        let expired: Vec<u64> = self
+            .slots
+            .iter()
+            .filter(|(_, s)| match (s.closed_at, s.established) {
+                (Some(at), _) => now >= at + linger,
+                (None, false) => now >= s.created + half_open,
+                (None, true) => false,
+            })
+            .map(|(spi, _)| *spi)
+            .collect();
+        for spi in expired {
+            self.remove(spi);
+        }
+    }
+
+    /// Hands the PSK of a peer (after [`Event::PeerIdentified`]) to its SA; `None` refuses
+    /// the peer. The SA may have gone meanwhile (expired, or the peer gave up).
+    pub fn provide_psk(
+        &mut self,
+        spi_r: u64,
+        now: Instant,
+        psk: Option<&[u8]>,
+        entropy: &mut dyn Entropy,
+    ) -> Result<(), EndpointError> {
+        let slot = self
+            .slots
+            .get_mut(&spi_r)
+            .ok_or(EndpointError::UnknownSpi(spi_r))?;
+        let r = slot.responder.provide_psk(now, psk, entropy);
+        self.collect(spi_r, now);
+        r.map_err(EndpointError::from)
+    }
+
+    /// Ends an SA at once (no DELETE is sent): a gateway shutting down, a replaced peer.
+    pub fn close(&mut self, spi_r: u64) {
+        self.remove(spi_r);
+    }
+
+    /// Handles one IKE datagram (without the non-ESP marker of port 4500) that arrived on
+    /// `local` from `remote`.
+    pub fn handle_datagram(
+        &mut self,
+        now: Instant,
+        local: SocketAddr,
+        remote: SocketAddr,
+        datagram: &[u8],
+        entropy: &mut dyn Entropy,
+    ) -> Result<(), EndpointError> {
+        let (header, _) = Header::peek(datagram).ok_or(EndpointError::NotIke)?;
+        if header.flags.contains(Flags::RESPONSE) {
+            return Err(EndpointError::UnexpectedResponse);
+        }
+        if header.spi_r != 0 {
+            let slot = self
+                .slots
+                .get_mut(&header.spi_r)
+                .ok_or(EndpointError::UnknownSpi(header.spi_r))?;
+            let r = slot
+                .responder
+                .handle_datagram(now, local, remote, datagram, entropy);
+            self.collect(header.spi_r, now);
+            return r.map_err(EndpointError::from);
+        }
+        if let Some(&spi_r) = self.by_init.get(&(remote, header.spi_i)) {
+            // A retransmitted IKE_SA_INIT (or garbage with its SPI): its responder decides.
+            let slot = self
+                .slots
+                .get_mut(&spi_r)
+                .ok_or(EndpointError::UnknownSpi(spi_r))?;
+            let r = slot
+                .responder
+                .handle_datagram(now, local, remote, datagram, entropy);
+            self.collect(spi_r, now);
+            return r.map_err(EndpointError::from);
+        }
+        if header.exchange != ExchangeType::IKE_SA_INIT {
+            return Err(EndpointError::UnknownSpi(0));
+        }
+        let half_open = self.counts().half_open;
+        if half_open >= self.config.max_half_open {
+            return Err(EndpointError::HalfOpenLimit);
+        }
+        if half_open >= self.config.cookie_threshold {
+            self.check_cookie(now, local, remote, &header, datagram, entropy)?;
+        }
+        let mut responder = Responder::new(Arc::clone(&self.responder_config));
+        let r = responder.handle_datagram(now, local, remote, datagram, entropy);
+        match responder.spi_r() {
+            Some(spi_r) if !self.slots.contains_key(&spi_r) => {
+                self.by_init.insert((remote, header.spi_i), spi_r);
+                self.slots.insert(
+                    spi_r,
+                    Slot {
+                        responder,
+                        remote,
+                        spi_i: header.spi_i,
+                        created: now,
+                        established: false,
+                        closed_at: None,
+                    },
+                );
+                self.collect(spi_r, now);
+            }
+            Some(_) => {
+                // A random 64-bit SPI that collides with a live one: drop the request, the
+                // initiator's retransmission gets a fresh SPI.
+                return Err(EndpointError::UnknownSpi(0));
+            }
+            None => {
+                // Refused at IKE_SA_INIT: the error response goes out, no state stays.
+                self.transmits
+                    .extend(std::iter::from_fn(|| responder.poll_transmit()));
+                while let Some(event) = responder.poll_event() {
+                    self.events.push_back(EndpointEvent::Sa { spi_r: 0, event });
+                }
+            }
+        }
+        r.map_err(EndpointError::from)
+    }
+
+    /// Takes the responder's output and updates the slot's phase.
+    fn collect(&mut self, spi_r: u64, now: Instant) {
+        let Some(slot) = self.slots.get_mut(&spi_r) else {
+            return;
+        };
+        self.transmits
+            .extend(std::iter::from_fn(|| slot.responder.poll_transmit()));
+        while let Some(event) = slot.responder.poll_event() {
+            self.events.push_back(EndpointEvent::Sa { spi_r, event });
+        }
+        if slot.responder.is_established() && !slot.established {
+            slot.established = true;
+            // Established SAs are routed by SPIr only.
+            self.by_init.remove(&(slot.remote, slot.spi_i));
+        }
+        if slot.responder.is_closed() && slot.closed_at.is_none() {
+            slot.closed_at = Some(now);
+        }
+    }
+
+    fn remove(&mut self, spi_r: u64) {
+        if let Some(slot) = self.slots.remove(&spi_r) {
+            if self.by_init.get(&(slot.remote, slot.spi_i)) == Some(&spi_r) {
+                self.by_init.remove(&(slot.remote, slot.spi_i));
+            }
+            self.events.push_back(EndpointEvent::Removed {
+                spi_r,
+                established: slot.established,
+            });
+        }
+    }
+
+    /// RFC 7296 §2.6: under load, an IKE_SA_INIT request must echo a cookie we computed
+    /// from its Ni, the initiator's address and SPIi, so that only initiators that receive at
+    /// their claimed address make us keep state. Answers N(COOKIE) when it does not.
+    fn check_cookie(
+        &mut self,
+        now: Instant,
+        local: SocketAddr,
+        remote: SocketAddr,
+        header: &Header,
+        datagram: &[u8],
+        entropy: &mut dyn Entropy,
+    ) -> Result<(), EndpointError> {
+        let msg = Message::decode(datagram).map_err(responder::Error::from)?;
+        let (mut nonce, mut cookie) = (None, None);
+        for p in &msg.payloads {
+            match p {
+                Payload::Nonce(n) => nonce = Some(n.data),
+                Payload::Notify(n) if n.notify_type == NotifyType::COOKIE => cookie = Some(n.data),
+                _ => {}
+            }
+        }
+        let nonce = nonce.ok_or(responder::Error::MissingPayload("Ni"))?;
+        self.rotate_secret(now, entropy)?;
+        let valid = cookie.is_some_and(|c| {
+            [&self.secret, &self.previous_secret]
+                .into_iter()
+                .flatten()
+                .any(|s| {
+                    c.first() == Some(&s.version) && ct_eq(c, &cookie_for(s, nonce, remote, header.spi_i))
+                })
+        });
+        if valid {
+            return Ok(());
+        }
+        let Some(secret) = &self.secret else {
+            return Err(EndpointError::CookieRequired);
+        };
+        let cookie = cookie_for(secret, nonce, remote, header.spi_i);
+        let response = Message {
+            header: Header {
+                spi_i: header.spi_i,
+                spi_r: 0,
+                next_payload: PayloadType::NONE,
+                exchange: ExchangeType::IKE_SA_INIT,
+                flags: Flags::RESPONSE,
+                message_id: header.message_id,
+                length: 0,
+            },
+            payloads: vec![Payload::Notify(Notify::new(NotifyType::COOKIE, &cookie))],
+        }
+        .to_vec();
+        self.transmits.push_back(Transmit {
+            local,
+            remote,
+            payload: response,
+        });
+        Err(EndpointError::CookieRequired)
+    }
+
+    fn rotate_secret(&mut self, now: Instant, entropy: &mut dyn Entropy) -> Result<(), EndpointError> {
+        let fresh = self
+            .secret
+            .as_ref()
+            .is_some_and(|s| now < s.created + self.config.cookie_secret_lifetime);
+        if fresh {
+            return Ok(());
+        }
+        let mut key = [0u8; 32];
+        entropy
+            .fill(&mut key)
+            .map_err(|e| EndpointError::Responder(responder::Error::Crypto(e)))?;
+        let version = self.secret.as_ref().map_or(0, |s| s.version.wrapping_add(1));
+        self.previous_secret = self.secret.replace(CookieSecret {
+            version,
+            key,
+            created: now,
+        });
+        Ok(())
+    }
+}
+
+/// `Cookie = <VersionIDofSecret> | Hash(Ni | IPi | SPIi | <secret>)` (RFC 7296 §2.6), with
+/// HMAC-SHA-256 keyed by the secret as the hash.
+fn cookie_for(secret: &CookieSecret, nonce: &[u8], remote: SocketAddr, spi_i: u64) -> Vec<u8> {
+    let ip = match remote.ip() {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    };
+    let mac = Prf::new(PrfAlg::HmacSha256).compute(&secret.key, &[nonce, &ip, &spi_i.to_be_bytes()]);
+    let mut cookie = Vec::with_capacity(COOKIE_LEN);
+    cookie.push(secret.version);
+    cookie.extend_from_slice(mac.expose());
+    cookie
+}

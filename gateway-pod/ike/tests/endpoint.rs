@@ -1,0 +1,288 @@
+//! The endpoint in front of many responders: routing of IKE_SA_INIT retransmissions and of
+//! later messages by SPI, cookies under load (RFC 7296 §2.6), half-open expiry, refusals that
+//! keep no state. Full IKE_AUTH exchanges are `responder_pair.rs` and the strongSwan tests.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use concentrator_crds::proposal::DhGroup;
+use concentrator_crypto::{CryptoError, KeyExchange};
+use concentrator_ike::endpoint::{Endpoint, EndpointConfig, EndpointError, EndpointEvent, SaCounts};
+use concentrator_ike::payload::{Identity, Ke, Nonce, Notify, Proposal, Sa, Transform};
+use concentrator_ike::responder::{Config, Entropy, IdBuf};
+use concentrator_ike::{
+    DhGroup as WireGroup, ExchangeType, Flags, Header, Message, NotifyType, Payload, PayloadType, ProtocolId,
+    TransformId, TransformType,
+};
+
+/// Deterministic entropy: counting bytes (so SPIs differ), fixed X25519 keys.
+struct Counter(u64);
+
+impl Entropy for Counter {
+    fn fill(&mut self, buf: &mut [u8]) -> Result<(), CryptoError> {
+        for b in buf {
+            self.0 = self.0.wrapping_add(1);
+            *b = (self.0 % 251) as u8 + 1;
+        }
+        Ok(())
+    }
+    fn key_exchange(&mut self, group: DhGroup) -> Result<KeyExchange, CryptoError> {
+        KeyExchange::from_private_key(group, &[0x22; 32])
+    }
+}
+
+fn config() -> Arc<Config> {
+    let eroute: concentrator_crds::eroute::ErouteSpec = serde_yaml::from_str(
+        "localSubnet: 10.2.0.0/24\nremoteSubnet: 10.1.0.0/24\npeerId: site.example\n\
+         pskSecretRef: {name: s, key: psk}\n",
+    )
+    .unwrap();
+    Arc::new(Config::from_eroute(
+        &eroute.validate().unwrap(),
+        IdBuf::new(&Identity::Fqdn(b"gw.example")),
+    ))
+}
+
+fn local() -> SocketAddr {
+    "192.0.2.2:500".parse().unwrap()
+}
+
+fn site(n: u8) -> SocketAddr {
+    SocketAddr::from(([192, 0, 2, n], 500))
+}
+
+/// An IKE_SA_INIT request offering aes128gcm16-prfsha256-x25519, with `cookie` first if given.
+fn init_request(spi_i: u64, nonce: &[u8], cookie: Option<&[u8]>) -> Vec<u8> {
+    let kex = KeyExchange::from_private_key(DhGroup::Curve25519, &[0x33; 32]).unwrap();
+    let public = kex.public_value().unwrap();
+    let mut payloads = Vec::new();
+    if let Some(c) = cookie {
+        payloads.push(Payload::Notify(Notify::new(NotifyType::COOKIE, c)));
+    }
+    payloads.extend([
+        Payload::Sa(Sa {
+            proposals: vec![Proposal {
+                number: 1,
+                protocol: ProtocolId::IKE,
+                spi: &[],
+                transforms: vec![
+                    Transform::with_key_length(TransformType::ENCR, TransformId::ENCR_AES_GCM_16, 128),
+                    Transform::new(TransformType::PRF, TransformId::PRF_HMAC_SHA2_256),
+                    Transform::new(TransformType::DH, TransformId(31)),
+                ],
+            }],
+        }),
+        Payload::Ke(Ke {
+            group: WireGroup(31),
+            data: &public,
+        }),
+        Payload::Nonce(Nonce { data: nonce }),
+    ]);
+    Message {
+        header: Header {
+            spi_i,
+            spi_r: 0,
+            next_payload: PayloadType::NONE,
+            exchange: ExchangeType::IKE_SA_INIT,
+            flags: Flags::INITIATOR,
+            message_id: 0,
+            length: 0,
+        },
+        payloads,
+    }
+    .to_vec()
+}
+
+fn drain(ep: &mut Endpoint) -> (Vec<Message<'static>>, Vec<EndpointEvent>) {
+    let mut msgs = Vec::new();
+    while let Some(t) = ep.poll_transmit() {
+        let bytes: &'static [u8] = Box::leak(t.payload.into_boxed_slice());
+        msgs.push(Message::decode(bytes).unwrap());
+    }
+    (msgs, std::iter::from_fn(|| ep.poll_event()).collect())
+}
+
+#[test]
+fn routes_a_retransmitted_ike_sa_init_to_the_same_sa() {
+    let mut ep = Endpoint::new(EndpointConfig::default(), config());
+    let mut entropy = Counter(0);
+    let now = Instant::now();
+    let req = init_request(7, &[1; 32], None);
+    ep.handle_datagram(now, local(), site(1), &req, &mut entropy)
+        .unwrap();
+    let (first, _) = drain(&mut ep);
+    ep.handle_datagram(now, local(), site(1), &req, &mut entropy)
+        .unwrap();
+    let (second, _) = drain(&mut ep);
+    assert_eq!(first.len(), 1);
+    assert_eq!(second.len(), 1);
+    assert_eq!(first[0].header.spi_r, second[0].header.spi_r);
+    assert_ne!(first[0].header.spi_r, 0);
+    assert_eq!(
+        ep.counts(),
+        SaCounts {
+            half_open: 1,
+            ..SaCounts::default()
+        }
+    );
+    // The same SPIi from another address is another initiator: a second SA.
+    ep.handle_datagram(now, local(), site(2), &req, &mut entropy)
+        .unwrap();
+    assert_eq!(ep.counts().half_open, 2);
+}
+
+#[test]
+fn a_request_for_an_unknown_spi_is_dropped() {
+    let mut ep = Endpoint::new(EndpointConfig::default(), config());
+    let mut req = init_request(7, &[1; 32], None);
+    req[8..16].copy_from_slice(&99u64.to_be_bytes());
+    req[18] = ExchangeType::IKE_AUTH.0;
+    req[19] = Flags::INITIATOR.bits();
+    req[20..24].copy_from_slice(&1u32.to_be_bytes());
+    assert_eq!(
+        ep.handle_datagram(Instant::now(), local(), site(1), &req, &mut Counter(0)),
+        Err(EndpointError::UnknownSpi(99))
+    );
+    assert_eq!(
+        ep.handle_datagram(Instant::now(), local(), site(1), &[0; 10], &mut Counter(0)),
+        Err(EndpointError::NotIke)
+    );
+    assert!(ep.poll_transmit().is_none());
+    assert_eq!(ep.counts(), SaCounts::default());
+}
+
+#[test]
+fn under_load_ike_sa_init_must_return_a_cookie_and_then_succeeds() {
+    let cfg = EndpointConfig {
+        cookie_threshold: 2,
+        ..EndpointConfig::default()
+    };
+    let mut ep = Endpoint::new(cfg, config());
+    let mut entropy = Counter(0);
+    let now = Instant::now();
+    for n in 1..=2u8 {
+        ep.handle_datagram(
+            now,
+            local(),
+            site(n),
+            &init_request(u64::from(n), &[n; 32], None),
+            &mut entropy,
+        )
+        .unwrap();
+    }
+    drain(&mut ep);
+    // The third initiator gets a cookie and no state.
+    let nonce = [3u8; 32];
+    assert_eq!(
+        ep.handle_datagram(
+            now,
+            local(),
+            site(3),
+            &init_request(3, &nonce, None),
+            &mut entropy
+        ),
+        Err(EndpointError::CookieRequired)
+    );
+    let (msgs, _) = drain(&mut ep);
+    assert_eq!(ep.counts().half_open, 2);
+    let [msg] = msgs.as_slice() else {
+        panic!("one response expected, got {}", msgs.len())
+    };
+    assert_eq!(msg.header.spi_r, 0);
+    let Some(Payload::Notify(n)) = msg.payloads.first() else {
+        panic!("no notify")
+    };
+    assert_eq!(n.notify_type, NotifyType::COOKIE);
+    let cookie = n.data.to_vec();
+    // A forged or replayed-elsewhere cookie is refused again.
+    let mut forged = cookie.clone();
+    forged[5] ^= 1;
+    assert_eq!(
+        ep.handle_datagram(
+            now,
+            local(),
+            site(3),
+            &init_request(3, &nonce, Some(&forged)),
+            &mut entropy
+        ),
+        Err(EndpointError::CookieRequired)
+    );
+    assert_eq!(
+        ep.handle_datagram(
+            now,
+            local(),
+            site(4),
+            &init_request(3, &nonce, Some(&cookie)),
+            &mut entropy
+        ),
+        Err(EndpointError::CookieRequired)
+    );
+    drain(&mut ep);
+    // Echoed from the right address, it opens the SA.
+    ep.handle_datagram(
+        now + Duration::from_secs(1),
+        local(),
+        site(3),
+        &init_request(3, &nonce, Some(&cookie)),
+        &mut entropy,
+    )
+    .unwrap();
+    let (msgs, _) = drain(&mut ep);
+    assert_ne!(msgs[0].header.spi_r, 0);
+    assert_eq!(ep.counts().half_open, 3);
+}
+
+#[test]
+fn half_open_sas_expire_and_are_reported_removed() {
+    let cfg = EndpointConfig {
+        half_open_timeout: Duration::from_secs(5),
+        ..EndpointConfig::default()
+    };
+    let mut ep = Endpoint::new(cfg, config());
+    let now = Instant::now();
+    ep.handle_datagram(
+        now,
+        local(),
+        site(1),
+        &init_request(1, &[1; 32], None),
+        &mut Counter(0),
+    )
+    .unwrap();
+    let (msgs, _) = drain(&mut ep);
+    let spi_r = msgs[0].header.spi_r;
+    assert_eq!(ep.poll_timeout(), Some(now + Duration::from_secs(5)));
+    ep.handle_timeout(now + Duration::from_secs(4));
+    assert_eq!(ep.counts().half_open, 1);
+    ep.handle_timeout(now + Duration::from_secs(5));
+    assert_eq!(ep.counts(), SaCounts::default());
+    let (_, events) = drain(&mut ep);
+    assert!(matches!(
+        events.as_slice(),
+        [EndpointEvent::Removed { spi_r: s, established: false }] if *s == spi_r
+    ));
+    assert_eq!(ep.poll_timeout(), None);
+}
+
+#[test]
+fn a_refused_ike_sa_init_keeps_no_state() {
+    let mut ep = Endpoint::new(EndpointConfig::default(), config());
+    // Offer only a group the eroute does not accept.
+    let mut req = init_request(1, &[1; 32], None);
+    let msg = Message::decode(&req).unwrap();
+    let Some(Payload::Sa(_)) = msg.payloads.first() else {
+        panic!("SA first")
+    };
+    // DH transform id 31 -> 1 (modp768, never accepted): find it after the SA header.
+    let pos = req
+        .windows(8)
+        .position(|w| w == [0, 0, 0, 8, 4, 0, 0, 31])
+        .expect("DH transform");
+    req[pos + 7] = 1;
+    let r = ep.handle_datagram(Instant::now(), local(), site(1), &req, &mut Counter(0));
+    assert!(r.is_err(), "{r:?}");
+    let (msgs, events) = drain(&mut ep);
+    assert_eq!(msgs.len(), 1, "an error response is sent");
+    assert!(matches!(events.as_slice(), [EndpointEvent::Sa { spi_r: 0, .. }]));
+    assert_eq!(ep.counts(), SaCounts::default());
+}
