@@ -8,6 +8,8 @@
 //!   public values in the exact KE payload encoding and peer-value validation.
 //! - [`aead`]: AES-GCM-16 and ChaCha20-Poly1305 seal/open with a 4-byte salt and a caller-given
 //!   8-byte explicit IV, shared by the IKE SK payload and the ESP data plane; [`IvCounter`].
+//! - [`cbc`]: AES-CBC keys for ESP (RFC 3602), whole blocks in place, IVs derived from the
+//!   sequence number.
 //! - [`cipher`]: [`SkCipher`], the SK (Encrypted) payload of RFC 7296 §3.14 / RFC 5282 /
 //!   RFC 7634, with the framing rules (IV, padding, ICV) in one place.
 //! - [`util`]: SHA-1 for NAT detection, the system random generator, constant-time equality.
@@ -18,6 +20,7 @@
 #![warn(missing_docs)]
 
 pub mod aead;
+pub mod cbc;
 pub mod cipher;
 pub mod dh;
 mod error;

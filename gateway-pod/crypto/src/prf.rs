@@ -184,6 +184,42 @@ impl IntegKey {
         Ok(())
     }
 
+    /// Writes the truncated HMAC of `parts[0] | parts[1] | ...` into `icv` (which must be
+    /// [`Self::icv_len`] long). For ICVs over data that is not contiguous in the packet, such
+    /// as ESP with extended sequence numbers, whose high 32 bits are authenticated but not sent.
+    ///
+    /// # Errors
+    /// [`crate::PacketError::Malformed`] if `icv` has the wrong length.
+    pub fn sign_parts_into(&self, parts: &[&[u8]], icv: &mut [u8]) -> Result<(), crate::PacketError> {
+        if icv.len() != self.icv_len() {
+            return Err(crate::PacketError::Malformed);
+        }
+        let tag = self.sign_parts(parts);
+        icv.copy_from_slice(&tag.as_ref()[..icv.len()]);
+        Ok(())
+    }
+
+    /// Verifies a truncated ICV over `parts[0] | parts[1] | ...` in constant time.
+    ///
+    /// # Errors
+    /// [`crate::PacketError::IcvMismatch`] if it does not verify.
+    pub fn verify_parts(&self, parts: &[&[u8]], icv: &[u8]) -> Result<(), crate::PacketError> {
+        let tag = self.sign_parts(parts);
+        if icv.len() != self.icv_len() {
+            return Err(crate::PacketError::IcvMismatch);
+        }
+        constant_time::verify_slices_are_equal(&tag.as_ref()[..icv.len()], icv)
+            .map_err(|_| crate::PacketError::IcvMismatch)
+    }
+
+    fn sign_parts(&self, parts: &[&[u8]]) -> hmac::Tag {
+        let mut ctx = hmac::Context::with_key(&self.key);
+        for p in parts {
+            ctx.update(p);
+        }
+        ctx.sign()
+    }
+
     /// Verifies a truncated ICV over `data` in constant time.
     ///
     /// # Errors

@@ -133,3 +133,33 @@ fn secrets_never_print() {
     let dbg = format!("{out:?}");
     assert_eq!(dbg, "SecretBytes(<32 bytes>)");
 }
+
+#[test]
+fn integrity_over_parts_equals_integrity_over_their_concatenation() {
+    for alg in [
+        Integrity::HmacSha256_128,
+        Integrity::HmacSha384_192,
+        Integrity::HmacSha512_256,
+    ] {
+        let k = IntegKey::new(alg, &vec![0x5a; integ_icv_len(alg) * 2]).expect("key");
+        let mut whole = vec![0; integ_icv_len(alg)];
+        k.sign_into(b"SPI|seq|IV|ciphertext|hi", &mut whole)
+            .expect("sign");
+        let parts: [&[u8]; 3] = [b"SPI|seq|", b"IV|ciphertext", b"|hi"];
+        let mut split = vec![0; integ_icv_len(alg)];
+        k.sign_parts_into(&parts, &mut split).expect("sign");
+        assert_eq!(whole, split);
+        k.verify_parts(&parts, &split).expect("verifies");
+        split[0] ^= 1;
+        assert_eq!(k.verify_parts(&parts, &split), Err(PacketError::IcvMismatch));
+        assert_eq!(
+            k.verify_parts(&parts, &whole[1..]),
+            Err(PacketError::IcvMismatch),
+            "a short ICV is a mismatch"
+        );
+        assert_eq!(
+            k.sign_parts_into(&parts, &mut [0; 3]),
+            Err(PacketError::Malformed)
+        );
+    }
+}
