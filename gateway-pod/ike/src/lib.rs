@@ -40,4 +40,4 @@ pub use message::error::{InvalidMessage, notify_for};
 pub use message::header::{Flags, Header};
 pub use message::reader::Reader;
 pub use payload::Payload;
-pub use responder::{Event, Responder};
+pub use responder::{Config, DeleteReason, Event, Responder};

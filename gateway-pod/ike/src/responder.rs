@@ -1,19 +1,67 @@
-//! The responder side of IKE_SA_INIT + IKE_AUTH with a pre-shared key (RFC 7296 §1.2),
-//! ending in an IKE SA and its first CHILD SA.
+//! The responder side of an IKEv2 SA authenticated with a pre-shared key: IKE_SA_INIT +
+//! IKE_AUTH (RFC 7296 §1.2) ending in an IKE SA and its first CHILD SA, then the exchanges the
+//! peer starts on it — INFORMATIONAL (§1.4: liveness checks, deletes) and CREATE_CHILD_SA
+//! (§1.3: new CHILD SAs, CHILD SA and IKE SA rekeys, optional PFS) — and the liveness checks
+//! this side starts (§2.4).
 //!
 //! Sans-IO: datagrams go in through [`Responder::handle_datagram`], the PSK (looked up by the
 //! caller after [`Event::PeerIdentified`], possibly asynchronously) through
-//! [`Responder::provide_psk`]; datagrams to send come out of [`Responder::poll_transmit`],
-//! events out of [`Responder::poll_event`]. Time is an argument, randomness comes from the
-//! caller's [`Entropy`]. The states consume themselves (`ExpectInit` → `ExpectAuth` →
-//! `ExpectPsk` → `Established`, or `Closed` after a fatal error), so a stale state cannot be
-//! reused.
+//! [`Responder::provide_psk`], expired timers through [`Responder::handle_timeout`];
+//! datagrams to send come out of [`Responder::poll_transmit`], events out of
+//! [`Responder::poll_event`], the next deadline out of [`Responder::poll_timeout`]. Time is an
+//! argument, randomness comes from the caller's [`Entropy`]. The states consume themselves
+//! (`ExpectInit` → `ExpectAuth` → `ExpectPsk` → `Established`, or `Closed` after a fatal
+//! error, a deletion or a dead peer), so a stale state cannot be reused.
 //!
-//! Not here yet: retransmission timers (the responder only answers retransmitted requests
-//! from its cache), cookies, CREATE_CHILD_SA, INFORMATIONAL, rekeying, DPD, fragmentation,
-//! transport mode (a USE_TRANSPORT_MODE request is declined by not echoing it, which RFC 7296
-//! §1.3.1 allows: "If the responder declines the request, the Child SA will be established in
-//! tunnel mode").
+//! # Message IDs
+//!
+//! Both directions use a window of one (RFC 7296 §2.3; we never send SET_WINDOW_SIZE). A
+//! request of the peer with the next expected Message ID is processed; a bitwise copy of the
+//! last one is answered from the cache; anything else is dropped. Our own requests count from
+//! zero and are retransmitted until answered (see [`Retransmit`]).
+//!
+//! # Timers
+//!
+//! [`Responder::poll_timeout`] is the earliest of:
+//! - half-open expiry: IKE_AUTH (with the PSK lookup) must complete within
+//!   [`Config::half_open_timeout`] of the IKE_SA_INIT response, else [`Event::Failed`] with
+//!   [`Error::Timeout`];
+//! - liveness: after [`Config::dpd_interval`] without an authenticated message from the peer
+//!   (or traffic reported through [`Responder::handle_child_traffic`]), an empty INFORMATIONAL
+//!   request is sent;
+//! - retransmission of that request, with exponential back-off; when the last one goes
+//!   unanswered the IKE SA is deleted ([`Event::IkeSaDeleted`] with [`DeleteReason::DeadPeer`]);
+//! - expiry of an IKE SA replaced by a rekey that the peer never deleted
+//!   ([`REKEYED_SA_LINGER`]).
+//!
+//! # IKE SA rekey
+//!
+//! After the peer rekeys the IKE SA (RFC 7296 §1.3.2, §2.18), the responder carries on as the
+//! new IKE SA: [`Responder::spi_r`] returns the new SPI and every CHILD SA moves to it (§2.8:
+//! "The new IKE SA inherits all of the original IKE SA's Child SAs"). The old IKE SA's keys
+//! stay in the same `Responder` until the peer deletes it (§2.8: "After the new equivalent IKE
+//! SA is created, the initiator deletes the old IKE SA") or [`REKEYED_SA_LINGER`] passes.
+//! So one `Responder` may answer for two responder SPIs at a time:
+//! [`Responder::spis_r`] lists them, [`Event::IkeSaRekeyed`] announces the new one and
+//! [`Event::IkeSaRetired`] says when the old one is gone. An endpoint routing by SPI adds a
+//! route on the first and removes one on the second.
+//!
+//! # Events after IKE_AUTH
+//!
+//! CHILD SAs appear with [`Event::ChildSaInstalled`] (a rekey names the SA it replaces, which
+//! stays until the peer deletes it) and disappear with [`Event::ChildSaDeleted`]. When the IKE
+//! SA goes, every CHILD SA still on it gets [`Event::ChildSaDeleted`] first, then
+//! [`Event::IkeSaDeleted`]; the responder is then closed and only answers a retransmission of
+//! the request that deleted it.
+//!
+//! Not here: cookies, fragmentation, transport mode (a USE_TRANSPORT_MODE request is declined
+//! by not echoing it, which RFC 7296 §1.3.1 allows: "If the responder declines the request,
+//! the Child SA will be established in tunnel mode"), exchanges started by this side other than
+//! liveness checks (rekeying and deleting are the peer's job), MOBIKE, configuration payloads.
+
+mod create_child;
+mod informational;
+mod session;
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -25,32 +73,86 @@ use std::time::{Duration, Instant};
 use concentrator_crds::eroute::ValidatedEroute;
 use concentrator_crds::proposal::{DhGroup, Encryption, Esn, EspProposal, IkeProposal, Integrity};
 use concentrator_crypto::{
-    ChildSaKeys, CryptoError, DirectionKeys, IkeSaKeys, KeyExchange, PacketError, Prf, SkCipher,
+    ChildSaKeys, CryptoError, DirectionKeys, IkeSaKeys, KeyExchange, PacketError, Prf,
 };
 use ipnet::IpNet;
 
+use self::create_child::Created;
+use self::session::{Answered, IkeSa, Retry, Session, Window};
 use crate::Message;
 use crate::auth::{psk_auth, signed_octets, verify_psk_auth};
 use crate::message::codepoints::{
-    AuthMethod, DhGroup as WireGroup, ExchangeType, IdType, NotifyType, PayloadType,
+    AuthMethod, DhGroup as WireGroup, ExchangeType, IdType, NotifyType, PayloadType, ProtocolId,
 };
 use crate::message::error::{InvalidMessage, notify_for};
 use crate::message::header::{Flags, Header};
 use crate::nat::{behind_nat, nat_detection_hash};
 use crate::negotiate::{IkeChoice, NegotiationError, narrow, select_esp, select_ike};
-use crate::payload::{self, Auth, Identity, Ke, Nonce, Notify, Payload, Sk, TrafficSelector, Ts};
+use crate::payload::{self, Auth, Delete, Identity, Ke, Nonce, Notify, Payload, TrafficSelector, Ts};
 
 /// Length of our nonces: 32 bytes, at least half the key size of every PRF we negotiate
 /// (RFC 7296 §2.10: "Nonces used in IKEv2 MUST be randomly chosen, MUST be at least 128 bits
 /// in size, and MUST be at least half the key size of the negotiated pseudorandom function").
 pub const NONCE_LEN: usize = 32;
 
+/// How long an IKE SA replaced by a rekey is kept when the peer does not delete it. RFC 7296
+/// §2.8 has the initiator delete it right after the rekey, so this only bounds the state a
+/// misbehaving (or crashed) peer leaves behind; it is long enough for the peer's
+/// retransmissions of that DELETE.
+pub const REKEYED_SA_LINGER: Duration = Duration::from_secs(120);
+
+/// Retransmission of the requests this responder sends (RFC 7296 §2.1: "the initiator MUST
+/// retransmit a request until it either receives a corresponding response or deems the IKE SA
+/// to have failed"). The first retransmission follows `timeout` after the request, each next
+/// one waits twice as long as the previous, and after `tries` retransmissions the IKE SA is
+/// deemed to have failed once the next (doubled) wait has passed too.
+///
+/// The default, 2 s and 5 tries, retransmits after 2, 6, 14, 30 and 62 s and gives up at
+/// 126 s.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retransmit {
+    /// Wait before the first retransmission.
+    pub timeout: Duration,
+    /// Retransmissions before giving up.
+    pub tries: u32,
+}
+
+impl Default for Retransmit {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(2),
+            tries: 5,
+        }
+    }
+}
+
+impl Retransmit {
+    /// The wait after the transmission that followed `retransmits` retransmissions:
+    /// `timeout * 2^retransmits`, saturating.
+    pub fn wait(&self, retransmits: u32) -> Duration {
+        self.timeout
+            .saturating_mul(1u32.checked_shl(retransmits).unwrap_or(u32::MAX))
+    }
+
+    /// How long after the first transmission an unanswered request makes us give up.
+    pub fn give_up_after(&self) -> Duration {
+        (0..=self.tries).fold(Duration::ZERO, |sum, n| sum.saturating_add(self.wait(n)))
+    }
+}
+
+/// `now + d` without panicking on overflow (a far-future deadline instead).
+fn deadline(now: Instant, d: Duration) -> Instant {
+    now.checked_add(d)
+        .or_else(|| now.checked_add(Duration::from_secs(u64::from(u32::MAX))))
+        .unwrap_or(now)
+}
+
 /// What the responder needs from the eroute it answers for.
 #[derive(Clone, Debug)]
 pub struct Config {
     /// Acceptable IKE SA proposals.
     pub ike_proposals: Vec<IkeProposal>,
-    /// Acceptable ESP proposals.
+    /// Acceptable ESP proposals (their DH groups are the PFS groups of CREATE_CHILD_SA).
     pub esp_proposals: Vec<EspProposal>,
     /// Our side of the tunnel: TSr is narrowed to it.
     pub local_subnet: IpNet,
@@ -60,19 +162,59 @@ pub struct Config {
     pub local_id: IdBuf,
     /// Lifetime of the CHILD SA, reported with [`Event::ChildSaInstalled`].
     pub child_lifetime: Duration,
+    /// Liveness checks (RFC 7296 §2.4): after this long without an authenticated message from
+    /// the peer an empty INFORMATIONAL request is sent; `None` sends none.
+    pub dpd_interval: Option<Duration>,
+    /// How long after the IKE_SA_INIT response IKE_AUTH (PSK lookup included) may take.
+    pub half_open_timeout: Duration,
+    /// Retransmission of our requests.
+    pub retransmit: Retransmit,
 }
 
 impl Config {
-    /// The responder configuration of a validated eroute (its proposals, subnets and CHILD SA
-    /// lifetime), answering as `local_id`.
+    /// Default of [`Config::half_open_timeout`].
+    pub const DEFAULT_HALF_OPEN_TIMEOUT: Duration = Duration::from_secs(30);
+    /// Default of [`Config::child_lifetime`] (the eroute default).
+    pub const DEFAULT_CHILD_LIFETIME: Duration = Duration::from_secs(3600);
+
+    /// A configuration with the given proposals, subnets and identity, and defaults for the
+    /// rest: CHILD SA lifetime [`Self::DEFAULT_CHILD_LIFETIME`], no liveness checks,
+    /// [`Self::DEFAULT_HALF_OPEN_TIMEOUT`], [`Retransmit::default`].
+    pub fn new(
+        ike_proposals: Vec<IkeProposal>,
+        esp_proposals: Vec<EspProposal>,
+        local_subnet: IpNet,
+        remote_subnet: IpNet,
+        local_id: IdBuf,
+    ) -> Self {
+        Self {
+            ike_proposals,
+            esp_proposals,
+            local_subnet,
+            remote_subnet,
+            local_id,
+            child_lifetime: Self::DEFAULT_CHILD_LIFETIME,
+            dpd_interval: None,
+            half_open_timeout: Self::DEFAULT_HALF_OPEN_TIMEOUT,
+            retransmit: Retransmit::default(),
+        }
+    }
+
+    /// The responder configuration of a validated eroute (its proposals, subnets, CHILD SA
+    /// lifetime and liveness-check interval), answering as `local_id`.
     pub fn from_eroute(eroute: &ValidatedEroute, local_id: IdBuf) -> Self {
         Self {
-            ike_proposals: eroute.ike_proposals.clone(),
-            esp_proposals: eroute.esp_proposals.clone(),
-            local_subnet: eroute.local_subnet,
-            remote_subnet: eroute.remote_subnet,
-            local_id,
             child_lifetime: eroute.esp_lifetime,
+            // Validation rejects a zero interval; should one get here, it means "off" rather
+            // than a liveness check after every answer.
+            dpd_interval: Some(eroute.dpd_interval).filter(|d| !d.is_zero()),
+            ..Self::new(
+                eroute.ike_proposals.clone(),
+                eroute.esp_proposals.clone(),
+                eroute.local_subnet,
+                eroute.remote_subnet,
+                local_id,
+            )
         }
     }
 }
@@ -177,6 +319,29 @@ pub struct ChildSa {
     pub installed_at: Instant,
     /// ESP in UDP (RFC 3948): a NAT was detected or IKE runs on port 4500.
     pub udp_encap: bool,
+    /// For a rekey (RFC 7296 §1.3.3), the `spi_in` of the CHILD SA this one replaces. The old
+    /// one stays installed until the peer deletes it ([`Event::ChildSaDeleted`]): the peer
+    /// moves its traffic to the new SA first.
+    pub replaces: Option<u32>,
+}
+
+/// Why an IKE SA is gone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DeleteReason {
+    /// The peer deleted it (an INFORMATIONAL request with a Delete payload for the IKE SA).
+    PeerDeleted,
+    /// The peer stopped answering our liveness checks (RFC 7296 §2.4).
+    DeadPeer,
+}
+
+impl fmt::Display for DeleteReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::PeerDeleted => "deleted by the peer",
+            Self::DeadPeer => "peer did not answer liveness checks",
+        })
+    }
 }
 
 /// What the responder reports.
@@ -201,8 +366,58 @@ pub enum Event {
         /// A NAT was detected between the peers.
         nat_detected: bool,
     },
-    /// The first CHILD SA was negotiated.
+    /// A CHILD SA was negotiated: the first one in IKE_AUTH, or a new or rekeyed one in
+    /// CREATE_CHILD_SA ([`ChildSa::replaces`]).
     ChildSaInstalled(Box<ChildSa>),
+    /// A CHILD SA is gone: the peer deleted it (our response deletes its pair, RFC 7296
+    /// §1.4.1), or its IKE SA went away. Remove both directions from the data plane.
+    ChildSaDeleted {
+        /// Our SPI.
+        spi_in: u32,
+        /// The peer's SPI.
+        spi_out: u32,
+    },
+    /// The peer rekeyed the IKE SA; the responder now carries on as the new one, with every
+    /// CHILD SA. Route `new_spi_r` to this responder too: `old_spi_r` stays valid until
+    /// [`Event::IkeSaRetired`].
+    IkeSaRekeyed {
+        /// Our SPI of the replaced IKE SA.
+        old_spi_r: u64,
+        /// The initiator's SPI of the new IKE SA.
+        new_spi_i: u64,
+        /// Our SPI of the new IKE SA.
+        new_spi_r: u64,
+    },
+    /// The IKE SA that a rekey replaced is gone (the peer deleted it, or
+    /// [`REKEYED_SA_LINGER`] passed): stop routing `spi_r` to this responder. Its CHILD SAs
+    /// live on under the new IKE SA.
+    IkeSaRetired {
+        /// Our SPI of the retired IKE SA.
+        spi_r: u64,
+    },
+    /// The IKE SA is gone, and with it every CHILD SA (each reported with
+    /// [`Event::ChildSaDeleted`] before this). The responder is closed.
+    IkeSaDeleted {
+        /// Our SPI of the IKE SA.
+        spi_r: u64,
+        /// Why.
+        reason: DeleteReason,
+    },
+    /// A request of the peer on the established IKE SA was refused: the response carries the
+    /// error's notify (e.g. NO_PROPOSAL_CHOSEN, TS_UNACCEPTABLE, INVALID_KE_PAYLOAD) and the
+    /// IKE SA stays as it was.
+    RequestRefused {
+        /// The request's exchange.
+        exchange: ExchangeType,
+        /// Why.
+        error: Error,
+    },
+    /// The peer reported an error in an INFORMATIONAL request (e.g. INVALID_SPI for an ESP
+    /// packet with an SPI it does not know). Nothing is done about it; worth a log line.
+    PeerError {
+        /// The notify type.
+        notify_type: NotifyType,
+    },
     /// The negotiation ended with this error (the response, if any, is queued); the state is
     /// gone.
     Failed(Error),
@@ -215,7 +430,7 @@ pub enum Error {
     /// The datagram is not a well-formed IKE message.
     #[error("malformed message: {0}")]
     Malformed(#[from] InvalidMessage),
-    /// The decrypted, authenticated inner payloads are malformed (answered, fatal).
+    /// The decrypted, authenticated inner payloads are malformed (answered).
     #[error("malformed encrypted payloads: {0}")]
     MalformedInner(InvalidMessage),
     /// A well-formed message this state does not take (dropped, state kept).
@@ -227,7 +442,7 @@ pub enum Error {
     /// Proposal or traffic selector negotiation failed.
     #[error(transparent)]
     Negotiation(#[from] NegotiationError),
-    /// The KE payload is not for the selected group.
+    /// The KE payload is not for the selected group (`got` 0: no KE payload).
     #[error("KE payload for group {got}, selected group {selected}")]
     InvalidKe {
         /// The KE payload's group.
@@ -247,6 +462,21 @@ pub enum Error {
     /// An API call not valid in the current state.
     #[error("not valid in this state: {0}")]
     WrongState(&'static str),
+    /// The peer asked to rekey a CHILD SA this IKE SA does not have.
+    #[error("no CHILD SA with SPI {spi:08x} ({protocol}) to rekey")]
+    ChildSaNotFound {
+        /// The REKEY_SA notify's protocol.
+        protocol: ProtocolId,
+        /// Its SPI (the peer's inbound SPI).
+        spi: u32,
+    },
+    /// A CREATE_CHILD_SA request on an IKE SA that a rekey replaced: only its deletion is
+    /// expected there.
+    #[error("no more CHILD SAs on an IKE SA that was rekeyed")]
+    NoAdditionalSas,
+    /// A timer expired.
+    #[error("timed out: {0}")]
+    Timeout(&'static str),
 }
 
 impl Error {
@@ -263,71 +493,87 @@ impl Error {
             Self::Crypto(CryptoError::InvalidPublicValue { .. } | CryptoError::PublicValueLength { .. }) => {
                 Some(NotifyType::INVALID_SYNTAX)
             }
-            Self::Crypto(_) | Self::Unexpected(_) | Self::Packet(_) | Self::WrongState(_) => None,
+            Self::ChildSaNotFound { .. } => Some(NotifyType::CHILD_SA_NOT_FOUND),
+            Self::NoAdditionalSas => Some(NotifyType::NO_ADDITIONAL_SAS),
+            Self::Crypto(_)
+            | Self::Unexpected(_)
+            | Self::Packet(_)
+            | Self::WrongState(_)
+            | Self::Timeout(_) => None,
         }
+    }
+
+    /// The Notify payload fields answering this error: type, protocol and SPI (RFC 7296
+    /// §3.10: "the SPI is included only with INVALID_SELECTORS, REKEY_SA, and
+    /// CHILD_SA_NOT_FOUND"), and data (§3.10.1: the accepted group for INVALID_KE_PAYLOAD,
+    /// the payload type for UNSUPPORTED_CRITICAL_PAYLOAD).
+    fn notify_fields(&self) -> Option<NotifyFields> {
+        let notify_type = self.notify()?;
+        let mut f = NotifyFields {
+            notify_type,
+            protocol: ProtocolId::NONE,
+            spi: Vec::new(),
+            data: Vec::new(),
+        };
+        match *self {
+            Self::InvalidKe { selected, .. } => f.data = selected.to_be_bytes().to_vec(),
+            Self::ChildSaNotFound { protocol, spi } => {
+                f.protocol = protocol;
+                f.spi = spi.to_be_bytes().to_vec();
+            }
+            Self::Malformed(InvalidMessage::UnsupportedCriticalPayload(t))
+            | Self::MalformedInner(InvalidMessage::UnsupportedCriticalPayload(t)) => f.data = vec![t.0],
+            _ => {}
+        }
+        Some(f)
     }
 }
 
-/// State shared by every step after IKE_SA_INIT.
-struct IkeSa {
-    spi_i: u64,
-    spi_r: u64,
-    prf: Prf,
-    keys: IkeSaKeys,
-    /// SK_ei/SK_ai: opens the initiator's messages.
-    rx: SkCipher,
-    /// SK_er/SK_ar: seals ours.
-    tx: SkCipher,
+/// The owned fields of an error notify.
+struct NotifyFields {
+    notify_type: NotifyType,
+    protocol: ProtocolId,
+    spi: Vec<u8>,
+    data: Vec<u8>,
+}
+
+impl NotifyFields {
+    fn payload(&self) -> Payload<'_> {
+        Payload::Notify(Notify {
+            protocol: self.protocol,
+            spi: &self.spi,
+            notify_type: self.notify_type,
+            data: &self.data,
+        })
+    }
+}
+
+/// A CHILD SA of the IKE SA, by its two SPIs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ChildRef {
+    spi_in: u32,
+    spi_out: u32,
+}
+
+/// The IKE_SA_INIT exchange: IKE_AUTH signs it (RFC 7296 §2.15) and its nonces key the
+/// first CHILD SA (§2.17).
+struct InitExchange {
     ni: Vec<u8>,
     nr: Vec<u8>,
-    init_request: Vec<u8>,
-    init_response: Vec<u8>,
-    nat_detected: bool,
-}
-
-impl IkeSa {
-    fn header(&self, exchange: ExchangeType, message_id: u32) -> Header {
-        Header {
-            spi_i: self.spi_i,
-            spi_r: self.spi_r,
-            next_payload: PayloadType::NONE,
-            exchange,
-            flags: Flags::RESPONSE,
-            message_id,
-            length: 0,
-        }
-    }
-
-    /// An encrypted message holding `inner` (RFC 7296 §3.14).
-    fn seal(&mut self, header: Header, inner: &[Payload<'_>]) -> Result<Vec<u8>, PacketError> {
-        let mut plain = Vec::new();
-        payload::encode_chain(inner, &mut plain);
-        let body_len = self.tx.body_len(plain.len());
-        let room = vec![0u8; body_len];
-        let msg = Message {
-            header,
-            payloads: vec![Payload::Sk(Sk {
-                first_inner: inner.first().map_or(PayloadType::NONE, Payload::payload_type),
-                body: &room,
-            })],
-        };
-        let mut out = msg.to_vec();
-        let body_start = out.len() - body_len;
-        let range = self.tx.plaintext_range(body_start, plain.len());
-        out.get_mut(range)
-            .ok_or(PacketError::Malformed)?
-            .copy_from_slice(&plain);
-        self.tx.seal(&mut out, body_start, plain.len())?;
-        Ok(out)
-    }
+    request: Vec<u8>,
+    response: Vec<u8>,
 }
 
 struct ExpectAuth {
     sa: IkeSa,
+    init: InitExchange,
+    /// Half-open expiry.
+    deadline: Instant,
 }
 
 struct ExpectPsk {
     sa: IkeSa,
+    init: InitExchange,
     /// The IKE_AUTH request as received, to recognise a retransmission.
     request: Vec<u8>,
     /// Its decrypted inner payload chain.
@@ -336,24 +582,64 @@ struct ExpectPsk {
     message_id: u32,
     local: SocketAddr,
     remote: SocketAddr,
+    /// Half-open expiry.
+    deadline: Instant,
+}
+
+/// An IKE SA replaced by a rekey, until the peer deletes it.
+struct Previous {
+    session: Session,
+    expires: Instant,
 }
 
 struct Established {
-    sa: IkeSa,
-    request: Vec<u8>,
-    response: Vec<u8>,
+    /// The IKE SA in use.
+    current: Session,
+    /// The one it replaced, if the peer has not deleted it yet.
+    previous: Option<Previous>,
+    /// The first IKE SA's IKE_SA_INIT request and response, for a late retransmission.
+    init: Option<(Vec<u8>, Vec<u8>)>,
+    /// The last request on a retired IKE SA (its DELETE) and our response.
+    retired: Option<(Vec<u8>, Vec<u8>)>,
+    /// The CHILD SAs, whichever IKE SA created them.
+    children: Vec<ChildRef>,
+    /// Where our requests go: the addresses of the peer's latest authenticated message.
+    local: SocketAddr,
+    remote: SocketAddr,
+    /// When the peer was last heard from (an authenticated message, or CHILD SA traffic).
+    last_heard: Instant,
 }
+
+/// A request or response cached after the state that answered it is gone.
+type Cache = Option<(Vec<u8>, Vec<u8>)>;
 
 enum State {
     ExpectInit,
     ExpectAuth(Box<ExpectAuth>),
     ExpectPsk(Box<ExpectPsk>),
     Established(Box<Established>),
-    /// After a fatal error; keeps the last request and our answer to it for retransmissions.
-    Closed(Option<(Vec<u8>, Vec<u8>)>),
+    /// After a fatal error or the end of the IKE SA; keeps the last request and our answer to
+    /// it for retransmissions.
+    Closed(Cache),
 }
 
-/// One responder-side IKE SA negotiation (see the module docs).
+/// What happens to an established responder after a message or a timer.
+enum Next {
+    Stay,
+    Close(Cache),
+}
+
+/// What a new request on an established IKE SA did.
+enum Outcome {
+    /// Answered; nothing else changes.
+    Answered,
+    /// Answered; the peer deleted the IKE SA the request came on.
+    DeleteIke,
+    /// Answered; the IKE SA the request came on is replaced by this one.
+    Rekeyed(Box<IkeSa>),
+}
+
+/// One responder-side IKE SA (see the module docs).
 pub struct Responder {
     config: Arc<Config>,
     state: State,
@@ -372,6 +658,7 @@ impl fmt::Debug for Responder {
         };
         f.debug_struct("Responder")
             .field("state", &state)
+            .field("spis_r", &self.spis_r())
             .finish_non_exhaustive()
     }
 }
@@ -439,17 +726,38 @@ impl Responder {
         }
     }
 
-    /// Our IKE SPI, once IKE_SA_INIT has been answered.
+    /// Our IKE SPI, once IKE_SA_INIT has been answered; after an IKE SA rekey, the new IKE
+    /// SA's. `None` before IKE_SA_INIT and once closed.
     pub fn spi_r(&self) -> Option<u64> {
         match &self.state {
             State::ExpectAuth(s) => Some(s.sa.spi_r),
             State::ExpectPsk(s) => Some(s.sa.spi_r),
-            State::Established(s) => Some(s.sa.spi_r),
+            State::Established(s) => Some(s.current.sa.spi_r),
             State::ExpectInit | State::Closed(_) => None,
         }
     }
 
-    /// Whether the negotiation failed (the responder only answers retransmissions now).
+    /// Every responder SPI this responder answers for: [`Self::spi_r`] and, between an IKE SA
+    /// rekey and the retirement of the replaced IKE SA ([`Event::IkeSaRetired`]), that one's.
+    pub fn spis_r(&self) -> Vec<u64> {
+        match &self.state {
+            State::Established(s) => std::iter::once(s.current.sa.spi_r)
+                .chain(s.previous.as_ref().map(|p| p.session.sa.spi_r))
+                .collect(),
+            _ => self.spi_r().into_iter().collect(),
+        }
+    }
+
+    /// The CHILD SAs of the established IKE SA, as `(spi_in, spi_out)`.
+    pub fn child_spis(&self) -> Vec<(u32, u32)> {
+        match &self.state {
+            State::Established(s) => s.children.iter().map(|c| (c.spi_in, c.spi_out)).collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Whether the negotiation failed or the IKE SA is gone (the responder only answers a
+    /// retransmission of the last request now).
     pub fn is_closed(&self) -> bool {
         matches!(self.state, State::Closed(_))
     }
@@ -471,6 +779,65 @@ impl Responder {
         self.events.pop_front()
     }
 
+    /// When [`Self::handle_timeout`] is due next (see the module docs for the timers), if
+    /// ever.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match &self.state {
+            State::ExpectAuth(s) => Some(s.deadline),
+            State::ExpectPsk(s) => Some(s.deadline),
+            State::Established(s) => {
+                let liveness = self
+                    .config
+                    .dpd_interval
+                    .filter(|_| s.current.can_start_request())
+                    .and_then(|i| s.last_heard.checked_add(i));
+                [
+                    s.previous.as_ref().map(|p| p.expires),
+                    s.current.pending_deadline(),
+                    liveness,
+                ]
+                .into_iter()
+                .flatten()
+                .min()
+            }
+            State::ExpectInit | State::Closed(_) => None,
+        }
+    }
+
+    /// Runs the timers due at `now`: half-open expiry, the liveness check and its
+    /// retransmissions, the expiry of a rekeyed IKE SA. Calling it early does nothing.
+    pub fn handle_timeout(&mut self, now: Instant, entropy: &mut dyn Entropy) {
+        // The exchanges started here (liveness checks) need no randomness; rekeys started by
+        // this side would.
+        let _ = entropy;
+        match mem::replace(&mut self.state, State::Closed(None)) {
+            State::ExpectAuth(s) if now >= s.deadline => {
+                let _ = self.fail(Error::Timeout("IKE_AUTH did not arrive in time"), None);
+            }
+            State::ExpectPsk(s) if now >= s.deadline => {
+                let _ = self.fail(Error::Timeout("IKE_AUTH did not complete in time"), None);
+            }
+            State::Established(mut s) => {
+                self.state = match self.established_timeout(&mut s, now) {
+                    Next::Stay => State::Established(s),
+                    Next::Close(cache) => State::Closed(cache),
+                };
+            }
+            other => self.state = other,
+        }
+    }
+
+    /// The data plane saw authenticated ESP traffic from the peer on a CHILD SA of this IKE
+    /// SA. That proves the peer alive (RFC 7296 §2.4: "Receipt of a fresh cryptographically
+    /// protected message on an IKE SA or any of its Child SAs ensures liveness of the IKE SA
+    /// and all of its Child SAs"), so the next liveness check moves out.
+    pub fn handle_child_traffic(&mut self, now: Instant) {
+        if let State::Established(s) = &mut self.state {
+            s.last_heard = s.last_heard.max(now);
+        }
+    }
+
     fn send(&mut self, local: SocketAddr, remote: SocketAddr, payload: Vec<u8>) {
         self.transmits.push_back(Transmit {
             local,
@@ -480,8 +847,10 @@ impl Responder {
     }
 
     /// Handles one IKE datagram (without the non-ESP marker) that arrived on `local` from
-    /// `remote`. An `Err` says why the datagram was dropped or the negotiation failed; in the
-    /// latter case the error response (if any) is queued and [`Event::Failed`] reported.
+    /// `remote` at `now`. An `Err` says why the datagram was dropped or the negotiation
+    /// failed; in the latter case the error response (if any) is queued and [`Event::Failed`]
+    /// reported. A request refused on an established IKE SA is answered and reported with
+    /// [`Event::RequestRefused`], and returns `Ok`.
     pub fn handle_datagram(
         &mut self,
         now: Instant,
@@ -490,9 +859,8 @@ impl Responder {
         datagram: &[u8],
         entropy: &mut dyn Entropy,
     ) -> Result<(), Error> {
-        let _ = now;
         match mem::replace(&mut self.state, State::Closed(None)) {
-            State::ExpectInit => match self.handle_init(local, remote, datagram, entropy) {
+            State::ExpectInit => match self.handle_init(now, local, remote, datagram, entropy) {
                 Ok(next) => {
                     self.state = State::ExpectAuth(Box::new(next));
                     Ok(())
@@ -501,8 +869,8 @@ impl Responder {
             },
             State::ExpectAuth(s) => self.handle_auth(*s, local, remote, datagram),
             State::ExpectPsk(s) => {
-                let r = if datagram == s.sa.init_request {
-                    self.send(local, remote, s.sa.init_response.clone());
+                let r = if datagram == s.init.request {
+                    self.send(local, remote, s.init.response.clone());
                     Ok(())
                 } else if datagram == s.request {
                     // The PSK lookup is still running; the answer will follow it.
@@ -515,21 +883,26 @@ impl Responder {
                 self.state = State::ExpectPsk(s);
                 r
             }
-            State::Established(s) => {
-                let r = if datagram == s.request {
-                    self.retransmit(local, remote, &s.response)
-                } else if datagram == s.sa.init_request {
-                    self.retransmit(local, remote, &s.sa.init_response)
-                } else {
-                    Err(Error::Unexpected("exchanges after IKE_AUTH are not implemented"))
-                };
-                self.state = State::Established(s);
-                r
+            State::Established(mut s) => {
+                match self.handle_established(&mut s, now, local, remote, datagram, entropy) {
+                    Ok(Next::Close(cache)) => {
+                        self.state = State::Closed(cache);
+                        Ok(())
+                    }
+                    Ok(Next::Stay) => {
+                        self.state = State::Established(s);
+                        Ok(())
+                    }
+                    Err(e) => {
+                        self.state = State::Established(s);
+                        Err(e)
+                    }
+                }
             }
             State::Closed(cache) => {
                 let r = match &cache {
                     Some((req, resp)) if datagram == req => self.retransmit(local, remote, resp),
-                    _ => Err(Error::Unexpected("negotiation failed")),
+                    _ => Err(Error::Unexpected("the IKE SA is closed")),
                 };
                 self.state = State::Closed(cache);
                 r
@@ -546,7 +919,7 @@ impl Responder {
         Ok(())
     }
 
-    fn fail(&mut self, e: Error, cache: Option<(Vec<u8>, Vec<u8>)>) -> Result<(), Error> {
+    fn fail(&mut self, e: Error, cache: Cache) -> Result<(), Error> {
         self.state = State::Closed(cache);
         self.events.push_back(Event::Failed(e));
         Err(e)
@@ -555,6 +928,7 @@ impl Responder {
     /// IKE_SA_INIT request → response (RFC 7296 §1.2).
     fn handle_init(
         &mut self,
+        now: Instant,
         local: SocketAddr,
         remote: SocketAddr,
         datagram: &[u8],
@@ -619,7 +993,7 @@ impl Responder {
             }
         };
         self.init_response(
-            local, remote, datagram, &h, choice, ke, ni, &nat_src, &nat_dst, entropy,
+            now, local, remote, datagram, &h, choice, ke, ni, &nat_src, &nat_dst, entropy,
         )
         .inspect_err(|e| {
             if let Some(notify) = e.notify().filter(|n| *n != NotifyType::INVALID_SYNTAX) {
@@ -631,6 +1005,7 @@ impl Responder {
     #[allow(clippy::too_many_arguments)]
     fn init_response(
         &mut self,
+        now: Instant,
         local: SocketAddr,
         remote: SocketAddr,
         datagram: &[u8],
@@ -657,18 +1032,6 @@ impl Responder {
             &spi_r.to_be_bytes(),
             choice.encryption,
             choice.integrity,
-        )?;
-        let rx = SkCipher::new(
-            choice.encryption,
-            choice.integrity,
-            keys.sk_ei.expose(),
-            keys.sk_ai.expose(),
-        )?;
-        let tx = SkCipher::new(
-            choice.encryption,
-            choice.integrity,
-            keys.sk_er.expose(),
-            keys.sk_ar.expose(),
         )?;
         // The request's hashes use the SPIs of its header: SPIr is still zero there.
         let peer_nat = behind_nat(nat_src.iter().copied(), h.spi_i, 0, remote).unwrap_or(false);
@@ -709,21 +1072,25 @@ impl Responder {
             payloads,
         }
         .to_vec();
+        let sa = IkeSa::new(
+            h.spi_i,
+            spi_r,
+            prf,
+            choice.encryption,
+            choice.integrity,
+            keys,
+            peer_nat || our_nat,
+        )?;
         self.send(local, remote, response.clone());
         Ok(ExpectAuth {
-            sa: IkeSa {
-                spi_i: h.spi_i,
-                spi_r,
-                prf,
-                keys,
-                rx,
-                tx,
+            sa,
+            init: InitExchange {
                 ni: ni.to_vec(),
                 nr,
-                init_request: datagram.to_vec(),
-                init_response: response,
-                nat_detected: peer_nat || our_nat,
+                request: datagram.to_vec(),
+                response,
             },
+            deadline: deadline(now, self.config.half_open_timeout),
         })
     }
 
@@ -735,8 +1102,8 @@ impl Responder {
         remote: SocketAddr,
         datagram: &[u8],
     ) -> Result<(), Error> {
-        if datagram == s.sa.init_request {
-            let resp = s.sa.init_response.clone();
+        if datagram == s.init.request {
+            let resp = s.init.response.clone();
             self.state = State::ExpectAuth(Box::new(s));
             return self.retransmit(local, remote, &resp);
         }
@@ -747,7 +1114,7 @@ impl Responder {
                 Err(e)
             }
             Err(e) => {
-                let response = self.encrypted_error(&mut s.sa, 1, e);
+                let response = Self::encrypted_error(&mut s.sa, 1, e);
                 if let Some(r) = &response {
                     self.send(local, remote, r.clone());
                 }
@@ -757,12 +1124,14 @@ impl Responder {
                 self.events.push_back(Event::PeerIdentified { id });
                 self.state = State::ExpectPsk(Box::new(ExpectPsk {
                     sa: s.sa,
+                    init: s.init,
                     request: datagram.to_vec(),
                     plain,
                     first_inner,
                     message_id: 1,
                     local,
                     remote,
+                    deadline: s.deadline,
                 }));
                 Ok(())
             }
@@ -788,31 +1157,22 @@ impl Responder {
                 "IKE_AUTH request with a Message ID other than 1",
             ));
         }
-        let sk = match msg.payloads.last() {
-            Some(Payload::Sk(sk)) => *sk,
-            Some(Payload::Skf(_)) => return Err(Error::Unexpected("IKE fragmentation is not supported")),
-            // Unprotected: anyone who saw the SPIs could send it, so it cannot end the SA.
-            _ => return Err(Error::Unexpected("IKE_AUTH request without SK payload")),
-        };
-        let body_start = datagram.len() - sk.body.len();
-        let mut buf = datagram.to_vec();
-        // RFC 7296 §3.14: the ICV is checked before anything is decrypted; a message that
-        // fails it is dropped.
-        let range = s.sa.rx.open(&mut buf, body_start)?;
-        let plain = buf.get(range).unwrap_or_default().to_vec();
+        let opened = s.sa.open(datagram)?;
+        let plain = opened.plain;
+        let sk_first_inner = opened.first_inner;
         // Authenticated now, so a malformed inner chain is answered (encrypted).
         let id = {
-            let inner = payload::decode_inner_chain(sk.first_inner, &plain).map_err(Error::MalformedInner)?;
+            let inner = payload::decode_inner_chain(sk_first_inner, &plain).map_err(Error::MalformedInner)?;
             IdBuf::new(&AuthRequest::parse(inner)?.id_i)
         };
-        Ok((plain, sk.first_inner, id))
+        Ok((plain, sk_first_inner, id))
     }
 
     /// An encrypted response holding the error's notify, if it has one.
-    fn encrypted_error(&mut self, sa: &mut IkeSa, message_id: u32, e: Error) -> Option<Vec<u8>> {
-        let notify = e.notify()?;
-        let header = sa.header(ExchangeType::IKE_AUTH, message_id);
-        sa.seal(header, &[Payload::Notify(Notify::new(notify, &[]))]).ok()
+    fn encrypted_error(sa: &mut IkeSa, message_id: u32, e: Error) -> Option<Vec<u8>> {
+        let notify = e.notify_fields()?;
+        let header = sa.header(ExchangeType::IKE_AUTH, message_id, true);
+        sa.seal(header, &[notify.payload()]).ok()
     }
 
     /// Answers [`Event::PeerIdentified`]: `psk` is the peer's pre-shared key, `None` if the
@@ -835,17 +1195,45 @@ impl Responder {
         match self.complete_auth(now, &mut s, psk, entropy) {
             Ok((response, events)) => {
                 self.send(local, remote, response.clone());
+                let children = events
+                    .iter()
+                    .filter_map(|e| match e {
+                        Event::ChildSaInstalled(c) => Some(ChildRef {
+                            spi_in: c.spi_in,
+                            spi_out: c.spi_out,
+                        }),
+                        _ => None,
+                    })
+                    .collect();
                 self.events.extend(events);
-                let ExpectPsk { sa, request, .. } = *s;
-                self.state = State::Established(Box::new(Established {
+                let ExpectPsk {
                     sa,
+                    init,
                     request,
-                    response,
+                    message_id,
+                    ..
+                } = *s;
+                self.state = State::Established(Box::new(Established {
+                    current: Session::new(
+                        sa,
+                        Some(Answered {
+                            message_id,
+                            request,
+                            response,
+                        }),
+                    ),
+                    previous: None,
+                    init: Some((init.request, init.response)),
+                    retired: None,
+                    children,
+                    local,
+                    remote,
+                    last_heard: now,
                 }));
                 Ok(())
             }
             Err(e) => {
-                let response = self.encrypted_error(&mut s.sa, s.message_id, e);
+                let response = Self::encrypted_error(&mut s.sa, s.message_id, e);
                 if let Some(r) = &response {
                     self.send(local, remote, r.clone());
                 }
@@ -870,7 +1258,8 @@ impl Responder {
         let prf = sa.prf;
         let id_i = IdBuf::new(&req.id_i);
         // RFC 7296 §2.15: the initiator signs its IKE_SA_INIT request, Nr and prf(SK_pi, IDi').
-        let theirs = signed_octets(prf, &sa.init_request, &sa.nr, sa.keys.sk_pi.expose(), id_i.body());
+        let init = &s.init;
+        let theirs = signed_octets(prf, &init.request, &init.nr, sa.keys.sk_pi.expose(), id_i.body());
         // RFC 7296 §2.15, for a shared key: "AUTH = prf( prf(Shared Secret, "Key Pad for
         // IKEv2"), <InitiatorSignedOctets>)"; anything else fails (constant-time comparison).
         if !verify_psk_auth(prf, psk, &theirs, req.auth.data) {
@@ -878,8 +1267,8 @@ impl Responder {
         }
         let ours = signed_octets(
             prf,
-            &sa.init_response,
-            &sa.ni,
+            &init.response,
+            &init.ni,
             sa.keys.sk_pr.expose(),
             config.local_id.body(),
         );
@@ -902,7 +1291,7 @@ impl Responder {
             let ts_local = narrow(&ts_r.selectors, &config.local_subnet)?;
             Ok::<_, Error>((esp, ts_remote, ts_local))
         })();
-        let header = sa.header(ExchangeType::IKE_AUTH, s.message_id);
+        let header = sa.header(ExchangeType::IKE_AUTH, s.message_id, true);
         let mut payloads = vec![
             Payload::IdR(id_r),
             Payload::Auth(Auth {
@@ -935,8 +1324,8 @@ impl Responder {
                     prf,
                     sa.keys.sk_d.expose(),
                     None,
-                    &sa.ni,
-                    &sa.nr,
+                    &init.ni,
+                    &init.nr,
                     esp.encryption,
                     esp.integrity,
                 )?;
@@ -953,12 +1342,380 @@ impl Responder {
                     lifetime: config.child_lifetime,
                     installed_at: now,
                     udp_encap: sa.nat_detected || s.local.port() == 4500,
+                    replaces: None,
                 })));
                 response
             }
         };
         Ok((response, events))
     }
+
+    /// A datagram on an established IKE SA (or the one a rekey replaced).
+    fn handle_established(
+        &mut self,
+        s: &mut Established,
+        now: Instant,
+        local: SocketAddr,
+        remote: SocketAddr,
+        datagram: &[u8],
+        entropy: &mut dyn Entropy,
+    ) -> Result<Next, Error> {
+        // Bitwise copies of requests answered by state that is gone (RFC 7296 §2.1): the
+        // IKE_SA_INIT request, the DELETE of a retired IKE SA.
+        let cached = [&s.init, &s.retired]
+            .into_iter()
+            .flatten()
+            .find(|(req, _)| req.as_slice() == datagram)
+            .map(|(_, resp)| resp.clone());
+        if let Some(response) = cached {
+            self.send(local, remote, response);
+            return Ok(Next::Stay);
+        }
+        let (h, _) =
+            Header::peek(datagram).ok_or(Error::Malformed(InvalidMessage::Truncated("IKE header")))?;
+        // RFC 7296 §3.1, I flag: "This bit MUST be set in messages sent by the original
+        // initiator of the IKE SA"; the peer is that for every IKE SA of this responder.
+        if !h.flags.contains(Flags::INITIATOR) {
+            return Err(Error::Unexpected("message without the Initiator flag"));
+        }
+        let Established {
+            current,
+            previous,
+            children,
+            local: peer_local,
+            remote: peer_remote,
+            last_heard,
+            ..
+        } = s;
+        let (session, is_current) = if current.sa.matches(&h) {
+            (current, true)
+        } else {
+            match previous {
+                Some(p) if p.session.sa.matches(&h) => (&mut p.session, false),
+                _ => return Err(Error::Unexpected("SPIs of another IKE SA")),
+            }
+        };
+        if h.flags.contains(Flags::RESPONSE) {
+            Self::handle_response(session, &h, datagram)?;
+            *last_heard = now;
+            return Ok(Next::Stay);
+        }
+        let Some(outcome) = self.handle_request(
+            session, is_current, children, now, local, remote, &h, datagram, entropy,
+        )?
+        else {
+            return Ok(Next::Stay);
+        };
+        // Authenticated: the peer is alive, and our requests go where it is now.
+        *last_heard = now;
+        *peer_local = local;
+        *peer_remote = remote;
+        Ok(match outcome {
+            Outcome::Answered => Next::Stay,
+            Outcome::DeleteIke if is_current => {
+                Next::Close(self.close_established(s, DeleteReason::PeerDeleted))
+            }
+            Outcome::DeleteIke => {
+                self.retire_previous(s);
+                Next::Stay
+            }
+            Outcome::Rekeyed(sa) => {
+                self.rekeyed(s, *sa, now);
+                Next::Stay
+            }
+        })
+    }
+
+    /// A response of the peer: it must answer our request in flight and verify.
+    fn handle_response(session: &mut Session, h: &Header, datagram: &[u8]) -> Result<(), Error> {
+        // RFC 7296 §2.2: a response is matched to its request by Message ID; anything else
+        // (a duplicate, an answer to an abandoned request) is dropped.
+        if !session.answers_pending(h) {
+            return Err(Error::Unexpected("response to no request of ours"));
+        }
+        // The content does not matter: our requests are liveness checks, whose answer is an
+        // empty INFORMATIONAL response; that it verifies is the point.
+        let _ = session.sa.open(datagram)?;
+        session.complete_request();
+        Ok(())
+    }
+
+    /// A request of the peer: answered from the cache, dropped, or processed. `None` when
+    /// it was a retransmission (nothing was authenticated).
+    #[allow(clippy::too_many_arguments)]
+    fn handle_request(
+        &mut self,
+        session: &mut Session,
+        is_current: bool,
+        children: &mut Vec<ChildRef>,
+        now: Instant,
+        local: SocketAddr,
+        remote: SocketAddr,
+        h: &Header,
+        datagram: &[u8],
+        entropy: &mut dyn Entropy,
+    ) -> Result<Option<Outcome>, Error> {
+        match session.window(h.message_id, datagram) {
+            Window::New => {}
+            Window::Retransmitted(response) => {
+                let response = response.to_vec();
+                self.send(local, remote, response);
+                return Ok(None);
+            }
+            Window::Drop(why) => return Err(Error::Unexpected(why)),
+        }
+        let opened = session.sa.open(datagram)?;
+        let (exchange, message_id) = (opened.header.exchange, opened.header.message_id);
+        let reply = Reply {
+            exchange,
+            message_id,
+            request: datagram,
+            local,
+            remote,
+        };
+        let inner = match payload::decode_inner_chain(opened.first_inner, &opened.plain) {
+            Ok(inner) => inner,
+            // Authenticated, so answered: RFC 7296 §3.10.1 allows INVALID_SYNTAX "only for
+            // and in an encrypted packet if the Message ID and cryptographic checksum were
+            // valid", and §2.5 asks for UNSUPPORTED_CRITICAL_PAYLOAD.
+            Err(e) => {
+                self.refuse(session, &reply, Error::MalformedInner(e))?;
+                return Ok(Some(Outcome::Answered));
+            }
+        };
+        let outcome = match exchange {
+            ExchangeType::INFORMATIONAL => self.informational(session, children, &reply, &inner)?,
+            // RFC 7296 §2.8: once rekeyed, the old IKE SA is only there to be deleted.
+            ExchangeType::CREATE_CHILD_SA if !is_current => {
+                self.refuse(session, &reply, Error::NoAdditionalSas)?;
+                Outcome::Answered
+            }
+            ExchangeType::CREATE_CHILD_SA => {
+                self.create_child_sa(session, children, &reply, &inner, now, entropy)?
+            }
+            // IKE_SA_INIT and IKE_AUTH are over (their retransmissions were answered from
+            // the cache above); other exchange types are not ours to take.
+            _ => {
+                let e = Error::MalformedInner(InvalidMessage::InvalidValue("exchange type"));
+                self.refuse(session, &reply, e)?;
+                Outcome::Answered
+            }
+        };
+        Ok(Some(outcome))
+    }
+
+    /// An INFORMATIONAL request (RFC 7296 §1.4): deletes, error notifies, liveness checks.
+    fn informational(
+        &mut self,
+        session: &mut Session,
+        children: &mut Vec<ChildRef>,
+        reply: &Reply<'_>,
+        inner: &[Payload<'_>],
+    ) -> Result<Outcome, Error> {
+        // Applied to a copy, kept once the response is sealed: a failure changes nothing.
+        let mut remaining = children.clone();
+        let info = informational::process(inner, &mut remaining);
+        let ours: Vec<u32> = info.deleted.iter().map(|c| c.spi_in).collect();
+        // RFC 7296 §1.4.1: "The response to a request that deletes the IKE SA is an empty
+        // INFORMATIONAL response." Otherwise "Normally, the response in the INFORMATIONAL
+        // exchange will contain Delete payloads for the paired SAs going in the other
+        // direction." An empty request (a liveness check, §1.4) gets an empty response.
+        let payloads = if info.delete_ike || ours.is_empty() {
+            Vec::new()
+        } else {
+            vec![Payload::Delete(Delete {
+                protocol: ProtocolId::ESP,
+                spis: ours,
+            })]
+        };
+        let response = session.respond(
+            ExchangeType::INFORMATIONAL,
+            reply.message_id,
+            reply.request,
+            &payloads,
+        )?;
+        self.send(reply.local, reply.remote, response);
+        *children = remaining;
+        for notify_type in info.errors {
+            self.events.push_back(Event::PeerError { notify_type });
+        }
+        for c in info.deleted {
+            self.events.push_back(Event::ChildSaDeleted {
+                spi_in: c.spi_in,
+                spi_out: c.spi_out,
+            });
+        }
+        Ok(if info.delete_ike {
+            Outcome::DeleteIke
+        } else {
+            Outcome::Answered
+        })
+    }
+
+    /// A CREATE_CHILD_SA request (RFC 7296 §1.3).
+    fn create_child_sa(
+        &mut self,
+        session: &mut Session,
+        children: &mut Vec<ChildRef>,
+        reply: &Reply<'_>,
+        inner: &[Payload<'_>],
+        now: Instant,
+        entropy: &mut dyn Entropy,
+    ) -> Result<Outcome, Error> {
+        let config = Arc::clone(&self.config);
+        let cx = create_child::Context {
+            config: &config,
+            sa: &session.sa,
+            children,
+            now,
+            udp_encap: session.sa.nat_detected || reply.local.port() == 4500,
+        };
+        match create_child::process(&cx, inner, entropy) {
+            Err(e) => {
+                self.refuse(session, reply, e)?;
+                Ok(Outcome::Answered)
+            }
+            Ok(Created::Child(c)) => {
+                let response = session.respond(
+                    ExchangeType::CREATE_CHILD_SA,
+                    reply.message_id,
+                    reply.request,
+                    &c.payloads(),
+                )?;
+                self.send(reply.local, reply.remote, response);
+                children.push(ChildRef {
+                    spi_in: c.child.spi_in,
+                    spi_out: c.child.spi_out,
+                });
+                self.events
+                    .push_back(Event::ChildSaInstalled(Box::new(c.into_child())));
+                Ok(Outcome::Answered)
+            }
+            Ok(Created::Ike(n)) => {
+                // The response belongs to the old IKE SA and is sealed with its keys.
+                let response = session.respond(
+                    ExchangeType::CREATE_CHILD_SA,
+                    reply.message_id,
+                    reply.request,
+                    &n.payloads(),
+                )?;
+                self.send(reply.local, reply.remote, response);
+                Ok(Outcome::Rekeyed(Box::new(n.into_sa())))
+            }
+        }
+    }
+
+    /// Answers a request with the error's notify and reports it; the IKE SA stays.
+    fn refuse(&mut self, session: &mut Session, reply: &Reply<'_>, error: Error) -> Result<(), Error> {
+        // The peer's window only moves on with an answer, so even an error without a notify
+        // of its own (an internal failure) is answered: NO_PROPOSAL_CHOSEN, "not this time",
+        // as for a CHILD SA refused in IKE_AUTH.
+        let fields = error.notify_fields().unwrap_or(NotifyFields {
+            notify_type: NotifyType::NO_PROPOSAL_CHOSEN,
+            protocol: ProtocolId::NONE,
+            spi: Vec::new(),
+            data: Vec::new(),
+        });
+        let response = session.respond(
+            reply.exchange,
+            reply.message_id,
+            reply.request,
+            &[fields.payload()],
+        )?;
+        self.send(reply.local, reply.remote, response);
+        self.events.push_back(Event::RequestRefused {
+            exchange: reply.exchange,
+            error,
+        });
+        Ok(())
+    }
+
+    /// The peer rekeyed the current IKE SA into `sa`.
+    fn rekeyed(&mut self, s: &mut Established, sa: IkeSa, now: Instant) {
+        let (new_spi_i, new_spi_r) = (sa.spi_i, sa.spi_r);
+        let mut old = mem::replace(&mut s.current, Session::new(sa, None));
+        // A liveness check in flight on the old SA is moot: the rekey request just proved the
+        // peer alive, and the old SA is about to go.
+        old.abandon_request();
+        // A second rekey before the peer deleted the SA the first one replaced: that one goes.
+        self.retire_previous(s);
+        let old_spi_r = old.sa.spi_r;
+        s.previous = Some(Previous {
+            session: old,
+            expires: deadline(now, REKEYED_SA_LINGER),
+        });
+        // IKE_SA_INIT was the first IKE SA's; its retransmissions are long over.
+        s.init = None;
+        self.events.push_back(Event::IkeSaRekeyed {
+            old_spi_r,
+            new_spi_i,
+            new_spi_r,
+        });
+    }
+
+    /// Drops the IKE SA a rekey replaced, if any, keeping its last exchange for a
+    /// retransmission.
+    fn retire_previous(&mut self, s: &mut Established) {
+        if let Some(mut p) = s.previous.take() {
+            s.retired = p.session.take_last();
+            self.events.push_back(Event::IkeSaRetired {
+                spi_r: p.session.sa.spi_r,
+            });
+        }
+    }
+
+    /// Ends the IKE SA: every CHILD SA goes with it (RFC 7296 §1.4.1: "Deleting an IKE SA
+    /// implicitly closes any remaining Child SAs negotiated under it"). Returns the last
+    /// exchange for retransmissions.
+    fn close_established(&mut self, s: &mut Established, reason: DeleteReason) -> Cache {
+        for c in s.children.drain(..) {
+            self.events.push_back(Event::ChildSaDeleted {
+                spi_in: c.spi_in,
+                spi_out: c.spi_out,
+            });
+        }
+        self.retire_previous(s);
+        self.events.push_back(Event::IkeSaDeleted {
+            spi_r: s.current.sa.spi_r,
+            reason,
+        });
+        s.current.take_last()
+    }
+
+    fn established_timeout(&mut self, s: &mut Established, now: Instant) -> Next {
+        if s.previous.as_ref().is_some_and(|p| now >= p.expires) {
+            self.retire_previous(s);
+        }
+        match s.current.on_timer(now, &self.config.retransmit) {
+            Retry::Idle => {}
+            Retry::Resend(datagram) => self.send(s.local, s.remote, datagram),
+            Retry::GiveUp => return Next::Close(self.close_established(s, DeleteReason::DeadPeer)),
+        }
+        if let Some(interval) = self.config.dpd_interval
+            && s.current.can_start_request()
+            && s.last_heard.checked_add(interval).is_some_and(|t| now >= t)
+        {
+            // RFC 7296 §1.4: "An INFORMATIONAL request with no payloads (other than the empty
+            // Encrypted payload required by the syntax) is commonly used as a check for
+            // liveness."
+            if let Ok(Some(datagram)) =
+                s.current
+                    .start_request(ExchangeType::INFORMATIONAL, &[], now, &self.config.retransmit)
+            {
+                self.send(s.local, s.remote, datagram);
+            }
+        }
+        Next::Stay
+    }
+}
+
+/// Where and how a request is answered.
+struct Reply<'a> {
+    exchange: ExchangeType,
+    message_id: u32,
+    request: &'a [u8],
+    local: SocketAddr,
+    remote: SocketAddr,
 }
 
 /// An unencrypted IKE_SA_INIT error response: one notify, SPIr zero (no state was kept).
@@ -1009,14 +1766,13 @@ mod tests {
     }
 
     fn config(ike: &str) -> Arc<Config> {
-        Arc::new(Config {
-            ike_proposals: vec![parse_ike("ike", ike).unwrap()],
-            esp_proposals: vec![parse_esp("esp", "aes128gcm16").unwrap()],
-            local_subnet: "10.2.0.0/24".parse().unwrap(),
-            remote_subnet: "10.1.0.0/24".parse().unwrap(),
-            local_id: IdBuf::new(&Identity::Fqdn(b"gw")),
-            child_lifetime: Duration::from_secs(3600),
-        })
+        Arc::new(Config::new(
+            vec![parse_ike("ike", ike).unwrap()],
+            vec![parse_esp("esp", "aes128gcm16").unwrap()],
+            "10.2.0.0/24".parse().unwrap(),
+            "10.1.0.0/24".parse().unwrap(),
+            IdBuf::new(&Identity::Fqdn(b"gw")),
+        ))
     }
 
     fn addrs() -> (SocketAddr, SocketAddr) {

@@ -15,7 +15,7 @@ use concentrator_ike::negotiate::NegotiationError;
 use concentrator_ike::payload::{
     self, Auth, Identity, Ke, Nonce, Notify, Proposal, Sa, Sk, TrafficSelector, Transform, Ts, TsRange,
 };
-use concentrator_ike::responder::{Config, Entropy, Error, IdBuf};
+use concentrator_ike::responder::{Config, Entropy, Error, IdBuf, Retransmit};
 use concentrator_ike::{
     AuthMethod, DhGroup as WireGroup, Event, ExchangeType, Flags, Header, Message, NotifyType, Payload,
     PayloadType, ProtocolId, Responder, TransformId, TransformType,
@@ -54,6 +54,9 @@ fn config() -> Arc<Config> {
         remote_subnet: "10.1.0.0/24".parse().unwrap(),
         local_id: IdBuf::new(&Identity::Fqdn(b"gw.example")),
         child_lifetime: Duration::from_secs(3600),
+        dpd_interval: None,
+        half_open_timeout: Config::DEFAULT_HALF_OPEN_TIMEOUT,
+        retransmit: Retransmit::default(),
     })
 }
 

@@ -1,0 +1,326 @@
+//! One IKE SA after IKE_SA_INIT: its keys and SPIs ([`IkeSa`]), and once established its two
+//! Message ID windows ([`Session`]).
+//!
+//! RFC 7296 §2.2: "Each endpoint in the IKE Security Association maintains two "current"
+//! Message IDs: the next one to be used for a request it initiates and the next one it expects
+//! to see in a request from the other end." Both windows have size 1 (§2.3: we never send
+//! SET_WINDOW_SIZE, so the peer keeps one request in flight, and we do the same).
+
+use std::time::Instant;
+
+use concentrator_crds::proposal::{Encryption, Integrity};
+use concentrator_crypto::{CryptoError, IkeSaKeys, PacketError, Prf, SkCipher};
+
+use super::{Error, Retransmit};
+use crate::Message;
+use crate::message::codepoints::{ExchangeType, PayloadType};
+use crate::message::header::{Flags, Header};
+use crate::payload::{self, Payload, Sk};
+
+/// The keys and SPIs of one IKE SA. We are always its responder: the peer started it with
+/// IKE_SA_INIT or, for a rekeyed SA, with the CREATE_CHILD_SA request that made it (RFC 7296
+/// §3.1, the I flag "changes to reflect who initiated the last rekey of the IKE SA"), so
+/// SK_ei/SK_ai open what the peer sends and SK_er/SK_ar seal ours.
+pub(super) struct IkeSa {
+    pub(super) spi_i: u64,
+    pub(super) spi_r: u64,
+    pub(super) prf: Prf,
+    pub(super) keys: IkeSaKeys,
+    /// SK_ei/SK_ai: opens the initiator's messages.
+    rx: SkCipher,
+    /// SK_er/SK_ar: seals ours.
+    tx: SkCipher,
+    pub(super) nat_detected: bool,
+}
+
+/// A message of this IKE SA whose ICV verified, with its decrypted inner payload chain.
+pub(super) struct Opened {
+    pub(super) header: Header,
+    pub(super) first_inner: PayloadType,
+    pub(super) plain: Vec<u8>,
+}
+
+impl IkeSa {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn new(
+        spi_i: u64,
+        spi_r: u64,
+        prf: Prf,
+        encryption: Encryption,
+        integrity: Option<Integrity>,
+        keys: IkeSaKeys,
+        nat_detected: bool,
+    ) -> Result<Self, CryptoError> {
+        let rx = SkCipher::new(encryption, integrity, keys.sk_ei.expose(), keys.sk_ai.expose())?;
+        let tx = SkCipher::new(encryption, integrity, keys.sk_er.expose(), keys.sk_ar.expose())?;
+        Ok(Self {
+            spi_i,
+            spi_r,
+            prf,
+            keys,
+            rx,
+            tx,
+            nat_detected,
+        })
+    }
+
+    /// Whether a header carries this SA's SPIs.
+    pub(super) fn matches(&self, h: &Header) -> bool {
+        h.spi_i == self.spi_i && h.spi_r == self.spi_r
+    }
+
+    /// A header of ours: the I flag is always clear (we are the original responder, RFC 7296
+    /// §3.1: "This bit MUST be set in messages sent by the original initiator of the IKE SA
+    /// and MUST be cleared in messages sent by the original responder"), R set on responses.
+    pub(super) fn header(&self, exchange: ExchangeType, message_id: u32, response: bool) -> Header {
+        Header {
+            spi_i: self.spi_i,
+            spi_r: self.spi_r,
+            next_payload: PayloadType::NONE,
+            exchange,
+            flags: if response { Flags::RESPONSE } else { Flags::NONE },
+            message_id,
+            length: 0,
+        }
+    }
+
+    /// An encrypted message holding `inner` (RFC 7296 §3.14).
+    pub(super) fn seal(&mut self, header: Header, inner: &[Payload<'_>]) -> Result<Vec<u8>, PacketError> {
+        let mut plain = Vec::new();
+        payload::encode_chain(inner, &mut plain);
+        let body_len = self.tx.body_len(plain.len());
+        let room = vec![0u8; body_len];
+        let msg = Message {
+            header,
+            payloads: vec![Payload::Sk(Sk {
+                first_inner: inner.first().map_or(PayloadType::NONE, Payload::payload_type),
+                body: &room,
+            })],
+        };
+        let mut out = msg.to_vec();
+        let body_start = out.len() - body_len;
+        let range = self.tx.plaintext_range(body_start, plain.len());
+        out.get_mut(range)
+            .ok_or(PacketError::Malformed)?
+            .copy_from_slice(&plain);
+        self.tx.seal(&mut out, body_start, plain.len())?;
+        Ok(out)
+    }
+
+    /// Decodes `datagram`, verifies its SK payload and decrypts it. RFC 7296 §3.14: the ICV
+    /// is checked before anything is decrypted, and a message that fails it is dropped; an
+    /// unprotected message is dropped too (anyone who saw the SPIs could have sent it).
+    pub(super) fn open(&self, datagram: &[u8]) -> Result<Opened, Error> {
+        let msg = Message::decode(datagram)?;
+        let sk = match msg.payloads.last() {
+            Some(Payload::Sk(sk)) => *sk,
+            Some(Payload::Skf(_)) => return Err(Error::Unexpected("IKE fragmentation is not supported")),
+            _ => return Err(Error::Unexpected("message without SK payload")),
+        };
+        // The SK body is a sub-slice at the end of the datagram (decoding borrows it).
+        let body_start = datagram
+            .len()
+            .checked_sub(sk.body.len())
+            .ok_or(Error::Packet(PacketError::Malformed))?;
+        let mut buf = datagram.to_vec();
+        let range = self.rx.open(&mut buf, body_start)?;
+        let plain = buf.get(range).unwrap_or_default().to_vec();
+        Ok(Opened {
+            header: msg.header,
+            first_inner: sk.first_inner,
+            plain,
+        })
+    }
+}
+
+/// A request of the peer and our response to it.
+pub(super) struct Answered {
+    pub(super) message_id: u32,
+    pub(super) request: Vec<u8>,
+    pub(super) response: Vec<u8>,
+}
+
+/// Our request in flight.
+pub(super) struct Pending {
+    message_id: u32,
+    exchange: ExchangeType,
+    datagram: Vec<u8>,
+    /// Retransmissions sent so far.
+    retransmits: u32,
+    /// When to retransmit, or give up.
+    deadline: Instant,
+}
+
+/// How a request of the peer fits the window.
+pub(super) enum Window<'a> {
+    /// The next request: process it.
+    New,
+    /// The request we answered last, again: resend this response.
+    Retransmitted(&'a [u8]),
+    /// Anything else: drop it.
+    Drop(&'static str),
+}
+
+/// What a timer did to our request in flight.
+pub(super) enum Retry {
+    /// Nothing due.
+    Idle,
+    /// Send this datagram again.
+    Resend(Vec<u8>),
+    /// Every retransmission went unanswered: the peer is dead (RFC 7296 §2.1: the initiator
+    /// retransmits "until it either receives a corresponding response or deems the IKE SA to
+    /// have failed").
+    GiveUp,
+}
+
+/// An established IKE SA and its Message ID windows.
+pub(super) struct Session {
+    pub(super) sa: IkeSa,
+    /// The Message ID the peer's next request carries. `u64` so that after a request with
+    /// ID 2^32-1 nothing matches any more: RFC 7296 §2.2, "In the unlikely event that
+    /// Message IDs grow too large to fit in 32 bits, the IKE SA MUST be closed or rekeyed."
+    rx_next: u64,
+    /// RFC 7296 §2.2: "The responder MUST remember each response until it receives a request
+    /// whose sequence number is larger than or equal to the sequence number in the response
+    /// plus its window size." With a window of 1 that is the last one.
+    last: Option<Answered>,
+    /// The Message ID of our next request (ours count from zero, RFC 7296 §2.2).
+    tx_next: u64,
+    pending: Option<Pending>,
+}
+
+impl Session {
+    /// A session whose peer has sent requests up to `last` (the IKE_AUTH exchange for the
+    /// first IKE SA; nothing for a rekeyed one, whose counters start at zero: RFC 7296 §2.18,
+    /// "The new IKE SA MUST reset its message counters to 0").
+    pub(super) fn new(sa: IkeSa, last: Option<Answered>) -> Self {
+        let rx_next = last.as_ref().map_or(0, |a| u64::from(a.message_id) + 1);
+        Self {
+            sa,
+            rx_next,
+            last,
+            tx_next: 0,
+            pending: None,
+        }
+    }
+
+    /// Where a request with `message_id` stands. A retransmission must be "bitwise identical
+    /// to the original request" (RFC 7296 §2.1), so only an identical datagram is answered
+    /// from the cache, and nothing is recomputed: "The responder MUST never retransmit a
+    /// response unless it receives a retransmission of the request."
+    pub(super) fn window(&self, message_id: u32, datagram: &[u8]) -> Window<'_> {
+        let id = u64::from(message_id);
+        if id == self.rx_next {
+            return Window::New;
+        }
+        match &self.last {
+            Some(a) if a.message_id == message_id && a.request == datagram => {
+                Window::Retransmitted(&a.response)
+            }
+            Some(a) if a.message_id == message_id => {
+                Window::Drop("request differs from the one answered with its Message ID")
+            }
+            _ if id < self.rx_next => Window::Drop("request with an old Message ID"),
+            _ => Window::Drop("request beyond the Message ID window"),
+        }
+    }
+
+    /// Seals our response to the request `message_id`, caches it with the request and moves
+    /// the window on; returns the datagram to send.
+    pub(super) fn respond(
+        &mut self,
+        exchange: ExchangeType,
+        message_id: u32,
+        request: &[u8],
+        inner: &[Payload<'_>],
+    ) -> Result<Vec<u8>, PacketError> {
+        let header = self.sa.header(exchange, message_id, true);
+        let response = self.sa.seal(header, inner)?;
+        self.last = Some(Answered {
+            message_id,
+            request: request.to_vec(),
+            response: response.clone(),
+        });
+        self.rx_next = u64::from(message_id) + 1;
+        Ok(response)
+    }
+
+    /// Takes the last request and our response, to answer its retransmission once this
+    /// session is gone.
+    pub(super) fn take_last(&mut self) -> Option<(Vec<u8>, Vec<u8>)> {
+        self.last.take().map(|a| (a.request, a.response))
+    }
+
+    /// When the request in flight is due for retransmission or abandonment.
+    pub(super) fn pending_deadline(&self) -> Option<Instant> {
+        self.pending.as_ref().map(|p| p.deadline)
+    }
+
+    /// Whether another request may start (none in flight and Message IDs left).
+    pub(super) fn can_start_request(&self) -> bool {
+        self.pending.is_none() && self.tx_next <= u64::from(u32::MAX)
+    }
+
+    /// Seals a request of ours holding `inner` and puts it in flight; `None` when a request
+    /// is already in flight or the Message IDs are used up.
+    pub(super) fn start_request(
+        &mut self,
+        exchange: ExchangeType,
+        inner: &[Payload<'_>],
+        now: Instant,
+        policy: &Retransmit,
+    ) -> Result<Option<Vec<u8>>, PacketError> {
+        if !self.can_start_request() {
+            return Ok(None);
+        }
+        let Ok(message_id) = u32::try_from(self.tx_next) else {
+            return Ok(None);
+        };
+        let header = self.sa.header(exchange, message_id, false);
+        let datagram = self.sa.seal(header, inner)?;
+        self.tx_next += 1;
+        self.pending = Some(Pending {
+            message_id,
+            exchange,
+            datagram: datagram.clone(),
+            retransmits: 0,
+            deadline: now + policy.wait(0),
+        });
+        Ok(Some(datagram))
+    }
+
+    /// Whether a response header answers our request in flight (same exchange and Message
+    /// ID). The caller verifies the ICV before calling [`Self::complete_request`].
+    pub(super) fn answers_pending(&self, h: &Header) -> bool {
+        self.pending
+            .as_ref()
+            .is_some_and(|p| p.message_id == h.message_id && p.exchange == h.exchange)
+    }
+
+    /// The request in flight got its response.
+    pub(super) fn complete_request(&mut self) {
+        self.pending = None;
+    }
+
+    /// Drops the request in flight unanswered (its IKE SA was rekeyed away).
+    pub(super) fn abandon_request(&mut self) {
+        self.pending = None;
+    }
+
+    /// Retransmits the request in flight when its timer is due (exponential back-off), or
+    /// gives up after the last retransmission's wait.
+    pub(super) fn on_timer(&mut self, now: Instant, policy: &Retransmit) -> Retry {
+        let Some(p) = &mut self.pending else {
+            return Retry::Idle;
+        };
+        if now < p.deadline {
+            return Retry::Idle;
+        }
+        if p.retransmits >= policy.tries {
+            return Retry::GiveUp;
+        }
+        p.retransmits += 1;
+        p.deadline = now + policy.wait(p.retransmits);
+        Retry::Resend(p.datagram.clone())
+    }
+}
