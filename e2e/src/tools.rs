@@ -96,6 +96,10 @@ pub const UNSHARE: Tool = Tool::search("unshare", "util-linux");
 pub const MOUNT: Tool = Tool::search("mount", "mount");
 /// `sh`.
 pub const SH: Tool = Tool::search("sh", "dash");
+/// HTTP client, for scraping `/metrics` inside a namespace.
+pub const CURL: Tool = Tool::search("curl", "curl");
+/// Python 3, for TCP transfers with a checksum.
+pub const PYTHON3: Tool = Tool::search("python3", "python3");
 
 /// The IKE daemon.
 pub const CHARON: Tool = Tool::at("/usr/lib/ipsec/charon", "strongswan-charon");

@@ -65,6 +65,37 @@ pub struct Options {
     /// Validate the config directory, print a summary and exit (0 valid, 2 invalid).
     #[arg(long, env = "CONCENTRATOR_CHECK")]
     pub check: bool,
+
+    /// Address IKE (UDP 500 and 4500) listens on.
+    #[arg(
+        long,
+        env = "CONCENTRATOR_IKE_LISTEN",
+        value_name = "IP",
+        default_value = "0.0.0.0"
+    )]
+    pub ike_listen: std::net::IpAddr,
+
+    /// UDP port of IKE.
+    #[arg(long, env = "CONCENTRATOR_IKE_PORT", default_value_t = 500)]
+    pub ike_port: u16,
+
+    /// UDP port of IKE after NAT detection and of ESP in UDP (RFC 3948).
+    #[arg(long, env = "CONCENTRATOR_NAT_T_PORT", default_value_t = 4500)]
+    pub nat_t_port: u16,
+
+    /// TUN device that carries the sites' inner traffic; routes to the sites' subnets point
+    /// to it.
+    #[arg(long, env = "CONCENTRATOR_TUN_NAME", default_value = "concentrator0")]
+    pub tun_name: String,
+
+    /// MTU of the TUN device (the path MTU minus ESP-in-UDP overhead, at most 73 octets).
+    #[arg(long, env = "CONCENTRATOR_TUN_MTU", default_value_t = 1400)]
+    pub tun_mtu: u16,
+
+    /// Serve only the admin API and metrics: no IKE, no TUN device (no tunnels; needs no
+    /// privileges). For inspecting a configuration or a site store.
+    #[arg(long, env = "CONCENTRATOR_NO_TUNNELS")]
+    pub no_tunnels: bool,
 }
 
 /// Maintenance of the site store (the same --data-dir / --site-db as the gateway).

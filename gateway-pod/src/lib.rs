@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod cpu;
 pub mod dataplane;
 pub mod eroute;
@@ -34,6 +35,8 @@ pub enum StartError {
     SiteDb(#[from] sitedb::SiteDbError),
     #[error(transparent)]
     Telemetry(#[from] concentrator_telemetry::TelemetryError),
+    #[error(transparent)]
+    Control(#[from] control::ControlError),
     #[error("cannot listen for the admin API on {addr}: {source}")]
     AdminBind {
         addr: SocketAddr,
@@ -51,12 +54,17 @@ pub struct Running {
     admin_task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
     metrics: concentrator_telemetry::MetricsServer,
     cpu_sampler: tokio::task::JoinHandle<()>,
+    /// IKE and the data plane; `None` with `--no-tunnels`.
+    pub control: Option<control::Control>,
 }
 
 impl Running {
     /// Stops serving and waits for in-flight admin calls to finish.
     pub async fn shutdown(mut self) {
         self.metrics.set_ready(false);
+        if let Some(control) = self.control.take() {
+            control.shutdown().await;
+        }
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
@@ -99,6 +107,24 @@ pub async fn start(opts: &Options, config: Config) -> Result<Running, StartError
         Err(e) => tracing::warn!(error = %e, "cannot count sites; the site store may be unreachable"),
     }
 
+    let control = if opts.no_tunnels {
+        None
+    } else {
+        Some(
+            control::start(
+                gateway.clone(),
+                control::ControlOptions {
+                    listen: opts.ike_listen,
+                    ike_port: opts.ike_port,
+                    nat_t_port: opts.nat_t_port,
+                    tun_name: opts.tun_name.clone(),
+                    tun_mtu: opts.tun_mtu,
+                },
+            )
+            .await?,
+        )
+    };
+
     let metrics_srv = concentrator_telemetry::serve_metrics(opts.metrics_listen, Arc::new(registry)).await?;
 
     let listener = tokio::net::TcpListener::bind(opts.admin_listen)
@@ -139,6 +165,7 @@ pub async fn start(opts: &Options, config: Config) -> Result<Running, StartError
         admin_task,
         metrics: metrics_srv,
         cpu_sampler,
+        control,
     })
 }
 

@@ -8,10 +8,43 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+use crate::dataplane::shared::DataplaneCounters;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MethodLabel {
     pub method: String,
 }
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
+/// Labels of `ike_failures`: why a negotiation failed or a peer was refused.
+pub const IKE_FAILURE_REASONS: &[&str] = &[
+    "authentication_failed",
+    "unknown_peer",
+    "no_psk",
+    "draining",
+    "site_lookup",
+    "no_proposal_chosen",
+    "ts_unacceptable",
+    "invalid_ke",
+    "malformed",
+    "child_sa_unsupported",
+    "other",
+];
+
+/// Labels of `ike_dropped`: why a message was dropped without an answer.
+pub const IKE_DROP_REASONS: &[&str] = &[
+    "integrity",
+    "unexpected",
+    "malformed",
+    "unknown_spi",
+    "cookie_required",
+    "half_open_limit",
+    "other",
+];
 
 /// Every metric the gateway exports.
 #[derive(Clone, Debug, Default)]
@@ -25,6 +58,14 @@ pub struct Metrics {
     pub drain_state: Gauge,
     /// CPU use of the process in percent of one core, over the last few seconds.
     pub cpu_percent: Gauge,
+    /// IKE SAs between IKE_SA_INIT and the end of IKE_AUTH.
+    pub ike_sas_half_open: Gauge,
+    pub ike_sas_established: Gauge,
+    /// Negotiations that failed or peers refused, by reason.
+    pub ike_failures: Family<ReasonLabel, Counter>,
+    /// IKE messages dropped without an answer, by reason.
+    pub ike_dropped: Family<ReasonLabel, Counter>,
+    pub dataplane: DataplaneCounters,
 }
 
 impl Metrics {
@@ -50,6 +91,73 @@ impl Metrics {
             "CPU use of the process in percent of one core (5 s samples)",
             self.cpu_percent.clone(),
         );
+        r.register(
+            "ike_sas_half_open",
+            "IKE SAs whose IKE_AUTH has not completed",
+            self.ike_sas_half_open.clone(),
+        );
+        r.register(
+            "ike_sas_established",
+            "Established IKE SAs",
+            self.ike_sas_established.clone(),
+        );
+        r.register(
+            "ike_failures",
+            "IKE negotiations that failed or peers refused, by reason",
+            self.ike_failures.clone(),
+        );
+        r.register(
+            "ike_dropped",
+            "IKE messages dropped without an answer, by reason",
+            self.ike_dropped.clone(),
+        );
+        let d = &self.dataplane;
+        r.register(
+            "esp_packets_in",
+            "ESP packets decrypted and delivered",
+            d.packets_in.clone(),
+        );
+        r.register(
+            "esp_packets_out",
+            "Inner packets encrypted and sent",
+            d.packets_out.clone(),
+        );
+        r.register(
+            "esp_dropped_no_sa",
+            "Inner packets dropped because no SA covers their destination",
+            d.no_sa.clone(),
+        );
+        r.register(
+            "esp_dropped_unknown_spi",
+            "ESP packets for an unknown SPI",
+            d.unknown_spi.clone(),
+        );
+        r.register(
+            "esp_dropped_invalid",
+            "ESP packets dropped: replayed, failed integrity or malformed",
+            d.invalid.clone(),
+        );
+        r.register(
+            "esp_dropped_policy",
+            "Decrypted packets outside the SA's traffic selectors",
+            d.policy.clone(),
+        );
+    }
+
+    pub fn count_ike_failure(&self, reason: &str) {
+        self.ike_failures
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn count_ike_drop(&self, reason: &str) {
+        self.ike_dropped
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_owned(),
+            })
+            .inc();
     }
 
     pub fn count_admin(&self, method: &str) {
@@ -70,7 +178,34 @@ impl Metrics {
             ("tunnels".to_owned(), g(self.tunnels.get())),
             ("drain_state".to_owned(), g(self.drain_state.get())),
             ("cpu_percent".to_owned(), g(self.cpu_percent.get())),
+            ("ike_sas_half_open".to_owned(), g(self.ike_sas_half_open.get())),
+            (
+                "ike_sas_established".to_owned(),
+                g(self.ike_sas_established.get()),
+            ),
+            ("esp_packets_in".to_owned(), self.dataplane.packets_in.get()),
+            ("esp_packets_out".to_owned(), self.dataplane.packets_out.get()),
+            ("esp_dropped_no_sa".to_owned(), self.dataplane.no_sa.get()),
+            (
+                "esp_dropped_unknown_spi".to_owned(),
+                self.dataplane.unknown_spi.get(),
+            ),
+            ("esp_dropped_invalid".to_owned(), self.dataplane.invalid.get()),
+            ("esp_dropped_policy".to_owned(), self.dataplane.policy.get()),
         ]);
+        for (name, family, reasons) in [
+            ("ike_failures", &self.ike_failures, IKE_FAILURE_REASONS),
+            ("ike_dropped", &self.ike_dropped, IKE_DROP_REASONS),
+        ] {
+            for reason in reasons {
+                let n = family
+                    .get_or_create(&ReasonLabel {
+                        reason: (*reason).to_owned(),
+                    })
+                    .get();
+                m.insert(format!("{name}{{reason=\"{reason}\"}}"), n);
+            }
+        }
         for method in ["ListTunnels", "GetTunnel", "ListEroutes", "GetCounters", "Drain"] {
             let n = self
                 .admin_requests

@@ -40,6 +40,7 @@ async fn admin_api_serves_the_loaded_config() {
         "127.0.0.1:0",
         "--metrics-listen",
         "127.0.0.1:0",
+        "--no-tunnels",
     ])
     .unwrap();
     let cfg = config::load_dir(opts.config_dir.as_deref().unwrap()).unwrap();

@@ -87,6 +87,8 @@ fn serves_until_sigterm() {
         .arg(data.path())
         .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
         .args(["--metrics-listen", &format!("127.0.0.1:{metrics}")])
+        // Admin and metrics only: this test needs no tunnels (and no privileges).
+        .arg("--no-tunnels")
         .args(["--log-format", "json"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

@@ -24,6 +24,7 @@ fn opts(site_db: &str, data: &std::path::Path) -> Options {
         "127.0.0.1:0",
         "--metrics-listen",
         "127.0.0.1:0",
+        "--no-tunnels",
     ])
     .unwrap()
 }

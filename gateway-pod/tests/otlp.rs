@@ -78,6 +78,7 @@ async fn spans_reach_the_otlp_collector() {
             .arg(data.path())
             .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
             .args(["--metrics-listen", "127.0.0.1:0"])
+            .arg("--no-tunnels")
             .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{collector_addr}"))
             .env("OTEL_BSP_SCHEDULE_DELAY", "100")
             .env("OTEL_SERVICE_NAME", "gw-under-test")

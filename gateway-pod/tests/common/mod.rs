@@ -1,3 +1,6 @@
+// Each test binary includes this module and uses part of it.
+#![allow(dead_code)]
+
 //! Shared by the data-plane tests: the arguments of `concentrator-gateway esp-static` for one
 //! end of a tunnel, mirrored from the other end's.
 
@@ -68,3 +71,60 @@ pub(crate) const B: End<'static> = End {
     spi_in: "b1",
     key_in: "000102030405060708090a0b0c0d0e0f10111213",
 };
+
+/// Sends a 2 MB pseudo-random file over TCP from `from` (bound to `src`) to a listener on
+/// `dst:5001` in `to`, and checks that the bytes arrive intact. `dir` holds the files.
+pub(crate) fn tcp_transfer(
+    from: &concentrator_e2e::netns::Netns,
+    src: &str,
+    to: &concentrator_e2e::netns::Netns,
+    dst: &str,
+    dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    use anyhow::{Context, ensure};
+    use concentrator_e2e::wait::{Probe, until};
+    let payload: Vec<u8> = (0..2_000_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
+        .collect();
+    let sent = dir.join(format!("sent-{src}.bin"));
+    std::fs::write(&sent, &payload)?;
+    let received = dir.join(format!("received-{dst}.bin"));
+    let _ = std::fs::remove_file(&received);
+    let listener = to.spawn(
+        "listener",
+        "python3",
+        &[
+            "-c",
+            &format!(
+                "import socket\ns=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
+                 s.bind((\"{dst}\",5001));s.listen(1);c,_=s.accept();f=open(\"{}\",\"wb\")\n\
+                 while True:\n  d=c.recv(65536)\n  if not d: break\n  f.write(d)\nf.close()",
+                received.display()
+            ),
+        ],
+        &dir.join(format!("listener-{dst}.log")),
+    )?;
+    let send = format!(
+        "import socket,time\nfor i in range(100):\n  try:\n    s=socket.create_connection((\"{dst}\",5001),timeout=2,source_address=(\"{src}\",0));break\n  except OSError: time.sleep(0.1)\ns.sendall(open(\"{}\",\"rb\").read());s.close()",
+        sent.display()
+    );
+    from.run("python3", &["-c", &send]).context("sending the file")?;
+    until(
+        "the whole file to arrive",
+        std::time::Duration::from_secs(30),
+        || {
+            let got = std::fs::metadata(&received).map(|m| m.len()).unwrap_or(0);
+            Ok(if got == payload.len() as u64 {
+                Probe::Ready(())
+            } else {
+                Probe::pending(format!("{got} bytes"))
+            })
+        },
+    )?;
+    drop(listener);
+    ensure!(
+        std::fs::read(&received)? == payload,
+        "received bytes differ from the sent file"
+    );
+    Ok(())
+}

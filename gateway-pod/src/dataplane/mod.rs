@@ -1,8 +1,11 @@
-//! The userspace data plane for one tunnel with a fixed pair of SAs: a TUN device on the inner
-//! side, a UDP socket (ESP in UDP, RFC 3948) on the outer side. Each direction is one task that
-//! owns its half of the SA, so the per-packet path takes no lock. Used today by
-//! `concentrator-gateway esp-static` (keys given by hand, for tests and benchmarks); the IKE
-//! driver will install negotiated SAs the same way.
+//! The userspace data plane: a TUN device on the inner side, a UDP socket (ESP in UDP,
+//! RFC 3948) on the outer side. [`shared`] carries every tunnel the IKE control plane
+//! negotiates; [`run`] below is one tunnel with a fixed pair of SAs, for
+//! `concentrator-gateway esp-static` (keys given by hand, for tests and benchmarks). Each
+//! direction is one task that owns its SAs, so the per-packet path takes no lock.
+
+pub mod shared;
+pub mod table;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;

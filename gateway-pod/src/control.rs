@@ -1,0 +1,691 @@
+//! The control plane: IKEv2 on UDP 500 and 4500, feeding the sans-IO engine
+//! (`concentrator_ike::endpoint`), answering its "PSK needed" step from the configuration, and
+//! installing the negotiated CHILD SAs in the shared data plane with routes to the TUN device.
+//!
+//! One task owns the endpoint and all IKE state, so IKE needs no lock either; it wakes for
+//! a datagram on port 500, an IKE message the data plane passed on from port 4500, or the
+//! engine's next timer.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use concentrator_crds::eroute::{Role, ValidatedEroute};
+use concentrator_crds::proposal::Esn;
+use concentrator_esp::sa::Selector;
+use concentrator_esp::{Inbound, Outbound};
+use concentrator_ike::Event;
+use concentrator_ike::endpoint::{Endpoint, EndpointConfig, EndpointError, EndpointEvent};
+use concentrator_ike::negotiate::ts_bounds;
+use concentrator_ike::payload::{Identity, TrafficSelector};
+use concentrator_ike::responder::{ChildSa, Config as ResponderConfig, IdBuf, SystemEntropy, Transmit};
+use concentrator_proto::admin::{ChildSa as ChildSaInfo, Tunnel};
+use ipnet::IpNet;
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::dataplane::DataplaneError;
+use crate::dataplane::shared::{self, DataplaneHandle, IkeDatagram};
+use crate::dataplane::table::{InboundSa, OutboundSa, SaCounters};
+use crate::eroute::{Selection, select_responder};
+use crate::state::Gateway;
+
+/// Where the control plane listens and which TUN device it drives.
+#[derive(Clone, Debug)]
+pub struct ControlOptions {
+    pub listen: IpAddr,
+    pub ike_port: u16,
+    pub nat_t_port: u16,
+    pub tun_name: String,
+    pub tun_mtu: u16,
+}
+
+/// Why the control plane could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("cannot listen for IKE on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Dataplane(#[from] DataplaneError),
+    #[error("no eroute accepts tunnels (every eroute has role Initiator)")]
+    NoResponderEroute,
+}
+
+/// The running control plane and data plane.
+pub struct Control {
+    pub ike_addr: SocketAddr,
+    pub nat_t_addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Control {
+    /// Stops IKE and the data plane; tunnels end with the process.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = (&mut self.task).await;
+    }
+}
+
+/// The identity we answer with: the eroute's `localId`, else our IKE address.
+fn local_id(eroute: &ValidatedEroute, listen: IpAddr) -> IdBuf {
+    match eroute.local_id.as_deref() {
+        Some(id) => id_from_str(id),
+        None => match listen {
+            IpAddr::V4(a) if !a.is_unspecified() => IdBuf::new(&Identity::Ipv4(a)),
+            IpAddr::V6(a) if !a.is_unspecified() => IdBuf::new(&Identity::Ipv6(a)),
+            _ => IdBuf::new(&Identity::Fqdn(b"concentrator")),
+        },
+    }
+}
+
+/// An identity as strongSwan users write it: an address, `user@domain` (RFC822), else FQDN.
+fn id_from_str(s: &str) -> IdBuf {
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return match ip {
+            IpAddr::V4(a) => IdBuf::new(&Identity::Ipv4(a)),
+            IpAddr::V6(a) => IdBuf::new(&Identity::Ipv6(a)),
+        };
+    }
+    if s.contains('@') {
+        IdBuf::new(&Identity::Rfc822(s.as_bytes()))
+    } else {
+        IdBuf::new(&Identity::Fqdn(s.as_bytes()))
+    }
+}
+
+/// Binds the IKE sockets, opens the TUN device and starts the control and data plane tasks.
+pub async fn start(gateway: Arc<Gateway>, opts: ControlOptions) -> Result<Control, ControlError> {
+    // New IKE SAs are answered with the first eroute that accepts tunnels; the peer's
+    // identity, known only at IKE_AUTH, then selects the eroute that authenticates it.
+    let (eroute_name, eroute) = gateway
+        .config
+        .set
+        .eroutes
+        .iter()
+        .find(|(_, e)| e.role != Role::Initiator)
+        .ok_or(ControlError::NoResponderEroute)?;
+    let responder_config = Arc::new(ResponderConfig::from_eroute(
+        eroute,
+        local_id(eroute, opts.listen),
+    ));
+    tracing::debug!(eroute = %eroute_name, "IKE_SA_INIT answered with this eroute's proposals");
+
+    let bind = |port| async move {
+        let addr = SocketAddr::new(opts.listen, port);
+        UdpSocket::bind(addr)
+            .await
+            .map_err(|source| ControlError::Bind { addr, source })
+    };
+    let udp500 = Arc::new(bind(opts.ike_port).await?);
+    let udp4500 = Arc::new(bind(opts.nat_t_port).await?);
+    let local_addr = |s: &UdpSocket, port| {
+        s.local_addr().map_err(|source| ControlError::Bind {
+            addr: SocketAddr::new(opts.listen, port),
+            source,
+        })
+    };
+    let ike_addr = local_addr(&udp500, opts.ike_port)?;
+    let nat_t_addr = local_addr(&udp4500, opts.nat_t_port)?;
+
+    let dev = tun_rs::DeviceBuilder::new()
+        .name(&opts.tun_name)
+        .mtu(opts.tun_mtu)
+        .build_async()
+        .map_err(|e| DataplaneError::Tun(opts.tun_name.clone(), e))?;
+    let (ike_tx, ike_rx) = mpsc::channel(4096);
+    let (dataplane, dataplane_task) = shared::spawn(
+        Arc::new(dev),
+        opts.tun_name.clone(),
+        udp4500.clone(),
+        ike_tx,
+        gateway.metrics.dataplane.clone(),
+    );
+    let (stop_tx, stop_rx) = oneshot::channel();
+    let driver = Driver {
+        endpoint: Endpoint::new(EndpointConfig::default(), responder_config),
+        gateway,
+        dataplane,
+        udp500,
+        udp4500,
+        nat_t_port: nat_t_addr.port(),
+        tun_name: opts.tun_name.clone(),
+        sas: HashMap::new(),
+        routes: HashMap::new(),
+        entropy: SystemEntropy,
+    };
+    let task = tokio::spawn(driver.run(ike_rx, stop_rx, dataplane_task));
+    Ok(Control {
+        ike_addr,
+        nat_t_addr,
+        stop: Some(stop_tx),
+        task,
+    })
+}
+
+/// What the control plane keeps per IKE SA, beyond the engine's state.
+struct IkeSaRecord {
+    peer_id: String,
+    eroute: Option<String>,
+    egroup: Option<String>,
+    remote: Option<SocketAddr>,
+    established_at: Option<SystemTime>,
+    children: Vec<ChildRecord>,
+    /// Why we refused the peer at the PSK step (counted under this instead of the generic
+    /// AUTHENTICATION_FAILED that follows).
+    refusal: Option<&'static str>,
+}
+
+struct ChildRecord {
+    spi_in: u32,
+    spi_out: u32,
+    encryption: String,
+    subnets: Vec<IpNet>,
+    counters: Arc<SaCounters>,
+}
+
+struct Driver {
+    endpoint: Endpoint,
+    gateway: Arc<Gateway>,
+    dataplane: DataplaneHandle,
+    udp500: Arc<UdpSocket>,
+    udp4500: Arc<UdpSocket>,
+    nat_t_port: u16,
+    tun_name: String,
+    sas: HashMap<u64, IkeSaRecord>,
+    /// CHILD SAs per routed subnet: the route goes when the last one does.
+    routes: HashMap<IpNet, usize>,
+    entropy: SystemEntropy,
+}
+
+/// How often the tunnel table's traffic counters are refreshed for the admin API.
+const STATUS_INTERVAL: Duration = Duration::from_secs(1);
+
+impl Driver {
+    async fn run(
+        mut self,
+        mut ike_rx: mpsc::Receiver<IkeDatagram>,
+        mut stop: oneshot::Receiver<()>,
+        mut dataplane_task: tokio::task::JoinHandle<Result<(), DataplaneError>>,
+    ) {
+        let mut buf = vec![0u8; 65536];
+        let mut status = tokio::time::interval(STATUS_INTERVAL);
+        status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let deadline = self.endpoint.poll_timeout().map_or_else(
+                || tokio::time::Instant::now() + STATUS_INTERVAL,
+                tokio::time::Instant::from_std,
+            );
+            tokio::select! {
+                _ = &mut stop => break,
+                r = &mut dataplane_task => {
+                    match r {
+                        Ok(Ok(())) => tracing::error!("data plane stopped"),
+                        Ok(Err(e)) => tracing::error!(error = %e, "data plane failed"),
+                        Err(e) => tracing::error!(error = %e, "data plane task failed"),
+                    }
+                    break;
+                }
+                r = self.udp500.recv_from(&mut buf) => match r {
+                    Ok((n, remote)) => {
+                        let local = self.udp500.local_addr().unwrap_or(remote);
+                        let datagram = buf[..n].to_vec();
+                        self.datagram(local, remote, &datagram);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+                    Err(e) => {
+                        tracing::error!(error = %e, "IKE socket failed");
+                        break;
+                    }
+                },
+                Some(d) = ike_rx.recv() => self.datagram(d.local, d.remote, &d.payload),
+                () = tokio::time::sleep_until(deadline) => self.endpoint.handle_timeout(Instant::now()),
+                _ = status.tick() => self.refresh_status(),
+            }
+            self.flush().await;
+        }
+        dataplane_task.abort();
+        for (net, _) in std::mem::take(&mut self.routes) {
+            self.route("del", net);
+        }
+    }
+
+    fn datagram(&mut self, local: SocketAddr, remote: SocketAddr, datagram: &[u8]) {
+        let r = self
+            .endpoint
+            .handle_datagram(Instant::now(), local, remote, datagram, &mut self.entropy);
+        if let Err(e) = r {
+            self.dropped(remote, &e);
+        }
+    }
+
+    fn dropped(&self, remote: SocketAddr, e: &EndpointError) {
+        let reason = match e {
+            EndpointError::Responder(concentrator_ike::responder::Error::Packet(_)) => "integrity",
+            EndpointError::Responder(concentrator_ike::responder::Error::Unexpected(_)) => "unexpected",
+            EndpointError::Responder(concentrator_ike::responder::Error::Malformed(_)) => "malformed",
+            EndpointError::Responder(_) => return, // failures are reported by their event
+            EndpointError::NotIke => "malformed",
+            EndpointError::UnknownSpi(_) => "unknown_spi",
+            EndpointError::UnexpectedResponse => "unexpected",
+            EndpointError::CookieRequired => "cookie_required",
+            EndpointError::HalfOpenLimit => "half_open_limit",
+            _ => "other",
+        };
+        self.gateway.metrics.count_ike_drop(reason);
+        tracing::debug!(%remote, error = %e, "IKE message dropped");
+    }
+
+    /// Sends what the engine queued and acts on its events.
+    async fn flush(&mut self) {
+        loop {
+            while let Some(t) = self.endpoint.poll_transmit() {
+                self.send(t).await;
+            }
+            let Some(event) = self.endpoint.poll_event() else {
+                break;
+            };
+            self.event(event);
+        }
+        let counts = self.endpoint.counts();
+        let m = &self.gateway.metrics;
+        m.ike_sas_half_open.set(counts.half_open as i64);
+        m.ike_sas_established.set(counts.established as i64);
+    }
+
+    async fn send(&self, t: Transmit) {
+        let r = if t.local.port() == self.nat_t_port {
+            // RFC 3948 §2.2: IKE on port 4500 carries the non-ESP marker.
+            let mut out = Vec::with_capacity(t.payload.len() + 4);
+            out.extend_from_slice(&concentrator_esp::encap::NON_ESP_MARKER);
+            out.extend_from_slice(&t.payload);
+            self.udp4500.send_to(&out, t.remote).await
+        } else {
+            self.udp500.send_to(&t.payload, t.remote).await
+        };
+        if let Err(e) = r {
+            tracing::debug!(remote = %t.remote, error = %e, "IKE send failed");
+        }
+    }
+
+    fn event(&mut self, event: EndpointEvent) {
+        match event {
+            EndpointEvent::Removed { spi_r, established } => self.removed(spi_r, established),
+            EndpointEvent::Sa { spi_r, event } => self.sa_event(spi_r, event),
+        }
+    }
+
+    #[allow(unreachable_patterns)] // the engine grows events (DELETE, rekey) faster than we do
+    fn sa_event(&mut self, spi_r: u64, event: Event) {
+        match event {
+            Event::PeerIdentified { id } => self.peer_identified(spi_r, &id),
+            Event::IkeSaEstablished {
+                spi_i,
+                peer_id,
+                remote,
+                nat_detected,
+                ..
+            } => {
+                let rec = self.record(spi_r, &peer_id);
+                rec.remote = Some(remote);
+                rec.established_at = Some(SystemTime::now());
+                tracing::info!(
+                    peer_id = %peer_id,
+                    %remote,
+                    nat_detected,
+                    eroute = rec.eroute.as_deref().unwrap_or("-"),
+                    spi_i = format_args!("{spi_i:016x}"),
+                    spi_r = format_args!("{spi_r:016x}"),
+                    "IKE SA established"
+                );
+                self.publish(spi_r);
+            }
+            Event::ChildSaInstalled(child) => self.child_installed(spi_r, *child),
+            Event::Failed(e) => {
+                let rec = self.sas.get(&spi_r);
+                let peer = rec.map_or("-", |r| r.peer_id.as_str()).to_owned();
+                let reason = rec.and_then(|r| r.refusal).unwrap_or_else(|| failure_reason(&e));
+                self.gateway.metrics.count_ike_failure(reason);
+                tracing::warn!(peer_id = %peer, reason, error = %e, "IKE negotiation failed");
+            }
+            other => tracing::debug!(event = ?other, "IKE event not handled yet"),
+        }
+    }
+
+    fn record(&mut self, spi_r: u64, peer_id: &IdBuf) -> &mut IkeSaRecord {
+        self.sas.entry(spi_r).or_insert_with(|| IkeSaRecord {
+            peer_id: peer_id.to_string(),
+            eroute: None,
+            egroup: None,
+            remote: None,
+            established_at: None,
+            children: Vec::new(),
+            refusal: None,
+        })
+    }
+
+    /// The "PSK needed" step: the eroute the identity selects, and its key.
+    fn peer_identified(&mut self, spi_r: u64, id: &IdBuf) {
+        let peer_id = id.to_string();
+        let set = &self.gateway.config.set;
+        let selection = select_responder(set, &peer_id, |_, _| false);
+        let (psk, eroute, reason) = if self.gateway.is_draining() {
+            (None, None, Some("draining"))
+        } else {
+            match &selection {
+                Selection::Static { eroute } => match self.gateway.config.static_psks.get(eroute) {
+                    Some(psk) => (Some(psk.expose().to_vec()), Some(eroute.clone()), None),
+                    None => (None, Some(eroute.clone()), Some("no_psk")),
+                },
+                Selection::Egroup { .. } | Selection::Dynamic { .. } => (None, None, Some("site_lookup")),
+                Selection::None => (None, None, Some("unknown_peer")),
+            }
+        };
+        let rec = self.record(spi_r, id);
+        rec.eroute = eroute;
+        rec.refusal = reason;
+        if let Some(reason) = reason {
+            tracing::info!(%peer_id, reason, "peer refused");
+        }
+        let psk = zeroize::Zeroizing::new(psk);
+        if let Err(e) = self
+            .endpoint
+            .provide_psk(spi_r, Instant::now(), psk.as_deref(), &mut self.entropy)
+        {
+            tracing::debug!(%peer_id, error = %e, "PSK step ended the negotiation");
+        }
+    }
+
+    fn child_installed(&mut self, spi_r: u64, c: ChildSa) {
+        let Some(rec) = self.sas.get(&spi_r) else {
+            return;
+        };
+        let Some(remote) = rec.remote else {
+            return;
+        };
+        let eroute = rec
+            .eroute
+            .as_ref()
+            .and_then(|n| self.gateway.config.set.eroutes.get(n));
+        let replay_window = eroute.map_or(concentrator_crds::eroute::DEFAULT_REPLAY_WINDOW, |e| {
+            e.replay_window
+        });
+        if !c.udp_encap {
+            tracing::warn!(
+                peer_id = %rec.peer_id,
+                "peer negotiated plain ESP; this gateway sends ESP in UDP on port 4500 only \
+                 (configure the site with UDP encapsulation, e.g. strongSwan encap = yes)"
+            );
+        }
+        let esn = c.esn == Esn::Yes;
+        let sas = Inbound::from_keys(
+            c.spi_in,
+            c.encryption,
+            c.integrity,
+            &c.inbound,
+            esn,
+            replay_window,
+        )
+        .and_then(|inbound| {
+            Outbound::from_keys(c.spi_out, c.encryption, c.integrity, &c.outbound, esn)
+                .map(|outbound| (inbound, outbound))
+        });
+        let (inbound, outbound) = match sas {
+            Ok(v) => v,
+            Err(e) => {
+                self.gateway.metrics.count_ike_failure("child_sa_unsupported");
+                tracing::warn!(peer_id = %rec.peer_id, error = %e, "CHILD SA cannot be installed");
+                return;
+            }
+        };
+        let selectors = |ts: &[TrafficSelector<'_>]| -> Vec<Selector> {
+            ts.iter()
+                .filter_map(ts_bounds)
+                .map(|(start, end)| Selector {
+                    start,
+                    end,
+                    protocol: 0,
+                })
+                .collect()
+        };
+        let subnets: Vec<IpNet> = c
+            .ts_remote
+            .iter()
+            .filter_map(ts_bounds)
+            .flat_map(|(start, end)| range_to_nets(start, end))
+            .collect();
+        let counters = Arc::new(SaCounters::new(Instant::now()));
+        let peer = SocketAddr::new(
+            remote.ip(),
+            if c.udp_encap {
+                remote.port()
+            } else {
+                self.nat_t_port
+            },
+        );
+        self.dataplane.install(
+            InboundSa {
+                sa: inbound,
+                local: selectors(&c.ts_local),
+                remote: selectors(&c.ts_remote),
+                counters: counters.clone(),
+            },
+            OutboundSa {
+                id: c.spi_in,
+                sa: outbound,
+                peer,
+                counters: counters.clone(),
+            },
+            subnets.clone(),
+        );
+        for net in &subnets {
+            let n = self.routes.entry(*net).or_insert(0);
+            *n += 1;
+            if *n == 1 {
+                self.route("replace", *net);
+            }
+        }
+        tracing::info!(
+            peer_id = %rec.peer_id,
+            spi_in = format_args!("{:08x}", c.spi_in),
+            spi_out = format_args!("{:08x}", c.spi_out),
+            encryption = ?c.encryption,
+            remote_subnets = ?subnets,
+            %peer,
+            "CHILD SA installed"
+        );
+        if let Some(rec) = self.sas.get_mut(&spi_r) {
+            rec.children.push(ChildRecord {
+                spi_in: c.spi_in,
+                spi_out: c.spi_out,
+                encryption: format!("{:?}", c.encryption),
+                subnets,
+                counters,
+            });
+        }
+        self.publish(spi_r);
+    }
+
+    fn removed(&mut self, spi_r: u64, established: bool) {
+        let Some(rec) = self.sas.remove(&spi_r) else {
+            return;
+        };
+        for child in &rec.children {
+            self.dataplane.remove(child.spi_in);
+            self.unroute(&child.subnets);
+        }
+        self.gateway.tunnels.remove(&tunnel_id(spi_r));
+        self.gateway
+            .metrics
+            .tunnels
+            .set(self.gateway.tunnels.len() as i64);
+        if established {
+            tracing::info!(peer_id = %rec.peer_id, "IKE SA removed");
+        }
+    }
+
+    fn unroute(&mut self, subnets: &[IpNet]) {
+        for net in subnets {
+            if let Some(n) = self.routes.get_mut(net) {
+                *n -= 1;
+                if *n == 0 {
+                    self.routes.remove(net);
+                    self.route("del", *net);
+                }
+            }
+        }
+    }
+
+    /// `ip route <verb> <net> dev <tun>`: the kernel sends the site's traffic to our TUN.
+    fn route(&self, verb: &str, net: IpNet) {
+        let out = std::process::Command::new("ip")
+            .args(["route", verb, &net.to_string(), "dev", &self.tun_name])
+            .output();
+        match out {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => tracing::warn!(
+                %net,
+                verb,
+                stderr = %String::from_utf8_lossy(&o.stderr).trim(),
+                "route change failed"
+            ),
+            Err(e) => tracing::warn!(%net, verb, error = %e, "cannot run ip"),
+        }
+    }
+
+    /// Writes the tunnel of `spi_r` to the admin API's table.
+    fn publish(&self, spi_r: u64) {
+        let Some(rec) = self.sas.get(&spi_r) else {
+            return;
+        };
+        let eroute = rec
+            .eroute
+            .as_ref()
+            .and_then(|n| self.gateway.config.set.eroutes.get(n));
+        let now = Instant::now();
+        let children: Vec<ChildSaInfo> = rec
+            .children
+            .iter()
+            .map(|c| {
+                use std::sync::atomic::Ordering::Relaxed;
+                ChildSaInfo {
+                    spi_in: c.spi_in,
+                    spi_out: c.spi_out,
+                    encryption: c.encryption.clone(),
+                    bytes_in: c.counters.bytes_in.load(Relaxed),
+                    bytes_out: c.counters.bytes_out.load(Relaxed),
+                    packets_in: c.counters.packets_in.load(Relaxed),
+                    packets_out: c.counters.packets_out.load(Relaxed),
+                }
+            })
+            .collect();
+        let idle = rec
+            .children
+            .iter()
+            .map(|c| now.saturating_duration_since(c.counters.last_activity()))
+            .min()
+            .unwrap_or_default();
+        let remote_subnets: Vec<String> = rec
+            .children
+            .iter()
+            .flat_map(|c| c.subnets.iter().map(ToString::to_string))
+            .collect();
+        self.gateway.tunnels.upsert(Tunnel {
+            id: tunnel_id(spi_r),
+            base_eroute: rec.eroute.clone().unwrap_or_default(),
+            egroup: rec.egroup.clone().unwrap_or_default(),
+            remote_peer_id: rec.peer_id.clone(),
+            peer_address: rec.remote.map(|r| r.to_string()).unwrap_or_default(),
+            local_subnet: eroute.map(|e| e.local_subnet.to_string()).unwrap_or_default(),
+            remote_subnet: remote_subnets.join(","),
+            dynamic: rec.egroup.is_some(),
+            bytes_in: children.iter().map(|c| c.bytes_in).sum(),
+            bytes_out: children.iter().map(|c| c.bytes_out).sum(),
+            child_sas: children,
+            idle_seconds: idle.as_secs(),
+            established_at: rec
+                .established_at
+                .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_secs()),
+        });
+        self.gateway
+            .metrics
+            .tunnels
+            .set(self.gateway.tunnels.len() as i64);
+    }
+
+    fn refresh_status(&self) {
+        for spi_r in self.sas.keys() {
+            self.publish(*spi_r);
+        }
+    }
+}
+
+fn tunnel_id(spi_r: u64) -> String {
+    format!("{spi_r:016x}")
+}
+
+/// The label a failed negotiation is counted under.
+fn failure_reason(e: &concentrator_ike::responder::Error) -> &'static str {
+    use concentrator_ike::negotiate::NegotiationError;
+    use concentrator_ike::responder::Error;
+    match e {
+        Error::AuthenticationFailed(_) => "authentication_failed",
+        Error::Negotiation(NegotiationError::NoProposalChosen) => "no_proposal_chosen",
+        Error::Negotiation(NegotiationError::TsUnacceptable) => "ts_unacceptable",
+        Error::InvalidKe { .. } => "invalid_ke",
+        Error::Malformed(_) | Error::MalformedInner(_) | Error::MissingPayload(_) => "malformed",
+        _ => "other",
+    }
+}
+
+/// The smallest set of prefixes covering `start..=end` (a traffic selector is a range; a
+/// route is a prefix).
+fn range_to_nets(start: IpAddr, end: IpAddr) -> Vec<IpNet> {
+    match (start, end) {
+        (IpAddr::V4(s), IpAddr::V4(e)) => ipnet::Ipv4Subnets::new(s, e, 0).map(IpNet::V4).collect(),
+        (IpAddr::V6(s), IpAddr::V6(e)) => ipnet::Ipv6Subnets::new(s, e, 0).map(IpNet::V6).collect(),
+        _ => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_become_covering_prefixes() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let nets = |v: &[&str]| v.iter().map(|s| s.parse().unwrap()).collect::<Vec<IpNet>>();
+        assert_eq!(
+            range_to_nets(ip("10.1.0.0"), ip("10.1.0.255")),
+            nets(&["10.1.0.0/24"])
+        );
+        assert_eq!(
+            range_to_nets(ip("10.1.0.0"), ip("10.1.2.255")),
+            nets(&["10.1.0.0/23", "10.1.2.0/24"])
+        );
+        assert_eq!(
+            range_to_nets(ip("0.0.0.0"), ip("255.255.255.255")),
+            nets(&["0.0.0.0/0"])
+        );
+        assert!(range_to_nets(ip("10.1.0.0"), ip("::1")).is_empty());
+    }
+
+    #[test]
+    fn identities_parse_as_strongswan_users_write_them() {
+        assert_eq!(
+            id_from_str("192.0.2.1").to_string(),
+            IdBuf::new(&Identity::Ipv4("192.0.2.1".parse().unwrap())).to_string()
+        );
+        assert_eq!(id_from_str("gw.example").body()[0], 2); // ID_FQDN
+        assert_eq!(id_from_str("ops@example.com").body()[0], 3); // ID_RFC822_ADDR
+        assert_eq!(id_from_str("2001:db8::1").body()[0], 5); // ID_IPV6_ADDR
+    }
+}

@@ -1,0 +1,236 @@
+//! The SA tables of the shared data plane. Each is owned by one task (outbound by the TUN
+//! reader, inbound by the UDP reader), so lookups take no lock; the control plane changes
+//! them through [`SaCommand`]s.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use concentrator_esp::sa::Selector;
+use concentrator_esp::{Inbound, Outbound};
+use ipnet::IpNet;
+
+/// Traffic of one CHILD SA, read by the admin API while the data plane counts.
+#[derive(Debug)]
+pub struct SaCounters {
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+    pub packets_in: AtomicU64,
+    pub packets_out: AtomicU64,
+    /// Milliseconds since `epoch` of the last packet in either direction.
+    last_activity_ms: AtomicU64,
+    epoch: Instant,
+}
+
+impl SaCounters {
+    pub fn new(now: Instant) -> Self {
+        Self {
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+            packets_in: AtomicU64::new(0),
+            packets_out: AtomicU64::new(0),
+            last_activity_ms: AtomicU64::new(0),
+            epoch: now,
+        }
+    }
+
+    pub(crate) fn count_in(&self, bytes: usize, now: Instant) {
+        self.packets_in.fetch_add(1, Ordering::Relaxed);
+        self.bytes_in.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.touch(now);
+    }
+
+    pub(crate) fn count_out(&self, bytes: usize, now: Instant) {
+        self.packets_out.fetch_add(1, Ordering::Relaxed);
+        self.bytes_out.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.touch(now);
+    }
+
+    fn touch(&self, now: Instant) {
+        let ms = u64::try_from(now.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX);
+        self.last_activity_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// When the SA last carried a packet (its installation if never).
+    pub fn last_activity(&self) -> Instant {
+        self.epoch + std::time::Duration::from_millis(self.last_activity_ms.load(Ordering::Relaxed))
+    }
+}
+
+/// The sending half of a CHILD SA.
+pub struct OutboundSa {
+    /// Our inbound SPI of the same CHILD SA: the name the control plane uses.
+    pub id: u32,
+    pub sa: Outbound,
+    /// Where ESP-in-UDP goes (the peer's IKE address after the float to 4500).
+    pub peer: SocketAddr,
+    pub counters: Arc<SaCounters>,
+}
+
+/// The receiving half of a CHILD SA.
+pub struct InboundSa {
+    pub sa: Inbound,
+    /// Negotiated TSr (our side) and TSi (the peer's): decrypted packets must fit them.
+    pub local: Vec<Selector>,
+    pub remote: Vec<Selector>,
+    pub counters: Arc<SaCounters>,
+}
+
+/// A change the control plane asks of the data plane.
+pub enum SaCommand {
+    /// Carry `subnets` through this CHILD SA (the newest SA for a subnet wins, so a rekeyed
+    /// SA takes over before the old one is deleted).
+    Install {
+        inbound: Box<InboundSa>,
+        outbound: Box<OutboundSa>,
+        subnets: Vec<IpNet>,
+    },
+    /// Forget the CHILD SA whose inbound SPI is `spi_in`.
+    Remove { spi_in: u32 },
+}
+
+/// Outbound SAs by destination: longest prefix first, one hash lookup per distinct prefix
+/// length (a handful in practice, however many sites).
+#[derive(Default)]
+pub struct OutboundTable {
+    by_len: BTreeMap<std::cmp::Reverse<u8>, HashMap<IpAddr, u32>>,
+    /// Each SA with its subnets and its installation order (the newest wins a subnet).
+    sas: HashMap<u32, (OutboundSa, Vec<IpNet>, u64)>,
+    installed: u64,
+}
+
+impl OutboundTable {
+    pub fn install(&mut self, sa: OutboundSa, subnets: Vec<IpNet>) {
+        for net in &subnets {
+            self.by_len
+                .entry(std::cmp::Reverse(net.prefix_len()))
+                .or_default()
+                .insert(net.network(), sa.id);
+        }
+        self.installed += 1;
+        self.sas.insert(sa.id, (sa, subnets, self.installed));
+    }
+
+    /// Removes the SA; a subnet another SA has taken over since stays with that one.
+    pub fn remove(&mut self, id: u32) {
+        let Some((_, subnets, _)) = self.sas.remove(&id) else {
+            return;
+        };
+        for net in subnets {
+            let key = std::cmp::Reverse(net.prefix_len());
+            if let Some(m) = self.by_len.get_mut(&key) {
+                if m.get(&net.network()) == Some(&id) {
+                    m.remove(&net.network());
+                    // A subnet an older SA of the same peer still covers goes back to it.
+                    if let Some(other) = self
+                        .sas
+                        .iter()
+                        .filter(|(_, (_, nets, _))| nets.contains(&net))
+                        .max_by_key(|(_, (_, _, order))| *order)
+                        .map(|(other, _)| *other)
+                    {
+                        m.insert(net.network(), other);
+                    }
+                }
+                if m.is_empty() {
+                    self.by_len.remove(&key);
+                }
+            }
+        }
+    }
+
+    pub fn lookup(&mut self, dst: IpAddr) -> Option<&mut OutboundSa> {
+        let id = self.by_len.iter().find_map(|(len, m)| {
+            let net = IpNet::new(dst, len.0).ok()?.trunc();
+            m.get(&net.network()).copied()
+        })?;
+        self.sas.get_mut(&id).map(|(sa, _, _)| sa)
+    }
+
+    pub fn len(&self) -> usize {
+        self.sas.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sas.is_empty()
+    }
+}
+
+/// Inbound SAs by SPI.
+#[derive(Default)]
+pub struct InboundTable {
+    sas: HashMap<u32, InboundSa>,
+}
+
+impl InboundTable {
+    pub fn install(&mut self, sa: InboundSa) {
+        self.sas.insert(sa.sa.spi(), sa);
+    }
+
+    pub fn remove(&mut self, spi: u32) {
+        self.sas.remove(&spi);
+    }
+
+    pub fn get_mut(&mut self, spi: u32) -> Option<&mut InboundSa> {
+        self.sas.get_mut(&spi)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use concentrator_crds::proposal::Encryption;
+    use concentrator_crypto::aead::AeadKey;
+
+    use super::*;
+
+    fn out(id: u32) -> OutboundSa {
+        let key = AeadKey::new(Encryption::AesGcm16 { key_bits: 128 }, &[1; 20]).unwrap();
+        OutboundSa {
+            id,
+            sa: Outbound::new(id + 1000, key, false),
+            peer: "192.0.2.1:4500".parse().unwrap(),
+            counters: Arc::new(SaCounters::new(Instant::now())),
+        }
+    }
+
+    fn nets(s: &[&str]) -> Vec<IpNet> {
+        s.iter().map(|n| n.parse().unwrap()).collect()
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn longest_prefix_wins_and_unknown_destinations_miss() {
+        let mut t = OutboundTable::default();
+        t.install(out(1), nets(&["10.0.0.0/8"]));
+        t.install(out(2), nets(&["10.1.2.0/24", "10.1.3.0/24"]));
+        assert_eq!(t.lookup(ip("10.1.2.9")).map(|s| s.id), Some(2));
+        assert_eq!(t.lookup(ip("10.1.3.9")).map(|s| s.id), Some(2));
+        assert_eq!(t.lookup(ip("10.1.4.9")).map(|s| s.id), Some(1));
+        assert!(t.lookup(ip("192.168.0.1")).is_none());
+        t.remove(2);
+        assert_eq!(t.lookup(ip("10.1.2.9")).map(|s| s.id), Some(1));
+        t.remove(1);
+        assert!(t.lookup(ip("10.1.2.9")).is_none());
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn a_rekeyed_sa_takes_over_and_removing_the_old_one_keeps_it() {
+        let mut t = OutboundTable::default();
+        t.install(out(1), nets(&["10.1.2.0/24"]));
+        t.install(out(2), nets(&["10.1.2.0/24"]));
+        assert_eq!(t.lookup(ip("10.1.2.9")).map(|s| s.id), Some(2));
+        t.remove(1);
+        assert_eq!(t.lookup(ip("10.1.2.9")).map(|s| s.id), Some(2));
+        // And the other order: the new one removed first falls back to the old.
+        t.install(out(3), nets(&["10.1.2.0/24"]));
+        t.remove(3);
+        assert_eq!(t.lookup(ip("10.1.2.9")).map(|s| s.id), Some(2));
+        assert_eq!(t.len(), 1);
+    }
+}
