@@ -23,7 +23,7 @@ use concentrator_e2e::wait::{self, Probe};
 use concentrator_e2e::{logs, prereq, scratch};
 use concentrator_ike::negotiate::ts_bounds;
 use concentrator_ike::payload::Identity;
-use concentrator_ike::responder::{Config, IdBuf, SystemEntropy};
+use concentrator_ike::responder::{Config, IdBuf, Retransmit, SystemEntropy};
 use concentrator_ike::{Event, Header, Responder};
 use ipnet::IpNet;
 
@@ -39,6 +39,22 @@ fn env(name: &str) -> Result<String> {
     std::env::var(name).with_context(|| format!("{name} not set"))
 }
 
+/// Optional driver settings from the environment: `IKE_DRIVER_DPD_MS` (liveness-check
+/// interval), `IKE_DRIVER_RETRANSMIT` (`first-wait-ms,tries`).
+fn driver_timers(config: &mut Config) -> Result<()> {
+    if let Ok(ms) = std::env::var("IKE_DRIVER_DPD_MS") {
+        config.dpd_interval = Some(Duration::from_millis(ms.parse()?));
+    }
+    if let Ok(r) = std::env::var("IKE_DRIVER_RETRANSMIT") {
+        let (ms, tries) = r.split_once(',').context("IKE_DRIVER_RETRANSMIT is ms,tries")?;
+        config.retransmit = Retransmit {
+            timeout: Duration::from_millis(ms.parse()?),
+            tries: tries.parse()?,
+        };
+    }
+    Ok(())
+}
+
 /// The driver: runs until killed when `IKE_DRIVER` is set, else returns at once.
 #[test]
 fn driver_process() -> Result<()> {
@@ -47,14 +63,15 @@ fn driver_process() -> Result<()> {
     }
     let listen: IpAddr = env("IKE_DRIVER_LISTEN")?.parse()?;
     let psk = env("IKE_DRIVER_PSK")?.into_bytes();
-    let config = Arc::new(Config {
-        ike_proposals: vec![parse_ike("ike", &env("IKE_DRIVER_IKE")?)?],
-        esp_proposals: vec![parse_esp("esp", &env("IKE_DRIVER_ESP")?)?],
-        local_subnet: env("IKE_DRIVER_LOCAL_SUBNET")?.parse()?,
-        remote_subnet: env("IKE_DRIVER_REMOTE_SUBNET")?.parse()?,
-        local_id: IdBuf::new(&Identity::Fqdn(env("IKE_DRIVER_LOCAL_ID")?.as_bytes())),
-        child_lifetime: Duration::from_secs(3600),
-    });
+    let mut config = Config::new(
+        vec![parse_ike("ike", &env("IKE_DRIVER_IKE")?)?],
+        vec![parse_esp("esp", &env("IKE_DRIVER_ESP")?)?],
+        env("IKE_DRIVER_LOCAL_SUBNET")?.parse()?,
+        env("IKE_DRIVER_REMOTE_SUBNET")?.parse()?,
+        IdBuf::new(&Identity::Fqdn(env("IKE_DRIVER_LOCAL_ID")?.as_bytes())),
+    );
+    driver_timers(&mut config)?;
+    let config = Arc::new(config);
     let s500 = UdpSocket::bind((listen, 500)).context("binding UDP 500")?;
     let s4500 = UdpSocket::bind((listen, 4500)).context("binding UDP 4500")?;
     let (tx, rx) = mpsc::channel::<(u16, SocketAddr, Vec<u8>)>();
@@ -73,93 +90,162 @@ fn driver_process() -> Result<()> {
     }
     println!("READY");
     let mut entropy = SystemEntropy;
-    let mut sas: HashMap<u64, Responder> = HashMap::new();
-    while let Ok((port, remote, data)) = rx.recv() {
-        // RFC 3948 §2.2: on port 4500, IKE messages start with four zero octets (the
-        // non-ESP marker); anything else is ESP, which this driver does not handle.
-        let ike = if port == 4500 {
-            match data.strip_prefix(&[0, 0, 0, 0][..]) {
-                Some(rest) => rest,
-                None => continue,
-            }
-        } else {
-            &data[..]
+    // Responders by index; routes by our SPI (every SPI a responder answers for, kept after
+    // it closes so that a retransmitted DELETE is still answered) and, for IKE_SA_INIT
+    // (SPIr zero), by the initiator's SPI.
+    let mut responders: Vec<Responder> = Vec::new();
+    let mut by_spi_r: HashMap<u64, usize> = HashMap::new();
+    let mut by_spi_i: HashMap<u64, usize> = HashMap::new();
+    loop {
+        let next_timer = responders.iter().filter_map(Responder::poll_timeout).min();
+        let received = match next_timer {
+            Some(t) => rx.recv_timeout(t.saturating_duration_since(Instant::now())),
+            None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
         };
-        let Some((header, _)) = Header::peek(ike) else {
-            continue;
-        };
-        let local = SocketAddr::new(listen, port);
-        let r = sas
-            .entry(header.spi_i)
-            .or_insert_with(|| Responder::new(Arc::clone(&config)));
-        let now = Instant::now();
-        if let Err(e) = r.handle_datagram(now, local, remote, ike, &mut entropy) {
-            println!("DROP {e}");
-        }
-        loop {
-            while let Some(t) = r.poll_transmit() {
-                let mut out = Vec::with_capacity(t.payload.len() + 4);
-                let sock = if t.local.port() == 4500 {
-                    out.extend_from_slice(&[0, 0, 0, 0]);
-                    &s4500
-                } else {
-                    &s500
-                };
-                out.extend_from_slice(&t.payload);
-                sock.send_to(&out, t.remote)?;
-            }
-            let Some(ev) = r.poll_event() else { break };
-            match ev {
-                Event::PeerIdentified { id } => {
-                    println!("EVENT PeerIdentified id={id}");
-                    if let Err(e) = r.provide_psk(Instant::now(), Some(&psk), &mut entropy) {
-                        println!("DROP {e}");
+        match received {
+            Ok((port, remote, data)) => {
+                // RFC 3948 §2.2: on port 4500, IKE messages start with four zero octets (the
+                // non-ESP marker); anything else is ESP, which this driver does not handle.
+                let ike = if port == 4500 {
+                    match data.strip_prefix(&[0, 0, 0, 0][..]) {
+                        Some(rest) => rest,
+                        None => continue,
                     }
+                } else {
+                    &data[..]
+                };
+                let Some((header, _)) = Header::peek(ike) else {
+                    continue;
+                };
+                let index = if header.spi_r == 0 {
+                    *by_spi_i.entry(header.spi_i).or_insert_with(|| {
+                        responders.push(Responder::new(Arc::clone(&config)));
+                        responders.len() - 1
+                    })
+                } else if let Some(&i) = by_spi_r.get(&header.spi_r) {
+                    i
+                } else {
+                    println!("DROP no IKE SA with SPIr {:016x}", header.spi_r);
+                    continue;
+                };
+                let local = SocketAddr::new(listen, port);
+                let r = &mut responders[index];
+                if let Err(e) = r.handle_datagram(Instant::now(), local, remote, ike, &mut entropy) {
+                    println!("DROP {e}");
                 }
-                Event::IkeSaEstablished {
-                    spi_i,
-                    spi_r,
-                    peer_id,
-                    remote,
-                    nat_detected,
-                } => println!(
-                    "EVENT IkeSaEstablished spi_i={spi_i:016x} spi_r={spi_r:016x} peer={peer_id} \
-                     remote={remote} nat={nat_detected}"
-                ),
-                Event::ChildSaInstalled(c) => {
-                    let ts = |v: &[concentrator_ike::payload::TrafficSelector<'_>]| {
-                        v.iter()
-                            .filter_map(ts_bounds)
-                            .map(|(a, b)| format!("{a}-{b}"))
-                            .collect::<Vec<_>>()
-                            .join(",")
-                    };
-                    // Test only: the keys go to the driver log so that the test can compare
-                    // them with the ones charon logs (key-oracle mode).
-                    let key = |k: &concentrator_crypto::DirectionKeys| {
-                        hex(&[k.encr.expose(), k.salt.expose()].concat())
-                    };
-                    println!(
-                        "EVENT ChildSaInstalled spi_in={:08x} spi_out={:08x} encr={:?} integ={:?} \
-                         in_key={} in_integ={} out_key={} out_integ={} ts_local={} ts_remote={} encap={}",
-                        c.spi_in,
-                        c.spi_out,
-                        c.encryption,
-                        c.integrity,
-                        key(&c.inbound),
-                        hex(c.inbound.integ.expose()),
-                        key(&c.outbound),
-                        hex(c.outbound.integ.expose()),
-                        ts(&c.ts_local),
-                        ts(&c.ts_remote),
-                        c.udp_encap
-                    );
-                }
-                Event::Failed(e) => println!("EVENT Failed {e}"),
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+        let now = Instant::now();
+        for (index, r) in responders.iter_mut().enumerate() {
+            if r.poll_timeout().is_some_and(|t| t <= now) {
+                r.handle_timeout(now, &mut entropy);
+            }
+            drain(r, &psk, &mut entropy, &s500, &s4500)?;
+            for spi in r.spis_r() {
+                by_spi_r.insert(spi, index);
             }
         }
     }
     Ok(())
+}
+
+/// Sends what `r` queued and prints its events (answering `PeerIdentified` with the PSK).
+fn drain(
+    r: &mut Responder,
+    psk: &[u8],
+    entropy: &mut SystemEntropy,
+    s500: &UdpSocket,
+    s4500: &UdpSocket,
+) -> Result<()> {
+    loop {
+        while let Some(t) = r.poll_transmit() {
+            let mut out = Vec::with_capacity(t.payload.len() + 4);
+            let sock = if t.local.port() == 4500 {
+                out.extend_from_slice(&[0, 0, 0, 0]);
+                s4500
+            } else {
+                s500
+            };
+            out.extend_from_slice(&t.payload);
+            sock.send_to(&out, t.remote)?;
+        }
+        let Some(ev) = r.poll_event() else {
+            return Ok(());
+        };
+        match ev {
+            Event::PeerIdentified { id } => {
+                println!("EVENT PeerIdentified id={id}");
+                if let Err(e) = r.provide_psk(Instant::now(), Some(psk), entropy) {
+                    println!("DROP {e}");
+                }
+            }
+            Event::IkeSaEstablished {
+                spi_i,
+                spi_r,
+                peer_id,
+                remote,
+                nat_detected,
+            } => println!(
+                "EVENT IkeSaEstablished spi_i={spi_i:016x} spi_r={spi_r:016x} peer={peer_id} \
+                 remote={remote} nat={nat_detected}"
+            ),
+            Event::ChildSaInstalled(c) => {
+                let ts = |v: &[concentrator_ike::payload::TrafficSelector<'_>]| {
+                    v.iter()
+                        .filter_map(ts_bounds)
+                        .map(|(a, b)| format!("{a}-{b}"))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                };
+                // Test only: the keys go to the driver log so that the test can compare
+                // them with the ones charon logs (key-oracle mode).
+                let key = |k: &concentrator_crypto::DirectionKeys| {
+                    hex(&[k.encr.expose(), k.salt.expose()].concat())
+                };
+                let replaces = c
+                    .replaces
+                    .map_or_else(|| "-".to_owned(), |spi| format!("{spi:08x}"));
+                println!(
+                    "EVENT ChildSaInstalled spi_in={:08x} spi_out={:08x} encr={:?} integ={:?} \
+                     in_key={} in_integ={} out_key={} out_integ={} ts_local={} ts_remote={} encap={} \
+                     replaces={replaces}",
+                    c.spi_in,
+                    c.spi_out,
+                    c.encryption,
+                    c.integrity,
+                    key(&c.inbound),
+                    hex(c.inbound.integ.expose()),
+                    key(&c.outbound),
+                    hex(c.outbound.integ.expose()),
+                    ts(&c.ts_local),
+                    ts(&c.ts_remote),
+                    c.udp_encap
+                );
+            }
+            Event::ChildSaDeleted { spi_in, spi_out } => {
+                println!("EVENT ChildSaDeleted spi_in={spi_in:08x} spi_out={spi_out:08x}");
+            }
+            Event::IkeSaRekeyed {
+                old_spi_r,
+                new_spi_i,
+                new_spi_r,
+            } => println!(
+                "EVENT IkeSaRekeyed old_spi_r={old_spi_r:016x} new_spi_i={new_spi_i:016x} \
+                 new_spi_r={new_spi_r:016x}"
+            ),
+            Event::IkeSaRetired { spi_r } => println!("EVENT IkeSaRetired spi_r={spi_r:016x}"),
+            Event::IkeSaDeleted { spi_r, reason } => {
+                println!("EVENT IkeSaDeleted spi_r={spi_r:016x} reason={reason:?}");
+            }
+            Event::RequestRefused { exchange, error } => {
+                println!("EVENT RequestRefused exchange={exchange} error={error}");
+            }
+            Event::PeerError { notify_type } => println!("EVENT PeerError notify={notify_type}"),
+            Event::Failed(e) => println!("EVENT Failed {e}"),
+        }
+    }
 }
 
 fn hex(b: &[u8]) -> String {
@@ -171,6 +257,12 @@ fn hex(b: &[u8]) -> String {
 
 /// The first hex dump `"<label> => N bytes @ 0x..."` in a charon log (`chd = 4`), as hex.
 fn charon_dump(log: &str, label: &str) -> Option<String> {
+    charon_dumps(log, label).into_iter().next()
+}
+
+/// Every hex dump `"<label> => N bytes @ 0x..."` in a charon log, in order, as hex.
+fn charon_dumps(log: &str, label: &str) -> Vec<String> {
+    let mut out = Vec::new();
     let mut lines = log.lines();
     while let Some(line) = lines.next() {
         let Some((head, tail)) = line.split_once(" => ") else {
@@ -179,18 +271,28 @@ fn charon_dump(log: &str, label: &str) -> Option<String> {
         if !head.ends_with(label) {
             continue;
         }
-        let n: usize = tail.split_once(" bytes @ ")?.0.trim().parse().ok()?;
+        let Some(n) = tail
+            .split_once(" bytes @ ")
+            .and_then(|(n, _)| n.trim().parse::<usize>().ok())
+        else {
+            continue;
+        };
         let mut bytes = Vec::with_capacity(n);
         while bytes.len() < n {
-            let (_, dump) = lines.next()?.split_once(": ")?;
+            let Some((_, dump)) = lines.next().and_then(|l| l.split_once(": ")) else {
+                return out;
+            };
             for tok in dump.split(' ').take_while(|t| !t.is_empty()).take(16) {
-                bytes.push(u8::from_str_radix(tok, 16).ok()?);
+                match u8::from_str_radix(tok, 16) {
+                    Ok(b) => bytes.push(b),
+                    Err(_) => return out,
+                }
             }
         }
         bytes.truncate(n);
-        return Some(hex(&bytes));
+        out.push(hex(&bytes));
     }
-    None
+    out
 }
 
 fn net(s: &str) -> IpNet {
@@ -208,11 +310,17 @@ struct Setup {
     _gw: Netns,
     _dir: tempfile::TempDir,
     driver: concentrator_e2e::process::Daemon,
-    charon: Charon,
+    /// `None` once killed.
+    charon: Option<Charon>,
 }
 
 impl Setup {
     fn start(ike: &str, esp: &str, driver_psk: &str) -> Result<Self> {
+        Self::start_with(ike, esp, driver_psk, &[])
+    }
+
+    /// As [`Self::start`], with extra driver environment (`IKE_DRIVER_DPD_MS`, ...).
+    fn start_with(ike: &str, esp: &str, driver_psk: &str, driver_env: &[(&str, &str)]) -> Result<Self> {
         let wan = Wan::new()?;
         let site = Netns::new("ikesite")?;
         let gw = Netns::new("ikegw")?;
@@ -232,7 +340,8 @@ impl Setup {
             .env("IKE_DRIVER_ESP", esp)
             .env("IKE_DRIVER_LOCAL_SUBNET", GW_LAN)
             .env("IKE_DRIVER_REMOTE_SUBNET", SITE_LAN)
-            .env("IKE_DRIVER_LOCAL_ID", GW_ID);
+            .env("IKE_DRIVER_LOCAL_ID", GW_ID)
+            .envs(driver_env.iter().copied());
         let mut driver = concentrator_e2e::process::Daemon::spawn("ike driver", cmd, &log)?;
         wait::until("the IKE driver to bind", Duration::from_secs(10), || {
             driver.ensure_running()?;
@@ -249,8 +358,17 @@ impl Setup {
             _gw: gw,
             _dir: dir,
             driver,
-            charon,
+            charon: Some(charon),
         })
+    }
+
+    fn charon(&self) -> &Charon {
+        self.charon.as_ref().expect("charon is running")
+    }
+
+    /// Kills charon (SIGKILL): the site goes silent without deleting anything.
+    fn kill_charon(&mut self) {
+        self.charon = None;
     }
 
     fn connection(&self, ike: &str, esp: &str, psk: &str) -> Connection {
@@ -272,16 +390,65 @@ impl Setup {
 
     /// The first driver log line starting with `prefix`, once it appears.
     fn wait_driver_line(&mut self, prefix: &str) -> Result<String> {
+        self.wait_driver(format!("driver line {prefix:?}"), TIMEOUT, |text| {
+            text.lines().find(|l| l.starts_with(prefix)).map(str::to_owned)
+        })
+    }
+
+    /// Polls the driver log until `found` returns something.
+    fn wait_driver<T>(
+        &mut self,
+        what: impl std::fmt::Display,
+        timeout: Duration,
+        found: impl Fn(&str) -> Option<T>,
+    ) -> Result<T> {
         let log = self.driver.log_path().to_owned();
         let driver = &mut self.driver;
-        wait::until(format!("driver line {prefix:?}"), TIMEOUT, || {
+        wait::until(what, timeout, || {
             driver.ensure_running()?;
             let text = std::fs::read_to_string(&log).unwrap_or_default();
-            Ok(match text.lines().find(|l| l.starts_with(prefix)) {
-                Some(l) => Probe::Ready(l.to_owned()),
+            Ok(match found(&text) {
+                Some(v) => Probe::Ready(v),
                 None => Probe::pending(driver.log_tail(10)),
             })
         })
+    }
+
+    /// Polls charon's log until it holds `count` lines containing `needle`.
+    fn wait_charon_log(&self, needle: &str, count: usize, timeout: Duration) -> Result<()> {
+        let log = self.charon().log_path().to_owned();
+        wait::until(
+            format!("{count} charon log lines with {needle:?}"),
+            timeout,
+            || {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                let n = text.lines().filter(|l| l.contains(needle)).count();
+                Ok(if n >= count {
+                    Probe::Ready(())
+                } else {
+                    Probe::pending(format!("{n} so far"))
+                })
+            },
+        )
+        .with_context(|| self.charon().log_tail(30))
+    }
+
+    /// Loads `conn` into charon, initiates it and waits until both sides have the SAs.
+    fn establish(&mut self, conn: &Connection) -> Result<strongswan::ChildSa> {
+        self.charon().load(std::slice::from_ref(conn))?;
+        self.charon()
+            .initiate("gw")
+            .with_context(|| self.driver.log_tail(20))?;
+        let child = self
+            .charon()
+            .wait_established("gw", "gw", TIMEOUT)
+            .with_context(|| self.driver.log_tail(20))?;
+        self.wait_driver_line("EVENT ChildSaInstalled")?;
+        Ok(child)
+    }
+
+    fn driver_log(&self) -> String {
+        std::fs::read_to_string(self.driver.log_path()).unwrap_or_default()
     }
 }
 
@@ -296,10 +463,10 @@ fn establishes(ike: &str, esp: &str) -> Result<()> {
     }
     let psk = concentrator_e2e::ids::random_hex(32);
     let mut s = Setup::start(ike, esp, &psk)?;
-    s.charon.load(&[s.connection(ike, esp, &psk)])?;
-    s.charon.initiate("gw").with_context(|| s.driver.log_tail(20))?;
+    s.charon().load(&[s.connection(ike, esp, &psk)])?;
+    s.charon().initiate("gw").with_context(|| s.driver.log_tail(20))?;
     let child = s
-        .charon
+        .charon()
         .wait_established("gw", "gw", TIMEOUT)
         .with_context(|| s.driver.log_tail(20))?;
     let ike_line = s.wait_driver_line("EVENT IkeSaEstablished")?;
@@ -322,7 +489,7 @@ fn establishes(ike: &str, esp: &str) -> Result<()> {
     );
     // The CHILD SA keys are charon's (RFC 7296 §2.17 KEYMAT): initiator-to-responder keys
     // protect our inbound SA.
-    let log = std::fs::read_to_string(s.charon.log_path())?;
+    let log = std::fs::read_to_string(s.charon().log_path())?;
     for (label, ours) in [
         ("encryption initiator key", "in_key"),
         ("encryption responder key", "out_key"),
@@ -338,7 +505,7 @@ fn establishes(ike: &str, esp: &str) -> Result<()> {
         );
     }
     eprintln!("{ike}/{esp}: strongSwan child {child:?}\nours: {ike_line}\n{child_line}");
-    let sas = s.charon.list_sas()?;
+    let sas = s.charon().list_sas()?;
     let sa = sas.iter().find(|sa| sa.name == "gw").context("no IKE SA")?;
     ensure!(sa.state == "ESTABLISHED", "IKE SA state {}", sa.state);
     ensure!(child.state == "INSTALLED", "child state {}", child.state);
@@ -377,11 +544,11 @@ fn wrong_psk_is_rejected_with_authentication_failed() -> Result<()> {
     }
     let ike = "aes128gcm16-prfsha256-x25519";
     let mut s = Setup::start(ike, "aes128gcm16", "the-right-psk")?;
-    s.charon
+    s.charon()
         .load(&[s.connection(ike, "aes128gcm16", "a-wrong-psk")])?;
     // swanctl reports the failed initiation as an error; the logs say why.
-    let _ = s.charon.initiate("gw");
-    let log = s.charon.log_path().to_owned();
+    let _ = s.charon().initiate("gw");
+    let log = s.charon().log_path().to_owned();
     wait::until("strongSwan to log AUTHENTICATION_FAILED", TIMEOUT, || {
         Ok(if logs::contains(&log, "AUTHENTICATION_FAILED") {
             Probe::Ready(())
@@ -389,7 +556,7 @@ fn wrong_psk_is_rejected_with_authentication_failed() -> Result<()> {
             Probe::pending("not yet")
         })
     })
-    .with_context(|| format!("{}\n{}", s.charon.log_tail(30), s.driver.log_tail(20)))?;
+    .with_context(|| format!("{}\n{}", s.charon().log_tail(30), s.driver.log_tail(20)))?;
     let failed = s.wait_driver_line("EVENT Failed")?;
     ensure!(failed.contains("authentication failed"), "{failed}");
     let text = std::fs::read_to_string(s.driver.log_path())?;
@@ -397,8 +564,228 @@ fn wrong_psk_is_rejected_with_authentication_failed() -> Result<()> {
         bail!("the responder established an SA with a wrong PSK:\n{text}");
     }
     ensure!(
-        s.charon.list_sas()?.iter().all(|sa| sa.state != "ESTABLISHED"),
+        s.charon().list_sas()?.iter().all(|sa| sa.state != "ESTABLISHED"),
         "strongSwan established an IKE SA with a wrong PSK"
     );
+    Ok(())
+}
+
+const IKE: &str = "aes128gcm16-prfsha256-x25519";
+
+/// Lines of the driver log that start with `prefix`.
+fn lines_with<'a>(log: &'a str, prefix: &str) -> Vec<&'a str> {
+    log.lines().filter(|l| l.starts_with(prefix)).collect()
+}
+
+/// Nothing in the driver log says a message was dropped, refused or failed.
+fn ensure_clean(log: &str) -> Result<()> {
+    let bad: Vec<&str> = log
+        .lines()
+        .filter(|l| {
+            l.starts_with("DROP") || l.starts_with("EVENT RequestRefused") || l.starts_with("EVENT Failed")
+        })
+        .collect();
+    ensure!(bad.is_empty(), "driver trouble: {bad:#?}\n{log}");
+    Ok(())
+}
+
+#[test]
+fn strongswan_liveness_checks_are_answered_and_its_delete_is_reported() -> Result<()> {
+    if prereq::require(&[netns::TOOLS, strongswan::TOOLS]).is_skip() {
+        return Ok(());
+    }
+    let psk = concentrator_e2e::ids::random_hex(32);
+    let mut s = Setup::start(IKE, "aes128gcm16", &psk)?;
+    let mut conn = s.connection(IKE, "aes128gcm16", &psk);
+    // strongSwan checks liveness after a second without traffic (RFC 7296 §2.4).
+    conn.extra.push("dpd_delay = 1s".to_owned());
+    s.establish(&conn)?;
+    s.wait_charon_log("parsed INFORMATIONAL response", 2, TIMEOUT)?;
+    let established = s.wait_driver_line("EVENT IkeSaEstablished")?;
+    let child = s.wait_driver_line("EVENT ChildSaInstalled")?;
+
+    s.charon()
+        .swanctl(&["--terminate", "--ike", "gw", "--timeout", "10"])?;
+    let deleted = s.wait_driver_line("EVENT IkeSaDeleted")?;
+    ensure!(
+        field(&deleted, "spi_r") == field(&established, "spi_r")
+            && field(&deleted, "reason") == Some("PeerDeleted"),
+        "{deleted} after {established}"
+    );
+    // The CHILD SA goes with its IKE SA, reported first.
+    let log = s.driver_log();
+    let child_deleted = lines_with(&log, "EVENT ChildSaDeleted");
+    ensure!(
+        child_deleted.len() == 1 && field(child_deleted[0], "spi_in") == field(&child, "spi_in"),
+        "{log}"
+    );
+    ensure_clean(&log)?;
+    // strongSwan got our (empty) response to its DELETE and holds nothing any more.
+    s.wait_charon_log("parsed INFORMATIONAL response", 3, TIMEOUT)?;
+    ensure!(
+        s.charon().list_sas()?.iter().all(|sa| sa.name != "gw"),
+        "strongSwan still lists the IKE SA"
+    );
+    Ok(())
+}
+
+#[test]
+fn strongswan_rekeys_the_child_sa_with_pfs() -> Result<()> {
+    if prereq::require(&[netns::TOOLS, strongswan::TOOLS]).is_skip() {
+        return Ok(());
+    }
+    let esp = "aes128gcm16-x25519";
+    let psk = concentrator_e2e::ids::random_hex(32);
+    let mut s = Setup::start(IKE, esp, &psk)?;
+    let mut conn = s.connection(IKE, esp, &psk);
+    // Rekeyed every 3 s; the hard lifetime stays out of the way (by default it would be the
+    // rekey time here, and strongSwan would delete and recreate instead of rekeying).
+    conn.child_extra
+        .extend(["rekey_time = 3s", "life_time = 30s", "rand_time = 0s"].map(str::to_owned));
+    s.establish(&conn)?;
+    let first = s.wait_driver_line("EVENT ChildSaInstalled")?;
+    // The rekeyed CHILD SA names the one it replaces; strongSwan then deletes the old one.
+    let rekeyed = s.wait_driver("a rekeyed CHILD SA", Duration::from_secs(20), |log| {
+        lines_with(log, "EVENT ChildSaInstalled")
+            .into_iter()
+            .find(|l| field(l, "replaces") != Some("-"))
+            .map(str::to_owned)
+    })?;
+    ensure!(
+        field(&rekeyed, "replaces") == field(&first, "spi_in"),
+        "{rekeyed} does not replace {first}"
+    );
+    let old_in = field(&first, "spi_in").unwrap_or_default().to_owned();
+    s.wait_driver("the old CHILD SA's deletion", TIMEOUT, |log| {
+        lines_with(log, "EVENT ChildSaDeleted")
+            .into_iter()
+            .find(|l| field(l, "spi_in") == Some(old_in.as_str()))
+            .map(|_| ())
+    })?;
+    // The rekeyed CHILD SA's keys (KEYMAT with the new DH secret, RFC 7296 §2.17) are the
+    // ones charon derived for its second CHILD SA.
+    let log = std::fs::read_to_string(s.charon().log_path())?;
+    for (label, ours) in [
+        ("encryption initiator key", "in_key"),
+        ("encryption responder key", "out_key"),
+    ] {
+        let theirs = charon_dumps(&log, label);
+        ensure!(
+            theirs.get(1).map(String::as_str) == field(&rekeyed, ours),
+            "{label}: charon {theirs:?}, ours {rekeyed}"
+        );
+    }
+    // strongSwan holds the SAs, with SPIs of a CHILD SA we installed and did not delete.
+    let child = s.charon().wait_established("gw", "gw", TIMEOUT)?;
+    let driver = s.driver_log();
+    let installed = lines_with(&driver, "EVENT ChildSaInstalled");
+    ensure!(
+        installed.iter().any(|l| {
+            child.fields.get("spi-in").map(String::as_str) == field(l, "spi_out")
+                && child.fields.get("spi-out").map(String::as_str) == field(l, "spi_in")
+        }),
+        "strongSwan's child {child:?} is none of ours:\n{driver}"
+    );
+    ensure_clean(&driver)?;
+    Ok(())
+}
+
+#[test]
+fn strongswan_rekeys_the_ike_sa_and_carries_on_with_the_new_one() -> Result<()> {
+    if prereq::require(&[netns::TOOLS, strongswan::TOOLS]).is_skip() {
+        return Ok(());
+    }
+    let psk = concentrator_e2e::ids::random_hex(32);
+    let mut s = Setup::start(IKE, "aes128gcm16", &psk)?;
+    let mut conn = s.connection(IKE, "aes128gcm16", &psk);
+    // IKE SA rekeyed every 3 s, CHILD SA every 5 s; hard lifetimes out of the way.
+    conn.extra
+        .extend(["rekey_time = 3s", "over_time = 30s", "rand_time = 0s"].map(str::to_owned));
+    conn.child_extra
+        .extend(["rekey_time = 5s", "life_time = 30s", "rand_time = 0s"].map(str::to_owned));
+    s.establish(&conn)?;
+    let established = s.wait_driver_line("EVENT IkeSaEstablished")?;
+    let rekeyed = s.wait_driver_line("EVENT IkeSaRekeyed")?;
+    ensure!(
+        field(&rekeyed, "old_spi_r") == field(&established, "spi_r"),
+        "{rekeyed} after {established}"
+    );
+    // strongSwan deletes the old IKE SA right after (RFC 7296 §2.8).
+    let retired = s.wait_driver_line("EVENT IkeSaRetired")?;
+    ensure!(
+        field(&retired, "spi_r") == field(&rekeyed, "old_spi_r"),
+        "{retired}"
+    );
+    // A CHILD SA rekey after that runs on a rekeyed IKE SA (its SK_d), and a second IKE SA
+    // rekey on the first one's successor.
+    s.wait_driver(
+        "a CHILD SA rekey and a second IKE SA rekey",
+        Duration::from_secs(20),
+        |log| {
+            let after = &log[log.find("EVENT IkeSaRetired")?..];
+            let child = lines_with(after, "EVENT ChildSaInstalled")
+                .into_iter()
+                .any(|l| field(l, "replaces") != Some("-"));
+            (child && lines_with(log, "EVENT IkeSaRekeyed").len() >= 2).then_some(())
+        },
+    )?;
+    let sas = s.charon().list_sas()?;
+    let sa = sas.iter().find(|sa| sa.name == "gw").context("no IKE SA")?;
+    s.charon().wait_established("gw", "gw", TIMEOUT)?;
+    let driver = s.driver_log();
+    // strongSwan's current IKE SA is one of the rekeyed ones we answer for.
+    let theirs = sa.fields.get("responder-spi").cloned().unwrap_or_default();
+    ensure!(
+        lines_with(&driver, "EVENT IkeSaRekeyed")
+            .iter()
+            .any(|l| field(l, "new_spi_r") == Some(theirs.as_str())),
+        "strongSwan's IKE SA {:?} is none of ours:\n{driver}",
+        sa.fields
+    );
+    ensure!(
+        !driver.contains("EVENT IkeSaDeleted"),
+        "the IKE SA went away:\n{driver}"
+    );
+    ensure_clean(&driver)?;
+    Ok(())
+}
+
+#[test]
+fn liveness_checks_find_a_dead_strongswan() -> Result<()> {
+    if prereq::require(&[netns::TOOLS, strongswan::TOOLS]).is_skip() {
+        return Ok(());
+    }
+    let psk = concentrator_e2e::ids::random_hex(32);
+    // A check after 1 s of silence; retransmissions after 0.5, 1.5 and 3.5 s; given up at
+    // 7.5 s.
+    let mut s = Setup::start_with(
+        IKE,
+        "aes128gcm16",
+        &psk,
+        &[("IKE_DRIVER_DPD_MS", "1000"), ("IKE_DRIVER_RETRANSMIT", "500,3")],
+    )?;
+    let conn = s.connection(IKE, "aes128gcm16", &psk);
+    s.establish(&conn)?;
+    // strongSwan answers our checks: Message IDs 0, 1, 2 each arrive once answered.
+    s.wait_charon_log("parsed INFORMATIONAL request 2 [ ]", 1, TIMEOUT)?;
+    ensure!(
+        !s.driver_log().contains("EVENT IkeSaDeleted"),
+        "{}",
+        s.driver_log()
+    );
+    s.kill_charon();
+    let deleted = s.wait_driver(
+        "the IKE SA's deletion by the liveness check",
+        Duration::from_secs(20),
+        |log| {
+            lines_with(log, "EVENT IkeSaDeleted")
+                .first()
+                .map(|l| (*l).to_owned())
+        },
+    )?;
+    ensure!(field(&deleted, "reason") == Some("DeadPeer"), "{deleted}");
+    let log = s.driver_log();
+    ensure!(lines_with(&log, "EVENT ChildSaDeleted").len() == 1, "{log}");
+    ensure_clean(&log)?;
     Ok(())
 }
