@@ -92,6 +92,16 @@ pub struct Options {
     #[arg(long, env = "CONCENTRATOR_TUN_MTU", default_value_t = 1400)]
     pub tun_mtu: u16,
 
+    /// Wait before the first retransmission of a request this gateway sends (liveness
+    /// checks); each next one waits twice as long.
+    #[arg(long, env = "CONCENTRATOR_IKE_RETRANSMIT_TIMEOUT", value_name = "DURATION", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub ike_retransmit_timeout: std::time::Duration,
+
+    /// Retransmissions of an unanswered request before the peer is deemed dead and its
+    /// IKE SA and tunnels are removed (with the defaults: after 126 s).
+    #[arg(long, env = "CONCENTRATOR_IKE_RETRANSMIT_TRIES", default_value_t = 5)]
+    pub ike_retransmit_tries: u32,
+
     /// Serve only the admin API and metrics: no IKE, no TUN device (no tunnels; needs no
     /// privileges). For inspecting a configuration or a site store.
     #[arg(long, env = "CONCENTRATOR_NO_TUNNELS")]

@@ -39,6 +39,7 @@ pub struct ControlOptions {
     pub nat_t_port: u16,
     pub tun_name: String,
     pub tun_mtu: u16,
+    pub retransmit: concentrator_ike::responder::Retransmit,
 }
 
 /// Why the control plane could not start.
@@ -111,10 +112,10 @@ pub async fn start(gateway: Arc<Gateway>, opts: ControlOptions) -> Result<Contro
         .iter()
         .find(|(_, e)| e.role != Role::Initiator)
         .ok_or(ControlError::NoResponderEroute)?;
-    let responder_config = Arc::new(ResponderConfig::from_eroute(
-        eroute,
-        local_id(eroute, opts.listen),
-    ));
+    let responder_config = Arc::new(ResponderConfig {
+        retransmit: opts.retransmit,
+        ..ResponderConfig::from_eroute(eroute, local_id(eroute, opts.listen))
+    });
     tracing::debug!(eroute = %eroute_name, "IKE_SA_INIT answered with this eroute's proposals");
 
     let bind = |port| async move {
@@ -245,7 +246,7 @@ impl Driver {
                     }
                 },
                 Some(d) = ike_rx.recv() => self.datagram(d.local, d.remote, &d.payload),
-                () = tokio::time::sleep_until(deadline) => self.endpoint.handle_timeout(Instant::now()),
+                () = tokio::time::sleep_until(deadline) => self.endpoint.handle_timeout(Instant::now(), &mut self.entropy),
                 _ = status.tick() => self.refresh_status(),
             }
             self.flush().await;
@@ -257,6 +258,7 @@ impl Driver {
     }
 
     fn datagram(&mut self, local: SocketAddr, remote: SocketAddr, datagram: &[u8]) {
+        tracing::trace!(%local, %remote, len = datagram.len(), "IKE message in");
         let r = self
             .endpoint
             .handle_datagram(Instant::now(), local, remote, datagram, &mut self.entropy);
@@ -300,6 +302,7 @@ impl Driver {
     }
 
     async fn send(&self, t: Transmit) {
+        tracing::trace!(local = %t.local, remote = %t.remote, len = t.payload.len(), "IKE message out");
         let r = if t.local.port() == self.nat_t_port {
             // RFC 3948 §2.2: IKE on port 4500 carries the non-ESP marker.
             let mut out = Vec::with_capacity(t.payload.len() + 4);
@@ -316,12 +319,13 @@ impl Driver {
 
     fn event(&mut self, event: EndpointEvent) {
         match event {
-            EndpointEvent::Removed { spi_r, established } => self.removed(spi_r, established),
-            EndpointEvent::Sa { spi_r, event } => self.sa_event(spi_r, event),
+            EndpointEvent::Removed { id, established } => self.removed(id, established),
+            EndpointEvent::Sa { id, event } => self.sa_event(id, event),
         }
     }
 
-    #[allow(unreachable_patterns)] // the engine grows events (DELETE, rekey) faster than we do
+    /// `spi_r` is the SA's id in the endpoint (our first SPI): it names the tunnel for its
+    /// whole life, across IKE SA rekeys.
     fn sa_event(&mut self, spi_r: u64, event: Event) {
         match event {
             Event::PeerIdentified { id } => self.peer_identified(spi_r, &id),
@@ -347,6 +351,38 @@ impl Driver {
                 self.publish(spi_r);
             }
             Event::ChildSaInstalled(child) => self.child_installed(spi_r, *child),
+            Event::ChildSaDeleted { spi_in, spi_out } => self.child_deleted(spi_r, spi_in, spi_out),
+            Event::IkeSaRekeyed {
+                old_spi_r, new_spi_r, ..
+            } => {
+                let peer = self.sas.get(&spi_r).map_or("-", |r| r.peer_id.as_str());
+                tracing::info!(
+                    peer_id = %peer,
+                    old_spi_r = format_args!("{old_spi_r:016x}"),
+                    new_spi_r = format_args!("{new_spi_r:016x}"),
+                    "IKE SA rekeyed"
+                );
+            }
+            Event::IkeSaRetired { .. } => {}
+            Event::IkeSaDeleted { reason, .. } => {
+                let peer = self.sas.get(&spi_r).map_or("-", |r| r.peer_id.as_str());
+                tracing::info!(peer_id = %peer, %reason, "IKE SA deleted");
+                if matches!(reason, concentrator_ike::responder::DeleteReason::DeadPeer) {
+                    self.gateway.metrics.count_ike_failure("dead_peer");
+                }
+                // The CHILD SAs went with their own events; the record goes now, not when
+                // the endpoint stops answering retransmissions.
+                self.removed(spi_r, true);
+            }
+            Event::RequestRefused { exchange, error } => {
+                let peer = self.sas.get(&spi_r).map_or("-", |r| r.peer_id.as_str());
+                self.gateway.metrics.count_ike_failure(failure_reason(&error));
+                tracing::warn!(peer_id = %peer, ?exchange, %error, "request refused");
+            }
+            Event::PeerError { notify_type } => {
+                let peer = self.sas.get(&spi_r).map_or("-", |r| r.peer_id.as_str());
+                tracing::warn!(peer_id = %peer, ?notify_type, "peer reported an error");
+            }
             Event::Failed(e) => {
                 let rec = self.sas.get(&spi_r);
                 let peer = rec.map_or("-", |r| r.peer_id.as_str()).to_owned();
@@ -354,7 +390,6 @@ impl Driver {
                 self.gateway.metrics.count_ike_failure(reason);
                 tracing::warn!(peer_id = %peer, reason, error = %e, "IKE negotiation failed");
             }
-            other => tracing::debug!(event = ?other, "IKE event not handled yet"),
         }
     }
 
@@ -512,6 +547,25 @@ impl Driver {
         self.publish(spi_r);
     }
 
+    fn child_deleted(&mut self, spi_r: u64, spi_in: u32, spi_out: u32) {
+        self.dataplane.remove(spi_in);
+        let Some(rec) = self.sas.get_mut(&spi_r) else {
+            return;
+        };
+        let Some(pos) = rec.children.iter().position(|c| c.spi_in == spi_in) else {
+            return;
+        };
+        let child = rec.children.remove(pos);
+        tracing::info!(
+            peer_id = %rec.peer_id,
+            spi_in = format_args!("{spi_in:08x}"),
+            spi_out = format_args!("{spi_out:08x}"),
+            "CHILD SA deleted"
+        );
+        self.unroute(&child.subnets);
+        self.publish(spi_r);
+    }
+
     fn removed(&mut self, spi_r: u64, established: bool) {
         let Some(rec) = self.sas.remove(&spi_r) else {
             return;
@@ -620,9 +674,21 @@ impl Driver {
             .set(self.gateway.tunnels.len() as i64);
     }
 
-    fn refresh_status(&self) {
-        for spi_r in self.sas.keys() {
-            self.publish(*spi_r);
+    /// Publishes traffic counters, and tells the engine which peers proved alive by
+    /// sending ESP (so that it does not send them liveness checks).
+    fn refresh_status(&mut self) {
+        let ids: Vec<u64> = self.sas.keys().copied().collect();
+        for id in ids {
+            if let Some(last) = self.sas.get(&id).and_then(|r| {
+                r.children
+                    .iter()
+                    .map(|c| c.counters.last_inbound())
+                    .max()
+                    .flatten()
+            }) {
+                self.endpoint.handle_child_traffic(id, last);
+            }
+            self.publish(id);
         }
     }
 }

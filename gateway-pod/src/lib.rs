@@ -119,6 +119,10 @@ pub async fn start(opts: &Options, config: Config) -> Result<Running, StartError
                     nat_t_port: opts.nat_t_port,
                     tun_name: opts.tun_name.clone(),
                     tun_mtu: opts.tun_mtu,
+                    retransmit: concentrator_ike::responder::Retransmit {
+                        timeout: opts.ike_retransmit_timeout,
+                        tries: opts.ike_retransmit_tries,
+                    },
                 },
             )
             .await?,

@@ -32,6 +32,7 @@ pub const IKE_FAILURE_REASONS: &[&str] = &[
     "invalid_ke",
     "malformed",
     "child_sa_unsupported",
+    "dead_peer",
     "other",
 ];
 

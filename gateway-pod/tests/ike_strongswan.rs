@@ -35,7 +35,7 @@ fn addr(s: &str) -> IpAddr {
 }
 
 /// The gateway's config directory: one static eroute for the site, its PSK as a Secret file.
-fn write_config(dir: &Path, ike: &str, esp: &str, psk: &str) -> Result<()> {
+fn write_config(dir: &Path, ike: &str, esp: &str, psk: &str, dpd: &str) -> Result<()> {
     std::fs::create_dir_all(dir.join("secrets/site-a"))?;
     std::fs::write(dir.join("secrets/site-a/psk"), psk)?;
     std::fs::write(
@@ -44,7 +44,7 @@ fn write_config(dir: &Path, ike: &str, esp: &str, psk: &str) -> Result<()> {
             "apiVersion: vpn.concentrator.io/v1alpha1\nkind: Eroute\nmetadata:\n  name: site-a\n\
              spec:\n  localSubnet: {GW_LAN}\n  remoteSubnet: {SITE_LAN}\n  peerId: {SITE_ID}\n\
              \x20 localId: {GW_ID}\n  pskSecretRef:\n    name: site-a\n    key: psk\n  role: Responder\n\
-             \x20 ike:\n    proposals: [{ike}]\n  esp:\n    proposals: [{esp}]\n"
+             \x20 ike:\n    proposals: [{ike}]\n    dpdInterval: {dpd}\n  esp:\n    proposals: [{esp}]\n"
         ),
     )?;
     Ok(())
@@ -56,11 +56,25 @@ struct Setup {
     gw: Netns,
     dir: tempfile::TempDir,
     gateway: Daemon,
-    charon: Charon,
+    /// `None` once killed.
+    charon: Option<Charon>,
+}
+
+/// Options of [`Setup::start_with`].
+#[derive(Default)]
+struct GatewayOptions<'a> {
+    /// The eroute's `ike.dpdInterval` (default 30s).
+    dpd: Option<&'a str>,
+    /// Extra command-line arguments.
+    args: &'a [&'a str],
 }
 
 impl Setup {
     fn start(ike: &str, esp: &str, psk: &str) -> Result<Self> {
+        Self::start_with(ike, esp, psk, &GatewayOptions::default())
+    }
+
+    fn start_with(ike: &str, esp: &str, psk: &str, o: &GatewayOptions<'_>) -> Result<Self> {
         let wan = Wan::new()?;
         let site = Netns::new("sssite")?;
         let gw = Netns::new("ssgw")?;
@@ -72,22 +86,19 @@ impl Setup {
 
         let dir = scratch::dir("ike-gateway")?;
         let config = dir.path().join("config");
-        write_config(&config, ike, esp, psk)?;
+        write_config(&config, ike, esp, psk, o.dpd.unwrap_or("30s"))?;
         let log = dir.path().join("gateway.log");
         let data = dir.path().join("data");
-        let mut gateway = gw.spawn(
-            "gateway",
-            BIN,
-            &[
-                "--config-dir",
-                config.to_str().context("path")?,
-                "--data-dir",
-                data.to_str().context("path")?,
-                "--ike-listen",
-                GW_ADDR,
-            ],
-            &log,
-        )?;
+        let mut args = vec![
+            "--config-dir",
+            config.to_str().context("path")?,
+            "--data-dir",
+            data.to_str().context("path")?,
+            "--ike-listen",
+            GW_ADDR,
+        ];
+        args.extend_from_slice(o.args);
+        let mut gateway = gw.spawn("gateway", BIN, &args, &log)?;
         wait::until("the gateway to be ready", TIMEOUT, || {
             gateway.ensure_running()?;
             Ok(if logs::contains(&log, "gateway ready") {
@@ -103,7 +114,7 @@ impl Setup {
             gw,
             dir,
             gateway,
-            charon,
+            charon: Some(charon),
         })
     }
 
@@ -123,11 +134,20 @@ impl Setup {
         c
     }
 
+    fn charon(&self) -> &Charon {
+        self.charon.as_ref().expect("charon is running")
+    }
+
+    /// Kills charon (SIGKILL): the site goes silent without deleting anything.
+    fn kill_charon(&mut self) {
+        self.charon = None;
+    }
+
     fn logs(&self) -> String {
         format!(
             "gateway log:\n{}\ncharon log:\n{}",
             self.gateway.log_tail(40),
-            self.charon.log_tail(40)
+            self.charon.as_ref().map(|c| c.log_tail(40)).unwrap_or_default()
         )
     }
 
@@ -164,10 +184,10 @@ fn carries_traffic(ike: &str, esp: &str) -> Result<()> {
     }
     let psk = concentrator_e2e::ids::random_hex(32);
     let s = Setup::start(ike, esp, &psk)?;
-    s.charon.load(&[s.connection(ike, esp, &psk, SITE_ID)])?;
-    s.charon.initiate("gw").with_context(|| s.logs())?;
+    s.charon().load(&[s.connection(ike, esp, &psk, SITE_ID)])?;
+    s.charon().initiate("gw").with_context(|| s.logs())?;
     let child = s
-        .charon
+        .charon()
         .wait_established("gw", "gw", TIMEOUT)
         .with_context(|| s.logs())?;
     ensure!(child.state == "INSTALLED", "child state {}", child.state);
@@ -247,10 +267,10 @@ fn refused(ike_site: &str, psk_site: &str, id_site: &str, notify: &str, reason: 
     }
     let ike = "aes128gcm16-prfsha256-x25519";
     let s = Setup::start(ike, "aes128gcm16", "the-right-psk")?;
-    s.charon
+    s.charon()
         .load(&[s.connection(ike_site, "aes128gcm16", psk_site, id_site)])?;
-    let _ = s.charon.initiate("gw");
-    let log = s.charon.log_path().to_owned();
+    let _ = s.charon().initiate("gw");
+    let log = s.charon().log_path().to_owned();
     wait::until(format!("strongSwan to log {notify}"), TIMEOUT, || {
         Ok(if logs::contains(&log, notify) {
             Probe::Ready(())
@@ -304,4 +324,140 @@ fn proposal_mismatch_fails_with_no_proposal_chosen() -> Result<()> {
         "NO_PROPOSAL_CHOSEN",
         "no_proposal_chosen",
     )
+}
+
+/// Establishes the site's tunnel and waits until it carries a ping.
+fn establish(s: &Setup, c: &Connection) -> Result<()> {
+    s.charon().load(std::slice::from_ref(c))?;
+    s.charon().initiate("gw").with_context(|| s.logs())?;
+    s.charon()
+        .wait_established("gw", "gw", TIMEOUT)
+        .with_context(|| s.logs())?;
+    s.site
+        .wait_reachable(Some(addr(SITE_HOST)), addr(GW_HOST), TIMEOUT)
+        .with_context(|| s.logs())
+}
+
+/// The route to the site's subnet through our TUN device, as `ip route` prints it.
+fn site_route(s: &Setup) -> Result<String> {
+    Ok(s.gw.run("ip", &["route", "show", SITE_LAN])?.trim().to_owned())
+}
+
+#[test]
+fn a_site_that_deletes_its_ike_sa_leaves_no_tunnel_and_no_route() -> Result<()> {
+    if prereq::require(&[netns::TOOLS, strongswan::TOOLS, &[tools::CURL]]).is_skip() {
+        return Ok(());
+    }
+    let ike = "aes128gcm16-prfsha256-x25519";
+    let psk = concentrator_e2e::ids::random_hex(32);
+    let s = Setup::start(ike, "aes128gcm16", &psk)?;
+    establish(&s, &s.connection(ike, "aes128gcm16", &psk, SITE_ID))?;
+    ensure!(site_route(&s)?.contains("concentrator0"), "no route to the site");
+    s.charon()
+        .swanctl(&["--terminate", "--ike", "gw", "--timeout", "10"])
+        .with_context(|| s.logs())?;
+    s.wait_metric("concentrator_gateway_ike_sas_established", 0.0)
+        .with_context(|| s.logs())?;
+    wait::until("the tunnel and its route to go", TIMEOUT, || {
+        let (tunnels, route) = (s.tunnels()?, site_route(&s)?);
+        Ok(if !tunnels.contains(SITE_ID) && route.is_empty() {
+            Probe::Ready(())
+        } else {
+            Probe::pending(format!("{tunnels}\nroute: {route}"))
+        })
+    })?;
+    // The site can come back at once.
+    establish(&s, &s.connection(ike, "aes128gcm16", &psk, SITE_ID))
+}
+
+#[test]
+fn child_and_ike_sa_rekeys_keep_a_tcp_stream_alive() -> Result<()> {
+    if prereq::require(&[netns::TOOLS, strongswan::TOOLS, &[tools::CURL, tools::PYTHON3]]).is_skip() {
+        return Ok(());
+    }
+    let ike = "aes128gcm16-prfsha256-x25519";
+    let esp = "aes128gcm16-x25519";
+    let psk = concentrator_e2e::ids::random_hex(32);
+    let s = Setup::start(ike, "aes128gcm16-x25519", &psk)?;
+    let mut c = s.connection(ike, esp, &psk, SITE_ID);
+    // strongSwan rekeys (as initiator) the CHILD SA every 3 s with PFS and the IKE SA every
+    // 5 s, while a paced TCP stream runs for 12 s.
+    c.child_extra
+        .extend(["rekey_time = 3s", "life_time = 60s", "rand_time = 0s"].map(str::to_owned));
+    c.extra
+        .extend(["rekey_time = 5s", "over_time = 60s", "rand_time = 0s"].map(str::to_owned));
+    establish(&s, &c)?;
+    let first = s.charon().child_sa("gw", "gw")?.context("child")?;
+    common::paced_tcp_transfer(
+        &s.site,
+        SITE_HOST,
+        &s.gw,
+        GW_HOST,
+        s.dir.path(),
+        Duration::from_secs(12),
+    )
+    .with_context(|| s.logs())?;
+    let now = s.charon().child_sa("gw", "gw")?.context("child after rekeys")?;
+    ensure!(
+        first.fields.get("spi-in") != now.fields.get("spi-in"),
+        "the CHILD SA was not rekeyed: {first:?} / {now:?}"
+    );
+    ensure!(
+        logs::contains(s.gateway.log_path(), "IKE SA rekeyed"),
+        "no IKE SA rekey seen:\n{}",
+        s.logs()
+    );
+    // Rekeyed CHILD SAs were deleted by the site: one SA pair remains, and one tunnel.
+    wait::until("the old CHILD SAs to go", TIMEOUT, || {
+        let table = s.tunnels()?;
+        let sas = table
+            .lines()
+            .find(|l| l.starts_with(SITE_ID))
+            .and_then(|l| l.split_whitespace().nth(5).map(str::to_owned));
+        Ok(if sas.as_deref() == Some("1") {
+            Probe::Ready(())
+        } else {
+            Probe::pending(table)
+        })
+    })?;
+    s.wait_metric("concentrator_gateway_ike_sas_established", 1.0)
+}
+
+#[test]
+fn a_vanished_site_is_found_dead_and_removed() -> Result<()> {
+    if prereq::require(&[netns::TOOLS, strongswan::TOOLS, &[tools::CURL]]).is_skip() {
+        return Ok(());
+    }
+    let ike = "aes128gcm16-prfsha256-x25519";
+    let psk = concentrator_e2e::ids::random_hex(32);
+    let mut s = Setup::start_with(
+        ike,
+        "aes128gcm16",
+        &psk,
+        &GatewayOptions {
+            dpd: Some("2s"),
+            args: &["--ike-retransmit-timeout", "500ms", "--ike-retransmit-tries", "2"],
+        },
+    )?;
+    establish(&s, &s.connection(ike, "aes128gcm16", &psk, SITE_ID))?;
+    // Liveness checks are answered while the site lives: still up after a few intervals.
+    let alive_until = std::time::Instant::now() + Duration::from_secs(6);
+    while std::time::Instant::now() < alive_until {
+        ensure!(
+            s.metric("concentrator_gateway_ike_sas_established")? == 1.0,
+            "a live site was dropped:\n{}",
+            s.logs()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // SIGKILL: the site goes silent without deleting anything.
+    s.kill_charon();
+    s.wait_metric("concentrator_gateway_ike_sas_established", 0.0)
+        .with_context(|| s.logs())?;
+    s.wait_metric(
+        "concentrator_gateway_ike_failures_total{reason=\"dead_peer\"}",
+        1.0,
+    )?;
+    ensure!(site_route(&s)?.is_empty(), "route to a dead site left behind");
+    Ok(())
 }

@@ -8,6 +8,10 @@
 //! ([`Endpoint::handle_timeout`]). A request is routed by our SPI once we have chosen one; an
 //! IKE_SA_INIT request (SPIr zero) by the initiator's address and SPI, so a retransmitted
 //! request reaches the responder that answered it instead of creating a second SA.
+//!
+//! Each SA is named by the SPI we chose in IKE_SA_INIT (its "id" in [`EndpointEvent`]) for
+//! its whole life, even after an IKE SA rekey gives it new SPIs: the endpoint routes every
+//! SPI the responder answers for ([`Responder::spis_r`]) to it.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -56,18 +60,18 @@ impl Default for EndpointConfig {
 /// What the endpoint reports.
 #[derive(Debug)]
 pub enum EndpointEvent {
-    /// An event of the IKE SA whose SPI (ours) is `spi_r`.
+    /// An event of the IKE SA `id`.
     Sa {
-        /// Our SPI of the IKE SA.
-        spi_r: u64,
+        /// The SA's id: our SPI of its IKE_SA_INIT (0 for a request refused there).
+        id: u64,
         /// The responder's event.
         event: Event,
     },
     /// The endpoint forgot this IKE SA (failed, expired half-open, or closed): whatever the
     /// caller keeps for it (a pending PSK lookup, tunnels) is stale now.
     Removed {
-        /// Our SPI of the IKE SA.
-        spi_r: u64,
+        /// The SA's id.
+        id: u64,
         /// Whether the SA had been established.
         established: bool,
     },
@@ -83,7 +87,7 @@ pub enum EndpointError {
     /// A request for an SPI we do not know (or no longer know).
     #[error("unknown IKE SPI {0:016x}")]
     UnknownSpi(u64),
-    /// A response: the endpoint only responds, it has not sent requests of its own yet.
+    /// A response without our SPI: nothing we sent is answered by it.
     #[error("unexpected response")]
     UnexpectedResponse,
     /// Under load and without a valid cookie: answered with N(COOKIE), no state kept.
@@ -110,6 +114,8 @@ pub struct SaCounts {
 
 struct Slot {
     responder: Responder,
+    /// The SPIs routed to it.
+    spis: Vec<u64>,
     remote: SocketAddr,
     spi_i: u64,
     created: Instant,
@@ -131,7 +137,10 @@ const COOKIE_LEN: usize = 33;
 pub struct Endpoint {
     config: EndpointConfig,
     responder_config: Arc<Config>,
+    /// SAs by id (our IKE_SA_INIT SPI).
     slots: HashMap<u64, Slot>,
+    /// Every SPI of ours an SA answers for, to its id.
+    routes: HashMap<u64, u64>,
     by_init: HashMap<(SocketAddr, u64), u64>,
     secret: Option<CookieSecret>,
     previous_secret: Option<CookieSecret>,
@@ -154,6 +163,7 @@ impl Endpoint {
             config,
             responder_config,
             slots: HashMap::new(),
+            routes: HashMap::new(),
             by_init: HashMap::new(),
             secret: None,
             previous_secret: None,
@@ -180,9 +190,17 @@ impl Endpoint {
         c
     }
 
-    /// The responder of the IKE SA whose SPI (ours) is `spi_r`.
-    pub fn responder_mut(&mut self, spi_r: u64) -> Option<&mut Responder> {
-        self.slots.get_mut(&spi_r).map(|s| &mut s.responder)
+    /// The responder of the IKE SA `id`.
+    pub fn responder_mut(&mut self, id: u64) -> Option<&mut Responder> {
+        self.slots.get_mut(&id).map(|s| &mut s.responder)
+    }
+
+    /// The data plane saw authenticated ESP from the peer of SA `id` at `now`: proof of
+    /// liveness, so no liveness check is needed yet.
+    pub fn handle_child_traffic(&mut self, id: u64, now: Instant) {
+        if let Some(slot) = self.slots.get_mut(&id) {
+            slot.responder.handle_child_traffic(now);
+        }
     }
 
     /// The next datagram to send.
@@ -201,16 +219,32 @@ impl Endpoint {
     pub fn poll_timeout(&self) -> Option<Instant> {
         self.slots
             .values()
-            .filter_map(|s| match (s.closed_at, s.established) {
-                (Some(at), _) => Some(at + self.config.linger),
-                (None, false) => Some(s.created + self.config.half_open_timeout),
-                (None, true) => None,
+            .filter_map(|s| {
+                let ours = match (s.closed_at, s.established) {
+                    (Some(at), _) => Some(at + self.config.linger),
+                    (None, false) => Some(s.created + self.config.half_open_timeout),
+                    (None, true) => None,
+                };
+                ours.into_iter().chain(s.responder.poll_timeout()).min()
             })
             .min()
     }
 
-    /// Forgets half-open SAs that took too long and failed ones that lingered long enough.
-    pub fn handle_timeout(&mut self, now: Instant) {
+    /// Runs the responders' timers (liveness checks, retransmissions) and forgets half-open
+    /// SAs that took too long and closed ones that lingered long enough.
+    pub fn handle_timeout(&mut self, now: Instant, entropy: &mut dyn Entropy) {
+        let due: Vec<u64> = self
+            .slots
+            .iter()
+            .filter(|(_, s)| s.responder.poll_timeout().is_some_and(|t| t <= now))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            if let Some(slot) = self.slots.get_mut(&id) {
+                slot.responder.handle_timeout(now, entropy);
+            }
+            self.collect(id, now);
+        }
         let (linger, half_open) = (self.config.linger, self.config.half_open_timeout);
         let expired: Vec<u64> = self
             .slots
@@ -227,27 +261,24 @@ impl Endpoint {
         }
     }
 
-    /// Hands the PSK of a peer (after [`Event::PeerIdentified`]) to its SA; `None` refuses
+    /// Hands the PSK of a peer (after [`Event::PeerIdentified`]) to SA `id`; `None` refuses
     /// the peer. The SA may have gone meanwhile (expired, or the peer gave up).
     pub fn provide_psk(
         &mut self,
-        spi_r: u64,
+        id: u64,
         now: Instant,
         psk: Option<&[u8]>,
         entropy: &mut dyn Entropy,
     ) -> Result<(), EndpointError> {
-        let slot = self
-            .slots
-            .get_mut(&spi_r)
-            .ok_or(EndpointError::UnknownSpi(spi_r))?;
+        let slot = self.slots.get_mut(&id).ok_or(EndpointError::UnknownSpi(id))?;
         let r = slot.responder.provide_psk(now, psk, entropy);
-        self.collect(spi_r, now);
+        self.collect(id, now);
         r.map_err(EndpointError::from)
     }
 
     /// Ends an SA at once (no DELETE is sent): a gateway shutting down, a replaced peer.
-    pub fn close(&mut self, spi_r: u64) {
-        self.remove(spi_r);
+    pub fn close(&mut self, id: u64) {
+        self.remove(id);
     }
 
     /// Handles one IKE datagram (without the non-ESP marker of port 4500) that arrived on
@@ -261,18 +292,24 @@ impl Endpoint {
         entropy: &mut dyn Entropy,
     ) -> Result<(), EndpointError> {
         let (header, _) = Header::peek(datagram).ok_or(EndpointError::NotIke)?;
-        if header.flags.contains(Flags::RESPONSE) {
+        // Responses answer our liveness checks on established SAs, which have our SPI; a
+        // response without it answers nothing we sent.
+        if header.flags.contains(Flags::RESPONSE) && header.spi_r == 0 {
             return Err(EndpointError::UnexpectedResponse);
         }
         if header.spi_r != 0 {
+            let id = *self
+                .routes
+                .get(&header.spi_r)
+                .ok_or(EndpointError::UnknownSpi(header.spi_r))?;
             let slot = self
                 .slots
-                .get_mut(&header.spi_r)
+                .get_mut(&id)
                 .ok_or(EndpointError::UnknownSpi(header.spi_r))?;
             let r = slot
                 .responder
                 .handle_datagram(now, local, remote, datagram, entropy);
-            self.collect(header.spi_r, now);
+            self.collect(id, now);
             return r.map_err(EndpointError::from);
         }
         if let Some(&spi_r) = self.by_init.get(&(remote, header.spi_i)) {
@@ -300,12 +337,13 @@ impl Endpoint {
         let mut responder = Responder::new(Arc::clone(&self.responder_config));
         let r = responder.handle_datagram(now, local, remote, datagram, entropy);
         match responder.spi_r() {
-            Some(spi_r) if !self.slots.contains_key(&spi_r) => {
+            Some(spi_r) if !self.slots.contains_key(&spi_r) && !self.routes.contains_key(&spi_r) => {
                 self.by_init.insert((remote, header.spi_i), spi_r);
                 self.slots.insert(
                     spi_r,
                     Slot {
                         responder,
+                        spis: Vec::new(),
                         remote,
                         spi_i: header.spi_i,
                         created: now,
@@ -325,22 +363,34 @@ impl Endpoint {
                 self.transmits
                     .extend(std::iter::from_fn(|| responder.poll_transmit()));
                 while let Some(event) = responder.poll_event() {
-                    self.events.push_back(EndpointEvent::Sa { spi_r: 0, event });
+                    self.events.push_back(EndpointEvent::Sa { id: 0, event });
                 }
             }
         }
         r.map_err(EndpointError::from)
     }
 
-    /// Takes the responder's output and updates the slot's phase.
+    /// Takes the responder's output and updates the slot's phase and routes.
     fn collect(&mut self, spi_r: u64, now: Instant) {
         let Some(slot) = self.slots.get_mut(&spi_r) else {
             return;
         };
+        // A closed responder still answers retransmissions on its last SPIs until it is
+        // removed; an open one answers for exactly the SPIs it names.
+        if !slot.responder.is_closed() {
+            let spis = slot.responder.spis_r();
+            for old in slot.spis.iter().filter(|s| !spis.contains(s)) {
+                self.routes.remove(old);
+            }
+            for new in &spis {
+                self.routes.insert(*new, spi_r);
+            }
+            slot.spis = spis;
+        }
         self.transmits
             .extend(std::iter::from_fn(|| slot.responder.poll_transmit()));
         while let Some(event) = slot.responder.poll_event() {
-            self.events.push_back(EndpointEvent::Sa { spi_r, event });
+            self.events.push_back(EndpointEvent::Sa { id: spi_r, event });
         }
         if slot.responder.is_established() && !slot.established {
             slot.established = true;
@@ -354,11 +404,14 @@ impl Endpoint {
 
     fn remove(&mut self, spi_r: u64) {
         if let Some(slot) = self.slots.remove(&spi_r) {
+            for spi in &slot.spis {
+                self.routes.remove(spi);
+            }
             if self.by_init.get(&(slot.remote, slot.spi_i)) == Some(&spi_r) {
                 self.by_init.remove(&(slot.remote, slot.spi_i));
             }
             self.events.push_back(EndpointEvent::Removed {
-                spi_r,
+                id: spi_r,
                 established: slot.established,
             });
         }

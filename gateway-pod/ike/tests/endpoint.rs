@@ -252,14 +252,14 @@ fn half_open_sas_expire_and_are_reported_removed() {
     let (msgs, _) = drain(&mut ep);
     let spi_r = msgs[0].header.spi_r;
     assert_eq!(ep.poll_timeout(), Some(now + Duration::from_secs(5)));
-    ep.handle_timeout(now + Duration::from_secs(4));
+    ep.handle_timeout(now + Duration::from_secs(4), &mut Counter(0));
     assert_eq!(ep.counts().half_open, 1);
-    ep.handle_timeout(now + Duration::from_secs(5));
+    ep.handle_timeout(now + Duration::from_secs(5), &mut Counter(0));
     assert_eq!(ep.counts(), SaCounts::default());
     let (_, events) = drain(&mut ep);
     assert!(matches!(
         events.as_slice(),
-        [EndpointEvent::Removed { spi_r: s, established: false }] if *s == spi_r
+        [EndpointEvent::Removed { id, established: false }] if *id == spi_r
     ));
     assert_eq!(ep.poll_timeout(), None);
 }
@@ -283,6 +283,6 @@ fn a_refused_ike_sa_init_keeps_no_state() {
     assert!(r.is_err(), "{r:?}");
     let (msgs, events) = drain(&mut ep);
     assert_eq!(msgs.len(), 1, "an error response is sent");
-    assert!(matches!(events.as_slice(), [EndpointEvent::Sa { spi_r: 0, .. }]));
+    assert!(matches!(events.as_slice(), [EndpointEvent::Sa { id: 0, .. }]));
     assert_eq!(ep.counts(), SaCounts::default());
 }

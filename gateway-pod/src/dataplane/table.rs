@@ -21,6 +21,9 @@ pub struct SaCounters {
     pub packets_out: AtomicU64,
     /// Milliseconds since `epoch` of the last packet in either direction.
     last_activity_ms: AtomicU64,
+    /// Milliseconds since `epoch` of the last authenticated packet from the peer, plus one
+    /// (0: none yet).
+    last_inbound_ms: AtomicU64,
     epoch: Instant,
 }
 
@@ -32,6 +35,7 @@ impl SaCounters {
             packets_in: AtomicU64::new(0),
             packets_out: AtomicU64::new(0),
             last_activity_ms: AtomicU64::new(0),
+            last_inbound_ms: AtomicU64::new(0),
             epoch: now,
         }
     }
@@ -39,18 +43,29 @@ impl SaCounters {
     pub(crate) fn count_in(&self, bytes: usize, now: Instant) {
         self.packets_in.fetch_add(1, Ordering::Relaxed);
         self.bytes_in.fetch_add(bytes as u64, Ordering::Relaxed);
-        self.touch(now);
+        let ms = self.touch(now);
+        self.last_inbound_ms
+            .store(ms.saturating_add(1), Ordering::Relaxed);
     }
 
     pub(crate) fn count_out(&self, bytes: usize, now: Instant) {
         self.packets_out.fetch_add(1, Ordering::Relaxed);
         self.bytes_out.fetch_add(bytes as u64, Ordering::Relaxed);
-        self.touch(now);
+        let _ = self.touch(now);
     }
 
-    fn touch(&self, now: Instant) {
+    fn touch(&self, now: Instant) -> u64 {
         let ms = u64::try_from(now.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX);
         self.last_activity_ms.store(ms, Ordering::Relaxed);
+        ms
+    }
+
+    /// When the peer last sent an authenticated packet on this SA, if ever.
+    pub fn last_inbound(&self) -> Option<Instant> {
+        match self.last_inbound_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(self.epoch + std::time::Duration::from_millis(ms - 1)),
+        }
     }
 
     /// When the SA last carried a packet (its installation if never).

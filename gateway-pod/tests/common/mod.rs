@@ -128,3 +128,64 @@ pub(crate) fn tcp_transfer(
     );
     Ok(())
 }
+
+/// Like [`tcp_transfer`], but one TCP connection paced over `duration` (1000 bytes every
+/// 20 ms), so that it spans events such as rekeys; the bytes must arrive intact.
+pub(crate) fn paced_tcp_transfer(
+    from: &concentrator_e2e::netns::Netns,
+    src: &str,
+    to: &concentrator_e2e::netns::Netns,
+    dst: &str,
+    dir: &std::path::Path,
+    duration: std::time::Duration,
+) -> anyhow::Result<()> {
+    use anyhow::{Context, ensure};
+    use concentrator_e2e::wait::{Probe, until};
+    let chunks = (duration.as_millis() / 20).max(1) as u32;
+    let payload: Vec<u8> = (0..chunks * 1000)
+        .map(|i| (i.wrapping_mul(2246822519) >> 24) as u8)
+        .collect();
+    let sent = dir.join(format!("paced-sent-{src}.bin"));
+    std::fs::write(&sent, &payload)?;
+    let received = dir.join(format!("paced-received-{dst}.bin"));
+    let _ = std::fs::remove_file(&received);
+    let listener = to.spawn(
+        "listener",
+        "python3",
+        &[
+            "-c",
+            &format!(
+                "import socket\ns=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
+                 s.bind((\"{dst}\",5002));s.listen(1);c,_=s.accept();f=open(\"{}\",\"wb\")\n\
+                 while True:\n  d=c.recv(65536)\n  if not d: break\n  f.write(d)\nf.close()",
+                received.display()
+            ),
+        ],
+        &dir.join(format!("paced-listener-{dst}.log")),
+    )?;
+    let send = format!(
+        "import socket,time\nfor i in range(100):\n  try:\n    s=socket.create_connection((\"{dst}\",5002),timeout=2,source_address=(\"{src}\",0));break\n  except OSError: time.sleep(0.1)\n\
+         s.settimeout(30)\nd=open(\"{}\",\"rb\").read()\nfor i in range(0,len(d),1000):\n  s.sendall(d[i:i+1000]);time.sleep(0.02)\ns.close()",
+        sent.display()
+    );
+    from.run("python3", &["-c", &send])
+        .context("sending the paced stream")?;
+    until(
+        "the whole stream to arrive",
+        std::time::Duration::from_secs(30),
+        || {
+            let got = std::fs::metadata(&received).map(|m| m.len()).unwrap_or(0);
+            Ok(if got == payload.len() as u64 {
+                Probe::Ready(())
+            } else {
+                Probe::pending(format!("{got} bytes"))
+            })
+        },
+    )?;
+    drop(listener);
+    ensure!(
+        std::fs::read(&received)? == payload,
+        "received bytes differ from the sent stream"
+    );
+    Ok(())
+}
