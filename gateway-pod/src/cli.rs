@@ -102,6 +102,16 @@ pub struct Options {
     #[arg(long, env = "CONCENTRATOR_IKE_RETRANSMIT_TRIES", default_value_t = 5)]
     pub ike_retransmit_tries: u32,
 
+    /// Half-open IKE SAs (IKE_SA_INIT answered, IKE_AUTH not finished) from which new
+    /// initiators must first return a cookie (RFC 7296 §2.6): the defence against floods of
+    /// IKE_SA_INIT from spoofed addresses.
+    #[arg(long, env = "CONCENTRATOR_IKE_COOKIE_THRESHOLD", default_value_t = 1000)]
+    pub ike_cookie_threshold: usize,
+
+    /// Half-open IKE SAs at which new IKE_SA_INIT requests are dropped.
+    #[arg(long, env = "CONCENTRATOR_IKE_MAX_HALF_OPEN", default_value_t = 20000)]
+    pub ike_max_half_open: usize,
+
     /// Serve only the admin API and metrics: no IKE, no TUN device (no tunnels; needs no
     /// privileges). For inspecting a configuration or a site store.
     #[arg(long, env = "CONCENTRATOR_NO_TUNNELS")]

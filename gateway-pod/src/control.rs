@@ -40,6 +40,8 @@ pub struct ControlOptions {
     pub tun_name: String,
     pub tun_mtu: u16,
     pub retransmit: concentrator_ike::responder::Retransmit,
+    /// Cookie threshold and half-open limit.
+    pub endpoint: EndpointConfig,
 }
 
 /// Why the control plane could not start.
@@ -150,7 +152,7 @@ pub async fn start(gateway: Arc<Gateway>, opts: ControlOptions) -> Result<Contro
     );
     let (stop_tx, stop_rx) = oneshot::channel();
     let driver = Driver {
-        endpoint: Endpoint::new(EndpointConfig::default(), responder_config),
+        endpoint: Endpoint::new(opts.endpoint.clone(), responder_config),
         gateway,
         dataplane,
         udp500,

@@ -123,6 +123,11 @@ pub async fn start(opts: &Options, config: Config) -> Result<Running, StartError
                         timeout: opts.ike_retransmit_timeout,
                         tries: opts.ike_retransmit_tries,
                     },
+                    endpoint: concentrator_ike::endpoint::EndpointConfig {
+                        cookie_threshold: opts.ike_cookie_threshold,
+                        max_half_open: opts.ike_max_half_open,
+                        ..Default::default()
+                    },
                 },
             )
             .await?,

@@ -276,6 +276,15 @@ impl Endpoint {
         r.map_err(EndpointError::from)
     }
 
+    /// Deletes SA `id` from our side: the peer gets an INFORMATIONAL DELETE (if the SA is
+    /// established) and the SA closes at once ([`Responder::delete`]).
+    pub fn delete(&mut self, id: u64, now: Instant) {
+        if let Some(slot) = self.slots.get_mut(&id) {
+            slot.responder.delete(now);
+            self.collect(id, now);
+        }
+    }
+
     /// Ends an SA at once (no DELETE is sent): a gateway shutting down, a replaced peer.
     pub fn close(&mut self, id: u64) {
         self.remove(id);

@@ -331,6 +331,8 @@ pub struct ChildSa {
 pub enum DeleteReason {
     /// The peer deleted it (an INFORMATIONAL request with a Delete payload for the IKE SA).
     PeerDeleted,
+    /// We deleted it ([`Responder::delete`]): evicted, drained, or replaced.
+    LocalDeleted,
     /// The peer stopped answering our liveness checks (RFC 7296 §2.4).
     DeadPeer,
 }
@@ -340,6 +342,7 @@ impl fmt::Display for DeleteReason {
         f.write_str(match self {
             Self::PeerDeleted => "deleted by the peer",
             Self::DeadPeer => "peer did not answer liveness checks",
+            Self::LocalDeleted => "deleted by this gateway",
         })
     }
 }
@@ -723,6 +726,49 @@ impl Responder {
             state: State::ExpectInit,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
+        }
+    }
+
+    /// Replaces the configuration once the peer is identified ([`Event::PeerIdentified`]):
+    /// the eroute its identity selects (for a site from a database, the base eroute with the
+    /// site's subnet) decides the CHILD SA, our identity and the timers from here on. The IKE
+    /// SA's proposal was chosen in IKE_SA_INIT and stays. Only while the PSK is awaited.
+    pub fn set_config(&mut self, config: Arc<Config>) -> Result<(), Error> {
+        match self.state {
+            State::ExpectPsk(_) => {
+                self.config = config;
+                Ok(())
+            }
+            _ => Err(Error::WrongState("no PSK lookup pending")),
+        }
+    }
+
+    /// Deletes the IKE SA and its CHILD SAs from our side: one INFORMATIONAL request with a
+    /// Delete payload for the IKE SA (RFC 7296 §1.4.1), so that the peer knows at once and
+    /// can reconnect when it next has traffic, then the SA is closed without waiting for the
+    /// answer (a lost DELETE leaves the peer to its own liveness checks). A negotiation that
+    /// is not established is just closed.
+    pub fn delete(&mut self, now: Instant) {
+        match mem::replace(&mut self.state, State::Closed(None)) {
+            State::Established(mut s) => {
+                // A liveness check in flight gives way: the window holds one request.
+                s.current.abandon_request();
+                let delete = [Payload::Delete(Delete {
+                    protocol: ProtocolId::IKE,
+                    spis: Vec::new(),
+                })];
+                if let Ok(Some(datagram)) = s.current.start_request(
+                    ExchangeType::INFORMATIONAL,
+                    &delete,
+                    now,
+                    &self.config.retransmit,
+                ) {
+                    self.send(s.local, s.remote, datagram);
+                }
+                self.state = State::Closed(self.close_established(&mut s, DeleteReason::LocalDeleted));
+            }
+            State::Closed(cache) => self.state = State::Closed(cache),
+            _ => {}
         }
     }
 
