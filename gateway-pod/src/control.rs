@@ -28,7 +28,9 @@ use tokio::sync::{mpsc, oneshot};
 use crate::dataplane::DataplaneError;
 use crate::dataplane::shared::{self, DataplaneHandle, IkeDatagram};
 use crate::dataplane::table::{InboundSa, OutboundSa, SaCounters};
+use crate::egroups::Egroups;
 use crate::eroute::{Selection, select_responder};
+use crate::sitedb::{LookupError, Site};
 use crate::state::Gateway;
 
 /// Where the control plane listens and which TUN device it drives.
@@ -104,7 +106,11 @@ fn id_from_str(s: &str) -> IdBuf {
 }
 
 /// Binds the IKE sockets, opens the TUN device and starts the control and data plane tasks.
-pub async fn start(gateway: Arc<Gateway>, opts: ControlOptions) -> Result<Control, ControlError> {
+pub async fn start(
+    gateway: Arc<Gateway>,
+    egroups: Egroups,
+    opts: ControlOptions,
+) -> Result<Control, ControlError> {
     // New IKE SAs are answered with the first eroute that accepts tunnels; the peer's
     // identity, known only at IKE_AUTH, then selects the eroute that authenticates it.
     let (eroute_name, eroute) = gateway
@@ -151,7 +157,13 @@ pub async fn start(gateway: Arc<Gateway>, opts: ControlOptions) -> Result<Contro
         gateway.metrics.dataplane.clone(),
     );
     let (stop_tx, stop_rx) = oneshot::channel();
+    let (lookups_tx, lookups_rx) = mpsc::unbounded_channel();
     let driver = Driver {
+        egroups,
+        lookups: lookups_tx,
+        dynamic_owner: HashMap::new(),
+        local_ids: HashMap::new(),
+        listen: opts.listen,
         endpoint: Endpoint::new(opts.endpoint.clone(), responder_config),
         gateway,
         dataplane,
@@ -163,7 +175,7 @@ pub async fn start(gateway: Arc<Gateway>, opts: ControlOptions) -> Result<Contro
         routes: HashMap::new(),
         entropy: SystemEntropy,
     };
-    let task = tokio::spawn(driver.run(ike_rx, stop_rx, dataplane_task));
+    let task = tokio::spawn(driver.run(ike_rx, lookups_rx, stop_rx, dataplane_task));
     Ok(Control {
         ike_addr,
         nat_t_addr,
@@ -183,6 +195,19 @@ struct IkeSaRecord {
     /// Why we refused the peer at the PSK step (counted under this instead of the generic
     /// AUTHENTICATION_FAILED that follows).
     refusal: Option<&'static str>,
+    /// For a site from an egroup: its row's subnet, once looked up.
+    site_subnet: Option<IpNet>,
+    /// Traffic seen at the last status pass (to notice use and idleness).
+    last_bytes: u64,
+    last_traffic: Instant,
+}
+
+/// A finished site lookup, back on the IKE task.
+struct LookupDone {
+    id: u64,
+    egroup: String,
+    base_eroute: String,
+    result: Result<Site, LookupError>,
 }
 
 struct ChildRecord {
@@ -205,6 +230,13 @@ struct Driver {
     /// CHILD SAs per routed subnet: the route goes when the last one does.
     routes: HashMap<IpNet, usize>,
     entropy: SystemEntropy,
+    egroups: Egroups,
+    lookups: mpsc::UnboundedSender<LookupDone>,
+    /// The IKE SA holding each dynamic eroute, by (egroup, peer ID).
+    dynamic_owner: HashMap<(String, String), u64>,
+    /// Our identity per eroute (built once).
+    local_ids: HashMap<String, IdBuf>,
+    listen: IpAddr,
 }
 
 /// How often the tunnel table's traffic counters are refreshed for the admin API.
@@ -214,6 +246,7 @@ impl Driver {
     async fn run(
         mut self,
         mut ike_rx: mpsc::Receiver<IkeDatagram>,
+        mut lookups_rx: mpsc::UnboundedReceiver<LookupDone>,
         mut stop: oneshot::Receiver<()>,
         mut dataplane_task: tokio::task::JoinHandle<Result<(), DataplaneError>>,
     ) {
@@ -248,6 +281,7 @@ impl Driver {
                     }
                 },
                 Some(d) = ike_rx.recv() => self.datagram(d.local, d.remote, &d.payload),
+                Some(done) = lookups_rx.recv() => self.lookup_done(done),
                 () = tokio::time::sleep_until(deadline) => self.endpoint.handle_timeout(Instant::now(), &mut self.entropy),
                 _ = status.tick() => self.refresh_status(),
             }
@@ -350,6 +384,7 @@ impl Driver {
                     spi_r = format_args!("{spi_r:016x}"),
                     "IKE SA established"
                 );
+                self.dynamic_established(spi_r);
                 self.publish(spi_r);
             }
             Event::ChildSaInstalled(child) => self.child_installed(spi_r, *child),
@@ -404,14 +439,20 @@ impl Driver {
             established_at: None,
             children: Vec::new(),
             refusal: None,
+            site_subnet: None,
+            last_bytes: 0,
+            last_traffic: Instant::now(),
         })
     }
 
-    /// The "PSK needed" step: the eroute the identity selects, and its key.
+    /// The "PSK needed" step: the eroute the identity selects, and its key: a static
+    /// eroute's Secret at once, or an egroup's site row after a lookup that runs as its own
+    /// task (the answer comes back through [`Self::lookup_done`]).
     fn peer_identified(&mut self, spi_r: u64, id: &IdBuf) {
         let peer_id = id.to_string();
         let set = &self.gateway.config.set;
-        let selection = select_responder(set, &peer_id, |_, _| false);
+        let egroups = &self.egroups;
+        let selection = select_responder(set, &peer_id, |g, p| egroups.has_dynamic(g, p));
         let (psk, eroute, reason) = if self.gateway.is_draining() {
             (None, None, Some("draining"))
         } else {
@@ -420,10 +461,32 @@ impl Driver {
                     Some(psk) => (Some(psk.expose().to_vec()), Some(eroute.clone()), None),
                     None => (None, Some(eroute.clone()), Some("no_psk")),
                 },
-                Selection::Egroup { .. } | Selection::Dynamic { .. } => (None, None, Some("site_lookup")),
+                Selection::Egroup { egroup, .. } | Selection::Dynamic { egroup } => {
+                    let Some(base) = set.egroups.get(egroup).map(|g| g.eroute.clone()) else {
+                        return;
+                    };
+                    let rec = self.record(spi_r, id);
+                    rec.eroute = Some(base.clone());
+                    rec.egroup = Some(egroup.clone());
+                    let lookup = self.egroups.lookup_by_peer(egroup, &peer_id, Instant::now());
+                    let (tx, egroup) = (self.lookups.clone(), egroup.clone());
+                    tokio::spawn(async move {
+                        let result = lookup.await;
+                        let _ = tx.send(LookupDone {
+                            id: spi_r,
+                            egroup,
+                            base_eroute: base,
+                            result,
+                        });
+                    });
+                    return;
+                }
                 Selection::None => (None, None, Some("unknown_peer")),
             }
         };
+        if let Some(name) = &eroute {
+            self.use_eroute(spi_r, name, None);
+        }
         let rec = self.record(spi_r, id);
         rec.eroute = eroute;
         rec.refusal = reason;
@@ -436,6 +499,131 @@ impl Driver {
             .provide_psk(spi_r, Instant::now(), psk.as_deref(), &mut self.entropy)
         {
             tracing::debug!(%peer_id, error = %e, "PSK step ended the negotiation");
+        }
+    }
+
+    /// Makes the SA negotiate its CHILD SA by `eroute` (with the site's subnet for a dynamic
+    /// one) instead of the eroute that answered IKE_SA_INIT.
+    fn use_eroute(&mut self, id: u64, eroute: &str, site_subnet: Option<IpNet>) {
+        let Some(e) = self.gateway.config.set.eroutes.get(eroute) else {
+            return;
+        };
+        let listen = self.listen;
+        let local_id = self
+            .local_ids
+            .entry(eroute.to_owned())
+            .or_insert_with(|| local_id(e, listen))
+            .clone();
+        let Some(responder) = self.endpoint.responder_mut(id) else {
+            return;
+        };
+        let mut config = ResponderConfig {
+            retransmit: responder.config().retransmit,
+            half_open_timeout: responder.config().half_open_timeout,
+            ..ResponderConfig::from_eroute(e, local_id)
+        };
+        if let Some(subnet) = site_subnet {
+            config.remote_subnet = subnet;
+        }
+        let _ = responder.set_config(Arc::new(config));
+    }
+
+    /// A site lookup finished: authenticate with the row's PSK, or refuse with the reason
+    /// counted per egroup. The SA may have gone meanwhile.
+    fn lookup_done(&mut self, done: LookupDone) {
+        let LookupDone {
+            id,
+            egroup,
+            base_eroute,
+            result,
+        } = done;
+        let Some(rec) = self.sas.get(&id) else {
+            return;
+        };
+        let peer_id = rec.peer_id.clone();
+        let base_remote = self
+            .gateway
+            .config
+            .set
+            .eroutes
+            .get(&base_eroute)
+            .map(|e| e.remote_subnet);
+        let result = result.and_then(|site| match base_remote {
+            Some(net) => Egroups::check_subnet(&site, net).map(|()| site),
+            None => Err(LookupError::NotFound),
+        });
+        let psk = match result {
+            Ok(site) => {
+                self.use_eroute(id, &base_eroute, Some(site.remote_subnet));
+                if let Some(rec) = self.sas.get_mut(&id) {
+                    rec.site_subnet = Some(site.remote_subnet);
+                }
+                Some(zeroize::Zeroizing::new(site.psk.expose().to_vec()))
+            }
+            Err(e) => {
+                self.gateway.metrics.count_lookup_failure(&egroup, e.kind());
+                tracing::warn!(%peer_id, %egroup, reason = e.kind(), error = %e, "site lookup failed");
+                if let Some(rec) = self.sas.get_mut(&id) {
+                    rec.refusal = Some("site_lookup");
+                }
+                None
+            }
+        };
+        if let Err(e) = self.endpoint.provide_psk(
+            id,
+            Instant::now(),
+            psk.as_ref().map(|p| p.as_slice()),
+            &mut self.entropy,
+        ) {
+            tracing::debug!(%peer_id, error = %e, "PSK step ended the negotiation");
+        }
+    }
+
+    /// An egroup site is authenticated: its dynamic eroute is this SA's. An older SA of the
+    /// same site is replaced (as INITIAL_CONTACT would ask), and the least recently used
+    /// sites beyond the 10% free rule are deleted.
+    fn dynamic_established(&mut self, id: u64) {
+        let Some(rec) = self.sas.get(&id) else {
+            return;
+        };
+        let (Some(egroup), Some(base), Some(subnet)) =
+            (rec.egroup.clone(), rec.eroute.clone(), rec.site_subnet)
+        else {
+            return;
+        };
+        let peer_id = rec.peer_id.clone();
+        let now = Instant::now();
+        if let Some(old) = self.dynamic_owner.insert((egroup.clone(), peer_id.clone()), id)
+            && old != id
+        {
+            tracing::info!(%peer_id, %egroup, "site reconnected: its older IKE SA is deleted");
+            self.endpoint.delete(old, now);
+        }
+        let address = rec.remote.map(|r| r.ip().to_string());
+        for evicted in self
+            .egroups
+            .insert(&egroup, &base, &peer_id, subnet, address, now)
+        {
+            if let Some(owner) = self
+                .dynamic_owner
+                .remove(&(egroup.clone(), evicted.peer_id.clone()))
+            {
+                tracing::info!(peer_id = %evicted.peer_id, %egroup, "least recently used site evicted");
+                self.endpoint.delete(owner, now);
+            }
+        }
+        self.publish_dynamic_counts();
+    }
+
+    fn publish_dynamic_counts(&self) {
+        for (egroup, n) in self.egroups.counts() {
+            self.gateway
+                .metrics
+                .dynamic_eroutes
+                .get_or_create(&crate::metrics::EgroupLabel {
+                    egroup: egroup.to_owned(),
+                })
+                .set(n as i64);
         }
     }
 
@@ -572,6 +760,14 @@ impl Driver {
         let Some(rec) = self.sas.remove(&spi_r) else {
             return;
         };
+        if let Some(egroup) = &rec.egroup {
+            let key = (egroup.clone(), rec.peer_id.clone());
+            if self.dynamic_owner.get(&key) == Some(&spi_r) {
+                self.dynamic_owner.remove(&key);
+                self.egroups.remove(egroup, &rec.peer_id);
+                self.publish_dynamic_counts();
+            }
+        }
         for child in &rec.children {
             self.dataplane.remove(child.spi_in);
             self.unroute(&child.subnets);
@@ -680,6 +876,10 @@ impl Driver {
     /// sending ESP (so that it does not send them liveness checks).
     fn refresh_status(&mut self) {
         let ids: Vec<u64> = self.sas.keys().copied().collect();
+        let now = Instant::now();
+        for id in &ids {
+            self.track_use(*id, now);
+        }
         for id in ids {
             if let Some(last) = self.sas.get(&id).and_then(|r| {
                 r.children
@@ -691,6 +891,46 @@ impl Driver {
                 self.endpoint.handle_child_traffic(id, last);
             }
             self.publish(id);
+        }
+    }
+}
+
+impl Driver {
+    /// Marks a dynamic eroute used when its tunnel carried traffic since the last pass, and
+    /// deletes a tunnel idle for longer than its eroute's `inactivityTimeout`.
+    fn track_use(&mut self, id: u64, now: Instant) {
+        let Some(rec) = self.sas.get_mut(&id) else {
+            return;
+        };
+        if rec.established_at.is_none() {
+            return;
+        }
+        let bytes: u64 = rec
+            .children
+            .iter()
+            .map(|c| {
+                use std::sync::atomic::Ordering::Relaxed;
+                c.counters.bytes_in.load(Relaxed) + c.counters.bytes_out.load(Relaxed)
+            })
+            .sum();
+        if bytes != rec.last_bytes {
+            rec.last_bytes = bytes;
+            rec.last_traffic = now;
+            if let Some(egroup) = &rec.egroup {
+                self.egroups.touch(egroup, &rec.peer_id, now);
+            }
+            return;
+        }
+        let timeout = rec
+            .eroute
+            .as_ref()
+            .and_then(|n| self.gateway.config.set.eroutes.get(n))
+            .and_then(|e| e.inactivity_timeout);
+        if let Some(timeout) = timeout
+            && now.saturating_duration_since(rec.last_traffic) >= timeout
+        {
+            tracing::info!(peer_id = %rec.peer_id, ?timeout, "tunnel idle: deleted");
+            self.endpoint.delete(id, now);
         }
     }
 }

@@ -7,6 +7,7 @@ pub mod config;
 pub mod control;
 pub mod cpu;
 pub mod dataplane;
+pub mod egroups;
 pub mod eroute;
 pub mod metrics;
 pub mod secret;
@@ -37,6 +38,8 @@ pub enum StartError {
     Telemetry(#[from] concentrator_telemetry::TelemetryError),
     #[error(transparent)]
     Control(#[from] control::ControlError),
+    #[error("egroup site store: {0}")]
+    EgroupStore(sitedb::SiteDbError),
     #[error("cannot listen for the admin API on {addr}: {source}")]
     AdminBind {
         addr: SocketAddr,
@@ -110,9 +113,13 @@ pub async fn start(opts: &Options, config: Config) -> Result<Running, StartError
     let control = if opts.no_tunnels {
         None
     } else {
+        let egroups = egroups::Egroups::open(&gateway.config, &site_store)
+            .await
+            .map_err(StartError::EgroupStore)?;
         Some(
             control::start(
                 gateway.clone(),
+                egroups,
                 control::ControlOptions {
                     listen: opts.ike_listen,
                     ike_port: opts.ike_port,

@@ -16,6 +16,17 @@ pub struct MethodLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EgroupReasonLabel {
+    pub egroup: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EgroupLabel {
+    pub egroup: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
     pub reason: String,
 }
@@ -67,6 +78,11 @@ pub struct Metrics {
     /// IKE messages dropped without an answer, by reason.
     pub ike_dropped: Family<ReasonLabel, Counter>,
     pub dataplane: DataplaneCounters,
+    /// Site lookups that gave no usable site, by egroup and reason (not_found, timeout,
+    /// unreachable, malformed).
+    pub egroup_lookup_failures: Family<EgroupReasonLabel, Counter>,
+    /// Dynamic eroutes this pod holds, by egroup.
+    pub dynamic_eroutes: Family<EgroupLabel, Gauge>,
 }
 
 impl Metrics {
@@ -112,6 +128,16 @@ impl Metrics {
             "IKE messages dropped without an answer, by reason",
             self.ike_dropped.clone(),
         );
+        r.register(
+            "egroup_lookup_failures",
+            "Site lookups that gave no usable site, by egroup and reason",
+            self.egroup_lookup_failures.clone(),
+        );
+        r.register(
+            "dynamic_eroutes",
+            "Dynamic eroutes this pod holds, by egroup",
+            self.dynamic_eroutes.clone(),
+        );
         let d = &self.dataplane;
         r.register(
             "esp_packets_in",
@@ -148,6 +174,15 @@ impl Metrics {
     pub fn count_ike_failure(&self, reason: &str) {
         self.ike_failures
             .get_or_create(&ReasonLabel {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn count_lookup_failure(&self, egroup: &str, reason: &str) {
+        self.egroup_lookup_failures
+            .get_or_create(&EgroupReasonLabel {
+                egroup: egroup.to_owned(),
                 reason: reason.to_owned(),
             })
             .inc();

@@ -729,6 +729,11 @@ impl Responder {
         }
     }
 
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
     /// Replaces the configuration once the peer is identified ([`Event::PeerIdentified`]):
     /// the eroute its identity selects (for a site from a database, the base eroute with the
     /// site's subnet) decides the CHILD SA, our identity and the timers from here on. The IKE

@@ -58,6 +58,11 @@ impl DynamicTable {
         Some(e)
     }
 
+    /// Whether the table holds a dynamic eroute for `peer_id` (without marking it used).
+    pub fn contains_peer(&self, peer_id: &str) -> bool {
+        self.by_peer.contains(peer_id)
+    }
+
     /// The dynamic eroute whose subnet holds `subnet` (destination & egroup mask), marked used.
     pub fn get_by_subnet(&mut self, subnet: IpNet, now: Instant) -> Option<&DynamicEroute> {
         let peer = self.by_subnet.get(&subnet.trunc())?.clone();

@@ -1,0 +1,174 @@
+//! The egroup engine of the responder path (DESIGN.md, "The two lookup paths"): a peer whose
+//! identity matches an egroup's base eroute is looked up in that egroup's site table, and a
+//! dynamic eroute (base eroute + row) is built for it, bounded per egroup by
+//! `maxDynamicEroutes` (least recently used out first, see `eroute::lru`).
+//!
+//! Lookups run as tasks off the IKE task ([`Egroups::lookup_by_peer`] returns a future), so a
+//! slow database delays only the sites waiting for it; concurrent lookups of one site share a
+//! query and a missing or malformed site is remembered briefly (`sitedb::cache`).
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use concentrator_crds::egroup::{DatabaseLocation, ValidatedEgroup};
+use ipnet::IpNet;
+
+use crate::config::Config;
+use crate::eroute::lru::{DynamicEroute, DynamicTable};
+use crate::sitedb::cache::{Key, LookupCache};
+use crate::sitedb::{LookupError, Site, SiteDbError, SiteStore};
+
+/// How long a missing or malformed site is remembered.
+pub const NEGATIVE_TTL: Duration = Duration::from_secs(5);
+/// At most this many remembered failures.
+const MAX_NEGATIVE: usize = 100_000;
+
+struct Egroup {
+    spec: ValidatedEgroup,
+    store: SiteStore,
+    table: DynamicTable,
+}
+
+/// Every egroup of the configuration, with its site store and dynamic eroutes.
+pub struct Egroups {
+    groups: BTreeMap<String, Egroup>,
+    cache: Arc<LookupCache>,
+}
+
+impl Egroups {
+    /// Opens each egroup's site store: the gateway's own (`default_store`), or the one its
+    /// `database.url` / `urlSecretRef` names. MySQL pools connect lazily, so a database that
+    /// is down now does not stop the gateway; its sites fail until it is back.
+    pub async fn open(config: &Config, default_store: &SiteStore) -> Result<Self, SiteDbError> {
+        let mut groups = BTreeMap::new();
+        for (name, spec) in &config.set.egroups {
+            let store = match &spec.database {
+                DatabaseLocation::Embedded => default_store.clone(),
+                DatabaseLocation::Url(url) => SiteStore::open_url(url.expose(), spec.timeout).await?,
+                DatabaseLocation::Secret(_) => {
+                    let url = config
+                        .egroup_db_urls
+                        .get(name)
+                        .map(|s| String::from_utf8_lossy(s.expose()).into_owned())
+                        .unwrap_or_default();
+                    SiteStore::open_url(url.trim(), spec.timeout).await?
+                }
+            };
+            let capacity = NonZeroUsize::new(spec.max_dynamic_eroutes as usize).unwrap_or(NonZeroUsize::MIN);
+            groups.insert(
+                name.clone(),
+                Egroup {
+                    spec: spec.clone(),
+                    store,
+                    table: DynamicTable::new(capacity),
+                },
+            );
+        }
+        Ok(Self {
+            groups,
+            cache: Arc::new(LookupCache::new(NEGATIVE_TTL, MAX_NEGATIVE)),
+        })
+    }
+
+    /// Whether `egroup` holds a dynamic eroute for `peer_id`.
+    pub fn has_dynamic(&self, egroup: &str, peer_id: &str) -> bool {
+        self.groups
+            .get(egroup)
+            .is_some_and(|g| g.table.contains_peer(peer_id))
+    }
+
+    /// The site row of `peer_id` in `egroup`'s table, as a future that owns what it needs.
+    pub fn lookup_by_peer(
+        &self,
+        egroup: &str,
+        peer_id: &str,
+        now: Instant,
+    ) -> impl Future<Output = Result<Site, LookupError>> + Send + 'static {
+        let group = self.groups.get(egroup).map(|g| (g.store.clone(), g.spec.clone()));
+        let cache = self.cache.clone();
+        let (egroup, peer_id) = (egroup.to_owned(), peer_id.to_owned());
+        async move {
+            let Some((store, spec)) = group else {
+                return Err(LookupError::NotFound);
+            };
+            let key = Key::PeerId {
+                egroup,
+                peer_id: peer_id.clone(),
+            };
+            cache
+                .get(key, now, || async move {
+                    store
+                        .site_by_peer_id(
+                            &spec.site_table,
+                            &peer_id,
+                            spec.remote_subnet_prefix,
+                            spec.timeout,
+                        )
+                        .await
+                })
+                .await
+        }
+    }
+
+    /// Records the dynamic eroute of an authenticated site; returns the ones evicted to keep
+    /// more than 10% of the table free (their SAs must go).
+    pub fn insert(
+        &mut self,
+        egroup: &str,
+        base_eroute: &str,
+        peer_id: &str,
+        remote_subnet: IpNet,
+        peer_address: Option<String>,
+        now: Instant,
+    ) -> Vec<DynamicEroute> {
+        let Some(g) = self.groups.get_mut(egroup) else {
+            return Vec::new();
+        };
+        g.table.insert(DynamicEroute {
+            peer_id: peer_id.to_owned(),
+            egroup: egroup.to_owned(),
+            base_eroute: base_eroute.to_owned(),
+            remote_subnet,
+            peer_address,
+            last_used: now,
+        })
+    }
+
+    /// Marks the site's dynamic eroute as used (it carried traffic).
+    pub fn touch(&mut self, egroup: &str, peer_id: &str, now: Instant) {
+        if let Some(g) = self.groups.get_mut(egroup) {
+            let _ = g.table.get_by_peer(peer_id, now);
+        }
+    }
+
+    /// Forgets the site's dynamic eroute (its last SA is gone).
+    pub fn remove(&mut self, egroup: &str, peer_id: &str) {
+        if let Some(g) = self.groups.get_mut(egroup) {
+            g.table.remove(peer_id);
+        }
+    }
+
+    /// Dynamic eroutes per egroup.
+    pub fn counts(&self) -> impl Iterator<Item = (&str, usize)> {
+        self.groups.iter().map(|(n, g)| (n.as_str(), g.table.len()))
+    }
+
+    /// The site's subnet must lie inside the base eroute's remote subnet: a row cannot widen
+    /// what the head-end configured.
+    pub fn check_subnet(site: &Site, base_remote: IpNet) -> Result<(), LookupError> {
+        if base_remote.contains(&site.remote_subnet) {
+            Ok(())
+        } else {
+            Err(LookupError::Malformed {
+                column: "remote_subnet".into(),
+                reason: format!(
+                    "{} is outside the base eroute's {base_remote}",
+                    site.remote_subnet
+                ),
+            })
+        }
+    }
+}
