@@ -67,7 +67,7 @@ impl MariaDb {
         // Run by mariadbd before it accepts connections (bootstrap runs with
         // --skip-grant-tables, where CREATE USER is refused). Idempotent: a start that failed
         // to bind may be retried on the same data dir.
-        let init = scratch::write(
+        scratch::write(
             &path,
             "init.sql",
             &format!(
@@ -82,23 +82,7 @@ impl MariaDb {
 
         ports::start_on_free_ports("mariadbd", ATTEMPTS, |_| {
             let port = ports::free_tcp_port()?;
-            let mut cmd = Command::new(tools::MARIADBD.path());
-            cmd.arg("--no-defaults")
-                .arg(format!("--datadir={}", data.display()))
-                .arg(format!("--socket={}", socket.display()))
-                .arg(format!("--port={port}"))
-                .arg(format!("--pid-file={}", path.join("mariadbd.pid").display()))
-                .arg(format!("--log-error={}", error_log.display()))
-                .arg(format!("--init-file={}", init.display()))
-                .arg(format!("--tmpdir={}", path.display()))
-                .args([
-                    "--bind-address=127.0.0.1",
-                    "--user=root",
-                    "--skip-name-resolve",
-                    "--innodb-log-file-size=4M",
-                    "--innodb-buffer-pool-size=32M",
-                ]);
-            let mut daemon = Daemon::spawn("mariadbd", cmd, &path.join("mariadbd.out"))?;
+            let mut daemon = spawn_server(&path, port)?;
             match wait_greeting(&mut daemon, port, &error_log) {
                 Ok(()) => Ok(ports::Attempt::Started((daemon, port))),
                 Err(e) => ports::failed_start(&mut daemon, e, &error_log),
@@ -112,6 +96,20 @@ impl MariaDb {
             password,
             dir: Some(dir),
         })
+    }
+
+    /// Stops the server at once (SIGKILL): a database outage.
+    pub fn stop(&mut self) {
+        self.daemon.kill();
+    }
+
+    /// Starts the server again on the same data, port and socket, after [`Self::stop`].
+    pub fn restart(&mut self) -> Result<()> {
+        let path = self.socket.parent().map(Path::to_path_buf).unwrap_or_default();
+        let mut daemon = spawn_server(&path, self.port)?;
+        wait_greeting(&mut daemon, self.port, &self.error_log)?;
+        self.daemon = daemon;
+        Ok(())
     }
 
     /// `mysql://e2e:PASSWORD@127.0.0.1:PORT/e2e`.
@@ -197,4 +195,25 @@ fn greeting(addr: SocketAddr) -> Result<String, String> {
         )),
         other => Err(format!("unexpected first byte {other:?}")),
     }
+}
+
+/// `mariadbd` on the data dir under `path`, listening on `port` and `path/mysqld.sock`.
+fn spawn_server(path: &Path, port: u16) -> Result<Daemon> {
+    let mut cmd = Command::new(tools::MARIADBD.path());
+    cmd.arg("--no-defaults")
+        .arg(format!("--datadir={}", path.join("data").display()))
+        .arg(format!("--socket={}", path.join("mysqld.sock").display()))
+        .arg(format!("--port={port}"))
+        .arg(format!("--pid-file={}", path.join("mariadbd.pid").display()))
+        .arg(format!("--log-error={}", path.join("error.log").display()))
+        .arg(format!("--init-file={}", path.join("init.sql").display()))
+        .arg(format!("--tmpdir={}", path.display()))
+        .args([
+            "--bind-address=127.0.0.1",
+            "--user=root",
+            "--skip-name-resolve",
+            "--innodb-log-file-size=4M",
+            "--innodb-buffer-pool-size=32M",
+        ]);
+    Daemon::spawn("mariadbd", cmd, &path.join("mariadbd.out"))
 }

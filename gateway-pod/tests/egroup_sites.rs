@@ -461,3 +461,43 @@ fn max_dynamic_eroutes_bounds_the_table_and_evicted_sites_reconnect() -> Result<
     ensure!(count <= f64::from(max), "{count} dynamic eroutes");
     Ok(())
 }
+
+#[test]
+fn a_database_outage_keeps_tunnels_up_and_new_sites_connect_once_it_is_back() -> Result<()> {
+    if required() {
+        return Ok(());
+    }
+    let mut db = MariaDb::start()?;
+    let sites = psks(2);
+    let h = Headend::start(&Store::MariaDb(&db), 100, &sites, &[])?;
+    let up = h.site(1, &sites[0].1, StartAction::None)?;
+    let late = h.site(2, &sites[1].1, StartAction::None)?;
+    connect_and_ping(&h, &up)?;
+
+    db.stop();
+    // The established tunnel does not need the database.
+    ping_both_ways(&h, &up)?;
+    // A new site fails cleanly, with the reason counted.
+    let _ = late.charon.initiate("gw");
+    let log = late.charon.log_path().to_owned();
+    wait::until("the new site to be refused during the outage", TIMEOUT, || {
+        Ok(if logs::contains(&log, "AUTHENTICATION_FAILED") {
+            Probe::Ready(())
+        } else {
+            Probe::pending(late.charon.log_tail(5))
+        })
+    })
+    .with_context(|| h.gateway.log_tail(30))?;
+    let outage = h.metric(
+        "concentrator_gateway_egroup_lookup_failures_total{egroup=\"branches\",reason=\"unreachable\"}",
+    )? + h.metric(
+        "concentrator_gateway_egroup_lookup_failures_total{egroup=\"branches\",reason=\"timeout\"}",
+    )?;
+    ensure!(outage >= 1.0, "outage not counted:\n{}", h.gateway.log_tail(30));
+
+    // Back, without a gateway restart: the site connects (an outage is not cached).
+    db.restart()?;
+    connect_and_ping(&h, &late)?;
+    ping_both_ways(&h, &up)?;
+    h.wait_metric("concentrator_gateway_ike_sas_established", 2.0)
+}
