@@ -28,12 +28,14 @@
 
 pub mod auth;
 pub mod endpoint;
+pub mod initiator;
 pub mod message;
 pub mod nat;
 pub mod negotiate;
 pub mod payload;
 pub mod responder;
 
+pub use initiator::Initiator;
 pub use message::Message;
 pub use message::codepoints::*;
 pub use message::error::{InvalidMessage, notify_for};

@@ -60,8 +60,8 @@
 //! liveness checks (rekeying and deleting are the peer's job), MOBIKE, configuration payloads.
 
 mod create_child;
-mod informational;
-mod session;
+pub(crate) mod informational;
+pub(crate) mod session;
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -141,7 +141,7 @@ impl Retransmit {
 }
 
 /// `now + d` without panicking on overflow (a far-future deadline instead).
-fn deadline(now: Instant, d: Duration) -> Instant {
+pub(crate) fn deadline(now: Instant, d: Duration) -> Instant {
     now.checked_add(d)
         .or_else(|| now.checked_add(Duration::from_secs(u64::from(u32::MAX))))
         .unwrap_or(now)
@@ -553,9 +553,9 @@ impl NotifyFields {
 
 /// A CHILD SA of the IKE SA, by its two SPIs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct ChildRef {
-    spi_in: u32,
-    spi_out: u32,
+pub(crate) struct ChildRef {
+    pub(crate) spi_in: u32,
+    pub(crate) spi_out: u32,
 }
 
 /// The IKE_SA_INIT exchange: IKE_AUTH signs it (RFC 7296 §2.15) and its nonces key the
@@ -706,7 +706,10 @@ impl<'a> AuthRequest<'a> {
 }
 
 /// A random SPI of at least `min`; a generator that keeps producing smaller values is broken.
-fn random_spi<const N: usize>(entropy: &mut dyn Entropy, min: u64) -> Result<[u8; N], CryptoError> {
+pub(crate) fn random_spi<const N: usize>(
+    entropy: &mut dyn Entropy,
+    min: u64,
+) -> Result<[u8; N], CryptoError> {
     for _ in 0..16 {
         let mut b = [0u8; N];
         entropy.fill(&mut b)?;

@@ -8,13 +8,13 @@ use super::ChildRef;
 
 /// What an INFORMATIONAL request asks for.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub(super) struct Informational {
+pub(crate) struct Informational {
     /// The peer deletes the IKE SA the request came on.
-    pub(super) delete_ike: bool,
+    pub(crate) delete_ike: bool,
     /// The CHILD SAs the peer deleted, removed from the IKE SA's list.
-    pub(super) deleted: Vec<ChildRef>,
+    pub(crate) deleted: Vec<ChildRef>,
     /// Error notifications, for the caller to report.
-    pub(super) errors: Vec<NotifyType>,
+    pub(crate) errors: Vec<NotifyType>,
 }
 
 /// Applies the request's Delete payloads to `children` and collects its error notifies.
@@ -23,7 +23,7 @@ pub(super) struct Informational {
 /// inbound ESP or AH packets", which is our outbound SPI. SPIs we do not know are ignored
 /// (the CHILD SA may be gone already: §1.4.1 lets both ends delete at once). We have no AH
 /// SAs, so AH deletes are ignored as well.
-pub(super) fn process(inner: &[Payload<'_>], children: &mut Vec<ChildRef>) -> Informational {
+pub(crate) fn process(inner: &[Payload<'_>], children: &mut Vec<ChildRef>) -> Informational {
     let mut out = Informational::default();
     for p in inner {
         match p {

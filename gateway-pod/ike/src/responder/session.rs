@@ -17,32 +17,35 @@ use crate::message::codepoints::{ExchangeType, PayloadType};
 use crate::message::header::{Flags, Header};
 use crate::payload::{self, Payload, Sk};
 
-/// The keys and SPIs of one IKE SA. We are always its responder: the peer started it with
-/// IKE_SA_INIT or, for a rekeyed SA, with the CREATE_CHILD_SA request that made it (RFC 7296
-/// §3.1, the I flag "changes to reflect who initiated the last rekey of the IKE SA"), so
-/// SK_ei/SK_ai open what the peer sends and SK_er/SK_ar seal ours.
-pub(super) struct IkeSa {
-    pub(super) spi_i: u64,
-    pub(super) spi_r: u64,
-    pub(super) prf: Prf,
-    pub(super) keys: IkeSaKeys,
+/// The keys and SPIs of one IKE SA. The responder is always its responder: the peer started it
+/// with IKE_SA_INIT or, for a rekeyed SA, with the CREATE_CHILD_SA request that made it (RFC
+/// 7296 §3.1, the I flag "changes to reflect who initiated the last rekey of the IKE SA"), so
+/// SK_ei/SK_ai open what the peer sends and SK_er/SK_ar seal ours. The initiator
+/// ([`crate::initiator`]) builds its SA with [`IkeSa::new_initiator`], the other way round.
+pub(crate) struct IkeSa {
+    pub(crate) spi_i: u64,
+    pub(crate) spi_r: u64,
+    pub(crate) prf: Prf,
+    pub(crate) keys: IkeSaKeys,
     /// SK_ei/SK_ai: opens the initiator's messages.
     rx: SkCipher,
     /// SK_er/SK_ar: seals ours.
     tx: SkCipher,
-    pub(super) nat_detected: bool,
+    pub(crate) nat_detected: bool,
+    /// We are the original initiator: our messages carry the I flag.
+    initiator: bool,
 }
 
 /// A message of this IKE SA whose ICV verified, with its decrypted inner payload chain.
-pub(super) struct Opened {
-    pub(super) header: Header,
-    pub(super) first_inner: PayloadType,
-    pub(super) plain: Vec<u8>,
+pub(crate) struct Opened {
+    pub(crate) header: Header,
+    pub(crate) first_inner: PayloadType,
+    pub(crate) plain: Vec<u8>,
 }
 
 impl IkeSa {
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn new(
+    pub(crate) fn new(
         spi_i: u64,
         spi_r: u64,
         prf: Prf,
@@ -61,31 +64,63 @@ impl IkeSa {
             rx,
             tx,
             nat_detected,
+            initiator: false,
+        })
+    }
+
+    /// The SA as its original initiator sees it: SK_er/SK_ar open the peer's messages,
+    /// SK_ei/SK_ai seal ours, and our messages carry the I flag.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new_initiator(
+        spi_i: u64,
+        spi_r: u64,
+        prf: Prf,
+        encryption: Encryption,
+        integrity: Option<Integrity>,
+        keys: IkeSaKeys,
+        nat_detected: bool,
+    ) -> Result<Self, CryptoError> {
+        let rx = SkCipher::new(encryption, integrity, keys.sk_er.expose(), keys.sk_ar.expose())?;
+        let tx = SkCipher::new(encryption, integrity, keys.sk_ei.expose(), keys.sk_ai.expose())?;
+        Ok(Self {
+            spi_i,
+            spi_r,
+            prf,
+            keys,
+            rx,
+            tx,
+            nat_detected,
+            initiator: true,
         })
     }
 
     /// Whether a header carries this SA's SPIs.
-    pub(super) fn matches(&self, h: &Header) -> bool {
+    pub(crate) fn matches(&self, h: &Header) -> bool {
         h.spi_i == self.spi_i && h.spi_r == self.spi_r
     }
 
-    /// A header of ours: the I flag is always clear (we are the original responder, RFC 7296
-    /// §3.1: "This bit MUST be set in messages sent by the original initiator of the IKE SA
-    /// and MUST be cleared in messages sent by the original responder"), R set on responses.
-    pub(super) fn header(&self, exchange: ExchangeType, message_id: u32, response: bool) -> Header {
+    /// A header of ours: the I flag only on the original initiator's side (RFC 7296 §3.1:
+    /// "This bit MUST be set in messages sent by the original initiator of the IKE SA and
+    /// MUST be cleared in messages sent by the original responder"), R set on responses.
+    pub(crate) fn header(&self, exchange: ExchangeType, message_id: u32, response: bool) -> Header {
+        let role = if self.initiator {
+            Flags::INITIATOR
+        } else {
+            Flags::NONE
+        };
         Header {
             spi_i: self.spi_i,
             spi_r: self.spi_r,
             next_payload: PayloadType::NONE,
             exchange,
-            flags: if response { Flags::RESPONSE } else { Flags::NONE },
+            flags: role | if response { Flags::RESPONSE } else { Flags::NONE },
             message_id,
             length: 0,
         }
     }
 
     /// An encrypted message holding `inner` (RFC 7296 §3.14).
-    pub(super) fn seal(&mut self, header: Header, inner: &[Payload<'_>]) -> Result<Vec<u8>, PacketError> {
+    pub(crate) fn seal(&mut self, header: Header, inner: &[Payload<'_>]) -> Result<Vec<u8>, PacketError> {
         let mut plain = Vec::new();
         payload::encode_chain(inner, &mut plain);
         let body_len = self.tx.body_len(plain.len());
@@ -110,7 +145,7 @@ impl IkeSa {
     /// Decodes `datagram`, verifies its SK payload and decrypts it. RFC 7296 §3.14: the ICV
     /// is checked before anything is decrypted, and a message that fails it is dropped; an
     /// unprotected message is dropped too (anyone who saw the SPIs could have sent it).
-    pub(super) fn open(&self, datagram: &[u8]) -> Result<Opened, Error> {
+    pub(crate) fn open(&self, datagram: &[u8]) -> Result<Opened, Error> {
         let msg = Message::decode(datagram)?;
         let sk = match msg.payloads.last() {
             Some(Payload::Sk(sk)) => *sk,
@@ -134,14 +169,14 @@ impl IkeSa {
 }
 
 /// A request of the peer and our response to it.
-pub(super) struct Answered {
-    pub(super) message_id: u32,
-    pub(super) request: Vec<u8>,
-    pub(super) response: Vec<u8>,
+pub(crate) struct Answered {
+    pub(crate) message_id: u32,
+    pub(crate) request: Vec<u8>,
+    pub(crate) response: Vec<u8>,
 }
 
 /// Our request in flight.
-pub(super) struct Pending {
+pub(crate) struct Pending {
     message_id: u32,
     exchange: ExchangeType,
     datagram: Vec<u8>,
@@ -152,7 +187,7 @@ pub(super) struct Pending {
 }
 
 /// How a request of the peer fits the window.
-pub(super) enum Window<'a> {
+pub(crate) enum Window<'a> {
     /// The next request: process it.
     New,
     /// The request we answered last, again: resend this response.
@@ -162,7 +197,7 @@ pub(super) enum Window<'a> {
 }
 
 /// What a timer did to our request in flight.
-pub(super) enum Retry {
+pub(crate) enum Retry {
     /// Nothing due.
     Idle,
     /// Send this datagram again.
@@ -174,8 +209,8 @@ pub(super) enum Retry {
 }
 
 /// An established IKE SA and its Message ID windows.
-pub(super) struct Session {
-    pub(super) sa: IkeSa,
+pub(crate) struct Session {
+    pub(crate) sa: IkeSa,
     /// The Message ID the peer's next request carries. `u64` so that after a request with
     /// ID 2^32-1 nothing matches any more: RFC 7296 §2.2, "In the unlikely event that
     /// Message IDs grow too large to fit in 32 bits, the IKE SA MUST be closed or rekeyed."
@@ -193,7 +228,7 @@ impl Session {
     /// A session whose peer has sent requests up to `last` (the IKE_AUTH exchange for the
     /// first IKE SA; nothing for a rekeyed one, whose counters start at zero: RFC 7296 §2.18,
     /// "The new IKE SA MUST reset its message counters to 0").
-    pub(super) fn new(sa: IkeSa, last: Option<Answered>) -> Self {
+    pub(crate) fn new(sa: IkeSa, last: Option<Answered>) -> Self {
         let rx_next = last.as_ref().map_or(0, |a| u64::from(a.message_id) + 1);
         Self {
             sa,
@@ -204,11 +239,24 @@ impl Session {
         }
     }
 
+    /// The session of an IKE SA we initiated, right after IKE_SA_INIT: that request used
+    /// Message ID 0, so our next one (IKE_AUTH) is 1, and the peer's first request will carry
+    /// 0 (RFC 7296 §2.2: each end counts its own requests).
+    pub(crate) fn for_initiator(sa: IkeSa) -> Self {
+        Self {
+            sa,
+            rx_next: 0,
+            last: None,
+            tx_next: 1,
+            pending: None,
+        }
+    }
+
     /// Where a request with `message_id` stands. A retransmission must be "bitwise identical
     /// to the original request" (RFC 7296 §2.1), so only an identical datagram is answered
     /// from the cache, and nothing is recomputed: "The responder MUST never retransmit a
     /// response unless it receives a retransmission of the request."
-    pub(super) fn window(&self, message_id: u32, datagram: &[u8]) -> Window<'_> {
+    pub(crate) fn window(&self, message_id: u32, datagram: &[u8]) -> Window<'_> {
         let id = u64::from(message_id);
         if id == self.rx_next {
             return Window::New;
@@ -227,7 +275,7 @@ impl Session {
 
     /// Seals our response to the request `message_id`, caches it with the request and moves
     /// the window on; returns the datagram to send.
-    pub(super) fn respond(
+    pub(crate) fn respond(
         &mut self,
         exchange: ExchangeType,
         message_id: u32,
@@ -247,23 +295,23 @@ impl Session {
 
     /// Takes the last request and our response, to answer its retransmission once this
     /// session is gone.
-    pub(super) fn take_last(&mut self) -> Option<(Vec<u8>, Vec<u8>)> {
+    pub(crate) fn take_last(&mut self) -> Option<(Vec<u8>, Vec<u8>)> {
         self.last.take().map(|a| (a.request, a.response))
     }
 
     /// When the request in flight is due for retransmission or abandonment.
-    pub(super) fn pending_deadline(&self) -> Option<Instant> {
+    pub(crate) fn pending_deadline(&self) -> Option<Instant> {
         self.pending.as_ref().map(|p| p.deadline)
     }
 
     /// Whether another request may start (none in flight and Message IDs left).
-    pub(super) fn can_start_request(&self) -> bool {
+    pub(crate) fn can_start_request(&self) -> bool {
         self.pending.is_none() && self.tx_next <= u64::from(u32::MAX)
     }
 
     /// Seals a request of ours holding `inner` and puts it in flight; `None` when a request
     /// is already in flight or the Message IDs are used up.
-    pub(super) fn start_request(
+    pub(crate) fn start_request(
         &mut self,
         exchange: ExchangeType,
         inner: &[Payload<'_>],
@@ -291,25 +339,25 @@ impl Session {
 
     /// Whether a response header answers our request in flight (same exchange and Message
     /// ID). The caller verifies the ICV before calling [`Self::complete_request`].
-    pub(super) fn answers_pending(&self, h: &Header) -> bool {
+    pub(crate) fn answers_pending(&self, h: &Header) -> bool {
         self.pending
             .as_ref()
             .is_some_and(|p| p.message_id == h.message_id && p.exchange == h.exchange)
     }
 
     /// The request in flight got its response.
-    pub(super) fn complete_request(&mut self) {
+    pub(crate) fn complete_request(&mut self) {
         self.pending = None;
     }
 
     /// Drops the request in flight unanswered (its IKE SA was rekeyed away).
-    pub(super) fn abandon_request(&mut self) {
+    pub(crate) fn abandon_request(&mut self) {
         self.pending = None;
     }
 
     /// Retransmits the request in flight when its timer is due (exponential back-off), or
     /// gives up after the last retransmission's wait.
-    pub(super) fn on_timer(&mut self, now: Instant, policy: &Retransmit) -> Retry {
+    pub(crate) fn on_timer(&mut self, now: Instant, policy: &Retransmit) -> Retry {
         let Some(p) = &mut self.pending else {
             return Retry::Idle;
         };

@@ -1,0 +1,1424 @@
+//! The initiator side of an IKEv2 SA authenticated with a pre-shared key: IKE_SA_INIT +
+//! IKE_AUTH (RFC 7296 §1.2) ending in an IKE SA and its first CHILD SA, then what the peer
+//! asks on it — INFORMATIONAL requests (§1.4: liveness checks, deletes) — and the liveness
+//! checks this side starts (§2.4). The mirror of [`crate::responder`], sharing its IKE SA
+//! sealing, Message ID windows, retransmission policy and CHILD SA type.
+//!
+//! Sans-IO like the responder: [`Initiator::connect`] queues the IKE_SA_INIT request;
+//! datagrams go in through [`Initiator::handle_datagram`] and expired timers through
+//! [`Initiator::handle_timeout`]; datagrams to send come out of [`Initiator::poll_transmit`]
+//! (IKE bytes without the non-ESP marker of port 4500: the caller adds it when
+//! [`Transmit::local`] is a NAT-T port), events out of [`Initiator::poll_event`], the next
+//! deadline out of [`Initiator::poll_timeout`]. Time is an argument, randomness comes from
+//! the caller's [`Entropy`]. The states consume themselves (`ExpectInit` → `ExpectAuth` →
+//! `Established`, or `Closed` after a failure, a deletion or a dead peer).
+//!
+//! # IKE_SA_INIT
+//!
+//! The request offers every configured IKE proposal in order and a KE payload for the first
+//! group of the first proposal (RFC 7296 §1.2: the initiator guesses the group), plus the NAT
+//! detection notifies (§2.23). Two answers make us send it again, with the same SPI and nonce,
+//! at most [`Config::max_init_retries`] times in all:
+//! - N(COOKIE) (§2.6): the same request with the cookie as its first payload;
+//! - INVALID_KE_PAYLOAD (§1.2) naming a group we offered: a new key pair for that group
+//!   (keeping a cookie we were given, as in §2.6.1).
+//!
+//! Any other error notify fails the negotiation ([`Error::Refused`]). A response that is
+//! malformed or not for our request is dropped and the request stays in flight.
+//!
+//! # IKE_AUTH and the port float
+//!
+//! When the NAT detection hashes show a NAT, or [`NatTraversal::force`] is set, every later
+//! message of the SA goes from our NAT-T port to the peer's (§2.23: the initiator "MUST
+//! tunnel all future IKE and ESP packets associated with this IKE SA over UDP port 4500"),
+//! and the CHILD SA is UDP-encapsulated. The IKE_AUTH request carries IDi, IDr (when the
+//! peer's identity is configured), AUTH, SAi2, TSi and TSr (the configured subnets whole).
+//! The response must authenticate the peer (IDr as configured, AUTH with the PSK) and pick
+//! from what we offered (one proposal of ours, selectors inside ours, §2.9).
+//!
+//! An authenticated response that refuses the CHILD SA (NO_PROPOSAL_CHOSEN,
+//! TS_UNACCEPTABLE, ...; §2.21.2: the IKE SA is then established without it) fails the
+//! negotiation as well: this initiator's IKE SA exists to carry that CHILD SA, so it deletes
+//! the IKE SA (one INFORMATIONAL request, not waited for) rather than keep it idle. A peer
+//! whose AUTH does not verify is told so with an INFORMATIONAL AUTHENTICATION_FAILED
+//! (§2.21.2: "the notification MAY be returned in a separate INFORMATIONAL exchange").
+//!
+//! # Timers
+//!
+//! [`Initiator::poll_timeout`] is the earliest of: the retransmission of the request in flight
+//! (IKE_SA_INIT, IKE_AUTH or a liveness check, [`Retransmit`] back-off; the last one
+//! unanswered fails the negotiation or, once established, deletes the SA as a dead peer), and
+//! the next liveness check ([`Config::dpd_interval`]).
+//!
+//! Not here: rekeying (CREATE_CHILD_SA requests of the peer are declined with
+//! NO_ADDITIONAL_SAS, RFC 7296 §1.3; none are started), more CHILD SAs, certificates, EAP,
+//! configuration payloads, fragmentation, MOBIKE.
+
+mod offer;
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::mem;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use concentrator_crds::proposal::{EspProposal, IkeProposal};
+use concentrator_crypto::{ChildSaKeys, CryptoError, IkeSaKeys, KeyExchange, PacketError, Prf, SecretBytes};
+use ipnet::IpNet;
+
+use crate::Message;
+use crate::auth::{psk_auth, signed_octets, verify_psk_auth};
+use crate::message::codepoints::{
+    AuthMethod, DhGroup as WireGroup, ExchangeType, NotifyType, PayloadType, ProtocolId,
+};
+use crate::message::error::InvalidMessage;
+use crate::message::header::{Flags, Header};
+use crate::nat::{behind_nat, nat_detection_hash};
+use crate::negotiate::dh_group;
+use crate::payload::{self, Auth, Delete, Ke, Nonce, Notify, Payload, Ts};
+use crate::responder::informational;
+use crate::responder::session::{IkeSa, Retry, Session, Window};
+use crate::responder::{
+    self, ChildRef, ChildSa, DeleteReason, Entropy, IdBuf, NONCE_LEN, Retransmit, Transmit, deadline,
+    random_spi,
+};
+
+/// RFC 7296 §2.6: "the initiator MUST then retry the IKE_SA_INIT request [...]"; the cookie
+/// it echoes is "between 1 and 64 octets".
+const COOKIE_LEN: std::ops::RangeInclusive<usize> = 1..=64;
+
+/// When the initiator moves to the NAT traversal ports (RFC 7296 §2.23).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NatTraversal {
+    /// Float after IKE_SA_INIT even without a NAT. RFC 7296 §2.23: "An initiator can use port
+    /// 4500 for both IKE and ESP, regardless of whether or not there is a NAT".
+    pub force: bool,
+    /// Our port after the float (the caller's second socket).
+    pub local_port: u16,
+    /// The peer's port after the float.
+    pub remote_port: u16,
+}
+
+impl Default for NatTraversal {
+    /// Float only when a NAT is detected, from and to port 4500.
+    fn default() -> Self {
+        Self {
+            force: false,
+            local_port: 4500,
+            remote_port: 4500,
+        }
+    }
+}
+
+/// What the initiator proposes and expects.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// IKE SA proposals, most preferred first; the first group of the first one is our KE
+    /// guess.
+    pub ike_proposals: Vec<IkeProposal>,
+    /// ESP proposals of the first CHILD SA, most preferred first (their DH groups are not
+    /// offered: IKE_AUTH has no PFS).
+    pub esp_proposals: Vec<EspProposal>,
+    /// Our side of the tunnel: TSi.
+    pub local_subnet: IpNet,
+    /// The peer's side: TSr.
+    pub remote_subnet: IpNet,
+    /// Our identity (IDi).
+    pub local_id: IdBuf,
+    /// The peer's identity: sent as IDr and required in its response; `None` accepts any.
+    pub remote_id: Option<IdBuf>,
+    /// Lifetime of the CHILD SA, reported with [`Event::ChildSaInstalled`].
+    pub child_lifetime: Duration,
+    /// Liveness checks (RFC 7296 §2.4) after this long without an authenticated message from
+    /// the peer; `None` sends none.
+    pub dpd_interval: Option<Duration>,
+    /// Retransmission of our requests.
+    pub retransmit: Retransmit,
+    /// Port float.
+    pub nat_t: NatTraversal,
+    /// IKE_SA_INIT retries on N(COOKIE) and INVALID_KE_PAYLOAD together, so that a responder
+    /// alternating them cannot keep us busy forever.
+    pub max_init_retries: u32,
+}
+
+impl Config {
+    /// Default of [`Config::max_init_retries`].
+    pub const DEFAULT_MAX_INIT_RETRIES: u32 = 5;
+
+    /// A configuration with the given proposals, subnets and identity, and defaults for the
+    /// rest: any peer identity, CHILD SA lifetime
+    /// [`responder::Config::DEFAULT_CHILD_LIFETIME`], no liveness checks,
+    /// [`Retransmit::default`], float on NAT only, [`Self::DEFAULT_MAX_INIT_RETRIES`].
+    pub fn new(
+        ike_proposals: Vec<IkeProposal>,
+        esp_proposals: Vec<EspProposal>,
+        local_subnet: IpNet,
+        remote_subnet: IpNet,
+        local_id: IdBuf,
+    ) -> Self {
+        Self {
+            ike_proposals,
+            esp_proposals,
+            local_subnet,
+            remote_subnet,
+            local_id,
+            remote_id: None,
+            child_lifetime: responder::Config::DEFAULT_CHILD_LIFETIME,
+            dpd_interval: None,
+            retransmit: Retransmit::default(),
+            nat_t: NatTraversal::default(),
+            max_init_retries: Self::DEFAULT_MAX_INIT_RETRIES,
+        }
+    }
+}
+
+/// What the initiator reports.
+#[derive(Debug)]
+pub enum Event {
+    /// The responder is authenticated (its IDr and AUTH verified).
+    IkeSaEstablished {
+        /// Our SPI.
+        spi_i: u64,
+        /// The responder's SPI.
+        spi_r: u64,
+        /// The authenticated IDr.
+        peer_id: IdBuf,
+        /// Where the SA's messages go now (after a float, the peer's NAT-T port).
+        remote: SocketAddr,
+        /// A NAT was detected between the peers.
+        nat_detected: bool,
+    },
+    /// The first CHILD SA: `outbound` holds the initiator-to-responder keys (RFC 7296 §2.17),
+    /// `inbound` the others.
+    ChildSaInstalled(Box<ChildSa>),
+    /// A CHILD SA is gone: the peer deleted it, or its IKE SA went away.
+    ChildSaDeleted {
+        /// Our SPI.
+        spi_in: u32,
+        /// The peer's SPI.
+        spi_out: u32,
+    },
+    /// The IKE SA is gone, every CHILD SA reported with [`Event::ChildSaDeleted`] before.
+    IkeSaDeleted {
+        /// Our SPI.
+        spi_i: u64,
+        /// Why.
+        reason: DeleteReason,
+    },
+    /// A request of the peer was answered with this error notify (e.g. NO_ADDITIONAL_SAS for
+    /// a CREATE_CHILD_SA); the IKE SA stays.
+    RequestDeclined {
+        /// The request's exchange.
+        exchange: ExchangeType,
+        /// Our answer.
+        notify: NotifyType,
+    },
+    /// The peer reported an error in an INFORMATIONAL request.
+    PeerError {
+        /// The notify type.
+        notify_type: NotifyType,
+    },
+    /// The negotiation ended with this error; the initiator is closed.
+    Failed(Error),
+}
+
+/// Why a datagram was dropped or the negotiation failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The datagram is not a well-formed IKE message (dropped).
+    #[error("malformed message: {0}")]
+    Malformed(#[from] InvalidMessage),
+    /// The decrypted, authenticated inner payloads are malformed.
+    #[error("malformed encrypted payloads: {0}")]
+    MalformedInner(InvalidMessage),
+    /// A well-formed message this state does not take (dropped, state kept).
+    #[error("unexpected message: {0}")]
+    Unexpected(&'static str),
+    /// A response lacks a payload it needs.
+    #[error("missing {0} payload")]
+    MissingPayload(&'static str),
+    /// The responder answered with this error notify (AUTHENTICATION_FAILED,
+    /// NO_PROPOSAL_CHOSEN, TS_UNACCEPTABLE, ...).
+    #[error("the responder refused {exchange}: {notify}")]
+    Refused {
+        /// The exchange it refused.
+        exchange: ExchangeType,
+        /// Its notify.
+        notify: NotifyType,
+    },
+    /// The response picked something we did not offer or broke a rule of the protocol.
+    #[error("invalid response: {0}")]
+    InvalidResponse(&'static str),
+    /// The responder's identity or AUTH did not verify.
+    #[error("authentication of the responder failed: {0}")]
+    AuthenticationFailed(&'static str),
+    /// IKE_SA_INIT was retried [`Config::max_init_retries`] times.
+    #[error("IKE_SA_INIT retried {0} times (COOKIE, INVALID_KE_PAYLOAD) without success")]
+    TooManyRetries(u32),
+    /// The configuration cannot start a negotiation.
+    #[error("configuration: {0}")]
+    Config(&'static str),
+    /// Key exchange or key derivation failed.
+    #[error("crypto: {0}")]
+    Crypto(#[from] CryptoError),
+    /// The SK payload did not verify or could not be built (dropped).
+    #[error("SK payload: {0}")]
+    Packet(#[from] PacketError),
+    /// An API call not valid in the current state.
+    #[error("not valid in this state: {0}")]
+    WrongState(&'static str),
+    /// A request went unanswered through every retransmission.
+    #[error("timed out: {0}")]
+    Timeout(&'static str),
+}
+
+impl Error {
+    /// The error notify the responder answered with, for [`Error::Refused`].
+    pub fn notify(&self) -> Option<NotifyType> {
+        match self {
+            Self::Refused { notify, .. } => Some(*notify),
+            _ => None,
+        }
+    }
+
+    /// Whether the datagram was only dropped (the negotiation goes on).
+    fn is_drop(&self) -> bool {
+        matches!(self, Self::Malformed(_) | Self::Unexpected(_) | Self::Packet(_))
+    }
+}
+
+/// The errors [`IkeSa::open`] returns, in this layer's terms.
+fn opened_error(e: responder::Error) -> Error {
+    match e {
+        responder::Error::Malformed(m) => Error::Malformed(m),
+        responder::Error::Packet(p) => Error::Packet(p),
+        responder::Error::Unexpected(why) => Error::Unexpected(why),
+        _ => Error::Unexpected("message does not open"),
+    }
+}
+
+/// Waiting for the IKE_SA_INIT response.
+struct ExpectInit {
+    ni: Vec<u8>,
+    kex: KeyExchange,
+    ke_public: Vec<u8>,
+    /// The responder's cookie, echoed first in every request from now on (RFC 7296 §2.6).
+    cookie: Option<Vec<u8>>,
+    /// COOKIE and INVALID_KE_PAYLOAD retries so far.
+    retries: u32,
+    /// The request as sent last: retransmitted as is, and signed by our AUTH (§2.15).
+    request: Vec<u8>,
+    retransmits: u32,
+    deadline: Instant,
+}
+
+/// Waiting for the IKE_AUTH response (in flight in the session's window).
+struct ExpectAuth {
+    session: Session,
+    ni: Vec<u8>,
+    nr: Vec<u8>,
+    /// The IKE_SA_INIT response: the responder's AUTH signs it (§2.15).
+    init_response: Vec<u8>,
+    /// Our inbound SPI, offered in SAi2.
+    spi_in: u32,
+    /// The responder's AUTH verified: a failure from here on deletes the IKE SA.
+    peer_authenticated: bool,
+}
+
+struct Established {
+    session: Session,
+    children: Vec<ChildRef>,
+    /// When the peer was last heard from (an authenticated message, or CHILD SA traffic).
+    last_heard: Instant,
+}
+
+/// A request and our response, kept after the state that answered it is gone.
+type Cache = Option<(Vec<u8>, Vec<u8>)>;
+
+enum State {
+    ExpectInit(Box<ExpectInit>),
+    ExpectAuth(Box<ExpectAuth>),
+    Established(Box<Established>),
+    Closed(Cache),
+}
+
+/// One initiator-side IKE SA (see the module docs).
+pub struct Initiator {
+    config: Arc<Config>,
+    spi_i: u64,
+    /// Until IKE_AUTH is over; zeroized on drop.
+    psk: Option<SecretBytes>,
+    /// Where our messages go from and to: the addresses given to [`Initiator::connect`],
+    /// the NAT-T ports after a float.
+    local: SocketAddr,
+    remote: SocketAddr,
+    nat_detected: bool,
+    floated: bool,
+    state: State,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<Event>,
+}
+
+impl fmt::Debug for Initiator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match self.state {
+            State::ExpectInit(_) => "ExpectInit",
+            State::ExpectAuth(_) => "ExpectAuth",
+            State::Established(_) => "Established",
+            State::Closed(_) => "Closed",
+        };
+        f.debug_struct("Initiator")
+            .field("state", &state)
+            .field("spi_i", &format_args!("{:016x}", self.spi_i))
+            .field("local", &self.local)
+            .field("remote", &self.remote)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An INFORMATIONAL request deleting the IKE SA (RFC 7296 §1.4.1).
+fn delete_ike() -> Payload<'static> {
+    Payload::Delete(Delete {
+        protocol: ProtocolId::IKE,
+        spis: Vec::new(),
+    })
+}
+
+impl Initiator {
+    /// Starts a negotiation from `local` to `remote` authenticated with `psk`: the
+    /// IKE_SA_INIT request is queued for [`Self::poll_transmit`].
+    pub fn connect(
+        config: Arc<Config>,
+        psk: &[u8],
+        local: SocketAddr,
+        remote: SocketAddr,
+        now: Instant,
+        entropy: &mut dyn Entropy,
+    ) -> Result<Self, Error> {
+        let group = config
+            .ike_proposals
+            .first()
+            .and_then(|p| p.dh.first())
+            .copied()
+            .ok_or(Error::Config("no IKE proposal with a DH group"))?;
+        if config.esp_proposals.is_empty() {
+            return Err(Error::Config("no ESP proposal"));
+        }
+        // RFC 7296 §3.1, Initiator's SPI: "This value MUST NOT be zero."
+        let spi_i = u64::from_be_bytes(random_spi::<8>(entropy, 1)?);
+        // RFC 7296 §2.10: nonces "MUST be randomly chosen, MUST be at least 128 bits in size,
+        // and MUST be at least half the key size of the negotiated pseudorandom function".
+        let mut ni = vec![0u8; NONCE_LEN];
+        entropy.fill(&mut ni)?;
+        let kex = entropy.key_exchange(group)?;
+        let ke_public = kex.public_value()?;
+        let retransmit = config.retransmit;
+        let mut me = Self {
+            config,
+            spi_i,
+            psk: Some(SecretBytes::from_slice(psk)),
+            local,
+            remote,
+            nat_detected: false,
+            floated: false,
+            state: State::Closed(None),
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+        };
+        let mut s = ExpectInit {
+            ni,
+            kex,
+            ke_public,
+            cookie: None,
+            retries: 0,
+            request: Vec::new(),
+            retransmits: 0,
+            deadline: now,
+        };
+        me.send_init(&mut s, now, &retransmit);
+        me.state = State::ExpectInit(Box::new(s));
+        Ok(me)
+    }
+
+    /// Our IKE SPI.
+    pub fn spi_i(&self) -> u64 {
+        self.spi_i
+    }
+
+    /// The responder's IKE SPI, once IKE_SA_INIT is answered; `None` before and once closed.
+    pub fn spi_r(&self) -> Option<u64> {
+        match &self.state {
+            State::ExpectAuth(s) => Some(s.session.sa.spi_r),
+            State::Established(s) => Some(s.session.sa.spi_r),
+            State::ExpectInit(_) | State::Closed(_) => None,
+        }
+    }
+
+    /// Our address and the peer's for the SA's messages (the NAT-T ports after a float).
+    pub fn path(&self) -> (SocketAddr, SocketAddr) {
+        (self.local, self.remote)
+    }
+
+    /// The CHILD SAs of the established IKE SA, as `(spi_in, spi_out)`.
+    pub fn child_spis(&self) -> Vec<(u32, u32)> {
+        match &self.state {
+            State::Established(s) => s.children.iter().map(|c| (c.spi_in, c.spi_out)).collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Whether the IKE SA is established.
+    pub fn is_established(&self) -> bool {
+        matches!(self.state, State::Established(_))
+    }
+
+    /// Whether the negotiation failed or the IKE SA is gone.
+    pub fn is_closed(&self) -> bool {
+        matches!(self.state, State::Closed(_))
+    }
+
+    /// The next datagram to send.
+    #[must_use]
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// The next event.
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When [`Self::handle_timeout`] is due next, if ever.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match &self.state {
+            State::ExpectInit(s) => Some(s.deadline),
+            State::ExpectAuth(s) => s.session.pending_deadline(),
+            State::Established(s) => {
+                let liveness = self
+                    .config
+                    .dpd_interval
+                    .filter(|_| s.session.can_start_request())
+                    .and_then(|i| s.last_heard.checked_add(i));
+                [s.session.pending_deadline(), liveness]
+                    .into_iter()
+                    .flatten()
+                    .min()
+            }
+            State::Closed(_) => None,
+        }
+    }
+
+    /// The data plane saw authenticated ESP traffic from the peer: it is alive (RFC 7296
+    /// §2.4), so the next liveness check moves out.
+    pub fn handle_child_traffic(&mut self, now: Instant) {
+        if let State::Established(s) = &mut self.state {
+            s.last_heard = s.last_heard.max(now);
+        }
+    }
+
+    /// Deletes the IKE SA from our side: one INFORMATIONAL request with a Delete payload for
+    /// it (RFC 7296 §1.4.1), not waited for, and the SA is closed. A negotiation that is not
+    /// established is just abandoned.
+    pub fn delete(&mut self, now: Instant) {
+        match mem::replace(&mut self.state, State::Closed(None)) {
+            State::Established(mut s) => {
+                s.session.abandon_request();
+                self.request(&mut s.session, &[delete_ike()], now);
+                self.state = State::Closed(self.close_established(&mut s, DeleteReason::LocalDeleted));
+            }
+            State::Closed(cache) => self.state = State::Closed(cache),
+            _ => self.psk = None,
+        }
+    }
+
+    fn send(&mut self, payload: Vec<u8>) {
+        self.transmits.push_back(Transmit {
+            local: self.local,
+            remote: self.remote,
+            payload,
+        });
+    }
+
+    /// Starts a request of ours on `session` and sends it; nothing when the window is busy.
+    fn request(&mut self, session: &mut Session, inner: &[Payload<'_>], now: Instant) {
+        let policy = self.config.retransmit;
+        if let Ok(Some(datagram)) = session.start_request(ExchangeType::INFORMATIONAL, inner, now, &policy) {
+            self.send(datagram);
+        }
+    }
+
+    fn fail(&mut self, e: Error) -> Result<(), Error> {
+        self.state = State::Closed(None);
+        self.psk = None;
+        self.events.push_back(Event::Failed(e));
+        Err(e)
+    }
+
+    /// Builds the IKE_SA_INIT request from `s`, sends it and restarts its retransmission.
+    fn send_init(&mut self, s: &mut ExpectInit, now: Instant, policy: &Retransmit) {
+        let src = nat_detection_hash(self.spi_i, 0, self.local);
+        let dst = nat_detection_hash(self.spi_i, 0, self.remote);
+        let mut payloads = Vec::with_capacity(6);
+        // RFC 7296 §2.6: "include the COOKIE notification containing the received data as
+        // the first payload, and all other payloads unchanged".
+        if let Some(c) = &s.cookie {
+            payloads.push(Payload::Notify(Notify::new(NotifyType::COOKIE, c)));
+        }
+        payloads.extend([
+            Payload::Sa(offer::ike_sa(&self.config.ike_proposals)),
+            Payload::Ke(Ke {
+                group: WireGroup(s.kex.group().number()),
+                data: &s.ke_public,
+            }),
+            Payload::Nonce(Nonce { data: &s.ni }),
+            // RFC 7296 §2.23: the hashes of our address and port and of the responder's, so
+            // that either side sees a NAT in between.
+            Payload::Notify(Notify::new(NotifyType::NAT_DETECTION_SOURCE_IP, &src)),
+            Payload::Notify(Notify::new(NotifyType::NAT_DETECTION_DESTINATION_IP, &dst)),
+        ]);
+        s.request = Message {
+            header: Header {
+                spi_i: self.spi_i,
+                spi_r: 0,
+                next_payload: PayloadType::NONE,
+                exchange: ExchangeType::IKE_SA_INIT,
+                flags: Flags::INITIATOR,
+                message_id: 0,
+                length: 0,
+            },
+            payloads,
+        }
+        .to_vec();
+        s.retransmits = 0;
+        s.deadline = deadline(now, policy.wait(0));
+        self.send(s.request.clone());
+    }
+
+    /// Handles one IKE datagram (without the non-ESP marker) that arrived on `local` from
+    /// `remote` at `now`. An `Err` says why the datagram was dropped or the negotiation
+    /// failed; in the latter case [`Event::Failed`] is reported too.
+    pub fn handle_datagram(
+        &mut self,
+        now: Instant,
+        local: SocketAddr,
+        remote: SocketAddr,
+        datagram: &[u8],
+        entropy: &mut dyn Entropy,
+    ) -> Result<(), Error> {
+        match mem::replace(&mut self.state, State::Closed(None)) {
+            State::ExpectInit(mut s) => {
+                match self.init_response(&mut s, now, local, remote, datagram, entropy) {
+                    Ok(None) => {
+                        self.state = State::ExpectInit(s);
+                        Ok(())
+                    }
+                    Ok(Some(next)) => {
+                        self.state = State::ExpectAuth(next);
+                        Ok(())
+                    }
+                    Err(e) if e.is_drop() => {
+                        self.state = State::ExpectInit(s);
+                        Err(e)
+                    }
+                    Err(e) => self.fail(e),
+                }
+            }
+            State::ExpectAuth(s) => self.auth_response(s, now, datagram, entropy),
+            State::Established(mut s) => {
+                let r = self.established(&mut s, now, local, remote, datagram);
+                match r {
+                    Ok(Some(cache)) => {
+                        self.state = State::Closed(cache);
+                        Ok(())
+                    }
+                    Ok(None) => {
+                        self.state = State::Established(s);
+                        Ok(())
+                    }
+                    Err(e) => {
+                        self.state = State::Established(s);
+                        Err(e)
+                    }
+                }
+            }
+            State::Closed(cache) => {
+                // RFC 7296 §2.1: a retransmitted request is answered with the same response.
+                let r = match &cache {
+                    Some((req, resp)) if datagram == req => {
+                        self.transmits.push_back(Transmit {
+                            local,
+                            remote,
+                            payload: resp.clone(),
+                        });
+                        Ok(())
+                    }
+                    _ => Err(Error::Unexpected("the IKE SA is closed")),
+                };
+                self.state = State::Closed(cache);
+                r
+            }
+        }
+    }
+
+    /// The IKE_SA_INIT response: a retry (`None`, the request was sent again) or the
+    /// IKE_AUTH request sent and its state.
+    #[allow(clippy::too_many_lines)]
+    fn init_response(
+        &mut self,
+        s: &mut ExpectInit,
+        now: Instant,
+        local: SocketAddr,
+        remote: SocketAddr,
+        datagram: &[u8],
+        entropy: &mut dyn Entropy,
+    ) -> Result<Option<Box<ExpectAuth>>, Error> {
+        let config = Arc::clone(&self.config);
+        let msg = Message::decode(datagram)?;
+        let h = msg.header;
+        if h.exchange != ExchangeType::IKE_SA_INIT
+            || !h.flags.contains(Flags::RESPONSE)
+            || h.flags.contains(Flags::INITIATOR)
+            || h.message_id != 0
+            || h.spi_i != self.spi_i
+        {
+            return Err(Error::Unexpected("not a response to our IKE_SA_INIT request"));
+        }
+        let (mut sa, mut ke, mut nr, mut cookie, mut invalid_ke, mut error) =
+            (None, None, None, None, None, None);
+        let (mut nat_src, mut nat_dst) = (Vec::new(), Vec::new());
+        for p in &msg.payloads {
+            match p {
+                Payload::Sa(x) => sa = Some(x),
+                Payload::Ke(k) => ke = Some(k),
+                Payload::Nonce(n) => nr = Some(n.data),
+                Payload::Notify(n) => match n.notify_type {
+                    NotifyType::COOKIE => cookie = Some(n.data),
+                    NotifyType::INVALID_KE_PAYLOAD => invalid_ke = Some(n.data),
+                    NotifyType::NAT_DETECTION_SOURCE_IP => nat_src.push(n.data),
+                    NotifyType::NAT_DETECTION_DESTINATION_IP => nat_dst.push(n.data),
+                    t if t.is_error() => error = error.or(Some(t)),
+                    _ => {}
+                },
+                _ => {}
+            }
+        }
+        if let Some(c) = cookie {
+            if !COOKIE_LEN.contains(&c.len()) {
+                return Err(Error::Unexpected("COOKIE of other than 1 to 64 octets"));
+            }
+            // RFC 7296 §2.6: "If the IKE_SA_INIT response includes the COOKIE notification,
+            // the initiator MUST then retry the IKE_SA_INIT request".
+            Self::count_retry(s, &config)?;
+            s.cookie = Some(c.to_vec());
+            self.send_init(s, now, &config.retransmit);
+            return Ok(None);
+        }
+        if let Some(data) = invalid_ke {
+            // RFC 7296 §1.2: "If the initiator guesses wrong, the responder will respond with a
+            // Notify payload of type INVALID_KE_PAYLOAD indicating the selected group. In this
+            // case, the initiator MUST retry the IKE_SA_INIT with the corrected Diffie-Hellman
+            // group." Only a group we offered, and not the one just refused.
+            let refused = Error::Refused {
+                exchange: ExchangeType::IKE_SA_INIT,
+                notify: NotifyType::INVALID_KE_PAYLOAD,
+            };
+            let wanted = <[u8; 2]>::try_from(data)
+                .map(u16::from_be_bytes)
+                .map_err(|_| refused)?;
+            let group = dh_group(wanted)
+                .filter(|g| *g != s.kex.group())
+                .filter(|g| config.ike_proposals.iter().any(|p| p.dh.contains(g)))
+                .ok_or(refused)?;
+            Self::count_retry(s, &config)?;
+            s.kex = entropy.key_exchange(group)?;
+            s.ke_public = s.kex.public_value()?;
+            self.send_init(s, now, &config.retransmit);
+            return Ok(None);
+        }
+        if let Some(notify) = error {
+            // RFC 7296 §2.21.1 lets an initiator wait on after an unprotected error, in case
+            // it was forged; a responder that refuses our proposals would answer the same to
+            // every retransmission, so we give up at once, as strongSwan does.
+            return Err(Error::Refused {
+                exchange: ExchangeType::IKE_SA_INIT,
+                notify,
+            });
+        }
+        // RFC 7296 §3.1, Responder's SPI: zero only "in the first message of an initial IKE
+        // exchange (including repeats of that message including a cookie)".
+        if h.spi_r == 0 {
+            return Err(Error::Unexpected("IKE_SA_INIT response without SPIr"));
+        }
+        let sa = sa.ok_or(Error::MissingPayload("SAr1"))?;
+        let ke = ke.ok_or(Error::MissingPayload("KEr"))?;
+        let nr = nr.ok_or(Error::MissingPayload("Nr"))?;
+        let choice = offer::check_ike(sa, &config.ike_proposals, s.kex.group())?;
+        // RFC 7296 §3.4: the KE payload's group "MUST match the Diffie-Hellman group
+        // specified in the accepted proposal".
+        if ke.group.0 != choice.dh.number() {
+            return Err(Error::InvalidResponse(
+                "KE payload for another group than the SA's",
+            ));
+        }
+        let g_ir = s.kex.compute_shared(ke.data)?;
+        let prf = Prf::new(choice.prf);
+        let keys = IkeSaKeys::from_ike_sa_init(
+            prf,
+            &s.ni,
+            nr,
+            g_ir.expose(),
+            &self.spi_i.to_be_bytes(),
+            &h.spi_r.to_be_bytes(),
+            choice.encryption,
+            choice.integrity,
+        )?;
+        // RFC 7296 §2.23: the responder's hashes cover the SPIs of its header and the
+        // addresses as it saw them: its own (the source of this datagram) and ours (where the
+        // datagram arrived). A mismatch means a NAT rewrote one of them.
+        let peer_nat = behind_nat(nat_src.iter().copied(), self.spi_i, h.spi_r, remote).unwrap_or(false);
+        let our_nat = behind_nat(nat_dst.iter().copied(), self.spi_i, h.spi_r, local).unwrap_or(false);
+        let nat_detected = peer_nat || our_nat;
+        let ike = IkeSa::new_initiator(
+            self.spi_i,
+            h.spi_r,
+            prf,
+            choice.encryption,
+            choice.integrity,
+            keys,
+            nat_detected,
+        )?;
+        let mut session = Session::for_initiator(ike);
+        // SPIs 1..=255 are reserved by IANA (RFC 4303 §2.1).
+        let spi_bytes = random_spi::<4>(entropy, 256)?;
+        let psk = self.psk.as_ref().ok_or(Error::WrongState("PSK gone"))?;
+        // RFC 7296 §2.15: the initiator signs its first message (the IKE_SA_INIT request that
+        // was answered, with the cookie if any), Nr and prf(SK_pi, IDi').
+        let octets = signed_octets(
+            prf,
+            &s.request,
+            nr,
+            session.sa.keys.sk_pi.expose(),
+            config.local_id.body(),
+        );
+        let auth = psk_auth(prf, psk.expose(), &octets);
+        let mut inner = vec![Payload::IdI(config.local_id.identity())];
+        // RFC 7296 §1.2: "The initiator might also send its view of who the responder is
+        // with the optional IDr payload"; a responder with several identities picks by it.
+        if let Some(id) = &config.remote_id {
+            inner.push(Payload::IdR(id.identity()));
+        }
+        inner.extend([
+            Payload::Auth(Auth {
+                method: AuthMethod::PSK,
+                data: auth.expose(),
+            }),
+            Payload::Sa(offer::esp_sa(&config.esp_proposals, &spi_bytes)),
+            Payload::TsI(Ts {
+                selectors: vec![offer::selector(&config.local_subnet)],
+            }),
+            Payload::TsR(Ts {
+                selectors: vec![offer::selector(&config.remote_subnet)],
+            }),
+        ]);
+        let request = session
+            .start_request(ExchangeType::IKE_AUTH, &inner, now, &config.retransmit)?
+            .ok_or(Error::WrongState("a request is in flight"))?;
+        self.nat_detected = nat_detected;
+        if nat_detected || config.nat_t.force {
+            self.local = SocketAddr::new(self.local.ip(), config.nat_t.local_port);
+            self.remote = SocketAddr::new(self.remote.ip(), config.nat_t.remote_port);
+            self.floated = true;
+        }
+        self.send(request);
+        Ok(Some(Box::new(ExpectAuth {
+            session,
+            ni: mem::take(&mut s.ni),
+            nr: nr.to_vec(),
+            init_response: datagram.to_vec(),
+            spi_in: u32::from_be_bytes(spi_bytes),
+            peer_authenticated: false,
+        })))
+    }
+
+    fn count_retry(s: &mut ExpectInit, config: &Config) -> Result<(), Error> {
+        if s.retries >= config.max_init_retries {
+            return Err(Error::TooManyRetries(s.retries));
+        }
+        s.retries += 1;
+        Ok(())
+    }
+
+    /// A datagram while IKE_AUTH is in flight.
+    fn auth_response(
+        &mut self,
+        mut s: Box<ExpectAuth>,
+        now: Instant,
+        datagram: &[u8],
+        entropy: &mut dyn Entropy,
+    ) -> Result<(), Error> {
+        let _ = entropy;
+        let opened = Header::peek(datagram)
+            .ok_or(Error::Malformed(InvalidMessage::Truncated("IKE header")))
+            .and_then(|(h, _)| {
+                // RFC 7296 §2.2: a response is matched to our request by Message ID (and
+                // here exchange); a late IKE_SA_INIT response or anything else is dropped.
+                if !s.session.sa.matches(&h)
+                    || !h.flags.contains(Flags::RESPONSE)
+                    || !s.session.answers_pending(&h)
+                {
+                    return Err(Error::Unexpected("not the response to our IKE_AUTH request"));
+                }
+                s.session.sa.open(datagram).map_err(opened_error)
+            });
+        let opened = match opened {
+            Ok(o) => o,
+            Err(e) => {
+                self.state = State::ExpectAuth(s);
+                return Err(e);
+            }
+        };
+        s.session.complete_request();
+        // Authenticated by its ICV from here: every failure is final.
+        let result = payload::decode_inner_chain(opened.first_inner, &opened.plain)
+            .map_err(Error::MalformedInner)
+            .and_then(|inner| self.complete_auth(&mut s, now, &inner));
+        match result {
+            Ok(child) => {
+                self.psk = None;
+                let ExpectAuth { session, .. } = *s;
+                let spi_r = session.sa.spi_r;
+                self.events.push_back(Event::IkeSaEstablished {
+                    spi_i: self.spi_i,
+                    spi_r,
+                    peer_id: child.1,
+                    remote: self.remote,
+                    nat_detected: self.nat_detected,
+                });
+                let children = vec![ChildRef {
+                    spi_in: child.0.spi_in,
+                    spi_out: child.0.spi_out,
+                }];
+                self.events.push_back(Event::ChildSaInstalled(Box::new(child.0)));
+                self.state = State::Established(Box::new(Established {
+                    session,
+                    children,
+                    last_heard: now,
+                }));
+                Ok(())
+            }
+            Err(e) => {
+                // RFC 7296 §2.21.2: the peer is told of an AUTH failure on our side in a
+                // separate INFORMATIONAL exchange; an IKE SA that authenticated but cannot
+                // carry its CHILD SA is deleted (see the module docs). Neither is waited for.
+                let inner = if s.peer_authenticated {
+                    Some(delete_ike())
+                } else if matches!(e, Error::AuthenticationFailed(_)) {
+                    Some(Payload::Notify(Notify::new(
+                        NotifyType::AUTHENTICATION_FAILED,
+                        &[],
+                    )))
+                } else {
+                    None
+                };
+                if let Some(p) = inner {
+                    self.request(&mut s.session, &[p], now);
+                }
+                self.fail(e)
+            }
+        }
+    }
+
+    /// The authenticated IKE_AUTH response: the responder's identity and AUTH, then the
+    /// CHILD SA it chose.
+    fn complete_auth(
+        &mut self,
+        s: &mut ExpectAuth,
+        now: Instant,
+        inner: &[Payload<'_>],
+    ) -> Result<(ChildSa, IdBuf), Error> {
+        let config = Arc::clone(&self.config);
+        let (mut id_r, mut auth, mut sa, mut ts_i, mut ts_r, mut error) =
+            (None, None, None, None, None, None);
+        for p in inner {
+            match p {
+                Payload::IdR(id) => id_r = Some(id),
+                Payload::Auth(a) => auth = Some(a),
+                Payload::Sa(x) => sa = Some(x),
+                Payload::TsI(t) => ts_i = Some(t),
+                Payload::TsR(t) => ts_r = Some(t),
+                Payload::Notify(n) if n.notify_type.is_error() => error = error.or(Some(n.notify_type)),
+                _ => {}
+            }
+        }
+        // RFC 7296 §2.21.2: "If the failure is related to creating the IKE SA (for example,
+        // an AUTHENTICATION_FAILED Notify error message is returned), the IKE SA is not
+        // created" — the response then has the notify and no AUTH.
+        let Some(auth) = auth else {
+            return Err(
+                error.map_or(Error::MissingPayload("AUTH"), |notify| Error::Refused {
+                    exchange: ExchangeType::IKE_AUTH,
+                    notify,
+                }),
+            );
+        };
+        let id_r = IdBuf::new(id_r.ok_or(Error::MissingPayload("IDr"))?);
+        if config.remote_id.as_ref().is_some_and(|want| *want != id_r) {
+            return Err(Error::AuthenticationFailed(
+                "IDr is not the configured peer identity",
+            ));
+        }
+        if auth.method != AuthMethod::PSK {
+            return Err(Error::AuthenticationFailed("auth method is not PSK"));
+        }
+        let psk = self.psk.as_ref().ok_or(Error::WrongState("PSK gone"))?;
+        let ike = &s.session.sa;
+        let prf = ike.prf;
+        // RFC 7296 §2.15: the responder signs its IKE_SA_INIT response, Ni and prf(SK_pr,
+        // IDr'); "AUTH = prf( prf(Shared Secret, "Key Pad for IKEv2"), <...SignedOctets>)".
+        let theirs = signed_octets(prf, &s.init_response, &s.ni, ike.keys.sk_pr.expose(), id_r.body());
+        if !verify_psk_auth(prf, psk.expose(), &theirs, auth.data) {
+            return Err(Error::AuthenticationFailed("AUTH does not verify with the PSK"));
+        }
+        s.peer_authenticated = true;
+        // RFC 7296 §2.21.2: a CHILD SA refused in IKE_AUTH leaves the IKE SA up and the
+        // response carries the error instead of SAr2, TSi and TSr.
+        if let Some(notify) = error {
+            return Err(Error::Refused {
+                exchange: ExchangeType::IKE_AUTH,
+                notify,
+            });
+        }
+        let sa = sa.ok_or(Error::MissingPayload("SAr2"))?;
+        let ts_i = ts_i.ok_or(Error::MissingPayload("TSi"))?;
+        let ts_r = ts_r.ok_or(Error::MissingPayload("TSr"))?;
+        let esp = offer::check_esp(sa, &config.esp_proposals)?;
+        let ts_local = offer::check_ts(&ts_i.selectors, &config.local_subnet)?;
+        let ts_remote = offer::check_ts(&ts_r.selectors, &config.remote_subnet)?;
+        // RFC 7296 §2.17: KEYMAT = prf+(SK_d, Ni | Nr) for the first CHILD SA, "All keys for
+        // SAs carrying data from the initiator to the responder are taken before SAs going
+        // from the responder to the initiator": ours outbound.
+        let keys = ChildSaKeys::derive(
+            prf,
+            ike.keys.sk_d.expose(),
+            None,
+            &s.ni,
+            &s.nr,
+            esp.encryption,
+            esp.integrity,
+        )?;
+        let child = ChildSa {
+            spi_in: s.spi_in,
+            spi_out: esp.peer_spi,
+            encryption: esp.encryption,
+            integrity: esp.integrity,
+            esn: esp.esn,
+            inbound: keys.responder,
+            outbound: keys.initiator,
+            ts_local,
+            ts_remote,
+            lifetime: config.child_lifetime,
+            installed_at: now,
+            udp_encap: self.nat_detected || self.floated,
+            replaces: None,
+        };
+        Ok((child, id_r))
+    }
+
+    /// A datagram on the established IKE SA; `Some` when the SA is gone (with the exchange
+    /// that ended it, for retransmissions).
+    fn established(
+        &mut self,
+        s: &mut Established,
+        now: Instant,
+        local: SocketAddr,
+        remote: SocketAddr,
+        datagram: &[u8],
+    ) -> Result<Option<Cache>, Error> {
+        let (h, _) =
+            Header::peek(datagram).ok_or(Error::Malformed(InvalidMessage::Truncated("IKE header")))?;
+        if !s.session.sa.matches(&h) {
+            return Err(Error::Unexpected("SPIs of another IKE SA"));
+        }
+        // RFC 7296 §3.1, I flag: "MUST be cleared in messages sent by the original
+        // responder".
+        if h.flags.contains(Flags::INITIATOR) {
+            return Err(Error::Unexpected("message of the peer with the Initiator flag"));
+        }
+        if h.flags.contains(Flags::RESPONSE) {
+            // RFC 7296 §2.2: matched to our request by Message ID; our requests are liveness
+            // checks, whose empty answer only has to verify.
+            if !s.session.answers_pending(&h) {
+                return Err(Error::Unexpected("response to no request of ours"));
+            }
+            s.session.sa.open(datagram).map_err(opened_error)?;
+            s.session.complete_request();
+            s.last_heard = now;
+            return Ok(None);
+        }
+        match s.session.window(h.message_id, datagram) {
+            Window::New => {}
+            Window::Retransmitted(response) => {
+                // RFC 7296 §2.11: responses go where the request came from.
+                let payload = response.to_vec();
+                self.transmits.push_back(Transmit {
+                    local,
+                    remote,
+                    payload,
+                });
+                return Ok(None);
+            }
+            Window::Drop(why) => return Err(Error::Unexpected(why)),
+        }
+        let opened = s.session.sa.open(datagram).map_err(opened_error)?;
+        s.last_heard = now;
+        let exchange = opened.header.exchange;
+        let respond = |me: &mut Self, session: &mut Session, inner: &[Payload<'_>]| -> Result<(), Error> {
+            let response = session.respond(exchange, h.message_id, datagram, inner)?;
+            me.transmits.push_back(Transmit {
+                local,
+                remote,
+                payload: response,
+            });
+            Ok(())
+        };
+        let Ok(inner) = payload::decode_inner_chain(opened.first_inner, &opened.plain) else {
+            // Authenticated, so answered (RFC 7296 §3.10.1: INVALID_SYNTAX "only for and in an
+            // encrypted packet if the Message ID and cryptographic checksum were valid").
+            let notify = NotifyType::INVALID_SYNTAX;
+            respond(self, &mut s.session, &[Payload::Notify(Notify::new(notify, &[]))])?;
+            self.events.push_back(Event::RequestDeclined { exchange, notify });
+            return Ok(None);
+        };
+        if exchange != ExchangeType::INFORMATIONAL {
+            // RFC 7296 §1.3: "A minimal implementation [...] may refuse all CREATE_CHILD_SA
+            // requests within an IKE SA" with NO_ADDITIONAL_SAS; other exchanges are over.
+            let notify = if exchange == ExchangeType::CREATE_CHILD_SA {
+                NotifyType::NO_ADDITIONAL_SAS
+            } else {
+                NotifyType::INVALID_SYNTAX
+            };
+            respond(self, &mut s.session, &[Payload::Notify(Notify::new(notify, &[]))])?;
+            self.events.push_back(Event::RequestDeclined { exchange, notify });
+            return Ok(None);
+        }
+        // Applied to a copy, kept once the response is sealed.
+        let mut remaining = s.children.clone();
+        let info = informational::process(&inner, &mut remaining);
+        let ours: Vec<u32> = info.deleted.iter().map(|c| c.spi_in).collect();
+        // RFC 7296 §1.4.1: "The response to a request that deletes the IKE SA is an empty
+        // INFORMATIONAL response"; deleted CHILD SAs are answered with "Delete payloads for
+        // the paired SAs going in the other direction"; a liveness check gets an empty one.
+        let payloads = if info.delete_ike || ours.is_empty() {
+            Vec::new()
+        } else {
+            vec![Payload::Delete(Delete {
+                protocol: ProtocolId::ESP,
+                spis: ours,
+            })]
+        };
+        respond(self, &mut s.session, &payloads)?;
+        s.children = remaining;
+        for notify_type in info.errors {
+            self.events.push_back(Event::PeerError { notify_type });
+        }
+        for c in info.deleted {
+            self.events.push_back(Event::ChildSaDeleted {
+                spi_in: c.spi_in,
+                spi_out: c.spi_out,
+            });
+        }
+        if info.delete_ike {
+            return Ok(Some(self.close_established(s, DeleteReason::PeerDeleted)));
+        }
+        Ok(None)
+    }
+
+    /// Ends the established IKE SA with its CHILD SAs (RFC 7296 §1.4.1: "Deleting an IKE SA
+    /// implicitly closes any remaining Child SAs negotiated under it"); returns its last
+    /// exchange for retransmissions.
+    fn close_established(&mut self, s: &mut Established, reason: DeleteReason) -> Cache {
+        for c in s.children.drain(..) {
+            self.events.push_back(Event::ChildSaDeleted {
+                spi_in: c.spi_in,
+                spi_out: c.spi_out,
+            });
+        }
+        self.events.push_back(Event::IkeSaDeleted {
+            spi_i: self.spi_i,
+            reason,
+        });
+        s.session.take_last()
+    }
+
+    /// Runs the timers due at `now`: retransmissions (and giving up), liveness checks.
+    /// Calling it early does nothing.
+    pub fn handle_timeout(&mut self, now: Instant, entropy: &mut dyn Entropy) {
+        // Nothing started here needs randomness (no rekeys).
+        let _ = entropy;
+        let policy = self.config.retransmit;
+        match mem::replace(&mut self.state, State::Closed(None)) {
+            State::ExpectInit(mut s) if now >= s.deadline => {
+                if s.retransmits >= policy.tries {
+                    let _ = self.fail(Error::Timeout("no IKE_SA_INIT response"));
+                    return;
+                }
+                s.retransmits += 1;
+                s.deadline = deadline(now, policy.wait(s.retransmits));
+                self.send(s.request.clone());
+                self.state = State::ExpectInit(s);
+            }
+            State::ExpectAuth(mut s) => match s.session.on_timer(now, &policy) {
+                Retry::Idle => self.state = State::ExpectAuth(s),
+                Retry::Resend(d) => {
+                    self.send(d);
+                    self.state = State::ExpectAuth(s);
+                }
+                Retry::GiveUp => {
+                    let _ = self.fail(Error::Timeout("no IKE_AUTH response"));
+                }
+            },
+            State::Established(mut s) => {
+                match s.session.on_timer(now, &policy) {
+                    Retry::Idle => {}
+                    Retry::Resend(d) => self.send(d),
+                    Retry::GiveUp => {
+                        self.state = State::Closed(self.close_established(&mut s, DeleteReason::DeadPeer));
+                        return;
+                    }
+                }
+                if let Some(interval) = self.config.dpd_interval
+                    && s.session.can_start_request()
+                    && s.last_heard.checked_add(interval).is_some_and(|t| now >= t)
+                {
+                    // RFC 7296 §1.4: "An INFORMATIONAL request with no payloads (other than
+                    // the empty Encrypted payload required by the syntax) is commonly used as
+                    // a check for liveness."
+                    self.request(&mut s.session, &[], now);
+                }
+                self.state = State::Established(s);
+            }
+            other => self.state = other,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use concentrator_crds::proposal::{DhGroup, parse_esp, parse_ike};
+
+    use super::*;
+    use crate::payload::Identity;
+
+    /// Deterministic entropy: counting bytes, fixed private keys.
+    struct Counter(u8);
+
+    impl Entropy for Counter {
+        fn fill(&mut self, buf: &mut [u8]) -> Result<(), CryptoError> {
+            for b in buf {
+                self.0 = self.0.wrapping_add(1);
+                *b = self.0;
+            }
+            Ok(())
+        }
+        fn key_exchange(&mut self, group: DhGroup) -> Result<KeyExchange, CryptoError> {
+            let len = if group == DhGroup::Ecp384 { 48 } else { 32 };
+            KeyExchange::from_private_key(group, &vec![7; len])
+        }
+    }
+
+    fn config() -> Arc<Config> {
+        Arc::new(Config::new(
+            vec![parse_ike("ike", "aes128gcm16-prfsha256-x25519-ecp256").unwrap()],
+            vec![parse_esp("esp", "aes128gcm16").unwrap()],
+            "10.1.0.0/24".parse().unwrap(),
+            "10.2.0.0/24".parse().unwrap(),
+            IdBuf::new(&Identity::Fqdn(b"site")),
+        ))
+    }
+
+    fn addrs() -> (SocketAddr, SocketAddr) {
+        ("192.0.2.1:500".parse().unwrap(), "192.0.2.2:500".parse().unwrap())
+    }
+
+    fn start() -> (Initiator, Vec<u8>) {
+        let (local, remote) = addrs();
+        let mut i =
+            Initiator::connect(config(), b"psk", local, remote, Instant::now(), &mut Counter(0)).unwrap();
+        let t = i.poll_transmit().unwrap();
+        assert_eq!((t.local, t.remote), (local, remote));
+        (i, t.payload)
+    }
+
+    fn response(spi_i: u64, payloads: Vec<Payload<'_>>) -> Vec<u8> {
+        Message {
+            header: Header {
+                spi_i,
+                spi_r: 0,
+                next_payload: PayloadType::NONE,
+                exchange: ExchangeType::IKE_SA_INIT,
+                flags: Flags::RESPONSE,
+                message_id: 0,
+                length: 0,
+            },
+            payloads,
+        }
+        .to_vec()
+    }
+
+    #[test]
+    fn ike_sa_init_request_offers_ke_nonce_and_nat_detection() {
+        let (i, req) = start();
+        let m = Message::decode(&req).unwrap();
+        assert_eq!(m.header.flags, Flags::INITIATOR);
+        assert_eq!(m.header.spi_i, i.spi_i());
+        let types: Vec<_> = m.payloads.iter().map(Payload::payload_type).collect();
+        assert_eq!(
+            types,
+            [
+                PayloadType::SA,
+                PayloadType::KE,
+                PayloadType::NONCE,
+                PayloadType::NOTIFY,
+                PayloadType::NOTIFY
+            ]
+        );
+        assert!(matches!(&m.payloads[1], Payload::Ke(k) if k.group == WireGroup::CURVE25519));
+    }
+
+    #[test]
+    fn echoes_a_cookie_first_with_everything_else_unchanged() {
+        let (mut i, first) = start();
+        let (local, remote) = addrs();
+        let cookie = response(
+            i.spi_i(),
+            vec![Payload::Notify(Notify::new(NotifyType::COOKIE, &[9; 20]))],
+        );
+        i.handle_datagram(Instant::now(), local, remote, &cookie, &mut Counter(50))
+            .unwrap();
+        let again = i.poll_transmit().unwrap().payload;
+        let (a, b) = (Message::decode(&first).unwrap(), Message::decode(&again).unwrap());
+        assert_eq!(
+            b.payloads[0],
+            Payload::Notify(Notify::new(NotifyType::COOKIE, &[9; 20]))
+        );
+        assert_eq!(b.payloads[1..], a.payloads[..]);
+        assert_eq!(
+            b.header,
+            Header {
+                length: b.header.length,
+                next_payload: b.header.next_payload,
+                ..a.header
+            }
+        );
+    }
+
+    #[test]
+    fn retries_with_the_group_of_invalid_ke_payload_and_refuses_one_not_offered() {
+        let (mut i, _) = start();
+        let (local, remote) = addrs();
+        let ecp256 = 19u16.to_be_bytes();
+        let invalid = response(
+            i.spi_i(),
+            vec![Payload::Notify(Notify::new(
+                NotifyType::INVALID_KE_PAYLOAD,
+                &ecp256,
+            ))],
+        );
+        i.handle_datagram(Instant::now(), local, remote, &invalid, &mut Counter(50))
+            .unwrap();
+        let again = i.poll_transmit().unwrap().payload;
+        let m = Message::decode(&again).unwrap();
+        assert!(
+            matches!(&m.payloads[1], Payload::Ke(k) if k.group == WireGroup::ECP_256 && k.data.len() == 64)
+        );
+
+        let modp = 14u16.to_be_bytes();
+        let invalid = response(
+            i.spi_i(),
+            vec![Payload::Notify(Notify::new(
+                NotifyType::INVALID_KE_PAYLOAD,
+                &modp,
+            ))],
+        );
+        let e = Error::Refused {
+            exchange: ExchangeType::IKE_SA_INIT,
+            notify: NotifyType::INVALID_KE_PAYLOAD,
+        };
+        assert_eq!(
+            i.handle_datagram(Instant::now(), local, remote, &invalid, &mut Counter(50)),
+            Err(e)
+        );
+        assert!(i.is_closed());
+        assert!(matches!(i.poll_event(), Some(Event::Failed(f)) if f == e));
+    }
+
+    #[test]
+    fn gives_up_after_max_init_retries() {
+        let (mut i, _) = start();
+        let (local, remote) = addrs();
+        let cookie = response(
+            i.spi_i(),
+            vec![Payload::Notify(Notify::new(NotifyType::COOKIE, &[1]))],
+        );
+        for _ in 0..Config::DEFAULT_MAX_INIT_RETRIES {
+            i.handle_datagram(Instant::now(), local, remote, &cookie, &mut Counter(50))
+                .unwrap();
+        }
+        assert_eq!(
+            i.handle_datagram(Instant::now(), local, remote, &cookie, &mut Counter(50)),
+            Err(Error::TooManyRetries(Config::DEFAULT_MAX_INIT_RETRIES))
+        );
+    }
+
+    #[test]
+    fn drops_garbage_and_fails_on_no_proposal_chosen() {
+        let (mut i, req) = start();
+        let (local, remote) = addrs();
+        let now = Instant::now();
+        for n in 0..req.len() {
+            assert!(
+                i.handle_datagram(now, local, remote, &req[..n], &mut Counter(1))
+                    .is_err()
+            );
+        }
+        // Our own request echoed back is not a response.
+        assert!(matches!(
+            i.handle_datagram(now, local, remote, &req, &mut Counter(1)),
+            Err(Error::Unexpected(_))
+        ));
+        assert!(!i.is_closed());
+        let refusal = response(
+            i.spi_i(),
+            vec![Payload::Notify(Notify::new(NotifyType::NO_PROPOSAL_CHOSEN, &[]))],
+        );
+        assert_eq!(
+            i.handle_datagram(now, local, remote, &refusal, &mut Counter(1))
+                .map_err(|e| e.notify()),
+            Err(Some(NotifyType::NO_PROPOSAL_CHOSEN))
+        );
+        assert!(i.is_closed());
+    }
+
+    #[test]
+    fn retransmits_ike_sa_init_with_back_off_then_fails() {
+        let (mut i, req) = start();
+        let policy = Retransmit::default();
+        let mut now = Instant::now();
+        for n in 0..policy.tries {
+            let due = i.poll_timeout().unwrap();
+            assert!(due > now);
+            now = due;
+            i.handle_timeout(now, &mut Counter(1));
+            assert_eq!(i.poll_transmit().unwrap().payload, req, "retransmission {n}");
+        }
+        now = i.poll_timeout().unwrap();
+        i.handle_timeout(now, &mut Counter(1));
+        assert!(i.poll_transmit().is_none());
+        assert!(matches!(i.poll_event(), Some(Event::Failed(Error::Timeout(_)))));
+        assert!(i.poll_timeout().is_none());
+    }
+}

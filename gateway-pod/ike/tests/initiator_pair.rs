@@ -1,0 +1,678 @@
+//! The initiator against our own responder, in process on a virtual clock: a [`Pair`] moves
+//! datagrams between an [`Initiator`] and a [`Responder`] (or an [`Endpoint`] in front of
+//! responders, with cookies forced), answering the responder's PSK lookup, optionally through
+//! a NAT that rewrites the initiator's address, and collects both sides' events.
+//!
+//! Both sides must derive the same CHILD SA keys for each proposal of the interop matrix;
+//! COOKIE and INVALID_KE_PAYLOAD retries, refusals (wrong PSK, proposals, traffic
+//! selectors), the NAT-T float, lost messages and the INFORMATIONAL exchanges after
+//! establishment are each driven through both state machines.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use concentrator_crds::proposal::{parse_esp, parse_ike};
+use concentrator_ike::endpoint::{Endpoint, EndpointConfig, EndpointEvent};
+use concentrator_ike::initiator::{self, Initiator, NatTraversal};
+use concentrator_ike::payload::{Identity, TrafficSelector};
+use concentrator_ike::responder::{self, ChildSa, DeleteReason, IdBuf, Responder, SystemEntropy, Transmit};
+use concentrator_ike::{ExchangeType, NotifyType};
+
+const PSK: &[u8] = b"site-a secret";
+const SITE: &str = "192.0.2.1:500";
+const GW: &str = "192.0.2.2:500";
+/// The initiator's address as the responder sees it behind the emulated NAT.
+const NAT_PUBLIC: &str = "198.51.100.7";
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn initiator_config(ike: &str, esp: &str) -> initiator::Config {
+    let mut c = initiator::Config::new(
+        vec![parse_ike("ike", ike).unwrap()],
+        vec![parse_esp("esp", esp).unwrap()],
+        "10.1.0.0/24".parse().unwrap(),
+        "10.2.0.0/24".parse().unwrap(),
+        IdBuf::new(&Identity::Fqdn(b"site-a.example")),
+    );
+    c.remote_id = Some(IdBuf::new(&Identity::Fqdn(b"gw.example")));
+    c
+}
+
+fn responder_config(ike: &str, esp: &str) -> responder::Config {
+    responder::Config::new(
+        vec![parse_ike("ike", ike).unwrap()],
+        vec![parse_esp("esp", esp).unwrap()],
+        "10.2.0.0/24".parse().unwrap(),
+        "10.1.0.0/24".parse().unwrap(),
+        IdBuf::new(&Identity::Fqdn(b"gw.example")),
+    )
+}
+
+/// The responder side: one responder, or an endpoint in front of many.
+enum Side {
+    One(Box<Responder>),
+    Many(Box<Endpoint>),
+}
+
+/// An initiator and a responder joined by a virtual wire.
+struct Pair {
+    now: Instant,
+    i: Initiator,
+    r: Side,
+    /// The PSK the responder's lookup answers with.
+    psk_r: Vec<u8>,
+    i_events: Vec<initiator::Event>,
+    r_events: Vec<responder::Event>,
+    /// Emulate a NAT in front of the initiator: its source port plus 10000, from
+    /// [`NAT_PUBLIC`].
+    nat: bool,
+    /// Indices (counting from 0) of the datagrams to the initiator that are lost.
+    lose_to_i: Vec<usize>,
+    to_i: usize,
+    /// How many datagrams to the responder are lost next.
+    drop_to_r: usize,
+    /// Every datagram delivered to the responder, as (local, remote).
+    seen_by_r: Vec<(SocketAddr, SocketAddr)>,
+    /// How many IKE_SA_INIT requests the responder got.
+    init_requests: usize,
+}
+
+impl Pair {
+    fn new(i: initiator::Config, r: responder::Config) -> Self {
+        Self::with_side(i, Side::One(Box::new(Responder::new(Arc::new(r)))))
+    }
+
+    fn endpoint(i: initiator::Config, r: responder::Config, ep: EndpointConfig) -> Self {
+        Self::with_side(i, Side::Many(Box::new(Endpoint::new(ep, Arc::new(r)))))
+    }
+
+    fn with_side(i: initiator::Config, r: Side) -> Self {
+        let now = Instant::now();
+        let i = Initiator::connect(Arc::new(i), PSK, addr(SITE), addr(GW), now, &mut SystemEntropy).unwrap();
+        Self {
+            now,
+            i,
+            r,
+            psk_r: PSK.to_vec(),
+            i_events: Vec::new(),
+            r_events: Vec::new(),
+            nat: false,
+            lose_to_i: Vec::new(),
+            to_i: 0,
+            drop_to_r: 0,
+            seen_by_r: Vec::new(),
+            init_requests: 0,
+        }
+    }
+
+    /// The initiator's address as the responder sees it.
+    fn outside(&self, a: SocketAddr) -> SocketAddr {
+        if self.nat {
+            SocketAddr::new(NAT_PUBLIC.parse().unwrap(), a.port() + 10000)
+        } else {
+            a
+        }
+    }
+
+    /// The initiator's real address for one the responder answers to.
+    fn inside(&self, a: SocketAddr) -> SocketAddr {
+        if self.nat {
+            SocketAddr::new(addr(SITE).ip(), a.port() - 10000)
+        } else {
+            a
+        }
+    }
+
+    fn deliver_to_responder(&mut self, t: Transmit) {
+        if self.drop_to_r > 0 {
+            self.drop_to_r -= 1;
+            return;
+        }
+        let (local, remote) = (t.remote, self.outside(t.local));
+        self.seen_by_r.push((local, remote));
+        // Version 2.0, IKE_SA_INIT, flags I.
+        if t.payload.get(17..20) == Some(&[0x20, 34, 0x08]) {
+            self.init_requests += 1;
+        }
+        let now = self.now;
+        let mut e = SystemEntropy;
+        // Dropped datagrams and refusals show in the events.
+        let _ = match &mut self.r {
+            Side::One(r) => r
+                .handle_datagram(now, local, remote, &t.payload, &mut e)
+                .map_err(|e| e.to_string()),
+            Side::Many(ep) => ep
+                .handle_datagram(now, local, remote, &t.payload, &mut e)
+                .map_err(|e| e.to_string()),
+        };
+    }
+
+    /// The responder's queued datagrams, answering its PSK lookups on the way.
+    fn take_from_responder(&mut self) -> Vec<Transmit> {
+        let now = self.now;
+        let mut e = SystemEntropy;
+        let mut out = Vec::new();
+        match &mut self.r {
+            Side::One(r) => loop {
+                out.extend(std::iter::from_fn(|| r.poll_transmit()));
+                let Some(ev) = r.poll_event() else { break };
+                if let responder::Event::PeerIdentified { .. } = ev {
+                    let _ = r.provide_psk(now, Some(&self.psk_r), &mut e);
+                }
+                self.r_events.push(ev);
+            },
+            Side::Many(ep) => loop {
+                out.extend(std::iter::from_fn(|| ep.poll_transmit()));
+                let Some(ev) = ep.poll_event() else { break };
+                if let EndpointEvent::Sa { id, event } = ev {
+                    if let responder::Event::PeerIdentified { .. } = event {
+                        let _ = ep.provide_psk(id, now, Some(&self.psk_r), &mut e);
+                    }
+                    self.r_events.push(event);
+                }
+            },
+        }
+        out
+    }
+
+    /// Moves datagrams both ways until neither side has anything to send.
+    fn drive(&mut self) {
+        for _ in 0..100 {
+            let mut moved = false;
+            while let Some(t) = self.i.poll_transmit() {
+                moved = true;
+                self.deliver_to_responder(t);
+            }
+            for t in self.take_from_responder() {
+                moved = true;
+                self.to_i += 1;
+                if self.lose_to_i.contains(&(self.to_i - 1)) {
+                    continue;
+                }
+                let (local, remote) = (self.inside(t.remote), t.local);
+                let _ = self
+                    .i
+                    .handle_datagram(self.now, local, remote, &t.payload, &mut SystemEntropy);
+            }
+            self.i_events.extend(std::iter::from_fn(|| self.i.poll_event()));
+            if !moved {
+                return;
+            }
+        }
+        panic!("the pair never went idle");
+    }
+
+    /// Jumps the clock to the earliest timer of either side, runs it and drives.
+    fn advance(&mut self) {
+        let r_timer = match &self.r {
+            Side::One(r) => r.poll_timeout(),
+            Side::Many(ep) => ep.poll_timeout(),
+        };
+        let next = [self.i.poll_timeout(), r_timer]
+            .into_iter()
+            .flatten()
+            .min()
+            .expect("a timer");
+        self.now = self.now.max(next);
+        self.i.handle_timeout(self.now, &mut SystemEntropy);
+        match &mut self.r {
+            Side::One(r) => r.handle_timeout(self.now, &mut SystemEntropy),
+            Side::Many(ep) => ep.handle_timeout(self.now, &mut SystemEntropy),
+        }
+        self.drive();
+    }
+
+    fn initiator_child(&self) -> &ChildSa {
+        self.i_events
+            .iter()
+            .find_map(|e| match e {
+                initiator::Event::ChildSaInstalled(c) => Some(&**c),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("no CHILD SA on the initiator: {:?}", self.i_events))
+    }
+
+    fn responder_child(&self) -> &ChildSa {
+        self.r_events
+            .iter()
+            .find_map(|e| match e {
+                responder::Event::ChildSaInstalled(c) => Some(&**c),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("no CHILD SA on the responder: {:?}", self.r_events))
+    }
+
+    fn initiator_failure(&self) -> initiator::Error {
+        self.i_events
+            .iter()
+            .find_map(|e| match e {
+                initiator::Event::Failed(e) => Some(*e),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("the initiator did not fail: {:?}", self.i_events))
+    }
+}
+
+fn ts(v: &[TrafficSelector<'_>]) -> Vec<String> {
+    v.iter()
+        .filter_map(concentrator_ike::negotiate::ts_bounds)
+        .map(|(a, b)| format!("{a}-{b}"))
+        .collect()
+}
+
+/// Both ends hold the two halves of one CHILD SA: our outbound is their inbound, keys and
+/// SPIs included, and the selectors mirror each other.
+fn assert_same_child(i: &ChildSa, r: &ChildSa) {
+    assert_eq!((i.spi_out, i.spi_in), (r.spi_in, r.spi_out), "SPIs");
+    assert_eq!(
+        (i.encryption, i.integrity, i.esn),
+        (r.encryption, r.integrity, r.esn)
+    );
+    for (what, a, b) in [
+        ("initiator to responder", &i.outbound, &r.inbound),
+        ("responder to initiator", &i.inbound, &r.outbound),
+    ] {
+        assert_eq!(a.encr.expose(), b.encr.expose(), "{what} key");
+        assert_eq!(a.salt.expose(), b.salt.expose(), "{what} salt");
+        assert_eq!(a.integ.expose(), b.integ.expose(), "{what} integrity key");
+        assert!(!a.encr.is_empty());
+    }
+    assert_ne!(
+        i.outbound.encr.expose(),
+        i.inbound.encr.expose(),
+        "one key per direction"
+    );
+    assert_eq!(ts(&i.ts_local), ts(&r.ts_remote));
+    assert_eq!(ts(&i.ts_remote), ts(&r.ts_local));
+    assert_eq!(ts(&i.ts_local), ["10.1.0.0-10.1.0.255"]);
+    assert_eq!(i.udp_encap, r.udp_encap);
+}
+
+const MATRIX: [(&str, &str); 5] = [
+    ("aes128gcm16-prfsha256-x25519", "aes128gcm16"),
+    ("aes256gcm16-prfsha384-ecp384", "aes256gcm16"),
+    ("chacha20poly1305-prfsha256-x25519", "chacha20poly1305"),
+    ("aes256-sha256-modp2048", "aes256-sha256"),
+    ("aes128-sha256-ecp256", "aes128-sha256"),
+];
+
+fn assert_established(p: &Pair) {
+    assert!(p.i.is_established(), "initiator: {:?}", p.i_events);
+    assert!(
+        matches!(&p.i_events[..], [initiator::Event::IkeSaEstablished { peer_id, .. }, initiator::Event::ChildSaInstalled(_)] if peer_id.to_string() == "gw.example"),
+        "{:?}",
+        p.i_events
+    );
+    assert_same_child(p.initiator_child(), p.responder_child());
+}
+
+#[test]
+fn establishes_with_our_responder_for_each_proposal() {
+    for (ike, esp) in MATRIX {
+        let mut p = Pair::new(initiator_config(ike, esp), responder_config(ike, esp));
+        p.drive();
+        assert_established(&p);
+        let established = p.r_events.iter().find_map(|e| match e {
+            responder::Event::IkeSaEstablished { spi_i, peer_id, .. } => Some((*spi_i, peer_id.to_string())),
+            _ => None,
+        });
+        assert_eq!(
+            established,
+            Some((p.i.spi_i(), "site-a.example".to_owned())),
+            "{ike}"
+        );
+        assert!(!p.initiator_child().udp_encap, "no NAT, no float: plain ESP");
+        assert_eq!(p.init_requests, 1, "{ike}: one IKE_SA_INIT");
+    }
+}
+
+#[test]
+fn establishes_through_the_endpoints_cookie_for_each_proposal() {
+    let forced = EndpointConfig {
+        cookie_threshold: 0,
+        ..EndpointConfig::default()
+    };
+    for (ike, esp) in MATRIX {
+        let mut p = Pair::endpoint(
+            initiator_config(ike, esp),
+            responder_config(ike, esp),
+            forced.clone(),
+        );
+        p.drive();
+        assert_established(&p);
+        // RFC 7296 §2.6: the first request got N(COOKIE), the second echoed it.
+        assert_eq!(p.init_requests, 2, "{ike}");
+    }
+}
+
+#[test]
+fn retries_with_the_responders_group_after_invalid_ke_payload() {
+    // We guess X25519 first; the responder only takes P-256, which we offer second.
+    let i = initiator_config("aes128gcm16-prfsha256-x25519-ecp256", "aes128gcm16");
+    let r = responder_config("aes128gcm16-prfsha256-ecp256", "aes128gcm16");
+    // A refusal in IKE_SA_INIT keeps no state (RFC 7296 §2.6): the retry is a new
+    // negotiation for the endpoint, which makes a new responder for it.
+    let mut p = Pair::endpoint(i.clone(), r.clone(), EndpointConfig::default());
+    p.drive();
+    assert_eq!(p.init_requests, 2);
+    assert_established(&p);
+
+    // Behind the endpoint with cookies: COOKIE, then INVALID_KE_PAYLOAD with the cookie
+    // still echoed (RFC 7296 §2.6.1), then the answer.
+    let forced = EndpointConfig {
+        cookie_threshold: 0,
+        ..EndpointConfig::default()
+    };
+    let mut p = Pair::endpoint(i, r, forced);
+    p.drive();
+    assert_eq!(p.init_requests, 3);
+    assert_established(&p);
+}
+
+#[test]
+fn wrong_psk_fails_with_authentication_failed() {
+    let (ike, esp) = MATRIX[0];
+    let mut p = Pair::new(initiator_config(ike, esp), responder_config(ike, esp));
+    p.psk_r = b"another secret".to_vec();
+    p.drive();
+    assert_eq!(
+        p.initiator_failure(),
+        initiator::Error::Refused {
+            exchange: ExchangeType::IKE_AUTH,
+            notify: NotifyType::AUTHENTICATION_FAILED
+        }
+    );
+    assert_eq!(
+        p.initiator_failure().notify(),
+        Some(NotifyType::AUTHENTICATION_FAILED)
+    );
+    assert!(p.i.is_closed());
+    assert!(p.r_events.iter().any(|e| matches!(
+        e,
+        responder::Event::Failed(responder::Error::AuthenticationFailed(_))
+    )));
+    assert!(
+        !p.i_events
+            .iter()
+            .any(|e| matches!(e, initiator::Event::IkeSaEstablished { .. }))
+    );
+}
+
+#[test]
+fn unexpected_responder_identity_fails_and_is_reported_to_it() {
+    let (ike, esp) = MATRIX[0];
+    let mut i = initiator_config(ike, esp);
+    i.remote_id = Some(IdBuf::new(&Identity::Fqdn(b"other-gw.example")));
+    let mut p = Pair::new(i, responder_config(ike, esp));
+    p.drive();
+    assert!(matches!(
+        p.initiator_failure(),
+        initiator::Error::AuthenticationFailed(_)
+    ));
+    // The responder established (it authenticated us) and then heard of our refusal in an
+    // INFORMATIONAL AUTHENTICATION_FAILED (RFC 7296 §2.21.2).
+    assert!(p.r_events.iter().any(|e| matches!(e, responder::Event::PeerError { notify_type } if *notify_type == NotifyType::AUTHENTICATION_FAILED)), "{:?}", p.r_events);
+}
+
+#[test]
+fn no_common_proposal_fails_in_ike_sa_init() {
+    let mut p = Pair::new(
+        initiator_config("aes128gcm16-prfsha256-x25519", "aes128gcm16"),
+        responder_config("aes256-sha512-modp3072", "aes128gcm16"),
+    );
+    p.drive();
+    assert_eq!(
+        p.initiator_failure(),
+        initiator::Error::Refused {
+            exchange: ExchangeType::IKE_SA_INIT,
+            notify: NotifyType::NO_PROPOSAL_CHOSEN
+        }
+    );
+}
+
+#[test]
+fn refused_child_sa_fails_and_deletes_the_ike_sa() {
+    let (ike, _) = MATRIX[0];
+    // ESP: nothing in common.
+    let mut p = Pair::new(
+        initiator_config(ike, "aes128gcm16"),
+        responder_config(ike, "aes256-sha256"),
+    );
+    p.drive();
+    assert_eq!(
+        p.initiator_failure().notify(),
+        Some(NotifyType::NO_PROPOSAL_CHOSEN)
+    );
+    // Traffic selectors outside the responder's subnets.
+    let mut i = initiator_config(ike, "aes128gcm16");
+    i.local_subnet = "10.9.0.0/24".parse().unwrap();
+    let mut p = Pair::new(i, responder_config(ike, "aes128gcm16"));
+    p.drive();
+    assert_eq!(p.initiator_failure().notify(), Some(NotifyType::TS_UNACCEPTABLE));
+    // The responder kept the IKE SA without a CHILD SA (RFC 7296 §2.21.2) until our DELETE.
+    assert!(
+        p.r_events.iter().any(|e| matches!(
+            e,
+            responder::Event::IkeSaDeleted {
+                reason: DeleteReason::PeerDeleted,
+                ..
+            }
+        )),
+        "{:?}",
+        p.r_events
+    );
+}
+
+#[test]
+fn floats_to_4500_behind_a_nat_and_when_forced() {
+    let (ike, esp) = MATRIX[0];
+    let mut p = Pair::new(initiator_config(ike, esp), responder_config(ike, esp));
+    p.nat = true;
+    p.drive();
+    assert_established(&p);
+    assert!(matches!(
+        p.i_events[0],
+        initiator::Event::IkeSaEstablished {
+            nat_detected: true,
+            ..
+        }
+    ));
+    assert!(p.initiator_child().udp_encap);
+    // IKE_SA_INIT on 500, IKE_AUTH from the NAT-T port to the responder's 4500.
+    let ports: Vec<(u16, u16)> = p.seen_by_r.iter().map(|(l, r)| (l.port(), r.port())).collect();
+    assert_eq!(ports, [(500, 10500), (4500, 14500)]);
+    assert_eq!(p.i.path().1, addr("192.0.2.2:4500"));
+
+    let mut i = initiator_config(ike, esp);
+    i.nat_t = NatTraversal {
+        force: true,
+        local_port: 4501,
+        remote_port: 4500,
+    };
+    let mut p = Pair::new(i, responder_config(ike, esp));
+    p.drive();
+    assert_established(&p);
+    assert!(matches!(
+        p.i_events[0],
+        initiator::Event::IkeSaEstablished {
+            nat_detected: false,
+            ..
+        }
+    ));
+    assert!(p.initiator_child().udp_encap, "forced float: UDP encapsulation");
+    assert_eq!(p.seen_by_r[1].1.port(), 4501);
+}
+
+#[test]
+fn lost_messages_are_retransmitted_and_answered_from_the_cache() {
+    let (ike, esp) = MATRIX[0];
+    let mut p = Pair::new(initiator_config(ike, esp), responder_config(ike, esp));
+    // The IKE_SA_INIT response is lost, then the IKE_AUTH response.
+    p.lose_to_i = vec![0, 2];
+    p.drive();
+    assert!(p.i.spi_r().is_none());
+    // IKE_SA_INIT retransmitted and answered from the responder's cache; IKE_AUTH lost.
+    p.advance();
+    assert!(p.i.spi_r().is_some() && !p.i.is_established());
+    p.advance();
+    assert_established(&p);
+    assert_eq!(p.init_requests, 2);
+    // The responder made one SA and one CHILD SA of it all.
+    let children = p
+        .r_events
+        .iter()
+        .filter(|e| matches!(e, responder::Event::ChildSaInstalled(_)))
+        .count();
+    assert_eq!(children, 1);
+}
+
+#[test]
+fn silent_responder_times_out() {
+    let (ike, esp) = MATRIX[0];
+    let mut p = Pair::new(initiator_config(ike, esp), responder_config(ike, esp));
+    p.drop_to_r = usize::MAX;
+    let start = p.now;
+    while !p.i.is_closed() {
+        p.advance();
+    }
+    assert!(matches!(p.initiator_failure(), initiator::Error::Timeout(_)));
+    assert_eq!(p.now - start, responder::Retransmit::default().give_up_after());
+}
+
+#[test]
+fn answers_liveness_checks_and_the_responders_delete() {
+    let (ike, esp) = MATRIX[0];
+    let mut r = responder_config(ike, esp);
+    r.dpd_interval = Some(Duration::from_secs(10));
+    let mut i = initiator_config(ike, esp);
+    i.dpd_interval = Some(Duration::from_secs(15));
+    let mut p = Pair::new(i, r);
+    p.drive();
+    assert_established(&p);
+    // A minute of liveness checks both ways: every one answered, nobody declared dead.
+    let start = p.now;
+    while p.now < start + Duration::from_secs(60) {
+        p.advance();
+    }
+    assert!(p.i.is_established());
+    assert!(
+        !p.r_events
+            .iter()
+            .any(|e| matches!(e, responder::Event::IkeSaDeleted { .. }))
+    );
+    // The responder deletes the IKE SA; the initiator reports the CHILD SA and the IKE SA gone.
+    let spi_r = p.i.spi_r().unwrap();
+    match &mut p.r {
+        Side::One(r) => r.delete(p.now),
+        Side::Many(_) => unreachable!(),
+    }
+    p.drive();
+    assert!(p.i.is_closed());
+    let tail: Vec<String> = p
+        .i_events
+        .iter()
+        .rev()
+        .take(2)
+        .map(|e| format!("{e:?}"))
+        .collect();
+    assert!(
+        tail[0].contains("IkeSaDeleted") && tail[0].contains("PeerDeleted"),
+        "{tail:?} ({spi_r:x})"
+    );
+    assert!(tail[1].contains("ChildSaDeleted"), "{tail:?}");
+}
+
+#[test]
+fn finds_a_dead_responder_and_deletes_from_our_side() {
+    let (ike, esp) = MATRIX[0];
+    let mut i = initiator_config(ike, esp);
+    i.dpd_interval = Some(Duration::from_secs(5));
+    let mut p = Pair::new(i.clone(), responder_config(ike, esp));
+    p.drive();
+    assert_established(&p);
+    p.drop_to_r = usize::MAX;
+    while !p.i.is_closed() {
+        p.advance();
+    }
+    assert!(
+        p.i_events.iter().any(|e| matches!(
+            e,
+            initiator::Event::IkeSaDeleted {
+                reason: DeleteReason::DeadPeer,
+                ..
+            }
+        )),
+        "{:?}",
+        p.i_events
+    );
+
+    let mut p = Pair::new(i, responder_config(ike, esp));
+    p.drive();
+    p.i.delete(p.now);
+    p.drive();
+    assert!(p.i.is_closed());
+    assert!(
+        p.r_events.iter().any(|e| matches!(
+            e,
+            responder::Event::IkeSaDeleted {
+                reason: DeleteReason::PeerDeleted,
+                ..
+            }
+        )),
+        "{:?}",
+        p.r_events
+    );
+}
+
+/// Every truncation and single-bit flip of every message the responder sends, fed to an
+/// initiator in the state that expects it: dropped or failed, never a panic.
+#[test]
+fn survives_truncated_and_corrupted_responses() {
+    // AES-CBC with HMAC (ICV over the whole message) and a cheap key exchange: one new
+    // initiator per corrupted IKE_SA_INIT response.
+    let (ike, esp) = MATRIX[4];
+    let mut p = Pair::new(initiator_config(ike, esp), responder_config(ike, esp));
+    let init_request = p.i.poll_transmit().unwrap();
+    p.deliver_to_responder(init_request.clone());
+    let init_response = p.take_from_responder().remove(0).payload;
+    let mut variants: Vec<Vec<u8>> = (0..init_response.len())
+        .map(|n| init_response[..n].to_vec())
+        .collect();
+    for bit in 0..init_response.len() * 8 {
+        let mut v = init_response.clone();
+        v[bit / 8] ^= 1 << (bit % 8);
+        variants.push(v);
+    }
+    let (local, remote) = (addr(SITE), addr(GW));
+    for v in &variants {
+        let cfg = Arc::new(initiator_config(ike, esp));
+        let mut i = Initiator::connect(cfg, PSK, local, remote, p.now, &mut SystemEntropy).unwrap();
+        let _ = i.handle_datagram(p.now, local, remote, v, &mut SystemEntropy);
+    }
+    // The IKE_AUTH response, corrupted, to the initiator that sent the request.
+    p.i.handle_datagram(p.now, local, remote, &init_response, &mut SystemEntropy)
+        .unwrap();
+    let auth_request = p.i.poll_transmit().unwrap();
+    p.deliver_to_responder(auth_request);
+    let auth_response = p.take_from_responder().remove(0).payload;
+    for n in 0..auth_response.len() {
+        assert!(
+            p.i.handle_datagram(p.now, local, remote, &auth_response[..n], &mut SystemEntropy)
+                .is_err()
+        );
+    }
+    for bit in 0..auth_response.len() * 8 {
+        let mut v = auth_response.clone();
+        v[bit / 8] ^= 1 << (bit % 8);
+        let _ = p.i.handle_datagram(p.now, local, remote, &v, &mut SystemEntropy);
+    }
+    // Flips that the ICV catches leave the request in flight; the genuine one still works.
+    if !p.i.is_closed() {
+        p.i.handle_datagram(p.now, local, remote, &auth_response, &mut SystemEntropy)
+            .unwrap();
+        assert!(p.i.is_established());
+    }
+}
