@@ -112,6 +112,11 @@ pub struct Options {
     #[arg(long, env = "CONCENTRATOR_IKE_MAX_HALF_OPEN", default_value_t = 20000)]
     pub ike_max_half_open: usize,
 
+    /// Send new sites that support redirects (RFC 5685) to this gateway (an address or a
+    /// name) instead of accepting them here; established tunnels stay.
+    #[arg(long, env = "CONCENTRATOR_REDIRECT_TO", value_name = "GATEWAY")]
+    pub redirect_to: Option<String>,
+
     /// Serve only the admin API and metrics: no IKE, no TUN device (no tunnels; needs no
     /// privileges). For inspecting a configuration or a site store.
     #[arg(long, env = "CONCENTRATOR_NO_TUNNELS")]

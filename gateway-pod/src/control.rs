@@ -44,6 +44,8 @@ pub struct ControlOptions {
     pub retransmit: concentrator_ike::responder::Retransmit,
     /// Cookie threshold and half-open limit.
     pub endpoint: EndpointConfig,
+    /// Where to redirect new sites (RFC 5685), if anywhere.
+    pub redirect_to: Option<concentrator_ike::redirect::GatewayId>,
 }
 
 /// Why the control plane could not start.
@@ -158,13 +160,15 @@ pub async fn start(
     );
     let (stop_tx, stop_rx) = oneshot::channel();
     let (lookups_tx, lookups_rx) = mpsc::unbounded_channel();
+    let mut endpoint = Endpoint::new(opts.endpoint.clone(), responder_config);
+    endpoint.set_redirect(opts.redirect_to.clone());
     let driver = Driver {
         egroups,
         lookups: lookups_tx,
         dynamic_owner: HashMap::new(),
         local_ids: HashMap::new(),
         listen: opts.listen,
-        endpoint: Endpoint::new(opts.endpoint.clone(), responder_config),
+        endpoint,
         gateway,
         dataplane,
         udp500,
@@ -314,6 +318,7 @@ impl Driver {
             EndpointError::UnexpectedResponse => "unexpected",
             EndpointError::CookieRequired => "cookie_required",
             EndpointError::HalfOpenLimit => "half_open_limit",
+            EndpointError::Redirected(_) => "redirected",
             _ => "other",
         };
         self.gateway.metrics.count_ike_drop(reason);

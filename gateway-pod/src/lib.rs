@@ -135,6 +135,10 @@ pub async fn start(opts: &Options, config: Config) -> Result<Running, StartError
                         max_half_open: opts.ike_max_half_open,
                         ..Default::default()
                     },
+                    redirect_to: opts.redirect_to.as_deref().map(|g| match g.parse() {
+                        Ok(ip) => concentrator_ike::redirect::GatewayId::Ip(ip),
+                        Err(_) => concentrator_ike::redirect::GatewayId::Fqdn(g.to_owned()),
+                    }),
                 },
             )
             .await?,

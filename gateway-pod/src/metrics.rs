@@ -55,6 +55,7 @@ pub const IKE_DROP_REASONS: &[&str] = &[
     "unknown_spi",
     "cookie_required",
     "half_open_limit",
+    "redirected",
     "other",
 ];
 

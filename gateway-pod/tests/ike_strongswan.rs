@@ -51,7 +51,7 @@ fn write_config(dir: &Path, ike: &str, esp: &str, psk: &str, dpd: &str) -> Resul
 }
 
 struct Setup {
-    _wan: Wan,
+    wan: Wan,
     site: Netns,
     gw: Netns,
     dir: tempfile::TempDir,
@@ -109,7 +109,7 @@ impl Setup {
         })?;
         let charon = Charon::start(&site)?;
         Ok(Self {
-            _wan: wan,
+            wan,
             site,
             gw,
             dir,
@@ -460,4 +460,82 @@ fn a_vanished_site_is_found_dead_and_removed() -> Result<()> {
     )?;
     ensure!(site_route(&s)?.is_empty(), "route to a dead site left behind");
     Ok(())
+}
+
+#[test]
+fn a_gateway_that_redirects_sends_the_site_to_another_one() -> Result<()> {
+    if prereq::require(&[netns::TOOLS, strongswan::TOOLS, &[tools::CURL]]).is_skip() {
+        return Ok(());
+    }
+    const GW2_ADDR: &str = "192.0.2.3";
+    let ike = "aes128gcm16-prfsha256-x25519";
+    let psk = concentrator_e2e::ids::random_hex(32);
+    // The first gateway redirects every new site (RFC 5685) to the second one.
+    let s = Setup::start_with(
+        ike,
+        "aes128gcm16",
+        &psk,
+        &GatewayOptions {
+            dpd: None,
+            args: &["--redirect-to", GW2_ADDR],
+        },
+    )?;
+    let gw2 = Netns::new("ssgw2")?;
+    s.wan.attach(&gw2, "wan0", format!("{GW2_ADDR}/24").parse()?)?;
+    gw2.add_lo_addr(format!("{GW_HOST}/24").parse()?)?;
+    let config = s.dir.path().join("config");
+    let log = s.dir.path().join("gateway2.log");
+    let data = s.dir.path().join("data2");
+    let mut second = gw2.spawn(
+        "gateway 2",
+        BIN,
+        &[
+            "--config-dir",
+            config.to_str().context("path")?,
+            "--data-dir",
+            data.to_str().context("path")?,
+            "--ike-listen",
+            GW2_ADDR,
+        ],
+        &log,
+    )?;
+    wait::until("the second gateway to be ready", TIMEOUT, || {
+        second.ensure_running()?;
+        Ok(if logs::contains(&log, "gateway ready") {
+            Probe::Ready(())
+        } else {
+            Probe::pending(second.log_tail(10))
+        })
+    })?;
+    // The site knows only the first gateway.
+    s.charon()
+        .load(&[s.connection(ike, "aes128gcm16", &psk, SITE_ID)])?;
+    let _ = s.charon().initiate("gw");
+    wait::until(
+        "the site to be established with the second gateway",
+        TIMEOUT,
+        || {
+            let sas = s.charon().list_sas()?;
+            Ok(match sas.iter().find(|sa| sa.state == "ESTABLISHED") {
+                Some(sa) if sa.fields.get("remote-host").map(String::as_str) == Some(GW2_ADDR) => {
+                    Probe::Ready(())
+                }
+                other => Probe::pending(format!("{other:?}")),
+            })
+        },
+    )
+    .with_context(|| format!("{}\ngateway 2:\n{}", s.logs(), second.log_tail(20)))?;
+    s.wait_metric(
+        "concentrator_gateway_ike_dropped_total{reason=\"redirected\"}",
+        1.0,
+    )?;
+    s.wait_metric("concentrator_gateway_ike_sas_established", 0.0)?;
+    let tunnels = gw2.run(BIN, &["tunnels"])?;
+    ensure!(
+        tunnels.contains(SITE_ID),
+        "second gateway does not list the site:\n{tunnels}"
+    );
+    s.site
+        .wait_reachable(Some(addr(SITE_HOST)), addr(GW_HOST), TIMEOUT)
+        .with_context(|| second.log_tail(20))
 }

@@ -26,6 +26,7 @@ use crate::Message;
 use crate::message::codepoints::{ExchangeType, NotifyType, PayloadType};
 use crate::message::header::{Flags, Header};
 use crate::payload::{Notify, Payload};
+use crate::redirect::{GatewayId, encode_redirect};
 use crate::responder::{self, Config, Entropy, Event, Responder, Transmit};
 
 /// Limits of an endpoint.
@@ -78,7 +79,7 @@ pub enum EndpointEvent {
 }
 
 /// Why a datagram was not handed to a responder, or what the responder said about it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum EndpointError {
     /// Too short for an IKE header.
@@ -96,6 +97,9 @@ pub enum EndpointError {
     /// Too many half-open SAs: dropped.
     #[error("half-open SA limit reached")]
     HalfOpenLimit,
+    /// Sent elsewhere with N(REDIRECT) (RFC 5685), no state kept.
+    #[error("redirected to {0}")]
+    Redirected(GatewayId),
     /// The responder dropped the message or failed the negotiation.
     #[error(transparent)]
     Responder(#[from] responder::Error),
@@ -146,6 +150,7 @@ pub struct Endpoint {
     previous_secret: Option<CookieSecret>,
     transmits: VecDeque<Transmit>,
     events: VecDeque<EndpointEvent>,
+    redirect: Option<GatewayId>,
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -169,7 +174,15 @@ impl Endpoint {
             previous_secret: None,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
+            redirect: None,
         }
+    }
+
+    /// From now on, send new initiators that announce REDIRECT_SUPPORTED to `gateway`
+    /// (RFC 5685 §4.1: redirect during IKE_SA_INIT, before any state is kept); `None`
+    /// accepts them again. Initiators that do not support redirects are served as usual.
+    pub fn set_redirect(&mut self, gateway: Option<GatewayId>) {
+        self.redirect = gateway;
     }
 
     /// The configuration of responders created from now on (existing SAs keep theirs).
@@ -336,6 +349,9 @@ impl Endpoint {
         if header.exchange != ExchangeType::IKE_SA_INIT {
             return Err(EndpointError::UnknownSpi(0));
         }
+        if let Some(gateway) = self.redirect.clone() {
+            self.redirect_init(local, remote, &header, datagram, gateway)?;
+        }
         let half_open = self.counts().half_open;
         if half_open >= self.config.max_half_open {
             return Err(EndpointError::HalfOpenLimit);
@@ -483,6 +499,53 @@ impl Endpoint {
             payload: response,
         });
         Err(EndpointError::CookieRequired)
+    }
+
+    /// RFC 5685 §4.1: an IKE_SA_INIT request with N(REDIRECT_SUPPORTED) is answered with
+    /// N(REDIRECT) naming the new gateway and echoing Ni (the unprotected response is bound
+    /// to the request by the nonce). Returns `Ok` to go on when the initiator does not
+    /// support redirects.
+    fn redirect_init(
+        &mut self,
+        local: SocketAddr,
+        remote: SocketAddr,
+        header: &Header,
+        datagram: &[u8],
+        gateway: GatewayId,
+    ) -> Result<(), EndpointError> {
+        let msg = Message::decode(datagram).map_err(responder::Error::from)?;
+        let mut supported = false;
+        let mut nonce = None;
+        for p in &msg.payloads {
+            match p {
+                Payload::Notify(n) if n.notify_type == NotifyType::REDIRECT_SUPPORTED => supported = true,
+                Payload::Nonce(n) => nonce = Some(n.data),
+                _ => {}
+            }
+        }
+        let (true, Some(nonce)) = (supported, nonce) else {
+            return Ok(());
+        };
+        let data = encode_redirect(&gateway, Some(nonce));
+        let response = Message {
+            header: Header {
+                spi_i: header.spi_i,
+                spi_r: 0,
+                next_payload: PayloadType::NONE,
+                exchange: ExchangeType::IKE_SA_INIT,
+                flags: Flags::RESPONSE,
+                message_id: header.message_id,
+                length: 0,
+            },
+            payloads: vec![Payload::Notify(Notify::new(NotifyType::REDIRECT, &data))],
+        }
+        .to_vec();
+        self.transmits.push_back(Transmit {
+            local,
+            remote,
+            payload: response,
+        });
+        Err(EndpointError::Redirected(gateway))
     }
 
     fn rotate_secret(&mut self, now: Instant, entropy: &mut dyn Entropy) -> Result<(), EndpointError> {

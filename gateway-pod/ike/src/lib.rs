@@ -33,6 +33,7 @@ pub mod message;
 pub mod nat;
 pub mod negotiate;
 pub mod payload;
+pub mod redirect;
 pub mod responder;
 
 pub use initiator::Initiator;

@@ -286,3 +286,48 @@ fn a_refused_ike_sa_init_keeps_no_state() {
     assert!(matches!(events.as_slice(), [EndpointEvent::Sa { id: 0, .. }]));
     assert_eq!(ep.counts(), SaCounts::default());
 }
+
+#[test]
+fn redirects_initiators_that_support_it_and_serves_the_others() {
+    use concentrator_ike::redirect::{GatewayId, decode_redirect};
+    let mut ep = Endpoint::new(EndpointConfig::default(), config());
+    let mut entropy = Counter(0);
+    let gw = GatewayId::Ip("192.0.2.99".parse().unwrap());
+    ep.set_redirect(Some(gw.clone()));
+    let nonce = [5u8; 32];
+    // With N(REDIRECT_SUPPORTED): sent on, nonce echoed, no state.
+    let mut req = init_request(1, &nonce, None);
+    let supported = Message {
+        payloads: {
+            let mut p = Message::decode(&req).unwrap().payloads;
+            p.push(Payload::Notify(Notify::new(NotifyType::REDIRECT_SUPPORTED, &[])));
+            p
+        },
+        ..Message::decode(&req).unwrap()
+    }
+    .to_vec();
+    assert_eq!(
+        ep.handle_datagram(Instant::now(), local(), site(1), &supported, &mut entropy),
+        Err(EndpointError::Redirected(gw.clone()))
+    );
+    let (msgs, _) = drain(&mut ep);
+    let [msg] = msgs.as_slice() else {
+        panic!("one response expected")
+    };
+    let Some(Payload::Notify(n)) = msg.payloads.first() else {
+        panic!("no notify")
+    };
+    assert_eq!(n.notify_type, NotifyType::REDIRECT);
+    assert_eq!(decode_redirect(n.data).unwrap(), (gw, &nonce[..]));
+    assert_eq!(ep.counts(), SaCounts::default());
+    // Without it: served here.
+    req = init_request(2, &nonce, None);
+    ep.handle_datagram(Instant::now(), local(), site(2), &req, &mut entropy)
+        .unwrap();
+    assert_eq!(ep.counts().half_open, 1);
+    // Redirects off again: everyone is served.
+    ep.set_redirect(None);
+    ep.handle_datagram(Instant::now(), local(), site(1), &supported, &mut entropy)
+        .unwrap();
+    assert_eq!(ep.counts().half_open, 2);
+}
