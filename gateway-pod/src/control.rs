@@ -58,8 +58,8 @@ pub enum ControlError {
     },
     #[error(transparent)]
     Dataplane(#[from] DataplaneError),
-    #[error("no eroute accepts tunnels (every eroute has role Initiator)")]
-    NoResponderEroute,
+    #[error("the built-in default proposals do not parse")]
+    DefaultProposal,
 }
 
 /// The running control plane and data plane.
@@ -92,6 +92,27 @@ fn local_id(eroute: &ValidatedEroute, listen: IpAddr) -> IdBuf {
     }
 }
 
+/// The responder configuration when no eroute accepts tunnels: the default proposals, no
+/// subnets; the PSK step refuses every identity.
+fn refusing_config(
+    listen: IpAddr,
+    retransmit: concentrator_ike::responder::Retransmit,
+) -> Result<ResponderConfig, ControlError> {
+    use concentrator_crds::eroute::{DEFAULT_ESP_PROPOSAL, DEFAULT_IKE_PROPOSAL};
+    use concentrator_crds::proposal::{parse_esp, parse_ike};
+    let ike = parse_ike("ike", DEFAULT_IKE_PROPOSAL).map_err(|_| ControlError::DefaultProposal)?;
+    let esp = parse_esp("esp", DEFAULT_ESP_PROPOSAL).map_err(|_| ControlError::DefaultProposal)?;
+    let none: IpNet = "0.0.0.0/32".parse().map_err(|_| ControlError::DefaultProposal)?;
+    let local_id = match listen {
+        IpAddr::V4(a) if !a.is_unspecified() => IdBuf::new(&Identity::Ipv4(a)),
+        _ => IdBuf::new(&Identity::Fqdn(b"concentrator")),
+    };
+    Ok(ResponderConfig {
+        retransmit,
+        ..ResponderConfig::new(vec![ike], vec![esp], none, none, local_id)
+    })
+}
+
 /// An identity as strongSwan users write it: an address, `user@domain` (RFC822), else FQDN.
 fn id_from_str(s: &str) -> IdBuf {
     if let Ok(ip) = s.parse::<IpAddr>() {
@@ -114,19 +135,28 @@ pub async fn start(
     opts: ControlOptions,
 ) -> Result<Control, ControlError> {
     // New IKE SAs are answered with the first eroute that accepts tunnels; the peer's
-    // identity, known only at IKE_AUTH, then selects the eroute that authenticates it.
-    let (eroute_name, eroute) = gateway
-        .config
-        .set
-        .eroutes
-        .iter()
-        .find(|(_, e)| e.role != Role::Initiator)
-        .ok_or(ControlError::NoResponderEroute)?;
-    let responder_config = Arc::new(ResponderConfig {
-        retransmit: opts.retransmit,
-        ..ResponderConfig::from_eroute(eroute, local_id(eroute, opts.listen))
-    });
-    tracing::debug!(eroute = %eroute_name, "IKE_SA_INIT answered with this eroute's proposals");
+    // identity, known only at IKE_AUTH, then selects the eroute that authenticates it. With
+    // none (no eroutes yet, or only ones we initiate), IKE_SA_INIT is still answered with the
+    // default proposal and every identity is refused at IKE_AUTH: a pod that starts before
+    // its eroutes exist must not fail.
+    let responder_config = Arc::new(
+        match gateway
+            .config
+            .set
+            .eroutes
+            .iter()
+            .find(|(_, e)| e.role != Role::Initiator)
+        {
+            Some((name, e)) => {
+                tracing::debug!(eroute = %name, "IKE_SA_INIT answered with this eroute's proposals");
+                ResponderConfig {
+                    retransmit: opts.retransmit,
+                    ..ResponderConfig::from_eroute(e, local_id(e, opts.listen))
+                }
+            }
+            None => refusing_config(opts.listen, opts.retransmit)?,
+        },
+    );
 
     let bind = |port| async move {
         let addr = SocketAddr::new(opts.listen, port);
@@ -168,6 +198,30 @@ pub async fn start(
         dynamic_owner: HashMap::new(),
         local_ids: HashMap::new(),
         listen: opts.listen,
+        ike_port: ike_addr.port(),
+        retransmit: opts.retransmit,
+        auto: gateway
+            .config
+            .set
+            .eroutes
+            .iter()
+            .filter(|(name, e)| {
+                e.role == Role::Initiator
+                    && e.peer_address.is_some()
+                    && gateway.config.static_psks.contains_key(*name)
+            })
+            .map(|(name, _)| {
+                (
+                    name.clone(),
+                    AutoConnect {
+                        id: None,
+                        next_attempt: Instant::now(),
+                        backoff: RECONNECT_MIN,
+                    },
+                )
+            })
+            .collect(),
+        initiated: HashMap::new(),
         endpoint,
         gateway,
         dataplane,
@@ -241,6 +295,25 @@ struct Driver {
     /// Our identity per eroute (built once).
     local_ids: HashMap<String, IdBuf>,
     listen: IpAddr,
+    ike_port: u16,
+    retransmit: concentrator_ike::responder::Retransmit,
+    /// Eroutes we keep up, and the SA ids we started, to their eroute.
+    auto: HashMap<String, AutoConnect>,
+    initiated: HashMap<u64, String>,
+}
+
+/// First and longest wait before reconnecting an eroute we keep up.
+const RECONNECT_MIN: Duration = Duration::from_secs(2);
+const RECONNECT_MAX: Duration = Duration::from_secs(60);
+/// The IKE port of peers we initiate to.
+const IKE_PORT: u16 = 500;
+
+/// An eroute this gateway keeps up by initiating (role `Initiator`).
+struct AutoConnect {
+    /// The SA in progress or up.
+    id: Option<u64>,
+    next_attempt: Instant,
+    backoff: Duration,
 }
 
 /// How often the tunnel table's traffic counters are refreshed for the admin API.
@@ -257,11 +330,25 @@ impl Driver {
         let mut buf = vec![0u8; 65536];
         let mut status = tokio::time::interval(STATUS_INTERVAL);
         status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.connect_due(Instant::now());
+        self.flush().await;
         loop {
-            let deadline = self.endpoint.poll_timeout().map_or_else(
-                || tokio::time::Instant::now() + STATUS_INTERVAL,
-                tokio::time::Instant::from_std,
-            );
+            let next_connect = self
+                .auto
+                .values()
+                .filter(|a| a.id.is_none())
+                .map(|a| a.next_attempt)
+                .min();
+            let deadline = self
+                .endpoint
+                .poll_timeout()
+                .into_iter()
+                .chain(next_connect)
+                .min()
+                .map_or_else(
+                    || tokio::time::Instant::now() + STATUS_INTERVAL,
+                    tokio::time::Instant::from_std,
+                );
             tokio::select! {
                 _ = &mut stop => break,
                 r = &mut dataplane_task => {
@@ -286,7 +373,11 @@ impl Driver {
                 },
                 Some(d) = ike_rx.recv() => self.datagram(d.local, d.remote, &d.payload),
                 Some(done) = lookups_rx.recv() => self.lookup_done(done),
-                () = tokio::time::sleep_until(deadline) => self.endpoint.handle_timeout(Instant::now(), &mut self.entropy),
+                () = tokio::time::sleep_until(deadline) => {
+                    let now = Instant::now();
+                    self.endpoint.handle_timeout(now, &mut self.entropy);
+                    self.connect_due(now);
+                }
                 _ = status.tick() => self.refresh_status(),
             }
             self.flush().await;
@@ -360,8 +451,171 @@ impl Driver {
 
     fn event(&mut self, event: EndpointEvent) {
         match event {
-            EndpointEvent::Removed { id, established } => self.removed(id, established),
+            EndpointEvent::Removed { id, established } => {
+                self.removed(id, established);
+                self.schedule_reconnect(id);
+            }
             EndpointEvent::Sa { id, event } => self.sa_event(id, event),
+            EndpointEvent::Initiated { id, event } => self.initiated_event(id, event),
+        }
+    }
+
+    /// Events of the SAs we started: the same handling as the ones peers start, plus
+    /// reconnecting the eroutes that are ours to keep up.
+    fn initiated_event(&mut self, id: u64, event: concentrator_ike::initiator::Event) {
+        use concentrator_ike::initiator::Event as I;
+        let as_responder = match event {
+            I::IkeSaEstablished {
+                spi_i,
+                spi_r,
+                peer_id,
+                remote,
+                nat_detected,
+            } => {
+                if let Some(name) = self.initiated.get(&id)
+                    && let Some(a) = self.auto.get_mut(name)
+                {
+                    a.backoff = RECONNECT_MIN;
+                }
+                Event::IkeSaEstablished {
+                    spi_i,
+                    spi_r,
+                    peer_id,
+                    remote,
+                    nat_detected,
+                }
+            }
+            I::ChildSaInstalled(c) => Event::ChildSaInstalled(c),
+            I::ChildSaDeleted { spi_in, spi_out } => Event::ChildSaDeleted { spi_in, spi_out },
+            I::IkeSaDeleted { spi_i, reason } => Event::IkeSaDeleted { spi_r: spi_i, reason },
+            I::RequestDeclined { exchange, notify } => {
+                tracing::info!(?exchange, ?notify, "declined a request of the peer");
+                return;
+            }
+            I::PeerError { notify_type } => {
+                tracing::warn!(?notify_type, "peer reported an error");
+                return;
+            }
+            I::Failed(e) => {
+                let eroute = self.initiated.get(&id).cloned().unwrap_or_default();
+                let reason = initiator_failure_reason(&e);
+                self.gateway.metrics.count_ike_failure(reason);
+                tracing::warn!(%eroute, reason, error = %e, "IKE negotiation we started failed");
+                return;
+            }
+        };
+        self.sa_event(id, as_responder);
+    }
+
+    /// Connects every eroute whose turn has come (at start, and again after its SA is gone).
+    fn connect_due(&mut self, now: Instant) {
+        let due: Vec<String> = self
+            .auto
+            .iter()
+            .filter(|(_, a)| a.id.is_none() && a.next_attempt <= now)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in due {
+            self.connect(&name, now);
+        }
+    }
+
+    fn connect(&mut self, name: &str, now: Instant) {
+        let Some(e) = self.gateway.config.set.eroutes.get(name) else {
+            return;
+        };
+        let Some(psk) = self.gateway.config.static_psks.get(name) else {
+            return;
+        };
+        let Some(remote) = e
+            .peer_address
+            .as_deref()
+            .and_then(|a| a.parse::<IpAddr>().ok())
+            .map(|ip| SocketAddr::new(ip, IKE_PORT))
+        else {
+            tracing::warn!(eroute = %name, "peerAddress is not an IP address: cannot initiate");
+            self.auto.remove(name);
+            return;
+        };
+        let listen = self.listen;
+        let local_id = self
+            .local_ids
+            .entry(name.to_owned())
+            .or_insert_with(|| local_id(e, listen))
+            .clone();
+        let mut config = concentrator_ike::initiator::Config::new(
+            e.ike_proposals.clone(),
+            e.esp_proposals.clone(),
+            e.local_subnet,
+            e.remote_subnet,
+            local_id,
+        );
+        // A concrete peer ID is required of the responder; a pattern accepts any.
+        config.remote_id = e
+            .peer_id
+            .as_deref()
+            .filter(|p| !p.contains(['*', '?']))
+            .map(id_from_str);
+        config.child_lifetime = e.esp_lifetime;
+        config.dpd_interval = Some(e.dpd_interval).filter(|d| !d.is_zero());
+        config.retransmit = self.retransmit;
+        config.nat_t.local_port = self.nat_t_port;
+        // Our data plane carries ESP in UDP only: float to 4500 even without a NAT (RFC 7296
+        // §2.23 allows it), so that the peer expects UDP-encapsulated ESP.
+        config.nat_t.force = true;
+        let local = SocketAddr::new(self.listen, self.ike_port);
+        match self.endpoint.connect(
+            Arc::new(config),
+            psk.expose(),
+            local,
+            remote,
+            now,
+            &mut self.entropy,
+        ) {
+            Ok(id) => {
+                tracing::info!(eroute = %name, %remote, "initiating");
+                self.initiated.insert(id, name.to_owned());
+                self.sas.insert(
+                    id,
+                    IkeSaRecord {
+                        peer_id: e.peer_id.clone().unwrap_or_else(|| remote.ip().to_string()),
+                        eroute: Some(name.to_owned()),
+                        egroup: None,
+                        remote: Some(remote),
+                        established_at: None,
+                        children: Vec::new(),
+                        refusal: None,
+                        site_subnet: None,
+                        last_bytes: 0,
+                        last_traffic: now,
+                    },
+                );
+                if let Some(a) = self.auto.get_mut(name) {
+                    a.id = Some(id);
+                }
+            }
+            Err(err) => {
+                tracing::warn!(eroute = %name, error = %err, "cannot initiate");
+                if let Some(a) = self.auto.get_mut(name) {
+                    a.next_attempt = now + a.backoff;
+                    a.backoff = (a.backoff * 2).min(RECONNECT_MAX);
+                }
+            }
+        }
+    }
+
+    /// An SA of an eroute we keep up is gone: try again after the eroute's backoff.
+    fn schedule_reconnect(&mut self, id: u64) {
+        let Some(name) = self.initiated.remove(&id) else {
+            return;
+        };
+        if let Some(a) = self.auto.get_mut(&name)
+            && a.id == Some(id)
+        {
+            a.id = None;
+            a.next_attempt = Instant::now() + a.backoff;
+            tracing::info!(eroute = %name, retry_in = ?a.backoff, "tunnel we keep up is gone");
+            a.backoff = (a.backoff * 2).min(RECONNECT_MAX);
         }
     }
 
@@ -953,6 +1207,23 @@ fn failure_reason(e: &concentrator_ike::responder::Error) -> &'static str {
         Error::Negotiation(NegotiationError::NoProposalChosen) => "no_proposal_chosen",
         Error::Negotiation(NegotiationError::TsUnacceptable) => "ts_unacceptable",
         Error::InvalidKe { .. } => "invalid_ke",
+        Error::Malformed(_) | Error::MalformedInner(_) | Error::MissingPayload(_) => "malformed",
+        _ => "other",
+    }
+}
+
+/// The label a failed negotiation we started is counted under.
+fn initiator_failure_reason(e: &concentrator_ike::initiator::Error) -> &'static str {
+    use concentrator_ike::NotifyType;
+    use concentrator_ike::initiator::Error;
+    match e {
+        Error::Refused { notify, .. } if *notify == NotifyType::AUTHENTICATION_FAILED => {
+            "authentication_failed"
+        }
+        Error::Refused { notify, .. } if *notify == NotifyType::NO_PROPOSAL_CHOSEN => "no_proposal_chosen",
+        Error::Refused { notify, .. } if *notify == NotifyType::TS_UNACCEPTABLE => "ts_unacceptable",
+        Error::AuthenticationFailed(_) => "authentication_failed",
+        Error::Timeout(_) => "timeout",
         Error::Malformed(_) | Error::MalformedInner(_) | Error::MissingPayload(_) => "malformed",
         _ => "other",
     }

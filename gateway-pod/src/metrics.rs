@@ -44,6 +44,7 @@ pub const IKE_FAILURE_REASONS: &[&str] = &[
     "malformed",
     "child_sa_unsupported",
     "dead_peer",
+    "timeout",
     "other",
 ];
 

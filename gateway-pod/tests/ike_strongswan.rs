@@ -35,7 +35,13 @@ fn addr(s: &str) -> IpAddr {
 }
 
 /// The gateway's config directory: one static eroute for the site, its PSK as a Secret file.
-fn write_config(dir: &Path, ike: &str, esp: &str, psk: &str, dpd: &str) -> Result<()> {
+fn write_config(dir: &Path, ike: &str, esp: &str, psk: &str, dpd: &str, initiator: bool) -> Result<()> {
+    // As initiator the gateway keeps the tunnel to the site's address up itself.
+    let role = if initiator {
+        format!("Initiator\n  peerAddress: {SITE_ADDR}")
+    } else {
+        "Responder".to_owned()
+    };
     std::fs::create_dir_all(dir.join("secrets/site-a"))?;
     std::fs::write(dir.join("secrets/site-a/psk"), psk)?;
     std::fs::write(
@@ -43,7 +49,7 @@ fn write_config(dir: &Path, ike: &str, esp: &str, psk: &str, dpd: &str) -> Resul
         format!(
             "apiVersion: vpn.concentrator.io/v1alpha1\nkind: Eroute\nmetadata:\n  name: site-a\n\
              spec:\n  localSubnet: {GW_LAN}\n  remoteSubnet: {SITE_LAN}\n  peerId: {SITE_ID}\n\
-             \x20 localId: {GW_ID}\n  pskSecretRef:\n    name: site-a\n    key: psk\n  role: Responder\n\
+             \x20 localId: {GW_ID}\n  pskSecretRef:\n    name: site-a\n    key: psk\n  role: {role}\n\
              \x20 ike:\n    proposals: [{ike}]\n    dpdInterval: {dpd}\n  esp:\n    proposals: [{esp}]\n"
         ),
     )?;
@@ -67,6 +73,8 @@ struct GatewayOptions<'a> {
     dpd: Option<&'a str>,
     /// Extra command-line arguments.
     args: &'a [&'a str],
+    /// The eroute has role Initiator and the site's address: the gateway connects.
+    initiator: bool,
 }
 
 impl Setup {
@@ -86,7 +94,7 @@ impl Setup {
 
         let dir = scratch::dir("ike-gateway")?;
         let config = dir.path().join("config");
-        write_config(&config, ike, esp, psk, o.dpd.unwrap_or("30s"))?;
+        write_config(&config, ike, esp, psk, o.dpd.unwrap_or("30s"), o.initiator)?;
         let log = dir.path().join("gateway.log");
         let data = dir.path().join("data");
         let mut args = vec![
@@ -437,6 +445,7 @@ fn a_vanished_site_is_found_dead_and_removed() -> Result<()> {
         &GatewayOptions {
             dpd: Some("2s"),
             args: &["--ike-retransmit-timeout", "500ms", "--ike-retransmit-tries", "2"],
+            initiator: false,
         },
     )?;
     establish(&s, &s.connection(ike, "aes128gcm16", &psk, SITE_ID))?;
@@ -478,6 +487,7 @@ fn a_gateway_that_redirects_sends_the_site_to_another_one() -> Result<()> {
         &GatewayOptions {
             dpd: None,
             args: &["--redirect-to", GW2_ADDR],
+            initiator: false,
         },
     )?;
     let gw2 = Netns::new("ssgw2")?;
@@ -538,4 +548,67 @@ fn a_gateway_that_redirects_sends_the_site_to_another_one() -> Result<()> {
     s.site
         .wait_reachable(Some(addr(SITE_HOST)), addr(GW_HOST), TIMEOUT)
         .with_context(|| second.log_tail(20))
+}
+
+/// Our gateway initiates (eroute role Initiator with the site's peerAddress) to a strongSwan
+/// responder: both list the SAs and traffic crosses both ways.
+fn gateway_initiates(ike: &str, esp: &str) -> Result<()> {
+    if prereq::require(&[netns::TOOLS, strongswan::TOOLS, &[tools::CURL, tools::PYTHON3]]).is_skip() {
+        return Ok(());
+    }
+    let psk = concentrator_e2e::ids::random_hex(32);
+    // strongSwan waits as responder: its config is loaded before our gateway starts.
+    let s = Setup::start_with(
+        ike,
+        esp,
+        &psk,
+        &GatewayOptions {
+            dpd: None,
+            args: &[],
+            initiator: true,
+        },
+    )?;
+    s.charon().load(&[s.connection(ike, esp, &psk, SITE_ID)])?;
+    let child = s
+        .charon()
+        .wait_established("gw", "gw", TIMEOUT)
+        .with_context(|| s.logs())?;
+    ensure!(child.state == "INSTALLED", "child state {}", child.state);
+    s.wait_metric("concentrator_gateway_ike_sas_established", 1.0)?;
+    let tunnels = s.tunnels()?;
+    ensure!(
+        tunnels.contains("site-a") && tunnels.contains(SITE_LAN),
+        "tunnels:\n{tunnels}"
+    );
+    s.gw.wait_reachable(Some(addr(GW_HOST)), addr(SITE_HOST), TIMEOUT)
+        .with_context(|| s.logs())?;
+    s.site
+        .wait_reachable(Some(addr(SITE_HOST)), addr(GW_HOST), TIMEOUT)
+        .with_context(|| s.logs())?;
+    common::tcp_transfer(&s.gw, GW_HOST, &s.site, SITE_HOST, s.dir.path()).with_context(|| s.logs())
+}
+
+#[test]
+fn gateway_initiates_to_strongswan_with_aes128gcm16_prfsha256_x25519() -> Result<()> {
+    gateway_initiates("aes128gcm16-prfsha256-x25519", "aes128gcm16")
+}
+
+#[test]
+fn gateway_initiates_to_strongswan_with_aes256gcm16_prfsha384_ecp384() -> Result<()> {
+    gateway_initiates("aes256gcm16-prfsha384-ecp384", "aes256gcm16")
+}
+
+#[test]
+fn gateway_initiates_to_strongswan_with_chacha20poly1305_prfsha256_x25519() -> Result<()> {
+    gateway_initiates("chacha20poly1305-prfsha256-x25519", "chacha20poly1305")
+}
+
+#[test]
+fn gateway_initiates_to_strongswan_with_aes256_sha256_modp2048() -> Result<()> {
+    gateway_initiates("aes256-sha256-modp2048", "aes256-sha256")
+}
+
+#[test]
+fn gateway_initiates_to_strongswan_with_aes128_sha256_ecp256() -> Result<()> {
+    gateway_initiates("aes128-sha256-ecp256", "aes128-sha256")
 }

@@ -12,6 +12,11 @@
 //! Each SA is named by the SPI we chose in IKE_SA_INIT (its "id" in [`EndpointEvent`]) for
 //! its whole life, even after an IKE SA rekey gives it new SPIs: the endpoint routes every
 //! SPI the responder answers for ([`Responder::spis_r`]) to it.
+//!
+//! The endpoint also starts IKE SAs ([`Endpoint::connect`], an [`Initiator`] per SA, named by
+//! its SPIi). The Initiator flag of the header tells the two apart (RFC 7296 §3.1: it is set
+//! by the original initiator of the IKE SA): a message with it comes from a peer that
+//! initiated, so our SPI is SPIr; without it, from a peer we initiated to, so ours is SPIi.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -23,6 +28,7 @@ use concentrator_crypto::Prf;
 use concentrator_crypto::util::constant_time_eq as ct_eq;
 
 use crate::Message;
+use crate::initiator::{self, Initiator};
 use crate::message::codepoints::{ExchangeType, NotifyType, PayloadType};
 use crate::message::header::{Flags, Header};
 use crate::payload::{Notify, Payload};
@@ -68,6 +74,13 @@ pub enum EndpointEvent {
         /// The responder's event.
         event: Event,
     },
+    /// An event of the IKE SA `id` that we initiated ([`Endpoint::connect`]).
+    Initiated {
+        /// The SA's id: our SPIi.
+        id: u64,
+        /// The initiator's event.
+        event: initiator::Event,
+    },
     /// The endpoint forgot this IKE SA (failed, expired half-open, or closed): whatever the
     /// caller keeps for it (a pending PSK lookup, tunnels) is stale now.
     Removed {
@@ -97,6 +110,9 @@ pub enum EndpointError {
     /// Too many half-open SAs: dropped.
     #[error("half-open SA limit reached")]
     HalfOpenLimit,
+    /// The initiator refused to start (configuration) or dropped the message.
+    #[error(transparent)]
+    Initiator(#[from] initiator::Error),
     /// Sent elsewhere with N(REDIRECT) (RFC 5685), no state kept.
     #[error("redirected to {0}")]
     Redirected(GatewayId),
@@ -114,6 +130,8 @@ pub struct SaCounts {
     pub established: usize,
     /// Failed, answering retransmissions until they linger out.
     pub closing: usize,
+    /// Initiated by us, not established yet.
+    pub connecting: usize,
 }
 
 struct Slot {
@@ -145,6 +163,8 @@ pub struct Endpoint {
     slots: HashMap<u64, Slot>,
     /// Every SPI of ours an SA answers for, to its id.
     routes: HashMap<u64, u64>,
+    /// SAs we initiated, by our SPIi; with the instant they closed, if they did.
+    initiators: HashMap<u64, (Initiator, Option<Instant>)>,
     by_init: HashMap<(SocketAddr, u64), u64>,
     secret: Option<CookieSecret>,
     previous_secret: Option<CookieSecret>,
@@ -169,6 +189,7 @@ impl Endpoint {
             responder_config,
             slots: HashMap::new(),
             routes: HashMap::new(),
+            initiators: HashMap::new(),
             by_init: HashMap::new(),
             secret: None,
             previous_secret: None,
@@ -200,6 +221,13 @@ impl Endpoint {
                 (None, false) => c.half_open += 1,
             }
         }
+        for (i, closed) in self.initiators.values() {
+            match (closed, i.is_established()) {
+                (Some(_), _) => c.closing += 1,
+                (None, true) => c.established += 1,
+                (None, false) => c.connecting += 1,
+            }
+        }
         c
     }
 
@@ -213,6 +241,47 @@ impl Endpoint {
     pub fn handle_child_traffic(&mut self, id: u64, now: Instant) {
         if let Some(slot) = self.slots.get_mut(&id) {
             slot.responder.handle_child_traffic(now);
+        } else if let Some((i, _)) = self.initiators.get_mut(&id) {
+            i.handle_child_traffic(now);
+        }
+    }
+
+    /// Starts an IKE SA of ours from `local` to `remote` with `psk`; returns its id (our
+    /// SPIi). Its events come as [`EndpointEvent::Initiated`].
+    pub fn connect(
+        &mut self,
+        config: Arc<initiator::Config>,
+        psk: &[u8],
+        local: SocketAddr,
+        remote: SocketAddr,
+        now: Instant,
+        entropy: &mut dyn Entropy,
+    ) -> Result<u64, EndpointError> {
+        // Ids of both kinds share one namespace: a fresh SPIi that collides is drawn again.
+        for _ in 0..4 {
+            let i = Initiator::connect(config.clone(), psk, local, remote, now, entropy)?;
+            let id = i.spi_i();
+            if self.slots.contains_key(&id) || self.initiators.contains_key(&id) {
+                continue;
+            }
+            self.initiators.insert(id, (i, None));
+            self.collect_initiator(id, now);
+            return Ok(id);
+        }
+        Err(EndpointError::UnknownSpi(0))
+    }
+
+    /// Takes an initiator's output and notes when it closed.
+    fn collect_initiator(&mut self, id: u64, now: Instant) {
+        let Some((i, closed)) = self.initiators.get_mut(&id) else {
+            return;
+        };
+        self.transmits.extend(std::iter::from_fn(|| i.poll_transmit()));
+        while let Some(event) = i.poll_event() {
+            self.events.push_back(EndpointEvent::Initiated { id, event });
+        }
+        if i.is_closed() && closed.is_none() {
+            *closed = Some(now);
         }
     }
 
@@ -240,6 +309,10 @@ impl Endpoint {
                 };
                 ours.into_iter().chain(s.responder.poll_timeout()).min()
             })
+            .chain(self.initiators.values().filter_map(|(i, closed)| match closed {
+                Some(at) => Some(*at + self.config.linger),
+                None => i.poll_timeout(),
+            }))
             .min()
     }
 
@@ -257,6 +330,33 @@ impl Endpoint {
                 slot.responder.handle_timeout(now, entropy);
             }
             self.collect(id, now);
+        }
+        let linger = self.config.linger;
+        let due: Vec<u64> = self
+            .initiators
+            .iter()
+            .filter(|(_, (i, closed))| closed.is_none() && i.poll_timeout().is_some_and(|t| t <= now))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            if let Some((i, _)) = self.initiators.get_mut(&id) {
+                i.handle_timeout(now, entropy);
+            }
+            self.collect_initiator(id, now);
+        }
+        let gone: Vec<u64> = self
+            .initiators
+            .iter()
+            .filter(|(_, (_, closed))| closed.is_some_and(|at| now >= at + linger))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            if let Some((i, _)) = self.initiators.remove(&id) {
+                self.events.push_back(EndpointEvent::Removed {
+                    id,
+                    established: i.is_established(),
+                });
+            }
         }
         let (linger, half_open) = (self.config.linger, self.config.half_open_timeout);
         let expired: Vec<u64> = self
@@ -295,11 +395,20 @@ impl Endpoint {
         if let Some(slot) = self.slots.get_mut(&id) {
             slot.responder.delete(now);
             self.collect(id, now);
+        } else if let Some((i, _)) = self.initiators.get_mut(&id) {
+            i.delete(now);
+            self.collect_initiator(id, now);
         }
     }
 
     /// Ends an SA at once (no DELETE is sent): a gateway shutting down, a replaced peer.
     pub fn close(&mut self, id: u64) {
+        if let Some((i, _)) = self.initiators.remove(&id) {
+            self.events.push_back(EndpointEvent::Removed {
+                id,
+                established: i.is_established(),
+            });
+        }
         self.remove(id);
     }
 
@@ -314,6 +423,16 @@ impl Endpoint {
         entropy: &mut dyn Entropy,
     ) -> Result<(), EndpointError> {
         let (header, _) = Header::peek(datagram).ok_or(EndpointError::NotIke)?;
+        if !header.flags.contains(Flags::INITIATOR) {
+            // From a peer we initiated to: our SPI is SPIi.
+            let (i, _) = self
+                .initiators
+                .get_mut(&header.spi_i)
+                .ok_or(EndpointError::UnknownSpi(header.spi_i))?;
+            let r = i.handle_datagram(now, local, remote, datagram, entropy);
+            self.collect_initiator(header.spi_i, now);
+            return r.map_err(EndpointError::from);
+        }
         // Responses answer our liveness checks on established SAs, which have our SPI; a
         // response without it answers nothing we sent.
         if header.flags.contains(Flags::RESPONSE) && header.spi_r == 0 {
