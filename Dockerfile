@@ -13,7 +13,12 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 
 # The gateway binds UDP 500 and drives a TUN device: it runs as root inside the pod with only
 # NET_ADMIN and NET_BIND_SERVICE (the operator's StatefulSet drops every other capability).
-FROM gcr.io/distroless/cc-debian12 AS gateway
+# It installs the route to each site's subnet with `ip route` (iproute2), hence a Debian base
+# rather than distroless until routes go over netlink directly.
+FROM debian:12-slim AS gateway
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends iproute2 \
+ && rm -rf /var/lib/apt/lists/*
 COPY --from=build /out/concentrator-gateway /usr/local/bin/concentrator-gateway
 ENTRYPOINT ["/usr/local/bin/concentrator-gateway"]
 
