@@ -181,11 +181,13 @@ pub async fn start(
         .build_async()
         .map_err(|e| DataplaneError::Tun(opts.tun_name.clone(), e))?;
     let (ike_tx, ike_rx) = mpsc::channel(4096);
+    let (acquire_tx, acquire_rx) = mpsc::channel(1024);
     let (dataplane, dataplane_task) = shared::spawn(
         Arc::new(dev),
         opts.tun_name.clone(),
         udp4500.clone(),
         ike_tx,
+        acquire_tx,
         gateway.metrics.dataplane.clone(),
     );
     let (stop_tx, stop_rx) = oneshot::channel();
@@ -222,6 +224,7 @@ pub async fn start(
             })
             .collect(),
         initiated: HashMap::new(),
+        pending_acquires: HashMap::new(),
         endpoint,
         gateway,
         dataplane,
@@ -233,7 +236,7 @@ pub async fn start(
         routes: HashMap::new(),
         entropy: SystemEntropy,
     };
-    let task = tokio::spawn(driver.run(ike_rx, lookups_rx, stop_rx, dataplane_task));
+    let task = tokio::spawn(driver.run(ike_rx, lookups_rx, acquire_rx, stop_rx, dataplane_task));
     Ok(Control {
         ike_addr,
         nat_t_addr,
@@ -260,13 +263,18 @@ struct IkeSaRecord {
     last_traffic: Instant,
 }
 
-/// A finished site lookup, back on the IKE task.
+/// A finished site lookup, back on the IKE task: for a site that authenticates to us (`id`
+/// is its SA), or for traffic toward a site (`id` is `None`, the initiator path).
 struct LookupDone {
-    id: u64,
+    id: Option<u64>,
     egroup: String,
     base_eroute: String,
     result: Result<Site, LookupError>,
 }
+
+/// How long an acquire for a site's subnet suppresses further ones (the lookup and IKE run
+/// meanwhile; packets wait in the data plane's queue).
+const ACQUIRE_HOLD: Duration = Duration::from_secs(5);
 
 struct ChildRecord {
     spi_in: u32,
@@ -299,6 +307,8 @@ struct Driver {
     retransmit: concentrator_ike::responder::Retransmit,
     /// Eroutes we keep up, and the SA ids we started, to their eroute.
     auto: HashMap<String, AutoConnect>,
+    /// Acquires in progress, by (egroup, site subnet), since when.
+    pending_acquires: HashMap<(String, IpNet), Instant>,
     initiated: HashMap<u64, String>,
 }
 
@@ -324,12 +334,19 @@ impl Driver {
         mut self,
         mut ike_rx: mpsc::Receiver<IkeDatagram>,
         mut lookups_rx: mpsc::UnboundedReceiver<LookupDone>,
+        mut acquire_rx: mpsc::Receiver<IpAddr>,
         mut stop: oneshot::Receiver<()>,
         mut dataplane_task: tokio::task::JoinHandle<Result<(), DataplaneError>>,
     ) {
         let mut buf = vec![0u8; 65536];
         let mut status = tokio::time::interval(STATUS_INTERVAL);
         status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Traffic toward any site of an egroup that may initiate reaches the TUN device, so a
+        // site without a tunnel raises an acquire (the initiator path).
+        for (_, net, _) in self.egroups.initiating(&self.gateway.config) {
+            *self.routes.entry(net).or_insert(0) += 1;
+            self.route("replace", net);
+        }
         self.connect_due(Instant::now());
         self.flush().await;
         loop {
@@ -373,6 +390,7 @@ impl Driver {
                 },
                 Some(d) = ike_rx.recv() => self.datagram(d.local, d.remote, &d.payload),
                 Some(done) = lookups_rx.recv() => self.lookup_done(done),
+                Some(dst) = acquire_rx.recv() => self.acquire(dst),
                 () = tokio::time::sleep_until(deadline) => {
                     let now = Instant::now();
                     self.endpoint.handle_timeout(now, &mut self.entropy);
@@ -732,7 +750,7 @@ impl Driver {
                     tokio::spawn(async move {
                         let result = lookup.await;
                         let _ = tx.send(LookupDone {
-                            id: spi_r,
+                            id: Some(spi_r),
                             egroup,
                             base_eroute: base,
                             result,
@@ -796,6 +814,10 @@ impl Driver {
             base_eroute,
             result,
         } = done;
+        let Some(id) = id else {
+            self.acquired(&egroup, &base_eroute, result);
+            return;
+        };
         let Some(rec) = self.sas.get(&id) else {
             return;
         };
@@ -835,6 +857,131 @@ impl Driver {
             &mut self.entropy,
         ) {
             tracing::debug!(%peer_id, error = %e, "PSK step ended the negotiation");
+        }
+    }
+
+    /// A packet toward `dst` found no SA: if `dst` lies in a site subnet of an egroup that
+    /// may initiate, look the site up by subnet and connect to it.
+    fn acquire(&mut self, dst: IpAddr) {
+        let now = Instant::now();
+        self.pending_acquires.retain(|_, t| now < *t + ACQUIRE_HOLD);
+        let Some((egroup, base_remote, prefix)) = self
+            .egroups
+            .initiating(&self.gateway.config)
+            .into_iter()
+            .find(|(_, net, _)| net.contains(&dst))
+        else {
+            return;
+        };
+        let Ok(subnet) = IpNet::new(dst, prefix).map(|n| n.trunc()) else {
+            return;
+        };
+        let key = (egroup.clone(), subnet);
+        if self.pending_acquires.contains_key(&key) {
+            return;
+        }
+        self.pending_acquires.insert(key, now);
+        let Some(base) = self
+            .gateway
+            .config
+            .set
+            .egroups
+            .get(&egroup)
+            .map(|g| g.eroute.clone())
+        else {
+            return;
+        };
+        tracing::info!(%dst, %subnet, %egroup, %base_remote, "traffic toward a site without a tunnel");
+        let lookup = self.egroups.lookup_by_subnet(&egroup, subnet, now);
+        let tx = self.lookups.clone();
+        tokio::spawn(async move {
+            let result = lookup.await;
+            let _ = tx.send(LookupDone {
+                id: None,
+                egroup,
+                base_eroute: base,
+                result,
+            });
+        });
+    }
+
+    /// The site of an acquire is known: connect to it with its row (address, then backup
+    /// address; PSK; subnet), as a dynamic eroute of the egroup.
+    fn acquired(&mut self, egroup: &str, base_eroute: &str, result: Result<Site, LookupError>) {
+        let base = self.gateway.config.set.eroutes.get(base_eroute);
+        let result = result.and_then(|site| match base {
+            Some(b) => Egroups::check_subnet(&site, b.remote_subnet).map(|()| site),
+            None => Err(LookupError::NotFound),
+        });
+        let site = match result {
+            Ok(site) => site,
+            Err(e) => {
+                self.gateway.metrics.count_lookup_failure(egroup, e.kind());
+                tracing::warn!(%egroup, reason = e.kind(), error = %e, "site lookup for traffic failed");
+                return;
+            }
+        };
+        let Some(e) = base else {
+            return;
+        };
+        if self.egroups.has_dynamic(egroup, &site.peer_id) {
+            return;
+        }
+        let Some(remote) = [&site.peer_address, &site.backup_peer_address]
+            .into_iter()
+            .flatten()
+            .find_map(|a| a.parse::<IpAddr>().ok())
+            .map(|ip| SocketAddr::new(ip, IKE_PORT))
+        else {
+            self.gateway.metrics.count_lookup_failure(egroup, "malformed");
+            tracing::warn!(peer_id = %site.peer_id, %egroup, "site row has no usable peer address: cannot initiate");
+            return;
+        };
+        let listen = self.listen;
+        let local_id = self
+            .local_ids
+            .entry(base_eroute.to_owned())
+            .or_insert_with(|| local_id(e, listen))
+            .clone();
+        let mut config = concentrator_ike::initiator::Config::new(
+            e.ike_proposals.clone(),
+            e.esp_proposals.clone(),
+            e.local_subnet,
+            site.remote_subnet,
+            local_id,
+        );
+        config.remote_id = Some(id_from_str(&site.peer_id));
+        config.child_lifetime = e.esp_lifetime;
+        config.dpd_interval = Some(e.dpd_interval).filter(|d| !d.is_zero());
+        config.retransmit = self.retransmit;
+        config.nat_t.local_port = self.nat_t_port;
+        config.nat_t.force = true;
+        let now = Instant::now();
+        let local = SocketAddr::new(self.listen, self.ike_port);
+        let psk = zeroize::Zeroizing::new(site.psk.expose().to_vec());
+        match self
+            .endpoint
+            .connect(Arc::new(config), &psk, local, remote, now, &mut self.entropy)
+        {
+            Ok(id) => {
+                tracing::info!(peer_id = %site.peer_id, %egroup, %remote, "initiating to a site");
+                self.sas.insert(
+                    id,
+                    IkeSaRecord {
+                        peer_id: site.peer_id.clone(),
+                        eroute: Some(base_eroute.to_owned()),
+                        egroup: Some(egroup.to_owned()),
+                        remote: Some(remote),
+                        established_at: None,
+                        children: Vec::new(),
+                        refusal: None,
+                        site_subnet: Some(site.remote_subnet),
+                        last_bytes: 0,
+                        last_traffic: now,
+                    },
+                );
+            }
+            Err(err) => tracing::warn!(peer_id = %site.peer_id, error = %err, "cannot initiate to a site"),
         }
     }
 

@@ -113,6 +113,42 @@ impl Egroups {
         }
     }
 
+    /// The site whose subnet is `subnet` (destination & the egroup's mask) in `egroup`'s
+    /// table: the initiator path, for traffic toward a site that has no tunnel.
+    pub fn lookup_by_subnet(
+        &self,
+        egroup: &str,
+        subnet: IpNet,
+        now: Instant,
+    ) -> impl Future<Output = Result<Site, LookupError>> + Send + 'static {
+        let group = self.groups.get(egroup).map(|g| (g.store.clone(), g.spec.clone()));
+        let cache = self.cache.clone();
+        let egroup = egroup.to_owned();
+        async move {
+            let Some((store, spec)) = group else {
+                return Err(LookupError::NotFound);
+            };
+            cache
+                .get(Key::Subnet { egroup, subnet }, now, || async move {
+                    store.site_by_subnet(&spec.site_table, subnet, spec.timeout).await
+                })
+                .await
+        }
+    }
+
+    /// The egroups whose base eroute may initiate, with its remote subnet and the egroup's
+    /// site prefix.
+    pub fn initiating(&self, config: &Config) -> Vec<(String, IpNet, u8)> {
+        self.groups
+            .iter()
+            .filter_map(|(name, g)| {
+                let base = config.set.eroutes.get(&g.spec.eroute)?;
+                (base.role != concentrator_crds::eroute::Role::Responder)
+                    .then(|| (name.clone(), base.remote_subnet, g.spec.remote_subnet_prefix))
+            })
+            .collect()
+    }
+
     /// Records the dynamic eroute of an authenticated site; returns the ones evicted to keep
     /// more than 10% of the table free (their SAs must go).
     pub fn insert(

@@ -100,23 +100,24 @@ fn socket_url(db: &MariaDb) -> String {
 /// Rows for sites `1..=n` (and `extra` raw rows), through the store the gateway will use.
 async fn fill_store(store: &SiteStore, sites: &[(u16, String)], extra: &[(&str, &str, &str)]) -> Result<()> {
     store.migrate().await?;
-    let rows: Vec<(String, String, String)> = sites
+    let rows: Vec<(String, String, String, Option<String>)> = sites
         .iter()
-        .map(|(n, psk)| (Site::peer_id(*n), psk.clone(), Site::lan(*n)))
+        .map(|(n, psk)| (Site::peer_id(*n), psk.clone(), Site::lan(*n), Some(Site::wan(*n))))
         .chain(
             extra
                 .iter()
-                .map(|(a, b, c)| ((*a).to_owned(), (*b).to_owned(), (*c).to_owned())),
+                .map(|(a, b, c)| ((*a).to_owned(), (*b).to_owned(), (*c).to_owned(), None)),
         )
         .collect();
-    for (peer, psk, subnet) in rows {
-        let q = "INSERT INTO sites (peer_id, psk, remote_subnet) VALUES (?, ?, ?)";
+    for (peer, psk, subnet, address) in rows {
+        let q = "INSERT INTO sites (peer_id, psk, remote_subnet, peer_address) VALUES (?, ?, ?, ?)";
         match store {
             SiteStore::MySql(p) => {
                 sqlx::query(q)
                     .bind(peer)
                     .bind(psk)
                     .bind(subnet)
+                    .bind(address)
                     .execute(p)
                     .await?;
             }
@@ -125,6 +126,7 @@ async fn fill_store(store: &SiteStore, sites: &[(u16, String)], extra: &[(&str, 
                     .bind(peer)
                     .bind(psk)
                     .bind(subnet)
+                    .bind(address)
                     .execute(p)
                     .await?;
             }
@@ -500,4 +502,52 @@ fn a_database_outage_keeps_tunnels_up_and_new_sites_connect_once_it_is_back() ->
     connect_and_ping(&h, &late)?;
     ping_both_ways(&h, &up)?;
     h.wait_metric("concentrator_gateway_ike_sas_established", 2.0)
+}
+
+/// The initiator path: sites that never connected are reached when the head-end LAN sends
+/// them traffic (acquire, lookup by destination & mask, IKE to the row's address).
+fn head_end_reaches_idle_sites(store: &Store<'_>, n: u16) -> Result<()> {
+    let sites = psks(n);
+    let h = Headend::start(store, 100, &sites, &[])?;
+    let idle: Vec<Site> = sites
+        .iter()
+        .map(|(i, psk)| h.site(*i, psk, StartAction::None))
+        .collect::<Result<_>>()?;
+    for s in &idle {
+        h.gw.wait_reachable(Some(addr(GW_HOST)), addr(&Site::host(s.n)), TIMEOUT)
+            .with_context(|| format!("head-end -> idle site {}\n{}", s.n, h.gateway.log_tail(30)))?;
+        s.ns.wait_reachable(Some(addr(&Site::host(s.n))), addr(GW_HOST), TIMEOUT)
+            .with_context(|| format!("site {} -> head-end", s.n))?;
+    }
+    h.wait_metric("concentrator_gateway_ike_sas_established", f64::from(n))?;
+    h.wait_metric(
+        "concentrator_gateway_dynamic_eroutes{egroup=\"branches\"}",
+        f64::from(n),
+    )?;
+    let tunnels = h.tunnels()?;
+    for s in &idle {
+        ensure!(
+            tunnels.contains(&Site::peer_id(s.n)),
+            "site {} missing from:\n{tunnels}",
+            s.n
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn the_head_end_lan_reaches_idle_mariadb_sites_by_initiating() -> Result<()> {
+    if required() {
+        return Ok(());
+    }
+    let db = MariaDb::start()?;
+    head_end_reaches_idle_sites(&Store::MariaDb(&db), 10)
+}
+
+#[test]
+fn the_head_end_lan_reaches_idle_sqlite_sites_by_initiating() -> Result<()> {
+    if required() {
+        return Ok(());
+    }
+    head_end_reaches_idle_sites(&Store::Embedded, 3)
 }

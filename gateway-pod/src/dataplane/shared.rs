@@ -6,7 +6,7 @@
 //! to the TUN device (inbound table, by SPI) and passes IKE messages (non-ESP marker) to the
 //! control plane. The control plane changes the tables through [`DataplaneHandle`].
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -90,6 +90,7 @@ pub fn spawn(
     tun_name: String,
     udp: Arc<UdpSocket>,
     ike: mpsc::Sender<IkeDatagram>,
+    acquire: mpsc::Sender<IpAddr>,
     counters: DataplaneCounters,
 ) -> (
     DataplaneHandle,
@@ -102,6 +103,7 @@ pub fn spawn(
         tun_name.clone(),
         udp.clone(),
         egress_rx,
+        acquire,
         counters.clone(),
     );
     let ingress = ingress(dev, tun_name, udp, ingress_rx, ike, counters);
@@ -125,9 +127,11 @@ async fn egress(
     tun_name: String,
     udp: Arc<UdpSocket>,
     mut commands: mpsc::UnboundedReceiver<EgressCommand>,
+    acquire: mpsc::Sender<IpAddr>,
     counters: DataplaneCounters,
 ) -> Result<(), DataplaneError> {
     let mut table = OutboundTable::default();
+    let mut held = HeldPackets::default();
     let mut inner = vec![0u8; 65536];
     let mut wire = vec![0u8; sealed_len(65536)];
     loop {
@@ -135,7 +139,13 @@ async fn egress(
             biased;
             cmd = commands.recv() => {
                 match cmd {
-                    Some(EgressCommand::Install(sa, subnets)) => table.install(*sa, subnets),
+                    Some(EgressCommand::Install(sa, subnets)) => {
+                        let waiting = held.take_covered(&subnets);
+                        table.install(*sa, subnets);
+                        for packet in waiting {
+                            send_out(&mut table, &udp, &counters, &packet, &mut wire).await;
+                        }
+                    }
                     Some(EgressCommand::Remove(id)) => table.remove(id),
                     None => return Ok(()),
                 }
@@ -144,29 +154,100 @@ async fn egress(
             r = dev.recv(&mut inner) => r.map_err(|e| DataplaneError::Tun(tun_name.clone(), e))?,
         };
         let packet = &inner[..n];
-        let (Some(nh), Some(h)) = (next_header_for(packet), ip::parse(packet)) else {
+        let Some(h) = ip::parse(packet) else {
             continue;
         };
-        let Some(sa) = table.lookup(h.dst) else {
-            // No SA for it: dropped, never sent in clear. (The initiator path will raise an
-            // acquire here.)
+        if table.lookup(h.dst).is_none() {
+            // No SA for it: never sent in clear. The control plane is asked for one (the
+            // initiator path) and the packet waits in a small bounded queue meanwhile.
             counters.no_sa.inc();
-            continue;
-        };
-        // A packet that the sequence counter can no longer carry is dropped: the SA must be
-        // rekeyed (by IKE) before that.
-        let Ok(len) = sa.sa.seal(packet, nh, &mut wire) else {
-            counters.invalid.inc();
-            continue;
-        };
-        match udp.send_to(&wire[..len], sa.peer).await {
-            Ok(_) => {
-                sa.counters.count_out(n, Instant::now());
-                counters.packets_out.inc();
+            if held.hold(h.dst, packet) {
+                let _ = acquire.try_send(h.dst);
             }
-            // One unreachable peer must not stop the others' traffic.
-            Err(e) => tracing::debug!(peer = %sa.peer, error = %e, "ESP send failed"),
+            continue;
         }
+        send_out(&mut table, &udp, &counters, packet, &mut wire).await;
+    }
+}
+
+/// Packets waiting for an SA, per destination: a few each, for a bounded number of
+/// destinations (the oldest destination goes first when full).
+#[derive(Default)]
+struct HeldPackets {
+    by_dst: std::collections::HashMap<IpAddr, (u64, Vec<Vec<u8>>)>,
+    order: u64,
+}
+
+/// Packets held per destination and destinations held at once.
+const HELD_PER_DST: usize = 4;
+const HELD_DSTS: usize = 256;
+
+impl HeldPackets {
+    /// Holds a packet; true if its destination was not waiting yet (ask for an SA).
+    fn hold(&mut self, dst: IpAddr, packet: &[u8]) -> bool {
+        if let Some((_, q)) = self.by_dst.get_mut(&dst) {
+            if q.len() < HELD_PER_DST {
+                q.push(packet.to_vec());
+            }
+            return false;
+        }
+        if self.by_dst.len() >= HELD_DSTS
+            && let Some(oldest) = self.by_dst.iter().min_by_key(|(_, (o, _))| *o).map(|(d, _)| *d)
+        {
+            self.by_dst.remove(&oldest);
+        }
+        self.order += 1;
+        self.by_dst.insert(dst, (self.order, vec![packet.to_vec()]));
+        true
+    }
+
+    /// The held packets an SA for `subnets` now carries.
+    fn take_covered(&mut self, subnets: &[IpNet]) -> Vec<Vec<u8>> {
+        let dsts: Vec<IpAddr> = self
+            .by_dst
+            .keys()
+            .filter(|d| subnets.iter().any(|n| n.contains(*d)))
+            .copied()
+            .collect();
+        dsts.into_iter()
+            .filter_map(|d| self.by_dst.remove(&d))
+            .flat_map(|(_, q)| q)
+            .collect()
+    }
+}
+
+/// Seals `packet` with the SA of its destination and sends it.
+async fn send_out(
+    table: &mut OutboundTable,
+    udp: &UdpSocket,
+    counters: &DataplaneCounters,
+    packet: &[u8],
+    wire: &mut [u8],
+) {
+    let (Some(nh), Some(h)) = (next_header_for(packet), ip::parse(packet)) else {
+        return;
+    };
+    let Some(sa) = table.lookup(h.dst) else {
+        counters.no_sa.inc();
+        return;
+    };
+    let n = packet.len();
+    // A packet that the sequence counter can no longer carry is dropped: the SA must be
+    // rekeyed (by IKE) before that.
+    let Ok(len) = sa.sa.seal(packet, nh, wire) else {
+        counters.invalid.inc();
+        return;
+    };
+    let Some(datagram) = wire.get(..len) else {
+        return;
+    };
+    match udp.send_to(datagram, sa.peer).await {
+        Ok(_) => {
+            sa.counters.count_out(n, Instant::now());
+            counters.packets_out.inc();
+        }
+        // One unreachable peer must not stop the others' traffic.
+        Err(e) => tracing::debug!(peer = %sa.peer, error = %e, "ESP send failed"),
     }
 }
 
@@ -241,5 +322,33 @@ async fn ingress(
             // must not stop the data plane.
             Err(e) => tracing::debug!(tun = %tun_name, error = %e, "TUN write failed"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn held_packets_are_bounded_and_released_to_the_sa_that_covers_them() {
+        let mut held = HeldPackets::default();
+        let a: IpAddr = "10.1.1.1".parse().unwrap();
+        let b: IpAddr = "10.1.2.1".parse().unwrap();
+        // The first packet to a destination asks for an SA; later ones wait quietly.
+        assert!(held.hold(a, &[1]));
+        for i in 0..10u8 {
+            assert!(!held.hold(a, &[i]));
+        }
+        assert!(held.hold(b, &[2]));
+        let net: IpNet = "10.1.1.0/24".parse().unwrap();
+        let released = held.take_covered(&[net]);
+        assert_eq!(released.len(), HELD_PER_DST);
+        assert!(held.take_covered(&[net]).is_empty());
+        // Too many destinations: the oldest is dropped.
+        for i in 0..HELD_DSTS as u32 {
+            held.hold(IpAddr::from(std::net::Ipv4Addr::from(0x0a02_0000 + i)), &[0]);
+        }
+        assert_eq!(held.by_dst.len(), HELD_DSTS);
+        assert!(held.take_covered(&["10.1.2.0/24".parse().unwrap()]).is_empty());
     }
 }
