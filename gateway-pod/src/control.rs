@@ -225,6 +225,7 @@ pub async fn start(
             .collect(),
         initiated: HashMap::new(),
         pending_acquires: HashMap::new(),
+        static_owner: HashMap::new(),
         endpoint,
         gateway,
         dataplane,
@@ -307,6 +308,8 @@ struct Driver {
     retransmit: concentrator_ike::responder::Retransmit,
     /// Eroutes we keep up, and the SA ids we started, to their eroute.
     auto: HashMap<String, AutoConnect>,
+    /// The IKE SA of each peer of a static eroute, by (eroute, peer ID).
+    static_owner: HashMap<(String, String), u64>,
     /// Acquires in progress, by (egroup, site subnet), since when.
     pending_acquires: HashMap<(String, IpNet), Instant>,
     initiated: HashMap<u64, String>,
@@ -662,6 +665,7 @@ impl Driver {
                     "IKE SA established"
                 );
                 self.dynamic_established(spi_r);
+                self.static_established(spi_r);
                 self.publish(spi_r);
             }
             Event::ChildSaInstalled(child) => self.child_installed(spi_r, *child),
@@ -1021,6 +1025,29 @@ impl Driver {
         self.publish_dynamic_counts();
     }
 
+    /// One IKE SA per peer of a static eroute: a peer that authenticates again (it restarted
+    /// and sent INITIAL_CONTACT, or simply reconnected) replaces its older SA, as strongSwan's
+    /// default `uniqueids = yes` does, so stale SAs and their routes do not pile up.
+    fn static_established(&mut self, id: u64) {
+        let Some(rec) = self.sas.get(&id) else {
+            return;
+        };
+        if rec.egroup.is_some() {
+            return;
+        }
+        let Some(eroute) = rec.eroute.clone() else {
+            return;
+        };
+        let key = (eroute, rec.peer_id.clone());
+        if let Some(old) = self.static_owner.insert(key, id)
+            && old != id
+            && self.sas.contains_key(&old)
+        {
+            tracing::info!(peer_id = %rec.peer_id, "peer authenticated again: its older IKE SA is deleted");
+            self.endpoint.delete(old, Instant::now());
+        }
+    }
+
     fn publish_dynamic_counts(&self) {
         for (egroup, n) in self.egroups.counts() {
             self.gateway
@@ -1166,6 +1193,12 @@ impl Driver {
         let Some(rec) = self.sas.remove(&spi_r) else {
             return;
         };
+        if let Some(eroute) = &rec.eroute {
+            let key = (eroute.clone(), rec.peer_id.clone());
+            if self.static_owner.get(&key) == Some(&spi_r) {
+                self.static_owner.remove(&key);
+            }
+        }
         if let Some(egroup) = &rec.egroup {
             let key = (egroup.clone(), rec.peer_id.clone());
             if self.dynamic_owner.get(&key) == Some(&spi_r) {

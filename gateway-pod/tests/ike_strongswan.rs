@@ -612,3 +612,27 @@ fn gateway_initiates_to_strongswan_with_aes256_sha256_modp2048() -> Result<()> {
 fn gateway_initiates_to_strongswan_with_aes128_sha256_ecp256() -> Result<()> {
     gateway_initiates("aes128-sha256-ecp256", "aes128-sha256")
 }
+
+#[test]
+fn a_site_that_restarts_replaces_its_old_ike_sa() -> Result<()> {
+    if prereq::require(&[netns::TOOLS, strongswan::TOOLS, &[tools::CURL]]).is_skip() {
+        return Ok(());
+    }
+    let ike = "aes128gcm16-prfsha256-x25519";
+    let psk = concentrator_e2e::ids::random_hex(32);
+    let mut s = Setup::start(ike, "aes128gcm16", &psk)?;
+    establish(&s, &s.connection(ike, "aes128gcm16", &psk, SITE_ID))?;
+    // The site loses its state (SIGKILL, no DELETE) and connects again.
+    s.kill_charon();
+    s.charon = Some(Charon::start(&s.site)?);
+    establish(&s, &s.connection(ike, "aes128gcm16", &psk, SITE_ID))?;
+    s.wait_metric("concentrator_gateway_ike_sas_established", 1.0)
+        .with_context(|| s.logs())?;
+    let tunnels = s.tunnels()?;
+    ensure!(
+        tunnels.lines().filter(|l| l.starts_with(SITE_ID)).count() == 1,
+        "one tunnel per site expected:\n{tunnels}"
+    );
+    s.gw.wait_reachable(Some(addr(GW_HOST)), addr(SITE_HOST), TIMEOUT)
+        .with_context(|| s.logs())
+}
