@@ -7,8 +7,8 @@
 //! Sans-IO like the responder: [`Initiator::connect`] queues the IKE_SA_INIT request;
 //! datagrams go in through [`Initiator::handle_datagram`] and expired timers through
 //! [`Initiator::handle_timeout`]; datagrams to send come out of [`Initiator::poll_transmit`]
-//! (IKE bytes without the non-ESP marker of port 4500: the caller adds it when
-//! [`Transmit::local`] is a NAT-T port), events out of [`Initiator::poll_event`], the next
+//! (IKE bytes without the non-ESP marker of port 4500: the caller adds it to every message
+//! of an SA that [`Initiator::floated`]), events out of [`Initiator::poll_event`], the next
 //! deadline out of [`Initiator::poll_timeout`]. Time is an argument, randomness comes from
 //! the caller's [`Entropy`]. The states consume themselves (`ExpectInit` → `ExpectAuth` →
 //! `Established`, or `Closed` after a failure, a deletion or a dead peer).
@@ -50,9 +50,17 @@
 //! unanswered fails the negotiation or, once established, deletes the SA as a dead peer), and
 //! the next liveness check ([`Config::dpd_interval`]).
 //!
-//! Not here: rekeying (CREATE_CHILD_SA requests of the peer are declined with
-//! NO_ADDITIONAL_SAS, RFC 7296 §1.3; none are started), more CHILD SAs, certificates, EAP,
-//! configuration payloads, fragmentation, MOBIKE.
+//! # After IKE_AUTH
+//!
+//! The peer's CREATE_CHILD_SA requests for a new or rekeyed CHILD SA (RFC 7296 §1.3.1,
+//! §1.3.3, PFS when our ESP proposals name groups) are answered by the responder's code
+//! ([`crate::responder`]) against our proposals and subnets, and reported with
+//! [`Event::ChildSaInstalled`] (a rekey names the SA it replaces, which stays until the peer
+//! deletes it). Its INFORMATIONAL requests delete CHILD SAs or the IKE SA, or check liveness.
+//!
+//! Not here: IKE SA rekeys (the peer's are declined with NO_ADDITIONAL_SAS, RFC 7296 §1.3),
+//! any CREATE_CHILD_SA started by this side, certificates, EAP, configuration payloads,
+//! fragmentation, MOBIKE.
 
 mod offer;
 
@@ -77,12 +85,12 @@ use crate::message::header::{Flags, Header};
 use crate::nat::{behind_nat, nat_detection_hash};
 use crate::negotiate::dh_group;
 use crate::payload::{self, Auth, Delete, Ke, Nonce, Notify, Payload, Ts};
-use crate::responder::informational;
 use crate::responder::session::{IkeSa, Retry, Session, Window};
 use crate::responder::{
     self, ChildRef, ChildSa, DeleteReason, Entropy, IdBuf, NONCE_LEN, Retransmit, Transmit, deadline,
     random_spi,
 };
+use crate::responder::{create_child, informational};
 
 /// RFC 7296 §2.6: "the initiator MUST then retry the IKE_SA_INIT request [...]"; the cookie
 /// it echoes is "between 1 and 64 octets".
@@ -378,6 +386,27 @@ impl fmt::Debug for Initiator {
     }
 }
 
+/// The notify answering a CREATE_CHILD_SA request we refuse: type, protocol and SPI (RFC 7296
+/// §3.10: "the SPI is included only with INVALID_SELECTORS, REKEY_SA, and
+/// CHILD_SA_NOT_FOUND"), and data (§3.10.1: the accepted group for INVALID_KE_PAYLOAD). A
+/// failure without a notify of its own is answered NO_PROPOSAL_CHOSEN, as the responder
+/// does: the peer's window only moves on with an answer.
+fn refusal(e: &responder::Error) -> (NotifyType, ProtocolId, Vec<u8>, Vec<u8>) {
+    let notify = e.notify().unwrap_or(NotifyType::NO_PROPOSAL_CHOSEN);
+    match *e {
+        responder::Error::InvalidKe { selected, .. } => (
+            notify,
+            ProtocolId::NONE,
+            Vec::new(),
+            selected.to_be_bytes().to_vec(),
+        ),
+        responder::Error::ChildSaNotFound { protocol, spi } => {
+            (notify, protocol, spi.to_be_bytes().to_vec(), Vec::new())
+        }
+        _ => (notify, ProtocolId::NONE, Vec::new(), Vec::new()),
+    }
+}
+
 /// An INFORMATIONAL request deleting the IKE SA (RFC 7296 §1.4.1).
 fn delete_ike() -> Payload<'static> {
     Payload::Delete(Delete {
@@ -459,6 +488,12 @@ impl Initiator {
     /// Our address and the peer's for the SA's messages (the NAT-T ports after a float).
     pub fn path(&self) -> (SocketAddr, SocketAddr) {
         (self.local, self.remote)
+    }
+
+    /// Whether the SA moved to the NAT-T ports after IKE_SA_INIT: its messages then carry
+    /// the non-ESP marker on the wire (RFC 3948 §2.2) and its CHILD SA is UDP-encapsulated.
+    pub fn floated(&self) -> bool {
+        self.floated
     }
 
     /// The CHILD SAs of the established IKE SA, as `(spi_in, spi_out)`.
@@ -629,7 +664,7 @@ impl Initiator {
             }
             State::ExpectAuth(s) => self.auth_response(s, now, datagram, entropy),
             State::Established(mut s) => {
-                let r = self.established(&mut s, now, local, remote, datagram);
+                let r = self.established(&mut s, now, local, remote, datagram, entropy);
                 match r {
                     Ok(Some(cache)) => {
                         self.state = State::Closed(cache);
@@ -1030,6 +1065,7 @@ impl Initiator {
 
     /// A datagram on the established IKE SA; `Some` when the SA is gone (with the exchange
     /// that ended it, for retransmissions).
+    #[allow(clippy::too_many_arguments)]
     fn established(
         &mut self,
         s: &mut Established,
@@ -1037,6 +1073,7 @@ impl Initiator {
         local: SocketAddr,
         remote: SocketAddr,
         datagram: &[u8],
+        entropy: &mut dyn Entropy,
     ) -> Result<Option<Cache>, Error> {
         let (h, _) =
             Header::peek(datagram).ok_or(Error::Malformed(InvalidMessage::Truncated("IKE header")))?;
@@ -1093,14 +1130,34 @@ impl Initiator {
             self.events.push_back(Event::RequestDeclined { exchange, notify });
             return Ok(None);
         };
+        if exchange == ExchangeType::CREATE_CHILD_SA {
+            match self.create_child(s, now, &inner, entropy) {
+                Ok(c) => {
+                    respond(self, &mut s.session, &c.payloads())?;
+                    let child = c.into_child();
+                    s.children.push(ChildRef {
+                        spi_in: child.spi_in,
+                        spi_out: child.spi_out,
+                    });
+                    self.events.push_back(Event::ChildSaInstalled(Box::new(child)));
+                }
+                Err(e) => {
+                    let (notify, protocol, spi, data) = refusal(&e);
+                    let n = Notify {
+                        protocol,
+                        spi: &spi,
+                        notify_type: notify,
+                        data: &data,
+                    };
+                    respond(self, &mut s.session, &[Payload::Notify(n)])?;
+                    self.events.push_back(Event::RequestDeclined { exchange, notify });
+                }
+            }
+            return Ok(None);
+        }
         if exchange != ExchangeType::INFORMATIONAL {
-            // RFC 7296 §1.3: "A minimal implementation [...] may refuse all CREATE_CHILD_SA
-            // requests within an IKE SA" with NO_ADDITIONAL_SAS; other exchanges are over.
-            let notify = if exchange == ExchangeType::CREATE_CHILD_SA {
-                NotifyType::NO_ADDITIONAL_SAS
-            } else {
-                NotifyType::INVALID_SYNTAX
-            };
+            // IKE_SA_INIT and IKE_AUTH are over; other exchange types are not ours to take.
+            let notify = NotifyType::INVALID_SYNTAX;
             respond(self, &mut s.session, &[Payload::Notify(Notify::new(notify, &[]))])?;
             self.events.push_back(Event::RequestDeclined { exchange, notify });
             return Ok(None);
@@ -1135,6 +1192,53 @@ impl Initiator {
             return Ok(Some(self.close_established(s, DeleteReason::PeerDeleted)));
         }
         Ok(None)
+    }
+
+    /// A CREATE_CHILD_SA request of the peer: a new or rekeyed CHILD SA (RFC 7296 §1.3.1,
+    /// §1.3.3, optionally with PFS), evaluated by the responder's code against our proposals
+    /// and subnets. For the keys it does not matter that we initiated the IKE SA: §2.17 takes
+    /// "the initiator" of the exchange, here the peer, so its direction is our inbound.
+    fn create_child(
+        &self,
+        s: &Established,
+        now: Instant,
+        inner: &[Payload<'_>],
+        entropy: &mut dyn Entropy,
+    ) -> Result<Box<create_child::NewChild>, responder::Error> {
+        // RFC 7296 §1.3.2: an IKE SA rekey carries IKE proposals and no REKEY_SA. Carrying on
+        // as a new IKE SA is not supported here; "A minimal implementation [...] may refuse
+        // all CREATE_CHILD_SA requests within an IKE SA" (§1.3), and this refuses that one.
+        let rekey_sa = inner
+            .iter()
+            .any(|p| matches!(p, Payload::Notify(n) if n.notify_type == NotifyType::REKEY_SA));
+        let ike_proposals = inner.iter().any(
+            |p| matches!(p, Payload::Sa(sa) if sa.proposals.iter().all(|p| p.protocol == ProtocolId::IKE)),
+        );
+        if ike_proposals && !rekey_sa {
+            return Err(responder::Error::NoAdditionalSas);
+        }
+        let config = &self.config;
+        let ours = responder::Config {
+            child_lifetime: config.child_lifetime,
+            ..responder::Config::new(
+                config.ike_proposals.clone(),
+                config.esp_proposals.clone(),
+                config.local_subnet,
+                config.remote_subnet,
+                config.local_id.clone(),
+            )
+        };
+        let cx = create_child::Context {
+            config: &ours,
+            sa: &s.session.sa,
+            children: &s.children,
+            now,
+            udp_encap: self.nat_detected || self.floated,
+        };
+        match create_child::process(&cx, inner, entropy)? {
+            create_child::Created::Child(c) => Ok(c),
+            create_child::Created::Ike(_) => Err(responder::Error::NoAdditionalSas),
+        }
     }
 
     /// Ends the established IKE SA with its CHILD SAs (RFC 7296 §1.4.1: "Deleting an IKE SA

@@ -59,7 +59,7 @@
 //! the Child SA will be established in tunnel mode"), exchanges started by this side other than
 //! liveness checks (rekeying and deleting are the peer's job), MOBIKE, configuration payloads.
 
-mod create_child;
+pub(crate) mod create_child;
 pub(crate) mod informational;
 pub(crate) mod session;
 

@@ -133,9 +133,11 @@ fn driver_process() -> Result<()> {
 
 /// Sends what the initiator queued and prints its events.
 fn drain(i: &mut Initiator, s500: &UdpSocket, s4500: &UdpSocket) -> Result<()> {
+    let floated = i.floated();
     while let Some(t) = i.poll_transmit() {
         let mut out = Vec::with_capacity(t.payload.len() + 4);
-        let sock = if t.local.port() == 4500 {
+        // RFC 3948 §2.2: IKE on the NAT-T path carries the non-ESP marker.
+        let sock = if floated {
             out.extend_from_slice(&[0, 0, 0, 0]);
             s4500
         } else {
@@ -164,7 +166,8 @@ fn drain(i: &mut Initiator, s500: &UdpSocket, s4500: &UdpSocket) -> Result<()> {
                 };
                 println!(
                     "EVENT ChildSaInstalled spi_in={:08x} spi_out={:08x} encr={:?} integ={:?} \
-                     in_key={} in_integ={} out_key={} out_integ={} ts_local={} ts_remote={} encap={}",
+                     in_key={} in_integ={} out_key={} out_integ={} ts_local={} ts_remote={} encap={} \
+                     replaces={}",
                     c.spi_in,
                     c.spi_out,
                     c.encryption,
@@ -175,7 +178,9 @@ fn drain(i: &mut Initiator, s500: &UdpSocket, s4500: &UdpSocket) -> Result<()> {
                     hex(c.outbound.integ.expose()),
                     ts(&c.ts_local),
                     ts(&c.ts_remote),
-                    c.udp_encap
+                    c.udp_encap,
+                    c.replaces
+                        .map_or_else(|| "-".to_owned(), |spi| format!("{spi:08x}"))
                 );
             }
             Event::ChildSaDeleted { spi_in, spi_out } => {
@@ -266,6 +271,8 @@ struct Case<'a> {
     force_nat_t: bool,
     /// Extra lines for charon's connection section.
     charon_extra: &'a [&'a str],
+    /// Extra lines for charon's child section.
+    charon_child_extra: &'a [&'a str],
 }
 
 impl<'a> Case<'a> {
@@ -278,6 +285,7 @@ impl<'a> Case<'a> {
             charon_psk: psk,
             force_nat_t: false,
             charon_extra: &[],
+            charon_child_extra: &[],
         }
     }
 }
@@ -309,6 +317,9 @@ impl Setup {
         theirs
             .extra
             .extend(case.charon_extra.iter().map(|l| (*l).to_owned()));
+        theirs
+            .child_extra
+            .extend(case.charon_child_extra.iter().map(|l| (*l).to_owned()));
         let charon = Charon::start_with(&gw, &CharonOptions::key_oracle())?;
         charon.load(&[theirs])?;
 
@@ -570,5 +581,73 @@ fn answers_strongswans_liveness_checks_and_delete() -> Result<()> {
         s.charon.list_sas()?.iter().all(|sa| sa.name != "site"),
         "strongSwan still lists the IKE SA"
     );
+    Ok(())
+}
+
+#[test]
+fn answers_strongswans_child_sa_rekey_with_pfs() -> Result<()> {
+    if prereq::require(&[netns::TOOLS, strongswan::TOOLS]).is_skip() {
+        return Ok(());
+    }
+    let psk = concentrator_e2e::ids::random_hex(32);
+    // charon, the responder, rekeys the CHILD SA every 3 s with a new X25519 exchange; its
+    // hard lifetime stays out of the way.
+    let case = Case {
+        charon_child_extra: &["rekey_time = 3s", "life_time = 30s", "rand_time = 0s"],
+        ..Case::new("aes128gcm16-prfsha256-x25519", "aes128gcm16-x25519", &psk)
+    };
+    let mut s = Setup::start(&case)?;
+    let first = s.wait_driver_line("EVENT ChildSaInstalled")?;
+    let log = s.driver.log_path().to_owned();
+    let rekeyed = wait::until("a CHILD SA rekeyed by charon", Duration::from_secs(20), || {
+        s.driver.ensure_running()?;
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let found = text
+            .lines()
+            .find(|l| l.starts_with("EVENT ChildSaInstalled") && field(l, "replaces") != Some("-"));
+        Ok(match found {
+            Some(l) => Probe::Ready(l.to_owned()),
+            None => Probe::pending(s.driver.log_tail(5)),
+        })
+    })
+    .with_context(|| s.charon.log_tail(30))?;
+    ensure!(
+        field(&rekeyed, "replaces") == field(&first, "spi_in"),
+        "{rekeyed} does not replace {first}"
+    );
+    // charon deletes the CHILD SA it replaced (RFC 7296 §2.8).
+    let old = field(&first, "spi_in").unwrap_or_default().to_owned();
+    wait::until("the replaced CHILD SA's deletion", TIMEOUT, || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let deleted = text
+            .lines()
+            .any(|l| l.starts_with("EVENT ChildSaDeleted") && field(l, "spi_in") == Some(old.as_str()));
+        Ok(if deleted {
+            Probe::Ready(())
+        } else {
+            Probe::pending("not yet")
+        })
+    })?;
+    // The new keys are charon's (KEYMAT with the new DH secret, RFC 7296 §2.17); charon
+    // initiated this exchange, so its "initiator key" protects our inbound SA.
+    let charon_log = std::fs::read_to_string(s.charon.log_path())?;
+    for (label, ours) in [
+        ("encryption initiator key", "in_key"),
+        ("encryption responder key", "out_key"),
+    ] {
+        let theirs = charon_dumps(&charon_log, label);
+        ensure!(
+            theirs.get(1).map(String::as_str) == field(&rekeyed, ours),
+            "{label}: charon {theirs:?}, ours {rekeyed}"
+        );
+    }
+    let driver = s.driver_log();
+    ensure!(
+        !driver
+            .lines()
+            .any(|l| l.starts_with("EVENT Failed") || l.starts_with("EVENT RequestDeclined")),
+        "driver trouble:\n{driver}"
+    );
+    s.charon.wait_established("site", "site", TIMEOUT)?;
     Ok(())
 }

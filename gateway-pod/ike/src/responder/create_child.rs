@@ -19,19 +19,19 @@ use crate::negotiate::{EspChoice, IkeChoice, NegotiationError, dh_group, narrow,
 use crate::payload::{Ke, Nonce, Notify, Payload, Proposal, Sa, Transform, Ts};
 
 /// What the request is evaluated against.
-pub(super) struct Context<'a> {
-    pub(super) config: &'a Config,
+pub(crate) struct Context<'a> {
+    pub(crate) config: &'a Config,
     /// The IKE SA the request came on: its SK_d and PRF derive the new keys.
-    pub(super) sa: &'a IkeSa,
+    pub(crate) sa: &'a IkeSa,
     /// The CHILD SAs a REKEY_SA notify may name.
-    pub(super) children: &'a [ChildRef],
-    pub(super) now: Instant,
+    pub(crate) children: &'a [ChildRef],
+    pub(crate) now: Instant,
     /// The request arrived on port 4500 or a NAT was detected: ESP goes in UDP.
-    pub(super) udp_encap: bool,
+    pub(crate) udp_encap: bool,
 }
 
 /// An accepted request: what to answer and what to install.
-pub(super) enum Created {
+pub(crate) enum Created {
     /// A new or rekeyed CHILD SA.
     Child(Box<NewChild>),
     /// A new IKE SA replacing the one the request came on.
@@ -39,20 +39,20 @@ pub(super) enum Created {
 }
 
 /// A negotiated CHILD SA and the values of our response.
-pub(super) struct NewChild {
+pub(crate) struct NewChild {
     esp: EspChoice,
     dh: Option<DhGroup>,
     spi_in: [u8; 4],
     nr: Vec<u8>,
     ke_r: Option<Vec<u8>>,
     /// The SA for the data plane (and the event).
-    pub(super) child: ChildSa,
+    pub(crate) child: ChildSa,
 }
 
 impl NewChild {
     /// The response: "HDR, SK {SA, Nr, [KEr,] TSi, TSr}" (RFC 7296 §1.3.1). A request for
     /// transport mode is declined by not echoing USE_TRANSPORT_MODE (§1.3.1).
-    pub(super) fn payloads(&self) -> Vec<Payload<'_>> {
+    pub(crate) fn payloads(&self) -> Vec<Payload<'_>> {
         let mut sa = self.esp.to_sa(&self.spi_in);
         if let Some(g) = self.dh {
             // The accepted proposal names the PFS group (RFC 7296 §3.3: the responder's SA
@@ -86,27 +86,27 @@ impl NewChild {
 
 impl NewChild {
     /// The SA for the data plane.
-    pub(super) fn into_child(self: Box<Self>) -> ChildSa {
+    pub(crate) fn into_child(self: Box<Self>) -> ChildSa {
         self.child
     }
 }
 
 /// A negotiated IKE SA rekey and the values of our response.
-pub(super) struct NewIkeSa {
+pub(crate) struct NewIkeSa {
     choice: IkeChoice,
     /// Our SPI of the new IKE SA, as sent in the SA payload.
     spi_r: [u8; 8],
     nr: Vec<u8>,
     ke_r: Vec<u8>,
     /// The new IKE SA.
-    pub(super) sa: IkeSa,
+    pub(crate) sa: IkeSa,
 }
 
 impl NewIkeSa {
     /// The response: "HDR, SK {SA, Nr, KEr}" (RFC 7296 §1.3.2), our new SPI in the proposal
     /// (§2.18: "New initiator and responder SPIs are supplied in the SPI fields in the
     /// Proposal structures inside the Security Association (SA) payloads").
-    pub(super) fn payloads(&self) -> Vec<Payload<'_>> {
+    pub(crate) fn payloads(&self) -> Vec<Payload<'_>> {
         let proposals = self
             .choice
             .to_sa()
@@ -130,7 +130,7 @@ impl NewIkeSa {
 
 impl NewIkeSa {
     /// The new IKE SA.
-    pub(super) fn into_sa(self: Box<Self>) -> IkeSa {
+    pub(crate) fn into_sa(self: Box<Self>) -> IkeSa {
         self.sa
     }
 }
@@ -169,7 +169,7 @@ impl<'p, 'a> Request<'p, 'a> {
 /// Evaluates a CREATE_CHILD_SA request. An `Err` is answered with its notify
 /// ([`Error::notify`]) and leaves the IKE SA as it was (RFC 7296 §2.21.3: a failed
 /// CREATE_CHILD_SA does not affect the IKE SA).
-pub(super) fn process(
+pub(crate) fn process(
     cx: &Context<'_>,
     inner: &[Payload<'_>],
     entropy: &mut dyn Entropy,
