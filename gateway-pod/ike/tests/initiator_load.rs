@@ -1,0 +1,575 @@
+//! IKE load benchmark (issue 3): IKE + CHILD SA establishments per second against our gateway
+//! (`concentrator-gateway`) and against strongSwan's charon, one after the other in one run,
+//! with one load generator built on [`Initiator`]: many concurrent negotiations from one
+//! process, X25519 + PSK, `aes128gcm16-prfsha256-x25519` / `aes128gcm16`.
+//!
+//! The generator runs in a site namespace (the test binary re-executes itself there:
+//! `load_driver` does nothing unless `IKE_LOAD_DRIVER` is set), each responder alone in its
+//! own namespace on the same WAN bridge. Every SA has its own identity
+//! (`sa-N.load.example`), matched by one wildcard eroute / connection with one PSK; every
+//! CHILD SA offers the same subnets, so neither responder changes routes per SA. The
+//! generator floats to UDP 4500 after IKE_SA_INIT as NAT-traversing sites do (charon's
+//! kernel-libipsec would force it anyway), keeps a window of negotiations in flight, keeps the
+//! established SAs (answering liveness checks) and prints how many it established in how
+//! long. The test reads the responders' CPU time from `/proc` around each run:
+//! establishments per responder CPU-second is the per-core figure. The generator and the
+//! responder share the machine's cores.
+//!
+//! Both responders get what a load needs: our gateway a cookie threshold and half-open limit
+//! above the window, charon its DoS protection off (`dos_protection`, `block_threshold`,
+//! `cookie_threshold`, `init_limit_half_open`) and a hash table sized for the SAs
+//! (`ikesa_table_size`, `ikesa_table_segments`). Logging is off on both (errors only) for the
+//! full run.
+//!
+//! Small by default (CI: it only checks that every SA establishes with both, never a rate):
+//!
+//!   cargo test -p concentrator-ike --test initiator_load -- --nocapture
+//!
+//! Full size, release build (root):
+//!
+//!   cargo build --release -p concentrator-gateway
+//!   IKE_LOAD=full cargo test --release -p concentrator-ike --test initiator_load -- --nocapture
+//!
+//! `IKE_LOAD_SAS`, `IKE_LOAD_WINDOW` and `IKE_LOAD_THREADS` override the sizes;
+//! `IKE_LOAD_GATEWAY_BIN` names the gateway binary (default: `concentrator-gateway` in the
+//! target directory of this test binary, as `cargo test --workspace` builds it). Without
+//! the binary the small run measures strongSwan only and says so; the full run fails.
+//! As non-root the test prints SKIP and passes.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use concentrator_crds::proposal::{parse_esp, parse_ike};
+use concentrator_e2e::netns::{self, Netns, Wan};
+use concentrator_e2e::process::{self, Daemon};
+use concentrator_e2e::strongswan::{self, Charon, CharonOptions, Connection};
+use concentrator_e2e::wait::{self, Probe};
+use concentrator_e2e::{logs, prereq, scratch};
+use concentrator_ike::Header;
+use concentrator_ike::initiator::{Config, Event, Initiator, NatTraversal};
+use concentrator_ike::payload::Identity;
+use concentrator_ike::responder::{IdBuf, SystemEntropy};
+
+const IKE: &str = "aes128gcm16-prfsha256-x25519";
+const ESP: &str = "aes128gcm16";
+const SITE_ADDR: &str = "192.0.2.1";
+const OURS_ADDR: &str = "192.0.2.2";
+const SWAN_ADDR: &str = "192.0.2.3";
+const SITE_LAN: &str = "10.1.0.0/24";
+const GW_LAN: &str = "10.2.0.0/24";
+const GW_ID: &str = "gw.load.example";
+const PSK: &str = "load-test-psk-not-a-secret";
+
+fn env(name: &str) -> Result<String> {
+    std::env::var(name).with_context(|| format!("{name} not set"))
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> Result<T>
+where
+    T::Err: std::error::Error + Send + Sync + 'static,
+{
+    match std::env::var(name) {
+        Ok(v) => v.parse().with_context(|| format!("{name}={v}")),
+        Err(_) => Ok(default),
+    }
+}
+
+/// Clock ticks of `/proc/*/stat` times.
+fn clock_ticks() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// User + system CPU seconds of process `pid` (all its threads) so far.
+fn cpu_seconds(pid: &str) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name may hold spaces: fields count from the closing parenthesis.
+    let rest = stat.rsplit_once(')').context("malformed stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> Result<f64> { Ok(fields.get(i).context("short stat")?.parse::<f64>()?) };
+    // utime and stime are fields 14 and 15 of stat(5), 12 and 13 after the name.
+    Ok((ticks(11)? + ticks(12)?) / clock_ticks())
+}
+
+/// One generator thread: `quota` negotiations, at most `window` in flight, from its own UDP
+/// socket. Returns how many established and failed.
+fn generate(
+    base: &Config,
+    remote: IpAddr,
+    local: IpAddr,
+    quota: u64,
+    window: usize,
+    next: &AtomicU64,
+) -> Result<(u64, u64)> {
+    let sock = UdpSocket::bind((local, 0))?;
+    let here = sock.local_addr()?;
+    let mut base = base.clone();
+    // The float moves the peer to its 4500 and keeps our socket: one socket per thread.
+    base.nat_t = NatTraversal {
+        force: true,
+        local_port: here.port(),
+        remote_port: 4500,
+    };
+    let mut entropy = SystemEntropy;
+    let mut inflight: HashMap<u64, Initiator> = HashMap::new();
+    let mut established: HashMap<u64, Initiator> = HashMap::new();
+    let (mut started, mut ok, mut failed) = (0u64, 0u64, 0u64);
+    let mut buf = vec![0u8; 65536];
+    let send = |i: &mut Initiator| -> Result<()> {
+        let marker = i.floated();
+        while let Some(t) = i.poll_transmit() {
+            // RFC 3948 §2.2: IKE on the NAT-T path carries the non-ESP marker.
+            if marker {
+                let mut out = Vec::with_capacity(t.payload.len() + 4);
+                out.extend_from_slice(&[0; 4]);
+                out.extend_from_slice(&t.payload);
+                sock.send_to(&out, t.remote)?;
+            } else {
+                sock.send_to(&t.payload, t.remote)?;
+            }
+        }
+        Ok(())
+    };
+    while ok + failed < quota {
+        while started < quota && inflight.len() < window {
+            let n = next.fetch_add(1, Ordering::Relaxed);
+            let mut config = base.clone();
+            config.local_id = IdBuf::new(&Identity::Fqdn(format!("sa-{n}.load.example").as_bytes()));
+            let mut i = Initiator::connect(
+                Arc::new(config),
+                PSK.as_bytes(),
+                here,
+                SocketAddr::new(remote, 500),
+                Instant::now(),
+                &mut entropy,
+            )?;
+            send(&mut i)?;
+            inflight.insert(i.spi_i(), i);
+            started += 1;
+        }
+        let now = Instant::now();
+        let due = inflight.values().filter_map(Initiator::poll_timeout).min();
+        let wait = due.map_or(Duration::from_millis(50), |t| t.saturating_duration_since(now));
+        sock.set_read_timeout(Some(
+            wait.clamp(Duration::from_micros(100), Duration::from_millis(50)),
+        ))?;
+        match sock.recv_from(&mut buf) {
+            Ok((n, from)) => {
+                let data = buf.get(..n).unwrap_or_default();
+                let ike = if from.port() == 4500 {
+                    match data.strip_prefix(&[0, 0, 0, 0][..]) {
+                        Some(rest) => rest,
+                        None => continue,
+                    }
+                } else {
+                    data
+                };
+                let Some((h, _)) = Header::peek(ike) else { continue };
+                let now = Instant::now();
+                if let Some(i) = inflight.get_mut(&h.spi_i) {
+                    let _ = i.handle_datagram(now, here, from, ike, &mut entropy);
+                    send(i)?;
+                } else if let Some(i) = established.get_mut(&h.spi_i) {
+                    let _ = i.handle_datagram(now, here, from, ike, &mut entropy);
+                    send(i)?;
+                    while i.poll_event().is_some() {}
+                    continue;
+                } else {
+                    continue;
+                }
+                let Some(mut i) = inflight.remove(&h.spi_i) else {
+                    continue;
+                };
+                let mut done = None;
+                while let Some(ev) = i.poll_event() {
+                    match ev {
+                        Event::ChildSaInstalled(_) => done = Some(true),
+                        Event::Failed(e) => {
+                            eprintln!("FAILED {e}");
+                            done = Some(false);
+                        }
+                        _ => {}
+                    }
+                }
+                match done {
+                    Some(true) => {
+                        ok += 1;
+                        established.insert(i.spi_i(), i);
+                    }
+                    Some(false) => failed += 1,
+                    None => {
+                        inflight.insert(i.spi_i(), i);
+                    }
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let now = Instant::now();
+        let expired: Vec<u64> = inflight
+            .iter()
+            .filter(|(_, i)| i.poll_timeout().is_some_and(|t| t <= now))
+            .map(|(spi, _)| *spi)
+            .collect();
+        for spi in expired {
+            let Some(mut i) = inflight.remove(&spi) else {
+                continue;
+            };
+            i.handle_timeout(now, &mut entropy);
+            send(&mut i)?;
+            if i.is_closed() {
+                eprintln!("FAILED {:?}", i.poll_event());
+                failed += 1;
+            } else {
+                inflight.insert(spi, i);
+            }
+        }
+    }
+    Ok((ok, failed))
+}
+
+/// The generator: runs when `IKE_LOAD_DRIVER` is set, prints one `RESULT` line, exits.
+#[test]
+fn load_driver() -> Result<()> {
+    if std::env::var_os("IKE_LOAD_DRIVER").is_none() {
+        return Ok(());
+    }
+    let local: IpAddr = env("IKE_LOAD_LOCAL")?.parse()?;
+    let remote: IpAddr = env("IKE_LOAD_REMOTE")?.parse()?;
+    let sas: u64 = env("IKE_LOAD_SAS")?.parse()?;
+    let window: usize = env("IKE_LOAD_WINDOW")?.parse()?;
+    let threads: u64 = env("IKE_LOAD_THREADS")?.parse()?;
+    let mut config = Config::new(
+        vec![parse_ike("ike", IKE)?],
+        vec![parse_esp("esp", ESP)?],
+        SITE_LAN.parse()?,
+        GW_LAN.parse()?,
+        IdBuf::new(&Identity::Fqdn(b"sa.load.example")),
+    );
+    config.remote_id = Some(IdBuf::new(&Identity::Fqdn(GW_ID.as_bytes())));
+    let next = Arc::new(AtomicU64::new(0));
+    let cpu_before = cpu_seconds("self")?;
+    let start = Instant::now();
+    let workers: Vec<_> = (0..threads)
+        .map(|t| {
+            let quota = sas / threads + u64::from(t < sas % threads);
+            let (config, next) = (config.clone(), Arc::clone(&next));
+            let per_thread = window.div_ceil(usize::try_from(threads).unwrap_or(1)).max(1);
+            std::thread::spawn(move || generate(&config, remote, local, quota, per_thread, &next))
+        })
+        .collect();
+    let (mut ok, mut failed) = (0, 0);
+    for w in workers {
+        let (o, f) = w
+            .join()
+            .map_err(|_| anyhow::anyhow!("generator thread panicked"))??;
+        ok += o;
+        failed += f;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let cpu = cpu_seconds("self")? - cpu_before;
+    println!("RESULT established={ok} failed={failed} seconds={seconds:.3} cpu={cpu:.3}");
+    Ok(())
+}
+
+/// One generator run's figures.
+#[derive(Debug)]
+struct Run {
+    established: u64,
+    failed: u64,
+    seconds: f64,
+    generator_cpu: f64,
+    responder_cpu: f64,
+}
+
+impl Run {
+    fn rate(&self) -> f64 {
+        self.established as f64 / self.seconds
+    }
+
+    fn per_core(&self) -> f64 {
+        self.established as f64 / self.responder_cpu.max(1e-9)
+    }
+}
+
+/// How big a run is.
+struct Size {
+    sas: u64,
+    window: usize,
+    threads: u64,
+    full: bool,
+}
+
+impl Size {
+    fn from_env() -> Result<Self> {
+        let full = std::env::var("IKE_LOAD").is_ok_and(|v| v == "full");
+        let (sas, window) = if full { (20_000, 256) } else { (200, 16) };
+        Ok(Self {
+            sas: env_or("IKE_LOAD_SAS", sas)?,
+            window: env_or("IKE_LOAD_WINDOW", window)?,
+            threads: env_or("IKE_LOAD_THREADS", 1)?,
+            full,
+        })
+    }
+}
+
+/// Runs the generator in `site` against `remote` and samples `responder_pid`'s CPU time.
+fn run_generator(site: &Netns, remote: &str, responder_pid: &str, size: &Size) -> Result<Run> {
+    let mut cmd = site.command(std::env::current_exe()?);
+    cmd.args(["--exact", "load_driver", "--nocapture", "--test-threads=1"])
+        .env("IKE_LOAD_DRIVER", "1")
+        .env("IKE_LOAD_LOCAL", SITE_ADDR)
+        .env("IKE_LOAD_REMOTE", remote)
+        .env("IKE_LOAD_SAS", size.sas.to_string())
+        .env("IKE_LOAD_WINDOW", size.window.to_string())
+        .env("IKE_LOAD_THREADS", size.threads.to_string());
+    let before = cpu_seconds(responder_pid)?;
+    let out = process::output(&mut cmd, Duration::from_secs(600))?;
+    let after = cpu_seconds(responder_pid)?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // libtest prints "test load_driver ... " before the driver's own output.
+    let line = stdout
+        .lines()
+        .find_map(|l| l.find("RESULT ").and_then(|at| l.get(at..)))
+        .with_context(|| {
+            format!(
+                "no RESULT from the generator ({}):\n{stdout}\n{stderr}",
+                out.status
+            )
+        })?;
+    let get = |key: &str| -> Result<f64> {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+            .with_context(|| format!("{key} in {line}"))?
+            .parse::<f64>()
+            .with_context(|| format!("{key} in {line}"))
+    };
+    let failures: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("FAILED"))
+        .take(5)
+        .collect();
+    if !failures.is_empty() {
+        eprintln!("generator against {remote}: {failures:?}");
+    }
+    Ok(Run {
+        established: get("established")? as u64,
+        failed: get("failed")? as u64,
+        seconds: get("seconds")?,
+        generator_cpu: get("cpu")?,
+        responder_cpu: after - before,
+    })
+}
+
+/// The gateway binary: `IKE_LOAD_GATEWAY_BIN`, else next to this test's target directory.
+fn gateway_bin() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("IKE_LOAD_GATEWAY_BIN") {
+        return Some(PathBuf::from(p));
+    }
+    // <target>/<profile>/deps/initiator_load-<hash> -> <target>/<profile>/concentrator-gateway
+    let exe = std::env::current_exe().ok()?;
+    let bin = exe.parent()?.parent()?.join("concentrator-gateway");
+    bin.is_file().then_some(bin)
+}
+
+/// The gateway's config directory: one static eroute for every `*.load.example` site.
+fn write_gateway_config(dir: &std::path::Path) -> Result<()> {
+    std::fs::create_dir_all(dir.join("secrets/load"))?;
+    std::fs::write(dir.join("secrets/load/psk"), PSK)?;
+    std::fs::write(
+        dir.join("load.yaml"),
+        format!(
+            "apiVersion: vpn.concentrator.io/v1alpha1\nkind: Eroute\nmetadata:\n  name: load\n\
+             spec:\n  localSubnet: {GW_LAN}\n  remoteSubnet: {SITE_LAN}\n  peerId: '*.load.example'\n\
+             \x20 localId: {GW_ID}\n  pskSecretRef:\n    name: load\n    key: psk\n  role: Responder\n\
+             \x20 ike:\n    proposals: [{IKE}]\n  esp:\n    proposals: [{ESP}]\n"
+        ),
+    )?;
+    Ok(())
+}
+
+/// Our gateway in `ns`, ready; the generator against it.
+fn measure_ours(wan: &Wan, site: &Netns, bin: &std::path::Path, size: &Size) -> Result<Run> {
+    let ns = Netns::new("loadours")?;
+    wan.attach(&ns, "wan0", format!("{OURS_ADDR}/24").parse()?)?;
+    ns.add_lo_addr("10.2.0.1/24".parse()?)?;
+    site.wait_reachable(None, OURS_ADDR.parse()?, Duration::from_secs(5))?;
+    let dir = scratch::dir("ike-load-gateway")?;
+    let config = dir.path().join("config");
+    write_gateway_config(&config)?;
+    let log = dir.path().join("gateway.log");
+    let data = dir.path().join("data");
+    let limit = (size.window * 4).max(1000).to_string();
+    let mut cmd = ns.command(bin);
+    cmd.args(["--config-dir", config.to_str().context("path")?])
+        .args(["--data-dir", data.to_str().context("path")?])
+        .args(["--ike-listen", OURS_ADDR])
+        .args(["--ike-cookie-threshold", &limit, "--ike-max-half-open", &limit])
+        // The full run keeps the gateway's own start-up lines ("gateway ready") and drops the
+        // two info lines per SA of the control plane, as charon logs nothing there.
+        .env(
+            "RUST_LOG",
+            if size.full {
+                "warn,concentrator_gateway=info,concentrator_gateway::control=warn"
+            } else {
+                "info"
+            },
+        );
+    let mut gateway = Daemon::spawn("gateway", cmd, &log)?;
+    wait::until("the gateway to be ready", Duration::from_secs(20), || {
+        gateway.ensure_running()?;
+        Ok(if logs::contains(&log, "gateway ready") {
+            Probe::Ready(())
+        } else {
+            Probe::pending(gateway.log_tail(10))
+        })
+    })?;
+    let pid = gateway.pid().to_string();
+    let run = run_generator(site, OURS_ADDR, &pid, size).with_context(|| gateway.log_tail(30))?;
+    gateway.ensure_running()?;
+    Ok(run)
+}
+
+/// charon in its own namespace, tuned not to refuse the load; the generator against it.
+fn measure_strongswan(wan: &Wan, site: &Netns, size: &Size) -> Result<Run> {
+    let ns = Netns::new("loadswan")?;
+    wan.attach(&ns, "wan0", format!("{SWAN_ADDR}/24").parse()?)?;
+    ns.add_lo_addr("10.2.0.1/24".parse()?)?;
+    site.wait_reachable(None, SWAN_ADDR.parse()?, Duration::from_secs(5))?;
+    let mut options = CharonOptions::default();
+    if size.full {
+        options.log_levels = vec![("default".to_owned(), -1)];
+    }
+    let big = (size.sas * 2).max(1000);
+    options.extra_settings = vec![
+        // TESTBED.md: charon throttles IKE_SA_INITs from one address (block_threshold),
+        // demands cookies (cookie_threshold) and limits half-open SAs; a load generator is
+        // one address with many half-open SAs.
+        "dos_protection = no".to_owned(),
+        format!("block_threshold = {big}"),
+        format!("cookie_threshold = {big}"),
+        format!("init_limit_half_open = {big}"),
+        // The IKE SA manager's hash table defaults to one row: sized for the load instead.
+        "ikesa_table_size = 32768".to_owned(),
+        "ikesa_table_segments = 16".to_owned(),
+    ];
+    let charon = Charon::start_with(&ns, &options)?;
+    // The site's view of one connection for every `*.load.example` identity.
+    let mut conn = Connection::new(
+        "load",
+        SITE_ADDR.parse()?,
+        SWAN_ADDR.parse()?,
+        PSK,
+        vec![SITE_LAN.parse()?],
+        vec![GW_LAN.parse()?],
+    );
+    conn.local_id = "*.load.example".to_owned();
+    conn.remote_id = GW_ID.to_owned();
+    conn.ike_proposal = IKE.to_owned();
+    conn.esp_proposal = ESP.to_owned();
+    charon.load(&[conn.mirrored()])?;
+    let pid = ns
+        .pids()
+        .into_iter()
+        .find(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "charon"))
+        .context("no charon process in its namespace")?
+        .to_string();
+    let run = run_generator(site, SWAN_ADDR, &pid, size).with_context(|| charon.log_tail(30))?;
+    if !size.full {
+        // Spot check: charon holds the SAs established, with their CHILD SAs installed.
+        let sas = charon.list_sas()?;
+        let up = sas
+            .iter()
+            .filter(|sa| sa.state == "ESTABLISHED" && sa.children.iter().any(|c| c.state == "INSTALLED"))
+            .count();
+        ensure!(
+            up as u64 == run.established,
+            "charon lists {up} established IKE SAs with a CHILD SA, the generator {}",
+            run.established
+        );
+    }
+    Ok(run)
+}
+
+fn report(what: &str, r: &Run) {
+    println!(
+        "  {what:<11} {:>6} SAs in {:>7.2} s: {:>8.0} /s, responder {:>6.2} CPU-s ({:>7.0} /s per core), \
+         generator {:>6.2} CPU-s, failed {}",
+        r.established,
+        r.seconds,
+        r.rate(),
+        r.responder_cpu,
+        r.per_core(),
+        r.generator_cpu,
+        r.failed
+    );
+}
+
+#[test]
+fn ike_establishment_rate_ours_vs_strongswan() -> Result<()> {
+    if prereq::require(&[netns::TOOLS, strongswan::TOOLS]).is_skip() {
+        return Ok(());
+    }
+    let size = Size::from_env()?;
+    let wan = Wan::new()?;
+    let site = Netns::new("loadsite")?;
+    wan.attach(&site, "wan0", format!("{SITE_ADDR}/24").parse()?)?;
+    let ours = match gateway_bin() {
+        Some(bin) => Some(measure_ours(&wan, &site, &bin, &size)?),
+        None if size.full => {
+            bail!("no concentrator-gateway binary: cargo build --release -p concentrator-gateway")
+        }
+        None => {
+            eprintln!(
+                "SKIP (gateway half): no concentrator-gateway binary next to this test; \
+                 `cargo build -p concentrator-gateway` or set IKE_LOAD_GATEWAY_BIN"
+            );
+            None
+        }
+    };
+    let swan = measure_strongswan(&wan, &site, &size)?;
+    println!(
+        "IKE + CHILD SA establishments, {IKE} / {ESP}, PSK, {} SAs, window {}, {} generator thread(s); \
+         generator and responder share this machine's {} cores:",
+        size.sas,
+        size.window,
+        size.threads,
+        std::thread::available_parallelism().map_or(0, usize::from)
+    );
+    if let Some(o) = &ours {
+        report("ours", o);
+    }
+    report("strongSwan", &swan);
+    if let Some(o) = &ours {
+        println!(
+            "  ours / strongSwan: {:.1}x establishments/s, {:.1}x per responder core",
+            o.rate() / swan.rate(),
+            o.per_core() / swan.per_core()
+        );
+    }
+    // Correctness only: every negotiation established. Rates are never asserted.
+    for (what, r) in ours.iter().map(|o| ("ours", o)).chain([("strongSwan", &swan)]) {
+        ensure!(
+            r.established == size.sas && r.failed == 0,
+            "{what}: {} of {} SAs established, {} failed",
+            r.established,
+            size.sas,
+            r.failed
+        );
+    }
+    Ok(())
+}
