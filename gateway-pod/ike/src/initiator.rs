@@ -58,11 +58,16 @@
 //! [`Event::ChildSaInstalled`] (a rekey names the SA it replaces, which stays until the peer
 //! deletes it). Its INFORMATIONAL requests delete CHILD SAs or the IKE SA, or check liveness.
 //!
+//! CHILD SAs are rekeyed by this side at their soft lifetime (85 % to 95 % of
+//! [`Config::child_lifetime`]), as the responder does: see `initiator/rekey.rs` (RFC 7296 §1.3.3, §2.8,
+//! the §2.8.1 collision rule).
+//!
 //! Not here: IKE SA rekeys (the peer's are declined with NO_ADDITIONAL_SAS, RFC 7296 §1.3),
-//! any CREATE_CHILD_SA started by this side, certificates, EAP, configuration payloads,
+//! new CHILD SAs started by this side, certificates, EAP, configuration payloads,
 //! fragmentation, MOBIKE.
 
 mod offer;
+pub(crate) mod rekey;
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -338,6 +343,8 @@ struct ExpectAuth {
 struct Established {
     session: Session,
     children: Vec<ChildRef>,
+    /// What our request in flight is.
+    ours: rekey::Ours,
     /// When the peer was last heard from (an authenticated message, or CHILD SA traffic).
     last_heard: Instant,
 }
@@ -538,7 +545,8 @@ impl Initiator {
                     .dpd_interval
                     .filter(|_| s.session.can_start_request())
                     .and_then(|i| s.last_heard.checked_add(i));
-                [s.session.pending_deadline(), liveness]
+                let rekey = rekey::next_rekey(&s.children).filter(|_| s.session.can_start_request());
+                [s.session.pending_deadline(), liveness, rekey]
                     .into_iter()
                     .flatten()
                     .min()
@@ -895,7 +903,6 @@ impl Initiator {
         datagram: &[u8],
         entropy: &mut dyn Entropy,
     ) -> Result<(), Error> {
-        let _ = entropy;
         let opened = Header::peek(datagram)
             .ok_or(Error::Malformed(InvalidMessage::Truncated("IKE header")))
             .and_then(|(h, _)| {
@@ -936,11 +943,13 @@ impl Initiator {
                 let children = vec![ChildRef {
                     spi_in: child.0.spi_in,
                     spi_out: child.0.spi_out,
+                    rekey_at: rekey::soft_deadline(now, child.0.lifetime, entropy),
                 }];
                 self.events.push_back(Event::ChildSaInstalled(Box::new(child.0)));
                 self.state = State::Established(Box::new(Established {
                     session,
                     children,
+                    ours: rekey::Ours::Plain,
                     last_heard: now,
                 }));
                 Ok(())
@@ -1086,14 +1095,36 @@ impl Initiator {
             return Err(Error::Unexpected("message of the peer with the Initiator flag"));
         }
         if h.flags.contains(Flags::RESPONSE) {
-            // RFC 7296 §2.2: matched to our request by Message ID; our requests are liveness
-            // checks, whose empty answer only has to verify.
+            // RFC 7296 §2.2: matched to our request by Message ID. The answer to a liveness
+            // check or a DELETE only has to verify; the answer to a CHILD SA rekey installs
+            // the new SA and deletes the old one.
             if !s.session.answers_pending(&h) {
                 return Err(Error::Unexpected("response to no request of ours"));
             }
-            s.session.sa.open(datagram).map_err(opened_error)?;
+            let opened = s.session.sa.open(datagram).map_err(opened_error)?;
             s.session.complete_request();
             s.last_heard = now;
+            if let rekey::Ours::ChildRekey(r) = mem::replace(&mut s.ours, rekey::Ours::Plain) {
+                let config = Arc::clone(&self.config);
+                let p = self.rekey_params(&config);
+                let inner =
+                    payload::decode_inner_chain(opened.first_inner, &opened.plain).unwrap_or_default();
+                let mut changes = Vec::new();
+                // A failed rekey leaves the old SA, to be tried again later.
+                if let Ok(Some(d)) = rekey::finish(
+                    &r,
+                    &inner,
+                    &mut s.session,
+                    &mut s.children,
+                    &p,
+                    now,
+                    entropy,
+                    &mut changes,
+                ) {
+                    self.send(d);
+                }
+                self.report(changes);
+            }
             return Ok(None);
         }
         match s.session.window(h.message_id, datagram) {
@@ -1134,10 +1165,20 @@ impl Initiator {
             match self.create_child(s, now, &inner, entropy) {
                 Ok(c) => {
                     respond(self, &mut s.session, &c.payloads())?;
+                    if let Some(old) = c.child.replaces {
+                        rekey::peer_rekeyed(
+                            &mut s.children,
+                            &mut s.ours,
+                            old,
+                            c.child.spi_in,
+                            &c.lowest_nonce,
+                        );
+                    }
                     let child = c.into_child();
                     s.children.push(ChildRef {
                         spi_in: child.spi_in,
                         spi_out: child.spi_out,
+                        rekey_at: rekey::soft_deadline(now, child.lifetime, entropy),
                     });
                     self.events.push_back(Event::ChildSaInstalled(Box::new(child)));
                 }
@@ -1241,6 +1282,31 @@ impl Initiator {
         }
     }
 
+    /// What our CHILD SA rekeys are checked against.
+    fn rekey_params<'c>(&self, config: &'c Config) -> rekey::Params<'c> {
+        rekey::Params {
+            esp: &config.esp_proposals,
+            local: &config.local_subnet,
+            remote: &config.remote_subnet,
+            lifetime: config.child_lifetime,
+            udp_encap: self.nat_detected || self.floated,
+            retransmit: &config.retransmit,
+        }
+    }
+
+    /// Reports changes to the CHILD SAs made by our rekeys.
+    fn report(&mut self, changes: Vec<rekey::ChildChange>) {
+        for c in changes {
+            self.events.push_back(match c {
+                rekey::ChildChange::Installed(child) => Event::ChildSaInstalled(child),
+                rekey::ChildChange::Deleted(c) => Event::ChildSaDeleted {
+                    spi_in: c.spi_in,
+                    spi_out: c.spi_out,
+                },
+            });
+        }
+    }
+
     /// Ends the established IKE SA with its CHILD SAs (RFC 7296 §1.4.1: "Deleting an IKE SA
     /// implicitly closes any remaining Child SAs negotiated under it"); returns its last
     /// exchange for retransmissions.
@@ -1261,8 +1327,6 @@ impl Initiator {
     /// Runs the timers due at `now`: retransmissions (and giving up), liveness checks.
     /// Calling it early does nothing.
     pub fn handle_timeout(&mut self, now: Instant, entropy: &mut dyn Entropy) {
-        // Nothing started here needs randomness (no rekeys).
-        let _ = entropy;
         let policy = self.config.retransmit;
         match mem::replace(&mut self.state, State::Closed(None)) {
             State::ExpectInit(mut s) if now >= s.deadline => {
@@ -1293,6 +1357,14 @@ impl Initiator {
                         self.state = State::Closed(self.close_established(&mut s, DeleteReason::DeadPeer));
                         return;
                     }
+                }
+                // RFC 7296 §2.8: CHILD SAs at their soft lifetime are rekeyed by this side.
+                let config = Arc::clone(&self.config);
+                let p = self.rekey_params(&config);
+                if let Some(d) =
+                    rekey::start_due(&mut s.session, &mut s.children, &mut s.ours, &p, now, entropy)
+                {
+                    self.send(d);
                 }
                 if let Some(interval) = self.config.dpd_interval
                     && s.session.can_start_request()

@@ -32,7 +32,14 @@
 //! - retransmission of that request, with exponential back-off; when the last one goes
 //!   unanswered the IKE SA is deleted ([`Event::IkeSaDeleted`] with [`DeleteReason::DeadPeer`]);
 //! - expiry of an IKE SA replaced by a rekey that the peer never deleted
-//!   ([`REKEYED_SA_LINGER`]).
+//!   ([`REKEYED_SA_LINGER`]);
+//! - the soft lifetime of each CHILD SA (85 % to 95 % of [`Config::child_lifetime`], see
+//!   `initiator/rekey.rs`): this side rekeys it (RFC 7296 §1.3.3: CREATE_CHILD_SA with
+//!   N(REKEY_SA), PFS when the ESP proposals name groups), reports the new SA with
+//!   [`Event::ChildSaInstalled`] naming the one it replaces, and deletes the old one at once
+//!   (an INFORMATIONAL request, [`Event::ChildSaDeleted`]). A CHILD SA the peer rekeys first
+//!   is left to the peer; when both rekey the same SA at once, the redundant new SA is
+//!   deleted by the lowest-nonce rule of §2.8.1.
 //!
 //! # IKE SA rekey
 //!
@@ -56,8 +63,8 @@
 //!
 //! Not here: cookies, fragmentation, transport mode (a USE_TRANSPORT_MODE request is declined
 //! by not echoing it, which RFC 7296 §1.3.1 allows: "If the responder declines the request,
-//! the Child SA will be established in tunnel mode"), exchanges started by this side other than
-//! liveness checks (rekeying and deleting are the peer's job), MOBIKE, configuration payloads.
+//! the Child SA will be established in tunnel mode"), IKE SA rekeys started by this side,
+//! MOBIKE, configuration payloads.
 
 pub(crate) mod create_child;
 pub(crate) mod informational;
@@ -81,6 +88,7 @@ use self::create_child::Created;
 use self::session::{Answered, IkeSa, Retry, Session, Window};
 use crate::Message;
 use crate::auth::{psk_auth, signed_octets, verify_psk_auth};
+use crate::initiator::rekey::{self, ChildChange, Ours, soft_deadline};
 use crate::message::codepoints::{
     AuthMethod, DhGroup as WireGroup, ExchangeType, IdType, NotifyType, PayloadType, ProtocolId,
 };
@@ -556,6 +564,9 @@ impl NotifyFields {
 pub(crate) struct ChildRef {
     pub(crate) spi_in: u32,
     pub(crate) spi_out: u32,
+    /// When this side rekeys it (its soft lifetime, [`crate::initiator::rekey`]); `None`
+    /// when the peer rekeyed it already or it is being rekeyed.
+    pub(crate) rekey_at: Option<Instant>,
 }
 
 /// The IKE_SA_INIT exchange: IKE_AUTH signs it (RFC 7296 §2.15) and its nonces key the
@@ -606,6 +617,8 @@ struct Established {
     retired: Option<(Vec<u8>, Vec<u8>)>,
     /// The CHILD SAs, whichever IKE SA created them.
     children: Vec<ChildRef>,
+    /// What our request in flight on the current IKE SA is.
+    ours: Ours,
     /// Where our requests go: the addresses of the peer's latest authenticated message.
     local: SocketAddr,
     remote: SocketAddr,
@@ -846,10 +859,12 @@ impl Responder {
                     .dpd_interval
                     .filter(|_| s.current.can_start_request())
                     .and_then(|i| s.last_heard.checked_add(i));
+                let rekey = rekey::next_rekey(&s.children).filter(|_| s.current.can_start_request());
                 [
                     s.previous.as_ref().map(|p| p.expires),
                     s.current.pending_deadline(),
                     liveness,
+                    rekey,
                 ]
                 .into_iter()
                 .flatten()
@@ -862,9 +877,6 @@ impl Responder {
     /// Runs the timers due at `now`: half-open expiry, the liveness check and its
     /// retransmissions, the expiry of a rekeyed IKE SA. Calling it early does nothing.
     pub fn handle_timeout(&mut self, now: Instant, entropy: &mut dyn Entropy) {
-        // The exchanges started here (liveness checks) need no randomness; rekeys started by
-        // this side would.
-        let _ = entropy;
         match mem::replace(&mut self.state, State::Closed(None)) {
             State::ExpectAuth(s) if now >= s.deadline => {
                 let _ = self.fail(Error::Timeout("IKE_AUTH did not arrive in time"), None);
@@ -873,7 +885,7 @@ impl Responder {
                 let _ = self.fail(Error::Timeout("IKE_AUTH did not complete in time"), None);
             }
             State::Established(mut s) => {
-                self.state = match self.established_timeout(&mut s, now) {
+                self.state = match self.established_timeout(&mut s, now, entropy) {
                     Next::Stay => State::Established(s),
                     Next::Close(cache) => State::Closed(cache),
                 };
@@ -1255,6 +1267,7 @@ impl Responder {
                         Event::ChildSaInstalled(c) => Some(ChildRef {
                             spi_in: c.spi_in,
                             spi_out: c.spi_out,
+                            rekey_at: soft_deadline(now, c.lifetime, entropy),
                         }),
                         _ => None,
                     })
@@ -1280,6 +1293,7 @@ impl Responder {
                     init: Some((init.request, init.response)),
                     retired: None,
                     children,
+                    ours: Ours::Plain,
                     local,
                     remote,
                     last_heard: now,
@@ -1436,6 +1450,7 @@ impl Responder {
             current,
             previous,
             children,
+            ours,
             local: peer_local,
             remote: peer_remote,
             last_heard,
@@ -1450,12 +1465,21 @@ impl Responder {
             }
         };
         if h.flags.contains(Flags::RESPONSE) {
-            Self::handle_response(session, &h, datagram)?;
+            // Our requests go on the current IKE SA only; a response on the previous one
+            // answers a request abandoned by the rekey.
+            if !is_current {
+                return Err(Error::Unexpected("response on a rekeyed IKE SA"));
+            }
+            let udp_encap = session.sa.nat_detected || peer_local.port() == 4500;
+            let (to_local, to_remote) = (*peer_local, *peer_remote);
+            self.handle_response(
+                session, children, ours, &h, datagram, now, udp_encap, entropy, to_local, to_remote,
+            )?;
             *last_heard = now;
             return Ok(Next::Stay);
         }
         let Some(outcome) = self.handle_request(
-            session, is_current, children, now, local, remote, &h, datagram, entropy,
+            session, is_current, children, ours, now, local, remote, &h, datagram, entropy,
         )?
         else {
             return Ok(Next::Stay);
@@ -1480,18 +1504,66 @@ impl Responder {
         })
     }
 
-    /// A response of the peer: it must answer our request in flight and verify.
-    fn handle_response(session: &mut Session, h: &Header, datagram: &[u8]) -> Result<(), Error> {
+    /// A response of the peer: it must answer our request in flight and verify. The answer
+    /// to a liveness check or a DELETE only has to verify; the answer to a CHILD SA rekey
+    /// installs the new SA and deletes the old one ([`rekey::finish`]).
+    #[allow(clippy::too_many_arguments)]
+    fn handle_response(
+        &mut self,
+        session: &mut Session,
+        children: &mut Vec<ChildRef>,
+        ours: &mut Ours,
+        h: &Header,
+        datagram: &[u8],
+        now: Instant,
+        udp_encap: bool,
+        entropy: &mut dyn Entropy,
+        local: SocketAddr,
+        remote: SocketAddr,
+    ) -> Result<(), Error> {
         // RFC 7296 §2.2: a response is matched to its request by Message ID; anything else
         // (a duplicate, an answer to an abandoned request) is dropped.
         if !session.answers_pending(h) {
             return Err(Error::Unexpected("response to no request of ours"));
         }
-        // The content does not matter: our requests are liveness checks, whose answer is an
-        // empty INFORMATIONAL response; that it verifies is the point.
-        let _ = session.sa.open(datagram)?;
+        let opened = session.sa.open(datagram)?;
         session.complete_request();
+        let Ours::ChildRekey(r) = mem::replace(ours, Ours::Plain) else {
+            return Ok(());
+        };
+        let config = Arc::clone(&self.config);
+        let p = rekey::Params {
+            esp: &config.esp_proposals,
+            local: &config.local_subnet,
+            remote: &config.remote_subnet,
+            lifetime: config.child_lifetime,
+            udp_encap,
+            retransmit: &config.retransmit,
+        };
+        let mut changes = Vec::new();
+        let inner = payload::decode_inner_chain(opened.first_inner, &opened.plain).unwrap_or_default();
+        // A failed rekey (refused, or an answer we cannot use) leaves the old SA in place
+        // and is tried again later; nothing to report to the gateway.
+        if let Ok(Some(datagram)) =
+            rekey::finish(&r, &inner, session, children, &p, now, entropy, &mut changes)
+        {
+            self.send(local, remote, datagram);
+        }
+        self.report(changes);
         Ok(())
+    }
+
+    /// Reports changes to the CHILD SAs made by our rekeys.
+    fn report(&mut self, changes: Vec<ChildChange>) {
+        for c in changes {
+            self.events.push_back(match c {
+                ChildChange::Installed(child) => Event::ChildSaInstalled(child),
+                ChildChange::Deleted(c) => Event::ChildSaDeleted {
+                    spi_in: c.spi_in,
+                    spi_out: c.spi_out,
+                },
+            });
+        }
     }
 
     /// A request of the peer: answered from the cache, dropped, or processed. `None` when
@@ -1502,6 +1574,7 @@ impl Responder {
         session: &mut Session,
         is_current: bool,
         children: &mut Vec<ChildRef>,
+        ours: &mut Ours,
         now: Instant,
         local: SocketAddr,
         remote: SocketAddr,
@@ -1545,7 +1618,7 @@ impl Responder {
                 Outcome::Answered
             }
             ExchangeType::CREATE_CHILD_SA => {
-                self.create_child_sa(session, children, &reply, &inner, now, entropy)?
+                self.create_child_sa(session, children, ours, &reply, &inner, now, entropy)?
             }
             // IKE_SA_INIT and IKE_AUTH are over (their retransmissions were answered from
             // the cache above); other exchange types are not ours to take.
@@ -1607,10 +1680,12 @@ impl Responder {
     }
 
     /// A CREATE_CHILD_SA request (RFC 7296 §1.3).
+    #[allow(clippy::too_many_arguments)]
     fn create_child_sa(
         &mut self,
         session: &mut Session,
         children: &mut Vec<ChildRef>,
+        ours: &mut Ours,
         reply: &Reply<'_>,
         inner: &[Payload<'_>],
         now: Instant,
@@ -1637,9 +1712,13 @@ impl Responder {
                     &c.payloads(),
                 )?;
                 self.send(reply.local, reply.remote, response);
+                if let Some(old) = c.child.replaces {
+                    rekey::peer_rekeyed(children, ours, old, c.child.spi_in, &c.lowest_nonce);
+                }
                 children.push(ChildRef {
                     spi_in: c.child.spi_in,
                     spi_out: c.child.spi_out,
+                    rekey_at: soft_deadline(now, c.child.lifetime, entropy),
                 });
                 self.events
                     .push_back(Event::ChildSaInstalled(Box::new(c.into_child())));
@@ -1691,6 +1770,12 @@ impl Responder {
         // A liveness check in flight on the old SA is moot: the rekey request just proved the
         // peer alive, and the old SA is about to go.
         old.abandon_request();
+        if let Ours::ChildRekey(r) = mem::replace(&mut s.ours, Ours::Plain)
+            && let Some(c) = s.children.iter_mut().find(|c| c.spi_in == r.old.spi_in)
+        {
+            // Our CHILD SA rekey went with the old IKE SA: again, on the new one.
+            c.rekey_at = Some(now);
+        }
         // A second rekey before the peer deleted the SA the first one replaced: that one goes.
         self.retire_previous(s);
         let old_spi_r = old.sa.spi_r;
@@ -1736,7 +1821,7 @@ impl Responder {
         s.current.take_last()
     }
 
-    fn established_timeout(&mut self, s: &mut Established, now: Instant) -> Next {
+    fn established_timeout(&mut self, s: &mut Established, now: Instant, entropy: &mut dyn Entropy) -> Next {
         if s.previous.as_ref().is_some_and(|p| now >= p.expires) {
             self.retire_previous(s);
         }
@@ -1744,6 +1829,22 @@ impl Responder {
             Retry::Idle => {}
             Retry::Resend(datagram) => self.send(s.local, s.remote, datagram),
             Retry::GiveUp => return Next::Close(self.close_established(s, DeleteReason::DeadPeer)),
+        }
+        // RFC 7296 §2.8: a CHILD SA at its soft lifetime is rekeyed by this side (see
+        // [`crate::initiator::rekey`]); a rekey request proves liveness as well as an empty one.
+        let config = Arc::clone(&self.config);
+        let p = rekey::Params {
+            esp: &config.esp_proposals,
+            local: &config.local_subnet,
+            remote: &config.remote_subnet,
+            lifetime: config.child_lifetime,
+            udp_encap: s.current.sa.nat_detected || s.local.port() == 4500,
+            retransmit: &config.retransmit,
+        };
+        if let Some(datagram) =
+            rekey::start_due(&mut s.current, &mut s.children, &mut s.ours, &p, now, entropy)
+        {
+            self.send(s.local, s.remote, datagram);
         }
         if let Some(interval) = self.config.dpd_interval
             && s.current.can_start_request()

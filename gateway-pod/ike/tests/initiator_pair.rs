@@ -676,3 +676,84 @@ fn survives_truncated_and_corrupted_responses() {
         assert!(p.i.is_established());
     }
 }
+
+/// CHILD SAs as the initiator's `(spi_in, spi_out)`.
+type Spis = Vec<(u32, u32)>;
+
+/// The CHILD SAs each side holds now.
+fn current_children(p: &Pair) -> (Spis, Spis) {
+    let r = match &p.r {
+        Side::One(r) => r.child_spis().into_iter().map(|(a, b)| (b, a)).collect(),
+        Side::Many(_) => Vec::new(),
+    };
+    (p.i.child_spis(), r)
+}
+
+/// Runs `rounds` CHILD SA rekeys started by the side whose lifetime is short, checking each:
+/// it comes between 85 % and 95 % of the lifetime, both sides install the same new SA (keys
+/// agree) naming the one it replaces, and both delete the old one.
+fn rekeys_child_sa(esp: &str, initiator_rekeys: bool, rounds: usize) {
+    let short = Duration::from_secs(20);
+    let long = Duration::from_secs(3600);
+    let mut ic = initiator_config(MATRIX[0].0, esp);
+    let mut rc = responder_config(MATRIX[0].0, esp);
+    (ic.child_lifetime, rc.child_lifetime) = if initiator_rekeys {
+        (short, long)
+    } else {
+        (long, short)
+    };
+    let mut p = Pair::new(ic, rc);
+    p.drive();
+    assert_established(&p);
+    let mut old = (p.initiator_child().spi_in, p.initiator_child().spi_out);
+    for round in 0..rounds {
+        p.i_events.clear();
+        p.r_events.clear();
+        let before = p.now;
+        p.advance();
+        let waited = p.now - before;
+        assert!(
+            (Duration::from_secs(17)..=Duration::from_secs(19)).contains(&waited),
+            "round {round}: rekeyed after {waited:?}"
+        );
+        let (i_new, r_new) = (p.initiator_child(), p.responder_child());
+        assert_same_child(i_new, r_new);
+        assert_eq!(i_new.replaces, Some(old.0), "round {round}");
+        assert_eq!(r_new.replaces, Some(old.1), "round {round}");
+        assert!(
+            p.i_events.iter().any(|e| matches!(e, initiator::Event::ChildSaDeleted { spi_in, spi_out } if (*spi_in, *spi_out) == old)),
+            "{:?}",
+            p.i_events
+        );
+        assert!(
+            p.r_events.iter().any(|e| matches!(e, responder::Event::ChildSaDeleted { spi_in, spi_out } if (*spi_out, *spi_in) == old)),
+            "{:?}",
+            p.r_events
+        );
+        let new = (i_new.spi_in, i_new.spi_out);
+        assert_ne!(new, old);
+        assert_eq!(current_children(&p), (vec![new], vec![new]));
+        assert!(p.i.is_established());
+        old = new;
+    }
+}
+
+#[test]
+fn initiator_rekeys_its_child_sa_at_the_soft_lifetime() {
+    rekeys_child_sa("aes128gcm16", true, 3);
+}
+
+#[test]
+fn initiator_rekeys_its_child_sa_with_pfs() {
+    rekeys_child_sa("aes128gcm16-x25519", true, 2);
+}
+
+#[test]
+fn responder_rekeys_the_child_sa_at_the_soft_lifetime() {
+    rekeys_child_sa("aes128gcm16", false, 3);
+}
+
+#[test]
+fn responder_rekeys_the_child_sa_with_pfs() {
+    rekeys_child_sa("aes256-sha256-modp2048", false, 2);
+}

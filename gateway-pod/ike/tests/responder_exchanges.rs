@@ -741,7 +741,8 @@ fn retires_a_rekeyed_ike_sa_the_peer_never_deletes() {
         "{ev:?}"
     );
     assert_eq!(r.spis_r(), [peer.ike.spi_r]);
-    assert_eq!(r.poll_timeout(), None);
+    // Only the CHILD SA's soft lifetime is left.
+    assert!(r.poll_timeout().unwrap() >= t0 + Config::DEFAULT_CHILD_LIFETIME * 85 / 100);
 }
 
 // ---- liveness checks ----
@@ -953,7 +954,19 @@ fn half_open_sa_expires_while_the_psk_lookup_hangs() {
 }
 
 #[test]
-fn established_sa_has_no_timer_without_liveness_checks() {
-    let (r, _, _) = established(config_with("aes128gcm16"));
+fn established_sa_has_only_the_rekey_timer_without_liveness_checks() {
+    let (r, _, t0) = established(config_with("aes128gcm16"));
+    // RFC 7296 §2.8: the CHILD SA is rekeyed by us at 85 % to 95 % of its lifetime.
+    let due = r.poll_timeout().unwrap();
+    let life = Config::DEFAULT_CHILD_LIFETIME;
+    assert!(
+        due >= t0 + life * 85 / 100 && due <= t0 + life * 95 / 100,
+        "{:?}",
+        due - t0
+    );
+    let (r, _, _) = established(Config {
+        child_lifetime: Duration::ZERO,
+        ..config_with("aes128gcm16")
+    });
     assert_eq!(r.poll_timeout(), None);
 }

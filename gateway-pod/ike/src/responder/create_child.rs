@@ -44,6 +44,9 @@ pub(crate) struct NewChild {
     dh: Option<DhGroup>,
     spi_in: [u8; 4],
     nr: Vec<u8>,
+    /// The lower of the exchange's two nonces, for the simultaneous-rekey rule (RFC 7296
+    /// §2.8.1).
+    pub(crate) lowest_nonce: Vec<u8>,
     ke_r: Option<Vec<u8>>,
     /// The SA for the data plane (and the event).
     pub(crate) child: ChildSa,
@@ -282,6 +285,7 @@ fn new_child(
         esp,
         dh,
         spi_in,
+        lowest_nonce: ni.min(nr.as_slice()).to_vec(),
         nr,
         ke_r,
         child,

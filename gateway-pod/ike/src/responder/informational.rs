@@ -51,7 +51,11 @@ mod tests {
     use crate::payload::{Delete, Notify};
 
     fn child(spi_in: u32, spi_out: u32) -> ChildRef {
-        ChildRef { spi_in, spi_out }
+        ChildRef {
+            spi_in,
+            spi_out,
+            rekey_at: None,
+        }
     }
 
     #[test]
