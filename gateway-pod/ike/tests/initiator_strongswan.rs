@@ -74,6 +74,9 @@ fn driver_process() -> Result<()> {
         env("IKE_INITIATOR_REMOTE_ID")?.as_bytes(),
     )));
     config.nat_t.force = std::env::var_os("IKE_INITIATOR_FORCE_NAT_T").is_some();
+    if let Ok(ms) = std::env::var("IKE_INITIATOR_CHILD_LIFETIME_MS") {
+        config.child_lifetime = Duration::from_millis(ms.parse()?);
+    }
     let psk = env("IKE_INITIATOR_PSK")?.into_bytes();
     let s500 = UdpSocket::bind((local, 500)).context("binding UDP 500")?;
     let s4500 = UdpSocket::bind((local, 4500)).context("binding UDP 4500")?;
@@ -273,6 +276,8 @@ struct Case<'a> {
     charon_extra: &'a [&'a str],
     /// Extra lines for charon's child section.
     charon_child_extra: &'a [&'a str],
+    /// Our CHILD SA lifetime in milliseconds (its soft part starts our rekeys).
+    child_lifetime_ms: Option<u64>,
 }
 
 impl<'a> Case<'a> {
@@ -286,6 +291,7 @@ impl<'a> Case<'a> {
             force_nat_t: false,
             charon_extra: &[],
             charon_child_extra: &[],
+            child_lifetime_ms: None,
         }
     }
 }
@@ -339,6 +345,9 @@ impl Setup {
             .env("IKE_INITIATOR_REMOTE_ID", GW_ID);
         if case.force_nat_t {
             cmd.env("IKE_INITIATOR_FORCE_NAT_T", "1");
+        }
+        if let Some(ms) = case.child_lifetime_ms {
+            cmd.env("IKE_INITIATOR_CHILD_LIFETIME_MS", ms.to_string());
         }
         let driver = concentrator_e2e::process::Daemon::spawn("ike initiator driver", cmd, &log)?;
         Ok(Self {
@@ -649,5 +658,98 @@ fn answers_strongswans_child_sa_rekey_with_pfs() -> Result<()> {
         "driver trouble:\n{driver}"
     );
     s.charon.wait_established("site", "site", TIMEOUT)?;
+    Ok(())
+}
+
+/// Our initiator rekeys the CHILD SA at its soft lifetime (a 4 s lifetime: every 3.4 to
+/// 3.8 s) while strongSwan's lifetimes are long: CREATE_CHILD_SA with N(REKEY_SA) and PFS
+/// from our side (RFC 7296 §1.3.3), then our DELETE of the old SA; strongSwan ends up on
+/// our latest CHILD SA.
+#[test]
+fn rekeys_its_child_sa_with_pfs_at_our_soft_lifetime() -> Result<()> {
+    if prereq::require(&[netns::TOOLS, strongswan::TOOLS]).is_skip() {
+        return Ok(());
+    }
+    let psk = concentrator_e2e::ids::random_hex(32);
+    let case = Case {
+        child_lifetime_ms: Some(4000),
+        ..Case::new("aes128gcm16-prfsha256-x25519", "aes128gcm16-x25519", &psk)
+    };
+    let mut s = Setup::start(&case)?;
+    let mut previous = s.wait_driver_line("EVENT ChildSaInstalled")?;
+    let log = s.driver.log_path().to_owned();
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    for round in 0..2 {
+        let want = field(&previous, "spi_in").unwrap_or_default().to_owned();
+        let rekeyed = wait::until(format!("our rekey {round}"), Duration::from_secs(20), || {
+            s.driver.ensure_running()?;
+            let found = read()
+                .lines()
+                .find(|l| {
+                    l.starts_with("EVENT ChildSaInstalled") && field(l, "replaces") == Some(want.as_str())
+                })
+                .map(str::to_owned);
+            Ok(match found {
+                Some(l) => Probe::Ready(l),
+                None => Probe::pending(s.driver.log_tail(5)),
+            })
+        })
+        .with_context(|| s.charon.log_tail(30))?;
+        wait::until(format!("deletion of {want}"), TIMEOUT, || {
+            let deleted = read()
+                .lines()
+                .any(|l| l.starts_with("EVENT ChildSaDeleted") && field(l, "spi_in") == Some(want.as_str()));
+            Ok(if deleted {
+                Probe::Ready(())
+            } else {
+                Probe::pending("not yet")
+            })
+        })?;
+        previous = rekeyed;
+    }
+    // RFC 7296 §2.17: we initiated the exchange, so charon's "initiator key" of the first
+    // rekeyed SA protects our outbound direction.
+    let driver = s.driver_log();
+    let second = driver
+        .lines()
+        .filter(|l| l.starts_with("EVENT ChildSaInstalled"))
+        .nth(1)
+        .context("no rekeyed CHILD SA")?
+        .to_owned();
+    let charon_log = std::fs::read_to_string(s.charon.log_path())?;
+    for (label, ours) in [
+        ("encryption initiator key", "out_key"),
+        ("encryption responder key", "in_key"),
+    ] {
+        let theirs = charon_dumps(&charon_log, label);
+        ensure!(
+            theirs.get(1).map(String::as_str) == field(&second, ours),
+            "{label}: charon {theirs:?}, ours {second}"
+        );
+    }
+    let want_in = field(&previous, "spi_out").unwrap_or_default().to_owned();
+    let child = wait::until("strongSwan on our latest CHILD SA", TIMEOUT, || {
+        let sas = s.charon.list_sas()?;
+        let found = sas
+            .iter()
+            .filter(|sa| sa.name == "site" && sa.state == "ESTABLISHED")
+            .flat_map(|sa| sa.children.iter())
+            .find(|c| c.fields.get("spi-in") == Some(&want_in) && c.state == "INSTALLED")
+            .cloned();
+        Ok(match found {
+            Some(c) => Probe::Ready(c),
+            None => Probe::pending(format!("{sas:?}")),
+        })
+    })?;
+    ensure!(
+        child.fields.get("spi-out").map(String::as_str) == field(&previous, "spi_in"),
+        "strongSwan {child:?}, ours {previous}"
+    );
+    ensure!(
+        !driver
+            .lines()
+            .any(|l| l.starts_with("EVENT Failed") || l.starts_with("EVENT RequestDeclined")),
+        "driver trouble:\n{driver}"
+    );
     Ok(())
 }

@@ -40,8 +40,12 @@ fn env(name: &str) -> Result<String> {
 }
 
 /// Optional driver settings from the environment: `IKE_DRIVER_DPD_MS` (liveness-check
-/// interval), `IKE_DRIVER_RETRANSMIT` (`first-wait-ms,tries`).
+/// interval), `IKE_DRIVER_RETRANSMIT` (`first-wait-ms,tries`), `IKE_DRIVER_CHILD_LIFETIME_MS`
+/// (our CHILD SA lifetime, whose soft part starts our rekeys).
 fn driver_timers(config: &mut Config) -> Result<()> {
+    if let Ok(ms) = std::env::var("IKE_DRIVER_CHILD_LIFETIME_MS") {
+        config.child_lifetime = Duration::from_millis(ms.parse()?);
+    }
     if let Ok(ms) = std::env::var("IKE_DRIVER_DPD_MS") {
         config.dpd_interval = Some(Duration::from_millis(ms.parse()?));
     }
@@ -687,6 +691,80 @@ fn strongswan_rekeys_the_child_sa_with_pfs() -> Result<()> {
         "strongSwan's child {child:?} is none of ours:\n{driver}"
     );
     ensure_clean(&driver)?;
+    Ok(())
+}
+
+/// Our responder rekeys the CHILD SA at its soft lifetime (a 4 s lifetime: every 3.4 to
+/// 3.8 s) while strongSwan's lifetimes are long: CREATE_CHILD_SA with N(REKEY_SA) and PFS
+/// from our side (RFC 7296 §1.3.3), then our DELETE of the old SA.
+#[test]
+fn we_rekey_strongswans_child_sa_with_pfs_at_our_soft_lifetime() -> Result<()> {
+    if prereq::require(&[netns::TOOLS, strongswan::TOOLS]).is_skip() {
+        return Ok(());
+    }
+    let esp = "aes128gcm16-x25519";
+    let psk = concentrator_e2e::ids::random_hex(32);
+    let mut s = Setup::start_with(IKE, esp, &psk, &[("IKE_DRIVER_CHILD_LIFETIME_MS", "4000")])?;
+    let conn = s.connection(IKE, esp, &psk);
+    s.establish(&conn)?;
+    let first = s.wait_driver_line("EVENT ChildSaInstalled")?;
+    // Two rekeys in a row, each replacing the previous SA, which we delete.
+    let mut previous = first;
+    let mut last = String::new();
+    for round in 0..2 {
+        let want = field(&previous, "spi_in").unwrap_or_default().to_owned();
+        let rekeyed = s.wait_driver(format!("our rekey {round}"), Duration::from_secs(20), |log| {
+            lines_with(log, "EVENT ChildSaInstalled")
+                .into_iter()
+                .find(|l| field(l, "replaces") == Some(want.as_str()))
+                .map(str::to_owned)
+        })?;
+        s.wait_driver(format!("deletion of {want}"), TIMEOUT, |log| {
+            lines_with(log, "EVENT ChildSaDeleted")
+                .into_iter()
+                .find(|l| field(l, "spi_in") == Some(want.as_str()))
+                .map(|_| ())
+        })?;
+        previous = rekeyed.clone();
+        last = rekeyed;
+    }
+    // RFC 7296 §2.17: we initiated the exchanges, so charon's "initiator key" of each
+    // rekeyed SA protects our outbound direction.
+    let log = std::fs::read_to_string(s.charon().log_path())?;
+    let second = lines_with(&s.driver_log(), "EVENT ChildSaInstalled")
+        .get(1)
+        .map(|l| (*l).to_owned())
+        .context("no rekeyed CHILD SA")?;
+    for (label, ours) in [
+        ("encryption initiator key", "out_key"),
+        ("encryption responder key", "in_key"),
+    ] {
+        let theirs = charon_dumps(&log, label);
+        ensure!(
+            theirs.get(1).map(String::as_str) == field(&second, ours),
+            "{label}: charon {theirs:?}, ours {second}"
+        );
+    }
+    // strongSwan lists the IKE SA established and our latest CHILD SA installed.
+    let want_in = field(&last, "spi_out").unwrap_or_default().to_owned();
+    let child = wait::until("strongSwan on our latest CHILD SA", TIMEOUT, || {
+        let sas = s.charon().list_sas()?;
+        let found = sas
+            .iter()
+            .filter(|sa| sa.name == "gw" && sa.state == "ESTABLISHED")
+            .flat_map(|sa| sa.children.iter())
+            .find(|c| c.fields.get("spi-in") == Some(&want_in) && c.state == "INSTALLED")
+            .cloned();
+        Ok(match found {
+            Some(c) => Probe::Ready(c),
+            None => Probe::pending(format!("{sas:?}")),
+        })
+    })?;
+    ensure!(
+        child.fields.get("spi-out").map(String::as_str) == field(&last, "spi_in"),
+        "strongSwan {child:?}, ours {last}"
+    );
+    ensure_clean(&s.driver_log())?;
     Ok(())
 }
 
