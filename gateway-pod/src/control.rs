@@ -262,6 +262,9 @@ struct IkeSaRecord {
     /// Traffic seen at the last status pass (to notice use and idleness).
     last_bytes: u64,
     last_traffic: Instant,
+    /// A NAT lies between us and the peer: keep its mapping alive (RFC 3948 §4).
+    nat: bool,
+    last_keepalive: Instant,
 }
 
 /// A finished site lookup, back on the IKE task: for a site that authenticates to us (`id`
@@ -609,6 +612,8 @@ impl Driver {
                         site_subnet: None,
                         last_bytes: 0,
                         last_traffic: now,
+                        nat: false,
+                        last_keepalive: now,
                     },
                 );
                 if let Some(a) = self.auto.get_mut(name) {
@@ -655,6 +660,7 @@ impl Driver {
                 let rec = self.record(spi_r, &peer_id);
                 rec.remote = Some(remote);
                 rec.established_at = Some(SystemTime::now());
+                rec.nat = nat_detected;
                 tracing::info!(
                     peer_id = %peer_id,
                     %remote,
@@ -723,6 +729,8 @@ impl Driver {
             site_subnet: None,
             last_bytes: 0,
             last_traffic: Instant::now(),
+            nat: false,
+            last_keepalive: Instant::now(),
         })
     }
 
@@ -982,6 +990,8 @@ impl Driver {
                         site_subnet: Some(site.remote_subnet),
                         last_bytes: 0,
                         last_traffic: now,
+                        nat: false,
+                        last_keepalive: now,
                     },
                 );
             }
@@ -1329,9 +1339,42 @@ impl Driver {
             }) {
                 self.endpoint.handle_child_traffic(id, last);
             }
+            self.keepalive(id, now);
             self.publish(id);
         }
     }
+
+    /// RFC 3948 §4: "NAT-keepalive packets are sent ... if no other packet has been sent in
+    /// a specified time period" — one 0xFF octet to the peer's NAT-T port, so that a NAT in
+    /// front of us (or of the peer) keeps the mapping while the tunnel is idle.
+    fn keepalive(&mut self, id: u64, now: Instant) {
+        let Some(rec) = self.sas.get_mut(&id) else {
+            return;
+        };
+        let Some(remote) = rec.remote else {
+            return;
+        };
+        let last_sent = rec
+            .children
+            .iter()
+            .map(|c| c.counters.last_activity())
+            .chain([rec.last_keepalive])
+            .max()
+            .unwrap_or(now);
+        if rec.nat && rec.established_at.is_some() && keepalive_due(last_sent, now) {
+            rec.last_keepalive = now;
+            if let Err(e) = self.udp4500.try_send_to(&[0xff], remote) {
+                tracing::debug!(%remote, error = %e, "NAT keepalive not sent");
+            }
+        }
+    }
+}
+
+/// Interval of NAT keepalives (RFC 3948 §4 suggests 20 s).
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
+
+fn keepalive_due(last_sent: Instant, now: Instant) -> bool {
+    now.saturating_duration_since(last_sent) >= KEEPALIVE_INTERVAL
 }
 
 impl Driver {
@@ -1422,6 +1465,15 @@ fn range_to_nets(start: IpAddr, end: IpAddr) -> Vec<IpNet> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keepalives_follow_twenty_idle_seconds() {
+        let t = Instant::now();
+        assert!(!keepalive_due(t, t + Duration::from_secs(19)));
+        assert!(keepalive_due(t, t + Duration::from_secs(20)));
+        // A clock that went backwards never triggers a burst.
+        assert!(!keepalive_due(t + Duration::from_secs(5), t));
+    }
 
     #[test]
     fn ranges_become_covering_prefixes() {
