@@ -62,8 +62,13 @@
 //! [`Config::child_lifetime`]), as the responder does: see `initiator/rekey.rs` (RFC 7296 §1.3.3, §2.8,
 //! the §2.8.1 collision rule).
 //!
-//! Not here: IKE SA rekeys (the peer's are declined with NO_ADDITIONAL_SAS, RFC 7296 §1.3),
-//! new CHILD SAs started by this side, certificates, EAP, configuration payloads,
+//! IKE SA rekeys (RFC 7296 §1.3.2, §2.18): this side rekeys at the soft lifetime of
+//! [`Config::ike_lifetime`] and deletes the old IKE SA; a rekey by the peer is followed when
+//! [`Config::accept_ike_rekey`] is set (else declined with NO_ADDITIONAL_SAS, §1.3), the old
+//! IKE SA then answering until the peer deletes it. Either way the CHILD SAs move to the new
+//! IKE SA. Both are off by default (see [`Config::accept_ike_rekey`] for why).
+//!
+//! Not here: new CHILD SAs started by this side, certificates, EAP, configuration payloads,
 //! fragmentation, MOBIKE.
 
 mod offer;
@@ -141,8 +146,18 @@ pub struct Config {
     pub local_id: IdBuf,
     /// The peer's identity: sent as IDr and required in its response; `None` accepts any.
     pub remote_id: Option<IdBuf>,
-    /// Lifetime of the CHILD SA, reported with [`Event::ChildSaInstalled`].
+    /// Lifetime of the CHILD SA, reported with [`Event::ChildSaInstalled`]; this side rekeys
+    /// it at 85 % to 95 % of it (zero: never).
     pub child_lifetime: Duration,
+    /// Lifetime of the IKE SA: this side rekeys it at 85 % to 95 % of it (RFC 7296 §1.3.2,
+    /// §2.8); `None` leaves IKE SA rekeys to the peer.
+    pub ike_lifetime: Option<Duration>,
+    /// Carry on as the new IKE SA when the peer rekeys it (RFC 7296 §1.3.2). Off by default:
+    /// the peer's IKE SA rekeys are then declined with NO_ADDITIONAL_SAS (§1.3), because
+    /// [`crate::endpoint::Endpoint`] routes an SA it initiated by its first SPIi and the
+    /// Initiator flag, which a rekey by the peer changes (§3.1). The same holds for our own
+    /// rekeys: leave [`Config::ike_lifetime`] `None` behind an endpoint.
+    pub accept_ike_rekey: bool,
     /// Liveness checks (RFC 7296 §2.4) after this long without an authenticated message from
     /// the peer; `None` sends none.
     pub dpd_interval: Option<Duration>,
@@ -178,6 +193,8 @@ impl Config {
             local_id,
             remote_id: None,
             child_lifetime: responder::Config::DEFAULT_CHILD_LIFETIME,
+            ike_lifetime: None,
+            accept_ike_rekey: false,
             dpd_interval: None,
             retransmit: Retransmit::default(),
             nat_t: NatTraversal::default(),
@@ -345,6 +362,10 @@ struct Established {
     children: Vec<ChildRef>,
     /// What our request in flight is.
     ours: rekey::Ours,
+    /// When we rekey the IKE SA (its soft lifetime), if ever.
+    ike_rekey_at: Option<Instant>,
+    /// The IKE SA a rekey replaced, until it is deleted.
+    previous: Option<Session>,
     /// When the peer was last heard from (an authenticated message, or CHILD SA traffic).
     last_heard: Instant,
 }
@@ -492,6 +513,16 @@ impl Initiator {
         }
     }
 
+    /// The SPIs `(SPIi, SPIr)` of the IKE SA in use: after a rekey, the new one's (our SPI is
+    /// SPIi if we started that rekey, SPIr if the peer did).
+    pub fn ike_spis(&self) -> Option<(u64, u64)> {
+        match &self.state {
+            State::ExpectAuth(s) => Some((s.session.sa.spi_i, s.session.sa.spi_r)),
+            State::Established(s) => Some((s.session.sa.spi_i, s.session.sa.spi_r)),
+            State::ExpectInit(_) | State::Closed(_) => None,
+        }
+    }
+
     /// Our address and the peer's for the SA's messages (the NAT-T ports after a float).
     pub fn path(&self) -> (SocketAddr, SocketAddr) {
         (self.local, self.remote)
@@ -545,7 +576,11 @@ impl Initiator {
                     .dpd_interval
                     .filter(|_| s.session.can_start_request())
                     .and_then(|i| s.last_heard.checked_add(i));
-                let rekey = rekey::next_rekey(&s.children).filter(|_| s.session.can_start_request());
+                let rekey = rekey::next_rekey(&s.children)
+                    .into_iter()
+                    .chain(s.ike_rekey_at)
+                    .min()
+                    .filter(|_| s.session.can_start_request());
                 [s.session.pending_deadline(), liveness, rekey]
                     .into_iter()
                     .flatten()
@@ -950,6 +985,11 @@ impl Initiator {
                     session,
                     children,
                     ours: rekey::Ours::Plain,
+                    ike_rekey_at: self
+                        .config
+                        .ike_lifetime
+                        .and_then(|l| rekey::soft_deadline(now, l, entropy)),
+                    previous: None,
                     last_heard: now,
                 }));
                 Ok(())
@@ -1086,13 +1126,18 @@ impl Initiator {
     ) -> Result<Option<Cache>, Error> {
         let (h, _) =
             Header::peek(datagram).ok_or(Error::Malformed(InvalidMessage::Truncated("IKE header")))?;
+        if s.previous.as_ref().is_some_and(|p| p.sa.matches(&h)) {
+            return self.previous_sa(s, now, local, remote, &h, datagram);
+        }
         if !s.session.sa.matches(&h) {
             return Err(Error::Unexpected("SPIs of another IKE SA"));
         }
         // RFC 7296 §3.1, I flag: "MUST be cleared in messages sent by the original
-        // responder".
-        if h.flags.contains(Flags::INITIATOR) {
-            return Err(Error::Unexpected("message of the peer with the Initiator flag"));
+        // responder"; it "changes to reflect who initiated the last rekey of the IKE SA".
+        if h.flags.contains(Flags::INITIATOR) == s.session.sa.is_initiator() {
+            return Err(Error::Unexpected(
+                "message of the peer with the wrong Initiator flag",
+            ));
         }
         if h.flags.contains(Flags::RESPONSE) {
             // RFC 7296 §2.2: matched to our request by Message ID. The answer to a liveness
@@ -1104,7 +1149,17 @@ impl Initiator {
             let opened = s.session.sa.open(datagram).map_err(opened_error)?;
             s.session.complete_request();
             s.last_heard = now;
-            if let rekey::Ours::ChildRekey(r) = mem::replace(&mut s.ours, rekey::Ours::Plain) {
+            let ours = mem::replace(&mut s.ours, rekey::Ours::Plain);
+            if let rekey::Ours::IkeRekey(r) = ours {
+                let inner =
+                    payload::decode_inner_chain(opened.first_inner, &opened.plain).unwrap_or_default();
+                // A refused or unusable IKE SA rekey leaves the old SA (RFC 7296 §2.21.3), to
+                // be tried again later.
+                match r.complete(&inner, &s.session.sa, &self.config.ike_proposals) {
+                    Ok(sa) => self.we_rekeyed(s, sa, now, entropy),
+                    Err(_) => s.ike_rekey_at = Some(deadline(now, rekey::REKEY_RETRY)),
+                }
+            } else if let rekey::Ours::ChildRekey(r) = ours {
                 let config = Arc::clone(&self.config);
                 let p = self.rekey_params(&config);
                 let inner =
@@ -1163,7 +1218,12 @@ impl Initiator {
         };
         if exchange == ExchangeType::CREATE_CHILD_SA {
             match self.create_child(s, now, &inner, entropy) {
-                Ok(c) => {
+                Ok(create_child::Created::Ike(n)) => {
+                    // The response belongs to the old IKE SA and is sealed with its keys.
+                    respond(self, &mut s.session, &n.payloads())?;
+                    self.peer_rekeyed(s, n.into_sa(), now, entropy);
+                }
+                Ok(create_child::Created::Child(c)) => {
                     respond(self, &mut s.session, &c.payloads())?;
                     if let Some(old) = c.child.replaces {
                         rekey::peer_rekeyed(
@@ -1245,20 +1305,20 @@ impl Initiator {
         now: Instant,
         inner: &[Payload<'_>],
         entropy: &mut dyn Entropy,
-    ) -> Result<Box<create_child::NewChild>, responder::Error> {
-        // RFC 7296 §1.3.2: an IKE SA rekey carries IKE proposals and no REKEY_SA. Carrying on
-        // as a new IKE SA is not supported here; "A minimal implementation [...] may refuse
-        // all CREATE_CHILD_SA requests within an IKE SA" (§1.3), and this refuses that one.
+    ) -> Result<create_child::Created, responder::Error> {
+        let config = &self.config;
+        // RFC 7296 §1.3.2: an IKE SA rekey carries IKE proposals and no REKEY_SA. Unless
+        // configured to follow it, it is refused: "A minimal implementation [...] may refuse
+        // all CREATE_CHILD_SA requests within an IKE SA" (§1.3).
         let rekey_sa = inner
             .iter()
             .any(|p| matches!(p, Payload::Notify(n) if n.notify_type == NotifyType::REKEY_SA));
         let ike_proposals = inner.iter().any(
             |p| matches!(p, Payload::Sa(sa) if sa.proposals.iter().all(|p| p.protocol == ProtocolId::IKE)),
         );
-        if ike_proposals && !rekey_sa {
+        if ike_proposals && !rekey_sa && !config.accept_ike_rekey {
             return Err(responder::Error::NoAdditionalSas);
         }
-        let config = &self.config;
         let ours = responder::Config {
             child_lifetime: config.child_lifetime,
             ..responder::Config::new(
@@ -1276,10 +1336,107 @@ impl Initiator {
             now,
             udp_encap: self.nat_detected || self.floated,
         };
-        match create_child::process(&cx, inner, entropy)? {
-            create_child::Created::Child(c) => Ok(c),
-            create_child::Created::Ike(_) => Err(responder::Error::NoAdditionalSas),
+        create_child::process(&cx, inner, entropy)
+    }
+
+    /// The peer rekeyed the IKE SA into `sa` (RFC 7296 §1.3.2, §2.18): we carry on as the new
+    /// one, with every CHILD SA (§2.8), and keep the old one until the peer deletes it ("the
+    /// initiator deletes the old IKE SA") or it is replaced again.
+    fn peer_rekeyed(&mut self, s: &mut Established, sa: IkeSa, now: Instant, entropy: &mut dyn Entropy) {
+        let mut old = mem::replace(&mut s.session, Session::new(sa, None));
+        // Our request in flight on the old SA is moot; a CHILD SA rekey of ours is tried again
+        // on the new one.
+        old.abandon_request();
+        if let rekey::Ours::ChildRekey(r) = mem::replace(&mut s.ours, rekey::Ours::Plain)
+            && let Some(c) = s.children.iter_mut().find(|c| c.spi_in == r.old.spi_in)
+        {
+            c.rekey_at = Some(now);
         }
+        s.previous = Some(old);
+        s.ike_rekey_at = self
+            .config
+            .ike_lifetime
+            .and_then(|l| rekey::soft_deadline(now, l, entropy));
+    }
+
+    /// Our rekey of the IKE SA made `sa` (RFC 7296 §1.3.2): it carries on with every CHILD
+    /// SA, and we delete the old one (§2.8: "After the new equivalent IKE SA is created, the
+    /// initiator deletes the old IKE SA"), keeping it until the peer answers.
+    fn we_rekeyed(&mut self, s: &mut Established, sa: IkeSa, now: Instant, entropy: &mut dyn Entropy) {
+        let mut old = mem::replace(&mut s.session, Session::new(sa, None));
+        self.request(&mut old, &[delete_ike()], now);
+        s.previous = Some(old);
+        s.ike_rekey_at = self
+            .config
+            .ike_lifetime
+            .and_then(|l| rekey::soft_deadline(now, l, entropy));
+    }
+
+    /// A message on the IKE SA a rekey replaced: the answer to our DELETE of it, or the peer's
+    /// requests there (its DELETE, answered and then the SA is gone; a CREATE_CHILD_SA,
+    /// refused: RFC 7296 §2.8, the old SA is only there to be deleted).
+    fn previous_sa(
+        &mut self,
+        s: &mut Established,
+        now: Instant,
+        local: SocketAddr,
+        remote: SocketAddr,
+        h: &Header,
+        datagram: &[u8],
+    ) -> Result<Option<Cache>, Error> {
+        let Some(old) = s.previous.as_mut() else {
+            return Err(Error::Unexpected("SPIs of another IKE SA"));
+        };
+        if h.flags.contains(Flags::INITIATOR) == old.sa.is_initiator() {
+            return Err(Error::Unexpected(
+                "message of the peer with the wrong Initiator flag",
+            ));
+        }
+        if h.flags.contains(Flags::RESPONSE) {
+            if !old.answers_pending(h) {
+                return Err(Error::Unexpected("response to no request of ours"));
+            }
+            old.sa.open(datagram).map_err(opened_error)?;
+            s.previous = None;
+            s.last_heard = now;
+            return Ok(None);
+        }
+        match old.window(h.message_id, datagram) {
+            Window::New => {}
+            Window::Retransmitted(response) => {
+                let payload = response.to_vec();
+                self.transmits.push_back(Transmit {
+                    local,
+                    remote,
+                    payload,
+                });
+                return Ok(None);
+            }
+            Window::Drop(why) => return Err(Error::Unexpected(why)),
+        }
+        let opened = old.sa.open(datagram).map_err(opened_error)?;
+        s.last_heard = now;
+        let inner = payload::decode_inner_chain(opened.first_inner, &opened.plain).unwrap_or_default();
+        let delete = inner
+            .iter()
+            .any(|p| matches!(p, Payload::Delete(d) if d.protocol == ProtocolId::IKE));
+        let exchange = opened.header.exchange;
+        let no_more = [Payload::Notify(Notify::new(NotifyType::NO_ADDITIONAL_SAS, &[]))];
+        let answer: &[Payload<'_>] = if exchange == ExchangeType::INFORMATIONAL {
+            &[]
+        } else {
+            &no_more
+        };
+        let response = old.respond(exchange, h.message_id, datagram, answer)?;
+        self.transmits.push_back(Transmit {
+            local,
+            remote,
+            payload: response,
+        });
+        if delete {
+            s.previous = None;
+        }
+        Ok(None)
     }
 
     /// What our CHILD SA rekeys are checked against.
@@ -1361,6 +1518,17 @@ impl Initiator {
                 // RFC 7296 §2.8: CHILD SAs at their soft lifetime are rekeyed by this side.
                 let config = Arc::clone(&self.config);
                 let p = self.rekey_params(&config);
+                if let Some(d) = rekey::start_ike_due(
+                    &mut s.session,
+                    &mut s.ike_rekey_at,
+                    &mut s.ours,
+                    &config.ike_proposals,
+                    &config.retransmit,
+                    now,
+                    entropy,
+                ) {
+                    self.send(d);
+                }
                 if let Some(d) =
                     rekey::start_due(&mut s.session, &mut s.children, &mut s.ours, &p, now, entropy)
                 {

@@ -53,6 +53,19 @@
 //! [`Event::IkeSaRetired`] says when the old one is gone. An endpoint routing by SPI adds a
 //! route on the first and removes one on the second.
 //!
+//! With [`Config::ike_lifetime`] set, this side rekeys the IKE SA at its soft lifetime (85 %
+//! to 95 % of it): CREATE_CHILD_SA "HDR, SK {SA, Ni, KEi}" with our new SPI, then it carries
+//! on as the new IKE SA, of which it is now the *initiator* (§3.1: the I flag "changes to
+//! reflect who initiated the last rekey of the IKE SA"), and deletes the old one; the same
+//! [`Event::IkeSaRekeyed`] (with `new_spi_r` our SPI of the new SA, which is its SPIi) and
+//! [`Event::IkeSaRetired`] (once the peer answers the DELETE). [`Responder::spi_r`] and
+//! [`Responder::spis_r`] return *our* SPIs, whichever role they have; note that
+//! [`crate::endpoint::Endpoint`] routes messages without the I flag to initiators only, so
+//! behind it `ike_lifetime` stays `None` until it routes by our SPI in either position. A
+//! simultaneous rekey by the peer (§2.8.2) is handled safely: the peer's request on an IKE
+//! SA we already replaced is refused (NO_ADDITIONAL_SAS), and ours is abandoned when the
+//! peer's arrives first.
+//!
 //! # Events after IKE_AUTH
 //!
 //! CHILD SAs appear with [`Event::ChildSaInstalled`] (a rekey names the SA it replaces, which
@@ -63,8 +76,7 @@
 //!
 //! Not here: cookies, fragmentation, transport mode (a USE_TRANSPORT_MODE request is declined
 //! by not echoing it, which RFC 7296 §1.3.1 allows: "If the responder declines the request,
-//! the Child SA will be established in tunnel mode"), IKE SA rekeys started by this side,
-//! MOBIKE, configuration payloads.
+//! the Child SA will be established in tunnel mode"), MOBIKE, configuration payloads.
 
 pub(crate) mod create_child;
 pub(crate) mod informational;
@@ -168,8 +180,12 @@ pub struct Config {
     pub remote_subnet: IpNet,
     /// Our identity (IDr).
     pub local_id: IdBuf,
-    /// Lifetime of the CHILD SA, reported with [`Event::ChildSaInstalled`].
+    /// Lifetime of the CHILD SA, reported with [`Event::ChildSaInstalled`]; this side rekeys
+    /// it at 85 % to 95 % of it (zero: never).
     pub child_lifetime: Duration,
+    /// Lifetime of the IKE SA: this side rekeys it at 85 % to 95 % of it (RFC 7296 §1.3.2,
+    /// §2.8); `None` leaves IKE SA rekeys to the peer.
+    pub ike_lifetime: Option<Duration>,
     /// Liveness checks (RFC 7296 §2.4): after this long without an authenticated message from
     /// the peer an empty INFORMATIONAL request is sent; `None` sends none.
     pub dpd_interval: Option<Duration>,
@@ -202,6 +218,7 @@ impl Config {
             remote_subnet,
             local_id,
             child_lifetime: Self::DEFAULT_CHILD_LIFETIME,
+            ike_lifetime: None,
             dpd_interval: None,
             half_open_timeout: Self::DEFAULT_HALF_OPEN_TIMEOUT,
             retransmit: Retransmit::default(),
@@ -388,15 +405,16 @@ pub enum Event {
         /// The peer's SPI.
         spi_out: u32,
     },
-    /// The peer rekeyed the IKE SA; the responder now carries on as the new one, with every
+    /// The IKE SA was rekeyed (by the peer, or by us at [`Config::ike_lifetime`]); the responder now carries on as the new one, with every
     /// CHILD SA. Route `new_spi_r` to this responder too: `old_spi_r` stays valid until
     /// [`Event::IkeSaRetired`].
     IkeSaRekeyed {
         /// Our SPI of the replaced IKE SA.
         old_spi_r: u64,
-        /// The initiator's SPI of the new IKE SA.
+        /// The peer's SPI of the new IKE SA (its SPIi when the peer rekeyed, its SPIr when
+        /// we did).
         new_spi_i: u64,
-        /// Our SPI of the new IKE SA.
+        /// Our SPI of the new IKE SA (its SPIr when the peer rekeyed, its SPIi when we did).
         new_spi_r: u64,
     },
     /// The IKE SA that a rekey replaced is gone (the peer deleted it, or
@@ -619,6 +637,8 @@ struct Established {
     children: Vec<ChildRef>,
     /// What our request in flight on the current IKE SA is.
     ours: Ours,
+    /// When we rekey the current IKE SA (its soft lifetime), if ever.
+    ike_rekey_at: Option<Instant>,
     /// Where our requests go: the addresses of the peer's latest authenticated message.
     local: SocketAddr,
     remote: SocketAddr,
@@ -799,8 +819,17 @@ impl Responder {
         match &self.state {
             State::ExpectAuth(s) => Some(s.sa.spi_r),
             State::ExpectPsk(s) => Some(s.sa.spi_r),
-            State::Established(s) => Some(s.current.sa.spi_r),
+            State::Established(s) => Some(s.current.sa.our_spi()),
             State::ExpectInit | State::Closed(_) => None,
+        }
+    }
+
+    /// The SPIs `(SPIi, SPIr)` of the IKE SA in use, once established: after a rekey, the
+    /// new one's (our SPI is SPIi if we started that rekey).
+    pub fn ike_spis(&self) -> Option<(u64, u64)> {
+        match &self.state {
+            State::Established(s) => Some((s.current.sa.spi_i, s.current.sa.spi_r)),
+            _ => None,
         }
     }
 
@@ -808,8 +837,8 @@ impl Responder {
     /// rekey and the retirement of the replaced IKE SA ([`Event::IkeSaRetired`]), that one's.
     pub fn spis_r(&self) -> Vec<u64> {
         match &self.state {
-            State::Established(s) => std::iter::once(s.current.sa.spi_r)
-                .chain(s.previous.as_ref().map(|p| p.session.sa.spi_r))
+            State::Established(s) => std::iter::once(s.current.sa.our_spi())
+                .chain(s.previous.as_ref().map(|p| p.session.sa.our_spi()))
                 .collect(),
             _ => self.spi_r().into_iter().collect(),
         }
@@ -859,7 +888,11 @@ impl Responder {
                     .dpd_interval
                     .filter(|_| s.current.can_start_request())
                     .and_then(|i| s.last_heard.checked_add(i));
-                let rekey = rekey::next_rekey(&s.children).filter(|_| s.current.can_start_request());
+                let rekey = rekey::next_rekey(&s.children)
+                    .into_iter()
+                    .chain(s.ike_rekey_at)
+                    .min()
+                    .filter(|_| s.current.can_start_request());
                 [
                     s.previous.as_ref().map(|p| p.expires),
                     s.current.pending_deadline(),
@@ -1294,6 +1327,10 @@ impl Responder {
                     retired: None,
                     children,
                     ours: Ours::Plain,
+                    ike_rekey_at: self
+                        .config
+                        .ike_lifetime
+                        .and_then(|l| soft_deadline(now, l, entropy)),
                     local,
                     remote,
                     last_heard: now,
@@ -1441,11 +1478,6 @@ impl Responder {
         }
         let (h, _) =
             Header::peek(datagram).ok_or(Error::Malformed(InvalidMessage::Truncated("IKE header")))?;
-        // RFC 7296 §3.1, I flag: "This bit MUST be set in messages sent by the original
-        // initiator of the IKE SA"; the peer is that for every IKE SA of this responder.
-        if !h.flags.contains(Flags::INITIATOR) {
-            return Err(Error::Unexpected("message without the Initiator flag"));
-        }
         let Established {
             current,
             previous,
@@ -1464,18 +1496,36 @@ impl Responder {
                 _ => return Err(Error::Unexpected("SPIs of another IKE SA")),
             }
         };
+        // RFC 7296 §3.1, I flag: "This bit MUST be set in messages sent by the original
+        // initiator of the IKE SA and MUST be cleared in messages sent by the original
+        // responder"; "This bit changes to reflect who initiated the last rekey of the IKE
+        // SA": the peer, unless we rekeyed this one.
+        if h.flags.contains(Flags::INITIATOR) == session.sa.is_initiator() {
+            return Err(Error::Unexpected("message with the wrong Initiator flag"));
+        }
         if h.flags.contains(Flags::RESPONSE) {
-            // Our requests go on the current IKE SA only; a response on the previous one
-            // answers a request abandoned by the rekey.
             if !is_current {
-                return Err(Error::Unexpected("response on a rekeyed IKE SA"));
+                // The answer to our DELETE of an IKE SA we rekeyed: it is gone now.
+                if !session.answers_pending(&h) {
+                    return Err(Error::Unexpected("response to no request of ours"));
+                }
+                let _ = session.sa.open(datagram)?;
+                session.complete_request();
+                *last_heard = now;
+                self.retire_previous(s);
+                return Ok(Next::Stay);
             }
             let udp_encap = session.sa.nat_detected || peer_local.port() == 4500;
             let (to_local, to_remote) = (*peer_local, *peer_remote);
-            self.handle_response(
+            let rekeyed = self.handle_response(
                 session, children, ours, &h, datagram, now, udp_encap, entropy, to_local, to_remote,
             )?;
             *last_heard = now;
+            match rekeyed {
+                Some(Ok(sa)) => self.we_rekeyed(s, sa, now, entropy),
+                Some(Err(_)) => s.ike_rekey_at = Some(deadline(now, rekey::REKEY_RETRY)),
+                None => {}
+            }
             return Ok(Next::Stay);
         }
         let Some(outcome) = self.handle_request(
@@ -1498,7 +1548,7 @@ impl Responder {
                 Next::Stay
             }
             Outcome::Rekeyed(sa) => {
-                self.rekeyed(s, *sa, now);
+                self.rekeyed(s, *sa, now, entropy);
                 Next::Stay
             }
         })
@@ -1507,6 +1557,7 @@ impl Responder {
     /// A response of the peer: it must answer our request in flight and verify. The answer
     /// to a liveness check or a DELETE only has to verify; the answer to a CHILD SA rekey
     /// installs the new SA and deletes the old one ([`rekey::finish`]).
+    /// `Some` is the outcome of our IKE SA rekey: the new IKE SA, or why there is none.
     #[allow(clippy::too_many_arguments)]
     fn handle_response(
         &mut self,
@@ -1520,7 +1571,7 @@ impl Responder {
         entropy: &mut dyn Entropy,
         local: SocketAddr,
         remote: SocketAddr,
-    ) -> Result<(), Error> {
+    ) -> Result<Option<Result<IkeSa, crate::initiator::Error>>, Error> {
         // RFC 7296 §2.2: a response is matched to its request by Message ID; anything else
         // (a duplicate, an answer to an abandoned request) is dropped.
         if !session.answers_pending(h) {
@@ -1528,8 +1579,16 @@ impl Responder {
         }
         let opened = session.sa.open(datagram)?;
         session.complete_request();
-        let Ours::ChildRekey(r) = mem::replace(ours, Ours::Plain) else {
-            return Ok(());
+        let inner = payload::decode_inner_chain(opened.first_inner, &opened.plain).unwrap_or_default();
+        let r = match mem::replace(ours, Ours::Plain) {
+            Ours::Plain => return Ok(None),
+            Ours::ChildRekey(r) => r,
+            // A refused or unusable IKE SA rekey is tried again later (RFC 7296 §2.21.3: the
+            // old IKE SA is unaffected).
+            Ours::IkeRekey(r) => {
+                let made = r.complete(&inner, &session.sa, &self.config.ike_proposals);
+                return Ok(Some(made));
+            }
         };
         let config = Arc::clone(&self.config);
         let p = rekey::Params {
@@ -1541,7 +1600,6 @@ impl Responder {
             retransmit: &config.retransmit,
         };
         let mut changes = Vec::new();
-        let inner = payload::decode_inner_chain(opened.first_inner, &opened.plain).unwrap_or_default();
         // A failed rekey (refused, or an answer we cannot use) leaves the old SA in place
         // and is tried again later; nothing to report to the gateway.
         if let Ok(Some(datagram)) =
@@ -1550,7 +1608,41 @@ impl Responder {
             self.send(local, remote, datagram);
         }
         self.report(changes);
-        Ok(())
+        Ok(None)
+    }
+
+    /// Our rekey of the current IKE SA made `sa` (RFC 7296 §1.3.2): it becomes the current
+    /// one with every CHILD SA (§2.8: "The new IKE SA inherits all of the original IKE SA's
+    /// Child SAs"), and we delete the old one (§2.8: "After the new equivalent IKE SA is
+    /// created, the initiator deletes the old IKE SA"); its response retires it.
+    fn we_rekeyed(&mut self, s: &mut Established, sa: IkeSa, now: Instant, entropy: &mut dyn Entropy) {
+        let (new_spi_i, new_spi_r) = (sa.spi_r, sa.our_spi());
+        let mut old = mem::replace(&mut s.current, Session::new(sa, None));
+        self.retire_previous(s);
+        let delete = [Payload::Delete(Delete {
+            protocol: ProtocolId::IKE,
+            spis: Vec::new(),
+        })];
+        if let Ok(Some(d)) =
+            old.start_request(ExchangeType::INFORMATIONAL, &delete, now, &self.config.retransmit)
+        {
+            self.send(s.local, s.remote, d);
+        }
+        let old_spi_r = old.sa.our_spi();
+        s.previous = Some(Previous {
+            session: old,
+            expires: deadline(now, REKEYED_SA_LINGER),
+        });
+        s.init = None;
+        s.ike_rekey_at = self
+            .config
+            .ike_lifetime
+            .and_then(|l| soft_deadline(now, l, entropy));
+        self.events.push_back(Event::IkeSaRekeyed {
+            old_spi_r,
+            new_spi_i,
+            new_spi_r,
+        });
     }
 
     /// Reports changes to the CHILD SAs made by our rekeys.
@@ -1764,8 +1856,12 @@ impl Responder {
     }
 
     /// The peer rekeyed the current IKE SA into `sa`.
-    fn rekeyed(&mut self, s: &mut Established, sa: IkeSa, now: Instant) {
+    fn rekeyed(&mut self, s: &mut Established, sa: IkeSa, now: Instant, entropy: &mut dyn Entropy) {
         let (new_spi_i, new_spi_r) = (sa.spi_i, sa.spi_r);
+        s.ike_rekey_at = self
+            .config
+            .ike_lifetime
+            .and_then(|l| soft_deadline(now, l, entropy));
         let mut old = mem::replace(&mut s.current, Session::new(sa, None));
         // A liveness check in flight on the old SA is moot: the rekey request just proved the
         // peer alive, and the old SA is about to go.
@@ -1778,7 +1874,7 @@ impl Responder {
         }
         // A second rekey before the peer deleted the SA the first one replaced: that one goes.
         self.retire_previous(s);
-        let old_spi_r = old.sa.spi_r;
+        let old_spi_r = old.sa.our_spi();
         s.previous = Some(Previous {
             session: old,
             expires: deadline(now, REKEYED_SA_LINGER),
@@ -1798,7 +1894,7 @@ impl Responder {
         if let Some(mut p) = s.previous.take() {
             s.retired = p.session.take_last();
             self.events.push_back(Event::IkeSaRetired {
-                spi_r: p.session.sa.spi_r,
+                spi_r: p.session.sa.our_spi(),
             });
         }
     }
@@ -1815,7 +1911,7 @@ impl Responder {
         }
         self.retire_previous(s);
         self.events.push_back(Event::IkeSaDeleted {
-            spi_r: s.current.sa.spi_r,
+            spi_r: s.current.sa.our_spi(),
             reason,
         });
         s.current.take_last()
@@ -1841,6 +1937,17 @@ impl Responder {
             udp_encap: s.current.sa.nat_detected || s.local.port() == 4500,
             retransmit: &config.retransmit,
         };
+        if let Some(datagram) = rekey::start_ike_due(
+            &mut s.current,
+            &mut s.ike_rekey_at,
+            &mut s.ours,
+            &config.ike_proposals,
+            &config.retransmit,
+            now,
+            entropy,
+        ) {
+            self.send(s.local, s.remote, datagram);
+        }
         if let Some(datagram) =
             rekey::start_due(&mut s.current, &mut s.children, &mut s.ours, &p, now, entropy)
         {

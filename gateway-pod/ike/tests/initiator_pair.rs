@@ -757,3 +757,105 @@ fn responder_rekeys_the_child_sa_at_the_soft_lifetime() {
 fn responder_rekeys_the_child_sa_with_pfs() {
     rekeys_child_sa("aes256-sha256-modp2048", false, 2);
 }
+
+/// IKE SA rekeys started by one side (20 s IKE lifetime: at 17 to 19 s, twice), then a CHILD
+/// SA rekey on the twice-rekeyed IKE SA (50 s CHILD lifetime): both ends carry on as the same
+/// new IKE SA each time, the old one is deleted by the side that rekeyed and retired, the
+/// CHILD SA moves along, and the CHILD SA keys derived from the new SK_d agree.
+fn rekeys_ike_sa(initiator_rekeys: bool) {
+    let mut ic = initiator_config(MATRIX[0].0, "aes128gcm16");
+    let mut rc = responder_config(MATRIX[0].0, "aes128gcm16");
+    let (ike, child) = (Some(Duration::from_secs(20)), Duration::from_secs(50));
+    ic.child_lifetime = Duration::from_secs(3600);
+    rc.child_lifetime = Duration::from_secs(3600);
+    ic.accept_ike_rekey = true;
+    if initiator_rekeys {
+        (ic.ike_lifetime, ic.child_lifetime) = (ike, child);
+    } else {
+        (rc.ike_lifetime, rc.child_lifetime) = (ike, child);
+    }
+    let mut p = Pair::new(ic, rc);
+    p.drive();
+    assert_established(&p);
+    let first_child = (p.initiator_child().spi_in, p.initiator_child().spi_out);
+    let start = p.now;
+    let spis = |p: &Pair| match &p.r {
+        Side::One(r) => (p.i.ike_spis(), r.ike_spis()),
+        Side::Many(_) => unreachable!(),
+    };
+    let mut seen = vec![spis(&p).0.unwrap()];
+    p.i_events.clear();
+    p.r_events.clear();
+    // IKE SA rekeys at about 18 s and 36 s, the CHILD SA rekey at about 45 s.
+    while !p
+        .i_events
+        .iter()
+        .any(|e| matches!(e, initiator::Event::ChildSaInstalled(_)))
+    {
+        assert!(p.now - start < Duration::from_secs(60), "no CHILD SA rekey");
+        p.advance();
+        let (i, r) = spis(&p);
+        assert_eq!(i, r, "both ends on the same IKE SA");
+        let i = i.unwrap();
+        if seen.last() != Some(&i) {
+            assert!(!seen.iter().any(|s| s.0 == i.0 || s.1 == i.1), "fresh SPIs");
+            seen.push(i);
+        }
+        assert!(p.i.is_established(), "{:?}", p.i_events);
+    }
+    assert_eq!(seen.len(), 3, "two IKE SA rekeys: {seen:x?}");
+    let rekeyed = p
+        .r_events
+        .iter()
+        .filter(|e| matches!(e, responder::Event::IkeSaRekeyed { .. }))
+        .count();
+    let retired = p
+        .r_events
+        .iter()
+        .filter(|e| matches!(e, responder::Event::IkeSaRetired { .. }))
+        .count();
+    assert_eq!((rekeyed, retired), (2, 2), "{:?}", p.r_events);
+    // The CHILD SA rekey on the newest IKE SA: keys from its SK_d agree on both ends.
+    let (i_new, r_new) = (p.initiator_child(), p.responder_child());
+    assert_same_child(i_new, r_new);
+    assert_eq!(i_new.replaces, Some(first_child.0));
+    assert_eq!(current_children(&p).0, vec![(i_new.spi_in, i_new.spi_out)]);
+    assert_eq!(current_children(&p).1, current_children(&p).0);
+    assert!(
+        !p.i_events.iter().any(|e| matches!(
+            e,
+            initiator::Event::Failed(_)
+                | initiator::Event::RequestDeclined { .. }
+                | initiator::Event::IkeSaDeleted { .. }
+        )),
+        "{:?}",
+        p.i_events
+    );
+    assert!(
+        !p.r_events.iter().any(|e| matches!(
+            e,
+            responder::Event::RequestRefused { .. } | responder::Event::IkeSaDeleted { .. }
+        )),
+        "{:?}",
+        p.r_events
+    );
+    // The newest IKE SA works for the side that did not rekey too: it deletes it.
+    if initiator_rekeys {
+        p.i.delete(p.now);
+    } else if let Side::One(r) = &mut p.r {
+        r.delete(p.now);
+    }
+    p.drive();
+    assert!(p.i.is_closed());
+    assert!(matches!(&p.r, Side::One(r) if r.is_closed()));
+}
+
+#[test]
+fn initiator_rekeys_the_ike_sa_and_the_child_sa_moves_along() {
+    rekeys_ike_sa(true);
+}
+
+#[test]
+fn responder_rekeys_the_ike_sa_and_the_child_sa_moves_along() {
+    rekeys_ike_sa(false);
+}

@@ -54,6 +54,7 @@ fn config() -> Arc<Config> {
         remote_subnet: "10.1.0.0/24".parse().unwrap(),
         local_id: IdBuf::new(&Identity::Fqdn(b"gw.example")),
         child_lifetime: Duration::from_secs(3600),
+        ike_lifetime: None,
         dpd_interval: None,
         half_open_timeout: Config::DEFAULT_HALF_OPEN_TIMEOUT,
         retransmit: Retransmit::default(),

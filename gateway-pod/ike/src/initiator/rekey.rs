@@ -1,4 +1,4 @@
-//! CHILD SA rekeys started by this side, in either role (RFC 7296 §1.3.3, §2.8): when to
+//! CHILD SA and IKE SA rekeys started by this side, in either role (RFC 7296 §1.3.3, §2.8): when to
 //! start one ([`soft_deadline`]), the CREATE_CHILD_SA request ([`ChildRekey::start`],
 //! [`ChildRekey::payloads`]), the checks on its response and the new CHILD SA
 //! ([`ChildRekey::complete`]), and the simultaneous-rekey rule of §2.8.1
@@ -21,11 +21,23 @@
 //! each proposal listing its groups). The responder's answer must pick from what we offered;
 //! the keys are "KEYMAT = prf+(SK_d, g^ir (new) | Ni | Nr)" (§2.17), this side being the
 //! exchange's initiator: the initiator-to-responder keys are our outbound ones.
+//!
+//! # IKE SA rekeys
+//!
+//! At the soft lifetime of the IKE SA (the same 85 % to 95 % of `ike_lifetime`),
+//! `HDR, SK {SA, Ni, KEi}` (§1.3.2) with our new SPI in each proposal; the new IKE SA has us
+//! as its initiator (§3.1: the I flag "changes to reflect who initiated the last rekey of
+//! the IKE SA"), SKEYSEED from the old SK_d (§2.18), and inherits every CHILD SA; we then
+//! delete the old IKE SA. A simultaneous IKE SA rekey of the peer (§2.8.2) is handled
+//! safely rather than optimally: the first to complete on our side wins, our request on the
+//! old SA is abandoned if the peer's arrives first, and the peer's on an SA we already
+//! replaced is refused (NO_ADDITIONAL_SAS).
 
 use std::time::{Duration, Instant};
 
-use concentrator_crds::proposal::{DhGroup, EspProposal};
-use concentrator_crypto::{ChildSaKeys, KeyExchange};
+use concentrator_crds::proposal::{DhGroup, EspProposal, IkeProposal};
+use concentrator_crypto::keymat::rekey_skeyseed;
+use concentrator_crypto::{ChildSaKeys, IkeSaKeys, KeyExchange, Prf};
 use ipnet::IpNet;
 
 use super::{Error, offer};
@@ -293,6 +305,186 @@ pub(crate) enum Ours {
     Plain,
     /// A CHILD SA rekey.
     ChildRekey(Box<ChildRekey>),
+    /// An IKE SA rekey.
+    IkeRekey(Box<IkeRekey>),
+}
+
+/// An IKE SA rekey of ours in flight (RFC 7296 §1.3.2): "HDR, SK {SA, Ni, KEi}", our new
+/// SPI in every proposal (§2.18), a KE payload for the first group of our first proposal.
+pub(crate) struct IkeRekey {
+    spi_i: [u8; 8],
+    ni: Vec<u8>,
+    kex: KeyExchange,
+    ke_public: Vec<u8>,
+}
+
+impl IkeRekey {
+    /// Prepares the rekey of the IKE SA whose SPIs are `old` (the new SPI differs from both).
+    pub(crate) fn start(
+        ours: &[IkeProposal],
+        old: (u64, u64),
+        entropy: &mut dyn Entropy,
+    ) -> Result<Self, Error> {
+        let group = ours
+            .first()
+            .and_then(|p| p.dh.first())
+            .copied()
+            .ok_or(Error::Config("no IKE proposal with a DH group"))?;
+        let mut spi_i = None;
+        for _ in 0..16 {
+            // RFC 7296 §3.1: an SPI is never zero.
+            let spi = random_spi::<8>(entropy, 1)?;
+            let v = u64::from_be_bytes(spi);
+            if v != old.0 && v != old.1 {
+                spi_i = Some(spi);
+                break;
+            }
+        }
+        let spi_i = spi_i.ok_or(Error::Crypto(concentrator_crypto::CryptoError::Internal))?;
+        let mut ni = vec![0u8; NONCE_LEN];
+        entropy.fill(&mut ni)?;
+        let kex = entropy.key_exchange(group)?;
+        let ke_public = kex.public_value()?;
+        Ok(Self {
+            spi_i,
+            ni,
+            kex,
+            ke_public,
+        })
+    }
+
+    /// The request's payloads.
+    pub(crate) fn payloads(&self, ours: &[IkeProposal]) -> Vec<Payload<'_>> {
+        let mut sa = offer::ike_sa(ours);
+        // RFC 7296 §3.3.1: during a rekey the SPI Size is 8 and the SPI the sender's new one.
+        for p in &mut sa.proposals {
+            p.spi = &self.spi_i;
+        }
+        vec![
+            Payload::Sa(sa),
+            Payload::Nonce(Nonce { data: &self.ni }),
+            Payload::Ke(Ke {
+                group: WireGroup(self.kex.group().number()),
+                data: &self.ke_public,
+            }),
+        ]
+    }
+
+    /// Checks the response ("HDR, SK {SA, Nr, KEr}") and derives the new IKE SA, of which
+    /// this side is the initiator (RFC 7296 §2.18).
+    pub(crate) fn complete(
+        &self,
+        inner: &[Payload<'_>],
+        old: &IkeSa,
+        ours: &[IkeProposal],
+    ) -> Result<IkeSa, Error> {
+        let (mut sa, mut nr, mut ke, mut error) = (None, None, None, None);
+        for p in inner {
+            match p {
+                Payload::Sa(x) => sa = Some(x),
+                Payload::Nonce(n) => nr = Some(n.data),
+                Payload::Ke(k) => ke = Some(k),
+                Payload::Notify(n) if n.notify_type.is_error() => error = error.or(Some(n.notify_type)),
+                _ => {}
+            }
+        }
+        if let Some(notify) = error {
+            return Err(Error::Refused {
+                exchange: ExchangeType::CREATE_CHILD_SA,
+                notify,
+            });
+        }
+        let sa = sa.ok_or(Error::MissingPayload("SA"))?;
+        let nr = nr.ok_or(Error::MissingPayload("Nr"))?;
+        let ke = ke.ok_or(Error::MissingPayload("KEr"))?;
+        // §2.18: the responder's new SPI is in its proposal; an SPI of other than 8 octets,
+        // or zero, is no answer.
+        let spi_r = sa
+            .proposals
+            .first()
+            .and_then(|p| <[u8; 8]>::try_from(p.spi).ok())
+            .filter(|s| u64::from_be_bytes(*s) != 0)
+            .ok_or(Error::InvalidResponse(
+                "IKE rekey proposal without an 8-octet SPI",
+            ))?;
+        let without_spi = Sa {
+            proposals: sa
+                .proposals
+                .iter()
+                .map(|p| Proposal {
+                    spi: &[],
+                    ..p.clone()
+                })
+                .collect(),
+        };
+        let choice = offer::check_ike(&without_spi, ours, self.kex.group())?;
+        if ke.group.0 != choice.dh.number() {
+            return Err(Error::InvalidResponse(
+                "KE payload for another group than the SA's",
+            ));
+        }
+        let g_ir = self.kex.compute_shared(ke.data)?;
+        // RFC 7296 §2.18: "SKEYSEED = prf(SK_d (old), g^ir (new) | Ni | Nr)" with the old
+        // SA's PRF, then the SK_* keys as in §2.14 with the new SPIs, nonces and PRF.
+        let seed = rekey_skeyseed(old.prf, old.keys.sk_d.expose(), g_ir.expose(), &self.ni, nr);
+        let prf = Prf::new(choice.prf);
+        let keys = IkeSaKeys::derive(
+            prf,
+            seed.expose(),
+            &self.ni,
+            nr,
+            &self.spi_i,
+            &spi_r,
+            choice.encryption,
+            choice.integrity,
+        )?;
+        Ok(IkeSa::new_initiator(
+            u64::from_be_bytes(self.spi_i),
+            u64::from_be_bytes(spi_r),
+            prf,
+            choice.encryption,
+            choice.integrity,
+            keys,
+            old.nat_detected,
+        )?)
+    }
+}
+
+/// Starts our IKE SA rekey if it is due and the window is free; returns the request.
+pub(crate) fn start_ike_due(
+    session: &mut Session,
+    rekey_at: &mut Option<Instant>,
+    ours: &mut Ours,
+    proposals: &[IkeProposal],
+    retransmit: &Retransmit,
+    now: Instant,
+    entropy: &mut dyn Entropy,
+) -> Option<Vec<u8>> {
+    if !session.can_start_request() || !rekey_at.is_some_and(|t| now >= t) {
+        return None;
+    }
+    let started = IkeRekey::start(proposals, (session.sa.spi_i, session.sa.spi_r), entropy).and_then(|r| {
+        let d = session
+            .start_request(
+                ExchangeType::CREATE_CHILD_SA,
+                &r.payloads(proposals),
+                now,
+                retransmit,
+            )?
+            .ok_or(Error::WrongState("a request is in flight"))?;
+        Ok((r, d))
+    });
+    match started {
+        Ok((r, d)) => {
+            *rekey_at = None;
+            *ours = Ours::IkeRekey(Box::new(r));
+            Some(d)
+        }
+        Err(_) => {
+            *rekey_at = Some(crate::responder::deadline(now, REKEY_RETRY));
+            None
+        }
+    }
 }
 
 /// How long a failed rekey waits before the next try.

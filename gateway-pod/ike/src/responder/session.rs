@@ -94,6 +94,16 @@ impl IkeSa {
         })
     }
 
+    /// Whether we are this SA's initiator (we started it, or the rekey that made it).
+    pub(crate) fn is_initiator(&self) -> bool {
+        self.initiator
+    }
+
+    /// Our SPI of this SA.
+    pub(crate) fn our_spi(&self) -> u64 {
+        if self.initiator { self.spi_i } else { self.spi_r }
+    }
+
     /// Whether a header carries this SA's SPIs.
     pub(crate) fn matches(&self, h: &Header) -> bool {
         h.spi_i == self.spi_i && h.spi_r == self.spi_r
