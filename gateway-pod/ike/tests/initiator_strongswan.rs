@@ -77,6 +77,9 @@ fn driver_process() -> Result<()> {
     if let Ok(ms) = std::env::var("IKE_INITIATOR_CHILD_LIFETIME_MS") {
         config.child_lifetime = Duration::from_millis(ms.parse()?);
     }
+    if let Ok(ms) = std::env::var("IKE_INITIATOR_IKE_LIFETIME_MS") {
+        config.ike_lifetime = Some(Duration::from_millis(ms.parse()?));
+    }
     let psk = env("IKE_INITIATOR_PSK")?.into_bytes();
     let s500 = UdpSocket::bind((local, 500)).context("binding UDP 500")?;
     let s4500 = UdpSocket::bind((local, 4500)).context("binding UDP 4500")?;
@@ -104,8 +107,16 @@ fn driver_process() -> Result<()> {
         &mut entropy,
     )?;
     println!("STARTED spi_i={:016x}", i.spi_i());
+    let mut spis = None;
     loop {
         drain(&mut i, &s500, &s4500)?;
+        // The IKE SA in use, printed when it changes (a rekey).
+        if i.ike_spis() != spis {
+            spis = i.ike_spis();
+            if let Some((a, b)) = spis {
+                println!("SPIS spi_i={a:016x} spi_r={b:016x}");
+            }
+        }
         let received = match i.poll_timeout() {
             Some(t) => rx.recv_timeout(t.saturating_duration_since(Instant::now())),
             None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
@@ -278,6 +289,8 @@ struct Case<'a> {
     charon_child_extra: &'a [&'a str],
     /// Our CHILD SA lifetime in milliseconds (its soft part starts our rekeys).
     child_lifetime_ms: Option<u64>,
+    /// Our IKE SA lifetime in milliseconds.
+    ike_lifetime_ms: Option<u64>,
 }
 
 impl<'a> Case<'a> {
@@ -292,6 +305,7 @@ impl<'a> Case<'a> {
             charon_extra: &[],
             charon_child_extra: &[],
             child_lifetime_ms: None,
+            ike_lifetime_ms: None,
         }
     }
 }
@@ -348,6 +362,9 @@ impl Setup {
         }
         if let Some(ms) = case.child_lifetime_ms {
             cmd.env("IKE_INITIATOR_CHILD_LIFETIME_MS", ms.to_string());
+        }
+        if let Some(ms) = case.ike_lifetime_ms {
+            cmd.env("IKE_INITIATOR_IKE_LIFETIME_MS", ms.to_string());
         }
         let driver = concentrator_e2e::process::Daemon::spawn("ike initiator driver", cmd, &log)?;
         Ok(Self {
@@ -749,6 +766,69 @@ fn rekeys_its_child_sa_with_pfs_at_our_soft_lifetime() -> Result<()> {
         !driver
             .lines()
             .any(|l| l.starts_with("EVENT Failed") || l.starts_with("EVENT RequestDeclined")),
+        "driver trouble:\n{driver}"
+    );
+    Ok(())
+}
+
+/// Our initiator rekeys the IKE SA at its soft lifetime (a 5 s lifetime: every 4.25 to
+/// 4.75 s), twice, while strongSwan's lifetimes are long (RFC 7296 §1.3.2, §2.18): strongSwan
+/// ends up with one IKE SA, the newest, ESTABLISHED with our new SPIs and the CHILD SA
+/// INSTALLED on it; nothing failed and the IKE SA was never deleted.
+#[test]
+fn rekeys_its_ike_sa_at_our_soft_lifetime() -> Result<()> {
+    if prereq::require(&[netns::TOOLS, strongswan::TOOLS]).is_skip() {
+        return Ok(());
+    }
+    let psk = concentrator_e2e::ids::random_hex(32);
+    let case = Case {
+        ike_lifetime_ms: Some(5000),
+        ..Case::new("aes128gcm16-prfsha256-x25519", "aes128gcm16", &psk)
+    };
+    let mut s = Setup::start(&case)?;
+    let child = s.wait_driver_line("EVENT ChildSaInstalled")?;
+    let log = s.driver.log_path().to_owned();
+    let newest = wait::until("two IKE SA rekeys of ours", Duration::from_secs(25), || {
+        s.driver.ensure_running()?;
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let spis: Vec<String> = text
+            .lines()
+            .filter(|l| l.starts_with("SPIS"))
+            .map(str::to_owned)
+            .collect();
+        Ok(if spis.len() >= 3 {
+            Probe::Ready(spis[2].clone())
+        } else {
+            Probe::pending(s.driver.log_tail(5))
+        })
+    })
+    .with_context(|| s.charon.log_tail(30))?;
+    let (spi_i, spi_r) = (field(&newest, "spi_i"), field(&newest, "spi_r"));
+    let child_in = field(&child, "spi_out").unwrap_or_default().to_owned();
+    wait::until("strongSwan on our newest IKE SA only", TIMEOUT, || {
+        let sas = s.charon.list_sas()?;
+        let ike: Vec<_> = sas.iter().filter(|sa| sa.name == "site").collect();
+        let ok = ike.len() == 1
+            && ike.iter().all(|sa| {
+                sa.state == "ESTABLISHED"
+                    && sa.fields.get("initiator-spi").map(String::as_str) == spi_i
+                    && sa.fields.get("responder-spi").map(String::as_str) == spi_r
+                    && sa
+                        .children
+                        .iter()
+                        .any(|c| c.state == "INSTALLED" && c.fields.get("spi-in") == Some(&child_in))
+            });
+        Ok(if ok {
+            Probe::Ready(())
+        } else {
+            Probe::pending(format!("{sas:?}"))
+        })
+    })?;
+    let driver = s.driver_log();
+    ensure!(
+        !driver.lines().any(|l| l.starts_with("EVENT Failed")
+            || l.starts_with("EVENT RequestDeclined")
+            || l.starts_with("EVENT IkeSaDeleted")),
         "driver trouble:\n{driver}"
     );
     Ok(())

@@ -24,7 +24,7 @@ use concentrator_e2e::{logs, prereq, scratch};
 use concentrator_ike::negotiate::ts_bounds;
 use concentrator_ike::payload::Identity;
 use concentrator_ike::responder::{Config, IdBuf, Retransmit, SystemEntropy};
-use concentrator_ike::{Event, Header, Responder};
+use concentrator_ike::{Event, Flags, Header, Responder};
 use ipnet::IpNet;
 
 const SITE_ADDR: &str = "192.0.2.1";
@@ -41,10 +41,14 @@ fn env(name: &str) -> Result<String> {
 
 /// Optional driver settings from the environment: `IKE_DRIVER_DPD_MS` (liveness-check
 /// interval), `IKE_DRIVER_RETRANSMIT` (`first-wait-ms,tries`), `IKE_DRIVER_CHILD_LIFETIME_MS`
-/// (our CHILD SA lifetime, whose soft part starts our rekeys).
+/// (our CHILD SA lifetime, whose soft part starts our rekeys), `IKE_DRIVER_IKE_LIFETIME_MS`
+/// (the same for the IKE SA).
 fn driver_timers(config: &mut Config) -> Result<()> {
     if let Ok(ms) = std::env::var("IKE_DRIVER_CHILD_LIFETIME_MS") {
         config.child_lifetime = Duration::from_millis(ms.parse()?);
+    }
+    if let Ok(ms) = std::env::var("IKE_DRIVER_IKE_LIFETIME_MS") {
+        config.ike_lifetime = Some(Duration::from_millis(ms.parse()?));
     }
     if let Ok(ms) = std::env::var("IKE_DRIVER_DPD_MS") {
         config.dpd_interval = Some(Duration::from_millis(ms.parse()?));
@@ -126,11 +130,21 @@ fn driver_process() -> Result<()> {
                         responders.push(Responder::new(Arc::clone(&config)));
                         responders.len() - 1
                     })
-                } else if let Some(&i) = by_spi_r.get(&header.spi_r) {
-                    i
                 } else {
-                    println!("DROP no IKE SA with SPIr {:016x}", header.spi_r);
-                    continue;
+                    // Our SPI is SPIr unless we rekeyed the IKE SA: then we are its initiator
+                    // and the peer's messages lack the I flag (RFC 7296 §3.1).
+                    let ours = if header.flags.contains(Flags::INITIATOR) {
+                        header.spi_r
+                    } else {
+                        header.spi_i
+                    };
+                    match by_spi_r.get(&ours) {
+                        Some(&i) => i,
+                        None => {
+                            println!("DROP no IKE SA with our SPI {ours:016x}");
+                            continue;
+                        }
+                    }
                 };
                 let local = SocketAddr::new(listen, port);
                 let r = &mut responders[index];
@@ -864,6 +878,78 @@ fn liveness_checks_find_a_dead_strongswan() -> Result<()> {
     ensure!(field(&deleted, "reason") == Some("DeadPeer"), "{deleted}");
     let log = s.driver_log();
     ensure!(lines_with(&log, "EVENT ChildSaDeleted").len() == 1, "{log}");
+    ensure_clean(&log)?;
+    Ok(())
+}
+
+/// Our responder rekeys the IKE SA at its soft lifetime (a 5 s lifetime: every 4.25 to
+/// 4.75 s), twice, while strongSwan's lifetimes are long (RFC 7296 §1.3.2): we become the new
+/// IKE SA's initiator, delete the old one (retired once strongSwan answers), the CHILD SA
+/// moves along, and strongSwan lists the newest IKE SA established with our SPI as its
+/// initiator SPI and the CHILD SA installed. A liveness check on it is answered.
+#[test]
+fn we_rekey_strongswans_ike_sa_at_our_soft_lifetime() -> Result<()> {
+    if prereq::require(&[netns::TOOLS, strongswan::TOOLS]).is_skip() {
+        return Ok(());
+    }
+    let psk = concentrator_e2e::ids::random_hex(32);
+    let mut s = Setup::start_with(
+        IKE,
+        "aes128gcm16",
+        &psk,
+        &[
+            ("IKE_DRIVER_IKE_LIFETIME_MS", "5000"),
+            ("IKE_DRIVER_DPD_MS", "1500"),
+        ],
+    )?;
+    let conn = s.connection(IKE, "aes128gcm16", &psk);
+    s.establish(&conn)?;
+    let established = s.wait_driver_line("EVENT IkeSaEstablished")?;
+    let child = s.wait_driver_line("EVENT ChildSaInstalled")?;
+    let mut old = field(&established, "spi_r").unwrap_or_default().to_owned();
+    let mut newest = String::new();
+    for round in 0..2 {
+        let want = old.clone();
+        let rekeyed = s.wait_driver(format!("our IKE rekey {round}"), Duration::from_secs(20), |log| {
+            lines_with(log, "EVENT IkeSaRekeyed")
+                .into_iter()
+                .find(|l| field(l, "old_spi_r") == Some(want.as_str()))
+                .map(str::to_owned)
+        })?;
+        s.wait_driver(format!("retirement of {want}"), TIMEOUT, |log| {
+            lines_with(log, "EVENT IkeSaRetired")
+                .into_iter()
+                .find(|l| field(l, "spi_r") == Some(want.as_str()))
+                .map(|_| ())
+        })?;
+        old = field(&rekeyed, "new_spi_r").unwrap_or_default().to_owned();
+        newest = rekeyed;
+    }
+    // strongSwan is on the newest IKE SA, which we initiated, with the same CHILD SA.
+    let ours = field(&newest, "new_spi_r").unwrap_or_default().to_owned();
+    let theirs = field(&newest, "new_spi_i").unwrap_or_default().to_owned();
+    let child_in = field(&child, "spi_out").unwrap_or_default().to_owned();
+    wait::until("strongSwan on our newest IKE SA", TIMEOUT, || {
+        let sas = s.charon().list_sas()?;
+        let ok = sas.iter().any(|sa| {
+            sa.name == "gw"
+                && sa.state == "ESTABLISHED"
+                && sa.fields.get("initiator-spi") == Some(&ours)
+                && sa.fields.get("responder-spi") == Some(&theirs)
+                && sa
+                    .children
+                    .iter()
+                    .any(|c| c.state == "INSTALLED" && c.fields.get("spi-in") == Some(&child_in))
+        });
+        Ok(if ok {
+            Probe::Ready(())
+        } else {
+            Probe::pending(format!("{sas:?}"))
+        })
+    })?;
+    // Our liveness checks on the newest IKE SA are answered: no dead peer.
+    let log = s.driver_log();
+    ensure!(!log.contains("EVENT IkeSaDeleted"), "IKE SA deleted:\n{log}");
     ensure_clean(&log)?;
     Ok(())
 }
