@@ -859,3 +859,70 @@ fn initiator_rekeys_the_ike_sa_and_the_child_sa_moves_along() {
 fn responder_rekeys_the_ike_sa_and_the_child_sa_moves_along() {
     rekeys_ike_sa(false);
 }
+
+/// Both ends rekey the same CHILD SA at once (RFC 7296 §2.8.1): both exchanges complete, the
+/// SA from the exchange with the lowest nonce is deleted by the end that created it, the
+/// old one goes too, and both ends are left with the same single CHILD SA, keys agreeing.
+#[test]
+fn simultaneous_child_sa_rekeys_leave_one_sa_by_the_nonce_rule() {
+    for _ in 0..8 {
+        let mut ic = initiator_config(MATRIX[0].0, "aes128gcm16");
+        let mut rc = responder_config(MATRIX[0].0, "aes128gcm16");
+        ic.child_lifetime = Duration::from_secs(20);
+        rc.child_lifetime = Duration::from_secs(20);
+        let mut p = Pair::new(ic, rc);
+        p.drive();
+        assert_established(&p);
+        let old = (p.initiator_child().spi_in, p.initiator_child().spi_out);
+        p.i_events.clear();
+        p.r_events.clear();
+        // Both soft lifetimes are over: each side sends its rekey before seeing the other's.
+        p.now += Duration::from_secs(20);
+        p.i.handle_timeout(p.now, &mut SystemEntropy);
+        if let Side::One(r) = &mut p.r {
+            r.handle_timeout(p.now, &mut SystemEntropy);
+        }
+        p.drive();
+        let (i, r) = current_children(&p);
+        assert_eq!(i.len(), 1, "{:?}\n{:?}", p.i_events, p.r_events);
+        assert_eq!(i, r);
+        assert_ne!(i[0], old);
+        let installed = |spi_in: u32| {
+            p.i_events
+                .iter()
+                .find_map(|e| match e {
+                    initiator::Event::ChildSaInstalled(c) if c.spi_in == spi_in => Some(&**c),
+                    _ => None,
+                })
+                .unwrap()
+        };
+        let r_installed = p
+            .r_events
+            .iter()
+            .find_map(|e| match e {
+                responder::Event::ChildSaInstalled(c) if c.spi_out == i[0].0 => Some(&**c),
+                _ => None,
+            })
+            .unwrap();
+        assert_same_child(installed(i[0].0), r_installed);
+        // Every SA installed on a side and not kept was deleted there.
+        let i_installed = p
+            .i_events
+            .iter()
+            .filter(|e| matches!(e, initiator::Event::ChildSaInstalled(_)))
+            .count();
+        let i_deleted = p
+            .i_events
+            .iter()
+            .filter(|e| matches!(e, initiator::Event::ChildSaDeleted { .. }))
+            .count();
+        assert_eq!((i_installed, i_deleted), (2, 2), "{:?}", p.i_events);
+        assert!(
+            !p.r_events
+                .iter()
+                .any(|e| matches!(e, responder::Event::RequestRefused { .. })),
+            "{:?}",
+            p.r_events
+        );
+    }
+}
