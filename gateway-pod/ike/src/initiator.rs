@@ -68,6 +68,17 @@
 //! IKE SA then answering until the peer deletes it. Either way the CHILD SAs move to the new
 //! IKE SA. Both are off by default (see [`Config::accept_ike_rekey`] for why).
 //!
+//! # Redirects (RFC 5685)
+//!
+//! With [`Config::redirect_supported`] (the default) IKE_SA_INIT carries
+//! N(REDIRECT_SUPPORTED), or N(REDIRECTED_FROM) naming [`Config::redirected_from`]. A
+//! REDIRECT is followed in the IKE_SA_INIT response (only with our Ni as its nonce data,
+//! §4.1; [`Error::Redirected`]), in the IKE_AUTH response (§6; the IKE SA is deleted, then
+//! [`Error::Redirected`]) and in an INFORMATIONAL request on the established SA (§5; answered,
+//! the IKE SA deleted, [`Event::IkeSaDeleted`] with [`DeleteReason::Redirected`]). Either way
+//! [`Initiator::redirected_to`] names the new gateway, for the caller to connect there with
+//! `redirected_from` set.
+//!
 //! Not here: new CHILD SAs started by this side, certificates, EAP, configuration payloads,
 //! fragmentation, MOBIKE.
 
@@ -95,6 +106,7 @@ use crate::message::header::{Flags, Header};
 use crate::nat::{behind_nat, nat_detection_hash};
 use crate::negotiate::dh_group;
 use crate::payload::{self, Auth, Delete, Ke, Nonce, Notify, Payload, Ts};
+use crate::redirect::{GatewayId, decode_redirect, encode_redirected_from};
 use crate::responder::session::{IkeSa, Retry, Session, Window};
 use crate::responder::{
     self, ChildRef, ChildSa, DeleteReason, Entropy, IdBuf, NONCE_LEN, Retransmit, Transmit, deadline,
@@ -158,6 +170,15 @@ pub struct Config {
     /// Initiator flag, which a rekey by the peer changes (§3.1). The same holds for our own
     /// rekeys: leave [`Config::ike_lifetime`] `None` behind an endpoint.
     pub accept_ike_rekey: bool,
+    /// Announce support for redirects (RFC 5685 §3: N(REDIRECT_SUPPORTED) in IKE_SA_INIT) and
+    /// follow them: a REDIRECT in the IKE_SA_INIT or IKE_AUTH response, or in an
+    /// INFORMATIONAL request on the established SA, closes this SA and names the new gateway
+    /// ([`Initiator::redirected_to`]); the caller connects there with
+    /// [`Config::redirected_from`].
+    pub redirect_supported: bool,
+    /// The gateway that redirected us here: sent as N(REDIRECTED_FROM) in IKE_SA_INIT
+    /// instead of N(REDIRECT_SUPPORTED) (RFC 5685 §4.1).
+    pub redirected_from: Option<GatewayId>,
     /// Liveness checks (RFC 7296 §2.4) after this long without an authenticated message from
     /// the peer; `None` sends none.
     pub dpd_interval: Option<Duration>,
@@ -195,6 +216,8 @@ impl Config {
             child_lifetime: responder::Config::DEFAULT_CHILD_LIFETIME,
             ike_lifetime: None,
             accept_ike_rekey: false,
+            redirect_supported: true,
+            redirected_from: None,
             dpd_interval: None,
             retransmit: Retransmit::default(),
             nat_t: NatTraversal::default(),
@@ -299,6 +322,9 @@ pub enum Error {
     /// An API call not valid in the current state.
     #[error("not valid in this state: {0}")]
     WrongState(&'static str),
+    /// The responder redirected us (RFC 5685) to [`Initiator::redirected_to`].
+    #[error("redirected to another gateway")]
+    Redirected,
     /// A request went unanswered through every retransmission.
     #[error("timed out: {0}")]
     Timeout(&'static str),
@@ -392,6 +418,8 @@ pub struct Initiator {
     remote: SocketAddr,
     nat_detected: bool,
     floated: bool,
+    /// Where a REDIRECT sent us.
+    redirected_to: Option<GatewayId>,
     state: State,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
@@ -480,6 +508,7 @@ impl Initiator {
             remote,
             nat_detected: false,
             floated: false,
+            redirected_to: None,
             state: State::Closed(None),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
@@ -521,6 +550,12 @@ impl Initiator {
             State::Established(s) => Some((s.session.sa.spi_i, s.session.sa.spi_r)),
             State::ExpectInit(_) | State::Closed(_) => None,
         }
+    }
+
+    /// The gateway a REDIRECT named (RFC 5685), once this SA closed because of it (with
+    /// [`Error::Redirected`] before establishment, [`DeleteReason::Redirected`] after).
+    pub fn redirected_to(&self) -> Option<&GatewayId> {
+        self.redirected_to.as_ref()
     }
 
     /// Our address and the peer's for the SA's messages (the NAT-T ports after a float).
@@ -640,7 +675,9 @@ impl Initiator {
     fn send_init(&mut self, s: &mut ExpectInit, now: Instant, policy: &Retransmit) {
         let src = nat_detection_hash(self.spi_i, 0, self.local);
         let dst = nat_detection_hash(self.spi_i, 0, self.remote);
-        let mut payloads = Vec::with_capacity(6);
+        let config = Arc::clone(&self.config);
+        let from = config.redirected_from.as_ref().map(encode_redirected_from);
+        let mut payloads = Vec::with_capacity(7);
         // RFC 7296 §2.6: "include the COOKIE notification containing the received data as
         // the first payload, and all other payloads unchanged".
         if let Some(c) = &s.cookie {
@@ -658,6 +695,13 @@ impl Initiator {
             Payload::Notify(Notify::new(NotifyType::NAT_DETECTION_SOURCE_IP, &src)),
             Payload::Notify(Notify::new(NotifyType::NAT_DETECTION_DESTINATION_IP, &dst)),
         ]);
+        // RFC 5685 §4.1: a client redirected here names the gateway it came from, else it
+        // announces that it can be redirected.
+        if let Some(from) = &from {
+            payloads.push(Payload::Notify(Notify::new(NotifyType::REDIRECTED_FROM, from)));
+        } else if config.redirect_supported {
+            payloads.push(Payload::Notify(Notify::new(NotifyType::REDIRECT_SUPPORTED, &[])));
+        }
         s.request = Message {
             header: Header {
                 spi_i: self.spi_i,
@@ -767,6 +811,7 @@ impl Initiator {
         }
         let (mut sa, mut ke, mut nr, mut cookie, mut invalid_ke, mut error) =
             (None, None, None, None, None, None);
+        let mut redirect = None;
         let (mut nat_src, mut nat_dst) = (Vec::new(), Vec::new());
         for p in &msg.payloads {
             match p {
@@ -776,6 +821,7 @@ impl Initiator {
                 Payload::Notify(n) => match n.notify_type {
                     NotifyType::COOKIE => cookie = Some(n.data),
                     NotifyType::INVALID_KE_PAYLOAD => invalid_ke = Some(n.data),
+                    NotifyType::REDIRECT => redirect = Some(n.data),
                     NotifyType::NAT_DETECTION_SOURCE_IP => nat_src.push(n.data),
                     NotifyType::NAT_DETECTION_DESTINATION_IP => nat_dst.push(n.data),
                     t if t.is_error() => error = error.or(Some(t)),
@@ -783,6 +829,20 @@ impl Initiator {
                 },
                 _ => {}
             }
+        }
+        if let Some(data) = redirect {
+            // RFC 5685 §4.1: the response is unprotected, so the REDIRECT must carry our Ni
+            // ("the VPN client MUST verify that the nonce ... is the same as the nonce it sent"),
+            // and one we did not ask for is not followed.
+            let (gateway, nonce) = decode_redirect(data)?;
+            if !config.redirect_supported && config.redirected_from.is_none() {
+                return Err(Error::Unexpected("REDIRECT without REDIRECT_SUPPORTED"));
+            }
+            if nonce != s.ni.as_slice() {
+                return Err(Error::Unexpected("REDIRECT with a nonce other than ours"));
+            }
+            self.redirected_to = Some(gateway);
+            return Err(Error::Redirected);
         }
         if let Some(c) = cookie {
             if !COOKIE_LEN.contains(&c.len()) {
@@ -1027,8 +1087,10 @@ impl Initiator {
         let config = Arc::clone(&self.config);
         let (mut id_r, mut auth, mut sa, mut ts_i, mut ts_r, mut error) =
             (None, None, None, None, None, None);
+        let mut redirect = None;
         for p in inner {
             match p {
+                Payload::Notify(n) if n.notify_type == NotifyType::REDIRECT => redirect = Some(n.data),
                 Payload::IdR(id) => id_r = Some(id),
                 Payload::Auth(a) => auth = Some(a),
                 Payload::Sa(x) => sa = Some(x),
@@ -1068,6 +1130,15 @@ impl Initiator {
             return Err(Error::AuthenticationFailed("AUTH does not verify with the PSK"));
         }
         s.peer_authenticated = true;
+        // RFC 5685 §6: a gateway may redirect in the IKE_AUTH response, after authenticating
+        // itself; the client then deletes this IKE SA (done by the caller of this function,
+        // as for every failure after authentication) and goes to the new gateway.
+        if let Some(data) = redirect.filter(|_| config.redirect_supported || config.redirected_from.is_some())
+        {
+            let (gateway, _) = decode_redirect(data).map_err(Error::MalformedInner)?;
+            self.redirected_to = Some(gateway);
+            return Err(Error::Redirected);
+        }
         // RFC 7296 §2.21.2: a CHILD SA refused in IKE_AUTH leaves the IKE SA up and the
         // response carries the error instead of SAr2, TSi and TSr.
         if let Some(notify) = error {
@@ -1262,6 +1333,22 @@ impl Initiator {
             respond(self, &mut s.session, &[Payload::Notify(Notify::new(notify, &[]))])?;
             self.events.push_back(Event::RequestDeclined { exchange, notify });
             return Ok(None);
+        }
+        // RFC 5685 §5: a REDIRECT in an INFORMATIONAL request on the established SA. We answer
+        // it (empty), delete this IKE SA (not waited for) and close; the caller connects to
+        // the new gateway.
+        let redirect = inner.iter().find_map(|p| match p {
+            Payload::Notify(n) if n.notify_type == NotifyType::REDIRECT => decode_redirect(n.data).ok(),
+            _ => None,
+        });
+        if let Some((gateway, _)) =
+            redirect.filter(|_| self.config.redirect_supported || self.config.redirected_from.is_some())
+        {
+            respond(self, &mut s.session, &[])?;
+            s.session.abandon_request();
+            self.request(&mut s.session, &[delete_ike()], now);
+            self.redirected_to = Some(gateway);
+            return Ok(Some(self.close_established(s, DeleteReason::Redirected)));
         }
         // Applied to a copy, kept once the response is sealed.
         let mut remaining = s.children.clone();
@@ -1627,10 +1714,83 @@ mod tests {
                 PayloadType::KE,
                 PayloadType::NONCE,
                 PayloadType::NOTIFY,
+                PayloadType::NOTIFY,
                 PayloadType::NOTIFY
             ]
         );
         assert!(matches!(&m.payloads[1], Payload::Ke(k) if k.group == WireGroup::CURVE25519));
+        // RFC 5685 §3: we can be redirected.
+        assert_eq!(
+            m.payloads[5],
+            Payload::Notify(Notify::new(NotifyType::REDIRECT_SUPPORTED, &[]))
+        );
+    }
+
+    #[test]
+    fn follows_a_redirect_in_ike_sa_init_only_with_our_nonce() {
+        let (mut i, req) = start();
+        let (local, remote) = addrs();
+        let ni = Message::decode(&req)
+            .unwrap()
+            .payloads
+            .iter()
+            .find_map(|p| match p {
+                Payload::Nonce(n) => Some(n.data.to_vec()),
+                _ => None,
+            })
+            .unwrap();
+        let gw = GatewayId::Ip("192.0.2.9".parse().unwrap());
+        // RFC 5685 §4.1: a REDIRECT with another nonce is not for our request.
+        let forged = crate::redirect::encode_redirect(&gw, Some(&[0; 32]));
+        let forged = response(
+            i.spi_i(),
+            vec![Payload::Notify(Notify::new(NotifyType::REDIRECT, &forged))],
+        );
+        assert!(matches!(
+            i.handle_datagram(Instant::now(), local, remote, &forged, &mut Counter(9)),
+            Err(Error::Unexpected(_))
+        ));
+        assert!(!i.is_closed());
+        let data = crate::redirect::encode_redirect(&gw, Some(&ni));
+        let real = response(
+            i.spi_i(),
+            vec![Payload::Notify(Notify::new(NotifyType::REDIRECT, &data))],
+        );
+        assert_eq!(
+            i.handle_datagram(Instant::now(), local, remote, &real, &mut Counter(9)),
+            Err(Error::Redirected)
+        );
+        assert!(i.is_closed());
+        assert_eq!(i.redirected_to(), Some(&gw));
+        assert!(matches!(i.poll_event(), Some(Event::Failed(Error::Redirected))));
+    }
+
+    #[test]
+    fn names_the_gateway_it_was_redirected_from() {
+        let (local, remote) = addrs();
+        let mut c = (*config()).clone();
+        c.redirected_from = Some(GatewayId::Fqdn("old-gw.example".into()));
+        let mut i = Initiator::connect(
+            Arc::new(c),
+            b"psk",
+            local,
+            remote,
+            Instant::now(),
+            &mut Counter(0),
+        )
+        .unwrap();
+        let req = i.poll_transmit().unwrap().payload;
+        let m = Message::decode(&req).unwrap();
+        let from = encode_redirected_from(&GatewayId::Fqdn("old-gw.example".into()));
+        assert_eq!(
+            m.payloads.last(),
+            Some(&Payload::Notify(Notify::new(NotifyType::REDIRECTED_FROM, &from)))
+        );
+        assert!(
+            !m.payloads
+                .iter()
+                .any(|p| matches!(p, Payload::Notify(n) if n.notify_type == NotifyType::REDIRECT_SUPPORTED))
+        );
     }
 
     #[test]

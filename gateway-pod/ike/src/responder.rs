@@ -74,6 +74,13 @@
 //! [`Event::IkeSaDeleted`]; the responder is then closed and only answers a retransmission of
 //! the request that deleted it.
 //!
+//! # Redirects (RFC 5685)
+//!
+//! [`Responder::redirect`] sends a peer that announced N(REDIRECT_SUPPORTED) (or
+//! N(REDIRECTED_FROM)) in IKE_SA_INIT an INFORMATIONAL request with N(REDIRECT) (§5); the
+//! IKE SA stays until the peer deletes it. Redirects during IKE_SA_INIT are the endpoint's
+//! ([`crate::endpoint::Endpoint::set_redirect`]).
+//!
 //! Not here: cookies, fragmentation, transport mode (a USE_TRANSPORT_MODE request is declined
 //! by not echoing it, which RFC 7296 §1.3.1 allows: "If the responder declines the request,
 //! the Child SA will be established in tunnel mode"), MOBIKE, configuration payloads.
@@ -109,6 +116,7 @@ use crate::message::header::{Flags, Header};
 use crate::nat::{behind_nat, nat_detection_hash};
 use crate::negotiate::{IkeChoice, NegotiationError, narrow, select_esp, select_ike};
 use crate::payload::{self, Auth, Delete, Identity, Ke, Nonce, Notify, Payload, TrafficSelector, Ts};
+use crate::redirect::{GatewayId, encode_redirect};
 
 /// Length of our nonces: 32 bytes, at least half the key size of every PRF we negotiate
 /// (RFC 7296 §2.10: "Nonces used in IKEv2 MUST be randomly chosen, MUST be at least 128 bits
@@ -360,6 +368,8 @@ pub enum DeleteReason {
     LocalDeleted,
     /// The peer stopped answering our liveness checks (RFC 7296 §2.4).
     DeadPeer,
+    /// The peer redirected us to another gateway (RFC 5685 §5); we deleted the IKE SA.
+    Redirected,
 }
 
 impl fmt::Display for DeleteReason {
@@ -368,6 +378,7 @@ impl fmt::Display for DeleteReason {
             Self::PeerDeleted => "deleted by the peer",
             Self::DeadPeer => "peer did not answer liveness checks",
             Self::LocalDeleted => "deleted by this gateway",
+            Self::Redirected => "redirected to another gateway",
         })
     }
 }
@@ -590,6 +601,8 @@ pub(crate) struct ChildRef {
 /// The IKE_SA_INIT exchange: IKE_AUTH signs it (RFC 7296 §2.15) and its nonces key the
 /// first CHILD SA (§2.17).
 struct InitExchange {
+    /// The peer announced RFC 5685 redirects (N(REDIRECT_SUPPORTED) or N(REDIRECTED_FROM)).
+    redirect_supported: bool,
     ni: Vec<u8>,
     nr: Vec<u8>,
     request: Vec<u8>,
@@ -644,6 +657,8 @@ struct Established {
     remote: SocketAddr,
     /// When the peer was last heard from (an authenticated message, or CHILD SA traffic).
     last_heard: Instant,
+    /// The peer announced RFC 5685 redirects in IKE_SA_INIT.
+    redirect_supported: bool,
 }
 
 /// A request or response cached after the state that answered it is gone.
@@ -811,6 +826,42 @@ impl Responder {
             State::Closed(cache) => self.state = State::Closed(cache),
             _ => {}
         }
+    }
+
+    /// Redirects the peer to `gateway` (RFC 5685 §5): an INFORMATIONAL request with
+    /// N(REDIRECT) naming it, without nonce data ("the Nonce Data field ... MUST NOT be
+    /// included" outside IKE_SA_INIT), on the established IKE SA. Only for a peer that
+    /// announced N(REDIRECT_SUPPORTED) (or N(REDIRECTED_FROM)) in IKE_SA_INIT: §3, "The
+    /// gateway MUST NOT send the REDIRECT notification ... if the VPN client has not
+    /// indicated support". A request of ours in flight (a liveness check, a rekey) gives way.
+    /// The IKE SA stays until the peer deletes it, once it has moved to the new gateway.
+    pub fn redirect(&mut self, now: Instant, gateway: &GatewayId) -> Result<(), Error> {
+        let State::Established(s) = &mut self.state else {
+            return Err(Error::WrongState("no established IKE SA to redirect"));
+        };
+        if !s.redirect_supported {
+            return Err(Error::WrongState("the peer did not announce REDIRECT_SUPPORTED"));
+        }
+        s.current.abandon_request();
+        if let Ours::ChildRekey(r) = mem::replace(&mut s.ours, Ours::Plain)
+            && let Some(c) = s.children.iter_mut().find(|c| c.spi_in == r.old.spi_in)
+        {
+            c.rekey_at = Some(now);
+        }
+        let data = encode_redirect(gateway, None);
+        let payloads = [Payload::Notify(Notify::new(NotifyType::REDIRECT, &data))];
+        let datagram = s
+            .current
+            .start_request(
+                ExchangeType::INFORMATIONAL,
+                &payloads,
+                now,
+                &self.config.retransmit,
+            )?
+            .ok_or(Error::WrongState("no Message ID left"))?;
+        let (local, remote) = (s.local, s.remote);
+        self.send(local, remote, datagram);
+        Ok(())
     }
 
     /// Our IKE SPI, once IKE_SA_INIT has been answered; after an IKE SA rekey, the new IKE
@@ -1044,12 +1095,21 @@ impl Responder {
             return Err(Error::Unexpected("not an IKE_SA_INIT request"));
         }
         let (mut sa, mut ke, mut ni) = (None, None, None);
+        let mut redirect_supported = false;
         let (mut nat_src, mut nat_dst) = (Vec::new(), Vec::new());
         for p in &msg.payloads {
             match p {
                 Payload::Sa(s) => sa = Some(s),
                 Payload::Ke(k) => ke = Some(k),
                 Payload::Nonce(n) => ni = Some(n.data),
+                // RFC 5685 §3, §4.1: a client that can be redirected says so, or names the
+                // gateway that redirected it.
+                Payload::Notify(n)
+                    if n.notify_type == NotifyType::REDIRECT_SUPPORTED
+                        || n.notify_type == NotifyType::REDIRECTED_FROM =>
+                {
+                    redirect_supported = true;
+                }
                 Payload::Notify(n) if n.notify_type == NotifyType::NAT_DETECTION_SOURCE_IP => {
                     nat_src.push(n.data);
                 }
@@ -1094,6 +1154,10 @@ impl Responder {
         self.init_response(
             now, local, remote, datagram, &h, choice, ke, ni, &nat_src, &nat_dst, entropy,
         )
+        .map(|mut next| {
+            next.init.redirect_supported = redirect_supported;
+            next
+        })
         .inspect_err(|e| {
             if let Some(notify) = e.notify().filter(|n| *n != NotifyType::INVALID_SYNTAX) {
                 self.send(local, remote, init_error(&h, notify, &[]));
@@ -1184,6 +1248,7 @@ impl Responder {
         Ok(ExpectAuth {
             sa,
             init: InitExchange {
+                redirect_supported: false,
                 ni: ni.to_vec(),
                 nr,
                 request: datagram.to_vec(),
@@ -1323,6 +1388,7 @@ impl Responder {
                         }),
                     ),
                     previous: None,
+                    redirect_supported: init.redirect_supported,
                     init: Some((init.request, init.response)),
                     retired: None,
                     children,

@@ -16,6 +16,7 @@ use concentrator_crds::proposal::{parse_esp, parse_ike};
 use concentrator_ike::endpoint::{Endpoint, EndpointConfig, EndpointEvent};
 use concentrator_ike::initiator::{self, Initiator, NatTraversal};
 use concentrator_ike::payload::{Identity, TrafficSelector};
+use concentrator_ike::redirect::GatewayId;
 use concentrator_ike::responder::{self, ChildSa, DeleteReason, IdBuf, Responder, SystemEntropy, Transmit};
 use concentrator_ike::{ExchangeType, NotifyType};
 
@@ -925,4 +926,81 @@ fn simultaneous_child_sa_rekeys_leave_one_sa_by_the_nonce_rule() {
             p.r_events
         );
     }
+}
+
+/// RFC 5685 §5: our responder redirects an established SA with an INFORMATIONAL N(REDIRECT);
+/// the initiator answers, deletes the IKE SA, closes with [`DeleteReason::Redirected`] and
+/// names the new gateway.
+#[test]
+fn follows_the_responders_redirect_of_an_established_sa() {
+    let mut p = Pair::new(
+        initiator_config(MATRIX[0].0, MATRIX[0].1),
+        responder_config(MATRIX[0].0, MATRIX[0].1),
+    );
+    p.drive();
+    assert_established(&p);
+    let gw = GatewayId::Fqdn("gw2.example".into());
+    let now = p.now;
+    let Side::One(r) = &mut p.r else { unreachable!() };
+    r.redirect(now, &gw).unwrap();
+    p.drive();
+    assert!(p.i.is_closed());
+    assert_eq!(p.i.redirected_to(), Some(&gw));
+    assert!(
+        p.i_events.iter().any(|e| matches!(
+            e,
+            initiator::Event::IkeSaDeleted {
+                reason: DeleteReason::Redirected,
+                ..
+            }
+        )),
+        "{:?}",
+        p.i_events
+    );
+    // The initiator's DELETE ends the SA on our responder.
+    assert!(
+        p.r_events.iter().any(|e| matches!(
+            e,
+            responder::Event::IkeSaDeleted {
+                reason: DeleteReason::PeerDeleted,
+                ..
+            }
+        )),
+        "{:?}",
+        p.r_events
+    );
+}
+
+/// RFC 5685 §3: a peer that did not announce REDIRECT_SUPPORTED is not redirected.
+#[test]
+fn does_not_redirect_a_peer_without_redirect_support() {
+    let mut ic = initiator_config(MATRIX[0].0, MATRIX[0].1);
+    ic.redirect_supported = false;
+    let mut p = Pair::new(ic, responder_config(MATRIX[0].0, MATRIX[0].1));
+    p.drive();
+    assert_established(&p);
+    let now = p.now;
+    let Side::One(r) = &mut p.r else { unreachable!() };
+    assert!(matches!(
+        r.redirect(now, &GatewayId::Fqdn("gw2.example".into())),
+        Err(responder::Error::WrongState(_))
+    ));
+    assert!(r.poll_transmit().is_none());
+}
+
+/// RFC 5685 §4.1: the endpoint redirects in IKE_SA_INIT (echoing Ni); the initiator fails
+/// with [`initiator::Error::Redirected`] and names the new gateway.
+#[test]
+fn follows_the_endpoints_redirect_in_ike_sa_init() {
+    let mut p = Pair::endpoint(
+        initiator_config(MATRIX[0].0, MATRIX[0].1),
+        responder_config(MATRIX[0].0, MATRIX[0].1),
+        EndpointConfig::default(),
+    );
+    let gw = GatewayId::Ip("192.0.2.77".parse().unwrap());
+    let Side::Many(ep) = &mut p.r else { unreachable!() };
+    ep.set_redirect(Some(gw.clone()));
+    p.drive();
+    assert_eq!(p.initiator_failure(), initiator::Error::Redirected);
+    assert_eq!(p.i.redirected_to(), Some(&gw));
 }
