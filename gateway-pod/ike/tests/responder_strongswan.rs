@@ -104,6 +104,12 @@ fn driver_process() -> Result<()> {
     let mut responders: Vec<Responder> = Vec::new();
     let mut by_spi_r: HashMap<u64, usize> = HashMap::new();
     let mut by_spi_i: HashMap<u64, usize> = HashMap::new();
+    // `IKE_DRIVER_REDIRECT_TO`: redirect the first IKE SA there once it is established.
+    let redirect_to = match std::env::var("IKE_DRIVER_REDIRECT_TO") {
+        Ok(a) => Some(concentrator_ike::redirect::GatewayId::Ip(a.parse()?)),
+        Err(_) => None,
+    };
+    let mut redirected = false;
     loop {
         let next_timer = responders.iter().filter_map(Responder::poll_timeout).min();
         let received = match next_timer {
@@ -163,6 +169,19 @@ fn driver_process() -> Result<()> {
             drain(r, &psk, &mut entropy, &s500, &s4500)?;
             for spi in r.spis_r() {
                 by_spi_r.insert(spi, index);
+            }
+        }
+        if let Some(gw) = &redirect_to
+            && !redirected
+            && let Some(r) = responders.first_mut().filter(|r| r.is_established())
+        {
+            redirected = true;
+            match r.redirect(now, gw) {
+                Ok(()) => {
+                    println!("REDIRECTED to={gw}");
+                    drain(r, &psk, &mut entropy, &s500, &s4500)?;
+                }
+                Err(e) => println!("REDIRECT failed: {e}"),
             }
         }
     }
@@ -951,5 +970,40 @@ fn we_rekey_strongswans_ike_sa_at_our_soft_lifetime() -> Result<()> {
     let log = s.driver_log();
     ensure!(!log.contains("EVENT IkeSaDeleted"), "IKE SA deleted:\n{log}");
     ensure_clean(&log)?;
+    Ok(())
+}
+
+/// RFC 5685 §5: our responder redirects strongSwan's established IKE SA with an
+/// INFORMATIONAL N(REDIRECT) (strongSwan announces REDIRECT_SUPPORTED and follows redirects
+/// by default). Redirected to our own address, strongSwan comes back with a new IKE_SA_INIT
+/// naming us in N(REDIRECTED_FROM), establishes a new IKE SA and deletes the old one.
+#[test]
+fn strongswan_follows_our_redirect_of_an_established_sa() -> Result<()> {
+    if prereq::require(&[netns::TOOLS, strongswan::TOOLS]).is_skip() {
+        return Ok(());
+    }
+    let psk = concentrator_e2e::ids::random_hex(32);
+    let mut s = Setup::start_with(IKE, "aes128gcm16", &psk, &[("IKE_DRIVER_REDIRECT_TO", GW_ADDR)])?;
+    let conn = s.connection(IKE, "aes128gcm16", &psk);
+    s.establish(&conn)?;
+    let first = s.wait_driver_line("EVENT IkeSaEstablished")?;
+    s.wait_driver_line("REDIRECTED")?;
+    let first_spi = field(&first, "spi_r").unwrap_or_default().to_owned();
+    // A second IKE SA from strongSwan, then the first one deleted by it.
+    s.wait_driver("a second IKE SA after the redirect", TIMEOUT, |log| {
+        (lines_with(log, "EVENT IkeSaEstablished").len() >= 2).then_some(())
+    })?;
+    s.wait_driver("strongSwan's DELETE of the redirected IKE SA", TIMEOUT, |log| {
+        lines_with(log, "EVENT IkeSaDeleted")
+            .into_iter()
+            .find(|l| field(l, "spi_r") == Some(first_spi.as_str()) && l.contains("PeerDeleted"))
+            .map(|_| ())
+    })?;
+    s.wait_charon_log("redirect", 1, TIMEOUT)?;
+    let child = s.charon().wait_established("gw", "gw", TIMEOUT)?;
+    ensure!(child.state == "INSTALLED", "{child:?}");
+    let driver = s.driver_log();
+    eprintln!("{driver}");
+    ensure_clean(&driver)?;
     Ok(())
 }
