@@ -151,6 +151,7 @@ pub async fn start(
                 tracing::debug!(eroute = %name, "IKE_SA_INIT answered with this eroute's proposals");
                 ResponderConfig {
                     retransmit: opts.retransmit,
+                    ike_lifetime: Some(e.ike_lifetime).filter(|d| !d.is_zero()),
                     ..ResponderConfig::from_eroute(e, local_id(e, opts.listen))
                 }
             }
@@ -806,9 +807,12 @@ impl Driver {
         let Some(responder) = self.endpoint.responder_mut(id) else {
             return;
         };
+        // The endpoint routes by our SPI in either position, so this side may rekey the IKE
+        // SA at its lifetime (RFC 7296 §2.18) as well as the CHILD SAs.
         let mut config = ResponderConfig {
             retransmit: responder.config().retransmit,
             half_open_timeout: responder.config().half_open_timeout,
+            ike_lifetime: Some(e.ike_lifetime).filter(|d| !d.is_zero()),
             ..ResponderConfig::from_eroute(e, local_id)
         };
         if let Some(subnet) = site_subnet {

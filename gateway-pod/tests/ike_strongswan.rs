@@ -35,7 +35,9 @@ fn addr(s: &str) -> IpAddr {
 }
 
 /// The gateway's config directory: one static eroute for the site, its PSK as a Secret file.
-fn write_config(dir: &Path, ike: &str, esp: &str, psk: &str, dpd: &str, initiator: bool) -> Result<()> {
+fn write_config(dir: &Path, ike: &str, esp: &str, psk: &str, o: &GatewayOptions<'_>) -> Result<()> {
+    let (dpd, initiator) = (o.dpd.unwrap_or("30s"), o.initiator);
+    let (ike_life, esp_life) = o.lifetimes.unwrap_or(("4h", "1h"));
     // As initiator the gateway keeps the tunnel to the site's address up itself.
     let role = if initiator {
         format!("Initiator\n  peerAddress: {SITE_ADDR}")
@@ -50,7 +52,8 @@ fn write_config(dir: &Path, ike: &str, esp: &str, psk: &str, dpd: &str, initiato
             "apiVersion: vpn.concentrator.io/v1alpha1\nkind: Eroute\nmetadata:\n  name: site-a\n\
              spec:\n  localSubnet: {GW_LAN}\n  remoteSubnet: {SITE_LAN}\n  peerId: {SITE_ID}\n\
              \x20 localId: {GW_ID}\n  pskSecretRef:\n    name: site-a\n    key: psk\n  role: {role}\n\
-             \x20 ike:\n    proposals: [{ike}]\n    dpdInterval: {dpd}\n  esp:\n    proposals: [{esp}]\n"
+             \x20 ike:\n    proposals: [{ike}]\n    dpdInterval: {dpd}\n    lifetime: {ike_life}\n\
+             \x20 esp:\n    proposals: [{esp}]\n    lifetime: {esp_life}\n"
         ),
     )?;
     Ok(())
@@ -75,6 +78,8 @@ struct GatewayOptions<'a> {
     args: &'a [&'a str],
     /// The eroute has role Initiator and the site's address: the gateway connects.
     initiator: bool,
+    /// The eroute's IKE and ESP lifetimes (default 4h and 1h).
+    lifetimes: Option<(&'a str, &'a str)>,
 }
 
 impl Setup {
@@ -94,7 +99,7 @@ impl Setup {
 
         let dir = scratch::dir("ike-gateway")?;
         let config = dir.path().join("config");
-        write_config(&config, ike, esp, psk, o.dpd.unwrap_or("30s"), o.initiator)?;
+        write_config(&config, ike, esp, psk, o)?;
         let log = dir.path().join("gateway.log");
         let data = dir.path().join("data");
         let mut args = vec![
@@ -446,6 +451,7 @@ fn a_vanished_site_is_found_dead_and_removed() -> Result<()> {
             dpd: Some("2s"),
             args: &["--ike-retransmit-timeout", "500ms", "--ike-retransmit-tries", "2"],
             initiator: false,
+            lifetimes: None,
         },
     )?;
     establish(&s, &s.connection(ike, "aes128gcm16", &psk, SITE_ID))?;
@@ -488,6 +494,7 @@ fn a_gateway_that_redirects_sends_the_site_to_another_one() -> Result<()> {
             dpd: None,
             args: &["--redirect-to", GW2_ADDR],
             initiator: false,
+            lifetimes: None,
         },
     )?;
     let gw2 = Netns::new("ssgw2")?;
@@ -566,6 +573,7 @@ fn gateway_initiates(ike: &str, esp: &str) -> Result<()> {
             dpd: None,
             args: &[],
             initiator: true,
+            lifetimes: None,
         },
     )?;
     s.charon().load(&[s.connection(ike, esp, &psk, SITE_ID)])?;
@@ -633,6 +641,58 @@ fn a_site_that_restarts_replaces_its_old_ike_sa() -> Result<()> {
         tunnels.lines().filter(|l| l.starts_with(SITE_ID)).count() == 1,
         "one tunnel per site expected:\n{tunnels}"
     );
+    s.gw.wait_reachable(Some(addr(GW_HOST)), addr(SITE_HOST), TIMEOUT)
+        .with_context(|| s.logs())
+}
+
+#[test]
+fn the_gateway_rekeys_child_and_ike_sas_itself_under_traffic() -> Result<()> {
+    if prereq::require(&[netns::TOOLS, strongswan::TOOLS, &[tools::CURL, tools::PYTHON3]]).is_skip() {
+        return Ok(());
+    }
+    let ike = "aes128gcm16-prfsha256-x25519";
+    let esp = "aes128gcm16-x25519";
+    let psk = concentrator_e2e::ids::random_hex(32);
+    // Our lifetimes are short (strongSwan's stay at their long defaults): every rekey below
+    // is started by the gateway, with PFS for the CHILD SAs.
+    let s = Setup::start_with(
+        ike,
+        esp,
+        &psk,
+        &GatewayOptions {
+            dpd: None,
+            args: &[],
+            initiator: false,
+            lifetimes: Some(("8s", "4s")),
+        },
+    )?;
+    establish(&s, &s.connection(ike, esp, &psk, SITE_ID))?;
+    let first = s.charon().child_sa("gw", "gw")?.context("child")?;
+    common::paced_tcp_transfer(
+        &s.site,
+        SITE_HOST,
+        &s.gw,
+        GW_HOST,
+        s.dir.path(),
+        Duration::from_secs(12),
+    )
+    .with_context(|| s.logs())?;
+    let now = s.charon().child_sa("gw", "gw")?.context("child after rekeys")?;
+    ensure!(
+        first.fields.get("spi-in") != now.fields.get("spi-in"),
+        "the CHILD SA was not rekeyed: {first:?} / {now:?}"
+    );
+    ensure!(
+        logs::contains(s.gateway.log_path(), "IKE SA rekeyed"),
+        "no IKE SA rekey by the gateway:\n{}",
+        s.logs()
+    );
+    let sas = s.charon().list_sas()?;
+    ensure!(
+        sas.iter().filter(|sa| sa.state == "ESTABLISHED").count() == 1,
+        "strongSwan: {sas:?}"
+    );
+    s.wait_metric("concentrator_gateway_ike_sas_established", 1.0)?;
     s.gw.wait_reachable(Some(addr(GW_HOST)), addr(SITE_HOST), TIMEOUT)
         .with_context(|| s.logs())
 }

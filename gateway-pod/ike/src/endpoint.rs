@@ -424,13 +424,26 @@ impl Endpoint {
     ) -> Result<(), EndpointError> {
         let (header, _) = Header::peek(datagram).ok_or(EndpointError::NotIke)?;
         if !header.flags.contains(Flags::INITIATOR) {
-            // From a peer we initiated to: our SPI is SPIi.
-            let (i, _) = self
-                .initiators
-                .get_mut(&header.spi_i)
+            // From the original responder of the IKE SA: our SPI is SPIi. That is an SA we
+            // initiated, or one a peer initiated and we rekeyed since (RFC 7296 §3.1: the
+            // flag "changes to reflect who initiated the last rekey of the IKE SA").
+            if let Some((i, _)) = self.initiators.get_mut(&header.spi_i) {
+                let r = i.handle_datagram(now, local, remote, datagram, entropy);
+                self.collect_initiator(header.spi_i, now);
+                return r.map_err(EndpointError::from);
+            }
+            let id = *self
+                .routes
+                .get(&header.spi_i)
                 .ok_or(EndpointError::UnknownSpi(header.spi_i))?;
-            let r = i.handle_datagram(now, local, remote, datagram, entropy);
-            self.collect_initiator(header.spi_i, now);
+            let slot = self
+                .slots
+                .get_mut(&id)
+                .ok_or(EndpointError::UnknownSpi(header.spi_i))?;
+            let r = slot
+                .responder
+                .handle_datagram(now, local, remote, datagram, entropy);
+            self.collect(id, now);
             return r.map_err(EndpointError::from);
         }
         // Responses answer our liveness checks on established SAs, which have our SPI; a
