@@ -552,6 +552,20 @@ impl Initiator {
         }
     }
 
+    /// Every SPI of ours that the peer's messages may carry: our SPI of the IKE SA in use
+    /// (SPIi, or SPIr after a rekey by the peer) and of the one a rekey replaced, until it is
+    /// deleted. An endpoint routing an initiated SA only by its first SPIi ([`Self::spi_i`])
+    /// loses it after an IKE SA rekey; route by these instead.
+    pub fn our_spis(&self) -> Vec<u64> {
+        match &self.state {
+            State::Established(s) => std::iter::once(s.session.sa.our_spi())
+                .chain(s.previous.as_ref().map(|p| p.sa.our_spi()))
+                .collect(),
+            State::Closed(_) => Vec::new(),
+            _ => vec![self.spi_i],
+        }
+    }
+
     /// The gateway a REDIRECT named (RFC 5685), once this SA closed because of it (with
     /// [`Error::Redirected`] before establishment, [`DeleteReason::Redirected`] after).
     pub fn redirected_to(&self) -> Option<&GatewayId> {

@@ -59,10 +59,8 @@
 //! reflect who initiated the last rekey of the IKE SA"), and deletes the old one; the same
 //! [`Event::IkeSaRekeyed`] (with `new_spi_r` our SPI of the new SA, which is its SPIi) and
 //! [`Event::IkeSaRetired`] (once the peer answers the DELETE). [`Responder::spi_r`] and
-//! [`Responder::spis_r`] return *our* SPIs, whichever role they have; note that
-//! [`crate::endpoint::Endpoint`] routes messages without the I flag to initiators only, so
-//! behind it `ike_lifetime` stays `None` until it routes by our SPI in either position. A
-//! simultaneous rekey by the peer (§2.8.2) is handled safely: the peer's request on an IKE
+//! [`Responder::spis_r`] return *our* SPIs, whichever role they have, so an endpoint routes
+//! the peer's messages by our SPI in either position of the header. A simultaneous rekey by the peer (§2.8.2) is handled safely: the peer's request on an IKE
 //! SA we already replaced is refused (NO_ADDITIONAL_SAS), and ours is abandoned when the
 //! peer's arrives first.
 //!
@@ -234,10 +232,13 @@ impl Config {
     }
 
     /// The responder configuration of a validated eroute (its proposals, subnets, CHILD SA
-    /// lifetime and liveness-check interval), answering as `local_id`.
+    /// and IKE SA lifetimes, which start our rekeys, and liveness-check interval), answering
+    /// as `local_id`.
     pub fn from_eroute(eroute: &ValidatedEroute, local_id: IdBuf) -> Self {
         Self {
             child_lifetime: eroute.esp_lifetime,
+            // A zero lifetime (rejected by validation) means no rekeys of ours.
+            ike_lifetime: Some(eroute.ike_lifetime).filter(|d| !d.is_zero()),
             // Validation rejects a zero interval; should one get here, it means "off" rather
             // than a liveness check after every answer.
             dpd_interval: Some(eroute.dpd_interval).filter(|d| !d.is_zero()),

@@ -798,6 +798,13 @@ fn rekeys_ike_sa(initiator_rekeys: bool) {
         let (i, r) = spis(&p);
         assert_eq!(i, r, "both ends on the same IKE SA");
         let i = i.unwrap();
+        // Our SPI of the IKE SA in use is the rekeying side's SPIi.
+        let i_spi = if initiator_rekeys || i == seen[0] {
+            i.0
+        } else {
+            i.1
+        };
+        assert_eq!(p.i.our_spis().first(), Some(&i_spi));
         if seen.last() != Some(&i) {
             assert!(!seen.iter().any(|s| s.0 == i.0 || s.1 == i.1), "fresh SPIs");
             seen.push(i);
