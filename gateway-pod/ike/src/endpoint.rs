@@ -18,7 +18,7 @@
 //! by the original initiator of the IKE SA): a message with it comes from a peer that
 //! initiated, so our SPI is SPIr; without it, from a peer we initiated to, so ours is SPIi.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -171,6 +171,33 @@ pub struct Endpoint {
     transmits: VecDeque<Transmit>,
     events: VecDeque<EndpointEvent>,
     redirect: Option<GatewayId>,
+    /// Every SA's next deadline, in order, and each SA's entry in it: finding what is due
+    /// costs a lookup, not a scan of every SA (tens of thousands at a time).
+    timers: BTreeSet<(Instant, u64)>,
+    deadlines: HashMap<u64, Instant>,
+    /// Each SA's phase, and the totals, kept as SAs change.
+    phases: HashMap<u64, Phase>,
+    counts: SaCounts,
+}
+
+/// Where an SA stands, for [`SaCounts`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    HalfOpen,
+    Established,
+    Closing,
+    Connecting,
+}
+
+impl SaCounts {
+    fn slot(&mut self, phase: Phase) -> &mut usize {
+        match phase {
+            Phase::HalfOpen => &mut self.half_open,
+            Phase::Established => &mut self.established,
+            Phase::Closing => &mut self.closing,
+            Phase::Connecting => &mut self.connecting,
+        }
+    }
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -196,6 +223,70 @@ impl Endpoint {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             redirect: None,
+            timers: BTreeSet::new(),
+            deadlines: HashMap::new(),
+            phases: HashMap::new(),
+            counts: SaCounts::default(),
+        }
+    }
+
+    /// SA `id`'s next deadline: the responder's or initiator's own timer, or ours (half-open
+    /// expiry, linger of a closed SA).
+    fn deadline_of(&self, id: u64) -> Option<Instant> {
+        if let Some(s) = self.slots.get(&id) {
+            let ours = match (s.closed_at, s.established) {
+                (Some(at), _) => Some(at + self.config.linger),
+                (None, false) => Some(s.created + self.config.half_open_timeout),
+                (None, true) => None,
+            };
+            return ours.into_iter().chain(s.responder.poll_timeout()).min();
+        }
+        self.initiators.get(&id).and_then(|(i, closed)| match closed {
+            Some(at) => Some(*at + self.config.linger),
+            None => i.poll_timeout(),
+        })
+    }
+
+    fn phase_of(&self, id: u64) -> Option<Phase> {
+        if let Some(s) = self.slots.get(&id) {
+            return Some(match (s.closed_at, s.established) {
+                (Some(_), _) => Phase::Closing,
+                (None, true) => Phase::Established,
+                (None, false) => Phase::HalfOpen,
+            });
+        }
+        self.initiators
+            .get(&id)
+            .map(|(i, closed)| match (closed, i.is_established()) {
+                (Some(_), _) => Phase::Closing,
+                (None, true) => Phase::Established,
+                (None, false) => Phase::Connecting,
+            })
+    }
+
+    /// Brings SA `id`'s timer entry and phase count up to date (after anything that may
+    /// have changed them; an SA that is gone leaves both).
+    fn refresh(&mut self, id: u64) {
+        if let Some(old) = self.deadlines.remove(&id) {
+            self.timers.remove(&(old, id));
+        }
+        if let Some(t) = self.deadline_of(id) {
+            self.timers.insert((t, id));
+            self.deadlines.insert(id, t);
+        }
+        let new = self.phase_of(id);
+        let old = match new {
+            Some(p) => self.phases.insert(id, p),
+            None => self.phases.remove(&id),
+        };
+        if old != new {
+            if let Some(p) = old {
+                let n = self.counts.slot(p);
+                *n = n.saturating_sub(1);
+            }
+            if let Some(p) = new {
+                *self.counts.slot(p) += 1;
+            }
         }
     }
 
@@ -213,22 +304,7 @@ impl Endpoint {
 
     /// How many SAs are in each phase.
     pub fn counts(&self) -> SaCounts {
-        let mut c = SaCounts::default();
-        for s in self.slots.values() {
-            match (s.closed_at, s.established) {
-                (Some(_), _) => c.closing += 1,
-                (None, true) => c.established += 1,
-                (None, false) => c.half_open += 1,
-            }
-        }
-        for (i, closed) in self.initiators.values() {
-            match (closed, i.is_established()) {
-                (Some(_), _) => c.closing += 1,
-                (None, true) => c.established += 1,
-                (None, false) => c.connecting += 1,
-            }
-        }
-        c
+        self.counts
     }
 
     /// The responder of the IKE SA `id`.
@@ -244,6 +320,7 @@ impl Endpoint {
         } else if let Some((i, _)) = self.initiators.get_mut(&id) {
             i.handle_child_traffic(now);
         }
+        self.refresh(id);
     }
 
     /// Starts an IKE SA of ours from `local` to `remote` with `psk`; returns its id (our
@@ -283,6 +360,7 @@ impl Endpoint {
         if i.is_closed() && closed.is_none() {
             *closed = Some(now);
         }
+        self.refresh(id);
     }
 
     /// The next datagram to send.
@@ -299,78 +377,52 @@ impl Endpoint {
 
     /// The next instant [`Endpoint::handle_timeout`] has something to do.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.slots
-            .values()
-            .filter_map(|s| {
-                let ours = match (s.closed_at, s.established) {
-                    (Some(at), _) => Some(at + self.config.linger),
-                    (None, false) => Some(s.created + self.config.half_open_timeout),
-                    (None, true) => None,
-                };
-                ours.into_iter().chain(s.responder.poll_timeout()).min()
-            })
-            .chain(self.initiators.values().filter_map(|(i, closed)| match closed {
-                Some(at) => Some(*at + self.config.linger),
-                None => i.poll_timeout(),
-            }))
-            .min()
+        self.timers.first().map(|(t, _)| *t)
     }
 
-    /// Runs the responders' timers (liveness checks, retransmissions) and forgets half-open
-    /// SAs that took too long and closed ones that lingered long enough.
+    /// Runs the responders' and initiators' timers (liveness checks, retransmissions,
+    /// rekeys) and forgets half-open SAs that took too long and closed ones that lingered
+    /// long enough. Only the SAs that are due are visited.
     pub fn handle_timeout(&mut self, now: Instant, entropy: &mut dyn Entropy) {
         let due: Vec<u64> = self
-            .slots
+            .timers
             .iter()
-            .filter(|(_, s)| s.responder.poll_timeout().is_some_and(|t| t <= now))
-            .map(|(id, _)| *id)
+            .take_while(|(t, _)| *t <= now)
+            .map(|(_, id)| *id)
             .collect();
+        let (linger, half_open) = (self.config.linger, self.config.half_open_timeout);
         for id in due {
             if let Some(slot) = self.slots.get_mut(&id) {
-                slot.responder.handle_timeout(now, entropy);
+                if slot.responder.poll_timeout().is_some_and(|t| t <= now) {
+                    slot.responder.handle_timeout(now, entropy);
+                }
+                self.collect(id, now);
+                let expired = self
+                    .slots
+                    .get(&id)
+                    .is_some_and(|s| match (s.closed_at, s.established) {
+                        (Some(at), _) => now >= at + linger,
+                        (None, false) => now >= s.created + half_open,
+                        (None, true) => false,
+                    });
+                if expired {
+                    self.remove(id);
+                }
+            } else if let Some((i, closed)) = self.initiators.get_mut(&id) {
+                if closed.is_some_and(|at| now >= at + linger) {
+                    let established = i.is_established();
+                    self.initiators.remove(&id);
+                    self.refresh(id);
+                    self.events.push_back(EndpointEvent::Removed { id, established });
+                    continue;
+                }
+                if closed.is_none() && i.poll_timeout().is_some_and(|t| t <= now) {
+                    i.handle_timeout(now, entropy);
+                }
+                self.collect_initiator(id, now);
+            } else {
+                self.refresh(id);
             }
-            self.collect(id, now);
-        }
-        let linger = self.config.linger;
-        let due: Vec<u64> = self
-            .initiators
-            .iter()
-            .filter(|(_, (i, closed))| closed.is_none() && i.poll_timeout().is_some_and(|t| t <= now))
-            .map(|(id, _)| *id)
-            .collect();
-        for id in due {
-            if let Some((i, _)) = self.initiators.get_mut(&id) {
-                i.handle_timeout(now, entropy);
-            }
-            self.collect_initiator(id, now);
-        }
-        let gone: Vec<u64> = self
-            .initiators
-            .iter()
-            .filter(|(_, (_, closed))| closed.is_some_and(|at| now >= at + linger))
-            .map(|(id, _)| *id)
-            .collect();
-        for id in gone {
-            if let Some((i, _)) = self.initiators.remove(&id) {
-                self.events.push_back(EndpointEvent::Removed {
-                    id,
-                    established: i.is_established(),
-                });
-            }
-        }
-        let (linger, half_open) = (self.config.linger, self.config.half_open_timeout);
-        let expired: Vec<u64> = self
-            .slots
-            .iter()
-            .filter(|(_, s)| match (s.closed_at, s.established) {
-                (Some(at), _) => now >= at + linger,
-                (None, false) => now >= s.created + half_open,
-                (None, true) => false,
-            })
-            .map(|(spi, _)| *spi)
-            .collect();
-        for spi in expired {
-            self.remove(spi);
         }
     }
 
@@ -404,6 +456,7 @@ impl Endpoint {
     /// Ends an SA at once (no DELETE is sent): a gateway shutting down, a replaced peer.
     pub fn close(&mut self, id: u64) {
         if let Some((i, _)) = self.initiators.remove(&id) {
+            self.refresh(id);
             self.events.push_back(EndpointEvent::Removed {
                 id,
                 established: i.is_established(),
@@ -557,6 +610,7 @@ impl Endpoint {
         if slot.responder.is_closed() && slot.closed_at.is_none() {
             slot.closed_at = Some(now);
         }
+        self.refresh(spi_r);
     }
 
     fn remove(&mut self, spi_r: u64) {
@@ -567,6 +621,7 @@ impl Endpoint {
             if self.by_init.get(&(slot.remote, slot.spi_i)) == Some(&spi_r) {
                 self.by_init.remove(&(slot.remote, slot.spi_i));
             }
+            self.refresh(spi_r);
             self.events.push_back(EndpointEvent::Removed {
                 id: spi_r,
                 established: slot.established,
