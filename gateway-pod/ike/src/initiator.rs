@@ -1242,7 +1242,7 @@ impl Initiator {
                 // be tried again later.
                 match r.complete(&inner, &s.session.sa, &self.config.ike_proposals) {
                     Ok(sa) => self.we_rekeyed(s, sa, now, entropy),
-                    Err(_) => s.ike_rekey_at = Some(deadline(now, rekey::REKEY_RETRY)),
+                    Err(_) => s.ike_rekey_at = Some(rekey::retry_at(now, entropy)),
                 }
             } else if let rekey::Ours::ChildRekey(r) = ours {
                 let config = Arc::clone(&self.config);
@@ -1419,6 +1419,11 @@ impl Initiator {
         );
         if ike_proposals && !rekey_sa && !config.accept_ike_rekey {
             return Err(responder::Error::NoAdditionalSas);
+        }
+        // RFC 7296 §2.25: TEMPORARY_FAILURE while our own IKE SA rekey is in flight (see the
+        // responder's answer to the same collision).
+        if ike_proposals && !rekey_sa && matches!(s.ours, rekey::Ours::IkeRekey(_)) {
+            return Err(responder::Error::TemporaryFailure);
         }
         let ours = responder::Config {
             child_lifetime: config.child_lifetime,

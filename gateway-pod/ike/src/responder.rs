@@ -60,9 +60,10 @@
 //! [`Event::IkeSaRekeyed`] (with `new_spi_r` our SPI of the new SA, which is its SPIi) and
 //! [`Event::IkeSaRetired`] (once the peer answers the DELETE). [`Responder::spi_r`] and
 //! [`Responder::spis_r`] return *our* SPIs, whichever role they have, so an endpoint routes
-//! the peer's messages by our SPI in either position of the header. A simultaneous rekey by the peer (§2.8.2) is handled safely: the peer's request on an IKE
-//! SA we already replaced is refused (NO_ADDITIONAL_SAS), and ours is abandoned when the
-//! peer's arrives first.
+//! the peer's messages by our SPI in either position of the header. A simultaneous rekey by
+//! the peer (§2.8.2) is handled safely: while ours is in flight the peer's is answered with
+//! TEMPORARY_FAILURE (§2.25) and both try again after a random wait; the peer's request on
+//! an IKE SA we already replaced is refused (NO_ADDITIONAL_SAS).
 //!
 //! # Events after IKE_AUTH
 //!
@@ -518,6 +519,9 @@ pub enum Error {
     /// A timer expired.
     #[error("timed out: {0}")]
     Timeout(&'static str),
+    /// The peer asked to rekey the IKE SA while our own rekey of it is in flight.
+    #[error("IKE SA rekey collides with ours in flight")]
+    TemporaryFailure,
 }
 
 impl Error {
@@ -536,6 +540,7 @@ impl Error {
             }
             Self::ChildSaNotFound { .. } => Some(NotifyType::CHILD_SA_NOT_FOUND),
             Self::NoAdditionalSas => Some(NotifyType::NO_ADDITIONAL_SAS),
+            Self::TemporaryFailure => Some(NotifyType::TEMPORARY_FAILURE),
             Self::Crypto(_)
             | Self::Unexpected(_)
             | Self::Packet(_)
@@ -1590,7 +1595,7 @@ impl Responder {
             *last_heard = now;
             match rekeyed {
                 Some(Ok(sa)) => self.we_rekeyed(s, sa, now, entropy),
-                Some(Err(_)) => s.ike_rekey_at = Some(deadline(now, rekey::REKEY_RETRY)),
+                Some(Err(_)) => s.ike_rekey_at = Some(rekey::retry_at(now, entropy)),
                 None => {}
             }
             return Ok(Next::Stay);
@@ -1850,6 +1855,14 @@ impl Responder {
         now: Instant,
         entropy: &mut dyn Entropy,
     ) -> Result<Outcome, Error> {
+        // RFC 7296 §2.25: "TEMPORARY_FAILURE ... when a peer receives a request that cannot
+        // be completed due to a temporary condition such as a rekeying operation"; a peer's
+        // IKE SA rekey while ours is in flight is answered so, and the peer tries again later
+        // (rather than both ends ending up on different new IKE SAs, §2.8.2).
+        if matches!(ours, Ours::IkeRekey(_)) && create_child::is_ike_rekey(inner) {
+            self.refuse(session, reply, Error::TemporaryFailure)?;
+            return Ok(Outcome::Answered);
+        }
         let config = Arc::clone(&self.config);
         let cx = create_child::Context {
             config: &config,

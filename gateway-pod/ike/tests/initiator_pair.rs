@@ -1011,3 +1011,44 @@ fn follows_the_endpoints_redirect_in_ike_sa_init() {
     assert_eq!(p.initiator_failure(), initiator::Error::Redirected);
     assert_eq!(p.i.redirected_to(), Some(&gw));
 }
+
+/// Both ends rekey the IKE SA at once (RFC 7296 §2.8.2): each answers the other's request
+/// with TEMPORARY_FAILURE (§2.25) while its own is in flight, both try again after a random
+/// wait, and the first retry wins: both ends end up on the same new IKE SA.
+#[test]
+fn simultaneous_ike_sa_rekeys_settle_on_one_new_ike_sa() {
+    let mut ic = initiator_config(MATRIX[0].0, MATRIX[0].1);
+    let mut rc = responder_config(MATRIX[0].0, MATRIX[0].1);
+    ic.ike_lifetime = Some(Duration::from_secs(20));
+    ic.accept_ike_rekey = true;
+    rc.ike_lifetime = Some(Duration::from_secs(20));
+    let mut p = Pair::new(ic, rc);
+    p.drive();
+    assert_established(&p);
+    let first = p.i.ike_spis().unwrap();
+    p.now += Duration::from_secs(20);
+    p.i.handle_timeout(p.now, &mut SystemEntropy);
+    if let Side::One(r) = &mut p.r {
+        r.handle_timeout(p.now, &mut SystemEntropy);
+    }
+    p.drive();
+    let r_spis = |p: &Pair| match &p.r {
+        Side::One(r) => r.ike_spis(),
+        Side::Many(_) => unreachable!(),
+    };
+    assert_eq!(p.i.ike_spis(), Some(first), "both rekeys refused");
+    assert_eq!(r_spis(&p), Some(first));
+    // The retries (15 to 45 s later) do not collide: one of them rekeys.
+    while p.i.ike_spis() == Some(first) {
+        assert!(p.i.is_established(), "{:?}", p.i_events);
+        p.advance();
+    }
+    assert_eq!(p.i.ike_spis(), r_spis(&p));
+    assert!(p.i.is_established());
+    assert!(
+        p.r_events
+            .iter()
+            .any(|e| matches!(e, responder::Event::IkeSaRekeyed { .. }))
+    );
+    assert_eq!(current_children(&p).0, current_children(&p).1);
+}

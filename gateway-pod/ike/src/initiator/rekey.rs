@@ -29,8 +29,11 @@
 //! as its initiator (§3.1: the I flag "changes to reflect who initiated the last rekey of
 //! the IKE SA"), SKEYSEED from the old SK_d (§2.18), and inherits every CHILD SA; we then
 //! delete the old IKE SA. A simultaneous IKE SA rekey of the peer (§2.8.2) is handled
-//! safely rather than optimally: the first to complete on our side wins, our request on the
-//! old SA is abandoned if the peer's arrives first, and the peer's on an SA we already
+//! safely rather than optimally: while ours is in flight the peer's is answered with
+//! TEMPORARY_FAILURE (§2.25: "SHOULD be sent when a peer receives a request that cannot be
+//! completed due to a temporary condition such as a rekeying operation"; §2.25.2 would
+//! rather have both complete and the nonces decide), a refused rekey of ours is tried again
+//! after a random 15 to 45 s ([`retry_at`]), and a peer's request on an SA we already
 //! replaced is refused (NO_ADDITIONAL_SAS).
 
 use std::time::{Duration, Instant};
@@ -489,6 +492,18 @@ pub(crate) fn start_ike_due(
 
 /// How long a failed rekey waits before the next try.
 pub(crate) const REKEY_RETRY: Duration = Duration::from_secs(30);
+
+/// When to try a failed rekey again: after half to one and a half [`REKEY_RETRY`], at
+/// random, so that two ends refusing each other's colliding IKE SA rekeys
+/// (TEMPORARY_FAILURE) do not collide again.
+pub(crate) fn retry_at(now: Instant, entropy: &mut dyn Entropy) -> Instant {
+    let mut r = [0u8; 2];
+    let r = entropy
+        .fill(&mut r)
+        .map_or(32_768, |()| u64::from(u16::from_be_bytes(r)));
+    let ms = (REKEY_RETRY.as_millis() as u64 / 2) + REKEY_RETRY.as_millis() as u64 * r / 65_535;
+    crate::responder::deadline(now, Duration::from_millis(ms))
+}
 
 /// What the CHILD SA rekeys of one IKE SA are checked against: the role's configuration.
 pub(crate) struct Params<'a> {

@@ -169,6 +169,16 @@ impl<'p, 'a> Request<'p, 'a> {
     }
 }
 
+/// Whether a CREATE_CHILD_SA request rekeys the IKE SA (RFC 7296 §1.3.2: IKE proposals, no
+/// REKEY_SA).
+pub(crate) fn is_ike_rekey(inner: &[Payload<'_>]) -> bool {
+    let req = Request::parse(inner);
+    req.rekey.is_none()
+        && req
+            .sa
+            .is_some_and(|sa| sa.proposals.iter().all(|p| p.protocol == ProtocolId::IKE))
+}
+
 /// Evaluates a CREATE_CHILD_SA request. An `Err` is answered with its notify
 /// ([`Error::notify`]) and leaves the IKE SA as it was (RFC 7296 §2.21.3: a failed
 /// CREATE_CHILD_SA does not affect the IKE SA).
