@@ -484,7 +484,7 @@ pub(crate) fn start_ike_due(
             Some(d)
         }
         Err(_) => {
-            *rekey_at = Some(crate::responder::deadline(now, REKEY_RETRY));
+            *rekey_at = Some(retry_at(now, entropy));
             None
         }
     }
@@ -562,7 +562,7 @@ pub(crate) fn start_due(
             Some(datagram)
         }
         Err(_) => {
-            c.rekey_at = Some(crate::responder::deadline(now, REKEY_RETRY));
+            c.rekey_at = Some(retry_at(now, entropy));
             None
         }
     }
@@ -616,7 +616,7 @@ pub(crate) fn finish(
         Ok(v) => v,
         Err(e) => {
             if let Some(c) = children.iter_mut().find(|c| c.spi_in == r.old.spi_in) {
-                c.rekey_at = Some(crate::responder::deadline(now, REKEY_RETRY));
+                c.rekey_at = Some(retry_at(now, entropy));
             }
             return Err(e);
         }
