@@ -176,11 +176,12 @@ pub async fn start(
     let ike_addr = local_addr(&udp500, opts.ike_port)?;
     let nat_t_addr = local_addr(&udp4500, opts.nat_t_port)?;
 
-    let dev = tun_rs::DeviceBuilder::new()
-        .name(&opts.tun_name)
-        .mtu(opts.tun_mtu)
-        .build_async()
-        .map_err(|e| DataplaneError::Tun(opts.tun_name.clone(), e))?;
+    let dev = crate::dataplane::open_tun(
+        tun_rs::DeviceBuilder::new()
+            .name(&opts.tun_name)
+            .mtu(opts.tun_mtu),
+    )
+    .map_err(|e| DataplaneError::Tun(opts.tun_name.clone(), e))?;
     let (ike_tx, ike_rx) = mpsc::channel(4096);
     let (acquire_tx, acquire_rx) = mpsc::channel(1024);
     let (dataplane, dataplane_task) = shared::spawn(

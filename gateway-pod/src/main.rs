@@ -25,7 +25,7 @@ async fn esp_static(args: &concentrator_gateway::cli::EspStaticArgs) -> ExitCode
             return ExitCode::from(2);
         }
     };
-    let counters = std::sync::Arc::new(concentrator_gateway::dataplane::Counters::default());
+    let counters = concentrator_gateway::dataplane::shared::DataplaneCounters::default();
     let stop = StopSignals::register();
     println!("esp-static: {} -> {} up", args.local, args.peer);
     tokio::select! {
@@ -37,13 +37,12 @@ async fn esp_static(args: &concentrator_gateway::cli::EspStaticArgs) -> ExitCode
         }
         () = stop.wait() => {}
     }
-    use std::sync::atomic::Ordering::Relaxed;
     println!(
         "esp-static: out {} in {} dropped {} policy-dropped {}",
-        counters.packets_out.load(Relaxed),
-        counters.packets_in.load(Relaxed),
-        counters.dropped_in.load(Relaxed),
-        counters.policy_dropped.load(Relaxed)
+        counters.packets_out.get(),
+        counters.packets_in.get(),
+        counters.invalid.get() + counters.unknown_spi.get(),
+        counters.policy.get()
     );
     ExitCode::SUCCESS
 }

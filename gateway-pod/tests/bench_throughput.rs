@@ -1,7 +1,8 @@
 //! Throughput benchmark (not a timed test; ignored by default). In one run, on the same
 //! machine, iperf3 TCP through the plain veth/bridge path underneath, our ESP-in-UDP data
-//! plane between two of our gateways (`esp-static`), and strongSwan to strongSwan over
-//! kernel-libipsec; it prints the ratios.
+//! plane between two of our gateways (`esp-static`, which runs the gateway's own data plane
+//! workers with one hand-keyed SA pair), and strongSwan to strongSwan over kernel-libipsec;
+//! it prints the ratios.
 //! Run as root, in release mode for meaningful numbers:
 //!
 //!   cargo test --release -p concentrator-gateway --test bench_throughput -- --ignored --nocapture
@@ -26,6 +27,12 @@ fn secs() -> String {
 
 /// iperf3 from `client` (bound to `from`) to a server in `server` on `to`; bits/s received.
 fn iperf(client: &Netns, server: &Netns, from: &str, to: &str, logs: &std::path::Path, tag: &str) -> f64 {
+    // The server binds `to`, which may live on a TUN device that is still being set up:
+    // start it once the address answers.
+    let to_addr: IpAddr = to.parse().unwrap();
+    client
+        .wait_reachable(Some(from.parse().unwrap()), to_addr, Duration::from_secs(20))
+        .unwrap();
     let _srv = server
         .spawn(
             &format!("iperf3 server {tag}"),
@@ -33,10 +40,6 @@ fn iperf(client: &Netns, server: &Netns, from: &str, to: &str, logs: &std::path:
             &["-s", "-1", "-B", to],
             &logs.join(format!("{tag}-server.log")),
         )
-        .unwrap();
-    let to_addr: IpAddr = to.parse().unwrap();
-    client
-        .wait_reachable(Some(from.parse().unwrap()), to_addr, Duration::from_secs(20))
         .unwrap();
     let mut last = String::new();
     for _ in 0..50 {
@@ -46,9 +49,11 @@ fn iperf(client: &Netns, server: &Netns, from: &str, to: &str, logs: &std::path:
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         if out.status.success() {
             let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-            return v["end"]["sum_received"]["bits_per_second"].as_f64().unwrap();
+            if let Some(bps) = v["end"]["sum_received"]["bits_per_second"].as_f64() {
+                return bps;
+            }
         }
-        // The server may not listen yet: retry until it does.
+        // The server may not listen yet (or an early run did not finish): retry.
         last = text;
         std::thread::sleep(Duration::from_millis(100));
     }

@@ -1,33 +1,23 @@
 //! The userspace data plane: a TUN device on the inner side, a UDP socket (ESP in UDP,
 //! RFC 3948) on the outer side. [`shared`] carries every tunnel the IKE control plane
 //! negotiates; [`run`] below is one tunnel with a fixed pair of SAs, for
-//! `concentrator-gateway esp-static` (keys given by hand, for tests and benchmarks). Each
-//! direction is one task that owns its SAs, so the per-packet path takes no lock.
+//! `concentrator-gateway esp-static` (keys given by hand, for tests and benchmarks), on the
+//! same workers, so that the benchmark measures the product's data plane.
 
+mod io;
 pub mod shared;
 pub mod table;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
-use concentrator_esp::encap::{Datagram, classify};
-use concentrator_esp::ip::next_header_for;
-use concentrator_esp::packet::sealed_len;
-use concentrator_esp::sa::{Selector, inbound_allowed};
+use concentrator_esp::sa::Selector;
 use concentrator_esp::{Inbound, Outbound};
 use ipnet::IpNet;
 
-/// Counters of one tunnel.
-#[derive(Debug, Default)]
-pub struct Counters {
-    pub packets_out: AtomicU64,
-    pub packets_in: AtomicU64,
-    /// Replays, ICV failures, malformed ESP: dropped.
-    pub dropped_in: AtomicU64,
-    /// Decrypted but outside the traffic selectors: dropped.
-    pub policy_dropped: AtomicU64,
-}
+use shared::DataplaneCounters;
+use table::{InboundSa, OutboundSa, SaCounters};
 
 /// One tunnel's configuration.
 pub struct StaticTunnel {
@@ -43,7 +33,8 @@ pub struct StaticTunnel {
     pub inbound: Inbound,
 }
 
-/// Errors setting the tunnel up (per-packet errors are counted, never returned).
+/// Errors setting the tunnel up or running it (per-packet errors are counted, never
+/// returned).
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
     #[error("TUN device {0}: {1}")]
@@ -52,6 +43,8 @@ pub enum DataplaneError {
     Udp(SocketAddr, std::io::Error),
     #[error("route {0}: {1}")]
     Route(IpNet, String),
+    #[error("data plane worker: {0}")]
+    Worker(String),
 }
 
 fn selector(net: IpNet) -> Selector {
@@ -62,20 +55,27 @@ fn selector(net: IpNet) -> Selector {
     }
 }
 
+/// Opens the TUN device with vnet-hdr offloads (TSO/USO super-packets from the kernel, GRO
+/// toward it), which the workers of [`shared`] use when the kernel has them.
+pub fn open_tun(builder: tun_rs::DeviceBuilder) -> std::io::Result<tun_rs::AsyncDevice> {
+    builder.offload(true).build_async()
+}
+
 /// Brings the tunnel up and carries packets until the task is dropped or I/O fails.
-pub async fn run(t: StaticTunnel, counters: Arc<Counters>) -> Result<(), DataplaneError> {
+pub async fn run(t: StaticTunnel, counters: DataplaneCounters) -> Result<(), DataplaneError> {
     let tun_err = |e| DataplaneError::Tun(t.tun_name.clone(), e);
     let IpAddr::V4(addr) = t.tun_address.addr() else {
         return Err(tun_err(std::io::Error::other(
             "IPv6 inner addresses are not supported yet",
         )));
     };
-    let dev = tun_rs::DeviceBuilder::new()
-        .name(&t.tun_name)
-        .ipv4(addr, t.tun_address.prefix_len(), None)
-        .mtu(t.mtu)
-        .build_async()
-        .map_err(tun_err)?;
+    let dev = open_tun(
+        tun_rs::DeviceBuilder::new()
+            .name(&t.tun_name)
+            .ipv4(addr, t.tun_address.prefix_len(), None)
+            .mtu(t.mtu),
+    )
+    .map_err(tun_err)?;
     let out = std::process::Command::new("ip")
         .args([
             "route",
@@ -95,69 +95,51 @@ pub async fn run(t: StaticTunnel, counters: Arc<Counters>) -> Result<(), Datapla
     let udp = tokio::net::UdpSocket::bind(t.local)
         .await
         .map_err(|e| DataplaneError::Udp(t.local, e))?;
-    let (dev, udp) = (Arc::new(dev), Arc::new(udp));
-
-    let (local_sel, remote_sel) = ([selector(t.local_subnet)], [selector(t.remote_subnet)]);
-    let mut outbound = t.outbound;
-    let mut inbound = t.inbound;
-    let peer = t.peer;
-
-    let tun_name = t.tun_name.clone();
-    let egress = {
-        let (dev, udp, counters, tun_name) = (dev.clone(), udp.clone(), counters.clone(), tun_name.clone());
-        async move {
-            let mut inner = vec![0u8; 65536];
-            let mut wire = vec![0u8; sealed_len(65536)];
-            loop {
-                let n = dev
-                    .recv(&mut inner)
-                    .await
-                    .map_err(|e| DataplaneError::Tun(tun_name.clone(), e))?;
-                let Some(nh) = next_header_for(&inner[..n]) else {
-                    continue;
-                };
-                // A packet that the sequence counter can no longer carry is dropped: the SA
-                // must be rekeyed (by IKE) before that.
-                let Ok(len) = outbound.seal(&inner[..n], nh, &mut wire) else {
-                    continue;
-                };
-                udp.send_to(&wire[..len], peer)
-                    .await
-                    .map_err(|e| DataplaneError::Udp(peer, e))?;
-                counters.packets_out.fetch_add(1, Ordering::Relaxed);
-            }
+    // No control plane: IKE messages on the port are counted as overflow and dropped, and
+    // nobody is asked for SAs toward other destinations.
+    let (ike, _) = tokio::sync::mpsc::channel(1);
+    let (acquire, _) = tokio::sync::mpsc::channel(1);
+    let (handle, task) = shared::spawn(
+        Arc::new(dev),
+        t.tun_name.clone(),
+        Arc::new(udp),
+        ike,
+        acquire,
+        counters,
+    );
+    let sa_counters = Arc::new(SaCounters::new(Instant::now()));
+    let id = t.inbound.spi();
+    handle.install(
+        InboundSa {
+            sa: t.inbound,
+            local: vec![selector(t.local_subnet)],
+            remote: vec![selector(t.remote_subnet)],
+            counters: sa_counters.clone(),
+        },
+        OutboundSa {
+            id,
+            sa: t.outbound,
+            peer: t.peer,
+            counters: sa_counters,
+        },
+        // Whatever the kernel routes into the TUN device goes through the one SA, as with
+        // a kernel policy of this pair of subnets: the peer's selectors decide what it keeps.
+        vec![
+            IpNet::V4(ipnet::Ipv4Net::default()),
+            IpNet::V6(ipnet::Ipv6Net::default()),
+        ],
+    );
+    // Aborts the workers when this future is dropped.
+    struct AbortOnDrop(tokio::task::JoinHandle<Result<(), DataplaneError>>);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            self.0.abort();
         }
-    };
-    let ingress = async move {
-        let mut wire = vec![0u8; 65536];
-        loop {
-            let (n, _from) = udp
-                .recv_from(&mut wire)
-                .await
-                .map_err(|e| DataplaneError::Udp(t.local, e))?;
-            let Datagram::Esp { .. } = classify(&wire[..n]) else {
-                continue;
-            };
-            match inbound.open(&mut wire[..n]) {
-                Ok(o) => {
-                    let pkt = &wire[o.inner];
-                    if !inbound_allowed(pkt, &local_sel, &remote_sel) {
-                        counters.policy_dropped.fetch_add(1, Ordering::Relaxed);
-                        continue;
-                    }
-                    dev.send(pkt)
-                        .await
-                        .map_err(|e| DataplaneError::Tun(tun_name.clone(), e))?;
-                    counters.packets_in.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(_) => {
-                    counters.dropped_in.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        }
-    };
-    tokio::select! {
-        r = egress => r,
-        r = ingress => r,
     }
+    let mut task = AbortOnDrop(task);
+    let r = (&mut task.0)
+        .await
+        .map_err(|e| DataplaneError::Worker(e.to_string()))?;
+    drop(handle);
+    r
 }

@@ -1,11 +1,21 @@
 //! The data plane shared by every tunnel of the gateway: one TUN device on the inner side,
 //! the UDP socket of port 4500 on the outer side (ESP in UDP, RFC 3948), shared with IKE.
 //!
-//! Two tasks, each owning its SA table so that the per-packet path takes no lock: the TUN
-//! reader seals and sends (outbound table, by destination), the UDP reader opens and writes
-//! to the TUN device (inbound table, by SPI) and passes IKE messages (non-ESP marker) to the
-//! control plane. The control plane changes the tables through [`DataplaneHandle`].
+//! Two workers, each a task owning its SA table so that the per-packet path takes no lock:
+//! egress reads the TUN device, seals and sends (outbound table, by destination); ingress
+//! receives, opens and writes to the TUN device (inbound table, by SPI) and passes IKE
+//! messages (non-ESP marker) to the control plane. The control plane changes the tables
+//! through [`DataplaneHandle`].
+//!
+//! Both directions move packets in batches, so that the per-packet cost is the cipher and a
+//! copy, not a syscall:
+//! - egress: with vnet-hdr offloads on the TUN device the kernel hands over TCP and UDP
+//!   super-packets of up to 64 KiB, which tun-rs splits into MTU-sized segments; the sealed
+//!   ESP packets of one peer go out in one UDP GSO send (equal-sized datagrams back to back);
+//! - ingress: recvmmsg with UDP GRO hands over batches of datagrams; the opened inner
+//!   packets of a batch go to the TUN device coalesced (TCP GRO) in as few writes as possible.
 
+use std::io::IoSliceMut;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
@@ -16,10 +26,13 @@ use concentrator_esp::packet::sealed_len;
 use concentrator_esp::sa::inbound_allowed;
 use ipnet::IpNet;
 use prometheus_client::metrics::counter::Counter;
+use quinn_udp::RecvMeta;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
+use tun_rs::{GROTable, VIRTIO_NET_HDR_LEN};
 
 use super::DataplaneError;
+use super::io::{MAX_GSO_BYTES, RECV_BUF_LEN, Udp};
 use super::table::{InboundSa, InboundTable, OutboundSa, OutboundTable};
 
 /// Packet counters of the whole data plane (the per-SA ones are in [`super::table::SaCounters`]).
@@ -82,9 +95,23 @@ impl DataplaneHandle {
     }
 }
 
-/// Starts the two data plane tasks on an open TUN device and the port-4500 socket. IKE
-/// messages arriving on that socket go to `ike`. The tasks end when the handle is dropped
-/// or I/O fails; the error is returned by the join handle.
+/// Aborts a worker task when its supervisor ends or is aborted.
+struct Worker(tokio::task::JoinHandle<Result<(), DataplaneError>>);
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn joined(r: Result<Result<(), DataplaneError>, tokio::task::JoinError>) -> Result<(), DataplaneError> {
+    r.map_err(|e| DataplaneError::Worker(e.to_string()))?
+}
+
+/// Starts the data plane workers on an open TUN device (with or without vnet-hdr offloads)
+/// and the port-4500 socket. IKE messages arriving on that socket go to `ike`. The workers
+/// end when the handle is dropped or I/O fails; the error is returned by the join handle,
+/// and aborting the join handle stops them.
 pub fn spawn(
     dev: Arc<tun_rs::AsyncDevice>,
     tun_name: String,
@@ -98,19 +125,25 @@ pub fn spawn(
 ) {
     let (egress_tx, egress_rx) = mpsc::unbounded_channel();
     let (ingress_tx, ingress_rx) = mpsc::unbounded_channel();
-    let egress = egress(
-        dev.clone(),
-        tun_name.clone(),
-        udp.clone(),
-        egress_rx,
-        acquire,
-        counters.clone(),
-    );
-    let ingress = ingress(dev, tun_name, udp, ingress_rx, ike, counters);
     let task = tokio::spawn(async move {
+        let local = udp
+            .local_addr()
+            .map_err(|e| DataplaneError::Udp(SocketAddr::from(([0, 0, 0, 0], 0)), e))?;
+        let udp = Arc::new(Udp::new(udp).map_err(|e| DataplaneError::Udp(local, e))?);
+        let mut egress = Worker(tokio::spawn(egress(
+            dev.clone(),
+            tun_name.clone(),
+            udp.clone(),
+            egress_rx,
+            acquire,
+            counters.clone(),
+        )));
+        let mut ingress = Worker(tokio::spawn(ingress(
+            dev, tun_name, udp, local, ingress_rx, ike, counters,
+        )));
         tokio::select! {
-            r = egress => r,
-            r = ingress => r,
+            r = &mut egress.0 => joined(r),
+            r = &mut ingress.0 => joined(r),
         }
     });
     (
@@ -122,51 +155,193 @@ pub fn spawn(
     )
 }
 
+/// Segments one TUN read may yield (a 64 KiB super-packet in segments of a small MSS).
+const TUN_READ_SEGMENTS: usize = 128;
+
+/// ESP packets sealed back to back for one UDP send: all to one peer, all of one length
+/// except the last, which may be shorter (the rule of UDP GSO).
+struct GsoBatch {
+    buf: Vec<u8>,
+    len: usize,
+    count: usize,
+    stride: usize,
+    peer: SocketAddr,
+    /// A shorter packet went in last: nothing may follow it.
+    closed: bool,
+}
+
+impl GsoBatch {
+    fn new() -> Self {
+        Self {
+            buf: vec![0; MAX_GSO_BYTES.max(sealed_len(65536))],
+            len: 0,
+            count: 0,
+            stride: 0,
+            peer: SocketAddr::from(([0, 0, 0, 0], 0)),
+            closed: false,
+        }
+    }
+
+    /// Can a packet of `sealed` bytes to `peer` join the batch?
+    fn accepts(&self, peer: SocketAddr, sealed: usize, max_segments: usize) -> bool {
+        self.count == 0
+            || (self.peer == peer
+                && !self.closed
+                && sealed <= self.stride
+                && self.count < max_segments
+                && self.len + sealed <= MAX_GSO_BYTES)
+    }
+
+    /// Where the next packet is sealed.
+    fn slot(&mut self) -> &mut [u8] {
+        &mut self.buf[self.len..]
+    }
+
+    /// Takes in the packet just sealed into [`Self::slot`].
+    fn push(&mut self, peer: SocketAddr, sealed: usize) {
+        if self.count == 0 {
+            self.peer = peer;
+            self.stride = sealed;
+        } else if sealed < self.stride {
+            self.closed = true;
+        }
+        self.len += sealed;
+        self.count += 1;
+    }
+
+    async fn flush(&mut self, udp: &Udp, counters: &DataplaneCounters) {
+        if self.count == 0 {
+            return;
+        }
+        let segment = (self.count > 1).then_some(self.stride);
+        match udp.send(self.peer, &self.buf[..self.len], segment).await {
+            Ok(()) => {
+                counters.packets_out.inc_by(self.count as u64);
+            }
+            // One unreachable peer must not stop the others' traffic.
+            Err(e) => tracing::debug!(peer = %self.peer, error = %e, "ESP send failed"),
+        }
+        self.len = 0;
+        self.count = 0;
+        self.closed = false;
+    }
+}
+
+/// Per-packet errors of tun-rs (a malformed GSO packet) carry no OS error code; those of the
+/// device itself do.
+fn device_failed(e: &std::io::Error) -> bool {
+    e.raw_os_error().is_some()
+}
+
 async fn egress(
     dev: Arc<tun_rs::AsyncDevice>,
     tun_name: String,
-    udp: Arc<UdpSocket>,
+    udp: Arc<Udp>,
     mut commands: mpsc::UnboundedReceiver<EgressCommand>,
     acquire: mpsc::Sender<IpAddr>,
     counters: DataplaneCounters,
 ) -> Result<(), DataplaneError> {
+    let tun_err = |e| DataplaneError::Tun(tun_name.clone(), e);
     let mut table = OutboundTable::default();
     let mut held = HeldPackets::default();
-    let mut inner = vec![0u8; 65536];
-    let mut wire = vec![0u8; sealed_len(65536)];
+    let mut original = vec![0u8; VIRTIO_NET_HDR_LEN + 65535];
+    // Pages of these buffers are only committed once a packet of that size lands in them.
+    let mut segs: Vec<Vec<u8>> = (0..2 * TUN_READ_SEGMENTS).map(|_| vec![0u8; 65535]).collect();
+    let mut sizes = vec![0usize; segs.len()];
+    let mut batch = GsoBatch::new();
     loop {
-        let n = tokio::select! {
+        let mut n = tokio::select! {
             biased;
             cmd = commands.recv() => {
                 match cmd {
                     Some(EgressCommand::Install(sa, subnets)) => {
                         let waiting = held.take_covered(&subnets);
                         table.install(*sa, subnets);
-                        for packet in waiting {
-                            send_out(&mut table, &udp, &counters, &packet, &mut wire).await;
+                        let now = Instant::now();
+                        for packet in &waiting {
+                            seal_into(&mut table, &mut batch, &udp, &counters, packet, now).await;
                         }
+                        batch.flush(&udp, &counters).await;
                     }
                     Some(EgressCommand::Remove(id)) => table.remove(id),
                     None => return Ok(()),
                 }
                 continue;
             }
-            r = dev.recv(&mut inner) => r.map_err(|e| DataplaneError::Tun(tun_name.clone(), e))?,
+            r = dev.recv_multiple(&mut original, &mut segs[..TUN_READ_SEGMENTS], &mut sizes[..TUN_READ_SEGMENTS], 0) => match r {
+                Ok(n) => n,
+                Err(e) if device_failed(&e) => return Err(tun_err(e)),
+                Err(e) => {
+                    tracing::debug!(tun = %tun_name, error = %e, "malformed packet from the TUN device");
+                    continue;
+                }
+            },
         };
-        let packet = &inner[..n];
-        let Some(h) = ip::parse(packet) else {
-            continue;
-        };
-        if table.lookup(h.dst).is_none() {
-            // No SA for it: never sent in clear. The control plane is asked for one (the
-            // initiator path) and the packet waits in a small bounded queue meanwhile.
-            counters.no_sa.inc();
-            if held.hold(h.dst, packet) {
-                let _ = acquire.try_send(h.dst);
+        // Whatever else is already queued joins the batch (small packets such as TCP ACKs
+        // then share a GSO send too).
+        while n <= segs.len() - TUN_READ_SEGMENTS {
+            let end = n + TUN_READ_SEGMENTS;
+            match dev.try_recv_multiple(&mut original, &mut segs[n..end], &mut sizes[n..end], 0) {
+                Ok(k) => n += k,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if device_failed(&e) => return Err(tun_err(e)),
+                Err(e) => {
+                    tracing::debug!(tun = %tun_name, error = %e, "malformed packet from the TUN device");
+                }
             }
-            continue;
         }
-        send_out(&mut table, &udp, &counters, packet, &mut wire).await;
+        let now = Instant::now();
+        for (seg, &size) in segs.iter().zip(&sizes).take(n) {
+            let packet = &seg[..size];
+            let Some(h) = ip::parse(packet) else {
+                continue;
+            };
+            if table.lookup(h.dst).is_none() {
+                // No SA for it: never sent in clear. The control plane is asked for one (the
+                // initiator path) and the packet waits in a small bounded queue meanwhile.
+                counters.no_sa.inc();
+                if held.hold(h.dst, packet) {
+                    let _ = acquire.try_send(h.dst);
+                }
+                continue;
+            }
+            seal_into(&mut table, &mut batch, &udp, &counters, packet, now).await;
+        }
+        batch.flush(&udp, &counters).await;
+    }
+}
+
+/// Seals `packet` with the SA of its destination into the batch, sending the batch first
+/// if the packet cannot join it.
+async fn seal_into(
+    table: &mut OutboundTable,
+    batch: &mut GsoBatch,
+    udp: &Udp,
+    counters: &DataplaneCounters,
+    packet: &[u8],
+    now: Instant,
+) {
+    let (Some(nh), Some(h)) = (next_header_for(packet), ip::parse(packet)) else {
+        return;
+    };
+    let Some(sa) = table.lookup(h.dst) else {
+        counters.no_sa.inc();
+        return;
+    };
+    let sealed = sa.sa.sealed_len(packet.len());
+    if !batch.accepts(sa.peer, sealed, udp.max_gso_segments()) {
+        batch.flush(udp, counters).await;
+    }
+    // A packet that the sequence counter can no longer carry is dropped: the SA must be
+    // rekeyed (by IKE) before that.
+    match sa.sa.seal(packet, nh, batch.slot()) {
+        Ok(len) => {
+            batch.push(sa.peer, len);
+            sa.counters.count_out(packet.len(), now);
+        }
+        Err(_) => {
+            counters.invalid.inc();
+        }
     }
 }
 
@@ -216,112 +391,136 @@ impl HeldPackets {
     }
 }
 
-/// Seals `packet` with the SA of its destination and sends it.
-async fn send_out(
-    table: &mut OutboundTable,
-    udp: &UdpSocket,
-    counters: &DataplaneCounters,
-    packet: &[u8],
-    wire: &mut [u8],
-) {
-    let (Some(nh), Some(h)) = (next_header_for(packet), ip::parse(packet)) else {
-        return;
-    };
-    let Some(sa) = table.lookup(h.dst) else {
-        counters.no_sa.inc();
-        return;
-    };
-    let n = packet.len();
-    // A packet that the sequence counter can no longer carry is dropped: the SA must be
-    // rekeyed (by IKE) before that.
-    let Ok(len) = sa.sa.seal(packet, nh, wire) else {
-        counters.invalid.inc();
-        return;
-    };
-    let Some(datagram) = wire.get(..len) else {
-        return;
-    };
-    match udp.send_to(datagram, sa.peer).await {
-        Ok(_) => {
-            sa.counters.count_out(n, Instant::now());
-            counters.packets_out.inc();
-        }
-        // One unreachable peer must not stop the others' traffic.
-        Err(e) => tracing::debug!(peer = %sa.peer, error = %e, "ESP send failed"),
-    }
-}
+/// Datagrams one receive call may return (each buffer one datagram or a GRO batch).
+const UDP_BATCH: usize = 8;
+/// Inner packets written to the TUN device per `send_multiple` (coalesced by TCP GRO).
+const TUN_BATCH: usize = 128;
+/// Where an inner packet starts in its TUN buffer: room for the virtio-net header before it.
+/// An AES-GCM or ChaCha20 packet opened in place has its inner packet right there (ESP
+/// header and IV are 16 bytes), so it needs no move.
+const TUN_OFFSET: usize = 16;
+const _: () = assert!(TUN_OFFSET >= VIRTIO_NET_HDR_LEN);
 
 async fn ingress(
     dev: Arc<tun_rs::AsyncDevice>,
     tun_name: String,
-    udp: Arc<UdpSocket>,
+    udp: Arc<Udp>,
+    local: SocketAddr,
     mut commands: mpsc::UnboundedReceiver<IngressCommand>,
     ike: mpsc::Sender<IkeDatagram>,
     counters: DataplaneCounters,
 ) -> Result<(), DataplaneError> {
-    let local = udp
-        .local_addr()
-        .map_err(|e| DataplaneError::Udp(SocketAddr::from(([0, 0, 0, 0], 0)), e))?;
     let mut table = InboundTable::default();
-    let mut wire = vec![0u8; 65536];
+    let mut recv_bufs: Vec<Vec<u8>> = (0..UDP_BATCH).map(|_| vec![0u8; RECV_BUF_LEN]).collect();
+    let mut meta = vec![RecvMeta::default(); UDP_BATCH];
+    // GRO appends coalesced segments to the first packet's buffer: room for 64 KiB.
+    let mut tun_bufs: Vec<Vec<u8>> = (0..TUN_BATCH)
+        .map(|_| Vec::with_capacity(2 * TUN_OFFSET + 65536))
+        .collect();
+    let mut gro = GROTable::default();
     loop {
-        let (n, from) = tokio::select! {
-            biased;
-            cmd = commands.recv() => {
-                match cmd {
-                    Some(IngressCommand::Install(sa)) => table.install(*sa),
-                    Some(IngressCommand::Remove(spi)) => table.remove(spi),
-                    None => return Ok(()),
+        let received = {
+            let mut slices: Vec<IoSliceMut<'_>> = recv_bufs.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+            tokio::select! {
+                biased;
+                cmd = commands.recv() => {
+                    match cmd {
+                        Some(IngressCommand::Install(sa)) => table.install(*sa),
+                        Some(IngressCommand::Remove(spi)) => table.remove(spi),
+                        None => return Ok(()),
+                    }
+                    continue;
                 }
-                continue;
+                r = udp.recv(&mut slices, &mut meta) => match r {
+                    Ok(n) => n,
+                    // ICMP errors for earlier sends surface here on Linux; they concern one peer.
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => continue,
+                    Err(e) => return Err(DataplaneError::Udp(local, e)),
+                },
             }
-            r = udp.recv_from(&mut wire) => match r {
-                Ok(v) => v,
-                // ICMP errors for earlier sends surface here on Linux; they concern one peer.
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => continue,
-                Err(e) => return Err(DataplaneError::Udp(local, e)),
-            },
         };
-        let spi = match classify(&wire[..n]) {
-            Datagram::Esp { spi, .. } => spi,
-            Datagram::Ike(payload) => {
-                let d = IkeDatagram {
-                    local,
-                    remote: from,
-                    payload: payload.to_vec(),
+        let now = Instant::now();
+        let mut ready = 0;
+        for (buf, m) in recv_bufs.iter().zip(&meta).take(received) {
+            let Some(data) = buf.get(..m.len) else {
+                continue;
+            };
+            let stride = if m.stride == 0 { m.len.max(1) } else { m.stride };
+            for datagram in data.chunks(stride) {
+                let spi = match classify(datagram) {
+                    Datagram::Esp { spi, .. } => spi,
+                    Datagram::Ike(payload) => {
+                        let d = IkeDatagram {
+                            local,
+                            remote: m.addr,
+                            payload: payload.to_vec(),
+                        };
+                        if ike.try_send(d).is_err() {
+                            counters.ike_overflow.inc();
+                        }
+                        continue;
+                    }
+                    Datagram::Keepalive | Datagram::Invalid => continue,
                 };
-                if ike.try_send(d).is_err() {
-                    counters.ike_overflow.inc();
+                let Some(sa) = table.get_mut(spi) else {
+                    counters.unknown_spi.inc();
+                    continue;
+                };
+                if ready == tun_bufs.len() {
+                    write_tun(&dev, &tun_name, &mut gro, &mut tun_bufs[..ready], &counters).await;
+                    ready = 0;
                 }
-                continue;
+                let out = &mut tun_bufs[ready];
+                out.clear();
+                out.extend_from_slice(datagram);
+                let Ok(opened) = sa.sa.open(out) else {
+                    counters.invalid.inc();
+                    continue;
+                };
+                let inner = opened.inner;
+                let Some(packet) = out.get(inner.clone()) else {
+                    counters.invalid.inc();
+                    continue;
+                };
+                if !inbound_allowed(packet, &sa.local, &sa.remote) {
+                    counters.policy.inc();
+                    continue;
+                }
+                sa.counters.count_in(packet.len(), now);
+                let len = inner.len();
+                if inner.start != TUN_OFFSET {
+                    if out.len() < TUN_OFFSET + len {
+                        out.resize(TUN_OFFSET + len, 0);
+                    }
+                    out.copy_within(inner, TUN_OFFSET);
+                }
+                out.truncate(TUN_OFFSET + len);
+                ready += 1;
             }
-            Datagram::Keepalive | Datagram::Invalid => continue,
-        };
-        let Some(sa) = table.get_mut(spi) else {
-            counters.unknown_spi.inc();
-            continue;
-        };
-        let Ok(opened) = sa.sa.open(&mut wire[..n]) else {
-            counters.invalid.inc();
-            continue;
-        };
-        let Some(packet) = wire.get(opened.inner) else {
-            counters.invalid.inc();
-            continue;
-        };
-        if !inbound_allowed(packet, &sa.local, &sa.remote) {
-            counters.policy.inc();
-            continue;
         }
-        sa.counters.count_in(packet.len(), Instant::now());
-        match dev.send(packet).await {
-            Ok(_) => {
-                counters.packets_in.inc();
-            }
-            // The kernel refusing one packet (a bad inner header that passed the selectors)
-            // must not stop the data plane.
-            Err(e) => tracing::debug!(tun = %tun_name, error = %e, "TUN write failed"),
+        write_tun(&dev, &tun_name, &mut gro, &mut tun_bufs[..ready], &counters).await;
+    }
+}
+
+/// Writes opened packets (each at [`TUN_OFFSET`] in its buffer) to the TUN device, TCP
+/// segments of one flow coalesced into one write when the device takes vnet headers.
+async fn write_tun(
+    dev: &tun_rs::AsyncDevice,
+    tun_name: &str,
+    gro: &mut GROTable,
+    bufs: &mut [Vec<u8>],
+    counters: &DataplaneCounters,
+) {
+    if bufs.is_empty() {
+        return;
+    }
+    match dev.send_multiple(gro, bufs, TUN_OFFSET).await {
+        Ok(_) => {
+            counters.packets_in.inc_by(bufs.len() as u64);
         }
+        // The kernel refusing a packet (a bad inner header that passed the selectors) must
+        // not stop the data plane.
+        Err(e) => tracing::debug!(tun = %tun_name, error = %e, "TUN write failed"),
     }
 }
 
@@ -350,5 +549,39 @@ mod tests {
         }
         assert_eq!(held.by_dst.len(), HELD_DSTS);
         assert!(held.take_covered(&["10.1.2.0/24".parse().unwrap()]).is_empty());
+    }
+
+    fn peer(port: u16) -> SocketAddr {
+        SocketAddr::from(([192, 0, 2, 1], port))
+    }
+
+    #[test]
+    fn a_gso_batch_takes_equal_packets_of_one_peer_and_one_shorter_last() {
+        let mut b = GsoBatch::new();
+        assert!(b.accepts(peer(1), 1500, 64), "an empty batch takes anything");
+        b.push(peer(1), 1500);
+        assert!(b.accepts(peer(1), 1500, 64));
+        assert!(!b.accepts(peer(2), 1500, 64), "another peer");
+        assert!(!b.accepts(peer(1), 1501, 64), "longer than the segment size");
+        assert!(!b.accepts(peer(1), 1500, 1), "no GSO: one datagram per send");
+        b.push(peer(1), 700);
+        assert!(!b.accepts(peer(1), 700, 64), "nothing after a shorter packet");
+        assert_eq!((b.count, b.len, b.stride), (2, 2200, 1500));
+    }
+
+    #[test]
+    fn a_gso_batch_stays_under_the_datagram_limit() {
+        let mut b = GsoBatch::new();
+        let mut n = 0;
+        while b.accepts(peer(1), 1470, 64) {
+            b.push(peer(1), 1470);
+            n += 1;
+        }
+        assert_eq!(n, MAX_GSO_BYTES / 1470);
+        assert!(b.len <= MAX_GSO_BYTES);
+        // A packet too long to share a send still goes out, alone.
+        let mut big = GsoBatch::new();
+        assert!(big.accepts(peer(1), sealed_len(65535), 64));
+        assert!(big.slot().len() >= sealed_len(65535));
     }
 }
