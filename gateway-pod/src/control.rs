@@ -269,6 +269,25 @@ struct IkeSaRecord {
     last_keepalive: Instant,
 }
 
+impl IkeSaRecord {
+    fn new(peer_id: String, now: Instant) -> Self {
+        Self {
+            peer_id,
+            eroute: None,
+            egroup: None,
+            remote: None,
+            established_at: None,
+            children: Vec::new(),
+            refusal: None,
+            site_subnet: None,
+            last_bytes: 0,
+            last_traffic: now,
+            nat: false,
+            last_keepalive: now,
+        }
+    }
+}
+
 /// A finished site lookup, back on the IKE task: for a site that authenticates to us (`id`
 /// is its SA), or for traffic toward a site (`id` is `None`, the initiator path).
 struct LookupDone {
@@ -547,10 +566,13 @@ impl Driver {
     }
 
     fn connect(&mut self, name: &str, now: Instant) {
-        let Some(e) = self.gateway.config.set.eroutes.get(name) else {
+        // The configuration outlives this call; holding it apart from `self` lets the
+        // helpers below take `&mut self`.
+        let gateway = Arc::clone(&self.gateway);
+        let Some(e) = gateway.config.set.eroutes.get(name) else {
             return;
         };
-        let Some(psk) = self.gateway.config.static_psks.get(name) else {
+        let Some(psk) = gateway.config.static_psks.get(name) else {
             return;
         };
         let Some(remote) = e
@@ -563,32 +585,13 @@ impl Driver {
             self.auto.remove(name);
             return;
         };
-        let listen = self.listen;
-        let local_id = self
-            .local_ids
-            .entry(name.to_owned())
-            .or_insert_with(|| local_id(e, listen))
-            .clone();
-        let mut config = concentrator_ike::initiator::Config::new(
-            e.ike_proposals.clone(),
-            e.esp_proposals.clone(),
-            e.local_subnet,
-            e.remote_subnet,
-            local_id,
-        );
         // A concrete peer ID is required of the responder; a pattern accepts any.
-        config.remote_id = e
+        let remote_id = e
             .peer_id
             .as_deref()
             .filter(|p| !p.contains(['*', '?']))
             .map(id_from_str);
-        config.child_lifetime = e.esp_lifetime;
-        config.dpd_interval = Some(e.dpd_interval).filter(|d| !d.is_zero());
-        config.retransmit = self.retransmit;
-        config.nat_t.local_port = self.nat_t_port;
-        // Our data plane carries ESP in UDP only: float to 4500 even without a NAT (RFC 7296
-        // §2.23 allows it), so that the peer expects UDP-encapsulated ESP.
-        config.nat_t.force = true;
+        let config = self.initiator_config(name, e, e.remote_subnet, remote_id);
         let local = SocketAddr::new(self.listen, self.ike_port);
         match self.endpoint.connect(
             Arc::new(config),
@@ -601,23 +604,13 @@ impl Driver {
             Ok(id) => {
                 tracing::info!(eroute = %name, %remote, "initiating");
                 self.initiated.insert(id, name.to_owned());
-                self.sas.insert(
-                    id,
-                    IkeSaRecord {
-                        peer_id: e.peer_id.clone().unwrap_or_else(|| remote.ip().to_string()),
-                        eroute: Some(name.to_owned()),
-                        egroup: None,
-                        remote: Some(remote),
-                        established_at: None,
-                        children: Vec::new(),
-                        refusal: None,
-                        site_subnet: None,
-                        last_bytes: 0,
-                        last_traffic: now,
-                        nat: false,
-                        last_keepalive: now,
-                    },
-                );
+                let peer_id = e.peer_id.clone().unwrap_or_else(|| remote.ip().to_string());
+                let rec = IkeSaRecord {
+                    eroute: Some(name.to_owned()),
+                    remote: Some(remote),
+                    ..IkeSaRecord::new(peer_id, now)
+                };
+                self.sas.insert(id, rec);
                 if let Some(a) = self.auto.get_mut(name) {
                     a.id = Some(id);
                 }
@@ -630,6 +623,41 @@ impl Driver {
                 }
             }
         }
+    }
+
+    /// Our identity on `eroute` (built once per eroute).
+    fn local_id_for(&mut self, name: &str, e: &ValidatedEroute) -> IdBuf {
+        let listen = self.listen;
+        self.local_ids
+            .entry(name.to_owned())
+            .or_insert_with(|| local_id(e, listen))
+            .clone()
+    }
+
+    /// What we propose and expect when we initiate on eroute `name` toward `remote_subnet`.
+    fn initiator_config(
+        &mut self,
+        name: &str,
+        e: &ValidatedEroute,
+        remote_subnet: IpNet,
+        remote_id: Option<IdBuf>,
+    ) -> concentrator_ike::initiator::Config {
+        let mut config = concentrator_ike::initiator::Config::new(
+            e.ike_proposals.clone(),
+            e.esp_proposals.clone(),
+            e.local_subnet,
+            remote_subnet,
+            self.local_id_for(name, e),
+        );
+        config.remote_id = remote_id;
+        config.child_lifetime = e.esp_lifetime;
+        config.dpd_interval = Some(e.dpd_interval).filter(|d| !d.is_zero());
+        config.retransmit = self.retransmit;
+        config.nat_t.local_port = self.nat_t_port;
+        // Our data plane carries ESP in UDP only: float to 4500 even without a NAT (RFC 7296
+        // §2.23 allows it), so that the peer expects UDP-encapsulated ESP.
+        config.nat_t.force = true;
+        config
     }
 
     /// An SA of an eroute we keep up is gone: try again after the eroute's backoff.
@@ -720,20 +748,9 @@ impl Driver {
     }
 
     fn record(&mut self, spi_r: u64, peer_id: &IdBuf) -> &mut IkeSaRecord {
-        self.sas.entry(spi_r).or_insert_with(|| IkeSaRecord {
-            peer_id: peer_id.to_string(),
-            eroute: None,
-            egroup: None,
-            remote: None,
-            established_at: None,
-            children: Vec::new(),
-            refusal: None,
-            site_subnet: None,
-            last_bytes: 0,
-            last_traffic: Instant::now(),
-            nat: false,
-            last_keepalive: Instant::now(),
-        })
+        self.sas
+            .entry(spi_r)
+            .or_insert_with(|| IkeSaRecord::new(peer_id.to_string(), Instant::now()))
     }
 
     /// The "PSK needed" step: the eroute the identity selects, and its key: a static
@@ -796,15 +813,11 @@ impl Driver {
     /// Makes the SA negotiate its CHILD SA by `eroute` (with the site's subnet for a dynamic
     /// one) instead of the eroute that answered IKE_SA_INIT.
     fn use_eroute(&mut self, id: u64, eroute: &str, site_subnet: Option<IpNet>) {
-        let Some(e) = self.gateway.config.set.eroutes.get(eroute) else {
+        let gateway = Arc::clone(&self.gateway);
+        let Some(e) = gateway.config.set.eroutes.get(eroute) else {
             return;
         };
-        let listen = self.listen;
-        let local_id = self
-            .local_ids
-            .entry(eroute.to_owned())
-            .or_insert_with(|| local_id(e, listen))
-            .clone();
+        let local_id = self.local_id_for(eroute, e);
         let Some(responder) = self.endpoint.responder_mut(id) else {
             return;
         };
@@ -925,7 +938,8 @@ impl Driver {
     /// The site of an acquire is known: connect to it with its row (address, then backup
     /// address; PSK; subnet), as a dynamic eroute of the egroup.
     fn acquired(&mut self, egroup: &str, base_eroute: &str, result: Result<Site, LookupError>) {
-        let base = self.gateway.config.set.eroutes.get(base_eroute);
+        let gateway = Arc::clone(&self.gateway);
+        let base = gateway.config.set.eroutes.get(base_eroute);
         let result = result.and_then(|site| match base {
             Some(b) => Egroups::check_subnet(&site, b.remote_subnet).map(|()| site),
             None => Err(LookupError::NotFound),
@@ -954,25 +968,12 @@ impl Driver {
             tracing::warn!(peer_id = %site.peer_id, %egroup, "site row has no usable peer address: cannot initiate");
             return;
         };
-        let listen = self.listen;
-        let local_id = self
-            .local_ids
-            .entry(base_eroute.to_owned())
-            .or_insert_with(|| local_id(e, listen))
-            .clone();
-        let mut config = concentrator_ike::initiator::Config::new(
-            e.ike_proposals.clone(),
-            e.esp_proposals.clone(),
-            e.local_subnet,
+        let config = self.initiator_config(
+            base_eroute,
+            e,
             site.remote_subnet,
-            local_id,
+            Some(id_from_str(&site.peer_id)),
         );
-        config.remote_id = Some(id_from_str(&site.peer_id));
-        config.child_lifetime = e.esp_lifetime;
-        config.dpd_interval = Some(e.dpd_interval).filter(|d| !d.is_zero());
-        config.retransmit = self.retransmit;
-        config.nat_t.local_port = self.nat_t_port;
-        config.nat_t.force = true;
         let now = Instant::now();
         let local = SocketAddr::new(self.listen, self.ike_port);
         let psk = zeroize::Zeroizing::new(site.psk.expose().to_vec());
@@ -982,23 +983,14 @@ impl Driver {
         {
             Ok(id) => {
                 tracing::info!(peer_id = %site.peer_id, %egroup, %remote, "initiating to a site");
-                self.sas.insert(
-                    id,
-                    IkeSaRecord {
-                        peer_id: site.peer_id.clone(),
-                        eroute: Some(base_eroute.to_owned()),
-                        egroup: Some(egroup.to_owned()),
-                        remote: Some(remote),
-                        established_at: None,
-                        children: Vec::new(),
-                        refusal: None,
-                        site_subnet: Some(site.remote_subnet),
-                        last_bytes: 0,
-                        last_traffic: now,
-                        nat: false,
-                        last_keepalive: now,
-                    },
-                );
+                let rec = IkeSaRecord {
+                    eroute: Some(base_eroute.to_owned()),
+                    egroup: Some(egroup.to_owned()),
+                    remote: Some(remote),
+                    site_subnet: Some(site.remote_subnet),
+                    ..IkeSaRecord::new(site.peer_id.clone(), now)
+                };
+                self.sas.insert(id, rec);
             }
             Err(err) => tracing::warn!(peer_id = %site.peer_id, error = %err, "cannot initiate to a site"),
         }
