@@ -452,9 +452,12 @@ fn max_dynamic_eroutes_bounds_the_table_and_evicted_sites_reconnect() -> Result<
         })
     })?;
     ensure!(!h.tunnels()?.contains(&Site::peer_id(1)), "site 1 still listed");
-    // It reconnects. (Trap policies, which would reconnect on the site's next packet, do
-    // not fire with strongSwan's kernel-libipsec here; the site initiates instead.)
-    connect_and_ping(&h, first)?;
+    // Traffic toward it brings it back: the head-end's packets raise an acquire and the
+    // gateway connects to the site's row address (the initiator path). (A site's own traffic
+    // would need trap policies, which strongSwan's kernel-libipsec does not fire here.)
+    h.gw.wait_reachable(Some(addr(GW_HOST)), addr(&Site::host(first.n)), TIMEOUT)
+        .with_context(|| h.gateway.log_tail(30))?;
+    ping_both_ways(&h, first)?;
     ensure!(
         h.tunnels()?.contains(&Site::peer_id(1)),
         "site 1 did not come back"
