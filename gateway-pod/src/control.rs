@@ -651,6 +651,9 @@ impl Driver {
         );
         config.remote_id = remote_id;
         config.child_lifetime = e.esp_lifetime;
+        // The endpoint routes by every SPI of ours, so IKE SA rekeys from either side work.
+        config.ike_lifetime = Some(e.ike_lifetime).filter(|d| !d.is_zero());
+        config.accept_ike_rekey = true;
         config.dpd_interval = Some(e.dpd_interval).filter(|d| !d.is_zero());
         config.retransmit = self.retransmit;
         config.nat_t.local_port = self.nat_t_port;

@@ -696,3 +696,65 @@ fn the_gateway_rekeys_child_and_ike_sas_itself_under_traffic() -> Result<()> {
     s.gw.wait_reachable(Some(addr(GW_HOST)), addr(SITE_HOST), TIMEOUT)
         .with_context(|| s.logs())
 }
+
+#[test]
+fn a_tunnel_the_gateway_initiated_survives_its_own_child_and_ike_rekeys() -> Result<()> {
+    if prereq::require(&[netns::TOOLS, strongswan::TOOLS, &[tools::CURL, tools::PYTHON3]]).is_skip() {
+        return Ok(());
+    }
+    let ike = "aes128gcm16-prfsha256-x25519";
+    let esp = "aes128gcm16-x25519";
+    let psk = concentrator_e2e::ids::random_hex(32);
+    let s = Setup::start_with(
+        ike,
+        esp,
+        &psk,
+        &GatewayOptions {
+            dpd: None,
+            args: &[],
+            initiator: true,
+            lifetimes: Some(("8s", "4s")),
+        },
+    )?;
+    s.charon().load(&[s.connection(ike, esp, &psk, SITE_ID)])?;
+    s.charon()
+        .wait_established("gw", "gw", TIMEOUT)
+        .with_context(|| s.logs())?;
+    let first = s.charon().child_sa("gw", "gw")?.context("child")?;
+    let ike_spis = |s: &Setup| -> Result<Vec<String>> {
+        let sas = s.charon().list_sas()?;
+        let sa = sas
+            .iter()
+            .find(|sa| sa.state == "ESTABLISHED")
+            .context("no IKE SA")?;
+        Ok(sa
+            .fields
+            .iter()
+            .filter(|(k, _)| k.ends_with("-spi"))
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect())
+    };
+    let first_ike = ike_spis(&s)?;
+    ensure!(!first_ike.is_empty(), "no IKE SPIs listed");
+    common::paced_tcp_transfer(
+        &s.gw,
+        GW_HOST,
+        &s.site,
+        SITE_HOST,
+        s.dir.path(),
+        Duration::from_secs(12),
+    )
+    .with_context(|| s.logs())?;
+    let now = s.charon().child_sa("gw", "gw")?.context("child after rekeys")?;
+    ensure!(
+        first.fields.get("spi-in") != now.fields.get("spi-in"),
+        "the CHILD SA was not rekeyed: {first:?} / {now:?}"
+    );
+    // The IKE SA strongSwan holds now has other SPIs: our initiator rekeyed it.
+    let now_ike = ike_spis(&s)?;
+    ensure!(first_ike != now_ike, "the IKE SA was not rekeyed: {first_ike:?}");
+    s.wait_metric("concentrator_gateway_ike_sas_established", 1.0)?;
+    s.site
+        .wait_reachable(Some(addr(SITE_HOST)), addr(GW_HOST), TIMEOUT)
+        .with_context(|| s.logs())
+}

@@ -165,6 +165,8 @@ pub struct Endpoint {
     routes: HashMap<u64, u64>,
     /// SAs we initiated, by our SPIi; with the instant they closed, if they did.
     initiators: HashMap<u64, (Initiator, Option<Instant>)>,
+    /// The SPIs routed to each initiator.
+    init_spis: HashMap<u64, Vec<u64>>,
     by_init: HashMap<(SocketAddr, u64), u64>,
     secret: Option<CookieSecret>,
     previous_secret: Option<CookieSecret>,
@@ -217,6 +219,7 @@ impl Endpoint {
             slots: HashMap::new(),
             routes: HashMap::new(),
             initiators: HashMap::new(),
+            init_spis: HashMap::new(),
             by_init: HashMap::new(),
             secret: None,
             previous_secret: None,
@@ -338,7 +341,10 @@ impl Endpoint {
         for _ in 0..4 {
             let i = Initiator::connect(config.clone(), psk, local, remote, now, entropy)?;
             let id = i.spi_i();
-            if self.slots.contains_key(&id) || self.initiators.contains_key(&id) {
+            if self.slots.contains_key(&id)
+                || self.initiators.contains_key(&id)
+                || self.routes.contains_key(&id)
+            {
                 continue;
             }
             self.initiators.insert(id, (i, None));
@@ -360,7 +366,35 @@ impl Endpoint {
         if i.is_closed() && closed.is_none() {
             *closed = Some(now);
         }
+        // As for responders: an open initiator answers for exactly the SPIs it names; a
+        // closed one keeps its last ones until it is removed.
+        if !i.is_closed() {
+            let spis = i.our_spis();
+            let old = self.init_spis.insert(id, spis.clone()).unwrap_or_default();
+            for gone in old.iter().filter(|s| !spis.contains(s)) {
+                self.routes.remove(gone);
+            }
+            for spi in spis {
+                self.routes.insert(spi, id);
+            }
+        }
         self.refresh(id);
+    }
+
+    /// Forgets initiator `id` and its routes; reports it removed.
+    fn remove_initiator(&mut self, id: u64) {
+        if let Some((i, _)) = self.initiators.remove(&id) {
+            for spi in self.init_spis.remove(&id).unwrap_or_default() {
+                if self.routes.get(&spi) == Some(&id) {
+                    self.routes.remove(&spi);
+                }
+            }
+            self.refresh(id);
+            self.events.push_back(EndpointEvent::Removed {
+                id,
+                established: i.is_established(),
+            });
+        }
     }
 
     /// The next datagram to send.
@@ -410,10 +444,7 @@ impl Endpoint {
                 }
             } else if let Some((i, closed)) = self.initiators.get_mut(&id) {
                 if closed.is_some_and(|at| now >= at + linger) {
-                    let established = i.is_established();
-                    self.initiators.remove(&id);
-                    self.refresh(id);
-                    self.events.push_back(EndpointEvent::Removed { id, established });
+                    self.remove_initiator(id);
                     continue;
                 }
                 if closed.is_none() && i.poll_timeout().is_some_and(|t| t <= now) {
@@ -455,13 +486,7 @@ impl Endpoint {
 
     /// Ends an SA at once (no DELETE is sent): a gateway shutting down, a replaced peer.
     pub fn close(&mut self, id: u64) {
-        if let Some((i, _)) = self.initiators.remove(&id) {
-            self.refresh(id);
-            self.events.push_back(EndpointEvent::Removed {
-                id,
-                established: i.is_established(),
-            });
-        }
+        self.remove_initiator(id);
         self.remove(id);
     }
 
@@ -476,48 +501,39 @@ impl Endpoint {
         entropy: &mut dyn Entropy,
     ) -> Result<(), EndpointError> {
         let (header, _) = Header::peek(datagram).ok_or(EndpointError::NotIke)?;
-        if !header.flags.contains(Flags::INITIATOR) {
-            // From the original responder of the IKE SA: our SPI is SPIi. That is an SA we
-            // initiated, or one a peer initiated and we rekeyed since (RFC 7296 §3.1: the
-            // flag "changes to reflect who initiated the last rekey of the IKE SA").
-            if let Some((i, _)) = self.initiators.get_mut(&header.spi_i) {
-                let r = i.handle_datagram(now, local, remote, datagram, entropy);
-                self.collect_initiator(header.spi_i, now);
+        // Our SPI is SPIr in messages from the original initiator of the IKE SA, SPIi in the
+        // others (RFC 7296 §3.1; the Initiator flag "changes to reflect who initiated the
+        // last rekey of the IKE SA"). Responders and initiators both answer for every SPI
+        // of ours they name, so the SA is found across IKE SA rekeys from either side.
+        let from_initiator = header.flags.contains(Flags::INITIATOR);
+        let ours = if from_initiator {
+            header.spi_r
+        } else {
+            header.spi_i
+        };
+        if ours != 0
+            && let Some(&id) = self.routes.get(&ours)
+        {
+            if let Some(slot) = self.slots.get_mut(&id) {
+                let r = slot
+                    .responder
+                    .handle_datagram(now, local, remote, datagram, entropy);
+                self.collect(id, now);
                 return r.map_err(EndpointError::from);
             }
-            let id = *self
-                .routes
-                .get(&header.spi_i)
-                .ok_or(EndpointError::UnknownSpi(header.spi_i))?;
-            let slot = self
-                .slots
-                .get_mut(&id)
-                .ok_or(EndpointError::UnknownSpi(header.spi_i))?;
-            let r = slot
-                .responder
-                .handle_datagram(now, local, remote, datagram, entropy);
-            self.collect(id, now);
-            return r.map_err(EndpointError::from);
+            if let Some((i, _)) = self.initiators.get_mut(&id) {
+                let r = i.handle_datagram(now, local, remote, datagram, entropy);
+                self.collect_initiator(id, now);
+                return r.map_err(EndpointError::from);
+            }
+        }
+        if !from_initiator || header.spi_r != 0 {
+            return Err(EndpointError::UnknownSpi(ours));
         }
         // Responses answer our liveness checks on established SAs, which have our SPI; a
         // response without it answers nothing we sent.
-        if header.flags.contains(Flags::RESPONSE) && header.spi_r == 0 {
+        if header.flags.contains(Flags::RESPONSE) {
             return Err(EndpointError::UnexpectedResponse);
-        }
-        if header.spi_r != 0 {
-            let id = *self
-                .routes
-                .get(&header.spi_r)
-                .ok_or(EndpointError::UnknownSpi(header.spi_r))?;
-            let slot = self
-                .slots
-                .get_mut(&id)
-                .ok_or(EndpointError::UnknownSpi(header.spi_r))?;
-            let r = slot
-                .responder
-                .handle_datagram(now, local, remote, datagram, entropy);
-            self.collect(id, now);
-            return r.map_err(EndpointError::from);
         }
         if let Some(&spi_r) = self.by_init.get(&(remote, header.spi_i)) {
             // A retransmitted IKE_SA_INIT (or garbage with its SPI): its responder decides.
