@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
-ensure_packages build-essential pkg-config ca-certificates
+ensure_packages build-essential pkg-config ca-certificates iproute2
 ensure_rust
 
 DATA_DIR="${DATA_DIR:-/tmp/concentrator}"
