@@ -259,7 +259,9 @@ async fn egress(
                         table.install(*sa, subnets);
                         let now = Instant::now();
                         for packet in &waiting {
-                            seal_into(&mut table, &mut batch, &udp, &counters, packet, now).await;
+                            if seal_into(&mut table, &mut batch, &udp, &counters, packet, now).await.is_some() {
+                                counters.no_sa.inc();
+                            }
                         }
                         batch.flush(&udp, &counters).await;
                     }
@@ -293,26 +295,22 @@ async fn egress(
         let now = Instant::now();
         for (seg, &size) in segs.iter().zip(&sizes).take(n) {
             let packet = &seg[..size];
-            let Some(h) = ip::parse(packet) else {
-                continue;
-            };
-            if table.lookup(h.dst).is_none() {
+            if let Some(dst) = seal_into(&mut table, &mut batch, &udp, &counters, packet, now).await {
                 // No SA for it: never sent in clear. The control plane is asked for one (the
                 // initiator path) and the packet waits in a small bounded queue meanwhile.
                 counters.no_sa.inc();
-                if held.hold(h.dst, packet) {
-                    let _ = acquire.try_send(h.dst);
+                if held.hold(dst, packet) {
+                    let _ = acquire.try_send(dst);
                 }
-                continue;
             }
-            seal_into(&mut table, &mut batch, &udp, &counters, packet, now).await;
         }
         batch.flush(&udp, &counters).await;
     }
 }
 
 /// Seals `packet` with the SA of its destination into the batch, sending the batch first
-/// if the packet cannot join it.
+/// if the packet cannot join it. Returns the destination when no SA covers it (nothing is
+/// counted then: the caller decides between holding and dropping).
 async fn seal_into(
     table: &mut OutboundTable,
     batch: &mut GsoBatch,
@@ -320,13 +318,12 @@ async fn seal_into(
     counters: &DataplaneCounters,
     packet: &[u8],
     now: Instant,
-) {
+) -> Option<IpAddr> {
     let (Some(nh), Some(h)) = (next_header_for(packet), ip::parse(packet)) else {
-        return;
+        return None;
     };
     let Some(sa) = table.lookup(h.dst) else {
-        counters.no_sa.inc();
-        return;
+        return Some(h.dst);
     };
     let sealed = sa.sa.sealed_len(packet.len());
     if !batch.accepts(sa.peer, sealed, udp.max_gso_segments()) {
@@ -343,6 +340,7 @@ async fn seal_into(
             counters.invalid.inc();
         }
     }
+    None
 }
 
 /// Packets waiting for an SA, per destination: a few each, for a bounded number of
