@@ -81,52 +81,15 @@ pub(crate) fn tcp_transfer(
     dst: &str,
     dir: &std::path::Path,
 ) -> anyhow::Result<()> {
-    use anyhow::{Context, ensure};
-    use concentrator_e2e::wait::{Probe, until};
     let payload: Vec<u8> = (0..2_000_000u32)
         .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
         .collect();
-    let sent = dir.join(format!("sent-{src}.bin"));
-    std::fs::write(&sent, &payload)?;
-    let received = dir.join(format!("received-{dst}.bin"));
-    let _ = std::fs::remove_file(&received);
-    let listener = to.spawn(
-        "listener",
-        "python3",
-        &[
-            "-c",
-            &format!(
-                "import socket\ns=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
-                 s.bind((\"{dst}\",5001));s.listen(1);c,_=s.accept();f=open(\"{}\",\"wb\")\n\
-                 while True:\n  d=c.recv(65536)\n  if not d: break\n  f.write(d)\nf.close()",
-                received.display()
-            ),
-        ],
-        &dir.join(format!("listener-{dst}.log")),
-    )?;
-    let send = format!(
-        "import socket,time\nfor i in range(100):\n  try:\n    s=socket.create_connection((\"{dst}\",5001),timeout=2,source_address=(\"{src}\",0));break\n  except OSError: time.sleep(0.1)\ns.sendall(open(\"{}\",\"rb\").read());s.close()",
-        sent.display()
-    );
-    from.run("python3", &["-c", &send]).context("sending the file")?;
-    until(
-        "the whole file to arrive",
-        std::time::Duration::from_secs(30),
-        || {
-            let got = std::fs::metadata(&received).map(|m| m.len()).unwrap_or(0);
-            Ok(if got == payload.len() as u64 {
-                Probe::Ready(())
-            } else {
-                Probe::pending(format!("{got} bytes"))
-            })
-        },
-    )?;
-    drop(listener);
-    ensure!(
-        std::fs::read(&received)? == payload,
-        "received bytes differ from the sent file"
-    );
-    Ok(())
+    let transfer = Transfer {
+        name: "file",
+        port: 5001,
+        send: "s.sendall(d)",
+    };
+    transfer.run(from, src, to, dst, dir, &payload)
 }
 
 /// Like [`tcp_transfer`], but one TCP connection paced over `duration` (1000 bytes every
@@ -139,53 +102,84 @@ pub(crate) fn paced_tcp_transfer(
     dir: &std::path::Path,
     duration: std::time::Duration,
 ) -> anyhow::Result<()> {
-    use anyhow::{Context, ensure};
-    use concentrator_e2e::wait::{Probe, until};
     let chunks = (duration.as_millis() / 20).max(1) as u32;
     let payload: Vec<u8> = (0..chunks * 1000)
         .map(|i| (i.wrapping_mul(2246822519) >> 24) as u8)
         .collect();
-    let sent = dir.join(format!("paced-sent-{src}.bin"));
-    std::fs::write(&sent, &payload)?;
-    let received = dir.join(format!("paced-received-{dst}.bin"));
-    let _ = std::fs::remove_file(&received);
-    let listener = to.spawn(
-        "listener",
-        "python3",
-        &[
-            "-c",
-            &format!(
-                "import socket\ns=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
-                 s.bind((\"{dst}\",5002));s.listen(1);c,_=s.accept();f=open(\"{}\",\"wb\")\n\
-                 while True:\n  d=c.recv(65536)\n  if not d: break\n  f.write(d)\nf.close()",
-                received.display()
-            ),
-        ],
-        &dir.join(format!("paced-listener-{dst}.log")),
-    )?;
-    let send = format!(
-        "import socket,time\nfor i in range(100):\n  try:\n    s=socket.create_connection((\"{dst}\",5002),timeout=2,source_address=(\"{src}\",0));break\n  except OSError: time.sleep(0.1)\n\
-         s.settimeout(30)\nd=open(\"{}\",\"rb\").read()\nfor i in range(0,len(d),1000):\n  s.sendall(d[i:i+1000]);time.sleep(0.02)\ns.close()",
-        sent.display()
-    );
-    from.run("python3", &["-c", &send])
-        .context("sending the paced stream")?;
-    until(
-        "the whole stream to arrive",
-        std::time::Duration::from_secs(30),
-        || {
-            let got = std::fs::metadata(&received).map(|m| m.len()).unwrap_or(0);
-            Ok(if got == payload.len() as u64 {
-                Probe::Ready(())
-            } else {
-                Probe::pending(format!("{got} bytes"))
-            })
-        },
-    )?;
-    drop(listener);
-    ensure!(
-        std::fs::read(&received)? == payload,
-        "received bytes differ from the sent stream"
-    );
-    Ok(())
+    let transfer = Transfer {
+        name: "paced stream",
+        port: 5002,
+        send: "s.settimeout(30)\nfor i in range(0,len(d),1000):\n  s.sendall(d[i:i+1000]);time.sleep(0.02)",
+    };
+    transfer.run(from, src, to, dst, dir, &payload)
+}
+
+/// One checksummed TCP transfer: a python3 listener writes what it receives to a file, a
+/// python3 sender connects (retrying while the path comes up) and runs `send` with the
+/// payload in `d` and the socket in `s`.
+struct Transfer {
+    name: &'static str,
+    port: u16,
+    send: &'static str,
+}
+
+impl Transfer {
+    fn run(
+        &self,
+        from: &concentrator_e2e::netns::Netns,
+        src: &str,
+        to: &concentrator_e2e::netns::Netns,
+        dst: &str,
+        dir: &std::path::Path,
+        payload: &[u8],
+    ) -> anyhow::Result<()> {
+        use anyhow::{Context, ensure};
+        use concentrator_e2e::wait::{Probe, until};
+        let (name, port) = (self.name, self.port);
+        let tag = name.replace(' ', "-");
+        let sent = dir.join(format!("{tag}-sent-{src}.bin"));
+        std::fs::write(&sent, payload)?;
+        let received = dir.join(format!("{tag}-received-{dst}.bin"));
+        let _ = std::fs::remove_file(&received);
+        let listener = to.spawn(
+            "listener",
+            "python3",
+            &[
+                "-c",
+                &format!(
+                    "import socket\ns=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
+                     s.bind((\"{dst}\",{port}));s.listen(1);c,_=s.accept();f=open(\"{}\",\"wb\")\n\
+                     while True:\n  d=c.recv(65536)\n  if not d: break\n  f.write(d)\nf.close()",
+                    received.display()
+                ),
+            ],
+            &dir.join(format!("{tag}-listener-{dst}.log")),
+        )?;
+        let send = format!(
+            "import socket,time\nfor i in range(100):\n  try:\n    s=socket.create_connection((\"{dst}\",{port}),timeout=2,source_address=(\"{src}\",0));break\n  except OSError: time.sleep(0.1)\n\
+             d=open(\"{}\",\"rb\").read()\n{}\ns.close()",
+            sent.display(),
+            self.send
+        );
+        from.run("python3", &["-c", &send])
+            .with_context(|| format!("sending the {name}"))?;
+        until(
+            format!("the whole {name} to arrive"),
+            std::time::Duration::from_secs(30),
+            || {
+                let got = std::fs::metadata(&received).map(|m| m.len()).unwrap_or(0);
+                Ok(if got == payload.len() as u64 {
+                    Probe::Ready(())
+                } else {
+                    Probe::pending(format!("{got} bytes"))
+                })
+            },
+        )?;
+        drop(listener);
+        ensure!(
+            std::fs::read(&received)? == payload,
+            "received bytes differ from the sent {name}"
+        );
+        Ok(())
+    }
 }
