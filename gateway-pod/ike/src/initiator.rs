@@ -109,8 +109,8 @@ use crate::payload::{self, Auth, Delete, Ke, Nonce, Notify, Payload, Ts};
 use crate::redirect::{GatewayId, decode_redirect, encode_redirected_from};
 use crate::responder::session::{IkeSa, Retry, Session, Window};
 use crate::responder::{
-    self, ChildRef, ChildSa, DeleteReason, Entropy, IdBuf, NONCE_LEN, Retransmit, Transmit, deadline,
-    random_spi,
+    self, ChildRef, ChildSa, DeleteReason, Entropy, IdBuf, NONCE_LEN, REKEYED_SA_LINGER, Retransmit,
+    Transmit, deadline, random_spi,
 };
 use crate::responder::{create_child, informational};
 
@@ -390,10 +390,18 @@ struct Established {
     ours: rekey::Ours,
     /// When we rekey the IKE SA (its soft lifetime), if ever.
     ike_rekey_at: Option<Instant>,
-    /// The IKE SA a rekey replaced, until it is deleted.
-    previous: Option<Session>,
+    /// The IKE SA a rekey replaced, until it is deleted or lingered long enough.
+    previous: Option<Previous>,
     /// When the peer was last heard from (an authenticated message, or CHILD SA traffic).
     last_heard: Instant,
+}
+
+/// An IKE SA a rekey replaced: it answers the peer until one side deleted it. Our DELETE of
+/// it is retransmitted like any request (RFC 7296 §2.1); if the peer never answers, or never
+/// deletes the SA it replaced, the SA goes after [`crate::responder::REKEYED_SA_LINGER`].
+struct Previous {
+    session: Session,
+    expires: Instant,
 }
 
 /// A request and our response, kept after the state that answered it is gone.
@@ -559,7 +567,7 @@ impl Initiator {
     pub fn our_spis(&self) -> Vec<u64> {
         match &self.state {
             State::Established(s) => std::iter::once(s.session.sa.our_spi())
-                .chain(s.previous.as_ref().map(|p| p.sa.our_spi()))
+                .chain(s.previous.as_ref().map(|p| p.session.sa.our_spi()))
                 .collect(),
             State::Closed(_) => Vec::new(),
             _ => vec![self.spi_i],
@@ -630,7 +638,12 @@ impl Initiator {
                     .chain(s.ike_rekey_at)
                     .min()
                     .filter(|_| s.session.can_start_request());
-                [s.session.pending_deadline(), liveness, rekey]
+                let previous = s.previous.as_ref().map(|p| {
+                    p.session
+                        .pending_deadline()
+                        .map_or(p.expires, |d| d.min(p.expires))
+                });
+                [s.session.pending_deadline(), liveness, rekey, previous]
                     .into_iter()
                     .flatten()
                     .min()
@@ -1211,7 +1224,7 @@ impl Initiator {
     ) -> Result<Option<Cache>, Error> {
         let (h, _) =
             Header::peek(datagram).ok_or(Error::Malformed(InvalidMessage::Truncated("IKE header")))?;
-        if s.previous.as_ref().is_some_and(|p| p.sa.matches(&h)) {
+        if s.previous.as_ref().is_some_and(|p| p.session.sa.matches(&h)) {
             return self.previous_sa(s, now, local, remote, &h, datagram);
         }
         if !s.session.sa.matches(&h) {
@@ -1458,7 +1471,10 @@ impl Initiator {
         {
             c.rekey_at = Some(now);
         }
-        s.previous = Some(old);
+        s.previous = Some(Previous {
+            session: old,
+            expires: deadline(now, REKEYED_SA_LINGER),
+        });
         s.ike_rekey_at = self
             .config
             .ike_lifetime
@@ -1471,7 +1487,10 @@ impl Initiator {
     fn we_rekeyed(&mut self, s: &mut Established, sa: IkeSa, now: Instant, entropy: &mut dyn Entropy) {
         let mut old = mem::replace(&mut s.session, Session::new(sa, None));
         self.request(&mut old, &[delete_ike()], now);
-        s.previous = Some(old);
+        s.previous = Some(Previous {
+            session: old,
+            expires: deadline(now, REKEYED_SA_LINGER),
+        });
         s.ike_rekey_at = self
             .config
             .ike_lifetime
@@ -1490,7 +1509,7 @@ impl Initiator {
         h: &Header,
         datagram: &[u8],
     ) -> Result<Option<Cache>, Error> {
-        let Some(old) = s.previous.as_mut() else {
+        let Some(Previous { session: old, .. }) = s.previous.as_mut() else {
             return Err(Error::Unexpected("SPIs of another IKE SA"));
         };
         if h.flags.contains(Flags::INITIATOR) == old.sa.is_initiator() {
@@ -1543,6 +1562,21 @@ impl Initiator {
             s.previous = None;
         }
         Ok(None)
+    }
+
+    /// Retransmits our DELETE of the IKE SA a rekey replaced, and forgets that SA once the
+    /// retransmissions are spent (nothing more can be done for it: its CHILD SAs live on
+    /// in the new one) or it lingered long enough.
+    fn previous_timeout(&mut self, s: &mut Established, now: Instant, policy: &Retransmit) {
+        let Some(p) = s.previous.as_mut() else {
+            return;
+        };
+        match p.session.on_timer(now, policy) {
+            Retry::Resend(d) => self.send(d),
+            Retry::GiveUp => s.previous = None,
+            Retry::Idle if now >= p.expires => s.previous = None,
+            Retry::Idle => {}
+        }
     }
 
     /// What our CHILD SA rekeys are checked against.
@@ -1613,6 +1647,7 @@ impl Initiator {
                 }
             },
             State::Established(mut s) => {
+                self.previous_timeout(&mut s, now, &policy);
                 match s.session.on_timer(now, &policy) {
                     Retry::Idle => {}
                     Retry::Resend(d) => self.send(d),

@@ -951,7 +951,11 @@ impl Responder {
                     .min()
                     .filter(|_| s.current.can_start_request());
                 [
-                    s.previous.as_ref().map(|p| p.expires),
+                    s.previous.as_ref().map(|p| {
+                        p.session
+                            .pending_deadline()
+                            .map_or(p.expires, |d| d.min(p.expires))
+                    }),
                     s.current.pending_deadline(),
                     liveness,
                     rekey,
@@ -2000,6 +2004,16 @@ impl Responder {
     fn established_timeout(&mut self, s: &mut Established, now: Instant, entropy: &mut dyn Entropy) -> Next {
         if s.previous.as_ref().is_some_and(|p| now >= p.expires) {
             self.retire_previous(s);
+        }
+        // Our DELETE of the IKE SA our rekey replaced is retransmitted like any request
+        // (RFC 7296 §2.1); once the retransmissions are spent the old SA goes (its CHILD SAs
+        // live on in the new one).
+        if let Some(p) = s.previous.as_mut() {
+            match p.session.on_timer(now, &self.config.retransmit) {
+                Retry::Idle => {}
+                Retry::Resend(datagram) => self.send(s.local, s.remote, datagram),
+                Retry::GiveUp => self.retire_previous(s),
+            }
         }
         match s.current.on_timer(now, &self.config.retransmit) {
             Retry::Idle => {}

@@ -101,6 +101,13 @@ fn cpu_seconds(pid: &str) -> Result<f64> {
     Ok((ticks(11)? + ticks(12)?) / clock_ticks())
 }
 
+/// What the generator threads share: the next SA number, datagrams sent.
+#[derive(Default)]
+struct Shared {
+    next: AtomicU64,
+    sent: AtomicU64,
+}
+
 /// One generator thread: `quota` negotiations, at most `window` in flight, from its own UDP
 /// socket. Returns how many established and failed.
 fn generate(
@@ -110,8 +117,9 @@ fn generate(
     quota: u64,
     window: usize,
     hold: bool,
-    next: &AtomicU64,
+    shared: &Shared,
 ) -> Result<(u64, u64)> {
+    let Shared { next, sent } = shared;
     let sock = UdpSocket::bind((local, 0))?;
     let here = sock.local_addr()?;
     let mut base = base.clone();
@@ -129,6 +137,7 @@ fn generate(
     let send = |i: &mut Initiator| -> Result<()> {
         let marker = i.floated();
         while let Some(t) = i.poll_transmit() {
+            sent.fetch_add(1, Ordering::Relaxed);
             // RFC 3948 §2.2: IKE on the NAT-T path carries the non-ESP marker.
             if marker {
                 let mut out = Vec::with_capacity(t.payload.len() + 4);
@@ -270,15 +279,15 @@ fn load_driver() -> Result<()> {
         IdBuf::new(&Identity::Fqdn(b"sa.load.example")),
     );
     config.remote_id = Some(IdBuf::new(&Identity::Fqdn(GW_ID.as_bytes())));
-    let next = Arc::new(AtomicU64::new(0));
+    let shared = Arc::new(Shared::default());
     let cpu_before = cpu_seconds("self")?;
     let start = Instant::now();
     let workers: Vec<_> = (0..threads)
         .map(|t| {
             let quota = sas / threads + u64::from(t < sas % threads);
-            let (config, next) = (config.clone(), Arc::clone(&next));
+            let (config, shared) = (config.clone(), Arc::clone(&shared));
             let per_thread = window.div_ceil(usize::try_from(threads).unwrap_or(1)).max(1);
-            std::thread::spawn(move || generate(&config, remote, local, quota, per_thread, hold, &next))
+            std::thread::spawn(move || generate(&config, remote, local, quota, per_thread, hold, &shared))
         })
         .collect();
     let (mut ok, mut failed) = (0, 0);
@@ -291,7 +300,8 @@ fn load_driver() -> Result<()> {
     }
     let seconds = start.elapsed().as_secs_f64();
     let cpu = cpu_seconds("self")? - cpu_before;
-    println!("RESULT established={ok} failed={failed} seconds={seconds:.3} cpu={cpu:.3}");
+    let sent = shared.sent.load(Ordering::Relaxed);
+    println!("RESULT established={ok} failed={failed} seconds={seconds:.3} cpu={cpu:.3} sent={sent}");
     Ok(())
 }
 
@@ -303,6 +313,9 @@ struct Run {
     seconds: f64,
     generator_cpu: f64,
     responder_cpu: f64,
+    /// Datagrams the generator sent: 2 per SA (IKE_SA_INIT, IKE_AUTH), 3 with churn (the
+    /// DELETE); more are retransmissions, i.e. lost or late answers.
+    sent: u64,
 }
 
 impl Run {
@@ -423,6 +436,7 @@ fn run_generator(
         seconds: get("seconds")?,
         generator_cpu: get("cpu")?,
         responder_cpu: after - before,
+        sent: get("sent")? as u64,
     })
 }
 
@@ -587,12 +601,13 @@ fn report(what: &str, r: &Run) {
     };
     println!(
         "  {what:<11} {:>6} SAs in {:>7.2} s: {:>8.0} /s, responder {:>6.2} CPU-s ({per_core:>7} /s per core), \
-         generator {:>6.2} CPU-s, failed {}",
+         generator {:>6.2} CPU-s, {:.2} datagrams/SA, failed {}",
         r.established,
         r.seconds,
         r.rate(),
         r.responder_cpu,
         r.generator_cpu,
+        r.sent as f64 / r.established.max(1) as f64,
         r.failed
     );
 }

@@ -75,6 +75,9 @@ struct Pair {
     to_i: usize,
     /// How many datagrams to the responder are lost next.
     drop_to_r: usize,
+    /// Indices (counting from 0) of the datagrams to the responder that are lost.
+    lose_to_r: Vec<usize>,
+    to_r: usize,
     /// Every datagram delivered to the responder, as (local, remote).
     seen_by_r: Vec<(SocketAddr, SocketAddr)>,
     /// How many IKE_SA_INIT requests the responder got.
@@ -104,6 +107,8 @@ impl Pair {
             lose_to_i: Vec::new(),
             to_i: 0,
             drop_to_r: 0,
+            lose_to_r: Vec::new(),
+            to_r: 0,
             seen_by_r: Vec::new(),
             init_requests: 0,
         }
@@ -130,6 +135,10 @@ impl Pair {
     fn deliver_to_responder(&mut self, t: Transmit) {
         if self.drop_to_r > 0 {
             self.drop_to_r -= 1;
+            return;
+        }
+        self.to_r += 1;
+        if self.lose_to_r.contains(&(self.to_r - 1)) {
             return;
         }
         let (local, remote) = (t.remote, self.outside(t.local));
@@ -856,6 +865,81 @@ fn rekeys_ike_sa(initiator_rekeys: bool) {
     p.drive();
     assert!(p.i.is_closed());
     assert!(matches!(&p.r, Side::One(r) if r.is_closed()));
+}
+
+/// The DELETE of the IKE SA a rekey replaced is lost once (RFC 7296 §2.8: "the initiator
+/// deletes the old IKE SA"): the side that rekeyed retransmits it like any request, so both
+/// ends retire the old SA within the retransmission schedule instead of keeping it for
+/// minutes (or, on the side that did not rekey, for as long as no other rekey comes).
+fn lost_delete_of_the_rekeyed_ike_sa(initiator_rekeys: bool) {
+    let mut ic = initiator_config(MATRIX[0].0, "aes128gcm16");
+    let mut rc = responder_config(MATRIX[0].0, "aes128gcm16");
+    ic.child_lifetime = Duration::from_secs(3600);
+    rc.child_lifetime = Duration::from_secs(3600);
+    ic.accept_ike_rekey = true;
+    if initiator_rekeys {
+        ic.ike_lifetime = Some(Duration::from_secs(60));
+    } else {
+        rc.ike_lifetime = Some(Duration::from_secs(60));
+    }
+    let mut p = Pair::new(ic, rc);
+    p.drive();
+    assert_established(&p);
+    // After the rekey timer: the rekey request (0), its answer, then the DELETE (1) goes the
+    // same way as the request.
+    if initiator_rekeys {
+        p.lose_to_r = vec![p.to_r + 1];
+    } else {
+        p.lose_to_i = vec![p.to_i + 1];
+    }
+    let spis_r = |p: &Pair| match &p.r {
+        Side::One(r) => r.spis_r(),
+        Side::Many(_) => unreachable!(),
+    };
+    let start = p.now;
+    while spis_r(&p).len() < 2 && p.i.our_spis().len() < 2 {
+        assert!(p.now - start < Duration::from_secs(60), "no IKE SA rekey");
+        p.advance();
+    }
+    let rekeyed = p.now;
+    // Both ends hold the old SA: its DELETE was lost.
+    assert_eq!((spis_r(&p).len(), p.i.our_spis().len()), (2, 2));
+    while spis_r(&p).len() > 1 || p.i.our_spis().len() > 1 {
+        p.advance();
+        // The first retransmission is due 2 s after the DELETE; the next IKE SA rekey is
+        // 50 s or more away.
+        assert!(
+            p.now - rekeyed < Duration::from_secs(10),
+            "the old IKE SA was still there {:?} after the rekey",
+            p.now - rekeyed
+        );
+    }
+    assert!(p.i.is_established());
+    assert!(
+        p.r_events
+            .iter()
+            .any(|e| matches!(e, responder::Event::IkeSaRetired { .. })),
+        "{:?}",
+        p.r_events
+    );
+    assert!(
+        !p.i_events.iter().any(|e| matches!(
+            e,
+            initiator::Event::IkeSaDeleted { .. } | initiator::Event::Failed(_)
+        )),
+        "{:?}",
+        p.i_events
+    );
+}
+
+#[test]
+fn initiator_retransmits_a_lost_delete_of_the_ike_sa_its_rekey_replaced() {
+    lost_delete_of_the_rekeyed_ike_sa(true);
+}
+
+#[test]
+fn responder_retransmits_a_lost_delete_of_the_ike_sa_its_rekey_replaced() {
+    lost_delete_of_the_rekeyed_ike_sa(false);
 }
 
 #[test]
