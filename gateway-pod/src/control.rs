@@ -166,6 +166,10 @@ pub async fn start(
             .map_err(|source| ControlError::Bind { addr, source })
     };
     let udp500 = Arc::new(bind(opts.ike_port).await?);
+    // Thousands of sites may send IKE_SA_INIT at once (a restart, a scale-in): the default
+    // ~200 KiB of receive buffer holds only a few hundred small datagrams, and each one lost
+    // costs its site a 2 s retransmission. (The 4500 socket gets the data plane's buffers.)
+    crate::dataplane::io::grow_buffers(&udp500, IKE_SOCKET_BUFFER);
     let udp4500 = Arc::new(bind(opts.nat_t_port).await?);
     let local_addr = |s: &UdpSocket, port| {
         s.local_addr().map_err(|source| ControlError::Bind {
@@ -338,6 +342,9 @@ struct Driver {
     pending_acquires: HashMap<(String, IpNet), Instant>,
     initiated: HashMap<u64, String>,
 }
+
+/// Receive and send buffer asked for on the IKE port 500 socket.
+const IKE_SOCKET_BUFFER: usize = 4 << 20;
 
 /// First and longest wait before reconnecting an eroute we keep up.
 const RECONNECT_MIN: Duration = Duration::from_secs(2);

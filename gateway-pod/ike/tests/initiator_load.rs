@@ -101,6 +101,28 @@ fn cpu_seconds(pid: &str) -> Result<f64> {
     Ok((ticks(11)? + ticks(12)?) / clock_ticks())
 }
 
+/// A window of answers arriving together overflows the default ~200 KiB receive buffer
+/// (each small datagram costs a few KiB of it), and every loss costs a 2 s retransmission:
+/// the generator must not be what limits either responder.
+fn grow_receive_buffer(sock: &UdpSocket) {
+    use std::os::fd::AsRawFd;
+    let bytes: libc::c_int = 8 << 20;
+    // Safety: the descriptor is open while `sock` is borrowed; the value is a live c_int of
+    // the size passed.
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&raw const bytes).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        eprintln!("SO_RCVBUFFORCE: {}", std::io::Error::last_os_error());
+    }
+}
+
 /// What the generator threads share: the next SA number, datagrams sent.
 #[derive(Default)]
 struct Shared {
@@ -121,6 +143,7 @@ fn generate(
 ) -> Result<(u64, u64)> {
     let Shared { next, sent } = shared;
     let sock = UdpSocket::bind((local, 0))?;
+    grow_receive_buffer(&sock);
     let here = sock.local_addr()?;
     let mut base = base.clone();
     // The float moves the peer to its 4500 and keeps our socket: one socket per thread.

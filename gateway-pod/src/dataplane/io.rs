@@ -33,17 +33,7 @@ impl Udp {
     /// Turns on GRO (and reads back what GSO the kernel offers) on an open socket.
     pub(crate) fn new(sock: Arc<UdpSocket>) -> io::Result<Self> {
         let state = UdpSocketState::new(UdpSockRef::from(&*sock))?;
-        for (force, plain) in [
-            (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
-            (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
-        ] {
-            // Beyond net.core.[rw]mem_max only with CAP_NET_ADMIN (which the TUN device
-            // needs anyway); otherwise as much as the limit allows. Too small a buffer
-            // costs throughput, not correctness, so a refusal is no error.
-            if set_int_option(&sock, libc::SOL_SOCKET, force, SOCKET_BUFFER).is_err() {
-                let _ = set_int_option(&sock, libc::SOL_SOCKET, plain, SOCKET_BUFFER);
-            }
-        }
+        grow_buffers(&sock, SOCKET_BUFFER);
         // quinn-udp forbids fragmentation (DF, for QUIC's path MTU probing). An ESP packet
         // too long for the path is better fragmented on the way than lost, as it was before
         // GSO: no DF on the outer IPv4 header. GSO sends are cut at the device MTU either way.
@@ -93,6 +83,21 @@ impl Udp {
                 self.state.try_send(UdpSockRef::from(&*self.sock), &transmit)
             })
             .await
+    }
+}
+
+/// Asks for `bytes` of receive and send buffer on `sock`: beyond net.core.[rw]mem_max only
+/// with CAP_NET_ADMIN (which the TUN device needs anyway), otherwise as much as the limit
+/// allows. Too small a buffer costs throughput (drops under bursts), not correctness, so a
+/// refusal is no error.
+pub(crate) fn grow_buffers(sock: &UdpSocket, bytes: usize) {
+    for (force, plain) in [
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+    ] {
+        if set_int_option(sock, libc::SOL_SOCKET, force, bytes).is_err() {
+            let _ = set_int_option(sock, libc::SOL_SOCKET, plain, bytes);
+        }
     }
 }
 

@@ -4,7 +4,7 @@
 //! `concentrator-gateway esp-static` (keys given by hand, for tests and benchmarks), on the
 //! same workers, so that the benchmark measures the product's data plane.
 
-mod io;
+pub(crate) mod io;
 pub mod shared;
 pub mod table;
 
