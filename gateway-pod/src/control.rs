@@ -19,7 +19,9 @@ use concentrator_ike::Event;
 use concentrator_ike::endpoint::{Endpoint, EndpointConfig, EndpointError, EndpointEvent};
 use concentrator_ike::negotiate::ts_bounds;
 use concentrator_ike::payload::{Identity, TrafficSelector};
-use concentrator_ike::responder::{ChildSa, Config as ResponderConfig, IdBuf, SystemEntropy, Transmit};
+use concentrator_ike::responder::{
+    ChildSa, Config as ResponderConfig, DeleteReason, IdBuf, SystemEntropy, Transmit,
+};
 use concentrator_proto::admin::{ChildSa as ChildSaInfo, Tunnel};
 use ipnet::IpNet;
 use tokio::net::UdpSocket;
@@ -225,6 +227,8 @@ pub async fn start(
                         id: None,
                         next_attempt: Instant::now(),
                         backoff: RECONNECT_MIN,
+                        redirect: None,
+                        redirects: 0,
                     },
                 )
             })
@@ -358,7 +362,22 @@ struct AutoConnect {
     id: Option<u64>,
     next_attempt: Instant,
     backoff: Duration,
+    /// Where the next attempt goes instead of `peerAddress`: a gateway that redirected us.
+    redirect: Option<Redirect>,
+    /// Redirects followed since the last SA of this eroute was established.
+    redirects: u32,
 }
+
+/// A REDIRECT (RFC 5685) to follow on the next attempt.
+struct Redirect {
+    to: IpAddr,
+    /// The gateway that sent it: named in N(REDIRECTED_FROM) (§4.1).
+    from: concentrator_ike::redirect::GatewayId,
+}
+
+/// Redirects followed in a row without an SA coming up: beyond, the eroute goes back to
+/// `peerAddress` with its backoff (RFC 5685 §9: a client must guard against redirect loops).
+const MAX_REDIRECTS: u32 = 5;
 
 /// How often the tunnel table's traffic counters are refreshed for the admin API.
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
@@ -528,6 +547,7 @@ impl Driver {
                     && let Some(a) = self.auto.get_mut(name)
                 {
                     a.backoff = RECONNECT_MIN;
+                    a.redirects = 0;
                 }
                 Event::IkeSaEstablished {
                     spi_i,
@@ -539,7 +559,12 @@ impl Driver {
             }
             I::ChildSaInstalled(c) => Event::ChildSaInstalled(c),
             I::ChildSaDeleted { spi_in, spi_out } => Event::ChildSaDeleted { spi_in, spi_out },
-            I::IkeSaDeleted { spi_i, reason } => Event::IkeSaDeleted { spi_r: spi_i, reason },
+            I::IkeSaDeleted { spi_i, reason } => {
+                if reason == DeleteReason::Redirected {
+                    self.follow_redirect(id);
+                }
+                Event::IkeSaDeleted { spi_r: spi_i, reason }
+            }
             I::RequestDeclined { exchange, notify } => {
                 tracing::info!(?exchange, ?notify, "declined a request of the peer");
                 return;
@@ -549,6 +574,9 @@ impl Driver {
                 return;
             }
             I::Failed(e) => {
+                if e == concentrator_ike::initiator::Error::Redirected {
+                    self.follow_redirect(id);
+                }
                 let eroute = self.initiated.get(&id).cloned().unwrap_or_default();
                 let reason = initiator_failure_reason(&e);
                 self.gateway.metrics.count_ike_failure(reason);
@@ -557,6 +585,55 @@ impl Driver {
             }
         };
         self.sa_event(id, as_responder);
+    }
+
+    /// SA `id` of an eroute we keep up was redirected (RFC 5685: in IKE_SA_INIT, IKE_AUTH
+    /// or an INFORMATIONAL of the established SA): the next attempt goes to the gateway
+    /// named, at once. Only that attempt: when the SA there goes, the eroute returns to its
+    /// `peerAddress` (in a fleet the virtual address, where a director picks a gateway
+    /// again; the one we were sent to may be gone by then).
+    fn follow_redirect(&mut self, id: u64) {
+        use concentrator_ike::redirect::GatewayId;
+        let Some(initiator) = self.endpoint.initiator(id) else {
+            return;
+        };
+        let (Some(to), from) = (initiator.redirected_to().cloned(), initiator.path().1.ip()) else {
+            return;
+        };
+        let Some(name) = self.initiated.get(&id).cloned() else {
+            return;
+        };
+        let Some(a) = self.auto.get_mut(&name) else {
+            return;
+        };
+        let to = match to {
+            GatewayId::Ip(ip) if a.redirects < MAX_REDIRECTS => ip,
+            GatewayId::Ip(ip) => {
+                tracing::warn!(eroute = %name, to = %ip, redirects = a.redirects, "too many redirects in a row: back to peerAddress");
+                self.gateway.metrics.count_ike_failure("redirect_loop");
+                a.redirects = 0;
+                return;
+            }
+            GatewayId::Fqdn(n) => {
+                // Resolving would block the control loop; a fleet redirects to pod addresses.
+                tracing::warn!(eroute = %name, to = %n, "redirected to a name: not followed, back to peerAddress");
+                self.gateway.metrics.count_ike_failure("redirect_to_name");
+                return;
+            }
+        };
+        tracing::info!(eroute = %name, %from, %to, "redirected: connecting to the gateway named");
+        a.redirects += 1;
+        a.redirect = Some(Redirect {
+            to,
+            from: GatewayId::Ip(from),
+        });
+        // The old SA lingers in the endpoint (answering retransmissions); the eroute need
+        // not wait for it.
+        if a.id == Some(id) {
+            a.id = None;
+        }
+        a.next_attempt = Instant::now();
+        a.backoff = RECONNECT_MIN;
     }
 
     /// Connects every eroute whose turn has come (at start, and again after its SA is gone).
@@ -582,10 +659,11 @@ impl Driver {
         let Some(psk) = gateway.config.static_psks.get(name) else {
             return;
         };
-        let Some(remote) = e
-            .peer_address
-            .as_deref()
-            .and_then(|a| a.parse::<IpAddr>().ok())
+        let redirect = self.auto.get_mut(name).and_then(|a| a.redirect.take());
+        let Some(remote) = redirect
+            .as_ref()
+            .map(|r| r.to)
+            .or_else(|| e.peer_address.as_deref().and_then(|a| a.parse::<IpAddr>().ok()))
             .map(|ip| SocketAddr::new(ip, IKE_PORT))
         else {
             tracing::warn!(eroute = %name, "peerAddress is not an IP address: cannot initiate");
@@ -598,7 +676,8 @@ impl Driver {
             .as_deref()
             .filter(|p| !p.contains(['*', '?']))
             .map(id_from_str);
-        let config = self.initiator_config(name, e, e.remote_subnet, remote_id);
+        let mut config = self.initiator_config(name, e, e.remote_subnet, remote_id);
+        config.redirected_from = redirect.map(|r| r.from);
         let local = SocketAddr::new(self.listen, self.ike_port);
         match self.endpoint.connect(
             Arc::new(config),
@@ -731,7 +810,7 @@ impl Driver {
             Event::IkeSaDeleted { reason, .. } => {
                 let peer = self.sas.get(&spi_r).map_or("-", |r| r.peer_id.as_str());
                 tracing::info!(peer_id = %peer, %reason, "IKE SA deleted");
-                if matches!(reason, concentrator_ike::responder::DeleteReason::DeadPeer) {
+                if matches!(reason, DeleteReason::DeadPeer) {
                     self.gateway.metrics.count_ike_failure("dead_peer");
                 }
                 // The CHILD SAs went with their own events; the record goes now, not when

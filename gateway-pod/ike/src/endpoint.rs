@@ -315,6 +315,12 @@ impl Endpoint {
         self.slots.get_mut(&id).map(|s| &mut s.responder)
     }
 
+    /// The initiator of SA `id` (one we started), while the endpoint keeps it: after it
+    /// closed, until it lingered out (e.g. to read [`Initiator::redirected_to`]).
+    pub fn initiator(&self, id: u64) -> Option<&Initiator> {
+        self.initiators.get(&id).map(|(i, _)| i)
+    }
+
     /// The data plane saw authenticated ESP from the peer of SA `id` at `now`: proof of
     /// liveness, so no liveness check is needed yet.
     pub fn handle_child_traffic(&mut self, id: u64, now: Instant) {
