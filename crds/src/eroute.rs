@@ -81,11 +81,13 @@ pub struct ErouteSpec {
 /// Who may start the negotiation.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum Role {
-    /// The concentrator initiates when traffic needs the tunnel.
+    /// The concentrator keeps the tunnel up: it connects to `peerAddress` at start and again
+    /// whenever the tunnel goes (strongSwan `start_action = start`).
     Initiator,
     /// Sites initiate; the concentrator only answers.
     Responder,
-    /// Either side may initiate.
+    /// Either side may initiate: with a `peerAddress` the concentrator connects when traffic
+    /// needs the tunnel (strongSwan `start_action = trap`).
     #[default]
     Both,
 }

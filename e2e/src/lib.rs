@@ -9,6 +9,7 @@
 //!   `swanctl.conf` written from [`strongswan::Connection`], SA state polling.
 //! * [`mariadb`]: a private MariaDB server in a temp dir, as a `mysql://` URL.
 //! * [`etcd`]: a private single-node etcd, as an `http://` endpoint.
+//! * [`gateway`]: our `concentrator-gateway` in a namespace, its metrics.
 //! * [`prereq`]: skip (not root) or fail (root, package missing) before touching anything.
 //!
 //! Support modules: [`tools`] (the external programs and where Debian puts them), [`wait`]
@@ -20,6 +21,7 @@
 //! `#[tokio::test]` bodies.
 
 pub mod etcd;
+pub mod gateway;
 pub mod ids;
 pub mod logs;
 pub mod mariadb;

@@ -216,11 +216,11 @@ pub async fn start(
             .eroutes
             .iter()
             .filter(|(name, e)| {
-                e.role == Role::Initiator
+                e.role != Role::Responder
                     && e.peer_address.is_some()
                     && gateway.config.static_psks.contains_key(*name)
             })
-            .map(|(name, _)| {
+            .map(|(name, e)| {
                 (
                     name.clone(),
                     AutoConnect {
@@ -229,6 +229,8 @@ pub async fn start(
                         backoff: RECONNECT_MIN,
                         redirect: None,
                         redirects: 0,
+                        on_demand: e.role == Role::Both,
+                        demanded: false,
                     },
                 )
             })
@@ -366,6 +368,18 @@ struct AutoConnect {
     redirect: Option<Redirect>,
     /// Redirects followed since the last SA of this eroute was established.
     redirects: u32,
+    /// Role `Both`: connect when traffic needs the tunnel (an acquire), like strongSwan's
+    /// `start_action = trap`, rather than keeping it up.
+    on_demand: bool,
+    /// Traffic is waiting for the tunnel of an on-demand eroute.
+    demanded: bool,
+}
+
+impl AutoConnect {
+    /// When this eroute should connect next, if it should.
+    fn due_at(&self) -> Option<Instant> {
+        (self.id.is_none() && (!self.on_demand || self.demanded)).then_some(self.next_attempt)
+    }
 }
 
 /// A REDIRECT (RFC 5685) to follow on the next attempt.
@@ -396,19 +410,23 @@ impl Driver {
         status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Traffic toward any site of an egroup that may initiate reaches the TUN device, so a
         // site without a tunnel raises an acquire (the initiator path).
-        for (_, net, _) in self.egroups.initiating(&self.gateway.config) {
+        // So does traffic toward the remote subnet of a static eroute we initiate while its
+        // tunnel is down: held and connected for (never sent in clear).
+        let trapped = self
+            .auto
+            .keys()
+            .filter_map(|name| self.gateway.config.set.eroutes.get(name))
+            .map(|e| e.remote_subnet)
+            .collect::<Vec<_>>();
+        let initiating = self.egroups.initiating(&self.gateway.config);
+        for net in initiating.into_iter().map(|(_, net, _)| net).chain(trapped) {
             *self.routes.entry(net).or_insert(0) += 1;
             self.route("replace", net);
         }
         self.connect_due(Instant::now());
         self.flush().await;
         loop {
-            let next_connect = self
-                .auto
-                .values()
-                .filter(|a| a.id.is_none())
-                .map(|a| a.next_attempt)
-                .min();
+            let next_connect = self.auto.values().filter_map(AutoConnect::due_at).min();
             let deadline = self
                 .endpoint
                 .poll_timeout()
@@ -548,6 +566,7 @@ impl Driver {
                 {
                     a.backoff = RECONNECT_MIN;
                     a.redirects = 0;
+                    a.demanded = false;
                 }
                 Event::IkeSaEstablished {
                     spi_i,
@@ -563,6 +582,7 @@ impl Driver {
                 if reason == DeleteReason::Redirected {
                     self.follow_redirect(id);
                 }
+                self.initiated_closed(id);
                 Event::IkeSaDeleted { spi_r: spi_i, reason }
             }
             I::RequestDeclined { exchange, notify } => {
@@ -577,6 +597,7 @@ impl Driver {
                 if e == concentrator_ike::initiator::Error::Redirected {
                     self.follow_redirect(id);
                 }
+                self.initiated_closed(id);
                 let eroute = self.initiated.get(&id).cloned().unwrap_or_default();
                 let reason = initiator_failure_reason(&e);
                 self.gateway.metrics.count_ike_failure(reason);
@@ -634,6 +655,7 @@ impl Driver {
         }
         a.next_attempt = Instant::now();
         a.backoff = RECONNECT_MIN;
+        a.demanded = true;
     }
 
     /// Connects every eroute whose turn has come (at start, and again after its SA is gone).
@@ -641,7 +663,7 @@ impl Driver {
         let due: Vec<String> = self
             .auto
             .iter()
-            .filter(|(_, a)| a.id.is_none() && a.next_attempt <= now)
+            .filter(|(_, a)| a.due_at().is_some_and(|t| t <= now))
             .map(|(n, _)| n.clone())
             .collect();
         for name in due {
@@ -749,17 +771,29 @@ impl Driver {
         config
     }
 
-    /// An SA of an eroute we keep up is gone: try again after the eroute's backoff.
+    /// The endpoint forgot SA `id` (it lingers a while after closing).
     fn schedule_reconnect(&mut self, id: u64) {
-        let Some(name) = self.initiated.remove(&id) else {
+        self.initiated_closed(id);
+        self.initiated.remove(&id);
+    }
+
+    /// SA `id` of an eroute of ours closed (deleted, dead, failed): the eroute may connect
+    /// again after its backoff, at once if kept up, on its next traffic if on demand.
+    fn initiated_closed(&mut self, id: u64) {
+        let Some(name) = self.initiated.get(&id) else {
             return;
         };
-        if let Some(a) = self.auto.get_mut(&name)
+        if let Some(a) = self.auto.get_mut(name)
             && a.id == Some(id)
         {
             a.id = None;
+            a.demanded = false;
             a.next_attempt = Instant::now() + a.backoff;
-            tracing::info!(eroute = %name, retry_in = ?a.backoff, "tunnel we keep up is gone");
+            if a.on_demand {
+                tracing::info!(eroute = %name, "tunnel is gone: connecting again when traffic needs it");
+            } else {
+                tracing::info!(eroute = %name, retry_in = ?a.backoff, "tunnel we keep up is gone");
+            }
             a.backoff = (a.backoff * 2).min(RECONNECT_MAX);
         }
     }
@@ -983,6 +1017,29 @@ impl Driver {
     /// may initiate, look the site up by subnet and connect to it.
     fn acquire(&mut self, dst: IpAddr) {
         let now = Instant::now();
+        // A static eroute of ours toward the destination, down: connect it (at once, or
+        // when its backoff after a failure ends).
+        let gateway = Arc::clone(&self.gateway);
+        let ours = self.auto.iter_mut().find(|(name, a)| {
+            a.id.is_none()
+                && gateway
+                    .config
+                    .set
+                    .eroutes
+                    .get(*name)
+                    .is_some_and(|e| e.remote_subnet.contains(&dst))
+        });
+        if let Some((name, a)) = ours {
+            if !a.demanded {
+                tracing::info!(eroute = %name, %dst, "traffic for a tunnel that is down: connecting");
+            }
+            a.demanded = true;
+            if a.next_attempt <= now {
+                let name = name.clone();
+                self.connect(&name, now);
+            }
+            return;
+        }
         self.pending_acquires.retain(|_, t| now < *t + ACQUIRE_HOLD);
         let Some((egroup, base_remote, prefix)) = self
             .egroups

@@ -10,8 +10,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
+use concentrator_e2e::gateway::{Gateway, metric};
 use concentrator_e2e::netns::{self, Netns, Wan};
-use concentrator_e2e::process::Daemon;
 use concentrator_e2e::wait::{self, Probe};
 use concentrator_e2e::{logs, prereq, scratch, tools};
 
@@ -59,48 +59,6 @@ fn write_config(dir: &Path, psk: &str, site_to: Option<&str>) -> Result<()> {
     Ok(())
 }
 
-/// Starts a gateway in `ns` listening on `listen` and waits until it is ready.
-fn start_gateway(
-    ns: &Netns,
-    dir: &Path,
-    name: &str,
-    listen: &str,
-    extra: &[&str],
-) -> Result<(Daemon, std::path::PathBuf)> {
-    let config = dir.join(format!("{name}-config"));
-    let data = dir.join(format!("{name}-data"));
-    let log = dir.join(format!("{name}.log"));
-    let mut args = vec![
-        "--config-dir",
-        config.to_str().context("path")?,
-        "--data-dir",
-        data.to_str().context("path")?,
-        "--ike-listen",
-        listen,
-    ];
-    args.extend_from_slice(extra);
-    let mut d = ns.spawn(name, BIN, &args, &log)?;
-    wait::until(format!("{name} to be ready"), TIMEOUT, || {
-        d.ensure_running()?;
-        Ok(if logs::contains(&log, "gateway ready") {
-            Probe::Ready(())
-        } else {
-            Probe::pending(d.log_tail(10))
-        })
-    })?;
-    Ok((d, log))
-}
-
-/// A metric of the gateway in `ns` (summed over its label sets).
-fn metric(ns: &Netns, name: &str) -> Result<f64> {
-    let text = ns.run("curl", &["-sf", "http://127.0.0.1:9090/metrics"])?;
-    Ok(text
-        .lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum())
-}
-
 #[test]
 fn a_gateway_keeping_a_tunnel_up_follows_a_redirect_to_another_gateway() -> Result<()> {
     if prereq::require(&[netns::TOOLS, &[tools::CURL]]).is_skip() {
@@ -125,16 +83,24 @@ fn a_gateway_keeping_a_tunnel_up_follows_a_redirect_to_another_gateway() -> Resu
     }
     write_config(&dir.path().join("site-config"), &psk, Some(GW1_ADDR))?;
     // The first gateway sends every new site to the second (RFC 5685 §4.1, in IKE_SA_INIT).
-    let (_gw1d, gw1_log) = start_gateway(&gw1, dir.path(), "gw1", GW1_ADDR, &["--redirect-to", GW2_ADDR])?;
-    let (_gw2d, gw2_log) = start_gateway(&gw2, dir.path(), "gw2", GW2_ADDR, &[])?;
+    let bin = Path::new(BIN);
+    let first = Gateway::start(
+        &gw1,
+        bin,
+        dir.path(),
+        "gw1",
+        GW1_ADDR,
+        &["--redirect-to", GW2_ADDR],
+    )?;
+    let second = Gateway::start(&gw2, bin, dir.path(), "gw2", GW2_ADDR, &[])?;
     let started = Instant::now();
-    let (site_d, site_log) = start_gateway(&site, dir.path(), "site", SITE_ADDR, &[])?;
+    let site_gw = Gateway::start(&site, bin, dir.path(), "site", SITE_ADDR, &[])?;
     let logs = || {
         format!(
             "site:\n{}\ngw1:\n{}\ngw2:\n{}",
-            logs::tail(&site_log, 30),
-            logs::tail(&gw1_log, 15),
-            logs::tail(&gw2_log, 15)
+            site_gw.log_tail(30),
+            first.log_tail(15),
+            second.log_tail(15)
         )
     };
 
@@ -168,7 +134,7 @@ fn a_gateway_keeping_a_tunnel_up_follows_a_redirect_to_another_gateway() -> Resu
         "the first gateway kept an SA"
     );
     ensure!(
-        logs::contains(&site_log, "redirected: connecting to the gateway named"),
+        logs::contains(&site_gw.log, "redirected: connecting to the gateway named"),
         "the site did not log the redirect\n{}",
         logs()
     );
@@ -178,6 +144,5 @@ fn a_gateway_keeping_a_tunnel_up_follows_a_redirect_to_another_gateway() -> Resu
         .with_context(logs)?;
     gw2.wait_reachable(Some(addr(GW_HOST)), addr(SITE_HOST), TIMEOUT)
         .with_context(logs)?;
-    drop(site_d);
     Ok(())
 }

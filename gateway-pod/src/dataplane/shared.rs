@@ -18,7 +18,7 @@
 use std::io::IoSliceMut;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use concentrator_esp::encap::{Datagram, classify};
 use concentrator_esp::ip::{self, next_header_for};
@@ -299,7 +299,7 @@ async fn egress(
                 // No SA for it: never sent in clear. The control plane is asked for one (the
                 // initiator path) and the packet waits in a small bounded queue meanwhile.
                 counters.no_sa.inc();
-                if held.hold(dst, packet) {
+                if held.hold(dst, packet, now) {
                     let _ = acquire.try_send(dst);
                 }
             }
@@ -347,30 +347,42 @@ async fn seal_into(
 /// destinations (the oldest destination goes first when full).
 #[derive(Default)]
 struct HeldPackets {
-    by_dst: std::collections::HashMap<IpAddr, (u64, Vec<Vec<u8>>)>,
+    by_dst: std::collections::HashMap<IpAddr, (u64, Instant, Vec<Vec<u8>>)>,
     order: u64,
 }
 
 /// Packets held per destination and destinations held at once.
 const HELD_PER_DST: usize = 4;
 const HELD_DSTS: usize = 256;
+/// How long packets wait for an SA. After that a new packet asks again: the control plane's
+/// attempt may have failed (site lookup refused, peer unreachable) and traffic that is still
+/// flowing deserves another one.
+const HELD_FOR: Duration = Duration::from_secs(3);
 
 impl HeldPackets {
-    /// Holds a packet; true if its destination was not waiting yet (ask for an SA).
-    fn hold(&mut self, dst: IpAddr, packet: &[u8]) -> bool {
-        if let Some((_, q)) = self.by_dst.get_mut(&dst) {
-            if q.len() < HELD_PER_DST {
-                q.push(packet.to_vec());
+    /// Holds a packet; true if its destination was not waiting yet, or waited too long
+    /// (ask for an SA).
+    fn hold(&mut self, dst: IpAddr, packet: &[u8], now: Instant) -> bool {
+        if let Some((_, since, q)) = self.by_dst.get_mut(&dst) {
+            if now.saturating_duration_since(*since) < HELD_FOR {
+                if q.len() < HELD_PER_DST {
+                    q.push(packet.to_vec());
+                }
+                return false;
             }
-            return false;
+            self.by_dst.remove(&dst);
         }
         if self.by_dst.len() >= HELD_DSTS
-            && let Some(oldest) = self.by_dst.iter().min_by_key(|(_, (o, _))| *o).map(|(d, _)| *d)
+            && let Some(oldest) = self
+                .by_dst
+                .iter()
+                .min_by_key(|(_, (o, _, _))| *o)
+                .map(|(d, _)| *d)
         {
             self.by_dst.remove(&oldest);
         }
         self.order += 1;
-        self.by_dst.insert(dst, (self.order, vec![packet.to_vec()]));
+        self.by_dst.insert(dst, (self.order, now, vec![packet.to_vec()]));
         true
     }
 
@@ -384,7 +396,7 @@ impl HeldPackets {
             .collect();
         dsts.into_iter()
             .filter_map(|d| self.by_dst.remove(&d))
-            .flat_map(|(_, q)| q)
+            .flat_map(|(_, _, q)| q)
             .collect()
     }
 }
@@ -529,24 +541,40 @@ mod tests {
     #[test]
     fn held_packets_are_bounded_and_released_to_the_sa_that_covers_them() {
         let mut held = HeldPackets::default();
+        let now = Instant::now();
         let a: IpAddr = "10.1.1.1".parse().unwrap();
         let b: IpAddr = "10.1.2.1".parse().unwrap();
         // The first packet to a destination asks for an SA; later ones wait quietly.
-        assert!(held.hold(a, &[1]));
+        assert!(held.hold(a, &[1], now));
         for i in 0..10u8 {
-            assert!(!held.hold(a, &[i]));
+            assert!(!held.hold(a, &[i], now));
         }
-        assert!(held.hold(b, &[2]));
+        assert!(held.hold(b, &[2], now));
         let net: IpNet = "10.1.1.0/24".parse().unwrap();
         let released = held.take_covered(&[net]);
         assert_eq!(released.len(), HELD_PER_DST);
         assert!(held.take_covered(&[net]).is_empty());
         // Too many destinations: the oldest is dropped.
         for i in 0..HELD_DSTS as u32 {
-            held.hold(IpAddr::from(std::net::Ipv4Addr::from(0x0a02_0000 + i)), &[0]);
+            held.hold(IpAddr::from(std::net::Ipv4Addr::from(0x0a02_0000 + i)), &[0], now);
         }
         assert_eq!(held.by_dst.len(), HELD_DSTS);
         assert!(held.take_covered(&["10.1.2.0/24".parse().unwrap()]).is_empty());
+    }
+
+    #[test]
+    fn traffic_still_waiting_after_a_while_asks_for_an_sa_again() {
+        let mut held = HeldPackets::default();
+        let now = Instant::now();
+        let a: IpAddr = "10.1.1.1".parse().unwrap();
+        assert!(held.hold(a, &[1], now));
+        assert!(!held.hold(a, &[2], now + HELD_FOR / 2));
+        // The attempt that first packet started is over by now (failed, or the SA went):
+        // the stale packets go, the new one waits and asks again.
+        assert!(held.hold(a, &[3], now + HELD_FOR));
+        assert!(!held.hold(a, &[4], now + HELD_FOR));
+        let released = held.take_covered(&["10.1.1.0/24".parse().unwrap()]);
+        assert_eq!(released, vec![vec![3], vec![4]]);
     }
 
     fn peer(port: u16) -> SocketAddr {
