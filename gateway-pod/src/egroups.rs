@@ -5,7 +5,9 @@
 //!
 //! Lookups run as tasks off the IKE task ([`Egroups::lookup_by_peer`] returns a future), so a
 //! slow database delays only the sites waiting for it; concurrent lookups of one site share a
-//! query and a missing or malformed site is remembered briefly (`sitedb::cache`).
+//! query and a missing or malformed site is remembered briefly (`sitedb::cache`); lookups of
+//! different sites that wait while a statement is in flight go out together in the next one
+//! (`sitedb::batch`).
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -19,7 +21,7 @@ use ipnet::IpNet;
 use crate::config::Config;
 use crate::eroute::lru::{DynamicEroute, DynamicTable};
 use crate::sitedb::cache::{Key, LookupCache};
-use crate::sitedb::{LookupError, Site, SiteDbError, SiteStore};
+use crate::sitedb::{LookupError, Site, SiteDbError, SiteLookups, SiteStore};
 
 /// How long a missing or malformed site is remembered.
 pub const NEGATIVE_TTL: Duration = Duration::from_secs(5);
@@ -28,7 +30,7 @@ const MAX_NEGATIVE: usize = 100_000;
 
 struct Egroup {
     spec: ValidatedEgroup,
-    store: SiteStore,
+    lookups: SiteLookups,
     table: DynamicTable,
 }
 
@@ -62,7 +64,7 @@ impl Egroups {
                 name.clone(),
                 Egroup {
                     spec: spec.clone(),
-                    store,
+                    lookups: SiteLookups::new(store, spec.site_table.clone(), spec.timeout),
                     table: DynamicTable::new(capacity),
                 },
             );
@@ -87,11 +89,14 @@ impl Egroups {
         peer_id: &str,
         now: Instant,
     ) -> impl Future<Output = Result<Site, LookupError>> + Send + 'static {
-        let group = self.groups.get(egroup).map(|g| (g.store.clone(), g.spec.clone()));
+        let group = self
+            .groups
+            .get(egroup)
+            .map(|g| (g.lookups.clone(), g.spec.remote_subnet_prefix));
         let cache = self.cache.clone();
         let (egroup, peer_id) = (egroup.to_owned(), peer_id.to_owned());
         async move {
-            let Some((store, spec)) = group else {
+            let Some((lookups, prefix)) = group else {
                 return Err(LookupError::NotFound);
             };
             let key = Key::PeerId {
@@ -99,16 +104,11 @@ impl Egroups {
                 peer_id: peer_id.clone(),
             };
             cache
-                .get(key, now, || async move {
-                    store
-                        .site_by_peer_id(
-                            &spec.site_table,
-                            &peer_id,
-                            spec.remote_subnet_prefix,
-                            spec.timeout,
-                        )
-                        .await
-                })
+                .get(
+                    key,
+                    now,
+                    || async move { lookups.by_peer_id(&peer_id, prefix).await },
+                )
                 .await
         }
     }
@@ -121,16 +121,16 @@ impl Egroups {
         subnet: IpNet,
         now: Instant,
     ) -> impl Future<Output = Result<Site, LookupError>> + Send + 'static {
-        let group = self.groups.get(egroup).map(|g| (g.store.clone(), g.spec.clone()));
+        let lookups = self.groups.get(egroup).map(|g| g.lookups.clone());
         let cache = self.cache.clone();
         let egroup = egroup.to_owned();
         async move {
-            let Some((store, spec)) = group else {
+            let Some(lookups) = lookups else {
                 return Err(LookupError::NotFound);
             };
             cache
                 .get(Key::Subnet { egroup, subnet }, now, || async move {
-                    store.site_by_subnet(&spec.site_table, subnet, spec.timeout).await
+                    lookups.by_subnet(subnet).await
                 })
                 .await
         }

@@ -1,9 +1,11 @@
 //! Site lookup benchmark (issue 5; not a timed test, ignored by default). A private MariaDB
 //! with the documented schema (`SiteStore::migrate`) holds two site tables in one run: a
 //! small one (10,000 rows) and the large one (`SITE_BENCH_ROWS`, default 1,000,000). For
-//! each, random by-peer-ID lookups through `SiteStore::site_by_peer_id` (the gateway's
-//! parameterised, indexed query and its pool) one at a time, 64 at a time and open-loop at
-//! half the measured capacity give p50/p99/max, InnoDB disk reads and CPU per lookup; then 64
+//! each, random by-peer-ID lookups one at a time, 64 at a time and open-loop at half the
+//! measured capacity give p50/p99/max, InnoDB disk reads, statements and CPU per lookup, on
+//! two paths alternating in rounds: a statement per lookup (`SiteStore::site_by_peer_id`, the
+//! parameterised, indexed query and its pool) and batched (`SiteLookups`, what the egroups
+//! use: lookups waiting while a statement is in flight share the next one); then 64
 //! concurrent "connecting sites" run the gateway's dynamic-eroute creation path
 //! (`select_responder`, `Egroups::lookup_by_peer` with its coalescing cache, the subnet
 //! check, `Egroups::insert`, one owner task as in `control.rs`) for creations per second.
@@ -32,7 +34,7 @@ use concentrator_e2e::prereq;
 use concentrator_gateway::config;
 use concentrator_gateway::egroups::Egroups;
 use concentrator_gateway::eroute::{Selection, select_responder};
-use concentrator_gateway::sitedb::{LookupError, Site, SiteStore};
+use concentrator_gateway::sitedb::{LookupError, Site, SiteLookups, SiteStore};
 use ipnet::{IpNet, Ipv4Net};
 use sqlx::mysql::MySqlPool;
 use sqlx::{AssertSqlSafe, Row};
@@ -173,6 +175,7 @@ fn cpu_ticks(pid: &str) -> u64 {
 #[derive(Clone, Copy)]
 struct Counters {
     disk_reads: u64,
+    statements: u64,
     client_ticks: u64,
     server_ticks: u64,
 }
@@ -181,6 +184,7 @@ impl Counters {
     async fn now(pool: &MySqlPool) -> Self {
         Self {
             disk_reads: status(pool, "Innodb_buffer_pool_reads").await,
+            statements: status(pool, "Com_stmt_execute").await,
             client_ticks: cpu_ticks("self"),
             server_ticks: SERVER_PID.get().map_or(0, |p| cpu_ticks(p)),
         }
@@ -194,6 +198,8 @@ impl Counters {
             sorted,
             wall,
             disk_reads: end.disk_reads - self.disk_reads,
+            // The two status queries are plain queries, not prepared statements.
+            statements: end.statements - self.statements,
             client_ticks: end.client_ticks - self.client_ticks,
             server_ticks: end.server_ticks - self.server_ticks,
         }
@@ -207,6 +213,8 @@ struct Stats {
     wall: Duration,
     /// Pages InnoDB read from disk during the measurement.
     disk_reads: u64,
+    /// Prepared statements the server executed.
+    statements: u64,
     /// CPU time of this process (the gateway's side: tokio, sqlx) and of the server.
     client_ticks: u64,
     server_ticks: u64,
@@ -219,6 +227,7 @@ impl Stats {
         self.sorted.sort_unstable();
         self.wall += other.wall;
         self.disk_reads += other.disk_reads;
+        self.statements += other.statements;
         self.client_ticks += other.client_ticks;
         self.server_ticks += other.server_ticks;
     }
@@ -237,6 +246,9 @@ impl Stats {
     }
     fn reads_per_op(&self) -> f64 {
         self.disk_reads as f64 / self.sorted.len() as f64
+    }
+    fn statements_per_op(&self) -> f64 {
+        self.statements as f64 / self.sorted.len() as f64
     }
     /// CPU microseconds per operation: (this process, the server).
     fn cpu_us_per_op(&self) -> (f64, f64) {
@@ -267,11 +279,34 @@ enum Load {
     Rate(f64),
 }
 
+/// How a lookup reaches the server.
+#[derive(Clone)]
+enum Path {
+    /// A statement per lookup.
+    Single(SiteStore),
+    /// Waiting lookups share a statement (the egroups' path).
+    Batched(SiteLookups),
+}
+
+impl Path {
+    fn label(&self) -> &'static str {
+        match self {
+            Self::Single(_) => "statement each",
+            Self::Batched(_) => "batched",
+        }
+    }
+}
+
 /// One lookup of a random site of `t`, and how long it took from `since`.
-async fn one(store: &SiteStore, st: &SiteTable, t: &Table, i: u64, since: Instant) -> Duration {
-    let r = store
-        .site_by_peer_id(st, &t.peer_id(i), PREFIX, Duration::from_secs(10))
-        .await;
+async fn one(path: &Path, st: &SiteTable, t: &Table, i: u64, since: Instant) -> Duration {
+    let r = match path {
+        Path::Single(store) => {
+            store
+                .site_by_peer_id(st, &t.peer_id(i), PREFIX, Duration::from_secs(10))
+                .await
+        }
+        Path::Batched(l) => l.by_peer_id(&t.peer_id(i), PREFIX).await,
+    };
     let took = since.elapsed();
     check(t, i, r);
     took
@@ -279,7 +314,7 @@ async fn one(store: &SiteStore, st: &SiteTable, t: &Table, i: u64, since: Instan
 
 /// `n` random by-peer-ID lookups in `t` under `load`.
 async fn lookups(
-    store: &SiteStore,
+    store: &Path,
     stats_pool: &MySqlPool,
     st: &SiteTable,
     t: &Table,
@@ -497,27 +532,37 @@ struct Bench {
     set: ValidatedSet,
     /// Small table, then large.
     tables: [(Table, SiteTable); 2],
+    /// The batched path, per table.
+    batched: [SiteLookups; 2],
     n: usize,
 }
 
 /// Everything measured against one buffer pool size.
 struct Phase {
     label: String,
-    /// Per load: small, large.
-    lookups: Vec<(Load, [Stats; 2])>,
+    /// Per load and path: small, large.
+    lookups: Vec<(Load, &'static str, [Stats; 2])>,
     /// Per table: creations and evictions.
     creations: [(Stats, usize); 2],
 }
 
 impl Bench {
-    /// `load` on both tables, alternating in rounds.
-    async fn pair(&self, load: Load, seed: u64) -> [Stats; 2] {
-        let mut out = [Stats::default(), Stats::default()];
+    /// `load` on both tables and both paths (statement each, batched), alternating in rounds.
+    async fn pairs(&self, load: Load, seed: u64) -> [(&'static str, [Stats; 2]); 2] {
+        let mut out: [(&'static str, [Stats; 2]); 2] = Default::default();
         for r in 0..ROUNDS {
-            for (k, (t, st)) in self.tables.iter().enumerate() {
-                let seed = mix(seed ^ (r * 2 + k) as u64);
-                let s = lookups(&self.store, &self.pool, st, t, self.n / ROUNDS, load, seed).await;
-                out[k].merge(s);
+            for (p, o) in out.iter_mut().enumerate() {
+                for (k, (t, st)) in self.tables.iter().enumerate() {
+                    let path = if p == 0 {
+                        Path::Single(self.store.clone())
+                    } else {
+                        Path::Batched(self.batched[k].clone())
+                    };
+                    o.0 = path.label();
+                    let seed = mix(seed ^ (r * 4 + p * 2 + k) as u64);
+                    let s = lookups(&path, &self.pool, st, t, self.n / ROUNDS, load, seed).await;
+                    o.1[k].merge(s);
+                }
             }
         }
         out
@@ -526,18 +571,21 @@ impl Bench {
     async fn phase(&self, label: String, egroups: &mut Egroups, seed: u64) -> Phase {
         let mut measured = Vec::new();
         for load in [Load::Concurrent(1), Load::Concurrent(CONCURRENCY)] {
-            let s = self.pair(load, mix(seed ^ measured.len() as u64)).await;
-            measured.push((load, s));
+            for (path, s) in self.pairs(load, mix(seed ^ measured.len() as u64)).await {
+                measured.push((load, path, s));
+            }
         }
-        // Open loop at half of what the slower table sustained at concurrency 64.
-        let capacity = measured[1]
-            .1
+        // Open loop at half of what the slower table sustained at concurrency 64, a
+        // statement each.
+        let capacity = measured[2]
+            .2
             .iter()
             .map(Stats::per_second)
             .fold(f64::MAX, f64::min);
         let load = Load::Rate((capacity / 2.0).round());
-        let s = self.pair(load, mix(seed ^ 7)).await;
-        measured.push((load, s));
+        for (path, s) in self.pairs(load, mix(seed ^ 7)).await {
+            measured.push((load, path, s));
+        }
         let mut created = [(Stats::default(), 0), (Stats::default(), 0)];
         for r in 0..ROUNDS {
             for (k, (t, _)) in self.tables.iter().enumerate() {
@@ -566,14 +614,18 @@ fn print_phase(b: &Bench, p: &Phase) {
     let [(small, _), (large, _)] = &b.tables;
     println!("{}:", p.label);
     println!(
-        "  {:<24} {:<12} {:>9} {:>8} {:>8} {:>8} {:>9} {:>6} {:>6} {:>6}",
-        "lookups", "table", "rows", "p50 ms", "p99 ms", "max ms", "per s", "disk", "gw us", "db us"
+        "  {:<40} {:<12} {:>9} {:>8} {:>8} {:>8} {:>9} {:>6} {:>6} {:>6} {:>6}",
+        "lookups", "table", "rows", "p50 ms", "p99 ms", "max ms", "per s", "disk", "stmts", "gw us", "db us"
     );
-    for (load, s) in &p.lookups {
+    for (load, path, s) in &p.lookups {
         for (k, t) in [small, large].into_iter().enumerate() {
-            let label = if k == 0 { load_label(*load) } else { String::new() };
+            let label = if k == 0 {
+                format!("{}, {path}", load_label(*load))
+            } else {
+                String::new()
+            };
             println!(
-                "  {label:<24} {:<12} {:>9} {:>8.3} {:>8.3} {:>8.2} {:>9.0} {:>6.2} {:>6.0} {:>6.0}",
+                "  {label:<40} {:<12} {:>9} {:>8.3} {:>8.3} {:>8.2} {:>9.0} {:>6.2} {:>6.3} {:>6.0} {:>6.0}",
                 t.name,
                 t.rows,
                 s[k].pct(50),
@@ -581,6 +633,7 @@ fn print_phase(b: &Bench, p: &Phase) {
                 s[k].max(),
                 s[k].per_second(),
                 s[k].reads_per_op(),
+                s[k].statements_per_op(),
                 s[k].cpu_us_per_op().0,
                 s[k].cpu_us_per_op().1
             );
@@ -589,12 +642,12 @@ fn print_phase(b: &Bench, p: &Phase) {
     for (k, t) in [small, large].into_iter().enumerate() {
         let (s, evicted) = &p.creations[k];
         let label = if k == 0 {
-            format!("creations, {CONCURRENCY} at a time")
+            format!("creations, {CONCURRENCY} at a time, batched")
         } else {
             String::new()
         };
         println!(
-            "  {label:<24} {:<12} {:>9} {:>8.3} {:>8.3} {:>8.2} {:>9.0} {:>6.2} {:>6.0} {:>6.0}  ({evicted} LRU evictions)",
+            "  {label:<40} {:<12} {:>9} {:>8.3} {:>8.3} {:>8.2} {:>9.0} {:>6.2} {:>6.3} {:>6.0} {:>6.0}  ({evicted} LRU evictions)",
             t.name,
             t.rows,
             s.pct(50),
@@ -602,6 +655,7 @@ fn print_phase(b: &Bench, p: &Phase) {
             s.max(),
             s.per_second(),
             s.reads_per_op(),
+            s.statements_per_op(),
             s.cpu_us_per_op().0,
             s.cpu_us_per_op().1
         );
@@ -610,22 +664,23 @@ fn print_phase(b: &Bench, p: &Phase) {
         "  large / small per-lookup cost ({} / {} rows):",
         large.rows, small.rows
     );
-    for (load, s) in &p.lookups {
+    for (load, path, s) in &p.lookups {
         let [a, z] = s;
+        print!("    {path}: ");
         match load {
             Load::Concurrent(1) => println!(
-                "    1 at a time, mean latency {:.2}x (p50 {:.2}x, p99 {:.2}x)",
+                "1 at a time, mean latency {:.2}x (p50 {:.2}x, p99 {:.2}x)",
                 z.mean() / a.mean(),
                 z.pct(50) / a.pct(50),
                 z.pct(99) / a.pct(99)
             ),
             Load::Concurrent(c) => println!(
-                "    {c} at a time, 1 / throughput {:.2}x (p99 {:.2}x)",
+                "{c} at a time, 1 / throughput {:.2}x (p99 {:.2}x)",
                 a.per_second() / z.per_second(),
                 z.pct(99) / a.pct(99)
             ),
             Load::Rate(_) => println!(
-                "    open loop, mean latency {:.2}x (p99 {:.2}x)",
+                "open loop, mean latency {:.2}x (p99 {:.2}x)",
                 z.mean() / a.mean(),
                 z.pct(99) / a.pct(99)
             ),
@@ -633,6 +688,31 @@ fn print_phase(b: &Bench, p: &Phase) {
     }
     let [(a, _), (z, _)] = &p.creations;
     println!("    creations, 1 / rate {:.2}x", a.per_second() / z.per_second());
+    println!(
+        "  batched / statement each (per table: {} rows, {} rows):",
+        small.rows, large.rows
+    );
+    for pair in p.lookups.chunks(2) {
+        let [(load, _, single), (_, _, batched)] = pair else {
+            continue;
+        };
+        let ratio = |f: &dyn Fn(&Stats) -> f64| {
+            format!(
+                "{:.2}x, {:.2}x",
+                f(&batched[0]) / f(&single[0]),
+                f(&batched[1]) / f(&single[1])
+            )
+        };
+        println!(
+            "    {}: p50 {}; p99 {}; throughput {}; CPU per lookup gw {}, db {}",
+            load_label(*load),
+            ratio(&|s| s.pct(50)),
+            ratio(&|s| s.pct(99)),
+            ratio(&Stats::per_second),
+            ratio(&|s| s.cpu_us_per_op().0),
+            ratio(&|s| s.cpu_us_per_op().1),
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -724,8 +804,13 @@ async fn site_lookup_latency_small_vs_large_table() {
     let mut egroups = Egroups::open(&cfg, &store).await.expect("egroups open");
     let set = cfg.set.clone();
     let table_of = |t: &Table| (t.clone(), set.egroups[t.tag].site_table.clone());
+    let tables = [table_of(&small), table_of(&large)];
+    let batched = tables
+        .clone()
+        .map(|(_, st)| SiteLookups::new(store.clone(), st, Duration::from_secs(10)));
     let bench = Bench {
-        tables: [table_of(&small), table_of(&large)],
+        tables,
+        batched,
         store: store.clone(),
         pool: pool.clone(),
         set: set.clone(),
@@ -734,8 +819,13 @@ async fn site_lookup_latency_small_vs_large_table() {
 
     // Open the pool's connections and prepare the statement before measuring.
     let warm = n.min(2_000);
-    for (t, st) in &bench.tables {
-        let _ = lookups(&store, &pool, st, t, warm, Load::Concurrent(CONCURRENCY), 1).await;
+    for (k, (t, st)) in bench.tables.iter().enumerate() {
+        for path in [
+            Path::Single(store.clone()),
+            Path::Batched(bench.batched[k].clone()),
+        ] {
+            let _ = lookups(&path, &pool, st, t, warm, Load::Concurrent(CONCURRENCY), 1).await;
+        }
     }
     let mut phases = vec![
         bench
@@ -761,7 +851,7 @@ async fn site_lookup_latency_small_vs_large_table() {
         .expect("socket store");
     let (lt, lst) = &bench.tables[1];
     let _ = lookups(
-        &socket_store,
+        &Path::Single(socket_store.clone()),
         &pool,
         lst,
         lt,
@@ -775,6 +865,7 @@ async fn site_lookup_latency_small_vs_large_table() {
         let mut s = [Stats::default(), Stats::default()];
         for r in 0..ROUNDS {
             for (k, st) in [&store, &socket_store].into_iter().enumerate() {
+                let st = &Path::Single(st.clone());
                 let seed = mix(0x50c ^ (r * 2 + k) as u64);
                 let one = lookups(st, &pool, lst, lt, n / ROUNDS, Load::Concurrent(conc), seed).await;
                 s[k].merge(one);

@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::Parser;
 use concentrator_e2e::mariadb::{self, MariaDb};
 use concentrator_e2e::prereq;
-use concentrator_gateway::sitedb::SiteStore;
+use concentrator_gateway::sitedb::{SiteLookups, SiteStore};
 use concentrator_gateway::{Options, config, start};
 
 fn opts(site_db: &str, data: &std::path::Path) -> Options {
@@ -91,6 +91,42 @@ async fn gateway_uses_mariadb_by_url() {
         store.site_by_peer_id(&t, "nobody", 24, to).await,
         Err(concentrator_gateway::sitedb::LookupError::NotFound)
     );
+
+    // Batched, as the egroups look up: concurrent lookups share statements and each gets
+    // its own row.
+    let lookups = SiteLookups::new(store.clone(), t.clone(), to);
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..60 {
+        let l = lookups.clone();
+        set.spawn(async move {
+            let n = i % 3 + 1;
+            let s = l.by_peer_id(&format!("s{n}.sites.example.com"), 24).await;
+            (n, s)
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        let (n, s) = r.unwrap();
+        let s = s.unwrap();
+        assert_eq!(s.remote_subnet.to_string(), format!("10.128.{n}.0/24"));
+        assert_eq!(s.peer_address, Some(format!("192.0.2.{n}")));
+    }
+    assert!(lookups.statements() < 60, "{} statements", lookups.statements());
+    // MariaDB compares under the column's collation (utf8mb4_bin pads: trailing spaces do not
+    // count), not byte for byte: a batch answers exactly as a lookup alone.
+    let (upper, hostile, missing, by_net) = tokio::join!(
+        lookups.by_peer_id("s1.sites.example.com  ", 24),
+        lookups.by_peer_id("x' OR '1'='1", 24),
+        lookups.by_peer_id("nobody", 24),
+        lookups.by_subnet("10.128.3.0/24".parse().unwrap())
+    );
+    assert_eq!(
+        upper,
+        store.site_by_peer_id(&t, "s1.sites.example.com  ", 24, to).await
+    );
+    assert_eq!(upper.unwrap().peer_id, "s1.sites.example.com");
+    assert_eq!(hostile, Err(concentrator_gateway::sitedb::LookupError::NotFound));
+    assert_eq!(missing, Err(concentrator_gateway::sitedb::LookupError::NotFound));
+    assert_eq!(by_net.unwrap().peer_id, "s3.sites.example.com");
     store.close().await;
 
     let data = tempfile::tempdir().unwrap();

@@ -49,7 +49,7 @@ impl LookupError {
     }
 }
 
-fn malformed(column: &str, reason: impl Into<String>) -> LookupError {
+pub(super) fn malformed(column: &str, reason: impl Into<String>) -> LookupError {
     LookupError::Malformed {
         column: column.to_owned(),
         reason: reason.into(),
@@ -57,7 +57,7 @@ fn malformed(column: &str, reason: impl Into<String>) -> LookupError {
 }
 
 /// Raw column values of one row, in the order of [`select`].
-type RawRow = (
+pub(super) type RawRow = (
     Option<String>,
     Option<Vec<u8>>,
     Option<String>,
@@ -111,6 +111,18 @@ pub fn check_row(t: &SiteTable, row: RawRow, expected_prefix: u8) -> Result<Site
 /// The SELECT for one lookup column. Identifiers are quoted for the dialect on top of the
 /// identifier check, so a column named like a keyword still works.
 fn select(t: &SiteTable, by: &str, mysql: bool) -> String {
+    format!("{} = ? LIMIT 2", select_where(t, by, mysql))
+}
+
+/// The SELECT for `n` values of one lookup column at once (`IN (?, ...)`). At most two rows
+/// per value are of any use (a second one makes the site ambiguous), so more than `2n` rows
+/// in all is cut off at `2n + 1`, which tells the caller to ask value by value.
+pub(super) fn select_in(t: &SiteTable, by: &str, mysql: bool, n: usize) -> String {
+    let marks = vec!["?"; n.max(1)].join(", ");
+    format!("{} IN ({marks}) LIMIT {}", select_where(t, by, mysql), 2 * n + 1)
+}
+
+fn select_where(t: &SiteTable, by: &str, mysql: bool) -> String {
     let q = |s: &str| {
         if mysql {
             format!("`{s}`")
@@ -119,7 +131,7 @@ fn select(t: &SiteTable, by: &str, mysql: bool) -> String {
         }
     };
     format!(
-        "SELECT {}, {}, {}, {}, {} FROM {} WHERE {} = ? LIMIT 2",
+        "SELECT {}, {}, {}, {}, {} FROM {} WHERE {}",
         q(&t.peer_id),
         q(&t.psk),
         q(&t.remote_subnet),
@@ -130,7 +142,7 @@ fn select(t: &SiteTable, by: &str, mysql: bool) -> String {
     )
 }
 
-fn sql_error(e: sqlx::Error) -> LookupError {
+pub(super) fn sql_error(e: sqlx::Error) -> LookupError {
     match e {
         sqlx::Error::PoolTimedOut => LookupError::Unreachable("no connection available".into()),
         // Column types the row cannot be read as are a schema problem, not an outage.
@@ -140,7 +152,8 @@ fn sql_error(e: sqlx::Error) -> LookupError {
     }
 }
 
-async fn fetch(store: &SiteStore, sql: &str, key: &str) -> Result<Vec<RawRow>, sqlx::Error> {
+/// Runs `sql` with `keys` bound in order.
+pub(super) async fn fetch(store: &SiteStore, sql: &str, keys: &[&str]) -> Result<Vec<RawRow>, sqlx::Error> {
     // PSKs may be stored as text or binary; read as bytes either way.
     fn raw<R: Row>(r: &R) -> Result<RawRow, sqlx::Error>
     where
@@ -160,25 +173,26 @@ async fn fetch(store: &SiteStore, sql: &str, key: &str) -> Result<Vec<RawRow>, s
     // The text is ours (quoted, pre-checked identifiers); every value is a bound parameter.
     let sql = || sqlx::AssertSqlSafe(sql.to_owned());
     match store {
-        SiteStore::Sqlite(p) => sqlx::query(sql())
-            .bind(key)
-            .fetch_all(p)
-            .await?
-            .iter()
-            .map(raw)
-            .collect(),
-        SiteStore::MySql(p) => sqlx::query(sql())
-            .bind(key)
-            .fetch_all(p)
-            .await?
-            .iter()
-            .map(raw)
-            .collect(),
+        SiteStore::Sqlite(p) => {
+            let mut q = sqlx::query(sql());
+            for k in keys {
+                q = q.bind(*k);
+            }
+            q.fetch_all(p).await?.iter().map(raw).collect()
+        }
+        SiteStore::MySql(p) => {
+            let mut q = sqlx::query(sql());
+            for k in keys {
+                q = q.bind(*k);
+            }
+            q.fetch_all(p).await?.iter().map(raw).collect()
+        }
     }
 }
 
 impl SiteStore {
-    async fn lookup(
+    /// One site by one value of column `by`, in a statement of its own.
+    pub(super) async fn lookup(
         &self,
         t: &SiteTable,
         by: &str,
@@ -187,7 +201,7 @@ impl SiteStore {
         timeout: Duration,
     ) -> Result<Site, LookupError> {
         let sql = select(t, by, matches!(self, Self::MySql(_)));
-        let rows = tokio::time::timeout(timeout, fetch(self, &sql, key))
+        let rows = tokio::time::timeout(timeout, fetch(self, &sql, &[key]))
             .await
             .map_err(|_| LookupError::Timeout(timeout))?
             .map_err(sql_error)?;

@@ -1,9 +1,11 @@
 //! Site store: where per-site facts (peer ID, PSK, remote subnet, addresses) live. SQLite under
 //! the data directory by default; MySQL/MariaDB when a `mysql://` URL is given.
 
+pub mod batch;
 pub mod cache;
 mod lookup;
 
+pub use batch::SiteLookups;
 pub use cache::{Key, LookupCache};
 pub use lookup::{LookupError, Site, check_row};
 
