@@ -15,6 +15,11 @@
 //! - `BENCH_SECONDS`: length of each iperf3 run (default 10);
 //! - `BENCH_REVERSE=1`: the flows run head-end -> sites (iperf3 -R), so that the head-end
 //!   encrypts them all instead of decrypting them;
+//! - `BENCH_HEAD_NICE=-10`: renice every thread of the head-end (default: not reniced), to
+//!   see how much of the aggregate is the head-end's share of two cores shared with the
+//!   sites' gateways and the iperf3 processes, rather than its own cost;
+//! - `BENCH_HEAD_TXQUEUELEN=10000`: set the txqueuelen of the head-end's TUN device (default:
+//!   the kernel's 500), the queue of packets the kernel routes into the tunnels;
 //! - `BENCH_PERF=FILE`: also `perf record -g` the head-end during the N-tunnel run into FILE
 //!   (then `perf report -i FILE`).
 //!
@@ -313,6 +318,67 @@ fn write_head_config(dir: &Path, n: usize, psks: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// Where packets were lost, summed over namespaces.
+#[derive(Default)]
+struct Losses {
+    retransmitted: u64,
+    udp_rcvbuf: u64,
+    tun_rx: u64,
+    tun_tx: u64,
+}
+
+impl Losses {
+    fn since(&self, before: &Self) -> Self {
+        Self {
+            retransmitted: self.retransmitted.saturating_sub(before.retransmitted),
+            udp_rcvbuf: self.udp_rcvbuf.saturating_sub(before.udp_rcvbuf),
+            tun_rx: self.tun_rx.saturating_sub(before.tun_rx),
+            tun_tx: self.tun_tx.saturating_sub(before.tun_tx),
+        }
+    }
+}
+
+/// A counter of `/proc/net/snmp` as seen in `ns` (its header line names the columns).
+fn snmp(text: &str, proto: &str, name: &str) -> u64 {
+    let mut rows = text.lines().filter(|l| l.starts_with(&format!("{proto}: ")));
+    let (Some(head), Some(values)) = (rows.next(), rows.next()) else {
+        return 0;
+    };
+    head.split_whitespace()
+        .position(|h| h == name)
+        .and_then(|i| values.split_whitespace().nth(i))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn losses(namespaces: &[&Netns]) -> Losses {
+    let mut l = Losses::default();
+    for ns in namespaces {
+        let snmp_text = ns.run("cat", &["/proc/net/snmp"]).unwrap_or_default();
+        l.retransmitted += snmp(&snmp_text, "Tcp", "RetransSegs");
+        l.udp_rcvbuf += snmp(&snmp_text, "Udp", "RcvbufErrors");
+        let link = ns
+            .ip(&["-j", "-s", "link", "show", "dev", "concentrator0"])
+            .unwrap_or_default();
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&link) {
+            let stats = &v[0]["stats64"];
+            l.tun_rx += stats["rx"]["dropped"].as_u64().unwrap_or(0);
+            l.tun_tx += stats["tx"]["dropped"].as_u64().unwrap_or(0);
+        }
+    }
+    l
+}
+
+/// Sets the nice value of every thread of `pid` (setpriority acts on one thread).
+fn renice(pid: u32, nice: &str) -> Result<()> {
+    let mut cmd = std::process::Command::new("renice");
+    cmd.args(["-n", nice, "-p"]);
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        cmd.arg(task?.file_name());
+    }
+    process::run(&mut cmd, process::COMMAND_TIMEOUT).map(drop)
+}
+
 /// Runs `f` over `items` on a few threads (namespace set-up and waits are mostly waiting on
 /// `ip` and `ping`).
 fn in_parallel<T: Sync>(items: &[T], f: impl Fn(&T) -> Result<()> + Sync) -> Result<()> {
@@ -410,7 +476,14 @@ fn many_tunnels_aggregate_vs_veth_vs_one_tunnel() -> Result<()> {
         })
         .collect();
     let veth_one = run_flows(&veth_flows[..1], secs, None, &[], None)?;
+    let site_ns: Vec<&Netns> = sites.iter().map(|s| &s.ns).collect();
+    let before = (losses(&site_ns), losses(&[&head_ns]));
     let veth_all = run_flows(&veth_flows, secs, None, &[], None)?;
+    let veth_losses = (
+        losses(&site_ns).since(&before.0),
+        losses(&[&head_ns]).since(&before.1),
+    );
+    drop(site_ns);
 
     drop(veth_flows);
 
@@ -418,6 +491,16 @@ fn many_tunnels_aggregate_vs_veth_vs_one_tunnel() -> Result<()> {
     write_head_config(head_dir.path(), n, &psks)?;
     let mut head = common::spawn_gateway(&head_ns, "head-end", head_dir.path(), HEAD_WAN, &[])?;
     common::wait_ready(&mut head, Duration::from_secs(30))?;
+    let txqueuelen = std::env::var("BENCH_HEAD_TXQUEUELEN")
+        .ok()
+        .filter(|v| !v.is_empty());
+    if let Some(len) = &txqueuelen {
+        head_ns.ip(&["link", "set", "dev", "concentrator0", "txqueuelen", len])?;
+    }
+    let nice = std::env::var("BENCH_HEAD_NICE").ok().filter(|v| !v.is_empty());
+    if let Some(nice) = &nice {
+        renice(head.pid(), nice)?;
+    }
     let mut sites = sites;
     for (i, s) in sites.iter_mut().enumerate() {
         s.gateway = Some(common::spawn_gateway(
@@ -461,7 +544,13 @@ fn many_tunnels_aggregate_vs_veth_vs_one_tunnel() -> Result<()> {
         })
         .collect();
     let one = run_flows(&tunnel_flows[..1], secs, Some(head_pid), &site_pids[..1], None)?;
+    let site_ns: Vec<&Netns> = sites.iter().map(|s| &s.ns).collect();
+    let before = (losses(&site_ns), losses(&[&head_ns]));
     let all = run_flows(&tunnel_flows, secs, Some(head_pid), &site_pids, perf.as_deref())?;
+    let tunnel_losses = (
+        losses(&site_ns).since(&before.0),
+        losses(&[&head_ns]).since(&before.1),
+    );
 
     // Every tunnel stayed up and nothing was dropped for want of an SA.
     head.ensure_running()?;
@@ -513,12 +602,19 @@ fn many_tunnels_aggregate_vs_veth_vs_one_tunnel() -> Result<()> {
     };
     println!(
         "\nMany tunnels: N = {n}, iperf3 TCP {}, {secs} s per run, {IKE} / {ESP}; \
-         one site gateway process per site, one head-end (set-up {:.0?})",
+         one site gateway process per site, one head-end{} (set-up {:.0?})",
         if reverse() {
             "head-end -> sites"
         } else {
             "sites -> head-end"
         },
+        [
+            nice.as_ref().map(|v| format!(" at nice {v}")),
+            txqueuelen.as_ref().map(|v| format!(" with TUN txqueuelen {v}")),
+        ]
+        .into_iter()
+        .flatten()
+        .collect::<String>(),
         set_up
     );
     println!(
@@ -549,6 +645,21 @@ fn many_tunnels_aggregate_vs_veth_vs_one_tunnel() -> Result<()> {
         (all.head_cpu / all.wall.as_secs_f64()) / gbit(all.sum())
     );
     println!("  head-end after the run: {}", drops.join(", "));
+    println!("  losses during the {n}-flow runs (TCP segments retransmitted, UDP receive-buffer drops,");
+    println!("  TUN rx/tx drops), all sites' namespaces | the head-end's:");
+    for (name, (s, h)) in [("veth", &veth_losses), ("tunnels", &tunnel_losses)] {
+        println!(
+            "    {name:<8} {} {} {}/{} | {} {} {}/{}",
+            s.retransmitted,
+            s.udp_rcvbuf,
+            s.tun_rx,
+            s.tun_tx,
+            h.retransmitted,
+            h.udp_rcvbuf,
+            h.tun_rx,
+            h.tun_tx
+        );
+    }
     if let Some(file) = &perf {
         println!("  perf profile of the head-end: perf report -i {file}");
     }
