@@ -99,6 +99,53 @@ impl Netns {
         self.add_addr("lo", addr)
     }
 
+    /// Joins this namespace to `peer` with a veth pair: `ifname` here with `addr`, `peer_ifname`
+    /// there with `peer_addr`, both up. For a LAN behind a router namespace (see
+    /// [`Netns::enable_forwarding`]) instead of an address on `lo`.
+    pub fn link(
+        &self,
+        ifname: &str,
+        addr: IpNet,
+        peer: &Self,
+        peer_ifname: &str,
+        peer_addr: IpNet,
+    ) -> Result<()> {
+        ensure!(
+            [ifname, peer_ifname]
+                .iter()
+                .all(|n| !n.is_empty() && n.len() <= 15),
+            "interface names {ifname:?}, {peer_ifname:?} must be 1..=15 bytes"
+        );
+        self.ip(&[
+            "link",
+            "add",
+            ifname,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            peer_ifname,
+            "netns",
+            peer.name(),
+        ])
+        .with_context(|| format!("linking {} to {}", self.name, peer.name))?;
+        self.add_addr(ifname, addr)?;
+        peer.add_addr(peer_ifname, peer_addr)?;
+        self.ip(&["link", "set", ifname, "up"])?;
+        peer.ip(&["link", "set", peer_ifname, "up"])?;
+        Ok(())
+    }
+
+    /// Makes the namespace route IPv4 between its interfaces (a gateway in front of a LAN).
+    pub fn enable_forwarding(&self) -> Result<()> {
+        // /proc/sys/net shows the network namespace of the process reading it.
+        self.run(
+            tools::SH.path(),
+            &["-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"],
+        )
+        .map(drop)
+    }
+
     /// Polls `ping` from this namespace (optionally from source address `from`) until `to`
     /// answers.
     pub fn wait_reachable(&self, from: Option<IpAddr>, to: IpAddr, timeout: Duration) -> Result<()> {

@@ -101,6 +101,9 @@ pub const CURL: Tool = Tool::search("curl", "curl");
 /// Python 3, for TCP transfers with a checksum.
 pub const PYTHON3: Tool = Tool::search("python3", "python3");
 
+/// TCP throughput, for benchmarks.
+pub const IPERF3: Tool = Tool::search("iperf3", "iperf3");
+
 /// The IKE daemon.
 pub const CHARON: Tool = Tool::at("/usr/lib/ipsec/charon", "strongswan-charon");
 /// The VICI command line client.

@@ -183,3 +183,135 @@ impl Transfer {
         Ok(())
     }
 }
+
+/// A static eroute with its PSK Secret, written as YAML into a gateway's config directory:
+/// the responder or initiator end of one tunnel between two of our gateways.
+pub(crate) struct StaticEroute<'a> {
+    pub(crate) name: &'a str,
+    pub(crate) local_subnet: &'a str,
+    pub(crate) remote_subnet: &'a str,
+    /// The identity the peer must show.
+    pub(crate) peer_id: &'a str,
+    pub(crate) local_id: &'a str,
+    /// `Some(address)`: role Initiator toward the peer at that address; `None`: Responder.
+    pub(crate) initiate_to: Option<&'a str>,
+    pub(crate) ike: &'a str,
+    pub(crate) esp: &'a str,
+    /// `ike.lifetime` and `esp.lifetime`.
+    pub(crate) lifetimes: (&'a str, &'a str),
+    pub(crate) psk: &'a str,
+}
+
+impl StaticEroute<'_> {
+    /// Writes `{dir}/{name}.yaml` and the PSK as `{dir}/secrets/{name}/psk`.
+    pub(crate) fn write(&self, dir: &std::path::Path) -> anyhow::Result<()> {
+        let name = self.name;
+        std::fs::create_dir_all(dir.join("secrets").join(name))?;
+        std::fs::write(dir.join("secrets").join(name).join("psk"), self.psk)?;
+        let role = match self.initiate_to {
+            Some(addr) => format!("Initiator\n  peerAddress: {addr}"),
+            None => "Responder".to_owned(),
+        };
+        let (ike_life, esp_life) = self.lifetimes;
+        std::fs::write(
+            dir.join(format!("{name}.yaml")),
+            format!(
+                "apiVersion: vpn.concentrator.io/v1alpha1\nkind: Eroute\nmetadata:\n  name: {name}\n\
+                 spec:\n  localSubnet: {}\n  remoteSubnet: {}\n  peerId: \"{}\"\n  localId: {}\n\
+                 \x20 pskSecretRef:\n    name: {name}\n    key: psk\n  role: {role}\n\
+                 \x20 ike:\n    proposals: [{}]\n    lifetime: {ike_life}\n\
+                 \x20 esp:\n    proposals: [{}]\n    lifetime: {esp_life}\n",
+                self.local_subnet, self.remote_subnet, self.peer_id, self.local_id, self.ike, self.esp
+            ),
+        )?;
+        Ok(())
+    }
+}
+
+/// Starts `concentrator-gateway` in `ns` with `{dir}/config` and `{dir}/data`, IKE on
+/// `listen`, output to `{dir}/gateway.log`; does not wait (see [`wait_ready`]).
+pub(crate) fn spawn_gateway(
+    ns: &concentrator_e2e::netns::Netns,
+    name: &str,
+    dir: &std::path::Path,
+    listen: &str,
+    extra: &[&str],
+) -> anyhow::Result<concentrator_e2e::process::Daemon> {
+    use anyhow::Context;
+    let (config, data) = (dir.join("config"), dir.join("data"));
+    let mut args = vec![
+        "--config-dir",
+        config.to_str().context("path")?,
+        "--data-dir",
+        data.to_str().context("path")?,
+        "--ike-listen",
+        listen,
+    ];
+    args.extend_from_slice(extra);
+    ns.spawn(
+        name,
+        env!("CARGO_BIN_EXE_concentrator-gateway"),
+        &args,
+        &dir.join("gateway.log"),
+    )
+}
+
+/// Waits until a gateway logs that it serves (fails at once if it exits).
+pub(crate) fn wait_ready(
+    gateway: &mut concentrator_e2e::process::Daemon,
+    timeout: std::time::Duration,
+) -> anyhow::Result<()> {
+    use concentrator_e2e::wait::{Probe, until};
+    let log = gateway.log_path().to_owned();
+    until(format!("{} to be ready", gateway.name()), timeout, || {
+        gateway.ensure_running()?;
+        Ok(if concentrator_e2e::logs::contains(&log, "gateway ready") {
+            Probe::Ready(())
+        } else {
+            Probe::pending(gateway.log_tail(10))
+        })
+    })
+}
+
+/// The sum of the samples of metric `name` (a full name, or a prefix with labels) on the
+/// `/metrics` endpoint of the gateway in `ns` (default listen address).
+pub(crate) fn metric(ns: &concentrator_e2e::netns::Netns, name: &str) -> anyhow::Result<f64> {
+    let text = ns.run("curl", &["-sf", "http://127.0.0.1:9090/metrics"])?;
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
+}
+
+/// Waits until [`metric`] equals `want`.
+pub(crate) fn wait_metric(
+    ns: &concentrator_e2e::netns::Netns,
+    name: &str,
+    want: f64,
+    timeout: std::time::Duration,
+) -> anyhow::Result<()> {
+    use concentrator_e2e::wait::{Probe, until};
+    until(format!("{name} = {want}"), timeout, || {
+        let v = metric(ns, name)?;
+        Ok(if (v - want).abs() < f64::EPSILON {
+            Probe::Ready(())
+        } else {
+            Probe::pending(format!("{name} = {v}"))
+        })
+    })
+}
+
+/// The row of `concentrator-gateway tunnels` (run in `ns`) whose peer ID is `peer_id`, split
+/// in columns: peer ID, eroute, egroup, peer address, remote subnet, SAs, bytes in, bytes out,
+/// idle.
+pub(crate) fn tunnel_row(
+    ns: &concentrator_e2e::netns::Netns,
+    peer_id: &str,
+) -> anyhow::Result<Option<Vec<String>>> {
+    let table = ns.run(env!("CARGO_BIN_EXE_concentrator-gateway"), &["tunnels"])?;
+    Ok(table
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(peer_id))
+        .map(|l| l.split_whitespace().map(str::to_owned).collect()))
+}
