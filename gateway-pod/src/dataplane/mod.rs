@@ -99,12 +99,15 @@ pub async fn run(t: StaticTunnel, counters: DataplaneCounters) -> Result<(), Dat
     // nobody is asked for SAs toward other destinations.
     let (ike, _) = tokio::sync::mpsc::channel(1);
     let (acquire, _) = tokio::sync::mpsc::channel(1);
+    // Nobody rekeys either: an SA that reaches a hard limit is simply removed.
+    let (sa_events, _) = tokio::sync::mpsc::unbounded_channel();
     let (handle, task) = shared::spawn(
         Arc::new(dev),
         t.tun_name.clone(),
         Arc::new(udp),
         ike,
         acquire,
+        sa_events,
         counters,
     );
     let sa_counters = Arc::new(SaCounters::new(Instant::now()));

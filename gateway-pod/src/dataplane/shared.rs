@@ -23,7 +23,7 @@ use std::time::Instant;
 use concentrator_esp::encap::{Datagram, classify};
 use concentrator_esp::ip::{self, next_header_for};
 use concentrator_esp::packet::sealed_len;
-use concentrator_esp::sa::inbound_allowed;
+use concentrator_esp::sa::{Expiry, inbound_allowed};
 use ipnet::IpNet;
 use prometheus_client::metrics::counter::Counter;
 use quinn_udp::RecvMeta;
@@ -50,6 +50,43 @@ pub struct DataplaneCounters {
     pub policy: Counter,
     /// IKE messages on port 4500 dropped because the control plane was not keeping up.
     pub ike_overflow: Counter,
+    /// CHILD SA directions that reached a soft volume limit (a rekey was asked for).
+    pub soft_expired: Counter,
+    /// CHILD SA directions that reached a hard volume limit and were removed.
+    pub hard_expired: Counter,
+}
+
+/// What a CHILD SA's traffic asks of the control plane: its volume limits (bytes, packets;
+/// each direction counted apart) were reached. The SA is named by our inbound SPI.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SaEvent {
+    /// A soft limit: rekey the CHILD SA now.
+    Rekey { spi_in: u32 },
+    /// A hard limit: the data plane removed the half that reached it (its packets are
+    /// dropped and counted from now on); the control plane removes the rest.
+    Expired { spi_in: u32 },
+}
+
+/// Acts on the volume limit a packet crossed; true if the SA must go now.
+fn crossed(
+    expiry: Expiry,
+    spi_in: u32,
+    counters: &DataplaneCounters,
+    events: &mpsc::UnboundedSender<SaEvent>,
+) -> bool {
+    match expiry {
+        Expiry::Fine => false,
+        Expiry::Rekey => {
+            counters.soft_expired.inc();
+            let _ = events.send(SaEvent::Rekey { spi_in });
+            false
+        }
+        Expiry::Expired => {
+            counters.hard_expired.inc();
+            let _ = events.send(SaEvent::Expired { spi_in });
+            true
+        }
+    }
 }
 
 /// An IKE message that arrived on port 4500, for the control plane.
@@ -118,6 +155,7 @@ pub fn spawn(
     udp: Arc<UdpSocket>,
     ike: mpsc::Sender<IkeDatagram>,
     acquire: mpsc::Sender<IpAddr>,
+    sa_events: mpsc::UnboundedSender<SaEvent>,
     counters: DataplaneCounters,
 ) -> (
     DataplaneHandle,
@@ -136,10 +174,11 @@ pub fn spawn(
             udp.clone(),
             egress_rx,
             acquire,
+            sa_events.clone(),
             counters.clone(),
         )));
         let mut ingress = Worker(tokio::spawn(ingress(
-            dev, tun_name, udp, local, ingress_rx, ike, counters,
+            dev, tun_name, udp, local, ingress_rx, ike, sa_events, counters,
         )));
         tokio::select! {
             r = &mut egress.0 => joined(r),
@@ -239,6 +278,7 @@ async fn egress(
     udp: Arc<Udp>,
     mut commands: mpsc::UnboundedReceiver<EgressCommand>,
     acquire: mpsc::Sender<IpAddr>,
+    events: mpsc::UnboundedSender<SaEvent>,
     counters: DataplaneCounters,
 ) -> Result<(), DataplaneError> {
     let tun_err = |e| DataplaneError::Tun(tun_name.clone(), e);
@@ -259,7 +299,7 @@ async fn egress(
                         table.install(*sa, subnets);
                         let now = Instant::now();
                         for packet in &waiting {
-                            if seal_into(&mut table, &mut batch, &udp, &counters, packet, now).await.is_some() {
+                            if seal_into(&mut table, &mut batch, &udp, &counters, &events, packet, now).await.is_some() {
                                 counters.no_sa.inc();
                             }
                         }
@@ -295,7 +335,8 @@ async fn egress(
         let now = Instant::now();
         for (seg, &size) in segs.iter().zip(&sizes).take(n) {
             let packet = &seg[..size];
-            if let Some(dst) = seal_into(&mut table, &mut batch, &udp, &counters, packet, now).await {
+            if let Some(dst) = seal_into(&mut table, &mut batch, &udp, &counters, &events, packet, now).await
+            {
                 // No SA for it: never sent in clear. The control plane is asked for one (the
                 // initiator path) and the packet waits in a small bounded queue meanwhile.
                 counters.no_sa.inc();
@@ -316,6 +357,7 @@ async fn seal_into(
     batch: &mut GsoBatch,
     udp: &Udp,
     counters: &DataplaneCounters,
+    events: &mpsc::UnboundedSender<SaEvent>,
     packet: &[u8],
     now: Instant,
 ) -> Option<IpAddr> {
@@ -331,14 +373,19 @@ async fn seal_into(
     }
     // A packet that the sequence counter can no longer carry is dropped: the SA must be
     // rekeyed (by IKE) before that.
-    match sa.sa.seal(packet, nh, batch.slot()) {
+    let expiry = match sa.sa.seal(packet, nh, batch.slot()) {
         Ok(len) => {
             batch.push(sa.peer, len);
-            sa.counters.count_out(packet.len(), now);
+            sa.counters.count_out(packet.len(), now)
         }
         Err(_) => {
             counters.invalid.inc();
+            Expiry::Fine
         }
+    };
+    let id = sa.id;
+    if crossed(expiry, id, counters, events) {
+        table.remove(id);
     }
     None
 }
@@ -399,6 +446,7 @@ const TUN_BATCH: usize = 128;
 const TUN_OFFSET: usize = 16;
 const _: () = assert!(TUN_OFFSET >= VIRTIO_NET_HDR_LEN);
 
+#[allow(clippy::too_many_arguments)]
 async fn ingress(
     dev: Arc<tun_rs::AsyncDevice>,
     tun_name: String,
@@ -406,6 +454,7 @@ async fn ingress(
     local: SocketAddr,
     mut commands: mpsc::UnboundedReceiver<IngressCommand>,
     ike: mpsc::Sender<IkeDatagram>,
+    events: mpsc::UnboundedSender<SaEvent>,
     counters: DataplaneCounters,
 ) -> Result<(), DataplaneError> {
     let mut table = InboundTable::default();
@@ -484,7 +533,10 @@ async fn ingress(
                     counters.policy.inc();
                     continue;
                 }
-                sa.counters.count_in(packet.len(), now);
+                // The packet that reaches the hard limit is the SA's last.
+                if crossed(sa.counters.count_in(packet.len(), now), spi, &counters, &events) {
+                    table.remove(spi);
+                }
                 let len = inner.len();
                 if inner.start != TUN_OFFSET {
                     if out.len() < TUN_OFFSET + len {

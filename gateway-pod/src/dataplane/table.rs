@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use concentrator_esp::sa::Selector;
+use concentrator_esp::sa::{Expiry, Lifetime, Selector};
 use concentrator_esp::{Inbound, Outbound};
 use ipnet::IpNet;
 
@@ -25,11 +25,20 @@ pub struct SaCounters {
     /// (0: none yet).
     last_inbound_ms: AtomicU64,
     epoch: Instant,
+    /// Volume limits, checked per direction (time limits are the IKE engine's).
+    limits: Lifetime,
 }
 
 impl SaCounters {
     pub fn new(now: Instant) -> Self {
+        Self::with_limits(now, Lifetime::default())
+    }
+
+    /// Counters of an SA with volume limits: [`Self::count_in`] and [`Self::count_out`]
+    /// report the packet that crosses one.
+    pub fn with_limits(now: Instant, limits: Lifetime) -> Self {
         Self {
+            limits,
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
             packets_in: AtomicU64::new(0),
@@ -40,18 +49,33 @@ impl SaCounters {
         }
     }
 
-    pub(crate) fn count_in(&self, bytes: usize, now: Instant) {
-        self.packets_in.fetch_add(1, Ordering::Relaxed);
-        self.bytes_in.fetch_add(bytes as u64, Ordering::Relaxed);
+    /// Counts a packet from the peer; says whether it crossed a volume limit of the inbound
+    /// SA.
+    pub(crate) fn count_in(&self, bytes: usize, now: Instant) -> Expiry {
+        let expiry = self.count(&self.bytes_in, &self.packets_in, bytes);
         let ms = self.touch(now);
         self.last_inbound_ms
             .store(ms.saturating_add(1), Ordering::Relaxed);
+        expiry
     }
 
-    pub(crate) fn count_out(&self, bytes: usize, now: Instant) {
-        self.packets_out.fetch_add(1, Ordering::Relaxed);
-        self.bytes_out.fetch_add(bytes as u64, Ordering::Relaxed);
+    /// Counts a packet to the peer; says whether it crossed a volume limit of the outbound
+    /// SA.
+    pub(crate) fn count_out(&self, bytes: usize, now: Instant) -> Expiry {
+        let expiry = self.count(&self.bytes_out, &self.packets_out, bytes);
         let _ = self.touch(now);
+        expiry
+    }
+
+    fn count(&self, bytes: &AtomicU64, packets: &AtomicU64, n: usize) -> Expiry {
+        let n = n as u64;
+        let b = bytes.fetch_add(n, Ordering::Relaxed);
+        let p = packets.fetch_add(1, Ordering::Relaxed);
+        if !self.limits.has_volume_limit() {
+            return Expiry::Fine;
+        }
+        self.limits
+            .crossed((b, p), (b.saturating_add(n), p.saturating_add(1)))
     }
 
     fn touch(&self, now: Instant) -> u64 {
@@ -216,6 +240,28 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn counters_report_the_packets_that_cross_volume_limits() {
+        let c = SaCounters::with_limits(
+            Instant::now(),
+            Lifetime {
+                soft_bytes: Some(3000),
+                hard_bytes: Some(6000),
+                ..Lifetime::default()
+            },
+        );
+        let now = Instant::now();
+        assert_eq!(c.count_in(1400, now), Expiry::Fine);
+        assert_eq!(c.count_in(1400, now), Expiry::Fine);
+        assert_eq!(c.count_in(1400, now), Expiry::Rekey);
+        // Directions are counted apart, as with kernel SAs (one per direction).
+        assert_eq!(c.count_out(3500, now), Expiry::Rekey);
+        assert_eq!(c.count_in(1400, now), Expiry::Fine);
+        assert_eq!(c.count_in(1400, now), Expiry::Expired);
+        assert_eq!(c.count_in(1400, now), Expiry::Fine);
+        assert_eq!(SaCounters::new(now).count_out(usize::MAX, now), Expiry::Fine);
     }
 
     #[test]
