@@ -172,6 +172,11 @@ impl Metrics {
             d.policy.clone(),
         );
         r.register(
+            "esp_dropped_too_big",
+            "Inner packets with DF (or IPv6) too big for the path to the peer; an ICMP error went back",
+            d.too_big.clone(),
+        );
+        r.register(
             "esp_sa_soft_expired",
             "CHILD SA directions that reached rekeyBytes/rekeyPackets (a rekey was started)",
             d.soft_expired.clone(),
@@ -240,6 +245,7 @@ impl Metrics {
             ),
             ("esp_dropped_invalid".to_owned(), self.dataplane.invalid.get()),
             ("esp_dropped_policy".to_owned(), self.dataplane.policy.get()),
+            ("esp_dropped_too_big".to_owned(), self.dataplane.too_big.get()),
             (
                 "esp_sa_soft_expired".to_owned(),
                 self.dataplane.soft_expired.get(),

@@ -339,6 +339,22 @@ impl Outbound {
         self.key.framing().sealed_len(inner)
     }
 
+    /// The longest inner packet whose ESP packet is at most `max_sealed` bytes long (0 if
+    /// none fits): what an inner sender is told when its packet does not fit the path.
+    pub fn max_inner_len(&self, max_sealed: usize) -> usize {
+        let f = self.key.framing();
+        // `overhead` is the most any packet needs, so this one fits; padding may let a few
+        // longer ones fit too.
+        let mut n = max_sealed.saturating_sub(f.overhead());
+        if f.sealed_len(n) > max_sealed {
+            return 0;
+        }
+        while f.sealed_len(n + 1) <= max_sealed {
+            n += 1;
+        }
+        n
+    }
+
     /// Seals `inner` (an IP packet whose protocol is `next_header`: 4 for IPv4, 41 for IPv6)
     /// into `out`, returning the ESP packet's length.
     pub fn seal(&mut self, inner: &[u8], next_header: u8, out: &mut [u8]) -> Result<usize, EspError> {
@@ -685,6 +701,23 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn max_inner_len_is_the_longest_packet_that_fits() {
+        for (enc, integ) in every_transform() {
+            let (tx, _) = keyed_pair(enc, integ, false, 64);
+            for budget in [100, 1171, 1172, 1173, 1174, 1175, 1400, 1472] {
+                let n = tx.max_inner_len(budget);
+                assert!(tx.sealed_len(n) <= budget, "{enc:?}/{integ:?} {budget}");
+                assert!(tx.sealed_len(n + 1) > budget, "{enc:?}/{integ:?} {budget}");
+            }
+            assert_eq!(tx.max_inner_len(10), 0, "nothing fits");
+        }
+        // AES-GCM over a 1200-byte IPv4 path: 1172 bytes of ESP carry 1138 (the e2e test's
+        // expectation).
+        let (tx, _) = keyed_pair(Encryption::AesGcm16 { key_bits: 128 }, None, false, 64);
+        assert_eq!(tx.max_inner_len(1200 - 28), 1138);
     }
 
     #[test]

@@ -58,6 +58,13 @@ impl Udp {
         Ok(Self { sock, state })
     }
 
+    /// Our address on the outer side (unspecified when bound to any).
+    pub(crate) fn local_ip(&self) -> std::net::IpAddr {
+        self.sock
+            .local_addr()
+            .map_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), |a| a.ip())
+    }
+
     /// How many equal-sized datagrams one send may carry (1 without GSO).
     pub(crate) fn max_gso_segments(&self) -> usize {
         self.state.max_gso_segments()

@@ -5,6 +5,7 @@
 //! same workers, so that the benchmark measures the product's data plane.
 
 mod io;
+mod pmtu;
 pub mod shared;
 pub mod table;
 

@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use concentrator_esp::encap::{Datagram, classify};
+use concentrator_esp::icmp;
 use concentrator_esp::ip::{self, next_header_for};
 use concentrator_esp::packet::sealed_len;
 use concentrator_esp::sa::{Expiry, inbound_allowed};
@@ -33,6 +34,7 @@ use tun_rs::{GROTable, VIRTIO_NET_HDR_LEN};
 
 use super::DataplaneError;
 use super::io::{MAX_GSO_BYTES, RECV_BUF_LEN, Udp};
+use super::pmtu::{PathMtu, outer_overhead};
 use super::table::{InboundSa, InboundTable, OutboundSa, OutboundTable};
 
 /// Packet counters of the whole data plane (the per-SA ones are in [`super::table::SaCounters`]).
@@ -48,6 +50,9 @@ pub struct DataplaneCounters {
     pub invalid: Counter,
     /// Decrypted but outside the SA's traffic selectors: dropped.
     pub policy: Counter,
+    /// Inner packets that may not be fragmented (IPv4 with DF, IPv6) and would not fit the
+    /// path toward the peer: dropped, their sender told the MTU that fits (ICMP).
+    pub too_big: Counter,
     /// IKE messages on port 4500 dropped because the control plane was not keeping up.
     pub ike_overflow: Counter,
     /// CHILD SA directions that reached a soft volume limit (a rekey was asked for).
@@ -272,6 +277,21 @@ fn device_failed(e: &std::io::Error) -> bool {
     e.raw_os_error().is_some()
 }
 
+/// One egress worker's state: its SA table, held packets, GSO batch and buffers.
+struct Egress {
+    dev: Arc<tun_rs::AsyncDevice>,
+    udp: Arc<Udp>,
+    /// Our address on the outer side (unspecified: any), for path MTU queries.
+    local_ip: IpAddr,
+    table: OutboundTable,
+    held: HeldPackets,
+    batch: GsoBatch,
+    /// Where "packet too big" errors are built, after room for a virtio-net header.
+    icmp: Vec<u8>,
+    events: mpsc::UnboundedSender<SaEvent>,
+    counters: DataplaneCounters,
+}
+
 async fn egress(
     dev: Arc<tun_rs::AsyncDevice>,
     tun_name: String,
@@ -282,30 +302,40 @@ async fn egress(
     counters: DataplaneCounters,
 ) -> Result<(), DataplaneError> {
     let tun_err = |e| DataplaneError::Tun(tun_name.clone(), e);
-    let mut table = OutboundTable::default();
-    let mut held = HeldPackets::default();
+    let local_ip = udp.local_ip();
+    let mut w = Egress {
+        dev: dev.clone(),
+        udp,
+        local_ip,
+        table: OutboundTable::default(),
+        held: HeldPackets::default(),
+        batch: GsoBatch::new(),
+        icmp: vec![0u8; VIRTIO_NET_HDR_LEN + icmp::MAX_ERROR_LEN],
+        events,
+        counters,
+    };
     let mut original = vec![0u8; VIRTIO_NET_HDR_LEN + 65535];
     // Pages of these buffers are only committed once a packet of that size lands in them.
     let mut segs: Vec<Vec<u8>> = (0..2 * TUN_READ_SEGMENTS).map(|_| vec![0u8; 65535]).collect();
     let mut sizes = vec![0usize; segs.len()];
-    let mut batch = GsoBatch::new();
     loop {
         let mut n = tokio::select! {
             biased;
             cmd = commands.recv() => {
                 match cmd {
                     Some(EgressCommand::Install(sa, subnets)) => {
-                        let waiting = held.take_covered(&subnets);
-                        table.install(*sa, subnets);
+                        let waiting = w.held.take_covered(&subnets);
                         let now = Instant::now();
+                        let path = PathMtu::probe(w.local_ip, sa.peer, now);
+                        w.table.install(*sa, subnets, path);
                         for packet in &waiting {
-                            if seal_into(&mut table, &mut batch, &udp, &counters, &events, packet, now).await.is_some() {
-                                counters.no_sa.inc();
+                            if w.seal(packet, now).await.is_some() {
+                                w.counters.no_sa.inc();
                             }
                         }
-                        batch.flush(&udp, &counters).await;
+                        w.batch.flush(&w.udp, &w.counters).await;
                     }
-                    Some(EgressCommand::Remove(id)) => table.remove(id),
+                    Some(EgressCommand::Remove(id)) => w.table.remove(id),
                     None => return Ok(()),
                 }
                 continue;
@@ -335,59 +365,82 @@ async fn egress(
         let now = Instant::now();
         for (seg, &size) in segs.iter().zip(&sizes).take(n) {
             let packet = &seg[..size];
-            if let Some(dst) = seal_into(&mut table, &mut batch, &udp, &counters, &events, packet, now).await
-            {
+            if let Some(dst) = w.seal(packet, now).await {
                 // No SA for it: never sent in clear. The control plane is asked for one (the
                 // initiator path) and the packet waits in a small bounded queue meanwhile.
-                counters.no_sa.inc();
-                if held.hold(dst, packet) {
+                w.counters.no_sa.inc();
+                if w.held.hold(dst, packet) {
                     let _ = acquire.try_send(dst);
                 }
             }
         }
-        batch.flush(&udp, &counters).await;
+        w.batch.flush(&w.udp, &w.counters).await;
     }
 }
 
-/// Seals `packet` with the SA of its destination into the batch, sending the batch first
-/// if the packet cannot join it. Returns the destination when no SA covers it (nothing is
-/// counted then: the caller decides between holding and dropping).
-async fn seal_into(
-    table: &mut OutboundTable,
-    batch: &mut GsoBatch,
-    udp: &Udp,
-    counters: &DataplaneCounters,
-    events: &mpsc::UnboundedSender<SaEvent>,
-    packet: &[u8],
-    now: Instant,
-) -> Option<IpAddr> {
-    let (Some(nh), Some(h)) = (next_header_for(packet), ip::parse(packet)) else {
-        return None;
-    };
-    let Some(sa) = table.lookup(h.dst) else {
-        return Some(h.dst);
-    };
-    let sealed = sa.sa.sealed_len(packet.len());
-    if !batch.accepts(sa.peer, sealed, udp.max_gso_segments()) {
-        batch.flush(udp, counters).await;
-    }
-    // A packet that the sequence counter can no longer carry is dropped: the SA must be
-    // rekeyed (by IKE) before that.
-    let expiry = match sa.sa.seal(packet, nh, batch.slot()) {
-        Ok(len) => {
-            batch.push(sa.peer, len);
-            sa.counters.count_out(packet.len(), now)
+impl Egress {
+    /// Seals `packet` with the SA of its destination into the batch, sending the batch first
+    /// if the packet cannot join it. Returns the destination when no SA covers it (nothing is
+    /// counted then: the caller decides between holding and dropping).
+    ///
+    /// A packet whose ESP-in-UDP datagram would be longer than the path MTU toward the peer
+    /// is sent alone, for the kernel to fragment (UDP GSO segments may not exceed the MTU),
+    /// unless it may not be fragmented (IPv4 with DF, IPv6 above 1280 bytes): then it is
+    /// dropped and its sender gets "fragmentation needed" / "packet too big" with the longest
+    /// inner packet that fits, so that path MTU discovery works through the tunnel. TSO
+    /// super-packets are split to their MSS before they get here, so only segments that are
+    /// too long themselves are refused.
+    async fn seal(&mut self, packet: &[u8], now: Instant) -> Option<IpAddr> {
+        let (Some(nh), Some(h)) = (next_header_for(packet), ip::parse(packet)) else {
+            return None;
+        };
+        let Some(entry) = self.table.lookup(h.dst) else {
+            return Some(h.dst);
+        };
+        let sa = &mut entry.sa;
+        let sealed = sa.sa.sealed_len(packet.len());
+        let room = entry
+            .path
+            .get(self.local_ip, sa.peer, now)
+            .saturating_sub(outer_overhead(sa.peer));
+        let alone = sealed > room;
+        if alone && icmp::must_not_fragment(packet) {
+            self.counters.too_big.inc();
+            let mtu = sa.sa.max_inner_len(room);
+            let off = if self.dev.tcp_gso() { VIRTIO_NET_HDR_LEN } else { 0 };
+            // A zeroed virtio-net header: no offload asked for this packet.
+            self.icmp[..off].fill(0);
+            if let Some(n) = icmp::too_big(packet, mtu, &mut self.icmp[off..])
+                && let Err(e) = self.dev.send(&self.icmp[..off + n]).await
+            {
+                tracing::debug!(error = %e, "ICMP error to the TUN device failed");
+            }
+            return None;
         }
-        Err(_) => {
-            counters.invalid.inc();
-            Expiry::Fine
+        if alone || !self.batch.accepts(sa.peer, sealed, self.udp.max_gso_segments()) {
+            self.batch.flush(&self.udp, &self.counters).await;
         }
-    };
-    let id = sa.id;
-    if crossed(expiry, id, counters, events) {
-        table.remove(id);
+        // A packet that the sequence counter can no longer carry is dropped: the SA must be
+        // rekeyed (by IKE) before that.
+        let expiry = match sa.sa.seal(packet, nh, self.batch.slot()) {
+            Ok(len) => {
+                self.batch.push(sa.peer, len);
+                sa.counters.count_out(packet.len(), now)
+            }
+            Err(_) => {
+                self.counters.invalid.inc();
+                Expiry::Fine
+            }
+        };
+        let id = sa.id;
+        if alone {
+            self.batch.flush(&self.udp, &self.counters).await;
+        }
+        if crossed(expiry, id, &self.counters, &self.events) {
+            self.table.remove(id);
+        }
+        None
     }
-    None
 }
 
 /// Packets waiting for an SA, per destination: a few each, for a bounded number of

@@ -12,6 +12,8 @@ use concentrator_esp::sa::{Expiry, Lifetime, Selector};
 use concentrator_esp::{Inbound, Outbound};
 use ipnet::IpNet;
 
+use super::pmtu::PathMtu;
+
 /// Traffic of one CHILD SA, read by the admin API while the data plane counts.
 #[derive(Debug)]
 pub struct SaCounters {
@@ -130,18 +132,27 @@ pub enum SaCommand {
     Remove { spi_in: u32 },
 }
 
+/// An outbound SA in a table, with what the worker keeps about it.
+pub struct OutboundEntry {
+    pub sa: OutboundSa,
+    /// The path MTU toward the SA's peer.
+    pub(crate) path: PathMtu,
+    subnets: Vec<IpNet>,
+    /// Installation order: the newest SA wins a subnet.
+    order: u64,
+}
+
 /// Outbound SAs by destination: longest prefix first, one hash lookup per distinct prefix
 /// length (a handful in practice, however many sites).
 #[derive(Default)]
 pub struct OutboundTable {
     by_len: BTreeMap<std::cmp::Reverse<u8>, HashMap<IpAddr, u32>>,
-    /// Each SA with its subnets and its installation order (the newest wins a subnet).
-    sas: HashMap<u32, (OutboundSa, Vec<IpNet>, u64)>,
+    sas: HashMap<u32, OutboundEntry>,
     installed: u64,
 }
 
 impl OutboundTable {
-    pub fn install(&mut self, sa: OutboundSa, subnets: Vec<IpNet>) {
+    pub(crate) fn install(&mut self, sa: OutboundSa, subnets: Vec<IpNet>, path: PathMtu) {
         for net in &subnets {
             self.by_len
                 .entry(std::cmp::Reverse(net.prefix_len()))
@@ -149,12 +160,20 @@ impl OutboundTable {
                 .insert(net.network(), sa.id);
         }
         self.installed += 1;
-        self.sas.insert(sa.id, (sa, subnets, self.installed));
+        self.sas.insert(
+            sa.id,
+            OutboundEntry {
+                sa,
+                path,
+                subnets,
+                order: self.installed,
+            },
+        );
     }
 
     /// Removes the SA; a subnet another SA has taken over since stays with that one.
     pub fn remove(&mut self, id: u32) {
-        let Some((_, subnets, _)) = self.sas.remove(&id) else {
+        let Some(OutboundEntry { subnets, .. }) = self.sas.remove(&id) else {
             return;
         };
         for net in subnets {
@@ -166,8 +185,8 @@ impl OutboundTable {
                     if let Some(other) = self
                         .sas
                         .iter()
-                        .filter(|(_, (_, nets, _))| nets.contains(&net))
-                        .max_by_key(|(_, (_, _, order))| *order)
+                        .filter(|(_, e)| e.subnets.contains(&net))
+                        .max_by_key(|(_, e)| e.order)
                         .map(|(other, _)| *other)
                     {
                         m.insert(net.network(), other);
@@ -180,12 +199,12 @@ impl OutboundTable {
         }
     }
 
-    pub fn lookup(&mut self, dst: IpAddr) -> Option<&mut OutboundSa> {
+    pub fn lookup(&mut self, dst: IpAddr) -> Option<&mut OutboundEntry> {
         let id = self.by_len.iter().find_map(|(len, m)| {
             let net = IpNet::new(dst, len.0).ok()?.trunc();
             m.get(&net.network()).copied()
         })?;
-        self.sas.get_mut(&id).map(|(sa, _, _)| sa)
+        self.sas.get_mut(&id)
     }
 
     pub fn len(&self) -> usize {
@@ -234,6 +253,14 @@ mod tests {
         }
     }
 
+    fn path() -> PathMtu {
+        PathMtu::probe(
+            "127.0.0.1".parse().unwrap(),
+            "127.0.0.1:4500".parse().unwrap(),
+            Instant::now(),
+        )
+    }
+
     fn nets(s: &[&str]) -> Vec<IpNet> {
         s.iter().map(|n| n.parse().unwrap()).collect()
     }
@@ -267,14 +294,14 @@ mod tests {
     #[test]
     fn longest_prefix_wins_and_unknown_destinations_miss() {
         let mut t = OutboundTable::default();
-        t.install(out(1), nets(&["10.0.0.0/8"]));
-        t.install(out(2), nets(&["10.1.2.0/24", "10.1.3.0/24"]));
-        assert_eq!(t.lookup(ip("10.1.2.9")).map(|s| s.id), Some(2));
-        assert_eq!(t.lookup(ip("10.1.3.9")).map(|s| s.id), Some(2));
-        assert_eq!(t.lookup(ip("10.1.4.9")).map(|s| s.id), Some(1));
+        t.install(out(1), nets(&["10.0.0.0/8"]), path());
+        t.install(out(2), nets(&["10.1.2.0/24", "10.1.3.0/24"]), path());
+        assert_eq!(t.lookup(ip("10.1.2.9")).map(|e| e.sa.id), Some(2));
+        assert_eq!(t.lookup(ip("10.1.3.9")).map(|e| e.sa.id), Some(2));
+        assert_eq!(t.lookup(ip("10.1.4.9")).map(|e| e.sa.id), Some(1));
         assert!(t.lookup(ip("192.168.0.1")).is_none());
         t.remove(2);
-        assert_eq!(t.lookup(ip("10.1.2.9")).map(|s| s.id), Some(1));
+        assert_eq!(t.lookup(ip("10.1.2.9")).map(|e| e.sa.id), Some(1));
         t.remove(1);
         assert!(t.lookup(ip("10.1.2.9")).is_none());
         assert!(t.is_empty());
@@ -283,15 +310,15 @@ mod tests {
     #[test]
     fn a_rekeyed_sa_takes_over_and_removing_the_old_one_keeps_it() {
         let mut t = OutboundTable::default();
-        t.install(out(1), nets(&["10.1.2.0/24"]));
-        t.install(out(2), nets(&["10.1.2.0/24"]));
-        assert_eq!(t.lookup(ip("10.1.2.9")).map(|s| s.id), Some(2));
+        t.install(out(1), nets(&["10.1.2.0/24"]), path());
+        t.install(out(2), nets(&["10.1.2.0/24"]), path());
+        assert_eq!(t.lookup(ip("10.1.2.9")).map(|e| e.sa.id), Some(2));
         t.remove(1);
-        assert_eq!(t.lookup(ip("10.1.2.9")).map(|s| s.id), Some(2));
+        assert_eq!(t.lookup(ip("10.1.2.9")).map(|e| e.sa.id), Some(2));
         // And the other order: the new one removed first falls back to the old.
-        t.install(out(3), nets(&["10.1.2.0/24"]));
+        t.install(out(3), nets(&["10.1.2.0/24"]), path());
         t.remove(3);
-        assert_eq!(t.lookup(ip("10.1.2.9")).map(|s| s.id), Some(2));
+        assert_eq!(t.lookup(ip("10.1.2.9")).map(|e| e.sa.id), Some(2));
         assert_eq!(t.len(), 1);
     }
 }
