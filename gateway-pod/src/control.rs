@@ -166,7 +166,11 @@ pub async fn start(
             .map_err(|source| ControlError::Bind { addr, source })
     };
     let udp500 = Arc::new(bind(opts.ike_port).await?);
-    let udp4500 = Arc::new(bind(opts.nat_t_port).await?);
+    // SO_REUSEPORT: each data plane worker binds its own socket on the same port.
+    let nat_t = SocketAddr::new(opts.listen, opts.nat_t_port);
+    let udp4500 = Arc::new(
+        crate::dataplane::bind_udp(nat_t).map_err(|source| ControlError::Bind { addr: nat_t, source })?,
+    );
     let local_addr = |s: &UdpSocket, port| {
         s.local_addr().map_err(|source| ControlError::Bind {
             addr: SocketAddr::new(opts.listen, port),

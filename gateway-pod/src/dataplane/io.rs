@@ -103,13 +103,37 @@ impl Udp {
     }
 }
 
+/// Binds a UDP socket of the data plane: with SO_REUSEPORT, so that each worker can have its
+/// own socket on the same port (the kernel hashes each peer's address to one of them), and
+/// the IKE control plane sends on the first.
+pub fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    set_fd_option(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_REUSEPORT, 1)?;
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    UdpSocket::from_std(sock.into())
+}
+
 fn set_int_option(sock: &UdpSocket, level: libc::c_int, name: libc::c_int, value: usize) -> io::Result<()> {
+    set_fd_option(sock.as_raw_fd(), level, name, value)
+}
+
+fn set_fd_option(
+    fd: std::os::fd::RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: usize,
+) -> io::Result<()> {
     let value = libc::c_int::try_from(value).unwrap_or(libc::c_int::MAX);
-    // Safety: the descriptor is open for as long as `sock` is borrowed, and the option value
-    // points to a live c_int whose size is passed along.
+    // Safety: the caller's descriptor is open while it is borrowed for this call, and the
+    // option value points to a live c_int whose size is passed along.
     let r = unsafe {
         libc::setsockopt(
-            sock.as_raw_fd(),
+            fd,
             level,
             name,
             (&raw const value).cast(),

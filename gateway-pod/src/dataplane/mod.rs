@@ -6,6 +6,8 @@
 
 mod io;
 mod pmtu;
+
+pub use io::bind_udp;
 pub mod shared;
 pub mod table;
 
@@ -56,10 +58,11 @@ fn selector(net: IpNet) -> Selector {
     }
 }
 
-/// Opens the TUN device with vnet-hdr offloads (TSO/USO super-packets from the kernel, GRO
-/// toward it), which the workers of [`shared`] use when the kernel has them.
+/// Opens the TUN device multi-queue (one queue per worker of [`shared`]) with vnet-hdr
+/// offloads (TSO/USO super-packets from the kernel, GRO toward it), which the workers use
+/// when the kernel has them.
 pub fn open_tun(builder: tun_rs::DeviceBuilder) -> std::io::Result<tun_rs::AsyncDevice> {
-    builder.offload(true).build_async()
+    builder.offload(true).multi_queue(true).build_async()
 }
 
 /// Brings the tunnel up and carries packets until the task is dropped or I/O fails.
@@ -93,9 +96,7 @@ pub async fn run(t: StaticTunnel, counters: DataplaneCounters) -> Result<(), Dat
             String::from_utf8_lossy(&out.stderr).into(),
         ));
     }
-    let udp = tokio::net::UdpSocket::bind(t.local)
-        .await
-        .map_err(|e| DataplaneError::Udp(t.local, e))?;
+    let udp = bind_udp(t.local).map_err(|e| DataplaneError::Udp(t.local, e))?;
     // No control plane: IKE messages on the port are counted as overflow and dropped, and
     // nobody is asked for SAs toward other destinations.
     let (ike, _) = tokio::sync::mpsc::channel(1);

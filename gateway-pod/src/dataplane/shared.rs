@@ -1,11 +1,12 @@
 //! The data plane shared by every tunnel of the gateway: one TUN device on the inner side,
 //! the UDP socket of port 4500 on the outer side (ESP in UDP, RFC 3948), shared with IKE.
 //!
-//! Two workers, each a task owning its SA table so that the per-packet path takes no lock:
-//! egress reads the TUN device, seals and sends (outbound table, by destination); ingress
-//! receives, opens and writes to the TUN device (inbound table, by SPI) and passes IKE
-//! messages (non-ESP marker) to the control plane. The control plane changes the tables
-//! through [`DataplaneHandle`].
+//! One worker per core, each with its own TUN queue and UDP socket (SO_REUSEPORT on port
+//! 4500), each of two tasks owning its SA table so that the per-packet path takes no global
+//! lock: egress reads its TUN queue, seals and sends (outbound table, by destination);
+//! ingress receives, opens and writes to the TUN device (inbound table, by SPI) and passes
+//! IKE messages (non-ESP marker) to the control plane, whichever socket they reached. The
+//! control plane changes the tables through [`DataplaneHandle`], which tells every worker.
 //!
 //! Both directions move packets in batches, so that the per-packet cost is the cipher and a
 //! copy, not a syscall:
@@ -35,7 +36,7 @@ use tun_rs::{GROTable, VIRTIO_NET_HDR_LEN};
 use super::DataplaneError;
 use super::io::{MAX_GSO_BYTES, RECV_BUF_LEN, Udp};
 use super::pmtu::{PathMtu, outer_overhead};
-use super::table::{InboundSa, InboundTable, OutboundSa, OutboundTable};
+use super::table::{InboundSa, InboundTable, OutboundSa, OutboundTable, SharedInbound};
 
 /// Packet counters of the whole data plane (the per-SA ones are in [`super::table::SaCounters`]).
 #[derive(Clone, Debug, Default)]
@@ -104,45 +105,49 @@ pub struct IkeDatagram {
 }
 
 enum EgressCommand {
-    Install(Box<OutboundSa>, Vec<IpNet>),
+    Install(Arc<OutboundSa>, Vec<IpNet>),
     Remove(u32),
 }
 
 enum IngressCommand {
-    Install(Box<InboundSa>),
+    Install(Arc<SharedInbound>),
     Remove(u32),
 }
 
-/// The control plane's side of the data plane.
+/// The control plane's side of the data plane: every change goes to every worker.
 #[derive(Clone)]
 pub struct DataplaneHandle {
-    egress: mpsc::UnboundedSender<EgressCommand>,
-    ingress: mpsc::UnboundedSender<IngressCommand>,
+    egress: Vec<mpsc::UnboundedSender<EgressCommand>>,
+    ingress: Vec<mpsc::UnboundedSender<IngressCommand>>,
 }
 
 impl DataplaneHandle {
     /// Carries `subnets` through a new CHILD SA. The inbound half goes first, so that the
     /// peer's first packets on the new SA are not dropped while our outbound half catches up.
     pub fn install(&self, inbound: InboundSa, outbound: OutboundSa, subnets: Vec<IpNet>) {
-        let _ = self.ingress.send(IngressCommand::Install(Box::new(inbound)));
-        let _ = self
-            .egress
-            .send(EgressCommand::Install(Box::new(outbound), subnets));
+        let inbound = Arc::new(SharedInbound::from(inbound));
+        for tx in &self.ingress {
+            let _ = tx.send(IngressCommand::Install(inbound.clone()));
+        }
+        let outbound = Arc::new(outbound);
+        for tx in &self.egress {
+            let _ = tx.send(EgressCommand::Install(outbound.clone(), subnets.clone()));
+        }
     }
 
     /// Forgets the CHILD SA whose inbound SPI is `spi_in`.
     pub fn remove(&self, spi_in: u32) {
-        let _ = self.egress.send(EgressCommand::Remove(spi_in));
-        let _ = self.ingress.send(IngressCommand::Remove(spi_in));
+        for tx in &self.egress {
+            let _ = tx.send(EgressCommand::Remove(spi_in));
+        }
+        for tx in &self.ingress {
+            let _ = tx.send(IngressCommand::Remove(spi_in));
+        }
     }
-}
 
-/// Aborts a worker task when its supervisor ends or is aborted.
-struct Worker(tokio::task::JoinHandle<Result<(), DataplaneError>>);
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        self.0.abort();
+    /// How many workers (each a TUN queue and a UDP socket) carry packets.
+    pub fn workers(&self) -> usize {
+        self.egress.len()
     }
 }
 
@@ -150,10 +155,25 @@ fn joined(r: Result<Result<(), DataplaneError>, tokio::task::JoinError>) -> Resu
     r.map_err(|e| DataplaneError::Worker(e.to_string()))?
 }
 
+/// Data plane workers by default: one per core. `CONCENTRATOR_DATAPLANE_WORKERS` overrides.
+fn worker_count() -> usize {
+    std::env::var("CONCENTRATOR_DATAPLANE_WORKERS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, std::num::NonZero::get))
+}
+
 /// Starts the data plane workers on an open TUN device (with or without vnet-hdr offloads)
-/// and the port-4500 socket. IKE messages arriving on that socket go to `ike`. The workers
-/// end when the handle is dropped or I/O fails; the error is returned by the join handle,
-/// and aborting the join handle stops them.
+/// and the port-4500 socket (bound with [`super::bind_udp`]). IKE messages arriving on that
+/// port go to `ike`. The workers end when the handle is dropped or I/O fails; the error is
+/// returned by the join handle, and aborting the join handle stops them.
+///
+/// One worker per core, each with its own TUN queue (the device must be multi-queue:
+/// [`super::open_tun`]) and its own UDP socket on the same port (SO_REUSEPORT): the kernel
+/// spreads inner flows over the queues and peers over the sockets, and each worker has an
+/// egress task (its queue to its socket) and an ingress task (its socket to its queue). With
+/// a single-queue device or a socket bound without SO_REUSEPORT there is one worker.
 pub fn spawn(
     dev: Arc<tun_rs::AsyncDevice>,
     tun_name: String,
@@ -166,37 +186,70 @@ pub fn spawn(
     DataplaneHandle,
     tokio::task::JoinHandle<Result<(), DataplaneError>>,
 ) {
-    let (egress_tx, egress_rx) = mpsc::unbounded_channel();
-    let (ingress_tx, ingress_rx) = mpsc::unbounded_channel();
+    let want = worker_count();
+    let mut queues = vec![(dev, udp)];
+    if let Ok(local) = queues[0].1.local_addr() {
+        while queues.len() < want {
+            let extra = queues[0]
+                .0
+                .try_clone()
+                .and_then(|d| Ok((Arc::new(d), Arc::new(super::io::bind_udp(local)?))));
+            match extra {
+                Ok(q) => queues.push(q),
+                Err(e) => {
+                    tracing::info!(workers = queues.len(), wanted = want, error = %e, "fewer data plane workers than asked for");
+                    break;
+                }
+            }
+        }
+    }
+    tracing::info!(workers = queues.len(), tun = %tun_name, "data plane started");
+    let mut handle = DataplaneHandle {
+        egress: Vec::new(),
+        ingress: Vec::new(),
+    };
+    let mut receivers = Vec::new();
+    for _ in &queues {
+        let (etx, erx) = mpsc::unbounded_channel();
+        let (itx, irx) = mpsc::unbounded_channel();
+        handle.egress.push(etx);
+        handle.ingress.push(itx);
+        receivers.push((erx, irx));
+    }
     let task = tokio::spawn(async move {
-        let local = udp
-            .local_addr()
-            .map_err(|e| DataplaneError::Udp(SocketAddr::from(([0, 0, 0, 0], 0)), e))?;
-        let udp = Arc::new(Udp::new(udp).map_err(|e| DataplaneError::Udp(local, e))?);
-        let mut egress = Worker(tokio::spawn(egress(
-            dev.clone(),
-            tun_name.clone(),
-            udp.clone(),
-            egress_rx,
-            acquire,
-            sa_events.clone(),
-            counters.clone(),
-        )));
-        let mut ingress = Worker(tokio::spawn(ingress(
-            dev, tun_name, udp, local, ingress_rx, ike, sa_events, counters,
-        )));
-        tokio::select! {
-            r = &mut egress.0 => joined(r),
-            r = &mut ingress.0 => joined(r),
+        // Dropping the set (this task ending or being aborted) aborts every worker.
+        let mut set = tokio::task::JoinSet::new();
+        for ((dev, sock), (erx, irx)) in queues.into_iter().zip(receivers) {
+            let local = sock
+                .local_addr()
+                .map_err(|e| DataplaneError::Udp(SocketAddr::from(([0, 0, 0, 0], 0)), e))?;
+            let udp = Arc::new(Udp::new(sock).map_err(|e| DataplaneError::Udp(local, e))?);
+            set.spawn(egress(
+                dev.clone(),
+                tun_name.clone(),
+                udp.clone(),
+                erx,
+                acquire.clone(),
+                sa_events.clone(),
+                counters.clone(),
+            ));
+            set.spawn(ingress(
+                dev,
+                tun_name.clone(),
+                udp,
+                local,
+                irx,
+                ike.clone(),
+                sa_events.clone(),
+                counters.clone(),
+            ));
+        }
+        match set.join_next().await {
+            Some(r) => joined(r),
+            None => Ok(()),
         }
     });
-    (
-        DataplaneHandle {
-            egress: egress_tx,
-            ingress: ingress_tx,
-        },
-        task,
-    )
+    (handle, task)
 }
 
 /// Segments one TUN read may yield (a 64 KiB super-packet in segments of a small MSS).
@@ -327,7 +380,7 @@ async fn egress(
                         let waiting = w.held.take_covered(&subnets);
                         let now = Instant::now();
                         let path = PathMtu::probe(w.local_ip, sa.peer, now);
-                        w.table.install(*sa, subnets, path);
+                        w.table.install(sa, subnets, path);
                         for packet in &waiting {
                             if w.seal(packet, now).await.is_some() {
                                 w.counters.no_sa.inc();
@@ -397,7 +450,7 @@ impl Egress {
         let Some(entry) = self.table.lookup(h.dst) else {
             return Some(h.dst);
         };
-        let sa = &mut entry.sa;
+        let sa = &entry.sa;
         let sealed = sa.sa.sealed_len(packet.len());
         let room = entry
             .path
@@ -525,7 +578,7 @@ async fn ingress(
                 biased;
                 cmd = commands.recv() => {
                     match cmd {
-                        Some(IngressCommand::Install(sa)) => table.install(*sa),
+                        Some(IngressCommand::Install(sa)) => table.install(sa),
                         Some(IngressCommand::Remove(spi)) => table.remove(spi),
                         None => return Ok(()),
                     }
@@ -562,7 +615,7 @@ async fn ingress(
                     }
                     Datagram::Keepalive | Datagram::Invalid => continue,
                 };
-                let Some(sa) = table.get_mut(spi) else {
+                let Some(sa) = table.get(spi) else {
                     counters.unknown_spi.inc();
                     continue;
                 };
@@ -573,7 +626,7 @@ async fn ingress(
                 let out = &mut tun_bufs[ready];
                 out.clear();
                 out.extend_from_slice(datagram);
-                let Ok(opened) = sa.sa.open(out) else {
+                let Ok(opened) = sa.open(out) else {
                     counters.invalid.inc();
                     continue;
                 };

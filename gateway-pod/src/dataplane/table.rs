@@ -1,11 +1,14 @@
-//! The SA tables of the shared data plane. Each is owned by one task (outbound by the TUN
-//! reader, inbound by the UDP reader), so lookups take no lock; the control plane changes
-//! them through [`SaCommand`]s.
+//! The SA tables of the shared data plane. Each worker task owns its tables (outbound in the
+//! TUN reader, inbound in the UDP reader), so lookups take no lock; the control plane
+//! changes every worker's tables through the data plane handle. The SAs themselves are shared
+//! by the workers: an outbound SA's sequence number is one atomic counter, an inbound SA's
+//! anti-replay window is behind its own mutex (taken by the one worker whose socket the
+//! peer's datagrams hash to, so uncontended in practice; never a lock over all SAs).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use concentrator_esp::sa::{Expiry, Lifetime, Selector};
@@ -110,7 +113,7 @@ pub struct OutboundSa {
     pub counters: Arc<SaCounters>,
 }
 
-/// The receiving half of a CHILD SA.
+/// The receiving half of a CHILD SA, as the control plane hands it over.
 pub struct InboundSa {
     pub sa: Inbound,
     /// Negotiated TSr (our side) and TSi (the peer's): decrypted packets must fit them.
@@ -132,9 +135,10 @@ pub enum SaCommand {
     Remove { spi_in: u32 },
 }
 
-/// An outbound SA in a table, with what the worker keeps about it.
+/// An outbound SA in a worker's table, with what the worker keeps about it.
 pub struct OutboundEntry {
-    pub sa: OutboundSa,
+    /// Shared with the other workers.
+    pub sa: Arc<OutboundSa>,
     /// The path MTU toward the SA's peer.
     pub(crate) path: PathMtu,
     subnets: Vec<IpNet>,
@@ -152,7 +156,7 @@ pub struct OutboundTable {
 }
 
 impl OutboundTable {
-    pub(crate) fn install(&mut self, sa: OutboundSa, subnets: Vec<IpNet>, path: PathMtu) {
+    pub(crate) fn install(&mut self, sa: Arc<OutboundSa>, subnets: Vec<IpNet>, path: PathMtu) {
         for net in &subnets {
             self.by_len
                 .entry(std::cmp::Reverse(net.prefix_len()))
@@ -216,23 +220,60 @@ impl OutboundTable {
     }
 }
 
+/// The receiving half of a CHILD SA as the workers share it.
+pub(crate) struct SharedInbound {
+    pub(crate) spi: u32,
+    /// The keys and the anti-replay window.
+    pub(crate) sa: Mutex<Inbound>,
+    pub(crate) local: Vec<Selector>,
+    pub(crate) remote: Vec<Selector>,
+    pub(crate) counters: Arc<SaCounters>,
+}
+
+impl From<InboundSa> for SharedInbound {
+    fn from(i: InboundSa) -> Self {
+        Self {
+            spi: i.sa.spi(),
+            sa: Mutex::new(i.sa),
+            local: i.local,
+            remote: i.remote,
+            counters: i.counters,
+        }
+    }
+}
+
+impl SharedInbound {
+    /// Decrypts and checks `packet` in place (see [`Inbound::open`]).
+    pub(crate) fn open(
+        &self,
+        packet: &mut [u8],
+    ) -> Result<concentrator_esp::Opened, concentrator_esp::EspError> {
+        // A worker that panicked while holding the lock left a consistent window behind
+        // (`open` only moves it after a packet passed): carry on with it.
+        self.sa
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .open(packet)
+    }
+}
+
 /// Inbound SAs by SPI.
 #[derive(Default)]
-pub struct InboundTable {
-    sas: HashMap<u32, InboundSa>,
+pub(crate) struct InboundTable {
+    sas: HashMap<u32, Arc<SharedInbound>>,
 }
 
 impl InboundTable {
-    pub fn install(&mut self, sa: InboundSa) {
-        self.sas.insert(sa.sa.spi(), sa);
+    pub(crate) fn install(&mut self, sa: Arc<SharedInbound>) {
+        self.sas.insert(sa.spi, sa);
     }
 
-    pub fn remove(&mut self, spi: u32) {
+    pub(crate) fn remove(&mut self, spi: u32) {
         self.sas.remove(&spi);
     }
 
-    pub fn get_mut(&mut self, spi: u32) -> Option<&mut InboundSa> {
-        self.sas.get_mut(&spi)
+    pub(crate) fn get(&self, spi: u32) -> Option<&SharedInbound> {
+        self.sas.get(&spi).map(|s| &**s)
     }
 }
 
@@ -243,14 +284,14 @@ mod tests {
 
     use super::*;
 
-    fn out(id: u32) -> OutboundSa {
+    fn out(id: u32) -> Arc<OutboundSa> {
         let key = AeadKey::new(Encryption::AesGcm16 { key_bits: 128 }, &[1; 20]).unwrap();
-        OutboundSa {
+        Arc::new(OutboundSa {
             id,
             sa: Outbound::new(id + 1000, key, false),
             peer: "192.0.2.1:4500".parse().unwrap(),
             counters: Arc::new(SaCounters::new(Instant::now())),
-        }
+        })
     }
 
     fn path() -> PathMtu {
