@@ -7,7 +7,8 @@
 //!
 //!   cargo test --release -p concentrator-gateway --test bench_throughput -- --ignored --nocapture
 //!
-//! `BENCH_SECONDS` sets the length of each iperf3 run (default 5).
+//! `BENCH_SECONDS` sets the length of each iperf3 run (default 5), `BENCH_STREAMS` the number
+//! of parallel TCP streams (default 1; iperf3 `-P`).
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -23,6 +24,10 @@ const BIN: &str = env!("CARGO_BIN_EXE_concentrator-gateway");
 
 fn secs() -> String {
     std::env::var("BENCH_SECONDS").unwrap_or_else(|_| "5".into())
+}
+
+fn streams() -> String {
+    std::env::var("BENCH_STREAMS").unwrap_or_else(|_| "1".into())
 }
 
 /// iperf3 from `client` (bound to `from`) to a server in `server` on `to`; bits/s received.
@@ -44,7 +49,10 @@ fn iperf(client: &Netns, server: &Netns, from: &str, to: &str, logs: &std::path:
     let mut last = String::new();
     for _ in 0..50 {
         let out = client
-            .output("iperf3", &["-c", to, "-B", from, "-t", &secs(), "-J"])
+            .output(
+                "iperf3",
+                &["-c", to, "-B", from, "-t", &secs(), "-P", &streams(), "-J"],
+            )
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         if out.status.success() {
@@ -113,7 +121,11 @@ fn throughput_ours_vs_strongswan_vs_veth() {
     let swan = iperf(&c, &d, "10.3.0.1", "10.4.0.1", logs.path(), "strongswan");
 
     let g = |bps: f64| bps / 1e9;
-    println!("iperf3 TCP, {} s each, one tunnel, AES-128-GCM:", secs());
+    println!(
+        "iperf3 TCP, {} s each, {} stream(s), one tunnel, AES-128-GCM:",
+        secs(),
+        streams()
+    );
     println!("  veth path:                       {:>8.3} Gbit/s", g(veth));
     println!("  ours (esp-static, ESP in UDP):   {:>8.3} Gbit/s", g(ours));
     println!("  strongSwan kernel-libipsec:      {:>8.3} Gbit/s", g(swan));

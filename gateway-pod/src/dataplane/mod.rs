@@ -7,7 +7,7 @@
 mod io;
 mod pmtu;
 
-pub use io::bind_udp;
+pub use io::{bind_raw_esp, bind_udp};
 pub mod shared;
 pub mod table;
 
@@ -34,6 +34,8 @@ pub struct StaticTunnel {
     pub remote_subnet: IpNet,
     pub outbound: Outbound,
     pub inbound: Inbound,
+    /// Plain ESP (IP protocol 50, a raw socket) instead of ESP in UDP.
+    pub raw_esp: bool,
 }
 
 /// Errors setting the tunnel up or running it (per-packet errors are counted, never
@@ -96,7 +98,12 @@ pub async fn run(t: StaticTunnel, counters: DataplaneCounters) -> Result<(), Dat
             String::from_utf8_lossy(&out.stderr).into(),
         ));
     }
-    let udp = bind_udp(t.local).map_err(|e| DataplaneError::Udp(t.local, e))?;
+    let udp = if t.raw_esp {
+        bind_raw_esp(t.local.ip())
+    } else {
+        bind_udp(t.local)
+    }
+    .map_err(|e| DataplaneError::Udp(t.local, e))?;
     // No control plane: IKE messages on the port are counted as overflow and dropped, and
     // nobody is asked for SAs toward other destinations.
     let (ike, _) = tokio::sync::mpsc::channel(1);

@@ -39,12 +39,14 @@ impl PathMtu {
     }
 }
 
-/// Bytes the outer IP and UDP headers add to an ESP packet toward `peer`.
-pub(crate) fn outer_overhead(peer: SocketAddr) -> usize {
-    match peer {
-        SocketAddr::V4(_) => 20 + 8,
-        SocketAddr::V6(_) => 40 + 8,
-    }
+/// Bytes the outer IP header and (unless `raw`, plain ESP) UDP header add to an ESP packet
+/// toward `peer`.
+pub(crate) fn outer_overhead(peer: SocketAddr, raw: bool) -> usize {
+    let ip = match peer {
+        SocketAddr::V4(_) => 20,
+        SocketAddr::V6(_) => 40,
+    };
+    if raw { ip } else { ip + 8 }
 }
 
 fn query(local: IpAddr, peer: SocketAddr) -> io::Result<usize> {
@@ -103,7 +105,8 @@ mod tests {
                 now
             ) > FALLBACK_MTU
         );
-        assert_eq!(outer_overhead("192.0.2.1:4500".parse().unwrap()), 28);
-        assert_eq!(outer_overhead("[2001:db8::1]:4500".parse().unwrap()), 48);
+        assert_eq!(outer_overhead("192.0.2.1:4500".parse().unwrap(), false), 28);
+        assert_eq!(outer_overhead("[2001:db8::1]:4500".parse().unwrap(), false), 48);
+        assert_eq!(outer_overhead("192.0.2.1:4500".parse().unwrap(), true), 20);
     }
 }

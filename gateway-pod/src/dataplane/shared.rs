@@ -187,6 +187,8 @@ pub fn spawn(
     tokio::task::JoinHandle<Result<(), DataplaneError>>,
 ) {
     let want = worker_count();
+    // Every raw ESP socket gets a copy of every packet: one worker then.
+    let want = if super::io::is_raw(&udp) { 1 } else { want };
     let mut queues = vec![(dev, udp)];
     if let Ok(local) = queues[0].1.local_addr() {
         while queues.len() < want {
@@ -455,7 +457,7 @@ impl Egress {
         let room = entry
             .path
             .get(self.local_ip, sa.peer, now)
-            .saturating_sub(outer_overhead(sa.peer));
+            .saturating_sub(outer_overhead(sa.peer, self.udp.is_raw()));
         let alone = sealed > room;
         if alone && icmp::must_not_fragment(packet) {
             self.counters.too_big.inc();
@@ -600,7 +602,19 @@ async fn ingress(
             };
             let stride = if m.stride == 0 { m.len.max(1) } else { m.stride };
             for datagram in data.chunks(stride) {
-                let spi = match classify(datagram) {
+                let kind = if udp.is_raw() {
+                    // Plain ESP: nothing else arrives on protocol 50.
+                    match datagram {
+                        [a, b, c, d, _, _, _, _, ..] => Datagram::Esp {
+                            spi: u32::from_be_bytes([*a, *b, *c, *d]),
+                            packet: datagram,
+                        },
+                        _ => Datagram::Invalid,
+                    }
+                } else {
+                    classify(datagram)
+                };
+                let spi = match kind {
                     Datagram::Esp { spi, .. } => spi,
                     Datagram::Ike(payload) => {
                         let d = IkeDatagram {
