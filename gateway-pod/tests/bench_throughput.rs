@@ -8,7 +8,8 @@
 //!   cargo test --release -p concentrator-gateway --test bench_throughput -- --ignored --nocapture
 //!
 //! `BENCH_SECONDS` sets the length of each iperf3 run (default 5), `BENCH_STREAMS` the number
-//! of parallel TCP streams (default 1; iperf3 `-P`).
+//! of parallel TCP streams (default 1; iperf3 `-P`), `BENCH_GATEWAY_BIN` another
+//! `concentrator-gateway` binary to measure instead of this build's.
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -21,6 +22,12 @@ use concentrator_e2e::prereq;
 use concentrator_e2e::strongswan::{self, Charon, Connection};
 
 const BIN: &str = env!("CARGO_BIN_EXE_concentrator-gateway");
+
+/// The gateway binary measured: this build's, or `BENCH_GATEWAY_BIN` (another build of it,
+/// to compare two versions under the same conditions, one run after the other).
+fn gateway_bin() -> String {
+    std::env::var("BENCH_GATEWAY_BIN").unwrap_or_else(|_| BIN.into())
+}
 
 fn secs() -> String {
     std::env::var("BENCH_SECONDS").unwrap_or_else(|_| "5".into())
@@ -95,10 +102,10 @@ fn throughput_ours_vs_strongswan_vs_veth() {
 
     let (aa, bb) = (esp_static_args(&A, &B), esp_static_args(&B, &A));
     let _ga = a
-        .spawn("ours A", BIN, &as_refs(&aa), &logs.path().join("a.log"))
+        .spawn("ours A", gateway_bin(), &as_refs(&aa), &logs.path().join("a.log"))
         .unwrap();
     let _gb = b
-        .spawn("ours B", BIN, &as_refs(&bb), &logs.path().join("b.log"))
+        .spawn("ours B", gateway_bin(), &as_refs(&bb), &logs.path().join("b.log"))
         .unwrap();
     let ours = iperf(&a, &b, "10.1.0.1", "10.2.0.1", logs.path(), "ours");
 
