@@ -4,6 +4,7 @@
 //! `concentrator-gateway esp-static` (keys given by hand, for tests and benchmarks), on the
 //! same workers, so that the benchmark measures the product's data plane.
 
+pub mod backend;
 mod io;
 mod pmtu;
 

@@ -149,6 +149,34 @@ impl DataplaneHandle {
     pub fn workers(&self) -> usize {
         self.egress.len()
     }
+
+    /// A handle of one worker that is not running: its commands wait in the returned queue.
+    #[cfg(test)]
+    pub(crate) fn detached() -> (Self, DetachedWorker) {
+        let (etx, erx) = mpsc::unbounded_channel();
+        let (itx, _) = mpsc::unbounded_channel();
+        (
+            Self {
+                egress: vec![etx],
+                ingress: vec![itx],
+            },
+            DetachedWorker(erx),
+        )
+    }
+}
+
+/// The command queue of a [`DataplaneHandle::detached`] worker.
+#[cfg(test)]
+pub(crate) struct DetachedWorker(mpsc::UnboundedReceiver<EgressCommand>);
+
+#[cfg(test)]
+impl DetachedWorker {
+    /// How many installs are waiting (taking them).
+    pub(crate) fn installs(&mut self) -> usize {
+        std::iter::from_fn(|| self.0.try_recv().ok())
+            .filter(|c| matches!(c, EgressCommand::Install(..)))
+            .count()
+    }
 }
 
 fn joined(r: Result<Result<(), DataplaneError>, tokio::task::JoinError>) -> Result<(), DataplaneError> {
