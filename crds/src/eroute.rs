@@ -121,6 +121,75 @@ pub struct EspSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(max = 65536))]
     pub replay_window: Option<u32>,
+    /// Bytes (of inner packets, each direction counted apart) after which a CHILD SA is
+    /// rekeyed, as strongSwan's `rekey_bytes`. Default: 90 % of `lifeBytes` if that is set,
+    /// else no volume limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub rekey_bytes: Option<u64>,
+    /// Bytes after which a CHILD SA that could not be rekeyed is removed, as strongSwan's
+    /// `life_bytes`. Default: `rekeyBytes` + 10 %.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub life_bytes: Option<u64>,
+    /// Packets after which a CHILD SA is rekeyed, as strongSwan's `rekey_packets`. Default:
+    /// 90 % of `lifePackets` if that is set, else no packet limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub rekey_packets: Option<u64>,
+    /// Packets after which a CHILD SA that could not be rekeyed is removed, as strongSwan's
+    /// `life_packets`. Default: `rekeyPackets` + 10 %.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub life_packets: Option<u64>,
+}
+
+/// Volume limits of a CHILD SA, each direction counted apart; `None` means no limit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VolumeLimits {
+    /// Bytes after which the SA is rekeyed.
+    pub rekey_bytes: Option<u64>,
+    /// Bytes after which the SA is removed.
+    pub life_bytes: Option<u64>,
+    /// Packets after which the SA is rekeyed.
+    pub rekey_packets: Option<u64>,
+    /// Packets after which the SA is removed.
+    pub life_packets: Option<u64>,
+}
+
+/// The soft and hard limit from what was given: strongSwan's defaults (hard = soft + 10 %),
+/// and a soft limit at 90 % when only the hard one is given, so that such an SA is rekeyed
+/// rather than cut off.
+fn soft_and_hard(
+    soft_field: &str,
+    soft: Option<u64>,
+    hard: Option<u64>,
+) -> Result<(Option<u64>, Option<u64>), ValidationError> {
+    for (field, v) in [(soft_field, soft), ("", hard)] {
+        if v == Some(0) {
+            let field = if field.is_empty() {
+                soft_field.replace("rekey", "life")
+            } else {
+                field.to_owned()
+            };
+            return Err(ValidationError::new(
+                &field,
+                "must be at least 1 (leave it out for no limit)",
+            ));
+        }
+    }
+    Ok(match (soft, hard) {
+        (None, None) => (None, None),
+        (Some(s), None) => (Some(s), Some(s.saturating_add((s / 10).max(1)))),
+        (None, Some(h)) => (Some((h - h / 10).max(1)), Some(h)),
+        (Some(s), Some(h)) if s < h => (Some(s), Some(h)),
+        (Some(s), Some(h)) => {
+            return Err(ValidationError::new(
+                soft_field,
+                format!("{s} must be less than the hard limit {h}"),
+            ));
+        }
+    })
 }
 
 /// What the concentrator observed for an eroute.
@@ -158,6 +227,7 @@ pub struct ValidatedEroute {
     pub esp_proposals: Vec<EspProposal>,
     pub esp_lifetime: Duration,
     pub replay_window: u32,
+    pub esp_volume: VolumeLimits,
     pub inactivity_timeout: Option<Duration>,
 }
 
@@ -295,6 +365,19 @@ impl ErouteSpec {
                 format!("{replay_window} is larger than the maximum of {MAX_REPLAY_WINDOW} packets"),
             ));
         }
+        let (rekey_bytes, life_bytes) =
+            soft_and_hard("spec.esp.rekeyBytes", self.esp.rekey_bytes, self.esp.life_bytes)?;
+        let (rekey_packets, life_packets) = soft_and_hard(
+            "spec.esp.rekeyPackets",
+            self.esp.rekey_packets,
+            self.esp.life_packets,
+        )?;
+        let esp_volume = VolumeLimits {
+            rekey_bytes,
+            life_bytes,
+            rekey_packets,
+            life_packets,
+        };
         let inactivity_timeout = self
             .inactivity_timeout
             .as_deref()
@@ -315,6 +398,7 @@ impl ErouteSpec {
             esp_proposals,
             esp_lifetime,
             replay_window,
+            esp_volume,
             inactivity_timeout,
         })
     }
@@ -424,6 +508,41 @@ peerId: "*.sites.example.com"
         let mut s = spec();
         s.inactivity_timeout = Some("0s".into());
         assert_eq!(s.validate().unwrap_err().field, "spec.inactivityTimeout");
+    }
+
+    #[test]
+    fn volume_limits_default_like_strongswan() {
+        assert_eq!(spec().validate().unwrap().esp_volume, VolumeLimits::default());
+        let mut s = spec();
+        s.esp.rekey_bytes = Some(1_000_000);
+        s.esp.life_packets = Some(1000);
+        let v = s.validate().unwrap().esp_volume;
+        assert_eq!(
+            v,
+            VolumeLimits {
+                rekey_bytes: Some(1_000_000),
+                life_bytes: Some(1_100_000),
+                rekey_packets: Some(900),
+                life_packets: Some(1000),
+            }
+        );
+        let mut s = spec();
+        s.esp.rekey_packets = Some(5);
+        s.esp.life_packets = Some(5);
+        assert_eq!(s.validate().unwrap_err().field, "spec.esp.rekeyPackets");
+        let mut s = spec();
+        s.esp.life_bytes = Some(0);
+        assert_eq!(s.validate().unwrap_err().field, "spec.esp.lifeBytes");
+        let mut s = spec();
+        s.esp.rekey_bytes = Some(0);
+        assert_eq!(s.validate().unwrap_err().field, "spec.esp.rekeyBytes");
+        let mut s = spec();
+        s.esp.life_packets = Some(1);
+        assert_eq!(
+            s.validate().unwrap().esp_volume.rekey_packets,
+            Some(1),
+            "never a zero soft limit"
+        );
     }
 
     #[test]

@@ -188,6 +188,10 @@ pub struct EspStaticArgs {
     /// Anti-replay window in packets.
     #[arg(long, default_value_t = 4096)]
     pub replay_window: u32,
+    /// Plain ESP (IP protocol 50 on a raw socket) instead of ESP in UDP: for peers that do
+    /// not float to UDP. The ports of --local and --peer are then ignored.
+    #[arg(long)]
+    pub raw_esp: bool,
 }
 
 /// `sites ...`

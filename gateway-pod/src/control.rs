@@ -28,7 +28,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::dataplane::DataplaneError;
-use crate::dataplane::shared::{self, DataplaneHandle, IkeDatagram};
+use crate::dataplane::shared::{self, DataplaneHandle, IkeDatagram, SaEvent};
 use crate::dataplane::table::{InboundSa, OutboundSa, SaCounters};
 use crate::egroups::Egroups;
 use crate::eroute::{Selection, select_responder};
@@ -170,9 +170,13 @@ pub async fn start(
     let udp500 = Arc::new(bind(opts.ike_port).await?);
     // Thousands of sites may send IKE_SA_INIT at once (a restart, a scale-in): the default
     // ~200 KiB of receive buffer holds only a few hundred small datagrams, and each one lost
-    // costs its site a 2 s retransmission. (The 4500 socket gets the data plane's buffers.)
+    // costs its site a 2 s retransmission. (The 4500 sockets get the data plane's buffers.)
     crate::dataplane::io::grow_buffers(&udp500, IKE_SOCKET_BUFFER);
-    let udp4500 = Arc::new(bind(opts.nat_t_port).await?);
+    // SO_REUSEPORT: each data plane worker binds its own socket on the same port.
+    let nat_t = SocketAddr::new(opts.listen, opts.nat_t_port);
+    let udp4500 = Arc::new(
+        crate::dataplane::bind_udp(nat_t).map_err(|source| ControlError::Bind { addr: nat_t, source })?,
+    );
     let local_addr = |s: &UdpSocket, port| {
         s.local_addr().map_err(|source| ControlError::Bind {
             addr: SocketAddr::new(opts.listen, port),
@@ -190,12 +194,14 @@ pub async fn start(
     .map_err(|e| DataplaneError::Tun(opts.tun_name.clone(), e))?;
     let (ike_tx, ike_rx) = mpsc::channel(4096);
     let (acquire_tx, acquire_rx) = mpsc::channel(1024);
+    let (sa_events_tx, sa_events_rx) = mpsc::unbounded_channel();
     let (dataplane, dataplane_task) = shared::spawn(
         Arc::new(dev),
         opts.tun_name.clone(),
         udp4500.clone(),
         ike_tx,
         acquire_tx,
+        sa_events_tx,
         gateway.metrics.dataplane.clone(),
     );
     let (stop_tx, stop_rx) = oneshot::channel();
@@ -249,7 +255,13 @@ pub async fn start(
         routes: HashMap::new(),
         entropy: SystemEntropy,
     };
-    let task = tokio::spawn(driver.run(ike_rx, lookups_rx, acquire_rx, stop_rx, dataplane_task));
+    let task = tokio::spawn(driver.run(
+        ike_rx,
+        lookups_rx,
+        (acquire_rx, sa_events_rx),
+        stop_rx,
+        dataplane_task,
+    ));
     Ok(Control {
         ike_addr,
         nat_t_addr,
@@ -401,7 +413,7 @@ impl Driver {
         mut self,
         mut ike_rx: mpsc::Receiver<IkeDatagram>,
         mut lookups_rx: mpsc::UnboundedReceiver<LookupDone>,
-        mut acquire_rx: mpsc::Receiver<IpAddr>,
+        (mut acquire_rx, mut sa_events_rx): (mpsc::Receiver<IpAddr>, mpsc::UnboundedReceiver<SaEvent>),
         mut stop: oneshot::Receiver<()>,
         mut dataplane_task: tokio::task::JoinHandle<Result<(), DataplaneError>>,
     ) {
@@ -462,6 +474,7 @@ impl Driver {
                 Some(d) = ike_rx.recv() => self.datagram(d.local, d.remote, &d.payload),
                 Some(done) = lookups_rx.recv() => self.lookup_done(done),
                 Some(dst) = acquire_rx.recv() => self.acquire(dst),
+                Some(e) = sa_events_rx.recv() => self.sa_volume(e),
                 () = tokio::time::sleep_until(deadline) => {
                     let now = Instant::now();
                     self.endpoint.handle_timeout(now, &mut self.entropy);
@@ -1271,7 +1284,17 @@ impl Driver {
             .filter_map(ts_bounds)
             .flat_map(|(start, end)| range_to_nets(start, end))
             .collect();
-        let counters = Arc::new(SaCounters::new(Instant::now()));
+        let volume = eroute.map(|e| e.esp_volume).unwrap_or_default();
+        let counters = Arc::new(SaCounters::with_limits(
+            Instant::now(),
+            concentrator_esp::sa::Lifetime {
+                soft_bytes: volume.rekey_bytes,
+                hard_bytes: volume.life_bytes,
+                soft_packets: volume.rekey_packets,
+                hard_packets: volume.life_packets,
+                ..Default::default()
+            },
+        ));
         let peer = SocketAddr::new(
             remote.ip(),
             if c.udp_encap {
@@ -1321,6 +1344,33 @@ impl Driver {
             });
         }
         self.publish(spi_r);
+    }
+
+    /// A CHILD SA reached a volume limit in the data plane (`esp.rekeyBytes`, ...): the soft
+    /// one rekeys it now, as its soft lifetime would; at the hard one the data plane has
+    /// dropped it, and so does the tunnel (its subnets fall back to an older SA or none).
+    fn sa_volume(&mut self, e: SaEvent) {
+        let (SaEvent::Rekey { spi_in } | SaEvent::Expired { spi_in }) = e;
+        let Some((&id, rec)) = self
+            .sas
+            .iter()
+            .find(|(_, r)| r.children.iter().any(|c| c.spi_in == spi_in))
+        else {
+            return;
+        };
+        let spi = format!("{spi_in:08x}");
+        match e {
+            SaEvent::Rekey { .. } => {
+                let started = self
+                    .endpoint
+                    .rekey_child(id, spi_in, Instant::now(), &mut self.entropy);
+                tracing::info!(peer_id = %rec.peer_id, spi_in = %spi, started, "CHILD SA reached its volume soft limit: rekeying");
+            }
+            SaEvent::Expired { .. } => {
+                tracing::warn!(peer_id = %rec.peer_id, spi_in = %spi, "CHILD SA reached its volume hard limit: removed");
+                self.dataplane.remove(spi_in);
+            }
+        }
     }
 
     fn child_deleted(&mut self, spi_r: u64, spi_in: u32, spi_out: u32) {

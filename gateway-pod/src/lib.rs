@@ -251,6 +251,7 @@ pub fn static_tunnel(a: &cli::EspStaticArgs) -> Result<dataplane::StaticTunnel, 
             false,
             a.replay_window,
         ),
+        raw_esp: a.raw_esp,
     })
 }
 

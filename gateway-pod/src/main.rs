@@ -38,11 +38,12 @@ async fn esp_static(args: &concentrator_gateway::cli::EspStaticArgs) -> ExitCode
         () = stop.wait() => {}
     }
     println!(
-        "esp-static: out {} in {} dropped {} policy-dropped {}",
+        "esp-static: out {} in {} dropped {} policy-dropped {} too-big {}",
         counters.packets_out.get(),
         counters.packets_in.get(),
         counters.invalid.get() + counters.unknown_spi.get(),
-        counters.policy.get()
+        counters.policy.get(),
+        counters.too_big.get()
     );
     ExitCode::SUCCESS
 }

@@ -171,6 +171,21 @@ impl Metrics {
             "Decrypted packets outside the SA's traffic selectors",
             d.policy.clone(),
         );
+        r.register(
+            "esp_dropped_too_big",
+            "Inner packets with DF (or IPv6) too big for the path to the peer; an ICMP error went back",
+            d.too_big.clone(),
+        );
+        r.register(
+            "esp_sa_soft_expired",
+            "CHILD SA directions that reached rekeyBytes/rekeyPackets (a rekey was started)",
+            d.soft_expired.clone(),
+        );
+        r.register(
+            "esp_sa_hard_expired",
+            "CHILD SA directions that reached lifeBytes/lifePackets and were removed",
+            d.hard_expired.clone(),
+        );
     }
 
     pub fn count_ike_failure(&self, reason: &str) {
@@ -230,6 +245,15 @@ impl Metrics {
             ),
             ("esp_dropped_invalid".to_owned(), self.dataplane.invalid.get()),
             ("esp_dropped_policy".to_owned(), self.dataplane.policy.get()),
+            ("esp_dropped_too_big".to_owned(), self.dataplane.too_big.get()),
+            (
+                "esp_sa_soft_expired".to_owned(),
+                self.dataplane.soft_expired.get(),
+            ),
+            (
+                "esp_sa_hard_expired".to_owned(),
+                self.dataplane.hard_expired.get(),
+            ),
         ]);
         for (name, family, reasons) in [
             ("ike_failures", &self.ike_failures, IKE_FAILURE_REASONS),

@@ -7,7 +7,9 @@
 //!
 //!   cargo test --release -p concentrator-gateway --test bench_throughput -- --ignored --nocapture
 //!
-//! `BENCH_SECONDS` sets the length of each iperf3 run (default 5).
+//! `BENCH_SECONDS` sets the length of each iperf3 run (default 5), `BENCH_STREAMS` the number
+//! of parallel TCP streams (default 1; iperf3 `-P`), `BENCH_GATEWAY_BIN` another
+//! `concentrator-gateway` binary to measure instead of this build's.
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -21,8 +23,18 @@ use concentrator_e2e::strongswan::{self, Charon, Connection};
 
 const BIN: &str = env!("CARGO_BIN_EXE_concentrator-gateway");
 
+/// The gateway binary measured: this build's, or `BENCH_GATEWAY_BIN` (another build of it,
+/// to compare two versions under the same conditions, one run after the other).
+fn gateway_bin() -> String {
+    std::env::var("BENCH_GATEWAY_BIN").unwrap_or_else(|_| BIN.into())
+}
+
 fn secs() -> String {
     std::env::var("BENCH_SECONDS").unwrap_or_else(|_| "5".into())
+}
+
+fn streams() -> String {
+    std::env::var("BENCH_STREAMS").unwrap_or_else(|_| "1".into())
 }
 
 /// iperf3 from `client` (bound to `from`) to a server in `server` on `to`; bits/s received.
@@ -44,7 +56,10 @@ fn iperf(client: &Netns, server: &Netns, from: &str, to: &str, logs: &std::path:
     let mut last = String::new();
     for _ in 0..50 {
         let out = client
-            .output("iperf3", &["-c", to, "-B", from, "-t", &secs(), "-J"])
+            .output(
+                "iperf3",
+                &["-c", to, "-B", from, "-t", &secs(), "-P", &streams(), "-J"],
+            )
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         if out.status.success() {
@@ -87,10 +102,10 @@ fn throughput_ours_vs_strongswan_vs_veth() {
 
     let (aa, bb) = (esp_static_args(&A, &B), esp_static_args(&B, &A));
     let _ga = a
-        .spawn("ours A", BIN, &as_refs(&aa), &logs.path().join("a.log"))
+        .spawn("ours A", gateway_bin(), &as_refs(&aa), &logs.path().join("a.log"))
         .unwrap();
     let _gb = b
-        .spawn("ours B", BIN, &as_refs(&bb), &logs.path().join("b.log"))
+        .spawn("ours B", gateway_bin(), &as_refs(&bb), &logs.path().join("b.log"))
         .unwrap();
     let ours = iperf(&a, &b, "10.1.0.1", "10.2.0.1", logs.path(), "ours");
 
@@ -113,7 +128,11 @@ fn throughput_ours_vs_strongswan_vs_veth() {
     let swan = iperf(&c, &d, "10.3.0.1", "10.4.0.1", logs.path(), "strongswan");
 
     let g = |bps: f64| bps / 1e9;
-    println!("iperf3 TCP, {} s each, one tunnel, AES-128-GCM:", secs());
+    println!(
+        "iperf3 TCP, {} s each, {} stream(s), one tunnel, AES-128-GCM:",
+        secs(),
+        streams()
+    );
     println!("  veth path:                       {:>8.3} Gbit/s", g(veth));
     println!("  ours (esp-static, ESP in UDP):   {:>8.3} Gbit/s", g(ours));
     println!("  strongSwan kernel-libipsec:      {:>8.3} Gbit/s", g(swan));

@@ -594,3 +594,114 @@ fn traffic_outside_the_selectors_is_dropped_and_counted() -> Result<()> {
     ensure!(received >= 3, "B delivered only {received} packets\n{}", dump());
     Ok(())
 }
+
+/// The largest inner packet one AES-128-GCM ESP-in-UDP datagram carries over a 1200-byte
+/// IPv4 path: 1200 - 20 (IPv4) - 8 (UDP) - 8 (SPI, sequence number) - 8 (IV) - 16 (ICV)
+/// = 1140 for inner packet, padding and the 2 trailer bytes, padded to a multiple of 4:
+/// 1138 (padding 0).
+const INNER_MTU_OVER_1200: usize = 1138;
+
+#[test]
+fn packets_too_big_for_the_path_get_fragmentation_needed_and_tcp_still_flows() -> Result<()> {
+    if prereq::require(&[netns::TOOLS, &[KILL, tools::PYTHON3]]).is_skip() {
+        return Ok(());
+    }
+    let wan = Wan::new()?;
+    let (a, b) = (Netns::new("mtuA")?, Netns::new("mtuB")?);
+    wan.attach(&a, "wan0", format!("{}/24", A.wan).parse()?)?;
+    wan.attach(&b, "wan0", format!("{}/24", B.wan).parse()?)?;
+    // The WAN takes 1200 bytes, the TUN devices keep 1400: a full-sized inner packet does
+    // not fit one outer datagram.
+    for ns in [&a, &b] {
+        ns.ip(&["link", "set", "wan0", "mtu", "1200"])?;
+    }
+    let dir = scratch::dir("esp-mtu")?;
+    let (log_a, log_b) = (dir.path().join("a.log"), dir.path().join("b.log"));
+    let args_a = esp_static_args(&A, &B);
+    let args_b = esp_static_args(&B, &A);
+    let mut ga = a.spawn("gateway A", BIN, &as_refs(&args_a), &log_a)?;
+    let _gb = b.spawn("gateway B", BIN, &as_refs(&args_b), &log_b)?;
+    let dump = || {
+        format!(
+            "A log:\n{}\nB log:\n{}",
+            logs::tail(&log_a, 20),
+            logs::tail(&log_b, 20)
+        )
+    };
+    a.wait_reachable(Some(addr(SITE_HOST)), addr(GW_HOST), TIMEOUT)
+        .with_context(dump)?;
+
+    // TCP first, before anything taught the kernel the path MTU: its segments (sized for the
+    // TUN device, DF set) are refused with "fragmentation needed", the sender's TCP lowers
+    // its segment size, and the file arrives intact.
+    common::tcp_transfer(&b, GW_HOST, &a, SITE_HOST, dir.path()).with_context(dump)?;
+
+    // A ping with DF that is too big is answered with the MTU that fits ...
+    let too_big = a.output(
+        "ping",
+        &[
+            "-c", "2", "-i", "0.2", "-W", "2", "-n", "-M", "do", "-s", "1300", "-I", SITE_HOST, GW_HOST,
+        ],
+    )?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&too_big.stdout),
+        String::from_utf8_lossy(&too_big.stderr)
+    );
+    let mtu = INNER_MTU_OVER_1200;
+    ensure!(
+        text.contains(&format!("mtu = {mtu}")) || text.contains(&format!("mtu={mtu}")),
+        "ping -M do -s 1300 should report mtu {mtu}:\n{text}\n{}",
+        dump()
+    );
+    // ... exactly that MTU passes with DF (28 bytes of IPv4 and ICMP headers) ...
+    let fits = (mtu - 28).to_string();
+    let at_mtu = a.run(
+        "ping",
+        &[
+            "-c", "2", "-i", "0.2", "-W", "2", "-n", "-M", "do", "-s", &fits, "-I", SITE_HOST, GW_HOST,
+        ],
+    )?;
+    ensure!(at_mtu.contains("2 received"), "{at_mtu}\n{}", dump());
+    // ... and without DF a packet too big for the path still arrives: the outer UDP
+    // datagram is fragmented on the way.
+    let no_df = a.run(
+        "ping",
+        &[
+            "-c", "2", "-i", "0.2", "-W", "2", "-n", "-M", "dont", "-s", "1300", "-I", SITE_HOST, GW_HOST,
+        ],
+    )?;
+    ensure!(no_df.contains("2 received"), "{no_df}\n{}", dump());
+
+    // A counted what it refused.
+    let pid = ga.pid().to_string();
+    let out = std::process::Command::new(KILL.path())
+        .args(["-TERM", &pid])
+        .output()?;
+    ensure!(out.status.success(), "kill -TERM {pid}: {out:?}");
+    wait::until("gateway A to exit after SIGTERM", TIMEOUT, || {
+        Ok(match ga.exit_status()? {
+            Some(status) => Probe::Ready(status),
+            None => Probe::pending("running"),
+        })
+    })?;
+    let text = std::fs::read_to_string(&log_a)?;
+    let too_big_count = text
+        .lines()
+        .rev()
+        .find_map(|l| {
+            l.strip_prefix("esp-static: out ")?
+                .split(" too-big ")
+                .nth(1)?
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .with_context(|| format!("no too-big counter in A's log:\n{text}"))?;
+    ensure!(
+        too_big_count >= 1,
+        "A counted {too_big_count} packets too big\n{}",
+        dump()
+    );
+    Ok(())
+}

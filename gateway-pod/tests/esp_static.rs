@@ -84,3 +84,72 @@ fn two_gateways_carry_ping_and_tcp_through_esp_in_udp() {
     drop(listener);
     assert!(std::fs::read(&dst).unwrap() == payload, "received bytes differ");
 }
+
+/// `nft`, to count the ESP packets (IP protocol 50) that reach gateway B.
+const NFT: concentrator_e2e::tools::Tool = concentrator_e2e::tools::Tool::search("nft", "nftables");
+
+#[test]
+fn two_gateways_carry_ping_and_tcp_through_plain_esp() {
+    if prereq::require(&[netns::TOOLS, &[NFT, concentrator_e2e::tools::PYTHON3]]).is_skip() {
+        return;
+    }
+    let wan = Wan::new().unwrap();
+    let (a, b) = (Netns::new("rawA").unwrap(), Netns::new("rawB").unwrap());
+    wan.attach(&a, "wan0", "192.0.2.1/24".parse().unwrap()).unwrap();
+    wan.attach(&b, "wan0", "192.0.2.2/24".parse().unwrap()).unwrap();
+    // B counts what arrives by protocol: ESP, and UDP to port 4500 (which must stay zero).
+    b.run(
+        "nft",
+        &[
+            "add table inet count; add chain inet count in { type filter hook input priority 0; }; \
+             add rule inet count in meta l4proto esp counter; \
+             add rule inet count in udp dport 4500 counter",
+        ],
+    )
+    .unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let mut args_a = esp_static_args(&A, &B);
+    let mut args_b = esp_static_args(&B, &A);
+    args_a.push("--raw-esp".into());
+    args_b.push("--raw-esp".into());
+    let _ga = a
+        .spawn("gateway A", BIN, &as_refs(&args_a), &logs.path().join("a.log"))
+        .unwrap();
+    let _gb = b
+        .spawn("gateway B", BIN, &as_refs(&args_b), &logs.path().join("b.log"))
+        .unwrap();
+    let dump = || {
+        format!(
+            "A log:\n{}\nB log:\n{}",
+            std::fs::read_to_string(logs.path().join("a.log")).unwrap_or_default(),
+            std::fs::read_to_string(logs.path().join("b.log")).unwrap_or_default()
+        )
+    };
+    a.wait_reachable(
+        Some("10.1.0.1".parse().unwrap()),
+        "10.2.0.1".parse().unwrap(),
+        Duration::from_secs(20),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", dump()));
+    let out = a
+        .run(
+            "ping",
+            &["-c", "3", "-i", "0.2", "-W", "2", "-I", "10.1.0.1", "10.2.0.1"],
+        )
+        .unwrap();
+    assert!(out.contains("3 received"), "{out}");
+    common::tcp_transfer(&a, "10.1.0.1", &b, "10.2.0.1", logs.path())
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", dump()));
+    let counters = b.run("nft", &["list table inet count"]).unwrap();
+    let packets = |what: &str| -> u64 {
+        counters
+            .lines()
+            .find(|l| l.contains(what))
+            .and_then(|l| l.split("packets ").nth(1))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {what} counter in:\n{counters}"))
+    };
+    assert!(packets("esp") > 100, "the traffic was not plain ESP:\n{counters}");
+    assert_eq!(packets("dport 4500"), 0, "ESP in UDP seen:\n{counters}");
+}

@@ -38,6 +38,7 @@ fn addr(s: &str) -> IpAddr {
 fn write_config(dir: &Path, ike: &str, esp: &str, psk: &str, o: &GatewayOptions<'_>) -> Result<()> {
     let (dpd, initiator) = (o.dpd.unwrap_or("30s"), o.initiator);
     let (ike_life, esp_life) = o.lifetimes.unwrap_or(("4h", "1h"));
+    let esp_extra = o.esp_extra.unwrap_or("");
     // As initiator the gateway keeps the tunnel to the site's address up itself.
     let role = if initiator {
         format!("Initiator\n  peerAddress: {SITE_ADDR}")
@@ -53,7 +54,7 @@ fn write_config(dir: &Path, ike: &str, esp: &str, psk: &str, o: &GatewayOptions<
              spec:\n  localSubnet: {GW_LAN}\n  remoteSubnet: {SITE_LAN}\n  peerId: {SITE_ID}\n\
              \x20 localId: {GW_ID}\n  pskSecretRef:\n    name: site-a\n    key: psk\n  role: {role}\n\
              \x20 ike:\n    proposals: [{ike}]\n    dpdInterval: {dpd}\n    lifetime: {ike_life}\n\
-             \x20 esp:\n    proposals: [{esp}]\n    lifetime: {esp_life}\n"
+             \x20 esp:\n    proposals: [{esp}]\n    lifetime: {esp_life}\n{esp_extra}"
         ),
     )?;
     Ok(())
@@ -80,6 +81,8 @@ struct GatewayOptions<'a> {
     initiator: bool,
     /// The eroute's IKE and ESP lifetimes (default 4h and 1h).
     lifetimes: Option<(&'a str, &'a str)>,
+    /// More lines of the eroute's `esp` section, each `    key: value\n`.
+    esp_extra: Option<&'a str>,
 }
 
 impl Setup {
@@ -452,6 +455,7 @@ fn a_vanished_site_is_found_dead_and_removed() -> Result<()> {
             args: &["--ike-retransmit-timeout", "500ms", "--ike-retransmit-tries", "2"],
             initiator: false,
             lifetimes: None,
+            esp_extra: None,
         },
     )?;
     establish(&s, &s.connection(ike, "aes128gcm16", &psk, SITE_ID))?;
@@ -495,6 +499,7 @@ fn a_gateway_that_redirects_sends_the_site_to_another_one() -> Result<()> {
             args: &["--redirect-to", GW2_ADDR],
             initiator: false,
             lifetimes: None,
+            esp_extra: None,
         },
     )?;
     let gw2 = Netns::new("ssgw2")?;
@@ -574,6 +579,7 @@ fn gateway_initiates(ike: &str, esp: &str) -> Result<()> {
             args: &[],
             initiator: true,
             lifetimes: None,
+            esp_extra: None,
         },
     )?;
     s.charon().load(&[s.connection(ike, esp, &psk, SITE_ID)])?;
@@ -664,6 +670,7 @@ fn the_gateway_rekeys_child_and_ike_sas_itself_under_traffic() -> Result<()> {
             args: &[],
             initiator: false,
             lifetimes: Some(("8s", "4s")),
+            esp_extra: None,
         },
     )?;
     establish(&s, &s.connection(ike, esp, &psk, SITE_ID))?;
@@ -714,6 +721,7 @@ fn a_tunnel_the_gateway_initiated_survives_its_own_child_and_ike_rekeys() -> Res
             args: &[],
             initiator: true,
             lifetimes: Some(("8s", "4s")),
+            esp_extra: None,
         },
     )?;
     s.charon().load(&[s.connection(ike, esp, &psk, SITE_ID)])?;
@@ -756,5 +764,80 @@ fn a_tunnel_the_gateway_initiated_survives_its_own_child_and_ike_rekeys() -> Res
     s.wait_metric("concentrator_gateway_ike_sas_established", 1.0)?;
     s.site
         .wait_reachable(Some(addr(SITE_HOST)), addr(GW_HOST), TIMEOUT)
+        .with_context(|| s.logs())
+}
+
+#[test]
+fn the_gateway_rekeys_child_sas_at_their_byte_limit_under_traffic() -> Result<()> {
+    if prereq::require(&[netns::TOOLS, strongswan::TOOLS, &[tools::CURL, tools::PYTHON3]]).is_skip() {
+        return Ok(());
+    }
+    let ike = "aes128gcm16-prfsha256-x25519";
+    let esp = "aes128gcm16";
+    let psk = concentrator_e2e::ids::random_hex(32);
+    // Time lifetimes stay long on both sides: only the byte limit can rekey. The paced
+    // stream brings ~52 kB/s of inner packets toward the gateway, so the inbound SA reaches
+    // 150 kB about every 3 s; the hard limit (165 kB) is never reached if the rekeys work.
+    let s = Setup::start_with(
+        ike,
+        esp,
+        &psk,
+        &GatewayOptions {
+            esp_extra: Some("    rekeyBytes: 150000\n"),
+            ..GatewayOptions::default()
+        },
+    )?;
+    establish(&s, &s.connection(ike, esp, &psk, SITE_ID))?;
+    let first = s.charon().child_sa("gw", "gw")?.context("child")?;
+    common::paced_tcp_transfer(
+        &s.site,
+        SITE_HOST,
+        &s.gw,
+        GW_HOST,
+        s.dir.path(),
+        Duration::from_secs(12),
+    )
+    .with_context(|| s.logs())?;
+    let now = s.charon().child_sa("gw", "gw")?.context("child after rekeys")?;
+    ensure!(
+        first.fields.get("spi-in") != now.fields.get("spi-in")
+            && first.fields.get("spi-out") != now.fields.get("spi-out"),
+        "the CHILD SA was not rekeyed: {first:?} / {now:?}"
+    );
+    let soft = s.metric("concentrator_gateway_esp_sa_soft_expired_total")?;
+    ensure!(
+        soft >= 3.0,
+        "{soft} soft byte limits reached, expected 3 or more\n{}",
+        s.logs()
+    );
+    ensure!(
+        s.metric("concentrator_gateway_esp_sa_hard_expired_total")? == 0.0,
+        "an SA reached its hard limit:\n{}",
+        s.logs()
+    );
+    let log = std::fs::read_to_string(s.gateway.log_path())?;
+    let rekeys = log
+        .lines()
+        // The log has colour codes between a field's name, `=` and its value.
+        .filter(|l| l.contains("volume soft limit") && l.contains("true"))
+        .count();
+    ensure!(
+        rekeys >= 3,
+        "{rekeys} rekeys started by the byte limit:\n{}",
+        s.logs()
+    );
+    // Every rekey deleted its old SA: strongSwan holds one CHILD SA, installed (a rekey may
+    // be finishing as the stream ends).
+    wait::until("strongSwan to hold one CHILD SA", TIMEOUT, || {
+        let sas = s.charon().list_sas()?;
+        Ok(
+            if sas.len() == 1 && sas[0].children.len() == 1 && sas[0].children[0].state == "INSTALLED" {
+                Probe::Ready(())
+            } else {
+                Probe::pending(format!("{sas:?}"))
+            },
+        )
+    })?;
+    s.gw.wait_reachable(Some(addr(GW_HOST)), addr(SITE_HOST), TIMEOUT)
         .with_context(|| s.logs())
 }

@@ -7,6 +7,7 @@
 #![warn(missing_docs)]
 
 pub mod encap;
+pub mod icmp;
 pub mod ip;
 pub mod packet;
 pub mod replay;

@@ -20,6 +20,8 @@ use concentrator_crypto::cbc::{BLOCK_LEN, CbcDecryptingKey, CbcEncryptingKey};
 use concentrator_crypto::prf::{IntegKey, integ_icv_len};
 use concentrator_crypto::{CryptoError, DirectionKeys};
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use crate::replay::{Refused, ReplayWindow};
 
 /// ESP header (SPI + sequence number) length.
@@ -253,14 +255,16 @@ fn esn_trailer(seq: u64, esn: bool, hi: &mut [u8; 4]) -> &[u8] {
     }
 }
 
-/// The sending half of a CHILD SA.
+/// The sending half of a CHILD SA. Sealing takes `&self`: several data plane workers may
+/// send on one SA at once, each packet taking the next sequence number (and so a distinct
+/// IV) from one atomic counter.
 #[derive(Debug)]
 pub struct Outbound {
     spi: u32,
     key: SealKey,
     esn: bool,
-    /// Sequence number of the last packet sent.
-    seq: u64,
+    /// Sequence number of the last packet sent (taken).
+    seq: AtomicU64,
 }
 
 impl Outbound {
@@ -293,7 +297,7 @@ impl Outbound {
             spi,
             key,
             esn,
-            seq: 0,
+            seq: AtomicU64::new(0),
         })
     }
 
@@ -304,7 +308,7 @@ impl Outbound {
             spi,
             key: SealKey::Aead(key),
             esn,
-            seq: last_seq,
+            seq: AtomicU64::new(last_seq),
         }
     }
 
@@ -313,7 +317,8 @@ impl Outbound {
     /// it back: a sequence number, and so an IV, is never used twice under a key.
     #[must_use]
     pub fn resume_after(mut self, last_seq: u64) -> Self {
-        self.seq = self.seq.max(last_seq);
+        let seq = self.seq.get_mut();
+        *seq = (*seq).max(last_seq);
         self
     }
 
@@ -324,7 +329,7 @@ impl Outbound {
 
     /// Sequence number of the last packet sent.
     pub fn last_seq(&self) -> u64 {
-        self.seq
+        self.seq.load(Ordering::Relaxed)
     }
 
     /// Most bytes this SA adds around an inner packet (header, IV, padding, trailer, ICV):
@@ -339,20 +344,40 @@ impl Outbound {
         self.key.framing().sealed_len(inner)
     }
 
+    /// The longest inner packet whose ESP packet is at most `max_sealed` bytes long (0 if
+    /// none fits): what an inner sender is told when its packet does not fit the path.
+    pub fn max_inner_len(&self, max_sealed: usize) -> usize {
+        let f = self.key.framing();
+        // `overhead` is the most any packet needs, so this one fits; padding may let a few
+        // longer ones fit too.
+        let mut n = max_sealed.saturating_sub(f.overhead());
+        if f.sealed_len(n) > max_sealed {
+            return 0;
+        }
+        while f.sealed_len(n + 1) <= max_sealed {
+            n += 1;
+        }
+        n
+    }
+
     /// Seals `inner` (an IP packet whose protocol is `next_header`: 4 for IPv4, 41 for IPv6)
     /// into `out`, returning the ESP packet's length.
-    pub fn seal(&mut self, inner: &[u8], next_header: u8, out: &mut [u8]) -> Result<usize, EspError> {
+    pub fn seal(&self, inner: &[u8], next_header: u8, out: &mut [u8]) -> Result<usize, EspError> {
         let f = self.key.framing();
         let len = f.sealed_len(inner.len());
         let out = out.get_mut(..len).ok_or(EspError::Truncated)?;
         // RFC 4303 §3.3.3: "the sender's counter and the receiver's counter MUST NOT be
         // allowed to cycle"; the SA has to be rekeyed before that.
         let limit = if self.esn { u64::MAX } else { u64::from(u32::MAX) };
-        if self.seq >= limit {
-            return Err(EspError::SequenceExhausted);
-        }
-        self.seq += 1;
-        let seq = self.seq;
+        // Each caller gets its own number, never one past the limit (a compare-and-swap
+        // rather than an add, so the counter cannot wrap around to reuse one).
+        let seq = self
+            .seq
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
+                (s < limit).then_some(s + 1)
+            })
+            .map_err(|_| EspError::SequenceExhausted)?
+            + 1;
         // From here on every index lies within `out`, which is exactly `f.sealed_len` long.
         out[..4].copy_from_slice(&self.spi.to_be_bytes());
         out[4..8].copy_from_slice(&(seq as u32).to_be_bytes());
@@ -622,7 +647,7 @@ mod tests {
         )
     }
 
-    fn sealed(tx: &mut Outbound, inner: &[u8]) -> Vec<u8> {
+    fn sealed(tx: &Outbound, inner: &[u8]) -> Vec<u8> {
         let mut buf = vec![0u8; sealed_len(inner.len())];
         let n = tx.seal(inner, 4, &mut buf).unwrap();
         buf.truncate(n);
@@ -672,7 +697,7 @@ mod tests {
             (Encryption::ChaCha20Poly1305, vec![3u8; 36]),
         ] {
             for esn in [false, true] {
-                let (mut tx, mut rx) = pair(enc, &keymat, esn);
+                let (tx, mut rx) = pair(enc, &keymat, esn);
                 for len in [0, 1, 2, 3, 4, 5, 20, 1399, 1400, 9000] {
                     let inner = ipv4(len);
                     let mut buf = vec![0u8; sealed_len(len) + 7];
@@ -688,10 +713,63 @@ mod tests {
     }
 
     #[test]
+    fn workers_sealing_on_one_sa_never_share_a_sequence_number() {
+        let (tx, _) = pair(Encryption::AesGcm16 { key_bits: 128 }, &KEYMAT_128, false);
+        let per_thread = 2000;
+        let packets: Vec<Vec<u8>> = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..4)
+                .map(|_| {
+                    s.spawn(|| {
+                        (0..per_thread)
+                            .map(|_| sealed(&tx, &ipv4(100)))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            workers.into_iter().flat_map(|w| w.join().unwrap()).collect()
+        });
+        let mut seqs: Vec<u32> = packets
+            .iter()
+            .map(|p| u32::from_be_bytes([p[4], p[5], p[6], p[7]]))
+            .collect();
+        seqs.sort_unstable();
+        seqs.dedup();
+        assert_eq!(seqs.len(), 4 * per_thread, "every packet its own sequence number");
+        assert_eq!(tx.last_seq(), 4 * per_thread as u64);
+        // In any order within the window, the receiver takes every one.
+        let mut rx_big = Inbound::new(
+            SPI,
+            AeadKey::new(Encryption::AesGcm16 { key_bits: 128 }, &KEYMAT_128).unwrap(),
+            false,
+            65536,
+        );
+        for mut p in packets {
+            rx_big.open(&mut p).unwrap();
+        }
+    }
+
+    #[test]
+    fn max_inner_len_is_the_longest_packet_that_fits() {
+        for (enc, integ) in every_transform() {
+            let (tx, _) = keyed_pair(enc, integ, false, 64);
+            for budget in [100, 1171, 1172, 1173, 1174, 1175, 1400, 1472] {
+                let n = tx.max_inner_len(budget);
+                assert!(tx.sealed_len(n) <= budget, "{enc:?}/{integ:?} {budget}");
+                assert!(tx.sealed_len(n + 1) > budget, "{enc:?}/{integ:?} {budget}");
+            }
+            assert_eq!(tx.max_inner_len(10), 0, "nothing fits");
+        }
+        // AES-GCM over a 1200-byte IPv4 path: 1172 bytes of ESP carry 1138 (the e2e test's
+        // expectation).
+        let (tx, _) = keyed_pair(Encryption::AesGcm16 { key_bits: 128 }, None, false, 64);
+        assert_eq!(tx.max_inner_len(1200 - 28), 1138);
+    }
+
+    #[test]
     fn round_trips_every_transform_with_from_keys() {
         for (enc, integ) in every_transform() {
             for esn in [false, true] {
-                let (mut tx, mut rx) = keyed_pair(enc, integ, esn, 64);
+                let (tx, mut rx) = keyed_pair(enc, integ, esn, 64);
                 assert!(tx.overhead() <= MAX_OVERHEAD);
                 for len in (0..=33).chain([1399, 1400, 9000]) {
                     let inner = ipv4(len);
@@ -728,11 +806,11 @@ mod tests {
             for integ in INTEGS {
                 for (esn, last) in [(false, 0), (false, 41), (true, 0), (true, 0x1_0000_0004)] {
                     let keys = direction_keys(enc, Some(integ));
-                    let mut tx = Outbound::from_keys(SPI, enc, Some(integ), &keys, esn)
+                    let tx = Outbound::from_keys(SPI, enc, Some(integ), &keys, esn)
                         .unwrap()
                         .resume_after(last);
                     let inner = ipv4(37);
-                    let got = sealed(&mut tx, &inner);
+                    let got = sealed(&tx, &inner);
                     // 37 + 9 padding + 2 = 48: three blocks.
                     let plain = [&inner[..], &[1, 2, 3, 4, 5, 6, 7, 8, 9, 9, 4]].concat();
                     let want = independent_cbc_packet(enc, integ, &keys, last + 1, esn, &plain);
@@ -744,9 +822,9 @@ mod tests {
 
     #[test]
     fn cbc_ivs_are_fresh_per_packet() {
-        let (mut tx, _) = keyed_pair(CBC_128, Some(Integrity::HmacSha256_128), false, 64);
-        let a = sealed(&mut tx, &ipv4(64));
-        let b = sealed(&mut tx, &ipv4(64));
+        let (tx, _) = keyed_pair(CBC_128, Some(Integrity::HmacSha256_128), false, 64);
+        let a = sealed(&tx, &ipv4(64));
+        let b = sealed(&tx, &ipv4(64));
         let iv = |p: &[u8]| p[HEADER_LEN..HEADER_LEN + BLOCK_LEN].to_vec();
         assert_ne!(iv(&a), iv(&b));
         assert_ne!(
@@ -761,8 +839,8 @@ mod tests {
     fn cbc_tampering_with_any_field_is_refused_without_moving_the_window() {
         for enc in [CBC_128, CBC_256] {
             for integ in INTEGS {
-                let (mut tx, mut rx) = keyed_pair(enc, Some(integ), true, 64);
-                let p = sealed(&mut tx, &ipv4(50));
+                let (tx, mut rx) = keyed_pair(enc, Some(integ), true, 64);
+                let p = sealed(&tx, &ipv4(50));
                 let icv = p.len() - integ_icv_len(integ);
                 let body = HEADER_LEN + BLOCK_LEN;
                 for (at, field, want) in [
@@ -789,8 +867,8 @@ mod tests {
     #[test]
     fn refuses_every_single_bit_flip() {
         for (enc, integ) in every_transform() {
-            let (mut tx, mut rx) = keyed_pair(enc, integ, false, 64);
-            let p = sealed(&mut tx, &ipv4(60));
+            let (tx, mut rx) = keyed_pair(enc, integ, false, 64);
+            let p = sealed(&tx, &ipv4(60));
             for byte in 0..p.len() {
                 for bit in 0..8 {
                     let mut f = p.clone();
@@ -810,13 +888,13 @@ mod tests {
 
     #[test]
     fn cbc_refuses_replayed_and_old_packets() {
-        let (mut tx, mut rx) = keyed_pair(CBC_256, Some(Integrity::HmacSha384_192), false, 64);
-        let first = sealed(&mut tx, &ipv4(100));
+        let (tx, mut rx) = keyed_pair(CBC_256, Some(Integrity::HmacSha384_192), false, 64);
+        let first = sealed(&tx, &ipv4(100));
         assert!(rx.open(&mut first.clone()).is_ok());
         assert_eq!(rx.open(&mut first.clone()), Err(EspError::Replayed));
         let mut last = Vec::new();
         for _ in 0..200 {
-            last = sealed(&mut tx, &ipv4(10));
+            last = sealed(&tx, &ipv4(10));
         }
         assert!(rx.open(&mut last).is_ok());
         assert_eq!(rx.open(&mut first.clone()), Err(EspError::TooOld));
@@ -826,12 +904,12 @@ mod tests {
     fn cbc_esn_packets_open_across_the_32_bit_wrap() {
         for integ in INTEGS {
             let keys = direction_keys(CBC_128, Some(integ));
-            let mut tx = Outbound::from_keys(5, CBC_128, Some(integ), &keys, true)
+            let tx = Outbound::from_keys(5, CBC_128, Some(integ), &keys, true)
                 .unwrap()
                 .resume_after(0xffff_fffd);
             let mut rx = Inbound::from_keys(5, CBC_128, Some(integ), &keys, true, 64).unwrap();
             for _ in 0..6 {
-                let mut p = sealed(&mut tx, &ipv4(30));
+                let mut p = sealed(&tx, &ipv4(30));
                 assert_eq!(rx.open(&mut p).map(|o| o.seq), Ok(tx.last_seq()));
             }
             assert!(tx.last_seq() > u64::from(u32::MAX));
@@ -843,21 +921,15 @@ mod tests {
         let integ = Some(Integrity::HmacSha256_128);
         let keys = direction_keys(CBC_128, integ);
         // Sent as low half 5 in subspace 1; a fresh receiver infers subspace 0.
-        let mut tx = Outbound::from_keys(SPI, CBC_128, integ, &keys, true)
+        let tx = Outbound::from_keys(SPI, CBC_128, integ, &keys, true)
             .unwrap()
             .resume_after(0x1_0000_0004);
         let mut rx = Inbound::from_keys(SPI, CBC_128, integ, &keys, true, 64).unwrap();
-        assert_eq!(
-            rx.open(&mut sealed(&mut tx, &ipv4(30))),
-            Err(EspError::IcvMismatch)
-        );
+        assert_eq!(rx.open(&mut sealed(&tx, &ipv4(30))), Err(EspError::IcvMismatch));
         // ESN on one side only: four zero bytes are still part of the ICV input.
-        let (mut tx, _) = keyed_pair(CBC_128, integ, true, 64);
+        let (tx, _) = keyed_pair(CBC_128, integ, true, 64);
         let mut rx = Inbound::from_keys(SPI, CBC_128, integ, &keys, false, 64).unwrap();
-        assert_eq!(
-            rx.open(&mut sealed(&mut tx, &ipv4(30))),
-            Err(EspError::IcvMismatch)
-        );
+        assert_eq!(rx.open(&mut sealed(&tx, &ipv4(30))), Err(EspError::IcvMismatch));
         assert_eq!(rx.replay().top(), 0);
     }
 
@@ -896,15 +968,15 @@ mod tests {
     #[test]
     fn cbc_refuses_short_and_misaligned_packets() {
         let integ = Integrity::HmacSha256_128;
-        let (mut tx, mut rx) = keyed_pair(CBC_128, Some(integ), false, 64);
+        let (tx, mut rx) = keyed_pair(CBC_128, Some(integ), false, 64);
         let min = HEADER_LEN + BLOCK_LEN + BLOCK_LEN + integ_icv_len(integ);
-        let mut p = sealed(&mut tx, &[]);
+        let mut p = sealed(&tx, &[]);
         assert_eq!(p.len(), min, "an empty inner packet fills one block");
         assert_eq!(rx.open(&mut p[..min - 1].to_vec()), Err(EspError::Truncated));
         let mut spi_only = SPI.to_be_bytes();
         assert_eq!(rx.open(&mut spi_only), Err(EspError::Truncated));
         // One byte more than a whole number of blocks, with the ICV at the end.
-        let mut long = sealed(&mut tx, &ipv4(40));
+        let mut long = sealed(&tx, &ipv4(40));
         long.insert(HEADER_LEN + BLOCK_LEN, 0);
         assert_eq!(rx.open(&mut long), Err(EspError::Malformed));
         assert_eq!(tx.seal(&ipv4(100), 4, &mut [0u8; 100]), Err(EspError::Truncated));
@@ -927,14 +999,14 @@ mod tests {
         for (enc, integ) in every_transform() {
             let prf = Prf::new(PrfAlg::HmacSha256);
             let keys = ChildSaKeys::derive(prf, &[1; 32], None, &[2; 32], &[3; 32], enc, integ).unwrap();
-            let mut tx = Outbound::from_keys(9, enc, integ, &keys.initiator, true).unwrap();
+            let tx = Outbound::from_keys(9, enc, integ, &keys.initiator, true).unwrap();
             let mut rx = Inbound::from_keys(9, enc, integ, &keys.initiator, true, 64).unwrap();
-            let mut p = sealed(&mut tx, &ipv4(50));
+            let mut p = sealed(&tx, &ipv4(50));
             let o = rx.open(&mut p).unwrap();
             assert_eq!(&p[o.inner], &ipv4(50)[..], "{enc:?}");
             // The other direction's keys do not open it.
             let mut rx = Inbound::from_keys(9, enc, integ, &keys.responder, true, 64).unwrap();
-            let mut p = sealed(&mut tx, &ipv4(50));
+            let mut p = sealed(&tx, &ipv4(50));
             assert_eq!(rx.open(&mut p), Err(EspError::IcvMismatch));
         }
     }
@@ -1012,7 +1084,7 @@ mod tests {
         };
         for (enc, integ) in every_transform() {
             for esn in [false, true] {
-                let (mut tx, mut rx) = keyed_pair(enc, integ, esn, 64);
+                let (tx, mut rx) = keyed_pair(enc, integ, esn, 64);
                 for len in 0..120 {
                     let mut p: Vec<u8> = (0..len).map(|_| next()).collect();
                     if len >= HEADER_LEN {
@@ -1022,7 +1094,7 @@ mod tests {
                     let r = rx.open(&mut p);
                     assert!(r.is_err(), "{enc:?}/{integ:?}: random {len} bytes accepted");
                 }
-                let genuine = sealed(&mut tx, &ipv4(45));
+                let genuine = sealed(&tx, &ipv4(45));
                 for cut in 0..genuine.len() {
                     assert!(rx.open(&mut genuine[..cut].to_vec()).is_err());
                 }
@@ -1048,7 +1120,7 @@ mod tests {
 
     #[test]
     fn refuses_a_replayed_packet() {
-        let (mut tx, mut rx) = pair(Encryption::AesGcm16 { key_bits: 128 }, &KEYMAT_128, false);
+        let (tx, mut rx) = pair(Encryption::AesGcm16 { key_bits: 128 }, &KEYMAT_128, false);
         let mut buf = vec![0u8; 200];
         let n = tx.seal(&ipv4(100), 4, &mut buf).unwrap();
         let copy = buf[..n].to_vec();
@@ -1059,7 +1131,7 @@ mod tests {
 
     #[test]
     fn a_tampered_packet_does_not_poison_the_window() {
-        let (mut tx, mut rx) = pair(Encryption::ChaCha20Poly1305, &[9u8; 36], false);
+        let (tx, mut rx) = pair(Encryption::ChaCha20Poly1305, &[9u8; 36], false);
         let mut buf = vec![0u8; 200];
         let n = tx.seal(&ipv4(40), 4, &mut buf).unwrap();
         let mut forged = buf[..n].to_vec();
@@ -1073,7 +1145,7 @@ mod tests {
 
     #[test]
     fn drops_dummy_packets_and_short_input() {
-        let (mut tx, mut rx) = pair(Encryption::AesGcm16 { key_bits: 128 }, &KEYMAT_128, false);
+        let (tx, mut rx) = pair(Encryption::AesGcm16 { key_bits: 128 }, &KEYMAT_128, false);
         let mut buf = vec![0u8; 100];
         let n = tx.seal(&[], NEXT_HEADER_NONE, &mut buf).unwrap();
         assert_eq!(rx.open(&mut buf[..n]), Err(EspError::Dummy));
@@ -1084,19 +1156,19 @@ mod tests {
     #[test]
     fn refuses_to_cycle_the_sequence_number() {
         let key = AeadKey::new(Encryption::AesGcm16 { key_bits: 128 }, &KEYMAT_128).unwrap();
-        let mut tx = Outbound::resume(1, key, false, u64::from(u32::MAX) - 1);
+        let tx = Outbound::resume(1, key, false, u64::from(u32::MAX) - 1);
         let mut buf = vec![0u8; 100];
         assert!(tx.seal(&ipv4(10), 4, &mut buf).is_ok());
         assert_eq!(tx.seal(&ipv4(10), 4, &mut buf), Err(EspError::SequenceExhausted));
         let (tx, _) = keyed_pair(CBC_128, Some(Integrity::HmacSha256_128), false, 64);
-        let mut tx = tx.resume_after(u64::from(u32::MAX));
+        let tx = tx.resume_after(u64::from(u32::MAX));
         assert_eq!(tx.seal(&ipv4(10), 4, &mut buf), Err(EspError::SequenceExhausted));
     }
 
     #[test]
     fn esn_packets_open_across_the_32_bit_wrap() {
         let enc = Encryption::AesGcm16 { key_bits: 128 };
-        let mut tx = Outbound::resume(5, AeadKey::new(enc, &KEYMAT_128).unwrap(), true, 0xffff_fffd);
+        let tx = Outbound::resume(5, AeadKey::new(enc, &KEYMAT_128).unwrap(), true, 0xffff_fffd);
         let mut rx = Inbound::new(5, AeadKey::new(enc, &KEYMAT_128).unwrap(), true, 64);
         let mut buf = vec![0u8; 200];
         for _ in 0..6 {

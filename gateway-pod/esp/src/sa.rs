@@ -56,6 +56,32 @@ pub struct Lifetime {
     pub hard_packets: Option<u64>,
 }
 
+impl Lifetime {
+    /// The volume limit one packet crossed, given a direction's (bytes, packets) counters
+    /// before and after it was counted. Each limit is reported by the one packet that reaches
+    /// it, so it is reported once even when several workers count into the same atomic
+    /// counters (each sees its own `before`). Time limits are the IKE engine's (its timers).
+    pub fn crossed(&self, before: (u64, u64), after: (u64, u64)) -> Expiry {
+        let reached = |limit: Option<u64>, b: u64, a: u64| limit.is_some_and(|x| b < x && x <= a);
+        if reached(self.hard_bytes, before.0, after.0) || reached(self.hard_packets, before.1, after.1) {
+            Expiry::Expired
+        } else if reached(self.soft_bytes, before.0, after.0) || reached(self.soft_packets, before.1, after.1)
+        {
+            Expiry::Rekey
+        } else {
+            Expiry::Fine
+        }
+    }
+
+    /// Whether any volume limit is set (the data plane skips the check otherwise).
+    pub fn has_volume_limit(&self) -> bool {
+        self.soft_bytes.is_some()
+            || self.hard_bytes.is_some()
+            || self.soft_packets.is_some()
+            || self.hard_packets.is_some()
+    }
+}
+
 /// What the SA's use asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Expiry {
@@ -160,6 +186,29 @@ mod tests {
             &local,
             &icmp_only
         ));
+    }
+
+    #[test]
+    fn each_volume_limit_is_crossed_by_exactly_one_packet() {
+        let l = Lifetime {
+            soft_bytes: Some(1000),
+            hard_bytes: Some(2000),
+            soft_packets: Some(10),
+            ..Lifetime::default()
+        };
+        assert_eq!(l.crossed((0, 0), (999, 1)), Expiry::Fine);
+        assert_eq!(l.crossed((999, 1), (1000, 2)), Expiry::Rekey);
+        assert_eq!(l.crossed((1000, 2), (1500, 3)), Expiry::Fine, "reported once");
+        // Each limit speaks once: the packet limit too (the IKE engine ignores a second ask
+        // while the rekey is in flight).
+        assert_eq!(l.crossed((1500, 9), (1600, 10)), Expiry::Rekey);
+        assert_eq!(l.crossed((1900, 11), (2100, 12)), Expiry::Expired);
+        assert_eq!(l.crossed((2100, 12), (2200, 13)), Expiry::Fine, "expired once");
+        // Two workers counting at once: the one whose packet reaches the limit reports it.
+        assert_eq!(l.crossed((500, 4), (1200, 5)), Expiry::Rekey);
+        assert_eq!(l.crossed((1200, 5), (1300, 6)), Expiry::Fine);
+        assert!(!Lifetime::default().has_volume_limit());
+        assert!(l.has_volume_limit());
     }
 
     #[test]

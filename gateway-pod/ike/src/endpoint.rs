@@ -332,6 +332,25 @@ impl Endpoint {
         self.refresh(id);
     }
 
+    /// Rekeys CHILD SA `spi_in` (our inbound SPI) of SA `id` now, whichever role we have in
+    /// it ([`Responder::rekey_child`], [`Initiator::rekey_child`]); false when there is
+    /// nothing to rekey.
+    pub fn rekey_child(&mut self, id: u64, spi_in: u32, now: Instant, entropy: &mut dyn Entropy) -> bool {
+        let started = if let Some(slot) = self.slots.get_mut(&id) {
+            let started = slot.responder.rekey_child(spi_in, now, entropy);
+            self.collect(id, now);
+            started
+        } else if let Some((i, closed)) = self.initiators.get_mut(&id) {
+            let started = closed.is_none() && i.rekey_child(spi_in, now, entropy);
+            self.collect_initiator(id, now);
+            started
+        } else {
+            false
+        };
+        self.refresh(id);
+        started
+    }
+
     /// Starts an IKE SA of ours from `local` to `remote` with `psk`; returns its id (our
     /// SPIi). Its events come as [`EndpointEvent::Initiated`].
     pub fn connect(

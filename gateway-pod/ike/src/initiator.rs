@@ -660,6 +660,19 @@ impl Initiator {
         }
     }
 
+    /// Rekeys the CHILD SA whose inbound SPI is `spi_in` now, as at its soft lifetime (see
+    /// [`crate::Responder::rekey_child`]). False when there is nothing to rekey.
+    pub fn rekey_child(&mut self, spi_in: u32, now: Instant, entropy: &mut dyn Entropy) -> bool {
+        let State::Established(s) = &mut self.state else {
+            return false;
+        };
+        if !rekey::mark_due(&mut s.children, &s.ours, spi_in, now) {
+            return false;
+        }
+        self.handle_timeout(now, entropy);
+        true
+    }
+
     /// Deletes the IKE SA from our side: one INFORMATIONAL request with a Delete payload for
     /// it (RFC 7296 §1.4.1), not waited for, and the SA is closed. A negotiation that is not
     /// established is just abandoned.
@@ -1066,6 +1079,7 @@ impl Initiator {
                     spi_in: child.0.spi_in,
                     spi_out: child.0.spi_out,
                     rekey_at: rekey::soft_deadline(now, child.0.lifetime, entropy),
+                    replaced: false,
                 }];
                 self.events.push_back(Event::ChildSaInstalled(Box::new(child.0)));
                 self.state = State::Established(Box::new(Established {
@@ -1337,6 +1351,7 @@ impl Initiator {
                         spi_in: child.spi_in,
                         spi_out: child.spi_out,
                         rekey_at: rekey::soft_deadline(now, child.lifetime, entropy),
+                        replaced: false,
                     });
                     self.events.push_back(Event::ChildSaInstalled(Box::new(child)));
                 }

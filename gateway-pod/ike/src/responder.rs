@@ -602,6 +602,9 @@ pub(crate) struct ChildRef {
     /// When this side rekeys it (its soft lifetime, [`crate::initiator::rekey`]); `None`
     /// when the peer rekeyed it already or it is being rekeyed.
     pub(crate) rekey_at: Option<Instant>,
+    /// The peer rekeyed it (or it is the redundant one of a simultaneous rekey): it is the
+    /// peer's to delete, never ours to rekey.
+    pub(crate) replaced: bool,
 }
 
 /// The IKE_SA_INIT exchange: IKE_AUTH signs it (RFC 7296 §2.15) and its nonces key the
@@ -998,6 +1001,21 @@ impl Responder {
         }
     }
 
+    /// Rekeys the CHILD SA whose inbound SPI is `spi_in` now, as at its soft lifetime (the
+    /// data plane saw it reach a volume limit): CREATE_CHILD_SA with N(REKEY_SA) when the
+    /// window is free, else as soon as it is. False when there is nothing to rekey: no such
+    /// SA, the peer rekeyed it already, or our rekey of it is in flight.
+    pub fn rekey_child(&mut self, spi_in: u32, now: Instant, entropy: &mut dyn Entropy) -> bool {
+        let State::Established(s) = &mut self.state else {
+            return false;
+        };
+        if !rekey::mark_due(&mut s.children, &s.ours, spi_in, now) {
+            return false;
+        }
+        self.handle_timeout(now, entropy);
+        true
+    }
+
     fn send(&mut self, local: SocketAddr, remote: SocketAddr, payload: Vec<u8>) {
         self.transmits.push_back(Transmit {
             local,
@@ -1376,6 +1394,7 @@ impl Responder {
                             spi_in: c.spi_in,
                             spi_out: c.spi_out,
                             rekey_at: soft_deadline(now, c.lifetime, entropy),
+                            replaced: false,
                         }),
                         _ => None,
                     })
@@ -1895,6 +1914,7 @@ impl Responder {
                     spi_in: c.child.spi_in,
                     spi_out: c.child.spi_out,
                     rekey_at: soft_deadline(now, c.child.lifetime, entropy),
+                    replaced: false,
                 });
                 self.events
                     .push_back(Event::ChildSaInstalled(Box::new(c.into_child())));

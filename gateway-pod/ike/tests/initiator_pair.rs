@@ -768,6 +768,76 @@ fn responder_rekeys_the_child_sa_with_pfs() {
     rekeys_child_sa("aes256-sha256-modp2048", false, 2);
 }
 
+/// `rekey_child` (a volume limit reached in the data plane) rekeys the CHILD SA at once, with
+/// the lifetimes far away, from either side, through the endpoint for the responder side;
+/// the new SA replaces the old one on both sides, which both delete. Asking again for the
+/// old SA, or for an SPI nobody has, does nothing.
+fn rekey_child_now(esp: &str, initiator_rekeys: bool) {
+    let mut p = Pair::endpoint(
+        initiator_config(MATRIX[0].0, esp),
+        responder_config(MATRIX[0].0, esp),
+        EndpointConfig::default(),
+    );
+    p.drive();
+    assert_established(&p);
+    let old = (p.initiator_child().spi_in, p.initiator_child().spi_out);
+    // The endpoint names the SA by its responder SPI.
+    let id = p.i.spi_r().expect("established");
+    for round in 0..2 {
+        p.i_events.clear();
+        p.r_events.clear();
+        let now = p.now;
+        let started = if initiator_rekeys {
+            p.i.rekey_child(old.0, now, &mut SystemEntropy)
+        } else {
+            let Side::Many(ep) = &mut p.r else { unreachable!() };
+            ep.rekey_child(id, old.1, now, &mut SystemEntropy)
+        };
+        if round == 1 {
+            assert!(!started, "the old SA is gone: nothing to rekey");
+            p.drive();
+            assert!(p.i_events.is_empty() && p.r_events.is_empty());
+            break;
+        }
+        assert!(started);
+        p.drive();
+        assert_eq!(p.now, now, "no time passed");
+        let (i_new, r_new) = (p.initiator_child(), p.responder_child());
+        assert_same_child(i_new, r_new);
+        assert_eq!(i_new.replaces, Some(old.0));
+        assert_eq!(r_new.replaces, Some(old.1));
+        assert!(
+            p.i_events
+                .iter()
+                .any(|e| matches!(e, initiator::Event::ChildSaDeleted { spi_in, .. } if *spi_in == old.0)),
+            "{:?}",
+            p.i_events
+        );
+        assert!(
+            p.r_events
+                .iter()
+                .any(|e| matches!(e, responder::Event::ChildSaDeleted { spi_in, .. } if *spi_in == old.1)),
+            "{:?}",
+            p.r_events
+        );
+        assert_eq!(p.i.child_spis(), vec![(i_new.spi_in, i_new.spi_out)]);
+    }
+    assert!(!p.i.rekey_child(0x1234_5678, p.now, &mut SystemEntropy));
+    let Side::Many(ep) = &mut p.r else { unreachable!() };
+    assert!(!ep.rekey_child(id, 0x1234_5678, p.now, &mut SystemEntropy));
+    assert!(p.i.is_established());
+}
+
+#[test]
+fn initiator_rekeys_a_child_sa_when_asked() {
+    rekey_child_now("aes128gcm16", true);
+}
+
+#[test]
+fn responder_rekeys_a_child_sa_when_asked() {
+    rekey_child_now("aes128gcm16-x25519", false);
+}
+
 /// IKE SA rekeys started by one side (20 s IKE lifetime: at 17 to 19 s, twice), then a CHILD
 /// SA rekey on the twice-rekeyed IKE SA (50 s CHILD lifetime): both ends carry on as the same
 /// new IKE SA each time, the old one is deleted by the side that rekeyed and retired, the

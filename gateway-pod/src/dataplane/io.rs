@@ -1,5 +1,6 @@
 //! The data plane's only syscalls: the TUN device (tun-rs, vnet-hdr offloads) and the UDP
-//! socket (quinn-udp: UDP GSO on send, GRO and recvmmsg on receive).
+//! socket (quinn-udp: UDP GSO on send, GRO and recvmmsg on receive), or a raw socket of IP
+//! protocol 50 for plain ESP (RFC 4303 without the RFC 3948 encapsulation).
 
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
@@ -22,17 +23,47 @@ pub(crate) const RECV_BUF_LEN: usize = 65_536;
 /// millisecond, which then drops whole batches (`UdpRcvbufErrors`).
 const SOCKET_BUFFER: usize = 16 << 20;
 
-/// The port-4500 socket with its offload state. Shared by the data plane's workers; the
-/// control plane keeps sending IKE messages on the same socket with plain `send_to`.
+/// The port-4500 socket with its offload state (or a raw ESP socket). Shared by the data
+/// plane's workers; the control plane keeps sending IKE messages on the same socket with
+/// plain `send_to`.
 pub(crate) struct Udp {
     sock: Arc<UdpSocket>,
-    state: UdpSocketState,
+    /// `None` for a raw ESP socket: one packet per call, no offloads.
+    state: Option<UdpSocketState>,
+}
+
+/// IP protocol number of ESP.
+const IPPROTO_ESP: i32 = 50;
+
+/// Opens a raw socket of IP protocol 50 on `local` for plain ESP. (Kept in a tokio
+/// `UdpSocket`, whose `send_to`/`recv_from` are plain `sendto`/`recvfrom`, which is all a raw
+/// socket needs; [`Udp::new`] tells the two kinds apart.) Every raw socket of a protocol gets
+/// a copy of each packet, so there is one per data plane, not one per worker.
+pub fn bind_raw_esp(local: std::net::IpAddr) -> io::Result<UdpSocket> {
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(SocketAddr::new(local, 0)),
+        socket2::Type::RAW,
+        Some(socket2::Protocol::from(IPPROTO_ESP)),
+    )?;
+    sock.set_nonblocking(true)?;
+    sock.bind(&SocketAddr::new(local, 0).into())?;
+    UdpSocket::from_std(sock.into())
+}
+
+/// Is this a raw socket (plain ESP) rather than a UDP one?
+pub(crate) fn is_raw(sock: &UdpSocket) -> bool {
+    socket2::SockRef::from(sock)
+        .r#type()
+        .is_ok_and(|t| t == socket2::Type::RAW)
 }
 
 impl Udp {
     /// Turns on GRO (and reads back what GSO the kernel offers) on an open socket.
     pub(crate) fn new(sock: Arc<UdpSocket>) -> io::Result<Self> {
-        let state = UdpSocketState::new(UdpSockRef::from(&*sock))?;
+        if is_raw(&sock) {
+            return Ok(Self { sock, state: None });
+        }
+        let state = Some(UdpSocketState::new(UdpSockRef::from(&*sock))?);
         grow_buffers(&sock, SOCKET_BUFFER);
         // quinn-udp forbids fragmentation (DF, for QUIC's path MTU probing). An ESP packet
         // too long for the path is better fragmented on the way than lost, as it was before
@@ -48,19 +79,56 @@ impl Udp {
         Ok(Self { sock, state })
     }
 
+    /// Our address on the outer side (unspecified when bound to any).
+    pub(crate) fn local_ip(&self) -> std::net::IpAddr {
+        self.sock
+            .local_addr()
+            .map_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), |a| a.ip())
+    }
+
     /// How many equal-sized datagrams one send may carry (1 without GSO).
     pub(crate) fn max_gso_segments(&self) -> usize {
-        self.state.max_gso_segments()
+        self.state.as_ref().map_or(1, UdpSocketState::max_gso_segments)
+    }
+
+    /// Plain ESP over a raw socket (no UDP header, no non-ESP marker, no IKE)?
+    pub(crate) fn is_raw(&self) -> bool {
+        self.state.is_none()
     }
 
     /// Receives one or more buffers, each holding one datagram or a GRO batch of datagrams
     /// of `meta.stride` bytes (the last one may be shorter).
     pub(crate) async fn recv(&self, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta]) -> io::Result<usize> {
+        let Some(state) = &self.state else {
+            return self.recv_raw(bufs, meta).await;
+        };
         self.sock
             .async_io(Interest::READABLE, || {
-                self.state.recv(UdpSockRef::from(&*self.sock), bufs, meta)
+                state.recv(UdpSockRef::from(&*self.sock), bufs, meta)
             })
             .await
+    }
+
+    /// One ESP packet from the raw socket, without the IPv4 header the kernel leaves in
+    /// front of it (IPv6 raw sockets deliver the payload alone).
+    async fn recv_raw(&self, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta]) -> io::Result<usize> {
+        let (Some(buf), Some(m)) = (bufs.first_mut(), meta.first_mut()) else {
+            return Ok(0);
+        };
+        let (n, from) = self.sock.recv_from(buf).await?;
+        let header = match from {
+            SocketAddr::V4(_) => buf
+                .get(..n)
+                .and_then(|b| b.first())
+                .map_or(n, |b| usize::from(b & 0x0f) * 4),
+            SocketAddr::V6(_) => 0,
+        };
+        let len = n.saturating_sub(header);
+        buf.copy_within(header.min(n)..n, 0);
+        m.addr = from;
+        m.len = len;
+        m.stride = len;
+        Ok(1)
     }
 
     /// Sends `contents` to `to`: one datagram, or with `segment` a GSO batch of datagrams of
@@ -71,6 +139,14 @@ impl Udp {
         contents: &[u8],
         segment: Option<usize>,
     ) -> io::Result<()> {
+        let Some(state) = &self.state else {
+            // The kernel adds the IP header; the port means nothing to a raw socket.
+            return self
+                .sock
+                .send_to(contents, SocketAddr::new(to.ip(), 0))
+                .await
+                .map(|_| ());
+        };
         let transmit = Transmit {
             destination: to,
             ecn: None,
@@ -80,7 +156,7 @@ impl Udp {
         };
         self.sock
             .async_io(Interest::WRITABLE, || {
-                self.state.try_send(UdpSockRef::from(&*self.sock), &transmit)
+                state.try_send(UdpSockRef::from(&*self.sock), &transmit)
             })
             .await
     }
@@ -101,13 +177,37 @@ pub(crate) fn grow_buffers(sock: &UdpSocket, bytes: usize) {
     }
 }
 
+/// Binds a UDP socket of the data plane: with SO_REUSEPORT, so that each worker can have its
+/// own socket on the same port (the kernel hashes each peer's address to one of them), and
+/// the IKE control plane sends on the first.
+pub fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    set_fd_option(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_REUSEPORT, 1)?;
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    UdpSocket::from_std(sock.into())
+}
+
 fn set_int_option(sock: &UdpSocket, level: libc::c_int, name: libc::c_int, value: usize) -> io::Result<()> {
+    set_fd_option(sock.as_raw_fd(), level, name, value)
+}
+
+fn set_fd_option(
+    fd: std::os::fd::RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: usize,
+) -> io::Result<()> {
     let value = libc::c_int::try_from(value).unwrap_or(libc::c_int::MAX);
-    // Safety: the descriptor is open for as long as `sock` is borrowed, and the option value
-    // points to a live c_int whose size is passed along.
+    // Safety: the caller's descriptor is open while it is borrowed for this call, and the
+    // option value points to a live c_int whose size is passed along.
     let r = unsafe {
         libc::setsockopt(
-            sock.as_raw_fd(),
+            fd,
             level,
             name,
             (&raw const value).cast(),

@@ -4,7 +4,11 @@
 //! `concentrator-gateway esp-static` (keys given by hand, for tests and benchmarks), on the
 //! same workers, so that the benchmark measures the product's data plane.
 
+pub mod backend;
 pub(crate) mod io;
+mod pmtu;
+
+pub use io::{bind_raw_esp, bind_udp};
 pub mod shared;
 pub mod table;
 
@@ -31,6 +35,8 @@ pub struct StaticTunnel {
     pub remote_subnet: IpNet,
     pub outbound: Outbound,
     pub inbound: Inbound,
+    /// Plain ESP (IP protocol 50, a raw socket) instead of ESP in UDP.
+    pub raw_esp: bool,
 }
 
 /// Errors setting the tunnel up or running it (per-packet errors are counted, never
@@ -55,10 +61,11 @@ fn selector(net: IpNet) -> Selector {
     }
 }
 
-/// Opens the TUN device with vnet-hdr offloads (TSO/USO super-packets from the kernel, GRO
-/// toward it), which the workers of [`shared`] use when the kernel has them.
+/// Opens the TUN device multi-queue (one queue per worker of [`shared`]) with vnet-hdr
+/// offloads (TSO/USO super-packets from the kernel, GRO toward it), which the workers use
+/// when the kernel has them.
 pub fn open_tun(builder: tun_rs::DeviceBuilder) -> std::io::Result<tun_rs::AsyncDevice> {
-    builder.offload(true).build_async()
+    builder.offload(true).multi_queue(true).build_async()
 }
 
 /// Brings the tunnel up and carries packets until the task is dropped or I/O fails.
@@ -92,19 +99,25 @@ pub async fn run(t: StaticTunnel, counters: DataplaneCounters) -> Result<(), Dat
             String::from_utf8_lossy(&out.stderr).into(),
         ));
     }
-    let udp = tokio::net::UdpSocket::bind(t.local)
-        .await
-        .map_err(|e| DataplaneError::Udp(t.local, e))?;
+    let udp = if t.raw_esp {
+        bind_raw_esp(t.local.ip())
+    } else {
+        bind_udp(t.local)
+    }
+    .map_err(|e| DataplaneError::Udp(t.local, e))?;
     // No control plane: IKE messages on the port are counted as overflow and dropped, and
     // nobody is asked for SAs toward other destinations.
     let (ike, _) = tokio::sync::mpsc::channel(1);
     let (acquire, _) = tokio::sync::mpsc::channel(1);
+    // Nobody rekeys either: an SA that reaches a hard limit is simply removed.
+    let (sa_events, _) = tokio::sync::mpsc::unbounded_channel();
     let (handle, task) = shared::spawn(
         Arc::new(dev),
         t.tun_name.clone(),
         Arc::new(udp),
         ike,
         acquire,
+        sa_events,
         counters,
     );
     let sa_counters = Arc::new(SaCounters::new(Instant::now()));

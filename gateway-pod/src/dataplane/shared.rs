@@ -1,11 +1,12 @@
 //! The data plane shared by every tunnel of the gateway: one TUN device on the inner side,
 //! the UDP socket of port 4500 on the outer side (ESP in UDP, RFC 3948), shared with IKE.
 //!
-//! Two workers, each a task owning its SA table so that the per-packet path takes no lock:
-//! egress reads the TUN device, seals and sends (outbound table, by destination); ingress
-//! receives, opens and writes to the TUN device (inbound table, by SPI) and passes IKE
-//! messages (non-ESP marker) to the control plane. The control plane changes the tables
-//! through [`DataplaneHandle`].
+//! One worker per core, each with its own TUN queue and UDP socket (SO_REUSEPORT on port
+//! 4500), each of two tasks owning its SA table so that the per-packet path takes no global
+//! lock: egress reads its TUN queue, seals and sends (outbound table, by destination);
+//! ingress receives, opens and writes to the TUN device (inbound table, by SPI) and passes
+//! IKE messages (non-ESP marker) to the control plane, whichever socket they reached. The
+//! control plane changes the tables through [`DataplaneHandle`], which tells every worker.
 //!
 //! Both directions move packets in batches, so that the per-packet cost is the cipher and a
 //! copy, not a syscall:
@@ -21,9 +22,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use concentrator_esp::encap::{Datagram, classify};
+use concentrator_esp::icmp;
 use concentrator_esp::ip::{self, next_header_for};
 use concentrator_esp::packet::sealed_len;
-use concentrator_esp::sa::inbound_allowed;
+use concentrator_esp::sa::{Expiry, inbound_allowed};
 use ipnet::IpNet;
 use prometheus_client::metrics::counter::Counter;
 use quinn_udp::RecvMeta;
@@ -33,7 +35,8 @@ use tun_rs::{GROTable, VIRTIO_NET_HDR_LEN};
 
 use super::DataplaneError;
 use super::io::{MAX_GSO_BYTES, RECV_BUF_LEN, Udp};
-use super::table::{InboundSa, InboundTable, OutboundSa, OutboundTable};
+use super::pmtu::{PathMtu, outer_overhead};
+use super::table::{InboundSa, InboundTable, OutboundSa, OutboundTable, SharedInbound};
 
 /// Packet counters of the whole data plane (the per-SA ones are in [`super::table::SaCounters`]).
 #[derive(Clone, Debug, Default)]
@@ -48,8 +51,48 @@ pub struct DataplaneCounters {
     pub invalid: Counter,
     /// Decrypted but outside the SA's traffic selectors: dropped.
     pub policy: Counter,
+    /// Inner packets that may not be fragmented (IPv4 with DF, IPv6) and would not fit the
+    /// path toward the peer: dropped, their sender told the MTU that fits (ICMP).
+    pub too_big: Counter,
     /// IKE messages on port 4500 dropped because the control plane was not keeping up.
     pub ike_overflow: Counter,
+    /// CHILD SA directions that reached a soft volume limit (a rekey was asked for).
+    pub soft_expired: Counter,
+    /// CHILD SA directions that reached a hard volume limit and were removed.
+    pub hard_expired: Counter,
+}
+
+/// What a CHILD SA's traffic asks of the control plane: its volume limits (bytes, packets;
+/// each direction counted apart) were reached. The SA is named by our inbound SPI.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SaEvent {
+    /// A soft limit: rekey the CHILD SA now.
+    Rekey { spi_in: u32 },
+    /// A hard limit: the data plane removed the half that reached it (its packets are
+    /// dropped and counted from now on); the control plane removes the rest.
+    Expired { spi_in: u32 },
+}
+
+/// Acts on the volume limit a packet crossed; true if the SA must go now.
+fn crossed(
+    expiry: Expiry,
+    spi_in: u32,
+    counters: &DataplaneCounters,
+    events: &mpsc::UnboundedSender<SaEvent>,
+) -> bool {
+    match expiry {
+        Expiry::Fine => false,
+        Expiry::Rekey => {
+            counters.soft_expired.inc();
+            let _ = events.send(SaEvent::Rekey { spi_in });
+            false
+        }
+        Expiry::Expired => {
+            counters.hard_expired.inc();
+            let _ = events.send(SaEvent::Expired { spi_in });
+            true
+        }
+    }
 }
 
 /// An IKE message that arrived on port 4500, for the control plane.
@@ -62,45 +105,77 @@ pub struct IkeDatagram {
 }
 
 enum EgressCommand {
-    Install(Box<OutboundSa>, Vec<IpNet>),
+    Install(Arc<OutboundSa>, Vec<IpNet>),
     Remove(u32),
 }
 
 enum IngressCommand {
-    Install(Box<InboundSa>),
+    Install(Arc<SharedInbound>),
     Remove(u32),
 }
 
-/// The control plane's side of the data plane.
+/// The control plane's side of the data plane: every change goes to every worker.
 #[derive(Clone)]
 pub struct DataplaneHandle {
-    egress: mpsc::UnboundedSender<EgressCommand>,
-    ingress: mpsc::UnboundedSender<IngressCommand>,
+    egress: Vec<mpsc::UnboundedSender<EgressCommand>>,
+    ingress: Vec<mpsc::UnboundedSender<IngressCommand>>,
 }
 
 impl DataplaneHandle {
     /// Carries `subnets` through a new CHILD SA. The inbound half goes first, so that the
     /// peer's first packets on the new SA are not dropped while our outbound half catches up.
     pub fn install(&self, inbound: InboundSa, outbound: OutboundSa, subnets: Vec<IpNet>) {
-        let _ = self.ingress.send(IngressCommand::Install(Box::new(inbound)));
-        let _ = self
-            .egress
-            .send(EgressCommand::Install(Box::new(outbound), subnets));
+        let inbound = Arc::new(SharedInbound::from(inbound));
+        for tx in &self.ingress {
+            let _ = tx.send(IngressCommand::Install(inbound.clone()));
+        }
+        let outbound = Arc::new(outbound);
+        for tx in &self.egress {
+            let _ = tx.send(EgressCommand::Install(outbound.clone(), subnets.clone()));
+        }
     }
 
     /// Forgets the CHILD SA whose inbound SPI is `spi_in`.
     pub fn remove(&self, spi_in: u32) {
-        let _ = self.egress.send(EgressCommand::Remove(spi_in));
-        let _ = self.ingress.send(IngressCommand::Remove(spi_in));
+        for tx in &self.egress {
+            let _ = tx.send(EgressCommand::Remove(spi_in));
+        }
+        for tx in &self.ingress {
+            let _ = tx.send(IngressCommand::Remove(spi_in));
+        }
+    }
+
+    /// How many workers (each a TUN queue and a UDP socket) carry packets.
+    pub fn workers(&self) -> usize {
+        self.egress.len()
+    }
+
+    /// A handle of one worker that is not running: its commands wait in the returned queue.
+    #[cfg(test)]
+    pub(crate) fn detached() -> (Self, DetachedWorker) {
+        let (etx, erx) = mpsc::unbounded_channel();
+        let (itx, _) = mpsc::unbounded_channel();
+        (
+            Self {
+                egress: vec![etx],
+                ingress: vec![itx],
+            },
+            DetachedWorker(erx),
+        )
     }
 }
 
-/// Aborts a worker task when its supervisor ends or is aborted.
-struct Worker(tokio::task::JoinHandle<Result<(), DataplaneError>>);
+/// The command queue of a [`DataplaneHandle::detached`] worker.
+#[cfg(test)]
+pub(crate) struct DetachedWorker(mpsc::UnboundedReceiver<EgressCommand>);
 
-impl Drop for Worker {
-    fn drop(&mut self) {
-        self.0.abort();
+#[cfg(test)]
+impl DetachedWorker {
+    /// How many installs are waiting (taking them).
+    pub(crate) fn installs(&mut self) -> usize {
+        std::iter::from_fn(|| self.0.try_recv().ok())
+            .filter(|c| matches!(c, EgressCommand::Install(..)))
+            .count()
     }
 }
 
@@ -108,51 +183,103 @@ fn joined(r: Result<Result<(), DataplaneError>, tokio::task::JoinError>) -> Resu
     r.map_err(|e| DataplaneError::Worker(e.to_string()))?
 }
 
+/// Data plane workers by default: one per core. `CONCENTRATOR_DATAPLANE_WORKERS` overrides.
+fn worker_count() -> usize {
+    std::env::var("CONCENTRATOR_DATAPLANE_WORKERS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, std::num::NonZero::get))
+}
+
 /// Starts the data plane workers on an open TUN device (with or without vnet-hdr offloads)
-/// and the port-4500 socket. IKE messages arriving on that socket go to `ike`. The workers
-/// end when the handle is dropped or I/O fails; the error is returned by the join handle,
-/// and aborting the join handle stops them.
+/// and the port-4500 socket (bound with [`super::bind_udp`]). IKE messages arriving on that
+/// port go to `ike`. The workers end when the handle is dropped or I/O fails; the error is
+/// returned by the join handle, and aborting the join handle stops them.
+///
+/// One worker per core, each with its own TUN queue (the device must be multi-queue:
+/// [`super::open_tun`]) and its own UDP socket on the same port (SO_REUSEPORT): the kernel
+/// spreads inner flows over the queues and peers over the sockets, and each worker has an
+/// egress task (its queue to its socket) and an ingress task (its socket to its queue). With
+/// a single-queue device or a socket bound without SO_REUSEPORT there is one worker.
 pub fn spawn(
     dev: Arc<tun_rs::AsyncDevice>,
     tun_name: String,
     udp: Arc<UdpSocket>,
     ike: mpsc::Sender<IkeDatagram>,
     acquire: mpsc::Sender<IpAddr>,
+    sa_events: mpsc::UnboundedSender<SaEvent>,
     counters: DataplaneCounters,
 ) -> (
     DataplaneHandle,
     tokio::task::JoinHandle<Result<(), DataplaneError>>,
 ) {
-    let (egress_tx, egress_rx) = mpsc::unbounded_channel();
-    let (ingress_tx, ingress_rx) = mpsc::unbounded_channel();
+    let want = worker_count();
+    // Every raw ESP socket gets a copy of every packet: one worker then.
+    let want = if super::io::is_raw(&udp) { 1 } else { want };
+    let mut queues = vec![(dev, udp)];
+    if let Ok(local) = queues[0].1.local_addr() {
+        while queues.len() < want {
+            let extra = queues[0]
+                .0
+                .try_clone()
+                .and_then(|d| Ok((Arc::new(d), Arc::new(super::io::bind_udp(local)?))));
+            match extra {
+                Ok(q) => queues.push(q),
+                Err(e) => {
+                    tracing::info!(workers = queues.len(), wanted = want, error = %e, "fewer data plane workers than asked for");
+                    break;
+                }
+            }
+        }
+    }
+    tracing::info!(workers = queues.len(), tun = %tun_name, "data plane started");
+    let mut handle = DataplaneHandle {
+        egress: Vec::new(),
+        ingress: Vec::new(),
+    };
+    let mut receivers = Vec::new();
+    for _ in &queues {
+        let (etx, erx) = mpsc::unbounded_channel();
+        let (itx, irx) = mpsc::unbounded_channel();
+        handle.egress.push(etx);
+        handle.ingress.push(itx);
+        receivers.push((erx, irx));
+    }
     let task = tokio::spawn(async move {
-        let local = udp
-            .local_addr()
-            .map_err(|e| DataplaneError::Udp(SocketAddr::from(([0, 0, 0, 0], 0)), e))?;
-        let udp = Arc::new(Udp::new(udp).map_err(|e| DataplaneError::Udp(local, e))?);
-        let mut egress = Worker(tokio::spawn(egress(
-            dev.clone(),
-            tun_name.clone(),
-            udp.clone(),
-            egress_rx,
-            acquire,
-            counters.clone(),
-        )));
-        let mut ingress = Worker(tokio::spawn(ingress(
-            dev, tun_name, udp, local, ingress_rx, ike, counters,
-        )));
-        tokio::select! {
-            r = &mut egress.0 => joined(r),
-            r = &mut ingress.0 => joined(r),
+        // Dropping the set (this task ending or being aborted) aborts every worker.
+        let mut set = tokio::task::JoinSet::new();
+        for ((dev, sock), (erx, irx)) in queues.into_iter().zip(receivers) {
+            let local = sock
+                .local_addr()
+                .map_err(|e| DataplaneError::Udp(SocketAddr::from(([0, 0, 0, 0], 0)), e))?;
+            let udp = Arc::new(Udp::new(sock).map_err(|e| DataplaneError::Udp(local, e))?);
+            set.spawn(egress(
+                dev.clone(),
+                tun_name.clone(),
+                udp.clone(),
+                erx,
+                acquire.clone(),
+                sa_events.clone(),
+                counters.clone(),
+            ));
+            set.spawn(ingress(
+                dev,
+                tun_name.clone(),
+                udp,
+                local,
+                irx,
+                ike.clone(),
+                sa_events.clone(),
+                counters.clone(),
+            ));
+        }
+        match set.join_next().await {
+            Some(r) => joined(r),
+            None => Ok(()),
         }
     });
-    (
-        DataplaneHandle {
-            egress: egress_tx,
-            ingress: ingress_tx,
-        },
-        task,
-    )
+    (handle, task)
 }
 
 /// Segments one TUN read may yield (a 64 KiB super-packet in segments of a small MSS).
@@ -233,39 +360,65 @@ fn device_failed(e: &std::io::Error) -> bool {
     e.raw_os_error().is_some()
 }
 
+/// One egress worker's state: its SA table, held packets, GSO batch and buffers.
+struct Egress {
+    dev: Arc<tun_rs::AsyncDevice>,
+    udp: Arc<Udp>,
+    /// Our address on the outer side (unspecified: any), for path MTU queries.
+    local_ip: IpAddr,
+    table: OutboundTable,
+    held: HeldPackets,
+    batch: GsoBatch,
+    /// Where "packet too big" errors are built, after room for a virtio-net header.
+    icmp: Vec<u8>,
+    events: mpsc::UnboundedSender<SaEvent>,
+    counters: DataplaneCounters,
+}
+
 async fn egress(
     dev: Arc<tun_rs::AsyncDevice>,
     tun_name: String,
     udp: Arc<Udp>,
     mut commands: mpsc::UnboundedReceiver<EgressCommand>,
     acquire: mpsc::Sender<IpAddr>,
+    events: mpsc::UnboundedSender<SaEvent>,
     counters: DataplaneCounters,
 ) -> Result<(), DataplaneError> {
     let tun_err = |e| DataplaneError::Tun(tun_name.clone(), e);
-    let mut table = OutboundTable::default();
-    let mut held = HeldPackets::default();
+    let local_ip = udp.local_ip();
+    let mut w = Egress {
+        dev: dev.clone(),
+        udp,
+        local_ip,
+        table: OutboundTable::default(),
+        held: HeldPackets::default(),
+        batch: GsoBatch::new(),
+        icmp: vec![0u8; VIRTIO_NET_HDR_LEN + icmp::MAX_ERROR_LEN],
+        events,
+        counters,
+    };
     let mut original = vec![0u8; VIRTIO_NET_HDR_LEN + 65535];
     // Pages of these buffers are only committed once a packet of that size lands in them.
     let mut segs: Vec<Vec<u8>> = (0..2 * TUN_READ_SEGMENTS).map(|_| vec![0u8; 65535]).collect();
     let mut sizes = vec![0usize; segs.len()];
-    let mut batch = GsoBatch::new();
     loop {
         let mut n = tokio::select! {
             biased;
             cmd = commands.recv() => {
                 match cmd {
                     Some(EgressCommand::Install(sa, subnets)) => {
-                        let waiting = held.take_covered(&subnets);
-                        table.install(*sa, subnets);
+                        let waiting = w.held.take_covered(&subnets);
                         let now = Instant::now();
+                        let path = PathMtu::probe(w.local_ip, sa.peer, now);
+                        w.table.install(sa, subnets, path);
                         for packet in &waiting {
-                            if seal_into(&mut table, &mut batch, &udp, &counters, packet, now).await.is_some() {
-                                counters.no_sa.inc();
+                            if w.seal(packet, now).await.is_some() {
+                                w.counters.no_sa.inc();
                             }
                         }
-                        batch.flush(&udp, &counters).await;
+                        w.batch.flush(&w.udp, &w.counters).await;
                     }
-                    Some(EgressCommand::Remove(id)) => table.remove(id),
+                    Some(EgressCommand::Remove(id)) => w.table.remove(id),
                     None => return Ok(()),
                 }
                 continue;
@@ -295,52 +448,82 @@ async fn egress(
         let now = Instant::now();
         for (seg, &size) in segs.iter().zip(&sizes).take(n) {
             let packet = &seg[..size];
-            if let Some(dst) = seal_into(&mut table, &mut batch, &udp, &counters, packet, now).await {
+            if let Some(dst) = w.seal(packet, now).await {
                 // No SA for it: never sent in clear. The control plane is asked for one (the
                 // initiator path) and the packet waits in a small bounded queue meanwhile.
-                counters.no_sa.inc();
-                if held.hold(dst, packet, now) {
+                w.counters.no_sa.inc();
+                if w.held.hold(dst, packet, now) {
                     let _ = acquire.try_send(dst);
                 }
             }
         }
-        batch.flush(&udp, &counters).await;
+        w.batch.flush(&w.udp, &w.counters).await;
     }
 }
 
-/// Seals `packet` with the SA of its destination into the batch, sending the batch first
-/// if the packet cannot join it. Returns the destination when no SA covers it (nothing is
-/// counted then: the caller decides between holding and dropping).
-async fn seal_into(
-    table: &mut OutboundTable,
-    batch: &mut GsoBatch,
-    udp: &Udp,
-    counters: &DataplaneCounters,
-    packet: &[u8],
-    now: Instant,
-) -> Option<IpAddr> {
-    let (Some(nh), Some(h)) = (next_header_for(packet), ip::parse(packet)) else {
-        return None;
-    };
-    let Some(sa) = table.lookup(h.dst) else {
-        return Some(h.dst);
-    };
-    let sealed = sa.sa.sealed_len(packet.len());
-    if !batch.accepts(sa.peer, sealed, udp.max_gso_segments()) {
-        batch.flush(udp, counters).await;
-    }
-    // A packet that the sequence counter can no longer carry is dropped: the SA must be
-    // rekeyed (by IKE) before that.
-    match sa.sa.seal(packet, nh, batch.slot()) {
-        Ok(len) => {
-            batch.push(sa.peer, len);
-            sa.counters.count_out(packet.len(), now);
+impl Egress {
+    /// Seals `packet` with the SA of its destination into the batch, sending the batch first
+    /// if the packet cannot join it. Returns the destination when no SA covers it (nothing is
+    /// counted then: the caller decides between holding and dropping).
+    ///
+    /// A packet whose ESP-in-UDP datagram would be longer than the path MTU toward the peer
+    /// is sent alone, for the kernel to fragment (UDP GSO segments may not exceed the MTU),
+    /// unless it may not be fragmented (IPv4 with DF, IPv6 above 1280 bytes): then it is
+    /// dropped and its sender gets "fragmentation needed" / "packet too big" with the longest
+    /// inner packet that fits, so that path MTU discovery works through the tunnel. TSO
+    /// super-packets are split to their MSS before they get here, so only segments that are
+    /// too long themselves are refused.
+    async fn seal(&mut self, packet: &[u8], now: Instant) -> Option<IpAddr> {
+        let (Some(nh), Some(h)) = (next_header_for(packet), ip::parse(packet)) else {
+            return None;
+        };
+        let Some(entry) = self.table.lookup(h.dst) else {
+            return Some(h.dst);
+        };
+        let sa = &entry.sa;
+        let sealed = sa.sa.sealed_len(packet.len());
+        let room = entry
+            .path
+            .get(self.local_ip, sa.peer, now)
+            .saturating_sub(outer_overhead(sa.peer, self.udp.is_raw()));
+        let alone = sealed > room;
+        if alone && icmp::must_not_fragment(packet) {
+            self.counters.too_big.inc();
+            let mtu = sa.sa.max_inner_len(room);
+            let off = if self.dev.tcp_gso() { VIRTIO_NET_HDR_LEN } else { 0 };
+            // A zeroed virtio-net header: no offload asked for this packet.
+            self.icmp[..off].fill(0);
+            if let Some(n) = icmp::too_big(packet, mtu, &mut self.icmp[off..])
+                && let Err(e) = self.dev.send(&self.icmp[..off + n]).await
+            {
+                tracing::debug!(error = %e, "ICMP error to the TUN device failed");
+            }
+            return None;
         }
-        Err(_) => {
-            counters.invalid.inc();
+        if alone || !self.batch.accepts(sa.peer, sealed, self.udp.max_gso_segments()) {
+            self.batch.flush(&self.udp, &self.counters).await;
         }
+        // A packet that the sequence counter can no longer carry is dropped: the SA must be
+        // rekeyed (by IKE) before that.
+        let expiry = match sa.sa.seal(packet, nh, self.batch.slot()) {
+            Ok(len) => {
+                self.batch.push(sa.peer, len);
+                sa.counters.count_out(packet.len(), now)
+            }
+            Err(_) => {
+                self.counters.invalid.inc();
+                Expiry::Fine
+            }
+        };
+        let id = sa.id;
+        if alone {
+            self.batch.flush(&self.udp, &self.counters).await;
+        }
+        if crossed(expiry, id, &self.counters, &self.events) {
+            self.table.remove(id);
+        }
+        None
     }
-    None
 }
 
 /// Packets waiting for an SA, per destination: a few each, for a bounded number of
@@ -411,6 +594,7 @@ const TUN_BATCH: usize = 128;
 const TUN_OFFSET: usize = 16;
 const _: () = assert!(TUN_OFFSET >= VIRTIO_NET_HDR_LEN);
 
+#[allow(clippy::too_many_arguments)]
 async fn ingress(
     dev: Arc<tun_rs::AsyncDevice>,
     tun_name: String,
@@ -418,6 +602,7 @@ async fn ingress(
     local: SocketAddr,
     mut commands: mpsc::UnboundedReceiver<IngressCommand>,
     ike: mpsc::Sender<IkeDatagram>,
+    events: mpsc::UnboundedSender<SaEvent>,
     counters: DataplaneCounters,
 ) -> Result<(), DataplaneError> {
     let mut table = InboundTable::default();
@@ -435,7 +620,7 @@ async fn ingress(
                 biased;
                 cmd = commands.recv() => {
                     match cmd {
-                        Some(IngressCommand::Install(sa)) => table.install(*sa),
+                        Some(IngressCommand::Install(sa)) => table.install(sa),
                         Some(IngressCommand::Remove(spi)) => table.remove(spi),
                         None => return Ok(()),
                     }
@@ -457,7 +642,19 @@ async fn ingress(
             };
             let stride = if m.stride == 0 { m.len.max(1) } else { m.stride };
             for datagram in data.chunks(stride) {
-                let spi = match classify(datagram) {
+                let kind = if udp.is_raw() {
+                    // Plain ESP: nothing else arrives on protocol 50.
+                    match datagram {
+                        [a, b, c, d, _, _, _, _, ..] => Datagram::Esp {
+                            spi: u32::from_be_bytes([*a, *b, *c, *d]),
+                            packet: datagram,
+                        },
+                        _ => Datagram::Invalid,
+                    }
+                } else {
+                    classify(datagram)
+                };
+                let spi = match kind {
                     Datagram::Esp { spi, .. } => spi,
                     Datagram::Ike(payload) => {
                         let d = IkeDatagram {
@@ -472,7 +669,7 @@ async fn ingress(
                     }
                     Datagram::Keepalive | Datagram::Invalid => continue,
                 };
-                let Some(sa) = table.get_mut(spi) else {
+                let Some(sa) = table.get(spi) else {
                     counters.unknown_spi.inc();
                     continue;
                 };
@@ -483,7 +680,7 @@ async fn ingress(
                 let out = &mut tun_bufs[ready];
                 out.clear();
                 out.extend_from_slice(datagram);
-                let Ok(opened) = sa.sa.open(out) else {
+                let Ok(opened) = sa.open(out) else {
                     counters.invalid.inc();
                     continue;
                 };
@@ -496,7 +693,10 @@ async fn ingress(
                     counters.policy.inc();
                     continue;
                 }
-                sa.counters.count_in(packet.len(), now);
+                // The packet that reaches the hard limit is the SA's last.
+                if crossed(sa.counters.count_in(packet.len(), now), spi, &counters, &events) {
+                    table.remove(spi);
+                }
                 let len = inner.len();
                 if inner.start != TUN_OFFSET {
                     if out.len() < TUN_OFFSET + len {

@@ -1,16 +1,21 @@
-//! The SA tables of the shared data plane. Each is owned by one task (outbound by the TUN
-//! reader, inbound by the UDP reader), so lookups take no lock; the control plane changes
-//! them through [`SaCommand`]s.
+//! The SA tables of the shared data plane. Each worker task owns its tables (outbound in the
+//! TUN reader, inbound in the UDP reader), so lookups take no lock; the control plane
+//! changes every worker's tables through the data plane handle. The SAs themselves are shared
+//! by the workers: an outbound SA's sequence number is one atomic counter, an inbound SA's
+//! anti-replay window is behind its own mutex (taken by the one worker whose socket the
+//! peer's datagrams hash to, so uncontended in practice; never a lock over all SAs).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use concentrator_esp::sa::Selector;
+use concentrator_esp::sa::{Expiry, Lifetime, Selector};
 use concentrator_esp::{Inbound, Outbound};
 use ipnet::IpNet;
+
+use super::pmtu::PathMtu;
 
 /// Traffic of one CHILD SA, read by the admin API while the data plane counts.
 #[derive(Debug)]
@@ -25,11 +30,20 @@ pub struct SaCounters {
     /// (0: none yet).
     last_inbound_ms: AtomicU64,
     epoch: Instant,
+    /// Volume limits, checked per direction (time limits are the IKE engine's).
+    limits: Lifetime,
 }
 
 impl SaCounters {
     pub fn new(now: Instant) -> Self {
+        Self::with_limits(now, Lifetime::default())
+    }
+
+    /// Counters of an SA with volume limits: [`Self::count_in`] and [`Self::count_out`]
+    /// report the packet that crosses one.
+    pub fn with_limits(now: Instant, limits: Lifetime) -> Self {
         Self {
+            limits,
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
             packets_in: AtomicU64::new(0),
@@ -40,18 +54,33 @@ impl SaCounters {
         }
     }
 
-    pub(crate) fn count_in(&self, bytes: usize, now: Instant) {
-        self.packets_in.fetch_add(1, Ordering::Relaxed);
-        self.bytes_in.fetch_add(bytes as u64, Ordering::Relaxed);
+    /// Counts a packet from the peer; says whether it crossed a volume limit of the inbound
+    /// SA.
+    pub(crate) fn count_in(&self, bytes: usize, now: Instant) -> Expiry {
+        let expiry = self.count(&self.bytes_in, &self.packets_in, bytes);
         let ms = self.touch(now);
         self.last_inbound_ms
             .store(ms.saturating_add(1), Ordering::Relaxed);
+        expiry
     }
 
-    pub(crate) fn count_out(&self, bytes: usize, now: Instant) {
-        self.packets_out.fetch_add(1, Ordering::Relaxed);
-        self.bytes_out.fetch_add(bytes as u64, Ordering::Relaxed);
+    /// Counts a packet to the peer; says whether it crossed a volume limit of the outbound
+    /// SA.
+    pub(crate) fn count_out(&self, bytes: usize, now: Instant) -> Expiry {
+        let expiry = self.count(&self.bytes_out, &self.packets_out, bytes);
         let _ = self.touch(now);
+        expiry
+    }
+
+    fn count(&self, bytes: &AtomicU64, packets: &AtomicU64, n: usize) -> Expiry {
+        let n = n as u64;
+        let b = bytes.fetch_add(n, Ordering::Relaxed);
+        let p = packets.fetch_add(1, Ordering::Relaxed);
+        if !self.limits.has_volume_limit() {
+            return Expiry::Fine;
+        }
+        self.limits
+            .crossed((b, p), (b.saturating_add(n), p.saturating_add(1)))
     }
 
     fn touch(&self, now: Instant) -> u64 {
@@ -84,7 +113,7 @@ pub struct OutboundSa {
     pub counters: Arc<SaCounters>,
 }
 
-/// The receiving half of a CHILD SA.
+/// The receiving half of a CHILD SA, as the control plane hands it over.
 pub struct InboundSa {
     pub sa: Inbound,
     /// Negotiated TSr (our side) and TSi (the peer's): decrypted packets must fit them.
@@ -106,18 +135,28 @@ pub enum SaCommand {
     Remove { spi_in: u32 },
 }
 
+/// An outbound SA in a worker's table, with what the worker keeps about it.
+pub struct OutboundEntry {
+    /// Shared with the other workers.
+    pub sa: Arc<OutboundSa>,
+    /// The path MTU toward the SA's peer.
+    pub(crate) path: PathMtu,
+    subnets: Vec<IpNet>,
+    /// Installation order: the newest SA wins a subnet.
+    order: u64,
+}
+
 /// Outbound SAs by destination: longest prefix first, one hash lookup per distinct prefix
 /// length (a handful in practice, however many sites).
 #[derive(Default)]
 pub struct OutboundTable {
     by_len: BTreeMap<std::cmp::Reverse<u8>, HashMap<IpAddr, u32>>,
-    /// Each SA with its subnets and its installation order (the newest wins a subnet).
-    sas: HashMap<u32, (OutboundSa, Vec<IpNet>, u64)>,
+    sas: HashMap<u32, OutboundEntry>,
     installed: u64,
 }
 
 impl OutboundTable {
-    pub fn install(&mut self, sa: OutboundSa, subnets: Vec<IpNet>) {
+    pub(crate) fn install(&mut self, sa: Arc<OutboundSa>, subnets: Vec<IpNet>, path: PathMtu) {
         for net in &subnets {
             self.by_len
                 .entry(std::cmp::Reverse(net.prefix_len()))
@@ -125,12 +164,20 @@ impl OutboundTable {
                 .insert(net.network(), sa.id);
         }
         self.installed += 1;
-        self.sas.insert(sa.id, (sa, subnets, self.installed));
+        self.sas.insert(
+            sa.id,
+            OutboundEntry {
+                sa,
+                path,
+                subnets,
+                order: self.installed,
+            },
+        );
     }
 
     /// Removes the SA; a subnet another SA has taken over since stays with that one.
     pub fn remove(&mut self, id: u32) {
-        let Some((_, subnets, _)) = self.sas.remove(&id) else {
+        let Some(OutboundEntry { subnets, .. }) = self.sas.remove(&id) else {
             return;
         };
         for net in subnets {
@@ -142,8 +189,8 @@ impl OutboundTable {
                     if let Some(other) = self
                         .sas
                         .iter()
-                        .filter(|(_, (_, nets, _))| nets.contains(&net))
-                        .max_by_key(|(_, (_, _, order))| *order)
+                        .filter(|(_, e)| e.subnets.contains(&net))
+                        .max_by_key(|(_, e)| e.order)
                         .map(|(other, _)| *other)
                     {
                         m.insert(net.network(), other);
@@ -156,12 +203,12 @@ impl OutboundTable {
         }
     }
 
-    pub fn lookup(&mut self, dst: IpAddr) -> Option<&mut OutboundSa> {
+    pub fn lookup(&mut self, dst: IpAddr) -> Option<&mut OutboundEntry> {
         let id = self.by_len.iter().find_map(|(len, m)| {
             let net = IpNet::new(dst, len.0).ok()?.trunc();
             m.get(&net.network()).copied()
         })?;
-        self.sas.get_mut(&id).map(|(sa, _, _)| sa)
+        self.sas.get_mut(&id)
     }
 
     pub fn len(&self) -> usize {
@@ -173,23 +220,60 @@ impl OutboundTable {
     }
 }
 
+/// The receiving half of a CHILD SA as the workers share it.
+pub(crate) struct SharedInbound {
+    pub(crate) spi: u32,
+    /// The keys and the anti-replay window.
+    pub(crate) sa: Mutex<Inbound>,
+    pub(crate) local: Vec<Selector>,
+    pub(crate) remote: Vec<Selector>,
+    pub(crate) counters: Arc<SaCounters>,
+}
+
+impl From<InboundSa> for SharedInbound {
+    fn from(i: InboundSa) -> Self {
+        Self {
+            spi: i.sa.spi(),
+            sa: Mutex::new(i.sa),
+            local: i.local,
+            remote: i.remote,
+            counters: i.counters,
+        }
+    }
+}
+
+impl SharedInbound {
+    /// Decrypts and checks `packet` in place (see [`Inbound::open`]).
+    pub(crate) fn open(
+        &self,
+        packet: &mut [u8],
+    ) -> Result<concentrator_esp::Opened, concentrator_esp::EspError> {
+        // A worker that panicked while holding the lock left a consistent window behind
+        // (`open` only moves it after a packet passed): carry on with it.
+        self.sa
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .open(packet)
+    }
+}
+
 /// Inbound SAs by SPI.
 #[derive(Default)]
-pub struct InboundTable {
-    sas: HashMap<u32, InboundSa>,
+pub(crate) struct InboundTable {
+    sas: HashMap<u32, Arc<SharedInbound>>,
 }
 
 impl InboundTable {
-    pub fn install(&mut self, sa: InboundSa) {
-        self.sas.insert(sa.sa.spi(), sa);
+    pub(crate) fn install(&mut self, sa: Arc<SharedInbound>) {
+        self.sas.insert(sa.spi, sa);
     }
 
-    pub fn remove(&mut self, spi: u32) {
+    pub(crate) fn remove(&mut self, spi: u32) {
         self.sas.remove(&spi);
     }
 
-    pub fn get_mut(&mut self, spi: u32) -> Option<&mut InboundSa> {
-        self.sas.get_mut(&spi)
+    pub(crate) fn get(&self, spi: u32) -> Option<&SharedInbound> {
+        self.sas.get(&spi).map(|s| &**s)
     }
 }
 
@@ -200,14 +284,22 @@ mod tests {
 
     use super::*;
 
-    fn out(id: u32) -> OutboundSa {
+    fn out(id: u32) -> Arc<OutboundSa> {
         let key = AeadKey::new(Encryption::AesGcm16 { key_bits: 128 }, &[1; 20]).unwrap();
-        OutboundSa {
+        Arc::new(OutboundSa {
             id,
             sa: Outbound::new(id + 1000, key, false),
             peer: "192.0.2.1:4500".parse().unwrap(),
             counters: Arc::new(SaCounters::new(Instant::now())),
-        }
+        })
+    }
+
+    fn path() -> PathMtu {
+        PathMtu::probe(
+            "127.0.0.1".parse().unwrap(),
+            "127.0.0.1:4500".parse().unwrap(),
+            Instant::now(),
+        )
     }
 
     fn nets(s: &[&str]) -> Vec<IpNet> {
@@ -219,16 +311,38 @@ mod tests {
     }
 
     #[test]
+    fn counters_report_the_packets_that_cross_volume_limits() {
+        let c = SaCounters::with_limits(
+            Instant::now(),
+            Lifetime {
+                soft_bytes: Some(3000),
+                hard_bytes: Some(6000),
+                ..Lifetime::default()
+            },
+        );
+        let now = Instant::now();
+        assert_eq!(c.count_in(1400, now), Expiry::Fine);
+        assert_eq!(c.count_in(1400, now), Expiry::Fine);
+        assert_eq!(c.count_in(1400, now), Expiry::Rekey);
+        // Directions are counted apart, as with kernel SAs (one per direction).
+        assert_eq!(c.count_out(3500, now), Expiry::Rekey);
+        assert_eq!(c.count_in(1400, now), Expiry::Fine);
+        assert_eq!(c.count_in(1400, now), Expiry::Expired);
+        assert_eq!(c.count_in(1400, now), Expiry::Fine);
+        assert_eq!(SaCounters::new(now).count_out(usize::MAX, now), Expiry::Fine);
+    }
+
+    #[test]
     fn longest_prefix_wins_and_unknown_destinations_miss() {
         let mut t = OutboundTable::default();
-        t.install(out(1), nets(&["10.0.0.0/8"]));
-        t.install(out(2), nets(&["10.1.2.0/24", "10.1.3.0/24"]));
-        assert_eq!(t.lookup(ip("10.1.2.9")).map(|s| s.id), Some(2));
-        assert_eq!(t.lookup(ip("10.1.3.9")).map(|s| s.id), Some(2));
-        assert_eq!(t.lookup(ip("10.1.4.9")).map(|s| s.id), Some(1));
+        t.install(out(1), nets(&["10.0.0.0/8"]), path());
+        t.install(out(2), nets(&["10.1.2.0/24", "10.1.3.0/24"]), path());
+        assert_eq!(t.lookup(ip("10.1.2.9")).map(|e| e.sa.id), Some(2));
+        assert_eq!(t.lookup(ip("10.1.3.9")).map(|e| e.sa.id), Some(2));
+        assert_eq!(t.lookup(ip("10.1.4.9")).map(|e| e.sa.id), Some(1));
         assert!(t.lookup(ip("192.168.0.1")).is_none());
         t.remove(2);
-        assert_eq!(t.lookup(ip("10.1.2.9")).map(|s| s.id), Some(1));
+        assert_eq!(t.lookup(ip("10.1.2.9")).map(|e| e.sa.id), Some(1));
         t.remove(1);
         assert!(t.lookup(ip("10.1.2.9")).is_none());
         assert!(t.is_empty());
@@ -237,15 +351,15 @@ mod tests {
     #[test]
     fn a_rekeyed_sa_takes_over_and_removing_the_old_one_keeps_it() {
         let mut t = OutboundTable::default();
-        t.install(out(1), nets(&["10.1.2.0/24"]));
-        t.install(out(2), nets(&["10.1.2.0/24"]));
-        assert_eq!(t.lookup(ip("10.1.2.9")).map(|s| s.id), Some(2));
+        t.install(out(1), nets(&["10.1.2.0/24"]), path());
+        t.install(out(2), nets(&["10.1.2.0/24"]), path());
+        assert_eq!(t.lookup(ip("10.1.2.9")).map(|e| e.sa.id), Some(2));
         t.remove(1);
-        assert_eq!(t.lookup(ip("10.1.2.9")).map(|s| s.id), Some(2));
+        assert_eq!(t.lookup(ip("10.1.2.9")).map(|e| e.sa.id), Some(2));
         // And the other order: the new one removed first falls back to the old.
-        t.install(out(3), nets(&["10.1.2.0/24"]));
+        t.install(out(3), nets(&["10.1.2.0/24"]), path());
         t.remove(3);
-        assert_eq!(t.lookup(ip("10.1.2.9")).map(|s| s.id), Some(2));
+        assert_eq!(t.lookup(ip("10.1.2.9")).map(|e| e.sa.id), Some(2));
         assert_eq!(t.len(), 1);
     }
 }

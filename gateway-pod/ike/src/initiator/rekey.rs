@@ -526,6 +526,23 @@ pub(crate) fn next_rekey(children: &[ChildRef]) -> Option<Instant> {
     children.iter().filter_map(|c| c.rekey_at).min()
 }
 
+/// Makes the CHILD SA whose inbound SPI is `spi_in` due for a rekey at `now` (its volume
+/// soft limit was reached, in the data plane): the same rekey as at its soft lifetime, from
+/// the next timer run on. False when there is nothing to rekey: no such SA, the peer
+/// replaced it already, or our rekey of it is in flight.
+pub(crate) fn mark_due(children: &mut [ChildRef], ours: &Ours, spi_in: u32, now: Instant) -> bool {
+    if matches!(ours, Ours::ChildRekey(r) if r.old.spi_in == spi_in) {
+        return false;
+    }
+    match children.iter_mut().find(|c| c.spi_in == spi_in && !c.replaced) {
+        Some(c) => {
+            c.rekey_at = Some(c.rekey_at.map_or(now, |t| t.min(now)));
+            true
+        }
+        None => false,
+    }
+}
+
 /// Starts the rekey of the first CHILD SA whose soft lifetime has come, if the window is
 /// free: returns the request to send.
 pub(crate) fn start_due(
@@ -579,6 +596,7 @@ pub(crate) fn peer_rekeyed(
 ) {
     if let Some(c) = children.iter_mut().find(|c| c.spi_in == replaced) {
         c.rekey_at = None;
+        c.replaced = true;
     }
     if let Ours::ChildRekey(r) = ours
         && r.old.spi_in == replaced
@@ -634,6 +652,7 @@ pub(crate) fn finish(
         } else {
             soft_deadline(now, p.lifetime, entropy)
         },
+        replaced: redundant,
     };
     children.push(new);
     changes.push(ChildChange::Installed(Box::new(child)));

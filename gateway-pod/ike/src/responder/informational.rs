@@ -55,6 +55,7 @@ mod tests {
             spi_in,
             spi_out,
             rekey_at: None,
+            replaced: false,
         }
     }
 

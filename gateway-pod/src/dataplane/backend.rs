@@ -1,0 +1,172 @@
+//! The hook for carrying CHILD SAs somewhere else than the userspace data plane: a
+//! [`ChildSaBackend`] takes a negotiated CHILD SA as IKE produced it ([`ChildSaSpec`]: SPIs,
+//! transforms, keys, selectors, peer, encapsulation) and carries it. [`DataplaneHandle`] is
+//! the implementation every test runs; [`XfrmBackend`] marks where a kernel IPsec (XFRM)
+//! backend for bare-metal nodes whose kernel has ESP would go (an `xfrmnetlink` state and
+//! policy per SA). It is not implemented: the kernels of the build and test machines have no
+//! ESP, so it could not be tested here. The control plane still installs through
+//! [`DataplaneHandle::install`] directly; switching it to a `dyn ChildSaBackend` is the step
+//! that makes the backend selectable.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use concentrator_crds::proposal::{Encryption, Integrity};
+use concentrator_crypto::{CryptoError, DirectionKeys};
+use concentrator_esp::sa::{Lifetime, Selector};
+use concentrator_esp::{Inbound, Outbound};
+use ipnet::IpNet;
+
+use super::shared::DataplaneHandle;
+use super::table::{InboundSa, OutboundSa, SaCounters};
+
+/// One negotiated tunnel-mode CHILD SA, whatever carries it.
+pub struct ChildSaSpec {
+    /// Our SPI (the peer's packets carry it); names the SA.
+    pub spi_in: u32,
+    /// The peer's SPI (our packets carry it).
+    pub spi_out: u32,
+    pub encryption: Encryption,
+    /// `None` for an AEAD.
+    pub integrity: Option<Integrity>,
+    /// Keys of the peer-to-us direction.
+    pub keys_in: DirectionKeys,
+    /// Keys of the us-to-peer direction.
+    pub keys_out: DirectionKeys,
+    pub esn: bool,
+    pub replay_window: u32,
+    /// Negotiated TSr (our side) and TSi (the peer's).
+    pub local: Vec<Selector>,
+    pub remote: Vec<Selector>,
+    /// The destinations routed into the SA.
+    pub subnets: Vec<IpNet>,
+    /// The peer's outer address (and UDP port with `udp_encap`).
+    pub peer: SocketAddr,
+    /// ESP in UDP (RFC 3948) rather than plain ESP.
+    pub udp_encap: bool,
+    /// Volume limits (time limits are the IKE engine's).
+    pub volume: Lifetime,
+}
+
+/// Why a backend cannot carry an SA.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("CHILD SA keys: {0}")]
+    Keys(#[from] CryptoError),
+    #[error("{0}")]
+    Unsupported(&'static str),
+}
+
+/// Something that carries CHILD SAs.
+pub trait ChildSaBackend: Send + Sync {
+    /// Carries `spec` from now on; returns its traffic counters.
+    fn install_child(&self, spec: ChildSaSpec) -> Result<Arc<SaCounters>, BackendError>;
+    /// Stops carrying the CHILD SA whose inbound SPI is `spi_in`.
+    fn remove_child(&self, spi_in: u32);
+}
+
+impl ChildSaBackend for DataplaneHandle {
+    fn install_child(&self, spec: ChildSaSpec) -> Result<Arc<SaCounters>, BackendError> {
+        let inbound = Inbound::from_keys(
+            spec.spi_in,
+            spec.encryption,
+            spec.integrity,
+            &spec.keys_in,
+            spec.esn,
+            spec.replay_window,
+        )?;
+        let outbound = Outbound::from_keys(
+            spec.spi_out,
+            spec.encryption,
+            spec.integrity,
+            &spec.keys_out,
+            spec.esn,
+        )?;
+        let counters = Arc::new(SaCounters::with_limits(Instant::now(), spec.volume));
+        // The raw ESP mode is per data plane (its socket), not per SA: the port only matters
+        // with UDP.
+        self.install(
+            InboundSa {
+                sa: inbound,
+                local: spec.local,
+                remote: spec.remote,
+                counters: counters.clone(),
+            },
+            OutboundSa {
+                id: spec.spi_in,
+                sa: outbound,
+                peer: spec.peer,
+                counters: counters.clone(),
+            },
+            spec.subnets,
+        );
+        Ok(counters)
+    }
+
+    fn remove_child(&self, spi_in: u32) {
+        self.remove(spi_in);
+    }
+}
+
+/// The kernel's IPsec (XFRM) as a backend: not implemented (see the module docs).
+pub struct XfrmBackend;
+
+impl ChildSaBackend for XfrmBackend {
+    fn install_child(&self, _spec: ChildSaSpec) -> Result<Arc<SaCounters>, BackendError> {
+        Err(BackendError::Unsupported(
+            "the kernel XFRM backend is not implemented (no kernel ESP to test it against)",
+        ))
+    }
+
+    fn remove_child(&self, _spi_in: u32) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use concentrator_crypto::SecretBytes;
+
+    use super::*;
+
+    fn spec(encryption: Encryption, integrity: Option<Integrity>) -> ChildSaSpec {
+        let keys = || DirectionKeys {
+            encr: SecretBytes::from_slice(&[0x11; 16]),
+            salt: SecretBytes::from_slice(if encryption.is_aead() { &[0x33; 4] } else { &[] }),
+            integ: SecretBytes::from_slice(&[]),
+        };
+        ChildSaSpec {
+            spi_in: 0xa1,
+            spi_out: 0xb1,
+            encryption,
+            integrity,
+            keys_in: keys(),
+            keys_out: keys(),
+            esn: false,
+            replay_window: 64,
+            local: Vec::new(),
+            remote: Vec::new(),
+            subnets: vec!["10.2.0.0/24".parse().unwrap()],
+            peer: "192.0.2.2:4500".parse().unwrap(),
+            udp_encap: true,
+            volume: Lifetime::default(),
+        }
+    }
+
+    #[test]
+    fn the_userspace_backend_takes_what_it_can_carry_and_xfrm_nothing() {
+        let (handle, mut rx) = DataplaneHandle::detached();
+        let gcm = Encryption::AesGcm16 { key_bits: 128 };
+        assert!(handle.install_child(spec(gcm, None)).is_ok());
+        assert_eq!(rx.installs(), 1, "one install reached the worker");
+        let cbc_without_integrity = spec(Encryption::AesCbc { key_bits: 128 }, None);
+        assert!(matches!(
+            handle.install_child(cbc_without_integrity),
+            Err(BackendError::Keys(_))
+        ));
+        assert_eq!(rx.installs(), 0);
+        assert!(matches!(
+            XfrmBackend.install_child(spec(gcm, None)),
+            Err(BackendError::Unsupported(_))
+        ));
+    }
+}
