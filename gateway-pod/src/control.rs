@@ -818,10 +818,10 @@ impl Driver {
             Event::PeerIdentified { id } => self.peer_identified(spi_r, &id),
             Event::IkeSaEstablished {
                 spi_i,
+                spi_r: sa_spi_r,
                 peer_id,
                 remote,
                 nat_detected,
-                ..
             } => {
                 let rec = self.record(spi_r, &peer_id);
                 rec.remote = Some(remote);
@@ -833,7 +833,7 @@ impl Driver {
                     nat_detected,
                     eroute = rec.eroute.as_deref().unwrap_or("-"),
                     spi_i = format_args!("{spi_i:016x}"),
-                    spi_r = format_args!("{spi_r:016x}"),
+                    spi_r = format_args!("{sa_spi_r:016x}"),
                     "IKE SA established"
                 );
                 self.dynamic_established(spi_r);

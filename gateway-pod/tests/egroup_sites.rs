@@ -235,24 +235,12 @@ impl Headend {
     }
 
     fn metric(&self, name: &str) -> Result<f64> {
-        let text = self.gw.run("curl", &["-sf", "http://127.0.0.1:9090/metrics"])?;
-        Ok(text
-            .lines()
-            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum())
+        concentrator_e2e::gateway::metric(&self.gw, name)
     }
 
     fn wait_metric(&self, name: &str, want: f64) -> Result<()> {
-        wait::until(format!("{name} = {want}"), TIMEOUT, || {
-            let v = self.metric(name)?;
-            Ok(if (v - want).abs() < f64::EPSILON {
-                Probe::Ready(())
-            } else {
-                Probe::pending(format!("{name} = {v}"))
-            })
-        })
-        .with_context(|| self.gateway.log_tail(30))
+        concentrator_e2e::gateway::wait_metric(&self.gw, name, want, TIMEOUT)
+            .with_context(|| self.gateway.log_tail(30))
     }
 
     fn tunnels(&self) -> Result<String> {

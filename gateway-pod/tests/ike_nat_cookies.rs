@@ -146,14 +146,7 @@ impl Gateway {
     }
 
     fn wait_metric(&self, name: &str, want: f64, timeout: Duration) -> Result<()> {
-        wait::until(format!("{name} = {want}"), timeout, || {
-            let v = self.metric(name)?;
-            Ok(if (v - want).abs() < f64::EPSILON {
-                Probe::Ready(())
-            } else {
-                Probe::pending(format!("{name} = {v}"))
-            })
-        })
+        concentrator_e2e::gateway::wait_metric(&self.ns, name, want, timeout)
     }
 
     /// The JSON log events whose message is `message`.
@@ -177,15 +170,7 @@ impl Gateway {
     }
 }
 
-/// A metric value from `/metrics` of the gateway in `ns` (the sum over matching lines).
-fn metric(ns: &Netns, name: &str) -> Result<f64> {
-    let text = ns.run("curl", &["-sf", "http://127.0.0.1:9090/metrics"])?;
-    Ok(text
-        .lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum())
-}
+use concentrator_e2e::gateway::metric;
 
 /// The gateway's config directory: one static eroute for the site, its PSK as a Secret file.
 fn write_config(dir: &Path, psk: &str) -> Result<()> {

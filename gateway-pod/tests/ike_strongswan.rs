@@ -174,23 +174,11 @@ impl Setup {
 
     /// A metric value from `/metrics` of the gateway.
     fn metric(&self, name: &str) -> Result<f64> {
-        let text = self.gw.run("curl", &["-sf", "http://127.0.0.1:9090/metrics"])?;
-        Ok(text
-            .lines()
-            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum())
+        concentrator_e2e::gateway::metric(&self.gw, name)
     }
 
     fn wait_metric(&self, name: &str, want: f64) -> Result<()> {
-        wait::until(format!("{name} = {want}"), TIMEOUT, || {
-            let v = self.metric(name)?;
-            Ok(if (v - want).abs() < f64::EPSILON {
-                Probe::Ready(())
-            } else {
-                Probe::pending(format!("{name} = {v}"))
-            })
-        })
+        concentrator_e2e::gateway::wait_metric(&self.gw, name, want, TIMEOUT)
     }
 }
 

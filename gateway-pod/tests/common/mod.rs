@@ -273,34 +273,9 @@ pub(crate) fn wait_ready(
     })
 }
 
-/// The sum of the samples of metric `name` (a full name, or a prefix with labels) on the
-/// `/metrics` endpoint of the gateway in `ns` (default listen address).
-pub(crate) fn metric(ns: &concentrator_e2e::netns::Netns, name: &str) -> anyhow::Result<f64> {
-    let text = ns.run("curl", &["-sf", "http://127.0.0.1:9090/metrics"])?;
-    Ok(text
-        .lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum())
-}
-
-/// Waits until [`metric`] equals `want`.
-pub(crate) fn wait_metric(
-    ns: &concentrator_e2e::netns::Netns,
-    name: &str,
-    want: f64,
-    timeout: std::time::Duration,
-) -> anyhow::Result<()> {
-    use concentrator_e2e::wait::{Probe, until};
-    until(format!("{name} = {want}"), timeout, || {
-        let v = metric(ns, name)?;
-        Ok(if (v - want).abs() < f64::EPSILON {
-            Probe::Ready(())
-        } else {
-            Probe::pending(format!("{name} = {v}"))
-        })
-    })
-}
+// Metrics of a gateway in a namespace: shared with the tests that use `e2e::gateway` directly.
+#[allow(unused_imports)]
+pub(crate) use concentrator_e2e::gateway::{metric, wait_metric};
 
 /// The row of `concentrator-gateway tunnels` (run in `ns`) whose peer ID is `peer_id`, split
 /// in columns: peer ID, eroute, egroup, peer address, remote subnet, SAs, bytes in, bytes out,
