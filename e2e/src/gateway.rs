@@ -46,14 +46,7 @@ impl Gateway {
         ];
         args.extend_from_slice(extra);
         let mut daemon = ns.spawn(name, bin, &args, &log)?;
-        wait::until(format!("{name} to be ready"), READY, || {
-            daemon.ensure_running()?;
-            Ok(if logs::contains(&log, "gateway ready") {
-                Probe::Ready(())
-            } else {
-                Probe::pending(daemon.log_tail(10))
-            })
-        })?;
+        wait_ready(&mut daemon, READY)?;
         Ok(Self { daemon, log })
     }
 
@@ -61,6 +54,19 @@ impl Gateway {
     pub fn log_tail(&self, lines: usize) -> String {
         logs::tail(&self.log, lines)
     }
+}
+
+/// Waits until a started gateway logs that it serves (fails at once if it exits).
+pub fn wait_ready(daemon: &mut Daemon, timeout: Duration) -> Result<()> {
+    let log = daemon.log_path().to_owned();
+    wait::until(format!("{} to be ready", daemon.name()), timeout, || {
+        daemon.ensure_running()?;
+        Ok(if logs::contains(&log, "gateway ready") {
+            Probe::Ready(())
+        } else {
+            Probe::pending(daemon.log_tail(10))
+        })
+    })
 }
 
 /// A metric of the gateway running in `ns` (its `/metrics` on the namespace's loopback),

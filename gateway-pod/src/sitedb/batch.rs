@@ -266,16 +266,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 mod tests {
     use super::*;
 
-    fn table() -> SiteTable {
-        SiteTable {
-            table: "sites".into(),
-            peer_id: "peer_id".into(),
-            psk: "psk".into(),
-            remote_subnet: "remote_subnet".into(),
-            peer_address: "peer_address".into(),
-            backup_peer_address: "backup_peer_address".into(),
-        }
-    }
+    use crate::sites::default_table as table;
 
     async fn store(dir: &std::path::Path, rows: usize) -> SiteStore {
         let store = SiteStore::open_embedded(dir).await.unwrap();

@@ -256,26 +256,9 @@ pub(crate) fn spawn_gateway(
     )
 }
 
-/// Waits until a gateway logs that it serves (fails at once if it exits).
-pub(crate) fn wait_ready(
-    gateway: &mut concentrator_e2e::process::Daemon,
-    timeout: std::time::Duration,
-) -> anyhow::Result<()> {
-    use concentrator_e2e::wait::{Probe, until};
-    let log = gateway.log_path().to_owned();
-    until(format!("{} to be ready", gateway.name()), timeout, || {
-        gateway.ensure_running()?;
-        Ok(if concentrator_e2e::logs::contains(&log, "gateway ready") {
-            Probe::Ready(())
-        } else {
-            Probe::pending(gateway.log_tail(10))
-        })
-    })
-}
-
 // Metrics of a gateway in a namespace: shared with the tests that use `e2e::gateway` directly.
 #[allow(unused_imports)]
-pub(crate) use concentrator_e2e::gateway::{metric, wait_metric};
+pub(crate) use concentrator_e2e::gateway::{metric, wait_metric, wait_ready};
 
 /// The row of `concentrator-gateway tunnels` (run in `ns`) whose peer ID is `peer_id`, split
 /// in columns: peer ID, eroute, egroup, peer address, remote subnet, SAs, bytes in, bytes out,
