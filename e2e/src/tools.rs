@@ -101,6 +101,9 @@ pub const CURL: Tool = Tool::search("curl", "curl");
 /// Python 3, for TCP transfers with a checksum.
 pub const PYTHON3: Tool = Tool::search("python3", "python3");
 
+/// nftables, to count packets by protocol.
+pub const NFT: Tool = Tool::search("nft", "nftables");
+
 /// TCP throughput, for benchmarks.
 pub const IPERF3: Tool = Tool::search("iperf3", "iperf3");
 

@@ -117,6 +117,13 @@ pub struct Options {
     #[arg(long, env = "CONCENTRATOR_REDIRECT_TO", value_name = "GATEWAY")]
     pub redirect_to: Option<String>,
 
+    /// Also carry plain ESP (IP protocol 50 on a raw socket; needs CAP_NET_RAW) for sites
+    /// that do not float to UDP: without a NAT in between, IKE then stays on port 500 and
+    /// the tunnel uses plain ESP. Without this flag every site is made to use ESP in UDP on
+    /// the NAT-T port (what a Kubernetes Service can carry).
+    #[arg(long, env = "CONCENTRATOR_RAW_ESP")]
+    pub raw_esp: bool,
+
     /// Serve only the admin API and metrics: no IKE, no TUN device (no tunnels; needs no
     /// privileges). For inspecting a configuration or a site store.
     #[arg(long, env = "CONCENTRATOR_NO_TUNNELS")]

@@ -14,7 +14,6 @@ use std::time::{Duration, Instant, SystemTime};
 use concentrator_crds::eroute::{Role, ValidatedEroute};
 use concentrator_crds::proposal::Esn;
 use concentrator_esp::sa::Selector;
-use concentrator_esp::{Inbound, Outbound};
 use concentrator_ike::Event;
 use concentrator_ike::endpoint::{Endpoint, EndpointConfig, EndpointError, EndpointEvent};
 use concentrator_ike::negotiate::ts_bounds;
@@ -28,8 +27,9 @@ use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::dataplane::DataplaneError;
-use crate::dataplane::shared::{self, DataplaneHandle, IkeDatagram, SaEvent};
-use crate::dataplane::table::{InboundSa, OutboundSa, SaCounters};
+use crate::dataplane::backend::{ChildSaBackend, ChildSaSpec};
+use crate::dataplane::shared::{self, IkeDatagram, SaEvent};
+use crate::dataplane::table::SaCounters;
 use crate::egroups::Egroups;
 use crate::eroute::{Selection, select_responder};
 use crate::sitedb::{LookupError, Site};
@@ -48,11 +48,16 @@ pub struct ControlOptions {
     pub endpoint: EndpointConfig,
     /// Where to redirect new sites (RFC 5685), if anywhere.
     pub redirect_to: Option<concentrator_ike::redirect::GatewayId>,
+    /// Also carry plain ESP (IP protocol 50, a raw socket) for peers that do not float to
+    /// UDP. Without it every peer is made to use ESP in UDP.
+    pub raw_esp: bool,
 }
 
 /// Why the control plane could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
+    #[error("cannot open the raw ESP socket on {addr} (--raw-esp needs CAP_NET_RAW): {source}")]
+    RawEsp { addr: IpAddr, source: std::io::Error },
     #[error("cannot listen for IKE on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -158,7 +163,8 @@ pub async fn start(
                 }
             }
             None => refusing_config(opts.listen, opts.retransmit)?,
-        },
+        }
+        .forcing_udp_encap(!opts.raw_esp),
     );
 
     let bind = |port| async move {
@@ -195,10 +201,22 @@ pub async fn start(
     let (ike_tx, ike_rx) = mpsc::channel(4096);
     let (acquire_tx, acquire_rx) = mpsc::channel(1024);
     let (sa_events_tx, sa_events_rx) = mpsc::unbounded_channel();
+    let raw_esp = if opts.raw_esp {
+        let raw = crate::dataplane::bind_raw_esp(opts.listen).map_err(|source| ControlError::RawEsp {
+            addr: opts.listen,
+            source,
+        })?;
+        Some(Arc::new(raw))
+    } else {
+        None
+    };
     let (dataplane, dataplane_task) = shared::spawn(
         Arc::new(dev),
         opts.tun_name.clone(),
-        udp4500.clone(),
+        shared::Outer {
+            udp: Some(udp4500.clone()),
+            raw_esp,
+        },
         ike_tx,
         acquire_tx,
         sa_events_tx,
@@ -246,7 +264,8 @@ pub async fn start(
         static_owner: HashMap::new(),
         endpoint,
         gateway,
-        dataplane,
+        backend: Arc::new(dataplane),
+        raw_esp: opts.raw_esp,
         udp500,
         udp4500,
         nat_t_port: nat_t_addr.port(),
@@ -334,7 +353,10 @@ struct ChildRecord {
 struct Driver {
     endpoint: Endpoint,
     gateway: Arc<Gateway>,
-    dataplane: DataplaneHandle,
+    /// What carries the CHILD SAs (the userspace data plane).
+    backend: Arc<dyn ChildSaBackend>,
+    /// Plain ESP is carried too: peers we initiate to need not float to UDP.
+    raw_esp: bool,
     udp500: Arc<UdpSocket>,
     udp4500: Arc<UdpSocket>,
     nat_t_port: u16,
@@ -778,9 +800,9 @@ impl Driver {
         config.dpd_interval = Some(e.dpd_interval).filter(|d| !d.is_zero());
         config.retransmit = self.retransmit;
         config.nat_t.local_port = self.nat_t_port;
-        // Our data plane carries ESP in UDP only: float to 4500 even without a NAT (RFC 7296
-        // §2.23 allows it), so that the peer expects UDP-encapsulated ESP.
-        config.nat_t.force = true;
+        // Without a raw ESP socket our data plane carries ESP in UDP only: float to 4500 even
+        // without a NAT (RFC 7296 §2.23 allows it), so that the peer expects ESP in UDP.
+        config.nat_t.force = !self.raw_esp;
         config
     }
 
@@ -1240,34 +1262,6 @@ impl Driver {
         let replay_window = eroute.map_or(concentrator_crds::eroute::DEFAULT_REPLAY_WINDOW, |e| {
             e.replay_window
         });
-        if !c.udp_encap {
-            tracing::warn!(
-                peer_id = %rec.peer_id,
-                "peer negotiated plain ESP; this gateway sends ESP in UDP on port 4500 only \
-                 (configure the site with UDP encapsulation, e.g. strongSwan encap = yes)"
-            );
-        }
-        let esn = c.esn == Esn::Yes;
-        let sas = Inbound::from_keys(
-            c.spi_in,
-            c.encryption,
-            c.integrity,
-            &c.inbound,
-            esn,
-            replay_window,
-        )
-        .and_then(|inbound| {
-            Outbound::from_keys(c.spi_out, c.encryption, c.integrity, &c.outbound, esn)
-                .map(|outbound| (inbound, outbound))
-        });
-        let (inbound, outbound) = match sas {
-            Ok(v) => v,
-            Err(e) => {
-                self.gateway.metrics.count_ike_failure("child_sa_unsupported");
-                tracing::warn!(peer_id = %rec.peer_id, error = %e, "CHILD SA cannot be installed");
-                return;
-            }
-        };
         let selectors = |ts: &[TrafficSelector<'_>]| -> Vec<Selector> {
             ts.iter()
                 .filter_map(ts_bounds)
@@ -1285,16 +1279,8 @@ impl Driver {
             .flat_map(|(start, end)| range_to_nets(start, end))
             .collect();
         let volume = eroute.map(|e| e.esp_volume).unwrap_or_default();
-        let counters = Arc::new(SaCounters::with_limits(
-            Instant::now(),
-            concentrator_esp::sa::Lifetime {
-                soft_bytes: volume.rekey_bytes,
-                hard_bytes: volume.life_bytes,
-                soft_packets: volume.rekey_packets,
-                hard_packets: volume.life_packets,
-                ..Default::default()
-            },
-        ));
+        // With plain ESP the port means nothing; in UDP it is the peer's NAT-T port (after
+        // a NAT, the one its datagrams come from).
         let peer = SocketAddr::new(
             remote.ip(),
             if c.udp_encap {
@@ -1303,21 +1289,38 @@ impl Driver {
                 self.nat_t_port
             },
         );
-        self.dataplane.install(
-            InboundSa {
-                sa: inbound,
-                local: selectors(&c.ts_local),
-                remote: selectors(&c.ts_remote),
-                counters: counters.clone(),
+        let spec = ChildSaSpec {
+            spi_in: c.spi_in,
+            spi_out: c.spi_out,
+            encryption: c.encryption,
+            integrity: c.integrity,
+            keys_in: c.inbound,
+            keys_out: c.outbound,
+            esn: c.esn == Esn::Yes,
+            replay_window,
+            local: selectors(&c.ts_local),
+            remote: selectors(&c.ts_remote),
+            subnets: subnets.clone(),
+            peer,
+            udp_encap: c.udp_encap,
+            volume: concentrator_esp::sa::Lifetime {
+                soft_bytes: volume.rekey_bytes,
+                hard_bytes: volume.life_bytes,
+                soft_packets: volume.rekey_packets,
+                hard_packets: volume.life_packets,
+                ..Default::default()
             },
-            OutboundSa {
-                id: c.spi_in,
-                sa: outbound,
-                peer,
-                counters: counters.clone(),
-            },
-            subnets.clone(),
-        );
+        };
+        let counters = match self.backend.install_child(spec) {
+            Ok(counters) => counters,
+            Err(e) => {
+                // The IKE SA stays; the tunnel carries nothing until a rekey or reconnect
+                // negotiates something the backend can carry.
+                self.gateway.metrics.count_ike_failure("child_sa_unsupported");
+                tracing::warn!(peer_id = %rec.peer_id, error = %e, "CHILD SA cannot be installed");
+                return;
+            }
+        };
         for net in &subnets {
             let n = self.routes.entry(*net).or_insert(0);
             *n += 1;
@@ -1332,6 +1335,7 @@ impl Driver {
             encryption = ?c.encryption,
             remote_subnets = ?subnets,
             %peer,
+            udp_encap = c.udp_encap,
             "CHILD SA installed"
         );
         if let Some(rec) = self.sas.get_mut(&spi_r) {
@@ -1368,13 +1372,13 @@ impl Driver {
             }
             SaEvent::Expired { .. } => {
                 tracing::warn!(peer_id = %rec.peer_id, spi_in = %spi, "CHILD SA reached its volume hard limit: removed");
-                self.dataplane.remove(spi_in);
+                self.backend.remove_child(spi_in);
             }
         }
     }
 
     fn child_deleted(&mut self, spi_r: u64, spi_in: u32, spi_out: u32) {
-        self.dataplane.remove(spi_in);
+        self.backend.remove_child(spi_in);
         let Some(rec) = self.sas.get_mut(&spi_r) else {
             return;
         };
@@ -1411,7 +1415,7 @@ impl Driver {
             }
         }
         for child in &rec.children {
-            self.dataplane.remove(child.spi_in);
+            self.backend.remove_child(child.spi_in);
             self.unroute(&child.subnets);
         }
         self.gateway.tunnels.remove(&tunnel_id(spi_r));

@@ -139,6 +139,7 @@ pub async fn start(opts: &Options, config: Config) -> Result<Running, StartError
                         Ok(ip) => concentrator_ike::redirect::GatewayId::Ip(ip),
                         Err(_) => concentrator_ike::redirect::GatewayId::Fqdn(g.to_owned()),
                     }),
+                    raw_esp: opts.raw_esp,
                 },
             )
             .await?,

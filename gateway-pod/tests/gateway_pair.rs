@@ -5,7 +5,9 @@
 //! gateway → LAN as in production, not delivered to the gateway's own namespace. Both list the
 //! IKE SA and its CHILD SA; ping and a checksummed TCP transfer cross both ways, for an AEAD
 //! and a CBC + HMAC proposal; CHILD and IKE SA rekeys by either gateway, or by both at once,
-//! keep a TCP stream alive.
+//! keep a TCP stream alive. With `--raw-esp` on both, the tunnel is plain ESP (IP protocol
+//! 50, counted by nftables on the head-end); with it on the site only, the head-end makes the
+//! site float to ESP in UDP all the same.
 //!
 //! As non-root every test prints SKIP and passes.
 
@@ -57,6 +59,7 @@ impl Gateway {
         router: &str,
         host: &str,
         eroute: &StaticEroute<'_>,
+        args: &[&str],
     ) -> Result<Self> {
         let ns = Netns::new(role)?;
         let lan = Netns::new(&format!("{role}lan"))?;
@@ -72,7 +75,7 @@ impl Gateway {
         ns.enable_forwarding()?;
         let dir = scratch::dir(role)?;
         eroute.write(&dir.path().join("config"))?;
-        let mut daemon = common::spawn_gateway(&ns, role, dir.path(), wan_addr, &[])?;
+        let mut daemon = common::spawn_gateway(&ns, role, dir.path(), wan_addr, args)?;
         common::wait_ready(&mut daemon, TIMEOUT)?;
         Ok(Self { daemon, ns, lan, dir })
     }
@@ -113,6 +116,9 @@ struct Options<'a> {
     esp: &'a str,
     site_lifetimes: (&'a str, &'a str),
     head_lifetimes: (&'a str, &'a str),
+    /// Extra command line arguments of each gateway.
+    site_args: &'a [&'a str],
+    head_args: &'a [&'a str],
 }
 
 const LONG: (&str, &str) = ("4h", "1h");
@@ -146,6 +152,7 @@ impl Pair {
                 lifetimes: o.head_lifetimes,
                 psk: &psk,
             },
+            o.head_args,
         )?;
         let site = Gateway::start(
             &wan,
@@ -165,6 +172,7 @@ impl Pair {
                 lifetimes: o.site_lifetimes,
                 psk: &psk,
             },
+            o.site_args,
         )?;
         Ok(Self {
             site,
@@ -222,6 +230,8 @@ fn carries_traffic(ike: &str, esp: &str) -> Result<()> {
         esp,
         site_lifetimes: LONG,
         head_lifetimes: LONG,
+        site_args: &[],
+        head_args: &[],
     })?;
     p.wait_up()?;
     ensure!(
@@ -286,6 +296,8 @@ fn rekeys_keep_traffic_flowing(site_short: bool, head_short: bool) -> Result<()>
         esp: "aes128gcm16-x25519",
         site_lifetimes: pick(site_short),
         head_lifetimes: pick(head_short),
+        site_args: &[],
+        head_args: &[],
     })?;
     p.wait_up()?;
     p.ping_both_ways()?;
@@ -340,4 +352,57 @@ fn the_head_end_rekeys_child_and_ike_sas_under_traffic() -> Result<()> {
 #[test]
 fn both_gateways_rekeying_settle_on_one_sa_under_traffic() -> Result<()> {
     rekeys_keep_traffic_flowing(true, true)
+}
+
+/// Starts a pair with these arguments, carries a checksummed TCP transfer each way, and
+/// returns the head-end's (plain ESP, UDP 4500) packet counts and the pair.
+fn transfer_with(site_args: &[&str], head_args: &[&str]) -> Result<(Pair, (u64, u64))> {
+    let p = Pair::start(&Options {
+        ike: "aes128gcm16-prfsha256-x25519",
+        esp: "aes128gcm16",
+        site_lifetimes: LONG,
+        head_lifetimes: LONG,
+        site_args,
+        head_args,
+    })?;
+    common::count_outer(&p.head.ns)?;
+    p.wait_up()?;
+    p.ping_both_ways()?;
+    let dir = p.site.dir.path();
+    common::tcp_transfer(&p.site.lan, SITE_HOST, &p.head.lan, HEAD_HOST, dir).with_context(|| p.logs())?;
+    common::tcp_transfer(&p.head.lan, HEAD_HOST, &p.site.lan, SITE_HOST, dir).with_context(|| p.logs())?;
+    let counts = common::outer_counts(&p.head.ns)?;
+    Ok((p, counts))
+}
+
+#[test]
+fn two_gateways_with_raw_esp_carry_plain_esp() -> Result<()> {
+    if required() || prereq::require(&[&[tools::NFT]]).is_skip() {
+        return Ok(());
+    }
+    let (p, (esp, udp)) = transfer_with(&["--raw-esp"], &["--raw-esp"])?;
+    // Only IKE on port 500: no NAT between them, so nobody floats. (The 2 MB transfer to the
+    // head-end's LAN arrives there as ESP.)
+    ensure!(
+        esp > 2_000_000 && udp == 0,
+        "expected plain ESP only, got {esp} ESP and {udp} UDP 4500 bytes:\n{}",
+        p.logs()
+    );
+    Ok(())
+}
+
+#[test]
+fn a_head_end_without_raw_esp_makes_a_raw_capable_site_use_udp() -> Result<()> {
+    if required() || prereq::require(&[&[tools::NFT]]).is_skip() {
+        return Ok(());
+    }
+    // The site would stay on plain ESP (it does not force the float); the head-end's NAT
+    // detection answer makes it float.
+    let (p, (esp, udp)) = transfer_with(&["--raw-esp"], &[])?;
+    ensure!(
+        esp == 0 && udp > 2_000_000,
+        "expected ESP in UDP only, got {esp} ESP and {udp} UDP 4500 bytes:\n{}",
+        p.logs()
+    );
+    Ok(())
 }

@@ -200,6 +200,11 @@ pub struct Config {
     pub half_open_timeout: Duration,
     /// Retransmission of our requests.
     pub retransmit: Retransmit,
+    /// Answer NAT detection as if we were behind a NAT (a NAT_DETECTION_SOURCE_IP hash that
+    /// cannot match, as strongSwan's `encap = yes` does), so that an initiator without a NAT
+    /// in the path still floats to port 4500 and sends ESP in UDP: for a data plane that
+    /// carries nothing else (RFC 3948 only, e.g. behind a Kubernetes Service).
+    pub force_udp_encap: bool,
 }
 
 impl Config {
@@ -229,6 +234,16 @@ impl Config {
             dpd_interval: None,
             half_open_timeout: Self::DEFAULT_HALF_OPEN_TIMEOUT,
             retransmit: Retransmit::default(),
+            force_udp_encap: false,
+        }
+    }
+
+    /// This configuration with [`Self::force_udp_encap`] set to `force`.
+    #[must_use]
+    pub fn forcing_udp_encap(self, force: bool) -> Self {
+        Self {
+            force_udp_encap: force,
+            ..self
         }
     }
 
@@ -1229,7 +1244,13 @@ impl Responder {
         let our_nat = behind_nat(nat_dst.iter().copied(), h.spi_i, 0, local).unwrap_or(false);
         let public = kex.public_value()?;
         let sa_payload = choice.to_sa();
-        let src_hash = nat_detection_hash(h.spi_i, spi_r, local);
+        // Port 0 is never the port we answer from: the hash cannot match.
+        let claimed_src = if self.config.force_udp_encap {
+            SocketAddr::new(local.ip(), 0)
+        } else {
+            local
+        };
+        let src_hash = nat_detection_hash(h.spi_i, spi_r, claimed_src);
         let dst_hash = nat_detection_hash(h.spi_i, spi_r, remote);
         let mut payloads = vec![
             Payload::Sa(sa_payload),

@@ -517,6 +517,35 @@ fn floats_to_4500_behind_a_nat_and_when_forced() {
 }
 
 #[test]
+fn a_responder_that_forces_udp_encapsulation_makes_the_initiator_float_without_a_nat() {
+    let (ike, esp) = MATRIX[0];
+    // Without a NAT and without forcing, both stay on 500 and negotiate plain ESP.
+    let mut p = Pair::new(initiator_config(ike, esp), responder_config(ike, esp));
+    p.drive();
+    assert_established(&p);
+    assert!(!p.initiator_child().udp_encap);
+    assert!(p.seen_by_r.iter().all(|(l, _)| l.port() == 500));
+
+    let mut r = responder_config(ike, esp);
+    r.force_udp_encap = true;
+    let mut p = Pair::new(initiator_config(ike, esp), r);
+    p.drive();
+    assert_established(&p);
+    // The initiator believes the responder is behind a NAT: it floats, and both sides
+    // agree on ESP in UDP.
+    assert!(matches!(
+        p.i_events[0],
+        initiator::Event::IkeSaEstablished {
+            nat_detected: true,
+            ..
+        }
+    ));
+    assert!(p.initiator_child().udp_encap);
+    assert!(p.responder_child().udp_encap);
+    assert_eq!(p.seen_by_r[1].0.port(), 4500, "IKE_AUTH reached port 4500");
+}
+
+#[test]
 fn lost_messages_are_retransmitted_and_answered_from_the_cache() {
     let (ike, esp) = MATRIX[0];
     let mut p = Pair::new(initiator_config(ike, esp), responder_config(ike, esp));

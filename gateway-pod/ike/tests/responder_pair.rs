@@ -58,6 +58,7 @@ fn config() -> Arc<Config> {
         dpd_interval: None,
         half_open_timeout: Config::DEFAULT_HALF_OPEN_TIMEOUT,
         retransmit: Retransmit::default(),
+        force_udp_encap: false,
     })
 }
 

@@ -4,9 +4,8 @@
 //! the implementation every test runs; [`XfrmBackend`] marks where a kernel IPsec (XFRM)
 //! backend for bare-metal nodes whose kernel has ESP would go (an `xfrmnetlink` state and
 //! policy per SA). It is not implemented: the kernels of the build and test machines have no
-//! ESP, so it could not be tested here. The control plane still installs through
-//! [`DataplaneHandle::install`] directly; switching it to a `dyn ChildSaBackend` is the step
-//! that makes the backend selectable.
+//! ESP, so it could not be tested here. The control plane installs every CHILD SA through a
+//! `dyn ChildSaBackend`, so a backend is a matter of which one the gateway starts with.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -68,6 +67,14 @@ pub trait ChildSaBackend: Send + Sync {
 
 impl ChildSaBackend for DataplaneHandle {
     fn install_child(&self, spec: ChildSaSpec) -> Result<Arc<SaCounters>, BackendError> {
+        if !self.carries(spec.udp_encap) {
+            return Err(BackendError::Unsupported(if spec.udp_encap {
+                "ESP in UDP needs the UDP socket, and this data plane has none"
+            } else {
+                "the peer negotiated plain ESP (no UDP encapsulation), and this gateway runs \
+                 without --raw-esp"
+            }));
+        }
         let inbound = Inbound::from_keys(
             spec.spi_in,
             spec.encryption,
@@ -84,8 +91,6 @@ impl ChildSaBackend for DataplaneHandle {
             spec.esn,
         )?;
         let counters = Arc::new(SaCounters::with_limits(Instant::now(), spec.volume));
-        // The raw ESP mode is per data plane (its socket), not per SA: the port only matters
-        // with UDP.
         self.install(
             InboundSa {
                 sa: inbound,
@@ -97,6 +102,7 @@ impl ChildSaBackend for DataplaneHandle {
                 id: spec.spi_in,
                 sa: outbound,
                 peer: spec.peer,
+                udp_encap: spec.udp_encap,
                 counters: counters.clone(),
             },
             spec.subnets,
@@ -162,6 +168,16 @@ mod tests {
         assert!(matches!(
             handle.install_child(cbc_without_integrity),
             Err(BackendError::Keys(_))
+        ));
+        assert_eq!(rx.installs(), 0);
+        // Plain ESP without a raw socket is refused, not sent in UDP the peer would drop.
+        let plain = ChildSaSpec {
+            udp_encap: false,
+            ..spec(gcm, None)
+        };
+        assert!(matches!(
+            handle.install_child(plain),
+            Err(BackendError::Unsupported(_))
         ));
         assert_eq!(rx.installs(), 0);
         assert!(matches!(

@@ -99,12 +99,25 @@ pub async fn run(t: StaticTunnel, counters: DataplaneCounters) -> Result<(), Dat
             String::from_utf8_lossy(&out.stderr).into(),
         ));
     }
-    let udp = if t.raw_esp {
-        bind_raw_esp(t.local.ip())
+    let sock = Arc::new(
+        if t.raw_esp {
+            bind_raw_esp(t.local.ip())
+        } else {
+            bind_udp(t.local)
+        }
+        .map_err(|e| DataplaneError::Udp(t.local, e))?,
+    );
+    let outer = if t.raw_esp {
+        shared::Outer {
+            udp: None,
+            raw_esp: Some(sock),
+        }
     } else {
-        bind_udp(t.local)
-    }
-    .map_err(|e| DataplaneError::Udp(t.local, e))?;
+        shared::Outer {
+            udp: Some(sock),
+            raw_esp: None,
+        }
+    };
     // No control plane: IKE messages on the port are counted as overflow and dropped, and
     // nobody is asked for SAs toward other destinations.
     let (ike, _) = tokio::sync::mpsc::channel(1);
@@ -114,7 +127,7 @@ pub async fn run(t: StaticTunnel, counters: DataplaneCounters) -> Result<(), Dat
     let (handle, task) = shared::spawn(
         Arc::new(dev),
         t.tun_name.clone(),
-        Arc::new(udp),
+        outer,
         ike,
         acquire,
         sa_events,
@@ -133,6 +146,7 @@ pub async fn run(t: StaticTunnel, counters: DataplaneCounters) -> Result<(), Dat
             id,
             sa: t.outbound,
             peer: t.peer,
+            udp_encap: !t.raw_esp,
             counters: sa_counters,
         },
         // Whatever the kernel routes into the TUN device goes through the one SA, as with

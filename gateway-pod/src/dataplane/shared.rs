@@ -1,5 +1,7 @@
 //! The data plane shared by every tunnel of the gateway: one TUN device on the inner side,
-//! the UDP socket of port 4500 on the outer side (ESP in UDP, RFC 3948), shared with IKE.
+//! the UDP socket of port 4500 on the outer side (ESP in UDP, RFC 3948), shared with IKE,
+//! and optionally a raw socket of IP protocol 50 for SAs negotiated without UDP
+//! encapsulation (plain ESP, RFC 4303); each SA says which of the two carries it.
 //!
 //! One worker per core, each with its own TUN queue and UDP socket (SO_REUSEPORT on port
 //! 4500), each of two tasks owning its SA table so that the per-packet path takes no global
@@ -119,6 +121,17 @@ enum IngressCommand {
 pub struct DataplaneHandle {
     egress: Vec<mpsc::UnboundedSender<EgressCommand>>,
     ingress: Vec<mpsc::UnboundedSender<IngressCommand>>,
+    /// Which kinds of SA the data plane has a socket for.
+    udp: bool,
+    raw_esp: bool,
+}
+
+/// The outer sockets of a data plane: at least one of the two.
+pub struct Outer {
+    /// The port-4500 socket (bound with [`super::bind_udp`]) for ESP in UDP and IKE.
+    pub udp: Option<Arc<UdpSocket>>,
+    /// A raw socket of IP protocol 50 ([`super::bind_raw_esp`]) for plain ESP.
+    pub raw_esp: Option<Arc<UdpSocket>>,
 }
 
 impl DataplaneHandle {
@@ -150,6 +163,11 @@ impl DataplaneHandle {
         self.egress.len()
     }
 
+    /// Can SAs of this kind be carried: ESP in UDP (`udp_encap`) or plain ESP?
+    pub fn carries(&self, udp_encap: bool) -> bool {
+        if udp_encap { self.udp } else { self.raw_esp }
+    }
+
     /// A handle of one worker that is not running: its commands wait in the returned queue.
     #[cfg(test)]
     pub(crate) fn detached() -> (Self, DetachedWorker) {
@@ -159,6 +177,8 @@ impl DataplaneHandle {
             Self {
                 egress: vec![etx],
                 ingress: vec![itx],
+                udp: true,
+                raw_esp: false,
             },
             DetachedWorker(erx),
         )
@@ -193,19 +213,22 @@ fn worker_count() -> usize {
 }
 
 /// Starts the data plane workers on an open TUN device (with or without vnet-hdr offloads)
-/// and the port-4500 socket (bound with [`super::bind_udp`]). IKE messages arriving on that
-/// port go to `ike`. The workers end when the handle is dropped or I/O fails; the error is
-/// returned by the join handle, and aborting the join handle stops them.
+/// and the outer sockets. IKE messages arriving on the UDP port go to `ike`. The workers end
+/// when the handle is dropped or I/O fails; the error is returned by the join handle, and
+/// aborting the join handle stops them.
 ///
 /// One worker per core, each with its own TUN queue (the device must be multi-queue:
 /// [`super::open_tun`]) and its own UDP socket on the same port (SO_REUSEPORT): the kernel
 /// spreads inner flows over the queues and peers over the sockets, and each worker has an
 /// egress task (its queue to its socket) and an ingress task (its socket to its queue). With
-/// a single-queue device or a socket bound without SO_REUSEPORT there is one worker.
+/// a single-queue device or a socket bound without SO_REUSEPORT there is one worker. Every
+/// raw socket of a protocol gets a copy of each packet, so plain ESP has one socket and one
+/// ingress task, and every egress task sends on that socket.
+#[allow(clippy::too_many_arguments)]
 pub fn spawn(
     dev: Arc<tun_rs::AsyncDevice>,
     tun_name: String,
-    udp: Arc<UdpSocket>,
+    outer: Outer,
     ike: mpsc::Sender<IkeDatagram>,
     acquire: mpsc::Sender<IpAddr>,
     sa_events: mpsc::UnboundedSender<SaEvent>,
@@ -214,16 +237,14 @@ pub fn spawn(
     DataplaneHandle,
     tokio::task::JoinHandle<Result<(), DataplaneError>>,
 ) {
-    let want = worker_count();
-    // Every raw ESP socket gets a copy of every packet: one worker then.
-    let want = if super::io::is_raw(&udp) { 1 } else { want };
-    let mut queues = vec![(dev, udp)];
-    if let Ok(local) = queues[0].1.local_addr() {
+    let want = if outer.udp.is_some() { worker_count() } else { 1 };
+    let mut queues = vec![(dev, outer.udp.clone())];
+    if let Some(local) = outer.udp.as_ref().and_then(|u| u.local_addr().ok()) {
         while queues.len() < want {
             let extra = queues[0]
                 .0
                 .try_clone()
-                .and_then(|d| Ok((Arc::new(d), Arc::new(super::io::bind_udp(local)?))));
+                .and_then(|d| Ok((Arc::new(d), Some(Arc::new(super::io::bind_udp(local)?)))));
             match extra {
                 Ok(q) => queues.push(q),
                 Err(e) => {
@@ -233,10 +254,12 @@ pub fn spawn(
             }
         }
     }
-    tracing::info!(workers = queues.len(), tun = %tun_name, "data plane started");
+    tracing::info!(workers = queues.len(), tun = %tun_name, raw_esp = outer.raw_esp.is_some(), "data plane started");
     let mut handle = DataplaneHandle {
         egress: Vec::new(),
         ingress: Vec::new(),
+        udp: outer.udp.is_some(),
+        raw_esp: outer.raw_esp.is_some(),
     };
     let mut receivers = Vec::new();
     for _ in &queues {
@@ -246,33 +269,63 @@ pub fn spawn(
         handle.ingress.push(itx);
         receivers.push((erx, irx));
     }
+    // With both kinds of socket, plain ESP gets an ingress task of its own.
+    let raw_ingress = (outer.udp.is_some() && outer.raw_esp.is_some()).then(|| {
+        let (tx, rx) = mpsc::unbounded_channel();
+        handle.ingress.push(tx);
+        rx
+    });
     let task = tokio::spawn(async move {
-        // Dropping the set (this task ending or being aborted) aborts every worker.
-        let mut set = tokio::task::JoinSet::new();
-        for ((dev, sock), (erx, irx)) in queues.into_iter().zip(receivers) {
+        let wrap = |sock: Arc<UdpSocket>| -> Result<(Arc<Udp>, SocketAddr), DataplaneError> {
             let local = sock
                 .local_addr()
                 .map_err(|e| DataplaneError::Udp(SocketAddr::from(([0, 0, 0, 0], 0)), e))?;
-            let udp = Arc::new(Udp::new(sock).map_err(|e| DataplaneError::Udp(local, e))?);
+            let udp = Udp::new(sock).map_err(|e| DataplaneError::Udp(local, e))?;
+            Ok((Arc::new(udp), local))
+        };
+        let raw = outer.raw_esp.map(wrap).transpose()?;
+        // Dropping the set (this task ending or being aborted) aborts every worker.
+        let mut set = tokio::task::JoinSet::new();
+        if let (Some(rx), Some((raw, local))) = (raw_ingress, &raw) {
+            set.spawn(ingress(
+                queues[0].0.clone(),
+                tun_name.clone(),
+                raw.clone(),
+                *local,
+                rx,
+                ike.clone(),
+                sa_events.clone(),
+                counters.clone(),
+            ));
+        }
+        for ((dev, sock), (erx, irx)) in queues.into_iter().zip(receivers) {
+            let udp = sock.map(wrap).transpose()?;
+            let sockets = Sockets {
+                udp: udp.as_ref().map(|(u, _)| u.clone()),
+                raw: raw.as_ref().map(|(r, _)| r.clone()),
+            };
             set.spawn(egress(
                 dev.clone(),
                 tun_name.clone(),
-                udp.clone(),
+                sockets,
                 erx,
                 acquire.clone(),
                 sa_events.clone(),
                 counters.clone(),
             ));
-            set.spawn(ingress(
-                dev,
-                tun_name.clone(),
-                udp,
-                local,
-                irx,
-                ike.clone(),
-                sa_events.clone(),
-                counters.clone(),
-            ));
+            // Without UDP, the raw socket is this (only) worker's.
+            if let Some((sock, local)) = udp.or_else(|| raw.clone()) {
+                set.spawn(ingress(
+                    dev,
+                    tun_name.clone(),
+                    sock,
+                    local,
+                    irx,
+                    ike.clone(),
+                    sa_events.clone(),
+                    counters.clone(),
+                ));
+            }
         }
         match set.join_next().await {
             Some(r) => joined(r),
@@ -280,6 +333,30 @@ pub fn spawn(
         }
     });
     (handle, task)
+}
+
+/// The sockets an egress worker sends on: its own UDP socket, the shared raw one.
+struct Sockets {
+    udp: Option<Arc<Udp>>,
+    raw: Option<Arc<Udp>>,
+}
+
+impl Sockets {
+    fn for_sa(&self, udp_encap: bool) -> Option<&Udp> {
+        if udp_encap {
+            self.udp.as_deref()
+        } else {
+            self.raw.as_deref()
+        }
+    }
+
+    /// Our address on the outer side (unspecified when bound to any).
+    fn local_ip(&self) -> IpAddr {
+        self.udp
+            .as_ref()
+            .or(self.raw.as_ref())
+            .map_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), |u| u.local_ip())
+    }
 }
 
 /// Segments one TUN read may yield (a 64 KiB super-packet in segments of a small MSS).
@@ -293,6 +370,8 @@ struct GsoBatch {
     count: usize,
     stride: usize,
     peer: SocketAddr,
+    /// ESP in UDP, or plain ESP (the raw socket).
+    udp_encap: bool,
     /// A shorter packet went in last: nothing may follow it.
     closed: bool,
 }
@@ -305,14 +384,16 @@ impl GsoBatch {
             count: 0,
             stride: 0,
             peer: SocketAddr::from(([0, 0, 0, 0], 0)),
+            udp_encap: true,
             closed: false,
         }
     }
 
     /// Can a packet of `sealed` bytes to `peer` join the batch?
-    fn accepts(&self, peer: SocketAddr, sealed: usize, max_segments: usize) -> bool {
+    fn accepts(&self, peer: SocketAddr, udp_encap: bool, sealed: usize, max_segments: usize) -> bool {
         self.count == 0
             || (self.peer == peer
+                && self.udp_encap == udp_encap
                 && !self.closed
                 && sealed <= self.stride
                 && self.count < max_segments
@@ -325,9 +406,10 @@ impl GsoBatch {
     }
 
     /// Takes in the packet just sealed into [`Self::slot`].
-    fn push(&mut self, peer: SocketAddr, sealed: usize) {
+    fn push(&mut self, peer: SocketAddr, udp_encap: bool, sealed: usize) {
         if self.count == 0 {
             self.peer = peer;
+            self.udp_encap = udp_encap;
             self.stride = sealed;
         } else if sealed < self.stride {
             self.closed = true;
@@ -336,12 +418,17 @@ impl GsoBatch {
         self.count += 1;
     }
 
-    async fn flush(&mut self, udp: &Udp, counters: &DataplaneCounters) {
+    async fn flush(&mut self, sockets: &Sockets, counters: &DataplaneCounters) {
         if self.count == 0 {
             return;
         }
         let segment = (self.count > 1).then_some(self.stride);
-        match udp.send(self.peer, &self.buf[..self.len], segment).await {
+        // SAs are only installed where their socket exists (DataplaneHandle::carries).
+        let sent = match sockets.for_sa(self.udp_encap) {
+            Some(sock) => sock.send(self.peer, &self.buf[..self.len], segment).await,
+            None => Err(std::io::Error::other("no socket for this kind of ESP")),
+        };
+        match sent {
             Ok(()) => {
                 counters.packets_out.inc_by(self.count as u64);
             }
@@ -363,7 +450,7 @@ fn device_failed(e: &std::io::Error) -> bool {
 /// One egress worker's state: its SA table, held packets, GSO batch and buffers.
 struct Egress {
     dev: Arc<tun_rs::AsyncDevice>,
-    udp: Arc<Udp>,
+    out: Sockets,
     /// Our address on the outer side (unspecified: any), for path MTU queries.
     local_ip: IpAddr,
     table: OutboundTable,
@@ -378,17 +465,17 @@ struct Egress {
 async fn egress(
     dev: Arc<tun_rs::AsyncDevice>,
     tun_name: String,
-    udp: Arc<Udp>,
+    out: Sockets,
     mut commands: mpsc::UnboundedReceiver<EgressCommand>,
     acquire: mpsc::Sender<IpAddr>,
     events: mpsc::UnboundedSender<SaEvent>,
     counters: DataplaneCounters,
 ) -> Result<(), DataplaneError> {
     let tun_err = |e| DataplaneError::Tun(tun_name.clone(), e);
-    let local_ip = udp.local_ip();
+    let local_ip = out.local_ip();
     let mut w = Egress {
         dev: dev.clone(),
-        udp,
+        out,
         local_ip,
         table: OutboundTable::default(),
         held: HeldPackets::default(),
@@ -416,7 +503,7 @@ async fn egress(
                                 w.counters.no_sa.inc();
                             }
                         }
-                        w.batch.flush(&w.udp, &w.counters).await;
+                        w.batch.flush(&w.out, &w.counters).await;
                     }
                     Some(EgressCommand::Remove(id)) => w.table.remove(id),
                     None => return Ok(()),
@@ -457,7 +544,7 @@ async fn egress(
                 }
             }
         }
-        w.batch.flush(&w.udp, &w.counters).await;
+        w.batch.flush(&w.out, &w.counters).await;
     }
 }
 
@@ -485,7 +572,7 @@ impl Egress {
         let room = entry
             .path
             .get(self.local_ip, sa.peer, now)
-            .saturating_sub(outer_overhead(sa.peer, self.udp.is_raw()));
+            .saturating_sub(outer_overhead(sa.peer, !sa.udp_encap));
         let alone = sealed > room;
         if alone && icmp::must_not_fragment(packet) {
             self.counters.too_big.inc();
@@ -500,14 +587,15 @@ impl Egress {
             }
             return None;
         }
-        if alone || !self.batch.accepts(sa.peer, sealed, self.udp.max_gso_segments()) {
-            self.batch.flush(&self.udp, &self.counters).await;
+        let max_segments = self.out.for_sa(sa.udp_encap).map_or(1, Udp::max_gso_segments);
+        if alone || !self.batch.accepts(sa.peer, sa.udp_encap, sealed, max_segments) {
+            self.batch.flush(&self.out, &self.counters).await;
         }
         // A packet that the sequence counter can no longer carry is dropped: the SA must be
         // rekeyed (by IKE) before that.
         let expiry = match sa.sa.seal(packet, nh, self.batch.slot()) {
             Ok(len) => {
-                self.batch.push(sa.peer, len);
+                self.batch.push(sa.peer, sa.udp_encap, len);
                 sa.counters.count_out(packet.len(), now)
             }
             Err(_) => {
@@ -517,7 +605,7 @@ impl Egress {
         };
         let id = sa.id;
         if alone {
-            self.batch.flush(&self.udp, &self.counters).await;
+            self.batch.flush(&self.out, &self.counters).await;
         }
         if crossed(expiry, id, &self.counters, &self.events) {
             self.table.remove(id);
@@ -784,14 +872,27 @@ mod tests {
     #[test]
     fn a_gso_batch_takes_equal_packets_of_one_peer_and_one_shorter_last() {
         let mut b = GsoBatch::new();
-        assert!(b.accepts(peer(1), 1500, 64), "an empty batch takes anything");
-        b.push(peer(1), 1500);
-        assert!(b.accepts(peer(1), 1500, 64));
-        assert!(!b.accepts(peer(2), 1500, 64), "another peer");
-        assert!(!b.accepts(peer(1), 1501, 64), "longer than the segment size");
-        assert!(!b.accepts(peer(1), 1500, 1), "no GSO: one datagram per send");
-        b.push(peer(1), 700);
-        assert!(!b.accepts(peer(1), 700, 64), "nothing after a shorter packet");
+        assert!(
+            b.accepts(peer(1), true, 1500, 64),
+            "an empty batch takes anything"
+        );
+        b.push(peer(1), true, 1500);
+        assert!(b.accepts(peer(1), true, 1500, 64));
+        assert!(!b.accepts(peer(2), true, 1500, 64), "another peer");
+        assert!(!b.accepts(peer(1), false, 1500, 64), "plain ESP: another socket");
+        assert!(
+            !b.accepts(peer(1), true, 1501, 64),
+            "longer than the segment size"
+        );
+        assert!(
+            !b.accepts(peer(1), true, 1500, 1),
+            "no GSO: one datagram per send"
+        );
+        b.push(peer(1), true, 700);
+        assert!(
+            !b.accepts(peer(1), true, 700, 64),
+            "nothing after a shorter packet"
+        );
         assert_eq!((b.count, b.len, b.stride), (2, 2200, 1500));
     }
 
@@ -799,15 +900,15 @@ mod tests {
     fn a_gso_batch_stays_under_the_datagram_limit() {
         let mut b = GsoBatch::new();
         let mut n = 0;
-        while b.accepts(peer(1), 1470, 64) {
-            b.push(peer(1), 1470);
+        while b.accepts(peer(1), true, 1470, 64) {
+            b.push(peer(1), true, 1470);
             n += 1;
         }
         assert_eq!(n, MAX_GSO_BYTES / 1470);
         assert!(b.len <= MAX_GSO_BYTES);
         // A packet too long to share a send still goes out, alone.
         let mut big = GsoBatch::new();
-        assert!(big.accepts(peer(1), sealed_len(65535), 64));
+        assert!(big.accepts(peer(1), true, sealed_len(65535), 64));
         assert!(big.slot().len() >= sealed_len(65535));
     }
 }

@@ -108,8 +108,11 @@ pub struct OutboundSa {
     /// Our inbound SPI of the same CHILD SA: the name the control plane uses.
     pub id: u32,
     pub sa: Outbound,
-    /// Where ESP-in-UDP goes (the peer's IKE address after the float to 4500).
+    /// Where ESP-in-UDP goes (the peer's IKE address after the float to 4500); with plain
+    /// ESP only its address counts.
     pub peer: SocketAddr,
+    /// ESP in UDP (RFC 3948); else plain ESP (IP protocol 50).
+    pub udp_encap: bool,
     pub counters: Arc<SaCounters>,
 }
 
@@ -290,6 +293,7 @@ mod tests {
             id,
             sa: Outbound::new(id + 1000, key, false),
             peer: "192.0.2.1:4500".parse().unwrap(),
+            udp_encap: true,
             counters: Arc::new(SaCounters::new(Instant::now())),
         })
     }

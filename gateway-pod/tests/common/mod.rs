@@ -273,3 +273,35 @@ pub(crate) fn tunnel_row(
         .find(|l| l.split_whitespace().next() == Some(peer_id))
         .map(|l| l.split_whitespace().map(str::to_owned).collect()))
 }
+
+/// Counts what arrives in `ns` by outer protocol, for [`outer_counts`]: plain ESP (IP
+/// protocol 50) and UDP to port 4500.
+#[allow(dead_code)]
+pub(crate) fn count_outer(ns: &concentrator_e2e::netns::Netns) -> anyhow::Result<()> {
+    ns.run(
+        "nft",
+        &[
+            "add table inet outer; add chain inet outer in { type filter hook input priority 0; }; \
+             add rule inet outer in meta l4proto esp counter; \
+             add rule inet outer in udp dport 4500 counter",
+        ],
+    )?;
+    Ok(())
+}
+
+/// Bytes that reached `ns` as (plain ESP, UDP 4500) since [`count_outer`]. Bytes, not
+/// packets: UDP GRO hands the firewall coalesced datagrams.
+#[allow(dead_code)]
+pub(crate) fn outer_counts(ns: &concentrator_e2e::netns::Netns) -> anyhow::Result<(u64, u64)> {
+    use anyhow::Context;
+    let out = ns.run("nft", &["list table inet outer"])?;
+    let count = |what: &str| -> anyhow::Result<u64> {
+        out.lines()
+            .find(|l| l.contains(what))
+            .and_then(|l| l.split("bytes ").nth(1))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("no {what} counter in:\n{out}"))
+    };
+    Ok((count("l4proto esp")?, count("dport 4500")?))
+}
