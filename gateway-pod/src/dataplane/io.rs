@@ -162,6 +162,107 @@ impl Udp {
     }
 }
 
+/// One datagram, or with `segment` a GSO batch of datagrams of that many bytes, for
+/// [`Udp::send_many`].
+pub(crate) struct Outgoing<'a> {
+    pub to: SocketAddr,
+    pub contents: &'a [u8],
+    pub segment: Option<usize>,
+}
+
+/// Messages per `sendmmsg` call.
+const SENDMMSG_MAX: usize = 32;
+
+/// Room for one control message carrying a u16 (CMSG_SPACE(2) is 24 on 64-bit Linux), in
+/// units that give it a cmsghdr's alignment.
+type CmsgBuf = [u64; 4];
+
+impl Udp {
+    /// Sends `msgs` (each to its own peer, each with its own GSO segment size) in as few
+    /// `sendmmsg` calls as possible: the egress of many tunnels at once, where one `sendmsg`
+    /// per peer would cost a syscall for a few packets. `sent(i, result)` is called once for
+    /// each message, in order; a message the kernel refuses (an unreachable peer) does not
+    /// hold back the others.
+    pub(crate) async fn send_many(&self, msgs: &[Outgoing<'_>], mut sent: impl FnMut(usize, io::Result<()>)) {
+        let raw = self.is_raw();
+        let mut next = 0;
+        while next < msgs.len() {
+            let end = msgs.len().min(next + SENDMMSG_MAX);
+            let r = self
+                .sock
+                .async_io(Interest::WRITABLE, || {
+                    sendmmsg(self.sock.as_raw_fd(), &msgs[next..end], raw)
+                })
+                .await;
+            match r {
+                Ok(n) => {
+                    for i in next..next + n {
+                        sent(i, Ok(()));
+                    }
+                    next += n.max(1);
+                }
+                // The first message failed: report it and go on after it.
+                Err(e) => {
+                    sent(next, Err(e));
+                    next += 1;
+                }
+            }
+        }
+    }
+}
+
+/// One `sendmmsg` of at most [`SENDMMSG_MAX`] messages; how many the kernel took.
+fn sendmmsg(fd: std::os::fd::RawFd, msgs: &[Outgoing<'_>], raw: bool) -> io::Result<usize> {
+    let n = msgs.len().min(SENDMMSG_MAX);
+    // The kernel adds the IP header of a raw socket; the port means nothing to it.
+    let addrs: Vec<socket2::SockAddr> = msgs[..n]
+        .iter()
+        .map(|m| socket2::SockAddr::from(if raw { SocketAddr::new(m.to.ip(), 0) } else { m.to }))
+        .collect();
+    // Safety: all-zero is a valid iovec, mmsghdr and control buffer (null pointers, zero
+    // lengths); each is filled in below before the call.
+    let mut iovs: [libc::iovec; SENDMMSG_MAX] = unsafe { std::mem::zeroed() };
+    let mut hdrs: [libc::mmsghdr; SENDMMSG_MAX] = unsafe { std::mem::zeroed() };
+    let mut cmsgs: [CmsgBuf; SENDMMSG_MAX] = [[0; 4]; SENDMMSG_MAX];
+    // Safety: CMSG_SPACE only computes a length.
+    let space = unsafe { libc::CMSG_SPACE(size_of::<u16>() as u32) } as usize;
+    debug_assert!(space <= size_of::<CmsgBuf>());
+    for (i, m) in msgs[..n].iter().enumerate() {
+        iovs[i] = libc::iovec {
+            iov_base: m.contents.as_ptr().cast_mut().cast(),
+            iov_len: m.contents.len(),
+        };
+        let h = &mut hdrs[i].msg_hdr;
+        h.msg_name = addrs[i].as_ptr().cast_mut().cast();
+        h.msg_namelen = addrs[i].len();
+        h.msg_iov = &raw mut iovs[i];
+        h.msg_iovlen = 1;
+        let Some(segment) = m.segment.filter(|_| !raw) else {
+            continue;
+        };
+        let segment = u16::try_from(segment).unwrap_or(u16::MAX);
+        h.msg_control = cmsgs[i].as_mut_ptr().cast();
+        h.msg_controllen = space;
+        // Safety: msg_control points to `space` writable, cmsghdr-aligned bytes, enough for
+        // one header and a u16, so CMSG_FIRSTHDR is non-null and CMSG_DATA is in bounds.
+        unsafe {
+            let c = libc::CMSG_FIRSTHDR(h);
+            (*c).cmsg_level = libc::SOL_UDP;
+            (*c).cmsg_type = libc::UDP_SEGMENT;
+            (*c).cmsg_len = libc::CMSG_LEN(size_of::<u16>() as u32) as usize;
+            std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), segment);
+        }
+    }
+    // Safety: the first `n` headers point to addresses, iovecs, contents and control
+    // buffers that all live until the call returns.
+    let r = unsafe { libc::sendmmsg(fd, hdrs.as_mut_ptr(), n as u32, 0) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r as usize)
+    }
+}
+
 /// Asks for `bytes` of receive and send buffer on `sock`: beyond net.core.[rw]mem_max only
 /// with CAP_NET_ADMIN (which the TUN device needs anyway), otherwise as much as the limit
 /// allows. Too small a buffer costs throughput (drops under bursts), not correctness, so a
@@ -218,5 +319,60 @@ fn set_fd_option(
         Ok(())
     } else {
         Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every datagram `sock` has queued, as their lengths.
+    fn received(sock: &std::net::UdpSocket) -> Vec<usize> {
+        let mut buf = [0u8; 2048];
+        std::iter::from_fn(|| sock.recv(&mut buf).ok()).collect()
+    }
+
+    #[tokio::test]
+    async fn send_many_sends_each_batch_to_its_peer_cut_at_its_own_segment_size() {
+        let peers: Vec<std::net::UdpSocket> = (0..3)
+            .map(|_| std::net::UdpSocket::bind("127.0.0.1:0").unwrap())
+            .collect();
+        for p in &peers {
+            p.set_read_timeout(Some(std::time::Duration::from_millis(200)))
+                .unwrap();
+        }
+        let addr = |i: usize| peers[i].local_addr().unwrap();
+        let udp = Udp::new(Arc::new(bind_udp("127.0.0.1:0".parse().unwrap()).unwrap())).unwrap();
+        let gso = udp.max_gso_segments() > 1;
+        let (a, b, c) = (vec![1u8; 300], vec![2u8; 80], vec![3u8; 40]);
+        let seg = |n| gso.then_some(n);
+        let msgs = [
+            Outgoing {
+                to: addr(0),
+                contents: &a,
+                segment: seg(100),
+            },
+            Outgoing {
+                to: addr(1),
+                contents: &b,
+                segment: seg(50),
+            },
+            Outgoing {
+                to: addr(2),
+                contents: &c,
+                segment: None,
+            },
+        ];
+        let mut results = Vec::new();
+        udp.send_many(&msgs, |i, r| results.push((i, r.is_ok()))).await;
+        assert_eq!(results, [(0, true), (1, true), (2, true)]);
+        if gso {
+            assert_eq!(received(&peers[0]), [100, 100, 100]);
+            assert_eq!(received(&peers[1]), [50, 30]);
+        } else {
+            assert_eq!(received(&peers[0]), [300]);
+            assert_eq!(received(&peers[1]), [80]);
+        }
+        assert_eq!(received(&peers[2]), [40]);
     }
 }

@@ -14,7 +14,8 @@
 //! copy, not a syscall:
 //! - egress: with vnet-hdr offloads on the TUN device the kernel hands over TCP and UDP
 //!   super-packets of up to 64 KiB, which tun-rs splits into MTU-sized segments; the sealed
-//!   ESP packets of one peer go out in one UDP GSO send (equal-sized datagrams back to back);
+//!   ESP packets of one peer form one UDP GSO batch (equal-sized datagrams back to back), and
+//!   the batches of up to [`OPEN_BATCHES`] peers go out together in one `sendmmsg`;
 //! - ingress: recvmmsg with UDP GRO hands over batches of datagrams; the opened inner
 //!   packets of a batch go to the TUN device coalesced (TCP GRO) in as few writes as possible.
 
@@ -36,7 +37,7 @@ use tokio::sync::mpsc;
 use tun_rs::{GROTable, VIRTIO_NET_HDR_LEN};
 
 use super::DataplaneError;
-use super::io::{MAX_GSO_BYTES, RECV_BUF_LEN, Udp};
+use super::io::{MAX_GSO_BYTES, Outgoing, RECV_BUF_LEN, Udp};
 use super::pmtu::{PathMtu, outer_overhead};
 use super::table::{InboundSa, InboundTable, OutboundSa, OutboundTable, SharedInbound};
 
@@ -418,6 +419,21 @@ impl GsoBatch {
         self.count += 1;
     }
 
+    /// The batch as one message of a `sendmmsg`.
+    fn outgoing(&self) -> Outgoing<'_> {
+        Outgoing {
+            to: self.peer,
+            contents: &self.buf[..self.len],
+            segment: (self.count > 1).then_some(self.stride),
+        }
+    }
+
+    fn clear(&mut self) {
+        self.len = 0;
+        self.count = 0;
+        self.closed = false;
+    }
+
     async fn flush(&mut self, sockets: &Sockets, counters: &DataplaneCounters) {
         if self.count == 0 {
             return;
@@ -435,9 +451,92 @@ impl GsoBatch {
             // One unreachable peer must not stop the others' traffic.
             Err(e) => tracing::debug!(peer = %self.peer, error = %e, "ESP send failed"),
         }
-        self.len = 0;
-        self.count = 0;
-        self.closed = false;
+        self.clear();
+    }
+}
+
+/// GSO batches of several peers open at once (one egress read of many tunnels' traffic),
+/// at most this many.
+const OPEN_BATCHES: usize = 16;
+
+/// The open GSO batches of an egress worker, at most one per peer and encapsulation.
+#[derive(Default)]
+struct Batches {
+    open: Vec<GsoBatch>,
+    /// Indices of the batches a flush sends, kept for the capacity.
+    sent: Vec<usize>,
+}
+
+impl Batches {
+    /// The batch that a packet of `sealed` bytes to `peer` goes into, sending what must go
+    /// first: that peer's batch if the packet cannot join it (so the peer's packets keep
+    /// their order), or every batch when all are taken by other peers.
+    async fn for_packet(
+        &mut self,
+        peer: SocketAddr,
+        udp_encap: bool,
+        sealed: usize,
+        max_segments: usize,
+        sockets: &Sockets,
+        counters: &DataplaneCounters,
+    ) -> &mut GsoBatch {
+        let same = |b: &GsoBatch| b.count > 0 && b.peer == peer && b.udp_encap == udp_encap;
+        let i = if let Some(i) = self.open.iter().position(same) {
+            if !self.open[i].accepts(peer, udp_encap, sealed, max_segments) {
+                self.open[i].flush(sockets, counters).await;
+            }
+            i
+        } else if let Some(i) = self.open.iter().position(|b| b.count == 0) {
+            i
+        } else if self.open.len() < OPEN_BATCHES {
+            self.open.push(GsoBatch::new());
+            self.open.len() - 1
+        } else {
+            self.flush(sockets, counters).await;
+            0
+        };
+        &mut self.open[i]
+    }
+
+    /// Sends every open batch: one `sendmmsg` per socket.
+    async fn flush(&mut self, sockets: &Sockets, counters: &DataplaneCounters) {
+        for udp_encap in [true, false] {
+            self.sent.clear();
+            self.sent.extend(
+                self.open
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, b)| b.count > 0 && b.udp_encap == udp_encap)
+                    .map(|(i, _)| i),
+            );
+            if self.sent.is_empty() {
+                continue;
+            }
+            match sockets.for_sa(udp_encap) {
+                Some(sock) => {
+                    let msgs: Vec<Outgoing<'_>> =
+                        self.sent.iter().map(|i| self.open[*i].outgoing()).collect();
+                    let open = &self.open;
+                    let sent = &self.sent;
+                    sock.send_many(&msgs, |k, r| {
+                        let b = &open[sent[k]];
+                        match r {
+                            Ok(()) => {
+                                counters.packets_out.inc_by(b.count as u64);
+                            }
+                            // One unreachable peer must not stop the others' traffic.
+                            Err(e) => tracing::debug!(peer = %b.peer, error = %e, "ESP send failed"),
+                        }
+                    })
+                    .await;
+                }
+                // SAs are only installed where their socket exists (DataplaneHandle::carries).
+                None => tracing::debug!(udp_encap, "no socket for this kind of ESP"),
+            }
+            for i in &self.sent {
+                self.open[*i].clear();
+            }
+        }
     }
 }
 
@@ -455,7 +554,7 @@ struct Egress {
     local_ip: IpAddr,
     table: OutboundTable,
     held: HeldPackets,
-    batch: GsoBatch,
+    batches: Batches,
     /// Where "packet too big" errors are built, after room for a virtio-net header.
     icmp: Vec<u8>,
     events: mpsc::UnboundedSender<SaEvent>,
@@ -479,7 +578,7 @@ async fn egress(
         local_ip,
         table: OutboundTable::default(),
         held: HeldPackets::default(),
-        batch: GsoBatch::new(),
+        batches: Batches::default(),
         icmp: vec![0u8; VIRTIO_NET_HDR_LEN + icmp::MAX_ERROR_LEN],
         events,
         counters,
@@ -503,7 +602,7 @@ async fn egress(
                                 w.counters.no_sa.inc();
                             }
                         }
-                        w.batch.flush(&w.out, &w.counters).await;
+                        w.batches.flush(&w.out, &w.counters).await;
                     }
                     Some(EgressCommand::Remove(id)) => w.table.remove(id),
                     None => return Ok(()),
@@ -544,7 +643,7 @@ async fn egress(
                 }
             }
         }
-        w.batch.flush(&w.out, &w.counters).await;
+        w.batches.flush(&w.out, &w.counters).await;
     }
 }
 
@@ -587,15 +686,31 @@ impl Egress {
             }
             return None;
         }
-        let max_segments = self.out.for_sa(sa.udp_encap).map_or(1, Udp::max_gso_segments);
-        if alone || !self.batch.accepts(sa.peer, sa.udp_encap, sealed, max_segments) {
-            self.batch.flush(&self.out, &self.counters).await;
-        }
+        // A packet that goes alone gets a batch of its own (a single datagram, no GSO).
+        let max_segments = if alone {
+            1
+        } else {
+            self.out.for_sa(sa.udp_encap).map_or(1, Udp::max_gso_segments)
+        };
+        let batch = self
+            .batches
+            .for_packet(
+                sa.peer,
+                sa.udp_encap,
+                sealed,
+                max_segments,
+                &self.out,
+                &self.counters,
+            )
+            .await;
         // A packet that the sequence counter can no longer carry is dropped: the SA must be
         // rekeyed (by IKE) before that.
-        let expiry = match sa.sa.seal(packet, nh, self.batch.slot()) {
+        let expiry = match sa.sa.seal(packet, nh, batch.slot()) {
             Ok(len) => {
-                self.batch.push(sa.peer, sa.udp_encap, len);
+                batch.push(sa.peer, sa.udp_encap, len);
+                if alone {
+                    batch.closed = true;
+                }
                 sa.counters.count_out(packet.len(), now)
             }
             Err(_) => {
@@ -604,9 +719,6 @@ impl Egress {
             }
         };
         let id = sa.id;
-        if alone {
-            self.batch.flush(&self.out, &self.counters).await;
-        }
         if crossed(expiry, id, &self.counters, &self.events) {
             self.table.remove(id);
         }
@@ -894,6 +1006,64 @@ mod tests {
             "nothing after a shorter packet"
         );
         assert_eq!((b.count, b.len, b.stride), (2, 2200, 1500));
+    }
+
+    /// Seals (well, writes) a packet of `len` bytes of `fill` to `to` through `batches`.
+    async fn queue(batches: &mut Batches, out: &Sockets, to: SocketAddr, fill: u8, len: usize) {
+        let counters = DataplaneCounters::default();
+        let b = batches.for_packet(to, true, len, 64, out, &counters).await;
+        b.slot()[..len].fill(fill);
+        b.push(to, true, len);
+    }
+
+    #[tokio::test]
+    async fn batches_of_interleaved_peers_go_out_together_each_in_order() {
+        let peers: Vec<std::net::UdpSocket> = (0..=OPEN_BATCHES)
+            .map(|_| std::net::UdpSocket::bind("127.0.0.1:0").unwrap())
+            .collect();
+        for p in &peers {
+            p.set_nonblocking(true).unwrap();
+        }
+        let to = |i: usize| peers[i].local_addr().unwrap();
+        let sock = super::super::io::bind_udp("127.0.0.1:0".parse().unwrap()).unwrap();
+        let out = Sockets {
+            udp: Some(Arc::new(Udp::new(Arc::new(sock)).unwrap())),
+            raw: None,
+        };
+        let got = |i: usize| -> Vec<(u8, usize)> {
+            let mut buf = [0u8; 2048];
+            std::iter::from_fn(|| peers[i].recv(&mut buf).ok().map(|n| (buf[0], n))).collect()
+        };
+        let mut batches = Batches::default();
+        // Two peers' packets interleaved, as one TUN read of two tunnels hands them over.
+        for k in 0..3u8 {
+            queue(&mut batches, &out, to(0), 10 + k, 100).await;
+            queue(&mut batches, &out, to(1), 20 + k, 100).await;
+        }
+        assert_eq!(batches.open.len(), 2, "one batch per peer");
+        // Nothing left before the flush; after it (loopback delivers at once) each peer has
+        // its packets in order.
+        assert!(got(0).is_empty() && got(1).is_empty());
+        batches.flush(&out, &DataplaneCounters::default()).await;
+        let wait = |i: usize, want: Vec<(u8, usize)>| {
+            let mut seen = Vec::new();
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while seen.len() < want.len() && Instant::now() < deadline {
+                seen.extend(got(i));
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            assert_eq!(seen, want, "peer {i}");
+        };
+        wait(0, vec![(10, 100), (11, 100), (12, 100)]);
+        wait(1, vec![(20, 100), (21, 100), (22, 100)]);
+        // More peers than open batches: the first ones are sent to make room.
+        for i in 0..=OPEN_BATCHES {
+            queue(&mut batches, &out, to(i), 1, 50).await;
+        }
+        assert_eq!(batches.open.len(), OPEN_BATCHES);
+        wait(0, vec![(1, 50)]);
+        batches.flush(&out, &DataplaneCounters::default()).await;
+        wait(OPEN_BATCHES, vec![(1, 50)]);
     }
 
     #[test]
