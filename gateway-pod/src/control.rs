@@ -211,7 +211,7 @@ pub async fn start(
         None
     };
     let (dataplane, dataplane_task) = shared::spawn(
-        Arc::new(dev),
+        dev,
         opts.tun_name.clone(),
         shared::Outer {
             udp: Some(udp4500.clone()),

@@ -282,6 +282,12 @@ pub(crate) fn grow_buffers(sock: &UdpSocket, bytes: usize) {
 /// own socket on the same port (the kernel hashes each peer's address to one of them), and
 /// the IKE control plane sends on the first.
 pub fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
+    UdpSocket::from_std(bind_udp_std(addr)?)
+}
+
+/// [`bind_udp`] without registering the socket with a runtime yet (each data plane worker
+/// has a runtime of its own).
+pub(crate) fn bind_udp_std(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
     let sock = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::DGRAM,
@@ -290,7 +296,7 @@ pub fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
     set_fd_option(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_REUSEPORT, 1)?;
     sock.set_nonblocking(true)?;
     sock.bind(&addr.into())?;
-    UdpSocket::from_std(sock.into())
+    Ok(sock.into())
 }
 
 fn set_int_option(sock: &UdpSocket, level: libc::c_int, name: libc::c_int, value: usize) -> io::Result<()> {

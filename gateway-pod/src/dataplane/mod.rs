@@ -63,9 +63,9 @@ fn selector(net: IpNet) -> Selector {
 
 /// Opens the TUN device multi-queue (one queue per worker of [`shared`]) with vnet-hdr
 /// offloads (TSO/USO super-packets from the kernel, GRO toward it), which the workers use
-/// when the kernel has them.
-pub fn open_tun(builder: tun_rs::DeviceBuilder) -> std::io::Result<tun_rs::AsyncDevice> {
-    builder.offload(true).multi_queue(true).build_async()
+/// when the kernel has them. Not registered with a runtime yet: each worker has its own.
+pub fn open_tun(builder: tun_rs::DeviceBuilder) -> std::io::Result<tun_rs::SyncDevice> {
+    builder.offload(true).multi_queue(true).build_sync()
 }
 
 /// Brings the tunnel up and carries packets until the task is dropped or I/O fails.
@@ -124,15 +124,7 @@ pub async fn run(t: StaticTunnel, counters: DataplaneCounters) -> Result<(), Dat
     let (acquire, _) = tokio::sync::mpsc::channel(1);
     // Nobody rekeys either: an SA that reaches a hard limit is simply removed.
     let (sa_events, _) = tokio::sync::mpsc::unbounded_channel();
-    let (handle, task) = shared::spawn(
-        Arc::new(dev),
-        t.tun_name.clone(),
-        outer,
-        ike,
-        acquire,
-        sa_events,
-        counters,
-    );
+    let (handle, task) = shared::spawn(dev, t.tun_name.clone(), outer, ike, acquire, sa_events, counters);
     let sa_counters = Arc::new(SaCounters::new(Instant::now()));
     let id = t.inbound.spi();
     handle.install(

@@ -218,16 +218,18 @@ fn worker_count() -> usize {
 /// when the handle is dropped or I/O fails; the error is returned by the join handle, and
 /// aborting the join handle stops them.
 ///
-/// One worker per core, each with its own TUN queue (the device must be multi-queue:
-/// [`super::open_tun`]) and its own UDP socket on the same port (SO_REUSEPORT): the kernel
-/// spreads inner flows over the queues and peers over the sockets, and each worker has an
-/// egress task (its queue to its socket) and an ingress task (its socket to its queue). With
-/// a single-queue device or a socket bound without SO_REUSEPORT there is one worker. Every
-/// raw socket of a protocol gets a copy of each packet, so plain ESP has one socket and one
-/// ingress task, and every egress task sends on that socket.
+/// One worker per core, each a thread of its own with its own TUN queue (the device must be
+/// multi-queue: [`super::open_tun`]) and its own UDP socket on the same port (SO_REUSEPORT):
+/// the kernel spreads inner flows over the queues and peers over the sockets, and each
+/// worker runs an egress task (its queue to its socket) and an ingress task (its socket to
+/// its queue) on a single-threaded runtime, so that the two directions of a flow never wake
+/// each other across threads (a shared multi-threaded runtime cost one flow ~8%). With a
+/// single-queue device or a socket bound without SO_REUSEPORT there is one worker. Every raw
+/// socket of a protocol gets a copy of each packet, so plain ESP has one socket (each worker
+/// sends on its own descriptor of it) and one ingress task, on the first worker.
 #[allow(clippy::too_many_arguments)]
 pub fn spawn(
-    dev: Arc<tun_rs::AsyncDevice>,
+    dev: tun_rs::SyncDevice,
     tun_name: String,
     outer: Outer,
     ike: mpsc::Sender<IkeDatagram>,
@@ -238,102 +240,212 @@ pub fn spawn(
     DataplaneHandle,
     tokio::task::JoinHandle<Result<(), DataplaneError>>,
 ) {
-    let want = if outer.udp.is_some() { worker_count() } else { 1 };
-    let mut queues = vec![(dev, outer.udp.clone())];
-    if let Some(local) = outer.udp.as_ref().and_then(|u| u.local_addr().ok()) {
-        while queues.len() < want {
-            let extra = queues[0]
-                .0
-                .try_clone()
-                .and_then(|d| Ok((Arc::new(d), Some(Arc::new(super::io::bind_udp(local)?)))));
-            match extra {
-                Ok(q) => queues.push(q),
-                Err(e) => {
-                    tracing::info!(workers = queues.len(), wanted = want, error = %e, "fewer data plane workers than asked for");
-                    break;
-                }
-            }
-        }
-    }
-    tracing::info!(workers = queues.len(), tun = %tun_name, raw_esp = outer.raw_esp.is_some(), "data plane started");
     let mut handle = DataplaneHandle {
         egress: Vec::new(),
         ingress: Vec::new(),
         udp: outer.udp.is_some(),
         raw_esp: outer.raw_esp.is_some(),
     };
-    let mut receivers = Vec::new();
-    for _ in &queues {
+    let workers = match worker_sockets(dev, &outer) {
+        Ok(w) => w,
+        Err(e) => return (handle, tokio::spawn(async move { Err(e) })),
+    };
+    tracing::info!(workers = workers.len(), tun = %tun_name, raw_esp = outer.raw_esp.is_some(), "data plane started");
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel();
+    let mut stops = Vec::new();
+    for (i, w) in workers.into_iter().enumerate() {
         let (etx, erx) = mpsc::unbounded_channel();
         let (itx, irx) = mpsc::unbounded_channel();
         handle.egress.push(etx);
         handle.ingress.push(itx);
-        receivers.push((erx, irx));
-    }
-    // With both kinds of socket, plain ESP gets an ingress task of its own.
-    let raw_ingress = (outer.udp.is_some() && outer.raw_esp.is_some()).then(|| {
-        let (tx, rx) = mpsc::unbounded_channel();
-        handle.ingress.push(tx);
-        rx
-    });
-    let task = tokio::spawn(async move {
-        let wrap = |sock: Arc<UdpSocket>| -> Result<(Arc<Udp>, SocketAddr), DataplaneError> {
-            let local = sock
-                .local_addr()
-                .map_err(|e| DataplaneError::Udp(SocketAddr::from(([0, 0, 0, 0], 0)), e))?;
-            let udp = Udp::new(sock).map_err(|e| DataplaneError::Udp(local, e))?;
-            Ok((Arc::new(udp), local))
+        // With both kinds of socket, plain ESP gets an ingress task of its own, on the first
+        // worker.
+        let raw_ingress = (i == 0 && w.udp.is_some() && w.raw.is_some()).then(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            handle.ingress.push(tx);
+            rx
+        });
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        stops.push(stop_tx);
+        let tasks = WorkerTasks {
+            tun_name: tun_name.clone(),
+            egress: erx,
+            ingress: irx,
+            raw_ingress,
+            ike: ike.clone(),
+            acquire: acquire.clone(),
+            sa_events: sa_events.clone(),
+            counters: counters.clone(),
         };
-        let raw = outer.raw_esp.map(wrap).transpose()?;
-        // Dropping the set (this task ending or being aborted) aborts every worker.
-        let mut set = tokio::task::JoinSet::new();
-        if let (Some(rx), Some((raw, local))) = (raw_ingress, &raw) {
-            set.spawn(ingress(
-                queues[0].0.clone(),
-                tun_name.clone(),
-                raw.clone(),
-                *local,
-                rx,
-                ike.clone(),
-                sa_events.clone(),
-                counters.clone(),
-            ));
+        let done = done_tx.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("dataplane-{i}"))
+            .spawn(move || {
+                let r = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| DataplaneError::Worker(e.to_string()))
+                    .and_then(|rt| {
+                        rt.block_on(async move {
+                            tokio::select! {
+                                r = run_worker(w, tasks) => r,
+                                // The supervising task ended or was aborted.
+                                _ = stop_rx => Ok(()),
+                            }
+                        })
+                    });
+                let _ = done.send(r);
+            });
+        if let Err(e) = spawned {
+            let _ = done_tx.send(Err(DataplaneError::Worker(e.to_string())));
         }
-        for ((dev, sock), (erx, irx)) in queues.into_iter().zip(receivers) {
-            let udp = sock.map(wrap).transpose()?;
-            let sockets = Sockets {
-                udp: udp.as_ref().map(|(u, _)| u.clone()),
-                raw: raw.as_ref().map(|(r, _)| r.clone()),
-            };
-            set.spawn(egress(
-                dev.clone(),
-                tun_name.clone(),
-                sockets,
-                erx,
-                acquire.clone(),
-                sa_events.clone(),
-                counters.clone(),
-            ));
-            // Without UDP, the raw socket is this (only) worker's.
-            if let Some((sock, local)) = udp.or_else(|| raw.clone()) {
-                set.spawn(ingress(
-                    dev,
-                    tun_name.clone(),
-                    sock,
-                    local,
-                    irx,
-                    ike.clone(),
-                    sa_events.clone(),
-                    counters.clone(),
-                ));
-            }
-        }
-        match set.join_next().await {
-            Some(r) => joined(r),
-            None => Ok(()),
-        }
+    }
+    drop(done_tx);
+    let task = tokio::spawn(async move {
+        // Dropping these (this task ending or being aborted) stops every worker.
+        let _stops = stops;
+        done_rx.recv().await.unwrap_or(Ok(()))
     });
     (handle, task)
+}
+
+/// What one worker thread carries packets with.
+struct WorkerSockets {
+    dev: tun_rs::SyncDevice,
+    udp: Option<std::net::UdpSocket>,
+    raw: Option<std::net::UdpSocket>,
+}
+
+/// The channels of one worker's tasks.
+struct WorkerTasks {
+    tun_name: String,
+    egress: mpsc::UnboundedReceiver<EgressCommand>,
+    ingress: mpsc::UnboundedReceiver<IngressCommand>,
+    raw_ingress: Option<mpsc::UnboundedReceiver<IngressCommand>>,
+    ike: mpsc::Sender<IkeDatagram>,
+    acquire: mpsc::Sender<IpAddr>,
+    sa_events: mpsc::UnboundedSender<SaEvent>,
+    counters: DataplaneCounters,
+}
+
+/// A descriptor of `sock` of its own, for another thread's runtime to register.
+fn dup(sock: &UdpSocket) -> std::io::Result<std::net::UdpSocket> {
+    use std::os::fd::AsFd;
+    Ok(std::net::UdpSocket::from(sock.as_fd().try_clone_to_owned()?))
+}
+
+/// A TUN queue and sockets per worker: the given ones for the first, new queues and new
+/// SO_REUSEPORT sockets on the same port for the others, as many as [`worker_count`] asks
+/// and the device allows.
+fn worker_sockets(dev: tun_rs::SyncDevice, outer: &Outer) -> Result<Vec<WorkerSockets>, DataplaneError> {
+    let udp_err = |sock: Option<&Arc<UdpSocket>>| {
+        let addr = sock
+            .and_then(|s| s.local_addr().ok())
+            .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
+        move |e| DataplaneError::Udp(addr, e)
+    };
+    let raw = || {
+        outer
+            .raw_esp
+            .as_deref()
+            .map(dup)
+            .transpose()
+            .map_err(udp_err(outer.raw_esp.as_ref()))
+    };
+    let udp = outer
+        .udp
+        .as_deref()
+        .map(dup)
+        .transpose()
+        .map_err(udp_err(outer.udp.as_ref()))?;
+    let want = if outer.udp.is_some() { worker_count() } else { 1 };
+    let mut workers = vec![WorkerSockets {
+        dev,
+        udp,
+        raw: raw()?,
+    }];
+    let Some(local) = outer.udp.as_ref().and_then(|u| u.local_addr().ok()) else {
+        return Ok(workers);
+    };
+    while workers.len() < want {
+        let extra = workers[0].dev.try_clone().and_then(|dev| {
+            Ok(WorkerSockets {
+                dev,
+                udp: Some(super::io::bind_udp_std(local)?),
+                raw: None,
+            })
+        });
+        match extra {
+            Ok(mut w) => {
+                w.raw = raw()?;
+                workers.push(w);
+            }
+            Err(e) => {
+                tracing::info!(workers = workers.len(), wanted = want, error = %e, "fewer data plane workers than asked for");
+                break;
+            }
+        }
+    }
+    Ok(workers)
+}
+
+/// One worker's tasks, on the current thread's runtime: until one ends.
+async fn run_worker(w: WorkerSockets, t: WorkerTasks) -> Result<(), DataplaneError> {
+    let tun_err = |e| DataplaneError::Tun(t.tun_name.clone(), e);
+    let dev = Arc::new(tun_rs::AsyncDevice::new(w.dev).map_err(tun_err)?);
+    let wrap = |sock: std::net::UdpSocket| -> Result<(Arc<Udp>, SocketAddr), DataplaneError> {
+        let local = sock
+            .local_addr()
+            .map_err(|e| DataplaneError::Udp(SocketAddr::from(([0, 0, 0, 0], 0)), e))?;
+        let sock = UdpSocket::from_std(sock).map_err(|e| DataplaneError::Udp(local, e))?;
+        let udp = Udp::new(Arc::new(sock)).map_err(|e| DataplaneError::Udp(local, e))?;
+        Ok((Arc::new(udp), local))
+    };
+    let udp = w.udp.map(wrap).transpose()?;
+    let raw = w.raw.map(wrap).transpose()?;
+    let mut set = tokio::task::JoinSet::new();
+    if let (Some(rx), Some((raw, local))) = (t.raw_ingress, &raw) {
+        set.spawn(ingress(
+            dev.clone(),
+            t.tun_name.clone(),
+            raw.clone(),
+            *local,
+            rx,
+            t.ike.clone(),
+            t.sa_events.clone(),
+            t.counters.clone(),
+        ));
+    }
+    let sockets = Sockets {
+        udp: udp.as_ref().map(|(u, _)| u.clone()),
+        raw: raw.as_ref().map(|(r, _)| r.clone()),
+    };
+    set.spawn(egress(
+        dev.clone(),
+        t.tun_name.clone(),
+        sockets,
+        t.egress,
+        t.acquire,
+        t.sa_events.clone(),
+        t.counters.clone(),
+    ));
+    // Without UDP, the raw socket is this (only) worker's.
+    if let Some((sock, local)) = udp.or(raw) {
+        set.spawn(ingress(
+            dev,
+            t.tun_name,
+            sock,
+            local,
+            t.ingress,
+            t.ike,
+            t.sa_events,
+            t.counters,
+        ));
+    }
+    match set.join_next().await {
+        Some(r) => joined(r),
+        None => Ok(()),
+    }
 }
 
 /// The sockets an egress worker sends on: its own UDP socket, the shared raw one.
