@@ -15,11 +15,13 @@
 //! Support modules: [`tools`] (the external programs and where Debian puts them), [`wait`]
 //! (poll a condition with a timeout), [`process`] (commands with timeouts, daemon guards),
 //! [`ports`] (free loopback ports), [`ids`] (unique names, random tokens), [`scratch`] (temp
-//! dirs, kept with `E2E_KEEP=1`), [`logs`] (log tails for error messages).
+//! dirs, kept with `E2E_KEEP=1`), [`logs`] (log tails for error messages), [`blast`] (a
+//! many-flow TCP load generator and sink, lighter than one iperf3 pair per flow).
 //!
 //! All calls are blocking (`std::process`); they are short and fine to call from
 //! `#[tokio::test]` bodies.
 
+pub mod blast;
 pub mod etcd;
 pub mod gateway;
 pub mod ids;
