@@ -35,7 +35,9 @@
 //! - `BENCH_HEAD_TXQUEUELEN=10000`: set the txqueuelen of the head-end's TUN device (default:
 //!   the kernel's 500), the queue of packets the kernel routes into the tunnels;
 //! - `BENCH_PERF=FILE`: also `perf record -g` the head-end during the N-tunnel run into FILE
-//!   (then `perf report -i FILE`).
+//!   (then `perf report -i FILE`);
+//! - `BENCH_GATEWAY_BIN`: another `concentrator-gateway` binary to run (head-end and sites),
+//!   to compare two versions one run after the other.
 //!
 //! The generator processes are this test binary run again with `--exact tcp_blast` and
 //! `BENCH_BLAST=sink|send` (a binary of another crate would not be built by
@@ -58,7 +60,6 @@ mod common;
 
 use common::StaticEroute;
 
-const BIN: &str = env!("CARGO_BIN_EXE_concentrator-gateway");
 const HEAD_WAN: &str = "198.18.0.1";
 /// Wide enough for a subnet of its own per tunnel in `multi` mode (`head_subnet`).
 const HEAD_LAN: &str = "10.0.0.0/9";
@@ -626,7 +627,7 @@ fn write_head_config(
     let file = dir.join("sites.csv");
     std::fs::write(&file, csv)?;
     let data = dir.join("data");
-    let mut cmd = std::process::Command::new(BIN);
+    let mut cmd = std::process::Command::new(common::gateway_bin());
     cmd.args(["--data-dir", data.to_str().context("path")?, "sites", "import"])
         .arg(&file)
         .args(["--prefix", "24"]);
@@ -718,7 +719,7 @@ fn in_parallel<T: Sync>(items: &[T], f: impl Fn(&T) -> Result<()> + Sync) -> Res
 /// Bytes in and out of each tunnel at the head-end (`concentrator-gateway tunnels`), by the
 /// site's peer ID. The table is refreshed each second.
 fn tunnel_bytes(head_ns: &Netns) -> Result<HashMap<String, (u64, u64)>> {
-    let table = head_ns.run(BIN, &["tunnels"])?;
+    let table = head_ns.run(common::gateway_bin(), &["tunnels"])?;
     Ok(table
         .lines()
         .skip(1)

@@ -19,18 +19,10 @@ use std::time::Duration;
 
 mod common;
 
-use common::{A, B, as_refs, esp_static_args};
+use common::{A, B, as_refs, esp_static_args, gateway_bin};
 use concentrator_e2e::netns::{self, Netns, Wan};
 use concentrator_e2e::prereq;
 use concentrator_e2e::strongswan::{self, Charon, Connection};
-
-const BIN: &str = env!("CARGO_BIN_EXE_concentrator-gateway");
-
-/// The gateway binary measured: this build's, or `BENCH_GATEWAY_BIN` (another build of it,
-/// to compare two versions under the same conditions, one run after the other).
-fn gateway_bin() -> String {
-    std::env::var("BENCH_GATEWAY_BIN").unwrap_or_else(|_| BIN.into())
-}
 
 fn secs() -> String {
     std::env::var("BENCH_SECONDS").unwrap_or_else(|_| "5".into())

@@ -228,6 +228,13 @@ impl StaticEroute<'_> {
     }
 }
 
+/// The gateway binary tests and benchmarks run: this build's, or `BENCH_GATEWAY_BIN`
+/// (another build of it, for a benchmark to compare two versions in the same conditions).
+#[allow(dead_code)]
+pub(crate) fn gateway_bin() -> String {
+    std::env::var("BENCH_GATEWAY_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_concentrator-gateway").into())
+}
+
 /// Starts `concentrator-gateway` in `ns` with `{dir}/config` and `{dir}/data`, IKE on
 /// `listen`, output to `{dir}/gateway.log`; does not wait (see [`wait_ready`]).
 pub(crate) fn spawn_gateway(
@@ -248,12 +255,7 @@ pub(crate) fn spawn_gateway(
         listen,
     ];
     args.extend_from_slice(extra);
-    ns.spawn(
-        name,
-        env!("CARGO_BIN_EXE_concentrator-gateway"),
-        &args,
-        &dir.join("gateway.log"),
-    )
+    ns.spawn(name, gateway_bin(), &args, &dir.join("gateway.log"))
 }
 
 // Metrics of a gateway in a namespace: shared with the tests that use `e2e::gateway` directly.
