@@ -267,6 +267,10 @@ fn carries_traffic(ike: &str, esp: &str) -> Result<()> {
                 && common::metric(&gw.ns, "concentrator_gateway_esp_packets_out_total")? > 1000.0,
             "ESP packet counters"
         );
+        // Nothing was sent before its SA was up, and the kernel's own IPv6 link traffic on
+        // the TUN device (router solicitations, MLD) is not counted as tunnel traffic.
+        let no_sa = common::metric(&gw.ns, "concentrator_gateway_esp_dropped_no_sa_total")?;
+        ensure!(no_sa == 0.0, "{no_sa} packets without an SA:\n{}", p.logs());
     }
     Ok(())
 }

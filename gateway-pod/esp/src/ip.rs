@@ -61,6 +61,17 @@ pub fn next_header_for(packet: &[u8]) -> Option<u8> {
     }
 }
 
+/// Is `dst` an address that only means something on the link itself (multicast, broadcast,
+/// link-local)? The kernel sends such packets out of every interface it brings up (IPv6
+/// router solicitations, MLD reports), the TUN device included; they are nobody's tunnel
+/// traffic unless a tunnel's selectors explicitly cover them.
+pub fn link_scoped(dst: IpAddr) -> bool {
+    match dst {
+        IpAddr::V4(a) => a.is_multicast() || a.is_broadcast() || a.is_link_local(),
+        IpAddr::V6(a) => a.is_multicast() || (a.segments()[0] & 0xffc0) == 0xfe80,
+    }
+}
+
 /// A minimal IPv4 packet for tests.
 #[cfg(test)]
 pub(crate) fn test_v4(src: [u8; 4], dst: [u8; 4], proto: u8) -> Vec<u8> {
@@ -77,6 +88,23 @@ mod tests {
     use super::*;
 
     use super::test_v4 as v4;
+
+    #[test]
+    fn link_scoped_destinations_are_multicast_broadcast_and_link_local() {
+        for a in [
+            "ff02::2",
+            "ff02::16",
+            "fe80::1",
+            "224.0.0.22",
+            "255.255.255.255",
+            "169.254.1.1",
+        ] {
+            assert!(link_scoped(a.parse().unwrap()), "{a}");
+        }
+        for a in ["10.2.0.1", "2001:db8::1", "fec0::1", "192.0.2.1"] {
+            assert!(!link_scoped(a.parse().unwrap()), "{a}");
+        }
+    }
 
     #[test]
     fn parses_v4_and_v6() {

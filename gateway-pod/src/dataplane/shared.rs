@@ -747,6 +747,11 @@ async fn egress(
         for (seg, &size) in segs.iter().zip(&sizes).take(n) {
             let packet = &seg[..size];
             if let Some(dst) = w.seal(packet, now).await {
+                // The kernel's own link traffic on the TUN device (router solicitations, MLD)
+                // that no SA covers: not a tunnel's packet, nothing to ask for or count.
+                if ip::link_scoped(dst) {
+                    continue;
+                }
                 // No SA for it: never sent in clear. The control plane is asked for one (the
                 // initiator path) and the packet waits in a small bounded queue meanwhile.
                 w.counters.no_sa.inc();
