@@ -207,6 +207,58 @@ enum Flows<'a> {
     },
 }
 
+/// Flow `i` of `n` between `site(i)` and `head(i)`: from the site unless `BENCH_REVERSE`
+/// (with `blast`, whose sender and sink run in the sites' and head-end's namespaces).
+fn flows<'a>(
+    sites: &'a Sites,
+    head_ns: &'a Netns,
+    dir: &'a Path,
+    n: usize,
+    site: impl Fn(usize) -> String,
+    head: impl Fn(usize) -> String,
+) -> Flows<'a> {
+    match sites {
+        Sites::Process(v) => Flows::Iperf(
+            (0..n)
+                .map(|i| Flow {
+                    ns: &v[i].ns,
+                    from: site(i),
+                    to: head(i),
+                    port: port(i),
+                    site: i,
+                })
+                .collect(),
+        ),
+        Sites::Multi(m) => {
+            let (from, to) = if reverse() {
+                (head_ns, &m.ns)
+            } else {
+                (&m.ns, head_ns)
+            };
+            let pairs = (0..n)
+                .map(|i| {
+                    let (a, b) = if reverse() {
+                        (head(i), site(i))
+                    } else {
+                        (site(i), head(i))
+                    };
+                    Pair {
+                        from: addr(&a),
+                        to: SocketAddr::new(addr(&b), BLAST_PORT),
+                    }
+                })
+                .collect();
+            Flows::Blast {
+                from,
+                to,
+                pairs,
+                head: reverse(),
+                dir,
+            }
+        }
+    }
+}
+
 impl Flows<'_> {
     /// The first flow alone.
     fn first(&self) -> Self {
@@ -981,49 +1033,17 @@ fn many_tunnels_aggregate_vs_veth_vs_one_tunnel() -> Result<()> {
     };
 
     // (a) the plain path: one flow, then N at once, WAN address to WAN address.
-    let veth_flows = match &sites {
-        Sites::Process(v) => Flows::Iperf(
-            (0..n)
-                .map(|i| Flow {
-                    ns: &v[i].ns,
-                    from: site_wan(i),
-                    to: HEAD_WAN.to_owned(),
-                    port: port(i),
-                    site: i,
-                })
-                .collect(),
-        ),
-        Sites::Multi(m) => {
-            let (from, to, pairs) = if reverse() {
-                (
-                    &head_ns,
-                    &m.ns,
-                    (0..n)
-                        .map(|i| (HEAD_WAN.to_owned(), multi_wan(i % k)))
-                        .collect::<Vec<_>>(),
-                )
-            } else {
-                (
-                    &m.ns,
-                    &head_ns,
-                    (0..n).map(|i| (multi_wan(i % k), HEAD_WAN.to_owned())).collect(),
-                )
-            };
-            Flows::Blast {
-                from,
-                to,
-                pairs: pairs
-                    .iter()
-                    .map(|(a, b)| Pair {
-                        from: addr(a),
-                        to: SocketAddr::new(addr(b), BLAST_PORT),
-                    })
-                    .collect(),
-                head: reverse(),
-                dir: head_dir.path(),
-            }
-        }
-    };
+    let veth_flows = flows(
+        &sites,
+        &head_ns,
+        head_dir.path(),
+        n,
+        |i| match &sites {
+            Sites::Process(_) => site_wan(i),
+            Sites::Multi(_) => multi_wan(i % k),
+        },
+        |_| HEAD_WAN.to_owned(),
+    );
     let veth_one = run_flows(&veth_flows.first(), secs, None, &[], None)?;
     let tuns = sites.tuns();
     let head_tun = ["concentrator0".to_owned()];
@@ -1124,47 +1144,17 @@ fn many_tunnels_aggregate_vs_veth_vs_one_tunnel() -> Result<()> {
     let site_pids = sites.pids();
 
     // (b) one tunnel alone, then all N at once.
-    let tunnel_flows = match &sites {
-        Sites::Process(v) => Flows::Iperf(
-            (0..n)
-                .map(|i| Flow {
-                    ns: &v[i].ns,
-                    from: site_host(i),
-                    to: HEAD_HOST.to_owned(),
-                    port: port(i),
-                    site: i,
-                })
-                .collect(),
-        ),
-        Sites::Multi(m) => {
-            let (from, to, pairs) = if reverse() {
-                (
-                    &head_ns,
-                    &m.ns,
-                    (0..n).map(|i| (head_host(i), site_host(i))).collect::<Vec<_>>(),
-                )
-            } else {
-                (
-                    &m.ns,
-                    &head_ns,
-                    (0..n).map(|i| (site_host(i), head_host(i))).collect(),
-                )
-            };
-            Flows::Blast {
-                from,
-                to,
-                pairs: pairs
-                    .iter()
-                    .map(|(a, b)| Pair {
-                        from: addr(a),
-                        to: SocketAddr::new(addr(b), BLAST_PORT),
-                    })
-                    .collect(),
-                head: reverse(),
-                dir: head_dir.path(),
-            }
-        }
-    };
+    let tunnel_flows = flows(
+        &sites,
+        &head_ns,
+        head_dir.path(),
+        n,
+        site_host,
+        |i| match &sites {
+            Sites::Process(_) => HEAD_HOST.to_owned(),
+            Sites::Multi(_) => head_host(i),
+        },
+    );
     // The site gateways' CPU for one tunnel: only the process that holds tunnel 0.
     let esp_before = esp_packets(&head_ns)?;
     let one = run_flows(&tunnel_flows.first(), secs, Some(head_pid), &site_pids[..1], None)?;
