@@ -245,6 +245,14 @@ impl Pair {
             .unwrap_or_else(|| panic!("no CHILD SA on the initiator: {:?}", self.i_events))
     }
 
+    /// Whether the initiator's IKE SA was established with a NAT detected.
+    fn initiator_saw_nat(&self) -> bool {
+        match self.i_events.first() {
+            Some(initiator::Event::IkeSaEstablished { nat_detected, .. }) => *nat_detected,
+            other => panic!("the initiator's first event is not its IKE SA: {other:?}"),
+        }
+    }
+
     fn responder_child(&self) -> &ChildSa {
         self.r_events
             .iter()
@@ -483,13 +491,7 @@ fn floats_to_4500_behind_a_nat_and_when_forced() {
     p.nat = true;
     p.drive();
     assert_established(&p);
-    assert!(matches!(
-        p.i_events[0],
-        initiator::Event::IkeSaEstablished {
-            nat_detected: true,
-            ..
-        }
-    ));
+    assert!(p.initiator_saw_nat());
     assert!(p.initiator_child().udp_encap);
     // IKE_SA_INIT on 500, IKE_AUTH from the NAT-T port to the responder's 4500.
     let ports: Vec<(u16, u16)> = p.seen_by_r.iter().map(|(l, r)| (l.port(), r.port())).collect();
@@ -505,13 +507,7 @@ fn floats_to_4500_behind_a_nat_and_when_forced() {
     let mut p = Pair::new(i, responder_config(ike, esp));
     p.drive();
     assert_established(&p);
-    assert!(matches!(
-        p.i_events[0],
-        initiator::Event::IkeSaEstablished {
-            nat_detected: false,
-            ..
-        }
-    ));
+    assert!(!p.initiator_saw_nat());
     assert!(p.initiator_child().udp_encap, "forced float: UDP encapsulation");
     assert_eq!(p.seen_by_r[1].1.port(), 4501);
 }
@@ -533,13 +529,7 @@ fn a_responder_that_forces_udp_encapsulation_makes_the_initiator_float_without_a
     assert_established(&p);
     // The initiator believes the responder is behind a NAT: it floats, and both sides
     // agree on ESP in UDP.
-    assert!(matches!(
-        p.i_events[0],
-        initiator::Event::IkeSaEstablished {
-            nat_detected: true,
-            ..
-        }
-    ));
+    assert!(p.initiator_saw_nat());
     assert!(p.initiator_child().udp_encap);
     assert!(p.responder_child().udp_encap);
     assert_eq!(p.seen_by_r[1].0.port(), 4500, "IKE_AUTH reached port 4500");
