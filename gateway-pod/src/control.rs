@@ -1314,10 +1314,15 @@ impl Driver {
         let counters = match self.backend.install_child(spec) {
             Ok(counters) => counters,
             Err(e) => {
-                // The IKE SA stays; the tunnel carries nothing until a rekey or reconnect
-                // negotiates something the backend can carry.
                 self.gateway.metrics.count_ike_failure("child_sa_unsupported");
-                tracing::warn!(peer_id = %rec.peer_id, error = %e, "CHILD SA cannot be installed");
+                // An IKE SA whose only CHILD SA cannot be carried would look up to the peer
+                // and carry nothing: it is deleted, so that the peer knows (and tries again
+                // as it is configured to). Beside a working CHILD SA it stays.
+                let deleting = rec.children.is_empty();
+                tracing::warn!(peer_id = %rec.peer_id, error = %e, deleting_ike_sa = deleting, "CHILD SA cannot be installed");
+                if deleting {
+                    self.endpoint.delete(spi_r, Instant::now());
+                }
                 return;
             }
         };
