@@ -39,6 +39,18 @@ impl Group {
     fn invalid(self) -> CryptoError {
         CryptoError::InvalidPublicValue { group: self.number() }
     }
+
+    /// Bits of our random exponents: the upper end of the exponent sizes RFC 3526 §8 gives
+    /// for each group's strength (2048-bit: 220-320, 3072-bit: 260-420 bits), which is also
+    /// at least twice the strength, as NIST SP 800-56A asks of safe-prime groups. A full
+    /// prime-length exponent buys nothing more against the discrete logarithm (the group's
+    /// own strength is the limit) and costs 6-7x the time in every exponentiation.
+    fn exponent_bits(self) -> i32 {
+        match self {
+            Self::Modp2048 => 320,
+            Self::Modp3072 => 448,
+        }
+    }
 }
 
 /// An owned `BIGNUM`, cleared (`BN_clear_free`) on drop.
@@ -162,24 +174,29 @@ pub(super) struct ModpKey {
 }
 
 impl ModpKey {
-    /// A random exponent x with 2 <= x < p - 1.
+    /// A random exponent of exactly [`Group::exponent_bits`] bits (the top bit set, so that
+    /// every exponentiation with it takes the same time); far below p - 1.
     pub(super) fn generate(group: Group) -> Result<Self, CryptoError> {
-        let p = Bn::prime(group)?;
-        let pm1 = Bn::prime(group)?;
-        // Safety: pm1 owns a valid BIGNUM (a copy of p).
-        if unsafe { sys::BN_sub_word(pm1.0.as_ptr(), 1) } != 1 {
-            return Err(CryptoError::Internal);
-        }
-        drop(p);
         let x = Bn::new()?;
-        // Safety: x and pm1 are valid BIGNUMs; BN_rand_range_ex draws uniformly from
-        // [2, pm1) using AWS-LC's CSPRNG.
-        if unsafe { sys::BN_rand_range_ex(x.0.as_ptr(), 2, pm1.0.as_ptr()) } != 1 {
+        // Safety: x owns a valid BIGNUM; BN_rand fills it from AWS-LC's CSPRNG with
+        // `exponent_bits` random bits, the top one forced to 1.
+        if unsafe {
+            sys::BN_rand(
+                x.0.as_ptr(),
+                group.exponent_bits(),
+                sys::BN_RAND_TOP_ONE,
+                sys::BN_RAND_BOTTOM_ANY,
+            )
+        } != 1
+        {
             return Err(CryptoError::Internal);
         }
+        // Exactly the exponent's bytes: AWS-LC's constant-time exponentiation walks every
+        // word the BIGNUM holds, and leading zero bytes would give it the prime's length.
+        let bytes = usize::try_from(group.exponent_bits()).map_err(|_| CryptoError::Internal)? / 8;
         Ok(Self {
             group,
-            x: x.to_be_padded(group.len())?,
+            x: x.to_be_padded(bytes)?,
         })
     }
 
@@ -230,5 +247,25 @@ impl ModpKey {
             return Err(self.group.invalid());
         }
         z.to_be_padded(self.group.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn random_exponents_have_exactly_the_groups_exponent_bits() {
+        for group in [Group::Modp2048, Group::Modp3072] {
+            let bits = usize::try_from(group.exponent_bits()).unwrap();
+            let a = ModpKey::generate(group).unwrap();
+            let b = ModpKey::generate(group).unwrap();
+            assert_ne!(a.x.expose(), b.x.expose());
+            for k in [&a, &b] {
+                let x = k.x.expose();
+                assert_eq!(x.len() * 8, bits, "{group:?}");
+                assert!(x[0] & 0x80 != 0, "{group:?}: top bit not set");
+            }
+        }
     }
 }
