@@ -427,6 +427,10 @@ struct Redirect {
 /// `peerAddress` with its backoff (RFC 5685 §9: a client must guard against redirect loops).
 const MAX_REDIRECTS: u32 = 5;
 
+/// IKE datagrams handled per wake-up of the control task (per port) before its responses
+/// are sent.
+const IKE_BATCH: usize = 64;
+
 /// How often the tunnel table's traffic counters are refreshed for the admin API.
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -486,6 +490,18 @@ impl Driver {
                         let local = self.udp500.local_addr().unwrap_or(remote);
                         let datagram = buf[..n].to_vec();
                         self.datagram(local, remote, &datagram);
+                        // Whatever else has arrived is handled before the responses go out
+                        // and before this task sleeps again: under a flood of new sites, one
+                        // wake-up per datagram would cost more than the exchange itself.
+                        for _ in 1..IKE_BATCH {
+                            match self.udp500.try_recv_from(&mut buf) {
+                                Ok((n, remote)) => {
+                                    let datagram = buf[..n].to_vec();
+                                    self.datagram(local, remote, &datagram);
+                                }
+                                Err(_) => break,
+                            }
+                        }
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
                     Err(e) => {
@@ -493,7 +509,16 @@ impl Driver {
                         break;
                     }
                 },
-                Some(d) = ike_rx.recv() => self.datagram(d.local, d.remote, &d.payload),
+                Some(d) = ike_rx.recv() => {
+                    self.datagram(d.local, d.remote, &d.payload);
+                    // The same for port 4500, whose datagrams the data plane's threads pass on.
+                    for _ in 1..IKE_BATCH {
+                        match ike_rx.try_recv() {
+                            Ok(d) => self.datagram(d.local, d.remote, &d.payload),
+                            Err(_) => break,
+                        }
+                    }
+                }
                 Some(done) = lookups_rx.recv() => self.lookup_done(done),
                 Some(dst) = acquire_rx.recv() => self.acquire(dst),
                 Some(e) = sa_events_rx.recv() => self.sa_volume(e),
