@@ -195,11 +195,17 @@ impl Udp {
                 })
                 .await;
             match r {
+                // The kernel takes at least one message of a non-empty batch; were it none,
+                // the first is reported unsent rather than retried forever.
+                Ok(0) => {
+                    sent(next, Err(io::Error::other("sendmmsg sent nothing")));
+                    next += 1;
+                }
                 Ok(n) => {
                     for i in next..next + n {
                         sent(i, Ok(()));
                     }
-                    next += n.max(1);
+                    next += n;
                 }
                 // The first message failed: report it and go on after it.
                 Err(e) => {
