@@ -1,13 +1,14 @@
 //! The data plane's only syscalls: the TUN device (tun-rs, vnet-hdr offloads) and the UDP
-//! socket (quinn-udp: UDP GSO on send, GRO and recvmmsg on receive), or a raw socket of IP
-//! protocol 50 for plain ESP (RFC 4303 without the RFC 3948 encapsulation).
+//! socket (quinn-udp: GRO and recvmmsg on receive; `sendmmsg` with a UDP GSO segment size
+//! per message on send), or a raw socket of IP protocol 50 for plain ESP (RFC 4303 without
+//! the RFC 3948 encapsulation).
 
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
-use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
+use quinn_udp::{RecvMeta, UdpSockRef, UdpSocketState};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
@@ -129,36 +130,6 @@ impl Udp {
         m.len = len;
         m.stride = len;
         Ok(1)
-    }
-
-    /// Sends `contents` to `to`: one datagram, or with `segment` a GSO batch of datagrams of
-    /// `segment` bytes each (the last may be shorter).
-    pub(crate) async fn send(
-        &self,
-        to: SocketAddr,
-        contents: &[u8],
-        segment: Option<usize>,
-    ) -> io::Result<()> {
-        let Some(state) = &self.state else {
-            // The kernel adds the IP header; the port means nothing to a raw socket.
-            return self
-                .sock
-                .send_to(contents, SocketAddr::new(to.ip(), 0))
-                .await
-                .map(|_| ());
-        };
-        let transmit = Transmit {
-            destination: to,
-            ecn: None,
-            contents,
-            segment_size: segment,
-            src_ip: None,
-        };
-        self.sock
-            .async_io(Interest::WRITABLE, || {
-                state.try_send(UdpSockRef::from(&*self.sock), &transmit)
-            })
-            .await
     }
 }
 

@@ -107,16 +107,9 @@ pub async fn run(t: StaticTunnel, counters: DataplaneCounters) -> Result<(), Dat
         }
         .map_err(|e| DataplaneError::Udp(t.local, e))?,
     );
-    let outer = if t.raw_esp {
-        shared::Outer {
-            udp: None,
-            raw_esp: Some(sock),
-        }
-    } else {
-        shared::Outer {
-            udp: Some(sock),
-            raw_esp: None,
-        }
+    let outer = shared::Outer {
+        udp: (!t.raw_esp).then(|| sock.clone()),
+        raw_esp: t.raw_esp.then_some(sock),
     };
     // No control plane: IKE messages on the port are counted as overflow and dropped, and
     // nobody is asked for SAs toward other destinations.

@@ -546,22 +546,29 @@ impl GsoBatch {
         self.closed = false;
     }
 
-    async fn flush(&mut self, sockets: &Sockets, counters: &DataplaneCounters) {
-        if self.count == 0 {
-            return;
-        }
-        let segment = (self.count > 1).then_some(self.stride);
-        // SAs are only installed where their socket exists (DataplaneHandle::carries).
-        let sent = match sockets.for_sa(self.udp_encap) {
-            Some(sock) => sock.send(self.peer, &self.buf[..self.len], segment).await,
-            None => Err(std::io::Error::other("no socket for this kind of ESP")),
-        };
-        match sent {
+    /// Counts (or logs) what the send of this batch did.
+    fn sent(&self, r: std::io::Result<()>, counters: &DataplaneCounters) {
+        match r {
             Ok(()) => {
                 counters.packets_out.inc_by(self.count as u64);
             }
             // One unreachable peer must not stop the others' traffic.
             Err(e) => tracing::debug!(peer = %self.peer, error = %e, "ESP send failed"),
+        }
+    }
+
+    /// Sends this batch alone (its peer's next packet cannot join it).
+    async fn flush(&mut self, sockets: &Sockets, counters: &DataplaneCounters) {
+        if self.count == 0 {
+            return;
+        }
+        // SAs are only installed where their socket exists (DataplaneHandle::carries).
+        match sockets.for_sa(self.udp_encap) {
+            Some(sock) => {
+                sock.send_many(&[self.outgoing()], |_, r| self.sent(r, counters))
+                    .await
+            }
+            None => tracing::debug!(udp_encap = self.udp_encap, "no socket for this kind of ESP"),
         }
         self.clear();
     }
@@ -630,17 +637,8 @@ impl Batches {
                         self.sent.iter().map(|i| self.open[*i].outgoing()).collect();
                     let open = &self.open;
                     let sent = &self.sent;
-                    sock.send_many(&msgs, |k, r| {
-                        let b = &open[sent[k]];
-                        match r {
-                            Ok(()) => {
-                                counters.packets_out.inc_by(b.count as u64);
-                            }
-                            // One unreachable peer must not stop the others' traffic.
-                            Err(e) => tracing::debug!(peer = %b.peer, error = %e, "ESP send failed"),
-                        }
-                    })
-                    .await;
+                    sock.send_many(&msgs, |k, r| open[sent[k]].sent(r, counters))
+                        .await;
                 }
                 // SAs are only installed where their socket exists (DataplaneHandle::carries).
                 None => tracing::debug!(udp_encap, "no socket for this kind of ESP"),

@@ -230,7 +230,6 @@ impl StaticEroute<'_> {
 
 /// The gateway binary tests and benchmarks run: this build's, or `BENCH_GATEWAY_BIN`
 /// (another build of it, for a benchmark to compare two versions in the same conditions).
-#[allow(dead_code)]
 pub(crate) fn gateway_bin() -> String {
     std::env::var("BENCH_GATEWAY_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_concentrator-gateway").into())
 }
@@ -278,7 +277,6 @@ pub(crate) fn tunnel_row(
 
 /// Counts what arrives in `ns` by outer protocol, for [`outer_counts`]: plain ESP (IP
 /// protocol 50) and UDP to port 4500.
-#[allow(dead_code)]
 pub(crate) fn count_outer(ns: &concentrator_e2e::netns::Netns) -> anyhow::Result<()> {
     ns.run(
         "nft",
@@ -293,7 +291,6 @@ pub(crate) fn count_outer(ns: &concentrator_e2e::netns::Netns) -> anyhow::Result
 
 /// Bytes that reached `ns` as (plain ESP, UDP 4500) since [`count_outer`]. Bytes, not
 /// packets: UDP GRO hands the firewall coalesced datagrams.
-#[allow(dead_code)]
 pub(crate) fn outer_counts(ns: &concentrator_e2e::netns::Netns) -> anyhow::Result<(u64, u64)> {
     use anyhow::Context;
     let out = ns.run("nft", &["list table inet outer"])?;
