@@ -80,7 +80,10 @@ pub struct DatabaseSpec {
     pub timeout: Option<String>,
 }
 
-/// Column names of the site table; each defaults to the name in the default schema.
+/// Column names of the site table; each defaults to the name in the default schema. Peer ID,
+/// PSK and remote subnet must exist in the table. The two address columns are optional: one
+/// left unnamed is read where the table has its default name and as empty where it has not;
+/// one named here must exist in the table.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ColumnsSpec {
@@ -93,10 +96,10 @@ pub struct ColumnsSpec {
     /// Default: `remote_subnet`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remote_subnet: Option<String>,
-    /// Default: `peer_address`.
+    /// Optional. Default: `peer_address`, if the table has it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer_address: Option<String>,
-    /// Default: `backup_peer_address`.
+    /// Optional. Default: `backup_peer_address`, if the table has it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backup_peer_address: Option<String>,
 }
@@ -160,8 +163,35 @@ pub struct SiteTable {
     pub peer_id: String,
     pub psk: String,
     pub remote_subnet: String,
-    pub peer_address: String,
-    pub backup_peer_address: String,
+    pub peer_address: OptionalColumn,
+    pub backup_peer_address: OptionalColumn,
+}
+
+/// An optional column of the site table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OptionalColumn {
+    pub name: String,
+    /// The Egroup named it: the table must have it. Otherwise `name` is the default, read
+    /// only where the table has it.
+    pub named: bool,
+}
+
+impl OptionalColumn {
+    /// A column the table must have.
+    pub fn named(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            named: true,
+        }
+    }
+
+    /// A default name, read where the table has it.
+    pub fn default_name(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            named: false,
+        }
+    }
 }
 
 /// A validated egroup spec.
@@ -193,6 +223,17 @@ pub fn validate_db_url(field: &str, url: &str) -> Result<(), ValidationError> {
         ));
     }
     Ok(())
+}
+
+fn optional_column(
+    field: &str,
+    given: Option<&str>,
+    default: &str,
+) -> Result<OptionalColumn, ValidationError> {
+    Ok(OptionalColumn {
+        name: sql_identifier(field, given, default)?,
+        named: given.is_some(),
+    })
 }
 
 /// Table and column names go into SQL text (identifiers cannot be bound as parameters), so
@@ -270,12 +311,12 @@ impl EgroupSpec {
                 c.remote_subnet.as_deref(),
                 "remote_subnet",
             )?,
-            peer_address: sql_identifier(
+            peer_address: optional_column(
                 "spec.database.columns.peerAddress",
                 c.peer_address.as_deref(),
                 "peer_address",
             )?,
-            backup_peer_address: sql_identifier(
+            backup_peer_address: optional_column(
                 "spec.database.columns.backupPeerAddress",
                 c.backup_peer_address.as_deref(),
                 "backup_peer_address",
@@ -307,8 +348,30 @@ mod tests {
         assert_eq!(v.database, DatabaseLocation::Embedded);
         assert_eq!(v.site_table.table, "sites");
         assert_eq!(v.site_table.peer_id, "peer_id");
+        assert_eq!(
+            v.site_table.peer_address,
+            OptionalColumn::default_name("peer_address")
+        );
         assert_eq!(v.max_dynamic_eroutes, DEFAULT_MAX_DYNAMIC_EROUTES);
         assert_eq!(v.timeout, DEFAULT_DB_TIMEOUT);
+    }
+
+    #[test]
+    fn optional_columns_know_whether_they_were_named() {
+        let mut s = spec();
+        s.database.columns.peer_address = Some("addr".into());
+        let t = s.validate().unwrap().site_table;
+        assert_eq!(t.peer_address, OptionalColumn::named("addr"));
+        assert_eq!(
+            t.backup_peer_address,
+            OptionalColumn::default_name("backup_peer_address")
+        );
+        let mut s = spec();
+        s.database.columns.backup_peer_address = Some("a b".into());
+        assert_eq!(
+            s.validate().unwrap_err().field,
+            "spec.database.columns.backupPeerAddress"
+        );
     }
 
     #[test]

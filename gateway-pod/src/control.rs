@@ -141,24 +141,32 @@ pub async fn start(
     egroups: Egroups,
     opts: ControlOptions,
 ) -> Result<Control, ControlError> {
-    // New IKE SAs are answered with the first eroute that accepts tunnels; the peer's
-    // identity, known only at IKE_AUTH, then selects the eroute that authenticates it. With
-    // none (no eroutes yet, or only ones we initiate), IKE_SA_INIT is still answered with the
-    // default proposal and every identity is refused at IKE_AUTH: a pod that starts before
-    // its eroutes exist must not fail.
+    // The peer's identity, known only at IKE_AUTH, selects the eroute that authenticates it,
+    // so IKE_SA_INIT is answered with any IKE proposal that some eroute accepting tunnels
+    // allows (as strongSwan considers every config), chosen in the initiator's order; the
+    // selected eroute must then allow it (`use_eroute`). With no such eroute (none yet, or
+    // only ones we initiate), IKE_SA_INIT is still answered with the default proposal and
+    // every identity is refused at IKE_AUTH: a pod that starts before its eroutes exist must
+    // not fail.
+    let accepting: Vec<_> = gateway
+        .config
+        .set
+        .eroutes
+        .values()
+        .filter(|e| e.role != Role::Initiator)
+        .collect();
     let responder_config = Arc::new(
-        match gateway
-            .config
-            .set
-            .eroutes
-            .iter()
-            .find(|(_, e)| e.role != Role::Initiator)
-        {
-            Some((name, e)) => {
-                tracing::debug!(eroute = %name, "IKE_SA_INIT answered with this eroute's proposals");
+        match accepting.first() {
+            Some(e) => {
+                let mut ike_proposals = Vec::new();
+                for p in accepting.iter().flat_map(|e| &e.ike_proposals) {
+                    if !ike_proposals.contains(p) {
+                        ike_proposals.push(p.clone());
+                    }
+                }
                 ResponderConfig {
                     retransmit: opts.retransmit,
-                    ike_lifetime: Some(e.ike_lifetime).filter(|d| !d.is_zero()),
+                    ike_proposals,
                     ..ResponderConfig::from_eroute(e, local_id(e, opts.listen))
                 }
             }
@@ -956,6 +964,11 @@ impl Driver {
                     let Some(base) = set.egroups.get(egroup).map(|g| g.eroute.clone()) else {
                         return;
                     };
+                    // Refused before the lookup: no row can make the proposal right.
+                    if !self.allows_proposal(spi_r, &base) {
+                        self.refuse(spi_r, id, Some(base), PROPOSAL_NOT_ALLOWED);
+                        return;
+                    }
                     let rec = self.record(spi_r, id);
                     rec.eroute = Some(base.clone());
                     rec.egroup = Some(egroup.clone());
@@ -975,9 +988,13 @@ impl Driver {
                 Selection::None => (None, None, Some("unknown_peer")),
             }
         };
-        if let Some(name) = &eroute {
-            self.use_eroute(spi_r, name, None);
-        }
+        let reason = match &eroute {
+            Some(name) if reason.is_none() && !self.use_eroute(spi_r, name, None) => {
+                Some(PROPOSAL_NOT_ALLOWED)
+            }
+            _ => reason,
+        };
+        let psk = if reason.is_some() { None } else { psk };
         let rec = self.record(spi_r, id);
         rec.eroute = eroute;
         rec.refusal = reason;
@@ -993,16 +1010,43 @@ impl Driver {
         }
     }
 
+    /// Whether `eroute` allows the IKE proposal SA `id` negotiated in IKE_SA_INIT, where
+    /// every eroute's proposals were on offer (true if either is gone: nothing to refuse).
+    fn allows_proposal(&mut self, id: u64, eroute: &str) -> bool {
+        let gateway = Arc::clone(&self.gateway);
+        let choice = self.endpoint.responder_mut(id).and_then(|r| r.ike_choice());
+        match (choice, gateway.config.set.eroutes.get(eroute)) {
+            (Some(c), Some(e)) => c.allowed_by(&e.ike_proposals),
+            _ => true,
+        }
+    }
+
+    /// Refuses the peer of SA `id` before any key is looked up: AUTHENTICATION_FAILED,
+    /// counted under `reason` when the negotiation fails.
+    fn refuse(&mut self, id: u64, peer: &IdBuf, eroute: Option<String>, reason: &'static str) {
+        let rec = self.record(id, peer);
+        rec.eroute = eroute;
+        rec.refusal = Some(reason);
+        tracing::info!(peer_id = %peer, reason, "peer refused");
+        if let Err(e) = self
+            .endpoint
+            .provide_psk(id, Instant::now(), None, &mut self.entropy)
+        {
+            tracing::debug!(peer_id = %peer, error = %e, "PSK step ended the negotiation");
+        }
+    }
+
     /// Makes the SA negotiate its CHILD SA by `eroute` (with the site's subnet for a dynamic
-    /// one) instead of the eroute that answered IKE_SA_INIT.
-    fn use_eroute(&mut self, id: u64, eroute: &str, site_subnet: Option<IpNet>) {
+    /// one) instead of the eroute that answered IKE_SA_INIT; false if that eroute does not
+    /// allow the IKE SA's proposal (the peer must be refused).
+    fn use_eroute(&mut self, id: u64, eroute: &str, site_subnet: Option<IpNet>) -> bool {
         let gateway = Arc::clone(&self.gateway);
         let Some(e) = gateway.config.set.eroutes.get(eroute) else {
-            return;
+            return true;
         };
         let local_id = self.local_id_for(eroute, e);
         let Some(responder) = self.endpoint.responder_mut(id) else {
-            return;
+            return true;
         };
         // The endpoint routes by our SPI in either position, so this side may rekey the IKE
         // SA at its lifetime (RFC 7296 §2.18) as well as the CHILD SAs.
@@ -1015,7 +1059,10 @@ impl Driver {
         if let Some(subnet) = site_subnet {
             config.remote_subnet = subnet;
         }
-        let _ = responder.set_config(Arc::new(config));
+        !matches!(
+            responder.set_config(Arc::new(config)),
+            Err(concentrator_ike::responder::Error::ProposalNotAllowed)
+        )
     }
 
     /// A site lookup finished: authenticate with the row's PSK, or refuse with the reason
@@ -1048,11 +1095,14 @@ impl Driver {
         });
         let psk = match result {
             Ok(site) => {
-                self.use_eroute(id, &base_eroute, Some(site.remote_subnet));
+                let allowed = self.use_eroute(id, &base_eroute, Some(site.remote_subnet));
                 if let Some(rec) = self.sas.get_mut(&id) {
                     rec.site_subnet = Some(site.remote_subnet);
+                    if !allowed {
+                        rec.refusal = Some(PROPOSAL_NOT_ALLOWED);
+                    }
                 }
-                Some(zeroize::Zeroizing::new(site.psk.expose().to_vec()))
+                allowed.then(|| zeroize::Zeroizing::new(site.psk.expose().to_vec()))
             }
             Err(e) => {
                 self.gateway.metrics.count_lookup_failure(&egroup, e.kind());
@@ -1649,11 +1699,15 @@ fn tunnel_id(spi_r: u64) -> String {
 }
 
 /// The label a failed negotiation is counted under.
+/// The refusal of a peer whose eroute does not allow the IKE proposal it negotiated.
+const PROPOSAL_NOT_ALLOWED: &str = "ike_proposal_not_allowed";
+
 fn failure_reason(e: &concentrator_ike::responder::Error) -> &'static str {
     use concentrator_ike::negotiate::NegotiationError;
     use concentrator_ike::responder::Error;
     match e {
         Error::AuthenticationFailed(_) => "authentication_failed",
+        Error::ProposalNotAllowed => PROPOSAL_NOT_ALLOWED,
         Error::Negotiation(NegotiationError::NoProposalChosen) => "no_proposal_chosen",
         Error::Negotiation(NegotiationError::TsUnacceptable) => "ts_unacceptable",
         Error::InvalidKe { .. } => "invalid_ke",

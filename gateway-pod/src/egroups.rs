@@ -23,6 +23,28 @@ use crate::eroute::lru::{DynamicEroute, DynamicTable};
 use crate::sitedb::cache::{Key, LookupCache};
 use crate::sitedb::{LookupError, Site, SiteDbError, SiteLookups, SiteStore};
 
+/// The site store of egroup `name`: the gateway's own (`default_store`; `None` where there is
+/// none), or the one its `database.url` / `urlSecretRef` names.
+pub async fn store_of(
+    config: &Config,
+    name: &str,
+    spec: &ValidatedEgroup,
+    default_store: Option<&SiteStore>,
+) -> Result<Option<SiteStore>, SiteDbError> {
+    match &spec.database {
+        DatabaseLocation::Embedded => Ok(default_store.cloned()),
+        DatabaseLocation::Url(url) => SiteStore::open_url(url.expose(), spec.timeout).await.map(Some),
+        DatabaseLocation::Secret(_) => {
+            let url = config
+                .egroup_db_urls
+                .get(name)
+                .map(|s| String::from_utf8_lossy(s.expose()).into_owned())
+                .unwrap_or_default();
+            SiteStore::open_url(url.trim(), spec.timeout).await.map(Some)
+        }
+    }
+}
+
 /// How long a missing or malformed site is remembered.
 pub const NEGATIVE_TTL: Duration = Duration::from_secs(5);
 /// At most this many remembered failures.
@@ -47,24 +69,15 @@ impl Egroups {
     pub async fn open(config: &Config, default_store: &SiteStore) -> Result<Self, SiteDbError> {
         let mut groups = BTreeMap::new();
         for (name, spec) in &config.set.egroups {
-            let store = match &spec.database {
-                DatabaseLocation::Embedded => default_store.clone(),
-                DatabaseLocation::Url(url) => SiteStore::open_url(url.expose(), spec.timeout).await?,
-                DatabaseLocation::Secret(_) => {
-                    let url = config
-                        .egroup_db_urls
-                        .get(name)
-                        .map(|s| String::from_utf8_lossy(s.expose()).into_owned())
-                        .unwrap_or_default();
-                    SiteStore::open_url(url.trim(), spec.timeout).await?
-                }
+            let Some(store) = store_of(config, name, spec, Some(default_store)).await? else {
+                continue;
             };
             let capacity = NonZeroUsize::new(spec.max_dynamic_eroutes as usize).unwrap_or(NonZeroUsize::MIN);
             groups.insert(
                 name.clone(),
                 Egroup {
                     spec: spec.clone(),
-                    lookups: SiteLookups::new(store, spec.site_table.clone(), spec.timeout),
+                    lookups: SiteLookups::new(name, store, spec.site_table.clone(), spec.timeout),
                     table: DynamicTable::new(capacity),
                 },
             );
@@ -73,6 +86,25 @@ impl Egroups {
             groups,
             cache: Arc::new(LookupCache::new(NEGATIVE_TTL, MAX_NEGATIVE)),
         })
+    }
+
+    /// Reads each egroup's site table columns and checks them against the Egroup, all at
+    /// once: a table that does not fit is logged (once) and its lookups fail with the
+    /// `schema` reason; a database that cannot be reached now is asked again by the first
+    /// lookup.
+    pub fn check_tables(
+        &self,
+    ) -> impl Future<Output = Vec<(String, Result<(), LookupError>)>> + Send + 'static {
+        let mut checks = tokio::task::JoinSet::new();
+        for (name, g) in &self.groups {
+            let (name, lookups) = (name.clone(), g.lookups.clone());
+            checks.spawn(async move { (name, lookups.check_schema().await) });
+        }
+        async move {
+            let mut results = checks.join_all().await;
+            results.sort_by(|a, b| a.0.cmp(&b.0));
+            results
+        }
     }
 
     /// Whether `egroup` holds a dynamic eroute for `peer_id`.

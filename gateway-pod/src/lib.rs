@@ -116,6 +116,17 @@ pub async fn start(opts: &Options, config: Config) -> Result<Running, StartError
         let egroups = egroups::Egroups::open(&gateway.config, &site_store)
             .await
             .map_err(StartError::EgroupStore)?;
+        // A site table that does not fit its Egroup is said at start (where the database
+        // answers), not first by the lookup of a site that connects.
+        let checks = egroups.check_tables();
+        tokio::spawn(async move {
+            for (egroup, result) in checks.await {
+                match result {
+                    Ok(()) | Err(sitedb::LookupError::Schema { .. }) => {}
+                    Err(e) => tracing::warn!(%egroup, error = %e, "site table not checked yet"),
+                }
+            }
+        });
         Some(
             control::start(
                 gateway.clone(),

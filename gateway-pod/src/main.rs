@@ -173,6 +173,9 @@ async fn run(opts: Options) -> ExitCode {
         for line in summary(&config) {
             println!("{line}");
         }
+        if !check_site_tables(&opts, &config).await {
+            return ExitCode::from(2);
+        }
         println!("configuration in {} is valid", config_dir.display());
         return ExitCode::SUCCESS;
     }
@@ -207,6 +210,43 @@ async fn run(opts: Options) -> ExitCode {
     tracing::info!("shutting down");
     running.shutdown().await;
     ExitCode::SUCCESS
+}
+
+/// `--check`: each egroup's site table against its Egroup, where the database answers (a
+/// database that is down now is no configuration error). False if a table does not fit.
+async fn check_site_tables(opts: &Options, config: &config::Config) -> bool {
+    use concentrator_gateway::egroups::store_of;
+    use concentrator_gateway::sitedb::{EMBEDDED_FILE, LookupError, SiteLookups};
+    // `--check` creates nothing: an embedded store that does not exist yet has no table.
+    let default = if opts.site_db.is_some() || opts.data_dir.join(EMBEDDED_FILE).exists() {
+        open_site_store(opts).await.ok()
+    } else {
+        None
+    };
+    let mut fits = true;
+    for (name, spec) in &config.set.egroups {
+        let store = match store_of(config, name, spec, default.as_ref()).await {
+            Ok(Some(store)) => store,
+            Ok(None) => {
+                println!("egroup {name}: site table not checked: the site store does not exist yet");
+                continue;
+            }
+            Err(e) => {
+                println!("egroup {name}: site table not checked: {e}");
+                continue;
+            }
+        };
+        let lookups = SiteLookups::new(name, store, spec.site_table.clone(), spec.timeout);
+        match lookups.check_schema().await {
+            Ok(()) => println!("egroup {name}: site table '{}' fits", spec.site_table.table),
+            Err(e @ LookupError::Schema { .. }) => {
+                eprintln!("concentrator-gateway: invalid configuration: egroup {name}: {e}");
+                fits = false;
+            }
+            Err(e) => println!("egroup {name}: site table not checked: {e}"),
+        }
+    }
+    fits
 }
 
 /// Stop signals, registered before the gateway says it is ready: a SIGTERM that arrives right

@@ -39,6 +39,7 @@ pub const IKE_FAILURE_REASONS: &[&str] = &[
     "draining",
     "site_lookup",
     "no_proposal_chosen",
+    "ike_proposal_not_allowed",
     "ts_unacceptable",
     "invalid_ke",
     "malformed",

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use concentrator_crds::egroup::SiteTable;
+use concentrator_crds::egroup::{OptionalColumn, SiteTable};
 
 use crate::sitedb::{SiteStore, check_row};
 
@@ -30,8 +30,8 @@ pub fn default_table() -> SiteTable {
         peer_id: "peer_id".into(),
         psk: "psk".into(),
         remote_subnet: "remote_subnet".into(),
-        peer_address: "peer_address".into(),
-        backup_peer_address: "backup_peer_address".into(),
+        peer_address: OptionalColumn::default_name("peer_address"),
+        backup_peer_address: OptionalColumn::default_name("backup_peer_address"),
     }
 }
 

@@ -807,7 +807,7 @@ async fn site_lookup_latency_small_vs_large_table() {
     let tables = [table_of(&small), table_of(&large)];
     let batched = tables
         .clone()
-        .map(|(_, st)| SiteLookups::new(store.clone(), st, Duration::from_secs(10)));
+        .map(|(_, st)| SiteLookups::new("bench", store.clone(), st, Duration::from_secs(10)));
     let bench = Bench {
         tables,
         batched,

@@ -94,7 +94,7 @@ async fn gateway_uses_mariadb_by_url() {
 
     // Batched, as the egroups look up: concurrent lookups share statements and each gets
     // its own row.
-    let lookups = SiteLookups::new(store.clone(), t.clone(), to);
+    let lookups = SiteLookups::new("g", store.clone(), t.clone(), to);
     let mut set = tokio::task::JoinSet::new();
     for i in 0..60 {
         let l = lookups.clone();

@@ -152,7 +152,9 @@ fn pick_integrity(p: &Proposal<'_>, encr: Encryption, ours: &[Integrity]) -> Opt
 /// RFC 7296 §2.7) that one of `ours` accepts whole. Within it, each transform type takes the
 /// initiator's first acceptable transform, except that the DH group of the initiator's KE
 /// payload (`ke_group`) is taken when acceptable, so that a guessed group is not rejected
-/// needlessly.
+/// needlessly: `ours` may hold the proposals of several eroutes, and one that takes the
+/// initiator's proposal with the KE group as sent is preferred to one that would answer
+/// INVALID_KE_PAYLOAD.
 pub fn select_ike(
     offered: &Sa<'_>,
     ours: &[IkeProposal],
@@ -163,36 +165,35 @@ pub fn select_ike(
         if !p.spi.is_empty() {
             continue;
         }
-        for o in ours {
-            let Some(encryption) = pick(p, TransformType::ENCR, encryption, &o.encryption) else {
-                continue;
-            };
-            let Some(integrity) = pick_integrity(p, encryption, &o.integrity) else {
-                continue;
-            };
-            let Some(prf) = pick(p, TransformType::PRF, prf, &o.prf) else {
-                continue;
-            };
-            let ke = dh_group(ke_group).filter(|g| {
-                o.dh.contains(g)
-                    && p.transforms
-                        .iter()
-                        .any(|t| t.transform_type == TransformType::DH && t.id.0 == ke_group)
-            });
-            let Some(dh) = ke.or_else(|| pick(p, TransformType::DH, |t| dh_group(plain_id(t)?), &o.dh))
-            else {
-                continue;
-            };
-            return Ok(IkeChoice {
-                number: p.number,
-                encryption,
-                integrity,
-                prf,
-                dh,
-            });
+        let as_sent = ours
+            .iter()
+            .find_map(|o| choose_ike(p, o, ke_group).filter(|c| c.dh.number() == ke_group));
+        if let Some(c) = as_sent.or_else(|| ours.iter().find_map(|o| choose_ike(p, o, ke_group))) {
+            return Ok(c);
         }
     }
     Err(NegotiationError::NoProposalChosen)
+}
+
+/// What `o` takes of the initiator's proposal `p`, if it takes it whole.
+fn choose_ike(p: &Proposal<'_>, o: &IkeProposal, ke_group: u16) -> Option<IkeChoice> {
+    let encryption = pick(p, TransformType::ENCR, encryption, &o.encryption)?;
+    let integrity = pick_integrity(p, encryption, &o.integrity)?;
+    let prf = pick(p, TransformType::PRF, prf, &o.prf)?;
+    let ke = dh_group(ke_group).filter(|g| {
+        o.dh.contains(g)
+            && p.transforms
+                .iter()
+                .any(|t| t.transform_type == TransformType::DH && t.id.0 == ke_group)
+    });
+    let dh = ke.or_else(|| pick(p, TransformType::DH, |t| dh_group(plain_id(t)?), &o.dh))?;
+    Some(IkeChoice {
+        number: p.number,
+        encryption,
+        integrity,
+        prf,
+        dh,
+    })
 }
 
 /// Selects the ESP proposal of an IKE_AUTH request (first acceptable in the initiator's
@@ -251,6 +252,18 @@ fn encr_transform(e: Encryption) -> Transform<'static> {
 }
 
 impl IkeChoice {
+    /// Whether one of `ours` accepts this choice whole. A responder serving several eroutes
+    /// chooses in IKE_SA_INIT from the proposals of all of them, before the peer's identity
+    /// selects one; this is the check, in IKE_AUTH, that the selected eroute allows it.
+    pub fn allowed_by(&self, ours: &[IkeProposal]) -> bool {
+        ours.iter().any(|o| {
+            o.encryption.contains(&self.encryption)
+                && self.integrity.is_none_or(|i| o.integrity.contains(&i))
+                && o.prf.contains(&self.prf)
+                && o.dh.contains(&self.dh)
+        })
+    }
+
     /// The single-proposal SA payload of the IKE_SA_INIT response (RFC 7296 §2.7: "The
     /// responder MUST choose a single suite"), under the initiator's proposal number.
     pub fn to_sa(&self) -> Sa<'static> {
@@ -443,6 +456,52 @@ mod tests {
         let ours = [parse_ike("p", "aes256gcm16-prfsha384-ecp256-ecp384").unwrap()];
         assert_eq!(select_ike(&sa, &ours, 20).unwrap().dh, DhGroup::Ecp384);
         assert_eq!(select_ike(&sa, &ours, 31).unwrap().dh, DhGroup::Ecp256);
+    }
+
+    #[test]
+    fn chooses_across_eroutes_in_the_initiators_order_and_prefers_its_ke_group() {
+        // The initiator prefers GCM with X25519 or MODP-2048 (KE sent for MODP-2048), then
+        // CBC. Two eroutes: one takes the first proposal with X25519 only, the other with
+        // MODP-2048; the one that takes the KE as sent wins, so no INVALID_KE round trip.
+        let gcm = Proposal {
+            number: 1,
+            protocol: ProtocolId::IKE,
+            spi: &[],
+            transforms: vec![
+                Transform::with_key_length(TransformType::ENCR, TransformId::ENCR_AES_GCM_16, 128),
+                Transform::new(TransformType::PRF, TransformId::PRF_HMAC_SHA2_256),
+                Transform::new(TransformType::DH, TransformId(31)),
+                Transform::new(TransformType::DH, TransformId(14)),
+            ],
+        };
+        let cbc = Proposal {
+            number: 2,
+            protocol: ProtocolId::IKE,
+            spi: &[],
+            transforms: vec![
+                Transform::with_key_length(TransformType::ENCR, TransformId::ENCR_AES_CBC, 256),
+                Transform::new(TransformType::PRF, TransformId::PRF_HMAC_SHA2_256),
+                Transform::new(TransformType::INTEG, TransformId::AUTH_HMAC_SHA2_256_128),
+                Transform::new(TransformType::DH, TransformId(14)),
+            ],
+        };
+        let sa = Sa {
+            proposals: vec![gcm.clone(), cbc.clone()],
+        };
+        let x25519 = parse_ike("a", "aes128gcm16-prfsha256-x25519").unwrap();
+        let modp = parse_ike("b", "aes128gcm16-prfsha256-modp2048").unwrap();
+        let legacy = parse_ike("c", "aes256-sha256-modp2048").unwrap();
+        let c = select_ike(&sa, &[legacy.clone(), x25519.clone(), modp.clone()], 14).unwrap();
+        assert_eq!((c.number, c.dh), (1, DhGroup::Modp2048), "{c:?}");
+        assert!(c.allowed_by(std::slice::from_ref(&modp)));
+        assert!(!c.allowed_by(&[x25519.clone(), legacy.clone()]));
+        // Only the X25519 eroute takes the first proposal: INVALID_KE names its group.
+        let c = select_ike(&sa, &[legacy.clone(), x25519.clone()], 14).unwrap();
+        assert_eq!((c.number, c.dh), (1, DhGroup::Curve25519));
+        // Only the legacy eroute: the initiator's second proposal.
+        let c = select_ike(&sa, std::slice::from_ref(&legacy), 14).unwrap();
+        assert_eq!((c.number, c.integrity.is_some()), (2, true));
+        assert!(c.allowed_by(&[legacy]) && !c.allowed_by(&[x25519, modp]));
     }
 
     #[test]

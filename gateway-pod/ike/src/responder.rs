@@ -510,6 +510,10 @@ pub enum Error {
     /// The peer failed authentication.
     #[error("authentication failed: {0}")]
     AuthenticationFailed(&'static str),
+    /// The eroute the peer's identity selects does not allow the IKE proposal chosen in
+    /// IKE_SA_INIT (from the proposals of every eroute, before the identity was known).
+    #[error("the IKE proposal negotiated is not one the peer's eroute allows")]
+    ProposalNotAllowed,
     /// Key exchange or key derivation failed.
     #[error("crypto: {0}")]
     Crypto(#[from] CryptoError),
@@ -548,7 +552,10 @@ impl Error {
             Self::Negotiation(NegotiationError::NoProposalChosen) => Some(NotifyType::NO_PROPOSAL_CHOSEN),
             Self::Negotiation(NegotiationError::TsUnacceptable) => Some(NotifyType::TS_UNACCEPTABLE),
             Self::InvalidKe { .. } => Some(NotifyType::INVALID_KE_PAYLOAD),
-            Self::AuthenticationFailed(_) => Some(NotifyType::AUTHENTICATION_FAILED),
+            // As strongSwan answers a peer whose identity finds no config for its IKE SA.
+            Self::AuthenticationFailed(_) | Self::ProposalNotAllowed => {
+                Some(NotifyType::AUTHENTICATION_FAILED)
+            }
             // A peer public value that fails validation: the request was invalid.
             Self::Crypto(CryptoError::InvalidPublicValue { .. } | CryptoError::PublicValueLength { .. }) => {
                 Some(NotifyType::INVALID_SYNTAX)
@@ -627,6 +634,8 @@ pub(crate) struct ChildRef {
 struct InitExchange {
     /// The peer announced RFC 5685 redirects (N(REDIRECT_SUPPORTED) or N(REDIRECTED_FROM)).
     redirect_supported: bool,
+    /// The IKE SA's proposal.
+    choice: IkeChoice,
     ni: Vec<u8>,
     nr: Vec<u8>,
     request: Vec<u8>,
@@ -811,15 +820,29 @@ impl Responder {
 
     /// Replaces the configuration once the peer is identified ([`Event::PeerIdentified`]):
     /// the eroute its identity selects (for a site from a database, the base eroute with the
-    /// site's subnet) decides the CHILD SA, our identity and the timers from here on. The IKE
-    /// SA's proposal was chosen in IKE_SA_INIT and stays. Only while the PSK is awaited.
+    /// site's subnet) decides the CHILD SA, our identity and the timers from here on. Only
+    /// while the PSK is awaited. The IKE SA's proposal was chosen in IKE_SA_INIT and stays:
+    /// a configuration whose proposals do not allow it is refused
+    /// ([`Error::ProposalNotAllowed`]) and the old one kept; refuse the peer then.
     pub fn set_config(&mut self, config: Arc<Config>) -> Result<(), Error> {
-        match self.state {
+        match &self.state {
+            State::ExpectPsk(s) if !s.init.choice.allowed_by(&config.ike_proposals) => {
+                Err(Error::ProposalNotAllowed)
+            }
             State::ExpectPsk(_) => {
                 self.config = config;
                 Ok(())
             }
             _ => Err(Error::WrongState("no PSK lookup pending")),
+        }
+    }
+
+    /// The IKE SA's proposal, chosen in IKE_SA_INIT; known until IKE_AUTH completes.
+    pub fn ike_choice(&self) -> Option<IkeChoice> {
+        match &self.state {
+            State::ExpectAuth(s) => Some(s.init.choice),
+            State::ExpectPsk(s) => Some(s.init.choice),
+            _ => None,
         }
     }
 
@@ -1298,6 +1321,7 @@ impl Responder {
             sa,
             init: InitExchange {
                 redirect_supported: false,
+                choice,
                 ni: ni.to_vec(),
                 nr,
                 request: datagram.to_vec(),

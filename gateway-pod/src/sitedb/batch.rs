@@ -10,6 +10,11 @@
 //! checked on its own, so a NULL or malformed row fails its site only. A statement that
 //! fails or times out fails the lookups it carried, each with that error.
 //!
+//! The statements are built once the table's columns are known (`schema`): on the first
+//! lookup, and again after a statement names a column or table the server does not have. A
+//! table that does not fit the Egroup fails its lookups with the `schema` reason, is logged
+//! once, and is asked again every [`SCHEMA_RETRY`], so fixing the table needs no restart.
+//!
 //! The server compares values under its own collation (MySQL's default ignores case and
 //! trailing spaces), so a row may answer a key it does not equal byte for byte. Such a row,
 //! or more rows than the statement's limit, sends that batch's keys one by one through the
@@ -18,13 +23,14 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use concentrator_crds::egroup::SiteTable;
 use ipnet::IpNet;
 use tokio::sync::oneshot;
 
 use super::lookup::{RawRow, check_row, fetch, malformed, select_in, sql_error};
+use super::schema::{self, Present};
 use super::{LookupError, Site, SiteStore};
 
 /// Values per statement at most.
@@ -37,6 +43,9 @@ pub const MAX_IN_FLIGHT: usize = 2;
 /// Statement sizes are rounded up to a power of two (the last key repeated), so a pooled
 /// connection prepares at most this many statements per column.
 const SIZES: usize = MAX_BATCH.trailing_zeros() as usize + 1;
+
+/// How long a table that does not fit the Egroup is taken as such before it is read again.
+pub const SCHEMA_RETRY: Duration = Duration::from_secs(10);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum By {
@@ -60,13 +69,40 @@ struct Queue {
 }
 
 struct Inner {
+    /// The egroup, for log lines.
+    egroup: String,
     store: SiteStore,
     table: SiteTable,
     timeout: Duration,
     queues: [Mutex<Queue>; 2],
+    /// Held while the table's columns are read, so that one statement does it.
+    schema: tokio::sync::Mutex<Schema>,
+    statements: AtomicU64,
+}
+
+/// The statements of a table whose columns are known.
+struct Statements {
+    present: Present,
     /// Statement text per column and size (1, 2, 4, ... `MAX_BATCH`).
     sql: [Vec<String>; 2],
-    statements: AtomicU64,
+}
+
+#[derive(Default)]
+struct Schema {
+    state: SchemaState,
+    /// The configuration error last logged, so each is logged once.
+    reported: Option<String>,
+}
+
+#[derive(Default)]
+enum SchemaState {
+    #[default]
+    Unknown,
+    Ready(Arc<Statements>),
+    Broken {
+        error: LookupError,
+        at: Instant,
+    },
 }
 
 /// Batched lookups in one site table (one per egroup). Cheap to clone.
@@ -83,23 +119,25 @@ impl std::fmt::Debug for SiteLookups {
 }
 
 impl SiteLookups {
-    /// Lookups in `table` of `store`, each answered within `timeout` (waiting included).
-    pub fn new(store: SiteStore, table: SiteTable, timeout: Duration) -> Self {
-        let mysql = matches!(store, SiteStore::MySql(_));
-        let statements = |column: &str| -> Vec<String> {
-            (0..SIZES)
-                .map(|i| select_in(&table, column, mysql, 1 << i))
-                .collect()
-        };
-        let sql = [statements(&table.peer_id), statements(&table.remote_subnet)];
+    /// Lookups of `egroup` in `table` of `store`, each answered within `timeout` (waiting
+    /// included).
+    pub fn new(egroup: &str, store: SiteStore, table: SiteTable, timeout: Duration) -> Self {
         Self(Arc::new(Inner {
+            egroup: egroup.to_owned(),
             store,
             timeout,
             queues: Default::default(),
-            sql,
+            schema: Default::default(),
             table,
             statements: AtomicU64::new(0),
         }))
+    }
+
+    /// Reads the table's columns if they are not known yet, and checks them against the
+    /// Egroup: `Err` with the `schema` reason when the table does not fit (logged once), or
+    /// why the database could not tell.
+    pub async fn check_schema(&self) -> Result<(), LookupError> {
+        self.0.prepared().await.map(|_| ())
     }
 
     /// The site whose peer ID is `peer_id` (responder path); its subnet must be a
@@ -197,17 +235,88 @@ impl Inner {
     }
 
     /// One statement for `batch`; an answer per waiter, in order.
+    /// The statements for the table's columns, reading them first if they are not known.
+    async fn prepared(&self) -> Result<Arc<Statements>, LookupError> {
+        let mut schema = self.schema.lock().await;
+        match &schema.state {
+            SchemaState::Ready(st) => return Ok(st.clone()),
+            SchemaState::Broken { error, at } if at.elapsed() < SCHEMA_RETRY => return Err(error.clone()),
+            _ => {}
+        }
+        let read = tokio::time::timeout(self.timeout, schema::columns(&self.store, &self.table.table))
+            .await
+            .map_err(|_| LookupError::Timeout(self.timeout))
+            .and_then(|columns| schema::resolve(&self.table, &columns?));
+        let t = &self.table.table;
+        match read {
+            Ok(present) => {
+                if schema.reported.take().is_some() {
+                    tracing::info!(egroup = %self.egroup, table = %t, "site table fits the Egroup now");
+                }
+                let st = Arc::new(self.statements_for(present));
+                schema.state = SchemaState::Ready(st.clone());
+                Ok(st)
+            }
+            Err(error @ LookupError::Schema { .. }) => {
+                let shown = error.to_string();
+                if schema.reported.as_ref() != Some(&shown) {
+                    tracing::error!(
+                        egroup = %self.egroup,
+                        table = %t,
+                        error = %shown,
+                        "site table does not fit the Egroup: its sites are refused until it is fixed"
+                    );
+                    schema.reported = Some(shown);
+                }
+                schema.state = SchemaState::Broken {
+                    error: error.clone(),
+                    at: Instant::now(),
+                };
+                Err(error)
+            }
+            // The database could not tell: ask again with the next lookup.
+            Err(other) => Err(other),
+        }
+    }
+
+    fn statements_for(&self, present: Present) -> Statements {
+        let sizes = |column: &str| -> Vec<String> {
+            (0..SIZES)
+                .map(|i| select_in(&self.table, present, column, 1 << i))
+                .collect()
+        };
+        Statements {
+            present,
+            sql: [sizes(&self.table.peer_id), sizes(&self.table.remote_subnet)],
+        }
+    }
+
+    /// A statement met a table that changed under it: read its columns again.
+    async fn forget_schema(&self) {
+        self.schema.lock().await.state = SchemaState::Unknown;
+    }
+
     async fn run(&self, by: By, batch: &[Waiter]) -> Vec<Answer> {
         let n = batch.len();
+        let st = match self.prepared().await {
+            Ok(st) => st,
+            Err(e) => return vec![Err(e); n],
+        };
         let size = n.next_power_of_two();
         let mut keys: Vec<&str> = batch.iter().map(|w| w.key.as_str()).collect();
         let last = keys[n - 1];
         keys.resize(size, last);
-        let sql = &self.sql[by as usize][size.trailing_zeros() as usize];
+        let sql = &st.sql[by as usize][size.trailing_zeros() as usize];
         self.statements.fetch_add(1, Ordering::Relaxed);
         let rows = match tokio::time::timeout(self.timeout, fetch(&self.store, sql, &keys)).await {
             Err(_) => return vec![Err(LookupError::Timeout(self.timeout)); n],
-            Ok(Err(e)) => return vec![Err(sql_error(e)); n],
+            Ok(Err(e)) => {
+                let e = sql_error(&self.table.table, e);
+                if matches!(e, LookupError::Schema { .. }) {
+                    self.forget_schema().await;
+                }
+                return vec![Err(e); n];
+            }
             Ok(Ok(rows)) => rows,
         };
         let mut matched: HashMap<&str, Vec<usize>> = HashMap::with_capacity(n);
@@ -222,7 +331,7 @@ impl Inner {
             }
         }
         if !exact {
-            return self.one_by_one(by, batch).await;
+            return self.one_by_one(by, batch, st.present).await;
         }
         let column = self.column(by);
         batch
@@ -235,14 +344,14 @@ impl Inner {
             .collect()
     }
 
-    async fn one_by_one(&self, by: By, batch: &[Waiter]) -> Vec<Answer> {
+    async fn one_by_one(&self, by: By, batch: &[Waiter], present: Present) -> Vec<Answer> {
         let column = self.column(by);
         let mut answers = Vec::with_capacity(batch.len());
         for w in batch {
             self.statements.fetch_add(1, Ordering::Relaxed);
             answers.push(
                 self.store
-                    .lookup(&self.table, column, &w.key, w.prefix, self.timeout)
+                    .lookup(&self.table, present, column, &w.key, w.prefix, self.timeout)
                     .await,
             );
         }
@@ -267,6 +376,7 @@ mod tests {
     use super::*;
 
     use crate::sites::default_table as table;
+    use concentrator_crds::egroup::OptionalColumn;
 
     async fn store(dir: &std::path::Path, rows: usize) -> SiteStore {
         let store = SiteStore::open_embedded(dir).await.unwrap();
@@ -313,7 +423,7 @@ mod tests {
     async fn concurrent_lookups_share_statements_and_each_get_their_own_answer() {
         let d = tempfile::tempdir().unwrap();
         let store = store(d.path(), 300).await;
-        let lookups = SiteLookups::new(store, table(), Duration::from_secs(10));
+        let lookups = SiteLookups::new("g", store, table(), Duration::from_secs(10));
         let mut set = tokio::task::JoinSet::new();
         for i in 0..300usize {
             let l = lookups.clone();
@@ -371,7 +481,7 @@ mod tests {
     #[tokio::test]
     async fn two_rows_for_one_subnet_fail_that_site_only() {
         let d = tempfile::tempdir().unwrap();
-        let lookups = SiteLookups::new(store(d.path(), 3).await, table(), Duration::from_secs(5));
+        let lookups = SiteLookups::new("g", store(d.path(), 3).await, table(), Duration::from_secs(5));
         let (twin, one) = tokio::join!(
             lookups.by_subnet("10.200.2.0/24".parse().unwrap()),
             lookups.by_subnet("10.0.1.0/24".parse().unwrap())
@@ -404,7 +514,7 @@ mod tests {
             table: "ci".into(),
             ..table()
         };
-        let lookups = SiteLookups::new(store.clone(), t.clone(), Duration::from_secs(5));
+        let lookups = SiteLookups::new("g", store.clone(), t.clone(), Duration::from_secs(5));
         let (a, b, c) = tokio::join!(
             lookups.by_peer_id("upper.sites", 24),
             lookups.by_peer_id("lower.sites", 24),
@@ -427,25 +537,90 @@ mod tests {
             table: "no_such_table".into(),
             ..table()
         };
-        let broken = SiteLookups::new(store.clone(), missing, Duration::from_secs(5));
+        let broken = SiteLookups::new("g", store.clone(), missing, Duration::from_secs(5));
         let (a, b) = tokio::join!(
             broken.by_peer_id("s1.sites", 24),
             broken.by_peer_id("s2.sites", 24)
         );
-        assert!(matches!(a, Err(LookupError::Unreachable(_))), "{a:?}");
-        assert!(matches!(b, Err(LookupError::Unreachable(_))), "{b:?}");
-        let fine = SiteLookups::new(store, table(), Duration::from_secs(5));
+        // The server answered: a missing table is a configuration error, not an outage.
+        assert!(matches!(a, Err(LookupError::Schema { .. })), "{a:?}");
+        assert!(matches!(b, Err(LookupError::Schema { .. })), "{b:?}");
+        let fine = SiteLookups::new("g", store, table(), Duration::from_secs(5));
         assert_eq!(fine.by_peer_id("s2.sites", 24).await.unwrap().peer_id, "s2.sites");
         // The slots were given back: later lookups on the broken table still get answers.
         assert!(broken.by_peer_id("s1.sites", 24).await.is_err());
         assert_eq!(lock(&broken.0.queues[0]).in_flight, 0);
     }
 
+    #[tokio::test]
+    async fn a_table_of_its_own_shape_is_read_and_a_missing_named_column_is_named() {
+        let d = tempfile::tempdir().unwrap();
+        let store = SiteStore::open_embedded(d.path()).await.unwrap();
+        let SiteStore::Sqlite(p) = &store else {
+            unreachable!()
+        };
+        // The user's names, and no backup address column.
+        sqlx::query("CREATE TABLE branch (ident TEXT, secret BLOB, lan TEXT, wan TEXT)")
+            .execute(p)
+            .await
+            .unwrap();
+        sqlx::query("INSERT INTO branch VALUES ('b1.sites', 'k', '10.7.1.0/24', '192.0.2.9')")
+            .execute(p)
+            .await
+            .unwrap();
+        let own = SiteTable {
+            table: "branch".into(),
+            peer_id: "ident".into(),
+            psk: "secret".into(),
+            remote_subnet: "lan".into(),
+            peer_address: OptionalColumn::named("wan"),
+            backup_peer_address: OptionalColumn::default_name("backup_peer_address"),
+        };
+        let lookups = SiteLookups::new("g", store.clone(), own.clone(), Duration::from_secs(5));
+        let (a, b) = tokio::join!(
+            lookups.by_peer_id("b1.sites", 24),
+            lookups.by_subnet("10.7.1.0/24".parse().unwrap())
+        );
+        let a = a.unwrap();
+        assert_eq!(
+            (a.peer_address.as_deref(), a.backup_peer_address),
+            (Some("192.0.2.9"), None)
+        );
+        assert_eq!(b.unwrap().peer_id, "b1.sites");
+
+        // Named, but not in the table: every lookup fails with the schema reason, naming it.
+        let named = SiteTable {
+            backup_peer_address: OptionalColumn::named("wan2"),
+            ..own.clone()
+        };
+        let broken = SiteLookups::new("g", store.clone(), named, Duration::from_secs(5));
+        let e = broken.check_schema().await.unwrap_err();
+        assert_eq!(e.kind(), "schema");
+        assert!(e.to_string().contains("'wan2'"), "{e}");
+        assert_eq!(broken.by_peer_id("b1.sites", 24).await, Err(e));
+        assert_eq!(
+            broken.statements(),
+            0,
+            "no lookup statement for a table that does not fit"
+        );
+
+        // A column dropped while the gateway runs: the failed statement makes the next
+        // lookup read the columns again.
+        sqlx::query("ALTER TABLE branch DROP COLUMN wan")
+            .execute(p)
+            .await
+            .unwrap();
+        let first = lookups.by_peer_id("b1.sites", 24).await.unwrap_err();
+        assert_eq!(first.kind(), "schema", "{first:?}");
+        let again = lookups.by_peer_id("b1.sites", 24).await.unwrap_err();
+        assert!(again.to_string().contains("no column 'wan'"), "{again}");
+    }
+
     #[test]
     fn statements_bind_every_value_and_bound_the_rows() {
-        let sql = select_in(&table(), "peer_id", true, 4);
+        let sql = select_in(&table(), Present::ALL, "peer_id", 4);
         assert!(sql.ends_with("WHERE `peer_id` IN (?, ?, ?, ?) LIMIT 9"), "{sql}");
-        let sql = select_in(&table(), "remote_subnet", false, 1);
-        assert!(sql.ends_with("WHERE \"remote_subnet\" IN (?) LIMIT 3"), "{sql}");
+        let sql = select_in(&table(), Present::ALL, "remote_subnet", 1);
+        assert!(sql.ends_with("WHERE `remote_subnet` IN (?) LIMIT 3"), "{sql}");
     }
 }

@@ -11,6 +11,7 @@ use ipnet::IpNet;
 use sqlx::Row;
 
 use super::SiteStore;
+use super::schema::Present;
 use crate::secret::Secret;
 
 /// One row of the site table, checked.
@@ -31,8 +32,18 @@ pub enum LookupError {
     NotFound,
     #[error("site database did not answer within {0:?}")]
     Timeout(Duration),
+    /// The database cannot be reached: no connection, the network, TLS, a pool closed.
     #[error("site database unreachable: {0}")]
     Unreachable(String),
+    /// The table, or a column the Egroup needs, does not exist: a configuration error.
+    #[error("site table '{table}': {reason}")]
+    Schema { table: String, reason: String },
+    /// The server refused us (credentials, privileges).
+    #[error("site database denied access: {0}")]
+    Denied(String),
+    /// The server answered the statement with another error.
+    #[error("site database refused the query: {0}")]
+    Query(String),
     #[error("site row malformed: column {column}: {reason}")]
     Malformed { column: String, reason: String },
 }
@@ -44,6 +55,9 @@ impl LookupError {
             Self::NotFound => "not_found",
             Self::Timeout(_) => "timeout",
             Self::Unreachable(_) => "unreachable",
+            Self::Schema { .. } => "schema",
+            Self::Denied(_) => "denied",
+            Self::Query(_) => "query",
             Self::Malformed { .. } => "malformed",
         }
     }
@@ -103,52 +117,85 @@ pub fn check_row(t: &SiteTable, row: RawRow, expected_prefix: u8) -> Result<Site
         peer_id,
         psk: Secret::new(psk),
         remote_subnet,
-        peer_address: address(&t.peer_address, addr)?,
-        backup_peer_address: address(&t.backup_peer_address, backup)?,
+        peer_address: address(&t.peer_address.name, addr)?,
+        backup_peer_address: address(&t.backup_peer_address.name, backup)?,
     })
 }
 
-/// The SELECT for one lookup column. Identifiers are quoted for the dialect on top of the
-/// identifier check, so a column named like a keyword still works.
-fn select(t: &SiteTable, by: &str, mysql: bool) -> String {
-    format!("{} = ? LIMIT 2", select_where(t, by, mysql))
+/// The SELECT for one lookup column. Identifiers are quoted on top of the identifier check,
+/// so a column named like a keyword still works; with backquotes in both dialects, since
+/// SQLite reads a double-quoted name that is no column as a string literal (a missing `psk`
+/// column would read as the PSK "psk").
+fn select(t: &SiteTable, present: Present, by: &str) -> String {
+    format!("{} = ? LIMIT 2", select_where(t, present, by))
 }
 
 /// The SELECT for `n` values of one lookup column at once (`IN (?, ...)`). At most two rows
 /// per value are of any use (a second one makes the site ambiguous), so more than `2n` rows
 /// in all is cut off at `2n + 1`, which tells the caller to ask value by value.
-pub(super) fn select_in(t: &SiteTable, by: &str, mysql: bool, n: usize) -> String {
+pub(super) fn select_in(t: &SiteTable, present: Present, by: &str, n: usize) -> String {
     let marks = vec!["?"; n.max(1)].join(", ");
-    format!("{} IN ({marks}) LIMIT {}", select_where(t, by, mysql), 2 * n + 1)
+    format!(
+        "{} IN ({marks}) LIMIT {}",
+        select_where(t, present, by),
+        2 * n + 1
+    )
 }
 
-fn select_where(t: &SiteTable, by: &str, mysql: bool) -> String {
-    let q = |s: &str| {
-        if mysql {
-            format!("`{s}`")
-        } else {
-            format!("\"{s}\"")
-        }
-    };
+/// An optional column the table lacks is read as NULL, so every statement has the columns of
+/// [`RawRow`].
+fn select_where(t: &SiteTable, present: Present, by: &str) -> String {
+    let q = |s: &str| format!("`{s}`");
+    let optional = |there: bool, name: &str| if there { q(name) } else { "NULL".to_owned() };
     format!(
         "SELECT {}, {}, {}, {}, {} FROM {} WHERE {}",
         q(&t.peer_id),
         q(&t.psk),
         q(&t.remote_subnet),
-        q(&t.peer_address),
-        q(&t.backup_peer_address),
+        optional(present.peer_address, &t.peer_address.name),
+        optional(present.backup_peer_address, &t.backup_peer_address.name),
         q(&t.table),
         q(by)
     )
 }
 
-pub(super) fn sql_error(e: sqlx::Error) -> LookupError {
+/// What a failed statement on `table` means for the lookup: only an error on the way to the
+/// server is "unreachable"; one the server answered names its cause.
+pub(super) fn sql_error(table: &str, e: sqlx::Error) -> LookupError {
     match e {
         sqlx::Error::PoolTimedOut => LookupError::Unreachable("no connection available".into()),
         // Column types the row cannot be read as are a schema problem, not an outage.
         sqlx::Error::ColumnDecode { index, source } => malformed(&index, source.to_string()),
+        sqlx::Error::Database(db) => database_error(table, db.as_ref()),
         // Never the URL: sqlx errors carry the server's message, not the connection string.
         other => LookupError::Unreachable(other.to_string()),
+    }
+}
+
+/// MySQL/MariaDB error numbers, and SQLite's messages (its codes do not tell these apart).
+fn database_error(table: &str, db: &dyn sqlx::error::DatabaseError) -> LookupError {
+    const NO_SUCH_TABLE: u16 = 1146; // ER_NO_SUCH_TABLE
+    const BAD_FIELD: u16 = 1054; // ER_BAD_FIELD_ERROR
+    const DENIED: [u16; 4] = [1044, 1045, 1142, 1143]; // DB, user, table, column access
+    let message = db.message().to_owned();
+    let schema = |reason: String| LookupError::Schema {
+        table: table.to_owned(),
+        reason,
+    };
+    if let Some(my) = db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
+        return match my.number() {
+            NO_SUCH_TABLE => schema("the table does not exist".into()),
+            BAD_FIELD => schema(message),
+            n if DENIED.contains(&n) => LookupError::Denied(message),
+            _ => LookupError::Query(message),
+        };
+    }
+    if message.starts_with("no such table") {
+        schema("the table does not exist".into())
+    } else if message.starts_with("no such column") {
+        schema(message)
+    } else {
+        LookupError::Query(message)
     }
 }
 
@@ -195,16 +242,17 @@ impl SiteStore {
     pub(super) async fn lookup(
         &self,
         t: &SiteTable,
+        present: Present,
         by: &str,
         key: &str,
         expected_prefix: u8,
         timeout: Duration,
     ) -> Result<Site, LookupError> {
-        let sql = select(t, by, matches!(self, Self::MySql(_)));
+        let sql = select(t, present, by);
         let rows = tokio::time::timeout(timeout, fetch(self, &sql, &[key]))
             .await
             .map_err(|_| LookupError::Timeout(timeout))?
-            .map_err(sql_error)?;
+            .map_err(|e| sql_error(&t.table, e))?;
         match rows.len() {
             0 => Err(LookupError::NotFound),
             1 => check_row(t, rows.into_iter().next().unwrap_or_default(), expected_prefix),
@@ -212,7 +260,8 @@ impl SiteStore {
         }
     }
 
-    /// The site whose peer ID is `peer_id` (responder path).
+    /// The site whose peer ID is `peer_id` (responder path), in a table that has every
+    /// column `t` names ([`SiteLookups`](super::SiteLookups) finds out which it has).
     pub async fn site_by_peer_id(
         &self,
         t: &SiteTable,
@@ -220,11 +269,12 @@ impl SiteStore {
         expected_prefix: u8,
         timeout: Duration,
     ) -> Result<Site, LookupError> {
-        self.lookup(t, &t.peer_id, peer_id, expected_prefix, timeout)
+        self.lookup(t, Present::ALL, &t.peer_id, peer_id, expected_prefix, timeout)
             .await
     }
 
-    /// The site whose remote subnet is `subnet` (initiator path: destination & Egroup mask).
+    /// The site whose remote subnet is `subnet` (initiator path: destination & Egroup mask),
+    /// in a table that has every column `t` names.
     pub async fn site_by_subnet(
         &self,
         t: &SiteTable,
@@ -232,8 +282,15 @@ impl SiteStore {
         timeout: Duration,
     ) -> Result<Site, LookupError> {
         let key = subnet.trunc().to_string();
-        self.lookup(t, &t.remote_subnet, &key, subnet.prefix_len(), timeout)
-            .await
+        self.lookup(
+            t,
+            Present::ALL,
+            &t.remote_subnet,
+            &key,
+            subnet.prefix_len(),
+            timeout,
+        )
+        .await
     }
 }
 
@@ -241,16 +298,7 @@ impl SiteStore {
 mod tests {
     use super::*;
 
-    fn table() -> SiteTable {
-        SiteTable {
-            table: "sites".into(),
-            peer_id: "peer_id".into(),
-            psk: "psk".into(),
-            remote_subnet: "remote_subnet".into(),
-            peer_address: "peer_address".into(),
-            backup_peer_address: "backup_peer_address".into(),
-        }
-    }
+    use crate::sites::default_table as table;
 
     fn row(subnet: &str, psk: &[u8]) -> RawRow {
         (
@@ -306,13 +354,22 @@ mod tests {
 
     #[test]
     fn queries_bind_values_and_quote_identifiers() {
-        let sql = select(&table(), "peer_id", true);
+        let sql = select(&table(), Present::ALL, "peer_id");
         assert_eq!(
             sql,
             "SELECT `peer_id`, `psk`, `remote_subnet`, `peer_address`, `backup_peer_address` FROM `sites` WHERE `peer_id` = ? LIMIT 2"
         );
         assert!(
-            select(&table(), "remote_subnet", false).contains("FROM \"sites\" WHERE \"remote_subnet\" = ?")
+            select(&table(), Present::ALL, "remote_subnet")
+                .contains("FROM `sites` WHERE `remote_subnet` = ?")
+        );
+        let without_backup = Present {
+            peer_address: true,
+            backup_peer_address: false,
+        };
+        assert_eq!(
+            select(&table(), without_backup, "peer_id"),
+            "SELECT `peer_id`, `psk`, `remote_subnet`, `peer_address`, NULL FROM `sites` WHERE `peer_id` = ? LIMIT 2"
         );
     }
 

@@ -4,6 +4,7 @@
 pub mod batch;
 pub mod cache;
 mod lookup;
+pub mod schema;
 
 pub use batch::SiteLookups;
 pub use cache::{Key, LookupCache};
