@@ -970,3 +970,36 @@ fn established_sa_has_only_the_rekey_timer_without_liveness_checks() {
     });
     assert_eq!(r.poll_timeout(), None);
 }
+
+#[test]
+fn refuses_an_eroute_that_does_not_allow_the_proposal_chosen_in_ike_sa_init() {
+    use concentrator_crds::proposal::parse_ike;
+    // IKE_SA_INIT was answered from every eroute's proposals; the identity then selects one.
+    let mut r = Responder::new(Arc::new(Config {
+        ike_proposals: vec![
+            parse_ike("a", "aes256-sha256-modp2048").unwrap(),
+            parse_ike("b", "aes128gcm16-prfsha256-x25519").unwrap(),
+        ],
+        ..config_with("aes128gcm16")
+    }));
+    let t0 = Instant::now();
+    let _peer = Peer::until_psk(&mut r, t0);
+    let chosen = r.ike_choice().expect("chosen in IKE_SA_INIT");
+    assert_eq!(chosen.dh, DhGroup::Curve25519);
+    let other = Config {
+        ike_proposals: vec![parse_ike("a", "aes256-sha256-modp2048").unwrap()],
+        ..config_with("aes256gcm16")
+    };
+    assert_eq!(r.set_config(Arc::new(other)), Err(Error::ProposalNotAllowed));
+    // The old configuration stays; the refusal answers AUTHENTICATION_FAILED.
+    assert_eq!(r.config().esp_proposals, config_with("aes128gcm16").esp_proposals);
+    assert_eq!(
+        Error::ProposalNotAllowed.notify(),
+        Some(NotifyType::AUTHENTICATION_FAILED)
+    );
+    let allowing = Config {
+        ike_proposals: vec![parse_ike("b", "aes128gcm16-prfsha256-x25519").unwrap()],
+        ..config_with("aes256gcm16")
+    };
+    assert_eq!(r.set_config(Arc::new(allowing)), Ok(()));
+}
