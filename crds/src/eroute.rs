@@ -408,7 +408,7 @@ fn proposals<T>(
     given: &[String],
     default: &str,
     field: &str,
-    parse: fn(&str, &str) -> Result<T, ValidationError>,
+    parse: fn(&str, &str) -> Result<T, proposal::ProposalError>,
 ) -> Result<Vec<T>, ValidationError> {
     if given.is_empty() {
         return Ok(vec![parse(field, default)?]);
@@ -416,7 +416,7 @@ fn proposals<T>(
     given
         .iter()
         .enumerate()
-        .map(|(i, p)| parse(&format!("{field}[{i}]"), p))
+        .map(|(i, p)| Ok(parse(&format!("{field}[{i}]"), p)?))
         .collect()
 }
 

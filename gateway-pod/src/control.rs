@@ -120,6 +120,27 @@ fn refusing_config(
     })
 }
 
+/// The responder configuration of a validated eroute (its proposals, subnets, CHILD SA and
+/// IKE SA lifetimes, which start our rekeys, and liveness-check interval), answering as
+/// `local_id`.
+fn responder_config(eroute: &ValidatedEroute, local_id: IdBuf) -> ResponderConfig {
+    ResponderConfig {
+        child_lifetime: eroute.esp_lifetime,
+        // A zero lifetime (rejected by validation) means no rekeys of ours.
+        ike_lifetime: Some(eroute.ike_lifetime).filter(|d| !d.is_zero()),
+        // Validation rejects a zero interval; should one get here, it means "off" rather
+        // than a liveness check after every answer.
+        dpd_interval: Some(eroute.dpd_interval).filter(|d| !d.is_zero()),
+        ..ResponderConfig::new(
+            eroute.ike_proposals.clone(),
+            eroute.esp_proposals.clone(),
+            eroute.local_subnet,
+            eroute.remote_subnet,
+            local_id,
+        )
+    }
+}
+
 /// An identity as strongSwan users write it: an address, `user@domain` (RFC822), else FQDN.
 fn id_from_str(s: &str) -> IdBuf {
     if let Ok(ip) = s.parse::<IpAddr>() {
@@ -167,7 +188,7 @@ pub async fn start(
                 ResponderConfig {
                     retransmit: opts.retransmit,
                     ike_proposals,
-                    ..ResponderConfig::from_eroute(e, local_id(e, opts.listen))
+                    ..responder_config(e, local_id(e, opts.listen))
                 }
             }
             None => refusing_config(opts.listen, opts.retransmit)?,
@@ -1054,7 +1075,7 @@ impl Driver {
             retransmit: responder.config().retransmit,
             half_open_timeout: responder.config().half_open_timeout,
             ike_lifetime: Some(e.ike_lifetime).filter(|d| !d.is_zero()),
-            ..ResponderConfig::from_eroute(e, local_id)
+            ..responder_config(e, local_id)
         };
         if let Some(subnet) = site_subnet {
             config.remote_subnet = subnet;

@@ -6,7 +6,7 @@
 //! the ICV is 16 bytes.
 
 use aws_lc_rs::aead::{AES_128_GCM, AES_256_GCM, Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey};
-use concentrator_crds::proposal::Encryption;
+use concentrator_algorithms::Encryption;
 
 use crate::error::{CryptoError, PacketError};
 use crate::keymat::{DirectionKeys, SALT_LEN, cipher_key_len, key_and_salt};

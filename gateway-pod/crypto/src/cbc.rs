@@ -8,7 +8,7 @@
 use aws_lc_rs::cipher::{
     AES_128, AES_256, DecryptingKey, DecryptionContext, EncryptingKey, EncryptionContext, UnboundCipherKey,
 };
-use concentrator_crds::proposal::Encryption;
+use concentrator_algorithms::Encryption;
 
 use crate::error::{CryptoError, PacketError};
 use crate::keymat::cipher_key_len;

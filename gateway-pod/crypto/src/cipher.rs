@@ -24,7 +24,7 @@ use aws_lc_rs::cipher::{
     AES_128, AES_256, DecryptingKey, DecryptionContext, EncryptingKey, EncryptionContext, UnboundCipherKey,
 };
 use aws_lc_rs::rand;
-use concentrator_crds::proposal::{Encryption, Integrity};
+use concentrator_algorithms::{Encryption, Integrity};
 
 use crate::aead::{self, AeadKey, IvCounter};
 use crate::error::{CryptoError, PacketError};

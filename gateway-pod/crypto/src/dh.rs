@@ -5,7 +5,7 @@
 //! peer's value is validated before use; a bad value is an error, never a panic.
 
 use aws_lc_rs::agreement::{self, ECDH_P256, ECDH_P384, PrivateKey, UnparsedPublicKey, X25519};
-use concentrator_crds::proposal::DhGroup;
+use concentrator_algorithms::DhGroup;
 
 use crate::error::CryptoError;
 use crate::keymat::SecretBytes;

@@ -1,7 +1,7 @@
 //! Key derivation: SKEYSEED and SK_* for IKE_SA_INIT (RFC 7296 §2.14), the rekeyed SKEYSEED
 //! (§2.18) and CHILD SA KEYMAT (§2.17).
 
-use concentrator_crds::proposal::{Encryption, Integrity};
+use concentrator_algorithms::{Encryption, Integrity};
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::error::CryptoError;

@@ -30,7 +30,7 @@ pub mod util;
 
 pub use aead::{AeadKey, IvCounter};
 pub use cipher::SkCipher;
-pub use concentrator_crds::proposal::{DhGroup, Encryption, Integrity, Prf as PrfAlg};
+pub use concentrator_algorithms::{DhGroup, Encryption, Integrity, Prf as PrfAlg};
 pub use dh::KeyExchange;
 pub use error::{CryptoError, PacketError};
 pub use keymat::{ChildSaKeys, DirectionKeys, IkeSaKeys, SecretBytes};

@@ -2,7 +2,7 @@
 //! truncated HMAC integrity transforms (AUTH_HMAC_SHA2_*).
 
 use aws_lc_rs::{constant_time, hmac};
-use concentrator_crds::proposal::{Integrity, Prf as PrfAlg};
+use concentrator_algorithms::{Integrity, Prf as PrfAlg};
 
 use crate::error::CryptoError;
 use crate::keymat::SecretBytes;

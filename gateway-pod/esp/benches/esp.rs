@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use aws_lc_rs::aead::{AES_128_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
 use aws_lc_rs::cipher::{AES_128, EncryptingKey, EncryptionContext, UnboundCipherKey};
 use aws_lc_rs::hmac;
-use concentrator_crds::proposal::{Encryption, Integrity};
+use concentrator_algorithms::{Encryption, Integrity};
 use concentrator_crypto::aead::AeadKey;
 use concentrator_crypto::{DirectionKeys, SecretBytes};
 use concentrator_esp::Outbound;

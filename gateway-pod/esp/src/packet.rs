@@ -14,7 +14,7 @@
 //! where the ICV is the HMAC over everything before it, followed (with ESN) by the high 32
 //! bits of the sequence number, which are authenticated but not sent.
 
-use concentrator_crds::proposal::{Encryption, Integrity};
+use concentrator_algorithms::{Encryption, Integrity};
 use concentrator_crypto::aead::{AeadKey, IV_LEN, TAG_LEN, esp_aad};
 use concentrator_crypto::cbc::{BLOCK_LEN, CbcDecryptingKey, CbcEncryptingKey};
 use concentrator_crypto::prf::{IntegKey, integ_icv_len};

@@ -23,7 +23,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use concentrator_crds::proposal::Prf as PrfAlg;
+use concentrator_algorithms::Prf as PrfAlg;
 use concentrator_crypto::Prf;
 use concentrator_crypto::util::constant_time_eq as ct_eq;
 

@@ -92,7 +92,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use concentrator_crds::proposal::{EspProposal, IkeProposal};
+use concentrator_algorithms::{EspProposal, IkeProposal};
 use concentrator_crypto::{ChildSaKeys, CryptoError, IkeSaKeys, KeyExchange, PacketError, Prf, SecretBytes};
 use ipnet::IpNet;
 
@@ -1708,7 +1708,7 @@ impl Initiator {
 
 #[cfg(test)]
 mod tests {
-    use concentrator_crds::proposal::{DhGroup, parse_esp, parse_ike};
+    use concentrator_algorithms::{DhGroup, parse_esp, parse_ike};
 
     use super::*;
     use crate::payload::Identity;

@@ -3,7 +3,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use concentrator_crds::proposal::{DhGroup, Encryption, Esn, EspProposal, IkeProposal, Integrity, Prf};
+use concentrator_algorithms::{DhGroup, Encryption, Esn, EspProposal, IkeProposal, Integrity, Prf};
 use ipnet::IpNet;
 
 use crate::message::codepoints::{AttributeType, ProtocolId, TransformId, TransformType};
@@ -371,7 +371,7 @@ pub fn ts_bounds(ts: &TrafficSelector<'_>) -> Option<(IpAddr, IpAddr)> {
 
 #[cfg(test)]
 mod tests {
-    use concentrator_crds::proposal::{parse_esp, parse_ike};
+    use concentrator_algorithms::{parse_esp, parse_ike};
 
     use super::*;
     use crate::Message;

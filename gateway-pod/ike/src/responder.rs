@@ -95,8 +95,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use concentrator_crds::eroute::ValidatedEroute;
-use concentrator_crds::proposal::{DhGroup, Encryption, Esn, EspProposal, IkeProposal, Integrity};
+use concentrator_algorithms::{DhGroup, Encryption, Esn, EspProposal, IkeProposal, Integrity};
 use concentrator_crypto::{
     ChildSaKeys, CryptoError, DirectionKeys, IkeSaKeys, KeyExchange, PacketError, Prf,
 };
@@ -244,27 +243,6 @@ impl Config {
         Self {
             force_udp_encap: force,
             ..self
-        }
-    }
-
-    /// The responder configuration of a validated eroute (its proposals, subnets, CHILD SA
-    /// and IKE SA lifetimes, which start our rekeys, and liveness-check interval), answering
-    /// as `local_id`.
-    pub fn from_eroute(eroute: &ValidatedEroute, local_id: IdBuf) -> Self {
-        Self {
-            child_lifetime: eroute.esp_lifetime,
-            // A zero lifetime (rejected by validation) means no rekeys of ours.
-            ike_lifetime: Some(eroute.ike_lifetime).filter(|d| !d.is_zero()),
-            // Validation rejects a zero interval; should one get here, it means "off" rather
-            // than a liveness check after every answer.
-            dpd_interval: Some(eroute.dpd_interval).filter(|d| !d.is_zero()),
-            ..Self::new(
-                eroute.ike_proposals.clone(),
-                eroute.esp_proposals.clone(),
-                eroute.local_subnet,
-                eroute.remote_subnet,
-                local_id,
-            )
         }
     }
 }
@@ -2158,7 +2136,7 @@ fn init_error(request: &Header, notify: NotifyType, data: &[u8]) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
-    use concentrator_crds::proposal::{parse_esp, parse_ike};
+    use concentrator_algorithms::{parse_esp, parse_ike};
 
     use super::*;
 

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use concentrator_crds::proposal::DhGroup;
+use concentrator_algorithms::DhGroup;
 use concentrator_crypto::{CryptoError, KeyExchange};
 use concentrator_ike::endpoint::{Endpoint, EndpointConfig, EndpointError, EndpointEvent, SaCounts};
 use concentrator_ike::payload::{Identity, Ke, Nonce, Notify, Proposal, Sa, Transform};
@@ -32,16 +32,21 @@ impl Entropy for Counter {
     }
 }
 
+/// An eroute's defaults: its proposals, CHILD SA lifetime 1h, IKE SA lifetime 4h, liveness
+/// checks every 30 s.
 fn config() -> Arc<Config> {
-    let eroute: concentrator_crds::eroute::ErouteSpec = serde_yaml::from_str(
-        "localSubnet: 10.2.0.0/24\nremoteSubnet: 10.1.0.0/24\npeerId: site.example\n\
-         pskSecretRef: {name: s, key: psk}\n",
-    )
-    .unwrap();
-    Arc::new(Config::from_eroute(
-        &eroute.validate().unwrap(),
-        IdBuf::new(&Identity::Fqdn(b"gw.example")),
-    ))
+    Arc::new(Config {
+        child_lifetime: Duration::from_secs(3600),
+        ike_lifetime: Some(Duration::from_secs(4 * 3600)),
+        dpd_interval: Some(Duration::from_secs(30)),
+        ..Config::new(
+            vec![concentrator_algorithms::parse_ike("ike", "aes128gcm16-prfsha256-x25519").unwrap()],
+            vec![concentrator_algorithms::parse_esp("esp", "aes128gcm16").unwrap()],
+            "10.2.0.0/24".parse().unwrap(),
+            "10.1.0.0/24".parse().unwrap(),
+            IdBuf::new(&Identity::Fqdn(b"gw.example")),
+        )
+    })
 }
 
 fn local() -> SocketAddr {

@@ -44,7 +44,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use concentrator_crds::proposal::{parse_esp, parse_ike};
+use concentrator_algorithms::{parse_esp, parse_ike};
 use concentrator_e2e::netns::{self, Netns, Wan};
 use concentrator_e2e::process::{self, Daemon};
 use concentrator_e2e::strongswan::{self, Charon, CharonOptions, Connection};

@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use concentrator_crds::proposal::{parse_esp, parse_ike};
+use concentrator_algorithms::{parse_esp, parse_ike};
 use concentrator_ike::endpoint::{Endpoint, EndpointConfig, EndpointEvent};
 use concentrator_ike::initiator::{self, Initiator, NatTraversal};
 use concentrator_ike::payload::{Identity, TrafficSelector};

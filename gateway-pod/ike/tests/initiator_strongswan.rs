@@ -17,7 +17,7 @@ use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use concentrator_crds::proposal::{parse_esp, parse_ike};
+use concentrator_algorithms::{parse_esp, parse_ike};
 use concentrator_e2e::netns::{self, Netns, Wan};
 use concentrator_e2e::strongswan::{self, Charon, CharonOptions, Connection};
 use concentrator_e2e::wait::{self, Probe};

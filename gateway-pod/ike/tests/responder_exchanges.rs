@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use concentrator_crds::proposal::{DhGroup, Encryption};
+use concentrator_algorithms::{DhGroup, Encryption};
 use concentrator_crypto::{ChildSaKeys, KeyExchange};
 use concentrator_ike::negotiate::NegotiationError;
 use concentrator_ike::payload::{Delete, Ke, Nonce, Notify, Payload, Ts};
@@ -973,7 +973,7 @@ fn established_sa_has_only_the_rekey_timer_without_liveness_checks() {
 
 #[test]
 fn refuses_an_eroute_that_does_not_allow_the_proposal_chosen_in_ike_sa_init() {
-    use concentrator_crds::proposal::parse_ike;
+    use concentrator_algorithms::parse_ike;
     // IKE_SA_INIT was answered from every eroute's proposals; the identity then selects one.
     let mut r = Responder::new(Arc::new(Config {
         ike_proposals: vec![

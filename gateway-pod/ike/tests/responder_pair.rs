@@ -7,7 +7,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use concentrator_crds::proposal::{DhGroup, Encryption, parse_esp, parse_ike};
+use concentrator_algorithms::{DhGroup, Encryption, parse_esp, parse_ike};
 use concentrator_crypto::{ChildSaKeys, CryptoError, IkeSaKeys, KeyExchange, Prf, PrfAlg, SkCipher};
 use concentrator_ike::auth::{psk_auth, signed_octets, verify_psk_auth};
 use concentrator_ike::nat::nat_detection_hash;

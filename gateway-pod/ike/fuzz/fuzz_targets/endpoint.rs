@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use concentrator_crds::proposal::{DhGroup, parse_esp, parse_ike};
+use concentrator_algorithms::{DhGroup, parse_esp, parse_ike};
 use concentrator_crypto::{CryptoError, KeyExchange};
 use concentrator_ike::Message;
 use concentrator_ike::endpoint::{Endpoint, EndpointConfig, EndpointEvent};

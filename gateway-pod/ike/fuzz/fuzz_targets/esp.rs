@@ -3,7 +3,7 @@
 //! without panicking, and an accepted packet's inner range must lie inside the buffer.
 #![no_main]
 
-use concentrator_crds::proposal::Encryption;
+use concentrator_algorithms::Encryption;
 use concentrator_crypto::aead::AeadKey;
 use concentrator_esp::Inbound;
 use concentrator_esp::encap::{Datagram, classify};

@@ -7,7 +7,7 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use concentrator_crds::proposal::{DhGroup, Encryption, Esn, EspProposal, IkeProposal};
+use concentrator_algorithms::{DhGroup, Encryption, Esn, EspProposal, IkeProposal};
 use ipnet::IpNet;
 
 use super::Error;
@@ -204,7 +204,7 @@ pub(super) fn check_ts(
 
 #[cfg(test)]
 mod tests {
-    use concentrator_crds::proposal::{Integrity, Prf, parse_esp, parse_ike};
+    use concentrator_algorithms::{Integrity, Prf, parse_esp, parse_ike};
 
     use super::*;
     use crate::Message;

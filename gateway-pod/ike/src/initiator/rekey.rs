@@ -38,7 +38,7 @@
 
 use std::time::{Duration, Instant};
 
-use concentrator_crds::proposal::{DhGroup, EspProposal, IkeProposal};
+use concentrator_algorithms::{DhGroup, EspProposal, IkeProposal};
 use concentrator_crypto::keymat::rekey_skeyseed;
 use concentrator_crypto::{ChildSaKeys, IkeSaKeys, KeyExchange, Prf};
 use ipnet::IpNet;

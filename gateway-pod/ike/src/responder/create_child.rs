@@ -7,7 +7,7 @@
 
 use std::time::Instant;
 
-use concentrator_crds::proposal::{DhGroup, EspProposal, IkeProposal};
+use concentrator_algorithms::{DhGroup, EspProposal, IkeProposal};
 use concentrator_crypto::keymat::rekey_skeyseed;
 use concentrator_crypto::{ChildSaKeys, IkeSaKeys, Prf};
 
@@ -475,7 +475,7 @@ fn rekey_ike(
 
 #[cfg(test)]
 mod tests {
-    use concentrator_crds::proposal::{Encryption, Esn, parse_esp, parse_ike};
+    use concentrator_algorithms::{Encryption, Esn, parse_esp, parse_ike};
 
     use super::*;
 

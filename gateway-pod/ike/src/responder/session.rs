@@ -8,7 +8,7 @@
 
 use std::time::Instant;
 
-use concentrator_crds::proposal::{Encryption, Integrity};
+use concentrator_algorithms::{Encryption, Integrity};
 use concentrator_crypto::{CryptoError, IkeSaKeys, PacketError, Prf, SkCipher};
 
 use super::{Error, Retransmit};

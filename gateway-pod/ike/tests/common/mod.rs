@@ -8,7 +8,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
-use concentrator_crds::proposal::{DhGroup, Encryption, parse_esp, parse_ike};
+use concentrator_algorithms::{DhGroup, Encryption, parse_esp, parse_ike};
 use concentrator_crypto::keymat::rekey_skeyseed;
 use concentrator_crypto::{CryptoError, IkeSaKeys, KeyExchange, Prf, PrfAlg, SkCipher};
 use concentrator_ike::auth::{psk_auth, signed_octets};
