@@ -112,7 +112,7 @@ pub enum EndpointError {
     HalfOpenLimit,
     /// The initiator refused to start (configuration) or dropped the message.
     #[error(transparent)]
-    Initiator(#[from] initiator::Error),
+    Initiator(initiator::Error),
     /// Sent elsewhere with N(REDIRECT) (RFC 5685), no state kept.
     #[error("redirected to {0}")]
     Redirected(GatewayId),
@@ -364,7 +364,8 @@ impl Endpoint {
     ) -> Result<u64, EndpointError> {
         // Ids of both kinds share one namespace: a fresh SPIi that collides is drawn again.
         for _ in 0..4 {
-            let i = Initiator::connect(config.clone(), psk, local, remote, now, entropy)?;
+            let i = Initiator::connect(config.clone(), psk, local, remote, now, entropy)
+                .map_err(EndpointError::Initiator)?;
             let id = i.spi_i();
             if self.slots.contains_key(&id)
                 || self.initiators.contains_key(&id)

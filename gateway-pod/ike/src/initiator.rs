@@ -82,9 +82,6 @@
 //! Not here: new CHILD SAs started by this side, certificates, EAP, configuration payloads,
 //! fragmentation, MOBIKE.
 
-mod offer;
-pub(crate) mod rekey;
-
 use std::collections::VecDeque;
 use std::fmt;
 use std::mem;
@@ -93,26 +90,28 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use concentrator_algorithms::{EspProposal, IkeProposal};
-use concentrator_crypto::{ChildSaKeys, CryptoError, IkeSaKeys, KeyExchange, PacketError, Prf, SecretBytes};
+use concentrator_crypto::{ChildSaKeys, IkeSaKeys, KeyExchange, Prf, SecretBytes};
 use ipnet::IpNet;
 
 use crate::Message;
 use crate::auth::{psk_auth, signed_octets, verify_psk_auth};
+pub use crate::error::Error;
 use crate::message::codepoints::{
     AuthMethod, DhGroup as WireGroup, ExchangeType, NotifyType, PayloadType, ProtocolId,
 };
 use crate::message::error::InvalidMessage;
 use crate::message::header::{Flags, Header};
 use crate::nat::{behind_nat, nat_detection_hash};
-use crate::negotiate::dh_group;
+use crate::negotiate::{dh_group, offer};
 use crate::payload::{self, Auth, Delete, Ke, Nonce, Notify, Payload, Ts};
 use crate::redirect::{GatewayId, decode_redirect, encode_redirected_from};
-use crate::responder::session::{IkeSa, Retry, Session, Window};
-use crate::responder::{
-    self, ChildRef, ChildSa, DeleteReason, Entropy, IdBuf, NONCE_LEN, REKEYED_SA_LINGER, Retransmit,
-    Transmit, deadline, random_spi,
+use crate::sa::rekey;
+use crate::sa::session::{IkeSa, Retry, Session, Window};
+use crate::sa::{
+    ChildRef, ChildSa, DeleteReason, Entropy, IdBuf, NONCE_LEN, REKEYED_SA_LINGER, Retransmit, Transmit,
+    deadline, random_spi,
 };
-use crate::responder::{create_child, informational};
+use crate::sa::{create_child, informational};
 
 /// RFC 7296 §2.6: "the initiator MUST then retry the IKE_SA_INIT request [...]"; the cookie
 /// it echoes is "between 1 and 64 octets".
@@ -197,7 +196,7 @@ impl Config {
 
     /// A configuration with the given proposals, subnets and identity, and defaults for the
     /// rest: any peer identity, CHILD SA lifetime
-    /// [`responder::Config::DEFAULT_CHILD_LIFETIME`], no liveness checks,
+    /// [`crate::sa::DEFAULT_CHILD_LIFETIME`], no liveness checks,
     /// [`Retransmit::default`], float on NAT only, [`Self::DEFAULT_MAX_INIT_RETRIES`].
     pub fn new(
         ike_proposals: Vec<IkeProposal>,
@@ -213,7 +212,7 @@ impl Config {
             remote_subnet,
             local_id,
             remote_id: None,
-            child_lifetime: responder::Config::DEFAULT_CHILD_LIFETIME,
+            child_lifetime: crate::sa::DEFAULT_CHILD_LIFETIME,
             ike_lifetime: None,
             accept_ike_rekey: false,
             redirect_supported: true,
@@ -276,85 +275,6 @@ pub enum Event {
     Failed(Error),
 }
 
-/// Why a datagram was dropped or the negotiation failed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum Error {
-    /// The datagram is not a well-formed IKE message (dropped).
-    #[error("malformed message: {0}")]
-    Malformed(#[from] InvalidMessage),
-    /// The decrypted, authenticated inner payloads are malformed.
-    #[error("malformed encrypted payloads: {0}")]
-    MalformedInner(InvalidMessage),
-    /// A well-formed message this state does not take (dropped, state kept).
-    #[error("unexpected message: {0}")]
-    Unexpected(&'static str),
-    /// A response lacks a payload it needs.
-    #[error("missing {0} payload")]
-    MissingPayload(&'static str),
-    /// The responder answered with this error notify (AUTHENTICATION_FAILED,
-    /// NO_PROPOSAL_CHOSEN, TS_UNACCEPTABLE, ...).
-    #[error("the responder refused {exchange}: {notify}")]
-    Refused {
-        /// The exchange it refused.
-        exchange: ExchangeType,
-        /// Its notify.
-        notify: NotifyType,
-    },
-    /// The response picked something we did not offer or broke a rule of the protocol.
-    #[error("invalid response: {0}")]
-    InvalidResponse(&'static str),
-    /// The responder's identity or AUTH did not verify.
-    #[error("authentication of the responder failed: {0}")]
-    AuthenticationFailed(&'static str),
-    /// IKE_SA_INIT was retried [`Config::max_init_retries`] times.
-    #[error("IKE_SA_INIT retried {0} times (COOKIE, INVALID_KE_PAYLOAD) without success")]
-    TooManyRetries(u32),
-    /// The configuration cannot start a negotiation.
-    #[error("configuration: {0}")]
-    Config(&'static str),
-    /// Key exchange or key derivation failed.
-    #[error("crypto: {0}")]
-    Crypto(#[from] CryptoError),
-    /// The SK payload did not verify or could not be built (dropped).
-    #[error("SK payload: {0}")]
-    Packet(#[from] PacketError),
-    /// An API call not valid in the current state.
-    #[error("not valid in this state: {0}")]
-    WrongState(&'static str),
-    /// The responder redirected us (RFC 5685) to [`Initiator::redirected_to`].
-    #[error("redirected to another gateway")]
-    Redirected,
-    /// A request went unanswered through every retransmission.
-    #[error("timed out: {0}")]
-    Timeout(&'static str),
-}
-
-impl Error {
-    /// The error notify the responder answered with, for [`Error::Refused`].
-    pub fn notify(&self) -> Option<NotifyType> {
-        match self {
-            Self::Refused { notify, .. } => Some(*notify),
-            _ => None,
-        }
-    }
-
-    /// Whether the datagram was only dropped (the negotiation goes on).
-    fn is_drop(&self) -> bool {
-        matches!(self, Self::Malformed(_) | Self::Unexpected(_) | Self::Packet(_))
-    }
-}
-
-/// The errors [`IkeSa::open`] returns, in this layer's terms.
-fn opened_error(e: responder::Error) -> Error {
-    match e {
-        responder::Error::Malformed(m) => Error::Malformed(m),
-        responder::Error::Packet(p) => Error::Packet(p),
-        responder::Error::Unexpected(why) => Error::Unexpected(why),
-        _ => Error::Unexpected("message does not open"),
-    }
-}
-
 /// Waiting for the IKE_SA_INIT response.
 struct ExpectInit {
     ni: Vec<u8>,
@@ -398,7 +318,7 @@ struct Established {
 
 /// An IKE SA a rekey replaced: it answers the peer until one side deleted it. Our DELETE of
 /// it is retransmitted like any request (RFC 7296 §2.1); if the peer never answers, or never
-/// deletes the SA it replaced, the SA goes after [`crate::responder::REKEYED_SA_LINGER`].
+/// deletes the SA it replaced, the SA goes after [`REKEYED_SA_LINGER`].
 struct Previous {
     session: Session,
     expires: Instant,
@@ -455,16 +375,16 @@ impl fmt::Debug for Initiator {
 /// CHILD_SA_NOT_FOUND"), and data (§3.10.1: the accepted group for INVALID_KE_PAYLOAD). A
 /// failure without a notify of its own is answered NO_PROPOSAL_CHOSEN, as the responder
 /// does: the peer's window only moves on with an answer.
-fn refusal(e: &responder::Error) -> (NotifyType, ProtocolId, Vec<u8>, Vec<u8>) {
+fn refusal(e: &Error) -> (NotifyType, ProtocolId, Vec<u8>, Vec<u8>) {
     let notify = e.notify().unwrap_or(NotifyType::NO_PROPOSAL_CHOSEN);
     match *e {
-        responder::Error::InvalidKe { selected, .. } => (
+        Error::InvalidKe { selected, .. } => (
             notify,
             ProtocolId::NONE,
             Vec::new(),
             selected.to_be_bytes().to_vec(),
         ),
-        responder::Error::ChildSaNotFound { protocol, spi } => {
+        Error::ChildSaNotFound { protocol, spi } => {
             (notify, protocol, spi.to_be_bytes().to_vec(), Vec::new())
         }
         _ => (notify, ProtocolId::NONE, Vec::new(), Vec::new()),
@@ -1049,7 +969,7 @@ impl Initiator {
                 {
                     return Err(Error::Unexpected("not the response to our IKE_AUTH request"));
                 }
-                s.session.sa.open(datagram).map_err(opened_error)
+                s.session.sa.open(datagram)
             });
         let opened = match opened {
             Ok(o) => o,
@@ -1258,7 +1178,7 @@ impl Initiator {
             if !s.session.answers_pending(&h) {
                 return Err(Error::Unexpected("response to no request of ours"));
             }
-            let opened = s.session.sa.open(datagram).map_err(opened_error)?;
+            let opened = s.session.sa.open(datagram)?;
             s.session.complete_request();
             s.last_heard = now;
             let ours = mem::replace(&mut s.ours, rekey::Ours::Plain);
@@ -1308,7 +1228,7 @@ impl Initiator {
             }
             Window::Drop(why) => return Err(Error::Unexpected(why)),
         }
-        let opened = s.session.sa.open(datagram).map_err(opened_error)?;
+        let opened = s.session.sa.open(datagram)?;
         s.last_heard = now;
         let exchange = opened.header.exchange;
         let respond = |me: &mut Self, session: &mut Session, inner: &[Payload<'_>]| -> Result<(), Error> {
@@ -1434,7 +1354,7 @@ impl Initiator {
         now: Instant,
         inner: &[Payload<'_>],
         entropy: &mut dyn Entropy,
-    ) -> Result<create_child::Created, responder::Error> {
+    ) -> Result<create_child::Created, Error> {
         let config = &self.config;
         // RFC 7296 §1.3.2: an IKE SA rekey carries IKE proposals and no REKEY_SA. Unless
         // configured to follow it, it is refused: "A minimal implementation [...] may refuse
@@ -1446,25 +1366,19 @@ impl Initiator {
             |p| matches!(p, Payload::Sa(sa) if sa.proposals.iter().all(|p| p.protocol == ProtocolId::IKE)),
         );
         if ike_proposals && !rekey_sa && !config.accept_ike_rekey {
-            return Err(responder::Error::NoAdditionalSas);
+            return Err(Error::NoAdditionalSas);
         }
         // RFC 7296 §2.25: TEMPORARY_FAILURE while our own IKE SA rekey is in flight (see the
         // responder's answer to the same collision).
         if ike_proposals && !rekey_sa && matches!(s.ours, rekey::Ours::IkeRekey(_)) {
-            return Err(responder::Error::TemporaryFailure);
+            return Err(Error::TemporaryFailure);
         }
-        let ours = responder::Config {
-            child_lifetime: config.child_lifetime,
-            ..responder::Config::new(
-                config.ike_proposals.clone(),
-                config.esp_proposals.clone(),
-                config.local_subnet,
-                config.remote_subnet,
-                config.local_id.clone(),
-            )
-        };
         let cx = create_child::Context {
-            config: &ours,
+            ike_proposals: &config.ike_proposals,
+            esp_proposals: &config.esp_proposals,
+            local_subnet: config.local_subnet,
+            remote_subnet: config.remote_subnet,
+            child_lifetime: config.child_lifetime,
             sa: &s.session.sa,
             children: &s.children,
             now,
@@ -1536,7 +1450,7 @@ impl Initiator {
             if !old.answers_pending(h) {
                 return Err(Error::Unexpected("response to no request of ours"));
             }
-            old.sa.open(datagram).map_err(opened_error)?;
+            old.sa.open(datagram)?;
             s.previous = None;
             s.last_heard = now;
             return Ok(None);
@@ -1554,7 +1468,7 @@ impl Initiator {
             }
             Window::Drop(why) => return Err(Error::Unexpected(why)),
         }
-        let opened = old.sa.open(datagram).map_err(opened_error)?;
+        let opened = old.sa.open(datagram)?;
         s.last_heard = now;
         let inner = payload::decode_inner_chain(opened.first_inner, &opened.plain).unwrap_or_default();
         let delete = inner
@@ -1709,6 +1623,7 @@ impl Initiator {
 #[cfg(test)]
 mod tests {
     use concentrator_algorithms::{DhGroup, parse_esp, parse_ike};
+    use concentrator_crypto::CryptoError;
 
     use super::*;
     use crate::payload::Identity;

@@ -28,6 +28,7 @@
 
 pub mod auth;
 pub mod endpoint;
+pub mod error;
 pub mod initiator;
 pub mod message;
 pub mod nat;
@@ -35,7 +36,9 @@ pub mod negotiate;
 pub mod payload;
 pub mod redirect;
 pub mod responder;
+pub mod sa;
 
+pub use error::Error;
 pub use initiator::Initiator;
 pub use message::Message;
 pub use message::codepoints::*;
@@ -43,4 +46,5 @@ pub use message::error::{InvalidMessage, notify_for};
 pub use message::header::{Flags, Header};
 pub use message::reader::Reader;
 pub use payload::Payload;
-pub use responder::{Config, DeleteReason, Event, Responder};
+pub use responder::{Config, Event, Responder};
+pub use sa::DeleteReason;

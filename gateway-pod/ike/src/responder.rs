@@ -84,10 +84,6 @@
 //! by not echoing it, which RFC 7296 §1.3.1 allows: "If the responder declines the request,
 //! the Child SA will be established in tunnel mode"), MOBIKE, configuration payloads.
 
-pub(crate) mod create_child;
-pub(crate) mod informational;
-pub(crate) mod session;
-
 use std::collections::VecDeque;
 use std::fmt;
 use std::mem;
@@ -95,83 +91,32 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use concentrator_algorithms::{DhGroup, Encryption, Esn, EspProposal, IkeProposal, Integrity};
-use concentrator_crypto::{
-    ChildSaKeys, CryptoError, DirectionKeys, IkeSaKeys, KeyExchange, PacketError, Prf,
-};
+use concentrator_algorithms::{EspProposal, IkeProposal};
+use concentrator_crypto::{ChildSaKeys, IkeSaKeys, Prf};
 use ipnet::IpNet;
 
-use self::create_child::Created;
-use self::session::{Answered, IkeSa, Retry, Session, Window};
+pub use crate::error::Error;
+pub use crate::sa::{
+    ChildSa, DeleteReason, Entropy, IdBuf, NONCE_LEN, REKEYED_SA_LINGER, Retransmit, SystemEntropy, Transmit,
+};
+
 use crate::Message;
 use crate::auth::{psk_auth, signed_octets, verify_psk_auth};
-use crate::initiator::rekey::{self, ChildChange, Ours, soft_deadline};
+use crate::error::NotifyFields;
 use crate::message::codepoints::{
-    AuthMethod, DhGroup as WireGroup, ExchangeType, IdType, NotifyType, PayloadType, ProtocolId,
+    AuthMethod, DhGroup as WireGroup, ExchangeType, NotifyType, PayloadType, ProtocolId,
 };
-use crate::message::error::{InvalidMessage, notify_for};
+use crate::message::error::InvalidMessage;
 use crate::message::header::{Flags, Header};
 use crate::nat::{behind_nat, nat_detection_hash};
-use crate::negotiate::{IkeChoice, NegotiationError, narrow, select_esp, select_ike};
-use crate::payload::{self, Auth, Delete, Identity, Ke, Nonce, Notify, Payload, TrafficSelector, Ts};
+use crate::negotiate::{IkeChoice, narrow, select_esp, select_ike};
+use crate::payload::{self, Auth, Delete, Identity, Ke, Nonce, Notify, Payload, Ts};
 use crate::redirect::{GatewayId, encode_redirect};
-
-/// Length of our nonces: 32 bytes, at least half the key size of every PRF we negotiate
-/// (RFC 7296 §2.10: "Nonces used in IKEv2 MUST be randomly chosen, MUST be at least 128 bits
-/// in size, and MUST be at least half the key size of the negotiated pseudorandom function").
-pub const NONCE_LEN: usize = 32;
-
-/// How long an IKE SA replaced by a rekey is kept when the peer does not delete it. RFC 7296
-/// §2.8 has the initiator delete it right after the rekey, so this only bounds the state a
-/// misbehaving (or crashed) peer leaves behind; it is long enough for the peer's
-/// retransmissions of that DELETE.
-pub const REKEYED_SA_LINGER: Duration = Duration::from_secs(120);
-
-/// Retransmission of the requests this responder sends (RFC 7296 §2.1: "the initiator MUST
-/// retransmit a request until it either receives a corresponding response or deems the IKE SA
-/// to have failed"). The first retransmission follows `timeout` after the request, each next
-/// one waits twice as long as the previous, and after `tries` retransmissions the IKE SA is
-/// deemed to have failed once the next (doubled) wait has passed too.
-///
-/// The default, 2 s and 5 tries, retransmits after 2, 6, 14, 30 and 62 s and gives up at
-/// 126 s.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Retransmit {
-    /// Wait before the first retransmission.
-    pub timeout: Duration,
-    /// Retransmissions before giving up.
-    pub tries: u32,
-}
-
-impl Default for Retransmit {
-    fn default() -> Self {
-        Self {
-            timeout: Duration::from_secs(2),
-            tries: 5,
-        }
-    }
-}
-
-impl Retransmit {
-    /// The wait after the transmission that followed `retransmits` retransmissions:
-    /// `timeout * 2^retransmits`, saturating.
-    pub fn wait(&self, retransmits: u32) -> Duration {
-        self.timeout
-            .saturating_mul(1u32.checked_shl(retransmits).unwrap_or(u32::MAX))
-    }
-
-    /// How long after the first transmission an unanswered request makes us give up.
-    pub fn give_up_after(&self) -> Duration {
-        (0..=self.tries).fold(Duration::ZERO, |sum, n| sum.saturating_add(self.wait(n)))
-    }
-}
-
-/// `now + d` without panicking on overflow (a far-future deadline instead).
-pub(crate) fn deadline(now: Instant, d: Duration) -> Instant {
-    now.checked_add(d)
-        .or_else(|| now.checked_add(Duration::from_secs(u64::from(u32::MAX))))
-        .unwrap_or(now)
-}
+use crate::sa::create_child::{self, Created};
+use crate::sa::informational;
+use crate::sa::rekey::{self, ChildChange, Ours, soft_deadline};
+use crate::sa::session::{Answered, IkeSa, Retry, Session, Window};
+use crate::sa::{ChildRef, deadline, random_spi};
 
 /// What the responder needs from the eroute it answers for.
 #[derive(Clone, Debug)]
@@ -210,7 +155,7 @@ impl Config {
     /// Default of [`Config::half_open_timeout`].
     pub const DEFAULT_HALF_OPEN_TIMEOUT: Duration = Duration::from_secs(30);
     /// Default of [`Config::child_lifetime`] (the eroute default).
-    pub const DEFAULT_CHILD_LIFETIME: Duration = Duration::from_secs(3600);
+    pub const DEFAULT_CHILD_LIFETIME: Duration = crate::sa::DEFAULT_CHILD_LIFETIME;
 
     /// A configuration with the given proposals, subnets and identity, and defaults for the
     /// rest: CHILD SA lifetime [`Self::DEFAULT_CHILD_LIFETIME`], no liveness checks,
@@ -244,137 +189,6 @@ impl Config {
             force_udp_encap: force,
             ..self
         }
-    }
-}
-
-/// An owned ID payload body (ID Type, three RESERVED octets, identification data): exactly
-/// the `IDx'` that RFC 7296 §2.15 signs.
-#[derive(Clone, PartialEq, Eq, Hash)]
-pub struct IdBuf(Vec<u8>);
-
-impl IdBuf {
-    /// The body of `id`.
-    pub fn new(id: &Identity<'_>) -> Self {
-        let mut body = Vec::new();
-        id.encode(&mut body);
-        Self(body)
-    }
-
-    /// The ID payload body.
-    pub fn body(&self) -> &[u8] {
-        &self.0
-    }
-
-    /// The identity (decoding cannot fail: the body was encoded or checked on the way in).
-    pub fn identity(&self) -> Identity<'_> {
-        Identity::decode(&self.0).unwrap_or(Identity::Other {
-            id_type: IdType(0),
-            data: &[],
-        })
-    }
-}
-
-impl fmt::Display for IdBuf {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.identity().fmt(f)
-    }
-}
-
-impl fmt::Debug for IdBuf {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "IdBuf({self})")
-    }
-}
-
-/// The randomness and key pairs the engine needs, provided by the caller so that tests are
-/// deterministic. [`SystemEntropy`] is the production implementation.
-pub trait Entropy {
-    /// Fills `buf` with random bytes (nonces, SPIs).
-    fn fill(&mut self, buf: &mut [u8]) -> Result<(), CryptoError>;
-    /// A fresh ephemeral key pair for `group`.
-    fn key_exchange(&mut self, group: DhGroup) -> Result<KeyExchange, CryptoError>;
-}
-
-/// [`Entropy`] from AWS-LC's system random generator.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct SystemEntropy;
-
-impl Entropy for SystemEntropy {
-    fn fill(&mut self, buf: &mut [u8]) -> Result<(), CryptoError> {
-        concentrator_crypto::util::fill_random(buf)
-    }
-
-    fn key_exchange(&mut self, group: DhGroup) -> Result<KeyExchange, CryptoError> {
-        KeyExchange::generate(group)
-    }
-}
-
-/// A datagram to send: IKE bytes (without the 4-octet non-ESP marker of port 4500).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Transmit {
-    /// Our address the request arrived on: send from here.
-    pub local: SocketAddr,
-    /// Where the request came from: send there.
-    pub remote: SocketAddr,
-    /// The IKE message.
-    pub payload: Vec<u8>,
-}
-
-/// A negotiated CHILD SA (one inbound and one outbound ESP SA), ready for the data plane.
-#[derive(Debug)]
-pub struct ChildSa {
-    /// Our SPI: ESP packets from the peer carry it.
-    pub spi_in: u32,
-    /// The peer's SPI: ESP packets we send carry it.
-    pub spi_out: u32,
-    /// Encryption.
-    pub encryption: Encryption,
-    /// Integrity (`None` for AEAD).
-    pub integrity: Option<Integrity>,
-    /// Extended sequence numbers.
-    pub esn: Esn,
-    /// Keys of the inbound SA (initiator to responder); zeroized on drop.
-    pub inbound: DirectionKeys,
-    /// Keys of the outbound SA (responder to initiator); zeroized on drop.
-    pub outbound: DirectionKeys,
-    /// Our traffic selectors (narrowed TSr).
-    pub ts_local: Vec<TrafficSelector<'static>>,
-    /// The peer's traffic selectors (narrowed TSi).
-    pub ts_remote: Vec<TrafficSelector<'static>>,
-    /// Lifetime from the eroute.
-    pub lifetime: Duration,
-    /// When it was installed.
-    pub installed_at: Instant,
-    /// ESP in UDP (RFC 3948): a NAT was detected or IKE runs on port 4500.
-    pub udp_encap: bool,
-    /// For a rekey (RFC 7296 §1.3.3), the `spi_in` of the CHILD SA this one replaces. The old
-    /// one stays installed until the peer deletes it ([`Event::ChildSaDeleted`]): the peer
-    /// moves its traffic to the new SA first.
-    pub replaces: Option<u32>,
-}
-
-/// Why an IKE SA is gone.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum DeleteReason {
-    /// The peer deleted it (an INFORMATIONAL request with a Delete payload for the IKE SA).
-    PeerDeleted,
-    /// We deleted it ([`Responder::delete`]): evicted, drained, or replaced.
-    LocalDeleted,
-    /// The peer stopped answering our liveness checks (RFC 7296 §2.4).
-    DeadPeer,
-    /// The peer redirected us to another gateway (RFC 5685 §5); we deleted the IKE SA.
-    Redirected,
-}
-
-impl fmt::Display for DeleteReason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::PeerDeleted => "deleted by the peer",
-            Self::DeadPeer => "peer did not answer liveness checks",
-            Self::LocalDeleted => "deleted by this gateway",
-            Self::Redirected => "redirected to another gateway",
-        })
     }
 }
 
@@ -456,155 +270,6 @@ pub enum Event {
     /// The negotiation ended with this error (the response, if any, is queued); the state is
     /// gone.
     Failed(Error),
-}
-
-/// Why a message was dropped or a negotiation failed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum Error {
-    /// The datagram is not a well-formed IKE message.
-    #[error("malformed message: {0}")]
-    Malformed(#[from] InvalidMessage),
-    /// The decrypted, authenticated inner payloads are malformed (answered).
-    #[error("malformed encrypted payloads: {0}")]
-    MalformedInner(InvalidMessage),
-    /// A well-formed message this state does not take (dropped, state kept).
-    #[error("unexpected message: {0}")]
-    Unexpected(&'static str),
-    /// A required payload is missing.
-    #[error("missing {0} payload")]
-    MissingPayload(&'static str),
-    /// Proposal or traffic selector negotiation failed.
-    #[error(transparent)]
-    Negotiation(#[from] NegotiationError),
-    /// The KE payload is not for the selected group (`got` 0: no KE payload).
-    #[error("KE payload for group {got}, selected group {selected}")]
-    InvalidKe {
-        /// The KE payload's group.
-        got: u16,
-        /// The group we selected.
-        selected: u16,
-    },
-    /// The peer failed authentication.
-    #[error("authentication failed: {0}")]
-    AuthenticationFailed(&'static str),
-    /// The eroute the peer's identity selects does not allow the IKE proposal chosen in
-    /// IKE_SA_INIT (from the proposals of every eroute, before the identity was known).
-    #[error("the IKE proposal negotiated is not one the peer's eroute allows")]
-    ProposalNotAllowed,
-    /// Key exchange or key derivation failed.
-    #[error("crypto: {0}")]
-    Crypto(#[from] CryptoError),
-    /// The SK payload did not verify or could not be built (dropped).
-    #[error("SK payload: {0}")]
-    Packet(#[from] PacketError),
-    /// An API call not valid in the current state.
-    #[error("not valid in this state: {0}")]
-    WrongState(&'static str),
-    /// The peer asked to rekey a CHILD SA this IKE SA does not have.
-    #[error("no CHILD SA with SPI {spi:08x} ({protocol}) to rekey")]
-    ChildSaNotFound {
-        /// The REKEY_SA notify's protocol.
-        protocol: ProtocolId,
-        /// Its SPI (the peer's inbound SPI).
-        spi: u32,
-    },
-    /// A CREATE_CHILD_SA request on an IKE SA that a rekey replaced: only its deletion is
-    /// expected there.
-    #[error("no more CHILD SAs on an IKE SA that was rekeyed")]
-    NoAdditionalSas,
-    /// A timer expired.
-    #[error("timed out: {0}")]
-    Timeout(&'static str),
-    /// The peer asked to rekey the IKE SA while our own rekey of it is in flight.
-    #[error("IKE SA rekey collides with ours in flight")]
-    TemporaryFailure,
-}
-
-impl Error {
-    /// The notify answering this error, if any.
-    pub fn notify(&self) -> Option<NotifyType> {
-        match self {
-            Self::Malformed(e) | Self::MalformedInner(e) => notify_for(e),
-            Self::MissingPayload(_) => Some(NotifyType::INVALID_SYNTAX),
-            Self::Negotiation(NegotiationError::NoProposalChosen) => Some(NotifyType::NO_PROPOSAL_CHOSEN),
-            Self::Negotiation(NegotiationError::TsUnacceptable) => Some(NotifyType::TS_UNACCEPTABLE),
-            Self::InvalidKe { .. } => Some(NotifyType::INVALID_KE_PAYLOAD),
-            // As strongSwan answers a peer whose identity finds no config for its IKE SA.
-            Self::AuthenticationFailed(_) | Self::ProposalNotAllowed => {
-                Some(NotifyType::AUTHENTICATION_FAILED)
-            }
-            // A peer public value that fails validation: the request was invalid.
-            Self::Crypto(CryptoError::InvalidPublicValue { .. } | CryptoError::PublicValueLength { .. }) => {
-                Some(NotifyType::INVALID_SYNTAX)
-            }
-            Self::ChildSaNotFound { .. } => Some(NotifyType::CHILD_SA_NOT_FOUND),
-            Self::NoAdditionalSas => Some(NotifyType::NO_ADDITIONAL_SAS),
-            Self::TemporaryFailure => Some(NotifyType::TEMPORARY_FAILURE),
-            Self::Crypto(_)
-            | Self::Unexpected(_)
-            | Self::Packet(_)
-            | Self::WrongState(_)
-            | Self::Timeout(_) => None,
-        }
-    }
-
-    /// The Notify payload fields answering this error: type, protocol and SPI (RFC 7296
-    /// §3.10: "the SPI is included only with INVALID_SELECTORS, REKEY_SA, and
-    /// CHILD_SA_NOT_FOUND"), and data (§3.10.1: the accepted group for INVALID_KE_PAYLOAD,
-    /// the payload type for UNSUPPORTED_CRITICAL_PAYLOAD).
-    fn notify_fields(&self) -> Option<NotifyFields> {
-        let notify_type = self.notify()?;
-        let mut f = NotifyFields {
-            notify_type,
-            protocol: ProtocolId::NONE,
-            spi: Vec::new(),
-            data: Vec::new(),
-        };
-        match *self {
-            Self::InvalidKe { selected, .. } => f.data = selected.to_be_bytes().to_vec(),
-            Self::ChildSaNotFound { protocol, spi } => {
-                f.protocol = protocol;
-                f.spi = spi.to_be_bytes().to_vec();
-            }
-            Self::Malformed(InvalidMessage::UnsupportedCriticalPayload(t))
-            | Self::MalformedInner(InvalidMessage::UnsupportedCriticalPayload(t)) => f.data = vec![t.0],
-            _ => {}
-        }
-        Some(f)
-    }
-}
-
-/// The owned fields of an error notify.
-struct NotifyFields {
-    notify_type: NotifyType,
-    protocol: ProtocolId,
-    spi: Vec<u8>,
-    data: Vec<u8>,
-}
-
-impl NotifyFields {
-    fn payload(&self) -> Payload<'_> {
-        Payload::Notify(Notify {
-            protocol: self.protocol,
-            spi: &self.spi,
-            notify_type: self.notify_type,
-            data: &self.data,
-        })
-    }
-}
-
-/// A CHILD SA of the IKE SA, by its two SPIs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct ChildRef {
-    pub(crate) spi_in: u32,
-    pub(crate) spi_out: u32,
-    /// When this side rekeys it (its soft lifetime, [`crate::initiator::rekey`]); `None`
-    /// when the peer rekeyed it already or it is being rekeyed.
-    pub(crate) rekey_at: Option<Instant>,
-    /// The peer rekeyed it (or it is the redundant one of a simultaneous rekey): it is the
-    /// peer's to delete, never ours to rekey.
-    pub(crate) replaced: bool,
 }
 
 /// The IKE_SA_INIT exchange: IKE_AUTH signs it (RFC 7296 §2.15) and its nonces key the
@@ -762,22 +427,6 @@ impl<'a> AuthRequest<'a> {
             ts_r,
         })
     }
-}
-
-/// A random SPI of at least `min`; a generator that keeps producing smaller values is broken.
-pub(crate) fn random_spi<const N: usize>(
-    entropy: &mut dyn Entropy,
-    min: u64,
-) -> Result<[u8; N], CryptoError> {
-    for _ in 0..16 {
-        let mut b = [0u8; N];
-        entropy.fill(&mut b)?;
-        let v = b.iter().fold(0u64, |acc, x| (acc << 8) | u64::from(*x));
-        if v >= min {
-            return Ok(b);
-        }
-    }
-    Err(CryptoError::Internal)
 }
 
 impl Responder {
@@ -1689,7 +1338,7 @@ impl Responder {
         entropy: &mut dyn Entropy,
         local: SocketAddr,
         remote: SocketAddr,
-    ) -> Result<Option<Result<IkeSa, crate::initiator::Error>>, Error> {
+    ) -> Result<Option<Result<IkeSa, Error>>, Error> {
         // RFC 7296 §2.2: a response is matched to its request by Message ID; anything else
         // (a duplicate, an answer to an abandoned request) is dropped.
         if !session.answers_pending(h) {
@@ -1911,7 +1560,11 @@ impl Responder {
         }
         let config = Arc::clone(&self.config);
         let cx = create_child::Context {
-            config: &config,
+            ike_proposals: &config.ike_proposals,
+            esp_proposals: &config.esp_proposals,
+            local_subnet: config.local_subnet,
+            remote_subnet: config.remote_subnet,
+            child_lifetime: config.child_lifetime,
             sa: &session.sa,
             children,
             now,
@@ -2136,7 +1789,9 @@ fn init_error(request: &Header, notify: NotifyType, data: &[u8]) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
-    use concentrator_algorithms::{parse_esp, parse_ike};
+    use crate::negotiate::NegotiationError;
+    use concentrator_algorithms::{DhGroup, parse_esp, parse_ike};
+    use concentrator_crypto::{CryptoError, KeyExchange, PacketError};
 
     use super::*;
 

@@ -6,6 +6,9 @@
 
 use std::fmt;
 
+/// The major version this crate speaks.
+pub const MAJOR_VERSION: u8 = 2;
+
 macro_rules! codepoint {
     ($(#[$meta:meta])* $name:ident($ty:ty) { $($(#[$cmeta:meta])* $konst:ident = $value:expr,)* }) => {
         $(#[$meta])*

@@ -55,7 +55,7 @@ pub fn notify_for(err: &InvalidMessage) -> Option<NotifyType> {
         // number, it MUST drop the message and SHOULD send an unauthenticated Notify message of
         // type INVALID_MAJOR_VERSION containing the highest (closest) version number it
         // supports." A lower major version is IKEv1, which would not understand the answer.
-        InvalidMajorVersion(major) if major > super::header::MAJOR_VERSION => {
+        InvalidMajorVersion(major) if major > super::codepoints::MAJOR_VERSION => {
             Some(NotifyType::INVALID_MAJOR_VERSION)
         }
         InvalidMajorVersion(_) | ZeroInitiatorSpi => None,

@@ -7,8 +7,7 @@ use super::codepoints::{ExchangeType, PayloadType};
 use super::error::InvalidMessage;
 use super::reader::{OrTruncated, Reader};
 
-/// The major version this crate speaks.
-pub const MAJOR_VERSION: u8 = 2;
+pub use super::codepoints::MAJOR_VERSION;
 /// The version byte this crate sends (major 2, minor 0); also the data of an
 /// INVALID_MAJOR_VERSION notify.
 pub const VERSION_BYTE: u8 = MAJOR_VERSION << 4;

@@ -43,14 +43,15 @@ use concentrator_crypto::keymat::rekey_skeyseed;
 use concentrator_crypto::{ChildSaKeys, IkeSaKeys, KeyExchange, Prf};
 use ipnet::IpNet;
 
-use super::{Error, offer};
+use super::session::{IkeSa, Session};
+use super::{ChildRef, ChildSa, Entropy, NONCE_LEN, Retransmit, random_spi};
+use crate::error::Error;
 use crate::message::codepoints::{
     DhGroup as WireGroup, ExchangeType, NotifyType, ProtocolId, TransformId, TransformType,
 };
 use crate::negotiate::dh_group;
+use crate::negotiate::offer;
 use crate::payload::{Ke, Nonce, Notify, Payload, Proposal, Sa, Transform, Ts};
-use crate::responder::session::{IkeSa, Session};
-use crate::responder::{ChildRef, ChildSa, Entropy, NONCE_LEN, Retransmit, random_spi};
 
 /// Share of the lifetime after which a CHILD SA is rekeyed, in per mille, before jitter.
 const SOFT_PER_MILLE: u64 = 900;
@@ -71,7 +72,7 @@ pub(crate) fn soft_deadline(now: Instant, lifetime: Duration, entropy: &mut dyn 
     let per_mille = SOFT_PER_MILLE - JITTER_PER_MILLE + r;
     let ms = lifetime.as_millis().saturating_mul(u128::from(per_mille)) / 1000;
     let soft = Duration::from_millis(u64::try_from(ms).unwrap_or(u64::MAX));
-    Some(crate::responder::deadline(now, soft))
+    Some(super::deadline(now, soft))
 }
 
 /// A rekey of ours in flight.
@@ -502,7 +503,7 @@ pub(crate) fn retry_at(now: Instant, entropy: &mut dyn Entropy) -> Instant {
         .fill(&mut r)
         .map_or(32_768, |()| u64::from(u16::from_be_bytes(r)));
     let ms = (REKEY_RETRY.as_millis() as u64 / 2) + REKEY_RETRY.as_millis() as u64 * r / 65_535;
-    crate::responder::deadline(now, Duration::from_millis(ms))
+    super::deadline(now, Duration::from_millis(ms))
 }
 
 /// What the CHILD SA rekeys of one IKE SA are checked against: the role's configuration.

@@ -5,22 +5,31 @@
 //! and IKE_SA_INIT only in the DH transform of ESP proposals (PFS) and the SPI of IKE
 //! proposals, so both are taken out of the offer before it goes through the same functions.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use concentrator_algorithms::{DhGroup, EspProposal, IkeProposal};
 use concentrator_crypto::keymat::rekey_skeyseed;
 use concentrator_crypto::{ChildSaKeys, IkeSaKeys, Prf};
+use ipnet::IpNet;
 
 use super::session::IkeSa;
-use super::{ChildRef, ChildSa, Config, Entropy, Error, NONCE_LEN, random_spi};
+use super::{ChildRef, ChildSa, Entropy, NONCE_LEN, random_spi};
+use crate::error::Error;
 use crate::message::codepoints::{DhGroup as WireGroup, NotifyType, ProtocolId, TransformId, TransformType};
 use crate::message::error::InvalidMessage;
 use crate::negotiate::{EspChoice, IkeChoice, NegotiationError, dh_group, narrow, select_esp, select_ike};
 use crate::payload::{Ke, Nonce, Notify, Payload, Proposal, Sa, Transform, Ts};
 
-/// What the request is evaluated against.
+/// What the request is evaluated against: the role's proposals, subnets and CHILD SA
+/// lifetime, and the IKE SA's state.
 pub(crate) struct Context<'a> {
-    pub(crate) config: &'a Config,
+    pub(crate) ike_proposals: &'a [IkeProposal],
+    pub(crate) esp_proposals: &'a [EspProposal],
+    /// Our side: TSr is narrowed to it.
+    pub(crate) local_subnet: IpNet,
+    /// The peer's side: TSi is narrowed to it.
+    pub(crate) remote_subnet: IpNet,
+    pub(crate) child_lifetime: Duration,
     /// The IKE SA the request came on: its SK_d and PRF derive the new keys.
     pub(crate) sa: &'a IkeSa,
     /// The CHILD SAs a REKEY_SA notify may name.
@@ -230,7 +239,7 @@ fn new_child(
         }
     };
     let ke_group = req.ke.map(|k| k.group.0);
-    let (esp, dh) = select_child(sa, &cx.config.esp_proposals, ke_group)?;
+    let (esp, dh) = select_child(sa, cx.esp_proposals, ke_group)?;
     // RFC 7296 §1.3: "If the responder selects a proposal using a different Diffie-Hellman
     // group (other than NONE), the responder MUST reject the request and indicate its
     // preferred Diffie-Hellman group in the INVALID_KE_PAYLOAD Notify payload." A missing KE
@@ -250,8 +259,8 @@ fn new_child(
     };
     let ts_i = req.ts_i.ok_or(Error::MissingPayload("TSi"))?;
     let ts_r = req.ts_r.ok_or(Error::MissingPayload("TSr"))?;
-    let ts_remote = narrow(&ts_i.selectors, &cx.config.remote_subnet)?;
-    let ts_local = narrow(&ts_r.selectors, &cx.config.local_subnet)?;
+    let ts_remote = narrow(&ts_i.selectors, &cx.remote_subnet)?;
+    let ts_local = narrow(&ts_r.selectors, &cx.local_subnet)?;
 
     let mut nr = vec![0u8; NONCE_LEN];
     entropy.fill(&mut nr)?;
@@ -286,7 +295,7 @@ fn new_child(
         outbound: keys.responder,
         ts_local,
         ts_remote,
-        lifetime: cx.config.child_lifetime,
+        lifetime: cx.child_lifetime,
         installed_at: cx.now,
         udp_encap: cx.udp_encap,
         replaces,
@@ -426,7 +435,7 @@ fn rekey_ike(
     entropy: &mut dyn Entropy,
 ) -> Result<NewIkeSa, Error> {
     let ke_group = ke.map_or(0, |k| k.group.0);
-    let (choice, spi_i) = select_ike_rekey(offered, &cx.config.ike_proposals, ke_group)?;
+    let (choice, spi_i) = select_ike_rekey(offered, cx.ike_proposals, ke_group)?;
     // RFC 7296 §2.18: "a successful exchange rekeying the IKE SA always includes the KEi/KEr
     // payloads"; a KE payload of another group gets INVALID_KE_PAYLOAD naming ours (§1.3).
     let ke = ke

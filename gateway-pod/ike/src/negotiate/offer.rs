@@ -10,9 +10,9 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use concentrator_algorithms::{DhGroup, Encryption, Esn, EspProposal, IkeProposal};
 use ipnet::IpNet;
 
-use super::Error;
+use super::{EspChoice, IkeChoice, narrow, select_esp, select_ike};
+use crate::error::Error;
 use crate::message::codepoints::{ProtocolId, TransformId, TransformType};
-use crate::negotiate::{EspChoice, IkeChoice, narrow, select_esp, select_ike};
 use crate::payload::{Proposal, Sa, TrafficSelector, Transform, TsRange};
 
 fn encr_transform(e: Encryption) -> Transform<'static> {
@@ -33,7 +33,7 @@ fn numbered<T>(proposals: &[T]) -> impl Iterator<Item = (u8, &T)> {
 /// SAi1 of IKE_SA_INIT: one proposal per configured IKE proposal, in our order of
 /// preference (RFC 7296 §2.7), with every transform of each. RFC 7296 §3.3.1, SPI Size: "For
 /// an initial IKE SA negotiation, this field MUST be zero".
-pub(super) fn ike_sa(ours: &[IkeProposal]) -> Sa<'static> {
+pub(crate) fn ike_sa(ours: &[IkeProposal]) -> Sa<'static> {
     let proposals = numbered(ours)
         .map(|(number, o)| {
             let mut transforms: Vec<Transform<'static>> =
@@ -68,7 +68,7 @@ pub(super) fn ike_sa(ours: &[IkeProposal]) -> Sa<'static> {
 /// RFC 7296 §1.2, "the SA payloads in the IKE_AUTH exchange cannot contain Transform Type 4
 /// (Diffie-Hellman group) with any value other than NONE" (the PFS groups of a proposal are
 /// for CREATE_CHILD_SA).
-pub(super) fn esp_sa<'a>(ours: &[EspProposal], spi: &'a [u8; 4]) -> Sa<'a> {
+pub(crate) fn esp_sa<'a>(ours: &[EspProposal], spi: &'a [u8; 4]) -> Sa<'a> {
     let proposals = numbered(ours)
         .map(|(number, o)| {
             let mut transforms: Vec<Transform<'static>> =
@@ -98,7 +98,7 @@ pub(super) fn esp_sa<'a>(ours: &[EspProposal], spi: &'a [u8; 4]) -> Sa<'a> {
 }
 
 /// The whole of `subnet`, any protocol and port, as one selector.
-pub(super) fn selector(subnet: &IpNet) -> TrafficSelector<'static> {
+pub(crate) fn selector(subnet: &IpNet) -> TrafficSelector<'static> {
     match subnet {
         IpNet::V4(n) => TrafficSelector::V4(TsRange::<Ipv4Addr> {
             ip_proto: 0,
@@ -154,7 +154,7 @@ fn single<'p, 'a, T>(
 /// Checks the responder's SAr1 against ours and returns what it chose. `group` is the group of
 /// our KE payload: a responder selecting another one answers INVALID_KE_PAYLOAD instead (RFC
 /// 7296 §1.2), so an SAr1 naming another group is not an answer to this request.
-pub(super) fn check_ike(answer: &Sa<'_>, ours: &[IkeProposal], group: DhGroup) -> Result<IkeChoice, Error> {
+pub(crate) fn check_ike(answer: &Sa<'_>, ours: &[IkeProposal], group: DhGroup) -> Result<IkeChoice, Error> {
     let (p, o) = single(answer, ours, ProtocolId::IKE)?;
     if !p.spi.is_empty() {
         return Err(Error::InvalidResponse("SPI in the IKE_SA_INIT proposal"));
@@ -169,7 +169,7 @@ pub(super) fn check_ike(answer: &Sa<'_>, ours: &[IkeProposal], group: DhGroup) -
 
 /// Checks the responder's SAr2 against ours and returns what it chose, with its SPI (our
 /// outbound SPI).
-pub(super) fn check_esp(answer: &Sa<'_>, ours: &[EspProposal]) -> Result<EspChoice, Error> {
+pub(crate) fn check_esp(answer: &Sa<'_>, ours: &[EspProposal]) -> Result<EspChoice, Error> {
     let (_, o) = single(answer, ours, ProtocolId::ESP)?;
     select_esp(answer, std::slice::from_ref(o))
         .map_err(|_| Error::InvalidResponse("ESP proposal we did not offer"))
@@ -178,7 +178,7 @@ pub(super) fn check_esp(answer: &Sa<'_>, ours: &[EspProposal]) -> Result<EspChoi
 /// Checks a traffic selector payload of the response against the subnet we proposed: RFC
 /// 7296 §2.9, the responder "is allowed to narrow the choices by selecting a subset of the
 /// traffic", never to widen them. Each selector must lie inside `subnet`; there must be one.
-pub(super) fn check_ts(
+pub(crate) fn check_ts(
     answer: &[TrafficSelector<'_>],
     subnet: &IpNet,
 ) -> Result<Vec<TrafficSelector<'static>>, Error> {

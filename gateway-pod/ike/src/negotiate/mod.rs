@@ -1,6 +1,8 @@
 //! Proposal selection (RFC 7296 §2.7, §3.3.6) and traffic selector narrowing (§2.9) for the
 //! responder: the peer's SA / TS payloads against an eroute's configured proposals and subnets.
 
+pub(crate) mod offer;
+
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use concentrator_algorithms::{DhGroup, Encryption, Esn, EspProposal, IkeProposal, Integrity, Prf};
@@ -9,16 +11,7 @@ use ipnet::IpNet;
 use crate::message::codepoints::{AttributeType, ProtocolId, TransformId, TransformType};
 use crate::payload::{AttributeValue, Proposal, Sa, TrafficSelector, Transform, TsRange};
 
-/// Why negotiation failed; each maps to the notify the responder sends.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum NegotiationError {
-    /// No proposal was acceptable: NO_PROPOSAL_CHOSEN.
-    #[error("no acceptable proposal")]
-    NoProposalChosen,
-    /// The traffic selectors do not intersect the eroute's subnets: TS_UNACCEPTABLE.
-    #[error("traffic selectors unacceptable")]
-    TsUnacceptable,
-}
+pub use crate::error::NegotiationError;
 
 /// The IKE SA transforms chosen from the initiator's SA payload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -399,7 +392,7 @@ mod tests {
     #[test]
     fn selects_strongswan_default_proposal_and_echoes_it() {
         let bytes = hex(include_str!(
-            "../tests/vectors/strongswan-ike-sa-init-request.hex"
+            "../../tests/vectors/strongswan-ike-sa-init-request.hex"
         ));
         let sa = offered_ike(&bytes);
         let ours = [parse_ike("p", "aes128gcm16-prfsha256-x25519").unwrap()];
@@ -416,7 +409,7 @@ mod tests {
     #[test]
     fn rejects_unacceptable_ike_proposal() {
         let bytes = hex(include_str!(
-            "../tests/vectors/strongswan-ike-sa-init-request.hex"
+            "../../tests/vectors/strongswan-ike-sa-init-request.hex"
         ));
         let sa = offered_ike(&bytes);
         let ours = [parse_ike("p", "aes256-sha512-modp3072").unwrap()];

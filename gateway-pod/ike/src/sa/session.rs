@@ -11,8 +11,9 @@ use std::time::Instant;
 use concentrator_algorithms::{Encryption, Integrity};
 use concentrator_crypto::{CryptoError, IkeSaKeys, PacketError, Prf, SkCipher};
 
-use super::{Error, Retransmit};
+use super::Retransmit;
 use crate::Message;
+use crate::error::Error;
 use crate::message::codepoints::{ExchangeType, PayloadType};
 use crate::message::header::{Flags, Header};
 use crate::payload::{self, Payload, Sk};
