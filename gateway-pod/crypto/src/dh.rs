@@ -91,6 +91,26 @@ impl KeyExchange {
         Ok(Self { group, inner })
     }
 
+    /// The private key in the form [`Self::from_private_key`] takes, to carry a key exchange
+    /// in flight to another process (an IKE SA snapshot). Zeroized on drop.
+    ///
+    /// # Errors
+    /// [`CryptoError::Internal`] if AWS-LC cannot serialize the key.
+    pub fn private_key(&self) -> Result<SecretBytes, CryptoError> {
+        use aws_lc_rs::encoding::{AsBigEndian, Curve25519SeedBin, EcPrivateKeyBin};
+        match &self.inner {
+            Inner::Modp(k) => Ok(k.exponent()),
+            Inner::Ec(k) if self.group == DhGroup::Curve25519 => {
+                let seed: Curve25519SeedBin<'_> = k.as_be_bytes().map_err(|_| CryptoError::Internal)?;
+                Ok(SecretBytes::from_slice(seed.as_ref()))
+            }
+            Inner::Ec(k) => {
+                let scalar: EcPrivateKeyBin<'_> = k.as_be_bytes().map_err(|_| CryptoError::Internal)?;
+                Ok(SecretBytes::from_slice(scalar.as_ref()))
+            }
+        }
+    }
+
     /// The group.
     pub fn group(&self) -> DhGroup {
         self.group

@@ -255,3 +255,33 @@ fn modp_rejects_degenerate_peer_values() {
         CryptoError::InvalidPublicValue { group: 15 }
     );
 }
+
+#[test]
+fn a_private_key_exported_and_imported_agrees_with_the_original() {
+    for group in [
+        DhGroup::Modp2048,
+        DhGroup::Modp3072,
+        DhGroup::Ecp256,
+        DhGroup::Ecp384,
+        DhGroup::Curve25519,
+    ] {
+        let ours = KeyExchange::generate(group).unwrap();
+        let peer = KeyExchange::generate(group).unwrap();
+        let again = KeyExchange::from_private_key(group, ours.private_key().unwrap().expose()).unwrap();
+        assert_eq!(
+            again.public_value().unwrap(),
+            ours.public_value().unwrap(),
+            "{group:?}"
+        );
+        let peer_public = peer.public_value().unwrap();
+        assert_eq!(
+            again.compute_shared(&peer_public).unwrap().expose(),
+            ours.compute_shared(&peer_public).unwrap().expose(),
+            "{group:?}"
+        );
+        assert!(
+            !format!("{:?}", ours.private_key().unwrap())
+                .contains(&format!("{:?}", ours.private_key().unwrap().expose()))
+        );
+    }
+}

@@ -34,6 +34,7 @@ use crate::message::header::{Flags, Header};
 use crate::payload::{Notify, Payload};
 use crate::redirect::{GatewayId, encode_redirect};
 use crate::responder::{self, Config, Entropy, Event, Responder, Transmit};
+use crate::sa::snapshot::{IkeSaSnapshot, Role, SnapshotError};
 
 /// Limits of an endpoint.
 #[derive(Clone, Debug)]
@@ -119,6 +120,12 @@ pub enum EndpointError {
     /// The responder dropped the message or failed the negotiation.
     #[error(transparent)]
     Responder(#[from] responder::Error),
+    /// A snapshot could not be taken or restored.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    /// A restored SA's SPI is one this endpoint already routes.
+    #[error("SPI {0:016x} is in use here")]
+    SpiInUse(u64),
 }
 
 /// Counts of the SAs an endpoint holds.
@@ -378,6 +385,71 @@ impl Endpoint {
             return Ok(id);
         }
         Err(EndpointError::UnknownSpi(0))
+    }
+
+    /// The established IKE SA `id` as data, to be carried on elsewhere ([`Self::restore`]).
+    pub fn snapshot(&self, id: u64, now: Instant) -> Result<IkeSaSnapshot, EndpointError> {
+        if let Some(slot) = self.slots.get(&id) {
+            return Ok(slot.responder.snapshot(now)?);
+        }
+        match self.initiators.get(&id) {
+            Some((i, _)) => Ok(i.snapshot(now)?),
+            None => Err(EndpointError::UnknownSpi(id)),
+        }
+    }
+
+    /// Carries on the IKE SA of a [`Self::snapshot`] here, under `config` if the peer
+    /// started it or `initiator_config` if we did; returns its id (our SPI of the IKE SA in
+    /// use). Its CHILD SAs are not reported: the caller installs them from the snapshot.
+    /// Nothing changes when any of its SPIs is in use here already.
+    pub fn restore(
+        &mut self,
+        snapshot: IkeSaSnapshot,
+        config: Arc<Config>,
+        initiator_config: Arc<initiator::Config>,
+        now: Instant,
+    ) -> Result<u64, EndpointError> {
+        match snapshot.role {
+            Role::Responder => {
+                let remote = snapshot.remote;
+                let responder = Responder::restore(config, snapshot, now)?;
+                let spis = responder.spis_r();
+                let id = responder.spi_r().ok_or(SnapshotError::NotEstablished)?;
+                if let Some(used) = spis.iter().find(|s| self.is_taken(**s)) {
+                    return Err(EndpointError::SpiInUse(*used));
+                }
+                let spi_i = responder.ike_spis().map_or(0, |(i, _)| i);
+                self.slots.insert(
+                    id,
+                    Slot {
+                        responder,
+                        spis: Vec::new(),
+                        remote,
+                        spi_i,
+                        created: now,
+                        established: true,
+                        closed_at: None,
+                    },
+                );
+                self.collect(id, now);
+                Ok(id)
+            }
+            Role::Initiator => {
+                let i = Initiator::restore(initiator_config, snapshot, now)?;
+                let id = i.spi_i();
+                if let Some(used) = i.our_spis().into_iter().chain([id]).find(|s| self.is_taken(*s)) {
+                    return Err(EndpointError::SpiInUse(used));
+                }
+                self.initiators.insert(id, (i, None));
+                self.collect_initiator(id, now);
+                Ok(id)
+            }
+        }
+    }
+
+    /// Whether `spi` names an SA here (as an id or a route).
+    fn is_taken(&self, spi: u64) -> bool {
+        self.slots.contains_key(&spi) || self.initiators.contains_key(&spi) || self.routes.contains_key(&spi)
     }
 
     /// Takes an initiator's output and notes when it closed.

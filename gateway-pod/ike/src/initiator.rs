@@ -105,8 +105,10 @@ use crate::nat::{behind_nat, nat_detection_hash};
 use crate::negotiate::{dh_group, offer};
 use crate::payload::{self, Auth, Delete, Ke, Nonce, Notify, Payload, Ts};
 use crate::redirect::{GatewayId, decode_redirect, encode_redirected_from};
+use crate::sa::events::{ChildEvent, Events};
 use crate::sa::rekey;
 use crate::sa::session::{IkeSa, Retry, Session, Window};
+use crate::sa::snapshot::{IkeSaSnapshot, Role, SnapshotError, restore_children, snapshot_children};
 use crate::sa::{
     ChildRef, ChildSa, DeleteReason, Entropy, IdBuf, NONCE_LEN, REKEYED_SA_LINGER, Retransmit, Transmit,
     deadline, random_spi,
@@ -314,6 +316,8 @@ struct Established {
     previous: Option<Previous>,
     /// When the peer was last heard from (an authenticated message, or CHILD SA traffic).
     last_heard: Instant,
+    /// The responder's authenticated identity.
+    peer_id: IdBuf,
 }
 
 /// An IKE SA a rekey replaced: it answers the peer until one side deleted it. Our DELETE of
@@ -350,7 +354,23 @@ pub struct Initiator {
     redirected_to: Option<GatewayId>,
     state: State,
     transmits: VecDeque<Transmit>,
-    events: VecDeque<Event>,
+    events: Events<Event>,
+}
+
+impl ChildEvent for Event {
+    fn installed(&self) -> Option<&ChildSa> {
+        match self {
+            Self::ChildSaInstalled(c) => Some(c),
+            _ => None,
+        }
+    }
+
+    fn deleted(&self) -> Option<u32> {
+        match self {
+            Self::ChildSaDeleted { spi_in, .. } => Some(*spi_in),
+            _ => None,
+        }
+    }
 }
 
 impl fmt::Debug for Initiator {
@@ -400,6 +420,81 @@ fn delete_ike() -> Payload<'static> {
 }
 
 impl Initiator {
+    /// The established IKE SA as data (see [`crate::sa::snapshot`]), deadlines relative to
+    /// `now`; [`SnapshotError::NotEstablished`] before IKE_AUTH completed or after it closed.
+    pub fn snapshot(&self, now: Instant) -> Result<IkeSaSnapshot, SnapshotError> {
+        let State::Established(s) = &self.state else {
+            return Err(SnapshotError::NotEstablished);
+        };
+        Ok(IkeSaSnapshot {
+            role: Role::Initiator,
+            local: self.local,
+            remote: self.remote,
+            floated: self.floated,
+            redirect_supported: false,
+            local_id: self.config.local_id.clone(),
+            peer_id: s.peer_id.clone(),
+            current: s.session.snapshot(now),
+            previous: s
+                .previous
+                .as_ref()
+                .map(|p| (p.session.snapshot(now), p.expires.saturating_duration_since(now))),
+            init: None,
+            retired: None,
+            children: snapshot_children(&s.children, &self.events, now)?,
+            in_flight: s.ours.snapshot()?,
+            ike_rekey_in: s.ike_rekey_at.map(|t| t.saturating_duration_since(now)),
+            last_heard_ago: now.saturating_duration_since(s.last_heard),
+        })
+    }
+
+    /// Carries on the IKE SA of a [`Self::snapshot`] (taken by an initiator) at `now`, under
+    /// `config`. Its CHILD SAs are not reported again: install them from the snapshot.
+    pub fn restore(
+        config: Arc<Config>,
+        snapshot: IkeSaSnapshot,
+        now: Instant,
+    ) -> Result<Self, SnapshotError> {
+        if snapshot.role != Role::Initiator {
+            return Err(SnapshotError::InvalidValue("role"));
+        }
+        let (children, installed) = restore_children(&snapshot.children, now);
+        let ours = rekey::Ours::restore(snapshot.in_flight, &children)?;
+        let previous = snapshot
+            .previous
+            .map(|(session, expires)| {
+                Ok::<_, SnapshotError>(Previous {
+                    session: Session::restore(session, now)?,
+                    expires: deadline(now, expires),
+                })
+            })
+            .transpose()?;
+        let session = Session::restore(snapshot.current, now)?;
+        // Its name from now on: our SPI of the IKE SA in use.
+        let spi_i = session.sa.our_spi();
+        Ok(Self {
+            spi_i,
+            psk: None,
+            local: snapshot.local,
+            remote: snapshot.remote,
+            nat_detected: session.sa.nat_detected,
+            floated: snapshot.floated,
+            redirected_to: None,
+            state: State::Established(Box::new(Established {
+                session,
+                children,
+                ours,
+                ike_rekey_at: snapshot.ike_rekey_in.map(|d| deadline(now, d)),
+                previous,
+                last_heard: now.checked_sub(snapshot.last_heard_ago).unwrap_or(now),
+                peer_id: snapshot.peer_id,
+            })),
+            config,
+            transmits: VecDeque::new(),
+            events: Events::restored(installed),
+        })
+    }
+
     /// Starts a negotiation from `local` to `remote` authenticated with `psk`: the
     /// IKE_SA_INIT request is queued for [`Self::poll_transmit`].
     pub fn connect(
@@ -439,7 +534,7 @@ impl Initiator {
             redirected_to: None,
             state: State::Closed(None),
             transmits: VecDeque::new(),
-            events: VecDeque::new(),
+            events: Events::new(),
         };
         let mut s = ExpectInit {
             ni,
@@ -988,10 +1083,11 @@ impl Initiator {
                 self.psk = None;
                 let ExpectAuth { session, .. } = *s;
                 let spi_r = session.sa.spi_r;
+                let peer_id = child.1;
                 self.events.push_back(Event::IkeSaEstablished {
                     spi_i: self.spi_i,
                     spi_r,
-                    peer_id: child.1,
+                    peer_id: peer_id.clone(),
                     remote: self.remote,
                     nat_detected: self.nat_detected,
                 });
@@ -1012,6 +1108,7 @@ impl Initiator {
                         .and_then(|l| rekey::soft_deadline(now, l, entropy)),
                     previous: None,
                     last_heard: now,
+                    peer_id,
                 }));
                 Ok(())
             }

@@ -113,9 +113,13 @@ use crate::negotiate::{IkeChoice, narrow, select_esp, select_ike};
 use crate::payload::{self, Auth, Delete, Identity, Ke, Nonce, Notify, Payload, Ts};
 use crate::redirect::{GatewayId, encode_redirect};
 use crate::sa::create_child::{self, Created};
+use crate::sa::events::{ChildEvent, Events};
 use crate::sa::informational;
 use crate::sa::rekey::{self, ChildChange, Ours, soft_deadline};
 use crate::sa::session::{Answered, IkeSa, Retry, Session, Window};
+use crate::sa::snapshot::{
+    Exchange, IkeSaSnapshot, Role, SnapshotError, restore_children, snapshot_children,
+};
 use crate::sa::{ChildRef, deadline, random_spi};
 
 /// What the responder needs from the eroute it answers for.
@@ -335,6 +339,8 @@ struct Established {
     last_heard: Instant,
     /// The peer announced RFC 5685 redirects in IKE_SA_INIT.
     redirect_supported: bool,
+    /// The peer's authenticated identity.
+    peer_id: IdBuf,
 }
 
 /// A request or response cached after the state that answered it is gone.
@@ -371,7 +377,23 @@ pub struct Responder {
     config: Arc<Config>,
     state: State,
     transmits: VecDeque<Transmit>,
-    events: VecDeque<Event>,
+    events: Events<Event>,
+}
+
+impl ChildEvent for Event {
+    fn installed(&self) -> Option<&ChildSa> {
+        match self {
+            Self::ChildSaInstalled(c) => Some(c),
+            _ => None,
+        }
+    }
+
+    fn deleted(&self) -> Option<u32> {
+        match self {
+            Self::ChildSaDeleted { spi_in, .. } => Some(*spi_in),
+            _ => None,
+        }
+    }
 }
 
 impl fmt::Debug for Responder {
@@ -436,8 +458,85 @@ impl Responder {
             config,
             state: State::ExpectInit,
             transmits: VecDeque::new(),
-            events: VecDeque::new(),
+            events: Events::new(),
         }
+    }
+
+    /// The established IKE SA as data (see [`crate::sa::snapshot`]), deadlines relative to
+    /// `now`; [`SnapshotError::NotEstablished`] before IKE_AUTH completed or after it closed.
+    pub fn snapshot(&self, now: Instant) -> Result<IkeSaSnapshot, SnapshotError> {
+        let State::Established(s) = &self.state else {
+            return Err(SnapshotError::NotEstablished);
+        };
+        let exchange = |c: &Option<(Vec<u8>, Vec<u8>)>| {
+            c.as_ref().map(|(request, response)| Exchange {
+                request: request.clone(),
+                response: response.clone(),
+            })
+        };
+        Ok(IkeSaSnapshot {
+            role: Role::Responder,
+            local: s.local,
+            remote: s.remote,
+            floated: false,
+            redirect_supported: s.redirect_supported,
+            local_id: self.config.local_id.clone(),
+            peer_id: s.peer_id.clone(),
+            current: s.current.snapshot(now),
+            previous: s
+                .previous
+                .as_ref()
+                .map(|p| (p.session.snapshot(now), p.expires.saturating_duration_since(now))),
+            init: exchange(&s.init),
+            retired: exchange(&s.retired),
+            children: snapshot_children(&s.children, &self.events, now)?,
+            in_flight: s.ours.snapshot()?,
+            ike_rekey_in: s.ike_rekey_at.map(|t| t.saturating_duration_since(now)),
+            last_heard_ago: now.saturating_duration_since(s.last_heard),
+        })
+    }
+
+    /// Carries on the IKE SA of a [`Self::snapshot`] (taken by a responder) at `now`, under
+    /// `config`. Its CHILD SAs are not reported again: install them from the snapshot.
+    pub fn restore(
+        config: Arc<Config>,
+        snapshot: IkeSaSnapshot,
+        now: Instant,
+    ) -> Result<Self, SnapshotError> {
+        if snapshot.role != Role::Responder {
+            return Err(SnapshotError::InvalidValue("role"));
+        }
+        let (children, installed) = restore_children(&snapshot.children, now);
+        let ours = Ours::restore(snapshot.in_flight, &children)?;
+        let previous = snapshot
+            .previous
+            .map(|(session, expires)| {
+                Ok::<_, SnapshotError>(Previous {
+                    session: Session::restore(session, now)?,
+                    expires: deadline(now, expires),
+                })
+            })
+            .transpose()?;
+        let exchange = |e: Option<Exchange>| e.map(|e| (e.request, e.response));
+        Ok(Self {
+            state: State::Established(Box::new(Established {
+                current: Session::restore(snapshot.current, now)?,
+                previous,
+                init: exchange(snapshot.init),
+                retired: exchange(snapshot.retired),
+                children,
+                ours,
+                ike_rekey_at: snapshot.ike_rekey_in.map(|d| deadline(now, d)),
+                local: snapshot.local,
+                remote: snapshot.remote,
+                last_heard: now.checked_sub(snapshot.last_heard_ago).unwrap_or(now),
+                redirect_supported: snapshot.redirect_supported,
+                peer_id: snapshot.peer_id,
+            })),
+            config,
+            transmits: VecDeque::new(),
+            events: Events::restored(installed),
+        })
     }
 
     /// The configuration in force.
@@ -1071,6 +1170,18 @@ impl Responder {
                         _ => None,
                     })
                     .collect();
+                let peer_id = events
+                    .iter()
+                    .find_map(|e| match e {
+                        Event::IkeSaEstablished { peer_id, .. } => Some(peer_id.clone()),
+                        _ => None,
+                    })
+                    .unwrap_or_else(|| {
+                        IdBuf::new(&Identity::Other {
+                            id_type: crate::message::codepoints::IdType(0),
+                            data: &[],
+                        })
+                    });
                 self.events.extend(events);
                 let ExpectPsk {
                     sa,
@@ -1101,6 +1212,7 @@ impl Responder {
                     local,
                     remote,
                     last_heard: now,
+                    peer_id,
                 }));
                 Ok(())
             }

@@ -174,6 +174,11 @@ pub(super) struct ModpKey {
 }
 
 impl ModpKey {
+    /// The private exponent, big-endian, as [`Self::from_exponent`] takes it.
+    pub(super) fn exponent(&self) -> SecretBytes {
+        SecretBytes::from_slice(self.x.expose())
+    }
+
     /// A random exponent of exactly [`Group::exponent_bits`] bits (the top bit set, so that
     /// every exponentiation with it takes the same time); far below p - 1.
     pub(super) fn generate(group: Group) -> Result<Self, CryptoError> {

@@ -5,9 +5,11 @@
 //! [`DeleteReason`], [`IdBuf`].
 
 pub(crate) mod create_child;
+pub(crate) mod events;
 pub(crate) mod informational;
 pub(crate) mod rekey;
 pub(crate) mod session;
+pub mod snapshot;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -97,6 +99,11 @@ impl IdBuf {
         &self.0
     }
 
+    /// An ID payload body read back (e.g. from a snapshot): `None` unless it decodes.
+    pub fn from_body(body: &[u8]) -> Option<Self> {
+        Identity::decode(body).ok().map(|id| Self::new(&id))
+    }
+
     /// The identity (decoding cannot fail: the body was encoded or checked on the way in).
     pub fn identity(&self) -> Identity<'_> {
         Identity::decode(&self.0).unwrap_or(Identity::Other {
@@ -153,7 +160,7 @@ pub struct Transmit {
 }
 
 /// A negotiated CHILD SA (one inbound and one outbound ESP SA), ready for the data plane.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct ChildSa {
     /// Our SPI: ESP packets from the peer carry it.
     pub spi_in: u32,

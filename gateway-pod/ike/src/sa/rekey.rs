@@ -40,10 +40,11 @@ use std::time::{Duration, Instant};
 
 use concentrator_algorithms::{DhGroup, EspProposal, IkeProposal};
 use concentrator_crypto::keymat::rekey_skeyseed;
-use concentrator_crypto::{ChildSaKeys, IkeSaKeys, KeyExchange, Prf};
+use concentrator_crypto::{ChildSaKeys, IkeSaKeys, KeyExchange, Prf, SecretBytes};
 use ipnet::IpNet;
 
 use super::session::{IkeSa, Session};
+use super::snapshot::{InFlight, SnapshotError};
 use super::{ChildRef, ChildSa, Entropy, NONCE_LEN, Retransmit, random_spi};
 use crate::error::Error;
 use crate::message::codepoints::{
@@ -680,6 +681,83 @@ pub(crate) fn finish(
         .start_request(ExchangeType::INFORMATIONAL, &[delete], now, p.retransmit)
         .ok()
         .flatten())
+}
+
+impl Ours {
+    /// What is in flight, as data: the key exchange's private key goes with it, so that the
+    /// answer to our request can still be completed elsewhere.
+    pub(crate) fn snapshot(&self) -> Result<InFlight, SnapshotError> {
+        let private = |k: &KeyExchange| {
+            k.private_key()
+                .map(|p| (k.group(), p))
+                .map_err(|_| SnapshotError::Keys("key exchange in flight cannot be exported"))
+        };
+        Ok(match self {
+            Self::Plain => InFlight::Plain,
+            Self::ChildRekey(r) => InFlight::ChildRekey {
+                old_spi_in: r.old.spi_in,
+                spi_in: u32::from_be_bytes(r.spi_in),
+                ni: r.ni.clone(),
+                kex: r.kex.as_ref().map(private).transpose()?,
+                collision: r.collision.clone(),
+            },
+            Self::IkeRekey(r) => InFlight::IkeRekey {
+                spi_i: u64::from_be_bytes(r.spi_i),
+                ni: r.ni.clone(),
+                kex: private(&r.kex)?,
+            },
+        })
+    }
+
+    /// What [`Self::snapshot`] took, for an IKE SA whose CHILD SAs are `children`.
+    pub(crate) fn restore(f: InFlight, children: &[ChildRef]) -> Result<Self, SnapshotError> {
+        let kex =
+            |(group, private): (DhGroup, SecretBytes)| -> Result<(KeyExchange, Vec<u8>), SnapshotError> {
+                let k = KeyExchange::from_private_key(group, private.expose())
+                    .map_err(|_| SnapshotError::Keys("key exchange in flight"))?;
+                let public = k
+                    .public_value()
+                    .map_err(|_| SnapshotError::Keys("key exchange in flight"))?;
+                Ok((k, public))
+            };
+        Ok(match f {
+            InFlight::Plain => Self::Plain,
+            InFlight::ChildRekey {
+                old_spi_in,
+                spi_in,
+                ni,
+                kex: k,
+                collision,
+            } => {
+                let old = *children
+                    .iter()
+                    .find(|c| c.spi_in == old_spi_in)
+                    .ok_or(SnapshotError::InvalidValue("CHILD SA being rekeyed"))?;
+                let (kex, ke_public) = match k.map(kex).transpose()? {
+                    Some((k, p)) => (Some(k), p),
+                    None => (None, Vec::new()),
+                };
+                Self::ChildRekey(Box::new(ChildRekey {
+                    old,
+                    old_spi: old_spi_in.to_be_bytes(),
+                    spi_in: spi_in.to_be_bytes(),
+                    ni,
+                    kex,
+                    ke_public,
+                    collision,
+                }))
+            }
+            InFlight::IkeRekey { spi_i, ni, kex: k } => {
+                let (kex, ke_public) = kex(k)?;
+                Self::IkeRekey(Box::new(IkeRekey {
+                    spi_i: spi_i.to_be_bytes(),
+                    ni,
+                    kex,
+                    ke_public,
+                }))
+            }
+        })
+    }
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ use concentrator_algorithms::{Encryption, Integrity};
 use concentrator_crypto::{CryptoError, IkeSaKeys, PacketError, Prf, SkCipher};
 
 use super::Retransmit;
+use super::snapshot::{Exchange, PendingRequest, SessionSnapshot, SnapshotError};
 use crate::Message;
 use crate::error::Error;
 use crate::message::codepoints::{ExchangeType, PayloadType};
@@ -28,6 +29,8 @@ pub(crate) struct IkeSa {
     pub(crate) spi_r: u64,
     pub(crate) prf: Prf,
     pub(crate) keys: IkeSaKeys,
+    encryption: Encryption,
+    integrity: Option<Integrity>,
     /// SK_ei/SK_ai: opens the initiator's messages.
     rx: SkCipher,
     /// SK_er/SK_ar: seals ours.
@@ -62,6 +65,8 @@ impl IkeSa {
             spi_r,
             prf,
             keys,
+            encryption,
+            integrity,
             rx,
             tx,
             nat_detected,
@@ -88,6 +93,8 @@ impl IkeSa {
             spi_r,
             prf,
             keys,
+            encryption,
+            integrity,
             rx,
             tx,
             nat_detected,
@@ -381,5 +388,83 @@ impl Session {
         p.retransmits += 1;
         p.deadline = now + policy.wait(p.retransmits);
         Retry::Resend(p.datagram.clone())
+    }
+}
+
+impl Session {
+    /// This session as data, deadlines relative to `now`.
+    pub(crate) fn snapshot(&self, now: Instant) -> SessionSnapshot {
+        let sa = &self.sa;
+        SessionSnapshot {
+            spi_i: sa.spi_i,
+            spi_r: sa.spi_r,
+            initiator: sa.initiator,
+            prf: sa.prf.algorithm(),
+            encryption: sa.encryption,
+            integrity: sa.integrity,
+            keys: sa.keys.clone(),
+            nat_detected: sa.nat_detected,
+            rx_next: self.rx_next,
+            last: self.last.as_ref().map(|a| {
+                (
+                    a.message_id,
+                    Exchange {
+                        request: a.request.clone(),
+                        response: a.response.clone(),
+                    },
+                )
+            }),
+            tx_next: self.tx_next,
+            pending: self.pending.as_ref().map(|p| PendingRequest {
+                message_id: p.message_id,
+                exchange: p.exchange,
+                datagram: p.datagram.clone(),
+                retransmits: p.retransmits,
+                due_in: p.deadline.saturating_duration_since(now),
+            }),
+        }
+    }
+
+    /// A session from [`Self::snapshot`], on a clock where it is `now`.
+    pub(crate) fn restore(s: SessionSnapshot, now: Instant) -> Result<Self, SnapshotError> {
+        let prf = Prf::new(s.prf);
+        let new = if s.initiator {
+            IkeSa::new_initiator
+        } else {
+            IkeSa::new
+        };
+        let sa = new(
+            s.spi_i,
+            s.spi_r,
+            prf,
+            s.encryption,
+            s.integrity,
+            s.keys,
+            s.nat_detected,
+        )
+        .map_err(|_| SnapshotError::Keys("IKE SA keys do not fit its algorithms"))?;
+        // A window beyond the 32-bit Message IDs means "closed or rekeyed" (RFC 7296 §2.2);
+        // anything past that is not a state this crate produces.
+        let limit = u64::from(u32::MAX) + 1;
+        if s.rx_next > limit || s.tx_next > limit {
+            return Err(SnapshotError::InvalidValue("message id"));
+        }
+        Ok(Self {
+            sa,
+            rx_next: s.rx_next,
+            last: s.last.map(|(message_id, e)| Answered {
+                message_id,
+                request: e.request,
+                response: e.response,
+            }),
+            tx_next: s.tx_next,
+            pending: s.pending.map(|p| Pending {
+                message_id: p.message_id,
+                exchange: p.exchange,
+                datagram: p.datagram,
+                retransmits: p.retransmits,
+                deadline: super::deadline(now, p.due_in),
+            }),
+        })
     }
 }

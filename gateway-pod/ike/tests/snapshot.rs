@@ -1,0 +1,467 @@
+//! An established IKE SA carried on elsewhere: two endpoints (a gateway that answered, a site
+//! that initiated) establish an SA on a virtual clock; at a chosen point both ends are
+//! snapshotted, the snapshots encoded and decoded, and restored into fresh endpoints that
+//! take over the wire; the pair then carries on: liveness checks, CHILD SA and IKE SA
+//! rekeys, retransmissions answered from the cache, DELETE, with Message IDs in step and the
+//! keys of every new CHILD SA agreeing on both ends.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use concentrator_algorithms::{parse_esp, parse_ike};
+use concentrator_ike::endpoint::{Endpoint, EndpointConfig, EndpointEvent};
+use concentrator_ike::initiator;
+use concentrator_ike::payload::Identity;
+use concentrator_ike::responder::{self, ChildSa, IdBuf, SystemEntropy, Transmit};
+use concentrator_ike::sa::snapshot::{IkeSaSnapshot, InFlight, SnapshotError};
+use concentrator_ike::{DeleteReason, Event};
+
+const PSK: &[u8] = b"site-a secret";
+const SECOND: Duration = Duration::from_secs(1);
+
+fn site_addr() -> SocketAddr {
+    "192.0.2.1:500".parse().unwrap()
+}
+
+fn gw_addr() -> SocketAddr {
+    "192.0.2.2:500".parse().unwrap()
+}
+
+/// The gateway: liveness checks every 30 s, IKE SA rekeys at 85-95 % of an hour, PFS.
+fn gw_config() -> Arc<responder::Config> {
+    Arc::new(responder::Config {
+        dpd_interval: Some(30 * SECOND),
+        ike_lifetime: Some(3600 * SECOND),
+        child_lifetime: 3600 * SECOND,
+        ..responder::Config::new(
+            vec![parse_ike("ike", "aes128gcm16-prfsha256-x25519").unwrap()],
+            vec![parse_esp("esp", "aes128gcm16-x25519").unwrap()],
+            "10.2.0.0/24".parse().unwrap(),
+            "10.1.0.0/24".parse().unwrap(),
+            IdBuf::new(&Identity::Fqdn(b"gw.example")),
+        )
+    })
+}
+
+/// The site: follows the gateway's IKE SA rekeys, CHILD SA rekeys with PFS.
+fn site_config() -> Arc<initiator::Config> {
+    let mut c = initiator::Config::new(
+        vec![parse_ike("ike", "aes128gcm16-prfsha256-x25519").unwrap()],
+        vec![parse_esp("esp", "aes128gcm16-x25519").unwrap()],
+        "10.1.0.0/24".parse().unwrap(),
+        "10.2.0.0/24".parse().unwrap(),
+        IdBuf::new(&Identity::Fqdn(b"site-a.example")),
+    );
+    c.accept_ike_rekey = true;
+    c.child_lifetime = 7200 * SECOND;
+    Arc::new(c)
+}
+
+/// One end: its endpoint, the id of its SA there, what it reported.
+struct End {
+    ep: Endpoint,
+    id: Option<u64>,
+    /// CHILD SAs installed and not deleted, by our SPI.
+    children: BTreeMap<u32, ChildSa>,
+    deleted: Vec<DeleteReason>,
+}
+
+impl End {
+    fn new() -> Self {
+        Self {
+            ep: Endpoint::new(EndpointConfig::default(), gw_config()),
+            id: None,
+            children: BTreeMap::new(),
+            deleted: Vec::new(),
+        }
+    }
+
+    fn id(&self) -> u64 {
+        self.id.expect("an SA")
+    }
+}
+
+/// The two ends and the wire between them, on a virtual clock. Datagrams are held on the
+/// wire until [`Net::deliver`] (or dropped by [`Net::lose`]).
+struct Net {
+    now: Instant,
+    gw: End,
+    site: End,
+    /// Datagrams in flight: (to the gateway?, datagram).
+    wire: Vec<(bool, Transmit)>,
+}
+
+impl Net {
+    /// Establishes the SA.
+    fn established() -> Self {
+        let mut net = Self {
+            now: Instant::now(),
+            gw: End::new(),
+            site: End::new(),
+            wire: Vec::new(),
+        };
+        let id = net
+            .site
+            .ep
+            .connect(
+                site_config(),
+                PSK,
+                site_addr(),
+                gw_addr(),
+                net.now,
+                &mut SystemEntropy,
+            )
+            .unwrap();
+        net.site.id = Some(id);
+        net.run();
+        assert!(net.gw.id.is_some(), "the gateway established the SA");
+        assert_eq!(net.gw.children.len(), 1);
+        net.assert_keys_agree();
+        net
+    }
+
+    /// Takes what both endpoints send and reports, once.
+    fn collect(&mut self) {
+        for (to_gw, end) in [(false, &mut self.gw), (true, &mut self.site)] {
+            while let Some(t) = end.ep.poll_transmit() {
+                self.wire.push((to_gw, t));
+            }
+        }
+        let now = self.now;
+        while let Some(e) = self.gw.ep.poll_event() {
+            if let EndpointEvent::Sa { id, event } = e {
+                match event {
+                    Event::PeerIdentified { .. } => {
+                        self.gw
+                            .ep
+                            .provide_psk(id, now, Some(PSK), &mut SystemEntropy)
+                            .unwrap();
+                    }
+                    Event::IkeSaEstablished { .. } => self.gw.id = Some(id),
+                    Event::ChildSaInstalled(c) => {
+                        self.gw.children.insert(c.spi_in, *c);
+                    }
+                    Event::ChildSaDeleted { spi_in, .. } => {
+                        self.gw.children.remove(&spi_in);
+                    }
+                    Event::IkeSaDeleted { reason, .. } => self.gw.deleted.push(reason),
+                    Event::Failed(e) => panic!("gateway failed: {e}"),
+                    _ => {}
+                }
+            }
+        }
+        while let Some(e) = self.site.ep.poll_event() {
+            if let EndpointEvent::Initiated { event, .. } = e {
+                match event {
+                    initiator::Event::ChildSaInstalled(c) => {
+                        self.site.children.insert(c.spi_in, *c);
+                    }
+                    initiator::Event::ChildSaDeleted { spi_in, .. } => {
+                        self.site.children.remove(&spi_in);
+                    }
+                    initiator::Event::IkeSaDeleted { reason, .. } => self.site.deleted.push(reason),
+                    initiator::Event::Failed(e) => panic!("site failed: {e}"),
+                    _ => {}
+                }
+            }
+        }
+        for (to_gw, end) in [(false, &mut self.gw), (true, &mut self.site)] {
+            while let Some(t) = end.ep.poll_transmit() {
+                self.wire.push((to_gw, t));
+            }
+        }
+    }
+
+    /// Delivers every datagram on the wire, and what they cause, until the wire is quiet.
+    fn run(&mut self) {
+        for _ in 0..64 {
+            self.collect();
+            if self.wire.is_empty() {
+                return;
+            }
+            self.deliver();
+        }
+        panic!("the exchange never settled");
+    }
+
+    /// Delivers what is on the wire now (not what that causes).
+    fn deliver(&mut self) {
+        for (to_gw, t) in std::mem::take(&mut self.wire) {
+            let to = if to_gw { &mut self.gw } else { &mut self.site };
+            let _ = to
+                .ep
+                .handle_datagram(self.now, t.remote, t.local, &t.payload, &mut SystemEntropy);
+        }
+    }
+
+    /// Drops what is on the wire now.
+    fn lose(&mut self) -> Vec<(bool, Transmit)> {
+        self.collect();
+        std::mem::take(&mut self.wire)
+    }
+
+    /// Moves the clock to `t` and runs the timers that are due.
+    fn advance_to(&mut self, t: Instant) {
+        self.now = t;
+        self.gw.ep.handle_timeout(t, &mut SystemEntropy);
+        self.site.ep.handle_timeout(t, &mut SystemEntropy);
+    }
+
+    /// Snapshots both ends (through the encoding), restores them into fresh endpoints and
+    /// carries on with those: the old endpoints are gone, as a pod that died.
+    fn take_over(&mut self) {
+        let now = self.now;
+        let gw_snap = self.gw.ep.snapshot(self.gw.id(), now).unwrap();
+        let site_snap = self.site.ep.snapshot(self.site.id(), now).unwrap();
+        for (end, snap) in [(&mut self.gw, gw_snap), (&mut self.site, site_snap)] {
+            let bytes = snap.encode();
+            let decoded = IkeSaSnapshot::decode(&bytes).unwrap();
+            assert_eq!(decoded.encode(), bytes, "the encoding round-trips");
+            // Only keys' lengths appear in the Debug output.
+            let shown = format!("{decoded:?}");
+            assert!(!shown.contains(&format!("{:?}", decoded.current.keys.sk_d.expose())));
+            let mut fresh = End::new();
+            let id = fresh
+                .ep
+                .restore(decoded, gw_config(), site_config(), now)
+                .unwrap();
+            fresh.id = Some(id);
+            // The restored end knows its CHILD SAs from the snapshot, not from events.
+            fresh.children = std::mem::take(&mut end.children);
+            assert!(fresh.ep.poll_event().is_none(), "a restore reports nothing");
+            *end = fresh;
+        }
+    }
+
+    /// Every CHILD SA pair agrees: our outbound keys are the peer's inbound keys.
+    fn assert_keys_agree(&self) {
+        assert_eq!(
+            self.gw.children.len(),
+            self.site.children.len(),
+            "both ends' CHILD SAs"
+        );
+        for (spi, c) in &self.gw.children {
+            let peer = self
+                .site
+                .children
+                .values()
+                .find(|p| p.spi_in == c.spi_out)
+                .unwrap_or_else(|| panic!("the site has no CHILD SA for the gateway's {spi:08x}"));
+            assert_eq!(peer.spi_out, c.spi_in);
+            assert_eq!(peer.inbound.encr.expose(), c.outbound.encr.expose());
+            assert_eq!(peer.outbound.encr.expose(), c.inbound.encr.expose());
+            assert_eq!(peer.outbound.salt.expose(), c.inbound.salt.expose());
+        }
+    }
+
+    fn established_counts(&self) -> (usize, usize) {
+        (self.gw.ep.counts().established, self.site.ep.counts().established)
+    }
+}
+
+/// The pair carries on after a take-over: a liveness check, a CHILD SA rekey by each side, an
+/// IKE SA rekey by the gateway, then DELETE by the site.
+fn carries_on(net: &mut Net) {
+    // A liveness check from the gateway after its interval, answered.
+    let check = net.now + 31 * SECOND;
+    net.advance_to(check);
+    net.run();
+    assert_eq!(
+        net.established_counts(),
+        (1, 1),
+        "the liveness check was answered"
+    );
+    // A CHILD SA rekey by each side.
+    for site_starts in [true, false] {
+        let before: Vec<u32> = net.site.children.keys().copied().collect();
+        let end = if site_starts { &mut net.site } else { &mut net.gw };
+        let spi_in = *end.children.keys().next().unwrap();
+        let id = end.id();
+        assert!(end.ep.rekey_child(id, spi_in, net.now, &mut SystemEntropy));
+        net.run();
+        net.assert_keys_agree();
+        let after: Vec<u32> = net.site.children.keys().copied().collect();
+        assert_ne!(before, after, "the CHILD SA was replaced");
+        assert_eq!(after.len(), 1, "the old CHILD SA was deleted");
+    }
+    // The gateway rekeys the IKE SA at its soft lifetime; the pair goes on on the new one.
+    let spis = |net: &Net| {
+        let s = net.gw.ep.snapshot(net.gw.id(), net.now).unwrap().current;
+        (s.spi_i, s.spi_r)
+    };
+    let old = spis(net);
+    net.advance_to(net.now + 3500 * SECOND);
+    net.run();
+    assert_eq!(net.established_counts(), (1, 1));
+    assert_ne!(spis(net), old, "the IKE SA was rekeyed");
+    let check = net.now + 31 * SECOND;
+    net.advance_to(check);
+    net.run();
+    assert_eq!(net.established_counts(), (1, 1), "liveness on the new IKE SA");
+    // The site deletes the SA; the gateway learns it.
+    let id = net.site.id();
+    net.site.ep.delete(id, net.now);
+    net.run();
+    assert_eq!(net.gw.deleted, vec![DeleteReason::PeerDeleted]);
+    assert!(net.gw.children.is_empty());
+}
+
+#[test]
+fn both_ends_restored_between_requests_carry_on() {
+    let mut net = Net::established();
+    net.advance_to(net.now + 5 * SECOND);
+    net.take_over();
+    net.assert_keys_agree();
+    carries_on(&mut net);
+}
+
+#[test]
+fn a_request_in_flight_is_retransmitted_by_the_restored_end() {
+    let mut net = Net::established();
+    // The gateway's liveness check is sent and lost; the snapshot holds it in flight.
+    net.advance_to(net.now + 31 * SECOND);
+    assert_eq!(net.lose().len(), 1);
+    net.take_over();
+    let snap = net.gw.ep.snapshot(net.gw.id(), net.now).unwrap();
+    assert!(
+        snap.current.pending.is_some(),
+        "the request in flight is in the snapshot"
+    );
+    // Its retransmission is due 2 s after it was sent, on the restored end's clock.
+    net.advance_to(net.now + 2 * SECOND);
+    net.run();
+    assert_eq!(net.established_counts(), (1, 1));
+    carries_on(&mut net);
+}
+
+#[test]
+fn a_retransmitted_request_is_answered_from_the_restored_cache() {
+    let mut net = Net::established();
+    // The site's CHILD SA rekey reaches the gateway; the answer is lost.
+    let spi_in = *net.site.children.keys().next().unwrap();
+    let id = net.site.id();
+    assert!(net.site.ep.rekey_child(id, spi_in, net.now, &mut SystemEntropy));
+    net.collect();
+    net.deliver();
+    let lost = net.lose();
+    assert_eq!(lost.len(), 1, "the gateway answered");
+    let answer = lost[0].1.payload.clone();
+    net.take_over();
+    // The site retransmits; the restored gateway answers from its cache with the same bytes.
+    net.advance_to(net.now + 2 * SECOND);
+    net.collect();
+    assert_eq!(net.wire.len(), 1, "the site retransmitted");
+    net.deliver();
+    net.collect();
+    assert_eq!(net.wire.len(), 1);
+    assert_eq!(net.wire[0].1.payload, answer, "answered from the cache");
+    net.run();
+    net.assert_keys_agree();
+    carries_on(&mut net);
+}
+
+#[test]
+fn a_rekey_in_flight_completes_after_the_take_over() {
+    let mut net = Net::established();
+    // The site's CHILD SA rekey (with PFS) is sent and lost: its nonce and key exchange are
+    // in the snapshot.
+    let spi_in = *net.site.children.keys().next().unwrap();
+    let id = net.site.id();
+    assert!(net.site.ep.rekey_child(id, spi_in, net.now, &mut SystemEntropy));
+    assert_eq!(net.lose().len(), 1);
+    let snap = net.site.ep.snapshot(id, net.now).unwrap();
+    assert!(
+        matches!(snap.in_flight, InFlight::ChildRekey { kex: Some(_), .. }),
+        "{:?}",
+        snap.in_flight
+    );
+    net.take_over();
+    net.advance_to(net.now + 2 * SECOND);
+    net.run();
+    net.assert_keys_agree();
+    assert_ne!(
+        net.site.children.keys().next(),
+        Some(&spi_in),
+        "the rekey completed"
+    );
+    carries_on(&mut net);
+}
+
+#[test]
+fn an_sa_that_is_not_established_has_no_snapshot() {
+    let mut ep = Endpoint::new(EndpointConfig::default(), gw_config());
+    let id = ep
+        .connect(
+            site_config(),
+            PSK,
+            site_addr(),
+            gw_addr(),
+            Instant::now(),
+            &mut SystemEntropy,
+        )
+        .unwrap();
+    assert!(matches!(
+        ep.snapshot(id, Instant::now()),
+        Err(concentrator_ike::endpoint::EndpointError::Snapshot(
+            SnapshotError::NotEstablished
+        ))
+    ));
+}
+
+#[test]
+fn a_restored_sa_whose_spi_is_in_use_is_refused() {
+    let net = Net::established();
+    let snap = net.gw.ep.snapshot(net.gw.id(), net.now).unwrap();
+    let mut ep = Endpoint::new(EndpointConfig::default(), gw_config());
+    ep.restore(snap.clone(), gw_config(), site_config(), net.now)
+        .unwrap();
+    assert!(matches!(
+        ep.restore(snap, gw_config(), site_config(), net.now),
+        Err(concentrator_ike::endpoint::EndpointError::SpiInUse(_))
+    ));
+}
+
+#[test]
+fn malformed_snapshots_are_refused_without_panicking() {
+    let net = Net::established();
+    let bytes = net.gw.ep.snapshot(net.gw.id(), net.now).unwrap().encode();
+    for n in 0..bytes.len() {
+        assert!(IkeSaSnapshot::decode(&bytes[..n]).is_err(), "truncated at {n}");
+    }
+    let mut trailing = bytes.clone();
+    trailing.push(0);
+    assert_eq!(
+        IkeSaSnapshot::decode(&trailing).unwrap_err(),
+        SnapshotError::TrailingBytes
+    );
+    let mut version = bytes.clone();
+    version[4] = 9;
+    assert_eq!(
+        IkeSaSnapshot::decode(&version).unwrap_err(),
+        SnapshotError::UnsupportedVersion(9)
+    );
+    assert_eq!(
+        IkeSaSnapshot::decode(b"nope").unwrap_err(),
+        SnapshotError::BadMagic
+    );
+}
+
+/// Writes the fuzz target's seeds (`cargo test -p concentrator-ike --test snapshot -- --ignored`):
+/// snapshots of both roles, one with a CHILD SA rekey in flight.
+#[test]
+#[ignore]
+fn write_fuzz_seeds() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/snapshot");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut net = Net::established();
+    let write = |name: &str, s: IkeSaSnapshot| std::fs::write(dir.join(name), s.encode()).unwrap();
+    write("responder", net.gw.ep.snapshot(net.gw.id(), net.now).unwrap());
+    write("initiator", net.site.ep.snapshot(net.site.id(), net.now).unwrap());
+    let spi_in = *net.site.children.keys().next().unwrap();
+    let id = net.site.id();
+    assert!(net.site.ep.rekey_child(id, spi_in, net.now, &mut SystemEntropy));
+    net.lose();
+    write("initiator-rekeying", net.site.ep.snapshot(id, net.now).unwrap());
+}
