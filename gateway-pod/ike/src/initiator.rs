@@ -112,6 +112,7 @@ use crate::sa::events::{ChildEvent, Events};
 use crate::sa::rekey;
 use crate::sa::session::{IkeSa, Retry, Session, Window};
 use crate::sa::snapshot::{IkeSaSnapshot, Role, SnapshotError, restore_children, snapshot_children};
+use crate::sa::timers::{Timer, TimerTable};
 use crate::sa::{
     ChildRef, ChildSa, DeleteReason, Entropy, IdBuf, NONCE_LEN, REKEYED_SA_LINGER, Retransmit, Transmit,
     deadline, random_spi,
@@ -621,32 +622,28 @@ impl Initiator {
     /// When [`Self::handle_timeout`] is due next, if ever.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers().next()
+    }
+
+    /// The deadline of each timer.
+    fn timers(&self) -> TimerTable {
+        let mut t = TimerTable::default();
         match &self.state {
-            State::ExpectInit(s) => Some(s.deadline),
-            State::ExpectAuth(s) => s.session.pending_deadline(),
+            State::ExpectInit(s) => t.set(Timer::Handshake, Some(s.deadline)),
+            State::ExpectAuth(s) => t.set(Timer::Handshake, s.session.pending_deadline()),
             State::Established(s) => {
-                let liveness = self
-                    .config
-                    .dpd_interval
-                    .filter(|_| s.session.can_start_request())
-                    .and_then(|i| s.last_heard.checked_add(i));
-                let rekey = rekey::next_rekey(&s.children)
-                    .into_iter()
-                    .chain(s.ike_rekey_at)
-                    .min()
-                    .filter(|_| s.session.can_start_request());
-                let previous = s.previous.as_ref().map(|p| {
-                    p.session
-                        .pending_deadline()
-                        .map_or(p.expires, |d| d.min(p.expires))
-                });
-                [s.session.pending_deadline(), liveness, rekey, previous]
-                    .into_iter()
-                    .flatten()
-                    .min()
+                t = TimerTable::established(
+                    &s.session,
+                    s.previous.as_ref().map(|p| (&p.session, p.expires)),
+                    &s.children,
+                    s.ike_rekey_at,
+                    s.last_heard,
+                    self.config.dpd_interval,
+                );
             }
-            State::Closed(_) => None,
+            State::Closed(_) => {}
         }
+        t
     }
 
     /// The data plane saw authenticated ESP traffic from the peer: it is alive (RFC 7296

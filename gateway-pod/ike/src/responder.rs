@@ -123,6 +123,7 @@ use crate::sa::session::{Answered, IkeSa, Retry, Session, Window};
 use crate::sa::snapshot::{
     Exchange, IkeSaSnapshot, Role, SnapshotError, restore_children, snapshot_children,
 };
+use crate::sa::timers::{Timer, TimerTable};
 use crate::sa::{ChildRef, deadline, random_spi};
 
 /// What the responder needs from the eroute it answers for.
@@ -667,36 +668,30 @@ impl Responder {
     /// ever.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers().next()
+    }
+
+    /// The deadline of each timer.
+    fn timers(&self) -> TimerTable {
         match &self.state {
-            State::ExpectAuth(s) => Some(s.deadline),
-            State::ExpectPsk(s) => Some(s.deadline),
-            State::Established(s) => {
-                let liveness = self
-                    .config
-                    .dpd_interval
-                    .filter(|_| s.current.can_start_request())
-                    .and_then(|i| s.last_heard.checked_add(i));
-                let rekey = rekey::next_rekey(&s.children)
-                    .into_iter()
-                    .chain(s.ike_rekey_at)
-                    .min()
-                    .filter(|_| s.current.can_start_request());
-                [
-                    s.previous.as_ref().map(|p| {
-                        p.session
-                            .pending_deadline()
-                            .map_or(p.expires, |d| d.min(p.expires))
-                    }),
-                    s.current.pending_deadline(),
-                    liveness,
-                    rekey,
-                ]
-                .into_iter()
-                .flatten()
-                .min()
-            }
-            State::ExpectInit | State::Closed(_) => None,
+            State::ExpectAuth(s) => Self::handshake(s.deadline),
+            State::ExpectPsk(s) => Self::handshake(s.deadline),
+            State::Established(s) => TimerTable::established(
+                &s.current,
+                s.previous.as_ref().map(|p| (&p.session, p.expires)),
+                &s.children,
+                s.ike_rekey_at,
+                s.last_heard,
+                self.config.dpd_interval,
+            ),
+            State::ExpectInit | State::Closed(_) => TimerTable::default(),
         }
+    }
+
+    fn handshake(deadline: Instant) -> TimerTable {
+        let mut t = TimerTable::default();
+        t.set(Timer::Handshake, Some(deadline));
+        t
     }
 
     /// Runs the timers due at `now`: half-open expiry, the liveness check and its

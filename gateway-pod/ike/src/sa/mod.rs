@@ -10,6 +10,7 @@ pub(crate) mod informational;
 pub(crate) mod rekey;
 pub(crate) mod session;
 pub mod snapshot;
+pub(crate) mod timers;
 
 use std::fmt;
 use std::net::SocketAddr;
