@@ -362,7 +362,7 @@ impl Endpoint {
     /// SPIi). Its events come as [`EndpointEvent::Initiated`].
     pub fn connect(
         &mut self,
-        config: Arc<initiator::Config>,
+        config: Arc<Config>,
         psk: &[u8],
         local: SocketAddr,
         remote: SocketAddr,
@@ -406,7 +406,7 @@ impl Endpoint {
         &mut self,
         snapshot: IkeSaSnapshot,
         config: Arc<Config>,
-        initiator_config: Arc<initiator::Config>,
+        initiator_config: Arc<Config>,
         now: Instant,
     ) -> Result<u64, EndpointError> {
         match snapshot.role {

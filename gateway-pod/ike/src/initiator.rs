@@ -90,11 +90,9 @@ use std::fmt;
 use std::mem;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use concentrator_algorithms::{EspProposal, IkeProposal};
 use concentrator_crypto::{ChildSaKeys, IkeSaKeys, KeyExchange, Prf, SecretBytes};
-use ipnet::IpNet;
 
 use crate::Message;
 use crate::auth::{psk_auth, signed_octets, verify_psk_auth};
@@ -117,119 +115,12 @@ use crate::sa::{
     ChildRef, ChildSa, DeleteReason, Entropy, IdBuf, NONCE_LEN, REKEYED_SA_LINGER, Retransmit, Transmit,
     deadline, random_spi,
 };
+pub use crate::sa::{Config, NatTraversal};
 use crate::sa::{create_child, informational};
 
 /// RFC 7296 §2.6: "the initiator MUST then retry the IKE_SA_INIT request [...]"; the cookie
 /// it echoes is "between 1 and 64 octets".
 const COOKIE_LEN: std::ops::RangeInclusive<usize> = 1..=64;
-
-/// When the initiator moves to the NAT traversal ports (RFC 7296 §2.23).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct NatTraversal {
-    /// Float after IKE_SA_INIT even without a NAT. RFC 7296 §2.23: "An initiator can use port
-    /// 4500 for both IKE and ESP, regardless of whether or not there is a NAT".
-    pub force: bool,
-    /// Our port after the float (the caller's second socket).
-    pub local_port: u16,
-    /// The peer's port after the float.
-    pub remote_port: u16,
-}
-
-impl Default for NatTraversal {
-    /// Float only when a NAT is detected, from and to port 4500.
-    fn default() -> Self {
-        Self {
-            force: false,
-            local_port: 4500,
-            remote_port: 4500,
-        }
-    }
-}
-
-/// What the initiator proposes and expects.
-#[derive(Clone, Debug)]
-pub struct Config {
-    /// IKE SA proposals, most preferred first; the first group of the first one is our KE
-    /// guess.
-    pub ike_proposals: Vec<IkeProposal>,
-    /// ESP proposals of the first CHILD SA, most preferred first (their DH groups are not
-    /// offered: IKE_AUTH has no PFS).
-    pub esp_proposals: Vec<EspProposal>,
-    /// Our side of the tunnel: TSi.
-    pub local_subnet: IpNet,
-    /// The peer's side: TSr.
-    pub remote_subnet: IpNet,
-    /// Our identity (IDi).
-    pub local_id: IdBuf,
-    /// The peer's identity: sent as IDr and required in its response; `None` accepts any.
-    pub remote_id: Option<IdBuf>,
-    /// Lifetime of the CHILD SA, reported with [`Event::ChildSaInstalled`]; this side rekeys
-    /// it at 85 % to 95 % of it (zero: never).
-    pub child_lifetime: Duration,
-    /// Lifetime of the IKE SA: this side rekeys it at 85 % to 95 % of it (RFC 7296 §1.3.2,
-    /// §2.8); `None` leaves IKE SA rekeys to the peer.
-    pub ike_lifetime: Option<Duration>,
-    /// Carry on as the new IKE SA when the peer rekeys it (RFC 7296 §1.3.2). Off by default:
-    /// the peer's IKE SA rekeys are then declined with NO_ADDITIONAL_SAS (§1.3), because
-    /// [`crate::endpoint::Endpoint`] routes an SA it initiated by its first SPIi and the
-    /// Initiator flag, which a rekey by the peer changes (§3.1). The same holds for our own
-    /// rekeys: leave [`Config::ike_lifetime`] `None` behind an endpoint.
-    pub accept_ike_rekey: bool,
-    /// Announce support for redirects (RFC 5685 §3: N(REDIRECT_SUPPORTED) in IKE_SA_INIT) and
-    /// follow them: a REDIRECT in the IKE_SA_INIT or IKE_AUTH response, or in an
-    /// INFORMATIONAL request on the established SA, closes this SA and names the new gateway
-    /// ([`Initiator::redirected_to`]); the caller connects there with
-    /// [`Config::redirected_from`].
-    pub redirect_supported: bool,
-    /// The gateway that redirected us here: sent as N(REDIRECTED_FROM) in IKE_SA_INIT
-    /// instead of N(REDIRECT_SUPPORTED) (RFC 5685 §4.1).
-    pub redirected_from: Option<GatewayId>,
-    /// Liveness checks (RFC 7296 §2.4) after this long without an authenticated message from
-    /// the peer; `None` sends none.
-    pub dpd_interval: Option<Duration>,
-    /// Retransmission of our requests.
-    pub retransmit: Retransmit,
-    /// Port float.
-    pub nat_t: NatTraversal,
-    /// IKE_SA_INIT retries on N(COOKIE) and INVALID_KE_PAYLOAD together, so that a responder
-    /// alternating them cannot keep us busy forever.
-    pub max_init_retries: u32,
-}
-
-impl Config {
-    /// Default of [`Config::max_init_retries`].
-    pub const DEFAULT_MAX_INIT_RETRIES: u32 = 5;
-
-    /// A configuration with the given proposals, subnets and identity, and defaults for the
-    /// rest: any peer identity, CHILD SA lifetime
-    /// [`crate::sa::DEFAULT_CHILD_LIFETIME`], no liveness checks,
-    /// [`Retransmit::default`], float on NAT only, [`Self::DEFAULT_MAX_INIT_RETRIES`].
-    pub fn new(
-        ike_proposals: Vec<IkeProposal>,
-        esp_proposals: Vec<EspProposal>,
-        local_subnet: IpNet,
-        remote_subnet: IpNet,
-        local_id: IdBuf,
-    ) -> Self {
-        Self {
-            ike_proposals,
-            esp_proposals,
-            local_subnet,
-            remote_subnet,
-            local_id,
-            remote_id: None,
-            child_lifetime: crate::sa::DEFAULT_CHILD_LIFETIME,
-            ike_lifetime: None,
-            accept_ike_rekey: false,
-            redirect_supported: true,
-            redirected_from: None,
-            dpd_interval: None,
-            retransmit: Retransmit::default(),
-            nat_t: NatTraversal::default(),
-            max_init_retries: Self::DEFAULT_MAX_INIT_RETRIES,
-        }
-    }
-}
 
 /// What the initiator reports.
 #[derive(Debug)]

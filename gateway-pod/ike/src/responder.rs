@@ -92,13 +92,12 @@ use std::fmt;
 use std::mem;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use concentrator_algorithms::{EspProposal, IkeProposal};
 use concentrator_crypto::{ChildSaKeys, IkeSaKeys, Prf};
-use ipnet::IpNet;
 
 pub use crate::error::Error;
+pub use crate::sa::Config;
 pub use crate::sa::{
     ChildSa, DeleteReason, Entropy, IdBuf, NONCE_LEN, REKEYED_SA_LINGER, Retransmit, SystemEntropy, Transmit,
 };
@@ -125,80 +124,6 @@ use crate::sa::snapshot::{
 };
 use crate::sa::timers::{Timer, TimerTable};
 use crate::sa::{ChildRef, deadline, random_spi};
-
-/// What the responder needs from the eroute it answers for.
-#[derive(Clone, Debug)]
-pub struct Config {
-    /// Acceptable IKE SA proposals.
-    pub ike_proposals: Vec<IkeProposal>,
-    /// Acceptable ESP proposals (their DH groups are the PFS groups of CREATE_CHILD_SA).
-    pub esp_proposals: Vec<EspProposal>,
-    /// Our side of the tunnel: TSr is narrowed to it.
-    pub local_subnet: IpNet,
-    /// The peer's side: TSi is narrowed to it.
-    pub remote_subnet: IpNet,
-    /// Our identity (IDr).
-    pub local_id: IdBuf,
-    /// Lifetime of the CHILD SA, reported with [`Event::ChildSaInstalled`]; this side rekeys
-    /// it at 85 % to 95 % of it (zero: never).
-    pub child_lifetime: Duration,
-    /// Lifetime of the IKE SA: this side rekeys it at 85 % to 95 % of it (RFC 7296 §1.3.2,
-    /// §2.8); `None` leaves IKE SA rekeys to the peer.
-    pub ike_lifetime: Option<Duration>,
-    /// Liveness checks (RFC 7296 §2.4): after this long without an authenticated message from
-    /// the peer an empty INFORMATIONAL request is sent; `None` sends none.
-    pub dpd_interval: Option<Duration>,
-    /// How long after the IKE_SA_INIT response IKE_AUTH (PSK lookup included) may take.
-    pub half_open_timeout: Duration,
-    /// Retransmission of our requests.
-    pub retransmit: Retransmit,
-    /// Answer NAT detection as if we were behind a NAT (a NAT_DETECTION_SOURCE_IP hash that
-    /// cannot match, as strongSwan's `encap = yes` does), so that an initiator without a NAT
-    /// in the path still floats to port 4500 and sends ESP in UDP: for a data plane that
-    /// carries nothing else (RFC 3948 only, e.g. behind a Kubernetes Service).
-    pub force_udp_encap: bool,
-}
-
-impl Config {
-    /// Default of [`Config::half_open_timeout`].
-    pub const DEFAULT_HALF_OPEN_TIMEOUT: Duration = Duration::from_secs(30);
-    /// Default of [`Config::child_lifetime`] (the eroute default).
-    pub const DEFAULT_CHILD_LIFETIME: Duration = crate::sa::DEFAULT_CHILD_LIFETIME;
-
-    /// A configuration with the given proposals, subnets and identity, and defaults for the
-    /// rest: CHILD SA lifetime [`Self::DEFAULT_CHILD_LIFETIME`], no liveness checks,
-    /// [`Self::DEFAULT_HALF_OPEN_TIMEOUT`], [`Retransmit::default`].
-    pub fn new(
-        ike_proposals: Vec<IkeProposal>,
-        esp_proposals: Vec<EspProposal>,
-        local_subnet: IpNet,
-        remote_subnet: IpNet,
-        local_id: IdBuf,
-    ) -> Self {
-        Self {
-            ike_proposals,
-            esp_proposals,
-            local_subnet,
-            remote_subnet,
-            local_id,
-            child_lifetime: Self::DEFAULT_CHILD_LIFETIME,
-            ike_lifetime: None,
-            dpd_interval: None,
-            half_open_timeout: Self::DEFAULT_HALF_OPEN_TIMEOUT,
-            retransmit: Retransmit::default(),
-            force_udp_encap: false,
-        }
-    }
-
-    /// This configuration with [`Self::force_udp_encap`] set to `force`.
-    #[must_use]
-    pub fn forcing_udp_encap(self, force: bool) -> Self {
-        Self {
-            force_udp_encap: force,
-            ..self
-        }
-    }
-}
 
 /// What the responder reports.
 #[derive(Debug)]

@@ -714,7 +714,7 @@ fn engine_establishment_rate_in_process() -> Result<()> {
         IdBuf::new(&Identity::Fqdn(b"sa.load.example")),
     );
     config.remote_id = Some(IdBuf::new(&Identity::Fqdn(GW_ID.as_bytes())));
-    let responder_config = Arc::new(responder::Config::new(
+    let responder_config = Arc::new(Config::new(
         vec![parse_ike("ike", IKE)?],
         vec![parse_esp("esp", ESP)?],
         GW_LAN.parse()?,

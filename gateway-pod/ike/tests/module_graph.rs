@@ -2,7 +2,8 @@
 //! (codec → errors → negotiation → the IKE SA's shared parts → the two handshakes → the
 //! endpoint), never one that uses it back. Read from the sources: every `crate::`, `super::`
 //! and `self::` path outside `#[cfg(test)]` code and comments, resolved to the longest module
-//! (file) it names.
+//! (file) it names. A module and its own submodules are one room: what a parent takes from
+//! its children (a re-export, a helper) is not an edge.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -108,7 +109,7 @@ fn modules_import_each_other_without_a_loop() {
             let to = references(m, code)
                 .iter()
                 .filter_map(|p| resolve(p))
-                .filter(|t| t != m && !t.is_empty())
+                .filter(|t| t != m && !t.is_empty() && !t.starts_with(&format!("{m}::")))
                 .collect();
             (m.as_str(), to)
         })

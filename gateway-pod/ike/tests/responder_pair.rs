@@ -48,17 +48,19 @@ fn addrs() -> (SocketAddr, SocketAddr) {
 
 fn config() -> Arc<Config> {
     Arc::new(Config {
-        ike_proposals: vec![parse_ike("ike", "aes128gcm16-prfsha256-x25519").unwrap()],
-        esp_proposals: vec![parse_esp("esp", "aes128gcm16").unwrap()],
-        local_subnet: "10.2.0.0/24".parse().unwrap(),
-        remote_subnet: "10.1.0.0/24".parse().unwrap(),
-        local_id: IdBuf::new(&Identity::Fqdn(b"gw.example")),
         child_lifetime: Duration::from_secs(3600),
         ike_lifetime: None,
         dpd_interval: None,
         half_open_timeout: Config::DEFAULT_HALF_OPEN_TIMEOUT,
         retransmit: Retransmit::default(),
         force_udp_encap: false,
+        ..Config::new(
+            vec![parse_ike("ike", "aes128gcm16-prfsha256-x25519").unwrap()],
+            vec![parse_esp("esp", "aes128gcm16").unwrap()],
+            "10.2.0.0/24".parse().unwrap(),
+            "10.1.0.0/24".parse().unwrap(),
+            IdBuf::new(&Identity::Fqdn(b"gw.example")),
+        )
     })
 }
 

@@ -4,6 +4,7 @@
 //! both roles report and take: [`Retransmit`], [`Entropy`], [`Transmit`], [`ChildSa`],
 //! [`DeleteReason`], [`IdBuf`].
 
+mod config;
 pub(crate) mod create_child;
 pub(crate) mod events;
 pub(crate) mod informational;
@@ -11,6 +12,8 @@ pub(crate) mod rekey;
 pub(crate) mod session;
 pub mod snapshot;
 pub(crate) mod timers;
+
+pub use self::config::{Config, NatTraversal};
 
 use std::fmt;
 use std::net::SocketAddr;
