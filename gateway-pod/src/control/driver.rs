@@ -54,7 +54,7 @@ pub(super) struct Driver {
     pub(super) pending_acquires: PendingAcquires,
     /// What carries the CHILD SAs (the userspace data plane).
     pub(super) backend: Arc<dyn ChildSaBackend>,
-    /// Routes to the TUN device.
+    /// Routes to the TUN device, changed on a task of their own.
     pub(super) routes: Routes,
 }
 

@@ -1,5 +1,5 @@
-//! CHILD SAs into the data plane and out again, with routes for their subnets
-//! ([`super::routes`]), and the data plane's volume limits.
+//! CHILD SAs into the data plane and out again, with routes for their subnets (made by the
+//! route installer, [`super::routes`]), and the data plane's volume limits.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;

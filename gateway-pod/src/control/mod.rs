@@ -12,7 +12,7 @@
 //! - `policy`: which eroute a tunnel belongs to and when we start one: eroute selection,
 //!   site lookups, dynamic ownership, acquires, auto-connect, backoff and redirects.
 //! - `install`: CHILD SAs into the data plane and out again.
-//! - `routes`: routes to the TUN device, counted per subnet.
+//! - `routes`: routes to the TUN device, over netlink, on a task of their own.
 //! - `status`: the admin API's tunnel table, liveness from ESP, NAT keepalives, idle
 //!   tunnels.
 
