@@ -15,6 +15,9 @@
 //! - `routes`: routes to the TUN device, over netlink, on a task of their own.
 //! - `status`: the admin API's tunnel table, liveness from ESP, NAT keepalives, idle
 //!   tunnels.
+//!
+//! The fleet (membership, shard ownership, SPI routing, SA replication) will have its own
+//! room beside this one, [`crate::cluster`].
 
 mod driver;
 mod events;
