@@ -14,12 +14,13 @@ use super::ControlError;
 
 /// Where we negotiate from, and our identity per eroute (built once).
 pub(super) struct IkeConfigs {
-    pub(super) listen: IpAddr,
-    pub(super) ike_port: u16,
+    listen: IpAddr,
+    ike_port: u16,
+    /// Our NAT-T port: IKE sent from it carries the non-ESP marker.
     pub(super) nat_t_port: u16,
-    pub(super) retransmit: Retransmit,
+    retransmit: Retransmit,
     /// Plain ESP is carried too: peers we initiate to need not float to UDP.
-    pub(super) raw_esp: bool,
+    raw_esp: bool,
     /// Our identity per eroute (built once).
     local_ids: HashMap<String, IdBuf>,
 }
