@@ -13,8 +13,9 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 
 # The gateway binds UDP 500 and drives a TUN device: it runs as root inside the pod with only
 # NET_ADMIN and NET_BIND_SERVICE (the operator's StatefulSet drops every other capability).
-# It installs the route to each site's subnet with `ip route` (iproute2), hence a Debian base
-# rather than distroless until routes go over netlink directly.
+# It installs the route to each site's subnet over netlink itself; iproute2 (hence a Debian
+# base rather than distroless) is still needed by `concentrator-gateway esp-static`, which
+# routes its one tunnel with `ip route`.
 FROM debian:12-slim AS gateway
 RUN apt-get update \
  && apt-get install -y --no-install-recommends iproute2 \

@@ -247,15 +247,15 @@ done
 holder=${holders[0]}
 log "gateway pod $holder holds the tunnel"
 
-# The gateway routes the site's subnet into its TUN device (`ip route`, control.rs).
+# The gateway routes the site's subnet into its TUN device (over netlink, control/routes.rs).
 route=$(kx "$holder" -c "$debug_container" -- ip route show "$site_subnet" 2>&1 || true)
 if [[ $route != *"dev $tun_dev"* ]]; then
-    k logs "$holder" -c gateway | grep -E 'route change failed|cannot run ip' | tail -n 5 >&2 || true
+    k logs "$holder" -c gateway | grep -E 'route change failed|route installer' | tail -n 5 >&2 || true
     if [ "${E2E_ADD_MISSING_ROUTE:-}" = 1 ]; then
         echo "e2e/k8s: WARNING: pod/$holder has no route $site_subnet dev $tun_dev ('$route'); adding it (E2E_ADD_MISSING_ROUTE=1)" >&2
         kx "$holder" -c "$debug_container" -- ip route replace "$site_subnet" dev "$tun_dev"
     else
-        fail "pod/$holder has no route $site_subnet dev $tun_dev (got '$route'): the gateway installs it by running 'ip route add', which the gateway image must provide (set E2E_ADD_MISSING_ROUTE=1 to add it by hand and test the rest)"
+        fail "pod/$holder has no route $site_subnet dev $tun_dev (got '$route'): the gateway installs it over netlink and logs 'route change failed' when it cannot (set E2E_ADD_MISSING_ROUTE=1 to add it by hand and test the rest)"
     fi
 fi
 

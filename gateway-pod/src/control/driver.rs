@@ -1,0 +1,231 @@
+//! The driver: the one task that owns the endpoint and all IKE state, its sockets, and the
+//! loop that feeds the engine and sends what it queues.
+//!
+//! It wakes for a datagram on port 500, an IKE message the data plane passed on from port
+//! 4500, a finished site lookup, an acquire or volume event of the data plane, the engine's
+//! next timer or an eroute's next connection attempt, and the status tick. What it does with
+//! each lives in the other rooms of [`super`].
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use concentrator_ike::endpoint::{Endpoint, EndpointError};
+use concentrator_ike::responder::{Error as ResponderError, SystemEntropy, Transmit};
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, oneshot};
+
+use super::events::IkeSaRecord;
+use super::ike_config::IkeConfigs;
+use super::policy::{AutoConnects, LookupDone, Owners, PendingAcquires};
+use super::routes::Routes;
+use crate::dataplane::DataplaneError;
+use crate::dataplane::backend::ChildSaBackend;
+use crate::dataplane::shared::{IkeDatagram, SaEvent};
+use crate::egroups::Egroups;
+use crate::state::Gateway;
+
+/// IKE datagrams handled per wake-up of the control task (per port) before its responses
+/// are sent.
+const IKE_BATCH: usize = 64;
+
+/// How often the tunnel table's traffic counters are refreshed for the admin API.
+const STATUS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The IKE task's state: the engine, the sockets, and each room's own state.
+pub(super) struct Driver {
+    pub(super) endpoint: Endpoint,
+    pub(super) entropy: SystemEntropy,
+    pub(super) gateway: Arc<Gateway>,
+    pub(super) egroups: Egroups,
+    pub(super) udp500: Arc<UdpSocket>,
+    pub(super) udp4500: Arc<UdpSocket>,
+    /// Where we listen, who we are, what we propose.
+    pub(super) configs: IkeConfigs,
+    /// Our record of each IKE SA, by its id in the endpoint.
+    pub(super) sas: HashMap<u64, IkeSaRecord>,
+    /// Where site lookups report back to this task.
+    pub(super) lookups: mpsc::UnboundedSender<LookupDone>,
+    /// Eroutes we keep up or connect on demand.
+    pub(super) auto: AutoConnects,
+    /// Which IKE SA holds each static peer and dynamic eroute.
+    pub(super) owners: Owners,
+    pub(super) pending_acquires: PendingAcquires,
+    /// What carries the CHILD SAs (the userspace data plane).
+    pub(super) backend: Arc<dyn ChildSaBackend>,
+    /// Routes to the TUN device, changed on a task of their own.
+    pub(super) routes: Routes,
+}
+
+/// What the other tasks send the driver.
+pub(super) struct Inputs {
+    pub(super) ike: mpsc::Receiver<IkeDatagram>,
+    pub(super) lookups: mpsc::UnboundedReceiver<LookupDone>,
+    pub(super) acquires: mpsc::Receiver<IpAddr>,
+    pub(super) sa_events: mpsc::UnboundedReceiver<SaEvent>,
+    pub(super) stop: oneshot::Receiver<()>,
+    pub(super) dataplane: tokio::task::JoinHandle<Result<(), DataplaneError>>,
+}
+
+impl Driver {
+    pub(super) async fn run(mut self, inputs: Inputs) {
+        let Inputs {
+            ike: mut ike_rx,
+            lookups: mut lookups_rx,
+            acquires: mut acquire_rx,
+            sa_events: mut sa_events_rx,
+            mut stop,
+            dataplane: mut dataplane_task,
+        } = inputs;
+        let mut buf = vec![0u8; 65536];
+        let mut status = tokio::time::interval(STATUS_INTERVAL);
+        status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Traffic toward any site of an egroup that may initiate reaches the TUN device, so a
+        // site without a tunnel raises an acquire (the initiator path).
+        // So does traffic toward the remote subnet of a static eroute we initiate while its
+        // tunnel is down: held and connected for (never sent in clear).
+        let trapped = self
+            .auto
+            .eroutes()
+            .filter_map(|name| self.gateway.config.set.eroutes.get(name))
+            .map(|e| e.remote_subnet)
+            .collect::<Vec<_>>();
+        let initiating = self.egroups.initiating(&self.gateway.config);
+        for net in initiating.into_iter().map(|(_, net, _)| net).chain(trapped) {
+            self.routes.hold(net);
+        }
+        self.connect_due(Instant::now());
+        self.flush().await;
+        loop {
+            let deadline = self
+                .endpoint
+                .poll_timeout()
+                .into_iter()
+                .chain(self.auto.next_due())
+                .min()
+                .map_or_else(
+                    || tokio::time::Instant::now() + STATUS_INTERVAL,
+                    tokio::time::Instant::from_std,
+                );
+            tokio::select! {
+                _ = &mut stop => break,
+                r = &mut dataplane_task => {
+                    match r {
+                        Ok(Ok(())) => tracing::error!("data plane stopped"),
+                        Ok(Err(e)) => tracing::error!(error = %e, "data plane failed"),
+                        Err(e) => tracing::error!(error = %e, "data plane task failed"),
+                    }
+                    break;
+                }
+                r = self.udp500.recv_from(&mut buf) => match r {
+                    Ok((n, remote)) => {
+                        let local = self.udp500.local_addr().unwrap_or(remote);
+                        let datagram = buf[..n].to_vec();
+                        self.datagram(local, remote, &datagram);
+                        // Whatever else has arrived is handled before the responses go out
+                        // and before this task sleeps again: under a flood of new sites, one
+                        // wake-up per datagram would cost more than the exchange itself.
+                        for _ in 1..IKE_BATCH {
+                            match self.udp500.try_recv_from(&mut buf) {
+                                Ok((n, remote)) => {
+                                    let datagram = buf[..n].to_vec();
+                                    self.datagram(local, remote, &datagram);
+                                }
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+                    Err(e) => {
+                        tracing::error!(error = %e, "IKE socket failed");
+                        break;
+                    }
+                },
+                Some(d) = ike_rx.recv() => {
+                    self.datagram(d.local, d.remote, &d.payload);
+                    // The same for port 4500, whose datagrams the data plane's threads pass on.
+                    for _ in 1..IKE_BATCH {
+                        match ike_rx.try_recv() {
+                            Ok(d) => self.datagram(d.local, d.remote, &d.payload),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                Some(done) = lookups_rx.recv() => self.lookup_done(done),
+                Some(dst) = acquire_rx.recv() => self.acquire(dst),
+                Some(e) = sa_events_rx.recv() => self.sa_volume(e),
+                () = tokio::time::sleep_until(deadline) => {
+                    let now = Instant::now();
+                    self.endpoint.handle_timeout(now, &mut self.entropy);
+                    self.connect_due(now);
+                }
+                _ = status.tick() => self.refresh_status(),
+            }
+            self.flush().await;
+        }
+        dataplane_task.abort();
+        self.routes.shutdown().await;
+    }
+
+    fn datagram(&mut self, local: SocketAddr, remote: SocketAddr, datagram: &[u8]) {
+        tracing::trace!(%local, %remote, len = datagram.len(), "IKE message in");
+        let r = self
+            .endpoint
+            .handle_datagram(Instant::now(), local, remote, datagram, &mut self.entropy);
+        if let Err(e) = r {
+            self.dropped(remote, &e);
+        }
+    }
+
+    fn dropped(&self, remote: SocketAddr, e: &EndpointError) {
+        let reason = match e {
+            EndpointError::Responder(ResponderError::Packet(_)) => "integrity",
+            EndpointError::Responder(ResponderError::Unexpected(_)) => "unexpected",
+            EndpointError::Responder(ResponderError::Malformed(_)) => "malformed",
+            EndpointError::Responder(_) => return, // failures are reported by their event
+            EndpointError::NotIke => "malformed",
+            EndpointError::UnknownSpi(_) => "unknown_spi",
+            EndpointError::UnexpectedResponse => "unexpected",
+            EndpointError::CookieRequired => "cookie_required",
+            EndpointError::HalfOpenLimit => "half_open_limit",
+            EndpointError::Redirected(_) => "redirected",
+            _ => "other",
+        };
+        self.gateway.metrics.count_ike_drop(reason);
+        tracing::debug!(%remote, error = %e, "IKE message dropped");
+    }
+
+    /// Sends what the engine queued and acts on its events.
+    async fn flush(&mut self) {
+        loop {
+            while let Some(t) = self.endpoint.poll_transmit() {
+                self.send(t).await;
+            }
+            let Some(event) = self.endpoint.poll_event() else {
+                break;
+            };
+            self.event(event);
+        }
+        let counts = self.endpoint.counts();
+        let m = &self.gateway.metrics;
+        m.ike_sas_half_open.set(counts.half_open as i64);
+        m.ike_sas_established.set(counts.established as i64);
+    }
+
+    async fn send(&self, t: Transmit) {
+        tracing::trace!(local = %t.local, remote = %t.remote, len = t.payload.len(), "IKE message out");
+        let r = if t.local.port() == self.configs.nat_t_port {
+            // RFC 3948 §2.2: IKE on port 4500 carries the non-ESP marker.
+            let mut out = Vec::with_capacity(t.payload.len() + 4);
+            out.extend_from_slice(&concentrator_esp::encap::NON_ESP_MARKER);
+            out.extend_from_slice(&t.payload);
+            self.udp4500.send_to(&out, t.remote).await
+        } else {
+            self.udp500.send_to(&t.payload, t.remote).await
+        };
+        if let Err(e) = r {
+            tracing::debug!(remote = %t.remote, error = %e, "IKE send failed");
+        }
+    }
+}

@@ -1,0 +1,224 @@
+//! CHILD SAs into the data plane and out again, with routes for their subnets (made by the
+//! route installer, [`super::routes`]), and the data plane's volume limits.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Instant;
+
+use concentrator_crds::eroute::ValidatedEroute;
+use concentrator_crds::proposal::Esn;
+use concentrator_esp::sa::Selector;
+use concentrator_ike::negotiate::ts_bounds;
+use concentrator_ike::payload::TrafficSelector;
+use concentrator_ike::responder::ChildSa;
+use ipnet::IpNet;
+
+use super::driver::Driver;
+use super::events::ChildRecord;
+use crate::dataplane::backend::ChildSaSpec;
+use crate::dataplane::shared::SaEvent;
+
+impl Driver {
+    pub(super) fn child_installed(&mut self, spi_r: u64, c: ChildSa) {
+        let Some(rec) = self.sas.get(&spi_r) else {
+            return;
+        };
+        let Some(remote) = rec.remote else {
+            return;
+        };
+        let eroute = rec
+            .eroute
+            .as_ref()
+            .and_then(|n| self.gateway.config.set.eroutes.get(n));
+        let subnets: Vec<IpNet> = c
+            .ts_remote
+            .iter()
+            .filter_map(ts_bounds)
+            .flat_map(|(start, end)| range_to_nets(start, end))
+            .collect();
+        // With plain ESP the port means nothing; in UDP it is the peer's NAT-T port (after
+        // a NAT, the one its datagrams come from).
+        let peer = SocketAddr::new(
+            remote.ip(),
+            if c.udp_encap {
+                remote.port()
+            } else {
+                self.configs.nat_t_port
+            },
+        );
+        let (spi_in, spi_out, encryption, udp_encap) = (c.spi_in, c.spi_out, c.encryption, c.udp_encap);
+        let spec = child_spec(c, eroute, subnets.clone(), peer);
+        let counters = match self.backend.install_child(spec) {
+            Ok(counters) => counters,
+            Err(e) => {
+                self.gateway.metrics.count_ike_failure("child_sa_unsupported");
+                // An IKE SA whose only CHILD SA cannot be carried would look up to the peer
+                // and carry nothing: it is deleted, so that the peer knows (and tries again
+                // as it is configured to). Beside a working CHILD SA it stays.
+                let deleting = rec.children.is_empty();
+                tracing::warn!(peer_id = %rec.peer_id, error = %e, deleting_ike_sa = deleting, "CHILD SA cannot be installed");
+                if deleting {
+                    self.endpoint.delete(spi_r, Instant::now());
+                }
+                return;
+            }
+        };
+        for net in &subnets {
+            self.routes.hold(*net);
+        }
+        tracing::info!(
+            peer_id = %rec.peer_id,
+            spi_in = format_args!("{spi_in:08x}"),
+            spi_out = format_args!("{spi_out:08x}"),
+            encryption = ?encryption,
+            remote_subnets = ?subnets,
+            %peer,
+            udp_encap,
+            "CHILD SA installed"
+        );
+        if let Some(rec) = self.sas.get_mut(&spi_r) {
+            rec.children.push(ChildRecord {
+                spi_in,
+                spi_out,
+                encryption: format!("{encryption:?}"),
+                subnets,
+                counters,
+            });
+        }
+        self.publish(spi_r);
+    }
+
+    /// A CHILD SA reached a volume limit in the data plane (`esp.rekeyBytes`, ...): the soft
+    /// one rekeys it now, as its soft lifetime would; at the hard one the data plane has
+    /// dropped it, and so does the tunnel (its subnets fall back to an older SA or none).
+    pub(super) fn sa_volume(&mut self, e: SaEvent) {
+        let (SaEvent::Rekey { spi_in } | SaEvent::Expired { spi_in }) = e;
+        let Some((&id, rec)) = self
+            .sas
+            .iter()
+            .find(|(_, r)| r.children.iter().any(|c| c.spi_in == spi_in))
+        else {
+            return;
+        };
+        let spi = format!("{spi_in:08x}");
+        match e {
+            SaEvent::Rekey { .. } => {
+                let started = self
+                    .endpoint
+                    .rekey_child(id, spi_in, Instant::now(), &mut self.entropy);
+                tracing::info!(peer_id = %rec.peer_id, spi_in = %spi, started, "CHILD SA reached its volume soft limit: rekeying");
+            }
+            SaEvent::Expired { .. } => {
+                tracing::warn!(peer_id = %rec.peer_id, spi_in = %spi, "CHILD SA reached its volume hard limit: removed");
+                self.backend.remove_child(spi_in);
+            }
+        }
+    }
+
+    pub(super) fn child_deleted(&mut self, spi_r: u64, spi_in: u32, spi_out: u32) {
+        self.backend.remove_child(spi_in);
+        let Some(rec) = self.sas.get_mut(&spi_r) else {
+            return;
+        };
+        let Some(pos) = rec.children.iter().position(|c| c.spi_in == spi_in) else {
+            return;
+        };
+        let child = rec.children.remove(pos);
+        tracing::info!(
+            peer_id = %rec.peer_id,
+            spi_in = format_args!("{spi_in:08x}"),
+            spi_out = format_args!("{spi_out:08x}"),
+            "CHILD SA deleted"
+        );
+        self.unroute(&child.subnets);
+        self.publish(spi_r);
+    }
+
+    /// A CHILD SA routed to `subnets` is gone: each route goes with its last CHILD SA.
+    pub(super) fn unroute(&mut self, subnets: &[IpNet]) {
+        for net in subnets {
+            self.routes.release(*net);
+        }
+    }
+}
+
+/// What the data plane needs to carry CHILD SA `c` of `eroute` to `peer`, routed to
+/// `subnets`.
+fn child_spec(
+    c: ChildSa,
+    eroute: Option<&ValidatedEroute>,
+    subnets: Vec<IpNet>,
+    peer: SocketAddr,
+) -> ChildSaSpec {
+    let replay_window = eroute.map_or(concentrator_crds::eroute::DEFAULT_REPLAY_WINDOW, |e| {
+        e.replay_window
+    });
+    let volume = eroute.map(|e| e.esp_volume).unwrap_or_default();
+    ChildSaSpec {
+        spi_in: c.spi_in,
+        spi_out: c.spi_out,
+        encryption: c.encryption,
+        integrity: c.integrity,
+        keys_in: c.inbound,
+        keys_out: c.outbound,
+        esn: c.esn == Esn::Yes,
+        replay_window,
+        local: selectors(&c.ts_local),
+        remote: selectors(&c.ts_remote),
+        subnets,
+        peer,
+        udp_encap: c.udp_encap,
+        volume: concentrator_esp::sa::Lifetime {
+            soft_bytes: volume.rekey_bytes,
+            hard_bytes: volume.life_bytes,
+            soft_packets: volume.rekey_packets,
+            hard_packets: volume.life_packets,
+            ..Default::default()
+        },
+    }
+}
+
+/// The data plane's selectors (any protocol) for traffic selectors.
+fn selectors(ts: &[TrafficSelector<'_>]) -> Vec<Selector> {
+    ts.iter()
+        .filter_map(ts_bounds)
+        .map(|(start, end)| Selector {
+            start,
+            end,
+            protocol: 0,
+        })
+        .collect()
+}
+
+/// The smallest set of prefixes covering `start..=end` (a traffic selector is a range; a
+/// route is a prefix).
+fn range_to_nets(start: IpAddr, end: IpAddr) -> Vec<IpNet> {
+    match (start, end) {
+        (IpAddr::V4(s), IpAddr::V4(e)) => ipnet::Ipv4Subnets::new(s, e, 0).map(IpNet::V4).collect(),
+        (IpAddr::V6(s), IpAddr::V6(e)) => ipnet::Ipv6Subnets::new(s, e, 0).map(IpNet::V6).collect(),
+        _ => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_become_covering_prefixes() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let nets = |v: &[&str]| v.iter().map(|s| s.parse().unwrap()).collect::<Vec<IpNet>>();
+        assert_eq!(
+            range_to_nets(ip("10.1.0.0"), ip("10.1.0.255")),
+            nets(&["10.1.0.0/24"])
+        );
+        assert_eq!(
+            range_to_nets(ip("10.1.0.0"), ip("10.1.2.255")),
+            nets(&["10.1.0.0/23", "10.1.2.0/24"])
+        );
+        assert_eq!(
+            range_to_nets(ip("0.0.0.0"), ip("255.255.255.255")),
+            nets(&["0.0.0.0/0"])
+        );
+        assert!(range_to_nets(ip("10.1.0.0"), ip("::1")).is_empty());
+    }
+}

@@ -1,0 +1,239 @@
+//! The control plane: IKEv2 on UDP 500 and 4500, feeding the sans-IO engine
+//! (`concentrator_ike::endpoint`), answering its "PSK needed" step from the configuration, and
+//! installing the negotiated CHILD SAs in the shared data plane with routes to the TUN device.
+//!
+//! One task owns the endpoint and all IKE state, so IKE needs no lock either. Its code lives
+//! in rooms, one per responsibility:
+//!
+//! - `driver`: the task itself: its sockets and the loop that feeds the engine and sends
+//!   what it queues.
+//! - `events`: our record of each IKE SA, and the engine's events that change it.
+//! - `ike_config`: where we listen, who we are per eroute, what we propose and accept.
+//! - `policy`: which eroute a tunnel belongs to and when we start one: eroute selection,
+//!   site lookups, dynamic ownership, acquires, auto-connect, backoff and redirects.
+//! - `install`: CHILD SAs into the data plane and out again.
+//! - `routes`: routes to the TUN device, over netlink, on a task of their own.
+//! - `status`: the admin API's tunnel table, liveness from ESP, NAT keepalives, idle
+//!   tunnels.
+//!
+//! The fleet (membership, shard ownership, SPI routing, SA replication) will have its own
+//! room beside this one, [`crate::cluster`].
+
+mod driver;
+mod events;
+mod ike_config;
+mod install;
+mod policy;
+mod routes;
+mod status;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use concentrator_crds::eroute::Role;
+use concentrator_ike::endpoint::{Endpoint, EndpointConfig};
+use concentrator_ike::responder::{Config as ResponderConfig, SystemEntropy};
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::dataplane::DataplaneError;
+use crate::dataplane::shared;
+use crate::egroups::Egroups;
+use crate::state::Gateway;
+use driver::{Driver, Inputs};
+use ike_config::{IkeConfigs, local_id, refusing_config, responder_config};
+use policy::{AutoConnects, Owners, PendingAcquires};
+use routes::Routes;
+
+/// Receive and send buffer asked for on the IKE port 500 socket.
+const IKE_SOCKET_BUFFER: usize = 4 << 20;
+
+/// Where the control plane listens and which TUN device it drives.
+#[derive(Clone, Debug)]
+pub struct ControlOptions {
+    pub listen: IpAddr,
+    pub ike_port: u16,
+    pub nat_t_port: u16,
+    pub tun_name: String,
+    pub tun_mtu: u16,
+    pub retransmit: concentrator_ike::responder::Retransmit,
+    /// Cookie threshold and half-open limit.
+    pub endpoint: EndpointConfig,
+    /// Where to redirect new sites (RFC 5685), if anywhere.
+    pub redirect_to: Option<concentrator_ike::redirect::GatewayId>,
+    /// Also carry plain ESP (IP protocol 50, a raw socket) for peers that do not float to
+    /// UDP. Without it every peer is made to use ESP in UDP.
+    pub raw_esp: bool,
+}
+
+/// Why the control plane could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("cannot open the raw ESP socket on {addr} (--raw-esp needs CAP_NET_RAW): {source}")]
+    RawEsp { addr: IpAddr, source: std::io::Error },
+    #[error("cannot listen for IKE on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Dataplane(#[from] DataplaneError),
+    #[error("the built-in default proposals do not parse")]
+    DefaultProposal,
+}
+
+/// The running control plane and data plane.
+pub struct Control {
+    pub ike_addr: SocketAddr,
+    pub nat_t_addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Control {
+    /// Stops IKE and the data plane; tunnels end with the process.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = (&mut self.task).await;
+    }
+}
+
+/// Binds the IKE sockets, opens the TUN device and starts the control and data plane tasks.
+pub async fn start(
+    gateway: Arc<Gateway>,
+    egroups: Egroups,
+    opts: ControlOptions,
+) -> Result<Control, ControlError> {
+    // The peer's identity, known only at IKE_AUTH, selects the eroute that authenticates it,
+    // so IKE_SA_INIT is answered with any IKE proposal that some eroute accepting tunnels
+    // allows (as strongSwan considers every config), chosen in the initiator's order; the
+    // selected eroute must then allow it (`use_eroute`). With no such eroute (none yet, or
+    // only ones we initiate), IKE_SA_INIT is still answered with the default proposal and
+    // every identity is refused at IKE_AUTH: a pod that starts before its eroutes exist must
+    // not fail.
+    let accepting: Vec<_> = gateway
+        .config
+        .set
+        .eroutes
+        .values()
+        .filter(|e| e.role != Role::Initiator)
+        .collect();
+    let responder_config = Arc::new(
+        match accepting.first() {
+            Some(e) => {
+                let mut ike_proposals = Vec::new();
+                for p in accepting.iter().flat_map(|e| &e.ike_proposals) {
+                    if !ike_proposals.contains(p) {
+                        ike_proposals.push(p.clone());
+                    }
+                }
+                ResponderConfig {
+                    retransmit: opts.retransmit,
+                    ike_proposals,
+                    ..responder_config(e, local_id(e, opts.listen))
+                }
+            }
+            None => refusing_config(opts.listen, opts.retransmit)?,
+        }
+        .forcing_udp_encap(!opts.raw_esp),
+    );
+
+    let bind = |port| async move {
+        let addr = SocketAddr::new(opts.listen, port);
+        UdpSocket::bind(addr)
+            .await
+            .map_err(|source| ControlError::Bind { addr, source })
+    };
+    let udp500 = Arc::new(bind(opts.ike_port).await?);
+    // Thousands of sites may send IKE_SA_INIT at once (a restart, a scale-in): the default
+    // ~200 KiB of receive buffer holds only a few hundred small datagrams, and each one lost
+    // costs its site a 2 s retransmission. (The 4500 sockets get the data plane's buffers.)
+    crate::dataplane::io::grow_buffers(&udp500, IKE_SOCKET_BUFFER);
+    // SO_REUSEPORT: each data plane worker binds its own socket on the same port.
+    let nat_t = SocketAddr::new(opts.listen, opts.nat_t_port);
+    let udp4500 = Arc::new(
+        crate::dataplane::bind_udp(nat_t).map_err(|source| ControlError::Bind { addr: nat_t, source })?,
+    );
+    let local_addr = |s: &UdpSocket, port| {
+        s.local_addr().map_err(|source| ControlError::Bind {
+            addr: SocketAddr::new(opts.listen, port),
+            source,
+        })
+    };
+    let ike_addr = local_addr(&udp500, opts.ike_port)?;
+    let nat_t_addr = local_addr(&udp4500, opts.nat_t_port)?;
+
+    let dev = crate::dataplane::open_tun(
+        tun_rs::DeviceBuilder::new()
+            .name(&opts.tun_name)
+            .mtu(opts.tun_mtu),
+    )
+    .map_err(|e| DataplaneError::Tun(opts.tun_name.clone(), e))?;
+    let (ike_tx, ike_rx) = mpsc::channel(4096);
+    let (acquire_tx, acquire_rx) = mpsc::channel(1024);
+    let (sa_events_tx, sa_events_rx) = mpsc::unbounded_channel();
+    let raw_esp = if opts.raw_esp {
+        let raw = crate::dataplane::bind_raw_esp(opts.listen).map_err(|source| ControlError::RawEsp {
+            addr: opts.listen,
+            source,
+        })?;
+        Some(Arc::new(raw))
+    } else {
+        None
+    };
+    let (dataplane, dataplane_task) = shared::spawn(
+        dev,
+        opts.tun_name.clone(),
+        shared::Outer {
+            udp: Some(udp4500.clone()),
+            raw_esp,
+        },
+        ike_tx,
+        acquire_tx,
+        sa_events_tx,
+        gateway.metrics.dataplane.clone(),
+    );
+    let (stop_tx, stop_rx) = oneshot::channel();
+    let (lookups_tx, lookups_rx) = mpsc::unbounded_channel();
+    let mut endpoint = Endpoint::new(opts.endpoint.clone(), responder_config);
+    endpoint.set_redirect(opts.redirect_to.clone());
+    let driver = Driver {
+        endpoint,
+        entropy: SystemEntropy,
+        egroups,
+        udp500,
+        udp4500,
+        configs: IkeConfigs::new(
+            opts.listen,
+            ike_addr.port(),
+            nat_t_addr.port(),
+            opts.retransmit,
+            opts.raw_esp,
+        ),
+        sas: HashMap::new(),
+        lookups: lookups_tx,
+        auto: AutoConnects::new(&gateway.config),
+        owners: Owners::default(),
+        pending_acquires: PendingAcquires::default(),
+        backend: Arc::new(dataplane),
+        routes: Routes::start(opts.tun_name.clone()),
+        gateway,
+    };
+    let task = tokio::spawn(driver.run(Inputs {
+        ike: ike_rx,
+        lookups: lookups_rx,
+        acquires: acquire_rx,
+        sa_events: sa_events_rx,
+        stop: stop_rx,
+        dataplane: dataplane_task,
+    }));
+    Ok(Control {
+        ike_addr,
+        nat_t_addr,
+        stop: Some(stop_tx),
+        task,
+    })
+}

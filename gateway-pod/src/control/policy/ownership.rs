@@ -1,0 +1,111 @@
+//! Which IKE SA holds each peer: one per peer of a static eroute, one per dynamic eroute of
+//! an egroup (whose table keeps them, least recently used first out). A newer SA of the same
+//! peer replaces the older one.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use crate::control::driver::Driver;
+use crate::control::events::IkeSaRecord;
+
+/// The IKE SA that holds each static peer and dynamic eroute.
+#[derive(Default)]
+pub(in crate::control) struct Owners {
+    /// The IKE SA holding each dynamic eroute, by (egroup, peer ID).
+    dynamic: HashMap<(String, String), u64>,
+    /// The IKE SA of each peer of a static eroute, by (eroute, peer ID).
+    statics: HashMap<(String, String), u64>,
+}
+
+impl Driver {
+    /// An egroup site is authenticated: its dynamic eroute is this SA's. An older SA of the
+    /// same site is replaced (as INITIAL_CONTACT would ask), and the least recently used
+    /// sites beyond the 10% free rule are deleted.
+    pub(in crate::control) fn dynamic_established(&mut self, id: u64) {
+        let Some(rec) = self.sas.get(&id) else {
+            return;
+        };
+        let (Some(egroup), Some(base), Some(subnet)) =
+            (rec.egroup.clone(), rec.eroute.clone(), rec.site_subnet)
+        else {
+            return;
+        };
+        let peer_id = rec.peer_id.clone();
+        let now = Instant::now();
+        if let Some(old) = self.owners.dynamic.insert((egroup.clone(), peer_id.clone()), id)
+            && old != id
+        {
+            tracing::info!(%peer_id, %egroup, "site reconnected: its older IKE SA is deleted");
+            self.endpoint.delete(old, now);
+        }
+        let address = rec.remote.map(|r| r.ip().to_string());
+        for evicted in self
+            .egroups
+            .insert(&egroup, &base, &peer_id, subnet, address, now)
+        {
+            if let Some(owner) = self
+                .owners
+                .dynamic
+                .remove(&(egroup.clone(), evicted.peer_id.clone()))
+            {
+                tracing::info!(peer_id = %evicted.peer_id, %egroup, "least recently used site evicted");
+                self.endpoint.delete(owner, now);
+            }
+        }
+        self.publish_dynamic_counts();
+    }
+
+    /// One IKE SA per peer of a static eroute: a peer that authenticates again (it restarted
+    /// and sent INITIAL_CONTACT, or simply reconnected) replaces its older SA, as strongSwan's
+    /// default `uniqueids = yes` does, so stale SAs and their routes do not pile up.
+    pub(in crate::control) fn static_established(&mut self, id: u64) {
+        let Some(rec) = self.sas.get(&id) else {
+            return;
+        };
+        if rec.egroup.is_some() {
+            return;
+        }
+        let Some(eroute) = rec.eroute.clone() else {
+            return;
+        };
+        let key = (eroute, rec.peer_id.clone());
+        if let Some(old) = self.owners.statics.insert(key, id)
+            && old != id
+            && self.sas.contains_key(&old)
+        {
+            tracing::info!(peer_id = %rec.peer_id, "peer authenticated again: its older IKE SA is deleted");
+            self.endpoint.delete(old, Instant::now());
+        }
+    }
+
+    /// SA `spi_r` (whose record was `rec`) is gone: what it held is free, and a dynamic
+    /// eroute it held leaves its egroup's table.
+    pub(in crate::control) fn release_ownership(&mut self, spi_r: u64, rec: &IkeSaRecord) {
+        if let Some(eroute) = &rec.eroute {
+            let key = (eroute.clone(), rec.peer_id.clone());
+            if self.owners.statics.get(&key) == Some(&spi_r) {
+                self.owners.statics.remove(&key);
+            }
+        }
+        if let Some(egroup) = &rec.egroup {
+            let key = (egroup.clone(), rec.peer_id.clone());
+            if self.owners.dynamic.get(&key) == Some(&spi_r) {
+                self.owners.dynamic.remove(&key);
+                self.egroups.remove(egroup, &rec.peer_id);
+                self.publish_dynamic_counts();
+            }
+        }
+    }
+
+    fn publish_dynamic_counts(&self) {
+        for (egroup, n) in self.egroups.counts() {
+            self.gateway
+                .metrics
+                .dynamic_eroutes
+                .get_or_create(&crate::metrics::EgroupLabel {
+                    egroup: egroup.to_owned(),
+                })
+                .set(n as i64);
+        }
+    }
+}

@@ -1,0 +1,187 @@
+//! What the driver shows and keeps alive while tunnels are up: the admin API's tunnel table
+//! and its traffic counters, the liveness the engine learns from ESP, NAT keepalives, and
+//! the deletion of idle tunnels.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant, SystemTime};
+
+use concentrator_crds::eroute::ValidatedEroute;
+use concentrator_proto::admin::{ChildSa as ChildSaInfo, Tunnel};
+
+use super::driver::Driver;
+use super::events::IkeSaRecord;
+
+/// Interval of NAT keepalives (RFC 3948 §4 suggests 20 s).
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
+
+impl Driver {
+    /// Writes the tunnel of `spi_r` to the admin API's table.
+    pub(super) fn publish(&self, spi_r: u64) {
+        let Some(rec) = self.sas.get(&spi_r) else {
+            return;
+        };
+        let eroute = rec
+            .eroute
+            .as_ref()
+            .and_then(|n| self.gateway.config.set.eroutes.get(n));
+        self.gateway
+            .tunnels
+            .upsert(tunnel(spi_r, rec, eroute, Instant::now()));
+        self.gateway
+            .metrics
+            .tunnels
+            .set(self.gateway.tunnels.len() as i64);
+    }
+
+    /// Publishes traffic counters, and tells the engine which peers proved alive by
+    /// sending ESP (so that it does not send them liveness checks).
+    pub(super) fn refresh_status(&mut self) {
+        let ids: Vec<u64> = self.sas.keys().copied().collect();
+        let now = Instant::now();
+        for id in &ids {
+            self.track_use(*id, now);
+        }
+        for id in ids {
+            if let Some(last) = self.sas.get(&id).and_then(|r| {
+                r.children
+                    .iter()
+                    .map(|c| c.counters.last_inbound())
+                    .max()
+                    .flatten()
+            }) {
+                self.endpoint.handle_child_traffic(id, last);
+            }
+            self.keepalive(id, now);
+            self.publish(id);
+        }
+    }
+
+    /// RFC 3948 §4: "NAT-keepalive packets are sent ... if no other packet has been sent in
+    /// a specified time period" — one 0xFF octet to the peer's NAT-T port, so that a NAT in
+    /// front of us (or of the peer) keeps the mapping while the tunnel is idle.
+    fn keepalive(&mut self, id: u64, now: Instant) {
+        let Some(rec) = self.sas.get_mut(&id) else {
+            return;
+        };
+        let Some(remote) = rec.remote else {
+            return;
+        };
+        let last_sent = rec
+            .children
+            .iter()
+            .map(|c| c.counters.last_activity())
+            .chain([rec.last_keepalive])
+            .max()
+            .unwrap_or(now);
+        if rec.nat && rec.established_at.is_some() && keepalive_due(last_sent, now) {
+            rec.last_keepalive = now;
+            if let Err(e) = self.udp4500.try_send_to(&[0xff], remote) {
+                tracing::debug!(%remote, error = %e, "NAT keepalive not sent");
+            }
+        }
+    }
+
+    /// Marks a dynamic eroute used when its tunnel carried traffic since the last pass, and
+    /// deletes a tunnel idle for longer than its eroute's `inactivityTimeout`.
+    fn track_use(&mut self, id: u64, now: Instant) {
+        let Some(rec) = self.sas.get_mut(&id) else {
+            return;
+        };
+        if rec.established_at.is_none() {
+            return;
+        }
+        let bytes: u64 = rec
+            .children
+            .iter()
+            .map(|c| c.counters.bytes_in.load(Relaxed) + c.counters.bytes_out.load(Relaxed))
+            .sum();
+        if bytes != rec.last_bytes {
+            rec.last_bytes = bytes;
+            rec.last_traffic = now;
+            if let Some(egroup) = &rec.egroup {
+                self.egroups.touch(egroup, &rec.peer_id, now);
+            }
+            return;
+        }
+        let timeout = rec
+            .eroute
+            .as_ref()
+            .and_then(|n| self.gateway.config.set.eroutes.get(n))
+            .and_then(|e| e.inactivity_timeout);
+        if let Some(timeout) = timeout
+            && now.saturating_duration_since(rec.last_traffic) >= timeout
+        {
+            tracing::info!(peer_id = %rec.peer_id, ?timeout, "tunnel idle: deleted");
+            self.endpoint.delete(id, now);
+        }
+    }
+}
+
+/// The admin API's row for the tunnel of `spi_r`, as `rec` and its eroute stand `now`.
+fn tunnel(spi_r: u64, rec: &IkeSaRecord, eroute: Option<&ValidatedEroute>, now: Instant) -> Tunnel {
+    let children: Vec<ChildSaInfo> = rec
+        .children
+        .iter()
+        .map(|c| ChildSaInfo {
+            spi_in: c.spi_in,
+            spi_out: c.spi_out,
+            encryption: c.encryption.clone(),
+            bytes_in: c.counters.bytes_in.load(Relaxed),
+            bytes_out: c.counters.bytes_out.load(Relaxed),
+            packets_in: c.counters.packets_in.load(Relaxed),
+            packets_out: c.counters.packets_out.load(Relaxed),
+        })
+        .collect();
+    let idle = rec
+        .children
+        .iter()
+        .map(|c| now.saturating_duration_since(c.counters.last_activity()))
+        .min()
+        .unwrap_or_default();
+    let remote_subnets: Vec<String> = rec
+        .children
+        .iter()
+        .flat_map(|c| c.subnets.iter().map(ToString::to_string))
+        .collect();
+    Tunnel {
+        id: tunnel_id(spi_r),
+        base_eroute: rec.eroute.clone().unwrap_or_default(),
+        egroup: rec.egroup.clone().unwrap_or_default(),
+        remote_peer_id: rec.peer_id.clone(),
+        peer_address: rec.remote.map(|r| r.to_string()).unwrap_or_default(),
+        local_subnet: eroute.map(|e| e.local_subnet.to_string()).unwrap_or_default(),
+        remote_subnet: remote_subnets.join(","),
+        dynamic: rec.egroup.is_some(),
+        bytes_in: children.iter().map(|c| c.bytes_in).sum(),
+        bytes_out: children.iter().map(|c| c.bytes_out).sum(),
+        child_sas: children,
+        idle_seconds: idle.as_secs(),
+        established_at: rec
+            .established_at
+            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_secs()),
+    }
+}
+
+/// The tunnel's name in the admin API: its IKE SA's id in the endpoint.
+pub(super) fn tunnel_id(spi_r: u64) -> String {
+    format!("{spi_r:016x}")
+}
+
+fn keepalive_due(last_sent: Instant, now: Instant) -> bool {
+    now.saturating_duration_since(last_sent) >= KEEPALIVE_INTERVAL
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keepalives_follow_twenty_idle_seconds() {
+        let t = Instant::now();
+        assert!(!keepalive_due(t, t + Duration::from_secs(19)));
+        assert!(keepalive_due(t, t + Duration::from_secs(20)));
+        // A clock that went backwards never triggers a burst.
+        assert!(!keepalive_due(t + Duration::from_secs(5), t));
+    }
+}
