@@ -80,7 +80,7 @@ pub enum EndpointEvent {
         /// The SA's id: our SPIi.
         id: u64,
         /// The initiator's event.
-        event: initiator::Event,
+        event: Event,
     },
     /// The endpoint forgot this IKE SA (failed, expired half-open, or closed): whatever the
     /// caller keeps for it (a pending PSK lookup, tunnels) is stale now.

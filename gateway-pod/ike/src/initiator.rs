@@ -106,7 +106,7 @@ use crate::nat::{behind_nat, nat_detection_hash};
 use crate::negotiate::{dh_group, offer};
 use crate::payload::{self, Auth, Delete, Ke, Nonce, Notify, Payload, Ts};
 use crate::redirect::{GatewayId, decode_redirect, encode_redirected_from};
-use crate::sa::events::{ChildEvent, Events};
+use crate::sa::events::Events;
 use crate::sa::rekey;
 use crate::sa::session::{IkeSa, Retry, Session, Window};
 use crate::sa::snapshot::{IkeSaSnapshot, Role, SnapshotError, restore_children, snapshot_children};
@@ -115,62 +115,12 @@ use crate::sa::{
     ChildRef, ChildSa, DeleteReason, Entropy, IdBuf, NONCE_LEN, REKEYED_SA_LINGER, Retransmit, Transmit,
     deadline, random_spi,
 };
-pub use crate::sa::{Config, NatTraversal};
+pub use crate::sa::{Config, Event, NatTraversal};
 use crate::sa::{create_child, informational};
 
 /// RFC 7296 §2.6: "the initiator MUST then retry the IKE_SA_INIT request [...]"; the cookie
 /// it echoes is "between 1 and 64 octets".
 const COOKIE_LEN: std::ops::RangeInclusive<usize> = 1..=64;
-
-/// What the initiator reports.
-#[derive(Debug)]
-pub enum Event {
-    /// The responder is authenticated (its IDr and AUTH verified).
-    IkeSaEstablished {
-        /// Our SPI.
-        spi_i: u64,
-        /// The responder's SPI.
-        spi_r: u64,
-        /// The authenticated IDr.
-        peer_id: IdBuf,
-        /// Where the SA's messages go now (after a float, the peer's NAT-T port).
-        remote: SocketAddr,
-        /// A NAT was detected between the peers.
-        nat_detected: bool,
-    },
-    /// The first CHILD SA: `outbound` holds the initiator-to-responder keys (RFC 7296 §2.17),
-    /// `inbound` the others.
-    ChildSaInstalled(Box<ChildSa>),
-    /// A CHILD SA is gone: the peer deleted it, or its IKE SA went away.
-    ChildSaDeleted {
-        /// Our SPI.
-        spi_in: u32,
-        /// The peer's SPI.
-        spi_out: u32,
-    },
-    /// The IKE SA is gone, every CHILD SA reported with [`Event::ChildSaDeleted`] before.
-    IkeSaDeleted {
-        /// Our SPI.
-        spi_i: u64,
-        /// Why.
-        reason: DeleteReason,
-    },
-    /// A request of the peer was answered with this error notify (e.g. NO_ADDITIONAL_SAS for
-    /// a CREATE_CHILD_SA); the IKE SA stays.
-    RequestDeclined {
-        /// The request's exchange.
-        exchange: ExchangeType,
-        /// Our answer.
-        notify: NotifyType,
-    },
-    /// The peer reported an error in an INFORMATIONAL request.
-    PeerError {
-        /// The notify type.
-        notify_type: NotifyType,
-    },
-    /// The negotiation ended with this error; the initiator is closed.
-    Failed(Error),
-}
 
 /// Waiting for the IKE_SA_INIT response.
 struct ExpectInit {
@@ -250,22 +200,6 @@ pub struct Initiator {
     state: State,
     transmits: VecDeque<Transmit>,
     events: Events<Event>,
-}
-
-impl ChildEvent for Event {
-    fn installed(&self) -> Option<&ChildSa> {
-        match self {
-            Self::ChildSaInstalled(c) => Some(c),
-            _ => None,
-        }
-    }
-
-    fn deleted(&self) -> Option<u32> {
-        match self {
-            Self::ChildSaDeleted { spi_in, .. } => Some(*spi_in),
-            _ => None,
-        }
-    }
 }
 
 impl fmt::Debug for Initiator {

@@ -97,10 +97,10 @@ use std::time::Instant;
 use concentrator_crypto::{ChildSaKeys, IkeSaKeys, Prf};
 
 pub use crate::error::Error;
-pub use crate::sa::Config;
 pub use crate::sa::{
     ChildSa, DeleteReason, Entropy, IdBuf, NONCE_LEN, REKEYED_SA_LINGER, Retransmit, SystemEntropy, Transmit,
 };
+pub use crate::sa::{Config, Event};
 
 use crate::Message;
 use crate::auth::{psk_auth, signed_octets, verify_psk_auth};
@@ -115,7 +115,7 @@ use crate::negotiate::{IkeChoice, narrow, select_esp, select_ike};
 use crate::payload::{self, Auth, Delete, Identity, Ke, Nonce, Notify, Payload, Ts};
 use crate::redirect::{GatewayId, encode_redirect};
 use crate::sa::create_child::{self, Created};
-use crate::sa::events::{ChildEvent, Events};
+use crate::sa::events::Events;
 use crate::sa::informational;
 use crate::sa::rekey::{self, ChildChange, Ours, soft_deadline};
 use crate::sa::session::{Answered, IkeSa, Retry, Session, Window};
@@ -124,86 +124,6 @@ use crate::sa::snapshot::{
 };
 use crate::sa::timers::{Timer, TimerTable};
 use crate::sa::{ChildRef, deadline, random_spi};
-
-/// What the responder reports.
-#[derive(Debug)]
-pub enum Event {
-    /// The IKE_AUTH request named the peer: look up its PSK and call
-    /// [`Responder::provide_psk`].
-    PeerIdentified {
-        /// IDi.
-        id: IdBuf,
-    },
-    /// The peer is authenticated and our IKE_AUTH response is queued.
-    IkeSaEstablished {
-        /// Initiator's SPI.
-        spi_i: u64,
-        /// Our SPI.
-        spi_r: u64,
-        /// The authenticated IDi.
-        peer_id: IdBuf,
-        /// The peer's IKE address and port (after a float to 4500, that one).
-        remote: SocketAddr,
-        /// A NAT was detected between the peers.
-        nat_detected: bool,
-    },
-    /// A CHILD SA was negotiated: the first one in IKE_AUTH, or a new or rekeyed one in
-    /// CREATE_CHILD_SA ([`ChildSa::replaces`]).
-    ChildSaInstalled(Box<ChildSa>),
-    /// A CHILD SA is gone: the peer deleted it (our response deletes its pair, RFC 7296
-    /// §1.4.1), or its IKE SA went away. Remove both directions from the data plane.
-    ChildSaDeleted {
-        /// Our SPI.
-        spi_in: u32,
-        /// The peer's SPI.
-        spi_out: u32,
-    },
-    /// The IKE SA was rekeyed (by the peer, or by us at [`Config::ike_lifetime`]); the responder now carries on as the new one, with every
-    /// CHILD SA. Route `new_spi_r` to this responder too: `old_spi_r` stays valid until
-    /// [`Event::IkeSaRetired`].
-    IkeSaRekeyed {
-        /// Our SPI of the replaced IKE SA.
-        old_spi_r: u64,
-        /// The peer's SPI of the new IKE SA (its SPIi when the peer rekeyed, its SPIr when
-        /// we did).
-        new_spi_i: u64,
-        /// Our SPI of the new IKE SA (its SPIr when the peer rekeyed, its SPIi when we did).
-        new_spi_r: u64,
-    },
-    /// The IKE SA that a rekey replaced is gone (the peer deleted it, or
-    /// [`REKEYED_SA_LINGER`] passed): stop routing `spi_r` to this responder. Its CHILD SAs
-    /// live on under the new IKE SA.
-    IkeSaRetired {
-        /// Our SPI of the retired IKE SA.
-        spi_r: u64,
-    },
-    /// The IKE SA is gone, and with it every CHILD SA (each reported with
-    /// [`Event::ChildSaDeleted`] before this). The responder is closed.
-    IkeSaDeleted {
-        /// Our SPI of the IKE SA.
-        spi_r: u64,
-        /// Why.
-        reason: DeleteReason,
-    },
-    /// A request of the peer on the established IKE SA was refused: the response carries the
-    /// error's notify (e.g. NO_PROPOSAL_CHOSEN, TS_UNACCEPTABLE, INVALID_KE_PAYLOAD) and the
-    /// IKE SA stays as it was.
-    RequestRefused {
-        /// The request's exchange.
-        exchange: ExchangeType,
-        /// Why.
-        error: Error,
-    },
-    /// The peer reported an error in an INFORMATIONAL request (e.g. INVALID_SPI for an ESP
-    /// packet with an SPI it does not know). Nothing is done about it; worth a log line.
-    PeerError {
-        /// The notify type.
-        notify_type: NotifyType,
-    },
-    /// The negotiation ended with this error (the response, if any, is queued); the state is
-    /// gone.
-    Failed(Error),
-}
 
 /// The IKE_SA_INIT exchange: IKE_AUTH signs it (RFC 7296 §2.15) and its nonces key the
 /// first CHILD SA (§2.17).
@@ -307,22 +227,6 @@ pub struct Responder {
     state: State,
     transmits: VecDeque<Transmit>,
     events: Events<Event>,
-}
-
-impl ChildEvent for Event {
-    fn installed(&self) -> Option<&ChildSa> {
-        match self {
-            Self::ChildSaInstalled(c) => Some(c),
-            _ => None,
-        }
-    }
-
-    fn deleted(&self) -> Option<u32> {
-        match self {
-            Self::ChildSaDeleted { spi_in, .. } => Some(*spi_in),
-            _ => None,
-        }
-    }
 }
 
 impl fmt::Debug for Responder {

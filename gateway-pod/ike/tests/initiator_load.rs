@@ -54,7 +54,7 @@ use concentrator_ike::Header;
 use concentrator_ike::endpoint::{Endpoint, EndpointConfig, EndpointEvent};
 use concentrator_ike::initiator::{Config, Event, Initiator, NatTraversal};
 use concentrator_ike::payload::Identity;
-use concentrator_ike::responder::{self, IdBuf, SystemEntropy};
+use concentrator_ike::responder::{IdBuf, SystemEntropy};
 
 const IKE: &str = "aes128gcm16-prfsha256-x25519";
 const ESP: &str = "aes128gcm16";
@@ -758,7 +758,7 @@ fn engine_establishment_rate_in_process() -> Result<()> {
                     let Some(ev) = ep.poll_event() else { break };
                     if let EndpointEvent::Sa {
                         id,
-                        event: responder::Event::PeerIdentified { .. },
+                        event: Event::PeerIdentified { .. },
                     } = ev
                     {
                         let _ = ep.provide_psk(id, t0, Some(PSK.as_bytes()), &mut e);

@@ -931,7 +931,7 @@ fn rekeys_ike_sa(initiator_rekeys: bool) {
         !p.i_events.iter().any(|e| matches!(
             e,
             initiator::Event::Failed(_)
-                | initiator::Event::RequestDeclined { .. }
+                | initiator::Event::RequestRefused { .. }
                 | initiator::Event::IkeSaDeleted { .. }
         )),
         "{:?}",

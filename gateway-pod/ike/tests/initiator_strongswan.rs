@@ -200,14 +200,15 @@ fn drain(i: &mut Initiator, s500: &UdpSocket, s4500: &UdpSocket) -> Result<()> {
             Event::ChildSaDeleted { spi_in, spi_out } => {
                 println!("EVENT ChildSaDeleted spi_in={spi_in:08x} spi_out={spi_out:08x}");
             }
-            Event::IkeSaDeleted { spi_i, reason } => {
-                println!("EVENT IkeSaDeleted spi_i={spi_i:016x} reason={reason:?}");
+            Event::IkeSaDeleted { spi, reason } => {
+                println!("EVENT IkeSaDeleted spi_i={spi:016x} reason={reason:?}");
             }
-            Event::RequestDeclined { exchange, notify } => {
-                println!("EVENT RequestDeclined exchange={exchange} notify={notify}");
+            Event::RequestRefused { exchange, error } => {
+                println!("EVENT RequestRefused exchange={exchange} error={error}");
             }
             Event::PeerError { notify_type } => println!("EVENT PeerError notify={notify_type}"),
             Event::Failed(e) => println!("EVENT Failed {e} notify={:?}", e.notify()),
+            other => println!("EVENT {other:?}"),
         }
     }
     Ok(())
@@ -449,7 +450,7 @@ fn establishes(case: &Case<'_>) -> Result<String> {
     ensure!(
         !driver
             .lines()
-            .any(|l| l.starts_with("EVENT Failed") || l.starts_with("EVENT RequestDeclined")),
+            .any(|l| l.starts_with("EVENT Failed") || l.starts_with("EVENT RequestRefused")),
         "driver trouble:\n{driver}"
     );
     eprintln!(
@@ -671,7 +672,7 @@ fn answers_strongswans_child_sa_rekey_with_pfs() -> Result<()> {
     ensure!(
         !driver
             .lines()
-            .any(|l| l.starts_with("EVENT Failed") || l.starts_with("EVENT RequestDeclined")),
+            .any(|l| l.starts_with("EVENT Failed") || l.starts_with("EVENT RequestRefused")),
         "driver trouble:\n{driver}"
     );
     s.charon.wait_established("site", "site", TIMEOUT)?;
@@ -765,7 +766,7 @@ fn rekeys_its_child_sa_with_pfs_at_our_soft_lifetime() -> Result<()> {
     ensure!(
         !driver
             .lines()
-            .any(|l| l.starts_with("EVENT Failed") || l.starts_with("EVENT RequestDeclined")),
+            .any(|l| l.starts_with("EVENT Failed") || l.starts_with("EVENT RequestRefused")),
         "driver trouble:\n{driver}"
     );
     Ok(())
@@ -827,7 +828,7 @@ fn rekeys_its_ike_sa_at_our_soft_lifetime() -> Result<()> {
     let driver = s.driver_log();
     ensure!(
         !driver.lines().any(|l| l.starts_with("EVENT Failed")
-            || l.starts_with("EVENT RequestDeclined")
+            || l.starts_with("EVENT RequestRefused")
             || l.starts_with("EVENT IkeSaDeleted")),
         "driver trouble:\n{driver}"
     );

@@ -184,7 +184,7 @@ fn deletes_ike_sa_with_its_children_and_answers_only_retransmissions_after() {
     assert!(
         matches!(&ev[..], [
             Event::ChildSaDeleted { spi_out: ESP_SPI_I, .. },
-            Event::IkeSaDeleted { spi_r: s, reason: DeleteReason::PeerDeleted },
+            Event::IkeSaDeleted { spi: s, reason: DeleteReason::PeerDeleted },
         ] if *s == spi_r),
         "{ev:?}"
     );

@@ -273,8 +273,8 @@ fn drain(
                  new_spi_r={new_spi_r:016x}"
             ),
             Event::IkeSaRetired { spi_r } => println!("EVENT IkeSaRetired spi_r={spi_r:016x}"),
-            Event::IkeSaDeleted { spi_r, reason } => {
-                println!("EVENT IkeSaDeleted spi_r={spi_r:016x} reason={reason:?}");
+            Event::IkeSaDeleted { spi, reason } => {
+                println!("EVENT IkeSaDeleted spi_r={spi:016x} reason={reason:?}");
             }
             Event::RequestRefused { exchange, error } => {
                 println!("EVENT RequestRefused exchange={exchange} error={error}");

@@ -155,14 +155,14 @@ impl Net {
         while let Some(e) = self.site.ep.poll_event() {
             if let EndpointEvent::Initiated { event, .. } = e {
                 match event {
-                    initiator::Event::ChildSaInstalled(c) => {
+                    Event::ChildSaInstalled(c) => {
                         self.site.children.insert(c.spi_in, *c);
                     }
-                    initiator::Event::ChildSaDeleted { spi_in, .. } => {
+                    Event::ChildSaDeleted { spi_in, .. } => {
                         self.site.children.remove(&spi_in);
                     }
-                    initiator::Event::IkeSaDeleted { reason, .. } => self.site.deleted.push(reason),
-                    initiator::Event::Failed(e) => panic!("site failed: {e}"),
+                    Event::IkeSaDeleted { reason, .. } => self.site.deleted.push(reason),
+                    Event::Failed(e) => panic!("site failed: {e}"),
                     _ => {}
                 }
             }

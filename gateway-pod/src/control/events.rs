@@ -82,55 +82,37 @@ impl Driver {
 
     /// Events of the SAs we started: the same handling as the ones peers start, plus
     /// reconnecting the eroutes that are ours to keep up.
-    fn initiated_event(&mut self, id: u64, event: concentrator_ike::initiator::Event) {
-        use concentrator_ike::initiator::Event as I;
-        let as_responder = match event {
-            I::IkeSaEstablished {
-                spi_i,
-                spi_r,
-                peer_id,
-                remote,
-                nat_detected,
-            } => {
-                self.auto.established(id);
-                Event::IkeSaEstablished {
-                    spi_i,
-                    spi_r,
-                    peer_id,
-                    remote,
-                    nat_detected,
-                }
-            }
-            I::ChildSaInstalled(c) => Event::ChildSaInstalled(c),
-            I::ChildSaDeleted { spi_in, spi_out } => Event::ChildSaDeleted { spi_in, spi_out },
-            I::IkeSaDeleted { spi_i, reason } => {
-                if reason == DeleteReason::Redirected {
+    fn initiated_event(&mut self, id: u64, event: Event) {
+        match &event {
+            Event::IkeSaEstablished { .. } => self.auto.established(id),
+            Event::IkeSaDeleted { reason, .. } => {
+                if *reason == DeleteReason::Redirected {
                     self.follow_redirect(id);
                 }
                 self.auto.closed(id);
-                Event::IkeSaDeleted { spi_r: spi_i, reason }
             }
-            I::RequestDeclined { exchange, notify } => {
-                tracing::info!(?exchange, ?notify, "declined a request of the peer");
+            Event::RequestRefused { exchange, error } => {
+                tracing::info!(?exchange, %error, "declined a request of the peer");
                 return;
             }
-            I::PeerError { notify_type } => {
+            Event::PeerError { notify_type } => {
                 tracing::warn!(?notify_type, "peer reported an error");
                 return;
             }
-            I::Failed(e) => {
-                if e == concentrator_ike::initiator::Error::Redirected {
+            Event::Failed(e) => {
+                if *e == concentrator_ike::Error::Redirected {
                     self.follow_redirect(id);
                 }
                 self.auto.closed(id);
                 let eroute = self.auto.eroute_of(id).unwrap_or_default();
-                let reason = initiator_failure_reason(&e);
+                let reason = initiator_failure_reason(e);
                 self.gateway.metrics.count_ike_failure(reason);
                 tracing::warn!(%eroute, reason, error = %e, "IKE negotiation we started failed");
                 return;
             }
-        };
-        self.sa_event(id, as_responder);
+            _ => {}
+        }
+        self.sa_event(id, event);
     }
 
     /// `spi_r` is the SA's id in the endpoint (our first SPI): it names the tunnel for its

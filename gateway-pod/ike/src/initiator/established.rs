@@ -101,13 +101,20 @@ impl Initiator {
             });
             Ok(())
         };
-        let Ok(inner) = payload::decode_inner_chain(opened.first_inner, &opened.plain) else {
-            // Authenticated, so answered (RFC 7296 §3.10.1: INVALID_SYNTAX "only for and in an
-            // encrypted packet if the Message ID and cryptographic checksum were valid").
-            let notify = NotifyType::INVALID_SYNTAX;
-            respond(self, &mut s.session, &[Payload::Notify(Notify::new(notify, &[]))])?;
-            self.events.push_back(Event::RequestDeclined { exchange, notify });
-            return Ok(None);
+        let inner = match payload::decode_inner_chain(opened.first_inner, &opened.plain) {
+            Ok(inner) => inner,
+            Err(e) => {
+                // Authenticated, so answered (RFC 7296 §3.10.1: INVALID_SYNTAX "only for and
+                // in an encrypted packet if the Message ID and cryptographic checksum were
+                // valid").
+                let notify = NotifyType::INVALID_SYNTAX;
+                respond(self, &mut s.session, &[Payload::Notify(Notify::new(notify, &[]))])?;
+                self.events.push_back(Event::RequestRefused {
+                    exchange,
+                    error: Error::MalformedInner(e),
+                });
+                return Ok(None);
+            }
         };
         if exchange == ExchangeType::CREATE_CHILD_SA {
             match self.create_child(s, now, &inner, entropy) {
@@ -145,7 +152,8 @@ impl Initiator {
                         data: &data,
                     };
                     respond(self, &mut s.session, &[Payload::Notify(n)])?;
-                    self.events.push_back(Event::RequestDeclined { exchange, notify });
+                    self.events
+                        .push_back(Event::RequestRefused { exchange, error: e });
                 }
             }
             return Ok(None);
@@ -154,7 +162,10 @@ impl Initiator {
             // IKE_SA_INIT and IKE_AUTH are over; other exchange types are not ours to take.
             let notify = NotifyType::INVALID_SYNTAX;
             respond(self, &mut s.session, &[Payload::Notify(Notify::new(notify, &[]))])?;
-            self.events.push_back(Event::RequestDeclined { exchange, notify });
+            self.events.push_back(Event::RequestRefused {
+                exchange,
+                error: Error::Unexpected("an exchange not taken on an established IKE SA"),
+            });
             return Ok(None);
         }
         // RFC 5685 §5: a REDIRECT in an INFORMATIONAL request on the established SA. We answer
@@ -405,7 +416,7 @@ impl Initiator {
             });
         }
         self.events.push_back(Event::IkeSaDeleted {
-            spi_i: self.spi_i,
+            spi: self.spi_i,
             reason,
         });
         s.session.take_last()

@@ -474,7 +474,7 @@ impl Responder {
         }
         self.retire_previous(s);
         self.events.push_back(Event::IkeSaDeleted {
-            spi_r: s.current.sa.our_spi(),
+            spi: s.current.sa.our_spi(),
             reason,
         });
         s.current.take_last()

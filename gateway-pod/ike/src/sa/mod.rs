@@ -6,6 +6,7 @@
 
 mod config;
 pub(crate) mod create_child;
+mod event;
 pub(crate) mod events;
 pub(crate) mod informational;
 pub(crate) mod rekey;
@@ -14,6 +15,7 @@ pub mod snapshot;
 pub(crate) mod timers;
 
 pub use self::config::{Config, NatTraversal};
+pub use self::event::Event;
 
 use std::fmt;
 use std::net::SocketAddr;
