@@ -26,6 +26,16 @@ pub const TOOLS: &[Tool] = &[tools::IP, tools::PING, tools::SH];
 /// Every namespace this harness creates starts with this.
 pub const PREFIX: &str = "e2e-";
 
+/// The address `s`, a literal of a test's topology (panics on a typo).
+pub fn addr(s: &str) -> IpAddr {
+    s.parse().expect("valid address")
+}
+
+/// The prefix `s` (`192.0.2.1/24`), a literal of a test's topology (panics on a typo).
+pub fn net(s: &str) -> IpNet {
+    s.parse().expect("valid prefix")
+}
+
 /// A network namespace, deleted on drop together with every process still inside it.
 #[derive(Debug)]
 pub struct Netns {

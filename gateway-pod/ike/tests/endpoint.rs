@@ -7,30 +7,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use concentrator_algorithms::DhGroup;
-use concentrator_crypto::{CryptoError, KeyExchange};
+use concentrator_crypto::KeyExchange;
 use concentrator_ike::endpoint::{Endpoint, EndpointConfig, EndpointError, EndpointEvent, SaCounts};
 use concentrator_ike::payload::{Identity, Ke, Nonce, Notify, Proposal, Sa, Transform};
-use concentrator_ike::responder::{Config, Entropy, IdBuf};
+use concentrator_ike::responder::{Config, IdBuf};
 use concentrator_ike::{
     DhGroup as WireGroup, ExchangeType, Flags, Header, Message, NotifyType, Payload, PayloadType, ProtocolId,
     TransformId, TransformType,
 };
-
-/// Deterministic entropy: counting bytes (so SPIs differ), fixed X25519 keys.
-struct Counter(u64);
-
-impl Entropy for Counter {
-    fn fill(&mut self, buf: &mut [u8]) -> Result<(), CryptoError> {
-        for b in buf {
-            self.0 = self.0.wrapping_add(1);
-            *b = (self.0 % 251) as u8 + 1;
-        }
-        Ok(())
-    }
-    fn key_exchange(&mut self, group: DhGroup) -> Result<KeyExchange, CryptoError> {
-        KeyExchange::from_private_key(group, &[0x22; 32])
-    }
-}
+use concentrator_test_util::Counter;
 
 /// An eroute's defaults: its proposals, CHILD SA lifetime 1h, IKE SA lifetime 4h, liveness
 /// checks every 30 s.
@@ -111,7 +96,7 @@ fn drain(ep: &mut Endpoint) -> (Vec<Message<'static>>, Vec<EndpointEvent>) {
 #[test]
 fn routes_a_retransmitted_ike_sa_init_to_the_same_sa() {
     let mut ep = Endpoint::new(EndpointConfig::default(), config());
-    let mut entropy = Counter(0);
+    let mut entropy = Counter::non_zero(0);
     let now = Instant::now();
     let req = init_request(7, &[1; 32], None);
     ep.handle_datagram(now, local(), site(1), &req, &mut entropy)
@@ -146,11 +131,11 @@ fn a_request_for_an_unknown_spi_is_dropped() {
     req[19] = Flags::INITIATOR.bits();
     req[20..24].copy_from_slice(&1u32.to_be_bytes());
     assert_eq!(
-        ep.handle_datagram(Instant::now(), local(), site(1), &req, &mut Counter(0)),
+        ep.handle_datagram(Instant::now(), local(), site(1), &req, &mut Counter::non_zero(0)),
         Err(EndpointError::UnknownSpi(99))
     );
     assert_eq!(
-        ep.handle_datagram(Instant::now(), local(), site(1), &[0; 10], &mut Counter(0)),
+        ep.handle_datagram(Instant::now(), local(), site(1), &[0; 10], &mut Counter::non_zero(0)),
         Err(EndpointError::NotIke)
     );
     assert!(ep.poll_transmit().is_none());
@@ -164,7 +149,7 @@ fn under_load_ike_sa_init_must_return_a_cookie_and_then_succeeds() {
         ..EndpointConfig::default()
     };
     let mut ep = Endpoint::new(cfg, config());
-    let mut entropy = Counter(0);
+    let mut entropy = Counter::non_zero(0);
     let now = Instant::now();
     for n in 1..=2u8 {
         ep.handle_datagram(
@@ -251,15 +236,15 @@ fn half_open_sas_expire_and_are_reported_removed() {
         local(),
         site(1),
         &init_request(1, &[1; 32], None),
-        &mut Counter(0),
+        &mut Counter::non_zero(0),
     )
     .unwrap();
     let (msgs, _) = drain(&mut ep);
     let spi_r = msgs[0].header.spi_r;
     assert_eq!(ep.poll_timeout(), Some(now + Duration::from_secs(5)));
-    ep.handle_timeout(now + Duration::from_secs(4), &mut Counter(0));
+    ep.handle_timeout(now + Duration::from_secs(4), &mut Counter::non_zero(0));
     assert_eq!(ep.counts().half_open, 1);
-    ep.handle_timeout(now + Duration::from_secs(5), &mut Counter(0));
+    ep.handle_timeout(now + Duration::from_secs(5), &mut Counter::non_zero(0));
     assert_eq!(ep.counts(), SaCounts::default());
     let (_, events) = drain(&mut ep);
     assert!(matches!(
@@ -284,7 +269,7 @@ fn a_refused_ike_sa_init_keeps_no_state() {
         .position(|w| w == [0, 0, 0, 8, 4, 0, 0, 31])
         .expect("DH transform");
     req[pos + 7] = 1;
-    let r = ep.handle_datagram(Instant::now(), local(), site(1), &req, &mut Counter(0));
+    let r = ep.handle_datagram(Instant::now(), local(), site(1), &req, &mut Counter::non_zero(0));
     assert!(r.is_err(), "{r:?}");
     let (msgs, events) = drain(&mut ep);
     assert_eq!(msgs.len(), 1, "an error response is sent");
@@ -296,7 +281,7 @@ fn a_refused_ike_sa_init_keeps_no_state() {
 fn redirects_initiators_that_support_it_and_serves_the_others() {
     use concentrator_ike::redirect::{GatewayId, decode_redirect};
     let mut ep = Endpoint::new(EndpointConfig::default(), config());
-    let mut entropy = Counter(0);
+    let mut entropy = Counter::non_zero(0);
     let gw = GatewayId::Ip("192.0.2.99".parse().unwrap());
     ep.set_redirect(Some(gw.clone()));
     let nonce = [5u8; 32];

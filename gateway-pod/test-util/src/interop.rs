@@ -1,0 +1,410 @@
+//! Our IKE state machines against a real strongSwan: a site namespace and a gateway namespace
+//! on one WAN bridge, charon (key-oracle logging, kernel-libipsec) in one of them and our
+//! *driver* in the other.
+//!
+//! The driver is the test binary itself, re-executed in its namespace to run the test named
+//! [`DRIVER_TEST`], which does nothing unless the test's environment variables are set. It
+//! runs one of our state machines on UDP 500 and 4500 of its WAN address ([`Sockets`]: one
+//! thread per socket feeding a channel, `Instant::now()` at each datagram and timer) and
+//! prints one line per event (`EVENT ...`, [`ike_sa_established`], [`child_sa_installed`]),
+//! which the test reads from its log ([`Interop::wait_driver`]). charon's key log is the
+//! oracle for the CHILD SA keys ([`ensure_charon_keys`]).
+
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use concentrator_e2e::netns::{Netns, Wan, addr, net};
+use concentrator_e2e::process::Daemon;
+use concentrator_e2e::strongswan::{self, Charon, CharonOptions, Connection};
+use concentrator_e2e::wait::{self, Probe};
+use concentrator_e2e::{logs, scratch};
+use concentrator_ike::negotiate::ts_bounds;
+use concentrator_ike::payload::TrafficSelector;
+use concentrator_ike::responder::{ChildSa, IdBuf};
+
+/// The site's WAN address.
+pub const SITE_ADDR: &str = "192.0.2.1";
+/// The gateway's WAN address.
+pub const GW_ADDR: &str = "192.0.2.2";
+/// The subnet behind the site.
+pub const SITE_LAN: &str = "10.1.0.0/24";
+/// The subnet behind the gateway.
+pub const GW_LAN: &str = "10.2.0.0/24";
+/// The gateway's identity.
+pub const GW_ID: &str = "gw.example";
+/// The site's identity.
+pub const SITE_ID: &str = "site-a.example";
+/// How long a test waits for one thing to happen.
+pub const TIMEOUT: Duration = Duration::from_secs(15);
+/// The test every interop test binary defines to run its driver.
+pub const DRIVER_TEST: &str = "driver_process";
+
+/// An environment variable the driver needs.
+pub fn env(name: &str) -> Result<String> {
+    std::env::var(name).with_context(|| format!("{name} not set"))
+}
+
+/// Lowercase hex; `-` for no bytes (an absent key, e.g. the integrity key of an AEAD).
+pub fn hex(b: &[u8]) -> String {
+    if b.is_empty() {
+        return "-".to_owned();
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Traffic selectors as `first-last` address ranges, comma-separated.
+pub fn ts(v: &[TrafficSelector<'_>]) -> String {
+    v.iter()
+        .filter_map(ts_bounds)
+        .map(|(a, b)| format!("{a}-{b}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The value of `key=value` in a driver log line.
+pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+}
+
+/// Lines of a driver log that start with `prefix`.
+pub fn lines_with<'a>(log: &'a str, prefix: &str) -> Vec<&'a str> {
+    log.lines().filter(|l| l.starts_with(prefix)).collect()
+}
+
+/// Every key charon dumped as `label` (`chd = 4`), in order, in the driver log's hex.
+pub fn charon_keys(charon_log: &str, label: &str) -> Vec<String> {
+    strongswan::hex_dumps_of(charon_log, label)
+        .iter()
+        .map(|b| hex(b))
+        .collect()
+}
+
+/// Checks that the keys of the `ChildSaInstalled` driver line `line` are the ones charon
+/// derived for its `nth` CHILD SA: for each `(charon's label, our field)`, the `nth` dump of
+/// the label (RFC 7296 §2.17 KEYMAT), `-` where charon dumped none.
+pub fn ensure_charon_keys(charon_log: &str, nth: usize, line: &str, keys: &[(&str, &str)]) -> Result<()> {
+    for (label, ours) in keys {
+        let theirs = charon_keys(charon_log, label);
+        let theirs = theirs.get(nth).map_or("-", String::as_str);
+        ensure!(
+            Some(theirs) == field(line, ours),
+            "{label}: charon {theirs}, ours {:?} in {line}",
+            field(line, ours)
+        );
+    }
+    Ok(())
+}
+
+/// The driver log line of an established IKE SA.
+pub fn ike_sa_established(spi_i: u64, spi_r: u64, peer_id: &IdBuf, remote: SocketAddr, nat: bool) -> String {
+    format!("EVENT IkeSaEstablished spi_i={spi_i:016x} spi_r={spi_r:016x} peer={peer_id} remote={remote} nat={nat}")
+}
+
+/// The driver log line of an installed CHILD SA. Test only: the keys go to the log so that
+/// the test can compare them with the ones charon logs.
+pub fn child_sa_installed(c: &ChildSa) -> String {
+    let key = |k: &concentrator_crypto::DirectionKeys| hex(&[k.encr.expose(), k.salt.expose()].concat());
+    let replaces = c
+        .replaces
+        .map_or_else(|| "-".to_owned(), |spi| format!("{spi:08x}"));
+    format!(
+        "EVENT ChildSaInstalled spi_in={:08x} spi_out={:08x} encr={:?} integ={:?} in_key={} \
+         in_integ={} out_key={} out_integ={} ts_local={} ts_remote={} encap={} replaces={replaces}",
+        c.spi_in,
+        c.spi_out,
+        c.encryption,
+        c.integrity,
+        key(&c.inbound),
+        hex(c.inbound.integ.expose()),
+        key(&c.outbound),
+        hex(c.outbound.integ.expose()),
+        ts(&c.ts_local),
+        ts(&c.ts_remote),
+        c.udp_encap
+    )
+}
+
+/// An IKE message a driver received.
+#[derive(Debug)]
+pub struct Datagram {
+    /// Where it arrived: the driver's address and port 500 or 4500.
+    pub local: SocketAddr,
+    /// Who sent it.
+    pub remote: SocketAddr,
+    /// The IKE message (without the non-ESP marker on port 4500).
+    pub ike: Vec<u8>,
+}
+
+/// The driver's UDP sockets, ports 500 and 4500 of one address, each read by a thread.
+#[derive(Debug)]
+pub struct Sockets {
+    local: IpAddr,
+    s500: UdpSocket,
+    s4500: UdpSocket,
+    rx: Receiver<(u16, SocketAddr, Vec<u8>)>,
+}
+
+impl Sockets {
+    /// Binds UDP 500 and 4500 of `local` and starts reading them.
+    pub fn bind(local: IpAddr) -> Result<Self> {
+        let s500 = UdpSocket::bind((local, 500)).context("binding UDP 500")?;
+        let s4500 = UdpSocket::bind((local, 4500)).context("binding UDP 4500")?;
+        let (tx, rx) = mpsc::channel();
+        for sock in [&s500, &s4500] {
+            let sock = sock.try_clone()?;
+            let tx = tx.clone();
+            let port = sock.local_addr()?.port();
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 65536];
+                while let Ok((n, from)) = sock.recv_from(&mut buf) {
+                    if tx.send((port, from, buf[..n].to_vec())).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        Ok(Self {
+            local,
+            s500,
+            s4500,
+            rx,
+        })
+    }
+
+    /// The next IKE message, waiting until `deadline` (for ever without one):
+    /// `Err(Timeout)` once it passed. ESP on port 4500 is skipped: drivers handle IKE only.
+    pub fn recv(&self, deadline: Option<Instant>) -> Result<Datagram, RecvTimeoutError> {
+        loop {
+            let (port, remote, data) = match deadline {
+                Some(t) => self
+                    .rx
+                    .recv_timeout(t.saturating_duration_since(Instant::now()))?,
+                None => self.rx.recv().map_err(|_| RecvTimeoutError::Disconnected)?,
+            };
+            // RFC 3948 §2.2: on port 4500, IKE messages start with four zero octets (the
+            // non-ESP marker); anything else there is ESP.
+            let ike = if port == 4500 {
+                match data.strip_prefix(&[0, 0, 0, 0][..]) {
+                    Some(rest) => rest.to_vec(),
+                    None => continue,
+                }
+            } else {
+                data
+            };
+            return Ok(Datagram {
+                local: SocketAddr::new(self.local, port),
+                remote,
+                ike,
+            });
+        }
+    }
+
+    /// Sends an IKE message to `remote`: from port 4500 with the non-ESP marker (RFC 3948
+    /// §2.2) when `nat_t`, else from port 500.
+    pub fn send(&self, nat_t: bool, ike: &[u8], remote: SocketAddr) -> Result<()> {
+        let mut out = Vec::with_capacity(ike.len() + 4);
+        let sock = if nat_t {
+            out.extend_from_slice(&[0, 0, 0, 0]);
+            &self.s4500
+        } else {
+            &self.s500
+        };
+        out.extend_from_slice(ike);
+        sock.send_to(&out, remote)?;
+        Ok(())
+    }
+}
+
+/// The site's view of the connection to the gateway, named `name`: addresses, subnets,
+/// identities, proposals and PSK of this topology.
+pub fn site_connection(name: &str, ike: &str, esp: &str, psk: &str) -> Connection {
+    let mut c = Connection::new(
+        name,
+        addr(SITE_ADDR),
+        addr(GW_ADDR),
+        psk,
+        vec![net(SITE_LAN)],
+        vec![net(GW_LAN)],
+    );
+    c.local_id = SITE_ID.to_owned();
+    c.remote_id = GW_ID.to_owned();
+    c.ike_proposal = ike.to_owned();
+    c.esp_proposal = esp.to_owned();
+    c
+}
+
+/// Both namespaces, our driver and charon; dropped in field order, the namespaces (and every
+/// process in them) first.
+#[derive(Debug)]
+pub struct Interop {
+    _wan: Wan,
+    /// The site namespace.
+    pub site: Netns,
+    /// The gateway namespace.
+    pub gw: Netns,
+    _dir: tempfile::TempDir,
+    /// Our driver; its output is its log.
+    pub driver: Daemon,
+    /// `None` once killed.
+    charon: Option<Charon>,
+}
+
+impl Interop {
+    /// Our initiator (the driver, in the site namespace, environment `driver_env`) against
+    /// charon in the gateway namespace, which has loaded `theirs` (its view of the
+    /// connection). Returns once the driver runs; it connects at once.
+    pub fn initiator(theirs: &Connection, driver_env: &[(&str, String)]) -> Result<Self> {
+        let (wan, site, gw) = namespaces("ini")?;
+        gw.add_lo_addr(net("10.2.0.1/24"))?;
+        site.wait_reachable(None, addr(GW_ADDR), Duration::from_secs(5))?;
+        let charon = Charon::start_with(&gw, &CharonOptions::key_oracle())?;
+        charon.load(std::slice::from_ref(theirs))?;
+        let dir = scratch::dir("ike-initiator")?;
+        let driver = spawn_driver(&site, "ike initiator driver", &dir, driver_env)?;
+        Ok(Self {
+            _wan: wan,
+            site,
+            gw,
+            _dir: dir,
+            driver,
+            charon: Some(charon),
+        })
+    }
+
+    /// Our responder (the driver, in the gateway namespace, environment `driver_env`), once it
+    /// printed `READY`, and charon in the site namespace with nothing loaded yet.
+    pub fn responder(driver_env: &[(&str, String)]) -> Result<Self> {
+        let (wan, site, gw) = namespaces("ike")?;
+        site.add_lo_addr(net("10.1.0.1/24"))?;
+        site.wait_reachable(None, addr(GW_ADDR), Duration::from_secs(5))?;
+        let dir = scratch::dir("ike-driver")?;
+        let mut driver = spawn_driver(&gw, "ike driver", &dir, driver_env)?;
+        let log = driver.log_path().to_owned();
+        wait::until("the IKE driver to bind", Duration::from_secs(10), || {
+            driver.ensure_running()?;
+            Ok(if logs::contains(&log, "READY") {
+                Probe::Ready(())
+            } else {
+                Probe::pending(driver.log_tail(5))
+            })
+        })?;
+        let charon = Charon::start_with(&site, &CharonOptions::key_oracle())?;
+        Ok(Self {
+            _wan: wan,
+            site,
+            gw,
+            _dir: dir,
+            driver,
+            charon: Some(charon),
+        })
+    }
+
+    /// charon, while it runs.
+    pub fn charon(&self) -> &Charon {
+        self.charon.as_ref().expect("charon is running")
+    }
+
+    /// Kills charon (SIGKILL): its side goes silent without deleting anything.
+    pub fn kill_charon(&mut self) {
+        self.charon = None;
+    }
+
+    /// charon's log so far.
+    pub fn charon_log(&self) -> Result<String> {
+        Ok(std::fs::read_to_string(self.charon().log_path())?)
+    }
+
+    /// The driver's log so far.
+    pub fn driver_log(&self) -> String {
+        std::fs::read_to_string(self.driver.log_path()).unwrap_or_default()
+    }
+
+    /// The first driver log line starting with `prefix`, once it appears.
+    pub fn wait_driver_line(&mut self, prefix: &str) -> Result<String> {
+        self.wait_driver(format!("driver line {prefix:?}"), TIMEOUT, |text| {
+            text.lines().find(|l| l.starts_with(prefix)).map(str::to_owned)
+        })
+    }
+
+    /// Polls the driver log until `found` returns something; fails at once if the driver
+    /// exits.
+    pub fn wait_driver<T>(
+        &mut self,
+        what: impl std::fmt::Display,
+        timeout: Duration,
+        found: impl Fn(&str) -> Option<T>,
+    ) -> Result<T> {
+        let log = self.driver.log_path().to_owned();
+        let driver = &mut self.driver;
+        let charon = self.charon.as_ref();
+        wait::until(what, timeout, || {
+            driver.ensure_running()?;
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            Ok(match found(&text) {
+                Some(v) => Probe::Ready(v),
+                None => Probe::pending(driver.log_tail(10)),
+            })
+        })
+        .with_context(|| charon.map(|c| c.log_tail(30)).unwrap_or_default())
+    }
+
+    /// Polls charon's log until it holds `count` lines containing `needle`.
+    pub fn wait_charon_log(&self, needle: &str, count: usize, timeout: Duration) -> Result<()> {
+        let log = self.charon().log_path().to_owned();
+        wait::until(
+            format!("{count} charon log lines with {needle:?}"),
+            timeout,
+            || {
+                let n = std::fs::read_to_string(&log)
+                    .unwrap_or_default()
+                    .lines()
+                    .filter(|l| l.contains(needle))
+                    .count();
+                Ok(if n >= count {
+                    Probe::Ready(())
+                } else {
+                    Probe::pending(format!("{n} so far"))
+                })
+            },
+        )
+        .with_context(|| self.charon().log_tail(30))
+    }
+
+    /// charon (the site) loads `conn`, initiates it and waits until it holds the SAs and the
+    /// driver reported the CHILD SA.
+    pub fn establish(&mut self, conn: &Connection) -> Result<strongswan::ChildSa> {
+        let name = conn.name.as_str();
+        self.charon().load(std::slice::from_ref(conn))?;
+        self.charon()
+            .initiate(name)
+            .with_context(|| self.driver.log_tail(20))?;
+        let child = self
+            .charon()
+            .wait_established(name, name, TIMEOUT)
+            .with_context(|| self.driver.log_tail(20))?;
+        self.wait_driver_line("EVENT ChildSaInstalled")?;
+        Ok(child)
+    }
+}
+
+/// The WAN and the site and gateway namespaces (`{tag}site`, `{tag}gw`) on it.
+fn namespaces(tag: &str) -> Result<(Wan, Netns, Netns)> {
+    let wan = Wan::new()?;
+    let site = Netns::new(&format!("{tag}site"))?;
+    let gw = Netns::new(&format!("{tag}gw"))?;
+    wan.attach(&site, "wan0", net(&format!("{SITE_ADDR}/24")))?;
+    wan.attach(&gw, "wan0", net(&format!("{GW_ADDR}/24")))?;
+    Ok((wan, site, gw))
+}
+
+/// This test binary, running only [`DRIVER_TEST`] in `ns` with `env`; its output goes to
+/// `driver.log` in `dir`.
+fn spawn_driver(ns: &Netns, name: &str, dir: &tempfile::TempDir, env: &[(&str, String)]) -> Result<Daemon> {
+    let mut cmd = ns.command(std::env::current_exe()?);
+    cmd.args(["--exact", DRIVER_TEST, "--nocapture", "--test-threads=1"])
+        .envs(env.iter().map(|(k, v)| (k, v)));
+    Daemon::spawn(name, cmd, &dir.path().join("driver.log"))
+}
