@@ -1,7 +1,8 @@
 //! The responder against a minimal deterministic initiator written with the codec and
 //! `concentrator-crypto` (fixed keys, nonces and SPIs, no network): the paths strongSwan does
 //! not take on its own (retransmissions, tampering, unknown peer, traffic selectors outside
-//! the eroute, a wrong KE guess). Interoperability itself is `responder_strongswan.rs`.
+//! the eroute, a wrong KE guess). Interoperability itself is the gateway crate's
+//! `tests/responder_strongswan.rs`.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;

@@ -2,58 +2,32 @@
 //! namespace connects to charon (kernel-libipsec) in a gateway namespace, both on one WAN
 //! bridge.
 //!
-//! The initiator runs in a thin driver (blocking UDP on ports 500 and 4500 of the site
-//! address, one thread per socket feeding a channel, `Instant::now()` at each datagram and
-//! timer). The test binary re-executes itself inside the site namespace to run it:
-//! `driver_process` does nothing unless `IKE_INITIATOR_DRIVER` is set. The driver prints one
-//! `EVENT ...` line per event, which the test reads from its log, and keeps answering the
-//! responder until it is killed.
+//! The initiator runs in a thin driver ([`concentrator_test_util::interop`]): the test binary
+//! re-executes itself inside the site namespace to run it: `driver_process` does nothing
+//! unless `IKE_INITIATOR_DRIVER` is set. The driver prints one `EVENT ...` line per event,
+//! which the test reads from its log, and keeps answering the responder until it is killed.
 //!
 //! charon's key log (`chd = 4`) is the oracle for the CHILD SA keys; `swanctl --list-sas`
 //! must show the SAs ESTABLISHED / INSTALLED. As non-root every test prints SKIP and passes.
 
-use std::net::{IpAddr, SocketAddr, UdpSocket};
-use std::sync::{Arc, mpsc};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use concentrator_algorithms::{parse_esp, parse_ike};
-use concentrator_e2e::netns::{self, Netns, Wan};
-use concentrator_e2e::strongswan::{self, Charon, CharonOptions, Connection};
+use concentrator_e2e::netns;
+use concentrator_e2e::strongswan;
 use concentrator_e2e::wait::{self, Probe};
-use concentrator_e2e::{logs, prereq, scratch};
+use concentrator_e2e::{logs, prereq};
 use concentrator_ike::initiator::{Config, Event, Initiator};
-use concentrator_ike::negotiate::ts_bounds;
-use concentrator_ike::payload::{Identity, TrafficSelector};
+use concentrator_ike::payload::Identity;
 use concentrator_ike::responder::{IdBuf, SystemEntropy};
-use ipnet::IpNet;
-
-const SITE_ADDR: &str = "192.0.2.1";
-const GW_ADDR: &str = "192.0.2.2";
-const SITE_LAN: &str = "10.1.0.0/24";
-const GW_LAN: &str = "10.2.0.0/24";
-const GW_ID: &str = "gw.example";
-const SITE_ID: &str = "site-a.example";
-const TIMEOUT: Duration = Duration::from_secs(15);
-
-fn env(name: &str) -> Result<String> {
-    std::env::var(name).with_context(|| format!("{name} not set"))
-}
-
-fn hex(b: &[u8]) -> String {
-    if b.is_empty() {
-        return "-".to_owned();
-    }
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn ts(v: &[TrafficSelector<'_>]) -> String {
-    v.iter()
-        .filter_map(ts_bounds)
-        .map(|(a, b)| format!("{a}-{b}"))
-        .collect::<Vec<_>>()
-        .join(",")
-}
+use concentrator_test_util::interop::{
+    GW_ADDR, GW_ID, GW_LAN, Interop, SITE_ADDR, SITE_ID, SITE_LAN, Sockets, TIMEOUT, child_sa_installed, env,
+    ensure_charon_keys, field, ike_sa_established, lines_with, site_connection,
+};
 
 /// The driver: runs until killed when `IKE_INITIATOR_DRIVER` is set, else returns at once.
 #[test]
@@ -81,22 +55,7 @@ fn driver_process() -> Result<()> {
         config.ike_lifetime = Some(Duration::from_millis(ms.parse()?));
     }
     let psk = env("IKE_INITIATOR_PSK")?.into_bytes();
-    let s500 = UdpSocket::bind((local, 500)).context("binding UDP 500")?;
-    let s4500 = UdpSocket::bind((local, 4500)).context("binding UDP 4500")?;
-    let (tx, rx) = mpsc::channel::<(u16, SocketAddr, Vec<u8>)>();
-    for sock in [&s500, &s4500] {
-        let sock = sock.try_clone()?;
-        let tx = tx.clone();
-        let port = sock.local_addr()?.port();
-        std::thread::spawn(move || {
-            let mut buf = vec![0u8; 65536];
-            while let Ok((n, from)) = sock.recv_from(&mut buf) {
-                if tx.send((port, from, buf[..n].to_vec())).is_err() {
-                    break;
-                }
-            }
-        });
-    }
+    let sockets = Sockets::bind(local)?;
     let mut entropy = SystemEntropy;
     let mut i = Initiator::connect(
         Arc::new(config),
@@ -109,7 +68,7 @@ fn driver_process() -> Result<()> {
     println!("STARTED spi_i={:016x}", i.spi_i());
     let mut spis = None;
     loop {
-        drain(&mut i, &s500, &s4500)?;
+        drain(&mut i, &sockets)?;
         // The IKE SA in use, printed when it changes (a rekey).
         if i.ike_spis() != spis {
             spis = i.ike_spis();
@@ -117,48 +76,24 @@ fn driver_process() -> Result<()> {
                 println!("SPIS spi_i={a:016x} spi_r={b:016x}");
             }
         }
-        let received = match i.poll_timeout() {
-            Some(t) => rx.recv_timeout(t.saturating_duration_since(Instant::now())),
-            None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
-        };
-        match received {
-            Ok((port, from, data)) => {
-                // RFC 3948 §2.2: IKE on port 4500 follows four zero octets (the non-ESP
-                // marker); anything else there is ESP, which this driver does not handle.
-                let ike = if port == 4500 {
-                    match data.strip_prefix(&[0, 0, 0, 0][..]) {
-                        Some(rest) => rest,
-                        None => continue,
-                    }
-                } else {
-                    &data[..]
-                };
-                let to = SocketAddr::new(local, port);
-                if let Err(e) = i.handle_datagram(Instant::now(), to, from, ike, &mut entropy) {
+        match sockets.recv(i.poll_timeout()) {
+            Ok(d) => {
+                if let Err(e) = i.handle_datagram(Instant::now(), d.local, d.remote, &d.ike, &mut entropy) {
                     println!("DROP {e}");
                 }
             }
-            Err(mpsc::RecvTimeoutError::Timeout) => i.handle_timeout(Instant::now(), &mut entropy),
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(RecvTimeoutError::Timeout) => i.handle_timeout(Instant::now(), &mut entropy),
+            Err(RecvTimeoutError::Disconnected) => break,
         }
     }
     Ok(())
 }
 
-/// Sends what the initiator queued and prints its events.
-fn drain(i: &mut Initiator, s500: &UdpSocket, s4500: &UdpSocket) -> Result<()> {
+/// Sends what the initiator queued (on the NAT-T path once floated) and prints its events.
+fn drain(i: &mut Initiator, sockets: &Sockets) -> Result<()> {
     let floated = i.floated();
     while let Some(t) = i.poll_transmit() {
-        let mut out = Vec::with_capacity(t.payload.len() + 4);
-        // RFC 3948 §2.2: IKE on the NAT-T path carries the non-ESP marker.
-        let sock = if floated {
-            out.extend_from_slice(&[0, 0, 0, 0]);
-            s4500
-        } else {
-            s500
-        };
-        out.extend_from_slice(&t.payload);
-        sock.send_to(&out, t.remote)?;
+        sockets.send(floated, &t.payload, t.remote)?;
     }
     while let Some(ev) = i.poll_event() {
         match ev {
@@ -169,34 +104,10 @@ fn drain(i: &mut Initiator, s500: &UdpSocket, s4500: &UdpSocket) -> Result<()> {
                 remote,
                 nat_detected,
             } => println!(
-                "EVENT IkeSaEstablished spi_i={spi_i:016x} spi_r={spi_r:016x} peer={peer_id} \
-                 remote={remote} nat={nat_detected}"
+                "{}",
+                ike_sa_established(spi_i, spi_r, &peer_id, remote, nat_detected)
             ),
-            Event::ChildSaInstalled(c) => {
-                // Test only: the keys go to the driver log so that the test can compare them
-                // with the ones charon logs.
-                let key = |k: &concentrator_crypto::DirectionKeys| {
-                    hex(&[k.encr.expose(), k.salt.expose()].concat())
-                };
-                println!(
-                    "EVENT ChildSaInstalled spi_in={:08x} spi_out={:08x} encr={:?} integ={:?} \
-                     in_key={} in_integ={} out_key={} out_integ={} ts_local={} ts_remote={} encap={} \
-                     replaces={}",
-                    c.spi_in,
-                    c.spi_out,
-                    c.encryption,
-                    c.integrity,
-                    key(&c.inbound),
-                    hex(c.inbound.integ.expose()),
-                    key(&c.outbound),
-                    hex(c.outbound.integ.expose()),
-                    ts(&c.ts_local),
-                    ts(&c.ts_remote),
-                    c.udp_encap,
-                    c.replaces
-                        .map_or_else(|| "-".to_owned(), |spi| format!("{spi:08x}"))
-                );
-            }
+            Event::ChildSaInstalled(c) => println!("{}", child_sa_installed(&c)),
             Event::ChildSaDeleted { spi_in, spi_out } => {
                 println!("EVENT ChildSaDeleted spi_in={spi_in:08x} spi_out={spi_out:08x}");
             }
@@ -211,65 +122,6 @@ fn drain(i: &mut Initiator, s500: &UdpSocket, s4500: &UdpSocket) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Every hex dump `"<label> => N bytes @ 0x..."` in a charon log (`chd = 4`), in order.
-fn charon_dumps(log: &str, label: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut lines = log.lines();
-    while let Some(line) = lines.next() {
-        let Some((head, tail)) = line.split_once(" => ") else {
-            continue;
-        };
-        if !head.ends_with(label) {
-            continue;
-        }
-        let Some(n) = tail
-            .split_once(" bytes @ ")
-            .and_then(|(n, _)| n.trim().parse::<usize>().ok())
-        else {
-            continue;
-        };
-        let mut bytes = Vec::with_capacity(n);
-        while bytes.len() < n {
-            let Some((_, dump)) = lines.next().and_then(|l| l.split_once(": ")) else {
-                return out;
-            };
-            for tok in dump.split(' ').take_while(|t| !t.is_empty()).take(16) {
-                match u8::from_str_radix(tok, 16) {
-                    Ok(b) => bytes.push(b),
-                    Err(_) => return out,
-                }
-            }
-        }
-        bytes.truncate(n);
-        out.push(hex(&bytes));
-    }
-    out
-}
-
-fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
-}
-
-fn net(s: &str) -> IpNet {
-    s.parse().expect("valid prefix")
-}
-
-fn addr(s: &str) -> IpAddr {
-    s.parse().expect("valid address")
-}
-
-/// Both namespaces, charon with the mirrored connection, and our driver; dropped in reverse
-/// order.
-struct Setup {
-    _wan: Wan,
-    _site: Netns,
-    _gw: Netns,
-    _dir: tempfile::TempDir,
-    charon: Charon,
-    driver: concentrator_e2e::process::Daemon,
 }
 
 /// What a test varies.
@@ -308,106 +160,87 @@ impl<'a> Case<'a> {
             ike_lifetime_ms: None,
         }
     }
-}
 
-impl Setup {
-    fn start(case: &Case<'_>) -> Result<Self> {
-        let wan = Wan::new()?;
-        let site = Netns::new("inisite")?;
-        let gw = Netns::new("inigw")?;
-        wan.attach(&site, "wan0", net(&format!("{SITE_ADDR}/24")))?;
-        wan.attach(&gw, "wan0", net(&format!("{GW_ADDR}/24")))?;
-        gw.add_lo_addr(net("10.2.0.1/24"))?;
-        site.wait_reachable(None, addr(GW_ADDR), Duration::from_secs(5))?;
-
-        // The connection as the site sees it; charon gets the gateway's view of it.
-        let mut conn = Connection::new(
-            "site",
-            addr(SITE_ADDR),
-            addr(GW_ADDR),
-            case.charon_psk,
-            vec![net(SITE_LAN)],
-            vec![net(GW_LAN)],
-        );
-        conn.local_id = SITE_ID.to_owned();
-        conn.remote_id = GW_ID.to_owned();
-        conn.ike_proposal = case.charon_ike.to_owned();
-        conn.esp_proposal = case.esp.to_owned();
-        let mut theirs = conn.mirrored();
+    /// Both namespaces, charon with the gateway's view of the connection, and our driver.
+    fn start(&self) -> Result<Interop> {
+        let mut theirs = site_connection("site", self.charon_ike, self.esp, self.charon_psk).mirrored();
         theirs
             .extra
-            .extend(case.charon_extra.iter().map(|l| (*l).to_owned()));
+            .extend(self.charon_extra.iter().map(|l| (*l).to_owned()));
         theirs
             .child_extra
-            .extend(case.charon_child_extra.iter().map(|l| (*l).to_owned()));
-        let charon = Charon::start_with(&gw, &CharonOptions::key_oracle())?;
-        charon.load(&[theirs])?;
-
-        let dir = scratch::dir("ike-initiator")?;
-        let log = dir.path().join("driver.log");
-        let mut cmd = site.command(std::env::current_exe()?);
-        cmd.args(["--exact", "driver_process", "--nocapture", "--test-threads=1"])
-            .env("IKE_INITIATOR_DRIVER", "1")
-            .env("IKE_INITIATOR_LOCAL", SITE_ADDR)
-            .env("IKE_INITIATOR_REMOTE", GW_ADDR)
-            .env("IKE_INITIATOR_PSK", case.psk)
-            .env("IKE_INITIATOR_IKE", case.ike)
-            .env("IKE_INITIATOR_ESP", case.esp)
-            .env("IKE_INITIATOR_LOCAL_SUBNET", SITE_LAN)
-            .env("IKE_INITIATOR_REMOTE_SUBNET", GW_LAN)
-            .env("IKE_INITIATOR_LOCAL_ID", SITE_ID)
-            .env("IKE_INITIATOR_REMOTE_ID", GW_ID);
-        if case.force_nat_t {
-            cmd.env("IKE_INITIATOR_FORCE_NAT_T", "1");
+            .extend(self.charon_child_extra.iter().map(|l| (*l).to_owned()));
+        let mut env = vec![
+            ("IKE_INITIATOR_DRIVER", "1".to_owned()),
+            ("IKE_INITIATOR_LOCAL", SITE_ADDR.to_owned()),
+            ("IKE_INITIATOR_REMOTE", GW_ADDR.to_owned()),
+            ("IKE_INITIATOR_PSK", self.psk.to_owned()),
+            ("IKE_INITIATOR_IKE", self.ike.to_owned()),
+            ("IKE_INITIATOR_ESP", self.esp.to_owned()),
+            ("IKE_INITIATOR_LOCAL_SUBNET", SITE_LAN.to_owned()),
+            ("IKE_INITIATOR_REMOTE_SUBNET", GW_LAN.to_owned()),
+            ("IKE_INITIATOR_LOCAL_ID", SITE_ID.to_owned()),
+            ("IKE_INITIATOR_REMOTE_ID", GW_ID.to_owned()),
+        ];
+        if self.force_nat_t {
+            env.push(("IKE_INITIATOR_FORCE_NAT_T", "1".to_owned()));
         }
-        if let Some(ms) = case.child_lifetime_ms {
-            cmd.env("IKE_INITIATOR_CHILD_LIFETIME_MS", ms.to_string());
+        if let Some(ms) = self.child_lifetime_ms {
+            env.push(("IKE_INITIATOR_CHILD_LIFETIME_MS", ms.to_string()));
         }
-        if let Some(ms) = case.ike_lifetime_ms {
-            cmd.env("IKE_INITIATOR_IKE_LIFETIME_MS", ms.to_string());
+        if let Some(ms) = self.ike_lifetime_ms {
+            env.push(("IKE_INITIATOR_IKE_LIFETIME_MS", ms.to_string()));
         }
-        let driver = concentrator_e2e::process::Daemon::spawn("ike initiator driver", cmd, &log)?;
-        Ok(Self {
-            _wan: wan,
-            _site: site,
-            _gw: gw,
-            _dir: dir,
-            charon,
-            driver,
-        })
+        Interop::initiator(&theirs, &env)
     }
+}
 
-    /// The first driver log line starting with `prefix`, once it appears.
-    fn wait_driver_line(&mut self, prefix: &str) -> Result<String> {
-        let log = self.driver.log_path().to_owned();
-        let driver = &mut self.driver;
-        let charon = &self.charon;
-        wait::until(format!("driver line {prefix:?}"), TIMEOUT, || {
-            driver.ensure_running()?;
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            Ok(match text.lines().find(|l| l.starts_with(prefix)) {
-                Some(l) => Probe::Ready(l.to_owned()),
-                None => Probe::pending(driver.log_tail(10)),
+/// Nothing in the driver log says the negotiation failed or a request was declined.
+fn ensure_no_trouble(driver: &str) -> Result<()> {
+    ensure!(
+        !driver
+            .lines()
+            .any(|l| l.starts_with("EVENT Failed") || l.starts_with("EVENT RequestDeclined")),
+        "driver trouble:\n{driver}"
+    );
+    Ok(())
+}
+
+/// The first `ChildSaInstalled` line that replaces the CHILD SA `want` replaces (`None`: any
+/// rekeyed one), once our driver reported it within `timeout`.
+fn wait_rekeyed(s: &mut Interop, what: String, timeout: Duration, want: Option<&str>) -> Result<String> {
+    s.wait_driver(what, timeout, |log| {
+        log.lines()
+            .find(|l| {
+                l.starts_with("EVENT ChildSaInstalled")
+                    && match want {
+                        Some(w) => field(l, "replaces") == Some(w),
+                        None => field(l, "replaces") != Some("-"),
+                    }
             })
-        })
-        .with_context(|| charon.log_tail(30))
-    }
+            .map(str::to_owned)
+    })
+}
 
-    fn driver_log(&self) -> String {
-        std::fs::read_to_string(self.driver.log_path()).unwrap_or_default()
-    }
+/// Waits until our driver reported the deletion of the CHILD SA whose `spi_in` is `spi_in`.
+fn wait_child_deleted(s: &mut Interop, spi_in: &str) -> Result<()> {
+    s.wait_driver(format!("deletion of {spi_in}"), TIMEOUT, |log| {
+        log.lines()
+            .any(|l| l.starts_with("EVENT ChildSaDeleted") && field(l, "spi_in") == Some(spi_in))
+            .then_some(())
+    })
 }
 
 fn establishes(case: &Case<'_>) -> Result<String> {
-    let mut s = Setup::start(case)?;
+    let mut s = case.start()?;
     let ike_line = s.wait_driver_line("EVENT IkeSaEstablished")?;
     let child_line = s.wait_driver_line("EVENT ChildSaInstalled")?;
     ensure!(field(&ike_line, "peer") == Some(GW_ID), "peer ID in {ike_line:?}");
     let child = s
-        .charon
+        .charon()
         .wait_established("site", "site", TIMEOUT)
         .with_context(|| s.driver.log_tail(20))?;
-    let sas = s.charon.list_sas()?;
+    let sas = s.charon().list_sas()?;
     let sa = sas.iter().find(|sa| sa.name == "site").context("no IKE SA")?;
     ensure!(sa.state == "ESTABLISHED", "IKE SA state {}", sa.state);
     ensure!(child.state == "INSTALLED", "child state {}", child.state);
@@ -430,28 +263,19 @@ fn establishes(case: &Case<'_>) -> Result<String> {
     );
     // RFC 7296 §2.17: the initiator-to-responder keys (charon's "initiator key") protect our
     // outbound SA.
-    let log = std::fs::read_to_string(s.charon.log_path())?;
-    for (label, ours) in [
-        ("encryption initiator key", "out_key"),
-        ("encryption responder key", "in_key"),
-        ("integrity initiator key", "out_integ"),
-        ("integrity responder key", "in_integ"),
-    ] {
-        let theirs = charon_dumps(&log, label);
-        let theirs = theirs.first().map_or("-", String::as_str);
-        ensure!(
-            Some(theirs) == field(&child_line, ours),
-            "{label}: charon {theirs}, ours {:?}",
-            field(&child_line, ours)
-        );
-    }
+    ensure_charon_keys(
+        &s.charon_log()?,
+        0,
+        &child_line,
+        &[
+            ("encryption initiator key", "out_key"),
+            ("encryption responder key", "in_key"),
+            ("integrity initiator key", "out_integ"),
+            ("integrity responder key", "in_integ"),
+        ],
+    )?;
     let driver = s.driver_log();
-    ensure!(
-        !driver
-            .lines()
-            .any(|l| l.starts_with("EVENT Failed") || l.starts_with("EVENT RequestDeclined")),
-        "driver trouble:\n{driver}"
-    );
+    ensure_no_trouble(&driver)?;
     eprintln!(
         "{}/{}: strongSwan child {child:?}\nours: {ike_line}\n{child_line}",
         case.ike, case.esp
@@ -540,16 +364,16 @@ fn wrong_psk_fails_with_authentication_failed() -> Result<()> {
         charon_psk: "the-right-psk",
         ..Case::new("aes128gcm16-prfsha256-x25519", "aes128gcm16", "a-wrong-psk")
     };
-    let mut s = Setup::start(&case)?;
+    let mut s = case.start()?;
     let failed = s.wait_driver_line("EVENT Failed")?;
     ensure!(
         failed.contains("notify=Some(AUTHENTICATION_FAILED)"),
         "{failed}\n{}",
-        s.charon.log_tail(20)
+        s.charon().log_tail(20)
     );
     let driver = s.driver_log();
     ensure!(!driver.contains("EVENT IkeSaEstablished"), "{driver}");
-    let log = s.charon.log_path().to_owned();
+    let log = s.charon().log_path().to_owned();
     // charon abbreviates the notify in its message logs.
     wait::until("charon to log the failed authentication", TIMEOUT, || {
         Ok(if logs::contains(&log, "N(AUTH_FAILED)") {
@@ -559,7 +383,7 @@ fn wrong_psk_fails_with_authentication_failed() -> Result<()> {
         })
     })?;
     ensure!(
-        s.charon.list_sas()?.iter().all(|sa| sa.state != "ESTABLISHED"),
+        s.charon().list_sas()?.iter().all(|sa| sa.state != "ESTABLISHED"),
         "strongSwan established an IKE SA with a wrong PSK"
     );
     Ok(())
@@ -576,10 +400,10 @@ fn answers_strongswans_liveness_checks_and_delete() -> Result<()> {
         charon_extra: &["dpd_delay = 1s"],
         ..Case::new("aes128gcm16-prfsha256-x25519", "aes128gcm16", &psk)
     };
-    let mut s = Setup::start(&case)?;
+    let mut s = case.start()?;
     s.wait_driver_line("EVENT ChildSaInstalled")?;
-    s.charon.wait_established("site", "site", TIMEOUT)?;
-    let log = s.charon.log_path().to_owned();
+    s.charon().wait_established("site", "site", TIMEOUT)?;
+    let log = s.charon().log_path().to_owned();
     wait::until("two answered liveness checks of charon", TIMEOUT, || {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
         let n = text.matches("parsed INFORMATIONAL response").count();
@@ -591,7 +415,7 @@ fn answers_strongswans_liveness_checks_and_delete() -> Result<()> {
     })
     .with_context(|| s.driver.log_tail(20))?;
     // Then its DELETE, which we answer and report.
-    s.charon
+    s.charon()
         .swanctl(&["--terminate", "--ike", "site", "--timeout", "10"])?;
     let deleted = s.wait_driver_line("EVENT IkeSaDeleted")?;
     ensure!(field(&deleted, "reason") == Some("PeerDeleted"), "{deleted}");
@@ -604,7 +428,7 @@ fn answers_strongswans_liveness_checks_and_delete() -> Result<()> {
         "{log}"
     );
     ensure!(
-        s.charon.list_sas()?.iter().all(|sa| sa.name != "site"),
+        s.charon().list_sas()?.iter().all(|sa| sa.name != "site"),
         "strongSwan still lists the IKE SA"
     );
     Ok(())
@@ -622,59 +446,33 @@ fn answers_strongswans_child_sa_rekey_with_pfs() -> Result<()> {
         charon_child_extra: &["rekey_time = 3s", "life_time = 30s", "rand_time = 0s"],
         ..Case::new("aes128gcm16-prfsha256-x25519", "aes128gcm16-x25519", &psk)
     };
-    let mut s = Setup::start(&case)?;
+    let mut s = case.start()?;
     let first = s.wait_driver_line("EVENT ChildSaInstalled")?;
-    let log = s.driver.log_path().to_owned();
-    let rekeyed = wait::until("a CHILD SA rekeyed by charon", Duration::from_secs(20), || {
-        s.driver.ensure_running()?;
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        let found = text
-            .lines()
-            .find(|l| l.starts_with("EVENT ChildSaInstalled") && field(l, "replaces") != Some("-"));
-        Ok(match found {
-            Some(l) => Probe::Ready(l.to_owned()),
-            None => Probe::pending(s.driver.log_tail(5)),
-        })
-    })
-    .with_context(|| s.charon.log_tail(30))?;
+    let rekeyed = wait_rekeyed(
+        &mut s,
+        "a CHILD SA rekeyed by charon".to_owned(),
+        Duration::from_secs(20),
+        None,
+    )?;
     ensure!(
         field(&rekeyed, "replaces") == field(&first, "spi_in"),
         "{rekeyed} does not replace {first}"
     );
     // charon deletes the CHILD SA it replaced (RFC 7296 §2.8).
-    let old = field(&first, "spi_in").unwrap_or_default().to_owned();
-    wait::until("the replaced CHILD SA's deletion", TIMEOUT, || {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        let deleted = text
-            .lines()
-            .any(|l| l.starts_with("EVENT ChildSaDeleted") && field(l, "spi_in") == Some(old.as_str()));
-        Ok(if deleted {
-            Probe::Ready(())
-        } else {
-            Probe::pending("not yet")
-        })
-    })?;
+    wait_child_deleted(&mut s, field(&first, "spi_in").unwrap_or_default())?;
     // The new keys are charon's (KEYMAT with the new DH secret, RFC 7296 §2.17); charon
     // initiated this exchange, so its "initiator key" protects our inbound SA.
-    let charon_log = std::fs::read_to_string(s.charon.log_path())?;
-    for (label, ours) in [
-        ("encryption initiator key", "in_key"),
-        ("encryption responder key", "out_key"),
-    ] {
-        let theirs = charon_dumps(&charon_log, label);
-        ensure!(
-            theirs.get(1).map(String::as_str) == field(&rekeyed, ours),
-            "{label}: charon {theirs:?}, ours {rekeyed}"
-        );
-    }
-    let driver = s.driver_log();
-    ensure!(
-        !driver
-            .lines()
-            .any(|l| l.starts_with("EVENT Failed") || l.starts_with("EVENT RequestDeclined")),
-        "driver trouble:\n{driver}"
-    );
-    s.charon.wait_established("site", "site", TIMEOUT)?;
+    ensure_charon_keys(
+        &s.charon_log()?,
+        1,
+        &rekeyed,
+        &[
+            ("encryption initiator key", "in_key"),
+            ("encryption responder key", "out_key"),
+        ],
+    )?;
+    ensure_no_trouble(&s.driver_log())?;
+    s.charon().wait_established("site", "site", TIMEOUT)?;
     Ok(())
 }
 
@@ -692,36 +490,17 @@ fn rekeys_its_child_sa_with_pfs_at_our_soft_lifetime() -> Result<()> {
         child_lifetime_ms: Some(4000),
         ..Case::new("aes128gcm16-prfsha256-x25519", "aes128gcm16-x25519", &psk)
     };
-    let mut s = Setup::start(&case)?;
+    let mut s = case.start()?;
     let mut previous = s.wait_driver_line("EVENT ChildSaInstalled")?;
-    let log = s.driver.log_path().to_owned();
-    let read = || std::fs::read_to_string(&log).unwrap_or_default();
     for round in 0..2 {
         let want = field(&previous, "spi_in").unwrap_or_default().to_owned();
-        let rekeyed = wait::until(format!("our rekey {round}"), Duration::from_secs(20), || {
-            s.driver.ensure_running()?;
-            let found = read()
-                .lines()
-                .find(|l| {
-                    l.starts_with("EVENT ChildSaInstalled") && field(l, "replaces") == Some(want.as_str())
-                })
-                .map(str::to_owned);
-            Ok(match found {
-                Some(l) => Probe::Ready(l),
-                None => Probe::pending(s.driver.log_tail(5)),
-            })
-        })
-        .with_context(|| s.charon.log_tail(30))?;
-        wait::until(format!("deletion of {want}"), TIMEOUT, || {
-            let deleted = read()
-                .lines()
-                .any(|l| l.starts_with("EVENT ChildSaDeleted") && field(l, "spi_in") == Some(want.as_str()));
-            Ok(if deleted {
-                Probe::Ready(())
-            } else {
-                Probe::pending("not yet")
-            })
-        })?;
+        let rekeyed = wait_rekeyed(
+            &mut s,
+            format!("our rekey {round}"),
+            Duration::from_secs(20),
+            Some(&want),
+        )?;
+        wait_child_deleted(&mut s, &want)?;
         previous = rekeyed;
     }
     // RFC 7296 §2.17: we initiated the exchange, so charon's "initiator key" of the first
@@ -733,20 +512,18 @@ fn rekeys_its_child_sa_with_pfs_at_our_soft_lifetime() -> Result<()> {
         .nth(1)
         .context("no rekeyed CHILD SA")?
         .to_owned();
-    let charon_log = std::fs::read_to_string(s.charon.log_path())?;
-    for (label, ours) in [
-        ("encryption initiator key", "out_key"),
-        ("encryption responder key", "in_key"),
-    ] {
-        let theirs = charon_dumps(&charon_log, label);
-        ensure!(
-            theirs.get(1).map(String::as_str) == field(&second, ours),
-            "{label}: charon {theirs:?}, ours {second}"
-        );
-    }
+    ensure_charon_keys(
+        &s.charon_log()?,
+        1,
+        &second,
+        &[
+            ("encryption initiator key", "out_key"),
+            ("encryption responder key", "in_key"),
+        ],
+    )?;
     let want_in = field(&previous, "spi_out").unwrap_or_default().to_owned();
     let child = wait::until("strongSwan on our latest CHILD SA", TIMEOUT, || {
-        let sas = s.charon.list_sas()?;
+        let sas = s.charon().list_sas()?;
         let found = sas
             .iter()
             .filter(|sa| sa.name == "site" && sa.state == "ESTABLISHED")
@@ -762,12 +539,7 @@ fn rekeys_its_child_sa_with_pfs_at_our_soft_lifetime() -> Result<()> {
         child.fields.get("spi-out").map(String::as_str) == field(&previous, "spi_in"),
         "strongSwan {child:?}, ours {previous}"
     );
-    ensure!(
-        !driver
-            .lines()
-            .any(|l| l.starts_with("EVENT Failed") || l.starts_with("EVENT RequestDeclined")),
-        "driver trouble:\n{driver}"
-    );
+    ensure_no_trouble(&driver)?;
     Ok(())
 }
 
@@ -785,28 +557,15 @@ fn rekeys_its_ike_sa_at_our_soft_lifetime() -> Result<()> {
         ike_lifetime_ms: Some(5000),
         ..Case::new("aes128gcm16-prfsha256-x25519", "aes128gcm16", &psk)
     };
-    let mut s = Setup::start(&case)?;
+    let mut s = case.start()?;
     let child = s.wait_driver_line("EVENT ChildSaInstalled")?;
-    let log = s.driver.log_path().to_owned();
-    let newest = wait::until("two IKE SA rekeys of ours", Duration::from_secs(25), || {
-        s.driver.ensure_running()?;
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        let spis: Vec<String> = text
-            .lines()
-            .filter(|l| l.starts_with("SPIS"))
-            .map(str::to_owned)
-            .collect();
-        Ok(if spis.len() >= 3 {
-            Probe::Ready(spis[2].clone())
-        } else {
-            Probe::pending(s.driver.log_tail(5))
-        })
-    })
-    .with_context(|| s.charon.log_tail(30))?;
+    let newest = s.wait_driver("two IKE SA rekeys of ours", Duration::from_secs(25), |log| {
+        lines_with(log, "SPIS").get(2).map(|l| (*l).to_owned())
+    })?;
     let (spi_i, spi_r) = (field(&newest, "spi_i"), field(&newest, "spi_r"));
     let child_in = field(&child, "spi_out").unwrap_or_default().to_owned();
     wait::until("strongSwan on our newest IKE SA only", TIMEOUT, || {
-        let sas = s.charon.list_sas()?;
+        let sas = s.charon().list_sas()?;
         let ike: Vec<_> = sas.iter().filter(|sa| sa.name == "site").collect();
         let ok = ike.len() == 1
             && ike.iter().all(|sa| {

@@ -23,18 +23,16 @@
 //!
 //! Small by default (CI: it only checks that every SA establishes with both, never a rate):
 //!
-//!   cargo test -p concentrator-ike --test initiator_load -- --nocapture
+//!   cargo test -p concentrator-gateway --test initiator_load -- --nocapture
 //!
 //! Full size, release build (root):
 //!
-//!   cargo build --release -p concentrator-gateway
-//!   IKE_LOAD=full cargo test --release -p concentrator-ike --test initiator_load -- --nocapture
+//!   IKE_LOAD=full cargo test --release -p concentrator-gateway --test initiator_load -- --nocapture
 //!
 //! `IKE_LOAD_SAS`, `IKE_LOAD_WINDOW` and `IKE_LOAD_THREADS` override the sizes;
-//! `IKE_LOAD_GATEWAY_BIN` names the gateway binary (default: `concentrator-gateway` in the
-//! target directory of this test binary, as `cargo test --workspace` builds it). Without
-//! the binary the small run measures strongSwan only and says so; the full run fails.
-//! As non-root the test prints SKIP and passes.
+//! `IKE_LOAD_GATEWAY_BIN` names the gateway binary (default: the one Cargo builds for this
+//! test). Without the binary the small run measures strongSwan only and says so; the full
+//! run fails. As non-root the test prints SKIP and passes.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
@@ -49,12 +47,14 @@ use concentrator_e2e::netns::{self, Netns, Wan};
 use concentrator_e2e::process::{self, Daemon};
 use concentrator_e2e::strongswan::{self, Charon, CharonOptions, Connection};
 use concentrator_e2e::wait::{self, Probe};
-use concentrator_e2e::{logs, prereq, scratch};
+use concentrator_e2e::gateway::wait_ready;
+use concentrator_e2e::{prereq, scratch};
 use concentrator_ike::Header;
 use concentrator_ike::endpoint::{Endpoint, EndpointConfig, EndpointEvent};
 use concentrator_ike::initiator::{Config, Event, Initiator, NatTraversal};
 use concentrator_ike::payload::Identity;
 use concentrator_ike::responder::{self, IdBuf, SystemEntropy};
+use concentrator_test_util::interop::{env, field};
 
 const IKE: &str = "aes128gcm16-prfsha256-x25519";
 const ESP: &str = "aes128gcm16";
@@ -65,10 +65,6 @@ const SITE_LAN: &str = "10.1.0.0/24";
 const GW_LAN: &str = "10.2.0.0/24";
 const GW_ID: &str = "gw.load.example";
 const PSK: &str = "load-test-psk-not-a-secret";
-
-fn env(name: &str) -> Result<String> {
-    std::env::var(name).with_context(|| format!("{name} not set"))
-}
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> Result<T>
 where
@@ -282,6 +278,19 @@ fn generate(
     Ok((ok, failed))
 }
 
+/// The generators' initiator configuration; each SA replaces the local ID with its own.
+fn initiator_config() -> Result<Config> {
+    let mut config = Config::new(
+        vec![parse_ike("ike", IKE)?],
+        vec![parse_esp("esp", ESP)?],
+        SITE_LAN.parse()?,
+        GW_LAN.parse()?,
+        IdBuf::new(&Identity::Fqdn(b"sa.load.example")),
+    );
+    config.remote_id = Some(IdBuf::new(&Identity::Fqdn(GW_ID.as_bytes())));
+    Ok(config)
+}
+
 /// The generator: runs when `IKE_LOAD_DRIVER` is set, prints one `RESULT` line, exits.
 #[test]
 fn load_driver() -> Result<()> {
@@ -294,14 +303,7 @@ fn load_driver() -> Result<()> {
     let window: usize = env("IKE_LOAD_WINDOW")?.parse()?;
     let threads: u64 = env("IKE_LOAD_THREADS")?.parse()?;
     let hold = std::env::var_os("IKE_LOAD_HOLD").is_some();
-    let mut config = Config::new(
-        vec![parse_ike("ike", IKE)?],
-        vec![parse_esp("esp", ESP)?],
-        SITE_LAN.parse()?,
-        GW_LAN.parse()?,
-        IdBuf::new(&Identity::Fqdn(b"sa.load.example")),
-    );
-    config.remote_id = Some(IdBuf::new(&Identity::Fqdn(GW_ID.as_bytes())));
+    let config = initiator_config()?;
     let shared = Arc::new(Shared::default());
     let cpu_before = cpu_seconds("self")?;
     let start = Instant::now();
@@ -439,8 +441,7 @@ fn run_generator(
             )
         })?;
     let get = |key: &str| -> Result<f64> {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+        field(line, key)
             .with_context(|| format!("{key} in {line}"))?
             .parse::<f64>()
             .with_context(|| format!("{key} in {line}"))
@@ -463,14 +464,11 @@ fn run_generator(
     })
 }
 
-/// The gateway binary: `IKE_LOAD_GATEWAY_BIN`, else next to this test's target directory.
+/// The gateway binary: `IKE_LOAD_GATEWAY_BIN`, else the one Cargo built for this test;
+/// `None` if there is no such file.
 fn gateway_bin() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("IKE_LOAD_GATEWAY_BIN") {
-        return Some(PathBuf::from(p));
-    }
-    // <target>/<profile>/deps/initiator_load-<hash> -> <target>/<profile>/concentrator-gateway
-    let exe = std::env::current_exe().ok()?;
-    let bin = exe.parent()?.parent()?.join("concentrator-gateway");
+    let bin = std::env::var_os("IKE_LOAD_GATEWAY_BIN")
+        .map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_concentrator-gateway")), PathBuf::from);
     bin.is_file().then_some(bin)
 }
 
@@ -528,14 +526,7 @@ fn measure_ours(
             },
         );
     let mut gateway = Daemon::spawn("gateway", cmd, &log)?;
-    wait::until("the gateway to be ready", Duration::from_secs(20), || {
-        gateway.ensure_running()?;
-        Ok(if logs::contains(&log, "gateway ready") {
-            Probe::Ready(())
-        } else {
-            Probe::pending(gateway.log_tail(10))
-        })
-    })?;
+    wait_ready(&mut gateway, Duration::from_secs(20))?;
     let pid = gateway.pid().to_string();
     let run = run_generator(site, OURS_ADDR, &pid, size, scenario).with_context(|| gateway.log_tail(30))?;
     gateway.ensure_running()?;
@@ -651,8 +642,7 @@ fn ike_establishment_rate_ours_vs_strongswan() -> Result<()> {
             "no concentrator-gateway binary: cargo build --release -p concentrator-gateway"
         );
         eprintln!(
-            "SKIP (gateway half): no concentrator-gateway binary next to this test; \
-             `cargo build -p concentrator-gateway` or set IKE_LOAD_GATEWAY_BIN"
+            "SKIP (gateway half): no concentrator-gateway binary at IKE_LOAD_GATEWAY_BIN"
         );
     }
     println!(
@@ -706,14 +696,7 @@ fn ike_establishment_rate_ours_vs_strongswan() -> Result<()> {
 fn engine_establishment_rate_in_process() -> Result<()> {
     let full = std::env::var("IKE_LOAD").is_ok_and(|v| v == "full");
     let sas: u64 = env_or("IKE_LOAD_ENGINE_SAS", if full { 20_000 } else { 200 })?;
-    let mut config = Config::new(
-        vec![parse_ike("ike", IKE)?],
-        vec![parse_esp("esp", ESP)?],
-        SITE_LAN.parse()?,
-        GW_LAN.parse()?,
-        IdBuf::new(&Identity::Fqdn(b"sa.load.example")),
-    );
-    config.remote_id = Some(IdBuf::new(&Identity::Fqdn(GW_ID.as_bytes())));
+    let config = initiator_config()?;
     let responder_config = Arc::new(responder::Config::new(
         vec![parse_ike("ike", IKE)?],
         vec![parse_esp("esp", ESP)?],
