@@ -223,6 +223,17 @@ impl Wan {
         &self.ns
     }
 
+    /// A new namespace for `role` on the WAN: `wan0` with `wan_addr`/24 and, for a host with a
+    /// LAN behind it, `lan_addr`/24 on `lo` (see [`Netns::add_lo_addr`]).
+    pub fn host(&self, role: &str, wan_addr: &str, lan_addr: Option<&str>) -> Result<Netns> {
+        let ns = Netns::new(role)?;
+        self.attach(&ns, "wan0", format!("{wan_addr}/24").parse()?)?;
+        if let Some(lan) = lan_addr {
+            ns.add_lo_addr(format!("{lan}/24").parse()?)?;
+        }
+        Ok(ns)
+    }
+
     /// Creates veth `ifname` in `ns` (address `addr`, up) whose peer is a port of `br0`.
     /// Returns the name of the bridge port in the WAN namespace.
     pub fn attach(&self, ns: &Netns, ifname: &str, addr: IpNet) -> Result<String> {

@@ -425,6 +425,23 @@ impl Charon {
             .find(|c| c.name == child))
     }
 
+    /// Polls until charon's log holds `needle` (e.g. a notify it received); on timeout the
+    /// error holds the log's tail.
+    pub fn wait_logged(&self, needle: &str, timeout: Duration) -> Result<()> {
+        wait::until(
+            format!("charon in {} to log {needle:?}", self.ns),
+            timeout,
+            || {
+                Ok(if logs::contains(&self.log, needle) {
+                    Probe::Ready(())
+                } else {
+                    Probe::pending("not yet")
+                })
+            },
+        )
+        .map_err(|e| e.context(self.log_tail(30)))
+    }
+
     /// Polls until IKE SA `conn` is ESTABLISHED with child `child` INSTALLED; returns the
     /// child. On timeout the error holds the last SA states and charon's log tail.
     pub fn wait_established(&self, conn: &str, child: &str, timeout: Duration) -> Result<ChildSa> {

@@ -10,29 +10,23 @@
 //! `EGROUP_E2E_SITES` sets the number of sites of the main test (default 50). As non-root
 //! every test prints SKIP and passes.
 
-use std::net::IpAddr;
 use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use concentrator_e2e::mariadb::{self, MariaDb};
-use concentrator_e2e::netns::{self, Netns, Wan};
+use concentrator_e2e::netns::{self, Netns, Wan, addr};
 use concentrator_e2e::process::Daemon;
 use concentrator_e2e::strongswan::{self, Charon, Connection, StartAction};
+use concentrator_e2e::topology::{GW_ADDR, GW_HOST, GW_ID, GW_LAN};
 use concentrator_e2e::wait::{self, Probe};
-use concentrator_e2e::{logs, prereq, scratch, tools};
+use concentrator_e2e::{prereq, scratch, tools};
 use concentrator_gateway::sitedb::SiteStore;
 
-const BIN: &str = env!("CARGO_BIN_EXE_concentrator-gateway");
-const GW_ADDR: &str = "192.0.2.2";
-const GW_LAN: &str = "10.2.0.0/24";
-const GW_HOST: &str = "10.2.0.1";
-const GW_ID: &str = "gw.example";
-const TIMEOUT: Duration = Duration::from_secs(30);
+mod common;
 
-fn addr(s: &str) -> IpAddr {
-    s.parse().expect("valid address")
-}
+const BIN: &str = env!("CARGO_BIN_EXE_concentrator-gateway");
+const TIMEOUT: Duration = Duration::from_secs(30);
 
 /// One site: its namespace, charon and row.
 struct Site {
@@ -163,9 +157,7 @@ impl Headend {
         extra: &[(&str, &str, &str)],
     ) -> Result<Self> {
         let wan = Wan::new()?;
-        let gw = Netns::new("eggw")?;
-        wan.attach(&gw, "wan0", format!("{GW_ADDR}/24").parse()?)?;
-        gw.add_lo_addr(format!("{GW_HOST}/24").parse()?)?;
+        let gw = wan.host("eggw", GW_ADDR, Some(GW_HOST))?;
         let dir = scratch::dir("egroup-gateway")?;
         let config = dir.path().join("config");
         let data = dir.path().join("data");
@@ -187,28 +179,7 @@ impl Headend {
             }
         };
         write_config(&config, url.as_deref(), max_dynamic)?;
-        let log = dir.path().join("gateway.log");
-        let mut gateway = gw.spawn(
-            "gateway",
-            BIN,
-            &[
-                "--config-dir",
-                config.to_str().context("path")?,
-                "--data-dir",
-                data.to_str().context("path")?,
-                "--ike-listen",
-                GW_ADDR,
-            ],
-            &log,
-        )?;
-        wait::until("the gateway to be ready", TIMEOUT, || {
-            gateway.ensure_running()?;
-            Ok(if logs::contains(&log, "gateway ready") {
-                Probe::Ready(())
-            } else {
-                Probe::pending(gateway.log_tail(10))
-            })
-        })?;
+        let gateway = common::start_gateway(&gw, "gateway", dir.path(), GW_ADDR, &[])?;
         Ok(Self {
             wan,
             gw,
@@ -219,10 +190,9 @@ impl Headend {
 
     /// Site `n` with its own namespace and charon, its connection loaded.
     fn site(&self, n: u16, psk: &str, start: StartAction) -> Result<Site> {
-        let ns = Netns::new(&format!("egs{n}"))?;
-        self.wan
-            .attach(&ns, "wan0", format!("{}/24", Site::wan(n)).parse()?)?;
-        ns.add_lo_addr(format!("{}/24", Site::host(n)).parse()?)?;
+        let ns = self
+            .wan
+            .host(&format!("egs{n}"), &Site::wan(n), Some(&Site::host(n)))?;
         let charon = Charon::start(&ns)?;
         let site = Site {
             n,
@@ -375,15 +345,9 @@ fn bad_rows_and_unknown_or_hostile_ids_fail_cleanly_and_are_counted() -> Result<
     };
     for s in [&bad_subnet, &empty_psk, &unknown, &hostile] {
         let _ = s.charon.initiate("gw");
-        let log = s.charon.log_path().to_owned();
-        wait::until(format!("site {} to be refused", s.n), TIMEOUT, || {
-            Ok(if logs::contains(&log, "AUTHENTICATION_FAILED") {
-                Probe::Ready(())
-            } else {
-                Probe::pending(s.charon.log_tail(5))
-            })
-        })
-        .with_context(|| h.gateway.log_tail(30))?;
+        s.charon
+            .wait_logged("AUTHENTICATION_FAILED", TIMEOUT)
+            .with_context(|| format!("site {}\n{}", s.n, h.gateway.log_tail(30)))?;
     }
     h.wait_metric(
         "concentrator_gateway_egroup_lookup_failures_total{egroup=\"branches\",reason=\"malformed\"}",
@@ -569,15 +533,9 @@ fn a_database_outage_keeps_tunnels_up_and_new_sites_connect_once_it_is_back() ->
     ping_both_ways(&h, &up)?;
     // A new site fails cleanly, with the reason counted.
     let _ = late.charon.initiate("gw");
-    let log = late.charon.log_path().to_owned();
-    wait::until("the new site to be refused during the outage", TIMEOUT, || {
-        Ok(if logs::contains(&log, "AUTHENTICATION_FAILED") {
-            Probe::Ready(())
-        } else {
-            Probe::pending(late.charon.log_tail(5))
-        })
-    })
-    .with_context(|| h.gateway.log_tail(30))?;
+    late.charon
+        .wait_logged("AUTHENTICATION_FAILED", TIMEOUT)
+        .with_context(|| h.gateway.log_tail(30))?;
     let outage = h.metric(
         "concentrator_gateway_egroup_lookup_failures_total{egroup=\"branches\",reason=\"unreachable\"}",
     )? + h.metric(

@@ -8,29 +8,21 @@
 //!
 //! As non-root every test prints SKIP and passes.
 
-use std::net::IpAddr;
 use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use concentrator_e2e::gateway::Gateway;
 use concentrator_e2e::mariadb::{self, MariaDb};
-use concentrator_e2e::netns::{self, Netns, Wan};
+use concentrator_e2e::netns::{self, Netns, Wan, addr};
 use concentrator_e2e::strongswan::{self, Charon, Connection};
+use concentrator_e2e::topology::{GW_ADDR, GW_HOST, GW_ID, GW_LAN};
 use concentrator_e2e::wait::{self, Probe};
 use concentrator_e2e::{logs, prereq, scratch, tools};
 use concentrator_gateway::sitedb::SiteStore;
 
 const BIN: &str = env!("CARGO_BIN_EXE_concentrator-gateway");
-const GW_ADDR: &str = "192.0.2.2";
-const GW_LAN: &str = "10.2.0.0/24";
-const GW_HOST: &str = "10.2.0.1";
-const GW_ID: &str = "gw.example";
 const TIMEOUT: Duration = Duration::from_secs(30);
-
-fn addr(s: &str) -> IpAddr {
-    s.parse().expect("valid address")
-}
 
 /// A site: the egroup it belongs to (its peer-ID domain and the second octet of its subnet)
 /// and its number.
@@ -270,15 +262,9 @@ fn egroups_over_tables_of_their_own_shape_and_a_missing_column_named_as_such() -
     // The broken egroup's site is refused, counted as a schema failure.
     let (_broken_ns, broken) = site(&wan_net, BROKEN_1)?;
     let _ = broken.initiate("gw");
-    let log = broken.log_path().to_owned();
-    wait::until("the broken egroup's site to be refused", TIMEOUT, || {
-        Ok(if logs::contains(&log, "AUTHENTICATION_FAILED") {
-            Probe::Ready(())
-        } else {
-            Probe::pending(broken.log_tail(5))
-        })
-    })
-    .with_context(|| gateway.log_tail(30))?;
+    broken
+        .wait_logged("AUTHENTICATION_FAILED", TIMEOUT)
+        .with_context(|| gateway.log_tail(30))?;
     let failures = |egroup: &str, reason: &str| {
         metric(&format!(
             "concentrator_gateway_egroup_lookup_failures_total{{egroup=\"{egroup}\",reason=\"{reason}\"}}"

@@ -7,22 +7,17 @@
 //!
 //! As non-root every test prints SKIP and passes.
 
-use std::net::IpAddr;
 use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use concentrator_e2e::gateway::Gateway;
-use concentrator_e2e::netns::{self, Netns, Wan};
+use concentrator_e2e::netns::{self, Netns, Wan, addr};
 use concentrator_e2e::strongswan::{self, Charon, Connection};
-use concentrator_e2e::wait::{self, Probe};
+use concentrator_e2e::topology::{GW_ADDR, GW_HOST, GW_ID, GW_LAN};
 use concentrator_e2e::{logs, prereq, scratch, tools};
 
 const BIN: &str = env!("CARGO_BIN_EXE_concentrator-gateway");
-const GW_ADDR: &str = "192.0.2.2";
-const GW_LAN: &str = "10.2.0.0/24";
-const GW_HOST: &str = "10.2.0.1";
-const GW_ID: &str = "gw.example";
 const TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A group of sites: its eroute's name and proposals.
@@ -66,10 +61,6 @@ const GROUPS: [Group; 5] = [
         esp: "aes128-sha512",
     },
 ];
-
-fn addr(s: &str) -> IpAddr {
-    s.parse().expect("valid address")
-}
 
 fn peer_id(group: &str) -> String {
     format!("site.{group}.example")
@@ -185,15 +176,10 @@ fn sites_of_eroutes_with_different_proposals_each_connect_with_their_own() -> Re
     let modern = &GROUPS[1];
     let wrong = site(&wan_net, GROUPS.len(), modern, GROUPS[0].ike)?;
     let _ = wrong.charon.initiate("gw");
-    let log = wrong.charon.log_path().to_owned();
-    wait::until("the mismatched site to be refused", TIMEOUT, || {
-        Ok(if logs::contains(&log, "AUTHENTICATION_FAILED") {
-            Probe::Ready(())
-        } else {
-            Probe::pending(wrong.charon.log_tail(5))
-        })
-    })
-    .with_context(|| gateway.log_tail(30))?;
+    wrong
+        .charon
+        .wait_logged("AUTHENTICATION_FAILED", TIMEOUT)
+        .with_context(|| gateway.log_tail(30))?;
     metric(
         "concentrator_gateway_ike_failures_total{reason=\"ike_proposal_not_allowed\"}",
         1.0,

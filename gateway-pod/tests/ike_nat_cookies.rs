@@ -14,17 +14,16 @@
 //!
 //! As non-root every test prints SKIP and passes.
 
-use std::net::IpAddr;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use concentrator_crypto::{DhGroup, KeyExchange};
-use concentrator_e2e::netns::{self, Netns, Wan};
+use concentrator_e2e::netns::{self, Netns, Wan, addr};
 use concentrator_e2e::process::Daemon;
 use concentrator_e2e::strongswan::{self, Charon, Connection, IkeSa};
 use concentrator_e2e::tools::{self, Tool};
+use concentrator_e2e::topology::{GW_ADDR, GW_HOST, SITE_HOST, SITE_ID, site_connection};
 use concentrator_e2e::wait::{self, Probe};
 use concentrator_e2e::{logs, prereq, scratch};
 use concentrator_ike::payload::{Ke, Nonce, Proposal, Sa, Transform};
@@ -35,11 +34,11 @@ use concentrator_ike::{
 
 mod common;
 
+use common::site::{GatewayOptions, eroute};
+
 const BIN: &str = env!("CARGO_BIN_EXE_concentrator-gateway");
 const NFT: Tool = Tool::search("nft", "nftables");
 
-/// The gateway on the WAN.
-const GW_ADDR: &str = "192.0.2.2";
 /// The NAT router's WAN address: what the gateway sees of a site behind it.
 const ROUTER_WAN: &str = "192.0.2.1";
 /// The NAT router on the site's side.
@@ -51,12 +50,6 @@ const SITE_WAN: &str = "192.0.2.1";
 /// The flooding attacker on the WAN.
 const ATTACKER: &str = "192.0.2.66";
 
-const SITE_LAN: &str = "10.1.0.0/24";
-const GW_LAN: &str = "10.2.0.0/24";
-const SITE_HOST: &str = "10.1.0.1";
-const GW_HOST: &str = "10.2.0.1";
-const GW_ID: &str = "gw.example";
-const SITE_ID: &str = "site-a.example";
 const IKE: &str = "aes128gcm16-prfsha256-x25519";
 const ESP: &str = "aes128gcm16";
 const TIMEOUT: Duration = Duration::from_secs(20);
@@ -70,10 +63,6 @@ const FLOOD_SECONDS: f64 = 4.0;
 const HALF_OPEN_EXPIRY: Duration = Duration::from_secs(30 + 15);
 const COOKIE_DROPS: &str = "concentrator_gateway_ike_dropped_total{reason=\"cookie_required\"}";
 
-fn addr(s: &str) -> IpAddr {
-    s.parse().expect("valid address")
-}
-
 /// `concentrator-gateway` in its own namespace on a WAN, with one static eroute for the
 /// site and JSON logs (so that the tests can read the fields of its events).
 struct Gateway {
@@ -84,34 +73,11 @@ struct Gateway {
 
 impl Gateway {
     fn start(wan: &Wan, psk: &str, args: &[&str]) -> Result<Self> {
-        let ns = Netns::new("natgw")?;
-        wan.attach(&ns, "wan0", format!("{GW_ADDR}/24").parse()?)?;
-        ns.add_lo_addr(format!("{GW_HOST}/24").parse()?)?;
+        let ns = wan.host("natgw", GW_ADDR, Some(GW_HOST))?;
         let dir = scratch::dir("ike-nat")?;
-        let config = dir.path().join("config");
-        write_config(&config, psk)?;
-        let log = dir.path().join("gateway.log");
-        let data = dir.path().join("data");
-        let mut all = vec![
-            "--config-dir",
-            config.to_str().context("path")?,
-            "--data-dir",
-            data.to_str().context("path")?,
-            "--ike-listen",
-            GW_ADDR,
-            "--log-format",
-            "json",
-        ];
-        all.extend_from_slice(args);
-        let mut daemon = ns.spawn("gateway", BIN, &all, &log)?;
-        wait::until("the gateway to be ready", TIMEOUT, || {
-            daemon.ensure_running()?;
-            Ok(if logs::contains(&log, "gateway ready") {
-                Probe::Ready(())
-            } else {
-                Probe::pending(daemon.log_tail(10))
-            })
-        })?;
+        eroute(IKE, ESP, psk, &GatewayOptions::default()).write(&dir.path().join("config"))?;
+        let all = [&["--log-format", "json"], args].concat();
+        let daemon = common::start_gateway(&ns, "gateway", dir.path(), GW_ADDR, &all)?;
         Ok(Self { daemon, dir, ns })
     }
 
@@ -172,37 +138,9 @@ impl Gateway {
 
 use concentrator_e2e::gateway::metric;
 
-/// The gateway's config directory: one static eroute for the site, its PSK as a Secret file.
-fn write_config(dir: &Path, psk: &str) -> Result<()> {
-    std::fs::create_dir_all(dir.join("secrets/site-a"))?;
-    std::fs::write(dir.join("secrets/site-a/psk"), psk)?;
-    std::fs::write(
-        dir.join("site-a.yaml"),
-        format!(
-            "apiVersion: vpn.concentrator.io/v1alpha1\nkind: Eroute\nmetadata:\n  name: site-a\n\
-             spec:\n  localSubnet: {GW_LAN}\n  remoteSubnet: {SITE_LAN}\n  peerId: {SITE_ID}\n\
-             \x20 localId: {GW_ID}\n  pskSecretRef:\n    name: site-a\n    key: psk\n  role: Responder\n\
-             \x20 ike:\n    proposals: [{IKE}]\n  esp:\n    proposals: [{ESP}]\n"
-        ),
-    )?;
-    Ok(())
-}
-
 /// The site's connection to the gateway from `local`.
 fn connection(local: &str, psk: &str) -> Connection {
-    let mut c = Connection::new(
-        "gw",
-        addr(local),
-        addr(GW_ADDR),
-        psk,
-        vec![SITE_LAN.parse().expect("subnet")],
-        vec![GW_LAN.parse().expect("subnet")],
-    );
-    c.local_id = SITE_ID.to_owned();
-    c.remote_id = GW_ID.to_owned();
-    c.ike_proposal = IKE.to_owned();
-    c.esp_proposal = ESP.to_owned();
-    c
+    site_connection("gw", local, IKE, ESP, psk)
 }
 
 /// The router's nftables rules: masquerade the LAN onto the WAN; count the datagrams

@@ -5,31 +5,20 @@
 //!
 //! As non-root every test prints SKIP and passes.
 
-use std::net::IpAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use concentrator_e2e::gateway::{Gateway, metric};
-use concentrator_e2e::netns::{self, Netns, Wan};
+use concentrator_e2e::netns::{self, Netns, Wan, addr};
+use concentrator_e2e::topology::{GW_HOST, GW_ID, GW_LAN, SITE_ADDR, SITE_HOST, SITE_ID, SITE_LAN};
 use concentrator_e2e::wait::{self, Probe};
 use concentrator_e2e::{logs, prereq, scratch, tools};
 
 const BIN: &str = env!("CARGO_BIN_EXE_concentrator-gateway");
-const SITE_ADDR: &str = "192.0.2.1";
 const GW1_ADDR: &str = "192.0.2.2";
 const GW2_ADDR: &str = "192.0.2.3";
-const SITE_LAN: &str = "10.1.0.0/24";
-const GW_LAN: &str = "10.2.0.0/24";
-const SITE_HOST: &str = "10.1.0.1";
-const GW_HOST: &str = "10.2.0.1";
-const GW_ID: &str = "gw.example";
-const SITE_ID: &str = "site-a.example";
 const TIMEOUT: Duration = Duration::from_secs(20);
-
-fn addr(s: &str) -> IpAddr {
-    s.parse().expect("valid address")
-}
 
 /// One eroute and its PSK Secret: the head-end's view (responder) or the site's (initiator
 /// toward `peer`).

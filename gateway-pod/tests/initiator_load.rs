@@ -43,11 +43,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use concentrator_algorithms::{parse_esp, parse_ike};
+use concentrator_e2e::gateway::wait_ready;
 use concentrator_e2e::netns::{self, Netns, Wan};
 use concentrator_e2e::process::{self, Daemon};
 use concentrator_e2e::strongswan::{self, Charon, CharonOptions, Connection};
 use concentrator_e2e::wait::{self, Probe};
-use concentrator_e2e::gateway::wait_ready;
 use concentrator_e2e::{prereq, scratch};
 use concentrator_ike::Header;
 use concentrator_ike::endpoint::{Endpoint, EndpointConfig, EndpointEvent};
@@ -467,8 +467,10 @@ fn run_generator(
 /// The gateway binary: `IKE_LOAD_GATEWAY_BIN`, else the one Cargo built for this test;
 /// `None` if there is no such file.
 fn gateway_bin() -> Option<PathBuf> {
-    let bin = std::env::var_os("IKE_LOAD_GATEWAY_BIN")
-        .map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_concentrator-gateway")), PathBuf::from);
+    let bin = std::env::var_os("IKE_LOAD_GATEWAY_BIN").map_or_else(
+        || PathBuf::from(env!("CARGO_BIN_EXE_concentrator-gateway")),
+        PathBuf::from,
+    );
     bin.is_file().then_some(bin)
 }
 
@@ -641,9 +643,7 @@ fn ike_establishment_rate_ours_vs_strongswan() -> Result<()> {
             !size.full,
             "no concentrator-gateway binary: cargo build --release -p concentrator-gateway"
         );
-        eprintln!(
-            "SKIP (gateway half): no concentrator-gateway binary at IKE_LOAD_GATEWAY_BIN"
-        );
+        eprintln!("SKIP (gateway half): no concentrator-gateway binary at IKE_LOAD_GATEWAY_BIN");
     }
     println!(
         "IKE + CHILD SA establishments, {IKE} / {ESP}, PSK, window {}, {} generator thread(s); \

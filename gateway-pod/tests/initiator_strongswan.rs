@@ -19,14 +19,15 @@ use anyhow::{Context, Result, ensure};
 use concentrator_algorithms::{parse_esp, parse_ike};
 use concentrator_e2e::netns;
 use concentrator_e2e::strongswan;
+use concentrator_e2e::topology::{GW_ADDR, GW_ID, GW_LAN, SITE_ADDR, SITE_ID, SITE_LAN, site_connection};
 use concentrator_e2e::wait::{self, Probe};
 use concentrator_e2e::{logs, prereq};
 use concentrator_ike::initiator::{Config, Event, Initiator};
 use concentrator_ike::payload::Identity;
 use concentrator_ike::responder::{IdBuf, SystemEntropy};
 use concentrator_test_util::interop::{
-    GW_ADDR, GW_ID, GW_LAN, Interop, SITE_ADDR, SITE_ID, SITE_LAN, Sockets, TIMEOUT, child_sa_installed, env,
-    ensure_charon_keys, field, ike_sa_established, lines_with, site_connection,
+    Interop, Sockets, TIMEOUT, child_sa_installed, ensure_charon_keys, env, field, ike_sa_established,
+    lines_with,
 };
 
 /// The driver: runs until killed when `IKE_INITIATOR_DRIVER` is set, else returns at once.
@@ -163,7 +164,8 @@ impl<'a> Case<'a> {
 
     /// Both namespaces, charon with the gateway's view of the connection, and our driver.
     fn start(&self) -> Result<Interop> {
-        let mut theirs = site_connection("site", self.charon_ike, self.esp, self.charon_psk).mirrored();
+        let mut theirs =
+            site_connection("site", SITE_ADDR, self.charon_ike, self.esp, self.charon_psk).mirrored();
         theirs
             .extra
             .extend(self.charon_extra.iter().map(|l| (*l).to_owned()));

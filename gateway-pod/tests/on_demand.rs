@@ -6,25 +6,17 @@
 //!
 //! As non-root every test prints SKIP and passes.
 
-use std::net::IpAddr;
 use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use concentrator_e2e::gateway::{Gateway, metric, wait_metric};
-use concentrator_e2e::netns::{self, Netns, Wan};
+use concentrator_e2e::netns::{self, Netns, Wan, addr};
+use concentrator_e2e::topology::{GW_ADDR, GW_HOST, GW_ID, GW_LAN};
 use concentrator_e2e::{logs, prereq, scratch, tools};
 
 const BIN: &str = env!("CARGO_BIN_EXE_concentrator-gateway");
-const GW_ADDR: &str = "192.0.2.2";
-const GW_LAN: &str = "10.2.0.0/24";
-const GW_HOST: &str = "10.2.0.1";
-const GW_ID: &str = "gw.example";
 const TIMEOUT: Duration = Duration::from_secs(20);
-
-fn addr(s: &str) -> IpAddr {
-    s.parse().expect("valid address")
-}
 
 /// Site `n`: WAN address, LAN, LAN host, identity.
 fn site_wan(n: u8) -> String {

@@ -18,14 +18,15 @@ use anyhow::{Context, Result, bail, ensure};
 use concentrator_algorithms::{parse_esp, parse_ike};
 use concentrator_e2e::netns;
 use concentrator_e2e::strongswan::{self, Connection};
+use concentrator_e2e::topology::{GW_ADDR, GW_ID, GW_LAN, SITE_ADDR, SITE_ID, SITE_LAN, site_connection};
 use concentrator_e2e::wait::{self, Probe};
 use concentrator_e2e::{logs, prereq};
 use concentrator_ike::payload::Identity;
 use concentrator_ike::responder::{Config, IdBuf, Retransmit, SystemEntropy};
 use concentrator_ike::{Event, Flags, Header, Responder};
 use concentrator_test_util::interop::{
-    GW_ADDR, GW_ID, GW_LAN, Interop, SITE_ID, SITE_LAN, Sockets, TIMEOUT, child_sa_installed, env,
-    ensure_charon_keys, field, ike_sa_established, lines_with, site_connection,
+    Interop, Sockets, TIMEOUT, child_sa_installed, ensure_charon_keys, env, field, ike_sa_established,
+    lines_with,
 };
 
 /// Optional driver settings from the environment: `IKE_DRIVER_DPD_MS` (liveness-check
@@ -222,7 +223,7 @@ fn start(ike: &str, esp: &str, driver_psk: &str) -> Result<Interop> {
 
 /// The site's connection to our responder, as charon loads it.
 fn connection(ike: &str, esp: &str, psk: &str) -> Connection {
-    site_connection("gw", ike, esp, psk)
+    site_connection("gw", SITE_ADDR, ike, esp, psk)
 }
 
 fn establishes(ike: &str, esp: &str) -> Result<()> {

@@ -135,7 +135,13 @@ fn a_request_for_an_unknown_spi_is_dropped() {
         Err(EndpointError::UnknownSpi(99))
     );
     assert_eq!(
-        ep.handle_datagram(Instant::now(), local(), site(1), &[0; 10], &mut Counter::non_zero(0)),
+        ep.handle_datagram(
+            Instant::now(),
+            local(),
+            site(1),
+            &[0; 10],
+            &mut Counter::non_zero(0)
+        ),
         Err(EndpointError::NotIke)
     );
     assert!(ep.poll_transmit().is_none());

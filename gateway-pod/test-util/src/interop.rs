@@ -15,27 +15,16 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use concentrator_e2e::netns::{Netns, Wan, addr, net};
+use concentrator_e2e::netns::{Netns, Wan, addr};
 use concentrator_e2e::process::Daemon;
+use concentrator_e2e::scratch;
 use concentrator_e2e::strongswan::{self, Charon, CharonOptions, Connection};
+use concentrator_e2e::topology::{GW_ADDR, GW_HOST, SITE_ADDR, SITE_HOST};
 use concentrator_e2e::wait::{self, Probe};
-use concentrator_e2e::{logs, scratch};
 use concentrator_ike::negotiate::ts_bounds;
 use concentrator_ike::payload::TrafficSelector;
 use concentrator_ike::responder::{ChildSa, IdBuf};
 
-/// The site's WAN address.
-pub const SITE_ADDR: &str = "192.0.2.1";
-/// The gateway's WAN address.
-pub const GW_ADDR: &str = "192.0.2.2";
-/// The subnet behind the site.
-pub const SITE_LAN: &str = "10.1.0.0/24";
-/// The subnet behind the gateway.
-pub const GW_LAN: &str = "10.2.0.0/24";
-/// The gateway's identity.
-pub const GW_ID: &str = "gw.example";
-/// The site's identity.
-pub const SITE_ID: &str = "site-a.example";
 /// How long a test waits for one thing to happen.
 pub const TIMEOUT: Duration = Duration::from_secs(15);
 /// The test every interop test binary defines to run its driver.
@@ -100,7 +89,9 @@ pub fn ensure_charon_keys(charon_log: &str, nth: usize, line: &str, keys: &[(&st
 
 /// The driver log line of an established IKE SA.
 pub fn ike_sa_established(spi_i: u64, spi_r: u64, peer_id: &IdBuf, remote: SocketAddr, nat: bool) -> String {
-    format!("EVENT IkeSaEstablished spi_i={spi_i:016x} spi_r={spi_r:016x} peer={peer_id} remote={remote} nat={nat}")
+    format!(
+        "EVENT IkeSaEstablished spi_i={spi_i:016x} spi_r={spi_r:016x} peer={peer_id} remote={remote} nat={nat}"
+    )
 }
 
 /// The driver log line of an installed CHILD SA. Test only: the keys go to the log so that
@@ -218,24 +209,6 @@ impl Sockets {
     }
 }
 
-/// The site's view of the connection to the gateway, named `name`: addresses, subnets,
-/// identities, proposals and PSK of this topology.
-pub fn site_connection(name: &str, ike: &str, esp: &str, psk: &str) -> Connection {
-    let mut c = Connection::new(
-        name,
-        addr(SITE_ADDR),
-        addr(GW_ADDR),
-        psk,
-        vec![net(SITE_LAN)],
-        vec![net(GW_LAN)],
-    );
-    c.local_id = SITE_ID.to_owned();
-    c.remote_id = GW_ID.to_owned();
-    c.ike_proposal = ike.to_owned();
-    c.esp_proposal = esp.to_owned();
-    c
-}
-
 /// Both namespaces, our driver and charon; dropped in field order, the namespaces (and every
 /// process in them) first.
 #[derive(Debug)]
@@ -257,41 +230,38 @@ impl Interop {
     /// charon in the gateway namespace, which has loaded `theirs` (its view of the
     /// connection). Returns once the driver runs; it connects at once.
     pub fn initiator(theirs: &Connection, driver_env: &[(&str, String)]) -> Result<Self> {
-        let (wan, site, gw) = namespaces("ini")?;
-        gw.add_lo_addr(net("10.2.0.1/24"))?;
-        site.wait_reachable(None, addr(GW_ADDR), Duration::from_secs(5))?;
-        let charon = Charon::start_with(&gw, &CharonOptions::key_oracle())?;
-        charon.load(std::slice::from_ref(theirs))?;
-        let dir = scratch::dir("ike-initiator")?;
-        let driver = spawn_driver(&site, "ike initiator driver", &dir, driver_env)?;
-        Ok(Self {
-            _wan: wan,
-            site,
-            gw,
-            _dir: dir,
-            driver,
-            charon: Some(charon),
+        Self::start("ini", |site, gw| {
+            let charon = Charon::start_with(gw, &CharonOptions::key_oracle())?;
+            charon.load(std::slice::from_ref(theirs))?;
+            let dir = scratch::dir("ike-initiator")?;
+            let driver = spawn_driver(site, "ike initiator driver", &dir, driver_env)?;
+            Ok((dir, driver, charon))
         })
     }
 
     /// Our responder (the driver, in the gateway namespace, environment `driver_env`), once it
     /// printed `READY`, and charon in the site namespace with nothing loaded yet.
     pub fn responder(driver_env: &[(&str, String)]) -> Result<Self> {
-        let (wan, site, gw) = namespaces("ike")?;
-        site.add_lo_addr(net("10.1.0.1/24"))?;
+        Self::start("ike", |site, gw| {
+            let dir = scratch::dir("ike-driver")?;
+            let mut driver = spawn_driver(gw, "ike driver", &dir, driver_env)?;
+            driver.wait_logged("READY", Duration::from_secs(10))?;
+            let charon = Charon::start_with(site, &CharonOptions::key_oracle())?;
+            Ok((dir, driver, charon))
+        })
+    }
+
+    /// The WAN, the site and gateway namespaces (`{tag}site`, `{tag}gw`) with their LAN
+    /// addresses, the site reaching the gateway; then `start` runs the driver and charon.
+    fn start(
+        tag: &str,
+        start: impl FnOnce(&Netns, &Netns) -> Result<(tempfile::TempDir, Daemon, Charon)>,
+    ) -> Result<Self> {
+        let wan = Wan::new()?;
+        let site = wan.host(&format!("{tag}site"), SITE_ADDR, Some(SITE_HOST))?;
+        let gw = wan.host(&format!("{tag}gw"), GW_ADDR, Some(GW_HOST))?;
         site.wait_reachable(None, addr(GW_ADDR), Duration::from_secs(5))?;
-        let dir = scratch::dir("ike-driver")?;
-        let mut driver = spawn_driver(&gw, "ike driver", &dir, driver_env)?;
-        let log = driver.log_path().to_owned();
-        wait::until("the IKE driver to bind", Duration::from_secs(10), || {
-            driver.ensure_running()?;
-            Ok(if logs::contains(&log, "READY") {
-                Probe::Ready(())
-            } else {
-                Probe::pending(driver.log_tail(5))
-            })
-        })?;
-        let charon = Charon::start_with(&site, &CharonOptions::key_oracle())?;
+        let (dir, driver, charon) = start(&site, &gw)?;
         Ok(Self {
             _wan: wan,
             site,
@@ -388,16 +358,6 @@ impl Interop {
         self.wait_driver_line("EVENT ChildSaInstalled")?;
         Ok(child)
     }
-}
-
-/// The WAN and the site and gateway namespaces (`{tag}site`, `{tag}gw`) on it.
-fn namespaces(tag: &str) -> Result<(Wan, Netns, Netns)> {
-    let wan = Wan::new()?;
-    let site = Netns::new(&format!("{tag}site"))?;
-    let gw = Netns::new(&format!("{tag}gw"))?;
-    wan.attach(&site, "wan0", net(&format!("{SITE_ADDR}/24")))?;
-    wan.attach(&gw, "wan0", net(&format!("{GW_ADDR}/24")))?;
-    Ok((wan, site, gw))
 }
 
 /// This test binary, running only [`DRIVER_TEST`] in `ns` with `env`; its output goes to

@@ -29,7 +29,6 @@ pub(crate) const PSK: &[u8] = b"site-a secret";
 /// The initiator's inbound SPI of the first CHILD SA (the responder's `spi_out`).
 pub(crate) const ESP_SPI_I: u32 = 0xc000_0001;
 
-
 pub(crate) fn addrs() -> (SocketAddr, SocketAddr) {
     ("192.0.2.2:500".parse().unwrap(), "192.0.2.1:500".parse().unwrap())
 }
