@@ -21,7 +21,7 @@ use concentrator_ike::{
     AuthMethod, DhGroup as WireGroup, Event, ExchangeType, Flags, Header, Message, NotifyType, Payload,
     PayloadType, ProtocolId, Responder, TransformId, TransformType,
 };
-pub(crate) use concentrator_test_util::Counter;
+pub(crate) use concentrator_test_util::{Counter, ike_sa};
 
 pub(crate) const SPI_I: u64 = 0x0102_0304_0506_0708;
 pub(crate) const NI: [u8; 32] = [0x11; 32];
@@ -93,23 +93,6 @@ pub(crate) fn esp_sa<'a>(spi: &'a [u8; 4], groups: &[u16]) -> Sa<'a> {
             protocol: ProtocolId::ESP,
             spi,
             transforms,
-        }],
-    }
-}
-
-/// An IKE proposal (AES-128-GCM, SHA-256 PRF, X25519) carrying the new initiator SPI
-/// (empty in IKE_SA_INIT).
-pub(crate) fn ike_sa(spi: &[u8]) -> Sa<'_> {
-    Sa {
-        proposals: vec![Proposal {
-            number: 1,
-            protocol: ProtocolId::IKE,
-            spi,
-            transforms: vec![
-                Transform::with_key_length(TransformType::ENCR, TransformId::ENCR_AES_GCM_16, 128),
-                Transform::new(TransformType::PRF, TransformId::PRF_HMAC_SHA2_256),
-                Transform::new(TransformType::DH, TransformId(31)),
-            ],
         }],
     }
 }
