@@ -41,3 +41,21 @@ pub fn site_connection(name: &str, local: &str, ike: &str, esp: &str, psk: &str)
     c.esp_proposal = esp.to_owned();
     c
 }
+
+/// Site `n` of many (1, 2, ...): its WAN address, 192.0.2.{10 + n}.
+pub fn site_wan(n: impl Into<usize>) -> String {
+    let n = n.into();
+    format!("192.0.2.{}", 10 + n)
+}
+
+/// Site `n`'s LAN, 10.1.{n}.0/24 (inside 10.1.0.0/16).
+pub fn site_lan(n: impl Into<usize>) -> String {
+    let n = n.into();
+    format!("10.1.{n}.0/24")
+}
+
+/// Site `n`'s own address on its LAN, 10.1.{n}.1.
+pub fn site_host(n: impl Into<usize>) -> String {
+    let n = n.into();
+    format!("10.1.{n}.1")
+}

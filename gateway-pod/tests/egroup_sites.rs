@@ -18,7 +18,7 @@ use concentrator_e2e::mariadb::{self, MariaDb};
 use concentrator_e2e::netns::{self, Netns, Wan, addr};
 use concentrator_e2e::process::Daemon;
 use concentrator_e2e::strongswan::{self, Charon, Connection, StartAction};
-use concentrator_e2e::topology::{GW_ADDR, GW_HOST, GW_ID, GW_LAN};
+use concentrator_e2e::topology::{GW_ADDR, GW_HOST, GW_ID, GW_LAN, site_host, site_lan, site_wan};
 use concentrator_e2e::wait::{self, Probe};
 use concentrator_e2e::{prereq, scratch, tools};
 use concentrator_gateway::sitedb::SiteStore;
@@ -40,23 +40,14 @@ impl Site {
     fn peer_id(n: u16) -> String {
         format!("site{n}.sites.example.com")
     }
-    fn wan(n: u16) -> String {
-        format!("192.0.2.{}", 10 + n)
-    }
-    fn lan(n: u16) -> String {
-        format!("10.1.{n}.0/24")
-    }
-    fn host(n: u16) -> String {
-        format!("10.1.{n}.1")
-    }
 
     fn connection(&self, start: StartAction) -> Connection {
         let mut c = Connection::new(
             "gw",
-            addr(&Self::wan(self.n)),
+            addr(&site_wan(self.n)),
             addr(GW_ADDR),
             &self.psk,
-            vec![Self::lan(self.n).parse().expect("subnet")],
+            vec![site_lan(self.n).parse().expect("subnet")],
             vec![GW_LAN.parse().expect("subnet")],
         );
         c.local_id = Self::peer_id(self.n);
@@ -97,7 +88,7 @@ async fn fill_store(store: &SiteStore, sites: &[(u16, String)], extra: &[(&str, 
     store.migrate().await?;
     let rows: Vec<(String, String, String, Option<String>)> = sites
         .iter()
-        .map(|(n, psk)| (Site::peer_id(*n), psk.clone(), Site::lan(*n), Some(Site::wan(*n))))
+        .map(|(n, psk)| (Site::peer_id(*n), psk.clone(), site_lan(*n), Some(site_wan(*n))))
         .chain(
             extra
                 .iter()
@@ -192,7 +183,7 @@ impl Headend {
     fn site(&self, n: u16, psk: &str, start: StartAction) -> Result<Site> {
         let ns = self
             .wan
-            .host(&format!("egs{n}"), &Site::wan(n), Some(&Site::host(n)))?;
+            .host(&format!("egs{n}"), &site_wan(n), Some(&site_host(n)))?;
         let charon = Charon::start(&ns)?;
         let site = Site {
             n,
@@ -232,9 +223,9 @@ fn connect_and_ping(h: &Headend, s: &Site) -> Result<()> {
 }
 
 fn ping_both_ways(h: &Headend, s: &Site) -> Result<()> {
-    s.ns.wait_reachable(Some(addr(&Site::host(s.n))), addr(GW_HOST), TIMEOUT)
+    s.ns.wait_reachable(Some(addr(&site_host(s.n))), addr(GW_HOST), TIMEOUT)
         .with_context(|| format!("site {} -> head-end\n{}", s.n, h.gateway.log_tail(20)))?;
-    h.gw.wait_reachable(Some(addr(GW_HOST)), addr(&Site::host(s.n)), TIMEOUT)
+    h.gw.wait_reachable(Some(addr(GW_HOST)), addr(&site_host(s.n)), TIMEOUT)
         .with_context(|| format!("head-end -> site {}", s.n))
 }
 
@@ -280,7 +271,7 @@ fn many_sites_connect(store: &Store<'_>, n: u16) -> Result<()> {
     let tunnels = h.tunnels()?;
     for (i, _) in &sites {
         ensure!(
-            tunnels.contains(&Site::peer_id(*i)) && tunnels.contains(&Site::lan(*i)),
+            tunnels.contains(&Site::peer_id(*i)) && tunnels.contains(&site_lan(*i)),
             "site {i} missing from:\n{tunnels}"
         );
     }
@@ -406,7 +397,7 @@ fn site_traffic_brings_it_back(h: &Headend, s: &Site) -> Result<bool> {
             }
             Ok(how)
         });
-        s.ns.wait_reachable(Some(addr(&Site::host(s.n))), addr(GW_HOST), TIMEOUT)
+        s.ns.wait_reachable(Some(addr(&site_host(s.n))), addr(GW_HOST), TIMEOUT)
             .with_context(|| {
                 format!(
                     "site {} -> head-end\n{}\n{}",
@@ -504,7 +495,7 @@ fn max_dynamic_eroutes_bounds_the_table_and_evicted_sites_reconnect() -> Result<
     // Traffic toward another evicted site brings it back too: the head-end's packets raise
     // an acquire in the gateway, which connects to the site's row address (initiator path).
     let second = &started[1];
-    h.gw.wait_reachable(Some(addr(GW_HOST)), addr(&Site::host(second.n)), TIMEOUT)
+    h.gw.wait_reachable(Some(addr(GW_HOST)), addr(&site_host(second.n)), TIMEOUT)
         .with_context(|| h.gateway.log_tail(30))?;
     ping_both_ways(&h, second)?;
     ensure!(
@@ -560,9 +551,9 @@ fn head_end_reaches_idle_sites(store: &Store<'_>, n: u16) -> Result<()> {
         .map(|(i, psk)| h.site(*i, psk, StartAction::None))
         .collect::<Result<_>>()?;
     for s in &idle {
-        h.gw.wait_reachable(Some(addr(GW_HOST)), addr(&Site::host(s.n)), TIMEOUT)
+        h.gw.wait_reachable(Some(addr(GW_HOST)), addr(&site_host(s.n)), TIMEOUT)
             .with_context(|| format!("head-end -> idle site {}\n{}", s.n, h.gateway.log_tail(30)))?;
-        s.ns.wait_reachable(Some(addr(&Site::host(s.n))), addr(GW_HOST), TIMEOUT)
+        s.ns.wait_reachable(Some(addr(&site_host(s.n))), addr(GW_HOST), TIMEOUT)
             .with_context(|| format!("site {} -> head-end", s.n))?;
     }
     h.wait_metric("concentrator_gateway_ike_sas_established", f64::from(n))?;

@@ -145,9 +145,7 @@ fn write_config(dir: &Path, url: &str) -> Result<()> {
 }
 
 fn site(wan_net: &Wan, s: SiteId) -> Result<(Netns, Charon)> {
-    let ns = Netns::new(&format!("et{}{}", s.octet, s.n))?;
-    wan_net.attach(&ns, "wan0", format!("{}/24", s.wan()).parse()?)?;
-    ns.add_lo_addr(format!("{}/24", s.host()).parse()?)?;
+    let ns = wan_net.host(&format!("et{}{}", s.octet, s.n), &s.wan(), Some(&s.host()))?;
     let charon = Charon::start(&ns)?;
     let mut c = Connection::new(
         "gw",
@@ -220,9 +218,7 @@ fn egroups_over_tables_of_their_own_shape_and_a_missing_column_named_as_such() -
     );
 
     let wan_net = Wan::new()?;
-    let gw = Netns::new("etgw")?;
-    wan_net.attach(&gw, "wan0", format!("{GW_ADDR}/24").parse()?)?;
-    gw.add_lo_addr(format!("{GW_HOST}/24").parse()?)?;
+    let gw = wan_net.host("etgw", GW_ADDR, Some(GW_HOST))?;
     let gateway = Gateway::start(&gw, Path::new(BIN), dir.path(), "gw", GW_ADDR, &[])?;
     let said_at_start = "site table does not fit the Egroup";
     wait::until("the gateway to name the missing column", TIMEOUT, || {

@@ -20,6 +20,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result, ensure};
 use concentrator_e2e::netns::{self, Netns, Wan, addr};
+use concentrator_e2e::process::Daemon;
 use concentrator_e2e::strongswan;
 use concentrator_e2e::tools::{self, Tool};
 use concentrator_e2e::topology::{GW_ADDR, GW_HOST, SITE_HOST, SITE_ID};
@@ -413,15 +414,56 @@ fn esp_static_counters(log: &Path) -> Result<(u64, u64, u64, u64)> {
     ))
 }
 
+/// The tails of both `esp-static` gateways' logs in `dir`.
+fn dump(dir: &Path) -> String {
+    format!(
+        "A log:\n{}\nB log:\n{}",
+        logs::tail(&dir.join("a.log"), 20),
+        logs::tail(&dir.join("b.log"), 20)
+    )
+}
+
+/// `esp-static` gateway A (end `a_end`, toward [`B`]) in `a` and gateway B in `b`, logging to
+/// `a.log` and `b.log` in `dir`; returns them once a ping from A's LAN reaches B's.
+fn start_and_ping(a: &Netns, b: &Netns, a_end: &End<'_>, dir: &Path) -> Result<[Daemon; 2]> {
+    let args_a = esp_static_args(a_end, &B);
+    let args_b = esp_static_args(&B, &A);
+    let gateways = [
+        a.spawn("gateway A", BIN, &as_refs(&args_a), &dir.join("a.log"))?,
+        b.spawn("gateway B", BIN, &as_refs(&args_b), &dir.join("b.log"))?,
+    ];
+    a.wait_reachable(Some(addr(SITE_HOST)), addr(GW_HOST), TIMEOUT)
+        .with_context(|| dump(dir))?;
+    Ok(gateways)
+}
+
+/// Stops `daemon` with SIGTERM (an `esp-static` gateway then prints its counters) and waits
+/// until it exits.
+fn terminate(daemon: &mut Daemon) -> Result<std::process::ExitStatus> {
+    let pid = daemon.pid().to_string();
+    let out = std::process::Command::new(KILL.path())
+        .args(["-TERM", &pid])
+        .output()?;
+    ensure!(out.status.success(), "kill -TERM {pid}: {out:?}");
+    wait::until(
+        format!("{} to exit after SIGTERM", daemon.name()),
+        TIMEOUT,
+        || {
+            Ok(match daemon.exit_status()? {
+                Some(status) => Probe::Ready(status),
+                None => Probe::pending("running"),
+            })
+        },
+    )
+}
+
 #[test]
 fn traffic_outside_the_selectors_is_dropped_and_counted() -> Result<()> {
     if prereq::require(&[netns::TOOLS, &[KILL]]).is_skip() {
         return Ok(());
     }
     let wan = Wan::new()?;
-    let (a, b) = (Netns::new("selA")?, Netns::new("selB")?);
-    wan.attach(&a, "wan0", format!("{}/24", A.wan).parse()?)?;
-    wan.attach(&b, "wan0", format!("{}/24", B.wan).parse()?)?;
+    let (a, b) = (wan.host("selA", A.wan, None)?, wan.host("selB", B.wan, None)?);
     // No IPv6 on the TUN devices: the kernel's own IPv6 packets (router solicitations, MLD)
     // would go into A's tunnel and be counted as policy drops by B, at times of their own.
     for ns in [&a, &b] {
@@ -431,27 +473,16 @@ fn traffic_outside_the_selectors_is_dropped_and_counted() -> Result<()> {
         )?;
     }
     let dir = scratch::dir("esp-selectors")?;
-    let (log_a, log_b) = (dir.path().join("a.log"), dir.path().join("b.log"));
+    let log_b = dir.path().join("b.log");
+    let dump = || dump(dir.path());
 
-    // A claims all of 10.1.0.0/16; B accepts only 10.1.0.0/24 from it.
+    // A claims all of 10.1.0.0/16; B accepts only 10.1.0.0/24 from it. Inside the
+    // selectors: passes.
     let wide_a = End {
         subnet: "10.1.0.0/16",
         ..A
     };
-    let args_a = esp_static_args(&wide_a, &B);
-    let args_b = esp_static_args(&B, &A);
-    let _ga = a.spawn("gateway A", BIN, &as_refs(&args_a), &log_a)?;
-    let mut gb = b.spawn("gateway B", BIN, &as_refs(&args_b), &log_b)?;
-    let dump = || {
-        format!(
-            "A log:\n{}\nB log:\n{}",
-            logs::tail(&log_a, 20),
-            logs::tail(&log_b, 20)
-        )
-    };
-    // Inside the selectors: passes.
-    a.wait_reachable(Some(addr(SITE_HOST)), addr(GW_HOST), TIMEOUT)
-        .with_context(dump)?;
+    let [_ga, mut gb] = start_and_ping(&a, &b, &wide_a, dir.path())?;
 
     // From 10.1.9.1 (inside A's selector, outside B's remote subnet) ...
     a.add_lo_addr("10.1.9.1/32".parse()?)?;
@@ -483,17 +514,7 @@ fn traffic_outside_the_selectors_is_dropped_and_counted() -> Result<()> {
     ensure!(inside.contains("3 received"), "{inside}\n{}", dump());
 
     // Stop B with SIGTERM: it prints its counters.
-    let pid = gb.pid().to_string();
-    let out = std::process::Command::new(KILL.path())
-        .args(["-TERM", &pid])
-        .output()?;
-    ensure!(out.status.success(), "kill -TERM {pid}: {out:?}");
-    let status = wait::until("gateway B to exit after SIGTERM", TIMEOUT, || {
-        Ok(match gb.exit_status()? {
-            Some(status) => Probe::Ready(status),
-            None => Probe::pending("running"),
-        })
-    })?;
+    let status = terminate(&mut gb)?;
     ensure!(status.success(), "gateway B exited with {status}\n{}", dump());
     let (sent, received, dropped, policy) = esp_static_counters(&log_b)?;
     eprintln!("gateway B: out {sent} in {received} dropped {dropped} policy-dropped {policy}");
@@ -519,29 +540,16 @@ fn packets_too_big_for_the_path_get_fragmentation_needed_and_tcp_still_flows() -
         return Ok(());
     }
     let wan = Wan::new()?;
-    let (a, b) = (Netns::new("mtuA")?, Netns::new("mtuB")?);
-    wan.attach(&a, "wan0", format!("{}/24", A.wan).parse()?)?;
-    wan.attach(&b, "wan0", format!("{}/24", B.wan).parse()?)?;
+    let (a, b) = (wan.host("mtuA", A.wan, None)?, wan.host("mtuB", B.wan, None)?);
     // The WAN takes 1200 bytes, the TUN devices keep 1400: a full-sized inner packet does
     // not fit one outer datagram.
     for ns in [&a, &b] {
         ns.ip(&["link", "set", "wan0", "mtu", "1200"])?;
     }
     let dir = scratch::dir("esp-mtu")?;
-    let (log_a, log_b) = (dir.path().join("a.log"), dir.path().join("b.log"));
-    let args_a = esp_static_args(&A, &B);
-    let args_b = esp_static_args(&B, &A);
-    let mut ga = a.spawn("gateway A", BIN, &as_refs(&args_a), &log_a)?;
-    let _gb = b.spawn("gateway B", BIN, &as_refs(&args_b), &log_b)?;
-    let dump = || {
-        format!(
-            "A log:\n{}\nB log:\n{}",
-            logs::tail(&log_a, 20),
-            logs::tail(&log_b, 20)
-        )
-    };
-    a.wait_reachable(Some(addr(SITE_HOST)), addr(GW_HOST), TIMEOUT)
-        .with_context(dump)?;
+    let log_a = dir.path().join("a.log");
+    let dump = || dump(dir.path());
+    let [mut ga, _gb] = start_and_ping(&a, &b, &A, dir.path())?;
 
     // TCP first, before anything taught the kernel the path MTU: its segments (sized for the
     // TUN device, DF set) are refused with "fragmentation needed", the sender's TCP lowers
@@ -586,17 +594,7 @@ fn packets_too_big_for_the_path_get_fragmentation_needed_and_tcp_still_flows() -
     ensure!(no_df.contains("2 received"), "{no_df}\n{}", dump());
 
     // A counted what it refused.
-    let pid = ga.pid().to_string();
-    let out = std::process::Command::new(KILL.path())
-        .args(["-TERM", &pid])
-        .output()?;
-    ensure!(out.status.success(), "kill -TERM {pid}: {out:?}");
-    wait::until("gateway A to exit after SIGTERM", TIMEOUT, || {
-        Ok(match ga.exit_status()? {
-            Some(status) => Probe::Ready(status),
-            None => Probe::pending("running"),
-        })
-    })?;
+    terminate(&mut ga)?;
     let text = std::fs::read_to_string(&log_a)?;
     let too_big_count = text
         .lines()

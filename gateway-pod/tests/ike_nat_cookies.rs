@@ -18,7 +18,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use concentrator_crypto::{DhGroup, KeyExchange};
 use concentrator_e2e::netns::{self, Netns, Wan, addr};
 use concentrator_e2e::process::Daemon;
 use concentrator_e2e::strongswan::{self, Charon, Connection, IkeSa};
@@ -26,15 +25,11 @@ use concentrator_e2e::tools::{self, Tool};
 use concentrator_e2e::topology::{GW_ADDR, GW_HOST, SITE_HOST, SITE_ID, site_connection};
 use concentrator_e2e::wait::{self, Probe};
 use concentrator_e2e::{logs, prereq, scratch};
-use concentrator_ike::payload::{Ke, Nonce, Proposal, Sa, Transform};
-use concentrator_ike::{
-    DhGroup as WireGroup, ExchangeType, Flags, Header, Message, Payload, PayloadType, ProtocolId,
-    TransformId, TransformType,
-};
 
 mod common;
 
 use common::site::{GatewayOptions, eroute};
+use concentrator_test_util::ike_sa_init_request;
 
 const BIN: &str = env!("CARGO_BIN_EXE_concentrator-gateway");
 const NFT: Tool = Tool::search("nft", "nftables");
@@ -141,6 +136,17 @@ use concentrator_e2e::gateway::metric;
 /// The site's connection to the gateway from `local`.
 fn connection(local: &str, psk: &str) -> Connection {
     site_connection("gw", local, IKE, ESP, psk)
+}
+
+/// The gateway's "IKE SA established" `event` says that it detected a NAT and took the
+/// peer's address `want` (the router's mapping) from the floated IKE messages.
+fn ensure_nat_event(event: &serde_json::Value, want: &str) -> Result<()> {
+    ensure!(
+        event.get("nat_detected") == Some(&serde_json::Value::Bool(true))
+            && event.get("remote").and_then(|r| r.as_str()) == Some(want),
+        "the gateway should log nat_detected=true and remote={want}: {event}"
+    );
+    Ok(())
 }
 
 /// The router's nftables rules: masquerade the LAN onto the WAN; count the datagrams
@@ -294,11 +300,7 @@ fn a_site_behind_nat_floats_to_4500_and_carries_traffic_both_ways() -> Result<()
     // Ours detected the NAT and took the peer's address from the floated IKE_AUTH: the
     // router's masqueraded address on 4500, never the site's private one.
     let want = format!("{ROUTER_WAN}:4500");
-    ensure!(
-        event.get("nat_detected") == Some(&serde_json::Value::Bool(true))
-            && event.get("remote").and_then(|r| r.as_str()) == Some(want.as_str()),
-        "the gateway should log nat_detected=true and remote={want}: {event}"
-    );
+    ensure_nat_event(&event, &want)?;
     let peer = s.gw.wait_peer_address()?;
     ensure!(
         peer == want,
@@ -336,11 +338,7 @@ fn a_site_behind_nat_can_start_ike_on_port_4500() -> Result<()> {
          {to4500} to 4500"
     );
     let want = format!("{ROUTER_WAN}:4500");
-    ensure!(
-        event.get("nat_detected") == Some(&serde_json::Value::Bool(true))
-            && event.get("remote").and_then(|r| r.as_str()) == Some(want.as_str()),
-        "the gateway should log nat_detected=true and remote={want}: {event}"
-    );
+    ensure_nat_event(&event, &want)?;
     let peer = s.gw.wait_peer_address()?;
     ensure!(peer == want, "PEER ADDRESS should be {want}, is {peer}");
     s.site
@@ -350,46 +348,6 @@ fn a_site_behind_nat_can_start_ike_on_port_4500() -> Result<()> {
         .wait_reachable(Some(addr(GW_HOST)), addr(SITE_HOST), TIMEOUT)
         .with_context(|| s.logs())?;
     Ok(())
-}
-
-/// An IKE_SA_INIT request offering aes128gcm16-prfsha256-x25519 (SPIi zero: the flood
-/// script sets a random one per datagram).
-fn init_request() -> Result<Vec<u8>> {
-    let kex = KeyExchange::from_private_key(DhGroup::Curve25519, &[0x33; 32])?;
-    let public = kex.public_value()?;
-    let nonce = [0x5a; 32];
-    let payloads = vec![
-        Payload::Sa(Sa {
-            proposals: vec![Proposal {
-                number: 1,
-                protocol: ProtocolId::IKE,
-                spi: &[],
-                transforms: vec![
-                    Transform::with_key_length(TransformType::ENCR, TransformId::ENCR_AES_GCM_16, 128),
-                    Transform::new(TransformType::PRF, TransformId::PRF_HMAC_SHA2_256),
-                    Transform::new(TransformType::DH, TransformId(31)),
-                ],
-            }],
-        }),
-        Payload::Ke(Ke {
-            group: WireGroup(31),
-            data: &public,
-        }),
-        Payload::Nonce(Nonce { data: &nonce }),
-    ];
-    Ok(Message {
-        header: Header {
-            spi_i: 0,
-            spi_r: 0,
-            next_payload: PayloadType::NONE,
-            exchange: ExchangeType::IKE_SA_INIT,
-            flags: Flags::INITIATOR,
-            message_id: 0,
-            length: 0,
-        },
-        payloads,
-    }
-    .to_vec())
 }
 
 /// Sends `count` copies of a datagram (hex) to `gw`:500 over `seconds`, each from a new
@@ -495,7 +453,7 @@ fn a_cookie_flood_keeps_half_open_sas_bounded_and_a_real_site_still_connects() -
         )
     };
 
-    let datagram = hex::encode(init_request()?);
+    let datagram = hex::encode(ike_sa_init_request(0, &[0x5a; 32], None));
     let flood_log = gw.dir.path().join("flood.log");
     // The half-open gauge is sampled in a thread for the whole flood.
     let stop = AtomicBool::new(false);

@@ -75,29 +75,8 @@ fn carries_traffic(ike: &str, esp: &str) -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn strongswan_site_carries_traffic_with_aes128gcm16_prfsha256_x25519() -> Result<()> {
-    carries_traffic("aes128gcm16-prfsha256-x25519", "aes128gcm16")
-}
-
-#[test]
-fn strongswan_site_carries_traffic_with_aes256gcm16_prfsha384_ecp384() -> Result<()> {
-    carries_traffic("aes256gcm16-prfsha384-ecp384", "aes256gcm16")
-}
-
-#[test]
-fn strongswan_site_carries_traffic_with_chacha20poly1305_prfsha256_x25519() -> Result<()> {
-    carries_traffic("chacha20poly1305-prfsha256-x25519", "chacha20poly1305")
-}
-
-#[test]
-fn strongswan_site_carries_traffic_with_aes256_sha256_modp2048() -> Result<()> {
-    carries_traffic("aes256-sha256-modp2048", "aes256-sha256")
-}
-
-#[test]
-fn strongswan_site_carries_traffic_with_aes128_sha256_ecp256() -> Result<()> {
-    carries_traffic("aes128-sha256-ecp256", "aes128-sha256")
+mod strongswan_site_carries_traffic_with {
+    concentrator_test_util::proposal_matrix!(super::carries_traffic);
 }
 
 /// Refused negotiations: strongSwan sees the notify, we count it, and no SA stays behind.
@@ -368,29 +347,8 @@ fn gateway_initiates(ike: &str, esp: &str) -> Result<()> {
     common::tcp_transfer(&s.gw, GW_HOST, &s.site, SITE_HOST, s.dir.path()).with_context(|| s.logs())
 }
 
-#[test]
-fn gateway_initiates_to_strongswan_with_aes128gcm16_prfsha256_x25519() -> Result<()> {
-    gateway_initiates("aes128gcm16-prfsha256-x25519", "aes128gcm16")
-}
-
-#[test]
-fn gateway_initiates_to_strongswan_with_aes256gcm16_prfsha384_ecp384() -> Result<()> {
-    gateway_initiates("aes256gcm16-prfsha384-ecp384", "aes256gcm16")
-}
-
-#[test]
-fn gateway_initiates_to_strongswan_with_chacha20poly1305_prfsha256_x25519() -> Result<()> {
-    gateway_initiates("chacha20poly1305-prfsha256-x25519", "chacha20poly1305")
-}
-
-#[test]
-fn gateway_initiates_to_strongswan_with_aes256_sha256_modp2048() -> Result<()> {
-    gateway_initiates("aes256-sha256-modp2048", "aes256-sha256")
-}
-
-#[test]
-fn gateway_initiates_to_strongswan_with_aes128_sha256_ecp256() -> Result<()> {
-    gateway_initiates("aes128-sha256-ecp256", "aes128-sha256")
+mod gateway_initiates_to_strongswan_with {
+    concentrator_test_util::proposal_matrix!(super::gateway_initiates);
 }
 
 #[test]

@@ -42,7 +42,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use concentrator_algorithms::{parse_esp, parse_ike};
 use concentrator_e2e::gateway::wait_ready;
 use concentrator_e2e::netns::{self, Netns, Wan};
 use concentrator_e2e::process::{self, Daemon};
@@ -54,7 +53,11 @@ use concentrator_ike::endpoint::{Endpoint, EndpointConfig, EndpointEvent};
 use concentrator_ike::initiator::{Config, Event, Initiator, NatTraversal};
 use concentrator_ike::payload::Identity;
 use concentrator_ike::responder::{self, IdBuf, SystemEntropy};
-use concentrator_test_util::interop::{env, field};
+use concentrator_test_util::interop::{driver_addrs, env, field, initiator_config, responder_config};
+
+mod common;
+
+use common::StaticEroute;
 
 const IKE: &str = "aes128gcm16-prfsha256-x25519";
 const ESP: &str = "aes128gcm16";
@@ -279,31 +282,21 @@ fn generate(
 }
 
 /// The generators' initiator configuration; each SA replaces the local ID with its own.
-fn initiator_config() -> Result<Config> {
-    let mut config = Config::new(
-        vec![parse_ike("ike", IKE)?],
-        vec![parse_esp("esp", ESP)?],
-        SITE_LAN.parse()?,
-        GW_LAN.parse()?,
-        IdBuf::new(&Identity::Fqdn(b"sa.load.example")),
-    );
-    config.remote_id = Some(IdBuf::new(&Identity::Fqdn(GW_ID.as_bytes())));
-    Ok(config)
+fn load_initiator_config() -> Result<Config> {
+    initiator_config(IKE, ESP, (SITE_LAN, GW_LAN), ("sa.load.example", GW_ID))
 }
 
 /// The generator: runs when `IKE_LOAD_DRIVER` is set, prints one `RESULT` line, exits.
 #[test]
 fn load_driver() -> Result<()> {
-    if std::env::var_os("IKE_LOAD_DRIVER").is_none() {
+    let Some((local, remote)) = driver_addrs("IKE_LOAD_DRIVER", "IKE_LOAD")? else {
         return Ok(());
-    }
-    let local: IpAddr = env("IKE_LOAD_LOCAL")?.parse()?;
-    let remote: IpAddr = env("IKE_LOAD_REMOTE")?.parse()?;
+    };
     let sas: u64 = env("IKE_LOAD_SAS")?.parse()?;
     let window: usize = env("IKE_LOAD_WINDOW")?.parse()?;
     let threads: u64 = env("IKE_LOAD_THREADS")?.parse()?;
     let hold = std::env::var_os("IKE_LOAD_HOLD").is_some();
-    let config = initiator_config()?;
+    let config = load_initiator_config()?;
     let shared = Arc::new(Shared::default());
     let cpu_before = cpu_seconds("self")?;
     let start = Instant::now();
@@ -474,23 +467,23 @@ fn gateway_bin() -> Option<PathBuf> {
     bin.is_file().then_some(bin)
 }
 
-/// The gateway's config directory: one static eroute for every `*.load.example` site. No
-/// liveness checks within the run (an hour), as charon's connection has none: with tens of
-/// thousands of SAs they would be a load of their own.
-fn write_gateway_config(dir: &std::path::Path) -> Result<()> {
-    std::fs::create_dir_all(dir.join("secrets/load"))?;
-    std::fs::write(dir.join("secrets/load/psk"), PSK)?;
-    std::fs::write(
-        dir.join("load.yaml"),
-        format!(
-            "apiVersion: vpn.concentrator.io/v1alpha1\nkind: Eroute\nmetadata:\n  name: load\n\
-             spec:\n  localSubnet: {GW_LAN}\n  remoteSubnet: {SITE_LAN}\n  peerId: '*.load.example'\n\
-             \x20 localId: {GW_ID}\n  pskSecretRef:\n    name: load\n    key: psk\n  role: Responder\n\
-             \x20 ike:\n    proposals: [{IKE}]\n    dpdInterval: 1h\n  esp:\n    proposals: [{ESP}]\n"
-        ),
-    )?;
-    Ok(())
-}
+/// The gateway's eroute for every `*.load.example` site. No liveness checks within the run
+/// (an hour), as charon's connection has none: with tens of thousands of SAs they would be a
+/// load of their own.
+const LOAD_EROUTE: StaticEroute<'static> = StaticEroute {
+    name: "load",
+    local_subnet: GW_LAN,
+    remote_subnet: SITE_LAN,
+    peer_id: "*.load.example",
+    local_id: GW_ID,
+    initiate_to: None,
+    ike: IKE,
+    esp: ESP,
+    dpd: Some("1h"),
+    lifetimes: None,
+    esp_extra: "",
+    psk: PSK,
+};
 
 /// Our gateway in `ns`, ready; the generator against it.
 fn measure_ours(
@@ -508,7 +501,7 @@ fn measure_ours(
     site.wait_reachable(None, OURS_ADDR.parse()?, Duration::from_secs(10))?;
     let dir = scratch::dir("ike-load-gateway")?;
     let config = dir.path().join("config");
-    write_gateway_config(&config)?;
+    LOAD_EROUTE.write(&config)?;
     let log = dir.path().join("gateway.log");
     let data = dir.path().join("data");
     let limit = (size.window * 4).max(1000).to_string();
@@ -696,14 +689,8 @@ fn ike_establishment_rate_ours_vs_strongswan() -> Result<()> {
 fn engine_establishment_rate_in_process() -> Result<()> {
     let full = std::env::var("IKE_LOAD").is_ok_and(|v| v == "full");
     let sas: u64 = env_or("IKE_LOAD_ENGINE_SAS", if full { 20_000 } else { 200 })?;
-    let config = initiator_config()?;
-    let responder_config = Arc::new(responder::Config::new(
-        vec![parse_ike("ike", IKE)?],
-        vec![parse_esp("esp", ESP)?],
-        GW_LAN.parse()?,
-        SITE_LAN.parse()?,
-        IdBuf::new(&Identity::Fqdn(GW_ID.as_bytes())),
-    ));
+    let config = load_initiator_config()?;
+    let responder_config = Arc::new(responder_config(IKE, ESP, GW_LAN, SITE_LAN, GW_ID)?);
     let mut ep = Endpoint::new(
         EndpointConfig {
             cookie_threshold: usize::MAX,

@@ -10,44 +10,39 @@
 //! charon's key log (`chd = 4`) is the oracle for the CHILD SA keys; `swanctl --list-sas`
 //! must show the SAs ESTABLISHED / INSTALLED. As non-root every test prints SKIP and passes.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use concentrator_algorithms::{parse_esp, parse_ike};
 use concentrator_e2e::netns;
 use concentrator_e2e::strongswan;
 use concentrator_e2e::topology::{GW_ADDR, GW_ID, GW_LAN, SITE_ADDR, SITE_ID, SITE_LAN, site_connection};
 use concentrator_e2e::wait::{self, Probe};
 use concentrator_e2e::{logs, prereq};
-use concentrator_ike::initiator::{Config, Event, Initiator};
-use concentrator_ike::payload::Identity;
-use concentrator_ike::responder::{IdBuf, SystemEntropy};
+use concentrator_ike::initiator::{Event, Initiator};
+use concentrator_ike::responder::SystemEntropy;
 use concentrator_test_util::interop::{
-    Interop, Sockets, TIMEOUT, child_sa_installed, ensure_charon_keys, env, field, ike_sa_established,
-    lines_with,
+    Interop, Sockets, TIMEOUT, child_sa_installed, driver_addrs, ensure_charon_keys, env, field,
+    ike_sa_established, initiator_config, lines_with,
 };
 
 /// The driver: runs until killed when `IKE_INITIATOR_DRIVER` is set, else returns at once.
 #[test]
 fn driver_process() -> Result<()> {
-    if std::env::var_os("IKE_INITIATOR_DRIVER").is_none() {
+    let Some((local, remote)) = driver_addrs("IKE_INITIATOR_DRIVER", "IKE_INITIATOR")? else {
         return Ok(());
-    }
-    let local: IpAddr = env("IKE_INITIATOR_LOCAL")?.parse()?;
-    let remote: IpAddr = env("IKE_INITIATOR_REMOTE")?.parse()?;
-    let mut config = Config::new(
-        vec![parse_ike("ike", &env("IKE_INITIATOR_IKE")?)?],
-        vec![parse_esp("esp", &env("IKE_INITIATOR_ESP")?)?],
-        env("IKE_INITIATOR_LOCAL_SUBNET")?.parse()?,
-        env("IKE_INITIATOR_REMOTE_SUBNET")?.parse()?,
-        IdBuf::new(&Identity::Fqdn(env("IKE_INITIATOR_LOCAL_ID")?.as_bytes())),
-    );
-    config.remote_id = Some(IdBuf::new(&Identity::Fqdn(
-        env("IKE_INITIATOR_REMOTE_ID")?.as_bytes(),
-    )));
+    };
+    let mut config = initiator_config(
+        &env("IKE_INITIATOR_IKE")?,
+        &env("IKE_INITIATOR_ESP")?,
+        (
+            &env("IKE_INITIATOR_LOCAL_SUBNET")?,
+            &env("IKE_INITIATOR_REMOTE_SUBNET")?,
+        ),
+        (&env("IKE_INITIATOR_LOCAL_ID")?, &env("IKE_INITIATOR_REMOTE_ID")?),
+    )?;
     config.nat_t.force = std::env::var_os("IKE_INITIATOR_FORCE_NAT_T").is_some();
     if let Ok(ms) = std::env::var("IKE_INITIATOR_CHILD_LIFETIME_MS") {
         config.child_lifetime = Duration::from_millis(ms.parse()?);
@@ -293,29 +288,8 @@ fn matrix(ike: &str, esp: &str) -> Result<()> {
     establishes(&Case::new(ike, esp, &psk)).map(drop)
 }
 
-#[test]
-fn establishes_with_strongswan_aes128gcm16_prfsha256_x25519() -> Result<()> {
-    matrix("aes128gcm16-prfsha256-x25519", "aes128gcm16")
-}
-
-#[test]
-fn establishes_with_strongswan_aes256gcm16_prfsha384_ecp384() -> Result<()> {
-    matrix("aes256gcm16-prfsha384-ecp384", "aes256gcm16")
-}
-
-#[test]
-fn establishes_with_strongswan_chacha20poly1305_prfsha256_x25519() -> Result<()> {
-    matrix("chacha20poly1305-prfsha256-x25519", "chacha20poly1305")
-}
-
-#[test]
-fn establishes_with_strongswan_aes256_sha256_modp2048() -> Result<()> {
-    matrix("aes256-sha256-modp2048", "aes256-sha256")
-}
-
-#[test]
-fn establishes_with_strongswan_aes128_sha256_ecp256() -> Result<()> {
-    matrix("aes128-sha256-ecp256", "aes128-sha256")
+mod establishes_with_strongswan {
+    concentrator_test_util::proposal_matrix!(super::matrix);
 }
 
 #[test]

@@ -15,18 +15,16 @@ use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use concentrator_algorithms::{parse_esp, parse_ike};
 use concentrator_e2e::netns;
 use concentrator_e2e::strongswan::{self, Connection};
 use concentrator_e2e::topology::{GW_ADDR, GW_ID, GW_LAN, SITE_ADDR, SITE_ID, SITE_LAN, site_connection};
 use concentrator_e2e::wait::{self, Probe};
 use concentrator_e2e::{logs, prereq};
-use concentrator_ike::payload::Identity;
-use concentrator_ike::responder::{Config, IdBuf, Retransmit, SystemEntropy};
+use concentrator_ike::responder::{Config, Retransmit, SystemEntropy};
 use concentrator_ike::{Event, Flags, Header, Responder};
 use concentrator_test_util::interop::{
     Interop, Sockets, TIMEOUT, child_sa_installed, ensure_charon_keys, env, field, ike_sa_established,
-    lines_with,
+    lines_with, responder_config,
 };
 
 /// Optional driver settings from the environment: `IKE_DRIVER_DPD_MS` (liveness-check
@@ -61,13 +59,13 @@ fn driver_process() -> Result<()> {
     }
     let listen: IpAddr = env("IKE_DRIVER_LISTEN")?.parse()?;
     let psk = env("IKE_DRIVER_PSK")?.into_bytes();
-    let mut config = Config::new(
-        vec![parse_ike("ike", &env("IKE_DRIVER_IKE")?)?],
-        vec![parse_esp("esp", &env("IKE_DRIVER_ESP")?)?],
-        env("IKE_DRIVER_LOCAL_SUBNET")?.parse()?,
-        env("IKE_DRIVER_REMOTE_SUBNET")?.parse()?,
-        IdBuf::new(&Identity::Fqdn(env("IKE_DRIVER_LOCAL_ID")?.as_bytes())),
-    );
+    let mut config = responder_config(
+        &env("IKE_DRIVER_IKE")?,
+        &env("IKE_DRIVER_ESP")?,
+        &env("IKE_DRIVER_LOCAL_SUBNET")?,
+        &env("IKE_DRIVER_REMOTE_SUBNET")?,
+        &env("IKE_DRIVER_LOCAL_ID")?,
+    )?;
     driver_timers(&mut config)?;
     let config = Arc::new(config);
     let sockets = Sockets::bind(listen)?;
@@ -272,29 +270,8 @@ fn establishes(ike: &str, esp: &str) -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn strongswan_establishes_with_aes128gcm16_prfsha256_x25519() -> Result<()> {
-    establishes("aes128gcm16-prfsha256-x25519", "aes128gcm16")
-}
-
-#[test]
-fn strongswan_establishes_with_aes256gcm16_prfsha384_ecp384() -> Result<()> {
-    establishes("aes256gcm16-prfsha384-ecp384", "aes256gcm16")
-}
-
-#[test]
-fn strongswan_establishes_with_chacha20poly1305_prfsha256_x25519() -> Result<()> {
-    establishes("chacha20poly1305-prfsha256-x25519", "chacha20poly1305")
-}
-
-#[test]
-fn strongswan_establishes_with_aes256_sha256_modp2048() -> Result<()> {
-    establishes("aes256-sha256-modp2048", "aes256-sha256")
-}
-
-#[test]
-fn strongswan_establishes_with_aes128_sha256_ecp256() -> Result<()> {
-    establishes("aes128-sha256-ecp256", "aes128-sha256")
+mod strongswan_establishes_with {
+    concentrator_test_util::proposal_matrix!(super::establishes);
 }
 
 #[test]

@@ -15,6 +15,7 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
+use concentrator_algorithms::{parse_esp, parse_ike};
 use concentrator_e2e::netns::{Netns, Wan, addr};
 use concentrator_e2e::process::Daemon;
 use concentrator_e2e::scratch;
@@ -22,17 +23,102 @@ use concentrator_e2e::strongswan::{self, Charon, CharonOptions, Connection};
 use concentrator_e2e::topology::{GW_ADDR, GW_HOST, SITE_ADDR, SITE_HOST};
 use concentrator_e2e::wait::{self, Probe};
 use concentrator_ike::negotiate::ts_bounds;
-use concentrator_ike::payload::TrafficSelector;
+use concentrator_ike::payload::{Identity, TrafficSelector};
 use concentrator_ike::responder::{ChildSa, IdBuf};
+use concentrator_ike::{initiator, responder};
 
 /// How long a test waits for one thing to happen.
 pub const TIMEOUT: Duration = Duration::from_secs(15);
 /// The test every interop test binary defines to run its driver.
 pub const DRIVER_TEST: &str = "driver_process";
 
+/// The proposal matrix every interop suite covers: one `#[test]` per IKE/ESP proposal pair,
+/// named after it, each returning `$check(ike, esp)` (an `anyhow::Result<()>`). Invoke it in a
+/// module named after what is checked:
+///
+/// ```ignore
+/// mod establishes_with_strongswan {
+///     concentrator_test_util::proposal_matrix!(super::establishes);
+/// }
+/// ```
+#[macro_export]
+macro_rules! proposal_matrix {
+    ($check:path) => {
+        $crate::proposal_tests! { $check;
+            aes128gcm16_prfsha256_x25519 = "aes128gcm16-prfsha256-x25519", "aes128gcm16";
+            aes256gcm16_prfsha384_ecp384 = "aes256gcm16-prfsha384-ecp384", "aes256gcm16";
+            chacha20poly1305_prfsha256_x25519 = "chacha20poly1305-prfsha256-x25519", "chacha20poly1305";
+            aes256_sha256_modp2048 = "aes256-sha256-modp2048", "aes256-sha256";
+            aes128_sha256_ecp256 = "aes128-sha256-ecp256", "aes128-sha256";
+        }
+    };
+}
+
+/// The tests of [`proposal_matrix!`]: each `$name` returns `$check($ike, $esp)`.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! proposal_tests {
+    ($check:path; $($name:ident = $ike:literal, $esp:literal;)*) => {
+        $(
+            #[test]
+            fn $name() -> ::anyhow::Result<()> {
+                $check($ike, $esp)
+            }
+        )*
+    };
+}
+
 /// An environment variable the driver needs.
 pub fn env(name: &str) -> Result<String> {
     std::env::var(name).with_context(|| format!("{name} not set"))
+}
+
+/// Our responder's configuration: one IKE and one ESP proposal (strongSwan syntax), our
+/// subnet and the peer's, our identity (an FQDN).
+pub fn responder_config(
+    ike: &str,
+    esp: &str,
+    local: &str,
+    remote: &str,
+    id: &str,
+) -> Result<responder::Config> {
+    Ok(responder::Config::new(
+        vec![parse_ike("ike", ike)?],
+        vec![parse_esp("esp", esp)?],
+        local.parse()?,
+        remote.parse()?,
+        IdBuf::new(&Identity::Fqdn(id.as_bytes())),
+    ))
+}
+
+/// Our initiator's configuration, as [`responder_config`] plus the identity the responder
+/// must show.
+pub fn initiator_config(
+    ike: &str,
+    esp: &str,
+    (local, remote): (&str, &str),
+    (id, remote_id): (&str, &str),
+) -> Result<initiator::Config> {
+    let mut config = initiator::Config::new(
+        vec![parse_ike("ike", ike)?],
+        vec![parse_esp("esp", esp)?],
+        local.parse()?,
+        remote.parse()?,
+        IdBuf::new(&Identity::Fqdn(id.as_bytes())),
+    );
+    config.remote_id = Some(IdBuf::new(&Identity::Fqdn(remote_id.as_bytes())));
+    Ok(config)
+}
+
+/// A driver's own address and its peer's, from `{prefix}_LOCAL` and `{prefix}_REMOTE`; `None`
+/// when `gate` is not set, i.e. the test binary runs its tests rather than a driver.
+pub fn driver_addrs(gate: &str, prefix: &str) -> Result<Option<(IpAddr, IpAddr)>> {
+    if std::env::var_os(gate).is_none() {
+        return Ok(None);
+    }
+    let local = env(&format!("{prefix}_LOCAL"))?.parse()?;
+    let remote = env(&format!("{prefix}_REMOTE"))?.parse()?;
+    Ok(Some((local, remote)))
 }
 
 /// Lowercase hex; `-` for no bytes (an absent key, e.g. the integrity key of an AEAD).
