@@ -96,25 +96,26 @@ async fn fill_store(store: &SiteStore, sites: &[(u16, String)], extra: &[(&str, 
         )
         .collect();
     for (peer, psk, subnet, address) in rows {
-        let q = "INSERT INTO sites (peer_id, psk, remote_subnet, peer_address) VALUES (?, ?, ?, ?)";
+        // One statement for either pool (their types differ).
+        macro_rules! insert {
+            ($pool:expr) => {
+                sqlx::query(
+                    "INSERT INTO sites (peer_id, psk, remote_subnet, peer_address) VALUES (?, ?, ?, ?)",
+                )
+                .bind(peer)
+                .bind(psk)
+                .bind(subnet)
+                .bind(address)
+                .execute($pool)
+                .await?
+            };
+        }
         match store {
             SiteStore::MySql(p) => {
-                sqlx::query(q)
-                    .bind(peer)
-                    .bind(psk)
-                    .bind(subnet)
-                    .bind(address)
-                    .execute(p)
-                    .await?;
+                insert!(p);
             }
             SiteStore::Sqlite(p) => {
-                sqlx::query(q)
-                    .bind(peer)
-                    .bind(psk)
-                    .bind(subnet)
-                    .bind(address)
-                    .execute(p)
-                    .await?;
+                insert!(p);
             }
         }
     }
@@ -209,16 +210,44 @@ impl Headend {
     }
 }
 
+impl Headend {
+    /// A head-end (`max_dynamic` dynamic eroutes) whose store holds sites `1..=n`, and those
+    /// sites with their connections loaded (`start`).
+    fn with_sites(
+        store: &Store<'_>,
+        max_dynamic: u32,
+        n: u16,
+        start: StartAction,
+    ) -> Result<(Self, Vec<Site>)> {
+        let sites = psks(n);
+        let h = Self::start(store, max_dynamic, &sites, &[])?;
+        let started = sites
+            .iter()
+            .map(|(i, psk)| h.site(*i, psk, start))
+            .collect::<Result<_>>()?;
+        Ok((h, started))
+    }
+
+    /// Waits until `n` IKE SAs are established, each on a dynamic eroute of the egroup.
+    fn wait_dynamic_tunnels(&self, n: u16) -> Result<()> {
+        self.wait_metric("concentrator_gateway_ike_sas_established", f64::from(n))?;
+        self.wait_metric(
+            "concentrator_gateway_dynamic_eroutes{egroup=\"branches\"}",
+            f64::from(n),
+        )
+    }
+
+    /// The tails of site `s`'s charon log and of the gateway's log.
+    fn logs(&self, s: &Site) -> String {
+        format!("{}\n{}", s.charon.log_tail(20), self.gateway.log_tail(20))
+    }
+}
+
 /// The site initiates, and traffic crosses both ways.
 fn connect_and_ping(h: &Headend, s: &Site) -> Result<()> {
-    s.charon.initiate("gw").with_context(|| {
-        format!(
-            "site {}: {}\n{}",
-            s.n,
-            s.charon.log_tail(20),
-            h.gateway.log_tail(20)
-        )
-    })?;
+    s.charon
+        .initiate("gw")
+        .with_context(|| format!("site {}: {}", s.n, h.logs(s)))?;
     ping_both_ways(h, s)
 }
 
@@ -240,12 +269,7 @@ fn psks(n: u16) -> Vec<(u16, String)> {
 }
 
 fn many_sites_connect(store: &Store<'_>, n: u16) -> Result<()> {
-    let sites = psks(n);
-    let h = Headend::start(store, 10_000, &sites, &[])?;
-    let started: Vec<Site> = sites
-        .iter()
-        .map(|(i, psk)| h.site(*i, psk, StartAction::None))
-        .collect::<Result<_>>()?;
+    let (h, started) = Headend::with_sites(store, 10_000, n, StartAction::None)?;
     // Sites connect a few at a time, as a fleet coming up would.
     std::thread::scope(|scope| -> Result<()> {
         let handles: Vec<_> = started
@@ -263,15 +287,11 @@ fn many_sites_connect(store: &Store<'_>, n: u16) -> Result<()> {
         }
         Ok(())
     })?;
-    h.wait_metric("concentrator_gateway_ike_sas_established", f64::from(n))?;
-    h.wait_metric(
-        "concentrator_gateway_dynamic_eroutes{egroup=\"branches\"}",
-        f64::from(n),
-    )?;
+    h.wait_dynamic_tunnels(n)?;
     let tunnels = h.tunnels()?;
-    for (i, _) in &sites {
+    for i in started.iter().map(|s| s.n) {
         ensure!(
-            tunnels.contains(&Site::peer_id(*i)) && tunnels.contains(&site_lan(*i)),
+            tunnels.contains(&Site::peer_id(i)) && tunnels.contains(&site_lan(i)),
             "site {i} missing from:\n{tunnels}"
         );
     }
@@ -398,14 +418,7 @@ fn site_traffic_brings_it_back(h: &Headend, s: &Site) -> Result<bool> {
             Ok(how)
         });
         s.ns.wait_reachable(Some(addr(&site_host(s.n))), addr(GW_HOST), TIMEOUT)
-            .with_context(|| {
-                format!(
-                    "site {} -> head-end\n{}\n{}",
-                    s.n,
-                    s.charon.log_tail(20),
-                    h.gateway.log_tail(20)
-                )
-            })?;
+            .with_context(|| format!("site {} -> head-end\n{}", s.n, h.logs(s)))?;
         match acquire.join() {
             Ok(r) => r,
             Err(_) => bail!("the acquire thread panicked"),
@@ -420,13 +433,8 @@ fn max_dynamic_eroutes_bounds_the_table_and_evicted_sites_reconnect() -> Result<
     }
     let (n, max) = (40u16, 20u32);
     let db = MariaDb::start()?;
-    let sites = psks(n);
-    let h = Headend::start(&Store::MariaDb(&db), max, &sites, &[])?;
     // Trap policies from the start, as sites meant to come back on their own traffic run.
-    let started: Vec<Site> = sites
-        .iter()
-        .map(|(i, psk)| h.site(*i, psk, StartAction::Trap))
-        .collect::<Result<_>>()?;
+    let (h, started) = Headend::with_sites(&Store::MariaDb(&db), max, n, StartAction::Trap)?;
     for s in &started {
         connect_and_ping(&h, s)?;
         let count = h.metric("concentrator_gateway_dynamic_eroutes{egroup=\"branches\"}")?;
@@ -544,23 +552,14 @@ fn a_database_outage_keeps_tunnels_up_and_new_sites_connect_once_it_is_back() ->
 /// The initiator path: sites that never connected are reached when the head-end LAN sends
 /// them traffic (acquire, lookup by destination & mask, IKE to the row's address).
 fn head_end_reaches_idle_sites(store: &Store<'_>, n: u16) -> Result<()> {
-    let sites = psks(n);
-    let h = Headend::start(store, 100, &sites, &[])?;
-    let idle: Vec<Site> = sites
-        .iter()
-        .map(|(i, psk)| h.site(*i, psk, StartAction::None))
-        .collect::<Result<_>>()?;
+    let (h, idle) = Headend::with_sites(store, 100, n, StartAction::None)?;
     for s in &idle {
         h.gw.wait_reachable(Some(addr(GW_HOST)), addr(&site_host(s.n)), TIMEOUT)
             .with_context(|| format!("head-end -> idle site {}\n{}", s.n, h.gateway.log_tail(30)))?;
         s.ns.wait_reachable(Some(addr(&site_host(s.n))), addr(GW_HOST), TIMEOUT)
             .with_context(|| format!("site {} -> head-end", s.n))?;
     }
-    h.wait_metric("concentrator_gateway_ike_sas_established", f64::from(n))?;
-    h.wait_metric(
-        "concentrator_gateway_dynamic_eroutes{egroup=\"branches\"}",
-        f64::from(n),
-    )?;
+    h.wait_dynamic_tunnels(n)?;
     let tunnels = h.tunnels()?;
     for s in &idle {
         ensure!(

@@ -34,6 +34,9 @@ struct SiteId {
 }
 
 impl SiteId {
+    const fn new(egroup: &'static str, octet: u8, n: u8) -> Self {
+        Self { egroup, octet, n }
+    }
     fn peer_id(self) -> String {
         format!("site{}.{}.example", self.n, self.egroup)
     }
@@ -51,26 +54,10 @@ impl SiteId {
     }
 }
 
-const MIN_1: SiteId = SiteId {
-    egroup: "min",
-    octet: 1,
-    n: 1,
-};
-const MIN_2: SiteId = SiteId {
-    egroup: "min",
-    octet: 1,
-    n: 2,
-};
-const FULL_1: SiteId = SiteId {
-    egroup: "full",
-    octet: 3,
-    n: 1,
-};
-const BROKEN_1: SiteId = SiteId {
-    egroup: "broken",
-    octet: 4,
-    n: 1,
-};
+const MIN_1: SiteId = SiteId::new("min", 1, 1);
+const MIN_2: SiteId = SiteId::new("min", 1, 2);
+const FULL_1: SiteId = SiteId::new("full", 3, 1);
+const BROKEN_1: SiteId = SiteId::new("broken", 4, 1);
 
 /// The two tables, in the users' own shapes.
 async fn fill(db: &MariaDb) -> Result<()> {

@@ -16,7 +16,12 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use concentrator_e2e::netns::{self, Netns, Wan, addr};
 use concentrator_e2e::process::Daemon;
-use concentrator_e2e::topology::{SITE_ID, SITE_LAN};
+// The site and the head-end are the topology's site and gateway; the gateways' addresses on
+// their LANs are the LAN hosts' default routes.
+use concentrator_e2e::topology::{
+    GW_ADDR as HEAD_WAN, GW_HOST as HEAD_ROUTER, GW_LAN as HEAD_LAN, SITE_ADDR as SITE_WAN,
+    SITE_HOST as SITE_ROUTER, SITE_ID, SITE_LAN,
+};
 use concentrator_e2e::wait::{self, Probe};
 use concentrator_e2e::{ids, logs, prereq, scratch, tools};
 
@@ -24,12 +29,6 @@ mod common;
 
 use common::StaticEroute;
 
-const SITE_WAN: &str = "192.0.2.1";
-const HEAD_WAN: &str = "192.0.2.2";
-const HEAD_LAN: &str = "10.2.0.0/24";
-/// The gateways' addresses on their LANs (the LAN hosts' default routes).
-const SITE_ROUTER: &str = "10.1.0.1";
-const HEAD_ROUTER: &str = "10.2.0.1";
 /// A host on each LAN, in its own namespace.
 const SITE_HOST: &str = "10.1.0.10";
 const HEAD_HOST: &str = "10.2.0.10";

@@ -20,9 +20,16 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use concentrator_e2e::netns::{self, Netns, Wan, addr};
 use concentrator_e2e::process::Daemon;
-use concentrator_e2e::strongswan::{self, Charon, Connection, IkeSa};
+// Site and gateway use the harness's default proposals.
+use concentrator_e2e::strongswan::{
+    self, Charon, Connection, DEFAULT_ESP_PROPOSAL as ESP, DEFAULT_IKE_PROPOSAL as IKE, IkeSa,
+};
 use concentrator_e2e::tools::{self, Tool};
-use concentrator_e2e::topology::{GW_ADDR, GW_HOST, SITE_HOST, SITE_ID, site_connection};
+// The NAT router takes the site's WAN address, which is what the gateway sees of a site
+// behind it; the cookie test's site sits there directly.
+use concentrator_e2e::topology::{
+    GW_ADDR, GW_HOST, SITE_ADDR as ROUTER_WAN, SITE_ADDR as SITE_WAN, SITE_HOST, SITE_ID, site_connection,
+};
 use concentrator_e2e::wait::{self, Probe};
 use concentrator_e2e::{logs, prereq, scratch};
 
@@ -34,19 +41,12 @@ use concentrator_test_util::ike_sa_init_request;
 const BIN: &str = env!("CARGO_BIN_EXE_concentrator-gateway");
 const NFT: Tool = Tool::search("nft", "nftables");
 
-/// The NAT router's WAN address: what the gateway sees of a site behind it.
-const ROUTER_WAN: &str = "192.0.2.1";
 /// The NAT router on the site's side.
 const ROUTER_INSIDE: &str = "198.51.100.254";
 /// The site's own address, behind the NAT (unroutable from the WAN).
 const SITE_INSIDE: &str = "198.51.100.1";
-/// A site directly on the WAN (cookie test).
-const SITE_WAN: &str = "192.0.2.1";
 /// The flooding attacker on the WAN.
 const ATTACKER: &str = "192.0.2.66";
-
-const IKE: &str = "aes128gcm16-prfsha256-x25519";
-const ESP: &str = "aes128gcm16";
 const TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Half-open SAs from which the gateway asks for cookies in the flood test.

@@ -46,6 +46,7 @@ use concentrator_e2e::gateway::wait_ready;
 use concentrator_e2e::netns::{self, Netns, Wan};
 use concentrator_e2e::process::{self, Daemon};
 use concentrator_e2e::strongswan::{self, Charon, CharonOptions, Connection};
+use concentrator_e2e::topology::{GW_ADDR as OURS_ADDR, GW_LAN, SITE_ADDR, SITE_LAN};
 use concentrator_e2e::wait::{self, Probe};
 use concentrator_e2e::{prereq, scratch};
 use concentrator_ike::Header;
@@ -61,11 +62,8 @@ use common::StaticEroute;
 
 const IKE: &str = "aes128gcm16-prfsha256-x25519";
 const ESP: &str = "aes128gcm16";
-const SITE_ADDR: &str = "192.0.2.1";
-const OURS_ADDR: &str = "192.0.2.2";
+/// charon's address; ours is the topology's gateway address.
 const SWAN_ADDR: &str = "192.0.2.3";
-const SITE_LAN: &str = "10.1.0.0/24";
-const GW_LAN: &str = "10.2.0.0/24";
 const GW_ID: &str = "gw.load.example";
 const PSK: &str = "load-test-psk-not-a-secret";
 

@@ -2,8 +2,8 @@
 //!
 //! * [`Counter`]: deterministic [`Entropy`] for the IKE state machines (no network, no
 //!   randomness), used by `concentrator-ike`'s integration tests and its fuzz targets.
-//! * [`ike_sa`], [`ike_sa_init_request`]: the IKE proposal and the IKE_SA_INIT request the
-//!   tests offer, as the codec encodes them.
+//! * [`ike_sa`], [`esp_sa`], [`ike_sa_init_request`]: the proposals and the IKE_SA_INIT
+//!   request the tests offer, as the codec encodes them.
 //! * [`round_trip!`]: the payload codec's fuzz check, decode, encode, decode again.
 //! * [`interop`] (feature `interop`): our initiator and responder against a real strongSwan,
 //!   each in a network namespace; the driver process that runs our state machine on UDP 500
@@ -109,6 +109,28 @@ pub fn ike_sa(spi: &[u8]) -> Sa<'_> {
                 Transform::new(TransformType::PRF, TransformId::PRF_HMAC_SHA2_256),
                 Transform::new(TransformType::DH, TransformId(31)),
             ],
+        }],
+    }
+}
+
+/// The ESP proposal the tests offer: AES-128-GCM without ESN, with our SPI `spi` and DH
+/// groups `groups` for PFS (none in IKE_AUTH).
+pub fn esp_sa<'a>(spi: &'a [u8; 4], groups: &[u16]) -> Sa<'a> {
+    let mut transforms = vec![
+        Transform::with_key_length(TransformType::ENCR, TransformId::ENCR_AES_GCM_16, 128),
+        Transform::new(TransformType::ESN, TransformId::ESN_NO),
+    ];
+    transforms.extend(
+        groups
+            .iter()
+            .map(|g| Transform::new(TransformType::DH, TransformId(*g))),
+    );
+    Sa {
+        proposals: vec![Proposal {
+            number: 1,
+            protocol: ProtocolId::ESP,
+            spi,
+            transforms,
         }],
     }
 }

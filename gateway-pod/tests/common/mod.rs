@@ -1,8 +1,10 @@
 // Each test binary includes this module and uses part of it.
 #![allow(dead_code)]
 
-//! Shared by the data-plane tests: the arguments of `concentrator-gateway esp-static` for one
-//! end of a tunnel, mirrored from the other end's.
+//! Shared by the gateway's integration tests: the arguments of `concentrator-gateway
+//! esp-static` for one end of a tunnel, mirrored from the other end's; checksummed TCP
+//! transfers; static eroutes ([`StaticEroute`]); starting the gateway and reading its metrics
+//! and tunnels; and in [`site`], a strongSwan site with its gateway.
 
 pub(crate) mod site;
 

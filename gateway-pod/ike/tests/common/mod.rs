@@ -13,15 +13,13 @@ use concentrator_crypto::keymat::rekey_skeyseed;
 use concentrator_crypto::{IkeSaKeys, KeyExchange, Prf, PrfAlg, SkCipher};
 use concentrator_ike::auth::{psk_auth, signed_octets};
 use concentrator_ike::nat::nat_detection_hash;
-use concentrator_ike::payload::{
-    self, Auth, Identity, Ke, Nonce, Notify, Proposal, Sa, Sk, TrafficSelector, Transform, Ts, TsRange,
-};
+use concentrator_ike::payload::{self, Auth, Identity, Ke, Nonce, Notify, Sk, TrafficSelector, Ts, TsRange};
 use concentrator_ike::responder::{Config, IdBuf};
 use concentrator_ike::{
     AuthMethod, DhGroup as WireGroup, Event, ExchangeType, Flags, Header, Message, NotifyType, Payload,
-    PayloadType, ProtocolId, Responder, TransformId, TransformType,
+    PayloadType, ProtocolId, Responder,
 };
-pub(crate) use concentrator_test_util::{Counter, ike_sa};
+pub(crate) use concentrator_test_util::{Counter, esp_sa, ike_sa};
 
 pub(crate) const SPI_I: u64 = 0x0102_0304_0506_0708;
 pub(crate) const NI: [u8; 32] = [0x11; 32];
@@ -75,27 +73,6 @@ pub(crate) fn prf() -> Prf {
 }
 
 const ENCR: Encryption = Encryption::AesGcm16 { key_bits: 128 };
-
-/// An ESP proposal of AES-128-GCM with our SPI `spi` and optional DH groups (PFS).
-pub(crate) fn esp_sa<'a>(spi: &'a [u8; 4], groups: &[u16]) -> Sa<'a> {
-    let mut transforms = vec![
-        Transform::with_key_length(TransformType::ENCR, TransformId::ENCR_AES_GCM_16, 128),
-        Transform::new(TransformType::ESN, TransformId::ESN_NO),
-    ];
-    transforms.extend(
-        groups
-            .iter()
-            .map(|g| Transform::new(TransformType::DH, TransformId(*g))),
-    );
-    Sa {
-        proposals: vec![Proposal {
-            number: 1,
-            protocol: ProtocolId::ESP,
-            spi,
-            transforms,
-        }],
-    }
-}
 
 /// A decrypted message: its header and inner payload bytes.
 pub(crate) struct Plain {
