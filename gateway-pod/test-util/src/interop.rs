@@ -36,7 +36,7 @@ pub const DRIVER_TEST: &str = "driver_process";
 /// named after it, each returning `$check(ike, esp)` (an `anyhow::Result<()>`). Invoke it in a
 /// module named after what is checked:
 ///
-/// ```ignore
+/// ```text
 /// mod establishes_with_strongswan {
 ///     concentrator_test_util::proposal_matrix!(super::establishes);
 /// }
