@@ -58,15 +58,7 @@ impl Gateway {
 
 /// Waits until a started gateway logs that it serves (fails at once if it exits).
 pub fn wait_ready(daemon: &mut Daemon, timeout: Duration) -> Result<()> {
-    let log = daemon.log_path().to_owned();
-    wait::until(format!("{} to be ready", daemon.name()), timeout, || {
-        daemon.ensure_running()?;
-        Ok(if logs::contains(&log, "gateway ready") {
-            Probe::Ready(())
-        } else {
-            Probe::pending(daemon.log_tail(10))
-        })
-    })
+    daemon.wait_logged("gateway ready", timeout)
 }
 
 /// A metric of the gateway running in `ns` (its `/metrics` on the namespace's loopback),

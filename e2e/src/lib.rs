@@ -16,7 +16,8 @@
 //! (poll a condition with a timeout), [`process`] (commands with timeouts, daemon guards),
 //! [`ports`] (free loopback ports), [`ids`] (unique names, random tokens), [`scratch`] (temp
 //! dirs, kept with `E2E_KEEP=1`), [`logs`] (log tails for error messages), [`blast`] (a
-//! many-flow TCP load generator and sink, lighter than one iperf3 pair per flow).
+//! many-flow TCP load generator and sink, lighter than one iperf3 pair per flow),
+//! [`topology`] (the site's and the gateway's addresses and identities most tests use).
 //!
 //! All calls are blocking (`std::process`); they are short and fine to call from
 //! `#[tokio::test]` bodies.
@@ -34,4 +35,5 @@ pub mod process;
 pub mod scratch;
 pub mod strongswan;
 pub mod tools;
+pub mod topology;
 pub mod wait;

@@ -26,6 +26,16 @@ pub const TOOLS: &[Tool] = &[tools::IP, tools::PING, tools::SH];
 /// Every namespace this harness creates starts with this.
 pub const PREFIX: &str = "e2e-";
 
+/// The address `s`, a literal of a test's topology (panics on a typo).
+pub fn addr(s: &str) -> IpAddr {
+    s.parse().expect("valid address")
+}
+
+/// The prefix `s` (`192.0.2.1/24`), a literal of a test's topology (panics on a typo).
+pub fn net(s: &str) -> IpNet {
+    s.parse().expect("valid prefix")
+}
+
 /// A network namespace, deleted on drop together with every process still inside it.
 #[derive(Debug)]
 pub struct Netns {
@@ -211,6 +221,17 @@ impl Wan {
     /// The bridge namespace (e.g. for tcpdump or nftables loss emulation on `br0`).
     pub fn namespace(&self) -> &Netns {
         &self.ns
+    }
+
+    /// A new namespace for `role` on the WAN: `wan0` with `wan_addr`/24 and, for a host with a
+    /// LAN behind it, `lan_addr`/24 on `lo` (see [`Netns::add_lo_addr`]).
+    pub fn host(&self, role: &str, wan_addr: &str, lan_addr: Option<&str>) -> Result<Netns> {
+        let ns = Netns::new(role)?;
+        self.attach(&ns, "wan0", format!("{wan_addr}/24").parse()?)?;
+        if let Some(lan) = lan_addr {
+            ns.add_lo_addr(format!("{lan}/24").parse()?)?;
+        }
+        Ok(ns)
     }
 
     /// Creates veth `ifname` in `ns` (address `addr`, up) whose peer is a port of `br0`.

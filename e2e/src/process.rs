@@ -175,6 +175,20 @@ impl Daemon {
         Ok(())
     }
 
+    /// Waits until the log holds `needle` (e.g. a "ready" line); fails at once if the
+    /// process exits first.
+    pub fn wait_logged(&mut self, needle: &str, timeout: Duration) -> Result<()> {
+        let log = self.log.clone();
+        wait::until(format!("{} to log {needle:?}", self.name), timeout, || {
+            self.ensure_running()?;
+            Ok(if logs::contains(&log, needle) {
+                Probe::Ready(())
+            } else {
+                Probe::pending(self.log_tail(10))
+            })
+        })
+    }
+
     /// Kills (SIGKILL) and reaps the process. Idempotent.
     pub fn kill(&mut self) {
         if self.exited.is_none() {

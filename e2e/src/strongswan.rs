@@ -425,6 +425,23 @@ impl Charon {
             .find(|c| c.name == child))
     }
 
+    /// Polls until charon's log holds `needle` (e.g. a notify it received); on timeout the
+    /// error holds the log's tail.
+    pub fn wait_logged(&self, needle: &str, timeout: Duration) -> Result<()> {
+        wait::until(
+            format!("charon in {} to log {needle:?}", self.ns),
+            timeout,
+            || {
+                Ok(if logs::contains(&self.log, needle) {
+                    Probe::Ready(())
+                } else {
+                    Probe::pending("not yet")
+                })
+            },
+        )
+        .map_err(|e| e.context(self.log_tail(30)))
+    }
+
     /// Polls until IKE SA `conn` is ESTABLISHED with child `child` INSTALLED; returns the
     /// child. On timeout the error holds the last SA states and charon's log tail.
     pub fn wait_established(&self, conn: &str, child: &str, timeout: Duration) -> Result<ChildSa> {
@@ -509,6 +526,57 @@ swanctl {{
 ",
         log = log.display()
     ))
+}
+
+/// One hex dump in a charon log (levels of [`CharonOptions::key_oracle`]): the line
+/// `"... <conn|1> <label> => <n> bytes @ 0x..."` and the dump lines after it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HexDump {
+    /// What charon dumped: `SKEYSEED`, `Sk_d secret`, `encryption initiator key`, ...
+    pub label: String,
+    /// The dumped bytes.
+    pub bytes: Vec<u8>,
+}
+
+/// Every hex dump in a charon log, in order. A dump cut short by the end of the log or by a
+/// line that is not a dump line keeps the bytes read so far.
+pub fn hex_dumps(log: &str) -> Vec<HexDump> {
+    let mut out = Vec::new();
+    let mut lines = log.lines();
+    while let Some(line) = lines.next() {
+        let Some((head, tail)) = line.split_once(" => ") else {
+            continue;
+        };
+        let Some(n) = tail
+            .split_once(" bytes @ ")
+            .and_then(|(n, _)| n.trim().parse::<usize>().ok())
+        else {
+            continue;
+        };
+        // "hh:mm:ss tt[IKE] <kat|1> LABEL"
+        let label = head.rsplit_once("> ").map_or(head, |(_, l)| l).trim().to_owned();
+        let mut bytes = Vec::with_capacity(n);
+        while bytes.len() < n {
+            // "...> 0: 43 5C 0B ...  ascii": at most 16 bytes, then two spaces.
+            let Some((_, dump)) = lines.next().and_then(|l| l.split_once(": ")) else {
+                break;
+            };
+            let row = dump.split(' ').take_while(|t| !t.is_empty()).take(16);
+            bytes.extend(row.filter_map(|tok| u8::from_str_radix(tok, 16).ok()));
+        }
+        bytes.truncate(n);
+        out.push(HexDump { label, bytes });
+    }
+    out
+}
+
+/// The bytes of every hex dump whose label ends with `label`, in order.
+pub fn hex_dumps_of(log: &str, label: &str) -> Vec<Vec<u8>> {
+    hex_dumps(log)
+        .into_iter()
+        .filter(|d| d.label.ends_with(label))
+        .map(|d| d.bytes)
+        .collect()
 }
 
 /// One IKE SA from `swanctl --list-sas`.
@@ -701,6 +769,24 @@ fn summary(sas: &[IkeSa]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hex_dumps_read_labels_and_bytes_across_lines() {
+        let log = "\
+10:00:00 09[CHD] <gw|1> encryption initiator key => 20 bytes @ 0x7f00
+10:00:00 09[CHD] <gw|1>    0: 00 01 02 03 04 05 06 07 08 09 0A 0B 0C 0D 0E 0F  ................
+10:00:00 09[CHD] <gw|1>   16: 10 11 12 13                                      ....
+10:00:00 09[IKE] <gw|1> something else
+10:00:00 09[CHD] <gw|1> encryption responder key => 2 bytes @ 0x7f01
+10:00:00 09[CHD] <gw|1>    0: FF EE                                            ..
+";
+        let dumps = hex_dumps(log);
+        assert_eq!(dumps.len(), 2);
+        assert_eq!(dumps[0].label, "encryption initiator key");
+        assert_eq!(dumps[0].bytes, (0u8..20).collect::<Vec<_>>());
+        assert_eq!(hex_dumps_of(log, "responder key"), [vec![0xff, 0xee]]);
+        assert!(hex_dumps_of(log, "integrity initiator key").is_empty());
+    }
 
     const SAMPLE: &str = "list-sa event {
   site {

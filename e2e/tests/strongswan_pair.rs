@@ -1,24 +1,14 @@
 //! Two strongSwan sites joined by a WAN bridge establish an IKEv2 PSK tunnel, and ping
 //! between their LANs crosses it through kernel-libipsec.
 
-use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use concentrator_e2e::netns::{self, Netns, Wan};
+use concentrator_e2e::netns::{self, Netns, Wan, addr, net};
 use concentrator_e2e::strongswan::{self, Charon, Connection};
 use concentrator_e2e::{prereq, tools};
-use ipnet::IpNet;
 
 const ESTABLISH_TIMEOUT: Duration = Duration::from_secs(15);
-
-fn net(s: &str) -> IpNet {
-    s.parse().expect("valid prefix")
-}
-
-fn addr(s: &str) -> IpAddr {
-    s.parse().expect("valid address")
-}
 
 #[test]
 fn psk_tunnel_carries_lan_ping() -> Result<()> {

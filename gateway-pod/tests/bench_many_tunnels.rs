@@ -51,7 +51,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use concentrator_e2e::blast::{self, FlowReport, Pair};
-use concentrator_e2e::netns::{self, Netns, Wan};
+use concentrator_e2e::netns::{self, Netns, Wan, addr};
 use concentrator_e2e::process::{self, Daemon};
 use concentrator_e2e::wait::{self, Probe};
 use concentrator_e2e::{ids, logs, prereq, scratch, tools};
@@ -137,10 +137,6 @@ fn site_of(addr: IpAddr, head: bool) -> Option<usize> {
 /// Each iperf3 flow has its own server (one test at a time each).
 fn port(i: usize) -> u16 {
     5201 + u16::try_from(i).unwrap_or(0)
-}
-
-fn addr(s: &str) -> IpAddr {
-    s.parse().expect("valid address")
 }
 
 /// CPU seconds (user + system, all threads) of process `pid` so far.
@@ -984,8 +980,9 @@ fn many_tunnels_aggregate_vs_veth_vs_one_tunnel() -> Result<()> {
                     initiate_to: Some(HEAD_WAN),
                     ike: IKE,
                     esp: ESP,
-                    lifetimes: ("4h", "1h"),
+                    lifetimes: Some(("4h", "1h")),
                     psk: &psks[*i],
+                    ..StaticEroute::default()
                 }
                 .write(&s.dir.path().join("config"))
             })?;
@@ -1018,8 +1015,9 @@ fn many_tunnels_aggregate_vs_veth_vs_one_tunnel() -> Result<()> {
                     initiate_to: Some(HEAD_WAN),
                     ike: IKE,
                     esp: ESP,
-                    lifetimes: ("4h", "1h"),
+                    lifetimes: Some(("4h", "1h")),
                     psk,
+                    ..StaticEroute::default()
                 }
                 .write(&dir.path().join("config"))?;
             }

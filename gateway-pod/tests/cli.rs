@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use concentrator_e2e::ports::free_tcp_port;
+
 const BIN: &str = env!("CARGO_BIN_EXE_concentrator-gateway");
 
 fn examples() -> PathBuf {
@@ -68,18 +70,10 @@ fn help_documents_every_variable() {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[test]
 fn serves_until_sigterm() {
     let data = tempfile::tempdir().unwrap();
-    let (admin, metrics) = (free_port(), free_port());
+    let (admin, metrics) = (free_tcp_port().unwrap(), free_tcp_port().unwrap());
     let mut child = Command::new(BIN)
         .arg("--config-dir")
         .arg(examples())

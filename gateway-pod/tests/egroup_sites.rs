@@ -10,29 +10,23 @@
 //! `EGROUP_E2E_SITES` sets the number of sites of the main test (default 50). As non-root
 //! every test prints SKIP and passes.
 
-use std::net::IpAddr;
 use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use concentrator_e2e::mariadb::{self, MariaDb};
-use concentrator_e2e::netns::{self, Netns, Wan};
+use concentrator_e2e::netns::{self, Netns, Wan, addr};
 use concentrator_e2e::process::Daemon;
 use concentrator_e2e::strongswan::{self, Charon, Connection, StartAction};
+use concentrator_e2e::topology::{GW_ADDR, GW_HOST, GW_ID, GW_LAN, site_host, site_lan, site_wan};
 use concentrator_e2e::wait::{self, Probe};
-use concentrator_e2e::{logs, prereq, scratch, tools};
+use concentrator_e2e::{prereq, scratch, tools};
 use concentrator_gateway::sitedb::SiteStore;
 
-const BIN: &str = env!("CARGO_BIN_EXE_concentrator-gateway");
-const GW_ADDR: &str = "192.0.2.2";
-const GW_LAN: &str = "10.2.0.0/24";
-const GW_HOST: &str = "10.2.0.1";
-const GW_ID: &str = "gw.example";
-const TIMEOUT: Duration = Duration::from_secs(30);
+mod common;
 
-fn addr(s: &str) -> IpAddr {
-    s.parse().expect("valid address")
-}
+const BIN: &str = env!("CARGO_BIN_EXE_concentrator-gateway");
+const TIMEOUT: Duration = Duration::from_secs(30);
 
 /// One site: its namespace, charon and row.
 struct Site {
@@ -46,23 +40,14 @@ impl Site {
     fn peer_id(n: u16) -> String {
         format!("site{n}.sites.example.com")
     }
-    fn wan(n: u16) -> String {
-        format!("192.0.2.{}", 10 + n)
-    }
-    fn lan(n: u16) -> String {
-        format!("10.1.{n}.0/24")
-    }
-    fn host(n: u16) -> String {
-        format!("10.1.{n}.1")
-    }
 
     fn connection(&self, start: StartAction) -> Connection {
         let mut c = Connection::new(
             "gw",
-            addr(&Self::wan(self.n)),
+            addr(&site_wan(self.n)),
             addr(GW_ADDR),
             &self.psk,
-            vec![Self::lan(self.n).parse().expect("subnet")],
+            vec![site_lan(self.n).parse().expect("subnet")],
             vec![GW_LAN.parse().expect("subnet")],
         );
         c.local_id = Self::peer_id(self.n);
@@ -103,7 +88,7 @@ async fn fill_store(store: &SiteStore, sites: &[(u16, String)], extra: &[(&str, 
     store.migrate().await?;
     let rows: Vec<(String, String, String, Option<String>)> = sites
         .iter()
-        .map(|(n, psk)| (Site::peer_id(*n), psk.clone(), Site::lan(*n), Some(Site::wan(*n))))
+        .map(|(n, psk)| (Site::peer_id(*n), psk.clone(), site_lan(*n), Some(site_wan(*n))))
         .chain(
             extra
                 .iter()
@@ -111,25 +96,26 @@ async fn fill_store(store: &SiteStore, sites: &[(u16, String)], extra: &[(&str, 
         )
         .collect();
     for (peer, psk, subnet, address) in rows {
-        let q = "INSERT INTO sites (peer_id, psk, remote_subnet, peer_address) VALUES (?, ?, ?, ?)";
+        // One statement for either pool (their types differ).
+        macro_rules! insert {
+            ($pool:expr) => {
+                sqlx::query(
+                    "INSERT INTO sites (peer_id, psk, remote_subnet, peer_address) VALUES (?, ?, ?, ?)",
+                )
+                .bind(peer)
+                .bind(psk)
+                .bind(subnet)
+                .bind(address)
+                .execute($pool)
+                .await?
+            };
+        }
         match store {
             SiteStore::MySql(p) => {
-                sqlx::query(q)
-                    .bind(peer)
-                    .bind(psk)
-                    .bind(subnet)
-                    .bind(address)
-                    .execute(p)
-                    .await?;
+                insert!(p);
             }
             SiteStore::Sqlite(p) => {
-                sqlx::query(q)
-                    .bind(peer)
-                    .bind(psk)
-                    .bind(subnet)
-                    .bind(address)
-                    .execute(p)
-                    .await?;
+                insert!(p);
             }
         }
     }
@@ -163,9 +149,7 @@ impl Headend {
         extra: &[(&str, &str, &str)],
     ) -> Result<Self> {
         let wan = Wan::new()?;
-        let gw = Netns::new("eggw")?;
-        wan.attach(&gw, "wan0", format!("{GW_ADDR}/24").parse()?)?;
-        gw.add_lo_addr(format!("{GW_HOST}/24").parse()?)?;
+        let gw = wan.host("eggw", GW_ADDR, Some(GW_HOST))?;
         let dir = scratch::dir("egroup-gateway")?;
         let config = dir.path().join("config");
         let data = dir.path().join("data");
@@ -187,28 +171,7 @@ impl Headend {
             }
         };
         write_config(&config, url.as_deref(), max_dynamic)?;
-        let log = dir.path().join("gateway.log");
-        let mut gateway = gw.spawn(
-            "gateway",
-            BIN,
-            &[
-                "--config-dir",
-                config.to_str().context("path")?,
-                "--data-dir",
-                data.to_str().context("path")?,
-                "--ike-listen",
-                GW_ADDR,
-            ],
-            &log,
-        )?;
-        wait::until("the gateway to be ready", TIMEOUT, || {
-            gateway.ensure_running()?;
-            Ok(if logs::contains(&log, "gateway ready") {
-                Probe::Ready(())
-            } else {
-                Probe::pending(gateway.log_tail(10))
-            })
-        })?;
+        let gateway = common::start_gateway(&gw, "gateway", dir.path(), GW_ADDR, &[])?;
         Ok(Self {
             wan,
             gw,
@@ -219,10 +182,9 @@ impl Headend {
 
     /// Site `n` with its own namespace and charon, its connection loaded.
     fn site(&self, n: u16, psk: &str, start: StartAction) -> Result<Site> {
-        let ns = Netns::new(&format!("egs{n}"))?;
-        self.wan
-            .attach(&ns, "wan0", format!("{}/24", Site::wan(n)).parse()?)?;
-        ns.add_lo_addr(format!("{}/24", Site::host(n)).parse()?)?;
+        let ns = self
+            .wan
+            .host(&format!("egs{n}"), &site_wan(n), Some(&site_host(n)))?;
         let charon = Charon::start(&ns)?;
         let site = Site {
             n,
@@ -248,23 +210,51 @@ impl Headend {
     }
 }
 
+impl Headend {
+    /// A head-end (`max_dynamic` dynamic eroutes) whose store holds sites `1..=n`, and those
+    /// sites with their connections loaded (`start`).
+    fn with_sites(
+        store: &Store<'_>,
+        max_dynamic: u32,
+        n: u16,
+        start: StartAction,
+    ) -> Result<(Self, Vec<Site>)> {
+        let sites = psks(n);
+        let h = Self::start(store, max_dynamic, &sites, &[])?;
+        let started = sites
+            .iter()
+            .map(|(i, psk)| h.site(*i, psk, start))
+            .collect::<Result<_>>()?;
+        Ok((h, started))
+    }
+
+    /// Waits until `n` IKE SAs are established, each on a dynamic eroute of the egroup.
+    fn wait_dynamic_tunnels(&self, n: u16) -> Result<()> {
+        self.wait_metric("concentrator_gateway_ike_sas_established", f64::from(n))?;
+        self.wait_metric(
+            "concentrator_gateway_dynamic_eroutes{egroup=\"branches\"}",
+            f64::from(n),
+        )
+    }
+
+    /// The tails of site `s`'s charon log and of the gateway's log.
+    fn logs(&self, s: &Site) -> String {
+        format!("{}\n{}", s.charon.log_tail(20), self.gateway.log_tail(20))
+    }
+}
+
 /// The site initiates, and traffic crosses both ways.
 fn connect_and_ping(h: &Headend, s: &Site) -> Result<()> {
-    s.charon.initiate("gw").with_context(|| {
-        format!(
-            "site {}: {}\n{}",
-            s.n,
-            s.charon.log_tail(20),
-            h.gateway.log_tail(20)
-        )
-    })?;
+    s.charon
+        .initiate("gw")
+        .with_context(|| format!("site {}: {}", s.n, h.logs(s)))?;
     ping_both_ways(h, s)
 }
 
 fn ping_both_ways(h: &Headend, s: &Site) -> Result<()> {
-    s.ns.wait_reachable(Some(addr(&Site::host(s.n))), addr(GW_HOST), TIMEOUT)
+    s.ns.wait_reachable(Some(addr(&site_host(s.n))), addr(GW_HOST), TIMEOUT)
         .with_context(|| format!("site {} -> head-end\n{}", s.n, h.gateway.log_tail(20)))?;
-    h.gw.wait_reachable(Some(addr(GW_HOST)), addr(&Site::host(s.n)), TIMEOUT)
+    h.gw.wait_reachable(Some(addr(GW_HOST)), addr(&site_host(s.n)), TIMEOUT)
         .with_context(|| format!("head-end -> site {}", s.n))
 }
 
@@ -279,12 +269,7 @@ fn psks(n: u16) -> Vec<(u16, String)> {
 }
 
 fn many_sites_connect(store: &Store<'_>, n: u16) -> Result<()> {
-    let sites = psks(n);
-    let h = Headend::start(store, 10_000, &sites, &[])?;
-    let started: Vec<Site> = sites
-        .iter()
-        .map(|(i, psk)| h.site(*i, psk, StartAction::None))
-        .collect::<Result<_>>()?;
+    let (h, started) = Headend::with_sites(store, 10_000, n, StartAction::None)?;
     // Sites connect a few at a time, as a fleet coming up would.
     std::thread::scope(|scope| -> Result<()> {
         let handles: Vec<_> = started
@@ -302,15 +287,11 @@ fn many_sites_connect(store: &Store<'_>, n: u16) -> Result<()> {
         }
         Ok(())
     })?;
-    h.wait_metric("concentrator_gateway_ike_sas_established", f64::from(n))?;
-    h.wait_metric(
-        "concentrator_gateway_dynamic_eroutes{egroup=\"branches\"}",
-        f64::from(n),
-    )?;
+    h.wait_dynamic_tunnels(n)?;
     let tunnels = h.tunnels()?;
-    for (i, _) in &sites {
+    for i in started.iter().map(|s| s.n) {
         ensure!(
-            tunnels.contains(&Site::peer_id(*i)) && tunnels.contains(&Site::lan(*i)),
+            tunnels.contains(&Site::peer_id(i)) && tunnels.contains(&site_lan(i)),
             "site {i} missing from:\n{tunnels}"
         );
     }
@@ -375,15 +356,9 @@ fn bad_rows_and_unknown_or_hostile_ids_fail_cleanly_and_are_counted() -> Result<
     };
     for s in [&bad_subnet, &empty_psk, &unknown, &hostile] {
         let _ = s.charon.initiate("gw");
-        let log = s.charon.log_path().to_owned();
-        wait::until(format!("site {} to be refused", s.n), TIMEOUT, || {
-            Ok(if logs::contains(&log, "AUTHENTICATION_FAILED") {
-                Probe::Ready(())
-            } else {
-                Probe::pending(s.charon.log_tail(5))
-            })
-        })
-        .with_context(|| h.gateway.log_tail(30))?;
+        s.charon
+            .wait_logged("AUTHENTICATION_FAILED", TIMEOUT)
+            .with_context(|| format!("site {}\n{}", s.n, h.gateway.log_tail(30)))?;
     }
     h.wait_metric(
         "concentrator_gateway_egroup_lookup_failures_total{egroup=\"branches\",reason=\"malformed\"}",
@@ -442,15 +417,8 @@ fn site_traffic_brings_it_back(h: &Headend, s: &Site) -> Result<bool> {
             }
             Ok(how)
         });
-        s.ns.wait_reachable(Some(addr(&Site::host(s.n))), addr(GW_HOST), TIMEOUT)
-            .with_context(|| {
-                format!(
-                    "site {} -> head-end\n{}\n{}",
-                    s.n,
-                    s.charon.log_tail(20),
-                    h.gateway.log_tail(20)
-                )
-            })?;
+        s.ns.wait_reachable(Some(addr(&site_host(s.n))), addr(GW_HOST), TIMEOUT)
+            .with_context(|| format!("site {} -> head-end\n{}", s.n, h.logs(s)))?;
         match acquire.join() {
             Ok(r) => r,
             Err(_) => bail!("the acquire thread panicked"),
@@ -465,13 +433,8 @@ fn max_dynamic_eroutes_bounds_the_table_and_evicted_sites_reconnect() -> Result<
     }
     let (n, max) = (40u16, 20u32);
     let db = MariaDb::start()?;
-    let sites = psks(n);
-    let h = Headend::start(&Store::MariaDb(&db), max, &sites, &[])?;
     // Trap policies from the start, as sites meant to come back on their own traffic run.
-    let started: Vec<Site> = sites
-        .iter()
-        .map(|(i, psk)| h.site(*i, psk, StartAction::Trap))
-        .collect::<Result<_>>()?;
+    let (h, started) = Headend::with_sites(&Store::MariaDb(&db), max, n, StartAction::Trap)?;
     for s in &started {
         connect_and_ping(&h, s)?;
         let count = h.metric("concentrator_gateway_dynamic_eroutes{egroup=\"branches\"}")?;
@@ -540,7 +503,7 @@ fn max_dynamic_eroutes_bounds_the_table_and_evicted_sites_reconnect() -> Result<
     // Traffic toward another evicted site brings it back too: the head-end's packets raise
     // an acquire in the gateway, which connects to the site's row address (initiator path).
     let second = &started[1];
-    h.gw.wait_reachable(Some(addr(GW_HOST)), addr(&Site::host(second.n)), TIMEOUT)
+    h.gw.wait_reachable(Some(addr(GW_HOST)), addr(&site_host(second.n)), TIMEOUT)
         .with_context(|| h.gateway.log_tail(30))?;
     ping_both_ways(&h, second)?;
     ensure!(
@@ -569,15 +532,9 @@ fn a_database_outage_keeps_tunnels_up_and_new_sites_connect_once_it_is_back() ->
     ping_both_ways(&h, &up)?;
     // A new site fails cleanly, with the reason counted.
     let _ = late.charon.initiate("gw");
-    let log = late.charon.log_path().to_owned();
-    wait::until("the new site to be refused during the outage", TIMEOUT, || {
-        Ok(if logs::contains(&log, "AUTHENTICATION_FAILED") {
-            Probe::Ready(())
-        } else {
-            Probe::pending(late.charon.log_tail(5))
-        })
-    })
-    .with_context(|| h.gateway.log_tail(30))?;
+    late.charon
+        .wait_logged("AUTHENTICATION_FAILED", TIMEOUT)
+        .with_context(|| h.gateway.log_tail(30))?;
     let outage = h.metric(
         "concentrator_gateway_egroup_lookup_failures_total{egroup=\"branches\",reason=\"unreachable\"}",
     )? + h.metric(
@@ -595,23 +552,14 @@ fn a_database_outage_keeps_tunnels_up_and_new_sites_connect_once_it_is_back() ->
 /// The initiator path: sites that never connected are reached when the head-end LAN sends
 /// them traffic (acquire, lookup by destination & mask, IKE to the row's address).
 fn head_end_reaches_idle_sites(store: &Store<'_>, n: u16) -> Result<()> {
-    let sites = psks(n);
-    let h = Headend::start(store, 100, &sites, &[])?;
-    let idle: Vec<Site> = sites
-        .iter()
-        .map(|(i, psk)| h.site(*i, psk, StartAction::None))
-        .collect::<Result<_>>()?;
+    let (h, idle) = Headend::with_sites(store, 100, n, StartAction::None)?;
     for s in &idle {
-        h.gw.wait_reachable(Some(addr(GW_HOST)), addr(&Site::host(s.n)), TIMEOUT)
+        h.gw.wait_reachable(Some(addr(GW_HOST)), addr(&site_host(s.n)), TIMEOUT)
             .with_context(|| format!("head-end -> idle site {}\n{}", s.n, h.gateway.log_tail(30)))?;
-        s.ns.wait_reachable(Some(addr(&Site::host(s.n))), addr(GW_HOST), TIMEOUT)
+        s.ns.wait_reachable(Some(addr(&site_host(s.n))), addr(GW_HOST), TIMEOUT)
             .with_context(|| format!("site {} -> head-end", s.n))?;
     }
-    h.wait_metric("concentrator_gateway_ike_sas_established", f64::from(n))?;
-    h.wait_metric(
-        "concentrator_gateway_dynamic_eroutes{egroup=\"branches\"}",
-        f64::from(n),
-    )?;
+    h.wait_dynamic_tunnels(n)?;
     let tunnels = h.tunnels()?;
     for s in &idle {
         ensure!(

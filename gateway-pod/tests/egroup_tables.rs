@@ -8,29 +8,21 @@
 //!
 //! As non-root every test prints SKIP and passes.
 
-use std::net::IpAddr;
 use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use concentrator_e2e::gateway::Gateway;
 use concentrator_e2e::mariadb::{self, MariaDb};
-use concentrator_e2e::netns::{self, Netns, Wan};
+use concentrator_e2e::netns::{self, Netns, Wan, addr};
 use concentrator_e2e::strongswan::{self, Charon, Connection};
+use concentrator_e2e::topology::{GW_ADDR, GW_HOST, GW_ID, GW_LAN};
 use concentrator_e2e::wait::{self, Probe};
 use concentrator_e2e::{logs, prereq, scratch, tools};
 use concentrator_gateway::sitedb::SiteStore;
 
 const BIN: &str = env!("CARGO_BIN_EXE_concentrator-gateway");
-const GW_ADDR: &str = "192.0.2.2";
-const GW_LAN: &str = "10.2.0.0/24";
-const GW_HOST: &str = "10.2.0.1";
-const GW_ID: &str = "gw.example";
 const TIMEOUT: Duration = Duration::from_secs(30);
-
-fn addr(s: &str) -> IpAddr {
-    s.parse().expect("valid address")
-}
 
 /// A site: the egroup it belongs to (its peer-ID domain and the second octet of its subnet)
 /// and its number.
@@ -42,6 +34,9 @@ struct SiteId {
 }
 
 impl SiteId {
+    const fn new(egroup: &'static str, octet: u8, n: u8) -> Self {
+        Self { egroup, octet, n }
+    }
     fn peer_id(self) -> String {
         format!("site{}.{}.example", self.n, self.egroup)
     }
@@ -59,26 +54,10 @@ impl SiteId {
     }
 }
 
-const MIN_1: SiteId = SiteId {
-    egroup: "min",
-    octet: 1,
-    n: 1,
-};
-const MIN_2: SiteId = SiteId {
-    egroup: "min",
-    octet: 1,
-    n: 2,
-};
-const FULL_1: SiteId = SiteId {
-    egroup: "full",
-    octet: 3,
-    n: 1,
-};
-const BROKEN_1: SiteId = SiteId {
-    egroup: "broken",
-    octet: 4,
-    n: 1,
-};
+const MIN_1: SiteId = SiteId::new("min", 1, 1);
+const MIN_2: SiteId = SiteId::new("min", 1, 2);
+const FULL_1: SiteId = SiteId::new("full", 3, 1);
+const BROKEN_1: SiteId = SiteId::new("broken", 4, 1);
 
 /// The two tables, in the users' own shapes.
 async fn fill(db: &MariaDb) -> Result<()> {
@@ -153,9 +132,7 @@ fn write_config(dir: &Path, url: &str) -> Result<()> {
 }
 
 fn site(wan_net: &Wan, s: SiteId) -> Result<(Netns, Charon)> {
-    let ns = Netns::new(&format!("et{}{}", s.octet, s.n))?;
-    wan_net.attach(&ns, "wan0", format!("{}/24", s.wan()).parse()?)?;
-    ns.add_lo_addr(format!("{}/24", s.host()).parse()?)?;
+    let ns = wan_net.host(&format!("et{}{}", s.octet, s.n), &s.wan(), Some(&s.host()))?;
     let charon = Charon::start(&ns)?;
     let mut c = Connection::new(
         "gw",
@@ -228,9 +205,7 @@ fn egroups_over_tables_of_their_own_shape_and_a_missing_column_named_as_such() -
     );
 
     let wan_net = Wan::new()?;
-    let gw = Netns::new("etgw")?;
-    wan_net.attach(&gw, "wan0", format!("{GW_ADDR}/24").parse()?)?;
-    gw.add_lo_addr(format!("{GW_HOST}/24").parse()?)?;
+    let gw = wan_net.host("etgw", GW_ADDR, Some(GW_HOST))?;
     let gateway = Gateway::start(&gw, Path::new(BIN), dir.path(), "gw", GW_ADDR, &[])?;
     let said_at_start = "site table does not fit the Egroup";
     wait::until("the gateway to name the missing column", TIMEOUT, || {
@@ -270,15 +245,9 @@ fn egroups_over_tables_of_their_own_shape_and_a_missing_column_named_as_such() -
     // The broken egroup's site is refused, counted as a schema failure.
     let (_broken_ns, broken) = site(&wan_net, BROKEN_1)?;
     let _ = broken.initiate("gw");
-    let log = broken.log_path().to_owned();
-    wait::until("the broken egroup's site to be refused", TIMEOUT, || {
-        Ok(if logs::contains(&log, "AUTHENTICATION_FAILED") {
-            Probe::Ready(())
-        } else {
-            Probe::pending(broken.log_tail(5))
-        })
-    })
-    .with_context(|| gateway.log_tail(30))?;
+    broken
+        .wait_logged("AUTHENTICATION_FAILED", TIMEOUT)
+        .with_context(|| gateway.log_tail(30))?;
     let failures = |egroup: &str, reason: &str| {
         metric(&format!(
             "concentrator_gateway_egroup_lookup_failures_total{{egroup=\"{egroup}\",reason=\"{reason}\"}}"

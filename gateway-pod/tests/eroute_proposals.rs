@@ -7,22 +7,17 @@
 //!
 //! As non-root every test prints SKIP and passes.
 
-use std::net::IpAddr;
 use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use concentrator_e2e::gateway::Gateway;
-use concentrator_e2e::netns::{self, Netns, Wan};
+use concentrator_e2e::netns::{self, Netns, Wan, addr};
 use concentrator_e2e::strongswan::{self, Charon, Connection};
-use concentrator_e2e::wait::{self, Probe};
+use concentrator_e2e::topology::{GW_ADDR, GW_HOST, GW_ID, GW_LAN, site_host, site_lan, site_wan};
 use concentrator_e2e::{logs, prereq, scratch, tools};
 
 const BIN: &str = env!("CARGO_BIN_EXE_concentrator-gateway");
-const GW_ADDR: &str = "192.0.2.2";
-const GW_LAN: &str = "10.2.0.0/24";
-const GW_HOST: &str = "10.2.0.1";
-const GW_ID: &str = "gw.example";
 const TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A group of sites: its eroute's name and proposals.
@@ -67,21 +62,8 @@ const GROUPS: [Group; 5] = [
     },
 ];
 
-fn addr(s: &str) -> IpAddr {
-    s.parse().expect("valid address")
-}
-
 fn peer_id(group: &str) -> String {
     format!("site.{group}.example")
-}
-fn wan(n: usize) -> String {
-    format!("192.0.2.{}", 10 + n)
-}
-fn lan(n: usize) -> String {
-    format!("10.1.{n}.0/24")
-}
-fn host(n: usize) -> String {
-    format!("10.1.{n}.1")
 }
 
 /// One static eroute per group, each with its own peer-ID pattern, subnet and PSK.
@@ -97,7 +79,7 @@ fn write_config(dir: &Path) -> Result<()> {
                  spec:\n  localSubnet: {GW_LAN}\n  remoteSubnet: {}\n  peerId: \"*.{name}.example\"\n\
                  \x20 localId: {GW_ID}\n  pskSecretRef:\n    name: {name}\n    key: psk\n  role: Responder\n\
                  \x20 ike:\n    proposals: [{}]\n  esp:\n    proposals: [{}]\n",
-                lan(n),
+                site_lan(n),
                 g.ike,
                 g.esp
             ),
@@ -112,16 +94,14 @@ struct Site {
 }
 
 fn site(wan_net: &Wan, n: usize, group: &Group, ike: &str) -> Result<Site> {
-    let ns = Netns::new(&format!("eps{n}"))?;
-    wan_net.attach(&ns, "wan0", format!("{}/24", wan(n)).parse()?)?;
-    ns.add_lo_addr(format!("{}/24", host(n)).parse()?)?;
+    let ns = wan_net.host(&format!("eps{n}"), &site_wan(n), Some(&site_host(n)))?;
     let charon = Charon::start(&ns)?;
     let mut c = Connection::new(
         "gw",
-        addr(&wan(n)),
+        addr(&site_wan(n)),
         addr(GW_ADDR),
         &format!("psk-of-{}", group.name),
-        vec![lan(n).parse()?],
+        vec![site_lan(n).parse()?],
         vec![GW_LAN.parse()?],
     );
     c.local_id = peer_id(group.name);
@@ -138,9 +118,7 @@ fn sites_of_eroutes_with_different_proposals_each_connect_with_their_own() -> Re
         return Ok(());
     }
     let wan_net = Wan::new()?;
-    let gw = Netns::new("epgw")?;
-    wan_net.attach(&gw, "wan0", format!("{GW_ADDR}/24").parse()?)?;
-    gw.add_lo_addr(format!("{GW_HOST}/24").parse()?)?;
+    let gw = wan_net.host("epgw", GW_ADDR, Some(GW_HOST))?;
     let dir = scratch::dir("eroute-proposals")?;
     write_config(&dir.path().join("gw-config"))?;
     let gateway = Gateway::start(&gw, Path::new(BIN), dir.path(), "gw", GW_ADDR, &[])?;
@@ -165,9 +143,9 @@ fn sites_of_eroutes_with_different_proposals_each_connect_with_their_own() -> Re
             .map(String::as_str)
             .collect();
         ensure!(dh == [g.dh], "{}: negotiated {sas:?}", g.name);
-        s.ns.wait_reachable(Some(addr(&host(n))), addr(GW_HOST), TIMEOUT)
+        s.ns.wait_reachable(Some(addr(&site_host(n))), addr(GW_HOST), TIMEOUT)
             .with_context(|| format!("{} -> head-end\n{}", g.name, gateway.log_tail(20)))?;
-        gw.wait_reachable(Some(addr(GW_HOST)), addr(&host(n)), TIMEOUT)
+        gw.wait_reachable(Some(addr(GW_HOST)), addr(&site_host(n)), TIMEOUT)
             .with_context(|| format!("head-end -> {}", g.name))?;
     }
     metric("concentrator_gateway_ike_sas_established", GROUPS.len() as f64)?;
@@ -185,15 +163,10 @@ fn sites_of_eroutes_with_different_proposals_each_connect_with_their_own() -> Re
     let modern = &GROUPS[1];
     let wrong = site(&wan_net, GROUPS.len(), modern, GROUPS[0].ike)?;
     let _ = wrong.charon.initiate("gw");
-    let log = wrong.charon.log_path().to_owned();
-    wait::until("the mismatched site to be refused", TIMEOUT, || {
-        Ok(if logs::contains(&log, "AUTHENTICATION_FAILED") {
-            Probe::Ready(())
-        } else {
-            Probe::pending(wrong.charon.log_tail(5))
-        })
-    })
-    .with_context(|| gateway.log_tail(30))?;
+    wrong
+        .charon
+        .wait_logged("AUTHENTICATION_FAILED", TIMEOUT)
+        .with_context(|| gateway.log_tail(30))?;
     metric(
         "concentrator_gateway_ike_failures_total{reason=\"ike_proposal_not_allowed\"}",
         1.0,
@@ -207,7 +180,7 @@ fn sites_of_eroutes_with_different_proposals_each_connect_with_their_own() -> Re
     // The others are unaffected.
     metric("concentrator_gateway_ike_sas_established", GROUPS.len() as f64)?;
     for (n, (s, g)) in sites.iter().zip(&GROUPS).enumerate() {
-        s.ns.wait_reachable(Some(addr(&host(n))), addr(GW_HOST), TIMEOUT)
+        s.ns.wait_reachable(Some(addr(&site_host(n))), addr(GW_HOST), TIMEOUT)
             .with_context(|| format!("{} after the refusal", g.name))?;
     }
     Ok(())

@@ -16,32 +16,23 @@
 //! No capture tool beyond python3 (an `AF_PACKET` socket) is needed. As non-root every test
 //! prints SKIP and passes.
 
-use std::net::IpAddr;
 use std::path::Path;
-use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use concentrator_e2e::netns::{self, Netns, Wan};
+use concentrator_e2e::netns::{self, Netns, Wan, addr};
 use concentrator_e2e::process::Daemon;
-use concentrator_e2e::strongswan::{self, Charon, Connection};
+use concentrator_e2e::strongswan;
 use concentrator_e2e::tools::{self, Tool};
+use concentrator_e2e::topology::{GW_ADDR, GW_HOST, SITE_HOST, SITE_ID};
 use concentrator_e2e::wait::{self, Probe};
 use concentrator_e2e::{logs, prereq, scratch};
 
 mod common;
 
+use common::site::{SiteGateway, TIMEOUT};
 use common::{A, B, End, as_refs, esp_static_args};
 
 const BIN: &str = env!("CARGO_BIN_EXE_concentrator-gateway");
-const SITE_ADDR: &str = "192.0.2.1";
-const GW_ADDR: &str = "192.0.2.2";
-const SITE_LAN: &str = "10.1.0.0/24";
-const GW_LAN: &str = "10.2.0.0/24";
-const SITE_HOST: &str = "10.1.0.1";
-const GW_HOST: &str = "10.2.0.1";
-const GW_ID: &str = "gw.example";
-const SITE_ID: &str = "site-a.example";
-const TIMEOUT: Duration = Duration::from_secs(20);
 /// Pings whose ESP packets are captured.
 const CAPTURED_PINGS: usize = 5;
 /// How far above the highest captured sequence number the forged packets go: beyond the
@@ -95,26 +86,6 @@ for line in open(sys.argv[2]):
 print("sent", n)
 "#;
 
-fn addr(s: &str) -> IpAddr {
-    s.parse().expect("valid address")
-}
-
-/// The gateway's config directory: one static eroute for the site, its PSK as a Secret file.
-fn write_config(dir: &Path, ike: &str, esp: &str, psk: &str) -> Result<()> {
-    std::fs::create_dir_all(dir.join("secrets/site-a"))?;
-    std::fs::write(dir.join("secrets/site-a/psk"), psk)?;
-    std::fs::write(
-        dir.join("site-a.yaml"),
-        format!(
-            "apiVersion: vpn.concentrator.io/v1alpha1\nkind: Eroute\nmetadata:\n  name: site-a\n\
-             spec:\n  localSubnet: {GW_LAN}\n  remoteSubnet: {SITE_LAN}\n  peerId: {SITE_ID}\n\
-             \x20 localId: {GW_ID}\n  pskSecretRef:\n    name: site-a\n    key: psk\n  role: Responder\n\
-             \x20 ike:\n    proposals: [{ike}]\n  esp:\n    proposals: [{esp}]\n"
-        ),
-    )?;
-    Ok(())
-}
-
 /// The gateway's ESP counters, from one scrape of `/metrics`.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 struct EspCounters {
@@ -125,91 +96,33 @@ struct EspCounters {
 }
 
 /// A strongSwan site with its tunnel up to our gateway.
-struct Setup {
-    _wan: Wan,
-    site: Netns,
-    gw: Netns,
-    dir: tempfile::TempDir,
-    gateway: Daemon,
-    charon: Charon,
+struct Setup(SiteGateway);
+
+impl std::ops::Deref for Setup {
+    type Target = SiteGateway;
+
+    fn deref(&self) -> &SiteGateway {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Setup {
+    fn deref_mut(&mut self) -> &mut SiteGateway {
+        &mut self.0
+    }
 }
 
 impl Setup {
     fn start(ike: &str, esp: &str) -> Result<Self> {
         let psk = concentrator_e2e::ids::random_hex(32);
-        let wan = Wan::new()?;
-        let site = Netns::new("edsite")?;
-        let gw = Netns::new("edgw")?;
-        wan.attach(&site, "wan0", format!("{SITE_ADDR}/24").parse()?)?;
-        wan.attach(&gw, "wan0", format!("{GW_ADDR}/24").parse()?)?;
-        site.add_lo_addr(format!("{SITE_HOST}/24").parse()?)?;
-        gw.add_lo_addr(format!("{GW_HOST}/24").parse()?)?;
-        site.wait_reachable(None, addr(GW_ADDR), Duration::from_secs(5))?;
-
-        let dir = scratch::dir("esp-drops")?;
-        let config = dir.path().join("config");
-        write_config(&config, ike, esp, &psk)?;
-        let log = dir.path().join("gateway.log");
-        let data = dir.path().join("data");
-        let args = [
-            "--config-dir",
-            config.to_str().context("path")?,
-            "--data-dir",
-            data.to_str().context("path")?,
-            "--ike-listen",
-            GW_ADDR,
-        ];
-        let mut gateway = gw.spawn("gateway", BIN, &args, &log)?;
-        wait::until("the gateway to be ready", TIMEOUT, || {
-            gateway.ensure_running()?;
-            Ok(if logs::contains(&log, "gateway ready") {
-                Probe::Ready(())
-            } else {
-                Probe::pending(gateway.log_tail(10))
-            })
-        })?;
-        let charon = Charon::start(&site)?;
-        let s = Self {
-            _wan: wan,
-            site,
-            gw,
-            dir,
-            gateway,
-            charon,
-        };
-        let mut c = Connection::new(
-            "gw",
-            addr(SITE_ADDR),
-            addr(GW_ADDR),
-            &psk,
-            vec![SITE_LAN.parse()?],
-            vec![GW_LAN.parse()?],
-        );
-        c.local_id = SITE_ID.to_owned();
-        c.remote_id = GW_ID.to_owned();
-        c.ike_proposal = ike.to_owned();
-        c.esp_proposal = esp.to_owned();
-        s.charon.load(&[c])?;
-        s.charon.initiate("gw").with_context(|| s.logs())?;
-        s.charon
-            .wait_established("gw", "gw", TIMEOUT)
-            .with_context(|| s.logs())?;
-        s.site
-            .wait_reachable(Some(addr(SITE_HOST)), addr(GW_HOST), TIMEOUT)
-            .with_context(|| s.logs())?;
-        Ok(s)
+        let s = SiteGateway::start("ed", ike, esp, &psk)?;
+        s.establish(&s.connection(ike, esp, &psk, SITE_ID))?;
+        Ok(Self(s))
     }
 
-    fn logs(&self) -> String {
-        format!(
-            "gateway log:\n{}\ncharon log:\n{}",
-            self.gateway.log_tail(40),
-            self.charon.log_tail(40)
-        )
-    }
-
-    /// The sum of the samples of metric `name` (exactly that name, any labels).
-    fn metric(&self, name: &str) -> Result<f64> {
+    /// The sum of the samples of metric `name` (exactly that name, any labels), which must
+    /// exist.
+    fn metric_sum(&self, name: &str) -> Result<f64> {
         let text = self.gw.run("curl", &["-sf", "http://127.0.0.1:9090/metrics"])?;
         let labelled = format!("{name}{{");
         let mut found = false;
@@ -231,10 +144,10 @@ impl Setup {
 
     fn counters(&self) -> Result<EspCounters> {
         Ok(EspCounters {
-            packets_in: self.metric("concentrator_gateway_esp_packets_in_total")?,
-            invalid: self.metric("concentrator_gateway_esp_dropped_invalid_total")?,
-            unknown_spi: self.metric("concentrator_gateway_esp_dropped_unknown_spi_total")?,
-            policy: self.metric("concentrator_gateway_esp_dropped_policy_total")?,
+            packets_in: self.metric_sum("concentrator_gateway_esp_packets_in_total")?,
+            invalid: self.metric_sum("concentrator_gateway_esp_dropped_invalid_total")?,
+            unknown_spi: self.metric_sum("concentrator_gateway_esp_dropped_unknown_spi_total")?,
+            policy: self.metric_sum("concentrator_gateway_esp_dropped_policy_total")?,
         })
     }
 
@@ -501,15 +414,56 @@ fn esp_static_counters(log: &Path) -> Result<(u64, u64, u64, u64)> {
     ))
 }
 
+/// The tails of both `esp-static` gateways' logs in `dir`.
+fn dump(dir: &Path) -> String {
+    format!(
+        "A log:\n{}\nB log:\n{}",
+        logs::tail(&dir.join("a.log"), 20),
+        logs::tail(&dir.join("b.log"), 20)
+    )
+}
+
+/// `esp-static` gateway A (end `a_end`, toward [`B`]) in `a` and gateway B in `b`, logging to
+/// `a.log` and `b.log` in `dir`; returns them once a ping from A's LAN reaches B's.
+fn start_and_ping(a: &Netns, b: &Netns, a_end: &End<'_>, dir: &Path) -> Result<[Daemon; 2]> {
+    let args_a = esp_static_args(a_end, &B);
+    let args_b = esp_static_args(&B, &A);
+    let gateways = [
+        a.spawn("gateway A", BIN, &as_refs(&args_a), &dir.join("a.log"))?,
+        b.spawn("gateway B", BIN, &as_refs(&args_b), &dir.join("b.log"))?,
+    ];
+    a.wait_reachable(Some(addr(SITE_HOST)), addr(GW_HOST), TIMEOUT)
+        .with_context(|| dump(dir))?;
+    Ok(gateways)
+}
+
+/// Stops `daemon` with SIGTERM (an `esp-static` gateway then prints its counters) and waits
+/// until it exits.
+fn terminate(daemon: &mut Daemon) -> Result<std::process::ExitStatus> {
+    let pid = daemon.pid().to_string();
+    let out = std::process::Command::new(KILL.path())
+        .args(["-TERM", &pid])
+        .output()?;
+    ensure!(out.status.success(), "kill -TERM {pid}: {out:?}");
+    wait::until(
+        format!("{} to exit after SIGTERM", daemon.name()),
+        TIMEOUT,
+        || {
+            Ok(match daemon.exit_status()? {
+                Some(status) => Probe::Ready(status),
+                None => Probe::pending("running"),
+            })
+        },
+    )
+}
+
 #[test]
 fn traffic_outside_the_selectors_is_dropped_and_counted() -> Result<()> {
     if prereq::require(&[netns::TOOLS, &[KILL]]).is_skip() {
         return Ok(());
     }
     let wan = Wan::new()?;
-    let (a, b) = (Netns::new("selA")?, Netns::new("selB")?);
-    wan.attach(&a, "wan0", format!("{}/24", A.wan).parse()?)?;
-    wan.attach(&b, "wan0", format!("{}/24", B.wan).parse()?)?;
+    let (a, b) = (wan.host("selA", A.wan, None)?, wan.host("selB", B.wan, None)?);
     // No IPv6 on the TUN devices: the kernel's own IPv6 packets (router solicitations, MLD)
     // would go into A's tunnel and be counted as policy drops by B, at times of their own.
     for ns in [&a, &b] {
@@ -519,27 +473,16 @@ fn traffic_outside_the_selectors_is_dropped_and_counted() -> Result<()> {
         )?;
     }
     let dir = scratch::dir("esp-selectors")?;
-    let (log_a, log_b) = (dir.path().join("a.log"), dir.path().join("b.log"));
+    let log_b = dir.path().join("b.log");
+    let dump = || dump(dir.path());
 
-    // A claims all of 10.1.0.0/16; B accepts only 10.1.0.0/24 from it.
+    // A claims all of 10.1.0.0/16; B accepts only 10.1.0.0/24 from it. Inside the
+    // selectors: passes.
     let wide_a = End {
         subnet: "10.1.0.0/16",
         ..A
     };
-    let args_a = esp_static_args(&wide_a, &B);
-    let args_b = esp_static_args(&B, &A);
-    let _ga = a.spawn("gateway A", BIN, &as_refs(&args_a), &log_a)?;
-    let mut gb = b.spawn("gateway B", BIN, &as_refs(&args_b), &log_b)?;
-    let dump = || {
-        format!(
-            "A log:\n{}\nB log:\n{}",
-            logs::tail(&log_a, 20),
-            logs::tail(&log_b, 20)
-        )
-    };
-    // Inside the selectors: passes.
-    a.wait_reachable(Some(addr(SITE_HOST)), addr(GW_HOST), TIMEOUT)
-        .with_context(dump)?;
+    let [_ga, mut gb] = start_and_ping(&a, &b, &wide_a, dir.path())?;
 
     // From 10.1.9.1 (inside A's selector, outside B's remote subnet) ...
     a.add_lo_addr("10.1.9.1/32".parse()?)?;
@@ -571,17 +514,7 @@ fn traffic_outside_the_selectors_is_dropped_and_counted() -> Result<()> {
     ensure!(inside.contains("3 received"), "{inside}\n{}", dump());
 
     // Stop B with SIGTERM: it prints its counters.
-    let pid = gb.pid().to_string();
-    let out = std::process::Command::new(KILL.path())
-        .args(["-TERM", &pid])
-        .output()?;
-    ensure!(out.status.success(), "kill -TERM {pid}: {out:?}");
-    let status = wait::until("gateway B to exit after SIGTERM", TIMEOUT, || {
-        Ok(match gb.exit_status()? {
-            Some(status) => Probe::Ready(status),
-            None => Probe::pending("running"),
-        })
-    })?;
+    let status = terminate(&mut gb)?;
     ensure!(status.success(), "gateway B exited with {status}\n{}", dump());
     let (sent, received, dropped, policy) = esp_static_counters(&log_b)?;
     eprintln!("gateway B: out {sent} in {received} dropped {dropped} policy-dropped {policy}");
@@ -607,29 +540,16 @@ fn packets_too_big_for_the_path_get_fragmentation_needed_and_tcp_still_flows() -
         return Ok(());
     }
     let wan = Wan::new()?;
-    let (a, b) = (Netns::new("mtuA")?, Netns::new("mtuB")?);
-    wan.attach(&a, "wan0", format!("{}/24", A.wan).parse()?)?;
-    wan.attach(&b, "wan0", format!("{}/24", B.wan).parse()?)?;
+    let (a, b) = (wan.host("mtuA", A.wan, None)?, wan.host("mtuB", B.wan, None)?);
     // The WAN takes 1200 bytes, the TUN devices keep 1400: a full-sized inner packet does
     // not fit one outer datagram.
     for ns in [&a, &b] {
         ns.ip(&["link", "set", "wan0", "mtu", "1200"])?;
     }
     let dir = scratch::dir("esp-mtu")?;
-    let (log_a, log_b) = (dir.path().join("a.log"), dir.path().join("b.log"));
-    let args_a = esp_static_args(&A, &B);
-    let args_b = esp_static_args(&B, &A);
-    let mut ga = a.spawn("gateway A", BIN, &as_refs(&args_a), &log_a)?;
-    let _gb = b.spawn("gateway B", BIN, &as_refs(&args_b), &log_b)?;
-    let dump = || {
-        format!(
-            "A log:\n{}\nB log:\n{}",
-            logs::tail(&log_a, 20),
-            logs::tail(&log_b, 20)
-        )
-    };
-    a.wait_reachable(Some(addr(SITE_HOST)), addr(GW_HOST), TIMEOUT)
-        .with_context(dump)?;
+    let log_a = dir.path().join("a.log");
+    let dump = || dump(dir.path());
+    let [mut ga, _gb] = start_and_ping(&a, &b, &A, dir.path())?;
 
     // TCP first, before anything taught the kernel the path MTU: its segments (sized for the
     // TUN device, DF set) are refused with "fragmentation needed", the sender's TCP lowers
@@ -674,17 +594,7 @@ fn packets_too_big_for_the_path_get_fragmentation_needed_and_tcp_still_flows() -
     ensure!(no_df.contains("2 received"), "{no_df}\n{}", dump());
 
     // A counted what it refused.
-    let pid = ga.pid().to_string();
-    let out = std::process::Command::new(KILL.path())
-        .args(["-TERM", &pid])
-        .output()?;
-    ensure!(out.status.success(), "kill -TERM {pid}: {out:?}");
-    wait::until("gateway A to exit after SIGTERM", TIMEOUT, || {
-        Ok(match ga.exit_status()? {
-            Some(status) => Probe::Ready(status),
-            None => Probe::pending("running"),
-        })
-    })?;
+    terminate(&mut ga)?;
     let text = std::fs::read_to_string(&log_a)?;
     let too_big_count = text
         .lines()

@@ -2,6 +2,7 @@
 //! network namespace, TUN device on the inside, the WAN bridge of the e2e harness outside,
 //! SAs with hand-made keys (`concentrator-gateway esp-static`).
 
+use std::path::Path;
 use std::time::Duration;
 
 mod common;
@@ -9,8 +10,46 @@ mod common;
 use common::{A, B, as_refs, esp_static_args};
 use concentrator_e2e::netns::{self, Netns, Wan};
 use concentrator_e2e::prereq;
+use concentrator_e2e::process::Daemon;
 
 const BIN: &str = env!("CARGO_BIN_EXE_concentrator-gateway");
+
+/// Both gateways' logs, for failure messages.
+fn dump(logs: &Path) -> String {
+    format!(
+        "A log:\n{}\nB log:\n{}",
+        std::fs::read_to_string(logs.join("a.log")).unwrap_or_default(),
+        std::fs::read_to_string(logs.join("b.log")).unwrap_or_default()
+    )
+}
+
+/// Gateway A in `a` and gateway B in `b` (`esp-static` plus `extra` arguments, logs in
+/// `logs`); returns them once a ping from A's LAN to B's gets three answers out of three.
+fn start_and_ping(a: &Netns, b: &Netns, logs: &Path, extra: &[&str]) -> [Daemon; 2] {
+    let start = |ns: &Netns, name, mut args: Vec<String>, log| {
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
+        ns.spawn(name, BIN, &as_refs(&args), &logs.join(log)).unwrap()
+    };
+    let gateways = [
+        start(a, "gateway A", esp_static_args(&A, &B), "a.log"),
+        start(b, "gateway B", esp_static_args(&B, &A), "b.log"),
+    ];
+    // Before the tunnel is up the ping cannot work; once both ends run, it must.
+    a.wait_reachable(
+        Some("10.1.0.1".parse().unwrap()),
+        "10.2.0.1".parse().unwrap(),
+        Duration::from_secs(20),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", dump(logs)));
+    let out = a
+        .run(
+            "ping",
+            &["-c", "3", "-i", "0.2", "-W", "2", "-I", "10.1.0.1", "10.2.0.1"],
+        )
+        .unwrap();
+    assert!(out.contains("3 received"), "{out}");
+    gateways
+}
 
 #[test]
 fn two_gateways_carry_ping_and_tcp_through_esp_in_udp() {
@@ -23,36 +62,7 @@ fn two_gateways_carry_ping_and_tcp_through_esp_in_udp() {
     wan.attach(&b, "wan0", "192.0.2.2/24".parse().unwrap()).unwrap();
     let logs = tempfile::tempdir().unwrap();
 
-    let args_a = esp_static_args(&A, &B);
-    let args_b = esp_static_args(&B, &A);
-    let _ga = a
-        .spawn("gateway A", BIN, &as_refs(&args_a), &logs.path().join("a.log"))
-        .unwrap();
-    let _gb = b
-        .spawn("gateway B", BIN, &as_refs(&args_b), &logs.path().join("b.log"))
-        .unwrap();
-
-    // Before the tunnel is up the ping cannot work; once both ends run, it must.
-    let dump = || {
-        format!(
-            "A log:\n{}\nB log:\n{}",
-            std::fs::read_to_string(logs.path().join("a.log")).unwrap_or_default(),
-            std::fs::read_to_string(logs.path().join("b.log")).unwrap_or_default()
-        )
-    };
-    a.wait_reachable(
-        Some("10.1.0.1".parse().unwrap()),
-        "10.2.0.1".parse().unwrap(),
-        Duration::from_secs(20),
-    )
-    .unwrap_or_else(|e| panic!("{e:#}\n{}", dump()));
-    let out = a
-        .run(
-            "ping",
-            &["-c", "3", "-i", "0.2", "-W", "2", "-I", "10.1.0.1", "10.2.0.1"],
-        )
-        .unwrap();
-    assert!(out.contains("3 received"), "{out}");
+    let _gateways = start_and_ping(&a, &b, logs.path(), &[]);
 
     // The traffic really went through ESP on UDP 4500: the WAN carries no inner addresses.
     let link = a.run("ip", &["-s", "link", "show", "esp0"]).unwrap();
@@ -102,38 +112,9 @@ fn two_gateways_carry_ping_and_tcp_through_plain_esp() {
     // B counts what arrives by protocol: ESP, and UDP to port 4500 (which must stay zero).
     common::count_outer(&b).unwrap();
     let logs = tempfile::tempdir().unwrap();
-    let mut args_a = esp_static_args(&A, &B);
-    let mut args_b = esp_static_args(&B, &A);
-    args_a.push("--raw-esp".into());
-    args_b.push("--raw-esp".into());
-    let _ga = a
-        .spawn("gateway A", BIN, &as_refs(&args_a), &logs.path().join("a.log"))
-        .unwrap();
-    let _gb = b
-        .spawn("gateway B", BIN, &as_refs(&args_b), &logs.path().join("b.log"))
-        .unwrap();
-    let dump = || {
-        format!(
-            "A log:\n{}\nB log:\n{}",
-            std::fs::read_to_string(logs.path().join("a.log")).unwrap_or_default(),
-            std::fs::read_to_string(logs.path().join("b.log")).unwrap_or_default()
-        )
-    };
-    a.wait_reachable(
-        Some("10.1.0.1".parse().unwrap()),
-        "10.2.0.1".parse().unwrap(),
-        Duration::from_secs(20),
-    )
-    .unwrap_or_else(|e| panic!("{e:#}\n{}", dump()));
-    let out = a
-        .run(
-            "ping",
-            &["-c", "3", "-i", "0.2", "-W", "2", "-I", "10.1.0.1", "10.2.0.1"],
-        )
-        .unwrap();
-    assert!(out.contains("3 received"), "{out}");
+    let _gateways = start_and_ping(&a, &b, logs.path(), &["--raw-esp"]);
     common::tcp_transfer(&a, "10.1.0.1", &b, "10.2.0.1", logs.path())
-        .unwrap_or_else(|e| panic!("{e:#}\n{}", dump()));
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", dump(logs.path())));
     let (esp, udp) = common::outer_counts(&b).unwrap();
     // The 2 MB transfer went to B as plain ESP.
     assert!(esp > 2_000_000, "the traffic was not plain ESP: {esp} ESP bytes");

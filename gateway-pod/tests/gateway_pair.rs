@@ -11,12 +11,17 @@
 //!
 //! As non-root every test prints SKIP and passes.
 
-use std::net::IpAddr;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use concentrator_e2e::netns::{self, Netns, Wan};
+use concentrator_e2e::netns::{self, Netns, Wan, addr};
 use concentrator_e2e::process::Daemon;
+// The site and the head-end are the topology's site and gateway; the gateways' addresses on
+// their LANs are the LAN hosts' default routes.
+use concentrator_e2e::topology::{
+    GW_ADDR as HEAD_WAN, GW_HOST as HEAD_ROUTER, GW_LAN as HEAD_LAN, SITE_ADDR as SITE_WAN,
+    SITE_HOST as SITE_ROUTER, SITE_ID, SITE_LAN,
+};
 use concentrator_e2e::wait::{self, Probe};
 use concentrator_e2e::{ids, logs, prereq, scratch, tools};
 
@@ -24,23 +29,11 @@ mod common;
 
 use common::StaticEroute;
 
-const SITE_WAN: &str = "192.0.2.1";
-const HEAD_WAN: &str = "192.0.2.2";
-const SITE_LAN: &str = "10.1.0.0/24";
-const HEAD_LAN: &str = "10.2.0.0/24";
-/// The gateways' addresses on their LANs (the LAN hosts' default routes).
-const SITE_ROUTER: &str = "10.1.0.1";
-const HEAD_ROUTER: &str = "10.2.0.1";
 /// A host on each LAN, in its own namespace.
 const SITE_HOST: &str = "10.1.0.10";
 const HEAD_HOST: &str = "10.2.0.10";
-const SITE_ID: &str = "site-a.example";
 const HEAD_ID: &str = "hq.example";
 const TIMEOUT: Duration = Duration::from_secs(30);
-
-fn addr(s: &str) -> IpAddr {
-    s.parse().expect("valid address")
-}
 
 /// One of our gateways with a LAN namespace behind it.
 struct Gateway {
@@ -149,8 +142,9 @@ impl Pair {
                 initiate_to: None,
                 ike: o.ike,
                 esp: o.esp,
-                lifetimes: o.head_lifetimes,
+                lifetimes: Some(o.head_lifetimes),
                 psk: &psk,
+                ..StaticEroute::default()
             },
             o.head_args,
         )?;
@@ -169,8 +163,9 @@ impl Pair {
                 initiate_to: Some(HEAD_WAN),
                 ike: o.ike,
                 esp: o.esp,
-                lifetimes: o.site_lifetimes,
+                lifetimes: Some(o.site_lifetimes),
                 psk: &psk,
+                ..StaticEroute::default()
             },
             o.site_args,
         )?;

@@ -14,51 +14,39 @@
 //!
 //! As non-root every test prints SKIP and passes.
 
-use std::net::IpAddr;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use concentrator_crypto::{DhGroup, KeyExchange};
-use concentrator_e2e::netns::{self, Netns, Wan};
+use concentrator_e2e::netns::{self, Netns, Wan, addr};
 use concentrator_e2e::process::Daemon;
-use concentrator_e2e::strongswan::{self, Charon, Connection, IkeSa};
+// Site and gateway use the harness's default proposals.
+use concentrator_e2e::strongswan::{
+    self, Charon, Connection, DEFAULT_ESP_PROPOSAL as ESP, DEFAULT_IKE_PROPOSAL as IKE, IkeSa,
+};
 use concentrator_e2e::tools::{self, Tool};
+// The NAT router takes the site's WAN address, which is what the gateway sees of a site
+// behind it; the cookie test's site sits there directly.
+use concentrator_e2e::topology::{
+    GW_ADDR, GW_HOST, SITE_ADDR as ROUTER_WAN, SITE_ADDR as SITE_WAN, SITE_HOST, SITE_ID, site_connection,
+};
 use concentrator_e2e::wait::{self, Probe};
 use concentrator_e2e::{logs, prereq, scratch};
-use concentrator_ike::payload::{Ke, Nonce, Proposal, Sa, Transform};
-use concentrator_ike::{
-    DhGroup as WireGroup, ExchangeType, Flags, Header, Message, Payload, PayloadType, ProtocolId,
-    TransformId, TransformType,
-};
 
 mod common;
+
+use common::site::{GatewayOptions, eroute};
+use concentrator_test_util::ike_sa_init_request;
 
 const BIN: &str = env!("CARGO_BIN_EXE_concentrator-gateway");
 const NFT: Tool = Tool::search("nft", "nftables");
 
-/// The gateway on the WAN.
-const GW_ADDR: &str = "192.0.2.2";
-/// The NAT router's WAN address: what the gateway sees of a site behind it.
-const ROUTER_WAN: &str = "192.0.2.1";
 /// The NAT router on the site's side.
 const ROUTER_INSIDE: &str = "198.51.100.254";
 /// The site's own address, behind the NAT (unroutable from the WAN).
 const SITE_INSIDE: &str = "198.51.100.1";
-/// A site directly on the WAN (cookie test).
-const SITE_WAN: &str = "192.0.2.1";
 /// The flooding attacker on the WAN.
 const ATTACKER: &str = "192.0.2.66";
-
-const SITE_LAN: &str = "10.1.0.0/24";
-const GW_LAN: &str = "10.2.0.0/24";
-const SITE_HOST: &str = "10.1.0.1";
-const GW_HOST: &str = "10.2.0.1";
-const GW_ID: &str = "gw.example";
-const SITE_ID: &str = "site-a.example";
-const IKE: &str = "aes128gcm16-prfsha256-x25519";
-const ESP: &str = "aes128gcm16";
 const TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Half-open SAs from which the gateway asks for cookies in the flood test.
@@ -70,10 +58,6 @@ const FLOOD_SECONDS: f64 = 4.0;
 const HALF_OPEN_EXPIRY: Duration = Duration::from_secs(30 + 15);
 const COOKIE_DROPS: &str = "concentrator_gateway_ike_dropped_total{reason=\"cookie_required\"}";
 
-fn addr(s: &str) -> IpAddr {
-    s.parse().expect("valid address")
-}
-
 /// `concentrator-gateway` in its own namespace on a WAN, with one static eroute for the
 /// site and JSON logs (so that the tests can read the fields of its events).
 struct Gateway {
@@ -84,34 +68,11 @@ struct Gateway {
 
 impl Gateway {
     fn start(wan: &Wan, psk: &str, args: &[&str]) -> Result<Self> {
-        let ns = Netns::new("natgw")?;
-        wan.attach(&ns, "wan0", format!("{GW_ADDR}/24").parse()?)?;
-        ns.add_lo_addr(format!("{GW_HOST}/24").parse()?)?;
+        let ns = wan.host("natgw", GW_ADDR, Some(GW_HOST))?;
         let dir = scratch::dir("ike-nat")?;
-        let config = dir.path().join("config");
-        write_config(&config, psk)?;
-        let log = dir.path().join("gateway.log");
-        let data = dir.path().join("data");
-        let mut all = vec![
-            "--config-dir",
-            config.to_str().context("path")?,
-            "--data-dir",
-            data.to_str().context("path")?,
-            "--ike-listen",
-            GW_ADDR,
-            "--log-format",
-            "json",
-        ];
-        all.extend_from_slice(args);
-        let mut daemon = ns.spawn("gateway", BIN, &all, &log)?;
-        wait::until("the gateway to be ready", TIMEOUT, || {
-            daemon.ensure_running()?;
-            Ok(if logs::contains(&log, "gateway ready") {
-                Probe::Ready(())
-            } else {
-                Probe::pending(daemon.log_tail(10))
-            })
-        })?;
+        eroute(IKE, ESP, psk, &GatewayOptions::default()).write(&dir.path().join("config"))?;
+        let all = [&["--log-format", "json"], args].concat();
+        let daemon = common::start_gateway(&ns, "gateway", dir.path(), GW_ADDR, &all)?;
         Ok(Self { daemon, dir, ns })
     }
 
@@ -172,37 +133,20 @@ impl Gateway {
 
 use concentrator_e2e::gateway::metric;
 
-/// The gateway's config directory: one static eroute for the site, its PSK as a Secret file.
-fn write_config(dir: &Path, psk: &str) -> Result<()> {
-    std::fs::create_dir_all(dir.join("secrets/site-a"))?;
-    std::fs::write(dir.join("secrets/site-a/psk"), psk)?;
-    std::fs::write(
-        dir.join("site-a.yaml"),
-        format!(
-            "apiVersion: vpn.concentrator.io/v1alpha1\nkind: Eroute\nmetadata:\n  name: site-a\n\
-             spec:\n  localSubnet: {GW_LAN}\n  remoteSubnet: {SITE_LAN}\n  peerId: {SITE_ID}\n\
-             \x20 localId: {GW_ID}\n  pskSecretRef:\n    name: site-a\n    key: psk\n  role: Responder\n\
-             \x20 ike:\n    proposals: [{IKE}]\n  esp:\n    proposals: [{ESP}]\n"
-        ),
-    )?;
-    Ok(())
-}
-
 /// The site's connection to the gateway from `local`.
 fn connection(local: &str, psk: &str) -> Connection {
-    let mut c = Connection::new(
-        "gw",
-        addr(local),
-        addr(GW_ADDR),
-        psk,
-        vec![SITE_LAN.parse().expect("subnet")],
-        vec![GW_LAN.parse().expect("subnet")],
+    site_connection("gw", local, IKE, ESP, psk)
+}
+
+/// The gateway's "IKE SA established" `event` says that it detected a NAT and took the
+/// peer's address `want` (the router's mapping) from the floated IKE messages.
+fn ensure_nat_event(event: &serde_json::Value, want: &str) -> Result<()> {
+    ensure!(
+        event.get("nat_detected") == Some(&serde_json::Value::Bool(true))
+            && event.get("remote").and_then(|r| r.as_str()) == Some(want),
+        "the gateway should log nat_detected=true and remote={want}: {event}"
     );
-    c.local_id = SITE_ID.to_owned();
-    c.remote_id = GW_ID.to_owned();
-    c.ike_proposal = IKE.to_owned();
-    c.esp_proposal = ESP.to_owned();
-    c
+    Ok(())
 }
 
 /// The router's nftables rules: masquerade the LAN onto the WAN; count the datagrams
@@ -356,11 +300,7 @@ fn a_site_behind_nat_floats_to_4500_and_carries_traffic_both_ways() -> Result<()
     // Ours detected the NAT and took the peer's address from the floated IKE_AUTH: the
     // router's masqueraded address on 4500, never the site's private one.
     let want = format!("{ROUTER_WAN}:4500");
-    ensure!(
-        event.get("nat_detected") == Some(&serde_json::Value::Bool(true))
-            && event.get("remote").and_then(|r| r.as_str()) == Some(want.as_str()),
-        "the gateway should log nat_detected=true and remote={want}: {event}"
-    );
+    ensure_nat_event(&event, &want)?;
     let peer = s.gw.wait_peer_address()?;
     ensure!(
         peer == want,
@@ -398,11 +338,7 @@ fn a_site_behind_nat_can_start_ike_on_port_4500() -> Result<()> {
          {to4500} to 4500"
     );
     let want = format!("{ROUTER_WAN}:4500");
-    ensure!(
-        event.get("nat_detected") == Some(&serde_json::Value::Bool(true))
-            && event.get("remote").and_then(|r| r.as_str()) == Some(want.as_str()),
-        "the gateway should log nat_detected=true and remote={want}: {event}"
-    );
+    ensure_nat_event(&event, &want)?;
     let peer = s.gw.wait_peer_address()?;
     ensure!(peer == want, "PEER ADDRESS should be {want}, is {peer}");
     s.site
@@ -412,46 +348,6 @@ fn a_site_behind_nat_can_start_ike_on_port_4500() -> Result<()> {
         .wait_reachable(Some(addr(GW_HOST)), addr(SITE_HOST), TIMEOUT)
         .with_context(|| s.logs())?;
     Ok(())
-}
-
-/// An IKE_SA_INIT request offering aes128gcm16-prfsha256-x25519 (SPIi zero: the flood
-/// script sets a random one per datagram).
-fn init_request() -> Result<Vec<u8>> {
-    let kex = KeyExchange::from_private_key(DhGroup::Curve25519, &[0x33; 32])?;
-    let public = kex.public_value()?;
-    let nonce = [0x5a; 32];
-    let payloads = vec![
-        Payload::Sa(Sa {
-            proposals: vec![Proposal {
-                number: 1,
-                protocol: ProtocolId::IKE,
-                spi: &[],
-                transforms: vec![
-                    Transform::with_key_length(TransformType::ENCR, TransformId::ENCR_AES_GCM_16, 128),
-                    Transform::new(TransformType::PRF, TransformId::PRF_HMAC_SHA2_256),
-                    Transform::new(TransformType::DH, TransformId(31)),
-                ],
-            }],
-        }),
-        Payload::Ke(Ke {
-            group: WireGroup(31),
-            data: &public,
-        }),
-        Payload::Nonce(Nonce { data: &nonce }),
-    ];
-    Ok(Message {
-        header: Header {
-            spi_i: 0,
-            spi_r: 0,
-            next_payload: PayloadType::NONE,
-            exchange: ExchangeType::IKE_SA_INIT,
-            flags: Flags::INITIATOR,
-            message_id: 0,
-            length: 0,
-        },
-        payloads,
-    }
-    .to_vec())
 }
 
 /// Sends `count` copies of a datagram (hex) to `gw`:500 over `seconds`, each from a new
@@ -557,7 +453,7 @@ fn a_cookie_flood_keeps_half_open_sas_bounded_and_a_real_site_still_connects() -
         )
     };
 
-    let datagram = hex::encode(init_request()?);
+    let datagram = hex::encode(ike_sa_init_request(0, &[0x5a; 32], None));
     let flood_log = gw.dir.path().join("flood.log");
     // The half-open gauge is sampled in a thread for the whole flood.
     let stop = AtomicBool::new(false);

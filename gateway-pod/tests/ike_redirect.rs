@@ -5,58 +5,44 @@
 //!
 //! As non-root every test prints SKIP and passes.
 
-use std::net::IpAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use concentrator_e2e::gateway::{Gateway, metric};
-use concentrator_e2e::netns::{self, Netns, Wan};
+use concentrator_e2e::netns::{self, Wan, addr};
+use concentrator_e2e::topology::{GW_HOST, GW_ID, GW_LAN, SITE_ADDR, SITE_HOST, SITE_ID, SITE_LAN};
 use concentrator_e2e::wait::{self, Probe};
 use concentrator_e2e::{logs, prereq, scratch, tools};
 
+mod common;
+
+use common::StaticEroute;
+
 const BIN: &str = env!("CARGO_BIN_EXE_concentrator-gateway");
-const SITE_ADDR: &str = "192.0.2.1";
 const GW1_ADDR: &str = "192.0.2.2";
 const GW2_ADDR: &str = "192.0.2.3";
-const SITE_LAN: &str = "10.1.0.0/24";
-const GW_LAN: &str = "10.2.0.0/24";
-const SITE_HOST: &str = "10.1.0.1";
-const GW_HOST: &str = "10.2.0.1";
-const GW_ID: &str = "gw.example";
-const SITE_ID: &str = "site-a.example";
 const TIMEOUT: Duration = Duration::from_secs(20);
-
-fn addr(s: &str) -> IpAddr {
-    s.parse().expect("valid address")
-}
 
 /// One eroute and its PSK Secret: the head-end's view (responder) or the site's (initiator
 /// toward `peer`).
-fn write_config(dir: &Path, psk: &str, site_to: Option<&str>) -> Result<()> {
-    let (local, remote, local_id, peer_id, role) = match site_to {
-        Some(peer) => (
-            SITE_LAN,
-            GW_LAN,
-            SITE_ID,
-            GW_ID,
-            format!("Initiator\n  peerAddress: {peer}"),
-        ),
-        None => (GW_LAN, SITE_LAN, GW_ID, SITE_ID, "Responder".to_owned()),
+fn eroute<'a>(psk: &'a str, site_to: Option<&'a str>) -> StaticEroute<'a> {
+    let ((local_subnet, remote_subnet), (local_id, peer_id)) = match site_to {
+        Some(_) => ((SITE_LAN, GW_LAN), (SITE_ID, GW_ID)),
+        None => ((GW_LAN, SITE_LAN), (GW_ID, SITE_ID)),
     };
-    std::fs::create_dir_all(dir.join("secrets/tunnel"))?;
-    std::fs::write(dir.join("secrets/tunnel/psk"), psk)?;
-    std::fs::write(
-        dir.join("tunnel.yaml"),
-        format!(
-            "apiVersion: vpn.concentrator.io/v1alpha1\nkind: Eroute\nmetadata:\n  name: tunnel\n\
-             spec:\n  localSubnet: {local}\n  remoteSubnet: {remote}\n  peerId: {peer_id}\n\
-             \x20 localId: {local_id}\n  pskSecretRef:\n    name: tunnel\n    key: psk\n  role: {role}\n\
-             \x20 ike:\n    proposals: [aes128gcm16-prfsha256-x25519]\n\
-             \x20 esp:\n    proposals: [aes128gcm16]\n"
-        ),
-    )?;
-    Ok(())
+    StaticEroute {
+        name: "tunnel",
+        local_subnet,
+        remote_subnet,
+        peer_id,
+        local_id,
+        initiate_to: site_to,
+        ike: "aes128gcm16-prfsha256-x25519",
+        esp: "aes128gcm16",
+        psk,
+        ..StaticEroute::default()
+    }
 }
 
 #[test]
@@ -66,22 +52,16 @@ fn a_gateway_keeping_a_tunnel_up_follows_a_redirect_to_another_gateway() -> Resu
     }
     let psk = concentrator_e2e::ids::random_hex(32);
     let wan = Wan::new()?;
-    let site = Netns::new("rdsite")?;
-    let gw1 = Netns::new("rdgw1")?;
-    let gw2 = Netns::new("rdgw2")?;
-    wan.attach(&site, "wan0", format!("{SITE_ADDR}/24").parse()?)?;
-    wan.attach(&gw1, "wan0", format!("{GW1_ADDR}/24").parse()?)?;
-    wan.attach(&gw2, "wan0", format!("{GW2_ADDR}/24").parse()?)?;
-    site.add_lo_addr(format!("{SITE_HOST}/24").parse()?)?;
-    gw1.add_lo_addr(format!("{GW_HOST}/24").parse()?)?;
-    gw2.add_lo_addr(format!("{GW_HOST}/24").parse()?)?;
+    let site = wan.host("rdsite", SITE_ADDR, Some(SITE_HOST))?;
+    let gw1 = wan.host("rdgw1", GW1_ADDR, Some(GW_HOST))?;
+    let gw2 = wan.host("rdgw2", GW2_ADDR, Some(GW_HOST))?;
     site.wait_reachable(None, addr(GW2_ADDR), Duration::from_secs(5))?;
 
     let dir = scratch::dir("ike-redirect")?;
     for name in ["gw1", "gw2"] {
-        write_config(&dir.path().join(format!("{name}-config")), &psk, None)?;
+        eroute(&psk, None).write(&dir.path().join(format!("{name}-config")))?;
     }
-    write_config(&dir.path().join("site-config"), &psk, Some(GW1_ADDR))?;
+    eroute(&psk, Some(GW1_ADDR)).write(&dir.path().join("site-config"))?;
     // The first gateway sends every new site to the second (RFC 5685 §4.1, in IKE_SA_INIT).
     let bin = Path::new(BIN);
     let first = Gateway::start(

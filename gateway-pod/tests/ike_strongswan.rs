@@ -6,188 +6,27 @@
 //!
 //! As non-root every test prints SKIP and passes.
 
-use std::net::IpAddr;
-use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use concentrator_e2e::netns::{self, Netns, Wan};
-use concentrator_e2e::process::Daemon;
-use concentrator_e2e::strongswan::{self, Charon, Connection};
+use concentrator_e2e::netns::{self, addr};
+use concentrator_e2e::strongswan::{self, Charon};
+use concentrator_e2e::topology::{GW_HOST, SITE_HOST, SITE_ID, SITE_LAN};
 use concentrator_e2e::wait::{self, Probe};
 use concentrator_e2e::{logs, prereq, scratch, tools};
 
 mod common;
 
+use common::site::{GatewayOptions, SiteGateway, TIMEOUT, eroute};
+
 const BIN: &str = env!("CARGO_BIN_EXE_concentrator-gateway");
-const SITE_ADDR: &str = "192.0.2.1";
-const GW_ADDR: &str = "192.0.2.2";
-const SITE_LAN: &str = "10.1.0.0/24";
-const GW_LAN: &str = "10.2.0.0/24";
-const SITE_HOST: &str = "10.1.0.1";
-const GW_HOST: &str = "10.2.0.1";
-const GW_ID: &str = "gw.example";
-const SITE_ID: &str = "site-a.example";
-const TIMEOUT: Duration = Duration::from_secs(20);
-
-fn addr(s: &str) -> IpAddr {
-    s.parse().expect("valid address")
-}
-
-/// The gateway's config directory: one static eroute for the site, its PSK as a Secret file.
-fn write_config(dir: &Path, ike: &str, esp: &str, psk: &str, o: &GatewayOptions<'_>) -> Result<()> {
-    let (dpd, initiator) = (o.dpd.unwrap_or("30s"), o.initiator);
-    let (ike_life, esp_life) = o.lifetimes.unwrap_or(("4h", "1h"));
-    let esp_extra = o.esp_extra.unwrap_or("");
-    // As initiator the gateway keeps the tunnel to the site's address up itself.
-    let role = if initiator {
-        format!("Initiator\n  peerAddress: {SITE_ADDR}")
-    } else {
-        "Responder".to_owned()
-    };
-    std::fs::create_dir_all(dir.join("secrets/site-a"))?;
-    std::fs::write(dir.join("secrets/site-a/psk"), psk)?;
-    std::fs::write(
-        dir.join("site-a.yaml"),
-        format!(
-            "apiVersion: vpn.concentrator.io/v1alpha1\nkind: Eroute\nmetadata:\n  name: site-a\n\
-             spec:\n  localSubnet: {GW_LAN}\n  remoteSubnet: {SITE_LAN}\n  peerId: {SITE_ID}\n\
-             \x20 localId: {GW_ID}\n  pskSecretRef:\n    name: site-a\n    key: psk\n  role: {role}\n\
-             \x20 ike:\n    proposals: [{ike}]\n    dpdInterval: {dpd}\n    lifetime: {ike_life}\n\
-             \x20 esp:\n    proposals: [{esp}]\n    lifetime: {esp_life}\n{esp_extra}"
-        ),
-    )?;
-    Ok(())
-}
-
-struct Setup {
-    wan: Wan,
-    site: Netns,
-    gw: Netns,
-    dir: tempfile::TempDir,
-    gateway: Daemon,
-    /// `None` once killed.
-    charon: Option<Charon>,
-}
-
-/// Options of [`Setup::start_with`].
-#[derive(Default)]
-struct GatewayOptions<'a> {
-    /// The eroute's `ike.dpdInterval` (default 30s).
-    dpd: Option<&'a str>,
-    /// Extra command-line arguments.
-    args: &'a [&'a str],
-    /// The eroute has role Initiator and the site's address: the gateway connects.
-    initiator: bool,
-    /// The eroute's IKE and ESP lifetimes (default 4h and 1h).
-    lifetimes: Option<(&'a str, &'a str)>,
-    /// More lines of the eroute's `esp` section, each `    key: value\n`.
-    esp_extra: Option<&'a str>,
-}
-
-impl Setup {
-    fn start(ike: &str, esp: &str, psk: &str) -> Result<Self> {
-        Self::start_with(ike, esp, psk, &GatewayOptions::default())
-    }
-
-    fn start_with(ike: &str, esp: &str, psk: &str, o: &GatewayOptions<'_>) -> Result<Self> {
-        let wan = Wan::new()?;
-        let site = Netns::new("sssite")?;
-        let gw = Netns::new("ssgw")?;
-        wan.attach(&site, "wan0", format!("{SITE_ADDR}/24").parse()?)?;
-        wan.attach(&gw, "wan0", format!("{GW_ADDR}/24").parse()?)?;
-        site.add_lo_addr(format!("{SITE_HOST}/24").parse()?)?;
-        gw.add_lo_addr(format!("{GW_HOST}/24").parse()?)?;
-        site.wait_reachable(None, addr(GW_ADDR), Duration::from_secs(5))?;
-
-        let dir = scratch::dir("ike-gateway")?;
-        let config = dir.path().join("config");
-        write_config(&config, ike, esp, psk, o)?;
-        let log = dir.path().join("gateway.log");
-        let data = dir.path().join("data");
-        let mut args = vec![
-            "--config-dir",
-            config.to_str().context("path")?,
-            "--data-dir",
-            data.to_str().context("path")?,
-            "--ike-listen",
-            GW_ADDR,
-        ];
-        args.extend_from_slice(o.args);
-        let mut gateway = gw.spawn("gateway", BIN, &args, &log)?;
-        wait::until("the gateway to be ready", TIMEOUT, || {
-            gateway.ensure_running()?;
-            Ok(if logs::contains(&log, "gateway ready") {
-                Probe::Ready(())
-            } else {
-                Probe::pending(gateway.log_tail(10))
-            })
-        })?;
-        let charon = Charon::start(&site)?;
-        Ok(Self {
-            wan,
-            site,
-            gw,
-            dir,
-            gateway,
-            charon: Some(charon),
-        })
-    }
-
-    fn connection(&self, ike: &str, esp: &str, psk: &str, local_id: &str) -> Connection {
-        let mut c = Connection::new(
-            "gw",
-            addr(SITE_ADDR),
-            addr(GW_ADDR),
-            psk,
-            vec![SITE_LAN.parse().expect("subnet")],
-            vec![GW_LAN.parse().expect("subnet")],
-        );
-        c.local_id = local_id.to_owned();
-        c.remote_id = GW_ID.to_owned();
-        c.ike_proposal = ike.to_owned();
-        c.esp_proposal = esp.to_owned();
-        c
-    }
-
-    fn charon(&self) -> &Charon {
-        self.charon.as_ref().expect("charon is running")
-    }
-
-    /// Kills charon (SIGKILL): the site goes silent without deleting anything.
-    fn kill_charon(&mut self) {
-        self.charon = None;
-    }
-
-    fn logs(&self) -> String {
-        format!(
-            "gateway log:\n{}\ncharon log:\n{}",
-            self.gateway.log_tail(40),
-            self.charon.as_ref().map(|c| c.log_tail(40)).unwrap_or_default()
-        )
-    }
-
-    /// `concentrator-gateway tunnels` in the gateway namespace (admin API on its loopback).
-    fn tunnels(&self) -> Result<String> {
-        self.gw.run(BIN, &["tunnels"])
-    }
-
-    /// A metric value from `/metrics` of the gateway.
-    fn metric(&self, name: &str) -> Result<f64> {
-        concentrator_e2e::gateway::metric(&self.gw, name)
-    }
-
-    fn wait_metric(&self, name: &str, want: f64) -> Result<()> {
-        concentrator_e2e::gateway::wait_metric(&self.gw, name, want, TIMEOUT)
-    }
-}
 
 fn carries_traffic(ike: &str, esp: &str) -> Result<()> {
     if prereq::require(&[netns::TOOLS, strongswan::TOOLS, &[tools::CURL, tools::PYTHON3]]).is_skip() {
         return Ok(());
     }
     let psk = concentrator_e2e::ids::random_hex(32);
-    let s = Setup::start(ike, esp, &psk)?;
+    let s = SiteGateway::start("ss", ike, esp, &psk)?;
     s.charon().load(&[s.connection(ike, esp, &psk, SITE_ID)])?;
     s.charon().initiate("gw").with_context(|| s.logs())?;
     let child = s
@@ -205,11 +44,8 @@ fn carries_traffic(ike: &str, esp: &str) -> Result<()> {
     s.wait_metric("concentrator_gateway_ike_sas_established", 1.0)?;
 
     // Ping both ways through the tunnel, then a checksummed TCP transfer both ways.
-    s.site
-        .wait_reachable(Some(addr(SITE_HOST)), addr(GW_HOST), TIMEOUT)
-        .with_context(|| s.logs())?;
-    s.gw.wait_reachable(Some(addr(GW_HOST)), addr(SITE_HOST), TIMEOUT)
-        .with_context(|| s.logs())?;
+    s.ping_from_site()?;
+    s.ping_from_gw()?;
     common::tcp_transfer(&s.site, SITE_HOST, &s.gw, GW_HOST, s.dir.path()).with_context(|| s.logs())?;
     common::tcp_transfer(&s.gw, GW_HOST, &s.site, SITE_HOST, s.dir.path()).with_context(|| s.logs())?;
     ensure!(
@@ -239,29 +75,8 @@ fn carries_traffic(ike: &str, esp: &str) -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn strongswan_site_carries_traffic_with_aes128gcm16_prfsha256_x25519() -> Result<()> {
-    carries_traffic("aes128gcm16-prfsha256-x25519", "aes128gcm16")
-}
-
-#[test]
-fn strongswan_site_carries_traffic_with_aes256gcm16_prfsha384_ecp384() -> Result<()> {
-    carries_traffic("aes256gcm16-prfsha384-ecp384", "aes256gcm16")
-}
-
-#[test]
-fn strongswan_site_carries_traffic_with_chacha20poly1305_prfsha256_x25519() -> Result<()> {
-    carries_traffic("chacha20poly1305-prfsha256-x25519", "chacha20poly1305")
-}
-
-#[test]
-fn strongswan_site_carries_traffic_with_aes256_sha256_modp2048() -> Result<()> {
-    carries_traffic("aes256-sha256-modp2048", "aes256-sha256")
-}
-
-#[test]
-fn strongswan_site_carries_traffic_with_aes128_sha256_ecp256() -> Result<()> {
-    carries_traffic("aes128-sha256-ecp256", "aes128-sha256")
+mod strongswan_site_carries_traffic_with {
+    concentrator_test_util::proposal_matrix!(super::carries_traffic);
 }
 
 /// Refused negotiations: strongSwan sees the notify, we count it, and no SA stays behind.
@@ -270,19 +85,13 @@ fn refused(ike_site: &str, psk_site: &str, id_site: &str, notify: &str, reason: 
         return Ok(());
     }
     let ike = "aes128gcm16-prfsha256-x25519";
-    let s = Setup::start(ike, "aes128gcm16", "the-right-psk")?;
+    let s = SiteGateway::start("ss", ike, "aes128gcm16", "the-right-psk")?;
     s.charon()
         .load(&[s.connection(ike_site, "aes128gcm16", psk_site, id_site)])?;
     let _ = s.charon().initiate("gw");
-    let log = s.charon().log_path().to_owned();
-    wait::until(format!("strongSwan to log {notify}"), TIMEOUT, || {
-        Ok(if logs::contains(&log, notify) {
-            Probe::Ready(())
-        } else {
-            Probe::pending("not yet")
-        })
-    })
-    .with_context(|| s.logs())?;
+    s.charon()
+        .wait_logged(notify, TIMEOUT)
+        .with_context(|| s.logs())?;
     s.wait_metric(
         &format!("concentrator_gateway_ike_failures_total{{reason=\"{reason}\"}}"),
         1.0,
@@ -330,20 +139,8 @@ fn proposal_mismatch_fails_with_no_proposal_chosen() -> Result<()> {
     )
 }
 
-/// Establishes the site's tunnel and waits until it carries a ping.
-fn establish(s: &Setup, c: &Connection) -> Result<()> {
-    s.charon().load(std::slice::from_ref(c))?;
-    s.charon().initiate("gw").with_context(|| s.logs())?;
-    s.charon()
-        .wait_established("gw", "gw", TIMEOUT)
-        .with_context(|| s.logs())?;
-    s.site
-        .wait_reachable(Some(addr(SITE_HOST)), addr(GW_HOST), TIMEOUT)
-        .with_context(|| s.logs())
-}
-
 /// The route to the site's subnet through our TUN device, as `ip route` prints it.
-fn site_route(s: &Setup) -> Result<String> {
+fn site_route(s: &SiteGateway) -> Result<String> {
     Ok(s.gw.run("ip", &["route", "show", SITE_LAN])?.trim().to_owned())
 }
 
@@ -354,8 +151,8 @@ fn a_site_that_deletes_its_ike_sa_leaves_no_tunnel_and_no_route() -> Result<()> 
     }
     let ike = "aes128gcm16-prfsha256-x25519";
     let psk = concentrator_e2e::ids::random_hex(32);
-    let s = Setup::start(ike, "aes128gcm16", &psk)?;
-    establish(&s, &s.connection(ike, "aes128gcm16", &psk, SITE_ID))?;
+    let s = SiteGateway::start("ss", ike, "aes128gcm16", &psk)?;
+    s.establish(&s.connection(ike, "aes128gcm16", &psk, SITE_ID))?;
     ensure!(site_route(&s)?.contains("concentrator0"), "no route to the site");
     s.charon()
         .swanctl(&["--terminate", "--ike", "gw", "--timeout", "10"])
@@ -371,7 +168,7 @@ fn a_site_that_deletes_its_ike_sa_leaves_no_tunnel_and_no_route() -> Result<()> 
         })
     })?;
     // The site can come back at once.
-    establish(&s, &s.connection(ike, "aes128gcm16", &psk, SITE_ID))
+    s.establish(&s.connection(ike, "aes128gcm16", &psk, SITE_ID))
 }
 
 #[test]
@@ -382,7 +179,7 @@ fn child_and_ike_sa_rekeys_keep_a_tcp_stream_alive() -> Result<()> {
     let ike = "aes128gcm16-prfsha256-x25519";
     let esp = "aes128gcm16-x25519";
     let psk = concentrator_e2e::ids::random_hex(32);
-    let s = Setup::start(ike, "aes128gcm16-x25519", &psk)?;
+    let s = SiteGateway::start("ss", ike, "aes128gcm16-x25519", &psk)?;
     let mut c = s.connection(ike, esp, &psk, SITE_ID);
     // strongSwan rekeys (as initiator) the CHILD SA every 3 s with PFS and the IKE SA every
     // 5 s, while a paced TCP stream runs for 12 s.
@@ -390,18 +187,8 @@ fn child_and_ike_sa_rekeys_keep_a_tcp_stream_alive() -> Result<()> {
         .extend(["rekey_time = 3s", "life_time = 60s", "rand_time = 0s"].map(str::to_owned));
     c.extra
         .extend(["rekey_time = 5s", "over_time = 60s", "rand_time = 0s"].map(str::to_owned));
-    establish(&s, &c)?;
-    let first = s.charon().child_sa("gw", "gw")?.context("child")?;
-    common::paced_tcp_transfer(
-        &s.site,
-        SITE_HOST,
-        &s.gw,
-        GW_HOST,
-        s.dir.path(),
-        Duration::from_secs(12),
-    )
-    .with_context(|| s.logs())?;
-    let now = s.charon().child_sa("gw", "gw")?.context("child after rekeys")?;
+    s.establish(&c)?;
+    let (first, now) = s.paced_stream(true)?;
     ensure!(
         first.fields.get("spi-in") != now.fields.get("spi-in"),
         "the CHILD SA was not rekeyed: {first:?} / {now:?}"
@@ -434,19 +221,18 @@ fn a_vanished_site_is_found_dead_and_removed() -> Result<()> {
     }
     let ike = "aes128gcm16-prfsha256-x25519";
     let psk = concentrator_e2e::ids::random_hex(32);
-    let mut s = Setup::start_with(
+    let mut s = SiteGateway::start_with(
+        "ss",
         ike,
         "aes128gcm16",
         &psk,
         &GatewayOptions {
             dpd: Some("2s"),
             args: &["--ike-retransmit-timeout", "500ms", "--ike-retransmit-tries", "2"],
-            initiator: false,
-            lifetimes: None,
-            esp_extra: None,
+            ..GatewayOptions::default()
         },
     )?;
-    establish(&s, &s.connection(ike, "aes128gcm16", &psk, SITE_ID))?;
+    s.establish(&s.connection(ike, "aes128gcm16", &psk, SITE_ID))?;
     // Liveness checks are answered while the site lives: still up after a few intervals.
     let alive_until = std::time::Instant::now() + Duration::from_secs(6);
     while std::time::Instant::now() < alive_until {
@@ -478,45 +264,21 @@ fn a_gateway_that_redirects_sends_the_site_to_another_one() -> Result<()> {
     let ike = "aes128gcm16-prfsha256-x25519";
     let psk = concentrator_e2e::ids::random_hex(32);
     // The first gateway redirects every new site (RFC 5685) to the second one.
-    let s = Setup::start_with(
+    let s = SiteGateway::start_with(
+        "ss",
         ike,
         "aes128gcm16",
         &psk,
         &GatewayOptions {
-            dpd: None,
             args: &["--redirect-to", GW2_ADDR],
-            initiator: false,
-            lifetimes: None,
-            esp_extra: None,
+            ..GatewayOptions::default()
         },
     )?;
-    let gw2 = Netns::new("ssgw2")?;
-    s.wan.attach(&gw2, "wan0", format!("{GW2_ADDR}/24").parse()?)?;
-    gw2.add_lo_addr(format!("{GW_HOST}/24").parse()?)?;
-    let config = s.dir.path().join("config");
-    let log = s.dir.path().join("gateway2.log");
-    let data = s.dir.path().join("data2");
-    let mut second = gw2.spawn(
-        "gateway 2",
-        BIN,
-        &[
-            "--config-dir",
-            config.to_str().context("path")?,
-            "--data-dir",
-            data.to_str().context("path")?,
-            "--ike-listen",
-            GW2_ADDR,
-        ],
-        &log,
-    )?;
-    wait::until("the second gateway to be ready", TIMEOUT, || {
-        second.ensure_running()?;
-        Ok(if logs::contains(&log, "gateway ready") {
-            Probe::Ready(())
-        } else {
-            Probe::pending(second.log_tail(10))
-        })
-    })?;
+    let gw2 = s.wan.host("ssgw2", GW2_ADDR, Some(GW_HOST))?;
+    // The same eroute, in its own directory.
+    let dir2 = scratch::dir("ike-gateway2")?;
+    eroute(ike, "aes128gcm16", &psk, &GatewayOptions::default()).write(&dir2.path().join("config"))?;
+    let second = common::start_gateway(&gw2, "gateway 2", dir2.path(), GW2_ADDR, &[])?;
     // The site knows only the first gateway.
     s.charon()
         .load(&[s.connection(ike, "aes128gcm16", &psk, SITE_ID)])?;
@@ -558,16 +320,14 @@ fn gateway_initiates(ike: &str, esp: &str) -> Result<()> {
     }
     let psk = concentrator_e2e::ids::random_hex(32);
     // strongSwan waits as responder: its config is loaded before our gateway starts.
-    let s = Setup::start_with(
+    let s = SiteGateway::start_with(
+        "ss",
         ike,
         esp,
         &psk,
         &GatewayOptions {
-            dpd: None,
-            args: &[],
             initiator: true,
-            lifetimes: None,
-            esp_extra: None,
+            ..GatewayOptions::default()
         },
     )?;
     s.charon().load(&[s.connection(ike, esp, &psk, SITE_ID)])?;
@@ -582,37 +342,13 @@ fn gateway_initiates(ike: &str, esp: &str) -> Result<()> {
         tunnels.contains("site-a") && tunnels.contains(SITE_LAN),
         "tunnels:\n{tunnels}"
     );
-    s.gw.wait_reachable(Some(addr(GW_HOST)), addr(SITE_HOST), TIMEOUT)
-        .with_context(|| s.logs())?;
-    s.site
-        .wait_reachable(Some(addr(SITE_HOST)), addr(GW_HOST), TIMEOUT)
-        .with_context(|| s.logs())?;
+    s.ping_from_gw()?;
+    s.ping_from_site()?;
     common::tcp_transfer(&s.gw, GW_HOST, &s.site, SITE_HOST, s.dir.path()).with_context(|| s.logs())
 }
 
-#[test]
-fn gateway_initiates_to_strongswan_with_aes128gcm16_prfsha256_x25519() -> Result<()> {
-    gateway_initiates("aes128gcm16-prfsha256-x25519", "aes128gcm16")
-}
-
-#[test]
-fn gateway_initiates_to_strongswan_with_aes256gcm16_prfsha384_ecp384() -> Result<()> {
-    gateway_initiates("aes256gcm16-prfsha384-ecp384", "aes256gcm16")
-}
-
-#[test]
-fn gateway_initiates_to_strongswan_with_chacha20poly1305_prfsha256_x25519() -> Result<()> {
-    gateway_initiates("chacha20poly1305-prfsha256-x25519", "chacha20poly1305")
-}
-
-#[test]
-fn gateway_initiates_to_strongswan_with_aes256_sha256_modp2048() -> Result<()> {
-    gateway_initiates("aes256-sha256-modp2048", "aes256-sha256")
-}
-
-#[test]
-fn gateway_initiates_to_strongswan_with_aes128_sha256_ecp256() -> Result<()> {
-    gateway_initiates("aes128-sha256-ecp256", "aes128-sha256")
+mod gateway_initiates_to_strongswan_with {
+    concentrator_test_util::proposal_matrix!(super::gateway_initiates);
 }
 
 #[test]
@@ -622,12 +358,12 @@ fn a_site_that_restarts_replaces_its_old_ike_sa() -> Result<()> {
     }
     let ike = "aes128gcm16-prfsha256-x25519";
     let psk = concentrator_e2e::ids::random_hex(32);
-    let mut s = Setup::start(ike, "aes128gcm16", &psk)?;
-    establish(&s, &s.connection(ike, "aes128gcm16", &psk, SITE_ID))?;
+    let mut s = SiteGateway::start("ss", ike, "aes128gcm16", &psk)?;
+    s.establish(&s.connection(ike, "aes128gcm16", &psk, SITE_ID))?;
     // The site loses its state (SIGKILL, no DELETE) and connects again.
     s.kill_charon();
     s.charon = Some(Charon::start(&s.site)?);
-    establish(&s, &s.connection(ike, "aes128gcm16", &psk, SITE_ID))?;
+    s.establish(&s.connection(ike, "aes128gcm16", &psk, SITE_ID))?;
     s.wait_metric("concentrator_gateway_ike_sas_established", 1.0)
         .with_context(|| s.logs())?;
     let tunnels = s.tunnels()?;
@@ -635,8 +371,7 @@ fn a_site_that_restarts_replaces_its_old_ike_sa() -> Result<()> {
         tunnels.lines().filter(|l| l.starts_with(SITE_ID)).count() == 1,
         "one tunnel per site expected:\n{tunnels}"
     );
-    s.gw.wait_reachable(Some(addr(GW_HOST)), addr(SITE_HOST), TIMEOUT)
-        .with_context(|| s.logs())
+    s.ping_from_gw()
 }
 
 #[test]
@@ -649,30 +384,18 @@ fn the_gateway_rekeys_child_and_ike_sas_itself_under_traffic() -> Result<()> {
     let psk = concentrator_e2e::ids::random_hex(32);
     // Our lifetimes are short (strongSwan's stay at their long defaults): every rekey below
     // is started by the gateway, with PFS for the CHILD SAs.
-    let s = Setup::start_with(
+    let s = SiteGateway::start_with(
+        "ss",
         ike,
         esp,
         &psk,
         &GatewayOptions {
-            dpd: None,
-            args: &[],
-            initiator: false,
             lifetimes: Some(("8s", "4s")),
-            esp_extra: None,
+            ..GatewayOptions::default()
         },
     )?;
-    establish(&s, &s.connection(ike, esp, &psk, SITE_ID))?;
-    let first = s.charon().child_sa("gw", "gw")?.context("child")?;
-    common::paced_tcp_transfer(
-        &s.site,
-        SITE_HOST,
-        &s.gw,
-        GW_HOST,
-        s.dir.path(),
-        Duration::from_secs(12),
-    )
-    .with_context(|| s.logs())?;
-    let now = s.charon().child_sa("gw", "gw")?.context("child after rekeys")?;
+    s.establish(&s.connection(ike, esp, &psk, SITE_ID))?;
+    let (first, now) = s.paced_stream(true)?;
     ensure!(
         first.fields.get("spi-in") != now.fields.get("spi-in"),
         "the CHILD SA was not rekeyed: {first:?} / {now:?}"
@@ -688,8 +411,7 @@ fn the_gateway_rekeys_child_and_ike_sas_itself_under_traffic() -> Result<()> {
         "strongSwan: {sas:?}"
     );
     s.wait_metric("concentrator_gateway_ike_sas_established", 1.0)?;
-    s.gw.wait_reachable(Some(addr(GW_HOST)), addr(SITE_HOST), TIMEOUT)
-        .with_context(|| s.logs())
+    s.ping_from_gw()
 }
 
 #[test]
@@ -700,16 +422,15 @@ fn a_tunnel_the_gateway_initiated_survives_its_own_child_and_ike_rekeys() -> Res
     let ike = "aes128gcm16-prfsha256-x25519";
     let esp = "aes128gcm16-x25519";
     let psk = concentrator_e2e::ids::random_hex(32);
-    let s = Setup::start_with(
+    let s = SiteGateway::start_with(
+        "ss",
         ike,
         esp,
         &psk,
         &GatewayOptions {
-            dpd: None,
-            args: &[],
             initiator: true,
             lifetimes: Some(("8s", "4s")),
-            esp_extra: None,
+            ..GatewayOptions::default()
         },
     )?;
     s.charon().load(&[s.connection(ike, esp, &psk, SITE_ID)])?;
@@ -717,7 +438,7 @@ fn a_tunnel_the_gateway_initiated_survives_its_own_child_and_ike_rekeys() -> Res
         .wait_established("gw", "gw", TIMEOUT)
         .with_context(|| s.logs())?;
     let first = s.charon().child_sa("gw", "gw")?.context("child")?;
-    let ike_spis = |s: &Setup| -> Result<Vec<String>> {
+    let ike_spis = |s: &SiteGateway| -> Result<Vec<String>> {
         let sas = s.charon().list_sas()?;
         let sa = sas
             .iter()
@@ -732,16 +453,7 @@ fn a_tunnel_the_gateway_initiated_survives_its_own_child_and_ike_rekeys() -> Res
     };
     let first_ike = ike_spis(&s)?;
     ensure!(!first_ike.is_empty(), "no IKE SPIs listed");
-    common::paced_tcp_transfer(
-        &s.gw,
-        GW_HOST,
-        &s.site,
-        SITE_HOST,
-        s.dir.path(),
-        Duration::from_secs(12),
-    )
-    .with_context(|| s.logs())?;
-    let now = s.charon().child_sa("gw", "gw")?.context("child after rekeys")?;
+    let (_, now) = s.paced_stream(false)?;
     ensure!(
         first.fields.get("spi-in") != now.fields.get("spi-in"),
         "the CHILD SA was not rekeyed: {first:?} / {now:?}"
@@ -750,9 +462,7 @@ fn a_tunnel_the_gateway_initiated_survives_its_own_child_and_ike_rekeys() -> Res
     let now_ike = ike_spis(&s)?;
     ensure!(first_ike != now_ike, "the IKE SA was not rekeyed: {first_ike:?}");
     s.wait_metric("concentrator_gateway_ike_sas_established", 1.0)?;
-    s.site
-        .wait_reachable(Some(addr(SITE_HOST)), addr(GW_HOST), TIMEOUT)
-        .with_context(|| s.logs())
+    s.ping_from_site()
 }
 
 #[test]
@@ -766,7 +476,8 @@ fn the_gateway_rekeys_child_sas_at_their_byte_limit_under_traffic() -> Result<()
     // Time lifetimes stay long on both sides: only the byte limit can rekey. The paced
     // stream brings ~52 kB/s of inner packets toward the gateway, so the inbound SA reaches
     // 150 kB about every 3 s; the hard limit (165 kB) is never reached if the rekeys work.
-    let s = Setup::start_with(
+    let s = SiteGateway::start_with(
+        "ss",
         ike,
         esp,
         &psk,
@@ -775,18 +486,8 @@ fn the_gateway_rekeys_child_sas_at_their_byte_limit_under_traffic() -> Result<()
             ..GatewayOptions::default()
         },
     )?;
-    establish(&s, &s.connection(ike, esp, &psk, SITE_ID))?;
-    let first = s.charon().child_sa("gw", "gw")?.context("child")?;
-    common::paced_tcp_transfer(
-        &s.site,
-        SITE_HOST,
-        &s.gw,
-        GW_HOST,
-        s.dir.path(),
-        Duration::from_secs(12),
-    )
-    .with_context(|| s.logs())?;
-    let now = s.charon().child_sa("gw", "gw")?.context("child after rekeys")?;
+    s.establish(&s.connection(ike, esp, &psk, SITE_ID))?;
+    let (first, now) = s.paced_stream(true)?;
     ensure!(
         first.fields.get("spi-in") != now.fields.get("spi-in")
             && first.fields.get("spi-out") != now.fields.get("spi-out"),
@@ -826,6 +527,5 @@ fn the_gateway_rekeys_child_sas_at_their_byte_limit_under_traffic() -> Result<()
             },
         )
     })?;
-    s.gw.wait_reachable(Some(addr(GW_HOST)), addr(SITE_HOST), TIMEOUT)
-        .with_context(|| s.logs())
+    s.ping_from_gw()
 }

@@ -6,36 +6,19 @@
 //!
 //! As non-root every test prints SKIP and passes.
 
-use std::net::IpAddr;
 use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use concentrator_e2e::gateway::{Gateway, metric, wait_metric};
-use concentrator_e2e::netns::{self, Netns, Wan};
+use concentrator_e2e::netns::{self, Netns, Wan, addr};
+use concentrator_e2e::topology::{GW_ADDR, GW_HOST, GW_ID, GW_LAN, site_host, site_lan, site_wan};
 use concentrator_e2e::{logs, prereq, scratch, tools};
 
 const BIN: &str = env!("CARGO_BIN_EXE_concentrator-gateway");
-const GW_ADDR: &str = "192.0.2.2";
-const GW_LAN: &str = "10.2.0.0/24";
-const GW_HOST: &str = "10.2.0.1";
-const GW_ID: &str = "gw.example";
 const TIMEOUT: Duration = Duration::from_secs(20);
 
-fn addr(s: &str) -> IpAddr {
-    s.parse().expect("valid address")
-}
-
 /// Site `n`: WAN address, LAN, LAN host, identity.
-fn site_wan(n: u8) -> String {
-    format!("192.0.2.{}", 10 + n)
-}
-fn site_lan(n: u8) -> String {
-    format!("10.1.{n}.0/24")
-}
-fn site_host(n: u8) -> String {
-    format!("10.1.{n}.1")
-}
 fn site_id(n: u8) -> String {
     format!("site{n}.sites.example")
 }
@@ -142,9 +125,7 @@ fn sites_connect_on_their_own_traffic_and_come_back_after_eviction() -> Result<(
         .map(|n| (n, concentrator_e2e::ids::random_hex(32)))
         .collect();
     let wan = Wan::new()?;
-    let gw = Netns::new("odgw")?;
-    wan.attach(&gw, "wan0", format!("{GW_ADDR}/24").parse()?)?;
-    gw.add_lo_addr(format!("{GW_HOST}/24").parse()?)?;
+    let gw = wan.host("odgw", GW_ADDR, Some(GW_HOST))?;
     let dir = scratch::dir("on-demand")?;
     write_headend(&dir.path().join("headend-config"))?;
     import_sites(
@@ -157,9 +138,7 @@ fn sites_connect_on_their_own_traffic_and_come_back_after_eviction() -> Result<(
     let sites: Vec<Site> = psks
         .iter()
         .map(|(n, psk)| -> Result<Site> {
-            let ns = Netns::new(&format!("odsite{n}"))?;
-            wan.attach(&ns, "wan0", format!("{}/24", site_wan(*n)).parse()?)?;
-            ns.add_lo_addr(format!("{}/24", site_host(*n)).parse()?)?;
+            let ns = wan.host(&format!("odsite{n}"), &site_wan(*n), Some(&site_host(*n)))?;
             let name = format!("site{n}");
             write_site(&dir.path().join(format!("{name}-config")), *n, psk)?;
             let gateway = Gateway::start(&ns, bin, dir.path(), &name, &site_wan(*n), &[])?;

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use concentrator_e2e::ports::free_tcp_port;
 use concentrator_proto::admin::ListTunnelsRequest;
 use concentrator_proto::admin::gateway_admin_client::GatewayAdminClient;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
@@ -40,14 +41,6 @@ impl TraceService for Collector {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 struct Child(std::process::Child);
 impl Drop for Child {
     fn drop(&mut self) {
@@ -68,7 +61,7 @@ async fn spans_reach_the_otlp_collector() {
     );
 
     let data = tempfile::tempdir().unwrap();
-    let admin = free_port();
+    let admin = free_tcp_port().unwrap();
     let examples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples");
     let _child = Child(
         Command::new(env!("CARGO_BIN_EXE_concentrator-gateway"))

@@ -8,23 +8,13 @@
 //! cargo test -p concentrator-crypto --test capture_strongswan -- --ignored --nocapture
 //! ```
 
-use std::net::IpAddr;
 use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use concentrator_e2e::netns::{self, Netns, Wan};
+use concentrator_e2e::netns::{self, Netns, Wan, addr, net};
 use concentrator_e2e::prereq;
-use concentrator_e2e::strongswan::{self, Charon, CharonOptions, Connection};
-use ipnet::IpNet;
-
-fn net(s: &str) -> IpNet {
-    s.parse().expect("valid prefix")
-}
-
-fn addr(s: &str) -> IpAddr {
-    s.parse().expect("valid address")
-}
+use concentrator_e2e::strongswan::{self, Charon, CharonOptions, Connection, HexDump, hex_dumps};
 
 /// Runs one exchange with `ike`/`esp` proposals and returns the initiator's and the
 /// responder's charon logs.
@@ -62,49 +52,15 @@ fn exchange(ike: &str, esp: &str) -> Result<(String, String)> {
     Ok((a, b))
 }
 
-/// Every hex dump `"<label> => N bytes @ 0x..."` in `log`, in order, as (label, bytes).
-fn dumps(log: &str) -> Vec<(String, Vec<u8>)> {
-    let mut out = Vec::new();
-    let mut lines = log.lines();
-    while let Some(line) = lines.next() {
-        let Some((head, tail)) = line.split_once(" => ") else {
-            continue;
-        };
-        let Some((n, _)) = tail.split_once(" bytes @ ") else {
-            continue;
-        };
-        let Ok(n) = n.trim().parse::<usize>() else {
-            continue;
-        };
-        // "hh:mm:ss tt[IKE] <kat|1> LABEL"
-        let label = head.rsplit_once("> ").map_or(head, |(_, l)| l).trim().to_owned();
-        let mut bytes = Vec::with_capacity(n);
-        while bytes.len() < n {
-            let Some(l) = lines.next() else { break };
-            // "...> 0: 43 5C 0B ...  ascii"
-            let Some((_, dump)) = l.split_once(": ") else {
-                break;
-            };
-            for tok in dump.split(' ').take_while(|t| !t.is_empty()).take(16) {
-                if let Ok(b) = u8::from_str_radix(tok, 16) {
-                    bytes.push(b);
-                }
-            }
-        }
-        bytes.truncate(n);
-        out.push((label, bytes));
-    }
-    out
-}
-
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// The test-data file for one exchange, from the initiator's log.
 fn render(ike: &str, esp: &str, log: &str) -> Result<String> {
-    let d = dumps(log);
-    let one = |label: &str| -> Option<Vec<u8>> { d.iter().find(|(l, _)| l == label).map(|(_, b)| b.clone()) };
+    let d = hex_dumps(log);
+    let one =
+        |label: &str| -> Option<Vec<u8>> { d.iter().find(|d| d.label == label).map(|d| d.bytes.clone()) };
     let need = |label: &str| one(label).with_context(|| format!("no '{label}' dump in the log"));
     let skeyseed = need("SKEYSEED")?;
     let prf_len = skeyseed.len();
@@ -112,8 +68,8 @@ fn render(ike: &str, esp: &str, log: &str) -> Result<String> {
     // "IKE_SA_INIT response | Ni | prf(SK_pr, IDr')": the response's header carries both SPIs.
     let octets = d
         .iter()
-        .filter(|(l, _)| l.starts_with("octets = message + nonce"))
-        .map(|(_, b)| b)
+        .filter(|d| d.label.starts_with("octets = message + nonce"))
+        .map(|HexDump { bytes, .. }| bytes)
         .find(|b| b.len() > 28 && b[8..16].iter().any(|&x| x != 0))
         .context("no AUTH octets over the IKE_SA_INIT response")?;
     let msg_len = u32::from_be_bytes(octets[24..28].try_into()?) as usize;

@@ -6,31 +6,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use concentrator_algorithms::DhGroup;
-use concentrator_crypto::{CryptoError, KeyExchange};
 use concentrator_ike::endpoint::{Endpoint, EndpointConfig, EndpointError, EndpointEvent, SaCounts};
-use concentrator_ike::payload::{Identity, Ke, Nonce, Notify, Proposal, Sa, Transform};
-use concentrator_ike::responder::{Config, Entropy, IdBuf};
-use concentrator_ike::{
-    DhGroup as WireGroup, ExchangeType, Flags, Header, Message, NotifyType, Payload, PayloadType, ProtocolId,
-    TransformId, TransformType,
-};
-
-/// Deterministic entropy: counting bytes (so SPIs differ), fixed X25519 keys.
-struct Counter(u64);
-
-impl Entropy for Counter {
-    fn fill(&mut self, buf: &mut [u8]) -> Result<(), CryptoError> {
-        for b in buf {
-            self.0 = self.0.wrapping_add(1);
-            *b = (self.0 % 251) as u8 + 1;
-        }
-        Ok(())
-    }
-    fn key_exchange(&mut self, group: DhGroup) -> Result<KeyExchange, CryptoError> {
-        KeyExchange::from_private_key(group, &[0x22; 32])
-    }
-}
+use concentrator_ike::payload::{Identity, Notify};
+use concentrator_ike::responder::{Config, IdBuf};
+use concentrator_ike::{ExchangeType, Flags, Message, NotifyType, Payload};
+use concentrator_test_util::{Counter, ike_sa_init_request};
 
 /// An eroute's defaults: its proposals, CHILD SA lifetime 1h, IKE SA lifetime 4h, liveness
 /// checks every 30 s.
@@ -57,48 +37,6 @@ fn site(n: u8) -> SocketAddr {
     SocketAddr::from(([192, 0, 2, n], 500))
 }
 
-/// An IKE_SA_INIT request offering aes128gcm16-prfsha256-x25519, with `cookie` first if given.
-fn init_request(spi_i: u64, nonce: &[u8], cookie: Option<&[u8]>) -> Vec<u8> {
-    let kex = KeyExchange::from_private_key(DhGroup::Curve25519, &[0x33; 32]).unwrap();
-    let public = kex.public_value().unwrap();
-    let mut payloads = Vec::new();
-    if let Some(c) = cookie {
-        payloads.push(Payload::Notify(Notify::new(NotifyType::COOKIE, c)));
-    }
-    payloads.extend([
-        Payload::Sa(Sa {
-            proposals: vec![Proposal {
-                number: 1,
-                protocol: ProtocolId::IKE,
-                spi: &[],
-                transforms: vec![
-                    Transform::with_key_length(TransformType::ENCR, TransformId::ENCR_AES_GCM_16, 128),
-                    Transform::new(TransformType::PRF, TransformId::PRF_HMAC_SHA2_256),
-                    Transform::new(TransformType::DH, TransformId(31)),
-                ],
-            }],
-        }),
-        Payload::Ke(Ke {
-            group: WireGroup(31),
-            data: &public,
-        }),
-        Payload::Nonce(Nonce { data: nonce }),
-    ]);
-    Message {
-        header: Header {
-            spi_i,
-            spi_r: 0,
-            next_payload: PayloadType::NONE,
-            exchange: ExchangeType::IKE_SA_INIT,
-            flags: Flags::INITIATOR,
-            message_id: 0,
-            length: 0,
-        },
-        payloads,
-    }
-    .to_vec()
-}
-
 fn drain(ep: &mut Endpoint) -> (Vec<Message<'static>>, Vec<EndpointEvent>) {
     let mut msgs = Vec::new();
     while let Some(t) = ep.poll_transmit() {
@@ -111,9 +49,9 @@ fn drain(ep: &mut Endpoint) -> (Vec<Message<'static>>, Vec<EndpointEvent>) {
 #[test]
 fn routes_a_retransmitted_ike_sa_init_to_the_same_sa() {
     let mut ep = Endpoint::new(EndpointConfig::default(), config());
-    let mut entropy = Counter(0);
+    let mut entropy = Counter::non_zero(0);
     let now = Instant::now();
-    let req = init_request(7, &[1; 32], None);
+    let req = ike_sa_init_request(7, &[1; 32], None);
     ep.handle_datagram(now, local(), site(1), &req, &mut entropy)
         .unwrap();
     let (first, _) = drain(&mut ep);
@@ -140,17 +78,23 @@ fn routes_a_retransmitted_ike_sa_init_to_the_same_sa() {
 #[test]
 fn a_request_for_an_unknown_spi_is_dropped() {
     let mut ep = Endpoint::new(EndpointConfig::default(), config());
-    let mut req = init_request(7, &[1; 32], None);
+    let mut req = ike_sa_init_request(7, &[1; 32], None);
     req[8..16].copy_from_slice(&99u64.to_be_bytes());
     req[18] = ExchangeType::IKE_AUTH.0;
     req[19] = Flags::INITIATOR.bits();
     req[20..24].copy_from_slice(&1u32.to_be_bytes());
     assert_eq!(
-        ep.handle_datagram(Instant::now(), local(), site(1), &req, &mut Counter(0)),
+        ep.handle_datagram(Instant::now(), local(), site(1), &req, &mut Counter::non_zero(0)),
         Err(EndpointError::UnknownSpi(99))
     );
     assert_eq!(
-        ep.handle_datagram(Instant::now(), local(), site(1), &[0; 10], &mut Counter(0)),
+        ep.handle_datagram(
+            Instant::now(),
+            local(),
+            site(1),
+            &[0; 10],
+            &mut Counter::non_zero(0)
+        ),
         Err(EndpointError::NotIke)
     );
     assert!(ep.poll_transmit().is_none());
@@ -164,14 +108,14 @@ fn under_load_ike_sa_init_must_return_a_cookie_and_then_succeeds() {
         ..EndpointConfig::default()
     };
     let mut ep = Endpoint::new(cfg, config());
-    let mut entropy = Counter(0);
+    let mut entropy = Counter::non_zero(0);
     let now = Instant::now();
     for n in 1..=2u8 {
         ep.handle_datagram(
             now,
             local(),
             site(n),
-            &init_request(u64::from(n), &[n; 32], None),
+            &ike_sa_init_request(u64::from(n), &[n; 32], None),
             &mut entropy,
         )
         .unwrap();
@@ -184,7 +128,7 @@ fn under_load_ike_sa_init_must_return_a_cookie_and_then_succeeds() {
             now,
             local(),
             site(3),
-            &init_request(3, &nonce, None),
+            &ike_sa_init_request(3, &nonce, None),
             &mut entropy
         ),
         Err(EndpointError::CookieRequired)
@@ -208,7 +152,7 @@ fn under_load_ike_sa_init_must_return_a_cookie_and_then_succeeds() {
             now,
             local(),
             site(3),
-            &init_request(3, &nonce, Some(&forged)),
+            &ike_sa_init_request(3, &nonce, Some(&forged)),
             &mut entropy
         ),
         Err(EndpointError::CookieRequired)
@@ -218,7 +162,7 @@ fn under_load_ike_sa_init_must_return_a_cookie_and_then_succeeds() {
             now,
             local(),
             site(4),
-            &init_request(3, &nonce, Some(&cookie)),
+            &ike_sa_init_request(3, &nonce, Some(&cookie)),
             &mut entropy
         ),
         Err(EndpointError::CookieRequired)
@@ -229,7 +173,7 @@ fn under_load_ike_sa_init_must_return_a_cookie_and_then_succeeds() {
         now + Duration::from_secs(1),
         local(),
         site(3),
-        &init_request(3, &nonce, Some(&cookie)),
+        &ike_sa_init_request(3, &nonce, Some(&cookie)),
         &mut entropy,
     )
     .unwrap();
@@ -250,16 +194,16 @@ fn half_open_sas_expire_and_are_reported_removed() {
         now,
         local(),
         site(1),
-        &init_request(1, &[1; 32], None),
-        &mut Counter(0),
+        &ike_sa_init_request(1, &[1; 32], None),
+        &mut Counter::non_zero(0),
     )
     .unwrap();
     let (msgs, _) = drain(&mut ep);
     let spi_r = msgs[0].header.spi_r;
     assert_eq!(ep.poll_timeout(), Some(now + Duration::from_secs(5)));
-    ep.handle_timeout(now + Duration::from_secs(4), &mut Counter(0));
+    ep.handle_timeout(now + Duration::from_secs(4), &mut Counter::non_zero(0));
     assert_eq!(ep.counts().half_open, 1);
-    ep.handle_timeout(now + Duration::from_secs(5), &mut Counter(0));
+    ep.handle_timeout(now + Duration::from_secs(5), &mut Counter::non_zero(0));
     assert_eq!(ep.counts(), SaCounts::default());
     let (_, events) = drain(&mut ep);
     assert!(matches!(
@@ -273,7 +217,7 @@ fn half_open_sas_expire_and_are_reported_removed() {
 fn a_refused_ike_sa_init_keeps_no_state() {
     let mut ep = Endpoint::new(EndpointConfig::default(), config());
     // Offer only a group the eroute does not accept.
-    let mut req = init_request(1, &[1; 32], None);
+    let mut req = ike_sa_init_request(1, &[1; 32], None);
     let msg = Message::decode(&req).unwrap();
     let Some(Payload::Sa(_)) = msg.payloads.first() else {
         panic!("SA first")
@@ -284,7 +228,7 @@ fn a_refused_ike_sa_init_keeps_no_state() {
         .position(|w| w == [0, 0, 0, 8, 4, 0, 0, 31])
         .expect("DH transform");
     req[pos + 7] = 1;
-    let r = ep.handle_datagram(Instant::now(), local(), site(1), &req, &mut Counter(0));
+    let r = ep.handle_datagram(Instant::now(), local(), site(1), &req, &mut Counter::non_zero(0));
     assert!(r.is_err(), "{r:?}");
     let (msgs, events) = drain(&mut ep);
     assert_eq!(msgs.len(), 1, "an error response is sent");
@@ -296,12 +240,12 @@ fn a_refused_ike_sa_init_keeps_no_state() {
 fn redirects_initiators_that_support_it_and_serves_the_others() {
     use concentrator_ike::redirect::{GatewayId, decode_redirect};
     let mut ep = Endpoint::new(EndpointConfig::default(), config());
-    let mut entropy = Counter(0);
+    let mut entropy = Counter::non_zero(0);
     let gw = GatewayId::Ip("192.0.2.99".parse().unwrap());
     ep.set_redirect(Some(gw.clone()));
     let nonce = [5u8; 32];
     // With N(REDIRECT_SUPPORTED): sent on, nonce echoed, no state.
-    let mut req = init_request(1, &nonce, None);
+    let mut req = ike_sa_init_request(1, &nonce, None);
     let supported = Message {
         payloads: {
             let mut p = Message::decode(&req).unwrap().payloads;
@@ -326,7 +270,7 @@ fn redirects_initiators_that_support_it_and_serves_the_others() {
     assert_eq!(decode_redirect(n.data).unwrap(), (gw, &nonce[..]));
     assert_eq!(ep.counts(), SaCounts::default());
     // Without it: served here.
-    req = init_request(2, &nonce, None);
+    req = ike_sa_init_request(2, &nonce, None);
     ep.handle_datagram(Instant::now(), local(), site(2), &req, &mut entropy)
         .unwrap();
     assert_eq!(ep.counts().half_open, 1);

@@ -64,7 +64,7 @@ fn answers_liveness_check_and_its_retransmission_from_the_cache() {
     // The IKE_AUTH exchange is no longer the last one: its retransmission is dropped now.
     let (local, remote) = addrs();
     assert!(matches!(
-        r.handle_datagram(t0, local, remote, &peer.auth_request, &mut Counter(0)),
+        r.handle_datagram(t0, local, remote, &peer.auth_request, &mut Counter::new(0)),
         Err(Error::Unexpected(_))
     ));
     assert_no_transmit(&mut r);
@@ -81,7 +81,7 @@ fn answers_ike_auth_and_ike_sa_init_retransmissions_until_the_next_request() {
         (&peer.auth_request, &peer.auth_response),
         (&peer.init_request, &peer.init_response),
     ] {
-        r.handle_datagram(t0, local, remote, request, &mut Counter(0))
+        r.handle_datagram(t0, local, remote, request, &mut Counter::new(0))
             .unwrap();
         assert_eq!(&r.poll_transmit().unwrap().payload, response);
     }
@@ -97,7 +97,7 @@ fn drops_requests_outside_the_message_id_window() {
             .seal(ExchangeType::INFORMATIONAL, id, Flags::INITIATOR, &[]);
         assert!(
             matches!(
-                r.handle_datagram(t0, local, remote, &request, &mut Counter(0)),
+                r.handle_datagram(t0, local, remote, &request, &mut Counter::new(0)),
                 Err(Error::Unexpected(_))
             ),
             "Message ID {id}"
@@ -115,20 +115,20 @@ fn drops_tampered_and_unprotected_requests_without_moving_the_window() {
     let n = request.len();
     request[n - 3] ^= 0x40;
     assert!(matches!(
-        r.handle_datagram(t0, local, remote, &request, &mut Counter(0)),
+        r.handle_datagram(t0, local, remote, &request, &mut Counter::new(0)),
         Err(Error::Packet(_))
     ));
     // An unencrypted Delete with the right SPIs and Message ID cannot end the SA either.
     let mut msg = Message::decode(&request).unwrap();
     msg.payloads = vec![delete_ike()];
     assert!(matches!(
-        r.handle_datagram(t0, local, remote, &msg.to_vec(), &mut Counter(0)),
+        r.handle_datagram(t0, local, remote, &msg.to_vec(), &mut Counter::new(0)),
         Err(Error::Unexpected(_))
     ));
     // Nor one from another IKE SA.
     msg.header.spi_r ^= 1;
     assert!(
-        r.handle_datagram(t0, local, remote, &msg.to_vec(), &mut Counter(0))
+        r.handle_datagram(t0, local, remote, &msg.to_vec(), &mut Counter::new(0))
             .is_err()
     );
     assert_no_transmit(&mut r);
@@ -194,12 +194,12 @@ fn deletes_ike_sa_with_its_children_and_answers_only_retransmissions_after() {
     assert_eq!(r.poll_timeout(), None);
     let (response, _) = peer.send(&mut r, t0, &request);
     let (local, remote) = addrs();
-    r.handle_datagram(t0, local, remote, &request, &mut Counter(0))
+    r.handle_datagram(t0, local, remote, &request, &mut Counter::new(0))
         .unwrap();
     assert_eq!(r.poll_transmit().unwrap().payload, response);
     let other = peer.request(ExchangeType::INFORMATIONAL, &[]);
     assert!(
-        r.handle_datagram(t0, local, remote, &other, &mut Counter(0))
+        r.handle_datagram(t0, local, remote, &other, &mut Counter::new(0))
             .is_err()
     );
     assert_no_transmit(&mut r);
@@ -679,7 +679,7 @@ fn answers_a_retransmitted_ike_rekey_on_the_old_sa_from_the_cache() {
     let (old, request, _) = peer.rekey_ike(&mut r, t0, NEW_SPI_I);
     let _ = events(&mut r);
     let (local, remote) = addrs();
-    r.handle_datagram(t0, local, remote, &request, &mut Counter(0))
+    r.handle_datagram(t0, local, remote, &request, &mut Counter::new(0))
         .unwrap();
     let t = r.poll_transmit().unwrap();
     let plain = old.open(&t.payload);
@@ -732,9 +732,9 @@ fn retires_a_rekeyed_ike_sa_the_peer_never_deletes() {
     let _ = events(&mut r);
     let due = r.poll_timeout().unwrap();
     assert_eq!(due, t0 + concentrator_ike::responder::REKEYED_SA_LINGER);
-    r.handle_timeout(due - SECOND, &mut Counter(0));
+    r.handle_timeout(due - SECOND, &mut Counter::new(0));
     assert!(events(&mut r).is_empty());
-    r.handle_timeout(due, &mut Counter(0));
+    r.handle_timeout(due, &mut Counter::new(0));
     let ev = events(&mut r);
     assert!(
         matches!(&ev[..], [Event::IkeSaRetired { spi_r }] if *spi_r == old_spi_r),
@@ -758,10 +758,10 @@ fn with_dpd(interval: Duration) -> Config {
 fn sends_a_liveness_check_when_the_peer_is_quiet_and_takes_its_answer() {
     let (mut r, peer, t0) = established(with_dpd(10 * SECOND));
     assert_eq!(r.poll_timeout(), Some(t0 + 10 * SECOND));
-    r.handle_timeout(t0 + 9 * SECOND, &mut Counter(0));
+    r.handle_timeout(t0 + 9 * SECOND, &mut Counter::new(0));
     assert_no_transmit(&mut r);
     let t1 = t0 + 10 * SECOND;
-    r.handle_timeout(t1, &mut Counter(0));
+    r.handle_timeout(t1, &mut Counter::new(0));
     let t = r.poll_transmit().expect("a liveness check");
     assert_eq!((t.local, t.remote), addrs());
     let msg = Message::decode(&t.payload).unwrap();
@@ -780,16 +780,16 @@ fn sends_a_liveness_check_when_the_peer_is_quiet_and_takes_its_answer() {
     );
     let (local, remote) = addrs();
     let t2 = t1 + SECOND;
-    r.handle_datagram(t2, local, remote, &response, &mut Counter(0))
+    r.handle_datagram(t2, local, remote, &response, &mut Counter::new(0))
         .unwrap();
     assert_eq!(r.poll_timeout(), Some(t2 + 10 * SECOND));
     // A duplicate of the response is dropped.
     assert!(
-        r.handle_datagram(t2, local, remote, &response, &mut Counter(0))
+        r.handle_datagram(t2, local, remote, &response, &mut Counter::new(0))
             .is_err()
     );
     // The next check uses the next Message ID.
-    r.handle_timeout(t2 + 10 * SECOND, &mut Counter(0));
+    r.handle_timeout(t2 + 10 * SECOND, &mut Counter::new(0));
     let t = r.poll_transmit().unwrap();
     assert_eq!(Message::decode(&t.payload).unwrap().header.message_id, 1);
     assert!(events(&mut r).is_empty());
@@ -799,7 +799,7 @@ fn sends_a_liveness_check_when_the_peer_is_quiet_and_takes_its_answer() {
 fn retransmits_the_liveness_check_with_backoff_then_deletes_the_sa() {
     let (mut r, peer, t0) = established(with_dpd(10 * SECOND));
     let start = t0 + 10 * SECOND;
-    r.handle_timeout(start, &mut Counter(0));
+    r.handle_timeout(start, &mut Counter::new(0));
     let first = r.poll_transmit().unwrap().payload;
     // Retransmissions 2, 6, 14, 30 and 62 s after the request, bitwise identical.
     let policy = Retransmit::default();
@@ -807,9 +807,9 @@ fn retransmits_the_liveness_check_with_backoff_then_deletes_the_sa() {
     for n in 0..policy.tries {
         at += policy.wait(n);
         assert_eq!(r.poll_timeout(), Some(at));
-        r.handle_timeout(at - Duration::from_millis(1), &mut Counter(0));
+        r.handle_timeout(at - Duration::from_millis(1), &mut Counter::new(0));
         assert_no_transmit(&mut r);
-        r.handle_timeout(at, &mut Counter(0));
+        r.handle_timeout(at, &mut Counter::new(0));
         assert_eq!(r.poll_transmit().unwrap().payload, first, "retransmission {n}");
     }
     assert_eq!(at - start, Duration::from_secs(62));
@@ -824,13 +824,13 @@ fn retransmits_the_liveness_check_with_backoff_then_deletes_the_sa() {
     bad[n - 1] ^= 1;
     let (local, remote) = addrs();
     assert!(
-        r.handle_datagram(at, local, remote, &bad, &mut Counter(0))
+        r.handle_datagram(at, local, remote, &bad, &mut Counter::new(0))
             .is_err()
     );
     let give_up = start + policy.give_up_after();
     assert_eq!(give_up - start, Duration::from_secs(126));
     assert_eq!(r.poll_timeout(), Some(give_up));
-    r.handle_timeout(give_up, &mut Counter(0));
+    r.handle_timeout(give_up, &mut Counter::new(0));
     assert_no_transmit(&mut r);
     let ev = events(&mut r);
     assert!(
@@ -868,7 +868,7 @@ fn requests_and_child_traffic_postpone_the_liveness_check() {
     bad[40] ^= 1;
     let (local, remote) = addrs();
     assert!(
-        r.handle_datagram(t0 + 20 * SECOND, local, remote, &bad, &mut Counter(0))
+        r.handle_datagram(t0 + 20 * SECOND, local, remote, &bad, &mut Counter::new(0))
             .is_err()
     );
     assert_eq!(r.poll_timeout(), Some(t0 + 25 * SECOND));
@@ -877,14 +877,14 @@ fn requests_and_child_traffic_postpone_the_liveness_check() {
 #[test]
 fn abandons_a_liveness_check_in_flight_when_the_ike_sa_is_rekeyed() {
     let (mut r, mut peer, t0) = established(with_dpd(10 * SECOND));
-    r.handle_timeout(t0 + 10 * SECOND, &mut Counter(0));
+    r.handle_timeout(t0 + 10 * SECOND, &mut Counter::new(0));
     let _ = r.poll_transmit().unwrap();
     let t1 = t0 + 11 * SECOND;
     peer.rekey_ike(&mut r, t1, NEW_SPI_I);
     let _ = events(&mut r);
     // Next: a check on the new SA 10 s after the rekey (before the old SA's expiry).
     assert_eq!(r.poll_timeout(), Some(t1 + 10 * SECOND));
-    r.handle_timeout(t1 + 10 * SECOND, &mut Counter(0));
+    r.handle_timeout(t1 + 10 * SECOND, &mut Counter::new(0));
     let t = r.poll_transmit().unwrap();
     let plain = peer.ike.open(&t.payload);
     assert_eq!((plain.header.message_id, plain.header.flags), (0, Flags::NONE));
@@ -919,13 +919,13 @@ fn half_open_sa_expires_after_ike_sa_init() {
     .to_vec();
     let (local, remote) = addrs();
     let t0 = Instant::now();
-    r.handle_datagram(t0, local, remote, &request, &mut Counter(0))
+    r.handle_datagram(t0, local, remote, &request, &mut Counter::new(0))
         .unwrap();
     let _ = r.poll_transmit().unwrap();
     assert_eq!(r.poll_timeout(), Some(t0 + Config::DEFAULT_HALF_OPEN_TIMEOUT));
-    r.handle_timeout(t0 + 29 * SECOND, &mut Counter(0));
+    r.handle_timeout(t0 + 29 * SECOND, &mut Counter::new(0));
     assert!(!r.is_closed());
-    r.handle_timeout(t0 + 30 * SECOND, &mut Counter(0));
+    r.handle_timeout(t0 + 30 * SECOND, &mut Counter::new(0));
     assert!(r.is_closed());
     let ev = events(&mut r);
     assert!(matches!(&ev[..], [Event::Failed(Error::Timeout(_))]), "{ev:?}");
@@ -941,13 +941,13 @@ fn half_open_sa_expires_while_the_psk_lookup_hangs() {
     let t0 = Instant::now();
     let _peer = Peer::until_psk(&mut r, t0);
     assert_eq!(r.poll_timeout(), Some(t0 + 5 * SECOND));
-    r.handle_timeout(t0 + 5 * SECOND, &mut Counter(0));
+    r.handle_timeout(t0 + 5 * SECOND, &mut Counter::new(0));
     assert!(r.is_closed());
     let ev = events(&mut r);
     assert!(matches!(&ev[..], [Event::Failed(Error::Timeout(_))]), "{ev:?}");
     // The lookup answering late finds nothing to complete.
     assert_eq!(
-        r.provide_psk(t0 + 6 * SECOND, Some(PSK), &mut Counter(0)),
+        r.provide_psk(t0 + 6 * SECOND, Some(PSK), &mut Counter::new(0)),
         Err(Error::WrongState("no PSK lookup pending"))
     );
     assert_no_transmit(&mut r);

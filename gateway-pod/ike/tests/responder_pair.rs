@@ -1,46 +1,32 @@
 //! The responder against a minimal deterministic initiator written with the codec and
 //! `concentrator-crypto` (fixed keys, nonces and SPIs, no network): the paths strongSwan does
 //! not take on its own (retransmissions, tampering, unknown peer, traffic selectors outside
-//! the eroute, a wrong KE guess). Interoperability itself is `responder_strongswan.rs`.
+//! the eroute, a wrong KE guess). Interoperability itself is the gateway crate's
+//! `tests/responder_strongswan.rs`.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use concentrator_algorithms::{DhGroup, Encryption, parse_esp, parse_ike};
-use concentrator_crypto::{ChildSaKeys, CryptoError, IkeSaKeys, KeyExchange, Prf, PrfAlg, SkCipher};
+use concentrator_crypto::{ChildSaKeys, IkeSaKeys, KeyExchange, Prf, PrfAlg, SkCipher};
 use concentrator_ike::auth::{psk_auth, signed_octets, verify_psk_auth};
 use concentrator_ike::nat::nat_detection_hash;
 use concentrator_ike::negotiate::NegotiationError;
 use concentrator_ike::payload::{
     self, Auth, Identity, Ke, Nonce, Notify, Proposal, Sa, Sk, TrafficSelector, Transform, Ts, TsRange,
 };
-use concentrator_ike::responder::{Config, Entropy, Error, IdBuf, Retransmit};
+use concentrator_ike::responder::{Config, Error, IdBuf, Retransmit};
 use concentrator_ike::{
     AuthMethod, DhGroup as WireGroup, Event, ExchangeType, Flags, Header, Message, NotifyType, Payload,
     PayloadType, ProtocolId, Responder, TransformId, TransformType,
 };
+use concentrator_test_util::Counter;
 
 const SPI_I: u64 = 0x0102_0304_0506_0708;
 const NI: [u8; 32] = [0x11; 32];
 const PSK: &[u8] = b"site-a secret";
 const ESP_SPI_I: [u8; 4] = [0xc0, 0, 0, 1];
-
-/// Deterministic entropy for the responder.
-struct Counter(u8);
-
-impl Entropy for Counter {
-    fn fill(&mut self, buf: &mut [u8]) -> Result<(), CryptoError> {
-        for b in buf {
-            self.0 = self.0.wrapping_add(1);
-            *b = self.0;
-        }
-        Ok(())
-    }
-    fn key_exchange(&mut self, group: DhGroup) -> Result<KeyExchange, CryptoError> {
-        KeyExchange::from_private_key(group, &[0x22; 32])
-    }
-}
 
 fn addrs() -> (SocketAddr, SocketAddr) {
     ("192.0.2.2:500".parse().unwrap(), "192.0.2.1:500".parse().unwrap())
@@ -141,7 +127,7 @@ impl Initiator {
         let kex = KeyExchange::from_private_key(DhGroup::Curve25519, &[0x33; 32]).unwrap();
         let request = Self::ike_sa_init_request(&[31], DhGroup::Curve25519, &kex);
         let (local, remote) = addrs();
-        r.handle_datagram(Instant::now(), local, remote, &request, &mut Counter(0))
+        r.handle_datagram(Instant::now(), local, remote, &request, &mut Counter::new(0))
             .unwrap();
         let response = r.poll_transmit().expect("IKE_SA_INIT response").payload;
         let msg = Message::decode(&response).unwrap();
@@ -288,12 +274,12 @@ fn establishes_and_answers_retransmissions_from_the_cache() {
     let (local, remote) = addrs();
     let now = Instant::now();
     // A retransmitted IKE_SA_INIT request: the same response again.
-    r.handle_datagram(now, local, remote, &i.request, &mut Counter(0))
+    r.handle_datagram(now, local, remote, &i.request, &mut Counter::new(0))
         .unwrap();
     assert_eq!(r.poll_transmit().unwrap().payload, i.response);
 
     let auth = i.good_auth_request(PSK);
-    r.handle_datagram(now, local, remote, &auth, &mut Counter(0))
+    r.handle_datagram(now, local, remote, &auth, &mut Counter::new(0))
         .unwrap();
     assert!(r.poll_transmit().is_none(), "no answer before the PSK is known");
     let ev = events(&mut r);
@@ -303,12 +289,12 @@ fn establishes_and_answers_retransmissions_from_the_cache() {
     assert_eq!(id.to_string(), "site-a.example");
     // Retransmitted while the lookup runs: nothing is sent.
     assert!(
-        r.handle_datagram(now, local, remote, &auth, &mut Counter(0))
+        r.handle_datagram(now, local, remote, &auth, &mut Counter::new(0))
             .is_err()
     );
     assert!(r.poll_transmit().is_none());
 
-    r.provide_psk(now, Some(PSK), &mut Counter(100)).unwrap();
+    r.provide_psk(now, Some(PSK), &mut Counter::new(100)).unwrap();
     let response = r.poll_transmit().unwrap().payload;
     assert!(r.is_established());
     let (first, plain) = i.open(&response);
@@ -370,7 +356,7 @@ fn establishes_and_answers_retransmissions_from_the_cache() {
     assert_eq!(child.ts_local, [v4([10, 2, 0, 0], [10, 2, 0, 255])]);
 
     // A retransmitted IKE_AUTH request gets the cached response, byte for byte.
-    r.handle_datagram(now, local, remote, &auth, &mut Counter(0))
+    r.handle_datagram(now, local, remote, &auth, &mut Counter::new(0))
         .unwrap();
     assert_eq!(r.poll_transmit().unwrap().payload, response);
     assert!(events(&mut r).is_empty());
@@ -382,11 +368,11 @@ fn assert_auth_failed(psk: Option<&[u8]>) {
     let (local, remote) = addrs();
     let now = Instant::now();
     let auth = i.good_auth_request(PSK);
-    r.handle_datagram(now, local, remote, &auth, &mut Counter(0))
+    r.handle_datagram(now, local, remote, &auth, &mut Counter::new(0))
         .unwrap();
     let _ = events(&mut r);
     assert!(matches!(
-        r.provide_psk(now, psk, &mut Counter(0)),
+        r.provide_psk(now, psk, &mut Counter::new(0)),
         Err(Error::AuthenticationFailed(_))
     ));
     let response = r.poll_transmit().unwrap().payload;
@@ -401,7 +387,7 @@ fn assert_auth_failed(psk: Option<&[u8]>) {
     );
     assert!(r.is_closed());
     // The retransmitted request gets the same error again; nothing else happens.
-    r.handle_datagram(now, local, remote, &auth, &mut Counter(0))
+    r.handle_datagram(now, local, remote, &auth, &mut Counter::new(0))
         .unwrap();
     assert_eq!(r.poll_transmit().unwrap().payload, response);
     assert!(events(&mut r).is_empty());
@@ -428,7 +414,7 @@ fn drops_tampered_ike_auth_and_accepts_the_genuine_one() {
     let n = bad.len();
     bad[n - 20] ^= 1;
     assert!(
-        r.handle_datagram(now, local, remote, &bad, &mut Counter(0))
+        r.handle_datagram(now, local, remote, &bad, &mut Counter::new(0))
             .is_err()
     );
     assert!(r.poll_transmit().is_none());
@@ -443,12 +429,12 @@ fn drops_tampered_ike_auth_and_accepts_the_genuine_one() {
     }
     .to_vec();
     assert!(matches!(
-        r.handle_datagram(now, local, remote, &plain, &mut Counter(0)),
+        r.handle_datagram(now, local, remote, &plain, &mut Counter::new(0)),
         Err(Error::Unexpected(_))
     ));
     assert!(r.poll_transmit().is_none());
     assert!(!r.is_closed());
-    r.handle_datagram(now, local, remote, &auth, &mut Counter(0))
+    r.handle_datagram(now, local, remote, &auth, &mut Counter::new(0))
         .unwrap();
     assert!(matches!(&events(&mut r)[..], [Event::PeerIdentified { .. }]));
 }
@@ -464,10 +450,10 @@ fn establishes_ike_sa_without_child_when_ts_are_outside_the_eroute() {
         v4([10, 9, 0, 0], [10, 9, 0, 255]),
         v4([10, 2, 0, 0], [10, 2, 0, 255]),
     );
-    r.handle_datagram(now, local, remote, &auth, &mut Counter(0))
+    r.handle_datagram(now, local, remote, &auth, &mut Counter::new(0))
         .unwrap();
     let _ = events(&mut r);
-    r.provide_psk(now, Some(PSK), &mut Counter(0)).unwrap();
+    r.provide_psk(now, Some(PSK), &mut Counter::new(0)).unwrap();
     let (first, plain) = i.open(&r.poll_transmit().unwrap().payload);
     let inner = payload::decode_inner_chain(first, &plain).unwrap();
     assert_eq!(notifies(&inner), [NotifyType::TS_UNACCEPTABLE]);
@@ -489,7 +475,7 @@ fn drops_ike_sa_init_without_nonce_silently() {
     msg.payloads.retain(|p| !matches!(p, Payload::Nonce(_)));
     let (local, remote) = addrs();
     assert_eq!(
-        r.handle_datagram(Instant::now(), local, remote, &msg.to_vec(), &mut Counter(0)),
+        r.handle_datagram(Instant::now(), local, remote, &msg.to_vec(), &mut Counter::new(0)),
         Err(Error::MissingPayload("Ni"))
     );
     assert!(r.poll_transmit().is_none());
@@ -502,7 +488,7 @@ fn answers_a_wrong_ke_guess_with_invalid_ke_payload() {
     let request = Initiator::ike_sa_init_request(&[19, 31], DhGroup::Ecp256, &kex);
     let (local, remote) = addrs();
     assert_eq!(
-        r.handle_datagram(Instant::now(), local, remote, &request, &mut Counter(0)),
+        r.handle_datagram(Instant::now(), local, remote, &request, &mut Counter::new(0)),
         Err(Error::InvalidKe {
             got: 19,
             selected: 31

@@ -1,8 +1,12 @@
 // Each test binary includes this module and uses part of it.
 #![allow(dead_code)]
 
-//! Shared by the data-plane tests: the arguments of `concentrator-gateway esp-static` for one
-//! end of a tunnel, mirrored from the other end's.
+//! Shared by the gateway's integration tests: the arguments of `concentrator-gateway
+//! esp-static` for one end of a tunnel, mirrored from the other end's; checksummed TCP
+//! transfers; static eroutes ([`StaticEroute`]); starting the gateway and reading its metrics
+//! and tunnels; and in [`site`], a strongSwan site with its gateway.
+
+pub(crate) mod site;
 
 /// One end of a hand-keyed tunnel.
 pub(crate) struct End<'a> {
@@ -185,7 +189,9 @@ impl Transfer {
 }
 
 /// A static eroute with its PSK Secret, written as YAML into a gateway's config directory:
-/// the responder or initiator end of one tunnel between two of our gateways.
+/// the responder or initiator end of one tunnel, to a strongSwan site or another of our
+/// gateways. Unset optional fields leave the eroute's defaults.
+#[derive(Default)]
 pub(crate) struct StaticEroute<'a> {
     pub(crate) name: &'a str,
     pub(crate) local_subnet: &'a str,
@@ -197,8 +203,12 @@ pub(crate) struct StaticEroute<'a> {
     pub(crate) initiate_to: Option<&'a str>,
     pub(crate) ike: &'a str,
     pub(crate) esp: &'a str,
+    /// `ike.dpdInterval`.
+    pub(crate) dpd: Option<&'a str>,
     /// `ike.lifetime` and `esp.lifetime`.
-    pub(crate) lifetimes: (&'a str, &'a str),
+    pub(crate) lifetimes: Option<(&'a str, &'a str)>,
+    /// More lines of the `esp` section, each `    key: value\n`.
+    pub(crate) esp_extra: &'a str,
     pub(crate) psk: &'a str,
 }
 
@@ -212,15 +222,18 @@ impl StaticEroute<'_> {
             Some(addr) => format!("Initiator\n  peerAddress: {addr}"),
             None => "Responder".to_owned(),
         };
-        let (ike_life, esp_life) = self.lifetimes;
+        let line =
+            |key: &str, value: Option<&str>| value.map(|v| format!("    {key}: {v}\n")).unwrap_or_default();
+        let ike_extra = line("dpdInterval", self.dpd) + &line("lifetime", self.lifetimes.map(|l| l.0));
+        let esp_extra = line("lifetime", self.lifetimes.map(|l| l.1)) + self.esp_extra;
         std::fs::write(
             dir.join(format!("{name}.yaml")),
             format!(
                 "apiVersion: vpn.concentrator.io/v1alpha1\nkind: Eroute\nmetadata:\n  name: {name}\n\
                  spec:\n  localSubnet: {}\n  remoteSubnet: {}\n  peerId: \"{}\"\n  localId: {}\n\
                  \x20 pskSecretRef:\n    name: {name}\n    key: psk\n  role: {role}\n\
-                 \x20 ike:\n    proposals: [{}]\n    lifetime: {ike_life}\n\
-                 \x20 esp:\n    proposals: [{}]\n    lifetime: {esp_life}\n",
+                 \x20 ike:\n    proposals: [{}]\n{ike_extra}\
+                 \x20 esp:\n    proposals: [{}]\n{esp_extra}",
                 self.local_subnet, self.remote_subnet, self.peer_id, self.local_id, self.ike, self.esp
             ),
         )?;
@@ -255,6 +268,19 @@ pub(crate) fn spawn_gateway(
     ];
     args.extend_from_slice(extra);
     ns.spawn(name, gateway_bin(), &args, &dir.join("gateway.log"))
+}
+
+/// [`spawn_gateway`], then [`wait_ready`]: the gateway serves.
+pub(crate) fn start_gateway(
+    ns: &concentrator_e2e::netns::Netns,
+    name: &str,
+    dir: &std::path::Path,
+    listen: &str,
+    extra: &[&str],
+) -> anyhow::Result<concentrator_e2e::process::Daemon> {
+    let mut daemon = spawn_gateway(ns, name, dir, listen, extra)?;
+    wait_ready(&mut daemon, std::time::Duration::from_secs(20))?;
+    Ok(daemon)
 }
 
 // Metrics of a gateway in a namespace: shared with the tests that use `e2e::gateway` directly.

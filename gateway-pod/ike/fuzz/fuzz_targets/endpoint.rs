@@ -9,28 +9,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use concentrator_algorithms::{DhGroup, parse_esp, parse_ike};
-use concentrator_crypto::{CryptoError, KeyExchange};
+use concentrator_algorithms::{parse_esp, parse_ike};
 use concentrator_ike::Message;
 use concentrator_ike::endpoint::{Endpoint, EndpointConfig, EndpointEvent};
 use concentrator_ike::payload::Identity;
-use concentrator_ike::responder::{Config, Entropy, IdBuf};
+use concentrator_ike::responder::{Config, IdBuf};
+use concentrator_test_util::Counter;
 use libfuzzer_sys::fuzz_target;
-
-struct Counter(u8);
-
-impl Entropy for Counter {
-    fn fill(&mut self, buf: &mut [u8]) -> Result<(), CryptoError> {
-        for b in buf {
-            self.0 = self.0.wrapping_add(1);
-            *b = self.0 | 1;
-        }
-        Ok(())
-    }
-    fn key_exchange(&mut self, group: DhGroup) -> Result<KeyExchange, CryptoError> {
-        KeyExchange::from_private_key(group, &[0x22; 32])
-    }
-}
 
 const LIMITS: EndpointConfig = EndpointConfig {
     cookie_threshold: 2,
@@ -49,7 +34,7 @@ fuzz_target!(|data: &[u8]| {
         IdBuf::new(&Identity::Fqdn(b"gw")),
     ));
     let mut ep = Endpoint::new(LIMITS, config);
-    let mut entropy = Counter(0);
+    let mut entropy = Counter::odd(0);
     let start = Instant::now();
     let mut now = start;
     let local: SocketAddr = "192.0.2.2:500".parse().expect("address");

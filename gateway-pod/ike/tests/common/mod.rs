@@ -10,39 +10,22 @@ use std::time::Instant;
 
 use concentrator_algorithms::{DhGroup, Encryption, parse_esp, parse_ike};
 use concentrator_crypto::keymat::rekey_skeyseed;
-use concentrator_crypto::{CryptoError, IkeSaKeys, KeyExchange, Prf, PrfAlg, SkCipher};
+use concentrator_crypto::{IkeSaKeys, KeyExchange, Prf, PrfAlg, SkCipher};
 use concentrator_ike::auth::{psk_auth, signed_octets};
 use concentrator_ike::nat::nat_detection_hash;
-use concentrator_ike::payload::{
-    self, Auth, Identity, Ke, Nonce, Notify, Proposal, Sa, Sk, TrafficSelector, Transform, Ts, TsRange,
-};
-use concentrator_ike::responder::{Config, Entropy, IdBuf};
+use concentrator_ike::payload::{self, Auth, Identity, Ke, Nonce, Notify, Sk, TrafficSelector, Ts, TsRange};
+use concentrator_ike::responder::{Config, IdBuf};
 use concentrator_ike::{
     AuthMethod, DhGroup as WireGroup, Event, ExchangeType, Flags, Header, Message, NotifyType, Payload,
-    PayloadType, ProtocolId, Responder, TransformId, TransformType,
+    PayloadType, ProtocolId, Responder,
 };
+pub(crate) use concentrator_test_util::{Counter, esp_sa, ike_sa};
 
 pub(crate) const SPI_I: u64 = 0x0102_0304_0506_0708;
 pub(crate) const NI: [u8; 32] = [0x11; 32];
 pub(crate) const PSK: &[u8] = b"site-a secret";
 /// The initiator's inbound SPI of the first CHILD SA (the responder's `spi_out`).
 pub(crate) const ESP_SPI_I: u32 = 0xc000_0001;
-
-/// Deterministic entropy for the responder: counting bytes from a seed, fixed private keys.
-pub(crate) struct Counter(pub u8);
-
-impl Entropy for Counter {
-    fn fill(&mut self, buf: &mut [u8]) -> Result<(), CryptoError> {
-        for b in buf {
-            self.0 = self.0.wrapping_add(1);
-            *b = self.0;
-        }
-        Ok(())
-    }
-    fn key_exchange(&mut self, group: DhGroup) -> Result<KeyExchange, CryptoError> {
-        KeyExchange::from_private_key(group, &[0x22; 32])
-    }
-}
 
 pub(crate) fn addrs() -> (SocketAddr, SocketAddr) {
     ("192.0.2.2:500".parse().unwrap(), "192.0.2.1:500".parse().unwrap())
@@ -90,44 +73,6 @@ pub(crate) fn prf() -> Prf {
 }
 
 const ENCR: Encryption = Encryption::AesGcm16 { key_bits: 128 };
-
-/// An ESP proposal of AES-128-GCM with our SPI `spi` and optional DH groups (PFS).
-pub(crate) fn esp_sa<'a>(spi: &'a [u8; 4], groups: &[u16]) -> Sa<'a> {
-    let mut transforms = vec![
-        Transform::with_key_length(TransformType::ENCR, TransformId::ENCR_AES_GCM_16, 128),
-        Transform::new(TransformType::ESN, TransformId::ESN_NO),
-    ];
-    transforms.extend(
-        groups
-            .iter()
-            .map(|g| Transform::new(TransformType::DH, TransformId(*g))),
-    );
-    Sa {
-        proposals: vec![Proposal {
-            number: 1,
-            protocol: ProtocolId::ESP,
-            spi,
-            transforms,
-        }],
-    }
-}
-
-/// An IKE proposal (AES-128-GCM, SHA-256 PRF, X25519) carrying the new initiator SPI
-/// (empty in IKE_SA_INIT).
-pub(crate) fn ike_sa(spi: &[u8]) -> Sa<'_> {
-    Sa {
-        proposals: vec![Proposal {
-            number: 1,
-            protocol: ProtocolId::IKE,
-            spi,
-            transforms: vec![
-                Transform::with_key_length(TransformType::ENCR, TransformId::ENCR_AES_GCM_16, 128),
-                Transform::new(TransformType::PRF, TransformId::PRF_HMAC_SHA2_256),
-                Transform::new(TransformType::DH, TransformId(31)),
-            ],
-        }],
-    }
-}
 
 /// A decrypted message: its header and inner payload bytes.
 pub(crate) struct Plain {
@@ -250,7 +195,7 @@ impl Peer {
     /// IKE_SA_INIT + IKE_AUTH against `r` at `now`; drains the events.
     pub(crate) fn establish(r: &mut Responder, now: Instant) -> Self {
         let mut peer = Self::until_psk(r, now);
-        r.provide_psk(now, Some(PSK), &mut Counter(100)).unwrap();
+        r.provide_psk(now, Some(PSK), &mut Counter::new(100)).unwrap();
         peer.auth_response = r.poll_transmit().expect("IKE_AUTH response").payload;
         let ev = events(r);
         let [Event::IkeSaEstablished { .. }, Event::ChildSaInstalled(child)] = &ev[..] else {
@@ -291,7 +236,7 @@ impl Peer {
             ],
         }
         .to_vec();
-        r.handle_datagram(now, local, remote, &init_request, &mut Counter(0))
+        r.handle_datagram(now, local, remote, &init_request, &mut Counter::new(0))
             .unwrap();
         let init_response = r.poll_transmit().expect("IKE_SA_INIT response").payload;
         let msg = Message::decode(&init_response).unwrap();
@@ -348,7 +293,7 @@ impl Peer {
                 }),
             ],
         );
-        r.handle_datagram(now, local, remote, &auth_request, &mut Counter(0))
+        r.handle_datagram(now, local, remote, &auth_request, &mut Counter::new(0))
             .unwrap();
         assert!(matches!(&events(r)[..], [Event::PeerIdentified { .. }]));
         Self {
@@ -382,7 +327,7 @@ impl Peer {
         request: &[u8],
     ) -> (Vec<u8>, Plain) {
         let (local, remote) = addrs();
-        r.handle_datagram(now, local, remote, request, &mut Counter(50))
+        r.handle_datagram(now, local, remote, request, &mut Counter::new(50))
             .unwrap();
         let t = r.poll_transmit().expect("a response");
         assert_eq!((t.local, t.remote), (local, remote));

@@ -1,43 +1,31 @@
 //! The responder state machine against a real strongSwan initiator: a strongSwan site in one
 //! namespace initiates to our responder in another, both on one WAN bridge.
 //!
-//! The responder runs in a thin driver (blocking UDP on ports 500 and 4500, one thread per
-//! socket feeding a channel, `Instant::now()` at each datagram, a static PSK answering
-//! `PeerIdentified`). The test binary re-executes itself inside the gateway namespace to run
-//! the driver: `driver_process` does nothing unless `IKE_DRIVER` is set. The driver prints
-//! one `EVENT ...` line per event, which the test reads from its log.
+//! The responder runs in a thin driver ([`concentrator_test_util::interop`]; a static PSK
+//! answers `PeerIdentified`). The test binary re-executes itself inside the gateway namespace
+//! to run the driver: `driver_process` does nothing unless `IKE_DRIVER` is set. The driver
+//! prints one `EVENT ...` line per event, which the test reads from its log.
 //!
 //! As non-root every test prints SKIP and passes.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::net::IpAddr;
 use std::sync::Arc;
-use std::sync::mpsc;
+use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use concentrator_algorithms::{parse_esp, parse_ike};
-use concentrator_e2e::netns::{self, Netns, Wan};
-use concentrator_e2e::strongswan::{self, Charon, CharonOptions, Connection};
+use concentrator_e2e::netns;
+use concentrator_e2e::strongswan::{self, Connection};
+use concentrator_e2e::topology::{GW_ADDR, GW_ID, GW_LAN, SITE_ADDR, SITE_ID, SITE_LAN, site_connection};
 use concentrator_e2e::wait::{self, Probe};
-use concentrator_e2e::{logs, prereq, scratch};
-use concentrator_ike::negotiate::ts_bounds;
-use concentrator_ike::payload::Identity;
-use concentrator_ike::responder::{Config, IdBuf, Retransmit, SystemEntropy};
+use concentrator_e2e::{logs, prereq};
+use concentrator_ike::responder::{Config, Retransmit, SystemEntropy};
 use concentrator_ike::{Event, Flags, Header, Responder};
-use ipnet::IpNet;
-
-const SITE_ADDR: &str = "192.0.2.1";
-const GW_ADDR: &str = "192.0.2.2";
-const SITE_LAN: &str = "10.1.0.0/24";
-const GW_LAN: &str = "10.2.0.0/24";
-const GW_ID: &str = "gw.example";
-const SITE_ID: &str = "site-a.example";
-const TIMEOUT: Duration = Duration::from_secs(15);
-
-fn env(name: &str) -> Result<String> {
-    std::env::var(name).with_context(|| format!("{name} not set"))
-}
+use concentrator_test_util::interop::{
+    Interop, Sockets, TIMEOUT, child_sa_installed, ensure_charon_keys, env, field, ike_sa_established,
+    lines_with, responder_config,
+};
 
 /// Optional driver settings from the environment: `IKE_DRIVER_DPD_MS` (liveness-check
 /// interval), `IKE_DRIVER_RETRANSMIT` (`first-wait-ms,tries`), `IKE_DRIVER_CHILD_LIFETIME_MS`
@@ -71,31 +59,16 @@ fn driver_process() -> Result<()> {
     }
     let listen: IpAddr = env("IKE_DRIVER_LISTEN")?.parse()?;
     let psk = env("IKE_DRIVER_PSK")?.into_bytes();
-    let mut config = Config::new(
-        vec![parse_ike("ike", &env("IKE_DRIVER_IKE")?)?],
-        vec![parse_esp("esp", &env("IKE_DRIVER_ESP")?)?],
-        env("IKE_DRIVER_LOCAL_SUBNET")?.parse()?,
-        env("IKE_DRIVER_REMOTE_SUBNET")?.parse()?,
-        IdBuf::new(&Identity::Fqdn(env("IKE_DRIVER_LOCAL_ID")?.as_bytes())),
-    );
+    let mut config = responder_config(
+        &env("IKE_DRIVER_IKE")?,
+        &env("IKE_DRIVER_ESP")?,
+        &env("IKE_DRIVER_LOCAL_SUBNET")?,
+        &env("IKE_DRIVER_REMOTE_SUBNET")?,
+        &env("IKE_DRIVER_LOCAL_ID")?,
+    )?;
     driver_timers(&mut config)?;
     let config = Arc::new(config);
-    let s500 = UdpSocket::bind((listen, 500)).context("binding UDP 500")?;
-    let s4500 = UdpSocket::bind((listen, 4500)).context("binding UDP 4500")?;
-    let (tx, rx) = mpsc::channel::<(u16, SocketAddr, Vec<u8>)>();
-    for sock in [&s500, &s4500] {
-        let sock = sock.try_clone()?;
-        let tx = tx.clone();
-        let port = sock.local_addr()?.port();
-        std::thread::spawn(move || {
-            let mut buf = vec![0u8; 65536];
-            while let Ok((n, from)) = sock.recv_from(&mut buf) {
-                if tx.send((port, from, buf[..n].to_vec())).is_err() {
-                    break;
-                }
-            }
-        });
-    }
+    let sockets = Sockets::bind(listen)?;
     println!("READY");
     let mut entropy = SystemEntropy;
     // Responders by index; routes by our SPI (every SPI a responder answers for, kept after
@@ -112,23 +85,9 @@ fn driver_process() -> Result<()> {
     let mut redirected = false;
     loop {
         let next_timer = responders.iter().filter_map(Responder::poll_timeout).min();
-        let received = match next_timer {
-            Some(t) => rx.recv_timeout(t.saturating_duration_since(Instant::now())),
-            None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
-        };
-        match received {
-            Ok((port, remote, data)) => {
-                // RFC 3948 §2.2: on port 4500, IKE messages start with four zero octets (the
-                // non-ESP marker); anything else is ESP, which this driver does not handle.
-                let ike = if port == 4500 {
-                    match data.strip_prefix(&[0, 0, 0, 0][..]) {
-                        Some(rest) => rest,
-                        None => continue,
-                    }
-                } else {
-                    &data[..]
-                };
-                let Some((header, _)) = Header::peek(ike) else {
+        match sockets.recv(next_timer) {
+            Ok(d) => {
+                let Some((header, _)) = Header::peek(&d.ike) else {
                     continue;
                 };
                 let index = if header.spi_r == 0 {
@@ -152,21 +111,20 @@ fn driver_process() -> Result<()> {
                         }
                     }
                 };
-                let local = SocketAddr::new(listen, port);
                 let r = &mut responders[index];
-                if let Err(e) = r.handle_datagram(Instant::now(), local, remote, ike, &mut entropy) {
+                if let Err(e) = r.handle_datagram(Instant::now(), d.local, d.remote, &d.ike, &mut entropy) {
                     println!("DROP {e}");
                 }
             }
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => break,
         }
         let now = Instant::now();
         for (index, r) in responders.iter_mut().enumerate() {
             if r.poll_timeout().is_some_and(|t| t <= now) {
                 r.handle_timeout(now, &mut entropy);
             }
-            drain(r, &psk, &mut entropy, &s500, &s4500)?;
+            drain(r, &psk, &mut entropy, &sockets)?;
             for spi in r.spis_r() {
                 by_spi_r.insert(spi, index);
             }
@@ -179,7 +137,7 @@ fn driver_process() -> Result<()> {
             match r.redirect(now, gw) {
                 Ok(()) => {
                     println!("REDIRECTED to={gw}");
-                    drain(r, &psk, &mut entropy, &s500, &s4500)?;
+                    drain(r, &psk, &mut entropy, &sockets)?;
                 }
                 Err(e) => println!("REDIRECT failed: {e}"),
             }
@@ -189,24 +147,10 @@ fn driver_process() -> Result<()> {
 }
 
 /// Sends what `r` queued and prints its events (answering `PeerIdentified` with the PSK).
-fn drain(
-    r: &mut Responder,
-    psk: &[u8],
-    entropy: &mut SystemEntropy,
-    s500: &UdpSocket,
-    s4500: &UdpSocket,
-) -> Result<()> {
+fn drain(r: &mut Responder, psk: &[u8], entropy: &mut SystemEntropy, sockets: &Sockets) -> Result<()> {
     loop {
         while let Some(t) = r.poll_transmit() {
-            let mut out = Vec::with_capacity(t.payload.len() + 4);
-            let sock = if t.local.port() == 4500 {
-                out.extend_from_slice(&[0, 0, 0, 0]);
-                s4500
-            } else {
-                s500
-            };
-            out.extend_from_slice(&t.payload);
-            sock.send_to(&out, t.remote)?;
+            sockets.send(t.local.port() == 4500, &t.payload, t.remote)?;
         }
         let Some(ev) = r.poll_event() else {
             return Ok(());
@@ -225,42 +169,10 @@ fn drain(
                 remote,
                 nat_detected,
             } => println!(
-                "EVENT IkeSaEstablished spi_i={spi_i:016x} spi_r={spi_r:016x} peer={peer_id} \
-                 remote={remote} nat={nat_detected}"
+                "{}",
+                ike_sa_established(spi_i, spi_r, &peer_id, remote, nat_detected)
             ),
-            Event::ChildSaInstalled(c) => {
-                let ts = |v: &[concentrator_ike::payload::TrafficSelector<'_>]| {
-                    v.iter()
-                        .filter_map(ts_bounds)
-                        .map(|(a, b)| format!("{a}-{b}"))
-                        .collect::<Vec<_>>()
-                        .join(",")
-                };
-                // Test only: the keys go to the driver log so that the test can compare
-                // them with the ones charon logs (key-oracle mode).
-                let key = |k: &concentrator_crypto::DirectionKeys| {
-                    hex(&[k.encr.expose(), k.salt.expose()].concat())
-                };
-                let replaces = c
-                    .replaces
-                    .map_or_else(|| "-".to_owned(), |spi| format!("{spi:08x}"));
-                println!(
-                    "EVENT ChildSaInstalled spi_in={:08x} spi_out={:08x} encr={:?} integ={:?} \
-                     in_key={} in_integ={} out_key={} out_integ={} ts_local={} ts_remote={} encap={} \
-                     replaces={replaces}",
-                    c.spi_in,
-                    c.spi_out,
-                    c.encryption,
-                    c.integrity,
-                    key(&c.inbound),
-                    hex(c.inbound.integ.expose()),
-                    key(&c.outbound),
-                    hex(c.outbound.integ.expose()),
-                    ts(&c.ts_local),
-                    ts(&c.ts_remote),
-                    c.udp_encap
-                );
-            }
+            Event::ChildSaInstalled(c) => println!("{}", child_sa_installed(&c)),
             Event::ChildSaDeleted { spi_in, spi_out } => {
                 println!("EVENT ChildSaDeleted spi_in={spi_in:08x} spi_out={spi_out:08x}");
             }
@@ -285,213 +197,31 @@ fn drain(
     }
 }
 
-fn hex(b: &[u8]) -> String {
-    if b.is_empty() {
-        return "-".to_owned();
-    }
-    b.iter().map(|x| format!("{x:02x}")).collect()
+/// Our responder (driver PSK `driver_psk`, proposals `ike` / `esp`) and charon in the site
+/// namespace, with extra driver environment (`IKE_DRIVER_DPD_MS`, ...).
+fn start_with(ike: &str, esp: &str, driver_psk: &str, driver_env: &[(&str, &str)]) -> Result<Interop> {
+    let mut env = vec![
+        ("IKE_DRIVER", "1".to_owned()),
+        ("IKE_DRIVER_LISTEN", GW_ADDR.to_owned()),
+        ("IKE_DRIVER_PSK", driver_psk.to_owned()),
+        ("IKE_DRIVER_IKE", ike.to_owned()),
+        ("IKE_DRIVER_ESP", esp.to_owned()),
+        ("IKE_DRIVER_LOCAL_SUBNET", GW_LAN.to_owned()),
+        ("IKE_DRIVER_REMOTE_SUBNET", SITE_LAN.to_owned()),
+        ("IKE_DRIVER_LOCAL_ID", GW_ID.to_owned()),
+    ];
+    env.extend(driver_env.iter().map(|(k, v)| (*k, (*v).to_owned())));
+    Interop::responder(&env)
 }
 
-/// The first hex dump `"<label> => N bytes @ 0x..."` in a charon log (`chd = 4`), as hex.
-fn charon_dump(log: &str, label: &str) -> Option<String> {
-    charon_dumps(log, label).into_iter().next()
+/// As [`start_with`], without extra driver environment.
+fn start(ike: &str, esp: &str, driver_psk: &str) -> Result<Interop> {
+    start_with(ike, esp, driver_psk, &[])
 }
 
-/// Every hex dump `"<label> => N bytes @ 0x..."` in a charon log, in order, as hex.
-fn charon_dumps(log: &str, label: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut lines = log.lines();
-    while let Some(line) = lines.next() {
-        let Some((head, tail)) = line.split_once(" => ") else {
-            continue;
-        };
-        if !head.ends_with(label) {
-            continue;
-        }
-        let Some(n) = tail
-            .split_once(" bytes @ ")
-            .and_then(|(n, _)| n.trim().parse::<usize>().ok())
-        else {
-            continue;
-        };
-        let mut bytes = Vec::with_capacity(n);
-        while bytes.len() < n {
-            let Some((_, dump)) = lines.next().and_then(|l| l.split_once(": ")) else {
-                return out;
-            };
-            for tok in dump.split(' ').take_while(|t| !t.is_empty()).take(16) {
-                match u8::from_str_radix(tok, 16) {
-                    Ok(b) => bytes.push(b),
-                    Err(_) => return out,
-                }
-            }
-        }
-        bytes.truncate(n);
-        out.push(hex(&bytes));
-    }
-    out
-}
-
-fn net(s: &str) -> IpNet {
-    s.parse().expect("valid prefix")
-}
-
-fn addr(s: &str) -> IpAddr {
-    s.parse().expect("valid address")
-}
-
-/// Both namespaces, the driver and a charon; dropped in reverse order.
-struct Setup {
-    _wan: Wan,
-    site: Netns,
-    _gw: Netns,
-    _dir: tempfile::TempDir,
-    driver: concentrator_e2e::process::Daemon,
-    /// `None` once killed.
-    charon: Option<Charon>,
-}
-
-impl Setup {
-    fn start(ike: &str, esp: &str, driver_psk: &str) -> Result<Self> {
-        Self::start_with(ike, esp, driver_psk, &[])
-    }
-
-    /// As [`Self::start`], with extra driver environment (`IKE_DRIVER_DPD_MS`, ...).
-    fn start_with(ike: &str, esp: &str, driver_psk: &str, driver_env: &[(&str, &str)]) -> Result<Self> {
-        let wan = Wan::new()?;
-        let site = Netns::new("ikesite")?;
-        let gw = Netns::new("ikegw")?;
-        wan.attach(&site, "wan0", net(&format!("{SITE_ADDR}/24")))?;
-        wan.attach(&gw, "wan0", net(&format!("{GW_ADDR}/24")))?;
-        site.add_lo_addr(net("10.1.0.1/24"))?;
-        site.wait_reachable(None, addr(GW_ADDR), Duration::from_secs(5))?;
-
-        let dir = scratch::dir("ike-driver")?;
-        let log = dir.path().join("driver.log");
-        let mut cmd = gw.command(std::env::current_exe()?);
-        cmd.args(["--exact", "driver_process", "--nocapture", "--test-threads=1"])
-            .env("IKE_DRIVER", "1")
-            .env("IKE_DRIVER_LISTEN", GW_ADDR)
-            .env("IKE_DRIVER_PSK", driver_psk)
-            .env("IKE_DRIVER_IKE", ike)
-            .env("IKE_DRIVER_ESP", esp)
-            .env("IKE_DRIVER_LOCAL_SUBNET", GW_LAN)
-            .env("IKE_DRIVER_REMOTE_SUBNET", SITE_LAN)
-            .env("IKE_DRIVER_LOCAL_ID", GW_ID)
-            .envs(driver_env.iter().copied());
-        let mut driver = concentrator_e2e::process::Daemon::spawn("ike driver", cmd, &log)?;
-        wait::until("the IKE driver to bind", Duration::from_secs(10), || {
-            driver.ensure_running()?;
-            Ok(if logs::contains(&log, "READY") {
-                Probe::Ready(())
-            } else {
-                Probe::pending(driver.log_tail(5))
-            })
-        })?;
-        let charon = Charon::start_with(&site, &CharonOptions::key_oracle())?;
-        Ok(Self {
-            _wan: wan,
-            site,
-            _gw: gw,
-            _dir: dir,
-            driver,
-            charon: Some(charon),
-        })
-    }
-
-    fn charon(&self) -> &Charon {
-        self.charon.as_ref().expect("charon is running")
-    }
-
-    /// Kills charon (SIGKILL): the site goes silent without deleting anything.
-    fn kill_charon(&mut self) {
-        self.charon = None;
-    }
-
-    fn connection(&self, ike: &str, esp: &str, psk: &str) -> Connection {
-        let _ = &self.site;
-        let mut c = Connection::new(
-            "gw",
-            addr(SITE_ADDR),
-            addr(GW_ADDR),
-            psk,
-            vec![net(SITE_LAN)],
-            vec![net(GW_LAN)],
-        );
-        c.local_id = SITE_ID.to_owned();
-        c.remote_id = GW_ID.to_owned();
-        c.ike_proposal = ike.to_owned();
-        c.esp_proposal = esp.to_owned();
-        c
-    }
-
-    /// The first driver log line starting with `prefix`, once it appears.
-    fn wait_driver_line(&mut self, prefix: &str) -> Result<String> {
-        self.wait_driver(format!("driver line {prefix:?}"), TIMEOUT, |text| {
-            text.lines().find(|l| l.starts_with(prefix)).map(str::to_owned)
-        })
-    }
-
-    /// Polls the driver log until `found` returns something.
-    fn wait_driver<T>(
-        &mut self,
-        what: impl std::fmt::Display,
-        timeout: Duration,
-        found: impl Fn(&str) -> Option<T>,
-    ) -> Result<T> {
-        let log = self.driver.log_path().to_owned();
-        let driver = &mut self.driver;
-        wait::until(what, timeout, || {
-            driver.ensure_running()?;
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            Ok(match found(&text) {
-                Some(v) => Probe::Ready(v),
-                None => Probe::pending(driver.log_tail(10)),
-            })
-        })
-    }
-
-    /// Polls charon's log until it holds `count` lines containing `needle`.
-    fn wait_charon_log(&self, needle: &str, count: usize, timeout: Duration) -> Result<()> {
-        let log = self.charon().log_path().to_owned();
-        wait::until(
-            format!("{count} charon log lines with {needle:?}"),
-            timeout,
-            || {
-                let text = std::fs::read_to_string(&log).unwrap_or_default();
-                let n = text.lines().filter(|l| l.contains(needle)).count();
-                Ok(if n >= count {
-                    Probe::Ready(())
-                } else {
-                    Probe::pending(format!("{n} so far"))
-                })
-            },
-        )
-        .with_context(|| self.charon().log_tail(30))
-    }
-
-    /// Loads `conn` into charon, initiates it and waits until both sides have the SAs.
-    fn establish(&mut self, conn: &Connection) -> Result<strongswan::ChildSa> {
-        self.charon().load(std::slice::from_ref(conn))?;
-        self.charon()
-            .initiate("gw")
-            .with_context(|| self.driver.log_tail(20))?;
-        let child = self
-            .charon()
-            .wait_established("gw", "gw", TIMEOUT)
-            .with_context(|| self.driver.log_tail(20))?;
-        self.wait_driver_line("EVENT ChildSaInstalled")?;
-        Ok(child)
-    }
-
-    fn driver_log(&self) -> String {
-        std::fs::read_to_string(self.driver.log_path()).unwrap_or_default()
-    }
-}
-
-fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+/// The site's connection to our responder, as charon loads it.
+fn connection(ike: &str, esp: &str, psk: &str) -> Connection {
+    site_connection("gw", SITE_ADDR, ike, esp, psk)
 }
 
 fn establishes(ike: &str, esp: &str) -> Result<()> {
@@ -499,13 +229,8 @@ fn establishes(ike: &str, esp: &str) -> Result<()> {
         return Ok(());
     }
     let psk = concentrator_e2e::ids::random_hex(32);
-    let mut s = Setup::start(ike, esp, &psk)?;
-    s.charon().load(&[s.connection(ike, esp, &psk)])?;
-    s.charon().initiate("gw").with_context(|| s.driver.log_tail(20))?;
-    let child = s
-        .charon()
-        .wait_established("gw", "gw", TIMEOUT)
-        .with_context(|| s.driver.log_tail(20))?;
+    let mut s = start(ike, esp, &psk)?;
+    let child = s.establish(&connection(ike, esp, &psk))?;
     let ike_line = s.wait_driver_line("EVENT IkeSaEstablished")?;
     let child_line = s.wait_driver_line("EVENT ChildSaInstalled")?;
     ensure!(
@@ -526,21 +251,17 @@ fn establishes(ike: &str, esp: &str) -> Result<()> {
     );
     // The CHILD SA keys are charon's (RFC 7296 §2.17 KEYMAT): initiator-to-responder keys
     // protect our inbound SA.
-    let log = std::fs::read_to_string(s.charon().log_path())?;
-    for (label, ours) in [
-        ("encryption initiator key", "in_key"),
-        ("encryption responder key", "out_key"),
-        ("integrity initiator key", "in_integ"),
-        ("integrity responder key", "out_integ"),
-    ] {
-        let theirs = charon_dump(&log, label);
-        let theirs = theirs.as_deref().unwrap_or("-");
-        ensure!(
-            Some(theirs) == field(&child_line, ours),
-            "{label}: charon {theirs}, ours {:?}",
-            field(&child_line, ours)
-        );
-    }
+    ensure_charon_keys(
+        &s.charon_log()?,
+        0,
+        &child_line,
+        &[
+            ("encryption initiator key", "in_key"),
+            ("encryption responder key", "out_key"),
+            ("integrity initiator key", "in_integ"),
+            ("integrity responder key", "out_integ"),
+        ],
+    )?;
     eprintln!("{ike}/{esp}: strongSwan child {child:?}\nours: {ike_line}\n{child_line}");
     let sas = s.charon().list_sas()?;
     let sa = sas.iter().find(|sa| sa.name == "gw").context("no IKE SA")?;
@@ -549,29 +270,8 @@ fn establishes(ike: &str, esp: &str) -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn strongswan_establishes_with_aes128gcm16_prfsha256_x25519() -> Result<()> {
-    establishes("aes128gcm16-prfsha256-x25519", "aes128gcm16")
-}
-
-#[test]
-fn strongswan_establishes_with_aes256gcm16_prfsha384_ecp384() -> Result<()> {
-    establishes("aes256gcm16-prfsha384-ecp384", "aes256gcm16")
-}
-
-#[test]
-fn strongswan_establishes_with_chacha20poly1305_prfsha256_x25519() -> Result<()> {
-    establishes("chacha20poly1305-prfsha256-x25519", "chacha20poly1305")
-}
-
-#[test]
-fn strongswan_establishes_with_aes256_sha256_modp2048() -> Result<()> {
-    establishes("aes256-sha256-modp2048", "aes256-sha256")
-}
-
-#[test]
-fn strongswan_establishes_with_aes128_sha256_ecp256() -> Result<()> {
-    establishes("aes128-sha256-ecp256", "aes128-sha256")
+mod strongswan_establishes_with {
+    concentrator_test_util::proposal_matrix!(super::establishes);
 }
 
 #[test]
@@ -580,9 +280,9 @@ fn wrong_psk_is_rejected_with_authentication_failed() -> Result<()> {
         return Ok(());
     }
     let ike = "aes128gcm16-prfsha256-x25519";
-    let mut s = Setup::start(ike, "aes128gcm16", "the-right-psk")?;
+    let mut s = start(ike, "aes128gcm16", "the-right-psk")?;
     s.charon()
-        .load(&[s.connection(ike, "aes128gcm16", "a-wrong-psk")])?;
+        .load(&[connection(ike, "aes128gcm16", "a-wrong-psk")])?;
     // swanctl reports the failed initiation as an error; the logs say why.
     let _ = s.charon().initiate("gw");
     let log = s.charon().log_path().to_owned();
@@ -609,11 +309,6 @@ fn wrong_psk_is_rejected_with_authentication_failed() -> Result<()> {
 
 const IKE: &str = "aes128gcm16-prfsha256-x25519";
 
-/// Lines of the driver log that start with `prefix`.
-fn lines_with<'a>(log: &'a str, prefix: &str) -> Vec<&'a str> {
-    log.lines().filter(|l| l.starts_with(prefix)).collect()
-}
-
 /// Nothing in the driver log says a message was dropped, refused or failed.
 fn ensure_clean(log: &str) -> Result<()> {
     let bad: Vec<&str> = log
@@ -632,8 +327,8 @@ fn strongswan_liveness_checks_are_answered_and_its_delete_is_reported() -> Resul
         return Ok(());
     }
     let psk = concentrator_e2e::ids::random_hex(32);
-    let mut s = Setup::start(IKE, "aes128gcm16", &psk)?;
-    let mut conn = s.connection(IKE, "aes128gcm16", &psk);
+    let mut s = start(IKE, "aes128gcm16", &psk)?;
+    let mut conn = connection(IKE, "aes128gcm16", &psk);
     // strongSwan checks liveness after a second without traffic (RFC 7296 §2.4).
     conn.extra.push("dpd_delay = 1s".to_owned());
     s.establish(&conn)?;
@@ -673,8 +368,8 @@ fn strongswan_rekeys_the_child_sa_with_pfs() -> Result<()> {
     }
     let esp = "aes128gcm16-x25519";
     let psk = concentrator_e2e::ids::random_hex(32);
-    let mut s = Setup::start(IKE, esp, &psk)?;
-    let mut conn = s.connection(IKE, esp, &psk);
+    let mut s = start(IKE, esp, &psk)?;
+    let mut conn = connection(IKE, esp, &psk);
     // Rekeyed every 3 s; the hard lifetime stays out of the way (by default it would be the
     // rekey time here, and strongSwan would delete and recreate instead of rekeying).
     conn.child_extra
@@ -701,17 +396,15 @@ fn strongswan_rekeys_the_child_sa_with_pfs() -> Result<()> {
     })?;
     // The rekeyed CHILD SA's keys (KEYMAT with the new DH secret, RFC 7296 §2.17) are the
     // ones charon derived for its second CHILD SA.
-    let log = std::fs::read_to_string(s.charon().log_path())?;
-    for (label, ours) in [
-        ("encryption initiator key", "in_key"),
-        ("encryption responder key", "out_key"),
-    ] {
-        let theirs = charon_dumps(&log, label);
-        ensure!(
-            theirs.get(1).map(String::as_str) == field(&rekeyed, ours),
-            "{label}: charon {theirs:?}, ours {rekeyed}"
-        );
-    }
+    ensure_charon_keys(
+        &s.charon_log()?,
+        1,
+        &rekeyed,
+        &[
+            ("encryption initiator key", "in_key"),
+            ("encryption responder key", "out_key"),
+        ],
+    )?;
     // strongSwan holds the SAs, with SPIs of a CHILD SA we installed and did not delete.
     let child = s.charon().wait_established("gw", "gw", TIMEOUT)?;
     let driver = s.driver_log();
@@ -737,8 +430,8 @@ fn we_rekey_strongswans_child_sa_with_pfs_at_our_soft_lifetime() -> Result<()> {
     }
     let esp = "aes128gcm16-x25519";
     let psk = concentrator_e2e::ids::random_hex(32);
-    let mut s = Setup::start_with(IKE, esp, &psk, &[("IKE_DRIVER_CHILD_LIFETIME_MS", "4000")])?;
-    let conn = s.connection(IKE, esp, &psk);
+    let mut s = start_with(IKE, esp, &psk, &[("IKE_DRIVER_CHILD_LIFETIME_MS", "4000")])?;
+    let conn = connection(IKE, esp, &psk);
     s.establish(&conn)?;
     let first = s.wait_driver_line("EVENT ChildSaInstalled")?;
     // Two rekeys in a row, each replacing the previous SA, which we delete.
@@ -763,21 +456,19 @@ fn we_rekey_strongswans_child_sa_with_pfs_at_our_soft_lifetime() -> Result<()> {
     }
     // RFC 7296 §2.17: we initiated the exchanges, so charon's "initiator key" of each
     // rekeyed SA protects our outbound direction.
-    let log = std::fs::read_to_string(s.charon().log_path())?;
     let second = lines_with(&s.driver_log(), "EVENT ChildSaInstalled")
         .get(1)
         .map(|l| (*l).to_owned())
         .context("no rekeyed CHILD SA")?;
-    for (label, ours) in [
-        ("encryption initiator key", "out_key"),
-        ("encryption responder key", "in_key"),
-    ] {
-        let theirs = charon_dumps(&log, label);
-        ensure!(
-            theirs.get(1).map(String::as_str) == field(&second, ours),
-            "{label}: charon {theirs:?}, ours {second}"
-        );
-    }
+    ensure_charon_keys(
+        &s.charon_log()?,
+        1,
+        &second,
+        &[
+            ("encryption initiator key", "out_key"),
+            ("encryption responder key", "in_key"),
+        ],
+    )?;
     // strongSwan lists the IKE SA established and our latest CHILD SA installed.
     let want_in = field(&last, "spi_out").unwrap_or_default().to_owned();
     let child = wait::until("strongSwan on our latest CHILD SA", TIMEOUT, || {
@@ -807,8 +498,8 @@ fn strongswan_rekeys_the_ike_sa_and_carries_on_with_the_new_one() -> Result<()> 
         return Ok(());
     }
     let psk = concentrator_e2e::ids::random_hex(32);
-    let mut s = Setup::start(IKE, "aes128gcm16", &psk)?;
-    let mut conn = s.connection(IKE, "aes128gcm16", &psk);
+    let mut s = start(IKE, "aes128gcm16", &psk)?;
+    let mut conn = connection(IKE, "aes128gcm16", &psk);
     // IKE SA rekeyed every 3 s, CHILD SA every 5 s; hard lifetimes out of the way.
     conn.extra
         .extend(["rekey_time = 3s", "over_time = 30s", "rand_time = 0s"].map(str::to_owned));
@@ -869,13 +560,13 @@ fn liveness_checks_find_a_dead_strongswan() -> Result<()> {
     let psk = concentrator_e2e::ids::random_hex(32);
     // A check after 1 s of silence; retransmissions after 0.5, 1.5 and 3.5 s; given up at
     // 7.5 s.
-    let mut s = Setup::start_with(
+    let mut s = start_with(
         IKE,
         "aes128gcm16",
         &psk,
         &[("IKE_DRIVER_DPD_MS", "1000"), ("IKE_DRIVER_RETRANSMIT", "500,3")],
     )?;
-    let conn = s.connection(IKE, "aes128gcm16", &psk);
+    let conn = connection(IKE, "aes128gcm16", &psk);
     s.establish(&conn)?;
     // strongSwan answers our checks: Message IDs 0, 1, 2 each arrive once answered.
     s.wait_charon_log("parsed INFORMATIONAL request 2 [ ]", 1, TIMEOUT)?;
@@ -912,7 +603,7 @@ fn we_rekey_strongswans_ike_sa_at_our_soft_lifetime() -> Result<()> {
         return Ok(());
     }
     let psk = concentrator_e2e::ids::random_hex(32);
-    let mut s = Setup::start_with(
+    let mut s = start_with(
         IKE,
         "aes128gcm16",
         &psk,
@@ -921,7 +612,7 @@ fn we_rekey_strongswans_ike_sa_at_our_soft_lifetime() -> Result<()> {
             ("IKE_DRIVER_DPD_MS", "1500"),
         ],
     )?;
-    let conn = s.connection(IKE, "aes128gcm16", &psk);
+    let conn = connection(IKE, "aes128gcm16", &psk);
     s.establish(&conn)?;
     let established = s.wait_driver_line("EVENT IkeSaEstablished")?;
     let child = s.wait_driver_line("EVENT ChildSaInstalled")?;
@@ -983,8 +674,8 @@ fn strongswan_follows_our_redirect_of_an_established_sa() -> Result<()> {
         return Ok(());
     }
     let psk = concentrator_e2e::ids::random_hex(32);
-    let mut s = Setup::start_with(IKE, "aes128gcm16", &psk, &[("IKE_DRIVER_REDIRECT_TO", GW_ADDR)])?;
-    let conn = s.connection(IKE, "aes128gcm16", &psk);
+    let mut s = start_with(IKE, "aes128gcm16", &psk, &[("IKE_DRIVER_REDIRECT_TO", GW_ADDR)])?;
+    let conn = connection(IKE, "aes128gcm16", &psk);
     s.establish(&conn)?;
     let first = s.wait_driver_line("EVENT IkeSaEstablished")?;
     s.wait_driver_line("REDIRECTED")?;

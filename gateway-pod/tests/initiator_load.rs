@@ -23,18 +23,16 @@
 //!
 //! Small by default (CI: it only checks that every SA establishes with both, never a rate):
 //!
-//!   cargo test -p concentrator-ike --test initiator_load -- --nocapture
+//!   cargo test -p concentrator-gateway --test initiator_load -- --nocapture
 //!
 //! Full size, release build (root):
 //!
-//!   cargo build --release -p concentrator-gateway
-//!   IKE_LOAD=full cargo test --release -p concentrator-ike --test initiator_load -- --nocapture
+//!   IKE_LOAD=full cargo test --release -p concentrator-gateway --test initiator_load -- --nocapture
 //!
 //! `IKE_LOAD_SAS`, `IKE_LOAD_WINDOW` and `IKE_LOAD_THREADS` override the sizes;
-//! `IKE_LOAD_GATEWAY_BIN` names the gateway binary (default: `concentrator-gateway` in the
-//! target directory of this test binary, as `cargo test --workspace` builds it). Without
-//! the binary the small run measures strongSwan only and says so; the full run fails.
-//! As non-root the test prints SKIP and passes.
+//! `IKE_LOAD_GATEWAY_BIN` names the gateway binary (default: the one Cargo builds for this
+//! test). Without the binary the small run measures strongSwan only and says so; the full
+//! run fails. As non-root the test prints SKIP and passes.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
@@ -44,31 +42,30 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use concentrator_algorithms::{parse_esp, parse_ike};
+use concentrator_e2e::gateway::wait_ready;
 use concentrator_e2e::netns::{self, Netns, Wan};
 use concentrator_e2e::process::{self, Daemon};
 use concentrator_e2e::strongswan::{self, Charon, CharonOptions, Connection};
+use concentrator_e2e::topology::{GW_ADDR as OURS_ADDR, GW_LAN, SITE_ADDR, SITE_LAN};
 use concentrator_e2e::wait::{self, Probe};
-use concentrator_e2e::{logs, prereq, scratch};
+use concentrator_e2e::{prereq, scratch};
 use concentrator_ike::Header;
 use concentrator_ike::endpoint::{Endpoint, EndpointConfig, EndpointEvent};
 use concentrator_ike::initiator::{Config, Event, Initiator, NatTraversal};
 use concentrator_ike::payload::Identity;
 use concentrator_ike::responder::{IdBuf, SystemEntropy};
+use concentrator_test_util::interop::{driver_addrs, env, field, initiator_config, responder_config};
+
+mod common;
+
+use common::StaticEroute;
 
 const IKE: &str = "aes128gcm16-prfsha256-x25519";
 const ESP: &str = "aes128gcm16";
-const SITE_ADDR: &str = "192.0.2.1";
-const OURS_ADDR: &str = "192.0.2.2";
+/// charon's address; ours is the topology's gateway address.
 const SWAN_ADDR: &str = "192.0.2.3";
-const SITE_LAN: &str = "10.1.0.0/24";
-const GW_LAN: &str = "10.2.0.0/24";
 const GW_ID: &str = "gw.load.example";
 const PSK: &str = "load-test-psk-not-a-secret";
-
-fn env(name: &str) -> Result<String> {
-    std::env::var(name).with_context(|| format!("{name} not set"))
-}
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> Result<T>
 where
@@ -282,26 +279,22 @@ fn generate(
     Ok((ok, failed))
 }
 
+/// The generators' initiator configuration; each SA replaces the local ID with its own.
+fn load_initiator_config() -> Result<Config> {
+    initiator_config(IKE, ESP, (SITE_LAN, GW_LAN), ("sa.load.example", GW_ID))
+}
+
 /// The generator: runs when `IKE_LOAD_DRIVER` is set, prints one `RESULT` line, exits.
 #[test]
 fn load_driver() -> Result<()> {
-    if std::env::var_os("IKE_LOAD_DRIVER").is_none() {
+    let Some((local, remote)) = driver_addrs("IKE_LOAD_DRIVER", "IKE_LOAD")? else {
         return Ok(());
-    }
-    let local: IpAddr = env("IKE_LOAD_LOCAL")?.parse()?;
-    let remote: IpAddr = env("IKE_LOAD_REMOTE")?.parse()?;
+    };
     let sas: u64 = env("IKE_LOAD_SAS")?.parse()?;
     let window: usize = env("IKE_LOAD_WINDOW")?.parse()?;
     let threads: u64 = env("IKE_LOAD_THREADS")?.parse()?;
     let hold = std::env::var_os("IKE_LOAD_HOLD").is_some();
-    let mut config = Config::new(
-        vec![parse_ike("ike", IKE)?],
-        vec![parse_esp("esp", ESP)?],
-        SITE_LAN.parse()?,
-        GW_LAN.parse()?,
-        IdBuf::new(&Identity::Fqdn(b"sa.load.example")),
-    );
-    config.remote_id = Some(IdBuf::new(&Identity::Fqdn(GW_ID.as_bytes())));
+    let config = load_initiator_config()?;
     let shared = Arc::new(Shared::default());
     let cpu_before = cpu_seconds("self")?;
     let start = Instant::now();
@@ -439,8 +432,7 @@ fn run_generator(
             )
         })?;
     let get = |key: &str| -> Result<f64> {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+        field(line, key)
             .with_context(|| format!("{key} in {line}"))?
             .parse::<f64>()
             .with_context(|| format!("{key} in {line}"))
@@ -463,34 +455,33 @@ fn run_generator(
     })
 }
 
-/// The gateway binary: `IKE_LOAD_GATEWAY_BIN`, else next to this test's target directory.
+/// The gateway binary: `IKE_LOAD_GATEWAY_BIN`, else the one Cargo built for this test;
+/// `None` if there is no such file.
 fn gateway_bin() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("IKE_LOAD_GATEWAY_BIN") {
-        return Some(PathBuf::from(p));
-    }
-    // <target>/<profile>/deps/initiator_load-<hash> -> <target>/<profile>/concentrator-gateway
-    let exe = std::env::current_exe().ok()?;
-    let bin = exe.parent()?.parent()?.join("concentrator-gateway");
+    let bin = std::env::var_os("IKE_LOAD_GATEWAY_BIN").map_or_else(
+        || PathBuf::from(env!("CARGO_BIN_EXE_concentrator-gateway")),
+        PathBuf::from,
+    );
     bin.is_file().then_some(bin)
 }
 
-/// The gateway's config directory: one static eroute for every `*.load.example` site. No
-/// liveness checks within the run (an hour), as charon's connection has none: with tens of
-/// thousands of SAs they would be a load of their own.
-fn write_gateway_config(dir: &std::path::Path) -> Result<()> {
-    std::fs::create_dir_all(dir.join("secrets/load"))?;
-    std::fs::write(dir.join("secrets/load/psk"), PSK)?;
-    std::fs::write(
-        dir.join("load.yaml"),
-        format!(
-            "apiVersion: vpn.concentrator.io/v1alpha1\nkind: Eroute\nmetadata:\n  name: load\n\
-             spec:\n  localSubnet: {GW_LAN}\n  remoteSubnet: {SITE_LAN}\n  peerId: '*.load.example'\n\
-             \x20 localId: {GW_ID}\n  pskSecretRef:\n    name: load\n    key: psk\n  role: Responder\n\
-             \x20 ike:\n    proposals: [{IKE}]\n    dpdInterval: 1h\n  esp:\n    proposals: [{ESP}]\n"
-        ),
-    )?;
-    Ok(())
-}
+/// The gateway's eroute for every `*.load.example` site. No liveness checks within the run
+/// (an hour), as charon's connection has none: with tens of thousands of SAs they would be a
+/// load of their own.
+const LOAD_EROUTE: StaticEroute<'static> = StaticEroute {
+    name: "load",
+    local_subnet: GW_LAN,
+    remote_subnet: SITE_LAN,
+    peer_id: "*.load.example",
+    local_id: GW_ID,
+    initiate_to: None,
+    ike: IKE,
+    esp: ESP,
+    dpd: Some("1h"),
+    lifetimes: None,
+    esp_extra: "",
+    psk: PSK,
+};
 
 /// Our gateway in `ns`, ready; the generator against it.
 fn measure_ours(
@@ -508,7 +499,7 @@ fn measure_ours(
     site.wait_reachable(None, OURS_ADDR.parse()?, Duration::from_secs(10))?;
     let dir = scratch::dir("ike-load-gateway")?;
     let config = dir.path().join("config");
-    write_gateway_config(&config)?;
+    LOAD_EROUTE.write(&config)?;
     let log = dir.path().join("gateway.log");
     let data = dir.path().join("data");
     let limit = (size.window * 4).max(1000).to_string();
@@ -528,14 +519,7 @@ fn measure_ours(
             },
         );
     let mut gateway = Daemon::spawn("gateway", cmd, &log)?;
-    wait::until("the gateway to be ready", Duration::from_secs(20), || {
-        gateway.ensure_running()?;
-        Ok(if logs::contains(&log, "gateway ready") {
-            Probe::Ready(())
-        } else {
-            Probe::pending(gateway.log_tail(10))
-        })
-    })?;
+    wait_ready(&mut gateway, Duration::from_secs(20))?;
     let pid = gateway.pid().to_string();
     let run = run_generator(site, OURS_ADDR, &pid, size, scenario).with_context(|| gateway.log_tail(30))?;
     gateway.ensure_running()?;
@@ -650,10 +634,7 @@ fn ike_establishment_rate_ours_vs_strongswan() -> Result<()> {
             !size.full,
             "no concentrator-gateway binary: cargo build --release -p concentrator-gateway"
         );
-        eprintln!(
-            "SKIP (gateway half): no concentrator-gateway binary next to this test; \
-             `cargo build -p concentrator-gateway` or set IKE_LOAD_GATEWAY_BIN"
-        );
+        eprintln!("SKIP (gateway half): no concentrator-gateway binary at IKE_LOAD_GATEWAY_BIN");
     }
     println!(
         "IKE + CHILD SA establishments, {IKE} / {ESP}, PSK, window {}, {} generator thread(s); \
@@ -706,21 +687,8 @@ fn ike_establishment_rate_ours_vs_strongswan() -> Result<()> {
 fn engine_establishment_rate_in_process() -> Result<()> {
     let full = std::env::var("IKE_LOAD").is_ok_and(|v| v == "full");
     let sas: u64 = env_or("IKE_LOAD_ENGINE_SAS", if full { 20_000 } else { 200 })?;
-    let mut config = Config::new(
-        vec![parse_ike("ike", IKE)?],
-        vec![parse_esp("esp", ESP)?],
-        SITE_LAN.parse()?,
-        GW_LAN.parse()?,
-        IdBuf::new(&Identity::Fqdn(b"sa.load.example")),
-    );
-    config.remote_id = Some(IdBuf::new(&Identity::Fqdn(GW_ID.as_bytes())));
-    let responder_config = Arc::new(Config::new(
-        vec![parse_ike("ike", IKE)?],
-        vec![parse_esp("esp", ESP)?],
-        GW_LAN.parse()?,
-        SITE_LAN.parse()?,
-        IdBuf::new(&Identity::Fqdn(GW_ID.as_bytes())),
-    ));
+    let config = load_initiator_config()?;
+    let responder_config = Arc::new(responder_config(IKE, ESP, GW_LAN, SITE_LAN, GW_ID)?);
     let mut ep = Endpoint::new(
         EndpointConfig {
             cookie_threshold: usize::MAX,
