@@ -15,9 +15,10 @@ use super::events::IkeSaRecord;
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
 
 impl Driver {
-    /// Writes the tunnel of `spi_r` to the admin API's table.
+    /// Writes the tunnel of `spi_r` to the admin API's table, once it is established: a peer
+    /// being refused (or still negotiating) is no tunnel.
     pub(super) fn publish(&self, spi_r: u64) {
-        let Some(rec) = self.sas.get(&spi_r) else {
+        let Some(rec) = self.sas.get(&spi_r).filter(|r| r.established_at.is_some()) else {
             return;
         };
         let eroute = rec
