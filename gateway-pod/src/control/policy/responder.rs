@@ -67,13 +67,11 @@ impl Driver {
             }
             _ => reason,
         };
-        let psk = if reason.is_some() { None } else { psk };
-        let rec = self.record(spi_r, id);
-        rec.eroute = eroute;
-        rec.refusal = reason;
         if let Some(reason) = reason {
-            tracing::info!(%peer_id, reason, "peer refused");
+            self.refuse(spi_r, id, eroute, reason);
+            return;
         }
+        self.record(spi_r, id).eroute = eroute;
         let psk = zeroize::Zeroizing::new(psk);
         if let Err(e) = self
             .endpoint
