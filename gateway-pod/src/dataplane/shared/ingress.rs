@@ -1,0 +1,154 @@
+//! Ingress: ESP received in batches (recvmmsg, GRO), opened and written to the TUN device
+//! coalesced; IKE messages on port 4500 handed to the control plane.
+
+use super::*;
+
+/// Datagrams one receive call may return (each buffer one datagram or a GRO batch).
+pub(super) const UDP_BATCH: usize = 8;
+/// Inner packets written to the TUN device per `send_multiple` (coalesced by TCP GRO).
+pub(super) const TUN_BATCH: usize = 128;
+/// Where an inner packet starts in its TUN buffer: room for the virtio-net header before it.
+/// An AES-GCM or ChaCha20 packet opened in place has its inner packet right there (ESP
+/// header and IV are 16 bytes), so it needs no move.
+pub(super) const TUN_OFFSET: usize = 16;
+const _: () = assert!(TUN_OFFSET >= VIRTIO_NET_HDR_LEN);
+
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn ingress(
+    dev: Arc<tun_rs::AsyncDevice>,
+    tun_name: String,
+    udp: Arc<Udp>,
+    local: SocketAddr,
+    mut commands: mpsc::UnboundedReceiver<IngressCommand>,
+    ike: mpsc::Sender<IkeDatagram>,
+    events: mpsc::UnboundedSender<SaEvent>,
+    counters: DataplaneCounters,
+) -> Result<(), DataplaneError> {
+    let mut table = InboundTable::default();
+    let mut recv_bufs: Vec<Vec<u8>> = (0..UDP_BATCH).map(|_| vec![0u8; RECV_BUF_LEN]).collect();
+    let mut meta = vec![RecvMeta::default(); UDP_BATCH];
+    // GRO appends coalesced segments to the first packet's buffer: room for 64 KiB.
+    let mut tun_bufs: Vec<Vec<u8>> = (0..TUN_BATCH)
+        .map(|_| Vec::with_capacity(2 * TUN_OFFSET + 65536))
+        .collect();
+    let mut gro = GROTable::default();
+    loop {
+        let received = {
+            let mut slices: Vec<IoSliceMut<'_>> = recv_bufs.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+            tokio::select! {
+                biased;
+                cmd = commands.recv() => {
+                    match cmd {
+                        Some(IngressCommand::Install(sa)) => table.install(sa),
+                        Some(IngressCommand::Remove(spi)) => table.remove(spi),
+                        None => return Ok(()),
+                    }
+                    continue;
+                }
+                r = udp.recv(&mut slices, &mut meta) => match r {
+                    Ok(n) => n,
+                    // ICMP errors for earlier sends surface here on Linux; they concern one peer.
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => continue,
+                    Err(e) => return Err(DataplaneError::Udp(local, e)),
+                },
+            }
+        };
+        let now = Instant::now();
+        let mut ready = 0;
+        for (buf, m) in recv_bufs.iter().zip(&meta).take(received) {
+            let Some(data) = buf.get(..m.len) else {
+                continue;
+            };
+            let stride = if m.stride == 0 { m.len.max(1) } else { m.stride };
+            for datagram in data.chunks(stride) {
+                let kind = if udp.is_raw() {
+                    // Plain ESP: nothing else arrives on protocol 50.
+                    match datagram {
+                        [a, b, c, d, _, _, _, _, ..] => Datagram::Esp {
+                            spi: u32::from_be_bytes([*a, *b, *c, *d]),
+                            packet: datagram,
+                        },
+                        _ => Datagram::Invalid,
+                    }
+                } else {
+                    classify(datagram)
+                };
+                let spi = match kind {
+                    Datagram::Esp { spi, .. } => spi,
+                    Datagram::Ike(payload) => {
+                        let d = IkeDatagram {
+                            local,
+                            remote: m.addr,
+                            payload: payload.to_vec(),
+                        };
+                        if ike.try_send(d).is_err() {
+                            counters.ike_overflow.inc();
+                        }
+                        continue;
+                    }
+                    Datagram::Keepalive | Datagram::Invalid => continue,
+                };
+                let Some(sa) = table.get(spi) else {
+                    counters.unknown_spi.inc();
+                    continue;
+                };
+                if ready == tun_bufs.len() {
+                    write_tun(&dev, &tun_name, &mut gro, &mut tun_bufs[..ready], &counters).await;
+                    ready = 0;
+                }
+                let out = &mut tun_bufs[ready];
+                out.clear();
+                out.extend_from_slice(datagram);
+                let Ok(opened) = sa.open(out) else {
+                    counters.invalid.inc();
+                    continue;
+                };
+                let inner = opened.inner;
+                let Some(packet) = out.get(inner.clone()) else {
+                    counters.invalid.inc();
+                    continue;
+                };
+                if !inbound_allowed(packet, &sa.local, &sa.remote) {
+                    counters.policy.inc();
+                    continue;
+                }
+                // The packet that reaches the hard limit is the SA's last.
+                if crossed(sa.counters.count_in(packet.len(), now), spi, &counters, &events) {
+                    table.remove(spi);
+                }
+                let len = inner.len();
+                if inner.start != TUN_OFFSET {
+                    if out.len() < TUN_OFFSET + len {
+                        out.resize(TUN_OFFSET + len, 0);
+                    }
+                    out.copy_within(inner, TUN_OFFSET);
+                }
+                out.truncate(TUN_OFFSET + len);
+                ready += 1;
+            }
+        }
+        write_tun(&dev, &tun_name, &mut gro, &mut tun_bufs[..ready], &counters).await;
+    }
+}
+
+/// Writes opened packets (each at [`TUN_OFFSET`] in its buffer) to the TUN device, TCP
+/// segments of one flow coalesced into one write when the device takes vnet headers.
+pub(super) async fn write_tun(
+    dev: &tun_rs::AsyncDevice,
+    tun_name: &str,
+    gro: &mut GROTable,
+    bufs: &mut [Vec<u8>],
+    counters: &DataplaneCounters,
+) {
+    if bufs.is_empty() {
+        return;
+    }
+    match dev.send_multiple(gro, bufs, TUN_OFFSET).await {
+        Ok(_) => {
+            counters.packets_in.inc_by(bufs.len() as u64);
+        }
+        // The kernel refusing a packet (a bad inner header that passed the selectors) must
+        // not stop the data plane.
+        Err(e) => tracing::debug!(tun = %tun_name, error = %e, "TUN write failed"),
+    }
+}
