@@ -215,16 +215,31 @@ async fn run(opts: Options) -> ExitCode {
 /// `--check`: each egroup's site table against its Egroup, where the database answers (a
 /// database that is down now is no configuration error). False if a table does not fit.
 async fn check_site_tables(opts: &Options, config: &config::Config) -> bool {
+    use concentrator_crds::egroup::DatabaseLocation;
     use concentrator_gateway::egroups::store_of;
     use concentrator_gateway::sitedb::{EMBEDDED_FILE, LookupError, SiteLookups};
-    // `--check` creates nothing: an embedded store that does not exist yet has no table.
-    let default = if opts.site_db.is_some() || opts.data_dir.join(EMBEDDED_FILE).exists() {
-        open_site_store(opts).await.ok()
-    } else {
-        None
+    // `--check` creates nothing: a SQLite store that does not exist yet has no table (a
+    // start would create and migrate it).
+    let default = match opts.site_db.as_deref() {
+        Some(url) if sqlite_file_missing(url) => None,
+        Some(_) => open_site_store(opts).await.ok(),
+        None if opts.data_dir.join(EMBEDDED_FILE).exists() => open_site_store(opts).await.ok(),
+        None => None,
     };
     let mut fits = true;
     for (name, spec) in &config.set.egroups {
+        let url = match &spec.database {
+            DatabaseLocation::Url(u) => Some(u.expose().to_owned()),
+            DatabaseLocation::Secret(_) => config
+                .egroup_db_urls
+                .get(name)
+                .map(|u| String::from_utf8_lossy(u.expose()).trim().to_owned()),
+            DatabaseLocation::Embedded => None,
+        };
+        if url.as_deref().is_some_and(sqlite_file_missing) {
+            println!("egroup {name}: site table not checked: the site store does not exist yet");
+            continue;
+        }
         let store = match store_of(config, name, spec, default.as_ref()).await {
             Ok(Some(store)) => store,
             Ok(None) => {
@@ -247,6 +262,19 @@ async fn check_site_tables(opts: &Options, config: &config::Config) -> bool {
         }
     }
     fits
+}
+
+/// Whether `url` names a SQLite file that does not exist (opening it would create it).
+fn sqlite_file_missing(url: &str) -> bool {
+    let Some(rest) = url.strip_prefix("sqlite:") else {
+        return false;
+    };
+    let path = rest
+        .trim_start_matches("//")
+        .split('?')
+        .next()
+        .unwrap_or_default();
+    !path.is_empty() && path != ":memory:" && !std::path::Path::new(path).exists()
 }
 
 /// Stop signals, registered before the gateway says it is ready: a SIGTERM that arrives right

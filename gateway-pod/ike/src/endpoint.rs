@@ -34,7 +34,7 @@ use crate::message::header::{Flags, Header};
 use crate::payload::{Notify, Payload};
 use crate::redirect::{GatewayId, encode_redirect};
 use crate::responder::{self, Config, Entropy, Event, Responder, Transmit};
-use crate::sa::snapshot::{IkeSaSnapshot, Role, SnapshotError};
+use crate::sa::snapshot::{IkeSaSnapshot, InFlight, Role, SnapshotError};
 
 /// Limits of an endpoint.
 #[derive(Clone, Debug)]
@@ -409,6 +409,12 @@ impl Endpoint {
         initiator_config: Arc<Config>,
         now: Instant,
     ) -> Result<u64, EndpointError> {
+        // The SPI of an IKE SA rekey in flight becomes a route once the rekey completes.
+        if let InFlight::IkeRekey { spi_i, .. } = snapshot.in_flight
+            && self.is_taken(spi_i)
+        {
+            return Err(EndpointError::SpiInUse(spi_i));
+        }
         match snapshot.role {
             Role::Responder => {
                 let remote = snapshot.remote;

@@ -448,6 +448,62 @@ fn malformed_snapshots_are_refused_without_panicking() {
     );
 }
 
+#[test]
+fn snapshots_with_zero_or_repeated_spis_are_refused() {
+    let net = Net::established();
+    let snap = net.gw.ep.snapshot(net.gw.id(), net.now).unwrap();
+    let mut zero = snap.clone();
+    zero.current.spi_i = 0;
+    assert_eq!(
+        IkeSaSnapshot::decode(&zero.encode()).unwrap_err(),
+        SnapshotError::InvalidValue("IKE SPIs")
+    );
+    let mut twice = snap.clone();
+    twice.children.push(twice.children[0].clone());
+    assert_eq!(
+        IkeSaSnapshot::decode(&twice.encode()).unwrap_err(),
+        SnapshotError::InvalidValue("CHILD SA SPIs")
+    );
+    // The SPI of an IKE SA rekey in flight is taken here: refused before anything changes.
+    let mut ep = Endpoint::new(EndpointConfig::default(), gw_config());
+    let taken = ep
+        .restore(snap.clone(), gw_config(), site_config(), net.now)
+        .unwrap();
+    let mut rekeying = net.site.ep.snapshot(net.site.id(), net.now).unwrap();
+    rekeying.in_flight = InFlight::IkeRekey {
+        spi_i: taken,
+        ni: vec![7; 32],
+        kex: match &snap.in_flight {
+            InFlight::IkeRekey { kex, .. } => kex.clone(),
+            _ => (
+                concentrator_algorithms::DhGroup::Curve25519,
+                concentrator_crypto::KeyExchange::generate(concentrator_algorithms::DhGroup::Curve25519)
+                    .unwrap()
+                    .private_key()
+                    .unwrap(),
+            ),
+        },
+    };
+    assert!(matches!(
+        ep.restore(rekeying, gw_config(), site_config(), net.now),
+        Err(concentrator_ike::endpoint::EndpointError::SpiInUse(s)) if s == taken
+    ));
+}
+
+#[test]
+fn a_rekey_of_a_child_sa_the_peer_deleted_meanwhile_still_restores() {
+    let mut net = Net::established();
+    let spi_in = *net.site.children.keys().next().unwrap();
+    let id = net.site.id();
+    assert!(net.site.ep.rekey_child(id, spi_in, net.now, &mut SystemEntropy));
+    net.lose();
+    let mut snap = net.site.ep.snapshot(id, net.now).unwrap();
+    // As after a rekey collision in which the peer deleted the old CHILD SA first.
+    snap.children.clear();
+    let mut ep = Endpoint::new(EndpointConfig::default(), gw_config());
+    ep.restore(snap, gw_config(), site_config(), net.now).unwrap();
+}
+
 /// Writes the fuzz target's seeds (`cargo test -p concentrator-ike --test snapshot -- --ignored`):
 /// snapshots of both roles, one with a CHILD SA rekey in flight.
 #[test]

@@ -110,16 +110,17 @@ pub async fn start(
     // The peer's identity, known only at IKE_AUTH, selects the eroute that authenticates it,
     // so IKE_SA_INIT is answered with any IKE proposal that some eroute accepting tunnels
     // allows (as strongSwan considers every config), chosen in the initiator's order; the
-    // selected eroute must then allow it (`use_eroute`). With no such eroute (none yet, or
-    // only ones we initiate), IKE_SA_INIT is still answered with the default proposal and
-    // every identity is refused at IKE_AUTH: a pod that starts before its eroutes exist must
-    // not fail.
-    let accepting: Vec<_> = gateway
-        .config
-        .set
+    // selected eroute must then allow it (`use_eroute`). An egroup's base eroute accepts the
+    // sites of its dynamic eroutes whatever its role (a site we initiated to may connect back).
+    // With no such eroute (none yet, or only static ones we initiate), IKE_SA_INIT is still
+    // answered with the default proposal and every identity is refused at IKE_AUTH: a pod
+    // that starts before its eroutes exist must not fail.
+    let set = &gateway.config.set;
+    let accepting: Vec<_> = set
         .eroutes
-        .values()
-        .filter(|e| e.role != Role::Initiator)
+        .iter()
+        .filter(|(name, e)| e.role != Role::Initiator || set.egroups.values().any(|g| &g.eroute == *name))
+        .map(|(_, e)| e)
         .collect();
     let responder_config = Arc::new(
         match accepting.first() {

@@ -355,6 +355,12 @@ impl Inner {
                     .await,
             );
         }
+        if answers
+            .iter()
+            .any(|a| matches!(a, Err(LookupError::Schema { .. })))
+        {
+            self.forget_schema().await;
+        }
         answers
     }
 }

@@ -38,8 +38,11 @@ pub(super) async fn columns(store: &SiteStore, table: &str) -> Result<Vec<String
         }
         SiteStore::MySql(p) => {
             sqlx::query_scalar(
+                // Byte for byte, as the server resolves a table name in a statement (on
+                // Linux, where lower_case_table_names is 0); the catalogue's own collation
+                // would ignore case.
                 "SELECT COLUMN_NAME FROM information_schema.COLUMNS \
-                 WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ?",
+                 WHERE TABLE_SCHEMA = DATABASE() AND BINARY TABLE_NAME = ?",
             )
             .bind(table)
             .fetch_all(p)

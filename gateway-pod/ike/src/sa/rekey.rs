@@ -729,10 +729,18 @@ impl Ours {
                 kex: k,
                 collision,
             } => {
-                let old = *children
+                // The peer may have deleted the CHILD SA being rekeyed meanwhile (a rekey
+                // collision): `finish` sees that from `children`, and needs only its SPI here.
+                let old = children
                     .iter()
                     .find(|c| c.spi_in == old_spi_in)
-                    .ok_or(SnapshotError::InvalidValue("CHILD SA being rekeyed"))?;
+                    .copied()
+                    .unwrap_or(ChildRef {
+                        spi_in: old_spi_in,
+                        spi_out: 0,
+                        rekey_at: None,
+                        replaced: true,
+                    });
                 let (kex, ke_public) = match k.map(kex).transpose()? {
                     Some((k, p)) => (Some(k), p),
                     None => (None, Vec::new()),

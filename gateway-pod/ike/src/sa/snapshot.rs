@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use concentrator_algorithms::{DhGroup, Encryption, Esn, Integrity, Prf as PrfAlg};
 use concentrator_crypto::{DirectionKeys, IkeSaKeys, SecretBytes};
+use zeroize::Zeroizing;
 
 use super::events::{ChildEvent, Events};
 use super::{ChildRef, ChildSa, IdBuf};
@@ -278,9 +279,24 @@ pub struct IkeSaSnapshot {
 }
 
 impl IkeSaSnapshot {
-    /// The encoding (see the module docs).
-    pub fn encode(&self) -> Vec<u8> {
-        let mut w = Vec::with_capacity(1024);
+    /// The encoding (see the module docs): it holds every key, so it is zeroized on drop,
+    /// and sized up front so that growing it leaves no copy behind.
+    pub fn encode(&self) -> Zeroizing<Vec<u8>> {
+        let exchanges = [&self.init, &self.retired]
+            .into_iter()
+            .flatten()
+            .chain(self.current.last.iter().map(|(_, e)| e))
+            .map(|e| e.request.len() + e.response.len())
+            .sum::<usize>();
+        let pending = [Some(&self.current), self.previous.as_ref().map(|(s, _)| s)]
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s.pending.as_ref())
+            .map(|p| p.datagram.len())
+            .sum::<usize>();
+        let mut w = Zeroizing::new(Vec::with_capacity(
+            2048 + exchanges + pending + 512 * self.children.len(),
+        ));
         w.extend_from_slice(&MAGIC);
         w.push(VERSION);
         w.push(match self.role {
@@ -361,7 +377,12 @@ impl IkeSaSnapshot {
         let init = r.option("init", Dec::exchange)?;
         let retired = r.option("retired", Dec::exchange)?;
         let n = r.len("children", MAX_CHILDREN)?;
-        let children = (0..n).map(|_| r.child()).collect::<Result<_, _>>()?;
+        let children: Vec<ChildSnapshot> = (0..n).map(|_| r.child()).collect::<Result<_, _>>()?;
+        let mut spis: Vec<u32> = children.iter().map(|c| c.spi_in).collect();
+        spis.sort_unstable();
+        if spis.windows(2).any(|w| w[0] == w[1]) || spis.first() == Some(&0) {
+            return Err(SnapshotError::InvalidValue("CHILD SA SPIs"));
+        }
         let in_flight = match r.u8("in_flight")? {
             0 => InFlight::Plain,
             1 => InFlight::ChildRekey {
@@ -536,6 +557,9 @@ pub(crate) fn snapshot_children<E: ChildEvent>(
     events: &Events<E>,
     now: Instant,
 ) -> Result<Vec<ChildSnapshot>, SnapshotError> {
+    if children.len() > MAX_CHILDREN {
+        return Err(SnapshotError::TooLong("children"));
+    }
     children
         .iter()
         .map(|c| {
@@ -703,6 +727,10 @@ impl<'a> Dec<'a> {
     fn session(&mut self) -> Result<SessionSnapshot, SnapshotError> {
         let spi_i = self.u64("spi_i")?;
         let spi_r = self.u64("spi_r")?;
+        // RFC 7296 §3.1: neither SPI of an established IKE SA is zero.
+        if spi_i == 0 || spi_r == 0 {
+            return Err(SnapshotError::InvalidValue("IKE SPIs"));
+        }
         let initiator = self.bool("initiator")?;
         let prf = self.prf()?;
         let encryption = self.encryption()?;

@@ -92,18 +92,26 @@ impl Driver {
         }
     }
 
-    /// Refuses the peer of SA `id` before any key is looked up: AUTHENTICATION_FAILED,
-    /// counted under `reason` when the negotiation fails.
+    /// Refuses the peer of SA `id` (AUTHENTICATION_FAILED), counted under `reason` when the
+    /// negotiation fails.
     fn refuse(&mut self, id: u64, peer: &IdBuf, eroute: Option<String>, reason: &'static str) {
-        let rec = self.record(id, peer);
-        rec.eroute = eroute;
+        self.record(id, peer).eroute = eroute;
+        self.refuse_recorded(id, reason);
+    }
+
+    /// [`Self::refuse`] for an SA whose record exists (a site lookup answered).
+    fn refuse_recorded(&mut self, id: u64, reason: &'static str) {
+        let Some(rec) = self.sas.get_mut(&id) else {
+            return;
+        };
         rec.refusal = Some(reason);
-        tracing::info!(peer_id = %peer, reason, "peer refused");
+        let peer_id = rec.peer_id.clone();
+        tracing::info!(%peer_id, reason, "peer refused");
         if let Err(e) = self
             .endpoint
             .provide_psk(id, Instant::now(), None, &mut self.entropy)
         {
-            tracing::debug!(peer_id = %peer, error = %e, "PSK step ended the negotiation");
+            tracing::debug!(%peer_id, error = %e, "PSK step ended the negotiation");
         }
     }
 
@@ -164,32 +172,28 @@ impl Driver {
             Some(net) => Egroups::check_subnet(&site, net).map(|()| site),
             None => Err(LookupError::NotFound),
         });
-        let psk = match result {
-            Ok(site) => {
-                let allowed = self.use_eroute(id, &base_eroute, Some(site.remote_subnet));
-                if let Some(rec) = self.sas.get_mut(&id) {
-                    rec.site_subnet = Some(site.remote_subnet);
-                    if !allowed {
-                        rec.refusal = Some(PROPOSAL_NOT_ALLOWED);
-                    }
-                }
-                allowed.then(|| zeroize::Zeroizing::new(site.psk.expose().to_vec()))
-            }
+        let site = match result {
+            Ok(site) => site,
             Err(e) => {
                 self.gateway.metrics.count_lookup_failure(&egroup, e.kind());
                 tracing::warn!(%peer_id, %egroup, reason = e.kind(), error = %e, "site lookup failed");
-                if let Some(rec) = self.sas.get_mut(&id) {
-                    rec.refusal = Some("site_lookup");
-                }
-                None
+                self.refuse_recorded(id, "site_lookup");
+                return;
             }
         };
-        if let Err(e) = self.endpoint.provide_psk(
-            id,
-            Instant::now(),
-            psk.as_ref().map(|p| p.as_slice()),
-            &mut self.entropy,
-        ) {
+        let allowed = self.use_eroute(id, &base_eroute, Some(site.remote_subnet));
+        if let Some(rec) = self.sas.get_mut(&id) {
+            rec.site_subnet = Some(site.remote_subnet);
+        }
+        if !allowed {
+            self.refuse_recorded(id, PROPOSAL_NOT_ALLOWED);
+            return;
+        }
+        let psk = zeroize::Zeroizing::new(site.psk.expose().to_vec());
+        if let Err(e) = self
+            .endpoint
+            .provide_psk(id, Instant::now(), Some(psk.as_slice()), &mut self.entropy)
+        {
             tracing::debug!(%peer_id, error = %e, "PSK step ended the negotiation");
         }
     }
