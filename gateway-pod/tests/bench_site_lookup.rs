@@ -8,7 +8,7 @@
 //! use: lookups waiting while a statement is in flight share the next one); then 64
 //! concurrent "connecting sites" run the gateway's dynamic-eroute creation path
 //! (`select_responder`, `Egroups::lookup_by_peer` with its coalescing cache, the subnet
-//! check, `Egroups::insert`, one owner task as in `control.rs`) for creations per second.
+//! check, `Egroups::insert`, one owner task as in `control/`) for creations per second.
 //! The tables alternate in rounds, so load from elsewhere falls on both alike. It prints the
 //! large/small ratios of per-lookup cost, the unix socket against TCP, and how many queries
 //! 64 simultaneous connects of one site cost. Run in release mode for meaningful numbers:
@@ -365,7 +365,7 @@ async fn lookups(
     before.stats(stats_pool, all, started.elapsed()).await
 }
 
-/// What a lookup task hands back to the owner of the egroups (as `LookupDone` in control.rs).
+/// What a lookup task hands back to the owner of the egroups (as `LookupDone` in control/policy).
 struct Done {
     started: Instant,
     i: u64,

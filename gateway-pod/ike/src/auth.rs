@@ -22,7 +22,7 @@ pub fn signed_octets(
     [first_message, peer_nonce, mac_id.expose()].concat()
 }
 
-/// The PSK AUTH value: "AUTH = prf( prf(Shared Secret, "Key Pad for IKEv2"), <InitiatorSignedOctets>)"
+/// The PSK AUTH value: `AUTH = prf( prf(Shared Secret, "Key Pad for IKEv2"), <InitiatorSignedOctets>)`
 /// (RFC 7296 §2.15).
 pub fn psk_auth(prf: Prf, psk: &[u8], signed_octets: &[u8]) -> SecretBytes {
     let key = prf.compute(psk, &[KEY_PAD]);

@@ -59,7 +59,7 @@
 //! deletes it). Its INFORMATIONAL requests delete CHILD SAs or the IKE SA, or check liveness.
 //!
 //! CHILD SAs are rekeyed by this side at their soft lifetime (85 % to 95 % of
-//! [`Config::child_lifetime`]), as the responder does: see `initiator/rekey.rs` (RFC 7296 §1.3.3, §2.8,
+//! [`Config::child_lifetime`]), as the responder does: see `sa/rekey.rs` (RFC 7296 §1.3.3, §2.8,
 //! the §2.8.1 collision rule).
 //!
 //! IKE SA rekeys (RFC 7296 §1.3.2, §2.18): this side rekeys at the soft lifetime of

@@ -1,8 +1,12 @@
 //! The sans-IO IKEv2 engine of the concentrator: the message codec of RFC 7296 section 3
-//! (header, payload chain, every payload of the base protocol, plus RFC 7383 fragments), and
-//! the responder side of IKE_SA_INIT + IKE_AUTH with PSK ([`responder`]), built from
-//! proposal/TS negotiation ([`negotiate`]), PSK AUTH ([`auth`]) and NAT detection ([`nat`]);
-//! the cryptography is `concentrator-crypto`.
+//! (header, payload chain, every payload of the base protocol, plus RFC 7383 fragments) in
+//! [`message`] and [`payload`]; proposal selection and our offers ([`negotiate`]); what both
+//! roles of an IKE SA share ([`sa`]: one [`Config`], [`Event`] and [`Error`], the keys and
+//! Message ID windows, CHILD SA and IKE SA rekeys, timers, and the [`sa::snapshot`] that
+//! carries an established SA to another endpoint); the two handshakes ([`responder`],
+//! [`initiator`], with PSK AUTH in [`auth`] and NAT detection in [`nat`]); and the
+//! [`endpoint`] that routes datagrams to SAs by SPI. The cryptography is
+//! `concentrator-crypto`.
 //!
 //! The crate is deterministic: no sockets, no clock, no threads; time is an argument and
 //! randomness comes from the caller ([`responder::Entropy`]).

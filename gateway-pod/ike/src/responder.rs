@@ -34,7 +34,7 @@
 //! - expiry of an IKE SA replaced by a rekey that the peer never deleted
 //!   ([`REKEYED_SA_LINGER`]);
 //! - the soft lifetime of each CHILD SA (85 % to 95 % of [`Config::child_lifetime`], see
-//!   `initiator/rekey.rs`): this side rekeys it (RFC 7296 §1.3.3: CREATE_CHILD_SA with
+//!   `sa/rekey.rs`): this side rekeys it (RFC 7296 §1.3.3: CREATE_CHILD_SA with
 //!   N(REKEY_SA), PFS when the ESP proposals name groups), reports the new SA with
 //!   [`Event::ChildSaInstalled`] naming the one it replaces, and deletes the old one at once
 //!   (an INFORMATIONAL request, [`Event::ChildSaDeleted`]). A CHILD SA the peer rekeys first

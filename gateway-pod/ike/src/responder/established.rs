@@ -505,7 +505,7 @@ impl Responder {
             Retry::GiveUp => return Next::Close(self.close_established(s, DeleteReason::DeadPeer)),
         }
         // RFC 7296 §2.8: a CHILD SA at its soft lifetime is rekeyed by this side (see
-        // [`crate::initiator::rekey`]); a rekey request proves liveness as well as an empty one.
+        // [`crate::sa::rekey`]); a rekey request proves liveness as well as an empty one.
         let config = Arc::clone(&self.config);
         let p = rekey::Params {
             esp: &config.esp_proposals,

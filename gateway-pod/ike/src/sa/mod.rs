@@ -1,6 +1,6 @@
 //! What both roles of an IKE SA share: the IKE SA's keys and message-ID windows
-//! ([`session`]), the established phase's exchanges (INFORMATIONAL in [`informational`],
-//! CREATE_CHILD_SA in [`create_child`], rekeys this side starts in [`rekey`]), and the types
+//! (`session`), the established phase's exchanges (INFORMATIONAL in `informational`,
+//! CREATE_CHILD_SA in `create_child`, rekeys this side starts in `rekey`), and the types
 //! both roles report and take: [`Retransmit`], [`Entropy`], [`Transmit`], [`ChildSa`],
 //! [`DeleteReason`], [`IdBuf`].
 
@@ -204,7 +204,7 @@ pub struct ChildSa {
 pub enum DeleteReason {
     /// The peer deleted it (an INFORMATIONAL request with a Delete payload for the IKE SA).
     PeerDeleted,
-    /// We deleted it ([`Responder::delete`]): evicted, drained, or replaced.
+    /// We deleted it ([`crate::Responder::delete`]): evicted, drained, or replaced.
     LocalDeleted,
     /// The peer stopped answering our liveness checks (RFC 7296 §2.4).
     DeadPeer,
