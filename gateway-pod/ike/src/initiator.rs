@@ -108,7 +108,7 @@ use crate::payload::{self, Auth, Delete, Ke, Nonce, Notify, Payload, Ts};
 use crate::redirect::{GatewayId, decode_redirect, encode_redirected_from};
 use crate::sa::events::Events;
 use crate::sa::rekey;
-use crate::sa::session::{IkeSa, Retry, Session, Window};
+use crate::sa::session::{IkeSa, Previous, Retry, Session, Window};
 use crate::sa::snapshot::{IkeSaSnapshot, Role, SnapshotError, restore_children, snapshot_children};
 use crate::sa::timers::{Timer, TimerTable};
 use crate::sa::{
@@ -163,14 +163,6 @@ struct Established {
     last_heard: Instant,
     /// The responder's authenticated identity.
     peer_id: IdBuf,
-}
-
-/// An IKE SA a rekey replaced: it answers the peer until one side deleted it. Our DELETE of
-/// it is retransmitted like any request (RFC 7296 §2.1); if the peer never answers, or never
-/// deletes the SA it replaced, the SA goes after [`REKEYED_SA_LINGER`].
-struct Previous {
-    session: Session,
-    expires: Instant,
 }
 
 /// A request and our response, kept after the state that answered it is gone.
@@ -243,10 +235,7 @@ impl Initiator {
             local_id: self.config.local_id.clone(),
             peer_id: s.peer_id.clone(),
             current: s.session.snapshot(now),
-            previous: s
-                .previous
-                .as_ref()
-                .map(|p| (p.session.snapshot(now), p.expires.saturating_duration_since(now))),
+            previous: s.previous.as_ref().map(|p| p.snapshot(now)),
             init: None,
             retired: None,
             children: snapshot_children(&s.children, &self.events, now)?,
@@ -268,15 +257,7 @@ impl Initiator {
         }
         let (children, installed) = restore_children(&snapshot.children, now);
         let ours = rekey::Ours::restore(snapshot.in_flight, &children)?;
-        let previous = snapshot
-            .previous
-            .map(|(session, expires)| {
-                Ok::<_, SnapshotError>(Previous {
-                    session: Session::restore(session, now)?,
-                    expires: deadline(now, expires),
-                })
-            })
-            .transpose()?;
+        let previous = snapshot.previous.map(|p| Previous::restore(p, now)).transpose()?;
         let session = Session::restore(snapshot.current, now)?;
         // Its name from now on: our SPI of the IKE SA in use.
         let spi_i = session.sa.our_spi();

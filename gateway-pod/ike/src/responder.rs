@@ -118,7 +118,7 @@ use crate::sa::create_child::{self, Created};
 use crate::sa::events::Events;
 use crate::sa::informational;
 use crate::sa::rekey::{self, ChildChange, Ours, soft_deadline};
-use crate::sa::session::{Answered, IkeSa, Retry, Session, Window};
+use crate::sa::session::{Answered, IkeSa, Previous, Retry, Session, Window};
 use crate::sa::snapshot::{
     Exchange, IkeSaSnapshot, Role, SnapshotError, restore_children, snapshot_children,
 };
@@ -158,12 +158,6 @@ struct ExpectPsk {
     remote: SocketAddr,
     /// Half-open expiry.
     deadline: Instant,
-}
-
-/// An IKE SA replaced by a rekey, until the peer deletes it.
-struct Previous {
-    session: Session,
-    expires: Instant,
 }
 
 struct Established {
@@ -277,10 +271,7 @@ impl Responder {
             local_id: self.config.local_id.clone(),
             peer_id: s.peer_id.clone(),
             current: s.current.snapshot(now),
-            previous: s
-                .previous
-                .as_ref()
-                .map(|p| (p.session.snapshot(now), p.expires.saturating_duration_since(now))),
+            previous: s.previous.as_ref().map(|p| p.snapshot(now)),
             init: exchange(&s.init),
             retired: exchange(&s.retired),
             children: snapshot_children(&s.children, &self.events, now)?,
@@ -302,15 +293,7 @@ impl Responder {
         }
         let (children, installed) = restore_children(&snapshot.children, now);
         let ours = Ours::restore(snapshot.in_flight, &children)?;
-        let previous = snapshot
-            .previous
-            .map(|(session, expires)| {
-                Ok::<_, SnapshotError>(Previous {
-                    session: Session::restore(session, now)?,
-                    expires: deadline(now, expires),
-                })
-            })
-            .transpose()?;
+        let previous = snapshot.previous.map(|p| Previous::restore(p, now)).transpose()?;
         let exchange = |e: Option<Exchange>| e.map(|e| (e.request, e.response));
         Ok(Self {
             state: State::Established(Box::new(Established {

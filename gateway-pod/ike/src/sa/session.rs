@@ -226,6 +226,35 @@ pub(crate) enum Retry {
     GiveUp,
 }
 
+/// An IKE SA a rekey replaced: it answers the peer until one side deleted it. Our DELETE of
+/// it is retransmitted like any request (RFC 7296 §2.1); if the peer never answers, or never
+/// deletes the SA it replaced, the SA goes after [`super::REKEYED_SA_LINGER`].
+pub(crate) struct Previous {
+    pub(crate) session: Session,
+    pub(crate) expires: Instant,
+}
+
+impl Previous {
+    /// As data, with the time until it expires.
+    pub(crate) fn snapshot(&self, now: Instant) -> (SessionSnapshot, std::time::Duration) {
+        (
+            self.session.snapshot(now),
+            self.expires.saturating_duration_since(now),
+        )
+    }
+
+    /// What [`Self::snapshot`] took, on a clock where it is `now`.
+    pub(crate) fn restore(
+        (session, expires): (SessionSnapshot, std::time::Duration),
+        now: Instant,
+    ) -> Result<Self, SnapshotError> {
+        Ok(Self {
+            session: Session::restore(session, now)?,
+            expires: super::deadline(now, expires),
+        })
+    }
+}
+
 /// An established IKE SA and its Message ID windows.
 pub(crate) struct Session {
     pub(crate) sa: IkeSa,
