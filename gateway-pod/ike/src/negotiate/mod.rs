@@ -158,10 +158,16 @@ pub fn select_ike(
         if !p.spi.is_empty() {
             continue;
         }
-        let as_sent = ours
-            .iter()
-            .find_map(|o| choose_ike(p, o, ke_group).filter(|c| c.dh.number() == ke_group));
-        if let Some(c) = as_sent.or_else(|| ours.iter().find_map(|o| choose_ike(p, o, ke_group))) {
+        // One pass: the first choice that takes the KE group as sent wins at once; else the
+        // first choice at all.
+        let mut first = None;
+        for c in ours.iter().filter_map(|o| choose_ike(p, o, ke_group)) {
+            if c.dh.number() == ke_group {
+                return Ok(c);
+            }
+            first.get_or_insert(c);
+        }
+        if let Some(c) = first {
             return Ok(c);
         }
     }

@@ -48,6 +48,8 @@ pub(crate) struct Opened {
 }
 
 impl IkeSa {
+    /// The SA as its original responder sees it (the responder, or the peer started the
+    /// rekey that made it): SK_ei/SK_ai open the peer's messages, SK_er/SK_ar seal ours.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         spi_i: u64,
@@ -58,20 +60,16 @@ impl IkeSa {
         keys: IkeSaKeys,
         nat_detected: bool,
     ) -> Result<Self, CryptoError> {
-        let rx = SkCipher::new(encryption, integrity, keys.sk_ei.expose(), keys.sk_ai.expose())?;
-        let tx = SkCipher::new(encryption, integrity, keys.sk_er.expose(), keys.sk_ar.expose())?;
-        Ok(Self {
+        Self::with_role(
             spi_i,
             spi_r,
             prf,
-            keys,
             encryption,
             integrity,
-            rx,
-            tx,
+            keys,
             nat_detected,
-            initiator: false,
-        })
+            false,
+        )
     }
 
     /// The SA as its original initiator sees it: SK_er/SK_ar open the peer's messages,
@@ -86,8 +84,27 @@ impl IkeSa {
         keys: IkeSaKeys,
         nat_detected: bool,
     ) -> Result<Self, CryptoError> {
-        let rx = SkCipher::new(encryption, integrity, keys.sk_er.expose(), keys.sk_ar.expose())?;
-        let tx = SkCipher::new(encryption, integrity, keys.sk_ei.expose(), keys.sk_ai.expose())?;
+        Self::with_role(spi_i, spi_r, prf, encryption, integrity, keys, nat_detected, true)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn with_role(
+        spi_i: u64,
+        spi_r: u64,
+        prf: Prf,
+        encryption: Encryption,
+        integrity: Option<Integrity>,
+        keys: IkeSaKeys,
+        nat_detected: bool,
+        initiator: bool,
+    ) -> Result<Self, CryptoError> {
+        let initiators = SkCipher::new(encryption, integrity, keys.sk_ei.expose(), keys.sk_ai.expose())?;
+        let responders = SkCipher::new(encryption, integrity, keys.sk_er.expose(), keys.sk_ar.expose())?;
+        let (rx, tx) = if initiator {
+            (responders, initiators)
+        } else {
+            (initiators, responders)
+        };
         Ok(Self {
             spi_i,
             spi_r,
@@ -98,7 +115,7 @@ impl IkeSa {
             rx,
             tx,
             nat_detected,
-            initiator: true,
+            initiator,
         })
     }
 
