@@ -104,10 +104,30 @@ impl Etcd {
     pub fn log_tail(&self, lines: usize) -> String {
         self.daemon.log_tail(lines)
     }
+
+    /// Freezes etcd (SIGSTOP): its clients' requests hang as they would for a partition.
+    pub fn freeze(&self) -> Result<()> {
+        self.signal("STOP")
+    }
+
+    /// Thaws etcd (SIGCONT) after [`Self::freeze`].
+    pub fn thaw(&self) -> Result<()> {
+        self.signal("CONT")
+    }
+
+    fn signal(&self, sig: &str) -> Result<()> {
+        let pid = self.daemon.pid().to_string();
+        crate::process::run(
+            Command::new("kill").args([&format!("-{sig}"), &pid]),
+            Duration::from_secs(5),
+        )?;
+        Ok(())
+    }
 }
 
 impl Drop for Etcd {
     fn drop(&mut self) {
+        // A frozen process dies of SIGKILL too.
         self.daemon.kill();
         if std::thread::panicking() {
             eprintln!("{}", self.log_tail(30));

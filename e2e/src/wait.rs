@@ -30,20 +30,55 @@ pub fn until<T>(
     timeout: Duration,
     mut probe: impl FnMut() -> Result<Probe<T>>,
 ) -> Result<T> {
-    let start = Instant::now();
-    let mut pause = Duration::from_millis(2);
+    let mut backoff = Backoff::new(timeout);
     loop {
         match probe().with_context(|| format!("while waiting for {what}"))? {
             Probe::Ready(value) => return Ok(value),
-            Probe::Pending(why) => {
-                let elapsed = start.elapsed();
-                if elapsed >= timeout {
-                    bail!("timed out after {elapsed:.1?} waiting for {what}; last state: {why}");
-                }
-                std::thread::sleep(pause.min(timeout - elapsed));
-                pause = (pause * 2).min(Duration::from_millis(50));
-            }
+            Probe::Pending(why) => std::thread::sleep(backoff.next(&what, why)?),
         }
+    }
+}
+
+/// [`until`] for async tests: sleeps on the tokio timer, so the tasks under test run.
+pub async fn until_async<T>(
+    what: impl Display,
+    timeout: Duration,
+    mut probe: impl FnMut() -> Result<Probe<T>>,
+) -> Result<T> {
+    let mut backoff = Backoff::new(timeout);
+    loop {
+        match probe().with_context(|| format!("while waiting for {what}"))? {
+            Probe::Ready(value) => return Ok(value),
+            Probe::Pending(why) => tokio::time::sleep(backoff.next(&what, why)?).await,
+        }
+    }
+}
+
+/// The pauses of a wait: 2 ms doubling up to 50 ms, and the deadline.
+struct Backoff {
+    start: Instant,
+    timeout: Duration,
+    pause: Duration,
+}
+
+impl Backoff {
+    fn new(timeout: Duration) -> Self {
+        Self {
+            start: Instant::now(),
+            timeout,
+            pause: Duration::from_millis(2),
+        }
+    }
+
+    /// The next pause, or the time-out error with the last pending state.
+    fn next(&mut self, what: &impl Display, why: String) -> Result<Duration> {
+        let elapsed = self.start.elapsed();
+        if elapsed >= self.timeout {
+            bail!("timed out after {elapsed:.1?} waiting for {what}; last state: {why}");
+        }
+        let pause = self.pause.min(self.timeout - elapsed);
+        self.pause = (self.pause * 2).min(Duration::from_millis(50));
+        Ok(pause)
     }
 }
 

@@ -1,30 +1,234 @@
-//! The fleet (DESIGN.md §5), not written yet: this room is where it goes, so that it does
-//! not grow inside the IKE driver ([`crate::control`]).
+//! The fleet (DESIGN.md §5): the pods of one fleet behind one address, sharing ownership
+//! through etcd. Off (`--fleet-etcd` unset), the gateway is the standalone one.
 //!
-//! What will live here:
-//! - **Membership**: an etcd lease per pod (TTL about 3 s), its small member ID (the
-//!   StatefulSet ordinal) and load reports under the lease. etcd holds membership, ownership
-//!   and elections only: never per-packet or per-message state, never SA keys.
-//! - **Shard ownership**: the shard map `shard -> owner, replica, epoch` written by an
-//!   elected leader and watched by every pod; a site claimed by a compare-and-create
-//!   transaction, so that two pods never own one dynamic eroute.
-//! - **SPI routing and forwarding**: every SPI a pod allocates carries its shard; IKE or ESP
-//!   for another shard's SA is forwarded to its owner over the pod network, and the answer
-//!   goes back out through the pod that received the flow.
-//! - **SA replication and takeover**: each shard's SAs streamed to its replica (snapshots at
-//!   setup and rekey, message IDs, inbound high-water marks, deletes), outbound sequence
-//!   numbers reserved ahead, hand-over on scale-in, rekeys after a takeover.
-//! - **Redirect decisions** (VIP mode): the elected director's choice of the least-loaded
-//!   pod for new sites (today a fixed `--redirect-to`).
+//! The sans-IO part (shards, the shard map and the leader's plan, member records, frames)
+//! is the `concentrator-fleet` crate; this room holds what talks to etcd and to other pods:
+//! - `session`: the etcd session: lease, member ID and record, the watch that keeps the
+//!   [`View`] current, and the shard map while this pod leads;
+//! - `claims`: sites claimed by one pod at a time (compare and create), and the requests
+//!   to give one up;
+//! - `view`: what the driver and the data plane read: who owns each shard, where members
+//!   are, whether new sites may be taken.
 //!
-//! Where the driver will call it, room by room (`crate::control::*`):
-//! - `driver`: before a datagram reaches the engine, to forward one for another shard's SA
-//!   (and to send back out what the owner answers);
-//! - `policy`: to claim a site's dynamic eroute before it is authenticated or acquired,
-//!   and to release it with the SA; to pick where a new site is redirected;
-//! - `events` and `install`: on IKE and CHILD SA establishment, rekey and deletion, to
-//!   replicate the SA to its shard's replica.
-//!
-//! The cluster will run on tasks of its own and exchange values with the driver over
-//! channels, as the site lookups and the route installer do: the IKE task never waits for
-//! etcd or a peer pod.
+//! The cluster runs on tasks of its own and exchanges values with the driver over channels
+//! and the [`View`]: the IKE task never waits for etcd or a peer pod.
+
+mod claims;
+mod session;
+mod view;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use concentrator_fleet::MemberId;
+use concentrator_fleet::member::Load;
+use concentrator_fleet::wire::FleetKey;
+use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+
+pub use claims::{Claimed, Claims, SiteKey};
+pub use view::{Route, SharedView, View};
+
+use crate::metrics::ReasonLabel;
+
+/// How a pod joins its fleet.
+#[derive(Clone)]
+pub struct FleetOptions {
+    /// etcd client URLs.
+    pub endpoints: Vec<String>,
+    /// Key prefix of the fleet in etcd (one etcd can serve several fleets).
+    pub prefix: String,
+    /// This pod's name (its StatefulSet ordinal, if it ends in `-<n>`, is its member ID).
+    pub member: String,
+    /// Where other pods send this one frames.
+    pub address: SocketAddr,
+    /// The fleet key.
+    pub key: FleetKey,
+    /// TTL of the member lease (kept alive at a third of it).
+    pub lease_ttl: Duration,
+    /// Pause before a new session after one ended.
+    pub retry: Duration,
+    /// etcd client TLS: CA bundle, and a client certificate and key.
+    pub tls: Option<EtcdTls>,
+    /// The load to report (read at each report).
+    pub load: Arc<dyn Fn() -> Load + Send + Sync>,
+}
+
+impl std::fmt::Debug for FleetOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FleetOptions")
+            .field("endpoints", &self.endpoints)
+            .field("prefix", &self.prefix)
+            .field("member", &self.member)
+            .field("address", &self.address)
+            .field("lease_ttl", &self.lease_ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+/// etcd client TLS files (PEM).
+#[derive(Clone, Debug)]
+pub struct EtcdTls {
+    pub ca: PathBuf,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+/// What went wrong with etcd.
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    #[error("etcd: {0}")]
+    Etcd(#[from] etcd_client::Error),
+    #[error("the member lease was lost")]
+    LeaseLost,
+    #[error("the etcd watch ended")]
+    WatchClosed,
+    #[error("every member ID is taken")]
+    NoFreeId,
+    #[error("etcd TLS files: {0}")]
+    Tls(String),
+    #[error("the fleet is unavailable (no etcd session)")]
+    Unavailable,
+    #[error("etcd did not answer in time")]
+    Timeout,
+    #[error("the claim changed hands while it was being read: try again")]
+    Contended,
+}
+
+/// The fleet's metrics (`concentrator_gateway_fleet_*`).
+#[derive(Clone, Debug, Default)]
+pub struct FleetMetrics {
+    /// Members in the fleet, as this pod sees it.
+    pub members: Gauge,
+    /// 1 while this pod is the leader.
+    pub leader: Gauge,
+    /// Shards whose owner changed, in maps this pod wrote as leader.
+    pub shard_moves: Counter,
+    /// etcd errors that ended a session or failed a request, by kind.
+    pub etcd_errors: Family<ReasonLabel, Counter>,
+    /// Records in etcd that did not decode, by kind (member, shard_map, claim).
+    pub bad_records: Family<ReasonLabel, Counter>,
+    /// Site claims by result (won, mine, held, unavailable).
+    pub claims: Family<ReasonLabel, Counter>,
+    /// How long claims took, summed, in seconds (with `claims`: the mean).
+    pub claim_seconds: Counter<f64, AtomicU64>,
+}
+
+impl FleetMetrics {
+    fn count_etcd_error(&self, kind: &str) {
+        self.etcd_errors
+            .get_or_create(&ReasonLabel { reason: kind.into() })
+            .inc();
+    }
+
+    fn count_bad_record(&self, kind: &str) {
+        self.bad_records
+            .get_or_create(&ReasonLabel { reason: kind.into() })
+            .inc();
+    }
+
+    /// Registers the fleet's metrics in `r` (the gateway's sub-registry).
+    pub fn register(&self, r: &mut Registry) {
+        r.register(
+            "fleet_members",
+            "Members of the fleet as this pod sees them",
+            self.members.clone(),
+        );
+        r.register(
+            "fleet_leader",
+            "1 while this pod is the fleet's leader",
+            self.leader.clone(),
+        );
+        r.register(
+            "fleet_shard_moves",
+            "Shards whose owner changed in maps this pod wrote as leader",
+            self.shard_moves.clone(),
+        );
+        r.register(
+            "fleet_etcd_errors",
+            "etcd errors by kind",
+            self.etcd_errors.clone(),
+        );
+        r.register(
+            "fleet_bad_records",
+            "Records in etcd that did not decode, by kind",
+            self.bad_records.clone(),
+        );
+        r.register("fleet_claims", "Site claims by result", self.claims.clone());
+        r.register(
+            "fleet_claim_seconds",
+            "Time spent claiming sites in etcd, in seconds",
+            self.claim_seconds.clone(),
+        );
+    }
+}
+
+/// The current etcd session, for claims: a client, our member ID and our lease.
+#[derive(Clone)]
+pub(crate) struct SessionLease {
+    client: Client,
+    me: MemberId,
+    lease: i64,
+}
+
+/// A running fleet membership.
+pub struct Fleet {
+    pub view: SharedView,
+    pub claims: Claims,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Fleet {
+    /// Joins the fleet: starts the session task (which retries until etcd answers).
+    pub fn start(opts: FleetOptions, metrics: FleetMetrics) -> Self {
+        let view: SharedView = Arc::new(View::new());
+        let (lease_tx, lease_rx) = watch::channel(None);
+        let (stop, stop_rx) = watch::channel(false);
+        let claims = Claims::new(&opts.prefix, lease_rx, view.clone(), metrics.clone());
+        let task = tokio::spawn(session::run(opts, view.clone(), lease_tx, metrics, stop_rx));
+        Self {
+            view,
+            claims,
+            stop,
+            task,
+        }
+    }
+
+    /// Leaves the fleet: revokes the lease, so that the others take our shards at once.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+
+    /// Stops at once without a word to etcd, as a crashed pod would: the others learn of it
+    /// when the lease runs out.
+    pub fn kill(self) {
+        self.task.abort();
+    }
+}
+
+/// A client for `opts`' endpoints.
+async fn connect(opts: &FleetOptions) -> Result<Client, FleetError> {
+    let mut connect = ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(2))
+        .with_timeout(Duration::from_secs(5))
+        .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+    if let Some(tls) = &opts.tls {
+        let read =
+            |p: &PathBuf| std::fs::read(p).map_err(|e| FleetError::Tls(format!("{}: {e}", p.display())));
+        let mut t = TlsOptions::new().ca_certificate(Certificate::from_pem(read(&tls.ca)?));
+        if let (Some(cert), Some(key)) = (&tls.cert, &tls.key) {
+            t = t.identity(Identity::from_pem(read(cert)?, read(key)?));
+        }
+        connect = connect.with_tls(t);
+    }
+    Ok(Client::connect(&opts.endpoints, Some(connect)).await?)
+}

@@ -1,0 +1,334 @@
+//! What this pod knows of the fleet, shared with the IKE driver and the data plane threads:
+//! who it is, who owns each shard, where each member is, and whether it may take new sites.
+//!
+//! The owner of each shard sits in an atomic, so the data plane finds where a packet goes
+//! with one load and no lock; the rest changes a few times a minute and sits behind locks.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use concentrator_fleet::member::MemberRecord;
+use concentrator_fleet::{MemberId, SHARDS, Shard, ShardMap, ShardSet};
+
+const NOBODY: u16 = u16::MAX;
+
+/// Where a packet for a shard goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Route {
+    /// This pod owns the shard.
+    Local,
+    /// Another member owns it: forward there.
+    Member(MemberId, SocketAddr),
+    /// Nobody (that we know of) owns it: drop and count.
+    Nowhere,
+}
+
+/// The pod's view of the fleet (see the module docs).
+#[derive(Debug)]
+pub struct View {
+    me: AtomicU16,
+    /// The lease is held and the map applied: new sites may be claimed.
+    available: AtomicBool,
+    owners: Box<[AtomicU16]>,
+    epochs: Box<[AtomicU32]>,
+    map_version: AtomicU64,
+    /// IKE SAs (half-open included) this pod holds per shard, kept by the driver.
+    occupancy: Box<[AtomicU32]>,
+    inner: RwLock<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    allocatable: Vec<Shard>,
+    /// The members that may take new sites (own a shard they allocate in), in ID order.
+    allocating: Vec<MemberId>,
+    members: BTreeMap<MemberId, MemberRecord>,
+}
+
+impl Default for View {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl View {
+    /// A view of nothing: no member ID, no shard, not available.
+    pub fn new() -> Self {
+        let n = usize::from(SHARDS);
+        Self {
+            me: AtomicU16::new(NOBODY),
+            available: AtomicBool::new(false),
+            owners: (0..n).map(|_| AtomicU16::new(NOBODY)).collect(),
+            epochs: (0..n).map(|_| AtomicU32::new(0)).collect(),
+            map_version: AtomicU64::new(0),
+            occupancy: (0..n).map(|_| AtomicU32::new(0)).collect(),
+            inner: RwLock::default(),
+        }
+    }
+
+    /// This pod's member ID, once it has one.
+    pub fn me(&self) -> Option<MemberId> {
+        match self.me.load(Ordering::Acquire) {
+            NOBODY => None,
+            m => Some(MemberId(m)),
+        }
+    }
+
+    pub(super) fn set_me(&self, me: Option<MemberId>) {
+        self.me.store(me.map_or(NOBODY, |m| m.0), Ordering::Release);
+    }
+
+    /// Whether new sites may be taken: the lease is held and the map is current.
+    pub fn available(&self) -> bool {
+        self.available.load(Ordering::Acquire)
+    }
+
+    pub(super) fn set_available(&self, available: bool) {
+        self.available.store(available, Ordering::Release);
+    }
+
+    /// Who owns `shard`.
+    pub fn owner(&self, shard: Shard) -> Option<MemberId> {
+        match self.owners[shard.index()].load(Ordering::Acquire) {
+            NOBODY => None,
+            m => Some(MemberId(m)),
+        }
+    }
+
+    /// The epoch of `shard`'s ownership.
+    pub fn epoch(&self, shard: Shard) -> u32 {
+        self.epochs[shard.index()].load(Ordering::Acquire)
+    }
+
+    /// Where a packet of `shard` goes.
+    pub fn route(&self, shard: Shard) -> Route {
+        match self.owner(shard) {
+            None => Route::Nowhere,
+            Some(m) if Some(m) == self.me() => Route::Local,
+            Some(m) => self.address(m).map_or(Route::Nowhere, |a| Route::Member(m, a)),
+        }
+    }
+
+    /// Where member `m` takes frames.
+    pub fn address(&self, m: MemberId) -> Option<SocketAddr> {
+        self.read().members.get(&m).map(|r| r.address)
+    }
+
+    /// The member records, by ID.
+    pub fn members(&self) -> BTreeMap<MemberId, MemberRecord> {
+        self.read().members.clone()
+    }
+
+    /// The version of the shard map applied last.
+    pub fn map_version(&self) -> u64 {
+        self.map_version.load(Ordering::Acquire)
+    }
+
+    /// A shard for a new IKE SA of ours, from `random` (`None` when we may allocate none).
+    pub fn pick_shard(&self, random: u64) -> Option<Shard> {
+        let inner = self.read();
+        let n = inner.allocatable.len() as u64;
+        (n > 0).then(|| inner.allocatable[(random % n) as usize])
+    }
+
+    /// The member that takes a new IKE SA (an IKE_SA_INIT request) from `source` with the
+    /// initiator SPI `spi_i`: rendezvous hashing over the members that take new sites, so
+    /// that a retransmission lands on the same member whichever pod it reached, and a
+    /// member joining or leaving moves only its own share of new sites.
+    pub fn place(&self, source: IpAddr, spi_i: u64) -> Option<MemberId> {
+        let inner = self.read();
+        inner
+            .allocating
+            .iter()
+            .max_by_key(|m| placement_score(source, spi_i, **m))
+            .copied()
+    }
+
+    /// Applies a new shard map and member set.
+    pub(super) fn apply(&self, map: &ShardMap, members: BTreeMap<MemberId, MemberRecord>) {
+        for s in Shard::all() {
+            let e = map.entry(s);
+            self.owners[s.index()].store(e.owner.map_or(NOBODY, |m| m.0), Ordering::Release);
+            self.epochs[s.index()].store(e.epoch, Ordering::Release);
+        }
+        let allocatable = self
+            .me()
+            .map(|me| map.allocatable(me).iter().collect())
+            .unwrap_or_default();
+        let allocating = map
+            .allocating_members()
+            .into_iter()
+            .filter(|m| members.contains_key(m))
+            .collect();
+        let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        *inner = Inner {
+            allocatable,
+            allocating,
+            members,
+        };
+        self.map_version.store(map.version(), Ordering::Release);
+    }
+
+    /// An IKE SA of ours in `shard` began (half-open included).
+    pub fn occupy(&self, shard: Shard) {
+        self.occupancy[shard.index()].fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// An IKE SA of ours in `shard` ended.
+    pub fn vacate(&self, shard: Shard) {
+        let _ = self.occupancy[shard.index()]
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    }
+
+    /// The shards in which we hold IKE SAs.
+    pub fn occupied(&self) -> ShardSet {
+        Shard::all()
+            .filter(|s| self.occupancy[s.index()].load(Ordering::Acquire) > 0)
+            .collect()
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
+        // A panic elsewhere while holding the lock leaves consistent data (each write
+        // replaces the whole value): go on with it.
+        self.inner.read().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Shared handle.
+pub type SharedView = Arc<View>;
+
+/// The rendezvous score of `member` for a new IKE SA (FNV-1a over the inputs; a spread, not
+/// a secret: a site can only choose where its own IKE SA lands).
+fn placement_score(source: IpAddr, spi_i: u64, member: MemberId) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for b in bytes {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    };
+    match source {
+        IpAddr::V4(ip) => eat(&ip.octets()),
+        IpAddr::V6(ip) => eat(&ip.octets()),
+    }
+    eat(&spi_i.to_be_bytes());
+    eat(&member.0.to_be_bytes());
+    // FNV's low bits mix poorly for inputs that differ in their last bytes: finish like
+    // splitmix64.
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 27;
+    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use concentrator_fleet::map::{Report, plan};
+    use concentrator_fleet::member::Load;
+
+    use super::*;
+
+    fn record(n: u16) -> MemberRecord {
+        MemberRecord {
+            name: format!("gw-{n}"),
+            address: SocketAddr::from(([10, 0, 0, n as u8], 4510)),
+            load: Load::default(),
+            map_version: 0,
+            occupied: ShardSet::new().to_hex(),
+        }
+    }
+
+    fn fleet(ids: &[u16]) -> (ShardMap, BTreeMap<MemberId, MemberRecord>) {
+        let reports: BTreeMap<_, _> = ids.iter().map(|n| (MemberId(*n), Report::default())).collect();
+        let mut map = plan(&ShardMap::new(), &reports).unwrap();
+        // Settle: everyone saw everything and holds no SA.
+        loop {
+            let seen: BTreeMap<_, _> = reports
+                .keys()
+                .map(|m| {
+                    (
+                        *m,
+                        Report {
+                            map_version: map.version(),
+                            ..Report::default()
+                        },
+                    )
+                })
+                .collect();
+            match plan(&map, &seen) {
+                Some(next) => map = next,
+                None => break,
+            }
+        }
+        (map, ids.iter().map(|n| (MemberId(*n), record(*n))).collect())
+    }
+
+    #[test]
+    fn routes_follow_the_map() {
+        let view = View::new();
+        let (map, members) = fleet(&[0, 1, 2]);
+        view.set_me(Some(MemberId(1)));
+        view.apply(&map, members);
+        let mut seen = [0; 3];
+        for s in Shard::all() {
+            match view.route(s) {
+                Route::Local => seen[1] += 1,
+                Route::Member(m, addr) => {
+                    assert_eq!(addr, record(m.0).address);
+                    seen[usize::from(m.0)] += 1;
+                }
+                Route::Nowhere => panic!("shard {s} goes nowhere"),
+            }
+        }
+        assert!(seen.iter().all(|n| (341..=342).contains(n)), "{seen:?}");
+        let mine = view.pick_shard(12345).unwrap();
+        assert_eq!(view.route(mine), Route::Local);
+    }
+
+    #[test]
+    fn placement_is_stable_and_spread() {
+        let view = View::new();
+        let (map, members) = fleet(&[0, 1, 2]);
+        view.set_me(Some(MemberId(0)));
+        view.apply(&map, members);
+        let mut counts = [0u32; 3];
+        for i in 0..3000u64 {
+            let src = IpAddr::from([192, 0, 2, (i % 200) as u8]);
+            let m = view.place(src, i.wrapping_mul(0x9e37_79b9_7f4a_7c15)).unwrap();
+            assert_eq!(view.place(src, i.wrapping_mul(0x9e37_79b9_7f4a_7c15)), Some(m));
+            counts[usize::from(m.0)] += 1;
+        }
+        assert!(counts.iter().all(|n| (800..1200).contains(n)), "{counts:?}");
+
+        // Member 2 leaves: new sites that went to 0 or 1 still go there.
+        let before: Vec<_> = (0..300u64)
+            .map(|i| view.place(IpAddr::from([198, 51, 100, 1]), i))
+            .collect();
+        let (map, members) = fleet(&[0, 1]);
+        view.apply(&map, members);
+        for (i, m) in before.iter().enumerate() {
+            let now = view.place(IpAddr::from([198, 51, 100, 1]), i as u64);
+            if *m != Some(MemberId(2)) {
+                assert_eq!(now, *m);
+            }
+        }
+    }
+
+    #[test]
+    fn occupancy_counts_ike_sas_per_shard() {
+        let view = View::new();
+        let s = Shard::new(9).unwrap();
+        view.occupy(s);
+        view.occupy(s);
+        view.vacate(s);
+        assert!(view.occupied().contains(s));
+        view.vacate(s);
+        view.vacate(s);
+        assert!(view.occupied().is_empty());
+    }
+}
