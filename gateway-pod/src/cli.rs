@@ -124,6 +124,68 @@ pub struct Options {
     #[arg(long, env = "CONCENTRATOR_RAW_ESP")]
     pub raw_esp: bool,
 
+    /// etcd client URLs (comma-separated): join the fleet of gateway pods that share this
+    /// etcd and key prefix (shard ownership, site claims, SPI routing). Unset: a standalone
+    /// gateway.
+    #[arg(
+        long,
+        env = "CONCENTRATOR_FLEET_ETCD",
+        value_name = "URL",
+        value_delimiter = ','
+    )]
+    pub fleet_etcd: Vec<String>,
+
+    /// Key prefix of the fleet in etcd (several fleets can share one etcd).
+    #[arg(
+        long,
+        env = "CONCENTRATOR_FLEET_PREFIX",
+        value_name = "PREFIX",
+        default_value = "/concentrator"
+    )]
+    pub fleet_prefix: String,
+
+    /// This pod's name in the fleet (default: the host name). A StatefulSet pod's ordinal
+    /// (`gw-3` → 3) is its member ID.
+    #[arg(long, env = "CONCENTRATOR_FLEET_MEMBER", value_name = "NAME")]
+    pub fleet_member: Option<String>,
+
+    /// Where the other pods reach this one (IP, or IP:PORT; port 4510 by default): the pod
+    /// IP. Required with --fleet-etcd.
+    #[arg(long, env = "CONCENTRATOR_FLEET_ADDRESS", value_name = "IP[:PORT]")]
+    pub fleet_address: Option<String>,
+
+    /// File with the fleet key (at least 32 random bytes, e.g. `head -c 32 /dev/urandom`),
+    /// the same in every pod: it authenticates and encrypts pod-to-pod traffic; a pod with
+    /// another key is refused. Required with --fleet-etcd.
+    #[arg(long, env = "CONCENTRATOR_FLEET_KEY_FILE", value_name = "PATH")]
+    pub fleet_key_file: Option<PathBuf>,
+
+    /// TTL of the pod's etcd lease: a pod that dies loses its shards after this long.
+    #[arg(long, env = "CONCENTRATOR_FLEET_LEASE_TTL", value_name = "DURATION", default_value = "3s", value_parser = humantime::parse_duration)]
+    pub fleet_lease_ttl: std::time::Duration,
+
+    /// CA bundle (PEM) that signs etcd's server certificate: etcd over TLS.
+    #[arg(long, env = "CONCENTRATOR_FLEET_ETCD_CA", value_name = "PATH")]
+    pub fleet_etcd_ca: Option<PathBuf>,
+
+    /// Client certificate (PEM) for etcd, with --fleet-etcd-key.
+    #[arg(
+        long,
+        env = "CONCENTRATOR_FLEET_ETCD_CERT",
+        value_name = "PATH",
+        requires = "fleet_etcd_key"
+    )]
+    pub fleet_etcd_cert: Option<PathBuf>,
+
+    /// Client key (PEM) for etcd, with --fleet-etcd-cert.
+    #[arg(
+        long,
+        env = "CONCENTRATOR_FLEET_ETCD_KEY",
+        value_name = "PATH",
+        requires = "fleet_etcd_cert"
+    )]
+    pub fleet_etcd_key: Option<PathBuf>,
+
     /// Serve only the admin API and metrics: no IKE, no TUN device (no tunnels; needs no
     /// privileges). For inspecting a configuration or a site store.
     #[arg(long, env = "CONCENTRATOR_NO_TUNNELS")]

@@ -39,6 +39,8 @@ pub enum StartError {
     Telemetry(#[from] concentrator_telemetry::TelemetryError),
     #[error(transparent)]
     Control(#[from] control::ControlError),
+    #[error(transparent)]
+    Fleet(#[from] cluster::FleetConfigError),
     #[error("egroup site store: {0}")]
     EgroupStore(sitedb::SiteDbError),
     #[error("cannot listen for the admin API on {addr}: {source}")]
@@ -60,6 +62,8 @@ pub struct Running {
     cpu_sampler: tokio::task::JoinHandle<()>,
     /// IKE and the data plane; `None` with `--no-tunnels`.
     pub control: Option<control::Control>,
+    /// Fleet membership; `None` standalone.
+    pub fleet: Option<cluster::Fleet>,
 }
 
 impl Running {
@@ -68,6 +72,9 @@ impl Running {
         self.metrics.set_ready(false);
         if let Some(control) = self.control.take() {
             control.shutdown().await;
+        }
+        if let Some(fleet) = self.fleet.take() {
+            fleet.shutdown().await;
         }
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
@@ -111,6 +118,23 @@ pub async fn start(opts: &Options, config: Config) -> Result<Running, StartError
         Err(e) => tracing::warn!(error = %e, "cannot count sites; the site store may be unreachable"),
     }
 
+    let m = &gateway.metrics;
+    let (tunnels, half_open, cpu, drain) = (
+        m.tunnels.clone(),
+        m.ike_sas_half_open.clone(),
+        m.cpu_percent.clone(),
+        m.drain_state.clone(),
+    );
+    let load = Arc::new(move || concentrator_fleet::member::Load {
+        tunnels: u64::try_from(tunnels.get()).unwrap_or(0),
+        half_open: u64::try_from(half_open.get()).unwrap_or(0),
+        cpu_percent: u32::try_from(cpu.get()).unwrap_or(0),
+        capacity: 0,
+        draining: drain.get() != 0,
+    });
+    let fleet = cluster::FleetOptions::from_cli(opts, load)?
+        .map(|f| cluster::Fleet::start(f, gateway.metrics.fleet.clone()));
+
     let control = if opts.no_tunnels {
         None
     } else {
@@ -153,6 +177,7 @@ pub async fn start(opts: &Options, config: Config) -> Result<Running, StartError
                     }),
                     raw_esp: opts.raw_esp,
                 },
+                fleet.as_ref(),
             )
             .await?,
         )
@@ -199,6 +224,7 @@ pub async fn start(opts: &Options, config: Config) -> Result<Running, StartError
         metrics: metrics_srv,
         cpu_sampler,
         control,
+        fleet,
     })
 }
 

@@ -86,12 +86,15 @@ pub struct Metrics {
     pub egroup_lookup_failures: Family<EgroupReasonLabel, Counter>,
     /// Dynamic eroutes this pod holds, by egroup.
     pub dynamic_eroutes: Family<EgroupLabel, Gauge>,
+    /// The fleet (with --fleet-etcd).
+    pub fleet: crate::cluster::FleetMetrics,
 }
 
 impl Metrics {
     /// Registers everything under the `concentrator_gateway` prefix.
     pub fn register(&self, registry: &mut Registry) {
         let r = registry.sub_registry_with_prefix("concentrator_gateway");
+        self.fleet.register(r);
         r.register(
             "admin_requests",
             "Admin API requests by method",

@@ -14,7 +14,9 @@
 //! and the [`View`]: the IKE task never waits for etcd or a peer pod.
 
 mod claims;
+mod forward;
 mod session;
+mod spis;
 mod view;
 
 use std::net::SocketAddr;
@@ -34,6 +36,8 @@ use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
 pub use claims::{Claimed, Claims, SiteKey};
+pub use forward::{Delivery, ForwardMetrics, IkeRoute, Link, Links, Via, route_ike, serve};
+pub use spis::GatewayEntropy;
 pub use view::{Route, SharedView, View};
 
 use crate::metrics::ReasonLabel;
@@ -70,6 +74,76 @@ impl std::fmt::Debug for FleetOptions {
             .field("address", &self.address)
             .field("lease_ttl", &self.lease_ttl)
             .finish_non_exhaustive()
+    }
+}
+
+/// Why the fleet options are refused.
+#[derive(Debug, thiserror::Error)]
+pub enum FleetConfigError {
+    #[error("--fleet-address (CONCENTRATOR_FLEET_ADDRESS) is required with --fleet-etcd: the pod IP")]
+    NoAddress,
+    #[error("--fleet-address {0:?} is neither IP nor IP:PORT")]
+    Address(String),
+    #[error("--fleet-key-file (CONCENTRATOR_FLEET_KEY_FILE) is required with --fleet-etcd")]
+    NoKey,
+    #[error("fleet key file {path}: {source}")]
+    KeyFile { path: PathBuf, source: std::io::Error },
+    #[error("fleet key file {0}: {1}")]
+    Key(PathBuf, concentrator_fleet::wire::KeyError),
+    #[error("no --fleet-member given and the host name cannot be read: {0}")]
+    Hostname(std::io::Error),
+}
+
+/// The port of `--fleet-address` when none is given.
+pub const DEFAULT_FLEET_PORT: u16 = 4510;
+
+impl FleetOptions {
+    /// The fleet options of the command line; `None` without `--fleet-etcd` (standalone).
+    pub fn from_cli(
+        opts: &crate::cli::Options,
+        load: Arc<dyn Fn() -> Load + Send + Sync>,
+    ) -> Result<Option<Self>, FleetConfigError> {
+        if opts.fleet_etcd.is_empty() {
+            return Ok(None);
+        }
+        let address = opts.fleet_address.as_deref().ok_or(FleetConfigError::NoAddress)?;
+        let address = address
+            .parse::<SocketAddr>()
+            .or_else(|_| {
+                address
+                    .parse::<std::net::IpAddr>()
+                    .map(|ip| SocketAddr::new(ip, DEFAULT_FLEET_PORT))
+            })
+            .map_err(|_| FleetConfigError::Address(address.to_owned()))?;
+        let path = opts.fleet_key_file.clone().ok_or(FleetConfigError::NoKey)?;
+        let secret =
+            zeroize::Zeroizing::new(std::fs::read(&path).map_err(|source| FleetConfigError::KeyFile {
+                path: path.clone(),
+                source,
+            })?);
+        let key = FleetKey::new(&secret).map_err(|e| FleetConfigError::Key(path, e))?;
+        let member = match &opts.fleet_member {
+            Some(m) => m.clone(),
+            None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map_err(FleetConfigError::Hostname)?
+                .trim()
+                .to_owned(),
+        };
+        Ok(Some(Self {
+            endpoints: opts.fleet_etcd.clone(),
+            prefix: opts.fleet_prefix.clone(),
+            member,
+            address,
+            key,
+            lease_ttl: opts.fleet_lease_ttl.max(Duration::from_secs(1)),
+            retry: Duration::from_millis(500),
+            tls: opts.fleet_etcd_ca.clone().map(|ca| EtcdTls {
+                ca,
+                cert: opts.fleet_etcd_cert.clone(),
+                key: opts.fleet_etcd_key.clone(),
+            }),
+            load,
+        }))
     }
 }
 
@@ -119,6 +193,8 @@ pub struct FleetMetrics {
     pub claims: Family<ReasonLabel, Counter>,
     /// How long claims took, summed, in seconds (with `claims`: the mean).
     pub claim_seconds: Counter<f64, AtomicU64>,
+    /// SPI routing.
+    pub forward: ForwardMetrics,
 }
 
 impl FleetMetrics {
@@ -167,6 +243,7 @@ impl FleetMetrics {
             "Time spent claiming sites in etcd, in seconds",
             self.claim_seconds.clone(),
         );
+        self.forward.register(r);
     }
 }
 
@@ -182,6 +259,10 @@ pub(crate) struct SessionLease {
 pub struct Fleet {
     pub view: SharedView,
     pub claims: Claims,
+    /// Senders of frames to other members.
+    pub links: Links,
+    /// Where other members send this one frames.
+    pub address: SocketAddr,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -193,10 +274,19 @@ impl Fleet {
         let (lease_tx, lease_rx) = watch::channel(None);
         let (stop, stop_rx) = watch::channel(false);
         let claims = Claims::new(&opts.prefix, lease_rx, view.clone(), metrics.clone());
+        let links = Links::new(
+            view.clone(),
+            opts.key.clone(),
+            opts.address.ip(),
+            metrics.forward.clone(),
+        );
+        let address = opts.address;
         let task = tokio::spawn(session::run(opts, view.clone(), lease_tx, metrics, stop_rx));
         Self {
             view,
             claims,
+            links,
+            address,
             stop,
             task,
         }

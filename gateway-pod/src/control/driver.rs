@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use concentrator_ike::endpoint::{Endpoint, EndpointError};
-use concentrator_ike::responder::{Error as ResponderError, SystemEntropy, Transmit};
+use concentrator_ike::responder::{Error as ResponderError, Transmit};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 
@@ -36,7 +36,7 @@ const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 /// The IKE task's state: the engine, the sockets, and each room's own state.
 pub(super) struct Driver {
     pub(super) endpoint: Endpoint,
-    pub(super) entropy: SystemEntropy,
+    pub(super) entropy: crate::cluster::GatewayEntropy,
     pub(super) gateway: Arc<Gateway>,
     pub(super) egroups: Egroups,
     pub(super) udp500: Arc<UdpSocket>,
@@ -56,6 +56,8 @@ pub(super) struct Driver {
     pub(super) backend: Arc<dyn ChildSaBackend>,
     /// Routes to the TUN device, changed on a task of their own.
     pub(super) routes: Routes,
+    /// The fleet (`None` standalone).
+    pub(super) fleet: Option<super::fleet::DriverFleet>,
 }
 
 /// What the other tasks send the driver.
@@ -122,7 +124,7 @@ impl Driver {
                     Ok((n, remote)) => {
                         let local = self.udp500.local_addr().unwrap_or(remote);
                         let datagram = buf[..n].to_vec();
-                        self.datagram(local, remote, &datagram);
+                        self.datagram(local, remote, &datagram, None);
                         // Whatever else has arrived is handled before the responses go out
                         // and before this task sleeps again: under a flood of new sites, one
                         // wake-up per datagram would cost more than the exchange itself.
@@ -130,7 +132,7 @@ impl Driver {
                             match self.udp500.try_recv_from(&mut buf) {
                                 Ok((n, remote)) => {
                                     let datagram = buf[..n].to_vec();
-                                    self.datagram(local, remote, &datagram);
+                                    self.datagram(local, remote, &datagram, None);
                                 }
                                 Err(_) => break,
                             }
@@ -143,11 +145,11 @@ impl Driver {
                     }
                 },
                 Some(d) = ike_rx.recv() => {
-                    self.datagram(d.local, d.remote, &d.payload);
+                    self.datagram(d.local, d.remote, &d.payload, d.via);
                     // The same for port 4500, whose datagrams the data plane's threads pass on.
                     for _ in 1..IKE_BATCH {
                         match ike_rx.try_recv() {
-                            Ok(d) => self.datagram(d.local, d.remote, &d.payload),
+                            Ok(d) => self.datagram(d.local, d.remote, &d.payload, d.via),
                             Err(_) => break,
                         }
                     }
@@ -168,8 +170,17 @@ impl Driver {
         self.routes.shutdown().await;
     }
 
-    fn datagram(&mut self, local: SocketAddr, remote: SocketAddr, datagram: &[u8]) {
-        tracing::trace!(%local, %remote, len = datagram.len(), "IKE message in");
+    fn datagram(
+        &mut self,
+        local: SocketAddr,
+        remote: SocketAddr,
+        datagram: &[u8],
+        via: Option<concentrator_fleet::MemberId>,
+    ) {
+        tracing::trace!(%local, %remote, len = datagram.len(), ?via, "IKE message in");
+        if !self.route_in(local, remote, datagram, via) {
+            return;
+        }
         let r = self
             .endpoint
             .handle_datagram(Instant::now(), local, remote, datagram, &mut self.entropy);
@@ -213,8 +224,11 @@ impl Driver {
         m.ike_sas_established.set(counts.established as i64);
     }
 
-    async fn send(&self, t: Transmit) {
+    async fn send(&mut self, t: Transmit) {
         tracing::trace!(local = %t.local, remote = %t.remote, len = t.payload.len(), "IKE message out");
+        if self.send_via(&t) {
+            return;
+        }
         let r = if t.local.port() == self.configs.nat_t_port {
             // RFC 3948 §2.2: IKE on port 4500 carries the non-ESP marker.
             let mut out = Vec::with_capacity(t.payload.len() + 4);

@@ -46,7 +46,7 @@ impl Driver {
             },
         );
         let (spi_in, spi_out, encryption, udp_encap) = (c.spi_in, c.spi_out, c.encryption, c.udp_encap);
-        let spec = child_spec(c, eroute, subnets.clone(), peer);
+        let spec = child_spec(c, eroute, subnets.clone(), peer, self.via_of(remote));
         let counters = match self.backend.install_child(spec) {
             Ok(counters) => counters,
             Err(e) => {
@@ -148,6 +148,7 @@ fn child_spec(
     eroute: Option<&ValidatedEroute>,
     subnets: Vec<IpNet>,
     peer: SocketAddr,
+    via: std::sync::Arc<crate::cluster::Via>,
 ) -> ChildSaSpec {
     let replay_window = eroute.map_or(concentrator_crds::eroute::DEFAULT_REPLAY_WINDOW, |e| {
         e.replay_window
@@ -167,6 +168,7 @@ fn child_spec(
         subnets,
         peer,
         udp_encap: c.udp_encap,
+        via,
         volume: concentrator_esp::sa::Lifetime {
             soft_bytes: volume.rekey_bytes,
             hard_bytes: volume.life_bytes,

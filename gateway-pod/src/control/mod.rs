@@ -21,6 +21,7 @@
 
 mod driver;
 mod events;
+mod fleet;
 mod ike_config;
 mod install;
 mod policy;
@@ -33,10 +34,11 @@ use std::sync::Arc;
 
 use concentrator_crds::eroute::Role;
 use concentrator_ike::endpoint::{Endpoint, EndpointConfig};
-use concentrator_ike::responder::{Config as ResponderConfig, SystemEntropy};
+use concentrator_ike::responder::Config as ResponderConfig;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::cluster::{Delivery, Fleet};
 use crate::dataplane::DataplaneError;
 use crate::dataplane::shared;
 use crate::egroups::Egroups;
@@ -81,6 +83,11 @@ pub enum ControlError {
     Dataplane(#[from] DataplaneError),
     #[error("the built-in default proposals do not parse")]
     DefaultProposal,
+    #[error("cannot listen for the fleet's frames on {addr}: {source}")]
+    Fleet {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// The running control plane and data plane.
@@ -89,6 +96,8 @@ pub struct Control {
     pub nat_t_addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
+    /// Receives frames from the other members of the fleet.
+    frames: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Control {
@@ -98,6 +107,9 @@ impl Control {
             let _ = stop.send(());
         }
         let _ = (&mut self.task).await;
+        if let Some(frames) = self.frames.take() {
+            frames.abort();
+        }
     }
 }
 
@@ -106,6 +118,7 @@ pub async fn start(
     gateway: Arc<Gateway>,
     egroups: Egroups,
     opts: ControlOptions,
+    fleet: Option<&Fleet>,
 ) -> Result<Control, ControlError> {
     // The peer's identity, known only at IKE_AUTH, selects the eroute that authenticates it,
     // so IKE_SA_INIT is answered with any IKE proposal that some eroute accepting tunnels
@@ -192,18 +205,41 @@ pub async fn start(
             udp: Some(udp4500.clone()),
             raw_esp,
         },
-        ike_tx,
+        ike_tx.clone(),
         acquire_tx,
         sa_events_tx,
         gateway.metrics.dataplane.clone(),
+        fleet.map(|f| f.links.clone()),
     );
+    let fleet_error = |addr, source| ControlError::Fleet { addr, source };
+    let (frames, driver_fleet) = match fleet {
+        None => (None, None),
+        Some(f) => {
+            let socket = UdpSocket::bind(f.address)
+                .await
+                .map_err(|e| fleet_error(f.address, e))?;
+            let handle = dataplane.clone();
+            let delivery = Delivery {
+                ike: ike_tx,
+                esp: Box::new(move |spi, remote, via, datagram| handle.forwarded(spi, remote, via, datagram)),
+                udp500: udp500.clone(),
+                udp4500: udp4500.clone(),
+                ike_port: ike_addr.port(),
+                nat_t_port: nat_t_addr.port(),
+            };
+            let frames = tokio::spawn(crate::cluster::serve(socket, f.links.clone(), delivery));
+            let link = f.links.lane().map_err(|e| fleet_error(f.address, e))?;
+            let driver = fleet::DriverFleet::new(f.view.clone(), f.claims.clone(), link, nat_t_addr.port());
+            (Some(frames), Some(driver))
+        }
+    };
     let (stop_tx, stop_rx) = oneshot::channel();
     let (lookups_tx, lookups_rx) = mpsc::unbounded_channel();
     let mut endpoint = Endpoint::new(opts.endpoint.clone(), responder_config);
     endpoint.set_redirect(opts.redirect_to.clone());
     let driver = Driver {
         endpoint,
-        entropy: SystemEntropy,
+        entropy: crate::cluster::GatewayEntropy::new(fleet.map(|f| f.view.clone())),
         egroups,
         udp500,
         udp4500,
@@ -221,6 +257,7 @@ pub async fn start(
         pending_acquires: PendingAcquires::default(),
         backend: Arc::new(dataplane),
         routes: Routes::start(opts.tun_name.clone()),
+        fleet: driver_fleet,
         gateway,
     };
     let task = tokio::spawn(driver.run(Inputs {
@@ -236,5 +273,6 @@ pub async fn start(
         nat_t_addr,
         stop: Some(stop_tx),
         task,
+        frames,
     })
 }

@@ -19,6 +19,7 @@ use ipnet::IpNet;
 
 use super::shared::DataplaneHandle;
 use super::table::{InboundSa, OutboundSa, SaCounters};
+use crate::cluster::Via;
 
 /// One negotiated tunnel-mode CHILD SA, whatever carries it.
 pub struct ChildSaSpec {
@@ -46,6 +47,8 @@ pub struct ChildSaSpec {
     pub udp_encap: bool,
     /// Volume limits (time limits are the IKE engine's).
     pub volume: Lifetime,
+    /// In a fleet, the member the site's flow enters through.
+    pub via: Arc<Via>,
 }
 
 /// Why a backend cannot carry an SA.
@@ -97,6 +100,7 @@ impl ChildSaBackend for DataplaneHandle {
                 local: spec.local,
                 remote: spec.remote,
                 counters: counters.clone(),
+                via: spec.via.clone(),
             },
             OutboundSa {
                 id: spec.spi_in,
@@ -104,6 +108,7 @@ impl ChildSaBackend for DataplaneHandle {
                 peer: spec.peer,
                 udp_encap: spec.udp_encap,
                 counters: counters.clone(),
+                via: spec.via,
             },
             spec.subnets,
         );
@@ -155,6 +160,7 @@ mod tests {
             peer: "192.0.2.2:4500".parse().unwrap(),
             udp_encap: true,
             volume: Lifetime::default(),
+            via: Arc::default(),
         }
     }
 

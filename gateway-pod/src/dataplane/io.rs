@@ -80,6 +80,13 @@ impl Udp {
         Ok(Self { sock, state })
     }
 
+    /// Our address and port on the outer side (unspecified when unknown).
+    pub(crate) fn local_addr(&self) -> SocketAddr {
+        self.sock
+            .local_addr()
+            .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
     /// Our address on the outer side (unspecified when bound to any).
     pub(crate) fn local_ip(&self) -> std::net::IpAddr {
         self.sock

@@ -117,7 +117,16 @@ pub async fn run(t: StaticTunnel, counters: DataplaneCounters) -> Result<(), Dat
     let (acquire, _) = tokio::sync::mpsc::channel(1);
     // Nobody rekeys either: an SA that reaches a hard limit is simply removed.
     let (sa_events, _) = tokio::sync::mpsc::unbounded_channel();
-    let (handle, task) = shared::spawn(dev, t.tun_name.clone(), outer, ike, acquire, sa_events, counters);
+    let (handle, task) = shared::spawn(
+        dev,
+        t.tun_name.clone(),
+        outer,
+        ike,
+        acquire,
+        sa_events,
+        counters,
+        None,
+    );
     let sa_counters = Arc::new(SaCounters::new(Instant::now()));
     let id = t.inbound.spi();
     handle.install(
@@ -126,6 +135,7 @@ pub async fn run(t: StaticTunnel, counters: DataplaneCounters) -> Result<(), Dat
             local: vec![selector(t.local_subnet)],
             remote: vec![selector(t.remote_subnet)],
             counters: sa_counters.clone(),
+            via: Arc::default(),
         },
         OutboundSa {
             id,
@@ -133,6 +143,7 @@ pub async fn run(t: StaticTunnel, counters: DataplaneCounters) -> Result<(), Dat
             peer: t.peer,
             udp_encap: !t.raw_esp,
             counters: sa_counters,
+            via: Arc::default(),
         },
         // Whatever the kernel routes into the TUN device goes through the one SA, as with
         // a kernel policy of this pair of subnets: the peer's selectors decide what it keeps.

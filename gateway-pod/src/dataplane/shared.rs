@@ -29,12 +29,15 @@ use concentrator_esp::icmp;
 use concentrator_esp::ip::{self, next_header_for};
 use concentrator_esp::packet::sealed_len;
 use concentrator_esp::sa::{Expiry, inbound_allowed};
+use concentrator_fleet::MemberId;
 use ipnet::IpNet;
 use prometheus_client::metrics::counter::Counter;
 use quinn_udp::RecvMeta;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tun_rs::{GROTable, VIRTIO_NET_HDR_LEN};
+
+use crate::cluster::{Link, Links};
 
 mod egress;
 mod ingress;
@@ -103,13 +106,17 @@ fn crossed(
     }
 }
 
-/// An IKE message that arrived on port 4500, for the control plane.
+/// An IKE message for the control plane: arrived on port 4500, or forwarded by the member
+/// of the fleet that received it.
 #[derive(Debug)]
 pub struct IkeDatagram {
+    /// Our address the site wrote to (on the member that received it, if forwarded).
     pub local: SocketAddr,
     pub remote: SocketAddr,
     /// Without the non-ESP marker.
     pub payload: Vec<u8>,
+    /// The member that received it and forwarded it here; answers go back through it.
+    pub via: Option<MemberId>,
 }
 
 enum EgressCommand {
@@ -120,6 +127,12 @@ enum EgressCommand {
 enum IngressCommand {
     Install(Arc<SharedInbound>),
     Remove(u32),
+    /// An ESP packet of ours that another member of the fleet received from the site.
+    Forwarded {
+        remote: SocketAddr,
+        via: MemberId,
+        datagram: Vec<u8>,
+    },
 }
 
 /// The control plane's side of the data plane: every change goes to every worker.
@@ -161,6 +174,19 @@ impl DataplaneHandle {
         }
         for tx in &self.ingress {
             let _ = tx.send(IngressCommand::Remove(spi_in));
+        }
+    }
+
+    /// Opens an ESP packet of SA `spi` that member `via` received from the site at `remote`
+    /// and forwarded here (one worker per SA, so that its packets stay in order).
+    pub fn forwarded(&self, spi: u32, remote: SocketAddr, via: MemberId, datagram: Vec<u8>) {
+        let n = self.ingress.len().max(1);
+        if let Some(tx) = self.ingress.get(spi as usize % n) {
+            let _ = tx.send(IngressCommand::Forwarded {
+                remote,
+                via,
+                datagram,
+            });
         }
     }
 
@@ -241,6 +267,7 @@ pub fn spawn(
     acquire: mpsc::Sender<IpAddr>,
     sa_events: mpsc::UnboundedSender<SaEvent>,
     counters: DataplaneCounters,
+    fleet: Option<Links>,
 ) -> (
     DataplaneHandle,
     tokio::task::JoinHandle<Result<(), DataplaneError>>,
@@ -272,7 +299,18 @@ pub fn spawn(
         });
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         stops.push(stop_tx);
+        // Two lanes per worker (its ingress and egress tasks each send frames); a lane that
+        // cannot be had leaves that direction without forwarding (logged).
+        let lane = || {
+            fleet.as_ref().and_then(|l| {
+                l.lane()
+                    .map_err(|e| tracing::error!(error = %e, "no fleet socket for a data plane worker"))
+                    .ok()
+            })
+        };
         let tasks = WorkerTasks {
+            ingress_link: lane(),
+            egress_link: lane(),
             tun_name: tun_name.clone(),
             egress: erx,
             ingress: irx,
@@ -323,6 +361,10 @@ struct WorkerSockets {
 
 /// The channels of one worker's tasks.
 struct WorkerTasks {
+    /// In a fleet: where the ingress task forwards ESP for other members' SAs.
+    ingress_link: Option<Link>,
+    /// In a fleet: where the egress task sends ESP for sites that write to another member.
+    egress_link: Option<Link>,
     tun_name: String,
     egress: mpsc::UnboundedReceiver<EgressCommand>,
     ingress: mpsc::UnboundedReceiver<IngressCommand>,
@@ -419,6 +461,8 @@ async fn run_worker(w: WorkerSockets, t: WorkerTasks) -> Result<(), DataplaneErr
             t.ike.clone(),
             t.sa_events.clone(),
             t.counters.clone(),
+            // Plain ESP is not forwarded: a fleet's front carries UDP only.
+            None,
         ));
     }
     let sockets = Sockets {
@@ -433,6 +477,7 @@ async fn run_worker(w: WorkerSockets, t: WorkerTasks) -> Result<(), DataplaneErr
         t.acquire,
         t.sa_events.clone(),
         t.counters.clone(),
+        t.egress_link,
     ));
     // Without UDP, the raw socket is this (only) worker's.
     if let Some((sock, local)) = udp.or(raw) {
@@ -445,6 +490,7 @@ async fn run_worker(w: WorkerSockets, t: WorkerTasks) -> Result<(), DataplaneErr
             t.ike,
             t.sa_events,
             t.counters,
+            t.ingress_link,
         ));
     }
     match set.join_next().await {

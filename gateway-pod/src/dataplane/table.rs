@@ -16,6 +16,7 @@ use concentrator_esp::{Inbound, Outbound};
 use ipnet::IpNet;
 
 use super::pmtu::PathMtu;
+use crate::cluster::Via;
 
 /// Traffic of one CHILD SA, read by the admin API while the data plane counts.
 #[derive(Debug)]
@@ -114,6 +115,9 @@ pub struct OutboundSa {
     /// ESP in UDP (RFC 3948); else plain ESP (IP protocol 50).
     pub udp_encap: bool,
     pub counters: Arc<SaCounters>,
+    /// In a fleet, the member the site's flow enters through (shared with the inbound
+    /// half): packets then go back out through it.
+    pub via: Arc<Via>,
 }
 
 /// The receiving half of a CHILD SA, as the control plane hands it over.
@@ -123,6 +127,7 @@ pub struct InboundSa {
     pub local: Vec<Selector>,
     pub remote: Vec<Selector>,
     pub counters: Arc<SaCounters>,
+    pub via: Arc<Via>,
 }
 
 /// A change the control plane asks of the data plane.
@@ -231,6 +236,7 @@ pub(crate) struct SharedInbound {
     pub(crate) local: Vec<Selector>,
     pub(crate) remote: Vec<Selector>,
     pub(crate) counters: Arc<SaCounters>,
+    pub(crate) via: Arc<Via>,
 }
 
 impl From<InboundSa> for SharedInbound {
@@ -241,6 +247,7 @@ impl From<InboundSa> for SharedInbound {
             local: i.local,
             remote: i.remote,
             counters: i.counters,
+            via: i.via,
         }
     }
 }
@@ -295,6 +302,7 @@ mod tests {
             peer: "192.0.2.1:4500".parse().unwrap(),
             udp_encap: true,
             counters: Arc::new(SaCounters::new(Instant::now())),
+            via: Arc::default(),
         })
     }
 

@@ -138,6 +138,13 @@ pub trait Entropy {
     fn fill(&mut self, buf: &mut [u8]) -> Result<(), CryptoError>;
     /// A fresh ephemeral key pair for `group`.
     fn key_exchange(&mut self, group: DhGroup) -> Result<KeyExchange, CryptoError>;
+
+    /// Fills `buf` with one of our SPIs: 8 bytes for an IKE SPI, 4 for an inbound ESP SPI.
+    /// Random by default; a fleet of gateways writes the shard of the SPI's owner into its
+    /// top bits, so that any member routes the SA's packets from the SPI alone.
+    fn spi(&mut self, buf: &mut [u8]) -> Result<(), CryptoError> {
+        self.fill(buf)
+    }
 }
 
 /// [`Entropy`] from AWS-LC's system random generator.
@@ -243,7 +250,7 @@ pub(crate) fn random_spi<const N: usize>(
 ) -> Result<[u8; N], CryptoError> {
     for _ in 0..16 {
         let mut b = [0u8; N];
-        entropy.fill(&mut b)?;
+        entropy.spi(&mut b)?;
         let v = b.iter().fold(0u64, |acc, x| (acc << 8) | u64::from(*x));
         if v >= min {
             return Ok(b);

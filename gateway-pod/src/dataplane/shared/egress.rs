@@ -1,5 +1,7 @@
 //! Egress: TUN reads sealed into ESP, batched per peer (UDP GSO) and sent together.
 
+use concentrator_fleet::wire::Kind;
+
 use super::*;
 
 /// Segments one TUN read may yield (a 64 KiB super-packet in segments of a small MSS).
@@ -205,8 +207,13 @@ pub(super) struct Egress {
     pub(super) icmp: Vec<u8>,
     pub(super) events: mpsc::UnboundedSender<SaEvent>,
     pub(super) counters: DataplaneCounters,
+    /// In a fleet: where packets for sites that write to another member go, and the buffer
+    /// they are sealed in.
+    pub(super) fleet: Option<(Link, Vec<u8>)>,
 }
 
+// The task's whole wiring, handed over once at spawn: a struct would only be unpacked here.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn egress(
     dev: Arc<tun_rs::AsyncDevice>,
     tun_name: String,
@@ -215,6 +222,7 @@ pub(super) async fn egress(
     acquire: mpsc::Sender<IpAddr>,
     events: mpsc::UnboundedSender<SaEvent>,
     counters: DataplaneCounters,
+    fleet: Option<Link>,
 ) -> Result<(), DataplaneError> {
     let tun_err = |e| DataplaneError::Tun(tun_name.clone(), e);
     let local_ip = out.local_ip();
@@ -228,6 +236,7 @@ pub(super) async fn egress(
         icmp: vec![0u8; VIRTIO_NET_HDR_LEN + icmp::MAX_ERROR_LEN],
         events,
         counters,
+        fleet: fleet.map(|l| (l, vec![0u8; 65536 + 64])),
     };
     let mut original = vec![0u8; VIRTIO_NET_HDR_LEN + 65535];
     // Pages of these buffers are only committed once a packet of that size lands in them.
@@ -334,6 +343,32 @@ impl Egress {
                 && let Err(e) = self.dev.send(&self.icmp[..off + n]).await
             {
                 tracing::debug!(error = %e, "ICMP error to the TUN device failed");
+            }
+            return None;
+        }
+        if let Some(member) = sa.via.get() {
+            // The site writes to another member of the fleet: out through it.
+            let sent = match (&mut self.fleet, sa.udp_encap) {
+                (Some((link, buf)), true) => match (link.view().address(member), sa.sa.seal(packet, nh, buf))
+                {
+                    (Some(to), Ok(len)) => {
+                        let local = self.out.udp.as_ref().map_or(sa.peer, |u| u.local_addr());
+                        link.send(Kind::Egress, to, local, sa.peer, 0, &buf[..len])
+                    }
+                    _ => false,
+                },
+                // Plain ESP is not forwarded (a fleet's front carries UDP only).
+                _ => false,
+            };
+            let expiry = if sent {
+                sa.counters.count_out(packet.len(), now)
+            } else {
+                self.counters.invalid.inc();
+                Expiry::Fine
+            };
+            let id = sa.id;
+            if crossed(expiry, id, &self.counters, &self.events) {
+                self.table.remove(id);
             }
             return None;
         }

@@ -1,7 +1,11 @@
 //! Ingress: ESP received in batches (recvmmsg, GRO), opened and written to the TUN device
 //! coalesced; IKE messages on port 4500 handed to the control plane.
 
+use concentrator_fleet::Shard;
+use concentrator_fleet::wire::Kind;
+
 use super::*;
+use crate::cluster::Route;
 
 /// Datagrams one receive call may return (each buffer one datagram or a GRO batch).
 pub(super) const UDP_BATCH: usize = 8;
@@ -23,6 +27,7 @@ pub(super) async fn ingress(
     ike: mpsc::Sender<IkeDatagram>,
     events: mpsc::UnboundedSender<SaEvent>,
     counters: DataplaneCounters,
+    mut fleet: Option<Link>,
 ) -> Result<(), DataplaneError> {
     let mut table = InboundTable::default();
     let mut recv_bufs: Vec<Vec<u8>> = (0..UDP_BATCH).map(|_| vec![0u8; RECV_BUF_LEN]).collect();
@@ -41,6 +46,16 @@ pub(super) async fn ingress(
                     match cmd {
                         Some(IngressCommand::Install(sa)) => table.install(sa),
                         Some(IngressCommand::Remove(spi)) => table.remove(spi),
+                        Some(IngressCommand::Forwarded { remote, via, datagram }) => {
+                            let opened = open_into(&table, &datagram, Some(via), Instant::now(), &mut tun_bufs[0], &events, &counters);
+                            if opened == Opened::Last {
+                                table.remove(spi_of(&datagram));
+                            }
+                            if opened != Opened::Dropped {
+                                write_tun(&dev, &tun_name, &mut gro, &mut tun_bufs[..1], &counters).await;
+                            }
+                            tracing::trace!(%remote, %via, "forwarded ESP opened");
+                        }
                         None => return Ok(()),
                     }
                     continue;
@@ -80,6 +95,7 @@ pub(super) async fn ingress(
                             local,
                             remote: m.addr,
                             payload: payload.to_vec(),
+                            via: None,
                         };
                         if ike.try_send(d).is_err() {
                             counters.ike_overflow.inc();
@@ -88,47 +104,108 @@ pub(super) async fn ingress(
                     }
                     Datagram::Keepalive | Datagram::Invalid => continue,
                 };
-                let Some(sa) = table.get(spi) else {
+                if table.get(spi).is_none() {
+                    // Another member's SA (its shard is in the SPI): forwarded, once.
+                    if let Some(link) = fleet.as_mut()
+                        && let Route::Member(_, to) = link.view().route(Shard::of_esp_spi(spi))
+                    {
+                        let epoch = link.view().epoch(Shard::of_esp_spi(spi));
+                        link.send(Kind::Ingress, to, local, m.addr, epoch, datagram);
+                        continue;
+                    }
                     counters.unknown_spi.inc();
                     continue;
-                };
+                }
                 if ready == tun_bufs.len() {
                     write_tun(&dev, &tun_name, &mut gro, &mut tun_bufs[..ready], &counters).await;
                     ready = 0;
                 }
-                let out = &mut tun_bufs[ready];
-                out.clear();
-                out.extend_from_slice(datagram);
-                let Ok(opened) = sa.open(out) else {
-                    counters.invalid.inc();
-                    continue;
-                };
-                let inner = opened.inner;
-                let Some(packet) = out.get(inner.clone()) else {
-                    counters.invalid.inc();
-                    continue;
-                };
-                if !inbound_allowed(packet, &sa.local, &sa.remote) {
-                    counters.policy.inc();
-                    continue;
+                match open_into(
+                    &table,
+                    datagram,
+                    None,
+                    now,
+                    &mut tun_bufs[ready],
+                    &events,
+                    &counters,
+                ) {
+                    Opened::Dropped => continue,
+                    Opened::Last => table.remove(spi),
+                    Opened::Ready => {}
                 }
-                // The packet that reaches the hard limit is the SA's last.
-                if crossed(sa.counters.count_in(packet.len(), now), spi, &counters, &events) {
-                    table.remove(spi);
-                }
-                let len = inner.len();
-                if inner.start != TUN_OFFSET {
-                    if out.len() < TUN_OFFSET + len {
-                        out.resize(TUN_OFFSET + len, 0);
-                    }
-                    out.copy_within(inner, TUN_OFFSET);
-                }
-                out.truncate(TUN_OFFSET + len);
                 ready += 1;
             }
         }
         write_tun(&dev, &tun_name, &mut gro, &mut tun_bufs[..ready], &counters).await;
     }
+}
+
+/// What became of a datagram.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Opened {
+    /// Dropped (and counted).
+    Dropped,
+    /// Opened into the buffer.
+    Ready,
+    /// Opened, and it was the SA's last packet (a hard volume limit): remove the SA.
+    Last,
+}
+
+fn spi_of(datagram: &[u8]) -> u32 {
+    match datagram {
+        [a, b, c, d, ..] => u32::from_be_bytes([*a, *b, *c, *d]),
+        _ => 0,
+    }
+}
+
+/// Opens the ESP `datagram` with its SA into `out` (the inner packet at [`TUN_OFFSET`]),
+/// checking the SA's selectors and counting it. `via`: the member of the fleet that
+/// forwarded it (`None`: the site sent it to us), which is where our packets to the site go
+/// from now on.
+pub(super) fn open_into(
+    table: &InboundTable,
+    datagram: &[u8],
+    via: Option<MemberId>,
+    now: Instant,
+    out: &mut Vec<u8>,
+    events: &mpsc::UnboundedSender<SaEvent>,
+    counters: &DataplaneCounters,
+) -> Opened {
+    let spi = spi_of(datagram);
+    let Some(sa) = table.get(spi) else {
+        counters.unknown_spi.inc();
+        return Opened::Dropped;
+    };
+    out.clear();
+    out.extend_from_slice(datagram);
+    let Ok(opened) = sa.open(out) else {
+        counters.invalid.inc();
+        return Opened::Dropped;
+    };
+    let inner = opened.inner;
+    let Some(packet) = out.get(inner.clone()) else {
+        counters.invalid.inc();
+        return Opened::Dropped;
+    };
+    if !inbound_allowed(packet, &sa.local, &sa.remote) {
+        counters.policy.inc();
+        return Opened::Dropped;
+    }
+    // Authenticated: the site's flow comes this way now.
+    if sa.via.get() != via {
+        sa.via.set(via);
+    }
+    // The packet that reaches the hard limit is the SA's last.
+    let last = crossed(sa.counters.count_in(packet.len(), now), spi, counters, events);
+    let len = inner.len();
+    if inner.start != TUN_OFFSET {
+        if out.len() < TUN_OFFSET + len {
+            out.resize(TUN_OFFSET + len, 0);
+        }
+        out.copy_within(inner, TUN_OFFSET);
+    }
+    out.truncate(TUN_OFFSET + len);
+    if last { Opened::Last } else { Opened::Ready }
 }
 
 /// Writes opened packets (each at [`TUN_OFFSET`] in its buffer) to the TUN device, TCP

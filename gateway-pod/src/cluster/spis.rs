@@ -1,0 +1,65 @@
+//! SPIs in our shards: the randomness the IKE engine draws from, with every SPI it
+//! allocates written into a shard this pod owns (and may allocate in), so that any member
+//! routes the SA's packets to us from the SPI alone.
+
+use concentrator_crypto::{CryptoError, DhGroup, KeyExchange};
+use concentrator_ike::responder::{Entropy, SystemEntropy};
+
+use super::view::SharedView;
+
+/// The gateway's [`Entropy`]: the system's, and SPIs in our shards in a fleet.
+#[derive(Clone, Debug, Default)]
+pub struct GatewayEntropy {
+    view: Option<SharedView>,
+}
+
+impl GatewayEntropy {
+    /// Standalone (`None`) or in the fleet `view` describes.
+    pub fn new(view: Option<SharedView>) -> Self {
+        Self { view }
+    }
+}
+
+impl Entropy for GatewayEntropy {
+    fn fill(&mut self, buf: &mut [u8]) -> Result<(), CryptoError> {
+        SystemEntropy.fill(buf)
+    }
+
+    fn key_exchange(&mut self, group: DhGroup) -> Result<KeyExchange, CryptoError> {
+        SystemEntropy.key_exchange(group)
+    }
+
+    fn spi(&mut self, buf: &mut [u8]) -> Result<(), CryptoError> {
+        SystemEntropy.fill(buf)?;
+        let Some(view) = &self.view else {
+            return Ok(());
+        };
+        let mut pick = [0u8; 8];
+        SystemEntropy.fill(&mut pick)?;
+        // No shard to allocate in (not joined yet, or every shard of ours is being moved):
+        // no SA can be started here, and the engine refuses it.
+        let shard = view
+            .pick_shard(u64::from_be_bytes(pick))
+            .ok_or(CryptoError::Internal)?;
+        match buf.len() {
+            8 => {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(buf);
+                let spi = shard
+                    .ike_spi(u64::from_be_bytes(b))
+                    .ok_or(CryptoError::Internal)?;
+                buf.copy_from_slice(&spi.to_be_bytes());
+            }
+            4 => {
+                let mut b = [0u8; 4];
+                b.copy_from_slice(buf);
+                // A reserved value (below 256) is left as drawn: the engine draws again.
+                if let Some(spi) = shard.esp_spi(u32::from_be_bytes(b)) {
+                    buf.copy_from_slice(&spi.to_be_bytes());
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
