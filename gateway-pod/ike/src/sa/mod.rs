@@ -1,11 +1,14 @@
 //! What both roles of an IKE SA share: the IKE SA's keys and message-ID windows
-//! (`session`), the established phase's exchanges (INFORMATIONAL in `informational`,
-//! CREATE_CHILD_SA in `create_child`, rekeys this side starts in `rekey`), and the types
-//! both roles report and take: [`Retransmit`], [`Entropy`], [`Transmit`], [`ChildSa`],
-//! [`DeleteReason`], [`IdBuf`].
+//! (`session`), the established phase once for both roles (`established`, with the peer's
+//! INFORMATIONAL requests parsed in `informational`, CREATE_CHILD_SA in `create_child`,
+//! rekeys this side starts in `rekey`), its timers (`timers`), what an SA hands out
+//! (`events`: datagrams and events), the [`snapshot`], and the types both roles report and
+//! take: [`Retransmit`], [`Entropy`], [`Transmit`], [`ChildSa`], [`DeleteReason`],
+//! [`IdBuf`].
 
 mod config;
 pub(crate) mod create_child;
+pub(crate) mod established;
 mod event;
 pub(crate) mod events;
 pub(crate) mod informational;
@@ -234,6 +237,18 @@ pub(crate) struct ChildRef {
     /// The peer rekeyed it (or it is the redundant one of a simultaneous rekey): it is the
     /// peer's to delete, never ours to rekey.
     pub(crate) replaced: bool,
+}
+
+impl ChildRef {
+    /// A CHILD SA just installed: this side rekeys it at its soft lifetime.
+    pub(crate) fn new(child: &ChildSa, now: Instant, entropy: &mut dyn Entropy) -> Self {
+        Self {
+            spi_in: child.spi_in,
+            spi_out: child.spi_out,
+            rekey_at: rekey::soft_deadline(now, child.lifetime, entropy),
+            replaced: false,
+        }
+    }
 }
 
 /// A random SPI of at least `min`; a generator that keeps producing smaller values is broken.
