@@ -32,12 +32,12 @@ use crate::Message;
 use crate::error::Error;
 use crate::initiator::Initiator;
 use crate::message::codepoints::{ExchangeType, NotifyType};
-use crate::message::header::{Flags, Header};
+use crate::message::header::Flags;
 use crate::payload::Payload;
 use crate::redirect::{GatewayId, encode_redirect};
 use crate::responder::{Responder, init_error};
 use crate::sa::snapshot::{IkeSaSnapshot, InFlight, Role, SnapshotError};
-use crate::sa::{Config, Entropy, Event, Transmit};
+use crate::sa::{Config, Entropy, Event, Incoming, Transmit};
 
 /// Limits of an endpoint.
 #[derive(Clone, Debug)]
@@ -157,18 +157,10 @@ impl Sa {
         }
     }
 
-    fn handle(
-        &mut self,
-        now: Instant,
-        local: SocketAddr,
-        remote: SocketAddr,
-        header: &Header,
-        datagram: &[u8],
-        entropy: &mut dyn Entropy,
-    ) -> Result<(), Error> {
+    fn handle(&mut self, d: &Incoming<'_>, entropy: &mut dyn Entropy) -> Result<(), Error> {
         match self {
-            Self::Responder(r) => r.handle(now, local, remote, header, datagram, entropy),
-            Self::Initiator(i) => i.handle(now, local, remote, header, datagram, entropy),
+            Self::Responder(r) => r.handle(d, entropy),
+            Self::Initiator(i) => i.handle(d, entropy),
         }
     }
 
@@ -640,7 +632,8 @@ impl Endpoint {
         datagram: &[u8],
         entropy: &mut dyn Entropy,
     ) -> Result<(), EndpointError> {
-        let (header, _) = Header::peek(datagram).ok_or(EndpointError::NotIke)?;
+        let d = Incoming::new(now, local, remote, datagram).ok_or(EndpointError::NotIke)?;
+        let header = d.header;
         // Our SPI is SPIr in messages from the original initiator of the IKE SA, SPIi in the
         // others (RFC 7296 §3.1; the Initiator flag "changes to reflect who initiated the
         // last rekey of the IKE SA"). Responders and initiators both answer for every SPI
@@ -655,7 +648,7 @@ impl Endpoint {
             && let Some(&id) = self.routes.get(&ours)
             && let Some(slot) = self.slots.get_mut(&id)
         {
-            let r = slot.sa.handle(now, local, remote, &header, datagram, entropy);
+            let r = slot.sa.handle(&d, entropy);
             self.collect(id, now);
             return r.map_err(EndpointError::from);
         }
@@ -673,7 +666,7 @@ impl Endpoint {
                 .slots
                 .get_mut(&spi_r)
                 .ok_or(EndpointError::UnknownSpi(spi_r))?;
-            let r = slot.sa.handle(now, local, remote, &header, datagram, entropy);
+            let r = slot.sa.handle(&d, entropy);
             self.collect(spi_r, now);
             return r.map_err(EndpointError::from);
         }
@@ -699,7 +692,7 @@ impl Endpoint {
             self.check_cookie(now, local, remote, msg, entropy)?;
         }
         let mut responder = Responder::new(Arc::clone(&self.responder_config));
-        let r = responder.handle(now, local, remote, &header, datagram, entropy);
+        let r = responder.handle(&d, entropy);
         match responder.spi_r() {
             Some(spi_r) if !self.is_taken(spi_r) => {
                 self.by_init.insert((remote, header.spi_i), spi_r);

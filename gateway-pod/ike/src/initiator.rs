@@ -109,7 +109,9 @@ use crate::sa::events::Output;
 use crate::sa::session::{IkeSa, Retry, Session};
 use crate::sa::snapshot::{IkeSaSnapshot, Role, SnapshotError};
 use crate::sa::timers::{Timer, TimerTable};
-use crate::sa::{ChildRef, ChildSa, Entropy, IdBuf, NONCE_LEN, Retransmit, Transmit, deadline, random_spi};
+use crate::sa::{
+    ChildRef, ChildSa, Entropy, IdBuf, Incoming, NONCE_LEN, Retransmit, Transmit, deadline, random_spi,
+};
 pub use crate::sa::{Config, Event, NatTraversal};
 
 /// RFC 7296 §2.6: "the initiator MUST then retry the IKE_SA_INIT request [...]"; the cookie
@@ -443,21 +445,15 @@ impl Initiator {
         datagram: &[u8],
         entropy: &mut dyn Entropy,
     ) -> Result<(), Error> {
-        let (h, _) =
-            Header::peek(datagram).ok_or(Error::Malformed(InvalidMessage::Truncated("IKE header")))?;
-        self.handle(now, local, remote, &h, datagram, entropy)
+        let d = Incoming::new(now, local, remote, datagram)
+            .ok_or(Error::Malformed(InvalidMessage::Truncated("IKE header")))?;
+        self.handle(&d, entropy)
     }
 
-    /// [`Self::handle_datagram`] for a datagram whose header `h` the caller has read already.
-    pub fn handle(
-        &mut self,
-        now: Instant,
-        local: SocketAddr,
-        remote: SocketAddr,
-        h: &Header,
-        datagram: &[u8],
-        entropy: &mut dyn Entropy,
-    ) -> Result<(), Error> {
+    /// [`Self::handle_datagram`] for a datagram whose header was read already.
+    pub fn handle(&mut self, d: &Incoming<'_>, entropy: &mut dyn Entropy) -> Result<(), Error> {
+        let (now, local, remote, datagram) = (d.now, d.local, d.remote, d.bytes);
+        let h = &d.header;
         match mem::replace(&mut self.state, State::Closed(None)) {
             State::ExpectInit(mut s) => {
                 match self.init_response(&mut s, now, local, remote, datagram, entropy) {
@@ -478,15 +474,14 @@ impl Initiator {
             }
             State::ExpectAuth(s) => self.auth_response(s, now, h, datagram, entropy),
             State::Established(mut s) => {
-                let (state, r) =
-                    match s.handle_datagram(&mut self.out, now, local, remote, h, datagram, entropy) {
-                        Ok(Next::Close(cache)) => {
-                            self.redirected_to = s.redirected_to().cloned();
-                            (State::Closed(cache), Ok(()))
-                        }
-                        Ok(Next::Stay) => (State::Established(s), Ok(())),
-                        Err(e) => (State::Established(s), Err(e)),
-                    };
+                let (state, r) = match s.handle_datagram(&mut self.out, d, entropy) {
+                    Ok(Next::Close(cache)) => {
+                        self.redirected_to = s.redirected_to().cloned();
+                        (State::Closed(cache), Ok(()))
+                    }
+                    Ok(Next::Stay) => (State::Established(s), Ok(())),
+                    Err(e) => (State::Established(s), Err(e)),
+                };
                 self.state = state;
                 r
             }

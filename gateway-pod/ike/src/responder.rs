@@ -114,7 +114,7 @@ use crate::sa::events::Output;
 use crate::sa::session::{Answered, IkeSa, Session};
 use crate::sa::snapshot::{IkeSaSnapshot, Role, SnapshotError};
 use crate::sa::timers::{Timer, TimerTable};
-use crate::sa::{ChildRef, deadline, random_spi};
+use crate::sa::{ChildRef, Incoming, deadline, random_spi};
 
 /// The IKE_SA_INIT exchange: IKE_AUTH signs it (RFC 7296 §2.15) and its nonces key the
 /// first CHILD SA (§2.17).
@@ -415,23 +415,16 @@ impl Responder {
         datagram: &[u8],
         entropy: &mut dyn Entropy,
     ) -> Result<(), Error> {
-        let (h, _) =
-            Header::peek(datagram).ok_or(Error::Malformed(InvalidMessage::Truncated("IKE header")))?;
-        self.handle(now, local, remote, &h, datagram, entropy)
+        let d = Incoming::new(now, local, remote, datagram)
+            .ok_or(Error::Malformed(InvalidMessage::Truncated("IKE header")))?;
+        self.handle(&d, entropy)
     }
 
-    /// [`Self::handle_datagram`] for a datagram whose header `h` the caller has read already.
-    pub fn handle(
-        &mut self,
-        now: Instant,
-        local: SocketAddr,
-        remote: SocketAddr,
-        h: &Header,
-        datagram: &[u8],
-        entropy: &mut dyn Entropy,
-    ) -> Result<(), Error> {
+    /// [`Self::handle_datagram`] for a datagram whose header was read already.
+    pub fn handle(&mut self, d: &Incoming<'_>, entropy: &mut dyn Entropy) -> Result<(), Error> {
+        let (local, remote, datagram) = (d.local, d.remote, d.bytes);
         match mem::replace(&mut self.state, State::Closed(None)) {
-            State::ExpectInit => match self.handle_init(now, local, remote, datagram, entropy) {
+            State::ExpectInit => match self.handle_init(d, entropy) {
                 Ok(next) => {
                     self.state = State::ExpectAuth(Box::new(next));
                     Ok(())
@@ -455,12 +448,11 @@ impl Responder {
                 r
             }
             State::Established(mut s) => {
-                let (state, r) =
-                    match s.handle_datagram(&mut self.out, now, local, remote, h, datagram, entropy) {
-                        Ok(Next::Close(cache)) => (State::Closed(cache), Ok(())),
-                        Ok(Next::Stay) => (State::Established(s), Ok(())),
-                        Err(e) => (State::Established(s), Err(e)),
-                    };
+                let (state, r) = match s.handle_datagram(&mut self.out, d, entropy) {
+                    Ok(Next::Close(cache)) => (State::Closed(cache), Ok(())),
+                    Ok(Next::Stay) => (State::Established(s), Ok(())),
+                    Err(e) => (State::Established(s), Err(e)),
+                };
                 self.state = state;
                 r
             }

@@ -8,12 +8,10 @@ impl Responder {
     /// IKE_SA_INIT request → response (RFC 7296 §1.2).
     pub(super) fn handle_init(
         &mut self,
-        now: Instant,
-        local: SocketAddr,
-        remote: SocketAddr,
-        datagram: &[u8],
+        d: &Incoming<'_>,
         entropy: &mut dyn Entropy,
     ) -> Result<ExpectAuth, Error> {
+        let (now, local, remote, datagram) = (d.now, d.local, d.remote, d.bytes);
         let msg = Message::decode(datagram)?;
         let h = msg.header;
         if h.exchange != ExchangeType::IKE_SA_INIT

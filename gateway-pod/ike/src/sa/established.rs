@@ -28,11 +28,11 @@ use super::rekey::{self, ChildChange, Ours, soft_deadline};
 use super::session::{IkeSa, Previous, Retry, Session};
 use super::snapshot::{Exchange, IkeSaSnapshot, Role, SnapshotError, restore_children, snapshot_children};
 use super::timers::TimerTable;
-use super::{ChildRef, Config, DeleteReason, Entropy, Event, IdBuf, REKEYED_SA_LINGER, deadline};
+use super::{ChildRef, Config, DeleteReason, Entropy, Event, IdBuf, Incoming, REKEYED_SA_LINGER, deadline};
 use crate::error::Error;
 use crate::message::codepoints::NotifyType;
 use crate::message::codepoints::{ExchangeType, ProtocolId};
-use crate::message::header::{Flags, Header};
+use crate::message::header::Flags;
 use crate::payload::{self, Delete, Notify, Payload};
 use crate::redirect::{GatewayId, encode_redirect};
 
@@ -246,18 +246,15 @@ impl Established {
         self.current.sa.nat_detected || self.floated || local.port() == 4500
     }
 
-    /// A datagram whose header is `h`, on the IKE SA in use or the one a rekey replaced.
-    #[allow(clippy::too_many_arguments)]
+    /// A datagram on the IKE SA in use or the one a rekey replaced.
     pub(crate) fn handle_datagram(
         &mut self,
         out: &mut Output,
-        now: Instant,
-        local: SocketAddr,
-        remote: SocketAddr,
-        h: &Header,
-        datagram: &[u8],
+        d: &Incoming<'_>,
         entropy: &mut dyn Entropy,
     ) -> Result<Next, Error> {
+        let (now, local, remote, datagram) = (d.now, d.local, d.remote, d.bytes);
+        let h = &d.header;
         // Bitwise copies of requests answered by state that is gone (RFC 7296 §2.1): the
         // IKE_SA_INIT request, the DELETE of a retired IKE SA.
         let cached = [&self.init, &self.retired]
@@ -303,8 +300,7 @@ impl Established {
             }
             return Ok(Next::Stay);
         }
-        let Some(outcome) = self.handle_request(out, is_current, now, local, remote, h, datagram, entropy)?
-        else {
+        let Some(outcome) = self.handle_request(out, is_current, d, entropy)? else {
             return Ok(Next::Stay);
         };
         // Authenticated: the peer is alive, and our requests go where it is now.

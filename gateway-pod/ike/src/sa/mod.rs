@@ -28,6 +28,7 @@ use concentrator_algorithms::{DhGroup, Encryption, Esn, Integrity};
 use concentrator_crypto::{CryptoError, DirectionKeys, KeyExchange};
 
 use crate::message::codepoints::IdType;
+use crate::message::header::Header;
 use crate::payload::{Identity, TrafficSelector};
 
 /// Length of our nonces: 32 bytes, at least half the key size of every PRF we negotiate
@@ -154,6 +155,36 @@ impl Entropy for SystemEntropy {
 
     fn key_exchange(&mut self, group: DhGroup) -> Result<KeyExchange, CryptoError> {
         KeyExchange::generate(group)
+    }
+}
+
+/// A datagram as it arrived, its header read once on the way in (by the endpoint or the
+/// role) and handed down with it.
+#[derive(Clone, Copy, Debug)]
+pub struct Incoming<'a> {
+    /// When it arrived.
+    pub now: Instant,
+    /// Our address it arrived on.
+    pub local: SocketAddr,
+    /// Where it came from.
+    pub remote: SocketAddr,
+    /// Its IKE header.
+    pub header: Header,
+    /// The IKE message (without the non-ESP marker of port 4500).
+    pub bytes: &'a [u8],
+}
+
+impl<'a> Incoming<'a> {
+    /// `bytes` with its header read; `None` when they are too short for one.
+    pub fn new(now: Instant, local: SocketAddr, remote: SocketAddr, bytes: &'a [u8]) -> Option<Self> {
+        let (header, _) = Header::peek(bytes)?;
+        Some(Self {
+            now,
+            local,
+            remote,
+            header,
+            bytes,
+        })
     }
 }
 

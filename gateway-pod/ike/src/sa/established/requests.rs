@@ -10,7 +10,6 @@ use super::{Established, pick};
 use crate::error::{Error, NotifyFields};
 use crate::message::codepoints::{ExchangeType, NotifyType, ProtocolId};
 use crate::message::error::InvalidMessage;
-use crate::message::header::Header;
 use crate::payload::{self, Delete, Payload};
 use crate::redirect::{GatewayId, decode_redirect};
 use crate::sa::create_child::{self, Created};
@@ -19,7 +18,7 @@ use crate::sa::informational;
 use crate::sa::rekey::{self, Ours};
 use crate::sa::session::{IkeSa, Session, Window};
 use crate::sa::snapshot::Role;
-use crate::sa::{ChildRef, Entropy, Event};
+use crate::sa::{ChildRef, Entropy, Event, Incoming};
 
 /// What a new request of the peer did.
 pub(super) enum Outcome {
@@ -55,20 +54,16 @@ impl Reply<'_> {
 impl Established {
     /// A request of the peer: answered from the cache, dropped, or processed. `None` when
     /// it was a retransmission (nothing was authenticated).
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn handle_request(
         &mut self,
         out: &mut Output,
         is_current: bool,
-        now: Instant,
-        local: SocketAddr,
-        remote: SocketAddr,
-        h: &Header,
-        datagram: &[u8],
+        d: &Incoming<'_>,
         entropy: &mut dyn Entropy,
     ) -> Result<Option<Outcome>, Error> {
+        let (now, local, remote, datagram) = (d.now, d.local, d.remote, d.bytes);
         let session = pick(&mut self.current, &mut self.previous, is_current)?;
-        match session.window(h.message_id, datagram) {
+        match session.window(d.header.message_id, datagram) {
             Window::New => {}
             Window::Retransmitted(response) => {
                 out.send(local, remote, response.to_vec());
