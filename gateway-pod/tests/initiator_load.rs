@@ -727,6 +727,7 @@ fn engine_establishment_rate_in_process() -> Result<()> {
                     if let EndpointEvent::Sa {
                         id,
                         event: Event::PeerIdentified { .. },
+                        ..
                     } = ev
                     {
                         let _ = ep.provide_psk(id, t0, Some(PSK.as_bytes()), &mut e);

@@ -1,5 +1,5 @@
 //! Many IKE SAs behind one pair of UDP ports: the endpoint routes each datagram to its
-//! [`Responder`], creates responders for new IKE_SA_INIT requests, bounds the half-open ones
+//! [`Responder`] or [`Initiator`], with the header read once, creates responders for new IKE_SA_INIT requests, bounds the half-open ones
 //! and defends them with stateless cookies (RFC 7296 §2.6), and forgets SAs that failed or
 //! never finished.
 //!
@@ -13,8 +13,9 @@
 //! its whole life, even after an IKE SA rekey gives it new SPIs: the endpoint routes every
 //! SPI the responder answers for ([`Responder::spis_r`]) to it.
 //!
-//! The endpoint also starts IKE SAs ([`Endpoint::connect`], an [`Initiator`] per SA, named by
-//! its SPIi). The Initiator flag of the header tells the two apart (RFC 7296 §3.1: it is set
+//! The endpoint also starts IKE SAs ([`Endpoint::connect`], an [`Initiator`] named by its
+//! SPIi). Both kinds live in one map, id to [`Sa`] (the role we have in it), and report
+//! through one [`EndpointEvent::Sa`] that names the role. The Initiator flag of the header tells the two apart (RFC 7296 §3.1: it is set
 //! by the original initiator of the IKE SA): a message with it comes from a peer that
 //! initiated, so our SPI is SPIr; without it, from a peer we initiated to, so ours is SPIi.
 
@@ -28,13 +29,15 @@ use concentrator_crypto::Prf;
 use concentrator_crypto::util::constant_time_eq as ct_eq;
 
 use crate::Message;
-use crate::initiator::{self, Initiator};
-use crate::message::codepoints::{ExchangeType, NotifyType, PayloadType};
-use crate::message::header::{Flags, Header};
-use crate::payload::{Notify, Payload};
+use crate::error::Error;
+use crate::initiator::Initiator;
+use crate::message::codepoints::{ExchangeType, NotifyType};
+use crate::message::header::Flags;
+use crate::payload::Payload;
 use crate::redirect::{GatewayId, encode_redirect};
-use crate::responder::{self, Config, Entropy, Event, Responder, Transmit};
+use crate::responder::{Responder, init_error};
 use crate::sa::snapshot::{IkeSaSnapshot, InFlight, Role, SnapshotError};
+use crate::sa::{Config, Entropy, Event, Incoming, Transmit};
 
 /// Limits of an endpoint.
 #[derive(Clone, Debug)]
@@ -72,14 +75,9 @@ pub enum EndpointEvent {
     Sa {
         /// The SA's id: our SPI of its IKE_SA_INIT (0 for a request refused there).
         id: u64,
-        /// The responder's event.
-        event: Event,
-    },
-    /// An event of the IKE SA `id` that we initiated ([`Endpoint::connect`]).
-    Initiated {
-        /// The SA's id: our SPIi.
-        id: u64,
-        /// The initiator's event.
+        /// Who started the SA: the peer, or we ([`Endpoint::connect`]).
+        role: Role,
+        /// The SA's event.
         event: Event,
     },
     /// The endpoint forgot this IKE SA (failed, expired half-open, or closed): whatever the
@@ -113,13 +111,13 @@ pub enum EndpointError {
     HalfOpenLimit,
     /// The initiator refused to start (configuration) or dropped the message.
     #[error(transparent)]
-    Initiator(initiator::Error),
+    Initiator(Error),
     /// Sent elsewhere with N(REDIRECT) (RFC 5685), no state kept.
     #[error("redirected to {0}")]
     Redirected(GatewayId),
     /// The responder dropped the message or failed the negotiation.
     #[error(transparent)]
-    Responder(#[from] responder::Error),
+    Responder(#[from] Error),
     /// A snapshot could not be taken or restored.
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
@@ -141,15 +139,136 @@ pub struct SaCounts {
     pub connecting: usize,
 }
 
+/// An IKE SA, in the role we have in it.
+#[derive(Debug)]
+pub enum Sa {
+    /// The peer started it.
+    Responder(Responder),
+    /// We started it ([`Endpoint::connect`]).
+    Initiator(Initiator),
+}
+
+impl Sa {
+    /// Who started the SA.
+    pub fn role(&self) -> Role {
+        match self {
+            Self::Responder(_) => Role::Responder,
+            Self::Initiator(_) => Role::Initiator,
+        }
+    }
+
+    fn handle(&mut self, d: &Incoming<'_>, entropy: &mut dyn Entropy) -> Result<(), Error> {
+        match self {
+            Self::Responder(r) => r.handle(d, entropy),
+            Self::Initiator(i) => i.handle(d, entropy),
+        }
+    }
+
+    fn handle_timeout(&mut self, now: Instant, entropy: &mut dyn Entropy) {
+        match self {
+            Self::Responder(r) => r.handle_timeout(now, entropy),
+            Self::Initiator(i) => i.handle_timeout(now, entropy),
+        }
+    }
+
+    fn handle_child_traffic(&mut self, now: Instant) {
+        match self {
+            Self::Responder(r) => r.handle_child_traffic(now),
+            Self::Initiator(i) => i.handle_child_traffic(now),
+        }
+    }
+
+    fn rekey_child(&mut self, spi_in: u32, now: Instant, entropy: &mut dyn Entropy) -> bool {
+        match self {
+            Self::Responder(r) => r.rekey_child(spi_in, now, entropy),
+            Self::Initiator(i) => i.rekey_child(spi_in, now, entropy),
+        }
+    }
+
+    fn delete(&mut self, now: Instant) {
+        match self {
+            Self::Responder(r) => r.delete(now),
+            Self::Initiator(i) => i.delete(now),
+        }
+    }
+
+    fn snapshot(&self, now: Instant) -> Result<IkeSaSnapshot, SnapshotError> {
+        match self {
+            Self::Responder(r) => r.snapshot(now),
+            Self::Initiator(i) => i.snapshot(now),
+        }
+    }
+
+    fn poll_timeout(&self) -> Option<Instant> {
+        match self {
+            Self::Responder(r) => r.poll_timeout(),
+            Self::Initiator(i) => i.poll_timeout(),
+        }
+    }
+
+    fn poll_transmit(&mut self) -> Option<Transmit> {
+        match self {
+            Self::Responder(r) => r.poll_transmit(),
+            Self::Initiator(i) => i.poll_transmit(),
+        }
+    }
+
+    fn poll_event(&mut self) -> Option<Event> {
+        match self {
+            Self::Responder(r) => r.poll_event(),
+            Self::Initiator(i) => i.poll_event(),
+        }
+    }
+
+    fn is_established(&self) -> bool {
+        match self {
+            Self::Responder(r) => r.is_established(),
+            Self::Initiator(i) => i.is_established(),
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        match self {
+            Self::Responder(r) => r.is_closed(),
+            Self::Initiator(i) => i.is_closed(),
+        }
+    }
+
+    /// Every SPI of ours the peer's messages may carry.
+    fn our_spis(&self) -> Vec<u64> {
+        match self {
+            Self::Responder(r) => r.spis_r(),
+            Self::Initiator(i) => i.our_spis(),
+        }
+    }
+}
+
 struct Slot {
-    responder: Responder,
+    sa: Sa,
     /// The SPIs routed to it.
     spis: Vec<u64>,
+    /// The peer's address and SPIi of the IKE_SA_INIT request that made a responder: its
+    /// key in `by_init` until established.
     remote: SocketAddr,
     spi_i: u64,
     created: Instant,
+    /// It was established (and stays so once closed: [`EndpointEvent::Removed`]).
     established: bool,
     closed_at: Option<Instant>,
+}
+
+impl Slot {
+    fn new(sa: Sa, remote: SocketAddr, spi_i: u64, now: Instant) -> Self {
+        Self {
+            sa,
+            spis: Vec::new(),
+            remote,
+            spi_i,
+            created: now,
+            established: false,
+            closed_at: None,
+        }
+    }
 }
 
 struct CookieSecret {
@@ -166,14 +285,11 @@ const COOKIE_LEN: usize = 33;
 pub struct Endpoint {
     config: EndpointConfig,
     responder_config: Arc<Config>,
-    /// SAs by id (our IKE_SA_INIT SPI).
+    /// SAs by id (our SPI of their IKE_SA_INIT), in either role.
     slots: HashMap<u64, Slot>,
     /// Every SPI of ours an SA answers for, to its id.
     routes: HashMap<u64, u64>,
-    /// SAs we initiated, by our SPIi; with the instant they closed, if they did.
-    initiators: HashMap<u64, (Initiator, Option<Instant>)>,
-    /// The SPIs routed to each initiator.
-    init_spis: HashMap<u64, Vec<u64>>,
+    /// Half-open responders by the peer's address and SPIi, for retransmitted IKE_SA_INITs.
     by_init: HashMap<(SocketAddr, u64), u64>,
     secret: Option<CookieSecret>,
     previous_secret: Option<CookieSecret>,
@@ -225,8 +341,6 @@ impl Endpoint {
             responder_config,
             slots: HashMap::new(),
             routes: HashMap::new(),
-            initiators: HashMap::new(),
-            init_spis: HashMap::new(),
             by_init: HashMap::new(),
             secret: None,
             previous_secret: None,
@@ -240,38 +354,38 @@ impl Endpoint {
         }
     }
 
-    /// SA `id`'s next deadline: the responder's or initiator's own timer, or ours (half-open
-    /// expiry, linger of a closed SA).
+    /// SA `id`'s next deadline: the SA's own timer, or ours (half-open expiry of a
+    /// responder, linger of a closed SA).
     fn deadline_of(&self, id: u64) -> Option<Instant> {
-        if let Some(s) = self.slots.get(&id) {
-            let ours = match (s.closed_at, s.established) {
-                (Some(at), _) => Some(at + self.config.linger),
-                (None, false) => Some(s.created + self.config.half_open_timeout),
-                (None, true) => None,
-            };
-            return ours.into_iter().chain(s.responder.poll_timeout()).min();
+        let s = self.slots.get(&id)?;
+        if let Some(at) = s.closed_at {
+            return Some(at + self.config.linger);
         }
-        self.initiators.get(&id).and_then(|(i, closed)| match closed {
-            Some(at) => Some(*at + self.config.linger),
-            None => i.poll_timeout(),
+        let half_open = match s.sa {
+            Sa::Responder(_) if !s.established => Some(s.created + self.config.half_open_timeout),
+            _ => None,
+        };
+        half_open.into_iter().chain(s.sa.poll_timeout()).min()
+    }
+
+    /// Whether SA `id` is due to be forgotten: closed and lingered, or a responder that took
+    /// too long to finish IKE_AUTH.
+    fn expired(&self, id: u64, now: Instant) -> bool {
+        self.slots.get(&id).is_some_and(|s| match (s.closed_at, &s.sa) {
+            (Some(at), _) => now >= at + self.config.linger,
+            (None, Sa::Responder(_)) => !s.established && now >= s.created + self.config.half_open_timeout,
+            (None, Sa::Initiator(_)) => false,
         })
     }
 
     fn phase_of(&self, id: u64) -> Option<Phase> {
-        if let Some(s) = self.slots.get(&id) {
-            return Some(match (s.closed_at, s.established) {
-                (Some(_), _) => Phase::Closing,
-                (None, true) => Phase::Established,
-                (None, false) => Phase::HalfOpen,
-            });
-        }
-        self.initiators
-            .get(&id)
-            .map(|(i, closed)| match (closed, i.is_established()) {
-                (Some(_), _) => Phase::Closing,
-                (None, true) => Phase::Established,
-                (None, false) => Phase::Connecting,
-            })
+        let s = self.slots.get(&id)?;
+        Some(match (s.closed_at, s.sa.is_established(), &s.sa) {
+            (Some(_), _, _) => Phase::Closing,
+            (None, true, _) => Phase::Established,
+            (None, false, Sa::Responder(_)) => Phase::HalfOpen,
+            (None, false, Sa::Initiator(_)) => Phase::Connecting,
+        })
     }
 
     /// Brings SA `id`'s timer entry and phase count up to date (after anything that may
@@ -317,24 +431,33 @@ impl Endpoint {
         self.counts
     }
 
-    /// The responder of the IKE SA `id`.
-    pub fn responder_mut(&mut self, id: u64) -> Option<&mut Responder> {
-        self.slots.get_mut(&id).map(|s| &mut s.responder)
+    /// The IKE SA `id`, while the endpoint keeps it: after it closed, until it lingered out
+    /// (e.g. to read [`Initiator::redirected_to`]).
+    pub fn sa(&self, id: u64) -> Option<&Sa> {
+        self.slots.get(&id).map(|s| &s.sa)
     }
 
-    /// The initiator of SA `id` (one we started), while the endpoint keeps it: after it
-    /// closed, until it lingered out (e.g. to read [`Initiator::redirected_to`]).
+    /// The responder of the IKE SA `id`.
+    pub fn responder_mut(&mut self, id: u64) -> Option<&mut Responder> {
+        match self.slots.get_mut(&id).map(|s| &mut s.sa) {
+            Some(Sa::Responder(r)) => Some(r),
+            _ => None,
+        }
+    }
+
+    /// The initiator of SA `id` (one we started), while the endpoint keeps it.
     pub fn initiator(&self, id: u64) -> Option<&Initiator> {
-        self.initiators.get(&id).map(|(i, _)| i)
+        match self.sa(id) {
+            Some(Sa::Initiator(i)) => Some(i),
+            _ => None,
+        }
     }
 
     /// The data plane saw authenticated ESP from the peer of SA `id` at `now`: proof of
     /// liveness, so no liveness check is needed yet.
     pub fn handle_child_traffic(&mut self, id: u64, now: Instant) {
         if let Some(slot) = self.slots.get_mut(&id) {
-            slot.responder.handle_child_traffic(now);
-        } else if let Some((i, _)) = self.initiators.get_mut(&id) {
-            i.handle_child_traffic(now);
+            slot.sa.handle_child_traffic(now);
         }
         self.refresh(id);
     }
@@ -343,23 +466,16 @@ impl Endpoint {
     /// it ([`Responder::rekey_child`], [`Initiator::rekey_child`]); false when there is
     /// nothing to rekey.
     pub fn rekey_child(&mut self, id: u64, spi_in: u32, now: Instant, entropy: &mut dyn Entropy) -> bool {
-        let started = if let Some(slot) = self.slots.get_mut(&id) {
-            let started = slot.responder.rekey_child(spi_in, now, entropy);
-            self.collect(id, now);
-            started
-        } else if let Some((i, closed)) = self.initiators.get_mut(&id) {
-            let started = closed.is_none() && i.rekey_child(spi_in, now, entropy);
-            self.collect_initiator(id, now);
-            started
-        } else {
-            false
+        let Some(slot) = self.slots.get_mut(&id) else {
+            return false;
         };
-        self.refresh(id);
+        let started = slot.closed_at.is_none() && slot.sa.rekey_child(spi_in, now, entropy);
+        self.collect(id, now);
         started
     }
 
     /// Starts an IKE SA of ours from `local` to `remote` with `psk`; returns its id (our
-    /// SPIi). Its events come as [`EndpointEvent::Initiated`].
+    /// SPIi). Its events come with [`Role::Initiator`].
     pub fn connect(
         &mut self,
         config: Arc<Config>,
@@ -374,14 +490,11 @@ impl Endpoint {
             let i = Initiator::connect(config.clone(), psk, local, remote, now, entropy)
                 .map_err(EndpointError::Initiator)?;
             let id = i.spi_i();
-            if self.slots.contains_key(&id)
-                || self.initiators.contains_key(&id)
-                || self.routes.contains_key(&id)
-            {
+            if self.is_taken(id) {
                 continue;
             }
-            self.initiators.insert(id, (i, None));
-            self.collect_initiator(id, now);
+            self.slots.insert(id, Slot::new(Sa::Initiator(i), remote, 0, now));
+            self.collect(id, now);
             return Ok(id);
         }
         Err(EndpointError::UnknownSpi(0))
@@ -389,13 +502,8 @@ impl Endpoint {
 
     /// The established IKE SA `id` as data, to be carried on elsewhere ([`Self::restore`]).
     pub fn snapshot(&self, id: u64, now: Instant) -> Result<IkeSaSnapshot, EndpointError> {
-        if let Some(slot) = self.slots.get(&id) {
-            return Ok(slot.responder.snapshot(now)?);
-        }
-        match self.initiators.get(&id) {
-            Some((i, _)) => Ok(i.snapshot(now)?),
-            None => Err(EndpointError::UnknownSpi(id)),
-        }
+        let slot = self.slots.get(&id).ok_or(EndpointError::UnknownSpi(id))?;
+        Ok(slot.sa.snapshot(now)?)
     }
 
     /// Carries on the IKE SA of a [`Self::snapshot`] here, under `config` if the peer
@@ -415,90 +523,32 @@ impl Endpoint {
         {
             return Err(EndpointError::SpiInUse(spi_i));
         }
-        match snapshot.role {
+        let remote = snapshot.remote;
+        let (sa, id) = match snapshot.role {
             Role::Responder => {
-                let remote = snapshot.remote;
-                let responder = Responder::restore(config, snapshot, now)?;
-                let spis = responder.spis_r();
-                let id = responder.spi_r().ok_or(SnapshotError::NotEstablished)?;
-                if let Some(used) = spis.iter().find(|s| self.is_taken(**s)) {
-                    return Err(EndpointError::SpiInUse(*used));
-                }
-                let spi_i = responder.ike_spis().map_or(0, |(i, _)| i);
-                self.slots.insert(
-                    id,
-                    Slot {
-                        responder,
-                        spis: Vec::new(),
-                        remote,
-                        spi_i,
-                        created: now,
-                        established: true,
-                        closed_at: None,
-                    },
-                );
-                self.collect(id, now);
-                Ok(id)
+                let r = Responder::restore(config, snapshot, now)?;
+                let id = r.spi_r().ok_or(SnapshotError::NotEstablished)?;
+                (Sa::Responder(r), id)
             }
             Role::Initiator => {
                 let i = Initiator::restore(initiator_config, snapshot, now)?;
                 let id = i.spi_i();
-                if let Some(used) = i.our_spis().into_iter().chain([id]).find(|s| self.is_taken(*s)) {
-                    return Err(EndpointError::SpiInUse(used));
-                }
-                self.initiators.insert(id, (i, None));
-                self.collect_initiator(id, now);
-                Ok(id)
+                (Sa::Initiator(i), id)
             }
+        };
+        if let Some(used) = sa.our_spis().into_iter().chain([id]).find(|s| self.is_taken(*s)) {
+            return Err(EndpointError::SpiInUse(used));
         }
+        let mut slot = Slot::new(sa, remote, 0, now);
+        slot.established = true;
+        self.slots.insert(id, slot);
+        self.collect(id, now);
+        Ok(id)
     }
 
     /// Whether `spi` names an SA here (as an id or a route).
     fn is_taken(&self, spi: u64) -> bool {
-        self.slots.contains_key(&spi) || self.initiators.contains_key(&spi) || self.routes.contains_key(&spi)
-    }
-
-    /// Takes an initiator's output and notes when it closed.
-    fn collect_initiator(&mut self, id: u64, now: Instant) {
-        let Some((i, closed)) = self.initiators.get_mut(&id) else {
-            return;
-        };
-        self.transmits.extend(std::iter::from_fn(|| i.poll_transmit()));
-        while let Some(event) = i.poll_event() {
-            self.events.push_back(EndpointEvent::Initiated { id, event });
-        }
-        if i.is_closed() && closed.is_none() {
-            *closed = Some(now);
-        }
-        // As for responders: an open initiator answers for exactly the SPIs it names; a
-        // closed one keeps its last ones until it is removed.
-        if !i.is_closed() {
-            let spis = i.our_spis();
-            let old = self.init_spis.insert(id, spis.clone()).unwrap_or_default();
-            for gone in old.iter().filter(|s| !spis.contains(s)) {
-                self.routes.remove(gone);
-            }
-            for spi in spis {
-                self.routes.insert(spi, id);
-            }
-        }
-        self.refresh(id);
-    }
-
-    /// Forgets initiator `id` and its routes; reports it removed.
-    fn remove_initiator(&mut self, id: u64) {
-        if let Some((i, _)) = self.initiators.remove(&id) {
-            for spi in self.init_spis.remove(&id).unwrap_or_default() {
-                if self.routes.get(&spi) == Some(&id) {
-                    self.routes.remove(&spi);
-                }
-            }
-            self.refresh(id);
-            self.events.push_back(EndpointEvent::Removed {
-                id,
-                established: i.is_established(),
-            });
-        }
+        self.slots.contains_key(&spi) || self.routes.contains_key(&spi)
     }
 
     /// The next datagram to send.
@@ -528,35 +578,17 @@ impl Endpoint {
             .take_while(|(t, _)| *t <= now)
             .map(|(_, id)| *id)
             .collect();
-        let (linger, half_open) = (self.config.linger, self.config.half_open_timeout);
         for id in due {
-            if let Some(slot) = self.slots.get_mut(&id) {
-                if slot.responder.poll_timeout().is_some_and(|t| t <= now) {
-                    slot.responder.handle_timeout(now, entropy);
-                }
-                self.collect(id, now);
-                let expired = self
-                    .slots
-                    .get(&id)
-                    .is_some_and(|s| match (s.closed_at, s.established) {
-                        (Some(at), _) => now >= at + linger,
-                        (None, false) => now >= s.created + half_open,
-                        (None, true) => false,
-                    });
-                if expired {
-                    self.remove(id);
-                }
-            } else if let Some((i, closed)) = self.initiators.get_mut(&id) {
-                if closed.is_some_and(|at| now >= at + linger) {
-                    self.remove_initiator(id);
-                    continue;
-                }
-                if closed.is_none() && i.poll_timeout().is_some_and(|t| t <= now) {
-                    i.handle_timeout(now, entropy);
-                }
-                self.collect_initiator(id, now);
-            } else {
+            let Some(slot) = self.slots.get_mut(&id) else {
                 self.refresh(id);
+                continue;
+            };
+            if slot.closed_at.is_none() && slot.sa.poll_timeout().is_some_and(|t| t <= now) {
+                slot.sa.handle_timeout(now, entropy);
+            }
+            self.collect(id, now);
+            if self.expired(id, now) {
+                self.remove(id);
             }
         }
     }
@@ -570,27 +602,23 @@ impl Endpoint {
         psk: Option<&[u8]>,
         entropy: &mut dyn Entropy,
     ) -> Result<(), EndpointError> {
-        let slot = self.slots.get_mut(&id).ok_or(EndpointError::UnknownSpi(id))?;
-        let r = slot.responder.provide_psk(now, psk, entropy);
+        let responder = self.responder_mut(id).ok_or(EndpointError::UnknownSpi(id))?;
+        let r = responder.provide_psk(now, psk, entropy);
         self.collect(id, now);
         r.map_err(EndpointError::from)
     }
 
     /// Deletes SA `id` from our side: the peer gets an INFORMATIONAL DELETE (if the SA is
-    /// established) and the SA closes at once ([`Responder::delete`]).
+    /// established) and the SA closes at once ([`Responder::delete`], [`Initiator::delete`]).
     pub fn delete(&mut self, id: u64, now: Instant) {
         if let Some(slot) = self.slots.get_mut(&id) {
-            slot.responder.delete(now);
+            slot.sa.delete(now);
             self.collect(id, now);
-        } else if let Some((i, _)) = self.initiators.get_mut(&id) {
-            i.delete(now);
-            self.collect_initiator(id, now);
         }
     }
 
     /// Ends an SA at once (no DELETE is sent): a gateway shutting down, a replaced peer.
     pub fn close(&mut self, id: u64) {
-        self.remove_initiator(id);
         self.remove(id);
     }
 
@@ -604,7 +632,8 @@ impl Endpoint {
         datagram: &[u8],
         entropy: &mut dyn Entropy,
     ) -> Result<(), EndpointError> {
-        let (header, _) = Header::peek(datagram).ok_or(EndpointError::NotIke)?;
+        let d = Incoming::new(now, local, remote, datagram).ok_or(EndpointError::NotIke)?;
+        let header = d.header;
         // Our SPI is SPIr in messages from the original initiator of the IKE SA, SPIi in the
         // others (RFC 7296 §3.1; the Initiator flag "changes to reflect who initiated the
         // last rekey of the IKE SA"). Responders and initiators both answer for every SPI
@@ -617,19 +646,11 @@ impl Endpoint {
         };
         if ours != 0
             && let Some(&id) = self.routes.get(&ours)
+            && let Some(slot) = self.slots.get_mut(&id)
         {
-            if let Some(slot) = self.slots.get_mut(&id) {
-                let r = slot
-                    .responder
-                    .handle_datagram(now, local, remote, datagram, entropy);
-                self.collect(id, now);
-                return r.map_err(EndpointError::from);
-            }
-            if let Some((i, _)) = self.initiators.get_mut(&id) {
-                let r = i.handle_datagram(now, local, remote, datagram, entropy);
-                self.collect_initiator(id, now);
-                return r.map_err(EndpointError::from);
-            }
+            let r = slot.sa.handle(&d, entropy);
+            self.collect(id, now);
+            return r.map_err(EndpointError::from);
         }
         if !from_initiator || header.spi_r != 0 {
             return Err(EndpointError::UnknownSpi(ours));
@@ -645,42 +666,38 @@ impl Endpoint {
                 .slots
                 .get_mut(&spi_r)
                 .ok_or(EndpointError::UnknownSpi(spi_r))?;
-            let r = slot
-                .responder
-                .handle_datagram(now, local, remote, datagram, entropy);
+            let r = slot.sa.handle(&d, entropy);
             self.collect(spi_r, now);
             return r.map_err(EndpointError::from);
         }
         if header.exchange != ExchangeType::IKE_SA_INIT {
             return Err(EndpointError::UnknownSpi(0));
         }
-        if let Some(gateway) = self.redirect.clone() {
-            self.redirect_init(local, remote, &header, datagram, gateway)?;
-        }
         let half_open = self.counts().half_open;
+        // Redirects and cookies read the request's payloads: decoded once for both.
+        let msg = if self.redirect.is_some() || half_open >= self.config.cookie_threshold {
+            Some(Message::decode(datagram).map_err(Error::from)?)
+        } else {
+            None
+        };
+        if let (Some(gateway), Some(msg)) = (self.redirect.clone(), &msg) {
+            self.redirect_init(local, remote, msg, gateway)?;
+        }
         if half_open >= self.config.max_half_open {
             return Err(EndpointError::HalfOpenLimit);
         }
-        if half_open >= self.config.cookie_threshold {
-            self.check_cookie(now, local, remote, &header, datagram, entropy)?;
+        if let Some(msg) = &msg
+            && half_open >= self.config.cookie_threshold
+        {
+            self.check_cookie(now, local, remote, msg, entropy)?;
         }
         let mut responder = Responder::new(Arc::clone(&self.responder_config));
-        let r = responder.handle_datagram(now, local, remote, datagram, entropy);
+        let r = responder.handle(&d, entropy);
         match responder.spi_r() {
-            Some(spi_r) if !self.slots.contains_key(&spi_r) && !self.routes.contains_key(&spi_r) => {
+            Some(spi_r) if !self.is_taken(spi_r) => {
                 self.by_init.insert((remote, header.spi_i), spi_r);
-                self.slots.insert(
-                    spi_r,
-                    Slot {
-                        responder,
-                        spis: Vec::new(),
-                        remote,
-                        spi_i: header.spi_i,
-                        created: now,
-                        established: false,
-                        closed_at: None,
-                    },
-                );
+                let slot = Slot::new(Sa::Responder(responder), remote, header.spi_i, now);
+                self.slots.insert(spi_r, slot);
                 self.collect(spi_r, now);
             }
             Some(_) => {
@@ -693,44 +710,51 @@ impl Endpoint {
                 self.transmits
                     .extend(std::iter::from_fn(|| responder.poll_transmit()));
                 while let Some(event) = responder.poll_event() {
-                    self.events.push_back(EndpointEvent::Sa { id: 0, event });
+                    self.events.push_back(EndpointEvent::Sa {
+                        id: 0,
+                        role: Role::Responder,
+                        event,
+                    });
                 }
             }
         }
         r.map_err(EndpointError::from)
     }
 
-    /// Takes the responder's output and updates the slot's phase and routes.
-    fn collect(&mut self, spi_r: u64, now: Instant) {
-        let Some(slot) = self.slots.get_mut(&spi_r) else {
+    /// Takes SA `id`'s output and updates its phase and routes.
+    fn collect(&mut self, id: u64, now: Instant) {
+        let Some(slot) = self.slots.get_mut(&id) else {
             return;
         };
-        // A closed responder still answers retransmissions on its last SPIs until it is
-        // removed; an open one answers for exactly the SPIs it names.
-        if !slot.responder.is_closed() {
-            let spis = slot.responder.spis_r();
+        // A closed SA still answers retransmissions on its last SPIs until it is removed; an
+        // open one answers for exactly the SPIs it names.
+        if !slot.sa.is_closed() {
+            let spis = slot.sa.our_spis();
             for old in slot.spis.iter().filter(|s| !spis.contains(s)) {
                 self.routes.remove(old);
             }
             for new in &spis {
-                self.routes.insert(*new, spi_r);
+                self.routes.insert(*new, id);
             }
             slot.spis = spis;
         }
         self.transmits
-            .extend(std::iter::from_fn(|| slot.responder.poll_transmit()));
-        while let Some(event) = slot.responder.poll_event() {
-            self.events.push_back(EndpointEvent::Sa { id: spi_r, event });
+            .extend(std::iter::from_fn(|| slot.sa.poll_transmit()));
+        let role = slot.sa.role();
+        while let Some(event) = slot.sa.poll_event() {
+            self.events.push_back(EndpointEvent::Sa { id, role, event });
         }
-        if slot.responder.is_established() && !slot.established {
+        if slot.sa.is_established() && !slot.established {
             slot.established = true;
-            // Established SAs are routed by SPIr only.
-            self.by_init.remove(&(slot.remote, slot.spi_i));
+            // Established SAs are routed by our SPI only.
+            if self.by_init.get(&(slot.remote, slot.spi_i)) == Some(&id) {
+                self.by_init.remove(&(slot.remote, slot.spi_i));
+            }
         }
-        if slot.responder.is_closed() && slot.closed_at.is_none() {
+        if slot.sa.is_closed() && slot.closed_at.is_none() {
             slot.closed_at = Some(now);
         }
-        self.refresh(spi_r);
+        self.refresh(id);
     }
 
     fn remove(&mut self, spi_r: u64) {
@@ -757,11 +781,10 @@ impl Endpoint {
         now: Instant,
         local: SocketAddr,
         remote: SocketAddr,
-        header: &Header,
-        datagram: &[u8],
+        msg: &Message<'_>,
         entropy: &mut dyn Entropy,
     ) -> Result<(), EndpointError> {
-        let msg = Message::decode(datagram).map_err(responder::Error::from)?;
+        let header = &msg.header;
         let (mut nonce, mut cookie) = (None, None);
         for p in &msg.payloads {
             match p {
@@ -770,7 +793,7 @@ impl Endpoint {
                 _ => {}
             }
         }
-        let nonce = nonce.ok_or(responder::Error::MissingPayload("Ni"))?;
+        let nonce = nonce.ok_or(Error::MissingPayload("Ni"))?;
         self.rotate_secret(now, entropy)?;
         let valid = cookie.is_some_and(|c| {
             [&self.secret, &self.previous_secret]
@@ -787,19 +810,7 @@ impl Endpoint {
             return Err(EndpointError::CookieRequired);
         };
         let cookie = cookie_for(secret, nonce, remote, header.spi_i);
-        let response = Message {
-            header: Header {
-                spi_i: header.spi_i,
-                spi_r: 0,
-                next_payload: PayloadType::NONE,
-                exchange: ExchangeType::IKE_SA_INIT,
-                flags: Flags::RESPONSE,
-                message_id: header.message_id,
-                length: 0,
-            },
-            payloads: vec![Payload::Notify(Notify::new(NotifyType::COOKIE, &cookie))],
-        }
-        .to_vec();
+        let response = init_error(&msg.header, NotifyType::COOKIE, &cookie);
         self.transmits.push_back(Transmit {
             local,
             remote,
@@ -816,11 +827,9 @@ impl Endpoint {
         &mut self,
         local: SocketAddr,
         remote: SocketAddr,
-        header: &Header,
-        datagram: &[u8],
+        msg: &Message<'_>,
         gateway: GatewayId,
     ) -> Result<(), EndpointError> {
-        let msg = Message::decode(datagram).map_err(responder::Error::from)?;
         let mut supported = false;
         let mut nonce = None;
         for p in &msg.payloads {
@@ -834,19 +843,7 @@ impl Endpoint {
             return Ok(());
         };
         let data = encode_redirect(&gateway, Some(nonce));
-        let response = Message {
-            header: Header {
-                spi_i: header.spi_i,
-                spi_r: 0,
-                next_payload: PayloadType::NONE,
-                exchange: ExchangeType::IKE_SA_INIT,
-                flags: Flags::RESPONSE,
-                message_id: header.message_id,
-                length: 0,
-            },
-            payloads: vec![Payload::Notify(Notify::new(NotifyType::REDIRECT, &data))],
-        }
-        .to_vec();
+        let response = init_error(&msg.header, NotifyType::REDIRECT, &data);
         self.transmits.push_back(Transmit {
             local,
             remote,
@@ -866,7 +863,7 @@ impl Endpoint {
         let mut key = [0u8; 32];
         entropy
             .fill(&mut key)
-            .map_err(|e| EndpointError::Responder(responder::Error::Crypto(e)))?;
+            .map_err(|e| EndpointError::Responder(Error::Crypto(e)))?;
         let version = self.secret.as_ref().map_or(0, |s| s.version.wrapping_add(1));
         self.previous_secret = self.secret.replace(CookieSecret {
             version,

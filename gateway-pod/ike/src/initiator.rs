@@ -1,8 +1,9 @@
 //! The initiator side of an IKEv2 SA authenticated with a pre-shared key: IKE_SA_INIT +
 //! IKE_AUTH (RFC 7296 §1.2) ending in an IKE SA and its first CHILD SA, then what the peer
 //! asks on it — INFORMATIONAL requests (§1.4: liveness checks, deletes) — and the liveness
-//! checks this side starts (§2.4). The mirror of [`crate::responder`], sharing its IKE SA
-//! sealing, Message ID windows, retransmission policy and CHILD SA type.
+//! checks this side starts (§2.4). The mirror of [`crate::responder`]: once IKE_AUTH is
+//! done both hold the same established IKE SA (`sa/established.rs`), with its IKE SA sealing,
+//! Message ID windows, retransmission policy and CHILD SAs.
 //!
 //! Sans-IO like the responder: [`Initiator::connect`] queues the IKE_SA_INIT request;
 //! datagrams go in through [`Initiator::handle_datagram`] and expired timers through
@@ -53,8 +54,8 @@
 //! # After IKE_AUTH
 //!
 //! The peer's CREATE_CHILD_SA requests for a new or rekeyed CHILD SA (RFC 7296 §1.3.1,
-//! §1.3.3, PFS when our ESP proposals name groups) are answered by the responder's code
-//! ([`crate::responder`]) against our proposals and subnets, and reported with
+//! §1.3.3, PFS when our ESP proposals name groups) are answered as the responder answers
+//! them (`sa/established.rs`), against our proposals and subnets, and reported with
 //! [`Event::ChildSaInstalled`] (a rekey names the SA it replaces, which stays until the peer
 //! deletes it). Its INFORMATIONAL requests delete CHILD SAs or the IKE SA, or check liveness.
 //!
@@ -66,7 +67,8 @@
 //! [`Config::ike_lifetime`] and deletes the old IKE SA; a rekey by the peer is followed when
 //! [`Config::accept_ike_rekey`] is set (else declined with NO_ADDITIONAL_SAS, §1.3), the old
 //! IKE SA then answering until the peer deletes it. Either way the CHILD SAs move to the new
-//! IKE SA. Both are off by default (see [`Config::accept_ike_rekey`] for why).
+//! IKE SA, with [`Event::IkeSaRekeyed`] and [`Event::IkeSaRetired`] as for the responder.
+//! Both are off by default (see [`Config::accept_ike_rekey`] for why).
 //!
 //! # Redirects (RFC 5685)
 //!
@@ -75,17 +77,15 @@
 //! REDIRECT is followed in the IKE_SA_INIT response (only with our Ni as its nonce data,
 //! §4.1; [`Error::Redirected`]), in the IKE_AUTH response (§6; the IKE SA is deleted, then
 //! [`Error::Redirected`]) and in an INFORMATIONAL request on the established SA (§5; answered,
-//! the IKE SA deleted, [`Event::IkeSaDeleted`] with [`DeleteReason::Redirected`]). Either way
+//! the IKE SA deleted, [`Event::IkeSaDeleted`] with [`crate::DeleteReason::Redirected`]). Either way
 //! [`Initiator::redirected_to`] names the new gateway, for the caller to connect there with
 //! `redirected_from` set.
 //!
 //! Not here: new CHILD SAs started by this side, certificates, EAP, configuration payloads,
 //! fragmentation, MOBIKE.
 
-mod established;
 mod handshake;
 
-use std::collections::VecDeque;
 use std::fmt;
 use std::mem;
 use std::net::SocketAddr;
@@ -97,26 +97,22 @@ use concentrator_crypto::{ChildSaKeys, IkeSaKeys, KeyExchange, Prf, SecretBytes}
 use crate::Message;
 use crate::auth::{psk_auth, signed_octets, verify_psk_auth};
 pub use crate::error::Error;
-use crate::message::codepoints::{
-    AuthMethod, DhGroup as WireGroup, ExchangeType, NotifyType, PayloadType, ProtocolId,
-};
+use crate::message::codepoints::{AuthMethod, DhGroup as WireGroup, ExchangeType, NotifyType, PayloadType};
 use crate::message::error::InvalidMessage;
 use crate::message::header::{Flags, Header};
 use crate::nat::{behind_nat, nat_detection_hash};
 use crate::negotiate::{dh_group, offer};
-use crate::payload::{self, Auth, Delete, Ke, Nonce, Notify, Payload, Ts};
+use crate::payload::{self, Auth, Ke, Nonce, Notify, Payload, Ts};
 use crate::redirect::{GatewayId, decode_redirect, encode_redirected_from};
-use crate::sa::events::Events;
-use crate::sa::rekey;
-use crate::sa::session::{IkeSa, Previous, Retry, Session, Window};
-use crate::sa::snapshot::{IkeSaSnapshot, Role, SnapshotError, restore_children, snapshot_children};
+use crate::sa::established::{Authenticated, Cache, Established, Next, delete_ike};
+use crate::sa::events::Output;
+use crate::sa::session::{IkeSa, Retry, Session};
+use crate::sa::snapshot::{IkeSaSnapshot, Role, SnapshotError};
 use crate::sa::timers::{Timer, TimerTable};
 use crate::sa::{
-    ChildRef, ChildSa, DeleteReason, Entropy, IdBuf, NONCE_LEN, REKEYED_SA_LINGER, Retransmit, Transmit,
-    deadline, random_spi,
+    ChildRef, ChildSa, Entropy, IdBuf, Incoming, NONCE_LEN, Retransmit, Transmit, deadline, random_spi,
 };
 pub use crate::sa::{Config, Event, NatTraversal};
-use crate::sa::{create_child, informational};
 
 /// RFC 7296 §2.6: "the initiator MUST then retry the IKE_SA_INIT request [...]"; the cookie
 /// it echoes is "between 1 and 64 octets".
@@ -150,24 +146,6 @@ struct ExpectAuth {
     peer_authenticated: bool,
 }
 
-struct Established {
-    session: Session,
-    children: Vec<ChildRef>,
-    /// What our request in flight is.
-    ours: rekey::Ours,
-    /// When we rekey the IKE SA (its soft lifetime), if ever.
-    ike_rekey_at: Option<Instant>,
-    /// The IKE SA a rekey replaced, until it is deleted or lingered long enough.
-    previous: Option<Previous>,
-    /// When the peer was last heard from (an authenticated message, or CHILD SA traffic).
-    last_heard: Instant,
-    /// The responder's authenticated identity.
-    peer_id: IdBuf,
-}
-
-/// A request and our response, kept after the state that answered it is gone.
-type Cache = Option<(Vec<u8>, Vec<u8>)>;
-
 enum State {
     ExpectInit(Box<ExpectInit>),
     ExpectAuth(Box<ExpectAuth>),
@@ -181,8 +159,8 @@ pub struct Initiator {
     spi_i: u64,
     /// Until IKE_AUTH is over; zeroized on drop.
     psk: Option<SecretBytes>,
-    /// Where our messages go from and to: the addresses given to [`Initiator::connect`],
-    /// the NAT-T ports after a float.
+    /// Where our messages go from and to during the handshake: the addresses given to
+    /// [`Initiator::connect`], the NAT-T ports after a float.
     local: SocketAddr,
     remote: SocketAddr,
     nat_detected: bool,
@@ -190,8 +168,7 @@ pub struct Initiator {
     /// Where a REDIRECT sent us.
     redirected_to: Option<GatewayId>,
     state: State,
-    transmits: VecDeque<Transmit>,
-    events: Events<Event>,
+    out: Output,
 }
 
 impl fmt::Debug for Initiator {
@@ -202,47 +179,24 @@ impl fmt::Debug for Initiator {
             State::Established(_) => "Established",
             State::Closed(_) => "Closed",
         };
+        let (local, remote) = self.path();
         f.debug_struct("Initiator")
             .field("state", &state)
             .field("spi_i", &format_args!("{:016x}", self.spi_i))
-            .field("local", &self.local)
-            .field("remote", &self.remote)
+            .field("local", &local)
+            .field("remote", &remote)
             .finish_non_exhaustive()
     }
-}
-
-/// An INFORMATIONAL request deleting the IKE SA (RFC 7296 §1.4.1).
-fn delete_ike() -> Payload<'static> {
-    Payload::Delete(Delete {
-        protocol: ProtocolId::IKE,
-        spis: Vec::new(),
-    })
 }
 
 impl Initiator {
     /// The established IKE SA as data (see [`crate::sa::snapshot`]), deadlines relative to
     /// `now`; [`SnapshotError::NotEstablished`] before IKE_AUTH completed or after it closed.
     pub fn snapshot(&self, now: Instant) -> Result<IkeSaSnapshot, SnapshotError> {
-        let State::Established(s) = &self.state else {
-            return Err(SnapshotError::NotEstablished);
-        };
-        Ok(IkeSaSnapshot {
-            role: Role::Initiator,
-            local: self.local,
-            remote: self.remote,
-            floated: self.floated,
-            redirect_supported: false,
-            local_id: self.config.local_id.clone(),
-            peer_id: s.peer_id.clone(),
-            current: s.session.snapshot(now),
-            previous: s.previous.as_ref().map(|p| p.snapshot(now)),
-            init: None,
-            retired: None,
-            children: snapshot_children(&s.children, &self.events, now)?,
-            in_flight: s.ours.snapshot()?,
-            ike_rekey_in: s.ike_rekey_at.map(|t| t.saturating_duration_since(now)),
-            last_heard_ago: now.saturating_duration_since(s.last_heard),
-        })
+        match &self.state {
+            State::Established(s) => s.snapshot(&self.out.events, now),
+            _ => Err(SnapshotError::NotEstablished),
+        }
     }
 
     /// Carries on the IKE SA of a [`Self::snapshot`] (taken by an initiator) at `now`, under
@@ -252,35 +206,20 @@ impl Initiator {
         snapshot: IkeSaSnapshot,
         now: Instant,
     ) -> Result<Self, SnapshotError> {
-        if snapshot.role != Role::Initiator {
-            return Err(SnapshotError::InvalidValue("role"));
-        }
-        let (children, installed) = restore_children(&snapshot.children, now);
-        let ours = rekey::Ours::restore(snapshot.in_flight, &children)?;
-        let previous = snapshot.previous.map(|p| Previous::restore(p, now)).transpose()?;
-        let session = Session::restore(snapshot.current, now)?;
-        // Its name from now on: our SPI of the IKE SA in use.
-        let spi_i = session.sa.our_spi();
+        let (local, remote, floated) = (snapshot.local, snapshot.remote, snapshot.floated);
+        let (s, out) = Established::restore(Arc::clone(&config), Role::Initiator, snapshot, now)?;
         Ok(Self {
-            spi_i,
-            psk: None,
-            local: snapshot.local,
-            remote: snapshot.remote,
-            nat_detected: session.sa.nat_detected,
-            floated: snapshot.floated,
-            redirected_to: None,
-            state: State::Established(Box::new(Established {
-                session,
-                children,
-                ours,
-                ike_rekey_at: snapshot.ike_rekey_in.map(|d| deadline(now, d)),
-                previous,
-                last_heard: now.checked_sub(snapshot.last_heard_ago).unwrap_or(now),
-                peer_id: snapshot.peer_id,
-            })),
             config,
-            transmits: VecDeque::new(),
-            events: Events::restored(installed),
+            // Its name from now on: our SPI of the IKE SA in use.
+            spi_i: s.our_spi(),
+            psk: None,
+            local,
+            remote,
+            nat_detected: s.nat_detected(),
+            floated,
+            redirected_to: None,
+            state: State::Established(Box::new(s)),
+            out,
         })
     }
 
@@ -322,8 +261,7 @@ impl Initiator {
             floated: false,
             redirected_to: None,
             state: State::Closed(None),
-            transmits: VecDeque::new(),
-            events: Events::new(),
+            out: Output::new(),
         };
         let mut s = ExpectInit {
             ni,
@@ -347,11 +285,7 @@ impl Initiator {
 
     /// The responder's IKE SPI, once IKE_SA_INIT is answered; `None` before and once closed.
     pub fn spi_r(&self) -> Option<u64> {
-        match &self.state {
-            State::ExpectAuth(s) => Some(s.session.sa.spi_r),
-            State::Established(s) => Some(s.session.sa.spi_r),
-            State::ExpectInit(_) | State::Closed(_) => None,
-        }
+        self.ike_spis().map(|(_, r)| r)
     }
 
     /// The SPIs `(SPIi, SPIr)` of the IKE SA in use: after a rekey, the new one's (our SPI is
@@ -359,7 +293,7 @@ impl Initiator {
     pub fn ike_spis(&self) -> Option<(u64, u64)> {
         match &self.state {
             State::ExpectAuth(s) => Some((s.session.sa.spi_i, s.session.sa.spi_r)),
-            State::Established(s) => Some((s.session.sa.spi_i, s.session.sa.spi_r)),
+            State::Established(s) => Some(s.ike_spis()),
             State::ExpectInit(_) | State::Closed(_) => None,
         }
     }
@@ -370,9 +304,7 @@ impl Initiator {
     /// loses it after an IKE SA rekey; route by these instead.
     pub fn our_spis(&self) -> Vec<u64> {
         match &self.state {
-            State::Established(s) => std::iter::once(s.session.sa.our_spi())
-                .chain(s.previous.as_ref().map(|p| p.session.sa.our_spi()))
-                .collect(),
+            State::Established(s) => s.our_spis(),
             State::Closed(_) => Vec::new(),
             _ => vec![self.spi_i],
         }
@@ -380,13 +312,18 @@ impl Initiator {
 
     /// The gateway a REDIRECT named (RFC 5685), once this SA closed because of it (with
     /// [`Error::Redirected`] before establishment, [`DeleteReason::Redirected`] after).
+    ///
+    /// [`DeleteReason::Redirected`]: crate::DeleteReason::Redirected
     pub fn redirected_to(&self) -> Option<&GatewayId> {
         self.redirected_to.as_ref()
     }
 
     /// Our address and the peer's for the SA's messages (the NAT-T ports after a float).
     pub fn path(&self) -> (SocketAddr, SocketAddr) {
-        (self.local, self.remote)
+        match &self.state {
+            State::Established(s) => s.path(),
+            _ => (self.local, self.remote),
+        }
     }
 
     /// Whether the SA moved to the NAT-T ports after IKE_SA_INIT: its messages then carry
@@ -398,7 +335,7 @@ impl Initiator {
     /// The CHILD SAs of the established IKE SA, as `(spi_in, spi_out)`.
     pub fn child_spis(&self) -> Vec<(u32, u32)> {
         match &self.state {
-            State::Established(s) => s.children.iter().map(|c| (c.spi_in, c.spi_out)).collect(),
+            State::Established(s) => s.child_spis(),
             _ => Vec::new(),
         }
     }
@@ -416,13 +353,13 @@ impl Initiator {
     /// The next datagram to send.
     #[must_use]
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        self.transmits.pop_front()
+        self.out.poll_transmit()
     }
 
     /// The next event.
     #[must_use]
     pub fn poll_event(&mut self) -> Option<Event> {
-        self.events.pop_front()
+        self.out.poll_event()
     }
 
     /// When [`Self::handle_timeout`] is due next, if ever.
@@ -437,16 +374,7 @@ impl Initiator {
         match &self.state {
             State::ExpectInit(s) => t.set(Timer::Handshake, Some(s.deadline)),
             State::ExpectAuth(s) => t.set(Timer::Handshake, s.session.pending_deadline()),
-            State::Established(s) => {
-                t = TimerTable::established(
-                    &s.session,
-                    s.previous.as_ref().map(|p| (&p.session, p.expires)),
-                    &s.children,
-                    s.ike_rekey_at,
-                    s.last_heard,
-                    self.config.dpd_interval,
-                );
-            }
+            State::Established(s) => t = s.timers(),
             State::Closed(_) => {}
         }
         t
@@ -456,7 +384,7 @@ impl Initiator {
     /// §2.4), so the next liveness check moves out.
     pub fn handle_child_traffic(&mut self, now: Instant) {
         if let State::Established(s) = &mut self.state {
-            s.last_heard = s.last_heard.max(now);
+            s.handle_child_traffic(now);
         }
     }
 
@@ -466,7 +394,7 @@ impl Initiator {
         let State::Established(s) = &mut self.state else {
             return false;
         };
-        if !rekey::mark_due(&mut s.children, &s.ours, spi_in, now) {
+        if !s.mark_rekey_due(spi_in, now) {
             return false;
         }
         self.handle_timeout(now, entropy);
@@ -477,23 +405,18 @@ impl Initiator {
     /// it (RFC 7296 §1.4.1), not waited for, and the SA is closed. A negotiation that is not
     /// established is just abandoned.
     pub fn delete(&mut self, now: Instant) {
-        match mem::replace(&mut self.state, State::Closed(None)) {
-            State::Established(mut s) => {
-                s.session.abandon_request();
-                self.request(&mut s.session, &[delete_ike()], now);
-                self.state = State::Closed(self.close_established(&mut s, DeleteReason::LocalDeleted));
+        self.state = match mem::replace(&mut self.state, State::Closed(None)) {
+            State::Established(mut s) => State::Closed(s.delete(&mut self.out, now)),
+            State::Closed(cache) => State::Closed(cache),
+            _ => {
+                self.psk = None;
+                State::Closed(None)
             }
-            State::Closed(cache) => self.state = State::Closed(cache),
-            _ => self.psk = None,
-        }
+        };
     }
 
     fn send(&mut self, payload: Vec<u8>) {
-        self.transmits.push_back(Transmit {
-            local: self.local,
-            remote: self.remote,
-            payload,
-        });
+        self.out.send(self.local, self.remote, payload);
     }
 
     /// Starts a request of ours on `session` and sends it; nothing when the window is busy.
@@ -507,7 +430,7 @@ impl Initiator {
     fn fail(&mut self, e: Error) -> Result<(), Error> {
         self.state = State::Closed(None);
         self.psk = None;
-        self.events.push_back(Event::Failed(e));
+        self.out.event(Event::Failed(e));
         Err(e)
     }
 
@@ -522,6 +445,15 @@ impl Initiator {
         datagram: &[u8],
         entropy: &mut dyn Entropy,
     ) -> Result<(), Error> {
+        let d = Incoming::new(now, local, remote, datagram)
+            .ok_or(Error::Malformed(InvalidMessage::Truncated("IKE header")))?;
+        self.handle(&d, entropy)
+    }
+
+    /// [`Self::handle_datagram`] for a datagram whose header was read already.
+    pub fn handle(&mut self, d: &Incoming<'_>, entropy: &mut dyn Entropy) -> Result<(), Error> {
+        let (now, local, remote, datagram) = (d.now, d.local, d.remote, d.bytes);
+        let h = &d.header;
         match mem::replace(&mut self.state, State::Closed(None)) {
             State::ExpectInit(mut s) => {
                 match self.init_response(&mut s, now, local, remote, datagram, entropy) {
@@ -540,33 +472,24 @@ impl Initiator {
                     Err(e) => self.fail(e),
                 }
             }
-            State::ExpectAuth(s) => self.auth_response(s, now, datagram, entropy),
+            State::ExpectAuth(s) => self.auth_response(s, now, h, datagram, entropy),
             State::Established(mut s) => {
-                let r = self.established(&mut s, now, local, remote, datagram, entropy);
-                match r {
-                    Ok(Some(cache)) => {
-                        self.state = State::Closed(cache);
-                        Ok(())
+                let (state, r) = match s.handle_datagram(&mut self.out, d, entropy) {
+                    Ok(Next::Close(cache)) => {
+                        self.redirected_to = s.redirected_to().cloned();
+                        (State::Closed(cache), Ok(()))
                     }
-                    Ok(None) => {
-                        self.state = State::Established(s);
-                        Ok(())
-                    }
-                    Err(e) => {
-                        self.state = State::Established(s);
-                        Err(e)
-                    }
-                }
+                    Ok(Next::Stay) => (State::Established(s), Ok(())),
+                    Err(e) => (State::Established(s), Err(e)),
+                };
+                self.state = state;
+                r
             }
             State::Closed(cache) => {
                 // RFC 7296 §2.1: a retransmitted request is answered with the same response.
                 let r = match &cache {
                     Some((req, resp)) if datagram == req => {
-                        self.transmits.push_back(Transmit {
-                            local,
-                            remote,
-                            payload: resp.clone(),
-                        });
+                        self.out.send(local, remote, resp.clone());
                         Ok(())
                     }
                     _ => Err(Error::Unexpected("the IKE SA is closed")),
@@ -577,8 +500,8 @@ impl Initiator {
         }
     }
 
-    /// Runs the timers due at `now`: retransmissions (and giving up), liveness checks.
-    /// Calling it early does nothing.
+    /// Runs the timers due at `now`: retransmissions (and giving up), liveness checks,
+    /// rekeys. Calling it early does nothing.
     pub fn handle_timeout(&mut self, now: Instant, entropy: &mut dyn Entropy) {
         let policy = self.config.retransmit;
         match mem::replace(&mut self.state, State::Closed(None)) {
@@ -603,44 +526,10 @@ impl Initiator {
                 }
             },
             State::Established(mut s) => {
-                self.previous_timeout(&mut s, now, &policy);
-                match s.session.on_timer(now, &policy) {
-                    Retry::Idle => {}
-                    Retry::Resend(d) => self.send(d),
-                    Retry::GiveUp => {
-                        self.state = State::Closed(self.close_established(&mut s, DeleteReason::DeadPeer));
-                        return;
-                    }
-                }
-                // RFC 7296 §2.8: CHILD SAs at their soft lifetime are rekeyed by this side.
-                let config = Arc::clone(&self.config);
-                let p = self.rekey_params(&config);
-                if let Some(d) = rekey::start_ike_due(
-                    &mut s.session,
-                    &mut s.ike_rekey_at,
-                    &mut s.ours,
-                    &config.ike_proposals,
-                    &config.retransmit,
-                    now,
-                    entropy,
-                ) {
-                    self.send(d);
-                }
-                if let Some(d) =
-                    rekey::start_due(&mut s.session, &mut s.children, &mut s.ours, &p, now, entropy)
-                {
-                    self.send(d);
-                }
-                if let Some(interval) = self.config.dpd_interval
-                    && s.session.can_start_request()
-                    && s.last_heard.checked_add(interval).is_some_and(|t| now >= t)
-                {
-                    // RFC 7296 §1.4: "An INFORMATIONAL request with no payloads (other than
-                    // the empty Encrypted payload required by the syntax) is commonly used as
-                    // a check for liveness."
-                    self.request(&mut s.session, &[], now);
-                }
-                self.state = State::Established(s);
+                self.state = match s.handle_timeout(&mut self.out, now, entropy) {
+                    Next::Stay => State::Established(s),
+                    Next::Close(cache) => State::Closed(cache),
+                };
             }
             other => self.state = other,
         }

@@ -51,4 +51,4 @@ pub use message::header::{Flags, Header};
 pub use message::reader::Reader;
 pub use payload::Payload;
 pub use responder::{Config, Event, Responder};
-pub use sa::DeleteReason;
+pub use sa::{DeleteReason, Incoming};

@@ -84,10 +84,8 @@
 //! by not echoing it, which RFC 7296 §1.3.1 allows: "If the responder declines the request,
 //! the Child SA will be established in tunnel mode"), MOBIKE, configuration payloads.
 
-mod established;
 mod handshake;
 
-use std::collections::VecDeque;
 use std::fmt;
 use std::mem;
 use std::net::SocketAddr;
@@ -104,26 +102,19 @@ pub use crate::sa::{Config, Event};
 
 use crate::Message;
 use crate::auth::{psk_auth, signed_octets, verify_psk_auth};
-use crate::error::NotifyFields;
-use crate::message::codepoints::{
-    AuthMethod, DhGroup as WireGroup, ExchangeType, NotifyType, PayloadType, ProtocolId,
-};
+use crate::message::codepoints::{AuthMethod, DhGroup as WireGroup, ExchangeType, NotifyType, PayloadType};
 use crate::message::error::InvalidMessage;
 use crate::message::header::{Flags, Header};
 use crate::nat::{behind_nat, nat_detection_hash};
 use crate::negotiate::{IkeChoice, narrow, select_esp, select_ike};
-use crate::payload::{self, Auth, Delete, Identity, Ke, Nonce, Notify, Payload, Ts};
-use crate::redirect::{GatewayId, encode_redirect};
-use crate::sa::create_child::{self, Created};
-use crate::sa::events::Events;
-use crate::sa::informational;
-use crate::sa::rekey::{self, ChildChange, Ours, soft_deadline};
-use crate::sa::session::{Answered, IkeSa, Previous, Retry, Session, Window};
-use crate::sa::snapshot::{
-    Exchange, IkeSaSnapshot, Role, SnapshotError, restore_children, snapshot_children,
-};
+use crate::payload::{self, Auth, Identity, Ke, Nonce, Notify, Payload, Ts};
+use crate::redirect::GatewayId;
+use crate::sa::established::{Authenticated, Cache, Established, Next};
+use crate::sa::events::Output;
+use crate::sa::session::{Answered, IkeSa, Session};
+use crate::sa::snapshot::{IkeSaSnapshot, Role, SnapshotError};
 use crate::sa::timers::{Timer, TimerTable};
-use crate::sa::{ChildRef, deadline, random_spi};
+use crate::sa::{ChildRef, Incoming, deadline, random_spi};
 
 /// The IKE_SA_INIT exchange: IKE_AUTH signs it (RFC 7296 §2.15) and its nonces key the
 /// first CHILD SA (§2.17).
@@ -160,35 +151,6 @@ struct ExpectPsk {
     deadline: Instant,
 }
 
-struct Established {
-    /// The IKE SA in use.
-    current: Session,
-    /// The one it replaced, if the peer has not deleted it yet.
-    previous: Option<Previous>,
-    /// The first IKE SA's IKE_SA_INIT request and response, for a late retransmission.
-    init: Option<(Vec<u8>, Vec<u8>)>,
-    /// The last request on a retired IKE SA (its DELETE) and our response.
-    retired: Option<(Vec<u8>, Vec<u8>)>,
-    /// The CHILD SAs, whichever IKE SA created them.
-    children: Vec<ChildRef>,
-    /// What our request in flight on the current IKE SA is.
-    ours: Ours,
-    /// When we rekey the current IKE SA (its soft lifetime), if ever.
-    ike_rekey_at: Option<Instant>,
-    /// Where our requests go: the addresses of the peer's latest authenticated message.
-    local: SocketAddr,
-    remote: SocketAddr,
-    /// When the peer was last heard from (an authenticated message, or CHILD SA traffic).
-    last_heard: Instant,
-    /// The peer announced RFC 5685 redirects in IKE_SA_INIT.
-    redirect_supported: bool,
-    /// The peer's authenticated identity.
-    peer_id: IdBuf,
-}
-
-/// A request or response cached after the state that answered it is gone.
-type Cache = Option<(Vec<u8>, Vec<u8>)>;
-
 enum State {
     ExpectInit,
     ExpectAuth(Box<ExpectAuth>),
@@ -199,28 +161,11 @@ enum State {
     Closed(Cache),
 }
 
-/// What happens to an established responder after a message or a timer.
-enum Next {
-    Stay,
-    Close(Cache),
-}
-
-/// What a new request on an established IKE SA did.
-enum Outcome {
-    /// Answered; nothing else changes.
-    Answered,
-    /// Answered; the peer deleted the IKE SA the request came on.
-    DeleteIke,
-    /// Answered; the IKE SA the request came on is replaced by this one.
-    Rekeyed(Box<IkeSa>),
-}
-
 /// One responder-side IKE SA (see the module docs).
 pub struct Responder {
     config: Arc<Config>,
     state: State,
-    transmits: VecDeque<Transmit>,
-    events: Events<Event>,
+    out: Output,
 }
 
 impl fmt::Debug for Responder {
@@ -245,40 +190,17 @@ impl Responder {
         Self {
             config,
             state: State::ExpectInit,
-            transmits: VecDeque::new(),
-            events: Events::new(),
+            out: Output::new(),
         }
     }
 
     /// The established IKE SA as data (see [`crate::sa::snapshot`]), deadlines relative to
     /// `now`; [`SnapshotError::NotEstablished`] before IKE_AUTH completed or after it closed.
     pub fn snapshot(&self, now: Instant) -> Result<IkeSaSnapshot, SnapshotError> {
-        let State::Established(s) = &self.state else {
-            return Err(SnapshotError::NotEstablished);
-        };
-        let exchange = |c: &Option<(Vec<u8>, Vec<u8>)>| {
-            c.as_ref().map(|(request, response)| Exchange {
-                request: request.clone(),
-                response: response.clone(),
-            })
-        };
-        Ok(IkeSaSnapshot {
-            role: Role::Responder,
-            local: s.local,
-            remote: s.remote,
-            floated: false,
-            redirect_supported: s.redirect_supported,
-            local_id: self.config.local_id.clone(),
-            peer_id: s.peer_id.clone(),
-            current: s.current.snapshot(now),
-            previous: s.previous.as_ref().map(|p| p.snapshot(now)),
-            init: exchange(&s.init),
-            retired: exchange(&s.retired),
-            children: snapshot_children(&s.children, &self.events, now)?,
-            in_flight: s.ours.snapshot()?,
-            ike_rekey_in: s.ike_rekey_at.map(|t| t.saturating_duration_since(now)),
-            last_heard_ago: now.saturating_duration_since(s.last_heard),
-        })
+        match &self.state {
+            State::Established(s) => s.snapshot(&self.out.events, now),
+            _ => Err(SnapshotError::NotEstablished),
+        }
     }
 
     /// Carries on the IKE SA of a [`Self::snapshot`] (taken by a responder) at `now`, under
@@ -288,31 +210,11 @@ impl Responder {
         snapshot: IkeSaSnapshot,
         now: Instant,
     ) -> Result<Self, SnapshotError> {
-        if snapshot.role != Role::Responder {
-            return Err(SnapshotError::InvalidValue("role"));
-        }
-        let (children, installed) = restore_children(&snapshot.children, now);
-        let ours = Ours::restore(snapshot.in_flight, &children)?;
-        let previous = snapshot.previous.map(|p| Previous::restore(p, now)).transpose()?;
-        let exchange = |e: Option<Exchange>| e.map(|e| (e.request, e.response));
+        let (s, out) = Established::restore(Arc::clone(&config), Role::Responder, snapshot, now)?;
         Ok(Self {
-            state: State::Established(Box::new(Established {
-                current: Session::restore(snapshot.current, now)?,
-                previous,
-                init: exchange(snapshot.init),
-                retired: exchange(snapshot.retired),
-                children,
-                ours,
-                ike_rekey_at: snapshot.ike_rekey_in.map(|d| deadline(now, d)),
-                local: snapshot.local,
-                remote: snapshot.remote,
-                last_heard: now.checked_sub(snapshot.last_heard_ago).unwrap_or(now),
-                redirect_supported: snapshot.redirect_supported,
-                peer_id: snapshot.peer_id,
-            })),
             config,
-            transmits: VecDeque::new(),
-            events: Events::restored(installed),
+            state: State::Established(Box::new(s)),
+            out,
         })
     }
 
@@ -355,63 +257,22 @@ impl Responder {
     /// answer (a lost DELETE leaves the peer to its own liveness checks). A negotiation that
     /// is not established is just closed.
     pub fn delete(&mut self, now: Instant) {
-        match mem::replace(&mut self.state, State::Closed(None)) {
-            State::Established(mut s) => {
-                // A liveness check in flight gives way: the window holds one request.
-                s.current.abandon_request();
-                let delete = [Payload::Delete(Delete {
-                    protocol: ProtocolId::IKE,
-                    spis: Vec::new(),
-                })];
-                if let Ok(Some(datagram)) = s.current.start_request(
-                    ExchangeType::INFORMATIONAL,
-                    &delete,
-                    now,
-                    &self.config.retransmit,
-                ) {
-                    self.send(s.local, s.remote, datagram);
-                }
-                self.state = State::Closed(self.close_established(&mut s, DeleteReason::LocalDeleted));
-            }
-            State::Closed(cache) => self.state = State::Closed(cache),
-            _ => {}
-        }
+        self.state = match mem::replace(&mut self.state, State::Closed(None)) {
+            State::Established(mut s) => State::Closed(s.delete(&mut self.out, now)),
+            State::Closed(cache) => State::Closed(cache),
+            _ => State::Closed(None),
+        };
     }
 
     /// Redirects the peer to `gateway` (RFC 5685 §5): an INFORMATIONAL request with
-    /// N(REDIRECT) naming it, without nonce data ("the Nonce Data field ... MUST NOT be
-    /// included" outside IKE_SA_INIT), on the established IKE SA. Only for a peer that
-    /// announced N(REDIRECT_SUPPORTED) (or N(REDIRECTED_FROM)) in IKE_SA_INIT: §3, "The
-    /// gateway MUST NOT send the REDIRECT notification ... if the VPN client has not
-    /// indicated support". A request of ours in flight (a liveness check, a rekey) gives way.
-    /// The IKE SA stays until the peer deletes it, once it has moved to the new gateway.
+    /// N(REDIRECT) naming it, on the established IKE SA, for a peer that announced
+    /// N(REDIRECT_SUPPORTED) (or N(REDIRECTED_FROM)) in IKE_SA_INIT. The IKE SA stays until
+    /// the peer deletes it, once it has moved to the new gateway.
     pub fn redirect(&mut self, now: Instant, gateway: &GatewayId) -> Result<(), Error> {
-        let State::Established(s) = &mut self.state else {
-            return Err(Error::WrongState("no established IKE SA to redirect"));
-        };
-        if !s.redirect_supported {
-            return Err(Error::WrongState("the peer did not announce REDIRECT_SUPPORTED"));
+        match &mut self.state {
+            State::Established(s) => s.redirect(&mut self.out, now, gateway),
+            _ => Err(Error::WrongState("no established IKE SA to redirect")),
         }
-        s.current.abandon_request();
-        if let Ours::ChildRekey(r) = mem::replace(&mut s.ours, Ours::Plain)
-            && let Some(c) = s.children.iter_mut().find(|c| c.spi_in == r.old.spi_in)
-        {
-            c.rekey_at = Some(now);
-        }
-        let data = encode_redirect(gateway, None);
-        let payloads = [Payload::Notify(Notify::new(NotifyType::REDIRECT, &data))];
-        let datagram = s
-            .current
-            .start_request(
-                ExchangeType::INFORMATIONAL,
-                &payloads,
-                now,
-                &self.config.retransmit,
-            )?
-            .ok_or(Error::WrongState("no Message ID left"))?;
-        let (local, remote) = (s.local, s.remote);
-        self.send(local, remote, datagram);
-        Ok(())
     }
 
     /// Our IKE SPI, once IKE_SA_INIT has been answered; after an IKE SA rekey, the new IKE
@@ -420,7 +281,7 @@ impl Responder {
         match &self.state {
             State::ExpectAuth(s) => Some(s.sa.spi_r),
             State::ExpectPsk(s) => Some(s.sa.spi_r),
-            State::Established(s) => Some(s.current.sa.our_spi()),
+            State::Established(s) => Some(s.our_spi()),
             State::ExpectInit | State::Closed(_) => None,
         }
     }
@@ -429,7 +290,7 @@ impl Responder {
     /// new one's (our SPI is SPIi if we started that rekey).
     pub fn ike_spis(&self) -> Option<(u64, u64)> {
         match &self.state {
-            State::Established(s) => Some((s.current.sa.spi_i, s.current.sa.spi_r)),
+            State::Established(s) => Some(s.ike_spis()),
             _ => None,
         }
     }
@@ -438,9 +299,7 @@ impl Responder {
     /// rekey and the retirement of the replaced IKE SA ([`Event::IkeSaRetired`]), that one's.
     pub fn spis_r(&self) -> Vec<u64> {
         match &self.state {
-            State::Established(s) => std::iter::once(s.current.sa.our_spi())
-                .chain(s.previous.as_ref().map(|p| p.session.sa.our_spi()))
-                .collect(),
+            State::Established(s) => s.our_spis(),
             _ => self.spi_r().into_iter().collect(),
         }
     }
@@ -448,7 +307,7 @@ impl Responder {
     /// The CHILD SAs of the established IKE SA, as `(spi_in, spi_out)`.
     pub fn child_spis(&self) -> Vec<(u32, u32)> {
         match &self.state {
-            State::Established(s) => s.children.iter().map(|c| (c.spi_in, c.spi_out)).collect(),
+            State::Established(s) => s.child_spis(),
             _ => Vec::new(),
         }
     }
@@ -467,13 +326,13 @@ impl Responder {
     /// The next datagram to send.
     #[must_use]
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        self.transmits.pop_front()
+        self.out.poll_transmit()
     }
 
     /// The next event.
     #[must_use]
     pub fn poll_event(&mut self) -> Option<Event> {
-        self.events.pop_front()
+        self.out.poll_event()
     }
 
     /// When [`Self::handle_timeout`] is due next (see the module docs for the timers), if
@@ -485,29 +344,19 @@ impl Responder {
 
     /// The deadline of each timer.
     fn timers(&self) -> TimerTable {
-        match &self.state {
-            State::ExpectAuth(s) => Self::handshake(s.deadline),
-            State::ExpectPsk(s) => Self::handshake(s.deadline),
-            State::Established(s) => TimerTable::established(
-                &s.current,
-                s.previous.as_ref().map(|p| (&p.session, p.expires)),
-                &s.children,
-                s.ike_rekey_at,
-                s.last_heard,
-                self.config.dpd_interval,
-            ),
-            State::ExpectInit | State::Closed(_) => TimerTable::default(),
-        }
-    }
-
-    fn handshake(deadline: Instant) -> TimerTable {
         let mut t = TimerTable::default();
-        t.set(Timer::Handshake, Some(deadline));
+        match &self.state {
+            State::ExpectAuth(s) => t.set(Timer::Handshake, Some(s.deadline)),
+            State::ExpectPsk(s) => t.set(Timer::Handshake, Some(s.deadline)),
+            State::Established(s) => t = s.timers(),
+            State::ExpectInit | State::Closed(_) => {}
+        }
         t
     }
 
     /// Runs the timers due at `now`: half-open expiry, the liveness check and its
-    /// retransmissions, the expiry of a rekeyed IKE SA. Calling it early does nothing.
+    /// retransmissions, rekeys, the expiry of a rekeyed IKE SA. Calling it early does
+    /// nothing.
     pub fn handle_timeout(&mut self, now: Instant, entropy: &mut dyn Entropy) {
         match mem::replace(&mut self.state, State::Closed(None)) {
             State::ExpectAuth(s) if now >= s.deadline => {
@@ -517,7 +366,7 @@ impl Responder {
                 let _ = self.fail(Error::Timeout("IKE_AUTH did not complete in time"), None);
             }
             State::Established(mut s) => {
-                self.state = match self.established_timeout(&mut s, now, entropy) {
+                self.state = match s.handle_timeout(&mut self.out, now, entropy) {
                     Next::Stay => State::Established(s),
                     Next::Close(cache) => State::Closed(cache),
                 };
@@ -527,12 +376,10 @@ impl Responder {
     }
 
     /// The data plane saw authenticated ESP traffic from the peer on a CHILD SA of this IKE
-    /// SA. That proves the peer alive (RFC 7296 §2.4: "Receipt of a fresh cryptographically
-    /// protected message on an IKE SA or any of its Child SAs ensures liveness of the IKE SA
-    /// and all of its Child SAs"), so the next liveness check moves out.
+    /// SA: the peer is alive (RFC 7296 §2.4), so the next liveness check moves out.
     pub fn handle_child_traffic(&mut self, now: Instant) {
         if let State::Established(s) = &mut self.state {
-            s.last_heard = s.last_heard.max(now);
+            s.handle_child_traffic(now);
         }
     }
 
@@ -544,7 +391,7 @@ impl Responder {
         let State::Established(s) = &mut self.state else {
             return false;
         };
-        if !rekey::mark_due(&mut s.children, &s.ours, spi_in, now) {
+        if !s.mark_rekey_due(spi_in, now) {
             return false;
         }
         self.handle_timeout(now, entropy);
@@ -552,11 +399,7 @@ impl Responder {
     }
 
     fn send(&mut self, local: SocketAddr, remote: SocketAddr, payload: Vec<u8>) {
-        self.transmits.push_back(Transmit {
-            local,
-            remote,
-            payload,
-        });
+        self.out.send(local, remote, payload);
     }
 
     /// Handles one IKE datagram (without the non-ESP marker) that arrived on `local` from
@@ -572,8 +415,16 @@ impl Responder {
         datagram: &[u8],
         entropy: &mut dyn Entropy,
     ) -> Result<(), Error> {
+        let d = Incoming::new(now, local, remote, datagram)
+            .ok_or(Error::Malformed(InvalidMessage::Truncated("IKE header")))?;
+        self.handle(&d, entropy)
+    }
+
+    /// [`Self::handle_datagram`] for a datagram whose header was read already.
+    pub fn handle(&mut self, d: &Incoming<'_>, entropy: &mut dyn Entropy) -> Result<(), Error> {
+        let (local, remote, datagram) = (d.local, d.remote, d.bytes);
         match mem::replace(&mut self.state, State::Closed(None)) {
-            State::ExpectInit => match self.handle_init(now, local, remote, datagram, entropy) {
+            State::ExpectInit => match self.handle_init(d, entropy) {
                 Ok(next) => {
                     self.state = State::ExpectAuth(Box::new(next));
                     Ok(())
@@ -597,24 +448,20 @@ impl Responder {
                 r
             }
             State::Established(mut s) => {
-                match self.handle_established(&mut s, now, local, remote, datagram, entropy) {
-                    Ok(Next::Close(cache)) => {
-                        self.state = State::Closed(cache);
-                        Ok(())
-                    }
-                    Ok(Next::Stay) => {
-                        self.state = State::Established(s);
-                        Ok(())
-                    }
-                    Err(e) => {
-                        self.state = State::Established(s);
-                        Err(e)
-                    }
-                }
+                let (state, r) = match s.handle_datagram(&mut self.out, d, entropy) {
+                    Ok(Next::Close(cache)) => (State::Closed(cache), Ok(())),
+                    Ok(Next::Stay) => (State::Established(s), Ok(())),
+                    Err(e) => (State::Established(s), Err(e)),
+                };
+                self.state = state;
+                r
             }
             State::Closed(cache) => {
                 let r = match &cache {
-                    Some((req, resp)) if datagram == req => self.retransmit(local, remote, resp),
+                    Some((req, resp)) if datagram == req => {
+                        self.retransmit(local, remote, resp);
+                        Ok(())
+                    }
                     _ => Err(Error::Unexpected("the IKE SA is closed")),
                 };
                 self.state = State::Closed(cache);
@@ -627,16 +474,32 @@ impl Responder {
     /// "A retransmission from the initiator MUST be bitwise identical to the original request",
     /// so a byte comparison recognises it, and "The responder MUST never retransmit a response
     /// unless it receives a retransmission of the request."
-    fn retransmit(&mut self, local: SocketAddr, remote: SocketAddr, response: &[u8]) -> Result<(), Error> {
+    fn retransmit(&mut self, local: SocketAddr, remote: SocketAddr, response: &[u8]) {
         self.send(local, remote, response.to_vec());
-        Ok(())
     }
 
     fn fail(&mut self, e: Error, cache: Cache) -> Result<(), Error> {
         self.state = State::Closed(cache);
-        self.events.push_back(Event::Failed(e));
+        self.out.event(Event::Failed(e));
         Err(e)
     }
+}
+
+/// An unencrypted IKE_SA_INIT error response: one notify, SPIr zero (no state was kept).
+pub(crate) fn init_error(request: &Header, notify: NotifyType, data: &[u8]) -> Vec<u8> {
+    Message {
+        header: Header {
+            spi_i: request.spi_i,
+            spi_r: 0,
+            next_payload: PayloadType::NONE,
+            exchange: ExchangeType::IKE_SA_INIT,
+            flags: Flags::RESPONSE,
+            message_id: request.message_id,
+            length: 0,
+        },
+        payloads: vec![Payload::Notify(Notify::new(notify, data))],
+    }
+    .to_vec()
 }
 
 #[cfg(test)]

@@ -177,7 +177,7 @@ impl Pair {
             Side::Many(ep) => loop {
                 out.extend(std::iter::from_fn(|| ep.poll_transmit()));
                 let Some(ev) = ep.poll_event() else { break };
-                if let EndpointEvent::Sa { id, event } = ev {
+                if let EndpointEvent::Sa { id, event, .. } = ev {
                     if let responder::Event::PeerIdentified { .. } = event {
                         let _ = ep.provide_psk(id, now, Some(&self.psk_r), &mut e);
                     }

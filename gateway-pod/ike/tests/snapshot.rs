@@ -131,7 +131,7 @@ impl Net {
         }
         let now = self.now;
         while let Some(e) = self.gw.ep.poll_event() {
-            if let EndpointEvent::Sa { id, event } = e {
+            if let EndpointEvent::Sa { id, event, .. } = e {
                 match event {
                     Event::PeerIdentified { .. } => {
                         self.gw
@@ -153,7 +153,7 @@ impl Net {
             }
         }
         while let Some(e) = self.site.ep.poll_event() {
-            if let EndpointEvent::Initiated { event, .. } = e {
+            if let EndpointEvent::Sa { event, .. } = e {
                 match event {
                     Event::ChildSaInstalled(c) => {
                         self.site.children.insert(c.spi_in, *c);

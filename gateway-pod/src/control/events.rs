@@ -9,6 +9,7 @@ use std::time::{Instant, SystemTime};
 use concentrator_ike::Event;
 use concentrator_ike::endpoint::EndpointEvent;
 use concentrator_ike::responder::{DeleteReason, IdBuf};
+use concentrator_ike::sa::snapshot::Role;
 use ipnet::IpNet;
 
 use super::driver::Driver;
@@ -75,8 +76,12 @@ impl Driver {
                 self.removed(id, established);
                 self.auto.forget(id);
             }
-            EndpointEvent::Sa { id, event } => self.sa_event(id, event),
-            EndpointEvent::Initiated { id, event } => self.initiated_event(id, event),
+            EndpointEvent::Sa {
+                id,
+                role: Role::Initiator,
+                event,
+            } => self.initiated_event(id, event),
+            EndpointEvent::Sa { id, event, .. } => self.sa_event(id, event),
         }
     }
 

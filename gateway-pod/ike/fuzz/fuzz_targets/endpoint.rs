@@ -66,6 +66,7 @@ fuzz_target!(|data: &[u8]| {
             if let EndpointEvent::Sa {
                 id,
                 event: concentrator_ike::Event::PeerIdentified { .. },
+                ..
             } = event
             {
                 let _ = ep.provide_psk(id, now, Some(b"psk"), &mut entropy);

@@ -263,22 +263,20 @@ impl Initiator {
         &mut self,
         mut s: Box<ExpectAuth>,
         now: Instant,
+        h: &Header,
         datagram: &[u8],
         entropy: &mut dyn Entropy,
     ) -> Result<(), Error> {
-        let opened = Header::peek(datagram)
-            .ok_or(Error::Malformed(InvalidMessage::Truncated("IKE header")))
-            .and_then(|(h, _)| {
-                // RFC 7296 §2.2: a response is matched to our request by Message ID (and
-                // here exchange); a late IKE_SA_INIT response or anything else is dropped.
-                if !s.session.sa.matches(&h)
-                    || !h.flags.contains(Flags::RESPONSE)
-                    || !s.session.answers_pending(&h)
-                {
-                    return Err(Error::Unexpected("not the response to our IKE_AUTH request"));
-                }
-                s.session.sa.open(datagram)
-            });
+        // RFC 7296 §2.2: a response is matched to our request by Message ID (and here
+        // exchange); a late IKE_SA_INIT response or anything else is dropped.
+        let opened = if !s.session.sa.matches(h)
+            || !h.flags.contains(Flags::RESPONSE)
+            || !s.session.answers_pending(h)
+        {
+            Err(Error::Unexpected("not the response to our IKE_AUTH request"))
+        } else {
+            s.session.sa.open(datagram)
+        };
         let opened = match opened {
             Ok(o) => o,
             Err(e) => {
@@ -295,34 +293,29 @@ impl Initiator {
             Ok(child) => {
                 self.psk = None;
                 let ExpectAuth { session, .. } = *s;
-                let spi_r = session.sa.spi_r;
-                let peer_id = child.1;
-                self.events.push_back(Event::IkeSaEstablished {
+                let (child, peer_id) = child;
+                self.out.event(Event::IkeSaEstablished {
                     spi_i: self.spi_i,
-                    spi_r,
+                    spi_r: session.sa.spi_r,
                     peer_id: peer_id.clone(),
                     remote: self.remote,
                     nat_detected: self.nat_detected,
                 });
-                let children = vec![ChildRef {
-                    spi_in: child.0.spi_in,
-                    spi_out: child.0.spi_out,
-                    rekey_at: rekey::soft_deadline(now, child.0.lifetime, entropy),
-                    replaced: false,
-                }];
-                self.events.push_back(Event::ChildSaInstalled(Box::new(child.0)));
-                self.state = State::Established(Box::new(Established {
+                let authenticated = Authenticated {
+                    role: Role::Initiator,
                     session,
-                    children,
-                    ours: rekey::Ours::Plain,
-                    ike_rekey_at: self
-                        .config
-                        .ike_lifetime
-                        .and_then(|l| rekey::soft_deadline(now, l, entropy)),
-                    previous: None,
-                    last_heard: now,
+                    children: vec![ChildRef::new(&child, now, entropy)],
                     peer_id,
-                }));
+                    local: self.local,
+                    remote: self.remote,
+                    floated: self.floated,
+                    redirect_supported: false,
+                    init: None,
+                };
+                self.out.event(Event::ChildSaInstalled(Box::new(child)));
+                let config = Arc::clone(&self.config);
+                self.state =
+                    State::Established(Box::new(Established::new(config, authenticated, now, entropy)));
                 Ok(())
             }
             Err(e) => {

@@ -8,12 +8,10 @@ impl Responder {
     /// IKE_SA_INIT request → response (RFC 7296 §1.2).
     pub(super) fn handle_init(
         &mut self,
-        now: Instant,
-        local: SocketAddr,
-        remote: SocketAddr,
-        datagram: &[u8],
+        d: &Incoming<'_>,
         entropy: &mut dyn Entropy,
     ) -> Result<ExpectAuth, Error> {
+        let (now, local, remote, datagram) = (d.now, d.local, d.remote, d.bytes);
         let msg = Message::decode(datagram)?;
         let h = msg.header;
         if h.exchange != ExchangeType::IKE_SA_INIT
@@ -206,7 +204,8 @@ impl Responder {
         if datagram == s.init.request {
             let resp = s.init.response.clone();
             self.state = State::ExpectAuth(Box::new(s));
-            return self.retransmit(local, remote, &resp);
+            self.retransmit(local, remote, &resp);
+            return Ok(());
         }
         match Self::open_auth(&s, datagram) {
             // Not (yet) authenticated: dropped, the state stays.
@@ -222,7 +221,7 @@ impl Responder {
                 self.fail(e, response.map(|r| (datagram.to_vec(), r)))
             }
             Ok((plain, first_inner, id)) => {
-                self.events.push_back(Event::PeerIdentified { id });
+                self.out.event(Event::PeerIdentified { id });
                 self.state = State::ExpectPsk(Box::new(ExpectPsk {
                     sa: s.sa,
                     init: s.init,
@@ -299,12 +298,7 @@ impl Responder {
                 let children = events
                     .iter()
                     .filter_map(|e| match e {
-                        Event::ChildSaInstalled(c) => Some(ChildRef {
-                            spi_in: c.spi_in,
-                            spi_out: c.spi_out,
-                            rekey_at: soft_deadline(now, c.lifetime, entropy),
-                            replaced: false,
-                        }),
+                        Event::ChildSaInstalled(c) => Some(ChildRef::new(c, now, entropy)),
                         _ => None,
                     })
                     .collect();
@@ -320,7 +314,9 @@ impl Responder {
                             data: &[],
                         })
                     });
-                self.events.extend(events);
+                for e in events {
+                    self.out.event(e);
+                }
                 let ExpectPsk {
                     sa,
                     init,
@@ -328,30 +324,28 @@ impl Responder {
                     message_id,
                     ..
                 } = *s;
-                self.state = State::Established(Box::new(Established {
-                    current: Session::new(
-                        sa,
-                        Some(Answered {
-                            message_id,
-                            request,
-                            response,
-                        }),
-                    ),
-                    previous: None,
-                    redirect_supported: init.redirect_supported,
-                    init: Some((init.request, init.response)),
-                    retired: None,
+                let session = Session::new(
+                    sa,
+                    Some(Answered {
+                        message_id,
+                        request,
+                        response,
+                    }),
+                );
+                let authenticated = Authenticated {
+                    role: Role::Responder,
+                    session,
                     children,
-                    ours: Ours::Plain,
-                    ike_rekey_at: self
-                        .config
-                        .ike_lifetime
-                        .and_then(|l| soft_deadline(now, l, entropy)),
+                    peer_id,
                     local,
                     remote,
-                    last_heard: now,
-                    peer_id,
-                }));
+                    floated: false,
+                    redirect_supported: init.redirect_supported,
+                    init: Some((init.request, init.response)),
+                };
+                let config = Arc::clone(&self.config);
+                self.state =
+                    State::Established(Box::new(Established::new(config, authenticated, now, entropy)));
                 Ok(())
             }
             Err(e) => {
@@ -510,21 +504,4 @@ impl<'a> AuthRequest<'a> {
             ts_r,
         })
     }
-}
-
-/// An unencrypted IKE_SA_INIT error response: one notify, SPIr zero (no state was kept).
-fn init_error(request: &Header, notify: NotifyType, data: &[u8]) -> Vec<u8> {
-    Message {
-        header: Header {
-            spi_i: request.spi_i,
-            spi_r: 0,
-            next_payload: PayloadType::NONE,
-            exchange: ExchangeType::IKE_SA_INIT,
-            flags: Flags::RESPONSE,
-            message_id: request.message_id,
-            length: 0,
-        },
-        payloads: vec![Payload::Notify(Notify::new(notify, data))],
-    }
-    .to_vec()
 }

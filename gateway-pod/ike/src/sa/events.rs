@@ -1,10 +1,12 @@
-//! The queue of events a role reports, which also keeps what each CHILD SA it reported
-//! installed was installed with: a snapshot of the IKE SA carries its CHILD SAs' keys and
-//! selectors, which the data plane took from the event.
+//! What an IKE SA hands out, in either role and phase ([`Output`]): the datagrams to send and
+//! the queue of events, which also keeps what each CHILD SA it reported installed was
+//! installed with: a snapshot of the IKE SA carries its CHILD SAs' keys and selectors, which
+//! the data plane took from the event.
 
 use std::collections::VecDeque;
+use std::net::SocketAddr;
 
-use super::ChildSa;
+use super::{ChildSa, Event, Transmit};
 
 /// An event that may install or delete a CHILD SA.
 pub(crate) trait ChildEvent {
@@ -21,13 +23,6 @@ pub(crate) struct Events<E> {
 }
 
 impl<E: ChildEvent> Events<E> {
-    pub(crate) fn new() -> Self {
-        Self {
-            queue: VecDeque::new(),
-            installed: Vec::new(),
-        }
-    }
-
     /// A queue for an IKE SA restored with `installed`.
     pub(crate) fn restored(installed: Vec<ChildSa>) -> Self {
         Self {
@@ -46,12 +41,6 @@ impl<E: ChildEvent> Events<E> {
         self.queue.push_back(e);
     }
 
-    pub(crate) fn extend(&mut self, events: impl IntoIterator<Item = E>) {
-        for e in events {
-            self.push_back(e);
-        }
-    }
-
     pub(crate) fn pop_front(&mut self) -> Option<E> {
         self.queue.pop_front()
     }
@@ -59,5 +48,47 @@ impl<E: ChildEvent> Events<E> {
     /// The installed CHILD SA whose inbound SPI is `spi_in`.
     pub(crate) fn child(&self, spi_in: u32) -> Option<&ChildSa> {
         self.installed.iter().find(|c| c.spi_in == spi_in)
+    }
+}
+
+/// The datagrams and events an IKE SA has not handed out yet; both roles own one, and the
+/// established phase ([`super::established`]) writes to it without knowing the role.
+pub(crate) struct Output {
+    transmits: VecDeque<Transmit>,
+    pub(crate) events: Events<Event>,
+}
+
+impl Output {
+    pub(crate) fn new() -> Self {
+        Self::restored(Vec::new())
+    }
+
+    /// The output of an IKE SA restored with `installed`.
+    pub(crate) fn restored(installed: Vec<ChildSa>) -> Self {
+        Self {
+            transmits: VecDeque::new(),
+            events: Events::restored(installed),
+        }
+    }
+
+    /// Queues `payload` from `local` to `remote`.
+    pub(crate) fn send(&mut self, local: SocketAddr, remote: SocketAddr, payload: Vec<u8>) {
+        self.transmits.push_back(Transmit {
+            local,
+            remote,
+            payload,
+        });
+    }
+
+    pub(crate) fn event(&mut self, e: Event) {
+        self.events.push_back(e);
+    }
+
+    pub(crate) fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    pub(crate) fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
     }
 }

@@ -1,11 +1,14 @@
 //! What both roles of an IKE SA share: the IKE SA's keys and message-ID windows
-//! (`session`), the established phase's exchanges (INFORMATIONAL in `informational`,
-//! CREATE_CHILD_SA in `create_child`, rekeys this side starts in `rekey`), and the types
-//! both roles report and take: [`Retransmit`], [`Entropy`], [`Transmit`], [`ChildSa`],
-//! [`DeleteReason`], [`IdBuf`].
+//! (`session`), the established phase once for both roles (`established`, with the peer's
+//! INFORMATIONAL requests parsed in `informational`, CREATE_CHILD_SA in `create_child`,
+//! rekeys this side starts in `rekey`), its timers (`timers`), what an SA hands out
+//! (`events`: datagrams and events), the [`snapshot`], and the types both roles report and
+//! take: [`Retransmit`], [`Entropy`], [`Transmit`], [`ChildSa`], [`DeleteReason`],
+//! [`IdBuf`].
 
 mod config;
 pub(crate) mod create_child;
+pub(crate) mod established;
 mod event;
 pub(crate) mod events;
 pub(crate) mod informational;
@@ -25,6 +28,7 @@ use concentrator_algorithms::{DhGroup, Encryption, Esn, Integrity};
 use concentrator_crypto::{CryptoError, DirectionKeys, KeyExchange};
 
 use crate::message::codepoints::IdType;
+use crate::message::header::Header;
 use crate::payload::{Identity, TrafficSelector};
 
 /// Length of our nonces: 32 bytes, at least half the key size of every PRF we negotiate
@@ -161,6 +165,36 @@ impl Entropy for SystemEntropy {
     }
 }
 
+/// A datagram as it arrived, its header read once on the way in (by the endpoint or the
+/// role) and handed down with it.
+#[derive(Clone, Copy, Debug)]
+pub struct Incoming<'a> {
+    /// When it arrived.
+    pub now: Instant,
+    /// Our address it arrived on.
+    pub local: SocketAddr,
+    /// Where it came from.
+    pub remote: SocketAddr,
+    /// Its IKE header.
+    pub header: Header,
+    /// The IKE message (without the non-ESP marker of port 4500).
+    pub bytes: &'a [u8],
+}
+
+impl<'a> Incoming<'a> {
+    /// `bytes` with its header read; `None` when they are too short for one.
+    pub fn new(now: Instant, local: SocketAddr, remote: SocketAddr, bytes: &'a [u8]) -> Option<Self> {
+        let (header, _) = Header::peek(bytes)?;
+        Some(Self {
+            now,
+            local,
+            remote,
+            header,
+            bytes,
+        })
+    }
+}
+
 /// A datagram to send: IKE bytes (without the 4-octet non-ESP marker of port 4500).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Transmit {
@@ -241,6 +275,18 @@ pub(crate) struct ChildRef {
     /// The peer rekeyed it (or it is the redundant one of a simultaneous rekey): it is the
     /// peer's to delete, never ours to rekey.
     pub(crate) replaced: bool,
+}
+
+impl ChildRef {
+    /// A CHILD SA just installed: this side rekeys it at its soft lifetime.
+    pub(crate) fn new(child: &ChildSa, now: Instant, entropy: &mut dyn Entropy) -> Self {
+        Self {
+            spi_in: child.spi_in,
+            spi_out: child.spi_out,
+            rekey_at: rekey::soft_deadline(now, child.lifetime, entropy),
+            replaced: false,
+        }
+    }
 }
 
 /// A random SPI of at least `min`; a generator that keeps producing smaller values is broken.
