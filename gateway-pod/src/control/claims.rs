@@ -14,6 +14,7 @@
 //!   them away from us.
 
 use std::collections::HashSet;
+use std::net::SocketAddr;
 use std::time::Instant;
 
 use concentrator_fleet::{Shard, ShardSet};
@@ -22,6 +23,7 @@ use zeroize::Zeroizing;
 
 use super::driver::Driver;
 use crate::cluster::{Claimed, Claims, FleetError, SiteKey};
+use crate::sitedb::Site;
 
 /// The refusal of a site while the fleet cannot say who holds it.
 pub(super) const FLEET_UNAVAILABLE: &str = "fleet_unavailable";
@@ -36,6 +38,15 @@ pub(super) enum ClaimEvent {
     },
     /// The etcd session began anew: claim every held site again.
     NewSession,
+    /// The claim of a site that traffic is waiting for finished.
+    ToInitiate {
+        egroup: String,
+        base_eroute: String,
+        site: Box<Site>,
+        remote: SocketAddr,
+        key: SiteKey,
+        result: Result<Claimed, FleetError>,
+    },
 }
 
 /// The driver's claims: the PSKs waiting on a claim, and where claim tasks report.
@@ -116,7 +127,53 @@ impl Driver {
         match event {
             ClaimEvent::Done { id, site, result } => self.claim_done(id, site, result),
             ClaimEvent::NewSession => self.claim_again(),
+            ClaimEvent::ToInitiate {
+                egroup,
+                base_eroute,
+                site,
+                remote,
+                key,
+                result,
+            } => match result {
+                Ok(Claimed::HeldBy(m)) => {
+                    // The site's tunnel is up on another member: the traffic goes there.
+                    tracing::debug!(peer_id = %site.peer_id, member = %m, "traffic toward a site another member holds: forwarded there");
+                    self.backend.elsewhere(site.remote_subnet, m);
+                }
+                Ok(_) => self.initiate_to_site(&egroup, &base_eroute, &site, remote, Some(key)),
+                Err(e) => {
+                    self.gateway.metrics.count_ike_failure(FLEET_UNAVAILABLE);
+                    tracing::warn!(peer_id = %site.peer_id, error = %e, "not initiating to a site: the fleet cannot tell who holds it (etcd unreachable)");
+                }
+            },
         }
+    }
+
+    /// Claims the site of an acquire; the answer comes back as [`ClaimEvent::ToInitiate`].
+    pub(super) fn claim_to_initiate(
+        &mut self,
+        egroup: &str,
+        base_eroute: &str,
+        site: Site,
+        remote: SocketAddr,
+    ) {
+        let Some(claims) = self.claims.as_ref() else {
+            return;
+        };
+        let key = SiteKey::new(&format!("egroup/{egroup}"), &site.peer_id);
+        let (c, tx) = (claims.claims.clone(), claims.events.clone());
+        let (egroup, base_eroute) = (egroup.to_owned(), base_eroute.to_owned());
+        tokio::spawn(async move {
+            let result = c.claim(&key).await;
+            let _ = tx.send(ClaimEvent::ToInitiate {
+                egroup,
+                base_eroute,
+                site: Box::new(site),
+                remote,
+                key,
+                result,
+            });
+        });
     }
 
     fn claim_done(&mut self, id: u64, site: SiteKey, result: Result<Claimed, FleetError>) {

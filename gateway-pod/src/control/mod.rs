@@ -219,10 +219,11 @@ pub async fn start(
             let socket = UdpSocket::bind(f.address)
                 .await
                 .map_err(|e| fleet_error(f.address, e))?;
-            let handle = dataplane.clone();
+            let (handle, plain) = (dataplane.clone(), dataplane.clone());
             let delivery = Delivery {
                 ike: ike_tx,
                 esp: Box::new(move |spi, remote, via, datagram| handle.forwarded(spi, remote, via, datagram)),
+                plain: Box::new(move |packet| plain.plain(packet)),
                 udp500: udp500.clone(),
                 udp4500: udp4500.clone(),
                 ike_port: ike_addr.port(),
