@@ -38,6 +38,11 @@ pub(super) enum ClaimEvent {
     },
     /// The etcd session began anew: claim every held site again.
     NewSession,
+    /// The claim of a static eroute we keep up finished.
+    ToConnect {
+        eroute: String,
+        result: Result<Claimed, FleetError>,
+    },
     /// The claim of a site that traffic is waiting for finished.
     ToInitiate {
         egroup: String,
@@ -83,12 +88,31 @@ impl DriverClaims {
     }
 }
 
+/// How long an eroute we keep up waits for its claim before it is tried again.
+pub(super) const CLAIM_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How often a member looks again at an eroute another member keeps up (which may go).
+pub(super) const HELD_ELSEWHERE_RECHECK: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// The claim of static eroute `eroute` toward `peer_id`: the same whichever side starts.
+pub(super) fn eroute_site(eroute: &str, peer_id: &str) -> SiteKey {
+    SiteKey::new(&format!("eroute/{eroute}"), peer_id)
+}
+
+/// The peer a static eroute we keep up is claimed under: its peer ID, else its address.
+pub(super) fn claimed_peer(e: &concentrator_crds::eroute::ValidatedEroute) -> String {
+    e.peer_id
+        .clone()
+        .or_else(|| e.peer_address.clone())
+        .unwrap_or_default()
+}
+
 /// The site of an IKE SA for its claim: its peer ID within the egroup or static eroute that
 /// authenticates it.
 pub(super) fn site_key(egroup: Option<&str>, eroute: Option<&str>, peer_id: &str) -> Option<SiteKey> {
     match (egroup, eroute) {
         (Some(g), _) => Some(SiteKey::new(&format!("egroup/{g}"), peer_id)),
-        (None, Some(e)) => Some(SiteKey::new(&format!("eroute/{e}"), peer_id)),
+        (None, Some(e)) => Some(eroute_site(e, peer_id)),
         (None, None) => None,
     }
 }
@@ -127,6 +151,21 @@ impl Driver {
         match event {
             ClaimEvent::Done { id, site, result } => self.claim_done(id, site, result),
             ClaimEvent::NewSession => self.claim_again(),
+            ClaimEvent::ToConnect { eroute, result } => {
+                let ours = match result {
+                    Ok(Claimed::HeldBy(m)) => {
+                        tracing::debug!(%eroute, member = %m, "eroute kept up by another member");
+                        false
+                    }
+                    Ok(_) => true,
+                    Err(e) => {
+                        self.gateway.metrics.count_ike_failure(FLEET_UNAVAILABLE);
+                        tracing::warn!(%eroute, error = %e, "not initiating: the fleet cannot tell who holds the eroute (etcd unreachable)");
+                        false
+                    }
+                };
+                self.claimed_to_connect(&eroute, ours);
+            }
             ClaimEvent::ToInitiate {
                 egroup,
                 base_eroute,
@@ -147,6 +186,21 @@ impl Driver {
                 }
             },
         }
+    }
+
+    /// Claims static eroute `name` that we keep up; the answer comes back as
+    /// [`ClaimEvent::ToConnect`].
+    pub(super) fn claim_to_connect(&mut self, name: &str) {
+        let (Some(claims), Some(e)) = (self.claims.as_ref(), self.gateway.config.set.eroutes.get(name))
+        else {
+            return;
+        };
+        let key = eroute_site(name, &claimed_peer(e));
+        let (c, tx, eroute) = (claims.claims.clone(), claims.events.clone(), name.to_owned());
+        tokio::spawn(async move {
+            let result = c.claim(&key).await;
+            let _ = tx.send(ClaimEvent::ToConnect { eroute, result });
+        });
     }
 
     /// Claims the site of an acquire; the answer comes back as [`ClaimEvent::ToInitiate`].
