@@ -60,6 +60,8 @@ pub(super) struct DriverClaims {
     events: mpsc::UnboundedSender<ClaimEvent>,
     /// The key each SA waiting on its claim authenticates with once the claim is decided.
     pending: std::collections::HashMap<u64, Zeroizing<Vec<u8>>>,
+    /// Claiming the held sites again after a new session, until all are claimed.
+    reclaiming: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl DriverClaims {
@@ -84,9 +86,15 @@ impl DriverClaims {
             claims,
             events,
             pending: Default::default(),
+            reclaiming: None,
         }
     }
 }
+
+/// The first pause before held sites not claimed again are retried (doubling up to
+/// [`RECLAIM_RETRY_MAX`]).
+const RECLAIM_RETRY: std::time::Duration = std::time::Duration::from_millis(250);
+const RECLAIM_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How long an eroute we keep up waits for its claim before it is tried again.
 pub(super) const CLAIM_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -304,17 +312,38 @@ impl Driver {
             "new fleet session: claiming the sites held again"
         );
         let c = claims.claims.clone();
-        tokio::spawn(async move {
-            for site in sites {
-                match c.claim(&site).await {
-                    Ok(Claimed::HeldBy(m)) => {
-                        tracing::warn!(%site, member = %m, "a site held here was claimed by another member meanwhile");
+        let task = tokio::spawn(async move {
+            // The session exists before the fleet takes sites again (its map is applied a
+            // moment later): a claim refused meanwhile, or lost to a slow etcd, is tried
+            // again until every site is claimed (or a newer session starts over).
+            let mut left: Vec<SiteKey> = sites.into_iter().collect();
+            let mut wait = RECLAIM_RETRY;
+            while !left.is_empty() {
+                let mut again = Vec::new();
+                for site in left {
+                    match c.claim(&site).await {
+                        Ok(Claimed::HeldBy(m)) => {
+                            tracing::warn!(%site, member = %m, "a site held here was claimed by another member meanwhile");
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::debug!(%site, error = %e, "site not claimed again yet");
+                            again.push(site);
+                        }
                     }
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(%site, error = %e, "could not claim a held site again"),
                 }
+                if !again.is_empty() {
+                    tracing::info!(sites = again.len(), "held sites not claimed again yet: retrying");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(RECLAIM_RETRY_MAX);
+                }
+                left = again;
             }
+            tracing::info!("the sites held here are claimed again");
         });
+        if let Some(previous) = self.claims.as_mut().and_then(|c| c.reclaiming.replace(task)) {
+            previous.abort();
+        }
     }
 
     /// Publishes the shards our SAs' SPIs live in (IKE SPIs of ours, half-open included,
