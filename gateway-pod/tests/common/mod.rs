@@ -6,6 +6,7 @@
 //! transfers; static eroutes ([`StaticEroute`]); starting the gateway and reading its metrics
 //! and tunnels; and in [`site`], a strongSwan site with its gateway.
 
+pub(crate) mod fleet;
 pub(crate) mod site;
 
 /// One end of a hand-keyed tunnel.
