@@ -38,6 +38,7 @@ pub const IKE_FAILURE_REASONS: &[&str] = &[
     "no_psk",
     "draining",
     "site_lookup",
+    "fleet_unavailable",
     "no_proposal_chosen",
     "ike_proposal_not_allowed",
     "ts_unacceptable",

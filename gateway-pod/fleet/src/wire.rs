@@ -1,11 +1,14 @@
 //! The frames in which pods forward packets to each other (SPI routing, DESIGN.md §5).
 //!
-//! Two kinds, each at most one hop, which makes a forwarding loop impossible by
+//! Three kinds, each at most one hop, which makes a forwarding loop impossible by
 //! construction: an [`Kind::Ingress`] frame carries a packet a site sent to the pod that
 //! received it, to the shard's owner, which handles it itself or drops it (it never
 //! forwards a frame on); an [`Kind::Egress`] frame carries the owner's answer back to that
 //! pod, which sends it to the site from the address the site's flow is pinned to (behind a
-//! Service, the node's conntrack pinned the flow to that pod) and never forwards it either.
+//! Service, the node's conntrack pinned the flow to that pod) and never forwards it either;
+//! a [`Kind::Plain`] frame carries a packet from the head-end's side toward a site whose
+//! tunnel another member holds, which seals it into that tunnel or holds it for its own
+//! tunnel to come up, and never forwards it on.
 //!
 //! ```text
 //!  0      4    5    6       8             24     28        36              end-60   end-16  end
@@ -13,8 +16,9 @@
 //!  \_____________ authenticated (AAD) __________________________________/ \_sealed_/
 //! ```
 //!
-//! The packet itself is already IKE- or ESP-protected (or a cleartext IKE_SA_INIT), so it is
-//! authenticated, not encrypted again; the metadata (the site's address, our address it
+//! The packet itself is already IKE- or ESP-protected (or a cleartext IKE_SA_INIT; or, in a
+//! plain frame, a head-end packet that crossed the cluster's network in clear to reach the
+//! first pod), so it is authenticated, not encrypted again; the metadata (the site's address, our address it
 //! wrote to, the shard's epoch) is sealed with AES-256-GCM. The key is derived with HKDF from
 //! the fleet key, the sender and its incarnation (random at each start), so no two
 //! processes ever share a key and nonce: the nonce is the sender's lane (one per sending
@@ -53,6 +57,8 @@ pub enum Kind {
     Ingress = 1,
     /// A packet for a site, to be sent by the receiver from `local` to `remote`.
     Egress = 2,
+    /// A head-end packet toward a site whose tunnel the receiver holds (addresses unused).
+    Plain = 3,
 }
 
 /// An opened frame.
@@ -249,6 +255,7 @@ impl Opener {
         let kind = match frame[4] {
             1 => Kind::Ingress,
             2 => Kind::Egress,
+            3 => Kind::Plain,
             k => return Err(WireError::Kind(k)),
         };
         let sender = MemberId(u16::from_be_bytes([frame[6], frame[7]]));

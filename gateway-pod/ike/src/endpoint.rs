@@ -157,6 +157,23 @@ impl Sa {
         }
     }
 
+    /// Every IKE SPI of ours the peer's messages may carry (the SA in use and, until it
+    /// is deleted, the one a rekey replaced).
+    pub fn our_spis(&self) -> Vec<u64> {
+        match self {
+            Self::Responder(r) => r.spis_r(),
+            Self::Initiator(i) => i.our_spis(),
+        }
+    }
+
+    /// The CHILD SAs of the established IKE SA, as `(spi_in, spi_out)`.
+    pub fn child_spis(&self) -> Vec<(u32, u32)> {
+        match self {
+            Self::Responder(r) => r.child_spis(),
+            Self::Initiator(i) => i.child_spis(),
+        }
+    }
+
     fn handle(&mut self, d: &Incoming<'_>, entropy: &mut dyn Entropy) -> Result<(), Error> {
         match self {
             Self::Responder(r) => r.handle(d, entropy),
@@ -231,14 +248,6 @@ impl Sa {
         match self {
             Self::Responder(r) => r.is_closed(),
             Self::Initiator(i) => i.is_closed(),
-        }
-    }
-
-    /// Every SPI of ours the peer's messages may carry.
-    fn our_spis(&self) -> Vec<u64> {
-        match self {
-            Self::Responder(r) => r.spis_r(),
-            Self::Initiator(i) => i.our_spis(),
         }
     }
 }
@@ -435,6 +444,11 @@ impl Endpoint {
     /// (e.g. to read [`Initiator::redirected_to`]).
     pub fn sa(&self, id: u64) -> Option<&Sa> {
         self.slots.get(&id).map(|s| &s.sa)
+    }
+
+    /// Every IKE SA the endpoint keeps, with its id.
+    pub fn sas(&self) -> impl Iterator<Item = (u64, &Sa)> {
+        self.slots.iter().map(|(id, s)| (*id, &s.sa))
     }
 
     /// The responder of the IKE SA `id`.

@@ -188,6 +188,44 @@ impl Claims {
         Err(FleetError::Contended)
     }
 
+    /// Takes `site` over from `from`, which held it when we claimed it: the site has since
+    /// authenticated here (a site that restarted and came back through another member), so
+    /// the newest IKE SA holds it. Nothing changes if `from` no longer holds it.
+    pub async fn take_over(&self, site: &SiteKey, from: MemberId) -> Result<bool, FleetError> {
+        let SessionLease {
+            mut client,
+            me,
+            lease,
+        } = self.session()?;
+        let key = format!("{}{}", self.keys.sites, site.0);
+        let txn = Txn::new()
+            .when([Compare::value(key.as_str(), CompareOp::Equal, from.0.to_string())])
+            .and_then([TxnOp::put(
+                key.as_str(),
+                me.0.to_string(),
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
+        let taken = tokio::time::timeout(CLAIM_TIMEOUT, client.txn(txn))
+            .await
+            .map_err(|_| FleetError::Timeout)??
+            .succeeded();
+        if taken {
+            self.metrics
+                .claims
+                .get_or_create(&ReasonLabel {
+                    reason: "taken_over".into(),
+                })
+                .inc();
+        }
+        Ok(taken)
+    }
+
+    /// Changes each time this pod's etcd session begins anew (a new lease): the claims of
+    /// the old one end with its lease, so the sites held must be claimed again.
+    pub(crate) fn sessions(&self) -> watch::Receiver<Option<SessionLease>> {
+        self.lease.clone()
+    }
+
     /// Gives `site` up, if it is ours.
     pub async fn release(&self, site: &SiteKey) -> Result<(), FleetError> {
         let SessionLease { mut client, me, .. } = match &*self.lease.borrow() {

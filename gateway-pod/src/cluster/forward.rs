@@ -148,6 +148,7 @@ impl ForwardMetrics {
             kind: match kind {
                 Kind::Ingress => "ingress",
                 Kind::Egress => "egress",
+                Kind::Plain => "plain",
             }
             .into(),
             direction: direction.into(),
@@ -269,6 +270,11 @@ impl Link {
         &self.links.view
     }
 
+    /// The forwarding metrics.
+    pub fn metrics(&self) -> &ForwardMetrics {
+        &self.links.metrics
+    }
+
     /// Sends `payload` to member `to` in a frame of `kind`; false (counted) if it could not.
     #[allow(clippy::too_many_arguments)]
     pub fn send(
@@ -327,6 +333,8 @@ pub struct Delivery {
     /// ESP packets, to the data plane: (SPI, the site's address, the member it came
     /// through, the UDP payload).
     pub esp: Box<dyn Fn(u32, SocketAddr, MemberId, Vec<u8>) + Send + Sync>,
+    /// Head-end packets toward a site whose tunnel we hold, to the data plane.
+    pub plain: Box<dyn Fn(Vec<u8>) + Send + Sync>,
     /// The sockets a site writes to: answers go out from the one it wrote to.
     pub udp500: Arc<UdpSocket>,
     pub udp4500: Arc<UdpSocket>,
@@ -369,6 +377,7 @@ pub async fn serve(socket: UdpSocket, links: Links, delivery: Delivery) {
         match frame.kind {
             Kind::Egress => send_out(&delivery, &frame).await,
             Kind::Ingress => deliver(&view, &delivery, &frame, &metrics),
+            Kind::Plain => (delivery.plain)(frame.payload.to_vec()),
         }
     }
 }

@@ -255,6 +255,13 @@ pub(crate) struct SessionLease {
     lease: i64,
 }
 
+impl SessionLease {
+    /// The etcd lease of the session (a new one each time the session begins anew).
+    pub(crate) fn lease_id(&self) -> i64 {
+        self.lease
+    }
+}
+
 /// A running fleet membership.
 pub struct Fleet {
     pub view: SharedView,

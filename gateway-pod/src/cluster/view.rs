@@ -8,11 +8,18 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use concentrator_fleet::member::MemberRecord;
 use concentrator_fleet::{MemberId, SHARDS, Shard, ShardMap, ShardSet};
 
 const NOBODY: u16 = u16::MAX;
+
+/// How long a shard counts as occupied after an SPI was drawn in it, whether or not an SA
+/// was made with it yet: longer than any exchange waits for its answer (a CHILD SA's
+/// inbound SPI is drawn when its request goes out), so that the leader never moves a shard
+/// under an SA that is being made; the driver's published set covers the SAs that exist.
+const PICK_HOLD: Duration = Duration::from_secs(60);
 
 /// Where a packet for a shard goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,8 +41,13 @@ pub struct View {
     owners: Box<[AtomicU16]>,
     epochs: Box<[AtomicU32]>,
     map_version: AtomicU64,
-    /// IKE SAs (half-open included) this pod holds per shard, kept by the driver.
-    occupancy: Box<[AtomicU32]>,
+    /// Shards in which this pod holds SAs (IKE SPIs, half-open included, and inbound ESP
+    /// SPIs), as the driver last published them.
+    live: Box<[AtomicBool]>,
+    /// Until when (seconds since `born`) each shard counts as occupied because an SPI was
+    /// drawn in it ([`PICK_HOLD`]).
+    picked_until: Box<[AtomicU32]>,
+    born: Instant,
     inner: RwLock<Inner>,
 }
 
@@ -63,7 +75,9 @@ impl View {
             owners: (0..n).map(|_| AtomicU16::new(NOBODY)).collect(),
             epochs: (0..n).map(|_| AtomicU32::new(0)).collect(),
             map_version: AtomicU64::new(0),
-            occupancy: (0..n).map(|_| AtomicU32::new(0)).collect(),
+            live: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            picked_until: (0..n).map(|_| AtomicU32::new(0)).collect(),
+            born: Instant::now(),
             inner: RwLock::default(),
         }
     }
@@ -126,11 +140,22 @@ impl View {
         self.map_version.load(Ordering::Acquire)
     }
 
-    /// A shard for a new IKE SA of ours, from `random` (`None` when we may allocate none).
+    /// A shard for a new SPI of ours, from `random` (`None` when we may allocate none); it
+    /// counts as occupied from now on (see [`PICK_HOLD`]).
     pub fn pick_shard(&self, random: u64) -> Option<Shard> {
         let inner = self.read();
         let n = inner.allocatable.len() as u64;
-        (n > 0).then(|| inner.allocatable[(random % n) as usize])
+        let shard = (n > 0).then(|| inner.allocatable[(random % n) as usize])?;
+        // Marked under the read lock: a new map (which takes the write lock) is applied
+        // either before the pick (and the shard was allocatable in it) or after the mark
+        // (and the report made at its version includes the shard).
+        let until = self.seconds() + PICK_HOLD.as_secs() as u32;
+        self.picked_until[shard.index()].fetch_max(until, Ordering::AcqRel);
+        Some(shard)
+    }
+
+    fn seconds(&self) -> u32 {
+        u32::try_from(self.born.elapsed().as_secs()).unwrap_or(u32::MAX - PICK_HOLD.as_secs() as u32)
     }
 
     /// The member that takes a new IKE SA (an IKE_SA_INIT request) from `source` with the
@@ -171,21 +196,22 @@ impl View {
         self.map_version.store(map.version(), Ordering::Release);
     }
 
-    /// An IKE SA of ours in `shard` began (half-open included).
-    pub fn occupy(&self, shard: Shard) {
-        self.occupancy[shard.index()].fetch_add(1, Ordering::AcqRel);
+    /// The shards in which this pod holds SAs now (the driver publishes them).
+    pub fn set_live(&self, shards: &ShardSet) {
+        for s in Shard::all() {
+            self.live[s.index()].store(shards.contains(s), Ordering::Release);
+        }
     }
 
-    /// An IKE SA of ours in `shard` ended.
-    pub fn vacate(&self, shard: Shard) {
-        let _ = self.occupancy[shard.index()]
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
-    }
-
-    /// The shards in which we hold IKE SAs.
+    /// The shards the leader must not move away from us: those we hold SAs in, and those
+    /// an SPI was drawn in lately.
     pub fn occupied(&self) -> ShardSet {
+        let now = self.seconds();
         Shard::all()
-            .filter(|s| self.occupancy[s.index()].load(Ordering::Acquire) > 0)
+            .filter(|s| {
+                self.picked_until[s.index()].load(Ordering::Acquire) > now
+                    || self.live[s.index()].load(Ordering::Acquire)
+            })
             .collect()
     }
 
@@ -320,15 +346,21 @@ mod tests {
     }
 
     #[test]
-    fn occupancy_counts_ike_sas_per_shard() {
+    fn occupied_shards_are_the_published_ones_and_those_drawn_from_lately() {
         let view = View::new();
-        let s = Shard::new(9).unwrap();
-        view.occupy(s);
-        view.occupy(s);
-        view.vacate(s);
-        assert!(view.occupied().contains(s));
-        view.vacate(s);
-        view.vacate(s);
+        let (map, members) = fleet(&[0, 1, 2]);
+        view.set_me(Some(MemberId(0)));
+        view.apply(&map, members);
         assert!(view.occupied().is_empty());
+        // An SPI drawn (no SA published yet) occupies its shard.
+        let drawn = view.pick_shard(7).unwrap();
+        assert_eq!(view.occupied().iter().collect::<Vec<_>>(), vec![drawn]);
+        let other = Shard::all().find(|s| *s != drawn).unwrap();
+        view.set_live(&[other].into_iter().collect());
+        let occupied = view.occupied();
+        assert!(occupied.contains(drawn) && occupied.contains(other));
+        assert_eq!(occupied.len(), 2);
+        view.set_live(&ShardSet::new());
+        assert!(!view.occupied().contains(other));
     }
 }

@@ -58,12 +58,15 @@ pub(super) struct Driver {
     pub(super) routes: Routes,
     /// The fleet (`None` standalone).
     pub(super) fleet: Option<super::fleet::DriverFleet>,
+    /// Site claims in the fleet (`None` standalone).
+    pub(super) claims: Option<super::claims::DriverClaims>,
 }
 
 /// What the other tasks send the driver.
 pub(super) struct Inputs {
     pub(super) ike: mpsc::Receiver<IkeDatagram>,
     pub(super) lookups: mpsc::UnboundedReceiver<LookupDone>,
+    pub(super) claims: mpsc::UnboundedReceiver<super::claims::ClaimEvent>,
     pub(super) acquires: mpsc::Receiver<IpAddr>,
     pub(super) sa_events: mpsc::UnboundedReceiver<SaEvent>,
     pub(super) stop: oneshot::Receiver<()>,
@@ -75,6 +78,7 @@ impl Driver {
         let Inputs {
             ike: mut ike_rx,
             lookups: mut lookups_rx,
+            claims: mut claims_rx,
             acquires: mut acquire_rx,
             sa_events: mut sa_events_rx,
             mut stop,
@@ -155,6 +159,7 @@ impl Driver {
                     }
                 }
                 Some(done) = lookups_rx.recv() => self.lookup_done(done),
+                Some(c) = claims_rx.recv() => self.claim_event(c),
                 Some(dst) = acquire_rx.recv() => self.acquire(dst),
                 Some(e) = sa_events_rx.recv() => self.sa_volume(e),
                 () = tokio::time::sleep_until(deadline) => {
@@ -162,7 +167,11 @@ impl Driver {
                     self.endpoint.handle_timeout(now, &mut self.entropy);
                     self.connect_due(now);
                 }
-                _ = status.tick() => self.refresh_status(),
+                _ = status.tick() => {
+                    self.refresh_status();
+                    self.publish_occupancy();
+                    self.fleet_health();
+                }
             }
             self.flush().await;
         }

@@ -38,6 +38,10 @@ pub(super) struct IkeSaRecord {
     /// A NAT lies between us and the peer: keep its mapping alive (RFC 3948 §4).
     pub(super) nat: bool,
     pub(super) last_keepalive: Instant,
+    /// In a fleet: the site this SA holds the claim of.
+    pub(super) site: Option<crate::cluster::SiteKey>,
+    /// The member that held the site when we claimed it: taken over once established.
+    pub(super) contested: Option<concentrator_fleet::MemberId>,
 }
 
 impl IkeSaRecord {
@@ -55,6 +59,8 @@ impl IkeSaRecord {
             last_traffic: now,
             nat: false,
             last_keepalive: now,
+            site: None,
+            contested: None,
         }
     }
 }
@@ -147,6 +153,7 @@ impl Driver {
                 );
                 self.dynamic_established(spi_r);
                 self.static_established(spi_r);
+                self.claim_established(spi_r);
                 self.publish(spi_r);
             }
             Event::ChildSaInstalled(child) => self.child_installed(spi_r, *child),
@@ -210,6 +217,12 @@ impl Driver {
             self.unroute(&child.subnets);
         }
         self.gateway.tunnels.remove(&tunnel_id(spi_r));
+        if let Some(remote) = rec.remote {
+            self.forget_via(remote);
+        }
+        if let Some(site) = rec.site {
+            self.release_site(site);
+        }
         self.gateway
             .metrics
             .tunnels

@@ -11,27 +11,30 @@ use concentrator_fleet::MemberId;
 use concentrator_fleet::wire::Kind;
 use concentrator_ike::responder::Transmit;
 
+use super::claims::FLEET_UNAVAILABLE;
 use super::driver::Driver;
-use crate::cluster::{Claims, IkeRoute, Link, SharedView, Via, route_ike};
+use crate::cluster::{IkeRoute, Link, SharedView, Via, route_ike};
 
 /// What the driver keeps of the fleet.
 pub(super) struct DriverFleet {
     pub(super) view: SharedView,
-    pub(super) claims: Claims,
     link: Link,
     /// The member each site's IKE flow enters through, when not this one.
     vias: HashMap<SocketAddr, MemberId>,
     nat_t_port: u16,
+    /// Whether the fleet took new sites at the last look (to log the changes).
+    was_available: bool,
 }
 
 impl DriverFleet {
-    pub(super) fn new(view: SharedView, claims: Claims, link: Link, nat_t_port: u16) -> Self {
+    pub(super) fn new(view: SharedView, link: Link, nat_t_port: u16) -> Self {
         Self {
             view,
-            claims,
             link,
             vias: HashMap::new(),
             nat_t_port,
+            // A pod starts unavailable (no session yet).
+            was_available: false,
         }
     }
 
@@ -62,6 +65,14 @@ impl Driver {
         let Some(f) = self.fleet.as_mut() else {
             return true;
         };
+        // A new site while the fleet cannot say who holds what: not answered at all, so
+        // that the site's own retransmissions bring it in once etcd is back (a refusal
+        // would make most sites give up).
+        if !f.view.available() && is_init_request(datagram) {
+            self.gateway.metrics.count_ike_failure(FLEET_UNAVAILABLE);
+            tracing::debug!(%remote, "IKE_SA_INIT not answered: the fleet is unavailable");
+            return false;
+        }
         match route_ike(&f.view, remote, datagram) {
             IkeRoute::Local => {}
             // What another member forwarded is never forwarded again: that member has
@@ -85,6 +96,22 @@ impl Driver {
             None => f.vias.remove(&remote),
         };
         true
+    }
+
+    /// Logs when the fleet stops or starts taking new sites.
+    pub(super) fn fleet_health(&mut self) {
+        let Some(f) = self.fleet.as_mut() else { return };
+        let available = f.view.available();
+        if available != f.was_available {
+            f.was_available = available;
+            if available {
+                tracing::info!("fleet available: new sites are taken");
+            } else {
+                tracing::warn!(
+                    "fleet unavailable (no etcd session): established tunnels carry on, new sites are refused until etcd is back"
+                );
+            }
+        }
     }
 
     /// Sends `t` through the member the site's flow enters through, if another: true if it
@@ -117,8 +144,19 @@ impl Driver {
 
     /// The site at `remote` has no IKE SA here any more.
     pub(super) fn forget_via(&mut self, remote: SocketAddr) {
+        if self.sas.values().any(|r| r.remote == Some(remote)) {
+            return;
+        }
         if let Some(f) = self.fleet.as_mut() {
             f.vias.remove(&remote);
         }
     }
+}
+
+/// Whether `datagram` is an IKE_SA_INIT request (a new IKE SA: no responder SPI yet).
+fn is_init_request(datagram: &[u8]) -> bool {
+    use concentrator_ike::{ExchangeType, Flags, Header};
+    Header::peek(datagram).is_some_and(|(h, _)| {
+        h.spi_r == 0 && h.exchange == ExchangeType::IKE_SA_INIT && !h.flags.contains(Flags::RESPONSE)
+    })
 }

@@ -19,6 +19,7 @@
 //! The fleet (membership, shard ownership, SPI routing, SA replication) will have its own
 //! room beside this one, [`crate::cluster`].
 
+mod claims;
 mod driver;
 mod events;
 mod fleet;
@@ -218,10 +219,11 @@ pub async fn start(
             let socket = UdpSocket::bind(f.address)
                 .await
                 .map_err(|e| fleet_error(f.address, e))?;
-            let handle = dataplane.clone();
+            let (handle, plain) = (dataplane.clone(), dataplane.clone());
             let delivery = Delivery {
                 ike: ike_tx,
                 esp: Box::new(move |spi, remote, via, datagram| handle.forwarded(spi, remote, via, datagram)),
+                plain: Box::new(move |packet| plain.plain(packet)),
                 udp500: udp500.clone(),
                 udp4500: udp4500.clone(),
                 ike_port: ike_addr.port(),
@@ -229,12 +231,13 @@ pub async fn start(
             };
             let frames = tokio::spawn(crate::cluster::serve(socket, f.links.clone(), delivery));
             let link = f.links.lane().map_err(|e| fleet_error(f.address, e))?;
-            let driver = fleet::DriverFleet::new(f.view.clone(), f.claims.clone(), link, nat_t_addr.port());
+            let driver = fleet::DriverFleet::new(f.view.clone(), link, nat_t_addr.port());
             (Some(frames), Some(driver))
         }
     };
     let (stop_tx, stop_rx) = oneshot::channel();
     let (lookups_tx, lookups_rx) = mpsc::unbounded_channel();
+    let (claims_tx, claims_rx) = mpsc::unbounded_channel();
     let mut endpoint = Endpoint::new(opts.endpoint.clone(), responder_config);
     endpoint.set_redirect(opts.redirect_to.clone());
     let driver = Driver {
@@ -258,11 +261,13 @@ pub async fn start(
         backend: Arc::new(dataplane),
         routes: Routes::start(opts.tun_name.clone()),
         fleet: driver_fleet,
+        claims: fleet.map(|f| claims::DriverClaims::new(f.claims.clone(), claims_tx)),
         gateway,
     };
     let task = tokio::spawn(driver.run(Inputs {
         ike: ike_rx,
         lookups: lookups_rx,
+        claims: claims_rx,
         acquires: acquire_rx,
         sa_events: sa_events_rx,
         stop: stop_rx,

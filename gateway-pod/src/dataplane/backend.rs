@@ -66,6 +66,8 @@ pub trait ChildSaBackend: Send + Sync {
     fn install_child(&self, spec: ChildSaSpec) -> Result<Arc<SaCounters>, BackendError>;
     /// Stops carrying the CHILD SA whose inbound SPI is `spi_in`.
     fn remove_child(&self, spi_in: u32);
+    /// In a fleet: packets toward `subnet` go to `member`, which holds the site's tunnel.
+    fn elsewhere(&self, _subnet: IpNet, _member: concentrator_fleet::MemberId) {}
 }
 
 impl ChildSaBackend for DataplaneHandle {
@@ -117,6 +119,10 @@ impl ChildSaBackend for DataplaneHandle {
 
     fn remove_child(&self, spi_in: u32) {
         self.remove(spi_in);
+    }
+
+    fn elsewhere(&self, subnet: IpNet, member: concentrator_fleet::MemberId) {
+        Self::elsewhere(self, subnet, member);
     }
 }
 

@@ -122,6 +122,10 @@ pub struct IkeDatagram {
 enum EgressCommand {
     Install(Arc<OutboundSa>, Vec<IpNet>),
     Remove(u32),
+    /// Packets toward `subnet` go to `member`, which holds the site's tunnel, for a while.
+    Elsewhere(IpNet, MemberId),
+    /// A head-end packet another member forwarded here for a site whose tunnel we hold.
+    Plain(Vec<u8>),
 }
 
 enum IngressCommand {
@@ -187,6 +191,30 @@ impl DataplaneHandle {
                 via,
                 datagram,
             });
+        }
+    }
+
+    /// Sends packets toward `subnet` to `member` (which holds the site's tunnel) for a
+    /// while, those waiting for a tunnel first.
+    pub fn elsewhere(&self, subnet: IpNet, member: MemberId) {
+        for tx in &self.egress {
+            let _ = tx.send(EgressCommand::Elsewhere(subnet, member));
+        }
+    }
+
+    /// Seals a head-end packet that another member forwarded here (one worker per
+    /// destination, so that a flow's packets stay in order).
+    pub fn plain(&self, packet: Vec<u8>) {
+        let Some(h) = ip::parse(&packet) else {
+            return;
+        };
+        let n = self.egress.len().max(1);
+        let slot = match h.dst {
+            IpAddr::V4(a) => u32::from(a) as usize,
+            IpAddr::V6(a) => u128::from(a) as usize,
+        };
+        if let Some(tx) = self.egress.get(slot % n) {
+            let _ = tx.send(EgressCommand::Plain(packet));
         }
     }
 

@@ -31,6 +31,49 @@ pub enum BuildError {
     Unnamed,
 }
 
+/// Where gateway pods receive each other's forwarded packets (UDP).
+pub const FLEET_PORT: u16 = 4510;
+/// Where the fleet key and the etcd client TLS files are mounted (apart from the config,
+/// readable by the gateway's user only).
+const FLEET_KEY_DIR: &str = "/etc/concentrator-fleet";
+const ETCD_TLS_DIR: &str = "/etc/concentrator-etcd";
+
+/// The environment, mounts and volumes that make each pod a member of the fleet: etcd (and
+/// its client TLS Secret), a key prefix of its own per fleet, the pod's name (its ordinal is
+/// its member ID) and IP from the downward API, the fleet key from its Secret.
+fn fleet_membership(fleet: &GatewayFleet, name: &str, ns: &str) -> (Vec<Value>, Vec<Value>, Vec<Value>) {
+    let spec = &fleet.spec;
+    let key = &spec.fleet_key_secret_ref;
+    let mut env = vec![
+        json!({"name": "CONCENTRATOR_FLEET_ETCD", "value": spec.etcd.endpoints.join(",")}),
+        json!({"name": "CONCENTRATOR_FLEET_PREFIX", "value": format!("/concentrator/{ns}/{name}")}),
+        json!({"name": "CONCENTRATOR_FLEET_MEMBER", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}),
+        json!({"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}),
+        // The IP alone (an IPv6 pod IP with a port would need brackets): the gateway's
+        // default fleet port is FLEET_PORT.
+        json!({"name": "CONCENTRATOR_FLEET_ADDRESS", "value": "$(POD_IP)"}),
+        json!({"name": "CONCENTRATOR_FLEET_KEY_FILE", "value": format!("{FLEET_KEY_DIR}/key")}),
+    ];
+    let mut mounts = vec![json!({"name": "fleet-key", "mountPath": FLEET_KEY_DIR, "readOnly": true})];
+    let mut volumes = vec![json!({"name": "fleet-key", "secret": {
+        "secretName": key.name,
+        "items": [{"key": key.key, "path": "key"}],
+        "defaultMode": 0o400,
+    }})];
+    if let Some(tls) = &spec.etcd.tls_secret_name {
+        for (var, file) in [
+            ("CONCENTRATOR_FLEET_ETCD_CA", "ca.crt"),
+            ("CONCENTRATOR_FLEET_ETCD_CERT", "tls.crt"),
+            ("CONCENTRATOR_FLEET_ETCD_KEY", "tls.key"),
+        ] {
+            env.push(json!({"name": var, "value": format!("{ETCD_TLS_DIR}/{file}")}));
+        }
+        mounts.push(json!({"name": "etcd-tls", "mountPath": ETCD_TLS_DIR, "readOnly": true}));
+        volumes.push(json!({"name": "etcd-tls", "secret": {"secretName": tls, "defaultMode": 0o400}}));
+    }
+    (env, mounts, volumes)
+}
+
 /// Everything one fleet needs in the cluster.
 #[derive(Debug, Clone)]
 pub struct Desired {
@@ -170,11 +213,25 @@ pub fn desired(
     let image = spec.image.clone().unwrap_or_else(|| DEFAULT_IMAGE.to_owned());
     // From the Secret straight into the environment: the URL holds a password and never
     // appears in the pod spec or the rendered config.
-    let site_db_env: Vec<Value> = spec
+    let mut env: Vec<Value> = spec
         .site_database_url_secret_ref
         .iter()
         .map(|r| json!({"name": "CONCENTRATOR_SITE_DB", "valueFrom": {"secretKeyRef": {"name": r.name, "key": r.key}}}))
         .collect();
+    let (fleet_env, fleet_mounts, fleet_volumes) = fleet_membership(fleet, &name, &ns);
+    env.extend(fleet_env);
+    let mut mounts = vec![
+        json!({"name": "config", "mountPath": CONFIG_DIR, "readOnly": true}),
+        json!({"name": "data", "mountPath": "/var/lib/concentrator"}),
+        json!({"name": "tun", "mountPath": "/dev/net/tun"}),
+    ];
+    mounts.extend(fleet_mounts);
+    let mut volumes = vec![
+        json!({"name": "config", "projected": {"sources": sources}}),
+        json!({"name": "data", "emptyDir": {}}),
+        json!({"name": "tun", "hostPath": {"path": "/dev/net/tun", "type": "CharDevice"}}),
+    ];
+    volumes.extend(fleet_volumes);
     let statefulset = typed(
         "StatefulSet",
         json!({
@@ -211,8 +268,9 @@ pub fn desired(
                                 {"name": "ike-natt", "containerPort": 4500, "protocol": "UDP"},
                                 {"name": "admin", "containerPort": 50051, "protocol": "TCP"},
                                 {"name": "metrics", "containerPort": 9090, "protocol": "TCP"},
+                                {"name": "fleet", "containerPort": FLEET_PORT, "protocol": "UDP"},
                             ],
-                            "env": site_db_env,
+                            "env": env,
                         "readinessProbe": {"httpGet": {"path": "/readyz", "port": "metrics"}},
                             "livenessProbe": {"httpGet": {"path": "/healthz", "port": "metrics"}},
                             // NET_ADMIN for the TUN device and its routes, NET_BIND_SERVICE for
@@ -222,17 +280,9 @@ pub fn desired(
                                 "readOnlyRootFilesystem": true,
                                 "capabilities": {"drop": ["ALL"], "add": ["NET_ADMIN", "NET_BIND_SERVICE"]},
                             },
-                            "volumeMounts": [
-                                {"name": "config", "mountPath": CONFIG_DIR, "readOnly": true},
-                                {"name": "data", "mountPath": "/var/lib/concentrator"},
-                                {"name": "tun", "mountPath": "/dev/net/tun"},
-                            ],
+                            "volumeMounts": mounts,
                         }],
-                        "volumes": [
-                            {"name": "config", "projected": {"sources": sources}},
-                            {"name": "data", "emptyDir": {}},
-                            {"name": "tun", "hostPath": {"path": "/dev/net/tun", "type": "CharDevice"}},
-                        ],
+                        "volumes": volumes,
                     },
                 },
             },
@@ -430,8 +480,13 @@ mod tests {
             .as_ref()
             .unwrap()
             .containers[0];
-        let env = &c.env.as_ref().unwrap()[0];
-        assert_eq!(env.name, "CONCENTRATOR_SITE_DB");
+        let env = c
+            .env
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|e| e.name == "CONCENTRATOR_SITE_DB")
+            .unwrap();
         assert_eq!(env.value, None);
         let r = env.value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap();
         assert_eq!((r.name.as_str(), r.key.as_str()), ("sitedb", "url"));
@@ -446,7 +501,84 @@ mod tests {
             .as_ref()
             .unwrap()
             .containers[0];
-        assert!(c.env.as_ref().is_none_or(Vec::is_empty));
+        assert!(
+            !c.env
+                .as_ref()
+                .unwrap()
+                .iter()
+                .any(|e| e.name == "CONCENTRATOR_SITE_DB")
+        );
+    }
+
+    #[test]
+    fn pods_join_the_fleet_with_their_name_ip_and_the_key_secret() {
+        let mut f = fleet("");
+        f.spec.etcd.endpoints = vec!["https://etcd-0:2379".into(), "https://etcd-1:2379".into()];
+        f.spec.etcd.tls_secret_name = Some("etcd-client".into());
+        let d = desired(&f, &[], &[], 2).unwrap();
+        let pod = d
+            .statefulset
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap();
+        let c = &pod.containers[0];
+        let env = |n: &str| {
+            c.env
+                .as_ref()
+                .unwrap()
+                .iter()
+                .find(|e| e.name == n)
+                .cloned()
+                .unwrap()
+        };
+        assert_eq!(
+            env("CONCENTRATOR_FLEET_ETCD").value.as_deref(),
+            Some("https://etcd-0:2379,https://etcd-1:2379")
+        );
+        assert_eq!(
+            env("CONCENTRATOR_FLEET_PREFIX").value.as_deref(),
+            Some("/concentrator/vpn/edge")
+        );
+        let member = env("CONCENTRATOR_FLEET_MEMBER")
+            .value_from
+            .unwrap()
+            .field_ref
+            .unwrap();
+        assert_eq!(member.field_path, "metadata.name");
+        // POD_IP is defined before the variable that refers to it, as Kubernetes requires.
+        let names: Vec<_> = c.env.as_ref().unwrap().iter().map(|e| e.name.as_str()).collect();
+        let at = |n| names.iter().position(|x| *x == n).unwrap();
+        assert!(at("POD_IP") < at("CONCENTRATOR_FLEET_ADDRESS"));
+        assert_eq!(
+            env("CONCENTRATOR_FLEET_ADDRESS").value.as_deref(),
+            Some("$(POD_IP)")
+        );
+        assert_eq!(
+            env("CONCENTRATOR_FLEET_ETCD_CA").value.as_deref(),
+            Some("/etc/concentrator-etcd/ca.crt")
+        );
+        let key = pod
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| v.name == "fleet-key")
+            .unwrap();
+        let secret = key.secret.as_ref().unwrap();
+        assert_eq!(secret.secret_name.as_deref(), Some("fleet"));
+        assert_eq!(secret.default_mode, Some(0o400));
+        assert_eq!(secret.items.as_ref().unwrap()[0].key, "key");
+        assert!(
+            c.ports
+                .as_ref()
+                .unwrap()
+                .iter()
+                .any(|p| p.container_port == 4510 && p.protocol.as_deref() == Some("UDP"))
+        );
     }
 
     #[test]

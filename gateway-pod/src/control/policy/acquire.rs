@@ -92,9 +92,6 @@ impl Driver {
                 return;
             }
         };
-        let Some(e) = base else {
-            return;
-        };
         if self.egroups.has_dynamic(egroup, &site.peer_id) {
             return;
         }
@@ -108,6 +105,31 @@ impl Driver {
             tracing::warn!(peer_id = %site.peer_id, %egroup, "site row has no usable peer address: cannot initiate");
             return;
         };
+        if self.claims.is_some() {
+            // In a fleet the member that holds the site's claim initiates; it is claimed
+            // first (the answer comes back through `claimed_to_initiate`).
+            self.claim_to_initiate(egroup, base_eroute, site, remote);
+            return;
+        }
+        self.initiate_to_site(egroup, base_eroute, &site, remote, None);
+    }
+
+    /// Connects to the site of an acquire with its row, holding its claim `claim` in a fleet.
+    pub(in crate::control) fn initiate_to_site(
+        &mut self,
+        egroup: &str,
+        base_eroute: &str,
+        site: &Site,
+        remote: SocketAddr,
+        claim: Option<crate::cluster::SiteKey>,
+    ) {
+        let gateway = Arc::clone(&self.gateway);
+        let Some(e) = gateway.config.set.eroutes.get(base_eroute) else {
+            return;
+        };
+        if self.egroups.has_dynamic(egroup, &site.peer_id) {
+            return;
+        }
         let config = self.configs.initiator(
             base_eroute,
             e,
@@ -128,6 +150,7 @@ impl Driver {
                     egroup: Some(egroup.to_owned()),
                     remote: Some(remote),
                     site_subnet: Some(site.remote_subnet),
+                    site: claim,
                     ..IkeSaRecord::new(site.peer_id.clone(), now)
                 };
                 self.sas.insert(id, rec);

@@ -11,6 +11,7 @@ use concentrator_crds::eroute::Role;
 use concentrator_ike::redirect::GatewayId;
 
 use crate::config::Config;
+use crate::control::claims::{CLAIM_WAIT, HELD_ELSEWHERE_RECHECK, claimed_peer, eroute_site};
 use crate::control::driver::Driver;
 use crate::control::events::IkeSaRecord;
 use crate::control::ike_config::id_from_str;
@@ -167,6 +168,31 @@ impl Driver {
     }
 
     fn connect(&mut self, name: &str, now: Instant) {
+        if self.claims.is_some() {
+            // In a fleet only the member that holds the eroute's claim keeps it up: the
+            // attempt waits for the claim (`claimed_to_connect`), and is not made again
+            // meanwhile.
+            if let Some(a) = self.auto.eroutes.get_mut(name) {
+                a.next_attempt = now + CLAIM_WAIT;
+            }
+            self.claim_to_connect(name);
+            return;
+        }
+        self.connect_now(name, now);
+    }
+
+    /// The claim of eroute `name` (in a fleet) was decided: connect if it is ours, else
+    /// look again later (the member holding it may go).
+    pub(in crate::control) fn claimed_to_connect(&mut self, name: &str, ours: bool) {
+        let now = Instant::now();
+        if ours {
+            self.connect_now(name, now);
+        } else if let Some(a) = self.auto.eroutes.get_mut(name) {
+            a.next_attempt = now + HELD_ELSEWHERE_RECHECK;
+        }
+    }
+
+    fn connect_now(&mut self, name: &str, now: Instant) {
         // The configuration outlives this call; holding it apart from `self` lets the
         // helpers below take `&mut self`.
         let gateway = Arc::clone(&self.gateway);
@@ -208,9 +234,11 @@ impl Driver {
                 tracing::info!(eroute = %name, %remote, "initiating");
                 self.auto.initiated.insert(id, name.to_owned());
                 let peer_id = e.peer_id.clone().unwrap_or_else(|| remote.ip().to_string());
+                let site = self.claims.as_ref().map(|_| eroute_site(name, &claimed_peer(e)));
                 let rec = IkeSaRecord {
                     eroute: Some(name.to_owned()),
                     remote: Some(remote),
+                    site,
                     ..IkeSaRecord::new(peer_id, now)
                 };
                 self.sas.insert(id, rec);

@@ -72,13 +72,7 @@ impl Driver {
             return;
         }
         self.record(spi_r, id).eroute = eroute;
-        let psk = zeroize::Zeroizing::new(psk);
-        if let Err(e) = self
-            .endpoint
-            .provide_psk(spi_r, Instant::now(), psk.as_deref(), &mut self.entropy)
-        {
-            tracing::debug!(%peer_id, error = %e, "PSK step ended the negotiation");
-        }
+        self.authenticate(spi_r, psk.map(zeroize::Zeroizing::new));
     }
 
     /// Whether `eroute` allows the IKE proposal SA `id` negotiated in IKE_SA_INIT, where
@@ -100,19 +94,13 @@ impl Driver {
     }
 
     /// [`Self::refuse`] for an SA whose record exists (a site lookup answered).
-    fn refuse_recorded(&mut self, id: u64, reason: &'static str) {
+    pub(in crate::control) fn refuse_recorded(&mut self, id: u64, reason: &'static str) {
         let Some(rec) = self.sas.get_mut(&id) else {
             return;
         };
         rec.refusal = Some(reason);
-        let peer_id = rec.peer_id.clone();
-        tracing::info!(%peer_id, reason, "peer refused");
-        if let Err(e) = self
-            .endpoint
-            .provide_psk(id, Instant::now(), None, &mut self.entropy)
-        {
-            tracing::debug!(%peer_id, error = %e, "PSK step ended the negotiation");
-        }
+        tracing::info!(peer_id = %rec.peer_id, reason, "peer refused");
+        self.provide_psk(id, None);
     }
 
     /// Makes the SA negotiate its CHILD SA by `eroute` (with the site's subnet for a dynamic
@@ -189,12 +177,6 @@ impl Driver {
             self.refuse_recorded(id, PROPOSAL_NOT_ALLOWED);
             return;
         }
-        let psk = zeroize::Zeroizing::new(site.psk.expose().to_vec());
-        if let Err(e) = self
-            .endpoint
-            .provide_psk(id, Instant::now(), Some(psk.as_slice()), &mut self.entropy)
-        {
-            tracing::debug!(%peer_id, error = %e, "PSK step ended the negotiation");
-        }
+        self.authenticate(id, Some(zeroize::Zeroizing::new(site.psk.expose().to_vec())));
     }
 }

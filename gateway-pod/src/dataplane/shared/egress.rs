@@ -210,6 +210,8 @@ pub(super) struct Egress {
     /// In a fleet: where packets for sites that write to another member go, and the buffer
     /// they are sealed in.
     pub(super) fleet: Option<(Link, Vec<u8>)>,
+    /// Site subnets whose tunnel another member holds, until when (see [`ELSEWHERE_FOR`]).
+    pub(super) elsewhere: Vec<(IpNet, MemberId, Instant)>,
 }
 
 // The task's whole wiring, handed over once at spawn: a struct would only be unpacked here.
@@ -237,6 +239,7 @@ pub(super) async fn egress(
         events,
         counters,
         fleet: fleet.map(|l| (l, vec![0u8; 65536 + 64])),
+        elsewhere: Vec::new(),
     };
     let mut original = vec![0u8; VIRTIO_NET_HDR_LEN + 65535];
     // Pages of these buffers are only committed once a packet of that size lands in them.
@@ -260,6 +263,26 @@ pub(super) async fn egress(
                         w.batches.flush(&w.out, &w.counters).await;
                     }
                     Some(EgressCommand::Remove(id)) => w.table.remove(id),
+                    Some(EgressCommand::Elsewhere(subnet, member)) => {
+                        let now = Instant::now();
+                        w.elsewhere.retain(|(n, _, until)| *n != subnet && *until > now);
+                        w.elsewhere.push((subnet, member, now + ELSEWHERE_FOR));
+                        for packet in w.held.take_covered(&[subnet]) {
+                            w.forward_plain(&packet, h_dst(&packet), now);
+                        }
+                    }
+                    Some(EgressCommand::Plain(packet)) => {
+                        let now = Instant::now();
+                        // Sealed here or held for our tunnel: never forwarded again (one
+                        // hop, so no loop between members that disagree).
+                        if let Some(dst) = w.seal(&packet, now).await {
+                            w.counters.no_sa.inc();
+                            if w.held.hold(dst, &packet, now) {
+                                let _ = acquire.try_send(dst);
+                            }
+                        }
+                        w.batches.flush(&w.out, &w.counters).await;
+                    }
                     None => return Ok(()),
                 }
                 continue;
@@ -295,6 +318,10 @@ pub(super) async fn egress(
                 if ip::link_scoped(dst) {
                     continue;
                 }
+                // Another member holds the site's tunnel: the packet goes there.
+                if w.forward_plain(packet, Some(dst), now) {
+                    continue;
+                }
                 // No SA for it: never sent in clear. The control plane is asked for one (the
                 // initiator path) and the packet waits in a small bounded queue meanwhile.
                 w.counters.no_sa.inc();
@@ -308,6 +335,32 @@ pub(super) async fn egress(
 }
 
 impl Egress {
+    /// Sends `packet` (toward `dst`) to the member that holds its site's tunnel, if another
+    /// member does as far as we know: true if it went (or was dropped) that way.
+    fn forward_plain(&mut self, packet: &[u8], dst: Option<IpAddr>, now: Instant) -> bool {
+        let Some(dst) = dst else { return false };
+        let Some((_, member, until)) = self.elsewhere.iter().find(|(n, _, _)| n.contains(&dst)) else {
+            return false;
+        };
+        if *until <= now {
+            // Asked again (the acquire path): the site may have moved since.
+            self.elsewhere.retain(|(_, _, until)| *until > now);
+            return false;
+        }
+        let member = *member;
+        let Some((link, _)) = self.fleet.as_mut() else {
+            return false;
+        };
+        let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
+        match link.view().address(member) {
+            Some(to) => {
+                link.send(Kind::Plain, to, unspecified, unspecified, 0, packet);
+            }
+            None => link.metrics().drop("member_gone"),
+        }
+        true
+    }
+
     /// Seals `packet` with the SA of its destination into the batch, sending the batch first
     /// if the packet cannot join it. Returns the destination when no SA covers it (nothing is
     /// counted then: the caller decides between holding and dropping).
@@ -426,6 +479,10 @@ pub(super) const HELD_DSTS: usize = 256;
 /// How long packets wait for an SA. After that a new packet asks again: the control plane's
 /// attempt may have failed (site lookup refused, peer unreachable) and traffic that is still
 /// flowing deserves another one.
+/// How long packets toward a site go to the member that holds its tunnel before the next
+/// one asks again (through an acquire: the site may have moved or gone meanwhile).
+const ELSEWHERE_FOR: Duration = Duration::from_secs(30);
+
 pub(super) const HELD_FOR: Duration = Duration::from_secs(3);
 
 impl HeldPackets {
@@ -468,4 +525,9 @@ impl HeldPackets {
             .flat_map(|(_, _, q)| q)
             .collect()
     }
+}
+
+/// The destination of an IP packet, if it parses.
+fn h_dst(packet: &[u8]) -> Option<IpAddr> {
+    ip::parse(packet).map(|h| h.dst)
 }
