@@ -15,7 +15,8 @@
 //!   LAN address on `lo`, a default route via the front), and writes the fleet key. No
 //!   gateway runs yet: the caller fills each pod's data dir ([`Pod::data_dir`]) if it needs
 //!   to, then calls [`Fleet::start_pods`], which starts `concentrator-gateway` in every pod
-//!   with the `--fleet-*` flags and waits until every pod counts all members and one leads.
+//!   with the `--fleet-*` flags and waits until every pod counts all members, one leads, and
+//!   the shard map in etcd gives every pod its share ([`Fleet::wait_settled`]).
 //!   [`Fleet::start`] does both.
 //! * Pods are `gw-0`, `gw-1`, ... (StatefulSet ordinals: their member IDs), each with its
 //!   own data dir and `gateway.log`, one shared config dir. `RUST_LOG` of the test process
@@ -29,12 +30,14 @@
 pub mod front;
 pub mod sites;
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
+use concentrator_fleet::{SHARDS, Shard, ShardMap};
 use ipnet::IpNet;
 use tempfile::TempDir;
 
@@ -61,6 +64,9 @@ pub const ETCD_ADDR: &str = "10.244.0.2";
 pub const FLEET_PORT: u16 = 4510;
 /// The prefix of the gateway's metric names.
 pub const METRIC_PREFIX: &str = "concentrator_gateway_";
+
+/// The gateway's default `--fleet-prefix`: where the fleet keeps its keys in etcd.
+pub const ETCD_PREFIX: &str = "/concentrator";
 
 /// How long pods may take to find each other and elect a leader.
 pub const MEMBERS_TIMEOUT: Duration = Duration::from_secs(30);
@@ -307,7 +313,9 @@ impl Fleet {
                 gateway::wait_ready(d, READY_TIMEOUT).with_context(|| format!("{name} did not start"))?;
             }
         }
-        self.wait_members(self.pods.len(), MEMBERS_TIMEOUT)
+        let n = self.pods.len();
+        self.wait_members(n, MEMBERS_TIMEOUT)?;
+        self.wait_settled(&(0..n).collect::<Vec<_>>(), MEMBERS_TIMEOUT)
     }
 
     /// (Re)starts pod `i`'s gateway and waits until it logs "gateway ready" (not for the
@@ -396,6 +404,57 @@ impl Fleet {
             },
         );
         result.with_context(|| self.log_tails(20))
+    }
+
+    /// The shard map in etcd (`{prefix}/fleet/shards`), decoded with the gateway's codec;
+    /// `None` before the first leader wrote one.
+    pub fn shard_map(&self) -> Result<Option<ShardMap>> {
+        let key = format!("{ETCD_PREFIX}/fleet/shards");
+        let kvs = self.etcd.range(&key)?;
+        let Some(kv) = kvs.into_iter().find(|kv| kv.key == key) else {
+            return Ok(None);
+        };
+        Ok(Some(
+            ShardMap::decode(&kv.value).with_context(|| format!("decoding {key}"))?,
+        ))
+    }
+
+    /// Waits until the shard map has settled on `members` (pod ordinals): each owns its
+    /// share of the shards (`SHARDS / n`, or one more) and no shard is moving. Until then a
+    /// member that joined last owns no shard, and new sites are placed on the others only.
+    pub fn wait_settled(&self, members: &[usize], timeout: Duration) -> Result<()> {
+        let share = usize::from(SHARDS) / members.len().max(1);
+        wait::until(
+            format!("the shard map to settle on pods {members:?}"),
+            timeout,
+            || {
+                let Some(map) = self.shard_map()? else {
+                    return Ok(Probe::pending("no shard map yet"));
+                };
+                let mut owned: BTreeMap<Option<u16>, usize> = BTreeMap::new();
+                let mut moving = 0;
+                for s in Shard::all() {
+                    let e = map.entry(s);
+                    *owned.entry(e.owner.map(|m| m.0)).or_default() += 1;
+                    moving += usize::from(e.moving_to.is_some());
+                }
+                let fair = members.iter().all(|m| {
+                    u16::try_from(*m)
+                        .ok()
+                        .and_then(|m| owned.get(&Some(m)))
+                        .is_some_and(|n| (share..=share + 1).contains(n))
+                });
+                Ok(if fair && moving == 0 && owned.len() == members.len() {
+                    Probe::Ready(())
+                } else {
+                    Probe::pending(format!(
+                        "map version {}: shards by owner {owned:?}, {moving} moving",
+                        map.version()
+                    ))
+                })
+            },
+        )
+        .with_context(|| self.log_tails(20))
     }
 
     /// The sites' WAN (sites attach here, see [`sites`]).
@@ -496,12 +555,68 @@ impl Fleet {
         Ok(owners)
     }
 
+    /// The site claims in etcd (`{prefix}/sites/{scope}/{peer}`, the holder's member ID as
+    /// value): who holds which site, as the fleet itself would tell.
+    pub fn claims(&self) -> Result<Vec<SiteClaim>> {
+        let prefix = format!("{ETCD_PREFIX}/sites/");
+        self.etcd
+            .range(&prefix)?
+            .into_iter()
+            .map(|kv| {
+                let rest = kv.key.strip_prefix(&prefix).unwrap_or(&kv.key);
+                let (scope, peer) = rest
+                    .split_once('/')
+                    .with_context(|| format!("claim key {:?} has no scope", kv.key))?;
+                Ok(SiteClaim {
+                    scope: unescape(scope),
+                    peer_id: unescape(peer),
+                    member: kv.value_str().parse().ok(),
+                    lease: kv.lease,
+                })
+            })
+            .collect()
+    }
+
     /// The last `lines` lines of every pod's gateway log and of etcd's.
     pub fn log_tails(&self, lines: usize) -> String {
         let mut out: Vec<String> = self.pods.iter().map(|p| p.log_tail(lines)).collect();
         out.push(format!("etcd:\n{}", self.etcd.log_tail(lines.min(10))));
         out.join("\n")
     }
+}
+
+/// One site claim in etcd.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SiteClaim {
+    /// What the site is a site of: `egroup/NAME` or `eroute/NAME`.
+    pub scope: String,
+    /// The site's identity.
+    pub peer_id: String,
+    /// The member (pod ordinal) that holds it, if the value names one.
+    pub member: Option<usize>,
+    /// The lease the claim lives with (that member's session).
+    pub lease: i64,
+}
+
+/// Undoes the gateway's `%XX` escaping of claim key parts.
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = b.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+        match (b[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
+            (b'%', Some(v)) => {
+                out.push(v);
+                i += 3;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 impl Drop for Fleet {
@@ -517,5 +632,21 @@ impl Drop for Fleet {
         if let Some(dir) = self.dir.take() {
             scratch::release(dir);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_escapes() {
+        assert_eq!(pod_ip(2), addr("10.244.0.12"));
+        assert_eq!(pod_name(1), "gw-1");
+        assert_eq!(metric_name("fleet_members"), "concentrator_gateway_fleet_members");
+        assert_eq!(metric_name("concentrator_gateway_x"), "concentrator_gateway_x");
+        assert_eq!(unescape("egroup%2Fbranches"), "egroup/branches");
+        assert_eq!(unescape("a%2"), "a%2");
+        assert_eq!(unescape("%41%zz"), "A%zz");
     }
 }

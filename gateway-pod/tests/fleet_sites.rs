@@ -70,6 +70,41 @@ fn owner(fleet: &Fleet, s: &Site) -> Result<usize> {
     }
 }
 
+/// Waits until etcd holds a claim for every site of `sites`, naming the pod that holds the
+/// site's tunnel.
+fn wait_claims_match(fleet: &Fleet, sites: &[Site], timeout: Duration) -> Result<()> {
+    wait::until("every site's claim in etcd to name its pod", timeout, || {
+        let claims = fleet.claims()?;
+        let mut wrong = Vec::new();
+        for s in sites {
+            let own = owner(fleet, s)?;
+            let held: Vec<Option<usize>> = claims
+                .iter()
+                .filter(|c| c.peer_id == s.peer_id())
+                .map(|c| c.member)
+                .collect();
+            if held != [Some(own)] {
+                wrong.push(format!("site {} on gw-{own} claimed by {held:?}", s.n()));
+            }
+        }
+        Ok(if wrong.is_empty() {
+            Probe::Ready(())
+        } else {
+            Probe::pending(wrong.join(", "))
+        })
+    })
+    .with_context(|| fleet.log_tails(20))
+}
+
+/// How many of the front's flows to `port` go to each pod.
+fn flows_by_pod(fleet: &Fleet, port: u16) -> Result<Vec<usize>> {
+    let mut counts = vec![0; fleet.pods().len()];
+    for pod in fleet.front().placement(port)?.into_values() {
+        counts[pod] += 1;
+    }
+    Ok(counts)
+}
+
 /// Every sample of `name` on every pod, one line per pod, for the report.
 fn samples(fleet: &Fleet, name: &str) -> String {
     fleet
@@ -142,6 +177,8 @@ fn sites_through_front(affinity: Affinity) -> Result<()> {
     }
     let t_tcp = t0.elapsed();
 
+    wait_claims_match(&fleet, &started, TIMEOUT)?;
+
     let forwarded = fleet.metric_sum(FORWARDED)?;
     let stray = fleet.front().stray_packets()?;
     let mut per_pod = BTreeMap::new();
@@ -149,12 +186,15 @@ fn sites_through_front(affinity: Affinity) -> Result<()> {
         *per_pod.entry(fleet.pod(*o).name()).or_insert(0) += 1;
     }
     eprintln!(
-        "fleet_sites ({affinity:?}): {n} sites, owners {per_pod:?}; {split} sites had their \
-         port-500 and port-4500 flows on different pods, {} had their ESP enter through a pod \
-         other than the owner; forwarded packets (sum over pods) {forwarded}; packets pods \
-         sent outside a front flow: {stray}\nforwarding:\n{}\ndropped:\n{}\n\
+        "fleet_sites ({affinity:?}): {n} sites, owners {per_pod:?}; flows by pod: port 500 \
+         {:?}, port 4500 {:?}; {split} sites had their port-500 and port-4500 flows on \
+         different pods, {} had their ESP enter through a pod other than the owner; forwarded \
+         packets (sum over pods) {forwarded}; packets pods sent outside a front flow: \
+         {stray}\nforwarding:\n{}\ndropped:\n{}\n\
          times: fleet up {t_fleet:.1?}, sites started {t_sites:.1?}, all pinging {t_up:.1?}, \
          TCP done {t_tcp:.1?}",
+        flows_by_pod(&fleet, 500)?,
+        flows_by_pod(&fleet, 4500)?,
         esp_elsewhere.len(),
         samples(&fleet, FORWARDED),
         samples(&fleet, "fleet_forward_dropped_total"),
@@ -321,5 +361,9 @@ fn an_etcd_outage_keeps_tunnels_up_and_new_sites_wait_for_it() -> Result<()> {
     fleet
         .wait_metric_sum("ike_sas_established", TIMEOUT, |v| v == psks.len() as f64)
         .with_context(|| fleet.log_tails(30))?;
+    // The claims of the sites held across the outage ended with the old sessions' leases
+    // (etcd expires them when it resumes): the pods must have claimed them again, or
+    // another pod could take a site whose tunnel is up here.
+    wait_claims_match(&fleet, &started, TIMEOUT)?;
     Ok(())
 }

@@ -74,7 +74,7 @@ pub(crate) fn start(
     let built = t0.elapsed();
     fleet.start_pods()?;
     eprintln!(
-        "fleet: {pods} pods ({affinity:?}) built in {built:.1?}, members agreed after {:.1?}",
+        "fleet: {pods} pods ({affinity:?}) built in {built:.1?}, members agreed and shards settled after {:.1?}",
         t0.elapsed()
     );
     Ok((dir, fleet))
