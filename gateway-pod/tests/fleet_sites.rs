@@ -96,6 +96,17 @@ fn wait_claims_match(fleet: &Fleet, sites: &[Site], timeout: Duration) -> Result
     .with_context(|| fleet.log_tails(20))
 }
 
+/// Each shard's owner and epoch in the shard map.
+fn ownership(fleet: &Fleet) -> Result<Vec<(Option<u16>, u32)>> {
+    let map = fleet.shard_map()?.context("no shard map in etcd")?;
+    Ok(concentrator_fleet::Shard::all()
+        .map(|s| {
+            let e = map.entry(s);
+            (e.owner.map(|m| m.0), e.epoch)
+        })
+        .collect())
+}
+
 /// How many of the front's flows to `port` go to each pod.
 fn flows_by_pod(fleet: &Fleet, port: u16) -> Result<Vec<usize>> {
     let mut counts = vec![0; fleet.pods().len()];
@@ -299,6 +310,7 @@ fn an_etcd_outage_keeps_tunnels_up_and_new_sites_wait_for_it() -> Result<()> {
     std::thread::sleep(Duration::from_secs(1));
 
     let before = fleet.metric_sum(FLEET_UNAVAILABLE)?;
+    let map_before = ownership(&fleet)?;
     fleet.etcd().freeze()?;
     let frozen = Instant::now();
     let refused = wait_refused(&fleet, new, before, OUTAGE - Duration::from_secs(3));
@@ -339,8 +351,15 @@ fn an_etcd_outage_keeps_tunnels_up_and_new_sites_wait_for_it() -> Result<()> {
         );
     }
 
-    // etcd is back: the fleet is whole again and the new site connects.
+    // etcd is back: the fleet is whole again, no shard changed hands (the established
+    // tunnels' SPIs still route to the pods that hold them), and the new site connects.
     fleet.wait_members(PODS, fleet::MEMBERS_TIMEOUT)?;
+    let map_after = ownership(&fleet)?;
+    let moved = map_before.iter().zip(&map_after).filter(|(a, b)| a != b).count();
+    ensure!(
+        moved == 0,
+        "{moved} shards changed owner or epoch across the etcd outage"
+    );
     wait::until("the new site to establish after the outage", TIMEOUT, || {
         new.reset()?;
         Ok(match new.initiate() {
