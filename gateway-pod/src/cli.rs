@@ -212,6 +212,10 @@ pub enum Command {
         /// Only tunnels derived from this base eroute.
         #[arg(long, value_name = "NAME")]
         eroute: Option<String>,
+        /// Every member's tunnels in a fleet (with the member holding each), not only this
+        /// gateway's. Exits with 3 if a member's list could not be had (named on stderr).
+        #[arg(long)]
+        fleet: bool,
     },
 }
 

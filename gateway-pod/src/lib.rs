@@ -200,7 +200,10 @@ pub async fn start(opts: &Options, config: Config) -> Result<Running, StartError
         .set_serving::<GatewayAdminServer<admin::AdminService>>()
         .await;
     let (tx, rx) = oneshot::channel::<()>();
-    let admin = GatewayAdminServer::new(admin::AdminService::new(gateway.clone()));
+    let admin = GatewayAdminServer::new(admin::AdminService::new(
+        gateway.clone(),
+        fleet.as_ref().map(|f| f.view.clone()),
+    ));
     let admin_task = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(health_service)
@@ -294,9 +297,11 @@ pub fn static_tunnel(a: &cli::EspStaticArgs) -> Result<dataplane::StaticTunnel, 
     })
 }
 
-/// The `tunnels` table: one line per tunnel, widths fitted to the content.
+/// The `tunnels` table: one line per tunnel, widths fitted to the content; a last column
+/// names the member that holds each tunnel in a fleet-wide list.
 pub fn tunnels_table(tunnels: &[concentrator_proto::admin::Tunnel]) -> String {
-    let header = [
+    let fleet = tunnels.iter().any(|t| !t.member.is_empty());
+    let mut header = vec![
         "PEER ID",
         "EROUTE",
         "EGROUP",
@@ -307,10 +312,13 @@ pub fn tunnels_table(tunnels: &[concentrator_proto::admin::Tunnel]) -> String {
         "BYTES OUT",
         "IDLE",
     ];
-    let rows: Vec<[String; 9]> = tunnels
+    if fleet {
+        header.push("MEMBER");
+    }
+    let rows: Vec<Vec<String>> = tunnels
         .iter()
         .map(|t| {
-            [
+            let mut row = vec![
                 t.remote_peer_id.clone(),
                 t.base_eroute.clone(),
                 if t.egroup.is_empty() {
@@ -324,10 +332,14 @@ pub fn tunnels_table(tunnels: &[concentrator_proto::admin::Tunnel]) -> String {
                 t.bytes_in.to_string(),
                 t.bytes_out.to_string(),
                 format!("{}s", t.idle_seconds),
-            ]
+            ];
+            if fleet {
+                row.push(t.member.clone());
+            }
+            row
         })
         .collect();
-    let mut widths = header.map(str::len);
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in &rows {
         for (w, c) in widths.iter_mut().zip(r) {
             *w = (*w).max(c.len());
@@ -335,7 +347,7 @@ pub fn tunnels_table(tunnels: &[concentrator_proto::admin::Tunnel]) -> String {
     }
     let line = |cells: Vec<&str>| {
         let mut l = String::new();
-        for (i, (c, w)) in cells.iter().zip(widths).enumerate() {
+        for (i, (c, w)) in cells.iter().zip(&widths).enumerate() {
             if i + 1 == cells.len() {
                 l.push_str(c);
             } else {

@@ -66,7 +66,7 @@ async fn esp_static(args: &concentrator_gateway::cli::EspStaticArgs) -> ExitCode
 }
 
 /// `tunnels`: the status view of a running gateway.
-async fn tunnels(opts: &Options, peer_id_pattern: String, eroute: String) -> ExitCode {
+async fn tunnels(opts: &Options, peer_id_pattern: String, eroute: String, fleet: bool) -> ExitCode {
     use concentrator_proto::admin::ListTunnelsRequest;
     use concentrator_proto::admin::gateway_admin_client::GatewayAdminClient;
     let url = format!("http://{}", opts.admin_listen);
@@ -81,12 +81,21 @@ async fn tunnels(opts: &Options, peer_id_pattern: String, eroute: String) -> Exi
         .list_tunnels(ListTunnelsRequest {
             peer_id_pattern,
             eroute,
+            fleet,
         })
         .await
     {
         Ok(r) => {
-            print!("{}", concentrator_gateway::tunnels_table(&r.into_inner().tunnels));
-            ExitCode::SUCCESS
+            let r = r.into_inner();
+            print!("{}", concentrator_gateway::tunnels_table(&r.tunnels));
+            for u in &r.unreachable {
+                eprintln!("concentrator-gateway tunnels: not listed: {u}");
+            }
+            if r.unreachable.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(3)
+            }
         }
         Err(s) => {
             eprintln!("concentrator-gateway tunnels: {}", s.message());
@@ -100,11 +109,17 @@ async fn maintain(opts: &Options, command: &Command) -> ExitCode {
     if let Command::EspStatic(args) = command {
         return esp_static(args).await;
     }
-    if let Command::Tunnels { peer_id, eroute } = command {
+    if let Command::Tunnels {
+        peer_id,
+        eroute,
+        fleet,
+    } = command
+    {
         return tunnels(
             opts,
             peer_id.clone().unwrap_or_default(),
             eroute.clone().unwrap_or_default(),
+            *fleet,
         )
         .await;
     }

@@ -88,7 +88,7 @@ async fn admin_api_serves_the_loaded_config() {
     });
     let list = |p: &str| ListTunnelsRequest {
         peer_id_pattern: p.into(),
-        eroute: String::new(),
+        ..Default::default()
     };
     assert_eq!(
         client

@@ -32,6 +32,7 @@ fn options(etcd: &Etcd, prefix: &str, name: &str) -> FleetOptions {
         retry: Duration::from_millis(200),
         tls: None,
         load: Arc::new(Load::default),
+        admin: None,
     }
 }
 

@@ -94,7 +94,7 @@ async fn spans_reach_the_otlp_collector() {
     client
         .list_tunnels(ListTunnelsRequest {
             peer_id_pattern: "*.sites.example.com".into(),
-            eroute: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -68,6 +68,9 @@ pub struct MemberRecord {
     pub map_version: u64,
     /// The shards in which it holds SAs, as [`ShardSet::to_hex`].
     pub occupied: String,
+    /// Where its admin API answers other members (the fleet-wide tunnel list), if it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin: Option<SocketAddr>,
 }
 
 /// Why a member record was refused.
@@ -139,6 +142,7 @@ mod tests {
             },
             map_version: 9,
             occupied: occupied.to_hex(),
+            admin: Some("10.0.0.2:50051".parse().unwrap()),
         };
         let bytes = r.encode();
         let back = MemberRecord::decode(&bytes).unwrap();

@@ -37,6 +37,7 @@ fn write_fleet_fuzz_seeds() {
             .into_iter()
             .collect::<ShardSet>()
             .to_hex(),
+        admin: None,
     };
     write("member", 1, &record.encode());
 

@@ -2,6 +2,10 @@
 //! nowhere else.
 
 use std::sync::Arc;
+use std::time::Duration;
+
+use concentrator_fleet::member::MemberRecord;
+use concentrator_proto::admin::gateway_admin_client::GatewayAdminClient;
 
 use concentrator_proto::admin::gateway_admin_server::GatewayAdmin;
 use concentrator_proto::admin::{
@@ -10,17 +14,93 @@ use concentrator_proto::admin::{
 };
 use tonic::{Request, Response, Status};
 
+use crate::cluster::SharedView;
 use crate::state::Gateway;
+
+/// How long the fleet-wide tunnel list waits for each other member.
+const MEMBER_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Admin service over a shared gateway state.
 #[derive(Clone)]
 pub struct AdminService {
     gw: Arc<Gateway>,
+    /// The fleet this pod is a member of, if any.
+    fleet: Option<SharedView>,
 }
 
 impl AdminService {
-    pub fn new(gw: Arc<Gateway>) -> Self {
-        Self { gw }
+    pub fn new(gw: Arc<Gateway>, fleet: Option<SharedView>) -> Self {
+        Self { gw, fleet }
+    }
+
+    /// Every member's tunnels: ours, and each other member's own list from its admin API
+    /// (asked at once, each for [`MEMBER_TIMEOUT`] at most).
+    async fn fleet_tunnels(
+        &self,
+        view: &SharedView,
+        r: ListTunnelsRequest,
+        mut own: Vec<Tunnel>,
+    ) -> ListTunnelsResponse {
+        let members = view.members();
+        let me = view.me();
+        let name_of = |m| {
+            members
+                .get(&m)
+                .map(|r: &MemberRecord| r.name.clone())
+                .unwrap_or_default()
+        };
+        let my_name = me.map(name_of).unwrap_or_default();
+        for t in &mut own {
+            t.member.clone_from(&my_name);
+        }
+        let mut asks = tokio::task::JoinSet::new();
+        let mut unreachable = Vec::new();
+        for (m, rec) in &members {
+            if Some(*m) == me {
+                continue;
+            }
+            let Some(addr) = rec.admin else {
+                unreachable.push(format!("{}: no admin API address it answers others on", rec.name));
+                continue;
+            };
+            let (name, req) = (
+                rec.name.clone(),
+                ListTunnelsRequest {
+                    fleet: false,
+                    ..r.clone()
+                },
+            );
+            asks.spawn(async move {
+                let asked = async {
+                    let mut c = GatewayAdminClient::connect(format!("http://{addr}"))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    c.list_tunnels(req)
+                        .await
+                        .map(|r| r.into_inner().tunnels)
+                        .map_err(|s| s.message().to_owned())
+                };
+                let r = tokio::time::timeout(MEMBER_TIMEOUT, asked)
+                    .await
+                    .unwrap_or_else(|_| Err("no answer in time".into()));
+                (name, r)
+            });
+        }
+        while let Some(done) = asks.join_next().await {
+            match done {
+                Ok((name, Ok(tunnels))) => own.extend(tunnels.into_iter().map(|t| Tunnel {
+                    member: name.clone(),
+                    ..t
+                })),
+                Ok((name, Err(e))) => unreachable.push(format!("{name}: {e}")),
+                Err(e) => unreachable.push(e.to_string()),
+            }
+        }
+        own.sort_by(|a, b| (&a.remote_peer_id, &a.member).cmp(&(&b.remote_peer_id, &b.member)));
+        ListTunnelsResponse {
+            tunnels: own,
+            unreachable,
+        }
     }
 }
 
@@ -38,7 +118,13 @@ impl GatewayAdmin for AdminService {
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
         }
         let tunnels = self.gw.tunnels.list(&r.peer_id_pattern, &r.eroute);
-        Ok(Response::new(ListTunnelsResponse { tunnels }))
+        if let (true, Some(view)) = (r.fleet, &self.fleet) {
+            return Ok(Response::new(self.fleet_tunnels(view, r.clone(), tunnels).await));
+        }
+        Ok(Response::new(ListTunnelsResponse {
+            tunnels,
+            unreachable: Vec::new(),
+        }))
     }
 
     async fn get_tunnel(&self, req: Request<GetTunnelRequest>) -> Result<Response<Tunnel>, Status> {

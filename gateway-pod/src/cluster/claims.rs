@@ -46,6 +46,15 @@ impl fmt::Debug for SiteKey {
     }
 }
 
+/// Puts our claim on `key` (our member ID, under our lease) if `compare` holds.
+fn claim_if(key: &str, me: MemberId, lease: i64, compare: Compare) -> Txn {
+    Txn::new().when([compare]).and_then([TxnOp::put(
+        key,
+        me.0.to_string(),
+        Some(PutOptions::new().with_lease(lease)),
+    )])
+}
+
 fn escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
@@ -140,13 +149,7 @@ impl Claims {
             lease,
         } = self.session()?;
         let key = format!("{}{}", self.keys.sites, site.0);
-        let put_if = |compare: Compare| {
-            Txn::new().when([compare]).and_then([TxnOp::put(
-                key.as_str(),
-                me.0.to_string(),
-                Some(PutOptions::new().with_lease(lease)),
-            )])
-        };
+        let put_if = |compare: Compare| claim_if(&key, me, lease, compare);
         // Twice at most: a claim released between our compare and our read is tried again.
         for _ in 0..2 {
             let created = put_if(Compare::create_revision(key.as_str(), CompareOp::Equal, 0))
@@ -198,13 +201,12 @@ impl Claims {
             lease,
         } = self.session()?;
         let key = format!("{}{}", self.keys.sites, site.0);
-        let txn = Txn::new()
-            .when([Compare::value(key.as_str(), CompareOp::Equal, from.0.to_string())])
-            .and_then([TxnOp::put(
-                key.as_str(),
-                me.0.to_string(),
-                Some(PutOptions::new().with_lease(lease)),
-            )]);
+        let txn = claim_if(
+            &key,
+            me,
+            lease,
+            Compare::value(key.as_str(), CompareOp::Equal, from.0.to_string()),
+        );
         let taken = tokio::time::timeout(CLAIM_TIMEOUT, client.txn(txn))
             .await
             .map_err(|_| FleetError::Timeout)??

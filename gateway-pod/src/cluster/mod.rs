@@ -63,6 +63,8 @@ pub struct FleetOptions {
     pub tls: Option<EtcdTls>,
     /// The load to report (read at each report).
     pub load: Arc<dyn Fn() -> Load + Send + Sync>,
+    /// Where other members reach our admin API (the fleet-wide tunnel list), if they can.
+    pub admin: Option<SocketAddr>,
 }
 
 impl std::fmt::Debug for FleetOptions {
@@ -129,7 +131,15 @@ impl FleetOptions {
                 .trim()
                 .to_owned(),
         };
+        // An admin API on every address answers the others on our fleet address; one on
+        // loopback answers nobody else.
+        let admin = match opts.admin_listen.ip() {
+            ip if ip.is_unspecified() => Some(SocketAddr::new(address.ip(), opts.admin_listen.port())),
+            ip if ip.is_loopback() => None,
+            _ => Some(opts.admin_listen),
+        };
         Ok(Some(Self {
+            admin,
             endpoints: opts.fleet_etcd.clone(),
             prefix: opts.fleet_prefix.clone(),
             member,

@@ -353,6 +353,7 @@ fn record(opts: &FleetOptions, view: &SharedView) -> MemberRecord {
         load: (opts.load)(),
         map_version: view.map_version(),
         occupied: view.occupied().to_hex(),
+        admin: opts.admin,
     }
 }
 

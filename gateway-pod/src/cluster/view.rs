@@ -266,6 +266,7 @@ mod tests {
             load: Load::default(),
             map_version: 0,
             occupied: ShardSet::new().to_hex(),
+            admin: None,
         }
     }
 

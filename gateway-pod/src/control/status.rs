@@ -161,6 +161,8 @@ fn tunnel(spi_r: u64, rec: &IkeSaRecord, eroute: Option<&ValidatedEroute>, now: 
             .established_at
             .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
             .map_or(0, |d| d.as_secs()),
+        // Named by the fleet-wide list, which knows the member.
+        member: String::new(),
     }
 }
 

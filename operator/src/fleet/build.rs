@@ -381,6 +381,17 @@ mod tests {
         f
     }
 
+    fn pod_spec(d: &Desired) -> &k8s_openapi::api::core::v1::PodSpec {
+        d.statefulset
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap()
+    }
+
     fn eroute() -> Eroute {
         serde_yaml::from_str(
             "apiVersion: vpn.concentrator.io/v1alpha1\nkind: Eroute\nmetadata: {name: hq, namespace: vpn}\n\
@@ -428,15 +439,7 @@ mod tests {
     #[test]
     fn pods_get_net_admin_and_tun_and_nothing_more() {
         let d = desired(&fleet(""), &[eroute()], &[], 2).unwrap();
-        let pod = d
-            .statefulset
-            .spec
-            .as_ref()
-            .unwrap()
-            .template
-            .spec
-            .as_ref()
-            .unwrap();
+        let pod = pod_spec(&d);
         let c = &pod.containers[0];
         let sc = c.security_context.as_ref().unwrap();
         let caps = sc.capabilities.as_ref().unwrap();
@@ -470,16 +473,7 @@ mod tests {
             1,
         )
         .unwrap();
-        let c = &d
-            .statefulset
-            .spec
-            .as_ref()
-            .unwrap()
-            .template
-            .spec
-            .as_ref()
-            .unwrap()
-            .containers[0];
+        let c = &pod_spec(&d).containers[0];
         let env = c
             .env
             .as_ref()
@@ -491,16 +485,7 @@ mod tests {
         let r = env.value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap();
         assert_eq!((r.name.as_str(), r.key.as_str()), ("sitedb", "url"));
         let none = desired(&fleet(""), &[], &[], 1).unwrap();
-        let c = &none
-            .statefulset
-            .spec
-            .as_ref()
-            .unwrap()
-            .template
-            .spec
-            .as_ref()
-            .unwrap()
-            .containers[0];
+        let c = &pod_spec(&none).containers[0];
         assert!(
             !c.env
                 .as_ref()
@@ -516,15 +501,7 @@ mod tests {
         f.spec.etcd.endpoints = vec!["https://etcd-0:2379".into(), "https://etcd-1:2379".into()];
         f.spec.etcd.tls_secret_name = Some("etcd-client".into());
         let d = desired(&f, &[], &[], 2).unwrap();
-        let pod = d
-            .statefulset
-            .spec
-            .as_ref()
-            .unwrap()
-            .template
-            .spec
-            .as_ref()
-            .unwrap();
+        let pod = pod_spec(&d);
         let c = &pod.containers[0];
         let env = |n: &str| {
             c.env
@@ -608,15 +585,7 @@ mod tests {
             "{yaml}"
         );
         assert!(!yaml.contains("status"), "{yaml}");
-        let pod = d
-            .statefulset
-            .spec
-            .as_ref()
-            .unwrap()
-            .template
-            .spec
-            .as_ref()
-            .unwrap();
+        let pod = pod_spec(&d);
         let cfg = pod
             .volumes
             .as_ref()

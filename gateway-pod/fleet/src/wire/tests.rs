@@ -27,7 +27,11 @@ fn sealed(sealer: &mut Sealer, kind: Kind, payload: &[u8]) -> Vec<u8> {
 fn frames_round_trip_between_members_with_the_fleet_key() {
     let mut a = Sealer::new(&key(1), MemberId(1), [7; 16], 0).unwrap();
     let mut b = Opener::new(key(1), MemberId(2));
-    for (kind, payload) in [(Kind::Ingress, &b"esp packet"[..]), (Kind::Egress, &[][..])] {
+    for (kind, payload) in [
+        (Kind::Ingress, &b"esp packet"[..]),
+        (Kind::Egress, &[][..]),
+        (Kind::Plain, &b"\x45 head-end packet"[..]),
+    ] {
         let mut frame = sealed(&mut a, kind, payload);
         assert_eq!(frame.len(), OVERHEAD + payload.len());
         assert!(
