@@ -185,13 +185,6 @@ impl Pod {
         format!("{}:\n{}", self.name(), logs::tail(&self.log_path(), lines))
     }
 
-    /// Whether the gateway runs.
-    pub fn is_running(&mut self) -> bool {
-        self.daemon
-            .as_mut()
-            .is_some_and(|d| d.exit_status().is_ok_and(|s| s.is_none()))
-    }
-
     /// A metric of this pod's gateway, summed over the label sets whose line starts with
     /// `name` ([`metric_name`] adds the prefix).
     pub fn metric(&self, name: &str) -> Result<f64> {
@@ -358,6 +351,22 @@ impl Fleet {
         let daemon = Daemon::spawn(&pod.name(), cmd, &pod.log_path())?;
         self.pods[i].daemon = Some(daemon);
         Ok(())
+    }
+
+    /// An error (with its log tail) if a pod's gateway that was started has exited.
+    pub fn check_running(&mut self) -> Result<()> {
+        for pod in &mut self.pods {
+            if let Some(d) = pod.daemon.as_mut() {
+                d.ensure_running()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether pod `i`'s gateway was started and not killed (see [`Self::check_running`]
+    /// for one that died by itself).
+    pub fn is_started(&self, i: usize) -> bool {
+        self.pods[i].daemon.is_some()
     }
 
     /// Kills pod `i`'s gateway (SIGKILL: no word to etcd or the others), as a node failure

@@ -141,7 +141,7 @@ fn sites_through_front(affinity: Affinity) -> Result<()> {
     let t0 = Instant::now();
     let n = site_count();
     let psks = common::fleet::psks(n);
-    let (config, fleet) = common::fleet::start(PODS, affinity, &psks)?;
+    let (config, mut fleet) = common::fleet::start(PODS, affinity, &psks)?;
     let t_fleet = t0.elapsed();
     let front = fleet.front().address();
     let started = sites::start_all(fleet.wan(), front, &psks, THREADS)?;
@@ -189,6 +189,7 @@ fn sites_through_front(affinity: Affinity) -> Result<()> {
     let t_tcp = t0.elapsed();
 
     wait_claims_match(&fleet, &started, TIMEOUT)?;
+    fleet.check_running()?;
 
     let forwarded = fleet.metric_sum(FORWARDED)?;
     let stray = fleet.front().stray_packets()?;
@@ -307,7 +308,6 @@ fn an_etcd_outage_keeps_tunnels_up_and_new_sites_wait_for_it() -> Result<()> {
             )
         })
         .collect::<Result<_>>()?;
-    std::thread::sleep(Duration::from_secs(1));
 
     let before = fleet.metric_sum(FLEET_UNAVAILABLE)?;
     let map_before = ownership(&fleet)?;
@@ -377,6 +377,7 @@ fn an_etcd_outage_keeps_tunnels_up_and_new_sites_wait_for_it() -> Result<()> {
     for s in up {
         s.wait_ping(addr(GW_HOST), TIMEOUT)?;
     }
+    fleet.check_running()?;
     fleet
         .wait_metric_sum("ike_sas_established", TIMEOUT, |v| v == psks.len() as f64)
         .with_context(|| fleet.log_tails(30))?;
