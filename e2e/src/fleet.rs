@@ -295,7 +295,8 @@ impl Fleet {
     }
 
     /// Starts every pod's gateway (all at once), waits until each logs "gateway ready",
-    /// then until every pod counts all of them as members and exactly one leads.
+    /// then until every pod counts all of them as members and exactly one leads, then until
+    /// the shard map gives each its share ([`Self::wait_settled`]).
     pub fn start_pods(&mut self) -> Result<()> {
         for i in 0..self.pods.len() {
             self.spawn_pod(i)?;
@@ -311,8 +312,8 @@ impl Fleet {
         self.wait_settled(&(0..n).collect::<Vec<_>>(), MEMBERS_TIMEOUT)
     }
 
-    /// (Re)starts pod `i`'s gateway and waits until it logs "gateway ready" (not for the
-    /// fleet: see [`Self::wait_members`]).
+    /// (Re)starts pod `i`'s gateway (killing a running one first) and waits until it logs
+    /// "gateway ready" (not for the fleet: see [`Self::wait_members`]).
     pub fn start_pod(&mut self, i: usize) -> Result<()> {
         self.spawn_pod(i)?;
         let pod = &mut self.pods[i];
@@ -323,6 +324,8 @@ impl Fleet {
 
     fn spawn_pod(&mut self, i: usize) -> Result<()> {
         ensure!(i < self.pods.len(), "no pod {i}");
+        // The new one binds the same addresses.
+        self.kill_pod(i);
         let o = &self.options;
         let pod = &self.pods[i];
         let path = |p: &Path| p.to_str().map(str::to_owned).context("non-UTF-8 path");
