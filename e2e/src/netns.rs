@@ -209,7 +209,13 @@ pub struct Wan {
 impl Wan {
     /// Creates the bridge namespace and `br0`.
     pub fn new() -> Result<Self> {
-        let ns = Netns::new("wan")?;
+        Self::named("wan")
+    }
+
+    /// Like [`Self::new`], the namespace named for `role` (several bridges in one test, e.g.
+    /// the sites' WAN and a pod network).
+    pub fn named(role: &str) -> Result<Self> {
+        let ns = Netns::new(role)?;
         ns.ip(&["link", "add", "br0", "type", "bridge"])?;
         ns.ip(&["link", "set", "br0", "up"])?;
         Ok(Self {

@@ -104,6 +104,9 @@ pub const PYTHON3: Tool = Tool::search("python3", "python3");
 /// nftables, to count packets by protocol.
 pub const NFT: Tool = Tool::search("nft", "nftables");
 
+/// Lists and deletes conntrack flows (the front's endpoint removal).
+pub const CONNTRACK: Tool = Tool::search("conntrack", "conntrack");
+
 /// TCP throughput, for benchmarks.
 pub const IPERF3: Tool = Tool::search("iperf3", "iperf3");
 

@@ -1,5 +1,5 @@
 //! A private etcd answers etcd-client: a key put with a lease vanishes when the lease is
-//! revoked.
+//! revoked; the harness's range reader sees what etcd-client wrote.
 
 use std::time::Instant;
 
@@ -40,6 +40,14 @@ async fn lease_put_get_revoke() -> Result<()> {
         "key bound to lease {} not {}",
         kv.lease(),
         lease.id()
+    );
+
+    // The harness's own reader (etcd's JSON gateway) sees the same key.
+    let seen = server.range("/e2e/gateways/")?;
+    ensure!(
+        seen.iter()
+            .any(|kv| kv.key == key && kv.value == b"gw-1" && kv.lease == lease.id()),
+        "range read {seen:?}"
     );
 
     // Revocation deletes the attached keys before the call returns (it goes through raft),

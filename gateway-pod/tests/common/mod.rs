@@ -4,8 +4,10 @@
 //! Shared by the gateway's integration tests: the arguments of `concentrator-gateway
 //! esp-static` for one end of a tunnel, mirrored from the other end's; checksummed TCP
 //! transfers; static eroutes ([`StaticEroute`]); starting the gateway and reading its metrics
-//! and tunnels; and in [`site`], a strongSwan site with its gateway.
+//! and tunnels; in [`site`], a strongSwan site with its gateway; in [`fleet`], a fleet of
+//! gateway pods (`concentrator_e2e::fleet`) configured with one egroup for many sites.
 
+pub(crate) mod fleet;
 pub(crate) mod site;
 
 /// One end of a hand-keyed tunnel.

@@ -1,0 +1,81 @@
+//! A fleet of gateway pods configured for many sites: one base eroute and one egroup whose
+//! sites are rows of each pod's embedded store (as in `egroup_sites.rs`), no site in the
+//! configuration. Shared by the fleet tests.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use concentrator_e2e::fleet::sites::{SITE_DOMAIN, peer_id};
+use concentrator_e2e::fleet::{Affinity, Fleet, FleetOptions};
+use concentrator_e2e::topology::{GW_ID, GW_LAN, site_lan};
+use concentrator_e2e::{ids, scratch};
+
+/// The egroup (and base eroute) name.
+pub(crate) const EGROUP: &str = "branches";
+
+/// `n` sites numbered from 1, each with a random PSK.
+pub(crate) fn psks(n: usize) -> Vec<(usize, String)> {
+    (1..=n).map(|i| (i, ids::random_hex(24))).collect()
+}
+
+/// Writes the base eroute (responder: the pods never initiate, so nothing leaves a pod
+/// outside a flow a site opened) and the egroup into `dir`.
+pub(crate) fn write_egroup_config(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(
+        dir.join(format!("{EGROUP}.yaml")),
+        format!(
+            "apiVersion: vpn.concentrator.io/v1alpha1\nkind: Eroute\nmetadata:\n  name: {EGROUP}\n\
+             spec:\n  localSubnet: {GW_LAN}\n  remoteSubnet: 10.1.0.0/16\n\
+             \x20 peerId: \"*.{SITE_DOMAIN}\"\n  localId: {GW_ID}\n  role: Responder\n\
+             ---\napiVersion: vpn.concentrator.io/v1alpha1\nkind: Egroup\nmetadata:\n  name: {EGROUP}\n\
+             spec:\n  eroute: {EGROUP}\n  remoteSubnetPrefix: 24\n  maxDynamicEroutes: 10000\n\
+             \x20 database:\n    timeout: 2s\n"
+        ),
+    )?;
+    Ok(())
+}
+
+/// Writes the sites' rows (no peer address: a pod never dials a site) as CSV and imports
+/// them into the embedded store in `data_dir` with `concentrator-gateway sites import`.
+pub(crate) fn import_sites(data_dir: &Path, sites: &[(usize, String)]) -> Result<()> {
+    let mut csv = String::from("peer_id,psk,remote_subnet\n");
+    for (n, psk) in sites {
+        csv.push_str(&format!("{},{psk},{}\n", peer_id(*n), site_lan(*n)));
+    }
+    let file = data_dir.join("sites.csv");
+    std::fs::write(&file, csv)?;
+    let (data, file) = (data_dir.to_str().context("path")?, file.to_str().context("path")?);
+    let mut cmd = std::process::Command::new(super::gateway_bin());
+    cmd.args(["--data-dir", data, "sites", "import", file]);
+    concentrator_e2e::process::run(&mut cmd, concentrator_e2e::process::COMMAND_TIMEOUT)
+        .with_context(|| format!("importing sites into {}", data_dir.display()))?;
+    Ok(())
+}
+
+/// A fleet of `pods` pods behind a front with `affinity`, the egroup configured and
+/// `sites` in every pod's store, the pods up and agreed on their members. The temp dir
+/// holds the shared config.
+pub(crate) fn start(
+    pods: usize,
+    affinity: Affinity,
+    sites: &[(usize, String)],
+) -> Result<(tempfile::TempDir, Fleet)> {
+    let t0 = Instant::now();
+    let dir = scratch::dir("fleet-config")?;
+    let config = dir.path().join("config");
+    write_egroup_config(&config)?;
+    let options = FleetOptions::new(pods, affinity, super::gateway_bin(), &config);
+    let mut fleet = Fleet::new(options)?;
+    for pod in fleet.pods() {
+        import_sites(&pod.data_dir(), sites)?;
+    }
+    let built = t0.elapsed();
+    fleet.start_pods()?;
+    eprintln!(
+        "fleet: {pods} pods ({affinity:?}) built in {built:.1?}, members agreed and shards settled after {:.1?}",
+        t0.elapsed()
+    );
+    Ok((dir, fleet))
+}
