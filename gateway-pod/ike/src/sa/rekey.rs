@@ -224,24 +224,11 @@ impl ChildRekey {
         let groups: Vec<u16> = sa
             .proposals
             .iter()
-            .flat_map(|p| p.transforms.iter())
-            .filter(|t| t.transform_type == TransformType::DH && t.id.0 != 0)
-            .map(|t| t.id.0)
+            .flat_map(Proposal::dh_ids)
+            .filter(|&g| g != 0)
             .collect();
         let without_dh = Sa {
-            proposals: sa
-                .proposals
-                .iter()
-                .map(|p| Proposal {
-                    transforms: p
-                        .transforms
-                        .iter()
-                        .filter(|t| t.transform_type != TransformType::DH)
-                        .cloned()
-                        .collect(),
-                    ..p.clone()
-                })
-                .collect(),
+            proposals: sa.proposals.iter().map(Proposal::without_dh).collect(),
         };
         let choice = offer::check_esp(&without_dh, esp)?;
         let g_ir = match &self.kex {
