@@ -97,7 +97,7 @@ use concentrator_crypto::{ChildSaKeys, IkeSaKeys, KeyExchange, Prf, SecretBytes}
 use crate::Message;
 use crate::auth::{psk_auth, signed_octets, verify_psk_auth};
 pub use crate::error::Error;
-use crate::message::codepoints::{AuthMethod, DhGroup as WireGroup, ExchangeType, NotifyType, PayloadType};
+use crate::message::codepoints::{AuthMethod, DhGroup as WireGroup, ExchangeType, NotifyType};
 use crate::message::error::InvalidMessage;
 use crate::message::header::{Flags, Header};
 use crate::nat::{behind_nat, nat_detection_hash};
@@ -542,6 +542,7 @@ mod tests {
     use concentrator_crypto::CryptoError;
 
     use super::*;
+    use crate::message::codepoints::PayloadType;
     use crate::payload::Identity;
 
     /// Deterministic entropy: counting bytes, fixed private keys.
@@ -586,15 +587,7 @@ mod tests {
 
     fn response(spi_i: u64, payloads: Vec<Payload<'_>>) -> Vec<u8> {
         Message {
-            header: Header {
-                spi_i,
-                spi_r: 0,
-                next_payload: PayloadType::NONE,
-                exchange: ExchangeType::IKE_SA_INIT,
-                flags: Flags::RESPONSE,
-                message_id: 0,
-                length: 0,
-            },
+            header: Header::new(spi_i, 0, ExchangeType::IKE_SA_INIT, Flags::RESPONSE, 0),
             payloads,
         }
         .to_vec()

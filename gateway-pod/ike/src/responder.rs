@@ -488,15 +488,13 @@ impl Responder {
 /// An unencrypted IKE_SA_INIT error response: one notify, SPIr zero (no state was kept).
 pub(crate) fn init_error(request: &Header, notify: NotifyType, data: &[u8]) -> Vec<u8> {
     Message {
-        header: Header {
-            spi_i: request.spi_i,
-            spi_r: 0,
-            next_payload: PayloadType::NONE,
-            exchange: ExchangeType::IKE_SA_INIT,
-            flags: Flags::RESPONSE,
-            message_id: request.message_id,
-            length: 0,
-        },
+        header: Header::new(
+            request.spi_i,
+            0,
+            ExchangeType::IKE_SA_INIT,
+            Flags::RESPONSE,
+            request.message_id,
+        ),
         payloads: vec![Payload::Notify(Notify::new(notify, data))],
     }
     .to_vec()

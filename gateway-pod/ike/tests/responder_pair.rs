@@ -61,15 +61,7 @@ fn v4(a: [u8; 4], b: [u8; 4]) -> TrafficSelector<'static> {
 }
 
 fn header(exchange: ExchangeType, spi_r: u64, message_id: u32) -> Header {
-    Header {
-        spi_i: SPI_I,
-        spi_r,
-        next_payload: PayloadType::NONE,
-        exchange,
-        flags: Flags::INITIATOR,
-        message_id,
-        length: 0,
-    }
+    Header::new(SPI_I, spi_r, exchange, Flags::INITIATOR, message_id)
 }
 
 /// The initiator's view after IKE_SA_INIT.

@@ -381,46 +381,42 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 mod tests {
     use super::*;
 
+    use crate::sitedb::testing::{execute, sqlite, sqlite_with};
     use crate::sites::default_table as table;
     use concentrator_crds::egroup::OptionalColumn;
 
     async fn store(dir: &std::path::Path, rows: usize) -> SiteStore {
-        let store = SiteStore::open_embedded(dir).await.unwrap();
-        let SiteStore::Sqlite(p) = &store else {
-            unreachable!()
-        };
         // An operator's own table may allow NULLs, unlike the default schema.
-        sqlx::query(
-            "CREATE TABLE sites (peer_id TEXT PRIMARY KEY, psk BLOB, remote_subnet TEXT, \
-             peer_address TEXT, backup_peer_address TEXT)",
+        let store = sqlite_with(
+            dir,
+            &[
+                "CREATE TABLE sites (peer_id TEXT PRIMARY KEY, psk BLOB, remote_subnet TEXT, \
+                 peer_address TEXT, backup_peer_address TEXT)",
+                "CREATE INDEX sites_remote_subnet ON sites (remote_subnet)",
+            ],
         )
-        .execute(p)
-        .await
-        .unwrap();
-        sqlx::query("CREATE INDEX sites_remote_subnet ON sites (remote_subnet)")
-            .execute(p)
-            .await
-            .unwrap();
+        .await;
         for i in 0..rows {
             sqlx::query("INSERT INTO sites VALUES (?, ?, ?, NULL, NULL)")
                 .bind(format!("s{i}.sites"))
                 .bind(format!("k{i}"))
                 .bind(format!("10.{}.{}.0/24", i / 256, i % 256))
-                .execute(p)
+                .execute(sqlite(&store))
                 .await
                 .unwrap();
         }
         // Rows that must fail their own site only.
-        sqlx::query(
-            "INSERT INTO sites VALUES ('nopsk.sites', '', '10.200.0.0/24', NULL, NULL), \
-             ('badnet.sites', 'k', '10.200.1.0/33', NULL, NULL), \
-             ('nullnet.sites', 'k', NULL, NULL, NULL), \
-             ('twin1.sites', 'k', '10.200.2.0/24', NULL, NULL), \
-             ('twin2.sites', 'k', '10.200.2.0/24', NULL, NULL)",
+        execute(
+            &store,
+            &[
+                "INSERT INTO sites VALUES ('nopsk.sites', '', '10.200.0.0/24', NULL, NULL), \
+                 ('badnet.sites', 'k', '10.200.1.0/33', NULL, NULL), \
+                 ('nullnet.sites', 'k', NULL, NULL, NULL), \
+                 ('twin1.sites', 'k', '10.200.2.0/24', NULL, NULL), \
+                 ('twin2.sites', 'k', '10.200.2.0/24', NULL, NULL)",
+            ],
         )
-        .execute(p)
-        .await
-        .unwrap();
+        .await;
         store
     }
 
@@ -503,19 +499,16 @@ mod tests {
     async fn rows_the_server_matches_loosely_are_asked_one_by_one() {
         let d = tempfile::tempdir().unwrap();
         let store = store(d.path(), 3).await;
-        let SiteStore::Sqlite(p) = &store else {
-            unreachable!()
-        };
         // A column compared case-insensitively, as MySQL's default collation does: the
         // batch's rows then do not equal their keys byte for byte.
-        sqlx::query("CREATE TABLE ci (peer_id TEXT COLLATE NOCASE PRIMARY KEY, psk BLOB, remote_subnet TEXT, peer_address TEXT, backup_peer_address TEXT)")
-            .execute(p)
-            .await
-            .unwrap();
-        sqlx::query("INSERT INTO ci VALUES ('Upper.Sites', 'k', '10.9.0.0/24', NULL, NULL), ('lower.sites', 'k', '10.9.1.0/24', NULL, NULL)")
-            .execute(p)
-            .await
-            .unwrap();
+        execute(
+            &store,
+            &[
+                "CREATE TABLE ci (peer_id TEXT COLLATE NOCASE PRIMARY KEY, psk BLOB, remote_subnet TEXT, peer_address TEXT, backup_peer_address TEXT)",
+                "INSERT INTO ci VALUES ('Upper.Sites', 'k', '10.9.0.0/24', NULL, NULL), ('lower.sites', 'k', '10.9.1.0/24', NULL, NULL)",
+            ],
+        )
+        .await;
         let t = SiteTable {
             table: "ci".into(),
             ..table()
@@ -561,19 +554,15 @@ mod tests {
     #[tokio::test]
     async fn a_table_of_its_own_shape_is_read_and_a_missing_named_column_is_named() {
         let d = tempfile::tempdir().unwrap();
-        let store = SiteStore::open_embedded(d.path()).await.unwrap();
-        let SiteStore::Sqlite(p) = &store else {
-            unreachable!()
-        };
         // The user's names, and no backup address column.
-        sqlx::query("CREATE TABLE branch (ident TEXT, secret BLOB, lan TEXT, wan TEXT)")
-            .execute(p)
-            .await
-            .unwrap();
-        sqlx::query("INSERT INTO branch VALUES ('b1.sites', 'k', '10.7.1.0/24', '192.0.2.9')")
-            .execute(p)
-            .await
-            .unwrap();
+        let store = sqlite_with(
+            d.path(),
+            &[
+                "CREATE TABLE branch (ident TEXT, secret BLOB, lan TEXT, wan TEXT)",
+                "INSERT INTO branch VALUES ('b1.sites', 'k', '10.7.1.0/24', '192.0.2.9')",
+            ],
+        )
+        .await;
         let own = SiteTable {
             table: "branch".into(),
             peer_id: "ident".into(),
@@ -612,10 +601,7 @@ mod tests {
 
         // A column dropped while the gateway runs: the failed statement makes the next
         // lookup read the columns again.
-        sqlx::query("ALTER TABLE branch DROP COLUMN wan")
-            .execute(p)
-            .await
-            .unwrap();
+        execute(&store, &["ALTER TABLE branch DROP COLUMN wan"]).await;
         let first = lookups.by_peer_id("b1.sites", 24).await.unwrap_err();
         assert_eq!(first.kind(), "schema", "{first:?}");
         let again = lookups.by_peer_id("b1.sites", 24).await.unwrap_err();

@@ -297,7 +297,7 @@ impl SiteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-
+    use crate::sitedb::testing::execute;
     use crate::sites::default_table as table;
 
     fn row(subnet: &str, psk: &[u8]) -> RawRow {
@@ -320,22 +320,18 @@ mod tests {
             LookupError::Malformed { column, .. } => column,
             other => panic!("{other:?}"),
         };
-        assert_eq!(
-            col(check_row(&t, row("10.128.7.0/24", b""), 24).unwrap_err()),
-            "psk"
-        );
-        assert_eq!(
-            col(check_row(&t, row("10.128.7.0/33", b"k"), 24).unwrap_err()),
-            "remote_subnet"
-        );
-        assert_eq!(
-            col(check_row(&t, row("10.128.7.1/24", b"k"), 24).unwrap_err()),
-            "remote_subnet"
-        );
-        assert_eq!(
-            col(check_row(&t, row("10.128.7.0/25", b"k"), 24).unwrap_err()),
-            "remote_subnet"
-        );
+        for (subnet, psk, column) in [
+            ("10.128.7.0/24", &b""[..], "psk"),
+            ("10.128.7.0/33", b"k", "remote_subnet"),
+            ("10.128.7.1/24", b"k", "remote_subnet"),
+            ("10.128.7.0/25", b"k", "remote_subnet"),
+        ] {
+            assert_eq!(
+                col(check_row(&t, row(subnet, psk), 24).unwrap_err()),
+                column,
+                "{subnet}"
+            );
+        }
         let mut r = row("10.128.7.0/24", b"k");
         r.0 = None;
         assert_eq!(col(check_row(&t, r, 24).unwrap_err()), "peer_id");
@@ -378,13 +374,14 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let store = SiteStore::open_embedded(d.path()).await.unwrap();
         store.migrate().await.unwrap();
-        let SiteStore::Sqlite(p) = &store else {
-            unreachable!()
-        };
-        sqlx::query("INSERT INTO sites VALUES ('a.sites', 'k1', '10.128.1.0/24', '192.0.2.1', NULL), ('b.sites', '', '10.128.2.0/24', NULL, NULL)")
-            .execute(p)
-            .await
-            .unwrap();
+        execute(
+            &store,
+            &[
+                "INSERT INTO sites VALUES ('a.sites', 'k1', '10.128.1.0/24', '192.0.2.1', NULL), \
+                 ('b.sites', '', '10.128.2.0/24', NULL, NULL)",
+            ],
+        )
+        .await;
         let t = table();
         let to = Duration::from_secs(2);
         let s = store.site_by_peer_id(&t, "a.sites", 24, to).await.unwrap();

@@ -150,6 +150,34 @@ fn redact(message: &str, url: &str) -> String {
     out
 }
 
+/// Helpers shared by the site store tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    /// The pool of an embedded store.
+    pub(crate) fn sqlite(store: &SiteStore) -> &SqlitePool {
+        let SiteStore::Sqlite(p) = store else {
+            unreachable!("not an embedded store")
+        };
+        p
+    }
+
+    /// A new embedded store in `dir` (not migrated) on which `statements` ran.
+    pub(crate) async fn sqlite_with(dir: &Path, statements: &[&'static str]) -> SiteStore {
+        let store = SiteStore::open_embedded(dir).await.unwrap();
+        execute(&store, statements).await;
+        store
+    }
+
+    /// Runs each of `statements`, in order, on an embedded store.
+    pub(crate) async fn execute(store: &SiteStore, statements: &[&'static str]) {
+        for sql in statements {
+            sqlx::query(*sql).execute(sqlite(store)).await.unwrap();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

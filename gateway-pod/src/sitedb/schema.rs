@@ -93,6 +93,7 @@ fn missing(t: &SiteTable, field: &str, column: &str) -> LookupError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sitedb::testing::sqlite_with;
     use crate::sites::default_table;
 
     fn cols(names: &[&str]) -> Vec<String> {
@@ -136,14 +137,11 @@ mod tests {
     #[tokio::test]
     async fn reads_the_columns_of_a_sqlite_table_and_names_a_missing_table() {
         let d = tempfile::tempdir().unwrap();
-        let store = SiteStore::open_embedded(d.path()).await.unwrap();
-        let SiteStore::Sqlite(p) = &store else {
-            unreachable!()
-        };
-        sqlx::query("CREATE TABLE branch (name TEXT, secret BLOB, lan TEXT)")
-            .execute(p)
-            .await
-            .unwrap();
+        let store = sqlite_with(
+            d.path(),
+            &["CREATE TABLE branch (name TEXT, secret BLOB, lan TEXT)"],
+        )
+        .await;
         assert_eq!(
             columns(&store, "branch").await.unwrap(),
             cols(&["name", "secret", "lan"])

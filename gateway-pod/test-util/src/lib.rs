@@ -18,8 +18,8 @@ use concentrator_crypto::{CryptoError, KeyExchange};
 use concentrator_ike::payload::{Ke, Nonce, Notify, Proposal, Sa, Transform};
 use concentrator_ike::responder::Entropy;
 use concentrator_ike::{
-    DhGroup as WireGroup, ExchangeType, Flags, Header, Message, NotifyType, Payload, PayloadType, ProtocolId,
-    TransformId, TransformType,
+    DhGroup as WireGroup, ExchangeType, Flags, Header, Message, NotifyType, Payload, ProtocolId, TransformId,
+    TransformType,
 };
 
 #[cfg(feature = "interop")]
@@ -153,15 +153,7 @@ pub fn ike_sa_init_request(spi_i: u64, nonce: &[u8], cookie: Option<&[u8]>) -> V
         ])
         .collect();
     Message {
-        header: Header {
-            spi_i,
-            spi_r: 0,
-            next_payload: PayloadType::NONE,
-            exchange: ExchangeType::IKE_SA_INIT,
-            flags: Flags::INITIATOR,
-            message_id: 0,
-            length: 0,
-        },
+        header: Header::new(spi_i, 0, ExchangeType::IKE_SA_INIT, Flags::INITIATOR, 0),
         payloads,
     }
     .to_vec()
@@ -169,6 +161,8 @@ pub fn ike_sa_init_request(spi_i: u64, nonce: &[u8], cookie: Option<&[u8]>) -> V
 
 #[cfg(test)]
 mod tests {
+    use concentrator_ike::PayloadType;
+
     use super::*;
 
     fn draw(mut c: Counter, n: usize) -> Vec<u8> {

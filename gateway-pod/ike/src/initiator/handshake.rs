@@ -37,15 +37,7 @@ impl Initiator {
             payloads.push(Payload::Notify(Notify::new(NotifyType::REDIRECT_SUPPORTED, &[])));
         }
         s.request = Message {
-            header: Header {
-                spi_i: self.spi_i,
-                spi_r: 0,
-                next_payload: PayloadType::NONE,
-                exchange: ExchangeType::IKE_SA_INIT,
-                flags: Flags::INITIATOR,
-                message_id: 0,
-                length: 0,
-            },
+            header: Header::new(self.spi_i, 0, ExchangeType::IKE_SA_INIT, Flags::INITIATOR, 0),
             payloads,
         }
         .to_vec();

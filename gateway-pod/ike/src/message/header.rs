@@ -96,6 +96,20 @@ pub struct Header {
 }
 
 impl Header {
+    /// The header of a message to send. `next_payload` and `length` start at zero:
+    /// [`Message::encode`](super::Message::encode) fills them in.
+    pub fn new(spi_i: u64, spi_r: u64, exchange: ExchangeType, flags: Flags, message_id: u32) -> Self {
+        Self {
+            spi_i,
+            spi_r,
+            next_payload: PayloadType::NONE,
+            exchange,
+            flags,
+            message_id,
+            length: 0,
+        }
+    }
+
     /// Reads the header fields without any check beyond length: for routing by SPI and for
     /// answering a message that [`Header::decode`] rejects (INVALID_MAJOR_VERSION needs the
     /// SPIs and message ID).

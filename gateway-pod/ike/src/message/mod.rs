@@ -65,15 +65,7 @@ mod tests {
 
     fn message() -> Message<'static> {
         Message {
-            header: Header {
-                spi_i: 1,
-                spi_r: 2,
-                next_payload: PayloadType::NONE,
-                exchange: ExchangeType::INFORMATIONAL,
-                flags: Flags::RESPONSE,
-                message_id: 7,
-                length: 0,
-            },
+            header: Header::new(1, 2, ExchangeType::INFORMATIONAL, Flags::RESPONSE, 7),
             payloads: vec![
                 Payload::Nonce(Nonce { data: &[0x11; 16] }),
                 Payload::Notify(Notify::new(NotifyType::COOKIE, &[1, 2, 3])),

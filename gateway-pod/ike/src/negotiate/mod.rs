@@ -204,11 +204,7 @@ pub fn select_esp(offered: &Sa<'_>, ours: &[EspProposal]) -> Result<EspChoice, N
         let Ok(spi) = <[u8; 4]>::try_from(p.spi) else {
             continue;
         };
-        let dh_none = p
-            .transforms
-            .iter()
-            .filter(|t| t.transform_type == TransformType::DH)
-            .all(|t| t.id.0 == 0);
+        let dh_none = p.dh_ids().all(|g| g == 0);
         if !dh_none {
             continue;
         }

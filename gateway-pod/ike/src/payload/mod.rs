@@ -4,6 +4,51 @@
 //! `decode(body)`, which must consume the body exactly, and encodes its body with
 //! `encode(&self, out)`. [`decode_chain`] and [`encode_chain`] handle the generic headers.
 
+/// Defines a payload whose body is a fixed header, one codepoint then `$reserved` reserved
+/// octets (sent as zero, ignored on receipt), followed by opaque data for the layer above:
+/// the struct, its `decode` and its `encode`.
+macro_rules! codepoint_and_data {
+    (
+        $(#[$meta:meta])*
+        $name:ident, $what:literal {
+            $(#[$kind_meta:meta])*
+            $kind:ident: $codepoint:ident($int:ty), reserved $reserved:literal,
+            $(#[$data_meta:meta])*
+            $data:ident,
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub struct $name<'a> {
+            $(#[$kind_meta])*
+            pub $kind: $codepoint,
+            $(#[$data_meta])*
+            pub $data: &'a [u8],
+        }
+
+        impl<'a> $name<'a> {
+            #[doc = concat!("Decodes the body of a ", $what, " payload.")]
+            pub fn decode(body: &'a [u8]) -> Result<Self, $crate::message::error::InvalidMessage> {
+                use $crate::message::reader::OrTruncated;
+                let mut r = $crate::message::reader::Reader::new(body);
+                let $kind = $codepoint(<$int>::from_be_bytes(r.array().or_truncated($what)?));
+                r.take($reserved).or_truncated($what)?;
+                Ok(Self {
+                    $kind,
+                    $data: r.rest(),
+                })
+            }
+
+            /// Appends the body.
+            pub fn encode(&self, out: &mut Vec<u8>) {
+                out.extend_from_slice(&self.$kind.0.to_be_bytes());
+                out.extend_from_slice(&[0; $reserved]);
+                out.extend_from_slice(self.$data);
+            }
+        }
+    };
+}
+
 mod auth;
 mod cert;
 mod cp;
@@ -243,6 +288,19 @@ pub(crate) mod testing {
         out
     }
 
+    /// `wire` (what `value` encodes to) starts with `header`, decodes back to `value`, and every
+    /// strict prefix of `header` fails to decode.
+    pub(crate) fn assert_round_trip<'a, T: std::fmt::Debug + PartialEq>(
+        wire: &'a [u8],
+        header: &[u8],
+        value: T,
+        decode: impl Fn(&'a [u8]) -> Result<T, InvalidMessage>,
+    ) {
+        assert_eq!(&wire[..header.len()], header);
+        assert_eq!(decode(wire), Ok(value));
+        assert_prefixes_rejected(&wire[..header.len()], decode);
+    }
+
     /// Every strict prefix of `body` fails to decode (without panicking).
     pub(crate) fn assert_prefixes_rejected<'a, T: std::fmt::Debug>(
         body: &'a [u8],
@@ -260,7 +318,36 @@ pub(crate) mod testing {
 
 #[cfg(test)]
 mod tests {
+    use super::testing::{assert_round_trip, body};
     use super::*;
+    use crate::message::codepoints::{AuthMethod, CertEncoding, DhGroup};
+
+    /// The payloads `codepoint_and_data!` defines.
+    #[test]
+    fn codepoint_and_data_round_trip_and_truncation() {
+        let auth = Auth {
+            method: AuthMethod::PSK,
+            data: &[3; 32],
+        };
+        assert_round_trip(&body(|o| auth.encode(o)), &[2, 0, 0, 0], auth, Auth::decode);
+        let ke = Ke {
+            group: DhGroup::CURVE25519,
+            data: &[7; 32],
+        };
+        assert_round_trip(&body(|o| ke.encode(o)), &[0, 31, 0, 0], ke, Ke::decode);
+        let cert = Cert {
+            encoding: CertEncoding::X509_SIGNATURE,
+            data: &[0x30, 0x82],
+        };
+        assert_round_trip(&body(|o| cert.encode(o)), &[4], cert, Cert::decode);
+        let req = CertReq {
+            encoding: CertEncoding::X509_SIGNATURE,
+            authority: &[1; 20],
+        };
+        assert_round_trip(&body(|o| req.encode(o)), &[4], req, CertReq::decode);
+        assert_eq!(Cert::decode(&[]), Err(InvalidMessage::Truncated("CERT")));
+        assert_eq!(CertReq::decode(&[]), Err(InvalidMessage::Truncated("CERTREQ")));
+    }
 
     #[test]
     fn skips_unknown_non_critical_payload_and_rejects_critical_one() {

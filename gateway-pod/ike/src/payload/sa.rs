@@ -160,6 +160,28 @@ impl<'a> Proposal<'a> {
         })
     }
 
+    /// The IDs of its Diffie-Hellman transforms (NONE, 0, included).
+    pub(crate) fn dh_ids(&self) -> impl Iterator<Item = u16> + '_ {
+        self.transforms
+            .iter()
+            .filter(|t| t.transform_type == TransformType::DH)
+            .map(|t| t.id.0)
+    }
+
+    /// The proposal without its Diffie-Hellman transforms: a CREATE_CHILD_SA offer is matched
+    /// as an ESP proposal of IKE_AUTH, its PFS groups apart.
+    pub(crate) fn without_dh(&self) -> Self {
+        Self {
+            transforms: self
+                .transforms
+                .iter()
+                .filter(|t| t.transform_type != TransformType::DH)
+                .cloned()
+                .collect(),
+            ..self.clone()
+        }
+    }
+
     fn encode(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&[
             self.number,

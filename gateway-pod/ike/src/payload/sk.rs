@@ -69,7 +69,17 @@ mod tests {
     use crate::payload::testing::{assert_prefixes_rejected, body};
 
     #[test]
-    fn skf_round_trip_and_checks() {
+    fn rejects_fragment_number_zero_or_above_total() {
+        for bad in [[0, 0, 0, 1], [0, 2, 0, 1], [0, 1, 0, 0]] {
+            assert_eq!(
+                Skf::decode(PayloadType::NONE, &bad),
+                Err(InvalidMessage::InvalidValue("SKF fragment number"))
+            );
+        }
+    }
+
+    #[test]
+    fn skf_round_trip_and_truncation() {
         let skf = Skf {
             first_inner: PayloadType::IDI,
             fragment_number: 1,
@@ -80,11 +90,5 @@ mod tests {
         assert_eq!(&b[..4], &[0, 1, 0, 3]);
         assert_eq!(Skf::decode(PayloadType::IDI, &b), Ok(skf));
         assert_prefixes_rejected(&b[..4], |b| Skf::decode(PayloadType::IDI, b));
-        for bad in [[0, 0, 0, 1], [0, 2, 0, 1], [0, 1, 0, 0]] {
-            assert_eq!(
-                Skf::decode(PayloadType::NONE, &bad),
-                Err(InvalidMessage::InvalidValue("SKF fragment number"))
-            );
-        }
     }
 }

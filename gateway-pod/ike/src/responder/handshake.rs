@@ -157,15 +157,7 @@ impl Responder {
             )));
         }
         let response = Message {
-            header: Header {
-                spi_i: h.spi_i,
-                spi_r,
-                next_payload: PayloadType::NONE,
-                exchange: ExchangeType::IKE_SA_INIT,
-                flags: Flags::RESPONSE,
-                message_id: 0,
-                length: 0,
-            },
+            header: Header::new(h.spi_i, spi_r, ExchangeType::IKE_SA_INIT, Flags::RESPONSE, 0),
             payloads,
         }
         .to_vec();

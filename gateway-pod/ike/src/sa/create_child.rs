@@ -348,22 +348,9 @@ fn select_child(
     ke_group: Option<u16>,
 ) -> Result<(EspChoice, Option<DhGroup>), NegotiationError> {
     for p in offered.proposals.iter().filter(|p| p.protocol == ProtocolId::ESP) {
-        let groups: Vec<u16> = p
-            .transforms
-            .iter()
-            .filter(|t| t.transform_type == TransformType::DH)
-            .map(|t| t.id.0)
-            .collect();
+        let groups: Vec<u16> = p.dh_ids().collect();
         let without_dh = Sa {
-            proposals: vec![Proposal {
-                transforms: p
-                    .transforms
-                    .iter()
-                    .filter(|t| t.transform_type != TransformType::DH)
-                    .cloned()
-                    .collect(),
-                ..p.clone()
-            }],
+            proposals: vec![p.without_dh()],
         };
         for o in ours {
             let Ok(esp) = select_esp(&without_dh, std::slice::from_ref(o)) else {

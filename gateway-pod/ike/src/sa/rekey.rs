@@ -196,27 +196,13 @@ impl ChildRekey {
         now: Instant,
         udp_encap: bool,
     ) -> Result<(ChildSa, Vec<u8>), Error> {
-        let (mut sa, mut nr, mut ke, mut ts_i, mut ts_r, mut error) = (None, None, None, None, None, None);
-        for p in inner {
-            match p {
-                Payload::Sa(x) => sa = Some(x),
-                Payload::Nonce(n) => nr = Some(n.data),
-                Payload::Ke(k) => ke = Some(k),
-                Payload::TsI(t) => ts_i = Some(t),
-                Payload::TsR(t) => ts_r = Some(t),
-                Payload::Notify(n) if n.notify_type.is_error() => error = error.or(Some(n.notify_type)),
-                _ => {}
-            }
-        }
-        // RFC 7296 §2.21.3: a refused CREATE_CHILD_SA leaves the IKE SA as it was.
-        if let Some(notify) = error {
-            return Err(Error::Refused {
-                exchange: ExchangeType::CREATE_CHILD_SA,
-                notify,
-            });
-        }
-        let sa = sa.ok_or(Error::MissingPayload("SA"))?;
-        let nr = nr.ok_or(Error::MissingPayload("Nr"))?;
+        let Response {
+            sa,
+            nr,
+            ke,
+            ts_i,
+            ts_r,
+        } = Response::read(inner)?;
         let ts_i = ts_i.ok_or(Error::MissingPayload("TSi"))?;
         let ts_r = ts_r.ok_or(Error::MissingPayload("TSr"))?;
         // The accepted proposal names the PFS group, if any: checked apart, the rest as in
@@ -224,24 +210,11 @@ impl ChildRekey {
         let groups: Vec<u16> = sa
             .proposals
             .iter()
-            .flat_map(|p| p.transforms.iter())
-            .filter(|t| t.transform_type == TransformType::DH && t.id.0 != 0)
-            .map(|t| t.id.0)
+            .flat_map(Proposal::dh_ids)
+            .filter(|&g| g != 0)
             .collect();
         let without_dh = Sa {
-            proposals: sa
-                .proposals
-                .iter()
-                .map(|p| Proposal {
-                    transforms: p
-                        .transforms
-                        .iter()
-                        .filter(|t| t.transform_type != TransformType::DH)
-                        .cloned()
-                        .collect(),
-                    ..p.clone()
-                })
-                .collect(),
+            proposals: sa.proposals.iter().map(Proposal::without_dh).collect(),
         };
         let choice = offer::check_esp(&without_dh, esp)?;
         let g_ir = match &self.kex {
@@ -314,6 +287,49 @@ pub(crate) enum Ours {
     IkeRekey(Box<IkeRekey>),
 }
 
+/// The payloads of the response to one of our CREATE_CHILD_SA requests (the last of each
+/// kind): the SA and Nr every answer carries, KEr and TSi/TSr as the rekey needs them.
+struct Response<'p, 'a> {
+    sa: &'p Sa<'a>,
+    nr: &'a [u8],
+    ke: Option<&'p Ke<'a>>,
+    ts_i: Option<&'p Ts<'a>>,
+    ts_r: Option<&'p Ts<'a>>,
+}
+
+impl<'p, 'a> Response<'p, 'a> {
+    /// Reads the inner payloads of the response: its first error notify refuses the request,
+    /// else SA and Nr must be there.
+    fn read(inner: &'p [Payload<'a>]) -> Result<Self, Error> {
+        let (mut sa, mut nr, mut ke, mut ts_i, mut ts_r, mut error) = (None, None, None, None, None, None);
+        for p in inner {
+            match p {
+                Payload::Sa(x) => sa = Some(x),
+                Payload::Nonce(n) => nr = Some(n.data),
+                Payload::Ke(k) => ke = Some(k),
+                Payload::TsI(t) => ts_i = Some(t),
+                Payload::TsR(t) => ts_r = Some(t),
+                Payload::Notify(n) if n.notify_type.is_error() => error = error.or(Some(n.notify_type)),
+                _ => {}
+            }
+        }
+        // RFC 7296 §2.21.3: a refused CREATE_CHILD_SA leaves the IKE SA as it was.
+        if let Some(notify) = error {
+            return Err(Error::Refused {
+                exchange: ExchangeType::CREATE_CHILD_SA,
+                notify,
+            });
+        }
+        Ok(Self {
+            sa: sa.ok_or(Error::MissingPayload("SA"))?,
+            nr: nr.ok_or(Error::MissingPayload("Nr"))?,
+            ke,
+            ts_i,
+            ts_r,
+        })
+    }
+}
+
 /// An IKE SA rekey of ours in flight (RFC 7296 §1.3.2): "HDR, SK {SA, Ni, KEi}", our new
 /// SPI in every proposal (§2.18), a KE payload for the first group of our first proposal.
 pub(crate) struct IkeRekey {
@@ -383,24 +399,7 @@ impl IkeRekey {
         old: &IkeSa,
         ours: &[IkeProposal],
     ) -> Result<IkeSa, Error> {
-        let (mut sa, mut nr, mut ke, mut error) = (None, None, None, None);
-        for p in inner {
-            match p {
-                Payload::Sa(x) => sa = Some(x),
-                Payload::Nonce(n) => nr = Some(n.data),
-                Payload::Ke(k) => ke = Some(k),
-                Payload::Notify(n) if n.notify_type.is_error() => error = error.or(Some(n.notify_type)),
-                _ => {}
-            }
-        }
-        if let Some(notify) = error {
-            return Err(Error::Refused {
-                exchange: ExchangeType::CREATE_CHILD_SA,
-                notify,
-            });
-        }
-        let sa = sa.ok_or(Error::MissingPayload("SA"))?;
-        let nr = nr.ok_or(Error::MissingPayload("Nr"))?;
+        let Response { sa, nr, ke, .. } = Response::read(inner)?;
         let ke = ke.ok_or(Error::MissingPayload("KEr"))?;
         // §2.18: the responder's new SPI is in its proposal; an SPI of other than 8 octets,
         // or zero, is no answer.

@@ -143,15 +143,8 @@ impl IkeSa {
         } else {
             Flags::NONE
         };
-        Header {
-            spi_i: self.spi_i,
-            spi_r: self.spi_r,
-            next_payload: PayloadType::NONE,
-            exchange,
-            flags: role | if response { Flags::RESPONSE } else { Flags::NONE },
-            message_id,
-            length: 0,
-        }
+        let response = if response { Flags::RESPONSE } else { Flags::NONE };
+        Header::new(self.spi_i, self.spi_r, exchange, role | response, message_id)
     }
 
     /// An encrypted message holding `inner` (RFC 7296 §3.14).

@@ -124,15 +124,7 @@ impl IkeSide {
         let body_len = tx.body_len(plain.len());
         let room = vec![0; body_len];
         let mut out = Message {
-            header: Header {
-                spi_i: self.spi_i,
-                spi_r: self.spi_r,
-                next_payload: PayloadType::NONE,
-                exchange,
-                flags,
-                message_id,
-                length: 0,
-            },
+            header: Header::new(self.spi_i, self.spi_r, exchange, flags, message_id),
             payloads: vec![Payload::Sk(Sk {
                 first_inner: first,
                 body: &room,
@@ -211,15 +203,8 @@ impl Peer {
         let (local, remote) = addrs();
         let kex = KeyExchange::from_private_key(DhGroup::Curve25519, &[0x33; 32]).unwrap();
         let public = kex.public_value().unwrap();
-        let header = |exchange, spi_r, message_id| Header {
-            spi_i: SPI_I,
-            spi_r,
-            next_payload: PayloadType::NONE,
-            exchange,
-            flags: Flags::INITIATOR,
-            message_id,
-            length: 0,
-        };
+        let header =
+            |exchange, spi_r, message_id| Header::new(SPI_I, spi_r, exchange, Flags::INITIATOR, message_id);
         let src = nat_detection_hash(SPI_I, 0, remote);
         let dst = nat_detection_hash(SPI_I, 0, local);
         let init_request = Message {
