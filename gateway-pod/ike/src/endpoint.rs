@@ -39,6 +39,9 @@ use crate::responder::{Responder, init_error};
 use crate::sa::snapshot::{IkeSaSnapshot, InFlight, Role, SnapshotError};
 use crate::sa::{Config, Entropy, Event, Incoming, Transmit};
 
+mod sa;
+pub use sa::Sa;
+
 /// Limits of an endpoint.
 #[derive(Clone, Debug)]
 pub struct EndpointConfig {
@@ -137,119 +140,6 @@ pub struct SaCounts {
     pub closing: usize,
     /// Initiated by us, not established yet.
     pub connecting: usize,
-}
-
-/// An IKE SA, in the role we have in it.
-#[derive(Debug)]
-pub enum Sa {
-    /// The peer started it.
-    Responder(Responder),
-    /// We started it ([`Endpoint::connect`]).
-    Initiator(Initiator),
-}
-
-impl Sa {
-    /// Who started the SA.
-    pub fn role(&self) -> Role {
-        match self {
-            Self::Responder(_) => Role::Responder,
-            Self::Initiator(_) => Role::Initiator,
-        }
-    }
-
-    /// Every IKE SPI of ours the peer's messages may carry (the SA in use and, until it
-    /// is deleted, the one a rekey replaced).
-    pub fn our_spis(&self) -> Vec<u64> {
-        match self {
-            Self::Responder(r) => r.spis_r(),
-            Self::Initiator(i) => i.our_spis(),
-        }
-    }
-
-    /// The CHILD SAs of the established IKE SA, as `(spi_in, spi_out)`.
-    pub fn child_spis(&self) -> Vec<(u32, u32)> {
-        match self {
-            Self::Responder(r) => r.child_spis(),
-            Self::Initiator(i) => i.child_spis(),
-        }
-    }
-
-    fn handle(&mut self, d: &Incoming<'_>, entropy: &mut dyn Entropy) -> Result<(), Error> {
-        match self {
-            Self::Responder(r) => r.handle(d, entropy),
-            Self::Initiator(i) => i.handle(d, entropy),
-        }
-    }
-
-    fn handle_timeout(&mut self, now: Instant, entropy: &mut dyn Entropy) {
-        match self {
-            Self::Responder(r) => r.handle_timeout(now, entropy),
-            Self::Initiator(i) => i.handle_timeout(now, entropy),
-        }
-    }
-
-    fn handle_child_traffic(&mut self, now: Instant) {
-        match self {
-            Self::Responder(r) => r.handle_child_traffic(now),
-            Self::Initiator(i) => i.handle_child_traffic(now),
-        }
-    }
-
-    fn rekey_child(&mut self, spi_in: u32, now: Instant, entropy: &mut dyn Entropy) -> bool {
-        match self {
-            Self::Responder(r) => r.rekey_child(spi_in, now, entropy),
-            Self::Initiator(i) => i.rekey_child(spi_in, now, entropy),
-        }
-    }
-
-    fn delete(&mut self, now: Instant) {
-        match self {
-            Self::Responder(r) => r.delete(now),
-            Self::Initiator(i) => i.delete(now),
-        }
-    }
-
-    fn snapshot(&self, now: Instant) -> Result<IkeSaSnapshot, SnapshotError> {
-        match self {
-            Self::Responder(r) => r.snapshot(now),
-            Self::Initiator(i) => i.snapshot(now),
-        }
-    }
-
-    fn poll_timeout(&self) -> Option<Instant> {
-        match self {
-            Self::Responder(r) => r.poll_timeout(),
-            Self::Initiator(i) => i.poll_timeout(),
-        }
-    }
-
-    fn poll_transmit(&mut self) -> Option<Transmit> {
-        match self {
-            Self::Responder(r) => r.poll_transmit(),
-            Self::Initiator(i) => i.poll_transmit(),
-        }
-    }
-
-    fn poll_event(&mut self) -> Option<Event> {
-        match self {
-            Self::Responder(r) => r.poll_event(),
-            Self::Initiator(i) => i.poll_event(),
-        }
-    }
-
-    fn is_established(&self) -> bool {
-        match self {
-            Self::Responder(r) => r.is_established(),
-            Self::Initiator(i) => i.is_established(),
-        }
-    }
-
-    fn is_closed(&self) -> bool {
-        match self {
-            Self::Responder(r) => r.is_closed(),
-            Self::Initiator(i) => i.is_closed(),
-        }
-    }
 }
 
 struct Slot {
