@@ -135,6 +135,23 @@ impl Driver {
         true
     }
 
+    /// Sends a NAT keepalive (one 0xFF octet, no non-ESP marker) to the site at `remote`
+    /// through the member its flow enters through, if another: true if it went that way.
+    pub(super) fn keepalive_via(&mut self, remote: SocketAddr) -> bool {
+        let Some(f) = self.fleet.as_mut() else {
+            return false;
+        };
+        let Some(m) = f.vias.get(&remote).copied() else {
+            return false;
+        };
+        // The receiving member sends it from its socket of the same port.
+        let local = self.udp4500.local_addr().unwrap_or(remote);
+        if let Some(to) = f.view.address(m) {
+            f.link.send(Kind::Egress, to, local, remote, 0, &[0xff]);
+        }
+        true
+    }
+
     /// Where a new CHILD SA with the site at `remote` sends its packets: through the
     /// member the site's IKE flow enters through, if another.
     pub(super) fn via_of(&self, remote: SocketAddr) -> Arc<Via> {

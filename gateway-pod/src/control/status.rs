@@ -76,6 +76,10 @@ impl Driver {
             .unwrap_or(now);
         if rec.nat && rec.established_at.is_some() && keepalive_due(last_sent, now) {
             rec.last_keepalive = now;
+            // Behind a Service, only the member the site's flow enters through can reach it.
+            if self.keepalive_via(remote) {
+                return;
+            }
             if let Err(e) = self.udp4500.try_send_to(&[0xff], remote) {
                 tracing::debug!(%remote, error = %e, "NAT keepalive not sent");
             }
