@@ -24,10 +24,14 @@
 //! * [`Fleet::kill_pod`] and [`Fleet::start_pod`] kill and restart one pod's gateway (its
 //!   namespace and address stay); [`Front::remove_endpoint`] takes it out of the Service.
 //! * [`sites`]: strongSwan sites on the WAN that address the front.
+//! * For tunnels the pods start ([`headend`]): [`FleetOptions::lan`] joins a head-end LAN
+//!   bridge with a LAN host to every pod ([`Fleet::lan`]), and [`FleetOptions::pod_egress`]
+//!   has the node SNAT the flows pods start toward the WAN, as a Kubernetes node does.
 //!
 //! Dropping the fleet kills the gateways, then etcd, then deletes every namespace.
 
 pub mod front;
+pub mod headend;
 pub mod sites;
 
 use std::collections::BTreeMap;
@@ -42,12 +46,13 @@ use ipnet::IpNet;
 use tempfile::TempDir;
 
 pub use front::{Affinity, Flow, Front};
+pub use headend::Lan;
 
 use crate::etcd::Etcd;
 use crate::netns::{Netns, Wan, addr};
 use crate::process::Daemon;
 use crate::tools::{self, Tool};
-use crate::topology::{GW_ADDR, GW_HOST};
+use crate::topology::{GW_ADDR, GW_HOST, GW_LAN};
 use crate::wait::{self, Probe};
 use crate::{gateway, ids, logs, scratch};
 
@@ -114,6 +119,14 @@ pub struct FleetOptions {
     pub front_address: IpAddr,
     /// The head-end LAN address each pod has on `lo` (`None`: none).
     pub pod_lan: Option<IpNet>,
+    /// The head-end LAN as a bridge joined to every pod, with a LAN host ([`Lan`]);
+    /// `None`: no bridge. Not with [`Self::pod_lan`] (one prefix, two places).
+    pub lan: Option<IpNet>,
+    /// Whether the node SNATs the flows pods start toward the WAN to the front address
+    /// ([`headend::enable_node_egress`]), which initiating pods need. Off, a pod can only
+    /// answer in flows the front DNAT'd to it, and anything else it sends to the WAN is
+    /// dropped as stray ([`Front::stray_packets`]).
+    pub pod_egress: bool,
 }
 
 impl FleetOptions {
@@ -136,7 +149,19 @@ impl FleetOptions {
             lease_ttl: Duration::from_secs(3),
             front_address: addr(GW_ADDR),
             pod_lan: Some(format!("{GW_HOST}/24").parse().expect("valid prefix")),
+            lan: None,
+            pod_egress: false,
         }
+    }
+
+    /// Options for pods that initiate to sites: [`GW_LAN`] as a LAN bridge joined to every
+    /// pod (instead of on each pod's `lo`) and pod egress through the node's SNAT.
+    #[must_use]
+    pub fn initiating(mut self) -> Self {
+        self.pod_lan = None;
+        self.lan = Some(GW_LAN.parse().expect("valid prefix"));
+        self.pod_egress = true;
+        self
     }
 }
 
@@ -217,6 +242,7 @@ impl Pod {
 #[derive(Debug)]
 pub struct Fleet {
     pods: Vec<Pod>,
+    lan: Option<Lan>,
     etcd: Etcd,
     front: Front,
     etcd_ns: Netns,
@@ -241,6 +267,10 @@ impl Fleet {
             (1..=200).contains(&options.pods),
             "a fleet has 1 to 200 pods, not {}",
             options.pods
+        );
+        ensure!(
+            options.lan.is_none() || options.pod_lan.is_none(),
+            "the head-end LAN is either on each pod's lo or a bridge, not both"
         );
         let dir = scratch::dir("fleet")?;
         let wan = Wan::new()?;
@@ -272,6 +302,9 @@ impl Fleet {
             if let Some(lan) = options.pod_lan {
                 ns.add_lo_addr(lan)?;
             }
+            if options.pod_egress {
+                headend::enable_pod_egress(&ns)?;
+            }
             let pod_dir = dir.path().join(pod_name(i));
             std::fs::create_dir_all(pod_dir.join("data"))?;
             pods.push(Pod {
@@ -281,8 +314,16 @@ impl Fleet {
                 daemon: None,
             });
         }
+        if options.pod_egress {
+            headend::enable_node_egress(&front, &pod_net)?;
+        }
+        let lan = match options.lan {
+            Some(subnet) => Some(Lan::new(subnet, &pods.iter().map(|p| &p.ns).collect::<Vec<_>>())?),
+            None => None,
+        };
         Ok(Self {
             pods,
+            lan,
             etcd,
             front,
             etcd_ns,
@@ -482,6 +523,20 @@ impl Fleet {
     /// The front.
     pub fn front(&self) -> &Front {
         &self.front
+    }
+
+    /// The head-end LAN bridge and its host ([`FleetOptions::lan`]).
+    pub fn lan(&self) -> Result<&Lan> {
+        self.lan
+            .as_ref()
+            .context("the fleet was built without a head-end LAN bridge")
+    }
+
+    /// Flows the pods started toward the WAN through the node's SNAT
+    /// ([`FleetOptions::pod_egress`]).
+    pub fn egress_flows(&self) -> Result<u64> {
+        ensure!(self.options.pod_egress, "the fleet was built without pod egress");
+        headend::egress_flows(&self.front)
     }
 
     /// The fleet's etcd (freeze and thaw it for outages).
