@@ -387,6 +387,12 @@ fn report(phases: &[Phase], owner: usize, size: &Size) {
             .map(|i| format!("gw-{i} {:.1}", of(e).map(|p| p.cpu[i]).sum::<f64>()))
             .collect();
         let charon: f64 = of(e).map(|p| p.charon).sum();
+        // The site's charon (kernel-libipsec) may be what limits the rate: CPU per byte
+        // carried shows what forwarding costs the pods even when the rates come out alike.
+        let gbytes: f64 = of(e)
+            .map(|p| (p.up + p.down) * size.secs as f64 / 8.0 / 1e9)
+            .sum();
+        let pods_cpu: f64 = of(e).map(|p| p.cpu.iter().sum::<f64>()).sum();
         let frames: Vec<String> = (0..PODS)
             .map(|i| {
                 let mut sum = Frames::new();
@@ -399,8 +405,12 @@ fn report(phases: &[Phase], owner: usize, size: &Size) {
             })
             .collect();
         println!(
-            "  {e:?} phases: CPU seconds {}, site charon {charon:.1}; frames {}",
+            "  {e:?} phases: CPU seconds {}, site charon {charon:.1}; {:.2} GB carried by iperf3, \
+             {:.1} pod CPU seconds per GB, {:.1} charon CPU seconds per GB; frames {}",
             cpu.join(", "),
+            gbytes,
+            pods_cpu / gbytes,
+            charon / gbytes,
             frames.join(", ")
         );
     }
