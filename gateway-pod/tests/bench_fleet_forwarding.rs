@@ -27,20 +27,24 @@
 //! SKIP and passes.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use concentrator_e2e::fleet::sites::{self, Site};
 use concentrator_e2e::fleet::{self, Affinity, Fleet};
 use concentrator_e2e::netns::{self, Netns, addr};
-use concentrator_e2e::topology::GW_HOST;
+use concentrator_e2e::process::Daemon;
+use concentrator_e2e::topology::{GW_HOST, GW_ID, GW_LAN, site_host, site_lan, site_wan};
 use concentrator_e2e::wait::{self, Probe};
-use concentrator_e2e::{etcd, prereq, process, strongswan, tools};
+use concentrator_e2e::{etcd, logs, prereq, process, strongswan, tools};
 
 mod common;
 
 const PODS: usize = 2;
+/// The site's number (its addresses and identity, `concentrator_e2e::topology`).
+const SITE: usize = 1;
 /// The Service port that carries the site's ESP (and its IKE after NAT detection).
 const NATT: u16 = 4500;
 const TIMEOUT: Duration = Duration::from_secs(40);
@@ -133,29 +137,140 @@ fn cpu_seconds(ns: &Netns, comm: &str, ticks: f64) -> f64 {
         .sum()
 }
 
+/// The kernel's UDP receive-buffer overflows (`Udp: RcvbufErrors`) and failed reassemblies
+/// (`Ip: ReasmFails`) in `ns`: where frames between pods are lost when they are.
+fn udp_losses(ns: &Netns) -> [f64; 2] {
+    let snmp = ns.run("cat", &["/proc/net/snmp"]).unwrap_or_default();
+    let value = |proto: &str, name: &str| -> f64 {
+        let mut lines = snmp.lines().filter(|l| l.starts_with(proto));
+        let (Some(head), Some(vals)) = (lines.next(), lines.next()) else {
+            return 0.0;
+        };
+        head.split_whitespace()
+            .zip(vals.split_whitespace())
+            .find(|(h, _)| *h == name)
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    [value("Udp:", "RcvbufErrors"), value("Ip:", "ReasmFails")]
+}
+
 /// What the pods and the site have done so far: frames and CPU seconds per pod, the
-/// site's charon CPU seconds.
+/// CPU seconds of the site's IPsec process.
 struct Snapshot {
     frames: Vec<Frames>,
+    losses: Vec<[f64; 2]>,
     cpu: Vec<f64>,
     charon: f64,
 }
 
-fn snapshot(fleet: &Fleet, site: &Site, ticks: f64) -> Result<Snapshot> {
+fn snapshot(fleet: &Fleet, site: &Remote, ticks: f64) -> Result<Snapshot> {
     Ok(Snapshot {
         frames: fleet.pods().iter().map(frames).collect::<Result<_>>()?,
+        losses: fleet.pods().iter().map(|p| udp_losses(p.ns())).collect(),
         cpu: fleet
             .pods()
             .iter()
             .map(|p| cpu_seconds(p.ns(), "concentrator-ga", ticks))
             .collect(),
-        charon: cpu_seconds(site.ns(), "charon", ticks),
+        charon: cpu_seconds(site.ns(), site.comm(), ticks),
     })
+}
+
+/// The site: strongSwan (`BENCH_SITE` unset or `strongswan`: kernel-libipsec, whose one
+/// core sets the rate on this machine) or our own gateway (`BENCH_SITE=gateway`: a static
+/// eroute, role Initiator, to the front address), to see the pods' rates where the site is
+/// not the limit.
+enum Remote {
+    Swan(Site),
+    Ours {
+        // Dropped before the namespace it runs in.
+        _gateway: Daemon,
+        ns: Netns,
+        dir: PathBuf,
+    },
+}
+
+impl Remote {
+    fn start(fleet: &Fleet, psk: &str, scratch: &Path) -> Result<Self> {
+        let front = fleet.front().address();
+        match std::env::var("BENCH_SITE").unwrap_or_default().as_str() {
+            "" | "strongswan" => {
+                let site = sites::start_all(fleet.wan(), front, &[(SITE, psk.to_owned())], 1)?
+                    .pop()
+                    .context("one site")?;
+                site.initiate().with_context(|| fleet.log_tails(30))?;
+                Ok(Self::Swan(site))
+            }
+            "gateway" => {
+                let ns = fleet
+                    .wan()
+                    .host("site1", &site_wan(SITE), Some(&site_host(SITE)))?;
+                let dir = scratch.join("site-gateway");
+                let (lan, id, to) = (site_lan(SITE), sites::peer_id(SITE), front.to_string());
+                common::StaticEroute {
+                    name: "hq",
+                    local_subnet: &lan,
+                    remote_subnet: GW_LAN,
+                    peer_id: GW_ID,
+                    local_id: &id,
+                    initiate_to: Some(&to),
+                    ike: strongswan::DEFAULT_IKE_PROPOSAL,
+                    esp: strongswan::DEFAULT_ESP_PROPOSAL,
+                    psk,
+                    ..Default::default()
+                }
+                .write(&dir.join("config"))?;
+                std::fs::create_dir_all(dir.join("data"))?;
+                let gateway = common::start_gateway(&ns, "site gateway", &dir, &site_wan(SITE), &[])?;
+                Ok(Self::Ours {
+                    _gateway: gateway,
+                    ns,
+                    dir,
+                })
+            }
+            other => bail!("BENCH_SITE={other}: expected strongswan or gateway"),
+        }
+    }
+
+    fn ns(&self) -> &Netns {
+        match self {
+            Self::Swan(s) => s.ns(),
+            Self::Ours { ns, .. } => ns,
+        }
+    }
+
+    fn host(&self) -> IpAddr {
+        addr(&site_host(SITE))
+    }
+
+    fn wan_addr(&self) -> IpAddr {
+        addr(&site_wan(SITE))
+    }
+
+    fn peer_id(&self) -> String {
+        sites::peer_id(SITE)
+    }
+
+    /// The name of the site's IPsec process, for its CPU time.
+    fn comm(&self) -> &'static str {
+        match self {
+            Self::Swan(_) => "charon",
+            Self::Ours { .. } => "concentrator-ga",
+        }
+    }
+
+    fn log_tail(&self, lines: usize) -> String {
+        match self {
+            Self::Swan(s) => s.log_tail(lines),
+            Self::Ours { dir, .. } => logs::tail(&dir.join("gateway.log"), lines),
+        }
+    }
 }
 
 /// One iperf3 TCP run from the site's LAN address to [`GW_HOST`] on the owner pod (`-R`:
 /// the owner sends); bits/s received.
-fn iperf(site: &Site, owner: &Netns, reverse: bool, secs: u64, log: &Path) -> Result<f64> {
+fn iperf(site: &Remote, owner: &Netns, reverse: bool, secs: u64, log: &Path) -> Result<f64> {
     // One server per run (`-1`): it ends with its client.
     let _server = owner.spawn(
         "iperf3 server",
@@ -187,7 +302,7 @@ fn iperf(site: &Site, owner: &Netns, reverse: bool, secs: u64, log: &Path) -> Re
 
 /// `count` pings every 10 ms from the site's LAN through the tunnel; the RTTs (ms) of those
 /// answered.
-fn ping_rtts(site: &Site, count: u64) -> Result<Vec<f64>> {
+fn ping_rtts(site: &Remote, count: u64) -> Result<Vec<f64>> {
     let (from, count) = (site.host().to_string(), count.to_string());
     let out = site.ns().output(
         tools::PING.path(),
@@ -219,20 +334,23 @@ struct Phase {
     pings: u64,
     /// Frames counted during the phase, per pod.
     frames: Vec<Frames>,
+    /// UDP receive-buffer overflows and failed reassemblies during the phase, per pod.
+    losses: Vec<[f64; 2]>,
     cpu: Vec<f64>,
     charon: f64,
 }
 
 /// Moves the site's port-4500 flow onto pod `entry_pod` and waits until its tunnel answers
 /// through it.
-fn pin(fleet: &Fleet, site: &Site, entry_pod: usize) -> Result<()> {
+fn pin(fleet: &Fleet, site: &Remote, entry_pod: usize) -> Result<()> {
     fleet.front().pin_client(site.wan_addr(), NATT, entry_pod)?;
     // The flow is re-created by the site's next packet to 4500: the pings are that packet.
     wait::until(
         format!("the site's ESP to enter through gw-{entry_pod}"),
         TIMEOUT,
         || {
-            site.wait_ping(addr(GW_HOST), TIMEOUT)?;
+            site.ns()
+                .wait_reachable(Some(site.host()), addr(GW_HOST), TIMEOUT)?;
             let at = fleet.front().placement(NATT)?.get(&site.wan_addr()).copied();
             Ok(if at == Some(entry_pod) {
                 Probe::Ready(())
@@ -244,7 +362,14 @@ fn pin(fleet: &Fleet, site: &Site, entry_pod: usize) -> Result<()> {
     .with_context(|| fleet.log_tails(20))
 }
 
-fn measure(fleet: &Fleet, site: &Site, owner: usize, entry: Entry, size: &Size, ticks: f64) -> Result<Phase> {
+fn measure(
+    fleet: &Fleet,
+    site: &Remote,
+    owner: usize,
+    entry: Entry,
+    size: &Size,
+    ticks: f64,
+) -> Result<Phase> {
     let entry_pod = match entry {
         Entry::Owner => owner,
         Entry::Other => 1 - owner,
@@ -278,6 +403,12 @@ fn measure(fleet: &Fleet, site: &Site, owner: usize, entry: Entry, size: &Size, 
             .map(|(b, a)| delta(b, a))
             .collect(),
         cpu: before.cpu.iter().zip(&after.cpu).map(|(b, a)| a - b).collect(),
+        losses: before
+            .losses
+            .iter()
+            .zip(&after.losses)
+            .map(|(b, a)| [a[0] - b[0], a[1] - b[1]])
+            .collect(),
         charon: after.charon - before.charon,
     })
 }
@@ -322,7 +453,7 @@ fn median(v: impl IntoIterator<Item = f64>) -> f64 {
     quantile(&v.into_iter().collect::<Vec<_>>(), 0.5)
 }
 
-fn report(phases: &[Phase], owner: usize, size: &Size) {
+fn report(phases: &[Phase], owner: usize, size: &Size, site: &str) {
     let of = |e: Entry| phases.iter().filter(move |p| p.entry == e);
     let mbit = |bps: f64| bps / 1e6;
     let rounds = |e: Entry, f: fn(&Phase) -> f64| -> String {
@@ -343,7 +474,7 @@ fn report(phases: &[Phase], owner: usize, size: &Size) {
     );
     let (a_rtt, b_rtt) = (rtts(Entry::Owner), rtts(Entry::Other));
     println!(
-        "fleet of {PODS} pods, one strongSwan site, ESP in UDP through the front; owner gw-{owner}, \
+        "fleet of {PODS} pods, one {site} site, ESP in UDP through the front; owner gw-{owner}, \
          other gw-{}; iperf3 TCP {} s per run, {} round(s) (medians, Mbit/s):",
         1 - owner,
         size.secs,
@@ -387,7 +518,7 @@ fn report(phases: &[Phase], owner: usize, size: &Size) {
             .map(|i| format!("gw-{i} {:.1}", of(e).map(|p| p.cpu[i]).sum::<f64>()))
             .collect();
         let charon: f64 = of(e).map(|p| p.charon).sum();
-        // The site's charon (kernel-libipsec) may be what limits the rate: CPU per byte
+        // The site (strongSwan's kernel-libipsec) may be what limits the rate: CPU per byte
         // carried shows what forwarding costs the pods even when the rates come out alike.
         let gbytes: f64 = of(e)
             .map(|p| (p.up + p.down) * size.secs as f64 / 8.0 / 1e9)
@@ -404,9 +535,19 @@ fn report(phases: &[Phase], owner: usize, size: &Size) {
                 format!("gw-{i} {sum:?}")
             })
             .collect();
+        let losses: Vec<String> = (0..PODS)
+            .map(|i| {
+                let l = |k: usize| of(e).map(|p| p.losses[i][k]).sum::<f64>();
+                format!("gw-{i} {}/{}", l(0), l(1))
+            })
+            .collect();
         println!(
-            "  {e:?} phases: CPU seconds {}, site charon {charon:.1}; {:.2} GB carried by iperf3, \
-             {:.1} pod CPU seconds per GB, {:.1} charon CPU seconds per GB; frames {}",
+            "  {e:?} phases: UDP receive-buffer overflows/failed reassemblies {}",
+            losses.join(", ")
+        );
+        println!(
+            "  {e:?} phases: CPU seconds {}, site {charon:.1}; {:.2} GB carried by iperf3, \
+             {:.1} pod CPU seconds per GB, {:.1} site CPU seconds per GB; frames {}",
             cpu.join(", "),
             gbytes,
             pods_cpu / gbytes,
@@ -432,13 +573,11 @@ fn forwarded_esp_vs_esp_at_the_owner() -> Result<()> {
     let size = Size::from_env();
     let ticks = clock_ticks();
     let psks = common::fleet::psks(1);
-    let (_config, fleet) = common::fleet::start(PODS, Affinity::client_ip(), &psks)?;
-    let site = sites::start_all(fleet.wan(), fleet.front().address(), &psks, 1)?
-        .pop()
-        .context("one site")?;
-    site.initiate().with_context(|| fleet.log_tails(30))?;
-    site.wait_ping(addr(GW_HOST), TIMEOUT)
-        .with_context(|| fleet.log_tails(30))?;
+    let (config, fleet) = common::fleet::start(PODS, Affinity::client_ip(), &psks)?;
+    let site = Remote::start(&fleet, &psks[0].1, config.path())?;
+    site.ns()
+        .wait_reachable(Some(site.host()), addr(GW_HOST), TIMEOUT)
+        .with_context(|| format!("{}\n{}", site.log_tail(30), fleet.log_tails(30)))?;
 
     // The owner: the pod whose tunnel table lists the site, and which its claim names.
     let owners = fleet.owners_of(&site.peer_id())?;
@@ -471,7 +610,7 @@ fn forwarded_esp_vs_esp_at_the_owner() -> Result<()> {
             phases.push(p);
         }
     }
-    report(&phases, owner, &size);
+    report(&phases, owner, &size, site.comm());
     let stray = fleet.front().stray_packets()?;
     println!("  packets pods sent toward the WAN outside a front flow (dropped): {stray}");
     Ok(())
