@@ -182,7 +182,7 @@ fn snapshot(fleet: &Fleet, site: &Remote, ticks: f64) -> Result<Snapshot> {
 /// eroute, role Initiator, to the front address), to see the pods' rates where the site is
 /// not the limit.
 enum Remote {
-    Swan(Site),
+    Swan(Box<Site>),
     Ours {
         // Dropped before the namespace it runs in.
         _gateway: Daemon,
@@ -200,7 +200,7 @@ impl Remote {
                     .pop()
                     .context("one site")?;
                 site.initiate().with_context(|| fleet.log_tails(30))?;
-                Ok(Self::Swan(site))
+                Ok(Self::Swan(Box::new(site)))
             }
             "gateway" => {
                 let ns = fleet
