@@ -12,10 +12,11 @@
 //! Each phase runs iperf3 TCP from the site's LAN to the head-end LAN address on the owner
 //! pod's loopback, the reverse (`-R`), and `BENCH_PINGS` pings at 10 ms intervals; it prints
 //! the throughputs, the ratio forwarded/owner (the goal: at least 50%), RTT median
-//! and p99 and what forwarding adds, and the CPU seconds of each pod's gateway and of the
-//! site's charon. The checks are about the path, never about time: in (a) no frame crossed
-//! between the pods, in (b) the entry pod forwarded at least every ping and the owner sent
-//! its answers back through it, and every run moved data.
+//! and p99 and what forwarding adds, the CPU seconds of each pod's gateway and of the site's
+//! IPsec process (charon, or our gateway), and each pod's UDP receive-buffer overflows. The
+//! checks are about the path, never about time: in (a) no frame crossed between the pods,
+//! in (b) the entry pod forwarded at least every ping and the owner sent its answers back
+//! through it, and every run moved data.
 //!
 //! Runs by default at a small size (2 s per iperf3 run, one round, 50 pings), fit for CI.
 //! For numbers, as root and in release mode:
@@ -23,8 +24,10 @@
 //!   BENCH_SECONDS=10 BENCH_ROUNDS=3 BENCH_PINGS=200 cargo test --release \
 //!     -p concentrator-gateway --test bench_fleet_forwarding -- --nocapture
 //!
-//! `BENCH_GATEWAY_BIN` runs another `concentrator-gateway` binary. As non-root it prints
-//! SKIP and passes.
+//! `BENCH_SITE=gateway` makes the site our own gateway (a static eroute, role Initiator, to
+//! the front) instead of strongSwan, whose kernel-libipsec caps one tunnel near 80 Mbit/s on
+//! this machine and would hide the pods' own limits. `BENCH_GATEWAY_BIN` runs another
+//! `concentrator-gateway` binary. As non-root it prints SKIP and passes.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
