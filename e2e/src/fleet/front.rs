@@ -13,6 +13,10 @@
 //! * Endpoint removal ([`Front::remove_endpoint`]) as kube-proxy does it for UDP: the pod
 //!   leaves the Service chains, its affinity entries go, and its conntrack flows are deleted
 //!   (`conntrack -D`), so the sites' next packets pick another pod.
+//! * [`Front::pin_client`] moves one client's flows to one Service port onto a chosen pod
+//!   (its affinity entry, then its conntrack flows), to choose on purpose where a site
+//!   enters; [`Front::allow_direct_replies`] lets pods answer a client that addresses them
+//!   directly, bypassing the Service.
 //! * Nothing is masqueraded: a pod does not own the front address and cannot send with it
 //!   as source. What a pod sends to the WAN outside a DNAT'd flow (it would reach the site
 //!   from a pod IP the site never talked to) is dropped and counted
@@ -171,13 +175,70 @@ impl Front {
         self.nft(&script)
     }
 
+    /// Sends client `client`'s flows to Service port `port` to pod `pod` from their next
+    /// packet on, whatever affinity they had: the client's entry moves to `pod`'s affinity
+    /// set of that port (one atomic nft transaction), then its conntrack flows to the port
+    /// are deleted, so the next packet crosses the Service chain again and the affinity sends
+    /// it to `pod`. The order matters: a flow deleted before the affinity moved could be
+    /// re-created on the old pod by a packet in between. Only with [`Affinity::ClientIp`].
+    ///
+    /// This is what happens to a site when kube-proxy moves it (endpoint removal, affinity
+    /// expiry), done on purpose: a benchmark or test chooses which pod a site enters by.
+    pub fn pin_client(&self, client: IpAddr, port: u16, pod: usize) -> Result<()> {
+        ensure!(pod < self.pods.len(), "no pod {pod} behind the front");
+        ensure!(SERVICE_PORTS.contains(&port), "port {port} is not a Service port");
+        ensure!(
+            matches!(self.affinity, Affinity::ClientIp { .. }),
+            "pinning a client needs ClientIP affinity, not {:?}",
+            self.affinity
+        );
+        let mut script = String::new();
+        // nft has no "delete if present" before 1.0.8 (`destroy`): delete what is there.
+        for other in 0..self.pods.len() {
+            if other != pod && self.affinity_clients(port, other)?.contains(&client) {
+                let _ = writeln!(
+                    script,
+                    "delete element ip {TABLE} {} {{ {client} }}",
+                    set_name(port, other)
+                );
+            }
+        }
+        if !self.affinity_clients(port, pod)?.contains(&client) {
+            let _ = writeln!(
+                script,
+                "add element ip {TABLE} {} {{ {client} }}",
+                set_name(port, pod)
+            );
+        }
+        if !script.is_empty() {
+            self.nft(&script)?;
+        }
+        let (front, client, port) = (self.address.to_string(), client.to_string(), port.to_string());
+        self.delete_flows(&["-s", &client, "--orig-dst", &front, "--orig-port-dst", &port])
+    }
+
+    /// Lets the pods answer client `client` from their own addresses: replies in flows the
+    /// client opened to a pod address directly (routed through the front, not DNAT'd), which
+    /// the front otherwise drops as stray. What a pod sends to the client outside such a
+    /// flow is still dropped and counted. For tests that address the pods one by one,
+    /// bypassing the Service (the client needs a route to the pod network via the front).
+    pub fn allow_direct_replies(&self, client: IpAddr) -> Result<()> {
+        self.nft(&format!(
+            "insert rule ip {TABLE} pod_egress iifname \"{POD_IF}\" ip daddr {client} ct direction reply accept\n"
+        ))
+    }
+
     /// Deletes the conntrack flows DNAT'd to pod `pod` (`conntrack -D`).
     fn flush_conntrack(&self, pod: usize) -> Result<()> {
         let (front, target) = (self.address.to_string(), self.pods[pod].to_string());
-        let out = self.ns.output(
-            tools::CONNTRACK.path(),
-            &["-D", "-p", "udp", "--orig-dst", &front, "--dst-nat", &target],
-        )?;
+        self.delete_flows(&["--orig-dst", &front, "--dst-nat", &target])
+    }
+
+    /// `conntrack -D -p udp` with `filter`; no match is fine.
+    fn delete_flows(&self, filter: &[&str]) -> Result<()> {
+        let mut args = vec!["-D", "-p", "udp"];
+        args.extend_from_slice(filter);
+        let out = self.ns.output(tools::CONNTRACK.path(), &args)?;
         // conntrack exits 1 when nothing matched.
         let stderr = String::from_utf8_lossy(&out.stderr);
         if !out.status.success() && !stderr.contains("0 flow entries") {
