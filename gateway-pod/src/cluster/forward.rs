@@ -227,6 +227,7 @@ impl Links {
     pub fn lane(&self) -> std::io::Result<Link> {
         let socket = std::net::UdpSocket::bind(SocketAddr::new(self.source, 0))?;
         socket.set_nonblocking(true)?;
+        crate::dataplane::io::grow_buffers(&socket, crate::dataplane::io::SOCKET_BUFFER);
         Ok(Link {
             links: self.clone(),
             lane: self.lanes.fetch_add(1, Ordering::Relaxed),

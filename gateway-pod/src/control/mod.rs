@@ -219,6 +219,9 @@ pub async fn start(
             let socket = UdpSocket::bind(f.address)
                 .await
                 .map_err(|e| fleet_error(f.address, e))?;
+            // Frames arrive at the rate of every forwarded site's packets together: the
+            // kernel's default buffer overflows under one fast tunnel (measured).
+            crate::dataplane::io::grow_buffers(&socket, crate::dataplane::io::SOCKET_BUFFER);
             let (handle, plain) = (dataplane.clone(), dataplane.clone());
             let delivery = Delivery {
                 ike: ike_tx,

@@ -22,7 +22,7 @@ pub(crate) const RECV_BUF_LEN: usize = 65_536;
 /// Socket buffer sizes asked for: a GRO batch is up to 64 KiB, and a burst of a few
 /// multi-Gbit/s flows fills the kernel's default (about 200 KiB) in well under a
 /// millisecond, which then drops whole batches (`UdpRcvbufErrors`).
-const SOCKET_BUFFER: usize = 16 << 20;
+pub(crate) const SOCKET_BUFFER: usize = 16 << 20;
 
 /// The port-4500 socket with its offload state (or a raw ESP socket). Shared by the data
 /// plane's workers; the control plane keeps sending IKE messages on the same socket with
@@ -251,7 +251,7 @@ fn sendmmsg(fd: std::os::fd::RawFd, msgs: &[Outgoing<'_>], raw: bool) -> io::Res
 /// with CAP_NET_ADMIN (which the TUN device needs anyway), otherwise as much as the limit
 /// allows. Too small a buffer costs throughput (drops under bursts), not correctness, so a
 /// refusal is no error.
-pub(crate) fn grow_buffers(sock: &UdpSocket, bytes: usize) {
+pub(crate) fn grow_buffers(sock: &impl AsRawFd, bytes: usize) {
     for (force, plain) in [
         (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
         (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
@@ -283,7 +283,7 @@ pub(crate) fn bind_udp_std(addr: SocketAddr) -> io::Result<std::net::UdpSocket> 
     Ok(sock.into())
 }
 
-fn set_int_option(sock: &UdpSocket, level: libc::c_int, name: libc::c_int, value: usize) -> io::Result<()> {
+fn set_int_option(sock: &impl AsRawFd, level: libc::c_int, name: libc::c_int, value: usize) -> io::Result<()> {
     set_fd_option(sock.as_raw_fd(), level, name, value)
 }
 
