@@ -283,7 +283,12 @@ pub(crate) fn bind_udp_std(addr: SocketAddr) -> io::Result<std::net::UdpSocket> 
     Ok(sock.into())
 }
 
-fn set_int_option(sock: &impl AsRawFd, level: libc::c_int, name: libc::c_int, value: usize) -> io::Result<()> {
+fn set_int_option(
+    sock: &impl AsRawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: usize,
+) -> io::Result<()> {
     set_fd_option(sock.as_raw_fd(), level, name, value)
 }
 
