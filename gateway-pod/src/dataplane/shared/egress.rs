@@ -476,13 +476,13 @@ pub(super) struct HeldPackets {
 /// Packets held per destination and destinations held at once.
 pub(super) const HELD_PER_DST: usize = 4;
 pub(super) const HELD_DSTS: usize = 256;
-/// How long packets wait for an SA. After that a new packet asks again: the control plane's
-/// attempt may have failed (site lookup refused, peer unreachable) and traffic that is still
-/// flowing deserves another one.
 /// How long packets toward a site go to the member that holds its tunnel before the next
 /// one asks again (through an acquire: the site may have moved or gone meanwhile).
 const ELSEWHERE_FOR: Duration = Duration::from_secs(30);
 
+/// How long packets wait for an SA. After that a new packet asks again: the control plane's
+/// attempt may have failed (site lookup refused, peer unreachable) and traffic that is still
+/// flowing deserves another one.
 pub(super) const HELD_FOR: Duration = Duration::from_secs(3);
 
 impl HeldPackets {
