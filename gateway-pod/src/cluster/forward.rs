@@ -26,7 +26,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
 use super::view::{Route, SharedView};
-use crate::dataplane::shared::IkeDatagram;
+use crate::dataplane::shared::{ForwardedEsp, IkeDatagram};
 
 const NOBODY: u16 = u16::MAX;
 /// The largest frame: a 64 KiB datagram and the frame's overhead.
@@ -333,7 +333,7 @@ pub struct Delivery {
     pub ike: mpsc::Sender<IkeDatagram>,
     /// ESP packets, to the data plane: (SPI, the site's address, the member it came
     /// through, the UDP payload).
-    pub esp: Box<dyn Fn(u32, SocketAddr, MemberId, Vec<u8>) + Send + Sync>,
+    pub esp: Box<dyn Fn(EspBatch) + Send + Sync>,
     /// Head-end packets toward a site whose tunnel we hold, to the data plane.
     pub plain: Box<dyn Fn(Vec<u8>) + Send + Sync>,
     /// The sockets a site writes to: answers go out from the one it wrote to.
@@ -343,14 +343,40 @@ pub struct Delivery {
     pub nat_t_port: u16,
 }
 
+/// ESP packets for the data plane, each with its SPI.
+pub type EspBatch = Vec<(u32, ForwardedEsp)>;
+
+/// Frames handled per wake-up of the fleet socket before the ESP among them is handed to
+/// the data plane: one hand-off (and one TUN write) per batch rather than per packet.
+const FRAME_BATCH: usize = 64;
+
 /// Receives frames on `socket` until it fails.
 pub async fn serve(socket: UdpSocket, links: Links, delivery: Delivery) {
     let metrics = links.metrics.clone();
     let view = links.view.clone();
     let mut opener: Option<(MemberId, Opener)> = None;
     let mut buf = vec![0u8; MAX_FRAME];
+    let mut esp = Vec::with_capacity(FRAME_BATCH);
+    let mut handled = 0;
     loop {
-        let (n, from) = match socket.recv_from(&mut buf).await {
+        // What has already arrived joins the batch; once the socket is empty (or the batch
+        // full), the batch goes and this task waits again.
+        if handled >= FRAME_BATCH && !esp.is_empty() {
+            (delivery.esp)(std::mem::replace(&mut esp, Vec::with_capacity(FRAME_BATCH)));
+            handled = 0;
+        }
+        let received = match socket.try_recv_from(&mut buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if !esp.is_empty() {
+                    (delivery.esp)(std::mem::replace(&mut esp, Vec::with_capacity(FRAME_BATCH)));
+                }
+                handled = 0;
+                socket.recv_from(&mut buf).await
+            }
+            r => r,
+        };
+        handled += 1;
+        let (n, from) = match received {
             Ok(r) => r,
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => continue,
             Err(e) => {
@@ -377,7 +403,7 @@ pub async fn serve(socket: UdpSocket, links: Links, delivery: Delivery) {
         metrics.count(frame.kind, "received", frame.payload.len());
         match frame.kind {
             Kind::Egress => send_out(&delivery, &frame).await,
-            Kind::Ingress => deliver(&view, &delivery, &frame, &metrics),
+            Kind::Ingress => deliver(&view, &delivery, &frame, &metrics, &mut esp),
             Kind::Plain => (delivery.plain)(frame.payload.to_vec()),
         }
     }
@@ -406,7 +432,7 @@ async fn send_out(d: &Delivery, f: &Frame<'_>) {
 }
 
 /// A site's packet another pod received for us: handled here or dropped, never forwarded.
-fn deliver(view: &super::View, d: &Delivery, f: &Frame<'_>, metrics: &ForwardMetrics) {
+fn deliver(view: &super::View, d: &Delivery, f: &Frame<'_>, metrics: &ForwardMetrics, esp: &mut EspBatch) {
     // The sender found the owner with its view of the map: one older than ours names an
     // owner that may have changed since.
     let current = |shard: Shard| {
@@ -426,7 +452,7 @@ fn deliver(view: &super::View, d: &Delivery, f: &Frame<'_>, metrics: &ForwardMet
                 if view.route(shard) != Route::Local {
                     metrics.drop("not_owner");
                 } else if current(shard) {
-                    (d.esp)(spi, f.remote, f.sender, packet.to_vec());
+                    esp.push((spi, (f.remote, f.sender, packet.to_vec())));
                 }
                 return;
             }

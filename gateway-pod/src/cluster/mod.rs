@@ -36,7 +36,7 @@ use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
 pub use claims::{Claimed, Claims, SiteKey};
-pub use forward::{Delivery, ForwardMetrics, IkeRoute, Link, Links, Via, route_ike, serve};
+pub use forward::{Delivery, EspBatch, ForwardMetrics, IkeRoute, Link, Links, Via, route_ike, serve};
 pub use spis::GatewayEntropy;
 pub use view::{Route, SharedView, View};
 

@@ -225,7 +225,7 @@ pub async fn start(
             let (handle, plain) = (dataplane.clone(), dataplane.clone());
             let delivery = Delivery {
                 ike: ike_tx,
-                esp: Box::new(move |spi, remote, via, datagram| handle.forwarded(spi, remote, via, datagram)),
+                esp: Box::new(move |batch| handle.forwarded(batch)),
                 plain: Box::new(move |packet| plain.plain(packet)),
                 udp500: udp500.clone(),
                 udp4500: udp4500.clone(),

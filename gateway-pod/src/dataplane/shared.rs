@@ -128,15 +128,17 @@ enum EgressCommand {
     Plain(Vec<u8>),
 }
 
+/// An ESP packet another member forwarded: the site's address, the member it entered
+/// through, the UDP payload.
+pub type ForwardedEsp = (SocketAddr, MemberId, Vec<u8>);
+
 enum IngressCommand {
     Install(Arc<SharedInbound>),
     Remove(u32),
-    /// An ESP packet of ours that another member of the fleet received from the site.
-    Forwarded {
-        remote: SocketAddr,
-        via: MemberId,
-        datagram: Vec<u8>,
-    },
+    /// ESP packets of ours that other members of the fleet received from the sites, as
+    /// (the site's address, the member it came through, the UDP payload): a batch per
+    /// wake-up of the fleet socket, opened and written to the TUN device together.
+    Forwarded(Vec<ForwardedEsp>),
 }
 
 /// The control plane's side of the data plane: every change goes to every worker.
@@ -181,16 +183,19 @@ impl DataplaneHandle {
         }
     }
 
-    /// Opens an ESP packet of SA `spi` that member `via` received from the site at `remote`
-    /// and forwarded here (one worker per SA, so that its packets stay in order).
-    pub fn forwarded(&self, spi: u32, remote: SocketAddr, via: MemberId, datagram: Vec<u8>) {
+    /// Opens ESP packets that other members received from the sites and forwarded here,
+    /// each `(spi, packet)`: one hand-off per worker for the whole batch, each SA's packets
+    /// to one worker (so that they stay in order).
+    pub fn forwarded(&self, batch: Vec<(u32, ForwardedEsp)>) {
         let n = self.ingress.len().max(1);
-        if let Some(tx) = self.ingress.get(spi as usize % n) {
-            let _ = tx.send(IngressCommand::Forwarded {
-                remote,
-                via,
-                datagram,
-            });
+        let mut per_worker: Vec<Vec<ForwardedEsp>> = (0..n).map(|_| Vec::new()).collect();
+        for (spi, packet) in batch {
+            per_worker[spi as usize % n].push(packet);
+        }
+        for (tx, packets) in self.ingress.iter().zip(per_worker) {
+            if !packets.is_empty() {
+                let _ = tx.send(IngressCommand::Forwarded(packets));
+            }
         }
     }
 

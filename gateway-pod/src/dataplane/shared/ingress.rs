@@ -46,15 +46,23 @@ pub(super) async fn ingress(
                     match cmd {
                         Some(IngressCommand::Install(sa)) => table.install(sa),
                         Some(IngressCommand::Remove(spi)) => table.remove(spi),
-                        Some(IngressCommand::Forwarded { remote, via, datagram }) => {
-                            let opened = open_into(&table, &datagram, Some(via), Instant::now(), &mut tun_bufs[0], &events, &counters);
-                            if opened == Opened::Last {
-                                table.remove(spi_of(&datagram));
+                        Some(IngressCommand::Forwarded(batch)) => {
+                            let now = Instant::now();
+                            let mut ready = 0;
+                            for (remote, via, datagram) in &batch {
+                                if ready == tun_bufs.len() {
+                                    write_tun(&dev, &tun_name, &mut gro, &mut tun_bufs[..ready], &counters).await;
+                                    ready = 0;
+                                }
+                                match open_into(&table, datagram, Some(*via), now, &mut tun_bufs[ready], &events, &counters) {
+                                    Opened::Dropped => continue,
+                                    Opened::Last => table.remove(spi_of(datagram)),
+                                    Opened::Ready => {}
+                                }
+                                tracing::trace!(%remote, %via, "forwarded ESP opened");
+                                ready += 1;
                             }
-                            if opened != Opened::Dropped {
-                                write_tun(&dev, &tun_name, &mut gro, &mut tun_bufs[..1], &counters).await;
-                            }
-                            tracing::trace!(%remote, %via, "forwarded ESP opened");
+                            write_tun(&dev, &tun_name, &mut gro, &mut tun_bufs[..ready], &counters).await;
                         }
                         None => return Ok(()),
                     }
