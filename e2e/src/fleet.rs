@@ -236,6 +236,12 @@ impl Pod {
     pub fn tunnels(&self, bin: &Path) -> Result<String> {
         self.ns.run(bin, &["tunnels"])
     }
+
+    /// `concentrator-gateway tunnels --fleet` in the pod: every member's tunnels, each
+    /// line ending with the member that holds it.
+    pub fn fleet_tunnels(&self, bin: &Path) -> Result<String> {
+        self.ns.run(bin, &["tunnels", "--fleet"])
+    }
 }
 
 /// The whole fleet. Fields drop in order: gateways first, the networks last.
@@ -388,6 +394,9 @@ impl Fleet {
             path(&self.key_file)?,
             "--fleet-lease-ttl".to_owned(),
             format!("{}ms", o.lease_ttl.as_millis()),
+            // On every address, as in a pod: the members ask each other for their tunnels.
+            "--admin-listen".to_owned(),
+            "0.0.0.0:50051".to_owned(),
         ];
         args.extend(o.gateway_args.iter().cloned());
         let mut cmd: Command = pod.ns.command(&o.gateway_bin);

@@ -191,6 +191,22 @@ fn sites_through_front(affinity: Affinity) -> Result<()> {
     wait_claims_match(&fleet, &started, TIMEOUT)?;
     fleet.check_running()?;
 
+    // Any member lists the whole fleet's tunnels, each with the member that holds it.
+    let listing = fleet.pod(PODS - 1).fleet_tunnels(&fleet.options().gateway_bin)?;
+    for (s, &own) in started.iter().zip(&owners) {
+        let rows: Vec<&str> = listing
+            .lines()
+            .filter(|l| l.split_whitespace().next() == Some(s.peer_id().as_str()))
+            .collect();
+        ensure!(
+            rows.len() == 1 && rows[0].split_whitespace().last() == Some(fleet.pod(own).name().as_str()),
+            "tunnels --fleet on {} should list site {} once, held by {}:\n{listing}",
+            fleet.pod(PODS - 1).name(),
+            s.n(),
+            fleet.pod(own).name()
+        );
+    }
+
     let forwarded = fleet.metric_sum(FORWARDED)?;
     let stray = fleet.front().stray_packets()?;
     let mut per_pod = BTreeMap::new();
