@@ -140,9 +140,10 @@ fn cpu_seconds(ns: &Netns, comm: &str, ticks: f64) -> f64 {
         .sum()
 }
 
-/// The kernel's UDP receive-buffer overflows (`Udp: RcvbufErrors`) and failed reassemblies
-/// (`Ip: ReasmFails`) in `ns`: where frames between pods are lost when they are.
-fn udp_losses(ns: &Netns) -> [f64; 2] {
+/// The kernel's UDP receive-buffer overflows (`Udp: RcvbufErrors`), failed reassemblies
+/// (`Ip: ReasmFails`) and fragments made (`Ip: FragCreates`) in `ns`: where frames between
+/// pods are lost when they are, and whether they had to be cut to cross the pod network.
+fn udp_losses(ns: &Netns) -> [f64; 3] {
     let snmp = ns.run("cat", &["/proc/net/snmp"]).unwrap_or_default();
     let value = |proto: &str, name: &str| -> f64 {
         let mut lines = snmp.lines().filter(|l| l.starts_with(proto));
@@ -155,14 +156,18 @@ fn udp_losses(ns: &Netns) -> [f64; 2] {
             .and_then(|(_, v)| v.parse().ok())
             .unwrap_or(0.0)
     };
-    [value("Udp:", "RcvbufErrors"), value("Ip:", "ReasmFails")]
+    [
+        value("Udp:", "RcvbufErrors"),
+        value("Ip:", "ReasmFails"),
+        value("Ip:", "FragCreates"),
+    ]
 }
 
 /// What the pods and the site have done so far: frames and CPU seconds per pod, the
 /// CPU seconds of the site's IPsec process.
 struct Snapshot {
     frames: Vec<Frames>,
-    losses: Vec<[f64; 2]>,
+    losses: Vec<[f64; 3]>,
     cpu: Vec<f64>,
     charon: f64,
 }
@@ -338,7 +343,7 @@ struct Phase {
     /// Frames counted during the phase, per pod.
     frames: Vec<Frames>,
     /// UDP receive-buffer overflows and failed reassemblies during the phase, per pod.
-    losses: Vec<[f64; 2]>,
+    losses: Vec<[f64; 3]>,
     cpu: Vec<f64>,
     charon: f64,
 }
@@ -410,7 +415,7 @@ fn measure(
             .losses
             .iter()
             .zip(&after.losses)
-            .map(|(b, a)| [a[0] - b[0], a[1] - b[1]])
+            .map(|(b, a)| [a[0] - b[0], a[1] - b[1], a[2] - b[2]])
             .collect(),
         charon: after.charon - before.charon,
     })
@@ -541,11 +546,11 @@ fn report(phases: &[Phase], owner: usize, size: &Size, site: &str) {
         let losses: Vec<String> = (0..PODS)
             .map(|i| {
                 let l = |k: usize| of(e).map(|p| p.losses[i][k]).sum::<f64>();
-                format!("gw-{i} {}/{}", l(0), l(1))
+                format!("gw-{i} {}/{}/{}", l(0), l(1), l(2))
             })
             .collect();
         println!(
-            "  {e:?} phases: UDP receive-buffer overflows/failed reassemblies {}",
+            "  {e:?} phases: UDP receive-buffer overflows/failed reassemblies/fragments made {}",
             losses.join(", ")
         );
         println!(
