@@ -26,7 +26,9 @@
 //!
 //! `BENCH_SITE=gateway` makes the site our own gateway (a static eroute, role Initiator, to
 //! the front) instead of strongSwan, whose kernel-libipsec caps one tunnel near 80 Mbit/s on
-//! this machine and would hide the pods' own limits. `BENCH_GATEWAY_BIN` runs another
+//! this machine and would hide the pods' own limits. `BENCH_POD_MTU=N` sets the pod
+//! network's MTU (the pods' and the bridge's interfaces) to N: at 1500 a full-size forwarded
+//! packet does not fit one frame and is fragmented. `BENCH_GATEWAY_BIN` runs another
 //! `concentrator-gateway` binary. As non-root it prints SKIP and passes.
 
 use std::collections::BTreeMap;
@@ -138,6 +140,28 @@ fn cpu_seconds(ns: &Netns, comm: &str, ticks: f64) -> f64 {
             (field(11) + field(12)) / ticks
         })
         .sum()
+}
+
+/// Sets the MTU of the pod network: every interface of its bridge namespace (the bridge and
+/// its ports) and each pod's `eth0`.
+fn set_pod_mtu(fleet: &Fleet, mtu: &str) -> Result<()> {
+    let bridge = fleet.pod_net().namespace();
+    let links = bridge.ip(&["-o", "link", "show"])?;
+    // Ports first: a bridge's MTU cannot exceed its ports'.
+    let mut names: Vec<&str> = links
+        .lines()
+        .filter_map(|l| l.split(':').nth(1))
+        .map(|n| n.trim().split('@').next().unwrap_or_default())
+        .filter(|n| *n != "lo")
+        .collect();
+    names.sort_by_key(|n| *n == "br0");
+    for n in names {
+        bridge.ip(&["link", "set", "dev", n, "mtu", mtu])?;
+    }
+    for pod in fleet.pods() {
+        pod.ns().ip(&["link", "set", "dev", "eth0", "mtu", mtu])?;
+    }
+    Ok(())
 }
 
 /// The kernel's UDP receive-buffer overflows (`Udp: RcvbufErrors`), failed reassemblies
@@ -582,6 +606,9 @@ fn forwarded_esp_vs_esp_at_the_owner() -> Result<()> {
     let ticks = clock_ticks();
     let psks = common::fleet::psks(1);
     let (config, fleet) = common::fleet::start(PODS, Affinity::client_ip(), &psks)?;
+    if let Ok(mtu) = std::env::var("BENCH_POD_MTU") {
+        set_pod_mtu(&fleet, &mtu)?;
+    }
     let site = Remote::start(&fleet, &psks[0].1, config.path())?;
     site.ns()
         .wait_reachable(Some(site.host()), addr(GW_HOST), TIMEOUT)
