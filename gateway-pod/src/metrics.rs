@@ -77,6 +77,9 @@ pub struct Metrics {
     /// IKE SAs between IKE_SA_INIT and the end of IKE_AUTH.
     pub ike_sas_half_open: Gauge,
     pub ike_sas_established: Gauge,
+    /// NAT keepalives sent (RFC 3948 §4), directly or through the member a site's flow
+    /// enters.
+    pub nat_keepalives: Counter,
     /// Negotiations that failed or peers refused, by reason.
     pub ike_failures: Family<ReasonLabel, Counter>,
     /// IKE messages dropped without an answer, by reason.
@@ -105,6 +108,11 @@ impl Metrics {
         r.register("egroups", "Egroups loaded", self.egroups.clone());
         r.register("sites", "Sites in the embedded site store", self.sites.clone());
         r.register("tunnels", "Tunnels this pod terminates", self.tunnels.clone());
+        r.register(
+            "nat_keepalives",
+            "NAT keepalives sent to sites behind a NAT or across ours",
+            self.nat_keepalives.clone(),
+        );
         r.register(
             "drain_state",
             "0 active, 1 draining, 2 drained",

@@ -35,6 +35,8 @@ const OUTAGE: Duration = Duration::from_secs(20);
 /// Ping loss an established tunnel may show across the outage (a busy two-core machine).
 const MAX_LOSS: f64 = 0.05;
 
+/// NAT keepalives start after 20 s of silence toward a site.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
 const FORWARDED: &str = "fleet_forwarded_packets_total";
 const FLEET_UNAVAILABLE: &str = "ike_failures_total{reason=\"fleet_unavailable\"}";
 
@@ -137,7 +139,9 @@ fn samples(fleet: &Fleet, name: &str) -> String {
         .join("\n")
 }
 
-fn sites_through_front(affinity: Affinity) -> Result<()> {
+/// `keepalives`: also wait for every owner's NAT keepalives (20 s of silence) and check they
+/// left through the front.
+fn sites_through_front(affinity: Affinity, keepalives: bool) -> Result<()> {
     let t0 = Instant::now();
     let n = site_count();
     let psks = common::fleet::psks(n);
@@ -239,6 +243,19 @@ fn sites_through_front(affinity: Affinity) -> Result<()> {
          pod address, which no site talks to)\n{}",
         fleet.front().ruleset()
     );
+    if keepalives {
+        // The front is a NAT to the pods: owners keep its mappings with NAT keepalives after
+        // 20 s of silence, and those must leave through the pod each site's flow entered.
+        let sent = fleet
+            .wait_metric_sum("nat_keepalives_total", KEEPALIVE_TIMEOUT, |v| v >= n as f64)
+            .with_context(|| fleet.log_tails(20))?;
+        let stray = fleet.front().stray_packets()?;
+        ensure!(
+            stray == 0,
+            "after {sent} NAT keepalives, pods sent {stray} packets toward the WAN outside a \
+             flow through the front"
+        );
+    }
     Ok(())
 }
 
@@ -247,7 +264,7 @@ fn sites_connect_through_a_front_with_per_port_client_ip_affinity() -> Result<()
     if skip() {
         return Ok(());
     }
-    sites_through_front(Affinity::client_ip())
+    sites_through_front(Affinity::client_ip(), true)
 }
 
 #[test]
@@ -255,7 +272,7 @@ fn sites_connect_through_a_front_without_affinity() -> Result<()> {
     if skip() {
         return Ok(());
     }
-    sites_through_front(Affinity::None)
+    sites_through_front(Affinity::None, false)
 }
 
 /// Keeps trying site `s` (each attempt up to 3 s) until `ike_failures_total{reason=

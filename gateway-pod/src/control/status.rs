@@ -76,6 +76,7 @@ impl Driver {
             .unwrap_or(now);
         if rec.nat && rec.established_at.is_some() && keepalive_due(last_sent, now) {
             rec.last_keepalive = now;
+            self.gateway.metrics.nat_keepalives.inc();
             // Behind a Service, only the member the site's flow enters through can reach it.
             if self.keepalive_via(remote) {
                 return;
