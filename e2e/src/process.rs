@@ -204,6 +204,28 @@ impl Drop for Daemon {
     }
 }
 
+/// Clock ticks per second of `/proc` CPU times (`getconf CLK_TCK`; 100 if it cannot say).
+pub fn clock_ticks() -> f64 {
+    run(Command::new("getconf").arg("CLK_TCK"), COMMAND_TIMEOUT)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// CPU seconds (user + system, all threads) of process `pid` so far, with `ticks` from
+/// [`clock_ticks`]; 0 for a process that is gone.
+pub fn cpu_seconds(pid: u32, ticks: f64) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The name in parentheses may hold spaces: count fields after its ')'.
+    let rest: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r.split_whitespace().collect())
+        .unwrap_or_default();
+    // utime and stime are fields 14 and 15 of the line; `rest` starts at field 3.
+    let field = |i: usize| rest.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (field(11) + field(12)) / ticks
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

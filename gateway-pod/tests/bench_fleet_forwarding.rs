@@ -113,32 +113,12 @@ fn delta(before: &Frames, after: &Frames) -> Frames {
         .collect()
 }
 
-fn clock_ticks() -> f64 {
-    process::run(
-        std::process::Command::new("getconf").arg("CLK_TCK"),
-        process::COMMAND_TIMEOUT,
-    )
-    .ok()
-    .and_then(|s| s.trim().parse().ok())
-    .unwrap_or(100.0)
-}
-
 /// CPU seconds (user + system) of the processes in `ns` whose name starts with `comm`.
 fn cpu_seconds(ns: &Netns, comm: &str, ticks: f64) -> f64 {
     ns.pids()
         .into_iter()
         .filter(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.starts_with(comm)))
-        .map(|p| {
-            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
-            // The name in parentheses may hold spaces: count fields after its ')'.
-            let rest: Vec<&str> = stat
-                .rsplit_once(')')
-                .map(|(_, r)| r.split_whitespace().collect())
-                .unwrap_or_default();
-            // utime and stime are fields 14 and 15 of the line; `rest` starts at field 3.
-            let field = |i: usize| rest.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-            (field(11) + field(12)) / ticks
-        })
+        .map(|p| process::cpu_seconds(p, ticks))
         .sum()
 }
 
@@ -512,22 +492,19 @@ fn report(phases: &[Phase], owner: usize, size: &Size, site: &str) {
         size.secs,
         size.rounds
     );
-    println!(
-        "  site -> owner:  ESP enters at the owner {:>7.0}  [{}]   at the other pod {:>7.0}  [{}]   forwarded/owner {:>5.1}%",
-        mbit(a_up),
-        rounds(Entry::Owner, |p| p.up),
-        mbit(b_up),
-        rounds(Entry::Other, |p| p.up),
-        100.0 * b_up / a_up
-    );
-    println!(
-        "  owner -> site:  ESP enters at the owner {:>7.0}  [{}]   at the other pod {:>7.0}  [{}]   forwarded/owner {:>5.1}%",
-        mbit(a_dn),
-        rounds(Entry::Owner, |p| p.down),
-        mbit(b_dn),
-        rounds(Entry::Other, |p| p.down),
-        100.0 * b_dn / a_dn
-    );
+    for (label, owner, other, rate) in [
+        ("site -> owner", a_up, b_up, (|p| p.up) as fn(&Phase) -> f64),
+        ("owner -> site", a_dn, b_dn, |p| p.down),
+    ] {
+        println!(
+            "  {label}:  ESP enters at the owner {:>7.0}  [{}]   at the other pod {:>7.0}  [{}]   forwarded/owner {:>5.1}%",
+            mbit(owner),
+            rounds(Entry::Owner, rate),
+            mbit(other),
+            rounds(Entry::Other, rate),
+            100.0 * other / owner
+        );
+    }
     for (name, e, v) in [
         ("owner", Entry::Owner, &a_rtt),
         ("forwarded", Entry::Other, &b_rtt),
@@ -603,7 +580,7 @@ fn forwarded_esp_vs_esp_at_the_owner() -> Result<()> {
         return Ok(());
     }
     let size = Size::from_env();
-    let ticks = clock_ticks();
+    let ticks = process::clock_ticks();
     let psks = common::fleet::psks(1);
     let (config, fleet) = common::fleet::start(PODS, Affinity::client_ip(), &psks)?;
     if let Ok(mtu) = std::env::var("BENCH_POD_MTU") {

@@ -139,19 +139,6 @@ fn port(i: usize) -> u16 {
     5201 + u16::try_from(i).unwrap_or(0)
 }
 
-/// CPU seconds (user + system, all threads) of process `pid` so far.
-fn cpu_seconds(pid: u32, ticks: f64) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name, which may contain spaces, closed by the last ')'.
-    let rest: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r.split_whitespace().collect())
-        .unwrap_or_default();
-    // utime and stime are fields 14 and 15 of the line; `rest` starts at field 3.
-    let field = |i: usize| rest.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (field(11) + field(12)) / ticks
-}
-
 /// Busy and total jiffies of all CPUs (/proc/stat).
 fn machine_jiffies() -> (f64, f64) {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
@@ -167,16 +154,6 @@ fn machine_jiffies() -> (f64, f64) {
     // idle + iowait
     let idle = v.get(3).copied().unwrap_or(0.0) + v.get(4).copied().unwrap_or(0.0);
     (total - idle, total)
-}
-
-fn clock_ticks() -> f64 {
-    process::run(
-        std::process::Command::new("getconf").arg("CLK_TCK"),
-        process::COMMAND_TIMEOUT,
-    )
-    .ok()
-    .and_then(|s| s.trim().parse().ok())
-    .unwrap_or(100.0)
 }
 
 /// One iperf3 client run: from `ns` (bound to `from`) to the server for flow `site` at `to`.
@@ -368,9 +345,9 @@ fn run_flows(
     sites: &[u32],
     perf: Option<&str>,
 ) -> Result<Measured> {
-    let ticks = clock_ticks();
-    let head_before = head.map_or(0.0, |p| cpu_seconds(p, ticks));
-    let sites_before: f64 = sites.iter().map(|p| cpu_seconds(*p, ticks)).sum();
+    let ticks = process::clock_ticks();
+    let head_before = head.map_or(0.0, |p| process::cpu_seconds(p, ticks));
+    let sites_before: f64 = sites.iter().map(|p| process::cpu_seconds(*p, ticks)).sum();
     let machine_before = machine_jiffies();
     let start = Instant::now();
     let done = std::sync::atomic::AtomicBool::new(false);
@@ -419,8 +396,8 @@ fn run_flows(
         wall_bps: bytes as f64 * 8.0 / traffic.span.unwrap_or(wall).as_secs_f64().max(1e-9),
         traffic,
         wall,
-        head_cpu: head.map_or(0.0, |p| cpu_seconds(p, ticks) - head_before),
-        sites_cpu: sites.iter().map(|p| cpu_seconds(*p, ticks)).sum::<f64>() - sites_before,
+        head_cpu: head.map_or(0.0, |p| process::cpu_seconds(p, ticks) - head_before),
+        sites_cpu: sites.iter().map(|p| process::cpu_seconds(*p, ticks)).sum::<f64>() - sites_before,
         busy: (machine_after.0 - machine_before.0) / (machine_after.1 - machine_before.1).max(1.0),
         load: samples.iter().map(|s| s.0).sum::<f64>() / n,
         runnable: samples.iter().map(|s| s.1).sum::<f64>() / n,
@@ -528,7 +505,11 @@ fn tcp_blast() -> Result<()> {
     for r in &reports {
         writeln!(out, "{}", r.line())?;
     }
-    writeln!(out, "CPU {:.3}", cpu_seconds(std::process::id(), clock_ticks()))?;
+    writeln!(
+        out,
+        "CPU {:.3}",
+        process::cpu_seconds(std::process::id(), process::clock_ticks())
+    )?;
     Ok(())
 }
 

@@ -22,7 +22,7 @@ use anyhow::{Context, Result, bail, ensure};
 use concentrator_e2e::fleet::sites::{self, Site};
 use concentrator_e2e::fleet::{self, Affinity, Fleet, FleetOptions, Pod};
 use concentrator_e2e::netns::{self, net};
-use concentrator_e2e::topology::{GW_ID, GW_LAN, site_lan, site_wan};
+use concentrator_e2e::topology::{site_lan, site_wan};
 use concentrator_e2e::wait::{self, Probe};
 use concentrator_e2e::{etcd, prereq, process, scratch, strongswan};
 
@@ -43,25 +43,6 @@ const CLAIMS: &str = "fleet_claims_total";
 
 fn skip() -> bool {
     prereq::require(&[netns::TOOLS, strongswan::TOOLS, etcd::TOOLS, fleet::TOOLS]).is_skip()
-}
-
-/// The base eroute may initiate (`role: Both`): with the rows' peer addresses, traffic from
-/// the head-end toward a site without a tunnel starts IKE to it.
-fn write_config(dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir)?;
-    std::fs::write(
-        dir.join(format!("{EGROUP}.yaml")),
-        format!(
-            "apiVersion: vpn.concentrator.io/v1alpha1\nkind: Eroute\nmetadata:\n  name: {EGROUP}\n\
-             spec:\n  localSubnet: {GW_LAN}\n  remoteSubnet: 10.1.0.0/16\n\
-             \x20 peerId: \"*.{}\"\n  localId: {GW_ID}\n  role: Both\n\
-             ---\napiVersion: vpn.concentrator.io/v1alpha1\nkind: Egroup\nmetadata:\n  name: {EGROUP}\n\
-             spec:\n  eroute: {EGROUP}\n  remoteSubnetPrefix: 24\n  maxDynamicEroutes: 100\n\
-             \x20 database:\n    timeout: 2s\n",
-            sites::SITE_DOMAIN
-        ),
-    )?;
-    Ok(())
 }
 
 /// The sites' rows with their WAN addresses (where a pod initiates to), imported into the
@@ -90,7 +71,9 @@ fn import_sites(data_dir: &Path, psks: &[(usize, String)]) -> Result<()> {
 fn start() -> Result<(tempfile::TempDir, Fleet, Vec<Site>)> {
     let dir = scratch::dir("fleet-init-config")?;
     let config = dir.path().join("config");
-    write_config(&config)?;
+    // The base eroute may initiate: with the rows' peer addresses, traffic from the
+    // head-end toward a site without a tunnel starts IKE to it.
+    common::fleet::write_egroup_config_as(&config, "Both")?;
     let psks = common::fleet::psks(SITES);
     let options = FleetOptions::new(PODS, Affinity::client_ip(), common::gateway_bin(), &config).initiating();
     let mut fleet = Fleet::new(options)?;

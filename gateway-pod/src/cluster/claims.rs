@@ -117,6 +117,11 @@ impl Claims {
         }
     }
 
+    /// The session to claim `site` in, and the site's key in etcd.
+    fn session_for(&self, site: &SiteKey) -> Result<(SessionLease, String), FleetError> {
+        Ok((self.session()?, format!("{}{}", self.keys.sites, site.0)))
+    }
+
     /// Claims `site` for this pod.
     pub async fn claim(&self, site: &SiteKey) -> Result<Claimed, FleetError> {
         let started = Instant::now();
@@ -143,12 +148,14 @@ impl Claims {
     }
 
     async fn try_claim(&self, site: &SiteKey) -> Result<Claimed, FleetError> {
-        let SessionLease {
-            mut client,
-            me,
-            lease,
-        } = self.session()?;
-        let key = format!("{}{}", self.keys.sites, site.0);
+        let (
+            SessionLease {
+                mut client,
+                me,
+                lease,
+            },
+            key,
+        ) = self.session_for(site)?;
         let put_if = |compare: Compare| claim_if(&key, me, lease, compare);
         // Twice at most: a claim released between our compare and our read is tried again.
         for _ in 0..2 {
@@ -195,12 +202,14 @@ impl Claims {
     /// authenticated here (a site that restarted and came back through another member), so
     /// the newest IKE SA holds it. Nothing changes if `from` no longer holds it.
     pub async fn take_over(&self, site: &SiteKey, from: MemberId) -> Result<bool, FleetError> {
-        let SessionLease {
-            mut client,
-            me,
-            lease,
-        } = self.session()?;
-        let key = format!("{}{}", self.keys.sites, site.0);
+        let (
+            SessionLease {
+                mut client,
+                me,
+                lease,
+            },
+            key,
+        ) = self.session_for(site)?;
         let txn = claim_if(
             &key,
             me,

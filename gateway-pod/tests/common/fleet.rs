@@ -22,13 +22,20 @@ pub(crate) fn psks(n: usize) -> Vec<(usize, String)> {
 /// Writes the base eroute (responder: the pods never initiate, so nothing leaves a pod
 /// outside a flow a site opened) and the egroup into `dir`.
 pub(crate) fn write_egroup_config(dir: &Path) -> Result<()> {
+    write_egroup_config_as(dir, "Responder")
+}
+
+/// [`write_egroup_config`] with the base eroute's `role` (`Both`: the pods may initiate
+/// toward the sites whose rows carry a peer address).
+#[allow(dead_code)] // Not every test binary that includes this module initiates.
+pub(crate) fn write_egroup_config_as(dir: &Path, role: &str) -> Result<()> {
     std::fs::create_dir_all(dir)?;
     std::fs::write(
         dir.join(format!("{EGROUP}.yaml")),
         format!(
             "apiVersion: vpn.concentrator.io/v1alpha1\nkind: Eroute\nmetadata:\n  name: {EGROUP}\n\
              spec:\n  localSubnet: {GW_LAN}\n  remoteSubnet: 10.1.0.0/16\n\
-             \x20 peerId: \"*.{SITE_DOMAIN}\"\n  localId: {GW_ID}\n  role: Responder\n\
+             \x20 peerId: \"*.{SITE_DOMAIN}\"\n  localId: {GW_ID}\n  role: {role}\n\
              ---\napiVersion: vpn.concentrator.io/v1alpha1\nkind: Egroup\nmetadata:\n  name: {EGROUP}\n\
              spec:\n  eroute: {EGROUP}\n  remoteSubnetPrefix: 24\n  maxDynamicEroutes: 10000\n\
              \x20 database:\n    timeout: 2s\n"
