@@ -117,37 +117,38 @@ impl Driver {
     /// Sends `t` through the member the site's flow enters through, if another: true if it
     /// went (or was dropped) that way.
     pub(super) fn send_via(&mut self, t: &Transmit) -> bool {
-        let Some(f) = self.fleet.as_mut() else {
+        // Framed (a copy) only for a site that enters through another member.
+        let Some(f) = self.fleet.as_ref().filter(|f| f.vias.contains_key(&t.remote)) else {
             return false;
         };
-        let Some(m) = f.vias.get(&t.remote).copied() else {
-            return false;
-        };
-        match f.view.address(m) {
-            Some(to) => {
-                let payload = f.framed(t.local, &t.payload);
-                f.link.send(Kind::Egress, to, t.local, t.remote, 0, &payload);
-            }
-            // The member is gone: so is the site's flow through it; the site comes back
-            // through another one.
-            None => self.gateway.metrics.fleet.forward.drop("member_gone"),
-        }
-        true
+        let payload = f.framed(t.local, &t.payload).into_owned();
+        self.through_entry(t.local, t.remote, &payload)
     }
 
     /// Sends a NAT keepalive (one 0xFF octet, no non-ESP marker) to the site at `remote`
     /// through the member its flow enters through, if another: true if it went that way.
     pub(super) fn keepalive_via(&mut self, remote: SocketAddr) -> bool {
+        // The receiving member sends it from its socket of the same port.
+        let local = self.udp4500.local_addr().unwrap_or(remote);
+        self.through_entry(local, remote, &[0xff])
+    }
+
+    /// Sends `datagram` (as it goes on the wire) to the site at `remote` from the member its
+    /// flow enters through, if another: true if it went (or was dropped) that way.
+    fn through_entry(&mut self, local: SocketAddr, remote: SocketAddr, datagram: &[u8]) -> bool {
         let Some(f) = self.fleet.as_mut() else {
             return false;
         };
         let Some(m) = f.vias.get(&remote).copied() else {
             return false;
         };
-        // The receiving member sends it from its socket of the same port.
-        let local = self.udp4500.local_addr().unwrap_or(remote);
-        if let Some(to) = f.view.address(m) {
-            f.link.send(Kind::Egress, to, local, remote, 0, &[0xff]);
+        match f.view.address(m) {
+            Some(to) => {
+                f.link.send(Kind::Egress, to, local, remote, 0, datagram);
+            }
+            // The member is gone: so is the site's flow through it; the site comes back
+            // through another one.
+            None => self.gateway.metrics.fleet.forward.drop("member_gone"),
         }
         true
     }

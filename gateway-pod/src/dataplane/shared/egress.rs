@@ -276,10 +276,7 @@ pub(super) async fn egress(
                         // Sealed here or held for our tunnel: never forwarded again (one
                         // hop, so no loop between members that disagree).
                         if let Some(dst) = w.seal(&packet, now).await {
-                            w.counters.no_sa.inc();
-                            if w.held.hold(dst, &packet, now) {
-                                let _ = acquire.try_send(dst);
-                            }
+                            w.hold_and_ask(dst, &packet, now, &acquire);
                         }
                         w.batches.flush(&w.out, &w.counters).await;
                     }
@@ -322,12 +319,7 @@ pub(super) async fn egress(
                 if w.forward_plain(packet, Some(dst), now) {
                     continue;
                 }
-                // No SA for it: never sent in clear. The control plane is asked for one (the
-                // initiator path) and the packet waits in a small bounded queue meanwhile.
-                w.counters.no_sa.inc();
-                if w.held.hold(dst, packet, now) {
-                    let _ = acquire.try_send(dst);
-                }
+                w.hold_and_ask(dst, packet, now, &acquire);
             }
         }
         w.batches.flush(&w.out, &w.counters).await;
@@ -335,6 +327,15 @@ pub(super) async fn egress(
 }
 
 impl Egress {
+    /// No SA for a packet toward `dst`: never sent in clear. The control plane is asked for
+    /// one (the initiator path) and the packet waits in a small bounded queue meanwhile.
+    fn hold_and_ask(&mut self, dst: IpAddr, packet: &[u8], now: Instant, acquire: &mpsc::Sender<IpAddr>) {
+        self.counters.no_sa.inc();
+        if self.held.hold(dst, packet, now) {
+            let _ = acquire.try_send(dst);
+        }
+    }
+
     /// Sends `packet` (toward `dst`) to the member that holds its site's tunnel, if another
     /// member does as far as we know: true if it went (or was dropped) that way.
     fn forward_plain(&mut self, packet: &[u8], dst: Option<IpAddr>, now: Instant) -> bool {
