@@ -20,6 +20,7 @@ use concentrator_crypto::cbc::{BLOCK_LEN, CbcDecryptingKey, CbcEncryptingKey};
 use concentrator_crypto::prf::{IntegKey, integ_icv_len};
 use concentrator_crypto::{CryptoError, DirectionKeys};
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::replay::{Refused, ReplayWindow};
@@ -66,6 +67,10 @@ pub enum EspError {
     /// Sequence numbers exhausted: the SA must be rekeyed.
     #[error("sequence numbers exhausted: the SA must be rekeyed")]
     SequenceExhausted,
+    /// The sequence numbers this pod may use are used up until its fleet replica
+    /// acknowledges more ([`SendCounter::set_ceiling`]).
+    #[error("sequence number ceiling reached (the replica has not acknowledged more)")]
+    SequenceCeiling,
     /// Cipher failure.
     #[error("cipher failure")]
     Cipher,
@@ -255,6 +260,61 @@ fn esn_trailer(seq: u64, esn: bool, hi: &mut [u8; 4]) -> &[u8] {
     }
 }
 
+/// The sequence numbers of an outbound SA: the last one taken, and the highest one this
+/// process may take. Shared (an `Arc`) between the SA and whoever moves the ceiling: in a
+/// fleet, the ceiling is what the shard's replica has acknowledged, and a pod that takes the
+/// SA over starts above it, so no sequence number (with AES-GCM, no nonce) is used twice
+/// under one key even if this process is only frozen and wakes up later.
+#[derive(Debug)]
+pub struct SendCounter {
+    last: AtomicU64,
+    ceiling: AtomicU64,
+}
+
+impl SendCounter {
+    fn new(last: u64) -> Self {
+        Self {
+            last: AtomicU64::new(last),
+            ceiling: AtomicU64::new(u64::MAX),
+        }
+    }
+
+    /// Sequence number of the last packet sent.
+    pub fn last(&self) -> u64 {
+        self.last.load(Ordering::Relaxed)
+    }
+
+    /// The highest sequence number that may be sent (`u64::MAX`: no ceiling).
+    pub fn ceiling(&self) -> u64 {
+        self.ceiling.load(Ordering::Acquire)
+    }
+
+    /// Sets the highest sequence number that may be sent. Lowering it below [`Self::last`]
+    /// stops the SA sending at once.
+    pub fn set_ceiling(&self, ceiling: u64) {
+        self.ceiling.store(ceiling, Ordering::Release);
+    }
+
+    /// Takes the next sequence number, never past `limit` (the SA's sequence space) nor the
+    /// ceiling: a compare-and-swap rather than an add, so the counter never moves past either
+    /// and cannot wrap around to reuse a number.
+    fn take(&self, limit: u64) -> Result<u64, EspError> {
+        let ceiling = self.ceiling();
+        self.last
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
+                (s < limit && s < ceiling).then_some(s + 1)
+            })
+            .map(|s| s + 1)
+            .map_err(|s| {
+                if s >= limit {
+                    EspError::SequenceExhausted
+                } else {
+                    EspError::SequenceCeiling
+                }
+            })
+    }
+}
+
 /// The sending half of a CHILD SA. Sealing takes `&self`: several data plane workers may
 /// send on one SA at once, each packet taking the next sequence number (and so a distinct
 /// IV) from one atomic counter.
@@ -263,8 +323,8 @@ pub struct Outbound {
     spi: u32,
     key: SealKey,
     esn: bool,
-    /// Sequence number of the last packet sent (taken).
-    seq: AtomicU64,
+    /// Sequence numbers taken and allowed.
+    seq: Arc<SendCounter>,
 }
 
 impl Outbound {
@@ -297,7 +357,7 @@ impl Outbound {
             spi,
             key,
             esn,
-            seq: AtomicU64::new(0),
+            seq: Arc::new(SendCounter::new(0)),
         })
     }
 
@@ -308,7 +368,7 @@ impl Outbound {
             spi,
             key: SealKey::Aead(key),
             esn,
-            seq: AtomicU64::new(last_seq),
+            seq: Arc::new(SendCounter::new(last_seq)),
         }
     }
 
@@ -316,10 +376,14 @@ impl Outbound {
     /// [`Self::from_keys`] and taken over from another pod (as [`Self::resume`]). Never moves
     /// it back: a sequence number, and so an IV, is never used twice under a key.
     #[must_use]
-    pub fn resume_after(mut self, last_seq: u64) -> Self {
-        let seq = self.seq.get_mut();
-        *seq = (*seq).max(last_seq);
+    pub fn resume_after(self, last_seq: u64) -> Self {
+        self.seq.last.fetch_max(last_seq, Ordering::Relaxed);
         self
+    }
+
+    /// The SA's sequence numbers, to read how far it got and to move its ceiling.
+    pub fn counter(&self) -> Arc<SendCounter> {
+        self.seq.clone()
     }
 
     /// The SPI the peer expects in our packets.
@@ -329,7 +393,7 @@ impl Outbound {
 
     /// Sequence number of the last packet sent.
     pub fn last_seq(&self) -> u64 {
-        self.seq.load(Ordering::Relaxed)
+        self.seq.last()
     }
 
     /// Most bytes this SA adds around an inner packet (header, IV, padding, trailer, ICV):
@@ -369,15 +433,8 @@ impl Outbound {
         // RFC 4303 §3.3.3: "the sender's counter and the receiver's counter MUST NOT be
         // allowed to cycle"; the SA has to be rekeyed before that.
         let limit = if self.esn { u64::MAX } else { u64::from(u32::MAX) };
-        // Each caller gets its own number, never one past the limit (a compare-and-swap
-        // rather than an add, so the counter cannot wrap around to reuse one).
-        let seq = self
-            .seq
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
-                (s < limit).then_some(s + 1)
-            })
-            .map_err(|_| EspError::SequenceExhausted)?
-            + 1;
+        // Each caller gets its own number.
+        let seq = self.seq.take(limit)?;
         // From here on every index lies within `out`, which is exactly `f.sealed_len` long.
         out[..4].copy_from_slice(&self.spi.to_be_bytes());
         out[4..8].copy_from_slice(&(seq as u32).to_be_bytes());
@@ -485,6 +542,14 @@ impl Inbound {
     /// Our SPI, which the peer puts in its packets.
     pub fn spi(&self) -> u32 {
         self.spi
+    }
+
+    /// Carries on an SA taken over from another process, which accepted sequence numbers up
+    /// to `top` ([`ReplayWindow::resume_at`]).
+    #[must_use]
+    pub fn resume_at(mut self, top: u64) -> Self {
+        self.replay.resume_at(top);
+        self
     }
 
     /// The replay window's state (highest sequence number seen).
@@ -710,6 +775,34 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn the_ceiling_stops_sending_until_raised_and_a_taker_resumes_above_it() {
+        let (tx, mut rx) = pair(Encryption::AesGcm16 { key_bits: 128 }, &KEYMAT_128, false);
+        let counter = tx.counter();
+        counter.set_ceiling(3);
+        for _ in 0..3 {
+            let mut p = sealed(&tx, &ipv4(10));
+            rx.open(&mut p).unwrap();
+        }
+        let mut buf = vec![0u8; sealed_len(10)];
+        assert_eq!(tx.seal(&ipv4(10), 4, &mut buf), Err(EspError::SequenceCeiling));
+        assert_eq!(counter.last(), 3, "a refused packet takes no number");
+        counter.set_ceiling(10);
+        assert_eq!(
+            u32::from_be_bytes(sealed(&tx, &ipv4(10))[4..8].try_into().unwrap()),
+            4
+        );
+        // The pod that takes the SA over starts above the ceiling, and its receiving half
+        // refuses what the old owner's peer had already sent.
+        let (taken, _) = pair(Encryption::AesGcm16 { key_bits: 128 }, &KEYMAT_128, false);
+        let taken = taken.resume_after(counter.ceiling());
+        let mut p = sealed(&taken, &ipv4(10));
+        assert_eq!(u32::from_be_bytes(p[4..8].try_into().unwrap()), 11);
+        let (_, rx2) = pair(Encryption::AesGcm16 { key_bits: 128 }, &KEYMAT_128, false);
+        let mut rx2 = rx2.resume_at(11);
+        assert_eq!(rx2.open(&mut p), Err(EspError::Replayed));
     }
 
     #[test]

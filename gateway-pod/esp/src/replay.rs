@@ -43,6 +43,17 @@ impl ReplayWindow {
         }
     }
 
+    /// Carries on after `top`, the highest sequence number another process accepted on the
+    /// SA (taken over from a fleet replica): every number up to `top` counts as received,
+    /// since which of them were is not known here.
+    pub fn resume_at(&mut self, top: u64) {
+        if top <= self.top {
+            return;
+        }
+        self.top = top;
+        self.words.fill(u64::MAX);
+    }
+
     /// The window size in packets.
     pub fn size(&self) -> u64 {
         self.size
@@ -128,6 +139,26 @@ impl ReplayWindow {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_resumed_window_refuses_everything_up_to_its_top() {
+        let mut w = ReplayWindow::new(128, false);
+        w.accept(5).unwrap();
+        w.resume_at(1000);
+        assert_eq!(w.top(), 1000);
+        for s in [1000, 999, 950, 873] {
+            assert_eq!(w.check(s), Err(Refused::Replayed), "{s}");
+        }
+        assert_eq!(w.check(1), Err(Refused::TooOld));
+        assert_eq!(w.accept(1001), Ok(()));
+        // Sliding on clears what leaves the window, not what is still in it.
+        assert_eq!(w.accept(1100), Ok(()));
+        assert_eq!(w.check(1050), Ok(()));
+        assert_eq!(w.check(1001), Err(Refused::Replayed));
+        // Never backwards.
+        w.resume_at(10);
+        assert_eq!(w.top(), 1100);
+    }
 
     #[test]
     fn accepts_in_order_and_refuses_replays() {

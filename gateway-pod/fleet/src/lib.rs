@@ -8,6 +8,8 @@
 //!   which shards hold SAs).
 //! - [`map`]: the shard map (`shard -> owner, epoch`, and moves in progress), its binary
 //!   codec, and [`map::plan`], the elected leader's pure decision of the next map.
+//! - [`replication`]: the stream on which a shard's owner replicates its SAs to the shard's
+//!   replica, and [`map::replica`], which member that is.
 //! - [`wire`]: the frames pods forward packets in, authenticated and encrypted with keys
 //!   derived from the fleet key.
 #![forbid(unsafe_code)]
@@ -15,6 +17,7 @@
 
 pub mod map;
 pub mod member;
+pub mod replication;
 pub mod shard;
 pub mod wire;
 

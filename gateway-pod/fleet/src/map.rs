@@ -8,6 +8,12 @@
 //!   below its share, the owner stops putting new SAs in it, and once the owner reports
 //!   (having applied the map with the mark) that it holds no SA there, the shard moves.
 //!
+//! A shard whose owner is gone goes to its [`replica`] first: the live member, other than the
+//! owner, that ranks highest for the shard by rendezvous hashing. The owner replicates the
+//! shard's SAs there, so that member can carry them on. Rendezvous hashing keeps the replica
+//! of most shards when members come and go, and spreads a dead member's shards over all the
+//! others.
+//!
 //! So a live owner never loses a shard in which it holds an SA: a pod joining a busy fleet
 //! gets empty shards first and the others as their tunnels end. (Moving a shard together
 //! with its SAs is the hand-over of the drain issue.)
@@ -205,9 +211,11 @@ pub fn plan(map: &ShardMap, members: &BTreeMap<MemberId, Report>) -> Option<Shar
     let live = |m: &Option<MemberId>| m.is_some_and(|m| members.contains_key(&m));
     let accepting = |m: MemberId| members.get(&m).is_some_and(|r| !r.draining);
 
+    let candidates: Vec<MemberId> = members.keys().copied().filter(|m| accepting(*m)).collect();
     for (shard, e) in Shard::all().zip(next.entries.iter_mut()) {
-        if e.owner.is_some() && !live(&e.owner) {
-            e.owner = None;
+        if let Some(gone) = e.owner.filter(|_| !live(&e.owner)) {
+            // The replica holds the shard's SAs: it carries them on.
+            e.owner = replica(shard, gone, &candidates);
             e.moving_to = None;
             e.epoch = e.epoch.wrapping_add(1);
         }
@@ -299,6 +307,25 @@ pub fn plan(map: &ShardMap, members: &BTreeMap<MemberId, Report>) -> Option<Shar
     }
 
     (next.entries != map.entries).then_some(next)
+}
+
+/// The member that holds a copy of `shard`'s SAs while `owner` owns it: of `members` (the
+/// live members that accept shards), the one other than `owner` with the highest rendezvous
+/// score for the shard. `None` when the owner is alone.
+pub fn replica(shard: Shard, owner: MemberId, members: &[MemberId]) -> Option<MemberId> {
+    members
+        .iter()
+        .copied()
+        .filter(|m| *m != owner)
+        .max_by_key(|m| (rendezvous(shard, *m), std::cmp::Reverse(*m)))
+}
+
+/// A well-mixed score of (shard, member) (SplitMix64's finaliser).
+fn rendezvous(shard: Shard, m: MemberId) -> u64 {
+    let mut z = (u64::from(shard.get()) << 16 | u64::from(m.0)).wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 /// Each member's share of the shards.

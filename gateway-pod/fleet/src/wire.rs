@@ -127,6 +127,11 @@ impl FleetKey {
         ))
     }
 
+    /// The pseudorandom key other derivations (the replication stream's) expand from.
+    pub(crate) fn prk(&self) -> &Prk {
+        &self.0
+    }
+
     fn frame_key(&self, sender: MemberId, incarnation: &[u8; 16]) -> Result<LessSafeKey, WireError> {
         let sender = sender.0.to_be_bytes();
         let info: [&[u8]; 3] = [b"frames", &sender, incarnation];

@@ -1,5 +1,5 @@
 //! Writes the seeds of the `fleet` fuzz target (gateway-pod/ike/fuzz/seeds/fleet): one valid
-//! shard map, member record and frame, each behind the byte that selects its decoder.
+//! shard map, member record, frame and replication record, each behind the byte that selects its decoder.
 //! Regenerate after a codec change: `cargo test -p concentrator-fleet --test fuzz_seeds -- --ignored`.
 
 use std::collections::BTreeMap;
@@ -7,6 +7,7 @@ use std::path::Path;
 
 use concentrator_fleet::map::{Report, plan};
 use concentrator_fleet::member::{Load, MemberRecord};
+use concentrator_fleet::replication::{Hello, Message, Sequences, records};
 use concentrator_fleet::wire::{FleetKey, Kind, Sealer};
 use concentrator_fleet::{MemberId, Shard, ShardMap, ShardSet};
 
@@ -55,4 +56,26 @@ fn write_fleet_fuzz_seeds() {
         )
         .unwrap();
     write("frame", 2, &frame);
+
+    // A replication record as the fuzz target's fixed connection reads it (client 1 to
+    // server 2, random bytes 1 and 2).
+    let (c, s) = (
+        Hello {
+            member: MemberId(1),
+            random: [1; 16],
+        },
+        Hello {
+            member: MemberId(2),
+            random: [2; 16],
+        },
+    );
+    let (mut tx, _) = records(&key, true, &c, &s).unwrap();
+    let message = Message::Sequences(vec![Sequences {
+        spi_in: 0x0040_0001,
+        ceiling: 65536,
+        top: 12,
+    }]);
+    let mut record = Vec::new();
+    tx.seal(&message.encode(), &mut record).unwrap();
+    write("replication", 3, &record[4..]);
 }

@@ -129,11 +129,33 @@ fn shards_of_a_member_that_is_gone_are_shared_at_once() {
         two.owned_by(member(0)).len() + two.owned_by(member(2)).len(),
         1024
     );
+    // Each goes to its replica (where its SAs were copied), and the replicas of one
+    // member's shards are spread over the others.
+    let live = [member(0), member(2)];
+    assert!(gone.iter().all(|s| two.owner(s) == replica(s, member(1), &live)));
     let (a, b) = (two.owned_by(member(0)).len(), two.owned_by(member(2)).len());
-    assert!(a.abs_diff(b) <= 1, "{a} vs {b}");
+    assert!(a.abs_diff(b) <= 80, "{a} vs {b}");
     // Shards that stayed with their owner keep their epoch.
     let kept = three.owned_by(member(0));
     assert!(kept.iter().all(|s| two.entry(s).epoch == three.entry(s).epoch));
+}
+
+#[test]
+fn the_replica_is_another_member_and_mostly_stays_when_members_come_and_go() {
+    let four: Vec<MemberId> = (0..4).map(member).collect();
+    let three: Vec<MemberId> = (0..3).map(member).collect();
+    assert_eq!(replica(Shard::new(0).unwrap(), member(0), &[member(0)]), None);
+    let mut same = 0;
+    for s in Shard::all() {
+        let r4 = replica(s, member(0), &four).unwrap();
+        assert_ne!(r4, member(0));
+        let r3 = replica(s, member(0), &three).unwrap();
+        if r4 != member(3) {
+            assert_eq!(r3, r4, "a member leaving moves only its own replicas");
+            same += 1;
+        }
+    }
+    assert!((600..=770).contains(&same), "{same}");
 }
 
 #[test]
