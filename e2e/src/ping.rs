@@ -57,6 +57,7 @@ impl fmt::Display for PingStats {
 pub struct Ping {
     daemon: Daemon,
     deadline: Duration,
+    interval: Duration,
 }
 
 impl Ping {
@@ -71,14 +72,26 @@ impl Ping {
         deadline: Duration,
         log: &Path,
     ) -> Result<Self> {
-        let interval = format!("{:.3}", interval.as_secs_f64());
+        let every = format!("{:.3}", interval.as_secs_f64());
         let secs = deadline.as_secs().max(1).to_string();
         let (from, to) = (from.to_string(), to.to_string());
-        let args = [
-            "-n", "-q", "-i", &interval, "-W", "1", "-w", &secs, "-I", &from, &to,
-        ];
+        // Each reply on its own line (no -q): [`Self::finish_with_gap`] reads them.
+        let args = ["-n", "-i", &every, "-W", "1", "-w", &secs, "-I", &from, &to];
         let daemon = ns.spawn("ping", tools::PING.path(), &args, log)?;
-        Ok(Self { daemon, deadline })
+        Ok(Self {
+            daemon,
+            deadline,
+            interval,
+        })
+    }
+
+    /// Waits for ping to end and returns what it counted and its longest time without a
+    /// reply ([`largest_gap`]).
+    pub fn finish_with_gap(self) -> Result<(PingStats, Duration)> {
+        let (interval, path) = (self.interval, self.daemon.log_path().to_owned());
+        let stats = self.finish()?;
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        Ok((stats, largest_gap(&text, stats.transmitted, interval)))
     }
 
     /// Waits for ping to end (its deadline and a margin) and returns what it counted.
@@ -100,6 +113,28 @@ impl Ping {
     }
 }
 
+/// The longest run of requests without a reply, as time (`interval` per request), among
+/// the `transmitted` requests whose replies `text` lists (`icmp_seq=N`, from 1).
+pub fn largest_gap(text: &str, transmitted: u32, interval: Duration) -> Duration {
+    let mut seqs: Vec<u32> = text
+        .lines()
+        .filter(|l| l.contains(" bytes from "))
+        .filter_map(|l| l.split("icmp_seq=").nth(1))
+        .filter_map(|s| s.split_whitespace().next()?.parse().ok())
+        .collect();
+    seqs.sort_unstable();
+    seqs.dedup();
+    // Requests 1..=transmitted; a missing run's length is the distance between the replies
+    // around it, less one (the edges count from before the first and after the last).
+    let mut prev = 0u32;
+    let mut worst = 0u32;
+    for s in seqs.iter().copied().chain([transmitted.saturating_add(1)]) {
+        worst = worst.max(s.saturating_sub(prev).saturating_sub(1));
+        prev = s;
+    }
+    interval * worst
+}
+
 /// Reads "N packets transmitted, M received" from ping's summary.
 pub fn parse_summary(text: &str) -> Result<PingStats> {
     for line in text.lines() {
@@ -118,6 +153,18 @@ pub fn parse_summary(text: &str) -> Result<PingStats> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_largest_gap_counts_the_longest_run_of_lost_requests() {
+        let reply = |n: u32| format!("64 bytes from 10.2.0.1: icmp_seq={n} ttl=64 time=0.1 ms\n");
+        let text: String = [1, 2, 3, 9, 10].into_iter().map(reply).collect();
+        let i = Duration::from_millis(20);
+        assert_eq!(largest_gap(&text, 10, i), i * 5);
+        assert_eq!(largest_gap(&text, 16, i), i * 6, "the tail: 11..=16");
+        assert_eq!(largest_gap("", 3, i), i * 3);
+        let all: String = (1..=4).map(reply).collect();
+        assert_eq!(largest_gap(&all, 4, i), Duration::ZERO);
+    }
 
     #[test]
     fn reads_the_summary() {

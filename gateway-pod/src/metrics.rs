@@ -190,6 +190,11 @@ impl Metrics {
             d.too_big.clone(),
         );
         r.register(
+            "esp_dropped_seq_ceiling",
+            "Inner packets not sent: the SA's sequence ceiling (acknowledged by the fleet replica) was reached",
+            d.seq_ceiling.clone(),
+        );
+        r.register(
             "esp_sa_soft_expired",
             "CHILD SA directions that reached rekeyBytes/rekeyPackets (a rekey was started)",
             d.soft_expired.clone(),
@@ -259,6 +264,10 @@ impl Metrics {
             ("esp_dropped_invalid".to_owned(), self.dataplane.invalid.get()),
             ("esp_dropped_policy".to_owned(), self.dataplane.policy.get()),
             ("esp_dropped_too_big".to_owned(), self.dataplane.too_big.get()),
+            (
+                "esp_dropped_seq_ceiling".to_owned(),
+                self.dataplane.seq_ceiling.get(),
+            ),
             (
                 "esp_sa_soft_expired".to_owned(),
                 self.dataplane.soft_expired.get(),

@@ -272,7 +272,8 @@ pub struct SendCounter {
 }
 
 impl SendCounter {
-    fn new(last: u64) -> Self {
+    /// A counter whose last number taken is `last`, with no ceiling.
+    pub fn new(last: u64) -> Self {
         Self {
             last: AtomicU64::new(last),
             ceiling: AtomicU64::new(u64::MAX),

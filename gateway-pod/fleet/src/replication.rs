@@ -201,6 +201,8 @@ pub enum Message {
         id: u64,
         /// The encoded `IkeSaSnapshot` (secret: zeroized on drop, never printed).
         snapshot: Zeroizing<Vec<u8>>,
+        /// What the owner's driver keeps beside the engine (eroute, site), opaque here.
+        context: Vec<u8>,
         /// Each CHILD SA's sequence state.
         children: Vec<Sequences>,
     },
@@ -248,6 +250,7 @@ impl Message {
                 shard,
                 id,
                 snapshot,
+                context,
                 children,
             } => {
                 out.push(1);
@@ -255,6 +258,8 @@ impl Message {
                 out.extend_from_slice(&id.to_be_bytes());
                 out.extend_from_slice(&(snapshot.len() as u32).to_be_bytes());
                 out.extend_from_slice(snapshot);
+                out.extend_from_slice(&(context.len() as u32).to_be_bytes());
+                out.extend_from_slice(context);
                 put_sequences(&mut out, children);
             }
             Self::Delete { id } => {
@@ -287,10 +292,13 @@ impl Message {
                 let id = r.u64()?;
                 let n = r.u32()? as usize;
                 let snapshot = Zeroizing::new(r.take(n)?.to_vec());
+                let n = r.u32()? as usize;
+                let context = r.take(n)?.to_vec();
                 Self::Sa {
                     shard: Shard::new(shard).ok_or(ReplicationError::Malformed("shard"))?,
                     id,
                     snapshot,
+                    context,
                     children: r.sequences()?,
                 }
             }
@@ -399,6 +407,7 @@ mod tests {
                 shard: Shard::new(1023).unwrap(),
                 id: 0x1122_3344_5566_7788,
                 snapshot: Zeroizing::new(vec![1, 2, 3]),
+                context: b"{}".to_vec(),
                 children: vec![Sequences {
                     spi_in: 5,
                     ceiling: 65536,
@@ -491,6 +500,7 @@ mod tests {
             shard: Shard::new(3).unwrap(),
             id: 1,
             snapshot: Zeroizing::new(vec![0xAB; 8]),
+            context: vec![],
             children: vec![],
         };
         let s = format!("{m:?}");

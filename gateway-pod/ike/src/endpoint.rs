@@ -19,7 +19,7 @@
 //! by the original initiator of the IKE SA): a message with it comes from a peer that
 //! initiated, so our SPI is SPIr; without it, from a peer we initiated to, so ours is SPIi.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -202,6 +202,9 @@ pub struct Endpoint {
     /// Each SA's phase, and the totals, kept as SAs change.
     phases: HashMap<u64, Phase>,
     counts: SaCounts,
+    /// Established SAs touched since [`Endpoint::take_changed`] last ran, when the caller
+    /// asked for them ([`Endpoint::track_changes`]).
+    changed: Option<HashSet<u64>>,
 }
 
 /// Where an SA stands, for [`SaCounts`].
@@ -250,7 +253,23 @@ impl Endpoint {
             deadlines: HashMap::new(),
             phases: HashMap::new(),
             counts: SaCounts::default(),
+            changed: None,
         }
+    }
+
+    /// From now on, remembers which established SAs each call touched (a message handled,
+    /// a timer run, a request started), for [`Self::take_changed`]: a fleet replicates
+    /// their snapshots.
+    pub fn track_changes(&mut self) {
+        self.changed.get_or_insert_with(HashSet::new);
+    }
+
+    /// The established SAs touched since the last call (empty unless tracking).
+    pub fn take_changed(&mut self) -> Vec<u64> {
+        self.changed
+            .as_mut()
+            .map(|c| c.drain().collect())
+            .unwrap_or_default()
     }
 
     /// SA `id`'s next deadline: the SA's own timer, or ours (half-open expiry of a
@@ -658,11 +677,20 @@ impl Endpoint {
         if slot.sa.is_closed() && slot.closed_at.is_none() {
             slot.closed_at = Some(now);
         }
+        if let Some(changed) = &mut self.changed
+            && slot.established
+            && !slot.sa.is_closed()
+        {
+            changed.insert(id);
+        }
         self.refresh(id);
     }
 
     fn remove(&mut self, spi_r: u64) {
         if let Some(slot) = self.slots.remove(&spi_r) {
+            if let Some(changed) = &mut self.changed {
+                changed.remove(&spi_r);
+            }
             for spi in &slot.spis {
                 self.routes.remove(spi);
             }

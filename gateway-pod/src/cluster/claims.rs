@@ -28,6 +28,11 @@ const CLAIM_TIMEOUT: Duration = Duration::from_millis(1500);
 pub struct SiteKey(String);
 
 impl SiteKey {
+    /// A key as [`fmt::Display`] wrote it (carried beside a replicated SA).
+    pub fn from_raw(key: String) -> Self {
+        Self(key)
+    }
+
     /// The key of `peer_id` in `scope`.
     pub fn new(scope: &str, peer_id: &str) -> Self {
         Self(format!("{}/{}", escape(scope), escape(peer_id)))

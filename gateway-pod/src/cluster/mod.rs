@@ -15,6 +15,7 @@
 
 mod claims;
 mod forward;
+mod replicate;
 mod session;
 mod spis;
 mod view;
@@ -37,6 +38,9 @@ use tokio::sync::watch;
 
 pub use claims::{Claimed, Claims, SiteKey};
 pub use forward::{Delivery, EspBatch, ForwardMetrics, IkeRoute, Link, Links, Via, route_ike, serve};
+pub use replicate::{
+    BLOCK, Copy as ReplicaCopy, ReplicaStore, ReplicaUpdate, ReplicatedChild, ReplicationMetrics, Replicator,
+};
 pub use spis::GatewayEntropy;
 pub use view::{Route, SharedView, View};
 
@@ -205,6 +209,8 @@ pub struct FleetMetrics {
     pub claim_seconds: Counter<f64, AtomicU64>,
     /// SPI routing.
     pub forward: ForwardMetrics,
+    /// SA replication and take-over.
+    pub replication: ReplicationMetrics,
 }
 
 impl FleetMetrics {
@@ -254,6 +260,7 @@ impl FleetMetrics {
             self.claim_seconds.clone(),
         );
         self.forward.register(r);
+        self.replication.register(r);
     }
 }
 
@@ -278,8 +285,16 @@ pub struct Fleet {
     pub claims: Claims,
     /// Senders of frames to other members.
     pub links: Links,
-    /// Where other members send this one frames.
+    /// Where other members send this one frames (UDP) and replication streams (TCP).
     pub address: SocketAddr,
+    /// Copies SAs to their shards' replicas.
+    pub replicator: Replicator,
+    /// The copies of other members' SAs this pod keeps.
+    pub replicas: ReplicaStore,
+    /// Keys the replication streams.
+    pub(crate) key: FleetKey,
+    pub(crate) replication_metrics: ReplicationMetrics,
+    keys: session::Keys,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -298,12 +313,21 @@ impl Fleet {
             metrics.forward.clone(),
         );
         let address = opts.address;
+        let key = opts.key.clone();
+        let replication_metrics = metrics.replication.clone();
+        let replicator = Replicator::start(view.clone(), key.clone(), replication_metrics.clone());
+        let keys = session::Keys::new(&opts.prefix);
         let task = tokio::spawn(session::run(opts, view.clone(), lease_tx, metrics, stop_rx));
         Self {
             view,
             claims,
             links,
             address,
+            replicator,
+            replicas: ReplicaStore::default(),
+            key,
+            replication_metrics,
+            keys,
             stop,
             task,
         }
@@ -313,6 +337,21 @@ impl Fleet {
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         let _ = self.task.await;
+    }
+
+    /// Accepts the replication streams of the members whose shards this pod replicates.
+    pub fn serve_replicas(&self, listener: tokio::net::TcpListener) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(replicate::serve(
+            listener,
+            self.view.clone(),
+            self.key.clone(),
+            self.replicas.clone(),
+            self.replication_metrics.clone(),
+            replicate::Revoker {
+                session: self.claims.sessions(),
+                keys: self.keys.clone(),
+            },
+        ))
     }
 
     /// Stops at once without a word to etcd, as a crashed pod would: the others learn of it

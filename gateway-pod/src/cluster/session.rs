@@ -64,8 +64,8 @@ struct State {
     map: ShardMap,
     /// The leader key's value and lease.
     leader: Option<(MemberId, i64)>,
-    /// Since when this session has led.
-    leading_since: Option<Instant>,
+    /// When this session began.
+    started: Option<Instant>,
 }
 
 impl State {
@@ -212,7 +212,10 @@ async fn session(
         .get(keys.fleet.as_str(), Some(GetOptions::new().with_prefix()))
         .await?;
     let revision = got.header().map_or(0, |h| h.revision());
-    let mut state = State::default();
+    let mut state = State {
+        started: Some(Instant::now()),
+        ..State::default()
+    };
     for kv in got.kvs() {
         state.apply(keys, kv, false, metrics);
     }
@@ -283,6 +286,27 @@ async fn session(
             _ = report.tick() => {}
         }
     }
+}
+
+/// Ends `member`'s lease, and with it its record, its claims and its place in the shard map:
+/// a replica found the owner of its copies unresponsive. False if the member has no record
+/// (it is gone already) or the record is our own.
+pub(super) async fn revoke_member(
+    s: &SessionLease,
+    keys: &Keys,
+    member: MemberId,
+) -> Result<bool, FleetError> {
+    let mut client = s.client.clone();
+    let got = client.get(keys.member(member), None).await?;
+    let Some(kv) = got.kvs().first() else {
+        return Ok(false);
+    };
+    let lease = kv.lease();
+    if lease == 0 || lease == s.lease {
+        return Ok(false);
+    }
+    client.lease_revoke(lease).await?;
+    Ok(true)
 }
 
 /// Claims this pod's member ID by creating its member record: the StatefulSet ordinal in
@@ -383,9 +407,12 @@ async fn put_record(
 
 /// Becomes the leader if there is none, and as the leader writes the next shard map.
 ///
-/// A new leader (or one resuming after etcd came back) leaves the shards of members it does
-/// not see alone for `grace`: after an etcd outage every member resumes its lease in its
-/// own time, and a member not back yet is not a member gone.
+/// A leader whose session is new (after a start, or etcd coming back) leaves the shards of
+/// members it does not see alone for `grace`: after an etcd outage every member resumes its
+/// lease in its own time, and a member not back yet is not a member gone. A leader with an
+/// older session saw the member's record go (its lease ended or was revoked): its shards go
+/// to their replicas at once, which is what keeps a take-over short when the leader itself
+/// was the member that died.
 async fn lead(
     client: &mut Client,
     keys: &Keys,
@@ -413,15 +440,14 @@ async fn lead(
     }
     if state.leader != Some((me, lease)) {
         metrics.leader.set(0);
-        state.leading_since = None;
         return Ok(());
     }
     metrics.leader.set(1);
-    let since = *state.leading_since.get_or_insert_with(Instant::now);
+    let young = state.started.is_none_or(|t| t.elapsed() < grace);
     let missing = concentrator_fleet::Shard::all()
         .filter_map(|s| state.map.owner(s))
         .any(|m| !state.members.contains_key(&m));
-    if missing && since.elapsed() < grace {
+    if missing && young {
         return Ok(());
     }
     let Some(next) = plan(&state.map, &state.reports()) else {

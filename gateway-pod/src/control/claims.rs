@@ -284,6 +284,34 @@ impl Driver {
         });
     }
 
+    /// SA `id` was adopted from `rec.contested`, a member that is gone: its site is ours
+    /// now (its claim ended with that member's lease, or is taken over if it has not yet).
+    pub(super) fn adopt_claim(&mut self, id: u64) {
+        let Some(rec) = self.sas.get_mut(&id) else { return };
+        let (Some(from), Some(site)) = (rec.contested.take(), rec.site.clone()) else {
+            return;
+        };
+        let Some(claims) = self.claims.as_ref() else {
+            return;
+        };
+        let c = claims.claims.clone();
+        let peer_id = rec.peer_id.clone();
+        tokio::spawn(async move {
+            let r = match c.claim(&site).await {
+                Ok(Claimed::HeldBy(m)) if m == from => c.take_over(&site, from).await,
+                Ok(Claimed::HeldBy(m)) => {
+                    tracing::warn!(%peer_id, member = %m, "adopted site is held by another member");
+                    Ok(false)
+                }
+                Ok(_) => Ok(true),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = r {
+                tracing::warn!(%peer_id, error = %e, "could not claim an adopted site");
+            }
+        });
+    }
+
     /// The last IKE SA of `site` here is gone (no other record holds it): released.
     pub(super) fn release_site(&mut self, site: SiteKey) {
         if self.sas.values().any(|r| r.site.as_ref() == Some(&site)) {

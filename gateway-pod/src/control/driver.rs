@@ -30,6 +30,9 @@ use crate::state::Gateway;
 /// are sent.
 const IKE_BATCH: usize = 64;
 
+/// How often a new shard map is looked for (take-overs) in a fleet.
+const FLEET_TICK: Duration = Duration::from_millis(100);
+
 /// How often the tunnel table's traffic counters are refreshed for the admin API.
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -60,6 +63,8 @@ pub(super) struct Driver {
     pub(super) fleet: Option<super::fleet::DriverFleet>,
     /// Site claims in the fleet (`None` standalone).
     pub(super) claims: Option<super::claims::DriverClaims>,
+    /// SA replication in the fleet (`None` standalone).
+    pub(super) replicas: Option<super::replicas::DriverReplicas>,
 }
 
 /// What the other tasks send the driver.
@@ -87,6 +92,8 @@ impl Driver {
         let mut buf = vec![0u8; 65536];
         let mut status = tokio::time::interval(STATUS_INTERVAL);
         status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut fleet_tick = tokio::time::interval(FLEET_TICK);
+        fleet_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Traffic toward any site of an egroup that may initiate reaches the TUN device, so a
         // site without a tunnel raises an acquire (the initiator path).
         // So does traffic toward the remote subnet of a static eroute we initiate while its
@@ -167,6 +174,7 @@ impl Driver {
                     self.endpoint.handle_timeout(now, &mut self.entropy);
                     self.connect_due(now);
                 }
+                _ = fleet_tick.tick(), if self.replicas.is_some() => self.replication_tick(),
                 _ = status.tick() => {
                     self.refresh_status();
                     self.publish_occupancy();
@@ -174,6 +182,7 @@ impl Driver {
                 }
             }
             self.flush().await;
+            self.replicate_changed();
         }
         dataplane_task.abort();
         self.routes.shutdown().await;

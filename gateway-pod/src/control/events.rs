@@ -211,6 +211,7 @@ impl Driver {
         let Some(rec) = self.sas.remove(&spi_r) else {
             return;
         };
+        self.replicate_removed(spi_r);
         self.release_ownership(spi_r, &rec);
         for child in &rec.children {
             self.backend.remove_child(child.spi_in);

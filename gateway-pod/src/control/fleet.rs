@@ -21,6 +21,10 @@ pub(super) struct DriverFleet {
     link: Link,
     /// The member each site's IKE flow enters through, when not this one.
     vias: HashMap<SocketAddr, MemberId>,
+    /// The path the site's ESP takes (the data plane learns it from each authenticated
+    /// packet): what IKE answers follow when no IKE message came this way yet, as for an
+    /// SA taken over from a member that is gone.
+    esp_vias: HashMap<SocketAddr, Arc<Via>>,
     nat_t_port: u16,
     /// Whether the fleet took new sites at the last look (to log the changes).
     was_available: bool,
@@ -32,6 +36,7 @@ impl DriverFleet {
             view,
             link,
             vias: HashMap::new(),
+            esp_vias: HashMap::new(),
             nat_t_port,
             // A pod starts unavailable (no session yet).
             was_available: false,
@@ -40,6 +45,15 @@ impl DriverFleet {
 
     /// The datagram as it travels in a frame: IKE on the NAT-T port keeps its non-ESP
     /// marker (RFC 3948 §2.2), so the other side tells it from ESP as a socket would.
+    /// The member the site at `remote` enters through, if another: as its last IKE message
+    /// came, else as its ESP comes.
+    fn entry(&self, remote: SocketAddr) -> Option<MemberId> {
+        self.vias
+            .get(&remote)
+            .copied()
+            .or_else(|| self.esp_vias.get(&remote).and_then(|v| v.get()))
+    }
+
     fn framed<'a>(&self, local: SocketAddr, payload: &'a [u8]) -> std::borrow::Cow<'a, [u8]> {
         if local.port() == self.nat_t_port {
             let mut v = Vec::with_capacity(payload.len() + 4);
@@ -118,7 +132,7 @@ impl Driver {
     /// went (or was dropped) that way.
     pub(super) fn send_via(&mut self, t: &Transmit) -> bool {
         // Framed (a copy) only for a site that enters through another member.
-        let Some(f) = self.fleet.as_ref().filter(|f| f.vias.contains_key(&t.remote)) else {
+        let Some(f) = self.fleet.as_ref().filter(|f| f.entry(t.remote).is_some()) else {
             return false;
         };
         let payload = f.framed(t.local, &t.payload).into_owned();
@@ -139,7 +153,7 @@ impl Driver {
         let Some(f) = self.fleet.as_mut() else {
             return false;
         };
-        let Some(m) = f.vias.get(&remote).copied() else {
+        let Some(m) = f.entry(remote) else {
             return false;
         };
         match f.view.address(m) {
@@ -155,9 +169,13 @@ impl Driver {
 
     /// Where a new CHILD SA with the site at `remote` sends its packets: through the
     /// member the site's IKE flow enters through, if another.
-    pub(super) fn via_of(&self, remote: SocketAddr) -> Arc<Via> {
-        let member = self.fleet.as_ref().and_then(|f| f.vias.get(&remote).copied());
-        Arc::new(Via::new(member))
+    pub(super) fn via_of(&mut self, remote: SocketAddr) -> Arc<Via> {
+        let Some(f) = self.fleet.as_mut() else {
+            return Arc::default();
+        };
+        let via = Arc::new(Via::new(f.vias.get(&remote).copied()));
+        f.esp_vias.insert(remote, via.clone());
+        via
     }
 
     /// The site at `remote` has no IKE SA here any more.
@@ -167,6 +185,7 @@ impl Driver {
         }
         if let Some(f) = self.fleet.as_mut() {
             f.vias.remove(&remote);
+            f.esp_vias.remove(&remote);
         }
     }
 }

@@ -43,6 +43,11 @@ impl IkeConfigs {
         }
     }
 
+    /// Whether plain ESP is carried too (else every peer is made to use ESP in UDP).
+    pub(super) fn raw_esp(&self) -> bool {
+        self.raw_esp
+    }
+
     /// The address our IKE SAs start from (port 500 side).
     pub(super) fn local_addr(&self) -> SocketAddr {
         SocketAddr::new(self.listen, self.ike_port)

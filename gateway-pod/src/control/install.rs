@@ -14,15 +14,21 @@ use ipnet::IpNet;
 
 use super::driver::Driver;
 use super::events::ChildRecord;
-use crate::dataplane::backend::ChildSaSpec;
+use crate::dataplane::backend::{ChildSaSpec, Resume};
 use crate::dataplane::shared::SaEvent;
 
 impl Driver {
     pub(super) fn child_installed(&mut self, spi_r: u64, c: ChildSa) {
-        let Some(rec) = self.sas.get(&spi_r) else {
+        self.child_installed_resumed(spi_r, c, None);
+    }
+
+    /// A CHILD SA into the data plane; `resume` for one taken over from another member.
+    pub(super) fn child_installed_resumed(&mut self, spi_r: u64, c: ChildSa, resume: Option<Resume>) {
+        let Some(remote) = self.sas.get(&spi_r).and_then(|r| r.remote) else {
             return;
         };
-        let Some(remote) = rec.remote else {
+        let via = self.via_of(remote);
+        let Some(rec) = self.sas.get(&spi_r) else {
             return;
         };
         let eroute = rec
@@ -46,7 +52,8 @@ impl Driver {
             },
         );
         let (spi_in, spi_out, encryption, udp_encap) = (c.spi_in, c.spi_out, c.encryption, c.udp_encap);
-        let spec = child_spec(c, eroute, subnets.clone(), peer, self.via_of(remote));
+        let mut spec = child_spec(c, eroute, subnets.clone(), peer, via);
+        spec.resume = resume;
         let counters = match self.backend.install_child(spec) {
             Ok(counters) => counters,
             Err(e) => {
@@ -169,6 +176,7 @@ fn child_spec(
         peer,
         udp_encap: c.udp_encap,
         via,
+        resume: None,
         volume: concentrator_esp::sa::Lifetime {
             soft_bytes: volume.rekey_bytes,
             hard_bytes: volume.life_bytes,

@@ -26,6 +26,7 @@ mod fleet;
 mod ike_config;
 mod install;
 mod policy;
+mod replicas;
 mod routes;
 mod status;
 
@@ -99,6 +100,8 @@ pub struct Control {
     task: tokio::task::JoinHandle<()>,
     /// Receives frames from the other members of the fleet.
     frames: Option<tokio::task::JoinHandle<()>>,
+    /// Receives the replication streams of the other members.
+    replicas: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Control {
@@ -110,6 +113,9 @@ impl Control {
         let _ = (&mut self.task).await;
         if let Some(frames) = self.frames.take() {
             frames.abort();
+        }
+        if let Some(replicas) = self.replicas.take() {
+            replicas.abort();
         }
     }
 }
@@ -213,8 +219,8 @@ pub async fn start(
         fleet.map(|f| f.links.clone()),
     );
     let fleet_error = |addr, source| ControlError::Fleet { addr, source };
-    let (frames, driver_fleet) = match fleet {
-        None => (None, None),
+    let (frames, driver_fleet, replicas_task) = match fleet {
+        None => (None, None, None),
         Some(f) => {
             let socket = UdpSocket::bind(f.address)
                 .await
@@ -233,9 +239,14 @@ pub async fn start(
                 nat_t_port: nat_t_addr.port(),
             };
             let frames = tokio::spawn(crate::cluster::serve(socket, f.links.clone(), delivery));
+            // Replication streams come in on TCP at the same address.
+            let listener = tokio::net::TcpListener::bind(f.address)
+                .await
+                .map_err(|e| fleet_error(f.address, e))?;
+            let replicas = f.serve_replicas(listener);
             let link = f.links.lane().map_err(|e| fleet_error(f.address, e))?;
             let driver = fleet::DriverFleet::new(f.view.clone(), link, nat_t_addr.port());
-            (Some(frames), Some(driver))
+            (Some(frames), Some(driver), Some(replicas))
         }
     };
     let (stop_tx, stop_rx) = oneshot::channel();
@@ -243,6 +254,9 @@ pub async fn start(
     let (claims_tx, claims_rx) = mpsc::unbounded_channel();
     let mut endpoint = Endpoint::new(opts.endpoint.clone(), responder_config);
     endpoint.set_redirect(opts.redirect_to.clone());
+    if fleet.is_some() {
+        endpoint.track_changes();
+    }
     let driver = Driver {
         endpoint,
         entropy: crate::cluster::GatewayEntropy::new(fleet.map(|f| f.view.clone())),
@@ -265,6 +279,13 @@ pub async fn start(
         routes: Routes::start(opts.tun_name.clone()),
         fleet: driver_fleet,
         claims: fleet.map(|f| claims::DriverClaims::new(f.claims.clone(), claims_tx)),
+        replicas: fleet.map(|f| {
+            replicas::DriverReplicas::new(
+                f.replicator.clone(),
+                f.replicas.clone(),
+                f.replication_metrics.clone(),
+            )
+        }),
         gateway,
     };
     let task = tokio::spawn(driver.run(Inputs {
@@ -282,5 +303,6 @@ pub async fn start(
         stop: Some(stop_tx),
         task,
         frames,
+        replicas: replicas_task,
     })
 }

@@ -49,6 +49,17 @@ pub struct ChildSaSpec {
     pub volume: Lifetime,
     /// In a fleet, the member the site's flow enters through.
     pub via: Arc<Via>,
+    /// An SA taken over from another member: where its sequence numbers carry on.
+    pub resume: Option<Resume>,
+}
+
+/// Where an SA taken over from another member carries on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Resume {
+    /// The old owner never sent past this sequence number (its acknowledged ceiling).
+    pub sent_up_to: u64,
+    /// The old owner had accepted the peer's packets up to this sequence number.
+    pub received_up_to: u64,
 }
 
 /// Why a backend cannot carry an SA.
@@ -80,7 +91,7 @@ impl ChildSaBackend for DataplaneHandle {
                  without --raw-esp"
             }));
         }
-        let inbound = Inbound::from_keys(
+        let mut inbound = Inbound::from_keys(
             spec.spi_in,
             spec.encryption,
             spec.integrity,
@@ -88,14 +99,20 @@ impl ChildSaBackend for DataplaneHandle {
             spec.esn,
             spec.replay_window,
         )?;
-        let outbound = Outbound::from_keys(
+        let mut outbound = Outbound::from_keys(
             spec.spi_out,
             spec.encryption,
             spec.integrity,
             &spec.keys_out,
             spec.esn,
         )?;
-        let counters = Arc::new(SaCounters::with_limits(Instant::now(), spec.volume));
+        let counters = SaCounters::with_limits(Instant::now(), spec.volume);
+        if let Some(r) = spec.resume {
+            inbound = inbound.resume_at(r.received_up_to);
+            outbound = outbound.resume_after(r.sent_up_to);
+            counters.note_inbound_seq(r.received_up_to);
+        }
+        let counters = Arc::new(counters.sending(outbound.counter()));
         self.install(
             InboundSa {
                 sa: inbound,
@@ -167,6 +184,7 @@ mod tests {
             udp_encap: true,
             volume: Lifetime::default(),
             via: Arc::default(),
+            resume: None,
         }
     }
 

@@ -71,6 +71,9 @@ pub struct DataplaneCounters {
     pub soft_expired: Counter,
     /// CHILD SA directions that reached a hard volume limit and were removed.
     pub hard_expired: Counter,
+    /// Inner packets not sent because the SA's sequence ceiling was reached (in a fleet, the
+    /// replica has not acknowledged more sequence numbers: a fenced or cut-off owner).
+    pub seq_ceiling: Counter,
 }
 
 /// What a CHILD SA's traffic asks of the control plane: its volume limits (bytes, packets;

@@ -33,6 +33,10 @@ pub struct SaCounters {
     epoch: Instant,
     /// Volume limits, checked per direction (time limits are the IKE engine's).
     limits: Lifetime,
+    /// Highest sequence number accepted from the peer (replicated in a fleet).
+    inbound_top: AtomicU64,
+    /// The outbound SA's sequence numbers and ceiling (moved by fleet replication).
+    send: Option<Arc<concentrator_esp::SendCounter>>,
 }
 
 impl SaCounters {
@@ -52,6 +56,32 @@ impl SaCounters {
             last_activity_ms: AtomicU64::new(0),
             last_inbound_ms: AtomicU64::new(0),
             epoch: now,
+            inbound_top: AtomicU64::new(0),
+            send: None,
+        }
+    }
+
+    /// The same, sharing the outbound SA's sequence numbers.
+    #[must_use]
+    pub fn sending(mut self, send: Arc<concentrator_esp::SendCounter>) -> Self {
+        self.send = Some(send);
+        self
+    }
+
+    /// The outbound SA's sequence numbers, if this data plane shares them.
+    pub fn send_counter(&self) -> Option<&Arc<concentrator_esp::SendCounter>> {
+        self.send.as_ref()
+    }
+
+    /// Highest sequence number accepted from the peer so far.
+    pub fn inbound_top(&self) -> u64 {
+        self.inbound_top.load(Ordering::Relaxed)
+    }
+
+    /// Records an authenticated packet's sequence number.
+    pub(crate) fn note_inbound_seq(&self, seq: u64) {
+        if seq > self.inbound_top.load(Ordering::Relaxed) {
+            self.inbound_top.fetch_max(seq, Ordering::Relaxed);
         }
     }
 

@@ -453,6 +453,10 @@ impl Egress {
                 }
                 sa.counters.count_out(packet.len(), now)
             }
+            Err(concentrator_esp::EspError::SequenceCeiling) => {
+                self.counters.seq_ceiling.inc();
+                Expiry::Fine
+            }
             Err(_) => {
                 self.counters.invalid.inc();
                 Expiry::Fine

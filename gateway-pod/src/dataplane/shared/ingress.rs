@@ -190,6 +190,7 @@ pub(super) fn open_into(
         counters.invalid.inc();
         return Opened::Dropped;
     };
+    sa.counters.note_inbound_seq(opened.seq);
     let inner = opened.inner;
     let Some(packet) = out.get(inner.clone()) else {
         counters.invalid.inc();

@@ -1,0 +1,272 @@
+//! The driver's side of SA replication ([`crate::cluster::Replicator`]): every IKE SA the
+//! engine touched goes to its shard's replica as a snapshot with the driver's record
+//! beside it; when the leader gives this pod the shards of a member that is gone, the copies
+//! of their SAs are carried on here (adopted) with no exchange with the sites; and when this
+//! pod finds a shard of its own given away (it was fenced: frozen, or cut off from etcd
+//! longer than its lease), it gives up that shard's SAs at once, without a DELETE, since
+//! another member carries them on.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use concentrator_fleet::{MemberId, Shard};
+use concentrator_ike::responder::Config as ResponderConfig;
+use concentrator_ike::sa::snapshot::IkeSaSnapshot;
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use super::driver::Driver;
+use super::events::IkeSaRecord;
+use super::ike_config::responder_config;
+use crate::cluster::{
+    ReplicaCopy, ReplicaStore, ReplicaUpdate, ReplicatedChild, ReplicationMetrics, Replicator,
+};
+use crate::dataplane::backend::Resume;
+
+/// How long after a take-over the adopted CHILD SAs are rekeyed: long enough for the
+/// front to move the sites' flows (so the exchange reaches them), short enough to close the
+/// replay exposure soon and put the SAs in this member's shards.
+const REKEY_AFTER_ADOPTION: Duration = Duration::from_secs(2);
+
+/// What the driver keeps of replication.
+pub(super) struct DriverReplicas {
+    replicator: Replicator,
+    store: ReplicaStore,
+    metrics: ReplicationMetrics,
+    /// The map version last acted on.
+    map_version: u64,
+    /// Adopted CHILD SAs to rekey: (when, IKE SA, inbound SPI).
+    rekeys: Vec<(Instant, u64, u32)>,
+}
+
+impl DriverReplicas {
+    pub(super) fn new(replicator: Replicator, store: ReplicaStore, metrics: ReplicationMetrics) -> Self {
+        Self {
+            replicator,
+            store,
+            metrics,
+            map_version: 0,
+            rekeys: Vec::new(),
+        }
+    }
+}
+
+/// The driver's record of an IKE SA as it travels beside the snapshot.
+#[derive(Serialize, Deserialize)]
+struct Context {
+    peer_id: String,
+    eroute: Option<String>,
+    egroup: Option<String>,
+    site_subnet: Option<IpNet>,
+    site: Option<String>,
+    nat: bool,
+}
+
+impl Driver {
+    /// Sends the SAs the engine touched since the last call to their replicas.
+    pub(super) fn replicate_changed(&mut self) {
+        let Some(r) = self.replicas.as_ref() else { return };
+        let now = Instant::now();
+        for id in self.endpoint.take_changed() {
+            let Some(rec) = self.sas.get(&id).filter(|r| r.established_at.is_some()) else {
+                continue;
+            };
+            let snapshot = match self.endpoint.snapshot(id, now) {
+                Ok(s) => s.encode(),
+                Err(e) => {
+                    tracing::debug!(peer_id = %rec.peer_id, error = %e, "no snapshot to replicate");
+                    continue;
+                }
+            };
+            let context = Context {
+                peer_id: rec.peer_id.clone(),
+                eroute: rec.eroute.clone(),
+                egroup: rec.egroup.clone(),
+                site_subnet: rec.site_subnet,
+                site: rec.site.as_ref().map(ToString::to_string),
+                nat: rec.nat,
+            };
+            let Ok(context) = serde_json::to_vec(&context) else {
+                continue;
+            };
+            r.replicator.update(ReplicaUpdate::Sa {
+                shard: Shard::of_ike_spi(id),
+                id,
+                snapshot,
+                context,
+                children: rec
+                    .children
+                    .iter()
+                    .map(|c| ReplicatedChild {
+                        spi_in: c.spi_in,
+                        counters: c.counters.clone(),
+                    })
+                    .collect(),
+            });
+        }
+    }
+
+    /// IKE SA `id` is gone here: its copy goes too.
+    pub(super) fn replicate_removed(&self, id: u64) {
+        if let Some(r) = self.replicas.as_ref() {
+            r.replicator.update(ReplicaUpdate::Delete { id });
+        }
+    }
+
+    /// Acts on a new shard map: adopts the copies of shards now ours whose owner is gone,
+    /// and gives up SAs of shards that are no longer ours. Then rekeys adopted CHILD SAs
+    /// whose time has come.
+    pub(super) fn replication_tick(&mut self) {
+        let (Some(r), Some(f)) = (self.replicas.as_mut(), self.fleet.as_ref()) else {
+            return;
+        };
+        let now = Instant::now();
+        let due: Vec<(u64, u32)> = {
+            let (due, later): (Vec<_>, Vec<_>) = r.rekeys.drain(..).partition(|(at, ..)| *at <= now);
+            r.rekeys = later;
+            due.into_iter().map(|(_, id, spi)| (id, spi)).collect()
+        };
+        let version = f.view.map_version();
+        let changed = version != r.map_version;
+        r.map_version = version;
+        for (id, spi_in) in due {
+            let started = self.endpoint.rekey_child(id, spi_in, now, &mut self.entropy);
+            tracing::info!(
+                spi_in = format_args!("{spi_in:08x}"),
+                started,
+                "adopted CHILD SA rekeyed"
+            );
+        }
+        if !changed {
+            return;
+        }
+        let Some(me) = f.view.me() else { return };
+        let view = f.view.clone();
+        let members = view.members();
+        let store: ReplicaStore = r.store.clone();
+        let copies =
+            store.take(|owner, shard| view.owner(shard) == Some(me) && !members.contains_key(&owner));
+        r.metrics.copies.set(store.len() as i64);
+        for (owner, copy) in copies {
+            self.adopt(owner, copy, now);
+        }
+        // Fenced: a shard of ours went to another member while we were away.
+        if view.available() {
+            let lost: Vec<u64> = self
+                .sas
+                .keys()
+                .copied()
+                .filter(|id| view.owner(Shard::of_ike_spi(*id)).is_some_and(|o| o != me))
+                .collect();
+            for id in lost {
+                if let Some(r) = self.replicas.as_ref() {
+                    r.metrics.stepped_down.inc();
+                }
+                let peer = self.sas.get(&id).map_or("-", |r| r.peer_id.as_str()).to_owned();
+                tracing::warn!(%peer, "IKE SA given up: its shard went to another member (this member was fenced)");
+                self.endpoint.close(id);
+            }
+        }
+    }
+
+    /// Carries on `copy`, the IKE SA of `owner` (gone).
+    fn adopt(&mut self, owner: MemberId, copy: ReplicaCopy, now: Instant) {
+        let fail = |d: &Self, reason: &str| {
+            if let Some(r) = d.replicas.as_ref() {
+                ReplicationMetrics::count(&r.metrics.adopt_failed, reason, 1);
+            }
+        };
+        let snapshot = match IkeSaSnapshot::decode(&copy.snapshot) {
+            Ok(s) => s,
+            Err(e) => {
+                fail(self, "snapshot");
+                tracing::warn!(member = %owner, error = %e, "replicated IKE SA does not decode");
+                return;
+            }
+        };
+        let Ok(ctx) = serde_json::from_slice::<Context>(&copy.context) else {
+            fail(self, "context");
+            return;
+        };
+        let gateway = Arc::clone(&self.gateway);
+        let eroute = ctx
+            .eroute
+            .as_deref()
+            .and_then(|n| gateway.config.set.eroutes.get(n).map(|e| (n, e)));
+        let Some((name, e)) = eroute else {
+            fail(self, "eroute");
+            tracing::warn!(member = %owner, peer_id = %ctx.peer_id, eroute = ?ctx.eroute, "replicated IKE SA of an eroute this member does not have");
+            return;
+        };
+        let subnet = ctx.site_subnet.unwrap_or(e.remote_subnet);
+        let local_id = self.configs.local_id_for(name, e);
+        let mut responder = ResponderConfig {
+            ike_lifetime: Some(e.ike_lifetime).filter(|d| !d.is_zero()),
+            ..responder_config(e, local_id)
+        };
+        responder.remote_subnet = subnet;
+        let responder = Arc::new(responder.forcing_udp_encap(!self.configs.raw_esp()));
+        let initiator = Arc::new(
+            self.configs
+                .initiator(name, e, subnet, Some(snapshot.peer_id.clone())),
+        );
+        let children = snapshot.children.clone();
+        let remote = snapshot.remote;
+        let role = snapshot.role;
+        let id = match self.endpoint.restore(snapshot, responder, initiator, now) {
+            Ok(id) => id,
+            Err(e) => {
+                fail(self, "restore");
+                tracing::warn!(member = %owner, peer_id = %ctx.peer_id, error = %e, "replicated IKE SA not restored");
+                return;
+            }
+        };
+        let mut rec = IkeSaRecord::new(ctx.peer_id.clone(), now);
+        rec.eroute = ctx.eroute;
+        rec.egroup = ctx.egroup;
+        rec.remote = Some(remote);
+        rec.established_at = Some(SystemTime::now());
+        rec.site_subnet = ctx.site_subnet;
+        rec.nat = ctx.nat;
+        rec.site = ctx.site.map(crate::cluster::SiteKey::from_raw);
+        rec.contested = rec.site.as_ref().map(|_| owner);
+        self.sas.insert(id, rec);
+        for c in children {
+            let spi_in = c.spi_in;
+            let (sent_up_to, received_up_to) = copy
+                .sequences
+                .get(&spi_in)
+                .copied()
+                .unwrap_or((u64::MAX, u64::MAX));
+            if sent_up_to == u64::MAX {
+                // No ceiling was ever acknowledged: the old owner's numbers are unknown, and
+                // sending on could reuse one. Left out; its rekey below replaces it.
+                tracing::warn!(
+                    spi_in = format_args!("{spi_in:08x}"),
+                    "adopted CHILD SA without a sequence ceiling: not carried until rekeyed"
+                );
+                continue;
+            }
+            self.child_installed_resumed(
+                id,
+                c.child_sa(now),
+                Some(Resume {
+                    sent_up_to,
+                    received_up_to,
+                }),
+            );
+            if let Some(r) = self.replicas.as_mut() {
+                r.rekeys.push((now + REKEY_AFTER_ADOPTION, id, spi_in));
+            }
+        }
+        self.dynamic_established(id);
+        self.static_established(id);
+        self.adopt_claim(id);
+        self.publish(id);
+        if let Some(r) = self.replicas.as_ref() {
+            r.metrics.adopted.inc();
+        }
+        let peer = self.sas.get(&id).map_or("-", |r| r.peer_id.as_str());
+        tracing::info!(member = %owner, peer_id = %peer, ?role, %remote, "IKE SA taken over from a member that is gone");
+    }
+}
