@@ -43,7 +43,40 @@ fn site_count() -> usize {
 }
 
 fn logs(fleet: &Fleet, s: &Site) -> String {
-    format!("{}\n{}", s.log_tail(30), fleet.log_tails(40))
+    let placement = [500, 4500].map(|port| {
+        fleet
+            .front()
+            .placement(port)
+            .map(|p| format!("port {port}: gw-{:?}", p.get(&s.wan_addr())))
+            .unwrap_or_else(|e| format!("{e:#}"))
+    });
+    let counters = [
+        "esp_dropped_unknown_spi_total",
+        "esp_dropped_invalid_total",
+        "esp_dropped_no_sa_total",
+        "esp_dropped_seq_ceiling_total",
+        "fleet_forward_dropped_total",
+        "fleet_forwarded_packets_total",
+    ]
+    .map(|name| {
+        let by_pod: Vec<String> = fleet
+            .pods()
+            .iter()
+            .map(|p| {
+                p.samples(name)
+                    .map(|v| format!("{v:?}"))
+                    .unwrap_or_else(|_| "-".into())
+            })
+            .collect();
+        format!("{name}: {}", by_pod.join(" | "))
+    });
+    format!(
+        "{}\nfront: {}\n{}\n{}",
+        s.log_tail(30),
+        placement.join(", "),
+        counters.join("\n"),
+        fleet.log_tails(40)
+    )
 }
 
 /// The outbound SPIs of the site's CHILD SAs (our inbound SPIs), as it lists them.

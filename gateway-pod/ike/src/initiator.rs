@@ -243,7 +243,7 @@ impl Initiator {
             return Err(Error::Config("no ESP proposal"));
         }
         // RFC 7296 §3.1, Initiator's SPI: "This value MUST NOT be zero."
-        let spi_i = u64::from_be_bytes(random_spi::<8>(entropy, 1)?);
+        let spi_i = u64::from_be_bytes(random_spi::<8>(entropy, 1, None)?);
         // RFC 7296 §2.10: nonces "MUST be randomly chosen, MUST be at least 128 bits in size,
         // and MUST be at least half the key size of the negotiated pseudorandom function".
         let mut ni = vec![0u8; NONCE_LEN];

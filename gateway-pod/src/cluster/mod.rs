@@ -317,6 +317,7 @@ impl Fleet {
         let replication_metrics = metrics.replication.clone();
         let replicator = Replicator::start(view.clone(), key.clone(), replication_metrics.clone());
         let keys = session::Keys::new(&opts.prefix);
+        let replicas = ReplicaStore::new(view.clone());
         let task = tokio::spawn(session::run(opts, view.clone(), lease_tx, metrics, stop_rx));
         Self {
             view,
@@ -324,7 +325,7 @@ impl Fleet {
             links,
             address,
             replicator,
-            replicas: ReplicaStore::default(),
+            replicas,
             key,
             replication_metrics,
             keys,

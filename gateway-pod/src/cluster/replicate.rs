@@ -730,17 +730,48 @@ impl OwnerCopies {
 }
 
 /// The copies this pod keeps as a replica, by owner (shared with the driver, which adopts
-/// them).
-#[derive(Clone, Default)]
-pub struct ReplicaStore(Arc<Mutex<HashMap<MemberId, OwnerCopies>>>);
+/// them). The view counts them per shard ([`super::View::occupied`]).
+#[derive(Clone)]
+pub struct ReplicaStore {
+    copies: Arc<Mutex<HashMap<MemberId, OwnerCopies>>>,
+    view: SharedView,
+}
 
 impl ReplicaStore {
+    pub fn new(view: SharedView) -> Self {
+        Self {
+            copies: Arc::default(),
+            view,
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<MemberId, OwnerCopies>> {
-        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.copies
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn apply(&self, owner: MemberId, m: Message) {
-        self.lock().entry(owner).or_default().apply(m);
+        let mut all = self.lock();
+        let copies = all.entry(owner).or_default();
+        let before: Vec<Shard> = match &m {
+            Message::Sa { id, .. } | Message::Delete { id } => {
+                copies.sas.get(id).map(|c| c.shard).into_iter().collect()
+            }
+            Message::Reset => copies.sas.values().map(|c| c.shard).collect(),
+            _ => Vec::new(),
+        };
+        let added = match &m {
+            Message::Sa { shard, .. } => Some(*shard),
+            _ => None,
+        };
+        copies.apply(m);
+        for s in before {
+            self.view.count_copy(s, false);
+        }
+        if let Some(s) = added {
+            self.view.count_copy(s, true);
+        }
     }
 
     /// Takes out the copies `pick(owner, shard)` selects.
@@ -759,11 +790,26 @@ impl ReplicaStore {
                     for spi in c.sequences.keys() {
                         copies.by_spi.remove(spi);
                     }
+                    self.view.count_copy(c.shard, false);
                     out.push((*owner, c));
                 }
             }
         }
         all.retain(|_, c| !c.sas.is_empty());
+        out
+    }
+
+    /// The shards of the copies `pick(owner, shard)` selects.
+    pub fn shards(&self, pick: &impl Fn(MemberId, Shard) -> bool) -> Vec<Shard> {
+        let mut out: Vec<Shard> = self
+            .lock()
+            .iter()
+            .flat_map(|(o, c)| c.sas.values().map(move |s| (*o, s.shard)))
+            .filter(|(o, s)| pick(*o, *s))
+            .map(|(_, s)| s)
+            .collect();
+        out.sort_unstable();
+        out.dedup();
         out
     }
 
@@ -774,7 +820,13 @@ impl ReplicaStore {
 
     /// Forgets `owner`'s copies; returns how many there were.
     pub fn drop_owner(&self, owner: MemberId) -> usize {
-        self.lock().remove(&owner).map_or(0, |c| c.sas.len())
+        let Some(c) = self.lock().remove(&owner) else {
+            return 0;
+        };
+        for copy in c.sas.values() {
+            self.view.count_copy(copy.shard, false);
+        }
+        c.sas.len()
     }
 
     /// Copies held, all owners together.
@@ -1039,7 +1091,8 @@ mod tests {
 
     #[test]
     fn copies_follow_the_owner_and_never_move_a_ceiling_back() {
-        let store = ReplicaStore::default();
+        let view: SharedView = Arc::new(super::super::View::new());
+        let store = ReplicaStore::new(view.clone());
         let owner = MemberId(1);
         let shard = Shard::new(7).unwrap();
         store.apply(
@@ -1064,7 +1117,9 @@ mod tests {
                 top: 10,
             }]),
         );
+        assert!(view.occupied().contains(shard), "a copy makes its shard occupied");
         let taken = store.take(|o, s| o == owner && s == shard);
+        assert!(!view.occupied().contains(shard));
         assert_eq!(taken.len(), 1);
         assert_eq!(taken[0].1.sequences[&5], (100, 10));
         assert!(store.is_empty());

@@ -5,6 +5,8 @@
 use concentrator_crypto::{CryptoError, DhGroup, KeyExchange};
 use concentrator_ike::responder::{Entropy, SystemEntropy};
 
+use concentrator_fleet::Shard;
+
 use super::view::SharedView;
 
 /// The gateway's [`Entropy`]: the system's, and SPIs in our shards in a fleet.
@@ -29,18 +31,24 @@ impl Entropy for GatewayEntropy {
         SystemEntropy.key_exchange(group)
     }
 
-    fn spi(&mut self, buf: &mut [u8]) -> Result<(), CryptoError> {
+    fn spi(&mut self, buf: &mut [u8], near: Option<u64>) -> Result<(), CryptoError> {
         SystemEntropy.fill(buf)?;
         let Some(view) = &self.view else {
             return Ok(());
         };
-        let mut pick = [0u8; 8];
-        SystemEntropy.fill(&mut pick)?;
-        // No shard to allocate in (not joined yet, or every shard of ours is being moved):
-        // no SA can be started here, and the engine refuses it.
-        let shard = view
-            .pick_shard(u64::from_be_bytes(pick))
-            .ok_or(CryptoError::Internal)?;
+        let shard = match near {
+            // Every SPI of an IKE SA in the shard of its first: the shard is taken over (and
+            // handed over) with the whole IKE SA in it.
+            Some(spi) => Shard::of_ike_spi(spi),
+            None => {
+                let mut pick = [0u8; 8];
+                SystemEntropy.fill(&mut pick)?;
+                // No shard to allocate in (not joined yet, or every shard of ours is being
+                // moved): no SA can be started here, and the engine refuses it.
+                view.pick_shard(u64::from_be_bytes(pick))
+                    .ok_or(CryptoError::Internal)?
+            }
+        };
         match buf.len() {
             8 => {
                 let mut b = [0u8; 8];
@@ -61,5 +69,39 @@ impl Entropy for GatewayEntropy {
             _ => {}
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+
+    use concentrator_fleet::map::{Report, plan};
+    use concentrator_fleet::{MemberId, ShardMap};
+
+    use super::*;
+    use crate::cluster::View;
+
+    #[test]
+    fn every_spi_of_an_ike_sa_lands_in_the_shard_of_its_first() {
+        let view = Arc::new(View::new());
+        let reports: BTreeMap<_, _> = [(MemberId(0), Report::default())].into();
+        let map = plan(&ShardMap::new(), &reports).unwrap();
+        view.set_me(Some(MemberId(0)));
+        view.apply(&map, BTreeMap::new());
+        let mut e = GatewayEntropy::new(Some(view));
+        for _ in 0..50 {
+            let mut ike = [0u8; 8];
+            e.spi(&mut ike, None).unwrap();
+            let ike = u64::from_be_bytes(ike);
+            let mut esp = [0u8; 4];
+            e.spi(&mut esp, Some(ike)).unwrap();
+            let mut rekeyed = [0u8; 8];
+            e.spi(&mut rekeyed, Some(ike)).unwrap();
+            let shard = Shard::of_ike_spi(ike);
+            assert_eq!(Shard::of_esp_spi(u32::from_be_bytes(esp)), shard);
+            assert_eq!(Shard::of_ike_spi(u64::from_be_bytes(rekeyed)), shard);
+        }
     }
 }

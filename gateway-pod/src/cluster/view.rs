@@ -47,6 +47,10 @@ pub struct View {
     /// Until when (seconds since `born`) each shard counts as occupied because an SPI was
     /// drawn in it ([`PICK_HOLD`]).
     picked_until: Box<[AtomicU32]>,
+    /// Copies of other members' IKE SAs held here as their replica, per shard: a shard
+    /// given to us in a take-over holds SAs from the moment the map says so, before the
+    /// driver has adopted them.
+    copies: Box<[AtomicU32]>,
     born: Instant,
     inner: RwLock<Inner>,
 }
@@ -77,6 +81,7 @@ impl View {
             map_version: AtomicU64::new(0),
             live: (0..n).map(|_| AtomicBool::new(false)).collect(),
             picked_until: (0..n).map(|_| AtomicU32::new(0)).collect(),
+            copies: (0..n).map(|_| AtomicU32::new(0)).collect(),
             born: Instant::now(),
             inner: RwLock::default(),
         }
@@ -149,9 +154,24 @@ impl View {
         // Marked under the read lock: a new map (which takes the write lock) is applied
         // either before the pick (and the shard was allocatable in it) or after the mark
         // (and the report made at its version includes the shard).
+        self.hold(shard);
+        Some(shard)
+    }
+
+    /// Counts `shard` as occupied for [`PICK_HOLD`]: an SA is being put there.
+    pub fn hold(&self, shard: Shard) {
         let until = self.seconds() + PICK_HOLD.as_secs() as u32;
         self.picked_until[shard.index()].fetch_max(until, Ordering::AcqRel);
-        Some(shard)
+    }
+
+    /// One more (`true`) or one fewer copy of another member's IKE SA in `shard`.
+    pub(super) fn count_copy(&self, shard: Shard, more: bool) {
+        let c = &self.copies[shard.index()];
+        if more {
+            c.fetch_add(1, Ordering::AcqRel);
+        } else {
+            let _ = c.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        }
     }
 
     fn seconds(&self) -> u32 {
@@ -203,14 +223,16 @@ impl View {
         }
     }
 
-    /// The shards the leader must not move away from us: those we hold SAs in, and those
-    /// an SPI was drawn in lately.
+    /// The shards the leader must not move away from us: those we hold SAs in, those an
+    /// SPI was drawn in lately, and those we hold copies of SAs in (ours to adopt if the
+    /// map gives them to us).
     pub fn occupied(&self) -> ShardSet {
         let now = self.seconds();
         Shard::all()
             .filter(|s| {
                 self.picked_until[s.index()].load(Ordering::Acquire) > now
                     || self.live[s.index()].load(Ordering::Acquire)
+                    || self.copies[s.index()].load(Ordering::Acquire) > 0
             })
             .collect()
     }

@@ -144,8 +144,28 @@ impl Driver {
         let view = f.view.clone();
         let members = view.members();
         let store: ReplicaStore = r.store.clone();
-        let copies =
-            store.take(|owner, shard| view.owner(shard) == Some(me) && !members.contains_key(&owner));
+        let adopt =
+            |owner: MemberId, shard: Shard| view.owner(shard) == Some(me) && !members.contains_key(&owner);
+        // Held before the copies leave the store: the shard must read as occupied all along
+        // (a shard that looks empty may be moved away by the leader).
+        for shard in store.shards(&adopt) {
+            view.hold(shard);
+        }
+        let copies = store.take(adopt);
+        // Copies of a member that is gone whose shard went to another live member: that one
+        // carries the SA on (or the site reconnects there); ours are stale.
+        let stale = store.take(|owner, shard| {
+            !members.contains_key(&owner)
+                && view
+                    .owner(shard)
+                    .is_some_and(|o| o != me && members.contains_key(&o))
+        });
+        if !stale.is_empty() {
+            tracing::info!(
+                copies = stale.len(),
+                "copies of a gone member's SAs dropped: their shards went to another member"
+            );
+        }
         r.metrics.copies.set(store.len() as i64);
         for (owner, copy) in copies {
             self.adopt(owner, copy, now);

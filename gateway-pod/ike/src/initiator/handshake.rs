@@ -191,7 +191,7 @@ impl Initiator {
         )?;
         let mut session = Session::for_initiator(ike);
         // SPIs 1..=255 are reserved by IANA (RFC 4303 §2.1).
-        let spi_bytes = random_spi::<4>(entropy, 256)?;
+        let spi_bytes = random_spi::<4>(entropy, 256, Some(h.spi_i))?;
         let psk = self.psk.as_ref().ok_or(Error::WrongState("PSK gone"))?;
         // RFC 7296 §2.15: the initiator signs its first message (the IKE_SA_INIT request that
         // was answered, with the cookie if any), Nr and prf(SK_pi, IDi').

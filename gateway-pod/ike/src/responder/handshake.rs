@@ -112,7 +112,7 @@ impl Responder {
         let g_ir = kex.compute_shared(ke.data)?;
         let mut nr = vec![0u8; NONCE_LEN];
         entropy.fill(&mut nr)?;
-        let spi_r = u64::from_be_bytes(random_spi::<8>(entropy, 1)?);
+        let spi_r = u64::from_be_bytes(random_spi::<8>(entropy, 1, None)?);
         let prf = Prf::new(choice.prf);
         let keys = IkeSaKeys::from_ike_sa_init(
             prf,
@@ -417,7 +417,7 @@ impl Responder {
             }
             Ok((esp, ts_remote, ts_local)) => {
                 // SPIs 1..=255 are reserved by IANA (RFC 4303 §2.1).
-                let spi_in = random_spi::<4>(entropy, 256)?;
+                let spi_in = random_spi::<4>(entropy, 256, Some(sa.spi_r))?;
                 payloads.push(Payload::Sa(esp.to_sa(&spi_in)));
                 payloads.push(Payload::TsI(Ts {
                     selectors: ts_remote.clone(),

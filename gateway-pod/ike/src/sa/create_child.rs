@@ -264,7 +264,7 @@ fn new_child(
 
     let mut nr = vec![0u8; NONCE_LEN];
     entropy.fill(&mut nr)?;
-    let spi_in = fresh_child_spi(entropy, cx.children)?;
+    let spi_in = fresh_child_spi(entropy, cx.children, cx.sa.our_spi())?;
     let (ke_r, g_ir) = match peer_ke {
         None => (None, None),
         Some((g, data)) => {
@@ -313,9 +313,9 @@ fn new_child(
 
 /// A random inbound SPI that no CHILD SA of this IKE SA uses (SPIs 1..=255 are reserved by
 /// IANA, RFC 4303 §2.1).
-fn fresh_child_spi(entropy: &mut dyn Entropy, children: &[ChildRef]) -> Result<[u8; 4], Error> {
+fn fresh_child_spi(entropy: &mut dyn Entropy, children: &[ChildRef], near: u64) -> Result<[u8; 4], Error> {
     for _ in 0..16 {
-        let spi = random_spi::<4>(entropy, 256)?;
+        let spi = random_spi::<4>(entropy, 256, Some(near))?;
         if !children.iter().any(|c| c.spi_in == u32::from_be_bytes(spi)) {
             return Ok(spi);
         }
@@ -324,9 +324,9 @@ fn fresh_child_spi(entropy: &mut dyn Entropy, children: &[ChildRef]) -> Result<[
 }
 
 /// A random IKE SPI other than the one being replaced (zero is invalid, RFC 7296 §3.1).
-fn fresh_ike_spi(entropy: &mut dyn Entropy, old: u64) -> Result<[u8; 8], Error> {
+fn fresh_ike_spi(entropy: &mut dyn Entropy, old: u64, near: u64) -> Result<[u8; 8], Error> {
     for _ in 0..16 {
-        let spi = random_spi::<8>(entropy, 1)?;
+        let spi = random_spi::<8>(entropy, 1, Some(near))?;
         if u64::from_be_bytes(spi) != old {
             return Ok(spi);
         }
@@ -435,7 +435,7 @@ fn rekey_ike(
     let g_ir = kex.compute_shared(ke.data)?;
     let mut nr = vec![0u8; NONCE_LEN];
     entropy.fill(&mut nr)?;
-    let spi_r = fresh_ike_spi(entropy, cx.sa.spi_r)?;
+    let spi_r = fresh_ike_spi(entropy, cx.sa.spi_r, cx.sa.our_spi())?;
     // RFC 7296 §2.18: "SKEYSEED = prf(SK_d (old), g^ir (new) | Ni | Nr)" with the old SA's
     // PRF, then the SK_* keys as in §2.14 "using SPIi, SPIr, Ni, and Nr from the new
     // exchange, and using the new IKE SA's PRF".

@@ -143,10 +143,14 @@ pub trait Entropy {
     /// A fresh ephemeral key pair for `group`.
     fn key_exchange(&mut self, group: DhGroup) -> Result<KeyExchange, CryptoError>;
 
-    /// Fills `buf` with one of our SPIs: 8 bytes for an IKE SPI, 4 for an inbound ESP SPI.
+    /// Fills `buf` with one of our SPIs: 8 bytes for an IKE SPI, 4 for an inbound ESP SPI;
+    /// `near` is our IKE SPI of the IKE SA the new one belongs to (`None` for a new IKE SA).
     /// Random by default; a fleet of gateways writes the shard of the SPI's owner into its
-    /// top bits, so that any member routes the SA's packets from the SPI alone.
-    fn spi(&mut self, buf: &mut [u8]) -> Result<(), CryptoError> {
+    /// top bits, so that any member routes the SA's packets from the SPI alone, and keeps
+    /// every SPI of one IKE SA in one shard (its CHILD SAs, its rekeys), so that the shard
+    /// moves, and is taken over, with everything of the IKE SA in it.
+    fn spi(&mut self, buf: &mut [u8], near: Option<u64>) -> Result<(), CryptoError> {
+        let _ = near;
         self.fill(buf)
     }
 }
@@ -289,14 +293,16 @@ impl ChildRef {
     }
 }
 
-/// A random SPI of at least `min`; a generator that keeps producing smaller values is broken.
+/// A random SPI of at least `min` (`near`: see [`Entropy::spi`]); a generator that keeps
+/// producing smaller values is broken.
 pub(crate) fn random_spi<const N: usize>(
     entropy: &mut dyn Entropy,
     min: u64,
+    near: Option<u64>,
 ) -> Result<[u8; N], CryptoError> {
     for _ in 0..16 {
         let mut b = [0u8; N];
-        entropy.spi(&mut b)?;
+        entropy.spi(&mut b, near)?;
         let v = b.iter().fold(0u64, |acc, x| (acc << 8) | u64::from(*x));
         if v >= min {
             return Ok(b);

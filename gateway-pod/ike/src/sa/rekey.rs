@@ -103,12 +103,13 @@ impl ChildRekey {
         old: ChildRef,
         esp: &[EspProposal],
         children: &[ChildRef],
+        near: u64,
         entropy: &mut dyn Entropy,
     ) -> Result<Self, Error> {
         let mut spi_in = None;
         for _ in 0..16 {
             // SPIs 1..=255 are reserved by IANA (RFC 4303 §2.1).
-            let spi = random_spi::<4>(entropy, 256)?;
+            let spi = random_spi::<4>(entropy, 256, Some(near))?;
             if !children.iter().any(|c| c.spi_in == u32::from_be_bytes(spi)) {
                 spi_in = Some(spi);
                 break;
@@ -340,10 +341,12 @@ pub(crate) struct IkeRekey {
 }
 
 impl IkeRekey {
-    /// Prepares the rekey of the IKE SA whose SPIs are `old` (the new SPI differs from both).
+    /// Prepares the rekey of the IKE SA whose SPIs are `old` (the new SPI differs from both;
+    /// `near`: our SPI of it, see [`Entropy::spi`]).
     pub(crate) fn start(
         ours: &[IkeProposal],
         old: (u64, u64),
+        near: u64,
         entropy: &mut dyn Entropy,
     ) -> Result<Self, Error> {
         let group = ours
@@ -354,7 +357,7 @@ impl IkeRekey {
         let mut spi_i = None;
         for _ in 0..16 {
             // RFC 7296 §3.1: an SPI is never zero.
-            let spi = random_spi::<8>(entropy, 1)?;
+            let spi = random_spi::<8>(entropy, 1, Some(near))?;
             let v = u64::from_be_bytes(spi);
             if v != old.0 && v != old.1 {
                 spi_i = Some(spi);
@@ -467,7 +470,13 @@ pub(crate) fn start_ike_due(
     if !session.can_start_request() || !rekey_at.is_some_and(|t| now >= t) {
         return None;
     }
-    let started = IkeRekey::start(proposals, (session.sa.spi_i, session.sa.spi_r), entropy).and_then(|r| {
+    let started = IkeRekey::start(
+        proposals,
+        (session.sa.spi_i, session.sa.spi_r),
+        session.sa.our_spi(),
+        entropy,
+    )
+    .and_then(|r| {
         let d = session
             .start_request(
                 ExchangeType::CREATE_CHILD_SA,
@@ -561,7 +570,7 @@ pub(crate) fn start_due(
         .iter()
         .position(|c| c.rekey_at.is_some_and(|t| now >= t))?;
     let old = children.get(i).copied()?;
-    let started = ChildRekey::start(old, p.esp, children, entropy).and_then(|r| {
+    let started = ChildRekey::start(old, p.esp, children, session.sa.our_spi(), entropy).and_then(|r| {
         let datagram = session
             .start_request(
                 ExchangeType::CREATE_CHILD_SA,
