@@ -430,6 +430,29 @@ impl Fleet {
         }
     }
 
+    /// Freezes pod `i`'s gateway (SIGSTOP), as a stalled node or a paused VM would: it
+    /// neither answers nor sends, and wakes up later with its old state ([`Self::thaw_pod`]).
+    pub fn freeze_pod(&self, i: usize) -> Result<()> {
+        self.signal_pod(i, "-STOP")
+    }
+
+    /// Wakes a frozen pod (SIGCONT).
+    pub fn thaw_pod(&self, i: usize) -> Result<()> {
+        self.signal_pod(i, "-CONT")
+    }
+
+    fn signal_pod(&self, i: usize, signal: &str) -> Result<()> {
+        let pid = self.pods[i]
+            .daemon
+            .as_ref()
+            .with_context(|| format!("pod {i} does not run"))?
+            .pid()
+            .to_string();
+        let mut cmd = Command::new("kill");
+        cmd.args([signal, &pid]);
+        crate::process::run(&mut cmd, crate::process::COMMAND_TIMEOUT).map(drop)
+    }
+
     /// Waits until every running pod counts `members` members and exactly one of them is
     /// the leader.
     pub fn wait_members(&mut self, members: usize, timeout: Duration) -> Result<()> {

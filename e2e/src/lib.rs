@@ -22,12 +22,14 @@
 //! dirs, kept with `E2E_KEEP=1`), [`logs`] (log tails for error messages), [`blast`] (a
 //! many-flow TCP load generator and sink, lighter than one iperf3 pair per flow),
 //! [`topology`] (the site's and the gateway's addresses and identities most tests use),
-//! [`ping`] (a background ping and its loss).
+//! [`ping`] (a background ping and its loss), [`capture`] (tcpdump, and the ESP sequence
+//! numbers a capture saw).
 //!
 //! All calls are blocking (`std::process`); they are short and fine to call from
 //! `#[tokio::test]` bodies.
 
 pub mod blast;
+pub mod capture;
 pub mod etcd;
 pub mod fleet;
 pub mod gateway;

@@ -90,6 +90,8 @@ fn is_executable(path: &Path) -> bool {
 pub const IP: Tool = Tool::search("ip", "iproute2");
 /// `ping`.
 pub const PING: Tool = Tool::search("ping", "iputils-ping");
+/// Packet captures (the fleet's sequence-number checks).
+pub const TCPDUMP: Tool = Tool::search("tcpdump", "tcpdump");
 /// `unshare` (private mount namespace for charon's `/run`).
 pub const UNSHARE: Tool = Tool::search("unshare", "util-linux");
 /// `mount` (tmpfs on `/run` inside charon's mount namespace).

@@ -25,7 +25,7 @@ use crate::wire::FleetKey;
 
 const MAGIC: &[u8; 4] = b"CRP1";
 /// Length of a [`Hello`] on the wire.
-pub const HELLO_LEN: usize = 4 + 2 + 16;
+pub const HELLO_LEN: usize = 4 + 2 + 8 + 16;
 const TAG_LEN: usize = 16;
 /// The longest record body (an IKE SA snapshot with its CHILD SAs is a few KiB).
 pub const MAX_RECORD: usize = 1 << 20;
@@ -52,11 +52,15 @@ pub enum ReplicationError {
     Exhausted,
 }
 
-/// The clear greeting of each side.
+/// The clear greeting of each side (authenticated by the keys, which derive from both).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Hello {
     /// Who speaks.
     pub member: MemberId,
+    /// Its etcd lease: a stream is the owner's only while this lease is its membership, so
+    /// an owner that was fenced (its lease revoked) and comes back cannot have its old
+    /// stream acknowledged.
+    pub lease: i64,
     /// Drawn at random for this connection.
     pub random: [u8; 16],
 }
@@ -67,7 +71,8 @@ impl Hello {
         let mut out = [0u8; HELLO_LEN];
         out[..4].copy_from_slice(MAGIC);
         out[4..6].copy_from_slice(&self.member.0.to_be_bytes());
-        out[6..].copy_from_slice(&self.random);
+        out[6..14].copy_from_slice(&self.lease.to_be_bytes());
+        out[14..].copy_from_slice(&self.random);
         out
     }
 
@@ -76,10 +81,13 @@ impl Hello {
         if b.len() != HELLO_LEN || &b[..4] != MAGIC {
             return Err(ReplicationError::Hello);
         }
+        let mut lease = [0u8; 8];
+        lease.copy_from_slice(&b[6..14]);
         let mut random = [0u8; 16];
-        random.copy_from_slice(&b[6..]);
+        random.copy_from_slice(&b[14..]);
         Ok(Self {
             member: MemberId(u16::from_be_bytes([b[4], b[5]])),
+            lease: i64::from_be_bytes(lease),
             random,
         })
     }
@@ -109,8 +117,8 @@ pub fn records(
 ) -> Result<(Records, Records), ReplicationError> {
     let (c, s) = if client { (mine, theirs) } else { (theirs, mine) };
     let derive = |direction: &[u8]| -> Result<Records, ReplicationError> {
-        let (ci, si) = (c.member.0.to_be_bytes(), s.member.0.to_be_bytes());
-        let info: [&[u8]; 6] = [b"replication", &ci, &c.random, &si, &s.random, direction];
+        let (ci, si) = (c.encode(), s.encode());
+        let info: [&[u8]; 4] = [b"replication", &ci, &si, direction];
         let okm = key
             .prk()
             .expand(&info, &AES_256_GCM)
@@ -387,6 +395,7 @@ mod tests {
     fn hello(m: u16, r: u8) -> Hello {
         Hello {
             member: MemberId(m),
+            lease: 7,
             random: [r; 16],
         }
     }
@@ -458,6 +467,13 @@ mod tests {
         let (_, mut later) = records(&key(3), false, &hello(2, 5), &a).unwrap();
         assert_eq!(
             later.open(&mut wire.clone()[4..]),
+            Err(ReplicationError::Authentication)
+        );
+        // A hello altered on the way (another lease): other keys.
+        let relabelled = Hello { lease: 8, ..a };
+        let (_, mut other) = records(&key(3), false, &b, &relabelled).unwrap();
+        assert_eq!(
+            other.open(&mut wire.clone()[4..]),
             Err(ReplicationError::Authentication)
         );
         let (_, mut rx) = records(&key(3), false, &b, &a).unwrap();

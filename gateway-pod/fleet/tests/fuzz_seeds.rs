@@ -58,14 +58,16 @@ fn write_fleet_fuzz_seeds() {
     write("frame", 2, &frame);
 
     // A replication record as the fuzz target's fixed connection reads it (client 1 to
-    // server 2, random bytes 1 and 2).
+    // server 2, leases and random bytes 1 and 2).
     let (c, s) = (
         Hello {
             member: MemberId(1),
+            lease: 1,
             random: [1; 16],
         },
         Hello {
             member: MemberId(2),
+            lease: 2,
             random: [2; 16],
         },
     );

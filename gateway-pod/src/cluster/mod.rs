@@ -315,7 +315,12 @@ impl Fleet {
         let address = opts.address;
         let key = opts.key.clone();
         let replication_metrics = metrics.replication.clone();
-        let replicator = Replicator::start(view.clone(), key.clone(), replication_metrics.clone());
+        let replicator = Replicator::start(
+            view.clone(),
+            key.clone(),
+            replication_metrics.clone(),
+            claims.sessions(),
+        );
         let keys = session::Keys::new(&opts.prefix);
         let replicas = ReplicaStore::new(view.clone());
         let task = tokio::spawn(session::run(opts, view.clone(), lease_tx, metrics, stop_rx));

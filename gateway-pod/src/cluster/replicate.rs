@@ -162,15 +162,29 @@ pub struct Replicator {
     tx: mpsc::UnboundedSender<ReplicaUpdate>,
 }
 
+/// The etcd sessions of this pod, one after another.
+pub(super) type Sessions = tokio::sync::watch::Receiver<Option<super::SessionLease>>;
+
+/// The lease of the current session, if there is one.
+fn current_lease(sessions: &Sessions) -> Option<i64> {
+    sessions.borrow().as_ref().map(super::SessionLease::lease_id)
+}
+
 impl Replicator {
     /// Starts the replicator task.
-    pub fn start(view: SharedView, key: FleetKey, metrics: ReplicationMetrics) -> Self {
+    pub(super) fn start(
+        view: SharedView,
+        key: FleetKey,
+        metrics: ReplicationMetrics,
+        sessions: Sessions,
+    ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(
             Owner {
                 view,
                 key,
                 metrics,
+                sessions,
                 held: HashMap::new(),
                 links: HashMap::new(),
                 last_tops: Instant::now(),
@@ -237,6 +251,7 @@ struct Owner {
     view: SharedView,
     key: FleetKey,
     metrics: ReplicationMetrics,
+    sessions: Sessions,
     held: HashMap<u64, Held>,
     links: HashMap<MemberId, LinkHandle>,
     last_tops: Instant,
@@ -363,6 +378,7 @@ impl Owner {
                     self.view.clone(),
                     self.key.clone(),
                     self.metrics.clone(),
+                    self.sessions.clone(),
                 )
             });
             let connection = link.connection.load(Ordering::Acquire);
@@ -470,30 +486,40 @@ fn spawn_link(
     view: SharedView,
     key: FleetKey,
     metrics: ReplicationMetrics,
+    sessions: Sessions,
 ) -> LinkHandle {
     let (tx, rx) = mpsc::unbounded_channel();
     let connection = Arc::new(AtomicU64::new(0));
-    tokio::spawn(link(me, peer, view, key, metrics, rx, connection.clone()));
+    tokio::spawn(link(
+        (me, peer),
+        view,
+        key,
+        metrics,
+        sessions,
+        rx,
+        connection.clone(),
+    ));
     LinkHandle { tx, connection }
 }
 
-/// The connection to one replica, made again whenever it breaks.
+/// The connection to one replica, made again whenever it breaks or our etcd session
+/// changes (a stream counts only under the lease it was opened with).
 async fn link(
-    me: MemberId,
-    peer: MemberId,
+    (me, peer): (MemberId, MemberId),
     view: SharedView,
     key: FleetKey,
     metrics: ReplicationMetrics,
+    sessions: Sessions,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
     connection: Arc<AtomicU64>,
 ) {
     loop {
-        if let Some(addr) = view.address(peer) {
-            match connect(me, addr, &key).await {
+        if let (Some(addr), Some(lease)) = (view.address(peer), current_lease(&sessions)) {
+            match connect(me, lease, addr, &key).await {
                 Ok((stream, tx, rxr)) => {
                     tracing::debug!(member = %peer, %addr, "replication stream open");
                     connection.fetch_add(1, Ordering::AcqRel);
-                    let r = stream_to(stream, tx, rxr, &mut rx, &metrics).await;
+                    let r = stream_to(stream, (tx, rxr), &mut rx, &metrics, (&sessions, lease)).await;
                     if let Err(e) = r {
                         tracing::debug!(member = %peer, error = %e, "replication stream ended");
                     }
@@ -521,14 +547,24 @@ enum StreamError {
     Timeout,
     #[error("unexpected message from the replica")]
     Unexpected,
+    #[error("the stream's member lease is not (or no longer) its membership")]
+    Stale,
 }
 
-async fn hello_exchange(stream: &mut TcpStream, me: MemberId) -> Result<(Hello, Hello), StreamError> {
+async fn hello_exchange(
+    stream: &mut TcpStream,
+    me: MemberId,
+    lease: i64,
+) -> Result<(Hello, Hello), StreamError> {
     let mut random = [0u8; 16];
     // Fixed bytes would give two connections one key, and their counters the same nonces.
     concentrator_crypto::util::fill_random(&mut random)
         .map_err(|_| std::io::Error::other("no system randomness for the replication hello"))?;
-    let mine = Hello { member: me, random };
+    let mine = Hello {
+        member: me,
+        lease,
+        random,
+    };
     stream.write_all(&mine.encode()).await?;
     let mut theirs = [0u8; HELLO_LEN];
     tokio::time::timeout(HELLO_TIMEOUT, stream.read_exact(&mut theirs))
@@ -539,6 +575,7 @@ async fn hello_exchange(stream: &mut TcpStream, me: MemberId) -> Result<(Hello, 
 
 async fn connect(
     me: MemberId,
+    lease: i64,
     addr: SocketAddr,
     key: &FleetKey,
 ) -> Result<(TcpStream, Records, Records), StreamError> {
@@ -546,7 +583,7 @@ async fn connect(
         .await
         .map_err(|_| StreamError::Timeout)??;
     stream.set_nodelay(true)?;
-    let (mine, theirs) = hello_exchange(&mut stream, me).await?;
+    let (mine, theirs) = hello_exchange(&mut stream, me, lease).await?;
     let (tx, rx) = records(key, true, &mine, &theirs)?;
     Ok((stream, tx, rx))
 }
@@ -563,10 +600,10 @@ async fn read_record(r: &mut (impl AsyncReadExt + Unpin), buf: &mut Vec<u8>) -> 
 /// Sends the owner's messages on one connection and applies the replica's acknowledgements.
 async fn stream_to(
     stream: TcpStream,
-    mut tx: Records,
-    mut rxr: Records,
+    (mut tx, mut rxr): (Records, Records),
     rx: &mut mpsc::UnboundedReceiver<Outgoing>,
     metrics: &ReplicationMetrics,
+    (sessions, lease): (&Sessions, i64),
 ) -> Result<(), StreamError> {
     let (mut read, mut write) = stream.into_split();
     let mut sent: u64 = 0;
@@ -638,6 +675,9 @@ async fn stream_to(
                 }
             }
             _ = idle.tick() => {
+                if current_lease(sessions) != Some(lease) {
+                    return Err(StreamError::Stale);
+                }
                 send(&Message::Heartbeat, "heartbeat", &mut out, &mut tx)?;
                 sent += 1;
                 write.write_all(&out).await?;
@@ -881,6 +921,7 @@ pub(super) async fn serve(
                     StreamError::Replication(_) => "malformed",
                     StreamError::Timeout => "timeout",
                     StreamError::Unexpected => "unexpected",
+                    StreamError::Stale => "stale_owner",
                 };
                 if reason != "closed" {
                     ReplicationMetrics::count(&metrics.refused, reason, 1);
@@ -900,16 +941,30 @@ async fn serve_one(
     heard: &Heard,
 ) -> Result<(), StreamError> {
     let me = view.me().ok_or(StreamError::Unexpected)?;
+    let lease = view.lease_of(me).ok_or(StreamError::Unexpected)?;
     stream.set_nodelay(true)?;
-    let (mine, theirs) = hello_exchange(&mut stream, me).await?;
+    let (mine, theirs) = hello_exchange(&mut stream, me, lease).await?;
     if theirs.member == me {
         return Err(StreamError::Unexpected);
+    }
+    // Only a member, under the lease that is its membership now: an owner that was fenced
+    // and comes back must not have a ceiling acknowledged after its SAs were taken over.
+    if view.lease_of(theirs.member) != Some(theirs.lease) {
+        return Err(StreamError::Stale);
     }
     let owner = theirs.member;
     let (mut tx, mut rx) = records(key, false, &mine, &theirs)?;
     // A probe (see `watch_owners`) says hello and closes: only a stream whose first record
     // opens counts as the owner's.
-    let r = serve_records(owner, &mut stream, &mut tx, &mut rx, store, metrics, heard).await;
+    let r = serve_records(
+        (owner, theirs.lease),
+        &mut stream,
+        (&mut tx, &mut rx),
+        (view, store),
+        metrics,
+        heard,
+    )
+    .await;
     if let Some(h) = heard
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -921,11 +976,10 @@ async fn serve_one(
 }
 
 async fn serve_records(
-    owner: MemberId,
+    (owner, lease): (MemberId, i64),
     stream: &mut TcpStream,
-    tx: &mut Records,
-    rx: &mut Records,
-    store: &ReplicaStore,
+    (tx, rx): (&mut Records, &mut Records),
+    (view, store): (&SharedView, &ReplicaStore),
     metrics: &ReplicationMetrics,
     heard: &Heard,
 ) -> Result<(), StreamError> {
@@ -936,6 +990,9 @@ async fn serve_records(
     loop {
         read_record(&mut read, &mut buf).await?;
         let m = Message::decode(rx.open(&mut buf)?)?;
+        if view.lease_of(owner) != Some(lease) {
+            return Err(StreamError::Stale);
+        }
         heard
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -962,11 +1019,15 @@ async fn serve_records(
 
 /// Revokes a member's lease through the current etcd session.
 pub(super) struct Revoker {
-    pub(super) session: tokio::sync::watch::Receiver<Option<super::SessionLease>>,
+    pub(super) session: Sessions,
     pub(super) keys: super::session::Keys,
 }
 
 impl Revoker {
+    fn lease(&self) -> Option<i64> {
+        current_lease(&self.session)
+    }
+
     async fn revoke(&self, member: MemberId) -> Result<bool, super::FleetError> {
         let session = self.session.borrow().clone();
         let Some(s) = session else {
@@ -977,10 +1038,10 @@ impl Revoker {
 }
 
 /// Whether the member at `addr` answers a replication hello in time.
-async fn answers(me: MemberId, addr: SocketAddr) -> bool {
+async fn answers(me: MemberId, lease: i64, addr: SocketAddr) -> bool {
     let probe = async {
         let mut stream = TcpStream::connect(addr).await?;
-        hello_exchange(&mut stream, me).await
+        hello_exchange(&mut stream, me, lease).await
     };
     matches!(tokio::time::timeout(PROBE_TIMEOUT, probe).await, Ok(Ok(_)))
 }
@@ -1031,7 +1092,8 @@ async fn watch_owners(
             }
             probed.insert(owner, Instant::now());
             let Some(addr) = view.address(owner) else { continue };
-            if answers(me, addr).await {
+            let Some(lease) = revoker.lease() else { continue };
+            if answers(me, lease, addr).await {
                 // Alive, and not replicating to us: the copies are stale.
                 let dropped = store.drop_owner(owner);
                 metrics.copies.set(store.len() as i64);

@@ -61,6 +61,8 @@ impl Keys {
 #[derive(Default)]
 struct State {
     members: BTreeMap<MemberId, MemberRecord>,
+    /// Each member's lease (of its record).
+    leases: BTreeMap<MemberId, i64>,
     map: ShardMap,
     /// The leader key's value and lease.
     leader: Option<(MemberId, i64)>,
@@ -92,16 +94,19 @@ impl State {
         } else if let Some(id) = key.strip_prefix(keys.members.as_bytes()).and_then(parse_id) {
             if deleted {
                 self.members.remove(&id);
+                self.leases.remove(&id);
                 return;
             }
             match MemberRecord::decode(kv.value()) {
                 Ok(r) => {
                     self.members.insert(id, r);
+                    self.leases.insert(id, kv.lease());
                 }
                 Err(e) => {
                     metrics.count_bad_record("member");
                     tracing::warn!(member = %id, error = %e, "a member record does not decode: member ignored");
                     self.members.remove(&id);
+                    self.leases.remove(&id);
                 }
             }
         }
@@ -244,6 +249,7 @@ async fn session(
         if !state.members.contains_key(&me) && written.is_some() {
             return Err(FleetError::LeaseLost);
         }
+        view.set_leases(state.leases.clone());
         view.apply(&state.map, state.members.clone());
         metrics.members.set(state.members.len() as i64);
         let record = record(opts, view);

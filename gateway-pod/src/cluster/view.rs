@@ -61,6 +61,7 @@ struct Inner {
     /// The members that may take new sites (own a shard they allocate in), in ID order.
     allocating: Vec<MemberId>,
     members: BTreeMap<MemberId, MemberRecord>,
+    leases: BTreeMap<MemberId, i64>,
 }
 
 impl Default for View {
@@ -191,6 +192,16 @@ impl View {
             .copied()
     }
 
+    /// Each member's etcd lease.
+    pub(super) fn set_leases(&self, leases: BTreeMap<MemberId, i64>) {
+        self.inner.write().unwrap_or_else(|e| e.into_inner()).leases = leases;
+    }
+
+    /// The etcd lease member `m` holds its membership under, if it is a member.
+    pub fn lease_of(&self, m: MemberId) -> Option<i64> {
+        self.read().leases.get(&m).copied()
+    }
+
     /// Applies a new shard map and member set.
     pub(super) fn apply(&self, map: &ShardMap, members: BTreeMap<MemberId, MemberRecord>) {
         for s in Shard::all() {
@@ -208,11 +219,9 @@ impl View {
             .filter(|m| members.contains_key(m))
             .collect();
         let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
-        *inner = Inner {
-            allocatable,
-            allocating,
-            members,
-        };
+        inner.allocatable = allocatable;
+        inner.allocating = allocating;
+        inner.members = members;
         self.map_version.store(map.version(), Ordering::Release);
     }
 

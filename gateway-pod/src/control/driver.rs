@@ -182,7 +182,6 @@ impl Driver {
                 }
             }
             self.flush().await;
-            self.replicate_changed();
         }
         dataplane_task.abort();
         self.routes.shutdown().await;
@@ -225,16 +224,23 @@ impl Driver {
         tracing::debug!(%remote, error = %e, "IKE message dropped");
     }
 
-    /// Sends what the engine queued and acts on its events.
+    /// Acts on the engine's events and sends what it queued. In a fleet, the SAs the
+    /// engine touched go to their replicas first: the copy that could carry an SA on knows
+    /// of a request (its Message ID) before the peer can answer it.
     async fn flush(&mut self) {
+        let mut out = Vec::new();
         loop {
             while let Some(t) = self.endpoint.poll_transmit() {
-                self.send(t).await;
+                out.push(t);
             }
             let Some(event) = self.endpoint.poll_event() else {
                 break;
             };
             self.event(event);
+        }
+        self.replicate_changed();
+        for t in out {
+            self.send(t).await;
         }
         let counts = self.endpoint.counts();
         let m = &self.gateway.metrics;

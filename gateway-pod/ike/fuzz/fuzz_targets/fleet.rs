@@ -37,6 +37,7 @@ fuzz_target!(|data: &[u8]| {
             let key = FleetKey::new(&[7; 32]).unwrap();
             let hello = |m, r| Hello {
                 member: MemberId(m),
+                lease: i64::from(r),
                 random: [r; 16],
             };
             let (_, mut rx) = records(&key, false, &hello(2, 2), &hello(1, 1)).unwrap();
