@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 
 ensure_packages build-essential pkg-config ca-certificates \
     strongswan-charon strongswan-swanctl libcharon-extra-plugins \
-    mariadb-server etcd-server nftables conntrack iproute2 iperf3 iputils-ping procps python3 curl \
+    mariadb-server etcd-server nftables conntrack iproute2 iperf3 iputils-ping procps python3 curl tcpdump \
     protobuf-compiler libprotobuf-dev libstrongswan-standard-plugins
 ensure_rust
 # Debian's mariadb-server and etcd-server packages start system services; the tests start

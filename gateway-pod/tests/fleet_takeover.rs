@@ -4,6 +4,8 @@
 //! and the front drops its endpoint, as kube-proxy would once the pod is gone. Every site
 //! carries traffic again within the lease TTL and a second, with the same IKE SA (its SPIs
 //! unchanged: no site renegotiated), through the member that holds the dead pod's copy.
+//! Once the adopted SAs have their copies on the last member, the busiest of the two left
+//! is killed too, and every tunnel lives on in the one pod left.
 //!
 //! A capture on the sites' WAN checks that the fleet never sent one (SPI, sequence number)
 //! pair twice: with AES-GCM that would reuse a nonce under one key. The same with the owner
@@ -181,6 +183,62 @@ fn check_no_sequence_reuse(fleet: &Fleet, capture: Capture) -> Result<()> {
     Ok(())
 }
 
+/// Kills `victim` while every site pings, drops its endpoint from the front, and checks
+/// that every site's longest gap stays within the lease TTL and a second.
+fn kill_and_measure(
+    fleet: &mut Fleet,
+    started: &[Site],
+    owners: &[usize],
+    victim: usize,
+    round: &str,
+) -> Result<Vec<Duration>> {
+    let n = started.len();
+    let held = owners.iter().filter(|o| **o == victim).count();
+    let pings: Vec<Ping> = started
+        .iter()
+        .map(|s| {
+            let log = fleet.dir().join(format!("ping-{round}-site{}.log", s.n()));
+            Ping::start(s.ns(), s.host(), addr(GW_HOST), PING_EVERY, PINGING, &log)
+        })
+        .collect::<Result<_>>()?;
+    std::thread::sleep(KILL_AFTER);
+    let killed = Instant::now();
+    fleet.kill_pod(victim);
+    fleet.front().remove_endpoint(victim)?;
+    eprintln!("{round} kill: gw-{victim}, which held {held} of {n} tunnels");
+
+    let results: Vec<_> = pings
+        .into_iter()
+        .map(Ping::finish_with_gap)
+        .collect::<Result<_>>()?;
+    let gaps: Vec<Duration> = results.iter().map(|(_, g)| *g).collect();
+    let report: Vec<String> = started
+        .iter()
+        .zip(&results)
+        .zip(owners)
+        .map(|((s, (st, gap)), o)| format!("site {} (gw-{o}): {st}, gap {gap:?}", s.n()))
+        .collect();
+    eprintln!("after the kill:\n  {}", report.join("\n  "));
+    let mut sorted = gaps.clone();
+    sorted.sort_unstable();
+    let (median, largest) = (sorted[n / 2], sorted[n - 1]);
+    eprintln!(
+        "traffic gap over {n} sites: median {median:?}, largest {largest:?} (kill at +{KILL_AFTER:?}, {:.1?} ago)",
+        killed.elapsed()
+    );
+    let bound = fleet.options().lease_ttl + Duration::from_secs(1);
+    for ((s, (st, gap)), o) in started.iter().zip(&results).zip(owners) {
+        ensure!(
+            st.received > 0 && *gap <= bound,
+            "site {} (on gw-{o}) had a gap of {gap:?} (at most {bound:?}): {st}\n{}",
+            s.n(),
+            logs(fleet, s)
+        );
+    }
+
+    Ok(gaps)
+}
+
 #[test]
 fn a_killed_pod_loses_no_tunnel_and_no_site_renegotiates() -> Result<()> {
     if skip() {
@@ -193,46 +251,7 @@ fn a_killed_pod_loses_no_tunnel_and_no_site_renegotiates() -> Result<()> {
     let children_before: Vec<Vec<String>> = started.iter().map(child_spis_out).collect::<Result<_>>()?;
     let capture = capture_wan(&fleet)?;
 
-    let pings: Vec<Ping> = started
-        .iter()
-        .map(|s| {
-            let log = fleet.dir().join(format!("ping-site{}.log", s.n()));
-            Ping::start(s.ns(), s.host(), addr(GW_HOST), PING_EVERY, PINGING, &log)
-        })
-        .collect::<Result<_>>()?;
-    std::thread::sleep(KILL_AFTER);
-    let killed = Instant::now();
-    fleet.kill_pod(victim);
-    fleet.front().remove_endpoint(victim)?;
-    eprintln!("killed gw-{victim}, which held {held} of {n} tunnels");
-
-    let results: Vec<_> = pings
-        .into_iter()
-        .map(Ping::finish_with_gap)
-        .collect::<Result<_>>()?;
-    let mut gaps: Vec<Duration> = results.iter().map(|(_, g)| *g).collect();
-    let report: Vec<String> = started
-        .iter()
-        .zip(&results)
-        .zip(&owners)
-        .map(|((s, (st, gap)), o)| format!("site {} (gw-{o}): {st}, gap {gap:?}", s.n()))
-        .collect();
-    eprintln!("after the kill:\n  {}", report.join("\n  "));
-    gaps.sort_unstable();
-    let (median, largest) = (gaps[gaps.len() / 2], gaps[gaps.len() - 1]);
-    eprintln!(
-        "traffic gap over {n} sites: median {median:?}, largest {largest:?} (kill at +{KILL_AFTER:?}, {:.1?} ago)",
-        killed.elapsed()
-    );
-    let bound = fleet.options().lease_ttl + Duration::from_secs(1);
-    for ((s, (st, gap)), o) in started.iter().zip(&results).zip(&owners) {
-        ensure!(
-            st.received > 0 && *gap <= bound,
-            "site {} (on gw-{o}) had a gap of {gap:?} (at most {bound:?}): {st}\n{}",
-            s.n(),
-            logs(&fleet, s)
-        );
-    }
+    kill_and_measure(&mut fleet, &started, &owners, victim, "first")?;
 
     // No site renegotiated: the same IKE SA everywhere, all established again on the two
     // pods left, the dead pod's taken over.
@@ -278,6 +297,32 @@ fn a_killed_pod_loses_no_tunnel_and_no_site_renegotiates() -> Result<()> {
         s.wait_ping(addr(GW_HOST), TIMEOUT)
             .with_context(|| logs(&fleet, s))?;
     }
+
+    // The adopted SAs have copies on the last member left: the new busiest dies too, and
+    // every tunnel lives on in the one pod left.
+    fleet
+        .wait_metric_sum("fleet_replica_sas", TIMEOUT, |v| v == n as f64)
+        .with_context(|| fleet.log_tails(30))?;
+    let owners: Vec<usize> = started
+        .iter()
+        .map(|s| {
+            let o = fleet.owners_of(&s.peer_id())?;
+            ensure!(o.len() == 1, "site {} listed by pods {o:?}", s.n());
+            Ok(o[0])
+        })
+        .collect::<Result<_>>()?;
+    let (second, _) = busiest(&owners)?;
+    kill_and_measure(&mut fleet, &started, &owners, second, "second")?;
+    for (s, before) in started.iter().zip(&spis_before) {
+        ensure!(
+            &ike_spis(s)? == before,
+            "site {} has another IKE SA after the second kill",
+            s.n()
+        );
+    }
+    fleet
+        .wait_metric_sum("ike_sas_established", TIMEOUT, |v| v == n as f64)
+        .with_context(|| fleet.log_tails(30))?;
     check_no_sequence_reuse(&fleet, capture)
 }
 
