@@ -164,6 +164,11 @@ pub struct Options {
     #[arg(long, env = "CONCENTRATOR_FLEET_LEASE_TTL", value_name = "DURATION", default_value = "3s", value_parser = humantime::parse_duration)]
     pub fleet_lease_ttl: std::time::Duration,
 
+    /// Copies of each shard's SAs kept on other members, so that a pod that dies loses no
+    /// tunnel: 1 (the default) or 0 (a dead pod's sites reconnect).
+    #[arg(long, env = "CONCENTRATOR_FLEET_REPLICAS", value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
+    pub fleet_replicas: u8,
+
     /// CA bundle (PEM) that signs etcd's server certificate: etcd over TLS.
     #[arg(long, env = "CONCENTRATOR_FLEET_ETCD_CA", value_name = "PATH")]
     pub fleet_etcd_ca: Option<PathBuf>,

@@ -29,6 +29,7 @@ fn options(etcd: &Etcd, prefix: &str, name: &str) -> FleetOptions {
         address: SocketAddr::from(([127, 0, 0, n + 1], 4510)),
         key: FleetKey::new(&[7; 32]).unwrap(),
         lease_ttl: TTL,
+        replicate: true,
         retry: Duration::from_millis(200),
         tls: None,
         load: Arc::new(Load::default),

@@ -61,6 +61,8 @@ pub struct FleetOptions {
     pub key: FleetKey,
     /// TTL of the member lease (kept alive at a third of it).
     pub lease_ttl: Duration,
+    /// Whether each shard's SAs are copied to a replica member (take-over).
+    pub replicate: bool,
     /// Pause before a new session after one ended.
     pub retry: Duration,
     /// etcd client TLS: CA bundle, and a client certificate and key.
@@ -150,6 +152,7 @@ impl FleetOptions {
             address,
             key,
             lease_ttl: opts.fleet_lease_ttl.max(Duration::from_secs(1)),
+            replicate: opts.fleet_replicas > 0,
             retry: Duration::from_millis(500),
             tls: opts.fleet_etcd_ca.clone().map(|ca| EtcdTls {
                 ca,
@@ -287,8 +290,8 @@ pub struct Fleet {
     pub links: Links,
     /// Where other members send this one frames (UDP) and replication streams (TCP).
     pub address: SocketAddr,
-    /// Copies SAs to their shards' replicas.
-    pub replicator: Replicator,
+    /// Copies SAs to their shards' replicas (`None`: `--fleet-replicas 0`).
+    pub replicator: Option<Replicator>,
     /// The copies of other members' SAs this pod keeps.
     pub replicas: ReplicaStore,
     /// Keys the replication streams.
@@ -315,12 +318,14 @@ impl Fleet {
         let address = opts.address;
         let key = opts.key.clone();
         let replication_metrics = metrics.replication.clone();
-        let replicator = Replicator::start(
-            view.clone(),
-            key.clone(),
-            replication_metrics.clone(),
-            claims.sessions(),
-        );
+        let replicator = opts.replicate.then(|| {
+            Replicator::start(
+                view.clone(),
+                key.clone(),
+                replication_metrics.clone(),
+                claims.sessions(),
+            )
+        });
         let keys = session::Keys::new(&opts.prefix);
         let replicas = ReplicaStore::new(view.clone());
         let task = tokio::spawn(session::run(opts, view.clone(), lease_tx, metrics, stop_rx));

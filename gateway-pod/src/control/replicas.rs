@@ -30,7 +30,9 @@ const REKEY_AFTER_ADOPTION: Duration = Duration::from_secs(2);
 
 /// What the driver keeps of replication.
 pub(super) struct DriverReplicas {
-    replicator: Replicator,
+    /// `None` with `--fleet-replicas 0`: nothing is copied (others' copies are still
+    /// adopted: members of one fleet may differ while it is reconfigured).
+    replicator: Option<Replicator>,
     store: ReplicaStore,
     metrics: ReplicationMetrics,
     /// The map version last acted on.
@@ -40,7 +42,11 @@ pub(super) struct DriverReplicas {
 }
 
 impl DriverReplicas {
-    pub(super) fn new(replicator: Replicator, store: ReplicaStore, metrics: ReplicationMetrics) -> Self {
+    pub(super) fn new(
+        replicator: Option<Replicator>,
+        store: ReplicaStore,
+        metrics: ReplicationMetrics,
+    ) -> Self {
         Self {
             replicator,
             store,
@@ -65,7 +71,9 @@ struct Context {
 impl Driver {
     /// Sends the SAs the engine touched since the last call to their replicas.
     pub(super) fn replicate_changed(&mut self) {
-        let Some(r) = self.replicas.as_ref() else { return };
+        let Some(replicator) = self.replicas.as_ref().and_then(|r| r.replicator.clone()) else {
+            return;
+        };
         let now = Instant::now();
         for id in self.endpoint.take_changed() {
             let Some(rec) = self.sas.get(&id).filter(|r| r.established_at.is_some()) else {
@@ -89,7 +97,7 @@ impl Driver {
             let Ok(context) = serde_json::to_vec(&context) else {
                 continue;
             };
-            r.replicator.update(ReplicaUpdate::Sa {
+            replicator.update(ReplicaUpdate::Sa {
                 shard: Shard::of_ike_spi(id),
                 id,
                 snapshot,
@@ -108,8 +116,8 @@ impl Driver {
 
     /// IKE SA `id` is gone here: its copy goes too.
     pub(super) fn replicate_removed(&self, id: u64) {
-        if let Some(r) = self.replicas.as_ref() {
-            r.replicator.update(ReplicaUpdate::Delete { id });
+        if let Some(r) = self.replicas.as_ref().and_then(|r| r.replicator.as_ref()) {
+            r.update(ReplicaUpdate::Delete { id });
         }
     }
 
