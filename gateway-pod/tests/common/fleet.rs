@@ -69,11 +69,22 @@ pub(crate) fn start(
     affinity: Affinity,
     sites: &[(usize, String)],
 ) -> Result<(tempfile::TempDir, Fleet)> {
+    start_with_args(pods, affinity, sites, &[])
+}
+
+/// [`start`] with more gateway arguments.
+pub(crate) fn start_with_args(
+    pods: usize,
+    affinity: Affinity,
+    sites: &[(usize, String)],
+    args: &[&str],
+) -> Result<(tempfile::TempDir, Fleet)> {
     let t0 = Instant::now();
     let dir = scratch::dir("fleet-config")?;
     let config = dir.path().join("config");
     write_egroup_config(&config)?;
-    let options = FleetOptions::new(pods, affinity, super::gateway_bin(), &config);
+    let mut options = FleetOptions::new(pods, affinity, super::gateway_bin(), &config);
+    options.gateway_args = args.iter().map(|a| (*a).to_owned()).collect();
     let mut fleet = Fleet::new(options)?;
     for pod in fleet.pods() {
         import_sites(&pod.data_dir(), sites)?;
