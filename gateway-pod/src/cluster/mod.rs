@@ -39,7 +39,8 @@ use tokio::sync::watch;
 pub use claims::{Claimed, Claims, SiteKey};
 pub use forward::{Delivery, EspBatch, ForwardMetrics, IkeRoute, Link, Links, Via, route_ike, serve};
 pub use replicate::{
-    BLOCK, Copy as ReplicaCopy, ReplicaStore, ReplicaUpdate, ReplicatedChild, ReplicationMetrics, Replicator,
+    BLOCK, Copy as ReplicaCopy, Incarnation, ReplicaStore, ReplicaUpdate, ReplicatedChild,
+    ReplicationMetrics, Replicator,
 };
 pub use spis::GatewayEntropy;
 pub use view::{Route, SharedView, View};
@@ -297,7 +298,6 @@ pub struct Fleet {
     /// Keys the replication streams.
     pub(crate) key: FleetKey,
     pub(crate) replication_metrics: ReplicationMetrics,
-    keys: session::Keys,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -326,7 +326,6 @@ impl Fleet {
                 claims.sessions(),
             )
         });
-        let keys = session::Keys::new(&opts.prefix);
         let replicas = ReplicaStore::new(view.clone());
         let task = tokio::spawn(session::run(opts, view.clone(), lease_tx, metrics, stop_rx));
         Self {
@@ -338,7 +337,6 @@ impl Fleet {
             replicas,
             key,
             replication_metrics,
-            keys,
             stop,
             task,
         }
@@ -360,7 +358,6 @@ impl Fleet {
             self.replication_metrics.clone(),
             replicate::Revoker {
                 session: self.claims.sessions(),
-                keys: self.keys.clone(),
             },
         ))
     }

@@ -314,7 +314,6 @@ impl Owner {
                         sent_to: None,
                     },
                 );
-                let _ = old;
             }
             ReplicaUpdate::Delete { id } => {
                 if let Some(h) = self.held.remove(&id)
@@ -769,11 +768,16 @@ impl OwnerCopies {
     }
 }
 
-/// The copies this pod keeps as a replica, by owner (shared with the driver, which adopts
-/// them). The view counts them per shard ([`super::View::occupied`]).
+/// An owner process: its member ID and the etcd lease of its membership. A member that
+/// restarts comes back under another lease: the copies its old process sent are the old
+/// incarnation's (to adopt once that lease is gone), never wiped by the new one's Reset.
+pub type Incarnation = (MemberId, i64);
+
+/// The copies this pod keeps as a replica, by owner incarnation (shared with the driver,
+/// which adopts them). The view counts them per shard ([`super::View::occupied`]).
 #[derive(Clone)]
 pub struct ReplicaStore {
-    copies: Arc<Mutex<HashMap<MemberId, OwnerCopies>>>,
+    copies: Arc<Mutex<HashMap<Incarnation, OwnerCopies>>>,
     view: SharedView,
 }
 
@@ -785,13 +789,13 @@ impl ReplicaStore {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<MemberId, OwnerCopies>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Incarnation, OwnerCopies>> {
         self.copies
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn apply(&self, owner: MemberId, m: Message) {
+    fn apply(&self, owner: Incarnation, m: Message) {
         let mut all = self.lock();
         let copies = all.entry(owner).or_default();
         let before: Vec<Shard> = match &m {
@@ -815,7 +819,7 @@ impl ReplicaStore {
     }
 
     /// Takes out the copies `pick(owner, shard)` selects.
-    pub fn take(&self, pick: impl Fn(MemberId, Shard) -> bool) -> Vec<(MemberId, Copy)> {
+    pub fn take(&self, pick: impl Fn(Incarnation, Shard) -> bool) -> Vec<(Incarnation, Copy)> {
         let mut out = Vec::new();
         let mut all = self.lock();
         for (owner, copies) in all.iter_mut() {
@@ -840,7 +844,7 @@ impl ReplicaStore {
     }
 
     /// The shards of the copies `pick(owner, shard)` selects.
-    pub fn shards(&self, pick: &impl Fn(MemberId, Shard) -> bool) -> Vec<Shard> {
+    pub fn shards(&self, pick: &impl Fn(Incarnation, Shard) -> bool) -> Vec<Shard> {
         let mut out: Vec<Shard> = self
             .lock()
             .iter()
@@ -853,13 +857,13 @@ impl ReplicaStore {
         out
     }
 
-    /// The owners we hold copies for.
-    pub fn owners(&self) -> Vec<MemberId> {
+    /// The owner incarnations we hold copies for.
+    pub fn owners(&self) -> Vec<Incarnation> {
         self.lock().keys().copied().collect()
     }
 
     /// Forgets `owner`'s copies; returns how many there were.
-    pub fn drop_owner(&self, owner: MemberId) -> usize {
+    pub fn drop_owner(&self, owner: Incarnation) -> usize {
         let Some(c) = self.lock().remove(&owner) else {
             return 0;
         };
@@ -880,7 +884,7 @@ impl ReplicaStore {
 }
 
 /// When each owner's stream was last heard from, and whether it is connected.
-type Heard = Arc<Mutex<HashMap<MemberId, (Instant, bool)>>>;
+type Heard = Arc<Mutex<HashMap<Incarnation, (Instant, bool)>>>;
 
 /// Accepts replication streams from the owners whose shards this pod replicates, and
 /// watches that those owners stay alive.
@@ -968,7 +972,7 @@ async fn serve_one(
     if let Some(h) = heard
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .get_mut(&owner)
+        .get_mut(&(owner, theirs.lease))
     {
         h.1 = false;
     }
@@ -996,13 +1000,13 @@ async fn serve_records(
         heard
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(owner, (Instant::now(), true));
+            .insert((owner, lease), (Instant::now(), true));
         if matches!(m, Message::Ack(_)) {
             return Err(StreamError::Unexpected);
         }
         let heartbeat = matches!(m, Message::Heartbeat);
         let counted = matches!(m, Message::Sa { .. } | Message::Delete { .. } | Message::Reset);
-        store.apply(owner, m);
+        store.apply((owner, lease), m);
         if counted {
             metrics.copies.set(store.len() as i64);
         }
@@ -1020,7 +1024,6 @@ async fn serve_records(
 /// Revokes a member's lease through the current etcd session.
 pub(super) struct Revoker {
     pub(super) session: Sessions,
-    pub(super) keys: super::session::Keys,
 }
 
 impl Revoker {
@@ -1028,22 +1031,27 @@ impl Revoker {
         current_lease(&self.session)
     }
 
-    async fn revoke(&self, member: MemberId) -> Result<bool, super::FleetError> {
+    async fn revoke(&self, lease: i64) -> Result<(), super::FleetError> {
         let session = self.session.borrow().clone();
         let Some(s) = session else {
             return Err(super::FleetError::Unavailable);
         };
-        super::session::revoke_member(&s, &self.keys, member).await
+        super::session::revoke_lease(&s, lease).await
     }
 }
 
-/// Whether the member at `addr` answers a replication hello in time.
-async fn answers(me: MemberId, lease: i64, addr: SocketAddr) -> bool {
+/// Whether `owner` answers a replication hello at `addr` in time, as the process whose
+/// lease `owner_lease` is: a new process at the same address (a restarted container,
+/// whose predecessor's lease has not run out yet) is not the owner of our copies.
+async fn answers(me: MemberId, lease: i64, owner: MemberId, owner_lease: i64, addr: SocketAddr) -> bool {
     let probe = async {
         let mut stream = TcpStream::connect(addr).await?;
         hello_exchange(&mut stream, me, lease).await
     };
-    matches!(tokio::time::timeout(PROBE_TIMEOUT, probe).await, Ok(Ok(_)))
+    match tokio::time::timeout(PROBE_TIMEOUT, probe).await {
+        Ok(Ok((_, theirs))) => theirs.member == owner && theirs.lease == owner_lease,
+        _ => false,
+    }
 }
 
 /// Watches the owners whose copies this pod holds: one whose stream has been silent for
@@ -1060,7 +1068,7 @@ async fn watch_owners(
     let mut tick = tokio::time::interval(WATCH_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_tick = Instant::now();
-    let mut probed: HashMap<MemberId, Instant> = HashMap::new();
+    let mut probed: HashMap<Incarnation, Instant> = HashMap::new();
     loop {
         tick.tick().await;
         // This pod was stalled itself: its streams' silence proves nothing yet (the records
@@ -1073,10 +1081,10 @@ async fn watch_owners(
         if stalled {
             continue;
         }
-        let members = view.members();
         for owner in store.owners() {
-            if !members.contains_key(&owner) {
-                continue; // Gone: the driver adopts its copies.
+            let (member, owner_lease) = owner;
+            if view.lease_of(member) != Some(owner_lease) {
+                continue; // That incarnation is gone: the driver adopts its copies.
             }
             let silent = heard
                 .lock()
@@ -1091,24 +1099,25 @@ async fn watch_owners(
                 continue;
             }
             probed.insert(owner, Instant::now());
-            let Some(addr) = view.address(owner) else { continue };
-            let Some(lease) = revoker.lease() else { continue };
-            if answers(me, lease, addr).await {
+            let (Some(addr), Some(lease)) = (view.address(member), revoker.lease()) else {
+                continue;
+            };
+            if answers(me, lease, member, owner_lease, addr).await {
                 // Alive, and not replicating to us: the copies are stale.
                 let dropped = store.drop_owner(owner);
                 metrics.copies.set(store.len() as i64);
                 ReplicationMetrics::count(&metrics.suspected, "alive", 1);
-                tracing::info!(member = %owner, dropped, "owner answers but no longer replicates here: its copies dropped");
+                tracing::info!(%member, dropped, "owner answers but no longer replicates here: its copies dropped");
                 continue;
             }
-            match revoker.revoke(owner).await {
-                Ok(revoked) => {
+            match revoker.revoke(owner_lease).await {
+                Ok(()) => {
                     ReplicationMetrics::count(&metrics.suspected, "revoked", 1);
-                    tracing::warn!(member = %owner, revoked, "owner silent and not answering: its lease is revoked so its shards move now");
+                    tracing::warn!(%member, "owner silent and not answering: its lease is revoked so its shards move now");
                 }
                 Err(e) => {
                     ReplicationMetrics::count(&metrics.suspected, "error", 1);
-                    tracing::warn!(member = %owner, error = %e, "could not revoke the lease of a silent owner");
+                    tracing::warn!(%member, error = %e, "could not revoke the lease of a silent owner");
                 }
             }
         }
@@ -1155,7 +1164,7 @@ mod tests {
     fn copies_follow_the_owner_and_never_move_a_ceiling_back() {
         let view: SharedView = Arc::new(super::super::View::new());
         let store = ReplicaStore::new(view.clone());
-        let owner = MemberId(1);
+        let owner = (MemberId(1), 7);
         let shard = Shard::new(7).unwrap();
         store.apply(
             owner,

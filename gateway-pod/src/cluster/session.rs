@@ -294,25 +294,19 @@ async fn session(
     }
 }
 
-/// Ends `member`'s lease, and with it its record, its claims and its place in the shard map:
-/// a replica found the owner of its copies unresponsive. False if the member has no record
-/// (it is gone already) or the record is our own.
-pub(super) async fn revoke_member(
-    s: &SessionLease,
-    keys: &Keys,
-    member: MemberId,
-) -> Result<bool, FleetError> {
-    let mut client = s.client.clone();
-    let got = client.get(keys.member(member), None).await?;
-    let Some(kv) = got.kvs().first() else {
-        return Ok(false);
-    };
-    let lease = kv.lease();
-    if lease == 0 || lease == s.lease {
-        return Ok(false);
+/// Ends another member's `lease`, and with it its record, its claims and its place in the
+/// shard map: a replica found the owner of its copies unresponsive. (Never our own.)
+pub(super) async fn revoke_lease(s: &SessionLease, lease: i64) -> Result<(), FleetError> {
+    if lease == s.lease {
+        return Ok(());
     }
-    client.lease_revoke(lease).await?;
-    Ok(true)
+    let mut client = s.client.clone();
+    match client.lease_revoke(lease).await {
+        Ok(_) => Ok(()),
+        // Gone already (expired, or revoked by another replica).
+        Err(etcd_client::Error::GRpcStatus(st)) if st.code() == tonic::Code::NotFound => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Claims this pod's member ID by creating its member record: the StatefulSet ordinal in

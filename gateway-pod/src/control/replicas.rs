@@ -19,7 +19,7 @@ use super::driver::Driver;
 use super::events::IkeSaRecord;
 use super::ike_config::responder_config;
 use crate::cluster::{
-    ReplicaCopy, ReplicaStore, ReplicaUpdate, ReplicatedChild, ReplicationMetrics, Replicator,
+    Incarnation, ReplicaCopy, ReplicaStore, ReplicaUpdate, ReplicatedChild, ReplicationMetrics, Replicator,
 };
 use crate::dataplane::backend::Resume;
 
@@ -152,8 +152,10 @@ impl Driver {
         let view = f.view.clone();
         let members = view.members();
         let store: ReplicaStore = r.store.clone();
-        let adopt =
-            |owner: MemberId, shard: Shard| view.owner(shard) == Some(me) && !members.contains_key(&owner);
+        // A copy's owner is gone when the lease it replicated under is no longer its
+        // membership (it died, or restarted and rejoined under a new lease).
+        let gone = |(member, lease): Incarnation| view.lease_of(member) != Some(lease);
+        let adopt = |owner: Incarnation, shard: Shard| view.owner(shard) == Some(me) && gone(owner);
         // Held before the copies leave the store: the shard must read as occupied all along
         // (a shard that looks empty may be moved away by the leader).
         for shard in store.shards(&adopt) {
@@ -163,7 +165,7 @@ impl Driver {
         // Copies of a member that is gone whose shard went to another live member: that one
         // carries the SA on (or the site reconnects there); ours are stale.
         let stale = store.take(|owner, shard| {
-            !members.contains_key(&owner)
+            gone(owner)
                 && view
                     .owner(shard)
                     .is_some_and(|o| o != me && members.contains_key(&o))
@@ -175,7 +177,7 @@ impl Driver {
             );
         }
         r.metrics.copies.set(store.len() as i64);
-        for (owner, copy) in copies {
+        for ((owner, _), copy) in copies {
             self.adopt(owner, copy, now);
         }
         // Fenced: a shard of ours went to another member while we were away.
