@@ -19,41 +19,46 @@ use crate::cluster::{IkeRoute, Link, SharedView, Via, route_ike};
 pub(super) struct DriverFleet {
     pub(super) view: SharedView,
     link: Link,
-    /// The member each site's IKE flow enters through, when not this one.
-    vias: HashMap<SocketAddr, MemberId>,
+    /// The member each site's IKE flow enters through, when not this one, by our port and
+    /// the site's address: a front keeps affinity per Service port, so a site that sends
+    /// to both ports from one address (one socket) may enter through two members.
+    vias: HashMap<(u16, SocketAddr), MemberId>,
     /// The path the site's ESP takes (the data plane learns it from each authenticated
     /// packet): what IKE answers follow when no IKE message came this way yet, as for an
     /// SA taken over from a member that is gone.
     esp_vias: HashMap<SocketAddr, Arc<Via>>,
+    ike_port: u16,
     nat_t_port: u16,
     /// Whether the fleet took new sites at the last look (to log the changes).
     was_available: bool,
 }
 
 impl DriverFleet {
-    pub(super) fn new(view: SharedView, link: Link, nat_t_port: u16) -> Self {
+    pub(super) fn new(view: SharedView, link: Link, (ike_port, nat_t_port): (u16, u16)) -> Self {
         Self {
             view,
             link,
             vias: HashMap::new(),
             esp_vias: HashMap::new(),
+            ike_port,
             nat_t_port,
             // A pod starts unavailable (no session yet).
             was_available: false,
         }
     }
 
-    /// The datagram as it travels in a frame: IKE on the NAT-T port keeps its non-ESP
-    /// marker (RFC 3948 §2.2), so the other side tells it from ESP as a socket would.
-    /// The member the site at `remote` enters through, if another: as its last IKE message
-    /// came, else as its ESP comes.
-    fn entry(&self, remote: SocketAddr) -> Option<MemberId> {
-        self.vias
-            .get(&remote)
-            .copied()
-            .or_else(|| self.esp_vias.get(&remote).and_then(|v| v.get()))
+    /// The member the site at `remote` enters through on our `port`, if another: as its
+    /// last IKE message came, else (on the NAT-T port) as its ESP comes.
+    fn entry(&self, port: u16, remote: SocketAddr) -> Option<MemberId> {
+        self.vias.get(&(port, remote)).copied().or_else(|| {
+            (port == self.nat_t_port)
+                .then(|| self.esp_vias.get(&remote).and_then(|v| v.get()))
+                .flatten()
+        })
     }
 
+    /// The datagram as it travels in a frame: IKE on the NAT-T port keeps its non-ESP
+    /// marker (RFC 3948 §2.2), so the other side tells it from ESP as a socket would.
     fn framed<'a>(&self, local: SocketAddr, payload: &'a [u8]) -> std::borrow::Cow<'a, [u8]> {
         if local.port() == self.nat_t_port {
             let mut v = Vec::with_capacity(payload.len() + 4);
@@ -106,8 +111,8 @@ impl Driver {
             }
         }
         match via {
-            Some(m) => f.vias.insert(remote, m),
-            None => f.vias.remove(&remote),
+            Some(m) => f.vias.insert((local.port(), remote), m),
+            None => f.vias.remove(&(local.port(), remote)),
         };
         true
     }
@@ -132,7 +137,11 @@ impl Driver {
     /// went (or was dropped) that way.
     pub(super) fn send_via(&mut self, t: &Transmit) -> bool {
         // Framed (a copy) only for a site that enters through another member.
-        let Some(f) = self.fleet.as_ref().filter(|f| f.entry(t.remote).is_some()) else {
+        let Some(f) = self
+            .fleet
+            .as_ref()
+            .filter(|f| f.entry(t.local.port(), t.remote).is_some())
+        else {
             return false;
         };
         let payload = f.framed(t.local, &t.payload).into_owned();
@@ -153,7 +162,7 @@ impl Driver {
         let Some(f) = self.fleet.as_mut() else {
             return false;
         };
-        let Some(m) = f.entry(remote) else {
+        let Some(m) = f.entry(local.port(), remote) else {
             return false;
         };
         match f.view.address(m) {
@@ -173,7 +182,7 @@ impl Driver {
         let Some(f) = self.fleet.as_mut() else {
             return Arc::default();
         };
-        let via = Arc::new(Via::new(f.vias.get(&remote).copied()));
+        let via = Arc::new(Via::new(f.vias.get(&(f.nat_t_port, remote)).copied()));
         f.esp_vias.insert(remote, via.clone());
         via
     }
@@ -184,7 +193,9 @@ impl Driver {
             return;
         }
         if let Some(f) = self.fleet.as_mut() {
-            f.vias.remove(&remote);
+            for port in [f.ike_port, f.nat_t_port] {
+                f.vias.remove(&(port, remote));
+            }
             f.esp_vias.remove(&remote);
         }
     }

@@ -245,7 +245,7 @@ pub async fn start(
                 .map_err(|e| fleet_error(f.address, e))?;
             let replicas = f.serve_replicas(listener);
             let link = f.links.lane().map_err(|e| fleet_error(f.address, e))?;
-            let driver = fleet::DriverFleet::new(f.view.clone(), link, nat_t_addr.port());
+            let driver = fleet::DriverFleet::new(f.view.clone(), link, (ike_addr.port(), nat_t_addr.port()));
             (Some(frames), Some(driver), Some(replicas))
         }
     };
@@ -254,7 +254,7 @@ pub async fn start(
     let (claims_tx, claims_rx) = mpsc::unbounded_channel();
     let mut endpoint = Endpoint::new(opts.endpoint.clone(), responder_config);
     endpoint.set_redirect(opts.redirect_to.clone());
-    if fleet.is_some() {
+    if fleet.is_some_and(|f| f.replicator.is_some()) {
         endpoint.track_changes();
     }
     let driver = Driver {
