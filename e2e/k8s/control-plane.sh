@@ -125,7 +125,9 @@ cleanup() {
         kubectl delete gatewayfleets --all -n "$base_ns" --timeout=30s >/dev/null 2>&1 || true
         stop_operator
         for n in "$ns" "$bad_ns" "$base_ns"; do
-            kubectl patch gatewayfleets --all -n "$n" --type=merge -p '{"metadata":{"finalizers":null}}' >/dev/null 2>&1 || true
+            for f in $(kubectl get gatewayfleets -n "$n" -o name 2>/dev/null); do
+                kubectl patch "$f" -n "$n" --type=merge -p '{"metadata":{"finalizers":null}}' >/dev/null 2>&1 || true
+            done
             kubectl delete namespace "$n" --wait=false >/dev/null 2>&1 || true
         done
         "$HELM" uninstall "$release" -n "$rel_ns" >/dev/null 2>&1 || true
@@ -210,7 +212,8 @@ kubectl -n "$ns" create secret generic fleet --from-literal=key="$(head -c 32 /d
 kubectl -n "$ns" apply -f examples/branches.yaml -f examples/static-peer.yaml >/dev/null
 kubectl -n "$ns" wait --for=condition=Ready eroute/branches eroute/hq-backup egroup/branches --timeout=60s >/dev/null
 ok "examples applied: Eroutes and Egroup Ready"
-header=$(kubectl -n "$ns" get eroute hq-backup | head -n 1)
+header=$(kubectl -n "$ns" get eroute hq-backup)
+header=${header%%$'\n'*}
 for col in ROLE LOCAL REMOTE "PEER ID" READY DYNAMIC AGE; do
     [[ $header == *"$col"* ]] || fail "kubectl get eroute has no column $col: $header"
 done
@@ -256,7 +259,8 @@ ok "StatefulSet replicas, Service type/affinity/ports, headless Service, PDB, re
 poll 60 "pods $fleet-0 and $fleet-1" is 2 -n "$ns" get sts "$fleet" -o jsonpath='{.status.replicas}'
 poll 60 "status.replicas of gwf/$fleet to follow its StatefulSet" is 2 -n "$ns" get gwf "$fleet" -o jsonpath='{.status.replicas}'
 [ "$(kubectl -n "$ns" get sts "$fleet" -o jsonpath='{.status.readyReplicas}')" = "" ] || fail "ready gateway pods without a kubelet?"
-header=$(kubectl -n "$ns" get gwf "$fleet" | head -n 1)
+header=$(kubectl -n "$ns" get gwf "$fleet")
+header=${header%%$'\n'*}
 for col in FRONT MIN MAX REPLICAS TUNNELS READY AGE; do
     [[ $header == *"$col"* ]] || fail "kubectl get gatewayfleet has no column $col: $header"
 done
@@ -357,8 +361,10 @@ spec:
   fleetKeySecretRef: {name: fleet, key: key}
 YAML
 refused() {
-    kubectl -n "$base_ns" get events --field-selector reason=FailedCreate,involvedObject.name="$fleet" \
-        -o jsonpath='{.items[*].message}' | grep -q 'violates PodSecurity "baseline'
+    local m
+    m=$(kubectl -n "$base_ns" get events --field-selector reason=FailedCreate,involvedObject.name="$fleet" \
+        -o jsonpath='{.items[*].message}')
+    [[ $m == *'violates PodSecurity "baseline'* ]]
 }
 poll 90 "the baseline namespace to refuse the gateway pods" refused
 [ "$(kubectl -n "$base_ns" get pods -o name | wc -l)" -eq 0 ] || fail "gateway pods were admitted under baseline"
@@ -382,7 +388,7 @@ writes() { cat "$work"/watch-*.log | grep -E "^MODIFIED .*/($ns|$bad_ns|$base_ns
 log "counting writes for ${quiet}s (at most $max_writes per object)"
 deadline=$((SECONDS + quiet))
 while [ "$SECONDS" -lt "$deadline" ]; do
-    worst=$(writes | awk '{print $2}' | sort | uniq -c | sort -rn | head -n 1)
+    worst=$(writes | awk '{print $2}' | sort | uniq -c | sort -rn | awk 'NR == 1')
     if [ -n "$worst" ] && [ "$(awk '{print $1}' <<<"$worst")" -gt "$max_writes" ]; then
         kill "${watch_pids[@]}" 2>/dev/null || true
         writes | tail -n 20 >&2
