@@ -192,6 +192,8 @@ up() {
         port_free "$port" || die "port $port is taken (set ETCD_CLIENT_PORT, ETCD_PEER_PORT, APISERVER_PORT, KCM_PORT, SCHEDULER_PORT)"
     done
     command -v openssl >/dev/null || die "openssl is needed"
+    # A failed start stops whatever it started (the waits print the component's log first).
+    trap 'rc=$?; if [ "$rc" -ne 0 ]; then log "up failed; stopping what was started"; down; fi; exit "$rc"' EXIT
     local start=$SECONDS
     rm -rf "$STATE_DIR"
     mkdir -p "$STATE_DIR/logs" "$STATE_DIR/run"
@@ -248,6 +250,7 @@ up() {
     # The service-account controller works: every namespace gets its `default` ServiceAccount.
     wait_component kube-controller-manager "the ServiceAccount default/default" 120 \
         "$BIN_DIR/kubectl" --kubeconfig "$STATE_DIR/admin.kubeconfig" -n default get serviceaccount default
+    trap - EXIT
     log "up in $((SECONDS - start)) s; use it with: eval \"\$($0 env)\""
 }
 

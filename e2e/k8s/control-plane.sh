@@ -340,7 +340,11 @@ poll 60 "gwf/bad-bounds Ready=False" is False -n "$bad_ns" get gwf bad-bounds -o
 msg="$(cond "$bad_ns" gwf/bad-bounds reason): $(cond "$bad_ns" gwf/bad-bounds message)"
 [[ $msg == "Invalid: spec.scaling.maxReplicas"* ]] || fail "gwf/bad-bounds: '$msg' does not name spec.scaling.maxReplicas"
 absent -n "$bad_ns" sts bad-bounds || fail "an invalid fleet got a StatefulSet"
-ok "invalid Eroute and GatewayFleet: Ready=False, reason Invalid, the field named"
+# The operator's Events (events.k8s.io, through the chart's RBAC) reach the API server.
+poll 30 "an Invalid Event on gwf/bad-bounds" \
+    is GatewayFleet -n "$bad_ns" get events --field-selector reason=Invalid,involvedObject.name=bad-bounds \
+    -o jsonpath='{.items[0].involvedObject.kind}'
+ok "invalid Eroute and GatewayFleet: Ready=False, reason Invalid, the field named; an Invalid Event"
 
 # --- Pod Security: the gateway pods (NET_ADMIN, hostPath /dev/net/tun) need `privileged`.
 # In the fleet's privileged namespace the StatefulSet made its pods; in a baseline one they
@@ -436,6 +440,14 @@ for n in "$ns" "$bad_ns" "$base_ns"; do
 done
 ok "test namespaces terminated"
 stop_operator
+# Whatever the operator did, the chart's RBAC allowed it: no request was refused by RBAC
+# (its message: 'User "system:serviceaccount:..." cannot VERB resource ...'). Events refused
+# in a namespace being deleted are not RBAC's doing.
+if grep -Eq 'cannot [a-z]+ resource' "$work/operator.log"; then
+    grep -E 'cannot [a-z]+ resource' "$work/operator.log" | tail -n 5 >&2
+    fail "the operator was refused a request by RBAC (a rule the chart lacks)"
+fi
+ok "no request of the operator was refused by RBAC ($(wc -l <"$work/operator.log") log lines)"
 "$HELM" uninstall "$release" -n "$rel_ns" --wait --timeout 2m >/dev/null
 sel="app.kubernetes.io/instance=$release"
 none_left clusterroles,clusterrolebindings -l "$sel" || fail "helm uninstall left: $(kubectl get clusterroles,clusterrolebindings -l "$sel" -o name)"
