@@ -13,7 +13,7 @@
 # - examples/*.yaml applied: Eroutes and Egroups Ready, printer columns; a GatewayFleet with a
 #   partial `scaling:` block (the API server fills in the rest) becomes a StatefulSet, front and
 #   headless Services, a PodDisruptionBudget and a ConfigMap owned by the fleet; status counts
-#   follow the StatefulSet; a user's server-side apply of the spec does not fight the operator;
+#   follow the StatefulSet; examples/kubernetes/fleet.yaml as shipped; a user's server-side apply of the spec does not fight the operator;
 #   scaling the fleet changes the StatefulSet;
 # - invalid objects: refused by the API server naming the field, or Ready=False with the field;
 # - no reconcile loop: over a quiet period (QUIET_SECONDS, default 65: two of the fleet's 30 s
@@ -267,6 +267,14 @@ done
 row=$(kubectl -n "$ns" get gwf "$fleet" --no-headers)
 [[ $row =~ ^$fleet\ +Slb\ +2\ +3\ +2\ +0\ +True\  ]] || fail "kubectl get gatewayfleet $fleet: unexpected row '$row'"
 ok "GatewayFleet printer columns: $row"
+# The example fleet as shipped (its namespace and name changed): full scaling block,
+# LoadBalancer front (no cloud here: the Service exists without an external address).
+sed -e "s/^  namespace: concentrator$/  namespace: $ns/" -e 's/^  name: edge$/  name: example/' \
+    examples/kubernetes/fleet.yaml | kubectl apply -f - >/dev/null
+kubectl -n "$ns" wait --for=condition=Ready gwf/example --timeout=60s >/dev/null
+[ "$(kubectl -n "$ns" get sts example -o jsonpath='{.spec.replicas}')" = 2 ] || fail "statefulset/example does not have 2 replicas"
+[ "$(kubectl -n "$ns" get svc example -o jsonpath='{.spec.type}')" = LoadBalancer ] || fail "service/example is not a LoadBalancer"
+ok "examples/kubernetes/fleet.yaml: Ready, StatefulSet of 2, LoadBalancer front"
 
 # --- Server-side apply: the status belongs to the operator (status subresource), the spec to
 # its user; a user's server-side apply of the spec does not conflict with the operator.
@@ -424,11 +432,11 @@ ok "a transition to Invalid and back moves lastTransitionTime; the fleet follows
 
 # --- Teardown: nothing left behind, nothing stuck.
 log "deleting the fleets while the operator runs"
-kubectl -n "$ns" delete gwf "$fleet" --timeout=60s >/dev/null || fail "gwf/$ns/$fleet was not deleted within 60 s (finalizer)"
+kubectl -n "$ns" delete gwf "$fleet" example --timeout=60s >/dev/null || fail "the fleets in $ns were not deleted within 60 s (finalizer)"
 kubectl -n "$base_ns" delete gwf "$fleet" --timeout=60s >/dev/null || fail "gwf/$base_ns/$fleet was not deleted within 60 s (finalizer)"
 for n in "$ns" "$base_ns"; do
     poll 90 "the garbage collector to remove the fleet's objects in $n" \
-        none_left -n "$n" statefulsets,services,poddisruptionbudgets,configmaps,pods -l "app.kubernetes.io/instance=$fleet"
+        none_left -n "$n" statefulsets,services,poddisruptionbudgets,configmaps,pods -l "app.kubernetes.io/name=concentrator-gateway"
     absent -n "$n" configmap "$fleet-config" || fail "configmap/$fleet-config left in $n"
 done
 ok "fleets deleted (drain finalizer lifted); StatefulSet, Services, PDB, ConfigMap and pods collected"
