@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 ensure_packages build-essential pkg-config ca-certificates \
     strongswan-charon strongswan-swanctl libcharon-extra-plugins \
     mariadb-server etcd-server nftables conntrack iproute2 iperf3 iputils-ping procps python3 curl \
-    protobuf-compiler libprotobuf-dev libstrongswan-standard-plugins openssl
+    protobuf-compiler libprotobuf-dev libstrongswan-standard-plugins
 ensure_rust
 # Debian's mariadb-server and etcd-server packages start system services; the tests start
 # their own private instances and never rely on these.
@@ -96,6 +96,7 @@ if [ "$(id -u)" -eq 0 ]; then
     # Builds Kubernetes from its Go modules on the first run (cached by version under
     # /var/cache/concentrator/k8s), starts etcd, kube-apiserver, controller-manager and
     # scheduler on loopback; always torn down.
+    ensure_packages openssl
     cargo build --locked -q -p concentrator-operator
     trap 'e2e/k8s/cluster.sh down; rm -rf "$rendered_dir"' EXIT
     e2e/k8s/cluster.sh up
