@@ -53,9 +53,11 @@ pub struct GatewayFleetSpec {
     pub site_database_url_secret_ref: Option<SecretKeyRef>,
 }
 
-/// Replica bounds and autoscaling targets.
+/// Replica bounds and autoscaling targets. Each field has its own default, so a partial block
+/// (`scaling: {maxReplicas: 4}`) is complete: serde fills in the rest, and the CRD carries
+/// each field's default (none is `required`), so the API server does the same.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", default)]
 pub struct ScalingSpec {
     /// Never fewer pods than this. Default: 2.
     pub min_replicas: u32,
@@ -219,6 +221,41 @@ mod tests {
         let s = spec();
         assert_eq!(s.front.mode, FrontMode::Slb);
         assert_eq!(s.validate().unwrap(), Duration::from_secs(300));
+    }
+
+    #[test]
+    fn partial_scaling_block_takes_each_default() {
+        let s: GatewayFleetSpec = serde_yaml::from_str(
+            "scaling: {maxReplicas: 4}\netcd:\n  endpoints: [\"http://etcd:2379\"]\nfleetKeySecretRef: {name: fleet, key: key}\n",
+        )
+        .unwrap();
+        assert_eq!(
+            s.scaling,
+            ScalingSpec {
+                max_replicas: 4,
+                ..ScalingSpec::default()
+            }
+        );
+    }
+
+    #[test]
+    fn crd_requires_no_scaling_field_and_defaults_each() {
+        use kube::CustomResourceExt;
+        let crd = serde_json::to_value(GatewayFleet::crd()).unwrap();
+        let scaling = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+            ["scaling"];
+        assert!(
+            scaling.get("required").is_none(),
+            "scaling must not require fields that have defaults: {}",
+            scaling["required"]
+        );
+        let d = ScalingSpec::default();
+        let props = &scaling["properties"];
+        assert_eq!(props["minReplicas"]["default"], d.min_replicas);
+        assert_eq!(props["maxReplicas"]["default"], d.max_replicas);
+        assert_eq!(props["targetTunnelsPerPod"]["default"], d.target_tunnels_per_pod);
+        assert_eq!(props["targetCpuPercent"]["default"], d.target_cpu_percent);
+        assert_eq!(props["stabilizationWindow"]["default"], d.stabilization_window);
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::time::Duration;
 use concentrator_crds::{Egroup, Eroute, GatewayFleet, ValidationError};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
@@ -95,6 +96,8 @@ pub trait Validated:
 {
     const KIND: &'static str;
     fn check(&self) -> Result<(), ValidationError>;
+    /// The conditions in the object's status now (for `lastTransitionTime`).
+    fn conditions(&self) -> &[Condition];
 }
 
 impl Validated for Eroute {
@@ -102,12 +105,18 @@ impl Validated for Eroute {
     fn check(&self) -> Result<(), ValidationError> {
         self.spec.validate().map(|_| ())
     }
+    fn conditions(&self) -> &[Condition] {
+        self.status.as_ref().map_or(&[], |s| &s.conditions)
+    }
 }
 
 impl Validated for Egroup {
     const KIND: &'static str = "Egroup";
     fn check(&self) -> Result<(), ValidationError> {
         self.spec.validate().map(|_| ())
+    }
+    fn conditions(&self) -> &[Condition] {
+        self.status.as_ref().map_or(&[], |s| &s.conditions)
     }
 }
 
@@ -123,7 +132,7 @@ pub async fn reconcile<K: Validated>(obj: Arc<K>, ctx: Arc<Context>) -> Result<A
     let patch = json!({
         "apiVersion": K::api_version(&()),
         "kind": K::KIND,
-        "status": ready_status(&verdict, obj.meta().generation, &now),
+        "status": ready_status(&verdict, obj.meta().generation, obj.conditions(), &now),
     });
     let api: Api<K> = Api::namespaced(ctx.client.clone(), &ns);
     api.patch_status(

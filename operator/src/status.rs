@@ -1,12 +1,44 @@
 //! Pure builders for status patches.
 
 use concentrator_crds::ValidationError;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use serde_json::{Value, json};
 
-/// The `status` body for an object whose spec at `generation` validated to `result`.
+/// The `Ready` condition of a status patch. Its `lastTransitionTime` is "the last time the
+/// condition transitioned from one status to another" (the `Condition` API): it is carried
+/// over from `previous` when the status stays the same, and is `now` only on a transition.
+/// Rewriting it on every reconcile would make each status write a change, and each change a
+/// watch event that triggers the next reconcile: a loop.
+pub fn ready_condition(
+    previous: &[Condition],
+    status: &str,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+    now_rfc3339: &str,
+) -> Value {
+    let since = previous
+        .iter()
+        .find(|c| c.type_ == "Ready" && c.status == status)
+        .and_then(|c| serde_json::to_value(&c.last_transition_time).ok())
+        .filter(|t| t.is_string())
+        .unwrap_or_else(|| json!(now_rfc3339));
+    json!({
+        "type": "Ready",
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "observedGeneration": generation,
+        "lastTransitionTime": since,
+    })
+}
+
+/// The `status` body for an object whose spec at `generation` validated to `result`, given the
+/// conditions it has now.
 pub fn ready_status(
     result: &Result<(), ValidationError>,
     generation: Option<i64>,
+    previous: &[Condition],
     now_rfc3339: &str,
 ) -> Value {
     let (status, reason, message) = match result {
@@ -15,14 +47,7 @@ pub fn ready_status(
     };
     json!({
         "observedGeneration": generation,
-        "conditions": [{
-            "type": "Ready",
-            "status": status,
-            "reason": reason,
-            "message": message,
-            "observedGeneration": generation,
-            "lastTransitionTime": now_rfc3339,
-        }]
+        "conditions": [ready_condition(previous, status, reason, &message, generation, now_rfc3339)],
     })
 }
 
@@ -30,10 +55,18 @@ pub fn ready_status(
 mod tests {
     use super::*;
 
+    fn observed(status: &str, at: &str) -> Vec<Condition> {
+        serde_json::from_value(json!([{
+            "type": "Ready", "status": status, "reason": "Valid", "message": "spec is valid",
+            "observedGeneration": 1, "lastTransitionTime": at,
+        }]))
+        .unwrap()
+    }
+
     #[test]
     fn invalid_spec_gives_ready_false_with_field() {
         let e = ValidationError::new("spec.localSubnet", "'x' is not a CIDR subnet");
-        let s = ready_status(&Err(e), Some(3), "2026-11-22T00:00:00Z");
+        let s = ready_status(&Err(e), Some(3), &[], "2026-11-22T00:00:00Z");
         let c = &s["conditions"][0];
         assert_eq!(c["status"], "False");
         assert_eq!(c["reason"], "Invalid");
@@ -43,7 +76,39 @@ mod tests {
 
     #[test]
     fn valid_spec_gives_ready_true() {
-        let s = ready_status(&Ok(()), Some(1), "2026-11-22T00:00:00Z");
+        let s = ready_status(&Ok(()), Some(1), &[], "2026-11-22T00:00:00Z");
         assert_eq!(s["conditions"][0]["status"], "True");
+        assert_eq!(s["conditions"][0]["lastTransitionTime"], "2026-11-22T00:00:00Z");
+    }
+
+    #[test]
+    fn same_status_keeps_last_transition_time() {
+        let before = observed("True", "2026-11-22T00:00:00Z");
+        let s = ready_status(&Ok(()), Some(2), &before, "2026-11-22T01:00:00Z");
+        assert_eq!(s["conditions"][0]["lastTransitionTime"], "2026-11-22T00:00:00Z");
+        assert_eq!(s["conditions"][0]["observedGeneration"], 2);
+    }
+
+    #[test]
+    fn status_change_moves_last_transition_time() {
+        let before = observed("True", "2026-11-22T00:00:00Z");
+        let e = ValidationError::new("spec.localSubnet", "'x' is not a CIDR subnet");
+        let s = ready_status(&Err(e), Some(2), &before, "2026-11-22T01:00:00Z");
+        assert_eq!(s["conditions"][0]["status"], "False");
+        assert_eq!(s["conditions"][0]["lastTransitionTime"], "2026-11-22T01:00:00Z");
+    }
+
+    #[test]
+    fn same_status_and_reason_keeps_time_across_message_changes() {
+        let before = observed("False", "2026-11-22T00:00:00Z");
+        let c = ready_condition(
+            &before,
+            "False",
+            "SecretMissing",
+            "Secret 'x' not found",
+            Some(1),
+            "2026-11-22T02:00:00Z",
+        );
+        assert_eq!(c["lastTransitionTime"], "2026-11-22T00:00:00Z");
     }
 }

@@ -281,6 +281,55 @@ async fn create_applies_every_object_and_reports_ready() {
     assert_eq!(st["observedGeneration"], 2);
 }
 
+/// The fleet as last reconciled: Ready=True since `since`.
+fn ready_since(since: &str) -> GatewayFleet {
+    let mut f = fleet("");
+    f.status = Some(
+        serde_json::from_value(json!({"conditions": [{
+            "type": "Ready", "status": "True", "reason": "Applied",
+            "message": "gateway objects applied", "observedGeneration": 2,
+            "lastTransitionTime": since,
+        }]}))
+        .unwrap(),
+    );
+    f
+}
+
+#[tokio::test]
+async fn same_verdict_keeps_last_transition_time() {
+    let world = World {
+        eroutes: vec![static_eroute()],
+        secrets: vec![("fleet", "key"), ("hq", "psk")],
+        services: vec!["edge", "edge-pods"],
+        statefulset: None,
+    };
+    let calls = run(ready_since("2026-01-01T00:00:00Z"), world).await;
+    let c = &status_patch(&calls)["conditions"][0];
+    assert_eq!(c["status"], "True");
+    assert_eq!(
+        c["lastTransitionTime"], "2026-01-01T00:00:00Z",
+        "a reconcile with the same verdict must not move lastTransitionTime (each write re-triggers a reconcile)"
+    );
+}
+
+#[tokio::test]
+async fn a_new_verdict_moves_last_transition_time() {
+    let world = World {
+        eroutes: vec![static_eroute()],
+        secrets: vec![("fleet", "key")],
+        services: vec![],
+        statefulset: None,
+    };
+    let calls = run(ready_since("2026-01-01T00:00:00Z"), world).await;
+    let c = &status_patch(&calls)["conditions"][0];
+    assert_eq!(c["status"], "False");
+    let t = c["lastTransitionTime"].as_str().unwrap();
+    assert!(
+        t > "2026-01-01T00:00:00Z",
+        "Ready True -> False must move lastTransitionTime, got {t}"
+    );
+}
+
 #[tokio::test]
 async fn missing_secret_blocks_the_rollout_with_a_reason() {
     let world = World {

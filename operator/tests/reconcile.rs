@@ -106,3 +106,26 @@ async fn valid_egroup_gets_ready_true() {
     assert_eq!(body["kind"], "Egroup");
     assert_eq!(body["status"]["conditions"][0]["status"], "True");
 }
+
+#[tokio::test]
+async fn revalidated_eroute_keeps_its_last_transition_time() {
+    let (client, handle) = client();
+    let mut obj = eroute("  localSubnet: 10.0.0.0/16\n  remoteSubnet: 10.1.0.0/16\n  peerId: a\n");
+    obj.status = Some(
+        serde_json::from_value(serde_json::json!({"conditions": [{
+            "type": "Ready", "status": "True", "reason": "Valid", "message": "spec is valid",
+            "observedGeneration": 4, "lastTransitionTime": "2026-01-01T00:00:00Z",
+        }]}))
+        .unwrap(),
+    );
+    let server = tokio::spawn(expect_status_patch(
+        handle,
+        "/apis/vpn.concentrator.io/v1alpha1/namespaces/default/eroutes/x/status",
+    ));
+    reconcile(Arc::new(obj), Arc::new(Context::new(client, Arc::new(NoPods))))
+        .await
+        .unwrap();
+    let cond = &server.await.unwrap()["status"]["conditions"][0];
+    assert_eq!(cond["status"], "True");
+    assert_eq!(cond["lastTransitionTime"], "2026-01-01T00:00:00Z", "{cond}");
+}

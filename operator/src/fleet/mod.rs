@@ -20,6 +20,7 @@ use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
 use crate::controller::{Context, Error, MANAGER};
+use crate::status::ready_condition;
 
 /// Why a fleet is not Ready, as the condition's reason and message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,10 +85,10 @@ async fn patch_status(
             "replicas": replicas.0.max(0),
             "readyReplicas": replicas.1.max(0),
             "tunnels": tunnels,
-            "conditions": [{
-                "type": "Ready", "status": status, "reason": reason, "message": message,
-                "observedGeneration": generation, "lastTransitionTime": now,
-            }],
+            "conditions": [ready_condition(
+                fleet.status.as_ref().map_or(&[], |s| &s.conditions),
+                status, reason, &message, generation, &now,
+            )],
         },
     });
     api.patch_status(
