@@ -9,6 +9,10 @@
 //!   to give one up;
 //! - `view`: what the driver and the data plane read: who owns each shard, where members
 //!   are, whether new sites may be taken.
+//! - `forward`: the frames that carry packets to the owner of their SA and its answers back
+//!   through the member the site's flow enters.
+//! - `replicate`: copies of each shard's SAs on its replica member, the sequence ceilings
+//!   that keep a taker from reusing a number, and the watch that ends a dead owner's lease.
 //!
 //! The cluster runs on tasks of its own and exchanges values with the driver over channels
 //! and the [`View`]: the IKE task never waits for etcd or a peer pod.

@@ -15,9 +15,8 @@
 //! - `routes`: routes to the TUN device, over netlink, on a task of their own.
 //! - `status`: the admin API's tunnel table, liveness from ESP, NAT keepalives, idle
 //!   tunnels.
-//!
-//! The fleet (membership, shard ownership, SPI routing, SA replication) will have its own
-//! room beside this one, [`crate::cluster`].
+//! - `fleet`, `claims`, `replicas`: the driver's side of the fleet ([`crate::cluster`]):
+//!   SPI routing of IKE, site claims, and SA replication and take-over.
 
 mod claims;
 mod driver;

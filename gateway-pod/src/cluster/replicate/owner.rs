@@ -1,0 +1,569 @@
+//! The owner's side: the replicator task, one link per replica member, and the sequence
+//! ceilings it reserves and raises as the replicas acknowledge them.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use concentrator_esp::SendCounter;
+use concentrator_fleet::map::replica;
+use concentrator_fleet::replication::{Message, Records, Sequences, records};
+use concentrator_fleet::wire::FleetKey;
+use concentrator_fleet::{MemberId, Shard};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use zeroize::Zeroizing;
+
+use super::{
+    AbortOnDrop, ReplicationMetrics, Sessions, StreamError, current_lease, hello_exchange, read_record,
+};
+use crate::cluster::view::SharedView;
+use crate::dataplane::table::SaCounters;
+
+/// Sequence numbers reserved ahead of an SA's last one, at least.
+pub const BLOCK: u64 = 65_536;
+/// How often the owner looks at its SAs' sequence numbers and its replicas.
+const TICK: Duration = Duration::from_millis(100);
+/// How often inbound high-water marks are sent (the replay exposure after a take-over).
+const TOPS_EVERY: Duration = Duration::from_secs(1);
+/// A link that has sent nothing for this long sends a heartbeat.
+const HEARTBEAT: Duration = Duration::from_millis(100);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+const RECONNECT_PAUSE: Duration = Duration::from_millis(200);
+
+/// A CHILD SA of a replicated IKE SA: its sequence state lives in its counters.
+#[derive(Clone)]
+pub struct ReplicatedChild {
+    pub spi_in: u32,
+    pub counters: Arc<SaCounters>,
+}
+
+/// What the driver tells the replicator.
+pub enum ReplicaUpdate {
+    /// IKE SA `id` (new or changed).
+    Sa {
+        shard: Shard,
+        id: u64,
+        snapshot: Zeroizing<Vec<u8>>,
+        context: Vec<u8>,
+        children: Vec<ReplicatedChild>,
+    },
+    /// IKE SA `id` is gone.
+    Delete { id: u64 },
+}
+
+/// The owner's side: hands the driver's updates to the replicator task.
+#[derive(Clone)]
+pub struct Replicator {
+    tx: mpsc::UnboundedSender<ReplicaUpdate>,
+}
+
+impl Replicator {
+    /// Starts the replicator task.
+    pub(in crate::cluster) fn start(
+        view: SharedView,
+        key: FleetKey,
+        metrics: ReplicationMetrics,
+        sessions: Sessions,
+    ) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(
+            Owner {
+                view,
+                key,
+                metrics,
+                sessions,
+                held: HashMap::new(),
+                links: HashMap::new(),
+                last_tops: Instant::now(),
+            }
+            .run(rx),
+        );
+        Self { tx }
+    }
+
+    pub fn update(&self, u: ReplicaUpdate) {
+        let _ = self.tx.send(u);
+    }
+}
+
+/// An SA as the owner replicates it.
+struct Held {
+    shard: Shard,
+    snapshot: Zeroizing<Vec<u8>>,
+    context: Vec<u8>,
+    children: Vec<Child>,
+    /// The replica it was last sent to, and that link's connection then.
+    sent_to: Option<(MemberId, u64)>,
+}
+
+struct Child {
+    spi_in: u32,
+    counters: Arc<SaCounters>,
+    /// The last inbound top sent, and the outbound sequence number a second ago (the rate).
+    top_sent: u64,
+    last_seen: u64,
+    rate: u64,
+}
+
+impl Child {
+    fn send(&self) -> Option<&Arc<SendCounter>> {
+        self.counters.send_counter()
+    }
+
+    /// Numbers to reserve ahead: a block, or two seconds of this SA's traffic.
+    fn block(&self) -> u64 {
+        BLOCK.max(self.rate.saturating_mul(2))
+    }
+}
+
+/// Ceilings to raise once the replica acknowledged them.
+type Ceilings = Vec<(Arc<SendCounter>, u64)>;
+
+/// One message for a link, and the ceilings to apply once the replica acknowledged it.
+struct Outgoing {
+    message: Message,
+    kind: &'static str,
+    ceilings: Ceilings,
+}
+
+/// Dropped, it closes the link's channel: the link sends what was queued (the Deletes that
+/// tell the old replica to forget its copies) and ends.
+struct LinkHandle {
+    tx: mpsc::UnboundedSender<Outgoing>,
+    /// Raised at each new connection: everything must be sent again.
+    connection: Arc<AtomicU64>,
+}
+
+struct Owner {
+    view: SharedView,
+    key: FleetKey,
+    metrics: ReplicationMetrics,
+    sessions: Sessions,
+    held: HashMap<u64, Held>,
+    links: HashMap<MemberId, LinkHandle>,
+    last_tops: Instant,
+}
+
+impl Owner {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<ReplicaUpdate>) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                u = rx.recv() => match u {
+                    Some(u) => {
+                        self.apply(u);
+                        while let Ok(u) = rx.try_recv() {
+                            self.apply(u);
+                        }
+                    }
+                    None => return,
+                },
+                _ = tick.tick() => {}
+            }
+            self.sync();
+        }
+    }
+
+    fn apply(&mut self, u: ReplicaUpdate) {
+        match u {
+            ReplicaUpdate::Sa {
+                shard,
+                id,
+                snapshot,
+                context,
+                children,
+            } => {
+                let old = self.held.remove(&id);
+                let children = children
+                    .into_iter()
+                    .map(|c| {
+                        let prev = old
+                            .as_ref()
+                            .and_then(|o| o.children.iter().find(|p| p.spi_in == c.spi_in));
+                        Child {
+                            spi_in: c.spi_in,
+                            top_sent: prev.map_or(0, |p| p.top_sent),
+                            last_seen: prev.map_or(0, |p| p.last_seen),
+                            rate: prev.map_or(0, |p| p.rate),
+                            counters: c.counters,
+                        }
+                    })
+                    .collect();
+                // Changed: sent again to the replica at once (None forces it).
+                self.held.insert(
+                    id,
+                    Held {
+                        shard,
+                        snapshot,
+                        context,
+                        children,
+                        sent_to: None,
+                    },
+                );
+            }
+            ReplicaUpdate::Delete { id } => {
+                if let Some(h) = self.held.remove(&id)
+                    && let Some((m, _)) = h.sent_to
+                    && let Some(link) = self.links.get(&m)
+                {
+                    let _ = link.tx.send(Outgoing {
+                        message: Message::Delete { id },
+                        kind: "delete",
+                        ceilings: Vec::new(),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Sends each SA to its shard's replica if it has not got it (new, changed, a new
+    /// replica or a new connection), and moves sequence ceilings and inbound tops on.
+    fn sync(&mut self) {
+        let Some(me) = self.view.me() else {
+            // Without a session we cannot tell who the replica is: ceilings stay as they are
+            // (an owner cut off from etcd stops at its last acknowledged one).
+            return;
+        };
+        let members: Vec<MemberId> = self
+            .view
+            .members()
+            .into_iter()
+            .filter(|(_, r)| !r.load.draining)
+            .map(|(m, _)| m)
+            .collect();
+        let tops_due = self.last_tops.elapsed() >= TOPS_EVERY;
+        if tops_due {
+            self.last_tops = Instant::now();
+        }
+        let mut wanted: HashSet<MemberId> = HashSet::new();
+        let mut sequences: BTreeMap<MemberId, (Vec<Sequences>, Ceilings)> = BTreeMap::new();
+        for (&id, h) in &mut self.held {
+            if tops_due {
+                for c in &mut h.children {
+                    let last = c.send().map_or(0, |s| s.last());
+                    c.rate = last.saturating_sub(c.last_seen);
+                    c.last_seen = last;
+                }
+            }
+            let Some(target) = replica(h.shard, me, &members) else {
+                // Alone: nobody could carry the SA on, so nobody could reuse its numbers.
+                for c in &h.children {
+                    if let Some(s) = c.send() {
+                        s.set_ceiling(u64::MAX);
+                    }
+                }
+                h.sent_to = None;
+                continue;
+            };
+            wanted.insert(target);
+            let link = self.links.entry(target).or_insert_with(|| {
+                spawn_link(
+                    me,
+                    target,
+                    self.view.clone(),
+                    self.key.clone(),
+                    self.metrics.clone(),
+                    self.sessions.clone(),
+                )
+            });
+            let connection = link.connection.load(Ordering::Acquire);
+            if h.sent_to != Some((target, connection)) {
+                if let Some((old, _)) = h.sent_to.filter(|(m, _)| *m != target)
+                    && let Some(l) = self.links.get(&old)
+                {
+                    // The old replica must not keep a copy it could adopt with an old ceiling.
+                    let _ = l.tx.send(Outgoing {
+                        message: Message::Delete { id },
+                        kind: "delete",
+                        ceilings: Vec::new(),
+                    });
+                }
+                let Some(link) = self.links.get(&target) else {
+                    continue;
+                };
+                let mut seqs = Vec::with_capacity(h.children.len());
+                let mut ceilings = Vec::new();
+                for c in &mut h.children {
+                    let (ceiling, raise) = reserve(c);
+                    if let (Some(s), Some(v)) = (c.send(), raise) {
+                        ceilings.push((s.clone(), v));
+                    }
+                    c.top_sent = c.counters.inbound_top();
+                    seqs.push(Sequences {
+                        spi_in: c.spi_in,
+                        ceiling,
+                        top: c.top_sent,
+                    });
+                }
+                let _ = link.tx.send(Outgoing {
+                    message: Message::Sa {
+                        shard: h.shard,
+                        id,
+                        snapshot: h.snapshot.clone(),
+                        context: h.context.clone(),
+                        children: seqs,
+                    },
+                    kind: "sa",
+                    ceilings,
+                });
+                h.sent_to = Some((target, connection));
+                continue;
+            }
+            let entry = sequences.entry(target).or_default();
+            for c in &mut h.children {
+                let (ceiling, raise) = reserve(c);
+                let top = c.counters.inbound_top();
+                let top_moved = tops_due && top != c.top_sent;
+                if raise.is_none() && !top_moved {
+                    continue;
+                }
+                if let (Some(s), Some(v)) = (c.send(), raise) {
+                    entry.1.push((s.clone(), v));
+                }
+                c.top_sent = top;
+                entry.0.push(Sequences {
+                    spi_in: c.spi_in,
+                    ceiling,
+                    top,
+                });
+            }
+        }
+        for (target, (seqs, ceilings)) in sequences {
+            if seqs.is_empty() {
+                continue;
+            }
+            if let Some(link) = self.links.get(&target) {
+                let _ = link.tx.send(Outgoing {
+                    message: Message::Sequences(seqs),
+                    kind: "sequences",
+                    ceilings,
+                });
+            }
+        }
+        self.links.retain(|m, _| wanted.contains(m));
+    }
+}
+
+/// The ceiling to tell the replica for `c`, and the value to raise ours to once it is
+/// acknowledged (`None`: nothing to raise). A fresh SA (no ceiling yet) is limited at once.
+fn reserve(c: &Child) -> (u64, Option<u64>) {
+    let Some(s) = c.send() else {
+        return (0, None);
+    };
+    let (last, ceiling) = (s.last(), s.ceiling());
+    let block = c.block();
+    if ceiling == u64::MAX {
+        // Lowering is safe at once; the replica learns the same value.
+        let v = last.saturating_add(block);
+        s.set_ceiling(v);
+        return (v, None);
+    }
+    if last.saturating_add(block / 2) > ceiling {
+        let v = last.saturating_add(block);
+        return (v, Some(v));
+    }
+    (ceiling, None)
+}
+
+fn spawn_link(
+    me: MemberId,
+    peer: MemberId,
+    view: SharedView,
+    key: FleetKey,
+    metrics: ReplicationMetrics,
+    sessions: Sessions,
+) -> LinkHandle {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let connection = Arc::new(AtomicU64::new(0));
+    tokio::spawn(link(
+        (me, peer),
+        view,
+        key,
+        metrics,
+        sessions,
+        rx,
+        connection.clone(),
+    ));
+    LinkHandle { tx, connection }
+}
+
+/// The connection to one replica, made again whenever it breaks or our etcd session
+/// changes (a stream counts only under the lease it was opened with).
+async fn link(
+    (me, peer): (MemberId, MemberId),
+    view: SharedView,
+    key: FleetKey,
+    metrics: ReplicationMetrics,
+    sessions: Sessions,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    connection: Arc<AtomicU64>,
+) {
+    loop {
+        if let (Some(addr), Some(lease)) = (view.address(peer), current_lease(&sessions)) {
+            match connect(me, lease, addr, &key).await {
+                Ok((stream, tx, rxr)) => {
+                    tracing::debug!(member = %peer, %addr, "replication stream open");
+                    connection.fetch_add(1, Ordering::AcqRel);
+                    let r = stream_to(stream, (tx, rxr), &mut rx, &metrics, (&sessions, lease)).await;
+                    if let Err(e) = r {
+                        tracing::debug!(member = %peer, error = %e, "replication stream ended");
+                    }
+                }
+                Err(e) => tracing::debug!(member = %peer, %addr, error = %e, "replication connect failed"),
+            }
+        }
+        if rx.is_closed() {
+            return;
+        }
+        // Messages for the broken connection are dropped: the next one starts with a Reset
+        // and every SA again.
+        while rx.try_recv().is_ok() {}
+        tokio::time::sleep(RECONNECT_PAUSE).await;
+    }
+}
+
+async fn connect(
+    me: MemberId,
+    lease: i64,
+    addr: SocketAddr,
+    key: &FleetKey,
+) -> Result<(TcpStream, Records, Records), StreamError> {
+    let mut stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| StreamError::Timeout)??;
+    stream.set_nodelay(true)?;
+    let (mine, theirs) = hello_exchange(&mut stream, me, lease).await?;
+    let (tx, rx) = records(key, true, &mine, &theirs)?;
+    Ok((stream, tx, rx))
+}
+
+/// Sends the owner's messages on one connection and applies the replica's acknowledgements.
+async fn stream_to(
+    stream: TcpStream,
+    (mut tx, mut rxr): (Records, Records),
+    rx: &mut mpsc::UnboundedReceiver<Outgoing>,
+    metrics: &ReplicationMetrics,
+    (sessions, lease): (&Sessions, i64),
+) -> Result<(), StreamError> {
+    let (mut read, mut write) = stream.into_split();
+    let mut sent: u64 = 0;
+    let mut pending: VecDeque<(u64, Ceilings)> = VecDeque::new();
+    let mut out = Vec::new();
+    let send = |m: &Message, kind: &str, out: &mut Vec<u8>, tx: &mut Records| -> Result<(), StreamError> {
+        let before = out.len();
+        tx.seal(&m.encode(), out)?;
+        ReplicationMetrics::count(&metrics.bytes_sent, kind, (out.len() - before) as u64);
+        Ok(())
+    };
+    send(&Message::Reset, "reset", &mut out, &mut tx)?;
+    sent += 1;
+    write.write_all(&out).await?;
+    out.clear();
+    // Acknowledgements are read on their own task: a replica's answer must not wait for
+    // our next write.
+    let (acks_tx, mut acks) = mpsc::unbounded_channel::<Result<u64, StreamError>>();
+    let reader = tokio::spawn(async move {
+        let mut buf = Vec::new();
+        loop {
+            let r = async {
+                read_record(&mut read, &mut buf).await?;
+                match Message::decode(rxr.open(&mut buf)?)? {
+                    Message::Ack(n) => Ok(n),
+                    _ => Err(StreamError::Unexpected),
+                }
+            }
+            .await;
+            let end = r.is_err();
+            if acks_tx.send(r).is_err() || end {
+                return;
+            }
+        }
+    });
+    let _guard = AbortOnDrop(reader);
+    let mut idle = tokio::time::interval(HEARTBEAT);
+    loop {
+        tokio::select! {
+            m = rx.recv() => {
+                let Some(m) = m else { return Ok(()) };
+                let mut batch = vec![m];
+                while let Ok(m) = rx.try_recv() {
+                    batch.push(m);
+                }
+                for m in batch {
+                    send(&m.message, m.kind, &mut out, &mut tx)?;
+                    sent += 1;
+                    if !m.ceilings.is_empty() {
+                        pending.push_back((sent, m.ceilings));
+                    }
+                }
+                write.write_all(&out).await?;
+                out.clear();
+                idle.reset();
+            }
+            a = acks.recv() => {
+                let n = a.ok_or(StreamError::Unexpected)??;
+                while pending.front().is_some_and(|(i, _)| *i <= n) {
+                    if let Some((_, ceilings)) = pending.pop_front() {
+                        for (s, v) in ceilings {
+                            // Never raise past "no ceiling" nor lower what is acknowledged.
+                            let cur = s.ceiling();
+                            if cur != u64::MAX && v > cur {
+                                s.set_ceiling(v);
+                            }
+                        }
+                    }
+                }
+            }
+            _ = idle.tick() => {
+                if current_lease(sessions) != Some(lease) {
+                    return Err(StreamError::Stale);
+                }
+                send(&Message::Heartbeat, "heartbeat", &mut out, &mut tx)?;
+                sent += 1;
+                write.write_all(&out).await?;
+                out.clear();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn child(rate: u64) -> (Child, Arc<SendCounter>) {
+        let send = Arc::new(SendCounter::new(0));
+        let counters = Arc::new(SaCounters::new(Instant::now()).sending(send.clone()));
+        (
+            Child {
+                spi_in: 1,
+                counters,
+                top_sent: 0,
+                last_seen: 0,
+                rate,
+            },
+            send,
+        )
+    }
+
+    #[test]
+    fn a_fresh_sa_is_limited_at_once_and_raised_only_near_its_ceiling() {
+        let (c, send) = child(0);
+        let (v, raise) = reserve(&c);
+        assert_eq!((v, raise), (BLOCK, None));
+        assert_eq!(send.ceiling(), BLOCK, "lowered before the replica hears it");
+        // Far from the ceiling: nothing to ask.
+        assert_eq!(reserve(&c), (BLOCK, None));
+    }
+
+    #[test]
+    fn a_fast_sa_reserves_two_seconds_ahead() {
+        let (c, _) = child(1_000_000);
+        assert_eq!(reserve(&c).0, 2_000_000);
+    }
+}
