@@ -55,14 +55,6 @@ const NATT: u16 = 4500;
 const TIMEOUT: Duration = Duration::from_secs(40);
 const FORWARDED: &str = "fleet_forwarded_packets_total";
 
-fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|n| *n > 0)
-        .unwrap_or(default)
-}
-
 /// How big a run is.
 struct Size {
     secs: u64,
@@ -73,9 +65,9 @@ struct Size {
 impl Size {
     fn from_env() -> Self {
         Self {
-            secs: env_num("BENCH_SECONDS", 2),
-            rounds: env_num("BENCH_ROUNDS", 1),
-            pings: env_num("BENCH_PINGS", 50),
+            secs: common::env_num("BENCH_SECONDS", 2),
+            rounds: common::env_num("BENCH_ROUNDS", 1),
+            pings: common::env_num("BENCH_PINGS", 50),
         }
     }
 }
@@ -283,33 +275,7 @@ impl Remote {
 /// One iperf3 TCP run from the site's LAN address to [`GW_HOST`] on the owner pod (`-R`:
 /// the owner sends); bits/s received.
 fn iperf(site: &Remote, owner: &Netns, reverse: bool, secs: u64, log: &Path) -> Result<f64> {
-    // One server per run (`-1`): it ends with its client.
-    let _server = owner.spawn(
-        "iperf3 server",
-        tools::IPERF3.path(),
-        &["-s", "-1", "-B", GW_HOST],
-        log,
-    )?;
-    let (from, secs) = (site.host().to_string(), secs.to_string());
-    let mut args = vec!["-c", GW_HOST, "-B", &from, "-t", &secs, "-J"];
-    if reverse {
-        args.push("-R");
-    }
-    let mut last = String::new();
-    for _ in 0..50 {
-        let out = site.ns().output(tools::IPERF3.path(), &args)?;
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        if out.status.success() {
-            let v: serde_json::Value = serde_json::from_str(&text)?;
-            if let Some(bps) = v["end"]["sum_received"]["bits_per_second"].as_f64() {
-                return Ok(bps);
-            }
-        }
-        // The server may not listen yet: try again.
-        last = text;
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    bail!("iperf3 never ran: {last}")
+    common::iperf_bps(site.ns(), site.host(), owner, reverse, secs, log)
 }
 
 /// `count` pings every 10 ms from the site's LAN through the tunnel; the RTTs (ms) of those

@@ -24,16 +24,15 @@
 //!
 //! As non-root it prints SKIP and passes.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use concentrator_e2e::fleet::sites::{self, Site};
 use concentrator_e2e::fleet::{self, Affinity, Fleet};
-use concentrator_e2e::netns::{self, Netns, addr};
+use concentrator_e2e::netns::{self, addr};
 use concentrator_e2e::ping::Ping;
 use concentrator_e2e::topology::GW_HOST;
-use concentrator_e2e::{etcd, prereq, process, strongswan, tools};
+use concentrator_e2e::{etcd, prereq, process, strongswan};
 
 mod common;
 
@@ -41,14 +40,6 @@ const PODS: usize = 3;
 const THREADS: usize = 6;
 const TIMEOUT: Duration = Duration::from_secs(60);
 const REPLICATION_BYTES: &str = "fleet_replication_bytes_total";
-
-fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|n| *n > 0)
-        .unwrap_or(default)
-}
 
 fn skip() -> bool {
     prereq::require(&[netns::TOOLS, strongswan::TOOLS, etcd::TOOLS, fleet::TOOLS]).is_skip()
@@ -89,31 +80,6 @@ fn replication_bytes(fleet: &Fleet) -> Result<f64> {
     Ok(sum)
 }
 
-fn iperf(site: &Site, owner: &Netns, secs: u64, log: &Path) -> Result<f64> {
-    let _server = owner.spawn(
-        "iperf3 server",
-        tools::IPERF3.path(),
-        &["-s", "-1", "-B", GW_HOST],
-        log,
-    )?;
-    let (from, secs) = (site.host().to_string(), secs.to_string());
-    let args = ["-c", GW_HOST, "-B", &from, "-t", &secs, "-J"];
-    let mut last = String::new();
-    for _ in 0..50 {
-        let out = site.ns().output(tools::IPERF3.path(), &args)?;
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        if out.status.success() {
-            let v: serde_json::Value = serde_json::from_str(&text)?;
-            if let Some(bps) = v["end"]["sum_received"]["bits_per_second"].as_f64() {
-                return Ok(bps / 1e6);
-            }
-        }
-        last = text;
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    bail!("iperf3 never ran: {last}")
-}
-
 fn owner_of(fleet: &Fleet, s: &Site) -> Result<usize> {
     let o = fleet.owners_of(&s.peer_id())?;
     ensure!(o.len() == 1, "site {} listed by pods {o:?}", s.n());
@@ -142,7 +108,7 @@ fn measure(replicas: &str, n: usize, ticks: f64) -> Result<(Mode, tempfile::Temp
     let cpu = gateway_cpu(&fleet, ticks) - cpu0;
     let setup_bytes = replication_bytes(&fleet)? - bytes0;
 
-    let idle = Duration::from_secs(env_num("BENCH_IDLE", 2));
+    let idle = Duration::from_secs(common::env_num("BENCH_IDLE", 2));
     let pings: Vec<Ping> = started
         .iter()
         .map(|s| {
@@ -167,12 +133,14 @@ fn measure(replicas: &str, n: usize, ticks: f64) -> Result<(Mode, tempfile::Temp
 
     let site = &started[0];
     let owner = owner_of(&fleet, site)?;
-    let mbits = iperf(
-        site,
+    let mbits = common::iperf_bps(
+        site.ns(),
+        site.host(),
         fleet.pod(owner).ns(),
-        env_num("BENCH_SECONDS", 2),
+        false,
+        common::env_num("BENCH_SECONDS", 2),
         &fleet.dir().join("iperf3.log"),
-    )?;
+    )? / 1e6;
     let mode = Mode {
         setup,
         cpu_per_sa_ms: cpu * 1000.0 / n as f64,
@@ -250,7 +218,7 @@ fn replication_cost_and_takeover_gaps() -> Result<()> {
     if skip() {
         return Ok(());
     }
-    let n = env_num("BENCH_SITES", 6) as usize;
+    let n = common::env_num("BENCH_SITES", 6) as usize;
     let ticks = process::clock_ticks();
     let (off, _c0, fleet_off, sites_off) = measure("0", n, ticks)?;
     ensure!(
@@ -287,7 +255,7 @@ fn replication_cost_and_takeover_gaps() -> Result<()> {
         on.setup_bytes_per_sa, on.steady_bytes_per_tunnel_s
     );
 
-    let kills = env_num("BENCH_KILLS", 1);
+    let kills = common::env_num("BENCH_KILLS", 1);
     let mut all = Vec::new();
     let mut worst = Vec::new();
     for round in 1..=kills {

@@ -134,15 +134,20 @@ fn fleet_with_sites(n: usize) -> Result<(tempfile::TempDir, Fleet, Vec<Site>, Ve
     fleet
         .wait_metric_sum("fleet_replica_sas", TIMEOUT, |v| v == n as f64)
         .with_context(|| fleet.log_tails(30))?;
-    let owners: Vec<usize> = started
+    let owners = owners_of_sites(&fleet, &started)?;
+    Ok((config, fleet, started, owners))
+}
+
+/// The one pod that lists each site.
+fn owners_of_sites(fleet: &Fleet, sites: &[Site]) -> Result<Vec<usize>> {
+    sites
         .iter()
         .map(|s| {
             let o = fleet.owners_of(&s.peer_id())?;
             ensure!(o.len() == 1, "site {} listed by pods {o:?}", s.n());
             Ok(o[0])
         })
-        .collect::<Result<_>>()?;
-    Ok((config, fleet, started, owners))
+        .collect()
 }
 
 /// The pod that owns the most sites, and how many.
@@ -303,14 +308,7 @@ fn a_killed_pod_loses_no_tunnel_and_no_site_renegotiates() -> Result<()> {
     fleet
         .wait_metric_sum("fleet_replica_sas", TIMEOUT, |v| v == n as f64)
         .with_context(|| fleet.log_tails(30))?;
-    let owners: Vec<usize> = started
-        .iter()
-        .map(|s| {
-            let o = fleet.owners_of(&s.peer_id())?;
-            ensure!(o.len() == 1, "site {} listed by pods {o:?}", s.n());
-            Ok(o[0])
-        })
-        .collect::<Result<_>>()?;
+    let owners = owners_of_sites(&fleet, &started)?;
     let (second, _) = busiest(&owners)?;
     kill_and_measure(&mut fleet, &started, &owners, second, "second")?;
     for (s, before) in started.iter().zip(&spis_before) {

@@ -266,15 +266,9 @@ impl Driver {
 
     /// SA `id` is established: if another member held its site, the site is ours now.
     pub(super) fn claim_established(&mut self, id: u64) {
-        let Some(rec) = self.sas.get_mut(&id) else { return };
-        let (Some(from), Some(site)) = (rec.contested.take(), rec.site.clone()) else {
+        let Some((c, site, from, peer_id)) = self.contested_site(id) else {
             return;
         };
-        let Some(claims) = self.claims.as_ref() else {
-            return;
-        };
-        let c = claims.claims.clone();
-        let peer_id = rec.peer_id.clone();
         tokio::spawn(async move {
             match c.take_over(&site, from).await {
                 Ok(true) => tracing::info!(%peer_id, member = %from, "site taken over from another member"),
@@ -287,15 +281,9 @@ impl Driver {
     /// SA `id` was adopted from `rec.contested`, a member that is gone: its site is ours
     /// now (its claim ended with that member's lease, or is taken over if it has not yet).
     pub(super) fn adopt_claim(&mut self, id: u64) {
-        let Some(rec) = self.sas.get_mut(&id) else { return };
-        let (Some(from), Some(site)) = (rec.contested.take(), rec.site.clone()) else {
+        let Some((c, site, from, peer_id)) = self.contested_site(id) else {
             return;
         };
-        let Some(claims) = self.claims.as_ref() else {
-            return;
-        };
-        let c = claims.claims.clone();
-        let peer_id = rec.peer_id.clone();
         tokio::spawn(async move {
             let r = match c.claim(&site).await {
                 Ok(Claimed::HeldBy(m)) if m == from => c.take_over(&site, from).await,
@@ -310,6 +298,17 @@ impl Driver {
                 tracing::warn!(%peer_id, error = %e, "could not claim an adopted site");
             }
         });
+    }
+
+    /// The claims, site, previous holder and peer ID of SA `id` if another member held its
+    /// site (taken: asked once).
+    fn contested_site(&mut self, id: u64) -> Option<(Claims, SiteKey, concentrator_fleet::MemberId, String)> {
+        let claims = self.claims.as_ref()?.claims.clone();
+        let rec = self.sas.get_mut(&id)?;
+        let (Some(from), Some(site)) = (rec.contested.take(), rec.site.clone()) else {
+            return None;
+        };
+        Some((claims, site, from, rec.peer_id.clone()))
     }
 
     /// The last IKE SA of `site` here is gone (no other record holds it): released.

@@ -332,3 +332,53 @@ pub(crate) fn outer_counts(ns: &concentrator_e2e::netns::Netns) -> anyhow::Resul
     };
     Ok((count("l4proto esp")?, count("dport 4500")?))
 }
+
+/// A positive number from the environment variable `name`, else `default` (benchmark sizes).
+#[allow(dead_code)] // Benchmarks only.
+pub(crate) fn env_num(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(default)
+}
+
+/// iperf3 TCP from `from` in `client` to the head-end address on `server` for `secs`
+/// (`reverse`: the server sends): the bits per second received. The server serves one run.
+#[allow(dead_code)] // Benchmarks only.
+pub(crate) fn iperf_bps(
+    client: &concentrator_e2e::netns::Netns,
+    from: std::net::IpAddr,
+    server: &concentrator_e2e::netns::Netns,
+    reverse: bool,
+    secs: u64,
+    log: &std::path::Path,
+) -> anyhow::Result<f64> {
+    use concentrator_e2e::{tools, topology::GW_HOST};
+    let _server = server.spawn(
+        "iperf3 server",
+        tools::IPERF3.path(),
+        &["-s", "-1", "-B", GW_HOST],
+        log,
+    )?;
+    let (from, secs) = (from.to_string(), secs.to_string());
+    let mut args = vec!["-c", GW_HOST, "-B", &from, "-t", &secs, "-J"];
+    if reverse {
+        args.push("-R");
+    }
+    let mut last = String::new();
+    for _ in 0..50 {
+        let out = client.output(tools::IPERF3.path(), &args)?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.success() {
+            let v: serde_json::Value = serde_json::from_str(&text)?;
+            if let Some(bps) = v["end"]["sum_received"]["bits_per_second"].as_f64() {
+                return Ok(bps);
+            }
+        }
+        // The server may not listen yet: try again.
+        last = text;
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    anyhow::bail!("iperf3 never ran: {last}")
+}
