@@ -269,6 +269,8 @@ pub fn desired(
                                 {"name": "admin", "containerPort": 50051, "protocol": "TCP"},
                                 {"name": "metrics", "containerPort": 9090, "protocol": "TCP"},
                                 {"name": "fleet", "containerPort": FLEET_PORT, "protocol": "UDP"},
+                                // SA replication between members (take-over).
+                                {"name": "fleet-sync", "containerPort": FLEET_PORT, "protocol": "TCP"},
                             ],
                             "env": env,
                         "readinessProbe": {"httpGet": {"path": "/readyz", "port": "metrics"}},
@@ -555,6 +557,14 @@ mod tests {
                 .unwrap()
                 .iter()
                 .any(|p| p.container_port == 4510 && p.protocol.as_deref() == Some("UDP"))
+        );
+        assert!(
+            c.ports
+                .as_ref()
+                .unwrap()
+                .iter()
+                .any(|p| p.container_port == 4510 && p.protocol.as_deref() == Some("TCP")),
+            "replication streams are TCP on the fleet port"
         );
     }
 
