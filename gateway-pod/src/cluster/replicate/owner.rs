@@ -98,6 +98,8 @@ struct Held {
     children: Vec<Child>,
     /// The replica it was last sent to, and that link's connection then.
     sent_to: Option<(MemberId, u64)>,
+    /// Changed since it was last sent.
+    dirty: bool,
 }
 
 struct Child {
@@ -156,20 +158,25 @@ impl Owner {
             tokio::select! {
                 u = rx.recv() => match u {
                     Some(u) => {
-                        self.apply(u);
+                        // Only the SAs that changed: a walk over every SA per message would
+                        // cost as much as the exchanges at tens of thousands of tunnels.
+                        let mut changed = vec![self.apply(u)];
                         while let Ok(u) = rx.try_recv() {
-                            self.apply(u);
+                            changed.push(self.apply(u));
                         }
+                        changed.sort_unstable();
+                        changed.dedup();
+                        self.sync(Some(&changed));
                     }
                     None => return,
                 },
-                _ = tick.tick() => {}
+                _ = tick.tick() => self.sync(None),
             }
-            self.sync();
         }
     }
 
-    fn apply(&mut self, u: ReplicaUpdate) {
+    /// Takes the driver's update in; returns the SA's id.
+    fn apply(&mut self, u: ReplicaUpdate) -> u64 {
         match u {
             ReplicaUpdate::Sa {
                 shard,
@@ -194,7 +201,7 @@ impl Owner {
                         }
                     })
                     .collect();
-                // Changed: sent again to the replica at once (None forces it).
+                // Changed: sent again to the replica at once.
                 self.held.insert(
                     id,
                     Held {
@@ -202,9 +209,11 @@ impl Owner {
                         snapshot,
                         context,
                         children,
-                        sent_to: None,
+                        sent_to: old.and_then(|o| o.sent_to),
+                        dirty: true,
                     },
                 );
+                id
             }
             ReplicaUpdate::Delete { id } => {
                 if let Some(h) = self.held.remove(&id)
@@ -217,13 +226,15 @@ impl Owner {
                         ceilings: Vec::new(),
                     });
                 }
+                id
             }
         }
     }
 
-    /// Sends each SA to its shard's replica if it has not got it (new, changed, a new
-    /// replica or a new connection), and moves sequence ceilings and inbound tops on.
-    fn sync(&mut self) {
+    /// Sends each SA (of `only`, or all) to its shard's replica if it has not got it (new,
+    /// changed, a new replica or a new connection), and moves sequence ceilings and inbound
+    /// tops on.
+    fn sync(&mut self, only: Option<&[u64]>) {
         let Some(me) = self.view.me() else {
             // Without a session we cannot tell who the replica is: ceilings stay as they are
             // (an owner cut off from etcd stops at its last acknowledged one).
@@ -236,13 +247,20 @@ impl Owner {
             .filter(|(_, r)| !r.load.draining)
             .map(|(m, _)| m)
             .collect();
-        let tops_due = self.last_tops.elapsed() >= TOPS_EVERY;
+        let tops_due = only.is_none() && self.last_tops.elapsed() >= TOPS_EVERY;
         if tops_due {
             self.last_tops = Instant::now();
         }
+        let ids: Vec<u64> = match only {
+            Some(ids) => ids.to_vec(),
+            None => self.held.keys().copied().collect(),
+        };
         let mut wanted: HashSet<MemberId> = HashSet::new();
         let mut sequences: BTreeMap<MemberId, (Vec<Sequences>, Ceilings)> = BTreeMap::new();
-        for (&id, h) in &mut self.held {
+        for id in ids {
+            let Some(h) = self.held.get_mut(&id) else {
+                continue;
+            };
             if tops_due {
                 for c in &mut h.children {
                     let last = c.send().map_or(0, |s| s.last());
@@ -272,7 +290,7 @@ impl Owner {
                 )
             });
             let connection = link.connection.load(Ordering::Acquire);
-            if h.sent_to != Some((target, connection)) {
+            if h.dirty || h.sent_to != Some((target, connection)) {
                 if let Some((old, _)) = h.sent_to.filter(|(m, _)| *m != target)
                     && let Some(l) = self.links.get(&old)
                 {
@@ -312,6 +330,7 @@ impl Owner {
                     ceilings,
                 });
                 h.sent_to = Some((target, connection));
+                h.dirty = false;
                 continue;
             }
             let entry = sequences.entry(target).or_default();
@@ -345,7 +364,10 @@ impl Owner {
                 });
             }
         }
-        self.links.retain(|m, _| wanted.contains(m));
+        // Only a walk over every SA knows which links are still wanted.
+        if only.is_none() {
+            self.links.retain(|m, _| wanted.contains(m));
+        }
     }
 }
 
