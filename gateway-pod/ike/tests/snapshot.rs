@@ -337,6 +337,66 @@ fn a_request_in_flight_is_retransmitted_by_the_restored_end() {
 }
 
 #[test]
+fn a_copy_a_request_behind_takes_the_peers_next_request() {
+    let mut net = Net::established();
+    // The copy is taken; then the site rekeys its CHILD SA with the gateway, which answers:
+    // the copy never hears of that exchange (its owner died before replicating it).
+    let stale = net.gw.ep.snapshot(net.gw.id(), net.now).unwrap().encode();
+    let spi_in = *net.site.children.keys().next().unwrap();
+    let id = net.site.id();
+    assert!(net.site.ep.rekey_child(id, spi_in, net.now, &mut SystemEntropy));
+    net.run();
+    let mut fresh = End::new();
+    let restored = fresh
+        .ep
+        .restore(
+            IkeSaSnapshot::decode(&stale).unwrap(),
+            gw_config(),
+            site_config(),
+            net.now,
+        )
+        .unwrap();
+    fresh.id = Some(restored);
+    fresh.children = std::mem::take(&mut net.gw.children);
+    net.gw = fresh;
+    // The site's next request carries a Message ID one above what the copy expects: it is
+    // taken (once it authenticates), not dropped as beyond the window.
+    let id = net.site.id();
+    net.site.ep.delete(id, net.now);
+    net.run();
+    assert_eq!(net.gw.deleted, vec![DeleteReason::PeerDeleted]);
+}
+
+#[test]
+fn a_restored_sa_still_drops_a_request_far_beyond_its_window() {
+    let mut net = Net::established();
+    let stale = net.gw.ep.snapshot(net.gw.id(), net.now).unwrap().encode();
+    // Twenty exchanges the copy never hears of: more than a copy can lag behind.
+    for _ in 0..20 {
+        let spi_in = *net.site.children.keys().next().unwrap();
+        let id = net.site.id();
+        assert!(net.site.ep.rekey_child(id, spi_in, net.now, &mut SystemEntropy));
+        net.run();
+    }
+    let mut fresh = End::new();
+    let restored = fresh
+        .ep
+        .restore(
+            IkeSaSnapshot::decode(&stale).unwrap(),
+            gw_config(),
+            site_config(),
+            net.now,
+        )
+        .unwrap();
+    fresh.id = Some(restored);
+    net.gw = fresh;
+    let id = net.site.id();
+    net.site.ep.delete(id, net.now);
+    net.run();
+    assert!(net.gw.deleted.is_empty(), "a request 20 IDs ahead is not taken");
+}
+
+#[test]
 fn a_retransmitted_request_is_answered_from_the_restored_cache() {
     let mut net = Net::established();
     // The site's CHILD SA rekey reaches the gateway; the answer is lost.

@@ -279,7 +279,15 @@ pub(crate) struct Session {
     /// The Message ID of our next request (ours count from zero, RFC 7296 §2.2).
     tx_next: u64,
     pending: Option<Pending>,
+    /// Restored from a copy that may be a few exchanges behind the process that answered
+    /// the peer last (a fleet member that died before its replica heard of its last
+    /// answers): the peer's next request is taken with any Message ID up to
+    /// [`CATCH_UP`] above the expected one, once it authenticates.
+    catching_up: bool,
 }
+
+/// How far above the expected Message ID a restored session takes the peer's next request.
+const CATCH_UP: u64 = 16;
 
 impl Session {
     /// A session whose peer has sent requests up to `last` (the IKE_AUTH exchange for the
@@ -293,6 +301,7 @@ impl Session {
             last,
             tx_next: 0,
             pending: None,
+            catching_up: false,
         }
     }
 
@@ -306,6 +315,7 @@ impl Session {
             last: None,
             tx_next: 1,
             pending: None,
+            catching_up: false,
         }
     }
 
@@ -315,7 +325,7 @@ impl Session {
     /// response unless it receives a retransmission of the request."
     pub(crate) fn window(&self, message_id: u32, datagram: &[u8]) -> Window<'_> {
         let id = u64::from(message_id);
-        if id == self.rx_next {
+        if id == self.rx_next || (self.catching_up && id > self.rx_next && id - self.rx_next <= CATCH_UP) {
             return Window::New;
         }
         match &self.last {
@@ -347,6 +357,7 @@ impl Session {
             response: response.clone(),
         });
         self.rx_next = u64::from(message_id) + 1;
+        self.catching_up = false;
         Ok(response)
     }
 
@@ -504,6 +515,7 @@ impl Session {
                 retransmits: p.retransmits,
                 deadline: super::deadline(now, p.due_in),
             }),
+            catching_up: true,
         })
     }
 }
