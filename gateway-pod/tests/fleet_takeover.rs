@@ -12,6 +12,9 @@
 //! frozen (SIGSTOP) for 10 s instead of killed: its SAs are taken over while it sleeps, and
 //! when it wakes up it sends nothing its successor sends, and steps down.
 //!
+//! CHILD SA rekeys and deletes that the sites start while their owner hangs complete after
+//! it is killed, answered by the member that took its SAs over.
+//!
 //! `FLEET_E2E_TAKEOVER_SITES` sets the number of sites (default 20). As non-root the tests
 //! print SKIP and pass.
 
@@ -405,4 +408,71 @@ fn a_frozen_owner_wakes_up_without_reusing_a_sequence_number_and_steps_down() ->
         .wait_metric_sum("ike_sas_established", TIMEOUT, |v| v == n as f64)
         .with_context(|| fleet.log_tails(30))?;
     check_no_sequence_reuse(&fleet, capture)
+}
+
+/// Exchanges the sites start while their owner hangs, answered by the member that takes its
+/// SAs over: the owner is frozen (and dropped from the front), the sites of the busiest pod
+/// rekey their CHILD SA or delete it, the requests go unanswered, the owner is killed; the
+/// sites' retransmissions reach the new owner, whose copies expect exactly those requests.
+#[test]
+fn rekeys_and_deletes_in_flight_at_a_kill_complete() -> Result<()> {
+    if skip() {
+        return Ok(());
+    }
+    let n = site_count().min(8);
+    let (_config, mut fleet, started, owners) = fleet_with_sites(n)?;
+    let (victim, held) = busiest(&owners)?;
+    let mine: Vec<&Site> = started
+        .iter()
+        .zip(&owners)
+        .filter(|(_, o)| **o == victim)
+        .map(|(s, _)| s)
+        .collect();
+    let spis_before: Vec<String> = mine.iter().map(|s| ike_spis(s)).collect::<Result<_>>()?;
+    let children_before: Vec<Vec<String>> = mine.iter().map(|s| child_spis_out(s)).collect::<Result<_>>()?;
+    fleet.freeze_pod(victim)?;
+    fleet.front().remove_endpoint(victim)?;
+    // Every other site of the victim rekeys its CHILD SA, the others delete it.
+    for (i, s) in mine.iter().enumerate() {
+        let child = ["--child", sites::CONNECTION];
+        if i % 2 == 0 {
+            s.charon().swanctl(&[&["--rekey"][..], &child].concat())?;
+        } else {
+            // swanctl stops waiting after a second; charon goes on retransmitting the DELETE.
+            let _ = s
+                .charon()
+                .swanctl(&[&["--terminate"][..], &child, &["--timeout", "1"]].concat());
+        }
+    }
+    eprintln!("froze gw-{victim} ({held} tunnels); its sites sent their requests");
+    std::thread::sleep(Duration::from_secs(1));
+    fleet.kill_pod(victim);
+    wait::until("the exchanges in flight at the kill to complete", TIMEOUT, || {
+        let mut pending = Vec::new();
+        for (i, (s, before)) in mine.iter().zip(&children_before).enumerate() {
+            let now = child_spis_out(s)?;
+            let done = if i % 2 == 0 {
+                now.len() == 1 && !before.contains(&now[0])
+            } else {
+                now.is_empty()
+            };
+            if !done {
+                pending.push(format!("site {} (CHILD SAs out {now:?})", s.n()));
+            }
+        }
+        Ok(if pending.is_empty() {
+            Probe::Ready(())
+        } else {
+            Probe::pending(pending.join(", "))
+        })
+    })
+    .with_context(|| fleet.log_tails(30))?;
+    for (i, (s, before)) in mine.iter().zip(&spis_before).enumerate() {
+        ensure!(&ike_spis(s)? == before, "site {} renegotiated its IKE SA", s.n());
+        if i % 2 == 0 {
+            s.wait_ping(addr(GW_HOST), TIMEOUT)
+                .with_context(|| logs(&fleet, s))?;
+        }
+    }
+    Ok(())
 }
