@@ -476,3 +476,70 @@ fn rekeys_and_deletes_in_flight_at_a_kill_complete() -> Result<()> {
     }
     Ok(())
 }
+
+/// Two members lost at once with one replica per shard: the SAs of a shard whose owner and
+/// replica were those two are gone, and only their sites renegotiate; every other site keeps
+/// its IKE SA. Sites here run dead peer detection (every second, dead after ~3 s, then
+/// restart), as a site must to notice a head-end that lost its state; nothing hangs.
+#[test]
+fn two_members_lost_at_once_cost_only_the_sites_of_their_shared_shards() -> Result<()> {
+    if skip() {
+        return Ok(());
+    }
+    let n = site_count().min(12);
+    let psks = common::fleet::psks(n);
+    let (_config, mut fleet) = common::fleet::start(PODS, Affinity::client_ip(), &psks)?;
+    let front = fleet.front().address();
+    let started = sites::start_all_with(
+        fleet.wan(),
+        front,
+        &psks,
+        THREADS,
+        &sites::SiteOptions::quick_dpd(),
+    )?;
+    sites::in_parallel(&started, THREADS, |s| {
+        s.initiate().with_context(|| logs(&fleet, s))?;
+        s.wait_ping(addr(GW_HOST), TIMEOUT)
+            .with_context(|| logs(&fleet, s))
+    })?;
+    fleet
+        .wait_metric_sum("fleet_replica_sas", TIMEOUT, |v| v == n as f64)
+        .with_context(|| fleet.log_tails(30))?;
+    let owners = owners_of_sites(&fleet, &started)?;
+    let spis_before: Vec<String> = started.iter().map(ike_spis).collect::<Result<_>>()?;
+    // The survivor: the pod that owns the fewest sites (so that most sites are at stake).
+    let mut count = [0usize; PODS];
+    for o in &owners {
+        count[*o] += 1;
+    }
+    let survivor = (0..PODS).min_by_key(|i| count[*i]).context("no pod")?;
+    for pod in (0..PODS).filter(|p| *p != survivor) {
+        fleet.kill_pod(pod);
+        fleet.front().remove_endpoint(pod)?;
+    }
+    eprintln!("killed every pod but gw-{survivor} at once");
+    // Every site carries traffic again: adopted by the survivor, or renegotiated with it.
+    for s in &started {
+        s.wait_ping(addr(GW_HOST), Duration::from_secs(60))
+            .with_context(|| logs(&fleet, s))?;
+    }
+    let mut kept = 0;
+    for ((s, before), o) in started.iter().zip(&spis_before).zip(&owners) {
+        let same = &ike_spis(s)? == before;
+        ensure!(
+            same || *o != survivor,
+            "site {} on the surviving gw-{survivor} renegotiated\n{}",
+            s.n(),
+            logs(&fleet, s)
+        );
+        kept += usize::from(same);
+    }
+    eprintln!(
+        "{kept} of {n} sites kept their IKE SA; {} renegotiated (owner and replica both lost)",
+        n - kept
+    );
+    fleet
+        .wait_metric_sum("ike_sas_established", TIMEOUT, |v| v == n as f64)
+        .with_context(|| fleet.log_tails(30))?;
+    Ok(())
+}

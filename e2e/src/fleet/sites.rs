@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 
 use crate::netns::{Netns, Wan, addr, net};
-use crate::strongswan::{Charon, Connection};
+use crate::strongswan::{Charon, CharonOptions, Connection};
 use crate::topology::{GW_ID, GW_LAN, site_host, site_lan, site_wan};
 
 /// The domain of the sites' identities (an Egroup's `peerId: "*.sites.example.com"`).
@@ -38,11 +38,51 @@ pub struct Site {
     ns: Netns,
 }
 
+/// How a site departs from strongSwan's defaults (none by default).
+#[derive(Clone, Debug, Default)]
+pub struct SiteOptions {
+    /// Lines for charon's `strongswan.conf` section (e.g. `retransmit_tries = 2`).
+    pub charon: Vec<String>,
+    /// Lines for the connection (e.g. `dpd_delay = 1s`).
+    pub connection: Vec<String>,
+    /// Lines for its child (e.g. `dpd_action = restart`).
+    pub child: Vec<String>,
+}
+
+impl SiteOptions {
+    /// Dead peer detection every second, a dead peer noticed after ~3 s, and the tunnel
+    /// started again then: sites that find out on their own when the gateway lost them.
+    pub fn quick_dpd() -> Self {
+        Self {
+            charon: [
+                "retransmit_timeout = 1.0",
+                "retransmit_base = 1.0",
+                "retransmit_tries = 2",
+            ]
+            .map(str::to_owned)
+            .to_vec(),
+            connection: vec!["dpd_delay = 1s".to_owned()],
+            child: vec!["dpd_action = restart".to_owned()],
+        }
+    }
+}
+
 impl Site {
     /// Site `n` on `wan`, its connection to the gateway at `front` with `psk` loaded.
     pub fn start(wan: &Wan, front: IpAddr, n: usize, psk: &str) -> Result<Self> {
+        Self::start_with(wan, front, n, psk, &SiteOptions::default())
+    }
+
+    /// [`Self::start`] with `options`.
+    pub fn start_with(wan: &Wan, front: IpAddr, n: usize, psk: &str, options: &SiteOptions) -> Result<Self> {
         let ns = wan.host(&format!("site{n}"), &site_wan(n), Some(&site_host(n)))?;
-        let charon = Charon::start(&ns)?;
+        let charon = Charon::start_with(
+            &ns,
+            &CharonOptions {
+                extra_settings: options.charon.clone(),
+                ..CharonOptions::default()
+            },
+        )?;
         let mut connection = Connection::new(
             CONNECTION,
             addr(&site_wan(n)),
@@ -53,6 +93,8 @@ impl Site {
         );
         connection.local_id = peer_id(n);
         connection.remote_id = GW_ID.to_owned();
+        connection.extra = options.connection.clone();
+        connection.child_extra = options.child.clone();
         charon.load(std::slice::from_ref(&connection))?;
         Ok(Self {
             n,
@@ -156,7 +198,20 @@ impl Site {
 
 /// Starts sites `(n, psk)` of `sites` on `wan` toward `front`, `threads` at a time.
 pub fn start_all(wan: &Wan, front: IpAddr, sites: &[(usize, String)], threads: usize) -> Result<Vec<Site>> {
-    in_parallel(sites, threads, |(n, psk)| Site::start(wan, front, *n, psk))
+    start_all_with(wan, front, sites, threads, &SiteOptions::default())
+}
+
+/// [`start_all`] with `options` for every site.
+pub fn start_all_with(
+    wan: &Wan,
+    front: IpAddr,
+    sites: &[(usize, String)],
+    threads: usize,
+    options: &SiteOptions,
+) -> Result<Vec<Site>> {
+    in_parallel(sites, threads, |(n, psk)| {
+        Site::start_with(wan, front, *n, psk, options)
+    })
 }
 
 /// `f` on every item, on at most `threads` threads, results in item order; the first error

@@ -68,6 +68,9 @@ struct State {
     leader: Option<(MemberId, i64)>,
     /// When this session began.
     started: Option<Instant>,
+    /// Members whose record this session saw go (lease ended or revoked): gone for sure,
+    /// unlike members it has not seen at all yet.
+    seen_gone: std::collections::BTreeSet<MemberId>,
 }
 
 impl State {
@@ -95,8 +98,10 @@ impl State {
             if deleted {
                 self.members.remove(&id);
                 self.leases.remove(&id);
+                self.seen_gone.insert(id);
                 return;
             }
+            self.seen_gone.remove(&id);
             match MemberRecord::decode(kv.value()) {
                 Ok(r) => {
                     self.members.insert(id, r);
@@ -408,11 +413,11 @@ async fn put_record(
 /// Becomes the leader if there is none, and as the leader writes the next shard map.
 ///
 /// A leader whose session is new (after a start, or etcd coming back) leaves the shards of
-/// members it does not see alone for `grace`: after an etcd outage every member resumes its
-/// lease in its own time, and a member not back yet is not a member gone. A leader with an
-/// older session saw the member's record go (its lease ended or was revoked): its shards go
-/// to their replicas at once, which is what keeps a take-over short when the leader itself
-/// was the member that died.
+/// members it does not see alone for `grace`, unless it saw their records go: after an etcd
+/// outage every member resumes its lease in its own time, and a member not back yet is not
+/// a member gone. A member whose record this session saw deleted (its lease ended or was
+/// revoked) is gone: its shards go to their replicas at once, which is what keeps a
+/// take-over short, also when the leader itself was the member that died.
 async fn lead(
     client: &mut Client,
     keys: &Keys,
@@ -446,7 +451,7 @@ async fn lead(
     let young = state.started.is_none_or(|t| t.elapsed() < grace);
     let missing = concentrator_fleet::Shard::all()
         .filter_map(|s| state.map.owner(s))
-        .any(|m| !state.members.contains_key(&m));
+        .any(|m| !state.members.contains_key(&m) && !state.seen_gone.contains(&m));
     if missing && young {
         return Ok(());
     }

@@ -19,10 +19,11 @@ use crate::cluster::{IkeRoute, Link, SharedView, Via, route_ike};
 pub(super) struct DriverFleet {
     pub(super) view: SharedView,
     link: Link,
-    /// The member each site's IKE flow enters through, when not this one, by our port and
-    /// the site's address: a front keeps affinity per Service port, so a site that sends
-    /// to both ports from one address (one socket) may enter through two members.
-    vias: HashMap<(u16, SocketAddr), MemberId>,
+    /// The member each site's IKE flow enters through (`None`: this one), by our port and
+    /// the site's address, as its last IKE message came: a front keeps affinity per Service
+    /// port, so a site that sends to both ports from one address (one socket) may enter
+    /// through two members.
+    vias: HashMap<(u16, SocketAddr), Option<MemberId>>,
     /// The path the site's ESP takes (the data plane learns it from each authenticated
     /// packet): what IKE answers follow when no IKE message came this way yet, as for an
     /// SA taken over from a member that is gone.
@@ -50,11 +51,11 @@ impl DriverFleet {
     /// The member the site at `remote` enters through on our `port`, if another: as its
     /// last IKE message came, else (on the NAT-T port) as its ESP comes.
     fn entry(&self, port: u16, remote: SocketAddr) -> Option<MemberId> {
-        self.vias.get(&(port, remote)).copied().or_else(|| {
-            (port == self.nat_t_port)
-                .then(|| self.esp_vias.get(&remote).and_then(|v| v.get()))
-                .flatten()
-        })
+        match self.vias.get(&(port, remote)) {
+            Some(via) => *via,
+            None if port == self.nat_t_port => self.esp_vias.get(&remote).and_then(|v| v.get()),
+            None => None,
+        }
     }
 
     /// The datagram as it travels in a frame: IKE on the NAT-T port keeps its non-ESP
@@ -110,10 +111,15 @@ impl Driver {
                 return false;
             }
         }
-        match via {
-            Some(m) => f.vias.insert((local.port(), remote), m),
-            None => f.vias.remove(&(local.port(), remote)),
-        };
+        f.vias.insert((local.port(), remote), via);
+        // IKE on the NAT-T port and the site's ESP in UDP are one flow: where one enters, so
+        // does the other (an idle site's tunnel follows its next liveness check).
+        if local.port() == f.nat_t_port
+            && let Some(esp) = f.esp_vias.get(&remote)
+            && esp.get() != via
+        {
+            esp.set(via);
+        }
         true
     }
 
@@ -182,7 +188,7 @@ impl Driver {
         let Some(f) = self.fleet.as_mut() else {
             return Arc::default();
         };
-        let via = Arc::new(Via::new(f.vias.get(&(f.nat_t_port, remote)).copied()));
+        let via = Arc::new(Via::new(f.vias.get(&(f.nat_t_port, remote)).copied().flatten()));
         f.esp_vias.insert(remote, via.clone());
         via
     }
