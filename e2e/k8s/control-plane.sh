@@ -426,7 +426,7 @@ poll 60 "gwf/$fleet Ready=False (InvalidConfig)" is "False InvalidConfig" -n "$n
     -o jsonpath='{.status.conditions[?(@.type=="Ready")].status} {.status.conditions[?(@.type=="Ready")].reason}'
 kubectl -n "$ns" patch eroute branches --type=merge -p '{"spec":{"remoteSubnet":"10.128.0.0/9"}}' >/dev/null
 poll 60 "eroute/branches Ready=True again" is True -n "$ns" get eroute branches -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}'
-poll 60 "gwf/$fleet Ready=True again" is True -n "$ns" get gwf "$fleet" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}'
+poll 90 "gwf/$fleet Ready=True again" is True -n "$ns" get gwf "$fleet" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}'
 [ "$(cond "$ns" eroute/branches lastTransitionTime)" != "$ltt0" ] || fail "eroute/branches: lastTransitionTime did not move"
 ok "a transition to Invalid and back moves lastTransitionTime; the fleet follows (InvalidConfig, then Ready)"
 

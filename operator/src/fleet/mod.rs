@@ -192,7 +192,9 @@ async fn apply_fleet(fleet: Arc<GatewayFleet>, ctx: Arc<Context>) -> Result<Acti
             message: e.to_string(),
         };
         patch_status(&fleets, &fleet, Err(n), (0, 0), 0).await?;
-        return Ok(Action::requeue(Duration::from_secs(60)));
+        // Eroutes and Egroups are listed, not watched (yet): look again soon, so that a fixed
+        // object is applied within seconds rather than a minute.
+        return Ok(Action::requeue(Duration::from_secs(15)));
     }
     let mut wanted = build::referenced_secrets(&eroutes, &egroups);
     let fk = &fleet.spec.fleet_key_secret_ref;
