@@ -18,7 +18,6 @@
 //! `FLEET_E2E_TAKEOVER_SITES` sets the number of sites (default 20). As non-root the tests
 //! print SKIP and pass.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
@@ -119,12 +118,16 @@ fn ike_spis(s: &Site) -> Result<String> {
     Ok(spis.join(" "))
 }
 
-/// A fleet with `n` sites up, each IKE SA copied to its replica; which pod owns each site.
-fn fleet_with_sites(n: usize) -> Result<(tempfile::TempDir, Fleet, Vec<Site>, Vec<usize>)> {
+/// A fleet with `n` sites (started with `options`) up, each IKE SA copied to its replica;
+/// which pod owns each site.
+fn fleet_with_sites(
+    n: usize,
+    options: &sites::SiteOptions,
+) -> Result<(tempfile::TempDir, Fleet, Vec<Site>, Vec<usize>)> {
     let psks = common::fleet::psks(n);
     let (config, fleet) = common::fleet::start(PODS, Affinity::client_ip(), &psks)?;
     let front = fleet.front().address();
-    let started = sites::start_all(fleet.wan(), front, &psks, THREADS)?;
+    let started = sites::start_all_with(fleet.wan(), front, &psks, THREADS, options)?;
     sites::in_parallel(&started, THREADS, |s| {
         s.initiate().with_context(|| logs(&fleet, s))?;
         s.wait_ping(addr(GW_HOST), TIMEOUT)
@@ -153,13 +156,22 @@ fn owners_of_sites(fleet: &Fleet, sites: &[Site]) -> Result<Vec<usize>> {
         .collect()
 }
 
+/// How many sites each pod owns.
+fn per_pod(owners: &[usize]) -> [usize; PODS] {
+    let mut count = [0; PODS];
+    for o in owners {
+        count[*o] += 1;
+    }
+    count
+}
+
 /// The pod that owns the most sites, and how many.
 fn busiest(owners: &[usize]) -> Result<(usize, usize)> {
-    let mut per_pod: BTreeMap<usize, usize> = BTreeMap::new();
-    for o in owners {
-        *per_pod.entry(*o).or_default() += 1;
-    }
-    per_pod.into_iter().max_by_key(|(_, c)| *c).context("no owner")
+    let count = per_pod(owners);
+    (0..PODS)
+        .max_by_key(|i| count[*i])
+        .map(|i| (i, count[i]))
+        .context("no owner")
 }
 
 /// Captures the sites' WAN (every packet between the front and the sites).
@@ -253,7 +265,7 @@ fn a_killed_pod_loses_no_tunnel_and_no_site_renegotiates() -> Result<()> {
         return Ok(());
     }
     let n = site_count();
-    let (_config, mut fleet, started, owners) = fleet_with_sites(n)?;
+    let (_config, mut fleet, started, owners) = fleet_with_sites(n, &sites::SiteOptions::default())?;
     let (victim, held) = busiest(&owners)?;
     let spis_before: Vec<String> = started.iter().map(ike_spis).collect::<Result<_>>()?;
     let children_before: Vec<Vec<String>> = started.iter().map(child_spis_out).collect::<Result<_>>()?;
@@ -336,7 +348,7 @@ fn a_frozen_owner_wakes_up_without_reusing_a_sequence_number_and_steps_down() ->
         return Ok(());
     }
     let n = site_count().min(10);
-    let (_config, fleet, started, owners) = fleet_with_sites(n)?;
+    let (_config, fleet, started, owners) = fleet_with_sites(n, &sites::SiteOptions::default())?;
     let (victim, held) = busiest(&owners)?;
     let spis_before: Vec<String> = started.iter().map(ike_spis).collect::<Result<_>>()?;
     let capture = capture_wan(&fleet)?;
@@ -420,7 +432,7 @@ fn rekeys_and_deletes_in_flight_at_a_kill_complete() -> Result<()> {
         return Ok(());
     }
     let n = site_count().min(8);
-    let (_config, mut fleet, started, owners) = fleet_with_sites(n)?;
+    let (_config, mut fleet, started, owners) = fleet_with_sites(n, &sites::SiteOptions::default())?;
     let (victim, held) = busiest(&owners)?;
     let mine: Vec<&Site> = started
         .iter()
@@ -487,31 +499,10 @@ fn two_members_lost_at_once_cost_only_the_sites_of_their_shared_shards() -> Resu
         return Ok(());
     }
     let n = site_count().min(12);
-    let psks = common::fleet::psks(n);
-    let (_config, mut fleet) = common::fleet::start(PODS, Affinity::client_ip(), &psks)?;
-    let front = fleet.front().address();
-    let started = sites::start_all_with(
-        fleet.wan(),
-        front,
-        &psks,
-        THREADS,
-        &sites::SiteOptions::quick_dpd(),
-    )?;
-    sites::in_parallel(&started, THREADS, |s| {
-        s.initiate().with_context(|| logs(&fleet, s))?;
-        s.wait_ping(addr(GW_HOST), TIMEOUT)
-            .with_context(|| logs(&fleet, s))
-    })?;
-    fleet
-        .wait_metric_sum("fleet_replica_sas", TIMEOUT, |v| v == n as f64)
-        .with_context(|| fleet.log_tails(30))?;
-    let owners = owners_of_sites(&fleet, &started)?;
+    let (_config, mut fleet, started, owners) = fleet_with_sites(n, &sites::SiteOptions::quick_dpd())?;
     let spis_before: Vec<String> = started.iter().map(ike_spis).collect::<Result<_>>()?;
     // The survivor: the pod that owns the fewest sites (so that most sites are at stake).
-    let mut count = [0usize; PODS];
-    for o in &owners {
-        count[*o] += 1;
-    }
+    let count = per_pod(&owners);
     let survivor = (0..PODS).min_by_key(|i| count[*i]).context("no pod")?;
     for pod in (0..PODS).filter(|p| *p != survivor) {
         fleet.kill_pod(pod);

@@ -235,6 +235,24 @@ impl Net {
         }
     }
 
+    /// The gateway dies and `copy` (an encoded snapshot of its SA, maybe stale) carries on
+    /// in a fresh endpoint.
+    fn gateway_from_copy(&mut self, copy: &[u8]) {
+        let mut fresh = End::new();
+        let restored = fresh
+            .ep
+            .restore(
+                IkeSaSnapshot::decode(copy).unwrap(),
+                gw_config(),
+                site_config(),
+                self.now,
+            )
+            .unwrap();
+        fresh.id = Some(restored);
+        fresh.children = std::mem::take(&mut self.gw.children);
+        self.gw = fresh;
+    }
+
     /// Every CHILD SA pair agrees: our outbound keys are the peer's inbound keys.
     fn assert_keys_agree(&self) {
         assert_eq!(
@@ -346,19 +364,7 @@ fn a_copy_a_request_behind_takes_the_peers_next_request() {
     let id = net.site.id();
     assert!(net.site.ep.rekey_child(id, spi_in, net.now, &mut SystemEntropy));
     net.run();
-    let mut fresh = End::new();
-    let restored = fresh
-        .ep
-        .restore(
-            IkeSaSnapshot::decode(&stale).unwrap(),
-            gw_config(),
-            site_config(),
-            net.now,
-        )
-        .unwrap();
-    fresh.id = Some(restored);
-    fresh.children = std::mem::take(&mut net.gw.children);
-    net.gw = fresh;
+    net.gateway_from_copy(&stale);
     // The site's next request carries a Message ID one above what the copy expects: it is
     // taken (once it authenticates), not dropped as beyond the window.
     let id = net.site.id();
@@ -378,18 +384,7 @@ fn a_restored_sa_still_drops_a_request_far_beyond_its_window() {
         assert!(net.site.ep.rekey_child(id, spi_in, net.now, &mut SystemEntropy));
         net.run();
     }
-    let mut fresh = End::new();
-    let restored = fresh
-        .ep
-        .restore(
-            IkeSaSnapshot::decode(&stale).unwrap(),
-            gw_config(),
-            site_config(),
-            net.now,
-        )
-        .unwrap();
-    fresh.id = Some(restored);
-    net.gw = fresh;
+    net.gateway_from_copy(&stale);
     let id = net.site.id();
     net.site.ep.delete(id, net.now);
     net.run();

@@ -211,28 +211,20 @@ mod tests {
         let store = ReplicaStore::new(view.clone());
         let owner = (MemberId(1), 7);
         let shard = Shard::new(7).unwrap();
-        store.apply(
-            owner,
-            Message::Sa {
-                shard,
-                id: 9,
-                snapshot: Zeroizing::new(vec![1]),
-                context: vec![],
-                children: vec![Sequences {
-                    spi_in: 5,
-                    ceiling: 100,
-                    top: 3,
-                }],
-            },
-        );
-        store.apply(
-            owner,
-            Message::Sequences(vec![Sequences {
-                spi_in: 5,
-                ceiling: 50,
-                top: 10,
-            }]),
-        );
+        let seq = |ceiling, top| Sequences {
+            spi_in: 5,
+            ceiling,
+            top,
+        };
+        let sa = |children| Message::Sa {
+            shard,
+            id: 9,
+            snapshot: Zeroizing::new(vec![1]),
+            context: vec![],
+            children,
+        };
+        store.apply(owner, sa(vec![seq(100, 3)]));
+        store.apply(owner, Message::Sequences(vec![seq(50, 10)]));
         assert!(view.occupied().contains(shard), "a copy makes its shard occupied");
         let taken = store.take(|o, s| o == owner && s == shard);
         assert!(!view.occupied().contains(shard));
@@ -240,16 +232,7 @@ mod tests {
         assert_eq!(taken[0].1.sequences[&5], (100, 10));
         assert!(store.is_empty());
         // A reset forgets the owner's copies.
-        store.apply(
-            owner,
-            Message::Sa {
-                shard,
-                id: 9,
-                snapshot: Zeroizing::new(vec![1]),
-                context: vec![],
-                children: vec![],
-            },
-        );
+        store.apply(owner, sa(vec![]));
         store.apply(owner, Message::Reset);
         assert!(store.is_empty());
     }
