@@ -31,6 +31,11 @@ pub struct ReasonLabel {
     pub reason: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: String,
+}
+
 /// Labels of `ike_failures`: why a negotiation failed or a peer was refused.
 pub const IKE_FAILURE_REASONS: &[&str] = &[
     "authentication_failed",
@@ -84,6 +89,9 @@ pub struct Metrics {
     pub ike_failures: Family<ReasonLabel, Counter>,
     /// IKE messages dropped without an answer, by reason.
     pub ike_dropped: Family<ReasonLabel, Counter>,
+    /// RFC 6311 Message ID synchronizations: `synced` (ours, after a take-over), `answered`
+    /// (the peer's), `unusable` (our request's answer could not be used).
+    pub ike_message_id_syncs: Family<ResultLabel, Counter>,
     pub dataplane: DataplaneCounters,
     /// Site lookups that gave no usable site, by egroup and reason (not_found, timeout,
     /// unreachable, malformed).
@@ -108,6 +116,11 @@ impl Metrics {
         r.register("egroups", "Egroups loaded", self.egroups.clone());
         r.register("sites", "Sites in the embedded site store", self.sites.clone());
         r.register("tunnels", "Tunnels this pod terminates", self.tunnels.clone());
+        r.register(
+            "ike_message_id_syncs",
+            "RFC 6311 Message ID synchronizations by result (synced, answered, unusable)",
+            self.ike_message_id_syncs.clone(),
+        );
         r.register(
             "nat_keepalives",
             "NAT keepalives sent to sites behind a NAT or across ours",
@@ -227,6 +240,14 @@ impl Metrics {
         self.ike_dropped
             .get_or_create(&ReasonLabel {
                 reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn count_message_id_sync(&self, result: &str) {
+        self.ike_message_id_syncs
+            .get_or_create(&ResultLabel {
+                result: result.to_owned(),
             })
             .inc();
     }

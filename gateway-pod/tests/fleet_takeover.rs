@@ -13,7 +13,8 @@
 //! when it wakes up it sends nothing its successor sends, and steps down.
 //!
 //! CHILD SA rekeys and deletes that the sites start while their owner hangs complete after
-//! it is killed, answered by the member that took its SAs over.
+//! it is killed, answered by the member that took its SAs over. Each adopted SA synchronizes
+//! its Message IDs with its site (RFC 6311; strongSwan announces it when it initiates).
 //!
 //! `FLEET_E2E_TAKEOVER_SITES` sets the number of sites (default 20). As non-root the tests
 //! print SKIP and pass.
@@ -40,6 +41,10 @@ const PING_EVERY: Duration = Duration::from_millis(20);
 const PINGING: Duration = Duration::from_secs(16);
 /// When, after the pings start, the pod is killed.
 const KILL_AFTER: Duration = Duration::from_secs(4);
+
+/// RFC 6311 syncs by result.
+const SYNCED: &str = r#"ike_message_id_syncs_total{result="synced"}"#;
+const UNUSABLE: &str = r#"ike_message_id_syncs_total{result="unusable"}"#;
 
 fn skip() -> bool {
     prereq::require(&[
@@ -291,6 +296,13 @@ fn a_killed_pod_loses_no_tunnel_and_no_site_renegotiates() -> Result<()> {
         adopted == held as f64,
         "{adopted} IKE SAs adopted, the dead pod held {held}"
     );
+    // strongSwan announces RFC 6311 when it initiates: each adopted SA synchronized its
+    // Message IDs with its site, and no answer was unusable.
+    fleet
+        .wait_metric_sum(SYNCED, TIMEOUT, |v| v == held as f64)
+        .with_context(|| fleet.log_tails(30))?;
+    let unusable = fleet.metric_sum(UNUSABLE)?;
+    ensure!(unusable == 0.0, "{unusable} Message ID syncs were unusable");
     // The adopted CHILD SAs are rekeyed (new SPIs, in the new owner's shards), and every
     // site is listed by exactly one live pod.
     wait::until("the adopted CHILD SAs to be rekeyed", TIMEOUT, || {

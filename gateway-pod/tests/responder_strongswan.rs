@@ -192,6 +192,9 @@ fn drain(r: &mut Responder, psk: &[u8], entropy: &mut SystemEntropy, sockets: &S
                 println!("EVENT RequestRefused exchange={exchange} error={error}");
             }
             Event::PeerError { notify_type } => println!("EVENT PeerError notify={notify_type}"),
+            Event::MessageIdSync { requested, next } => {
+                println!("EVENT MessageIdSync requested={requested} next={next:?}");
+            }
             Event::Failed(e) => println!("EVENT Failed {e}"),
         }
     }

@@ -169,6 +169,11 @@ impl IvCounter {
         Self { next }
     }
 
+    /// How many IVs were handed out.
+    pub fn used(&self) -> u64 {
+        self.next
+    }
+
     /// The next IV.
     ///
     /// # Errors

@@ -118,6 +118,22 @@ impl SkCipher {
         Ok(Self { encr, inner })
     }
 
+    /// How many AEAD nonces sealing used (0 for AES-CBC, whose IVs are random).
+    pub fn ivs_used(&self) -> u64 {
+        match &self.inner {
+            Inner::Aead { ivs, .. } => ivs.used(),
+            _ => 0,
+        }
+    }
+
+    /// Seals on with AEAD nonces from `next` (a key carried on by another process, which
+    /// must never repeat one the first used); nothing for AES-CBC.
+    pub fn resume_ivs_at(&mut self, next: u64) {
+        if let Inner::Aead { ivs, .. } = &mut self.inner {
+            *ivs = IvCounter::starting_at(next);
+        }
+    }
+
     /// The encryption transform.
     pub fn encryption(&self) -> Encryption {
         self.encr

@@ -40,6 +40,7 @@ fn config() -> Arc<Config> {
         half_open_timeout: Config::DEFAULT_HALF_OPEN_TIMEOUT,
         retransmit: Retransmit::default(),
         force_udp_encap: false,
+        message_id_sync: true,
         ..Config::new(
             vec![parse_ike("ike", "aes128gcm16-prfsha256-x25519").unwrap()],
             vec![parse_esp("esp", "aes128gcm16").unwrap()],

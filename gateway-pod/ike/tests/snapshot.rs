@@ -47,6 +47,12 @@ fn gw_config() -> Arc<responder::Config> {
 
 /// The site: follows the gateway's IKE SA rekeys, CHILD SA rekeys with PFS.
 fn site_config() -> Arc<initiator::Config> {
+    site_config_with(true)
+}
+
+/// The site's configuration, announcing RFC 6311 or not (strongSwan does only when it
+/// initiates).
+fn site_config_with(message_id_sync: bool) -> Arc<initiator::Config> {
     let mut c = initiator::Config::new(
         vec![parse_ike("ike", "aes128gcm16-prfsha256-x25519").unwrap()],
         vec![parse_esp("esp", "aes128gcm16-x25519").unwrap()],
@@ -56,6 +62,7 @@ fn site_config() -> Arc<initiator::Config> {
     );
     c.accept_ike_rekey = true;
     c.child_lifetime = 7200 * SECOND;
+    c.message_id_sync = message_id_sync;
     Arc::new(c)
 }
 
@@ -66,6 +73,8 @@ struct End {
     /// CHILD SAs installed and not deleted, by our SPI.
     children: BTreeMap<u32, ChildSa>,
     deleted: Vec<DeleteReason>,
+    /// RFC 6311 syncs reported: (we asked, the counters).
+    syncs: Vec<(bool, Option<(u32, u32)>)>,
 }
 
 impl End {
@@ -75,6 +84,7 @@ impl End {
             id: None,
             children: BTreeMap::new(),
             deleted: Vec::new(),
+            syncs: Vec::new(),
         }
     }
 
@@ -94,8 +104,13 @@ struct Net {
 }
 
 impl Net {
-    /// Establishes the SA.
+    /// Establishes the SA; both ends announce RFC 6311.
     fn established() -> Self {
+        Self::established_with(true)
+    }
+
+    /// Establishes the SA, the site announcing RFC 6311 or not.
+    fn established_with(message_id_sync: bool) -> Self {
         let mut net = Self {
             now: Instant::now(),
             gw: End::new(),
@@ -106,7 +121,7 @@ impl Net {
             .site
             .ep
             .connect(
-                site_config(),
+                site_config_with(message_id_sync),
                 PSK,
                 site_addr(),
                 gw_addr(),
@@ -147,6 +162,7 @@ impl Net {
                         self.gw.children.remove(&spi_in);
                     }
                     Event::IkeSaDeleted { reason, .. } => self.gw.deleted.push(reason),
+                    Event::MessageIdSync { requested, next } => self.gw.syncs.push((requested, next)),
                     Event::Failed(e) => panic!("gateway failed: {e}"),
                     _ => {}
                 }
@@ -162,6 +178,7 @@ impl Net {
                         self.site.children.remove(&spi_in);
                     }
                     Event::IkeSaDeleted { reason, .. } => self.site.deleted.push(reason),
+                    Event::MessageIdSync { requested, next } => self.site.syncs.push((requested, next)),
                     Event::Failed(e) => panic!("site failed: {e}"),
                     _ => {}
                 }
@@ -356,7 +373,8 @@ fn a_request_in_flight_is_retransmitted_by_the_restored_end() {
 
 #[test]
 fn a_copy_a_request_behind_takes_the_peers_next_request() {
-    let mut net = Net::established();
+    // A site without RFC 6311 (strongSwan as responder): the catch-up window.
+    let mut net = Net::established_with(false);
     // The copy is taken; then the site rekeys its CHILD SA with the gateway, which answers:
     // the copy never hears of that exchange (its owner died before replicating it).
     let stale = net.gw.ep.snapshot(net.gw.id(), net.now).unwrap().encode();
@@ -375,7 +393,7 @@ fn a_copy_a_request_behind_takes_the_peers_next_request() {
 
 #[test]
 fn a_restored_sa_still_drops_a_request_far_beyond_its_window() {
-    let mut net = Net::established();
+    let mut net = Net::established_with(false);
     let stale = net.gw.ep.snapshot(net.gw.id(), net.now).unwrap().encode();
     // Twenty exchanges the copy never hears of: more than a copy can lag behind.
     for _ in 0..20 {
@@ -389,6 +407,124 @@ fn a_restored_sa_still_drops_a_request_far_beyond_its_window() {
     net.site.ep.delete(id, net.now);
     net.run();
     assert!(net.gw.deleted.is_empty(), "a request 20 IDs ahead is not taken");
+}
+
+/// The site's next request Message ID and the one it expects from the gateway.
+fn site_counters(net: &Net) -> (u64, u64) {
+    let s = net.site.ep.snapshot(net.site.id(), net.now).unwrap().current;
+    (s.tx_next, s.rx_next)
+}
+
+#[test]
+fn a_copy_far_behind_synchronizes_message_ids_with_the_peer() {
+    let mut net = Net::established();
+    let stale = net.gw.ep.snapshot(net.gw.id(), net.now).unwrap().encode();
+    assert!(IkeSaSnapshot::decode(&stale).unwrap().mid_sync_supported);
+    // Twenty exchanges of the site and three liveness checks of the gateway that the copy
+    // never hears of: beyond any catch-up window, in both directions.
+    for _ in 0..20 {
+        let spi_in = *net.site.children.keys().next().unwrap();
+        let id = net.site.id();
+        assert!(net.site.ep.rekey_child(id, spi_in, net.now, &mut SystemEntropy));
+        net.run();
+    }
+    for _ in 0..3 {
+        net.advance_to(net.now + 31 * SECOND);
+        net.run();
+    }
+    let (site_next, site_expects) = site_counters(&net);
+    net.gateway_from_copy(&stale);
+    // The restored gateway asks at once (RFC 6311 §4.2) and takes the site's counters.
+    net.advance_to(net.now);
+    net.run();
+    let [(true, Some((ours, theirs)))] = net.gw.syncs[..] else {
+        panic!("one sync of the gateway: {:?}", net.gw.syncs);
+    };
+    assert_eq!(u64::from(theirs), site_next, "the site's next request");
+    assert!(u64::from(ours) >= site_expects, "above what the site expects");
+    assert_eq!(
+        site_counters(&net).1,
+        u64::from(ours),
+        "the site expects what was agreed"
+    );
+    assert_eq!(net.site.syncs.len(), 1, "the site answered: {:?}", net.site.syncs);
+    assert!(!net.site.syncs[0].0);
+    // Both directions carry on: the gateway's liveness check is answered by the site, the
+    // site's DELETE is taken by the gateway. (The copy's CHILD SA is twenty rekeys old, so
+    // only the IKE SA is exercised.)
+    net.advance_to(net.now + 31 * SECOND);
+    net.run();
+    let pending = |net: &Net| net.gw.ep.snapshot(net.gw.id(), net.now).unwrap().current.pending;
+    assert!(pending(&net).is_none(), "the liveness check was answered");
+    let id = net.site.id();
+    net.site.ep.delete(id, net.now);
+    net.run();
+    assert_eq!(net.gw.deleted, vec![DeleteReason::PeerDeleted]);
+}
+
+#[test]
+fn a_restored_sa_never_repeats_an_aead_nonce_of_its_owner() {
+    let mut net = Net::established();
+    let sealed = |net: &Net| net.gw.ep.snapshot(net.gw.id(), net.now).unwrap().current.sealed;
+    let before = sealed(&net);
+    assert!(before >= 1, "the IKE_AUTH response used a nonce");
+    net.take_over();
+    // The owner may have sealed more after the copy; the restored end starts far above.
+    assert!(
+        sealed(&net) >= before + (1 << 34),
+        "{} after {before}",
+        sealed(&net)
+    );
+    carries_on(&mut net);
+}
+
+#[test]
+fn a_sync_answer_without_our_nonce_is_not_used() {
+    let mut net = Net::established();
+    let stale = net.gw.ep.snapshot(net.gw.id(), net.now).unwrap().encode();
+    net.gateway_from_copy(&stale);
+    net.advance_to(net.now);
+    net.collect();
+    assert_eq!(net.wire.len(), 1, "the sync request");
+    net.deliver();
+    net.collect();
+    // The site's answer, replayed to a second copy that sent a sync request of its own (a
+    // different nonce): not taken.
+    let answer = net.wire.clone();
+    net.wire.clear();
+    net.gateway_from_copy(&stale);
+    net.advance_to(net.now);
+    net.lose();
+    for (_, t) in answer {
+        let _ = net
+            .gw
+            .ep
+            .handle_datagram(net.now, t.remote, t.local, &t.payload, &mut SystemEntropy);
+    }
+    net.collect();
+    assert_eq!(net.gw.syncs, vec![(true, None)]);
+}
+
+#[test]
+fn a_sync_request_cannot_take_back_a_message_id() {
+    let mut net = Net::established();
+    // The gateway restores a copy taken twenty liveness checks of its own ago (more than
+    // the sync request's margin; the owner replicates before it sends, so only a copy that
+    // missed those could be): its sync request would take back Message IDs the site has
+    // processed. The site does not answer it.
+    let stale = net.gw.ep.snapshot(net.gw.id(), net.now).unwrap().encode();
+    for _ in 0..20 {
+        net.advance_to(net.now + 31 * SECOND);
+        net.run();
+    }
+    net.gateway_from_copy(&stale);
+    net.advance_to(net.now);
+    net.collect();
+    assert_eq!(net.wire.len(), 1, "the gateway's sync request");
+    net.deliver();
+    net.collect();
+    assert!(net.wire.is_empty(), "the site does not answer");
+    assert!(net.site.syncs.is_empty());
 }
 
 #[test]
@@ -405,9 +541,12 @@ fn a_retransmitted_request_is_answered_from_the_restored_cache() {
     let answer = lost[0].1.payload.clone();
     net.take_over();
     // The site retransmits; the restored gateway answers from its cache with the same bytes.
+    // (Its RFC 6311 sync request goes out at the same time, to the site.)
     net.advance_to(net.now + 2 * SECOND);
     net.collect();
-    assert_eq!(net.wire.len(), 1, "the site retransmitted");
+    let to_gw = |net: &Net| net.wire.iter().filter(|(to_gw, _)| *to_gw).count();
+    assert_eq!(to_gw(&net), 1, "the site retransmitted");
+    net.wire.retain(|(to_gw, _)| *to_gw);
     net.deliver();
     net.collect();
     assert_eq!(net.wire.len(), 1);

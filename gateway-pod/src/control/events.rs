@@ -189,6 +189,28 @@ impl Driver {
                 let peer = self.sas.get(&spi_r).map_or("-", |r| r.peer_id.as_str());
                 tracing::warn!(peer_id = %peer, ?notify_type, "peer reported an error");
             }
+            Event::MessageIdSync { requested, next } => {
+                let peer = self.sas.get(&spi_r).map_or("-", |r| r.peer_id.as_str());
+                let result = match (requested, next) {
+                    (_, None) => "unusable",
+                    (true, Some(_)) => "synced",
+                    (false, Some(_)) => "answered",
+                };
+                self.gateway.metrics.count_message_id_sync(result);
+                match next {
+                    Some((ours, theirs)) => tracing::info!(
+                        peer_id = %peer,
+                        requested,
+                        our_next = ours,
+                        peer_next = theirs,
+                        "IKE Message IDs synchronized (RFC 6311)"
+                    ),
+                    None => tracing::warn!(
+                        peer_id = %peer,
+                        "IKE Message ID sync answer unusable; taking the peer's next request within the catch-up window"
+                    ),
+                }
+            }
             Event::Failed(e) => {
                 let rec = self.sas.get(&spi_r);
                 let peer = rec.map_or("-", |r| r.peer_id.as_str()).to_owned();

@@ -3,6 +3,7 @@
 //! response that end in the IKE SA and its first CHILD SA (RFC 7296 §1.2).
 
 use super::*;
+use crate::sa::mid_sync;
 
 impl Initiator {
     /// Builds the IKE_SA_INIT request from `s`, sends it and restarts its retransmission.
@@ -222,6 +223,11 @@ impl Initiator {
                 selectors: vec![offer::selector(&config.remote_subnet)],
             }),
         ]);
+        // RFC 6311 §3: a fleet member that takes the SA over synchronizes Message IDs with a
+        // responder that announces support in its answer.
+        if config.message_id_sync {
+            inner.push(mid_sync::announcement());
+        }
         let request = session
             .start_request(ExchangeType::IKE_AUTH, &inner, now, &config.retransmit)?
             .ok_or(Error::WrongState("a request is in flight"))?;
@@ -285,7 +291,7 @@ impl Initiator {
             Ok(child) => {
                 self.psk = None;
                 let ExpectAuth { session, .. } = *s;
-                let (child, peer_id) = child;
+                let (child, peer_id, mid_sync) = child;
                 self.out.event(Event::IkeSaEstablished {
                     spi_i: self.spi_i,
                     spi_r: session.sa.spi_r,
@@ -302,6 +308,7 @@ impl Initiator {
                     remote: self.remote,
                     floated: self.floated,
                     redirect_supported: false,
+                    mid_sync,
                     init: None,
                 };
                 self.out.event(Event::ChildSaInstalled(Box::new(child)));
@@ -339,7 +346,7 @@ impl Initiator {
         s: &mut ExpectAuth,
         now: Instant,
         inner: &[Payload<'_>],
-    ) -> Result<(ChildSa, IdBuf), Error> {
+    ) -> Result<(ChildSa, IdBuf, bool), Error> {
         let config = Arc::clone(&self.config);
         let (mut id_r, mut auth, mut sa, mut ts_i, mut ts_r, mut error) =
             (None, None, None, None, None, None);
@@ -436,6 +443,6 @@ impl Initiator {
             udp_encap: self.nat_detected || self.floated,
             replaces: None,
         };
-        Ok((child, id_r))
+        Ok((child, id_r, config.message_id_sync && mid_sync::announced(inner)))
     }
 }

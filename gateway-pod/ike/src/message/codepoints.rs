@@ -167,6 +167,14 @@ codepoint! {
         REDIRECT = 16407,
         /// This connection was redirected from a gateway (RFC 5685).
         REDIRECTED_FROM = 16408,
+        /// RFC 6311 Message ID synchronization is supported (IKE_AUTH).
+        IKEV2_MESSAGE_ID_SYNC_SUPPORTED = 16420,
+        /// RFC 6311 replay counter synchronization is supported (IKE_AUTH).
+        IPSEC_REPLAY_COUNTER_SYNC_SUPPORTED = 16421,
+        /// RFC 6311: nonce and both Message ID counters, in an INFORMATIONAL with ID zero.
+        IKEV2_MESSAGE_ID_SYNC = 16422,
+        /// RFC 6311: the sender's outbound ESP replay counters.
+        IPSEC_REPLAY_COUNTER_SYNC = 16423,
         /// IKE fragmentation is supported (RFC 7383).
         IKEV2_FRAGMENTATION_SUPPORTED = 16430,
         /// Hash algorithms for digital signatures (RFC 7427).

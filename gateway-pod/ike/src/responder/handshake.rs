@@ -3,6 +3,7 @@
 //! the IKE_AUTH response with the first CHILD SA (RFC 7296 §1.2).
 
 use super::*;
+use crate::sa::mid_sync;
 
 impl Responder {
     /// IKE_SA_INIT request → response (RFC 7296 §1.2).
@@ -285,7 +286,7 @@ impl Responder {
         };
         let (local, remote) = (s.local, s.remote);
         match self.complete_auth(now, &mut s, psk, entropy) {
-            Ok((response, events)) => {
+            Ok((response, events, mid_sync)) => {
                 self.send(local, remote, response.clone());
                 let children = events
                     .iter()
@@ -333,6 +334,7 @@ impl Responder {
                     remote,
                     floated: false,
                     redirect_supported: init.redirect_supported,
+                    mid_sync,
                     init: Some((init.request, init.response)),
                 };
                 let config = Arc::clone(&self.config);
@@ -356,7 +358,7 @@ impl Responder {
         s: &mut ExpectPsk,
         psk: Option<&[u8]>,
         entropy: &mut dyn Entropy,
-    ) -> Result<(Vec<u8>, Vec<Event>), Error> {
+    ) -> Result<(Vec<u8>, Vec<Event>, bool), Error> {
         let config = Arc::clone(&self.config);
         let plain = mem::take(&mut s.plain);
         let inner = payload::decode_inner_chain(s.first_inner, &plain).map_err(Error::MalformedInner)?;
@@ -407,6 +409,12 @@ impl Responder {
                 data: auth.expose(),
             }),
         ];
+        // RFC 6311 §3: support is announced by both ends in IKE_AUTH; we answer an initiator
+        // that announced it (a take-over then synchronizes the Message IDs with it).
+        let mid_sync = req.mid_sync && config.message_id_sync;
+        if mid_sync {
+            payloads.push(mid_sync::announcement());
+        }
         // RFC 7296 §2.21.2: a CHILD SA failure in IKE_AUTH does not fail the IKE SA; the
         // response carries the error notify instead of SAr2/TSi/TSr.
         let response = match child {
@@ -455,7 +463,7 @@ impl Responder {
                 response
             }
         };
-        Ok((response, events))
+        Ok((response, events, mid_sync))
     }
 }
 
@@ -466,10 +474,13 @@ struct AuthRequest<'a> {
     sa: Option<payload::Sa<'a>>,
     ts_i: Option<Ts<'a>>,
     ts_r: Option<Ts<'a>>,
+    /// N(IKEV2_MESSAGE_ID_SYNC_SUPPORTED).
+    mid_sync: bool,
 }
 
 impl<'a> AuthRequest<'a> {
     fn parse(inner: Vec<Payload<'a>>) -> Result<Self, Error> {
+        let mid_sync = mid_sync::announced(&inner);
         let (mut id_i, mut auth, mut sa, mut ts_i, mut ts_r) = (None, None, None, None, None);
         for p in inner {
             match p {
@@ -494,6 +505,7 @@ impl<'a> AuthRequest<'a> {
             sa,
             ts_i,
             ts_r,
+            mid_sync,
         })
     }
 }

@@ -90,6 +90,11 @@ pub struct Config {
     /// without a NAT in the path still floats to port 4500 and sends ESP in UDP: for a data
     /// plane that carries nothing else (RFC 3948 only, e.g. behind a Kubernetes Service).
     pub force_udp_encap: bool,
+    /// Announce RFC 6311 Message ID synchronization in IKE_AUTH (initiator: in the request;
+    /// responder: in the response, when the initiator announced it) and use it: an SA
+    /// restored from a copy asks the peer for its counters, and the peer's sync request is
+    /// answered.
+    pub message_id_sync: bool,
 }
 
 impl Config {
@@ -104,7 +109,7 @@ impl Config {
     /// rest: any peer identity, CHILD SA lifetime [`Self::DEFAULT_CHILD_LIFETIME`], no IKE SA
     /// rekeys of ours, no liveness checks, [`Self::DEFAULT_HALF_OPEN_TIMEOUT`],
     /// [`Retransmit::default`], redirects announced and followed, float on NAT only,
-    /// [`Self::DEFAULT_MAX_INIT_RETRIES`], no forced UDP encapsulation.
+    /// [`Self::DEFAULT_MAX_INIT_RETRIES`], no forced UDP encapsulation, RFC 6311 announced.
     pub fn new(
         ike_proposals: Vec<IkeProposal>,
         esp_proposals: Vec<EspProposal>,
@@ -130,6 +135,7 @@ impl Config {
             nat_t: NatTraversal::default(),
             max_init_retries: Self::DEFAULT_MAX_INIT_RETRIES,
             force_udp_encap: false,
+            message_id_sync: true,
         }
     }
 

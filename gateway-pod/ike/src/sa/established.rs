@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::events::{Events, Output};
+use super::mid_sync::{self, MidSync, SyncData};
 use super::rekey::{self, ChildChange, Ours, soft_deadline};
 use super::session::{IkeSa, Previous, Retry, Session};
 use super::snapshot::{Exchange, IkeSaSnapshot, Role, SnapshotError, restore_children, snapshot_children};
@@ -59,6 +60,8 @@ pub(crate) struct Authenticated {
     pub(crate) floated: bool,
     /// The peer announced RFC 5685 redirects in IKE_SA_INIT.
     pub(crate) redirect_supported: bool,
+    /// Both ends announced RFC 6311 Message ID synchronization in IKE_AUTH.
+    pub(crate) mid_sync: bool,
     /// The IKE_SA_INIT request and our response (responder), for a late retransmission.
     pub(crate) init: Cache,
 }
@@ -91,6 +94,8 @@ pub(crate) struct Established {
     last_heard: Instant,
     /// The peer announced RFC 5685 redirects in IKE_SA_INIT.
     redirect_supported: bool,
+    /// Where the SA stands with RFC 6311 (see [`MidSync`]).
+    mid_sync: MidSync,
     /// The peer's authenticated identity.
     peer_id: IdBuf,
     /// Where the peer's REDIRECT sent us.
@@ -129,6 +134,7 @@ impl Established {
             floated: a.floated,
             last_heard: now,
             redirect_supported: a.redirect_supported,
+            mid_sync: MidSync::from_announced(a.mid_sync),
             peer_id: a.peer_id,
             redirected_to: None,
         }
@@ -153,6 +159,7 @@ impl Established {
             remote: self.remote,
             floated: self.floated,
             redirect_supported: self.redirect_supported,
+            mid_sync_supported: self.mid_sync.supported(),
             local_id: self.config.local_id.clone(),
             peer_id: self.peer_id.clone(),
             current: self.current.snapshot(now),
@@ -181,10 +188,16 @@ impl Established {
         let ours = Ours::restore(snapshot.in_flight, &children)?;
         let previous = snapshot.previous.map(|p| Previous::restore(p, now)).transpose()?;
         let exchange = |e: Option<Exchange>| e.map(|e| (e.request, e.response));
+        let current = Session::restore(snapshot.current, now)?;
+        let mid_sync = match (snapshot.mid_sync_supported, current.sync_is_safe()) {
+            (true, true) => MidSync::Due(now),
+            (true, false) => MidSync::Supported,
+            (false, _) => MidSync::Unsupported,
+        };
         let s = Self {
             config,
             role,
-            current: Session::restore(snapshot.current, now)?,
+            current,
             previous,
             init: exchange(snapshot.init),
             retired: exchange(snapshot.retired),
@@ -196,6 +209,9 @@ impl Established {
             floated: snapshot.floated,
             last_heard: now.checked_sub(snapshot.last_heard_ago).unwrap_or(now),
             redirect_supported: snapshot.redirect_supported,
+            // A copy may be behind the peer: with RFC 6311 the counters are asked for at once
+            // (the catch-up window of the session covers a peer without it).
+            mid_sync,
             peer_id: snapshot.peer_id,
             redirected_to: None,
         };
@@ -290,7 +306,11 @@ impl Established {
             let opened = session.sa.open(datagram)?;
             session.complete_request();
             self.last_heard = now;
-            if is_current {
+            if is_current && let MidSync::InFlight(nonce) = self.mid_sync {
+                let inner =
+                    payload::decode_inner_chain(opened.first_inner, &opened.plain).unwrap_or_default();
+                self.mid_sync_answered(out, &inner, nonce);
+            } else if is_current {
                 let inner =
                     payload::decode_inner_chain(opened.first_inner, &opened.plain).unwrap_or_default();
                 self.handle_response(out, &inner, now, entropy);
@@ -298,6 +318,14 @@ impl Established {
                 // The answer to our DELETE of an IKE SA we rekeyed: it is gone now.
                 self.retire_previous(out);
             }
+            return Ok(Next::Stay);
+        }
+        if is_current
+            && self.mid_sync.supported()
+            && h.message_id == 0
+            && h.exchange == ExchangeType::INFORMATIONAL
+            && self.peer_mid_sync(out, d)?
+        {
             return Ok(Next::Stay);
         }
         let Some(outcome) = self.handle_request(out, is_current, d, entropy)? else {
@@ -323,7 +351,7 @@ impl Established {
             requests::Outcome::Redirected(gateway) => {
                 // RFC 5685 §5: answered; we delete the IKE SA (not waited for) and the
                 // caller connects to the new gateway.
-                self.current.abandon_request();
+                self.abandon_request();
                 self.request(out, &[delete_ike()], now);
                 self.redirected_to = Some(gateway);
                 Next::Close(self.close(out, DeleteReason::Redirected))
@@ -408,6 +436,10 @@ impl Established {
             (sa.spi_i, sa.spi_r)
         };
         let old = mem::replace(&mut self.current, Session::new(sa, None));
+        // The new IKE SA's counters start at zero on both ends: nothing left to synchronize.
+        if self.mid_sync.supported() {
+            self.mid_sync = MidSync::Supported;
+        }
         self.retire_previous(out);
         // IKE_SA_INIT was the first IKE SA's; its retransmissions are long over.
         self.init = None;
@@ -500,7 +532,7 @@ impl Established {
     /// liveness checks).
     pub(crate) fn delete(&mut self, out: &mut Output, now: Instant) -> Cache {
         // A request in flight gives way: the window holds one.
-        self.current.abandon_request();
+        self.abandon_request();
         self.request(out, &[delete_ike()], now);
         self.close(out, DeleteReason::LocalDeleted)
     }
@@ -519,7 +551,7 @@ impl Established {
         if !self.redirect_supported {
             return Err(Error::WrongState("the peer did not announce REDIRECT_SUPPORTED"));
         }
-        self.current.abandon_request();
+        self.abandon_request();
         self.retry_child_rekey(now);
         let data = encode_redirect(gateway, None);
         let payloads = [Payload::Notify(Notify::new(NotifyType::REDIRECT, &data))];
@@ -558,6 +590,10 @@ impl Established {
             self.ike_rekey_at,
             self.last_heard,
             self.config.dpd_interval,
+            match self.mid_sync {
+                MidSync::Due(at) => Some(at),
+                _ => None,
+            },
         )
     }
 
@@ -587,6 +623,9 @@ impl Established {
             Retry::Idle => {}
             Retry::Resend(datagram) => out.send(self.local, self.remote, datagram),
             Retry::GiveUp => return Next::Close(self.close(out, DeleteReason::DeadPeer)),
+        }
+        if matches!(self.mid_sync, MidSync::Due(at) if now >= at) && self.current.can_start_request() {
+            self.start_mid_sync(out, now, entropy);
         }
         // RFC 7296 §2.8: the IKE SA and CHILD SAs at their soft lifetime are rekeyed by this
         // side (see [`rekey`]); a rekey request proves liveness as well as an empty one.
@@ -623,6 +662,82 @@ impl Established {
             self.request(out, &[], now);
         }
         Next::Stay
+    }
+}
+
+impl Established {
+    /// Drops our request in flight on the IKE SA in use; a sync request goes back to due.
+    fn abandon_request(&mut self) {
+        self.current.abandon_request();
+        if let MidSync::InFlight(_) = self.mid_sync {
+            self.mid_sync = MidSync::Supported;
+        }
+    }
+
+    /// Sends our RFC 6311 sync request (a restored copy's counters, §4.2).
+    fn start_mid_sync(&mut self, out: &mut Output, now: Instant, entropy: &mut dyn Entropy) {
+        let mut nonce = [0; mid_sync::NONCE_LEN];
+        if entropy.fill(&mut nonce).is_err() {
+            return;
+        }
+        match self.current.start_sync(nonce, now, &self.config.retransmit) {
+            Ok(Some(datagram)) => {
+                self.mid_sync = MidSync::InFlight(nonce);
+                out.send(self.local, self.remote, datagram);
+            }
+            // A request of ours is in flight (tried again when it is done) ...
+            Ok(None) if self.current.pending_deadline().is_some() => {}
+            // ... or the counters are used up, or sealing failed: the catch-up window it is.
+            _ => {
+                self.mid_sync = MidSync::Supported;
+                out.event(Event::MessageIdSync {
+                    requested: true,
+                    next: None,
+                });
+            }
+        }
+    }
+
+    /// The verified answer to our sync request: the counters both ends use from now on, if
+    /// it carries our nonce.
+    fn mid_sync_answered(
+        &mut self,
+        out: &mut Output,
+        inner: &[Payload<'_>],
+        nonce: [u8; mid_sync::NONCE_LEN],
+    ) {
+        self.mid_sync = MidSync::Supported;
+        let next = SyncData::find(inner)
+            .filter(|d| d.nonce == nonce)
+            .map(|d| self.current.synced(d.recv, d.send));
+        out.event(Event::MessageIdSync {
+            requested: true,
+            next,
+        });
+    }
+
+    /// A request with Message ID zero on the IKE SA in use, when both ends announced RFC
+    /// 6311: if it holds only sync notifies, it is the peer's sync request (it failed over to
+    /// a copy of its own): answered, out of the window. `false` for any other request, which
+    /// the caller handles as usual.
+    fn peer_mid_sync(&mut self, out: &mut Output, d: &Incoming<'_>) -> Result<bool, Error> {
+        let opened = self.current.sa.open(d.bytes)?;
+        let inner =
+            payload::decode_inner_chain(opened.first_inner, &opened.plain).map_err(Error::MalformedInner)?;
+        if !mid_sync::is_sync_request(&inner) {
+            return Ok(false);
+        }
+        let request = SyncData::find(&inner).ok_or(Error::Unexpected("invalid IKEV2_MESSAGE_ID_SYNC"))?;
+        let (response, counters) = self.current.answer_sync(request)?;
+        out.send(d.local, d.remote, response);
+        self.last_heard = d.now;
+        self.local = d.local;
+        self.remote = d.remote;
+        out.event(Event::MessageIdSync {
+            requested: false,
+            next: Some(counters),
+        });
+        Ok(true)
     }
 }
 

@@ -83,6 +83,16 @@ pub enum Event {
         /// The notify type.
         notify_type: NotifyType,
     },
+    /// RFC 6311: the IKE SA's Message ID counters were synchronized with the peer, at our
+    /// request after a restore from a copy (`requested`) or at the peer's. `next` is our next
+    /// request's Message ID and the peer's; `None` when our request's answer could not be
+    /// used (the SA carries on, taking the peer's next request within a catch-up window).
+    MessageIdSync {
+        /// We asked.
+        requested: bool,
+        /// (ours, the peer's) next request Message IDs.
+        next: Option<(u32, u32)>,
+    },
     /// The negotiation ended with this error (the response, if any, is queued); the SA is
     /// closed.
     Failed(Error),

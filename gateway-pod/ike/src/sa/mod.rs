@@ -12,6 +12,7 @@ pub(crate) mod established;
 mod event;
 pub(crate) mod events;
 pub(crate) mod informational;
+pub(crate) mod mid_sync;
 pub(crate) mod rekey;
 pub(crate) mod session;
 pub mod snapshot;

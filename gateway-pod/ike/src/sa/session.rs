@@ -12,6 +12,7 @@ use concentrator_algorithms::{Encryption, Integrity};
 use concentrator_crypto::{CryptoError, IkeSaKeys, PacketError, Prf, SkCipher};
 
 use super::Retransmit;
+use super::mid_sync::{NONCE_LEN, SyncData};
 use super::snapshot::{Exchange, PendingRequest, SessionSnapshot, SnapshotError};
 use crate::Message;
 use crate::error::Error;
@@ -120,6 +121,11 @@ impl IkeSa {
     }
 
     /// Whether we are this SA's initiator (we started it, or the rekey that made it).
+    /// AEAD nonces our sealing key used (see [`SessionSnapshot::sealed`]).
+    pub(crate) fn sealed(&self) -> u64 {
+        self.tx.ivs_used()
+    }
+
     pub(crate) fn is_initiator(&self) -> bool {
         self.initiator
     }
@@ -289,6 +295,17 @@ pub(crate) struct Session {
 /// How far above the expected Message ID a restored session takes the peer's next request.
 const CATCH_UP: u64 = 16;
 
+/// How far above the copy's nonce count a restored IKE SA seals.
+const SEALED_MARGIN: u64 = 1 << 34;
+
+/// How far above our next request ID a restored copy's sync request puts it.
+const SYNC_MARGIN: u64 = 16;
+
+/// A counter as the 32 bits of a Message ID; past them (the IKE SA is used up) the last one.
+fn clamp(id: u64) -> u32 {
+    u32::try_from(id).unwrap_or(u32::MAX)
+}
+
 impl Session {
     /// A session whose peer has sent requests up to `last` (the IKE_AUTH exchange for the
     /// first IKE SA; nothing for a rekeyed one, whose counters start at zero: RFC 7296 §2.18,
@@ -423,6 +440,83 @@ impl Session {
         self.pending = None;
     }
 
+    /// Whether the peer can answer a sync request on this IKE SA without sealing a second
+    /// message with Message ID zero under a nonce derived from it: strongSwan takes an AEAD
+    /// nonce from the Message ID (its sequential IV generator) and refuses the repeat, which
+    /// destroys its IKE SA. Safe when our requests have not started (the sync answer is the
+    /// peer's first response with ID zero, and after it ours start above zero) or with
+    /// AES-CBC (random IVs).
+    pub(crate) fn sync_is_safe(&self) -> bool {
+        self.tx_next == 0 || !self.sa.encryption.is_aead()
+    }
+
+    /// Our RFC 6311 sync request with `nonce`: the counters this copy has, in an
+    /// INFORMATIONAL request with Message ID zero (§4.2) put in flight without taking a
+    /// Message ID; `None` when a request is in flight or a counter is past 32 bits.
+    pub(crate) fn start_sync(
+        &mut self,
+        nonce: [u8; NONCE_LEN],
+        now: Instant,
+        policy: &Retransmit,
+    ) -> Result<Option<Vec<u8>>, PacketError> {
+        // Our requests are replicated before they are sent, so the copy's next ID is the
+        // owner's; the margin covers an owner that sent while its replica was unreachable
+        // (the peer refuses a sync that would take back an ID it has processed).
+        let send = self.tx_next.saturating_add(SYNC_MARGIN);
+        let (Ok(send), Ok(recv)) = (u32::try_from(send), u32::try_from(self.rx_next)) else {
+            return Ok(None);
+        };
+        if self.pending.is_some() {
+            return Ok(None);
+        }
+        let data = SyncData { nonce, send, recv }.encode();
+        let header = self.sa.header(ExchangeType::INFORMATIONAL, 0, false);
+        let datagram = self.sa.seal(header, &[SyncData::payload(&data)])?;
+        self.pending = Some(Pending {
+            message_id: 0,
+            exchange: ExchangeType::INFORMATIONAL,
+            datagram: datagram.clone(),
+            retransmits: 0,
+            deadline: now + policy.wait(0),
+        });
+        Ok(Some(datagram))
+    }
+
+    /// The peer's answer to our sync request: its next request carries `peer_next`, and it
+    /// expects `our_next` in ours. Neither counter goes back: an ID we may have used is
+    /// never used again, and a request we may have processed is never processed again.
+    pub(crate) fn synced(&mut self, our_next: u32, peer_next: u32) -> (u32, u32) {
+        self.tx_next = self.tx_next.max(u64::from(our_next));
+        self.rx_next = self.rx_next.max(u64::from(peer_next));
+        self.catching_up = false;
+        (clamp(self.tx_next), clamp(self.rx_next))
+    }
+
+    /// The peer's sync request (§4.2, as the peer that did not fail over): refused when it
+    /// would take back a request ID we already processed; otherwise both counters move to
+    /// the larger view and the response says so. Returns the sealed response, with Message
+    /// ID zero and kept out of the window (the request is outside it too), and the counters.
+    pub(crate) fn answer_sync(&mut self, request: SyncData) -> Result<(Vec<u8>, (u32, u32)), Error> {
+        if u64::from(request.send) < self.rx_next {
+            return Err(Error::Unexpected(
+                "IKEV2_MESSAGE_ID_SYNC with a Message ID below the one expected",
+            ));
+        }
+        self.rx_next = u64::from(request.send);
+        self.tx_next = self.tx_next.max(u64::from(request.recv));
+        self.catching_up = false;
+        let counters = (clamp(self.tx_next), clamp(self.rx_next));
+        let data = SyncData {
+            nonce: request.nonce,
+            send: counters.0,
+            recv: counters.1,
+        }
+        .encode();
+        let header = self.sa.header(ExchangeType::INFORMATIONAL, 0, true);
+        let response = self.sa.seal(header, &[SyncData::payload(&data)])?;
+        Ok((response, counters))
+    }
+
     /// Retransmits the request in flight when its timer is due (exponential back-off), or
     /// gives up after the last retransmission's wait.
     pub(crate) fn on_timer(&mut self, now: Instant, policy: &Retransmit) -> Retry {
@@ -454,6 +548,7 @@ impl Session {
             integrity: sa.integrity,
             keys: sa.keys.clone(),
             nat_detected: sa.nat_detected,
+            sealed: sa.sealed(),
             rx_next: self.rx_next,
             last: self.last.as_ref().map(|a| {
                 (
@@ -483,7 +578,7 @@ impl Session {
         } else {
             IkeSa::new
         };
-        let sa = new(
+        let mut sa = new(
             s.spi_i,
             s.spi_r,
             prf,
@@ -493,6 +588,14 @@ impl Session {
             s.nat_detected,
         )
         .map_err(|_| SnapshotError::Keys("IKE SA keys do not fit its algorithms"))?;
+        // The owner may have sealed more after the copy was taken (its answers are not
+        // replicated before they are sent): start above anything one IKE SA can seal (2^32
+        // requests and as many responses; a retransmission is not sealed again).
+        let resume = s
+            .sealed
+            .checked_add(SEALED_MARGIN)
+            .ok_or(SnapshotError::InvalidValue("sealed"))?;
+        sa.tx.resume_ivs_at(resume);
         // A window beyond the 32-bit Message IDs means "closed or rekeyed" (RFC 7296 §2.2);
         // anything past that is not a state this crate produces.
         let limit = u64::from(u32::MAX) + 1;

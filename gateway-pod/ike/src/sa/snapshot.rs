@@ -14,7 +14,7 @@
 //!
 //! # Encoding
 //!
-//! `"IKSS"`, a version octet (1), then the fields in a fixed order: integers big-endian,
+//! `"IKSS"`, a version octet (2; version 1, without the RFC 6311 flag, is still read), then the fields in a fixed order: integers big-endian,
 //! byte strings and lists behind a 32-bit length that is checked against what is left and
 //! against a limit per field. Decoding takes input from another pod like any input: it never
 //! panics, never allocates more than the input justifies, and rejects trailing bytes, unknown
@@ -36,7 +36,10 @@ use crate::payload::{TrafficSelector, Ts};
 /// The first four octets of an encoded snapshot.
 pub const MAGIC: [u8; 4] = *b"IKSS";
 /// The encoding version this crate writes and reads.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
+/// The version before RFC 6311 support: read as "the peer did not announce it", so that a
+/// fleet in the middle of an upgrade keeps its copies.
+const VERSION_1: u8 = 1;
 /// The longest byte string a snapshot holds (an IKE datagram, a key, a nonce).
 const MAX_BYTES: usize = 65_535;
 /// The most CHILD SAs one IKE SA may carry in a snapshot.
@@ -132,6 +135,10 @@ pub struct SessionSnapshot {
     pub tx_next: u64,
     /// Our request in flight.
     pub pending: Option<PendingRequest>,
+    /// How many AEAD nonces our sealing key has used (0 with AES-CBC, whose IVs are random).
+    /// The restored SA seals from well above it: a nonce repeated under SK_e is a broken
+    /// key (RFC 5282 §3.1: the IV "MUST NOT repeat for a given key").
+    pub sealed: u64,
 }
 
 /// A CHILD SA of the IKE SA: what [`ChildSa`] reported when it was installed, and this
@@ -256,6 +263,8 @@ pub struct IkeSaSnapshot {
     pub floated: bool,
     /// The peer announced RFC 5685 redirects.
     pub redirect_supported: bool,
+    /// Both ends announced RFC 6311 Message ID synchronization.
+    pub mid_sync_supported: bool,
     /// Our identity.
     pub local_id: IdBuf,
     /// The peer's authenticated identity.
@@ -307,6 +316,7 @@ impl IkeSaSnapshot {
         put_addr(&mut w, self.remote);
         put_bool(&mut w, self.floated);
         put_bool(&mut w, self.redirect_supported);
+        put_bool(&mut w, self.mid_sync_supported);
         put_bytes(&mut w, self.local_id.body());
         put_bytes(&mut w, self.peer_id.body());
         put_session(&mut w, &self.current);
@@ -358,7 +368,7 @@ impl IkeSaSnapshot {
             return Err(SnapshotError::BadMagic);
         }
         let version = r.u8("version")?;
-        if version != VERSION {
+        if version != VERSION && version != VERSION_1 {
             return Err(SnapshotError::UnsupportedVersion(version));
         }
         let role = match r.u8("role")? {
@@ -370,10 +380,13 @@ impl IkeSaSnapshot {
         let remote = r.addr("remote")?;
         let floated = r.bool("floated")?;
         let redirect_supported = r.bool("redirect_supported")?;
+        let mid_sync_supported = version != VERSION_1 && r.bool("mid_sync_supported")?;
         let local_id = r.id("local_id")?;
         let peer_id = r.id("peer_id")?;
-        let current = r.session()?;
-        let previous = r.option("previous", |r| Ok((r.session()?, r.duration("previous expiry")?)))?;
+        let current = r.session(version)?;
+        let previous = r.option("previous", |r| {
+            Ok((r.session(version)?, r.duration("previous expiry")?))
+        })?;
         let init = r.option("init", Dec::exchange)?;
         let retired = r.option("retired", Dec::exchange)?;
         let n = r.len("children", MAX_CHILDREN)?;
@@ -412,6 +425,7 @@ impl IkeSaSnapshot {
             remote,
             floated,
             redirect_supported,
+            mid_sync_supported,
             local_id,
             peer_id,
             current,
@@ -514,6 +528,7 @@ fn put_session(w: &mut Vec<u8>, s: &SessionSnapshot) {
         w.extend_from_slice(&p.retransmits.to_be_bytes());
         put_duration(w, p.due_in);
     });
+    w.extend_from_slice(&s.sealed.to_be_bytes());
 }
 
 fn put_direction(w: &mut Vec<u8>, k: &DirectionKeys) {
@@ -724,7 +739,7 @@ impl<'a> Dec<'a> {
         Ok((group, self.secret("kex private key")?))
     }
 
-    fn session(&mut self) -> Result<SessionSnapshot, SnapshotError> {
+    fn session(&mut self, version: u8) -> Result<SessionSnapshot, SnapshotError> {
         let spi_i = self.u64("spi_i")?;
         let spi_r = self.u64("spi_r")?;
         // RFC 7296 §3.1: neither SPI of an established IKE SA is zero.
@@ -757,6 +772,12 @@ impl<'a> Dec<'a> {
                 due_in: r.duration("pending due")?,
             })
         })?;
+        // Version 1 did not say; the restore's margin covers any SA's whole life.
+        let sealed = if version == VERSION_1 {
+            0
+        } else {
+            self.u64("sealed")?
+        };
         Ok(SessionSnapshot {
             spi_i,
             spi_r,
@@ -770,6 +791,7 @@ impl<'a> Dec<'a> {
             last,
             tx_next,
             pending,
+            sealed,
         })
     }
 

@@ -21,11 +21,13 @@ pub(crate) enum Timer {
     Rekey,
     /// A liveness check is due (RFC 7296 §2.4).
     Dpd,
+    /// A restored copy asks the peer for its Message ID counters (RFC 6311).
+    MidSync,
 }
 
 impl Timer {
     /// One past the last: the table's size.
-    const COUNT: usize = Self::Dpd as usize + 1;
+    const COUNT: usize = Self::MidSync as usize + 1;
 }
 
 /// A deadline per [`Timer`].
@@ -43,8 +45,8 @@ impl TimerTable {
     }
 
     /// An established SA's timers: our request in flight, the replaced IKE SA (its request
-    /// in flight or its expiry), and, while no request of ours is in flight, the next rekey
-    /// and the liveness check `dpd` after the peer was last heard.
+    /// in flight or its expiry), and, while no request of ours is in flight, the next rekey,
+    /// the liveness check `dpd` after the peer was last heard and a due RFC 6311 sync.
     pub(crate) fn established(
         current: &Session,
         previous: Option<(&Session, Instant)>,
@@ -52,6 +54,7 @@ impl TimerTable {
         ike_rekey_at: Option<Instant>,
         last_heard: Instant,
         dpd: Option<Duration>,
+        mid_sync: Option<Instant>,
     ) -> Self {
         let idle = current.can_start_request();
         let mut t = Self::default();
@@ -72,6 +75,7 @@ impl TimerTable {
             Timer::Dpd,
             dpd.filter(|_| idle).and_then(|i| last_heard.checked_add(i)),
         );
+        t.set(Timer::MidSync, mid_sync.filter(|_| idle));
         t
     }
 }
