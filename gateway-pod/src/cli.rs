@@ -164,10 +164,18 @@ pub struct Options {
     #[arg(long, env = "CONCENTRATOR_FLEET_LEASE_TTL", value_name = "DURATION", default_value = "3s", value_parser = humantime::parse_duration)]
     pub fleet_lease_ttl: std::time::Duration,
 
-    /// Copies of each shard's SAs kept on other members, so that a pod that dies loses no
-    /// tunnel: 1 (the default) or 0 (a dead pod's sites reconnect).
-    #[arg(long, env = "CONCENTRATOR_FLEET_REPLICAS", value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
+    /// Copies of each shard's SAs kept on other members, so that pods that die lose no
+    /// tunnel: with N, any N members lost at once lose nothing (0: a dead pod's sites
+    /// reconnect). Each copy costs its bytes on the pod network and memory on its member.
+    #[arg(long, env = "CONCENTRATOR_FLEET_REPLICAS", value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=4))]
     pub fleet_replicas: u8,
+
+    /// After a take-over, synchronize IKE Message IDs (RFC 6311) with the sites that
+    /// announced it, for IKE SAs with AES-CBC. Off by default: strongSwan leaves a request it
+    /// had in flight unsent after a sync (see docs/fleet.md); the catch-up window does
+    /// without it.
+    #[arg(long, env = "CONCENTRATOR_FLEET_MESSAGE_ID_SYNC")]
+    pub fleet_message_id_sync: bool,
 
     /// CA bundle (PEM) that signs etcd's server certificate: etcd over TLS.
     #[arg(long, env = "CONCENTRATOR_FLEET_ETCD_CA", value_name = "PATH")]

@@ -47,6 +47,8 @@ pub struct SiteOptions {
     pub connection: Vec<String>,
     /// Lines for its child (e.g. `dpd_action = restart`).
     pub child: Vec<String>,
+    /// The IKE proposal instead of the default (AES-GCM).
+    pub ike_proposal: Option<String>,
 }
 
 impl SiteOptions {
@@ -63,6 +65,7 @@ impl SiteOptions {
             .to_vec(),
             connection: vec!["dpd_delay = 1s".to_owned()],
             child: vec!["dpd_action = restart".to_owned()],
+            ike_proposal: None,
         }
     }
 }
@@ -94,6 +97,9 @@ impl Site {
         connection.local_id = peer_id(n);
         connection.remote_id = GW_ID.to_owned();
         connection.extra = options.connection.clone();
+        if let Some(p) = &options.ike_proposal {
+            connection.ike_proposal.clone_from(p);
+        }
         connection.child_extra = options.child.clone();
         charon.load(std::slice::from_ref(&connection))?;
         Ok(Self {

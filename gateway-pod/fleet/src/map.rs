@@ -320,6 +320,18 @@ pub fn replica(shard: Shard, owner: MemberId, members: &[MemberId]) -> Option<Me
         .max_by_key(|m| (rendezvous(shard, *m), std::cmp::Reverse(*m)))
 }
 
+/// The `n` members that hold copies of `shard`'s SAs while `owner` owns it: of `members`,
+/// the `n` others with the highest rendezvous scores, best first (fewer when there are not
+/// so many). The first is [`replica`]: when the owner dies the leader gives the shard to the
+/// best live one, which is the next in this order when the first died too.
+pub fn replicas(shard: Shard, owner: MemberId, members: &[MemberId], n: usize) -> Vec<MemberId> {
+    let mut ranked: Vec<MemberId> = members.iter().copied().filter(|m| *m != owner).collect();
+    ranked.sort_unstable_by_key(|m| std::cmp::Reverse((rendezvous(shard, *m), std::cmp::Reverse(*m))));
+    ranked.dedup();
+    ranked.truncate(n);
+    ranked
+}
+
 /// A well-mixed score of (shard, member) (SplitMix64's finaliser).
 fn rendezvous(shard: Shard, m: MemberId) -> u64 {
     let mut z = (u64::from(shard.get()) << 16 | u64::from(m.0)).wrapping_add(0x9E37_79B9_7F4A_7C15);

@@ -41,6 +41,7 @@ fn config() -> Arc<Config> {
         retransmit: Retransmit::default(),
         force_udp_encap: false,
         message_id_sync: true,
+        sync_after_restore: false,
         ..Config::new(
             vec![parse_ike("ike", "aes128gcm16-prfsha256-x25519").unwrap()],
             vec![parse_esp("esp", "aes128gcm16").unwrap()],

@@ -66,8 +66,10 @@ pub struct FleetOptions {
     pub key: FleetKey,
     /// TTL of the member lease (kept alive at a third of it).
     pub lease_ttl: Duration,
-    /// Whether each shard's SAs are copied to a replica member (take-over).
-    pub replicate: bool,
+    /// On how many other members each shard's SAs are copied (take-over); 0: none.
+    pub replicas: usize,
+    /// Adopted IKE SAs synchronize Message IDs with their sites (RFC 6311).
+    pub message_id_sync: bool,
     /// Pause before a new session after one ended.
     pub retry: Duration,
     /// etcd client TLS: CA bundle, and a client certificate and key.
@@ -157,7 +159,8 @@ impl FleetOptions {
             address,
             key,
             lease_ttl: opts.fleet_lease_ttl.max(Duration::from_secs(1)),
-            replicate: opts.fleet_replicas > 0,
+            replicas: usize::from(opts.fleet_replicas),
+            message_id_sync: opts.fleet_message_id_sync,
             retry: Duration::from_millis(500),
             tls: opts.fleet_etcd_ca.clone().map(|ca| EtcdTls {
                 ca,
@@ -299,6 +302,10 @@ pub struct Fleet {
     pub replicator: Option<Replicator>,
     /// The copies of other members' SAs this pod keeps.
     pub replicas: ReplicaStore,
+    /// TTL of the member leases.
+    pub lease_ttl: Duration,
+    /// Adopted IKE SAs synchronize Message IDs with their sites (RFC 6311).
+    pub message_id_sync: bool,
     /// Keys the replication streams.
     pub(crate) key: FleetKey,
     pub(crate) replication_metrics: ReplicationMetrics,
@@ -322,8 +329,9 @@ impl Fleet {
         let address = opts.address;
         let key = opts.key.clone();
         let replication_metrics = metrics.replication.clone();
-        let replicator = opts.replicate.then(|| {
+        let replicator = (opts.replicas > 0).then(|| {
             Replicator::start(
+                opts.replicas,
                 view.clone(),
                 key.clone(),
                 replication_metrics.clone(),
@@ -331,6 +339,7 @@ impl Fleet {
             )
         });
         let replicas = ReplicaStore::new(view.clone());
+        let (lease_ttl, message_id_sync) = (opts.lease_ttl, opts.message_id_sync);
         let task = tokio::spawn(session::run(opts, view.clone(), lease_tx, metrics, stop_rx));
         Self {
             view,
@@ -339,6 +348,8 @@ impl Fleet {
             address,
             replicator,
             replicas,
+            lease_ttl,
+            message_id_sync,
             key,
             replication_metrics,
             stop,

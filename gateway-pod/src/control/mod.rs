@@ -283,6 +283,8 @@ pub async fn start(
                 f.replicator.clone(),
                 f.replicas.clone(),
                 f.replication_metrics.clone(),
+                f.lease_ttl,
+                f.message_id_sync,
             )
         }),
         gateway,

@@ -6,6 +6,7 @@
 //! longer than its lease), it gives up that shard's SAs at once, without a DELETE, since
 //! another member carries them on.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -39,6 +40,14 @@ pub(super) struct DriverReplicas {
     map_version: u64,
     /// Adopted CHILD SAs to rekey: (when, IKE SA, inbound SPI).
     rekeys: Vec<(Instant, u64, u32)>,
+    /// Owner incarnations with copies here that are gone, and since when.
+    gone_since: HashMap<Incarnation, Instant>,
+    /// How long copies of a gone owner whose shard went to another member are kept: that
+    /// member may be dead too without the fleet knowing yet (its lease runs), and then the
+    /// shard comes to the next replica, which needs them.
+    stale_after: Duration,
+    /// Adopted IKE SAs ask their sites for their Message ID counters (RFC 6311).
+    sync_after_restore: bool,
 }
 
 impl DriverReplicas {
@@ -46,6 +55,8 @@ impl DriverReplicas {
         replicator: Option<Replicator>,
         store: ReplicaStore,
         metrics: ReplicationMetrics,
+        lease_ttl: Duration,
+        sync_after_restore: bool,
     ) -> Self {
         Self {
             replicator,
@@ -53,6 +64,9 @@ impl DriverReplicas {
             metrics,
             map_version: 0,
             rekeys: Vec::new(),
+            gone_since: HashMap::new(),
+            stale_after: lease_ttl * 2 + Duration::from_secs(1),
+            sync_after_restore,
         }
     }
 }
@@ -145,7 +159,13 @@ impl Driver {
                 "adopted CHILD SA rekeyed"
             );
         }
-        if !changed {
+        let ripe: Vec<Incarnation> = r
+            .gone_since
+            .iter()
+            .filter(|(_, t)| now.duration_since(**t) >= r.stale_after)
+            .map(|(o, _)| *o)
+            .collect();
+        if !changed && ripe.is_empty() {
             return;
         }
         let Some(me) = f.view.me() else { return };
@@ -161,11 +181,18 @@ impl Driver {
         for shard in store.shards(&adopt) {
             view.hold(shard);
         }
-        let copies = store.take(adopt);
-        // Copies of a member that is gone whose shard went to another live member: that one
-        // carries the SA on (or the site reconnects there); ours are stale.
+        let copies = newest(store.take(adopt));
+        for owner in store.owners() {
+            if gone(owner) {
+                r.gone_since.entry(owner).or_insert(now);
+            }
+        }
+        let owners = store.owners();
+        r.gone_since.retain(|o, _| owners.contains(o));
+        // Copies of a member gone for a while whose shard went to another live member: that
+        // one carries the SA on (or the site reconnects there); ours are stale.
         let stale = store.take(|owner, shard| {
-            gone(owner)
+            ripe.contains(&owner)
                 && view
                     .owner(shard)
                     .is_some_and(|o| o != me && members.contains_key(&o))
@@ -230,16 +257,19 @@ impl Driver {
         };
         let subnet = ctx.site_subnet.unwrap_or(e.remote_subnet);
         let local_id = self.configs.local_id_for(name, e);
+        let sync = self.replicas.as_ref().is_some_and(|r| r.sync_after_restore);
         let mut responder = ResponderConfig {
             ike_lifetime: Some(e.ike_lifetime).filter(|d| !d.is_zero()),
+            sync_after_restore: sync,
             ..responder_config(e, local_id)
         };
         responder.remote_subnet = subnet;
         let responder = Arc::new(responder.forcing_udp_encap(!self.configs.raw_esp()));
-        let initiator = Arc::new(
-            self.configs
-                .initiator(name, e, subnet, Some(snapshot.peer_id.clone())),
-        );
+        let mut initiator = self
+            .configs
+            .initiator(name, e, subnet, Some(snapshot.peer_id.clone()));
+        initiator.sync_after_restore = sync;
+        let initiator = Arc::new(initiator);
         let children = snapshot.children.clone();
         let remote = snapshot.remote;
         let role = snapshot.role;
@@ -298,5 +328,63 @@ impl Driver {
         }
         let peer = self.sas.get(&id).map_or("-", |r| r.peer_id.as_str());
         tracing::info!(member = %owner, peer_id = %peer, ?role, %remote, "IKE SA taken over from a member that is gone");
+    }
+}
+
+/// One copy per IKE SA: with several replicas (or copies of a dead owner kept while its
+/// successor replicated the SAs it adopted), an SA may have copies from more than one owner
+/// incarnation. The newest has the highest sequence ceilings (each owner starts above the
+/// ceilings of the copy it adopted), and only it may be carried on: an older one would send
+/// with sequence numbers its successor used.
+fn newest(copies: Vec<(Incarnation, ReplicaCopy)>) -> Vec<(Incarnation, ReplicaCopy)> {
+    let mut by_id: HashMap<u64, (Incarnation, ReplicaCopy)> = HashMap::new();
+    let top = |c: &ReplicaCopy| {
+        c.sequences
+            .values()
+            .map(|(ceiling, _)| *ceiling)
+            .max()
+            .unwrap_or(0)
+    };
+    for (owner, copy) in copies {
+        match by_id.get(&copy.id) {
+            Some((_, kept)) if top(kept) >= top(&copy) => {}
+            _ => {
+                by_id.insert(copy.id, (owner, copy));
+            }
+        }
+    }
+    by_id.into_values().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use concentrator_fleet::{MemberId, Shard};
+    use zeroize::Zeroizing;
+
+    use super::{ReplicaCopy, newest};
+
+    fn copy(id: u64, ceiling: u64, tag: u8) -> ReplicaCopy {
+        ReplicaCopy {
+            shard: Shard::of_ike_spi(id),
+            id,
+            snapshot: Zeroizing::new(vec![tag]),
+            context: Vec::new(),
+            sequences: HashMap::from([(7, (ceiling, 0))]),
+        }
+    }
+
+    #[test]
+    fn of_several_copies_of_an_sa_the_one_with_the_highest_ceilings_is_carried_on() {
+        let (a, b) = ((MemberId(1), 10), (MemberId(2), 20));
+        let kept = newest(vec![
+            (a, copy(5, 100, 1)),
+            (b, copy(5, 300, 2)),
+            (a, copy(6, 100, 3)),
+        ]);
+        let mut kept: Vec<(u64, u8)> = kept.iter().map(|(_, c)| (c.id, c.snapshot[0])).collect();
+        kept.sort_unstable();
+        assert_eq!(kept, vec![(5, 2), (6, 3)]);
     }
 }

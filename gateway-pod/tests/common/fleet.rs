@@ -36,6 +36,7 @@ pub(crate) fn write_egroup_config_as(dir: &Path, role: &str) -> Result<()> {
             "apiVersion: vpn.concentrator.io/v1alpha1\nkind: Eroute\nmetadata:\n  name: {EGROUP}\n\
              spec:\n  localSubnet: {GW_LAN}\n  remoteSubnet: 10.1.0.0/16\n\
              \x20 peerId: \"*.{SITE_DOMAIN}\"\n  localId: {GW_ID}\n  role: {role}\n\
+             \x20 ike:\n    proposals: [aes128gcm16-prfsha256-x25519, aes256-sha256-x25519]\n\
              ---\napiVersion: vpn.concentrator.io/v1alpha1\nkind: Egroup\nmetadata:\n  name: {EGROUP}\n\
              spec:\n  eroute: {EGROUP}\n  remoteSubnetPrefix: 24\n  maxDynamicEroutes: 10000\n\
              \x20 database:\n    timeout: 2s\n"

@@ -290,3 +290,19 @@ fn the_codec_round_trips_and_refuses_what_it_does_not_read() {
     assert_eq!(edited.owner(three), None);
     assert_eq!(edited.entry(three).moving_to, Some(MemberId(MemberId::MAX)));
 }
+
+#[test]
+fn the_replicas_are_the_best_ranked_others_and_the_first_is_the_replica() {
+    let four: Vec<MemberId> = (0..4).map(member).collect();
+    for s in Shard::all() {
+        let two = replicas(s, member(0), &four, 2);
+        assert_eq!(two.len(), 2);
+        assert_eq!(two.first().copied(), replica(s, member(0), &four));
+        assert!(!two.contains(&member(0)) && two[0] != two[1]);
+        // The first one gone, the second is who the leader picks among the live ones.
+        let live: Vec<MemberId> = four.iter().copied().filter(|m| *m != two[0]).collect();
+        assert_eq!(replica(s, member(0), &live), Some(two[1]));
+    }
+    assert_eq!(replicas(Shard::new(0).unwrap(), member(0), &four, 9).len(), 3);
+    assert!(replicas(Shard::new(0).unwrap(), member(0), &four, 0).is_empty());
+}

@@ -95,6 +95,12 @@ pub struct Config {
     /// restored from a copy asks the peer for its counters, and the peer's sync request is
     /// answered.
     pub message_id_sync: bool,
+    /// After a restore from a copy, ask the peer for its Message ID counters (RFC 6311 §4.2)
+    /// when both ends announced it and the IKE SA uses AES-CBC (see
+    /// [`crate::sa::mid_sync`]). Off by default: strongSwan 5.9 answers by resetting its task
+    /// queue, which leaves a request it had in flight unsent until it queues another task;
+    /// the restored SA's catch-up window takes the peer's requests without it.
+    pub sync_after_restore: bool,
 }
 
 impl Config {
@@ -136,6 +142,7 @@ impl Config {
             max_init_retries: Self::DEFAULT_MAX_INIT_RETRIES,
             force_udp_encap: false,
             message_id_sync: true,
+            sync_after_restore: false,
         }
     }
 

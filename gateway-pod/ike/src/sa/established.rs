@@ -37,6 +37,12 @@ use crate::message::header::Flags;
 use crate::payload::{self, Delete, Notify, Payload};
 use crate::redirect::{GatewayId, encode_redirect};
 
+/// Retransmissions of our RFC 6311 sync request before it is given up (the SA stays, with
+/// the catch-up window): enough to outlast a site that sends nothing for a while (a NAT
+/// keepalive every 20 s), since after a take-over our messages reach it only once its own
+/// come in through the front again.
+const SYNC_TRIES: u32 = 4;
+
 /// A request and our response, kept after the state that answered it is gone.
 pub(crate) type Cache = Option<(Vec<u8>, Vec<u8>)>;
 
@@ -189,7 +195,10 @@ impl Established {
         let previous = snapshot.previous.map(|p| Previous::restore(p, now)).transpose()?;
         let exchange = |e: Option<Exchange>| e.map(|e| (e.request, e.response));
         let current = Session::restore(snapshot.current, now)?;
-        let mid_sync = match (snapshot.mid_sync_supported, current.sync_is_safe()) {
+        let mid_sync = match (
+            snapshot.mid_sync_supported,
+            config.sync_after_restore && current.sync_is_safe(),
+        ) {
             (true, true) => MidSync::Due(now),
             (true, false) => MidSync::Supported,
             (false, _) => MidSync::Unsupported,
@@ -618,6 +627,18 @@ impl Established {
                 Retry::Resend(datagram) => out.send(self.local, self.remote, datagram),
                 Retry::GiveUp => self.retire_previous(out),
             }
+        }
+        // A sync request the peer does not answer (it refuses one that would take back a
+        // Message ID it has processed) is given up after a few tries, not the SA with it.
+        if let MidSync::InFlight(_) = self.mid_sync
+            && self.current.pending_retransmits() >= Some(SYNC_TRIES)
+            && self.current.pending_deadline().is_some_and(|d| now >= d)
+        {
+            self.abandon_request();
+            out.event(Event::MessageIdSync {
+                requested: true,
+                next: None,
+            });
         }
         match self.current.on_timer(now, &policy) {
             Retry::Idle => {}

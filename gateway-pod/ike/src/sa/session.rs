@@ -298,9 +298,6 @@ const CATCH_UP: u64 = 16;
 /// How far above the copy's nonce count a restored IKE SA seals.
 const SEALED_MARGIN: u64 = 1 << 34;
 
-/// How far above our next request ID a restored copy's sync request puts it.
-const SYNC_MARGIN: u64 = 16;
-
 /// A counter as the 32 bits of a Message ID; past them (the IKE SA is used up) the last one.
 fn clamp(id: u64) -> u32 {
     u32::try_from(id).unwrap_or(u32::MAX)
@@ -384,6 +381,11 @@ impl Session {
         self.last.take().map(|a| (a.request, a.response))
     }
 
+    /// How often the request in flight was retransmitted.
+    pub(crate) fn pending_retransmits(&self) -> Option<u32> {
+        self.pending.as_ref().map(|p| p.retransmits)
+    }
+
     /// When the request in flight is due for retransmission or abandonment.
     pub(crate) fn pending_deadline(&self) -> Option<Instant> {
         self.pending.as_ref().map(|p| p.deadline)
@@ -440,14 +442,15 @@ impl Session {
         self.pending = None;
     }
 
-    /// Whether the peer can answer a sync request on this IKE SA without sealing a second
-    /// message with Message ID zero under a nonce derived from it: strongSwan takes an AEAD
-    /// nonce from the Message ID (its sequential IV generator) and refuses the repeat, which
-    /// destroys its IKE SA. Safe when our requests have not started (the sync answer is the
-    /// peer's first response with ID zero, and after it ours start above zero) or with
-    /// AES-CBC (random IVs).
+    /// Whether the peer can answer a sync request on this IKE SA safely. Not with an AEAD:
+    /// strongSwan derives its AEAD nonces for IKE from the Message ID and refuses to seal a
+    /// second message with one it used (and destroys its IKE SA): the sync answer has ID zero,
+    /// so either it repeats the answer to our first request, or the answer to our next one
+    /// (ID zero again, as the sync leaves the counters where they are) repeats it. Moving our
+    /// counter past zero in the sync makes strongSwan reset its task queue instead, which
+    /// leaves a request it has in flight unsent. With AES-CBC its IVs are random.
     pub(crate) fn sync_is_safe(&self) -> bool {
-        self.tx_next == 0 || !self.sa.encryption.is_aead()
+        !self.sa.encryption.is_aead()
     }
 
     /// Our RFC 6311 sync request with `nonce`: the counters this copy has, in an
@@ -459,11 +462,10 @@ impl Session {
         now: Instant,
         policy: &Retransmit,
     ) -> Result<Option<Vec<u8>>, PacketError> {
-        // Our requests are replicated before they are sent, so the copy's next ID is the
-        // owner's; the margin covers an owner that sent while its replica was unreachable
-        // (the peer refuses a sync that would take back an ID it has processed).
-        let send = self.tx_next.saturating_add(SYNC_MARGIN);
-        let (Ok(send), Ok(recv)) = (u32::try_from(send), u32::try_from(self.rx_next)) else {
+        // Exactly the copy's counters: our requests are replicated before they are sent, so
+        // our next ID is the owner's. (A value above the peer's own makes strongSwan reset its
+        // task queue, which leaves a request it had in flight unsent until its next task.)
+        let (Ok(send), Ok(recv)) = (u32::try_from(self.tx_next), u32::try_from(self.rx_next)) else {
             return Ok(None);
         };
         if self.pending.is_some() {

@@ -1,14 +1,14 @@
 //! The owner's side: the replicator task, one link per replica member, and the sequence
-//! ceilings it reserves and raises as the replicas acknowledge them.
+//! ceilings it reserves and raises once every replica of the SA acknowledged them.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use concentrator_esp::SendCounter;
-use concentrator_fleet::map::replica;
+use concentrator_fleet::map::replicas;
 use concentrator_fleet::replication::{Message, Records, Sequences, records};
 use concentrator_fleet::wire::FleetKey;
 use concentrator_fleet::{MemberId, Shard};
@@ -64,6 +64,7 @@ pub struct Replicator {
 impl Replicator {
     /// Starts the replicator task.
     pub(in crate::cluster) fn start(
+        copies: usize,
         view: SharedView,
         key: FleetKey,
         metrics: ReplicationMetrics,
@@ -72,6 +73,7 @@ impl Replicator {
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(
             Owner {
+                copies,
                 view,
                 key,
                 metrics,
@@ -96,8 +98,8 @@ struct Held {
     snapshot: Zeroizing<Vec<u8>>,
     context: Vec<u8>,
     children: Vec<Child>,
-    /// The replica it was last sent to, and that link's connection then.
-    sent_to: Option<(MemberId, u64)>,
+    /// The replicas it was last sent to, and their links' connections then.
+    sent_to: Vec<(MemberId, u64)>,
     /// Changed since it was last sent.
     dirty: bool,
 }
@@ -122,8 +124,29 @@ impl Child {
     }
 }
 
-/// Ceilings to raise once the replica acknowledged them.
-type Ceilings = Vec<(Arc<SendCounter>, u64)>;
+/// A ceiling to raise once every replica of its SA acknowledged it: a replica that takes the
+/// SA over starts above the ceiling it knows, so none may know less than the owner uses.
+struct Raise {
+    counter: Arc<SendCounter>,
+    value: u64,
+    /// Replicas yet to acknowledge.
+    remaining: AtomicUsize,
+}
+
+impl Raise {
+    fn acknowledged(&self) {
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // Never raise past "no ceiling" nor lower what is acknowledged.
+            let cur = self.counter.ceiling();
+            if cur != u64::MAX && self.value > cur {
+                self.counter.set_ceiling(self.value);
+            }
+        }
+    }
+}
+
+/// Ceilings to raise once the replicas acknowledged them.
+type Ceilings = Vec<Arc<Raise>>;
 
 /// One message for a link, and the ceilings to apply once the replica acknowledged it.
 struct Outgoing {
@@ -141,6 +164,8 @@ struct LinkHandle {
 }
 
 struct Owner {
+    /// Replicas per shard.
+    copies: usize,
     view: SharedView,
     key: FleetKey,
     metrics: ReplicationMetrics,
@@ -201,7 +226,7 @@ impl Owner {
                         }
                     })
                     .collect();
-                // Changed: sent again to the replica at once.
+                // Changed: sent again to the replicas at once.
                 self.held.insert(
                     id,
                     Held {
@@ -209,29 +234,24 @@ impl Owner {
                         snapshot,
                         context,
                         children,
-                        sent_to: old.and_then(|o| o.sent_to),
+                        sent_to: old.map(|o| o.sent_to).unwrap_or_default(),
                         dirty: true,
                     },
                 );
                 id
             }
             ReplicaUpdate::Delete { id } => {
-                if let Some(h) = self.held.remove(&id)
-                    && let Some((m, _)) = h.sent_to
-                    && let Some(link) = self.links.get(&m)
-                {
-                    let _ = link.tx.send(Outgoing {
-                        message: Message::Delete { id },
-                        kind: "delete",
-                        ceilings: Vec::new(),
-                    });
+                if let Some(h) = self.held.remove(&id) {
+                    for (m, _) in h.sent_to {
+                        self.delete_at(m, id);
+                    }
                 }
                 id
             }
         }
     }
 
-    /// Sends each SA (of `only`, or all) to its shard's replica if it has not got it (new,
+    /// Sends each SA (of `only`, or all) to its shard's replicas that have not got it (new,
     /// changed, a new replica or a new connection), and moves sequence ceilings and inbound
     /// tops on.
     fn sync(&mut self, only: Option<&[u64]>) {
@@ -268,88 +288,96 @@ impl Owner {
                     c.last_seen = last;
                 }
             }
-            let Some(target) = replica(h.shard, me, &members) else {
+            let targets = replicas(h.shard, me, &members, self.copies);
+            if targets.is_empty() {
                 // Alone: nobody could carry the SA on, so nobody could reuse its numbers.
                 for c in &h.children {
                     if let Some(s) = c.send() {
                         s.set_ceiling(u64::MAX);
                     }
                 }
-                h.sent_to = None;
-                continue;
-            };
-            wanted.insert(target);
-            let link = self.links.entry(target).or_insert_with(|| {
-                spawn_link(
-                    me,
-                    target,
-                    self.view.clone(),
-                    self.key.clone(),
-                    self.metrics.clone(),
-                    self.sessions.clone(),
-                )
-            });
-            let connection = link.connection.load(Ordering::Acquire);
-            if h.dirty || h.sent_to != Some((target, connection)) {
-                if let Some((old, _)) = h.sent_to.filter(|(m, _)| *m != target)
-                    && let Some(l) = self.links.get(&old)
-                {
-                    // The old replica must not keep a copy it could adopt with an old ceiling.
-                    let _ = l.tx.send(Outgoing {
-                        message: Message::Delete { id },
-                        kind: "delete",
-                        ceilings: Vec::new(),
-                    });
-                }
-                let Some(link) = self.links.get(&target) else {
-                    continue;
-                };
-                let mut seqs = Vec::with_capacity(h.children.len());
-                let mut ceilings = Vec::new();
-                for c in &mut h.children {
-                    let (ceiling, raise) = reserve(c);
-                    if let (Some(s), Some(v)) = (c.send(), raise) {
-                        ceilings.push((s.clone(), v));
-                    }
-                    c.top_sent = c.counters.inbound_top();
-                    seqs.push(Sequences {
-                        spi_in: c.spi_in,
-                        ceiling,
-                        top: c.top_sent,
-                    });
-                }
-                let _ = link.tx.send(Outgoing {
-                    message: Message::Sa {
-                        shard: h.shard,
-                        id,
-                        snapshot: h.snapshot.clone(),
-                        context: h.context.clone(),
-                        children: seqs,
-                    },
-                    kind: "sa",
-                    ceilings,
-                });
-                h.sent_to = Some((target, connection));
-                h.dirty = false;
+                h.sent_to.clear();
                 continue;
             }
-            let entry = sequences.entry(target).or_default();
+            let mut now_sent = Vec::with_capacity(targets.len());
+            for t in &targets {
+                wanted.insert(*t);
+                let link = self.links.entry(*t).or_insert_with(|| {
+                    spawn_link(
+                        me,
+                        *t,
+                        self.view.clone(),
+                        self.key.clone(),
+                        self.metrics.clone(),
+                        self.sessions.clone(),
+                    )
+                });
+                now_sent.push((*t, link.connection.load(Ordering::Acquire)));
+            }
+            // The whole SA to a replica that has not got this version of it (new, changed,
+            // a new replica or a new connection); the sequences that moved to the others.
+            let full: Vec<MemberId> = now_sent
+                .iter()
+                .filter(|t| h.dirty || !h.sent_to.contains(t))
+                .map(|(t, _)| *t)
+                .collect();
+            // An old replica must not keep a copy it could adopt with an old ceiling.
+            let old: Vec<MemberId> = h
+                .sent_to
+                .iter()
+                .map(|(m, _)| *m)
+                .filter(|m| !targets.contains(m))
+                .collect();
+            let mut every = Vec::with_capacity(h.children.len());
+            let mut moved = Vec::new();
+            let mut raises: Ceilings = Vec::new();
             for c in &mut h.children {
                 let (ceiling, raise) = reserve(c);
                 let top = c.counters.inbound_top();
                 let top_moved = tops_due && top != c.top_sent;
-                if raise.is_none() && !top_moved {
-                    continue;
-                }
                 if let (Some(s), Some(v)) = (c.send(), raise) {
-                    entry.1.push((s.clone(), v));
+                    raises.push(Arc::new(Raise {
+                        counter: s.clone(),
+                        value: v,
+                        remaining: AtomicUsize::new(targets.len()),
+                    }));
                 }
-                c.top_sent = top;
-                entry.0.push(Sequences {
+                let seq = Sequences {
                     spi_in: c.spi_in,
                     ceiling,
                     top,
-                });
+                };
+                if raise.is_some() || top_moved {
+                    c.top_sent = top;
+                    moved.push(seq);
+                }
+                every.push(seq);
+            }
+            for t in &targets {
+                if full.contains(t) {
+                    if let Some(link) = self.links.get(t) {
+                        let _ = link.tx.send(Outgoing {
+                            message: Message::Sa {
+                                shard: h.shard,
+                                id,
+                                snapshot: h.snapshot.clone(),
+                                context: h.context.clone(),
+                                children: every.clone(),
+                            },
+                            kind: "sa",
+                            ceilings: raises.clone(),
+                        });
+                    }
+                } else if !moved.is_empty() {
+                    let entry = sequences.entry(*t).or_default();
+                    entry.0.extend(moved.iter().copied());
+                    entry.1.extend(raises.iter().cloned());
+                }
+            }
+            h.sent_to = now_sent;
+            h.dirty = false;
+            for m in old {
+                self.delete_at(m, id);
             }
         }
         for (target, (seqs, ceilings)) in sequences {
@@ -367,6 +395,19 @@ impl Owner {
         // Only a walk over every SA knows which links are still wanted.
         if only.is_none() {
             self.links.retain(|m, _| wanted.contains(m));
+        }
+    }
+}
+
+impl Owner {
+    /// Tells replica `m` to forget its copy of SA `id`.
+    fn delete_at(&self, m: MemberId, id: u64) {
+        if let Some(link) = self.links.get(&m) {
+            let _ = link.tx.send(Outgoing {
+                message: Message::Delete { id },
+                kind: "delete",
+                ceilings: Vec::new(),
+            });
         }
     }
 }
@@ -531,12 +572,8 @@ async fn stream_to(
                 let n = a.ok_or(StreamError::Unexpected)??;
                 while pending.front().is_some_and(|(i, _)| *i <= n) {
                     if let Some((_, ceilings)) = pending.pop_front() {
-                        for (s, v) in ceilings {
-                            // Never raise past "no ceiling" nor lower what is acknowledged.
-                            let cur = s.ceiling();
-                            if cur != u64::MAX && v > cur {
-                                s.set_ceiling(v);
-                            }
+                        for r in ceilings {
+                            r.acknowledged();
                         }
                     }
                 }
@@ -581,6 +618,21 @@ mod tests {
         assert_eq!(send.ceiling(), BLOCK, "lowered before the replica hears it");
         // Far from the ceiling: nothing to ask.
         assert_eq!(reserve(&c), (BLOCK, None));
+    }
+
+    #[test]
+    fn a_ceiling_is_raised_once_every_replica_acknowledged_it() {
+        let send = Arc::new(SendCounter::new(0));
+        send.set_ceiling(BLOCK);
+        let raise = Raise {
+            counter: send.clone(),
+            value: 2 * BLOCK,
+            remaining: AtomicUsize::new(2),
+        };
+        raise.acknowledged();
+        assert_eq!(send.ceiling(), BLOCK, "one of two replicas");
+        raise.acknowledged();
+        assert_eq!(send.ceiling(), 2 * BLOCK);
     }
 
     #[test]
