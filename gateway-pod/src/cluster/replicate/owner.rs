@@ -3,8 +3,8 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use concentrator_esp::SendCounter;
@@ -14,7 +14,7 @@ use concentrator_fleet::wire::FleetKey;
 use concentrator_fleet::{MemberId, Shard};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use zeroize::Zeroizing;
 
 use super::{
@@ -33,6 +33,11 @@ const TOPS_EVERY: Duration = Duration::from_secs(1);
 const HEARTBEAT: Duration = Duration::from_millis(100);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const RECONNECT_PAUSE: Duration = Duration::from_millis(200);
+/// A write that takes longer means a replica that does not read (stopped, or cut off): the
+/// stream starts over.
+const WRITE_STALL: Duration = Duration::from_secs(10);
+/// Messages sealed into one write at most.
+const WRITE_BATCH: usize = 4096;
 
 /// A CHILD SA of a replicated IKE SA: its sequence state lives in its counters.
 #[derive(Clone)]
@@ -58,7 +63,8 @@ pub enum ReplicaUpdate {
 /// The owner's side: hands the driver's updates to the replicator task.
 #[derive(Clone)]
 pub struct Replicator {
-    tx: mpsc::UnboundedSender<ReplicaUpdate>,
+    pending: Arc<Mutex<HashMap<u64, ReplicaUpdate>>>,
+    wake: Arc<Notify>,
 }
 
 impl Replicator {
@@ -70,7 +76,8 @@ impl Replicator {
         metrics: ReplicationMetrics,
         sessions: Sessions,
     ) -> Self {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let pending: Arc<Mutex<HashMap<u64, ReplicaUpdate>>> = Arc::default();
+        let wake = Arc::new(Notify::new());
         tokio::spawn(
             Owner {
                 copies,
@@ -82,13 +89,22 @@ impl Replicator {
                 links: HashMap::new(),
                 last_tops: Instant::now(),
             }
-            .run(rx),
+            .run(Arc::downgrade(&pending), wake.clone()),
         );
-        Self { tx }
+        Self { pending, wake }
     }
 
+    /// Queues an SA's update. Only the latest per SA is kept: a replicator that falls
+    /// behind holds one update per SA, never a backlog of them.
     pub fn update(&self, u: ReplicaUpdate) {
-        let _ = self.tx.send(u);
+        let id = match &u {
+            ReplicaUpdate::Sa { id, .. } | ReplicaUpdate::Delete { id } => *id,
+        };
+        self.pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(id, u);
+        self.wake.notify_one();
     }
 }
 
@@ -161,6 +177,45 @@ struct LinkHandle {
     tx: mpsc::UnboundedSender<Outgoing>,
     /// Raised at each new connection: everything must be sent again.
     connection: Arc<AtomicU64>,
+    /// Messages queued and not yet written, and whether the link gave up on its queue.
+    queue: Arc<LinkQueue>,
+}
+
+/// The queue of a link to a replica that does not keep up (stopped, or its network slow): past
+/// a bound the link drops its connection and the queue, and the next connection starts over
+/// with a Reset and every SA, so a stuck replica costs the owner one copy of its SAs at most.
+#[derive(Default)]
+struct LinkQueue {
+    queued: AtomicUsize,
+    overflowed: std::sync::atomic::AtomicBool,
+}
+
+impl LinkQueue {
+    fn took(&self, n: usize) {
+        self.queued.fetch_sub(n, Ordering::AcqRel);
+    }
+}
+
+/// Messages a link may have queued beyond two per SA held (a whole copy and its sequences).
+const LINK_QUEUE_SLACK: usize = 65_536;
+
+impl LinkHandle {
+    /// Queues `out` unless the link is over its bound (`limit` messages).
+    fn send(&self, out: Outgoing, limit: usize) {
+        let q = &self.queue;
+        if q.overflowed.load(Ordering::Acquire) {
+            return;
+        }
+        if q.queued.load(Ordering::Acquire) >= limit {
+            q.overflowed.store(true, Ordering::Release);
+            tracing::warn!(limit, "replica does not keep up: its stream starts over");
+            return;
+        }
+        q.queued.fetch_add(1, Ordering::AcqRel);
+        if self.tx.send(out).is_err() {
+            q.took(1);
+        }
+    }
 }
 
 struct Owner {
@@ -176,27 +231,29 @@ struct Owner {
 }
 
 impl Owner {
-    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<ReplicaUpdate>) {
+    /// Ends once every [`Replicator`] handle is gone.
+    async fn run(mut self, pending: Weak<Mutex<HashMap<u64, ReplicaUpdate>>>, wake: Arc<Notify>) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tokio::select! {
-                u = rx.recv() => match u {
-                    Some(u) => {
-                        // Only the SAs that changed: a walk over every SA per message would
-                        // cost as much as the exchanges at tens of thousands of tunnels.
-                        let mut changed = vec![self.apply(u)];
-                        while let Ok(u) = rx.try_recv() {
-                            changed.push(self.apply(u));
-                        }
-                        changed.sort_unstable();
-                        changed.dedup();
-                        self.sync(Some(&changed));
-                    }
-                    None => return,
-                },
-                _ = tick.tick() => self.sync(None),
+            let woken = tokio::select! {
+                () = wake.notified() => true,
+                _ = tick.tick() => false,
+            };
+            let Some(pending) = pending.upgrade() else {
+                return;
+            };
+            if !woken {
+                self.sync(None);
+                continue;
             }
+            let updates =
+                std::mem::take(&mut *pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+            drop(pending);
+            // Only the SAs that changed: a walk over every SA per update would cost as much
+            // as the exchanges at tens of thousands of tunnels.
+            let changed: Vec<u64> = updates.into_values().map(|u| self.apply(u)).collect();
+            self.sync(Some(&changed));
         }
     }
 
@@ -267,6 +324,7 @@ impl Owner {
             .filter(|(_, r)| !r.load.draining)
             .map(|(m, _)| m)
             .collect();
+        let limit = self.link_limit();
         let tops_due = only.is_none() && self.last_tops.elapsed() >= TOPS_EVERY;
         if tops_due {
             self.last_tops = Instant::now();
@@ -356,17 +414,20 @@ impl Owner {
             for t in &targets {
                 if full.contains(t) {
                     if let Some(link) = self.links.get(t) {
-                        let _ = link.tx.send(Outgoing {
-                            message: Message::Sa {
-                                shard: h.shard,
-                                id,
-                                snapshot: h.snapshot.clone(),
-                                context: h.context.clone(),
-                                children: every.clone(),
+                        link.send(
+                            Outgoing {
+                                message: Message::Sa {
+                                    shard: h.shard,
+                                    id,
+                                    snapshot: h.snapshot.clone(),
+                                    context: h.context.clone(),
+                                    children: every.clone(),
+                                },
+                                kind: "sa",
+                                ceilings: raises.clone(),
                             },
-                            kind: "sa",
-                            ceilings: raises.clone(),
-                        });
+                            limit,
+                        );
                     }
                 } else if !moved.is_empty() {
                     let entry = sequences.entry(*t).or_default();
@@ -385,11 +446,14 @@ impl Owner {
                 continue;
             }
             if let Some(link) = self.links.get(&target) {
-                let _ = link.tx.send(Outgoing {
-                    message: Message::Sequences(seqs),
-                    kind: "sequences",
-                    ceilings,
-                });
+                link.send(
+                    Outgoing {
+                        message: Message::Sequences(seqs),
+                        kind: "sequences",
+                        ceilings,
+                    },
+                    limit,
+                );
             }
         }
         // Only a walk over every SA knows which links are still wanted.
@@ -403,12 +467,20 @@ impl Owner {
     /// Tells replica `m` to forget its copy of SA `id`.
     fn delete_at(&self, m: MemberId, id: u64) {
         if let Some(link) = self.links.get(&m) {
-            let _ = link.tx.send(Outgoing {
-                message: Message::Delete { id },
-                kind: "delete",
-                ceilings: Vec::new(),
-            });
+            link.send(
+                Outgoing {
+                    message: Message::Delete { id },
+                    kind: "delete",
+                    ceilings: Vec::new(),
+                },
+                self.link_limit(),
+            );
         }
+    }
+
+    /// How many messages a link may have queued.
+    fn link_limit(&self) -> usize {
+        self.held.len().saturating_mul(2).saturating_add(LINK_QUEUE_SLACK)
     }
 }
 
@@ -443,16 +515,21 @@ fn spawn_link(
 ) -> LinkHandle {
     let (tx, rx) = mpsc::unbounded_channel();
     let connection = Arc::new(AtomicU64::new(0));
+    let queue = Arc::new(LinkQueue::default());
     tokio::spawn(link(
         (me, peer),
         view,
         key,
         metrics,
         sessions,
-        rx,
+        (rx, queue.clone()),
         connection.clone(),
     ));
-    LinkHandle { tx, connection }
+    LinkHandle {
+        tx,
+        connection,
+        queue,
+    }
 }
 
 /// The connection to one replica, made again whenever it breaks or our etcd session
@@ -463,7 +540,7 @@ async fn link(
     key: FleetKey,
     metrics: ReplicationMetrics,
     sessions: Sessions,
-    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    (mut rx, queue): (mpsc::UnboundedReceiver<Outgoing>, Arc<LinkQueue>),
     connection: Arc<AtomicU64>,
 ) {
     loop {
@@ -472,7 +549,8 @@ async fn link(
                 Ok((stream, tx, rxr)) => {
                     tracing::debug!(member = %peer, %addr, "replication stream open");
                     connection.fetch_add(1, Ordering::AcqRel);
-                    let r = stream_to(stream, (tx, rxr), &mut rx, &metrics, (&sessions, lease)).await;
+                    let r =
+                        stream_to(stream, (tx, rxr), (&mut rx, &queue), &metrics, (&sessions, lease)).await;
                     if let Err(e) = r {
                         tracing::debug!(member = %peer, error = %e, "replication stream ended");
                     }
@@ -485,7 +563,10 @@ async fn link(
         }
         // Messages for the broken connection are dropped: the next one starts with a Reset
         // and every SA again.
-        while rx.try_recv().is_ok() {}
+        while rx.try_recv().is_ok() {
+            queue.took(1);
+        }
+        queue.overflowed.store(false, Ordering::Release);
         tokio::time::sleep(RECONNECT_PAUSE).await;
     }
 }
@@ -509,7 +590,7 @@ async fn connect(
 async fn stream_to(
     stream: TcpStream,
     (mut tx, mut rxr): (Records, Records),
-    rx: &mut mpsc::UnboundedReceiver<Outgoing>,
+    (rx, queue): (&mut mpsc::UnboundedReceiver<Outgoing>, &LinkQueue),
     metrics: &ReplicationMetrics,
     (sessions, lease): (&Sessions, i64),
 ) -> Result<(), StreamError> {
@@ -550,13 +631,19 @@ async fn stream_to(
     let _guard = AbortOnDrop(reader);
     let mut idle = tokio::time::interval(HEARTBEAT);
     loop {
+        if queue.overflowed.load(Ordering::Acquire) {
+            return Err(StreamError::Timeout);
+        }
         tokio::select! {
             m = rx.recv() => {
                 let Some(m) = m else { return Ok(()) };
                 let mut batch = vec![m];
-                while let Ok(m) = rx.try_recv() {
+                while batch.len() < WRITE_BATCH
+                    && let Ok(m) = rx.try_recv()
+                {
                     batch.push(m);
                 }
+                queue.took(batch.len());
                 for m in batch {
                     send(&m.message, m.kind, &mut out, &mut tx)?;
                     sent += 1;
@@ -564,7 +651,9 @@ async fn stream_to(
                         pending.push_back((sent, m.ceilings));
                     }
                 }
-                write.write_all(&out).await?;
+                tokio::time::timeout(WRITE_STALL, write.write_all(&out))
+                    .await
+                    .map_err(|_| StreamError::Timeout)??;
                 out.clear();
                 idle.reset();
             }
@@ -584,7 +673,9 @@ async fn stream_to(
                 }
                 send(&Message::Heartbeat, "heartbeat", &mut out, &mut tx)?;
                 sent += 1;
-                write.write_all(&out).await?;
+                tokio::time::timeout(WRITE_STALL, write.write_all(&out))
+                    .await
+                    .map_err(|_| StreamError::Timeout)??;
                 out.clear();
             }
         }
@@ -633,6 +724,31 @@ mod tests {
         assert_eq!(send.ceiling(), BLOCK, "one of two replicas");
         raise.acknowledged();
         assert_eq!(send.ceiling(), 2 * BLOCK);
+    }
+
+    #[test]
+    fn a_link_over_its_bound_stops_queueing_and_starts_over() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let link = LinkHandle {
+            tx,
+            connection: Arc::default(),
+            queue: Arc::default(),
+        };
+        let beat = || Outgoing {
+            message: Message::Heartbeat,
+            kind: "heartbeat",
+            ceilings: Vec::new(),
+        };
+        for _ in 0..5 {
+            link.send(beat(), 2);
+        }
+        assert_eq!(link.queue.queued.load(Ordering::Acquire), 2);
+        assert!(link.queue.overflowed.load(Ordering::Acquire));
+        let mut n = 0;
+        while rx.try_recv().is_ok() {
+            n += 1;
+        }
+        assert_eq!(n, 2, "nothing queued past the bound");
     }
 
     #[test]
