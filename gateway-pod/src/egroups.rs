@@ -88,6 +88,64 @@ impl Egroups {
         })
     }
 
+    /// A reload: removed egroups go (with their dynamic eroutes: the caller closes their
+    /// SAs), added ones start with an empty table, changed ones look sites up with their
+    /// new settings in `stores` (opened beforehand, [`store_of`]) and keep their dynamic
+    /// eroutes, whose SAs run on (returned: those a smaller `maxDynamicEroutes` evicts, whose
+    /// SAs the caller deletes). Remembered lookup failures are forgotten: a fixed row or
+    /// database may be why the configuration changed.
+    pub fn reconfigure(
+        &mut self,
+        config: &Config,
+        diff: &crate::config::ConfigDiff,
+        mut stores: BTreeMap<String, Option<SiteStore>>,
+    ) -> Vec<DynamicEroute> {
+        let mut evicted = Vec::new();
+        if diff.egroups.is_empty() {
+            return evicted;
+        }
+        for name in &diff.egroups.removed {
+            self.groups.remove(name);
+        }
+        for name in diff.egroups.new_or_changed() {
+            let Some(spec) = config.set.egroups.get(name) else {
+                continue;
+            };
+            // No store to look sites up in (the gateway has none of its own): as at start,
+            // the egroup has no sites here.
+            let Some(Some(store)) = stores.remove(name) else {
+                continue;
+            };
+            let old = self.groups.remove(name);
+            let capacity = NonZeroUsize::new(spec.max_dynamic_eroutes as usize).unwrap_or(NonZeroUsize::MIN);
+            let table = match old {
+                Some(old) if old.table.capacity() == capacity.get() => old.table,
+                Some(old) => {
+                    // Another bound: the sites are kept, oldest first in, so that a smaller
+                    // one evicts the least recently used (the 10% rule, as on arrival).
+                    let mut table = DynamicTable::new(capacity);
+                    let mut kept: Vec<DynamicEroute> = old.table.iter().cloned().collect();
+                    kept.sort_by_key(|d| d.last_used);
+                    for d in kept {
+                        evicted.extend(table.insert(d));
+                    }
+                    table
+                }
+                None => DynamicTable::new(capacity),
+            };
+            self.groups.insert(
+                name.clone(),
+                Egroup {
+                    spec: spec.clone(),
+                    lookups: SiteLookups::new(name, store, spec.site_table.clone(), spec.timeout),
+                    table,
+                },
+            );
+        }
+        self.cache = Arc::new(LookupCache::new(NEGATIVE_TTL, MAX_NEGATIVE));
+        evicted
+    }
+
     /// Reads each egroup's site table columns and checks them against the Egroup, all at
     /// once: a table that does not fit is logged (once) and its lookups fail with the
     /// `schema` reason; a database that cannot be reached now is asked again by the first

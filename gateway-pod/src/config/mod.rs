@@ -2,14 +2,17 @@
 //! takes, read from a directory, with Secrets read from `secrets/<name>/<key>` (the layout of a
 //! mounted Secret volume).
 
+pub mod diff;
 mod load;
 mod secrets;
+pub mod watch;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use concentrator_crds::set::ValidatedSet;
 
+pub use diff::ConfigDiff;
 pub use load::load_dir;
 
 use crate::secret::Secret;
@@ -29,7 +32,7 @@ impl std::fmt::Display for Origin {
 }
 
 /// Everything the gateway needs from its config directory, validated.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Config {
     pub set: ValidatedSet,
     /// Pre-shared keys of static eroutes, by eroute name.

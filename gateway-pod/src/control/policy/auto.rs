@@ -51,7 +51,32 @@ struct AutoConnect {
     demanded: bool,
 }
 
+/// The eroutes of `config` we initiate (to a `peerAddress`, with a static key), each with
+/// whether only on demand (role `Both`).
+fn wanted(config: &Config) -> impl Iterator<Item = (&str, bool)> {
+    config
+        .set
+        .eroutes
+        .iter()
+        .filter(|(name, e)| {
+            e.role != Role::Responder && e.peer_address.is_some() && config.static_psks.contains_key(*name)
+        })
+        .map(|(name, e)| (name.as_str(), e.role == Role::Both))
+}
+
 impl AutoConnect {
+    fn new(on_demand: bool) -> Self {
+        Self {
+            id: None,
+            next_attempt: Instant::now(),
+            backoff: RECONNECT_MIN,
+            redirect: None,
+            redirects: 0,
+            on_demand,
+            demanded: false,
+        }
+    }
+
     /// When this eroute should connect next, if it should.
     fn due_at(&self) -> Option<Instant> {
         (self.id.is_none() && (!self.on_demand || self.demanded)).then_some(self.next_attempt)
@@ -68,34 +93,33 @@ struct Redirect {
 impl AutoConnects {
     /// The eroutes of `config` that may initiate to a `peerAddress` with a static key.
     pub(in crate::control) fn new(config: &Config) -> Self {
-        let eroutes = config
-            .set
-            .eroutes
-            .iter()
-            .filter(|(name, e)| {
-                e.role != Role::Responder
-                    && e.peer_address.is_some()
-                    && config.static_psks.contains_key(*name)
-            })
-            .map(|(name, e)| {
-                (
-                    name.clone(),
-                    AutoConnect {
-                        id: None,
-                        next_attempt: Instant::now(),
-                        backoff: RECONNECT_MIN,
-                        redirect: None,
-                        redirects: 0,
-                        on_demand: e.role == Role::Both,
-                        demanded: false,
-                    },
-                )
-            })
-            .collect();
         Self {
-            eroutes,
+            eroutes: wanted(config)
+                .map(|(name, on_demand)| (name.to_owned(), AutoConnect::new(on_demand)))
+                .collect(),
             initiated: HashMap::new(),
         }
+    }
+
+    /// A reload: eroutes that may initiate now and did not are added (due at once, or on
+    /// traffic), those that went are dropped; the others keep their SA, backoff and redirect
+    /// (an SA in progress or up runs on; the next attempt takes the new settings).
+    pub(in crate::control) fn reconfigure(&mut self, config: &Config) {
+        let mut next: HashMap<String, AutoConnect> = HashMap::new();
+        for (name, on_demand) in wanted(config) {
+            let mut a = self
+                .eroutes
+                .remove(name)
+                .unwrap_or_else(|| AutoConnect::new(on_demand));
+            a.on_demand = on_demand;
+            next.insert(name.to_owned(), a);
+        }
+        self.eroutes = next;
+    }
+
+    /// Whether eroute `name` is one we keep up or connect on demand.
+    pub(in crate::control) fn keeps(&self, name: &str) -> bool {
+        self.eroutes.contains_key(name)
     }
 
     /// The names of the eroutes we keep up.
@@ -195,11 +219,11 @@ impl Driver {
     fn connect_now(&mut self, name: &str, now: Instant) {
         // The configuration outlives this call; holding it apart from `self` lets the
         // helpers below take `&mut self`.
-        let gateway = Arc::clone(&self.gateway);
-        let Some(e) = gateway.config.set.eroutes.get(name) else {
+        let config = Arc::clone(&self.config);
+        let Some(e) = config.set.eroutes.get(name) else {
             return;
         };
-        let Some(psk) = gateway.config.static_psks.get(name) else {
+        let Some(psk) = config.static_psks.get(name) else {
             return;
         };
         let redirect = self.auto.eroutes.get_mut(name).and_then(|a| a.redirect.take());
@@ -260,11 +284,10 @@ impl Driver {
     /// connect it (at once, or when its backoff after a failure ends). False if no eroute
     /// of ours is down toward `dst`.
     pub(in crate::control) fn demand(&mut self, dst: IpAddr, now: Instant) -> bool {
-        let gateway = Arc::clone(&self.gateway);
+        let config = Arc::clone(&self.config);
         let ours = self.auto.eroutes.iter_mut().find(|(name, a)| {
             a.id.is_none()
-                && gateway
-                    .config
+                && config
                     .set
                     .eroutes
                     .get(*name)

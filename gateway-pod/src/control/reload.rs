@@ -1,0 +1,80 @@
+//! A new configuration applied to the running control plane as a diff (like strongSwan's
+//! `swanctl --load-all`): new eroutes and egroups start; changed ones apply to the SAs
+//! negotiated from now on while existing SAs run on with what they negotiated; removed ones
+//! close their SAs with an IKE DELETE, and with them their routes, dynamic eroutes and, in a
+//! fleet, site claims.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::config::{Config, ConfigDiff};
+use crate::control::driver::Driver;
+use crate::sitedb::SiteStore;
+
+/// A valid new configuration, with what it changes against the one the IKE task runs.
+pub struct Reload {
+    pub config: Arc<Config>,
+    pub diff: ConfigDiff,
+    /// The site stores of added and changed egroups, opened beforehand (opening one may
+    /// wait on the network, which the IKE task never does); `None` where the gateway has no
+    /// store of its own to give.
+    pub stores: BTreeMap<String, Option<SiteStore>>,
+}
+
+impl Driver {
+    pub(super) fn reload(&mut self, reload: Reload) {
+        let Reload { config, diff, stores } = reload;
+        let now = Instant::now();
+        let traps_before = self.traps();
+
+        // The SAs of what went: DELETE to the peer; the events that follow release their
+        // CHILD SAs, routes, ownerships, dynamic eroutes and claims.
+        let closing: Vec<u64> = self
+            .sas
+            .iter()
+            .filter(|(_, r)| diff.closes(r.eroute.as_deref(), r.egroup.as_deref()))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &closing {
+            if let Some(rec) = self.sas.get(id) {
+                tracing::info!(
+                    peer_id = %rec.peer_id,
+                    eroute = rec.eroute.as_deref().unwrap_or("-"),
+                    egroup = rec.egroup.as_deref().unwrap_or("-"),
+                    "its eroute or egroup was removed: IKE SA deleted"
+                );
+            }
+            self.endpoint.delete(*id, now);
+        }
+
+        self.config = config;
+        for name in diff.eroutes.changed.iter().chain(&diff.eroutes.removed) {
+            self.configs.forget(name);
+        }
+        let evicted = self.egroups.reconfigure(&self.config, &diff, stores);
+        self.delete_evicted(evicted, now);
+        self.auto.reconfigure(&self.config);
+        match self.configs.accepting(&self.config) {
+            Ok(c) => self.endpoint.set_responder_config(Arc::new(c)),
+            Err(e) => tracing::error!(error = %e, "IKE_SA_INIT keeps its former proposals"),
+        }
+
+        // New traps first, so a subnet trapped before and after keeps its route throughout.
+        let traps_after = self.traps();
+        for net in &traps_after {
+            self.routes.hold(*net);
+        }
+        for net in traps_before {
+            self.routes.release(net);
+        }
+        self.publish_dynamic_counts();
+        // Tunnels of changed eroutes show their new settings; those closing go with their SAs.
+        let ids: Vec<u64> = self.sas.keys().copied().collect();
+        for id in ids {
+            self.publish(id);
+        }
+        self.connect_due(now);
+        tracing::info!(%diff, closed = closing.len(), "configuration reloaded");
+    }
+}
