@@ -298,3 +298,117 @@ impl Egroups {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ConfigDiff;
+    use crate::config::testing::config;
+
+    const BRANCHES: &str = "localSubnet: 10.0.0.0/16\nremoteSubnet: 10.128.0.0/9\npeerId: '*.sites'\n";
+    const LABS: &str = "localSubnet: 10.0.0.0/16\nremoteSubnet: 10.64.0.0/10\npeerId: '*.labs'\n";
+
+    fn with_max(max: u32) -> Config {
+        config(
+            &[("branches", BRANCHES), ("labs", LABS)],
+            &[
+                (
+                    "branches",
+                    &format!("eroute: branches\nremoteSubnetPrefix: 24\nmaxDynamicEroutes: {max}\n"),
+                ),
+                ("labs", "eroute: labs\nremoteSubnetPrefix: 24\n"),
+            ],
+            &[],
+        )
+    }
+
+    fn site(egroups: &mut Egroups, g: &str, i: u8, now: Instant) {
+        let subnet = format!("10.{}.{i}.0/24", if g == "labs" { 64 } else { 128 });
+        let evicted = egroups.insert(g, g, &format!("s{i}.{g}"), subnet.parse().unwrap(), None, now);
+        assert!(evicted.is_empty());
+    }
+
+    fn stores(c: &Config, diff: &ConfigDiff, store: &SiteStore) -> BTreeMap<String, Option<SiteStore>> {
+        diff.egroups
+            .new_or_changed()
+            .filter(|n| c.set.egroups.contains_key(*n))
+            .map(|n| (n.clone(), Some(store.clone())))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_reload_keeps_the_sites_of_changed_egroups_and_forgets_removed_ones() {
+        let data = tempfile::tempdir().unwrap();
+        let store = SiteStore::open_embedded(data.path()).await.unwrap();
+        let old = with_max(100);
+        let mut egroups = Egroups::open(&old, &store).await.unwrap();
+        let t0 = Instant::now();
+        for i in 0..4 {
+            site(
+                &mut egroups,
+                "branches",
+                i,
+                t0 + Duration::from_secs(u64::from(i)),
+            );
+        }
+        site(&mut egroups, "labs", 1, t0);
+
+        // Another bound: the sites stay, the least recently used go beyond the 10% rule.
+        let smaller = with_max(4);
+        let diff = ConfigDiff::between(&old, &smaller);
+        assert_eq!(diff.egroups.changed.len(), 1);
+        let evicted = egroups.reconfigure(&smaller, &diff, stores(&smaller, &diff, &store));
+        let gone: Vec<_> = evicted.iter().map(|d| d.peer_id.as_str()).collect();
+        assert_eq!(gone, ["s0.branches"], "the least recently used first");
+        assert!(egroups.has_dynamic("branches", "s3.branches"));
+        assert!(
+            egroups.has_dynamic("labs", "s1.labs"),
+            "an unchanged egroup is untouched"
+        );
+
+        // Only the mask changes: the table is kept as it is.
+        let mut masked = with_max(4);
+        masked
+            .set
+            .egroups
+            .get_mut("branches")
+            .unwrap()
+            .remote_subnet_prefix = 26;
+        let diff = ConfigDiff::between(&smaller, &masked);
+        assert!(
+            egroups
+                .reconfigure(&masked, &diff, stores(&masked, &diff, &store))
+                .is_empty()
+        );
+        assert_eq!(
+            egroups.counts().collect::<Vec<_>>(),
+            [("branches", 3), ("labs", 1)]
+        );
+
+        // A removed egroup goes with its dynamic eroutes; an added one starts empty.
+        let renamed = config(
+            &[("branches", BRANCHES), ("labs2", LABS)],
+            &[
+                (
+                    "branches",
+                    "eroute: branches\nremoteSubnetPrefix: 26\nmaxDynamicEroutes: 4\n",
+                ),
+                ("labs2", "eroute: labs2\nremoteSubnetPrefix: 24\n"),
+            ],
+            &[],
+        );
+        let diff = ConfigDiff::between(&masked, &renamed);
+        egroups.reconfigure(&renamed, &diff, stores(&renamed, &diff, &store));
+        assert!(!egroups.has_dynamic("labs", "s1.labs"));
+        assert_eq!(
+            egroups.counts().collect::<Vec<_>>(),
+            [("branches", 3), ("labs2", 0)]
+        );
+        let initiating: Vec<_> = egroups
+            .initiating(&renamed)
+            .into_iter()
+            .map(|(g, ..)| g)
+            .collect();
+        assert_eq!(initiating, ["branches", "labs2"]);
+    }
+}

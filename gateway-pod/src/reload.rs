@@ -21,6 +21,15 @@ use crate::state::Gateway;
 /// How often the config directory is looked at.
 const POLL: Duration = Duration::from_secs(1);
 
+/// Whether a reload that changes nothing is applied (and counted).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Apply {
+    /// Someone changed the directory or asked (SIGHUP).
+    Always,
+    /// Only a difference is worth a reload.
+    IfChanged,
+}
+
 /// What reloads need besides the directory.
 pub struct Reloader {
     pub dir: PathBuf,
@@ -44,6 +53,9 @@ impl Reloader {
 
     async fn run(self, mut hangup: Option<tokio::signal::unix::Signal>) {
         let mut seen = self.fingerprint().await;
+        // The directory may have changed between its first reading and this digest.
+        self.reload("catching up with the directory", Apply::IfChanged)
+            .await;
         // A change is read once the directory stayed the same for a whole poll: a user
         // saving several files is not caught half-way (and refused for it).
         let mut settling: Option<u64> = None;
@@ -71,7 +83,7 @@ impl Reloader {
                     "SIGHUP"
                 }
             };
-            self.reload(why).await;
+            self.reload(why, Apply::Always).await;
         }
     }
 
@@ -83,7 +95,7 @@ impl Reloader {
     }
 
     /// Reads the directory and applies what changed, or refuses it all.
-    async fn reload(&self, why: &str) {
+    async fn reload(&self, why: &str, when: Apply) {
         let dir = self.dir.clone();
         let loaded = tokio::task::spawn_blocking(move || config::load_dir(&dir)).await;
         let new = match loaded {
@@ -92,6 +104,9 @@ impl Reloader {
             Err(e) => return self.refuse(why, &e),
         };
         let diff = ConfigDiff::between(&self.gateway.config(), &new);
+        if when == Apply::IfChanged && diff.is_empty() {
+            return;
+        }
         let stores = match self.open_stores(&new, &diff).await {
             Ok(s) => s,
             Err(e) => return self.refuse(why, &e),

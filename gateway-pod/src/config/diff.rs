@@ -114,26 +114,7 @@ impl std::fmt::Display for ConfigDiff {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn config(eroutes: &[(&str, &str)], egroups: &[(&str, &str)], psks: &[(&str, &str)]) -> Config {
-        let eroutes: Vec<_> = eroutes
-            .iter()
-            .map(|(n, y)| ((*n).to_owned(), serde_yaml::from_str(y).unwrap()))
-            .collect();
-        let egroups: Vec<_> = egroups
-            .iter()
-            .map(|(n, y)| ((*n).to_owned(), serde_yaml::from_str(y).unwrap()))
-            .collect();
-        Config {
-            set: concentrator_crds::set::validate(&eroutes, &egroups).unwrap(),
-            static_psks: psks
-                .iter()
-                .map(|(n, k)| ((*n).to_owned(), Secret::new(k.as_bytes().to_vec())))
-                .collect(),
-            egroup_db_urls: BTreeMap::new(),
-            ignored_fleets: Vec::new(),
-        }
-    }
+    use crate::config::testing::config;
 
     fn names(n: &[&str]) -> BTreeSet<String> {
         n.iter().map(|s| (*s).to_owned()).collect()

@@ -356,3 +356,58 @@ impl Driver {
         a.demanded = true;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::testing::config;
+
+    fn eroute(subnet: &str, role: &str) -> String {
+        format!(
+            "localSubnet: 10.0.0.0/16\nremoteSubnet: {subnet}\npeerId: hq\npeerAddress: 192.0.2.9\n\
+             role: {role}\npskSecretRef: {{name: k, key: psk}}\n"
+        )
+    }
+
+    #[test]
+    fn a_reload_keeps_the_sas_and_backoff_of_eroutes_that_stay() {
+        let (a, b) = (
+            eroute("172.16.0.0/24", "Initiator"),
+            eroute("172.17.0.0/24", "Initiator"),
+        );
+        let old = config(&[("a", &a), ("b", &b)], &[], &[("a", "k"), ("b", "k")]);
+        let mut auto = AutoConnects::new(&old);
+        let up = auto.eroutes.get_mut("a").unwrap();
+        up.id = Some(7);
+        up.backoff = RECONNECT_MAX;
+        auto.initiated.insert(7, "a".into());
+        auto.eroutes.get_mut("b").unwrap().id = Some(8);
+        auto.initiated.insert(8, "b".into());
+
+        let (a2, c) = (
+            eroute("172.16.0.0/24", "Both"),
+            eroute("172.18.0.0/24", "Initiator"),
+        );
+        let new = config(&[("a", &a2), ("c", &c)], &[], &[("a", "k"), ("c", "k")]);
+        auto.reconfigure(&new);
+        let mut names: Vec<_> = auto.eroutes().cloned().collect();
+        names.sort();
+        assert_eq!(names, ["a", "c"]);
+        let kept = &auto.eroutes["a"];
+        assert_eq!(
+            (kept.id, kept.backoff, kept.on_demand),
+            (Some(7), RECONNECT_MAX, true)
+        );
+        assert!(
+            auto.eroutes["c"].due_at().is_some(),
+            "a new Initiator eroute connects at once"
+        );
+        assert!(!auto.keeps("b"));
+        // The SA of the removed eroute closing later (after its DELETE) brings nothing back.
+        auto.closed(8);
+        auto.forget(8);
+        assert!(!auto.keeps("b") && auto.next_due() == auto.eroutes["c"].due_at());
+        auto.closed(7);
+        assert_eq!(auto.eroutes["a"].id, None, "a's own SA closing is seen");
+    }
+}
