@@ -65,6 +65,9 @@ pub(super) struct Driver {
     pub(super) routes: Routes,
     /// The fleet (`None` standalone).
     pub(super) fleet: Option<super::fleet::DriverFleet>,
+    /// Sites whose last IKE SA went in this wake-up: how their flows enter the fleet is
+    /// forgotten once what was queued for them is sent.
+    pub(super) unrouted: Vec<SocketAddr>,
     /// Site claims in the fleet (`None` standalone).
     pub(super) claims: Option<super::claims::DriverClaims>,
     /// SA replication in the fleet (`None` standalone).
@@ -256,6 +259,9 @@ impl Driver {
         self.replicate_changed();
         for t in out {
             self.send(t).await;
+        }
+        for remote in std::mem::take(&mut self.unrouted) {
+            self.forget_via(remote);
         }
         let counts = self.endpoint.counts();
         let m = &self.gateway.metrics;

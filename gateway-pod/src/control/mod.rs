@@ -258,6 +258,7 @@ pub async fn start(
         backend: Arc::new(dataplane),
         routes: Routes::start(opts.tun_name.clone()),
         fleet: driver_fleet,
+        unrouted: Vec::new(),
         claims: fleet.map(|f| claims::DriverClaims::new(f.claims.clone(), claims_tx)),
         replicas: fleet.map(|f| {
             replicas::DriverReplicas::new(
