@@ -15,10 +15,11 @@ use zeroize::Zeroizing;
 /// Directory levels followed below the config directory: `secrets/<name>/<key>` is three.
 const MAX_DEPTH: usize = 3;
 
-/// A digest of every visible file under `dir` (names and contents, symlinks followed,
-/// hidden names such as kubelet's `..data` skipped: what they hold is seen through the
-/// visible links). Unreadable entries count by their name and error kind, so a file that
-/// becomes readable changes the digest.
+/// A digest of what `load_dir` reads in `dir`: the `*.yaml`/`*.yml` files and every visible
+/// file under `secrets/` (names and contents, symlinks followed, hidden names such as
+/// kubelet's `..data` skipped: what they hold is seen through the visible links).
+/// Unreadable entries count by their name and error kind, so a file that becomes readable
+/// changes the digest.
 pub fn fingerprint(dir: &Path) -> u64 {
     let mut h = DefaultHasher::new();
     walk(dir, Path::new(""), 0, &mut h);
@@ -37,7 +38,13 @@ fn walk(dir: &Path, rel: &Path, depth: usize, h: &mut DefaultHasher) {
     let mut names: Vec<_> = entries
         .filter_map(Result::ok)
         .map(|e| e.file_name())
-        .filter(|n| !n.to_string_lossy().starts_with('.'))
+        .filter(|n| {
+            let n = n.to_string_lossy();
+            // At the top, only what `load_dir` reads: other files (notes, backups) cost
+            // nothing to change.
+            !n.starts_with('.')
+                && (depth > 0 || n == "secrets" || n.ends_with(".yaml") || n.ends_with(".yml"))
+        })
         .collect();
     names.sort();
     for name in names {
@@ -76,6 +83,8 @@ mod tests {
         std::fs::write(d.join("a.yaml"), "one").unwrap();
         let first = fingerprint(d);
         assert_eq!(first, fingerprint(d), "stable while nothing changes");
+        std::fs::write(d.join("notes.txt"), "not configuration").unwrap();
+        assert_eq!(first, fingerprint(d), "files load_dir skips are skipped");
         std::fs::write(d.join("a.yaml"), "two").unwrap();
         let edited = fingerprint(d);
         assert_ne!(first, edited);
