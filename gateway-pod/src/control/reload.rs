@@ -69,8 +69,17 @@ impl Driver {
             self.routes.release(net);
         }
         self.publish_dynamic_counts();
-        // Tunnels of changed eroutes show their new settings; those closing go with their SAs.
-        let ids: Vec<u64> = self.sas.keys().copied().collect();
+        // The tunnel table shows each tunnel's eroute as configured now.
+        let ids: Vec<u64> = self
+            .sas
+            .iter()
+            .filter(|(_, r)| {
+                r.eroute
+                    .as_ref()
+                    .is_some_and(|e| diff.eroutes.changed.contains(e))
+            })
+            .map(|(id, _)| *id)
+            .collect();
         for id in ids {
             self.publish(id);
         }
