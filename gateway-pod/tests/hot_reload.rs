@@ -9,7 +9,11 @@
 //! connects with the new one; a new SA of `edited` takes the new cipher. A second swap with
 //! an invalid eroute is refused as a whole and counted; the config in force keeps serving.
 //!
-//! As non-root the test prints SKIP and passes.
+//! An egroup's database URL, from a Secret, rotated to another site store is used for the
+//! next lookups (the site's established SA runs on); the egroup removed, its site is sent a
+//! DELETE.
+//!
+//! As non-root every test prints SKIP and passes.
 
 use std::path::Path;
 use std::time::Duration;
@@ -349,5 +353,105 @@ fn config_changes_apply_without_touching_other_tunnels() -> Result<()> {
         sites[STEADY].spis()? == before[0],
         "the steady site's SAs changed"
     );
+    Ok(())
+}
+
+/// Imports one row for site `n` with `psk` into the SQLite store at `db`, with the product's
+/// own command.
+fn import_site(db: &Path, n: usize, psk: &str) -> Result<()> {
+    let csv = db.with_extension("csv");
+    std::fs::write(
+        &csv,
+        format!(
+            "peer_id,psk,remote_subnet\n{},{psk},{}\n",
+            peer_id(n),
+            site_lan(n)
+        ),
+    )?;
+    let url = format!("sqlite:{}", db.display());
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.args(["--site-db", &url, "sites", "import"]).arg(&csv);
+    concentrator_e2e::process::run(&mut cmd, concentrator_e2e::process::COMMAND_TIMEOUT)?;
+    Ok(())
+}
+
+#[test]
+fn a_rotated_database_url_and_a_removed_egroup_apply_live() -> Result<()> {
+    if prereq::require(&[netns::TOOLS, strongswan::TOOLS, &[tools::CURL]]).is_skip() {
+        return Ok(());
+    }
+    let wan = Wan::new()?;
+    let gw = wan.host("hrdbgw", GW_ADDR, Some(GW_HOST))?;
+    let dir = scratch::dir("hot-reload-db")?;
+    let (db_a, db_b) = (dir.path().join("a.db"), dir.path().join("b.db"));
+    import_site(&db_a, 1, "key-in-a")?;
+    import_site(&db_b, 1, "key-in-b")?;
+    let config = dir.path().join("gw-config");
+    std::fs::create_dir_all(config.join("secrets/sites-db"))?;
+    std::fs::write(
+        config.join("secrets/sites-db/url"),
+        format!("sqlite:{}", db_a.display()),
+    )?;
+    let egroup = format!(
+        "apiVersion: vpn.concentrator.io/v1alpha1\nkind: Eroute\nmetadata:\n  name: branches\n\
+         spec:\n  localSubnet: {GW_LAN}\n  remoteSubnet: 10.1.0.0/16\n  peerId: \"*.example\"\n\
+         \x20 localId: {GW_ID}\n  role: Responder\n\
+         ---\napiVersion: vpn.concentrator.io/v1alpha1\nkind: Egroup\nmetadata:\n  name: branches\n\
+         spec:\n  eroute: branches\n  remoteSubnetPrefix: 24\n\
+         \x20 database:\n    urlSecretRef: {{name: sites-db, key: url}}\n"
+    );
+    std::fs::write(config.join("branches.yaml"), &egroup)?;
+    // A static eroute that stays: the egroup's removal must leave the file valid.
+    std::fs::create_dir_all(config.join("secrets/hq"))?;
+    std::fs::write(config.join("secrets/hq/psk"), "hq-key")?;
+    std::fs::write(
+        config.join("hq.yaml"),
+        format!(
+            "apiVersion: vpn.concentrator.io/v1alpha1\nkind: Eroute\nmetadata:\n  name: hq\n\
+             spec:\n  localSubnet: {GW_LAN}\n  remoteSubnet: 172.16.0.0/24\n  peerId: hq.example.org\n\
+             \x20 pskSecretRef: {{name: hq, key: psk}}\n  role: Responder\n"
+        ),
+    )?;
+    let gateway = Gateway::start(&gw, Path::new(BIN), dir.path(), "gw", GW_ADDR, &[])?;
+    let metric = |name: &str, want: f64| {
+        concentrator_e2e::gateway::wait_metric(&gw, name, want, TIMEOUT).with_context(|| gateway.log_tail(30))
+    };
+    let site = Site::start(&wan, 1)?;
+    site.load("key-in-a")?;
+    site.connect(&gateway)?;
+    let before = site.spis()?;
+
+    // The Secret now names the other store, written in place as a standalone user would.
+    std::fs::write(
+        config.join("secrets/sites-db/url"),
+        format!("sqlite:{}", db_b.display()),
+    )?;
+    metric(APPLIED, 1.0)?;
+    ensure!(site.spis()? == before, "the site's SA changed");
+    site.ping()?;
+    site.terminate()?;
+    ensure!(
+        site.charon.initiate("gw").is_err(),
+        "the key of the former store still authenticates"
+    );
+    site.load("key-in-b")?;
+    site.connect(&gateway)?;
+    metric("concentrator_gateway_dynamic_eroutes{egroup=\"branches\"}", 1.0)?;
+
+    // The egroup and its eroute removed: the site is told, the gateway holds nothing of it.
+    std::fs::remove_file(config.join("branches.yaml"))?;
+    metric(APPLIED, 2.0)?;
+    wait::until("the egroup's site to hold no SA", TIMEOUT, || {
+        let up = site.charon.list_sas()?.iter().any(|sa| sa.state == "ESTABLISHED");
+        Ok(if up {
+            Probe::pending("still up")
+        } else {
+            Probe::Ready(())
+        })
+    })
+    .with_context(|| gateway.log_tail(30))?;
+    metric("concentrator_gateway_ike_sas_established", 0.0)?;
+    metric("concentrator_gateway_egroups", 0.0)?;
+    metric("concentrator_gateway_dynamic_eroutes{egroup=\"branches\"}", 0.0)?;
     Ok(())
 }

@@ -68,6 +68,12 @@ impl Driver {
         for net in traps_before {
             self.routes.release(net);
         }
+        for egroup in &diff.egroups.removed {
+            let label = crate::metrics::EgroupLabel {
+                egroup: egroup.clone(),
+            };
+            self.gateway.metrics.dynamic_eroutes.remove(&label);
+        }
         self.publish_dynamic_counts();
         // The tunnel table shows each tunnel's eroute as configured now.
         let ids: Vec<u64> = self
