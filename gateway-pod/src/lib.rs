@@ -144,7 +144,7 @@ pub async fn start(opts: &Options, config: Config) -> Result<Running, StartError
     let control = if opts.no_tunnels {
         None
     } else {
-        let egroups = egroups::Egroups::open(&gateway.config, &site_store)
+        let egroups = egroups::Egroups::open(&gateway.config(), &site_store)
             .await
             .map_err(StartError::EgroupStore)?;
         // A site table that does not fit its Egroup is said at start (where the database

@@ -221,6 +221,7 @@ fn config_changes_apply_without_touching_other_tunnels() -> Result<()> {
     let before = [sites[STEADY].spis()?, sites[EDITED].spis()?];
 
     let pinging = Duration::from_secs(40);
+    let ping_started = std::time::Instant::now();
     let ping = Ping::start(
         &sites[STEADY].ns,
         addr(&site_host(STEADY)),
@@ -343,6 +344,11 @@ fn config_changes_apply_without_touching_other_tunnels() -> Result<()> {
         .context("the configuration in force still accepts the added site")?;
     added.ping()?;
 
+    // Else the ping would not have spanned every change.
+    ensure!(
+        ping_started.elapsed() < pinging,
+        "the changes took longer than the ping ran ({pinging:?})"
+    );
     let stats = ping.finish()?;
     ensure!(
         stats.lost() == 0,
