@@ -37,8 +37,9 @@ impl Driver {
             .map(|(id, _)| *id)
             .collect();
         for id in &closing {
+            // Each SA's deletion is logged at info by its event; the count is below.
             if let Some(rec) = self.sas.get(id) {
-                tracing::info!(
+                tracing::debug!(
                     peer_id = %rec.peer_id,
                     eroute = rec.eroute.as_deref().unwrap_or("-"),
                     egroup = rec.egroup.as_deref().unwrap_or("-"),
