@@ -149,15 +149,7 @@ pub async fn start(opts: &Options, config: Config) -> Result<Running, StartError
             .map_err(StartError::EgroupStore)?;
         // A site table that does not fit its Egroup is said at start (where the database
         // answers), not first by the lookup of a site that connects.
-        let checks = egroups.check_tables();
-        tokio::spawn(async move {
-            for (egroup, result) in checks.await {
-                match result {
-                    Ok(()) | Err(sitedb::LookupError::Schema { .. }) => {}
-                    Err(e) => tracing::warn!(%egroup, error = %e, "site table not checked yet"),
-                }
-            }
-        });
+        egroups::Egroups::spawn_checks(egroups.check_tables());
         Some(
             control::start(
                 gateway.clone(),

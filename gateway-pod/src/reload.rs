@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 use crate::config::{self, Config, ConfigDiff};
 use crate::control::Reload;
 use crate::egroups::store_of;
-use crate::sitedb::{LookupError, SiteLookups, SiteStore};
+use crate::sitedb::SiteStore;
 use crate::state::Gateway;
 
 /// How often the config directory is looked at.
@@ -111,20 +111,6 @@ impl Reloader {
             Ok(s) => s,
             Err(e) => return self.refuse(why, &e),
         };
-        let checks: Vec<SiteLookups> = diff
-            .egroups
-            .new_or_changed()
-            .filter_map(|name| {
-                let spec = new.set.egroups.get(name)?;
-                let store = stores.get(name)?.clone()?;
-                Some(SiteLookups::new(
-                    name,
-                    store,
-                    spec.site_table.clone(),
-                    spec.timeout,
-                ))
-            })
-            .collect();
         let new = Arc::new(new);
         if let Some(control) = &self.control {
             let reload = Reload {
@@ -140,16 +126,6 @@ impl Reloader {
         self.gateway.set_config(new);
         self.gateway.metrics.count_config_reload("applied");
         tracing::info!(trigger = why, %diff, "new configuration applied");
-        // As at start: a site table that does not fit its Egroup is said now, not first by
-        // the lookup of a site that connects.
-        tokio::spawn(async move {
-            for lookups in checks {
-                match lookups.check_schema().await {
-                    Ok(()) | Err(LookupError::Schema { .. }) => {}
-                    Err(e) => tracing::warn!(error = %e, "site table not checked yet"),
-                }
-            }
-        });
     }
 
     /// The site stores of the egroups that are new or changed. One that cannot be opened

@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use crate::config::{Config, ConfigDiff};
 use crate::control::driver::Driver;
+use crate::egroups::Egroups;
 use crate::sitedb::SiteStore;
 
 /// A valid new configuration, with what it changes against the one the IKE task runs.
@@ -55,6 +56,12 @@ impl Driver {
         }
         let evicted = self.egroups.reconfigure(&self.config, &diff, stores);
         self.delete_evicted(evicted, now);
+        // As at start: a site table that does not fit its Egroup is said now (where the
+        // database answers), not first by the lookup of a site that connects.
+        let checks = self
+            .egroups
+            .check_tables_of(|g| diff.egroups.added.contains(g) || diff.egroups.changed.contains(g));
+        Egroups::spawn_checks(checks);
         self.auto.reconfigure(&self.config);
         match self.configs.accepting(&self.config) {
             Ok(c) => self.endpoint.set_responder_config(Arc::new(c)),
