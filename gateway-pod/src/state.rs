@@ -10,8 +10,9 @@ use crate::tunnels::TunnelTable;
 /// One gateway process.
 #[derive(Debug)]
 pub struct Gateway {
-    /// The configuration the gateway started with. What runs now is [`Self::config`]: a
-    /// reload replaces that one only (readers of this field see the start-up eroutes).
+    /// The configuration the gateway started with, never reloaded: what runs now is
+    /// [`Self::config`]. Kept only while the admin API's `ListEroutes` reads it; once that
+    /// reads `config()`, this field can go (and with it a copy of the start-up PSKs).
     pub config: Config,
     /// The configuration in force: the last one a reload applied.
     current: RwLock<Arc<Config>>,
