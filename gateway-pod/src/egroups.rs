@@ -88,6 +88,64 @@ impl Egroups {
         })
     }
 
+    /// A reload: removed egroups go (with their dynamic eroutes: the caller closes their
+    /// SAs), added ones start with an empty table, changed ones look sites up with their
+    /// new settings in `stores` (opened beforehand, [`store_of`]) and keep their dynamic
+    /// eroutes, whose SAs run on (returned: those a smaller `maxDynamicEroutes` evicts, whose
+    /// SAs the caller deletes). Remembered lookup failures are forgotten: a fixed row or
+    /// database may be why the configuration changed.
+    pub fn reconfigure(
+        &mut self,
+        config: &Config,
+        diff: &crate::config::ConfigDiff,
+        mut stores: BTreeMap<String, Option<SiteStore>>,
+    ) -> Vec<DynamicEroute> {
+        let mut evicted = Vec::new();
+        if diff.egroups.is_empty() {
+            return evicted;
+        }
+        for name in &diff.egroups.removed {
+            self.groups.remove(name);
+        }
+        for name in diff.egroups.new_or_changed() {
+            let Some(spec) = config.set.egroups.get(name) else {
+                continue;
+            };
+            // No store to look sites up in (the gateway has none of its own): as at start,
+            // the egroup has no sites here.
+            let Some(Some(store)) = stores.remove(name) else {
+                continue;
+            };
+            let old = self.groups.remove(name);
+            let capacity = NonZeroUsize::new(spec.max_dynamic_eroutes as usize).unwrap_or(NonZeroUsize::MIN);
+            let table = match old {
+                Some(old) if old.table.capacity() == capacity.get() => old.table,
+                Some(old) => {
+                    // Another bound: the sites are kept, oldest first in, so that a smaller
+                    // one evicts the least recently used (the 10% rule, as on arrival).
+                    let mut table = DynamicTable::new(capacity);
+                    let mut kept: Vec<DynamicEroute> = old.table.iter().cloned().collect();
+                    kept.sort_by_key(|d| d.last_used);
+                    for d in kept {
+                        evicted.extend(table.insert(d));
+                    }
+                    table
+                }
+                None => DynamicTable::new(capacity),
+            };
+            self.groups.insert(
+                name.clone(),
+                Egroup {
+                    spec: spec.clone(),
+                    lookups: SiteLookups::new(name, store, spec.site_table.clone(), spec.timeout),
+                    table,
+                },
+            );
+        }
+        self.cache = Arc::new(LookupCache::new(NEGATIVE_TTL, MAX_NEGATIVE));
+        evicted
+    }
+
     /// Reads each egroup's site table columns and checks them against the Egroup, all at
     /// once: a table that does not fit is logged (once) and its lookups fail with the
     /// `schema` reason; a database that cannot be reached now is asked again by the first
@@ -95,8 +153,16 @@ impl Egroups {
     pub fn check_tables(
         &self,
     ) -> impl Future<Output = Vec<(String, Result<(), LookupError>)>> + Send + 'static {
+        self.check_tables_of(|_| true)
+    }
+
+    /// [`Self::check_tables`] for the egroups `which` names (those a reload started anew).
+    pub fn check_tables_of(
+        &self,
+        which: impl Fn(&str) -> bool,
+    ) -> impl Future<Output = Vec<(String, Result<(), LookupError>)>> + Send + 'static {
         let mut checks = tokio::task::JoinSet::new();
-        for (name, g) in &self.groups {
+        for (name, g) in self.groups.iter().filter(|(n, _)| which(n)) {
             let (name, lookups) = (name.clone(), g.lookups.clone());
             checks.spawn(async move { (name, lookups.check_schema().await) });
         }
@@ -105,6 +171,21 @@ impl Egroups {
             results.sort_by(|a, b| a.0.cmp(&b.0));
             results
         }
+    }
+
+    /// Runs [`Self::check_tables`] (or `_of`) on a task of its own: a table that does not fit
+    /// was logged by the check; one not reached yet is said here.
+    pub fn spawn_checks(
+        checks: impl Future<Output = Vec<(String, Result<(), LookupError>)>> + Send + 'static,
+    ) {
+        tokio::spawn(async move {
+            for (egroup, result) in checks.await {
+                match result {
+                    Ok(()) | Err(LookupError::Schema { .. }) => {}
+                    Err(e) => tracing::warn!(%egroup, error = %e, "site table not checked yet"),
+                }
+            }
+        });
     }
 
     /// Whether `egroup` holds a dynamic eroute for `peer_id`.
@@ -238,5 +319,119 @@ impl Egroups {
                 ),
             })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ConfigDiff;
+    use crate::config::testing::config;
+
+    const BRANCHES: &str = "localSubnet: 10.0.0.0/16\nremoteSubnet: 10.128.0.0/9\npeerId: '*.sites'\n";
+    const LABS: &str = "localSubnet: 10.0.0.0/16\nremoteSubnet: 10.64.0.0/10\npeerId: '*.labs'\n";
+
+    fn with_max(max: u32) -> Config {
+        config(
+            &[("branches", BRANCHES), ("labs", LABS)],
+            &[
+                (
+                    "branches",
+                    &format!("eroute: branches\nremoteSubnetPrefix: 24\nmaxDynamicEroutes: {max}\n"),
+                ),
+                ("labs", "eroute: labs\nremoteSubnetPrefix: 24\n"),
+            ],
+            &[],
+        )
+    }
+
+    fn site(egroups: &mut Egroups, g: &str, i: u8, now: Instant) {
+        let subnet = format!("10.{}.{i}.0/24", if g == "labs" { 64 } else { 128 });
+        let evicted = egroups.insert(g, g, &format!("s{i}.{g}"), subnet.parse().unwrap(), None, now);
+        assert!(evicted.is_empty());
+    }
+
+    fn stores(c: &Config, diff: &ConfigDiff, store: &SiteStore) -> BTreeMap<String, Option<SiteStore>> {
+        diff.egroups
+            .new_or_changed()
+            .filter(|n| c.set.egroups.contains_key(*n))
+            .map(|n| (n.clone(), Some(store.clone())))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_reload_keeps_the_sites_of_changed_egroups_and_forgets_removed_ones() {
+        let data = tempfile::tempdir().unwrap();
+        let store = SiteStore::open_embedded(data.path()).await.unwrap();
+        let old = with_max(100);
+        let mut egroups = Egroups::open(&old, &store).await.unwrap();
+        let t0 = Instant::now();
+        for i in 0..4 {
+            site(
+                &mut egroups,
+                "branches",
+                i,
+                t0 + Duration::from_secs(u64::from(i)),
+            );
+        }
+        site(&mut egroups, "labs", 1, t0);
+
+        // Another bound: the sites stay, the least recently used go beyond the 10% rule.
+        let smaller = with_max(4);
+        let diff = ConfigDiff::between(&old, &smaller);
+        assert_eq!(diff.egroups.changed.len(), 1);
+        let evicted = egroups.reconfigure(&smaller, &diff, stores(&smaller, &diff, &store));
+        let gone: Vec<_> = evicted.iter().map(|d| d.peer_id.as_str()).collect();
+        assert_eq!(gone, ["s0.branches"], "the least recently used first");
+        assert!(egroups.has_dynamic("branches", "s3.branches"));
+        assert!(
+            egroups.has_dynamic("labs", "s1.labs"),
+            "an unchanged egroup is untouched"
+        );
+
+        // Only the mask changes: the table is kept as it is.
+        let mut masked = with_max(4);
+        masked
+            .set
+            .egroups
+            .get_mut("branches")
+            .unwrap()
+            .remote_subnet_prefix = 26;
+        let diff = ConfigDiff::between(&smaller, &masked);
+        assert!(
+            egroups
+                .reconfigure(&masked, &diff, stores(&masked, &diff, &store))
+                .is_empty()
+        );
+        assert_eq!(
+            egroups.counts().collect::<Vec<_>>(),
+            [("branches", 3), ("labs", 1)]
+        );
+
+        // A removed egroup goes with its dynamic eroutes; an added one starts empty.
+        let renamed = config(
+            &[("branches", BRANCHES), ("labs2", LABS)],
+            &[
+                (
+                    "branches",
+                    "eroute: branches\nremoteSubnetPrefix: 26\nmaxDynamicEroutes: 4\n",
+                ),
+                ("labs2", "eroute: labs2\nremoteSubnetPrefix: 24\n"),
+            ],
+            &[],
+        );
+        let diff = ConfigDiff::between(&masked, &renamed);
+        egroups.reconfigure(&renamed, &diff, stores(&renamed, &diff, &store));
+        assert!(!egroups.has_dynamic("labs", "s1.labs"));
+        assert_eq!(
+            egroups.counts().collect::<Vec<_>>(),
+            [("branches", 3), ("labs2", 0)]
+        );
+        let initiating: Vec<_> = egroups
+            .initiating(&renamed)
+            .into_iter()
+            .map(|(g, ..)| g)
+            .collect();
+        assert_eq!(initiating, ["branches", "labs2"]);
     }
 }

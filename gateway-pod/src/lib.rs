@@ -11,6 +11,7 @@ pub mod dataplane;
 pub mod egroups;
 pub mod eroute;
 pub mod metrics;
+pub mod reload;
 pub mod secret;
 pub mod sitedb;
 pub mod sites;
@@ -60,6 +61,8 @@ pub struct Running {
     admin_task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
     metrics: concentrator_telemetry::MetricsServer,
     cpu_sampler: tokio::task::JoinHandle<()>,
+    /// Reloads the config directory on changes and SIGHUP.
+    reloader: Option<tokio::task::JoinHandle<()>>,
     /// IKE and the data plane; `None` with `--no-tunnels`.
     pub control: Option<control::Control>,
     /// Fleet membership; `None` standalone.
@@ -70,6 +73,9 @@ impl Running {
     /// Stops serving and waits for in-flight admin calls to finish.
     pub async fn shutdown(mut self) {
         self.metrics.set_ready(false);
+        if let Some(reloader) = self.reloader.take() {
+            reloader.abort();
+        }
         if let Some(control) = self.control.take() {
             control.shutdown().await;
         }
@@ -138,20 +144,12 @@ pub async fn start(opts: &Options, config: Config) -> Result<Running, StartError
     let control = if opts.no_tunnels {
         None
     } else {
-        let egroups = egroups::Egroups::open(&gateway.config, &site_store)
+        let egroups = egroups::Egroups::open(&gateway.config(), &site_store)
             .await
             .map_err(StartError::EgroupStore)?;
         // A site table that does not fit its Egroup is said at start (where the database
         // answers), not first by the lookup of a site that connects.
-        let checks = egroups.check_tables();
-        tokio::spawn(async move {
-            for (egroup, result) in checks.await {
-                match result {
-                    Ok(()) | Err(sitedb::LookupError::Schema { .. }) => {}
-                    Err(e) => tracing::warn!(%egroup, error = %e, "site table not checked yet"),
-                }
-            }
-        });
+        egroups::Egroups::spawn_checks(egroups.check_tables());
         Some(
             control::start(
                 gateway.clone(),
@@ -216,6 +214,15 @@ pub async fn start(opts: &Options, config: Config) -> Result<Running, StartError
         gateway.metrics.cpu_percent.clone(),
         std::time::Duration::from_secs(5),
     );
+    let reloader = opts.config_dir.clone().map(|dir| {
+        reload::Reloader {
+            dir,
+            gateway: gateway.clone(),
+            default_store: site_store.clone(),
+            control: control.as_ref().map(control::Control::reloads),
+        }
+        .spawn()
+    });
     metrics_srv.set_ready(true);
     Ok(Running {
         gateway,
@@ -226,6 +233,7 @@ pub async fn start(opts: &Options, config: Config) -> Result<Running, StartError
         admin_task,
         metrics: metrics_srv,
         cpu_sampler,
+        reloader,
         control,
         fleet,
     })

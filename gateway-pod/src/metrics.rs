@@ -27,13 +27,13 @@ pub struct EgroupLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ReasonLabel {
-    pub reason: String,
+pub struct ResultLabel {
+    pub result: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ResultLabel {
-    pub result: String,
+pub struct ReasonLabel {
+    pub reason: String,
 }
 
 /// Labels of `ike_failures`: why a negotiation failed or a peer was refused.
@@ -98,6 +98,9 @@ pub struct Metrics {
     pub egroup_lookup_failures: Family<EgroupReasonLabel, Counter>,
     /// Dynamic eroutes this pod holds, by egroup.
     pub dynamic_eroutes: Family<EgroupLabel, Gauge>,
+    /// New configurations seen in the config directory (or on SIGHUP), by result:
+    /// `applied` or `refused` (invalid: the running one was kept).
+    pub config_reloads: Family<ResultLabel, Counter>,
     /// The fleet (with --fleet-etcd).
     pub fleet: crate::cluster::FleetMetrics,
 }
@@ -165,6 +168,11 @@ impl Metrics {
             "dynamic_eroutes",
             "Dynamic eroutes this pod holds, by egroup",
             self.dynamic_eroutes.clone(),
+        );
+        r.register(
+            "config_reloads",
+            "New configurations seen in the config directory or on SIGHUP, by result (applied, refused)",
+            self.config_reloads.clone(),
         );
         let d = &self.dataplane;
         r.register(
@@ -252,6 +260,15 @@ impl Metrics {
             .inc();
     }
 
+    /// `result`: `applied` or `refused`.
+    pub fn count_config_reload(&self, result: &str) {
+        self.config_reloads
+            .get_or_create(&ResultLabel {
+                result: result.to_owned(),
+            })
+            .inc();
+    }
+
     pub fn count_admin(&self, method: &str) {
         self.admin_requests
             .get_or_create(&MethodLabel {
@@ -310,6 +327,15 @@ impl Metrics {
                     .get();
                 m.insert(format!("{name}{{reason=\"{reason}\"}}"), n);
             }
+        }
+        for result in ["applied", "refused"] {
+            let n = self
+                .config_reloads
+                .get_or_create(&ResultLabel {
+                    result: result.to_owned(),
+                })
+                .get();
+            m.insert(format!("config_reloads{{result=\"{result}\"}}"), n);
         }
         for method in ["ListTunnels", "GetTunnel", "ListEroutes", "GetCounters", "Drain"] {
             let n = self

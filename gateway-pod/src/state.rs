@@ -1,6 +1,7 @@
 //! State shared by the gateway's tasks.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
 
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -9,7 +10,12 @@ use crate::tunnels::TunnelTable;
 /// One gateway process.
 #[derive(Debug)]
 pub struct Gateway {
+    /// The configuration the gateway started with, never reloaded: what runs now is
+    /// [`Self::config`]. Kept only while the admin API's `ListEroutes` reads it; once that
+    /// reads `config()`, this field can go (and with it a copy of the start-up PSKs).
     pub config: Config,
+    /// The configuration in force: the last one a reload applied.
+    current: RwLock<Arc<Config>>,
     pub tunnels: TunnelTable,
     pub metrics: Metrics,
     draining: AtomicBool,
@@ -20,11 +26,28 @@ impl Gateway {
         metrics.eroutes.set(config.set.eroutes.len() as i64);
         metrics.egroups.set(config.set.egroups.len() as i64);
         Self {
+            current: RwLock::new(Arc::new(config.clone())),
             config,
             tunnels: TunnelTable::default(),
             metrics,
             draining: AtomicBool::new(false),
         }
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> Arc<Config> {
+        // A panic elsewhere cannot leave an `Arc` half-written: the value is still whole.
+        self.current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Puts `config` in force (a reload that was applied).
+    pub fn set_config(&self, config: Arc<Config>) {
+        self.metrics.eroutes.set(config.set.eroutes.len() as i64);
+        self.metrics.egroups.set(config.set.egroups.len() as i64);
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = config;
     }
 
     /// While draining, new sites are refused.

@@ -2,14 +2,17 @@
 //! takes, read from a directory, with Secrets read from `secrets/<name>/<key>` (the layout of a
 //! mounted Secret volume).
 
+pub mod diff;
 mod load;
 mod secrets;
+pub mod watch;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use concentrator_crds::set::ValidatedSet;
 
+pub use diff::ConfigDiff;
 pub use load::load_dir;
 
 use crate::secret::Secret;
@@ -29,7 +32,7 @@ impl std::fmt::Display for Origin {
 }
 
 /// Everything the gateway needs from its config directory, validated.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Config {
     pub set: ValidatedSet,
     /// Pre-shared keys of static eroutes, by eroute name.
@@ -65,4 +68,38 @@ pub enum ConfigError {
     },
     #[error("no *.yaml or *.yml file in {dir}: is this the right directory?")]
     Empty { dir: PathBuf },
+}
+
+/// Configurations built from YAML snippets, for the unit tests of what consumes them.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::collections::BTreeMap;
+
+    use super::Config;
+    use crate::secret::Secret;
+
+    /// Eroutes and Egroups as `(name, spec YAML)`, static PSKs as `(eroute, key)`.
+    pub(crate) fn config(
+        eroutes: &[(&str, &str)],
+        egroups: &[(&str, &str)],
+        psks: &[(&str, &str)],
+    ) -> Config {
+        let eroutes: Vec<_> = eroutes
+            .iter()
+            .map(|(n, y)| ((*n).to_owned(), serde_yaml::from_str(y).unwrap()))
+            .collect();
+        let egroups: Vec<_> = egroups
+            .iter()
+            .map(|(n, y)| ((*n).to_owned(), serde_yaml::from_str(y).unwrap()))
+            .collect();
+        Config {
+            set: concentrator_crds::set::validate(&eroutes, &egroups).unwrap(),
+            static_psks: psks
+                .iter()
+                .map(|(n, k)| ((*n).to_owned(), Secret::new(k.as_bytes().to_vec())))
+                .collect(),
+            egroup_db_urls: BTreeMap::new(),
+            ignored_fleets: Vec::new(),
+        }
+    }
 }

@@ -41,6 +41,7 @@ pub(super) enum ClaimEvent {
     /// The claim of a static eroute we keep up finished.
     ToConnect {
         eroute: String,
+        key: SiteKey,
         result: Result<Claimed, FleetError>,
     },
     /// The claim of a site that traffic is waiting for finished.
@@ -159,7 +160,15 @@ impl Driver {
         match event {
             ClaimEvent::Done { id, site, result } => self.claim_done(id, site, result),
             ClaimEvent::NewSession => self.claim_again(),
-            ClaimEvent::ToConnect { eroute, result } => {
+            ClaimEvent::ToConnect { eroute, key, result } => {
+                // The eroute went in a reload while its claim was on its way: no SA of
+                // ours will hold the claim, so it goes back at once.
+                if !self.auto.keeps(&eroute) {
+                    if matches!(result, Ok(Claimed::Won | Claimed::Mine)) {
+                        self.release_site(key);
+                    }
+                    return;
+                }
                 let ours = match result {
                     Ok(Claimed::HeldBy(m)) => {
                         tracing::debug!(%eroute, member = %m, "eroute kept up by another member");
@@ -199,15 +208,14 @@ impl Driver {
     /// Claims static eroute `name` that we keep up; the answer comes back as
     /// [`ClaimEvent::ToConnect`].
     pub(super) fn claim_to_connect(&mut self, name: &str) {
-        let (Some(claims), Some(e)) = (self.claims.as_ref(), self.gateway.config.set.eroutes.get(name))
-        else {
+        let (Some(claims), Some(e)) = (self.claims.as_ref(), self.config.set.eroutes.get(name)) else {
             return;
         };
         let key = eroute_site(name, &claimed_peer(e));
         let (c, tx, eroute) = (claims.claims.clone(), claims.events.clone(), name.to_owned());
         tokio::spawn(async move {
             let result = c.claim(&key).await;
-            let _ = tx.send(ClaimEvent::ToConnect { eroute, result });
+            let _ = tx.send(ClaimEvent::ToConnect { eroute, key, result });
         });
     }
 

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use concentrator_ike::endpoint::{Endpoint, EndpointError};
 use concentrator_ike::responder::{Error as ResponderError, Transmit};
+use ipnet::IpNet;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 
@@ -20,6 +21,7 @@ use super::events::IkeSaRecord;
 use super::ike_config::IkeConfigs;
 use super::policy::{AutoConnects, LookupDone, Owners, PendingAcquires};
 use super::routes::Routes;
+use crate::config::Config;
 use crate::dataplane::DataplaneError;
 use crate::dataplane::backend::ChildSaBackend;
 use crate::dataplane::shared::{IkeDatagram, SaEvent};
@@ -41,6 +43,8 @@ pub(super) struct Driver {
     pub(super) endpoint: Endpoint,
     pub(super) entropy: crate::cluster::GatewayEntropy,
     pub(super) gateway: Arc<Gateway>,
+    /// The configuration in force here: a reload replaces it (`reload`).
+    pub(super) config: Arc<Config>,
     pub(super) egroups: Egroups,
     pub(super) udp500: Arc<UdpSocket>,
     pub(super) udp4500: Arc<UdpSocket>,
@@ -61,6 +65,9 @@ pub(super) struct Driver {
     pub(super) routes: Routes,
     /// The fleet (`None` standalone).
     pub(super) fleet: Option<super::fleet::DriverFleet>,
+    /// Sites whose last IKE SA went in this wake-up: how their flows enter the fleet is
+    /// forgotten once what was queued for them is sent.
+    pub(super) unrouted: Vec<SocketAddr>,
     /// Site claims in the fleet (`None` standalone).
     pub(super) claims: Option<super::claims::DriverClaims>,
     /// SA replication in the fleet (`None` standalone).
@@ -74,6 +81,7 @@ pub(super) struct Inputs {
     pub(super) claims: mpsc::UnboundedReceiver<super::claims::ClaimEvent>,
     pub(super) acquires: mpsc::Receiver<IpAddr>,
     pub(super) sa_events: mpsc::UnboundedReceiver<SaEvent>,
+    pub(super) reloads: mpsc::UnboundedReceiver<super::Reload>,
     pub(super) stop: oneshot::Receiver<()>,
     pub(super) dataplane: tokio::task::JoinHandle<Result<(), DataplaneError>>,
 }
@@ -86,6 +94,7 @@ impl Driver {
             claims: mut claims_rx,
             acquires: mut acquire_rx,
             sa_events: mut sa_events_rx,
+            reloads: mut reloads_rx,
             mut stop,
             dataplane: mut dataplane_task,
         } = inputs;
@@ -94,18 +103,7 @@ impl Driver {
         status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut fleet_tick = tokio::time::interval(FLEET_TICK);
         fleet_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // Traffic toward any site of an egroup that may initiate reaches the TUN device, so a
-        // site without a tunnel raises an acquire (the initiator path).
-        // So does traffic toward the remote subnet of a static eroute we initiate while its
-        // tunnel is down: held and connected for (never sent in clear).
-        let trapped = self
-            .auto
-            .eroutes()
-            .filter_map(|name| self.gateway.config.set.eroutes.get(name))
-            .map(|e| e.remote_subnet)
-            .collect::<Vec<_>>();
-        let initiating = self.egroups.initiating(&self.gateway.config);
-        for net in initiating.into_iter().map(|(_, net, _)| net).chain(trapped) {
+        for net in self.traps() {
             self.routes.hold(net);
         }
         self.connect_due(Instant::now());
@@ -169,6 +167,7 @@ impl Driver {
                 Some(c) = claims_rx.recv() => self.claim_event(c),
                 Some(dst) = acquire_rx.recv() => self.acquire(dst),
                 Some(e) = sa_events_rx.recv() => self.sa_volume(e),
+                Some(r) = reloads_rx.recv() => self.reload(r),
                 () = tokio::time::sleep_until(deadline) => {
                     let now = Instant::now();
                     self.endpoint.handle_timeout(now, &mut self.entropy);
@@ -185,6 +184,25 @@ impl Driver {
         }
         dataplane_task.abort();
         self.routes.shutdown().await;
+    }
+
+    /// The subnets routed into the TUN device whether or not a tunnel is up. Traffic toward
+    /// any site of an egroup that may initiate reaches the TUN device, so a site without a
+    /// tunnel raises an acquire (the initiator path). So does traffic toward the remote
+    /// subnet of a static eroute we initiate while its tunnel is down: held and connected
+    /// for (never sent in clear).
+    pub(super) fn traps(&self) -> Vec<IpNet> {
+        let trapped = self
+            .auto
+            .eroutes()
+            .filter_map(|name| self.config.set.eroutes.get(name))
+            .map(|e| e.remote_subnet);
+        let initiating = self.egroups.initiating(&self.config);
+        initiating
+            .into_iter()
+            .map(|(_, net, _)| net)
+            .chain(trapped)
+            .collect()
     }
 
     fn datagram(
@@ -241,6 +259,9 @@ impl Driver {
         self.replicate_changed();
         for t in out {
             self.send(t).await;
+        }
+        for remote in std::mem::take(&mut self.unrouted) {
+            self.forget_via(remote);
         }
         let counts = self.endpoint.counts();
         let m = &self.gateway.metrics;

@@ -240,8 +240,10 @@ impl Driver {
             self.unroute(&child.subnets);
         }
         self.gateway.tunnels.remove(&tunnel_id(spi_r));
+        // After this wake-up's messages went out: the DELETE we may just have queued for
+        // this SA must still leave through the member the site's flow enters by.
         if let Some(remote) = rec.remote {
-            self.forget_via(remote);
+            self.unrouted.push(remote);
         }
         if let Some(site) = rec.site {
             self.release_site(site);

@@ -4,13 +4,14 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 
-use concentrator_crds::eroute::ValidatedEroute;
+use concentrator_crds::eroute::{Role, ValidatedEroute};
 use concentrator_ike::initiator::Config as InitiatorConfig;
 use concentrator_ike::payload::Identity;
 use concentrator_ike::responder::{Config as ResponderConfig, IdBuf, Retransmit};
 use ipnet::IpNet;
 
 use super::ControlError;
+use crate::config::Config;
 
 /// Where we negotiate from, and our identity per eroute (built once).
 pub(super) struct IkeConfigs {
@@ -51,6 +52,16 @@ impl IkeConfigs {
     /// The address our IKE SAs start from (port 500 side).
     pub(super) fn local_addr(&self) -> SocketAddr {
         SocketAddr::new(self.listen, self.ike_port)
+    }
+
+    /// The configuration that answers IKE_SA_INIT under `config` ([`accepting_config`]).
+    pub(super) fn accepting(&self, config: &Config) -> Result<ResponderConfig, ControlError> {
+        accepting_config(config, self.listen, self.retransmit, self.raw_esp)
+    }
+
+    /// Forgets our identity on eroute `name`: it changed or went.
+    pub(super) fn forget(&mut self, name: &str) {
+        self.local_ids.remove(name);
     }
 
     /// Our identity on `eroute` (built once per eroute).
@@ -102,6 +113,47 @@ pub(super) fn local_id(eroute: &ValidatedEroute, listen: IpAddr) -> IdBuf {
             _ => IdBuf::new(&Identity::Fqdn(b"concentrator")),
         },
     }
+}
+
+/// The configuration that answers IKE_SA_INIT. The peer's identity, known only at IKE_AUTH,
+/// selects the eroute that authenticates it, so IKE_SA_INIT is answered with any IKE
+/// proposal that some eroute accepting tunnels allows (as strongSwan considers every
+/// config), chosen in the initiator's order; the selected eroute must then allow it
+/// (`use_eroute`). An egroup's base eroute accepts the sites of its dynamic eroutes whatever
+/// its role (a site we initiated to may connect back). With no such eroute (none yet, or
+/// only static ones we initiate), IKE_SA_INIT is still answered with the default proposal
+/// and every identity is refused at IKE_AUTH: a pod that starts before its eroutes exist
+/// must not fail.
+pub(super) fn accepting_config(
+    config: &Config,
+    listen: IpAddr,
+    retransmit: Retransmit,
+    raw_esp: bool,
+) -> Result<ResponderConfig, ControlError> {
+    let set = &config.set;
+    let accepting: Vec<_> = set
+        .eroutes
+        .iter()
+        .filter(|(name, e)| e.role != Role::Initiator || set.egroups.values().any(|g| &g.eroute == *name))
+        .map(|(_, e)| e)
+        .collect();
+    let answer = match accepting.first() {
+        Some(e) => {
+            let mut ike_proposals = Vec::new();
+            for p in accepting.iter().flat_map(|e| &e.ike_proposals) {
+                if !ike_proposals.contains(p) {
+                    ike_proposals.push(p.clone());
+                }
+            }
+            ResponderConfig {
+                retransmit,
+                ike_proposals,
+                ..responder_config(e, local_id(e, listen))
+            }
+        }
+        None => refusing_config(listen, retransmit)?,
+    };
+    Ok(answer.forcing_udp_encap(!raw_esp))
 }
 
 /// The responder configuration when no eroute accepts tunnels: the default proposals, no

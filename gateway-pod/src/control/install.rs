@@ -31,10 +31,7 @@ impl Driver {
         let Some(rec) = self.sas.get(&spi_r) else {
             return;
         };
-        let eroute = rec
-            .eroute
-            .as_ref()
-            .and_then(|n| self.gateway.config.set.eroutes.get(n));
+        let eroute = rec.eroute.as_ref().and_then(|n| self.config.set.eroutes.get(n));
         let subnets: Vec<IpNet> = c
             .ts_remote
             .iter()

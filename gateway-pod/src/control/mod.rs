@@ -15,6 +15,7 @@
 //! - `routes`: routes to the TUN device, over netlink, on a task of their own.
 //! - `status`: the admin API's tunnel table, liveness from ESP, NAT keepalives, idle
 //!   tunnels.
+//! - `reload`: a new configuration applied as a diff against the running one.
 //! - `fleet`, `claims`, `replicas`: the driver's side of the fleet ([`crate::cluster`]):
 //!   SPI routing of IKE, site claims, and SA replication and take-over.
 
@@ -25,6 +26,7 @@ mod fleet;
 mod ike_config;
 mod install;
 mod policy;
+mod reload;
 mod replicas;
 mod routes;
 mod status;
@@ -33,9 +35,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use concentrator_crds::eroute::Role;
 use concentrator_ike::endpoint::{Endpoint, EndpointConfig};
-use concentrator_ike::responder::Config as ResponderConfig;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 
@@ -45,8 +45,9 @@ use crate::dataplane::shared;
 use crate::egroups::Egroups;
 use crate::state::Gateway;
 use driver::{Driver, Inputs};
-use ike_config::{IkeConfigs, local_id, refusing_config, responder_config};
+use ike_config::{IkeConfigs, accepting_config};
 use policy::{AutoConnects, Owners, PendingAcquires};
+pub use reload::Reload;
 use routes::Routes;
 
 /// Receive and send buffer asked for on the IKE port 500 socket.
@@ -96,6 +97,7 @@ pub struct Control {
     pub ike_addr: SocketAddr,
     pub nat_t_addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
+    reloads: mpsc::UnboundedSender<Reload>,
     task: tokio::task::JoinHandle<()>,
     /// Receives frames from the other members of the fleet.
     frames: Option<tokio::task::JoinHandle<()>>,
@@ -104,6 +106,11 @@ pub struct Control {
 }
 
 impl Control {
+    /// Where new configurations go to be applied by the IKE task.
+    pub fn reloads(&self) -> mpsc::UnboundedSender<Reload> {
+        self.reloads.clone()
+    }
+
     /// Stops IKE and the data plane; tunnels end with the process.
     pub async fn shutdown(mut self) {
         if let Some(stop) = self.stop.take() {
@@ -126,40 +133,13 @@ pub async fn start(
     opts: ControlOptions,
     fleet: Option<&Fleet>,
 ) -> Result<Control, ControlError> {
-    // The peer's identity, known only at IKE_AUTH, selects the eroute that authenticates it,
-    // so IKE_SA_INIT is answered with any IKE proposal that some eroute accepting tunnels
-    // allows (as strongSwan considers every config), chosen in the initiator's order; the
-    // selected eroute must then allow it (`use_eroute`). An egroup's base eroute accepts the
-    // sites of its dynamic eroutes whatever its role (a site we initiated to may connect back).
-    // With no such eroute (none yet, or only static ones we initiate), IKE_SA_INIT is still
-    // answered with the default proposal and every identity is refused at IKE_AUTH: a pod
-    // that starts before its eroutes exist must not fail.
-    let set = &gateway.config.set;
-    let accepting: Vec<_> = set
-        .eroutes
-        .iter()
-        .filter(|(name, e)| e.role != Role::Initiator || set.egroups.values().any(|g| &g.eroute == *name))
-        .map(|(_, e)| e)
-        .collect();
-    let responder_config = Arc::new(
-        match accepting.first() {
-            Some(e) => {
-                let mut ike_proposals = Vec::new();
-                for p in accepting.iter().flat_map(|e| &e.ike_proposals) {
-                    if !ike_proposals.contains(p) {
-                        ike_proposals.push(p.clone());
-                    }
-                }
-                ResponderConfig {
-                    retransmit: opts.retransmit,
-                    ike_proposals,
-                    ..responder_config(e, local_id(e, opts.listen))
-                }
-            }
-            None => refusing_config(opts.listen, opts.retransmit)?,
-        }
-        .forcing_udp_encap(!opts.raw_esp),
-    );
+    let config = gateway.config();
+    let responder_config = Arc::new(accepting_config(
+        &config,
+        opts.listen,
+        opts.retransmit,
+        opts.raw_esp,
+    )?);
 
     let bind = |port| async move {
         let addr = SocketAddr::new(opts.listen, port);
@@ -251,6 +231,7 @@ pub async fn start(
     let (stop_tx, stop_rx) = oneshot::channel();
     let (lookups_tx, lookups_rx) = mpsc::unbounded_channel();
     let (claims_tx, claims_rx) = mpsc::unbounded_channel();
+    let (reloads_tx, reloads_rx) = mpsc::unbounded_channel();
     let mut endpoint = Endpoint::new(opts.endpoint.clone(), responder_config);
     endpoint.set_redirect(opts.redirect_to.clone());
     if fleet.is_some_and(|f| f.replicator.is_some()) {
@@ -271,12 +252,13 @@ pub async fn start(
         ),
         sas: HashMap::new(),
         lookups: lookups_tx,
-        auto: AutoConnects::new(&gateway.config),
+        auto: AutoConnects::new(&config),
         owners: Owners::default(),
         pending_acquires: PendingAcquires::default(),
         backend: Arc::new(dataplane),
         routes: Routes::start(opts.tun_name.clone()),
         fleet: driver_fleet,
+        unrouted: Vec::new(),
         claims: fleet.map(|f| claims::DriverClaims::new(f.claims.clone(), claims_tx)),
         replicas: fleet.map(|f| {
             replicas::DriverReplicas::new(
@@ -288,6 +270,7 @@ pub async fn start(
             )
         }),
         gateway,
+        config,
     };
     let task = tokio::spawn(driver.run(Inputs {
         ike: ike_rx,
@@ -295,6 +278,7 @@ pub async fn start(
         claims: claims_rx,
         acquires: acquire_rx,
         sa_events: sa_events_rx,
+        reloads: reloads_rx,
         stop: stop_rx,
         dataplane: dataplane_task,
     }));
@@ -302,6 +286,7 @@ pub async fn start(
         ike_addr,
         nat_t_addr,
         stop: Some(stop_tx),
+        reloads: reloads_tx,
         task,
         frames,
         replicas: replicas_task,

@@ -245,11 +245,11 @@ impl Driver {
             fail(self, "context");
             return;
         };
-        let gateway = Arc::clone(&self.gateway);
+        let config = Arc::clone(&self.config);
         let eroute = ctx
             .eroute
             .as_deref()
-            .and_then(|n| gateway.config.set.eroutes.get(n).map(|e| (n, e)));
+            .and_then(|n| config.set.eroutes.get(n).map(|e| (n, e)));
         let Some((name, e)) = eroute else {
             fail(self, "eroute");
             tracing::warn!(member = %owner, peer_id = %ctx.peer_id, eroute = ?ctx.eroute, "replicated IKE SA of an eroute this member does not have");

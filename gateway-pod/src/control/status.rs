@@ -21,10 +21,7 @@ impl Driver {
         let Some(rec) = self.sas.get(&spi_r).filter(|r| r.established_at.is_some()) else {
             return;
         };
-        let eroute = rec
-            .eroute
-            .as_ref()
-            .and_then(|n| self.gateway.config.set.eroutes.get(n));
+        let eroute = rec.eroute.as_ref().and_then(|n| self.config.set.eroutes.get(n));
         self.gateway
             .tunnels
             .upsert(tunnel(spi_r, rec, eroute, Instant::now()));
@@ -112,7 +109,7 @@ impl Driver {
         let timeout = rec
             .eroute
             .as_ref()
-            .and_then(|n| self.gateway.config.set.eroutes.get(n))
+            .and_then(|n| self.config.set.eroutes.get(n))
             .and_then(|e| e.inactivity_timeout);
         if let Some(timeout) = timeout
             && now.saturating_duration_since(rec.last_traffic) >= timeout

@@ -137,7 +137,8 @@ pub fn render_config(eroutes: &[Eroute], egroups: &[Egroup]) -> Result<String, B
             }),
         ));
     }
-    // Sorted so the same objects always render the same bytes (and the same rollout hash).
+    // Sorted so the same objects always render the same bytes: an unchanged set leaves the
+    // ConfigMap, and the gateways, alone.
     docs.sort_by(|a, b| a.0.cmp(&b.0));
     for (_, d) in docs {
         out.push_str("---\n");
@@ -163,17 +164,6 @@ pub fn referenced_secrets(eroutes: &[Eroute], egroups: &[Egroup]) -> BTreeSet<(S
     refs
 }
 
-/// A short, stable digest of the rendered config, put on the pod template so that a config
-/// change rolls the pods. FNV-1a: stability matters here, not collision resistance.
-pub fn config_hash(rendered: &str) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in rendered.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    format!("{h:016x}")
-}
-
 /// Builds every object of the fleet.
 pub fn desired(
     fleet: &GatewayFleet,
@@ -185,7 +175,6 @@ pub fn desired(
     let ns = fleet.meta().namespace.clone().ok_or(BuildError::Unnamed)?;
     let spec = &fleet.spec;
     let rendered = render_config(eroutes, egroups)?;
-    let hash = config_hash(&rendered);
     let config_name = format!("{name}-config");
     let headless_name = format!("{name}-pods");
 
@@ -245,10 +234,12 @@ pub fn desired(
                 "podManagementPolicy": "Parallel",
                 "selector": {"matchLabels": selector(&name)},
                 "template": {
-                    "metadata": {
-                        "labels": labels(&name),
-                        "annotations": {"vpn.concentrator.io/config-hash": hash},
-                    },
+                    // No digest of the rendered config here: Eroutes and Egroups reach the pods
+                    // through the ConfigMap, which kubelet updates in place and the gateways
+                    // reload, so an edit must not roll the pods (and drop their tunnels). The
+                    // template holds only what needs a restart: the fleet's args and env, and
+                    // the volumes' sources.
+                    "metadata": {"labels": labels(&name)},
                     "spec": {
                         "automountServiceAccountToken": false,
                         "terminationGracePeriodSeconds": 60,
@@ -610,26 +601,22 @@ mod tests {
     }
 
     #[test]
-    fn config_change_changes_the_pod_template_hash() {
+    fn config_change_leaves_the_pod_template_alone() {
         let a = desired(&fleet(""), &[eroute()], &[], 1).unwrap();
         let mut e = eroute();
         e.spec.peer_id = Some("other".into());
+        e.spec.ike.lifetime = Some("2h".into());
         let b = desired(&fleet(""), &[e], &[], 1).unwrap();
-        let hash = |d: &Desired| {
-            d.statefulset
-                .spec
-                .as_ref()
-                .unwrap()
-                .template
-                .metadata
-                .as_ref()
-                .unwrap()
-                .annotations
-                .as_ref()
-                .unwrap()["vpn.concentrator.io/config-hash"]
-                .clone()
-        };
-        assert_ne!(hash(&a), hash(&b));
-        assert_eq!(hash(&a), hash(&desired(&fleet(""), &[eroute()], &[], 3).unwrap()));
+        let template =
+            |d: &Desired| serde_json::to_value(&d.statefulset.spec.as_ref().unwrap().template).unwrap();
+        assert_eq!(
+            template(&a),
+            template(&b),
+            "an Eroute edit must not roll the pods"
+        );
+        assert_ne!(a.config, b.config, "it reaches them through the ConfigMap");
+        // What the pods read only at start still changes the template (and rolls them).
+        let c = desired(&fleet("  image: gw:2\n"), &[eroute()], &[], 1).unwrap();
+        assert_ne!(template(&a), template(&c));
     }
 }

@@ -37,7 +37,7 @@ impl Driver {
         pending.retain(|_, t| now < *t + ACQUIRE_HOLD);
         let Some((egroup, base_remote, prefix)) = self
             .egroups
-            .initiating(&self.gateway.config)
+            .initiating(&self.config)
             .into_iter()
             .find(|(_, net, _)| net.contains(&dst))
         else {
@@ -78,8 +78,8 @@ impl Driver {
     /// The site of an acquire is known: connect to it with its row (address, then backup
     /// address; PSK; subnet), as a dynamic eroute of the egroup.
     pub(super) fn acquired(&mut self, egroup: &str, base_eroute: &str, result: Result<Site, LookupError>) {
-        let gateway = Arc::clone(&self.gateway);
-        let base = gateway.config.set.eroutes.get(base_eroute);
+        let config = Arc::clone(&self.config);
+        let base = config.set.eroutes.get(base_eroute);
         let result = result.and_then(|site| match base {
             Some(b) => Egroups::check_subnet(&site, b.remote_subnet).map(|()| site),
             None => Err(LookupError::NotFound),
@@ -123,8 +123,8 @@ impl Driver {
         remote: SocketAddr,
         claim: Option<crate::cluster::SiteKey>,
     ) {
-        let gateway = Arc::clone(&self.gateway);
-        let Some(e) = gateway.config.set.eroutes.get(base_eroute) else {
+        let config = Arc::clone(&self.config);
+        let Some(e) = config.set.eroutes.get(base_eroute) else {
             return;
         };
         if self.egroups.has_dynamic(egroup, &site.peer_id) {

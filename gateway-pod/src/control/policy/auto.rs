@@ -51,7 +51,32 @@ struct AutoConnect {
     demanded: bool,
 }
 
+/// The eroutes of `config` we initiate (to a `peerAddress`, with a static key), each with
+/// whether only on demand (role `Both`).
+fn wanted(config: &Config) -> impl Iterator<Item = (&str, bool)> {
+    config
+        .set
+        .eroutes
+        .iter()
+        .filter(|(name, e)| {
+            e.role != Role::Responder && e.peer_address.is_some() && config.static_psks.contains_key(*name)
+        })
+        .map(|(name, e)| (name.as_str(), e.role == Role::Both))
+}
+
 impl AutoConnect {
+    fn new(on_demand: bool) -> Self {
+        Self {
+            id: None,
+            next_attempt: Instant::now(),
+            backoff: RECONNECT_MIN,
+            redirect: None,
+            redirects: 0,
+            on_demand,
+            demanded: false,
+        }
+    }
+
     /// When this eroute should connect next, if it should.
     fn due_at(&self) -> Option<Instant> {
         (self.id.is_none() && (!self.on_demand || self.demanded)).then_some(self.next_attempt)
@@ -68,34 +93,33 @@ struct Redirect {
 impl AutoConnects {
     /// The eroutes of `config` that may initiate to a `peerAddress` with a static key.
     pub(in crate::control) fn new(config: &Config) -> Self {
-        let eroutes = config
-            .set
-            .eroutes
-            .iter()
-            .filter(|(name, e)| {
-                e.role != Role::Responder
-                    && e.peer_address.is_some()
-                    && config.static_psks.contains_key(*name)
-            })
-            .map(|(name, e)| {
-                (
-                    name.clone(),
-                    AutoConnect {
-                        id: None,
-                        next_attempt: Instant::now(),
-                        backoff: RECONNECT_MIN,
-                        redirect: None,
-                        redirects: 0,
-                        on_demand: e.role == Role::Both,
-                        demanded: false,
-                    },
-                )
-            })
-            .collect();
         Self {
-            eroutes,
+            eroutes: wanted(config)
+                .map(|(name, on_demand)| (name.to_owned(), AutoConnect::new(on_demand)))
+                .collect(),
             initiated: HashMap::new(),
         }
+    }
+
+    /// A reload: eroutes that may initiate now and did not are added (due at once, or on
+    /// traffic), those that went are dropped; the others keep their SA, backoff and redirect
+    /// (an SA in progress or up runs on; the next attempt takes the new settings).
+    pub(in crate::control) fn reconfigure(&mut self, config: &Config) {
+        let mut next: HashMap<String, AutoConnect> = HashMap::new();
+        for (name, on_demand) in wanted(config) {
+            let mut a = self
+                .eroutes
+                .remove(name)
+                .unwrap_or_else(|| AutoConnect::new(on_demand));
+            a.on_demand = on_demand;
+            next.insert(name.to_owned(), a);
+        }
+        self.eroutes = next;
+    }
+
+    /// Whether eroute `name` is one we keep up or connect on demand.
+    pub(in crate::control) fn keeps(&self, name: &str) -> bool {
+        self.eroutes.contains_key(name)
     }
 
     /// The names of the eroutes we keep up.
@@ -195,11 +219,11 @@ impl Driver {
     fn connect_now(&mut self, name: &str, now: Instant) {
         // The configuration outlives this call; holding it apart from `self` lets the
         // helpers below take `&mut self`.
-        let gateway = Arc::clone(&self.gateway);
-        let Some(e) = gateway.config.set.eroutes.get(name) else {
+        let config = Arc::clone(&self.config);
+        let Some(e) = config.set.eroutes.get(name) else {
             return;
         };
-        let Some(psk) = gateway.config.static_psks.get(name) else {
+        let Some(psk) = config.static_psks.get(name) else {
             return;
         };
         let redirect = self.auto.eroutes.get_mut(name).and_then(|a| a.redirect.take());
@@ -260,11 +284,10 @@ impl Driver {
     /// connect it (at once, or when its backoff after a failure ends). False if no eroute
     /// of ours is down toward `dst`.
     pub(in crate::control) fn demand(&mut self, dst: IpAddr, now: Instant) -> bool {
-        let gateway = Arc::clone(&self.gateway);
+        let config = Arc::clone(&self.config);
         let ours = self.auto.eroutes.iter_mut().find(|(name, a)| {
             a.id.is_none()
-                && gateway
-                    .config
+                && config
                     .set
                     .eroutes
                     .get(*name)
@@ -331,5 +354,60 @@ impl Driver {
         a.next_attempt = Instant::now();
         a.backoff = RECONNECT_MIN;
         a.demanded = true;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::testing::config;
+
+    fn eroute(subnet: &str, role: &str) -> String {
+        format!(
+            "localSubnet: 10.0.0.0/16\nremoteSubnet: {subnet}\npeerId: hq\npeerAddress: 192.0.2.9\n\
+             role: {role}\npskSecretRef: {{name: k, key: psk}}\n"
+        )
+    }
+
+    #[test]
+    fn a_reload_keeps_the_sas_and_backoff_of_eroutes_that_stay() {
+        let (a, b) = (
+            eroute("172.16.0.0/24", "Initiator"),
+            eroute("172.17.0.0/24", "Initiator"),
+        );
+        let old = config(&[("a", &a), ("b", &b)], &[], &[("a", "k"), ("b", "k")]);
+        let mut auto = AutoConnects::new(&old);
+        let up = auto.eroutes.get_mut("a").unwrap();
+        up.id = Some(7);
+        up.backoff = RECONNECT_MAX;
+        auto.initiated.insert(7, "a".into());
+        auto.eroutes.get_mut("b").unwrap().id = Some(8);
+        auto.initiated.insert(8, "b".into());
+
+        let (a2, c) = (
+            eroute("172.16.0.0/24", "Both"),
+            eroute("172.18.0.0/24", "Initiator"),
+        );
+        let new = config(&[("a", &a2), ("c", &c)], &[], &[("a", "k"), ("c", "k")]);
+        auto.reconfigure(&new);
+        let mut names: Vec<_> = auto.eroutes().cloned().collect();
+        names.sort();
+        assert_eq!(names, ["a", "c"]);
+        let kept = &auto.eroutes["a"];
+        assert_eq!(
+            (kept.id, kept.backoff, kept.on_demand),
+            (Some(7), RECONNECT_MAX, true)
+        );
+        assert!(
+            auto.eroutes["c"].due_at().is_some(),
+            "a new Initiator eroute connects at once"
+        );
+        assert!(!auto.keeps("b"));
+        // The SA of the removed eroute closing later (after its DELETE) brings nothing back.
+        auto.closed(8);
+        auto.forget(8);
+        assert!(!auto.keeps("b") && auto.next_due() == auto.eroutes["c"].due_at());
+        auto.closed(7);
+        assert_eq!(auto.eroutes["a"].id, None, "a's own SA closing is seen");
     }
 }

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use crate::control::driver::Driver;
 use crate::control::events::IkeSaRecord;
+use crate::eroute::lru::DynamicEroute;
 
 /// The IKE SA that holds each static peer and dynamic eroute.
 #[derive(Default)]
@@ -39,10 +40,17 @@ impl Driver {
             self.endpoint.delete(old, now);
         }
         let address = rec.remote.map(|r| r.ip().to_string());
-        for evicted in self
+        let evicted = self
             .egroups
-            .insert(&egroup, &base, &peer_id, subnet, address, now)
-        {
+            .insert(&egroup, &base, &peer_id, subnet, address, now);
+        self.delete_evicted(evicted, now);
+        self.publish_dynamic_counts();
+    }
+
+    /// Dynamic eroutes evicted from their egroup's table: their IKE SAs are deleted.
+    pub(in crate::control) fn delete_evicted(&mut self, evicted: Vec<DynamicEroute>, now: Instant) {
+        for evicted in evicted {
+            let egroup = evicted.egroup;
             if let Some(owner) = self
                 .owners
                 .dynamic
@@ -52,7 +60,6 @@ impl Driver {
                 self.endpoint.delete(owner, now);
             }
         }
-        self.publish_dynamic_counts();
     }
 
     /// One IKE SA per peer of a static eroute: a peer that authenticates again (it restarted
@@ -97,7 +104,7 @@ impl Driver {
         }
     }
 
-    fn publish_dynamic_counts(&self) {
+    pub(in crate::control) fn publish_dynamic_counts(&self) {
         for (egroup, n) in self.egroups.counts() {
             self.gateway
                 .metrics

@@ -22,14 +22,14 @@ impl Driver {
     /// task (the answer comes back through [`Self::lookup_done`]).
     pub(in crate::control) fn peer_identified(&mut self, spi_r: u64, id: &IdBuf) {
         let peer_id = id.to_string();
-        let set = &self.gateway.config.set;
+        let set = &self.config.set;
         let egroups = &self.egroups;
         let selection = select_responder(set, &peer_id, |g, p| egroups.has_dynamic(g, p));
         let (psk, eroute, reason) = if self.gateway.is_draining() {
             (None, None, Some("draining"))
         } else {
             match &selection {
-                Selection::Static { eroute } => match self.gateway.config.static_psks.get(eroute) {
+                Selection::Static { eroute } => match self.config.static_psks.get(eroute) {
                     Some(psk) => (Some(psk.expose().to_vec()), Some(eroute.clone()), None),
                     None => (None, Some(eroute.clone()), Some("no_psk")),
                 },
@@ -78,9 +78,9 @@ impl Driver {
     /// Whether `eroute` allows the IKE proposal SA `id` negotiated in IKE_SA_INIT, where
     /// every eroute's proposals were on offer (true if either is gone: nothing to refuse).
     fn allows_proposal(&mut self, id: u64, eroute: &str) -> bool {
-        let gateway = Arc::clone(&self.gateway);
+        let config = Arc::clone(&self.config);
         let choice = self.endpoint.responder_mut(id).and_then(|r| r.ike_choice());
-        match (choice, gateway.config.set.eroutes.get(eroute)) {
+        match (choice, config.set.eroutes.get(eroute)) {
             (Some(c), Some(e)) => c.allowed_by(&e.ike_proposals),
             _ => true,
         }
@@ -107,8 +107,8 @@ impl Driver {
     /// one) instead of the eroute that answered IKE_SA_INIT; false if that eroute does not
     /// allow the IKE SA's proposal (the peer must be refused).
     fn use_eroute(&mut self, id: u64, eroute: &str, site_subnet: Option<IpNet>) -> bool {
-        let gateway = Arc::clone(&self.gateway);
-        let Some(e) = gateway.config.set.eroutes.get(eroute) else {
+        let config = Arc::clone(&self.config);
+        let Some(e) = config.set.eroutes.get(eroute) else {
             return true;
         };
         let local_id = self.configs.local_id_for(eroute, e);
