@@ -41,6 +41,9 @@ pub struct GatewayFleetSpec {
     pub front: FrontSpec,
     /// etcd holding membership, leases and dynamic-eroute ownership.
     pub etcd: EtcdSpec,
+    /// How the tunnels of a pod that dies live on at others.
+    #[serde(default)]
+    pub takeover: TakeoverSpec,
     /// Secret key with the fleet key that encrypts replicated SA state.
     pub fleet_key_secret_ref: SecretKeyRef,
     /// Name of a `kubernetes.io/tls` Secret for the admin gRPC API (mTLS). Unset: plaintext on
@@ -82,6 +85,33 @@ impl Default for ScalingSpec {
         }
     }
 }
+
+/// How the tunnels of a pod that dies live on at others (docs/fleet.md, "When a member
+/// dies"). Each field has its own default, so a partial block is complete.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", default)]
+pub struct TakeoverSpec {
+    /// On how many other pods each tunnel's state is copied: any `copies` pods lost at once
+    /// lose no tunnel. 0 turns replication off (a dead pod's sites reconnect). 0 to 4.
+    /// Default: 1.
+    #[schemars(range(max = 4))]
+    pub copies: u8,
+    /// After a take-over, synchronize IKE Message IDs with sites that announced RFC 6311
+    /// (AES-CBC IKE SAs only). Default: false (see docs/fleet.md).
+    pub message_id_sync: bool,
+}
+
+impl Default for TakeoverSpec {
+    fn default() -> Self {
+        Self {
+            copies: 1,
+            message_id_sync: false,
+        }
+    }
+}
+
+/// The most copies of each tunnel's state a fleet keeps.
+pub const MAX_TAKEOVER_COPIES: u8 = 4;
 
 /// How sites reach the pods.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -175,6 +205,15 @@ impl GatewayFleetSpec {
             ));
         }
         let window = duration::parse("spec.scaling.stabilizationWindow", &s.stabilization_window)?;
+        if self.takeover.copies > MAX_TAKEOVER_COPIES {
+            return Err(ValidationError::new(
+                "spec.takeover.copies",
+                format!(
+                    "{} is more than {MAX_TAKEOVER_COPIES} copies of each tunnel",
+                    self.takeover.copies
+                ),
+            ));
+        }
         if self.etcd.endpoints.is_empty() {
             return Err(ValidationError::new(
                 "spec.etcd.endpoints",
@@ -256,6 +295,24 @@ mod tests {
         assert_eq!(props["targetTunnelsPerPod"]["default"], d.target_tunnels_per_pod);
         assert_eq!(props["targetCpuPercent"]["default"], d.target_cpu_percent);
         assert_eq!(props["stabilizationWindow"]["default"], d.stabilization_window);
+    }
+
+    #[test]
+    fn takeover_keeps_one_copy_by_default_and_at_most_four() {
+        let mut s = spec();
+        assert_eq!(s.takeover, TakeoverSpec::default());
+        assert_eq!(s.takeover.copies, 1);
+        let partial: GatewayFleetSpec = serde_yaml::from_str(
+            "takeover: {messageIdSync: true}\netcd:\n  endpoints: [\"http://etcd:2379\"]\nfleetKeySecretRef: {name: fleet, key: key}\n",
+        )
+        .unwrap();
+        assert_eq!(partial.takeover.copies, 1);
+        assert!(partial.takeover.message_id_sync);
+        s.takeover.copies = 5;
+        let e = s.validate().unwrap_err();
+        assert_eq!(e.field, "spec.takeover.copies", "{e}");
+        s.takeover.copies = 0;
+        s.validate().unwrap();
     }
 
     #[test]

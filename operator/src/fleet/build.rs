@@ -53,6 +53,8 @@ fn fleet_membership(fleet: &GatewayFleet, name: &str, ns: &str) -> (Vec<Value>, 
         // default fleet port is FLEET_PORT.
         json!({"name": "CONCENTRATOR_FLEET_ADDRESS", "value": "$(POD_IP)"}),
         json!({"name": "CONCENTRATOR_FLEET_KEY_FILE", "value": format!("{FLEET_KEY_DIR}/key")}),
+        json!({"name": "CONCENTRATOR_FLEET_REPLICAS", "value": spec.takeover.copies.to_string()}),
+        json!({"name": "CONCENTRATOR_FLEET_MESSAGE_ID_SYNC", "value": spec.takeover.message_id_sync.to_string()}),
     ];
     let mut mounts = vec![json!({"name": "fleet-key", "mountPath": FLEET_KEY_DIR, "readOnly": true})];
     let mut volumes = vec![json!({"name": "fleet-key", "secret": {
@@ -505,6 +507,11 @@ mod tests {
                 .cloned()
                 .unwrap()
         };
+        assert_eq!(env("CONCENTRATOR_FLEET_REPLICAS").value.as_deref(), Some("1"));
+        assert_eq!(
+            env("CONCENTRATOR_FLEET_MESSAGE_ID_SYNC").value.as_deref(),
+            Some("false")
+        );
         assert_eq!(
             env("CONCENTRATOR_FLEET_ETCD").value.as_deref(),
             Some("https://etcd-0:2379,https://etcd-1:2379")
