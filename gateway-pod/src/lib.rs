@@ -43,6 +43,8 @@ pub enum StartError {
     Fleet(#[from] cluster::FleetConfigError),
     #[error("egroup site store: {0}")]
     EgroupStore(sitedb::SiteDbError),
+    #[error(transparent)]
+    AdminTls(#[from] admin::AdminTlsError),
     #[error("cannot listen for the admin API on {addr}: {source}")]
     AdminBind {
         addr: SocketAddr,
@@ -100,6 +102,9 @@ pub async fn open_site_store(opts: &Options) -> Result<SiteStore, sitedb::SiteDb
 
 /// Opens the site store and starts the admin API and metrics for an already loaded config.
 pub async fn start(opts: &Options, config: Config) -> Result<Running, StartError> {
+    // First: an admin API that may not be served stops the start before anything else does.
+    let admin_tls = admin::server_tls(opts)?;
+    let admin_client_tls = admin::client_tls(opts).map_err(admin::AdminTlsError::from)?;
     let site_store = open_site_store(opts).await?;
     // The embedded store is ours to shape. An external database belongs to its operators:
     // migrate it with the migrations in gateway-pod/migrations, not behind their back.
@@ -200,12 +205,19 @@ pub async fn start(opts: &Options, config: Config) -> Result<Running, StartError
         .set_serving::<GatewayAdminServer<admin::AdminService>>()
         .await;
     let (tx, rx) = oneshot::channel::<()>();
-    let admin = GatewayAdminServer::new(admin::AdminService::new(
-        gateway.clone(),
-        fleet.as_ref().map(|f| f.view.clone()),
-    ));
+    let admin = GatewayAdminServer::new(
+        admin::AdminService::new(gateway.clone(), fleet.as_ref().map(|f| f.view.clone()))
+            .with_client_tls(admin_client_tls),
+    );
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = &admin_tls {
+        server = server.tls_config(tls.server_config()).map_err(|e| {
+            admin::AdminTlsError::Files(concentrator_proto::tls::TlsError::Config(admin::error_chain(&e)))
+        })?;
+        tracing::info!(dir = %tls.dir().display(), "admin API requires mutual TLS");
+    }
     let admin_task = tokio::spawn(
-        tonic::transport::Server::builder()
+        server
             .add_service(health_service)
             .add_service(admin)
             .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
