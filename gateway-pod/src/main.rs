@@ -101,7 +101,10 @@ async fn tunnels(opts: &Options, peer_id_pattern: String, eroute: String, fleet:
             }
         }
         Err(s) => {
-            eprintln!("concentrator-gateway tunnels: {}", s.message());
+            eprintln!(
+                "concentrator-gateway tunnels: {}",
+                concentrator_gateway::admin::status_text(&s)
+            );
             ExitCode::from(2)
         }
     }

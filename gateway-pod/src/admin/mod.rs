@@ -67,6 +67,15 @@ pub async fn connect(
     Ok(GatewayAdminClient::new(channel))
 }
 
+/// A status for people: its message, and the transport's causes where tonic has only
+/// "transport error" to say (e.g. a TLS alert from the server).
+pub fn status_text(s: &Status) -> String {
+    match std::error::Error::source(s) {
+        Some(cause) => format!("{}: {}", s.message(), error_chain(cause)),
+        None => s.message().to_owned(),
+    }
+}
+
 /// An error and its sources, `: `-separated.
 pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = e.to_string();
@@ -155,7 +164,7 @@ impl AdminService {
                     c.list_tunnels(req)
                         .await
                         .map(|r| r.into_inner().tunnels)
-                        .map_err(|s| s.message().to_owned())
+                        .map_err(|s| status_text(&s))
                 };
                 let r = tokio::time::timeout(MEMBER_TIMEOUT, asked)
                     .await
