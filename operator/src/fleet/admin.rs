@@ -91,7 +91,15 @@ impl GrpcFleetAdmin {
             pod: format!("{fleet}-{ordinal}"),
             message,
         };
-        let ch = concentrator_proto::tls::endpoint(&at, self.tls.as_ref())
+        // Gateways serve plaintext on their loopback only: without a client certificate no
+        // pod can be reached, and saying so beats a protocol error.
+        let Some(tls) = self.tls.as_ref() else {
+            return Err(unreachable(
+                "the operator has no admin client certificate (--admin-tls-dir, CONCENTRATOR_ADMIN_TLS_DIR)"
+                    .into(),
+            ));
+        };
+        let ch = concentrator_proto::tls::endpoint(&at, Some(tls))
             .map_err(|e| unreachable(e.to_string()))?
             .connect_timeout(std::time::Duration::from_secs(3))
             .timeout(std::time::Duration::from_secs(5))
@@ -184,6 +192,14 @@ impl FleetAdmin for GrpcFleetAdmin {
 
 #[cfg(test)]
 mod tests {
+    #[tokio::test]
+    async fn without_a_client_certificate_no_pod_is_tried() {
+        use super::FleetAdmin;
+        let admin = super::GrpcFleetAdmin::default().locating(|_, _, _| "127.0.0.1:1".into());
+        let e = admin.report("vpn", "edge", 0).await.unwrap_err().to_string();
+        assert!(e.contains("edge-0") && e.contains("--admin-tls-dir"), "{e}");
+    }
+
     #[test]
     fn pods_are_reached_by_their_stable_dns_name() {
         assert_eq!(
