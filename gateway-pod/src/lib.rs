@@ -209,21 +209,25 @@ pub async fn start(opts: &Options, config: Config) -> Result<Running, StartError
         admin::AdminService::new(gateway.clone(), fleet.as_ref().map(|f| f.view.clone()))
             .with_client_tls(admin_client_tls),
     );
-    let mut server = tonic::transport::Server::builder();
-    if let Some(tls) = &admin_tls {
-        server = server.tls_config(tls.server_config()).map_err(|e| {
-            admin::AdminTlsError::Files(concentrator_proto::tls::TlsError::Config(admin::error_chain(&e)))
-        })?;
-        tracing::info!(dir = %tls.dir().display(), "admin API requires mutual TLS");
-    }
-    let admin_task = tokio::spawn(
-        server
-            .add_service(health_service)
-            .add_service(admin)
-            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
-                let _ = rx.await;
-            }),
-    );
+    let router = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(admin);
+    let stop = async {
+        let _ = rx.await;
+    };
+    let admin_task = match admin_tls {
+        Some(tls) => {
+            tracing::info!(dir = %tls.dir().display(), "admin API requires mutual TLS");
+            let tls = Arc::new(admin::incoming::ReloadingTls::new(tls).map_err(admin::AdminTlsError::from)?);
+            let incoming =
+                tokio_stream::wrappers::ReceiverStream::new(admin::incoming::incoming(listener, tls));
+            tokio::spawn(router.serve_with_incoming_shutdown(incoming, stop))
+        }
+        None => tokio::spawn(
+            router
+                .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), stop),
+        ),
+    };
     let cpu_sampler = cpu::spawn_sampler(
         gateway.metrics.cpu_percent.clone(),
         std::time::Duration::from_secs(5),

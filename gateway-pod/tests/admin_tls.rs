@@ -241,3 +241,51 @@ fn tunnels_command_presents_its_certificate() {
     let _ = gateway.kill();
     let _ = gateway.wait();
 }
+
+/// Replaces `dir`'s three files by those of `from`, each by a rename (as kubelet swaps a
+/// Secret volume's files: a reader sees the old file or the new one, never half of one).
+fn swap_files(from: &Path, dir: &Path) {
+    for f in ["tls.crt", "tls.key", "ca.crt"] {
+        std::fs::rename(from.join(f), dir.join(f)).unwrap();
+    }
+}
+
+#[tokio::test]
+async fn renewed_files_are_used_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let old_ca = TestCa::new("old CA").unwrap();
+    let server = old_ca
+        .issue(&dir.path().join("server"), &[DEFAULT_SERVER_NAME])
+        .unwrap();
+    let client = |ca: &TestCa, name: &str| ClientTls {
+        files: AdminTls::load(&ca.issue(&dir.path().join(name), &["admin"]).unwrap()).unwrap(),
+        server_name: DEFAULT_SERVER_NAME.into(),
+    };
+    let old_client = client(&old_ca, "old-client");
+    let data = tempfile::tempdir().unwrap();
+    let running = start_with(&options(data.path(), "127.0.0.1:0", Some(&server)))
+        .await
+        .unwrap();
+    let addr = running.admin_addr.to_string();
+    let ask = |c: &ClientTls| list_eroutes(concentrator_proto::tls::endpoint(&addr, Some(c)).unwrap());
+    assert_eq!(ask(&old_client).await, Ok(2));
+
+    // A new CA, a new server certificate: swapped in while the gateway runs.
+    let new_ca = TestCa::new("new CA").unwrap();
+    swap_files(
+        &new_ca
+            .issue(&dir.path().join("renewed"), &[DEFAULT_SERVER_NAME])
+            .unwrap(),
+        &server,
+    );
+    let new_client = client(&new_ca, "new-client");
+    tokio::time::sleep(concentrator_gateway::admin::incoming::RECHECK + Duration::from_millis(200)).await;
+    assert_eq!(ask(&new_client).await, Ok(2), "the new files are used");
+    assert!(ask(&old_client).await.is_err(), "the old CA's client is refused");
+
+    // Files that stop being usable leave the last good ones in use.
+    std::fs::write(server.join("ca.crt"), "garbage").unwrap();
+    tokio::time::sleep(concentrator_gateway::admin::incoming::RECHECK + Duration::from_millis(200)).await;
+    assert_eq!(ask(&new_client).await, Ok(2), "the last good files stay in use");
+    running.shutdown().await;
+}

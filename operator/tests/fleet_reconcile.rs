@@ -766,3 +766,22 @@ async fn a_certificate_of_another_ca_reaches_no_gateway() {
     assert_eq!(gw.running.gateway.metrics.drain_state.get(), 0, "not drained");
     gw.running.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_renewed_client_certificate_is_used_without_a_restart() {
+    let gw = tls_gateway().await;
+    let other = concentrator_e2e::pki::TestCa::new("another CA").unwrap();
+    let client = other
+        .issue_trusting(&gw.dir.path().join("operator"), &["operator"], &gw.ca.pem())
+        .unwrap();
+    let admin = operator_admin(&client, gw.running.admin_addr);
+    assert!(admin.report("vpn", "edge", 0).await.is_err(), "another CA's certificate");
+    // The Secret is updated with a certificate of the right CA (kubelet swaps the files).
+    let renewed = gw.ca.issue(&gw.dir.path().join("renewed"), &["operator"]).unwrap();
+    for f in ["tls.crt", "tls.key", "ca.crt"] {
+        std::fs::rename(renewed.join(f), client.join(f)).unwrap();
+    }
+    let report = admin.report("vpn", "edge", 0).await;
+    assert!(report.is_ok(), "{report:?}");
+    gw.running.shutdown().await;
+}

@@ -9,10 +9,11 @@
 //! carries the expected DNS name.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 /// This end's certificate chain.
 pub const CERT_FILE: &str = "tls.crt";
@@ -101,13 +102,37 @@ impl AdminTls {
     }
 
     /// The server side: this end's certificate, and a client certificate signed by the CA
-    /// required of every client (there is no anonymous access).
-    pub fn server_config(&self) -> ServerTlsConfig {
-        ServerTlsConfig::new()
-            .identity(self.identity())
-            .client_ca_root(Certificate::from_pem(&self.ca))
-            .client_auth_optional(false)
-            .timeout(std::time::Duration::from_secs(10))
+    /// required of every client (there is no anonymous access); HTTP/2 by ALPN, as gRPC needs.
+    pub fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+        let config = |e: rustls::Error| TlsError::Config(e.to_string());
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in CertificateDer::pem_slice_iter(&self.ca) {
+            let ca = ca.map_err(|e| TlsError::Config(format!("{CA_FILE}: {e}")))?;
+            roots.add(ca).map_err(config)?;
+        }
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                .build()
+                .map_err(|e| TlsError::Config(format!("{CA_FILE}: {e}")))?;
+        let chain = CertificateDer::pem_slice_iter(&self.cert)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| TlsError::Config(format!("{CERT_FILE}: {e}")))?;
+        let key = PrivateKeyDer::from_pem_slice(&self.key)
+            .map_err(|e| TlsError::Config(format!("{KEY_FILE}: {e}")))?;
+        let mut server = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(config)?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)
+            .map_err(|e| TlsError::Config(format!("{CERT_FILE} and {KEY_FILE}: {e}")))?;
+        server.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Arc::new(server))
+    }
+
+    /// Whether `other` holds the same files' contents.
+    pub fn same_files(&self, other: &Self) -> bool {
+        self.cert == other.cert && *self.key == *other.key && self.ca == other.ca
     }
 
     /// The client side: present this end's certificate, trust only the CA, and expect
@@ -125,6 +150,17 @@ impl AdminTls {
 pub struct ClientTls {
     pub files: AdminTls,
     pub server_name: String,
+}
+
+impl ClientTls {
+    /// The same directory read again (certificates are renewed while processes run). The
+    /// caller keeps using `self` when this fails.
+    pub fn reloaded(&self) -> Result<Self, TlsError> {
+        Ok(Self {
+            files: AdminTls::load(self.files.dir())?,
+            server_name: self.server_name.clone(),
+        })
+    }
 }
 
 /// The endpoint of an admin API at `authority` (`host:port`): `https` with `tls`, else plain

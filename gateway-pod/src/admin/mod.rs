@@ -1,6 +1,8 @@
 //! The gRPC admin API (`concentrator.admin.v1.GatewayAdmin`). Errors become `Status` here and
 //! nowhere else.
 
+pub mod incoming;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -140,6 +142,13 @@ impl AdminService {
         for t in &mut own {
             t.member.clone_from(&my_name);
         }
+        // Re-read per listing: a renewed certificate is used without a restart.
+        let tls = self.client_tls.as_ref().map(|t| {
+            t.reloaded().unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "admin TLS files unusable; using those loaded at start");
+                t.clone()
+            })
+        });
         let mut asks = tokio::task::JoinSet::new();
         let mut unreachable = Vec::new();
         for (m, rec) in &members {
@@ -157,7 +166,7 @@ impl AdminService {
                     ..r.clone()
                 },
             );
-            let tls = self.client_tls.clone();
+            let tls = tls.clone();
             asks.spawn(async move {
                 let asked = async {
                     let mut c = connect(&addr.to_string(), tls.as_ref()).await?;

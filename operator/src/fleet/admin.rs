@@ -99,6 +99,12 @@ impl GrpcFleetAdmin {
                     .into(),
             ));
         };
+        // Re-read per connection (every 30 s per pod at most): a renewed certificate is used
+        // without a restart; unusable files leave the ones loaded at start in use.
+        let fresh = tls.reloaded().map_err(|e| {
+            tracing::warn!(error = %e, "admin client TLS files unusable; using those loaded at start");
+        });
+        let tls = fresh.as_ref().unwrap_or(tls);
         let ch = concentrator_proto::tls::endpoint(&at, Some(tls))
             .map_err(|e| unreachable(e.to_string()))?
             .connect_timeout(std::time::Duration::from_secs(3))
