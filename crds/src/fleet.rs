@@ -271,6 +271,25 @@ mod tests {
     }
 
     #[test]
+    fn network_policy_is_on_by_default_and_names_are_checked() {
+        let s = spec();
+        assert!(s.network_policy.enabled);
+        assert!(s.network_policy.metrics_namespaces.is_empty());
+        let mut s = spec();
+        s.admin_tls_secret_name = Some("Admin_TLS".into());
+        assert_eq!(s.validate().unwrap_err().field, "spec.adminTlsSecretName");
+        let mut s = spec();
+        s.network_policy.metrics_namespaces = vec!["monitoring".into(), "bad.name".into()];
+        assert_eq!(
+            s.validate().unwrap_err().field,
+            "spec.networkPolicy.metricsNamespaces[1]"
+        );
+        let mut s = spec();
+        s.admin_tls_secret_name = Some("edge-admin-tls".into());
+        assert!(s.validate().is_ok());
+    }
+
+    #[test]
     fn partial_scaling_block_takes_each_default() {
         let s: GatewayFleetSpec = serde_yaml::from_str(
             "scaling: {maxReplicas: 4}\netcd:\n  endpoints: [\"http://etcd:2379\"]\nfleetKeySecretRef: {name: fleet, key: key}\n",

@@ -775,9 +775,15 @@ async fn a_renewed_client_certificate_is_used_without_a_restart() {
         .issue_trusting(&gw.dir.path().join("operator"), &["operator"], &gw.ca.pem())
         .unwrap();
     let admin = operator_admin(&client, gw.running.admin_addr);
-    assert!(admin.report("vpn", "edge", 0).await.is_err(), "another CA's certificate");
+    assert!(
+        admin.report("vpn", "edge", 0).await.is_err(),
+        "another CA's certificate"
+    );
     // The Secret is updated with a certificate of the right CA (kubelet swaps the files).
-    let renewed = gw.ca.issue(&gw.dir.path().join("renewed"), &["operator"]).unwrap();
+    let renewed = gw
+        .ca
+        .issue(&gw.dir.path().join("renewed"), &["operator"])
+        .unwrap();
     for f in ["tls.crt", "tls.key", "ca.crt"] {
         std::fs::rename(renewed.join(f), client.join(f)).unwrap();
     }
