@@ -188,6 +188,14 @@ fn tunnels_command_presents_its_certificate() {
     let client = ca.issue(&dir.path().join("client"), &["admin"]).unwrap();
     let data = tempfile::tempdir().unwrap();
     let admin = format!("127.0.0.1:{}", free_tcp_port().unwrap());
+    /// Kills the gateway however the test ends (a failed assertion included).
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
     let mut gateway = Command::new(BIN)
         .args(["--config-dir", &examples()])
         .arg("--data-dir")
@@ -203,6 +211,7 @@ fn tunnels_command_presents_its_certificate() {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
+        .map(Killed)
         .unwrap();
     let tunnels = |tls: Option<&Path>| {
         let mut c = Command::new(BIN);
@@ -219,7 +228,7 @@ fn tunnels_command_presents_its_certificate() {
         if out.status.success() || Instant::now() > deadline {
             break out;
         }
-        assert!(gateway.try_wait().unwrap().is_none(), "gateway exited early");
+        assert!(gateway.0.try_wait().unwrap().is_none(), "gateway exited early");
         std::thread::sleep(Duration::from_millis(200));
     };
     let table = String::from_utf8_lossy(&out.stdout);
@@ -238,8 +247,7 @@ fn tunnels_command_presents_its_certificate() {
         err.contains("cannot reach the admin API") || err.contains("tunnels:"),
         "{err}"
     );
-    let _ = gateway.kill();
-    let _ = gateway.wait();
+    drop(gateway);
 }
 
 /// Replaces `dir`'s three files by those of `from`, each by a rename (as kubelet swaps a
