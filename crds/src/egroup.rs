@@ -62,8 +62,9 @@ fn is_default_max(v: &u32) -> bool {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DatabaseSpec {
-    /// Database URL (`mysql://user:pass@host/db`). Prefer `urlSecretRef` when it holds a
-    /// password. Neither set: the gateway's embedded SQLite store.
+    /// Database URL without a password (`mysql://user@host/db`, `sqlite:/path`); a URL with
+    /// a password is refused: put it in a Secret (`urlSecretRef`). Neither set: the gateway's
+    /// embedded SQLite store.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
     /// Secret key holding the database URL.
@@ -225,6 +226,24 @@ pub fn validate_db_url(field: &str, url: &str) -> Result<(), ValidationError> {
     Ok(())
 }
 
+/// Whether a database URL carries a password: in its user info (`user:pass@`), where an
+/// unencoded `/` in the password must not hide it, or as a `password=` query parameter.
+pub fn url_has_password(url: &str) -> bool {
+    let Some((_, rest)) = url.split_once("://") else {
+        return false;
+    };
+    let (before_query, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let in_userinfo = before_query
+        .rsplit_once('@')
+        .and_then(|(userinfo, _)| userinfo.split_once(':'))
+        .is_some_and(|(_, password)| !password.is_empty());
+    let in_query = query.split('&').any(|kv| {
+        let key = kv.split('=').next().unwrap_or_default();
+        key.eq_ignore_ascii_case("password") || key.eq_ignore_ascii_case("pass")
+    });
+    in_userinfo || in_query
+}
+
 fn optional_column(
     field: &str,
     given: Option<&str>,
@@ -293,6 +312,15 @@ impl EgroupSpec {
             }
             (Some(url), None) => {
                 validate_db_url("spec.database.url", url)?;
+                if url_has_password(url) {
+                    return Err(ValidationError::new(
+                        "spec.database.url",
+                        "an inline database URL may not hold a password: it would be stored and \
+                         shown in plain text (the Egroup, the gateways' rendered ConfigMap). Put \
+                         the URL in a Secret and name it with urlSecretRef instead (kubectl \
+                         create secret generic NAME --from-literal=url=mysql://...)",
+                    ));
+                }
                 DatabaseLocation::Url(RedactedUrl::new(url.clone()))
             }
             (None, Some(r)) => {
@@ -398,6 +426,32 @@ mod tests {
         let e = s.validate().unwrap_err();
         assert_eq!(e.field, "spec.database.url");
         assert!(!e.to_string().contains("hunter2"), "{e}");
+    }
+
+    #[test]
+    fn rejects_an_inline_url_with_a_password_and_says_use_the_secret() {
+        for url in [
+            "mysql://u:hunter2@db:3306/sites",
+            "mariadb://u:hun/ter2@db/sites",
+            "mysql://u@db/sites?password=hunter2",
+        ] {
+            let mut s = spec();
+            s.database.url = Some(url.into());
+            let e = s.validate().unwrap_err();
+            assert_eq!(e.field, "spec.database.url", "{url}");
+            let msg = e.to_string();
+            assert!(msg.contains("urlSecretRef") && msg.contains("password"), "{msg}");
+            assert!(!msg.contains("hunter2") && !msg.contains("ter2"), "{msg}");
+        }
+        for url in [
+            "mysql://u@db/sites",
+            "mysql://db/sites?socket=/run/mysqld.sock",
+            "sqlite:/var/lib/sites.db",
+        ] {
+            let mut s = spec();
+            s.database.url = Some(url.into());
+            assert!(s.validate().is_ok(), "{url}");
+        }
     }
 
     #[test]

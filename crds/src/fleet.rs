@@ -46,10 +46,18 @@ pub struct GatewayFleetSpec {
     pub takeover: TakeoverSpec,
     /// Secret key with the fleet key that encrypts replicated SA state.
     pub fleet_key_secret_ref: SecretKeyRef,
-    /// Name of a `kubernetes.io/tls` Secret for the admin gRPC API (mTLS). Unset: plaintext on
-    /// the pod network only.
+    /// Name of a Secret with `tls.crt`, `tls.key` and `ca.crt` (a `kubernetes.io/tls` Secret
+    /// as cert-manager writes it) for the pods' admin gRPC API: mutual TLS on the pod network,
+    /// reached by the operator (load reports, drain) and by the pods among themselves. The
+    /// certificate must carry the DNS name `concentrator-gateway` and serve both as server and
+    /// client; `ca.crt` must also sign the operator's client certificate. Unset: the admin API
+    /// listens on each pod's loopback only, so the fleet keeps `minReplicas` pods (no
+    /// load-based scaling, no drain before scale-in or deletion).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin_tls_secret_name: Option<String>,
+    /// The NetworkPolicy of the gateway pods.
+    #[serde(default)]
+    pub network_policy: NetworkPolicySpec,
     /// Secret key holding the default site database URL (`mysql://...`) of the pods, used by
     /// Egroups that name no database of their own. Unset: each pod's embedded SQLite store.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -146,6 +154,29 @@ pub enum FrontServiceType {
     NodePort,
 }
 
+/// The NetworkPolicy the operator applies to a fleet's pods. It admits only: IKE and ESP in
+/// UDP (500, 4500) from anywhere, the fleet port (4510 UDP and TCP) from the fleet's own pods,
+/// the admin API from the operator's pods and the fleet's own, and metrics from the namespaces
+/// named here. Egress is not restricted (etcd, site databases and sites can be anywhere).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", default)]
+pub struct NetworkPolicySpec {
+    /// Apply the NetworkPolicy. Default: true.
+    pub enabled: bool,
+    /// Namespaces (by name) whose pods may scrape the metrics port (9090), e.g. where
+    /// Prometheus runs. Empty: every namespace. Default: empty.
+    pub metrics_namespaces: Vec<String>,
+}
+
+impl Default for NetworkPolicySpec {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            metrics_namespaces: Vec::new(),
+        }
+    }
+}
+
 /// etcd endpoints and credentials.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -232,6 +263,22 @@ impl GatewayFleetSpec {
         if let Some(r) = &self.site_database_url_secret_ref {
             r.validate("spec.siteDatabaseUrlSecretRef")?;
         }
+        if let Some(name) = &self.admin_tls_secret_name
+            && !crate::secret::is_valid_name(name)
+        {
+            return Err(ValidationError::new(
+                "spec.adminTlsSecretName",
+                format!("'{name}' is not a valid Secret name"),
+            ));
+        }
+        for (i, ns) in self.network_policy.metrics_namespaces.iter().enumerate() {
+            if !crate::secret::is_valid_name(ns) || ns.contains('.') || ns.len() > 63 {
+                return Err(ValidationError::new(
+                    format!("spec.networkPolicy.metricsNamespaces[{i}]"),
+                    format!("'{ns}' is not a namespace name"),
+                ));
+            }
+        }
         if let Some(a) = &self.front.address
             && a.parse::<std::net::IpAddr>().is_err()
         {
@@ -260,6 +307,25 @@ mod tests {
         let s = spec();
         assert_eq!(s.front.mode, FrontMode::Slb);
         assert_eq!(s.validate().unwrap(), Duration::from_secs(300));
+    }
+
+    #[test]
+    fn network_policy_is_on_by_default_and_names_are_checked() {
+        let s = spec();
+        assert!(s.network_policy.enabled);
+        assert!(s.network_policy.metrics_namespaces.is_empty());
+        let mut s = spec();
+        s.admin_tls_secret_name = Some("Admin_TLS".into());
+        assert_eq!(s.validate().unwrap_err().field, "spec.adminTlsSecretName");
+        let mut s = spec();
+        s.network_policy.metrics_namespaces = vec!["monitoring".into(), "bad.name".into()];
+        assert_eq!(
+            s.validate().unwrap_err().field,
+            "spec.networkPolicy.metricsNamespaces[1]"
+        );
+        let mut s = spec();
+        s.admin_tls_secret_name = Some("edge-admin-tls".into());
+        assert!(s.validate().is_ok());
     }
 
     #[test]

@@ -269,6 +269,14 @@ row=$(kubectl -n "$ns" get gwf "$fleet" --no-headers)
 ok "GatewayFleet printer columns: $row"
 # The example fleet as shipped (its namespace and name changed): full scaling block,
 # LoadBalancer front (no cloud here: the Service exists without an external address).
+# Its admin TLS Secret (only checked for its keys here: no pod runs without nodes).
+tls_dir=$(mktemp -d)
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 \
+    -subj /CN=concentrator-gateway -addext subjectAltName=DNS:concentrator-gateway \
+    -keyout "$tls_dir/tls.key" -out "$tls_dir/tls.crt" 2>/dev/null
+kubectl -n "$ns" create secret generic edge-admin-tls --from-file="$tls_dir/tls.crt" \
+    --from-file="$tls_dir/tls.key" --from-file=ca.crt="$tls_dir/tls.crt" >/dev/null
+rm -rf "$tls_dir"
 sed -e "s/^  namespace: concentrator$/  namespace: $ns/" -e 's/^  name: edge$/  name: example/' \
     examples/kubernetes/fleet.yaml | kubectl apply -f - >/dev/null
 kubectl -n "$ns" wait --for=condition=Ready gwf/example --timeout=60s >/dev/null

@@ -50,6 +50,7 @@ pub use headend::Lan;
 
 use crate::etcd::Etcd;
 use crate::netns::{Netns, Wan, addr};
+use crate::pki::ADMIN_SERVER_NAME;
 use crate::process::Daemon;
 use crate::tools::{self, Tool};
 use crate::topology::{GW_ADDR, GW_HOST, GW_LAN};
@@ -232,15 +233,29 @@ impl Pod {
             .collect())
     }
 
-    /// `concentrator-gateway tunnels` in the pod (its admin API on the pod's loopback).
+    /// The pod's admin TLS files (its certificate serves and asks the other pods).
+    fn admin_tls_dir(&self) -> PathBuf {
+        self.dir.join("admin-tls")
+    }
+
+    /// `concentrator-gateway tunnels` in the pod (its admin API on the pod's loopback,
+    /// over mutual TLS with the pod's certificate).
     pub fn tunnels(&self, bin: &Path) -> Result<String> {
-        self.ns.run(bin, &["tunnels"])
+        self.admin_command(bin, &["tunnels"])
     }
 
     /// `concentrator-gateway tunnels --fleet` in the pod: every member's tunnels, each
     /// line ending with the member that holds it.
     pub fn fleet_tunnels(&self, bin: &Path) -> Result<String> {
-        self.ns.run(bin, &["tunnels", "--fleet"])
+        self.admin_command(bin, &["tunnels", "--fleet"])
+    }
+
+    fn admin_command(&self, bin: &Path, args: &[&str]) -> Result<String> {
+        let tls = self.admin_tls_dir();
+        let tls = tls.to_str().context("non-UTF-8 path")?;
+        let mut all = vec!["--admin-tls-dir", tls];
+        all.extend_from_slice(args);
+        self.ns.run(bin, &all)
     }
 }
 
@@ -300,6 +315,9 @@ impl Fleet {
         let key_file = dir.path().join("fleet.key");
         std::fs::write(&key_file, key)?;
 
+        // The admin API listens on every address, so (as in a cluster) over mutual TLS: one
+        // CA, a certificate per pod.
+        let ca = crate::pki::TestCa::new("fleet admin CA")?;
         let mut pods = Vec::with_capacity(options.pods);
         for i in 0..options.pods {
             let ns = Netns::new(&format!("gw{i}"))?;
@@ -313,6 +331,7 @@ impl Fleet {
             }
             let pod_dir = dir.path().join(pod_name(i));
             std::fs::create_dir_all(pod_dir.join("data"))?;
+            ca.issue(&pod_dir.join("admin-tls"), &[ADMIN_SERVER_NAME])?;
             pods.push(Pod {
                 index: i,
                 ns,
@@ -397,6 +416,8 @@ impl Fleet {
             // On every address, as in a pod: the members ask each other for their tunnels.
             "--admin-listen".to_owned(),
             "0.0.0.0:50051".to_owned(),
+            "--admin-tls-dir".to_owned(),
+            path(&pod.admin_tls_dir())?,
         ];
         args.extend(o.gateway_args.iter().cloned());
         let mut cmd: Command = pod.ns.command(&o.gateway_bin);

@@ -38,6 +38,7 @@ pub mod logs;
 pub mod mariadb;
 pub mod netns;
 pub mod ping;
+pub mod pki;
 pub mod ports;
 pub mod prereq;
 pub mod process;

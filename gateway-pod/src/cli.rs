@@ -48,6 +48,24 @@ pub struct Options {
     )]
     pub admin_listen: SocketAddr,
 
+    /// Directory with the admin API's TLS files, laid out as a kubernetes.io/tls Secret with
+    /// ca.crt: tls.crt and tls.key (this gateway's certificate and key), ca.crt (the CA that
+    /// signs the clients' certificates and the other gateways'). Set: the admin API requires
+    /// mutual TLS, and `tunnels` and the fleet-wide tunnel list present this certificate.
+    /// Unset: plaintext, allowed only on a loopback --admin-listen.
+    #[arg(long, env = "CONCENTRATOR_ADMIN_TLS_DIR", value_name = "DIR")]
+    pub admin_tls_dir: Option<PathBuf>,
+
+    /// DNS name that the admin API's certificate must carry, checked by `tunnels` and by the
+    /// gateways of a fleet asking each other (whatever address they connect to).
+    #[arg(
+        long,
+        env = "CONCENTRATOR_ADMIN_TLS_SERVER_NAME",
+        value_name = "NAME",
+        default_value = concentrator_proto::tls::DEFAULT_SERVER_NAME
+    )]
+    pub admin_tls_server_name: String,
+
     /// Address of the Prometheus endpoint (/metrics, /healthz, /readyz).
     #[arg(
         long,

@@ -44,6 +44,8 @@ pub enum StartError {
     Fleet(#[from] cluster::FleetConfigError),
     #[error("egroup site store: {0}")]
     EgroupStore(sitedb::SiteDbError),
+    #[error(transparent)]
+    AdminTls(#[from] admin::AdminTlsError),
     #[error("cannot listen for the admin API on {addr}: {source}")]
     AdminBind {
         addr: SocketAddr,
@@ -106,6 +108,9 @@ pub async fn open_site_store(opts: &Options) -> Result<SiteStore, sitedb::SiteDb
 
 /// Opens the site store and starts the admin API and metrics for an already loaded config.
 pub async fn start(opts: &Options, config: Config) -> Result<Running, StartError> {
+    // First: an admin API that may not be served stops the start before anything else does.
+    let admin_tls = admin::server_tls(opts)?;
+    let admin_client_tls = admin::client_tls(opts).map_err(admin::AdminTlsError::from)?;
     let site_store = open_site_store(opts).await?;
     // The embedded store is ours to shape. An external database belongs to its operators:
     // migrate it with the migrations in gateway-pod/migrations, not behind their back.
@@ -198,18 +203,29 @@ pub async fn start(opts: &Options, config: Config) -> Result<Running, StartError
         .set_serving::<GatewayAdminServer<admin::AdminService>>()
         .await;
     let (tx, rx) = oneshot::channel::<()>();
-    let admin = GatewayAdminServer::new(admin::AdminService::new(
-        gateway.clone(),
-        fleet.as_ref().map(|f| f.view.clone()),
-    ));
-    let admin_task = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(health_service)
-            .add_service(admin)
-            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
-                let _ = rx.await;
-            }),
+    let admin = GatewayAdminServer::new(
+        admin::AdminService::new(gateway.clone(), fleet.as_ref().map(|f| f.view.clone()))
+            .with_client_tls(admin_client_tls),
     );
+    let router = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(admin);
+    let stop = async {
+        let _ = rx.await;
+    };
+    let admin_task = match admin_tls {
+        Some(tls) => {
+            tracing::info!(dir = %tls.dir().display(), "admin API requires mutual TLS");
+            let tls = Arc::new(admin::incoming::ReloadingTls::new(tls).map_err(admin::AdminTlsError::from)?);
+            let incoming =
+                tokio_stream::wrappers::ReceiverStream::new(admin::incoming::incoming(listener, tls));
+            tokio::spawn(router.serve_with_incoming_shutdown(incoming, stop))
+        }
+        None => tokio::spawn(
+            router
+                .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), stop),
+        ),
+    };
     let cpu_sampler = cpu::spawn_sampler(
         gateway.metrics.cpu_percent.clone(),
         std::time::Duration::from_secs(5),

@@ -68,12 +68,15 @@ async fn esp_static(args: &concentrator_gateway::cli::EspStaticArgs) -> ExitCode
 /// `tunnels`: the status view of a running gateway.
 async fn tunnels(opts: &Options, peer_id_pattern: String, eroute: String, fleet: bool) -> ExitCode {
     use concentrator_proto::admin::ListTunnelsRequest;
-    use concentrator_proto::admin::gateway_admin_client::GatewayAdminClient;
-    let url = format!("http://{}", opts.admin_listen);
-    let mut client = match GatewayAdminClient::connect(url.clone()).await {
+    let addr = opts.admin_listen.to_string();
+    let connected = match concentrator_gateway::admin::client_tls(opts) {
+        Ok(tls) => concentrator_gateway::admin::connect(&addr, tls.as_ref()).await,
+        Err(e) => Err(e.to_string()),
+    };
+    let mut client = match connected {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("concentrator-gateway tunnels: cannot reach the admin API at {url}: {e}");
+            eprintln!("concentrator-gateway tunnels: cannot reach the admin API at {addr}: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -98,7 +101,10 @@ async fn tunnels(opts: &Options, peer_id_pattern: String, eroute: String, fleet:
             }
         }
         Err(s) => {
-            eprintln!("concentrator-gateway tunnels: {}", s.message());
+            eprintln!(
+                "concentrator-gateway tunnels: {}",
+                concentrator_gateway::admin::status_text(&s)
+            );
             ExitCode::from(2)
         }
     }

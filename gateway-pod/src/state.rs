@@ -10,10 +10,6 @@ use crate::tunnels::TunnelTable;
 /// One gateway process.
 #[derive(Debug)]
 pub struct Gateway {
-    /// The configuration the gateway started with, never reloaded: what runs now is
-    /// [`Self::config`]. Kept only while the admin API's `ListEroutes` reads it; once that
-    /// reads `config()`, this field can go (and with it a copy of the start-up PSKs).
-    pub config: Config,
     /// The configuration in force: the last one a reload applied.
     current: RwLock<Arc<Config>>,
     pub tunnels: TunnelTable,
@@ -26,8 +22,7 @@ impl Gateway {
         metrics.eroutes.set(config.set.eroutes.len() as i64);
         metrics.egroups.set(config.set.egroups.len() as i64);
         Self {
-            current: RwLock::new(Arc::new(config.clone())),
-            config,
+            current: RwLock::new(Arc::new(config)),
             tunnels: TunnelTable::default(),
             metrics,
             draining: AtomicBool::new(false),

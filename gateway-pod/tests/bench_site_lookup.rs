@@ -472,6 +472,9 @@ async fn coalescing(egroups: &Egroups, stats_pool: &MySqlPool, t: &Table) -> (u6
 }
 
 fn write_config(dir: &std::path::Path, url: &str, tables: &[&Table]) {
+    // A URL with a password comes from a Secret (an inline one is refused).
+    std::fs::create_dir_all(dir.join("secrets/sitedb")).expect("secret dir");
+    std::fs::write(dir.join("secrets/sitedb/url"), url).expect("secret written");
     let mut yaml = String::new();
     for t in tables {
         yaml.push_str(&format!(
@@ -480,7 +483,7 @@ fn write_config(dir: &std::path::Path, url: &str, tables: &[&Table]) {
              \x20 peerId: \"*.{tag}.example\"\n  localId: gw.example\n  role: Both\n\
              ---\napiVersion: vpn.concentrator.io/v1alpha1\nkind: Egroup\nmetadata:\n  name: {tag}\n\
              spec:\n  eroute: {tag}\n  remoteSubnetPrefix: {PREFIX}\n  maxDynamicEroutes: {MAX_DYNAMIC}\n\
-             \x20 database:\n    url: \"{url}\"\n    table: {name}\n    timeout: 10s\n---\n",
+             \x20 database:\n    urlSecretRef: {{name: sitedb, key: url}}\n    table: {name}\n    timeout: 10s\n---\n",
             tag = t.tag,
             net = t.base_net(),
             name = t.name,

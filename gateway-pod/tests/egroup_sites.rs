@@ -122,10 +122,21 @@ async fn fill_store(store: &SiteStore, sites: &[(u16, String)], extra: &[(&str, 
     Ok(())
 }
 
+/// The database URL as the Secret `sitedb`, key `url`, in the config directory's layout.
+fn write_url_secret(dir: &Path, url: &str) -> Result<()> {
+    std::fs::create_dir_all(dir.join("secrets/sitedb"))?;
+    std::fs::write(dir.join("secrets/sitedb/url"), url)?;
+    Ok(())
+}
+
 fn write_config(dir: &Path, db_url: Option<&str>, max_dynamic: u32) -> Result<()> {
     std::fs::create_dir_all(dir)?;
     let database = match db_url {
-        Some(url) => format!("  database:\n    url: \"{url}\"\n    timeout: 2s\n"),
+        // A URL with a password comes from a Secret (an inline one is refused).
+        Some(url) => {
+            write_url_secret(dir, url)?;
+            "  database:\n    urlSecretRef: {name: sitedb, key: url}\n    timeout: 2s\n".to_owned()
+        }
         None => "  database:\n    timeout: 2s\n".to_owned(),
     };
     std::fs::write(

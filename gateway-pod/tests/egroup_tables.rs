@@ -101,7 +101,9 @@ async fn fill(db: &MariaDb) -> Result<()> {
 /// backup address column, left unnamed), `full` over the five-column table with every
 /// column named, and `broken` over the four-column table naming a backup column it lacks.
 fn write_config(dir: &Path, url: &str) -> Result<()> {
-    std::fs::create_dir_all(dir)?;
+    // A URL with a password comes from a Secret (an inline one is refused).
+    std::fs::create_dir_all(dir.join("secrets/sitedb"))?;
+    std::fs::write(dir.join("secrets/sitedb/url"), url)?;
     let mut yaml = String::new();
     for (egroup, octet, role, table, backup) in [
         ("min", 1, "Both", "branch_min", ""),
@@ -125,7 +127,7 @@ fn write_config(dir: &Path, url: &str) -> Result<()> {
              spec:\n  localSubnet: {GW_LAN}\n  remoteSubnet: 10.{octet}.0.0/16\n\
              \x20 peerId: \"*.{egroup}.example\"\n  localId: {GW_ID}\n  role: {role}\n\
              ---\napiVersion: vpn.concentrator.io/v1alpha1\nkind: Egroup\nmetadata:\n  name: {egroup}\n\
-             spec:\n  eroute: {egroup}\n  remoteSubnetPrefix: 24\n  database:\n    url: \"{url}\"\n\
+             spec:\n  eroute: {egroup}\n  remoteSubnetPrefix: 24\n  database:\n    urlSecretRef: {{name: sitedb, key: url}}\n\
              \x20   timeout: 2s\n    table: {table}\n    columns:\n      peerId: ident\n      psk: secret\n\
              \x20     remoteSubnet: lan\n      peerAddress: wan\n{backup}"
         ));

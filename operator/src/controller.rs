@@ -42,6 +42,9 @@ pub struct Context {
     pub scale_history: std::sync::Mutex<std::collections::HashMap<String, crate::fleet::scale::History>>,
     /// Kubernetes Events on the objects the operator acts on.
     pub recorder: kube::runtime::events::Recorder,
+    /// The operator's own namespace (`POD_NAMESPACE`), whose operator pods the fleets'
+    /// NetworkPolicies admit to the admin API.
+    pub operator_namespace: String,
 }
 
 impl Context {
@@ -55,6 +58,7 @@ impl Context {
             client,
             admin,
             scale_history: Default::default(),
+            operator_namespace: std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "default".to_owned()),
         }
     }
 
@@ -150,12 +154,10 @@ pub fn error_policy<K: ResourceExt>(_obj: Arc<K>, err: &Error, _ctx: Arc<Context
     Action::requeue(Duration::from_secs(15))
 }
 
-/// Runs the GatewayFleet, Eroute and Egroup controllers until the stream ends.
-pub async fn run(client: Client) {
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        Arc::new(crate::fleet::admin::GrpcFleetAdmin),
-    ));
+/// Runs the GatewayFleet, Eroute and Egroup controllers until the stream ends; `admin`
+/// reaches the gateway pods.
+pub async fn run(client: Client, admin: crate::fleet::admin::GrpcFleetAdmin) {
+    let ctx = Arc::new(Context::new(client.clone(), Arc::new(admin)));
     let eroutes = Controller::new(Api::<Eroute>::all(client.clone()), watcher::Config::default())
         .shutdown_on_signal()
         .run(reconcile::<Eroute>, error_policy::<Eroute>, ctx.clone())

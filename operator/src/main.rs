@@ -23,6 +23,20 @@ struct Options {
     /// when OTEL_EXPORTER_OTLP_ENDPOINT is set.
     #[arg(long, env = "CONCENTRATOR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
     log_format: LogFormat,
+    /// Directory with the operator's client certificate for the gateways' admin API: tls.crt,
+    /// tls.key and ca.crt (the CA that signed the gateways' certificates), as a
+    /// kubernetes.io/tls Secret with ca.crt holds them. Unset: fleets with adminTlsSecretName
+    /// cannot be asked for load reports or drained.
+    #[arg(long, env = "CONCENTRATOR_ADMIN_TLS_DIR", value_name = "DIR")]
+    admin_tls_dir: Option<std::path::PathBuf>,
+    /// DNS name the gateways' admin certificates carry.
+    #[arg(
+        long,
+        env = "CONCENTRATOR_ADMIN_TLS_SERVER_NAME",
+        value_name = "NAME",
+        default_value = concentrator_proto::tls::DEFAULT_SERVER_NAME
+    )]
+    admin_tls_server_name: String,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -70,6 +84,22 @@ async fn main() -> ExitCode {
 }
 
 async fn run(opts: Options) -> anyhow::Result<()> {
+    let admin_tls = match &opts.admin_tls_dir {
+        Some(dir) => {
+            let files = concentrator_proto::tls::AdminTls::load(dir)?;
+            tracing::info!(dir = %dir.display(), "gateway admin API client certificate loaded");
+            Some(concentrator_proto::tls::ClientTls {
+                files,
+                server_name: opts.admin_tls_server_name.clone(),
+            })
+        }
+        None => {
+            tracing::warn!(
+                "no --admin-tls-dir: fleets with adminTlsSecretName cannot be asked for load or drained"
+            );
+            None
+        }
+    };
     let registry = prometheus_client::registry::Registry::default();
     let metrics = concentrator_telemetry::serve_metrics(opts.metrics_listen, Arc::new(registry)).await?;
     let client = Client::try_default().await.map_err(|e| {
@@ -124,7 +154,7 @@ async fn run(opts: Options) -> anyhow::Result<()> {
         }
     };
     tokio::select! {
-        () = concentrator_operator::controller::run(client) => {
+        () = concentrator_operator::controller::run(client, concentrator_operator::fleet::admin::GrpcFleetAdmin::new(admin_tls)) => {
             // Controllers end on SIGTERM/Ctrl-C: hand the Lease over at once.
             if let Err(e) = lock.release().await {
                 tracing::warn!(error = %e, "could not release the leader Lease; it will expire");

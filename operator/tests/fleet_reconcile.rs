@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use concentrator_crds::GatewayFleet;
 use concentrator_operator::controller::Context;
-use concentrator_operator::fleet::admin::{AdminError, DrainState, FleetAdmin};
+use concentrator_operator::fleet::admin::{AdminError, DrainState, FleetAdmin, GrpcFleetAdmin};
 use concentrator_operator::fleet::reconcile;
 use concentrator_operator::fleet::scale::PodReport;
+use concentrator_proto::tls::{AdminTls, ClientTls};
 use futures::future::BoxFuture;
 use http::{Method, Request, Response, StatusCode};
 use kube::Client;
@@ -136,13 +137,23 @@ async fn fake_api(mut handle: Handle, world: World) -> Vec<Call> {
                     &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"}),
                 ),
             },
+            (Method::GET, p) if p.ends_with("/networkpolicies/edge") => reply(
+                StatusCode::NOT_FOUND,
+                &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"}),
+            ),
             (Method::GET, p) if p.contains("/secrets/") => {
-                match world.secrets.iter().find(|(n, _)| *n == last) {
-                    Some((n, key)) => reply(
+                let data: serde_json::Map<String, Value> = world
+                    .secrets
+                    .iter()
+                    .filter(|(n, _)| *n == last)
+                    .map(|(_, key)| ((*key).to_owned(), json!("eA==")))
+                    .collect();
+                match data.is_empty() {
+                    false => reply(
                         StatusCode::OK,
-                        &json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": n}, "data": {*key: "eA=="}}),
+                        &json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": last}, "data": data}),
                     ),
-                    None => reply(
+                    true => reply(
                         StatusCode::NOT_FOUND,
                         &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"}),
                     ),
@@ -262,6 +273,7 @@ async fn create_applies_every_object_and_reports_ready() {
             format!("{p}/services/edge"),
             "/apis/apps/v1/namespaces/vpn/statefulsets/edge".to_owned(),
             "/apis/policy/v1/namespaces/vpn/poddisruptionbudgets/edge".to_owned(),
+            "/apis/networking.k8s.io/v1/namespaces/vpn/networkpolicies/edge".to_owned(),
         ]
     );
     assert_eq!(sts_replicas(&calls), 2, "a new fleet starts at minReplicas");
@@ -400,19 +412,74 @@ fn sts_replicas(calls: &[Call]) -> i64 {
     c.body["spec"]["replicas"].as_i64().unwrap()
 }
 
+/// The pods' admin API is reachable (mutual TLS) only with this.
+const ADMIN_TLS: &str = "  adminTlsSecretName: admin-tls\n";
+
 fn scaling_fleet() -> GatewayFleet {
-    fleet(
-        "  scaling: {minReplicas: 2, maxReplicas: 6, targetTunnelsPerPod: 100, targetCpuPercent: 70, stabilizationWindow: 5m}\n",
-    )
+    fleet(&format!(
+        "  scaling: {{minReplicas: 2, maxReplicas: 6, targetTunnelsPerPod: 100, targetCpuPercent: 70, stabilizationWindow: 5m}}\n{ADMIN_TLS}",
+    ))
 }
 
 fn ready_world(replicas: u32) -> World {
     World {
         eroutes: vec![],
-        secrets: vec![("fleet", "key")],
+        secrets: vec![
+            ("fleet", "key"),
+            ("admin-tls", "tls.crt"),
+            ("admin-tls", "tls.key"),
+            ("admin-tls", "ca.crt"),
+        ],
         services: vec![],
         statefulset: Some(replicas),
     }
+}
+
+#[tokio::test]
+async fn without_admin_tls_no_pod_is_asked_and_the_fleet_stays() {
+    let pods = Pods::new(vec![Some(900), Some(900)], false);
+    let f = fleet(
+        "  scaling: {minReplicas: 2, maxReplicas: 6, targetTunnelsPerPod: 100, targetCpuPercent: 70, stabilizationWindow: 5m}\n",
+    );
+    let calls = run_with(f, ready_world(2), pods.clone()).await;
+    assert_eq!(sts_replicas(&calls), 2, "no reports: no load-based scaling");
+    assert!(pods.drain_calls.lock().unwrap().is_empty());
+    let sts = calls
+        .iter()
+        .find(|c| c.method == Method::PATCH && c.path.ends_with("/statefulsets/edge"))
+        .unwrap();
+    let args = sts.body["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
+    assert!(args.contains("127.0.0.1:50051"), "admin API on loopback: {args}");
+    let (_, result) = try_run(deleted(fleet("")), ready_world(2), pods.clone()).await;
+    assert!(result.is_ok(), "deletion does not wait for pods it cannot ask");
+    assert!(pods.drain_calls.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn admin_tls_secret_is_required_with_every_key() {
+    let mut world = ready_world(2);
+    world
+        .secrets
+        .retain(|(n, k)| !(*n == "admin-tls" && *k == "ca.crt"));
+    let calls = run(scaling_fleet(), world).await;
+    let c = &status_patch(&calls)["conditions"][0];
+    assert_eq!(c["reason"], "SecretMissing");
+    assert_eq!(c["message"], "Secret 'admin-tls' has no key 'ca.crt'");
+}
+
+#[tokio::test]
+async fn a_fleet_without_network_policy_has_its_old_one_removed() {
+    let calls = run(fleet("  networkPolicy: {enabled: false}\n"), ready_world(2)).await;
+    assert!(
+        !patched(&calls).iter().any(|p| p.contains("networkpolicies")),
+        "not applied"
+    );
+    assert!(
+        calls
+            .iter()
+            .any(|c| c.method == Method::GET && c.path.ends_with("/networkpolicies/edge")),
+        "looked up to remove it"
+    );
 }
 
 #[tokio::test]
@@ -486,7 +553,7 @@ async fn new_fleet_gets_the_drain_finalizer_first() {
 #[tokio::test]
 async fn deletion_waits_for_tunnels_to_leave() {
     let pods = Pods::new(vec![Some(3), Some(0)], false);
-    let (calls, result) = try_run(deleted(fleet("")), ready_world(2), pods.clone()).await;
+    let (calls, result) = try_run(deleted(fleet(ADMIN_TLS)), ready_world(2), pods.clone()).await;
     assert!(result.is_err(), "the finalizer stays while tunnels remain");
     assert!(!finalizer_removed(&calls));
     assert_eq!(*pods.drain_calls.lock().unwrap(), [0, 1], "every pod is drained");
@@ -501,7 +568,7 @@ async fn deletion_waits_for_tunnels_to_leave() {
 #[tokio::test]
 async fn deletion_completes_once_drained() {
     let pods = Pods::new(vec![Some(0), Some(0)], true);
-    let calls = run_with(deleted(fleet("")), ready_world(2), pods.clone()).await;
+    let calls = run_with(deleted(fleet(ADMIN_TLS)), ready_world(2), pods.clone()).await;
     assert!(finalizer_removed(&calls), "{calls:?}");
     assert!(
         patched(&calls).iter().all(|p| p.ends_with("/gatewayfleets/edge")),
@@ -569,4 +636,155 @@ async fn update_of_an_eroute_reaches_the_pods_without_rolling_them() {
         "a config change leaves the pod template alone"
     );
     assert_eq!(sts_replicas(&after), 2, "an update keeps the replica count");
+}
+
+/// A real gateway (admin API only) over mutual TLS, with its own test CA.
+struct TlsGateway {
+    running: concentrator_gateway::Running,
+    ca: concentrator_e2e::pki::TestCa,
+    dir: tempfile::TempDir,
+    _data: tempfile::TempDir,
+}
+
+async fn tls_gateway() -> TlsGateway {
+    use clap::Parser;
+    let dir = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let ca = concentrator_e2e::pki::TestCa::new("fleet admin CA").unwrap();
+    let server = ca
+        .issue(
+            &dir.path().join("gateway"),
+            &[concentrator_proto::tls::DEFAULT_SERVER_NAME],
+        )
+        .unwrap();
+    let config = format!("{}/../examples", env!("CARGO_MANIFEST_DIR"));
+    let opts = concentrator_gateway::Options::try_parse_from([
+        "concentrator-gateway",
+        "--config-dir",
+        &config,
+        "--data-dir",
+        data.path().to_str().unwrap(),
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--admin-tls-dir",
+        server.to_str().unwrap(),
+        "--no-tunnels",
+    ])
+    .unwrap();
+    let cfg = concentrator_gateway::config::load_dir(std::path::Path::new(&config)).unwrap();
+    let running = concentrator_gateway::start(&opts, cfg).await.unwrap();
+    TlsGateway {
+        running,
+        ca,
+        dir,
+        _data: data,
+    }
+}
+
+/// The operator's admin client with the certificate in `dir`, reaching every pod at `addr`.
+fn operator_admin(dir: &std::path::Path, addr: std::net::SocketAddr) -> Arc<GrpcFleetAdmin> {
+    let tls = ClientTls {
+        files: AdminTls::load(dir).unwrap(),
+        server_name: concentrator_proto::tls::DEFAULT_SERVER_NAME.into(),
+    };
+    Arc::new(GrpcFleetAdmin::new(Some(tls)).locating(move |_, _, _| addr.to_string()))
+}
+
+async fn try_run_admin(
+    fleet: GatewayFleet,
+    world: World,
+    admin: Arc<GrpcFleetAdmin>,
+) -> (
+    Vec<Call>,
+    Result<kube::runtime::controller::Action, concentrator_operator::controller::Error>,
+) {
+    let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let api = tokio::spawn(fake_api(handle, world));
+    let ctx = Arc::new(Context::new(Client::new(svc, "vpn"), admin));
+    let result = reconcile(Arc::new(fleet), ctx).await;
+    (api.await.unwrap(), result)
+}
+
+#[tokio::test]
+async fn the_operator_reaches_a_real_gateway_with_its_certificate() {
+    let gw = tls_gateway().await;
+    let client = gw
+        .ca
+        .issue(&gw.dir.path().join("operator"), &["concentrator-operator"])
+        .unwrap();
+    let admin = operator_admin(&client, gw.running.admin_addr);
+    let mut world = ready_world(1);
+    world.eroutes = vec![static_eroute()];
+    world.secrets.push(("hq", "psk"));
+    let (calls, result) = try_run_admin(scaling_fleet(), world, admin.clone()).await;
+    result.unwrap();
+    // Counts reach the Eroute status only from pods that reported.
+    assert!(
+        calls
+            .iter()
+            .any(|c| c.method == Method::PATCH && c.path.ends_with("/eroutes/hq/status")),
+        "the pod's load report was read over mutual TLS"
+    );
+    // Deleting the fleet drains the pod through its admin API.
+    let (_, result) = try_run_admin(deleted(scaling_fleet()), ready_world(1), admin).await;
+    result.unwrap();
+    assert_ne!(
+        gw.running.gateway.metrics.drain_state.get(),
+        0,
+        "the pod was asked to drain"
+    );
+    gw.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_certificate_of_another_ca_reaches_no_gateway() {
+    let gw = tls_gateway().await;
+    let other = concentrator_e2e::pki::TestCa::new("another CA").unwrap();
+    let client = other
+        .issue_trusting(&gw.dir.path().join("stranger"), &["intruder"], &gw.ca.pem())
+        .unwrap();
+    let admin = operator_admin(&client, gw.running.admin_addr);
+    let mut world = ready_world(1);
+    world.eroutes = vec![static_eroute()];
+    world.secrets.push(("hq", "psk"));
+    let (calls, result) = try_run_admin(scaling_fleet(), world, admin.clone()).await;
+    result.unwrap();
+    assert!(
+        !calls
+            .iter()
+            .any(|c| c.method == Method::PATCH && c.path.ends_with("/eroutes/hq/status")),
+        "no report from a pod that refused the client"
+    );
+    let e = admin.report("vpn", "edge", 0).await.unwrap_err().to_string();
+    assert!(e.contains("edge-0"), "{e}");
+    let _ = admin.drain("vpn", "edge", 0).await;
+    assert_eq!(gw.running.gateway.metrics.drain_state.get(), 0, "not drained");
+    gw.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_renewed_client_certificate_is_used_without_a_restart() {
+    let gw = tls_gateway().await;
+    let other = concentrator_e2e::pki::TestCa::new("another CA").unwrap();
+    let client = other
+        .issue_trusting(&gw.dir.path().join("operator"), &["operator"], &gw.ca.pem())
+        .unwrap();
+    let admin = operator_admin(&client, gw.running.admin_addr);
+    assert!(
+        admin.report("vpn", "edge", 0).await.is_err(),
+        "another CA's certificate"
+    );
+    // The Secret is updated with a certificate of the right CA (kubelet swaps the files).
+    let renewed = gw
+        .ca
+        .issue(&gw.dir.path().join("renewed"), &["operator"])
+        .unwrap();
+    for f in ["tls.crt", "tls.key", "ca.crt"] {
+        std::fs::rename(renewed.join(f), client.join(f)).unwrap();
+    }
+    let report = admin.report("vpn", "edge", 0).await;
+    assert!(report.is_ok(), "{report:?}");
+    gw.running.shutdown().await;
 }

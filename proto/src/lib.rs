@@ -1,4 +1,6 @@
-//! gRPC admin API of a gateway pod, generated from `proto/admin.proto`.
+//! gRPC admin API of a gateway pod, generated from `proto/admin.proto`, and its mutual TLS.
+
+pub mod tls;
 
 /// `concentrator.admin.v1`
 pub mod admin {

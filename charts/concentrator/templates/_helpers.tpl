@@ -19,3 +19,21 @@ app.kubernetes.io/name: {{ include "concentrator.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: operator
 {{- end -}}
+
+{{/* The Secret with the operator's admin client certificate, if any. */}}
+{{- define "concentrator.operator.adminTlsSecret" -}}
+{{- if .Values.adminTls.operatorSecretName -}}
+{{- .Values.adminTls.operatorSecretName -}}
+{{- else if .Values.adminTls.certManager.enabled -}}
+{{- printf "%s-admin-tls" (include "concentrator.operator.fullname" .) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The Secret with the chart-created fleet's admin certificate, if any. */}}
+{{- define "concentrator.fleet.adminTlsSecret" -}}
+{{- if .Values.fleet.adminTlsSecretName -}}
+{{- .Values.fleet.adminTlsSecretName -}}
+{{- else if .Values.adminTls.certManager.enabled -}}
+{{- printf "%s-admin-tls" .Values.fleet.name -}}
+{{- end -}}
+{{- end -}}

@@ -1,6 +1,8 @@
 //! The gRPC admin API (`concentrator.admin.v1.GatewayAdmin`). Errors become `Status` here and
 //! nowhere else.
 
+pub mod incoming;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,10 +14,84 @@ use concentrator_proto::admin::{
     Counters, DrainRequest, DrainStatus, ErouteInfo, GetCountersRequest, GetTunnelRequest,
     ListEroutesRequest, ListEroutesResponse, ListTunnelsRequest, ListTunnelsResponse, Tunnel, drain_status,
 };
+use concentrator_proto::tls::{AdminTls, ClientTls, TlsError};
 use tonic::{Request, Response, Status};
 
+use crate::cli::Options;
 use crate::cluster::SharedView;
 use crate::state::Gateway;
+
+/// Why the admin API cannot be served as the options say.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminTlsError {
+    #[error(
+        "the admin API would be plaintext on {0}, which is not a loopback address: whoever \
+         reaches it could drain this gateway or list its sites. Give --admin-tls-dir \
+         (CONCENTRATOR_ADMIN_TLS_DIR), a directory with tls.crt, tls.key and ca.crt, for mutual \
+         TLS, or listen on 127.0.0.1"
+    )]
+    Plaintext(std::net::SocketAddr),
+    #[error("admin API TLS: {0}")]
+    Files(#[from] TlsError),
+}
+
+/// The admin API's server TLS from the options: `None` is plaintext, which only a loopback
+/// address may serve (checked here, before anything starts).
+pub fn server_tls(opts: &Options) -> Result<Option<AdminTls>, AdminTlsError> {
+    match &opts.admin_tls_dir {
+        Some(dir) => Ok(Some(AdminTls::load(dir)?)),
+        None if opts.admin_listen.ip().is_loopback() => Ok(None),
+        None => Err(AdminTlsError::Plaintext(opts.admin_listen)),
+    }
+}
+
+/// What this gateway presents to other admin APIs (`tunnels`, the fleet-wide list).
+pub fn client_tls(opts: &Options) -> Result<Option<ClientTls>, TlsError> {
+    opts.admin_tls_dir
+        .as_deref()
+        .map(|dir| {
+            Ok(ClientTls {
+                files: AdminTls::load(dir)?,
+                server_name: opts.admin_tls_server_name.clone(),
+            })
+        })
+        .transpose()
+}
+
+/// A client of the admin API at `authority` (`host:port`), over TLS when `tls` is given.
+/// The error is one line with its causes, as tonic's own says little ("transport error").
+pub async fn connect(
+    authority: &str,
+    tls: Option<&ClientTls>,
+) -> Result<GatewayAdminClient<tonic::transport::Channel>, String> {
+    let endpoint = concentrator_proto::tls::endpoint(authority, tls).map_err(|e| e.to_string())?;
+    let channel = endpoint.connect().await.map_err(|e| error_chain(&e))?;
+    Ok(GatewayAdminClient::new(channel))
+}
+
+/// A status for people: its message, and the transport's causes where tonic has only
+/// "transport error" to say (e.g. a TLS alert from the server).
+pub fn status_text(s: &Status) -> String {
+    match std::error::Error::source(s) {
+        Some(cause) => format!("{}: {}", s.message(), error_chain(cause)),
+        None => s.message().to_owned(),
+    }
+}
+
+/// An error and its sources, `: `-separated.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
 
 /// How long the fleet-wide tunnel list waits for each other member.
 const MEMBER_TIMEOUT: Duration = Duration::from_secs(3);
@@ -26,11 +102,24 @@ pub struct AdminService {
     gw: Arc<Gateway>,
     /// The fleet this pod is a member of, if any.
     fleet: Option<SharedView>,
+    /// What this pod presents to the other members' admin APIs.
+    client_tls: Option<ClientTls>,
 }
 
 impl AdminService {
     pub fn new(gw: Arc<Gateway>, fleet: Option<SharedView>) -> Self {
-        Self { gw, fleet }
+        Self {
+            gw,
+            fleet,
+            client_tls: None,
+        }
+    }
+
+    /// Asks the other members over mutual TLS with these files.
+    #[must_use]
+    pub fn with_client_tls(mut self, tls: Option<ClientTls>) -> Self {
+        self.client_tls = tls;
+        self
     }
 
     /// Every member's tunnels: ours, and each other member's own list from its admin API
@@ -53,6 +142,13 @@ impl AdminService {
         for t in &mut own {
             t.member.clone_from(&my_name);
         }
+        // Re-read per listing: a renewed certificate is used without a restart.
+        let tls = self.client_tls.as_ref().map(|t| {
+            t.reloaded().unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "admin TLS files unusable; using those loaded at start");
+                t.clone()
+            })
+        });
         let mut asks = tokio::task::JoinSet::new();
         let mut unreachable = Vec::new();
         for (m, rec) in &members {
@@ -70,15 +166,14 @@ impl AdminService {
                     ..r.clone()
                 },
             );
+            let tls = tls.clone();
             asks.spawn(async move {
                 let asked = async {
-                    let mut c = GatewayAdminClient::connect(format!("http://{addr}"))
-                        .await
-                        .map_err(|e| e.to_string())?;
+                    let mut c = connect(&addr.to_string(), tls.as_ref()).await?;
                     c.list_tunnels(req)
                         .await
                         .map(|r| r.into_inner().tunnels)
-                        .map_err(|s| s.message().to_owned())
+                        .map_err(|s| status_text(&s))
                 };
                 let r = tokio::time::timeout(MEMBER_TIMEOUT, asked)
                     .await
@@ -142,7 +237,8 @@ impl GatewayAdmin for AdminService {
         _req: Request<ListEroutesRequest>,
     ) -> Result<Response<ListEroutesResponse>, Status> {
         self.gw.metrics.count_admin("ListEroutes");
-        let set = &self.gw.config.set;
+        let config = self.gw.config();
+        let set = &config.set;
         let eroutes = set
             .eroutes
             .iter()

@@ -37,6 +37,35 @@ pub const FLEET_PORT: u16 = 4510;
 /// readable by the gateway's user only).
 const FLEET_KEY_DIR: &str = "/etc/concentrator-fleet";
 const ETCD_TLS_DIR: &str = "/etc/concentrator-etcd";
+/// Where the admin API's TLS Secret is mounted (`--admin-tls-dir`).
+pub const ADMIN_TLS_DIR: &str = "/etc/concentrator-admin";
+/// The admin API's port on every pod.
+pub const ADMIN_PORT: u16 = 50051;
+/// The metrics port on every pod.
+pub const METRICS_PORT: u16 = 9090;
+
+/// The admin API's listen address, environment, mounts and volumes: with the fleet's admin
+/// TLS Secret, mutual TLS on every address (the operator and the other pods reach it);
+/// without, plaintext on the pod's loopback only, which the gateway allows.
+fn admin_api(fleet: &GatewayFleet) -> (String, Vec<Value>, Vec<Value>, Vec<Value>) {
+    match &fleet.spec.admin_tls_secret_name {
+        None => (format!("127.0.0.1:{ADMIN_PORT}"), vec![], vec![], vec![]),
+        Some(secret) => (
+            format!("0.0.0.0:{ADMIN_PORT}"),
+            vec![json!({"name": "CONCENTRATOR_ADMIN_TLS_DIR", "value": ADMIN_TLS_DIR})],
+            vec![json!({"name": "admin-tls", "mountPath": ADMIN_TLS_DIR, "readOnly": true})],
+            vec![json!({"name": "admin-tls", "secret": {
+                "secretName": secret,
+                "items": [
+                    {"key": "tls.crt", "path": "tls.crt"},
+                    {"key": "tls.key", "path": "tls.key"},
+                    {"key": "ca.crt", "path": "ca.crt"},
+                ],
+                "defaultMode": 0o400,
+            }})],
+        ),
+    }
+}
 
 /// The environment, mounts and volumes that make each pod a member of the fleet: etcd (and
 /// its client TLS Secret), a key prefix of its own per fleet, the pod's name (its ordinal is
@@ -87,7 +116,7 @@ pub struct Desired {
     pub pdb: PodDisruptionBudget,
 }
 
-fn labels(fleet: &str) -> Value {
+pub(crate) fn labels(fleet: &str) -> Value {
     json!({
         "app.kubernetes.io/name": "concentrator-gateway",
         "app.kubernetes.io/instance": fleet,
@@ -96,11 +125,11 @@ fn labels(fleet: &str) -> Value {
     })
 }
 
-fn selector(fleet: &str) -> Value {
+pub(crate) fn selector(fleet: &str) -> Value {
     json!({"app.kubernetes.io/name": "concentrator-gateway", "app.kubernetes.io/instance": fleet})
 }
 
-fn meta(fleet: &GatewayFleet, name: &str, ns: &str) -> Value {
+pub(crate) fn meta(fleet: &GatewayFleet, name: &str, ns: &str) -> Value {
     let owner = fleet
         .controller_owner_ref(&())
         .map(|o| serde_json::to_value(o).unwrap_or(Value::Null));
@@ -112,7 +141,7 @@ fn meta(fleet: &GatewayFleet, name: &str, ns: &str) -> Value {
     })
 }
 
-fn typed<T: serde::de::DeserializeOwned>(what: &'static str, v: Value) -> Result<T, BuildError> {
+pub(crate) fn typed<T: serde::de::DeserializeOwned>(what: &'static str, v: Value) -> Result<T, BuildError> {
     serde_json::from_value(v).map_err(|e| BuildError::Shape(what, e))
 }
 
@@ -211,18 +240,24 @@ pub fn desired(
         .collect();
     let (fleet_env, fleet_mounts, fleet_volumes) = fleet_membership(fleet, &name, &ns);
     env.extend(fleet_env);
+    let (admin_listen, admin_env, admin_mounts, admin_volumes) = admin_api(fleet);
+    env.extend(admin_env);
     let mut mounts = vec![
         json!({"name": "config", "mountPath": CONFIG_DIR, "readOnly": true}),
         json!({"name": "data", "mountPath": "/var/lib/concentrator"}),
         json!({"name": "tun", "mountPath": "/dev/net/tun"}),
     ];
     mounts.extend(fleet_mounts);
+    mounts.extend(admin_mounts);
     let mut volumes = vec![
-        json!({"name": "config", "projected": {"sources": sources}}),
+        // Secrets (PSKs, database URLs) are among the sources: readable by the gateway's
+        // user only.
+        json!({"name": "config", "projected": {"sources": sources, "defaultMode": 0o400}}),
         json!({"name": "data", "emptyDir": {}}),
         json!({"name": "tun", "hostPath": {"path": "/dev/net/tun", "type": "CharDevice"}}),
     ];
     volumes.extend(fleet_volumes);
+    volumes.extend(admin_volumes);
     let statefulset = typed(
         "StatefulSet",
         json!({
@@ -252,15 +287,15 @@ pub fn desired(
                             "args": [
                                 "--config-dir", CONFIG_DIR,
                                 "--data-dir", "/var/lib/concentrator",
-                                "--admin-listen", "0.0.0.0:50051",
-                                "--metrics-listen", "0.0.0.0:9090",
+                                "--admin-listen", admin_listen,
+                                "--metrics-listen", format!("0.0.0.0:{METRICS_PORT}"),
                                 "--log-format", "json",
                             ],
                             "ports": [
                                 {"name": "ike", "containerPort": 500, "protocol": "UDP"},
                                 {"name": "ike-natt", "containerPort": 4500, "protocol": "UDP"},
-                                {"name": "admin", "containerPort": 50051, "protocol": "TCP"},
-                                {"name": "metrics", "containerPort": 9090, "protocol": "TCP"},
+                                {"name": "admin", "containerPort": ADMIN_PORT, "protocol": "TCP"},
+                                {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
                                 {"name": "fleet", "containerPort": FLEET_PORT, "protocol": "UDP"},
                                 // SA replication between members (take-over).
                                 {"name": "fleet-sync", "containerPort": FLEET_PORT, "protocol": "TCP"},
@@ -293,7 +328,7 @@ pub fn desired(
                 "clusterIP": "None",
                 "publishNotReadyAddresses": true,
                 "selector": selector(&name),
-                "ports": [{"name": "admin", "port": 50051, "protocol": "TCP"}],
+                "ports": [{"name": "admin", "port": ADMIN_PORT, "protocol": "TCP"}],
             },
         }),
     )?;
@@ -564,6 +599,78 @@ mod tests {
                 .any(|p| p.container_port == 4510 && p.protocol.as_deref() == Some("TCP")),
             "replication streams are TCP on the fleet port"
         );
+    }
+
+    #[test]
+    fn admin_api_is_mutual_tls_with_the_secret_else_loopback_only() {
+        let arg_after = |d: &Desired, flag: &str| {
+            let args = pod_spec(d).containers[0].args.clone().unwrap();
+            let at = args.iter().position(|a| a == flag).unwrap();
+            args[at + 1].clone()
+        };
+        let plain = desired(&fleet(""), &[], &[], 1).unwrap();
+        assert_eq!(arg_after(&plain, "--admin-listen"), "127.0.0.1:50051");
+        assert!(
+            !pod_spec(&plain)
+                .volumes
+                .as_ref()
+                .unwrap()
+                .iter()
+                .any(|v| v.name == "admin-tls")
+        );
+
+        let d = desired(&fleet("  adminTlsSecretName: edge-admin\n"), &[], &[], 1).unwrap();
+        assert_eq!(arg_after(&d, "--admin-listen"), "0.0.0.0:50051");
+        let pod = pod_spec(&d);
+        let c = &pod.containers[0];
+        let env = c.env.as_ref().unwrap();
+        let dir = env
+            .iter()
+            .find(|e| e.name == "CONCENTRATOR_ADMIN_TLS_DIR")
+            .unwrap();
+        assert_eq!(dir.value.as_deref(), Some(ADMIN_TLS_DIR));
+        let mount = c
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| m.name == "admin-tls")
+            .unwrap();
+        assert_eq!(
+            (mount.mount_path.as_str(), mount.read_only),
+            (ADMIN_TLS_DIR, Some(true))
+        );
+        let v = pod
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| v.name == "admin-tls")
+            .unwrap();
+        let secret = v.secret.as_ref().unwrap();
+        assert_eq!(secret.secret_name.as_deref(), Some("edge-admin"));
+        assert_eq!(secret.default_mode, Some(0o400));
+        let keys: Vec<_> = secret
+            .items
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|i| i.key.as_str())
+            .collect();
+        assert_eq!(keys, ["tls.crt", "tls.key", "ca.crt"]);
+    }
+
+    #[test]
+    fn secret_files_are_readable_by_the_owner_only() {
+        let d = desired(&fleet(""), &[eroute()], &[], 1).unwrap();
+        let config = pod_spec(&d)
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| v.name == "config")
+            .unwrap();
+        assert_eq!(config.projected.as_ref().unwrap().default_mode, Some(0o400));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod build;
+pub mod netpol;
 pub mod render;
 pub mod scale;
 
@@ -13,6 +14,7 @@ use std::time::Duration;
 use concentrator_crds::{Egroup, Eroute, GatewayFleet};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -127,6 +129,12 @@ async fn cleanup(fleet: Arc<GatewayFleet>, ctx: Arc<Context>) -> Result<Action, 
         .get_opt(&name)
         .await?;
     let replicas = sts.and_then(|s| s.spec.and_then(|sp| sp.replicas)).unwrap_or(0);
+    // Without admin TLS the pods' admin API is on their loopback: nobody can be asked.
+    let replicas = if fleet.spec.admin_tls_secret_name.is_some() {
+        replicas
+    } else {
+        0
+    };
     let mut remaining = 0;
     for ordinal in 0..u32::try_from(replicas).unwrap_or(0) {
         match ctx.admin.drain(&ns, &name, ordinal).await {
@@ -202,6 +210,11 @@ async fn apply_fleet(fleet: Arc<GatewayFleet>, ctx: Arc<Context>) -> Result<Acti
     if let Some(r) = &fleet.spec.site_database_url_secret_ref {
         wanted.insert((r.name.clone(), r.key.clone()));
     }
+    if let Some(tls) = &fleet.spec.admin_tls_secret_name {
+        for key in ["tls.crt", "tls.key", "ca.crt"] {
+            wanted.insert((tls.clone(), key.to_owned()));
+        }
+    }
     if let Some(n) = missing_secrets(&Api::namespaced(client.clone(), &ns), &wanted).await? {
         tracing::warn!(message = %n.message, "fleet waits for a Secret");
         ctx.event(&*fleet, true, n.reason, n.message.clone()).await;
@@ -228,6 +241,24 @@ async fn apply_fleet(fleet: Arc<GatewayFleet>, ctx: Arc<Context>) -> Result<Acti
         &d.pdb,
     )
     .await?;
+    let policies = Api::<NetworkPolicy>::namespaced(client.clone(), &ns);
+    match netpol::network_policy(&fleet, &ctx.operator_namespace).map_err(|e| Error::Build(e.to_string()))? {
+        Some(p) => {
+            apply(&policies, &p).await?;
+        }
+        // Turned off: the one applied before goes (only ours, by its owner reference).
+        None => {
+            if let Some(p) = policies.get_opt(&fleet.name_any()).await?
+                && p.owner_references()
+                    .iter()
+                    .any(|o| Some(&o.uid) == fleet.uid().as_ref())
+            {
+                policies
+                    .delete(&fleet.name_any(), &DeleteParams::default())
+                    .await?;
+            }
+        }
+    }
 
     // Per-pod front Services of pods that no longer exist (VIP mode scaled in, or mode
     // switched to SLB) are removed.
@@ -290,8 +321,11 @@ async fn scale_step(
         return Ok((spec.min_replicas, 0, false, Vec::new()));
     };
     let mut reports = Vec::new();
-    let mut all_reported = true;
-    for ordinal in 0..current {
+    // Without admin TLS the pods' admin API is on their loopback: no reports (and so no
+    // scale-in), rather than a connection timeout per pod and round.
+    let reachable = fleet.spec.admin_tls_secret_name.is_some();
+    let mut all_reported = reachable;
+    for ordinal in (0..current).filter(|_| reachable) {
         match ctx.admin.report(ns, &name, ordinal).await {
             Ok(r) => reports.push(r),
             Err(e) => {

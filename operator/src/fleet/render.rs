@@ -109,6 +109,11 @@ pub fn render(fleet_file: &Path, config_dir: &Path) -> Result<String, RenderErro
         push(s)?;
     }
     push(&d.pdb)?;
+    // The operator's namespace as the operator itself would take it.
+    let operator_ns = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "default".to_owned());
+    if let Some(p) = super::netpol::network_policy(&fleet, &operator_ns)? {
+        push(&p)?;
+    }
     Ok(out)
 }
 
@@ -137,7 +142,13 @@ mod tests {
             &root.join("examples"),
         )
         .unwrap();
-        for kind in ["ConfigMap", "StatefulSet", "Service", "PodDisruptionBudget"] {
+        for kind in [
+            "ConfigMap",
+            "StatefulSet",
+            "Service",
+            "PodDisruptionBudget",
+            "NetworkPolicy",
+        ] {
             assert!(out.contains(&format!("kind: {kind}\n")), "{kind} missing:\n{out}");
         }
         assert!(out.contains("namespace: concentrator"));

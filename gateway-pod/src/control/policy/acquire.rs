@@ -51,14 +51,7 @@ impl Driver {
             return;
         }
         pending.insert(key, now);
-        let Some(base) = self
-            .gateway
-            .config
-            .set
-            .egroups
-            .get(&egroup)
-            .map(|g| g.eroute.clone())
-        else {
+        let Some(base) = self.config.set.egroups.get(&egroup).map(|g| g.eroute.clone()) else {
             return;
         };
         tracing::info!(%dst, %subnet, %egroup, %base_remote, "traffic toward a site without a tunnel");

@@ -149,13 +149,7 @@ impl Driver {
             return;
         };
         let peer_id = rec.peer_id.clone();
-        let base_remote = self
-            .gateway
-            .config
-            .set
-            .eroutes
-            .get(&base_eroute)
-            .map(|e| e.remote_subnet);
+        let base_remote = self.config.set.eroutes.get(&base_eroute).map(|e| e.remote_subnet);
         let result = result.and_then(|site| match base_remote {
             Some(net) => Egroups::check_subnet(&site, net).map(|()| site),
             None => Err(LookupError::NotFound),
