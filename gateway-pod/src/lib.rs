@@ -109,7 +109,15 @@ pub async fn open_site_store(opts: &Options) -> Result<SiteStore, sitedb::SiteDb
 /// Opens the site store and starts the admin API and metrics for an already loaded config.
 pub async fn start(opts: &Options, config: Config) -> Result<Running, StartError> {
     // First: an admin API that may not be served stops the start before anything else does.
-    let admin_tls = admin::server_tls(opts)?;
+    // Built now, not when the API starts: a key that does not match its certificate must stop
+    // the start before this pod joins the fleet.
+    let admin_tls = admin::server_tls(opts)?
+        .map(|tls| {
+            let dir = tls.dir().to_owned();
+            admin::incoming::ReloadingTls::new(tls).map(|t| (dir, Arc::new(t)))
+        })
+        .transpose()
+        .map_err(admin::AdminTlsError::from)?;
     let admin_client_tls = admin::client_tls(opts).map_err(admin::AdminTlsError::from)?;
     let site_store = open_site_store(opts).await?;
     // The embedded store is ours to shape. An external database belongs to its operators:
@@ -214,9 +222,8 @@ pub async fn start(opts: &Options, config: Config) -> Result<Running, StartError
         let _ = rx.await;
     };
     let admin_task = match admin_tls {
-        Some(tls) => {
-            tracing::info!(dir = %tls.dir().display(), "admin API requires mutual TLS");
-            let tls = Arc::new(admin::incoming::ReloadingTls::new(tls).map_err(admin::AdminTlsError::from)?);
+        Some((dir, tls)) => {
+            tracing::info!(dir = %dir.display(), "admin API requires mutual TLS");
             let incoming =
                 tokio_stream::wrappers::ReceiverStream::new(admin::incoming::incoming(listener, tls));
             tokio::spawn(router.serve_with_incoming_shutdown(incoming, stop))

@@ -275,6 +275,16 @@ impl Net {
         self.gw = fresh;
     }
 
+    /// The site rekeys its CHILD SA `n` times, each exchange run to its end.
+    fn site_rekeys(&mut self, n: usize) {
+        for _ in 0..n {
+            let spi_in = *self.site.children.keys().next().unwrap();
+            let id = self.site.id();
+            assert!(self.site.ep.rekey_child(id, spi_in, self.now, &mut SystemEntropy));
+            self.run();
+        }
+    }
+
     /// Every CHILD SA pair agrees: our outbound keys are the peer's inbound keys.
     fn assert_keys_agree(&self) {
         assert_eq!(
@@ -401,12 +411,7 @@ fn a_restored_sa_still_drops_a_request_far_beyond_its_window() {
     let mut net = Net::established_with(false, GCM);
     let stale = net.gw.ep.snapshot(net.gw.id(), net.now).unwrap().encode();
     // Twenty exchanges the copy never hears of: more than a copy can lag behind.
-    for _ in 0..20 {
-        let spi_in = *net.site.children.keys().next().unwrap();
-        let id = net.site.id();
-        assert!(net.site.ep.rekey_child(id, spi_in, net.now, &mut SystemEntropy));
-        net.run();
-    }
+    net.site_rekeys(20);
     net.gateway_from_copy(&stale);
     let id = net.site.id();
     net.site.ep.delete(id, net.now);
@@ -427,12 +432,7 @@ fn a_copy_far_behind_synchronizes_message_ids_with_the_peer() {
     assert!(IkeSaSnapshot::decode(&stale).unwrap().mid_sync_supported);
     // Twenty exchanges of the site that the copy never hears of: beyond any catch-up window.
     // (Our own requests are replicated before they are sent: a copy is not behind in those.)
-    for _ in 0..20 {
-        let spi_in = *net.site.children.keys().next().unwrap();
-        let id = net.site.id();
-        assert!(net.site.ep.rekey_child(id, spi_in, net.now, &mut SystemEntropy));
-        net.run();
-    }
+    net.site_rekeys(20);
     let (site_next, site_expects) = site_counters(&net);
     net.gateway_from_copy(&stale);
     // The restored gateway asks at once (RFC 6311 §4.2) and takes the site's counters.

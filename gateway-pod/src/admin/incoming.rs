@@ -15,6 +15,8 @@ use tokio_rustls::server::TlsStream;
 /// How often the files may be read again: often enough that a renewal is seen within seconds,
 /// rarely enough that a burst of connections does not read them each time.
 pub const RECHECK: Duration = Duration::from_secs(1);
+/// TLS handshakes in progress at most.
+const MAX_HANDSHAKES: usize = 64;
 /// Longest a client may take for its handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -89,6 +91,7 @@ pub fn incoming(
     tls: Arc<ReloadingTls>,
 ) -> mpsc::Receiver<std::io::Result<TlsStream<TcpStream>>> {
     let (tx, rx) = mpsc::channel(32);
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -104,9 +107,17 @@ pub fn incoming(
                     continue;
                 }
             };
+            // A client opening connections in a loop must not take every file descriptor of
+            // the pod (etcd, replication and IKE need theirs): handshakes beyond the bound are
+            // closed at once.
+            let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                tracing::info!(%peer, "admin API: too many TLS handshakes at once; connection closed");
+                continue;
+            };
             let acceptor = tokio_rustls::TlsAcceptor::from(tls.config());
             let tx = tx.clone();
             tokio::spawn(async move {
+                let _permit = permit;
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
                         let _ = tx.send(Ok(stream)).await;

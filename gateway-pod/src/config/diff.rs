@@ -80,12 +80,12 @@ impl ConfigDiff {
     }
 
     /// Whether the SAs of a tunnel on `eroute` (and of `egroup`, for a dynamic eroute) must
-    /// close: their eroute or egroup is gone. Changed ones run on with what they negotiated.
+    /// close: their eroute or egroup is gone (an egroup kept but pointed at a new eroute
+    /// leaves its SAs without the eroute they run on). Changed ones run on with what they
+    /// negotiated.
     pub fn closes(&self, eroute: Option<&str>, egroup: Option<&str>) -> bool {
-        match egroup {
-            Some(g) => self.egroups.removed.contains(g),
-            None => eroute.is_some_and(|e| self.eroutes.removed.contains(e)),
-        }
+        egroup.is_some_and(|g| self.egroups.removed.contains(g))
+            || eroute.is_some_and(|e| self.eroutes.removed.contains(e))
     }
 }
 
@@ -172,6 +172,23 @@ mod tests {
         assert_eq!(d.eroutes.removed, names(&["branches"]));
         assert!(d.closes(Some("branches"), Some("branches")));
         assert!(!d.closes(Some("hq"), None));
+    }
+
+    #[test]
+    fn an_egroup_pointed_at_a_renamed_eroute_closes_the_old_eroutes_sas() {
+        let a = config(
+            &[("branches", BRANCHES)],
+            &[("sites", "eroute: branches\nremoteSubnetPrefix: 24\n")],
+            &[],
+        );
+        let b = config(
+            &[("branches-v2", BRANCHES)],
+            &[("sites", "eroute: branches-v2\nremoteSubnetPrefix: 24\n")],
+            &[],
+        );
+        let d = ConfigDiff::between(&a, &b);
+        assert_eq!(d.egroups.changed, names(&["sites"]));
+        assert!(d.closes(Some("branches"), Some("sites")));
     }
 
     #[test]

@@ -246,13 +246,23 @@ impl Driver {
             return;
         };
         let config = Arc::clone(&self.config);
+        // A dynamic eroute's egroup must still be here and still name that eroute (the dead
+        // owner may not have taken a reload this member took).
+        let egroup_ok = ctx.egroup.as_deref().is_none_or(|g| {
+            config
+                .set
+                .egroups
+                .get(g)
+                .is_some_and(|g| ctx.eroute.as_deref() == Some(g.eroute.as_str()))
+        });
         let eroute = ctx
             .eroute
             .as_deref()
+            .filter(|_| egroup_ok)
             .and_then(|n| config.set.eroutes.get(n).map(|e| (n, e)));
         let Some((name, e)) = eroute else {
             fail(self, "eroute");
-            tracing::warn!(member = %owner, peer_id = %ctx.peer_id, eroute = ?ctx.eroute, "replicated IKE SA of an eroute this member does not have");
+            tracing::warn!(member = %owner, peer_id = %ctx.peer_id, eroute = ?ctx.eroute, egroup = ?ctx.egroup, "replicated IKE SA of an eroute or egroup this member does not have");
             return;
         };
         let subnet = ctx.site_subnet.unwrap_or(e.remote_subnet);

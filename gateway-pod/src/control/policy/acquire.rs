@@ -117,7 +117,17 @@ impl Driver {
         claim: Option<crate::cluster::SiteKey>,
     ) {
         let config = Arc::clone(&self.config);
-        let Some(e) = config.set.eroutes.get(base_eroute) else {
+        // A reload may have removed the egroup, or pointed it at another eroute, while the
+        // lookup or the claim was under way: nothing to connect, and the claim goes back.
+        let current = config
+            .set
+            .egroups
+            .get(egroup)
+            .is_some_and(|g| g.eroute == base_eroute);
+        let Some(e) = config.set.eroutes.get(base_eroute).filter(|_| current) else {
+            if let Some(key) = claim {
+                self.release_site(key);
+            }
             return;
         };
         if self.egroups.has_dynamic(egroup, &site.peer_id) {
@@ -148,7 +158,12 @@ impl Driver {
                 };
                 self.sas.insert(id, rec);
             }
-            Err(err) => tracing::warn!(peer_id = %site.peer_id, error = %err, "cannot initiate to a site"),
+            Err(err) => {
+                tracing::warn!(peer_id = %site.peer_id, error = %err, "cannot initiate to a site");
+                if let Some(key) = claim {
+                    self.release_site(key);
+                }
+            }
         }
     }
 }
