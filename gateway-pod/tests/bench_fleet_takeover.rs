@@ -16,6 +16,8 @@
 //! are about behaviour, never about time: every site establishes in both modes, replication
 //! sends bytes only when on, and after each kill every site carries traffic again.
 //!
+//! `BENCH_COPIES` (default 1) sets `--fleet-replicas` of the "on" fleet.
+//!
 //! Small by default (fit for CI: 6 sites, 2 s idle, 2 s iperf3, 1 kill). For numbers, as
 //! root and in release mode:
 //!
@@ -102,8 +104,9 @@ fn measure(replicas: &str, n: usize, ticks: f64) -> Result<(Mode, tempfile::Temp
     sites::in_parallel(&started, THREADS, |s| s.initiate())?;
     fleet.wait_metric_sum("ike_sas_established", TIMEOUT, |v| v == n as f64)?;
     let setup = t0.elapsed();
-    if replicas != "0" {
-        fleet.wait_metric_sum("fleet_replica_sas", TIMEOUT, |v| v == n as f64)?;
+    let copies: usize = replicas.parse().unwrap_or(1);
+    if copies > 0 {
+        fleet.wait_metric_sum("fleet_replica_sas", TIMEOUT, |v| v == (n * copies) as f64)?;
     }
     let cpu = gateway_cpu(&fleet, ticks) - cpu0;
     let setup_bytes = replication_bytes(&fleet)? - bytes0;
@@ -152,7 +155,7 @@ fn measure(replicas: &str, n: usize, ticks: f64) -> Result<(Mode, tempfile::Temp
 }
 
 /// Kills the busiest pod while every site pings; the sites' gaps. Restarts it after.
-fn kill_once(fleet: &mut Fleet, started: &[Site], round: u64) -> Result<Vec<Duration>> {
+fn kill_once(fleet: &mut Fleet, started: &[Site], round: u64, copies: usize) -> Result<Vec<Duration>> {
     let n = started.len();
     let owners: Vec<usize> = started
         .iter()
@@ -195,11 +198,11 @@ fn kill_once(fleet: &mut Fleet, started: &[Site], round: u64) -> Result<Vec<Dura
             )
         })?;
     }
-    // Three pods again, every SA with its copy.
+    // Three pods again, every SA with its copies.
     fleet.start_pod(victim)?;
     fleet.front().restore_endpoint(victim)?;
     fleet.wait_members(PODS, fleet::MEMBERS_TIMEOUT)?;
-    fleet.wait_metric_sum("fleet_replica_sas", TIMEOUT, |v| v == n as f64)?;
+    fleet.wait_metric_sum("fleet_replica_sas", TIMEOUT, |v| v == (n * copies) as f64)?;
     eprintln!(
         "kill {round}: gw-{victim} held {} of {n}; largest gap {:?}",
         count[victim],
@@ -227,11 +230,14 @@ fn replication_cost_and_takeover_gaps() -> Result<()> {
     );
     drop(sites_off);
     drop(fleet_off);
-    let (on, _c1, mut fleet, started) = measure("1", n, ticks)?;
+    // BENCH_COPIES=2 measures two copies of every SA (4 pods would be needed to lose two at
+    // once; the kills below still kill one).
+    let copies = common::env_num("BENCH_COPIES", 1).max(1).to_string();
+    let (on, _c1, mut fleet, started) = measure(&copies, n, ticks)?;
     ensure!(on.setup_bytes_per_sa > 0.0, "replication on sent nothing");
 
     let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
-    eprintln!("\n{n} sites, 3 pods; replication on vs off (same run):");
+    eprintln!("\n{n} sites, 3 pods; replication on ({copies} copies) vs off (same run):");
     eprintln!(
         "  setup of all sites:        {:>8.2?} vs {:>8.2?}  (x{:.2})",
         on.setup,
@@ -259,7 +265,7 @@ fn replication_cost_and_takeover_gaps() -> Result<()> {
     let mut all = Vec::new();
     let mut worst = Vec::new();
     for round in 1..=kills {
-        let gaps = kill_once(&mut fleet, &started, round)?;
+        let gaps = kill_once(&mut fleet, &started, round, copies.parse().unwrap_or(1))?;
         worst.push(gaps.iter().max().copied().unwrap_or_default());
         all.extend(gaps);
     }
