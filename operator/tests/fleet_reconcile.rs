@@ -450,6 +450,11 @@ async fn without_admin_tls_no_pod_is_asked_and_the_fleet_stays() {
         .unwrap();
     let args = sts.body["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
     assert!(args.contains("127.0.0.1:50051"), "admin API on loopback: {args}");
+    let said = status_patch(&calls)["conditions"][0]["message"].to_string();
+    assert!(
+        said.contains("no adminTlsSecretName"),
+        "the status says why: {said}"
+    );
     let (_, result) = try_run(deleted(fleet("")), ready_world(2), pods.clone()).await;
     assert!(result.is_ok(), "deletion does not wait for pods it cannot ask");
     assert!(pods.drain_calls.lock().unwrap().is_empty());

@@ -75,6 +75,16 @@ async fn patch_status(
 ) -> Result<(), Error> {
     let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
     let (status, reason, message) = match verdict {
+        // Said where `kubectl describe` shows it: without admin TLS the operator cannot ask
+        // the pods (their admin API is on loopback), so the fleet neither scales by load nor
+        // drains before scale-in or deletion.
+        Ok(()) if fleet.spec.admin_tls_secret_name.is_none() => (
+            "True",
+            "Applied",
+            "gateway objects applied; no adminTlsSecretName: the pods' admin API is on loopback, \
+             so the fleet does not scale by load and is not drained (docs/security.md)"
+                .to_owned(),
+        ),
         Ok(()) => ("True", "Applied", "gateway objects applied".to_owned()),
         Err(n) => ("False", n.reason, n.message),
     };
