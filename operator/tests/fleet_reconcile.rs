@@ -269,6 +269,7 @@ async fn create_applies_every_object_and_reports_ready() {
         patched(&calls),
         [
             format!("{p}/configmaps/edge-config"),
+            format!("{p}/secrets/edge-config-secrets"),
             format!("{p}/services/edge-pods"),
             format!("{p}/services/edge"),
             "/apis/apps/v1/namespaces/vpn/statefulsets/edge".to_owned(),
@@ -277,6 +278,13 @@ async fn create_applies_every_object_and_reports_ready() {
         ]
     );
     assert_eq!(sts_replicas(&calls), 2, "a new fleet starts at minReplicas");
+    // The config's keys travel in the operator's Secret; the fleet key does not.
+    let carried = calls
+        .iter()
+        .find(|c| c.method == Method::PATCH && c.path.ends_with("/secrets/edge-config-secrets"))
+        .unwrap();
+    let keys: Vec<&String> = carried.body["data"].as_object().unwrap().keys().collect();
+    assert_eq!(keys, ["hq_psk.secret"]);
     // The stale per-pod Service left from an earlier VIP mode is deleted.
     let deleted: Vec<_> = calls
         .iter()

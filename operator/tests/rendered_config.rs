@@ -23,11 +23,20 @@ fn gateway_loads_what_the_operator_renders() {
     let rendered = build::render_config(&eroutes, &egroups).unwrap();
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("concentrator.yaml"), &rendered).unwrap();
-    // The Secret volume the StatefulSet mounts puts each referenced key here.
-    for (name, key) in build::referenced_secrets(&eroutes, &egroups) {
-        let p = dir.path().join("secrets").join(&name).join(&key);
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(p, "from-a-secret").unwrap();
+    // The operator's <fleet>-config-secrets, mounted whole beside the ConfigMap, puts each
+    // referenced key at the top of the directory under the name its builder gives it.
+    let fleet: concentrator_crds::GatewayFleet = serde_yaml::from_str(
+        "apiVersion: vpn.concentrator.io/v1alpha1\nkind: GatewayFleet\nmetadata: {name: edge, namespace: vpn}\n\
+         spec:\n  etcd: {endpoints: [\"http://etcd:2379\"]}\n  fleetKeySecretRef: {name: f, key: k}\n",
+    )
+    .unwrap();
+    let values = build::referenced_secrets(&eroutes, &egroups)
+        .into_iter()
+        .map(|r| (r, k8s_openapi::ByteString(b"from-a-secret".to_vec())))
+        .collect();
+    let carried = build::config_secrets(&fleet, &values).unwrap();
+    for (file, value) in carried.data.unwrap() {
+        std::fs::write(dir.path().join(file), value.0).unwrap();
     }
     let cfg = concentrator_gateway::config::load_dir(dir.path()).unwrap();
     assert_eq!(cfg.set.eroutes.len(), 2);

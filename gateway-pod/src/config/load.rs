@@ -269,6 +269,23 @@ spec:
     }
 
     #[test]
+    fn reads_a_secret_from_the_operators_flat_layout_too() {
+        let d = dir(&[("static.yaml", STATIC), ("hq-backup_psk.secret", "fl4t\n")]);
+        let c = load_dir(d.path()).unwrap();
+        assert_eq!(c.static_psks["hq-backup"].expose(), b"fl4t");
+        // The directory layout wins where both are there.
+        let d = dir(&[
+            ("static.yaml", STATIC),
+            ("secrets/hq-backup/psk", "dir"),
+            ("hq-backup_psk.secret", "flat"),
+        ]);
+        assert_eq!(
+            load_dir(d.path()).unwrap().static_psks["hq-backup"].expose(),
+            b"dir"
+        );
+    }
+
+    #[test]
     fn rejects_unknown_secret_naming_the_file() {
         let d = dir(&[("static.yaml", STATIC)]);
         let e = load_dir(d.path()).unwrap_err().to_string();

@@ -15,8 +15,8 @@ use zeroize::Zeroizing;
 /// Directory levels followed below the config directory: `secrets/<name>/<key>` is three.
 const MAX_DEPTH: usize = 3;
 
-/// A digest of what `load_dir` reads in `dir`: the `*.yaml`/`*.yml` files and every visible
-/// file under `secrets/` (names and contents, symlinks followed, hidden names such as
+/// A digest of what `load_dir` reads in `dir`: the `*.yaml`/`*.yml` and `*.secret` files and
+/// every visible file under `secrets/` (names and contents, symlinks followed, hidden names such as
 /// kubelet's `..data` skipped: what they hold is seen through the visible links).
 /// Unreadable entries count by their name and error kind, so a file that becomes readable
 /// changes the digest.
@@ -43,7 +43,11 @@ fn walk(dir: &Path, rel: &Path, depth: usize, h: &mut DefaultHasher) {
             // At the top, only what `load_dir` reads: other files (notes, backups) cost
             // nothing to change.
             !n.starts_with('.')
-                && (depth > 0 || n == "secrets" || n.ends_with(".yaml") || n.ends_with(".yml"))
+                && (depth > 0
+                    || n == "secrets"
+                    || n.ends_with(".yaml")
+                    || n.ends_with(".yml")
+                    || n.ends_with(".secret"))
         })
         .collect();
     names.sort();
@@ -94,7 +98,11 @@ mod tests {
         assert_ne!(edited, with_secret);
         std::fs::write(d.join("secrets/hq/psk"), "k2").unwrap();
         assert_ne!(with_secret, fingerprint(d), "a rotated key");
+        let before_flat = fingerprint(d);
+        std::fs::write(d.join("lab_psk.secret"), "k3").unwrap();
+        assert_ne!(before_flat, fingerprint(d), "a key in the operator's flat layout");
         std::fs::remove_dir_all(d.join("secrets")).unwrap();
+        std::fs::remove_file(d.join("lab_psk.secret")).unwrap();
         assert_eq!(edited, fingerprint(d), "removed again");
     }
 

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use concentrator_crds::fleet::{FrontMode, FrontServiceType};
 use concentrator_crds::{Egroup, Eroute, GatewayFleet, SecretKeyRef};
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::{Resource, ResourceExt};
 use serde_json::{Value, json};
@@ -195,6 +195,40 @@ pub fn referenced_secrets(eroutes: &[Eroute], egroups: &[Egroup]) -> BTreeSet<(S
     refs
 }
 
+/// The name of the fleet's Secret that carries the keys its config refers to.
+pub fn config_secrets_name(fleet: &str) -> String {
+    format!("{fleet}-config-secrets")
+}
+
+/// The fleet's Secret carrying the keys its Eroutes and Egroups refer to (`values`, by
+/// Secret name and key), each under the name the gateway reads at the top of its config
+/// directory (`<name>_<key>.secret`).
+pub fn config_secrets(
+    fleet: &GatewayFleet,
+    values: &std::collections::BTreeMap<(String, String), k8s_openapi::ByteString>,
+) -> Result<Secret, BuildError> {
+    let name = fleet.meta().name.clone().ok_or(BuildError::Unnamed)?;
+    let ns = fleet.meta().namespace.clone().ok_or(BuildError::Unnamed)?;
+    let data: serde_json::Map<String, Value> = values
+        .iter()
+        .map(|((secret, key), v)| {
+            (
+                format!("{secret}_{key}.secret"),
+                serde_json::to_value(v).unwrap_or(Value::Null),
+            )
+        })
+        .collect();
+    typed(
+        "Secret",
+        json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": meta(fleet, &config_secrets_name(&name), &ns),
+            "type": "Opaque",
+            "data": data,
+        }),
+    )
+}
+
 /// Builds every object of the fleet.
 pub fn desired(
     fleet: &GatewayFleet,
@@ -218,17 +252,13 @@ pub fn desired(
         }),
     )?;
 
-    let mut sources = vec![json!({"configMap": {"name": config_name}})];
-    let mut by_secret: std::collections::BTreeMap<String, Vec<Value>> = Default::default();
-    for (secret, key) in referenced_secrets(eroutes, egroups) {
-        by_secret
-            .entry(secret.clone())
-            .or_default()
-            .push(json!({"key": key, "path": format!("secrets/{secret}/{key}")}));
-    }
-    for (secret, items) in by_secret {
-        sources.push(json!({"secret": {"name": secret, "items": items}}));
-    }
+    // The Secrets the config refers to come through one Secret of the operator's, whole:
+    // which Eroutes and Secrets exist never shows in the pod template, so no edit rolls the
+    // pods (kubelet updates the volume and the gateway reloads).
+    let sources = vec![
+        json!({"configMap": {"name": config_name}}),
+        json!({"secret": {"name": config_secrets_name(&name)}}),
+    ];
 
     let image = spec.image.clone().unwrap_or_else(|| DEFAULT_IMAGE.to_owned());
     // From the Secret straight into the environment: the URL holds a password and never
@@ -710,8 +740,32 @@ mod tests {
             .unwrap();
         let sources = cfg.projected.as_ref().unwrap().sources.as_ref().unwrap();
         let secret = sources.iter().find_map(|s| s.secret.as_ref()).unwrap();
-        assert_eq!(secret.name, "hq");
-        assert_eq!(secret.items.as_ref().unwrap()[0].path, "secrets/hq/psk");
+        assert_eq!(secret.name, "edge-config-secrets");
+        assert!(secret.items.is_none(), "the whole Secret: no key in the template");
+        let values = [(
+            ("hq".to_owned(), "psk".to_owned()),
+            k8s_openapi::ByteString(b"k".to_vec()),
+        )]
+        .into();
+        let s = config_secrets(&fleet(""), &values).unwrap();
+        assert_eq!(s.metadata.name.as_deref(), Some("edge-config-secrets"));
+        assert_eq!(s.data.unwrap()["hq_psk.secret"].0, b"k");
+    }
+
+    #[test]
+    fn a_new_eroute_with_its_own_secret_leaves_the_pod_template_alone() {
+        let a = desired(&fleet(""), &[eroute()], &[], 1).unwrap();
+        let mut lab = eroute();
+        lab.metadata.name = Some("lab".into());
+        lab.spec.psk_secret_ref = Some(SecretKeyRef {
+            name: "lab".into(),
+            key: "psk".into(),
+        });
+        let b = desired(&fleet(""), &[eroute(), lab], &[], 1).unwrap();
+        assert_eq!(
+            serde_json::to_value(&a.statefulset.spec.as_ref().unwrap().template).unwrap(),
+            serde_json::to_value(&b.statefulset.spec.as_ref().unwrap().template).unwrap()
+        );
     }
 
     #[test]

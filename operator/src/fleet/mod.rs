@@ -56,6 +56,30 @@ async fn missing_secrets(
     Ok(None)
 }
 
+/// The values of the Secret keys the config refers to (checked present just before; one
+/// that went since is left out, and the pods' reload names it).
+async fn secret_values(
+    api: &Api<Secret>,
+    wanted: &BTreeSet<(String, String)>,
+) -> Result<std::collections::BTreeMap<(String, String), k8s_openapi::ByteString>, Error> {
+    let mut values = std::collections::BTreeMap::new();
+    for (name, key) in wanted {
+        let Some(s) = api.get_opt(name).await? else {
+            continue;
+        };
+        let value = s.data.as_ref().and_then(|d| d.get(key).cloned()).or_else(|| {
+            s.string_data
+                .as_ref()
+                .and_then(|d| d.get(key))
+                .map(|v| k8s_openapi::ByteString(v.clone().into_bytes()))
+        });
+        if let Some(v) = value {
+            values.insert((name.clone(), key.clone()), v);
+        }
+    }
+    Ok(values)
+}
+
 async fn apply<K>(api: &Api<K>, obj: &K) -> Result<K, Error>
 where
     K: Resource + Clone + serde::Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
@@ -214,7 +238,8 @@ async fn apply_fleet(fleet: Arc<GatewayFleet>, ctx: Arc<Context>) -> Result<Acti
         // object is applied within seconds rather than a minute.
         return Ok(Action::requeue(Duration::from_secs(15)));
     }
-    let mut wanted = build::referenced_secrets(&eroutes, &egroups);
+    let config_refs = build::referenced_secrets(&eroutes, &egroups);
+    let mut wanted = config_refs.clone();
     let fk = &fleet.spec.fleet_key_secret_ref;
     wanted.insert((fk.name.clone(), fk.key.clone()));
     if let Some(r) = &fleet.spec.site_database_url_secret_ref {
@@ -236,6 +261,10 @@ async fn apply_fleet(fleet: Arc<GatewayFleet>, ctx: Arc<Context>) -> Result<Acti
     let (replicas, tunnels, draining, reports) = scale_step(&ctx, &sts_api, &fleet, &ns, window).await?;
     let d = build::desired(&fleet, &eroutes, &egroups, replicas).map_err(|e| Error::Build(e.to_string()))?;
     apply(&Api::<ConfigMap>::namespaced(client.clone(), &ns), &d.config).await?;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let values = secret_values(&secrets, &config_refs).await?;
+    let carried = build::config_secrets(&fleet, &values).map_err(|e| Error::Build(e.to_string()))?;
+    apply(&secrets, &carried).await?;
     let services: Api<Service> = Api::namespaced(client.clone(), &ns);
     apply(&services, &d.headless).await?;
     for s in &d.fronts {

@@ -103,6 +103,13 @@ pub fn render(fleet_file: &Path, config_dir: &Path) -> Result<String, RenderErro
         Ok(())
     };
     push(&d.config)?;
+    // The Secret that carries the config's keys, with each key and no value: a preview never
+    // prints a PSK (the operator copies the values from the Secrets the config names).
+    let values = build::referenced_secrets(&eroutes, &egroups)
+        .into_iter()
+        .map(|r| (r, k8s_openapi::ByteString(Vec::new())))
+        .collect();
+    push(&build::config_secrets(&fleet, &values)?)?;
     push(&d.statefulset)?;
     push(&d.headless)?;
     for s in &d.fronts {
@@ -148,9 +155,14 @@ mod tests {
             "Service",
             "PodDisruptionBudget",
             "NetworkPolicy",
+            "Secret",
         ] {
             assert!(out.contains(&format!("kind: {kind}\n")), "{kind} missing:\n{out}");
         }
+        assert!(
+            out.contains("hq-backup_psk.secret: ''"),
+            "the key, no value:\n{out}"
+        );
         assert!(out.contains("namespace: concentrator"));
     }
 }
