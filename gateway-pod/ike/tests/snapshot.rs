@@ -260,12 +260,17 @@ impl Net {
     /// The gateway dies and `copy` (an encoded snapshot of its SA, maybe stale) carries on
     /// in a fresh endpoint.
     fn gateway_from_copy(&mut self, copy: &[u8]) {
+        self.gateway_from_copy_with(copy, gw_config());
+    }
+
+    /// [`Self::gateway_from_copy`] under `config`.
+    fn gateway_from_copy_with(&mut self, copy: &[u8], config: Arc<responder::Config>) {
         let mut fresh = End::new();
         let restored = fresh
             .ep
             .restore(
                 IkeSaSnapshot::decode(copy).unwrap(),
-                gw_config(),
+                config,
                 site_config(),
                 self.now,
             )
@@ -506,19 +511,7 @@ fn a_restored_sa_asks_only_when_configured_to() {
         sync_after_restore: false,
         ..(*gw_config()).clone()
     });
-    let mut fresh = End::new();
-    let id = fresh
-        .ep
-        .restore(
-            IkeSaSnapshot::decode(&copy).unwrap(),
-            config,
-            site_config(),
-            net.now,
-        )
-        .unwrap();
-    fresh.id = Some(id);
-    fresh.children = std::mem::take(&mut net.gw.children);
-    net.gw = fresh;
+    net.gateway_from_copy_with(&copy, config);
     net.advance_to(net.now);
     net.collect();
     assert!(net.wire.is_empty(), "no sync request");

@@ -182,13 +182,11 @@ impl Driver {
             view.hold(shard);
         }
         let copies = newest(store.take(adopt));
-        for owner in store.owners() {
-            if gone(owner) {
-                r.gone_since.entry(owner).or_insert(now);
-            }
-        }
         let owners = store.owners();
         r.gone_since.retain(|o, _| owners.contains(o));
+        for owner in owners.into_iter().filter(|o| gone(*o)) {
+            r.gone_since.entry(owner).or_insert(now);
+        }
         // Copies of a member gone for a while whose shard went to another live member: that
         // one carries the SA on (or the site reconnects there); ours are stale.
         let stale = store.take(|owner, shard| {
