@@ -250,6 +250,21 @@ impl Pod {
         self.admin_command(bin, &["tunnels", "--fleet"])
     }
 
+    /// `concentrator-gateway drain` in the pod with `args` (`--wait`, `--cancel`, ...):
+    /// its output (`draining: 12 tunnels left`).
+    pub fn drain(&self, bin: &Path, args: &[&str]) -> Result<String> {
+        let mut all = vec!["drain"];
+        all.extend_from_slice(args);
+        self.admin_command(bin, &all)
+    }
+
+    /// Whether the gateway's `/readyz` answers 200.
+    pub fn ready(&self) -> bool {
+        self.ns
+            .run(tools::CURL.path(), &["-sf", "http://127.0.0.1:9090/readyz"])
+            .is_ok()
+    }
+
     fn admin_command(&self, bin: &Path, args: &[&str]) -> Result<String> {
         let tls = self.admin_tls_dir();
         let tls = tls.to_str().context("non-UTF-8 path")?;
@@ -449,6 +464,24 @@ impl Fleet {
         if let Some(mut d) = self.pods[i].daemon.take() {
             d.kill();
         }
+    }
+
+    /// Waits until pod `i`'s gateway exits by itself; its exit status. The pod counts as
+    /// not started afterwards.
+    pub fn wait_pod_exit(&mut self, i: usize, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let name = self.pods[i].name();
+        let d = self.pods[i]
+            .daemon
+            .as_mut()
+            .with_context(|| format!("{name} does not run"))?;
+        let status = wait::until(format!("{name} to exit"), timeout, || {
+            Ok(match d.exit_status()? {
+                Some(st) => Probe::Ready(st),
+                None => Probe::pending(d.log_tail(5)),
+            })
+        })?;
+        self.pods[i].daemon = None;
+        Ok(status)
     }
 
     /// Freezes pod `i`'s gateway (SIGSTOP), as a stalled node or a paused VM would: it

@@ -178,6 +178,11 @@ pub struct Options {
     #[arg(long, env = "CONCENTRATOR_FLEET_KEY_FILE", value_name = "PATH")]
     pub fleet_key_file: Option<PathBuf>,
 
+    /// On SIGTERM in a fleet: how long to hand tunnels over to the other members (a drain)
+    /// before exiting. Keep it below the pod's terminationGracePeriodSeconds.
+    #[arg(long, env = "CONCENTRATOR_DRAIN_TIMEOUT", value_name = "DURATION", default_value = "45s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: std::time::Duration,
+
     /// TTL of the pod's etcd lease: a pod that dies loses its shards after this long.
     #[arg(long, env = "CONCENTRATOR_FLEET_LEASE_TTL", value_name = "DURATION", default_value = "3s", value_parser = humantime::parse_duration)]
     pub fleet_lease_ttl: std::time::Duration,
@@ -247,6 +252,24 @@ pub enum Command {
         /// gateway's. Exits with 3 if a member's list could not be had (named on stderr).
         #[arg(long)]
         fleet: bool,
+    },
+    /// Drain a running gateway through its admin API (--admin-listen): it refuses new sites
+    /// and reports not ready; in a fleet it hands its tunnels over to the other members.
+    /// Prints the state and the tunnels left. Exits 0 once asked (with --wait: once drained),
+    /// 1 if the gateway cannot be reached, 4 if --wait runs out.
+    Drain {
+        /// Stop draining: take new sites again.
+        #[arg(long, conflicts_with_all = ["wait", "exit"])]
+        cancel: bool,
+        /// Wait until no tunnel is left.
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits.
+        #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+        /// The gateway exits once drained.
+        #[arg(long)]
+        exit: bool,
     },
 }
 

@@ -72,14 +72,51 @@ pub struct Running {
 }
 
 impl Running {
-    /// Stops serving and waits for in-flight admin calls to finish.
-    pub async fn shutdown(mut self) {
+    /// Stops as on SIGTERM: in a fleet with other members to carry its tunnels on, first
+    /// hands them over (a drain, for `drain_timeout` at most); then sends an IKE DELETE for
+    /// what is left only if nobody carries it on (standalone, no other member, or no copy of
+    /// it elsewhere), and stops.
+    pub async fn stop(self, drain_timeout: std::time::Duration) {
+        let others = self.fleet.as_ref().is_some_and(|f| {
+            let me = f.view.me();
+            f.view
+                .members()
+                .iter()
+                .any(|(m, r)| Some(*m) != me && !r.load.draining)
+        });
+        if others && self.control.is_some() && !self.gateway.tunnels.is_empty() {
+            let left = self.gateway.start_drain(false);
+            tracing::info!(tunnels = left, timeout = ?drain_timeout, "stopping: handing the tunnels over to the other members first");
+            let deadline = tokio::time::Instant::now() + drain_timeout;
+            while !self.gateway.is_drained() && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            let left = self.gateway.drain_progress();
+            if left > 0 {
+                tracing::warn!(
+                    tunnels = left,
+                    "stopping with tunnels not handed over: their copies, if any, are taken over"
+                );
+            }
+        }
+        let copied = self.fleet.as_ref().is_some_and(|f| f.replicator.copies() > 0);
+        let delete = !(others && copied);
+        self.shutdown_with(delete).await;
+    }
+
+    /// Stops serving and waits for in-flight admin calls to finish (no IKE DELETE: the
+    /// tunnels end with the process).
+    pub async fn shutdown(self) {
+        self.shutdown_with(false).await;
+    }
+
+    async fn shutdown_with(mut self, delete: bool) {
         self.metrics.set_ready(false);
         if let Some(reloader) = self.reloader.take() {
             reloader.abort();
         }
         if let Some(control) = self.control.take() {
-            control.shutdown().await;
+            control.shutdown(delete).await;
         }
         if let Some(fleet) = self.fleet.take() {
             fleet.shutdown().await;
@@ -246,7 +283,8 @@ pub async fn start(opts: &Options, config: Config) -> Result<Running, StartError
         }
         .spawn()
     });
-    metrics_srv.set_ready(true);
+    gateway.set_readiness(metrics_srv.readiness());
+    metrics_srv.set_ready(!gateway.is_draining());
     Ok(Running {
         gateway,
         admin_addr,

@@ -110,10 +110,81 @@ async fn tunnels(opts: &Options, peer_id_pattern: String, eroute: String, fleet:
     }
 }
 
+/// `drain`: asks a running gateway to drain (or to stop draining), and waits if asked.
+async fn drain(opts: &Options, cancel: bool, wait: Option<std::time::Duration>, exit: bool) -> ExitCode {
+    use concentrator_proto::admin::{DrainRequest, drain_status::State};
+    let addr = opts.admin_listen.to_string();
+    let connected = match concentrator_gateway::admin::client_tls(opts) {
+        Ok(tls) => concentrator_gateway::admin::connect(&addr, tls.as_ref()).await,
+        Err(e) => Err(e.to_string()),
+    };
+    let mut client = match connected {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("concentrator-gateway drain: cannot reach the admin API at {addr}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let deadline = wait.map(|w| tokio::time::Instant::now() + w);
+    loop {
+        let r = client
+            .drain(DrainRequest {
+                cancel,
+                exit_when_drained: exit,
+            })
+            .await;
+        let status = match r {
+            Ok(r) => r.into_inner(),
+            // A gateway asked to exit once drained may be gone before it answers again.
+            Err(_) if exit && deadline.is_some() => {
+                println!("drained (the gateway exited)");
+                return ExitCode::SUCCESS;
+            }
+            Err(s) => {
+                eprintln!(
+                    "concentrator-gateway drain: {}",
+                    concentrator_gateway::admin::status_text(&s)
+                );
+                return ExitCode::from(2);
+            }
+        };
+        let state = match status.state() {
+            State::Active => "active",
+            State::Draining => "draining",
+            State::Drained => "drained",
+            State::Unspecified => "unknown",
+        };
+        let done = status.state() != State::Draining;
+        match deadline {
+            Some(d) if !done => {
+                if tokio::time::Instant::now() >= d {
+                    println!("{state}: {} tunnels left", status.remaining_tunnels);
+                    eprintln!("concentrator-gateway drain: not drained in time");
+                    return ExitCode::from(4);
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            _ => {
+                println!("{state}: {} tunnels left", status.remaining_tunnels);
+                return ExitCode::SUCCESS;
+            }
+        }
+    }
+}
+
 /// `migrate` and `sites import`: one-shot maintenance of the site store.
 async fn maintain(opts: &Options, command: &Command) -> ExitCode {
     if let Command::EspStatic(args) = command {
         return esp_static(args).await;
+    }
+    if let Command::Drain {
+        cancel,
+        wait,
+        timeout,
+        exit,
+    } = command
+    {
+        return drain(opts, *cancel, wait.then_some(*timeout), *exit).await;
     }
     if let Command::Tunnels {
         peer_id,
@@ -137,7 +208,7 @@ async fn maintain(opts: &Options, command: &Command) -> ExitCode {
         }
     };
     let result = match command {
-        Command::EspStatic(_) | Command::Tunnels { .. } => Ok(String::new()),
+        Command::EspStatic(_) | Command::Tunnels { .. } | Command::Drain { .. } => Ok(String::new()),
         Command::Migrate => store
             .migrate()
             .await
@@ -227,9 +298,12 @@ async fn run(opts: Options) -> ExitCode {
         site_store = running.site_store.kind(),
         "gateway ready"
     );
-    stop.wait().await;
-    tracing::info!("shutting down");
-    running.shutdown().await;
+    let gateway = running.gateway.clone();
+    tokio::select! {
+        () = stop.wait() => tracing::info!("stop signal: shutting down"),
+        () = gateway.stop_requested() => tracing::info!("drained: shutting down as asked"),
+    }
+    running.stop(opts.drain_timeout).await;
     ExitCode::SUCCESS
 }
 

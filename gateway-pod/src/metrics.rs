@@ -216,6 +216,11 @@ impl Metrics {
             d.seq_ceiling.clone(),
         );
         r.register(
+            "esp_dropped_handover",
+            "Packets dropped while their SA was handed over to another member of the fleet (a drain)",
+            d.handover.clone(),
+        );
+        r.register(
             "esp_sa_soft_expired",
             "CHILD SA directions that reached rekeyBytes/rekeyPackets (a rekey was started)",
             d.soft_expired.clone(),
@@ -306,6 +311,7 @@ impl Metrics {
                 "esp_dropped_seq_ceiling".to_owned(),
                 self.dataplane.seq_ceiling.get(),
             ),
+            ("esp_dropped_handover".to_owned(), self.dataplane.handover.get()),
             (
                 "esp_sa_soft_expired".to_owned(),
                 self.dataplane.soft_expired.get(),

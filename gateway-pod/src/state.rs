@@ -1,7 +1,7 @@
 //! State shared by the gateway's tasks.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -15,6 +15,12 @@ pub struct Gateway {
     pub tunnels: TunnelTable,
     pub metrics: Metrics,
     draining: AtomicBool,
+    /// Exit once drained (a Drain call asked for it).
+    exit_when_drained: AtomicBool,
+    /// `/readyz`: not ready while draining, so the front sends no new flow here.
+    readiness: OnceLock<Arc<AtomicBool>>,
+    /// Woken when the process should stop (drained, and asked to exit then).
+    stop: tokio::sync::Notify,
 }
 
 impl Gateway {
@@ -26,6 +32,9 @@ impl Gateway {
             tunnels: TunnelTable::default(),
             metrics,
             draining: AtomicBool::new(false),
+            exit_when_drained: AtomicBool::new(false),
+            readiness: OnceLock::new(),
+            stop: tokio::sync::Notify::new(),
         }
     }
 
@@ -50,12 +59,57 @@ impl Gateway {
         self.draining.load(Ordering::Relaxed)
     }
 
-    /// Stops accepting new sites; returns how many tunnels remain.
-    pub fn start_drain(&self) -> usize {
+    /// The flag behind `/readyz` (set once, when the metrics server starts).
+    pub fn set_readiness(&self, ready: Arc<AtomicBool>) {
+        let _ = self.readiness.set(ready);
+    }
+
+    /// Stops accepting new sites and reports not ready; in a fleet the driver hands the
+    /// tunnels over to the other members. Returns how many tunnels remain.
+    pub fn start_drain(&self, exit_when_drained: bool) -> usize {
         self.draining.store(true, Ordering::Relaxed);
+        if exit_when_drained {
+            self.exit_when_drained.store(true, Ordering::Relaxed);
+        }
+        if let Some(r) = self.readiness.get() {
+            r.store(false, Ordering::Relaxed);
+        }
+        self.drain_progress()
+    }
+
+    /// Takes new sites again (what was handed over stays where it went).
+    pub fn cancel_drain(&self) {
+        self.draining.store(false, Ordering::Relaxed);
+        self.exit_when_drained.store(false, Ordering::Relaxed);
+        if let Some(r) = self.readiness.get() {
+            r.store(true, Ordering::Relaxed);
+        }
+        self.metrics.drain_state.set(0);
+    }
+
+    /// Updates the drain state from the tunnels left (0 active, 1 draining, 2 drained);
+    /// returns how many remain. Drained and asked to, it has the process stop.
+    pub fn drain_progress(&self) -> usize {
         let remaining = self.tunnels.len();
         self.metrics.tunnels.set(remaining as i64);
+        if !self.is_draining() {
+            return remaining;
+        }
         self.metrics.drain_state.set(if remaining == 0 { 2 } else { 1 });
+        if remaining == 0 && self.exit_when_drained.load(Ordering::Relaxed) {
+            self.stop.notify_one();
+        }
         remaining
+    }
+
+    /// Whether draining is done (draining, and no tunnel left).
+    pub fn is_drained(&self) -> bool {
+        self.is_draining() && self.tunnels.is_empty()
+    }
+
+    /// Resolves when the process should stop on its own (drained after a Drain call that
+    /// asked to exit).
+    pub async fn stop_requested(&self) {
+        self.stop.notified().await;
     }
 }

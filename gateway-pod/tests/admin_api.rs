@@ -118,14 +118,14 @@ async fn admin_api_serves_the_loaded_config() {
     assert_eq!(missing.code(), tonic::Code::NotFound);
 
     // Draining with a tunnel left reports it; once it is gone the pod is drained.
-    let d = client.drain(DrainRequest {}).await.unwrap().into_inner();
+    let d = client.drain(DrainRequest::default()).await.unwrap().into_inner();
     assert_eq!(
         (d.state(), d.remaining_tunnels),
         (drain_status::State::Draining, 1)
     );
     assert!(running.gateway.is_draining());
     running.gateway.tunnels.remove("t1");
-    let d = client.drain(DrainRequest {}).await.unwrap().into_inner();
+    let d = client.drain(DrainRequest::default()).await.unwrap().into_inner();
     assert_eq!(d.state(), drain_status::State::Drained);
 
     let counters = client
@@ -164,6 +164,23 @@ async fn admin_api_serves_the_loaded_config() {
         metrics.contains("concentrator_gateway_admin_requests_total{method=\"ListEroutes\"} 1"),
         "{metrics}"
     );
+    // Draining, the pod is not ready (the front sends it no new flow) ...
+    assert!(
+        http_get(running.metrics_addr, "/readyz")
+            .await
+            .starts_with("HTTP/1.1 503")
+    );
+    // ... until the drain is cancelled: new sites are taken again.
+    let d = client
+        .drain(DrainRequest {
+            cancel: true,
+            ..DrainRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(d.state(), drain_status::State::Active);
+    assert!(!running.gateway.is_draining());
     assert!(
         http_get(running.metrics_addr, "/readyz")
             .await

@@ -269,6 +269,9 @@ fn esn_trailer(seq: u64, esn: bool, hi: &mut [u8; 4]) -> &[u8] {
 pub struct SendCounter {
     last: AtomicU64,
     ceiling: AtomicU64,
+    /// Sends nothing whatever the ceiling (its SA is being handed to another pod), without
+    /// losing the ceiling, which replication may still raise meanwhile.
+    frozen: std::sync::atomic::AtomicBool,
 }
 
 impl SendCounter {
@@ -277,7 +280,20 @@ impl SendCounter {
         Self {
             last: AtomicU64::new(last),
             ceiling: AtomicU64::new(u64::MAX),
+            frozen: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Stops (`true`) or resumes (`false`) sending. A packet that had passed the check when
+    /// the freeze came may still take its number: the ceiling, not this, is what bounds the
+    /// numbers another pod must skip.
+    pub fn freeze(&self, frozen: bool) {
+        self.frozen.store(frozen, Ordering::Release);
+    }
+
+    /// Whether sending is stopped by [`Self::freeze`].
+    pub fn is_frozen(&self) -> bool {
+        self.frozen.load(Ordering::Acquire)
     }
 
     /// Sequence number of the last packet sent.
@@ -300,6 +316,9 @@ impl SendCounter {
     /// ceiling: a compare-and-swap rather than an add, so the counter never moves past either
     /// and cannot wrap around to reuse a number.
     fn take(&self, limit: u64) -> Result<u64, EspError> {
+        if self.frozen.load(Ordering::Relaxed) {
+            return Err(EspError::SequenceCeiling);
+        }
         let ceiling = self.ceiling();
         self.last
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {

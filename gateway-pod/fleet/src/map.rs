@@ -15,8 +15,11 @@
 //! others.
 //!
 //! So a live owner never loses a shard in which it holds an SA: a pod joining a busy fleet
-//! gets empty shards first and the others as their tunnels end. (Moving a shard together
-//! with its SAs is the hand-over of the drain issue.)
+//! gets empty shards first and the others as their tunnels end. A draining member's shards
+//! are all marked at once, each to its [`replica`]: the owner hands each over with its SAs
+//! (freezes it, sends its final state there, and reports it empty once that member
+//! acknowledged), so draining does not wait for tunnels to end. A member that stops
+//! draining keeps the shards it has not handed over yet (their marks are taken back).
 
 use std::collections::BTreeMap;
 
@@ -279,7 +282,42 @@ pub fn plan(map: &ShardMap, members: &BTreeMap<MemberId, Report>) -> Option<Shar
 
     for (o, report) in members {
         let mut excess = owned[o] - outgoing[o] - targets[o];
-        if excess <= 0 {
+        if report.draining {
+            // Handed over with their SAs (the owner freezes each one, sends its final state
+            // and reports it empty once acknowledged): each to the member that holds its
+            // copies already, so the hand-over sends only what changed since.
+            for (shard, e) in Shard::all().zip(next.entries.iter_mut()) {
+                if e.owner != Some(*o) || e.moving_to.is_some() {
+                    continue;
+                }
+                if let Some(b) = replica(shard, *o, &candidates) {
+                    e.moving_to = Some(b);
+                    e.marked_at = version;
+                    if let Some(n) = incoming.get_mut(&b) {
+                        *n += 1;
+                    }
+                }
+            }
+            continue;
+        }
+        if excess < 0 {
+            // Below its share with shards marked away (it stopped draining): it keeps them.
+            for e in next.entries.iter_mut() {
+                if excess >= 0 {
+                    break;
+                }
+                if e.owner == Some(*o)
+                    && let Some(b) = e.moving_to.take()
+                {
+                    if let Some(n) = incoming.get_mut(&b) {
+                        *n -= 1;
+                    }
+                    excess += 1;
+                }
+            }
+            continue;
+        }
+        if excess == 0 {
             continue;
         }
         // Empty shards first: they move at the owner's next report.

@@ -227,6 +227,15 @@ pub enum Message {
     Heartbeat,
     /// From the replica: the first `n` messages of this connection are applied.
     Ack(u64),
+    /// The owner froze `shard` (it is draining) and the copies of its SAs sent before this
+    /// are final: the member the shard map gives the shard to carries them on, although the
+    /// owner lives; any other replica drops them then.
+    Handover {
+        /// The shard handed over.
+        shard: Shard,
+        /// The member it is handed to.
+        to: MemberId,
+    },
 }
 
 impl fmt::Debug for Message {
@@ -245,6 +254,7 @@ impl fmt::Debug for Message {
             Self::Reset => f.write_str("Reset"),
             Self::Heartbeat => f.write_str("Heartbeat"),
             Self::Ack(n) => write!(f, "Ack({n})"),
+            Self::Handover { shard, to } => write!(f, "Handover({shard} to {to})"),
         }
     }
 }
@@ -284,6 +294,11 @@ impl Message {
                 out.push(6);
                 out.extend_from_slice(&n.to_be_bytes());
             }
+            Self::Handover { shard, to } => {
+                out.push(7);
+                out.extend_from_slice(&shard.get().to_be_bytes());
+                out.extend_from_slice(&to.0.to_be_bytes());
+            }
         }
         out
     }
@@ -315,6 +330,10 @@ impl Message {
             4 => Self::Reset,
             5 => Self::Heartbeat,
             6 => Self::Ack(r.u64()?),
+            7 => Self::Handover {
+                shard: Shard::new(r.u16()?).ok_or(ReplicationError::Malformed("shard"))?,
+                to: MemberId(r.u16()?),
+            },
             _ => return Err(ReplicationError::Malformed("kind")),
         };
         if !r.0.is_empty() {
@@ -428,6 +447,10 @@ mod tests {
             Message::Reset,
             Message::Heartbeat,
             Message::Ack(9),
+            Message::Handover {
+                shard: Shard::new(12).unwrap(),
+                to: MemberId(3),
+            },
         ]
     }
 

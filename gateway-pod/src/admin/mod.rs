@@ -275,15 +275,32 @@ impl GatewayAdmin for AdminService {
     }
 
     #[tracing::instrument(skip_all)]
-    async fn drain(&self, _req: Request<DrainRequest>) -> Result<Response<DrainStatus>, Status> {
+    async fn drain(&self, req: Request<DrainRequest>) -> Result<Response<DrainStatus>, Status> {
         self.gw.metrics.count_admin("Drain");
-        let remaining = self.gw.start_drain();
-        let state = if remaining == 0 {
-            drain_status::State::Drained
+        let req = req.into_inner();
+        let (state, remaining) = if req.cancel {
+            if self.gw.is_draining() {
+                tracing::info!("drain cancelled: taking new sites again");
+            }
+            self.gw.cancel_drain();
+            (drain_status::State::Active, self.gw.tunnels.len())
         } else {
-            drain_status::State::Draining
+            let first = !self.gw.is_draining();
+            let remaining = self.gw.start_drain(req.exit_when_drained);
+            if first {
+                tracing::info!(
+                    remaining,
+                    exit_when_drained = req.exit_when_drained,
+                    "drain requested"
+                );
+            }
+            let state = if remaining == 0 {
+                drain_status::State::Drained
+            } else {
+                drain_status::State::Draining
+            };
+            (state, remaining)
         };
-        tracing::info!(remaining, ?state, "drain requested");
         Ok(Response::new(DrainStatus {
             state: state.into(),
             remaining_tunnels: remaining as u64,

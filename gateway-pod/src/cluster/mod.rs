@@ -43,8 +43,8 @@ use tokio::sync::watch;
 pub use claims::{Claimed, Claims, SiteKey};
 pub use forward::{Delivery, EspBatch, ForwardMetrics, IkeRoute, Link, Links, Via, route_ike, serve};
 pub use replicate::{
-    BLOCK, Copy as ReplicaCopy, Incarnation, ReplicaStore, ReplicaUpdate, ReplicatedChild,
-    ReplicationMetrics, Replicator,
+    BLOCK, Copy as ReplicaCopy, HandedSa, HandoverMetrics, HandoverState, Incarnation, ReplicaStore,
+    ReplicaUpdate, ReplicatedChild, ReplicationMetrics, Replicator,
 };
 pub use spis::GatewayEntropy;
 pub use view::{Route, SharedView, View};
@@ -222,6 +222,8 @@ pub struct FleetMetrics {
     pub forward: ForwardMetrics,
     /// SA replication and take-over.
     pub replication: ReplicationMetrics,
+    /// Shards handed over by a draining member.
+    pub handover: HandoverMetrics,
 }
 
 impl FleetMetrics {
@@ -272,6 +274,7 @@ impl FleetMetrics {
         );
         self.forward.register(r);
         self.replication.register(r);
+        self.handover.register(r);
     }
 }
 
@@ -298,8 +301,9 @@ pub struct Fleet {
     pub links: Links,
     /// Where other members send this one frames (UDP) and replication streams (TCP).
     pub address: SocketAddr,
-    /// Copies SAs to their shards' replicas (`None`: `--fleet-replicas 0`).
-    pub replicator: Option<Replicator>,
+    /// Copies SAs to their shards' replicas (none with `--fleet-replicas 0`), and hands
+    /// shards over when this member drains.
+    pub replicator: Replicator,
     /// The copies of other members' SAs this pod keeps.
     pub replicas: ReplicaStore,
     /// TTL of the member leases.
@@ -329,15 +333,13 @@ impl Fleet {
         let address = opts.address;
         let key = opts.key.clone();
         let replication_metrics = metrics.replication.clone();
-        let replicator = (opts.replicas > 0).then(|| {
-            Replicator::start(
-                opts.replicas,
-                view.clone(),
-                key.clone(),
-                replication_metrics.clone(),
-                claims.sessions(),
-            )
-        });
+        let replicator = Replicator::start(
+            opts.replicas,
+            view.clone(),
+            key.clone(),
+            replication_metrics.clone(),
+            claims.sessions(),
+        );
         let replicas = ReplicaStore::new(view.clone());
         let (lease_ttl, message_id_sync) = (opts.lease_ttl, opts.message_id_sync);
         let task = tokio::spawn(session::run(opts, view.clone(), lease_tx, metrics, stop_rx));

@@ -82,6 +82,10 @@ impl State {
                 return;
             }
             match ShardMap::decode(kv.value()) {
+                // The watch brings back the maps this pod wrote as leader, after it applied
+                // them: an older one must not take back what a newer one decided (it could
+                // give a shard back to a member that has handed it over).
+                Ok(map) if map.version() <= self.map.version() && self.map.version() > 0 => {}
                 Ok(map) => self.map = map,
                 Err(e) => {
                     metrics.count_bad_record("shard_map");
@@ -295,6 +299,8 @@ async fn session(
                 }
             }
             _ = report.tick() => {}
+            // A shard handed over: the leader moves it once our record says so.
+            () = view.report_wanted() => {}
         }
     }
 }

@@ -51,6 +51,14 @@ pub struct View {
     /// given to us in a take-over holds SAs from the moment the map says so, before the
     /// driver has adopted them.
     copies: Box<[AtomicU32]>,
+    /// Per shard, where the map marks it to move ([`NOBODY`]: nowhere).
+    moving_to: Box<[AtomicU16]>,
+    /// Per shard, the member this pod handed it over to (its final state acknowledged there).
+    handed_to: Box<[AtomicU16]>,
+    /// Woken when our record should be written now (a shard handed over).
+    report_now: tokio::sync::Notify,
+    /// Woken when a new shard map is applied.
+    map_changed: tokio::sync::Notify,
     born: Instant,
     inner: RwLock<Inner>,
 }
@@ -83,6 +91,10 @@ impl View {
             live: (0..n).map(|_| AtomicBool::new(false)).collect(),
             picked_until: (0..n).map(|_| AtomicU32::new(0)).collect(),
             copies: (0..n).map(|_| AtomicU32::new(0)).collect(),
+            moving_to: (0..n).map(|_| AtomicU16::new(NOBODY)).collect(),
+            handed_to: (0..n).map(|_| AtomicU16::new(NOBODY)).collect(),
+            report_now: tokio::sync::Notify::new(),
+            map_changed: tokio::sync::Notify::new(),
             born: Instant::now(),
             inner: RwLock::default(),
         }
@@ -208,7 +220,9 @@ impl View {
             let e = map.entry(s);
             self.owners[s.index()].store(e.owner.map_or(NOBODY, |m| m.0), Ordering::Release);
             self.epochs[s.index()].store(e.epoch, Ordering::Release);
+            self.moving_to[s.index()].store(e.moving_to.map_or(NOBODY, |m| m.0), Ordering::Release);
         }
+        let changed = self.map_version() != map.version();
         let allocatable = self
             .me()
             .map(|me| map.allocatable(me).iter().collect())
@@ -223,6 +237,44 @@ impl View {
         inner.allocating = allocating;
         inner.members = members;
         self.map_version.store(map.version(), Ordering::Release);
+        drop(inner);
+        if changed {
+            self.map_changed.notify_one();
+        }
+    }
+
+    /// Where the map marks `shard` to move, if anywhere.
+    pub fn moving_to(&self, shard: Shard) -> Option<MemberId> {
+        match self.moving_to[shard.index()].load(Ordering::Acquire) {
+            NOBODY => None,
+            m => Some(MemberId(m)),
+        }
+    }
+
+    /// Records that `shard`'s final state is acknowledged by `to` (`None`: not handed over,
+    /// or the hand-over was given up), and has our record written at once: the leader moves
+    /// the shard when the record says it is empty.
+    pub fn set_handed(&self, shard: Shard, to: Option<MemberId>) {
+        self.handed_to[shard.index()].store(to.map_or(NOBODY, |m| m.0), Ordering::Release);
+        self.report_now.notify_one();
+    }
+
+    /// The member `shard` was handed over to, if it was.
+    pub fn handed_to(&self, shard: Shard) -> Option<MemberId> {
+        match self.handed_to[shard.index()].load(Ordering::Acquire) {
+            NOBODY => None,
+            m => Some(MemberId(m)),
+        }
+    }
+
+    /// Resolves when our record should be written before the next report tick.
+    pub(super) async fn report_wanted(&self) {
+        self.report_now.notified().await;
+    }
+
+    /// Resolves when a new shard map was applied since the last call.
+    pub async fn map_applied(&self) {
+        self.map_changed.notified().await;
     }
 
     /// The shards in which this pod holds SAs now (the driver publishes them).
@@ -243,6 +295,10 @@ impl View {
                     || self.live[s.index()].load(Ordering::Acquire)
                     || self.copies[s.index()].load(Ordering::Acquire) > 0
             })
+            // A shard handed over to the member the map moves it to is empty for the leader:
+            // its SAs are frozen here and carried on there. Handed to another member than
+            // the mark now names, it is not (that member has not got its final state).
+            .filter(|s| self.handed_to(*s).is_none_or(|to| self.moving_to(*s) != Some(to)))
             .collect()
     }
 

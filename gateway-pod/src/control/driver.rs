@@ -38,6 +38,14 @@ const FLEET_TICK: Duration = Duration::from_millis(100);
 /// How often the tunnel table's traffic counters are refreshed for the admin API.
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 
+/// Resolves when `view` applies a new shard map (never standalone).
+async fn next_map(view: Option<crate::cluster::SharedView>) {
+    match view {
+        Some(v) => v.map_applied().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// The IKE task's state: the engine, the sockets, and each room's own state.
 pub(super) struct Driver {
     pub(super) endpoint: Endpoint,
@@ -72,6 +80,8 @@ pub(super) struct Driver {
     pub(super) claims: Option<super::claims::DriverClaims>,
     /// SA replication in the fleet (`None` standalone).
     pub(super) replicas: Option<super::replicas::DriverReplicas>,
+    /// Shards being handed over (draining in a fleet).
+    pub(super) handovers: super::handover::Handovers,
 }
 
 /// What the other tasks send the driver.
@@ -82,7 +92,8 @@ pub(super) struct Inputs {
     pub(super) acquires: mpsc::Receiver<IpAddr>,
     pub(super) sa_events: mpsc::UnboundedReceiver<SaEvent>,
     pub(super) reloads: mpsc::UnboundedReceiver<super::Reload>,
-    pub(super) stop: oneshot::Receiver<()>,
+    /// Stop; `true`: with an IKE DELETE for every SA first (no member carries them on).
+    pub(super) stop: oneshot::Receiver<bool>,
     pub(super) dataplane: tokio::task::JoinHandle<Result<(), DataplaneError>>,
 }
 
@@ -103,6 +114,10 @@ impl Driver {
         status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut fleet_tick = tokio::time::interval(FLEET_TICK);
         fleet_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // A new shard map is acted on at once (a hand-over's pause lasts until the new
+        // owner carries the shard on), the tick catches the rest.
+        let view = self.fleet.as_ref().map(|f| f.view.clone());
+        let mut map_applied = std::pin::pin!(next_map(view.clone()));
         for net in self.traps() {
             self.routes.hold(net);
         }
@@ -120,7 +135,12 @@ impl Driver {
                     tokio::time::Instant::from_std,
                 );
             tokio::select! {
-                _ = &mut stop => break,
+                r = &mut stop => {
+                    if r.unwrap_or(false) {
+                        self.delete_all().await;
+                    }
+                    break;
+                }
                 r = &mut dataplane_task => {
                     match r {
                         Ok(Ok(())) => tracing::error!("data plane stopped"),
@@ -174,8 +194,13 @@ impl Driver {
                     self.connect_due(now);
                 }
                 _ = fleet_tick.tick(), if self.replicas.is_some() => self.replication_tick(),
+                () = &mut map_applied => {
+                    map_applied.set(next_map(view.clone()));
+                    self.replication_tick();
+                }
                 _ = status.tick() => {
                     self.refresh_status();
+                    self.gateway.drain_progress();
                     self.publish_occupancy();
                     self.fleet_health();
                 }
@@ -213,6 +238,11 @@ impl Driver {
         via: Option<concentrator_fleet::MemberId>,
     ) {
         tracing::trace!(%local, %remote, len = datagram.len(), ?via, "IKE message in");
+        if self.handovers.holds_message(datagram) {
+            // Its SA is frozen for a hand-over: the new owner answers the retransmission.
+            self.gateway.metrics.count_ike_drop("handover");
+            return;
+        }
         if !self.route_in(local, remote, datagram, via) {
             return;
         }
@@ -222,6 +252,20 @@ impl Driver {
         if let Err(e) = r {
             self.dropped(remote, &e);
         }
+    }
+
+    /// Tells every site we stop (IKE DELETE), and sends it before returning.
+    async fn delete_all(&mut self) {
+        let ids: Vec<u64> = self.sas.keys().copied().collect();
+        if ids.is_empty() {
+            return;
+        }
+        tracing::info!(sas = ids.len(), "stopping: IKE DELETE sent to every site");
+        let now = Instant::now();
+        for id in ids {
+            self.endpoint.delete(id, now);
+        }
+        self.flush().await;
     }
 
     fn dropped(&self, remote: SocketAddr, e: &EndpointError) {
@@ -258,6 +302,11 @@ impl Driver {
         }
         self.replicate_changed();
         for t in out {
+            // A frozen SA's timers may still fire: what they queue is not sent (the new
+            // owner goes on from the final state).
+            if self.handovers.holds_message(&t.payload) {
+                continue;
+            }
             self.send(t).await;
         }
         for remote in std::mem::take(&mut self.unrouted) {

@@ -233,6 +233,7 @@ impl Driver {
         let Some(rec) = self.sas.remove(&spi_r) else {
             return;
         };
+        let handed = self.handovers.is_released(spi_r);
         self.replicate_removed(spi_r);
         self.release_ownership(spi_r, &rec);
         for child in &rec.children {
@@ -245,7 +246,8 @@ impl Driver {
         if let Some(remote) = rec.remote {
             self.unrouted.push(remote);
         }
-        if let Some(site) = rec.site {
+        // Handed over: the new owner takes the claim over.
+        if let Some(site) = rec.site.filter(|_| !handed) {
             self.release_site(site);
         }
         self.gateway

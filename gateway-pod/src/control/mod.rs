@@ -16,13 +16,15 @@
 //! - `status`: the admin API's tunnel table, liveness from ESP, NAT keepalives, idle
 //!   tunnels.
 //! - `reload`: a new configuration applied as a diff against the running one.
-//! - `fleet`, `claims`, `replicas`: the driver's side of the fleet ([`crate::cluster`]):
-//!   SPI routing of IKE, site claims, and SA replication and take-over.
+//! - `fleet`, `claims`, `replicas`, `handover`: the driver's side of the fleet
+//!   ([`crate::cluster`]): SPI routing of IKE, site claims, SA replication and take-over,
+//!   and the hand-over of shards when draining.
 
 mod claims;
 mod driver;
 mod events;
 mod fleet;
+mod handover;
 mod ike_config;
 mod install;
 mod policy;
@@ -96,7 +98,7 @@ pub enum ControlError {
 pub struct Control {
     pub ike_addr: SocketAddr,
     pub nat_t_addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
+    stop: Option<oneshot::Sender<bool>>,
     reloads: mpsc::UnboundedSender<Reload>,
     task: tokio::task::JoinHandle<()>,
     /// Receives frames from the other members of the fleet.
@@ -111,10 +113,12 @@ impl Control {
         self.reloads.clone()
     }
 
-    /// Stops IKE and the data plane; tunnels end with the process.
-    pub async fn shutdown(mut self) {
+    /// Stops IKE and the data plane; tunnels end with the process. `delete`: each site is
+    /// sent an IKE DELETE first (nobody carries its tunnel on: it reconnects at once rather
+    /// than when its liveness checks fail).
+    pub async fn shutdown(mut self, delete: bool) {
         if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
+            let _ = stop.send(delete);
         }
         let _ = (&mut self.task).await;
         if let Some(frames) = self.frames.take() {
@@ -234,7 +238,7 @@ pub async fn start(
     let (reloads_tx, reloads_rx) = mpsc::unbounded_channel();
     let mut endpoint = Endpoint::new(opts.endpoint.clone(), responder_config);
     endpoint.set_redirect(opts.redirect_to.clone());
-    if fleet.is_some_and(|f| f.replicator.is_some()) {
+    if fleet.is_some_and(|f| f.replicator.copies() > 0) {
         endpoint.track_changes();
     }
     let driver = Driver {
@@ -260,9 +264,10 @@ pub async fn start(
         fleet: driver_fleet,
         unrouted: Vec::new(),
         claims: fleet.map(|f| claims::DriverClaims::new(f.claims.clone(), claims_tx)),
+        handovers: handover::Handovers::default(),
         replicas: fleet.map(|f| {
             replicas::DriverReplicas::new(
-                f.replicator.clone(),
+                Some(f.replicator.clone()),
                 f.replicas.clone(),
                 f.replication_metrics.clone(),
                 f.lease_ttl,

@@ -31,9 +31,10 @@ const REKEY_AFTER_ADOPTION: Duration = Duration::from_secs(2);
 
 /// What the driver keeps of replication.
 pub(super) struct DriverReplicas {
-    /// `None` with `--fleet-replicas 0`: nothing is copied (others' copies are still
-    /// adopted: members of one fleet may differ while it is reconfigured).
-    replicator: Option<Replicator>,
+    /// Copies SAs to their replicas (none with `--fleet-replicas 0`: others' copies are
+    /// still adopted, members of one fleet may differ while it is reconfigured) and hands
+    /// shards over when draining.
+    pub(super) replicator: Option<Replicator>,
     store: ReplicaStore,
     metrics: ReplicationMetrics,
     /// The map version last acted on.
@@ -85,11 +86,20 @@ struct Context {
 impl Driver {
     /// Sends the SAs the engine touched since the last call to their replicas.
     pub(super) fn replicate_changed(&mut self) {
-        let Some(replicator) = self.replicas.as_ref().and_then(|r| r.replicator.clone()) else {
+        let Some(replicator) = self
+            .replicas
+            .as_ref()
+            .and_then(|r| r.replicator.clone())
+            .filter(|r| r.copies() > 0)
+        else {
             return;
         };
         let now = Instant::now();
         for id in self.endpoint.take_changed() {
+            // Frozen for a hand-over: its final state went already.
+            if self.handovers.holds(id) {
+                continue;
+            }
             let Some(rec) = self.sas.get(&id).filter(|r| r.established_at.is_some()) else {
                 continue;
             };
@@ -100,17 +110,10 @@ impl Driver {
                     continue;
                 }
             };
-            let context = Context {
-                peer_id: rec.peer_id.clone(),
-                eroute: rec.eroute.clone(),
-                egroup: rec.egroup.clone(),
-                site_subnet: rec.site_subnet,
-                site: rec.site.as_ref().map(ToString::to_string),
-                nat: rec.nat,
-            };
-            let Ok(context) = serde_json::to_vec(&context) else {
+            let Some(context) = self.replication_context(id) else {
                 continue;
             };
+            let Some(rec) = self.sas.get(&id) else { continue };
             replicator.update(ReplicaUpdate::Sa {
                 shard: Shard::of_ike_spi(id),
                 id,
@@ -128,10 +131,30 @@ impl Driver {
         }
     }
 
-    /// IKE SA `id` is gone here: its copy goes too.
-    pub(super) fn replicate_removed(&self, id: u64) {
+    /// The driver's record of SA `id` as it travels beside its snapshot.
+    pub(super) fn replication_context(&self, id: u64) -> Option<Vec<u8>> {
+        let rec = self.sas.get(&id)?;
+        let context = Context {
+            peer_id: rec.peer_id.clone(),
+            eroute: rec.eroute.clone(),
+            egroup: rec.egroup.clone(),
+            site_subnet: rec.site_subnet,
+            site: rec.site.as_ref().map(ToString::to_string),
+            nat: rec.nat,
+        };
+        serde_json::to_vec(&context).ok()
+    }
+
+    /// IKE SA `id` is gone here: its copies go too, except the one a member it was handed
+    /// over to carries on.
+    pub(super) fn replicate_removed(&mut self, id: u64) {
+        let handed = self.handovers.take_released(id);
         if let Some(r) = self.replicas.as_ref().and_then(|r| r.replicator.as_ref()) {
-            r.update(ReplicaUpdate::Delete { id });
+            r.update(if handed {
+                ReplicaUpdate::Forget { id }
+            } else {
+                ReplicaUpdate::Delete { id }
+            });
         }
     }
 
@@ -139,6 +162,7 @@ impl Driver {
     /// and gives up SAs of shards that are no longer ours. Then rekeys adopted CHILD SAs
     /// whose time has come.
     pub(super) fn replication_tick(&mut self) {
+        self.handover_tick();
         let (Some(r), Some(f)) = (self.replicas.as_mut(), self.fleet.as_ref()) else {
             return;
         };
@@ -175,13 +199,28 @@ impl Driver {
         // A copy's owner is gone when the lease it replicated under is no longer its
         // membership (it died, or restarted and rejoined under a new lease).
         let gone = |(member, lease): Incarnation| view.lease_of(member) != Some(lease);
-        let adopt = |owner: Incarnation, shard: Shard| view.owner(shard) == Some(me) && gone(owner);
+        // Shards their owners handed over (drained) to a member: carried on there once the
+        // map gives it the shard; the other replicas' copies are stale then.
+        let handed = store.handed();
+        let handed_to = |owner: Incarnation, shard: Shard| handed.get(&(owner, shard)).copied();
+        let adopt = |owner: Incarnation, shard: Shard| {
+            view.owner(shard) == Some(me) && (gone(owner) || handed_to(owner, shard) == Some(me))
+        };
         // Held before the copies leave the store: the shard must read as occupied all along
         // (a shard that looks empty may be moved away by the leader).
         for shard in store.shards(&adopt) {
             view.hold(shard);
         }
         let copies = newest(store.take(adopt));
+        let superseded = store.take(|owner, shard| {
+            handed_to(owner, shard).is_some_and(|to| to != me && view.owner(shard) == Some(to))
+        });
+        if !superseded.is_empty() {
+            tracing::debug!(
+                copies = superseded.len(),
+                "copies of shards handed to another member dropped"
+            );
+        }
         let owners = store.owners();
         r.gone_since.retain(|o, _| owners.contains(o));
         for owner in owners.into_iter().filter(|o| gone(*o)) {
@@ -202,8 +241,9 @@ impl Driver {
             );
         }
         r.metrics.copies.set(store.len() as i64);
-        for ((owner, _), copy) in copies {
-            self.adopt(owner, copy, now);
+        for (incarnation, copy) in copies {
+            let handover = !gone(incarnation);
+            self.adopt(incarnation.0, copy, now, handover);
         }
         // Fenced: a shard of ours went to another member while we were away.
         if view.available() {
@@ -212,6 +252,7 @@ impl Driver {
                 .keys()
                 .copied()
                 .filter(|id| view.owner(Shard::of_ike_spi(*id)).is_some_and(|o| o != me))
+                .filter(|id| !self.handovers.holds(*id))
                 .collect();
             for id in lost {
                 if let Some(r) = self.replicas.as_ref() {
@@ -224,8 +265,14 @@ impl Driver {
         }
     }
 
-    /// Carries on `copy`, the IKE SA of `owner` (gone).
-    fn adopt(&mut self, owner: MemberId, copy: ReplicaCopy, now: Instant) {
+    /// Carries on `copy`, the IKE SA of `owner` (gone, or alive and draining: `handover`,
+    /// where the copy is the exact final state, so no rekey or Message ID sync is needed).
+    fn adopt(&mut self, owner: MemberId, copy: ReplicaCopy, now: Instant, handover: bool) {
+        if self.sas.contains_key(&copy.id) {
+            // The final state again (the owner's stream started over before it saw the new
+            // map): carried on here already.
+            return;
+        }
         let fail = |d: &Self, reason: &str| {
             if let Some(r) = d.replicas.as_ref() {
                 ReplicationMetrics::count(&r.metrics.adopt_failed, reason, 1);
@@ -265,7 +312,7 @@ impl Driver {
         };
         let subnet = ctx.site_subnet.unwrap_or(e.remote_subnet);
         let local_id = self.configs.local_id_for(name, e);
-        let sync = self.replicas.as_ref().is_some_and(|r| r.sync_after_restore);
+        let sync = !handover && self.replicas.as_ref().is_some_and(|r| r.sync_after_restore);
         let mut responder = ResponderConfig {
             ike_lifetime: Some(e.ike_lifetime).filter(|d| !d.is_zero()),
             sync_after_restore: sync,
@@ -323,7 +370,9 @@ impl Driver {
                     received_up_to,
                 }),
             );
-            if let Some(r) = self.replicas.as_mut() {
+            // Replay exposure after a take-over (the high-water mark is up to a second old):
+            // a hand-over's is exact.
+            if let Some(r) = self.replicas.as_mut().filter(|_| !handover) {
                 r.rekeys.push((now + REKEY_AFTER_ADOPTION, id, spi_in));
             }
         }
@@ -335,7 +384,11 @@ impl Driver {
             r.metrics.adopted.inc();
         }
         let peer = self.sas.get(&id).map_or("-", |r| r.peer_id.as_str());
-        tracing::info!(member = %owner, peer_id = %peer, ?role, %remote, "IKE SA taken over from a member that is gone");
+        if handover {
+            tracing::info!(member = %owner, peer_id = %peer, ?role, %remote, "IKE SA handed over by a draining member");
+        } else {
+            tracing::info!(member = %owner, peer_id = %peer, ?role, %remote, "IKE SA taken over from a member that is gone");
+        }
     }
 }
 

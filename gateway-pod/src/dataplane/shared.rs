@@ -74,6 +74,9 @@ pub struct DataplaneCounters {
     /// Inner packets not sent because the SA's sequence ceiling was reached (in a fleet, the
     /// replica has not acknowledged more sequence numbers: a fenced or cut-off owner).
     pub seq_ceiling: Counter,
+    /// Packets dropped (either direction) while their SA was being handed over to another
+    /// member of the fleet (a drain: at most a few hundred milliseconds per shard).
+    pub handover: Counter,
 }
 
 /// What a CHILD SA's traffic asks of the control plane: its volume limits (bytes, packets;

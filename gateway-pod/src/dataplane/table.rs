@@ -37,6 +37,9 @@ pub struct SaCounters {
     inbound_top: AtomicU64,
     /// The outbound SA's sequence numbers and ceiling (moved by fleet replication).
     send: Option<Arc<concentrator_esp::SendCounter>>,
+    /// Inbound packets are dropped: the SA is being handed to another pod, which starts at
+    /// the inbound top read after the freeze.
+    frozen: std::sync::atomic::AtomicBool,
 }
 
 impl SaCounters {
@@ -58,6 +61,7 @@ impl SaCounters {
             epoch: now,
             inbound_top: AtomicU64::new(0),
             send: None,
+            frozen: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -66,6 +70,20 @@ impl SaCounters {
     pub fn sending(mut self, send: Arc<concentrator_esp::SendCounter>) -> Self {
         self.send = Some(send);
         self
+    }
+
+    /// Stops (`true`) or resumes (`false`) the SA in both directions: a hand-over to another
+    /// member of the fleet.
+    pub fn freeze(&self, frozen: bool) {
+        self.frozen.store(frozen, Ordering::Release);
+        if let Some(s) = &self.send {
+            s.freeze(frozen);
+        }
+    }
+
+    /// Whether inbound packets are dropped ([`Self::freeze`]).
+    pub fn is_frozen(&self) -> bool {
+        self.frozen.load(Ordering::Relaxed)
     }
 
     /// The outbound SA's sequence numbers, if this data plane shares them.

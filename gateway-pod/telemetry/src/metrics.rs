@@ -33,6 +33,11 @@ impl MetricsServer {
         self.ready.store(ready, Ordering::Relaxed);
     }
 
+    /// The flag behind `/readyz`, for whoever else changes it (a drain).
+    pub fn readiness(&self) -> Arc<AtomicBool> {
+        self.ready.clone()
+    }
+
     /// Stops serving.
     pub fn abort(&self) {
         self.task.abort();

@@ -8,6 +8,7 @@
 //! gateway pods (`concentrator_e2e::fleet`) configured with one egroup for many sites.
 
 pub(crate) mod fleet;
+pub(crate) mod fleet_sites;
 pub(crate) mod site;
 
 /// One end of a hand-keyed tunnel.

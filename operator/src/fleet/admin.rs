@@ -182,7 +182,7 @@ impl FleetAdmin for GrpcFleetAdmin {
             use concentrator_proto::admin::drain_status::State;
             let mut c = self.client(ns, fleet, ordinal).await?;
             let s = c
-                .drain(concentrator_proto::admin::DrainRequest {})
+                .drain(concentrator_proto::admin::DrainRequest::default())
                 .await
                 .map_err(rpc_error(fleet, ordinal))?
                 .into_inner();

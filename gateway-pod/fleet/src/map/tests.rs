@@ -172,6 +172,55 @@ fn a_draining_member_gets_nothing_and_gives_its_shards_away() {
 }
 
 #[test]
+fn a_draining_members_occupied_shards_are_marked_to_their_replicas_and_move_once_handed_over() {
+    let mut members = reports(&[0, 1, 2]);
+    let three = settle(ShardMap::new(), &mut members);
+    let mine = three.owned_by(member(2));
+    // Member 2 holds SAs everywhere it owns, and starts draining.
+    let r = members.get_mut(&member(2)).unwrap();
+    r.occupied = mine.clone();
+    r.draining = true;
+    let marked = plan(&three, &members).unwrap();
+    let accepting = [member(0), member(1)];
+    for s in mine.iter() {
+        let e = marked.entry(s);
+        assert_eq!(
+            e.owner,
+            Some(member(2)),
+            "shard {s} moved before it was handed over"
+        );
+        assert_eq!(e.moving_to, replica(s, member(2), &accepting), "shard {s}");
+    }
+    // Handed over (reported empty after seeing the marks): all of them move, each to the
+    // member that was marked.
+    let r = members.get_mut(&member(2)).unwrap();
+    r.map_version = marked.version();
+    r.occupied = ShardSet::new();
+    let moved = plan(&marked, &members).unwrap();
+    assert!(moved.owned_by(member(2)).is_empty());
+    for s in mine.iter() {
+        assert_eq!(moved.owner(s), marked.entry(s).moving_to);
+        assert!(moved.entry(s).epoch > marked.entry(s).epoch);
+    }
+}
+
+#[test]
+fn a_member_that_stops_draining_keeps_the_shards_it_has_not_handed_over() {
+    let mut members = reports(&[0, 1]);
+    let two = settle(ShardMap::new(), &mut members);
+    let mine = two.owned_by(member(1));
+    let r = members.get_mut(&member(1)).unwrap();
+    r.occupied = mine.clone();
+    r.draining = true;
+    let marked = plan(&two, &members).unwrap();
+    assert!(mine.iter().all(|s| marked.entry(s).moving_to == Some(member(0))));
+    members.get_mut(&member(1)).unwrap().draining = false;
+    let kept = plan(&marked, &members).unwrap();
+    assert_eq!(kept.owned_by(member(1)), mine);
+    assert_eq!(kept.allocatable(member(1)), mine, "every mark taken back");
+}
+
+#[test]
 fn with_nobody_left_every_shard_is_unowned() {
     let mut members = reports(&[0]);
     let one = settle(ShardMap::new(), &mut members);

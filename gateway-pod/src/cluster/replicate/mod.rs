@@ -27,13 +27,14 @@ use concentrator_fleet::replication::{HELLO_LEN, Hello, Records, ReplicationErro
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::metrics::ReasonLabel;
 
-pub use owner::{BLOCK, ReplicaUpdate, ReplicatedChild, Replicator};
+pub use owner::{BLOCK, HandedSa, HandoverState, ReplicaUpdate, ReplicatedChild, Replicator};
 pub(super) use replica::{Revoker, serve};
 pub use store::{Copy, Incarnation, ReplicaStore};
 
@@ -113,6 +114,57 @@ impl ReplicationMetrics {
             "SAs given up because their shard went to another member (this pod was fenced)",
             self.stepped_down.clone(),
         );
+    }
+}
+
+/// Hand-over metrics (`concentrator_gateway_fleet_handover_*`).
+#[derive(Clone, Debug)]
+pub struct HandoverMetrics {
+    /// Shards handed over, by outcome: `moved` (the new owner has them), `resumed` (given
+    /// up: carried on here), `empty` (no SA to send).
+    pub shards: Family<ReasonLabel, Counter>,
+    /// IKE SAs handed over and let go here.
+    pub sas: Counter,
+    /// From a shard's freeze to the map that gives it to the new owner, in seconds: the
+    /// pause of its traffic.
+    pub pause: Histogram,
+}
+
+impl Default for HandoverMetrics {
+    fn default() -> Self {
+        Self {
+            shards: Family::default(),
+            sas: Counter::default(),
+            pause: Histogram::new([0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
+        }
+    }
+}
+
+impl HandoverMetrics {
+    pub fn register(&self, r: &mut Registry) {
+        r.register(
+            "fleet_handover_shards",
+            "Shards this draining member handed over, by outcome (moved, resumed, empty)",
+            self.shards.clone(),
+        );
+        r.register(
+            "fleet_handover_sas",
+            "IKE SAs handed over to another member with their shard",
+            self.sas.clone(),
+        );
+        r.register(
+            "fleet_handover_pause_seconds",
+            "Per shard: from its freeze to the shard map that gives it to its new owner",
+            self.pause.clone(),
+        );
+    }
+
+    pub(crate) fn count(&self, outcome: &str) {
+        self.shards
+            .get_or_create(&ReasonLabel {
+                reason: outcome.to_owned(),
+            })
+            .inc();
     }
 }
 

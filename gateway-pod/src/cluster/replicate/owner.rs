@@ -58,13 +58,40 @@ pub enum ReplicaUpdate {
     },
     /// IKE SA `id` is gone.
     Delete { id: u64 },
+    /// IKE SA `id` was handed over and is gone here: the member it was handed to carries
+    /// it on (its copy there is not deleted; the other replicas' are).
+    Forget { id: u64 },
+}
+
+/// An IKE SA handed over with its shard: its final snapshot, taken after the driver
+/// stopped handling it.
+pub struct HandedSa {
+    pub id: u64,
+    pub snapshot: Zeroizing<Vec<u8>>,
+    pub context: Vec<u8>,
+    pub children: Vec<ReplicatedChild>,
+}
+
+/// What the driver asks of a whole shard.
+enum ShardUpdate {
+    Handover {
+        shard: Shard,
+        to: MemberId,
+        sas: Vec<HandedSa>,
+        state: Arc<HandoverState>,
+    },
+    Resume {
+        shard: Shard,
+    },
 }
 
 /// The owner's side: hands the driver's updates to the replicator task.
 #[derive(Clone)]
 pub struct Replicator {
     pending: Arc<Mutex<HashMap<u64, ReplicaUpdate>>>,
+    shards: Arc<Mutex<Vec<ShardUpdate>>>,
     wake: Arc<Notify>,
+    copies: usize,
 }
 
 impl Replicator {
@@ -77,6 +104,7 @@ impl Replicator {
         sessions: Sessions,
     ) -> Self {
         let pending: Arc<Mutex<HashMap<u64, ReplicaUpdate>>> = Arc::default();
+        let shards: Arc<Mutex<Vec<ShardUpdate>>> = Arc::default();
         let wake = Arc::new(Notify::new());
         tokio::spawn(
             Owner {
@@ -87,18 +115,55 @@ impl Replicator {
                 sessions,
                 held: HashMap::new(),
                 links: HashMap::new(),
+                handovers: HashMap::new(),
                 last_tops: Instant::now(),
             }
-            .run(Arc::downgrade(&pending), wake.clone()),
+            .run(Arc::downgrade(&pending), shards.clone(), wake.clone()),
         );
-        Self { pending, wake }
+        Self {
+            pending,
+            shards,
+            wake,
+            copies,
+        }
+    }
+
+    /// On how many members each SA is copied (0: none; hand-overs only).
+    pub fn copies(&self) -> usize {
+        self.copies
+    }
+
+    /// Hands `shard` over to `to`: its SAs (the final snapshots of all of them, which the
+    /// driver no longer handles) are frozen in the data plane, sent there, and followed by
+    /// the marker; once `to` acknowledged it, the view says the shard is handed over.
+    pub fn hand_over(&self, shard: Shard, to: MemberId, sas: Vec<HandedSa>, state: Arc<HandoverState>) {
+        self.shard_update(ShardUpdate::Handover {
+            shard,
+            to,
+            sas,
+            state,
+        });
+    }
+
+    /// Carries `shard`'s SAs on here after all (the driver gave the hand-over up with
+    /// [`HandoverState::cancel`], or the leader took the mark back).
+    pub fn resume(&self, shard: Shard) {
+        self.shard_update(ShardUpdate::Resume { shard });
+    }
+
+    fn shard_update(&self, u: ShardUpdate) {
+        self.shards
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(u);
+        self.wake.notify_one();
     }
 
     /// Queues an SA's update. Only the latest per SA is kept: a replicator that falls
     /// behind holds one update per SA, never a backlog of them.
     pub fn update(&self, u: ReplicaUpdate) {
         let id = match &u {
-            ReplicaUpdate::Sa { id, .. } | ReplicaUpdate::Delete { id } => *id,
+            ReplicaUpdate::Sa { id, .. } | ReplicaUpdate::Delete { id } | ReplicaUpdate::Forget { id } => *id,
         };
         self.pending
             .lock()
@@ -118,6 +183,62 @@ struct Held {
     sent_to: Vec<(MemberId, u64)>,
     /// Changed since it was last sent.
     dirty: bool,
+    /// Handed over (or being): never sent again, its sequence numbers frozen.
+    frozen: bool,
+}
+
+/// A shard being handed over.
+struct Handing {
+    to: MemberId,
+    /// The link's connection its final state went on (`None`: not sent yet); a new
+    /// connection starts with a Reset, so it is sent again.
+    sent_on: Option<u64>,
+    ack: Arc<HandedAck>,
+}
+
+/// Where a hand-over stands, shared by the driver (which may give it up) and the link
+/// (which sees it acknowledged): exactly one of the two wins.
+#[derive(Debug, Default)]
+pub struct HandoverState(std::sync::atomic::AtomicU8);
+
+const PENDING: u8 = 0;
+const ACKNOWLEDGED: u8 = 1;
+const CANCELLED: u8 = 2;
+
+impl HandoverState {
+    /// Whether the new owner acknowledged the final state (it may carry the SAs on as soon
+    /// as the map gives it the shard).
+    pub fn acknowledged(&self) -> bool {
+        self.0.load(Ordering::Acquire) == ACKNOWLEDGED
+    }
+
+    /// Gives the hand-over up unless it was acknowledged; true if given up.
+    pub fn cancel(&self) -> bool {
+        self.0
+            .compare_exchange(PENDING, CANCELLED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+}
+
+/// Tells the view a shard is handed over once its marker is acknowledged.
+struct HandedAck {
+    shard: Shard,
+    to: MemberId,
+    view: SharedView,
+    state: Arc<HandoverState>,
+}
+
+impl HandedAck {
+    fn acknowledged(&self) {
+        let won = self
+            .state
+            .0
+            .compare_exchange(PENDING, ACKNOWLEDGED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        if won {
+            self.view.set_handed(self.shard, Some(self.to));
+        }
+    }
 }
 
 struct Child {
@@ -169,6 +290,8 @@ struct Outgoing {
     message: Message,
     kind: &'static str,
     ceilings: Ceilings,
+    /// A hand-over's marker: done once acknowledged.
+    handed: Option<Arc<HandedAck>>,
 }
 
 /// Dropped, it closes the link's channel: the link sends what was queued (the Deletes that
@@ -227,12 +350,18 @@ struct Owner {
     sessions: Sessions,
     held: HashMap<u64, Held>,
     links: HashMap<MemberId, LinkHandle>,
+    handovers: HashMap<Shard, Handing>,
     last_tops: Instant,
 }
 
 impl Owner {
     /// Ends once every [`Replicator`] handle is gone.
-    async fn run(mut self, pending: Weak<Mutex<HashMap<u64, ReplicaUpdate>>>, wake: Arc<Notify>) {
+    async fn run(
+        mut self,
+        pending: Weak<Mutex<HashMap<u64, ReplicaUpdate>>>,
+        shards: Arc<Mutex<Vec<ShardUpdate>>>,
+        wake: Arc<Notify>,
+    ) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -245,15 +374,38 @@ impl Owner {
             };
             if !woken {
                 self.sync(None);
+                self.send_handovers();
                 continue;
             }
             let updates =
                 std::mem::take(&mut *pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
-            drop(pending);
             // Only the SAs that changed: a walk over every SA per update would cost as much
             // as the exchanges at tens of thousands of tunnels.
             let changed: Vec<u64> = updates.into_values().map(|u| self.apply(u)).collect();
             self.sync(Some(&changed));
+            let ops = std::mem::take(&mut *shards.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+            for op in ops {
+                match op {
+                    ShardUpdate::Handover {
+                        shard,
+                        to,
+                        sas,
+                        state,
+                    } => {
+                        // An update of one of them queued before the driver froze it must
+                        // not follow the final state.
+                        let mut p = pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                        for sa in &sas {
+                            p.remove(&sa.id);
+                        }
+                        drop(p);
+                        self.freeze(shard, to, sas, state);
+                    }
+                    ShardUpdate::Resume { shard } => self.resume(shard),
+                }
+            }
+            drop(pending);
+            self.send_handovers();
         }
     }
 
@@ -267,6 +419,9 @@ impl Owner {
                 context,
                 children,
             } => {
+                if self.held.get(&id).is_some_and(|h| h.frozen) {
+                    return id;
+                }
                 let old = self.held.remove(&id);
                 let children = children
                     .into_iter()
@@ -293,6 +448,7 @@ impl Owner {
                         children,
                         sent_to: old.map(|o| o.sent_to).unwrap_or_default(),
                         dirty: true,
+                        frozen: false,
                     },
                 );
                 id
@@ -301,6 +457,20 @@ impl Owner {
                 if let Some(h) = self.held.remove(&id) {
                     for (m, _) in h.sent_to {
                         self.delete_at(m, id);
+                    }
+                }
+                id
+            }
+            ReplicaUpdate::Forget { id } => {
+                if let Some(h) = self.held.remove(&id) {
+                    let to = self.handovers.get(&h.shard).map(|x| x.to);
+                    for (m, _) in h.sent_to {
+                        if Some(m) != to {
+                            self.delete_at(m, id);
+                        }
+                    }
+                    if !self.held.values().any(|o| o.shard == h.shard) {
+                        self.handovers.remove(&h.shard);
                     }
                 }
                 id
@@ -336,7 +506,7 @@ impl Owner {
         let mut wanted: HashSet<MemberId> = HashSet::new();
         let mut sequences: BTreeMap<MemberId, (Vec<Sequences>, Ceilings)> = BTreeMap::new();
         for id in ids {
-            let Some(h) = self.held.get_mut(&id) else {
+            let Some(h) = self.held.get_mut(&id).filter(|h| !h.frozen) else {
                 continue;
             };
             if tops_due {
@@ -425,6 +595,7 @@ impl Owner {
                                 },
                                 kind: "sa",
                                 ceilings: raises.clone(),
+                                handed: None,
                             },
                             limit,
                         );
@@ -451,6 +622,7 @@ impl Owner {
                         message: Message::Sequences(seqs),
                         kind: "sequences",
                         ceilings,
+                        handed: None,
                     },
                     limit,
                 );
@@ -458,6 +630,7 @@ impl Owner {
         }
         // Only a walk over every SA knows which links are still wanted.
         if only.is_none() {
+            wanted.extend(self.handovers.values().map(|h| h.to));
             self.links.retain(|m, _| wanted.contains(m));
         }
     }
@@ -472,9 +645,169 @@ impl Owner {
                     message: Message::Delete { id },
                     kind: "delete",
                     ceilings: Vec::new(),
+                    handed: None,
                 },
                 self.link_limit(),
             );
+        }
+    }
+
+    /// Freezes `shard`'s SAs (their final snapshots in `sas`) for the hand-over to `to`.
+    fn freeze(&mut self, shard: Shard, to: MemberId, sas: Vec<HandedSa>, state: Arc<HandoverState>) {
+        for sa in sas {
+            let old = self.held.remove(&sa.id);
+            let children: Vec<Child> = sa
+                .children
+                .into_iter()
+                .map(|c| {
+                    // Inbound first: the top read when the final state goes out is exact.
+                    c.counters.freeze(true);
+                    let prev = old
+                        .as_ref()
+                        .and_then(|o| o.children.iter().find(|p| p.spi_in == c.spi_in));
+                    Child {
+                        spi_in: c.spi_in,
+                        top_sent: prev.map_or(0, |p| p.top_sent),
+                        last_seen: prev.map_or(0, |p| p.last_seen),
+                        rate: prev.map_or(0, |p| p.rate),
+                        counters: c.counters,
+                    }
+                })
+                .collect();
+            self.held.insert(
+                sa.id,
+                Held {
+                    shard,
+                    snapshot: sa.snapshot,
+                    context: sa.context,
+                    children,
+                    sent_to: old.map(|o| o.sent_to).unwrap_or_default(),
+                    dirty: false,
+                    frozen: true,
+                },
+            );
+        }
+        let ack = Arc::new(HandedAck {
+            shard,
+            to,
+            view: self.view.clone(),
+            state,
+        });
+        self.handovers.insert(
+            shard,
+            Handing {
+                to,
+                sent_on: None,
+                ack,
+            },
+        );
+    }
+
+    /// Carries `shard`'s frozen SAs on here (the hand-over was given up).
+    fn resume(&mut self, shard: Shard) {
+        let Some(h) = self.handovers.remove(&shard) else {
+            return;
+        };
+        self.view.set_handed(shard, None);
+        let ids: Vec<u64> = self
+            .held
+            .iter()
+            .filter(|(_, x)| x.shard == shard && x.frozen)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            let Some(x) = self.held.get_mut(&id) else { continue };
+            x.frozen = false;
+            x.dirty = true;
+            for c in &x.children {
+                c.counters.freeze(false);
+            }
+            // Its copy there is the final one of a hand-over that did not happen: only a
+            // replica may keep a copy, and gets the current one at the next sync.
+            let replica = x.sent_to.iter().any(|(m, _)| *m == h.to);
+            if !replica {
+                self.delete_at(h.to, id);
+            }
+        }
+        let changed: Vec<u64> = self
+            .held
+            .iter()
+            .filter(|(_, x)| x.shard == shard)
+            .map(|(id, _)| *id)
+            .collect();
+        self.sync(Some(&changed));
+    }
+
+    /// Sends the final state of each shard being handed over, and its marker, on the link
+    /// to its new owner, and again on each new connection (which starts with a Reset) while
+    /// the shard is ours: acknowledged or not, the new owner needs it until the map moves
+    /// the shard, and one that has carried the SAs on already ignores it.
+    fn send_handovers(&mut self) {
+        let Some(me) = self.view.me() else { return };
+        let limit = self.link_limit();
+        let shards: Vec<Shard> = self.handovers.keys().copied().collect();
+        for shard in shards {
+            let Some(h) = self.handovers.get(&shard) else {
+                continue;
+            };
+            if self.view.owner(shard) != Some(me) {
+                continue;
+            }
+            let to = h.to;
+            let link = self.links.entry(to).or_insert_with(|| {
+                spawn_link(
+                    me,
+                    to,
+                    self.view.clone(),
+                    self.key.clone(),
+                    self.metrics.clone(),
+                    self.sessions.clone(),
+                )
+            });
+            let connection = link.connection.load(Ordering::Acquire);
+            if connection == 0 || h.sent_on == Some(connection) {
+                // Not connected yet, or sent on this connection already.
+                continue;
+            }
+            for (id, x) in self.held.iter().filter(|(_, x)| x.shard == shard && x.frozen) {
+                let children = x
+                    .children
+                    .iter()
+                    .map(|c| Sequences {
+                        spi_in: c.spi_in,
+                        // The acknowledged ceiling: the new owner starts above it.
+                        ceiling: c.send().map_or(0, |s| s.ceiling()),
+                        top: c.counters.inbound_top(),
+                    })
+                    .collect();
+                link.send(
+                    Outgoing {
+                        message: Message::Sa {
+                            shard,
+                            id: *id,
+                            snapshot: x.snapshot.clone(),
+                            context: x.context.clone(),
+                            children,
+                        },
+                        kind: "handover",
+                        ceilings: Vec::new(),
+                        handed: None,
+                    },
+                    limit,
+                );
+            }
+            link.send(
+                Outgoing {
+                    message: Message::Handover { shard, to },
+                    kind: "handover",
+                    ceilings: Vec::new(),
+                    handed: Some(h.ack.clone()),
+                },
+                limit,
+            );
+            if let Some(h) = self.handovers.get_mut(&shard) {
+                h.sent_on = Some(connection);
+            }
         }
     }
 
@@ -596,7 +929,7 @@ async fn stream_to(
 ) -> Result<(), StreamError> {
     let (mut read, mut write) = stream.into_split();
     let mut sent: u64 = 0;
-    let mut pending: VecDeque<(u64, Ceilings)> = VecDeque::new();
+    let mut pending: VecDeque<(u64, Ceilings, Option<Arc<HandedAck>>)> = VecDeque::new();
     let mut out = Vec::new();
     let send = |m: &Message, kind: &str, out: &mut Vec<u8>, tx: &mut Records| -> Result<(), StreamError> {
         let before = out.len();
@@ -647,8 +980,8 @@ async fn stream_to(
                 for m in batch {
                     send(&m.message, m.kind, &mut out, &mut tx)?;
                     sent += 1;
-                    if !m.ceilings.is_empty() {
-                        pending.push_back((sent, m.ceilings));
+                    if !m.ceilings.is_empty() || m.handed.is_some() {
+                        pending.push_back((sent, m.ceilings, m.handed));
                     }
                 }
                 tokio::time::timeout(WRITE_STALL, write.write_all(&out))
@@ -659,10 +992,13 @@ async fn stream_to(
             }
             a = acks.recv() => {
                 let n = a.ok_or(StreamError::Unexpected)??;
-                while pending.front().is_some_and(|(i, _)| *i <= n) {
-                    if let Some((_, ceilings)) = pending.pop_front() {
+                while pending.front().is_some_and(|(i, ..)| *i <= n) {
+                    if let Some((_, ceilings, handed)) = pending.pop_front() {
                         for r in ceilings {
                             r.acknowledged();
+                        }
+                        if let Some(h) = handed {
+                            h.acknowledged();
                         }
                     }
                 }
@@ -738,6 +1074,7 @@ mod tests {
             message: Message::Heartbeat,
             kind: "heartbeat",
             ceilings: Vec::new(),
+            handed: None,
         };
         for _ in 0..5 {
             link.send(beat(), 2);

@@ -24,6 +24,9 @@ pub struct Copy {
 struct OwnerCopies {
     sas: HashMap<u64, Copy>,
     by_spi: HashMap<u32, u64>,
+    /// Shards the owner handed over (froze, their final state sent): carried on by the
+    /// member the map gives them to, although the owner lives.
+    handed: HashMap<Shard, MemberId>,
 }
 
 impl OwnerCopies {
@@ -41,6 +44,9 @@ impl OwnerCopies {
                         self.by_spi.remove(spi);
                     }
                 }
+                // The owner sends a shard's SAs again after its marker only when it gave
+                // the hand-over up and carries the shard on itself.
+                self.handed.remove(&shard);
                 let sequences = children
                     .iter()
                     .map(|s| (s.spi_in, (s.ceiling, s.top)))
@@ -79,6 +85,9 @@ impl OwnerCopies {
                 }
             }
             Message::Reset => *self = Self::default(),
+            Message::Handover { shard, to } => {
+                self.handed.insert(shard, to);
+            }
             Message::Heartbeat | Message::Ack(_) => {}
         }
     }
@@ -171,6 +180,14 @@ impl ReplicaStore {
         out.sort_unstable();
         out.dedup();
         out
+    }
+
+    /// The shards each owner handed over, and to whom (with copies here or not).
+    pub fn handed(&self) -> HashMap<(Incarnation, Shard), MemberId> {
+        self.lock()
+            .iter()
+            .flat_map(|(o, c)| c.handed.iter().map(move |(s, to)| ((*o, *s), *to)))
+            .collect()
     }
 
     /// The owner incarnations we hold copies for.

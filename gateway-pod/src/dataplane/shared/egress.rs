@@ -454,7 +454,11 @@ impl Egress {
                 sa.counters.count_out(packet.len(), now)
             }
             Err(concentrator_esp::EspError::SequenceCeiling) => {
-                self.counters.seq_ceiling.inc();
+                if sa.counters.is_frozen() {
+                    self.counters.handover.inc();
+                } else {
+                    self.counters.seq_ceiling.inc();
+                }
                 Expiry::Fine
             }
             Err(_) => {

@@ -184,6 +184,10 @@ pub(super) fn open_into(
         counters.unknown_spi.inc();
         return Opened::Dropped;
     };
+    if sa.counters.is_frozen() {
+        counters.handover.inc();
+        return Opened::Dropped;
+    }
     out.clear();
     out.extend_from_slice(datagram);
     let Ok(opened) = sa.open(out) else {
