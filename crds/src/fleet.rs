@@ -80,6 +80,17 @@ pub struct ScalingSpec {
     pub target_cpu_percent: u32,
     /// How long a lower replica count must be wanted before scaling in (`5m`). Default: 5m.
     pub stabilization_window: String,
+    /// How long scale-in waits for the leaving pod to hand its tunnels over (`2m`): past it,
+    /// the drain is cancelled, a Warning Event and the ScaleIn condition say what is stuck,
+    /// and scale-in is tried again after as long. Default: 2m.
+    pub drain_timeout: String,
+}
+
+impl ScalingSpec {
+    /// The drain timeout, parsed (the spec was validated: the default if it does not parse).
+    pub fn drain_timeout(&self) -> Duration {
+        duration::parse("spec.scaling.drainTimeout", &self.drain_timeout).unwrap_or(Duration::from_secs(120))
+    }
 }
 
 impl Default for ScalingSpec {
@@ -90,6 +101,7 @@ impl Default for ScalingSpec {
             target_tunnels_per_pod: 5000,
             target_cpu_percent: 70,
             stabilization_window: "5m".into(),
+            drain_timeout: "2m".into(),
         }
     }
 }
@@ -236,6 +248,12 @@ impl GatewayFleetSpec {
             ));
         }
         let window = duration::parse("spec.scaling.stabilizationWindow", &s.stabilization_window)?;
+        if duration::parse("spec.scaling.drainTimeout", &s.drain_timeout)?.is_zero() {
+            return Err(ValidationError::new(
+                "spec.scaling.drainTimeout",
+                "must be longer than 0s (a drain needs time to hand the tunnels over)",
+            ));
+        }
         if self.takeover.copies > MAX_TAKEOVER_COPIES {
             return Err(ValidationError::new(
                 "spec.takeover.copies",

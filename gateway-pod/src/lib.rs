@@ -86,6 +86,9 @@ impl Running {
         });
         if others && self.control.is_some() && !self.gateway.tunnels.is_empty() {
             let left = self.gateway.start_drain(false);
+            if let Some(f) = &self.fleet {
+                f.view.request_report();
+            }
             tracing::info!(tunnels = left, timeout = ?drain_timeout, "stopping: handing the tunnels over to the other members first");
             let deadline = tokio::time::Instant::now() + drain_timeout;
             while !self.gateway.is_drained() && tokio::time::Instant::now() < deadline {

@@ -154,6 +154,13 @@ async fn drain(opts: &Options, cancel: bool, wait: Option<std::time::Duration>, 
             State::Drained => "drained",
             State::Unspecified => "unknown",
         };
+        if status.nowhere_to_go && deadline.is_some() {
+            println!("{state}: {} tunnels left", status.remaining_tunnels);
+            eprintln!(
+                "concentrator-gateway drain: no other member takes tunnels: they end with the gateway (IKE DELETE)"
+            );
+            return ExitCode::SUCCESS;
+        }
         let done = status.state() != State::Draining;
         match deadline {
             Some(d) if !done => {

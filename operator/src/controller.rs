@@ -40,6 +40,8 @@ pub struct Context {
     pub admin: Arc<dyn crate::fleet::admin::FleetAdmin>,
     /// Autoscaling recommendations per fleet (`namespace/name`), for the stabilisation window.
     pub scale_history: std::sync::Mutex<std::collections::HashMap<String, crate::fleet::scale::History>>,
+    /// Each fleet's scale-in in progress (`namespace/name`).
+    pub scale_in: std::sync::Mutex<std::collections::HashMap<String, crate::fleet::scale_in::ScaleIn>>,
     /// Kubernetes Events on the objects the operator acts on.
     pub recorder: kube::runtime::events::Recorder,
     /// The operator's own namespace (`POD_NAMESPACE`), whose operator pods the fleets'
@@ -58,6 +60,7 @@ impl Context {
             client,
             admin,
             scale_history: Default::default(),
+            scale_in: Default::default(),
             operator_namespace: std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "default".to_owned()),
         }
     }
@@ -178,4 +181,8 @@ pub async fn run(client: Client, admin: crate::fleet::admin::GrpcFleetAdmin) {
     .run(crate::fleet::reconcile, error_policy::<GatewayFleet>, ctx.clone())
     .for_each(|_| async {});
     tokio::join!(eroutes, egroups, fleets);
+    // Stopping (SIGTERM: `helm uninstall` deletes the chart's GatewayFleet and then this
+    // Deployment): a fleet being deleted would keep its finalizer forever with no operator
+    // left to lift it.
+    crate::fleet::finish_deletions(&ctx).await;
 }

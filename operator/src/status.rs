@@ -17,14 +17,34 @@ pub fn ready_condition(
     generation: Option<i64>,
     now_rfc3339: &str,
 ) -> Value {
+    condition(
+        previous,
+        "Ready",
+        status,
+        (reason, message),
+        generation,
+        now_rfc3339,
+    )
+}
+
+/// A condition of type `type_`, its `lastTransitionTime` kept from `previous` unless its
+/// status changed.
+pub fn condition(
+    previous: &[Condition],
+    type_: &str,
+    status: &str,
+    (reason, message): (&str, &str),
+    generation: Option<i64>,
+    now_rfc3339: &str,
+) -> Value {
     let since = previous
         .iter()
-        .find(|c| c.type_ == "Ready" && c.status == status)
+        .find(|c| c.type_ == type_ && c.status == status)
         .and_then(|c| serde_json::to_value(&c.last_transition_time).ok())
         .filter(|t| t.is_string())
         .unwrap_or_else(|| json!(now_rfc3339));
     json!({
-        "type": "Ready",
+        "type": type_,
         "status": status,
         "reason": reason,
         "message": message,

@@ -34,6 +34,7 @@ struct Pods {
     tunnels: Vec<Option<u64>>,
     drained: bool,
     drain_calls: Mutex<Vec<u32>>,
+    cancel_calls: Mutex<Vec<u32>>,
 }
 
 impl Pods {
@@ -42,6 +43,7 @@ impl Pods {
             tunnels,
             drained,
             drain_calls: Mutex::default(),
+            cancel_calls: Mutex::default(),
         })
     }
 }
@@ -76,9 +78,21 @@ impl FleetAdmin for Pods {
         let s = if self.drained {
             DrainState::Drained
         } else {
-            DrainState::Draining { remaining: 4 }
+            DrainState::Draining {
+                remaining: 4,
+                nowhere_to_go: false,
+            }
         };
         Box::pin(async move { Ok(s) })
+    }
+    fn cancel_drain<'a>(
+        &'a self,
+        _: &'a str,
+        _: &'a str,
+        ordinal: u32,
+    ) -> BoxFuture<'a, Result<DrainState, AdminError>> {
+        self.cancel_calls.lock().unwrap().push(ordinal);
+        Box::pin(async move { Ok(DrainState::Active) })
     }
 }
 
@@ -533,10 +547,15 @@ async fn a_silent_pod_blocks_scale_in() {
     assert!(pods.drain_calls.lock().unwrap().is_empty());
 }
 
+/// `f`, deleted just now.
 fn deleted(f: GatewayFleet) -> GatewayFleet {
+    deleted_at(f, std::time::SystemTime::now())
+}
+
+fn deleted_at(f: GatewayFleet, at: std::time::SystemTime) -> GatewayFleet {
     let mut f = f;
     f.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-        "2026-11-22T10:00:00Z".parse().unwrap(),
+        at.try_into().unwrap(),
     ));
     f
 }
@@ -575,6 +594,28 @@ async fn deletion_waits_for_tunnels_to_leave() {
             .iter()
             .any(|c| c.method == Method::POST && c.body["reason"] == "Draining"),
         "an Event says why"
+    );
+}
+
+#[tokio::test]
+async fn deletion_waits_for_tunnels_no_longer_than_its_bound() {
+    let pods = Pods::new(vec![Some(3), Some(0)], false);
+    let long_ago = std::time::SystemTime::now()
+        - concentrator_operator::fleet::DELETION_DRAIN_BOUND
+        - Duration::from_secs(1);
+    let (calls, result) = try_run(
+        deleted_at(fleet(ADMIN_TLS), long_ago),
+        ready_world(2),
+        pods.clone(),
+    )
+    .await;
+    result.unwrap();
+    assert!(finalizer_removed(&calls), "the deletion goes on: {calls:?}");
+    assert!(
+        calls.iter().any(|c| c.method == Method::POST
+            && c.body["reason"] == "Drained"
+            && c.body["type"] == "Warning"),
+        "a Warning Event says tunnels were left: {calls:?}"
     );
 }
 

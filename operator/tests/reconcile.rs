@@ -22,6 +22,14 @@ impl FleetAdmin for NoPods {
     fn drain<'a>(&'a self, _: &'a str, _: &'a str, _: u32) -> BoxFuture<'a, Result<DrainState, AdminError>> {
         unreachable!("Eroute/Egroup reconcile drained a pod")
     }
+    fn cancel_drain<'a>(
+        &'a self,
+        _: &'a str,
+        _: &'a str,
+        _: u32,
+    ) -> BoxFuture<'a, Result<DrainState, AdminError>> {
+        unreachable!("Eroute/Egroup reconcile un-drained a pod")
+    }
 }
 
 type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;

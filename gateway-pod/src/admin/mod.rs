@@ -301,9 +301,21 @@ impl GatewayAdmin for AdminService {
             };
             (state, remaining)
         };
+        // The leader hands our shards over (or stops) once our record says so: now, not at
+        // the next report.
+        if let Some(view) = &self.fleet {
+            view.request_report();
+        }
+        let me = self.fleet.as_ref().and_then(|v| v.me());
+        let takers = self.fleet.as_ref().is_some_and(|v| {
+            v.members()
+                .iter()
+                .any(|(m, r)| Some(*m) != me && !r.load.draining)
+        });
         Ok(Response::new(DrainStatus {
             state: state.into(),
             remaining_tunnels: remaining as u64,
+            nowhere_to_go: state == drain_status::State::Draining && !takers,
         }))
     }
 }

@@ -261,12 +261,8 @@ async fn session(
         view.set_leases(state.leases.clone());
         view.apply(&state.map, state.members.clone());
         metrics.members.set(state.members.len() as i64);
-        let record = record(opts, view);
-        if written.as_ref() != Some(&record) {
-            put_record(&mut client, keys, me, lease, &record).await?;
-            written = Some(record);
-        }
         view.set_available(state.members.contains_key(&me) && state.map.version() > 0);
+        // The map first: a shard handed over pauses until it is written.
         lead(
             &mut client,
             keys,
@@ -276,6 +272,16 @@ async fn session(
             metrics,
         )
         .await?;
+        let record = record(opts, view);
+        if written.as_ref() != Some(&record) {
+            put_record(&mut client, keys, me, lease, &record).await?;
+            tracing::debug!(
+                map_version = record.map_version,
+                draining = record.load.draining,
+                "member record written"
+            );
+            written = Some(record);
+        }
         tokio::select! {
             _ = keepalive.tick() => {
                 if acked.elapsed() > opts.lease_ttl {

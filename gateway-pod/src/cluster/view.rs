@@ -259,6 +259,12 @@ impl View {
         self.report_now.notify_one();
     }
 
+    /// Has our record written now rather than at the next report tick (a drain began or
+    /// ended: the leader acts on it).
+    pub fn request_report(&self) {
+        self.report_now.notify_one();
+    }
+
     /// The member `shard` was handed over to, if it was.
     pub fn handed_to(&self, shard: Shard) -> Option<MemberId> {
         match self.handed_to[shard.index()].load(Ordering::Acquire) {

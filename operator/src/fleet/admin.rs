@@ -10,8 +10,15 @@ use super::scale::PodReport;
 /// A pod's answer to Drain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DrainState {
-    Draining { remaining: u64 },
+    /// Handing its tunnels over; `nowhere_to_go`: no other member takes them (they end with
+    /// the pod), so waiting is useless.
+    Draining {
+        remaining: u64,
+        nowhere_to_go: bool,
+    },
     Drained,
+    /// Not draining (after a cancel).
+    Active,
 }
 
 /// Errors reaching a pod.
@@ -31,6 +38,13 @@ pub trait FleetAdmin: Send + Sync {
         ordinal: u32,
     ) -> BoxFuture<'a, Result<PodReport, AdminError>>;
     fn drain<'a>(
+        &'a self,
+        ns: &'a str,
+        fleet: &'a str,
+        ordinal: u32,
+    ) -> BoxFuture<'a, Result<DrainState, AdminError>>;
+    /// Stops a pod's drain: it takes new sites again.
+    fn cancel_drain<'a>(
         &'a self,
         ns: &'a str,
         fleet: &'a str,
@@ -71,6 +85,33 @@ impl GrpcFleetAdmin {
             tls,
             locate: std::sync::Arc::new(authority),
         }
+    }
+
+    async fn drain_request(
+        &self,
+        ns: &str,
+        fleet: &str,
+        ordinal: u32,
+        cancel: bool,
+    ) -> Result<DrainState, AdminError> {
+        use concentrator_proto::admin::drain_status::State;
+        let mut c = self.client(ns, fleet, ordinal).await?;
+        let s = c
+            .drain(concentrator_proto::admin::DrainRequest {
+                cancel,
+                exit_when_drained: false,
+            })
+            .await
+            .map_err(rpc_error(fleet, ordinal))?
+            .into_inner();
+        Ok(match s.state() {
+            State::Drained => DrainState::Drained,
+            State::Active | State::Unspecified => DrainState::Active,
+            State::Draining => DrainState::Draining {
+                remaining: s.remaining_tunnels,
+                nowhere_to_go: s.nowhere_to_go,
+            },
+        })
     }
 
     /// Pods found elsewhere than by their DNS names (tests: a gateway on loopback).
@@ -178,21 +219,16 @@ impl FleetAdmin for GrpcFleetAdmin {
         fleet: &'a str,
         ordinal: u32,
     ) -> BoxFuture<'a, Result<DrainState, AdminError>> {
-        Box::pin(async move {
-            use concentrator_proto::admin::drain_status::State;
-            let mut c = self.client(ns, fleet, ordinal).await?;
-            let s = c
-                .drain(concentrator_proto::admin::DrainRequest::default())
-                .await
-                .map_err(rpc_error(fleet, ordinal))?
-                .into_inner();
-            Ok(match s.state() {
-                State::Drained => DrainState::Drained,
-                _ => DrainState::Draining {
-                    remaining: s.remaining_tunnels,
-                },
-            })
-        })
+        Box::pin(self.drain_request(ns, fleet, ordinal, false))
+    }
+
+    fn cancel_drain<'a>(
+        &'a self,
+        ns: &'a str,
+        fleet: &'a str,
+        ordinal: u32,
+    ) -> BoxFuture<'a, Result<DrainState, AdminError>> {
+        Box::pin(self.drain_request(ns, fleet, ordinal, true))
     }
 }
 

@@ -332,6 +332,12 @@ pub fn desired(
                             ],
                             "env": env,
                         "readinessProbe": {"httpGet": {"path": "/readyz", "port": "metrics"}},
+                            // A pod removed by hand, by a rollout or by a node drain hands its
+                            // tunnels over first (it answers not ready meanwhile); the grace
+                            // period above leaves the SIGTERM path time to finish.
+                            "lifecycle": {"preStop": {"exec": {"command": [
+                                "/usr/local/bin/concentrator-gateway", "drain", "--wait", "--timeout", "45s",
+                            ]}}},
                             "livenessProbe": {"httpGet": {"path": "/healthz", "port": "metrics"}},
                             // NET_ADMIN for the TUN device and its routes, NET_BIND_SERVICE for
                             // UDP 500: nothing more.

@@ -6,6 +6,7 @@ pub mod build;
 pub mod netpol;
 pub mod render;
 pub mod scale;
+pub mod scale_in;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -22,7 +23,62 @@ use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
 use crate::controller::{Context, Error, MANAGER};
-use crate::status::ready_condition;
+use crate::status::{condition, ready_condition};
+
+/// The ScaleIn condition: whether a pod is leaving, and what holds it up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScaleInCondition {
+    pub status: &'static str,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl ScaleInCondition {
+    fn from_outcome(fleet: &str, o: &scale_in::Outcome) -> Self {
+        use scale_in::Outcome;
+        match o {
+            Outcome::Replicas { .. } => Self {
+                status: "False",
+                reason: "Idle",
+                message: "no pod is leaving".into(),
+            },
+            Outcome::Draining {
+                ordinal,
+                remaining,
+                since,
+            } => Self {
+                status: "True",
+                reason: "Draining",
+                message: format!(
+                    "{fleet}-{ordinal} is handing {remaining} tunnel(s) over to the other pods ({}s so far)",
+                    since.as_secs()
+                ),
+            },
+            Outcome::TimedOut {
+                ordinal,
+                remaining,
+                why,
+            } => Self {
+                status: "False",
+                reason: "DrainTimedOut",
+                message: format!(
+                    "{fleet}-{ordinal} {}: {why}; its drain was cancelled and scale-in waits a drainTimeout before trying again",
+                    remaining.map_or("did not drain".to_owned(), |r| format!(
+                        "still held {r} tunnel(s)"
+                    ))
+                ),
+            },
+            Outcome::HeldBack { until } => Self {
+                status: "False",
+                reason: "DrainTimedOut",
+                message: format!(
+                    "the last drain timed out: scale-in tried again in {}s",
+                    until.as_secs()
+                ),
+            },
+        }
+    }
+}
 
 /// Why a fleet is not Ready, as the condition's reason and message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,6 +152,7 @@ async fn patch_status(
     verdict: Result<(), NotReady>,
     replicas: (i32, i32),
     tunnels: u64,
+    scale_in: Option<&ScaleInCondition>,
 ) -> Result<(), Error> {
     let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
     let (status, reason, message) = match verdict {
@@ -113,6 +170,20 @@ async fn patch_status(
         Err(n) => ("False", n.reason, n.message),
     };
     let generation = fleet.meta().generation;
+    let previous = fleet.status.as_ref().map_or(&[][..], |s| &s.conditions[..]);
+    let mut conditions = vec![ready_condition(
+        previous, status, reason, &message, generation, &now,
+    )];
+    if let Some(c) = scale_in {
+        conditions.push(condition(
+            previous,
+            "ScaleIn",
+            c.status,
+            (c.reason, &c.message),
+            generation,
+            &now,
+        ));
+    }
     let patch = json!({
         "apiVersion": "vpn.concentrator.io/v1alpha1",
         "kind": "GatewayFleet",
@@ -121,10 +192,7 @@ async fn patch_status(
             "replicas": replicas.0.max(0),
             "readyReplicas": replicas.1.max(0),
             "tunnels": tunnels,
-            "conditions": [ready_condition(
-                fleet.status.as_ref().map_or(&[], |s| &s.conditions),
-                status, reason, &message, generation, &now,
-            )],
+            "conditions": conditions,
         },
     });
     api.patch_status(
@@ -154,9 +222,51 @@ pub async fn reconcile(fleet: Arc<GatewayFleet>, ctx: Arc<Context>) -> Result<Ac
     .map_err(|e| Error::Finalizer(Box::new(e)))
 }
 
-/// A deleted fleet: drain every pod; only when no tunnel is left does the finalizer go (an
-/// error keeps it and retries). A pod that cannot be reached has nothing left to hand over.
+/// How long a deleted fleet waits for its tunnels to leave before the deletion goes on: the
+/// whole fleet goes, so its tunnels cannot be handed over; only sites that leave by
+/// themselves shorten it. The pods then tell their sites (IKE DELETE) as they stop.
+pub const DELETION_DRAIN_BOUND: Duration = Duration::from_secs(30);
+
+/// A deleted fleet: every pod drains (refuses new sites, reports not ready); the finalizer
+/// goes once no tunnel is left, no pod has anywhere to hand its tunnels to, or
+/// [`DELETION_DRAIN_BOUND`] after the deletion began, whichever comes first. A pod that
+/// cannot be reached has nothing left to hand over.
 async fn cleanup(fleet: Arc<GatewayFleet>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let (remaining, stuck) = drain_all(&fleet, &ctx).await?;
+    let since = fleet
+        .meta()
+        .deletion_timestamp
+        .as_ref()
+        .and_then(|t| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::SystemTime::from(t.0))
+                .ok()
+        })
+        .unwrap_or_default();
+    if remaining > 0 && !stuck && since < DELETION_DRAIN_BOUND {
+        ctx.event(
+            &*fleet,
+            false,
+            "Draining",
+            format!("deleting: waiting up to {DELETION_DRAIN_BOUND:?} for {remaining} tunnel(s) to leave"),
+        )
+        .await;
+        return Err(Error::StillDraining(remaining));
+    }
+    let note = if remaining > 0 {
+        format!(
+            "deleting with {remaining} tunnel(s) left: their pods send each site an IKE DELETE as they stop"
+        )
+    } else {
+        "all pods drained; deleting the fleet".into()
+    };
+    ctx.event(&*fleet, remaining > 0, "Drained", note).await;
+    Ok(Action::await_change())
+}
+
+/// Asks every pod of `fleet` to drain; the tunnels left, and whether no pod has anywhere to
+/// hand them over to.
+async fn drain_all(fleet: &GatewayFleet, ctx: &Context) -> Result<(u64, bool), Error> {
     let ns = fleet.namespace().ok_or(Error::NoNamespace)?;
     let name = fleet.name_any();
     let sts = Api::<StatefulSet>::namespaced(ctx.client.clone(), &ns)
@@ -169,32 +279,69 @@ async fn cleanup(fleet: Arc<GatewayFleet>, ctx: Arc<Context>) -> Result<Action, 
     } else {
         0
     };
-    let mut remaining = 0;
+    let (mut remaining, mut stuck) = (0, true);
     for ordinal in 0..u32::try_from(replicas).unwrap_or(0) {
         match ctx.admin.drain(&ns, &name, ordinal).await {
-            Ok(admin::DrainState::Drained) => {}
-            Ok(admin::DrainState::Draining { remaining: r }) => remaining += r.max(1),
+            Ok(admin::DrainState::Drained | admin::DrainState::Active) => {}
+            Ok(admin::DrainState::Draining {
+                remaining: r,
+                nowhere_to_go,
+            }) => {
+                remaining += r.max(1);
+                stuck &= nowhere_to_go;
+            }
             Err(e) => tracing::warn!(error = %e, "pod unreachable while deleting the fleet"),
         }
     }
-    if remaining > 0 {
-        ctx.event(
-            &*fleet,
-            false,
-            "Draining",
-            format!("deleting: waiting for {remaining} tunnel(s) to leave"),
-        )
-        .await;
-        return Err(Error::StillDraining(remaining));
+    Ok((remaining, stuck && remaining > 0))
+}
+
+/// Lifts the finalizer of every fleet being deleted, after asking its pods to drain: called
+/// as the operator stops. `helm uninstall` deletes the chart's GatewayFleet and then the
+/// operator's Deployment; a finalizer left behind would hold the fleet (and its namespace)
+/// forever.
+pub async fn finish_deletions(ctx: &Context) {
+    let fleets: Api<GatewayFleet> = Api::all(ctx.client.clone());
+    let work = async {
+        let list = match fleets.list(&ListParams::default()).await {
+            Ok(l) => l.items,
+            Err(e) => {
+                tracing::warn!(error = %e, "stopping: cannot list fleets being deleted");
+                return;
+            }
+        };
+        for f in list
+            .into_iter()
+            .filter(|f| f.meta().deletion_timestamp.is_some())
+            .filter(|f| f.finalizers().iter().any(|x| x == FINALIZER))
+        {
+            let (name, ns) = (f.name_any(), f.namespace().unwrap_or_default());
+            let remaining = drain_all(&f, ctx).await.map(|(r, _)| r).unwrap_or(0);
+            let api: Api<GatewayFleet> = Api::namespaced(ctx.client.clone(), &ns);
+            let keep: Vec<String> = f
+                .finalizers()
+                .iter()
+                .filter(|x| *x != FINALIZER)
+                .cloned()
+                .collect();
+            let patch = json!({"metadata": {"finalizers": keep, "resourceVersion": f.resource_version()}});
+            match api
+                .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!(fleet = %name, namespace = %ns, remaining, "stopping: fleet deletion finished")
+                }
+                Err(e) => {
+                    tracing::warn!(fleet = %name, error = %e, "stopping: cannot lift the drain finalizer")
+                }
+            }
+        }
+    };
+    // Within the operator pod's termination grace period.
+    if tokio::time::timeout(Duration::from_secs(20), work).await.is_err() {
+        tracing::warn!("stopping: finishing fleet deletions took too long");
     }
-    ctx.event(
-        &*fleet,
-        false,
-        "Drained",
-        "all pods drained; deleting the fleet".into(),
-    )
-    .await;
-    Ok(Action::await_change())
 }
 
 async fn apply_fleet(fleet: Arc<GatewayFleet>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -211,7 +358,7 @@ async fn apply_fleet(fleet: Arc<GatewayFleet>, ctx: Arc<Context>) -> Result<Acti
                 reason: "Invalid",
                 message: e.to_string(),
             };
-            patch_status(&fleets, &fleet, Err(n), (0, 0), 0).await?;
+            patch_status(&fleets, &fleet, Err(n), (0, 0), 0, None).await?;
             return Ok(Action::await_change());
         }
     };
@@ -233,7 +380,7 @@ async fn apply_fleet(fleet: Arc<GatewayFleet>, ctx: Arc<Context>) -> Result<Acti
             reason: "InvalidConfig",
             message: e.to_string(),
         };
-        patch_status(&fleets, &fleet, Err(n), (0, 0), 0).await?;
+        patch_status(&fleets, &fleet, Err(n), (0, 0), 0, None).await?;
         // Eroutes and Egroups are listed, not watched (yet): look again soon, so that a fixed
         // object is applied within seconds rather than a minute.
         return Ok(Action::requeue(Duration::from_secs(15)));
@@ -253,12 +400,13 @@ async fn apply_fleet(fleet: Arc<GatewayFleet>, ctx: Arc<Context>) -> Result<Acti
     if let Some(n) = missing_secrets(&Api::namespaced(client.clone(), &ns), &wanted).await? {
         tracing::warn!(message = %n.message, "fleet waits for a Secret");
         ctx.event(&*fleet, true, n.reason, n.message.clone()).await;
-        patch_status(&fleets, &fleet, Err(n), (0, 0), 0).await?;
+        patch_status(&fleets, &fleet, Err(n), (0, 0), 0, None).await?;
         return Ok(Action::requeue(Duration::from_secs(30)));
     }
 
     let sts_api = Api::<StatefulSet>::namespaced(client.clone(), &ns);
-    let (replicas, tunnels, draining, reports) = scale_step(&ctx, &sts_api, &fleet, &ns, window).await?;
+    let (replicas, tunnels, scale_in, reports) = scale_step(&ctx, &sts_api, &fleet, &ns, window).await?;
+    let draining = scale_in.as_ref().is_some_and(|c| c.status == "True");
     let d = build::desired(&fleet, &eroutes, &egroups, replicas).map_err(|e| Error::Build(e.to_string()))?;
     apply(&Api::<ConfigMap>::namespaced(client.clone(), &ns), &d.config).await?;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
@@ -328,7 +476,7 @@ async fn apply_fleet(fleet: Arc<GatewayFleet>, ctx: Arc<Context>) -> Result<Acti
         st.map_or(0, |s| s.replicas),
         st.and_then(|s| s.ready_replicas).unwrap_or(0),
     );
-    patch_status(&fleets, &fleet, Ok(()), counts, tunnels).await?;
+    patch_status(&fleets, &fleet, Ok(()), counts, tunnels, scale_in.as_ref()).await?;
     if !reports.is_empty() {
         publish_counts(&ctx, &ns, &eroutes, &egroups, &reports).await?;
     }
@@ -340,15 +488,16 @@ async fn apply_fleet(fleet: Arc<GatewayFleet>, ctx: Arc<Context>) -> Result<Acti
     })))
 }
 
-/// Decides this round's replica count from the pods' reports; returns it, the fleet's tunnel
-/// total and whether a pod is being drained.
+/// Decides this round's replica count from the pods' reports (scale-in through
+/// [`scale_in::ScaleIn`]); returns it, the fleet's tunnel total, the ScaleIn condition (none
+/// when the pods cannot be asked) and the reports.
 async fn scale_step(
     ctx: &Context,
     sts_api: &Api<StatefulSet>,
     fleet: &GatewayFleet,
     ns: &str,
     window: Duration,
-) -> Result<(u32, u64, bool, Vec<scale::PodReport>), Error> {
+) -> Result<(u32, u64, Option<ScaleInCondition>, Vec<scale::PodReport>), Error> {
     let name = fleet.name_any();
     let spec = &fleet.spec.scaling;
     let current = sts_api
@@ -357,7 +506,7 @@ async fn scale_step(
         .and_then(|s| s.spec.and_then(|sp| sp.replicas))
         .map(|r| u32::try_from(r).unwrap_or(0));
     let Some(current) = current else {
-        return Ok((spec.min_replicas, 0, false, Vec::new()));
+        return Ok((spec.min_replicas, 0, None, Vec::new()));
     };
     let mut reports = Vec::new();
     // Without admin TLS the pods' admin API is on their loopback: no reports (and so no
@@ -375,51 +524,70 @@ async fn scale_step(
     }
     let tunnels = reports.iter().map(|r| r.tunnels).sum();
     let recommended = scale::recommend(spec, &reports);
+    let key = format!("{ns}/{name}");
     let target = {
         let mut h = ctx.scale_history.lock().unwrap_or_else(|e| e.into_inner());
-        h.entry(format!("{ns}/{name}"))
+        h.entry(key.clone())
             .or_default()
             .stabilize(std::time::Instant::now(), window, recommended)
     };
-    let (n, draining) = match scale::step(current, target, all_reported) {
-        scale::Step::Set(n) => {
-            if n != current {
+    let step = scale::step(current, target, all_reported);
+    // Out of the map while the pods are asked (no lock across an await).
+    let mut state = ctx
+        .scale_in
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&key)
+        .unwrap_or_default();
+    let outcome = state
+        .round(
+            ctx.admin.as_ref(),
+            (ns, &name),
+            current,
+            step,
+            spec.drain_timeout(),
+            std::time::Instant::now(),
+        )
+        .await;
+    ctx.scale_in
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(key, state);
+    let n = match &outcome {
+        scale_in::Outcome::Replicas { n, scaled_in } => {
+            if *n != current {
+                let note = if *scaled_in {
+                    format!(
+                        "{current} -> {n} pods for {tunnels} tunnels ({name}-{n} drained: its tunnels were handed over)"
+                    )
+                } else {
+                    format!("{current} -> {n} pods for {tunnels} tunnels")
+                };
                 tracing::info!(from = current, to = n, tunnels, "scaling");
-                ctx.event(
-                    fleet,
-                    false,
-                    "Scaled",
-                    format!("{current} -> {n} pods for {tunnels} tunnels"),
-                )
-                .await;
+                ctx.event(fleet, false, "Scaled", note).await;
             }
-            (n, false)
+            *n
         }
-        scale::Step::Drain(ordinal) => match ctx.admin.drain(ns, &name, ordinal).await {
-            Ok(admin::DrainState::Drained) => {
-                tracing::info!(
-                    pod = ordinal,
-                    from = current,
-                    to = current - 1,
-                    "pod drained; scaling in"
-                );
-                (current - 1, false)
-            }
-            Ok(admin::DrainState::Draining { remaining }) => {
-                tracing::info!(
-                    pod = ordinal,
-                    remaining,
-                    "waiting for the pod to drain before scaling in"
-                );
-                (current, true)
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot drain; not scaling in");
-                (current, true)
-            }
-        },
+        scale_in::Outcome::Draining {
+            ordinal, remaining, ..
+        } => {
+            tracing::info!(
+                pod = ordinal,
+                remaining,
+                "waiting for the pod to drain before scaling in"
+            );
+            current
+        }
+        scale_in::Outcome::TimedOut { ordinal, .. } => {
+            let c = ScaleInCondition::from_outcome(&name, &outcome);
+            tracing::warn!(pod = ordinal, message = %c.message, "scale-in: drain timed out");
+            ctx.event(fleet, true, "DrainTimedOut", c.message).await;
+            current
+        }
+        scale_in::Outcome::HeldBack { .. } => current,
     };
-    Ok((n, tunnels, draining, reports))
+    let condition = reachable.then(|| ScaleInCondition::from_outcome(&name, &outcome));
+    Ok((n, tunnels, condition, reports))
 }
 
 /// Field manager of the live counts, apart from the validity conditions, so that neither

@@ -83,6 +83,7 @@ mod tests {
             target_tunnels_per_pod: 100,
             target_cpu_percent: 50,
             stabilization_window: "5m".into(),
+            drain_timeout: "2m".into(),
         }
     }
 

@@ -236,6 +236,7 @@ impl HandedAck {
             .compare_exchange(PENDING, ACKNOWLEDGED, Ordering::AcqRel, Ordering::Acquire)
             .is_ok();
         if won {
+            tracing::debug!(shard = %self.shard, member = %self.to, "hand-over acknowledged");
             self.view.set_handed(self.shard, Some(self.to));
         }
     }
