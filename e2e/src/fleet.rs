@@ -234,7 +234,7 @@ impl Pod {
     }
 
     /// The pod's admin TLS files (its certificate serves and asks the other pods).
-    fn admin_tls_dir(&self) -> PathBuf {
+    pub fn admin_tls_dir(&self) -> PathBuf {
         self.dir.join("admin-tls")
     }
 
@@ -482,6 +482,12 @@ impl Fleet {
         })?;
         self.pods[i].daemon = None;
         Ok(status)
+    }
+
+    /// Stops pod `i`'s gateway with SIGTERM, as Kubernetes does when it deletes a pod (see
+    /// [`Self::wait_pod_exit`]).
+    pub fn terminate_pod(&self, i: usize) -> Result<()> {
+        self.signal_pod(i, "-TERM")
     }
 
     /// Freezes pod `i`'s gateway (SIGSTOP), as a stalled node or a paused VM would: it

@@ -64,6 +64,25 @@ impl Netns {
         &self.name
     }
 
+    /// Runs `f` on a thread of its own that has entered this namespace, and returns that
+    /// thread: the sockets `f` opens are the namespace's (an in-process client of a pod's
+    /// API, as a peer pod would be).
+    pub fn spawn_inside<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<std::thread::JoinHandle<Result<T>>> {
+        use std::os::fd::AsRawFd;
+        let path = format!("/var/run/netns/{}", self.name);
+        let file = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+        Ok(std::thread::spawn(move || {
+            // SAFETY: setns(2) on a descriptor we own; it changes only this thread's network
+            // namespace.
+            let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            anyhow::ensure!(r == 0, "setns: {}", std::io::Error::last_os_error());
+            Ok(f())
+        }))
+    }
+
     /// Runs `ip -n NAME args...`, returning stdout.
     pub fn ip(&self, args: &[&str]) -> Result<String> {
         let mut all = vec!["-n", self.name.as_str()];
