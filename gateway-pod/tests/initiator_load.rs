@@ -792,6 +792,91 @@ fn ike_establishment_rate_in_a_fleet_replication_on_vs_off() -> Result<()> {
     Ok(())
 }
 
+/// Drain by hand-over at scale (issue 16): the generator establishes and keeps
+/// `IKE_LOAD_DRAIN_SAS` tunnels (default 300; 15,000 with `IKE_LOAD=full`, about 5,000 per
+/// pod) through the front of a fleet of three of our gateways with `--fleet-replicas 1`; the
+/// pod holding the most is drained (`concentrator-gateway drain --wait`). Prints the time to
+/// DRAINED and the distribution of the shards' pauses (from the drained pod's log: freeze to
+/// the map that moves the shard). Checks that no tunnel is lost: the others hold them all
+/// afterwards, each carried on once.
+#[test]
+fn draining_a_pod_of_thousands_of_tunnels() -> Result<()> {
+    if prereq::require(&[netns::TOOLS, etcd::TOOLS, fleet::TOOLS]).is_skip() {
+        return Ok(());
+    }
+    let Some(bin) = gateway_bin() else {
+        eprintln!("SKIP: no concentrator-gateway binary at IKE_LOAD_GATEWAY_BIN");
+        return Ok(());
+    };
+    let size = Size::from_env()?;
+    let sas: u64 = env_or("IKE_LOAD_DRAIN_SAS", if size.full { 15_000 } else { 300 })?;
+    let dir = scratch::dir("ike-load-drain")?;
+    let config = dir.path().join("config");
+    LOAD_EROUTE.write(&config)?;
+    let limit = (size.window * 4).max(1000).to_string();
+    let mut options = FleetOptions::new(FLEET_PODS, Affinity::client_ip(), &bin, &config);
+    options.gateway_args = ["--fleet-replicas", "1", "--ike-cookie-threshold", &limit, "--ike-max-half-open", &limit]
+        .map(str::to_owned)
+        .to_vec();
+    // One line per shard handed over; not one per SA.
+    options.gateway_env.push((
+        "RUST_LOG".to_owned(),
+        "warn,concentrator_gateway=info,concentrator_gateway::control=warn,concentrator_gateway::control::handover=info"
+            .to_owned(),
+    ));
+    let mut fleet = Fleet::start(options)?;
+    let site = fleet.wan().host("loadsite", SITE_ADDR, None)?;
+    let run = run_generator_with(&site, GW_ADDR_FRONT, &|| Ok(0.0), &size, Scenario { sas, hold: true })
+        .with_context(|| fleet.log_tails(20))?;
+    ensure!(run.established == sas, "{} of {sas} established", run.established);
+    fleet
+        .wait_metric_sum("ike_sas_established", Duration::from_secs(120), |v| v == sas as f64)
+        .with_context(|| fleet.log_tails(20))?;
+    // Every SA copied to its replica before the drain: the hand-over sends only the final state.
+    fleet
+        .wait_metric_sum("fleet_replica_sas", Duration::from_secs(120), |v| v == sas as f64)
+        .with_context(|| fleet.log_tails(20))?;
+    let per_pod = fleet.metric_by_pod("ike_sas_established")?;
+    let (victim, held) = per_pod
+        .iter()
+        .enumerate()
+        .filter_map(|(i, v)| v.map(|v| (i, v as u64)))
+        .max_by_key(|(_, v)| *v)
+        .context("no pod")?;
+    let t0 = Instant::now();
+    let said = fleet.pod(victim).drain(&bin, &["--wait", "--timeout", "300s"])?;
+    let drained = t0.elapsed();
+    ensure!(said.starts_with("drained"), "drain said {said:?}");
+    let log = concentrator_e2e::logs::tail(&fleet.pod(victim).log_path(), 1_000_000);
+    let mut pauses: Vec<u64> = log
+        .lines()
+        .filter(|l| l.contains("shard handed over"))
+        .filter_map(|l| l.split("pause_ms=").nth(1)?.split([' ', ',', '}']).next()?.parse().ok())
+        .collect();
+    pauses.sort_unstable();
+    let q = |p: f64| pauses.get(((pauses.len() as f64 - 1.0) * p) as usize).copied().unwrap_or(0);
+    println!(
+        "drain of gw-{victim} holding {held} of {sas} tunnels: DRAINED after {drained:.2?}; {} shards handed over, pause per shard p50 {} ms, p90 {} ms, p99 {} ms, max {} ms",
+        pauses.len(),
+        q(0.5),
+        q(0.9),
+        q(0.99),
+        pauses.last().copied().unwrap_or(0)
+    );
+    ensure!(!pauses.is_empty(), "no shard handed over");
+    // Nothing lost: the two others hold every tunnel, and carried the drained pod's on once.
+    fleet
+        .wait_metric_sum("ike_sas_established", Duration::from_secs(60), |v| v == sas as f64)
+        .with_context(|| fleet.log_tails(20))?;
+    let others: f64 = (0..FLEET_PODS)
+        .filter(|i| *i != victim)
+        .map(|i| fleet.pod(i).metric("fleet_adopted_sas_total"))
+        .sum::<Result<f64>>()?;
+    ensure!(others == held as f64, "{others} SAs carried on, the drained pod held {held}");
+    fleet.check_running()?;
+    Ok(())
+}
+
 /// The engine alone, in process and on one thread: `IKE_LOAD_ENGINE_SAS` (default 200, 20000
 /// with `IKE_LOAD=full`) initiators establish through one [`Endpoint`] that keeps every SA,
 /// with the time spent on each side summed separately, so that each side's figure is
