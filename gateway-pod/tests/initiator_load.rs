@@ -815,9 +815,16 @@ fn draining_a_pod_of_thousands_of_tunnels() -> Result<()> {
     LOAD_EROUTE.write(&config)?;
     let limit = (size.window * 4).max(1000).to_string();
     let mut options = FleetOptions::new(FLEET_PODS, Affinity::client_ip(), &bin, &config);
-    options.gateway_args = ["--fleet-replicas", "1", "--ike-cookie-threshold", &limit, "--ike-max-half-open", &limit]
-        .map(str::to_owned)
-        .to_vec();
+    options.gateway_args = [
+        "--fleet-replicas",
+        "1",
+        "--ike-cookie-threshold",
+        &limit,
+        "--ike-max-half-open",
+        &limit,
+    ]
+    .map(str::to_owned)
+    .to_vec();
     // One line per shard handed over; not one per SA.
     options.gateway_env.push((
         "RUST_LOG".to_owned(),
@@ -826,11 +833,19 @@ fn draining_a_pod_of_thousands_of_tunnels() -> Result<()> {
     ));
     let mut fleet = Fleet::start(options)?;
     let site = fleet.wan().host("loadsite", SITE_ADDR, None)?;
-    let run = run_generator_with(&site, GW_ADDR_FRONT, &|| Ok(0.0), &size, Scenario { sas, hold: true })
-        .with_context(|| fleet.log_tails(20))?;
+    let run = run_generator_with(
+        &site,
+        GW_ADDR_FRONT,
+        &|| Ok(0.0),
+        &size,
+        Scenario { sas, hold: true },
+    )
+    .with_context(|| fleet.log_tails(20))?;
     ensure!(run.established == sas, "{} of {sas} established", run.established);
     fleet
-        .wait_metric_sum("ike_sas_established", Duration::from_secs(120), |v| v == sas as f64)
+        .wait_metric_sum("ike_sas_established", Duration::from_secs(120), |v| {
+            v == sas as f64
+        })
         .with_context(|| fleet.log_tails(20))?;
     // Every SA copied to its replica before the drain: the hand-over sends only the final state.
     fleet
@@ -851,10 +866,22 @@ fn draining_a_pod_of_thousands_of_tunnels() -> Result<()> {
     let mut pauses: Vec<u64> = log
         .lines()
         .filter(|l| l.contains("shard handed over"))
-        .filter_map(|l| l.split("pause_ms=").nth(1)?.split([' ', ',', '}']).next()?.parse().ok())
+        .filter_map(|l| {
+            l.split("pause_ms=")
+                .nth(1)?
+                .split([' ', ',', '}'])
+                .next()?
+                .parse()
+                .ok()
+        })
         .collect();
     pauses.sort_unstable();
-    let q = |p: f64| pauses.get(((pauses.len() as f64 - 1.0) * p) as usize).copied().unwrap_or(0);
+    let q = |p: f64| {
+        pauses
+            .get(((pauses.len() as f64 - 1.0) * p) as usize)
+            .copied()
+            .unwrap_or(0)
+    };
     println!(
         "drain of gw-{victim} holding {held} of {sas} tunnels: DRAINED after {drained:.2?}; {} shards handed over, pause per shard p50 {} ms, p90 {} ms, p99 {} ms, max {} ms",
         pauses.len(),
@@ -866,13 +893,18 @@ fn draining_a_pod_of_thousands_of_tunnels() -> Result<()> {
     ensure!(!pauses.is_empty(), "no shard handed over");
     // Nothing lost: the two others hold every tunnel, and carried the drained pod's on once.
     fleet
-        .wait_metric_sum("ike_sas_established", Duration::from_secs(60), |v| v == sas as f64)
+        .wait_metric_sum("ike_sas_established", Duration::from_secs(60), |v| {
+            v == sas as f64
+        })
         .with_context(|| fleet.log_tails(20))?;
     let others: f64 = (0..FLEET_PODS)
         .filter(|i| *i != victim)
         .map(|i| fleet.pod(i).metric("fleet_adopted_sas_total"))
         .sum::<Result<f64>>()?;
-    ensure!(others == held as f64, "{others} SAs carried on, the drained pod held {held}");
+    ensure!(
+        others == held as f64,
+        "{others} SAs carried on, the drained pod held {held}"
+    );
     fleet.check_running()?;
     Ok(())
 }

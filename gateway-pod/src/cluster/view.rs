@@ -389,6 +389,40 @@ mod tests {
     }
 
     #[test]
+    fn a_shard_handed_to_its_marked_member_reads_as_empty() {
+        let view = View::new();
+        let (map, members) = fleet(&[0, 1]);
+        view.set_me(Some(MemberId(1)));
+        view.apply(&map, members.clone());
+        let s = map.owned_by(MemberId(1)).iter().next().unwrap();
+        view.set_live(&[s].into_iter().collect());
+        assert!(view.occupied().contains(s));
+        // Member 1 drains: its shards are marked to member 0; handed there, empty for the
+        // leader.
+        let reports: BTreeMap<_, _> = [
+            (MemberId(0), Report::default()),
+            (
+                MemberId(1),
+                Report {
+                    map_version: map.version(),
+                    occupied: [s].into_iter().collect(),
+                    draining: true,
+                },
+            ),
+        ]
+        .into_iter()
+        .collect();
+        let marked = plan(&map, &reports).unwrap();
+        assert_eq!(marked.entry(s).moving_to, Some(MemberId(0)));
+        view.apply(&marked, members.clone());
+        view.set_handed(s, Some(MemberId(0)));
+        assert!(!view.occupied().contains(s));
+        // Handed to another member than the mark names now: occupied again.
+        view.set_handed(s, Some(MemberId(1)));
+        assert!(view.occupied().contains(s));
+    }
+
+    #[test]
     fn routes_follow_the_map() {
         let view = View::new();
         let (map, members) = fleet(&[0, 1, 2]);

@@ -1090,6 +1090,31 @@ mod tests {
     }
 
     #[test]
+    fn a_handover_is_either_acknowledged_or_given_up_never_both() {
+        let view: SharedView = Arc::new(crate::cluster::View::new());
+        let shard = Shard::new(4).unwrap();
+        let ack = |state: &Arc<HandoverState>| HandedAck {
+            shard,
+            to: MemberId(2),
+            view: view.clone(),
+            state: state.clone(),
+        };
+        // Acknowledged first: the driver can no longer give it up.
+        let state = Arc::new(HandoverState::default());
+        ack(&state).acknowledged();
+        assert!(state.acknowledged());
+        assert!(!state.cancel());
+        assert_eq!(view.handed_to(shard), Some(MemberId(2)));
+        // Given up first: a late acknowledgement changes nothing.
+        view.set_handed(shard, None);
+        let state = Arc::new(HandoverState::default());
+        assert!(state.cancel());
+        ack(&state).acknowledged();
+        assert!(!state.acknowledged());
+        assert_eq!(view.handed_to(shard), None);
+    }
+
+    #[test]
     fn a_fast_sa_reserves_two_seconds_ahead() {
         let (c, _) = child(1_000_000);
         assert_eq!(reserve(&c).0, 2_000_000);

@@ -253,4 +253,41 @@ mod tests {
         store.apply(owner, Message::Reset);
         assert!(store.is_empty());
     }
+
+    #[test]
+    fn a_handover_marker_names_the_new_owner_until_the_owner_sends_the_shard_again() {
+        let view: SharedView = Arc::new(crate::cluster::View::new());
+        let store = ReplicaStore::new(view);
+        let owner = (MemberId(1), 7);
+        let shard = Shard::new(9).unwrap();
+        let sa = || Message::Sa {
+            shard,
+            id: 3,
+            snapshot: Zeroizing::new(vec![1]),
+            context: vec![],
+            children: vec![],
+        };
+        store.apply(owner, sa());
+        store.apply(
+            owner,
+            Message::Handover {
+                shard,
+                to: MemberId(2),
+            },
+        );
+        assert_eq!(store.handed().get(&(owner, shard)), Some(&MemberId(2)));
+        // The owner gave the hand-over up and carries the shard on: its next copy says so.
+        store.apply(owner, sa());
+        assert!(store.handed().is_empty());
+        // A new stream starts over: no marker survives its Reset.
+        store.apply(
+            owner,
+            Message::Handover {
+                shard,
+                to: MemberId(2),
+            },
+        );
+        store.apply(owner, Message::Reset);
+        assert!(store.handed().is_empty());
+    }
 }
