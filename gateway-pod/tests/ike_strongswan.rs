@@ -172,6 +172,44 @@ fn a_site_that_deletes_its_ike_sa_leaves_no_tunnel_and_no_route() -> Result<()> 
 }
 
 #[test]
+fn a_standalone_gateway_that_stops_tells_its_sites() -> Result<()> {
+    if prereq::require(&[netns::TOOLS, strongswan::TOOLS, &[tools::CURL]]).is_skip() {
+        return Ok(());
+    }
+    let ike = "aes128gcm16-prfsha256-x25519";
+    let psk = concentrator_e2e::ids::random_hex(32);
+    let mut s = SiteGateway::start("st", ike, "aes128gcm16", &psk)?;
+    s.establish(&s.connection(ike, "aes128gcm16", &psk, SITE_ID))?;
+    // SIGTERM: no fleet carries the tunnel on, so the site is sent an IKE DELETE.
+    let pid = s.gateway.pid().to_string();
+    concentrator_e2e::process::run(
+        std::process::Command::new("kill").args(["-TERM", &pid]),
+        concentrator_e2e::process::COMMAND_TIMEOUT,
+    )?;
+    wait::until("the gateway to exit", TIMEOUT, || {
+        Ok(match s.gateway.exit_status()? {
+            Some(st) => Probe::Ready(st),
+            None => Probe::pending(s.gateway.log_tail(5)),
+        })
+    })?;
+    wait::until("the site to drop its IKE SA", TIMEOUT, || {
+        let sas = s.charon().swanctl(&["--list-sas"])?;
+        Ok(if sas.contains("ESTABLISHED") {
+            Probe::pending(sas)
+        } else {
+            Probe::Ready(())
+        })
+    })
+    .with_context(|| s.logs())?;
+    ensure!(
+        logs::contains(s.charon().log_path(), "received DELETE for IKE_SA"),
+        "the site's IKE SA ended without our DELETE:\n{}",
+        s.logs()
+    );
+    Ok(())
+}
+
+#[test]
 fn child_and_ike_sa_rekeys_keep_a_tcp_stream_alive() -> Result<()> {
     if prereq::require(&[netns::TOOLS, strongswan::TOOLS, &[tools::CURL, tools::PYTHON3]]).is_skip() {
         return Ok(());
