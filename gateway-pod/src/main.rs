@@ -65,20 +65,27 @@ async fn esp_static(args: &concentrator_gateway::cli::EspStaticArgs) -> ExitCode
     ExitCode::SUCCESS
 }
 
-/// `tunnels`: the status view of a running gateway.
-async fn tunnels(opts: &Options, peer_id_pattern: String, eroute: String, fleet: bool) -> ExitCode {
-    use concentrator_proto::admin::ListTunnelsRequest;
+/// A client of the admin API at `--admin-listen` (over mutual TLS with `--admin-tls-dir`);
+/// `None` after saying on stderr why `command` cannot reach it.
+async fn admin_client(
+    opts: &Options,
+    command: &str,
+) -> Option<concentrator_proto::admin::gateway_admin_client::GatewayAdminClient<tonic::transport::Channel>> {
     let addr = opts.admin_listen.to_string();
     let connected = match concentrator_gateway::admin::client_tls(opts) {
         Ok(tls) => concentrator_gateway::admin::connect(&addr, tls.as_ref()).await,
         Err(e) => Err(e.to_string()),
     };
-    let mut client = match connected {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("concentrator-gateway tunnels: cannot reach the admin API at {addr}: {e}");
-            return ExitCode::FAILURE;
-        }
+    connected
+        .map_err(|e| eprintln!("concentrator-gateway {command}: cannot reach the admin API at {addr}: {e}"))
+        .ok()
+}
+
+/// `tunnels`: the status view of a running gateway.
+async fn tunnels(opts: &Options, peer_id_pattern: String, eroute: String, fleet: bool) -> ExitCode {
+    use concentrator_proto::admin::ListTunnelsRequest;
+    let Some(mut client) = admin_client(opts, "tunnels").await else {
+        return ExitCode::FAILURE;
     };
     match client
         .list_tunnels(ListTunnelsRequest {
@@ -113,17 +120,8 @@ async fn tunnels(opts: &Options, peer_id_pattern: String, eroute: String, fleet:
 /// `drain`: asks a running gateway to drain (or to stop draining), and waits if asked.
 async fn drain(opts: &Options, cancel: bool, wait: Option<std::time::Duration>, exit: bool) -> ExitCode {
     use concentrator_proto::admin::{DrainRequest, drain_status::State};
-    let addr = opts.admin_listen.to_string();
-    let connected = match concentrator_gateway::admin::client_tls(opts) {
-        Ok(tls) => concentrator_gateway::admin::connect(&addr, tls.as_ref()).await,
-        Err(e) => Err(e.to_string()),
-    };
-    let mut client = match connected {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("concentrator-gateway drain: cannot reach the admin API at {addr}: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(mut client) = admin_client(opts, "drain").await else {
+        return ExitCode::FAILURE;
     };
     let deadline = wait.map(|w| tokio::time::Instant::now() + w);
     loop {

@@ -25,8 +25,8 @@ use concentrator_e2e::{capture, etcd, fleet, prereq, strongswan};
 mod common;
 
 use common::fleet_sites::{
-    TIMEOUT, capture_wan, check_no_sequence_reuse, child_spis_out, fleet_of, ike_spis, logs, owners_of_sites,
-    per_pod_of,
+    TIMEOUT, capture_wan, check_no_sequence_reuse, child_spis_out, fleet_of, handover_pauses, ike_spis, logs,
+    owners_of_sites, per_pod_of,
 };
 
 const PODS: usize = 3;
@@ -54,24 +54,6 @@ fn site_count() -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(30)
-}
-
-/// The pause of each shard handed over, from the drained pod's log (`pause_ms=`).
-fn pauses(log: &str) -> Vec<u64> {
-    let mut p: Vec<u64> = log
-        .lines()
-        .filter(|l| l.contains("shard handed over"))
-        .filter_map(|l| {
-            l.split("pause_ms=")
-                .nth(1)?
-                .split([' ', ',', '}'])
-                .next()?
-                .parse()
-                .ok()
-        })
-        .collect();
-    p.sort_unstable();
-    p
 }
 
 #[test]
@@ -139,7 +121,7 @@ fn a_drained_pod_hands_every_tunnel_over_and_exits() -> Result<()> {
     let drained_in = t0.elapsed();
     let victim_log = concentrator_e2e::logs::tail(&fleet.pod(victim).log_path(), 100_000);
     ensure!(status.success(), "gw-{victim} exited with {status}");
-    let pause = pauses(&victim_log);
+    let pause = handover_pauses(&victim_log);
     eprintln!(
         "gw-{victim} drained and exited {drained_in:.1?} after the drain began; {} shards handed over, pause per shard (ms): median {:?}, largest {:?}",
         pause.len(),

@@ -863,19 +863,7 @@ fn draining_a_pod_of_thousands_of_tunnels() -> Result<()> {
     let drained = t0.elapsed();
     ensure!(said.starts_with("drained"), "drain said {said:?}");
     let log = concentrator_e2e::logs::tail(&fleet.pod(victim).log_path(), 1_000_000);
-    let mut pauses: Vec<u64> = log
-        .lines()
-        .filter(|l| l.contains("shard handed over"))
-        .filter_map(|l| {
-            l.split("pause_ms=")
-                .nth(1)?
-                .split([' ', ',', '}'])
-                .next()?
-                .parse()
-                .ok()
-        })
-        .collect();
-    pauses.sort_unstable();
+    let pauses = common::fleet_sites::handover_pauses(&log);
     let q = |p: f64| {
         pauses
             .get(((pauses.len() as f64 - 1.0) * p) as usize)

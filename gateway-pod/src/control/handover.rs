@@ -14,7 +14,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use super::driver::Driver;
-use crate::cluster::{HandedSa, HandoverState, ReplicatedChild};
+use crate::cluster::{HandedSa, HandoverState};
 use concentrator_fleet::{MemberId, Shard};
 
 /// A shard whose final state is not acknowledged in this time is carried on here again
@@ -224,14 +224,7 @@ impl Driver {
                     id: *id,
                     snapshot,
                     context,
-                    children: rec
-                        .children
-                        .iter()
-                        .map(|c| ReplicatedChild {
-                            spi_in: c.spi_in,
-                            counters: c.counters.clone(),
-                        })
-                        .collect(),
+                    children: super::replicas::replicated_children(rec),
                 });
             }
             if sas.len() != ids.len() {

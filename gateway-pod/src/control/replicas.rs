@@ -119,14 +119,7 @@ impl Driver {
                 id,
                 snapshot,
                 context,
-                children: rec
-                    .children
-                    .iter()
-                    .map(|c| ReplicatedChild {
-                        spi_in: c.spi_in,
-                        counters: c.counters.clone(),
-                    })
-                    .collect(),
+                children: replicated_children(rec),
             });
         }
     }
@@ -390,6 +383,17 @@ impl Driver {
             tracing::info!(member = %owner, peer_id = %peer, ?role, %remote, "IKE SA taken over from a member that is gone");
         }
     }
+}
+
+/// The CHILD SAs of `rec` as the replicator follows them.
+pub(super) fn replicated_children(rec: &IkeSaRecord) -> Vec<ReplicatedChild> {
+    rec.children
+        .iter()
+        .map(|c| ReplicatedChild {
+            spi_in: c.spi_in,
+            counters: c.counters.clone(),
+        })
+        .collect()
 }
 
 /// One copy per IKE SA: with several replicas (or copies of a dead owner kept while its

@@ -156,3 +156,22 @@ pub(crate) fn check_no_sequence_reuse(fleet: &Fleet, capture: Capture) -> Result
     );
     Ok(())
 }
+
+/// The pause of each shard a draining pod handed over, in milliseconds, sorted: from its log
+/// (`shard handed over ... pause_ms=N`).
+pub(crate) fn handover_pauses(log: &str) -> Vec<u64> {
+    let mut p: Vec<u64> = log
+        .lines()
+        .filter(|l| l.contains("shard handed over"))
+        .filter_map(|l| {
+            l.split("pause_ms=")
+                .nth(1)?
+                .split([' ', ',', '}'])
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    p.sort_unstable();
+    p
+}

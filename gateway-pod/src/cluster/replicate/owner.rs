@@ -252,6 +252,18 @@ struct Child {
 }
 
 impl Child {
+    /// `c`, with what the owner measured of it in its previous version `old`, if any.
+    fn carried_over(c: ReplicatedChild, old: Option<&Held>) -> Self {
+        let prev = old.and_then(|o| o.children.iter().find(|p| p.spi_in == c.spi_in));
+        Self {
+            spi_in: c.spi_in,
+            top_sent: prev.map_or(0, |p| p.top_sent),
+            last_seen: prev.map_or(0, |p| p.last_seen),
+            rate: prev.map_or(0, |p| p.rate),
+            counters: c.counters,
+        }
+    }
+
     fn send(&self) -> Option<&Arc<SendCounter>> {
         self.counters.send_counter()
     }
@@ -426,18 +438,7 @@ impl Owner {
                 let old = self.held.remove(&id);
                 let children = children
                     .into_iter()
-                    .map(|c| {
-                        let prev = old
-                            .as_ref()
-                            .and_then(|o| o.children.iter().find(|p| p.spi_in == c.spi_in));
-                        Child {
-                            spi_in: c.spi_in,
-                            top_sent: prev.map_or(0, |p| p.top_sent),
-                            last_seen: prev.map_or(0, |p| p.last_seen),
-                            rate: prev.map_or(0, |p| p.rate),
-                            counters: c.counters,
-                        }
-                    })
+                    .map(|c| Child::carried_over(c, old.as_ref()))
                     .collect();
                 // Changed: sent again to the replicas at once.
                 self.held.insert(
@@ -663,16 +664,7 @@ impl Owner {
                 .map(|c| {
                     // Inbound first: the top read when the final state goes out is exact.
                     c.counters.freeze(true);
-                    let prev = old
-                        .as_ref()
-                        .and_then(|o| o.children.iter().find(|p| p.spi_in == c.spi_in));
-                    Child {
-                        spi_in: c.spi_in,
-                        top_sent: prev.map_or(0, |p| p.top_sent),
-                        last_seen: prev.map_or(0, |p| p.last_seen),
-                        rate: prev.map_or(0, |p| p.rate),
-                        counters: c.counters,
-                    }
+                    Child::carried_over(c, old.as_ref())
                 })
                 .collect();
             self.held.insert(
