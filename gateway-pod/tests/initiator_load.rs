@@ -798,7 +798,7 @@ fn ike_establishment_rate_in_a_fleet_replication_on_vs_off() -> Result<()> {
 /// pod holding the most is drained (`concentrator-gateway drain --wait`). Prints the time to
 /// DRAINED and the distribution of the shards' pauses (from the drained pod's log: freeze to
 /// the map that moves the shard). Checks that no tunnel is lost: the others hold them all
-/// afterwards, each carried on once.
+/// afterwards, each carried on once. `IKE_LOAD_DRAIN_LOG` replaces the pods' `RUST_LOG`.
 #[test]
 fn draining_a_pod_of_thousands_of_tunnels() -> Result<()> {
     if prereq::require(&[netns::TOOLS, etcd::TOOLS, fleet::TOOLS]).is_skip() {
@@ -826,11 +826,11 @@ fn draining_a_pod_of_thousands_of_tunnels() -> Result<()> {
     .map(str::to_owned)
     .to_vec();
     // One line per shard handed over; not one per SA.
-    options.gateway_env.push((
-        "RUST_LOG".to_owned(),
+    let log = std::env::var("IKE_LOAD_DRAIN_LOG").unwrap_or_else(|_| {
         "warn,concentrator_gateway=info,concentrator_gateway::control=warn,concentrator_gateway::control::handover=info"
-            .to_owned(),
-    ));
+            .to_owned()
+    });
+    options.gateway_env.push(("RUST_LOG".to_owned(), log));
     let mut fleet = Fleet::start(options)?;
     let site = fleet.wan().host("loadsite", SITE_ADDR, None)?;
     let run = run_generator_with(

@@ -249,6 +249,10 @@ async fn session(
         lease,
     }));
     let mut written = None;
+    // When the record was last written: a change of load alone waits for the report
+    // interval (under a wave of new sites it changes with every event, and every write is an
+    // event at every member).
+    let mut loaded = Instant::now();
     // A frozen or partitioned etcd answers nothing and breaks no connection for a while:
     // keep-alive answers that stop for a TTL end the session (the lease may have ended).
     let mut acked = Instant::now();
@@ -273,13 +277,14 @@ async fn session(
         )
         .await?;
         let record = record(opts, view);
-        if written.as_ref() != Some(&record) {
+        if needs_write(written.as_ref(), &record, loaded.elapsed() >= REPORT_INTERVAL) {
             put_record(&mut client, keys, me, lease, &record).await?;
             tracing::debug!(
                 map_version = record.map_version,
                 draining = record.load.draining,
                 "member record written"
             );
+            loaded = Instant::now();
             written = Some(record);
         }
         tokio::select! {
@@ -384,6 +389,24 @@ async fn claim_id(
         keepalive.tick().await;
         keeper.keep_alive().await?;
     }
+}
+
+/// Whether `record` must be written over `written`: at once when what the leader plans with
+/// changed (shards, map version, draining, addresses), and for a change of load alone once
+/// `load_due`.
+fn needs_write(written: Option<&MemberRecord>, record: &MemberRecord, load_due: bool) -> bool {
+    let Some(w) = written else { return true };
+    let planned = |r: &MemberRecord| {
+        (
+            r.name.clone(),
+            r.address,
+            r.map_version,
+            r.occupied.clone(),
+            r.load.draining,
+            r.admin,
+        )
+    };
+    planned(w) != planned(record) || (load_due && w.load != record.load)
 }
 
 /// This pod's record as it should be now.

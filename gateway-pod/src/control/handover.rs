@@ -20,11 +20,11 @@ use concentrator_fleet::{MemberId, Shard};
 /// A shard whose final state is not acknowledged in this time is carried on here again
 /// (the new owner is unreachable or slow); the leader's mark stays, so it is tried again.
 const ACK_TIMEOUT: Duration = Duration::from_secs(5);
-/// Shards frozen and not yet acknowledged, at most: more at once lengthens every one's
-/// pause (their final states queue behind each other).
-const IN_FLIGHT_SHARDS: usize = 16;
-/// IKE SAs frozen and not yet acknowledged, at most (a shard is never split).
-const IN_FLIGHT_SAS: usize = 512;
+/// Shards frozen and not yet moved by the map, at most: more at once lengthens every one's
+/// pause (they wait for the same map writes).
+const IN_FLIGHT_SHARDS: usize = 4;
+/// IKE SAs frozen and not yet moved, at most (a shard is never split).
+const IN_FLIGHT_SAS: usize = 64;
 
 /// What the driver keeps of its hand-overs.
 #[derive(Default)]
@@ -155,18 +155,9 @@ impl Driver {
         if !draining {
             return;
         }
-        let in_flight: Vec<Shard> = self
-            .handovers
-            .frozen
-            .keys()
-            .copied()
-            .filter(|s| {
-                self.handovers
-                    .frozen
-                    .get(s)
-                    .is_some_and(|(.., st)| !st.acknowledged())
-            })
-            .collect();
+        // Every frozen shard counts until the map moves it: the leader's map writes set the
+        // pace, and a shard frozen ahead of them would only pause longer.
+        let in_flight: Vec<Shard> = self.handovers.frozen.keys().copied().collect();
         let mut budget_shards = IN_FLIGHT_SHARDS.saturating_sub(in_flight.len());
         let mut budget_sas = IN_FLIGHT_SAS.saturating_sub(
             self.handovers
