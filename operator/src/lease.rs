@@ -64,9 +64,10 @@ impl LeaseLock {
         }
     }
 
-    /// How often to renew: a third of the lease, as client-go does.
+    /// How often to try: every 2 s (client-go's retry period), or a third of a shorter lease,
+    /// so that several tries fit in the leader's renew deadline.
     pub fn renew_interval(&self) -> Duration {
-        self.duration / 3
+        Duration::from_secs(2).min(self.duration / 3)
     }
 
     fn spec(&self, now: Timestamp, acquired: Option<MicroTime>, transitions: i32) -> LeaseSpec {

@@ -131,9 +131,13 @@ async fn run(opts: Options) -> anyhow::Result<()> {
     tracing::info!(%identity, %namespace, lease = LEASE_NAME, "waiting to lead");
     loop {
         tokio::select! {
-            r = lock.try_acquire_or_renew(Timestamp::now()) => {
-                if r? { break; }
-            }
+            r = lock.try_acquire_or_renew(Timestamp::now()) => match r {
+                Ok(true) => break,
+                Ok(false) => {}
+                // A standby waits through API errors (an API server restarting, a network
+                // blip): it has nothing to stop.
+                Err(e) => tracing::warn!(error = %e, "cannot read the leader Lease; retrying"),
+            },
             _ = tokio::signal::ctrl_c() => return Ok(()),
         }
         tokio::time::sleep(lock.renew_interval()).await;
@@ -146,8 +150,10 @@ async fn run(opts: Options) -> anyhow::Result<()> {
             match lock.try_acquire_or_renew(Timestamp::now()).await {
                 Ok(true) => last_renewed = std::time::Instant::now(),
                 Ok(false) => return anyhow::anyhow!("lost the leader Lease to another replica"),
-                Err(e) if last_renewed.elapsed() >= LEASE_DURATION => {
-                    return anyhow::anyhow!("could not renew the leader Lease for {LEASE_DURATION:?}: {e}");
+                // Stop acting before the Lease can expire and a standby take over (client-go:
+                // renew deadline 10 s of a 15 s lease).
+                Err(e) if last_renewed.elapsed() >= RENEW_DEADLINE => {
+                    return anyhow::anyhow!("could not renew the leader Lease for {RENEW_DEADLINE:?}: {e}");
                 }
                 Err(e) => tracing::warn!(error = %e, "renewing the leader Lease failed; retrying"),
             }
@@ -169,3 +175,6 @@ async fn run(opts: Options) -> anyhow::Result<()> {
 
 const LEASE_NAME: &str = "concentrator-operator";
 const LEASE_DURATION: std::time::Duration = std::time::Duration::from_secs(15);
+/// How long the leader goes on without renewing before it stops: less than the lease, so it
+/// has stopped before anyone else may take the Lease.
+const RENEW_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
