@@ -33,6 +33,19 @@ pub enum Error {
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Self>>),
 }
 
+impl Error {
+    /// The `reason` label of `concentrator_operator_reconcile_failures_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Kube(_) => "kube",
+            Self::NoNamespace => "no_namespace",
+            Self::Build(_) => "build",
+            Self::StillDraining(_) => "still_draining",
+            Self::Finalizer(_) => "finalizer",
+        }
+    }
+}
+
 /// What every reconcile needs.
 pub struct Context {
     pub client: Client,
@@ -47,6 +60,8 @@ pub struct Context {
     /// The operator's own namespace (`POD_NAMESPACE`), whose operator pods the fleets'
     /// NetworkPolicies admit to the admin API.
     pub operator_namespace: String,
+    /// Reconcile counts, failures and durations.
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl Context {
@@ -61,6 +76,7 @@ impl Context {
             admin,
             scale_history: Default::default(),
             scale_in: Default::default(),
+            metrics: crate::metrics::Metrics::default(),
             operator_namespace: std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "default".to_owned()),
         }
     }
@@ -130,6 +146,13 @@ impl Validated for Egroup {
 /// Validates the object and records the verdict in its status by server-side apply.
 #[tracing::instrument(skip_all, fields(kind = K::KIND, name = %obj.name_any(), namespace = obj.namespace().unwrap_or_default()))]
 pub async fn reconcile<K: Validated>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let measure = ctx.metrics.measure(K::KIND);
+    let r = validate_and_record(obj, &ctx).await;
+    measure.done(r.as_ref().err().map(Error::reason));
+    r
+}
+
+async fn validate_and_record<K: Validated>(obj: Arc<K>, ctx: &Context) -> Result<Action, Error> {
     let ns = obj.namespace().ok_or(Error::NoNamespace)?;
     let verdict = obj.check();
     if let Err(e) = &verdict {
@@ -159,8 +182,14 @@ pub fn error_policy<K: ResourceExt>(_obj: Arc<K>, err: &Error, _ctx: Arc<Context
 
 /// Runs the GatewayFleet, Eroute and Egroup controllers until the stream ends; `admin`
 /// reaches the gateway pods.
-pub async fn run(client: Client, admin: crate::fleet::admin::GrpcFleetAdmin) {
-    let ctx = Arc::new(Context::new(client.clone(), Arc::new(admin)));
+pub async fn run(
+    client: Client,
+    admin: crate::fleet::admin::GrpcFleetAdmin,
+    metrics: crate::metrics::Metrics,
+) {
+    let mut ctx = Context::new(client.clone(), Arc::new(admin));
+    ctx.metrics = metrics;
+    let ctx = Arc::new(ctx);
     let eroutes = Controller::new(Api::<Eroute>::all(client.clone()), watcher::Config::default())
         .shutdown_on_signal()
         .run(reconcile::<Eroute>, error_policy::<Eroute>, ctx.clone())

@@ -5,4 +5,5 @@
 pub mod controller;
 pub mod fleet;
 pub mod lease;
+pub mod metrics;
 pub mod status;

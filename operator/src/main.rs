@@ -100,7 +100,9 @@ async fn run(opts: Options) -> anyhow::Result<()> {
             None
         }
     };
-    let registry = prometheus_client::registry::Registry::default();
+    let mut registry = prometheus_client::registry::Registry::default();
+    let controller_metrics = concentrator_operator::metrics::Metrics::default();
+    controller_metrics.register(&mut registry);
     let metrics = concentrator_telemetry::serve_metrics(opts.metrics_listen, Arc::new(registry)).await?;
     let client = Client::try_default().await.map_err(|e| {
         anyhow::anyhow!("cannot reach the Kubernetes API (in-cluster config or KUBECONFIG): {e}")
@@ -160,7 +162,11 @@ async fn run(opts: Options) -> anyhow::Result<()> {
         }
     };
     tokio::select! {
-        () = concentrator_operator::controller::run(client, concentrator_operator::fleet::admin::GrpcFleetAdmin::new(admin_tls)) => {
+        () = concentrator_operator::controller::run(
+            client,
+            concentrator_operator::fleet::admin::GrpcFleetAdmin::new(admin_tls),
+            controller_metrics,
+        ) => {
             // Controllers end on SIGTERM/Ctrl-C: hand the Lease over at once.
             if let Err(e) = lock.release().await {
                 tracing::warn!(error = %e, "could not release the leader Lease; it will expire");

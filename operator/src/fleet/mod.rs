@@ -210,16 +210,22 @@ pub const FINALIZER: &str = "vpn.concentrator.io/drain";
 /// Reconciles one fleet: apply while it exists, drain before it goes.
 #[tracing::instrument(skip_all, fields(fleet = %fleet.name_any(), namespace = fleet.namespace().unwrap_or_default()))]
 pub async fn reconcile(fleet: Arc<GatewayFleet>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let ns = fleet.namespace().ok_or(Error::NoNamespace)?;
-    let api: Api<GatewayFleet> = Api::namespaced(ctx.client.clone(), &ns);
-    kube::runtime::finalizer(&api, FINALIZER, fleet, |event| async {
-        match event {
-            kube::runtime::finalizer::Event::Apply(f) => apply_fleet(f, ctx.clone()).await,
-            kube::runtime::finalizer::Event::Cleanup(f) => cleanup(f, ctx.clone()).await,
-        }
-    })
-    .await
-    .map_err(|e| Error::Finalizer(Box::new(e)))
+    let measure = ctx.metrics.measure("GatewayFleet");
+    let r = async {
+        let ns = fleet.namespace().ok_or(Error::NoNamespace)?;
+        let api: Api<GatewayFleet> = Api::namespaced(ctx.client.clone(), &ns);
+        kube::runtime::finalizer(&api, FINALIZER, fleet, |event| async {
+            match event {
+                kube::runtime::finalizer::Event::Apply(f) => apply_fleet(f, ctx.clone()).await,
+                kube::runtime::finalizer::Event::Cleanup(f) => cleanup(f, ctx.clone()).await,
+            }
+        })
+        .await
+        .map_err(|e| Error::Finalizer(Box::new(e)))
+    }
+    .await;
+    measure.done(r.as_ref().err().map(Error::reason));
+    r
 }
 
 /// How long a deleted fleet waits for its tunnels to leave before the deletion goes on: the
