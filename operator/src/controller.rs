@@ -202,9 +202,10 @@ pub async fn run(
         Api::<GatewayFleet>::all(client.clone()),
         watcher::Config::default(),
     )
+    // Only our StatefulSets (by label), not every one in the cluster.
     .owns(
         Api::<StatefulSet>::all(client.clone()),
-        watcher::Config::default(),
+        watcher::Config::default().labels("app.kubernetes.io/managed-by=concentrator-operator"),
     )
     .shutdown_on_signal()
     .run(crate::fleet::reconcile, error_policy::<GatewayFleet>, ctx.clone())
