@@ -9,6 +9,9 @@
 //! second, the drained pod exits by itself once it holds nothing, and no (SPI, sequence
 //! number) pair is ever sent twice (with AES-GCM that would reuse a nonce).
 //!
+//! The same without copies of the SAs (`--fleet-replicas 0`): the drained pod sends each
+//! SA's whole state to the new owner.
+//!
 //! `FLEET_E2E_DRAIN_SITES` sets the number of sites (default 30). As non-root the test
 //! prints SKIP and passes.
 
@@ -61,8 +64,25 @@ fn a_drained_pod_hands_every_tunnel_over_and_exits() -> Result<()> {
     if skip() {
         return Ok(());
     }
-    let n = site_count();
-    let (_config, mut fleet, started, owners) = fleet_of(PODS, 1, n, &sites::SiteOptions::default(), &[])?;
+    drain_and_check(1, site_count(), true)
+}
+
+/// Without copies (`--fleet-replicas 0`) the drained pod sends every SA's state to the new
+/// owner in full, over a stream opened for the hand-over.
+#[test]
+fn without_copies_a_drain_still_hands_every_tunnel_over() -> Result<()> {
+    if skip() {
+        return Ok(());
+    }
+    drain_and_check(0, site_count().min(10), false)
+}
+
+/// Drains the busiest of [`PODS`] pods with `n` sites and `replicas` copies of each SA
+/// (and, with `undrain`, drains and un-drains another pod meanwhile), and checks that no
+/// tunnel is lost.
+fn drain_and_check(replicas: usize, n: usize, undrain: bool) -> Result<()> {
+    let (_config, mut fleet, started, owners) =
+        fleet_of(PODS, replicas, n, &sites::SiteOptions::default(), &[])?;
     let count = per_pod_of(PODS, &owners);
     let victim = (0..PODS).max_by_key(|i| count[*i]).context("no pod")?;
     let other = (0..PODS).find(|i| *i != victim).context("one pod")?;
@@ -98,22 +118,24 @@ fn a_drained_pod_hands_every_tunnel_over_and_exits() -> Result<()> {
     // members they reach forward them to their owner.
     fleet.front().remove_endpoint(victim)?;
 
-    // Another pod drains and is un-drained while the first one hands its shards over.
-    let said = fleet.pod(other).drain(&bin, &[])?;
-    ensure!(
-        said.starts_with("draining"),
-        "drain of gw-{other} answered {said:?}"
-    );
-    std::thread::sleep(Duration::from_millis(300));
-    let said = fleet.pod(other).drain(&bin, &["--cancel"])?;
-    ensure!(
-        said.starts_with("active"),
-        "cancel on gw-{other} answered {said:?}"
-    );
-    ensure!(
-        fleet.pod(other).ready(),
-        "gw-{other} is not ready after its drain was cancelled"
-    );
+    if undrain {
+        // Another pod drains and is un-drained while the first one hands its shards over.
+        let said = fleet.pod(other).drain(&bin, &[])?;
+        ensure!(
+            said.starts_with("draining"),
+            "drain of gw-{other} answered {said:?}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        let said = fleet.pod(other).drain(&bin, &["--cancel"])?;
+        ensure!(
+            said.starts_with("active"),
+            "cancel on gw-{other} answered {said:?}"
+        );
+        ensure!(
+            fleet.pod(other).ready(),
+            "gw-{other} is not ready after its drain was cancelled"
+        );
+    }
 
     let status = fleet
         .wait_pod_exit(victim, TIMEOUT)

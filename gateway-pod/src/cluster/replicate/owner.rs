@@ -768,8 +768,7 @@ impl Owner {
                     .iter()
                     .map(|c| Sequences {
                         spi_in: c.spi_in,
-                        // The acknowledged ceiling: the new owner starts above it.
-                        ceiling: c.send().map_or(0, |s| s.ceiling()),
+                        ceiling: c.send().map_or(0, frozen_ceiling),
                         top: c.counters.inbound_top(),
                     })
                     .collect();
@@ -808,6 +807,16 @@ impl Owner {
     fn link_limit(&self) -> usize {
         self.held.len().saturating_mul(2).saturating_add(LINK_QUEUE_SLACK)
     }
+}
+
+/// Numbers a frozen SA's data plane may still have taken after the freeze was read (a packet
+/// of each worker that passed the check just before it): the new owner starts above them.
+const FROZEN_MARGIN: u64 = 1024;
+
+/// The highest sequence number a frozen SA may have used, for its new owner to start above:
+/// its last one and the margin, never above its ceiling (none without replicas).
+fn frozen_ceiling(s: &Arc<SendCounter>) -> u64 {
+    s.ceiling().min(s.last().saturating_add(FROZEN_MARGIN))
 }
 
 /// The ceiling to tell the replica for `c`, and the value to raise ours to once it is
@@ -1104,6 +1113,15 @@ mod tests {
         ack(&state).acknowledged();
         assert!(!state.acknowledged());
         assert_eq!(view.handed_to(shard), None);
+    }
+
+    #[test]
+    fn a_frozen_sa_hands_over_its_last_number_and_a_margin_within_its_ceiling() {
+        let send = Arc::new(SendCounter::new(500));
+        // No replica: no ceiling, the last number decides.
+        assert_eq!(frozen_ceiling(&send), 500 + FROZEN_MARGIN);
+        send.set_ceiling(800);
+        assert_eq!(frozen_ceiling(&send), 800, "never above what may have been sent");
     }
 
     #[test]
