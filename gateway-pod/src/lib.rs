@@ -369,68 +369,7 @@ pub fn static_tunnel(a: &cli::EspStaticArgs) -> Result<dataplane::StaticTunnel, 
     })
 }
 
-/// The `tunnels` table: one line per tunnel, widths fitted to the content; a last column
-/// names the member that holds each tunnel in a fleet-wide list.
+/// The `tunnels` command's table: one line per tunnel, every column.
 pub fn tunnels_table(tunnels: &[concentrator_proto::admin::Tunnel]) -> String {
-    let fleet = tunnels.iter().any(|t| !t.member.is_empty());
-    let mut header = vec![
-        "PEER ID",
-        "EROUTE",
-        "EGROUP",
-        "PEER ADDRESS",
-        "REMOTE SUBNET",
-        "SAS",
-        "BYTES IN",
-        "BYTES OUT",
-        "IDLE",
-    ];
-    if fleet {
-        header.push("MEMBER");
-    }
-    let rows: Vec<Vec<String>> = tunnels
-        .iter()
-        .map(|t| {
-            let mut row = vec![
-                t.remote_peer_id.clone(),
-                t.base_eroute.clone(),
-                if t.egroup.is_empty() {
-                    "-".into()
-                } else {
-                    t.egroup.clone()
-                },
-                t.peer_address.clone(),
-                t.remote_subnet.clone(),
-                t.child_sas.len().to_string(),
-                t.bytes_in.to_string(),
-                t.bytes_out.to_string(),
-                format!("{}s", t.idle_seconds),
-            ];
-            if fleet {
-                row.push(t.member.clone());
-            }
-            row
-        })
-        .collect();
-    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for r in &rows {
-        for (w, c) in widths.iter_mut().zip(r) {
-            *w = (*w).max(c.len());
-        }
-    }
-    let line = |cells: Vec<&str>| {
-        let mut l = String::new();
-        for (i, (c, w)) in cells.iter().zip(&widths).enumerate() {
-            if i + 1 == cells.len() {
-                l.push_str(c);
-            } else {
-                l.push_str(&format!("{c:<w$}  "));
-            }
-        }
-        l.trim_end().to_owned() + "\n"
-    };
-    let mut out = line(header.to_vec());
-    for r in &rows {
-        out.push_str(&line(r.iter().map(String::as_str).collect()));
-    }
-    out
+    concentrator_proto::view::tunnels_table(tunnels, true)
 }

@@ -291,6 +291,8 @@ impl Metrics {
             ("sites".to_owned(), g(self.sites.get())),
             ("tunnels".to_owned(), g(self.tunnels.get())),
             ("drain_state".to_owned(), g(self.drain_state.get())),
+            ("fleet_members".to_owned(), g(self.fleet.members.get())),
+            ("fleet_leader".to_owned(), g(self.fleet.leader.get())),
             ("cpu_percent".to_owned(), g(self.cpu_percent.get())),
             ("ike_sas_half_open".to_owned(), g(self.ike_sas_half_open.get())),
             (

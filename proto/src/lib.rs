@@ -1,6 +1,7 @@
 //! gRPC admin API of a gateway pod, generated from `proto/admin.proto`, and its mutual TLS.
 
 pub mod tls;
+pub mod view;
 
 /// `concentrator.admin.v1`
 pub mod admin {

@@ -61,18 +61,30 @@ impl AdminTls {
     /// Reads `tls.crt`, `tls.key` and `ca.crt` from `dir` and checks that each holds what it
     /// should, so that a wrong file is named at start rather than by a failed handshake.
     pub fn load(dir: &Path) -> Result<Self, TlsError> {
-        install_crypto_provider();
         let read = |name: &str| {
             let path = dir.join(name);
             std::fs::read(&path).map_err(|source| TlsError::Read { path, source })
         };
+        let cert = read(CERT_FILE)?;
+        let key = zeroize::Zeroizing::new(read(KEY_FILE)?);
+        let ca = read(CA_FILE)?;
+        Self::from_pem(dir, cert, key, ca)
+    }
+
+    /// The same files' contents as they are in a `kubernetes.io/tls` Secret (`origin` names
+    /// where they came from in errors, e.g. `secret/ns/name`).
+    pub fn from_pem(
+        origin: &Path,
+        cert: Vec<u8>,
+        key: zeroize::Zeroizing<Vec<u8>>,
+        ca: Vec<u8>,
+    ) -> Result<Self, TlsError> {
+        install_crypto_provider();
+        let dir = origin;
         let pem_error = |name: &str, what: String| TlsError::Pem {
             path: dir.join(name),
             what,
         };
-        let cert = read(CERT_FILE)?;
-        let key = zeroize::Zeroizing::new(read(KEY_FILE)?);
-        let ca = read(CA_FILE)?;
         for (name, pem) in [(CERT_FILE, &cert), (CA_FILE, &ca)] {
             let certs = CertificateDer::pem_slice_iter(pem)
                 .collect::<Result<Vec<_>, _>>()
