@@ -63,6 +63,8 @@ pub struct Running {
     admin_task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
     metrics: concentrator_telemetry::MetricsServer,
     cpu_sampler: tokio::task::JoinHandle<()>,
+    /// Counts the sites in the store every minute (the `sites` gauge).
+    site_counter: tokio::task::JoinHandle<()>,
     /// Reloads the config directory on changes and SIGHUP.
     reloader: Option<tokio::task::JoinHandle<()>>,
     /// IKE and the data plane; `None` with `--no-tunnels`.
@@ -134,6 +136,7 @@ impl Running {
         }
         self.metrics.abort();
         self.cpu_sampler.abort();
+        self.site_counter.abort();
         self.site_store.close().await;
     }
 }
@@ -273,6 +276,24 @@ pub async fn start(opts: &Options, config: Config) -> Result<Running, StartError
                 .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), stop),
         ),
     };
+    // Sites come and go in the store (`sites import`, the operators' own tools): counted again
+    // every minute, so the gauge never tells of the store as it was at start.
+    let site_counter = {
+        let (store, sites) = (site_store.clone(), gateway.metrics.sites.clone());
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
+            every.tick().await;
+            loop {
+                every.tick().await;
+                match store.count_sites().await {
+                    Ok(n) => {
+                        sites.set(i64::try_from(n).unwrap_or(i64::MAX));
+                    }
+                    Err(e) => tracing::debug!(error = %e, "cannot count sites"),
+                }
+            }
+        })
+    };
     let cpu_sampler = cpu::spawn_sampler(
         gateway.metrics.cpu_percent.clone(),
         std::time::Duration::from_secs(5),
@@ -297,6 +318,7 @@ pub async fn start(opts: &Options, config: Config) -> Result<Running, StartError
         admin_task,
         metrics: metrics_srv,
         cpu_sampler,
+        site_counter,
         reloader,
         control,
         fleet,

@@ -357,3 +357,78 @@ impl Metrics {
         m
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The metric names an expression of the chart's dashboard refers to with `prefix`
+    /// (regular expressions over names are left out).
+    pub(crate) fn dashboard_metrics(prefix: &str) -> Vec<String> {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../charts/concentrator/dashboards/gateway.json"
+        );
+        let text = std::fs::read_to_string(path).unwrap();
+        let mut names: Vec<String> = text
+            .match_indices(prefix)
+            .map(|(at, _)| {
+                text[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect::<String>()
+            })
+            .filter(|n| !text.contains(&format!("{n}.")))
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    #[test]
+    fn every_gateway_metric_the_dashboard_shows_is_exported() {
+        let m = Metrics::default();
+        let mut registry = Registry::default();
+        m.register(&mut registry);
+        // Families with no sample yet print nothing: give each a sample first.
+        m.count_ike_failure("x");
+        m.count_ike_drop("x");
+        m.count_admin("x");
+        m.count_lookup_failure("x", "x");
+        m.fleet.forward.drop("x");
+        m.fleet
+            .forward
+            .packets
+            .get_or_create(&crate::cluster::ForwardLabel {
+                kind: "x".into(),
+                direction: "x".into(),
+            })
+            .inc();
+        for family in [
+            &m.fleet.replication.bytes_sent,
+            &m.fleet.replication.adopt_failed,
+            &m.fleet.handover.shards,
+        ] {
+            crate::cluster::ReplicationMetrics::count(family, "x", 1);
+        }
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let exported: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split(' ').next())
+            .collect();
+        let wanted = dashboard_metrics("concentrator_gateway_");
+        assert!(wanted.len() > 10, "{wanted:?}");
+        for name in wanted {
+            let base = ["_total", "_bucket", "_count", "_sum"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .unwrap_or(&name);
+            assert!(
+                exported.contains(&base),
+                "the dashboard shows {name}, which the gateway does not export: {exported:?}"
+            );
+        }
+    }
+}

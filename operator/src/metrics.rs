@@ -135,5 +135,22 @@ mod tests {
             ),
             "{text}"
         );
+        // What the chart's dashboard shows of the operator is exported.
+        let dashboard = include_str!("../../charts/concentrator/dashboards/gateway.json");
+        let shown: Vec<&str> = dashboard
+            .match_indices("concentrator_operator_")
+            .filter_map(|(at, _)| {
+                dashboard[at..]
+                    .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .next()
+            })
+            .collect();
+        assert!(!shown.is_empty());
+        for name in shown {
+            assert!(
+                text.contains(name),
+                "the dashboard shows {name}, not exported:\n{text}"
+            );
+        }
     }
 }

@@ -41,7 +41,9 @@ use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
 pub use claims::{Claimed, Claims, SiteKey};
-pub use forward::{Delivery, EspBatch, ForwardMetrics, IkeRoute, Link, Links, Via, route_ike, serve};
+pub use forward::{
+    Delivery, EspBatch, ForwardLabel, ForwardMetrics, IkeRoute, Link, Links, Via, route_ike, serve,
+};
 pub use replicate::{
     BLOCK, Copy as ReplicaCopy, HandedSa, HandoverMetrics, HandoverState, Incarnation, ReplicaStore,
     ReplicaUpdate, ReplicatedChild, ReplicationMetrics, Replicator,
