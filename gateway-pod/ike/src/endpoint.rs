@@ -34,7 +34,7 @@ use crate::initiator::Initiator;
 use crate::message::codepoints::{ExchangeType, NotifyType};
 use crate::message::header::Flags;
 use crate::payload::Payload;
-use crate::redirect::{GatewayId, encode_redirect};
+use crate::redirect::GatewayId;
 use crate::responder::{Responder, init_error};
 use crate::sa::snapshot::{IkeSaSnapshot, InFlight, Role, SnapshotError};
 use crate::sa::{Config, Entropy, Event, Incoming, Transmit};
@@ -762,20 +762,9 @@ impl Endpoint {
         msg: &Message<'_>,
         gateway: GatewayId,
     ) -> Result<(), EndpointError> {
-        let mut supported = false;
-        let mut nonce = None;
-        for p in &msg.payloads {
-            match p {
-                Payload::Notify(n) if n.notify_type == NotifyType::REDIRECT_SUPPORTED => supported = true,
-                Payload::Nonce(n) => nonce = Some(n.data),
-                _ => {}
-            }
-        }
-        let (true, Some(nonce)) = (supported, nonce) else {
+        let Some(response) = crate::redirect::init_response(msg, &gateway) else {
             return Ok(());
         };
-        let data = encode_redirect(&gateway, Some(nonce));
-        let response = init_error(&msg.header, NotifyType::REDIRECT, &data);
         self.transmits.push_back(Transmit {
             local,
             remote,
