@@ -195,6 +195,31 @@ pub struct Options {
     #[arg(long, env = "CONCENTRATOR_FLEET_MESSAGE_ID_SYNC")]
     pub fleet_message_id_sync: bool,
 
+    /// The VIP front's address (the one sites are configured with): turns on the director
+    /// (docs/fleet.md, "The VIP front"). One member, elected in etcd, answers a new site
+    /// that supports RFC 5685 with a REDIRECT to the least-loaded member's
+    /// --fleet-redirect-address; sites that were redirected, or do not support redirects,
+    /// are served as in the SLB front.
+    #[arg(long, env = "CONCENTRATOR_FLEET_VIP", value_name = "IP")]
+    pub fleet_vip: Option<std::net::IpAddr>,
+
+    /// This pod's own stable address that sites are redirected to (its per-pod Service
+    /// address, never the pod IP), published in its member record. Without it (and without
+    /// --fleet-redirect-addresses-file) the director never sends a site here.
+    #[arg(long, env = "CONCENTRATOR_FLEET_REDIRECT_ADDRESS", value_name = "IP")]
+    pub fleet_redirect_address: Option<std::net::IpAddr>,
+
+    /// A file of `<member name> <IP>` lines (the operator's ConfigMap of per-pod Service
+    /// addresses): this pod's redirect address is on the line of its --fleet-member name.
+    /// Read again at each load report, so an address that appears later is published.
+    #[arg(
+        long,
+        env = "CONCENTRATOR_FLEET_REDIRECT_ADDRESSES_FILE",
+        value_name = "PATH",
+        conflicts_with = "fleet_redirect_address"
+    )]
+    pub fleet_redirect_addresses_file: Option<PathBuf>,
+
     /// CA bundle (PEM) that signs etcd's server certificate: etcd over TLS.
     #[arg(long, env = "CONCENTRATOR_FLEET_ETCD_CA", value_name = "PATH")]
     pub fleet_etcd_ca: Option<PathBuf>,

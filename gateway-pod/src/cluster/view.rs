@@ -52,6 +52,11 @@ pub struct View {
     /// driver has adopted them.
     copies: Box<[AtomicU32]>,
     born: Instant,
+    /// The VIP front's director, as the election key says (`NOBODY`: none, or no VIP front).
+    director: AtomicU16,
+    /// The fleet has a VIP front (`--fleet-vip`): new sites that support redirects go to the
+    /// director.
+    vip_front: AtomicBool,
     inner: RwLock<Inner>,
 }
 
@@ -84,6 +89,8 @@ impl View {
             picked_until: (0..n).map(|_| AtomicU32::new(0)).collect(),
             copies: (0..n).map(|_| AtomicU32::new(0)).collect(),
             born: Instant::now(),
+            director: AtomicU16::new(NOBODY),
+            vip_front: AtomicBool::new(false),
             inner: RwLock::default(),
         }
     }
@@ -98,6 +105,28 @@ impl View {
 
     pub(super) fn set_me(&self, me: Option<MemberId>) {
         self.me.store(me.map_or(NOBODY, |m| m.0), Ordering::Release);
+    }
+
+    /// The VIP front's director, if there is one now.
+    pub fn director(&self) -> Option<MemberId> {
+        match self.director.load(Ordering::Acquire) {
+            NOBODY => None,
+            m => Some(MemberId(m)),
+        }
+    }
+
+    pub(super) fn set_director(&self, director: Option<MemberId>) {
+        self.director
+            .store(director.map_or(NOBODY, |m| m.0), Ordering::Release);
+    }
+
+    /// Whether the fleet has a VIP front with a director.
+    pub fn vip_front(&self) -> bool {
+        self.vip_front.load(Ordering::Acquire)
+    }
+
+    pub(super) fn set_vip_front(&self, on: bool) {
+        self.vip_front.store(on, Ordering::Release);
     }
 
     /// Whether new sites may be taken: the lease is held and the map is current.
@@ -298,6 +327,7 @@ mod tests {
             map_version: 0,
             occupied: ShardSet::new().to_hex(),
             admin: None,
+            redirect: None,
         }
     }
 

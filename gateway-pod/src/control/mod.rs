@@ -18,8 +18,10 @@
 //! - `reload`: a new configuration applied as a diff against the running one.
 //! - `fleet`, `claims`, `replicas`: the driver's side of the fleet ([`crate::cluster`]):
 //!   SPI routing of IKE, site claims, and SA replication and take-over.
+//! - `director`: the VIP front's redirects of new sites, while this member directs.
 
 mod claims;
+mod director;
 mod driver;
 mod events;
 mod fleet;
