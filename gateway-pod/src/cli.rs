@@ -220,6 +220,13 @@ pub struct Options {
     )]
     pub fleet_redirect_addresses_file: Option<PathBuf>,
 
+    /// With --fleet-vip: a member holding clearly more than its even share of tunnels sends
+    /// sites that support it elsewhere (an RFC 5685 REDIRECT on their established IKE SA, to
+    /// the least-loaded member), one or a few a second, never a site twice in 300 s
+    /// (strongSwan follows at most 5 redirects in 300 s). Each moved site renegotiates.
+    #[arg(long, env = "CONCENTRATOR_FLEET_REBALANCE", requires = "fleet_vip")]
+    pub fleet_rebalance: bool,
+
     /// CA bundle (PEM) that signs etcd's server certificate: etcd over TLS.
     #[arg(long, env = "CONCENTRATOR_FLEET_ETCD_CA", value_name = "PATH")]
     pub fleet_etcd_ca: Option<PathBuf>,

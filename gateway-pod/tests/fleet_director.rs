@@ -43,6 +43,7 @@ fn options(etcd: &Etcd, prefix: &str, n: u8) -> FleetOptions {
         redirect: RedirectAddress::Fixed(redirect_address(n)),
         vip: Some(VipOptions {
             address: IpAddr::from([192, 0, 2, 2]),
+            rebalance: false,
         }),
     }
 }

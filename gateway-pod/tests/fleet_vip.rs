@@ -11,11 +11,16 @@
 //! - a strongSwan site that does not support redirects (`follow_redirects = no`: it does
 //!   not announce REDIRECT_SUPPORTED) still connects, placed as in the SLB front.
 //!
+//! With `--fleet-rebalance`, a pod that comes back after its sites went to the others gets
+//! its share again: the others redirect established sites to it (RFC 5685 §5).
+//!
+//! The tests take turns (a lock): each runs a fleet and many sites on CI's two cores.
 //! As non-root the test prints SKIP and passes.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
-use std::sync::Arc;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
@@ -68,6 +73,78 @@ const LOAD_EROUTE: StaticEroute<'static> = StaticEroute {
     psk: PSK,
 };
 
+/// One test at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// A VIP fleet of [`PODS`] pods with more gateway `args`, the strongSwan sites `psks` in
+/// every pod's store, not started yet: its per-pod addresses on the front, the addresses
+/// file in `dir`.
+fn vip_fleet(dir: &Path, psks: &[(usize, String)], args: &[&str]) -> Result<Fleet> {
+    let config = dir.join("config");
+    common::fleet::write_egroup_config(&config)?;
+    LOAD_EROUTE.write(&config)?;
+    let addresses = dir.join("redirect-addresses");
+    std::fs::write(&addresses, vip::addresses_file(PODS))?;
+    let addresses = addresses.to_str().context("path")?;
+    let mut options = FleetOptions::new(PODS, Affinity::client_ip(), common::gateway_bin(), &config);
+    options.lease_ttl = LEASE_TTL;
+    options.gateway_args = [
+        "--fleet-vip",
+        GW_ADDR,
+        "--fleet-redirect-addresses-file",
+        addresses,
+        // Our initiators come from one address, many at once.
+        "--ike-cookie-threshold",
+        "1000",
+        "--ike-max-half-open",
+        "1000",
+    ]
+    .iter()
+    .chain(args)
+    .map(|a| (*a).to_owned())
+    .collect();
+    let fleet = Fleet::new(options)?;
+    vip::expose_pods(fleet.front(), PODS)?;
+    for pod in fleet.pods() {
+        common::fleet::import_sites(&pod.data_dir(), psks)?;
+    }
+    Ok(fleet)
+}
+
+/// Starts the generator of `sas` of our initiators in its own namespace on the WAN; its
+/// output goes to `log`. The generator drops before its namespace.
+fn start_generator(
+    fleet: &Fleet,
+    sas: u64,
+    log: &Path,
+) -> Result<(concentrator_e2e::process::Daemon, netns::Netns)> {
+    let generator = fleet.wan().host("vipgen", GENERATOR_ADDR, None)?;
+    let mut cmd = generator.command(std::env::current_exe()?);
+    cmd.args(["--exact", "vip_load_driver", "--nocapture", "--test-threads=1"])
+        .env("VIP_LOAD_DRIVER", "1")
+        .env("VIP_LOAD_LOCAL", GENERATOR_ADDR)
+        .env("VIP_LOAD_REMOTE", GW_ADDR)
+        .env("VIP_LOAD_SAS", sas.to_string());
+    let daemon = concentrator_e2e::process::Daemon::spawn("generator", cmd, log)?;
+    Ok((daemon, generator))
+}
+
+/// The generator's `RESULT` line, once all its initiators are up or failed.
+fn generator_result(log: &Path) -> Result<String> {
+    wait::until("the generator's result", CONNECT_TIMEOUT, || {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        Ok(
+            match text
+                .lines()
+                .find_map(|l| l.find("RESULT ").and_then(|at| l.get(at..)))
+            {
+                Some(line) => Probe::Ready(line.to_owned()),
+                None => Probe::pending(concentrator_e2e::logs::tail(log, 5)),
+            },
+        )
+    })
+}
+
 /// Each pod's established IKE SAs.
 fn per_pod(fleet: &Fleet) -> Result<Vec<Option<f64>>> {
     fleet.metric_by_pod("ike_sas_established")
@@ -115,36 +192,11 @@ fn the_director_spreads_new_sites_and_is_replaced_when_its_pod_dies() -> Result<
     if prereq::require(&[netns::TOOLS, etcd::TOOLS, fleet::TOOLS, strongswan::TOOLS]).is_skip() {
         return Ok(());
     }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let t0 = Instant::now();
     let dir = scratch::dir("fleet-vip")?;
-    let config = dir.path().join("config");
-    common::fleet::write_egroup_config(&config)?;
-    LOAD_EROUTE.write(&config)?;
-    let addresses = dir.path().join("redirect-addresses");
-    std::fs::write(&addresses, vip::addresses_file(PODS))?;
-    let addresses = addresses.to_str().context("path")?.to_owned();
-
-    let mut options = FleetOptions::new(PODS, Affinity::client_ip(), common::gateway_bin(), &config);
-    options.lease_ttl = LEASE_TTL;
-    options.gateway_args = [
-        "--fleet-vip",
-        GW_ADDR,
-        "--fleet-redirect-addresses-file",
-        &addresses,
-        // Our initiators come from one address, many at once.
-        "--ike-cookie-threshold",
-        "1000",
-        "--ike-max-half-open",
-        "1000",
-    ]
-    .map(str::to_owned)
-    .to_vec();
-    let mut fleet = Fleet::new(options)?;
-    vip::expose_pods(fleet.front(), PODS)?;
     let psks = common::fleet::psks(SWAN_SITES + LATE_SITES + 1);
-    for pod in fleet.pods() {
-        common::fleet::import_sites(&pod.data_dir(), &psks)?;
-    }
+    let mut fleet = vip_fleet(dir.path(), &psks, &[])?;
     fleet.start_pods()?;
     let director = wait_director(&fleet, Duration::from_secs(20))?;
     eprintln!(
@@ -153,29 +205,11 @@ fn the_director_spreads_new_sites_and_is_replaced_when_its_pod_dies() -> Result<
     );
 
     // 60 new sites at once: strongSwan sites and our generator's initiators.
-    let generator = fleet.wan().host("vipgen", GENERATOR_ADDR, None)?;
-    let mut cmd = generator.command(std::env::current_exe()?);
-    cmd.args(["--exact", "vip_load_driver", "--nocapture", "--test-threads=1"])
-        .env("VIP_LOAD_DRIVER", "1")
-        .env("VIP_LOAD_LOCAL", GENERATOR_ADDR)
-        .env("VIP_LOAD_REMOTE", GW_ADDR)
-        .env("VIP_LOAD_SAS", OUR_SITES.to_string());
     let gen_log = dir.path().join("generator.log");
-    let _gen = concentrator_e2e::process::Daemon::spawn("generator", cmd, &gen_log)?;
+    let _gen = start_generator(&fleet, OUR_SITES, &gen_log)?;
     let swan = connect_swan(&fleet, &psks[..SWAN_SITES], &SiteOptions::default())
         .with_context(|| fleet.log_tails(20))?;
-    let result = wait::until("the generator's result", CONNECT_TIMEOUT, || {
-        let text = std::fs::read_to_string(&gen_log).unwrap_or_default();
-        Ok(
-            match text
-                .lines()
-                .find_map(|l| l.find("RESULT ").and_then(|at| l.get(at..)))
-            {
-                Some(line) => Probe::Ready(line.to_owned()),
-                None => Probe::pending(concentrator_e2e::logs::tail(&gen_log, 5)),
-            },
-        )
-    })?;
+    let result = generator_result(&gen_log)?;
     eprintln!("generator: {result}");
     ensure!(
         field(&result, "established") == Some(&OUR_SITES.to_string()),
@@ -245,6 +279,68 @@ fn the_director_spreads_new_sites_and_is_replaced_when_its_pod_dies() -> Result<
     eprintln!("all checks passed after {:.1?}", t0.elapsed());
     drop((swan, late, plain));
     fleet.check_running().ok();
+    Ok(())
+}
+
+#[test]
+fn a_pod_that_comes_back_gets_its_share_by_rebalancing() -> Result<()> {
+    if prereq::require(&[netns::TOOLS, etcd::TOOLS, fleet::TOOLS]).is_skip() {
+        return Ok(());
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    const SITES: u64 = 30;
+    let dir = scratch::dir("fleet-vip-rebalance")?;
+    let mut fleet = vip_fleet(dir.path(), &[], &["--fleet-rebalance"])?;
+    fleet.start_pods()?;
+    // Pod 2 is away while the sites connect: they all go to pods 0 and 1.
+    fleet.kill_pod(2);
+    fleet.front().remove_endpoint(2)?;
+    fleet.wait_members(2, fleet::MEMBERS_TIMEOUT)?;
+    wait_director(&fleet, Duration::from_secs(20))?;
+    let gen_log = dir.path().join("generator.log");
+    let _gen = start_generator(&fleet, SITES, &gen_log)?;
+    let result = generator_result(&gen_log)?;
+    ensure!(
+        field(&result, "established") == Some(&SITES.to_string()),
+        "our initiators did not all connect: {result}"
+    );
+    fleet.wait_metric_sum("ike_sas_established", Duration::from_secs(20), |n| {
+        n >= SITES as f64
+    })?;
+    eprintln!("{SITES} sites on two pods: {:?}", per_pod(&fleet)?);
+
+    // Pod 2 comes back: the others redirect sites to it until each holds about a third.
+    let back = Instant::now();
+    fleet.start_pod(2)?;
+    fleet.front().restore_endpoint(2)?;
+    fleet.wait_members(3, fleet::MEMBERS_TIMEOUT)?;
+    let even = SITES as f64 / PODS as f64;
+    let spread = wait::until(
+        "every pod within 20% of an even share",
+        Duration::from_secs(60),
+        || {
+            let v = per_pod(&fleet)?;
+            let n: Vec<f64> = v.iter().map(|n| n.unwrap_or(0.0)).collect();
+            let total: f64 = n.iter().sum();
+            Ok(
+                if n.iter().all(|n| (n - even).abs() <= even * 0.2) && (total - SITES as f64).abs() < 0.5 {
+                    Probe::Ready(n)
+                } else {
+                    Probe::pending(format!("IKE SAs by pod {v:?}"))
+                },
+            )
+        },
+    )
+    .with_context(|| fleet.log_tails(30))?;
+    let moved = fleet.metric_sum("fleet_redirects")?;
+    eprintln!(
+        "rebalanced to {spread:?} in {:.1?} after pod 2 came back; redirects (new sites and moves) {moved}",
+        back.elapsed()
+    );
+    ensure!(
+        moved >= SITES as f64 + 1.0,
+        "no site was moved: {moved} redirects"
+    );
     Ok(())
 }
 

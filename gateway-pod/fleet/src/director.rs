@@ -49,6 +49,13 @@ impl Spread {
     /// (tunnels + half-open + redirects sent since its report) relative to its capacity,
     /// then by member ID.
     pub fn choose(&mut self, members: &BTreeMap<MemberId, MemberRecord>) -> Option<Choice> {
+        let c = self.peek(members)?;
+        self.count(c.member);
+        Some(c)
+    }
+
+    /// The member [`Self::choose`] would pick, without counting a redirect to it.
+    pub fn peek(&mut self, members: &BTreeMap<MemberId, MemberRecord>) -> Option<Choice> {
         self.sent.retain(|m, _| members.contains_key(m));
         for (m, r) in members {
             let e = self.sent.entry(*m).or_insert_with(|| (r.load.clone(), 0));
@@ -56,7 +63,7 @@ impl Spread {
                 *e = (r.load.clone(), 0);
             }
         }
-        let (member, address) = members
+        members
             .iter()
             .filter(|(_, r)| !r.load.draining)
             .filter_map(|(m, r)| Some((*m, r.redirect?, r)))
@@ -64,17 +71,43 @@ impl Spread {
                 let pending = self.sent.get(m).map_or(0, |e| e.1);
                 (r.load.cpu_percent >= HOT_CPU_PERCENT, fill(&r.load, pending), *m)
             })
-            .map(|(m, a, _)| (m, a))?;
+            .map(|(member, address, _)| Choice { member, address })
+    }
+
+    /// Counts a redirect sent to `member` (one [`Self::peek`] picked).
+    pub fn count(&mut self, member: MemberId) {
         if let Some(e) = self.sent.get_mut(&member) {
             e.1 = e.1.saturating_add(1);
         }
-        Some(Choice { member, address })
     }
 
     /// The redirects sent to `member` that its report does not count yet.
     pub fn pending(&self, member: MemberId) -> u64 {
         self.sent.get(&member).map_or(0, |e| e.1)
     }
+}
+
+/// How many more tunnels than its even share member `me` holds, which a rebalance may send
+/// to the others (RFC 5685 §5 redirects of established SAs): the share is the mean over `me`
+/// and the members a site may be redirected to (an address, not draining), rounded up. A
+/// member at the rounded-up mean never sends, so sites move only from above the mean to the
+/// least loaded, and never back and forth. 0 when there is no other member to send sites to.
+pub fn excess(me: MemberId, members: &BTreeMap<MemberId, MemberRecord>) -> u64 {
+    let Some(mine) = members.get(&me) else {
+        return 0;
+    };
+    let others: Vec<u64> = members
+        .iter()
+        .filter(|(m, r)| **m != me && r.redirect.is_some() && !r.load.draining)
+        .map(|(_, r)| r.load.tunnels)
+        .collect();
+    if others.is_empty() {
+        return 0;
+    }
+    let count = others.len() as u128 + 1;
+    let total = others.iter().map(|t| u128::from(*t)).sum::<u128>() + u128::from(mine.load.tunnels);
+    let allowed = total.div_ceil(count);
+    u64::try_from(u128::from(mine.load.tunnels).saturating_sub(allowed)).unwrap_or(u64::MAX)
 }
 
 /// The redirect address of member `name` in an addresses file: one `<member name> <IP>`
@@ -241,5 +274,26 @@ mod tests {
         assert_eq!(at("gw"), None);
         assert_eq!(address_in_file("", "gw-0"), None);
         assert_eq!(address_in_file("\u{0}\u{ffff} \n#", "\u{0}\u{ffff}"), None);
+    }
+
+    #[test]
+    fn only_a_member_clearly_over_its_share_has_an_excess() {
+        let members = three([30, 30, 0]);
+        assert_eq!(excess(MemberId(0), &members), 10);
+        assert_eq!(excess(MemberId(2), &members), 0);
+        assert_eq!(excess(MemberId(0), &three([21, 20, 19])), 1);
+        // 31 over three: 11 is the rounded-up mean, nobody sends.
+        assert_eq!(excess(MemberId(0), &three([11, 10, 10])), 0);
+        assert_eq!(excess(MemberId(9), &members), 0);
+        // Nobody to send sites to: the others drain or have no address.
+        let mut alone = three([30, 0, 0]);
+        if let Some(r) = alone.get_mut(&MemberId(1)) {
+            r.load.draining = true;
+        }
+        if let Some(r) = alone.get_mut(&MemberId(2)) {
+            r.redirect = None;
+        }
+        assert_eq!(excess(MemberId(0), &alone), 0);
+        assert!(excess(MemberId(0), &three([u64::MAX, u64::MAX, 0])) > 0);
     }
 }

@@ -368,6 +368,17 @@ impl Endpoint {
         }
     }
 
+    /// Sends the peer of our established responder SA `id` to `gateway` (RFC 5685 §5,
+    /// [`Responder::redirect`]): an INFORMATIONAL request with N(REDIRECT); the SA stays
+    /// until the peer deletes it. Refused for a peer that did not announce redirects, an SA
+    /// not established, and SAs we initiated.
+    pub fn redirect(&mut self, id: u64, now: Instant, gateway: &GatewayId) -> Result<(), EndpointError> {
+        let responder = self.responder_mut(id).ok_or(EndpointError::UnknownSpi(id))?;
+        responder.redirect(now, gateway)?;
+        self.collect(id, now);
+        Ok(())
+    }
+
     /// The initiator of SA `id` (one we started), while the endpoint keeps it.
     pub fn initiator(&self, id: u64) -> Option<&Initiator> {
         match self.sa(id) {

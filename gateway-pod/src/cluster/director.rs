@@ -36,6 +36,8 @@ const RETRY: Duration = Duration::from_millis(500);
 pub struct VipOptions {
     /// The address sites are configured with (`--fleet-vip`).
     pub address: IpAddr,
+    /// Overloaded members redirect established sites (`--fleet-rebalance`).
+    pub rebalance: bool,
 }
 
 /// Where this member's own redirect address comes from.

@@ -169,7 +169,10 @@ impl FleetOptions {
         Ok(Some(Self {
             admin,
             redirect: RedirectAddress::from_cli(opts),
-            vip: opts.fleet_vip.map(|address| VipOptions { address }),
+            vip: opts.fleet_vip.map(|address| VipOptions {
+                address,
+                rebalance: opts.fleet_rebalance,
+            }),
             endpoints: opts.fleet_etcd.clone(),
             prefix: opts.fleet_prefix.clone(),
             member,
@@ -373,8 +376,9 @@ impl Fleet {
         });
         let replicas = ReplicaStore::new(view.clone());
         let (lease_ttl, message_id_sync) = (opts.lease_ttl, opts.message_id_sync);
-        let director = opts.vip.as_ref().map(|_| {
+        let director = opts.vip.as_ref().map(|vip| {
             view.set_vip_front(true);
+            view.set_rebalance(vip.rebalance);
             tokio::spawn(director::run(
                 opts.prefix.clone(),
                 claims.sessions(),

@@ -57,6 +57,8 @@ pub struct View {
     /// The fleet has a VIP front (`--fleet-vip`): new sites that support redirects go to the
     /// director.
     vip_front: AtomicBool,
+    /// Overloaded, this member redirects established sites (`--fleet-rebalance`).
+    rebalance: AtomicBool,
     inner: RwLock<Inner>,
 }
 
@@ -91,6 +93,7 @@ impl View {
             born: Instant::now(),
             director: AtomicU16::new(NOBODY),
             vip_front: AtomicBool::new(false),
+            rebalance: AtomicBool::new(false),
             inner: RwLock::default(),
         }
     }
@@ -127,6 +130,15 @@ impl View {
 
     pub(super) fn set_vip_front(&self, on: bool) {
         self.vip_front.store(on, Ordering::Release);
+    }
+
+    /// Whether this member redirects established sites when it holds more than its share.
+    pub fn rebalance(&self) -> bool {
+        self.rebalance.load(Ordering::Acquire)
+    }
+
+    pub(super) fn set_rebalance(&self, on: bool) {
+        self.rebalance.store(on, Ordering::Release);
     }
 
     /// Whether new sites may be taken: the lease is held and the map is current.

@@ -1,12 +1,17 @@
 //! The driver's side of the VIP front's director ([`crate::cluster`]'s election): while this
 //! member directs, a new site that supports RFC 5685 gets an IKE_SA_INIT answer with
 //! N(REDIRECT) to the member [`Spread`] picks by load, and no state is kept for it here.
+//!
+//! With `--fleet-rebalance`, any member holding clearly more than its share of tunnels
+//! ([`excess`]) also redirects established sites (RFC 5685 §5), a few a second.
 
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
 use concentrator_esp::encap::NON_ESP_MARKER;
 use concentrator_fleet::MemberId;
-use concentrator_fleet::director::Spread;
+use concentrator_fleet::director::{Spread, excess};
 use concentrator_fleet::wire::Kind;
 use concentrator_ike::Message;
 use concentrator_ike::redirect::{GatewayId, init_redirect_of, init_response};
@@ -18,7 +23,24 @@ use crate::metrics::ReasonLabel;
 #[derive(Debug, Default)]
 pub(super) struct DriverDirector {
     spread: Spread,
+    /// When each site (by peer identity: sites behind one NAT share an address) was last
+    /// sent elsewhere by a rebalance.
+    moved: HashMap<String, Instant>,
+    /// When this member last redirected established sites.
+    last_rebalance: Option<Instant>,
 }
+
+/// Sites a member over its share redirects per status tick (a second): the others' reports
+/// lag a second behind, so a few at a time keeps the member from overshooting.
+const REBALANCE_PER_TICK: u64 = 2;
+
+/// After sites were redirected, the next ones wait this long: the moved sites' old IKE SAs
+/// still count here, and the members' reports lag a second, until they are gone.
+const REBALANCE_SETTLE: Duration = Duration::from_secs(3);
+
+/// A site is never redirected again by a rebalance within this: strongSwan follows at most 5
+/// redirects in 300 s (and then stays), so one per 300 s keeps far from it.
+const SITE_COOLDOWN: Duration = Duration::from_secs(300);
 
 impl Driver {
     /// Answers `datagram` (which routing left to us) with a REDIRECT if we direct the VIP
@@ -89,6 +111,71 @@ impl Driver {
         // retransmits.
         if let Err(e) = socket.try_send_to(&out, remote) {
             tracing::debug!(%remote, error = %e, "redirect not sent");
+        }
+    }
+}
+
+impl Driver {
+    /// With `--fleet-rebalance`: while this member holds more than its share of tunnels,
+    /// sends up to [`REBALANCE_PER_TICK`] of the sites that connected to it, and were not
+    /// moved lately, to the least-loaded member (a REDIRECT on their IKE SA; each comes back
+    /// there with a new IKE SA). Sites that did not announce REDIRECT_SUPPORTED, and IKE SAs
+    /// we initiated, stay.
+    pub(super) fn rebalance(&mut self, now: Instant) {
+        let Some(f) = self.fleet.as_ref() else { return };
+        if !f.view.rebalance() || !f.view.available() {
+            return;
+        }
+        let Some(me) = f.view.me() else { return };
+        let members = f.view.members();
+        let over = excess(me, &members);
+        let candidates: Vec<(u64, String)> = self
+            .sas
+            .iter()
+            .filter(|(_, r)| r.established_at.is_some() && r.remote.is_some())
+            .map(|(id, r)| (*id, r.peer_id.clone()))
+            .collect();
+        let Some(f) = self.fleet.as_mut() else { return };
+        let d = &mut f.director;
+        d.moved
+            .retain(|_, at| now.saturating_duration_since(*at) < SITE_COOLDOWN);
+        if over == 0
+            || d.last_rebalance
+                .is_some_and(|at| now.saturating_duration_since(at) < REBALANCE_SETTLE)
+        {
+            return;
+        }
+        let others: BTreeMap<_, _> = members.into_iter().filter(|(m, _)| *m != me).collect();
+        let mut sent = 0;
+        for (id, site) in candidates {
+            if sent >= over.min(REBALANCE_PER_TICK) {
+                break;
+            }
+            if d.moved.contains_key(&site) {
+                continue;
+            }
+            let Some(to) = d.spread.peek(&others) else { break };
+            // Refused for a site that cannot be redirected, or an SA of ours: try another.
+            if self
+                .endpoint
+                .redirect(id, now, &GatewayId::Ip(to.address))
+                .is_err()
+            {
+                continue;
+            }
+            d.spread.count(to.member);
+            d.moved.insert(site.clone(), now);
+            d.last_rebalance = Some(now);
+            sent += 1;
+            tracing::info!(site = %site, to = %to.address, member = %to.member, excess = over, "site redirected to rebalance the fleet");
+            self.gateway
+                .metrics
+                .fleet
+                .redirects
+                .get_or_create(&ReasonLabel {
+                    reason: "rebalance".into(),
+                })
+                .inc();
         }
     }
 }
