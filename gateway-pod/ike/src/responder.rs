@@ -149,6 +149,9 @@ struct ExpectPsk {
     remote: SocketAddr,
     /// Half-open expiry.
     deadline: Instant,
+    /// Where to redirect the peer once it is authenticated (RFC 5685 §6), instead of making
+    /// its CHILD SA.
+    redirect: Option<GatewayId>,
 }
 
 enum State {
@@ -262,6 +265,23 @@ impl Responder {
             State::Closed(cache) => State::Closed(cache),
             _ => State::Closed(None),
         };
+    }
+
+    /// While the PSK is looked up ([`Event::PeerIdentified`]): once the peer has
+    /// authenticated, answer its IKE_AUTH request with our AUTH and N(REDIRECT) naming
+    /// `gateway` instead of a CHILD SA, and close the IKE SA (RFC 5685 §6, redirect during
+    /// IKE_AUTH: the peer learns where to go only after both ends proved who they are). Only
+    /// for a peer that announced N(REDIRECT_SUPPORTED) (or N(REDIRECTED_FROM)) in
+    /// IKE_SA_INIT; [`Self::provide_psk`] then ends with [`Error::Redirected`].
+    pub fn redirect_after_auth(&mut self, gateway: GatewayId) -> Result<(), Error> {
+        match &mut self.state {
+            State::ExpectPsk(s) if s.init.redirect_supported => {
+                s.redirect = Some(gateway);
+                Ok(())
+            }
+            State::ExpectPsk(_) => Err(Error::WrongState("the peer did not announce REDIRECT_SUPPORTED")),
+            _ => Err(Error::WrongState("no PSK lookup pending")),
+        }
     }
 
     /// Redirects the peer to `gateway` (RFC 5685 §5): an INFORMATIONAL request with
