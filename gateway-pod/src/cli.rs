@@ -220,6 +220,13 @@ pub struct Options {
     )]
     pub fleet_redirect_addresses_file: Option<PathBuf>,
 
+    /// With --fleet-vip: the director redirects a new site only once it has authenticated,
+    /// in its IKE_AUTH response (RFC 5685 §6; Huawei's second mode), instead of in
+    /// IKE_SA_INIT: a site learns no member's address before it proves its key, at the cost
+    /// of a Diffie-Hellman and an authentication on the director per new site.
+    #[arg(long, env = "CONCENTRATOR_FLEET_REDIRECT_IN_AUTH", requires = "fleet_vip")]
+    pub fleet_redirect_in_auth: bool,
+
     /// With --fleet-vip: a member holding clearly more than its even share of tunnels sends
     /// sites that support it elsewhere (an RFC 5685 REDIRECT on their established IKE SA, to
     /// the least-loaded member), one or a few a second, never a site twice in 300 s

@@ -44,6 +44,7 @@ fn options(etcd: &Etcd, prefix: &str, n: u8) -> FleetOptions {
         vip: Some(VipOptions {
             address: IpAddr::from([192, 0, 2, 2]),
             rebalance: false,
+            in_auth: false,
         }),
     }
 }

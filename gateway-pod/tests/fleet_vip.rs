@@ -11,6 +11,11 @@
 //! - a strongSwan site that does not support redirects (`follow_redirects = no`: it does
 //!   not announce REDIRECT_SUPPORTED) still connects, placed as in the SLB front.
 //!
+//! With `--fleet-redirect-in-auth` the director authenticates each new site first and
+//! redirects it in its IKE_AUTH response (RFC 5685 §6): the sites spread the same way. Only
+//! our initiators there: strongSwan 5.9.8's charon follows the redirect and then dies of a
+//! double free while it starts the new IKE SA (docs/fleet.md).
+//!
 //! With `--fleet-rebalance`, a pod that comes back after its sites went to the others gets
 //! its share again: the others redirect established sites to it (RFC 5685 §5).
 //!
@@ -341,6 +346,62 @@ fn a_pod_that_comes_back_gets_its_share_by_rebalancing() -> Result<()> {
         moved >= SITES as f64 + 1.0,
         "no site was moved: {moved} redirects"
     );
+    Ok(())
+}
+
+#[test]
+fn the_director_may_redirect_after_authentication() -> Result<()> {
+    if prereq::require(&[netns::TOOLS, etcd::TOOLS, fleet::TOOLS]).is_skip() {
+        return Ok(());
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    const OURS: u64 = 30;
+    let dir = scratch::dir("fleet-vip-auth")?;
+    let mut fleet = vip_fleet(dir.path(), &[], &["--fleet-redirect-in-auth"])?;
+    fleet.start_pods()?;
+    wait_director(&fleet, Duration::from_secs(20))?;
+    let gen_log = dir.path().join("generator.log");
+    let _gen = start_generator(&fleet, OURS, &gen_log)?;
+    let result = generator_result(&gen_log)?;
+    ensure!(
+        field(&result, "established") == Some(&OURS.to_string())
+            && field(&result, "redirected") == Some(&OURS.to_string()),
+        "our initiators were not all redirected and connected: {result}"
+    );
+    let total = OURS as f64;
+    fleet
+        .wait_metric_sum("ike_sas_established", Duration::from_secs(20), |n| n >= total)
+        .with_context(|| fleet.log_tails(20))?;
+    let spread = per_pod(&fleet)?;
+    let in_auth: f64 = fleet
+        .pods()
+        .iter()
+        .map(|p| {
+            p.samples("fleet_redirects_total").map(|v| {
+                v.iter()
+                    .filter(|(k, _)| k.contains("reason=\"auth\""))
+                    .map(|(_, n)| n)
+                    .sum::<f64>()
+            })
+        })
+        .sum::<Result<f64>>()?;
+    eprintln!("{total} sites redirected in IKE_AUTH ({in_auth}): IKE SAs by pod {spread:?}");
+    ensure!(
+        in_auth >= total,
+        "{in_auth} redirects in IKE_AUTH for {total} new sites"
+    );
+    ensure!(
+        fleet.metric_sum("fleet_redirects")? - in_auth < 0.5,
+        "sites were redirected in IKE_SA_INIT too"
+    );
+    let even = total / PODS as f64;
+    for (i, n) in spread.iter().enumerate() {
+        let n = n.unwrap_or(0.0);
+        ensure!(
+            (n - even).abs() <= even * 0.2,
+            "pod {i} holds {n} of {total} sites, more than 20% from {even}: {spread:?}"
+        );
+    }
     Ok(())
 }
 

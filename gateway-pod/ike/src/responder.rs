@@ -306,6 +306,17 @@ impl Responder {
         }
     }
 
+    /// The initiator's SPI of the IKE SA being set up (from IKE_SA_INIT until the IKE_AUTH
+    /// exchange ends) or in use; `None` before IKE_SA_INIT and once closed.
+    pub fn spi_i(&self) -> Option<u64> {
+        match &self.state {
+            State::ExpectAuth(s) => Some(s.sa.spi_i),
+            State::ExpectPsk(s) => Some(s.sa.spi_i),
+            State::Established(s) => Some(s.ike_spis().0),
+            State::ExpectInit | State::Closed(_) => None,
+        }
+    }
+
     /// The SPIs `(SPIi, SPIr)` of the IKE SA in use, once established: after a rekey, the
     /// new one's (our SPI is SPIi if we started that rekey).
     pub fn ike_spis(&self) -> Option<(u64, u64)> {

@@ -1210,7 +1210,10 @@ fn redirects_in_ike_auth_only_authenticated_peers_that_support_it() {
     let mut p = Pair::new(ic, responder_config(MATRIX[0].0, MATRIX[0].1));
     p.auth_redirect = Some(GatewayId::Ip("192.0.2.21".parse().unwrap()));
     p.drive();
-    assert!(p.auth_redirect_refused, "redirect_after_auth accepted a peer without redirect support");
+    assert!(
+        p.auth_redirect_refused,
+        "redirect_after_auth accepted a peer without redirect support"
+    );
     // Served as usual instead.
     assert_established(&p);
 

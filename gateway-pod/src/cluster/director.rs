@@ -38,6 +38,9 @@ pub struct VipOptions {
     pub address: IpAddr,
     /// Overloaded members redirect established sites (`--fleet-rebalance`).
     pub rebalance: bool,
+    /// The director redirects new sites in IKE_AUTH, once authenticated
+    /// (`--fleet-redirect-in-auth`), not in IKE_SA_INIT.
+    pub in_auth: bool,
 }
 
 /// Where this member's own redirect address comes from.

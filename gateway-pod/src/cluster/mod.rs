@@ -172,6 +172,7 @@ impl FleetOptions {
             vip: opts.fleet_vip.map(|address| VipOptions {
                 address,
                 rebalance: opts.fleet_rebalance,
+                in_auth: opts.fleet_redirect_in_auth,
             }),
             endpoints: opts.fleet_etcd.clone(),
             prefix: opts.fleet_prefix.clone(),
@@ -379,6 +380,7 @@ impl Fleet {
         let director = opts.vip.as_ref().map(|vip| {
             view.set_vip_front(true);
             view.set_rebalance(vip.rebalance);
+            view.set_redirect_in_auth(vip.in_auth);
             tokio::spawn(director::run(
                 opts.prefix.clone(),
                 claims.sessions(),

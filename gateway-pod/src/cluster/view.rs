@@ -59,6 +59,8 @@ pub struct View {
     vip_front: AtomicBool,
     /// Overloaded, this member redirects established sites (`--fleet-rebalance`).
     rebalance: AtomicBool,
+    /// The director redirects new sites in IKE_AUTH (`--fleet-redirect-in-auth`).
+    redirect_in_auth: AtomicBool,
     inner: RwLock<Inner>,
 }
 
@@ -94,6 +96,7 @@ impl View {
             director: AtomicU16::new(NOBODY),
             vip_front: AtomicBool::new(false),
             rebalance: AtomicBool::new(false),
+            redirect_in_auth: AtomicBool::new(false),
             inner: RwLock::default(),
         }
     }
@@ -130,6 +133,15 @@ impl View {
 
     pub(super) fn set_vip_front(&self, on: bool) {
         self.vip_front.store(on, Ordering::Release);
+    }
+
+    /// Whether the director redirects new sites in IKE_AUTH rather than in IKE_SA_INIT.
+    pub fn redirect_in_auth(&self) -> bool {
+        self.redirect_in_auth.load(Ordering::Acquire)
+    }
+
+    pub(super) fn set_redirect_in_auth(&self, on: bool) {
+        self.redirect_in_auth.store(on, Ordering::Release);
     }
 
     /// Whether this member redirects established sites when it holds more than its share.

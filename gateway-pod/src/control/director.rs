@@ -28,7 +28,14 @@ pub(super) struct DriverDirector {
     moved: HashMap<String, Instant>,
     /// When this member last redirected established sites.
     last_rebalance: Option<Instant>,
+    /// New sites (by their IKE_SA_INIT's initiator SPI) served here to be redirected once
+    /// authenticated (`--fleet-redirect-in-auth`), and since when.
+    after_auth: HashMap<u64, Instant>,
 }
+
+/// How long a site marked for a redirect in IKE_AUTH may take to get there (longer than
+/// the half-open timeout).
+const AFTER_AUTH_HOLD: Duration = Duration::from_secs(60);
 
 /// Sites a member over its share redirects per status tick (a second): the others' reports
 /// lag a second behind, so a few at a time keeps the member from overshooting.
@@ -62,6 +69,16 @@ impl Driver {
             return false;
         };
         if !init_redirect_of(&msg).is_some_and(|r| r.redirectable()) {
+            return false;
+        }
+        if f.view.redirect_in_auth() {
+            // Huawei's second mode (RFC 5685 §6): served here up to its authentication,
+            // then sent elsewhere in the IKE_AUTH response.
+            let now = Instant::now();
+            let d = &mut f.director;
+            d.after_auth
+                .retain(|_, at| now.saturating_duration_since(*at) < AFTER_AUTH_HOLD);
+            d.after_auth.insert(msg.header.spi_i, now);
             return false;
         }
         let Some(choice) = f.director.spread.choose(&f.view.members()) else {
@@ -177,5 +194,54 @@ impl Driver {
                 })
                 .inc();
         }
+    }
+}
+
+impl Driver {
+    /// Whether SA `id` is a new site this director redirects once it has authenticated.
+    pub(super) fn redirects_after_auth(&self, id: u64) -> bool {
+        let (Some(f), Some(spi_i)) = (
+            self.fleet.as_ref(),
+            self.endpoint.sa(id).and_then(|sa| match sa {
+                concentrator_ike::endpoint::Sa::Responder(r) => r.spi_i(),
+                concentrator_ike::endpoint::Sa::Initiator(_) => None,
+            }),
+        ) else {
+            return false;
+        };
+        f.director.after_auth.contains_key(&spi_i)
+    }
+
+    /// Before SA `id` gets its PSK: if it is a new site marked for a redirect in IKE_AUTH,
+    /// the engine answers its authentication with N(REDIRECT) to the member [`Spread`]
+    /// picks (and closes the SA) instead of making its CHILD SA.
+    pub(super) fn redirect_after_auth(&mut self, id: u64) {
+        if !self.redirects_after_auth(id) {
+            return;
+        }
+        let Some(f) = self.fleet.as_mut() else { return };
+        let Some(spi_i) = self.endpoint.responder_mut(id).and_then(|r| r.spi_i()) else {
+            return;
+        };
+        f.director.after_auth.remove(&spi_i);
+        let Some(to) = f.director.spread.peek(&f.view.members()) else {
+            return;
+        };
+        let Some(r) = self.endpoint.responder_mut(id) else {
+            return;
+        };
+        if r.redirect_after_auth(GatewayId::Ip(to.address)).is_err() {
+            return;
+        }
+        f.director.spread.count(to.member);
+        tracing::debug!(to = %to.address, member = %to.member, "authenticated site redirected");
+        self.gateway
+            .metrics
+            .fleet
+            .redirects
+            .get_or_create(&ReasonLabel {
+                reason: "auth".into(),
+            })
+            .inc();
     }
 }
