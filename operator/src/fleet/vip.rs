@@ -38,11 +38,18 @@ pub(crate) fn gateway_env(fleet: &GatewayFleet, name: &str) -> (Vec<Value>, Vec<
         .as_deref()
         .filter(|a| a.parse::<std::net::IpAddr>().is_ok())
         .unwrap_or("0.0.0.0");
+    let mut env = vec![
+        json!({"name": "CONCENTRATOR_FLEET_VIP", "value": vip}),
+        json!({"name": "CONCENTRATOR_FLEET_REDIRECT_ADDRESSES_FILE", "value": format!("{FRONT_DIR}/{ADDRESSES_KEY}")}),
+    ];
+    if fleet.spec.front.redirect_in_auth {
+        env.push(json!({"name": "CONCENTRATOR_FLEET_REDIRECT_IN_AUTH", "value": "true"}));
+    }
+    if fleet.spec.front.rebalance {
+        env.push(json!({"name": "CONCENTRATOR_FLEET_REBALANCE", "value": "true"}));
+    }
     (
-        vec![
-            json!({"name": "CONCENTRATOR_FLEET_VIP", "value": vip}),
-            json!({"name": "CONCENTRATOR_FLEET_REDIRECT_ADDRESSES_FILE", "value": format!("{FRONT_DIR}/{ADDRESSES_KEY}")}),
-        ],
+        env,
         vec![json!({"name": "front", "mountPath": FRONT_DIR, "readOnly": true})],
         vec![json!({"name": "front", "configMap": {"name": config_map_name(name), "optional": true}})],
     )
@@ -155,5 +162,14 @@ mod tests {
 
         let picked = fleet("  front: {mode: Vip}\n");
         assert_eq!(gateway_env(&picked, "edge").0[0]["value"], "0.0.0.0");
+        assert_eq!(gateway_env(&picked, "edge").0.len(), 2);
+        let both = fleet("  front: {mode: Vip, redirectInAuth: true, rebalance: true}\n");
+        let names: Vec<Value> = gateway_env(&both, "edge")
+            .0
+            .iter()
+            .map(|e| e["name"].clone())
+            .collect();
+        assert!(names.contains(&json!("CONCENTRATOR_FLEET_REDIRECT_IN_AUTH")));
+        assert!(names.contains(&json!("CONCENTRATOR_FLEET_REBALANCE")));
     }
 }
