@@ -37,6 +37,11 @@ pub(super) struct DriverDirector {
 /// the half-open timeout).
 const AFTER_AUTH_HOLD: Duration = Duration::from_secs(60);
 
+/// At most this many sites are marked at once: a flood of IKE_SA_INITs (which the engine's
+/// half-open limit refuses anyway) must not grow the director's memory; past it, new sites
+/// are served here without a redirect.
+const AFTER_AUTH_MAX: usize = 65_536;
+
 /// Sites a member over its share redirects per status tick (a second): the others' reports
 /// lag a second behind, so a few at a time keeps the member from overshooting.
 const REBALANCE_PER_TICK: u64 = 2;
@@ -74,11 +79,10 @@ impl Driver {
         if f.view.redirect_in_auth() {
             // Huawei's second mode (RFC 5685 §6): served here up to its authentication,
             // then sent elsewhere in the IKE_AUTH response.
-            let now = Instant::now();
             let d = &mut f.director;
-            d.after_auth
-                .retain(|_, at| now.saturating_duration_since(*at) < AFTER_AUTH_HOLD);
-            d.after_auth.insert(msg.header.spi_i, now);
+            if d.after_auth.len() < AFTER_AUTH_MAX {
+                d.after_auth.insert(msg.header.spi_i, Instant::now());
+            }
             return false;
         }
         let Some(choice) = f.director.spread.choose(&f.view.members()) else {
@@ -133,12 +137,25 @@ impl Driver {
 }
 
 impl Driver {
+    /// Each status tick (a second): forgets what has aged (sites moved 300 s ago, marks of
+    /// sites that never authenticated: once a tick, not per new site), then rebalances.
+    pub(super) fn director_tick(&mut self, now: Instant) {
+        if let Some(f) = self.fleet.as_mut() {
+            let d = &mut f.director;
+            d.moved
+                .retain(|_, at| now.saturating_duration_since(*at) < SITE_COOLDOWN);
+            d.after_auth
+                .retain(|_, at| now.saturating_duration_since(*at) < AFTER_AUTH_HOLD);
+        }
+        self.rebalance(now);
+    }
+
     /// With `--fleet-rebalance`: while this member holds more than its share of tunnels,
     /// sends up to [`REBALANCE_PER_TICK`] of the sites that connected to it, and were not
     /// moved lately, to the least-loaded member (a REDIRECT on their IKE SA; each comes back
     /// there with a new IKE SA). Sites that did not announce REDIRECT_SUPPORTED, and IKE SAs
     /// we initiated, stay.
-    pub(super) fn rebalance(&mut self, now: Instant) {
+    fn rebalance(&mut self, now: Instant) {
         let Some(f) = self.fleet.as_ref() else { return };
         if !f.view.rebalance() || !f.view.available() {
             return;
@@ -154,8 +171,6 @@ impl Driver {
             .collect();
         let Some(f) = self.fleet.as_mut() else { return };
         let d = &mut f.director;
-        d.moved
-            .retain(|_, at| now.saturating_duration_since(*at) < SITE_COOLDOWN);
         if over == 0
             || d.last_rebalance
                 .is_some_and(|at| now.saturating_duration_since(at) < REBALANCE_SETTLE)

@@ -137,7 +137,7 @@ impl Driver {
 
     /// Logs when the fleet stops or starts taking new sites; rebalances (VIP front).
     pub(super) fn fleet_health(&mut self) {
-        self.rebalance(std::time::Instant::now());
+        self.director_tick(std::time::Instant::now());
         let Some(f) = self.fleet.as_mut() else { return };
         let available = f.view.available();
         if available != f.was_available {
