@@ -773,7 +773,7 @@ impl Endpoint {
         msg: &Message<'_>,
         gateway: GatewayId,
     ) -> Result<(), EndpointError> {
-        let Some(response) = crate::redirect::init_response(msg, &gateway) else {
+        let Some(response) = init_redirect_response(msg, &gateway) else {
             return Ok(());
         };
         self.transmits.push_back(Transmit {
@@ -818,4 +818,18 @@ fn cookie_for(secret: &CookieSecret, nonce: &[u8], remote: SocketAddr, spi_i: u6
     cookie.push(secret.version);
     cookie.extend_from_slice(mac.expose());
     cookie
+}
+
+/// RFC 5685 §4.1, the answer to the IKE_SA_INIT request `msg` that sends its initiator to
+/// `gateway`: "the VPN gateway MUST include the nonce data from the Ni payload sent by the
+/// client" in N(REDIRECT). `None` when the initiator cannot be redirected (no
+/// REDIRECT_SUPPORTED, or already redirected, or no nonce): it is served as usual.
+pub fn init_redirect_response(msg: &Message<'_>, gateway: &GatewayId) -> Option<Vec<u8>> {
+    let r = crate::redirect::InitRedirect::of(msg);
+    if !r.supported {
+        return None;
+    }
+    let nonce = r.nonce?;
+    let data = crate::redirect::encode_redirect(gateway, Some(nonce));
+    Some(init_error(&msg.header, NotifyType::REDIRECT, &data))
 }

@@ -16,7 +16,6 @@ use crate::message::codepoints::{ExchangeType, NotifyType};
 use crate::message::error::InvalidMessage;
 use crate::message::header::Flags;
 use crate::payload::Payload;
-use crate::responder::init_error;
 
 /// GW Ident Type values (RFC 5685 §10).
 const IPV4: u8 = 1;
@@ -176,20 +175,6 @@ pub fn init_redirect_of<'a>(msg: &Message<'a>) -> Option<InitRedirect<'a>> {
     Some(InitRedirect::of(msg))
 }
 
-/// RFC 5685 §4.1, the answer to the IKE_SA_INIT request `msg` that sends its initiator to
-/// `gateway`: "the VPN gateway MUST include the nonce data from the Ni payload sent by the
-/// client" in N(REDIRECT). `None` when the initiator cannot be redirected (no
-/// REDIRECT_SUPPORTED, or already redirected, or no nonce): it is served as usual.
-pub fn init_response(msg: &Message<'_>, gateway: &GatewayId) -> Option<Vec<u8>> {
-    let r = InitRedirect::of(msg);
-    if !r.supported {
-        return None;
-    }
-    let nonce = r.nonce?;
-    let data = encode_redirect(gateway, Some(nonce));
-    Some(init_error(&msg.header, NotifyType::REDIRECT, &data))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -281,7 +266,7 @@ mod tests {
         let fresh = init_request(&[(NotifyType::REDIRECT_SUPPORTED, &[])], Some(&nonce));
         let gw = GatewayId::Ip("192.0.2.21".parse().unwrap());
         let msg = Message::decode(&fresh).unwrap();
-        let answer = init_response(&msg, &gw).unwrap();
+        let answer = crate::endpoint::init_redirect_response(&msg, &gw).unwrap();
         let answer = Message::decode(&answer).unwrap();
         assert!(answer.header.flags.contains(Flags::RESPONSE));
         assert_eq!((answer.header.spi_i, answer.header.spi_r), (7, 0));
@@ -291,6 +276,6 @@ mod tests {
         assert_eq!(n.notify_type, NotifyType::REDIRECT);
         assert_eq!(decode_redirect(n.data).unwrap(), (gw.clone(), &nonce[..]));
         let plain = init_request(&[], Some(&nonce));
-        assert!(init_response(&Message::decode(&plain).unwrap(), &gw).is_none());
+        assert!(crate::endpoint::init_redirect_response(&Message::decode(&plain).unwrap(), &gw).is_none());
     }
 }

@@ -14,7 +14,8 @@ use concentrator_fleet::MemberId;
 use concentrator_fleet::director::{Spread, excess};
 use concentrator_fleet::wire::Kind;
 use concentrator_ike::Message;
-use concentrator_ike::redirect::{GatewayId, init_redirect_of, init_response};
+use concentrator_ike::endpoint::init_redirect_response;
+use concentrator_ike::redirect::{GatewayId, init_redirect_of};
 
 use super::driver::Driver;
 use crate::metrics::ReasonLabel;
@@ -90,7 +91,7 @@ impl Driver {
             // here rather than refused.
             return false;
         };
-        let Some(answer) = init_response(&msg, &GatewayId::Ip(choice.address)) else {
+        let Some(answer) = init_redirect_response(&msg, &GatewayId::Ip(choice.address)) else {
             return false;
         };
         tracing::debug!(%remote, to = %choice.address, member = %choice.member, "new site redirected");

@@ -4,9 +4,10 @@
 #![no_main]
 
 use concentrator_ike::Message;
+use concentrator_ike::endpoint::init_redirect_response;
 use concentrator_ike::redirect::{
     GatewayId, decode_redirect, decode_redirected_from, encode_redirect, encode_redirected_from,
-    init_response, inspect_init,
+    inspect_init,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -20,7 +21,7 @@ fuzz_target!(|data: &[u8]| {
     }
     if let Some(init) = inspect_init(data) {
         let gw = GatewayId::Ip(std::net::Ipv4Addr::new(192, 0, 2, 21).into());
-        let answer = Message::decode(data).ok().and_then(|m| init_response(&m, &gw));
+        let answer = Message::decode(data).ok().and_then(|m| init_redirect_response(&m, &gw));
         if init.redirectable() {
             assert!(answer.is_some());
         }
