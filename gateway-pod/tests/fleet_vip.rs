@@ -336,7 +336,7 @@ fn a_pod_that_comes_back_gets_its_share_by_rebalancing() -> Result<()> {
             )
         },
     )
-    .with_context(|| fleet.log_tails(30))?;
+    .with_context(|| rebalance_story(&fleet))?;
     let moved = fleet.metric_sum("fleet_redirects")?;
     eprintln!(
         "rebalanced to {spread:?} in {:.1?} after pod 2 came back; redirects (new sites and moves) {moved}",
@@ -403,6 +403,31 @@ fn the_director_may_redirect_after_authentication() -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// For a failed rebalance: each pod's members and redirects as it reports them, and the log
+/// lines about membership, the director and rebalancing.
+fn rebalance_story(fleet: &Fleet) -> String {
+    let mut out = String::new();
+    for pod in fleet.pods() {
+        let members = pod
+            .metric("fleet_members")
+            .map_or_else(|e| format!("{e:#}"), |m| m.to_string());
+        let redirects = pod.samples("fleet_redirects_total").unwrap_or_default();
+        out.push_str(&format!(
+            "{}: members {members}, redirects {redirects:?}\n",
+            pod.name()
+        ));
+        let log = std::fs::read_to_string(pod.log_path()).unwrap_or_default();
+        for line in log.lines().filter(|l| {
+            ["rebalance", "fleet session", "in the fleet", "director", "lease"]
+                .iter()
+                .any(|w| l.contains(w))
+        }) {
+            out.push_str(&format!("  {line}\n"));
+        }
+    }
+    out
 }
 
 /// The generator of our initiators: runs when `VIP_LOAD_DRIVER` is set (the test runs it in

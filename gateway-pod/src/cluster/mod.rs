@@ -378,6 +378,13 @@ impl Fleet {
         let replicas = ReplicaStore::new(view.clone());
         let (lease_ttl, message_id_sync) = (opts.lease_ttl, opts.message_id_sync);
         let director = opts.vip.as_ref().map(|vip| {
+            tracing::info!(
+                vip = %vip.address,
+                redirect_address = ?opts.redirect_address(),
+                in_auth = vip.in_auth,
+                rebalance = vip.rebalance,
+                "VIP front: director election on"
+            );
             view.set_vip_front(true);
             view.set_rebalance(vip.rebalance);
             view.set_redirect_in_auth(vip.in_auth);
