@@ -255,6 +255,86 @@ fn parse_member(b: &[u8]) -> Option<MemberId> {
 mod tests {
     use super::*;
 
+    /// An IKE_SA_INIT request with `notifies` and a nonce.
+    fn init(notifies: &[(concentrator_ike::NotifyType, &[u8])]) -> Vec<u8> {
+        use concentrator_ike::payload::{Nonce, Notify, Payload};
+        use concentrator_ike::{ExchangeType, Flags, Header, Message};
+        let mut payloads: Vec<Payload<'_>> = notifies
+            .iter()
+            .map(|(t, d)| Payload::Notify(Notify::new(*t, d)))
+            .collect();
+        payloads.push(Payload::Nonce(Nonce { data: &[7; 32] }));
+        Message {
+            header: Header::new(9, 0, ExchangeType::IKE_SA_INIT, Flags::INITIATOR, 0),
+            payloads,
+        }
+        .to_vec()
+    }
+
+    /// Members 0 and 1 in the view, member 0 (us) directing or not.
+    fn view(vip: bool, director: Option<u16>) -> View {
+        use concentrator_fleet::ShardMap;
+        use concentrator_fleet::member::{Load, MemberRecord};
+        let view = View::new();
+        view.set_me(Some(MemberId(0)));
+        let members = (0..2u8)
+            .map(|n| {
+                let r = MemberRecord {
+                    name: format!("gw-{n}"),
+                    address: std::net::SocketAddr::from(([10, 0, 0, n + 1], 4510)),
+                    load: Load::default(),
+                    map_version: 0,
+                    occupied: concentrator_fleet::ShardSet::new().to_hex(),
+                    admin: None,
+                    redirect: None,
+                };
+                (MemberId(u16::from(n)), r)
+            })
+            .collect();
+        view.apply(&ShardMap::new(), members);
+        view.set_vip_front(vip);
+        view.set_director(director.map(MemberId));
+        view
+    }
+
+    #[test]
+    fn new_sites_that_can_be_redirected_go_to_the_director() {
+        use concentrator_ike::NotifyType;
+        let me = MemberId(0);
+        let fresh = init(&[(NotifyType::REDIRECT_SUPPORTED, &[])]);
+        let from = concentrator_ike::redirect::encode_redirected_from(
+            &concentrator_ike::redirect::GatewayId::Ip(IpAddr::from([192, 0, 2, 2])),
+        );
+        let sent_here = init(&[(NotifyType::REDIRECTED_FROM, &from)]);
+        let plain = init(&[]);
+
+        // The SLB front: placement decides.
+        assert_eq!(route_init(&view(false, Some(1)), me, &fresh), None);
+        // To the director, wherever it entered.
+        assert_eq!(
+            route_init(&view(true, Some(1)), me, &fresh),
+            Some(IkeRoute::Forward(
+                MemberId(1),
+                "10.0.0.2:4510".parse().unwrap(),
+                0
+            ))
+        );
+        assert_eq!(
+            route_init(&view(true, Some(0)), me, &fresh),
+            Some(IkeRoute::Local)
+        );
+        // Sent here by the director: served here, whoever directs.
+        assert_eq!(
+            route_init(&view(true, Some(1)), me, &sent_here),
+            Some(IkeRoute::Local)
+        );
+        // No redirect support, no director, or not an IKE_SA_INIT request: placement.
+        assert_eq!(route_init(&view(true, Some(1)), me, &plain), None);
+        assert_eq!(route_init(&view(true, None), me, &fresh), None);
+        assert_eq!(route_init(&view(true, Some(1)), me, &fresh[..30]), None);
+        assert_eq!(route_init(&view(true, Some(1)), me, b""), None);
+    }
+
     #[test]
     fn director_values_parse_strictly() {
         assert_eq!(parse_member(b"2"), Some(MemberId(2)));
