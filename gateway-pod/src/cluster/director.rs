@@ -93,17 +93,24 @@ impl RedirectAddress {
             Self::Fixed(a) => return Some(*a),
             Self::File { path, seen } => (path, seen),
         };
-        // Read once per change of the file, not at every record the session builds.
-        let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok()?;
         let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+        let last = seen.and_then(|(_, address)| address);
+        // A file that cannot be read now (kubelet swaps a volume's files, an operator
+        // mistake) keeps the address we had: only a file that says otherwise changes it, so
+        // that the member does not stop being a redirect target for a moment's error.
+        let Ok(modified) = std::fs::metadata(path).and_then(|m| m.modified()) else {
+            return last;
+        };
+        // Read once per change of the file, not at every record the session builds.
         if let Some((at, address)) = *seen
             && at == modified
         {
             return address;
         }
-        let address = std::fs::read_to_string(path)
-            .ok()
-            .and_then(|text| address_in_file(&text, member));
+        let Ok(text) = std::fs::read_to_string(path) else {
+            return last;
+        };
+        let address = address_in_file(&text, member);
         if address.is_none() {
             tracing::warn!(file = %path.display(), member, "no redirect address for this member in the file yet");
         }
@@ -359,5 +366,11 @@ mod tests {
         std::fs::write(&path, "gw-0 192.0.2.20\ngw-1 192.0.2.21\n").unwrap();
         assert_eq!(file.resolve("gw-1"), Some("192.0.2.21".parse().unwrap()));
         assert_eq!(file.clone().resolve("gw-0"), Some(a));
+        // Gone for a moment: the address stays.
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(file.resolve("gw-1"), Some("192.0.2.21".parse().unwrap()));
+        // A file that no longer names us takes it away.
+        std::fs::write(&path, "gw-0 192.0.2.20\n# gw-1 went\n").unwrap();
+        assert_eq!(file.resolve("gw-1"), None);
     }
 }
