@@ -146,6 +146,15 @@ pub struct FrontSpec {
     /// Fixed address for the front (the VIP sites connect to), when the platform allows one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<String>,
+    /// Vip only: the director redirects a new site in its IKE_AUTH response, once it has
+    /// authenticated (RFC 5685 §6), rather than in IKE_SA_INIT. Default false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub redirect_in_auth: bool,
+    /// Vip only: a pod holding more than its share of tunnels redirects established sites
+    /// that support it to the least-loaded pod (each renegotiates; never one site twice in
+    /// 300 s). Default false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rebalance: bool,
 }
 
 /// How sites reach the pods.

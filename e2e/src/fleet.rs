@@ -24,6 +24,7 @@
 //! * [`Fleet::kill_pod`] and [`Fleet::start_pod`] kill and restart one pod's gateway (its
 //!   namespace and address stay); [`Front::remove_endpoint`] takes it out of the Service.
 //! * [`sites`]: strongSwan sites on the WAN that address the front.
+//! * [`vip`]: the VIP front's per-pod addresses, which the director redirects sites to.
 //! * For tunnels the pods start ([`headend`]): [`FleetOptions::lan`] joins a head-end LAN
 //!   bridge with a LAN host to every pod ([`Fleet::lan`]), and [`FleetOptions::pod_egress`]
 //!   has the node SNAT the flows pods start toward the WAN, as a Kubernetes node does.
@@ -33,6 +34,7 @@
 pub mod front;
 pub mod headend;
 pub mod sites;
+pub mod vip;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;

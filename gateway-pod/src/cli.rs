@@ -200,6 +200,45 @@ pub struct Options {
     #[arg(long, env = "CONCENTRATOR_FLEET_MESSAGE_ID_SYNC")]
     pub fleet_message_id_sync: bool,
 
+    /// The VIP front's address (the one sites are configured with): turns on the director
+    /// (docs/fleet.md, "The VIP front"). One member, elected in etcd, answers a new site
+    /// that supports RFC 5685 with a REDIRECT to the least-loaded member's
+    /// --fleet-redirect-address; sites that were redirected, or do not support redirects,
+    /// are served as in the SLB front.
+    #[arg(long, env = "CONCENTRATOR_FLEET_VIP", value_name = "IP")]
+    pub fleet_vip: Option<std::net::IpAddr>,
+
+    /// This pod's own stable address that sites are redirected to (its per-pod Service
+    /// address, never the pod IP), published in its member record. Without it (and without
+    /// --fleet-redirect-addresses-file) the director never sends a site here.
+    #[arg(long, env = "CONCENTRATOR_FLEET_REDIRECT_ADDRESS", value_name = "IP")]
+    pub fleet_redirect_address: Option<std::net::IpAddr>,
+
+    /// A file of `<member name> <IP>` lines (the operator's ConfigMap of per-pod Service
+    /// addresses): this pod's redirect address is on the line of its --fleet-member name.
+    /// Read again at each load report, so an address that appears later is published.
+    #[arg(
+        long,
+        env = "CONCENTRATOR_FLEET_REDIRECT_ADDRESSES_FILE",
+        value_name = "PATH",
+        conflicts_with = "fleet_redirect_address"
+    )]
+    pub fleet_redirect_addresses_file: Option<PathBuf>,
+
+    /// With --fleet-vip: the director redirects a new site only once it has authenticated,
+    /// in its IKE_AUTH response (RFC 5685 §6; Huawei's second mode), instead of in
+    /// IKE_SA_INIT: a site learns no member's address before it proves its key, at the cost
+    /// of a Diffie-Hellman and an authentication on the director per new site.
+    #[arg(long, env = "CONCENTRATOR_FLEET_REDIRECT_IN_AUTH", requires = "fleet_vip")]
+    pub fleet_redirect_in_auth: bool,
+
+    /// With --fleet-vip: a member holding clearly more than its even share of tunnels sends
+    /// sites that support it elsewhere (an RFC 5685 REDIRECT on their established IKE SA, to
+    /// the least-loaded member), one or a few a second, never a site twice in 300 s
+    /// (strongSwan follows at most 5 redirects in 300 s). Each moved site renegotiates.
+    #[arg(long, env = "CONCENTRATOR_FLEET_REBALANCE", requires = "fleet_vip")]
+    pub fleet_rebalance: bool,
+
     /// CA bundle (PEM) that signs etcd's server certificate: etcd over TLS.
     #[arg(long, env = "CONCENTRATOR_FLEET_ETCD_CA", value_name = "PATH")]
     pub fleet_etcd_ca: Option<PathBuf>,

@@ -35,6 +35,8 @@ fn options(etcd: &Etcd, prefix: &str, name: &str) -> FleetOptions {
         tls: None,
         load: Arc::new(Load::default),
         admin: None,
+        redirect: Default::default(),
+        vip: None,
     }
 }
 

@@ -10,11 +10,14 @@
 //!   codec, and [`map::plan`], the elected leader's pure decision of the next map.
 //! - [`replication`]: the stream on which a shard's owner replicates its SAs to the shard's
 //!   replica, and [`map::replica`], which member that is.
+//! - [`director`]: the VIP front's director, which picks by load the member a new site is
+//!   redirected to.
 //! - [`wire`]: the frames pods forward packets in, authenticated and encrypted with keys
 //!   derived from the fleet key.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod director;
 pub mod map;
 pub mod member;
 pub mod replication;

@@ -5,7 +5,7 @@
 //! and never panics.
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 
@@ -71,6 +71,11 @@ pub struct MemberRecord {
     /// Where its admin API answers other members (the fleet-wide tunnel list), if it does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin: Option<SocketAddr>,
+    /// Its own stable address sites may be redirected to (`--fleet-redirect-address`: in
+    /// the VIP front, its per-pod Service address), if it has one. Records of members that
+    /// predate the VIP front have none and are never a redirect's target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redirect: Option<IpAddr>,
 }
 
 /// Why a member record was refused.
@@ -131,6 +136,17 @@ mod tests {
     }
 
     #[test]
+    fn records_without_a_redirect_address_still_decode() {
+        let old = format!(
+            r#"{{"name":"gw-0","address":"10.0.0.1:4510","load":{{"tunnels":1,"half_open":0,"cpu_percent":3,"capacity":0,"draining":false}},"map_version":2,"occupied":"{}"}}"#,
+            ShardSet::new().to_hex()
+        );
+        let r = MemberRecord::decode(old.as_bytes()).unwrap();
+        assert_eq!(r.redirect, None);
+        assert!(!String::from_utf8(r.encode()).unwrap().contains("redirect"));
+    }
+
+    #[test]
     fn records_round_trip_and_bad_ones_are_refused() {
         let occupied: ShardSet = [Shard::new(7).unwrap()].into_iter().collect();
         let r = MemberRecord {
@@ -143,6 +159,7 @@ mod tests {
             map_version: 9,
             occupied: occupied.to_hex(),
             admin: Some("10.0.0.2:50051".parse().unwrap()),
+            redirect: Some("192.0.2.21".parse().unwrap()),
         };
         let bytes = r.encode();
         let back = MemberRecord::decode(&bytes).unwrap();

@@ -39,6 +39,7 @@ fn write_fleet_fuzz_seeds() {
             .collect::<ShardSet>()
             .to_hex(),
         admin: None,
+        redirect: Some("192.0.2.21".parse().unwrap()),
     };
     write("member", 1, &record.encode());
 

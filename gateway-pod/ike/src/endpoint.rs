@@ -34,7 +34,7 @@ use crate::initiator::Initiator;
 use crate::message::codepoints::{ExchangeType, NotifyType};
 use crate::message::header::Flags;
 use crate::payload::Payload;
-use crate::redirect::{GatewayId, encode_redirect};
+use crate::redirect::GatewayId;
 use crate::responder::{Responder, init_error};
 use crate::sa::snapshot::{IkeSaSnapshot, InFlight, Role, SnapshotError};
 use crate::sa::{Config, Entropy, Event, Incoming, Transmit};
@@ -366,6 +366,17 @@ impl Endpoint {
             Some(Sa::Responder(r)) => Some(r),
             _ => None,
         }
+    }
+
+    /// Sends the peer of our established responder SA `id` to `gateway` (RFC 5685 §5,
+    /// [`Responder::redirect`]): an INFORMATIONAL request with N(REDIRECT); the SA stays
+    /// until the peer deletes it. Refused for a peer that did not announce redirects, an SA
+    /// not established, and SAs we initiated.
+    pub fn redirect(&mut self, id: u64, now: Instant, gateway: &GatewayId) -> Result<(), EndpointError> {
+        let responder = self.responder_mut(id).ok_or(EndpointError::UnknownSpi(id))?;
+        responder.redirect(now, gateway)?;
+        self.collect(id, now);
+        Ok(())
     }
 
     /// The initiator of SA `id` (one we started), while the endpoint keeps it.
@@ -762,20 +773,9 @@ impl Endpoint {
         msg: &Message<'_>,
         gateway: GatewayId,
     ) -> Result<(), EndpointError> {
-        let mut supported = false;
-        let mut nonce = None;
-        for p in &msg.payloads {
-            match p {
-                Payload::Notify(n) if n.notify_type == NotifyType::REDIRECT_SUPPORTED => supported = true,
-                Payload::Nonce(n) => nonce = Some(n.data),
-                _ => {}
-            }
-        }
-        let (true, Some(nonce)) = (supported, nonce) else {
+        let Some(response) = init_redirect_response(msg, &gateway) else {
             return Ok(());
         };
-        let data = encode_redirect(&gateway, Some(nonce));
-        let response = init_error(&msg.header, NotifyType::REDIRECT, &data);
         self.transmits.push_back(Transmit {
             local,
             remote,
@@ -818,4 +818,18 @@ fn cookie_for(secret: &CookieSecret, nonce: &[u8], remote: SocketAddr, spi_i: u6
     cookie.push(secret.version);
     cookie.extend_from_slice(mac.expose());
     cookie
+}
+
+/// RFC 5685 §4.1, the answer to the IKE_SA_INIT request `msg` that sends its initiator to
+/// `gateway`: "the VPN gateway MUST include the nonce data from the Ni payload sent by the
+/// client" in N(REDIRECT). `None` when the initiator cannot be redirected (no
+/// REDIRECT_SUPPORTED, or already redirected, or no nonce): it is served as usual.
+pub fn init_redirect_response(msg: &Message<'_>, gateway: &GatewayId) -> Option<Vec<u8>> {
+    let r = crate::redirect::InitRedirect::of(msg);
+    if !r.supported {
+        return None;
+    }
+    let nonce = r.nonce?;
+    let data = crate::redirect::encode_redirect(gateway, Some(nonce));
+    Some(init_error(&msg.header, NotifyType::REDIRECT, &data))
 }

@@ -149,6 +149,9 @@ struct ExpectPsk {
     remote: SocketAddr,
     /// Half-open expiry.
     deadline: Instant,
+    /// Where to redirect the peer once it is authenticated (RFC 5685 §6), instead of making
+    /// its CHILD SA.
+    redirect: Option<GatewayId>,
 }
 
 enum State {
@@ -264,6 +267,23 @@ impl Responder {
         };
     }
 
+    /// While the PSK is looked up ([`Event::PeerIdentified`]): once the peer has
+    /// authenticated, answer its IKE_AUTH request with our AUTH and N(REDIRECT) naming
+    /// `gateway` instead of a CHILD SA, and close the IKE SA (RFC 5685 §6, redirect during
+    /// IKE_AUTH: the peer learns where to go only after both ends proved who they are). Only
+    /// for a peer that announced N(REDIRECT_SUPPORTED) (or N(REDIRECTED_FROM)) in
+    /// IKE_SA_INIT; [`Self::provide_psk`] then ends with [`Error::Redirected`].
+    pub fn redirect_after_auth(&mut self, gateway: GatewayId) -> Result<(), Error> {
+        match &mut self.state {
+            State::ExpectPsk(s) if s.init.redirect_supported => {
+                s.redirect = Some(gateway);
+                Ok(())
+            }
+            State::ExpectPsk(_) => Err(Error::WrongState("the peer did not announce REDIRECT_SUPPORTED")),
+            _ => Err(Error::WrongState("no PSK lookup pending")),
+        }
+    }
+
     /// Redirects the peer to `gateway` (RFC 5685 §5): an INFORMATIONAL request with
     /// N(REDIRECT) naming it, on the established IKE SA, for a peer that announced
     /// N(REDIRECT_SUPPORTED) (or N(REDIRECTED_FROM)) in IKE_SA_INIT. The IKE SA stays until
@@ -282,6 +302,17 @@ impl Responder {
             State::ExpectAuth(s) => Some(s.sa.spi_r),
             State::ExpectPsk(s) => Some(s.sa.spi_r),
             State::Established(s) => Some(s.our_spi()),
+            State::ExpectInit | State::Closed(_) => None,
+        }
+    }
+
+    /// The initiator's SPI of the IKE SA being set up (from IKE_SA_INIT until the IKE_AUTH
+    /// exchange ends) or in use; `None` before IKE_SA_INIT and once closed.
+    pub fn spi_i(&self) -> Option<u64> {
+        match &self.state {
+            State::ExpectAuth(s) => Some(s.sa.spi_i),
+            State::ExpectPsk(s) => Some(s.sa.spi_i),
+            State::Established(s) => Some(s.ike_spis().0),
             State::ExpectInit | State::Closed(_) => None,
         }
     }

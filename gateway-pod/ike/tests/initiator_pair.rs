@@ -82,6 +82,10 @@ struct Pair {
     seen_by_r: Vec<(SocketAddr, SocketAddr)>,
     /// How many IKE_SA_INIT requests the responder got.
     init_requests: usize,
+    /// The responder redirects the peer in IKE_AUTH, once authenticated (RFC 5685 §6).
+    auth_redirect: Option<GatewayId>,
+    /// The responder refused [`Self::auth_redirect`].
+    auth_redirect_refused: bool,
 }
 
 impl Pair {
@@ -111,6 +115,8 @@ impl Pair {
             to_r: 0,
             seen_by_r: Vec::new(),
             init_requests: 0,
+            auth_redirect: None,
+            auth_redirect_refused: false,
         }
     }
 
@@ -170,6 +176,9 @@ impl Pair {
                 out.extend(std::iter::from_fn(|| r.poll_transmit()));
                 let Some(ev) = r.poll_event() else { break };
                 if let responder::Event::PeerIdentified { .. } = ev {
+                    if let Some(gw) = self.auth_redirect.clone() {
+                        self.auth_redirect_refused |= r.redirect_after_auth(gw).is_err();
+                    }
                     let _ = r.provide_psk(now, Some(&self.psk_r), &mut e);
                 }
                 self.r_events.push(ev);
@@ -1149,6 +1158,74 @@ fn follows_the_responders_redirect_of_an_established_sa() {
         "{:?}",
         p.r_events
     );
+}
+
+/// RFC 5685 §6: our responder redirects in the IKE_AUTH response once the peer has
+/// authenticated (AUTH and N(REDIRECT), no CHILD SA) and closes; the initiator verifies our
+/// AUTH, fails with [`initiator::Error::Redirected`] and names the new gateway.
+#[test]
+fn follows_the_responders_redirect_in_ike_auth() {
+    let mut p = Pair::new(
+        initiator_config(MATRIX[0].0, MATRIX[0].1),
+        responder_config(MATRIX[0].0, MATRIX[0].1),
+    );
+    let gw = GatewayId::Ip("192.0.2.21".parse().unwrap());
+    p.auth_redirect = Some(gw.clone());
+    p.drive();
+    assert!(p.i.is_closed());
+    assert_eq!(p.i.redirected_to(), Some(&gw));
+    assert!(
+        p.i_events
+            .iter()
+            .any(|e| matches!(e, initiator::Event::Failed(initiator::Error::Redirected))),
+        "{:?}",
+        p.i_events
+    );
+    let Side::One(r) = &p.r else { unreachable!() };
+    assert!(r.is_closed());
+    for e in &p.r_events {
+        assert!(
+            !matches!(
+                e,
+                responder::Event::IkeSaEstablished { .. } | responder::Event::ChildSaInstalled(_)
+            ),
+            "{e:?}"
+        );
+    }
+    assert!(
+        p.r_events
+            .iter()
+            .any(|e| matches!(e, responder::Event::Failed(responder::Error::Redirected))),
+        "{:?}",
+        p.r_events
+    );
+}
+
+/// A redirect in IKE_AUTH is refused for a peer without redirect support, and a wrong PSK
+/// still fails as AUTHENTICATION_FAILED before anything is said about another gateway.
+#[test]
+fn redirects_in_ike_auth_only_authenticated_peers_that_support_it() {
+    let mut ic = initiator_config(MATRIX[0].0, MATRIX[0].1);
+    ic.redirect_supported = false;
+    let mut p = Pair::new(ic, responder_config(MATRIX[0].0, MATRIX[0].1));
+    p.auth_redirect = Some(GatewayId::Ip("192.0.2.21".parse().unwrap()));
+    p.drive();
+    assert!(
+        p.auth_redirect_refused,
+        "redirect_after_auth accepted a peer without redirect support"
+    );
+    // Served as usual instead.
+    assert_established(&p);
+
+    let mut p = Pair::new(
+        initiator_config(MATRIX[0].0, MATRIX[0].1),
+        responder_config(MATRIX[0].0, MATRIX[0].1),
+    );
+    p.psk_r = b"not the psk".to_vec();
+    p.auth_redirect = Some(GatewayId::Ip("192.0.2.21".parse().unwrap()));
+    p.drive();
+    assert!(p.i.is_closed());
+    assert_eq!(p.i.redirected_to(), None);
 }
 
 /// RFC 5685 §3: a peer that did not announce REDIRECT_SUPPORTED is not redirected.

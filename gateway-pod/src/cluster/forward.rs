@@ -92,6 +92,9 @@ pub fn route_ike(view: &super::View, remote: SocketAddr, datagram: &[u8]) -> Ike
         if h.flags.contains(Flags::RESPONSE) {
             return IkeRoute::Local;
         }
+        if let Some(r) = super::director::route_init(view, me, datagram) {
+            return r;
+        }
         return match view.place(remote.ip(), h.spi_i) {
             Some(m) if m != me => view
                 .address(m)

@@ -11,6 +11,8 @@
 //!   are, whether new sites may be taken.
 //! - `forward`: the frames that carry packets to the owner of their SA and its answers back
 //!   through the member the site's flow enters.
+//! - `director`: the VIP front's director, elected in etcd, and where a new site's
+//!   IKE_SA_INIT goes in that front.
 //! - `replicate`: copies of each shard's SAs on its replica member, the sequence ceilings
 //!   that keep a taker from reusing a number, and the watch that ends a dead owner's lease.
 //!
@@ -18,6 +20,7 @@
 //! and the [`View`]: the IKE task never waits for etcd or a peer pod.
 
 mod claims;
+mod director;
 mod forward;
 mod replicate;
 mod session;
@@ -41,6 +44,7 @@ use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
 pub use claims::{Claimed, Claims, SiteKey};
+pub use director::{RedirectAddress, VipOptions};
 pub use forward::{
     Delivery, EspBatch, ForwardLabel, ForwardMetrics, IkeRoute, Link, Links, Via, route_ike, serve,
 };
@@ -80,6 +84,17 @@ pub struct FleetOptions {
     pub load: Arc<dyn Fn() -> Load + Send + Sync>,
     /// Where other members reach our admin API (the fleet-wide tunnel list), if they can.
     pub admin: Option<SocketAddr>,
+    /// Our own address sites may be redirected to (the VIP front), if we have one.
+    pub redirect: RedirectAddress,
+    /// The VIP front (`None`: the SLB front, no director).
+    pub vip: Option<VipOptions>,
+}
+
+impl FleetOptions {
+    /// Our redirect address as it is now (the addresses file may have changed).
+    pub(crate) fn redirect_address(&self) -> Option<std::net::IpAddr> {
+        self.redirect.resolve(&self.member)
+    }
 }
 
 impl std::fmt::Debug for FleetOptions {
@@ -155,6 +170,12 @@ impl FleetOptions {
         };
         Ok(Some(Self {
             admin,
+            redirect: RedirectAddress::from_cli(opts),
+            vip: opts.fleet_vip.map(|address| VipOptions {
+                address,
+                rebalance: opts.fleet_rebalance,
+                in_auth: opts.fleet_redirect_in_auth,
+            }),
             endpoints: opts.fleet_etcd.clone(),
             prefix: opts.fleet_prefix.clone(),
             member,
@@ -220,6 +241,10 @@ pub struct FleetMetrics {
     pub claims: Family<ReasonLabel, Counter>,
     /// How long claims took, summed, in seconds (with `claims`: the mean).
     pub claim_seconds: Counter<f64, AtomicU64>,
+    /// 1 while this pod is the VIP front's director.
+    pub director: Gauge,
+    /// RFC 5685 redirects sent, by reason (`init`: a new site sent by the director).
+    pub redirects: Family<ReasonLabel, Counter>,
     /// SPI routing.
     pub forward: ForwardMetrics,
     /// SA replication and take-over.
@@ -274,6 +299,16 @@ impl FleetMetrics {
             "Time spent claiming sites in etcd, in seconds",
             self.claim_seconds.clone(),
         );
+        r.register(
+            "fleet_director",
+            "1 while this pod is the VIP front's director",
+            self.director.clone(),
+        );
+        r.register(
+            "fleet_redirects",
+            "RFC 5685 redirects sent, by reason",
+            self.redirects.clone(),
+        );
         self.forward.register(r);
         self.replication.register(r);
         self.handover.register(r);
@@ -317,6 +352,8 @@ pub struct Fleet {
     pub(crate) replication_metrics: ReplicationMetrics,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
+    /// The director election (VIP front only).
+    director: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Fleet {
@@ -344,6 +381,25 @@ impl Fleet {
         );
         let replicas = ReplicaStore::new(view.clone());
         let (lease_ttl, message_id_sync) = (opts.lease_ttl, opts.message_id_sync);
+        let director = opts.vip.as_ref().map(|vip| {
+            tracing::info!(
+                vip = %vip.address,
+                redirect_address = ?opts.redirect_address(),
+                in_auth = vip.in_auth,
+                rebalance = vip.rebalance,
+                "VIP front: director election on"
+            );
+            view.set_vip_front(true);
+            view.set_rebalance(vip.rebalance);
+            view.set_redirect_in_auth(vip.in_auth);
+            tokio::spawn(director::run(
+                opts.prefix.clone(),
+                claims.sessions(),
+                view.clone(),
+                metrics.clone(),
+                stop_rx.clone(),
+            ))
+        });
         let task = tokio::spawn(session::run(opts, view.clone(), lease_tx, metrics, stop_rx));
         Self {
             view,
@@ -358,12 +414,16 @@ impl Fleet {
             replication_metrics,
             stop,
             task,
+            director,
         }
     }
 
     /// Leaves the fleet: revokes the lease, so that the others take our shards at once.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
+        if let Some(d) = self.director {
+            let _ = d.await;
+        }
         let _ = self.task.await;
     }
 
@@ -384,6 +444,9 @@ impl Fleet {
     /// Stops at once without a word to etcd, as a crashed pod would: the others learn of it
     /// when the lease runs out.
     pub fn kill(self) {
+        if let Some(d) = &self.director {
+            d.abort();
+        }
         self.task.abort();
     }
 }

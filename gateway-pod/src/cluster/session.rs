@@ -418,6 +418,7 @@ fn record(opts: &FleetOptions, view: &SharedView) -> MemberRecord {
         map_version: view.map_version(),
         occupied: view.occupied().to_hex(),
         admin: opts.admin,
+        redirect: opts.redirect_address(),
     }
 }
 

@@ -60,6 +60,15 @@ pub struct View {
     /// Woken when a new shard map is applied.
     map_changed: tokio::sync::Notify,
     born: Instant,
+    /// The VIP front's director, as the election key says (`NOBODY`: none, or no VIP front).
+    director: AtomicU16,
+    /// The fleet has a VIP front (`--fleet-vip`): new sites that support redirects go to the
+    /// director.
+    vip_front: AtomicBool,
+    /// Overloaded, this member redirects established sites (`--fleet-rebalance`).
+    rebalance: AtomicBool,
+    /// The director redirects new sites in IKE_AUTH (`--fleet-redirect-in-auth`).
+    redirect_in_auth: AtomicBool,
     inner: RwLock<Inner>,
 }
 
@@ -96,6 +105,10 @@ impl View {
             report_now: tokio::sync::Notify::new(),
             map_changed: tokio::sync::Notify::new(),
             born: Instant::now(),
+            director: AtomicU16::new(NOBODY),
+            vip_front: AtomicBool::new(false),
+            rebalance: AtomicBool::new(false),
+            redirect_in_auth: AtomicBool::new(false),
             inner: RwLock::default(),
         }
     }
@@ -110,6 +123,46 @@ impl View {
 
     pub(super) fn set_me(&self, me: Option<MemberId>) {
         self.me.store(me.map_or(NOBODY, |m| m.0), Ordering::Release);
+    }
+
+    /// The VIP front's director, if there is one now.
+    pub fn director(&self) -> Option<MemberId> {
+        match self.director.load(Ordering::Acquire) {
+            NOBODY => None,
+            m => Some(MemberId(m)),
+        }
+    }
+
+    pub(super) fn set_director(&self, director: Option<MemberId>) {
+        self.director
+            .store(director.map_or(NOBODY, |m| m.0), Ordering::Release);
+    }
+
+    /// Whether the fleet has a VIP front with a director.
+    pub fn vip_front(&self) -> bool {
+        self.vip_front.load(Ordering::Acquire)
+    }
+
+    pub(super) fn set_vip_front(&self, on: bool) {
+        self.vip_front.store(on, Ordering::Release);
+    }
+
+    /// Whether the director redirects new sites in IKE_AUTH rather than in IKE_SA_INIT.
+    pub fn redirect_in_auth(&self) -> bool {
+        self.redirect_in_auth.load(Ordering::Acquire)
+    }
+
+    pub(super) fn set_redirect_in_auth(&self, on: bool) {
+        self.redirect_in_auth.store(on, Ordering::Release);
+    }
+
+    /// Whether this member redirects established sites when it holds more than its share.
+    pub fn rebalance(&self) -> bool {
+        self.rebalance.load(Ordering::Acquire)
+    }
+
+    pub(super) fn set_rebalance(&self, on: bool) {
+        self.rebalance.store(on, Ordering::Release);
     }
 
     /// Whether new sites may be taken: the lease is held and the map is current.
@@ -360,6 +413,7 @@ mod tests {
             map_version: 0,
             occupied: ShardSet::new().to_hex(),
             admin: None,
+            redirect: None,
         }
     }
 

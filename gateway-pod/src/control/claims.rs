@@ -134,6 +134,8 @@ impl Driver {
             .sas
             .get(&id)
             .and_then(|r| site_key(r.egroup.as_deref(), r.eroute.as_deref(), &r.peer_id));
+        // A site the director sends elsewhere after authentication is not held here.
+        let site = site.filter(|_| !self.redirects_after_auth(id));
         let (Some(claims), Some(psk), Some(site)) = (self.claims.as_mut(), psk.as_ref(), site) else {
             self.provide_psk(id, psk.as_ref().map(|p| p.as_slice()));
             return;
@@ -147,6 +149,9 @@ impl Driver {
     }
 
     pub(super) fn provide_psk(&mut self, id: u64, psk: Option<&[u8]>) {
+        if psk.is_some() {
+            self.redirect_after_auth(id);
+        }
         if let Err(e) = self
             .endpoint
             .provide_psk(id, Instant::now(), psk, &mut self.entropy)

@@ -211,6 +211,11 @@ impl Driver {
                     ),
                 }
             }
+            // The director sent the site elsewhere after authentication (RFC 5685 §6):
+            // counted as a redirect, not a failure.
+            Event::Failed(concentrator_ike::Error::Redirected) => {
+                tracing::debug!(spi_r, "IKE SA closed after a redirect in IKE_AUTH");
+            }
             Event::Failed(e) => {
                 let rec = self.sas.get(&spi_r);
                 let peer = rec.map_or("-", |r| r.peer_id.as_str()).to_owned();

@@ -18,7 +18,9 @@ use crate::cluster::{IkeRoute, Link, SharedView, Via, route_ike};
 /// What the driver keeps of the fleet.
 pub(super) struct DriverFleet {
     pub(super) view: SharedView,
-    link: Link,
+    pub(super) link: Link,
+    /// The VIP front's director, while this member is it.
+    pub(super) director: super::director::DriverDirector,
     /// The member each site's IKE flow enters through (`None`: this one), by our port and
     /// the site's address, as its last IKE message came: a front keeps affinity per Service
     /// port, so a site that sends to both ports from one address (one socket) may enter
@@ -39,6 +41,7 @@ impl DriverFleet {
         Self {
             view,
             link,
+            director: super::director::DriverDirector::default(),
             vias: HashMap::new(),
             esp_vias: HashMap::new(),
             ike_port,
@@ -93,7 +96,16 @@ impl Driver {
             tracing::debug!(%remote, "IKE_SA_INIT not answered: the fleet is unavailable");
             return false;
         }
-        match route_ike(&f.view, remote, datagram) {
+        let route = route_ike(&f.view, remote, datagram);
+        // The VIP front's director answers new sites itself (and keeps nothing of them).
+        if route == IkeRoute::Local && is_init_request(datagram) && self.direct(local, remote, datagram, via)
+        {
+            return false;
+        }
+        let Some(f) = self.fleet.as_mut() else {
+            return true;
+        };
+        match route {
             IkeRoute::Local => {}
             // What another member forwarded is never forwarded again: that member has
             // another view of the fleet, which catches up within a watch.
@@ -123,8 +135,9 @@ impl Driver {
         true
     }
 
-    /// Logs when the fleet stops or starts taking new sites.
+    /// Logs when the fleet stops or starts taking new sites; rebalances (VIP front).
     pub(super) fn fleet_health(&mut self) {
+        self.director_tick(std::time::Instant::now());
         let Some(f) = self.fleet.as_mut() else { return };
         let available = f.view.available();
         if available != f.was_available {

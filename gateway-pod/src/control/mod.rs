@@ -19,8 +19,10 @@
 //! - `fleet`, `claims`, `replicas`, `handover`: the driver's side of the fleet
 //!   ([`crate::cluster`]): SPI routing of IKE, site claims, SA replication and take-over,
 //!   and the hand-over of shards when draining.
+//! - `director`: the VIP front's redirects of new sites, while this member directs.
 
 mod claims;
+mod director;
 mod driver;
 mod events;
 mod fleet;

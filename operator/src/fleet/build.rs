@@ -272,6 +272,8 @@ pub fn desired(
     env.extend(fleet_env);
     let (admin_listen, admin_env, admin_mounts, admin_volumes) = admin_api(fleet);
     env.extend(admin_env);
+    let (vip_env, vip_mounts, vip_volumes) = super::vip::gateway_env(fleet, &name);
+    env.extend(vip_env);
     let mut mounts = vec![
         json!({"name": "config", "mountPath": CONFIG_DIR, "readOnly": true}),
         json!({"name": "data", "mountPath": "/var/lib/concentrator"}),
@@ -279,6 +281,7 @@ pub fn desired(
     ];
     mounts.extend(fleet_mounts);
     mounts.extend(admin_mounts);
+    mounts.extend(vip_mounts);
     let mut volumes = vec![
         // Secrets (PSKs, database URLs) are among the sources: readable by the gateway's
         // user only.
@@ -288,6 +291,7 @@ pub fn desired(
     ];
     volumes.extend(fleet_volumes);
     volumes.extend(admin_volumes);
+    volumes.extend(vip_volumes);
     let statefulset = typed(
         "StatefulSet",
         json!({

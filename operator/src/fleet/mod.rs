@@ -7,6 +7,7 @@ pub mod netpol;
 pub mod render;
 pub mod scale;
 pub mod scale_in;
+pub mod vip;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -421,8 +422,12 @@ async fn apply_fleet(fleet: Arc<GatewayFleet>, ctx: Arc<Context>) -> Result<Acti
     apply(&secrets, &carried).await?;
     let services: Api<Service> = Api::namespaced(client.clone(), &ns);
     apply(&services, &d.headless).await?;
+    let mut fronts = Vec::with_capacity(d.fronts.len());
     for s in &d.fronts {
-        apply(&services, s).await?;
+        fronts.push(apply(&services, s).await?);
+    }
+    if let Some(cm) = vip::config_map(&fleet, &fronts).map_err(|e| Error::Build(e.to_string()))? {
+        apply(&Api::<ConfigMap>::namespaced(client.clone(), &ns), &cm).await?;
     }
     let sts = apply(
         &Api::<StatefulSet>::namespaced(client.clone(), &ns),

@@ -225,6 +225,7 @@ impl Responder {
                     local,
                     remote,
                     deadline: s.deadline,
+                    redirect: None,
                 }));
                 Ok(())
             }
@@ -285,6 +286,24 @@ impl Responder {
             }
         };
         let (local, remote) = (s.local, s.remote);
+        if let Some(gateway) = s.redirect.take() {
+            let config = Arc::clone(&self.config);
+            return match Self::redirect_auth(&config, &mut s, psk, &gateway) {
+                Ok(response) => {
+                    // Retransmissions of the IKE_AUTH request get the same answer; the peer
+                    // deletes the IKE SA or lets it go, and comes back where it was sent.
+                    self.send(local, remote, response.clone());
+                    self.fail(Error::Redirected, Some((s.request.clone(), response)))
+                }
+                Err(e) => {
+                    let response = Self::encrypted_error(&mut s.sa, s.message_id, e);
+                    if let Some(r) = &response {
+                        self.send(local, remote, r.clone());
+                    }
+                    self.fail(e, response.map(|r| (s.request.clone(), r)))
+                }
+            };
+        }
         match self.complete_auth(now, &mut s, psk, entropy) {
             Ok((response, events, mid_sync)) => {
                 self.send(local, remote, response.clone());
@@ -350,6 +369,50 @@ impl Responder {
                 self.fail(e, response.map(|r| (s.request.clone(), r)))
             }
         }
+    }
+
+    /// RFC 5685 §6: the IKE_AUTH response to an authenticated peer that we send elsewhere:
+    /// IDr, AUTH and N(REDIRECT) naming `gateway` without nonce data ("MUST NOT be included"
+    /// outside IKE_SA_INIT), and no CHILD SA.
+    fn redirect_auth(
+        config: &Config,
+        s: &mut ExpectPsk,
+        psk: Option<&[u8]>,
+        gateway: &GatewayId,
+    ) -> Result<Vec<u8>, Error> {
+        let plain = mem::take(&mut s.plain);
+        let inner = payload::decode_inner_chain(s.first_inner, &plain).map_err(Error::MalformedInner)?;
+        let req = AuthRequest::parse(inner)?;
+        let psk = psk.ok_or(Error::AuthenticationFailed("no PSK for this peer"))?;
+        let sa = &mut s.sa;
+        let prf = sa.prf;
+        let id_i = IdBuf::new(&req.id_i);
+        // RFC 7296 §2.15, as in `complete_auth`: the peer proves the PSK before it learns
+        // anything, then we prove ours.
+        let init = &s.init;
+        let theirs = signed_octets(prf, &init.request, &init.nr, sa.keys.sk_pi.expose(), id_i.body());
+        if !verify_psk_auth(prf, psk, &theirs, req.auth.data) {
+            return Err(Error::AuthenticationFailed("AUTH does not verify with the PSK"));
+        }
+        let ours = signed_octets(
+            prf,
+            &init.response,
+            &init.ni,
+            sa.keys.sk_pr.expose(),
+            config.local_id.body(),
+        );
+        let auth = psk_auth(prf, psk, &ours);
+        let data = crate::redirect::encode_redirect(gateway, None);
+        let payloads = [
+            Payload::IdR(config.local_id.identity()),
+            Payload::Auth(Auth {
+                method: AuthMethod::PSK,
+                data: auth.expose(),
+            }),
+            Payload::Notify(Notify::new(NotifyType::REDIRECT, &data)),
+        ];
+        let header = sa.header(ExchangeType::IKE_AUTH, s.message_id, true);
+        Ok(sa.seal(header, &payloads)?)
     }
 
     fn complete_auth(
