@@ -413,6 +413,10 @@ pub fn desired(
                 s.load_balancer_ip = None;
                 s.session_affinity = None;
                 s.session_affinity_config = None;
+                // A draining pod answers not ready, yet the sites redirected to it still
+                // come here until it exits: it forwards their packets to the members its
+                // tunnels were handed to.
+                s.publish_not_ready_addresses = Some(true);
             }
             fronts.push(svc);
         }
@@ -504,6 +508,12 @@ mod tests {
             "edge-2"
         );
         assert_eq!(last.type_.as_deref(), Some("NodePort"));
+        assert_eq!(
+            last.publish_not_ready_addresses,
+            Some(true),
+            "a draining pod still gets the flows of the sites redirected to it"
+        );
+        assert_eq!(d.fronts[0].spec.as_ref().unwrap().publish_not_ready_addresses, None);
     }
 
     #[test]
