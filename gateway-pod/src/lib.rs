@@ -87,7 +87,8 @@ impl Running {
                 .any(|(m, r)| Some(*m) != me && !r.load.draining)
         });
         if others && self.control.is_some() && !self.gateway.tunnels.is_empty() {
-            let left = self.gateway.start_drain(false);
+            self.gateway.stop_draining_for_good();
+            let left = self.gateway.drain_progress();
             if let Some(f) = &self.fleet {
                 f.view.request_report();
             }

@@ -15,6 +15,8 @@ pub struct Gateway {
     pub tunnels: TunnelTable,
     pub metrics: Metrics,
     draining: AtomicBool,
+    /// Stopping (SIGTERM): a drain can no longer be cancelled.
+    stopping: AtomicBool,
     /// Exit once drained (a Drain call asked for it).
     exit_when_drained: AtomicBool,
     /// `/readyz`: not ready while draining, so the front sends no new flow here.
@@ -32,6 +34,7 @@ impl Gateway {
             tunnels: TunnelTable::default(),
             metrics,
             draining: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
             exit_when_drained: AtomicBool::new(false),
             readiness: OnceLock::new(),
             stop: tokio::sync::Notify::new(),
@@ -77,14 +80,25 @@ impl Gateway {
         self.drain_progress()
     }
 
-    /// Takes new sites again (what was handed over stays where it went).
-    pub fn cancel_drain(&self) {
+    /// The process is stopping: it drains, and no cancel brings it back.
+    pub fn stop_draining_for_good(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+        self.start_drain(false);
+    }
+
+    /// Takes new sites again (what was handed over stays where it went); false, and
+    /// nothing done, when the process is stopping.
+    pub fn cancel_drain(&self) -> bool {
+        if self.stopping.load(Ordering::Relaxed) {
+            return false;
+        }
         self.draining.store(false, Ordering::Relaxed);
         self.exit_when_drained.store(false, Ordering::Relaxed);
         if let Some(r) = self.readiness.get() {
             r.store(true, Ordering::Relaxed);
         }
         self.metrics.drain_state.set(0);
+        true
     }
 
     /// Updates the drain state from the tunnels left (0 active, 1 draining, 2 drained);

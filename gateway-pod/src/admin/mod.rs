@@ -278,7 +278,10 @@ impl GatewayAdmin for AdminService {
     async fn drain(&self, req: Request<DrainRequest>) -> Result<Response<DrainStatus>, Status> {
         self.gw.metrics.count_admin("Drain");
         let req = req.into_inner();
-        let (state, remaining) = if req.cancel {
+        let (state, remaining) = if req.cancel && self.gw.is_draining() && !self.gw.cancel_drain() {
+            tracing::info!("drain not cancelled: the gateway is stopping");
+            (drain_status::State::Draining, self.gw.tunnels.len())
+        } else if req.cancel {
             if self.gw.is_draining() {
                 tracing::info!("drain cancelled: taking new sites again");
             }

@@ -256,7 +256,13 @@ impl Driver {
 
     /// Tells every site we stop (IKE DELETE), and sends it before returning.
     async fn delete_all(&mut self) {
-        let ids: Vec<u64> = self.sas.keys().copied().collect();
+        // Frozen ones are another member's now, or about to be.
+        let ids: Vec<u64> = self
+            .sas
+            .keys()
+            .copied()
+            .filter(|id| !self.handovers.holds(*id))
+            .collect();
         if ids.is_empty() {
             return;
         }
@@ -290,6 +296,9 @@ impl Driver {
     /// engine touched go to their replicas first: the copy that could carry an SA on knows
     /// of a request (its Message ID) before the peer can answer it.
     async fn flush(&mut self) {
+        // Taken before the events: an SA frozen for a hand-over that goes now (expired) must
+        // not send its DELETE either.
+        let frozen = self.handovers.frozen_spis();
         let mut out = Vec::new();
         loop {
             while let Some(t) = self.endpoint.poll_transmit() {
@@ -304,7 +313,7 @@ impl Driver {
         for t in out {
             // A frozen SA's timers may still fire: what they queue is not sent (the new
             // owner goes on from the final state).
-            if self.handovers.holds_message(&t.payload) {
+            if frozen.holds_message(&t.payload) {
                 continue;
             }
             self.send(t).await;

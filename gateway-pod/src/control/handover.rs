@@ -35,6 +35,31 @@ pub(super) struct Handovers {
     ids: HashSet<u64>,
     /// Handed over and let go: their removal forgets their copies instead of deleting them.
     released: HashSet<u64>,
+    /// Every IKE SPI of ours of the frozen SAs (a rekeyed IKE SA's messages carry another
+    /// than its id), by SA.
+    spis: HashMap<u64, Vec<u64>>,
+    /// Shards whose hand-over was given up: not tried again before this.
+    retry_after: HashMap<Shard, Instant>,
+}
+
+/// The SPIs of frozen SAs when a batch of the engine's output began: what it queues for
+/// them (a DELETE of one that expired meanwhile, a retransmission) is not sent.
+pub(super) struct FrozenSpis(HashSet<u64>);
+
+impl FrozenSpis {
+    /// Whether an IKE message (its header's SPIs) belongs to a frozen SA.
+    pub(super) fn holds_message(&self, datagram: &[u8]) -> bool {
+        !self.0.is_empty() && header_spis(datagram).any(|s| self.0.contains(&s))
+    }
+}
+
+/// The non-zero SPIs of an IKE header.
+fn header_spis(datagram: &[u8]) -> impl Iterator<Item = u64> + '_ {
+    [0..8, 8..16]
+        .into_iter()
+        .filter_map(|r| datagram.get(r).and_then(|b| <[u8; 8]>::try_from(b).ok()))
+        .map(u64::from_be_bytes)
+        .filter(|s| *s != 0)
 }
 
 impl Handovers {
@@ -43,21 +68,19 @@ impl Handovers {
         self.ids.contains(&id)
     }
 
+    /// The SPIs of the frozen SAs now.
+    pub(super) fn frozen_spis(&self) -> FrozenSpis {
+        FrozenSpis(self.spis.values().flatten().copied().collect())
+    }
+
     /// Whether an IKE message (its header's SPIs) belongs to a frozen SA.
     pub(super) fn holds_message(&self, datagram: &[u8]) -> bool {
-        if self.ids.is_empty() {
-            return false;
-        }
-        let spi = |r: std::ops::Range<usize>| {
-            datagram
-                .get(r)
-                .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                .map(u64::from_be_bytes)
-        };
-        [spi(0..8), spi(8..16)]
-            .into_iter()
-            .flatten()
-            .any(|s| s != 0 && self.ids.contains(&s))
+        !self.spis.is_empty() && header_spis(datagram).any(|s| self.spis.values().any(|v| v.contains(&s)))
+    }
+
+    fn forget_shard(&mut self, shard: Shard) {
+        self.ids.retain(|id| Shard::of_ike_spi(*id) != shard);
+        self.spis.retain(|id, _| Shard::of_ike_spi(*id) != shard);
     }
 
     /// Whether SA `id` was handed over and let go here (its site's claim is taken over by
@@ -69,6 +92,7 @@ impl Handovers {
     /// Whether SA `id`, now gone here, was handed over (its copies are the new owner's).
     pub(super) fn take_released(&mut self, id: u64) -> bool {
         self.ids.remove(&id);
+        self.spis.remove(&id);
         self.released.remove(&id)
     }
 }
@@ -145,7 +169,9 @@ impl Driver {
             let acknowledged = state.acknowledged();
             if give_up {
                 self.handovers.frozen.remove(&shard);
-                self.handovers.ids.retain(|id| Shard::of_ike_spi(*id) != shard);
+                self.handovers.forget_shard(shard);
+                // Not at once again: a target that does not answer would keep it frozen.
+                self.handovers.retry_after.insert(shard, now + ACK_TIMEOUT);
                 replicator.resume(shard);
                 metrics.count("resumed");
                 tracing::warn!(shard = %shard, member = %to, acknowledged, "hand-over given up: the shard's SAs go on here");
@@ -172,13 +198,18 @@ impl Driver {
         // The shards of ours marked away, with the SAs in each; a shard with a half-open SA
         // waits for it (its state is not in a snapshot).
         let mut by_shard: HashMap<Shard, (Vec<u64>, bool)> = HashMap::new();
-        for (id, rec) in &self.sas {
-            let e = by_shard.entry(Shard::of_ike_spi(*id)).or_default();
-            e.0.push(*id);
-            e.1 |= rec.established_at.is_none();
+        let mut spis_of: HashMap<u64, Vec<u64>> = HashMap::new();
+        for (id, sa) in self.endpoint.sas() {
+            let e = by_shard.entry(Shard::of_ike_spi(id)).or_default();
+            e.0.push(id);
+            let recorded = self.sas.get(&id).is_some_and(|r| r.established_at.is_some());
+            e.1 |= !sa.is_established() || !recorded;
+            spis_of.insert(id, sa.our_spis());
         }
+        self.handovers.retry_after.retain(|_, t| *t > now);
         let mut candidates: Vec<(Shard, MemberId)> = Shard::all()
             .filter(|s| view.owner(*s) == Some(me) && !self.handovers.frozen.contains_key(s))
+            .filter(|s| !self.handovers.retry_after.contains_key(s))
             .filter_map(|s| view.moving_to(s).map(|to| (s, to)))
             .filter(|(s, _)| by_shard.get(s).is_none_or(|(_, half_open)| !half_open))
             .collect();
@@ -224,6 +255,10 @@ impl Driver {
             budget_shards -= 1;
             budget_sas = budget_sas.saturating_sub(ids.len());
             self.handovers.ids.extend(ids.iter().copied());
+            for id in &ids {
+                let spis = spis_of.remove(id).unwrap_or_else(|| vec![*id]);
+                self.handovers.spis.insert(*id, spis);
+            }
             let state = std::sync::Arc::new(HandoverState::default());
             self.handovers.frozen.insert(shard, (to, now, state.clone()));
             tracing::debug!(shard = %shard, member = %to, sas = ids.len(), "shard frozen for its hand-over");

@@ -203,6 +203,10 @@ impl Driver {
         // (a shard that looks empty may be moved away by the leader).
         for shard in store.shards(&adopt) {
             view.hold(shard);
+            // Said empty for a hand-over of ours just before: it is not empty any more.
+            if view.handed_to(shard).is_some() {
+                view.set_handed(shard, None);
+            }
         }
         let copies = newest(store.take(adopt));
         let superseded = store.take(|owner, shard| {

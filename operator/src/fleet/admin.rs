@@ -208,6 +208,7 @@ impl FleetAdmin for GrpcFleetAdmin {
             Ok(PodReport {
                 tunnels: v.get("tunnels").copied().unwrap_or(0),
                 cpu_percent: v.get("cpu_percent").and_then(|c| u32::try_from(*c).ok()),
+                draining: v.get("drain_state").is_some_and(|d| *d != 0),
                 dynamic_eroutes: eroutes.into_iter().map(|e| (e.name, e.dynamic_eroutes)).collect(),
             })
         })

@@ -313,7 +313,7 @@ pub fn desired(
                     "metadata": {"labels": labels(&name)},
                     "spec": {
                         "automountServiceAccountToken": false,
-                        "terminationGracePeriodSeconds": 60,
+                        "terminationGracePeriodSeconds": 100,
                         "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
                         "containers": [{
                             "name": "gateway",
@@ -513,7 +513,10 @@ mod tests {
             Some(true),
             "a draining pod still gets the flows of the sites redirected to it"
         );
-        assert_eq!(d.fronts[0].spec.as_ref().unwrap().publish_not_ready_addresses, None);
+        assert_eq!(
+            d.fronts[0].spec.as_ref().unwrap().publish_not_ready_addresses,
+            None
+        );
     }
 
     #[test]

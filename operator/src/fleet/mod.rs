@@ -520,13 +520,19 @@ async fn scale_step(
         return Ok((spec.min_replicas, 0, None, Vec::new()));
     };
     let mut reports = Vec::new();
+    let mut draining_pods = Vec::new();
     // Without admin TLS the pods' admin API is on their loopback: no reports (and so no
     // scale-in), rather than a connection timeout per pod and round.
     let reachable = fleet.spec.admin_tls_secret_name.is_some();
     let mut all_reported = reachable;
     for ordinal in (0..current).filter(|_| reachable) {
         match ctx.admin.report(ns, &name, ordinal).await {
-            Ok(r) => reports.push(r),
+            Ok(r) => {
+                if r.draining {
+                    draining_pods.push(ordinal);
+                }
+                reports.push(r);
+            }
             Err(e) => {
                 tracing::debug!(error = %e, "no load report");
                 all_reported = false;
@@ -597,6 +603,25 @@ async fn scale_step(
         }
         scale_in::Outcome::HeldBack { .. } => current,
     };
+    // A pod left draining by a scale-in that is no longer under way (the operator restarted,
+    // or its replica count was not lowered after all) takes sites again.
+    let leaving = ctx
+        .scale_in
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&format!("{ns}/{name}"))
+        .and_then(scale_in::ScaleIn::draining_ordinal);
+    for ordinal in draining_pods {
+        if ordinal < n && Some(ordinal) != leaving {
+            tracing::info!(
+                pod = ordinal,
+                "a pod that is not leaving was draining: un-drained"
+            );
+            if let Err(e) = ctx.admin.cancel_drain(ns, &name, ordinal).await {
+                tracing::warn!(pod = ordinal, error = %e, "could not un-drain a pod");
+            }
+        }
+    }
     let condition = reachable.then(|| ScaleInCondition::from_outcome(&name, &outcome));
     Ok((n, tunnels, condition, reports))
 }

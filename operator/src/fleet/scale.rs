@@ -15,6 +15,8 @@ pub struct PodReport {
     pub cpu_percent: Option<u32>,
     /// Dynamic eroutes per base eroute name.
     pub dynamic_eroutes: std::collections::BTreeMap<String, u64>,
+    /// The pod is draining (or drained).
+    pub draining: bool,
 }
 
 /// The replica count the load asks for, within the spec's bounds. Like the HPA: each metric
@@ -57,6 +59,9 @@ pub enum Step {
     Set(u32),
     /// Drain this pod ordinal first; keep the current count until it is drained.
     Drain(u32),
+    /// Keep this count, and a drain under way (a pod's report is missing: scale-in cannot
+    /// start, nor is it called off).
+    Hold(u32),
 }
 
 /// One step from `current` toward `target`. Scale-in needs every pod's report (a silent pod
@@ -65,7 +70,7 @@ pub fn step(current: u32, target: u32, all_reported: bool) -> Step {
     if target >= current {
         Step::Set(target)
     } else if !all_reported {
-        Step::Set(current)
+        Step::Hold(current)
     } else {
         // current > target, so current >= 1.
         Step::Drain(current - 1)
@@ -122,7 +127,7 @@ mod tests {
         assert_eq!(step(4, 6, true), Step::Set(6));
         assert_eq!(step(4, 4, true), Step::Set(4));
         assert_eq!(step(4, 2, true), Step::Drain(3));
-        assert_eq!(step(4, 2, false), Step::Set(4), "a silent pod blocks scale-in");
+        assert_eq!(step(4, 2, false), Step::Hold(4), "a silent pod blocks scale-in");
         assert_eq!(step(0, 2, true), Step::Set(2));
     }
 }

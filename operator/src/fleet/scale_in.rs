@@ -46,6 +46,11 @@ impl ScaleIn {
         self.draining.is_some()
     }
 
+    /// The pod being drained.
+    pub fn draining_ordinal(&self) -> Option<u32> {
+        self.draining.map(|(o, _)| o)
+    }
+
     /// One round toward `step` for the fleet `ns/name` whose StatefulSet has `current`
     /// replicas.
     pub async fn round(
@@ -57,8 +62,13 @@ impl ScaleIn {
         timeout: Duration,
         now: Instant,
     ) -> Outcome {
+        let step = match (step, self.draining) {
+            (Step::Hold(_), Some((ordinal, _))) => Step::Drain(ordinal),
+            (Step::Hold(n), None) => Step::Set(n),
+            (s, _) => s,
+        };
         match step {
-            Step::Set(n) => {
+            Step::Set(n) | Step::Hold(n) => {
                 // More pods wanted again: a pod that was leaving stays, and takes sites.
                 if let Some((ordinal, _)) = self.draining.take().filter(|(o, _)| *o < n) {
                     if let Err(e) = admin.cancel_drain(ns, name, ordinal).await {
@@ -312,6 +322,30 @@ mod tests {
             .round(&pods, FLEET, 2, Step::Drain(1), TIMEOUT, Instant::now())
             .await;
         assert!(matches!(out, Outcome::TimedOut { ordinal: 1, .. }), "{out:?}");
+    }
+
+    #[tokio::test]
+    async fn a_missing_report_mid_drain_neither_cancels_it_nor_starts_another() {
+        let pods = Script {
+            answers: Mutex::new(vec![draining(4)]),
+            ..Script::default()
+        };
+        let mut s = ScaleIn::default();
+        let t0 = Instant::now();
+        s.round(&pods, FLEET, 3, Step::Drain(2), TIMEOUT, t0).await;
+        let out = s.round(&pods, FLEET, 3, Step::Hold(3), TIMEOUT, t0).await;
+        assert!(matches!(out, Outcome::Draining { ordinal: 2, .. }), "{out:?}");
+        assert!(!pods.calls.lock().unwrap().iter().any(|(c, _)| *c == "cancel"));
+        let idle = ScaleIn::default()
+            .round(&pods, FLEET, 3, Step::Hold(3), TIMEOUT, t0)
+            .await;
+        assert_eq!(
+            idle,
+            Outcome::Replicas {
+                n: 3,
+                scaled_in: false
+            }
+        );
     }
 
     #[tokio::test]

@@ -106,7 +106,8 @@ impl Sa {
         }
     }
 
-    pub(super) fn is_established(&self) -> bool {
+    /// Whether IKE_AUTH completed (a half-open SA has no state worth a snapshot).
+    pub fn is_established(&self) -> bool {
         match self {
             Self::Responder(r) => r.is_established(),
             Self::Initiator(i) => i.is_established(),

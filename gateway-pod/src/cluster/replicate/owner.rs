@@ -249,6 +249,9 @@ struct Child {
     top_sent: u64,
     last_seen: u64,
     rate: u64,
+    /// The final ceiling a hand-over sent: if it is given up, the SA sends no higher until
+    /// its replicas acknowledged more (the target may have replaced a higher copy with it).
+    handed_ceiling: Option<u64>,
 }
 
 impl Child {
@@ -260,6 +263,7 @@ impl Child {
             top_sent: prev.map_or(0, |p| p.top_sent),
             last_seen: prev.map_or(0, |p| p.last_seen),
             rate: prev.map_or(0, |p| p.rate),
+            handed_ceiling: prev.and_then(|p| p.handed_ceiling),
             counters: c.counters,
         }
     }
@@ -459,6 +463,9 @@ impl Owner {
                 if let Some(h) = self.held.remove(&id) {
                     for (m, _) in h.sent_to {
                         self.delete_at(m, id);
+                    }
+                    if !self.held.values().any(|o| o.shard == h.shard) {
+                        self.handovers.remove(&h.shard);
                     }
                 }
                 id
@@ -712,7 +719,14 @@ impl Owner {
             let Some(x) = self.held.get_mut(&id) else { continue };
             x.frozen = false;
             x.dirty = true;
-            for c in &x.children {
+            for c in &mut x.children {
+                // Lowering first: the target of the hand-over may hold the final copy (its
+                // ceiling) and no other; the resync below raises it again once acknowledged.
+                if let (Some(f), Some(s)) = (c.handed_ceiling.take(), c.send())
+                    && s.ceiling() > f
+                {
+                    s.set_ceiling(f);
+                }
                 c.counters.freeze(false);
             }
             // Its copy there is the final one of a hand-over that did not happen: only a
@@ -762,14 +776,18 @@ impl Owner {
                 // Not connected yet, or sent on this connection already.
                 continue;
             }
-            for (id, x) in self.held.iter().filter(|(_, x)| x.shard == shard && x.frozen) {
+            for (id, x) in self.held.iter_mut().filter(|(_, x)| x.shard == shard && x.frozen) {
                 let children = x
                     .children
-                    .iter()
-                    .map(|c| Sequences {
-                        spi_in: c.spi_in,
-                        ceiling: c.send().map_or(0, frozen_ceiling),
-                        top: c.counters.inbound_top(),
+                    .iter_mut()
+                    .map(|c| {
+                        let ceiling = c.send().map_or(0, frozen_ceiling);
+                        c.handed_ceiling = Some(ceiling);
+                        Sequences {
+                            spi_in: c.spi_in,
+                            ceiling,
+                            top: c.counters.inbound_top(),
+                        }
                     })
                     .collect();
                 link.send(
@@ -1034,6 +1052,7 @@ mod tests {
                 top_sent: 0,
                 last_seen: 0,
                 rate,
+                handed_ceiling: None,
             },
             send,
         )

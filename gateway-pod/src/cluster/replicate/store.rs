@@ -84,7 +84,24 @@ impl OwnerCopies {
                     }
                 }
             }
-            Message::Reset => *self = Self::default(),
+            // A new stream from the owner. What it handed over stays: it is not sent again
+            // (the owner lets those SAs go once the map moves the shard), and the member it
+            // was handed to carries it on from these copies.
+            Message::Reset => {
+                let handed = std::mem::take(&mut self.handed);
+                let kept: Vec<Copy> = std::mem::take(&mut self.sas)
+                    .into_values()
+                    .filter(|c| handed.contains_key(&c.shard))
+                    .collect();
+                *self = Self::default();
+                for c in kept {
+                    for spi in c.sequences.keys() {
+                        self.by_spi.insert(*spi, c.id);
+                    }
+                    self.sas.insert(c.id, c);
+                }
+                self.handed = handed;
+            }
             Message::Handover { shard, to } => {
                 self.handed.insert(shard, to);
             }
@@ -134,12 +151,19 @@ impl ReplicaStore {
             Message::Sa { shard, .. } => Some(*shard),
             _ => None,
         };
+        let reset = matches!(m, Message::Reset);
         copies.apply(m);
         for s in before {
             self.view.count_copy(s, false);
         }
         if let Some(s) = added {
             self.view.count_copy(s, true);
+        }
+        if reset {
+            // What a reset kept (shards handed over) is counted again.
+            for c in copies.sas.values() {
+                self.view.count_copy(c.shard, true);
+            }
         }
     }
 
@@ -279,7 +303,8 @@ mod tests {
         // The owner gave the hand-over up and carries the shard on: its next copy says so.
         store.apply(owner, sa());
         assert!(store.handed().is_empty());
-        // A new stream starts over: no marker survives its Reset.
+        // A new stream starts over, but what was handed over stays with its marker: the
+        // owner does not send it again.
         store.apply(
             owner,
             Message::Handover {
@@ -287,7 +312,19 @@ mod tests {
                 to: MemberId(2),
             },
         );
+        let other = Shard::new(10).unwrap();
+        store.apply(
+            owner,
+            Message::Sa {
+                shard: other,
+                id: 4,
+                snapshot: Zeroizing::new(vec![2]),
+                context: vec![],
+                children: vec![],
+            },
+        );
         store.apply(owner, Message::Reset);
-        assert!(store.handed().is_empty());
+        assert_eq!(store.handed().get(&(owner, shard)), Some(&MemberId(2)));
+        assert_eq!(store.len(), 1, "the handed shard's copy stays, the other goes");
     }
 }
