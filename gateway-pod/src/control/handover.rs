@@ -170,6 +170,12 @@ impl Driver {
             if give_up {
                 self.handovers.frozen.remove(&shard);
                 self.handovers.forget_shard(shard);
+                // Without copies the target is no replica: its final copy may outlive the
+                // Delete that tells it to forget, so the replicator caps these CHILD SAs at
+                // their final ceilings for good; new ones (new keys) take over soon.
+                if replicator.copies() == 0 {
+                    self.rekey_shard_soon(shard, now);
+                }
                 // Not at once again: a target that does not answer would keep it frozen.
                 self.handovers.retry_after.insert(shard, now + ACK_TIMEOUT);
                 replicator.resume(shard);
@@ -263,6 +269,21 @@ impl Driver {
             self.handovers.frozen.insert(shard, (to, now, state.clone()));
             tracing::debug!(shard = %shard, member = %to, sas = ids.len(), "shard frozen for its hand-over");
             replicator.hand_over(shard, to, sas, state);
+        }
+    }
+}
+
+impl Driver {
+    /// Rekeys every CHILD SA of `shard` shortly (the replication tick runs what is due).
+    fn rekey_shard_soon(&mut self, shard: Shard, now: Instant) {
+        let due: Vec<(u64, u32)> = self
+            .sas
+            .iter()
+            .filter(|(id, _)| Shard::of_ike_spi(**id) == shard)
+            .flat_map(|(id, rec)| rec.children.iter().map(move |c| (*id, c.spi_in)))
+            .collect();
+        if let Some(r) = self.replicas.as_mut() {
+            r.rekey_at(now, due);
         }
     }
 }

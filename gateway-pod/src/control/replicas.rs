@@ -72,6 +72,13 @@ impl DriverReplicas {
     }
 }
 
+impl DriverReplicas {
+    /// Rekeys these CHILD SAs (IKE SA, inbound SPI) at `at`.
+    pub(super) fn rekey_at(&mut self, at: Instant, sas: Vec<(u64, u32)>) {
+        self.rekeys.extend(sas.into_iter().map(|(id, spi)| (at, id, spi)));
+    }
+}
+
 /// The driver's record of an IKE SA as it travels beside the snapshot.
 #[derive(Serialize, Deserialize)]
 struct Context {

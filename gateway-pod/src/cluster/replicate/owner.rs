@@ -527,10 +527,11 @@ impl Owner {
             }
             let targets = replicas(h.shard, me, &members, self.copies);
             if targets.is_empty() {
-                // Alone: nobody could carry the SA on, so nobody could reuse its numbers.
+                // Alone: nobody could carry the SA on, so nobody could reuse its numbers
+                // (but the one a given-up hand-over left a final copy with).
                 for c in &h.children {
                     if let Some(s) = c.send() {
-                        s.set_ceiling(u64::MAX);
+                        s.set_ceiling(c.handed_ceiling.unwrap_or(u64::MAX));
                     }
                 }
                 h.sent_to.clear();
@@ -719,19 +720,22 @@ impl Owner {
             let Some(x) = self.held.get_mut(&id) else { continue };
             x.frozen = false;
             x.dirty = true;
+            // The target may hold the final copy (its ceiling) and keep it: a replica gets
+            // the current one at the next sync, and its acknowledgement lifts the cap below;
+            // another member only a Delete, which a broken stream may lose, so those CHILD
+            // SAs stay capped for good (the driver rekeys them).
+            let replica = x.sent_to.iter().any(|(m, _)| *m == h.to);
             for c in &mut x.children {
-                // Lowering first: the target of the hand-over may hold the final copy (its
-                // ceiling) and no other; the resync below raises it again once acknowledged.
-                if let (Some(f), Some(s)) = (c.handed_ceiling.take(), c.send())
+                if let (Some(f), Some(s)) = (c.handed_ceiling, c.send())
                     && s.ceiling() > f
                 {
                     s.set_ceiling(f);
                 }
+                if replica {
+                    c.handed_ceiling = None;
+                }
                 c.counters.freeze(false);
             }
-            // Its copy there is the final one of a hand-over that did not happen: only a
-            // replica may keep a copy, and gets the current one at the next sync.
-            let replica = x.sent_to.iter().any(|(m, _)| *m == h.to);
             if !replica {
                 self.delete_at(h.to, id);
             }
@@ -845,14 +849,16 @@ fn reserve(c: &Child) -> (u64, Option<u64>) {
     };
     let (last, ceiling) = (s.last(), s.ceiling());
     let block = c.block();
+    // Never above the final ceiling of a hand-over given up to a member that may keep it.
+    let cap = c.handed_ceiling.unwrap_or(u64::MAX);
     if ceiling == u64::MAX {
         // Lowering is safe at once; the replica learns the same value.
-        let v = last.saturating_add(block);
+        let v = last.saturating_add(block).min(cap);
         s.set_ceiling(v);
         return (v, None);
     }
-    if last.saturating_add(block / 2) > ceiling {
-        let v = last.saturating_add(block);
+    if last.saturating_add(block / 2) > ceiling && ceiling < cap {
+        let v = last.saturating_add(block).min(cap);
         return (v, Some(v));
     }
     (ceiling, None)
@@ -1141,6 +1147,15 @@ mod tests {
         assert_eq!(frozen_ceiling(&send), 500 + FROZEN_MARGIN);
         send.set_ceiling(800);
         assert_eq!(frozen_ceiling(&send), 800, "never above what may have been sent");
+    }
+
+    #[test]
+    fn a_capped_sa_never_reserves_past_its_cap() {
+        let (mut c, send) = child(0);
+        c.handed_ceiling = Some(100);
+        assert_eq!(reserve(&c), (100, None));
+        assert_eq!(send.ceiling(), 100);
+        assert_eq!(reserve(&c), (100, None), "near the cap, nothing more is asked");
     }
 
     #[test]
