@@ -383,25 +383,10 @@ impl Responder {
         let plain = mem::take(&mut s.plain);
         let inner = payload::decode_inner_chain(s.first_inner, &plain).map_err(Error::MalformedInner)?;
         let req = AuthRequest::parse(inner)?;
-        let psk = psk.ok_or(Error::AuthenticationFailed("no PSK for this peer"))?;
-        let sa = &mut s.sa;
-        let prf = sa.prf;
         let id_i = IdBuf::new(&req.id_i);
-        // RFC 7296 §2.15, as in `complete_auth`: the peer proves the PSK before it learns
-        // anything, then we prove ours.
-        let init = &s.init;
-        let theirs = signed_octets(prf, &init.request, &init.nr, sa.keys.sk_pi.expose(), id_i.body());
-        if !verify_psk_auth(prf, psk, &theirs, req.auth.data) {
-            return Err(Error::AuthenticationFailed("AUTH does not verify with the PSK"));
-        }
-        let ours = signed_octets(
-            prf,
-            &init.response,
-            &init.ni,
-            sa.keys.sk_pr.expose(),
-            config.local_id.body(),
-        );
-        let auth = psk_auth(prf, psk, &ours);
+        // The peer proves the PSK before it learns anything, then we prove ours.
+        let auth = Self::psk_auths(config, s, psk, &id_i, req.auth.data)?;
+        let sa = &mut s.sa;
         let data = crate::redirect::encode_redirect(gateway, None);
         let payloads = [
             Payload::IdR(config.local_id.identity()),
@@ -415,6 +400,33 @@ impl Responder {
         Ok(sa.seal(header, &payloads)?)
     }
 
+    /// RFC 7296 §2.15 for a shared key: checks the initiator's AUTH (`their_auth`, over its
+    /// IKE_SA_INIT request, Nr and prf(SK_pi, IDi'), "AUTH = prf( prf(Shared Secret, "Key Pad
+    /// for IKEv2"), <InitiatorSignedOctets>)", compared in constant time) and returns ours.
+    fn psk_auths(
+        config: &Config,
+        s: &ExpectPsk,
+        psk: Option<&[u8]>,
+        id_i: &IdBuf,
+        their_auth: &[u8],
+    ) -> Result<concentrator_crypto::SecretBytes, Error> {
+        let psk = psk.ok_or(Error::AuthenticationFailed("no PSK for this peer"))?;
+        let (sa, init) = (&s.sa, &s.init);
+        let prf = sa.prf;
+        let theirs = signed_octets(prf, &init.request, &init.nr, sa.keys.sk_pi.expose(), id_i.body());
+        if !verify_psk_auth(prf, psk, &theirs, their_auth) {
+            return Err(Error::AuthenticationFailed("AUTH does not verify with the PSK"));
+        }
+        let ours = signed_octets(
+            prf,
+            &init.response,
+            &init.ni,
+            sa.keys.sk_pr.expose(),
+            config.local_id.body(),
+        );
+        Ok(psk_auth(prf, psk, &ours))
+    }
+
     fn complete_auth(
         &mut self,
         now: Instant,
@@ -426,26 +438,10 @@ impl Responder {
         let plain = mem::take(&mut s.plain);
         let inner = payload::decode_inner_chain(s.first_inner, &plain).map_err(Error::MalformedInner)?;
         let req = AuthRequest::parse(inner)?;
-        let psk = psk.ok_or(Error::AuthenticationFailed("no PSK for this peer"))?;
-        let sa = &mut s.sa;
-        let prf = sa.prf;
         let id_i = IdBuf::new(&req.id_i);
-        // RFC 7296 §2.15: the initiator signs its IKE_SA_INIT request, Nr and prf(SK_pi, IDi').
-        let init = &s.init;
-        let theirs = signed_octets(prf, &init.request, &init.nr, sa.keys.sk_pi.expose(), id_i.body());
-        // RFC 7296 §2.15, for a shared key: "AUTH = prf( prf(Shared Secret, "Key Pad for
-        // IKEv2"), <InitiatorSignedOctets>)"; anything else fails (constant-time comparison).
-        if !verify_psk_auth(prf, psk, &theirs, req.auth.data) {
-            return Err(Error::AuthenticationFailed("AUTH does not verify with the PSK"));
-        }
-        let ours = signed_octets(
-            prf,
-            &init.response,
-            &init.ni,
-            sa.keys.sk_pr.expose(),
-            config.local_id.body(),
-        );
-        let auth = psk_auth(prf, psk, &ours);
+        let auth = Self::psk_auths(&config, s, psk, &id_i, req.auth.data)?;
+        let sa = &mut s.sa;
+        let (prf, init) = (sa.prf, &s.init);
         let id_r = config.local_id.identity();
 
         let mut events = vec![Event::IkeSaEstablished {
