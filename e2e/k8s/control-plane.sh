@@ -16,6 +16,9 @@
 #   follow the StatefulSet; examples/kubernetes/fleet.yaml as shipped; a user's server-side apply of the spec does not fight the operator;
 #   scaling the fleet changes the StatefulSet;
 # - invalid objects: refused by the API server naming the field, or Ready=False with the field;
+# - watches, not polling: a missing Secret on one Eroute makes it Ready=False (and an Event),
+#   holds back the fleet's config while the fleet still scales; creating the Secret is picked
+#   up in seconds by Eroute, fleet and config;
 # - no reconcile loop: over a quiet period (QUIET_SECONDS, default 65: two of the fleet's 30 s
 #   requeues) no watched object is written more than once, and `lastTransitionTime` stays put
 #   until the status really changes;
@@ -190,8 +193,10 @@ KC
 as_operator() { kubectl --kubeconfig "$work/operator.kubeconfig" "$@"; }
 [ "$(as_operator auth whoami -o jsonpath='{.status.userInfo.username}')" = "system:serviceaccount:$rel_ns:$sa" ] \
     || fail "the operator's kubeconfig does not authenticate as the ServiceAccount $sa"
-# Least privilege holds on the real server: Secrets are read one by one, never listed.
-[ "$(as_operator auth can-i list secrets -n default 2>/dev/null)" = no ] || fail "the chart lets the operator list Secrets"
+# Least privilege holds on the real server: Secrets are watched (metadata) and read, never
+# deleted; its own objects are never deleted but for what it cleans up.
+[ "$(as_operator auth can-i watch secrets -n default 2>/dev/null)" = yes ] || fail "the chart does not let the operator watch Secrets"
+[ "$(as_operator auth can-i delete secrets -n default 2>/dev/null)" = no ] || fail "the chart lets the operator delete Secrets"
 [ "$(as_operator auth can-i delete statefulsets -n default 2>/dev/null)" = no ] || fail "the chart lets the operator delete StatefulSets"
 ok "operator kubeconfig: ServiceAccount token of $rel_ns/$sa, least privilege"
 
@@ -437,6 +442,41 @@ poll 60 "eroute/branches Ready=True again" is True -n "$ns" get eroute branches 
 poll 90 "gwf/$fleet Ready=True again" is True -n "$ns" get gwf "$fleet" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}'
 [ "$(cond "$ns" eroute/branches lastTransitionTime)" != "$ltt0" ] || fail "eroute/branches: lastTransitionTime did not move"
 ok "a transition to Invalid and back moves lastTransitionTime; the fleet follows (InvalidConfig, then Ready)"
+
+# --- Watches, not polling (the requeues are 30 s for a fleet, 300 s for an Eroute): a change
+# is reconciled within seconds. A missing Secret on one Eroute makes that Eroute Ready=False
+# and holds back the fleet's config only: the fleet goes on scaling.
+kubectl -n "$ns" apply -f - >/dev/null <<YAML
+apiVersion: vpn.concentrator.io/v1alpha1
+kind: Eroute
+metadata: {name: lost-key}
+spec: {localSubnet: 10.0.0.0/16, remoteSubnet: 172.17.0.0/24, peerId: lost.example.com, localId: hq.example.com, pskSecretRef: {name: lost-key, key: psk}}
+YAML
+poll 20 "eroute/lost-key Ready=False SecretMissing" is "False SecretMissing" -n "$ns" get eroute lost-key \
+    -o jsonpath='{.status.conditions[?(@.type=="Ready")].status} {.status.conditions[?(@.type=="Ready")].reason}'
+[ "$(cond "$ns" eroute/lost-key message)" = "spec.pskSecretRef: Secret 'lost-key' not found" ] \
+    || fail "eroute/lost-key: message '$(cond "$ns" eroute/lost-key message)'"
+poll 20 "a SecretMissing Event on eroute/lost-key" \
+    is Eroute -n "$ns" get events --field-selector reason=SecretMissing,involvedObject.name=lost-key \
+    -o jsonpath='{.items[0].involvedObject.kind}'
+poll 20 "gwf/$fleet Ready=False SecretMissing" is "False SecretMissing" -n "$ns" get gwf "$fleet" \
+    -o jsonpath='{.status.conditions[?(@.type=="Ready")].status} {.status.conditions[?(@.type=="Ready")].reason}'
+kubectl -n "$ns" patch gwf "$fleet" --type=merge -p '{"spec":{"scaling":{"minReplicas":4}}}' >/dev/null
+poll 20 "statefulset/$fleet scaled to 4 while an Eroute is broken" is 4 -n "$ns" get sts "$fleet" -o jsonpath='{.spec.replicas}'
+poll 60 "gwf/$fleet status.replicas 4" is 4 -n "$ns" get gwf "$fleet" -o jsonpath='{.status.replicas}'
+! grep -q lost-key <<<"$(kubectl -n "$ns" get cm "$fleet-config" -o jsonpath='{.data.concentrator\.yaml}')" \
+    || fail "the config with a broken Eroute reached the pods"
+grep -q 'name: hq-backup' <<<"$(kubectl -n "$ns" get cm "$fleet-config" -o jsonpath='{.data.concentrator\.yaml}')" \
+    || fail "the last valid config was lost"
+kubectl -n "$ns" create secret generic lost-key --from-literal=psk=not-a-real-key-but-long-enough >/dev/null
+since=$SECONDS
+poll 20 "eroute/lost-key Ready=True once its Secret exists" is True -n "$ns" get eroute lost-key \
+    -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}'
+poll 20 "gwf/$fleet Ready=True once the Secret exists" is True -n "$ns" get gwf "$fleet" \
+    -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}'
+has_lost_key() { grep -q 'name: lost-key' <<<"$(kubectl -n "$ns" get cm "$fleet-config" -o jsonpath='{.data.concentrator\.yaml}')"; }
+poll 20 "configmap/$fleet-config to hold eroute lost-key" has_lost_key
+ok "a missing Secret on one Eroute: Ready=False (SecretMissing, Event), config held back, the fleet scaled to 4 meanwhile; the Secret's creation reached Eroute, fleet and config in $((SECONDS - since))s (watches)"
 
 # --- Teardown: nothing left behind, nothing stuck.
 log "deleting the fleets while the operator runs"

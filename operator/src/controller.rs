@@ -1,11 +1,13 @@
-//! Validation controllers for `Eroute` and `Egroup`.
+//! The controllers: `Eroute` and `Egroup` validation (spec and references), and how every
+//! controller is wired to its watches.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use concentrator_crds::{Egroup, Eroute, GatewayFleet, ValidationError};
+use concentrator_crds::{Egroup, Eroute, GatewayFleet, SecretKeyRef, ValidationError};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
@@ -13,7 +15,7 @@ use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 
-use crate::status::ready_status;
+use crate::status::{Problem, ready_status, ready_unchanged};
 
 /// Field manager for status patches.
 pub const MANAGER: &str = "concentrator-operator";
@@ -107,7 +109,8 @@ impl Context {
     }
 }
 
-/// A resource whose spec validates on its own.
+/// A resource whose spec validates on its own, and whose references (Secrets, a base Eroute)
+/// are checked against the cluster.
 pub trait Validated:
     Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
     + Clone
@@ -121,6 +124,16 @@ pub trait Validated:
     fn check(&self) -> Result<(), ValidationError>;
     /// The conditions in the object's status now (for `lastTransitionTime`).
     fn conditions(&self) -> &[Condition];
+    /// The Secret keys the spec names, each with its field.
+    fn secret_refs(&self) -> Vec<(&'static str, &SecretKeyRef)>;
+    /// The Eroute it is built on (an Egroup's), checked to exist and to fit.
+    fn base_eroute(&self) -> Option<&str> {
+        None
+    }
+    /// Validates the pair of this object and its base Eroute (the checks across objects).
+    fn fits(&self, _base: &Eroute) -> Result<(), concentrator_crds::set::ObjectError> {
+        Ok(())
+    }
 }
 
 impl Validated for Eroute {
@@ -130,6 +143,13 @@ impl Validated for Eroute {
     }
     fn conditions(&self) -> &[Condition] {
         self.status.as_ref().map_or(&[], |s| &s.conditions)
+    }
+    fn secret_refs(&self) -> Vec<(&'static str, &SecretKeyRef)> {
+        self.spec
+            .psk_secret_ref
+            .iter()
+            .map(|r| ("spec.pskSecretRef", r))
+            .collect()
     }
 }
 
@@ -141,9 +161,87 @@ impl Validated for Egroup {
     fn conditions(&self) -> &[Condition] {
         self.status.as_ref().map_or(&[], |s| &s.conditions)
     }
+    fn secret_refs(&self) -> Vec<(&'static str, &SecretKeyRef)> {
+        self.spec
+            .database
+            .url_secret_ref
+            .iter()
+            .map(|r| ("spec.database.urlSecretRef", r))
+            .collect()
+    }
+    fn base_eroute(&self) -> Option<&str> {
+        Some(&self.spec.eroute)
+    }
+    fn fits(&self, base: &Eroute) -> Result<(), concentrator_crds::set::ObjectError> {
+        concentrator_crds::set::validate(
+            &[(base.name_any(), base.spec.clone())],
+            &[(self.name_any(), self.spec.clone())],
+        )
+        .map(|_| ())
+    }
 }
 
-/// Validates the object and records the verdict in its status by server-side apply.
+/// What is wrong with Secret `name` (as found) for a reference to its `key`, if anything.
+pub fn secret_problem(found: Option<&Secret>, name: &str, key: &str) -> Option<String> {
+    let has_key = found.is_some_and(|s| {
+        s.data.as_ref().is_some_and(|d| d.contains_key(key))
+            || s.string_data.as_ref().is_some_and(|d| d.contains_key(key))
+    });
+    match found {
+        _ if has_key => None,
+        None => Some(format!("Secret '{name}' not found")),
+        Some(_) => Some(format!("Secret '{name}' has no key '{key}'")),
+    }
+}
+
+/// Whether what `obj` refers to is there: its Secrets with their keys, its base Eroute
+/// (existing, valid, and fitting it). `Ready` covers these, not just the spec's syntax: an
+/// Eroute whose PSK Secret is missing brings up no tunnel.
+async fn references<K: Validated>(
+    obj: &K,
+    client: &Client,
+    ns: &str,
+) -> Result<Result<(), Problem>, kube::Error> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    for (field, r) in obj.secret_refs() {
+        let found = secrets.get_opt(&r.name).await?;
+        if let Some(why) = secret_problem(found.as_ref(), &r.name, &r.key) {
+            return Ok(Err(Problem {
+                reason: "SecretMissing",
+                message: format!("{field}: {why}"),
+            }));
+        }
+    }
+    let Some(base) = obj.base_eroute() else {
+        return Ok(Ok(()));
+    };
+    let Some(eroute) = Api::<Eroute>::namespaced(client.clone(), ns)
+        .get_opt(base)
+        .await?
+    else {
+        return Ok(Err(Problem {
+            reason: "ErouteMissing",
+            message: format!("spec.eroute: Eroute '{base}' does not exist"),
+        }));
+    };
+    if let Err(e) = eroute.spec.validate() {
+        return Ok(Err(Problem {
+            reason: "ErouteInvalid",
+            message: format!("spec.eroute: Eroute '{base}' is invalid: {e}"),
+        }));
+    }
+    Ok(obj.fits(&eroute).map_err(|e| Problem {
+        reason: if e.kind == "Eroute" {
+            "ErouteInvalid"
+        } else {
+            "Invalid"
+        },
+        message: e.to_string(),
+    }))
+}
+
+/// Validates the object and what it refers to, and records the verdict in its status by
+/// server-side apply; a new problem is also an Event on the object.
 #[tracing::instrument(skip_all, fields(kind = K::KIND, name = %obj.name_any(), namespace = obj.namespace().unwrap_or_default()))]
 pub async fn reconcile<K: Validated>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Action, Error> {
     let measure = ctx.metrics.measure(K::KIND);
@@ -154,9 +252,15 @@ pub async fn reconcile<K: Validated>(obj: Arc<K>, ctx: Arc<Context>) -> Result<A
 
 async fn validate_and_record<K: Validated>(obj: Arc<K>, ctx: &Context) -> Result<Action, Error> {
     let ns = obj.namespace().ok_or(Error::NoNamespace)?;
-    let verdict = obj.check();
-    if let Err(e) = &verdict {
-        tracing::warn!(error = %e, "invalid spec");
+    let verdict = match obj.check() {
+        Ok(()) => references(&*obj, &ctx.client, &ns).await?,
+        Err(e) => Err(Problem::from(e)),
+    };
+    if let Err(p) = &verdict {
+        tracing::warn!(reason = p.reason, message = %p.message, "not ready");
+        if !ready_unchanged(obj.conditions(), "False", p.reason, &p.message) {
+            ctx.event(&*obj, true, p.reason, p.message.clone()).await;
+        }
     }
     let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
     let patch = json!({
@@ -171,6 +275,8 @@ async fn validate_and_record<K: Validated>(obj: Arc<K>, ctx: &Context) -> Result
         &Patch::Apply(&patch),
     )
     .await?;
+    // Watches bring every change of the object and of the Secrets and Eroute it names; the
+    // requeue is a safety net for a missed watch event.
     Ok(Action::requeue(Duration::from_secs(300)))
 }
 
@@ -180,39 +286,110 @@ pub fn error_policy<K: ResourceExt>(_obj: Arc<K>, err: &Error, _ctx: Arc<Context
     Action::requeue(Duration::from_secs(15))
 }
 
-/// Runs the GatewayFleet, Eroute and Egroup controllers until the stream ends; `admin`
-/// reaches the gateway pods.
+/// Runs the GatewayFleet, Eroute and Egroup controllers of every scope (the cluster, or each
+/// namespace of [`crate::triggers::scopes`]) until they stop; `admin` reaches the gateway
+/// pods.
 pub async fn run(
     client: Client,
     admin: crate::fleet::admin::GrpcFleetAdmin,
     metrics: crate::metrics::Metrics,
+    scopes: Vec<Option<String>>,
 ) {
     let mut ctx = Context::new(client.clone(), Arc::new(admin));
     ctx.metrics = metrics;
     let ctx = Arc::new(ctx);
-    let eroutes = Controller::new(Api::<Eroute>::all(client.clone()), watcher::Config::default())
-        .shutdown_on_signal()
-        .run(reconcile::<Eroute>, error_policy::<Eroute>, ctx.clone())
-        .for_each(|_| async {});
-    let egroups = Controller::new(Api::<Egroup>::all(client.clone()), watcher::Config::default())
-        .shutdown_on_signal()
-        .run(reconcile::<Egroup>, error_policy::<Egroup>, ctx.clone())
-        .for_each(|_| async {});
-    let fleets = Controller::new(
-        Api::<GatewayFleet>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    // Only our StatefulSets (by label), not every one in the cluster.
-    .owns(
-        Api::<StatefulSet>::all(client.clone()),
-        watcher::Config::default().labels("app.kubernetes.io/managed-by=concentrator-operator"),
-    )
-    .shutdown_on_signal()
-    .run(crate::fleet::reconcile, error_policy::<GatewayFleet>, ctx.clone())
-    .for_each(|_| async {});
-    tokio::join!(eroutes, egroups, fleets);
+    futures::future::join_all(scopes.iter().map(|s| run_scope(&client, &ctx, s))).await;
     // Stopping (SIGTERM: `helm uninstall` deletes the chart's GatewayFleet and then this
     // Deployment): a fleet being deleted would keep its finalizer forever with no operator
     // left to lift it.
-    crate::fleet::finish_deletions(&ctx).await;
+    crate::fleet::finish_deletions(&ctx, &scopes).await;
+}
+
+/// The three controllers of one scope. Each is triggered by watches, not by polling: its own
+/// kind (spec changes only: the operator's status writes do not come back), the Secrets its
+/// objects name, and for fleets their StatefulSets (by label) and every Eroute and Egroup of
+/// their namespace.
+async fn run_scope(client: &Client, ctx: &Arc<Context>, scope: &Option<String>) {
+    use crate::triggers::{self, api};
+    use kube::runtime::{WatchStreamExt, predicates, reflector};
+    // Bursts (kubectl apply -f examples/) become one reconcile.
+    let config = kube::runtime::controller::Config::default().debounce(Duration::from_millis(500));
+
+    let (eroute_store, writer) = reflector::store::<Eroute>();
+    let eroute_stream = watcher(api::<Eroute>(client, scope), watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(predicates::generation, Default::default());
+    let store = eroute_store.clone();
+    let eroutes = Controller::for_stream(eroute_stream, eroute_store.clone())
+        .with_config(config.clone())
+        .watches_stream(triggers::secret_changes(client, scope), move |s| {
+            triggers::eroutes_using_secret(&store, s.namespace().as_deref(), &s.name_any())
+        })
+        .shutdown_on_signal()
+        .run(reconcile::<Eroute>, error_policy::<Eroute>, ctx.clone())
+        .for_each(|_| async {});
+
+    let (egroup_store, writer) = reflector::store::<Egroup>();
+    let egroup_stream = watcher(api::<Egroup>(client, scope), watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(predicates::generation, Default::default());
+    let (by_secret, by_eroute) = (egroup_store.clone(), egroup_store.clone());
+    let egroups = Controller::for_stream(egroup_stream, egroup_store.clone())
+        .with_config(config.clone())
+        .watches_stream(triggers::secret_changes(client, scope), move |s| {
+            triggers::egroups_using_secret(&by_secret, s.namespace().as_deref(), &s.name_any())
+        })
+        .watches_stream(
+            triggers::spec_changes(
+                watcher(api::<Eroute>(client, scope), watcher::Config::default()).default_backoff(),
+            ),
+            move |e| triggers::egroups_of_eroute(&by_eroute, e.namespace().as_deref(), &e.name_any()),
+        )
+        .shutdown_on_signal()
+        .run(reconcile::<Egroup>, error_policy::<Egroup>, ctx.clone())
+        .for_each(|_| async {});
+
+    let (fleet_store, writer) = reflector::store::<GatewayFleet>();
+    let fleet_stream = watcher(api::<GatewayFleet>(client, scope), watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(triggers::fleet_predicate, Default::default());
+    let (on_eroute, on_egroup, on_secret) = (fleet_store.clone(), fleet_store.clone(), fleet_store.clone());
+    let fleets = Controller::for_stream(fleet_stream, fleet_store.clone())
+        .with_config(config)
+        // Only our StatefulSets (by label), not every one in the cluster.
+        .owns(
+            api::<StatefulSet>(client, scope),
+            watcher::Config::default().labels("app.kubernetes.io/managed-by=concentrator-operator"),
+        )
+        .watches_stream(
+            triggers::spec_changes(
+                watcher(api::<Eroute>(client, scope), watcher::Config::default()).default_backoff(),
+            ),
+            move |e| triggers::fleets_of_namespace(&on_eroute, e.namespace().as_deref()),
+        )
+        .watches_stream(
+            triggers::spec_changes(
+                watcher(api::<Egroup>(client, scope), watcher::Config::default()).default_backoff(),
+            ),
+            move |g| triggers::fleets_of_namespace(&on_egroup, g.namespace().as_deref()),
+        )
+        .watches_stream(triggers::secret_changes(client, scope), move |s| {
+            triggers::fleets_using_secret(
+                &on_secret,
+                &eroute_store,
+                &egroup_store,
+                s.namespace().as_deref(),
+                &s.name_any(),
+            )
+        })
+        .shutdown_on_signal()
+        .run(crate::fleet::reconcile, error_policy::<GatewayFleet>, ctx.clone())
+        .for_each(|_| async {});
+    tokio::join!(eroutes, egroups, fleets);
 }

@@ -3,10 +3,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
+use concentrator_crds::{Egroup, Eroute, GatewayFleet};
 use concentrator_operator::lease::LeaseLock;
 use concentrator_telemetry::LogFormat;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::jiff::Timestamp;
+use kube::api::ListParams;
 use kube::{Api, Client};
 
 /// Kubernetes operator of the concentrator: reconciles GatewayFleets into gateway pods and
@@ -37,6 +38,10 @@ struct Options {
         default_value = concentrator_proto::tls::DEFAULT_SERVER_NAME
     )]
     admin_tls_server_name: String,
+    /// Namespaces to watch, comma-separated (the chart's `watchNamespaces`, installed with
+    /// Roles only). Unset or empty: the whole cluster.
+    #[arg(long, env = "WATCH_NAMESPACES", value_name = "NS[,NS...]")]
+    watch_namespaces: Option<String>,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -107,17 +112,38 @@ async fn run(opts: Options) -> anyhow::Result<()> {
     let client = Client::try_default().await.map_err(|e| {
         anyhow::anyhow!("cannot reach the Kubernetes API (in-cluster config or KUBECONFIG): {e}")
     })?;
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for (_, crd) in concentrator_crds::all_crds() {
-        let name = crd.metadata.name.unwrap_or_default();
-        if crds.get_opt(&name).await?.is_none() {
-            anyhow::bail!(
-                "CRD {name} is not installed; install the chart (helm install concentrator charts/concentrator) \
-                 or run: kubectl apply -f crds/"
-            );
-        }
+    let scopes = concentrator_operator::triggers::scopes(opts.watch_namespaces.as_deref());
+    // By listing each kind where it will be watched, not by reading the CRDs: a namespaced
+    // install has no right to read cluster-scoped objects.
+    for scope in &scopes {
+        let missing = |e: kube::Error, kind: &str| match e {
+            kube::Error::Api(s) if s.code == 404 => anyhow::anyhow!(
+                "the {kind} CRD is not installed; install the chart (helm install concentrator \
+                 charts/concentrator) or run: kubectl apply -f crds/"
+            ),
+            e => anyhow::anyhow!(
+                "cannot list {kind}s{}: {e}",
+                scope
+                    .as_deref()
+                    .map(|n| format!(" in namespace {n}"))
+                    .unwrap_or_default()
+            ),
+        };
+        let one = ListParams::default().limit(1);
+        concentrator_operator::triggers::api::<Eroute>(&client, scope)
+            .list(&one)
+            .await
+            .map_err(|e| missing(e, "Eroute"))?;
+        concentrator_operator::triggers::api::<Egroup>(&client, scope)
+            .list(&one)
+            .await
+            .map_err(|e| missing(e, "Egroup"))?;
+        concentrator_operator::triggers::api::<GatewayFleet>(&client, scope)
+            .list(&one)
+            .await
+            .map_err(|e| missing(e, "GatewayFleet"))?;
     }
-    tracing::info!("CRDs present");
+    tracing::info!(namespaces = ?scopes, "CRDs present");
 
     // Only the Lease holder acts; standbys wait (and report ready: they are healthy).
     let identity =
@@ -166,6 +192,7 @@ async fn run(opts: Options) -> anyhow::Result<()> {
             client,
             concentrator_operator::fleet::admin::GrpcFleetAdmin::new(admin_tls),
             controller_metrics,
+            scopes,
         ) => {
             // Controllers end on SIGTERM/Ctrl-C: hand the Lease over at once.
             if let Err(e) = lock.release().await {

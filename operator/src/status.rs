@@ -53,17 +53,41 @@ pub fn condition(
     })
 }
 
-/// The `status` body for an object whose spec at `generation` validated to `result`, given the
-/// conditions it has now.
+/// Why an object is not Ready: the condition's reason and message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl From<ValidationError> for Problem {
+    fn from(e: ValidationError) -> Self {
+        Self {
+            reason: "Invalid",
+            message: e.to_string(),
+        }
+    }
+}
+
+/// Whether `previous` holds a `Ready` condition with exactly this status, reason and message:
+/// an Event is published only on a change, not on every reconcile.
+pub fn ready_unchanged(previous: &[Condition], status: &str, reason: &str, message: &str) -> bool {
+    previous
+        .iter()
+        .any(|c| c.type_ == "Ready" && c.status == status && c.reason == reason && c.message == message)
+}
+
+/// The `status` body for an object whose spec at `generation` (and what it refers to) was
+/// found to be `result`, given the conditions it has now.
 pub fn ready_status(
-    result: &Result<(), ValidationError>,
+    result: &Result<(), Problem>,
     generation: Option<i64>,
     previous: &[Condition],
     now_rfc3339: &str,
 ) -> Value {
     let (status, reason, message) = match result {
         Ok(()) => ("True", "Valid", "spec is valid".to_owned()),
-        Err(e) => ("False", "Invalid", e.to_string()),
+        Err(p) => ("False", p.reason, p.message.clone()),
     };
     json!({
         "observedGeneration": generation,
@@ -86,7 +110,7 @@ mod tests {
     #[test]
     fn invalid_spec_gives_ready_false_with_field() {
         let e = ValidationError::new("spec.localSubnet", "'x' is not a CIDR subnet");
-        let s = ready_status(&Err(e), Some(3), &[], "2026-11-22T00:00:00Z");
+        let s = ready_status(&Err(e.into()), Some(3), &[], "2026-11-22T00:00:00Z");
         let c = &s["conditions"][0];
         assert_eq!(c["status"], "False");
         assert_eq!(c["reason"], "Invalid");
@@ -113,7 +137,7 @@ mod tests {
     fn status_change_moves_last_transition_time() {
         let before = observed("True", "2026-11-22T00:00:00Z");
         let e = ValidationError::new("spec.localSubnet", "'x' is not a CIDR subnet");
-        let s = ready_status(&Err(e), Some(2), &before, "2026-11-22T01:00:00Z");
+        let s = ready_status(&Err(e.into()), Some(2), &before, "2026-11-22T01:00:00Z");
         assert_eq!(s["conditions"][0]["status"], "False");
         assert_eq!(s["conditions"][0]["lastTransitionTime"], "2026-11-22T01:00:00Z");
     }

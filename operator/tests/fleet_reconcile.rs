@@ -27,6 +27,8 @@ struct World {
     services: Vec<&'static str>,
     /// Replicas of the existing StatefulSet; None: not created yet.
     statefulset: Option<u32>,
+    /// The fleet's rendered ConfigMap exists (applied by an earlier reconcile).
+    config_map: bool,
 }
 
 /// Scripted gateway pods: tunnels per ordinal (None: pod does not answer) and the drain answer.
@@ -151,10 +153,19 @@ async fn fake_api(mut handle: Handle, world: World) -> Vec<Call> {
                     &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"}),
                 ),
             },
-            (Method::GET, p) if p.ends_with("/networkpolicies/edge") => reply(
-                StatusCode::NOT_FOUND,
-                &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"}),
+            (Method::GET, p) if p.ends_with("/configmaps/edge-config") && world.config_map => reply(
+                StatusCode::OK,
+                &json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "edge-config", "namespace": "vpn"},
+                        "data": {"concentrator.yaml": "eroutes: []"}}),
             ),
+            (Method::GET, p)
+                if p.ends_with("/networkpolicies/edge") || p.ends_with("/configmaps/edge-config") =>
+            {
+                reply(
+                    StatusCode::NOT_FOUND,
+                    &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"}),
+                )
+            }
             (Method::GET, p) if p.contains("/secrets/") => {
                 let data: serde_json::Map<String, Value> = world
                     .secrets
@@ -276,6 +287,7 @@ async fn create_applies_every_object_and_reports_ready() {
         secrets: vec![("fleet", "key"), ("hq", "psk")],
         services: vec!["edge", "edge-pods", "edge-7"],
         statefulset: None,
+        config_map: false,
     };
     let calls = run(fleet(""), world).await;
     let p = "/api/v1/namespaces/vpn";
@@ -336,6 +348,7 @@ async fn same_verdict_keeps_last_transition_time() {
         secrets: vec![("fleet", "key"), ("hq", "psk")],
         services: vec!["edge", "edge-pods"],
         statefulset: None,
+        config_map: false,
     };
     let calls = run(ready_since("2026-01-01T00:00:00Z"), world).await;
     let c = &status_patch(&calls)["conditions"][0];
@@ -353,6 +366,7 @@ async fn a_new_verdict_moves_last_transition_time() {
         secrets: vec![("fleet", "key")],
         services: vec![],
         statefulset: None,
+        config_map: false,
     };
     let calls = run(ready_since("2026-01-01T00:00:00Z"), world).await;
     let c = &status_patch(&calls)["conditions"][0];
@@ -364,36 +378,110 @@ async fn a_new_verdict_moves_last_transition_time() {
     );
 }
 
+/// Whom the Warning Events posted were about (`regarding.kind/name`), in order.
+fn warnings(calls: &[Call]) -> Vec<String> {
+    calls
+        .iter()
+        .filter(|c| c.method == Method::POST && c.path.ends_with("/events") && c.body["type"] == "Warning")
+        .map(|c| {
+            format!(
+                "{}/{}",
+                c.body["regarding"]["kind"].as_str().unwrap_or("?"),
+                c.body["regarding"]["name"].as_str().unwrap_or("?")
+            )
+        })
+        .collect()
+}
+
 #[tokio::test]
-async fn missing_secret_blocks_the_rollout_with_a_reason() {
+async fn a_missing_secret_of_one_eroute_holds_back_the_config_only_and_the_fleet_scales() {
+    // 3 pods at 900 tunnels each, 100 per pod wanted: scale out to the maximum, 6.
+    let pods = Pods::new(vec![Some(900), Some(900), Some(900)], false);
+    let mut world = ready_world(3);
+    world.eroutes = vec![static_eroute()]; // its PSK Secret 'hq' does not exist
+    let calls = run_with(scaling_fleet(), world, pods).await;
+    let p = "/api/v1/namespaces/vpn";
+    let applied = patched(&calls);
+    assert!(
+        !applied.contains(&format!("{p}/configmaps/edge-config"))
+            && !applied.contains(&format!("{p}/secrets/edge-config-secrets")),
+        "the pods keep the last valid config: {applied:?}"
+    );
+    assert_eq!(sts_replicas(&calls), 6, "the fleet goes on scaling");
+    let st = status_patch(&calls);
+    let c = &st["conditions"][0];
+    assert_eq!(
+        (c["status"].as_str(), c["reason"].as_str()),
+        (Some("False"), Some("SecretMissing"))
+    );
+    assert_eq!(
+        c["message"],
+        "Eroute 'hq' spec.pskSecretRef: Secret 'hq' not found; the pods keep the last valid configuration"
+    );
+    assert_eq!(st["tunnels"], 2700, "the status still counts what runs");
+    assert_eq!(st["readyReplicas"], 1);
+    assert_eq!(warnings(&calls), ["GatewayFleet/edge"]);
+}
+
+#[tokio::test]
+async fn a_problem_already_reported_posts_no_event_again() {
+    let mut world = ready_world(2);
+    world.eroutes = vec![static_eroute()];
+    let mut f = scaling_fleet();
+    f.status = Some(
+        serde_json::from_value(json!({"conditions": [{
+            "type": "Ready", "status": "False", "reason": "SecretMissing",
+            "message": "Eroute 'hq' spec.pskSecretRef: Secret 'hq' not found; the pods keep the last valid configuration",
+            "observedGeneration": 2, "lastTransitionTime": "2026-01-01T00:00:00Z",
+        }]}))
+        .unwrap(),
+    );
+    let calls = run_with(f, world, Pods::new(vec![Some(1), Some(1)], false)).await;
+    assert!(warnings(&calls).is_empty(), "{:?}", warnings(&calls));
+    assert_eq!(
+        status_patch(&calls)["conditions"][0]["lastTransitionTime"],
+        "2026-01-01T00:00:00Z"
+    );
+}
+
+#[tokio::test]
+async fn a_new_fleet_with_a_bad_config_gets_an_empty_one_so_its_pods_can_start() {
     let world = World {
         eroutes: vec![static_eroute()],
         secrets: vec![("fleet", "key")],
         services: vec![],
         statefulset: None,
+        config_map: false,
     };
     let calls = run(fleet(""), world).await;
-    assert!(
-        patched(&calls).is_empty(),
-        "nothing applied: {:?}",
-        patched(&calls)
-    );
-    let c = &status_patch(&calls)["conditions"][0];
-    assert_eq!(
-        (c["status"].as_str(), c["reason"].as_str()),
-        (Some("False"), Some("SecretMissing"))
-    );
-    assert_eq!(c["message"], "Secret 'hq' not found");
+    let cm = calls
+        .iter()
+        .find(|c| c.method == Method::PATCH && c.path.ends_with("/configmaps/edge-config"))
+        .expect("a ConfigMap for the pods to mount");
+    let rendered = cm.body["data"]["concentrator.yaml"].as_str().unwrap();
+    assert!(!rendered.contains("hq"), "{rendered}");
+    let carried = calls
+        .iter()
+        .find(|c| c.method == Method::PATCH && c.path.ends_with("/secrets/edge-config-secrets"))
+        .expect("the config's Secret exists too");
+    assert!(carried.body["data"].as_object().is_none_or(|d| d.is_empty()));
+    assert_eq!(sts_replicas(&calls), 2);
+    assert_eq!(status_patch(&calls)["conditions"][0]["reason"], "SecretMissing");
 }
 
 #[tokio::test]
 async fn invalid_spec_is_reported_without_touching_anything_else() {
     let calls = run(fleet("  scaling: {minReplicas: 3, maxReplicas: 2, targetTunnelsPerPod: 10, targetCpuPercent: 50, stabilizationWindow: 1m}\n"), World::default()).await;
-    // Only a Warning Event and the status: nothing listed, read or applied.
-    assert_eq!(calls.len(), 2, "{calls:?}");
+    // Only a Warning Event, the StatefulSet read (the status still counts its pods) and the
+    // status: nothing listed or applied.
+    assert_eq!(calls.len(), 3, "{calls:?}");
     assert_eq!(
         (calls[0].method.as_str(), calls[0].body["type"].as_str()),
         ("POST", Some("Warning"))
+    );
+    assert_eq!(
+        (calls[1].method.as_str(), calls[1].path.as_str()),
+        ("GET", "/apis/apps/v1/namespaces/vpn/statefulsets/edge")
     );
     let c = &status_patch(&calls)["conditions"][0];
     assert_eq!(c["reason"], "Invalid");
@@ -410,19 +498,30 @@ async fn invalid_spec_is_reported_without_touching_anything_else() {
 async fn invalid_eroute_set_keeps_the_last_good_config() {
     let mut bad = static_eroute();
     bad["spec"]["pskSecretRef"] = Value::Null; // a static eroute without a secret
-    let world = World {
-        eroutes: vec![bad],
-        secrets: vec![("fleet", "key")],
-        services: vec![],
-        statefulset: None,
-    };
+    let mut world = ready_world(2);
+    world.eroutes = vec![bad];
     let calls = run(fleet(""), world).await;
-    assert!(patched(&calls).is_empty());
+    let applied = patched(&calls);
+    assert!(
+        !applied.iter().any(|p| p.ends_with("/configmaps/edge-config")),
+        "{applied:?}"
+    );
+    assert!(
+        applied.iter().any(|p| p.ends_with("/statefulsets/edge")),
+        "the rest of the fleet is still applied: {applied:?}"
+    );
     let c = &status_patch(&calls)["conditions"][0];
     assert_eq!(c["reason"], "InvalidConfig");
+    let message = c["message"].as_str().unwrap();
     assert!(
-        c["message"].as_str().unwrap().contains("spec.pskSecretRef"),
+        message.contains("spec.pskSecretRef")
+            && message.ends_with("the pods keep the last valid configuration"),
         "{c}"
+    );
+    assert_eq!(
+        warnings(&calls),
+        ["GatewayFleet/edge", "Eroute/hq"],
+        "the Event names the object at fault too"
     );
 }
 
@@ -454,6 +553,7 @@ fn ready_world(replicas: u32) -> World {
         ],
         services: vec![],
         statefulset: Some(replicas),
+        config_map: true,
     }
 }
 
@@ -491,7 +591,10 @@ async fn admin_tls_secret_is_required_with_every_key() {
     let calls = run(scaling_fleet(), world).await;
     let c = &status_patch(&calls)["conditions"][0];
     assert_eq!(c["reason"], "SecretMissing");
-    assert_eq!(c["message"], "Secret 'admin-tls' has no key 'ca.crt'");
+    assert_eq!(
+        c["message"],
+        "Secret 'admin-tls' has no key 'ca.crt' (named by the GatewayFleet)"
+    );
 }
 
 #[tokio::test]

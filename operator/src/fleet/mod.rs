@@ -88,25 +88,18 @@ pub struct NotReady {
     pub message: String,
 }
 
-/// Secrets (name, key) the fleet's pods need, found missing.
+/// The first of the Secrets (name, key) found missing, with who needs it.
 async fn missing_secrets(
     api: &Api<Secret>,
     wanted: &BTreeSet<(String, String)>,
+    needed_by: &str,
 ) -> Result<Option<NotReady>, Error> {
     for (name, key) in wanted {
         let found = api.get_opt(name).await?;
-        let has_key = found.as_ref().is_some_and(|s| {
-            s.data.as_ref().is_some_and(|d| d.contains_key(key))
-                || s.string_data.as_ref().is_some_and(|d| d.contains_key(key))
-        });
-        if !has_key {
-            let message = match found {
-                None => format!("Secret '{name}' not found"),
-                Some(_) => format!("Secret '{name}' has no key '{key}'"),
-            };
+        if let Some(why) = crate::controller::secret_problem(found.as_ref(), name, key) {
             return Ok(Some(NotReady {
                 reason: "SecretMissing",
-                message,
+                message: format!("{why} ({needed_by})"),
             }));
         }
     }
@@ -307,16 +300,18 @@ async fn drain_all(fleet: &GatewayFleet, ctx: &Context) -> Result<(u64, bool), E
 /// as the operator stops. `helm uninstall` deletes the chart's GatewayFleet and then the
 /// operator's Deployment; a finalizer left behind would hold the fleet (and its namespace)
 /// forever.
-pub async fn finish_deletions(ctx: &Context) {
-    let fleets: Api<GatewayFleet> = Api::all(ctx.client.clone());
+pub async fn finish_deletions(ctx: &Context, scopes: &[Option<String>]) {
     let work = async {
-        let list = match fleets.list(&ListParams::default()).await {
-            Ok(l) => l.items,
-            Err(e) => {
-                tracing::warn!(error = %e, "stopping: cannot list fleets being deleted");
-                return;
+        let mut list = Vec::new();
+        for scope in scopes {
+            let fleets: Api<GatewayFleet> = crate::triggers::api(&ctx.client, scope);
+            match fleets.list(&ListParams::default()).await {
+                Ok(l) => list.extend(l.items),
+                Err(e) => {
+                    tracing::warn!(error = %e, "stopping: cannot list fleets being deleted");
+                }
             }
-        };
+        }
         for f in list
             .into_iter()
             .filter(|f| f.meta().deletion_timestamp.is_some())
@@ -351,21 +346,97 @@ pub async fn finish_deletions(ctx: &Context) {
     }
 }
 
+/// The fleet's Ready condition says what is wrong (once, as an Event, when it first shows),
+/// and an Event goes on the object at fault when the fleet can name it.
+async fn report_problem(
+    ctx: &Context,
+    fleet: &GatewayFleet,
+    n: &NotReady,
+    at_fault: Option<(&str, &str)>,
+    objects: (&[Eroute], &[Egroup]),
+) {
+    let previous = fleet.status.as_ref().map_or(&[][..], |s| &s.conditions[..]);
+    tracing::warn!(reason = n.reason, message = %n.message, "fleet not ready");
+    if crate::status::ready_unchanged(previous, "False", n.reason, &n.message) {
+        return;
+    }
+    ctx.event(fleet, true, n.reason, n.message.clone()).await;
+    match at_fault {
+        Some(("Eroute", name)) => {
+            if let Some(e) = objects.0.iter().find(|e| e.name_any() == name) {
+                ctx.event(e, true, n.reason, n.message.clone()).await;
+            }
+        }
+        Some(("Egroup", name)) => {
+            if let Some(g) = objects.1.iter().find(|g| g.name_any() == name) {
+                ctx.event(g, true, n.reason, n.message.clone()).await;
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The first Secret an Eroute or Egroup names that is missing (or lacks its key), saying who
+/// names it.
+async fn config_secret_problem(
+    api: &Api<Secret>,
+    eroutes: &[Eroute],
+    egroups: &[Egroup],
+) -> Result<Option<NotReady>, Error> {
+    let refs = eroutes
+        .iter()
+        .filter_map(|e| {
+            let r = e.spec.psk_secret_ref.as_ref()?;
+            Some((format!("Eroute '{}' spec.pskSecretRef", e.name_any()), r))
+        })
+        .chain(egroups.iter().filter_map(|g| {
+            let r = g.spec.database.url_secret_ref.as_ref()?;
+            Some((format!("Egroup '{}' spec.database.urlSecretRef", g.name_any()), r))
+        }));
+    let mut found = std::collections::HashMap::new();
+    for (who, r) in refs {
+        if !found.contains_key(&r.name) {
+            found.insert(r.name.clone(), api.get_opt(&r.name).await?);
+        }
+        let secret = found.get(&r.name).and_then(Option::as_ref);
+        if let Some(why) = crate::controller::secret_problem(secret, &r.name, &r.key) {
+            return Ok(Some(NotReady {
+                reason: "SecretMissing",
+                message: format!("{who}: {why}"),
+            }));
+        }
+    }
+    Ok(None)
+}
+
+/// The StatefulSet's pod counts as it is now (none: zero).
+fn pod_counts(sts: Option<&StatefulSet>) -> (i32, i32) {
+    let st = sts.and_then(|s| s.status.as_ref());
+    (
+        st.map_or(0, |s| s.replicas),
+        st.and_then(|s| s.ready_replicas).unwrap_or(0),
+    )
+}
+
 async fn apply_fleet(fleet: Arc<GatewayFleet>, ctx: Arc<Context>) -> Result<Action, Error> {
     let ns = fleet.namespace().ok_or(Error::NoNamespace)?;
     let client = ctx.client.clone();
     let fleets: Api<GatewayFleet> = Api::namespaced(client.clone(), &ns);
+    let sts_api = Api::<StatefulSet>::namespaced(client.clone(), &ns);
 
     let window = match fleet.spec.validate() {
         Ok(w) => w,
         Err(e) => {
-            tracing::warn!(error = %e, "invalid GatewayFleet");
-            ctx.event(&*fleet, true, "Invalid", e.to_string()).await;
+            // Nothing can be built from an invalid fleet: what runs stays as it is, and the
+            // status still says what runs.
             let n = NotReady {
                 reason: "Invalid",
                 message: e.to_string(),
             };
-            patch_status(&fleets, &fleet, Err(n), (0, 0), 0, None).await?;
+            report_problem(&ctx, &fleet, &n, None, (&[], &[])).await;
+            let counts = pod_counts(sts_api.get_opt(&fleet.name_any()).await?.as_ref());
+            let tunnels = fleet.status.as_ref().map_or(0, |s| s.tunnels);
+            patch_status(&fleets, &fleet, Err(n), counts, tunnels, None).await?;
             return Ok(Action::await_change());
         }
     };
@@ -378,22 +449,24 @@ async fn apply_fleet(fleet: Arc<GatewayFleet>, ctx: Arc<Context>) -> Result<Acti
         .list(&ListParams::default())
         .await?
         .items;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    // A bad Eroute or Egroup, or a Secret one of them names, holds back the configuration
+    // only: the pods keep the last one that was valid as a whole (the ConfigMap applied
+    // before), while the fleet goes on scaling, applying and reporting.
     let named_e: Vec<_> = eroutes.iter().map(|e| (e.name_any(), e.spec.clone())).collect();
     let named_g: Vec<_> = egroups.iter().map(|g| (g.name_any(), g.spec.clone())).collect();
-    if let Err(e) = concentrator_crds::set::validate(&named_e, &named_g) {
-        // The pods keep the last configuration that was valid as a whole.
-        ctx.event(&*fleet, true, "InvalidConfig", e.to_string()).await;
-        let n = NotReady {
-            reason: "InvalidConfig",
-            message: e.to_string(),
-        };
-        patch_status(&fleets, &fleet, Err(n), (0, 0), 0, None).await?;
-        // Eroutes and Egroups are listed, not watched (yet): look again soon, so that a fixed
-        // object is applied within seconds rather than a minute.
-        return Ok(Action::requeue(Duration::from_secs(15)));
-    }
+    let (config_problem, at_fault) = match concentrator_crds::set::validate(&named_e, &named_g) {
+        Err(e) => (
+            Some(NotReady {
+                reason: "InvalidConfig",
+                message: e.to_string(),
+            }),
+            Some((e.kind, e.name)),
+        ),
+        Ok(_) => (config_secret_problem(&secrets, &eroutes, &egroups).await?, None),
+    };
     let config_refs = build::referenced_secrets(&eroutes, &egroups);
-    let mut wanted = config_refs.clone();
+    let mut wanted = BTreeSet::new();
     let fk = &fleet.spec.fleet_key_secret_ref;
     wanted.insert((fk.name.clone(), fk.key.clone()));
     if let Some(r) = &fleet.spec.site_database_url_secret_ref {
@@ -404,22 +477,32 @@ async fn apply_fleet(fleet: Arc<GatewayFleet>, ctx: Arc<Context>) -> Result<Acti
             wanted.insert((tls.clone(), key.to_owned()));
         }
     }
-    if let Some(n) = missing_secrets(&Api::namespaced(client.clone(), &ns), &wanted).await? {
-        tracing::warn!(message = %n.message, "fleet waits for a Secret");
-        ctx.event(&*fleet, true, n.reason, n.message.clone()).await;
-        patch_status(&fleets, &fleet, Err(n), (0, 0), 0, None).await?;
-        return Ok(Action::requeue(Duration::from_secs(30)));
-    }
+    // The fleet's own Secrets: pods that run keep running; new ones wait for it.
+    let fleet_problem = missing_secrets(&secrets, &wanted, "named by the GatewayFleet").await?;
 
-    let sts_api = Api::<StatefulSet>::namespaced(client.clone(), &ns);
     let (replicas, tunnels, scale_in, reports) = scale_step(&ctx, &sts_api, &fleet, &ns, window).await?;
     let draining = scale_in.as_ref().is_some_and(|c| c.status == "True");
-    let d = build::desired(&fleet, &eroutes, &egroups, replicas).map_err(|e| Error::Build(e.to_string()))?;
-    apply(&Api::<ConfigMap>::namespaced(client.clone(), &ns), &d.config).await?;
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
-    let values = secret_values(&secrets, &config_refs).await?;
-    let carried = build::config_secrets(&fleet, &values).map_err(|e| Error::Build(e.to_string()))?;
-    apply(&secrets, &carried).await?;
+    let config_ok = config_problem.is_none();
+    let (use_e, use_g): (&[Eroute], &[Egroup]) = if config_ok {
+        (&eroutes, &egroups)
+    } else {
+        (&[], &[])
+    };
+    let d = build::desired(&fleet, use_e, use_g, replicas).map_err(|e| Error::Build(e.to_string()))?;
+    let config_maps = Api::<ConfigMap>::namespaced(client.clone(), &ns);
+    let config_name = d.config.metadata.name.clone().unwrap_or_default();
+    // Held back, the config applied before stays; a fleet that never had one gets an empty
+    // one (and an empty Secret), so that its pods can start.
+    if config_ok || config_maps.get_opt(&config_name).await?.is_none() {
+        apply(&config_maps, &d.config).await?;
+        let values = if config_ok {
+            secret_values(&secrets, &config_refs).await?
+        } else {
+            Default::default()
+        };
+        let carried = build::config_secrets(&fleet, &values).map_err(|e| Error::Build(e.to_string()))?;
+        apply(&secrets, &carried).await?;
+    }
     let services: Api<Service> = Api::namespaced(client.clone(), &ns);
     apply(&services, &d.headless).await?;
     let mut fronts = Vec::with_capacity(d.fronts.len());
@@ -482,12 +565,21 @@ async fn apply_fleet(fleet: Arc<GatewayFleet>, ctx: Arc<Context>) -> Result<Acti
         }
     }
 
-    let st = sts.status.as_ref();
-    let counts = (
-        st.map_or(0, |s| s.replicas),
-        st.and_then(|s| s.ready_replicas).unwrap_or(0),
-    );
-    patch_status(&fleets, &fleet, Ok(()), counts, tunnels, scale_in.as_ref()).await?;
+    let counts = pod_counts(Some(&sts));
+    let verdict = match (config_problem, fleet_problem) {
+        (Some(mut n), _) => {
+            let at_fault = at_fault.as_ref().map(|(k, n)| (*k, n.as_str()));
+            n.message.push_str("; the pods keep the last valid configuration");
+            report_problem(&ctx, &fleet, &n, at_fault, (&eroutes, &egroups)).await;
+            Err(n)
+        }
+        (None, Some(n)) => {
+            report_problem(&ctx, &fleet, &n, None, (&[], &[])).await;
+            Err(n)
+        }
+        (None, None) => Ok(()),
+    };
+    patch_status(&fleets, &fleet, verdict, counts, tunnels, scale_in.as_ref()).await?;
     if !reports.is_empty() {
         publish_counts(&ctx, &ns, &eroutes, &egroups, &reports).await?;
     }
