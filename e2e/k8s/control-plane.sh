@@ -23,6 +23,8 @@
 #   requeues) no watched object is written more than once, and `lastTransitionTime` stays put
 #   until the status really changes;
 # - the gateway pods need a `privileged` namespace: a `baseline` one refuses them (FailedCreate);
+# - a namespace-scoped install (watchNamespaces): Roles only, its operator (with only those)
+#   reconciles a fleet in its namespace and leaves another namespace's alone;
 # - teardown: fleets deleted while the operator runs (finalizer lifted), owned objects collected,
 #   namespaces terminate, `helm uninstall` leaves no chart object behind, CRDs deleted.
 #
@@ -46,6 +48,9 @@ rel_ns="concentrator-system-$run_id" # the Helm release
 ns="vpn-$run_id"                      # the fleet and the examples: privileged
 bad_ns="vpn-invalid-$run_id"          # invalid objects, apart so they do not block the fleet
 base_ns="vpn-baseline-$run_id"        # a fleet in a namespace whose Pod Security is baseline
+scoped_rel="concentrator-scoped-$run_id" # a second, namespace-scoped Helm release
+scoped_ns="vpn-scoped-$run_id"          # the one namespace it watches
+other_ns="vpn-other-$run_id"            # one it must leave alone
 release=concentrator
 sa="$release-operator"
 fleet=edge
@@ -105,6 +110,10 @@ diagnostics() {
     kubectl get events -A --sort-by=.lastTimestamp 2>&1 | tail -n 30 || true
     echo "--- operator log (last 60 lines)"
     tail -n 60 "$work/operator.log" 2>/dev/null || true
+    if [ -f "$work/scoped.log" ]; then
+        echo "--- namespace-scoped operator log (last 30 lines)"
+        tail -n 30 "$work/scoped.log" || true
+    fi
 }
 
 stop_operator() {
@@ -127,7 +136,8 @@ cleanup() {
         kubectl delete gatewayfleets --all -n "$ns" --timeout=30s >/dev/null 2>&1 || true
         kubectl delete gatewayfleets --all -n "$base_ns" --timeout=30s >/dev/null 2>&1 || true
         stop_operator
-        for n in "$ns" "$bad_ns" "$base_ns"; do
+        "$HELM" uninstall scoped -n "$scoped_rel" >/dev/null 2>&1 || true
+        for n in "$ns" "$bad_ns" "$base_ns" "$scoped_ns" "$other_ns" "$scoped_rel"; do
             for f in $(kubectl get gatewayfleets -n "$n" -o name 2>/dev/null); do
                 kubectl patch "$f" -n "$n" --type=merge -p '{"metadata":{"finalizers":null}}' >/dev/null 2>&1 || true
             done
@@ -173,23 +183,29 @@ poll 60 "the operator Deployment's pods" \
 ok "the operator's pods pass Pod Security 'restricted' (created, Pending without a node)"
 
 # --- The operator as the chart's ServiceAccount.
-token=$(kubectl create token "$sa" -n "$rel_ns" --duration=2h)
-server=$(kubectl config view --minify -o jsonpath='{.clusters[0].cluster.server}')
-ca=$(kubectl config view --minify --raw -o jsonpath='{.clusters[0].cluster.certificate-authority}')
-cat >"$work/operator.kubeconfig" <<KC
+# A kubeconfig that authenticates as ServiceAccount $1 of namespace $2 (a token, never the
+# admin credentials), written to $3.
+sa_kubeconfig() { # sa namespace file
+    local token server ca
+    token=$(kubectl create token "$1" -n "$2" --duration=2h)
+    server=$(kubectl config view --minify -o jsonpath='{.clusters[0].cluster.server}')
+    ca=$(kubectl config view --minify --raw -o jsonpath='{.clusters[0].cluster.certificate-authority}')
+    cat >"$3" <<KC
 apiVersion: v1
 kind: Config
 clusters:
 - name: e2e
   cluster: {server: "$server", certificate-authority: "$ca"}
 users:
-- name: $sa
+- name: $1
   user: {token: "$token"}
 contexts:
 - name: operator
-  context: {cluster: e2e, user: $sa}
+  context: {cluster: e2e, user: $1}
 current-context: operator
 KC
+}
+sa_kubeconfig "$sa" "$rel_ns" "$work/operator.kubeconfig"
 as_operator() { kubectl --kubeconfig "$work/operator.kubeconfig" "$@"; }
 [ "$(as_operator auth whoami -o jsonpath='{.status.userInfo.username}')" = "system:serviceaccount:$rel_ns:$sa" ] \
     || fail "the operator's kubeconfig does not authenticate as the ServiceAccount $sa"
@@ -504,6 +520,63 @@ if grep -Eq 'cannot [a-z]+ resource' "$work/operator.log"; then
     fail "the operator was refused a request by RBAC (a rule the chart lacks)"
 fi
 ok "no request of the operator was refused by RBAC ($(wc -l <"$work/operator.log") log lines)"
+# --- A namespace-scoped install (`watchNamespaces`): Roles and RoleBindings only, in the
+# release namespace and each watched one; the operator works with them alone and leaves
+# every other namespace alone.
+for n in "$scoped_rel" "$scoped_ns" "$other_ns"; do
+    kubectl create namespace "$n" >/dev/null
+done
+kubectl label namespace "$scoped_ns" pod-security.kubernetes.io/enforce=privileged >/dev/null
+"$HELM" install scoped charts/concentrator -n "$scoped_rel" --skip-crds --set "watchNamespaces={$scoped_ns}" \
+    --timeout 2m >/dev/null
+none_left clusterroles,clusterrolebindings -l app.kubernetes.io/instance=scoped \
+    || fail "the namespace-scoped install made cluster-wide RBAC: $(kubectl get clusterroles,clusterrolebindings -l app.kubernetes.io/instance=scoped -o name)"
+[ -n "$(kubectl -n "$scoped_ns" get roles,rolebindings -l app.kubernetes.io/instance=scoped -o name)" ] \
+    || fail "the namespace-scoped install made no Role in $scoped_ns"
+sa_kubeconfig scoped-operator "$scoped_rel" "$work/scoped.kubeconfig"
+as_scoped() { kubectl --kubeconfig "$work/scoped.kubeconfig" "$@"; }
+[ "$(as_scoped auth can-i watch secrets -n "$scoped_ns" 2>/dev/null)" = yes ] || fail "scoped operator: cannot watch Secrets in $scoped_ns"
+[ "$(as_scoped auth can-i get secrets -n "$other_ns" 2>/dev/null)" = no ] || fail "scoped operator: can read Secrets in $other_ns"
+[ "$(as_scoped auth can-i list gatewayfleets.vpn.concentrator.io -A 2>/dev/null)" = no ] || fail "scoped operator: can list fleets cluster-wide"
+KUBECONFIG="$work/scoped.kubeconfig" POD_NAME=e2e-scoped POD_NAMESPACE="$scoped_rel" WATCH_NAMESPACES="$scoped_ns" \
+    RUST_LOG="${OPERATOR_LOG:-info,kube=warn}" \
+    "$OPERATOR" --metrics-listen "127.0.0.1:$((metrics_port + 1))" --log-format json >"$work/scoped.log" 2>&1 &
+op_pid=$!
+poll 60 "the scoped operator to take its Lease" \
+    is e2e-scoped get lease scoped-operator -n "$scoped_rel" -o jsonpath='{.spec.holderIdentity}'
+for n in "$scoped_ns" "$other_ns"; do
+    kubectl -n "$n" create secret generic fleet --from-literal=key="$(head -c 32 /dev/urandom | base64)" >/dev/null
+    kubectl -n "$n" apply -f - >/dev/null <<YAML
+apiVersion: vpn.concentrator.io/v1alpha1
+kind: GatewayFleet
+metadata: {name: $fleet}
+spec:
+  scaling: {minReplicas: 1}
+  front: {serviceType: NodePort}
+  etcd: {endpoints: ["http://etcd:2379"]}
+  fleetKeySecretRef: {name: fleet, key: key}
+YAML
+done
+kubectl -n "$scoped_ns" wait --for=condition=Ready "gwf/$fleet" --timeout=60s >/dev/null \
+    || fail "the scoped operator did not reconcile gwf/$scoped_ns/$fleet"
+[ "$(kubectl -n "$scoped_ns" get sts "$fleet" -o jsonpath='{.spec.replicas}')" = 1 ] || fail "no StatefulSet in $scoped_ns"
+# The fleet outside its namespaces: untouched (no status, no finalizer, no StatefulSet), by the
+# time the one inside was done.
+[ -z "$(kubectl -n "$other_ns" get gwf "$fleet" -o jsonpath='{.status}{.metadata.finalizers}')" ] \
+    || fail "the scoped operator touched gwf/$other_ns/$fleet"
+absent -n "$other_ns" sts "$fleet" || fail "the scoped operator made a StatefulSet in $other_ns"
+kubectl -n "$scoped_ns" delete gwf "$fleet" --timeout=60s >/dev/null || fail "gwf/$scoped_ns/$fleet was not deleted (finalizer)"
+stop_operator
+if grep -Eq 'cannot [a-z]+ resource' "$work/scoped.log"; then
+    grep -E 'cannot [a-z]+ resource' "$work/scoped.log" | tail -n 5 >&2
+    fail "the scoped operator was refused a request by RBAC"
+fi
+"$HELM" uninstall scoped -n "$scoped_rel" --wait --timeout 2m >/dev/null
+for n in "$scoped_rel" "$scoped_ns" "$other_ns"; do
+    kubectl delete namespace "$n" --wait=false >/dev/null
+done
+ok "namespace-scoped install (watchNamespaces): Roles only; its operator reconciled a fleet in $scoped_ns and left $other_ns alone, refused nothing by RBAC"
+
 "$HELM" uninstall "$release" -n "$rel_ns" --wait --timeout 2m >/dev/null
 sel="app.kubernetes.io/instance=$release"
 none_left clusterroles,clusterrolebindings -l "$sel" || fail "helm uninstall left: $(kubectl get clusterroles,clusterrolebindings -l "$sel" -o name)"
