@@ -32,7 +32,10 @@
 //! `ike_establishment_rate_in_a_fleet_replication_on_vs_off` runs the generator against a
 //! fleet of three of our gateways behind the front, replication off vs on.
 //!
-//! `IKE_LOAD_SAS`, `IKE_LOAD_WINDOW` and `IKE_LOAD_THREADS` override the sizes;
+//! With the SAs kept, each responder's RSS growth over the run (read a few seconds after it)
+//! divided by the SAs is its memory per tunnel, printed for both.
+//!
+//! `IKE_LOAD_SAS`, `IKE_LOAD_HOLD_SAS`, `IKE_LOAD_WINDOW` and `IKE_LOAD_THREADS` override the sizes;
 //! `IKE_LOAD_GATEWAY_BIN` names the gateway binary (default: the one Cargo builds for this
 //! test). Without the binary the small run measures strongSwan only and says so; the full
 //! run fails. As non-root the test prints SKIP and passes.
@@ -101,6 +104,23 @@ fn cpu_seconds(pid: &str) -> Result<f64> {
     // utime and stime are fields 14 and 15 of stat(5), 12 and 13 after the name.
     Ok((ticks(11)? + ticks(12)?) / clock_ticks())
 }
+
+/// Resident set size of process `pid`, in bytes.
+fn rss_bytes(pid: &str) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .context("no VmRSS")?
+        .trim()
+        .parse::<u64>()?;
+    Ok(kib * 1024)
+}
+
+/// How long the responder's RSS is left to settle after the generator stops (the last
+/// answers, freed buffers) before it is read.
+const RSS_SETTLE: Duration = Duration::from_secs(3);
 
 /// A window of answers arriving together overflows the default ~200 KiB receive buffer
 /// (each small datagram costs a few KiB of it), and every loss costs a 2 s retransmission:
@@ -336,6 +356,8 @@ struct Run {
     /// Datagrams the generator sent: 2 per SA (IKE_SA_INIT, IKE_AUTH), 3 with churn (the
     /// DELETE); more are retransmissions, i.e. lost or late answers.
     sent: u64,
+    /// The responder's RSS growth over the run, read [`RSS_SETTLE`] after it (bytes).
+    rss_growth: i64,
 }
 
 impl Run {
@@ -345,6 +367,11 @@ impl Run {
 
     fn per_core(&self) -> f64 {
         self.established as f64 / self.responder_cpu.max(1e-9)
+    }
+
+    /// RSS growth per SA established, in KiB: with the SAs kept, the memory of a tunnel.
+    fn kib_per_sa(&self) -> f64 {
+        self.rss_growth as f64 / 1024.0 / self.established.max(1) as f64
     }
 }
 
@@ -409,15 +436,16 @@ fn run_generator(
     size: &Size,
     scenario: Scenario,
 ) -> Result<Run> {
-    run_generator_with(site, remote, &|| cpu_seconds(responder_pid), size, scenario)
+    let responder = || Ok((cpu_seconds(responder_pid)?, rss_bytes(responder_pid)?));
+    run_generator_with(site, remote, &responder, size, scenario)
 }
 
-/// [`run_generator`] with the responder's CPU seconds read by `responder_cpu` (several
-/// processes: a fleet).
+/// [`run_generator`] with the responder's CPU seconds and RSS bytes read by `responder`
+/// (several processes: a fleet).
 fn run_generator_with(
     site: &Netns,
     remote: &str,
-    responder_cpu: &dyn Fn() -> Result<f64>,
+    responder: &dyn Fn() -> Result<(f64, u64)>,
     size: &Size,
     scenario: Scenario,
 ) -> Result<Run> {
@@ -432,9 +460,11 @@ fn run_generator_with(
     if scenario.hold {
         cmd.env("IKE_LOAD_HOLD", "1");
     }
-    let before = responder_cpu()?;
+    let (before, rss_before) = responder()?;
     let out = process::output(&mut cmd, Duration::from_secs(600))?;
-    let after = responder_cpu()?;
+    let (after, _) = responder()?;
+    std::thread::sleep(RSS_SETTLE);
+    let (_, rss_after) = responder()?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     // libtest prints "test load_driver ... " before the driver's own output.
@@ -468,6 +498,7 @@ fn run_generator_with(
         generator_cpu: get("cpu")?,
         responder_cpu: after - before,
         sent: get("sent")? as u64,
+        rss_growth: rss_after as i64 - rss_before as i64,
     })
 }
 
@@ -679,6 +710,15 @@ fn ike_establishment_rate_ours_vs_strongswan() -> Result<()> {
                 o.per_core() / swan.per_core().max(1e-9)
             );
         }
+        if let Some(o) = ours.as_ref().filter(|_| scenario.hold) {
+            println!(
+                "  memory per tunnel (RSS growth / SAs kept, {}s after): ours {:.1} KiB, strongSwan {:.1} KiB: {:.1}x less",
+                RSS_SETTLE.as_secs(),
+                o.kib_per_sa(),
+                swan.kib_per_sa(),
+                swan.kib_per_sa() / o.kib_per_sa().max(1e-9)
+            );
+        }
         runs.extend(ours.map(|o| ("ours", *scenario, o)));
         runs.push(("strongSwan", *scenario, swan));
     }
@@ -723,17 +763,18 @@ fn measure_fleet(bin: &std::path::Path, replicas: &str, size: &Size, scenario: S
     }
     let mut fleet = Fleet::start(options)?;
     let site = fleet.wan().host("loadsite", SITE_ADDR, None)?;
-    let cpu = || -> Result<f64> {
-        let mut sum = 0.0;
+    let cpu = || -> Result<(f64, u64)> {
+        let (mut cpu, mut rss) = (0.0, 0);
         for p in fleet.pods() {
             for pid in p.ns().pids() {
                 let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
                 if comm.starts_with("concentrator-ga") {
-                    sum += cpu_seconds(&pid.to_string())?;
+                    cpu += cpu_seconds(&pid.to_string())?;
+                    rss += rss_bytes(&pid.to_string())?;
                 }
             }
         }
-        Ok(sum)
+        Ok((cpu, rss))
     };
     let run = run_generator_with(&site, GW_ADDR_FRONT, &cpu, size, scenario)
         .with_context(|| fleet.log_tails(20))?;
@@ -836,7 +877,7 @@ fn draining_a_pod_of_thousands_of_tunnels() -> Result<()> {
     let run = run_generator_with(
         &site,
         GW_ADDR_FRONT,
-        &|| Ok(0.0),
+        &|| Ok((0.0, 0)),
         &size,
         Scenario { sas, hold: true },
     )

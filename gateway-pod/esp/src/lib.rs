@@ -13,5 +13,5 @@ pub mod packet;
 pub mod replay;
 pub mod sa;
 
-pub use packet::{EspError, Inbound, Opened, Outbound, SendCounter};
+pub use packet::{EspError, Inbound, Opened, Outbound, SendCounter, SharedInbound};
 pub use replay::ReplayWindow;

@@ -581,74 +581,157 @@ impl Inbound {
     /// any cryptography; nothing is decrypted before the ICV verified; the window moves only
     /// after the ICV and the padding checked out.
     pub fn open(&mut self, packet: &mut [u8]) -> Result<Opened, EspError> {
-        let f = self.key.framing();
-        if packet.len() < f.min_len() {
-            return Err(EspError::Truncated);
-        }
-        let Some((&[s0, s1, s2, s3, q0, q1, q2, q3], _)) = packet.split_first_chunk::<HEADER_LEN>() else {
-            return Err(EspError::Truncated);
-        };
-        if u32::from_be_bytes([s0, s1, s2, s3]) != self.spi {
-            return Err(EspError::WrongSpi);
-        }
-        let seq = self.replay.infer(u32::from_be_bytes([q0, q1, q2, q3]));
-        // RFC 4303 §3.4.3: the duplicate check "SHOULD be the first ESP check applied to a
-        // packet after it has been matched to an SA, to speed rejection of duplicate
-        // packets". It only reads the window: "The receive window is updated only if the
-        // integrity verification succeeds."
-        self.replay.check(seq)?;
-        let body_start = f.body_start();
-        // `min_len` covers header, IV and ICV, so neither subtraction nor split can fail;
-        // they still answer with an error rather than a panic.
-        let icv_start = packet.len().checked_sub(f.icv_len).ok_or(EspError::Truncated)?;
-        let body_end = match &self.key {
-            OpenKey::Aead(key) => {
-                let iv: [u8; IV_LEN] = packet
-                    .get(HEADER_LEN..body_start)
-                    .and_then(|b| b.try_into().ok())
-                    .ok_or(EspError::Truncated)?;
-                let (aad, aad_len) = esp_aad(self.spi, seq, self.esn);
-                let body = packet.get_mut(body_start..).ok_or(EspError::Truncated)?;
-                let plain = key
-                    .open_in_place(&iv, &aad[..aad_len], body)
-                    .map_err(|_| EspError::IcvMismatch)?;
-                body_start + plain.len()
-            }
-            OpenKey::Cbc(k) => {
-                let CbcHmac { cipher, integ } = &**k;
-                let encrypted = icv_start.checked_sub(body_start).ok_or(EspError::Truncated)?;
-                if !encrypted.is_multiple_of(BLOCK_LEN) {
-                    return Err(EspError::Malformed);
-                }
-                let (signed, icv) = packet.split_at_checked(icv_start).ok_or(EspError::Truncated)?;
-                let mut hi = [0; 4];
-                // Integrity before decryption (RFC 4303 §3.4.4.1 step 1, then step 2): nothing
-                // unauthenticated reaches the cipher or the padding check, so neither can
-                // become an oracle. The comparison is constant-time.
-                integ
-                    .verify_parts(&[signed, esn_trailer(seq, self.esn, &mut hi)], icv)
-                    .map_err(|_| EspError::IcvMismatch)?;
-                let iv: [u8; BLOCK_LEN] = packet
-                    .get(HEADER_LEN..body_start)
-                    .and_then(|b| b.try_into().ok())
-                    .ok_or(EspError::Truncated)?;
-                let body = packet.get_mut(body_start..icv_start).ok_or(EspError::Truncated)?;
-                cipher.decrypt_in_place(&iv, body).map_err(|_| EspError::Cipher)?;
-                icv_start
-            }
-        };
-        let plain = packet.get(body_start..body_end).ok_or(EspError::Truncated)?;
-        let (inner_len, next_header) = strip_trailer(plain)?;
-        self.replay.accept(seq)?;
-        if next_header == NEXT_HEADER_NONE {
-            return Err(EspError::Dummy);
-        }
-        Ok(Opened {
-            inner: body_start..body_start + inner_len,
-            next_header,
-            seq,
-        })
+        let Self {
+            spi,
+            key,
+            esn,
+            replay,
+        } = self;
+        open_with(*spi, key, *esn, replay, packet)
     }
+
+    /// Shares the SA among workers: see [`SharedInbound`].
+    pub fn into_shared(self) -> SharedInbound {
+        SharedInbound {
+            spi: self.spi,
+            key: self.key,
+            esn: self.esn,
+            replay: std::sync::Mutex::new(self.replay),
+        }
+    }
+}
+
+/// The receiving half of a CHILD SA that several workers open packets of at once. The keys are
+/// read by all of them with no lock; only the anti-replay window is behind one, taken twice
+/// per packet for a few instructions (the check before the cryptography, the update after),
+/// never across the cryptography: a lock held for a whole AEAD open serialises the workers on
+/// one busy SA. Two workers opening the same sequence number both pass the first check, and
+/// the second update refuses one of them as a replay, as one worker would.
+#[derive(Debug)]
+pub struct SharedInbound {
+    spi: u32,
+    key: OpenKey,
+    esn: bool,
+    replay: std::sync::Mutex<ReplayWindow>,
+}
+
+impl SharedInbound {
+    /// Our SPI, which the peer puts in its packets.
+    pub fn spi(&self) -> u32 {
+        self.spi
+    }
+
+    /// As [`Inbound::open`].
+    pub fn open(&self, packet: &mut [u8]) -> Result<Opened, EspError> {
+        open_with(self.spi, &self.key, self.esn, &mut &self.replay, packet)
+    }
+}
+
+/// Where [`open_with`] finds the window: owned, or behind a lock (a worker that panicked
+/// while holding it left a consistent window behind: a check only reads it, and an update
+/// is one call).
+trait Window {
+    /// The full sequence number of `low`, checked (not yet accepted).
+    fn infer_and_check(&mut self, low: u32) -> Result<u64, Refused>;
+    fn accept(&mut self, seq: u64) -> Result<(), Refused>;
+}
+
+impl Window for ReplayWindow {
+    fn infer_and_check(&mut self, low: u32) -> Result<u64, Refused> {
+        let seq = self.infer(low);
+        self.check(seq).map(|()| seq)
+    }
+    fn accept(&mut self, seq: u64) -> Result<(), Refused> {
+        Self::accept(self, seq)
+    }
+}
+
+impl Window for &std::sync::Mutex<ReplayWindow> {
+    fn infer_and_check(&mut self, low: u32) -> Result<u64, Refused> {
+        self.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .infer_and_check(low)
+    }
+    fn accept(&mut self, seq: u64) -> Result<(), Refused> {
+        self.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .accept(seq)
+    }
+}
+
+fn open_with(
+    spi: u32,
+    key: &OpenKey,
+    esn: bool,
+    window: &mut impl Window,
+    packet: &mut [u8],
+) -> Result<Opened, EspError> {
+    let f = key.framing();
+    if packet.len() < f.min_len() {
+        return Err(EspError::Truncated);
+    }
+    let Some((&[s0, s1, s2, s3, q0, q1, q2, q3], _)) = packet.split_first_chunk::<HEADER_LEN>() else {
+        return Err(EspError::Truncated);
+    };
+    if u32::from_be_bytes([s0, s1, s2, s3]) != spi {
+        return Err(EspError::WrongSpi);
+    }
+    // RFC 4303 §3.4.3: the duplicate check "SHOULD be the first ESP check applied to a
+    // packet after it has been matched to an SA, to speed rejection of duplicate
+    // packets". It only reads the window: "The receive window is updated only if the
+    // integrity verification succeeds."
+    let seq = window.infer_and_check(u32::from_be_bytes([q0, q1, q2, q3]))?;
+    let body_start = f.body_start();
+    // `min_len` covers header, IV and ICV, so neither subtraction nor split can fail;
+    // they still answer with an error rather than a panic.
+    let icv_start = packet.len().checked_sub(f.icv_len).ok_or(EspError::Truncated)?;
+    let body_end = match key {
+        OpenKey::Aead(key) => {
+            let iv: [u8; IV_LEN] = packet
+                .get(HEADER_LEN..body_start)
+                .and_then(|b| b.try_into().ok())
+                .ok_or(EspError::Truncated)?;
+            let (aad, aad_len) = esp_aad(spi, seq, esn);
+            let body = packet.get_mut(body_start..).ok_or(EspError::Truncated)?;
+            let plain = key
+                .open_in_place(&iv, &aad[..aad_len], body)
+                .map_err(|_| EspError::IcvMismatch)?;
+            body_start + plain.len()
+        }
+        OpenKey::Cbc(k) => {
+            let CbcHmac { cipher, integ } = &**k;
+            let encrypted = icv_start.checked_sub(body_start).ok_or(EspError::Truncated)?;
+            if !encrypted.is_multiple_of(BLOCK_LEN) {
+                return Err(EspError::Malformed);
+            }
+            let (signed, icv) = packet.split_at_checked(icv_start).ok_or(EspError::Truncated)?;
+            let mut hi = [0; 4];
+            // Integrity before decryption (RFC 4303 §3.4.4.1 step 1, then step 2): nothing
+            // unauthenticated reaches the cipher or the padding check, so neither can
+            // become an oracle. The comparison is constant-time.
+            integ
+                .verify_parts(&[signed, esn_trailer(seq, esn, &mut hi)], icv)
+                .map_err(|_| EspError::IcvMismatch)?;
+            let iv: [u8; BLOCK_LEN] = packet
+                .get(HEADER_LEN..body_start)
+                .and_then(|b| b.try_into().ok())
+                .ok_or(EspError::Truncated)?;
+            let body = packet.get_mut(body_start..icv_start).ok_or(EspError::Truncated)?;
+            cipher.decrypt_in_place(&iv, body).map_err(|_| EspError::Cipher)?;
+            icv_start
+        }
+    };
+    let plain = packet.get(body_start..body_end).ok_or(EspError::Truncated)?;
+    let (inner_len, next_header) = strip_trailer(plain)?;
+    window.accept(seq)?;
+    if next_header == NEXT_HEADER_NONE {
+        return Err(EspError::Dummy);
+    }
+    Ok(Opened {
+        inner: body_start..body_start + inner_len,
+        next_header,
+        seq,
+    })
 }
 
 /// Splits decrypted `inner | padding | pad length | next header`: the inner length and the
@@ -737,6 +820,52 @@ mod tests {
         let n = tx.seal(inner, 4, &mut buf).unwrap();
         buf.truncate(n);
         buf
+    }
+
+    #[test]
+    fn a_shared_sa_opens_each_packet_exactly_once_whatever_the_workers() {
+        for (enc, integ) in every_transform() {
+            let (tx, rx) = keyed_pair(enc, integ, true, 4096);
+            let rx = rx.into_shared();
+            let inner = ipv4(100);
+            let packets: Vec<Vec<u8>> = (0..1000)
+                .map(|_| {
+                    let mut buf = vec![0u8; inner.len() + 256];
+                    let n = tx.seal(&inner, 4, &mut buf).unwrap();
+                    buf.truncate(n);
+                    buf
+                })
+                .collect();
+            // Each packet reaches two of four workers at once: one opens it, the other is
+            // refused as a replay.
+            let (opened, replayed) = (AtomicU64::new(0), AtomicU64::new(0));
+            std::thread::scope(|s| {
+                for t in 0..4 {
+                    let (rx, packets, inner) = (&rx, &packets, &inner);
+                    let (opened, replayed) = (&opened, &replayed);
+                    s.spawn(move || {
+                        for p in packets.iter().skip(t % 2).step_by(2) {
+                            let mut b = p.clone();
+                            match rx.open(&mut b) {
+                                Ok(o) => {
+                                    assert_eq!(&b[o.inner], &inner[..]);
+                                    opened.fetch_add(1, Ordering::Relaxed);
+                                }
+                                Err(EspError::Replayed) => {
+                                    replayed.fetch_add(1, Ordering::Relaxed);
+                                }
+                                Err(e) => panic!("{enc:?}/{integ:?}: {e:?}"),
+                            }
+                        }
+                    });
+                }
+            });
+            assert_eq!(
+                (opened.into_inner(), replayed.into_inner()),
+                (1000, 1000),
+                "{enc:?}/{integ:?}"
+            );
+        }
     }
 
     /// An ESP packet built from the RFCs with aws-lc-rs alone, sharing no code with

@@ -7,8 +7,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use concentrator_esp::sa::{Expiry, Lifetime, Selector};
@@ -279,8 +279,8 @@ impl OutboundTable {
 /// The receiving half of a CHILD SA as the workers share it.
 pub(crate) struct SharedInbound {
     pub(crate) spi: u32,
-    /// The keys and the anti-replay window.
-    pub(crate) sa: Mutex<Inbound>,
+    /// The keys, and the anti-replay window behind its own short lock.
+    pub(crate) sa: concentrator_esp::SharedInbound,
     pub(crate) local: Vec<Selector>,
     pub(crate) remote: Vec<Selector>,
     pub(crate) counters: Arc<SaCounters>,
@@ -291,7 +291,7 @@ impl From<InboundSa> for SharedInbound {
     fn from(i: InboundSa) -> Self {
         Self {
             spi: i.sa.spi(),
-            sa: Mutex::new(i.sa),
+            sa: i.sa.into_shared(),
             local: i.local,
             remote: i.remote,
             counters: i.counters,
@@ -301,17 +301,13 @@ impl From<InboundSa> for SharedInbound {
 }
 
 impl SharedInbound {
-    /// Decrypts and checks `packet` in place (see [`Inbound::open`]).
+    /// Decrypts and checks `packet` in place (see [`concentrator_esp::SharedInbound::open`]:
+    /// no lock is held across the cryptography).
     pub(crate) fn open(
         &self,
         packet: &mut [u8],
     ) -> Result<concentrator_esp::Opened, concentrator_esp::EspError> {
-        // A worker that panicked while holding the lock left a consistent window behind
-        // (`open` only moves it after a packet passed): carry on with it.
-        self.sa
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .open(packet)
+        self.sa.open(packet)
     }
 }
 
