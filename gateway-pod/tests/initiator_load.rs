@@ -84,6 +84,73 @@ where
     }
 }
 
+/// Counts the live heap of this process, so that the in-process engine run can tell its
+/// memory per SA kept (a few relaxed atomic additions per allocation).
+struct CountingAlloc;
+
+static LIVE_BYTES: AtomicU64 = AtomicU64::new(0);
+static LIVE_BLOCKS: AtomicU64 = AtomicU64::new(0);
+/// Live blocks by size class (16-byte steps; the last class holds everything larger): the
+/// shape of the memory per SA, where a heap profiler is not at hand.
+static LIVE_BY_SIZE: [AtomicU64; SIZE_CLASSES] = [const { AtomicU64::new(0) }; SIZE_CLASSES];
+const SIZE_CLASSES: usize = 65;
+
+fn size_class(size: usize) -> usize {
+    size.div_ceil(16).min(SIZE_CLASSES - 1)
+}
+
+// Safety: every call is forwarded to the system allocator with the caller's arguments; the
+// counters are only bookkeeping.
+unsafe impl std::alloc::GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        // Safety: as the caller's contract for `alloc`.
+        let p = unsafe { std::alloc::System.alloc(layout) };
+        if !p.is_null() {
+            LIVE_BYTES.fetch_add(layout.size() as u64, Ordering::Relaxed);
+            LIVE_BLOCKS.fetch_add(1, Ordering::Relaxed);
+            LIVE_BY_SIZE[size_class(layout.size())].fetch_add(1, Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        // Safety: as the caller's contract for `dealloc`.
+        unsafe { std::alloc::System.dealloc(ptr, layout) };
+        LIVE_BYTES.fetch_sub(layout.size() as u64, Ordering::Relaxed);
+        LIVE_BLOCKS.fetch_sub(1, Ordering::Relaxed);
+        LIVE_BY_SIZE[size_class(layout.size())].fetch_sub(1, Ordering::Relaxed);
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        // Safety: as the caller's contract for `realloc`.
+        let p = unsafe { std::alloc::System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            LIVE_BYTES.fetch_add(new_size as u64, Ordering::Relaxed);
+            LIVE_BYTES.fetch_sub(layout.size() as u64, Ordering::Relaxed);
+            LIVE_BY_SIZE[size_class(layout.size())].fetch_sub(1, Ordering::Relaxed);
+            LIVE_BY_SIZE[size_class(new_size)].fetch_add(1, Ordering::Relaxed);
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static ALLOC: CountingAlloc = CountingAlloc;
+
+/// Live heap bytes and blocks now.
+fn live_heap() -> (u64, u64) {
+    (
+        LIVE_BYTES.load(Ordering::Relaxed),
+        LIVE_BLOCKS.load(Ordering::Relaxed),
+    )
+}
+
+/// Live blocks per size class now.
+fn live_by_size() -> Vec<i64> {
+    LIVE_BY_SIZE
+        .iter()
+        .map(|c| c.load(Ordering::Relaxed) as i64)
+        .collect()
+}
+
 /// Clock ticks of `/proc/*/stat` times.
 fn clock_ticks() -> f64 {
     std::process::Command::new("getconf")
@@ -948,6 +1015,7 @@ fn engine_establishment_rate_in_process() -> Result<()> {
     let sas: u64 = env_or("IKE_LOAD_ENGINE_SAS", if full { 20_000 } else { 200 })?;
     let config = load_initiator_config()?;
     let responder_config = Arc::new(responder_config(IKE, ESP, GW_LAN, SITE_LAN, GW_ID)?);
+    let (heap_before, classes_before) = (live_heap(), live_by_size());
     let mut ep = Endpoint::new(
         EndpointConfig {
             cookie_threshold: usize::MAX,
@@ -1018,6 +1086,8 @@ fn engine_establishment_rate_in_process() -> Result<()> {
         "{:?}",
         ep.counts()
     );
+    // Each initiator is gone once its SA is up: what the heap grew by is the responder's.
+    let heap = live_heap();
     let per_core = |t: Duration| sas as f64 / t.as_secs_f64();
     println!(
         "engine in process, {IKE} / {ESP}, {sas} SAs kept in one Endpoint: responder side {:.0} /s per \
@@ -1030,5 +1100,26 @@ fn engine_establishment_rate_in_process() -> Result<()> {
         .map(|(n, r)| format!("{r:.0} /s up to {n}"))
         .collect();
     println!("  responder side as the endpoint fills: {}", marks.join(", "));
+    println!(
+        "  responder memory: {:.0} heap bytes in {:.1} blocks per SA kept (live heap growth / SAs; \
+         the engine only: no data plane, no driver)",
+        heap.0.saturating_sub(heap_before.0) as f64 / sas as f64,
+        heap.1.saturating_sub(heap_before.1) as f64 / sas as f64
+    );
+    let classes: Vec<String> = live_by_size()
+        .iter()
+        .zip(&classes_before)
+        .enumerate()
+        .filter_map(|(class, (after, before))| {
+            let per_sa = (after - before) as f64 / sas as f64;
+            let upto = if class == SIZE_CLASSES - 1 {
+                format!(">{}", (class - 1) * 16)
+            } else {
+                format!("<={}", class * 16)
+            };
+            (per_sa >= 0.05).then(|| format!("{upto} B: {per_sa:.1}"))
+        })
+        .collect();
+    println!("  its blocks per SA by size: {}", classes.join(", "));
     Ok(())
 }
