@@ -56,6 +56,28 @@ done
 for kind in CustomResourceDefinition Deployment ServiceAccount ClusterRole ClusterRoleBinding Role RoleBinding; do
     grep -q "^kind: $kind\$" "$rendered_dir/chart-default.yaml" || { echo "helm template renders no $kind" >&2; exit 1; }
 done
+# watchNamespaces: a Role and RoleBinding in each listed namespace, with the ClusterRole's rules,
+# the operator told which namespaces, and nothing cluster-wide.
+"$(dirname "$KVALIDATE")/python" - "$rendered_dir/chart-default.yaml" "$rendered_dir/chart-namespaced-values.yaml" \
+    charts/concentrator/ci/namespaced-values.yaml <<'PY'
+import sys, yaml
+default, namespaced, values = sys.argv[1:]
+wanted = yaml.safe_load(open(values))["watchNamespaces"]
+assert wanted, "ci/namespaced-values.yaml lists no namespace"
+docs = [d for d in yaml.safe_load_all(open(namespaced)) if d]
+rules = next(d["rules"] for d in yaml.safe_load_all(open(default)) if d and d["kind"] == "ClusterRole")
+for kind in ("ClusterRole", "ClusterRoleBinding"):
+    assert not any(d["kind"] == kind for d in docs), f"watchNamespaces renders a {kind}"
+for ns in wanted:
+    for kind in ("Role", "RoleBinding"):
+        found = [d for d in docs if d["kind"] == kind and d["metadata"].get("namespace") == ns
+                 and d["metadata"]["name"] == "concentrator-operator"]
+        assert found, f"watchNamespaces renders no {kind} in {ns}"
+        if kind == "Role":
+            assert found[0]["rules"] == rules, f"the Role in {ns} has other rules than the ClusterRole"
+env = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]
+assert {"name": "WATCH_NAMESPACES", "value": ",".join(wanted)} in env, env
+PY
 # values.schema.json must refuse bad values.
 if "$HELM" template concentrator charts/concentrator --set operator.logFormat=xml >/dev/null 2>&1; then
     echo "values.schema.json accepted operator.logFormat=xml" >&2

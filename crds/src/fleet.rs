@@ -1,6 +1,7 @@
 //! `GatewayFleet`: the gateway pods behind one address, their scaling bounds, front mode and
 //! shared state. The operator reconciles it into the workload and Services.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
@@ -8,6 +9,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::pod::{PodOverrides, validate_annotations};
 use crate::{SecretKeyRef, ValidationError, duration};
 
 /// A fleet of gateway pods terminating IKE and ESP behind one address.
@@ -62,6 +64,10 @@ pub struct GatewayFleetSpec {
     /// Egroups that name no database of their own. Unset: each pod's embedded SQLite store.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub site_database_url_secret_ref: Option<SecretKeyRef>,
+    /// Settings of the gateway pods: resources, scheduling, pull secrets, metadata and
+    /// observability variables. Unset: the pods as the operator builds them.
+    #[serde(default, skip_serializing_if = "PodOverrides::is_empty")]
+    pub pod: PodOverrides,
 }
 
 /// Replica bounds and autoscaling targets. Each field has its own default, so a partial block
@@ -155,6 +161,63 @@ pub struct FrontSpec {
     /// 300 s). Default false.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub rebalance: bool,
+    /// Annotations of the front Service and, in the Vip front, of each per-pod Service (a
+    /// cloud load balancer's settings, e.g.).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    /// LoadBalancer only: the load balancer implementation of the front Services
+    /// (`spec.loadBalancerClass`). Kubernetes keeps it as the Services were created with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_balancer_class: Option<String>,
+    /// LoadBalancer only: the source CIDRs the platform's load balancer admits
+    /// (`spec.loadBalancerSourceRanges`). Empty: every source.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub load_balancer_source_ranges: Vec<String>,
+}
+
+impl FrontSpec {
+    /// Checks the front's address and its Service overrides.
+    fn validate(&self) -> Result<(), ValidationError> {
+        if let Some(a) = &self.address
+            && a.parse::<std::net::IpAddr>().is_err()
+        {
+            return Err(ValidationError::new(
+                "spec.front.address",
+                format!("'{a}' is not an IP address"),
+            ));
+        }
+        validate_annotations("spec.front.annotations", &self.annotations)?;
+        let load_balancer = self.service_type == FrontServiceType::LoadBalancer;
+        if let Some(class) = &self.load_balancer_class {
+            if !crate::pod::is_qualified_name(class) {
+                return Err(ValidationError::new(
+                    "spec.front.loadBalancerClass",
+                    format!(
+                        "'{class}' is not a load balancer class (a label-style name, e.g. 'example.com/internal-vip')"
+                    ),
+                ));
+            }
+            if !load_balancer {
+                return Err(ValidationError::new(
+                    "spec.front.loadBalancerClass",
+                    "needs serviceType LoadBalancer",
+                ));
+            }
+        }
+        for (i, r) in self.load_balancer_source_ranges.iter().enumerate() {
+            let field = || format!("spec.front.loadBalancerSourceRanges[{i}]");
+            if r.parse::<ipnet::IpNet>().is_err() {
+                return Err(ValidationError::new(
+                    field(),
+                    format!("'{r}' is not a CIDR (e.g. 198.51.100.0/24 or 2001:db8::/32)"),
+                ));
+            }
+            if !load_balancer {
+                return Err(ValidationError::new(field(), "needs serviceType LoadBalancer"));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// How sites reach the pods.
@@ -306,14 +369,8 @@ impl GatewayFleetSpec {
                 ));
             }
         }
-        if let Some(a) = &self.front.address
-            && a.parse::<std::net::IpAddr>().is_err()
-        {
-            return Err(ValidationError::new(
-                "spec.front.address",
-                format!("'{a}' is not an IP address"),
-            ));
-        }
+        self.front.validate()?;
+        self.pod.validate("spec.pod")?;
         Ok(window)
     }
 }
@@ -391,6 +448,48 @@ mod tests {
     }
 
     #[test]
+    fn crd_schema_of_the_pod_settings_is_kubernetes_own() {
+        use kube::CustomResourceExt;
+        let crd = serde_json::to_value(GatewayFleet::crd()).unwrap();
+        let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
+        let pod = &spec["properties"]["pod"];
+        // No default: the API server adds nothing to fleets that set none.
+        assert!(pod.get("default").is_none(), "{pod}");
+        assert!(!spec["required"].as_array().unwrap().contains(&"pod".into()));
+        let p = &pod["properties"];
+        // Typed all the way down (no preserve-unknown-fields): a misspelt field is refused by
+        // kubectl's strict field validation, or pruned, never stored.
+        assert_eq!(
+            p["affinity"]["properties"]["podAntiAffinity"]["properties"]["preferredDuringSchedulingIgnoredDuringExecution"]
+                ["items"]["properties"]["weight"]["type"],
+            "integer"
+        );
+        assert_eq!(p["env"]["items"]["required"], serde_json::json!(["name"]));
+        assert_eq!(
+            p["resources"]["properties"]["limits"]["additionalProperties"]["x-kubernetes-int-or-string"],
+            true
+        );
+        assert_eq!(
+            p["topologySpreadConstraints"]["items"]["required"],
+            serde_json::json!(["maxSkew", "topologyKey", "whenUnsatisfiable"])
+        );
+        assert!(
+            !serde_json::to_string(&crd)
+                .unwrap()
+                .contains("x-kubernetes-preserve-unknown-fields")
+        );
+        let front = &spec["properties"]["front"];
+        assert_eq!(
+            front["default"],
+            serde_json::json!({"mode": "Slb", "serviceType": "LoadBalancer"})
+        );
+        assert_eq!(
+            front["properties"]["loadBalancerSourceRanges"]["items"]["type"],
+            "string"
+        );
+    }
+
+    #[test]
     fn takeover_keeps_one_copy_by_default_and_at_most_four() {
         let mut s = spec();
         assert_eq!(s.takeover, TakeoverSpec::default());
@@ -406,6 +505,56 @@ mod tests {
         assert_eq!(e.field, "spec.takeover.copies", "{e}");
         s.takeover.copies = 0;
         s.validate().unwrap();
+    }
+
+    #[test]
+    fn front_service_overrides_are_checked() {
+        let ok: GatewayFleetSpec = serde_yaml::from_str(
+            "front:\n  annotations: {service.beta.kubernetes.io/aws-load-balancer-type: nlb}\n  loadBalancerClass: example.com/internal-vip\n  loadBalancerSourceRanges: [198.51.100.0/24, '2001:db8::/32']\netcd:\n  endpoints: [\"http://etcd:2379\"]\nfleetKeySecretRef: {name: fleet, key: key}\n",
+        )
+        .unwrap();
+        ok.validate().unwrap();
+        let mut s = ok.clone();
+        s.front.load_balancer_source_ranges.push("198.51.100.7".into());
+        assert_eq!(
+            s.validate().unwrap_err().field,
+            "spec.front.loadBalancerSourceRanges[2]"
+        );
+        let mut s = ok.clone();
+        s.front.load_balancer_class = Some("Not A Class".into());
+        assert_eq!(s.validate().unwrap_err().field, "spec.front.loadBalancerClass");
+        let mut s = ok.clone();
+        s.front.annotations.insert("bad key".into(), String::new());
+        assert_eq!(s.validate().unwrap_err().field, "spec.front.annotations");
+        // Kubernetes refuses both on a NodePort Service.
+        let mut s = ok.clone();
+        s.front.service_type = FrontServiceType::NodePort;
+        assert_eq!(s.validate().unwrap_err().field, "spec.front.loadBalancerClass");
+        s.front.load_balancer_class = None;
+        assert_eq!(
+            s.validate().unwrap_err().field,
+            "spec.front.loadBalancerSourceRanges[0]"
+        );
+    }
+
+    #[test]
+    fn pod_overrides_are_validated_with_the_spec() {
+        let s: GatewayFleetSpec = serde_yaml::from_str(
+            "pod:\n  env: [{name: OTEL_SERVICE_NAME, value: gw}, {name: RUST_LOG, value: info}, {name: CONCENTRATOR_FLEET_KEY_FILE, value: /tmp/k}]\netcd:\n  endpoints: [\"http://etcd:2379\"]\nfleetKeySecretRef: {name: fleet, key: key}\n",
+        )
+        .unwrap();
+        assert_eq!(s.validate().unwrap_err().field, "spec.pod.env[2].name");
+        assert!(spec().pod.is_empty());
+    }
+
+    #[test]
+    fn unset_overrides_serialize_as_before() {
+        let v = serde_json::to_value(spec()).unwrap();
+        assert!(v.get("pod").is_none(), "{v}");
+        assert_eq!(
+            v["front"],
+            serde_json::json!({"mode": "Slb", "serviceType": "LoadBalancer"})
+        );
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod eroute;
 pub mod error;
 pub mod fleet;
 pub mod pattern;
+pub mod pod;
 pub mod proposal;
 pub mod secret;
 pub mod set;

@@ -11,6 +11,8 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::{Resource, ResourceExt};
 use serde_json::{Value, json};
 
+mod overrides;
+
 /// Where the rendered config and Secrets are mounted in a gateway pod: the same directory
 /// layout `concentrator-gateway --config-dir` reads standalone.
 pub const CONFIG_DIR: &str = "/etc/concentrator";
@@ -292,7 +294,7 @@ pub fn desired(
     volumes.extend(fleet_volumes);
     volumes.extend(admin_volumes);
     volumes.extend(vip_volumes);
-    let statefulset = typed(
+    let mut statefulset = typed(
         "StatefulSet",
         json!({
             "apiVersion": "apps/v1", "kind": "StatefulSet",
@@ -358,6 +360,7 @@ pub fn desired(
             },
         }),
     )?;
+    overrides::pod(&spec.pod, &mut statefulset);
 
     let headless = typed(
         "Service",
@@ -399,7 +402,9 @@ pub fn desired(
         if let Some(addr) = &spec.front.address {
             s["spec"]["loadBalancerIP"] = json!(addr);
         }
-        typed("Service", s)
+        let mut s = typed("Service", s)?;
+        overrides::front(&spec.front, &mut s);
+        Ok(s)
     };
     let mut fronts = vec![front(&name, selector(&name))?];
     if spec.front.mode == FrontMode::Vip {
