@@ -256,7 +256,11 @@ pub async fn start(opts: &Options, config: Config) -> Result<Running, StartError
         .await;
     let (tx, rx) = oneshot::channel::<()>();
     let admin = GatewayAdminServer::new(
-        admin::AdminService::new(gateway.clone(), fleet.as_ref().map(|f| f.view.clone()))
+        admin::AdminService::new(gateway.clone(), site_store.clone())
+            .in_fleet(
+                fleet.as_ref().map(|f| f.view.clone()),
+                fleet.as_ref().map_or(0, |f| f.replicator.copies()),
+            )
             .with_client_tls(admin_client_tls),
     );
     let router = tonic::transport::Server::builder()

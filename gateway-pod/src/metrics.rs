@@ -345,7 +345,15 @@ impl Metrics {
                 .get();
             m.insert(format!("config_reloads{{result=\"{result}\"}}"), n);
         }
-        for method in ["ListTunnels", "GetTunnel", "ListEroutes", "GetCounters", "Drain"] {
+        for method in [
+            "ListTunnels",
+            "GetTunnel",
+            "ListEroutes",
+            "GetCounters",
+            "Drain",
+            "ImportSites",
+            "GetShards",
+        ] {
             let n = self
                 .admin_requests
                 .get_or_create(&MethodLabel {

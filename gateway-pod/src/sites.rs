@@ -1,12 +1,14 @@
-//! `concentrator-gateway sites import FILE`: bulk-loads sites from CSV into the site store.
-//! Every row is checked as a lookup would check it, and the whole file goes in one
-//! transaction: a bad row names its line and nothing is written.
+//! `concentrator-gateway sites import FILE`, and the admin API's `ImportSites`: bulk-loads
+//! sites from CSV into the site store. Every row is checked as a lookup would check it, and
+//! the whole file goes in one transaction: a bad row names its line and nothing is written.
+//! Both paths read the file with [`parse`], so they accept and refuse the same rows with the
+//! same messages.
 
 use std::path::Path;
 
 use concentrator_crds::egroup::{OptionalColumn, SiteTable};
 
-use crate::sitedb::{SiteStore, check_row};
+use crate::sitedb::{Site, SiteStore, check_row};
 
 /// Errors of an import. Never carries a PSK.
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +25,13 @@ pub enum ImportError {
     Sql(#[from] sqlx::Error),
 }
 
+impl ImportError {
+    /// The file is at fault (not the database): importing it again cannot succeed.
+    pub fn is_bad_file(&self) -> bool {
+        !matches!(self, Self::Sql(_))
+    }
+}
+
 /// The default table layout, which imports write to.
 pub fn default_table() -> SiteTable {
     SiteTable {
@@ -35,24 +44,51 @@ pub fn default_table() -> SiteTable {
     }
 }
 
-/// One checked row, ready to write.
-struct Row {
-    peer_id: String,
-    psk: Vec<u8>,
-    subnet: String,
-    addr: Option<String>,
-    backup: Option<String>,
+/// The sites of a CSV file, every row checked: what [`write`] puts in the store.
+#[derive(Debug)]
+pub struct Checked(Vec<Site>);
+
+impl Checked {
+    /// How many sites.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// No site (a header alone).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
 }
 
-fn read(path: &Path, prefix: Option<u8>) -> Result<Vec<Row>, ImportError> {
+/// Reads and checks the CSV file at `path` (see [`parse`]).
+pub fn read_file(path: &Path, prefix: Option<u8>) -> Result<Checked, ImportError> {
     let shown = path.display().to_string();
-    let mut r = csv::ReaderBuilder::new()
-        .trim(csv::Trim::All)
+    let r = csv_reader()
         .from_path(path)
         .map_err(|e| ImportError::Read(shown.clone(), e.to_string()))?;
+    check(r, &shown, prefix)
+}
+
+/// Checks the CSV in `csv`; `origin` names it in errors as the path does for a file. With
+/// `prefix`, every subnet must have that prefix length (the Egroup's remoteSubnetPrefix).
+pub fn parse(csv: &[u8], origin: &str, prefix: Option<u8>) -> Result<Checked, ImportError> {
+    check(csv_reader().from_reader(csv), origin, prefix)
+}
+
+fn csv_reader() -> csv::ReaderBuilder {
+    let mut b = csv::ReaderBuilder::new();
+    b.trim(csv::Trim::All);
+    b
+}
+
+fn check<R: std::io::Read>(
+    mut r: csv::Reader<R>,
+    shown: &str,
+    prefix: Option<u8>,
+) -> Result<Checked, ImportError> {
     let headers = r
         .headers()
-        .map_err(|e| ImportError::Read(shown.clone(), e.to_string()))?
+        .map_err(|e| ImportError::Read(shown.to_owned(), e.to_string()))?
         .clone();
     let col = |name: &'static str| headers.iter().position(|h| h == name);
     let (Some(ip), Some(ik), Some(is)) = (col("peer_id"), col("psk"), col("remote_subnet")) else {
@@ -63,10 +99,10 @@ fn read(path: &Path, prefix: Option<u8>) -> Result<Vec<Row>, ImportError> {
     };
     let (ia, ib) = (col("peer_address"), col("backup_peer_address"));
     let table = default_table();
-    let mut rows = Vec::new();
+    let mut sites = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for rec in r.records() {
-        let rec = rec.map_err(|e| ImportError::Read(shown.clone(), e.to_string()))?;
+        let rec = rec.map_err(|e| ImportError::Read(shown.to_owned(), e.to_string()))?;
         let line = rec.position().map_or(0, csv::Position::line);
         let get = |i: Option<usize>| {
             i.and_then(|i| rec.get(i))
@@ -96,32 +132,24 @@ fn read(path: &Path, prefix: Option<u8>) -> Result<Vec<Row>, ImportError> {
                 message: format!("peer_id '{}' appears twice", site.peer_id),
             });
         }
-        rows.push(Row {
-            peer_id: site.peer_id,
-            psk: site.psk.expose().to_vec(),
-            subnet: site.remote_subnet.to_string(),
-            addr: site.peer_address,
-            backup: site.backup_peer_address,
-        });
+        sites.push(site);
     }
-    Ok(rows)
+    Ok(Checked(sites))
 }
 
-/// Imports `path` into the default table, replacing rows with the same peer ID. With
-/// `prefix`, every subnet must have that prefix length (the Egroup's remoteSubnetPrefix).
-/// Returns the number of sites written.
-pub async fn import(store: &SiteStore, path: &Path, prefix: Option<u8>) -> Result<usize, ImportError> {
-    let rows = read(path, prefix)?;
+/// Writes `sites` into the default table in one transaction, replacing rows with the same
+/// peer ID. Returns the number of sites written.
+pub async fn write(store: &SiteStore, sites: &Checked) -> Result<usize, ImportError> {
     macro_rules! write_all {
         ($pool:expr, $sql:expr) => {{
             let mut tx = $pool.begin().await?;
-            for r in &rows {
+            for s in &sites.0 {
                 sqlx::query($sql)
-                    .bind(&r.peer_id)
-                    .bind(String::from_utf8_lossy(&r.psk).into_owned())
-                    .bind(&r.subnet)
-                    .bind(&r.addr)
-                    .bind(&r.backup)
+                    .bind(&s.peer_id)
+                    .bind(String::from_utf8_lossy(s.psk.expose()).into_owned())
+                    .bind(s.remote_subnet.to_string())
+                    .bind(&s.peer_address)
+                    .bind(&s.backup_peer_address)
                     .execute(&mut *tx)
                     .await?;
             }
@@ -142,7 +170,14 @@ pub async fn import(store: &SiteStore, path: &Path, prefix: Option<u8>) -> Resul
              peer_address = VALUES(peer_address), backup_peer_address = VALUES(backup_peer_address)"
         ),
     }
-    Ok(rows.len())
+    Ok(sites.len())
+}
+
+/// Imports `path` into the default table, replacing rows with the same peer ID. With
+/// `prefix`, every subnet must have that prefix length (the Egroup's remoteSubnetPrefix).
+/// Returns the number of sites written.
+pub async fn import(store: &SiteStore, path: &Path, prefix: Option<u8>) -> Result<usize, ImportError> {
+    write(store, &read_file(path, prefix)?).await
 }
 
 #[cfg(test)]
@@ -158,7 +193,7 @@ mod tests {
         (d, s)
     }
 
-    fn csv(d: &tempfile::TempDir, body: &str) -> std::path::PathBuf {
+    fn csv(d: &tempfile::TempDir, body: impl AsRef<[u8]>) -> std::path::PathBuf {
         let p = d.path().join("sites.csv");
         std::fs::write(&p, body).unwrap();
         p
@@ -215,5 +250,44 @@ mod tests {
             import(&s, &f, None).await,
             Err(ImportError::Header("peer_id"))
         ));
+    }
+
+    #[tokio::test]
+    async fn bytes_and_files_are_checked_alike() {
+        let (d, s) = store().await;
+        for (body, prefix) in [
+            (
+                &b"peer_id,psk,remote_subnet\nok.sites,k,10.128.1.0/24\nbad.sites,k,10.128.2.0/25\n"[..],
+                Some(24),
+            ),
+            (
+                b"peer_id,psk,remote_subnet\nx,k,10.0.0.0/24\nx,k,10.0.1.0/24\n",
+                None,
+            ),
+            (b"peer_id,psk,remote_subnet\nnopsk.sites,,10.0.0.0/24\n", None),
+            (b"peer_id,remote_subnet\n", None),
+            (b"", None),
+            (b"peer_id,psk,remote_subnet\na,k,10.0.0.0/24,extra\n", None),
+            (b"peer_id,psk,remote_subnet\na,k\xff,10.0.0.0/24\n", None),
+        ] {
+            let f = csv(&d, body);
+            let from_file = read_file(&f, prefix).unwrap_err().to_string();
+            let from_bytes = parse(body, &f.display().to_string(), prefix)
+                .unwrap_err()
+                .to_string();
+            assert_eq!(from_file, from_bytes, "{}", String::from_utf8_lossy(body));
+        }
+        let sites = parse(
+            b"peer_id,psk,remote_subnet,backup_peer_address\nb.sites,k,10.128.3.0/24,192.0.2.9\n",
+            "-",
+            Some(24),
+        )
+        .unwrap();
+        assert_eq!(write(&s, &sites).await.unwrap(), 1);
+        let b = s
+            .site_by_peer_id(&default_table(), "b.sites", 24, Duration::from_secs(1))
+            .await
+            .unwrap();
+        assert_eq!(b.backup_peer_address.as_deref(), Some("192.0.2.9"));
     }
 }

@@ -189,3 +189,177 @@ async fn admin_api_serves_the_loaded_config() {
 
     running.shutdown().await;
 }
+
+#[tokio::test]
+async fn sites_are_imported_through_the_admin_api_and_only_there() {
+    use concentrator_gateway::sites::{default_table, parse};
+    use concentrator_proto::admin::{GetShardsRequest, ImportSitesRequest};
+    use concentrator_proto::import::{CHUNK_BYTES, MAX_CSV_BYTES, requests};
+
+    let data = tempfile::tempdir().unwrap();
+    let opts = Options::try_parse_from([
+        "concentrator-gateway",
+        "--config-dir",
+        examples().to_str().unwrap(),
+        "--data-dir",
+        data.path().to_str().unwrap(),
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--no-tunnels",
+    ])
+    .unwrap();
+    let cfg = config::load_dir(opts.config_dir.as_deref().unwrap()).unwrap();
+    let running = start(&opts, cfg).await.unwrap();
+    let mut client = GatewayAdminClient::connect(format!("http://{}", running.admin_addr))
+        .await
+        .unwrap();
+    let send =
+        |file: &str, csv: &str, prefix| tokio_stream::iter(requests(file, csv.as_bytes(), prefix).unwrap());
+    let lookup = |peer: &'static str| {
+        let store = running.site_store.clone();
+        async move {
+            store
+                .site_by_peer_id(&default_table(), peer, 24, Duration::from_secs(1))
+                .await
+        }
+    };
+
+    let good = "peer_id,psk,remote_subnet,peer_address\na.sites,k1,10.128.1.0/24,192.0.2.1\nb.sites,k2,10.128.2.0/24,\n";
+    let r = client
+        .import_sites(send("sites.csv", good, Some(24)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((r.imported, r.embedded), (2, true));
+    let a = lookup("a.sites").await.unwrap();
+    assert_eq!(
+        (a.psk.expose(), a.peer_address.as_deref()),
+        (&b"k1"[..], Some("192.0.2.1"))
+    );
+
+    // A bad row: refused with the message the local command gives, and nothing written.
+    let bad = "peer_id,psk,remote_subnet\nc.sites,hunter2,10.128.3.0/24\nd.sites,k,10.128.4.0/25\n";
+    let e = client
+        .import_sites(send("bad.csv", bad, Some(24)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    let local = parse(bad.as_bytes(), "bad.csv", Some(24))
+        .unwrap_err()
+        .to_string();
+    assert_eq!(e.message(), local);
+    assert!(
+        e.message().starts_with("line 3: ") && e.message().contains("column remote_subnet"),
+        "{}",
+        e.message()
+    );
+    assert!(!e.message().contains("hunter2"));
+    assert!(lookup("c.sites").await.is_err(), "all or nothing");
+    assert_eq!(running.site_store.count_sites().await.unwrap(), 2);
+
+    // More than 64 MiB: stopped at the piece that crosses the limit.
+    let pieces = (0..=MAX_CSV_BYTES / CHUNK_BYTES).map(|_| ImportSitesRequest {
+        csv: vec![b'#'; CHUNK_BYTES],
+        file: "huge.csv".into(),
+        prefix: None,
+    });
+    let e = client.import_sites(tokio_stream::iter(pieces)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+    assert!(
+        e.message().contains("huge.csv: more than 64 MiB"),
+        "{}",
+        e.message()
+    );
+
+    // One import at a time: a second one while the first is still being sent is turned away
+    // (nothing of it written), and the first goes on.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let first = {
+        let mut c = client.clone();
+        tokio::spawn(async move {
+            c.import_sites(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+        })
+    };
+    let pieces = requests(
+        "slow.csv",
+        b"peer_id,psk,remote_subnet\nf.sites,k,10.128.6.0/24\n",
+        None,
+    )
+    .unwrap();
+    tx.send(pieces[0].clone()).await.unwrap();
+    let imports = |c: &mut GatewayAdminClient<tonic::transport::Channel>| {
+        let mut c = c.clone();
+        async move {
+            c.get_counters(GetCountersRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .values["admin_requests{method=\"ImportSites\"}"]
+        }
+    };
+    while imports(&mut client).await < 4 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let busy = client
+        .import_sites(send(
+            "other.csv",
+            "peer_id,psk,remote_subnet\ng.sites,k,10.128.7.0/24\n",
+            None,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(busy.code(), tonic::Code::Aborted, "{busy:?}");
+    drop(tx);
+    assert_eq!(first.await.unwrap().unwrap().into_inner().imported, 1);
+    assert!(lookup("g.sites").await.is_err());
+
+    // Counted like the other admin writes; the sites gauge follows the store.
+    let counters = client
+        .get_counters(GetCountersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .values;
+    assert_eq!(counters["admin_requests{method=\"ImportSites\"}"], 5);
+    assert_eq!(counters["sites"], 3);
+
+    // Standalone: no shard map.
+    let shards = client.get_shards(GetShardsRequest {}).await.unwrap().into_inner();
+    assert!(!shards.fleet && shards.members.is_empty());
+
+    // The metrics port serves no admin call (it needs no client certificate).
+    let on_metrics = async {
+        let mut c = GatewayAdminClient::connect(format!("http://{}", running.metrics_addr)).await?;
+        c.import_sites(send(
+            "sites.csv",
+            "peer_id,psk,remote_subnet\ne.sites,k,10.128.5.0/24\n",
+            None,
+        ))
+        .await
+        .map_err(anyhow::Error::from)
+        .map(drop)
+    };
+    assert!(on_metrics.await.is_err());
+    let post = {
+        let mut s = tokio::net::TcpStream::connect(running.metrics_addr)
+            .await
+            .unwrap();
+        s.write_all(
+            b"POST /concentrator.admin.v1.GatewayAdmin/ImportSites HTTP/1.1\r\nHost: t\r\n\
+              Content-Type: application/grpc\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    };
+    assert!(post.starts_with("HTTP/1.1 404"), "{post}");
+    assert!(lookup("e.sites").await.is_err());
+
+    running.shutdown().await;
+}

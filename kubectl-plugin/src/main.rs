@@ -1,18 +1,23 @@
-//! `kubectl concentrator`: a fleet's tunnels, drain and status, through the gateway pods'
-//! admin API (the API server's port-forward, mutual TLS with the fleet's certificate).
+//! `kubectl concentrator`: a fleet's tunnels, status, drain and site import, through the
+//! gateway pods' admin API (the API server's port-forward, mutual TLS with the fleet's
+//! certificate).
 //! Installed as `kubectl-concentrator` on the PATH (krew's naming), kubectl runs it for
 //! `kubectl concentrator ...`.
 
 mod reach;
 mod render;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use concentrator_proto::admin::{DrainRequest, GetCountersRequest, ListTunnelsRequest, drain_status};
+use concentrator_proto::admin::{
+    DrainRequest, GetCountersRequest, GetShardsRequest, ListTunnelsRequest, Shards, drain_status,
+};
+use concentrator_proto::import::{self, MAX_CSV_BYTES, TooLarge};
+use concentrator_proto::tls::ClientTls;
 use reach::Reach;
 use render::{Format, PodStatus};
 
@@ -90,8 +95,27 @@ enum Command {
         /// The pod (not with --direct).
         pod: Option<String>,
     },
-    /// The fleet and each pod: ready, tunnels, drain state, fleet leader.
+    /// The fleet, each pod (tunnels, drain state, fleet leader) and each member's shards.
     Status,
+    /// Site rows of the fleet's site store.
+    #[command(subcommand)]
+    Sites(SitesCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum SitesCommand {
+    /// Bulk-load a CSV (header: peer_id,psk,remote_subnet[,peer_address][,backup_peer_address])
+    /// into the site store through a pod's admin API, as `concentrator-gateway sites import`
+    /// does where the store is reachable: rows with an existing peer_id are replaced, a bad
+    /// row names its line and nothing is written. Where each pod has its own embedded store,
+    /// every pod gets the file (exit status 3 if one could not be reached). At most 64 MiB.
+    Import {
+        /// The CSV file.
+        file: PathBuf,
+        /// Refuse subnets whose prefix length differs (the Egroup's remoteSubnetPrefix).
+        #[arg(long, value_name = "LEN")]
+        prefix: Option<u8>,
+    },
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -212,11 +236,122 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     counters.as_ref().err(),
                 ));
             }
+            let shards = shards(&reach, &tls, &rows).await;
             print!(
                 "{}",
-                render::status(reach.fleet(), &rows, format).context("rendering the status")?
+                render::status(
+                    reach.fleet(),
+                    &rows,
+                    shards.as_ref().map(|(pod, s)| (pod.as_str(), s)),
+                    format
+                )
+                .context("rendering the status")?
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Sites(SitesCommand::Import { file, prefix }) => {
+            import_sites(&reach, &tls, &pods, &file, prefix).await
+        }
     }
+}
+
+/// The shard map as the leader sees it (else the first pod that answers): `None` when no
+/// pod answers or the gateways are standalone.
+async fn shards(reach: &Reach, tls: &ClientTls, rows: &[PodStatus]) -> Option<(String, Shards)> {
+    let mut asked: Vec<&PodStatus> = rows.iter().filter(|p| p.reachable).collect();
+    asked.sort_by_key(|p| !p.leader);
+    for p in asked {
+        let answer = async {
+            let mut admin = reach.admin(&p.pod, tls).await?;
+            let s = admin
+                .get_shards(GetShardsRequest {})
+                .await
+                .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+            anyhow::Ok(s.into_inner())
+        }
+        .await;
+        match answer {
+            Ok(s) if s.fleet => return Some((p.pod.clone(), s)),
+            Ok(_) => return None,
+            Err(_) => {}
+        }
+    }
+    None
+}
+
+/// `sites import`: the file to one pod, and on to every other pod while each keeps its sites
+/// in an embedded store of its own.
+async fn import_sites(
+    reach: &Reach,
+    tls: &ClientTls,
+    pods: &[String],
+    file: &Path,
+    prefix: Option<u8>,
+) -> Result<ExitCode> {
+    let shown = file.display().to_string();
+    let size = std::fs::metadata(file)
+        .with_context(|| format!("cannot read {shown}"))?
+        .len();
+    if size > MAX_CSV_BYTES as u64 {
+        return Err(TooLarge { file: shown, size }.into());
+    }
+    let csv = zeroize::Zeroizing::new(std::fs::read(file).with_context(|| format!("cannot read {shown}"))?);
+    let pieces = import::requests(&shown, &csv, prefix)?;
+    let mut missed = Vec::new();
+    let mut imported = false;
+    for pod in pods {
+        let answer = async {
+            let mut admin = reach.admin(pod, tls).await?;
+            anyhow::Ok(admin.import_sites(tokio_stream::iter(pieces.clone())).await)
+        }
+        .await;
+        let r = match answer {
+            Ok(Ok(r)) => r.into_inner(),
+            // The file itself is refused: every pod would say the same.
+            Ok(Err(s))
+                if matches!(
+                    s.code(),
+                    tonic::Code::InvalidArgument | tonic::Code::ResourceExhausted
+                ) =>
+            {
+                anyhow::bail!("{}", s.message())
+            }
+            Ok(Err(s)) => {
+                missed.push(format!("{pod}: {}", s.message()));
+                continue;
+            }
+            Err(e) => {
+                missed.push(format!("{pod}: {e:#}"));
+                continue;
+            }
+        };
+        imported = true;
+        if !r.embedded {
+            println!(
+                "{pod}: imported {} site(s) from {shown} into the fleet's site database",
+                r.imported
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+        println!(
+            "{pod}: imported {} site(s) from {shown} into its embedded store",
+            r.imported
+        );
+    }
+    if !imported {
+        anyhow::bail!("not imported: {}", missed.join("; "));
+    }
+    if let Reach::Direct(addr) = reach {
+        eprintln!(
+            "kubectl-concentrator: {addr} keeps its sites in an embedded store of its own: in a fleet, each pod needs the file"
+        );
+    }
+    for m in &missed {
+        eprintln!("kubectl-concentrator: not imported into {m}");
+    }
+    Ok(if missed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(3)
+    })
 }

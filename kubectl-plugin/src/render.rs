@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use anyhow::Result;
 use concentrator_crds::GatewayFleet;
-use concentrator_proto::admin::{DrainStatus, Tunnel, drain_status};
+use concentrator_proto::admin::{DrainStatus, Shards, Tunnel, drain_status};
 use concentrator_proto::view::{table, tunnels_table};
 use kube::ResourceExt;
 use serde::Serialize;
@@ -116,6 +116,99 @@ struct StatusOut<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     fleet: Option<FleetOut>,
     pods: &'a [PodStatus],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    shards: Option<ShardsOut<'a>>,
+}
+
+/// The shard map as one pod applied it, per member.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ShardsOut<'a> {
+    /// The pod whose view this is.
+    asked_of: &'a str,
+    map_version: u64,
+    total: u32,
+    unowned: u32,
+    /// Copies of each shard's SAs on other members.
+    replicas: u32,
+    members: Vec<MemberShardsOut<'a>>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct MemberShardsOut<'a> {
+    member: &'a str,
+    id: u32,
+    owned: u32,
+    replica: u32,
+    handing_over: u32,
+    taking_over: u32,
+    draining: bool,
+    map_version: u64,
+}
+
+impl<'a> ShardsOut<'a> {
+    fn new(asked_of: &'a str, s: &'a Shards) -> Self {
+        Self {
+            asked_of,
+            map_version: s.map_version,
+            total: s.total,
+            unowned: s.unowned,
+            replicas: s.replicas,
+            members: s
+                .members
+                .iter()
+                .map(|m| MemberShardsOut {
+                    member: &m.name,
+                    id: m.id,
+                    owned: m.owned,
+                    replica: m.replica,
+                    handing_over: m.handing_over,
+                    taking_over: m.taking_over,
+                    draining: m.draining,
+                    map_version: m.map_version,
+                })
+                .collect(),
+        }
+    }
+
+    /// A line on the map, then one row per member.
+    fn table(&self, wide: bool) -> String {
+        let mut out = format!(
+            "\nshard map version {} (as {} applied it): {} shards, {} unowned, {} replica(s) each\n",
+            self.map_version, self.asked_of, self.total, self.unowned, self.replicas
+        );
+        let mut header = vec!["MEMBER", "ID", "SHARDS", "REPLICA", "HANDING OVER", "TAKING OVER"];
+        if wide {
+            header.extend(["DRAINING", "MAP VERSION"]);
+        }
+        let rows: Vec<Vec<String>> = self
+            .members
+            .iter()
+            .map(|m| {
+                let name = if m.member.is_empty() {
+                    "(gone)".to_owned()
+                } else {
+                    m.member.to_owned()
+                };
+                let mut r = vec![
+                    name,
+                    m.id.to_string(),
+                    m.owned.to_string(),
+                    m.replica.to_string(),
+                    m.handing_over.to_string(),
+                    m.taking_over.to_string(),
+                ];
+                if wide {
+                    r.push(if m.draining { "yes".into() } else { "-".into() });
+                    r.push(m.map_version.to_string());
+                }
+                r
+            })
+            .collect();
+        out.push_str(&table(&header, &rows));
+        out
+    }
 }
 
 #[derive(Serialize)]
@@ -128,8 +221,15 @@ struct FleetOut {
     conditions: Vec<String>,
 }
 
-/// The fleet (on a cluster) and its pods in `format`.
-pub(crate) fn status(fleet: Option<&GatewayFleet>, pods: &[PodStatus], format: Format) -> Result<String> {
+/// The fleet (on a cluster), its pods and (in a fleet) the shard map as the pod `shards`
+/// names applied it, in `format`.
+pub(crate) fn status(
+    fleet: Option<&GatewayFleet>,
+    pods: &[PodStatus],
+    shards: Option<(&str, &Shards)>,
+    format: Format,
+) -> Result<String> {
+    let shards = shards.map(|(pod, s)| ShardsOut::new(pod, s));
     let fleet = fleet.map(|f| {
         let st = f.status.clone().unwrap_or_default();
         FleetOut {
@@ -145,8 +245,8 @@ pub(crate) fn status(fleet: Option<&GatewayFleet>, pods: &[PodStatus], format: F
         }
     });
     Ok(match format {
-        Format::Json => serde_json::to_string_pretty(&StatusOut { fleet, pods })? + "\n",
-        Format::Yaml => serde_yaml::to_string(&StatusOut { fleet, pods })?,
+        Format::Json => serde_json::to_string_pretty(&StatusOut { fleet, pods, shards })? + "\n",
+        Format::Yaml => serde_yaml::to_string(&StatusOut { fleet, pods, shards })?,
         Format::Table { wide } => {
             let mut out = String::new();
             if let Some(f) = &fleet {
@@ -189,6 +289,9 @@ pub(crate) fn status(fleet: Option<&GatewayFleet>, pods: &[PodStatus], format: F
                 })
                 .collect();
             out.push_str(&table(&header, &rows));
+            if let Some(s) = &shards {
+                out.push_str(&s.table(wide));
+            }
             out
         }
     })
@@ -236,9 +339,85 @@ mod tests {
             PodStatus::from_counters("edge-0", Some(&counters), None),
             PodStatus::from_counters("edge-1", None, Some(&err)),
         ];
-        let t = status(None, &pods, Format::Table { wide: true }).unwrap();
+        let t = status(None, &pods, None, Format::Table { wide: true }).unwrap();
         assert!(t.contains("edge-0  12       draining     yes     3"), "{t}");
         assert!(t.contains("edge-1  ?        unreachable"), "{t}");
         assert!(t.contains("connection refused"), "{t}");
+        assert!(!t.contains("shard"), "standalone: no shards\n{t}");
+        let j: serde_json::Value =
+            serde_json::from_str(&status(None, &pods, None, Format::Json).unwrap()).unwrap();
+        assert!(j.get("shards").is_none(), "{j}");
+    }
+
+    #[test]
+    fn status_shows_each_members_shards() {
+        use concentrator_proto::admin::MemberShards;
+        let member = |name: &str, id, owned, replica, handing_over, taking_over| MemberShards {
+            name: name.into(),
+            id,
+            owned,
+            replica,
+            handing_over,
+            taking_over,
+            draining: handing_over > 0,
+            map_version: 7,
+        };
+        let shards = Shards {
+            fleet: true,
+            map_version: 7,
+            total: 1024,
+            unowned: 0,
+            replicas: 1,
+            me: "edge-0".into(),
+            members: vec![
+                member("edge-0", 0, 512, 300, 0, 212),
+                member("edge-1", 1, 300, 512, 0, 0),
+                member("edge-2", 2, 212, 212, 212, 0),
+                member("", 3, 0, 0, 0, 0),
+            ],
+        };
+        let pods = [PodStatus::from_counters("edge-0", Some(&HashMap::new()), None)];
+        let t = status(
+            None,
+            &pods,
+            Some(("edge-0", &shards)),
+            Format::Table { wide: false },
+        )
+        .unwrap();
+        assert!(
+            t.contains(
+                "shard map version 7 (as edge-0 applied it): 1024 shards, 0 unowned, 1 replica(s) each\n"
+            ),
+            "{t}"
+        );
+        assert!(
+            t.contains("MEMBER  ID  SHARDS  REPLICA  HANDING OVER  TAKING OVER\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("edge-2  2   212     212      212           0\n"),
+            "{t}"
+        );
+        assert!(t.contains("(gone)  3   0"), "{t}");
+        let wide = status(
+            None,
+            &pods,
+            Some(("edge-0", &shards)),
+            Format::Table { wide: true },
+        )
+        .unwrap();
+        assert!(wide.contains("DRAINING  MAP VERSION"), "{wide}");
+        let y: serde_json::Value =
+            serde_yaml::from_str(&status(None, &pods, Some(("edge-0", &shards)), Format::Yaml).unwrap())
+                .unwrap();
+        assert_eq!(y["shards"]["askedOf"], "edge-0");
+        assert_eq!(y["shards"]["members"][2]["handingOver"], 212);
+        let owned: u64 = y["shards"]["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["owned"].as_u64().unwrap())
+            .sum();
+        assert_eq!(owned, 1024);
     }
 }

@@ -11,7 +11,7 @@ fn help_names_every_command() {
     let out = plugin().arg("--help").output().unwrap();
     assert!(out.status.success());
     let help = String::from_utf8_lossy(&out.stdout);
-    for command in ["tunnels", "drain", "undrain", "status"] {
+    for command in ["tunnels", "drain", "undrain", "status", "sites"] {
         assert!(help.contains(command), "{command} missing from:\n{help}");
     }
 }

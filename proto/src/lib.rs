@@ -1,5 +1,7 @@
-//! gRPC admin API of a gateway pod, generated from `proto/admin.proto`, and its mutual TLS.
+//! gRPC admin API of a gateway pod, generated from `proto/admin.proto`, its mutual TLS, and the
+//! pieces a site import is sent in.
 
+pub mod import;
 pub mod tls;
 pub mod view;
 

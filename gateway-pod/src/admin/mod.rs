@@ -11,14 +11,17 @@ use concentrator_proto::admin::gateway_admin_client::GatewayAdminClient;
 
 use concentrator_proto::admin::gateway_admin_server::GatewayAdmin;
 use concentrator_proto::admin::{
-    Counters, DrainRequest, DrainStatus, ErouteInfo, GetCountersRequest, GetTunnelRequest,
-    ListEroutesRequest, ListEroutesResponse, ListTunnelsRequest, ListTunnelsResponse, Tunnel, drain_status,
+    Counters, DrainRequest, DrainStatus, ErouteInfo, GetCountersRequest, GetShardsRequest, GetTunnelRequest,
+    ImportSitesRequest, ImportSitesResponse, ListEroutesRequest, ListEroutesResponse, ListTunnelsRequest,
+    ListTunnelsResponse, MemberShards, Shards, Tunnel, drain_status,
 };
+use concentrator_proto::import::Assembler;
 use concentrator_proto::tls::{AdminTls, ClientTls, TlsError};
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 use crate::cli::Options;
 use crate::cluster::SharedView;
+use crate::sitedb::SiteStore;
 use crate::state::Gateway;
 
 /// Why the admin API cannot be served as the options say.
@@ -100,19 +103,39 @@ const MEMBER_TIMEOUT: Duration = Duration::from_secs(3);
 #[derive(Clone)]
 pub struct AdminService {
     gw: Arc<Gateway>,
+    /// The default site store, which `ImportSites` writes to.
+    sites: SiteStore,
     /// The fleet this pod is a member of, if any.
     fleet: Option<SharedView>,
+    /// On how many other members each shard's SAs are copied (`--fleet-replicas`).
+    replicas: usize,
     /// What this pod presents to the other members' admin APIs.
     client_tls: Option<ClientTls>,
+    /// Held by the import under way: one at a time, so that imports hold at most
+    /// [`concentrator_proto::import::MAX_CSV_BYTES`] of CSV in memory.
+    importing: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl AdminService {
-    pub fn new(gw: Arc<Gateway>, fleet: Option<SharedView>) -> Self {
+    /// A standalone gateway's admin API over `gw`, importing sites into `sites`.
+    pub fn new(gw: Arc<Gateway>, sites: SiteStore) -> Self {
         Self {
             gw,
-            fleet,
+            sites,
+            fleet: None,
+            replicas: 0,
             client_tls: None,
+            importing: Arc::default(),
         }
+    }
+
+    /// A fleet member's: `view` is the fleet as this pod sees it, `replicas` its
+    /// `--fleet-replicas`.
+    #[must_use]
+    pub fn in_fleet(mut self, view: Option<SharedView>, replicas: usize) -> Self {
+        self.fleet = view;
+        self.replicas = replicas;
+        self
     }
 
     /// Asks the other members over mutual TLS with these files.
@@ -319,6 +342,108 @@ impl GatewayAdmin for AdminService {
             state: state.into(),
             remaining_tunnels: remaining as u64,
             nowhere_to_go: state == drain_status::State::Draining && !takers,
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn import_sites(
+        &self,
+        req: Request<Streaming<ImportSitesRequest>>,
+    ) -> Result<Response<ImportSitesResponse>, Status> {
+        self.gw.metrics.count_admin("ImportSites");
+        let Ok(_one_at_a_time) = self.importing.try_lock() else {
+            return Err(Status::aborted(
+                "another site import is under way on this gateway: try again once it is done",
+            ));
+        };
+        let mut pieces = req.into_inner();
+        let mut file = Assembler::new();
+        while let Some(piece) = pieces.message().await? {
+            file.push(piece)
+                .map_err(|e| Status::resource_exhausted(e.to_string()))?;
+        }
+        let file = file
+            .finish()
+            .ok_or_else(|| Status::invalid_argument("no CSV received"))?;
+        let prefix = file
+            .prefix
+            .map(|p| {
+                u8::try_from(p)
+                    .map_err(|_| Status::invalid_argument(format!("prefix {p} is not a prefix length")))
+            })
+            .transpose()?;
+        let name = file.file.clone();
+        let bytes = file.csv.len();
+        // Tens of MiB take a while to check: not on the runtime's threads, which carry IKE.
+        let checked = tokio::task::spawn_blocking(move || crate::sites::parse(&file.csv, &file.file, prefix))
+            .await
+            .map_err(|e| Status::internal(format!("checking the CSV: {e}")))?;
+        let written = match checked {
+            Ok(sites) => crate::sites::write(&self.sites, &sites).await,
+            Err(e) => Err(e),
+        };
+        match written {
+            Ok(n) => {
+                tracing::info!(file = %name, bytes, sites = n, store = self.sites.kind(), "sites imported");
+                if let Ok(count) = self.sites.count_sites().await {
+                    self.gw
+                        .metrics
+                        .sites
+                        .set(i64::try_from(count).unwrap_or(i64::MAX));
+                }
+                Ok(Response::new(ImportSitesResponse {
+                    imported: n as u64,
+                    embedded: matches!(self.sites, SiteStore::Sqlite(_)),
+                }))
+            }
+            Err(e) => {
+                tracing::warn!(file = %name, bytes, error = %e, "sites import refused: nothing written");
+                Err(if e.is_bad_file() {
+                    Status::invalid_argument(e.to_string())
+                } else {
+                    Status::unavailable(e.to_string())
+                })
+            }
+        }
+    }
+
+    async fn get_shards(&self, _req: Request<GetShardsRequest>) -> Result<Response<Shards>, Status> {
+        self.gw.metrics.count_admin("GetShards");
+        let Some(view) = &self.fleet else {
+            return Ok(Response::new(Shards::default()));
+        };
+        let records = view.members();
+        let summary = view.shard_summary(self.replicas);
+        let me = view
+            .me()
+            .and_then(|m| records.get(&m))
+            .map(|r| r.name.clone())
+            .unwrap_or_default();
+        let members = summary
+            .members
+            .iter()
+            .map(|(id, c)| {
+                let rec = records.get(id);
+                MemberShards {
+                    name: rec.map(|r| r.name.clone()).unwrap_or_default(),
+                    id: u32::from(id.0),
+                    owned: c.owned,
+                    replica: c.replica,
+                    handing_over: c.handing_over,
+                    taking_over: c.taking_over,
+                    draining: rec.is_some_and(|r| r.load.draining),
+                    map_version: rec.map_or(0, |r| r.map_version),
+                }
+            })
+            .collect();
+        Ok(Response::new(Shards {
+            fleet: true,
+            map_version: summary.map_version,
+            total: u32::from(concentrator_fleet::SHARDS),
+            unowned: summary.unowned,
+            replicas: u32::try_from(self.replicas).unwrap_or(u32::MAX),
+            me,
+            members,
         }))
     }
 }

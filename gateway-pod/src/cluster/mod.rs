@@ -53,7 +53,7 @@ pub use replicate::{
     ReplicaUpdate, ReplicatedChild, ReplicationMetrics, Replicator,
 };
 pub use spis::GatewayEntropy;
-pub use view::{Route, SharedView, View};
+pub use view::{MemberShardCount, Route, ShardSummary, SharedView, View};
 
 use crate::metrics::ReasonLabel;
 

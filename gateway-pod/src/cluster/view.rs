@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use concentrator_fleet::map::replicas;
 use concentrator_fleet::member::MemberRecord;
 use concentrator_fleet::{MemberId, SHARDS, Shard, ShardMap, ShardSet};
 
@@ -30,6 +31,29 @@ pub enum Route {
     Member(MemberId, SocketAddr),
     /// Nobody (that we know of) owns it: drop and count.
     Nowhere,
+}
+
+/// One member's part of the shard map, as [`View::shard_summary`] counts it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemberShardCount {
+    /// Shards it owns.
+    pub owned: u32,
+    /// Shards of other members whose SAs it is a replica for.
+    pub replica: u32,
+    /// Shards it owns that the map marks to move elsewhere.
+    pub handing_over: u32,
+    /// Shards of other members that the map marks to move to it.
+    pub taking_over: u32,
+}
+
+/// The shard map as this pod applied it last, counted per member.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ShardSummary {
+    pub map_version: u64,
+    /// Shards nobody owns.
+    pub unowned: u32,
+    /// Every member with a record, and any other the map names.
+    pub members: BTreeMap<MemberId, MemberShardCount>,
 }
 
 /// The pod's view of the fleet (see the module docs).
@@ -361,6 +385,42 @@ impl View {
             .collect()
     }
 
+    /// The shard map counted per member (for the admin API). A member is replica for the
+    /// shards whose `copies` replicas, as their owner chooses them among the members that are
+    /// not draining, include it.
+    pub fn shard_summary(&self, copies: usize) -> ShardSummary {
+        let members = self.members();
+        let accepting: Vec<MemberId> = members
+            .iter()
+            .filter(|(_, r)| !r.load.draining)
+            .map(|(m, _)| *m)
+            .collect();
+        let mut out = ShardSummary {
+            map_version: self.map_version(),
+            unowned: 0,
+            members: members
+                .keys()
+                .map(|m| (*m, MemberShardCount::default()))
+                .collect(),
+        };
+        for s in Shard::all() {
+            let Some(owner) = self.owner(s) else {
+                out.unowned += 1;
+                continue;
+            };
+            let counts = out.members.entry(owner).or_default();
+            counts.owned += 1;
+            if let Some(to) = self.moving_to(s).filter(|to| *to != owner) {
+                counts.handing_over += 1;
+                out.members.entry(to).or_default().taking_over += 1;
+            }
+            for r in replicas(s, owner, &accepting, copies) {
+                out.members.entry(r).or_default().replica += 1;
+            }
+        }
+        out
+    }
+
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
         // A panic elsewhere while holding the lock leaves consistent data (each write
         // replaces the whole value): go on with it.
@@ -544,5 +604,71 @@ mod tests {
         assert_eq!(occupied.len(), 2);
         view.set_live(&ShardSet::new());
         assert!(!view.occupied().contains(other));
+    }
+
+    #[test]
+    fn the_shard_summary_counts_each_shard_once_per_role() {
+        let view = View::new();
+        assert_eq!(view.shard_summary(1).unowned, u32::from(SHARDS), "no map yet");
+        let (map, members) = fleet(&[0, 1, 2]);
+        view.set_me(Some(MemberId(0)));
+        view.apply(&map, members.clone());
+        let sum = view.shard_summary(1);
+        assert_eq!(sum.map_version, map.version());
+        assert_eq!(sum.members.len(), 3);
+        let total = |f: fn(&MemberShardCount) -> u32| sum.members.values().map(f).sum::<u32>();
+        assert_eq!(total(|c| c.owned) + sum.unowned, u32::from(SHARDS));
+        assert_eq!(sum.unowned, 0);
+        assert_eq!(total(|c| c.replica), u32::from(SHARDS), "one replica per shard");
+        assert_eq!(total(|c| c.handing_over) + total(|c| c.taking_over), 0);
+        assert_eq!(
+            view.shard_summary(2)
+                .members
+                .values()
+                .map(|c| c.replica)
+                .sum::<u32>(),
+            2 * u32::from(SHARDS)
+        );
+        assert_eq!(
+            view.shard_summary(0)
+                .members
+                .values()
+                .map(|c| c.replica)
+                .sum::<u32>(),
+            0
+        );
+
+        // Member 2 drains: every shard of its is marked to another member, and it is
+        // nobody's replica any more.
+        let reports: BTreeMap<_, _> = [0u16, 1, 2]
+            .into_iter()
+            .map(|n| {
+                (
+                    MemberId(n),
+                    Report {
+                        map_version: map.version(),
+                        occupied: if n == 2 {
+                            map.owned_by(MemberId(2))
+                        } else {
+                            ShardSet::new()
+                        },
+                        draining: n == 2,
+                    },
+                )
+            })
+            .collect();
+        let marked = plan(&map, &reports).unwrap();
+        let mut members = members;
+        members.get_mut(&MemberId(2)).unwrap().load.draining = true;
+        view.apply(&marked, members);
+        let sum = view.shard_summary(1);
+        let draining = sum.members[&MemberId(2)];
+        assert_eq!(draining.handing_over, draining.owned);
+        assert!(draining.owned > 300, "{draining:?}");
+        assert_eq!(draining.replica, 0);
+        assert_eq!(
+            sum.members[&MemberId(0)].taking_over + sum.members[&MemberId(1)].taking_over,
+            draining.handing_over
+        );
     }
 }
