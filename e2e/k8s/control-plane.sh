@@ -543,7 +543,7 @@ KUBECONFIG="$work/scoped.kubeconfig" POD_NAME=e2e-scoped POD_NAMESPACE="$scoped_
     "$OPERATOR" --metrics-listen "127.0.0.1:$((metrics_port + 1))" --log-format json >"$work/scoped.log" 2>&1 &
 op_pid=$!
 poll 60 "the scoped operator to take its Lease" \
-    is e2e-scoped get lease scoped-operator -n "$scoped_rel" -o jsonpath='{.spec.holderIdentity}'
+    is e2e-scoped get lease concentrator-operator -n "$scoped_rel" -o jsonpath='{.spec.holderIdentity}'
 for n in "$scoped_ns" "$other_ns"; do
     kubectl -n "$n" create secret generic fleet --from-literal=key="$(head -c 32 /dev/urandom | base64)" >/dev/null
     kubectl -n "$n" apply -f - >/dev/null <<YAML
