@@ -83,6 +83,13 @@ if "$HELM" template concentrator charts/concentrator --set operator.logFormat=xm
     echo "values.schema.json accepted operator.logFormat=xml" >&2
     exit 1
 fi
+# The chart's own fleet outside the watched namespaces would never be reconciled: refused.
+if out=$("$HELM" template concentrator charts/concentrator --namespace rel --set fleet.create=true \
+    --set 'fleet.etcd.endpoints={http://etcd:2379}' --set 'watchNamespaces={vpn-a}' 2>&1); then
+    echo "the chart accepted fleet.create in a namespace watchNamespaces does not list" >&2
+    exit 1
+fi
+[[ $out == *"watchNamespaces does not list"* ]] || { echo "unexpected refusal: $out" >&2; exit 1; }
 # GatewayFleets the chart creates must pass our own validation (the CRD's rules in Rust).
 fleet_dir="$rendered_dir/fleets"
 mkdir -p "$fleet_dir"

@@ -296,13 +296,16 @@ async fn import_sites(
         return Err(TooLarge { file: shown, size }.into());
     }
     let csv = zeroize::Zeroizing::new(std::fs::read(file).with_context(|| format!("cannot read {shown}"))?);
-    let pieces = import::requests(&shown, &csv, prefix)?;
+    // Checked once up front (size); made again for each pod from the wiped buffer rather
+    // than kept as one more whole copy of the file.
+    import::requests(&shown, &csv, prefix)?;
     let mut missed = Vec::new();
     let mut imported = false;
     for pod in pods {
         let answer = async {
             let mut admin = reach.admin(pod, tls).await?;
-            anyhow::Ok(admin.import_sites(tokio_stream::iter(pieces.clone())).await)
+            let pieces = import::requests(&shown, &csv, prefix)?;
+            anyhow::Ok(admin.import_sites(tokio_stream::iter(pieces)).await)
         }
         .await;
         let r = match answer {

@@ -43,9 +43,10 @@ where
     }
 }
 
-/// Secrets as triggers: metadata only (the operator never caches Secret data), and not the
-/// ones it writes itself (each fleet's `<fleet>-config-secrets`), whose every write would
-/// otherwise come back as a reconcile.
+/// Secrets as triggers: metadata only (an `Api<PartialObjectMeta<_>>` lists and watches with
+/// `Accept: ...;as=PartialObjectMetadata` in kube 5, so the API server never sends Secret
+/// data here), and not the ones the operator writes itself (each fleet's
+/// `<fleet>-config-secrets`), whose every write would otherwise come back as a reconcile.
 pub fn secret_changes(
     client: &Client,
     scope: &Option<String>,

@@ -29,6 +29,8 @@ struct World {
     statefulset: Option<u32>,
     /// The fleet's rendered ConfigMap exists (applied by an earlier reconcile).
     config_map: bool,
+    /// A Service that exists with this loadBalancerClass (name, class).
+    service_class: Option<(&'static str, &'static str)>,
 }
 
 /// Scripted gateway pods: tunnels per ordinal (None: pod does not answer) and the drain answer.
@@ -141,6 +143,19 @@ async fn fake_api(mut handle: Handle, world: World) -> Vec<Call> {
                     .map(|n| json!({"metadata": {"name": n, "namespace": "vpn"}}))
                     .collect();
                 reply(StatusCode::OK, &list("ServiceList", items))
+            }
+            (Method::GET, p) if p.contains("/services/") => {
+                match world.service_class.filter(|(n, _)| *n == last) {
+                    Some((n, class)) => reply(
+                        StatusCode::OK,
+                        &json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": n, "namespace": "vpn"},
+                                "spec": {"type": "LoadBalancer", "loadBalancerClass": class}}),
+                    ),
+                    None => reply(
+                        StatusCode::NOT_FOUND,
+                        &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"}),
+                    ),
+                }
             }
             (Method::GET, p) if p.ends_with("/statefulsets/edge") => match world.statefulset {
                 Some(n) => reply(
@@ -288,6 +303,7 @@ async fn create_applies_every_object_and_reports_ready() {
         services: vec!["edge", "edge-pods", "edge-7"],
         statefulset: None,
         config_map: false,
+        service_class: None,
     };
     let calls = run(fleet(""), world).await;
     let p = "/api/v1/namespaces/vpn";
@@ -349,6 +365,7 @@ async fn same_verdict_keeps_last_transition_time() {
         services: vec!["edge", "edge-pods"],
         statefulset: None,
         config_map: false,
+        service_class: None,
     };
     let calls = run(ready_since("2026-01-01T00:00:00Z"), world).await;
     let c = &status_patch(&calls)["conditions"][0];
@@ -367,6 +384,7 @@ async fn a_new_verdict_moves_last_transition_time() {
         services: vec![],
         statefulset: None,
         config_map: false,
+        service_class: None,
     };
     let calls = run(ready_since("2026-01-01T00:00:00Z"), world).await;
     let c = &status_patch(&calls)["conditions"][0];
@@ -452,6 +470,7 @@ async fn a_new_fleet_with_a_bad_config_gets_an_empty_one_so_its_pods_can_start()
         services: vec![],
         statefulset: None,
         config_map: false,
+        service_class: None,
     };
     let calls = run(fleet(""), world).await;
     let cm = calls
@@ -550,10 +569,13 @@ fn ready_world(replicas: u32) -> World {
             ("admin-tls", "tls.crt"),
             ("admin-tls", "tls.key"),
             ("admin-tls", "ca.crt"),
+            // Applied by an earlier reconcile, with the ConfigMap.
+            ("edge-config-secrets", "x"),
         ],
         services: vec![],
         statefulset: Some(replicas),
         config_map: true,
+        service_class: None,
     }
 }
 
@@ -944,4 +966,44 @@ async fn a_renewed_client_certificate_is_used_without_a_restart() {
     let report = admin.report("vpn", "edge", 0).await;
     assert!(report.is_ok(), "{report:?}");
     gw.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_held_back_config_still_recreates_a_missing_config_secret() {
+    let mut world = ready_world(2);
+    world.eroutes = vec![static_eroute()]; // its PSK Secret 'hq' does not exist
+    world.secrets.retain(|(n, _)| *n != "edge-config-secrets");
+    let calls = run(fleet(""), world).await;
+    let applied = patched(&calls);
+    assert!(
+        !applied.iter().any(|p| p.ends_with("/configmaps/edge-config")),
+        "the last valid config stays: {applied:?}"
+    );
+    let carried = calls
+        .iter()
+        .find(|c| c.method == Method::PATCH && c.path.ends_with("/secrets/edge-config-secrets"))
+        .expect("the pods' projected volume needs the Secret: recreated");
+    assert!(carried.body["data"].as_object().is_none_or(|d| d.is_empty()));
+}
+
+#[tokio::test]
+async fn a_changed_load_balancer_class_is_kept_and_said_without_stopping_the_fleet() {
+    let mut world = ready_world(2);
+    world.service_class = Some(("edge", "metallb"));
+    let calls = run(fleet("  front: {loadBalancerClass: cilium}\n"), world).await;
+    let front = calls
+        .iter()
+        .find(|c| c.method == Method::PATCH && c.path.ends_with("/services/edge"))
+        .expect("the front Service is applied");
+    assert_eq!(front.body["spec"]["loadBalancerClass"], "metallb");
+    assert!(
+        patched(&calls).iter().any(|p| p.ends_with("/statefulsets/edge")),
+        "the rest of the fleet is applied"
+    );
+    let kept: Vec<_> = calls
+        .iter()
+        .filter(|c| c.method == Method::POST && c.body["reason"] == "LoadBalancerClassKept")
+        .collect();
+    assert_eq!(kept.len(), 1, "{calls:?}");
+    assert_eq!(status_patch(&calls)["conditions"][0]["status"], "True");
 }

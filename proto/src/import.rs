@@ -49,7 +49,6 @@ pub fn requests(file: &str, csv: &[u8], prefix: Option<u8>) -> Result<Vec<Import
 }
 
 /// The file as the gateway received it.
-#[derive(Debug)]
 pub struct Assembled {
     /// The name the client gave (`-` when it gave none).
     pub file: String,
@@ -60,10 +59,30 @@ pub struct Assembled {
 }
 
 /// Puts the pieces back together, refusing more than [`MAX_CSV_BYTES`].
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Assembler {
     first: Option<(String, Option<u32>)>,
     csv: Zeroizing<Vec<u8>>,
+}
+
+// The bytes hold PSKs: Debug shows their length only.
+impl std::fmt::Debug for Assembled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Assembled")
+            .field("file", &self.file)
+            .field("prefix", &self.prefix)
+            .field("csv_bytes", &self.csv.len())
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for Assembler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Assembler")
+            .field("first", &self.first)
+            .field("csv_bytes", &self.csv.len())
+            .finish()
+    }
 }
 
 impl Assembler {
@@ -84,6 +103,14 @@ impl Assembler {
                 size,
             });
         }
+        let needed = self.csv.len() + piece.csv.len();
+        if needed > self.csv.capacity() {
+            // Grown by hand: `extend` would reallocate and free the old buffer unwiped; this
+            // one is wiped when `grown` replaces it.
+            let mut grown = Zeroizing::new(Vec::with_capacity(needed.max(2 * self.csv.capacity())));
+            grown.extend_from_slice(&self.csv);
+            self.csv = grown;
+        }
         self.csv.extend_from_slice(&piece.csv);
         zeroize::Zeroize::zeroize(&mut piece.csv);
         Ok(())
@@ -103,6 +130,20 @@ impl Assembler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_never_shows_the_bytes() {
+        let mut a = Assembler::new();
+        a.push(ImportSitesRequest {
+            file: "s.csv".into(),
+            csv: b"peer_id,psk\nsite-1,very-secret-psk\n".to_vec(),
+            ..ImportSitesRequest::default()
+        })
+        .unwrap();
+        assert!(!format!("{a:?}").contains("very-secret-psk"), "{a:?}");
+        let done = a.finish().unwrap();
+        assert!(!format!("{done:?}").contains("very-secret-psk"), "{done:?}");
+    }
 
     #[test]
     fn pieces_put_back_together_are_the_file() {

@@ -24,6 +24,9 @@ use crate::cluster::SharedView;
 use crate::sitedb::SiteStore;
 use crate::state::Gateway;
 
+/// How long a site import waits for the next piece of its CSV before it gives up.
+const IMPORT_PIECE_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Why the admin API cannot be served as the options say.
 #[derive(Debug, thiserror::Error)]
 pub enum AdminTlsError {
@@ -351,14 +354,25 @@ impl GatewayAdmin for AdminService {
         req: Request<Streaming<ImportSitesRequest>>,
     ) -> Result<Response<ImportSitesResponse>, Status> {
         self.gw.metrics.count_admin("ImportSites");
-        let Ok(_one_at_a_time) = self.importing.try_lock() else {
+        // Owned: the check below runs on a blocking thread that outlives this request if the
+        // client goes away, and holds the lock until it is done (never two files in memory).
+        let Ok(one_at_a_time) = self.importing.clone().try_lock_owned() else {
             return Err(Status::aborted(
                 "another site import is under way on this gateway: try again once it is done",
             ));
         };
         let mut pieces = req.into_inner();
         let mut file = Assembler::new();
-        while let Some(piece) = pieces.message().await? {
+        // A client that stalls would hold the import lock for as long as its connection lives.
+        loop {
+            let piece = tokio::time::timeout(IMPORT_PIECE_TIMEOUT, pieces.message())
+                .await
+                .map_err(|_| {
+                    Status::deadline_exceeded(format!(
+                        "no piece of the CSV for {IMPORT_PIECE_TIMEOUT:?}: import abandoned, nothing written"
+                    ))
+                })??;
+            let Some(piece) = piece else { break };
             file.push(piece)
                 .map_err(|e| Status::resource_exhausted(e.to_string()))?;
         }
@@ -375,9 +389,11 @@ impl GatewayAdmin for AdminService {
         let name = file.file.clone();
         let bytes = file.csv.len();
         // Tens of MiB take a while to check: not on the runtime's threads, which carry IKE.
-        let checked = tokio::task::spawn_blocking(move || crate::sites::parse(&file.csv, &file.file, prefix))
-            .await
-            .map_err(|e| Status::internal(format!("checking the CSV: {e}")))?;
+        let (checked, _one_at_a_time) = tokio::task::spawn_blocking(move || {
+            (crate::sites::parse(&file.csv, &file.file, prefix), one_at_a_time)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("checking the CSV: {e}")))?;
         let written = match checked {
             Ok(sites) => crate::sites::write(&self.sites, &sites).await,
             Err(e) => Err(e),

@@ -409,6 +409,39 @@ async fn config_secret_problem(
     Ok(None)
 }
 
+/// `desired`, with the `loadBalancerClass` of the Service as it exists: Kubernetes refuses
+/// to change the class of a Service once it has one, and that refusal must not stop the rest
+/// of the fleet's reconcile. A change is said (warning and Event) and waits until the Service
+/// is deleted, which gives it the new class.
+async fn keep_load_balancer_class(
+    ctx: &Context,
+    fleet: &GatewayFleet,
+    services: &Api<Service>,
+    desired: &Service,
+) -> Result<Service, Error> {
+    let name = desired.metadata.name.clone().unwrap_or_default();
+    let wanted = desired.spec.as_ref().and_then(|s| s.load_balancer_class.clone());
+    let existing = services
+        .get_opt(&name)
+        .await?
+        .and_then(|s| s.spec.and_then(|sp| sp.load_balancer_class));
+    let Some(kept) = existing.filter(|e| Some(e) != wanted.as_ref()) else {
+        return Ok(desired.clone());
+    };
+    let note = format!(
+        "Service '{name}' keeps loadBalancerClass '{kept}' (Kubernetes does not change it): \
+         delete the Service for it to be re-created with {}",
+        wanted.map_or("none".to_owned(), |w| format!("'{w}'"))
+    );
+    tracing::warn!(service = %name, "{note}");
+    ctx.event(fleet, true, "LoadBalancerClassKept", note).await;
+    let mut s = desired.clone();
+    if let Some(spec) = s.spec.as_mut() {
+        spec.load_balancer_class = Some(kept);
+    }
+    Ok(s)
+}
+
 /// The StatefulSet's pod counts as it is now (none: zero).
 fn pod_counts(sts: Option<&StatefulSet>) -> (i32, i32) {
     let st = sts.and_then(|s| s.status.as_ref());
@@ -491,10 +524,14 @@ async fn apply_fleet(fleet: Arc<GatewayFleet>, ctx: Arc<Context>) -> Result<Acti
     let d = build::desired(&fleet, use_e, use_g, replicas).map_err(|e| Error::Build(e.to_string()))?;
     let config_maps = Api::<ConfigMap>::namespaced(client.clone(), &ns);
     let config_name = d.config.metadata.name.clone().unwrap_or_default();
-    // Held back, the config applied before stays; a fleet that never had one gets an empty
-    // one (and an empty Secret), so that its pods can start.
+    // Held back, the config applied before stays; a fleet that lacks either object (never
+    // had one, or it was deleted, or an earlier reconcile stopped between the two) gets an
+    // empty one, so that its pods can start: the projected volume needs both.
     if config_ok || config_maps.get_opt(&config_name).await?.is_none() {
         apply(&config_maps, &d.config).await?;
+    }
+    let carried_name = build::config_secrets_name(&fleet.name_any());
+    if config_ok || secrets.get_metadata_opt(&carried_name).await?.is_none() {
         let values = if config_ok {
             secret_values(&secrets, &config_refs).await?
         } else {
@@ -507,7 +544,8 @@ async fn apply_fleet(fleet: Arc<GatewayFleet>, ctx: Arc<Context>) -> Result<Acti
     apply(&services, &d.headless).await?;
     let mut fronts = Vec::with_capacity(d.fronts.len());
     for s in &d.fronts {
-        fronts.push(apply(&services, s).await?);
+        let s = keep_load_balancer_class(&ctx, &fleet, &services, s).await?;
+        fronts.push(apply(&services, &s).await?);
     }
     if let Some(cm) = vip::config_map(&fleet, &fronts).map_err(|e| Error::Build(e.to_string()))? {
         apply(&Api::<ConfigMap>::namespaced(client.clone(), &ns), &cm).await?;
