@@ -103,6 +103,21 @@ cond() { # ns kind/name field (reason|message|lastTransitionTime|observedGenerat
     kubectl -n "$1" get "$2" -o jsonpath="{.status.conditions[?(@.type==\"Ready\")].$3}"
 }
 
+# A fleet key Secret and a one-pod GatewayFleet $fleet in namespace $1.
+minimal_fleet() { # namespace
+    kubectl -n "$1" create secret generic fleet --from-literal=key="$(head -c 32 /dev/urandom | base64)" >/dev/null
+    kubectl -n "$1" apply -f - >/dev/null <<YAML
+apiVersion: vpn.concentrator.io/v1alpha1
+kind: GatewayFleet
+metadata: {name: $fleet}
+spec:
+  scaling: {minReplicas: 1}
+  front: {serviceType: NodePort}
+  etcd: {endpoints: ["http://etcd:2379"]}
+  fleetKeySecretRef: {name: fleet, key: key}
+YAML
+}
+
 diagnostics() {
     echo "==> diagnostics"
     kubectl get gatewayfleets,eroutes,egroups,statefulsets,services,pdb,configmaps -A -o wide 2>&1 | grep -v kube-root-ca || true
@@ -390,17 +405,7 @@ ok "invalid Eroute and GatewayFleet: Ready=False, reason Invalid, the field name
     || fail "no gateway pods in the privileged namespace $ns"
 kubectl create namespace "$base_ns" >/dev/null
 kubectl label namespace "$base_ns" pod-security.kubernetes.io/enforce=baseline >/dev/null
-kubectl -n "$base_ns" create secret generic fleet --from-literal=key="$(head -c 32 /dev/urandom | base64)" >/dev/null
-kubectl -n "$base_ns" apply -f - >/dev/null <<YAML
-apiVersion: vpn.concentrator.io/v1alpha1
-kind: GatewayFleet
-metadata: {name: $fleet}
-spec:
-  scaling: {minReplicas: 1}
-  front: {serviceType: NodePort}
-  etcd: {endpoints: ["http://etcd:2379"]}
-  fleetKeySecretRef: {name: fleet, key: key}
-YAML
+minimal_fleet "$base_ns"
 refused() {
     local m
     m=$(kubectl -n "$base_ns" get events --field-selector reason=FailedCreate,involvedObject.name="$fleet" \
@@ -545,17 +550,7 @@ op_pid=$!
 poll 60 "the scoped operator to take its Lease" \
     is e2e-scoped get lease concentrator-operator -n "$scoped_rel" -o jsonpath='{.spec.holderIdentity}'
 for n in "$scoped_ns" "$other_ns"; do
-    kubectl -n "$n" create secret generic fleet --from-literal=key="$(head -c 32 /dev/urandom | base64)" >/dev/null
-    kubectl -n "$n" apply -f - >/dev/null <<YAML
-apiVersion: vpn.concentrator.io/v1alpha1
-kind: GatewayFleet
-metadata: {name: $fleet}
-spec:
-  scaling: {minReplicas: 1}
-  front: {serviceType: NodePort}
-  etcd: {endpoints: ["http://etcd:2379"]}
-  fleetKeySecretRef: {name: fleet, key: key}
-YAML
+    minimal_fleet "$n"
 done
 kubectl -n "$scoped_ns" wait --for=condition=Ready "gwf/$fleet" --timeout=60s >/dev/null \
     || fail "the scoped operator did not reconcile gwf/$scoped_ns/$fleet"

@@ -311,16 +311,12 @@ pub async fn run(
 /// their namespace.
 async fn run_scope(client: &Client, ctx: &Arc<Context>, scope: &Option<String>) {
     use crate::triggers::{self, api};
-    use kube::runtime::{WatchStreamExt, predicates, reflector};
+    use kube::runtime::{WatchStreamExt, predicates};
     // Bursts (kubectl apply -f examples/) become one reconcile.
     let config = kube::runtime::controller::Config::default().debounce(Duration::from_millis(500));
 
-    let (eroute_store, writer) = reflector::store::<Eroute>();
-    let eroute_stream = watcher(api::<Eroute>(client, scope), watcher::Config::default())
-        .default_backoff()
-        .reflect(writer)
-        .applied_objects()
-        .predicate_filter(predicates::generation, Default::default());
+    let (eroute_store, eroute_stream) =
+        triggers::own_kind::<Eroute, _>(client, scope, predicates::generation);
     let store = eroute_store.clone();
     let eroutes = Controller::for_stream(eroute_stream, eroute_store.clone())
         .with_config(config.clone())
@@ -331,12 +327,8 @@ async fn run_scope(client: &Client, ctx: &Arc<Context>, scope: &Option<String>) 
         .run(reconcile::<Eroute>, error_policy::<Eroute>, ctx.clone())
         .for_each(|_| async {});
 
-    let (egroup_store, writer) = reflector::store::<Egroup>();
-    let egroup_stream = watcher(api::<Egroup>(client, scope), watcher::Config::default())
-        .default_backoff()
-        .reflect(writer)
-        .applied_objects()
-        .predicate_filter(predicates::generation, Default::default());
+    let (egroup_store, egroup_stream) =
+        triggers::own_kind::<Egroup, _>(client, scope, predicates::generation);
     let (by_secret, by_eroute) = (egroup_store.clone(), egroup_store.clone());
     let egroups = Controller::for_stream(egroup_stream, egroup_store.clone())
         .with_config(config.clone())
@@ -353,12 +345,7 @@ async fn run_scope(client: &Client, ctx: &Arc<Context>, scope: &Option<String>) 
         .run(reconcile::<Egroup>, error_policy::<Egroup>, ctx.clone())
         .for_each(|_| async {});
 
-    let (fleet_store, writer) = reflector::store::<GatewayFleet>();
-    let fleet_stream = watcher(api::<GatewayFleet>(client, scope), watcher::Config::default())
-        .default_backoff()
-        .reflect(writer)
-        .applied_objects()
-        .predicate_filter(triggers::fleet_predicate, Default::default());
+    let (fleet_store, fleet_stream) = triggers::own_kind(client, scope, triggers::fleet_predicate);
     let (on_eroute, on_egroup, on_secret) = (fleet_store.clone(), fleet_store.clone(), fleet_store.clone());
     let fleets = Controller::for_stream(fleet_stream, fleet_store.clone())
         .with_config(config)

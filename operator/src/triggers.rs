@@ -10,9 +10,9 @@ use concentrator_crds::{Egroup, Eroute, GatewayFleet, SecretKeyRef};
 use futures::{Stream, StreamExt, future};
 use k8s_openapi::api::core::v1::Secret;
 use kube::core::PartialObjectMeta;
-use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::watcher::{self, Event};
-use kube::runtime::{WatchStreamExt, watcher as watch};
+use kube::runtime::{Predicate, WatchStreamExt, watcher as watch};
 use kube::{Api, Client, Resource, ResourceExt};
 
 /// Where the operator looks: the whole cluster, or the namespaces named in
@@ -41,6 +41,37 @@ where
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     }
+}
+
+/// A controller's own kind in one scope: the store of every object (for
+/// `Controller::for_stream`), and the objects that pass `predicate` (their spec changed, by
+/// `metadata.generation` or what `predicate` hashes: the operator's own status writes do not
+/// come back as reconciles).
+pub fn own_kind<K, P>(
+    client: &Client,
+    scope: &Option<String>,
+    predicate: P,
+) -> (
+    Store<K>,
+    impl Stream<Item = Result<K, watcher::Error>> + Send + 'static,
+)
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+    P: Predicate<K> + Send + 'static,
+{
+    let (store, writer) = reflector::store::<K>();
+    let stream = watch(api::<K>(client, scope), watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(predicate, Default::default());
+    (store, stream)
 }
 
 /// Secrets as triggers: metadata only (an `Api<PartialObjectMeta<_>>` lists and watches with
