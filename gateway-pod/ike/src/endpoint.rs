@@ -684,6 +684,9 @@ impl Endpoint {
             if self.by_init.get(&(slot.remote, slot.spi_i)) == Some(&id) {
                 self.by_init.remove(&(slot.remote, slot.spi_i));
             }
+            // So a retransmitted IKE_SA_INIT (no SPI of ours) never reaches it again: the
+            // copy of that exchange it kept is a few hundred bytes per tunnel for nothing.
+            slot.sa.forget_init_exchange();
         }
         if slot.sa.is_closed() && slot.closed_at.is_none() {
             slot.closed_at = Some(now);

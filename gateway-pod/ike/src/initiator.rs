@@ -345,6 +345,15 @@ impl Initiator {
         matches!(self.state, State::Established(_))
     }
 
+    /// Forgets the IKE_SA_INIT exchange kept to answer its retransmissions, once nothing
+    /// routes them to this SA any more (an [`crate::endpoint::Endpoint`] routes established
+    /// SAs by our SPI only, and a retransmitted IKE_SA_INIT carries none).
+    pub fn forget_init_exchange(&mut self) {
+        if let State::Established(e) = &mut self.state {
+            e.forget_init();
+        }
+    }
+
     /// Whether the negotiation failed or the IKE SA is gone.
     pub fn is_closed(&self) -> bool {
         matches!(self.state, State::Closed(_))

@@ -354,6 +354,15 @@ impl Responder {
         matches!(self.state, State::Established(_))
     }
 
+    /// Forgets the IKE_SA_INIT exchange kept to answer its retransmissions, once nothing
+    /// routes them to this SA any more (an [`crate::endpoint::Endpoint`] routes established
+    /// SAs by our SPI only, and a retransmitted IKE_SA_INIT carries none).
+    pub fn forget_init_exchange(&mut self) {
+        if let State::Established(e) = &mut self.state {
+            e.forget_init();
+        }
+    }
+
     /// The next datagram to send.
     #[must_use]
     pub fn poll_transmit(&mut self) -> Option<Transmit> {

@@ -114,6 +114,14 @@ impl Sa {
         }
     }
 
+    /// See [`Responder::forget_init_exchange`].
+    pub(super) fn forget_init_exchange(&mut self) {
+        match self {
+            Self::Responder(r) => r.forget_init_exchange(),
+            Self::Initiator(i) => i.forget_init_exchange(),
+        }
+    }
+
     pub(super) fn is_closed(&self) -> bool {
         match self {
             Self::Responder(r) => r.is_closed(),

@@ -117,6 +117,12 @@ pub(crate) fn delete_ike() -> Payload<'static> {
 }
 
 impl Established {
+    /// Drops the copy of the IKE_SA_INIT exchange kept for its retransmissions: the caller
+    /// no longer routes them here (see [`crate::endpoint::Endpoint`]).
+    pub(crate) fn forget_init(&mut self) {
+        self.init = None;
+    }
+
     /// The SA after IKE_AUTH at `now`, under `config`.
     pub(crate) fn new(
         config: Arc<Config>,
