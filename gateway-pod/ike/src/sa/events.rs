@@ -33,16 +33,22 @@ impl<E: ChildEvent> Events<E> {
 
     pub(crate) fn push_back(&mut self, e: E) {
         if let Some(c) = e.installed() {
+            // Exactly one more: a Vec's first growth makes room for four CHILD SAs, where an
+            // IKE SA holds one or two (three quarters of a KiB per tunnel for nothing).
+            self.installed.reserve_exact(1);
             self.installed.push(c.clone());
         }
         if let Some(spi_in) = e.deleted() {
             self.installed.retain(|c| c.spi_in != spi_in);
+            self.installed.shrink_to_fit();
         }
         self.queue.push_back(e);
     }
 
     pub(crate) fn pop_front(&mut self) -> Option<E> {
-        self.queue.pop_front()
+        let e = self.queue.pop_front();
+        free_if_drained(&mut self.queue);
+        e
     }
 
     /// The installed CHILD SA whose inbound SPI is `spi_in`.
@@ -85,10 +91,20 @@ impl Output {
     }
 
     pub(crate) fn poll_transmit(&mut self) -> Option<Transmit> {
-        self.transmits.pop_front()
+        let t = self.transmits.pop_front();
+        free_if_drained(&mut self.transmits);
+        t
     }
 
     pub(crate) fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()
+    }
+}
+
+/// An IKE SA's queues are empty nearly all its life, between a few bursts (establishment,
+/// rekeys): a drained queue gives its buffer back rather than keep it per tunnel.
+fn free_if_drained<T>(queue: &mut VecDeque<T>) {
+    if queue.is_empty() && queue.capacity() > 0 {
+        *queue = VecDeque::new();
     }
 }
