@@ -80,7 +80,9 @@ pub(crate) struct Established {
     /// The IKE SA in use.
     current: Session,
     /// The one it replaced, if not deleted yet.
-    previous: Option<Previous>,
+    /// Boxed: it exists for seconds after a rekey, and inline it would make every SA
+    /// ~430 bytes larger for all of its life.
+    previous: Option<Box<Previous>>,
     /// The first IKE SA's IKE_SA_INIT request and response, for a late retransmission.
     init: Cache,
     /// The last request on a retired IKE SA (its DELETE) and our response.
@@ -198,7 +200,10 @@ impl Established {
         }
         let (children, installed) = restore_children(&snapshot.children, now);
         let ours = Ours::restore(snapshot.in_flight, &children)?;
-        let previous = snapshot.previous.map(|p| Previous::restore(p, now)).transpose()?;
+        let previous = snapshot
+            .previous
+            .map(|p| Previous::restore(p, now).map(Box::new))
+            .transpose()?;
         let exchange = |e: Option<Exchange>| e.map(|e| (e.request, e.response));
         let current = Session::restore(snapshot.current, now)?;
         let mid_sync = match (
@@ -483,10 +488,10 @@ impl Established {
         ) {
             out.send(self.local, self.remote, d);
         }
-        self.previous = Some(Previous {
+        self.previous = Some(Box::new(Previous {
             session: old,
             expires: deadline(now, REKEYED_SA_LINGER),
-        });
+        }));
     }
 
     /// The peer rekeyed the current IKE SA into `sa`; the old one stays until the peer
@@ -497,10 +502,10 @@ impl Established {
         // peer alive, and the old SA is about to go.
         old.abandon_request();
         self.retry_child_rekey(now);
-        self.previous = Some(Previous {
+        self.previous = Some(Box::new(Previous {
             session: old,
             expires: deadline(now, REKEYED_SA_LINGER),
-        });
+        }));
     }
 
     /// Our CHILD SA rekey in flight gave way (to an IKE SA rekey, a REDIRECT): again, as soon
@@ -771,7 +776,7 @@ impl Established {
 /// The session a message is on: the IKE SA in use, or the one a rekey replaced.
 fn pick<'a>(
     current: &'a mut Session,
-    previous: &'a mut Option<Previous>,
+    previous: &'a mut Option<Box<Previous>>,
     is_current: bool,
 ) -> Result<&'a mut Session, Error> {
     if is_current {
