@@ -427,7 +427,8 @@ impl Endpoint {
             if self.is_taken(id) {
                 continue;
             }
-            self.slots.insert(id, Slot::new(Sa::Initiator(i), remote, 0, now));
+            self.slots
+                .insert(id, Slot::new(Sa::Initiator(Box::new(i)), remote, 0, now));
             self.collect(id, now);
             return Ok(id);
         }
@@ -467,7 +468,7 @@ impl Endpoint {
             Role::Initiator => {
                 let i = Initiator::restore(initiator_config, snapshot, now)?;
                 let id = i.spi_i();
-                (Sa::Initiator(i), id)
+                (Sa::Initiator(Box::new(i)), id)
             }
         };
         if let Some(used) = sa.our_spis().into_iter().chain([id]).find(|s| self.is_taken(*s)) {

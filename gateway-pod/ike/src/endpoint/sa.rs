@@ -13,8 +13,10 @@ use crate::sa::{Entropy, Event, Incoming, Transmit};
 pub enum Sa {
     /// The peer started it.
     Responder(Responder),
-    /// We started it ([`super::Endpoint::connect`]).
-    Initiator(Initiator),
+    /// We started it ([`super::Endpoint::connect`]). Boxed: an initiator is twice a
+    /// responder's size, and every SA of the endpoint's table (nearly all responders) would
+    /// be as large as the larger variant.
+    Initiator(Box<Initiator>),
 }
 
 impl Sa {
