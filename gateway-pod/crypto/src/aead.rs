@@ -5,7 +5,11 @@
 //! for both ciphers (RFC 4106 and RFC 5282 for GCM, RFC 7634 §2 for ChaCha20-Poly1305), and
 //! the ICV is 16 bytes.
 
-use aws_lc_rs::aead::{AES_128_GCM, AES_256_GCM, Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey};
+use std::sync::OnceLock;
+
+use aws_lc_rs::aead::{
+    AES_128_GCM, AES_256_GCM, Aad, Algorithm, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey,
+};
 use concentrator_algorithms::Encryption;
 
 use crate::error::{CryptoError, PacketError};
@@ -18,11 +22,24 @@ pub const TAG_LEN: usize = 16;
 
 /// An AEAD key with its salt. Immutable and `Sync`: one per SA direction, shareable between
 /// worker threads; the IV is supplied per call.
+///
+/// The cipher's context (AWS-LC's key schedule and GHASH tables, about 1.2 KB) is built on
+/// the first seal or open, not here: a tunnel that carries no traffic keeps its 16 or 32
+/// bytes of key instead, and a concentrator holds many such tunnels.
 pub struct AeadKey {
     encr: Encryption,
-    key: LessSafeKey,
+    alg: &'static Algorithm,
+    /// The cipher key (wiped on drop), of which the first `len` bytes are used.
+    material: zeroize::Zeroizing<[u8; MAX_KEY_LEN]>,
+    len: u8,
+    /// Built from `material` on first use (`None`: AWS-LC refused the key, which the length
+    /// checks in [`Self::new`] rule out).
+    key: OnceLock<Option<LessSafeKey>>,
     salt: [u8; SALT_LEN],
 }
+
+/// The longest AEAD key (AES-256, ChaCha20).
+const MAX_KEY_LEN: usize = 32;
 
 impl std::fmt::Debug for AeadKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -62,14 +79,32 @@ impl AeadKey {
             });
         }
         let (key, salt) = keymat.split_at(k);
-        let key = UnboundKey::new(alg, key).map_err(|_| CryptoError::Internal)?;
+        let mut material = zeroize::Zeroizing::new([0; MAX_KEY_LEN]);
+        material
+            .get_mut(..k)
+            .ok_or(CryptoError::Unsupported("AEAD key longer than 32 bytes"))?
+            .copy_from_slice(key);
         let mut s = [0; SALT_LEN];
         s.copy_from_slice(salt);
         Ok(Self {
             encr,
-            key: LessSafeKey::new(key),
+            alg,
+            material,
+            len: u8::try_from(k).map_err(|_| CryptoError::Internal)?,
+            key: OnceLock::new(),
             salt: s,
         })
+    }
+
+    /// The cipher's context, built on first use.
+    fn key(&self) -> Result<&LessSafeKey, PacketError> {
+        self.key
+            .get_or_init(|| {
+                let material = self.material.get(..usize::from(self.len))?;
+                UnboundKey::new(self.alg, material).ok().map(LessSafeKey::new)
+            })
+            .as_ref()
+            .ok_or(PacketError::Internal)
     }
 
     /// A key for one direction of a CHILD SA.
@@ -104,7 +139,7 @@ impl AeadKey {
         };
         let (pt, icv) = data.split_at_mut(pt_len);
         let tag = self
-            .key
+            .key()?
             .seal_in_place_separate_tag(self.nonce(iv), Aad::from(aad), pt)
             .map_err(|_| PacketError::Internal)?;
         icv.copy_from_slice(tag.as_ref());
@@ -126,7 +161,7 @@ impl AeadKey {
         if data.len() < TAG_LEN {
             return Err(PacketError::Malformed);
         }
-        self.key
+        self.key()?
             .open_in_place(self.nonce(iv), Aad::from(aad), data)
             .map_err(|_| PacketError::IcvMismatch)
     }
