@@ -17,6 +17,26 @@ fn examples() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples")
 }
 
+/// A standalone gateway on the example config, its data in `data`, its admin API and metrics
+/// on loopback ports of their own, no TUN device.
+async fn start_on_examples(data: &std::path::Path) -> concentrator_gateway::Running {
+    let opts = Options::try_parse_from([
+        "concentrator-gateway",
+        "--config-dir",
+        examples().to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--no-tunnels",
+    ])
+    .unwrap();
+    let cfg = config::load_dir(opts.config_dir.as_deref().unwrap()).unwrap();
+    start(&opts, cfg).await.unwrap()
+}
+
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes())
@@ -30,21 +50,7 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
 #[tokio::test]
 async fn admin_api_serves_the_loaded_config() {
     let data = tempfile::tempdir().unwrap();
-    let opts = Options::try_parse_from([
-        "concentrator-gateway",
-        "--config-dir",
-        examples().to_str().unwrap(),
-        "--data-dir",
-        data.path().to_str().unwrap(),
-        "--admin-listen",
-        "127.0.0.1:0",
-        "--metrics-listen",
-        "127.0.0.1:0",
-        "--no-tunnels",
-    ])
-    .unwrap();
-    let cfg = config::load_dir(opts.config_dir.as_deref().unwrap()).unwrap();
-    let running = start(&opts, cfg).await.unwrap();
+    let running = start_on_examples(data.path()).await;
     assert!(
         data.path().join("sites.db").exists(),
         "embedded site store created"
@@ -197,21 +203,7 @@ async fn sites_are_imported_through_the_admin_api_and_only_there() {
     use concentrator_proto::import::{CHUNK_BYTES, MAX_CSV_BYTES, requests};
 
     let data = tempfile::tempdir().unwrap();
-    let opts = Options::try_parse_from([
-        "concentrator-gateway",
-        "--config-dir",
-        examples().to_str().unwrap(),
-        "--data-dir",
-        data.path().to_str().unwrap(),
-        "--admin-listen",
-        "127.0.0.1:0",
-        "--metrics-listen",
-        "127.0.0.1:0",
-        "--no-tunnels",
-    ])
-    .unwrap();
-    let cfg = config::load_dir(opts.config_dir.as_deref().unwrap()).unwrap();
-    let running = start(&opts, cfg).await.unwrap();
+    let running = start_on_examples(data.path()).await;
     let mut client = GatewayAdminClient::connect(format!("http://{}", running.admin_addr))
         .await
         .unwrap();

@@ -106,15 +106,19 @@ async fn missing_secrets(
     Ok(None)
 }
 
-/// The values of the Secret keys the config refers to (checked present just before; one
-/// that went since is left out, and the pods' reload names it).
-async fn secret_values(
-    api: &Api<Secret>,
+/// The Secrets the config names, by name, as [`config_secret_problem`] read them (`None`:
+/// not found).
+type FoundSecrets = std::collections::HashMap<String, Option<Secret>>;
+
+/// The values of the Secret keys the config refers to, from the Secrets read for the check
+/// just before (a key that is not there is left out, and the pods' reload names it).
+fn secret_values(
+    found: &FoundSecrets,
     wanted: &BTreeSet<(String, String)>,
-) -> Result<std::collections::BTreeMap<(String, String), k8s_openapi::ByteString>, Error> {
+) -> std::collections::BTreeMap<(String, String), k8s_openapi::ByteString> {
     let mut values = std::collections::BTreeMap::new();
     for (name, key) in wanted {
-        let Some(s) = api.get_opt(name).await? else {
+        let Some(Some(s)) = found.get(name) else {
             continue;
         };
         let value = s.data.as_ref().and_then(|d| d.get(key).cloned()).or_else(|| {
@@ -127,7 +131,7 @@ async fn secret_values(
             values.insert((name.clone(), key.clone()), v);
         }
     }
-    Ok(values)
+    values
 }
 
 async fn apply<K>(api: &Api<K>, obj: &K) -> Result<K, Error>
@@ -377,12 +381,12 @@ async fn report_problem(
 }
 
 /// The first Secret an Eroute or Egroup names that is missing (or lacks its key), saying who
-/// names it.
+/// names it; and the Secrets read, whose values the config then carries.
 async fn config_secret_problem(
     api: &Api<Secret>,
     eroutes: &[Eroute],
     egroups: &[Egroup],
-) -> Result<Option<NotReady>, Error> {
+) -> Result<(Option<NotReady>, FoundSecrets), Error> {
     let refs = eroutes
         .iter()
         .filter_map(|e| {
@@ -393,20 +397,21 @@ async fn config_secret_problem(
             let r = g.spec.database.url_secret_ref.as_ref()?;
             Some((format!("Egroup '{}' spec.database.urlSecretRef", g.name_any()), r))
         }));
-    let mut found = std::collections::HashMap::new();
+    let mut found = FoundSecrets::new();
     for (who, r) in refs {
         if !found.contains_key(&r.name) {
             found.insert(r.name.clone(), api.get_opt(&r.name).await?);
         }
         let secret = found.get(&r.name).and_then(Option::as_ref);
         if let Some(why) = crate::controller::secret_problem(secret, &r.name, &r.key) {
-            return Ok(Some(NotReady {
+            let problem = NotReady {
                 reason: "SecretMissing",
                 message: format!("{who}: {why}"),
-            }));
+            };
+            return Ok((Some(problem), found));
         }
     }
-    Ok(None)
+    Ok((None, found))
 }
 
 /// `desired`, with the `loadBalancerClass` of the Service as it exists: Kubernetes refuses
@@ -488,15 +493,19 @@ async fn apply_fleet(fleet: Arc<GatewayFleet>, ctx: Arc<Context>) -> Result<Acti
     // before), while the fleet goes on scaling, applying and reporting.
     let named_e: Vec<_> = eroutes.iter().map(|e| (e.name_any(), e.spec.clone())).collect();
     let named_g: Vec<_> = egroups.iter().map(|g| (g.name_any(), g.spec.clone())).collect();
-    let (config_problem, at_fault) = match concentrator_crds::set::validate(&named_e, &named_g) {
+    let (config_problem, at_fault, found) = match concentrator_crds::set::validate(&named_e, &named_g) {
         Err(e) => (
             Some(NotReady {
                 reason: "InvalidConfig",
                 message: e.to_string(),
             }),
             Some((e.kind, e.name)),
+            FoundSecrets::new(),
         ),
-        Ok(_) => (config_secret_problem(&secrets, &eroutes, &egroups).await?, None),
+        Ok(_) => {
+            let (problem, found) = config_secret_problem(&secrets, &eroutes, &egroups).await?;
+            (problem, None, found)
+        }
     };
     let config_refs = build::referenced_secrets(&eroutes, &egroups);
     let mut wanted = BTreeSet::new();
@@ -533,7 +542,7 @@ async fn apply_fleet(fleet: Arc<GatewayFleet>, ctx: Arc<Context>) -> Result<Acti
     let carried_name = build::config_secrets_name(&fleet.name_any());
     if config_ok || secrets.get_metadata_opt(&carried_name).await?.is_none() {
         let values = if config_ok {
-            secret_values(&secrets, &config_refs).await?
+            secret_values(&found, &config_refs)
         } else {
             Default::default()
         };
