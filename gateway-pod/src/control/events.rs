@@ -70,8 +70,11 @@ pub(super) struct ChildRecord {
     pub(super) spi_in: u32,
     pub(super) spi_out: u32,
     pub(super) encryption: String,
-    /// Its routed subnets.
+    /// Its negotiated remote subnets.
     pub(super) subnets: Vec<IpNet>,
+    /// The one route that carries them all (its eroute's remote subnet), if there is one;
+    /// else each has its own.
+    pub(super) aggregate: Option<IpNet>,
     pub(super) counters: Arc<SaCounters>,
 }
 
@@ -243,7 +246,7 @@ impl Driver {
         self.release_ownership(spi_r, &rec);
         for child in &rec.children {
             self.backend.remove_child(child.spi_in);
-            self.unroute(&child.subnets);
+            self.unroute(child);
         }
         self.gateway.tunnels.remove(&tunnel_id(spi_r));
         // After this wake-up's messages went out: the DELETE we may just have queued for

@@ -66,8 +66,9 @@ impl Driver {
                 return;
             }
         };
-        for net in &subnets {
-            self.routes.hold(*net);
+        let aggregate = aggregate_route(&subnets, eroute.map(|e| e.remote_subnet));
+        for net in routed(&subnets, aggregate) {
+            self.routes.hold(net);
         }
         tracing::info!(
             peer_id = %rec.peer_id,
@@ -85,6 +86,7 @@ impl Driver {
                 spi_out,
                 encryption: format!("{encryption:?}"),
                 subnets,
+                aggregate,
                 counters,
             });
         }
@@ -133,16 +135,35 @@ impl Driver {
             spi_out = format_args!("{spi_out:08x}"),
             "CHILD SA deleted"
         );
-        self.unroute(&child.subnets);
+        self.unroute(&child);
         self.publish(spi_r);
     }
 
-    /// A CHILD SA routed to `subnets` is gone: each route goes with its last CHILD SA.
-    pub(super) fn unroute(&mut self, subnets: &[IpNet]) {
-        for net in subnets {
-            self.routes.release(*net);
+    /// CHILD SA `child` is gone: each of its routes goes with the last CHILD SA holding it.
+    pub(super) fn unroute(&mut self, child: &ChildRecord) {
+        for net in routed(&child.subnets, child.aggregate) {
+            self.routes.release(net);
         }
     }
+}
+
+/// The one route that carries every subnet of a CHILD SA whose eroute has `eroute_remote`:
+/// that remote subnet when it covers them all, which it does for every site of an egroup (a
+/// row's subnet must lie inside its base eroute's) and for narrowed selectors. So an eroute
+/// costs the kernel one route however many sites it has (100,000 tunnels are not 100,000
+/// routes), and the data plane's own table picks the site's SA. Traffic toward a part of that
+/// subnet with no tunnel then reaches the TUN device too, where it is held for an acquire or
+/// dropped, never sent in clear. `None`: each subnet has its own route (no eroute, or a
+/// subnet outside it).
+fn aggregate_route(subnets: &[IpNet], eroute_remote: Option<IpNet>) -> Option<IpNet> {
+    let wide = eroute_remote?;
+    (!subnets.is_empty() && subnets.iter().all(|n| wide.contains(n))).then_some(wide)
+}
+
+/// The routes a CHILD SA holds: its eroute's aggregate, or else its own subnets.
+fn routed(subnets: &[IpNet], aggregate: Option<IpNet>) -> impl Iterator<Item = IpNet> + '_ {
+    let own = if aggregate.is_some() { &[][..] } else { subnets };
+    own.iter().copied().chain(aggregate)
 }
 
 /// What the data plane needs to carry CHILD SA `c` of `eroute` to `peer`, routed to
@@ -209,6 +230,27 @@ fn range_to_nets(start: IpAddr, end: IpAddr) -> Vec<IpNet> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn net_list(s: &[&str]) -> Vec<IpNet> {
+        s.iter().map(|n| n.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn sites_inside_their_eroute_share_its_one_route() {
+        let wide = "10.128.0.0/9".parse().ok();
+        let site = net_list(&["10.128.4.16/28"]);
+        assert_eq!(aggregate_route(&site, wide), wide);
+        assert_eq!(
+            routed(&site, wide).collect::<Vec<_>>(),
+            net_list(&["10.128.0.0/9"])
+        );
+        // A selector outside the eroute (or no eroute, or none at all): routes of their own.
+        let outside = net_list(&["10.128.4.16/28", "192.168.1.0/24"]);
+        assert_eq!(aggregate_route(&outside, wide), None);
+        assert_eq!(routed(&outside, None).collect::<Vec<_>>(), outside);
+        assert_eq!(aggregate_route(&site, None), None);
+        assert_eq!(aggregate_route(&[], wide), None);
+    }
 
     #[test]
     fn ranges_become_covering_prefixes() {

@@ -5,6 +5,7 @@
 //! anti-replay window is behind its own mutex (taken by the one worker whose socket the
 //! peer's datagrams hash to, so uncontended in practice; never a lock over all SAs).
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -198,37 +199,40 @@ pub struct OutboundEntry {
     /// The path MTU toward the SA's peer.
     pub(crate) path: PathMtu,
     subnets: Vec<IpNet>,
-    /// Installation order: the newest SA wins a subnet.
-    order: u64,
 }
 
 /// Outbound SAs by destination: longest prefix first, one hash lookup per distinct prefix
 /// length (a handful in practice, however many sites).
+///
+/// Every change costs the same with 1 SA or 100,000: the SAs a newer one took a subnet from
+/// (a rekey's overlap) wait in `shadowed`, so removing the winner hands its subnet back without
+/// looking at any other SA.
 #[derive(Default)]
 pub struct OutboundTable {
     by_len: BTreeMap<std::cmp::Reverse<u8>, HashMap<IpAddr, u32>>,
     sas: HashMap<u32, OutboundEntry>,
-    installed: u64,
+    /// Older holders of a subnet, oldest first (the newest SA wins a subnet); only subnets
+    /// with more than one holder have an entry.
+    shadowed: HashMap<IpNet, Vec<u32>>,
 }
 
 impl OutboundTable {
     pub(crate) fn install(&mut self, sa: Arc<OutboundSa>, subnets: Vec<IpNet>, path: PathMtu) {
+        if self.sas.contains_key(&sa.id) {
+            // The same SA again (a resumed install): its old subnets go first.
+            self.remove(sa.id);
+        }
         for net in &subnets {
-            self.by_len
+            let winner = self
+                .by_len
                 .entry(std::cmp::Reverse(net.prefix_len()))
                 .or_default()
                 .insert(net.network(), sa.id);
+            if let Some(older) = winner.filter(|&w| w != sa.id) {
+                self.shadowed.entry(*net).or_default().push(older);
+            }
         }
-        self.installed += 1;
-        self.sas.insert(
-            sa.id,
-            OutboundEntry {
-                sa,
-                path,
-                subnets,
-                order: self.installed,
-            },
-        );
+        self.sas.insert(sa.id, OutboundEntry { sa, path, subnets });
     }
 
     /// Removes the SA; a subnet another SA has taken over since stays with that one.
@@ -238,23 +242,29 @@ impl OutboundTable {
         };
         for net in subnets {
             let key = std::cmp::Reverse(net.prefix_len());
-            if let Some(m) = self.by_len.get_mut(&key) {
+            let Some(m) = self.by_len.get_mut(&key) else {
+                continue;
+            };
+            let Entry::Occupied(mut older) = self.shadowed.entry(net) else {
+                // The only holder.
                 if m.get(&net.network()) == Some(&id) {
                     m.remove(&net.network());
-                    // A subnet an older SA of the same peer still covers goes back to it.
-                    if let Some(other) = self
-                        .sas
-                        .iter()
-                        .filter(|(_, e)| e.subnets.contains(&net))
-                        .max_by_key(|(_, e)| e.order)
-                        .map(|(other, _)| *other)
-                    {
-                        m.insert(net.network(), other);
-                    }
                 }
                 if m.is_empty() {
                     self.by_len.remove(&key);
                 }
+                continue;
+            };
+            if m.get(&net.network()) == Some(&id) {
+                // The winner goes: the newest older holder takes the subnet back.
+                if let Some(next) = older.get_mut().pop() {
+                    m.insert(net.network(), next);
+                }
+            } else {
+                older.get_mut().retain(|&o| o != id);
+            }
+            if older.get().is_empty() {
+                older.remove();
             }
         }
     }
@@ -417,5 +427,42 @@ mod tests {
         t.remove(3);
         assert_eq!(t.lookup(ip("10.1.2.9")).map(|e| e.sa.id), Some(2));
         assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn three_holders_of_a_subnet_hand_it_back_newest_first() {
+        let mut t = OutboundTable::default();
+        for id in 1..=3 {
+            t.install(out(id), nets(&["10.1.2.0/24"]), path());
+        }
+        t.remove(2);
+        assert_eq!(t.lookup(ip("10.1.2.9")).map(|e| e.sa.id), Some(3));
+        t.remove(3);
+        assert_eq!(t.lookup(ip("10.1.2.9")).map(|e| e.sa.id), Some(1));
+        t.remove(1);
+        assert!(t.lookup(ip("10.1.2.9")).is_none());
+        assert!(t.is_empty());
+        assert!(t.shadowed.is_empty() && t.by_len.is_empty());
+    }
+
+    #[test]
+    fn many_sites_come_and_go_and_leave_nothing_behind() {
+        let mut t = OutboundTable::default();
+        let site =
+            |i: u32| IpNet::new(IpAddr::from(std::net::Ipv4Addr::from(0x0a80_0000 + (i << 4))), 28).unwrap();
+        for i in 0..10_000 {
+            t.install(out(i), vec![site(i)], path());
+        }
+        // A rekey of every tenth site: the new SA takes over, the old one goes.
+        for i in (0..10_000).step_by(10) {
+            t.install(out(100_000 + i), vec![site(i)], path());
+            t.remove(i);
+        }
+        assert_eq!(t.lookup(ip("10.128.0.1")).map(|e| e.sa.id), Some(100_000));
+        assert_eq!(t.lookup(ip("10.128.0.17")).map(|e| e.sa.id), Some(1));
+        for id in (0..10_000).chain((0..10_000).step_by(10).map(|i| 100_000 + i)) {
+            t.remove(id);
+        }
+        assert!(t.is_empty() && t.shadowed.is_empty() && t.by_len.is_empty());
     }
 }
