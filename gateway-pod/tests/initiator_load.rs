@@ -33,6 +33,9 @@
 //! `ike_establishment_rate_in_a_fleet_replication_on_vs_off` runs the generator against a
 //! fleet of three of our gateways behind the front, replication off vs on.
 //!
+//! `tunnels_per_pod_ours_vs_strongswan` (issue 21) keeps N sites on one gateway, each with its
+//! own subnet and answered liveness checks: 2,000 in CI, 10k/50k/100k in the full run.
+//!
 //! With the SAs kept, each responder's RSS growth over the run (read a few seconds after it)
 //! divided by the SAs is its memory per tunnel, printed for both.
 //!
@@ -219,17 +222,64 @@ struct Shared {
     sent: AtomicU64,
 }
 
-/// One generator thread: `quota` negotiations, at most `window` in flight, from its own UDP
-/// socket. Returns how many established and failed.
-fn generate(
-    base: &Config,
-    remote: IpAddr,
-    local: IpAddr,
+/// The sites' subnets in the tunnels-per-pod runs: SA `n` is the site `10.128.0.0 + 16 n`/28
+/// (524,288 of them), all inside the one eroute's remote subnet.
+const SITES: &str = "10.128.0.0/9";
+const SITE_PREFIX: u8 = 28;
+
+/// SA `n`'s own site subnet inside [`SITES`].
+fn site_subnet(n: u64) -> Result<ipnet::IpNet> {
+    let first = u32::from(std::net::Ipv4Addr::new(10, 128, 0, 0));
+    let n = u32::try_from(n)
+        .ok()
+        .filter(|n| *n < 1 << 19)
+        .context("more sites than 10.128.0.0/9 holds")?;
+    Ok(ipnet::IpNet::new(
+        IpAddr::from(std::net::Ipv4Addr::from(first + (n << 4))),
+        SITE_PREFIX,
+    )?)
+}
+
+/// What one generator thread does.
+#[derive(Clone, Copy)]
+struct Plan {
+    /// Negotiations to start.
     quota: u64,
+    /// At most this many in flight.
     window: usize,
+    /// Keep each SA once up (else delete it at once).
     hold: bool,
-    shared: &Shared,
-) -> Result<(u64, u64)> {
+    /// Each SA offers its own site subnet ([`site_subnet`]) instead of [`SITE_LAN`].
+    sites: bool,
+    /// Once all are up, keep answering until the responder has sent a request (its liveness
+    /// check) on every SA kept, or this long has passed.
+    liveness: Option<Duration>,
+    /// No new negotiation starts after this instant (a responder too slow for the quota).
+    deadline: Option<Instant>,
+}
+
+/// What one generator thread did.
+#[derive(Default)]
+struct Outcome {
+    ok: u64,
+    failed: u64,
+    /// SAs kept on which the responder sent at least one request (a liveness check) that
+    /// the generator answered.
+    probed: u64,
+    /// When the last negotiation ended (before any wait for liveness checks).
+    done_after: Duration,
+}
+
+/// One generator thread: the plan's negotiations from its own UDP socket.
+fn generate(base: &Config, remote: IpAddr, local: IpAddr, plan: Plan, shared: &Shared) -> Result<Outcome> {
+    let Plan {
+        mut quota,
+        window,
+        hold,
+        sites,
+        liveness,
+        deadline,
+    } = plan;
     let Shared { next, sent } = shared;
     let sock = UdpSocket::bind((local, 0))?;
     grow_receive_buffer(&sock);
@@ -244,6 +294,9 @@ fn generate(
     let mut entropy = SystemEntropy;
     let mut inflight: HashMap<u64, Initiator> = HashMap::new();
     let mut established: HashMap<u64, Initiator> = HashMap::new();
+    let mut probed = std::collections::HashSet::new();
+    let mut liveness_until = None;
+    let (started_at, mut done_after) = (Instant::now(), Duration::ZERO);
     let (mut started, mut ok, mut failed) = (0u64, 0u64, 0u64);
     let mut buf = vec![0u8; 65536];
     let send = |i: &mut Initiator| -> Result<()> {
@@ -262,11 +315,30 @@ fn generate(
         }
         Ok(())
     };
-    while ok + failed < quota {
+    loop {
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            quota = started;
+        }
+        if ok + failed >= quota {
+            if liveness_until.is_none() {
+                done_after = started_at.elapsed();
+            }
+            // All up: then, with `liveness`, answer until every SA kept was checked.
+            let Some(wait) = liveness.filter(|_| hold) else {
+                break;
+            };
+            let until = *liveness_until.get_or_insert_with(|| Instant::now() + wait);
+            if probed.len() >= established.len() || Instant::now() >= until {
+                break;
+            }
+        }
         while started < quota && inflight.len() < window {
             let n = next.fetch_add(1, Ordering::Relaxed);
             let mut config = base.clone();
             config.local_id = IdBuf::new(&Identity::Fqdn(format!("sa-{n}.load.example").as_bytes()));
+            if sites {
+                config.local_subnet = site_subnet(n)?;
+            }
             let mut i = Initiator::connect(
                 Arc::new(config),
                 PSK.as_bytes(),
@@ -302,6 +374,10 @@ fn generate(
                     let _ = i.handle_datagram(now, here, from, ike, &mut entropy);
                     send(i)?;
                 } else if let Some(i) = established.get_mut(&h.spi_i) {
+                    // Once up, only the responder starts exchanges here: its liveness checks.
+                    if !h.flags.contains(concentrator_ike::Flags::RESPONSE) {
+                        probed.insert(h.spi_i);
+                    }
                     let _ = i.handle_datagram(now, here, from, ike, &mut entropy);
                     send(i)?;
                     while i.poll_event().is_some() {}
@@ -368,7 +444,15 @@ fn generate(
             }
         }
     }
-    Ok((ok, failed))
+    if liveness_until.is_none() {
+        done_after = started_at.elapsed();
+    }
+    Ok(Outcome {
+        ok,
+        failed,
+        probed: probed.len() as u64,
+        done_after,
+    })
 }
 
 /// The generators' initiator configuration; each SA replaces the local ID with its own.
@@ -386,6 +470,19 @@ fn load_driver() -> Result<()> {
     let window: usize = env("IKE_LOAD_WINDOW")?.parse()?;
     let threads: u64 = env("IKE_LOAD_THREADS")?.parse()?;
     let hold = std::env::var_os("IKE_LOAD_HOLD").is_some();
+    let sites = std::env::var_os("IKE_LOAD_SITES").is_some();
+    let secs = |name: &str| -> Result<Option<Duration>> {
+        std::env::var(name)
+            .ok()
+            .map(|v| {
+                v.parse::<f64>()
+                    .map(Duration::from_secs_f64)
+                    .with_context(|| format!("{name}={v}"))
+            })
+            .transpose()
+    };
+    let liveness = secs("IKE_LOAD_LIVENESS_SECS")?;
+    let deadline = secs("IKE_LOAD_DEADLINE_SECS")?.map(|d| Instant::now() + d);
     let config = load_initiator_config()?;
     let shared = Arc::new(Shared::default());
     let cpu_before = cpu_seconds("self")?;
@@ -394,22 +491,40 @@ fn load_driver() -> Result<()> {
         .map(|t| {
             let quota = sas / threads + u64::from(t < sas % threads);
             let (config, shared) = (config.clone(), Arc::clone(&shared));
-            let per_thread = window.div_ceil(usize::try_from(threads).unwrap_or(1)).max(1);
-            std::thread::spawn(move || generate(&config, remote, local, quota, per_thread, hold, &shared))
+            let plan = Plan {
+                quota,
+                window: window.div_ceil(usize::try_from(threads).unwrap_or(1)).max(1),
+                hold,
+                sites,
+                liveness,
+                deadline,
+            };
+            std::thread::spawn(move || generate(&config, remote, local, plan, &shared))
         })
         .collect();
-    let (mut ok, mut failed) = (0, 0);
+    let mut all = Outcome::default();
     for w in workers {
-        let (o, f) = w
+        let o = w
             .join()
             .map_err(|_| anyhow::anyhow!("generator thread panicked"))??;
-        ok += o;
-        failed += f;
+        all.ok += o.ok;
+        all.failed += o.failed;
+        all.probed += o.probed;
+        all.done_after = all.done_after.max(o.done_after);
     }
-    let seconds = start.elapsed().as_secs_f64();
+    let Outcome {
+        ok,
+        failed,
+        probed,
+        done_after,
+    } = all;
+    // The establishments' time; the liveness answers after them are not part of it.
+    let seconds = done_after.min(start.elapsed()).as_secs_f64();
     let cpu = cpu_seconds("self")? - cpu_before;
     let sent = shared.sent.load(Ordering::Relaxed);
-    println!("RESULT established={ok} failed={failed} seconds={seconds:.3} cpu={cpu:.3} sent={sent}");
+    println!(
+        "RESULT established={ok} failed={failed} seconds={seconds:.3} cpu={cpu:.3} sent={sent} probed={probed}"
+    );
     Ok(())
 }
 
@@ -426,6 +541,10 @@ struct Run {
     sent: u64,
     /// The responder's RSS growth over the run, read [`RSS_SETTLE`] after it (bytes).
     rss_growth: i64,
+    /// SAs kept on which the responder's liveness check was answered.
+    probed: u64,
+    /// Our gateway's kernel routes into its TUN device toward [`SITES`], after a sites run.
+    site_routes: Option<usize>,
 }
 
 impl Run {
@@ -450,6 +569,26 @@ impl Run {
 struct Scenario {
     sas: u64,
     hold: bool,
+    /// Each SA a site with its own subnet inside [`SITES`] (else all offer [`SITE_LAN`]).
+    sites: bool,
+    /// Our gateway checks liveness every so often (`ike.dpdInterval`), and the generator keeps
+    /// answering until each SA kept was checked once (at most three intervals and 30 s).
+    liveness: Option<Duration>,
+    /// No new negotiation after this long: the largest number the responder reaches in it.
+    deadline: Option<Duration>,
+}
+
+impl Scenario {
+    /// The first scenarios: every SA offers the same subnets, no liveness checks, no deadline.
+    fn plain(sas: u64, hold: bool) -> Self {
+        Self {
+            sas,
+            hold,
+            sites: false,
+            liveness: None,
+            deadline: None,
+        }
+    }
 }
 
 impl Scenario {
@@ -484,14 +623,8 @@ impl Size {
             threads: env_or("IKE_LOAD_THREADS", 1)?,
             full,
             scenarios: vec![
-                Scenario {
-                    sas: env_or("IKE_LOAD_SAS", churn)?,
-                    hold: false,
-                },
-                Scenario {
-                    sas: env_or("IKE_LOAD_HOLD_SAS", hold)?,
-                    hold: true,
-                },
+                Scenario::plain(env_or("IKE_LOAD_SAS", churn)?, false),
+                Scenario::plain(env_or("IKE_LOAD_HOLD_SAS", hold)?, true),
             ],
         })
     }
@@ -529,8 +662,18 @@ fn run_generator_with(
     if scenario.hold {
         cmd.env("IKE_LOAD_HOLD", "1");
     }
+    if scenario.sites {
+        cmd.env("IKE_LOAD_SITES", "1");
+    }
+    if let Some(every) = scenario.liveness {
+        let wait = (every * 3).max(every + Duration::from_secs(30));
+        cmd.env("IKE_LOAD_LIVENESS_SECS", wait.as_secs_f64().to_string());
+    }
+    if let Some(d) = scenario.deadline {
+        cmd.env("IKE_LOAD_DEADLINE_SECS", d.as_secs_f64().to_string());
+    }
     let (before, rss_before) = responder()?;
-    let out = process::output(&mut cmd, Duration::from_secs(600))?;
+    let out = process::output(&mut cmd, Duration::from_secs(1800))?;
     let (after, _) = responder()?;
     std::thread::sleep(RSS_SETTLE);
     let (_, rss_after) = responder()?;
@@ -568,6 +711,8 @@ fn run_generator_with(
         responder_cpu: after - before,
         sent: get("sent")? as u64,
         rss_growth: rss_after as i64 - rss_before as i64,
+        probed: get("probed")? as u64,
+        site_routes: None,
     })
 }
 
@@ -615,7 +760,19 @@ fn measure_ours(
     site.wait_reachable(None, OURS_ADDR.parse()?, Duration::from_secs(10))?;
     let dir = scratch::dir("ike-load-gateway")?;
     let config = dir.path().join("config");
-    LOAD_EROUTE.write(&config)?;
+    let dpd = scenario
+        .liveness
+        .map(|every| format!("{}s", every.as_secs().max(1)));
+    let eroute = if scenario.sites {
+        StaticEroute {
+            remote_subnet: SITES,
+            dpd: dpd.as_deref().or(LOAD_EROUTE.dpd),
+            ..LOAD_EROUTE
+        }
+    } else {
+        LOAD_EROUTE
+    };
+    eroute.write(&config)?;
     let log = dir.path().join("gateway.log");
     let data = dir.path().join("data");
     let limit = (size.window * 4).max(1000).to_string();
@@ -637,9 +794,28 @@ fn measure_ours(
     let mut gateway = Daemon::spawn("gateway", cmd, &log)?;
     wait_ready(&mut gateway, Duration::from_secs(20))?;
     let pid = gateway.pid().to_string();
-    let run = run_generator(site, OURS_ADDR, &pid, size, scenario).with_context(|| gateway.log_tail(30))?;
+    let mut run =
+        run_generator(site, OURS_ADDR, &pid, size, scenario).with_context(|| gateway.log_tail(30))?;
     gateway.ensure_running()?;
-    if !size.full {
+    if scenario.sites {
+        // One route for the eroute, however many sites (the data plane picks each site's SA).
+        let sites: ipnet::IpNet = SITES.parse()?;
+        let routes = ns.ip(&["route", "show", "dev", "concentrator0"])?;
+        // `ip route` prints a host route without its /32.
+        let dest = |word: &str| {
+            word.parse::<ipnet::IpNet>()
+                .ok()
+                .or_else(|| word.parse::<IpAddr>().ok().map(ipnet::IpNet::from))
+        };
+        run.site_routes = Some(
+            routes
+                .lines()
+                .filter_map(|l| dest(l.split_whitespace().next()?))
+                .filter(|n| sites.contains(n))
+                .count(),
+        );
+    }
+    if !size.full || scenario.sites {
         // Spot check, as for charon: the gateway holds the SAs kept, each with its tunnel
         // (the CHILD SA in the data plane), and none of those deleted.
         let want = if scenario.hold { run.established } else { 0 } as f64;
@@ -688,7 +864,7 @@ fn measure_strongswan(wan: &Wan, site: &Netns, size: &Size, scenario: Scenario) 
         SITE_ADDR.parse()?,
         SWAN_ADDR.parse()?,
         PSK,
-        vec![SITE_LAN.parse()?],
+        vec![if scenario.sites { SITES } else { SITE_LAN }.parse()?],
         vec![GW_LAN.parse()?],
     );
     conn.local_id = "*.load.example".to_owned();
@@ -703,7 +879,7 @@ fn measure_strongswan(wan: &Wan, site: &Netns, size: &Size, scenario: Scenario) 
         .context("no charon process in its namespace")?
         .to_string();
     let run = run_generator(site, SWAN_ADDR, &pid, size, scenario).with_context(|| charon.log_tail(30))?;
-    if !size.full {
+    if !size.full && scenario.deadline.is_none() {
         // Spot check: charon holds the SAs kept, established with their CHILD SAs installed,
         // and none of those deleted.
         let want = if scenario.hold { run.established } else { 0 };
@@ -815,6 +991,138 @@ fn ike_establishment_rate_ours_vs_strongswan() -> Result<()> {
             r.failed
         );
     }
+    Ok(())
+}
+
+/// Issue 21's tunnels per pod: `IKE_LOAD_PER_POD` tunnels kept by one gateway (a comma list;
+/// default 2,000, and 10,000, 50,000 and 100,000 with `IKE_LOAD=full`), each run a fresh
+/// gateway. Every SA is a site of its own (its own /28 inside the eroute's 10.128.0.0/9, so
+/// the data plane holds one selector per site) and the gateway checks liveness on every one
+/// (`ike.dpdInterval` 3 s, 30 s full; `IKE_LOAD_DPD_SECS`): the generator keeps answering until
+/// each SA kept was checked. Printed per N: establishment rate and per gateway core, memory
+/// per tunnel (RSS growth / N), the SAs whose liveness check was answered, and the kernel
+/// routes toward the sites. Then charon, with the same sites and no liveness checks (charon
+/// as responder sends none without `dpd_delay`), at the largest N or as many as it
+/// establishes in `IKE_LOAD_SWAN_DEADLINE_SECS` (300 s; unlimited in the small run).
+///
+/// Correctness only (never a time): every SA established, its liveness check answered, the
+/// gateway holding exactly those SAs and tunnels afterwards, and one route for all sites.
+#[test]
+fn tunnels_per_pod_ours_vs_strongswan() -> Result<()> {
+    if prereq::require(&[netns::TOOLS, strongswan::TOOLS]).is_skip() {
+        return Ok(());
+    }
+    let size = Size::from_env()?;
+    let counts: Vec<u64> = match std::env::var("IKE_LOAD_PER_POD") {
+        Ok(v) => v
+            .split(',')
+            .map(|n| n.trim().parse().with_context(|| format!("IKE_LOAD_PER_POD={v}")))
+            .collect::<Result<_>>()?,
+        Err(_) if size.full => vec![10_000, 50_000, 100_000],
+        Err(_) => vec![2_000],
+    };
+    let largest = counts
+        .iter()
+        .copied()
+        .max()
+        .context("IKE_LOAD_PER_POD is empty")?;
+    let every = Duration::from_secs(env_or("IKE_LOAD_DPD_SECS", if size.full { 30 } else { 3 })?);
+    let swan_deadline = size
+        .full
+        .then(|| env_or("IKE_LOAD_SWAN_DEADLINE_SECS", 300.0).map(Duration::from_secs_f64))
+        .transpose()?;
+    let Some(bin) = gateway_bin() else {
+        ensure!(
+            !size.full,
+            "no concentrator-gateway binary: cargo build --release -p concentrator-gateway"
+        );
+        eprintln!("SKIP: no concentrator-gateway binary at IKE_LOAD_GATEWAY_BIN");
+        return Ok(());
+    };
+    let wan = Wan::new()?;
+    let site = Netns::new("loadsite")?;
+    wan.attach(&site, "wan0", format!("{SITE_ADDR}/24").parse()?)?;
+    println!(
+        "Tunnels per pod: one gateway keeps N sites (IKE SA + CHILD SA each, {IKE} / {ESP}, PSK, \
+         each its own /28 in {SITES}), liveness checks every {} s; window {}, {} generator \
+         thread(s) on the same {} cores (the responder CPU-s include answering the liveness checks):",
+        every.as_secs(),
+        size.window,
+        size.threads,
+        std::thread::available_parallelism().map_or(0, usize::from)
+    );
+    let mut ours = Vec::new();
+    for &sas in &counts {
+        let scenario = Scenario {
+            sas,
+            hold: true,
+            sites: true,
+            liveness: Some(every),
+            deadline: None,
+        };
+        let run = measure_ours(&wan, &site, &bin, &size, scenario)?;
+        report("ours", &run);
+        println!(
+            "  {sas} tunnels: {:.2} KiB per tunnel, liveness answered on {}, kernel routes toward the sites: {}",
+            run.kib_per_sa(),
+            run.probed,
+            run.site_routes.map_or("-".to_owned(), |n| n.to_string())
+        );
+        ours.push((scenario, run));
+    }
+    let scenario = Scenario {
+        sas: largest,
+        hold: true,
+        sites: true,
+        liveness: None,
+        deadline: swan_deadline,
+    };
+    let swan = measure_strongswan(&wan, &site, &size, scenario)?;
+    report("strongSwan", &swan);
+    println!(
+        "  strongSwan: {} tunnels, {:.2} KiB per tunnel",
+        swan.established,
+        swan.kib_per_sa()
+    );
+    if let Some((_, o)) = ours.iter().find(|(s, _)| s.sas == largest) {
+        println!(
+            "  at the largest N: ours {:.2} KiB per tunnel ({} tunnels), strongSwan {:.2} KiB ({} tunnels): {:.1}x less; \
+             {:.1}x establishments per responder core",
+            o.kib_per_sa(),
+            o.established,
+            swan.kib_per_sa(),
+            swan.established,
+            swan.kib_per_sa() / o.kib_per_sa().max(1e-9),
+            o.per_core() / swan.per_core().max(1e-9)
+        );
+    }
+    for (scenario, r) in &ours {
+        ensure!(
+            r.established == scenario.sas && r.failed == 0,
+            "ours, {} sites: {} established, {} failed",
+            scenario.sas,
+            r.established,
+            r.failed
+        );
+        ensure!(
+            r.probed == r.established,
+            "ours, {} sites: the liveness check answered on {} of them",
+            scenario.sas,
+            r.probed
+        );
+        ensure!(
+            r.site_routes == Some(1),
+            "ours, {} sites: {:?} kernel routes toward {SITES} (one expected)",
+            scenario.sas,
+            r.site_routes
+        );
+    }
+    ensure!(
+        swan.established > 0 && (size.full || (swan.established == largest && swan.failed == 0)),
+        "strongSwan: {} of {largest} established, {} failed",
+        swan.established,
+        swan.failed
+    );
     Ok(())
 }
 
@@ -962,7 +1270,7 @@ fn draining_a_pod_of_thousands_of_tunnels() -> Result<()> {
         GW_ADDR_FRONT,
         &|| Ok((0.0, 0)),
         &size,
-        Scenario { sas, hold: true },
+        Scenario::plain(sas, true),
     )
     .with_context(|| fleet.log_tails(20))?;
     ensure!(run.established == sas, "{} of {sas} established", run.established);
