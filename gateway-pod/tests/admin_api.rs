@@ -5,11 +5,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use concentrator_gateway::tunnels::TunnelRow;
 use concentrator_gateway::{Options, config, start};
 use concentrator_proto::admin::gateway_admin_client::GatewayAdminClient;
 use concentrator_proto::admin::{
-    DrainRequest, GetCountersRequest, GetTunnelRequest, ListEroutesRequest, ListTunnelsRequest, Tunnel,
-    drain_status,
+    DrainRequest, GetCountersRequest, GetTunnelRequest, ListEroutesRequest, ListTunnelsRequest, drain_status,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -84,14 +84,18 @@ async fn admin_api_serves_the_loaded_config() {
     assert_eq!(eroutes[1].remote_subnet, "172.16.0.0/24");
 
     // A tunnel the engine registered shows up, filtered by peer-ID pattern.
-    running.gateway.tunnels.upsert(Tunnel {
-        id: "t1".into(),
-        base_eroute: "branches".into(),
-        egroup: "branches".into(),
-        remote_peer_id: "a.sites.example.com".into(),
-        dynamic: true,
-        ..Default::default()
-    });
+    running.gateway.tunnels.upsert(
+        0x71,
+        TunnelRow {
+            base_eroute: Some("branches".into()),
+            egroup: Some("branches".into()),
+            peer_id: "a.sites.example.com".into(),
+            peer_address: None,
+            local_subnet: None,
+            established_at: None,
+            children: Box::new([]),
+        },
+    );
     let list = |p: &str| ListTunnelsRequest {
         peer_id_pattern: p.into(),
         ..Default::default()
@@ -122,6 +126,17 @@ async fn admin_api_serves_the_loaded_config() {
         .await
         .unwrap_err();
     assert_eq!(missing.code(), tonic::Code::NotFound);
+    let found = client
+        .get_tunnel(GetTunnelRequest {
+            id: "0000000000000071".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (found.remote_peer_id.as_str(), found.dynamic),
+        ("a.sites.example.com", true)
+    );
 
     // Draining with a tunnel left reports it; once it is gone the pod is drained.
     let d = client.drain(DrainRequest::default()).await.unwrap().into_inner();
@@ -130,7 +145,7 @@ async fn admin_api_serves_the_loaded_config() {
         (drain_status::State::Draining, 1)
     );
     assert!(running.gateway.is_draining());
-    running.gateway.tunnels.remove("t1");
+    running.gateway.tunnels.remove(0x71);
     let d = client.drain(DrainRequest::default()).await.unwrap().into_inner();
     assert_eq!(d.state(), drain_status::State::Drained);
 

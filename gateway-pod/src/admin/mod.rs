@@ -279,13 +279,7 @@ impl GatewayAdmin for AdminService {
                     role: format!("{:?}", e.role),
                     ike_proposals: e.ike_proposals.iter().map(|p| p.to_string()).collect(),
                     esp_proposals: e.esp_proposals.iter().map(|p| p.to_string()).collect(),
-                    dynamic_eroutes: self
-                        .gw
-                        .tunnels
-                        .list("", name)
-                        .iter()
-                        .filter(|t| t.dynamic)
-                        .count() as u64,
+                    dynamic_eroutes: self.gw.tunnels.count("", name, true) as u64,
                     max_dynamic_eroutes: group.map(|(_, g)| g.max_dynamic_eroutes).unwrap_or(0),
                 }
             })

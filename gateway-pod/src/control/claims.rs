@@ -156,7 +156,7 @@ impl Driver {
             .endpoint
             .provide_psk(id, Instant::now(), psk, &mut self.entropy)
         {
-            let peer = self.sas.get(&id).map_or("-", |r| r.peer_id.as_str());
+            let peer = self.sas.get(&id).map_or("-", |r| &*r.peer_id);
             tracing::debug!(peer_id = %peer, error = %e, "PSK step ended the negotiation");
         }
     }
@@ -321,7 +321,7 @@ impl Driver {
         let (Some(from), Some(site)) = (rec.contested.take(), rec.site.clone()) else {
             return None;
         };
-        Some((claims, site, from, rec.peer_id.clone()))
+        Some((claims, site, from, rec.peer_id.to_string()))
     }
 
     /// The last IKE SA of `site` here is gone (no other record holds it): released.

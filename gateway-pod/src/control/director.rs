@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use concentrator_esp::encap::NON_ESP_MARKER;
@@ -164,7 +165,7 @@ impl Driver {
         let Some(me) = f.view.me() else { return };
         let members = f.view.members();
         let over = excess(me, &members);
-        let candidates: Vec<(u64, String)> = self
+        let candidates: Vec<(u64, Arc<str>)> = self
             .sas
             .iter()
             .filter(|(_, r)| r.established_at.is_some() && r.remote.is_some())
@@ -184,7 +185,7 @@ impl Driver {
             if sent >= over.min(REBALANCE_PER_TICK) {
                 break;
             }
-            if d.moved.contains_key(&site) {
+            if d.moved.contains_key(&*site) {
                 continue;
             }
             let Some(to) = d.spread.peek(&others) else { break };
@@ -197,7 +198,7 @@ impl Driver {
                 continue;
             }
             d.spread.count(to.member);
-            d.moved.insert(site.clone(), now);
+            d.moved.insert(site.to_string(), now);
             d.last_rebalance = Some(now);
             sent += 1;
             tracing::info!(site = %site, to = %to.address, member = %to.member, excess = over, "site redirected to rebalance the fleet");

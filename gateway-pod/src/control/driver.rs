@@ -82,6 +82,24 @@ pub(super) struct Driver {
     pub(super) replicas: Option<super::replicas::DriverReplicas>,
     /// Shards being handed over (draining in a fleet).
     pub(super) handovers: super::handover::Handovers,
+    /// Eroute and egroup names, one copy each, shared by the records of their SAs.
+    pub(super) names: Names,
+}
+
+/// Interned names: every SA of an eroute points at one copy of its name, not a `String` of
+/// its own (tens of bytes per name and SA, at 100,000 SAs).
+#[derive(Default)]
+pub(super) struct Names(std::collections::HashSet<Arc<str>>);
+
+impl Names {
+    pub(super) fn get(&mut self, name: &str) -> Arc<str> {
+        if let Some(n) = self.0.get(name) {
+            return Arc::clone(n);
+        }
+        let n: Arc<str> = name.into();
+        self.0.insert(Arc::clone(&n));
+        n
+    }
 }
 
 /// What the other tasks send the driver.

@@ -13,7 +13,6 @@ use concentrator_ike::sa::snapshot::Role;
 use ipnet::IpNet;
 
 use super::driver::Driver;
-use super::status::tunnel_id;
 use crate::dataplane::table::SaCounters;
 
 /// The refusal of a peer whose eroute does not allow the IKE proposal it negotiated.
@@ -21,9 +20,11 @@ pub(super) const PROPOSAL_NOT_ALLOWED: &str = "ike_proposal_not_allowed";
 
 /// What the control plane keeps per IKE SA, beyond the engine's state.
 pub(super) struct IkeSaRecord {
-    pub(super) peer_id: String,
-    pub(super) eroute: Option<String>,
-    pub(super) egroup: Option<String>,
+    /// Shared with the admin API's row of the tunnel.
+    pub(super) peer_id: Arc<str>,
+    /// Names shared by every SA of the eroute or egroup ([`super::driver::Names`]).
+    pub(super) eroute: Option<Arc<str>>,
+    pub(super) egroup: Option<Arc<str>>,
     pub(super) remote: Option<SocketAddr>,
     pub(super) established_at: Option<SystemTime>,
     pub(super) children: Vec<ChildRecord>,
@@ -45,9 +46,9 @@ pub(super) struct IkeSaRecord {
 }
 
 impl IkeSaRecord {
-    pub(super) fn new(peer_id: String, now: Instant) -> Self {
+    pub(super) fn new(peer_id: impl Into<Arc<str>>, now: Instant) -> Self {
         Self {
-            peer_id,
+            peer_id: peer_id.into(),
             eroute: None,
             egroup: None,
             remote: None,
@@ -69,9 +70,9 @@ impl IkeSaRecord {
 pub(super) struct ChildRecord {
     pub(super) spi_in: u32,
     pub(super) spi_out: u32,
-    pub(super) encryption: String,
-    /// Its negotiated remote subnets.
-    pub(super) subnets: Vec<IpNet>,
+    pub(super) encryption: concentrator_crds::proposal::Encryption,
+    /// Its negotiated remote subnets (shared with the admin API's row).
+    pub(super) subnets: Arc<[IpNet]>,
     /// The one route that carries them all (its eroute's remote subnet), if there is one;
     /// else each has its own.
     pub(super) aggregate: Option<IpNet>,
@@ -164,7 +165,7 @@ impl Driver {
             Event::IkeSaRekeyed {
                 old_spi_r, new_spi_r, ..
             } => {
-                let peer = self.sas.get(&spi_r).map_or("-", |r| r.peer_id.as_str());
+                let peer = self.sas.get(&spi_r).map_or("-", |r| &*r.peer_id);
                 tracing::info!(
                     peer_id = %peer,
                     old_spi_r = format_args!("{old_spi_r:016x}"),
@@ -174,7 +175,7 @@ impl Driver {
             }
             Event::IkeSaRetired { .. } => {}
             Event::IkeSaDeleted { reason, .. } => {
-                let peer = self.sas.get(&spi_r).map_or("-", |r| r.peer_id.as_str());
+                let peer = self.sas.get(&spi_r).map_or("-", |r| &*r.peer_id);
                 tracing::info!(peer_id = %peer, %reason, "IKE SA deleted");
                 if matches!(reason, DeleteReason::DeadPeer) {
                     self.gateway.metrics.count_ike_failure("dead_peer");
@@ -184,16 +185,16 @@ impl Driver {
                 self.removed(spi_r, true);
             }
             Event::RequestRefused { exchange, error } => {
-                let peer = self.sas.get(&spi_r).map_or("-", |r| r.peer_id.as_str());
+                let peer = self.sas.get(&spi_r).map_or("-", |r| &*r.peer_id);
                 self.gateway.metrics.count_ike_failure(failure_reason(&error));
                 tracing::warn!(peer_id = %peer, ?exchange, %error, "request refused");
             }
             Event::PeerError { notify_type } => {
-                let peer = self.sas.get(&spi_r).map_or("-", |r| r.peer_id.as_str());
+                let peer = self.sas.get(&spi_r).map_or("-", |r| &*r.peer_id);
                 tracing::warn!(peer_id = %peer, ?notify_type, "peer reported an error");
             }
             Event::MessageIdSync { requested, next } => {
-                let peer = self.sas.get(&spi_r).map_or("-", |r| r.peer_id.as_str());
+                let peer = self.sas.get(&spi_r).map_or("-", |r| &*r.peer_id);
                 let result = match (requested, next) {
                     (_, None) => "unusable",
                     (true, Some(_)) => "synced",
@@ -221,7 +222,7 @@ impl Driver {
             }
             Event::Failed(e) => {
                 let rec = self.sas.get(&spi_r);
-                let peer = rec.map_or("-", |r| r.peer_id.as_str()).to_owned();
+                let peer = rec.map_or("-", |r| &*r.peer_id).to_owned();
                 let reason = rec.and_then(|r| r.refusal).unwrap_or_else(|| failure_reason(&e));
                 self.gateway.metrics.count_ike_failure(reason);
                 tracing::warn!(peer_id = %peer, reason, error = %e, "IKE negotiation failed");
@@ -248,7 +249,7 @@ impl Driver {
             self.backend.remove_child(child.spi_in);
             self.unroute(child);
         }
-        self.gateway.tunnels.remove(&tunnel_id(spi_r));
+        self.gateway.tunnels.remove(spi_r);
         // After this wake-up's messages went out: the DELETE we may just have queued for
         // this SA must still leave through the member the site's flow enters by.
         if let Some(remote) = rec.remote {

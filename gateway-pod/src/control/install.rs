@@ -31,7 +31,10 @@ impl Driver {
         let Some(rec) = self.sas.get(&spi_r) else {
             return;
         };
-        let eroute = rec.eroute.as_ref().and_then(|n| self.config.set.eroutes.get(n));
+        let eroute = rec
+            .eroute
+            .as_ref()
+            .and_then(|n| self.config.set.eroutes.get(&**n));
         let subnets: Vec<IpNet> = c
             .ts_remote
             .iter()
@@ -84,8 +87,8 @@ impl Driver {
             rec.children.push(ChildRecord {
                 spi_in,
                 spi_out,
-                encryption: format!("{encryption:?}"),
-                subnets,
+                encryption,
+                subnets: subnets.into(),
                 aggregate,
                 counters,
             });

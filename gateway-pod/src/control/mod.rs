@@ -265,6 +265,7 @@ pub async fn start(
         routes: Routes::start(opts.tun_name.clone()),
         fleet: driver_fleet,
         unrouted: Vec::new(),
+        names: driver::Names::default(),
         claims: fleet.map(|f| claims::DriverClaims::new(f.claims.clone(), claims_tx)),
         handovers: handover::Handovers::default(),
         replicas: fleet.map(|f| {

@@ -90,7 +90,7 @@ impl Driver {
             .filter(|(_, r)| {
                 r.eroute
                     .as_ref()
-                    .is_some_and(|e| diff.eroutes.changed.contains(e))
+                    .is_some_and(|e| diff.eroutes.changed.contains(&**e))
             })
             .map(|(id, _)| *id)
             .collect();

@@ -135,9 +135,9 @@ impl Driver {
     pub(super) fn replication_context(&self, id: u64) -> Option<Vec<u8>> {
         let rec = self.sas.get(&id)?;
         let context = Context {
-            peer_id: rec.peer_id.clone(),
-            eroute: rec.eroute.clone(),
-            egroup: rec.egroup.clone(),
+            peer_id: rec.peer_id.to_string(),
+            eroute: rec.eroute.as_deref().map(str::to_owned),
+            egroup: rec.egroup.as_deref().map(str::to_owned),
             site_subnet: rec.site_subnet,
             site: rec.site.as_ref().map(ToString::to_string),
             nat: rec.nat,
@@ -262,7 +262,7 @@ impl Driver {
                 if let Some(r) = self.replicas.as_ref() {
                     r.metrics.stepped_down.inc();
                 }
-                let peer = self.sas.get(&id).map_or("-", |r| r.peer_id.as_str()).to_owned();
+                let peer = self.sas.get(&id).map_or("-", |r| &*r.peer_id).to_owned();
                 tracing::warn!(%peer, "IKE SA given up: its shard went to another member (this member was fenced)");
                 self.endpoint.close(id);
             }
@@ -341,8 +341,8 @@ impl Driver {
             }
         };
         let mut rec = IkeSaRecord::new(ctx.peer_id.clone(), now);
-        rec.eroute = ctx.eroute;
-        rec.egroup = ctx.egroup;
+        rec.eroute = ctx.eroute.map(|n| self.names.get(&n));
+        rec.egroup = ctx.egroup.map(|n| self.names.get(&n));
         rec.remote = Some(remote);
         rec.established_at = Some(SystemTime::now());
         rec.site_subnet = ctx.site_subnet;
@@ -387,7 +387,7 @@ impl Driver {
         if let Some(r) = self.replicas.as_ref() {
             r.metrics.adopted.inc();
         }
-        let peer = self.sas.get(&id).map_or("-", |r| r.peer_id.as_str());
+        let peer = self.sas.get(&id).map_or("-", |r| &*r.peer_id);
         if handover {
             tracing::info!(member = %owner, peer_id = %peer, ?role, %remote, "IKE SA handed over by a draining member");
         } else {

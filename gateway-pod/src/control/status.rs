@@ -2,37 +2,40 @@
 //! and its traffic counters, the liveness the engine learns from ESP, NAT keepalives, and
 //! the deletion of idle tunnels.
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use concentrator_crds::eroute::ValidatedEroute;
-use concentrator_proto::admin::{ChildSa as ChildSaInfo, Tunnel};
 
 use super::driver::Driver;
 use super::events::IkeSaRecord;
+use crate::tunnels::{ChildRow, TunnelRow};
 
 /// Interval of NAT keepalives (RFC 3948 §4 suggests 20 s).
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
 
 impl Driver {
     /// Writes the tunnel of `spi_r` to the admin API's table, once it is established: a peer
-    /// being refused (or still negotiating) is no tunnel.
+    /// being refused (or still negotiating) is no tunnel. Called when the tunnel changes; its
+    /// traffic the table reads from the data plane's counters itself.
     pub(super) fn publish(&self, spi_r: u64) {
         let Some(rec) = self.sas.get(&spi_r).filter(|r| r.established_at.is_some()) else {
             return;
         };
-        let eroute = rec.eroute.as_ref().and_then(|n| self.config.set.eroutes.get(n));
-        self.gateway
-            .tunnels
-            .upsert(tunnel(spi_r, rec, eroute, Instant::now()));
+        let eroute = rec
+            .eroute
+            .as_ref()
+            .and_then(|n| self.config.set.eroutes.get(&**n));
+        self.gateway.tunnels.upsert(spi_r, tunnel(rec, eroute));
         self.gateway
             .metrics
             .tunnels
             .set(self.gateway.tunnels.len() as i64);
     }
 
-    /// Publishes traffic counters, and tells the engine which peers proved alive by
-    /// sending ESP (so that it does not send them liveness checks).
+    /// Tells the engine which peers proved alive by sending ESP (so that it does not send them
+    /// liveness checks), sends NAT keepalives and deletes idle tunnels.
     pub(super) fn refresh_status(&mut self) {
         let ids: Vec<u64> = self.sas.keys().copied().collect();
         let now = Instant::now();
@@ -50,7 +53,6 @@ impl Driver {
                 self.endpoint.handle_child_traffic(id, last);
             }
             self.keepalive(id, now);
-            self.publish(id);
         }
     }
 
@@ -109,7 +111,7 @@ impl Driver {
         let timeout = rec
             .eroute
             .as_ref()
-            .and_then(|n| self.config.set.eroutes.get(n))
+            .and_then(|n| self.config.set.eroutes.get(&**n))
             .and_then(|e| e.inactivity_timeout);
         if let Some(timeout) = timeout
             && now.saturating_duration_since(rec.last_traffic) >= timeout
@@ -120,57 +122,27 @@ impl Driver {
     }
 }
 
-/// The admin API's row for the tunnel of `spi_r`, as `rec` and its eroute stand `now`.
-fn tunnel(spi_r: u64, rec: &IkeSaRecord, eroute: Option<&ValidatedEroute>, now: Instant) -> Tunnel {
-    let children: Vec<ChildSaInfo> = rec
-        .children
-        .iter()
-        .map(|c| ChildSaInfo {
-            spi_in: c.spi_in,
-            spi_out: c.spi_out,
-            encryption: c.encryption.clone(),
-            bytes_in: c.counters.bytes_in.load(Relaxed),
-            bytes_out: c.counters.bytes_out.load(Relaxed),
-            packets_in: c.counters.packets_in.load(Relaxed),
-            packets_out: c.counters.packets_out.load(Relaxed),
-        })
-        .collect();
-    let idle = rec
-        .children
-        .iter()
-        .map(|c| now.saturating_duration_since(c.counters.last_activity()))
-        .min()
-        .unwrap_or_default();
-    let remote_subnets: Vec<String> = rec
-        .children
-        .iter()
-        .flat_map(|c| c.subnets.iter().map(ToString::to_string))
-        .collect();
-    Tunnel {
-        id: tunnel_id(spi_r),
-        base_eroute: rec.eroute.clone().unwrap_or_default(),
-        egroup: rec.egroup.clone().unwrap_or_default(),
-        remote_peer_id: rec.peer_id.clone(),
-        peer_address: rec.remote.map(|r| r.to_string()).unwrap_or_default(),
-        local_subnet: eroute.map(|e| e.local_subnet.to_string()).unwrap_or_default(),
-        remote_subnet: remote_subnets.join(","),
-        dynamic: rec.egroup.is_some(),
-        bytes_in: children.iter().map(|c| c.bytes_in).sum(),
-        bytes_out: children.iter().map(|c| c.bytes_out).sum(),
-        child_sas: children,
-        idle_seconds: idle.as_secs(),
-        established_at: rec
-            .established_at
-            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_secs()),
-        // Named by the fleet-wide list, which knows the member.
-        member: String::new(),
+/// The admin API's row for the tunnel of `rec`, as it and its eroute stand.
+fn tunnel(rec: &IkeSaRecord, eroute: Option<&ValidatedEroute>) -> TunnelRow {
+    TunnelRow {
+        base_eroute: rec.eroute.clone(),
+        egroup: rec.egroup.clone(),
+        peer_id: Arc::clone(&rec.peer_id),
+        peer_address: rec.remote,
+        local_subnet: eroute.map(|e| e.local_subnet),
+        established_at: rec.established_at,
+        children: rec
+            .children
+            .iter()
+            .map(|c| ChildRow {
+                spi_in: c.spi_in,
+                spi_out: c.spi_out,
+                encryption: c.encryption,
+                subnets: Arc::clone(&c.subnets),
+                counters: Arc::clone(&c.counters),
+            })
+            .collect(),
     }
-}
-
-/// The tunnel's name in the admin API: its IKE SA's id in the endpoint.
-pub(super) fn tunnel_id(spi_r: u64) -> String {
-    format!("{spi_r:016x}")
 }
 
 fn keepalive_due(last_sent: Instant, now: Instant) -> bool {

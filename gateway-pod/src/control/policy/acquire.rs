@@ -149,8 +149,8 @@ impl Driver {
             Ok(id) => {
                 tracing::info!(peer_id = %site.peer_id, %egroup, %remote, "initiating to a site");
                 let rec = IkeSaRecord {
-                    eroute: Some(base_eroute.to_owned()),
-                    egroup: Some(egroup.to_owned()),
+                    eroute: Some(self.names.get(base_eroute)),
+                    egroup: Some(self.names.get(egroup)),
                     remote: Some(remote),
                     site_subnet: Some(site.remote_subnet),
                     site: claim,

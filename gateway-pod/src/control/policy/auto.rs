@@ -260,7 +260,7 @@ impl Driver {
                 let peer_id = e.peer_id.clone().unwrap_or_else(|| remote.ip().to_string());
                 let site = self.claims.as_ref().map(|_| eroute_site(name, &claimed_peer(e)));
                 let rec = IkeSaRecord {
-                    eroute: Some(name.to_owned()),
+                    eroute: Some(self.names.get(name)),
                     remote: Some(remote),
                     site,
                     ..IkeSaRecord::new(peer_id, now)

@@ -3,6 +3,7 @@
 //! peer replaces the older one.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::control::driver::Driver;
@@ -13,9 +14,9 @@ use crate::eroute::lru::DynamicEroute;
 #[derive(Default)]
 pub(in crate::control) struct Owners {
     /// The IKE SA holding each dynamic eroute, by (egroup, peer ID).
-    dynamic: HashMap<(String, String), u64>,
+    dynamic: HashMap<(Arc<str>, Arc<str>), u64>,
     /// The IKE SA of each peer of a static eroute, by (eroute, peer ID).
-    statics: HashMap<(String, String), u64>,
+    statics: HashMap<(Arc<str>, Arc<str>), u64>,
 }
 
 impl Driver {
@@ -54,7 +55,7 @@ impl Driver {
             if let Some(owner) = self
                 .owners
                 .dynamic
-                .remove(&(egroup.clone(), evicted.peer_id.clone()))
+                .remove(&(Arc::from(egroup.as_str()), Arc::from(evicted.peer_id.as_str())))
             {
                 tracing::info!(peer_id = %evicted.peer_id, %egroup, "least recently used site evicted");
                 self.endpoint.delete(owner, now);

@@ -42,9 +42,9 @@ impl Driver {
                         self.refuse(spi_r, id, Some(base), PROPOSAL_NOT_ALLOWED);
                         return;
                     }
+                    let names = (self.names.get(&base), self.names.get(egroup));
                     let rec = self.record(spi_r, id);
-                    rec.eroute = Some(base.clone());
-                    rec.egroup = Some(egroup.clone());
+                    (rec.eroute, rec.egroup) = (Some(names.0), Some(names.1));
                     let lookup = self.egroups.lookup_by_peer(egroup, &peer_id, Instant::now());
                     let (tx, egroup) = (self.lookups.clone(), egroup.clone());
                     tokio::spawn(async move {
@@ -71,6 +71,7 @@ impl Driver {
             self.refuse(spi_r, id, eroute, reason);
             return;
         }
+        let eroute = eroute.map(|e| self.names.get(&e));
         self.record(spi_r, id).eroute = eroute;
         self.authenticate(spi_r, psk.map(zeroize::Zeroizing::new));
     }
@@ -89,6 +90,7 @@ impl Driver {
     /// Refuses the peer of SA `id` (AUTHENTICATION_FAILED), counted under `reason` when the
     /// negotiation fails.
     fn refuse(&mut self, id: u64, peer: &IdBuf, eroute: Option<String>, reason: &'static str) {
+        let eroute = eroute.map(|e| self.names.get(&e));
         self.record(id, peer).eroute = eroute;
         self.refuse_recorded(id, reason);
     }
