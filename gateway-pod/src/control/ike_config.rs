@@ -24,6 +24,9 @@ pub(super) struct IkeConfigs {
     raw_esp: bool,
     /// Our identity per eroute (built once).
     local_ids: HashMap<String, IdBuf>,
+    /// What a peer of each eroute is answered with once it is identified, shared by all its
+    /// SAs (one `Config` of ~300 bytes per SA otherwise).
+    responders: HashMap<String, std::sync::Arc<ResponderConfig>>,
 }
 
 impl IkeConfigs {
@@ -41,6 +44,7 @@ impl IkeConfigs {
             retransmit,
             raw_esp,
             local_ids: HashMap::new(),
+            responders: HashMap::new(),
         }
     }
 
@@ -62,6 +66,36 @@ impl IkeConfigs {
     /// Forgets our identity on eroute `name`: it changed or went.
     pub(super) fn forget(&mut self, name: &str) {
         self.local_ids.remove(name);
+        self.responders.remove(name);
+    }
+
+    /// The configuration an identified peer of eroute `name` is answered with, `accepting`
+    /// being the one that answered its IKE_SA_INIT (its retransmission and half-open limits
+    /// carry over). Built once per eroute while those stay the same.
+    pub(super) fn responder_for(
+        &mut self,
+        name: &str,
+        e: &ValidatedEroute,
+        accepting: &ResponderConfig,
+    ) -> std::sync::Arc<ResponderConfig> {
+        let (retransmit, half_open_timeout) = (accepting.retransmit, accepting.half_open_timeout);
+        if let Some(c) = self.responders.get(name)
+            && c.retransmit == retransmit
+            && c.half_open_timeout == half_open_timeout
+        {
+            return std::sync::Arc::clone(c);
+        }
+        let local_id = self.local_id_for(name, e);
+        // The endpoint routes by our SPI in either position, so this side may rekey the IKE
+        // SA at its lifetime (RFC 7296 §2.18) as well as the CHILD SAs.
+        let c = std::sync::Arc::new(ResponderConfig {
+            retransmit,
+            half_open_timeout,
+            ike_lifetime: Some(e.ike_lifetime).filter(|d| !d.is_zero()),
+            ..responder_config(e, local_id)
+        });
+        self.responders.insert(name.to_owned(), std::sync::Arc::clone(&c));
+        c
     }
 
     /// Our identity on `eroute` (built once per eroute).

@@ -84,6 +84,9 @@ impl Driver {
             "CHILD SA installed"
         );
         if let Some(rec) = self.sas.get_mut(&spi_r) {
+            // Most tunnels have one CHILD SA: no room for three more in each (a Vec's first
+            // push reserves four).
+            rec.children.reserve_exact(1);
             rec.children.push(ChildRecord {
                 spi_in,
                 spi_out,

@@ -11,7 +11,6 @@ use ipnet::IpNet;
 use super::LookupDone;
 use crate::control::driver::Driver;
 use crate::control::events::PROPOSAL_NOT_ALLOWED;
-use crate::control::ike_config::responder_config;
 use crate::egroups::Egroups;
 use crate::eroute::{Selection, select_responder};
 use crate::sitedb::LookupError;
@@ -113,23 +112,19 @@ impl Driver {
         let Some(e) = config.set.eroutes.get(eroute) else {
             return true;
         };
-        let local_id = self.configs.local_id_for(eroute, e);
         let Some(responder) = self.endpoint.responder_mut(id) else {
             return true;
         };
-        // The endpoint routes by our SPI in either position, so this side may rekey the IKE
-        // SA at its lifetime (RFC 7296 §2.18) as well as the CHILD SAs.
-        let mut config = ResponderConfig {
-            retransmit: responder.config().retransmit,
-            half_open_timeout: responder.config().half_open_timeout,
-            ike_lifetime: Some(e.ike_lifetime).filter(|d| !d.is_zero()),
-            ..responder_config(e, local_id)
-        };
+        let mut config = self.configs.responder_for(eroute, e, responder.config());
         if let Some(subnet) = site_subnet {
-            config.remote_subnet = subnet;
+            // A site of an egroup: its own row's subnet, so its own copy.
+            config = Arc::new(ResponderConfig {
+                remote_subnet: subnet,
+                ..(*config).clone()
+            });
         }
         !matches!(
-            responder.set_config(Arc::new(config)),
+            responder.set_config(config),
             Err(concentrator_ike::responder::Error::ProposalNotAllowed)
         )
     }
