@@ -545,6 +545,9 @@ struct Run {
     probed: u64,
     /// Our gateway's kernel routes into its TUN device toward [`SITES`], after a sites run.
     site_routes: Option<usize>,
+    /// The responder's CPU (cores) while it holds the SAs with nothing to do, read over
+    /// [`RSS_SETTLE`] after the run: what its timers and status passes cost per second.
+    idle_cpu: f64,
 }
 
 impl Run {
@@ -676,7 +679,7 @@ fn run_generator_with(
     let out = process::output(&mut cmd, Duration::from_secs(1800))?;
     let (after, _) = responder()?;
     std::thread::sleep(RSS_SETTLE);
-    let (_, rss_after) = responder()?;
+    let (settled, rss_after) = responder()?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     // libtest prints "test load_driver ... " before the driver's own output.
@@ -713,6 +716,7 @@ fn run_generator_with(
         rss_growth: rss_after as i64 - rss_before as i64,
         probed: get("probed")? as u64,
         site_routes: None,
+        idle_cpu: (settled - after) / RSS_SETTLE.as_secs_f64(),
     })
 }
 
@@ -1063,8 +1067,9 @@ fn tunnels_per_pod_ours_vs_strongswan() -> Result<()> {
         let run = measure_ours(&wan, &site, &bin, &size, scenario)?;
         report("ours", &run);
         println!(
-            "  {sas} tunnels: {:.2} KiB per tunnel, liveness answered on {}, kernel routes toward the sites: {}",
+            "  {sas} tunnels: {:.2} KiB per tunnel, {:.1}% of a core while idle, liveness answered on {}, kernel routes toward the sites: {}",
             run.kib_per_sa(),
+            run.idle_cpu * 100.0,
             run.probed,
             run.site_routes.map_or("-".to_owned(), |n| n.to_string())
         );
@@ -1080,9 +1085,10 @@ fn tunnels_per_pod_ours_vs_strongswan() -> Result<()> {
     let swan = measure_strongswan(&wan, &site, &size, scenario)?;
     report("strongSwan", &swan);
     println!(
-        "  strongSwan: {} tunnels, {:.2} KiB per tunnel",
+        "  strongSwan: {} tunnels, {:.2} KiB per tunnel, {:.1}% of a core while idle",
         swan.established,
-        swan.kib_per_sa()
+        swan.kib_per_sa(),
+        swan.idle_cpu * 100.0
     );
     if let Some((_, o)) = ours.iter().find(|(s, _)| s.sas == largest) {
         println!(

@@ -213,14 +213,19 @@ fn child_spec(
 
 /// The data plane's selectors (any protocol) for traffic selectors.
 fn selectors(ts: &[TrafficSelector<'_>]) -> Vec<Selector> {
-    ts.iter()
+    let mut selectors: Vec<Selector> = ts
+        .iter()
         .filter_map(ts_bounds)
         .map(|(start, end)| Selector {
             start,
             end,
             protocol: 0,
         })
-        .collect()
+        .collect();
+    // Kept for the CHILD SA's life: not with room for four (a filtered collect's first
+    // allocation), usually one.
+    selectors.shrink_to_fit();
+    selectors
 }
 
 /// The smallest set of prefixes covering `start..=end` (a traffic selector is a range; a

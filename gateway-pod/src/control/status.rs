@@ -39,11 +39,11 @@ impl Driver {
     pub(super) fn refresh_status(&mut self) {
         let ids: Vec<u64> = self.sas.keys().copied().collect();
         let now = Instant::now();
-        for id in &ids {
-            self.track_use(*id, now);
-        }
-        for id in ids {
-            if let Some(last) = self.sas.get(&id).and_then(|r| {
+        let used: Vec<bool> = ids.iter().map(|id| self.track_use(*id, now)).collect();
+        for (id, used) in ids.into_iter().zip(used) {
+            // Only a tunnel that carried traffic since the last pass has news for the engine
+            // (most of 100,000 tunnels sit idle: their liveness timers are left alone).
+            if let Some(last) = self.sas.get(&id).filter(|_| used).and_then(|r| {
                 r.children
                     .iter()
                     .map(|c| c.counters.last_inbound())
@@ -86,14 +86,14 @@ impl Driver {
         }
     }
 
-    /// Marks a dynamic eroute used when its tunnel carried traffic since the last pass, and
-    /// deletes a tunnel idle for longer than its eroute's `inactivityTimeout`.
-    fn track_use(&mut self, id: u64, now: Instant) {
+    /// Marks a dynamic eroute used when its tunnel carried traffic since the last pass (and
+    /// says so), and deletes a tunnel idle for longer than its eroute's `inactivityTimeout`.
+    fn track_use(&mut self, id: u64, now: Instant) -> bool {
         let Some(rec) = self.sas.get_mut(&id) else {
-            return;
+            return false;
         };
         if rec.established_at.is_none() {
-            return;
+            return false;
         }
         let bytes: u64 = rec
             .children
@@ -106,7 +106,7 @@ impl Driver {
             if let Some(egroup) = &rec.egroup {
                 self.egroups.touch(egroup, &rec.peer_id, now);
             }
-            return;
+            return true;
         }
         let timeout = rec
             .eroute
@@ -119,6 +119,7 @@ impl Driver {
             tracing::info!(peer_id = %rec.peer_id, ?timeout, "tunnel idle: deleted");
             self.endpoint.delete(id, now);
         }
+        false
     }
 }
 
