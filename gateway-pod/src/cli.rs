@@ -358,6 +358,11 @@ pub struct EspStaticArgs {
     /// not float to UDP. The ports of --local and --peer are then ignored.
     #[arg(long)]
     pub raw_esp: bool,
+    /// Also install this many SA pairs that carry nothing, each for its own /28 in
+    /// 10.128.0.0/9 (at most 524,288): one tunnel's throughput among many SAs, as a
+    /// head-end with that many sites has them in its tables.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=524_288))]
+    pub background_sas: u32,
 }
 
 /// `sites ...`

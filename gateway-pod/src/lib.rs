@@ -393,6 +393,7 @@ pub fn static_tunnel(a: &cli::EspStaticArgs) -> Result<dataplane::StaticTunnel, 
             a.replay_window,
         ),
         raw_esp: a.raw_esp,
+        background: (a.background_sas > 0).then_some((enc, a.background_sas)),
     })
 }
 

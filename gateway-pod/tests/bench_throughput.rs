@@ -13,13 +13,18 @@
 //! of veth/ours pairs (default 1), `BENCH_STREAMS` the number
 //! of parallel TCP streams (default 1; iperf3 `-P`), `BENCH_GATEWAY_BIN` another
 //! `concentrator-gateway` binary to measure instead of this build's.
+//!
+//! `BENCH_BACKGROUND_SAS=N` (issue 21) adds, in each round, the same tunnel between a second
+//! pair of our gateways that also hold N idle SA pairs each (`esp-static --background-sas`,
+//! one /28 per SA, as a head-end with N sites has them): one tunnel's throughput with N SAs
+//! installed against 1.
 
 use std::net::IpAddr;
 use std::time::Duration;
 
 mod common;
 
-use common::{A, B, as_refs, esp_static_args, gateway_bin};
+use common::{A, B, End, as_refs, esp_static_args, gateway_bin};
 use concentrator_e2e::netns::{self, Netns, Wan};
 use concentrator_e2e::prereq;
 use concentrator_e2e::strongswan::{self, Charon, Connection};
@@ -128,6 +133,40 @@ fn throughput_ours_vs_strongswan_vs_veth() {
         wan.attach(ns, "wan0", ip.parse().unwrap()).unwrap();
     }
 
+    let background: u32 = std::env::var("BENCH_BACKGROUND_SAS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    // The same tunnel between E and F, whose tables also hold `background` idle SAs.
+    let crowded = (background > 0).then(|| {
+        let (e, f) = (Netns::new("benchE").unwrap(), Netns::new("benchF").unwrap());
+        wan.attach(&e, "wan0", "192.0.2.5/24".parse().unwrap()).unwrap();
+        wan.attach(&f, "wan0", "192.0.2.6/24".parse().unwrap()).unwrap();
+        let (ee, ff) = (
+            End {
+                wan: "192.0.2.5",
+                ..A
+            },
+            End {
+                wan: "192.0.2.6",
+                ..B
+            },
+        );
+        let n = background.to_string();
+        let args = |me: &End, peer: &End| {
+            let mut v = esp_static_args(me, peer);
+            v.extend(["--background-sas".to_owned(), n.clone()]);
+            v
+        };
+        let (ae, af) = (args(&ee, &ff), args(&ff, &ee));
+        let ge = e
+            .spawn("ours E", gateway_bin(), &as_refs(&ae), &logs.path().join("e.log"))
+            .unwrap();
+        let gf = f
+            .spawn("ours F", gateway_bin(), &as_refs(&af), &logs.path().join("f.log"))
+            .unwrap();
+        (e, f, ge, gf)
+    });
     let (aa, bb) = (esp_static_args(&A, &B), esp_static_args(&B, &A));
     let _ga = a
         .spawn("ours A", gateway_bin(), &as_refs(&aa), &logs.path().join("a.log"))
@@ -136,7 +175,7 @@ fn throughput_ours_vs_strongswan_vs_veth() {
         .spawn("ours B", gateway_bin(), &as_refs(&bb), &logs.path().join("b.log"))
         .unwrap();
     // The gateways idle while the veth path runs: the WAN addresses are theirs too.
-    let (mut veths, mut ourss) = (Vec::new(), Vec::new());
+    let (mut veths, mut ourss, mut crowdeds) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..rounds() {
         veths.push(iperf(
             &a,
@@ -154,6 +193,16 @@ fn throughput_ours_vs_strongswan_vs_veth() {
             logs.path(),
             &format!("ours{round}"),
         ));
+        if let Some((e, f, _, _)) = &crowded {
+            crowdeds.push(iperf(
+                e,
+                f,
+                "10.1.0.1",
+                "10.2.0.1",
+                logs.path(),
+                &format!("crowded{round}"),
+            ));
+        }
     }
     let (veth, ours) = (median(&veths), median(&ourss));
 
@@ -211,5 +260,15 @@ fn throughput_ours_vs_strongswan_vs_veth() {
         .collect();
     println!("  ours / veth, each round:         {}", per_round.join(" "));
     println!("  ours / AES-GCM seal rate:        {:>8.1}%", 100.0 * ours / seal);
+    if !crowdeds.is_empty() {
+        let crowded = median(&crowdeds);
+        println!(
+            "  ours, {background} more SAs installed: {:>8.3} Gbit/s  [{}]",
+            g(crowded),
+            all(&crowdeds)
+        );
+        println!("  with {background} SAs / with 1:      {:>8.2}x", crowded / ours);
+        assert!(crowded > 0.0);
+    }
     assert!(ours > 0.0 && swan > 0.0 && veth > 0.0 && seal > 0.0);
 }

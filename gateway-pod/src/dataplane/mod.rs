@@ -37,6 +37,55 @@ pub struct StaticTunnel {
     pub inbound: Inbound,
     /// Plain ESP (IP protocol 50, a raw socket) instead of ESP in UDP.
     pub raw_esp: bool,
+    /// That many more SA pairs of this cipher, idle, in the tables beside the tunnel's.
+    pub background: Option<(concentrator_crds::proposal::Encryption, u32)>,
+}
+
+/// `n` idle SA pairs of `cipher` for `esp-static --background-sas`: SA `i` receives on SPI
+/// `0x4000_0000 + i` (never `skip`, the tunnel's own) and carries the /28 `10.128.0.0 + 16 i`,
+/// toward `peer`; no packet is ever routed to them.
+fn install_background(
+    handle: &shared::DataplaneHandle,
+    cipher: concentrator_crds::proposal::Encryption,
+    n: u32,
+    local: IpNet,
+    peer: SocketAddr,
+    skip: u32,
+) -> Result<(), DataplaneError> {
+    let worker = |e: concentrator_crypto::CryptoError| DataplaneError::Worker(e.to_string());
+    let first = u32::from(std::net::Ipv4Addr::new(10, 128, 0, 0));
+    for i in 0..n.min(1 << 19) {
+        let spi = 0x4000_0000 + i;
+        if spi == skip {
+            continue;
+        }
+        let site = IpNet::new(IpAddr::V4((first + (i << 4)).into()), 28)
+            .map_err(|e| DataplaneError::Worker(e.to_string()))?;
+        // Keys of the cipher's length (plus its 4-byte salt); nothing is ever sealed with them.
+        let material = [i as u8; 36];
+        let len = cipher.key_bits().map_or(32, |bits| usize::from(bits / 8)) + 4;
+        let key = || concentrator_crypto::aead::AeadKey::new(cipher, &material[..len]).map_err(worker);
+        let counters = Arc::new(SaCounters::new(Instant::now()));
+        handle.install(
+            InboundSa {
+                sa: Inbound::new(spi, key()?, false, 4096),
+                local: vec![selector(local)],
+                remote: vec![selector(site)],
+                counters: counters.clone(),
+                via: Arc::default(),
+            },
+            OutboundSa {
+                id: spi,
+                sa: Outbound::new(spi, key()?, false),
+                peer,
+                udp_encap: true,
+                counters,
+                via: Arc::default(),
+            },
+            vec![site],
+        );
+    }
+    Ok(())
 }
 
 /// Errors setting the tunnel up or running it (per-packet errors are counted, never
@@ -127,6 +176,9 @@ pub async fn run(t: StaticTunnel, counters: DataplaneCounters) -> Result<(), Dat
         counters,
         None,
     );
+    if let Some((cipher, n)) = t.background {
+        install_background(&handle, cipher, n, t.local_subnet, t.peer, t.inbound.spi())?;
+    }
     let sa_counters = Arc::new(SaCounters::new(Instant::now()));
     let id = t.inbound.spi();
     handle.install(
