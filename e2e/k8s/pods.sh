@@ -1,0 +1,308 @@
+#!/usr/bin/env bash
+# Tier 2 of the cluster tests: the chart, the operator and the gateway pods on a node that runs
+# pods (e2e/k8s/cluster.sh up --node: containerd, CNI bridge, kubelet, kube-proxy nftables), and
+# a strongSwan site outside the cluster.
+#
+#   e2e/k8s/cluster.sh up --node && eval "$(e2e/k8s/cluster.sh env)" && e2e/k8s/pods.sh
+#
+# What it does, and fails on:
+# - images built here (e2e/k8s/image.sh: our binaries and their libraries, no registry) and
+#   imported into the node's containerd: the gateway, the operator, etcd for the fleet;
+# - `helm install` of charts/concentrator with a fleet (fleet.create): the operator Deployment's
+#   pods run (as the chart's ServiceAccount, in-cluster config through the kubernetes Service)
+#   and become Ready; the fleet's StatefulSet of gateway pods becomes Ready: each pod has
+#   NET_ADMIN and its TUN device, joined the fleet in etcd (a pod of the namespace, through its
+#   Service) and answers its readiness probe;
+# - the front Service, type LoadBalancer, gets its address the way a cloud's controller (or
+#   MetalLB) gives it: written into its status; kube-proxy (nftables) serves it on the node;
+# - a strongSwan site in a network namespace outside the cluster, linked to the node, connects
+#   to that address on UDP 500 with default settings (IKE from port 500, its NAT-T float to
+#   4500, which lands on another Service port and so maybe on another pod), and pings an
+#   address on the gateway pods' side (10.0.0.1 on their lo, inside eroute hq-backup's
+#   localSubnet) through the tunnel; exactly one pod holds the tunnel;
+# - `kubectl concentrator` (the plugin, through the API server's port-forward to the pods'
+#   mutual-TLS admin API, not --direct) lists the tunnel and the fleet's pods;
+# - the operator sees the tunnel (status.tunnels, from the pods' load reports over mutual TLS);
+# - scaling: `helm upgrade` to three pods, the third Ready, status follows; back to two: the
+#   operator drains the leaving pod (ScaleIn condition) before the StatefulSet shrinks, and the
+#   site's tunnel still carries traffic afterwards;
+# - teardown: the site deletes its SA, the fleet is deleted while the operator runs (its drain
+#   finalizer lifted), `helm uninstall`, the namespace terminates.
+#
+# Needs: KUBECONFIG (admin) of e2e/k8s/cluster.sh with a node (K8S_NODE_NETNS and
+# CONTAINERD_ADDRESS from `cluster.sh env`), kubectl, helm (HELM=path), ctr, the binaries
+# (GATEWAY, OPERATOR, PLUGIN paths; default: ${CARGO_TARGET_DIR:-target}/debug/...), charon and
+# swanctl (strongswan-charon, strongswan-swanctl, libcharon-extra-plugins), busybox-static, root.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+: "${KUBECONFIG:?e2e/k8s/pods.sh needs KUBECONFIG (eval \"\$(e2e/k8s/cluster.sh env)\")}"
+: "${K8S_NODE_NETNS:?e2e/k8s/pods.sh needs the node of e2e/k8s/cluster.sh up --node (eval \"\$(e2e/k8s/cluster.sh env)\")}"
+: "${CONTAINERD_ADDRESS:?e2e/k8s/pods.sh needs the containerd of the node (CONTAINERD_ADDRESS from e2e/k8s/cluster.sh env)}"
+export CONTAINERD_NAMESPACE="${CONTAINERD_NAMESPACE:-k8s.io}"
+HELM="${HELM:-helm}"
+target="${CARGO_TARGET_DIR:-target}/debug"
+GATEWAY="${GATEWAY:-$target/concentrator-gateway}"
+OPERATOR="${OPERATOR:-$target/concentrator-operator}"
+PLUGIN="${PLUGIN:-$target/kubectl-concentrator}"
+for tool in kubectl "$HELM" ctr nsenter ip openssl curl /usr/lib/ipsec/charon swanctl /bin/busybox; do
+    command -v "$tool" >/dev/null || { echo "e2e/k8s/pods: $tool is required" >&2; exit 1; }
+done
+for bin in "$GATEWAY" "$OPERATOR" "$PLUGIN"; do
+    [ -x "$bin" ] || { echo "e2e/k8s/pods: $bin is missing (cargo build -p concentrator-gateway -p concentrator-operator -p kubectl-concentrator)" >&2; exit 1; }
+done
+[ "$(id -u)" -eq 0 ] || { echo "e2e/k8s/pods: needs root (network namespaces)" >&2; exit 1; }
+
+run_id="$$"
+ns="vpn-pods-$run_id" # the Helm release, its fleet, etcd: Pod Security `privileged`
+release=concentrator
+fleet=edge
+tag=e2e
+gateway_image="concentrator-gateway:$tag"
+operator_image="concentrator-operator"
+etcd_image="concentrator-e2e-etcd:$tag"
+gw_selector="app.kubernetes.io/name=concentrator-gateway,app.kubernetes.io/instance=$fleet"
+# The site: its own namespace, linked to the node like a WAN; the front's load-balancer address
+# is routed to the node.
+site_netns="ck8s-site-$run_id"
+site_wan=192.168.232.2
+node_wan=192.168.232.1
+wan_prefix=24
+lb_addr=192.168.233.10
+lb_net=192.168.233.0/24
+# The static eroute hq-backup (examples/static-peer.yaml) and its ends.
+peer_id=backup.example.com
+site_subnet=172.16.0.0/24
+site_host=172.16.0.1
+gw_subnet=10.0.0.0/16
+gw_host=10.0.0.1
+tun_dev=concentrator0 # the gateway's --tun-name default
+work=$(mktemp -d)
+charon_pid=
+checks=0
+
+log() { echo "==> e2e/k8s/pods: $*"; }
+fail() {
+    echo "e2e/k8s/pods: FAIL: $*" >&2
+    exit 1
+}
+ok() {
+    checks=$((checks + 1))
+    echo "ok $checks - $*"
+}
+k() { kubectl -n "$ns" "$@"; }
+# Commands inside pods, bounded: a wedged exec must not hang the run.
+kx() { timeout "${KX_TIMEOUT:-60}" kubectl -n "$ns" exec "$@"; }
+in_site() { ip netns exec "$site_netns" "$@"; }
+swan() { STRONGSWAN_CONF="$work/site/strongswan.conf" timeout 60 swanctl "$@"; }
+plugin() { PATH="$work/bin:$PATH" timeout 60 kubectl concentrator -n "$ns" "$@"; }
+
+# Polls `command` until it succeeds or `timeout` seconds pass.
+poll() { # timeout description command...
+    local timeout=$1 what=$2 deadline
+    shift 2
+    deadline=$((SECONDS + timeout))
+    until "$@" >/dev/null 2>&1; do
+        [ "$SECONDS" -lt "$deadline" ] || fail "timed out after ${timeout}s waiting for $what"
+        if [ -n "$charon_pid" ] && ! kill -0 "$charon_pid" 2>/dev/null; then
+            fail "the site's charon exited while waiting for $what"
+        fi
+        sleep 1
+    done
+}
+is() { # want kubectl-args...
+    local want=$1
+    shift
+    [ "$(kubectl "$@" 2>/dev/null)" = "$want" ]
+}
+gateway_pods() { k get pods -l "$gw_selector" -o jsonpath='{.items[*].metadata.name}'; }
+cond() { # kind/name type field
+    k get "$1" -o jsonpath="{.status.conditions[?(@.type==\"$2\")].$3}"
+}
+
+diagnostics() {
+    echo "==> e2e/k8s/pods: diagnostics, namespace $ns"
+    kubectl get nodes -o wide 2>&1 || true
+    k get gatewayfleet,eroute,statefulset,deployment,pods,svc,endpointslices -o wide 2>&1 || true
+    k get gatewayfleet "$fleet" -o jsonpath='{.status}' 2>&1 || true
+    echo
+    local pod
+    for pod in $(k get pods -l app.kubernetes.io/component=operator -o name 2>/dev/null); do
+        echo "--- $pod log"
+        k logs "$pod" --tail=60 2>&1 || true
+    done
+    for pod in $(gateway_pods 2>/dev/null); do
+        echo "--- gateway $pod"
+        k describe pod "$pod" 2>&1 | sed -n '/^Events:/,$p' | tail -n 15 || true
+        k logs "$pod" -c gateway --tail=60 2>&1 || true
+        KX_TIMEOUT=15 kx "$pod" -c gateway -- /usr/local/bin/concentrator-gateway tunnels 2>&1 || true
+        KX_TIMEOUT=15 kx "$pod" -c gateway -- ip -br addr 2>&1 || true
+        KX_TIMEOUT=15 kx "$pod" -c gateway -- ip route 2>&1 || true
+    done
+    if [ -n "$charon_pid" ]; then
+        echo "--- site"
+        swan --list-sas 2>&1 || true
+        in_site ip route show table 220 2>&1 || true
+        tail -n 60 "$work/site/charon.log" 2>/dev/null || true
+    fi
+    echo "--- kube-proxy's services on the node"
+    nsenter --net="/run/netns/$K8S_NODE_NETNS" nft list map ip kube-proxy service-ips 2>&1 | tail -n 20 || true
+    echo "--- events"
+    k get events --sort-by=.lastTimestamp 2>&1 | tail -n 40 || true
+}
+
+stop_site() {
+    if [ -n "$charon_pid" ] && kill -0 "$charon_pid" 2>/dev/null; then
+        swan --terminate --ike hq --timeout 10 >/dev/null 2>&1 || true
+        kill -TERM "$charon_pid" 2>/dev/null || true
+        local deadline=$((SECONDS + 10))
+        while kill -0 "$charon_pid" 2>/dev/null && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.2; done
+        kill -KILL "$charon_pid" 2>/dev/null || true
+        wait "$charon_pid" 2>/dev/null || true
+    fi
+    charon_pid=
+    ip netns del "$site_netns" 2>/dev/null || true
+}
+
+cleanup() {
+    local status=$?
+    trap - EXIT
+    if [ "$status" -ne 0 ]; then
+        diagnostics >&2 || true
+    fi
+    stop_site
+    if [ "$status" -ne 0 ] && kubectl get namespace "$ns" >/dev/null 2>&1; then
+        # Best effort, so a failed run leaves no object that would trip the next one.
+        k delete gatewayfleet --all --timeout=60s >/dev/null 2>&1 || true
+        for f in $(k get gatewayfleets -o name 2>/dev/null); do
+            k patch "$f" --type=merge -p '{"metadata":{"finalizers":null}}' >/dev/null 2>&1 || true
+        done
+        "$HELM" uninstall "$release" -n "$ns" >/dev/null 2>&1 || true
+        kubectl delete namespace "$ns" --wait=false >/dev/null 2>&1 || true
+        kubectl delete crd eroutes.vpn.concentrator.io egroups.vpn.concentrator.io \
+            gatewayfleets.vpn.concentrator.io --wait=false >/dev/null 2>&1 || true
+    fi
+    rm -rf "$work"
+    if [ "$status" -eq 0 ]; then
+        echo "$checks passed, 0 failed"
+    else
+        echo "$checks passed, 1 failed"
+    fi
+    exit "$status"
+}
+trap cleanup EXIT
+
+kubectl version >/dev/null || fail "no API server at KUBECONFIG=$KUBECONFIG"
+node=$(kubectl get nodes -o jsonpath='{.items[0].metadata.name}')
+[ -n "$node" ] && is True get node "$node" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' \
+    || fail "no Ready node (run: e2e/k8s/cluster.sh node up)"
+if kubectl get crd gatewayfleets.vpn.concentrator.io >/dev/null 2>&1; then
+    fail "CRD gatewayfleets.vpn.concentrator.io exists already: this test installs the chart itself"
+fi
+
+# --- Images: our binaries (debug symbols stripped) and their libraries; the gateway's with
+# busybox for `ip` (the Dockerfile's has iproute2 and a shell too).
+log "building and importing the images"
+e2e/k8s/image.sh -s -b -o "$work/gateway.tar" -n "docker.io/library/$gateway_image" "$GATEWAY"
+e2e/k8s/image.sh -s -u 65532 -o "$work/operator.tar" -n "docker.io/library/$operator_image:$tag" "$OPERATOR"
+e2e/k8s/image.sh -o "$work/etcd.tar" -n "docker.io/library/$etcd_image" "$(dirname "$(command -v kubectl)")/etcd"
+for image in gateway operator etcd; do
+    ctr images import "$work/$image.tar" >/dev/null
+    rm -f "$work/$image.tar"
+done
+mkdir -p "$work/bin"
+ln -s "$(realpath "$PLUGIN")" "$work/bin/kubectl-concentrator"
+ok "images of the gateway, the operator and etcd imported into the node's containerd"
+
+# --- The namespace, etcd, the Secrets.
+kubectl create namespace "$ns" >/dev/null
+kubectl label namespace "$ns" pod-security.kubernetes.io/enforce=privileged >/dev/null
+k apply -f - >/dev/null <<YAML
+apiVersion: v1
+kind: Service
+metadata: {name: etcd}
+spec:
+  selector: {app: etcd}
+  ports: [{name: client, port: 2379, targetPort: 2379}]
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: etcd}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: etcd}}
+  template:
+    metadata: {labels: {app: etcd}}
+    spec:
+      automountServiceAccountToken: false
+      containers:
+        - name: etcd
+          image: $etcd_image
+          command: [/usr/local/bin/etcd]
+          args: [--name=e2e, --data-dir=/var/lib/etcd, --unsafe-no-fsync,
+                 --listen-client-urls=http://0.0.0.0:2379, --advertise-client-urls=http://etcd:2379]
+          readinessProbe: {tcpSocket: {port: 2379}, periodSeconds: 2}
+          volumeMounts: [{name: data, mountPath: /var/lib/etcd}]
+      volumes: [{name: data, emptyDir: {}}]
+YAML
+etcd_ip=$(k get svc etcd -o jsonpath='{.spec.clusterIP}')
+k create secret generic hq-backup --from-file=psk=examples/secrets/hq-backup/psk >/dev/null
+k create secret generic fleet --from-literal=key="$(head -c 32 /dev/urandom | base64)" >/dev/null
+# The admin API's mutual TLS (docs/security.md, "By hand with openssl"): the pods' certificate
+# (which the plugin also presents, read from the fleet's Secret) and the operator's.
+(
+    cd "$work"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 \
+        -subj "/CN=e2e admin CA" -keyout ca.key -out ca.crt 2>/dev/null
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=concentrator-gateway \
+        -keyout gw.key -out gw.csr 2>/dev/null
+    openssl x509 -req -in gw.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 1 -out gw.crt \
+        -extfile <(printf 'subjectAltName=DNS:concentrator-gateway\nextendedKeyUsage=serverAuth,clientAuth\n') 2>/dev/null
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=concentrator-operator \
+        -keyout op.key -out op.csr 2>/dev/null
+    openssl x509 -req -in op.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 1 -out op.crt \
+        -extfile <(printf 'extendedKeyUsage=clientAuth\n') 2>/dev/null
+)
+k create secret generic edge-admin-tls --from-file=tls.crt="$work/gw.crt" \
+    --from-file=tls.key="$work/gw.key" --from-file=ca.crt="$work/ca.crt" >/dev/null
+k create secret generic operator-admin-tls --from-file=tls.crt="$work/op.crt" \
+    --from-file=tls.key="$work/op.key" --from-file=ca.crt="$work/ca.crt" >/dev/null
+k rollout status deployment/etcd --timeout=120s >/dev/null || fail "etcd's pod did not become Ready"
+ok "etcd runs in a pod ($etcd_ip:2379 through its Service)"
+
+# --- The chart with a fleet.
+log "helm install $release (with fleet $fleet) into $ns"
+helm_args=(
+    --set "operator.image.repository=$operator_image" --set "operator.image.tag=$tag"
+    --set adminTls.operatorSecretName=operator-admin-tls
+    --set fleet.create=true --set "fleet.name=$fleet" --set "fleet.image=$gateway_image"
+    --set "fleet.etcd.endpoints={http://$etcd_ip:2379}" --set fleet.fleetKeySecretRef.name=fleet
+    --set fleet.adminTlsSecretName=edge-admin-tls
+    --set fleet.scaling.minReplicas=2 --set fleet.scaling.maxReplicas=3
+    --set fleet.scaling.stabilizationWindow=10s --set fleet.scaling.drainTimeout=60s
+    --set fleet.front.serviceType=LoadBalancer
+)
+"$HELM" install "$release" charts/concentrator -n "$ns" --wait --timeout 3m "${helm_args[@]}" >/dev/null \
+    || fail "helm install --wait failed"
+k apply -f examples/static-peer.yaml >/dev/null
+k wait --for=condition=Ready eroute/hq-backup --timeout=60s >/dev/null || fail "eroute/hq-backup not Ready"
+op_sa=$(k get deploy "$release-operator" -o jsonpath='{.spec.template.spec.serviceAccountName}')
+[ "$(k get deploy "$release-operator" -o jsonpath='{.status.readyReplicas}')" = "$(k get deploy "$release-operator" -o jsonpath='{.spec.replicas}')" ] \
+    || fail "the operator Deployment is not Ready after helm install --wait"
+poll 60 "an operator pod to hold the leader Lease" \
+    sh -c "kubectl -n $ns get lease $release-operator -o jsonpath='{.spec.holderIdentity}' | grep -q '^$release-operator-'"
+ok "helm install: the operator's pods Ready as ServiceAccount $op_sa; $(k get lease "$release-operator" -o jsonpath='{.spec.holderIdentity}') holds the Lease"
+
+k wait --for=condition=Ready "gatewayfleet/$fleet" --timeout=120s >/dev/null || fail "gatewayfleet/$fleet not Ready"
+k rollout status "statefulset/$fleet" --timeout=240s >/dev/null || fail "the gateway pods did not become Ready"
+read -r -a gw_pods <<<"$(gateway_pods)"
+[ "${#gw_pods[@]}" -eq 2 ] || fail "expected 2 gateway pods, found ${#gw_pods[@]}: ${gw_pods[*]}"
+for pod in "${gw_pods[@]}"; do
+    caps=$(k get pod "$pod" -o jsonpath='{.spec.containers[0].securityContext.capabilities.add}')
+    [[ $caps == *NET_ADMIN* ]] || fail "pod/$pod has no NET_ADMIN ($caps)"
+    # A TUN device has tun_flags in sysfs (busybox's ip has no -details).
+    flags=$(kx "$pod" -c gateway -- cat "/sys/class/net/$tun_dev/tun_flags" 2>&1) \
+        || fail "pod/$pod has no TUN device $tun_dev: $flags"
+done
+poll 60 "gwf/$fleet status.readyReplicas 2" is 2 -n "$ns" get gwf "$fleet" -o jsonpath='{.status.readyReplicas}'
+ok "fleet $fleet Ready: pods ${gw_pods[*]} Ready, NET_ADMIN and a TUN device ($tun_dev) each"
