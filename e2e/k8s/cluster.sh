@@ -54,7 +54,12 @@ LINK_PREFIX=24
 HOST_LINK=ck8s-host # the root namespace's end of the veth pair (the node's end: eth0)
 
 COMPONENTS=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
-NODE_COMPONENTS=(kubelet kube-proxy)
+# CoreDNS has a module of its own (build/coredns/go.mod): its version is in its file name.
+COREDNS_VERSION="$(awk '$1 == "require" {$1 = ""; $0 = $0} $1 == "github.com/coredns/coredns" && $2 ~ /^v/ {print $2}' "$BUILD_DIR/coredns/go.mod")"
+[ -n "$K8S_VERSION" ] && [ -n "$ETCD_VERSION" ] && [ -n "$COREDNS_VERSION" ] \
+    || { echo "cluster: no version of k8s.io/kubernetes, etcd or CoreDNS in $BUILD_DIR/**/go.mod" >&2; exit 1; }
+COREDNS="coredns-$COREDNS_VERSION"
+NODE_COMPONENTS=(kubelet kube-proxy "$COREDNS")
 
 log() { echo "==> cluster: $*" >&2; }
 die() { echo "cluster: $*" >&2; exit 1; }
@@ -74,9 +79,11 @@ build() { # [--node]
     log "building ${missing[*]} (Kubernetes $K8S_VERSION, etcd $ETCD_VERSION) into $BIN_DIR (first run: long, see README)"
     local start=$SECONDS tmp="$BIN_DIR.tmp.$$"
     mkdir -p "$tmp"
+    local coredns=no
     for c in "${missing[@]}"; do
         case $c in
             etcd) pkgs+=(./etcd) ;;
+            coredns-*) coredns=yes ;; # a module of its own
             *) pkgs+=("k8s.io/kubernetes/cmd/$c") ;;
         esac
     done
@@ -88,7 +95,13 @@ build() { # [--node]
     (
         cd "$BUILD_DIR"
         # One `go build` for all: shared packages compile once. -p 2 keeps a 2-core machine usable.
-        nice go build -p "${GO_BUILD_JOBS:-2}" -trimpath -ldflags "-s -w $ver" -o "$tmp/" "${pkgs[@]}"
+        if [ "${#pkgs[@]}" -gt 0 ]; then
+            nice go build -p "${GO_BUILD_JOBS:-2}" -trimpath -ldflags "-s -w $ver" -o "$tmp/" "${pkgs[@]}"
+        fi
+        if [ "$coredns" = yes ]; then
+            cd coredns
+            nice go build -p "${GO_BUILD_JOBS:-2}" -trimpath -ldflags "-s -w" -o "$tmp/$COREDNS" .
+        fi
     )
     # Only what was missing is added: binaries already there stay (one directory per version).
     mkdir -p "$BIN_DIR"

@@ -7,7 +7,9 @@
 #   containerd (Debian 1.6) with its own config, socket, root and state directories, runc;
 #   CNI: Debian's bridge and host-local plugins, bridge ck8s0, pods in $POD_CIDR;
 #   kubelet (cgroupfs driver, cgroup v1, pods' cgroups under /$CGROUP_ROOT in each hierarchy);
-#   kube-proxy in nftables mode (its tables are in the node's namespace only).
+#   kube-proxy in nftables mode (its tables are in the node's namespace only);
+#   CoreDNS (the cluster's DNS: Services and the pods of headless Services, such as the gateway
+#   pods the operator dials by name) on the node's address, as the kubelet's clusterDNS.
 # The pause image is built here (Kubernetes' own pause.c, compiled static) and imported; the
 # other images come from e2e/k8s/image.sh and `ctr images import` (eval "$(cluster.sh env)" sets
 # CONTAINERD_ADDRESS and CONTAINERD_NAMESPACE for ctr). Nothing is pulled: no registry is
@@ -77,9 +79,33 @@ node_pki() {
         printf 'extendedKeyUsage = clientAuth\n' >client.ext
         sign kubelet "/O=system:nodes/CN=system:node:$NODE_NAME" client.ext
         sign kube-proxy "/CN=system:kube-proxy" client.ext
+        sign coredns "/CN=system:coredns" client.ext
     )
     kubeconfig kubelet
     kubeconfig kube-proxy
+    kubeconfig coredns
+}
+
+# What CoreDNS's kubernetes plugin reads (kubeadm's system:coredns role).
+coredns_rbac() { # apply|delete
+    node_kubectl "$1" -f - >/dev/null <<YAML
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: "concentrator-e2e:coredns"}
+rules:
+  - apiGroups: [""]
+    resources: [endpoints, services, pods, namespaces]
+    verbs: [list, watch]
+  - apiGroups: [discovery.k8s.io]
+    resources: [endpointslices]
+    verbs: [list, watch]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: "concentrator-e2e:coredns"}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: "concentrator-e2e:coredns"}
+subjects: [{apiGroup: rbac.authorization.k8s.io, kind: User, name: "system:coredns"}]
+YAML
 }
 
 node_config() {
@@ -173,17 +199,34 @@ enforceNodeAllocatable: [pods]
 failSwapOn: false
 # Where the kubelet keeps pod logs (default /var/log/pods).
 podLogsDir: $d/pod-logs
-# No cluster DNS in this cluster: pods get the node's resolv.conf.
-resolvConf: /etc/resolv.conf
+# CoreDNS on the node's address (coredns.Corefile); names outside the cluster are refused.
+clusterDNS: [$NODE_ADDR]
+clusterDomain: cluster.local
+resolvConf: ""
 # The build machines' disk is often more than 85% full: the default thresholds (nodefs 10%,
 # imagefs 15% free) would put the node under DiskPressure and evict the test's pods.
 evictionHard: {memory.available: 100Mi, nodefs.available: 1%, nodefs.inodesFree: 1%, imagefs.available: 1%}
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 maxPods: 50
+# ConfigMap and Secret volumes are refreshed on this period (default 1m): the gateways'
+# config, which the operator renders into a ConfigMap, reaches them sooner.
+syncFrequency: 10s
 registerNode: true
 serializeImagePulls: false
 YAML
+    cat >"$d/Corefile" <<COREFILE
+cluster.local:53 in-addr.arpa:53 {
+    bind $NODE_ADDR
+    errors
+    ready 127.0.0.1:8181
+    kubernetes cluster.local in-addr.arpa {
+        kubeconfig $STATE_DIR/coredns.kubeconfig
+        pods insecure
+    }
+    cache 5
+}
+COREFILE
     cat >"$d/kube-proxy.yaml" <<YAML
 apiVersion: kubeproxy.config.k8s.io/v1alpha1
 kind: KubeProxyConfiguration
@@ -262,10 +305,15 @@ node_up() {
     log "starting kube-proxy $K8S_VERSION (nftables)"
     start kube-proxy nsenter --net="/run/netns/$NODE_NETNS" "$BIN_DIR/kube-proxy" \
         --config "$NODE_DIR/kube-proxy.yaml" --v "${KUBE_PROXY_VERBOSITY:-1}"
+    log "starting CoreDNS $COREDNS_VERSION on $NODE_ADDR:53"
+    coredns_rbac apply
+    start coredns nsenter --net="/run/netns/$NODE_NETNS" "$BIN_DIR/$COREDNS" -conf "$NODE_DIR/Corefile"
     wait_component kubelet "node $NODE_NAME Ready" 180 node_ready
     restore_kernel_tunables
     wait_component kube-proxy "kube-proxy /healthz" 60 in_node curl -sf --max-time 2 http://127.0.0.1:10256/healthz
     wait_component kube-proxy "kube-proxy's nftables table" 60 in_node nft list table ip kube-proxy
+    wait_component coredns "CoreDNS ready (its Kubernetes watches synced)" 60 \
+        in_node curl -sf --max-time 2 http://127.0.0.1:8181/ready
     log "node $NODE_NAME Ready in $((SECONDS - start)) s (pods $POD_CIDR on $POD_BRIDGE in netns $NODE_NETNS)"
 }
 
@@ -303,6 +351,7 @@ stop_pid() { # name
 node_down() {
     [ -d "$NODE_DIR" ] || return 0
     local id m
+    stop_pid coredns
     stop_pid kube-proxy
     stop_pid kubelet
     if pid_alive containerd; then
@@ -338,6 +387,7 @@ node_down() {
         /run/containerd/fifo /run/containerd 2>/dev/null || true
     if pid_alive kube-apiserver; then
         node_kubectl delete node "$NODE_NAME" --ignore-not-found --wait=false >/dev/null 2>&1 || true
+        coredns_rbac delete 2>/dev/null || true
     fi
     if [ -e "/run/netns/$NODE_NETNS" ]; then
         in_node nft delete table ip kube-proxy 2>/dev/null || true

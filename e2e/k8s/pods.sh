@@ -116,6 +116,12 @@ is() { # want kubectl-args...
     [ "$(kubectl "$@" 2>/dev/null)" = "$want" ]
 }
 gateway_pods() { k get pods -l "$gw_selector" -o jsonpath='{.items[*].metadata.name}'; }
+# The gateway in pod $1 has loaded $2 base eroutes (the rendered config reaches the pods through
+# a ConfigMap volume, which the kubelet refreshes on its sync period).
+eroutes_loaded() { # pod n
+    KX_TIMEOUT=15 kx "$1" -c gateway -- wget -qO- http://127.0.0.1:9090/metrics 2>/dev/null \
+        | grep -qx "concentrator_gateway_eroutes $2"
+}
 cond() { # kind/name type field
     k get "$1" -o jsonpath="{.status.conditions[?(@.type==\"$2\")].$3}"
 }
@@ -169,6 +175,10 @@ cleanup() {
     trap - EXIT
     if [ "$status" -ne 0 ]; then
         diagnostics >&2 || true
+        if [ "${E2E_KEEP:-}" = 1 ]; then
+            echo "e2e/k8s/pods: E2E_KEEP=1: left namespace $ns, netns $site_netns (charon pid ${charon_pid:-none}) and $work" >&2
+            exit "$status"
+        fi
     fi
     stop_site
     if [ "$status" -ne 0 ] && kubectl get namespace "$ns" >/dev/null 2>&1; then
@@ -306,3 +316,207 @@ for pod in "${gw_pods[@]}"; do
 done
 poll 60 "gwf/$fleet status.readyReplicas 2" is 2 -n "$ns" get gwf "$fleet" -o jsonpath='{.status.readyReplicas}'
 ok "fleet $fleet Ready: pods ${gw_pods[*]} Ready, NET_ADMIN and a TUN device ($tun_dev) each"
+for pod in "${gw_pods[@]}"; do
+    poll 120 "pod/$pod to load eroute hq-backup (ConfigMap volume refreshed, config reloaded)" eroutes_loaded "$pod" 1
+done
+ok "the operator's rendered config reached every pod: eroute hq-backup loaded"
+
+# --- The front: a LoadBalancer Service; its address written into its status as a cloud's
+# load-balancer controller (or MetalLB) would; kube-proxy serves it on the node.
+svc=$(k get svc "$fleet" -o jsonpath='{.spec.type} {.spec.sessionAffinity} {.spec.externalTrafficPolicy} {range .spec.ports[*]}{.protocol}/{.port} {end}')
+[ "$svc" = "LoadBalancer ClientIP Local UDP/500 UDP/4500 " ] || fail "service/$fleet: '$svc'"
+k patch svc "$fleet" --subresource=status --type=merge \
+    -p "{\"status\":{\"loadBalancer\":{\"ingress\":[{\"ip\":\"$lb_addr\"}]}}}" >/dev/null
+served() { # kube-proxy's map of service addresses holds the front's, for both ports
+    local m
+    m=$(nsenter --net="/run/netns/$K8S_NODE_NETNS" nft list map ip kube-proxy service-ips)
+    grep -q "$lb_addr . udp . 500 " <<<"$m" && grep -q "$lb_addr . udp . 4500 " <<<"$m"
+}
+poll 60 "kube-proxy to serve $lb_addr UDP 500 and 4500" served
+ok "front service/$fleet: LoadBalancer $lb_addr (ClientIP affinity, externalTrafficPolicy Local) in kube-proxy's nftables"
+
+# --- A strongSwan site outside the cluster: its own network namespace, a veth to the node's
+# namespace (a WAN), a route to the load-balancer addresses through the node.
+log "site $site_wan in netns $site_netns, linked to the node"
+ip netns add "$site_netns"
+ip link add wan0 netns "$site_netns" type veth peer name site0 netns "$K8S_NODE_NETNS"
+in_site ip addr add "$site_wan/$wan_prefix" dev wan0
+in_site ip link set wan0 up
+in_site ip link set lo up
+in_site ip route add "$lb_net" via "$node_wan"
+nsenter --net="/run/netns/$K8S_NODE_NETNS" ip addr add "$node_wan/$wan_prefix" dev site0
+nsenter --net="/run/netns/$K8S_NODE_NETNS" ip link set site0 up
+# charon sources the child's traffic from an address inside local_ts.
+in_site ip addr add "$site_host/32" dev lo
+# swanctl looks for credentials in these, beside the swanctl.conf it loads.
+mkdir -p "$work/site"/{x509,x509ca,x509ocsp,x509aa,x509ac,x509crl,pubkey,private,rsa,ecdsa,bliss,pkcs8,pkcs12}
+psk_hex=$(od -An -v -tx1 examples/secrets/hq-backup/psk | tr -d ' \n')
+psk_hex=${psk_hex%0a}
+# As e2e/src/strongswan.rs: no modular loading, kernel-libipsec (ESP in UDP through a TUN
+# device: these kernels have no ESP), a VICI socket of its own. The connection has default
+# ports and no `encap`: IKE starts on 500 and floats to 4500 by itself.
+cat >"$work/site/strongswan.conf" <<CONF
+charon {
+  load_modular = no
+  load = random nonce aes sha1 sha2 hmac gcm openssl pem pkcs1 x509 pubkey kdf kernel-libipsec kernel-netlink socket-default vici
+  plugins {
+    vici {
+      socket = unix://$work/site/charon.vici
+    }
+  }
+  filelog {
+    site {
+      path = $work/site/charon.log
+      time_format = %H:%M:%S
+      ike_name = yes
+      default = 1
+      ike = 2
+      cfg = 2
+      knl = 2
+    }
+  }
+}
+swanctl {
+  load = random nonce pem pkcs1 pkcs8 x509 pubkey openssl
+  socket = unix://$work/site/charon.vici
+}
+CONF
+cat >"$work/site/swanctl.conf" <<CONF
+connections {
+  hq {
+    version = 2
+    remote_addrs = $lb_addr
+    proposals = aes128gcm16-prfsha256-x25519
+    local {
+      auth = psk
+      id = $peer_id
+    }
+    remote {
+      auth = psk
+      id = hq.example.com
+    }
+    children {
+      hq {
+        local_ts = $site_subnet
+        remote_ts = $gw_subnet
+        esp_proposals = aes128gcm16
+        start_action = none
+      }
+    }
+  }
+}
+secrets {
+  ike-hq {
+    id-local = $peer_id
+    id-remote = hq.example.com
+    secret = 0x$psk_hex
+  }
+}
+CONF
+chmod 600 "$work/site/swanctl.conf"
+STRONGSWAN_CONF="$work/site/strongswan.conf" ip netns exec "$site_netns" \
+    unshare -m sh -c 'mount -t tmpfs none /run && exec /usr/lib/ipsec/charon' >"$work/site/charon.out" 2>&1 &
+charon_pid=$!
+poll 30 "the site's charon to answer on VICI" swan --stats
+swan --load-all --file "$work/site/swanctl.conf" >/dev/null
+
+# Something to ping on the gateway side: hq-backup's localSubnet address on each pod's lo
+# (whichever pod the Service picks holds the tunnel).
+for pod in "${gw_pods[@]}"; do
+    kx "$pod" -c gateway -- ip addr add "$gw_host/32" dev lo
+done
+
+log "site initiates to $lb_addr (service/$fleet), default ports"
+swan --initiate --ike hq --child hq --timeout 30 >/dev/null || fail "swanctl --initiate of hq failed"
+sa_up() { grep -q ESTABLISHED <<<"$1" && grep -q INSTALLED <<<"$1"; }
+sas=$(swan --list-sas --ike hq 2>&1 || true)
+sa_up "$sas" || fail "IKE SA hq not ESTABLISHED with child hq INSTALLED; swanctl --list-sas:
+$sas"
+echo "$sas"
+# IKE started on 500 and moved to 4500 (libipsec encapsulates ESP in UDP).
+grep -Fq "@ $lb_addr[4500]" <<<"$sas" && grep -Fq "@ $site_wan[4500]" <<<"$sas" \
+    || fail "the IKE SA did not float to port 4500 on $lb_addr"
+ok "the site's IKE and child SAs are up through $lb_addr (IKE on 500, then 4500)"
+
+# Exactly one pod holds the tunnel.
+holders=()
+tunnel_rows() { # pod
+    KX_TIMEOUT=20 kx "$1" -c gateway -- /usr/local/bin/concentrator-gateway tunnels --peer-id "$peer_id" 2>&1 || true
+}
+for _ in $(seq 15); do
+    holders=()
+    for pod in "${gw_pods[@]}"; do
+        if grep -Eq "^${peer_id//./\\.} +hq-backup +- +[^ ]+ +${site_subnet//./\\.} " <<<"$(tunnel_rows "$pod")"; then
+            holders+=("$pod")
+        fi
+    done
+    [ "${#holders[@]}" -ge 1 ] && break
+    sleep 2
+done
+[ "${#holders[@]}" -eq 1 ] \
+    || fail "expected one gateway pod to list the tunnel of $peer_id, found ${#holders[@]}: ${holders[*]:-none}"
+holder=${holders[0]}
+route=$(kx "$holder" -c gateway -- ip route show "$site_subnet" 2>&1 || true)
+[[ $route == *"dev $tun_dev"* ]] || fail "pod/$holder has no route $site_subnet dev $tun_dev (got '$route')"
+ok "pod/$holder holds the tunnel of $peer_id and routes $site_subnet into $tun_dev"
+
+ping_through() {
+    in_site ping -c 3 -w 20 -I "$site_host" "$gw_host" >"$work/ping.out" 2>&1 \
+        || fail "ping $gw_host from the site ($site_host) through the tunnel failed: $(cat "$work/ping.out")"
+}
+in_packets() { swan --list-sas --ike hq | sed -n 's/.*in  *[0-9a-f]*[^,]*, *\([0-9]*\) bytes, *\([0-9]*\) packets.*/\2/p' | head -n 1; }
+before=$(in_packets)
+ping_through
+after=$(in_packets)
+[ "${after:-0}" -ge $((${before:-0} + 3)) ] || fail "the site's child SA counted ${before:-?} -> ${after:-?} inbound packets over 3 pings"
+ok "ping $site_host -> $gw_host through the tunnel ($(tail -n 2 "$work/ping.out" | head -n 1))"
+
+# --- The kubectl plugin, through the API server's port-forward to the pods' admin API.
+out=$(plugin tunnels 2>&1) || fail "kubectl concentrator tunnels failed: $out"
+echo "$out"
+grep -Eq "$holder .*${peer_id//./\\.}|${peer_id//./\\.} .*$holder" <<<"$out" \
+    || fail "kubectl concentrator tunnels does not list $peer_id on $holder"
+out=$(plugin status 2>&1) || fail "kubectl concentrator status failed: $out"
+echo "$out"
+for pod in "${gw_pods[@]}"; do
+    grep -q "$pod" <<<"$out" || fail "kubectl concentrator status does not list $pod"
+done
+ok "kubectl concentrator tunnels and status through port-forward (mutual TLS with the fleet's certificate)"
+
+# --- The operator sees the tunnel (the pods' load reports over mutual TLS).
+poll 90 "gwf/$fleet status.tunnels 1" is 1 -n "$ns" get gwf "$fleet" -o jsonpath='{.status.tunnels}'
+ok "the operator reports the tunnel: $(k get gwf "$fleet" --no-headers)"
+
+# --- Scaling: out to three with helm upgrade, back to two (the leaving pod is drained first).
+log "helm upgrade: minReplicas 3"
+"$HELM" upgrade "$release" charts/concentrator -n "$ns" --reuse-values --set fleet.scaling.minReplicas=3 \
+    --timeout 2m >/dev/null || fail "helm upgrade to minReplicas=3 failed"
+poll 60 "statefulset/$fleet scaled to 3" is 3 -n "$ns" get sts "$fleet" -o jsonpath='{.spec.replicas}'
+k rollout status "statefulset/$fleet" --timeout=180s >/dev/null || fail "the third gateway pod did not become Ready"
+poll 60 "gwf/$fleet status: 3 replicas, 3 ready" is "3 3" -n "$ns" get gwf "$fleet" -o jsonpath='{.status.replicas} {.status.readyReplicas}'
+ok "scaled out to 3: $(k get gwf "$fleet" --no-headers)"
+kx "$fleet-2" -c gateway -- ip addr add "$gw_host/32" dev lo
+poll 60 "pod/$fleet-2 to load eroute hq-backup" eroutes_loaded "$fleet-2" 1
+log "helm upgrade: minReplicas 2"
+"$HELM" upgrade "$release" charts/concentrator -n "$ns" --reuse-values --set fleet.scaling.minReplicas=2 \
+    --timeout 2m >/dev/null || fail "helm upgrade to minReplicas=2 failed"
+# The operator drains the leaving pod, then shrinks the StatefulSet.
+poll 180 "statefulset/$fleet scaled in to 2" is 2 -n "$ns" get sts "$fleet" -o jsonpath='{.spec.replicas}'
+poll 120 "pod $fleet-2 to go" sh -c "! kubectl -n $ns get pod $fleet-2"
+poll 60 "gwf/$fleet status: 2 replicas, 2 ready" is "2 2" -n "$ns" get gwf "$fleet" -o jsonpath='{.status.replicas} {.status.readyReplicas}'
+[ "$(cond "gwf/$fleet" ScaleIn reason)" = Idle ] || fail "ScaleIn condition after the scale-in: $(cond "gwf/$fleet" ScaleIn reason): $(cond "gwf/$fleet" ScaleIn message)"
+k get events --field-selector involvedObject.name="$fleet" -o jsonpath='{range .items[*]}{.reason}: {.message}{"\n"}{end}' | tail -n 5
+ping_through
+ok "scaled in to 2 (ScaleIn Idle again); the tunnel still carries traffic"
+
+# --- Teardown: the site leaves, the fleet goes while the operator runs, then the chart.
+stop_site
+log "deleting the fleet while the operator runs"
+k delete gwf "$fleet" --timeout=120s >/dev/null || fail "gwf/$fleet was not deleted within 120 s (drain finalizer)"
+poll 120 "the fleet's pods and objects to go" \
+    sh -c "[ -z \"\$(kubectl -n $ns get statefulsets,services,poddisruptionbudgets,configmaps,pods -l $gw_selector -o name)\" ]"
+"$HELM" uninstall "$release" -n "$ns" --wait --timeout 2m >/dev/null || fail "helm uninstall failed"
+kubectl delete crd eroutes.vpn.concentrator.io egroups.vpn.concentrator.io gatewayfleets.vpn.concentrator.io \
+    --timeout=60s >/dev/null || fail "the CRDs were not deleted within 60 s"
+kubectl delete namespace "$ns" --timeout=120s >/dev/null || fail "namespace $ns did not terminate within 120 s"
+ok "teardown: fleet deleted (finalizer lifted by the operator's pod), helm uninstall, CRDs and namespace gone"
