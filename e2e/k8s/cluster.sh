@@ -56,8 +56,10 @@ HOST_LINK=ck8s-host # the root namespace's end of the veth pair (the node's end:
 COMPONENTS=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
 # CoreDNS has a module of its own (build/coredns/go.mod): its version is in its file name.
 COREDNS_VERSION="$(awk '$1 == "require" {$1 = ""; $0 = $0} $1 == "github.com/coredns/coredns" && $2 ~ /^v/ {print $2}' "$BUILD_DIR/coredns/go.mod")"
-[ -n "$K8S_VERSION" ] && [ -n "$ETCD_VERSION" ] && [ -n "$COREDNS_VERSION" ] \
-    || { echo "cluster: no version of k8s.io/kubernetes, etcd or CoreDNS in $BUILD_DIR/**/go.mod" >&2; exit 1; }
+if [ -z "$K8S_VERSION" ] || [ -z "$ETCD_VERSION" ] || [ -z "$COREDNS_VERSION" ]; then
+    echo "cluster: no version of k8s.io/kubernetes, etcd or CoreDNS in $BUILD_DIR/**/go.mod" >&2
+    exit 1
+fi
 COREDNS="coredns-$COREDNS_VERSION"
 NODE_COMPONENTS=(kubelet kube-proxy "$COREDNS")
 
@@ -242,6 +244,14 @@ healthz() { # port path (TLS, self-signed CA: the health paths are open to anyon
     [ "$(curl -sk --max-time 2 "https://127.0.0.1:$1$2")" = ok ]
 }
 
+up_failed() { # status
+    if [ "$1" -ne 0 ]; then
+        log "up failed; stopping what was started"
+        down
+    fi
+    exit "$1"
+}
+
 up() { # [--node]
     local with_node=${1:-}
     [ -z "$with_node" ] || [ "$with_node" = --node ] || die "usage: $0 up [--node]"
@@ -261,7 +271,7 @@ up() { # [--node]
     done
     command -v openssl >/dev/null || die "openssl is needed"
     # A failed start stops whatever it started (the waits print the component's log first).
-    trap 'rc=$?; if [ "$rc" -ne 0 ]; then log "up failed; stopping what was started"; down; fi; exit "$rc"' EXIT
+    trap 'up_failed $?' EXIT
     local start=$SECONDS
     rm -rf "$STATE_DIR"
     mkdir -p "$STATE_DIR/logs" "$STATE_DIR/run"
@@ -362,6 +372,7 @@ env_() {
 }
 
 # The node (tier 2): node_up, node_down.
+# shellcheck source-path=SCRIPTDIR source=node.sh
 . "$HERE/node.sh"
 
 case "${1:-}" in

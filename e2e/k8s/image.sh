@@ -18,7 +18,7 @@
 #   SRC[=DEST]     a file; DEST defaults to /usr/local/bin/<name of SRC>
 set -euo pipefail
 
-out= name= entrypoint= user=0 strip=no busybox=no
+out='' name='' entrypoint='' user=0 strip=no busybox=no
 usage() { sed -n '2,20p' "$0" >&2; exit 2; }
 while getopts o:n:e:u:sbh opt; do
     case $opt in
@@ -32,7 +32,7 @@ while getopts o:n:e:u:sbh opt; do
     esac
 done
 shift $((OPTIND - 1))
-[ -n "$out" ] && [ -n "$name" ] && { [ $# -gt 0 ] || [ "$busybox" = yes ]; } || usage
+if [ -z "$out" ] || [ -z "$name" ] || { [ $# -eq 0 ] && [ "$busybox" = no ]; }; then usage; fi
 [[ $user =~ ^[0-9]+$ ]] || { echo "image.sh: -u takes a numeric user ID" >&2; exit 2; }
 
 work=$(mktemp -d)

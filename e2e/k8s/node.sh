@@ -1,4 +1,4 @@
-# shellcheck shell=bash
+# shellcheck shell=bash disable=SC2153
 # The node of the cluster tests' tier 2: a kubelet that runs pods, sourced by cluster.sh (its
 # variables and helpers: STATE_DIR, BIN_DIR, pki, start, wait_component, ...).
 #
@@ -42,8 +42,9 @@ node_check() {
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
     done
     [ "${#missing[@]}" -eq 0 ] || die "the node needs the Debian packages: ${missing[*]} (scripts/test-all.sh installs them)"
-    [ -f "$STATE_DIR/admin.kubeconfig" ] && pid_alive kube-apiserver \
-        || die "no control plane in $STATE_DIR (run: $0 up)"
+    if [ ! -f "$STATE_DIR/admin.kubeconfig" ] || ! pid_alive kube-apiserver; then
+        die "no control plane in $STATE_DIR (run: $0 up)"
+    fi
     [ -e "/run/netns/$NODE_NETNS" ] || die "no network namespace $NODE_NETNS (run: $0 down; $0 up)"
     local c
     for c in "${NODE_COMPONENTS[@]}"; do
@@ -74,7 +75,7 @@ pause_image() {
 
 node_pki() {
     (
-        cd "$STATE_DIR/pki"
+        cd "$STATE_DIR/pki" || exit 1
         umask 077
         printf 'extendedKeyUsage = clientAuth\n' >client.ext
         sign kubelet "/O=system:nodes/CN=system:node:$NODE_NAME" client.ext
@@ -266,8 +267,16 @@ cgroup_root_down() {
     done
 }
 
+node_up_failed() { # status
+    if [ "$1" -ne 0 ]; then
+        log "node up failed; stopping the node"
+        node_down
+    fi
+    exit "$1"
+}
+
 node_up_alone() {
-    trap 'rc=$?; if [ "$rc" -ne 0 ]; then log "node up failed; stopping the node"; node_down; fi; exit "$rc"' EXIT
+    trap 'node_up_failed $?' EXIT
     build --node
     node_up
     trap - EXIT
@@ -372,9 +381,8 @@ node_down() {
         kill -KILL "$m" 2>/dev/null || true
     done
     # Mounts under the node's directory (volumes, rootfs, network namespaces), deepest first.
-    for m in $(awk -v d="$NODE_DIR/" 'index($2, d) == 1 {print $2}' /proc/self/mounts | sort -r); do
-        umount -l "$m" 2>/dev/null || true
-    done
+    awk -v d="$NODE_DIR/" 'index($2, d) == 1 {print $2}' /proc/self/mounts | sort -r \
+        | while read -r m; do umount -l "$m" 2>/dev/null || true; done
     restore_kernel_tunables
     cgroup_root_down
     ip route del "$POD_CIDR" via "$NODE_ADDR" 2>/dev/null || true

@@ -204,8 +204,9 @@ trap cleanup EXIT
 
 kubectl version >/dev/null || fail "no API server at KUBECONFIG=$KUBECONFIG"
 node=$(kubectl get nodes -o jsonpath='{.items[0].metadata.name}')
-[ -n "$node" ] && is True get node "$node" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' \
-    || fail "no Ready node (run: e2e/k8s/cluster.sh node up)"
+if [ -z "$node" ] || ! is True get node "$node" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}'; then
+    fail "no Ready node (run: e2e/k8s/cluster.sh node up)"
+fi
 if kubectl get crd gatewayfleets.vpn.concentrator.io >/dev/null 2>&1; then
     fail "CRD gatewayfleets.vpn.concentrator.io exists already: this test installs the chart itself"
 fi
@@ -434,8 +435,9 @@ sa_up "$sas" || fail "IKE SA hq not ESTABLISHED with child hq INSTALLED; swanctl
 $sas"
 echo "$sas"
 # IKE started on 500 and moved to 4500 (libipsec encapsulates ESP in UDP).
-grep -Fq "@ $lb_addr[4500]" <<<"$sas" && grep -Fq "@ $site_wan[4500]" <<<"$sas" \
-    || fail "the IKE SA did not float to port 4500 on $lb_addr"
+if ! grep -Fq "@ ${lb_addr}[4500]" <<<"$sas" || ! grep -Fq "@ ${site_wan}[4500]" <<<"$sas"; then
+    fail "the IKE SA did not float to port 4500 on $lb_addr"
+fi
 ok "the site's IKE and child SAs are up through $lb_addr (IKE on 500, then 4500)"
 
 # Exactly one pod holds the tunnel.
