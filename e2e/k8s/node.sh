@@ -373,6 +373,9 @@ node_down() {
         done
         for id in $(ctr_ containers list -q 2>/dev/null); do
             ctr_ containers delete "$id" >/dev/null 2>&1 || true
+            # libcni's cached results of the sandbox's networks (ours and containerd's
+            # cni-loopback), at a fixed path.
+            rm -f /var/lib/cni/results/*-"$id"-* 2>/dev/null || true
         done
     fi
     stop_pid containerd
