@@ -23,9 +23,12 @@
 # - `kubectl concentrator` (the plugin, through the API server's port-forward to the pods'
 #   mutual-TLS admin API, not --direct) lists the tunnel and the fleet's pods;
 # - the operator sees the tunnel (status.tunnels, from the pods' load reports over mutual TLS);
-# - scaling: `helm upgrade` to three pods, the third Ready, status follows; back to two: the
-#   operator drains the leaving pod (ScaleIn condition) before the StatefulSet shrinks, and the
-#   site's tunnel still carries traffic afterwards;
+# - scaling: `helm upgrade` to three pods, the third Ready, status follows; `kubectl
+#   concentrator drain` of the two others hands the tunnel to the third (the site's packets
+#   still reach the pod the node's conntrack picked, which forwards them to the owner); back to
+#   two: the operator drains the leaving pod, which holds the tunnel, before the StatefulSet
+#   shrinks; through both hand-overs the site keeps its IKE and child SAs and its pings are
+#   answered;
 # - teardown: the site deletes its SA, the fleet is deleted while the operator runs (its drain
 #   finalizer lifted), `helm uninstall`, the namespace terminates.
 #
@@ -45,7 +48,7 @@ target="${CARGO_TARGET_DIR:-target}/debug"
 GATEWAY="${GATEWAY:-$target/concentrator-gateway}"
 OPERATOR="${OPERATOR:-$target/concentrator-operator}"
 PLUGIN="${PLUGIN:-$target/kubectl-concentrator}"
-for tool in kubectl "$HELM" ctr nsenter ip openssl curl /usr/lib/ipsec/charon swanctl /bin/busybox; do
+for tool in kubectl "$HELM" ctr nsenter ip conntrack openssl curl /usr/lib/ipsec/charon swanctl /bin/busybox; do
     command -v "$tool" >/dev/null || { echo "e2e/k8s/pods: $tool is required" >&2; exit 1; }
 done
 for bin in "$GATEWAY" "$OPERATOR" "$PLUGIN"; do
@@ -80,6 +83,7 @@ tun_dev=concentrator0 # the gateway's --tun-name default
 work=$(mktemp -d)
 charon_pid=
 checks=0
+failures=() # checks that failed without stopping the test
 
 log() { echo "==> e2e/k8s/pods: $*"; }
 fail() {
@@ -94,6 +98,13 @@ k() { kubectl -n "$ns" "$@"; }
 # Commands inside pods, bounded: a wedged exec must not hang the run.
 kx() { timeout "${KX_TIMEOUT:-60}" kubectl -n "$ns" exec "$@"; }
 in_site() { ip netns exec "$site_netns" "$@"; }
+in_node() { nsenter --net="/run/netns/$K8S_NODE_NETNS" "$@"; }
+# The node's conntrack entries of the site's flows. kube-proxy clears a UDP Service's stale
+# entries only when its endpoints change, not when a new Service takes over the same
+# load-balancer address: a flow of an earlier run (same addresses and ports, kept alive by the
+# NAT-T keepalives of a site that ran until just before) would still lead to a pod that no
+# longer exists.
+forget_site_flows() { in_node conntrack -D -s "$site_wan" >/dev/null 2>&1 || true; }
 swan() { STRONGSWAN_CONF="$work/site/strongswan.conf" timeout 60 swanctl "$@"; }
 plugin() { PATH="$work/bin:$PATH" timeout 60 kubectl concentrator -n "$ns" "$@"; }
 
@@ -152,7 +163,7 @@ diagnostics() {
         tail -n 60 "$work/site/charon.log" 2>/dev/null || true
     fi
     echo "--- kube-proxy's services on the node"
-    nsenter --net="/run/netns/$K8S_NODE_NETNS" nft list map ip kube-proxy service-ips 2>&1 | tail -n 20 || true
+    in_node nft list map ip kube-proxy service-ips 2>&1 | tail -n 20 || true
     echo "--- events"
     k get events --sort-by=.lastTimestamp 2>&1 | tail -n 40 || true
 }
@@ -168,11 +179,16 @@ stop_site() {
     fi
     charon_pid=
     ip netns del "$site_netns" 2>/dev/null || true
+    forget_site_flows
 }
 
 cleanup() {
-    local status=$?
+    local status=$? f
     trap - EXIT
+    if [ "${#failures[@]}" -gt 0 ]; then
+        for f in "${failures[@]}"; do echo "e2e/k8s/pods: FAIL: $f" >&2; done
+        status=1
+    fi
     if [ "$status" -ne 0 ]; then
         diagnostics >&2 || true
         if [ "${E2E_KEEP:-}" = 1 ]; then
@@ -196,7 +212,7 @@ cleanup() {
     if [ "$status" -eq 0 ]; then
         echo "$checks passed, 0 failed"
     else
-        echo "$checks passed, 1 failed"
+        echo "$checks passed, $(( ${#failures[@]} > 0 ? ${#failures[@]} : 1 )) failed"
     fi
     exit "$status"
 }
@@ -295,7 +311,9 @@ helm_args=(
 )
 "$HELM" install "$release" charts/concentrator -n "$ns" --wait --timeout 3m "${helm_args[@]}" >/dev/null \
     || fail "helm install --wait failed"
-k apply -f examples/static-peer.yaml >/dev/null
+# examples/static-peer.yaml, with liveness checks every 10 s (default 30 s): the test waits for
+# the gateway's own IKE requests after each hand-over.
+sed 's/^spec:$/spec:\n  ike: {dpdInterval: 10s}/' examples/static-peer.yaml | k apply -f - >/dev/null
 k wait --for=condition=Ready eroute/hq-backup --timeout=60s >/dev/null || fail "eroute/hq-backup not Ready"
 op_sa=$(k get deploy "$release-operator" -o jsonpath='{.spec.template.spec.serviceAccountName}')
 [ "$(k get deploy "$release-operator" -o jsonpath='{.status.readyReplicas}')" = "$(k get deploy "$release-operator" -o jsonpath='{.spec.replicas}')" ] \
@@ -330,7 +348,7 @@ k patch svc "$fleet" --subresource=status --type=merge \
     -p "{\"status\":{\"loadBalancer\":{\"ingress\":[{\"ip\":\"$lb_addr\"}]}}}" >/dev/null
 served() { # kube-proxy's map of service addresses holds the front's, for both ports
     local m
-    m=$(nsenter --net="/run/netns/$K8S_NODE_NETNS" nft list map ip kube-proxy service-ips)
+    m=$(in_node nft list map ip kube-proxy service-ips)
     grep -q "$lb_addr . udp . 500 " <<<"$m" && grep -q "$lb_addr . udp . 4500 " <<<"$m"
 }
 poll 60 "kube-proxy to serve $lb_addr UDP 500 and 4500" served
@@ -339,14 +357,15 @@ ok "front service/$fleet: LoadBalancer $lb_addr (ClientIP affinity, externalTraf
 # --- A strongSwan site outside the cluster: its own network namespace, a veth to the node's
 # namespace (a WAN), a route to the load-balancer addresses through the node.
 log "site $site_wan in netns $site_netns, linked to the node"
+forget_site_flows
 ip netns add "$site_netns"
 ip link add wan0 netns "$site_netns" type veth peer name site0 netns "$K8S_NODE_NETNS"
 in_site ip addr add "$site_wan/$wan_prefix" dev wan0
 in_site ip link set wan0 up
 in_site ip link set lo up
 in_site ip route add "$lb_net" via "$node_wan"
-nsenter --net="/run/netns/$K8S_NODE_NETNS" ip addr add "$node_wan/$wan_prefix" dev site0
-nsenter --net="/run/netns/$K8S_NODE_NETNS" ip link set site0 up
+in_node ip addr add "$node_wan/$wan_prefix" dev site0
+in_node ip link set site0 up
 # charon sources the child's traffic from an address inside local_ts.
 in_site ip addr add "$site_host/32" dev lo
 # swanctl looks for credentials in these, beside the swanctl.conf it loads.
@@ -499,17 +518,92 @@ poll 60 "gwf/$fleet status: 3 replicas, 3 ready" is "3 3" -n "$ns" get gwf "$fle
 ok "scaled out to 3: $(k get gwf "$fleet" --no-headers)"
 kx "$fleet-2" -c gateway -- ip addr add "$gw_host/32" dev lo
 poll 60 "pod/$fleet-2 to load eroute hq-backup" eroutes_loaded "$fleet-2" 1
-log "helm upgrade: minReplicas 2"
+
+# A hand-over: the plugin drains the two first pods, the holder last and waiting, so its
+# tunnel can only go to $fleet-2; the site notices nothing (same IKE SA, same child SA), and its
+# packets, which the node's conntrack still sends to the pod that first got them, are forwarded
+# to the new owner.
+# Every IKE message of the fleet must reach the site from the front address: a pod that sends
+# from its own address (it owns the SA, but the node's conntrack pins the site's flow to another
+# pod) makes the site move its IKE SA there (NAT traversal, RFC 7296 2.23), and the site cannot
+# reach pod addresses. After a hand-over the new owner's first own request is its liveness check
+# (dpdInterval 10 s without traffic): wait for it, then look at where it came from.
+log_mark() { wc -l <"$work/site/charon.log"; }
+since_mark() { tail -n +"$(($1 + 1))" "$work/site/charon.log"; }
+gateway_request_seen() { since_mark "$1" | grep -q 'parsed INFORMATIONAL request'; }
+return_path_ok() { # mark-before mark-after what: the log lines before the hand-over began and once it was done
+    poll 60 "the new owner's first IKE request (liveness check) after $3" gateway_request_seen "$2"
+    local moved
+    moved=$(since_mark "$1" | grep -m1 'remote endpoint changed' || true)
+    if [ -n "$moved" ]; then
+        # Recorded, and the test goes on (the site moves back once a request comes through
+        # the front again): the steps after it are worth running meanwhile.
+        failures+=("after $3 the owner of the tunnel sent an IKE request from its own pod address, not through the pod the site's flow reaches (the front's conntrack), and the site moved its IKE SA: ${moved#* <hq|1> }")
+        echo "not ok - ${failures[-1]}" >&2
+        return 1
+    fi
+    grep -Fq "remote 'hq.example.com' @ ${lb_addr}[4500]" <<<"$(swan --list-sas --ike hq)" \
+        || fail "after $3 the site's IKE SA is no longer on ${lb_addr}[4500]: $(swan --list-sas --ike hq | sed -n 3p)"
+}
+# The site back on the front address (after a failed return_path_ok).
+site_on_front() { grep -Fq "remote 'hq.example.com' @ ${lb_addr}[4500]" <<<"$(swan --list-sas --ike hq)"; }
+sa_ids() { # the IKE SA's SPIs and the child's inbound SPI, as the site sees them
+    swan --list-sas --ike hq | awk '/ESTABLISHED/ {print $5, $6} / in  / {print $2}' | tr '\n' ' '
+}
+is_member() { [ "$(member_of_tunnel)" = "$1" ]; }
+# The SAs the site holds now, compared with $sa_before; after a failed return_path_ok the site
+# has re-keyed its CHILD SA (strongSwan does on an address change), so only the IKE SA counts.
+same_sas() {
+    if [[ $path == "the site moved back to the front" ]]; then
+        [ "$(cut -d' ' -f1,2 <<<"$(sa_ids)")" = "$(cut -d' ' -f1,2 <<<"$sa_before")" ]
+    else
+        [ "$(sa_ids)" = "$sa_before" ]
+    fi
+}
+member_of_tunnel() { plugin tunnels 2>/dev/null | awk -v p="$peer_id" '$1 == p {print $NF}'; }
+sa_before=$(sa_ids)
+mark=$(log_mark)
+for pod in "${gw_pods[@]}"; do
+    [ "$pod" = "$holder" ] || plugin drain "$pod" >/dev/null || fail "kubectl concentrator drain $pod failed"
+done
+plugin drain "$holder" --wait --timeout 60s >/dev/null || fail "kubectl concentrator drain $holder --wait failed"
+poll 30 "the tunnel to move to $fleet-2" is_member "$fleet-2"
+handed=$(log_mark)
+for pod in "${gw_pods[@]}"; do
+    plugin undrain "$pod" >/dev/null || fail "kubectl concentrator undrain $pod failed"
+done
+# No traffic from the site before the new owner's first request: it has to know the way back
+# from the hand-over, not from the site's next packet.
+path="the owner's IKE requests through the front"
+if ! return_path_ok "$mark" "$handed" "the hand-over from $holder to $fleet-2"; then
+    path="the site moved back to the front"
+    poll 120 "the site's IKE SA back on $lb_addr" site_on_front
+fi
+ping_through
+same_sas || fail "the site's SAs changed with the hand-over: '$sa_before' -> '$(sa_ids)'"
+sa_before=$(sa_ids)
+ok "kubectl concentrator drain (port-forward): the tunnel handed over from $holder to $fleet-2, the site's SAs unchanged, ping through the forwarding pod, $path"
+
+log "helm upgrade: minReplicas 2 (the leaving pod, $fleet-2, holds the tunnel)"
+mark=$(log_mark)
 "$HELM" upgrade "$release" charts/concentrator -n "$ns" --reuse-values --set fleet.scaling.minReplicas=2 \
     --timeout 2m >/dev/null || fail "helm upgrade to minReplicas=2 failed"
-# The operator drains the leaving pod, then shrinks the StatefulSet.
+# The operator drains the leaving pod (its tunnel goes to another), then shrinks the StatefulSet.
 poll 180 "statefulset/$fleet scaled in to 2" is 2 -n "$ns" get sts "$fleet" -o jsonpath='{.spec.replicas}'
 poll 120 "pod $fleet-2 to go" sh -c "! kubectl -n $ns get pod $fleet-2"
 poll 60 "gwf/$fleet status: 2 replicas, 2 ready" is "2 2" -n "$ns" get gwf "$fleet" -o jsonpath='{.status.replicas} {.status.readyReplicas}'
 [ "$(cond "gwf/$fleet" ScaleIn reason)" = Idle ] || fail "ScaleIn condition after the scale-in: $(cond "gwf/$fleet" ScaleIn reason): $(cond "gwf/$fleet" ScaleIn message)"
-k get events --field-selector involvedObject.name="$fleet" -o jsonpath='{range .items[*]}{.reason}: {.message}{"\n"}{end}' | tail -n 5
+member=$(member_of_tunnel)
+[[ $member == "$fleet-0" || $member == "$fleet-1" ]] || fail "after the scale-in the tunnel is on '${member:-no pod}'"
+handed=$(log_mark)
+path="its IKE requests through the front"
+if ! return_path_ok "$mark" "$handed" "the scale-in's hand-over from $fleet-2 to $member"; then
+    path="the site moved back to the front"
+    poll 120 "the site's IKE SA back on $lb_addr" site_on_front
+fi
 ping_through
-ok "scaled in to 2 (ScaleIn Idle again); the tunnel still carries traffic"
+same_sas || fail "the site's SAs changed with the scale-in: '$sa_before' -> '$(sa_ids)'"
+ok "scaled in to 2: the operator drained $fleet-2 first (its tunnel went to $member), the site's SAs unchanged, ping still answered, $path"
 
 # --- Teardown: the site leaves, the fleet goes while the operator runs, then the chart.
 stop_site
