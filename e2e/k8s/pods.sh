@@ -121,6 +121,15 @@ poll() { # timeout description command...
         sleep 1
     done
 }
+# As poll, but returns 1 on timeout instead of failing.
+poll_quietly() { # timeout command...
+    local deadline=$((SECONDS + $1))
+    shift
+    until "$@" >/dev/null 2>&1; do
+        [ "$SECONDS" -lt "$deadline" ] || return 1
+        sleep 1
+    done
+}
 is() { # want kubectl-args...
     local want=$1
     shift
@@ -602,6 +611,16 @@ poll 60 "gwf/$fleet status: 2 replicas, 2 ready" is "2 2" -n "$ns" get gwf "$fle
 member=$(member_of_tunnel)
 [[ $member == "$fleet-0" || $member == "$fleet-1" ]] || fail "after the scale-in the tunnel is on '${member:-no pod}'"
 handed=$(log_mark)
+# The operator's Event says what it did ("3 -> 2 pods ... drained"): `kubectl describe gwf`
+# is where an administrator looks.
+scaled_notes() {
+    k get events.events.k8s.io --field-selector "regarding.name=$fleet,reason=Scaled" \
+        -o jsonpath='{range .items[*]}{.note} (x{.series.count}){"\n"}{end}' 2>/dev/null
+}
+if ! poll_quietly 30 sh -c "kubectl -n $ns get events.events.k8s.io --field-selector regarding.name=$fleet,reason=Scaled -o jsonpath='{.items[*].note}' | grep -q '3 -> 2 pods'"; then
+    failures+=("no Event of the operator's scale-in (a 'Scaled' note '3 -> 2 pods ...'); its Scaled Events: $(scaled_notes | tr '\n' ';') (kube's Recorder folds Events of one reason on one object into a series and keeps the first note)")
+    echo "not ok - ${failures[-1]}" >&2
+fi
 path="its IKE requests through the front"
 return_path_ok "$mark" "$handed" "the scale-in (the tunnel was on $was_on, now on $member)" || restart_site_tunnel
 ping_through
