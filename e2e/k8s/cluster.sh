@@ -4,8 +4,8 @@
 # private state directory; no node, so no pod runs. The API server also enforces
 # OwnerReferencesPermissionEnforcement (as OpenShift does), so an operator that sets
 # blockOwnerDeletion without the RBAC for it fails here too. Tier 2 adds a node that runs pods
-# (e2e/k8s/node.sh: containerd, runc, CNI bridge, kubelet, kube-proxy in nftables mode) in a
-# network namespace of its own.
+# (e2e/k8s/node.sh: containerd, runc, CNI bridge, kubelet, kube-proxy in nftables mode, CoreDNS)
+# in a network namespace of its own.
 #
 #   e2e/k8s/cluster.sh build [--node]  build (once) the binaries from Go modules; prints their directory
 #   e2e/k8s/cluster.sh up [--node]     build if needed, start, wait until ready, write the admin kubeconfig;
@@ -17,8 +17,8 @@
 # The binaries come from the k8s.io/kubernetes module (e2e/k8s/build/go.mod pins every k8s.io
 # staging module) and etcd from go.etcd.io/etcd/server/v3 at the release Kubernetes requires. They
 # are kept by version under $K8S_CACHE (default /var/cache/concentrator/k8s/<version>), outside
-# the clone, so a second run (and CI on the same machine) reuses them; kubelet and kube-proxy are
-# built the first time a node is asked for.
+# the clone, so a second run (and CI on the same machine) reuses them; kubelet, kube-proxy and
+# CoreDNS (build/coredns, a module of its own) are built the first time a node is asked for.
 #
 # Network: the control plane listens on $HOST_ADDR (192.168.230.1), the root namespace's end of a
 # veth pair whose other end, $NODE_ADDR (192.168.230.2), is in the network namespace
