@@ -27,15 +27,19 @@
 #   concentrator drain` of the two others hands the tunnel to the third (the site's packets
 #   still reach the pod the node's conntrack picked, which forwards them to the owner); back to
 #   two: the operator drains the leaving pod, which holds the tunnel, before the StatefulSet
-#   shrinks; through both hand-overs the site keeps its IKE and child SAs and its pings are
-#   answered;
+#   shrinks (and says so in an Event); through both hand-overs the site keeps its IKE and child
+#   SAs, its pings are answered, and the new owner's own IKE requests (liveness checks, every
+#   10 s here) reach the site from the front address, through the pod the site's flow enters
+#   by. A wrong return path is recorded and the site starts over, so that the rest still runs;
+#   the run fails at the end;
 # - teardown: the site deletes its SA, the fleet is deleted while the operator runs (its drain
 #   finalizer lifted), `helm uninstall`, the namespace terminates.
 #
 # Needs: KUBECONFIG (admin) of e2e/k8s/cluster.sh with a node (K8S_NODE_NETNS and
 # CONTAINERD_ADDRESS from `cluster.sh env`), kubectl, helm (HELM=path), ctr, the binaries
 # (GATEWAY, OPERATOR, PLUGIN paths; default: ${CARGO_TARGET_DIR:-target}/debug/...), charon and
-# swanctl (strongswan-charon, strongswan-swanctl, libcharon-extra-plugins), busybox-static, root.
+# swanctl (strongswan-charon, strongswan-swanctl, libcharon-extra-plugins), conntrack,
+# busybox-static, root. E2E_KEEP=1 leaves everything in place after a failure.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
