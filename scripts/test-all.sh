@@ -120,18 +120,27 @@ diff -u "$snapshot" "$rendered_dir/chart-default.yaml" || {
     exit 1
 }
 
-step "e2e on a real Kubernetes control plane (e2e/k8s/cluster.sh; root only)"
+step "e2e on a real Kubernetes cluster (e2e/k8s/cluster.sh: control plane, then a node; root only)"
 if [ "$(id -u)" -eq 0 ]; then
     # Builds Kubernetes from its Go modules on the first run (cached by version under
     # /var/cache/concentrator/k8s), starts etcd, kube-apiserver, controller-manager and
-    # scheduler on loopback; always torn down.
-    ensure_packages openssl
-    cargo build --locked -q -p concentrator-operator
+    # scheduler (tier 1: e2e/k8s/control-plane.sh), then a node in a network namespace of its own
+    # (containerd, runc, CNI bridge, kubelet, kube-proxy nftables, CoreDNS; tier 2:
+    # e2e/k8s/pods.sh); always torn down.
+    ensure_packages openssl containerd runc containernetworking-plugins busybox-static util-linux gcc libc6-dev
+    cargo build --locked -q -p concentrator-operator -p concentrator-gateway -p kubectl-concentrator
     trap 'e2e/k8s/cluster.sh down; rm -rf "$rendered_dir"' EXIT
     e2e/k8s/cluster.sh up
     (
         eval "$(e2e/k8s/cluster.sh env)"
         HELM="$HELM" OPERATOR="$CARGO_TARGET_DIR/debug/concentrator-operator" e2e/k8s/run.sh
+    )
+    e2e/k8s/cluster.sh node up
+    (
+        eval "$(e2e/k8s/cluster.sh env)"
+        HELM="$HELM" GATEWAY="$CARGO_TARGET_DIR/debug/concentrator-gateway" \
+            OPERATOR="$CARGO_TARGET_DIR/debug/concentrator-operator" \
+            PLUGIN="$CARGO_TARGET_DIR/debug/kubectl-concentrator" e2e/k8s/run.sh
     )
     e2e/k8s/cluster.sh down
     trap 'rm -rf "$rendered_dir"' EXIT

@@ -1,19 +1,29 @@
 #!/usr/bin/env bash
-# A single-machine Kubernetes control plane for the tier-1 cluster tests (envtest-grade: no
-# kubelet, so no pod runs): etcd, kube-apiserver (RBAC, PodSecurity admission), kube-controller-
-# manager and kube-scheduler, all on loopback, in a private state directory. The API server
-# also enforces OwnerReferencesPermissionEnforcement (as OpenShift does), so an operator that sets
-# blockOwnerDeletion without the RBAC for it fails here too.
+# A single-machine Kubernetes cluster for the cluster tests. Tier 1 (envtest-grade): etcd,
+# kube-apiserver (RBAC, PodSecurity admission), kube-controller-manager and kube-scheduler, in a
+# private state directory; no node, so no pod runs. The API server also enforces
+# OwnerReferencesPermissionEnforcement (as OpenShift does), so an operator that sets
+# blockOwnerDeletion without the RBAC for it fails here too. Tier 2 adds a node that runs pods
+# (e2e/k8s/node.sh: containerd, runc, CNI bridge, kubelet, kube-proxy in nftables mode, CoreDNS)
+# in a network namespace of its own.
 #
-#   e2e/k8s/cluster.sh build   build (once) the binaries from Go modules; prints their directory
-#   e2e/k8s/cluster.sh up      build if needed, start, wait until ready, write the admin kubeconfig
-#   e2e/k8s/cluster.sh env     print `export KUBECONFIG=... PATH=...` for a shell (eval it)
-#   e2e/k8s/cluster.sh down    stop everything started by `up` and remove the state directory
+#   e2e/k8s/cluster.sh build [--node]  build (once) the binaries from Go modules; prints their directory
+#   e2e/k8s/cluster.sh up [--node]     build if needed, start, wait until ready, write the admin kubeconfig;
+#                                      with --node also the node (as `node up`)
+#   e2e/k8s/cluster.sh node up|down    start (Ready, kube-proxy serving) or stop the node of a running cluster
+#   e2e/k8s/cluster.sh env             print `export KUBECONFIG=... PATH=...` for a shell (eval it)
+#   e2e/k8s/cluster.sh down            stop everything started by `up` and `node up`, remove the state
 #
 # The binaries come from the k8s.io/kubernetes module (e2e/k8s/build/go.mod pins every k8s.io
 # staging module) and etcd from go.etcd.io/etcd/server/v3 at the release Kubernetes requires. They
 # are kept by version under $K8S_CACHE (default /var/cache/concentrator/k8s/<version>), outside
-# the clone, so a second run (and CI on the same machine) reuses them.
+# the clone, so a second run (and CI on the same machine) reuses them; kubelet, kube-proxy and
+# CoreDNS (build/coredns, a module of its own) are built the first time a node is asked for.
+#
+# Network: the control plane listens on $HOST_ADDR (192.168.230.1), the root namespace's end of a
+# veth pair whose other end, $NODE_ADDR (192.168.230.2), is in the network namespace
+# $NODE_NETNS where the node (tier 2) runs: its pods, bridge, routes and kube-proxy's nftables
+# table live there and nowhere else, and go with the namespace.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -34,16 +44,33 @@ APISERVER_PORT="${APISERVER_PORT:-26443}"
 KCM_PORT="${KCM_PORT:-20257}"
 SCHEDULER_PORT="${SCHEDULER_PORT:-20259}"
 SERVICE_CIDR="10.96.0.0/16"
+# The link between the root namespace (control plane) and the node's namespace. Outside every
+# range the other e2e suites and the tunnels of the tests use (10.0.0.0/16, 172.16.0.0/24,
+# 10.1-10.3.x, 10.128.0.0/9, 10.244.0.0/24 and 192.0.2.0/24 in their namespaces).
+NODE_NETNS="${NODE_NETNS:-concentrator-k8s}"
+HOST_ADDR=192.168.230.1
+NODE_ADDR=192.168.230.2
+LINK_PREFIX=24
+HOST_LINK=ck8s-host # the root namespace's end of the veth pair (the node's end: eth0)
 
 COMPONENTS=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
+# CoreDNS has a module of its own (build/coredns/go.mod): its version is in its file name.
+COREDNS_VERSION="$(awk '$1 == "require" {$1 = ""; $0 = $0} $1 == "github.com/coredns/coredns" && $2 ~ /^v/ {print $2}' "$BUILD_DIR/coredns/go.mod")"
+if [ -z "$K8S_VERSION" ] || [ -z "$ETCD_VERSION" ] || [ -z "$COREDNS_VERSION" ]; then
+    echo "cluster: no version of k8s.io/kubernetes, etcd or CoreDNS in $BUILD_DIR/**/go.mod" >&2
+    exit 1
+fi
+COREDNS="coredns-$COREDNS_VERSION"
+NODE_COMPONENTS=(kubelet kube-proxy "$COREDNS")
 
 log() { echo "==> cluster: $*" >&2; }
 die() { echo "cluster: $*" >&2; exit 1; }
 
-build() {
-    local missing=0 c
-    for c in "${COMPONENTS[@]}" etcd; do [ -x "$BIN_DIR/$c" ] || missing=1; done
-    if [ "$missing" -eq 0 ]; then
+build() { # [--node]
+    local wanted=("${COMPONENTS[@]}" etcd) missing=() c pkgs=()
+    [ "${1:-}" = --node ] && wanted+=("${NODE_COMPONENTS[@]}")
+    for c in "${wanted[@]}"; do [ -x "$BIN_DIR/$c" ] || missing+=("$c"); done
+    if [ "${#missing[@]}" -eq 0 ]; then
         log "binaries of Kubernetes $K8S_VERSION and etcd $ETCD_VERSION reused from $BIN_DIR"
         return
     fi
@@ -51,9 +78,17 @@ build() {
         export PATH="/usr/local/go/bin:$PATH"
     fi
     command -v go >/dev/null 2>&1 || die "Go is needed to build Kubernetes (apt-get install golang-go, or /usr/local/go)"
-    log "building Kubernetes $K8S_VERSION and etcd $ETCD_VERSION into $BIN_DIR (first run: long, see README)"
+    log "building ${missing[*]} (Kubernetes $K8S_VERSION, etcd $ETCD_VERSION) into $BIN_DIR (first run: long, see README)"
     local start=$SECONDS tmp="$BIN_DIR.tmp.$$"
     mkdir -p "$tmp"
+    local coredns=no
+    for c in "${missing[@]}"; do
+        case $c in
+            etcd) pkgs+=(./etcd) ;;
+            coredns-*) coredns=yes ;; # a module of its own
+            *) pkgs+=("k8s.io/kubernetes/cmd/$c") ;;
+        esac
+    done
     local ver="-X k8s.io/component-base/version.gitVersion=$K8S_VERSION"
     ver+=" -X k8s.io/component-base/version.gitMajor=$(echo "${K8S_VERSION#v}" | cut -d. -f1)"
     ver+=" -X k8s.io/component-base/version.gitMinor=$(echo "${K8S_VERSION#v}" | cut -d. -f2)"
@@ -62,18 +97,20 @@ build() {
     (
         cd "$BUILD_DIR"
         # One `go build` for all: shared packages compile once. -p 2 keeps a 2-core machine usable.
-        go build -p "${GO_BUILD_JOBS:-2}" -trimpath -ldflags "-s -w $ver" -o "$tmp/" \
-            k8s.io/kubernetes/cmd/kube-apiserver \
-            k8s.io/kubernetes/cmd/kube-controller-manager \
-            k8s.io/kubernetes/cmd/kube-scheduler \
-            k8s.io/kubernetes/cmd/kubectl \
-            ./etcd
+        if [ "${#pkgs[@]}" -gt 0 ]; then
+            nice go build -p "${GO_BUILD_JOBS:-2}" -trimpath -ldflags "-s -w $ver" -o "$tmp/" "${pkgs[@]}"
+        fi
+        if [ "$coredns" = yes ]; then
+            cd coredns
+            nice go build -p "${GO_BUILD_JOBS:-2}" -trimpath -ldflags "-s -w" -o "$tmp/$COREDNS" .
+        fi
     )
-    rm -rf "$BIN_DIR"
-    mv "$tmp" "$BIN_DIR"
+    # Only what was missing is added: binaries already there stay (one directory per version).
+    mkdir -p "$BIN_DIR"
+    for c in "${missing[@]}"; do mv "$tmp/$c" "$BIN_DIR/$c"; done
+    rm -rf "$tmp"
     log "built in $((SECONDS - start)) s"
 }
-
 
 # --- waits: poll a condition until it holds or the timeout passes (never a blind sleep).
 wait_for() { # description timeout-seconds command...
@@ -136,7 +173,7 @@ pki() {
             -keyout ca.key -out ca.crt 2>/dev/null
         # Serving certificate of the API server: loopback, and the in-cluster names and address.
         cat >apiserver.ext <<EXT
-subjectAltName = IP:127.0.0.1, IP:10.96.0.1, DNS:localhost, DNS:kubernetes, DNS:kubernetes.default, DNS:kubernetes.default.svc, DNS:kubernetes.default.svc.cluster.local
+subjectAltName = IP:127.0.0.1, IP:$HOST_ADDR, IP:10.96.0.1, DNS:localhost, DNS:kubernetes, DNS:kubernetes.default, DNS:kubernetes.default.svc, DNS:kubernetes.default.svc.cluster.local
 extendedKeyUsage = serverAuth
 EXT
         sign apiserver "/CN=kube-apiserver" apiserver.ext
@@ -144,6 +181,8 @@ EXT
         sign admin "/O=system:masters/CN=kubernetes-admin" client.ext
         sign controller-manager "/CN=system:kube-controller-manager" client.ext
         sign scheduler "/CN=system:kube-scheduler" client.ext
+        # The API server's client certificate towards kubelets (logs, exec, port-forward).
+        sign apiserver-kubelet-client "/O=system:masters/CN=kube-apiserver-kubelet-client" client.ext
         # Service-account token signing keys.
         openssl genrsa -out sa.key 2048 2>/dev/null
         openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null
@@ -164,7 +203,7 @@ kind: Config
 clusters:
 - name: concentrator-e2e
   cluster:
-    server: https://127.0.0.1:$APISERVER_PORT
+    server: https://$HOST_ADDR:$APISERVER_PORT
     certificate-authority: $p/ca.crt
 users:
 - name: $1
@@ -178,25 +217,65 @@ current-context: $1
 KC
 }
 
+# The link to the node's namespace: the API server's address lives on its root end. Made by
+# `up` whether or not a node follows, so that `node up` can join a running control plane.
+link_up() {
+    # Recorded first: `down` removes the namespace and link only when this state directory
+    # made them.
+    echo "$NODE_NETNS $HOST_LINK" >"$STATE_DIR/run/link"
+    ip netns add "$NODE_NETNS"
+    ip link add "$HOST_LINK" type veth peer name eth0 netns "$NODE_NETNS"
+    ip addr add "$HOST_ADDR/$LINK_PREFIX" dev "$HOST_LINK"
+    ip link set "$HOST_LINK" up
+    ip -n "$NODE_NETNS" addr add "$NODE_ADDR/$LINK_PREFIX" dev eth0
+    ip -n "$NODE_NETNS" link set eth0 up
+    ip -n "$NODE_NETNS" link set lo up
+    ip -n "$NODE_NETNS" route add default via "$HOST_ADDR"
+}
+
+link_down() {
+    [ -f "$STATE_DIR/run/link" ] || return 0
+    ip link del "$HOST_LINK" 2>/dev/null || true
+    ip netns del "$NODE_NETNS" 2>/dev/null || true
+    rm -f "$STATE_DIR/run/link"
+}
+
 healthz() { # port path (TLS, self-signed CA: the health paths are open to anyone)
     [ "$(curl -sk --max-time 2 "https://127.0.0.1:$1$2")" = ok ]
 }
 
-up() {
-    build
+up_failed() { # status
+    if [ "$1" -ne 0 ]; then
+        log "up failed; stopping what was started"
+        down
+    fi
+    exit "$1"
+}
+
+up() { # [--node]
+    local with_node=${1:-}
+    [ -z "$with_node" ] || [ "$with_node" = --node ] || die "usage: $0 up [--node]"
+    build "$with_node"
     local c
     for c in etcd kube-apiserver kube-controller-manager kube-scheduler; do
         if pid_alive "$c"; then die "$c is already running from $STATE_DIR (run: $0 down)"; fi
     done
+    if ip netns list | grep -qw "$NODE_NETNS" || ip link show "$HOST_LINK" >/dev/null 2>&1; then
+        die "network namespace $NODE_NETNS or link $HOST_LINK exists (run: $0 down)"
+    fi
+    if ip -4 addr show | grep -q "inet ${HOST_ADDR%.*}\."; then
+        die "an address of ${HOST_ADDR%.*}.0/$LINK_PREFIX is already in use on this machine"
+    fi
     for port in "$ETCD_CLIENT_PORT" "$ETCD_PEER_PORT" "$APISERVER_PORT" "$KCM_PORT" "$SCHEDULER_PORT"; do
         port_free "$port" || die "port $port is taken (set ETCD_CLIENT_PORT, ETCD_PEER_PORT, APISERVER_PORT, KCM_PORT, SCHEDULER_PORT)"
     done
     command -v openssl >/dev/null || die "openssl is needed"
     # A failed start stops whatever it started (the waits print the component's log first).
-    trap 'rc=$?; if [ "$rc" -ne 0 ]; then log "up failed; stopping what was started"; down; fi; exit "$rc"' EXIT
+    trap 'up_failed $?' EXIT
     local start=$SECONDS
     rm -rf "$STATE_DIR"
     mkdir -p "$STATE_DIR/logs" "$STATE_DIR/run"
+    link_up
     pki
     kubeconfig admin
     kubeconfig controller-manager
@@ -214,11 +293,13 @@ up() {
     wait_component etcd "etcd health" 60 \
         sh -c "curl -s --max-time 2 http://127.0.0.1:$ETCD_CLIENT_PORT/health | grep -q '\"health\":\"true\"'"
 
-    log "starting kube-apiserver $K8S_VERSION on https://127.0.0.1:$APISERVER_PORT"
+    log "starting kube-apiserver $K8S_VERSION on https://$HOST_ADDR:$APISERVER_PORT"
     start kube-apiserver "$BIN_DIR/kube-apiserver" \
         --etcd-servers "http://127.0.0.1:$ETCD_CLIENT_PORT" \
-        --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$APISERVER_PORT" \
-        --endpoint-reconciler-type none \
+        --bind-address "$HOST_ADDR" --advertise-address "$HOST_ADDR" --secure-port "$APISERVER_PORT" \
+        --kubelet-client-certificate "$p/apiserver-kubelet-client.crt" \
+        --kubelet-client-key "$p/apiserver-kubelet-client.key" \
+        --kubelet-preferred-address-types InternalIP \
         --tls-cert-file "$p/apiserver.crt" --tls-private-key-file "$p/apiserver.key" \
         --client-ca-file "$p/ca.crt" \
         --service-account-issuer https://kubernetes.default.svc.cluster.local \
@@ -250,12 +331,16 @@ up() {
     # The service-account controller works: every namespace gets its `default` ServiceAccount.
     wait_component kube-controller-manager "the ServiceAccount default/default" 120 \
         "$BIN_DIR/kubectl" --kubeconfig "$STATE_DIR/admin.kubeconfig" -n default get serviceaccount default
+    if [ "$with_node" = --node ]; then
+        node_up
+    fi
     trap - EXIT
     log "up in $((SECONDS - start)) s; use it with: eval \"\$($0 env)\""
 }
 
 down() {
     local c pid deadline
+    node_down
     for c in kube-scheduler kube-controller-manager kube-apiserver etcd; do
         [ -f "$STATE_DIR/run/$c.pid" ] || continue
         pid=$(cat "$STATE_DIR/run/$c.pid")
@@ -269,6 +354,7 @@ down() {
             fi
         fi
     done
+    link_down
     rm -rf "$STATE_DIR"
     log "down"
 }
@@ -278,12 +364,28 @@ env_() {
     echo "export KUBECONFIG=$STATE_DIR/admin.kubeconfig"
     echo "export PATH=$BIN_DIR:\$PATH"
     echo "export K8S_STATE_DIR=$STATE_DIR"
+    echo "export K8S_NODE_NETNS=$NODE_NETNS"
+    if pid_alive containerd; then
+        # For `ctr images import` into the node's containerd (the namespace the kubelet uses).
+        echo "export CONTAINERD_ADDRESS=$CONTAINERD_SOCK CONTAINERD_NAMESPACE=k8s.io"
+    fi
 }
 
+# The node (tier 2): node_up, node_down.
+# shellcheck source-path=SCRIPTDIR source=node.sh
+. "$HERE/node.sh"
+
 case "${1:-}" in
-    build) build; echo "$BIN_DIR" ;;
-    up) up ;;
+    build) build "${2:-}"; echo "$BIN_DIR" ;;
+    up) up "${2:-}" ;;
+    node)
+        case "${2:-}" in
+            up) node_up_alone ;;
+            down) node_down ;;
+            *) echo "usage: $0 node up|down" >&2; exit 2 ;;
+        esac
+        ;;
     down) down ;;
     env) env_ ;;
-    *) echo "usage: $0 build|up|down|env" >&2; exit 2 ;;
+    *) echo "usage: $0 build [--node]|up [--node]|node up|node down|down|env" >&2; exit 2 ;;
 esac

@@ -4,7 +4,10 @@
 # then connect a strongSwan site pod (e2e/k8s/site.yaml) through the fleet's front Service to
 # the static eroute hq-backup, check that a gateway lists the tunnel and that ping crosses it,
 # and uninstall. Skips (exit 0) when KUBECONFIG is not set. On a cluster without nodes (such as
-# e2e/k8s/cluster.sh's control plane) it runs the tier-1 test e2e/k8s/control-plane.sh instead.
+# e2e/k8s/cluster.sh's control plane) it runs the tier-1 test e2e/k8s/control-plane.sh instead;
+# on e2e/k8s/cluster.sh's cluster with its node (K8S_NODE_NETNS set by `cluster.sh env`), the
+# tier-2 test e2e/k8s/pods.sh (images imported into the node's containerd, the site outside the
+# cluster in a network namespace).
 #
 #   KUBECONFIG=~/.kube/config IMAGE_PREFIX=localhost:5000/ e2e/k8s/run.sh
 #
@@ -26,6 +29,10 @@ fi
 if [ "${TIER:-}" = control-plane ] || { [ "${TIER:-}" != nodes ] \
     && [ -z "$(kubectl get nodes -o name 2>/dev/null)" ]; }; then
     exec e2e/k8s/control-plane.sh
+fi
+# Tier 2 on e2e/k8s/cluster.sh's own node.
+if [ -n "${K8S_NODE_NETNS:-}" ]; then
+    exec e2e/k8s/pods.sh
 fi
 for tool in docker kubectl helm timeout; do
     command -v "$tool" >/dev/null || { echo "e2e/k8s: $tool is required" >&2; exit 1; }
