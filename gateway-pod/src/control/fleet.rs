@@ -61,6 +61,13 @@ impl DriverFleet {
         }
     }
 
+    /// The member the site at `remote` enters through, if another, on either of our ports
+    /// (the NAT-T port's first: where a site that floated talks).
+    pub(super) fn entry_of_site(&self, remote: SocketAddr) -> Option<MemberId> {
+        self.entry(self.nat_t_port, remote)
+            .or_else(|| self.entry(self.ike_port, remote))
+    }
+
     /// The datagram as it travels in a frame: IKE on the NAT-T port keeps its non-ESP
     /// marker (RFC 3948 §2.2), so the other side tells it from ESP as a socket would.
     fn framed<'a>(&self, local: SocketAddr, payload: &'a [u8]) -> std::borrow::Cow<'a, [u8]> {
@@ -204,6 +211,25 @@ impl Driver {
         let via = Arc::new(Via::new(f.vias.get(&(f.nat_t_port, remote)).copied().flatten()));
         f.esp_vias.insert(remote, via.clone());
         via
+    }
+
+    /// An SA adopted (handed over, or taken over) whose site's flow enters through `entry`,
+    /// as its old owner knew. Behind a Service the node's conntrack keeps the site's flow on
+    /// that member, so what this member starts (its first liveness check, before the site
+    /// has sent anything here) must leave through it too: sent from this pod's own address,
+    /// it would reach the site from an address it cannot answer, and the site would move its
+    /// SA there (RFC 7296 §2.23). A message from the site later says where its flow enters
+    /// now. An entry that is this member, or a member gone, leaves the direct path.
+    pub(super) fn adopt_entry(&mut self, remote: SocketAddr, entry: MemberId) {
+        let Some(f) = self.fleet.as_mut() else {
+            return;
+        };
+        if f.view.me() == Some(entry) || f.view.address(entry).is_none() {
+            return;
+        }
+        for port in [f.ike_port, f.nat_t_port] {
+            f.vias.entry((port, remote)).or_insert(Some(entry));
+        }
     }
 
     /// The site at `remote` has no IKE SA here any more.

@@ -88,6 +88,10 @@ struct Context {
     site_subnet: Option<IpNet>,
     site: Option<String>,
     nat: bool,
+    /// The member the site's flow enters the fleet through, as the owner knows it (`None`:
+    /// the owner itself). Absent from copies of older members.
+    #[serde(default)]
+    entry: Option<MemberId>,
 }
 
 impl Driver {
@@ -141,6 +145,9 @@ impl Driver {
             site_subnet: rec.site_subnet,
             site: rec.site.as_ref().map(ToString::to_string),
             nat: rec.nat,
+            entry: rec
+                .remote
+                .and_then(|r| self.fleet.as_ref().and_then(|f| f.entry_of_site(r))),
         };
         serde_json::to_vec(&context).ok()
     }
@@ -350,6 +357,8 @@ impl Driver {
         rec.site = ctx.site.map(crate::cluster::SiteKey::from_raw);
         rec.contested = rec.site.as_ref().map(|_| owner);
         self.sas.insert(id, rec);
+        // Before the CHILD SAs: their ESP follows the same path.
+        self.adopt_entry(remote, ctx.entry.unwrap_or(owner));
         for c in children {
             let spi_in = c.spi_in;
             let (sent_up_to, received_up_to) = copy
