@@ -1148,11 +1148,12 @@ fn engine_establishment_rate_in_process() -> Result<()> {
     Ok(())
 }
 
-/// Bytes glibc's malloc has handed out and not had back (`mallinfo2`'s `uordblks`): unlike
+/// Bytes glibc's malloc has handed out and not had back (`mallinfo2`: `uordblks` from its
+/// arenas, `hblkhd` in blocks it mapped on their own, such as a large hash table): unlike
 /// [`live_heap`], this sees what AWS-LC allocates itself (cipher contexts), and malloc's
 /// per-block overhead.
 fn malloc_in_use() -> u64 {
     // Safety: mallinfo2 only reads the allocator's statistics; it takes no arguments.
     let info = unsafe { libc::mallinfo2() };
-    info.uordblks as u64
+    (info.uordblks + info.hblkhd) as u64
 }

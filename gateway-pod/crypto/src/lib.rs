@@ -28,7 +28,7 @@ pub mod keymat;
 pub mod prf;
 pub mod util;
 
-pub use aead::{AeadKey, IvCounter};
+pub use aead::{AeadKey, AeadSecret, IvCounter};
 pub use cipher::SkCipher;
 pub use concentrator_algorithms::{DhGroup, Encryption, Integrity, Prf as PrfAlg};
 pub use dh::KeyExchange;
