@@ -33,5 +33,5 @@ pub use cipher::SkCipher;
 pub use concentrator_algorithms::{DhGroup, Encryption, Integrity, Prf as PrfAlg};
 pub use dh::KeyExchange;
 pub use error::{CryptoError, PacketError};
-pub use keymat::{ChildSaKeys, DirectionKeys, IkeSaKeys, SecretBytes};
+pub use keymat::{ChildSaKeys, DirectionKeys, IkeSaKeys, InlineSecret, SecretBytes};
 pub use prf::Prf;
