@@ -142,10 +142,14 @@ pub struct SaCounts {
     pub connecting: usize,
 }
 
+/// One SA and what the endpoint keeps for it. The map holds it boxed: a table of ~200-byte
+/// slots is paid for at the table's load factor (up to twice over, per tunnel), a table of
+/// pointers hardly.
 struct Slot {
     sa: Sa,
-    /// The SPIs routed to it.
-    spis: Vec<u64>,
+    /// The SPIs routed to it: at most two (the IKE SA in use and the one a rekey replaced,
+    /// see [`Sa::our_spis`]); 0 for none (no IKE SPI is zero, RFC 7296 §3.1).
+    spis: [u64; 2],
     /// The peer's address and SPIi of the IKE_SA_INIT request that made a responder: its
     /// key in `by_init` until established.
     remote: SocketAddr,
@@ -154,19 +158,28 @@ struct Slot {
     /// It was established (and stays so once closed: [`EndpointEvent::Removed`]).
     established: bool,
     closed_at: Option<Instant>,
+    /// Its entry in the endpoint's `timers`, and the phase it is counted in.
+    deadline: Option<Instant>,
+    phase: Option<Phase>,
 }
 
 impl Slot {
-    fn new(sa: Sa, remote: SocketAddr, spi_i: u64, now: Instant) -> Self {
-        Self {
+    fn new(sa: Sa, remote: SocketAddr, spi_i: u64, now: Instant) -> Box<Self> {
+        Box::new(Self {
             sa,
-            spis: Vec::new(),
+            spis: [0; 2],
             remote,
             spi_i,
             created: now,
             established: false,
             closed_at: None,
-        }
+            deadline: None,
+            phase: None,
+        })
+    }
+
+    fn routed(&self) -> impl Iterator<Item = u64> + '_ {
+        self.spis.iter().copied().filter(|s| *s != 0)
     }
 }
 
@@ -185,7 +198,7 @@ pub struct Endpoint {
     config: EndpointConfig,
     responder_config: Arc<Config>,
     /// SAs by id (our SPI of their IKE_SA_INIT), in either role.
-    slots: HashMap<u64, Slot>,
+    slots: HashMap<u64, Box<Slot>>,
     /// Every SPI of ours an SA answers for, to its id.
     routes: HashMap<u64, u64>,
     /// Half-open responders by the peer's address and SPIi, for retransmitted IKE_SA_INITs.
@@ -198,9 +211,7 @@ pub struct Endpoint {
     /// Every SA's next deadline, in order, and each SA's entry in it: finding what is due
     /// costs a lookup, not a scan of every SA (tens of thousands at a time).
     timers: BTreeSet<(Instant, u64)>,
-    deadlines: HashMap<u64, Instant>,
-    /// Each SA's phase, and the totals, kept as SAs change.
-    phases: HashMap<u64, Phase>,
+    /// The totals of the SAs' phases, kept as SAs change.
     counts: SaCounts,
     /// Established SAs touched since [`Endpoint::take_changed`] last ran, when the caller
     /// asked for them ([`Endpoint::track_changes`]).
@@ -250,8 +261,6 @@ impl Endpoint {
             events: VecDeque::new(),
             redirect: None,
             timers: BTreeSet::new(),
-            deadlines: HashMap::new(),
-            phases: HashMap::new(),
             counts: SaCounts::default(),
             changed: None,
         }
@@ -307,28 +316,35 @@ impl Endpoint {
     }
 
     /// Brings SA `id`'s timer entry and phase count up to date (after anything that may
-    /// have changed them; an SA that is gone leaves both).
+    /// have changed them).
     fn refresh(&mut self, id: u64) {
-        if let Some(old) = self.deadlines.remove(&id) {
-            self.timers.remove(&(old, id));
-        }
-        if let Some(t) = self.deadline_of(id) {
-            self.timers.insert((t, id));
-            self.deadlines.insert(id, t);
-        }
-        let new = self.phase_of(id);
-        let old = match new {
-            Some(p) => self.phases.insert(id, p),
-            None => self.phases.remove(&id),
+        let (deadline, phase) = (self.deadline_of(id), self.phase_of(id));
+        let Some(slot) = self.slots.get_mut(&id) else {
+            return;
         };
-        if old != new {
-            if let Some(p) = old {
-                let n = self.counts.slot(p);
-                *n = n.saturating_sub(1);
+        if slot.deadline != deadline {
+            if let Some(old) = slot.deadline {
+                self.timers.remove(&(old, id));
             }
-            if let Some(p) = new {
-                *self.counts.slot(p) += 1;
+            if let Some(t) = deadline {
+                self.timers.insert((t, id));
             }
+            slot.deadline = deadline;
+        }
+        if slot.phase != phase {
+            Self::count(&mut self.counts, slot.phase, phase);
+            slot.phase = phase;
+        }
+    }
+
+    /// Moves one SA from phase `old` to `new` in the totals.
+    fn count(counts: &mut SaCounts, old: Option<Phase>, new: Option<Phase>) {
+        if let Some(p) = old {
+            let n = counts.slot(p);
+            *n = n.saturating_sub(1);
+        }
+        if let Some(p) = new {
+            *counts.slot(p) += 1;
         }
     }
 
@@ -507,15 +523,16 @@ impl Endpoint {
     /// rekeys) and forgets half-open SAs that took too long and closed ones that lingered
     /// long enough. Only the SAs that are due are visited.
     pub fn handle_timeout(&mut self, now: Instant, entropy: &mut dyn Entropy) {
-        let due: Vec<u64> = self
+        let due: Vec<(Instant, u64)> = self
             .timers
             .iter()
             .take_while(|(t, _)| *t <= now)
-            .map(|(_, id)| *id)
+            .copied()
             .collect();
-        for id in due {
+        for (t, id) in due {
             let Some(slot) = self.slots.get_mut(&id) else {
-                self.refresh(id);
+                // Not reached: a removed SA takes its entry with it.
+                self.timers.remove(&(t, id));
                 continue;
             };
             if slot.closed_at.is_none() && slot.sa.poll_timeout().is_some_and(|t| t <= now) {
@@ -665,13 +682,15 @@ impl Endpoint {
         // open one answers for exactly the SPIs it names.
         if !slot.sa.is_closed() {
             let spis = slot.sa.our_spis();
-            for old in slot.spis.iter().filter(|s| !spis.contains(s)) {
-                self.routes.remove(old);
+            for old in slot.routed().filter(|s| !spis.contains(s)) {
+                self.routes.remove(&old);
             }
-            for new in &spis {
+            let mut routed = [0; 2];
+            for (new, at) in spis.iter().zip(&mut routed) {
                 self.routes.insert(*new, id);
+                *at = *new;
             }
-            slot.spis = spis;
+            slot.spis = routed;
         }
         self.transmits
             .extend(std::iter::from_fn(|| slot.sa.poll_transmit()));
@@ -706,13 +725,16 @@ impl Endpoint {
             if let Some(changed) = &mut self.changed {
                 changed.remove(&spi_r);
             }
-            for spi in &slot.spis {
-                self.routes.remove(spi);
+            for spi in slot.routed() {
+                self.routes.remove(&spi);
             }
             if self.by_init.get(&(slot.remote, slot.spi_i)) == Some(&spi_r) {
                 self.by_init.remove(&(slot.remote, slot.spi_i));
             }
-            self.refresh(spi_r);
+            if let Some(t) = slot.deadline {
+                self.timers.remove(&(t, spi_r));
+            }
+            Self::count(&mut self.counts, slot.phase, None);
             self.events.push_back(EndpointEvent::Removed {
                 id: spi_r,
                 established: slot.established,

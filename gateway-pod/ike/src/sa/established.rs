@@ -232,7 +232,7 @@ impl Established {
             peer_id: snapshot.peer_id,
             redirected_to: None,
         };
-        Ok((s, Output::restored(installed)))
+        Ok((s, Output::restored(&installed)))
     }
 
     /// Our SPI of the IKE SA in use.

@@ -604,7 +604,7 @@ pub(crate) fn snapshot_children<E: ChildEvent>(
         .map(|c| {
             events
                 .child(c.spi_in)
-                .map(|sa| ChildSnapshot::new(sa, now, c.rekey_at, c.replaced))
+                .map(|sa| ChildSnapshot::new(&sa, now, c.rekey_at, c.replaced))
                 .ok_or(SnapshotError::InvalidValue("CHILD SA without its parameters"))
         })
         .collect()
