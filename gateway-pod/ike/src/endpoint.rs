@@ -199,7 +199,9 @@ pub struct Endpoint {
     responder_config: Arc<Config>,
     /// SAs by id (our SPI of their IKE_SA_INIT), in either role.
     slots: HashMap<u64, Box<Slot>>,
-    /// Every SPI of ours an SA answers for, to its id.
+    /// Every SPI of ours an SA answers for, to its id, but its id itself: nearly every SA
+    /// answers for exactly its id all its life, and its slot is found by it (see
+    /// [`Self::route`]).
     routes: HashMap<u64, u64>,
     /// Half-open responders by the peer's address and SPIi, for retransmitted IKE_SA_INITs.
     by_init: HashMap<(SocketAddr, u64), u64>,
@@ -497,6 +499,16 @@ impl Endpoint {
         Ok(id)
     }
 
+    /// The id of the SA that answers for our SPI `spi`: the SA named by it, if that one
+    /// still answers for it (an IKE SA rekey moves an SA to new SPIs), or the one a route
+    /// names. (No route names another SA's id: an id stays taken while its SA lives.)
+    fn route(&self, spi: u64) -> Option<u64> {
+        match self.slots.get(&spi) {
+            Some(s) if s.routed().any(|r| r == spi) => Some(spi),
+            _ => self.routes.get(&spi).copied(),
+        }
+    }
+
     /// Whether `spi` names an SA here (as an id or a route).
     fn is_taken(&self, spi: u64) -> bool {
         self.slots.contains_key(&spi) || self.routes.contains_key(&spi)
@@ -597,7 +609,7 @@ impl Endpoint {
             header.spi_i
         };
         if ours != 0
-            && let Some(&id) = self.routes.get(&ours)
+            && let Some(id) = self.route(ours)
             && let Some(slot) = self.slots.get_mut(&id)
         {
             let r = slot.sa.handle(&d, entropy);
@@ -687,7 +699,9 @@ impl Endpoint {
             }
             let mut routed = [0; 2];
             for (new, at) in spis.iter().zip(&mut routed) {
-                self.routes.insert(*new, id);
+                if *new != id {
+                    self.routes.insert(*new, id);
+                }
                 *at = *new;
             }
             slot.spis = routed;

@@ -134,6 +134,9 @@ impl Established {
         entropy: &mut dyn Entropy,
     ) -> Self {
         a.session.sa.forget_auth_keys();
+        // Room for exactly the CHILD SAs there are (one, nearly always), for all of the
+        // SA's life: the handshake's Vec may have grown to four.
+        a.children.shrink_to_fit();
         let ike_rekey_at = config.ike_lifetime.and_then(|l| soft_deadline(now, l, entropy));
         Self {
             config,

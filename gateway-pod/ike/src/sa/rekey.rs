@@ -664,6 +664,8 @@ pub(crate) fn finish(
         },
         replaced: redundant,
     };
+    // Exactly one more: a Vec's first growth makes room for four.
+    children.reserve_exact(1);
     children.push(new);
     changes.push(ChildChange::Installed(Box::new(child)));
     let mut gone: Vec<ChildRef> = Vec::new();
@@ -674,6 +676,7 @@ pub(crate) fn finish(
         gone.push(r.old);
     }
     children.retain(|c| !gone.iter().any(|g| g.spi_in == c.spi_in));
+    children.shrink_to_fit();
     if gone.is_empty() {
         return Ok(None);
     }
