@@ -151,28 +151,28 @@ struct Slot {
     /// see [`Sa::our_spis`]); 0 for none (no IKE SPI is zero, RFC 7296 §3.1).
     spis: [u64; 2],
     /// The peer's address and SPIi of the IKE_SA_INIT request that made a responder: its
-    /// key in `by_init` until established.
-    remote: SocketAddr,
-    spi_i: u64,
-    created: Instant,
+    /// key in `by_init` until established. Boxed: only for the handshake.
+    init_key: Option<Box<(SocketAddr, u64)>>,
+    /// When it was created, or once closed, when it closed.
+    since: Instant,
+    closed: bool,
     /// It was established (and stays so once closed: [`EndpointEvent::Removed`]).
     established: bool,
-    closed_at: Option<Instant>,
     /// Its entry in the endpoint's `timers`, and the phase it is counted in.
     deadline: Option<Instant>,
     phase: Option<Phase>,
 }
 
 impl Slot {
-    fn new(sa: Sa, remote: SocketAddr, spi_i: u64, now: Instant) -> Box<Self> {
+    /// A slot for `sa`; `init_key` for a responder made by an IKE_SA_INIT request.
+    fn new(sa: Sa, init_key: Option<(SocketAddr, u64)>, now: Instant) -> Box<Self> {
         Box::new(Self {
             sa,
             spis: [0; 2],
-            remote,
-            spi_i,
-            created: now,
+            init_key: init_key.map(Box::new),
+            since: now,
+            closed: false,
             established: false,
-            closed_at: None,
             deadline: None,
             phase: None,
         })
@@ -180,6 +180,19 @@ impl Slot {
 
     fn routed(&self) -> impl Iterator<Item = u64> + '_ {
         self.spis.iter().copied().filter(|s| *s != 0)
+    }
+
+    fn closed_at(&self) -> Option<Instant> {
+        self.closed.then_some(self.since)
+    }
+
+    /// Drops the slot's `by_init` entry (it is `id`'s), if any.
+    fn forget_init_key(&mut self, by_init: &mut HashMap<(SocketAddr, u64), u64>, id: u64) {
+        if let Some(key) = self.init_key.take()
+            && by_init.get(&key) == Some(&id)
+        {
+            by_init.remove(&key);
+        }
     }
 }
 
@@ -287,11 +300,11 @@ impl Endpoint {
     /// responder, linger of a closed SA).
     fn deadline_of(&self, id: u64) -> Option<Instant> {
         let s = self.slots.get(&id)?;
-        if let Some(at) = s.closed_at {
+        if let Some(at) = s.closed_at() {
             return Some(at + self.config.linger);
         }
         let half_open = match s.sa {
-            Sa::Responder(_) if !s.established => Some(s.created + self.config.half_open_timeout),
+            Sa::Responder(_) if !s.established => Some(s.since + self.config.half_open_timeout),
             _ => None,
         };
         half_open.into_iter().chain(s.sa.poll_timeout()).min()
@@ -300,16 +313,16 @@ impl Endpoint {
     /// Whether SA `id` is due to be forgotten: closed and lingered, or a responder that took
     /// too long to finish IKE_AUTH.
     fn expired(&self, id: u64, now: Instant) -> bool {
-        self.slots.get(&id).is_some_and(|s| match (s.closed_at, &s.sa) {
+        self.slots.get(&id).is_some_and(|s| match (s.closed_at(), &s.sa) {
             (Some(at), _) => now >= at + self.config.linger,
-            (None, Sa::Responder(_)) => !s.established && now >= s.created + self.config.half_open_timeout,
+            (None, Sa::Responder(_)) => !s.established && now >= s.since + self.config.half_open_timeout,
             (None, Sa::Initiator(_)) => false,
         })
     }
 
     fn phase_of(&self, id: u64) -> Option<Phase> {
         let s = self.slots.get(&id)?;
-        Some(match (s.closed_at, s.sa.is_established(), &s.sa) {
+        Some(match (s.closed_at(), s.sa.is_established(), &s.sa) {
             (Some(_), _, _) => Phase::Closing,
             (None, true, _) => Phase::Established,
             (None, false, Sa::Responder(_)) => Phase::HalfOpen,
@@ -421,7 +434,7 @@ impl Endpoint {
         let Some(slot) = self.slots.get_mut(&id) else {
             return false;
         };
-        let started = slot.closed_at.is_none() && slot.sa.rekey_child(spi_in, now, entropy);
+        let started = !slot.closed && slot.sa.rekey_child(spi_in, now, entropy);
         self.collect(id, now);
         started
     }
@@ -446,7 +459,7 @@ impl Endpoint {
                 continue;
             }
             self.slots
-                .insert(id, Slot::new(Sa::Initiator(Box::new(i)), remote, 0, now));
+                .insert(id, Slot::new(Sa::Initiator(Box::new(i)), None, now));
             self.collect(id, now);
             return Ok(id);
         }
@@ -476,7 +489,6 @@ impl Endpoint {
         {
             return Err(EndpointError::SpiInUse(spi_i));
         }
-        let remote = snapshot.remote;
         let (sa, id) = match snapshot.role {
             Role::Responder => {
                 let r = Responder::restore(config, snapshot, now)?;
@@ -492,7 +504,7 @@ impl Endpoint {
         if let Some(used) = sa.our_spis().into_iter().chain([id]).find(|s| self.is_taken(*s)) {
             return Err(EndpointError::SpiInUse(used));
         }
-        let mut slot = Slot::new(sa, remote, 0, now);
+        let mut slot = Slot::new(sa, None, now);
         slot.established = true;
         self.slots.insert(id, slot);
         self.collect(id, now);
@@ -547,7 +559,7 @@ impl Endpoint {
                 self.timers.remove(&(t, id));
                 continue;
             };
-            if slot.closed_at.is_none() && slot.sa.poll_timeout().is_some_and(|t| t <= now) {
+            if !slot.closed && slot.sa.poll_timeout().is_some_and(|t| t <= now) {
                 slot.sa.handle_timeout(now, entropy);
             }
             self.collect(id, now);
@@ -660,7 +672,7 @@ impl Endpoint {
         match responder.spi_r() {
             Some(spi_r) if !self.is_taken(spi_r) => {
                 self.by_init.insert((remote, header.spi_i), spi_r);
-                let slot = Slot::new(Sa::Responder(responder), remote, header.spi_i, now);
+                let slot = Slot::new(Sa::Responder(responder), Some((remote, header.spi_i)), now);
                 self.slots.insert(spi_r, slot);
                 self.collect(spi_r, now);
             }
@@ -715,15 +727,14 @@ impl Endpoint {
         if slot.sa.is_established() && !slot.established {
             slot.established = true;
             // Established SAs are routed by our SPI only.
-            if self.by_init.get(&(slot.remote, slot.spi_i)) == Some(&id) {
-                self.by_init.remove(&(slot.remote, slot.spi_i));
-            }
+            slot.forget_init_key(&mut self.by_init, id);
             // So a retransmitted IKE_SA_INIT (no SPI of ours) never reaches it again: the
             // copy of that exchange it kept is a few hundred bytes per tunnel for nothing.
             slot.sa.forget_init_exchange();
         }
-        if slot.sa.is_closed() && slot.closed_at.is_none() {
-            slot.closed_at = Some(now);
+        if slot.sa.is_closed() && !slot.closed {
+            slot.closed = true;
+            slot.since = now;
         }
         if let Some(changed) = &mut self.changed
             && slot.established
@@ -735,16 +746,14 @@ impl Endpoint {
     }
 
     fn remove(&mut self, spi_r: u64) {
-        if let Some(slot) = self.slots.remove(&spi_r) {
+        if let Some(mut slot) = self.slots.remove(&spi_r) {
             if let Some(changed) = &mut self.changed {
                 changed.remove(&spi_r);
             }
             for spi in slot.routed() {
                 self.routes.remove(&spi);
             }
-            if self.by_init.get(&(slot.remote, slot.spi_i)) == Some(&spi_r) {
-                self.by_init.remove(&(slot.remote, slot.spi_i));
-            }
+            slot.forget_init_key(&mut self.by_init, spi_r);
             if let Some(t) = slot.deadline {
                 self.timers.remove(&(t, spi_r));
             }

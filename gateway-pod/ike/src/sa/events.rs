@@ -12,7 +12,7 @@ use concentrator_crypto::{DirectionKeys, SecretBytes};
 use zeroize::Zeroizing;
 
 use super::{ChildSa, Event, Transmit};
-use crate::payload::TrafficSelector;
+use crate::payload::{TrafficSelector, Ts};
 
 /// An event that may install or delete a CHILD SA.
 pub(crate) trait ChildEvent {
@@ -29,8 +29,8 @@ pub(crate) struct Events<E> {
 }
 
 /// A CHILD SA as it was reported installed, kept only for a snapshot: [`ChildSa`]'s fields
-/// with its keys in one zeroized block and both lists of selectors in another, where a
-/// `ChildSa` spends ~250 bytes inline and six blocks on them, per tunnel.
+/// with its keys and both lists of selectors in one zeroized block, where a `ChildSa`
+/// spends ~250 bytes inline and six blocks on them, per tunnel.
 struct InstalledChild {
     spi_in: u32,
     spi_out: u32,
@@ -42,17 +42,17 @@ struct InstalledChild {
     lifetime: Duration,
     installed_at: Instant,
     /// The inbound encryption key, salt and integrity key, then the outbound ones, of the
-    /// lengths in `key_lens`.
-    keys: Zeroizing<Box<[u8]>>,
+    /// lengths in `key_lens`; then the local and the remote selectors, each as a TS payload
+    /// body (RFC 7296 §3.13), of the lengths in `ts_lens`.
+    blob: Zeroizing<Box<[u8]>>,
     key_lens: [u16; 6],
-    /// The local selectors, then the remote ones.
-    selectors: Box<[TrafficSelector<'static>]>,
-    local_selectors: usize,
+    ts_lens: [u16; 2],
 }
 
 impl InstalledChild {
-    /// `None` for keys longer than 64 KiB (no transform has them; a snapshot cannot carry
-    /// them either).
+    /// `None` for what a snapshot cannot carry either: keys longer than 64 KiB, more than
+    /// 255 selectors, selectors other than address ranges (no transform or narrowing of
+    /// ours makes them).
     fn new(c: &ChildSa) -> Option<Self> {
         let parts = [
             &c.inbound.encr,
@@ -66,13 +66,27 @@ impl InstalledChild {
         for (len, part) in key_lens.iter_mut().zip(parts) {
             *len = u16::try_from(part.len()).ok()?;
         }
-        // Sized up front: growing it would leave a copy of the keys behind, unzeroized.
-        let mut keys = Vec::with_capacity(parts.iter().map(|p| p.len()).sum());
-        for p in parts {
-            keys.extend_from_slice(p.expose());
+        let mut ts = [Vec::new(), Vec::new()];
+        for (body, list) in ts.iter_mut().zip([&c.ts_local, &c.ts_remote]) {
+            if list.len() > usize::from(u8::MAX)
+                || list.iter().any(|t| matches!(t, TrafficSelector::Other { .. }))
+            {
+                return None;
+            }
+            Ts {
+                selectors: list.clone(),
+            }
+            .encode(body);
         }
-        let selectors: Vec<TrafficSelector<'static>> =
-            c.ts_local.iter().chain(&c.ts_remote).copied().collect();
+        let ts_lens = [u16::try_from(ts[0].len()).ok()?, u16::try_from(ts[1].len()).ok()?];
+        // Sized up front: growing it would leave a copy of the keys behind, unzeroized.
+        let total = parts.iter().map(|p| p.len()).sum::<usize>() + ts[0].len() + ts[1].len();
+        let mut blob = Vec::with_capacity(total);
+        for p in parts {
+            blob.extend_from_slice(p.expose());
+        }
+        blob.extend_from_slice(&ts[0]);
+        blob.extend_from_slice(&ts[1]);
         Some(Self {
             spi_in: c.spi_in,
             spi_out: c.spi_out,
@@ -84,32 +98,36 @@ impl InstalledChild {
             lifetime: c.lifetime,
             installed_at: c.installed_at,
             // Exactly its capacity: the conversion does not reallocate.
-            keys: Zeroizing::new(keys.into_boxed_slice()),
+            blob: Zeroizing::new(blob.into_boxed_slice()),
             key_lens,
-            selectors: selectors.into_boxed_slice(),
-            local_selectors: c.ts_local.len(),
+            ts_lens,
         })
     }
 
     /// The CHILD SA as it was reported.
     fn child_sa(&self) -> ChildSa {
         let mut at = 0;
-        let mut next = |i: usize| {
-            let len = usize::from(self.key_lens[i]);
-            let k = SecretBytes::from_slice(self.keys.get(at..at + len).unwrap_or_default());
+        let mut next = |len: usize| {
+            let part = self.blob.get(at..at + len).unwrap_or_default();
             at += len;
-            k
+            part
         };
-        let mut direction = |first: usize| DirectionKeys {
-            encr: next(first),
-            salt: next(first + 1),
-            integ: next(first + 2),
+        let mut keys = self
+            .key_lens
+            .map(|len| SecretBytes::from_slice(next(usize::from(len))))
+            .into_iter();
+        let mut key = || keys.next().unwrap_or_else(|| SecretBytes::from_slice(&[]));
+        let mut direction = || DirectionKeys {
+            encr: key(),
+            salt: key(),
+            integ: key(),
         };
-        let inbound = direction(0);
-        let outbound = direction(3);
-        let (local, remote) = self
-            .selectors
-            .split_at(self.local_selectors.min(self.selectors.len()));
+        let (inbound, outbound) = (direction(), direction());
+        let (local, remote) = (
+            next(usize::from(self.ts_lens[0])),
+            next(usize::from(self.ts_lens[1])),
+        );
+        let (ts_local, ts_remote) = (selectors(local), selectors(remote));
         ChildSa {
             spi_in: self.spi_in,
             spi_out: self.spi_out,
@@ -118,14 +136,30 @@ impl InstalledChild {
             esn: self.esn,
             inbound,
             outbound,
-            ts_local: local.to_vec(),
-            ts_remote: remote.to_vec(),
+            ts_local,
+            ts_remote,
             lifetime: self.lifetime,
             installed_at: self.installed_at,
             udp_encap: self.udp_encap,
             replaces: self.replaces,
         }
     }
+}
+
+/// The address ranges of a TS payload body that [`InstalledChild::new`] encoded (it keeps
+/// no other kind, so decoding gives back every selector it was given).
+fn selectors(body: &[u8]) -> Vec<TrafficSelector<'static>> {
+    let Ok(ts) = Ts::decode(body) else {
+        return Vec::new();
+    };
+    ts.selectors
+        .into_iter()
+        .filter_map(|t| match t {
+            TrafficSelector::V4(r) => Some(TrafficSelector::V4(r)),
+            TrafficSelector::V6(r) => Some(TrafficSelector::V6(r)),
+            TrafficSelector::Other { .. } => None,
+        })
+        .collect()
 }
 
 impl<E: ChildEvent> Events<E> {

@@ -269,7 +269,9 @@ impl IkeSa {
 /// again); the response is kept whole, since it must go out as it went the first time.
 pub(crate) struct Kept {
     request: RequestDigest,
-    response: Vec<u8>,
+    /// A boxed slice: kept all the SA's life (the IKE_AUTH response until the peer's next
+    /// request), without spare capacity.
+    response: Box<[u8]>,
 }
 
 impl Kept {
@@ -279,7 +281,10 @@ impl Kept {
 
     /// For a request digested already.
     pub(crate) fn with_digest(request: RequestDigest, response: Vec<u8>) -> Self {
-        Self { request, response }
+        Self {
+            request,
+            response: response.into_boxed_slice(),
+        }
     }
 
     /// Our response, if `datagram` is the request it answered.
@@ -291,7 +296,7 @@ impl Kept {
     pub(crate) fn snapshot(&self) -> Exchange {
         Exchange {
             request: self.request,
-            response: self.response.clone(),
+            response: self.response.to_vec(),
         }
     }
 
@@ -299,7 +304,7 @@ impl Kept {
     pub(crate) fn restore(e: Exchange) -> Self {
         Self {
             request: e.request,
-            response: e.response,
+            response: e.response.into_boxed_slice(),
         }
     }
 }
