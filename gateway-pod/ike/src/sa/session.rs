@@ -723,3 +723,26 @@ impl Session {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kept_exchange_answers_only_a_bitwise_copy_of_its_request() {
+        let request: Vec<u8> = (0..239u8).collect();
+        let kept = Kept::new(&request, vec![7; 212]);
+        assert_eq!(kept.answer(&request), Some(&[7u8; 212][..]));
+        let mut flipped = request.clone();
+        flipped[100] ^= 0x01;
+        assert_eq!(kept.answer(&flipped), None, "one bit differs");
+        assert_eq!(kept.answer(&request[..238]), None, "one byte shorter");
+        let mut longer = request.clone();
+        longer.push(0);
+        assert_eq!(kept.answer(&longer), None, "one byte longer");
+        // What a snapshot carries answers the same.
+        let restored = Kept::restore(kept.snapshot());
+        assert_eq!(restored.answer(&request), Some(&[7u8; 212][..]));
+        assert_eq!(restored.answer(&flipped), None);
+    }
+}

@@ -15,7 +15,7 @@
 //! # Encoding
 //!
 //! `"IKSS"`, a version octet (3; versions 1, without the RFC 6311 flag, and 2, with the
-//! requests of kept exchanges in full instead of their SHA-256, are still read), then the
+//! requests of kept exchanges in full instead of their length and SHA-256, are still read), then the
 //! fields in a fixed order: integers big-endian,
 //! byte strings and lists behind a 32-bit length that is checked against what is left and
 //! against a limit per field. Decoding takes input from another pod like any input: it never
@@ -89,21 +89,30 @@ pub enum Role {
     Responder,
 }
 
-/// A request known by the SHA-256 of its bytes: enough to recognise its retransmission,
-/// which RFC 7296 §2.1 makes "bitwise identical to the original request", without keeping
-/// the request.
+/// A request known by its length and the SHA-256 of its bytes: enough to recognise its
+/// retransmission, which RFC 7296 §2.1 makes "bitwise identical to the original request",
+/// without keeping the request. (The length first: a datagram of another length is not
+/// hashed.)
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RequestDigest(pub [u8; 32]);
+pub struct RequestDigest {
+    /// The request's length in bytes.
+    pub len: u32,
+    /// Its SHA-256.
+    pub sha256: [u8; 32],
+}
 
 impl RequestDigest {
     /// The digest of `request`.
     pub fn of(request: &[u8]) -> Self {
-        Self(concentrator_crypto::util::sha256(request))
+        Self {
+            len: u32::try_from(request.len()).unwrap_or(u32::MAX),
+            sha256: concentrator_crypto::util::sha256(request),
+        }
     }
 
     /// Whether `datagram` is the request.
     pub fn matches(&self, datagram: &[u8]) -> bool {
-        Self::of(datagram) == *self
+        u32::try_from(datagram.len()).is_ok_and(|n| n == self.len) && *self == Self::of(datagram)
     }
 }
 
@@ -319,7 +328,7 @@ impl IkeSaSnapshot {
             .into_iter()
             .flatten()
             .chain(self.current.last.iter().map(|(_, e)| e))
-            .map(|e| e.request.0.len() + e.response.len())
+            .map(|e| 4 + e.request.sha256.len() + e.response.len())
             .sum::<usize>();
         let pending = [Some(&self.current), self.previous.as_ref().map(|(s, _)| s)]
             .into_iter()
@@ -507,7 +516,8 @@ fn put_addr(w: &mut Vec<u8>, a: SocketAddr) {
 }
 
 fn put_exchange(w: &mut Vec<u8>, e: &Exchange) {
-    w.extend_from_slice(&e.request.0);
+    w.extend_from_slice(&e.request.len.to_be_bytes());
+    w.extend_from_slice(&e.request.sha256);
     put_bytes(w, &e.response);
 }
 
@@ -716,7 +726,10 @@ impl<'a> Dec<'a> {
         let request = if version < VERSION {
             RequestDigest::of(self.bytes("request")?)
         } else {
-            RequestDigest(self.0.array().ok_or(SnapshotError::Truncated("request digest"))?)
+            RequestDigest {
+                len: self.u32("request length")?,
+                sha256: self.0.array().ok_or(SnapshotError::Truncated("request digest"))?,
+            }
         };
         Ok(Exchange {
             request,
