@@ -41,7 +41,6 @@ const AES_BLOCK: usize = 16;
 /// ([`AeadSecret`]): an IKE SA protects a message every half minute or so, and a context kept
 /// per direction would be most of an idle tunnel's memory.
 pub struct SkCipher {
-    encr: Encryption,
     inner: Inner,
 }
 
@@ -52,6 +51,7 @@ enum Inner {
 }
 
 struct CbcKeys {
+    encr: Encryption,
     enc: EncryptingKey,
     dec: DecryptingKey,
     integ: IntegKey,
@@ -64,7 +64,7 @@ struct CbcKeys {
 impl std::fmt::Debug for SkCipher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SkCipher")
-            .field("encr", &self.encr)
+            .field("encr", &self.encryption())
             .finish_non_exhaustive()
     }
 }
@@ -96,6 +96,7 @@ impl SkCipher {
                 let alg = if k == 16 { &AES_128 } else { &AES_256 };
                 let unbound = || UnboundCipherKey::new(alg, sk_e).map_err(|_| CryptoError::Internal);
                 Inner::Cbc(Box::new(CbcKeys {
+                    encr,
                     enc: EncryptingKey::cbc(unbound()?).map_err(|_| CryptoError::Internal)?,
                     dec: DecryptingKey::cbc(unbound()?).map_err(|_| CryptoError::Internal)?,
                     integ: IntegKey::new(integ, sk_a)?,
@@ -125,7 +126,7 @@ impl SkCipher {
                 }
             }
         };
-        Ok(Self { encr, inner })
+        Ok(Self { inner })
     }
 
     /// SK_e and SK_a exactly as [`Self::new`] took them (SK_a empty for an AEAD): to hand
@@ -155,7 +156,18 @@ impl SkCipher {
 
     /// The encryption transform.
     pub fn encryption(&self) -> Encryption {
-        self.encr
+        match &self.inner {
+            Inner::Aead { key, .. } => key.encryption(),
+            Inner::Cbc(k) => k.encr,
+        }
+    }
+
+    /// The integrity transform (`None` for an AEAD).
+    pub fn integrity(&self) -> Option<Integrity> {
+        match &self.inner {
+            Inner::Aead { .. } => None,
+            Inner::Cbc(k) => Some(k.integ.algorithm()),
+        }
     }
 
     /// Length of the IV at the start of the body: 16 for AES-CBC, 8 for the AEADs.

@@ -186,3 +186,11 @@ fn keymat_gives_back_the_keys_it_was_made_with() {
         assert_eq!((sk_e.expose(), sk_a.expose()), (&e[..], &a[..]), "{encr:?}");
     }
 }
+
+#[test]
+fn a_cipher_names_its_transforms() {
+    for (encr, integ) in suites() {
+        let (c, _) = pair(encr, integ);
+        assert_eq!((c.encryption(), c.integrity()), (encr, integ));
+    }
+}

@@ -905,12 +905,12 @@ mod size_budget {
             size_of::<super::Slot>()
         );
         assert!(
-            size_of::<Established>() <= 560,
+            size_of::<Established>() <= 520,
             "Established: {}",
             size_of::<Established>()
         );
-        assert!(size_of::<Session>() <= 336, "Session: {}", size_of::<Session>());
-        assert!(size_of::<IkeSa>() <= 232, "IkeSa: {}", size_of::<IkeSa>());
+        assert!(size_of::<Session>() <= 304, "Session: {}", size_of::<Session>());
+        assert!(size_of::<IkeSa>() <= 208, "IkeSa: {}", size_of::<IkeSa>());
         // Nothing inline for what is rare: the endpoint's map entry is a key and a pointer.
         assert_eq!(size_of::<(u64, Box<super::Slot>)>(), 16);
     }

@@ -35,8 +35,6 @@ pub(crate) struct IkeSa {
     /// SK_pi and SK_pr: only IKE_AUTH uses them, so they go once the SA is established
     /// ([`Self::forget_auth_keys`]). Boxed: absent for nearly all of the SA's life.
     auth: Option<Box<AuthKeys>>,
-    encryption: Encryption,
-    integrity: Option<Integrity>,
     /// SK_ei/SK_ai: opens the initiator's messages.
     rx: SkCipher,
     /// SK_er/SK_ar: seals ours.
@@ -129,8 +127,6 @@ impl IkeSa {
             prf,
             sk_d,
             auth: Some(Box::new(AuthKeys { sk_pi, sk_pr })),
-            encryption,
-            integrity,
             rx,
             tx,
             nat_detected,
@@ -554,7 +550,7 @@ impl Session {
     /// counter past zero in the sync makes strongSwan reset its task queue instead, which
     /// leaves a request it has in flight unsent. With AES-CBC its IVs are random.
     pub(crate) fn sync_is_safe(&self) -> bool {
-        !self.sa.encryption.is_aead()
+        !self.sa.tx.encryption().is_aead()
     }
 
     /// Our RFC 6311 sync request with `nonce`: the counters this copy has, in an
@@ -650,8 +646,8 @@ impl Session {
             spi_r: sa.spi_r,
             initiator: sa.initiator,
             prf: sa.prf.algorithm(),
-            encryption: sa.encryption,
-            integrity: sa.integrity,
+            encryption: sa.tx.encryption(),
+            integrity: sa.tx.integrity(),
             keys: sa.keys(),
             nat_detected: sa.nat_detected,
             sealed: sa.sealed(),
