@@ -26,9 +26,9 @@ use aws_lc_rs::cipher::{
 use aws_lc_rs::rand;
 use concentrator_algorithms::{Encryption, Integrity};
 
-use crate::aead::{self, AeadKey, IvCounter};
+use crate::aead::{self, AeadSecret, IvCounter};
 use crate::error::{CryptoError, PacketError};
-use crate::keymat::cipher_key_len;
+use crate::keymat::{SecretBytes, cipher_key_len};
 use crate::prf::{IntegKey, integ_icv_len};
 
 const AES_BLOCK: usize = 16;
@@ -36,27 +36,35 @@ const AES_BLOCK: usize = 16;
 /// The SK payload cipher of one direction (SK_ei + SK_ai, or SK_er + SK_ar), with the framing
 /// rules: IV length, ICV length, block size and padding. A sender keeps one per direction it
 /// sends in (sealing advances its IV counter), a receiver one per direction it receives in.
+///
+/// An AEAD cipher keeps only its key bytes and builds AWS-LC's context per message
+/// ([`AeadSecret`]): an IKE SA protects a message every half minute or so, and a context kept
+/// per direction would be most of an idle tunnel's memory.
 pub struct SkCipher {
-    encr: Encryption,
     inner: Inner,
 }
 
 enum Inner {
-    Aead { key: AeadKey, ivs: IvCounter },
+    Aead { key: AeadSecret, ivs: IvCounter },
     // Boxed: the AES key schedules are large and the AEAD variant is the common one.
     Cbc(Box<CbcKeys>),
 }
 
 struct CbcKeys {
+    encr: Encryption,
     enc: EncryptingKey,
     dec: DecryptingKey,
     integ: IntegKey,
+    /// SK_e and SK_a as derived, for [`SkCipher::keymat`] (the contexts do not give them
+    /// back).
+    sk_e: SecretBytes,
+    sk_a: SecretBytes,
 }
 
 impl std::fmt::Debug for SkCipher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SkCipher")
-            .field("encr", &self.encr)
+            .field("encr", &self.encryption())
             .finish_non_exhaustive()
     }
 }
@@ -88,9 +96,12 @@ impl SkCipher {
                 let alg = if k == 16 { &AES_128 } else { &AES_256 };
                 let unbound = || UnboundCipherKey::new(alg, sk_e).map_err(|_| CryptoError::Internal);
                 Inner::Cbc(Box::new(CbcKeys {
+                    encr,
                     enc: EncryptingKey::cbc(unbound()?).map_err(|_| CryptoError::Internal)?,
                     dec: DecryptingKey::cbc(unbound()?).map_err(|_| CryptoError::Internal)?,
                     integ: IntegKey::new(integ, sk_a)?,
+                    sk_e: SecretBytes::from_slice(sk_e),
+                    sk_a: SecretBytes::from_slice(sk_a),
                 }))
             }
             (Encryption::AesCbc { .. }, None) => {
@@ -110,12 +121,21 @@ impl SkCipher {
                     });
                 }
                 Inner::Aead {
-                    key: AeadKey::new(encr, sk_e)?,
+                    key: AeadSecret::new(encr, sk_e)?,
                     ivs: IvCounter::new(),
                 }
             }
         };
-        Ok(Self { encr, inner })
+        Ok(Self { inner })
+    }
+
+    /// SK_e and SK_a exactly as [`Self::new`] took them (SK_a empty for an AEAD): to hand
+    /// the IKE SA to another process.
+    pub fn keymat(&self) -> (SecretBytes, SecretBytes) {
+        match &self.inner {
+            Inner::Aead { key, .. } => (key.keymat(), SecretBytes::from_slice(&[])),
+            Inner::Cbc(k) => (k.sk_e.clone(), k.sk_a.clone()),
+        }
     }
 
     /// How many AEAD nonces sealing used (0 for AES-CBC, whose IVs are random).
@@ -136,7 +156,18 @@ impl SkCipher {
 
     /// The encryption transform.
     pub fn encryption(&self) -> Encryption {
-        self.encr
+        match &self.inner {
+            Inner::Aead { key, .. } => key.encryption(),
+            Inner::Cbc(k) => k.encr,
+        }
+    }
+
+    /// The integrity transform (`None` for an AEAD).
+    pub fn integrity(&self) -> Option<Integrity> {
+        match &self.inner {
+            Inner::Aead { .. } => None,
+            Inner::Cbc(k) => Some(k.integ.algorithm()),
+        }
     }
 
     /// Length of the IV at the start of the body: 16 for AES-CBC, 8 for the AEADs.

@@ -60,6 +60,48 @@ impl std::fmt::Debug for SecretBytes {
     }
 }
 
+/// Secret key material of at most `N` bytes held inline, without a heap block of its own:
+/// for a key kept as long as an SA lives (SK_d), where a `Vec` would cost a pointer,
+/// capacity and length, a block and malloc's overhead per SA. Zeroized on drop, never
+/// printed (`Debug` shows only the length).
+#[derive(Clone)]
+pub struct InlineSecret<const N: usize> {
+    bytes: [u8; N],
+    len: u8,
+}
+
+impl<const N: usize> InlineSecret<N> {
+    /// Copies `b`; `None` if it is longer than `N` (or 255) bytes.
+    pub fn from_slice(b: &[u8]) -> Option<Self> {
+        let len = u8::try_from(b.len()).ok()?;
+        let mut bytes = [0; N];
+        bytes.get_mut(..b.len())?.copy_from_slice(b);
+        Some(Self { bytes, len })
+    }
+
+    /// The key bytes. Handle with care: do not log or copy them into unzeroized buffers.
+    pub fn expose(&self) -> &[u8] {
+        self.bytes.get(..usize::from(self.len)).unwrap_or_default()
+    }
+
+    /// A heap copy, for the APIs that take one.
+    pub fn to_secret(&self) -> SecretBytes {
+        SecretBytes::from_slice(self.expose())
+    }
+}
+
+impl<const N: usize> Drop for InlineSecret<N> {
+    fn drop(&mut self) {
+        self.bytes.zeroize();
+    }
+}
+
+impl<const N: usize> std::fmt::Debug for InlineSecret<N> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "InlineSecret(<{} bytes>)", self.len)
+    }
+}
+
 /// Length of the AEAD salt taken from the end of each AEAD key (RFC 4106 §8.1 and
 /// RFC 5282 §7.1 for AES-GCM; RFC 7634 for ChaCha20-Poly1305): 4 bytes.
 pub const SALT_LEN: usize = 4;

@@ -28,10 +28,10 @@ pub mod keymat;
 pub mod prf;
 pub mod util;
 
-pub use aead::{AeadKey, IvCounter};
+pub use aead::{AeadKey, AeadSecret, IvCounter};
 pub use cipher::SkCipher;
 pub use concentrator_algorithms::{DhGroup, Encryption, Integrity, Prf as PrfAlg};
 pub use dh::KeyExchange;
 pub use error::{CryptoError, PacketError};
-pub use keymat::{ChildSaKeys, DirectionKeys, IkeSaKeys, SecretBytes};
+pub use keymat::{ChildSaKeys, DirectionKeys, IkeSaKeys, InlineSecret, SecretBytes};
 pub use prf::Prf;

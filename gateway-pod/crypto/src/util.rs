@@ -21,6 +21,17 @@ pub fn sha1(parts: &[&[u8]]) -> [u8; SHA1_LEN] {
     out
 }
 
+/// Length of a SHA-256 digest.
+pub const SHA256_LEN: usize = 32;
+
+/// SHA-256 of `data`: how the engine recognises a retransmitted request without keeping
+/// its bytes (RFC 7296 §2.1: a retransmission is "bitwise identical" to the original).
+pub fn sha256(data: &[u8]) -> [u8; SHA256_LEN] {
+    let mut out = [0u8; SHA256_LEN];
+    out.copy_from_slice(digest::digest(&digest::SHA256, data).as_ref());
+    out
+}
+
 /// Fills `buf` from the system random generator (AWS-LC).
 /// # Errors
 /// [`CryptoError::Internal`] if the generator fails.
@@ -36,6 +47,16 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sha256_known_answer() {
+        // FIPS 180-2 Appendix B.1: SHA-256("abc").
+        assert_eq!(
+            sha256(b"abc")[..8],
+            [0xba, 0x78, 0x16, 0xbf, 0x8f, 0x01, 0xcf, 0xea],
+            "SHA-256 of abc starts ba7816bf 8f01cfea"
+        );
+    }
 
     #[test]
     fn sha1_known_answer() {

@@ -4,7 +4,7 @@ mod common;
 
 use common::h;
 use concentrator_crypto::aead::{IV_LEN, TAG_LEN, esp_aad};
-use concentrator_crypto::{AeadKey, Encryption, IvCounter, PacketError};
+use concentrator_crypto::{AeadKey, AeadSecret, Encryption, IvCounter, PacketError};
 
 // The GCM spec's test cases 4 (AES-128) and 16 (AES-256): IV cafebabe || facedbaddecaf888
 // splits into the 4-byte salt and the 8-byte explicit IV, as in RFC 4106.
@@ -20,6 +20,21 @@ fn kat(encr: Encryption, key_salt: &str, iv: &str, aad: &str, pt: &[u8], ct_tag:
     assert_eq!(buf, h(ct_tag), "{encr:?} seal");
     let opened = key.open_in_place(&iv, &h(aad), &mut buf).expect("open");
     assert_eq!(opened, pt, "{encr:?} open");
+    // The same key without a cached context (the IKE SA's SK payload) seals and opens the
+    // same bytes, and gives its key material back as it took it.
+    let secret = AeadSecret::new(encr, &h(key_salt)).expect("secret");
+    assert_eq!(secret.keymat().expose(), h(key_salt), "{encr:?} keymat");
+    let mut buf = pt.to_vec();
+    buf.extend_from_slice(&[0; TAG_LEN]);
+    secret.seal_in_place(&iv, &h(aad), &mut buf).expect("seal");
+    assert_eq!(buf, h(ct_tag), "{encr:?} seal without a cached context");
+    let opened = secret.open_in_place(&iv, &h(aad), &mut buf).expect("open");
+    assert_eq!(opened, pt, "{encr:?} open without a cached context");
+    let mut short = [0u8; TAG_LEN - 1];
+    assert_eq!(
+        secret.open_in_place(&iv, &h(aad), &mut short),
+        Err(PacketError::Malformed)
+    );
 }
 
 #[test]

@@ -219,3 +219,22 @@ fn transform_combinations_are_checked() {
     assert_eq!((k.sk_ai.len(), k.sk_ei.len()), (64, 16));
     assert!(!format!("{k:?}").contains(&format!("{:?}", k.sk_d.expose())));
 }
+
+#[test]
+fn inline_secret_holds_up_to_its_size() {
+    use concentrator_crypto::InlineSecret;
+    let k = InlineSecret::<64>::from_slice(&[7; 48]).expect("fits");
+    assert_eq!(k.expose(), &[7; 48]);
+    assert_eq!(k.to_secret().expose(), &[7; 48]);
+    assert_eq!(
+        format!("{k:?}"),
+        "InlineSecret(<48 bytes>)",
+        "no key bytes in Debug"
+    );
+    assert!(InlineSecret::<64>::from_slice(&[0; 64]).is_some());
+    assert!(InlineSecret::<64>::from_slice(&[0; 65]).is_none());
+    assert_eq!(
+        InlineSecret::<64>::from_slice(&[]).expect("empty").expose(),
+        &[] as &[u8]
+    );
+}

@@ -171,3 +171,26 @@ fn bad_transform_combinations() {
     assert!(SkCipher::new(cbc, Some(Integrity::HmacSha256_128), &[0; 20], &[0; 32]).is_err());
     assert!(SkCipher::new(cbc, Some(Integrity::HmacSha256_128), &[0; 16], &[0; 31]).is_err());
 }
+
+#[test]
+fn keymat_gives_back_the_keys_it_was_made_with() {
+    for (encr, integ) in suites() {
+        let e: Vec<u8> = (0..encr_keymat_len(encr).expect("len"))
+            .map(|i| i as u8)
+            .collect();
+        let a: Vec<u8> = (0..integ.map_or(0, integ_key_len))
+            .map(|i| 0x80 | i as u8)
+            .collect();
+        let c = SkCipher::new(encr, integ, &e, &a).expect("cipher");
+        let (sk_e, sk_a) = c.keymat();
+        assert_eq!((sk_e.expose(), sk_a.expose()), (&e[..], &a[..]), "{encr:?}");
+    }
+}
+
+#[test]
+fn a_cipher_names_its_transforms() {
+    for (encr, integ) in suites() {
+        let (c, _) = pair(encr, integ);
+        assert_eq!((c.encryption(), c.integrity()), (encr, integ));
+    }
+}

@@ -142,30 +142,56 @@ pub struct SaCounts {
     pub connecting: usize,
 }
 
+/// One SA and what the endpoint keeps for it. The map holds it boxed: a table of ~200-byte
+/// slots is paid for at the table's load factor (up to twice over, per tunnel), a table of
+/// pointers hardly.
 struct Slot {
     sa: Sa,
-    /// The SPIs routed to it.
-    spis: Vec<u64>,
+    /// The SPIs routed to it: at most two (the IKE SA in use and the one a rekey replaced,
+    /// see [`Sa::our_spis`]); 0 for none (no IKE SPI is zero, RFC 7296 §3.1).
+    spis: [u64; 2],
     /// The peer's address and SPIi of the IKE_SA_INIT request that made a responder: its
-    /// key in `by_init` until established.
-    remote: SocketAddr,
-    spi_i: u64,
-    created: Instant,
+    /// key in `by_init` until established. Boxed: only for the handshake.
+    init_key: Option<Box<(SocketAddr, u64)>>,
+    /// When it was created, or once closed, when it closed.
+    since: Instant,
+    closed: bool,
     /// It was established (and stays so once closed: [`EndpointEvent::Removed`]).
     established: bool,
-    closed_at: Option<Instant>,
+    /// Its entry in the endpoint's `timers`, and the phase it is counted in.
+    deadline: Option<Instant>,
+    phase: Option<Phase>,
 }
 
 impl Slot {
-    fn new(sa: Sa, remote: SocketAddr, spi_i: u64, now: Instant) -> Self {
-        Self {
+    /// A slot for `sa`; `init_key` for a responder made by an IKE_SA_INIT request.
+    fn new(sa: Sa, init_key: Option<(SocketAddr, u64)>, now: Instant) -> Box<Self> {
+        Box::new(Self {
             sa,
-            spis: Vec::new(),
-            remote,
-            spi_i,
-            created: now,
+            spis: [0; 2],
+            init_key: init_key.map(Box::new),
+            since: now,
+            closed: false,
             established: false,
-            closed_at: None,
+            deadline: None,
+            phase: None,
+        })
+    }
+
+    fn routed(&self) -> impl Iterator<Item = u64> + '_ {
+        self.spis.iter().copied().filter(|s| *s != 0)
+    }
+
+    fn closed_at(&self) -> Option<Instant> {
+        self.closed.then_some(self.since)
+    }
+
+    /// Drops the slot's `by_init` entry (it is `id`'s), if any.
+    fn forget_init_key(&mut self, by_init: &mut HashMap<(SocketAddr, u64), u64>, id: u64) {
+        if let Some(key) = self.init_key.take()
+            && by_init.get(&key) == Some(&id)
+        {
+            by_init.remove(&key);
         }
     }
 }
@@ -185,8 +211,10 @@ pub struct Endpoint {
     config: EndpointConfig,
     responder_config: Arc<Config>,
     /// SAs by id (our SPI of their IKE_SA_INIT), in either role.
-    slots: HashMap<u64, Slot>,
-    /// Every SPI of ours an SA answers for, to its id.
+    slots: HashMap<u64, Box<Slot>>,
+    /// Every SPI of ours an SA answers for, to its id, but its id itself: nearly every SA
+    /// answers for exactly its id all its life, and its slot is found by it (see
+    /// [`Self::route`]).
     routes: HashMap<u64, u64>,
     /// Half-open responders by the peer's address and SPIi, for retransmitted IKE_SA_INITs.
     by_init: HashMap<(SocketAddr, u64), u64>,
@@ -198,9 +226,7 @@ pub struct Endpoint {
     /// Every SA's next deadline, in order, and each SA's entry in it: finding what is due
     /// costs a lookup, not a scan of every SA (tens of thousands at a time).
     timers: BTreeSet<(Instant, u64)>,
-    deadlines: HashMap<u64, Instant>,
-    /// Each SA's phase, and the totals, kept as SAs change.
-    phases: HashMap<u64, Phase>,
+    /// The totals of the SAs' phases, kept as SAs change.
     counts: SaCounts,
     /// Established SAs touched since [`Endpoint::take_changed`] last ran, when the caller
     /// asked for them ([`Endpoint::track_changes`]).
@@ -250,8 +276,6 @@ impl Endpoint {
             events: VecDeque::new(),
             redirect: None,
             timers: BTreeSet::new(),
-            deadlines: HashMap::new(),
-            phases: HashMap::new(),
             counts: SaCounts::default(),
             changed: None,
         }
@@ -276,11 +300,11 @@ impl Endpoint {
     /// responder, linger of a closed SA).
     fn deadline_of(&self, id: u64) -> Option<Instant> {
         let s = self.slots.get(&id)?;
-        if let Some(at) = s.closed_at {
+        if let Some(at) = s.closed_at() {
             return Some(at + self.config.linger);
         }
         let half_open = match s.sa {
-            Sa::Responder(_) if !s.established => Some(s.created + self.config.half_open_timeout),
+            Sa::Responder(_) if !s.established => Some(s.since + self.config.half_open_timeout),
             _ => None,
         };
         half_open.into_iter().chain(s.sa.poll_timeout()).min()
@@ -289,16 +313,16 @@ impl Endpoint {
     /// Whether SA `id` is due to be forgotten: closed and lingered, or a responder that took
     /// too long to finish IKE_AUTH.
     fn expired(&self, id: u64, now: Instant) -> bool {
-        self.slots.get(&id).is_some_and(|s| match (s.closed_at, &s.sa) {
+        self.slots.get(&id).is_some_and(|s| match (s.closed_at(), &s.sa) {
             (Some(at), _) => now >= at + self.config.linger,
-            (None, Sa::Responder(_)) => !s.established && now >= s.created + self.config.half_open_timeout,
+            (None, Sa::Responder(_)) => !s.established && now >= s.since + self.config.half_open_timeout,
             (None, Sa::Initiator(_)) => false,
         })
     }
 
     fn phase_of(&self, id: u64) -> Option<Phase> {
         let s = self.slots.get(&id)?;
-        Some(match (s.closed_at, s.sa.is_established(), &s.sa) {
+        Some(match (s.closed_at(), s.sa.is_established(), &s.sa) {
             (Some(_), _, _) => Phase::Closing,
             (None, true, _) => Phase::Established,
             (None, false, Sa::Responder(_)) => Phase::HalfOpen,
@@ -307,28 +331,35 @@ impl Endpoint {
     }
 
     /// Brings SA `id`'s timer entry and phase count up to date (after anything that may
-    /// have changed them; an SA that is gone leaves both).
+    /// have changed them).
     fn refresh(&mut self, id: u64) {
-        if let Some(old) = self.deadlines.remove(&id) {
-            self.timers.remove(&(old, id));
-        }
-        if let Some(t) = self.deadline_of(id) {
-            self.timers.insert((t, id));
-            self.deadlines.insert(id, t);
-        }
-        let new = self.phase_of(id);
-        let old = match new {
-            Some(p) => self.phases.insert(id, p),
-            None => self.phases.remove(&id),
+        let (deadline, phase) = (self.deadline_of(id), self.phase_of(id));
+        let Some(slot) = self.slots.get_mut(&id) else {
+            return;
         };
-        if old != new {
-            if let Some(p) = old {
-                let n = self.counts.slot(p);
-                *n = n.saturating_sub(1);
+        if slot.deadline != deadline {
+            if let Some(old) = slot.deadline {
+                self.timers.remove(&(old, id));
             }
-            if let Some(p) = new {
-                *self.counts.slot(p) += 1;
+            if let Some(t) = deadline {
+                self.timers.insert((t, id));
             }
+            slot.deadline = deadline;
+        }
+        if slot.phase != phase {
+            Self::count(&mut self.counts, slot.phase, phase);
+            slot.phase = phase;
+        }
+    }
+
+    /// Moves one SA from phase `old` to `new` in the totals.
+    fn count(counts: &mut SaCounts, old: Option<Phase>, new: Option<Phase>) {
+        if let Some(p) = old {
+            let n = counts.slot(p);
+            *n = n.saturating_sub(1);
+        }
+        if let Some(p) = new {
+            *counts.slot(p) += 1;
         }
     }
 
@@ -403,7 +434,7 @@ impl Endpoint {
         let Some(slot) = self.slots.get_mut(&id) else {
             return false;
         };
-        let started = slot.closed_at.is_none() && slot.sa.rekey_child(spi_in, now, entropy);
+        let started = !slot.closed && slot.sa.rekey_child(spi_in, now, entropy);
         self.collect(id, now);
         started
     }
@@ -428,7 +459,7 @@ impl Endpoint {
                 continue;
             }
             self.slots
-                .insert(id, Slot::new(Sa::Initiator(Box::new(i)), remote, 0, now));
+                .insert(id, Slot::new(Sa::Initiator(Box::new(i)), None, now));
             self.collect(id, now);
             return Ok(id);
         }
@@ -458,7 +489,6 @@ impl Endpoint {
         {
             return Err(EndpointError::SpiInUse(spi_i));
         }
-        let remote = snapshot.remote;
         let (sa, id) = match snapshot.role {
             Role::Responder => {
                 let r = Responder::restore(config, snapshot, now)?;
@@ -474,11 +504,21 @@ impl Endpoint {
         if let Some(used) = sa.our_spis().into_iter().chain([id]).find(|s| self.is_taken(*s)) {
             return Err(EndpointError::SpiInUse(used));
         }
-        let mut slot = Slot::new(sa, remote, 0, now);
+        let mut slot = Slot::new(sa, None, now);
         slot.established = true;
         self.slots.insert(id, slot);
         self.collect(id, now);
         Ok(id)
+    }
+
+    /// The id of the SA that answers for our SPI `spi`: the SA named by it, if that one
+    /// still answers for it (an IKE SA rekey moves an SA to new SPIs), or the one a route
+    /// names. (No route names another SA's id: an id stays taken while its SA lives.)
+    fn route(&self, spi: u64) -> Option<u64> {
+        match self.slots.get(&spi) {
+            Some(s) if s.routed().any(|r| r == spi) => Some(spi),
+            _ => self.routes.get(&spi).copied(),
+        }
     }
 
     /// Whether `spi` names an SA here (as an id or a route).
@@ -507,18 +547,19 @@ impl Endpoint {
     /// rekeys) and forgets half-open SAs that took too long and closed ones that lingered
     /// long enough. Only the SAs that are due are visited.
     pub fn handle_timeout(&mut self, now: Instant, entropy: &mut dyn Entropy) {
-        let due: Vec<u64> = self
+        let due: Vec<(Instant, u64)> = self
             .timers
             .iter()
             .take_while(|(t, _)| *t <= now)
-            .map(|(_, id)| *id)
+            .copied()
             .collect();
-        for id in due {
+        for (t, id) in due {
             let Some(slot) = self.slots.get_mut(&id) else {
-                self.refresh(id);
+                // Not reached: a removed SA takes its entry with it.
+                self.timers.remove(&(t, id));
                 continue;
             };
-            if slot.closed_at.is_none() && slot.sa.poll_timeout().is_some_and(|t| t <= now) {
+            if !slot.closed && slot.sa.poll_timeout().is_some_and(|t| t <= now) {
                 slot.sa.handle_timeout(now, entropy);
             }
             self.collect(id, now);
@@ -580,7 +621,7 @@ impl Endpoint {
             header.spi_i
         };
         if ours != 0
-            && let Some(&id) = self.routes.get(&ours)
+            && let Some(id) = self.route(ours)
             && let Some(slot) = self.slots.get_mut(&id)
         {
             let r = slot.sa.handle(&d, entropy);
@@ -631,7 +672,7 @@ impl Endpoint {
         match responder.spi_r() {
             Some(spi_r) if !self.is_taken(spi_r) => {
                 self.by_init.insert((remote, header.spi_i), spi_r);
-                let slot = Slot::new(Sa::Responder(responder), remote, header.spi_i, now);
+                let slot = Slot::new(Sa::Responder(responder), Some((remote, header.spi_i)), now);
                 self.slots.insert(spi_r, slot);
                 self.collect(spi_r, now);
             }
@@ -665,13 +706,17 @@ impl Endpoint {
         // open one answers for exactly the SPIs it names.
         if !slot.sa.is_closed() {
             let spis = slot.sa.our_spis();
-            for old in slot.spis.iter().filter(|s| !spis.contains(s)) {
-                self.routes.remove(old);
+            for old in slot.routed().filter(|s| !spis.contains(s)) {
+                self.routes.remove(&old);
             }
-            for new in &spis {
-                self.routes.insert(*new, id);
+            let mut routed = [0; 2];
+            for (new, at) in spis.iter().zip(&mut routed) {
+                if *new != id {
+                    self.routes.insert(*new, id);
+                }
+                *at = *new;
             }
-            slot.spis = spis;
+            slot.spis = routed;
         }
         self.transmits
             .extend(std::iter::from_fn(|| slot.sa.poll_transmit()));
@@ -682,15 +727,14 @@ impl Endpoint {
         if slot.sa.is_established() && !slot.established {
             slot.established = true;
             // Established SAs are routed by our SPI only.
-            if self.by_init.get(&(slot.remote, slot.spi_i)) == Some(&id) {
-                self.by_init.remove(&(slot.remote, slot.spi_i));
-            }
+            slot.forget_init_key(&mut self.by_init, id);
             // So a retransmitted IKE_SA_INIT (no SPI of ours) never reaches it again: the
             // copy of that exchange it kept is a few hundred bytes per tunnel for nothing.
             slot.sa.forget_init_exchange();
         }
-        if slot.sa.is_closed() && slot.closed_at.is_none() {
-            slot.closed_at = Some(now);
+        if slot.sa.is_closed() && !slot.closed {
+            slot.closed = true;
+            slot.since = now;
         }
         if let Some(changed) = &mut self.changed
             && slot.established
@@ -702,17 +746,18 @@ impl Endpoint {
     }
 
     fn remove(&mut self, spi_r: u64) {
-        if let Some(slot) = self.slots.remove(&spi_r) {
+        if let Some(mut slot) = self.slots.remove(&spi_r) {
             if let Some(changed) = &mut self.changed {
                 changed.remove(&spi_r);
             }
-            for spi in &slot.spis {
-                self.routes.remove(spi);
+            for spi in slot.routed() {
+                self.routes.remove(&spi);
             }
-            if self.by_init.get(&(slot.remote, slot.spi_i)) == Some(&spi_r) {
-                self.by_init.remove(&(slot.remote, slot.spi_i));
+            slot.forget_init_key(&mut self.by_init, spi_r);
+            if let Some(t) = slot.deadline {
+                self.timers.remove(&(t, spi_r));
             }
-            self.refresh(spi_r);
+            Self::count(&mut self.counts, slot.phase, None);
             self.events.push_back(EndpointEvent::Removed {
                 id: spi_r,
                 established: slot.established,
@@ -836,4 +881,37 @@ pub fn init_redirect_response(msg: &Message<'_>, gateway: &GatewayId) -> Option<
     let nonce = r.nonce?;
     let data = crate::redirect::encode_redirect(gateway, Some(nonce));
     Some(init_error(&msg.header, NotifyType::REDIRECT, &data))
+}
+
+/// What an established SA costs the endpoint, by its parts' sizes (issue 21: the goal is
+/// a few KiB per tunnel for the whole gateway): a test that fails when one of them grows,
+/// so that it grows on purpose. Measured on x86_64 and aarch64 Linux (64-bit pointers, a
+/// 16-byte `Instant`).
+#[cfg(test)]
+mod size_budget {
+    use std::mem::size_of;
+
+    use crate::sa::established::Established;
+    use crate::sa::session::{IkeSa, Session};
+
+    #[test]
+    #[cfg(all(target_os = "linux", target_pointer_width = "64"))]
+    fn per_sa_state_stays_within_its_budget() {
+        // Every established SA: its slot in the endpoint (the map holds a pointer to it) and
+        // its Established, each one heap block.
+        assert!(
+            size_of::<super::Slot>() <= 128,
+            "Slot: {}",
+            size_of::<super::Slot>()
+        );
+        assert!(
+            size_of::<Established>() <= 520,
+            "Established: {}",
+            size_of::<Established>()
+        );
+        assert!(size_of::<Session>() <= 304, "Session: {}", size_of::<Session>());
+        assert!(size_of::<IkeSa>() <= 208, "IkeSa: {}", size_of::<IkeSa>());
+        // Nothing inline for what is rare: the endpoint's map entry is a key and a pointer.
+        assert_eq!(size_of::<(u64, Box<super::Slot>)>(), 16);
+    }
 }

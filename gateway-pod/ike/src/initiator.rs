@@ -496,12 +496,12 @@ impl Initiator {
             }
             State::Closed(cache) => {
                 // RFC 7296 §2.1: a retransmitted request is answered with the same response.
-                let r = match &cache {
-                    Some((req, resp)) if datagram == req => {
-                        self.out.send(local, remote, resp.clone());
+                let r = match cache.as_ref().and_then(|k| k.answer(datagram)) {
+                    Some(resp) => {
+                        self.out.send(local, remote, resp.to_vec());
                         Ok(())
                     }
-                    _ => Err(Error::Unexpected("the IKE SA is closed")),
+                    None => Err(Error::Unexpected("the IKE SA is closed")),
                 };
                 self.state = State::Closed(cache);
                 r

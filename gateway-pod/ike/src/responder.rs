@@ -111,7 +111,8 @@ use crate::payload::{self, Auth, Identity, Ke, Nonce, Notify, Payload, Ts};
 use crate::redirect::GatewayId;
 use crate::sa::established::{Authenticated, Cache, Established, Next};
 use crate::sa::events::Output;
-use crate::sa::session::{Answered, IkeSa, Session};
+use crate::sa::session::{Answered, IkeSa, Kept, Session};
+use crate::sa::snapshot::RequestDigest;
 use crate::sa::snapshot::{IkeSaSnapshot, Role, SnapshotError};
 use crate::sa::timers::{Timer, TimerTable};
 use crate::sa::{ChildRef, Incoming, deadline, random_spi};
@@ -139,8 +140,8 @@ struct ExpectAuth {
 struct ExpectPsk {
     sa: IkeSa,
     init: InitExchange,
-    /// The IKE_AUTH request as received, to recognise a retransmission.
-    request: Vec<u8>,
+    /// The IKE_AUTH request as received, by its digest: to recognise a retransmission.
+    request: RequestDigest,
     /// Its decrypted inner payload chain.
     plain: Vec<u8>,
     first_inner: PayloadType,
@@ -476,7 +477,7 @@ impl Responder {
                 let r = if datagram == s.init.request {
                     self.send(local, remote, s.init.response.clone());
                     Ok(())
-                } else if datagram == s.request {
+                } else if s.request.matches(datagram) {
                     // The PSK lookup is still running; the answer will follow it.
                     Err(Error::Unexpected(
                         "IKE_AUTH retransmitted while looking up the PSK",
@@ -497,12 +498,13 @@ impl Responder {
                 r
             }
             State::Closed(cache) => {
-                let r = match &cache {
-                    Some((req, resp)) if datagram == req => {
-                        self.retransmit(local, remote, resp);
+                let r = match cache.as_ref().and_then(|k| k.answer(datagram)) {
+                    Some(resp) => {
+                        let resp = resp.to_vec();
+                        self.retransmit(local, remote, &resp);
                         Ok(())
                     }
-                    _ => Err(Error::Unexpected("the IKE SA is closed")),
+                    None => Err(Error::Unexpected("the IKE SA is closed")),
                 };
                 self.state = State::Closed(cache);
                 r

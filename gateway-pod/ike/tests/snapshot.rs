@@ -754,6 +754,60 @@ fn a_rekey_of_a_child_sa_the_peer_deleted_meanwhile_still_restores() {
     ep.restore(snap, gw_config(), site_config(), net.now).unwrap();
 }
 
+/// Snapshots of the previous encoding (version 2: kept requests in full, SK_pi and SK_pr),
+/// as a pod of the release before hands them over in the middle of an upgrade: they decode
+/// and restore, and a request kept in full is recognised by its digest after the restore.
+/// (`tests/data/snapshot-v2/` holds the fuzz seeds that version wrote.)
+#[test]
+fn version_2_snapshots_still_restore() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/snapshot-v2");
+    let now = Instant::now();
+    for name in ["responder", "initiator", "initiator-rekeying"] {
+        let bytes = std::fs::read(dir.join(name)).unwrap();
+        assert_eq!(bytes[4], 2, "{name}: a version 2 snapshot");
+        let snap = IkeSaSnapshot::decode(&bytes).unwrap();
+        let again = IkeSaSnapshot::decode(&snap.encode()).unwrap();
+        assert_eq!(
+            again.encode(),
+            snap.encode(),
+            "{name}: the same state in version 3"
+        );
+        let mut ep = Endpoint::new(EndpointConfig::default(), gw_config());
+        let id = ep.restore(snap.clone(), gw_config(), site_config(), now).unwrap();
+        if name != "responder" {
+            continue;
+        }
+        // The IKE_AUTH request the old encoding kept in full, found in its bytes (SPIi,
+        // SPIr, then SK as the first payload, version 2.0, IKE_AUTH, the Initiator flag):
+        // its retransmission is answered with the kept response.
+        let (last_id, kept) = snap.current.last.clone().expect("the IKE_AUTH exchange is kept");
+        let mut head = Vec::new();
+        head.extend_from_slice(&snap.current.spi_i.to_be_bytes());
+        head.extend_from_slice(&snap.current.spi_r.to_be_bytes());
+        head.extend_from_slice(&[46, 0x20, 35, 0x08]);
+        head.extend_from_slice(&last_id.to_be_bytes());
+        let at = bytes
+            .windows(head.len())
+            .position(|w| w == head)
+            .expect("the request");
+        let len = u32::from_be_bytes(bytes[at + 24..at + 28].try_into().unwrap()) as usize;
+        let request = &bytes[at..at + len];
+        ep.handle_datagram(now, snap.local, snap.remote, request, &mut SystemEntropy)
+            .unwrap();
+        let answer = ep.poll_transmit().expect("answered");
+        assert_eq!(answer.payload, kept.response, "the kept response, as sent");
+        let mut altered = request.to_vec();
+        *altered.last_mut().unwrap() ^= 1;
+        assert!(
+            ep.handle_datagram(now, snap.local, snap.remote, &altered, &mut SystemEntropy)
+                .is_err(),
+            "a request that differs in one bit is not a retransmission"
+        );
+        assert!(ep.poll_transmit().is_none());
+        assert!(ep.snapshot(id, now).is_ok());
+    }
+}
+
 /// Writes the fuzz target's seeds (`cargo test -p concentrator-ike --test snapshot -- --ignored`):
 /// snapshots of both roles, one with a CHILD SA rekey in flight.
 #[test]

@@ -196,13 +196,7 @@ impl Initiator {
         let psk = self.psk.as_ref().ok_or(Error::WrongState("PSK gone"))?;
         // RFC 7296 §2.15: the initiator signs its first message (the IKE_SA_INIT request that
         // was answered, with the cookie if any), Nr and prf(SK_pi, IDi').
-        let octets = signed_octets(
-            prf,
-            &s.request,
-            nr,
-            session.sa.keys.sk_pi.expose(),
-            config.local_id.body(),
-        );
+        let octets = signed_octets(prf, &s.request, nr, session.sa.sk_pi(), config.local_id.body());
         let auth = psk_auth(prf, psk.expose(), &octets);
         let mut inner = vec![Payload::IdI(config.local_id.identity())];
         // RFC 7296 §1.2: "The initiator might also send its view of who the responder is
@@ -388,7 +382,7 @@ impl Initiator {
         let prf = ike.prf;
         // RFC 7296 §2.15: the responder signs its IKE_SA_INIT response, Ni and prf(SK_pr,
         // IDr'); "AUTH = prf( prf(Shared Secret, "Key Pad for IKEv2"), <...SignedOctets>)".
-        let theirs = signed_octets(prf, &s.init_response, &s.ni, ike.keys.sk_pr.expose(), id_r.body());
+        let theirs = signed_octets(prf, &s.init_response, &s.ni, ike.sk_pr(), id_r.body());
         if !verify_psk_auth(prf, psk.expose(), &theirs, auth.data) {
             return Err(Error::AuthenticationFailed("AUTH does not verify with the PSK"));
         }
@@ -419,15 +413,7 @@ impl Initiator {
         // RFC 7296 §2.17: KEYMAT = prf+(SK_d, Ni | Nr) for the first CHILD SA, "All keys for
         // SAs carrying data from the initiator to the responder are taken before SAs going
         // from the responder to the initiator": ours outbound.
-        let keys = ChildSaKeys::derive(
-            prf,
-            ike.keys.sk_d.expose(),
-            None,
-            &s.ni,
-            &s.nr,
-            esp.encryption,
-            esp.integrity,
-        )?;
+        let keys = ChildSaKeys::derive(prf, ike.sk_d(), None, &s.ni, &s.nr, esp.encryption, esp.integrity)?;
         let child = ChildSa {
             spi_in: s.spi_in,
             spi_out: esp.peer_spi,

@@ -211,14 +211,14 @@ impl Responder {
                 if let Some(r) = &response {
                     self.send(local, remote, r.clone());
                 }
-                self.fail(e, response.map(|r| (datagram.to_vec(), r)))
+                self.fail(e, response.map(|r| Box::new(Kept::new(datagram, r))))
             }
             Ok((plain, first_inner, id)) => {
                 self.out.event(Event::PeerIdentified { id });
                 self.state = State::ExpectPsk(Box::new(ExpectPsk {
                     sa: s.sa,
                     init: s.init,
-                    request: datagram.to_vec(),
+                    request: RequestDigest::of(datagram),
                     plain,
                     first_inner,
                     message_id: 1,
@@ -293,14 +293,17 @@ impl Responder {
                     // Retransmissions of the IKE_AUTH request get the same answer; the peer
                     // deletes the IKE SA or lets it go, and comes back where it was sent.
                     self.send(local, remote, response.clone());
-                    self.fail(Error::Redirected, Some((s.request.clone(), response)))
+                    self.fail(
+                        Error::Redirected,
+                        Some(Box::new(Kept::with_digest(s.request, response))),
+                    )
                 }
                 Err(e) => {
                     let response = Self::encrypted_error(&mut s.sa, s.message_id, e);
                     if let Some(r) = &response {
                         self.send(local, remote, r.clone());
                     }
-                    self.fail(e, response.map(|r| (s.request.clone(), r)))
+                    self.fail(e, response.map(|r| Box::new(Kept::with_digest(s.request, r))))
                 }
             };
         }
@@ -340,8 +343,7 @@ impl Responder {
                     sa,
                     Some(Answered {
                         message_id,
-                        request,
-                        response,
+                        exchange: Kept::with_digest(request, response),
                     }),
                 );
                 let authenticated = Authenticated {
@@ -354,7 +356,7 @@ impl Responder {
                     floated: false,
                     redirect_supported: init.redirect_supported,
                     mid_sync,
-                    init: Some((init.request, init.response)),
+                    init: Some(Box::new(Kept::new(&init.request, init.response))),
                 };
                 let config = Arc::clone(&self.config);
                 self.state =
@@ -366,7 +368,7 @@ impl Responder {
                 if let Some(r) = &response {
                     self.send(local, remote, r.clone());
                 }
-                self.fail(e, response.map(|r| (s.request.clone(), r)))
+                self.fail(e, response.map(|r| Box::new(Kept::with_digest(s.request, r))))
             }
         }
     }
@@ -413,17 +415,11 @@ impl Responder {
         let psk = psk.ok_or(Error::AuthenticationFailed("no PSK for this peer"))?;
         let (sa, init) = (&s.sa, &s.init);
         let prf = sa.prf;
-        let theirs = signed_octets(prf, &init.request, &init.nr, sa.keys.sk_pi.expose(), id_i.body());
+        let theirs = signed_octets(prf, &init.request, &init.nr, sa.sk_pi(), id_i.body());
         if !verify_psk_auth(prf, psk, &theirs, their_auth) {
             return Err(Error::AuthenticationFailed("AUTH does not verify with the PSK"));
         }
-        let ours = signed_octets(
-            prf,
-            &init.response,
-            &init.ni,
-            sa.keys.sk_pr.expose(),
-            config.local_id.body(),
-        );
+        let ours = signed_octets(prf, &init.response, &init.ni, sa.sk_pr(), config.local_id.body());
         Ok(psk_auth(prf, psk, &ours))
     }
 
@@ -497,7 +493,7 @@ impl Responder {
                 // initiator-to-responder keys first.
                 let keys = ChildSaKeys::derive(
                     prf,
-                    sa.keys.sk_d.expose(),
+                    sa.sk_d(),
                     None,
                     &init.ni,
                     &init.nr,

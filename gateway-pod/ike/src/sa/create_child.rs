@@ -278,7 +278,7 @@ fn new_child(
     // initiator-to-responder keys protect our inbound SA.
     let keys = ChildSaKeys::derive(
         cx.sa.prf,
-        cx.sa.keys.sk_d.expose(),
+        cx.sa.sk_d(),
         g_ir.as_ref().map(|s| s.expose()),
         ni,
         &nr,
@@ -439,7 +439,7 @@ fn rekey_ike(
     // RFC 7296 §2.18: "SKEYSEED = prf(SK_d (old), g^ir (new) | Ni | Nr)" with the old SA's
     // PRF, then the SK_* keys as in §2.14 "using SPIi, SPIr, Ni, and Nr from the new
     // exchange, and using the new IKE SA's PRF".
-    let seed = rekey_skeyseed(cx.sa.prf, cx.sa.keys.sk_d.expose(), g_ir.expose(), ni, &nr);
+    let seed = rekey_skeyseed(cx.sa.prf, cx.sa.sk_d(), g_ir.expose(), ni, &nr);
     let prf = Prf::new(choice.prf);
     let keys = IkeSaKeys::derive(
         prf,

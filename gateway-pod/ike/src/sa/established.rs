@@ -26,7 +26,7 @@ use std::time::Instant;
 use super::events::{Events, Output};
 use super::mid_sync::{self, MidSync, SyncData};
 use super::rekey::{self, ChildChange, Ours, soft_deadline};
-use super::session::{IkeSa, Previous, Retry, Session};
+use super::session::{IkeSa, Kept, Previous, Retry, Session};
 use super::snapshot::{Exchange, IkeSaSnapshot, Role, SnapshotError, restore_children, snapshot_children};
 use super::timers::TimerTable;
 use super::{ChildRef, Config, DeleteReason, Entropy, Event, IdBuf, Incoming, REKEYED_SA_LINGER, deadline};
@@ -43,8 +43,9 @@ use crate::redirect::{GatewayId, encode_redirect};
 /// come in through the front again.
 const SYNC_TRIES: u32 = 4;
 
-/// A request and our response, kept after the state that answered it is gone.
-pub(crate) type Cache = Option<(Vec<u8>, Vec<u8>)>;
+/// A request (by its digest) and our response, kept after the state that answered it is
+/// gone. Boxed: most SAs have none.
+pub(crate) type Cache = Option<Box<Kept>>;
 
 /// What happens to the SA after a datagram or a timer.
 pub(crate) enum Next {
@@ -106,8 +107,8 @@ pub(crate) struct Established {
     mid_sync: MidSync,
     /// The peer's authenticated identity.
     peer_id: IdBuf,
-    /// Where the peer's REDIRECT sent us.
-    redirected_to: Option<GatewayId>,
+    /// Where the peer's REDIRECT sent us. Boxed: set only as the SA closes.
+    redirected_to: Option<Box<GatewayId>>,
 }
 
 /// Our request deleting the IKE SA it goes on (RFC 7296 §1.4.1).
@@ -128,10 +129,14 @@ impl Established {
     /// The SA after IKE_AUTH at `now`, under `config`.
     pub(crate) fn new(
         config: Arc<Config>,
-        a: Authenticated,
+        mut a: Authenticated,
         now: Instant,
         entropy: &mut dyn Entropy,
     ) -> Self {
+        a.session.sa.forget_auth_keys();
+        // Room for exactly the CHILD SAs there are (one, nearly always), for all of the
+        // SA's life: the handshake's Vec may have grown to four.
+        a.children.shrink_to_fit();
         let ike_rekey_at = config.ike_lifetime.and_then(|l| soft_deadline(now, l, entropy));
         Self {
             config,
@@ -161,12 +166,7 @@ impl Established {
         events: &Events<Event>,
         now: Instant,
     ) -> Result<IkeSaSnapshot, SnapshotError> {
-        let exchange = |c: &Cache| {
-            c.as_ref().map(|(request, response)| Exchange {
-                request: request.clone(),
-                response: response.clone(),
-            })
-        };
+        let exchange = |c: &Cache| c.as_ref().map(|k| k.snapshot());
         Ok(IkeSaSnapshot {
             role: self.role,
             local: self.local,
@@ -204,7 +204,7 @@ impl Established {
             .previous
             .map(|p| Previous::restore(p, now).map(Box::new))
             .transpose()?;
-        let exchange = |e: Option<Exchange>| e.map(|e| (e.request, e.response));
+        let exchange = |e: Option<Exchange>| e.map(|e| Box::new(Kept::restore(e)));
         let current = Session::restore(snapshot.current, now)?;
         let mid_sync = match (
             snapshot.mid_sync_supported,
@@ -235,7 +235,7 @@ impl Established {
             peer_id: snapshot.peer_id,
             redirected_to: None,
         };
-        Ok((s, Output::restored(installed)))
+        Ok((s, Output::restored(&installed)))
     }
 
     /// Our SPI of the IKE SA in use.
@@ -273,7 +273,7 @@ impl Established {
 
     /// Where the peer's REDIRECT sent us, once it closed the SA.
     pub(crate) fn redirected_to(&self) -> Option<&GatewayId> {
-        self.redirected_to.as_ref()
+        self.redirected_to.as_deref()
     }
 
     /// Whether ESP goes in UDP (RFC 3948): a NAT was detected, we floated, or IKE runs on
@@ -296,8 +296,8 @@ impl Established {
         let cached = [&self.init, &self.retired]
             .into_iter()
             .flatten()
-            .find(|(req, _)| req.as_slice() == datagram)
-            .map(|(_, resp)| resp.clone());
+            .find_map(|k| k.answer(datagram))
+            .map(<[u8]>::to_vec);
         if let Some(response) = cached {
             out.send(local, remote, response);
             return Ok(Next::Stay);
@@ -373,7 +373,7 @@ impl Established {
                 // caller connects to the new gateway.
                 self.abandon_request();
                 self.request(out, &[delete_ike()], now);
-                self.redirected_to = Some(gateway);
+                self.redirected_to = Some(Box::new(gateway));
                 Next::Close(self.close(out, DeleteReason::Redirected))
             }
         })
@@ -450,6 +450,9 @@ impl Established {
         now: Instant,
         entropy: &mut dyn Entropy,
     ) -> Session {
+        let mut sa = sa;
+        // A rekeyed IKE SA has no IKE_AUTH: its SK_pi and SK_pr are never used.
+        sa.forget_auth_keys();
         let (new_spi_i, new_spi_r) = if sa.is_initiator() {
             (sa.spi_r, sa.spi_i)
         } else {

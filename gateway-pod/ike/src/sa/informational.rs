@@ -42,6 +42,8 @@ pub(crate) fn process(inner: &[Payload<'_>], children: &mut Vec<ChildRef>) -> In
             _ => {}
         }
     }
+    // A peer rekeys CHILD SAs all the SA's life: what the old ones held goes with them.
+    children.shrink_to_fit();
     out
 }
 

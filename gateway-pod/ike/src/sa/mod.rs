@@ -93,16 +93,17 @@ pub(crate) fn deadline(now: Instant, d: Duration) -> Instant {
 }
 
 /// An owned ID payload body (ID Type, three RESERVED octets, identification data): exactly
-/// the `IDx'` that RFC 7296 §2.15 signs.
+/// the `IDx'` that RFC 7296 §2.15 signs. A boxed slice: every established SA keeps its
+/// peer's, with no spare capacity.
 #[derive(Clone, PartialEq, Eq, Hash)]
-pub struct IdBuf(Vec<u8>);
+pub struct IdBuf(Box<[u8]>);
 
 impl IdBuf {
     /// The body of `id`.
     pub fn new(id: &Identity<'_>) -> Self {
         let mut body = Vec::new();
         id.encode(&mut body);
-        Self(body)
+        Self(body.into_boxed_slice())
     }
 
     /// The ID payload body.

@@ -240,7 +240,7 @@ impl ChildRekey {
         // responder keys first: we started the exchange, so they are our outbound keys.
         let keys = ChildSaKeys::derive(
             ike.prf,
-            ike.keys.sk_d.expose(),
+            ike.sk_d(),
             g_ir.as_ref().map(|s| s.expose()),
             &self.ni,
             nr,
@@ -433,7 +433,7 @@ impl IkeRekey {
         let g_ir = self.kex.compute_shared(ke.data)?;
         // RFC 7296 §2.18: "SKEYSEED = prf(SK_d (old), g^ir (new) | Ni | Nr)" with the old
         // SA's PRF, then the SK_* keys as in §2.14 with the new SPIs, nonces and PRF.
-        let seed = rekey_skeyseed(old.prf, old.keys.sk_d.expose(), g_ir.expose(), &self.ni, nr);
+        let seed = rekey_skeyseed(old.prf, old.sk_d(), g_ir.expose(), &self.ni, nr);
         let prf = Prf::new(choice.prf);
         let keys = IkeSaKeys::derive(
             prf,
@@ -664,6 +664,8 @@ pub(crate) fn finish(
         },
         replaced: redundant,
     };
+    // Exactly one more: a Vec's first growth makes room for four.
+    children.reserve_exact(1);
     children.push(new);
     changes.push(ChildChange::Installed(Box::new(child)));
     let mut gone: Vec<ChildRef> = Vec::new();
@@ -674,6 +676,7 @@ pub(crate) fn finish(
         gone.push(r.old);
     }
     children.retain(|c| !gone.iter().any(|g| g.spi_in == c.spi_in));
+    children.shrink_to_fit();
     if gone.is_empty() {
         return Ok(None);
     }

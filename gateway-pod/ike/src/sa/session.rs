@@ -9,11 +9,11 @@
 use std::time::Instant;
 
 use concentrator_algorithms::{Encryption, Integrity};
-use concentrator_crypto::{CryptoError, IkeSaKeys, PacketError, Prf, SkCipher};
+use concentrator_crypto::{CryptoError, IkeSaKeys, InlineSecret, PacketError, Prf, SecretBytes, SkCipher};
 
 use super::Retransmit;
 use super::mid_sync::{NONCE_LEN, SyncData};
-use super::snapshot::{Exchange, PendingRequest, SessionSnapshot, SnapshotError};
+use super::snapshot::{Exchange, PendingRequest, RequestDigest, SessionSnapshot, SnapshotError};
 use crate::Message;
 use crate::error::Error;
 use crate::message::codepoints::{ExchangeType, PayloadType};
@@ -29,9 +29,12 @@ pub(crate) struct IkeSa {
     pub(crate) spi_i: u64,
     pub(crate) spi_r: u64,
     pub(crate) prf: Prf,
-    pub(crate) keys: IkeSaKeys,
-    encryption: Encryption,
-    integrity: Option<Integrity>,
+    /// SK_d (at most 64 bytes: the output of HMAC-SHA-512), inline: it lives as long as
+    /// the SA. SK_e and SK_a are in `rx` and `tx`, not kept twice.
+    sk_d: InlineSecret<64>,
+    /// SK_pi and SK_pr: only IKE_AUTH uses them, so they go once the SA is established
+    /// ([`Self::forget_auth_keys`]). Boxed: absent for nearly all of the SA's life.
+    auth: Option<Box<AuthKeys>>,
     /// SK_ei/SK_ai: opens the initiator's messages.
     rx: SkCipher,
     /// SK_er/SK_ar: seals ours.
@@ -39,6 +42,12 @@ pub(crate) struct IkeSa {
     pub(crate) nat_detected: bool,
     /// We are the original initiator: our messages carry the I flag.
     initiator: bool,
+}
+
+/// The keys of the AUTH payloads (RFC 7296 §2.15).
+struct AuthKeys {
+    sk_pi: SecretBytes,
+    sk_pr: SecretBytes,
 }
 
 /// A message of this IKE SA whose ICV verified, with its decrypted inner payload chain.
@@ -106,18 +115,62 @@ impl IkeSa {
         } else {
             (initiators, responders)
         };
+        let sk_d = InlineSecret::from_slice(keys.sk_d.expose()).ok_or(CryptoError::KeyLength {
+            what: "SK_d",
+            expected: 64,
+            got: keys.sk_d.len(),
+        })?;
+        let IkeSaKeys { sk_pi, sk_pr, .. } = keys;
         Ok(Self {
             spi_i,
             spi_r,
             prf,
-            keys,
-            encryption,
-            integrity,
+            sk_d,
+            auth: Some(Box::new(AuthKeys { sk_pi, sk_pr })),
             rx,
             tx,
             nat_detected,
             initiator,
         })
+    }
+
+    /// SK_d.
+    pub(crate) fn sk_d(&self) -> &[u8] {
+        self.sk_d.expose()
+    }
+
+    /// SK_pi: signs the initiator's AUTH payload (empty once established).
+    pub(crate) fn sk_pi(&self) -> &[u8] {
+        self.auth.as_ref().map_or(&[], |a| a.sk_pi.expose())
+    }
+
+    /// SK_pr: signs the responder's AUTH payload (empty once established).
+    pub(crate) fn sk_pr(&self) -> &[u8] {
+        self.auth.as_ref().map_or(&[], |a| a.sk_pr.expose())
+    }
+
+    /// Drops SK_pi and SK_pr: IKE_AUTH is over, and nothing else uses them.
+    pub(crate) fn forget_auth_keys(&mut self) {
+        self.auth = None;
+    }
+
+    /// The seven keys, as a snapshot carries them: SK_pi and SK_pr empty once forgotten.
+    pub(crate) fn keys(&self) -> IkeSaKeys {
+        let ((sk_ei, sk_ai), (sk_er, sk_ar)) = if self.initiator {
+            (self.tx.keymat(), self.rx.keymat())
+        } else {
+            (self.rx.keymat(), self.tx.keymat())
+        };
+        let empty = || SecretBytes::from_slice(&[]);
+        IkeSaKeys {
+            sk_d: self.sk_d.to_secret(),
+            sk_ai,
+            sk_ar,
+            sk_ei,
+            sk_er,
+            sk_pi: self.auth.as_ref().map_or_else(empty, |a| a.sk_pi.clone()),
+            sk_pr: self.auth.as_ref().map_or_else(empty, |a| a.sk_pr.clone()),
+        }
     }
 
     /// Whether we are this SA's initiator (we started it, or the rekey that made it).
@@ -202,11 +255,60 @@ impl IkeSa {
     }
 }
 
+/// A request of the peer, known by its digest, and our response to it: what answers a
+/// retransmission of the request once the state that answered it has moved on.
+///
+/// RFC 7296 §2.1: "A retransmission from the initiator MUST be bitwise identical to the
+/// original request", and "The responder MUST never retransmit a response unless it
+/// receives a retransmission of the request." Recognising the request takes no more than
+/// its SHA-256 (a peer that found two requests with one digest would only get our response
+/// again); the response is kept whole, since it must go out as it went the first time.
+pub(crate) struct Kept {
+    request: RequestDigest,
+    /// A boxed slice: kept all the SA's life (the IKE_AUTH response until the peer's next
+    /// request), without spare capacity.
+    response: Box<[u8]>,
+}
+
+impl Kept {
+    pub(crate) fn new(request: &[u8], response: Vec<u8>) -> Self {
+        Self::with_digest(RequestDigest::of(request), response)
+    }
+
+    /// For a request digested already.
+    pub(crate) fn with_digest(request: RequestDigest, response: Vec<u8>) -> Self {
+        Self {
+            request,
+            response: response.into_boxed_slice(),
+        }
+    }
+
+    /// Our response, if `datagram` is the request it answered.
+    pub(crate) fn answer(&self, datagram: &[u8]) -> Option<&[u8]> {
+        self.request.matches(datagram).then_some(&self.response)
+    }
+
+    /// As a snapshot holds it.
+    pub(crate) fn snapshot(&self) -> Exchange {
+        Exchange {
+            request: self.request,
+            response: self.response.to_vec(),
+        }
+    }
+
+    /// From a snapshot.
+    pub(crate) fn restore(e: Exchange) -> Self {
+        Self {
+            request: e.request,
+            response: e.response.into_boxed_slice(),
+        }
+    }
+}
+
 /// A request of the peer and our response to it.
 pub(crate) struct Answered {
     pub(crate) message_id: u32,
-    pub(crate) request: Vec<u8>,
-    pub(crate) response: Vec<u8>,
+    pub(crate) exchange: Kept,
 }
 
 /// Our request in flight.
@@ -284,7 +386,8 @@ pub(crate) struct Session {
     last: Option<Answered>,
     /// The Message ID of our next request (ours count from zero, RFC 7296 §2.2).
     tx_next: u64,
-    pending: Option<Pending>,
+    /// Boxed: an SA has a request in flight for a second or so every half minute.
+    pending: Option<Box<Pending>>,
     /// Restored from a copy that may be a few exchanges behind the process that answered
     /// the peer last (a fleet member that died before its replica heard of its last
     /// answers): the peer's next request is taken with any Message ID up to
@@ -343,12 +446,10 @@ impl Session {
             return Window::New;
         }
         match &self.last {
-            Some(a) if a.message_id == message_id && a.request == datagram => {
-                Window::Retransmitted(&a.response)
-            }
-            Some(a) if a.message_id == message_id => {
-                Window::Drop("request differs from the one answered with its Message ID")
-            }
+            Some(a) if a.message_id == message_id => match a.exchange.answer(datagram) {
+                Some(response) => Window::Retransmitted(response),
+                None => Window::Drop("request differs from the one answered with its Message ID"),
+            },
             _ if id < self.rx_next => Window::Drop("request with an old Message ID"),
             _ => Window::Drop("request beyond the Message ID window"),
         }
@@ -367,8 +468,7 @@ impl Session {
         let response = self.sa.seal(header, inner)?;
         self.last = Some(Answered {
             message_id,
-            request: request.to_vec(),
-            response: response.clone(),
+            exchange: Kept::new(request, response.clone()),
         });
         self.rx_next = u64::from(message_id) + 1;
         self.catching_up = false;
@@ -377,8 +477,8 @@ impl Session {
 
     /// Takes the last request and our response, to answer its retransmission once this
     /// session is gone.
-    pub(crate) fn take_last(&mut self) -> Option<(Vec<u8>, Vec<u8>)> {
-        self.last.take().map(|a| (a.request, a.response))
+    pub(crate) fn take_last(&mut self) -> Option<Box<Kept>> {
+        self.last.take().map(|a| Box::new(a.exchange))
     }
 
     /// How often the request in flight was retransmitted.
@@ -414,13 +514,13 @@ impl Session {
         let header = self.sa.header(exchange, message_id, false);
         let datagram = self.sa.seal(header, inner)?;
         self.tx_next += 1;
-        self.pending = Some(Pending {
+        self.pending = Some(Box::new(Pending {
             message_id,
             exchange,
             datagram: datagram.clone(),
             retransmits: 0,
             deadline: now + policy.wait(0),
-        });
+        }));
         Ok(Some(datagram))
     }
 
@@ -450,7 +550,7 @@ impl Session {
     /// counter past zero in the sync makes strongSwan reset its task queue instead, which
     /// leaves a request it has in flight unsent. With AES-CBC its IVs are random.
     pub(crate) fn sync_is_safe(&self) -> bool {
-        !self.sa.encryption.is_aead()
+        !self.sa.tx.encryption().is_aead()
     }
 
     /// Our RFC 6311 sync request with `nonce`: the counters this copy has, in an
@@ -474,13 +574,13 @@ impl Session {
         let data = SyncData { nonce, send, recv }.encode();
         let header = self.sa.header(ExchangeType::INFORMATIONAL, 0, false);
         let datagram = self.sa.seal(header, &[SyncData::payload(&data)])?;
-        self.pending = Some(Pending {
+        self.pending = Some(Box::new(Pending {
             message_id: 0,
             exchange: ExchangeType::INFORMATIONAL,
             datagram: datagram.clone(),
             retransmits: 0,
             deadline: now + policy.wait(0),
-        });
+        }));
         Ok(Some(datagram))
     }
 
@@ -546,21 +646,13 @@ impl Session {
             spi_r: sa.spi_r,
             initiator: sa.initiator,
             prf: sa.prf.algorithm(),
-            encryption: sa.encryption,
-            integrity: sa.integrity,
-            keys: sa.keys.clone(),
+            encryption: sa.tx.encryption(),
+            integrity: sa.tx.integrity(),
+            keys: sa.keys(),
             nat_detected: sa.nat_detected,
             sealed: sa.sealed(),
             rx_next: self.rx_next,
-            last: self.last.as_ref().map(|a| {
-                (
-                    a.message_id,
-                    Exchange {
-                        request: a.request.clone(),
-                        response: a.response.clone(),
-                    },
-                )
-            }),
+            last: self.last.as_ref().map(|a| (a.message_id, a.exchange.snapshot())),
             tx_next: self.tx_next,
             pending: self.pending.as_ref().map(|p| PendingRequest {
                 message_id: p.message_id,
@@ -590,6 +682,8 @@ impl Session {
             s.nat_detected,
         )
         .map_err(|_| SnapshotError::Keys("IKE SA keys do not fit its algorithms"))?;
+        // Restored SAs are established: IKE_AUTH is over.
+        sa.forget_auth_keys();
         // The owner may have sealed more after the copy was taken (its answers are not
         // replicated before they are sent): start above anything one IKE SA can seal (2^32
         // requests and as many responses; a retransmission is not sealed again).
@@ -609,18 +703,42 @@ impl Session {
             rx_next: s.rx_next,
             last: s.last.map(|(message_id, e)| Answered {
                 message_id,
-                request: e.request,
-                response: e.response,
+                exchange: Kept::restore(e),
             }),
             tx_next: s.tx_next,
-            pending: s.pending.map(|p| Pending {
-                message_id: p.message_id,
-                exchange: p.exchange,
-                datagram: p.datagram,
-                retransmits: p.retransmits,
-                deadline: super::deadline(now, p.due_in),
+            pending: s.pending.map(|p| {
+                Box::new(Pending {
+                    message_id: p.message_id,
+                    exchange: p.exchange,
+                    datagram: p.datagram,
+                    retransmits: p.retransmits,
+                    deadline: super::deadline(now, p.due_in),
+                })
             }),
             catching_up: true,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kept_exchange_answers_only_a_bitwise_copy_of_its_request() {
+        let request: Vec<u8> = (0..239u8).collect();
+        let kept = Kept::new(&request, vec![7; 212]);
+        assert_eq!(kept.answer(&request), Some(&[7u8; 212][..]));
+        let mut flipped = request.clone();
+        flipped[100] ^= 0x01;
+        assert_eq!(kept.answer(&flipped), None, "one bit differs");
+        assert_eq!(kept.answer(&request[..238]), None, "one byte shorter");
+        let mut longer = request.clone();
+        longer.push(0);
+        assert_eq!(kept.answer(&longer), None, "one byte longer");
+        // What a snapshot carries answers the same.
+        let restored = Kept::restore(kept.snapshot());
+        assert_eq!(restored.answer(&request), Some(&[7u8; 212][..]));
+        assert_eq!(restored.answer(&flipped), None);
     }
 }

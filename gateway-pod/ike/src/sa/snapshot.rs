@@ -14,7 +14,9 @@
 //!
 //! # Encoding
 //!
-//! `"IKSS"`, a version octet (2; version 1, without the RFC 6311 flag, is still read), then the fields in a fixed order: integers big-endian,
+//! `"IKSS"`, a version octet (3; versions 1, without the RFC 6311 flag, and 2, with the
+//! requests of kept exchanges in full instead of their length and SHA-256, are still read), then the
+//! fields in a fixed order: integers big-endian,
 //! byte strings and lists behind a 32-bit length that is checked against what is left and
 //! against a limit per field. Decoding takes input from another pod like any input: it never
 //! panics, never allocates more than the input justifies, and rejects trailing bytes, unknown
@@ -36,10 +38,13 @@ use crate::payload::{TrafficSelector, Ts};
 /// The first four octets of an encoded snapshot.
 pub const MAGIC: [u8; 4] = *b"IKSS";
 /// The encoding version this crate writes and reads.
-pub const VERSION: u8 = 2;
+pub const VERSION: u8 = 3;
 /// The version before RFC 6311 support: read as "the peer did not announce it", so that a
 /// fleet in the middle of an upgrade keeps its copies.
 const VERSION_1: u8 = 1;
+/// The version that held each kept request in full (version 3 holds its SHA-256): read,
+/// digesting the request, so that a fleet in the middle of an upgrade keeps its copies.
+const VERSION_2: u8 = 2;
 /// The longest byte string a snapshot holds (an IKE datagram, a key, a nonce).
 const MAX_BYTES: usize = 65_535;
 /// The most CHILD SAs one IKE SA may carry in a snapshot.
@@ -84,12 +89,39 @@ pub enum Role {
     Responder,
 }
 
+/// A request known by its length and the SHA-256 of its bytes: enough to recognise its
+/// retransmission, which RFC 7296 §2.1 makes "bitwise identical to the original request",
+/// without keeping the request. (The length first: a datagram of another length is not
+/// hashed.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RequestDigest {
+    /// The request's length in bytes.
+    pub len: u32,
+    /// Its SHA-256.
+    pub sha256: [u8; 32],
+}
+
+impl RequestDigest {
+    /// The digest of `request`.
+    pub fn of(request: &[u8]) -> Self {
+        Self {
+            len: u32::try_from(request.len()).unwrap_or(u32::MAX),
+            sha256: concentrator_crypto::util::sha256(request),
+        }
+    }
+
+    /// Whether `datagram` is the request.
+    pub fn matches(&self, datagram: &[u8]) -> bool {
+        u32::try_from(datagram.len()).is_ok_and(|n| n == self.len) && *self == Self::of(datagram)
+    }
+}
+
 /// A request and the response to it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Exchange {
-    /// The request as received (or sent).
-    pub request: Vec<u8>,
-    /// The response as sent (or received).
+    /// The request as received, by its digest.
+    pub request: RequestDigest,
+    /// The response as sent.
     pub response: Vec<u8>,
 }
 
@@ -123,7 +155,8 @@ pub struct SessionSnapshot {
     pub encryption: Encryption,
     /// Integrity of the SK payload (`None` with an AEAD).
     pub integrity: Option<Integrity>,
-    /// SK_d, SK_ai/ar, SK_ei/er, SK_pi/pr.
+    /// SK_d, SK_ai/ar, SK_ei/er, SK_pi/pr (SK_pi and SK_pr empty: an established SA no
+    /// longer has them, and never uses them).
     pub keys: IkeSaKeys,
     /// A NAT was detected between the peers.
     pub nat_detected: bool,
@@ -295,7 +328,7 @@ impl IkeSaSnapshot {
             .into_iter()
             .flatten()
             .chain(self.current.last.iter().map(|(_, e)| e))
-            .map(|e| e.request.len() + e.response.len())
+            .map(|e| 4 + e.request.sha256.len() + e.response.len())
             .sum::<usize>();
         let pending = [Some(&self.current), self.previous.as_ref().map(|(s, _)| s)]
             .into_iter()
@@ -368,7 +401,7 @@ impl IkeSaSnapshot {
             return Err(SnapshotError::BadMagic);
         }
         let version = r.u8("version")?;
-        if version != VERSION && version != VERSION_1 {
+        if ![VERSION, VERSION_2, VERSION_1].contains(&version) {
             return Err(SnapshotError::UnsupportedVersion(version));
         }
         let role = match r.u8("role")? {
@@ -387,8 +420,8 @@ impl IkeSaSnapshot {
         let previous = r.option("previous", |r| {
             Ok((r.session(version)?, r.duration("previous expiry")?))
         })?;
-        let init = r.option("init", Dec::exchange)?;
-        let retired = r.option("retired", Dec::exchange)?;
+        let init = r.option("init", |r| r.exchange(version))?;
+        let retired = r.option("retired", |r| r.exchange(version))?;
         let n = r.len("children", MAX_CHILDREN)?;
         let children: Vec<ChildSnapshot> = (0..n).map(|_| r.child()).collect::<Result<_, _>>()?;
         let mut spis: Vec<u32> = children.iter().map(|c| c.spi_in).collect();
@@ -483,7 +516,8 @@ fn put_addr(w: &mut Vec<u8>, a: SocketAddr) {
 }
 
 fn put_exchange(w: &mut Vec<u8>, e: &Exchange) {
-    put_bytes(w, &e.request);
+    w.extend_from_slice(&e.request.len.to_be_bytes());
+    w.extend_from_slice(&e.request.sha256);
     put_bytes(w, &e.response);
 }
 
@@ -580,7 +614,7 @@ pub(crate) fn snapshot_children<E: ChildEvent>(
         .map(|c| {
             events
                 .child(c.spi_in)
-                .map(|sa| ChildSnapshot::new(sa, now, c.rekey_at, c.replaced))
+                .map(|sa| ChildSnapshot::new(&sa, now, c.rekey_at, c.replaced))
                 .ok_or(SnapshotError::InvalidValue("CHILD SA without its parameters"))
         })
         .collect()
@@ -688,9 +722,17 @@ impl<'a> Dec<'a> {
         IdBuf::from_body(body).ok_or(SnapshotError::InvalidValue(what))
     }
 
-    fn exchange(&mut self) -> Result<Exchange, SnapshotError> {
+    fn exchange(&mut self, version: u8) -> Result<Exchange, SnapshotError> {
+        let request = if version < VERSION {
+            RequestDigest::of(self.bytes("request")?)
+        } else {
+            RequestDigest {
+                len: self.u32("request length")?,
+                sha256: self.0.array().ok_or(SnapshotError::Truncated("request digest"))?,
+            }
+        };
         Ok(Exchange {
-            request: self.bytes("request")?.to_vec(),
+            request,
             response: self.bytes("response")?.to_vec(),
         })
     }
@@ -761,7 +803,7 @@ impl<'a> Dec<'a> {
         };
         let nat_detected = self.bool("nat_detected")?;
         let rx_next = self.u64("rx_next")?;
-        let last = self.option("last", |r| Ok((r.u32("last message id")?, r.exchange()?)))?;
+        let last = self.option("last", |r| Ok((r.u32("last message id")?, r.exchange(version)?)))?;
         let tx_next = self.u64("tx_next")?;
         let pending = self.option("pending", |r| {
             Ok(PendingRequest {

@@ -225,6 +225,8 @@ impl Established {
                     );
                 }
                 let child = c.into_child();
+                // Exactly one more: a Vec's first growth makes room for four.
+                self.children.reserve_exact(1);
                 self.children.push(ChildRef::new(&child, now, entropy));
                 out.event(Event::ChildSaInstalled(Box::new(child)));
                 Ok(Outcome::Answered)
