@@ -57,8 +57,8 @@ pub struct Context {
     pub scale_history: std::sync::Mutex<std::collections::HashMap<String, crate::fleet::scale::History>>,
     /// Each fleet's scale-in in progress (`namespace/name`).
     pub scale_in: std::sync::Mutex<std::collections::HashMap<String, crate::fleet::scale_in::ScaleIn>>,
-    /// Kubernetes Events on the objects the operator acts on.
-    pub recorder: kube::runtime::events::Recorder,
+    /// Kubernetes Events on the objects the operator acts on ([`Recorders`]).
+    pub recorders: Recorders,
     /// The operator's own namespace (`POD_NAMESPACE`), whose operator pods the fleets'
     /// NetworkPolicies admit to the admin API.
     pub operator_namespace: String,
@@ -73,7 +73,7 @@ impl Context {
             instance: std::env::var("POD_NAME").ok(),
         };
         Self {
-            recorder: kube::runtime::events::Recorder::new(client.clone(), reporter),
+            recorders: Recorders::new(client.clone(), reporter),
             client,
             admin,
             scale_history: Default::default(),
@@ -103,9 +103,61 @@ impl Context {
             action: "Reconcile".into(),
             secondary: None,
         };
-        if let Err(e) = self.recorder.publish(&ev, &obj.object_ref(&())).await {
+        let recorder = self
+            .recorders
+            .for_note(reason, ev.note.as_deref().unwrap_or_default());
+        if let Err(e) = recorder.publish(&ev, &obj.object_ref(&())).await {
             tracing::warn!(error = %e, reason, "cannot publish Event");
         }
+    }
+}
+
+/// Event recorders by (reason, note). kube's `Recorder` folds every Event of one type,
+/// reason, action and object into one series and keeps the series' first note, so a scale
+/// from 3 to 2 pods after one from 2 to 3 would show as the first, counted twice. client-go
+/// counts the message in; so do we, with a recorder per note: the same note again joins its
+/// series, a new note is a new Event. Bounded: past [`Self::MAX`] notes the recorders start
+/// over (an ongoing series then begins a new Event, which loses nothing).
+pub struct Recorders {
+    client: Client,
+    reporter: kube::runtime::events::Reporter,
+    by_note: std::sync::Mutex<std::collections::HashMap<(String, String), kube::runtime::events::Recorder>>,
+}
+
+impl Recorders {
+    const MAX: usize = 512;
+
+    pub fn new(client: Client, reporter: kube::runtime::events::Reporter) -> Self {
+        Self {
+            client,
+            reporter,
+            by_note: std::sync::Mutex::default(),
+        }
+    }
+
+    /// The recorder for Events of `reason` saying `note`.
+    pub fn for_note(&self, reason: &str, note: &str) -> kube::runtime::events::Recorder {
+        // A poisoned lock only means a panic mid-insert of a plain map: still usable.
+        let mut by_note = self.by_note.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (reason.to_owned(), note.to_owned());
+        if !by_note.contains_key(&key) && by_note.len() >= Self::MAX {
+            by_note.clear();
+        }
+        by_note
+            .entry(key)
+            .or_insert_with(|| {
+                kube::runtime::events::Recorder::new(self.client.clone(), self.reporter.clone())
+            })
+            .clone()
+    }
+
+    /// How many notes have a recorder (for tests).
+    pub fn len(&self) -> usize {
+        self.by_note.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 

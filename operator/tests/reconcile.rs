@@ -300,3 +300,52 @@ async fn a_problem_already_reported_posts_no_event_again() {
     let (_, warnings) = reconcile_in(obj, World::default()).await;
     assert!(warnings.is_empty(), "{warnings:?}");
 }
+
+/// Events with one reason but different notes are different Events (as client-go keys them),
+/// and the same note again joins its own series: kube's Recorder alone folds by reason and
+/// keeps the first note, so a later scale-in showed as the earlier scale-out, counted twice.
+#[tokio::test]
+async fn events_with_new_notes_are_new_events() {
+    let (client, mut handle) = client();
+    let server = tokio::spawn(async move {
+        let mut calls = Vec::new();
+        while let Ok(Some((req, send))) =
+            tokio::time::timeout(Duration::from_millis(300), handle.next_request()).await
+        {
+            let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+            let bytes = req.into_body().collect_bytes().await.unwrap();
+            let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            let mut reply = body.clone();
+            if method == Method::POST {
+                reply["metadata"]["name"] = json!(format!("ev{}", calls.len()));
+            }
+            send.send_response(
+                Response::builder()
+                    .status(if method == Method::POST { 201 } else { 200 })
+                    .body(Body::from(serde_json::to_vec(&reply).unwrap()))
+                    .unwrap(),
+            );
+            calls.push((method, path, body));
+        }
+        calls
+    });
+    let ctx = Context::new(client, Arc::new(NoPods));
+    let obj = egroup("branches");
+    for note in ["2 -> 3 pods", "3 -> 2 pods", "2 -> 3 pods"] {
+        ctx.event(&obj, false, "Scaled", note.to_owned()).await;
+    }
+    let calls = server.await.unwrap();
+    let created: Vec<&str> = calls
+        .iter()
+        .filter(|(m, p, _)| *m == Method::POST && p.ends_with("/events"))
+        .map(|(_, _, b)| b["note"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(created, ["2 -> 3 pods", "3 -> 2 pods"], "{calls:?}");
+    // The third joins the first one's series.
+    let patched = calls
+        .iter()
+        .filter(|(m, p, _)| *m == Method::PATCH && p.contains("/events/"))
+        .count();
+    assert_eq!(patched, 1, "{calls:?}");
+    assert_eq!(ctx.recorders.len(), 2);
+}
