@@ -132,12 +132,16 @@ impl TunnelTable {
     /// Tunnels whose remote peer ID matches `peer_id_pattern` (empty: all) and whose base
     /// eroute is `eroute` (empty: all).
     pub fn list(&self, peer_id_pattern: &str, eroute: &str) -> Vec<Tunnel> {
-        let now = Instant::now();
-        self.read()
+        // Rows are copied (a few Arcs each) under the lock and shown after it: the driver
+        // writes this table from the IKE task, which must not wait for 100,000 messages.
+        let rows: Vec<(u64, TunnelRow)> = self
+            .read()
             .iter()
             .filter(|(_, r)| r.matches(peer_id_pattern, eroute))
-            .map(|(id, r)| r.to_proto(*id, now))
-            .collect()
+            .map(|(id, r)| (*id, r.clone()))
+            .collect();
+        let now = Instant::now();
+        rows.iter().map(|(id, r)| r.to_proto(*id, now)).collect()
     }
 
     /// How many tunnels [`Self::list`] would return, without building them.

@@ -64,8 +64,15 @@ impl DriverFleet {
     /// The member the site at `remote` enters through, if another, on either of our ports
     /// (the NAT-T port's first: where a site that floated talks).
     pub(super) fn entry_of_site(&self, remote: SocketAddr) -> Option<MemberId> {
-        self.entry(self.nat_t_port, remote)
-            .or_else(|| self.entry(self.ike_port, remote))
+        // "Enters here" and "not known" are both `None` from `entry`: only a path that is
+        // not known on the NAT-T port at all falls back to the IKE port's.
+        if let Some(via) = self.vias.get(&(self.nat_t_port, remote)) {
+            return *via;
+        }
+        if let Some(via) = self.esp_vias.get(&remote) {
+            return via.get();
+        }
+        self.vias.get(&(self.ike_port, remote)).copied().flatten()
     }
 
     /// The datagram as it travels in a frame: IKE on the NAT-T port keeps its non-ESP
@@ -208,7 +215,13 @@ impl Driver {
         let Some(f) = self.fleet.as_mut() else {
             return Arc::default();
         };
-        let via = Arc::new(Via::new(f.vias.get(&(f.nat_t_port, remote)).copied().flatten()));
+        // As its last IKE message came; else as the site's ESP (or an adopted SA's old owner,
+        // `adopt_entry`) last said.
+        let entry = match f.vias.get(&(f.nat_t_port, remote)) {
+            Some(via) => *via,
+            None => f.esp_vias.get(&remote).and_then(|v| v.get()),
+        };
+        let via = Arc::new(Via::new(entry));
         f.esp_vias.insert(remote, via.clone());
         via
     }
@@ -218,18 +231,22 @@ impl Driver {
     /// that member, so what this member starts (its first liveness check, before the site
     /// has sent anything here) must leave through it too: sent from this pod's own address,
     /// it would reach the site from an address it cannot answer, and the site would move its
-    /// SA there (RFC 7296 §2.23). A message from the site later says where its flow enters
-    /// now. An entry that is this member, or a member gone, leaves the direct path.
+    /// SA there (RFC 7296 §2.23). It is kept as the ESP path's first value: the site's next
+    /// IKE message, or its next ESP packet (through whichever member its flow enters by
+    /// then), replaces it. An entry that is this member, or a member gone, leaves the direct
+    /// path; so does a path this member already knows.
     pub(super) fn adopt_entry(&mut self, remote: SocketAddr, entry: MemberId) {
         let Some(f) = self.fleet.as_mut() else {
             return;
         };
-        if f.view.me() == Some(entry) || f.view.address(entry).is_none() {
+        if f.view.me() == Some(entry)
+            || f.view.address(entry).is_none()
+            || f.vias.contains_key(&(f.nat_t_port, remote))
+            || f.esp_vias.contains_key(&remote)
+        {
             return;
         }
-        for port in [f.ike_port, f.nat_t_port] {
-            f.vias.entry((port, remote)).or_insert(Some(entry));
-        }
+        f.esp_vias.insert(remote, Arc::new(Via::new(Some(entry))));
     }
 
     /// The site at `remote` has no IKE SA here any more.

@@ -69,7 +69,8 @@ impl Driver {
                 return;
             }
         };
-        let aggregate = aggregate_route(&subnets, eroute.map(|e| e.remote_subnet));
+        let aggregate = aggregate_route(&subnets, eroute.map(|e| e.remote_subnet))
+            .filter(|wide| self.safe_to_route(*wide, remote.ip()));
         for net in routed(&subnets, aggregate) {
             self.routes.hold(net);
         }
@@ -143,6 +144,20 @@ impl Driver {
         );
         self.unroute(&child);
         self.publish(spi_r);
+    }
+
+    /// Whether all of `wide` may be routed into the TUN device: not a default route, and
+    /// holding none of the addresses the tunnels themselves travel between (the peer's outer
+    /// address, ours, the fleet's members), whose IKE and ESP would otherwise be routed into
+    /// the device that carries them and black-holed. A catch-all eroute (`0.0.0.0/0`, or
+    /// `10.0.0.0/8` over a WAN in 10.x) so keeps one route per site.
+    fn safe_to_route(&self, wide: IpNet, peer: IpAddr) -> bool {
+        let ours = self.configs.local_addr().ip();
+        let members = self.fleet.as_ref().map(|f| f.view.members()).unwrap_or_default();
+        wide.prefix_len() > 0
+            && !wide.contains(&peer)
+            && (ours.is_unspecified() || !wide.contains(&ours))
+            && !members.values().any(|m| wide.contains(&m.address.ip()))
     }
 
     /// CHILD SA `child` is gone: each of its routes goes with the last CHILD SA holding it.
