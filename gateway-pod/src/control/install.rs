@@ -152,12 +152,13 @@ impl Driver {
     /// the device that carries them and black-holed. A catch-all eroute (`0.0.0.0/0`, or
     /// `10.0.0.0/8` over a WAN in 10.x) so keeps one route per site.
     fn safe_to_route(&self, wide: IpNet, peer: IpAddr) -> bool {
-        let ours = self.configs.local_addr().ip();
         let members = self.fleet.as_ref().map(|f| f.view.members()).unwrap_or_default();
-        wide.prefix_len() > 0
-            && !wide.contains(&peer)
-            && (ours.is_unspecified() || !wide.contains(&ours))
-            && !members.values().any(|m| wide.contains(&m.address.ip()))
+        let ours = self.configs.local_addr().ip();
+        let outer = [peer, ours]
+            .into_iter()
+            .filter(|a| !a.is_unspecified())
+            .chain(members.values().map(|m| m.address.ip()));
+        safe_aggregate(wide, outer)
     }
 
     /// CHILD SA `child` is gone: each of its routes goes with the last CHILD SA holding it.
@@ -179,6 +180,11 @@ impl Driver {
 fn aggregate_route(subnets: &[IpNet], eroute_remote: Option<IpNet>) -> Option<IpNet> {
     let wide = eroute_remote?;
     (!subnets.is_empty() && subnets.iter().all(|n| wide.contains(n))).then_some(wide)
+}
+
+/// [`Driver::safe_to_route`]: `wide` is no default route and holds none of `outer`.
+fn safe_aggregate(wide: IpNet, mut outer: impl Iterator<Item = IpAddr>) -> bool {
+    wide.prefix_len() > 0 && !outer.any(|a| wide.contains(&a))
 }
 
 /// The routes a CHILD SA holds: its eroute's aggregate, or else its own subnets.
@@ -276,6 +282,21 @@ mod tests {
         assert_eq!(routed(&outside, None).collect::<Vec<_>>(), outside);
         assert_eq!(aggregate_route(&site, None), None);
         assert_eq!(aggregate_route(&[], wide), None);
+    }
+
+    #[test]
+    fn an_aggregate_never_covers_the_tunnels_own_addresses() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let net = |s: &str| s.parse::<IpNet>().unwrap();
+        let outer = || [ip("192.0.2.7"), ip("192.0.2.1")].into_iter();
+        assert!(safe_aggregate(net("10.128.0.0/9"), outer()));
+        assert!(!safe_aggregate(net("0.0.0.0/0"), outer()));
+        assert!(!safe_aggregate(net("192.0.2.0/24"), outer()));
+        // A fleet member's address inside the subnet (a WAN in 10.x, pods in 10.244.x).
+        assert!(!safe_aggregate(
+            net("10.0.0.0/8"),
+            outer().chain([ip("10.244.1.5")])
+        ));
     }
 
     #[test]
