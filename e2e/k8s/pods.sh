@@ -142,9 +142,9 @@ is() { # want kubectl-args...
 gateway_pods() { k get pods -l "$gw_selector" -o jsonpath='{.items[*].metadata.name}'; }
 # The gateway in pod $1 has loaded $2 base eroutes (the rendered config reaches the pods through
 # a ConfigMap volume, which the kubelet refreshes on its sync period).
-eroutes_loaded() { # pod n
+eroutes_loaded() { # pod n (grep -c: see gateway_request_seen)
     KX_TIMEOUT=15 kx "$1" -c gateway -- wget -qO- http://127.0.0.1:9090/metrics 2>/dev/null \
-        | grep -qx "concentrator_gateway_eroutes $2"
+        | grep -cx "concentrator_gateway_eroutes $2" >/dev/null
 }
 cond() { # kind/name type field
     k get "$1" -o jsonpath="{.status.conditions[?(@.type==\"$2\")].$3}"
@@ -543,7 +543,9 @@ poll 60 "pod/$fleet-2 to load eroute hq-backup" eroutes_loaded "$fleet-2" 1
 # (dpdInterval 10 s without traffic): wait for it, then look at where it came from.
 log_mark() { wc -l <"$work/site/charon.log"; }
 since_mark() { tail -n +"$(($1 + 1))" "$work/site/charon.log"; }
-gateway_request_seen() { since_mark "$1" | grep -q 'parsed INFORMATIONAL request'; }
+# grep -c, not -q: -q quits at the first match, and with pipefail the writer's SIGPIPE (once
+# the log after the mark outgrows the pipe) would read as "not seen".
+gateway_request_seen() { since_mark "$1" | grep -c 'parsed INFORMATIONAL request' >/dev/null; }
 return_path_ok() { # mark-before mark-after what: the log lines before the hand-over began and once it was done
     poll 60 "the new owner's first IKE request (liveness check) after $3" gateway_request_seen "$2"
     local moved
