@@ -400,6 +400,9 @@ charon {
   filelog {
     site {
       path = $work/site/charon.log
+      # Line by line: the checks read this log while charon runs (block-buffered, the
+      # owner's liveness checks reached the file only a buffer later).
+      flush_line = yes
       time_format = %H:%M:%S
       ike_name = yes
       default = 1
