@@ -225,6 +225,11 @@ impl View {
         self.read().members.get(&m).map(|r| r.address)
     }
 
+    /// Whether some member's address satisfies `pred` (no copy of the records).
+    pub fn any_member_address(&self, pred: impl Fn(IpAddr) -> bool) -> bool {
+        self.read().members.values().any(|r| pred(r.address.ip()))
+    }
+
     /// The member records, by ID.
     pub fn members(&self) -> BTreeMap<MemberId, MemberRecord> {
         self.read().members.clone()

@@ -152,13 +152,14 @@ impl Driver {
     /// the device that carries them and black-holed. A catch-all eroute (`0.0.0.0/0`, or
     /// `10.0.0.0/8` over a WAN in 10.x) so keeps one route per site.
     fn safe_to_route(&self, wide: IpNet, peer: IpAddr) -> bool {
-        let members = self.fleet.as_ref().map(|f| f.view.members()).unwrap_or_default();
+        // Once per CHILD SA: the members are looked at in place, not copied.
         let ours = self.configs.local_addr().ip();
-        let outer = [peer, ours]
-            .into_iter()
-            .filter(|a| !a.is_unspecified())
-            .chain(members.values().map(|m| m.address.ip()));
+        let outer = [peer, ours].into_iter().filter(|a| !a.is_unspecified());
         safe_aggregate(wide, outer)
+            && !self
+                .fleet
+                .as_ref()
+                .is_some_and(|f| f.view.any_member_address(|a| wide.contains(&a)))
     }
 
     /// CHILD SA `child` is gone: each of its routes goes with the last CHILD SA holding it.
