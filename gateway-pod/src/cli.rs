@@ -142,6 +142,18 @@ pub struct Options {
     #[arg(long, env = "CONCENTRATOR_RAW_ESP")]
     pub raw_esp: bool,
 
+    /// Clamp the MSS that TCP SYNs through the tunnels announce (both ways): `auto` (in a
+    /// fleet, so that a full-size packet forwarded between pods fits the pod network's MTU
+    /// unfragmented; standalone, no clamp), `off`, or an MSS in bytes for every tunnel (as
+    /// iptables' `TCPMSS --set-mss`).
+    #[arg(
+        long,
+        env = "CONCENTRATOR_TCP_MSS_CLAMP",
+        value_name = "auto|off|BYTES",
+        default_value = "auto"
+    )]
+    pub tcp_mss_clamp: crate::dataplane::mss::MssClampOption,
+
     /// etcd client URLs (comma-separated): join the fleet of gateway pods that share this
     /// etcd and key prefix (shard ownership, site claims, SPI routing). Unset: a standalone
     /// gateway.

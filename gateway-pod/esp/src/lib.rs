@@ -9,6 +9,7 @@
 pub mod encap;
 pub mod icmp;
 pub mod ip;
+pub mod mss;
 pub mod packet;
 pub mod replay;
 pub mod sa;

@@ -161,6 +161,20 @@ impl Framing {
     fn overhead(self) -> usize {
         self.body_start() + (self.align - 1) + 2 + self.icv_len
     }
+
+    /// The longest inner packet whose ESP packet is at most `max_sealed` bytes long.
+    fn max_inner_len(self, max_sealed: usize) -> usize {
+        // `overhead` is the most any packet needs, so this one fits; padding may let a few
+        // longer ones fit too.
+        let mut n = max_sealed.saturating_sub(self.overhead());
+        if self.sealed_len(n) > max_sealed {
+            return 0;
+        }
+        while self.sealed_len(n + 1) <= max_sealed {
+            n += 1;
+        }
+        n
+    }
 }
 
 /// The sending key of an SA. The CBC keys are boxed: AWS-LC's AES key schedules make them
@@ -431,17 +445,7 @@ impl Outbound {
     /// The longest inner packet whose ESP packet is at most `max_sealed` bytes long (0 if
     /// none fits): what an inner sender is told when its packet does not fit the path.
     pub fn max_inner_len(&self, max_sealed: usize) -> usize {
-        let f = self.key.framing();
-        // `overhead` is the most any packet needs, so this one fits; padding may let a few
-        // longer ones fit too.
-        let mut n = max_sealed.saturating_sub(f.overhead());
-        if f.sealed_len(n) > max_sealed {
-            return 0;
-        }
-        while f.sealed_len(n + 1) <= max_sealed {
-            n += 1;
-        }
-        n
+        self.key.framing().max_inner_len(max_sealed)
     }
 
     /// Seals `inner` (an IP packet whose protocol is `next_header`: 4 for IPv4, 41 for IPv6)
@@ -619,6 +623,12 @@ impl SharedInbound {
     /// Our SPI, which the peer puts in its packets.
     pub fn spi(&self) -> u32 {
         self.spi
+    }
+
+    /// The longest inner packet the peer can send in an ESP packet of at most `max_sealed`
+    /// bytes (both directions of an SA use one transform).
+    pub fn max_inner_len(&self, max_sealed: usize) -> usize {
+        self.key.framing().max_inner_len(max_sealed)
     }
 
     /// As [`Inbound::open`].

@@ -26,6 +26,11 @@ use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
 use super::view::{Route, SharedView};
+use std::io::IoSliceMut;
+
+use quinn_udp::RecvMeta;
+
+use crate::dataplane::io::{Outgoing, Udp};
 use crate::dataplane::shared::{ForwardedEsp, IkeDatagram};
 
 const NOBODY: u16 = u16::MAX;
@@ -147,6 +152,10 @@ pub struct ForwardMetrics {
 
 impl ForwardMetrics {
     fn count(&self, kind: Kind, direction: &str, bytes: usize) {
+        self.count_many(kind, direction, 1, bytes);
+    }
+
+    fn count_many(&self, kind: Kind, direction: &str, packets: usize, bytes: usize) {
         let label = ForwardLabel {
             kind: match kind {
                 Kind::Ingress => "ingress",
@@ -156,17 +165,21 @@ impl ForwardMetrics {
             .into(),
             direction: direction.into(),
         };
-        self.packets.get_or_create(&label).inc();
+        self.packets.get_or_create(&label).inc_by(packets as u64);
         self.bytes.get_or_create(&label).inc_by(bytes as u64);
     }
 
     /// Counts a packet that was not forwarded or a frame that was refused.
     pub fn drop(&self, reason: &str) {
+        self.drop_many(reason, 1);
+    }
+
+    fn drop_many(&self, reason: &str, n: usize) {
         self.dropped
             .get_or_create(&crate::metrics::ReasonLabel {
                 reason: reason.into(),
             })
-            .inc();
+            .inc_by(n as u64);
     }
 
     pub(super) fn register(&self, r: &mut Registry) {
@@ -189,13 +202,14 @@ impl ForwardMetrics {
 }
 
 /// What every sender of frames shares: the fleet key, this process's incarnation, the
-/// address to send from.
+/// address to send from, the pod network's MTU.
 #[derive(Clone)]
 pub struct Links {
     view: SharedView,
     key: FleetKey,
     incarnation: [u8; 16],
     source: IpAddr,
+    mtu: usize,
     lanes: Arc<AtomicU32>,
     metrics: ForwardMetrics,
 }
@@ -204,9 +218,13 @@ impl std::fmt::Debug for Links {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Links")
             .field("source", &self.source)
+            .field("mtu", &self.mtu)
             .finish_non_exhaustive()
     }
 }
+
+/// The pod network's MTU assumed when the interface of our fleet address does not say.
+const DEFAULT_POD_MTU: usize = 1500;
 
 impl Links {
     pub(super) fn new(view: SharedView, key: FleetKey, source: IpAddr, metrics: ForwardMetrics) -> Self {
@@ -216,11 +234,19 @@ impl Links {
         if concentrator_crypto::util::fill_random(&mut incarnation).is_err() {
             tracing::error!("no random incarnation for fleet frames");
         }
+        let mtu = match crate::dataplane::io::interface_mtu(source) {
+            Some(mtu) => mtu as usize,
+            None => {
+                tracing::warn!(address = %source, mtu = DEFAULT_POD_MTU, "no interface holds the fleet address: its MTU is assumed");
+                DEFAULT_POD_MTU
+            }
+        };
         Self {
             view,
             key,
             incarnation,
             source,
+            mtu,
             lanes: Arc::new(AtomicU32::new(0)),
             metrics,
         }
@@ -231,12 +257,19 @@ impl Links {
         let socket = std::net::UdpSocket::bind(SocketAddr::new(self.source, 0))?;
         socket.set_nonblocking(true)?;
         crate::dataplane::io::grow_buffers(&socket, crate::dataplane::io::SOCKET_BUFFER);
+        let gso = if crate::dataplane::io::gso_supported(&socket) {
+            crate::dataplane::io::MAX_GSO_SEGMENTS
+        } else {
+            1
+        };
         Ok(Link {
             links: self.clone(),
             lane: self.lanes.fetch_add(1, Ordering::Relaxed),
             socket,
             sealer: None,
-            buf: Vec::with_capacity(2048),
+            gso,
+            buf: Vec::with_capacity(QUEUE_BYTES + MAX_FRAME),
+            runs: Vec::with_capacity(QUEUE_RUNS),
         })
     }
 
@@ -249,21 +282,62 @@ impl Links {
     pub fn metrics(&self) -> &ForwardMetrics {
         &self.metrics
     }
+
+    /// The longest site datagram (an ESP packet in UDP, without its IP and UDP headers)
+    /// whose frame crosses the pod network in one IP packet: what the TCP MSS of tunnelled
+    /// flows is clamped to fit (`--tcp-mss-clamp auto`).
+    pub fn max_datagram(&self) -> usize {
+        self.max_frame()
+            .saturating_sub(concentrator_fleet::wire::OVERHEAD)
+    }
+
+    /// The longest frame that crosses the pod network in one IP packet.
+    fn max_frame(&self) -> usize {
+        let ip_udp = if self.source.is_ipv4() { 20 + 8 } else { 40 + 8 };
+        self.mtu.saturating_sub(ip_udp)
+    }
 }
 
-/// One sender's lane (see [`Links::lane`]).
+/// Bytes of frames a lane queues before it sends them anyway.
+const QUEUE_BYTES: usize = 256 << 10;
+/// Runs of frames a lane queues before it sends them anyway (one `sendmmsg`).
+const QUEUE_RUNS: usize = 32;
+
+/// One sender's lane (see [`Links::lane`]). Frames are queued ([`Link::queue`]) and sent
+/// together ([`Link::flush`]): frames to one member back to back, of one length but the
+/// last, go as one UDP GSO send, and all runs in one `sendmmsg`, so that a receive batch of
+/// a site's ESP crosses the pod network in a few syscalls and skbs rather than one each.
 pub struct Link {
     links: Links,
     lane: u32,
     socket: std::net::UdpSocket,
     sealer: Option<(MemberId, Sealer)>,
+    /// Segments per GSO send (1 without GSO).
+    gso: usize,
+    /// Queued frames, back to back.
     buf: Vec<u8>,
+    runs: Vec<Run>,
+}
+
+/// Frames queued back to back for one member: all of `stride` bytes but the last.
+struct Run {
+    to: SocketAddr,
+    kind: Kind,
+    start: usize,
+    len: usize,
+    stride: usize,
+    count: usize,
+    /// The payload bytes the frames carry (for the counters).
+    payload: usize,
+    /// A shorter frame (or one too long to be a segment) went in last: nothing may follow.
+    closed: bool,
 }
 
 impl std::fmt::Debug for Link {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Link")
             .field("lane", &self.lane)
+            .field("queued", &self.runs.len())
             .finish_non_exhaustive()
     }
 }
@@ -279,9 +353,26 @@ impl Link {
         &self.links.metrics
     }
 
-    /// Sends `payload` to member `to` in a frame of `kind`; false (counted) if it could not.
+    /// Sends `payload` to member `to` in a frame of `kind` at once (with whatever was
+    /// queued before it); false (counted) if it could not.
     #[allow(clippy::too_many_arguments)]
     pub fn send(
+        &mut self,
+        kind: Kind,
+        to: SocketAddr,
+        local: SocketAddr,
+        remote: SocketAddr,
+        epoch: u32,
+        payload: &[u8],
+    ) -> bool {
+        self.queue(kind, to, local, remote, epoch, payload) && self.flush() == 0
+    }
+
+    /// Queues `payload` for member `to` in a frame of `kind`, to go with the next
+    /// [`Link::flush`] (or at once when the queue is full); false (counted) if it could not
+    /// be sealed.
+    #[allow(clippy::too_many_arguments)]
+    pub fn queue(
         &mut self,
         kind: Kind,
         to: SocketAddr,
@@ -308,25 +399,81 @@ impl Link {
         let Some((_, sealer)) = self.sealer.as_mut() else {
             return false;
         };
-        self.buf.clear();
+        let start = self.buf.len();
         if sealer
             .seal(kind, local, remote, epoch, payload, &mut self.buf)
             .is_err()
         {
+            self.buf.truncate(start);
             metrics.drop("seal");
             return false;
         }
-        match self.socket.send_to(&self.buf, to) {
-            Ok(_) => {
-                metrics.count(kind, "sent", payload.len());
-                true
+        let len = self.buf.len() - start;
+        // A frame longer than the pod network's MTU cannot be a GSO segment: it goes alone,
+        // for the kernel to fragment.
+        let fits = len <= self.links.max_frame();
+        let joins = self.runs.last().is_some_and(|r| {
+            fits && r.to == to
+                && r.kind == kind
+                && !r.closed
+                && len <= r.stride
+                && r.count < self.gso
+                && r.len + len <= crate::dataplane::io::MAX_GSO_BYTES
+        });
+        match self.runs.last_mut() {
+            Some(r) if joins => {
+                r.closed = len < r.stride;
+                r.len += len;
+                r.count += 1;
+                r.payload += payload.len();
             }
-            Err(e) => {
-                tracing::debug!(%to, error = %e, "fleet frame not sent");
-                metrics.drop("send");
-                false
-            }
+            _ => self.runs.push(Run {
+                to,
+                kind,
+                start,
+                len,
+                stride: len,
+                count: 1,
+                payload: payload.len(),
+                closed: !fits,
+            }),
         }
+        if self.runs.len() >= QUEUE_RUNS || self.buf.len() >= QUEUE_BYTES {
+            self.flush();
+        }
+        true
+    }
+
+    /// Sends every queued frame; how many could not be sent (counted, and logged at debug).
+    pub fn flush(&mut self) -> usize {
+        if self.runs.is_empty() {
+            return 0;
+        }
+        let msgs: Vec<Outgoing<'_>> = self
+            .runs
+            .iter()
+            .map(|r| Outgoing {
+                to: r.to,
+                contents: &self.buf[r.start..r.start + r.len],
+                segment: (r.count > 1).then_some(r.stride),
+            })
+            .collect();
+        let (metrics, runs) = (&self.links.metrics, &self.runs);
+        let mut lost = 0;
+        crate::dataplane::io::send_now(&self.socket, &msgs, |i, result| {
+            let r = &runs[i];
+            match result {
+                Ok(()) => metrics.count_many(r.kind, "sent", r.count, r.payload),
+                Err(e) => {
+                    tracing::debug!(to = %r.to, frames = r.count, error = %e, "fleet frames not sent");
+                    metrics.drop_many("send", r.count);
+                    lost += r.count;
+                }
+            }
+        });
+        self.runs.clear();
+        self.buf.clear();
+        lost
     }
 }
 
@@ -349,42 +496,37 @@ pub struct Delivery {
 /// ESP packets for the data plane, each with its SPI.
 pub type EspBatch = Vec<(u32, ForwardedEsp)>;
 
-/// Frames handled per wake-up of the fleet socket before the ESP among them is handed to
-/// the data plane: one hand-off (and one TUN write) per batch rather than per packet.
-const FRAME_BATCH: usize = 64;
+/// Buffers one receive call on the fleet socket fills (each one frame or a GRO batch).
+const RECV_BATCH: usize = 8;
 
-/// Receives frames on `socket` until it fails.
+/// Receives frames on `socket` until it fails. Each receive call takes what has arrived
+/// (recvmmsg, and GRO batches of frames from one member); the ESP among it goes to the data
+/// plane in one hand-off, the answers to sites in one `sendmmsg` with a GSO batch per site.
 pub async fn serve(socket: UdpSocket, links: Links, delivery: Delivery) {
     let metrics = links.metrics.clone();
     let view = links.view.clone();
-    let mut opener: Option<(MemberId, Opener)> = None;
-    let mut buf = vec![0u8; MAX_FRAME];
-    let mut esp = Vec::with_capacity(FRAME_BATCH);
-    let mut handled = 0;
-    loop {
-        // What has already arrived joins the batch; once the socket is empty (or the batch
-        // full), the batch goes and this task waits again.
-        if handled >= FRAME_BATCH && !esp.is_empty() {
-            (delivery.esp)(std::mem::replace(&mut esp, Vec::with_capacity(FRAME_BATCH)));
-            handled = 0;
+    let (udp, out) = match (Udp::new(Arc::new(socket)), Udp::new(delivery.udp4500.clone())) {
+        (Ok(udp), Ok(out)) => (udp, out),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::error!(error = %e, "the fleet socket cannot be set up: no forwarded packets");
+            return;
         }
-        let received = match socket.try_recv_from(&mut buf) {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if !esp.is_empty() {
-                    (delivery.esp)(std::mem::replace(&mut esp, Vec::with_capacity(FRAME_BATCH)));
+    };
+    let mut opener: Option<(MemberId, Opener)> = None;
+    let mut bufs: Vec<Vec<u8>> = (0..RECV_BATCH).map(|_| vec![0u8; MAX_FRAME]).collect();
+    let mut meta = vec![RecvMeta::default(); RECV_BATCH];
+    let mut esp = Vec::new();
+    let mut answers = Answers::new(out.max_gso_segments());
+    loop {
+        let received = {
+            let mut slices: Vec<IoSliceMut<'_>> = bufs.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+            match udp.recv(&mut slices, &mut meta).await {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => continue,
+                Err(e) => {
+                    tracing::error!(error = %e, "the fleet socket failed: no more forwarded packets");
+                    return;
                 }
-                handled = 0;
-                socket.recv_from(&mut buf).await
-            }
-            r => r,
-        };
-        handled += 1;
-        let (n, from) = match received {
-            Ok(r) => r,
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => continue,
-            Err(e) => {
-                tracing::error!(error = %e, "the fleet socket failed: no more forwarded packets");
-                return;
             }
         };
         let Some(me) = view.me() else {
@@ -395,20 +537,117 @@ pub async fn serve(socket: UdpSocket, links: Links, delivery: Delivery) {
             opener = Some((me, Opener::new(links.key.clone(), me)));
         }
         let Some((_, o)) = opener.as_mut() else { continue };
-        let frame = match o.open(&mut buf[..n]) {
-            Ok(f) => f,
-            Err(e) => {
-                tracing::debug!(%from, error = %e, "fleet frame refused");
-                metrics.drop(wire_reason(&e));
+        for (buf, m) in bufs.iter_mut().zip(&meta).take(received) {
+            let Some(data) = buf.get_mut(..m.len) else {
                 continue;
+            };
+            let stride = if m.stride == 0 { m.len.max(1) } else { m.stride };
+            for chunk in data.chunks_mut(stride) {
+                let frame = match o.open(chunk) {
+                    Ok(f) => f,
+                    Err(e) => {
+                        tracing::debug!(from = %m.addr, error = %e, "fleet frame refused");
+                        metrics.drop(wire_reason(&e));
+                        continue;
+                    }
+                };
+                metrics.count(frame.kind, "received", frame.payload.len());
+                match frame.kind {
+                    Kind::Egress if frame.local.port() == delivery.ike_port => {
+                        // IKE on port 500 (IKE_SA_INIT answers): few, sent as they come.
+                        if let Err(e) = delivery.udp500.try_send_to(frame.payload, frame.remote) {
+                            tracing::debug!(remote = %frame.remote, error = %e, "forwarded answer not sent");
+                        }
+                    }
+                    Kind::Egress => answers.push(frame.remote, frame.payload),
+                    Kind::Ingress => deliver(&view, &delivery, &frame, &metrics, &mut esp),
+                    Kind::Plain => (delivery.plain)(frame.payload.to_vec()),
+                }
             }
-        };
-        metrics.count(frame.kind, "received", frame.payload.len());
-        match frame.kind {
-            Kind::Egress => send_out(&delivery, &frame).await,
-            Kind::Ingress => deliver(&view, &delivery, &frame, &metrics, &mut esp),
-            Kind::Plain => (delivery.plain)(frame.payload.to_vec()),
         }
+        if !esp.is_empty() {
+            (delivery.esp)(std::mem::take(&mut esp));
+        }
+        answers.send(&out).await;
+    }
+}
+
+/// Owners' answers to sites, to go out of our port-4500 socket: back to back per site, of
+/// one length but the last (one GSO send each).
+struct Answers {
+    buf: Vec<u8>,
+    runs: Vec<Answer>,
+    /// Segments per GSO send (1 without GSO).
+    gso: usize,
+}
+
+/// Answers queued back to back for one site.
+struct Answer {
+    to: SocketAddr,
+    start: usize,
+    len: usize,
+    stride: usize,
+    count: usize,
+    /// A shorter answer went in last: nothing may follow.
+    closed: bool,
+}
+
+impl Answers {
+    fn new(gso: usize) -> Self {
+        Self {
+            buf: Vec::new(),
+            runs: Vec::new(),
+            gso,
+        }
+    }
+
+    fn push(&mut self, to: SocketAddr, payload: &[u8]) {
+        let (start, len) = (self.buf.len(), payload.len());
+        self.buf.extend_from_slice(payload);
+        match self.runs.last_mut() {
+            Some(r)
+                if r.to == to
+                    && !r.closed
+                    && len <= r.stride
+                    && r.count < self.gso
+                    && r.len + len <= crate::dataplane::io::MAX_GSO_BYTES =>
+            {
+                r.closed = len < r.stride;
+                r.len += len;
+                r.count += 1;
+            }
+            _ => self.runs.push(Answer {
+                to,
+                start,
+                len,
+                stride: len,
+                count: 1,
+                closed: false,
+            }),
+        }
+    }
+
+    async fn send(&mut self, out: &Udp) {
+        if self.runs.is_empty() {
+            return;
+        }
+        let msgs: Vec<Outgoing<'_>> = self
+            .runs
+            .iter()
+            .map(|r| Outgoing {
+                to: r.to,
+                contents: &self.buf[r.start..r.start + r.len],
+                segment: (r.count > 1).then_some(r.stride),
+            })
+            .collect();
+        out.send_many(&msgs, |i, r| {
+            if let Err(e) = r {
+                tracing::debug!(remote = %msgs[i].to, error = %e, "forwarded answers not sent");
+            }
+        })
+        .await;
+        self.runs.clear();
+        self.buf.clear();
     }
 }
 
@@ -419,18 +658,6 @@ fn wire_reason(e: &concentrator_fleet::wire::WireError) -> &'static str {
         WireError::FromSelf => "from_self",
         WireError::Truncated(_) | WireError::Magic | WireError::Kind(_) | WireError::Address => "malformed",
         WireError::Exhausted => "exhausted",
-    }
-}
-
-/// An owner's answer: out to the site from the socket it writes to.
-async fn send_out(d: &Delivery, f: &Frame<'_>) {
-    let socket = if f.local.port() == d.ike_port {
-        &d.udp500
-    } else {
-        &d.udp4500
-    };
-    if let Err(e) = socket.send_to(f.payload, f.remote).await {
-        tracing::debug!(remote = %f.remote, error = %e, "forwarded answer not sent");
     }
 }
 

@@ -73,6 +73,26 @@ pub struct ControlOptions {
     /// Also carry plain ESP (IP protocol 50, a raw socket) for peers that do not float to
     /// UDP. Without it every peer is made to use ESP in UDP.
     pub raw_esp: bool,
+    /// `--tcp-mss-clamp`.
+    pub tcp_mss_clamp: crate::dataplane::mss::MssClampOption,
+}
+
+/// The MSS clamp `option` asks for, said in the log once.
+fn mss_clamp(
+    option: crate::dataplane::mss::MssClampOption,
+    fleet: Option<&Fleet>,
+) -> crate::dataplane::mss::MssClamp {
+    use crate::dataplane::mss::MssClamp;
+    let clamp = option.resolve(fleet.map(|f| f.links.max_datagram()));
+    match clamp {
+        MssClamp::Off => {}
+        MssClamp::Fixed(mss) => tracing::info!(mss, "TCP MSS of tunnelled flows clamped"),
+        MssClamp::Fit(bytes) => tracing::info!(
+            max_esp_datagram = bytes,
+            "TCP MSS of tunnelled flows clamped so that forwarded packets fit the pod network's MTU"
+        ),
+    }
+    clamp
 }
 
 /// Why the control plane could not start.
@@ -196,6 +216,7 @@ pub async fn start(
         shared::Outer {
             udp: Some(udp4500.clone()),
             raw_esp,
+            mss: mss_clamp(opts.tcp_mss_clamp, fleet),
         },
         ike_tx.clone(),
         acquire_tx,

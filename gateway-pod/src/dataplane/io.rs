@@ -172,27 +172,129 @@ impl Udp {
                     sendmmsg(self.sock.as_raw_fd(), &msgs[next..end], raw)
                 })
                 .await;
-            match r {
-                // The kernel takes at least one message of a non-empty batch; were it none,
-                // the first is reported unsent rather than retried forever.
-                Ok(0) => {
-                    sent(next, Err(io::Error::other("sendmmsg sent nothing")));
-                    next += 1;
-                }
-                Ok(n) => {
-                    for i in next..next + n {
-                        sent(i, Ok(()));
-                    }
-                    next += n;
-                }
-                // The first message failed: report it and go on after it.
-                Err(e) => {
-                    sent(next, Err(e));
-                    next += 1;
-                }
-            }
+            account(r, &mut next, &mut sent);
         }
     }
+}
+
+/// [`Udp::send_many`] on a non-blocking UDP socket that is not registered with a runtime
+/// (a fleet link's): what the kernel cannot take at once (a full send buffer) is reported
+/// unsent, not waited for.
+pub(crate) fn send_now(
+    sock: &impl AsRawFd,
+    msgs: &[Outgoing<'_>],
+    mut sent: impl FnMut(usize, io::Result<()>),
+) {
+    let mut next = 0;
+    while next < msgs.len() {
+        let end = msgs.len().min(next + SENDMMSG_MAX);
+        let r = sendmmsg(sock.as_raw_fd(), &msgs[next..end], false);
+        if let Err(e) = &r
+            && e.kind() == io::ErrorKind::WouldBlock
+        {
+            for i in next..msgs.len() {
+                sent(i, Err(io::ErrorKind::WouldBlock.into()));
+            }
+            return;
+        }
+        account(r, &mut next, &mut sent);
+    }
+}
+
+/// Reports what one `sendmmsg` starting at message `next` did, and moves `next` past it.
+fn account(r: io::Result<usize>, next: &mut usize, sent: &mut impl FnMut(usize, io::Result<()>)) {
+    match r {
+        // The kernel takes at least one message of a non-empty batch; were it none, the
+        // first is reported unsent rather than retried forever.
+        Ok(0) => {
+            sent(*next, Err(io::Error::other("sendmmsg sent nothing")));
+            *next += 1;
+        }
+        Ok(n) => {
+            for i in *next..*next + n {
+                sent(i, Ok(()));
+            }
+            *next += n;
+        }
+        // The first message failed: report it and go on after it.
+        Err(e) => {
+            sent(*next, Err(e));
+            *next += 1;
+        }
+    }
+}
+
+/// Most datagrams the kernel cuts one UDP GSO send into (UDP_MAX_SEGMENTS in older kernels;
+/// newer ones take more).
+pub(crate) const MAX_GSO_SEGMENTS: usize = 64;
+
+/// Does the kernel cut UDP sends on `sock` into segments (UDP GSO)? Asked by setting a
+/// segment size and taking it back.
+pub(crate) fn gso_supported(sock: &impl AsRawFd) -> bool {
+    set_int_option(sock, libc::SOL_UDP, libc::UDP_SEGMENT, 1200).is_ok()
+        && set_int_option(sock, libc::SOL_UDP, libc::UDP_SEGMENT, 0).is_ok()
+}
+
+/// The MTU of the interface that holds the address `ip` in this network namespace (`None`
+/// when no interface holds it or the kernel does not say).
+pub(crate) fn interface_mtu(ip: std::net::IpAddr) -> Option<u32> {
+    let name = interface_of(ip)?;
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).ok()?;
+    // Safety: all-zero is a valid ifreq; the name is copied in with its terminating NUL
+    // (interface names are shorter than IFNAMSIZ), and the ioctl writes only the ifreq.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(name.as_bytes_with_nul()) {
+        *d = *s as libc::c_char;
+    }
+    let r = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFMTU, &raw mut req) };
+    if r != 0 {
+        return None;
+    }
+    // Safety: SIOCGIFMTU filled in the MTU member of the union.
+    let mtu = unsafe { req.ifr_ifru.ifru_mtu };
+    u32::try_from(mtu).ok()
+}
+
+/// The name of the interface that holds the address `ip`.
+fn interface_of(ip: std::net::IpAddr) -> Option<std::ffi::CString> {
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // Safety: getifaddrs allocates the list it points `list` to, freed below.
+    if unsafe { libc::getifaddrs(&raw mut list) } != 0 {
+        return None;
+    }
+    let mut found = None;
+    let mut at = list;
+    while !at.is_null() && found.is_none() {
+        // Safety: `at` is a node of the list getifaddrs returned, not yet freed; its address
+        // (when there is one) is a sockaddr of the family it names, and its name a C string.
+        unsafe {
+            let a = &*at;
+            let addr = a.ifa_addr;
+            if !addr.is_null() {
+                let family = i32::from((*addr).sa_family);
+                let this = match family {
+                    libc::AF_INET => {
+                        let v4 = &*addr.cast::<libc::sockaddr_in>();
+                        Some(std::net::IpAddr::from(
+                            u32::from_be(v4.sin_addr.s_addr).to_be_bytes(),
+                        ))
+                    }
+                    libc::AF_INET6 => {
+                        let v6 = &*addr.cast::<libc::sockaddr_in6>();
+                        Some(std::net::IpAddr::from(v6.sin6_addr.s6_addr))
+                    }
+                    _ => None,
+                };
+                if this == Some(ip) {
+                    found = Some(std::ffi::CStr::from_ptr(a.ifa_name).to_owned());
+                }
+            }
+            at = a.ifa_next;
+        }
+    }
+    // Safety: `list` came from getifaddrs and is freed once, after its last use.
+    unsafe { libc::freeifaddrs(list) };
+    found
 }
 
 /// One `sendmmsg` of at most [`SENDMMSG_MAX`] messages; how many the kernel took.
@@ -325,6 +427,43 @@ mod tests {
     fn received(sock: &std::net::UdpSocket) -> Vec<usize> {
         let mut buf = [0u8; 2048];
         std::iter::from_fn(|| sock.recv(&mut buf).ok()).collect()
+    }
+
+    #[test]
+    fn the_loopback_interface_has_an_mtu_and_an_unheld_address_none() {
+        assert!(interface_mtu("127.0.0.1".parse().unwrap()).is_some_and(|m| m >= 1280));
+        assert_eq!(interface_mtu("192.0.2.77".parse().unwrap()), None);
+    }
+
+    #[test]
+    fn send_now_sends_gso_batches_from_a_plain_socket() {
+        let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        peer.set_read_timeout(Some(std::time::Duration::from_millis(200)))
+            .unwrap();
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_nonblocking(true).unwrap();
+        let gso = gso_supported(&sock);
+        let data = vec![7u8; 250];
+        let msgs = [
+            Outgoing {
+                to: peer.local_addr().unwrap(),
+                contents: &data,
+                segment: gso.then_some(100),
+            },
+            Outgoing {
+                to: peer.local_addr().unwrap(),
+                contents: &data[..10],
+                segment: None,
+            },
+        ];
+        let mut results = Vec::new();
+        send_now(&sock, &msgs, |i, r| results.push((i, r.is_ok())));
+        assert_eq!(results, [(0, true), (1, true)]);
+        if gso {
+            assert_eq!(received(&peer), [100, 100, 50, 10]);
+        } else {
+            assert_eq!(received(&peer), [250, 10]);
+        }
     }
 
     #[tokio::test]

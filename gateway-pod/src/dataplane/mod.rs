@@ -6,6 +6,7 @@
 
 pub mod backend;
 pub(crate) mod io;
+pub mod mss;
 mod pmtu;
 
 pub use io::{bind_raw_esp, bind_udp};
@@ -159,6 +160,7 @@ pub async fn run(t: StaticTunnel, counters: DataplaneCounters) -> Result<(), Dat
     let outer = shared::Outer {
         udp: (!t.raw_esp).then(|| sock.clone()),
         raw_esp: t.raw_esp.then_some(sock),
+        mss: mss::MssClamp::Off,
     };
     // No control plane: IKE messages on the port are counted as overflow and dropped, and
     // nobody is asked for SAs toward other destinations.

@@ -163,6 +163,8 @@ pub struct Outer {
     pub udp: Option<Arc<UdpSocket>>,
     /// A raw socket of IP protocol 50 ([`super::bind_raw_esp`]) for plain ESP.
     pub raw_esp: Option<Arc<UdpSocket>>,
+    /// How the MSS of TCP flows through the tunnels is clamped.
+    pub mss: super::mss::MssClamp,
 }
 
 impl DataplaneHandle {
@@ -348,6 +350,7 @@ pub fn spawn(
             })
         };
         let tasks = WorkerTasks {
+            mss: outer.mss,
             ingress_link: lane(),
             egress_link: lane(),
             tun_name: tun_name.clone(),
@@ -400,6 +403,7 @@ struct WorkerSockets {
 
 /// The channels of one worker's tasks.
 struct WorkerTasks {
+    mss: super::mss::MssClamp,
     /// In a fleet: where the ingress task forwards ESP for other members' SAs.
     ingress_link: Option<Link>,
     /// In a fleet: where the egress task sends ESP for sites that write to another member.
@@ -502,6 +506,7 @@ async fn run_worker(w: WorkerSockets, t: WorkerTasks) -> Result<(), DataplaneErr
             t.counters.clone(),
             // Plain ESP is not forwarded: a fleet's front carries UDP only.
             None,
+            t.mss,
         ));
     }
     let sockets = Sockets {
@@ -517,6 +522,7 @@ async fn run_worker(w: WorkerSockets, t: WorkerTasks) -> Result<(), DataplaneErr
         t.sa_events.clone(),
         t.counters.clone(),
         t.egress_link,
+        t.mss,
     ));
     // Without UDP, the raw socket is this (only) worker's.
     if let Some((sock, local)) = udp.or(raw) {
@@ -530,6 +536,7 @@ async fn run_worker(w: WorkerSockets, t: WorkerTasks) -> Result<(), DataplaneErr
             t.sa_events,
             t.counters,
             t.ingress_link,
+            t.mss,
         ));
     }
     match set.join_next().await {

@@ -2,6 +2,8 @@
 
 use concentrator_fleet::wire::Kind;
 
+use crate::dataplane::mss::MssClamp;
+
 use super::*;
 
 /// Segments one TUN read may yield (a 64 KiB super-packet in segments of a small MSS).
@@ -210,6 +212,8 @@ pub(super) struct Egress {
     /// In a fleet: where packets for sites that write to another member go, and the buffer
     /// they are sealed in.
     pub(super) fleet: Option<(Link, Vec<u8>)>,
+    /// How the MSS of TCP flows through the tunnels is clamped.
+    pub(super) mss: MssClamp,
     /// Site subnets whose tunnel another member holds, until when (see [`ELSEWHERE_FOR`]).
     pub(super) elsewhere: Vec<(IpNet, MemberId, Instant)>,
 }
@@ -225,6 +229,7 @@ pub(super) async fn egress(
     events: mpsc::UnboundedSender<SaEvent>,
     counters: DataplaneCounters,
     fleet: Option<Link>,
+    mss: MssClamp,
 ) -> Result<(), DataplaneError> {
     let tun_err = |e| DataplaneError::Tun(tun_name.clone(), e);
     let local_ip = out.local_ip();
@@ -239,6 +244,7 @@ pub(super) async fn egress(
         events,
         counters,
         fleet: fleet.map(|l| (l, vec![0u8; 65536 + 64])),
+        mss,
         elsewhere: Vec::new(),
     };
     let mut original = vec![0u8; VIRTIO_NET_HDR_LEN + 65535];
@@ -255,12 +261,12 @@ pub(super) async fn egress(
                         let now = Instant::now();
                         let path = PathMtu::probe(w.local_ip, sa.peer, now);
                         w.table.install(sa, subnets, path);
-                        for packet in &waiting {
-                            if w.seal(packet, now).await.is_some() {
+                        for mut packet in waiting {
+                            if w.seal(&mut packet, now).await.is_some() {
                                 w.counters.no_sa.inc();
                             }
                         }
-                        w.batches.flush(&w.out, &w.counters).await;
+                        w.flush().await;
                     }
                     Some(EgressCommand::Remove(id)) => w.table.remove(id),
                     Some(EgressCommand::Elsewhere(subnet, member)) => {
@@ -271,14 +277,14 @@ pub(super) async fn egress(
                             w.forward_plain(&packet, h_dst(&packet), now);
                         }
                     }
-                    Some(EgressCommand::Plain(packet)) => {
+                    Some(EgressCommand::Plain(mut packet)) => {
                         let now = Instant::now();
                         // Sealed here or held for our tunnel: never forwarded again (one
                         // hop, so no loop between members that disagree).
-                        if let Some(dst) = w.seal(&packet, now).await {
+                        if let Some(dst) = w.seal(&mut packet, now).await {
                             w.hold_and_ask(dst, &packet, now, &acquire);
                         }
-                        w.batches.flush(&w.out, &w.counters).await;
+                        w.flush().await;
                     }
                     None => return Ok(()),
                 }
@@ -307,8 +313,8 @@ pub(super) async fn egress(
             }
         }
         let now = Instant::now();
-        for (seg, &size) in segs.iter().zip(&sizes).take(n) {
-            let packet = &seg[..size];
+        for (seg, &size) in segs.iter_mut().zip(&sizes).take(n) {
+            let packet = &mut seg[..size];
             if let Some(dst) = w.seal(packet, now).await {
                 // The kernel's own link traffic on the TUN device (router solicitations, MLD)
                 // that no SA covers: not a tunnel's packet, nothing to ask for or count.
@@ -322,11 +328,20 @@ pub(super) async fn egress(
                 w.hold_and_ask(dst, packet, now, &acquire);
             }
         }
-        w.batches.flush(&w.out, &w.counters).await;
+        w.flush().await;
     }
 }
 
 impl Egress {
+    /// Sends what this worker has sealed: its GSO batches to sites, and its frames to other
+    /// members.
+    async fn flush(&mut self) {
+        self.batches.flush(&self.out, &self.counters).await;
+        if let Some((link, _)) = self.fleet.as_mut() {
+            link.flush();
+        }
+    }
+
     /// No SA for a packet toward `dst`: never sent in clear. The control plane is asked for
     /// one (the initiator path) and the packet waits in a small bounded queue meanwhile.
     fn hold_and_ask(&mut self, dst: IpAddr, packet: &[u8], now: Instant, acquire: &mpsc::Sender<IpAddr>) {
@@ -373,7 +388,7 @@ impl Egress {
     /// inner packet that fits, so that path MTU discovery works through the tunnel. TSO
     /// super-packets are split to their MSS before they get here, so only segments that are
     /// too long themselves are refused.
-    pub(super) async fn seal(&mut self, packet: &[u8], now: Instant) -> Option<IpAddr> {
+    pub(super) async fn seal(&mut self, packet: &mut [u8], now: Instant) -> Option<IpAddr> {
         let (Some(nh), Some(h)) = (next_header_for(packet), ip::parse(packet)) else {
             return None;
         };
@@ -381,6 +396,8 @@ impl Egress {
             return Some(h.dst);
         };
         let sa = &entry.sa;
+        self.mss.apply(packet, |room| sa.sa.max_inner_len(room));
+        let packet = &*packet;
         let sealed = sa.sa.sealed_len(packet.len());
         let room = entry
             .path
@@ -407,7 +424,7 @@ impl Egress {
                 {
                     (Some(to), Ok(len)) => {
                         let local = self.out.udp.as_ref().map_or(sa.peer, |u| u.local_addr());
-                        link.send(Kind::Egress, to, local, sa.peer, 0, &buf[..len])
+                        link.queue(Kind::Egress, to, local, sa.peer, 0, &buf[..len])
                     }
                     _ => false,
                 },

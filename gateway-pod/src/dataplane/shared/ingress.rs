@@ -6,6 +6,7 @@ use concentrator_fleet::wire::Kind;
 
 use super::*;
 use crate::cluster::Route;
+use crate::dataplane::mss::MssClamp;
 
 /// Datagrams one receive call may return (each buffer one datagram or a GRO batch).
 pub(super) const UDP_BATCH: usize = 8;
@@ -28,6 +29,7 @@ pub(super) async fn ingress(
     events: mpsc::UnboundedSender<SaEvent>,
     counters: DataplaneCounters,
     mut fleet: Option<Link>,
+    mss: MssClamp,
 ) -> Result<(), DataplaneError> {
     let mut table = InboundTable::default();
     let mut recv_bufs: Vec<Vec<u8>> = (0..UDP_BATCH).map(|_| vec![0u8; RECV_BUF_LEN]).collect();
@@ -54,7 +56,7 @@ pub(super) async fn ingress(
                                     write_tun(&dev, &tun_name, &mut gro, &mut tun_bufs[..ready], &counters).await;
                                     ready = 0;
                                 }
-                                match open_into(&table, datagram, Some(*via), now, &mut tun_bufs[ready], &events, &counters) {
+                                match open_into(&table, datagram, Some(*via), now, &mut tun_bufs[ready], &events, &counters, mss) {
                                     Opened::Dropped => continue,
                                     Opened::Last => table.remove(spi_of(datagram)),
                                     Opened::Ready => {}
@@ -118,7 +120,7 @@ pub(super) async fn ingress(
                         && let Route::Member(_, to) = link.view().route(Shard::of_esp_spi(spi))
                     {
                         let epoch = link.view().epoch(Shard::of_esp_spi(spi));
-                        link.send(Kind::Ingress, to, local, m.addr, epoch, datagram);
+                        link.queue(Kind::Ingress, to, local, m.addr, epoch, datagram);
                         continue;
                     }
                     counters.unknown_spi.inc();
@@ -136,6 +138,7 @@ pub(super) async fn ingress(
                     &mut tun_bufs[ready],
                     &events,
                     &counters,
+                    mss,
                 ) {
                     Opened::Dropped => continue,
                     Opened::Last => table.remove(spi),
@@ -143,6 +146,10 @@ pub(super) async fn ingress(
                 }
                 ready += 1;
             }
+        }
+        // Other members' packets of this batch cross the pod network together.
+        if let Some(link) = fleet.as_mut() {
+            link.flush();
         }
         write_tun(&dev, &tun_name, &mut gro, &mut tun_bufs[..ready], &counters).await;
     }
@@ -170,6 +177,8 @@ fn spi_of(datagram: &[u8]) -> u32 {
 /// checking the SA's selectors and counting it. `via`: the member of the fleet that
 /// forwarded it (`None`: the site sent it to us), which is where our packets to the site go
 /// from now on.
+// The per-packet path's whole context, passed as is: a struct would be rebuilt per packet.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn open_into(
     table: &InboundTable,
     datagram: &[u8],
@@ -178,6 +187,7 @@ pub(super) fn open_into(
     out: &mut Vec<u8>,
     events: &mpsc::UnboundedSender<SaEvent>,
     counters: &DataplaneCounters,
+    mss: MssClamp,
 ) -> Opened {
     let spi = spi_of(datagram);
     let Some(sa) = table.get(spi) else {
@@ -218,6 +228,9 @@ pub(super) fn open_into(
         out.copy_within(inner, TUN_OFFSET);
     }
     out.truncate(TUN_OFFSET + len);
+    if let Some(packet) = out.get_mut(TUN_OFFSET..) {
+        mss.apply(packet, |room| sa.sa.max_inner_len(room));
+    }
     if last { Opened::Last } else { Opened::Ready }
 }
 
