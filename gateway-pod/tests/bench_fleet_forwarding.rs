@@ -16,7 +16,8 @@
 //! IPsec process (charon, or our gateway), and each pod's UDP receive-buffer overflows. The
 //! checks are about the path, never about time: in (a) no frame crossed between the pods,
 //! in (b) the entry pod forwarded at least every ping and the owner sent its answers back
-//! through it, and every run moved data.
+//! through it without an IP fragment on the pod network (the owner clamps the TCP MSS), and
+//! every run moved data.
 //!
 //! Runs by default at a small size (2 s per iperf3 run, one round, 50 pings), fit for CI.
 //! For numbers, as root and in release mode:
@@ -27,8 +28,8 @@
 //! `BENCH_SITE=gateway` makes the site our own gateway (a static eroute, role Initiator, to
 //! the front) instead of strongSwan, whose kernel-libipsec caps one tunnel near 80 Mbit/s on
 //! this machine and would hide the pods' own limits. `BENCH_POD_MTU=N` sets the pod
-//! network's MTU (the pods' and the bridge's interfaces) to N: at 1500 a full-size forwarded
-//! packet does not fit one frame and is fragmented. `BENCH_GATEWAY_BIN` runs another
+//! network's MTU (the pods' and the bridge's interfaces) to N once the pods run (their MSS
+//! clamp keeps following the 1500 bytes they started with). `BENCH_GATEWAY_BIN` runs another
 //! `concentrator-gateway` binary. As non-root it prints SKIP and passes.
 
 use std::collections::BTreeMap;
@@ -421,6 +422,13 @@ fn check(p: &Phase, owner: usize) -> Result<()> {
                 count(owner, "egress/sent") >= answered && count(entry, "egress/received") >= answered,
                 "gw-{owner} should have sent every answer back through gw-{entry}: {:?}",
                 p.frames
+            );
+            // The owner clamps the TCP MSS (--tcp-mss-clamp auto) so that a full segment,
+            // sealed and framed, fits the pod network: no frame of the iperf3 runs is cut.
+            let fragments: f64 = p.losses.iter().map(|l| l[2]).sum();
+            ensure!(
+                fragments == 0.0,
+                "the pods made {fragments} IP fragments forwarding TCP between them: the MSS clamp should keep frames within the pod MTU"
             );
         }
     }

@@ -482,10 +482,11 @@ pub struct Delivery {
     /// IKE messages, to the IKE driver.
     pub ike: mpsc::Sender<IkeDatagram>,
     /// ESP packets, to the data plane: (SPI, the site's address, the member it came
-    /// through, the UDP payload).
-    pub esp: Box<dyn Fn(EspBatch) + Send + Sync>,
-    /// Head-end packets toward a site whose tunnel we hold, to the data plane.
-    pub plain: Box<dyn Fn(Vec<u8>) + Send + Sync>,
+    /// through, the UDP payload); how many it refused (its backlog is full).
+    pub esp: Box<dyn Fn(EspBatch) -> usize + Send + Sync>,
+    /// Head-end packets toward a site whose tunnel we hold, to the data plane; false if it
+    /// refused it (its backlog is full).
+    pub plain: Box<dyn Fn(Vec<u8>) -> bool + Send + Sync>,
     /// The sockets a site writes to: answers go out from the one it wrote to.
     pub udp500: Arc<UdpSocket>,
     pub udp4500: Arc<UdpSocket>,
@@ -517,7 +518,9 @@ pub async fn serve(socket: UdpSocket, links: Links, delivery: Delivery) {
     let mut meta = vec![RecvMeta::default(); RECV_BATCH];
     let mut esp = Vec::new();
     let mut answers = Answers::new(out.max_gso_segments());
+    let mut overflows = Overflows::new();
     loop {
+        overflows.count(&udp, &metrics);
         let received = {
             let mut slices: Vec<IoSliceMut<'_>> = bufs.iter_mut().map(|b| IoSliceMut::new(b)).collect();
             match udp.recv(&mut slices, &mut meta).await {
@@ -561,14 +564,47 @@ pub async fn serve(socket: UdpSocket, links: Links, delivery: Delivery) {
                     }
                     Kind::Egress => answers.push(frame.remote, frame.payload),
                     Kind::Ingress => deliver(&view, &delivery, &frame, &metrics, &mut esp),
-                    Kind::Plain => (delivery.plain)(frame.payload.to_vec()),
+                    Kind::Plain => {
+                        if !(delivery.plain)(frame.payload.to_vec()) {
+                            metrics.drop("backlog");
+                        }
+                    }
                 }
             }
         }
         if !esp.is_empty() {
-            (delivery.esp)(std::mem::take(&mut esp));
+            let refused = (delivery.esp)(std::mem::take(&mut esp));
+            metrics.drop_many("backlog", refused);
         }
         answers.send(&out).await;
+    }
+}
+
+/// Frames the kernel dropped because the fleet socket's buffer was full, counted as
+/// `fleet_forward_dropped_total{reason="receive_buffer"}` about once a second.
+struct Overflows {
+    seen: u32,
+    next: std::time::Instant,
+}
+
+impl Overflows {
+    fn new() -> Self {
+        Self {
+            seen: 0,
+            next: std::time::Instant::now(),
+        }
+    }
+
+    fn count(&mut self, udp: &Udp, metrics: &ForwardMetrics) {
+        let now = std::time::Instant::now();
+        if now < self.next {
+            return;
+        }
+        self.next = now + std::time::Duration::from_secs(1);
+        if let Some(drops) = udp.drops() {
+            metrics.drop_many("receive_buffer", drops.wrapping_sub(self.seen) as usize);
+            self.seen = drops;
+        }
     }
 }
 

@@ -99,6 +99,11 @@ impl Udp {
         self.state.as_ref().map_or(1, UdpSocketState::max_gso_segments)
     }
 
+    /// Datagrams dropped on this socket so far ([`socket_drops`]).
+    pub(crate) fn drops(&self) -> Option<u32> {
+        socket_drops(&*self.sock)
+    }
+
     /// Plain ESP over a raw socket (no UDP header, no non-ESP marker, no IKE)?
     pub(crate) fn is_raw(&self) -> bool {
         self.state.is_none()
@@ -253,6 +258,30 @@ pub(crate) fn interface_mtu(ip: std::net::IpAddr) -> Option<u32> {
     // Safety: SIOCGIFMTU filled in the MTU member of the union.
     let mtu = unsafe { req.ifr_ifru.ifru_mtu };
     u32::try_from(mtu).ok()
+}
+
+/// SO_MEMINFO of asm-generic/socket.h (x86-64, arm64 and most others; the libc crate does
+/// not export it).
+const SO_MEMINFO: libc::c_int = 55;
+
+/// Datagrams the kernel dropped on `sock` so far because its receive buffer was full (or
+/// its filter refused them): the socket's own count, which /proc/net/snmp only sums.
+pub(crate) fn socket_drops(sock: &impl AsRawFd) -> Option<u32> {
+    let mut info = [0u32; 9];
+    let mut len = size_of_val(&info) as libc::socklen_t;
+    // Safety: the kernel writes at most `len` bytes into `info` and sets `len` to what it
+    // wrote.
+    let r = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_MEMINFO,
+            info.as_mut_ptr().cast(),
+            &raw mut len,
+        )
+    };
+    let drops = libc::SK_MEMINFO_DROPS as usize;
+    (r == 0 && len as usize >= (drops + 1) * size_of::<u32>()).then_some(info[drops])
 }
 
 /// The name of the interface that holds the address `ip`.
@@ -433,6 +462,19 @@ mod tests {
     fn the_loopback_interface_has_an_mtu_and_an_unheld_address_none() {
         assert!(interface_mtu("127.0.0.1".parse().unwrap()).is_some_and(|m| m >= 1280));
         assert_eq!(interface_mtu("192.0.2.77".parse().unwrap()), None);
+    }
+
+    #[test]
+    fn a_full_receive_buffer_counts_as_drops_on_the_socket() {
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        assert_eq!(socket_drops(&sock), Some(0));
+        // The smallest buffer the kernel allows, then more than it holds.
+        set_int_option(&sock, libc::SOL_SOCKET, libc::SO_RCVBUF, 1).unwrap();
+        let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        for _ in 0..64 {
+            sender.send_to(&[0u8; 1200], sock.local_addr().unwrap()).unwrap();
+        }
+        assert!(socket_drops(&sock).is_some_and(|d| d > 0));
     }
 
     #[test]

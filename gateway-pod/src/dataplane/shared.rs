@@ -22,6 +22,7 @@
 use std::io::IoSliceMut;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use concentrator_esp::encap::{Datagram, classify};
@@ -131,7 +132,7 @@ enum EgressCommand {
     /// Packets toward `subnet` go to `member`, which holds the site's tunnel, for a while.
     Elsewhere(IpNet, MemberId),
     /// A head-end packet another member forwarded here for a site whose tunnel we hold.
-    Plain(Vec<u8>),
+    Plain(Vec<u8>, Backlog),
 }
 
 /// An ESP packet another member forwarded: the site's address, the member it entered
@@ -144,7 +145,42 @@ enum IngressCommand {
     /// ESP packets of ours that other members of the fleet received from the sites, as
     /// (the site's address, the member it came through, the UDP payload): a batch per
     /// wake-up of the fleet socket, opened and written to the TUN device together.
-    Forwarded(Vec<ForwardedEsp>),
+    Forwarded(Vec<ForwardedEsp>, Backlog),
+}
+
+/// Packets from other members (forwarded ESP, plain frames) waiting in this pod's workers'
+/// queues at most: a member that sends faster than the workers can open and seal fills
+/// them up to here, and its further packets are dropped (and counted by the caller) rather
+/// than queued without bound.
+const BACKLOG_LIMIT: usize = 65_536;
+
+/// A share of the backlog of packets from other members, given back once the worker has
+/// handled them (when the command that carries it is dropped).
+#[derive(Debug)]
+pub(crate) struct Backlog {
+    queued: Arc<AtomicUsize>,
+    n: usize,
+}
+
+impl Backlog {
+    /// Room for `n` more packets, if the backlog has it.
+    fn take(queued: &Arc<AtomicUsize>, n: usize) -> Option<Self> {
+        let before = queued.fetch_add(n, Ordering::Relaxed);
+        if before + n > BACKLOG_LIMIT {
+            queued.fetch_sub(n, Ordering::Relaxed);
+            return None;
+        }
+        Some(Self {
+            queued: queued.clone(),
+            n,
+        })
+    }
+}
+
+impl Drop for Backlog {
+    fn drop(&mut self) {
+        self.queued.fetch_sub(self.n, Ordering::Relaxed);
+    }
 }
 
 /// The control plane's side of the data plane: every change goes to every worker.
@@ -152,6 +188,8 @@ enum IngressCommand {
 pub struct DataplaneHandle {
     egress: Vec<mpsc::UnboundedSender<EgressCommand>>,
     ingress: Vec<mpsc::UnboundedSender<IngressCommand>>,
+    /// Packets from other members queued in the workers ([`Backlog`]).
+    backlog: Arc<AtomicUsize>,
     /// Which kinds of SA the data plane has a socket for.
     udp: bool,
     raw_esp: bool,
@@ -194,17 +232,25 @@ impl DataplaneHandle {
     /// Opens ESP packets that other members received from the sites and forwarded here,
     /// each `(spi, packet)`: one hand-off per worker for the whole batch, each SA's packets
     /// to one worker (so that they stay in order).
-    pub fn forwarded(&self, batch: Vec<(u32, ForwardedEsp)>) {
+    pub fn forwarded(&self, batch: Vec<(u32, ForwardedEsp)>) -> usize {
         let n = self.ingress.len().max(1);
         let mut per_worker: Vec<Vec<ForwardedEsp>> = (0..n).map(|_| Vec::new()).collect();
         for (spi, packet) in batch {
             per_worker[spi as usize % n].push(packet);
         }
+        let mut dropped = 0;
         for (tx, packets) in self.ingress.iter().zip(per_worker) {
-            if !packets.is_empty() {
-                let _ = tx.send(IngressCommand::Forwarded(packets));
+            if packets.is_empty() {
+                continue;
+            }
+            match Backlog::take(&self.backlog, packets.len()) {
+                Some(b) => {
+                    let _ = tx.send(IngressCommand::Forwarded(packets, b));
+                }
+                None => dropped += packets.len(),
             }
         }
+        dropped
     }
 
     /// Sends packets toward `subnet` to `member` (which holds the site's tunnel) for a
@@ -217,18 +263,23 @@ impl DataplaneHandle {
 
     /// Seals a head-end packet that another member forwarded here (one worker per
     /// destination, so that a flow's packets stay in order).
-    pub fn plain(&self, packet: Vec<u8>) {
+    /// False (for the caller to count) when the workers' backlog is full.
+    pub fn plain(&self, packet: Vec<u8>) -> bool {
         let Some(h) = ip::parse(&packet) else {
-            return;
+            return true;
         };
         let n = self.egress.len().max(1);
         let slot = match h.dst {
             IpAddr::V4(a) => u32::from(a) as usize,
             IpAddr::V6(a) => u128::from(a) as usize,
         };
+        let Some(backlog) = Backlog::take(&self.backlog, 1) else {
+            return false;
+        };
         if let Some(tx) = self.egress.get(slot % n) {
-            let _ = tx.send(EgressCommand::Plain(packet));
+            let _ = tx.send(EgressCommand::Plain(packet, backlog));
         }
+        true
     }
 
     /// How many workers (each a TUN queue and a UDP socket) carry packets.
@@ -250,6 +301,7 @@ impl DataplaneHandle {
             Self {
                 egress: vec![etx],
                 ingress: vec![itx],
+                backlog: Arc::default(),
                 udp: true,
                 raw_esp: false,
             },
@@ -316,6 +368,7 @@ pub fn spawn(
     let mut handle = DataplaneHandle {
         egress: Vec::new(),
         ingress: Vec::new(),
+        backlog: Arc::default(),
         udp: outer.udp.is_some(),
         raw_esp: outer.raw_esp.is_some(),
     };
@@ -715,5 +768,19 @@ mod tests {
         let mut big = GsoBatch::new();
         assert!(big.accepts(peer(1), true, sealed_len(65535), 64));
         assert!(big.slot().len() >= sealed_len(65535));
+    }
+
+    #[test]
+    fn the_backlog_of_other_members_packets_is_bounded_and_given_back() {
+        let queued = Arc::new(AtomicUsize::new(0));
+        let most = Backlog::take(&queued, BACKLOG_LIMIT - 1).expect("room");
+        let one = Backlog::take(&queued, 1).expect("the last place");
+        assert!(Backlog::take(&queued, 1).is_none(), "past the limit");
+        assert_eq!(queued.load(Ordering::Relaxed), BACKLOG_LIMIT);
+        drop(one);
+        assert!(Backlog::take(&queued, 2).is_none(), "two do not fit in one place");
+        let again = Backlog::take(&queued, 1).expect("a place given back");
+        drop((most, again));
+        assert_eq!(queued.load(Ordering::Relaxed), 0);
     }
 }

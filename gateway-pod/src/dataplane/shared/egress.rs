@@ -277,7 +277,7 @@ pub(super) async fn egress(
                             w.forward_plain(&packet, h_dst(&packet), now);
                         }
                     }
-                    Some(EgressCommand::Plain(mut packet)) => {
+                    Some(EgressCommand::Plain(mut packet, _backlog)) => {
                         let now = Instant::now();
                         // Sealed here or held for our tunnel: never forwarded again (one
                         // hop, so no loop between members that disagree).

@@ -48,7 +48,7 @@ pub(super) async fn ingress(
                     match cmd {
                         Some(IngressCommand::Install(sa)) => table.install(sa),
                         Some(IngressCommand::Remove(spi)) => table.remove(spi),
-                        Some(IngressCommand::Forwarded(batch)) => {
+                        Some(IngressCommand::Forwarded(batch, _backlog)) => {
                             let now = Instant::now();
                             let mut ready = 0;
                             for (remote, via, datagram) in &batch {
