@@ -72,6 +72,15 @@ fn escape(s: &str) -> String {
     out
 }
 
+/// The member a claim's value names, if it names one.
+fn member_of(value: &[u8]) -> Option<MemberId> {
+    std::str::from_utf8(value)
+        .ok()
+        .and_then(|s| s.parse::<u16>().ok())
+        .filter(|n| *n <= MemberId::MAX)
+        .map(MemberId)
+}
+
 /// The outcome of a claim.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Claimed {
@@ -175,11 +184,7 @@ impl Claims {
                 _ => None,
             });
             let Some(kv) = held else { continue };
-            let holder = std::str::from_utf8(kv.value())
-                .ok()
-                .and_then(|s| s.parse::<u16>().ok())
-                .filter(|n| *n <= MemberId::MAX)
-                .map(MemberId);
+            let holder = member_of(kv.value());
             match holder {
                 Some(h) if h == me && kv.lease() == lease => return Ok(Claimed::Mine),
                 Some(h) if h != me => return Ok(Claimed::HeldBy(h)),
@@ -234,6 +239,35 @@ impl Claims {
                 .inc();
         }
         Ok(taken)
+    }
+
+    /// The member that holds `site`, if one does: a read, which claims nothing (traffic
+    /// toward a site we may not initiate to only learns where its tunnel is).
+    pub async fn holder(&self, site: &SiteKey) -> Result<Option<MemberId>, FleetError> {
+        let r = match tokio::time::timeout(CLAIM_TIMEOUT, self.read_holder(site)).await {
+            Ok(r) => r,
+            Err(_) => Err(FleetError::Timeout),
+        };
+        if let Err(e) = &r
+            && !matches!(e, FleetError::Unavailable)
+        {
+            self.metrics.count_etcd_error(e.kind());
+        }
+        r
+    }
+
+    async fn read_holder(&self, site: &SiteKey) -> Result<Option<MemberId>, FleetError> {
+        let (SessionLease { mut client, .. }, key) = self.session_for(site)?;
+        let resp = client.get(key.as_str(), None).await?;
+        let Some(kv) = resp.kvs().first() else {
+            return Ok(None);
+        };
+        let holder = member_of(kv.value());
+        if holder.is_none() {
+            // Names no member: nobody to send the traffic to (the next claim replaces it).
+            self.metrics.count_bad_record("claim");
+        }
+        Ok(holder)
     }
 
     /// Changes each time this pod's etcd session begins anew (a new lease): the claims of

@@ -53,6 +53,8 @@ pub(super) enum ClaimEvent {
         key: SiteKey,
         result: Result<Claimed, FleetError>,
     },
+    /// Where the site of traffic we may not initiate for is held.
+    Located(Box<super::policy::Located>),
 }
 
 /// The driver's claims: the PSKs waiting on a claim, and where claim tasks report.
@@ -89,6 +91,18 @@ impl DriverClaims {
             pending: Default::default(),
             reclaiming: None,
         }
+    }
+}
+
+impl DriverClaims {
+    /// The claims, for a task of its own.
+    pub(super) fn claims(&self) -> Claims {
+        self.claims.clone()
+    }
+
+    /// Where such a task reports back.
+    pub(super) fn events(&self) -> mpsc::UnboundedSender<ClaimEvent> {
+        self.events.clone()
     }
 }
 
@@ -165,6 +179,7 @@ impl Driver {
         match event {
             ClaimEvent::Done { id, site, result } => self.claim_done(id, site, result),
             ClaimEvent::NewSession => self.claim_again(),
+            ClaimEvent::Located(l) => self.located(*l),
             ClaimEvent::ToConnect { eroute, key, result } => {
                 // The eroute went in a reload while its claim was on its way: no SA of
                 // ours will hold the claim, so it goes back at once.
@@ -177,6 +192,10 @@ impl Driver {
                 let ours = match result {
                     Ok(Claimed::HeldBy(m)) => {
                         tracing::debug!(%eroute, member = %m, "eroute kept up by another member");
+                        // Its traffic goes there (until the next look, 15 s on).
+                        if let Some(e) = self.config.set.eroutes.get(&eroute) {
+                            self.backend.elsewhere(e.remote_subnet, m);
+                        }
                         false
                     }
                     Ok(_) => true,

@@ -152,6 +152,8 @@ impl Driver {
     /// Logs when the fleet stops or starts taking new sites; rebalances (VIP front).
     pub(super) fn fleet_health(&mut self) {
         self.director_tick(std::time::Instant::now());
+        // Each second: a reload or a new member may change which subnets are safe to route.
+        self.route_sites();
         let Some(f) = self.fleet.as_mut() else { return };
         let available = f.view.available();
         if available != f.was_available {

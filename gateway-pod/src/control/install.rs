@@ -151,7 +151,7 @@ impl Driver {
     /// address, ours, the fleet's members), whose IKE and ESP would otherwise be routed into
     /// the device that carries them and black-holed. A catch-all eroute (`0.0.0.0/0`, or
     /// `10.0.0.0/8` over a WAN in 10.x) so keeps one route per site.
-    fn safe_to_route(&self, wide: IpNet, peer: IpAddr) -> bool {
+    pub(super) fn safe_to_route(&self, wide: IpNet, peer: IpAddr) -> bool {
         // Once per CHILD SA: the members are looked at in place, not copied.
         let ours = self.configs.local_addr().ip();
         let outer = [peer, ours].into_iter().filter(|a| !a.is_unspecified());

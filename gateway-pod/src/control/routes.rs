@@ -47,6 +47,8 @@ impl Change {
 pub(super) struct Routes {
     /// Holders (CHILD SAs, traps) per routed subnet: the route goes when the last one does.
     held: HashMap<IpNet, usize>,
+    /// The subnets held as every eroute's sites in a fleet ([`Self::route_sites`]).
+    sites: Vec<IpNet>,
     changes: mpsc::UnboundedSender<Change>,
     installer: JoinHandle<()>,
 }
@@ -57,6 +59,7 @@ impl Routes {
         let (changes, rx) = mpsc::unbounded_channel();
         Self {
             held: HashMap::new(),
+            sites: Vec::new(),
             changes,
             installer: tokio::spawn(install(tun_name, rx)),
         }
@@ -82,11 +85,26 @@ impl Routes {
         }
     }
 
+    /// Holds `nets` (sorted) as the sites' subnets from now on, the new ones before the
+    /// former ones go, so a subnet in both keeps its route throughout.
+    pub(super) fn route_sites(&mut self, nets: Vec<IpNet>) {
+        if nets == self.sites {
+            return;
+        }
+        for net in &nets {
+            self.hold(*net);
+        }
+        for net in std::mem::replace(&mut self.sites, nets) {
+            self.release(net);
+        }
+    }
+
     /// Removes every route still held and waits until the installer has made the changes.
     pub(super) async fn shutdown(self) {
         let Self {
             held,
             changes,
+            sites: _,
             installer,
         } = self;
         for net in held.into_keys() {
@@ -218,5 +236,37 @@ impl Netlink {
                 .output_interface(self.tun_index)
                 .build(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nets(s: &[&str]) -> Vec<IpNet> {
+        s.iter().map(|n| n.parse().unwrap()).collect()
+    }
+
+    #[tokio::test]
+    async fn the_sites_routes_follow_the_configuration_beside_the_tunnels_own() {
+        // No such device: the installer only logs its failures.
+        let mut routes = Routes::start("no-such-tun".into());
+        routes.hold("10.1.0.0/16".parse().unwrap());
+        routes.route_sites(nets(&["10.1.0.0/16", "10.2.0.0/16"]));
+        routes.route_sites(nets(&["10.2.0.0/16", "10.3.0.0/16"]));
+        let mut held: Vec<_> = routes.held.iter().map(|(n, c)| (n.to_string(), *c)).collect();
+        held.sort();
+        // The tunnel's route stays when the sites' one goes; the others follow the list.
+        assert_eq!(
+            held,
+            [
+                ("10.1.0.0/16".to_owned(), 1),
+                ("10.2.0.0/16".to_owned(), 1),
+                ("10.3.0.0/16".to_owned(), 1)
+            ]
+        );
+        routes.route_sites(Vec::new());
+        assert_eq!(routes.held.len(), 1);
+        routes.shutdown().await;
     }
 }

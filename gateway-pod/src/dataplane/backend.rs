@@ -79,6 +79,8 @@ pub trait ChildSaBackend: Send + Sync {
     fn remove_child(&self, spi_in: u32);
     /// In a fleet: packets toward `subnet` go to `member`, which holds the site's tunnel.
     fn elsewhere(&self, _subnet: IpNet, _member: concentrator_fleet::MemberId) {}
+    /// In a fleet: no member holds the tunnel toward `subnet`, and we may not start one.
+    fn not_held(&self, _subnet: IpNet) {}
 }
 
 impl ChildSaBackend for DataplaneHandle {
@@ -140,6 +142,10 @@ impl ChildSaBackend for DataplaneHandle {
 
     fn elsewhere(&self, subnet: IpNet, member: concentrator_fleet::MemberId) {
         Self::elsewhere(self, subnet, member);
+    }
+
+    fn not_held(&self, subnet: IpNet) {
+        Self::not_held(self, subnet);
     }
 }
 

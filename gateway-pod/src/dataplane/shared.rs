@@ -129,8 +129,9 @@ pub struct IkeDatagram {
 enum EgressCommand {
     Install(Arc<OutboundSa>, Vec<IpNet>),
     Remove(u32),
-    /// Packets toward `subnet` go to `member`, which holds the site's tunnel, for a while.
-    Elsewhere(IpNet, MemberId),
+    /// Packets toward `subnet` go to `member`, which holds the site's tunnel, for a while;
+    /// `None`: no member holds it, they are dropped meanwhile.
+    Elsewhere(IpNet, Option<MemberId>),
     /// A head-end packet another member forwarded here for a site whose tunnel we hold.
     Plain(Vec<u8>, Backlog),
 }
@@ -257,7 +258,15 @@ impl DataplaneHandle {
     /// while, those waiting for a tunnel first.
     pub fn elsewhere(&self, subnet: IpNet, member: MemberId) {
         for tx in &self.egress {
-            let _ = tx.send(EgressCommand::Elsewhere(subnet, member));
+            let _ = tx.send(EgressCommand::Elsewhere(subnet, Some(member)));
+        }
+    }
+
+    /// Drops packets toward `subnet` for a moment, those waiting for a tunnel first: no
+    /// member holds the site's tunnel, and we may not start one.
+    pub fn not_held(&self, subnet: IpNet) {
+        for tx in &self.egress {
+            let _ = tx.send(EgressCommand::Elsewhere(subnet, None));
         }
     }
 
@@ -648,6 +657,18 @@ mod tests {
         }
         assert_eq!(held.by_dst.len(), HELD_DSTS);
         assert!(held.take_covered(&["10.1.2.0/24".parse().unwrap()]).is_empty());
+    }
+
+    #[test]
+    fn held_packets_tell_which_another_member_forwarded() {
+        let mut held = HeldPackets::default();
+        let now = Instant::now();
+        let a: IpAddr = "10.1.1.1".parse().unwrap();
+        assert!(held.hold(a, &[1], now));
+        assert!(!held.hold_relayed(a, &[2], now, true));
+        let released = held.take_covered_relayed(&["10.1.1.0/24".parse().unwrap()]);
+        // Only the LAN's own packet may go on to another member (one hop).
+        assert_eq!(released, vec![(vec![1], false), (vec![2], true)]);
     }
 
     #[test]

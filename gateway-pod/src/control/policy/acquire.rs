@@ -23,11 +23,12 @@ const ACQUIRE_HOLD: Duration = Duration::from_secs(5);
 
 /// Acquires in progress, by (egroup, site subnet), since when.
 #[derive(Default)]
-pub(in crate::control) struct PendingAcquires(HashMap<(String, IpNet), Instant>);
+pub(in crate::control) struct PendingAcquires(pub(super) HashMap<(String, IpNet), Instant>);
 
 impl Driver {
     /// A packet toward `dst` found no SA: if `dst` lies in a site subnet of an egroup that
-    /// may initiate, look the site up by subnet and connect to it.
+    /// may initiate, look the site up by subnet and connect to it; in a fleet, a site we may
+    /// not initiate to is looked for on the other members ([`Self::locate`]).
     pub(in crate::control) fn acquire(&mut self, dst: IpAddr) {
         let now = Instant::now();
         if self.demand(dst, now) {
@@ -41,6 +42,7 @@ impl Driver {
             .into_iter()
             .find(|(_, net, _)| net.contains(&dst))
         else {
+            self.locate(dst, now);
             return;
         };
         let Ok(subnet) = IpNet::new(dst, prefix).map(|n| n.trunc()) else {

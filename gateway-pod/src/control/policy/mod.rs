@@ -6,15 +6,19 @@
 //!   of dynamic eroutes and its LRU evictions.
 //! - [`acquire`]: traffic toward a site without a tunnel: the site's row by subnet, then
 //!   an IKE SA to it.
+//! - [`locate`]: in a fleet, traffic toward a site we may not initiate to: the member that
+//!   holds its tunnel, from its claim.
 //! - [`auto`]: eroutes we keep up or connect on demand: backoff, redirects (RFC 5685).
 
 mod acquire;
 mod auto;
+mod locate;
 mod ownership;
 mod responder;
 
 pub(super) use acquire::PendingAcquires;
 pub(super) use auto::AutoConnects;
+pub(super) use locate::Located;
 pub(super) use ownership::Owners;
 
 use crate::sitedb::{LookupError, Site};

@@ -214,8 +214,9 @@ pub(super) struct Egress {
     pub(super) fleet: Option<(Link, Vec<u8>)>,
     /// How the MSS of TCP flows through the tunnels is clamped.
     pub(super) mss: MssClamp,
-    /// Site subnets whose tunnel another member holds, until when (see [`ELSEWHERE_FOR`]).
-    pub(super) elsewhere: Vec<(IpNet, MemberId, Instant)>,
+    /// Site subnets whose tunnel another member holds (`None`: no member), until when (see
+    /// [`ELSEWHERE_FOR`], [`NOT_HELD_FOR`]).
+    pub(super) elsewhere: Vec<(IpNet, Option<MemberId>, Instant)>,
 }
 
 // The task's whole wiring, handed over once at spawn: a struct would only be unpacked here.
@@ -272,17 +273,16 @@ pub(super) async fn egress(
                     Some(EgressCommand::Elsewhere(subnet, member)) => {
                         let now = Instant::now();
                         w.elsewhere.retain(|(n, _, until)| *n != subnet && *until > now);
-                        w.elsewhere.push((subnet, member, now + ELSEWHERE_FOR));
-                        for packet in w.held.take_covered(&[subnet]) {
-                            w.forward_plain(&packet, h_dst(&packet), now);
-                        }
+                        let hold = if member.is_some() { ELSEWHERE_FOR } else { NOT_HELD_FOR };
+                        w.elsewhere.push((subnet, member, now + hold));
+                        w.forward_held(subnet, now);
                     }
                     Some(EgressCommand::Plain(mut packet, _backlog)) => {
                         let now = Instant::now();
                         // Sealed here or held for our tunnel: never forwarded again (one
                         // hop, so no loop between members that disagree).
                         if let Some(dst) = w.seal(&mut packet, now).await {
-                            w.hold_and_ask(dst, &packet, now, &acquire);
+                            w.hold_relayed_and_ask(dst, &packet, now, &acquire);
                         }
                         w.flush().await;
                     }
@@ -351,8 +351,40 @@ impl Egress {
         }
     }
 
+    /// [`Self::hold_and_ask`] for a packet another member forwarded here: should the site
+    /// turn out to be held by a third member, it is dropped rather than forwarded on (one
+    /// hop, so no loop between members whose views differ).
+    fn hold_relayed_and_ask(
+        &mut self,
+        dst: IpAddr,
+        packet: &[u8],
+        now: Instant,
+        acquire: &mpsc::Sender<IpAddr>,
+    ) {
+        self.counters.no_sa.inc();
+        if self.held.hold_relayed(dst, packet, now, true) {
+            let _ = acquire.try_send(dst);
+        }
+    }
+
+    /// The packets waiting for a tunnel toward `subnet`, now known to be held elsewhere
+    /// or nowhere: forwarded, or dropped (those another member forwarded here, and those
+    /// of a site no member holds).
+    fn forward_held(&mut self, subnet: IpNet, now: Instant) {
+        for (packet, relayed) in self.held.take_covered_relayed(&[subnet]) {
+            if relayed {
+                if let Some((link, _)) = self.fleet.as_ref() {
+                    link.metrics().drop(RELAYED);
+                }
+                continue;
+            }
+            self.forward_plain(&packet, h_dst(&packet), now);
+        }
+    }
+
     /// Sends `packet` (toward `dst`) to the member that holds its site's tunnel, if another
-    /// member does as far as we know: true if it went (or was dropped) that way.
+    /// member does as far as we know: true if it went (or was dropped) that way. A site no
+    /// member holds (and that we may not connect to) has its packets dropped and counted.
     fn forward_plain(&mut self, packet: &[u8], dst: Option<IpAddr>, now: Instant) -> bool {
         let Some(dst) = dst else { return false };
         let Some((_, member, until)) = self.elsewhere.iter().find(|(n, _, _)| n.contains(&dst)) else {
@@ -366,6 +398,10 @@ impl Egress {
         let member = *member;
         let Some((link, _)) = self.fleet.as_mut() else {
             return false;
+        };
+        let Some(member) = member else {
+            link.metrics().drop(NOT_HELD);
+            return true;
         };
         let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
         match link.view().address(member) {
@@ -495,9 +531,13 @@ impl Egress {
 /// destinations (the oldest destination goes first when full).
 #[derive(Default)]
 pub(super) struct HeldPackets {
-    pub(super) by_dst: std::collections::HashMap<IpAddr, (u64, Instant, Vec<Vec<u8>>)>,
+    /// Order, since when, and the packets, each with whether another member forwarded it.
+    pub(super) by_dst: std::collections::HashMap<IpAddr, (u64, Instant, Vec<HeldPacket>)>,
     pub(super) order: u64,
 }
+
+/// A packet waiting for an SA, and whether another member forwarded it here.
+type HeldPacket = (Vec<u8>, bool);
 
 /// Packets held per destination and destinations held at once.
 pub(super) const HELD_PER_DST: usize = 4;
@@ -505,6 +545,14 @@ pub(super) const HELD_DSTS: usize = 256;
 /// How long packets toward a site go to the member that holds its tunnel before the next
 /// one asks again (through an acquire: the site may have moved or gone meanwhile).
 const ELSEWHERE_FOR: Duration = Duration::from_secs(30);
+/// How long packets toward a site no member holds are dropped before the next one asks
+/// again: short, as the site may connect (to any member) at any moment.
+const NOT_HELD_FOR: Duration = HELD_FOR;
+
+/// `fleet_forward_dropped_total` reasons: toward a site no member holds; forwarded here
+/// for a site a third member holds (never forwarded on).
+const NOT_HELD: &str = "not_held";
+const RELAYED: &str = "relayed";
 
 /// How long packets wait for an SA. After that a new packet asks again: the control plane's
 /// attempt may have failed (site lookup refused, peer unreachable) and traffic that is still
@@ -515,10 +563,15 @@ impl HeldPackets {
     /// Holds a packet; true if its destination was not waiting yet, or waited too long
     /// (ask for an SA).
     pub(super) fn hold(&mut self, dst: IpAddr, packet: &[u8], now: Instant) -> bool {
+        self.hold_relayed(dst, packet, now, false)
+    }
+
+    /// [`Self::hold`], `relayed`: another member forwarded the packet here.
+    pub(super) fn hold_relayed(&mut self, dst: IpAddr, packet: &[u8], now: Instant, relayed: bool) -> bool {
         if let Some((_, since, q)) = self.by_dst.get_mut(&dst) {
             if now.saturating_duration_since(*since) < HELD_FOR {
                 if q.len() < HELD_PER_DST {
-                    q.push(packet.to_vec());
+                    q.push((packet.to_vec(), relayed));
                 }
                 return false;
             }
@@ -534,12 +587,21 @@ impl HeldPackets {
             self.by_dst.remove(&oldest);
         }
         self.order += 1;
-        self.by_dst.insert(dst, (self.order, now, vec![packet.to_vec()]));
+        self.by_dst
+            .insert(dst, (self.order, now, vec![(packet.to_vec(), relayed)]));
         true
     }
 
     /// The held packets an SA for `subnets` now carries.
     pub(super) fn take_covered(&mut self, subnets: &[IpNet]) -> Vec<Vec<u8>> {
+        self.take_covered_relayed(subnets)
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect()
+    }
+
+    /// The held packets toward `subnets`, each with whether another member forwarded it.
+    pub(super) fn take_covered_relayed(&mut self, subnets: &[IpNet]) -> Vec<(Vec<u8>, bool)> {
         let dsts: Vec<IpAddr> = self
             .by_dst
             .keys()
