@@ -86,10 +86,10 @@ impl Routes {
     }
 
     /// Holds `nets` (sorted) as the sites' subnets from now on, the new ones before the
-    /// former ones go, so a subnet in both keeps its route throughout.
-    pub(super) fn route_sites(&mut self, nets: Vec<IpNet>) {
+    /// former ones go, so a subnet in both keeps its route throughout. True if they changed.
+    pub(super) fn route_sites(&mut self, nets: Vec<IpNet>) -> bool {
         if nets == self.sites {
-            return;
+            return false;
         }
         for net in &nets {
             self.hold(*net);
@@ -97,6 +97,7 @@ impl Routes {
         for net in std::mem::replace(&mut self.sites, nets) {
             self.release(net);
         }
+        true
     }
 
     /// Removes every route still held and waits until the installer has made the changes.
@@ -252,8 +253,9 @@ mod tests {
         // No such device: the installer only logs its failures.
         let mut routes = Routes::start("no-such-tun".into());
         routes.hold("10.1.0.0/16".parse().unwrap());
-        routes.route_sites(nets(&["10.1.0.0/16", "10.2.0.0/16"]));
-        routes.route_sites(nets(&["10.2.0.0/16", "10.3.0.0/16"]));
+        assert!(routes.route_sites(nets(&["10.1.0.0/16", "10.2.0.0/16"])));
+        assert!(routes.route_sites(nets(&["10.2.0.0/16", "10.3.0.0/16"])));
+        assert!(!routes.route_sites(nets(&["10.2.0.0/16", "10.3.0.0/16"])));
         let mut held: Vec<_> = routes.held.iter().map(|(n, c)| (n.to_string(), *c)).collect();
         held.sort();
         // The tunnel's route stays when the sites' one goes; the others follow the list.
@@ -265,7 +267,7 @@ mod tests {
                 ("10.3.0.0/16".to_owned(), 1)
             ]
         );
-        routes.route_sites(Vec::new());
+        assert!(routes.route_sites(Vec::new()));
         assert_eq!(routes.held.len(), 1);
         routes.shutdown().await;
     }

@@ -49,29 +49,41 @@ impl Driver {
     /// remote subnet (the base eroutes of egroups with the static ones), so that head-end
     /// traffic toward any site enters the data plane whichever member the head-end LAN sends
     /// it to, and goes to the member that holds the site. Not a subnet that holds an address
-    /// the tunnels or the fleet travel between (see [`Driver::safe_to_route`]).
-    fn site_routes(&self) -> Vec<IpNet> {
-        let mut nets: Vec<IpNet> = self
-            .config
-            .set
+    /// the tunnels or the fleet travel between ([`Driver::safe_to_route`]; the static
+    /// eroutes' peers, the peers of the IKE SAs here), whose IKE and ESP would be routed
+    /// into the TUN device: those are left out (as route, the second value).
+    fn site_routes(&self) -> (Vec<IpNet>, Vec<IpNet>) {
+        let set = &self.config.set;
+        let statics = set
             .eroutes
             .values()
-            .map(|e| e.remote_subnet)
-            .filter(|net| self.safe_to_route(*net, IpAddr::from([0, 0, 0, 0])))
-            .collect();
+            .flat_map(|e| [&e.peer_address, &e.backup_peer_address])
+            .filter_map(|a| a.as_deref()?.parse::<IpAddr>().ok());
+        let statics: Vec<IpAddr> = statics.collect();
+        let mut nets: Vec<IpNet> = set.eroutes.values().map(|e| e.remote_subnet).collect();
         nets.sort();
         nets.dedup();
-        nets
+        // Once a second over every IKE SA, for each of a few subnets: no copy of the peers.
+        nets.into_iter().partition(|net| {
+            self.safe_to_route(*net, IpAddr::from([0, 0, 0, 0]))
+                && !statics.iter().any(|p| net.contains(p))
+                && !self
+                    .sas
+                    .values()
+                    .any(|r| r.remote.is_some_and(|a| net.contains(&a.ip())))
+        })
     }
 
-    /// Keeps the routes of [`Self::site_routes`] up to date (the configuration and the
-    /// members change): in a fleet only.
+    /// Keeps the routes of [`Self::site_routes`] up to date (the configuration, the members
+    /// and the peers change): in a fleet only.
     pub(in crate::control) fn route_sites(&mut self) {
         if self.fleet.is_none() {
             return;
         }
-        let nets = self.site_routes();
-        self.routes.route_sites(nets);
+        let (routed, unsafe_) = self.site_routes();
+        if self.routes.route_sites(routed.clone()) {
+            tracing::info!(?routed, not_routed = ?unsafe_, "eroutes' remote subnets routed to the TUN device on this member (head-end traffic toward sites held by other members)");
+        }
     }
 
     /// Traffic toward `dst` found no tunnel here, and no site we may initiate to holds it:
