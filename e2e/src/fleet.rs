@@ -157,13 +157,22 @@ impl FleetOptions {
         }
     }
 
-    /// Options for pods that initiate to sites: [`GW_LAN`] as a LAN bridge joined to every
-    /// pod (instead of on each pod's `lo`) and pod egress through the node's SNAT.
+    /// Options for pods that initiate to sites: [`Self::head_end_lan`] and pod egress
+    /// through the node's SNAT.
     #[must_use]
-    pub fn initiating(mut self) -> Self {
+    pub fn initiating(self) -> Self {
+        let mut o = self.head_end_lan();
+        o.pod_egress = true;
+        o
+    }
+
+    /// [`GW_LAN`] as a LAN bridge joined to every pod (instead of on each pod's `lo`), whose
+    /// host may send a site's traffic through any pod; no pod egress: anything a pod starts
+    /// toward the WAN is stray (responders never need it).
+    #[must_use]
+    pub fn head_end_lan(mut self) -> Self {
         self.pod_lan = None;
         self.lan = Some(GW_LAN.parse().expect("valid prefix"));
-        self.pod_egress = true;
         self
     }
 }

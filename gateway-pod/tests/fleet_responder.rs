@@ -22,7 +22,7 @@ use anyhow::{Context, Result, bail, ensure};
 use concentrator_e2e::fleet::sites::{self, Site};
 use concentrator_e2e::fleet::{self, Affinity, Fleet, FleetOptions, Pod};
 use concentrator_e2e::netns::{self, net};
-use concentrator_e2e::topology::{GW_LAN, site_lan};
+use concentrator_e2e::topology::site_lan;
 use concentrator_e2e::wait::{self, Probe};
 use concentrator_e2e::{etcd, prereq, scratch, strongswan, tools};
 
@@ -48,11 +48,8 @@ fn start() -> Result<(tempfile::TempDir, Fleet, Vec<Site>)> {
     let config = dir.path().join("config");
     common::fleet::write_egroup_config(&config)?;
     let psks = common::fleet::psks(SITES);
-    let mut options = FleetOptions::new(PODS, Affinity::client_ip(), common::gateway_bin(), &config);
-    // The head-end LAN as a bridge to every pod, as for initiating pods, but the node
-    // SNATs nothing the pods start: responders never need it.
-    options.pod_lan = None;
-    options.lan = Some(GW_LAN.parse()?);
+    let options =
+        FleetOptions::new(PODS, Affinity::client_ip(), common::gateway_bin(), &config).head_end_lan();
     let mut fleet = Fleet::new(options)?;
     for pod in fleet.pods() {
         common::fleet::import_sites(&pod.data_dir(), &psks)?;

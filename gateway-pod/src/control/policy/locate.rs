@@ -192,7 +192,8 @@ impl Driver {
             // Ours: its CHILD SA is on its way (the packets wait for it).
             Ok((_, _, Some(_))) => {}
             Ok((key, subnet, None)) => {
-                tracing::info!(site = %key, %subnet, "traffic toward a site no member holds a tunnel to: dropped (we do not initiate to it)");
+                // Asked again every few seconds while the traffic goes on: counted, not logged.
+                tracing::debug!(site = %key, %subnet, "traffic toward a site no member holds a tunnel to: dropped (we do not initiate to it)");
                 self.backend.not_held(subnet);
             }
             Err(LocateError::Lookup(e)) => {
