@@ -1,18 +1,19 @@
-//! Egroups in a fleet whose base eroute may only respond: the head-end LAN reaches every
-//! connected site through any pod. Three gateway pods behind the front
-//! (`concentrator_e2e::fleet`), a head-end LAN bridge joined to every pod with a LAN host
-//! whose route toward each site names one pod (a LAN router may pick any), and no egress
-//! for flows the pods start: anything a pod sends toward the WAN outside a flow a site
-//! opened is dropped and counted as stray. One egroup whose base eroute is `Responder`; the
-//! sites (strongSwan, default settings) connect themselves, each landing on whichever pod
-//! the front picks.
+//! Responders in a fleet: the head-end LAN reaches every connected site through any pod.
+//! Three gateway pods behind the front (`concentrator_e2e::fleet`), a head-end LAN bridge
+//! joined to every pod with a LAN host whose route toward each site names one pod (a LAN
+//! router may pick any), and no egress for flows the pods start: anything a pod sends
+//! toward the WAN outside a flow a site opened is dropped and counted as stray. The sites
+//! (strongSwan, default settings) connect themselves, each landing on whichever pod the
+//! front picks; they are sites of an egroup whose base eroute is `Responder`, or each of a
+//! static `Responder` eroute of its own.
 //!
 //! For each connected site, the LAN host pings it through every pod: the holder seals the
-//! packets itself; each other pod finds the site by subnet, reads its claim in etcd and
-//! forwards the packets to the holder in plain frames (`fleet_forwarded_packets_total{kind=
-//! "plain"}`). A site that never connected is pinged through every pod too: no answer, the
-//! packets dropped and counted (`fleet_forward_dropped_total{reason="not_held"}`), nothing
-//! initiated toward it and nothing sent in clear.
+//! packets itself; each other pod finds the site by subnet (its row, or its eroute), reads
+//! its claim in etcd and forwards the packets to the holder in plain frames
+//! (`fleet_forwarded_packets_total{kind="plain"}`). A site that never connected is pinged
+//! through every pod too: no answer, the packets dropped and counted
+//! (`fleet_forward_dropped_total{reason="not_held"}`), nothing initiated toward it and
+//! nothing sent in clear.
 //!
 //! As non-root every test prints SKIP and passes.
 
@@ -42,17 +43,23 @@ fn skip() -> bool {
     prereq::require(&[netns::TOOLS, strongswan::TOOLS, etcd::TOOLS, fleet::TOOLS]).is_skip()
 }
 
-/// The fleet (LAN bridge, no pod egress), its config dir, and the sites (none connected).
-fn start() -> Result<(tempfile::TempDir, Fleet, Vec<Site>)> {
+/// The fleet (LAN bridge, no pod egress) with the configuration `write` puts in its config
+/// dir and `import` in each pod's store, its config dir, and the sites (none connected).
+fn start(
+    write: impl Fn(&std::path::Path, &[(usize, String)]) -> Result<()>,
+    import: bool,
+) -> Result<(tempfile::TempDir, Fleet, Vec<Site>)> {
     let dir = scratch::dir("fleet-resp-config")?;
     let config = dir.path().join("config");
-    common::fleet::write_egroup_config(&config)?;
     let psks = common::fleet::psks(SITES);
+    write(&config, &psks)?;
     let options =
         FleetOptions::new(PODS, Affinity::client_ip(), common::gateway_bin(), &config).head_end_lan();
     let mut fleet = Fleet::new(options)?;
-    for pod in fleet.pods() {
-        common::fleet::import_sites(&pod.data_dir(), &psks)?;
+    if import {
+        for pod in fleet.pods() {
+            common::fleet::import_sites(&pod.data_dir(), &psks)?;
+        }
     }
     fleet.start_pods()?;
     let started = sites::start_all(fleet.wan(), fleet.front().address(), &psks, SITES)?;
@@ -210,15 +217,12 @@ fn ping_unheld_via(fleet: &Fleet, s: &Site, via: usize) -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn the_head_end_lan_reaches_responder_sites_through_any_pod() -> Result<()> {
-    if skip() {
-        return Ok(());
-    }
+/// Sites 1..=[`CONNECTED`] connect; the LAN reaches each through every pod; the last site,
+/// never connected, is reached through none and nothing is initiated toward it.
+fn check(fleet: &Fleet, started: &[Site], scope: impl Fn(&Site) -> String) -> Result<()> {
     let t0 = Instant::now();
-    let (_config, fleet, started) = start()?;
     for s in &started[..CONNECTED] {
-        s.initiate().with_context(|| logs(&fleet, s))?;
+        s.initiate().with_context(|| logs(fleet, s))?;
     }
     fleet
         .wait_metric_sum("ike_sas_established", TIMEOUT, |v| v == CONNECTED as f64)
@@ -226,11 +230,29 @@ fn the_head_end_lan_reaches_responder_sites_through_any_pod() -> Result<()> {
     let mut holders = Vec::new();
     for s in &started[..CONNECTED] {
         let own = wait::until(format!("one pod to list site {}", s.n()), TIMEOUT, || {
-            Ok(match holder(&fleet, s) {
+            Ok(match holder(fleet, s) {
                 Ok(own) => Probe::Ready(own),
                 Err(e) => Probe::pending(format!("{e:#}")),
             })
         })?;
+        // Where the pods that do not hold the site will look.
+        wait::until(
+            format!("site {}'s claim to name gw-{own}", s.n()),
+            TIMEOUT,
+            || {
+                let claims = fleet.claims()?;
+                Ok(
+                    if claims
+                        .iter()
+                        .any(|c| c.peer_id == s.peer_id() && c.scope == scope(s) && c.member == Some(own))
+                    {
+                        Probe::Ready(())
+                    } else {
+                        Probe::pending(format!("{claims:?}"))
+                    },
+                )
+            },
+        )?;
         holders.push(own);
     }
     eprintln!(
@@ -240,22 +262,22 @@ fn the_head_end_lan_reaches_responder_sites_through_any_pod() -> Result<()> {
 
     for (s, &own) in started.iter().zip(&holders) {
         // Through the holder first (sealed there), then through every other pod.
-        ping_via(&fleet, s, own, own)?;
+        ping_via(fleet, s, own, own)?;
         for via in (0..PODS).filter(|&p| p != own) {
-            ping_via(&fleet, s, own, via)?;
+            ping_via(fleet, s, own, via)?;
         }
     }
 
     // A site that never connected: nobody holds it, nobody may initiate to it.
     let idle = &started[SITES - 1];
     for via in 0..PODS {
-        ping_unheld_via(&fleet, idle, via)?;
+        ping_unheld_via(fleet, idle, via)?;
     }
     ensure!(
         site_ike_sas(idle)? == 0 && fleet.owners_of(&idle.peer_id())?.is_empty(),
         "site {} got a tunnel from traffic toward it (a responder must not initiate)\n{}",
         idle.n(),
-        logs(&fleet, idle)
+        logs(fleet, idle)
     );
     let claims = fleet.claims()?;
     ensure!(
@@ -271,4 +293,31 @@ fn the_head_end_lan_reaches_responder_sites_through_any_pod() -> Result<()> {
     fleet.wait_metric_sum("ike_sas_established", TIMEOUT, |v| v == CONNECTED as f64)?;
     eprintln!("total {:.1?}", t0.elapsed());
     Ok(())
+}
+
+#[test]
+fn the_head_end_lan_reaches_responder_egroup_sites_through_any_pod() -> Result<()> {
+    if skip() {
+        return Ok(());
+    }
+    let (_config, fleet, started) = start(|dir, _| common::fleet::write_egroup_config(dir), true)?;
+    check(&fleet, &started, |_| format!("egroup/{}", common::fleet::EGROUP))
+}
+
+#[test]
+fn the_head_end_lan_reaches_static_responder_sites_through_any_pod() -> Result<()> {
+    if skip() {
+        return Ok(());
+    }
+    let eroute = |n: usize| format!("hq{n}");
+    let (_config, fleet, started) = start(
+        |dir, psks| {
+            for (n, psk) in psks {
+                common::fleet::write_static_eroute(dir, &eroute(*n), *n, psk)?;
+            }
+            Ok(())
+        },
+        false,
+    )?;
+    check(&fleet, &started, |s| format!("eroute/{}", eroute(s.n())))
 }

@@ -45,6 +45,26 @@ pub(crate) fn write_egroup_config_as(dir: &Path, role: &str) -> Result<()> {
     Ok(())
 }
 
+/// Writes a static responder eroute `name` for site `n` (its LAN, its identity) with its
+/// PSK as a Secret into `dir`.
+#[allow(dead_code)] // Not every test binary that includes this module has static eroutes.
+pub(crate) fn write_static_eroute(dir: &Path, name: &str, n: usize, psk: &str) -> Result<()> {
+    let secret = dir.join("secrets").join(name);
+    std::fs::create_dir_all(&secret)?;
+    std::fs::write(secret.join("psk"), psk)?;
+    std::fs::write(
+        dir.join(format!("{name}.yaml")),
+        format!(
+            "apiVersion: vpn.concentrator.io/v1alpha1\nkind: Eroute\nmetadata:\n  name: {name}\n\
+             spec:\n  localSubnet: {GW_LAN}\n  remoteSubnet: {}\n  peerId: {}\n  localId: {GW_ID}\n\
+             \x20 pskSecretRef:\n    name: {name}\n    key: psk\n  role: Responder\n",
+            site_lan(n),
+            peer_id(n)
+        ),
+    )?;
+    Ok(())
+}
+
 /// Writes the sites' rows (no peer address: a pod never dials a site) as CSV and imports
 /// them into the embedded store in `data_dir` with `concentrator-gateway sites import`.
 pub(crate) fn import_sites(data_dir: &Path, sites: &[(usize, String)]) -> Result<()> {

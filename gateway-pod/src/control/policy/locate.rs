@@ -37,8 +37,8 @@ enum LocateError {
     Fleet(#[from] FleetError),
 }
 
-/// What traffic toward `dst` belongs to, if a site of ours: the egroup whose base eroute's
-/// remote subnet holds it, or else the static eroute whose does.
+/// What traffic toward a destination belongs to: a site of an egroup (its subnet), or the
+/// site of a static eroute.
 enum Target {
     Egroup { name: String, subnet: IpNet },
     Eroute { key: SiteKey, subnet: IpNet },
@@ -154,25 +154,22 @@ impl Driver {
 
     fn target(&self, dst: IpAddr) -> Option<Target> {
         let set = &self.config.set;
-        let base_of = |name: &str| set.egroups.values().any(|g| g.eroute == name);
-        if let Some((name, g)) = set.egroups.iter().find(|(_, g)| {
-            set.eroutes
-                .get(&g.eroute)
-                .is_some_and(|e| e.remote_subnet.contains(&dst))
-        }) {
-            let subnet = IpNet::new(dst, g.remote_subnet_prefix).ok()?.trunc();
-            return Some(Target::Egroup {
-                name: name.clone(),
-                subnet,
-            });
-        }
-        // A static eroute's claim names its peer ID as the site authenticates with it: one
-        // with a pattern (or none) has no one claim to look at.
+        // The most specific eroute toward `dst`: a static eroute's site inside an egroup's
+        // subnet is its own, not a row of the egroup.
         let (name, e) = set
             .eroutes
             .iter()
-            .find(|(name, e)| e.remote_subnet.contains(&dst) && !base_of(name.as_str()))?;
-        let peer = e.peer_id.as_deref().filter(|p| !p.contains('*'))?;
+            .filter(|(_, e)| e.remote_subnet.contains(&dst))
+            .max_by_key(|(_, e)| e.remote_subnet.prefix_len())?;
+        if let Some((egroup, g)) = set.egroup_of(name) {
+            return Some(Target::Egroup {
+                name: egroup.to_owned(),
+                subnet: IpNet::new(dst, g.remote_subnet_prefix).ok()?.trunc(),
+            });
+        }
+        // A static eroute's claim names the peer ID its site authenticates with: one with a
+        // pattern (or none) has no one claim to look at.
+        let peer = e.peer_id.as_deref().filter(|p| !p.contains(['*', '?']))?;
         Some(Target::Eroute {
             key: eroute_site(name, peer),
             subnet: e.remote_subnet,
