@@ -80,28 +80,27 @@ impl Driver {
         if self.fleet.is_none() {
             return;
         }
-        let (routed, unsafe_) = self.site_routes();
+        let (routed, skipped) = self.site_routes();
         if self.routes.route_sites(routed.clone()) {
-            tracing::info!(?routed, not_routed = ?unsafe_, "eroutes' remote subnets routed to the TUN device on this member (head-end traffic toward sites held by other members)");
+            tracing::info!(?routed, not_routed = ?skipped, "eroutes' remote subnets routed to the TUN device on this member (head-end traffic toward sites held by other members)");
         }
     }
 
     /// Traffic toward `dst` found no tunnel here, and no site we may initiate to holds it:
-    /// in a fleet, where is its site held? (The answer comes back as [`Located`].) True if
-    /// `dst` is a site's.
-    pub(in crate::control) fn locate(&mut self, dst: IpAddr, now: Instant) -> bool {
+    /// in a fleet, where is its site held? (The answer comes back as [`Located`].)
+    pub(in crate::control) fn locate(&mut self, dst: IpAddr, now: Instant) {
         let Some(claims) = self.claims.as_ref() else {
-            return false;
+            return;
         };
         let Some(target) = self.target(dst) else {
-            return false;
+            return;
         };
         let pending = match &target {
             Target::Egroup { name, subnet } => (format!("egroup/{name}"), *subnet),
             Target::Eroute { key, subnet } => (key.to_string(), *subnet),
         };
         if self.pending_acquires.0.contains_key(&pending) {
-            return true;
+            return;
         }
         self.pending_acquires.0.insert(pending.clone(), now);
         let (c, tx) = (claims.claims(), claims.events());
@@ -115,7 +114,7 @@ impl Driver {
                     .and_then(|g| self.config.set.eroutes.get(&g.eroute))
                     .map(|e| e.remote_subnet)
                 else {
-                    return true;
+                    return;
                 };
                 let lookup = self.egroups.lookup_by_subnet(&name, subnet, now);
                 tokio::spawn(async move {
@@ -149,7 +148,6 @@ impl Driver {
                 });
             }
         }
-        true
     }
 
     fn target(&self, dst: IpAddr) -> Option<Target> {

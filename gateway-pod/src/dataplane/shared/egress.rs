@@ -408,7 +408,12 @@ impl Egress {
             Some(to) => {
                 link.send(Kind::Plain, to, unspecified, unspecified, 0, packet);
             }
-            None => link.metrics().drop("member_gone"),
+            None => {
+                link.metrics().drop("member_gone");
+                // The next packet asks again: the site's tunnel may go on at another member
+                // already (a take-over), rather than in 30 s.
+                self.elsewhere.retain(|(_, m, _)| *m != Some(member));
+            }
         }
         true
     }
