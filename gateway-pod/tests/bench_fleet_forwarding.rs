@@ -34,17 +34,16 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use concentrator_e2e::fleet::sites::{self, Site};
 use concentrator_e2e::fleet::{self, Affinity, Fleet};
 use concentrator_e2e::netns::{self, Netns, addr};
-use concentrator_e2e::process::Daemon;
-use concentrator_e2e::topology::{GW_HOST, GW_ID, GW_LAN, site_host, site_lan, site_wan};
+use concentrator_e2e::topology::{GW_HOST, site_host, site_wan};
 use concentrator_e2e::wait::{self, Probe};
-use concentrator_e2e::{etcd, logs, prereq, process, strongswan, tools};
+use concentrator_e2e::{etcd, prereq, process, strongswan, tools};
 
 mod common;
 
@@ -188,12 +187,7 @@ fn snapshot(fleet: &Fleet, site: &Remote, ticks: f64) -> Result<Snapshot> {
 /// not the limit.
 enum Remote {
     Swan(Box<Site>),
-    Ours {
-        // Dropped before the namespace it runs in.
-        _gateway: Daemon,
-        ns: Netns,
-        dir: PathBuf,
-    },
+    Ours(common::fleet::GatewaySite),
 }
 
 impl Remote {
@@ -207,33 +201,9 @@ impl Remote {
                 site.initiate().with_context(|| fleet.log_tails(30))?;
                 Ok(Self::Swan(Box::new(site)))
             }
-            "gateway" => {
-                let ns = fleet
-                    .wan()
-                    .host("site1", &site_wan(SITE), Some(&site_host(SITE)))?;
-                let dir = scratch.join("site-gateway");
-                let (lan, id, to) = (site_lan(SITE), sites::peer_id(SITE), front.to_string());
-                common::StaticEroute {
-                    name: "hq",
-                    local_subnet: &lan,
-                    remote_subnet: GW_LAN,
-                    peer_id: GW_ID,
-                    local_id: &id,
-                    initiate_to: Some(&to),
-                    ike: strongswan::DEFAULT_IKE_PROPOSAL,
-                    esp: strongswan::DEFAULT_ESP_PROPOSAL,
-                    psk,
-                    ..Default::default()
-                }
-                .write(&dir.join("config"))?;
-                std::fs::create_dir_all(dir.join("data"))?;
-                let gateway = common::start_gateway(&ns, "site gateway", &dir, &site_wan(SITE), &[])?;
-                Ok(Self::Ours {
-                    _gateway: gateway,
-                    ns,
-                    dir,
-                })
-            }
+            "gateway" => Ok(Self::Ours(common::fleet::GatewaySite::start(
+                fleet, SITE, psk, scratch,
+            )?)),
             other => bail!("BENCH_SITE={other}: expected strongswan or gateway"),
         }
     }
@@ -241,7 +211,7 @@ impl Remote {
     fn ns(&self) -> &Netns {
         match self {
             Self::Swan(s) => s.ns(),
-            Self::Ours { ns, .. } => ns,
+            Self::Ours(g) => &g.ns,
         }
     }
 
@@ -261,14 +231,14 @@ impl Remote {
     fn comm(&self) -> &'static str {
         match self {
             Self::Swan(_) => "charon",
-            Self::Ours { .. } => "concentrator-ga",
+            Self::Ours(_) => "concentrator-ga",
         }
     }
 
     fn log_tail(&self, lines: usize) -> String {
         match self {
             Self::Swan(s) => s.log_tail(lines),
-            Self::Ours { dir, .. } => logs::tail(&dir.join("gateway.log"), lines),
+            Self::Ours(g) => g.log_tail(lines),
         }
     }
 }

@@ -8,8 +8,9 @@
 //! established tunnels keep carrying traffic, a new site is refused until etcd is back,
 //! then connects.
 //!
-//! `FLEET_E2E_SITES` sets the number of sites of the first two tests (default 30). One
-//! charon per site namespace. As non-root every test prints SKIP and passes.
+//! `FLEET_E2E_SITES` sets the number of strongSwan sites of the first two tests (default
+//! 30); two more sites run our own gateway (a static eroute, role Initiator, toward the
+//! front). One charon per site namespace. As non-root every test prints SKIP and passes.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -25,7 +26,11 @@ use concentrator_e2e::{etcd, prereq, strongswan};
 
 mod common;
 
+use common::fleet::GatewaySite;
+
 const PODS: usize = 3;
+/// Sites that run our own gateway, beside the strongSwan ones.
+const GATEWAY_SITES: usize = 2;
 /// How long one site may take to establish and answer a ping.
 const TIMEOUT: Duration = Duration::from_secs(40);
 /// Sites started and connected at once.
@@ -65,28 +70,33 @@ fn connect(fleet: &Fleet, s: &Site) -> Result<()> {
 
 /// The one pod whose tunnel table lists site `s`.
 fn owner(fleet: &Fleet, s: &Site) -> Result<usize> {
-    let owners = fleet.owners_of(&s.peer_id())?;
+    owner_of(fleet, &s.peer_id())
+}
+
+/// The one pod whose tunnel table lists the site `peer_id`.
+fn owner_of(fleet: &Fleet, peer_id: &str) -> Result<usize> {
+    let owners = fleet.owners_of(peer_id)?;
     match owners[..] {
         [one] => Ok(one),
-        _ => bail!("site {} is listed by pods {owners:?}, not by exactly one", s.n()),
+        _ => bail!("site {peer_id} is listed by pods {owners:?}, not by exactly one"),
     }
 }
 
-/// Waits until etcd holds a claim for every site of `sites`, naming the pod that holds the
-/// site's tunnel.
-fn wait_claims_match(fleet: &Fleet, sites: &[Site], timeout: Duration) -> Result<()> {
+/// Waits until etcd holds a claim for every site of `sites` (by peer ID), naming the pod
+/// that holds the site's tunnel.
+fn wait_claims_match(fleet: &Fleet, sites: &[String], timeout: Duration) -> Result<()> {
     wait::until("every site's claim in etcd to name its pod", timeout, || {
         let claims = fleet.claims()?;
         let mut wrong = Vec::new();
-        for s in sites {
-            let own = owner(fleet, s)?;
+        for peer in sites {
+            let own = owner_of(fleet, peer)?;
             let held: Vec<Option<usize>> = claims
                 .iter()
-                .filter(|c| c.peer_id == s.peer_id())
+                .filter(|c| &c.peer_id == peer)
                 .map(|c| c.member)
                 .collect();
             if held != [Some(own)] {
-                wrong.push(format!("site {} on gw-{own} claimed by {held:?}", s.n()));
+                wrong.push(format!("site {peer} on gw-{own} claimed by {held:?}"));
             }
         }
         Ok(if wrong.is_empty() {
@@ -144,17 +154,57 @@ fn samples(fleet: &Fleet, name: &str) -> String {
 fn sites_through_front(affinity: Affinity, keepalives: bool) -> Result<()> {
     let t0 = Instant::now();
     let n = site_count();
-    let psks = common::fleet::psks(n);
+    // strongSwan sites 1..=n, then sites running our own gateway.
+    let psks = common::fleet::psks(n + GATEWAY_SITES);
     let (config, mut fleet) = common::fleet::start(PODS, affinity, &psks)?;
     let t_fleet = t0.elapsed();
     let front = fleet.front().address();
-    let started = sites::start_all(fleet.wan(), front, &psks, THREADS)?;
+    let started = sites::start_all(fleet.wan(), front, &psks[..n], THREADS)?;
     let t_sites = t0.elapsed();
     sites::in_parallel(&started, THREADS, |s| connect(&fleet, s))?;
+    let ours: Vec<GatewaySite> = psks[n..]
+        .iter()
+        .map(|(k, psk)| GatewaySite::start(&fleet, *k, psk, config.path()))
+        .collect::<Result<_>>()?;
+    for g in &ours {
+        g.ns.wait_reachable(Some(g.host()), addr(GW_HOST), TIMEOUT)
+            .with_context(|| {
+                format!(
+                    "site {} (our gateway)\n{}\n{}",
+                    g.n,
+                    g.log_tail(30),
+                    fleet.log_tails(30)
+                )
+            })?;
+    }
     let t_up = t0.elapsed();
+    let total = n + GATEWAY_SITES;
     fleet
-        .wait_metric_sum("ike_sas_established", TIMEOUT, |v| v == n as f64)
+        .wait_metric_sum("ike_sas_established", TIMEOUT, |v| v == total as f64)
         .with_context(|| fleet.log_tails(30))?;
+    // Our gateway sites floated to NAT-T too, and each carries a checksummed TCP stream to
+    // the head-end at the pod that holds it (through another pod's entry when the front put
+    // its flow there).
+    let at_4500 = fleet.front().placement(4500)?;
+    for g in &ours {
+        let wan = addr(&concentrator_e2e::topology::site_wan(g.n));
+        ensure!(
+            at_4500.contains_key(&wan),
+            "site {} (our gateway) has no port-4500 flow through the front: it did not float to NAT-T",
+            g.n
+        );
+        let own = fleet.pod(owner_of(&fleet, &g.peer_id())?);
+        common::tcp_transfer(&g.ns, &g.host().to_string(), own.ns(), GW_HOST, config.path()).with_context(
+            || {
+                format!(
+                    "TCP from site {} (our gateway) to {}\n{}",
+                    g.n,
+                    own.name(),
+                    g.log_tail(30)
+                )
+            },
+        )?;
+    }
 
     // Each site is owned by exactly one pod; where its flows entered, per Service port.
     let owners: Vec<usize> = started.iter().map(|s| owner(&fleet, s)).collect::<Result<_>>()?;
@@ -192,21 +242,23 @@ fn sites_through_front(affinity: Affinity, keepalives: bool) -> Result<()> {
     }
     let t_tcp = t0.elapsed();
 
-    wait_claims_match(&fleet, &started, TIMEOUT)?;
+    let mut peers: Vec<String> = started.iter().map(Site::peer_id).collect();
+    peers.extend(ours.iter().map(GatewaySite::peer_id));
+    wait_claims_match(&fleet, &peers, TIMEOUT)?;
     fleet.check_running()?;
 
     // Any member lists the whole fleet's tunnels, each with the member that holds it.
     let listing = fleet.pod(PODS - 1).fleet_tunnels(&fleet.options().gateway_bin)?;
-    for (s, &own) in started.iter().zip(&owners) {
+    for peer in &peers {
+        let own = owner_of(&fleet, peer)?;
         let rows: Vec<&str> = listing
             .lines()
-            .filter(|l| l.split_whitespace().next() == Some(s.peer_id().as_str()))
+            .filter(|l| l.split_whitespace().next() == Some(peer.as_str()))
             .collect();
         ensure!(
             rows.len() == 1 && rows[0].split_whitespace().last() == Some(fleet.pod(own).name().as_str()),
-            "tunnels --fleet on {} should list site {} once, held by {}:\n{listing}",
+            "tunnels --fleet on {} should list site {peer} once, held by {}:\n{listing}",
             fleet.pod(PODS - 1).name(),
-            s.n(),
             fleet.pod(own).name()
         );
     }
@@ -218,7 +270,7 @@ fn sites_through_front(affinity: Affinity, keepalives: bool) -> Result<()> {
         *per_pod.entry(fleet.pod(*o).name()).or_insert(0) += 1;
     }
     eprintln!(
-        "fleet_sites ({affinity:?}): {n} sites, owners {per_pod:?}; flows by pod: port 500 \
+        "fleet_sites ({affinity:?}): {n} strongSwan sites and {GATEWAY_SITES} of ours, strongSwan owners {per_pod:?}; flows by pod: port 500 \
          {:?}, port 4500 {:?}; {split} sites had their port-500 and port-4500 flows on \
          different pods, {} had their ESP enter through a pod other than the owner; forwarded \
          packets (sum over pods) {forwarded}; packets pods sent outside a front flow: \
@@ -417,6 +469,10 @@ fn an_etcd_outage_keeps_tunnels_up_and_new_sites_wait_for_it() -> Result<()> {
     // The claims of the sites held across the outage ended with the old sessions' leases
     // (etcd expires them when it resumes): the pods must have claimed them again, or
     // another pod could take a site whose tunnel is up here.
-    wait_claims_match(&fleet, &started, TIMEOUT)?;
+    wait_claims_match(
+        &fleet,
+        &started.iter().map(Site::peer_id).collect::<Vec<_>>(),
+        TIMEOUT,
+    )?;
     Ok(())
 }

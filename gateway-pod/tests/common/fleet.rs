@@ -118,3 +118,64 @@ pub(crate) fn start_with_args(
     );
     Ok((dir, fleet))
 }
+
+/// A site that runs our own gateway: a static eroute (role Initiator, strongSwan's default
+/// proposals) from its LAN to the head-end LAN, toward the fleet's front. Its IKE starts on
+/// port 500 and floats to 4500, as a strongSwan site's does.
+pub(crate) struct GatewaySite {
+    // Dropped before the namespace it runs in.
+    _gateway: concentrator_e2e::process::Daemon,
+    pub(crate) ns: concentrator_e2e::netns::Netns,
+    pub(crate) dir: std::path::PathBuf,
+    pub(crate) n: usize,
+}
+
+impl GatewaySite {
+    /// Site number `n` (its addresses and identity, `concentrator_e2e::topology`) with
+    /// `psk`, on the fleet's WAN; its files under `scratch`. Returns once the gateway serves
+    /// (the tunnel comes up by itself).
+    pub(crate) fn start(fleet: &Fleet, n: usize, psk: &str, scratch: &Path) -> Result<Self> {
+        use concentrator_e2e::topology::{site_host, site_wan};
+        let ns = fleet
+            .wan()
+            .host(&format!("site{n}"), &site_wan(n), Some(&site_host(n)))?;
+        let dir = scratch.join(format!("site{n}-gateway"));
+        let (lan, id, to) = (site_lan(n), peer_id(n), fleet.front().address().to_string());
+        super::StaticEroute {
+            name: "hq",
+            local_subnet: &lan,
+            remote_subnet: GW_LAN,
+            peer_id: GW_ID,
+            local_id: &id,
+            initiate_to: Some(&to),
+            ike: concentrator_e2e::strongswan::DEFAULT_IKE_PROPOSAL,
+            esp: concentrator_e2e::strongswan::DEFAULT_ESP_PROPOSAL,
+            psk,
+            ..Default::default()
+        }
+        .write(&dir.join("config"))?;
+        std::fs::create_dir_all(dir.join("data"))?;
+        let gateway = super::start_gateway(&ns, &format!("site {n} gateway"), &dir, &site_wan(n), &[])?;
+        Ok(Self {
+            _gateway: gateway,
+            ns,
+            dir,
+            n,
+        })
+    }
+
+    /// The site's LAN host address (behind its gateway).
+    pub(crate) fn host(&self) -> std::net::IpAddr {
+        concentrator_e2e::netns::addr(&concentrator_e2e::topology::site_host(self.n))
+    }
+
+    /// The site's peer ID at the head-end.
+    pub(crate) fn peer_id(&self) -> String {
+        peer_id(self.n)
+    }
+
+    /// The last `lines` of its gateway's log.
+    pub(crate) fn log_tail(&self, lines: usize) -> String {
+        concentrator_e2e::logs::tail(&self.dir.join("gateway.log"), lines)
+    }
+}
