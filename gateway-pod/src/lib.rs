@@ -231,6 +231,7 @@ pub async fn start(opts: &Options, config: Config) -> Result<Running, StartError
                         Err(_) => concentrator_ike::redirect::GatewayId::Fqdn(g.to_owned()),
                     }),
                     raw_esp: opts.raw_esp,
+                    ike_workers: opts.ike_workers,
                 },
                 fleet.as_ref(),
             )
