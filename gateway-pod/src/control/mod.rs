@@ -259,10 +259,6 @@ pub async fn start(
     let egroups = SharedEgroups::new(egroups);
     let routes = SharedRoutes::new(Routes::start(opts.tun_name.clone()));
     let backend: Arc<dyn crate::dataplane::backend::ChildSaBackend> = Arc::new(dataplane);
-    let mut endpoint_config = opts.endpoint.clone();
-    // The limits hold for the pod: each worker's endpoint takes its share.
-    endpoint_config.cookie_threshold = endpoint_config.cookie_threshold.div_ceil(n);
-    endpoint_config.max_half_open = endpoint_config.max_half_open.div_ceil(n);
     let (mut acquire_rx, mut claims_rx, mut driver_fleet) = (Some(acquire_rx), Some(claims_rx), driver_fleet);
     let mut workers = Vec::with_capacity(n);
     let (ended_tx, ended) = mpsc::channel(n);
@@ -272,7 +268,7 @@ pub async fn start(
         .zip(worker_reload_rxs.into_iter().zip(worker_sa_event_rxs))
         .enumerate()
     {
-        let mut endpoint = Endpoint::new(endpoint_config.clone(), responder_config.clone());
+        let mut endpoint = Endpoint::new(worker_limits(&opts.endpoint, w, n), responder_config.clone());
         endpoint.set_redirect(opts.redirect_to.clone());
         if fleet.is_some_and(|f| f.replicator.copies() > 0) {
             endpoint.track_changes();
@@ -366,6 +362,18 @@ pub async fn start(
     })
 }
 
+/// The endpoint limits of worker `w` of `n`: the pod's, shared out so that they add up to
+/// the pod's (new sites are spread evenly over the workers). Each worker may keep at least
+/// one half-open SA, or a worker whose share is zero would drop every site hashed to it.
+fn worker_limits(pod: &EndpointConfig, w: usize, n: usize) -> EndpointConfig {
+    let share = |limit: usize| limit / n + usize::from(w < limit % n);
+    EndpointConfig {
+        cookie_threshold: share(pod.cookie_threshold),
+        max_half_open: share(pod.max_half_open).max(1),
+        ..pod.clone()
+    }
+}
+
 /// Binds the IKE port: one socket, or with several workers one per worker (SO_REUSEPORT: the
 /// kernel spreads sites over them by address, and a message read by a worker whose SA it is
 /// not is passed on to the right one).
@@ -456,4 +464,30 @@ async fn supervise(mut s: Supervised) {
     }
     s.dataplane.abort();
     s.routes.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_limits_add_up_to_the_pods() {
+        let pod = EndpointConfig {
+            cookie_threshold: 5,
+            max_half_open: 20_000,
+            ..EndpointConfig::default()
+        };
+        for n in 1..=7 {
+            let shares: Vec<_> = (0..n).map(|w| worker_limits(&pod, w, n)).collect();
+            assert_eq!(shares.iter().map(|c| c.cookie_threshold).sum::<usize>(), 5);
+            assert_eq!(shares.iter().map(|c| c.max_half_open).sum::<usize>(), 20_000);
+        }
+        assert_eq!(worker_limits(&pod, 0, 1).cookie_threshold, 5);
+        // One half-open SA per worker at least.
+        let tiny = EndpointConfig {
+            max_half_open: 1,
+            ..pod
+        };
+        assert_eq!(worker_limits(&tiny, 1, 2).max_half_open, 1);
+    }
 }
