@@ -236,6 +236,24 @@ mod tests {
     }
 
     #[test]
+    fn a_delete_reaches_the_worker_that_holds_the_sa() {
+        let (txs, mut rxs): (Vec<_>, Vec<_>) = (0..3).map(|_| mpsc::unbounded_channel()).unzip();
+        let txs: Arc<[_]> = txs.into();
+        let peers: Vec<_> = (0..3).map(|w| Peers::new(w, txs.clone())).collect();
+        for w in 0..3 {
+            let spi = shard_for_worker(w, 3, 99)
+                .and_then(|s| s.ike_spi(7 << 20))
+                .unwrap();
+            assert!(peers[w].holds(spi));
+            // Asked by another worker: only the holder's queue has it.
+            peers[(w + 1) % 3].delete(spi);
+            for (v, rx) in rxs.iter_mut().enumerate() {
+                assert_eq!(rx.try_recv().ok(), (v == w).then_some(spi));
+            }
+        }
+    }
+
+    #[test]
     fn rejects_nothing_it_cannot_read() {
         let (r, _rx) = router(3);
         let remote = SocketAddr::from(([192, 0, 2, 1], 500));
