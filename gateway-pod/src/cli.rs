@@ -153,8 +153,10 @@ pub struct Options {
         default_value = "auto"
     )]
     pub tcp_mss_clamp: crate::dataplane::mss::MssClampOption,
+
     /// IKE control workers: the IKE SAs are shared out over them by SPI, each with its own
-    /// engine and sockets. Default: one per core. A fleet member runs one.
+    /// engine and sockets. Default: one (more gave no gain on 2 cores, BENCHMARKS.md). A
+    /// fleet member runs one.
     #[arg(long, env = "CONCENTRATOR_IKE_WORKERS", value_name = "N", default_value_t = crate::control::default_workers(), value_parser = parse_ike_workers)]
     pub ike_workers: usize,
 

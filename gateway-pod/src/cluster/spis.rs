@@ -100,9 +100,11 @@ impl GatewayEntropy {
         let Some(shard) = shard else {
             return Ok(());
         };
-        // Zero (RFC 7296: "MUST NOT be zero") only in shard 0: the engine draws again.
-        if let Some(spi) = shard.ike_spi(random) {
-            buf.copy_from_slice(&spi.to_be_bytes());
+        // Zero (RFC 7296: "MUST NOT be zero") only in shard 0: the engine draws again. A
+        // random SPI kept instead would be routed to another worker.
+        match shard.ike_spi(random) {
+            Some(spi) => buf.copy_from_slice(&spi.to_be_bytes()),
+            None => buf.fill(0),
         }
         Ok(())
     }

@@ -182,6 +182,12 @@ pub async fn start(
 
     // A fleet runs one worker: its claims, replication and hand-overs are per pod.
     let n = if fleet.is_some() {
+        if opts.ike_workers > 1 {
+            tracing::warn!(
+                ike_workers = opts.ike_workers,
+                "a fleet member runs one IKE worker: --ike-workers is ignored"
+            );
+        }
         1
     } else {
         opts.ike_workers.clamp(1, MAX_IKE_WORKERS)
@@ -353,8 +359,10 @@ pub async fn start(
             stop: stop_workers_rx.clone(),
         });
         workers.push(tokio::spawn(async move {
+            // Said on the way out, also when the worker panics (the guard is dropped as the
+            // task unwinds): the supervisor then stops every worker, as when one fails.
+            let _ended = Ended(ended);
             run.await;
-            let _ = ended.try_send(());
         }));
     }
     drop(claims_tx);
@@ -387,9 +395,14 @@ pub async fn start(
 /// the pod's (new sites are spread evenly over the workers). Each worker may keep at least
 /// one half-open SA, or a worker whose share is zero would drop every site hashed to it.
 fn worker_limits(pod: &EndpointConfig, w: usize, n: usize) -> EndpointConfig {
+    if n <= 1 {
+        return pod.clone();
+    }
+    // A worker with a cookie threshold of zero would ask every new site for a cookie:
+    // at least one each (the pod's threshold is then a little above what it says).
     let share = |limit: usize| limit / n + usize::from(w < limit % n);
     EndpointConfig {
-        cookie_threshold: share(pod.cookie_threshold),
+        cookie_threshold: share(pod.cookie_threshold).max(1),
         max_half_open: share(pod.max_half_open).max(1),
         ..pod.clone()
     }
@@ -424,6 +437,15 @@ async fn bind_ike_sockets(listen: IpAddr, port: u16, n: usize) -> Result<Vec<Arc
             Arc::new(s)
         })
         .collect())
+}
+
+/// Tells the supervisor that a worker ended, when dropped.
+struct Ended(mpsc::Sender<()>);
+
+impl Drop for Ended {
+    fn drop(&mut self) {
+        let _ = self.0.try_send(());
+    }
 }
 
 /// What the supervisor of the IKE workers holds.
@@ -498,12 +520,21 @@ mod tests {
             max_half_open: 20_000,
             ..EndpointConfig::default()
         };
-        for n in 1..=7 {
+        for n in 1..=5 {
             let shares: Vec<_> = (0..n).map(|w| worker_limits(&pod, w, n)).collect();
             assert_eq!(shares.iter().map(|c| c.cookie_threshold).sum::<usize>(), 5);
             assert_eq!(shares.iter().map(|c| c.max_half_open).sum::<usize>(), 20_000);
         }
         assert_eq!(worker_limits(&pod, 0, 1).cookie_threshold, 5);
+        // More workers than the threshold: each asks for cookies only past one half-open SA
+        // of its own, never from the first site.
+        assert!((0..7).all(|w| worker_limits(&pod, w, 7).cookie_threshold >= 1));
+        // One worker: the pod's limits exactly, even a half-open limit of zero.
+        let none = EndpointConfig {
+            max_half_open: 0,
+            ..pod.clone()
+        };
+        assert_eq!(worker_limits(&none, 0, 1).max_half_open, 0);
         // One half-open SA per worker at least.
         let tiny = EndpointConfig {
             max_half_open: 1,

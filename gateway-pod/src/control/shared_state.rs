@@ -92,8 +92,10 @@ impl SharedEgroups {
         config: &Config,
         diff: &crate::config::ConfigDiff,
         stores: std::collections::BTreeMap<String, Option<crate::sitedb::SiteStore>>,
-    ) -> Vec<DynamicEroute> {
-        self.lock().egroups.reconfigure(config, diff, stores)
+    ) -> Vec<(DynamicEroute, u64)> {
+        let mut shared = self.lock();
+        let evicted = shared.egroups.reconfigure(config, diff, stores);
+        shared.owners.take_evicted(evicted)
     }
 
     pub(super) fn check_tables_of(

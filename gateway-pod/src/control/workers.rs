@@ -27,12 +27,12 @@ pub const MAX_IKE_WORKERS: usize = 64;
 
 const _: () = assert!(MAX_IKE_WORKERS <= SHARDS as usize);
 
-/// IKE workers by default: one per core. `--ike-workers` / `CONCENTRATOR_IKE_WORKERS`
-/// override it.
+/// IKE workers by default: one, as before workers existed. On the 2-core machine of
+/// BENCHMARKS.md two workers gave no more establishments than one (0.92-0.96x per core,
+/// the load generator sharing the cores), so more are asked for with `--ike-workers` /
+/// `CONCENTRATOR_IKE_WORKERS` until a machine with cores to spare shows the gain.
 pub fn default_workers() -> usize {
-    std::thread::available_parallelism()
-        .map_or(1, std::num::NonZero::get)
-        .clamp(1, MAX_IKE_WORKERS)
+    1
 }
 
 /// Where an IKE message goes: the worker that holds its SA, or picks up a new one. Cheap to

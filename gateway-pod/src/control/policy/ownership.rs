@@ -19,6 +19,24 @@ pub(in crate::control) struct Owners {
     statics: HashMap<(Arc<str>, Arc<str>), u64>,
 }
 
+impl Owners {
+    /// The owners of dynamic eroutes just evicted from their egroup's table, removed under
+    /// the same lock as the eviction: an evicted site may reconnect on another worker at
+    /// once, and the owner it takes then must not be removed by this eviction.
+    pub(in crate::control) fn take_evicted(
+        &mut self,
+        evicted: Vec<DynamicEroute>,
+    ) -> Vec<(DynamicEroute, u64)> {
+        evicted
+            .into_iter()
+            .filter_map(|e| {
+                let key = (Arc::from(e.egroup.as_str()), Arc::from(e.peer_id.as_str()));
+                self.dynamic.remove(&key).map(|owner| (e, owner))
+            })
+            .collect()
+    }
+}
+
 impl Driver {
     /// An egroup site is authenticated: its dynamic eroute is this SA's. An older SA of the
     /// same site is replaced (as INITIAL_CONTACT would ask), and the least recently used
@@ -46,6 +64,7 @@ impl Driver {
             let evicted = shared
                 .egroups
                 .insert(&egroup, &base, &peer_id, subnet, address, now);
+            let evicted = shared.owners.take_evicted(evicted);
             (old, evicted)
         };
         if let Some(old) = old
@@ -58,20 +77,12 @@ impl Driver {
         self.publish_dynamic_counts();
     }
 
-    /// Dynamic eroutes evicted from their egroup's table: their IKE SAs are deleted.
-    pub(in crate::control) fn delete_evicted(&mut self, evicted: Vec<DynamicEroute>, now: Instant) {
-        for evicted in evicted {
-            let egroup = evicted.egroup;
-            let owner = self
-                .egroups
-                .lock()
-                .owners
-                .dynamic
-                .remove(&(Arc::from(egroup.as_str()), Arc::from(evicted.peer_id.as_str())));
-            if let Some(owner) = owner {
-                tracing::info!(peer_id = %evicted.peer_id, %egroup, "least recently used site evicted");
-                self.delete_sa(owner, now);
-            }
+    /// The IKE SAs of dynamic eroutes evicted from their egroup's table are deleted (their
+    /// owners were taken under the lock of the eviction: [`Owners::take_evicted`]).
+    pub(in crate::control) fn delete_evicted(&mut self, evicted: Vec<(DynamicEroute, u64)>, now: Instant) {
+        for (evicted, owner) in evicted {
+            tracing::info!(peer_id = %evicted.peer_id, egroup = %evicted.egroup, "least recently used site evicted");
+            self.delete_sa(owner, now);
         }
     }
 
