@@ -154,6 +154,12 @@ pub struct Options {
     )]
     pub tcp_mss_clamp: crate::dataplane::mss::MssClampOption,
 
+    /// IKE control workers: the IKE SAs are shared out over them by SPI, each with its own
+    /// engine and sockets. Default: one (more gave no gain on 2 cores, BENCHMARKS.md). A
+    /// fleet member runs one.
+    #[arg(long, env = "CONCENTRATOR_IKE_WORKERS", value_name = "N", default_value_t = crate::control::default_workers(), value_parser = parse_ike_workers)]
+    pub ike_workers: usize,
+
     /// etcd client URLs (comma-separated): join the fleet of gateway pods that share this
     /// etcd and key prefix (shard ownership, site claims, SPI routing). Unset: a standalone
     /// gateway.
@@ -389,6 +395,15 @@ pub enum SitesCommand {
         #[arg(long, value_name = "LEN")]
         prefix: Option<u8>,
     },
+}
+
+/// `--ike-workers`: 1 to [`crate::control::MAX_IKE_WORKERS`].
+fn parse_ike_workers(s: &str) -> Result<usize, String> {
+    let max = crate::control::MAX_IKE_WORKERS;
+    match s.parse::<usize>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(format!("a number of workers from 1 to {max}")),
+    }
 }
 
 #[cfg(test)]

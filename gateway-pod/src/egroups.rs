@@ -153,14 +153,14 @@ impl Egroups {
     pub fn check_tables(
         &self,
     ) -> impl Future<Output = Vec<(String, Result<(), LookupError>)>> + Send + 'static {
-        self.check_tables_of(|_| true)
+        self.check_tables_of(&|_| true)
     }
 
     /// [`Self::check_tables`] for the egroups `which` names (those a reload started anew).
     pub fn check_tables_of(
         &self,
-        which: impl Fn(&str) -> bool,
-    ) -> impl Future<Output = Vec<(String, Result<(), LookupError>)>> + Send + 'static {
+        which: &dyn Fn(&str) -> bool,
+    ) -> impl Future<Output = Vec<(String, Result<(), LookupError>)>> + Send + 'static + use<> {
         let mut checks = tokio::task::JoinSet::new();
         for (name, g) in self.groups.iter().filter(|(n, _)| which(n)) {
             let (name, lookups) = (name.clone(), g.lookups.clone());
@@ -201,7 +201,7 @@ impl Egroups {
         egroup: &str,
         peer_id: &str,
         now: Instant,
-    ) -> impl Future<Output = Result<Site, LookupError>> + Send + 'static {
+    ) -> impl Future<Output = Result<Site, LookupError>> + Send + 'static + use<> {
         let group = self
             .groups
             .get(egroup)
@@ -233,7 +233,7 @@ impl Egroups {
         egroup: &str,
         subnet: IpNet,
         now: Instant,
-    ) -> impl Future<Output = Result<Site, LookupError>> + Send + 'static {
+    ) -> impl Future<Output = Result<Site, LookupError>> + Send + 'static + use<> {
         let lookups = self.groups.get(egroup).map(|g| g.lookups.clone());
         let cache = self.cache.clone();
         let egroup = egroup.to_owned();

@@ -232,6 +232,7 @@ pub async fn start(opts: &Options, config: Config) -> Result<Running, StartError
                     }),
                     raw_esp: opts.raw_esp,
                     tcp_mss_clamp: opts.tcp_mss_clamp,
+                    ike_workers: opts.ike_workers,
                 },
                 fleet.as_ref(),
             )

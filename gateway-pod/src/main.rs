@@ -7,7 +7,13 @@ use concentrator_gateway::{Options, config, open_site_store, start, summary};
 fn main() -> ExitCode {
     let opts = Options::parse();
     let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = control_threads() {
+    // A fleet member runs one IKE worker (`control::start`).
+    let ike_workers = if opts.fleet_etcd.is_empty() {
+        opts.ike_workers
+    } else {
+        1
+    };
+    if let Some(n) = control_threads(ike_workers) {
         builder.worker_threads(n);
     }
     let runtime = match builder.enable_all().build() {
@@ -21,16 +27,17 @@ fn main() -> ExitCode {
 }
 
 /// Threads of the runtime that runs IKE, the admin API, metrics and site lookups: half the
-/// cores (at least one). The data plane has a thread per core of its own, and a thread per
-/// core here as well only competed with it: on 2 cores, one thread here instead of two gave
-/// 19% more IKE establishments per core (6,098 -> 7,246/s, BENCHMARKS.md). A set
-/// `TOKIO_WORKER_THREADS` still decides.
-fn control_threads() -> Option<usize> {
+/// cores (at least one), and at least one per IKE worker (`ike_workers`), which would
+/// otherwise take turns on fewer threads. The data plane has a thread per core of its own,
+/// and a thread per core here as well only competed with it while IKE ran on one task: on
+/// 2 cores, one thread here instead of two gave 19% more IKE establishments per core
+/// (6,098 -> 7,246/s, BENCHMARKS.md). A set `TOKIO_WORKER_THREADS` still decides.
+fn control_threads(ike_workers: usize) -> Option<usize> {
     if std::env::var_os("TOKIO_WORKER_THREADS").is_some() {
         return None;
     }
     let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
-    Some((cores / 2).max(1))
+    Some((cores / 2).max(1).max(ike_workers))
 }
 
 /// `esp-static`: one tunnel with hand-made SAs, until stopped.

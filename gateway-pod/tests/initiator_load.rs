@@ -36,6 +36,9 @@
 //! `tunnels_per_pod_ours_vs_strongswan` (issue 21) keeps N sites on one gateway, each with its
 //! own subnet and answered liveness checks: 2,000 in CI, 10k/50k/100k in the full run.
 //!
+//! `ike_workers_one_vs_two` (issue 21, IKE on every core) runs the generator against our
+//! gateway with `--ike-workers 1`, then 2, and prints the rates per gateway core and the ratio.
+//!
 //! With the SAs kept, each responder's RSS growth over the run (read a few seconds after it)
 //! divided by the SAs is its memory per tunnel, printed for both.
 //!
@@ -610,6 +613,8 @@ struct Size {
     threads: u64,
     full: bool,
     scenarios: Vec<Scenario>,
+    /// Our gateway's `--ike-workers` (its default, one per core, when `None`).
+    ike_workers: Option<usize>,
 }
 
 impl Size {
@@ -629,6 +634,7 @@ impl Size {
                 Scenario::plain(env_or("IKE_LOAD_SAS", churn)?, false),
                 Scenario::plain(env_or("IKE_LOAD_HOLD_SAS", hold)?, true),
             ],
+            ike_workers: None,
         })
     }
 }
@@ -785,6 +791,12 @@ fn measure_ours(
         .args(["--data-dir", data.to_str().context("path")?])
         .args(["--ike-listen", OURS_ADDR])
         .args(["--ike-cookie-threshold", &limit, "--ike-max-half-open", &limit])
+        .args(
+            size.ike_workers
+                .map(|n| ["--ike-workers".to_owned(), n.to_string()])
+                .into_iter()
+                .flatten(),
+        )
         // The full run keeps the gateway's own start-up lines ("gateway ready") and drops the
         // two info lines per SA of the control plane, as charon logs nothing there.
         .env(
@@ -990,6 +1002,71 @@ fn ike_establishment_rate_ours_vs_strongswan() -> Result<()> {
         ensure!(
             r.established == scenario.sas && r.failed == 0,
             "{what}, {}: {} established, {} failed",
+            scenario.label(),
+            r.established,
+            r.failed
+        );
+    }
+    Ok(())
+}
+
+/// Issue 21's IKE on every core: our gateway with one IKE worker, then with two (each a
+/// fresh gateway), the same generator against each: the churn scenario (each SA deleted once
+/// up) then the one that keeps them (`IKE_LOAD_SAS`, `IKE_LOAD_HOLD_SAS`). Printed per
+/// scenario: each run's establishment rate and rate per gateway CPU-second (per core), and
+/// the ratios two workers / one. The generator shares the machine: where it and the
+/// gateway together fill every core, the rate cannot double however the gateway scales;
+/// the per-core figure still says what each establishment costs the gateway.
+#[test]
+fn ike_workers_one_vs_two() -> Result<()> {
+    if prereq::require(&[netns::TOOLS]).is_skip() {
+        return Ok(());
+    }
+    let mut size = Size::from_env()?;
+    let Some(bin) = gateway_bin() else {
+        ensure!(
+            !size.full,
+            "no concentrator-gateway binary: cargo build --release -p concentrator-gateway"
+        );
+        eprintln!("SKIP: no concentrator-gateway binary at IKE_LOAD_GATEWAY_BIN");
+        return Ok(());
+    };
+    let wan = Wan::new()?;
+    let site = Netns::new("loadsite")?;
+    wan.attach(&site, "wan0", format!("{SITE_ADDR}/24").parse()?)?;
+    println!(
+        "IKE workers, 1 vs 2: IKE + CHILD SA establishments, {IKE} / {ESP}, PSK, window {}, {} generator \
+         thread(s); generator and gateway share this machine's {} cores:",
+        size.window,
+        size.threads,
+        std::thread::available_parallelism().map_or(0, usize::from)
+    );
+    let mut runs = Vec::new();
+    for scenario in size.scenarios.clone() {
+        println!("{}:", scenario.label());
+        let mut by_workers = Vec::new();
+        for workers in [1, 2] {
+            size.ike_workers = Some(workers);
+            let run = measure_ours(&wan, &site, &bin, &size, scenario)?;
+            report(&format!("{workers} worker(s)"), &run);
+            by_workers.push(run);
+        }
+        if let [one, two] = &by_workers[..] {
+            println!(
+                "  2 workers / 1: {:.2}x establishments/s, {:.2}x per gateway core; gateway cores busy: {:.2} vs {:.2}",
+                two.rate() / one.rate().max(1e-9),
+                two.per_core() / one.per_core().max(1e-9),
+                one.responder_cpu / one.seconds.max(1e-9),
+                two.responder_cpu / two.seconds.max(1e-9),
+            );
+        }
+        runs.extend(by_workers.into_iter().map(|r| (scenario, r)));
+    }
+    // Correctness only: every negotiation established. Rates are never asserted.
+    for (scenario, r) in &runs {
+        ensure!(
+            r.established == scenario.sas && r.failed == 0,
+            "{}: {} established, {} failed",
             scenario.label(),
             r.established,
             r.failed

@@ -9,16 +9,28 @@ use concentrator_fleet::Shard;
 
 use super::view::SharedView;
 
-/// The gateway's [`Entropy`]: the system's, and SPIs in our shards in a fleet.
+/// The gateway's [`Entropy`]: the system's, and SPIs in our shards in a fleet, or in the
+/// shards of one IKE worker of several (`control::workers`).
 #[derive(Clone, Debug, Default)]
 pub struct GatewayEntropy {
     view: Option<SharedView>,
+    /// (this worker, of how many): standalone with several IKE workers, a new IKE SA's SPIs
+    /// go in a shard of this worker's.
+    worker: Option<(usize, usize)>,
 }
 
 impl GatewayEntropy {
     /// Standalone (`None`) or in the fleet `view` describes.
     pub fn new(view: Option<SharedView>) -> Self {
-        Self { view }
+        Self { view, worker: None }
+    }
+
+    /// For IKE worker `w` of `n` (standalone: a fleet runs one worker).
+    pub fn for_worker(self, w: usize, n: usize) -> Self {
+        Self {
+            worker: (n > 1 && self.view.is_none()).then_some((w, n)),
+            ..self
+        }
     }
 }
 
@@ -34,7 +46,7 @@ impl Entropy for GatewayEntropy {
     fn spi(&mut self, buf: &mut [u8], near: Option<u64>) -> Result<(), CryptoError> {
         SystemEntropy.fill(buf)?;
         let Some(view) = &self.view else {
-            return Ok(());
+            return self.worker_spi(buf, near);
         };
         let shard = match near {
             // Every SPI of an IKE SA in the shard of its first: the shard is taken over (and
@@ -72,6 +84,32 @@ impl Entropy for GatewayEntropy {
     }
 }
 
+impl GatewayEntropy {
+    /// Standalone: an IKE SPI (freshly drawn in `buf`) in a shard of this worker's, or, for a
+    /// later SA of an IKE SA, in the shard of its first (so that every IKE SA, rekeyed or
+    /// not, stays in its worker). ESP SPIs are left as drawn: nothing routes by them here.
+    fn worker_spi(&self, buf: &mut [u8], near: Option<u64>) -> Result<(), CryptoError> {
+        let (Some((w, n)), Ok(b)) = (self.worker, <[u8; 8]>::try_from(&*buf)) else {
+            return Ok(());
+        };
+        let random = u64::from_be_bytes(b);
+        let shard = match near {
+            Some(spi) => Some(Shard::of_ike_spi(spi)),
+            None => crate::control::shard_for_worker(w, n, random.rotate_left(17)),
+        };
+        let Some(shard) = shard else {
+            return Ok(());
+        };
+        // Zero (RFC 7296: "MUST NOT be zero") only in shard 0: the engine draws again. A
+        // random SPI kept instead would be routed to another worker.
+        match shard.ike_spi(random) {
+            Some(spi) => buf.copy_from_slice(&spi.to_be_bytes()),
+            None => buf.fill(0),
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
@@ -103,5 +141,33 @@ mod tests {
             assert_eq!(Shard::of_esp_spi(u32::from_be_bytes(esp)), shard);
             assert_eq!(Shard::of_ike_spi(u64::from_be_bytes(rekeyed)), shard);
         }
+    }
+
+    #[test]
+    fn each_worker_allocates_ike_spis_it_routes_to_itself() {
+        for n in [2, 3, 8] {
+            for w in 0..n {
+                let mut e = GatewayEntropy::new(None).for_worker(w, n);
+                for _ in 0..50 {
+                    let mut ike = [0u8; 8];
+                    e.spi(&mut ike, None).unwrap();
+                    let ike = u64::from_be_bytes(ike);
+                    assert_eq!(crate::control::worker_of_spi(n, ike), w);
+                    let mut rekeyed = [0u8; 8];
+                    e.spi(&mut rekeyed, Some(ike)).unwrap();
+                    assert_eq!(crate::control::worker_of_spi(n, u64::from_be_bytes(rekeyed)), w);
+                }
+            }
+        }
+        // One worker: SPIs as drawn, as before workers.
+        let mut e = GatewayEntropy::new(None).for_worker(0, 1);
+        let shards: std::collections::HashSet<_> = (0..200)
+            .map(|_| {
+                let mut ike = [0u8; 8];
+                e.spi(&mut ike, None).unwrap();
+                Shard::of_ike_spi(u64::from_be_bytes(ike))
+            })
+            .collect();
+        assert!(shards.len() > 50);
     }
 }

@@ -12,20 +12,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use concentrator_ike::endpoint::{Endpoint, EndpointError};
-use concentrator_ike::responder::{Error as ResponderError, Transmit};
+use concentrator_ike::responder::Error as ResponderError;
 use ipnet::IpNet;
 use tokio::net::UdpSocket;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, watch};
 
 use super::events::IkeSaRecord;
 use super::ike_config::IkeConfigs;
-use super::policy::{AutoConnects, LookupDone, Owners, PendingAcquires};
-use super::routes::Routes;
+use super::policy::{AutoConnects, LookupDone, PendingAcquires};
+use super::shared_state::{SharedEgroups, SharedRoutes};
+use super::workers::{IkeRouter, Peers};
 use crate::config::Config;
-use crate::dataplane::DataplaneError;
 use crate::dataplane::backend::ChildSaBackend;
 use crate::dataplane::shared::{IkeDatagram, SaEvent};
-use crate::egroups::Egroups;
 use crate::state::Gateway;
 
 /// IKE datagrams handled per wake-up of the control task (per port) before its responses
@@ -53,7 +52,9 @@ pub(super) struct Driver {
     pub(super) gateway: Arc<Gateway>,
     /// The configuration in force here: a reload replaces it (`reload`).
     pub(super) config: Arc<Config>,
-    pub(super) egroups: Egroups,
+    /// The egroups and who owns each site, shared by the workers.
+    pub(super) egroups: SharedEgroups,
+    /// This worker's socket on port 500 (one per worker, SO_REUSEPORT, with several).
     pub(super) udp500: Arc<UdpSocket>,
     pub(super) udp4500: Arc<UdpSocket>,
     /// Where we listen, who we are, what we propose.
@@ -62,15 +63,19 @@ pub(super) struct Driver {
     pub(super) sas: HashMap<u64, IkeSaRecord>,
     /// Where site lookups report back to this task.
     pub(super) lookups: mpsc::UnboundedSender<LookupDone>,
-    /// Eroutes we keep up or connect on demand.
+    /// Eroutes we keep up or connect on demand (the first worker's: it starts our SAs).
     pub(super) auto: AutoConnects,
-    /// Which IKE SA holds each static peer and dynamic eroute.
-    pub(super) owners: Owners,
     pub(super) pending_acquires: PendingAcquires,
     /// What carries the CHILD SAs (the userspace data plane).
     pub(super) backend: Arc<dyn ChildSaBackend>,
     /// Routes to the TUN device, changed on a task of their own.
-    pub(super) routes: Routes,
+    pub(super) routes: SharedRoutes,
+    /// The other IKE workers ([`super::workers`]).
+    pub(super) peers: Peers,
+    /// Where an IKE message read here goes when it is another worker's.
+    pub(super) router: IkeRouter,
+    /// The engine's SA counts last added to the gauges (the workers' counts add up).
+    pub(super) counted: (i64, i64),
     /// The fleet (`None` standalone).
     pub(super) fleet: Option<super::fleet::DriverFleet>,
     /// Sites whose last IKE SA went in this wake-up: how their flows enter the fleet is
@@ -102,17 +107,36 @@ impl Names {
     }
 }
 
-/// What the other tasks send the driver.
+/// What the other tasks send the driver. Only the first worker gets acquires (it starts
+/// our SAs) and claim events (the fleet runs one worker).
 pub(super) struct Inputs {
     pub(super) ike: mpsc::Receiver<IkeDatagram>,
     pub(super) lookups: mpsc::UnboundedReceiver<LookupDone>,
-    pub(super) claims: mpsc::UnboundedReceiver<super::claims::ClaimEvent>,
-    pub(super) acquires: mpsc::Receiver<IpAddr>,
+    pub(super) claims: Option<mpsc::UnboundedReceiver<super::claims::ClaimEvent>>,
+    pub(super) acquires: Option<mpsc::Receiver<IpAddr>>,
     pub(super) sa_events: mpsc::UnboundedReceiver<SaEvent>,
     pub(super) reloads: mpsc::UnboundedReceiver<super::Reload>,
-    /// Stop; `true`: with an IKE DELETE for every SA first (no member carries them on).
-    pub(super) stop: oneshot::Receiver<bool>,
-    pub(super) dataplane: tokio::task::JoinHandle<Result<(), DataplaneError>>,
+    /// SAs of this worker another one wants deleted.
+    pub(super) deletes: mpsc::UnboundedReceiver<u64>,
+    /// Stop once it holds a value; `true`: with an IKE DELETE for every SA first (no member
+    /// carries them on).
+    pub(super) stop: watch::Receiver<Option<bool>>,
+}
+
+/// The next message of `rx`, or never if there is none.
+async fn recv_some<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// [`recv_some`] for an unbounded channel.
+async fn recv_some_unbounded<T>(rx: &mut Option<mpsc::UnboundedReceiver<T>>) -> Option<T> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 impl Driver {
@@ -124,8 +148,8 @@ impl Driver {
             acquires: mut acquire_rx,
             sa_events: mut sa_events_rx,
             reloads: mut reloads_rx,
+            deletes: mut deletes_rx,
             mut stop,
-            dataplane: mut dataplane_task,
         } = inputs;
         let mut buf = vec![0u8; 65536];
         let mut status = tokio::time::interval(STATUS_INTERVAL);
@@ -136,8 +160,10 @@ impl Driver {
         // owner carries the shard on), the tick catches the rest.
         let view = self.fleet.as_ref().map(|f| f.view.clone());
         let mut map_applied = std::pin::pin!(next_map(view.clone()));
-        for net in self.traps() {
-            self.routes.hold(net);
+        if self.primary() {
+            for net in self.traps() {
+                self.routes.hold(net);
+            }
         }
         self.connect_due(Instant::now());
         self.flush().await;
@@ -153,17 +179,9 @@ impl Driver {
                     tokio::time::Instant::from_std,
                 );
             tokio::select! {
-                r = &mut stop => {
-                    if r.unwrap_or(false) {
+                delete = async { stop.wait_for(Option::is_some).await.is_ok_and(|v| *v == Some(true)) } => {
+                    if delete {
                         self.delete_all().await;
-                    }
-                    break;
-                }
-                r = &mut dataplane_task => {
-                    match r {
-                        Ok(Ok(())) => tracing::error!("data plane stopped"),
-                        Ok(Err(e)) => tracing::error!(error = %e, "data plane failed"),
-                        Err(e) => tracing::error!(error = %e, "data plane task failed"),
                     }
                     break;
                 }
@@ -171,7 +189,7 @@ impl Driver {
                     Ok((n, remote)) => {
                         let local = self.udp500.local_addr().unwrap_or(remote);
                         let datagram = buf[..n].to_vec();
-                        self.datagram(local, remote, &datagram, None);
+                        self.datagram_500(local, remote, datagram);
                         // Whatever else has arrived is handled before the responses go out
                         // and before this task sleeps again: under a flood of new sites, one
                         // wake-up per datagram would cost more than the exchange itself.
@@ -179,7 +197,7 @@ impl Driver {
                             match self.udp500.try_recv_from(&mut buf) {
                                 Ok((n, remote)) => {
                                     let datagram = buf[..n].to_vec();
-                                    self.datagram(local, remote, &datagram, None);
+                                    self.datagram_500(local, remote, datagram);
                                 }
                                 Err(_) => break,
                             }
@@ -202,10 +220,11 @@ impl Driver {
                     }
                 }
                 Some(done) = lookups_rx.recv() => self.lookup_done(done),
-                Some(c) = claims_rx.recv() => self.claim_event(c),
-                Some(dst) = acquire_rx.recv() => self.acquire(dst),
+                Some(c) = recv_some_unbounded(&mut claims_rx) => self.claim_event(c),
+                Some(dst) = recv_some(&mut acquire_rx) => self.acquire(dst),
                 Some(e) = sa_events_rx.recv() => self.sa_volume(e),
                 Some(r) = reloads_rx.recv() => self.reload(r),
+                Some(id) = deletes_rx.recv() => self.endpoint.delete(id, Instant::now()),
                 () = tokio::time::sleep_until(deadline) => {
                     let now = Instant::now();
                     self.endpoint.handle_timeout(now, &mut self.entropy);
@@ -218,15 +237,51 @@ impl Driver {
                 }
                 _ = status.tick() => {
                     self.refresh_status();
-                    self.gateway.drain_progress();
-                    self.publish_occupancy();
-                    self.fleet_health();
+                    if self.primary() {
+                        self.gateway.drain_progress();
+                        self.publish_occupancy();
+                        self.fleet_health();
+                    }
                 }
             }
             self.flush().await;
         }
-        dataplane_task.abort();
-        self.routes.shutdown().await;
+        // The SAs this worker held are gone with it.
+        let (half_open, established) = self.counted;
+        let m = &self.gateway.metrics;
+        m.ike_sas_half_open.dec_by(half_open);
+        m.ike_sas_established.dec_by(established);
+    }
+
+    /// The first worker: it starts our SAs, holds the traps and does the pod-wide chores.
+    pub(super) fn primary(&self) -> bool {
+        self.peers.me() == 0
+    }
+
+    /// Deletes SA `id` (IKE DELETE to its peer), here or by the worker that holds it.
+    pub(super) fn delete_sa(&mut self, id: u64, now: Instant) {
+        if self.peers.holds(id) {
+            self.endpoint.delete(id, now);
+        } else {
+            self.peers.delete(id);
+        }
+    }
+
+    /// A datagram read on port 500: handled here, or passed to the worker it belongs to.
+    fn datagram_500(&mut self, local: SocketAddr, remote: SocketAddr, payload: Vec<u8>) {
+        if self.router.workers() > 1 && self.router.worker_of(remote, &payload) != self.peers.me() {
+            let d = IkeDatagram {
+                local,
+                remote,
+                payload,
+                via: None,
+            };
+            if self.router.try_send(d).is_err() {
+                self.gateway.metrics.count_ike_drop("worker_queue_full");
+            }
+            return;
+        }
+        self.datagram(local, remote, &payload, None);
     }
 
     /// The subnets routed into the TUN device whether or not a tunnel is up. Traffic toward
@@ -328,39 +383,41 @@ impl Driver {
             self.event(event);
         }
         self.replicate_changed();
+        let (mut on_ike_port, mut on_nat_t_port) = (Vec::new(), Vec::new());
         for t in out {
             // A frozen SA's timers may still fire: what they queue is not sent (the new
             // owner goes on from the final state).
             if frozen.holds_message(&t.payload) {
                 continue;
             }
-            self.send(t).await;
+            tracing::trace!(local = %t.local, remote = %t.remote, len = t.payload.len(), "IKE message out");
+            if self.send_via(&t) {
+                continue;
+            }
+            if t.local.port() == self.configs.nat_t_port {
+                // RFC 3948 §2.2: IKE on port 4500 carries the non-ESP marker.
+                let mut out = Vec::with_capacity(t.payload.len() + 4);
+                out.extend_from_slice(&concentrator_esp::encap::NON_ESP_MARKER);
+                out.extend_from_slice(&t.payload);
+                on_nat_t_port.push((t.remote, out));
+            } else {
+                on_ike_port.push((t.remote, t.payload));
+            }
         }
+        let failed = |remote: SocketAddr, e: std::io::Error| {
+            tracing::debug!(%remote, error = %e, "IKE send failed");
+        };
+        super::transmit::send_batch(&self.udp500, &on_ike_port, failed).await;
+        super::transmit::send_batch(&self.udp4500, &on_nat_t_port, failed).await;
         for remote in std::mem::take(&mut self.unrouted) {
             self.forget_via(remote);
         }
+        // Each worker adds what changed in its own counts: together they are the pod's.
         let counts = self.endpoint.counts();
+        let now = (counts.half_open as i64, counts.established as i64);
         let m = &self.gateway.metrics;
-        m.ike_sas_half_open.set(counts.half_open as i64);
-        m.ike_sas_established.set(counts.established as i64);
-    }
-
-    async fn send(&mut self, t: Transmit) {
-        tracing::trace!(local = %t.local, remote = %t.remote, len = t.payload.len(), "IKE message out");
-        if self.send_via(&t) {
-            return;
-        }
-        let r = if t.local.port() == self.configs.nat_t_port {
-            // RFC 3948 §2.2: IKE on port 4500 carries the non-ESP marker.
-            let mut out = Vec::with_capacity(t.payload.len() + 4);
-            out.extend_from_slice(&concentrator_esp::encap::NON_ESP_MARKER);
-            out.extend_from_slice(&t.payload);
-            self.udp4500.send_to(&out, t.remote).await
-        } else {
-            self.udp500.send_to(&t.payload, t.remote).await
-        };
-        if let Err(e) = r {
-            tracing::debug!(remote = %t.remote, error = %e, "IKE send failed");
-        }
+        m.ike_sas_half_open.inc_by(now.0 - self.counted.0);
+        m.ike_sas_established.inc_by(now.1 - self.counted.1);
+        self.counted = now;
     }
 }

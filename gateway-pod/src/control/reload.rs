@@ -27,7 +27,10 @@ impl Driver {
     pub(super) fn reload(&mut self, reload: Reload) {
         let Reload { config, diff, stores } = reload;
         let now = Instant::now();
-        let traps_before = self.traps();
+        // The shared parts (egroups and their tables, traps, auto-connects) are the first
+        // worker's to change; every worker closes its own SAs and takes the new config.
+        let primary = self.primary();
+        let traps_before = if primary { self.traps() } else { Vec::new() };
 
         // The SAs of what went: DELETE to the peer; the events that follow release their
         // CHILD SAs, routes, ownerships, dynamic eroutes and claims.
@@ -54,35 +57,40 @@ impl Driver {
         for name in diff.eroutes.changed.iter().chain(&diff.eroutes.removed) {
             self.configs.forget(name);
         }
-        let evicted = self.egroups.reconfigure(&self.config, &diff, stores);
-        self.delete_evicted(evicted, now);
-        // As at start: a site table that does not fit its Egroup is said now (where the
-        // database answers), not first by the lookup of a site that connects.
-        let checks = self
-            .egroups
-            .check_tables_of(|g| diff.egroups.added.contains(g) || diff.egroups.changed.contains(g));
-        Egroups::spawn_checks(checks);
-        self.auto.reconfigure(&self.config);
+        if primary {
+            let evicted = self.egroups.reconfigure(&self.config, &diff, stores);
+            self.delete_evicted(evicted, now);
+            // As at start: a site table that does not fit its Egroup is said now (where the
+            // database answers), not first by the lookup of a site that connects.
+            let checks = self
+                .egroups
+                .check_tables_of(&|g| diff.egroups.added.contains(g) || diff.egroups.changed.contains(g));
+            Egroups::spawn_checks(checks);
+            self.auto.reconfigure(&self.config);
+        }
         match self.configs.accepting(&self.config) {
             Ok(c) => self.endpoint.set_responder_config(Arc::new(c)),
             Err(e) => tracing::error!(error = %e, "IKE_SA_INIT keeps its former proposals"),
         }
 
-        // New traps first, so a subnet trapped before and after keeps its route throughout.
-        let traps_after = self.traps();
-        for net in &traps_after {
-            self.routes.hold(*net);
+        if primary {
+            // New traps first, so a subnet trapped before and after keeps its route
+            // throughout.
+            let traps_after = self.traps();
+            for net in &traps_after {
+                self.routes.hold(*net);
+            }
+            for net in traps_before {
+                self.routes.release(net);
+            }
+            for egroup in &diff.egroups.removed {
+                let label = crate::metrics::EgroupLabel {
+                    egroup: egroup.clone(),
+                };
+                self.gateway.metrics.dynamic_eroutes.remove(&label);
+            }
+            self.publish_dynamic_counts();
         }
-        for net in traps_before {
-            self.routes.release(net);
-        }
-        for egroup in &diff.egroups.removed {
-            let label = crate::metrics::EgroupLabel {
-                egroup: egroup.clone(),
-            };
-            self.gateway.metrics.dynamic_eroutes.remove(&label);
-        }
-        self.publish_dynamic_counts();
         // The tunnel table shows each tunnel's eroute as configured now.
         let ids: Vec<u64> = self
             .sas
@@ -98,6 +106,14 @@ impl Driver {
             self.publish(id);
         }
         self.connect_due(now);
-        tracing::info!(%diff, closed = closing.len(), "configuration reloaded");
+        if primary {
+            tracing::info!(%diff, closed = closing.len(), "configuration reloaded");
+        } else {
+            tracing::debug!(
+                worker = self.peers.me(),
+                closed = closing.len(),
+                "configuration reloaded"
+            );
+        }
     }
 }

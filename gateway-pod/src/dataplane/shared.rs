@@ -39,6 +39,7 @@ use tokio::sync::mpsc;
 use tun_rs::{GROTable, VIRTIO_NET_HDR_LEN};
 
 use crate::cluster::{Link, Links};
+pub use crate::control::IkeRouter;
 
 mod egress;
 mod ingress;
@@ -365,7 +366,7 @@ pub fn spawn(
     dev: tun_rs::SyncDevice,
     tun_name: String,
     outer: Outer,
-    ike: mpsc::Sender<IkeDatagram>,
+    ike: IkeRouter,
     acquire: mpsc::Sender<IpAddr>,
     sa_events: mpsc::UnboundedSender<SaEvent>,
     counters: DataplaneCounters,
@@ -474,7 +475,7 @@ struct WorkerTasks {
     egress: mpsc::UnboundedReceiver<EgressCommand>,
     ingress: mpsc::UnboundedReceiver<IngressCommand>,
     raw_ingress: Option<mpsc::UnboundedReceiver<IngressCommand>>,
-    ike: mpsc::Sender<IkeDatagram>,
+    ike: IkeRouter,
     acquire: mpsc::Sender<IpAddr>,
     sa_events: mpsc::UnboundedSender<SaEvent>,
     counters: DataplaneCounters,

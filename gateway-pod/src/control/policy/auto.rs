@@ -26,7 +26,9 @@ pub(super) const IKE_PORT: u16 = 500;
 /// `peerAddress` with its backoff (RFC 5685 §9: a client must guard against redirect loops).
 const MAX_REDIRECTS: u32 = 5;
 
-/// The eroutes we keep up, and the SAs we started on them.
+/// The eroutes we keep up, and the SAs we started on them (none: an IKE worker other than
+/// the first, which starts no SA of its own).
+#[derive(Default)]
 pub(in crate::control) struct AutoConnects {
     /// By eroute name.
     eroutes: HashMap<String, AutoConnect>,

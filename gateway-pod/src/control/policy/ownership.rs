@@ -19,6 +19,24 @@ pub(in crate::control) struct Owners {
     statics: HashMap<(Arc<str>, Arc<str>), u64>,
 }
 
+impl Owners {
+    /// The owners of dynamic eroutes just evicted from their egroup's table, removed under
+    /// the same lock as the eviction: an evicted site may reconnect on another worker at
+    /// once, and the owner it takes then must not be removed by this eviction.
+    pub(in crate::control) fn take_evicted(
+        &mut self,
+        evicted: Vec<DynamicEroute>,
+    ) -> Vec<(DynamicEroute, u64)> {
+        evicted
+            .into_iter()
+            .filter_map(|e| {
+                let key = (Arc::from(e.egroup.as_str()), Arc::from(e.peer_id.as_str()));
+                self.dynamic.remove(&key).map(|owner| (e, owner))
+            })
+            .collect()
+    }
+}
+
 impl Driver {
     /// An egroup site is authenticated: its dynamic eroute is this SA's. An older SA of the
     /// same site is replaced (as INITIAL_CONTACT would ask), and the least recently used
@@ -34,32 +52,37 @@ impl Driver {
         };
         let peer_id = rec.peer_id.clone();
         let now = Instant::now();
-        if let Some(old) = self.owners.dynamic.insert((egroup.clone(), peer_id.clone()), id)
+        let address = rec.remote.map(|r| r.ip().to_string());
+        // One lock for both: the site's older SA (on any worker) must not release the
+        // dynamic eroute this one just took over.
+        let (old, evicted) = {
+            let mut shared = self.egroups.lock();
+            let old = shared
+                .owners
+                .dynamic
+                .insert((egroup.clone(), peer_id.clone()), id);
+            let evicted = shared
+                .egroups
+                .insert(&egroup, &base, &peer_id, subnet, address, now);
+            let evicted = shared.owners.take_evicted(evicted);
+            (old, evicted)
+        };
+        if let Some(old) = old
             && old != id
         {
             tracing::info!(%peer_id, %egroup, "site reconnected: its older IKE SA is deleted");
-            self.endpoint.delete(old, now);
+            self.delete_sa(old, now);
         }
-        let address = rec.remote.map(|r| r.ip().to_string());
-        let evicted = self
-            .egroups
-            .insert(&egroup, &base, &peer_id, subnet, address, now);
         self.delete_evicted(evicted, now);
         self.publish_dynamic_counts();
     }
 
-    /// Dynamic eroutes evicted from their egroup's table: their IKE SAs are deleted.
-    pub(in crate::control) fn delete_evicted(&mut self, evicted: Vec<DynamicEroute>, now: Instant) {
-        for evicted in evicted {
-            let egroup = evicted.egroup;
-            if let Some(owner) = self
-                .owners
-                .dynamic
-                .remove(&(Arc::from(egroup.as_str()), Arc::from(evicted.peer_id.as_str())))
-            {
-                tracing::info!(peer_id = %evicted.peer_id, %egroup, "least recently used site evicted");
-                self.endpoint.delete(owner, now);
-            }
+    /// The IKE SAs of dynamic eroutes evicted from their egroup's table are deleted (their
+    /// owners were taken under the lock of the eviction: [`Owners::take_evicted`]).
+    pub(in crate::control) fn delete_evicted(&mut self, evicted: Vec<(DynamicEroute, u64)>, now: Instant) {
+        for (evicted, owner) in evicted {
+            tracing::info!(peer_id = %evicted.peer_id, egroup = %evicted.egroup, "least recently used site evicted");
+            self.delete_sa(owner, now);
         }
     }
 
@@ -77,31 +100,40 @@ impl Driver {
             return;
         };
         let key = (eroute, rec.peer_id.clone());
-        if let Some(old) = self.owners.statics.insert(key, id)
+        let old = self.egroups.lock().owners.statics.insert(key, id);
+        // Another worker's SA is not known here: it is asked, and ignores an SA it no
+        // longer has.
+        if let Some(old) = old
             && old != id
-            && self.sas.contains_key(&old)
+            && (self.sas.contains_key(&old) || !self.peers.holds(old))
         {
             tracing::info!(peer_id = %rec.peer_id, "peer authenticated again: its older IKE SA is deleted");
-            self.endpoint.delete(old, Instant::now());
+            self.delete_sa(old, Instant::now());
         }
     }
 
     /// SA `spi_r` (whose record was `rec`) is gone: what it held is free, and a dynamic
     /// eroute it held leaves its egroup's table.
     pub(in crate::control) fn release_ownership(&mut self, spi_r: u64, rec: &IkeSaRecord) {
+        let mut shared = self.egroups.lock();
         if let Some(eroute) = &rec.eroute {
             let key = (eroute.clone(), rec.peer_id.clone());
-            if self.owners.statics.get(&key) == Some(&spi_r) {
-                self.owners.statics.remove(&key);
+            if shared.owners.statics.get(&key) == Some(&spi_r) {
+                shared.owners.statics.remove(&key);
             }
         }
+        let mut released = false;
         if let Some(egroup) = &rec.egroup {
             let key = (egroup.clone(), rec.peer_id.clone());
-            if self.owners.dynamic.get(&key) == Some(&spi_r) {
-                self.owners.dynamic.remove(&key);
-                self.egroups.remove(egroup, &rec.peer_id);
-                self.publish_dynamic_counts();
+            if shared.owners.dynamic.get(&key) == Some(&spi_r) {
+                shared.owners.dynamic.remove(&key);
+                shared.egroups.remove(egroup, &rec.peer_id);
+                released = true;
             }
+        }
+        drop(shared);
+        if released {
+            self.publish_dynamic_counts();
         }
     }
 
@@ -110,9 +142,7 @@ impl Driver {
             self.gateway
                 .metrics
                 .dynamic_eroutes
-                .get_or_create(&crate::metrics::EgroupLabel {
-                    egroup: egroup.to_owned(),
-                })
+                .get_or_create(&crate::metrics::EgroupLabel { egroup })
                 .set(n as i64);
         }
     }
