@@ -147,3 +147,38 @@ impl Driver {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn evicted(peer_id: &str) -> DynamicEroute {
+        DynamicEroute {
+            peer_id: peer_id.into(),
+            egroup: "branches".into(),
+            base_eroute: "base".into(),
+            remote_subnet: "10.1.0.0/24".parse().unwrap(),
+            peer_address: None,
+            last_used: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn an_eviction_takes_the_owners_of_the_evicted_sites_only() {
+        let mut owners = Owners::default();
+        let key = |p: &str| (Arc::from("branches"), Arc::from(p));
+        owners.dynamic.insert(key("a"), 7);
+        owners.dynamic.insert(key("b"), 8);
+        // "c" was evicted but has no owner (its SA is already gone): nothing to delete.
+        let taken = owners.take_evicted(vec![evicted("a"), evicted("c")]);
+        assert_eq!(
+            taken
+                .iter()
+                .map(|(e, o)| (e.peer_id.as_str(), *o))
+                .collect::<Vec<_>>(),
+            [("a", 7)]
+        );
+        assert_eq!(owners.dynamic.get(&key("b")), Some(&8));
+        assert!(!owners.dynamic.contains_key(&key("a")));
+    }
+}
