@@ -365,6 +365,8 @@ impl Link {
         epoch: u32,
         payload: &[u8],
     ) -> bool {
+        // What was queued before goes first, so that the answer is about this frame alone.
+        self.flush();
         self.queue(kind, to, local, remote, epoch, payload) && self.flush() == 0
     }
 
@@ -459,11 +461,15 @@ impl Link {
             })
             .collect();
         let (metrics, runs) = (&self.links.metrics, &self.runs);
+        let mut refused = Vec::new();
         let mut lost = 0;
         crate::dataplane::io::send_now(&self.socket, &msgs, |i, result| {
             let r = &runs[i];
             match result {
                 Ok(()) => metrics.count_many(r.kind, "sent", r.count, r.payload),
+                // The kernel refused the GSO batch (a route whose MTU is below the
+                // interface's, no offload): its frames go again one by one.
+                Err(e) if r.count > 1 && e.kind() != std::io::ErrorKind::WouldBlock => refused.push(i),
                 Err(e) => {
                     tracing::debug!(to = %r.to, frames = r.count, error = %e, "fleet frames not sent");
                     metrics.drop_many("send", r.count);
@@ -471,6 +477,20 @@ impl Link {
                 }
             }
         });
+        for i in refused {
+            let r = &runs[i];
+            let one_by_one: Vec<Outgoing<'_>> = msgs[i].datagrams().collect();
+            let mut sent = 0;
+            crate::dataplane::io::send_now(&self.socket, &one_by_one, |_, result| match result {
+                Ok(()) => sent += 1,
+                Err(e) => tracing::debug!(to = %r.to, error = %e, "fleet frame not sent"),
+            });
+            // The payload bytes of the frames that went, in proportion (the frames are
+            // equal but the last).
+            metrics.count_many(r.kind, "sent", sent, r.payload * sent / r.count);
+            metrics.drop_many("send", r.count - sent);
+            lost += r.count - sent;
+        }
         self.runs.clear();
         self.buf.clear();
         lost
@@ -517,7 +537,11 @@ pub async fn serve(socket: UdpSocket, links: Links, delivery: Delivery) {
     let mut bufs: Vec<Vec<u8>> = (0..RECV_BATCH).map(|_| vec![0u8; MAX_FRAME]).collect();
     let mut meta = vec![RecvMeta::default(); RECV_BATCH];
     let mut esp = Vec::new();
-    let mut answers = Answers::new(out.max_gso_segments());
+    // An answer longer than the path toward the site allows cannot be a GSO segment.
+    let max_answer = crate::dataplane::io::interface_mtu(out.local_ip())
+        .map_or(DEFAULT_POD_MTU, |m| m as usize)
+        .saturating_sub(if out.local_ip().is_ipv4() { 28 } else { 48 });
+    let mut answers = Answers::new(out.max_gso_segments(), max_answer);
     let mut overflows = Overflows::new();
     loop {
         overflows.count(&udp, &metrics);
@@ -533,7 +557,15 @@ pub async fn serve(socket: UdpSocket, links: Links, delivery: Delivery) {
             }
         };
         let Some(me) = view.me() else {
-            metrics.drop("no_member_id");
+            let frames = meta
+                .iter()
+                .take(received)
+                .map(|m| {
+                    m.len
+                        .div_ceil(if m.stride == 0 { m.len.max(1) } else { m.stride })
+                })
+                .sum();
+            metrics.drop_many("no_member_id", frames);
             continue;
         };
         if opener.as_ref().is_none_or(|(m, _)| *m != me) {
@@ -580,8 +612,9 @@ pub async fn serve(socket: UdpSocket, links: Links, delivery: Delivery) {
     }
 }
 
-/// Frames the kernel dropped because the fleet socket's buffer was full, counted as
-/// `fleet_forward_dropped_total{reason="receive_buffer"}` about once a second.
+/// Frames the kernel dropped on the fleet socket (its buffer full, mostly; also checksum
+/// errors), counted as `fleet_forward_dropped_total{reason="receive_buffer"}` about once a
+/// second.
 struct Overflows {
     seen: u32,
     next: std::time::Instant,
@@ -615,6 +648,10 @@ struct Answers {
     runs: Vec<Answer>,
     /// Segments per GSO send (1 without GSO).
     gso: usize,
+    /// The longest answer that may be a GSO segment (the MTU of our outer interface, less
+    /// the IP and UDP headers; a route with a smaller one makes the kernel refuse the batch,
+    /// whose answers then go one by one).
+    max_segment: usize,
 }
 
 /// Answers queued back to back for one site.
@@ -629,20 +666,23 @@ struct Answer {
 }
 
 impl Answers {
-    fn new(gso: usize) -> Self {
+    fn new(gso: usize, max_segment: usize) -> Self {
         Self {
             buf: Vec::new(),
             runs: Vec::new(),
             gso,
+            max_segment,
         }
     }
 
     fn push(&mut self, to: SocketAddr, payload: &[u8]) {
         let (start, len) = (self.buf.len(), payload.len());
         self.buf.extend_from_slice(payload);
+        let fits = len <= self.max_segment;
         match self.runs.last_mut() {
             Some(r)
-                if r.to == to
+                if fits
+                    && r.to == to
                     && !r.closed
                     && len <= r.stride
                     && r.count < self.gso
@@ -658,7 +698,7 @@ impl Answers {
                 len,
                 stride: len,
                 count: 1,
-                closed: false,
+                closed: !fits,
             }),
         }
     }
@@ -676,12 +716,23 @@ impl Answers {
                 segment: (r.count > 1).then_some(r.stride),
             })
             .collect();
-        out.send_many(&msgs, |i, r| {
-            if let Err(e) = r {
-                tracing::debug!(remote = %msgs[i].to, error = %e, "forwarded answers not sent");
-            }
+        let mut refused = Vec::new();
+        out.send_many(&msgs, |i, r| match r {
+            Ok(()) => {}
+            // The kernel refused the GSO batch: its answers go again one by one.
+            Err(_) if msgs[i].segment.is_some() => refused.push(i),
+            Err(e) => tracing::debug!(remote = %msgs[i].to, error = %e, "forwarded answer not sent"),
         })
         .await;
+        for i in refused {
+            let one_by_one: Vec<Outgoing<'_>> = msgs[i].datagrams().collect();
+            out.send_many(&one_by_one, |j, r| {
+                if let Err(e) = r {
+                    tracing::debug!(remote = %one_by_one[j].to, error = %e, "forwarded answer not sent");
+                }
+            })
+            .await;
+        }
         self.runs.clear();
         self.buf.clear();
     }

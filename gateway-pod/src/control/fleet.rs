@@ -51,14 +51,18 @@ impl DriverFleet {
         }
     }
 
-    /// The member the site at `remote` enters through on our `port`, if another: as its
-    /// last IKE message came, else (on the NAT-T port) as its ESP comes.
+    /// The member the site at `remote` enters through on our `port`, if another. On the
+    /// NAT-T port IKE and ESP are one flow, and the ESP path is the freshest word on it: each
+    /// ESP packet sets it, and so does each IKE message there ([`Self::route_in`]); a flow
+    /// the front moved while only ESP came since is followed at once. Else as the site's last
+    /// IKE message on `port` came.
     fn entry(&self, port: u16, remote: SocketAddr) -> Option<MemberId> {
-        match self.vias.get(&(port, remote)) {
-            Some(via) => *via,
-            None if port == self.nat_t_port => self.esp_vias.get(&remote).and_then(|v| v.get()),
-            None => None,
+        if port == self.nat_t_port
+            && let Some(esp) = self.esp_vias.get(&remote)
+        {
+            return esp.get();
         }
+        self.vias.get(&(port, remote)).copied().flatten()
     }
 
     /// The member the site at `remote` enters through, if another, on either of our ports
@@ -66,11 +70,11 @@ impl DriverFleet {
     pub(super) fn entry_of_site(&self, remote: SocketAddr) -> Option<MemberId> {
         // "Enters here" and "not known" are both `None` from `entry`: only a path that is
         // not known on the NAT-T port at all falls back to the IKE port's.
+        if let Some(esp) = self.esp_vias.get(&remote) {
+            return esp.get();
+        }
         if let Some(via) = self.vias.get(&(self.nat_t_port, remote)) {
             return *via;
-        }
-        if let Some(via) = self.esp_vias.get(&remote) {
-            return via.get();
         }
         self.vias.get(&(self.ike_port, remote)).copied().flatten()
     }

@@ -153,6 +153,20 @@ pub(crate) struct Outgoing<'a> {
     pub segment: Option<usize>,
 }
 
+impl<'a> Outgoing<'a> {
+    /// The datagrams of a GSO message one by one (itself when it is one datagram): what is
+    /// sent again when the kernel refuses the batch (a segment longer than the route's MTU
+    /// allows, a device without the offload), for the kernel to fragment each as needed.
+    pub(crate) fn datagrams(&self) -> impl Iterator<Item = Outgoing<'a>> + '_ {
+        let size = self.segment.unwrap_or(self.contents.len()).max(1);
+        self.contents.chunks(size).map(|c| Outgoing {
+            to: self.to,
+            contents: c,
+            segment: None,
+        })
+    }
+}
+
 /// Messages per `sendmmsg` call.
 const SENDMMSG_MAX: usize = 32;
 
@@ -475,6 +489,29 @@ mod tests {
             sender.send_to(&[0u8; 1200], sock.local_addr().unwrap()).unwrap();
         }
         assert!(socket_drops(&sock).is_some_and(|d| d > 0));
+    }
+
+    #[test]
+    fn a_gso_message_splits_into_its_datagrams() {
+        let data = [1u8; 250];
+        let to = "127.0.0.1:9".parse().unwrap();
+        let gso = Outgoing {
+            to,
+            contents: &data,
+            segment: Some(100),
+        };
+        let lens: Vec<usize> = gso.datagrams().map(|d| d.contents.len()).collect();
+        assert_eq!(lens, [100, 100, 50]);
+        assert!(gso.datagrams().all(|d| d.segment.is_none() && d.to == to));
+        let one = Outgoing {
+            to,
+            contents: &data[..10],
+            segment: None,
+        };
+        assert_eq!(
+            one.datagrams().map(|d| d.contents.len()).collect::<Vec<_>>(),
+            [10]
+        );
     }
 
     #[test]

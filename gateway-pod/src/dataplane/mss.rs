@@ -77,7 +77,8 @@ impl MssClamp {
                 } else {
                     20 + 20
                 };
-                let inner = max_inner(datagram).saturating_sub(headers);
+                // Never below IPv4's minimum MSS, whatever a tiny pod MTU says.
+                let inner = max_inner(datagram).saturating_sub(headers).max(536);
                 u16::try_from(inner).unwrap_or(u16::MAX)
             }
         };

@@ -150,14 +150,14 @@ enum IngressCommand {
     Forwarded(Vec<ForwardedEsp>, Backlog),
 }
 
-/// Packets from other members (forwarded ESP, plain frames) waiting in this pod's workers'
-/// queues at most: a member that sends faster than the workers can open and seal fills
-/// them up to here, and its further packets are dropped (and counted by the caller) rather
-/// than queued without bound.
-const BACKLOG_LIMIT: usize = 65_536;
+/// Bytes of packets from other members (forwarded ESP, plain frames) waiting in this pod's
+/// workers' queues at most: a member that sends faster than the workers can open and seal
+/// fills them up to here, and its further packets are dropped (and counted by the caller)
+/// rather than queued without bound.
+const BACKLOG_LIMIT: usize = 64 << 20;
 
-/// A share of the backlog of packets from other members, given back once the worker has
-/// handled them (when the command that carries it is dropped).
+/// A share of the backlog of packets from other members (in bytes), given back once the
+/// worker has handled them (when the command that carries it is dropped).
 #[derive(Debug)]
 pub(crate) struct Backlog {
     queued: Arc<AtomicUsize>,
@@ -165,7 +165,7 @@ pub(crate) struct Backlog {
 }
 
 impl Backlog {
-    /// Room for `n` more packets, if the backlog has it.
+    /// Room for `n` more bytes, if the backlog has it.
     fn take(queued: &Arc<AtomicUsize>, n: usize) -> Option<Self> {
         let before = queued.fetch_add(n, Ordering::Relaxed);
         if before + n > BACKLOG_LIMIT {
@@ -245,7 +245,8 @@ impl DataplaneHandle {
             if packets.is_empty() {
                 continue;
             }
-            match Backlog::take(&self.backlog, packets.len()) {
+            let bytes = packets.iter().map(|(_, _, p)| p.len()).sum();
+            match Backlog::take(&self.backlog, bytes) {
                 Some(b) => {
                     let _ = tx.send(IngressCommand::Forwarded(packets, b));
                 }
@@ -283,7 +284,7 @@ impl DataplaneHandle {
             IpAddr::V4(a) => u32::from(a) as usize,
             IpAddr::V6(a) => u128::from(a) as usize,
         };
-        let Some(backlog) = Backlog::take(&self.backlog, 1) else {
+        let Some(backlog) = Backlog::take(&self.backlog, packet.len()) else {
             return false;
         };
         if let Some(tx) = self.egress.get(slot % n) {

@@ -169,6 +169,11 @@ impl GatewaySite {
         concentrator_e2e::netns::addr(&concentrator_e2e::topology::site_host(self.n))
     }
 
+    /// The site's WAN address (the source the front sees).
+    pub(crate) fn wan_addr(&self) -> std::net::IpAddr {
+        concentrator_e2e::netns::addr(&concentrator_e2e::topology::site_wan(self.n))
+    }
+
     /// The site's peer ID at the head-end.
     pub(crate) fn peer_id(&self) -> String {
         peer_id(self.n)
