@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
 
 use concentrator_esp::encap::{Datagram, classify};
-use concentrator_fleet::wire::{FleetKey, Frame, Kind, Opener, Sealer};
+use concentrator_fleet::wire::{FleetKey, Frame, Kind, OVERHEAD, Opener, Sealer};
 use concentrator_fleet::{MemberId, Shard};
 use concentrator_ike::{Flags, Header};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -30,12 +30,12 @@ use std::io::IoSliceMut;
 
 use quinn_udp::RecvMeta;
 
-use crate::dataplane::io::{Outgoing, Udp};
+use crate::dataplane::io::{GsoRuns, Outgoing, Udp};
 use crate::dataplane::shared::{ForwardedEsp, IkeDatagram};
 
 const NOBODY: u16 = u16::MAX;
 /// The largest frame: a 64 KiB datagram and the frame's overhead.
-const MAX_FRAME: usize = 65536 + concentrator_fleet::wire::OVERHEAD;
+const MAX_FRAME: usize = 65536 + OVERHEAD;
 
 /// Which pod a site's traffic of one SA enters through, shared by the SA's two halves in the
 /// data plane and kept current by its inbound packets: `None` when the site writes to this
@@ -267,9 +267,9 @@ impl Links {
             lane: self.lanes.fetch_add(1, Ordering::Relaxed),
             socket,
             sealer: None,
-            gso,
-            buf: Vec::with_capacity(QUEUE_BYTES + MAX_FRAME),
-            runs: Vec::with_capacity(QUEUE_RUNS),
+            // A frame longer than the pod network's MTU cannot be a GSO segment: it goes
+            // alone, for the kernel to fragment.
+            queued: GsoRuns::new(gso, self.max_frame()),
         })
     }
 
@@ -287,8 +287,7 @@ impl Links {
     /// whose frame crosses the pod network in one IP packet: what the TCP MSS of tunnelled
     /// flows is clamped to fit (`--tcp-mss-clamp auto`).
     pub fn max_datagram(&self) -> usize {
-        self.max_frame()
-            .saturating_sub(concentrator_fleet::wire::OVERHEAD)
+        self.max_frame().saturating_sub(OVERHEAD)
     }
 
     /// The longest frame that crosses the pod network in one IP packet.
@@ -312,32 +311,15 @@ pub struct Link {
     lane: u32,
     socket: std::net::UdpSocket,
     sealer: Option<(MemberId, Sealer)>,
-    /// Segments per GSO send (1 without GSO).
-    gso: usize,
-    /// Queued frames, back to back.
-    buf: Vec<u8>,
-    runs: Vec<Run>,
-}
-
-/// Frames queued back to back for one member: all of `stride` bytes but the last.
-struct Run {
-    to: SocketAddr,
-    kind: Kind,
-    start: usize,
-    len: usize,
-    stride: usize,
-    count: usize,
-    /// The payload bytes the frames carry (for the counters).
-    payload: usize,
-    /// A shorter frame (or one too long to be a segment) went in last: nothing may follow.
-    closed: bool,
+    /// Frames queued, tagged with their kind.
+    queued: GsoRuns<Kind>,
 }
 
 impl std::fmt::Debug for Link {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Link")
             .field("lane", &self.lane)
-            .field("queued", &self.runs.len())
+            .field("queued", &self.queued.runs().len())
             .finish_non_exhaustive()
     }
 }
@@ -401,46 +383,14 @@ impl Link {
         let Some((_, sealer)) = self.sealer.as_mut() else {
             return false;
         };
-        let start = self.buf.len();
-        if sealer
-            .seal(kind, local, remote, epoch, payload, &mut self.buf)
-            .is_err()
-        {
-            self.buf.truncate(start);
+        let sealed = self.queued.append(to, kind, |buf| {
+            sealer.seal(kind, local, remote, epoch, payload, buf)
+        });
+        if sealed.is_err() {
             metrics.drop("seal");
             return false;
         }
-        let len = self.buf.len() - start;
-        // A frame longer than the pod network's MTU cannot be a GSO segment: it goes alone,
-        // for the kernel to fragment.
-        let fits = len <= self.links.max_frame();
-        let joins = self.runs.last().is_some_and(|r| {
-            fits && r.to == to
-                && r.kind == kind
-                && !r.closed
-                && len <= r.stride
-                && r.count < self.gso
-                && r.len + len <= crate::dataplane::io::MAX_GSO_BYTES
-        });
-        match self.runs.last_mut() {
-            Some(r) if joins => {
-                r.closed = len < r.stride;
-                r.len += len;
-                r.count += 1;
-                r.payload += payload.len();
-            }
-            _ => self.runs.push(Run {
-                to,
-                kind,
-                start,
-                len,
-                stride: len,
-                count: 1,
-                payload: payload.len(),
-                closed: !fits,
-            }),
-        }
-        if self.runs.len() >= QUEUE_RUNS || self.buf.len() >= QUEUE_BYTES {
+        if self.queued.runs().len() >= QUEUE_RUNS || self.queued.bytes() >= QUEUE_BYTES {
             self.flush();
         }
         true
@@ -448,25 +398,19 @@ impl Link {
 
     /// Sends every queued frame; how many could not be sent (counted, and logged at debug).
     pub fn flush(&mut self) -> usize {
-        if self.runs.is_empty() {
+        if self.queued.runs().is_empty() {
             return 0;
         }
-        let msgs: Vec<Outgoing<'_>> = self
-            .runs
-            .iter()
-            .map(|r| Outgoing {
-                to: r.to,
-                contents: &self.buf[r.start..r.start + r.len],
-                segment: (r.count > 1).then_some(r.stride),
-            })
-            .collect();
-        let (metrics, runs) = (&self.links.metrics, &self.runs);
+        let msgs = self.queued.messages();
+        let (metrics, runs) = (&self.links.metrics, self.queued.runs());
+        // Each frame is its payload and the frame's overhead.
+        let payload = |frames: usize, bytes: usize| bytes - frames * OVERHEAD;
         let mut refused = Vec::new();
         let mut lost = 0;
         crate::dataplane::io::send_now(&self.socket, &msgs, |i, result| {
             let r = &runs[i];
             match result {
-                Ok(()) => metrics.count_many(r.kind, "sent", r.count, r.payload),
+                Ok(()) => metrics.count_many(r.tag, "sent", r.count, payload(r.count, r.len)),
                 // The kernel refused the GSO batch (a route whose MTU is below the
                 // interface's, no offload): its frames go again one by one.
                 Err(e) if r.count > 1 && e.kind() != std::io::ErrorKind::WouldBlock => refused.push(i),
@@ -480,19 +424,20 @@ impl Link {
         for i in refused {
             let r = &runs[i];
             let one_by_one: Vec<Outgoing<'_>> = msgs[i].datagrams().collect();
-            let mut sent = 0;
-            crate::dataplane::io::send_now(&self.socket, &one_by_one, |_, result| match result {
-                Ok(()) => sent += 1,
-                Err(e) => tracing::debug!(to = %r.to, error = %e, "fleet frame not sent"),
+            crate::dataplane::io::send_now(&self.socket, &one_by_one, |j, result| match result {
+                Ok(()) => {
+                    let len = one_by_one[j].contents.len();
+                    metrics.count_many(r.tag, "sent", 1, payload(1, len));
+                }
+                Err(e) => {
+                    tracing::debug!(to = %r.to, error = %e, "fleet frame not sent");
+                    metrics.drop("send");
+                    lost += 1;
+                }
             });
-            // The payload bytes of the frames that went, in proportion (the frames are
-            // equal but the last).
-            metrics.count_many(r.kind, "sent", sent, r.payload * sent / r.count);
-            metrics.drop_many("send", r.count - sent);
-            lost += r.count - sent;
         }
-        self.runs.clear();
-        self.buf.clear();
+        drop(msgs);
+        self.queued.clear();
         lost
     }
 }
@@ -643,79 +588,28 @@ impl Overflows {
 
 /// Owners' answers to sites, to go out of our port-4500 socket: back to back per site, of
 /// one length but the last (one GSO send each).
-struct Answers {
-    buf: Vec<u8>,
-    runs: Vec<Answer>,
-    /// Segments per GSO send (1 without GSO).
-    gso: usize,
-    /// The longest answer that may be a GSO segment (the MTU of our outer interface, less
-    /// the IP and UDP headers; a route with a smaller one makes the kernel refuse the batch,
-    /// whose answers then go one by one).
-    max_segment: usize,
-}
-
-/// Answers queued back to back for one site.
-struct Answer {
-    to: SocketAddr,
-    start: usize,
-    len: usize,
-    stride: usize,
-    count: usize,
-    /// A shorter answer went in last: nothing may follow.
-    closed: bool,
-}
+struct Answers(GsoRuns<()>);
 
 impl Answers {
+    /// `max_segment`: the longest answer that may be a GSO segment (the MTU of our outer
+    /// interface, less the IP and UDP headers; a route with a smaller one makes the kernel
+    /// refuse the batch, whose answers then go one by one).
     fn new(gso: usize, max_segment: usize) -> Self {
-        Self {
-            buf: Vec::new(),
-            runs: Vec::new(),
-            gso,
-            max_segment,
-        }
+        Self(GsoRuns::new(gso, max_segment))
     }
 
     fn push(&mut self, to: SocketAddr, payload: &[u8]) {
-        let (start, len) = (self.buf.len(), payload.len());
-        self.buf.extend_from_slice(payload);
-        let fits = len <= self.max_segment;
-        match self.runs.last_mut() {
-            Some(r)
-                if fits
-                    && r.to == to
-                    && !r.closed
-                    && len <= r.stride
-                    && r.count < self.gso
-                    && r.len + len <= crate::dataplane::io::MAX_GSO_BYTES =>
-            {
-                r.closed = len < r.stride;
-                r.len += len;
-                r.count += 1;
-            }
-            _ => self.runs.push(Answer {
-                to,
-                start,
-                len,
-                stride: len,
-                count: 1,
-                closed: !fits,
-            }),
-        }
+        let _ = self.0.append(to, (), |buf| {
+            buf.extend_from_slice(payload);
+            Ok::<(), std::convert::Infallible>(())
+        });
     }
 
     async fn send(&mut self, out: &Udp) {
-        if self.runs.is_empty() {
+        if self.0.runs().is_empty() {
             return;
         }
-        let msgs: Vec<Outgoing<'_>> = self
-            .runs
-            .iter()
-            .map(|r| Outgoing {
-                to: r.to,
-                contents: &self.buf[r.start..r.start + r.len],
-                segment: (r.count > 1).then_some(r.stride),
-            })
-            .collect();
+        let msgs = self.0.messages();
         let mut refused = Vec::new();
         out.send_many(&msgs, |i, r| match r {
             Ok(()) => {}
@@ -733,8 +627,8 @@ impl Answers {
             })
             .await;
         }
-        self.runs.clear();
-        self.buf.clear();
+        drop(msgs);
+        self.0.clear();
     }
 }
 

@@ -167,6 +167,110 @@ impl<'a> Outgoing<'a> {
     }
 }
 
+/// Datagrams queued back to back for one `sendmmsg`: runs of datagrams to one peer with
+/// one tag, all of one length but the last (the rule of UDP GSO), each run one message.
+pub(crate) struct GsoRuns<T> {
+    buf: Vec<u8>,
+    runs: Vec<GsoRun<T>>,
+    /// Segments per GSO send (1 without GSO).
+    gso: usize,
+    /// The longest datagram that may be a GSO segment (the path's MTU less the IP and UDP
+    /// headers): a longer one goes alone, for the kernel to fragment.
+    max_segment: usize,
+}
+
+/// One run of [`GsoRuns`].
+pub(crate) struct GsoRun<T> {
+    pub to: SocketAddr,
+    pub tag: T,
+    start: usize,
+    pub len: usize,
+    stride: usize,
+    pub count: usize,
+    /// A shorter (or unsegmentable) datagram went in last: nothing may follow it.
+    closed: bool,
+}
+
+impl<T: PartialEq> GsoRuns<T> {
+    pub(crate) fn new(gso: usize, max_segment: usize) -> Self {
+        Self {
+            buf: Vec::new(),
+            runs: Vec::new(),
+            gso,
+            max_segment,
+        }
+    }
+
+    /// Appends a datagram to `to` that `write` appends to the buffer, joining the last run
+    /// when it may; nothing is queued when `write` fails.
+    pub(crate) fn append<E>(
+        &mut self,
+        to: SocketAddr,
+        tag: T,
+        write: impl FnOnce(&mut Vec<u8>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let start = self.buf.len();
+        if let Err(e) = write(&mut self.buf) {
+            self.buf.truncate(start);
+            return Err(e);
+        }
+        let len = self.buf.len() - start;
+        let fits = len <= self.max_segment;
+        match self.runs.last_mut() {
+            Some(r)
+                if fits
+                    && r.to == to
+                    && r.tag == tag
+                    && !r.closed
+                    && len <= r.stride
+                    && r.count < self.gso
+                    && r.len + len <= MAX_GSO_BYTES =>
+            {
+                r.closed = len < r.stride;
+                r.len += len;
+                r.count += 1;
+            }
+            _ => self.runs.push(GsoRun {
+                to,
+                tag,
+                start,
+                len,
+                stride: len,
+                count: 1,
+                closed: !fits,
+            }),
+        }
+        Ok(())
+    }
+
+    /// The runs queued, in order.
+    pub(crate) fn runs(&self) -> &[GsoRun<T>] {
+        &self.runs
+    }
+
+    /// Bytes queued.
+    pub(crate) fn bytes(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The runs as messages of a `sendmmsg`, in order.
+    pub(crate) fn messages(&self) -> Vec<Outgoing<'_>> {
+        self.runs
+            .iter()
+            .map(|r| Outgoing {
+                to: r.to,
+                contents: &self.buf[r.start..r.start + r.len],
+                segment: (r.count > 1).then_some(r.stride),
+            })
+            .collect()
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.runs.clear();
+        self.buf.clear();
+    }
+}
+
 /// Messages per `sendmmsg` call.
 const SENDMMSG_MAX: usize = 32;
 
@@ -489,6 +593,52 @@ mod tests {
             sender.send_to(&[0u8; 1200], sock.local_addr().unwrap()).unwrap();
         }
         assert!(socket_drops(&sock).is_some_and(|d| d > 0));
+    }
+
+    #[test]
+    fn gso_runs_join_equal_datagrams_to_one_peer_and_tag_only() {
+        let (a, b) = ("127.0.0.1:1".parse().unwrap(), "127.0.0.1:2".parse().unwrap());
+        let mut q = GsoRuns::new(3, 100);
+        let put = |q: &mut GsoRuns<u8>, to, tag, n: usize| {
+            q.append(to, tag, |buf| {
+                buf.extend(std::iter::repeat_n(0, n));
+                Ok::<(), ()>(())
+            })
+        };
+        for _ in 0..4 {
+            put(&mut q, a, 1, 50).unwrap();
+        }
+        put(&mut q, a, 2, 50).unwrap(); // another tag
+        put(&mut q, a, 2, 40).unwrap(); // shorter: joins, closes
+        put(&mut q, a, 2, 40).unwrap();
+        put(&mut q, b, 2, 40).unwrap(); // another peer
+        put(&mut q, b, 2, 150).unwrap(); // longer than a segment may be: alone
+        assert!(
+            q.append(b, 2, |buf| {
+                buf.push(9);
+                Err(())
+            })
+            .is_err()
+        );
+        let segments: Vec<_> = q
+            .messages()
+            .iter()
+            .map(|m| (m.contents.len(), m.segment))
+            .collect();
+        assert_eq!(
+            segments,
+            [
+                (150, Some(50)),
+                (50, None),
+                (90, Some(50)),
+                (40, None),
+                (40, None),
+                (150, None)
+            ]
+        );
+        assert_eq!(q.bytes(), 520, "the failed write left nothing");
+        q.clear();
+        assert!(q.messages().is_empty());
     }
 
     #[test]
