@@ -196,6 +196,11 @@ impl Metrics {
             d.unknown_spi.clone(),
         );
         r.register(
+            "ike_passed_on_by_dataplane",
+            "IKE messages on port 4500 a data plane thread read and passed to an IKE worker (none while the port steers IKE to the workers' sockets)",
+            d.ike_passed_on.clone(),
+        );
+        r.register(
             "esp_dropped_invalid",
             "ESP packets dropped: replayed, failed integrity or malformed",
             d.invalid.clone(),
@@ -307,6 +312,10 @@ impl Metrics {
                 self.dataplane.unknown_spi.get(),
             ),
             ("esp_dropped_invalid".to_owned(), self.dataplane.invalid.get()),
+            (
+                "ike_passed_on_by_dataplane".to_owned(),
+                self.dataplane.ike_passed_on.get(),
+            ),
             ("esp_dropped_policy".to_owned(), self.dataplane.policy.get()),
             ("esp_dropped_too_big".to_owned(), self.dataplane.too_big.get()),
             (

@@ -311,6 +311,14 @@ fn a_site_behind_nat_floats_to_4500_and_carries_traffic_both_ways() -> Result<()
     s.carries_traffic()?;
     let esp_out = s.gw.metric("concentrator_gateway_esp_packets_out_total")?;
     ensure!(esp_out > 100.0, "ESP sent to the NAT mapping: {esp_out} packets");
+    // The port's program gave IKE on 4500 to the IKE worker's own socket: no data plane
+    // thread read any of it (and ESP did not go the other way: the traffic above).
+    let passed_on =
+        s.gw.metric("concentrator_gateway_ike_passed_on_by_dataplane_total")?;
+    ensure!(
+        passed_on == 0.0,
+        "IKE on 4500 went through the data plane's threads: {passed_on} messages"
+    );
     Ok(())
 }
 

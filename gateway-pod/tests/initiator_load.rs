@@ -845,6 +845,15 @@ fn measure_ours(
             .with_context(|| gateway.log_tail(30))?;
         }
     }
+    // Every SA floated to 4500: the port's program gave all its IKE to the workers' own
+    // sockets (a data plane thread reading one is the hop it exists to spare).
+    let passed_on =
+        concentrator_e2e::gateway::metric(&ns, &fleet::metric_name("ike_passed_on_by_dataplane_total"))?;
+    ensure!(
+        passed_on == 0.0,
+        "{passed_on} IKE messages on 4500 went through the data plane's threads\n{}",
+        gateway.log_tail(30)
+    );
     Ok(run)
 }
 

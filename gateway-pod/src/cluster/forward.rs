@@ -663,7 +663,7 @@ fn deliver(view: &super::View, d: &Delivery, f: &Frame<'_>, metrics: &ForwardMet
                 if view.route(shard) != Route::Local {
                     metrics.drop("not_owner");
                 } else if current(shard) {
-                    esp.push((spi, (f.remote, f.sender, packet.to_vec())));
+                    esp.push((spi, (f.remote, Some(f.sender), packet.to_vec())));
                 }
                 return;
             }

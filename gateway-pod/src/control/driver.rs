@@ -56,7 +56,10 @@ pub(super) struct Driver {
     pub(super) egroups: SharedEgroups,
     /// This worker's socket on port 500 (one per worker, SO_REUSEPORT, with several).
     pub(super) udp500: Arc<UdpSocket>,
+    /// Where this worker sends on port 4500: its own socket when it reads one.
     pub(super) udp4500: Arc<UdpSocket>,
+    /// This worker's own socket on port 4500 (`None`: the data plane passes IKE on).
+    pub(super) nat_t: Option<super::nat_t::NatT>,
     /// Where we listen, who we are, what we propose.
     pub(super) configs: IkeConfigs,
     /// Our record of each IKE SA, by its id in the endpoint.
@@ -131,6 +134,16 @@ async fn recv_some<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
     }
 }
 
+/// The next IKE messages on this worker's port-4500 socket; never, without one.
+async fn recv_nat_t(
+    n: &mut Option<super::nat_t::NatT>,
+) -> Option<std::io::Result<super::nat_t::IkeMessages>> {
+    match n {
+        Some(n) => Some(n.recv().await),
+        None => std::future::pending().await,
+    }
+}
+
 /// [`recv_some`] for an unbounded channel.
 async fn recv_some_unbounded<T>(rx: &mut Option<mpsc::UnboundedReceiver<T>>) -> Option<T> {
     match rx {
@@ -152,6 +165,8 @@ impl Driver {
             mut stop,
         } = inputs;
         let mut buf = vec![0u8; 65536];
+        let mut nat_t = self.nat_t.take();
+        let nat_t_local = nat_t.as_ref().map(super::nat_t::NatT::local);
         let mut status = tokio::time::interval(STATUS_INTERVAL);
         status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut fleet_tick = tokio::time::interval(FLEET_TICK);
@@ -189,7 +204,7 @@ impl Driver {
                     Ok((n, remote)) => {
                         let local = self.udp500.local_addr().unwrap_or(remote);
                         let datagram = buf[..n].to_vec();
-                        self.datagram_500(local, remote, datagram);
+                        self.datagram_read(local, remote, datagram);
                         // Whatever else has arrived is handled before the responses go out
                         // and before this task sleeps again: under a flood of new sites, one
                         // wake-up per datagram would cost more than the exchange itself.
@@ -197,7 +212,7 @@ impl Driver {
                             match self.udp500.try_recv_from(&mut buf) {
                                 Ok((n, remote)) => {
                                     let datagram = buf[..n].to_vec();
-                                    self.datagram_500(local, remote, datagram);
+                                    self.datagram_read(local, remote, datagram);
                                 }
                                 Err(_) => break,
                             }
@@ -206,6 +221,20 @@ impl Driver {
                     Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
                     Err(e) => {
                         tracing::error!(error = %e, "IKE socket failed");
+                        break;
+                    }
+                },
+                Some(r) = recv_nat_t(&mut nat_t) => match r {
+                    Ok(messages) => {
+                        for (remote, payload) in messages {
+                            if let Some(local) = nat_t_local {
+                                self.datagram_read(local, remote, payload);
+                            }
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+                    Err(e) => {
+                        tracing::error!(error = %e, "IKE socket on port 4500 failed");
                         break;
                     }
                 },
@@ -267,9 +296,10 @@ impl Driver {
         }
     }
 
-    /// A datagram read on port 500: handled here, or passed to the worker it belongs to.
-    fn datagram_500(&mut self, local: SocketAddr, remote: SocketAddr, payload: Vec<u8>) {
-        if self.router.workers() > 1 && self.router.worker_of(remote, &payload) != self.peers.me() {
+    /// An IKE message read on one of this worker's sockets: handled here, or passed to the
+    /// worker it belongs to (the kernel's steering normally spares that).
+    fn datagram_read(&mut self, local: SocketAddr, remote: SocketAddr, payload: Vec<u8>) {
+        if self.router.workers() > 1 && self.router.worker_of(&payload) != self.peers.me() {
             let d = IkeDatagram {
                 local,
                 remote,

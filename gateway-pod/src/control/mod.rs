@@ -32,12 +32,14 @@ mod fleet;
 mod handover;
 mod ike_config;
 mod install;
+mod nat_t;
 mod policy;
 mod reload;
 mod replicas;
 mod routes;
 mod shared_state;
 mod status;
+mod steering;
 mod transmit;
 mod workers;
 
@@ -241,6 +243,11 @@ pub async fn start(
         gateway.metrics.dataplane.clone(),
         fleet.map(|f| f.links.clone()),
     );
+    // IKE on 4500 read by the workers themselves, and on 500 by the worker of its SA.
+    let nat_t_socks = steer_nat_t(&udp4500, nat_t_addr, dataplane.workers(), n, router.key());
+    if n > 1 {
+        steer_ike_port(&udp500s, router.key());
+    }
     let fleet_error = |addr, source| ControlError::Fleet { addr, source };
     let (frames, driver_fleet, replicas_task) = match fleet {
         None => (None, None, None),
@@ -285,6 +292,18 @@ pub async fn start(
     let (stop_workers, stop_workers_rx) = watch::channel(None);
     let egroups = SharedEgroups::new(egroups);
     let routes = SharedRoutes::new(Routes::start(opts.tun_name.clone()));
+    let mut nat_ts = Vec::with_capacity(n);
+    for sock in nat_t_socks {
+        match nat_t::NatT::new(sock.clone(), dataplane.clone()) {
+            Ok(r) => nat_ts.push((sock, r)),
+            Err(e) => {
+                tracing::warn!(error = %e, "an IKE worker's port-4500 socket cannot be read: IKE on 4500 goes through the data plane");
+                nat_ts.clear();
+                break;
+            }
+        }
+    }
+    let mut nat_ts = nat_ts.into_iter();
     let backend: Arc<dyn crate::dataplane::backend::ChildSaBackend> = Arc::new(dataplane);
     let (mut acquire_rx, mut claims_rx, mut driver_fleet) = (Some(acquire_rx), Some(claims_rx), driver_fleet);
     let mut workers = Vec::with_capacity(n);
@@ -302,12 +321,17 @@ pub async fn start(
         }
         let (lookups_tx, lookups_rx) = mpsc::unbounded_channel();
         let primary = w == 0;
+        let (udp4500, nat_t) = match nat_ts.next() {
+            Some((sock, reader)) => (sock, Some(reader)),
+            None => (udp4500.clone(), None),
+        };
         let driver = Driver {
             endpoint,
             entropy: crate::cluster::GatewayEntropy::new(fleet.map(|f| f.view.clone())).for_worker(w, n),
             egroups: egroups.clone(),
             udp500: udp500s[w].clone(),
-            udp4500: udp4500.clone(),
+            udp4500,
+            nat_t,
             configs: IkeConfigs::new(
                 opts.listen,
                 ike_addr.port(),
@@ -437,6 +461,55 @@ async fn bind_ike_sockets(listen: IpAddr, port: u16, n: usize) -> Result<Vec<Arc
             Arc::new(s)
         })
         .collect())
+}
+
+/// Binds one socket per IKE worker in the port-4500 group after the data plane's `data`
+/// sockets and attaches the program that steers IKE to them ([`steering`]). Without the
+/// program (an error, logged) none is kept: IKE on 4500 then goes through the data plane.
+fn steer_nat_t(
+    first: &UdpSocket,
+    addr: SocketAddr,
+    data: usize,
+    n: usize,
+    key: steering::InitKey,
+) -> Vec<Arc<UdpSocket>> {
+    let group = match (u32::try_from(data), u32::try_from(n)) {
+        (Ok(data), Ok(ike)) if data > 0 => steering::Group {
+            data,
+            ike,
+            nat_t: true,
+        },
+        _ => return Vec::new(),
+    };
+    let socks: std::io::Result<Vec<_>> = (0..n)
+        .map(|_| crate::dataplane::bind_udp(addr).map(Arc::new))
+        .collect();
+    match socks.and_then(|s| steering::attach(first, &steering::program(group, key)).map(|()| s)) {
+        Ok(s) => {
+            tracing::debug!(data, workers = n, "IKE on port 4500 steered to the IKE workers");
+            s
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "IKE on port 4500 cannot be steered to the IKE workers: the data plane passes it on");
+            Vec::new()
+        }
+    }
+}
+
+/// Attaches the program that gives each IKE message on port 500 to the worker of its SA
+/// ([`steering`]); without it (logged), the worker that reads one passes it on.
+fn steer_ike_port(socks: &[Arc<UdpSocket>], key: steering::InitKey) {
+    let (Some(first), Ok(ike)) = (socks.first(), u32::try_from(socks.len())) else {
+        return;
+    };
+    let group = steering::Group {
+        data: 0,
+        ike,
+        nat_t: false,
+    };
+    if let Err(e) = steering::attach(&**first, &steering::program(group, key)) {
+        tracing::warn!(error = %e, "IKE on port 500 cannot be steered to the IKE workers: they pass it on");
+    }
 }
 
 /// Tells the supervisor that a worker ended, when dropped.

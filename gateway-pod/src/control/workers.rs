@@ -7,19 +7,20 @@
 //! table and no lock: a new IKE_SA_INIT (responder SPI zero) goes to a worker by a keyed hash
 //! of the site's address and its SPI, every other message to the worker whose shards hold
 //! the SPI we allocated. An IKE SA stays in its worker for its whole life (rekeyed IKE SAs
-//! draw their SPIs in the shard of the first).
+//! draw their SPIs in the shard of the first). The kernel makes the same choice for the
+//! workers' own sockets ([`super::steering`]), so a message read by a thread normally is
+//! that thread's already.
 //!
 //! What the workers share (egroups, ownership, routes) lives in [`super::shared_state`], locked
 //! once per SA established or removed, never per message.
 
-use std::hash::{BuildHasher, Hash, Hasher};
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use concentrator_fleet::{SHARDS, Shard};
 use concentrator_ike::{Flags, Header};
 use tokio::sync::mpsc;
 
+use super::steering::InitKey;
 use crate::dataplane::shared::IkeDatagram;
 
 /// The most IKE workers: each needs shards of its own to allocate SPIs in.
@@ -43,7 +44,7 @@ pub struct IkeRouter {
     first: mpsc::Sender<IkeDatagram>,
     workers: Arc<[mpsc::Sender<IkeDatagram>]>,
     /// Keyed, so that a flood of IKE_SA_INITs cannot be aimed at one worker.
-    hash: std::hash::RandomState,
+    key: InitKey,
 }
 
 impl From<mpsc::Sender<IkeDatagram>> for IkeRouter {
@@ -60,8 +61,24 @@ impl IkeRouter {
         Self {
             first,
             workers: workers.into(),
-            hash: std::hash::RandomState::new(),
+            key: InitKey::random(),
         }
+    }
+
+    /// A router over `n` workers whose queues go nowhere, choosing as `key` does.
+    #[cfg(test)]
+    pub(super) fn for_test(n: usize, key: InitKey) -> Self {
+        let (first, _) = mpsc::channel(1);
+        let others = (1..n).map(|_| mpsc::channel(1).0).collect();
+        Self {
+            key,
+            ..Self::new(first, others)
+        }
+    }
+
+    /// The key new IKE SAs are shared out with (the kernel's program uses it too).
+    pub(super) fn key(&self) -> InitKey {
+        self.key
     }
 
     /// The first worker's queue (a fleet runs that one only).
@@ -77,15 +94,15 @@ impl IkeRouter {
     /// Queues `d` for its worker; `Err` (the datagram back) if that worker's queue is full
     /// or gone, as [`mpsc::Sender::try_send`] would fail.
     pub fn try_send(&self, d: IkeDatagram) -> Result<(), IkeDatagram> {
-        let w = self.worker_of(d.remote, &d.payload);
+        let w = self.worker_of(&d.payload);
         match self.workers.get(w) {
             Some(tx) => tx.try_send(d).map_err(|e| e.into_inner()),
             None => Err(d),
         }
     }
 
-    /// The worker of the IKE message `datagram` (without the non-ESP marker) from `remote`.
-    pub fn worker_of(&self, remote: SocketAddr, datagram: &[u8]) -> usize {
+    /// The worker of the IKE message `datagram` (without the non-ESP marker).
+    pub fn worker_of(&self, datagram: &[u8]) -> usize {
         let n = self.workers.len();
         if n <= 1 {
             return 0;
@@ -96,12 +113,9 @@ impl IkeRouter {
         };
         match our_spi(&h) {
             Some(spi) => worker_of_spi(n, spi),
-            None => {
-                let mut hasher = self.hash.build_hasher();
-                remote.hash(&mut hasher);
-                h.spi_i.hash(&mut hasher);
-                (hasher.finish() % n as u64) as usize
-            }
+            // The site's address is not in it: the kernel's program (which must agree) sees
+            // the payload only.
+            None => self.key.worker(n, h.spi_i),
         }
     }
 }
@@ -177,6 +191,8 @@ impl Peers {
 
 #[cfg(test)]
 mod tests {
+    use std::net::SocketAddr;
+
     use super::*;
 
     fn header(spi_i: u64, spi_r: u64, flags: Flags) -> Vec<u8> {
@@ -206,15 +222,14 @@ mod tests {
                         None => random | 1,
                     };
                     assert_eq!(worker_of_spi(n, spi), w, "n {n} w {w}");
-                    let remote = SocketAddr::from(([192, 0, 2, 1], 4500));
                     // A request of the initiator: our SPI is the responder's.
                     let m = header(7, spi, Flags::INITIATOR);
-                    assert_eq!(r.worker_of(remote, &m), w);
+                    assert_eq!(r.worker_of(&m), w);
                     // A response to (or a request toward) an SA we started: ours is SPIi.
                     let m = header(spi, 0, Flags::RESPONSE);
-                    assert_eq!(r.worker_of(remote, &m), w);
+                    assert_eq!(r.worker_of(&m), w);
                     let m = header(spi, 9, Flags::NONE);
-                    assert_eq!(r.worker_of(remote, &m), w);
+                    assert_eq!(r.worker_of(&m), w);
                 }
             }
         }
@@ -223,13 +238,12 @@ mod tests {
     #[test]
     fn new_sites_spread_over_workers_and_keep_theirs() {
         let (r, _rx) = router(2);
-        let remote = SocketAddr::from(([192, 0, 2, 1], 500));
         let mut seen = [0usize; 2];
         for spi_i in 1..200u64 {
             let m = header(spi_i, 0, Flags::INITIATOR);
-            let w = r.worker_of(remote, &m);
+            let w = r.worker_of(&m);
             // A retransmission (or the request again with a cookie) goes to the same one.
-            assert_eq!(r.worker_of(remote, &m), w);
+            assert_eq!(r.worker_of(&m), w);
             seen[w] += 1;
         }
         assert!(seen.iter().all(|n| *n > 50), "{seen:?}");
@@ -256,9 +270,8 @@ mod tests {
     #[test]
     fn rejects_nothing_it_cannot_read() {
         let (r, _rx) = router(3);
-        let remote = SocketAddr::from(([192, 0, 2, 1], 500));
         for len in 0..28 {
-            assert_eq!(r.worker_of(remote, &vec![0xff; len]), 0);
+            assert_eq!(r.worker_of(&vec![0xff; len]), 0);
         }
     }
 

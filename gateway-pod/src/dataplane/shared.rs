@@ -69,6 +69,9 @@ pub struct DataplaneCounters {
     pub too_big: Counter,
     /// IKE messages on port 4500 dropped because the control plane was not keeping up.
     pub ike_overflow: Counter,
+    /// IKE messages on port 4500 a data plane thread read and passed to an IKE worker: none
+    /// while the port's program steers IKE to the workers' own sockets.
+    pub ike_passed_on: Counter,
     /// CHILD SA directions that reached a soft volume limit (a rekey was asked for).
     pub soft_expired: Counter,
     /// CHILD SA directions that reached a hard volume limit and were removed.
@@ -137,16 +140,17 @@ enum EgressCommand {
     Plain(Vec<u8>, Backlog),
 }
 
-/// An ESP packet another member forwarded: the site's address, the member it entered
-/// through, the UDP payload.
-pub type ForwardedEsp = (SocketAddr, MemberId, Vec<u8>);
+/// An ESP packet read elsewhere than on a data plane socket: the site's address, the member
+/// it entered through (`None`: this pod's own socket, an IKE worker's), the UDP payload.
+pub type ForwardedEsp = (SocketAddr, Option<MemberId>, Vec<u8>);
 
 enum IngressCommand {
     Install(Arc<SharedInbound>),
     Remove(u32),
     /// ESP packets of ours that other members of the fleet received from the sites, as
     /// (the site's address, the member it came through, the UDP payload): a batch per
-    /// wake-up of the fleet socket, opened and written to the TUN device together.
+    /// wake-up of the fleet socket, opened and written to the TUN device together. Also
+    /// ESP an IKE worker's port-4500 socket read ([`DataplaneHandle::received`]).
     Forwarded(Vec<ForwardedEsp>, Backlog),
 }
 
@@ -254,6 +258,20 @@ impl DataplaneHandle {
             }
         }
         dropped
+    }
+
+    /// ESP that an IKE worker's port-4500 socket read (in a GRO batch led by an IKE message
+    /// of the same site, the only way it lands there): opened by the workers as if their
+    /// own sockets had read it. How many were dropped (the backlog is full).
+    pub fn received(&self, batch: Vec<(SocketAddr, Vec<u8>)>) -> usize {
+        let batch = batch
+            .into_iter()
+            .filter_map(|(remote, packet)| {
+                let spi = u32::from_be_bytes(packet.get(..4)?.try_into().ok()?);
+                Some((spi, (remote, None, packet)))
+            })
+            .collect();
+        self.forwarded(batch)
     }
 
     /// Sends packets toward `subnet` to `member` (which holds the site's tunnel) for a

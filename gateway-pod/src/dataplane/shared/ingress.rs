@@ -56,12 +56,12 @@ pub(super) async fn ingress(
                                     write_tun(&dev, &tun_name, &mut gro, &mut tun_bufs[..ready], &counters).await;
                                     ready = 0;
                                 }
-                                match open_into(&table, datagram, Some(*via), now, &mut tun_bufs[ready], &events, &counters, mss) {
+                                match open_into(&table, datagram, *via, now, &mut tun_bufs[ready], &events, &counters, mss) {
                                     Opened::Dropped => continue,
                                     Opened::Last => table.remove(spi_of(datagram)),
                                     Opened::Ready => {}
                                 }
-                                tracing::trace!(%remote, %via, "forwarded ESP opened");
+                                tracing::trace!(%remote, ?via, "forwarded ESP opened");
                                 ready += 1;
                             }
                             write_tun(&dev, &tun_name, &mut gro, &mut tun_bufs[..ready], &counters).await;
@@ -107,6 +107,7 @@ pub(super) async fn ingress(
                             payload: payload.to_vec(),
                             via: None,
                         };
+                        counters.ike_passed_on.inc();
                         if ike.try_send(d).is_err() {
                             counters.ike_overflow.inc();
                         }
