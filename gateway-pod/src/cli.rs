@@ -160,6 +160,13 @@ pub struct Options {
     #[arg(long, env = "CONCENTRATOR_IKE_WORKERS", value_name = "N", default_value_t = crate::control::default_workers(), value_parser = parse_ike_workers)]
     pub ike_workers: usize,
 
+    /// Steer IKE on port 4500 (and on 500, with several workers) to the IKE workers' own
+    /// sockets with a BPF program on the port's SO_REUSEPORT group, so the data plane's
+    /// threads read ESP only. `off`: they read it and pass it on, as before (for comparison;
+    /// a kernel that refuses the program falls back to that by itself).
+    #[arg(long, env = "CONCENTRATOR_IKE_STEERING", value_name = "on|off", default_value = "on", action = clap::ArgAction::Set, value_parser = parse_on_off)]
+    pub ike_steering: bool,
+
     /// etcd client URLs (comma-separated): join the fleet of gateway pods that share this
     /// etcd and key prefix (shard ownership, site claims, SPI routing). Unset: a standalone
     /// gateway.
@@ -406,6 +413,15 @@ fn parse_ike_workers(s: &str) -> Result<usize, String> {
     }
 }
 
+/// `on` or `off`.
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err("on or off".to_owned()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use clap::Parser;
@@ -454,5 +470,14 @@ mod tests {
             Options::try_parse_from(["g", "migrate"]).is_ok(),
             "maintenance needs no config dir"
         );
+        let steering = |args: &[&str]| {
+            Options::try_parse_from(["g", "--config-dir", "ex"].iter().chain(args))
+                .map(|o| o.ike_steering)
+                .ok()
+        };
+        assert_eq!(steering(&[]), Some(true));
+        assert_eq!(steering(&["--ike-steering", "off"]), Some(false));
+        assert_eq!(steering(&["--ike-steering", "on"]), Some(true));
+        assert_eq!(steering(&["--ike-steering", "yes"]), None);
     }
 }

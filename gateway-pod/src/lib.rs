@@ -233,6 +233,7 @@ pub async fn start(opts: &Options, config: Config) -> Result<Running, StartError
                     raw_esp: opts.raw_esp,
                     tcp_mss_clamp: opts.tcp_mss_clamp,
                     ike_workers: opts.ike_workers,
+                    ike_steering: opts.ike_steering,
                 },
                 fleet.as_ref(),
             )

@@ -39,6 +39,9 @@
 //! `ike_workers_one_vs_two` (issue 21, IKE on every core) runs the generator against our
 //! gateway with `--ike-workers 1`, then 2, and prints the rates per gateway core and the ratio.
 //!
+//! `ike_on_4500_passed_on_vs_steered` (issue 21) runs it with IKE on 4500 read by the data
+//! plane's threads (`--ike-steering off`), then by the IKE worker's own socket (the default).
+//!
 //! With the SAs kept, each responder's RSS growth over the run (read a few seconds after it)
 //! divided by the SAs is its memory per tunnel, printed for both.
 //!
@@ -613,8 +616,10 @@ struct Size {
     threads: u64,
     full: bool,
     scenarios: Vec<Scenario>,
-    /// Our gateway's `--ike-workers` (its default, one per core, when `None`).
+    /// Our gateway's `--ike-workers` (its default when `None`).
     ike_workers: Option<usize>,
+    /// Our gateway's `--ike-steering` (on by default).
+    steering: bool,
 }
 
 impl Size {
@@ -635,6 +640,7 @@ impl Size {
                 Scenario::plain(env_or("IKE_LOAD_HOLD_SAS", hold)?, true),
             ],
             ike_workers: None,
+            steering: true,
         })
     }
 }
@@ -797,6 +803,11 @@ fn measure_ours(
                 .into_iter()
                 .flatten(),
         )
+        .args(if size.steering {
+            &[][..]
+        } else {
+            &["--ike-steering", "off"][..]
+        })
         // The full run keeps the gateway's own start-up lines ("gateway ready") and drops the
         // two info lines per SA of the control plane, as charon logs nothing there.
         .env(
@@ -846,12 +857,14 @@ fn measure_ours(
         }
     }
     // Every SA floated to 4500: the port's program gave all its IKE to the workers' own
-    // sockets (a data plane thread reading one is the hop it exists to spare).
+    // sockets (a data plane thread reading one is the hop it exists to spare); without it,
+    // the data plane's threads read every one.
     let passed_on =
         concentrator_e2e::gateway::metric(&ns, &fleet::metric_name("ike_passed_on_by_dataplane_total"))?;
     ensure!(
-        passed_on == 0.0,
-        "{passed_on} IKE messages on 4500 went through the data plane's threads\n{}",
+        (passed_on == 0.0) == size.steering,
+        "steering {}: {passed_on} IKE messages on 4500 went through the data plane's threads\n{}",
+        size.steering,
         gateway.log_tail(30)
     );
     Ok(run)
@@ -1080,6 +1093,65 @@ fn ike_workers_one_vs_two() -> Result<()> {
             r.established,
             r.failed
         );
+    }
+    Ok(())
+}
+
+/// IKE on port 4500 read by the data plane's threads and passed to the IKE worker
+/// (`--ike-steering off`, as before the port's program) vs read by the worker's own socket
+/// (the default), one worker each, a fresh gateway per run, the scenarios of the other
+/// benchmarks. Printed: each run's rate and rate per gateway core, and the ratios. Correctness
+/// only: every SA established, and which threads read the IKE (checked in `measure_ours`).
+#[test]
+fn ike_on_4500_passed_on_vs_steered() -> Result<()> {
+    if prereq::require(&[netns::TOOLS]).is_skip() {
+        return Ok(());
+    }
+    let mut size = Size::from_env()?;
+    let Some(bin) = gateway_bin() else {
+        ensure!(
+            !size.full,
+            "no concentrator-gateway binary: cargo build --release -p concentrator-gateway"
+        );
+        eprintln!("SKIP: no concentrator-gateway binary at IKE_LOAD_GATEWAY_BIN");
+        return Ok(());
+    };
+    let wan = Wan::new()?;
+    let site = Netns::new("loadsite")?;
+    wan.attach(&site, "wan0", format!("{SITE_ADDR}/24").parse()?)?;
+    println!(
+        "IKE on 4500 passed on by the data plane vs steered to the IKE worker: {IKE} / {ESP}, PSK, window {}, \
+         {} generator thread(s), one IKE worker; generator and gateway share this machine's {} cores:",
+        size.window,
+        size.threads,
+        std::thread::available_parallelism().map_or(0, usize::from)
+    );
+    size.ike_workers = Some(1);
+    for scenario in size.scenarios.clone() {
+        println!("{}:", scenario.label());
+        let mut runs = Vec::new();
+        for steering in [false, true] {
+            size.steering = steering;
+            let run = measure_ours(&wan, &site, &bin, &size, scenario)?;
+            report(if steering { "steered" } else { "passed on" }, &run);
+            ensure!(
+                run.established == scenario.sas && run.failed == 0,
+                "{}: {} established, {} failed",
+                scenario.label(),
+                run.established,
+                run.failed
+            );
+            runs.push(run);
+        }
+        if let [off, on] = &runs[..] {
+            println!(
+                "  steered / passed on: {:.2}x establishments/s, {:.2}x per gateway core; gateway cores busy: {:.2} vs {:.2}",
+                on.rate() / off.rate().max(1e-9),
+                on.per_core() / off.per_core().max(1e-9),
+                off.responder_cpu / off.seconds.max(1e-9),
+                on.responder_cpu / on.seconds.max(1e-9),
+            );
+        }
     }
     Ok(())
 }

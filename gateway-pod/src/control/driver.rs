@@ -413,6 +413,9 @@ impl Driver {
             self.event(event);
         }
         self.replicate_changed();
+        // The CHILD SAs installed by this wake-up's events reach the data plane before the
+        // IKE messages that complete them reach the sites.
+        self.backend.flush();
         let (mut on_ike_port, mut on_nat_t_port) = (Vec::new(), Vec::new());
         for t in out {
             // A frozen SA's timers may still fire: what they queue is not sent (the new

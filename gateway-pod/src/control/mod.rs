@@ -88,6 +88,8 @@ pub struct ControlOptions {
     pub tcp_mss_clamp: crate::dataplane::mss::MssClampOption,
     /// IKE workers (at least one); a fleet runs one.
     pub ike_workers: usize,
+    /// `--ike-steering`: IKE read by the workers' own sockets ([`steering`]).
+    pub ike_steering: bool,
 }
 
 /// The MSS clamp `option` asks for, said in the log once.
@@ -244,8 +246,12 @@ pub async fn start(
         fleet.map(|f| f.links.clone()),
     );
     // IKE on 4500 read by the workers themselves, and on 500 by the worker of its SA.
-    let nat_t_socks = steer_nat_t(&udp4500, nat_t_addr, dataplane.workers(), n, router.key());
-    if n > 1 {
+    let nat_t_socks = if opts.ike_steering {
+        steer_nat_t(&udp4500, nat_t_addr, dataplane.workers(), n, router.key())
+    } else {
+        Vec::new()
+    };
+    if n > 1 && opts.ike_steering {
         steer_ike_port(&udp500s, router.key());
     }
     let fleet_error = |addr, source| ControlError::Fleet { addr, source };

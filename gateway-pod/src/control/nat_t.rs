@@ -4,7 +4,10 @@
 //!
 //! Its reads are offloaded like the data plane's (UDP GRO, which the kernel decides per
 //! group, not per socket), so a batch may carry ESP behind an IKE message of the same site:
-//! that ESP goes to the data plane's workers, as if their sockets had read it.
+//! that ESP goes to the data plane's workers, as if their sockets had read it. (In a fleet,
+//! such ESP of another member's SA is dropped as an unknown SPI rather than forwarded: it
+//! takes an IKE message and ESP of one site, of equal length, joined in one batch, at a
+//! pod that does not own the site.)
 
 use std::io::IoSliceMut;
 use std::net::SocketAddr;

@@ -81,6 +81,9 @@ pub trait ChildSaBackend: Send + Sync {
     fn elsewhere(&self, _subnet: IpNet, _member: concentrator_fleet::MemberId) {}
     /// In a fleet: no member holds the tunnel toward `subnet`, and we may not start one.
     fn not_held(&self, _subnet: IpNet) {}
+    /// Carries out the installs and removals asked for so far (a backend may gather them:
+    /// the control plane calls this once per wake-up, before it sends its IKE messages).
+    fn flush(&self) {}
 }
 
 impl ChildSaBackend for DataplaneHandle {
@@ -115,7 +118,7 @@ impl ChildSaBackend for DataplaneHandle {
             counters.note_inbound_seq(r.received_up_to);
         }
         let counters = Arc::new(counters.sending(outbound.counter()));
-        self.install(
+        self.defer_install(
             InboundSa {
                 sa: inbound,
                 local: spec.local,
@@ -137,7 +140,11 @@ impl ChildSaBackend for DataplaneHandle {
     }
 
     fn remove_child(&self, spi_in: u32) {
-        self.remove(spi_in);
+        self.defer_remove(spi_in);
+    }
+
+    fn flush(&self) {
+        Self::flush(self);
     }
 
     fn elsewhere(&self, subnet: IpNet, member: concentrator_fleet::MemberId) {
@@ -199,6 +206,8 @@ mod tests {
         let (handle, mut rx) = DataplaneHandle::detached();
         let gcm = Encryption::AesGcm16 { key_bits: 128 };
         assert!(handle.install_child(spec(gcm, None)).is_ok());
+        assert_eq!(rx.installs(), 0, "gathered until the flush");
+        ChildSaBackend::flush(&handle);
         assert_eq!(rx.installs(), 1, "one install reached the worker");
         let cbc_without_integrity = spec(Encryption::AesCbc { key_bits: 128 }, None);
         assert!(matches!(

@@ -1,7 +1,9 @@
 //! How long an outer datagram toward a peer may be: the kernel's path MTU for that
 //! destination (the MTU of the route's device, or less once the kernel learnt a smaller
-//! path MTU), asked of a UDP socket connected to the peer (`IP_MTU`, `IPV6_MTU`), and asked
-//! again every [`REFRESH`] while the SA carries traffic.
+//! path MTU), asked of a UDP socket connected to the peer (`IP_MTU`, `IPV6_MTU`) when the SA
+//! first carries a packet, and asked again every [`REFRESH`] while it carries traffic. (Not
+//! when the SA is installed: asking takes a socket of its own, which cost each data plane
+//! thread more than the rest of an install, for SAs that may never carry a packet.)
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -18,21 +20,33 @@ const FALLBACK_MTU: usize = 1500;
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct PathMtu {
     mtu: usize,
-    checked: Instant,
+    /// When the kernel was last asked; `None`: not yet.
+    checked: Option<Instant>,
 }
 
 impl PathMtu {
+    /// Not asked yet: the first [`Self::get`] asks.
+    pub(crate) fn unprobed() -> Self {
+        Self {
+            mtu: FALLBACK_MTU,
+            checked: None,
+        }
+    }
+
     /// Asks the kernel now.
     pub(crate) fn probe(local: IpAddr, peer: SocketAddr, now: Instant) -> Self {
         Self {
             mtu: query(local, peer).unwrap_or(FALLBACK_MTU),
-            checked: now,
+            checked: Some(now),
         }
     }
 
-    /// The path MTU, asked again if the last answer is older than [`REFRESH`].
+    /// The path MTU, asked if never asked or if the last answer is older than [`REFRESH`].
     pub(crate) fn get(&mut self, local: IpAddr, peer: SocketAddr, now: Instant) -> usize {
-        if now.saturating_duration_since(self.checked) >= REFRESH {
+        if self
+            .checked
+            .is_none_or(|c| now.saturating_duration_since(c) >= REFRESH)
+        {
             *self = Self::probe(local, peer, now);
         }
         self.mtu
@@ -105,6 +119,17 @@ mod tests {
                 now
             ) > FALLBACK_MTU
         );
+        // Installed without asking: the first packet asks.
+        let mut lazy = PathMtu::unprobed();
+        assert!(lazy.checked.is_none());
+        assert!(
+            lazy.get(
+                IpAddr::V4(Ipv4Addr::LOCALHOST),
+                "127.0.0.1:4500".parse().unwrap(),
+                now
+            ) > FALLBACK_MTU
+        );
+        assert_eq!(lazy.checked, Some(now));
         assert_eq!(outer_overhead("192.0.2.1:4500".parse().unwrap(), false), 28);
         assert_eq!(outer_overhead("[2001:db8::1]:4500".parse().unwrap(), false), 48);
         assert_eq!(outer_overhead("192.0.2.1:4500".parse().unwrap(), true), 20);

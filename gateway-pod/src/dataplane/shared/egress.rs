@@ -257,19 +257,16 @@ pub(super) async fn egress(
             biased;
             cmd = commands.recv() => {
                 match cmd {
-                    Some(EgressCommand::Install(sa, subnets)) => {
-                        let waiting = w.held.take_covered(&subnets);
-                        let now = Instant::now();
-                        let path = PathMtu::probe(w.local_ip, sa.peer, now);
-                        w.table.install(sa, subnets, path);
-                        for mut packet in waiting {
-                            if w.seal(&mut packet, now).await.is_some() {
-                                w.counters.no_sa.inc();
+                    Some(EgressCommand::Install(sa, subnets)) => w.install(sa, subnets).await,
+                    Some(EgressCommand::Remove(id)) => w.table.remove(id),
+                    Some(EgressCommand::Changes(changes)) => {
+                        for c in changes.iter() {
+                            match c {
+                                SaChange::Install(_, sa, subnets) => w.install(sa.clone(), subnets.clone()).await,
+                                SaChange::Remove(id) => w.table.remove(*id),
                             }
                         }
-                        w.flush().await;
                     }
-                    Some(EgressCommand::Remove(id)) => w.table.remove(id),
                     Some(EgressCommand::Elsewhere(subnet, member)) => {
                         let now = Instant::now();
                         w.elsewhere.retain(|(n, _, until)| *n != subnet && *until > now);
@@ -333,6 +330,22 @@ pub(super) async fn egress(
 }
 
 impl Egress {
+    /// Carries packets toward `subnets` through `sa` from now on, those held for it first.
+    async fn install(&mut self, sa: Arc<OutboundSa>, subnets: Vec<IpNet>) {
+        let waiting = self.held.take_covered(&subnets);
+        let now = Instant::now();
+        self.table.install(sa, subnets, PathMtu::unprobed());
+        if waiting.is_empty() {
+            return;
+        }
+        for mut packet in waiting {
+            if self.seal(&mut packet, now).await.is_some() {
+                self.counters.no_sa.inc();
+            }
+        }
+        self.flush().await;
+    }
+
     /// Sends what this worker has sealed: its GSO batches to sites, and its frames to other
     /// members.
     async fn flush(&mut self) {

@@ -48,6 +48,14 @@ pub(super) async fn ingress(
                     match cmd {
                         Some(IngressCommand::Install(sa)) => table.install(sa),
                         Some(IngressCommand::Remove(spi)) => table.remove(spi),
+                        Some(IngressCommand::Changes(changes)) => {
+                            for c in changes.iter() {
+                                match c {
+                                    SaChange::Install(sa, _, _) => table.install(sa.clone()),
+                                    SaChange::Remove(spi) => table.remove(*spi),
+                                }
+                            }
+                        }
                         Some(IngressCommand::Forwarded(batch, _backlog)) => {
                             let now = Instant::now();
                             let mut ready = 0;
