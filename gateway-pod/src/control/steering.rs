@@ -3,13 +3,13 @@
 //!
 //! Port 4500 carries ESP and IKE (behind the non-ESP marker, RFC 3948). Without a program the
 //! kernel spreads datagrams over the group by their addresses, so IKE landed on the data
-//! plane's sockets and each message woke a data plane thread that then woke an IKE worker:
-//! under a load of new sites that hop cost more than a third of the gateway's CPU (perf,
-//! BENCHMARKS.md "IKE on every core"). With the program, ESP goes to the data plane's
-//! sockets (spread by SPI, so one SA stays on one thread) and IKE to the IKE workers' own
-//! sockets, each message to the worker that holds its SA, as [`super::workers::IkeRouter`]
-//! would send it. On port 500 (IKE alone) the same choice of worker spares the hop between
-//! workers.
+//! plane's sockets and each message woke a data plane thread that then woke an IKE worker
+//! (under a load of new sites, the data plane threads took 27-29% of the gateway's CPU for
+//! that: BENCHMARKS.md "IKE on every core"). With the program, ESP goes to the data plane's
+//! sockets (spread by the site's address and port, as the kernel would) and IKE to the IKE
+//! workers' own sockets, each message to the worker that holds its SA, as
+//! [`super::workers::IkeRouter`] would send it. On port 500 (IKE alone) the same choice of
+//! worker spares the hop between workers.
 //!
 //! The kernel runs the program with the packet's data starting at the UDP payload; it
 //! returns the index of a socket in the group, in the order the sockets were bound. An index
@@ -72,8 +72,29 @@ pub(super) fn program(g: Group, key: InitKey) -> Vec<libc::sock_filter> {
     if g.nat_t {
         p.stmt(LD | ABS | W, 0);
         p.jump(JEQ, 0, Label::Ike, Next);
-        // ESP: by SPI over the data plane's sockets.
+        // ESP: by the site's address and port over the data plane's sockets. Not by SPI:
+        // the SAs of one site share its address and port, and the kernel's GRO joins their
+        // datagrams into one batch whatever their SPIs; a batch is steered by its first, so
+        // one SA's packets would go to two threads by turns and arrive out of order.
         if g.data > 1 {
+            p.stmt(LD | ABS | B, NET);
+            p.stmt(ALU | RSH | K, 4);
+            p.jump(JEQ, 6, Label::V6, Next);
+            // IPv4: the source address, then the port behind a header of IHL words.
+            p.stmt(LD | ABS | W, NET + 12);
+            p.stmt(ST, 0);
+            p.stmt(LDX | MSH | B, NET);
+            p.stmt(LD | IND | H, NET);
+            p.stmt(MISC | TAX, 0);
+            p.stmt(LD | MEM, 0);
+            p.jump(JA, 0, Label::Spread, Label::Spread);
+            // IPv6 (UDP right behind the fixed header): the source's last word, the port.
+            p.label(Label::V6);
+            p.stmt(LD | ABS | W, NET + 20);
+            p.stmt(MISC | TAX, 0);
+            p.stmt(LD | ABS | H, NET + 40);
+            p.label(Label::Spread);
+            p.stmt(ALU | XOR | X, 0);
             p.stmt(ALU | MUL | K, MIX_1);
             p.stmt(ALU | RSH | K, 16);
             p.stmt(ALU | MOD | K, g.data);
@@ -155,6 +176,14 @@ pub(super) fn attach(sock: &impl AsRawFd, program: &[libc::sock_filter]) -> std:
 
 // Classic BPF opcodes (linux/filter.h), as u16 for `sock_filter::code`.
 const LD: u16 = libc::BPF_LD as u16;
+const LDX: u16 = libc::BPF_LDX as u16;
+const ST: u16 = libc::BPF_ST as u16;
+const H: u16 = libc::BPF_H as u16;
+const IND: u16 = libc::BPF_IND as u16;
+const MEM: u16 = libc::BPF_MEM as u16;
+const MSH: u16 = libc::BPF_MSH as u16;
+/// Loads relative to the network header (the outer IP header) rather than the payload.
+const NET: u32 = libc::SKF_NET_OFF as u32;
 const ALU: u16 = libc::BPF_ALU as u16;
 const JMP: u16 = libc::BPF_JMP as u16;
 const RET: u16 = libc::BPF_RET as u16;
@@ -182,6 +211,8 @@ const JA: u16 = JMP | libc::BPF_JA as u16;
 enum Label {
     Ret0,
     Ike,
+    V6,
+    Spread,
     SpiR,
     SpiI,
     Shard,
@@ -270,14 +301,23 @@ mod tests {
     use super::*;
     use crate::control::workers::{IkeRouter, shard_for_worker, worker_of_spi};
 
-    /// The data plane socket, of `n`, the program gives ESP for `spi` (one SA, one thread).
-    fn esp_socket(n: u32, spi: u32) -> u32 {
-        (spi.wrapping_mul(MIX_1) >> 16) % n.max(1)
+    /// The data plane socket, of `n`, the program gives ESP from `site` (one site, one
+    /// thread).
+    fn esp_socket(n: u32, site: std::net::SocketAddr) -> u32 {
+        let word = match site.ip() {
+            std::net::IpAddr::V4(a) => u32::from(a),
+            std::net::IpAddr::V6(a) => u128::from(a) as u32,
+        };
+        ((word ^ u32::from(site.port())).wrapping_mul(MIX_1) >> 16) % n.max(1)
     }
 
     /// A group of `g.data + g.ike` sockets on one loopback port, the program attached.
     fn group(g: Group, key: InitKey) -> Vec<UdpSocket> {
-        let first = crate::dataplane::io::bind_udp_std("127.0.0.1:0".parse().unwrap()).unwrap();
+        group_on("127.0.0.1:0", g, key)
+    }
+
+    fn group_on(local: &str, g: Group, key: InitKey) -> Vec<UdpSocket> {
+        let first = crate::dataplane::io::bind_udp_std(local.parse().unwrap()).unwrap();
         let addr = first.local_addr().unwrap();
         let mut socks = vec![first];
         for _ in 1..g.data + g.ike {
@@ -345,14 +385,17 @@ mod tests {
             let socks = group(g, key);
             let router = IkeRouter::for_test(n, key);
             let d = data as usize;
-            // ESP, by SPI: every SPI to the same socket each time, all data plane ones used.
+            // ESP, by the site: every SA of a site to its one socket, all data plane ones
+            // used by some site.
             let mut used = vec![false; d];
-            for spi in (0..64u32).map(|i| 0x1000_0100u32.wrapping_mul(i + 1) | 0x100) {
-                let mut esp = spi.to_be_bytes().to_vec();
-                esp.extend_from_slice(&[0x55; 60]);
-                let at = landed(&socks, &from, &esp);
-                assert_eq!(at, esp_socket(data, spi) as usize, "ESP spi {spi:#x}");
-                used[at] = true;
+            for site in (0..16).map(|_| UdpSocket::bind("127.0.0.1:0").unwrap()) {
+                let want = esp_socket(data, site.local_addr().unwrap()) as usize;
+                for spi in (0..8u32).map(|i| 0x1000_0100u32.wrapping_mul(i + 1) | 0x100) {
+                    let mut esp = spi.to_be_bytes().to_vec();
+                    esp.extend_from_slice(&[0x55; 60]);
+                    assert_eq!(landed(&socks, &site, &esp), want, "ESP spi {spi:#x}");
+                }
+                used[want] = true;
             }
             assert!(used.iter().all(|u| *u), "data {data}: {used:?}");
             // A NAT keepalive: the first data plane socket.
@@ -383,6 +426,33 @@ mod tests {
             // Too short for a header: the first worker.
             assert_eq!(landed(&socks, &from, &[0, 0, 0, 0, 1, 2, 3]), d);
         }
+    }
+
+    #[test]
+    fn over_ipv6_each_site_has_its_data_plane_socket() {
+        let Ok(probe) = UdpSocket::bind("[::1]:0") else {
+            eprintln!("SKIP: no IPv6 loopback");
+            return;
+        };
+        drop(probe);
+        let g = Group {
+            data: 3,
+            ike: 1,
+            nat_t: true,
+        };
+        let socks = group_on("[::1]:0", g, InitKey::random());
+        let mut used = [false; 3];
+        for site in (0..24).map(|_| UdpSocket::bind("[::1]:0").unwrap()) {
+            let want = esp_socket(3, site.local_addr().unwrap()) as usize;
+            for spi in [0x100u32, 0xdead_beef, 0x7000_0001] {
+                let mut esp = spi.to_be_bytes().to_vec();
+                esp.extend_from_slice(&[0x55; 40]);
+                assert_eq!(landed(&socks, &site, &esp), want);
+            }
+            used[want] = true;
+            assert_eq!(landed(&socks, &site, &ike(9, 0, FLAG_INITIATOR as u8, true)), 3);
+        }
+        assert!(used.iter().all(|u| *u), "{used:?}");
     }
 
     #[test]
