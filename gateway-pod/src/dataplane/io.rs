@@ -122,6 +122,17 @@ impl Udp {
             .await
     }
 
+    /// [`Self::recv`] without waiting: `WouldBlock` when nothing is queued (always, for a raw
+    /// socket).
+    pub(crate) fn try_recv(&self, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta]) -> io::Result<usize> {
+        let Some(state) = &self.state else {
+            return Err(io::ErrorKind::WouldBlock.into());
+        };
+        self.sock.try_io(Interest::READABLE, || {
+            state.recv(UdpSockRef::from(&*self.sock), bufs, meta)
+        })
+    }
+
     /// One ESP packet from the raw socket, without the IPv4 header the kernel leaves in
     /// front of it (IPv6 raw sockets deliver the payload alone).
     async fn recv_raw(&self, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta]) -> io::Result<usize> {
