@@ -610,16 +610,10 @@ impl Endpoint {
     ) -> Result<(), EndpointError> {
         let d = Incoming::new(now, local, remote, datagram).ok_or(EndpointError::NotIke)?;
         let header = d.header;
-        // Our SPI is SPIr in messages from the original initiator of the IKE SA, SPIi in the
-        // others (RFC 7296 §3.1; the Initiator flag "changes to reflect who initiated the
-        // last rekey of the IKE SA"). Responders and initiators both answer for every SPI
-        // of ours they name, so the SA is found across IKE SA rekeys from either side.
+        // Responders and initiators both answer for every SPI of ours they name, so the SA is
+        // found across IKE SA rekeys from either side ([`crate::message::header::Header::our_spi`]).
         let from_initiator = header.flags.contains(Flags::INITIATOR);
-        let ours = if from_initiator {
-            header.spi_r
-        } else {
-            header.spi_i
-        };
+        let ours = header.our_spi().unwrap_or(0);
         if ours != 0
             && let Some(id) = self.route(ours)
             && let Some(slot) = self.slots.get_mut(&id)

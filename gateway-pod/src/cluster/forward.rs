@@ -120,15 +120,12 @@ pub fn route_ike(view: &super::View, remote: SocketAddr, datagram: &[u8]) -> Ike
 /// responder's if the original initiator sent it, else the initiator's); `None` for an
 /// IKE_SA_INIT request, whose SA has no responder SPI yet.
 fn ike_shard(h: &Header) -> Option<Shard> {
+    // Both SPIs set: an answer to our IKE_SA_INIT without the responder's SPI (a cookie,
+    // INVALID_KE_PAYLOAD) goes where new sites are placed, not by the SPI of ours.
     if h.spi_r == 0 {
         return None;
     }
-    let ours = if h.flags.contains(Flags::INITIATOR) {
-        h.spi_r
-    } else {
-        h.spi_i
-    };
-    Some(Shard::of_ike_spi(ours))
+    h.our_spi().map(Shard::of_ike_spi)
 }
 
 /// Labels of the forwarding counters.

@@ -40,7 +40,7 @@ impl InitKey {
     /// A key drawn from the process's random seed.
     pub(crate) fn random() -> Self {
         use std::hash::BuildHasher;
-        let r = std::hash::RandomState::new().hash_one(0x5ee_d5u32);
+        let r = std::hash::RandomState::new().hash_one(0x5eed_u32);
         Self([(r >> 32) as u32, r as u32])
     }
 

@@ -17,7 +17,7 @@
 use std::sync::Arc;
 
 use concentrator_fleet::{SHARDS, Shard};
-use concentrator_ike::{Flags, Header};
+use concentrator_ike::Header;
 use tokio::sync::mpsc;
 
 use super::steering::InitKey;
@@ -111,25 +111,12 @@ impl IkeRouter {
         let Some((h, _)) = Header::peek(datagram) else {
             return 0;
         };
-        match our_spi(&h) {
+        match h.our_spi() {
             Some(spi) => worker_of_spi(n, spi),
             // The site's address is not in it: the kernel's program (which must agree) sees
             // the payload only.
             None => self.key.worker(n, h.spi_i),
         }
-    }
-}
-
-/// The SPI we allocated of the IKE SA `h` belongs to: the responder's if the original
-/// initiator sent it, else the initiator's; `None` for an IKE_SA_INIT request (its SA has no
-/// SPI of ours yet).
-fn our_spi(h: &Header) -> Option<u64> {
-    if h.flags.contains(Flags::INITIATOR) {
-        (h.spi_r != 0).then_some(h.spi_r)
-    } else {
-        // A response to an IKE_SA_INIT of ours (even one without the peer's SPI: a cookie or
-        // INVALID_KE_PAYLOAD answer), or a request of the responder of an SA we started.
-        Some(h.spi_i)
     }
 }
 
@@ -192,6 +179,8 @@ impl Peers {
 #[cfg(test)]
 mod tests {
     use std::net::SocketAddr;
+
+    use concentrator_ike::Flags;
 
     use super::*;
 

@@ -110,6 +110,19 @@ impl Header {
         }
     }
 
+    /// The SPI of ours this message names, by which its IKE SA is found (RFC 7296 §3.1: the
+    /// Initiator flag says who initiated the SA, or its last rekey): the responder's SPI in a
+    /// message from the original initiator, else the initiator's. `None` when that SPI is
+    /// zero (a new IKE_SA_INIT: no SPI of ours yet).
+    pub fn our_spi(&self) -> Option<u64> {
+        let ours = if self.flags.contains(Flags::INITIATOR) {
+            self.spi_r
+        } else {
+            self.spi_i
+        };
+        (ours != 0).then_some(ours)
+    }
+
     /// Reads the header fields without any check beyond length: for routing by SPI and for
     /// answering a message that [`Header::decode`] rejects (INVALID_MAJOR_VERSION needs the
     /// SPIs and message ID).
