@@ -77,6 +77,9 @@ pub(super) struct Driver {
     pub(super) peers: Peers,
     /// Where an IKE message read here goes when it is another worker's.
     pub(super) router: IkeRouter,
+    /// The first worker's: the other workers, which get each reload once the shared parts
+    /// have changed here (a site placed on them meanwhile would meet the old egroups).
+    pub(super) followers: Vec<mpsc::UnboundedSender<super::Reload>>,
     /// The engine's SA counts last added to the gauges (the workers' counts add up).
     pub(super) counted: (i64, i64),
     /// The fleet (`None` standalone).

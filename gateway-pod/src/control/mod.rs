@@ -239,7 +239,7 @@ pub async fn start(
             raw_esp,
             mss: mss_clamp(opts.tcp_mss_clamp, fleet),
         },
-        router.clone(),
+        Arc::new(router.clone()),
         acquire_tx,
         sa_events_tx,
         gateway.metrics.dataplane.clone(),
@@ -357,6 +357,11 @@ pub async fn start(
             routes: routes.clone(),
             peers: Peers::new(w, delete_txs.clone()),
             router: router.clone(),
+            followers: if primary {
+                worker_reloads.iter().skip(1).cloned().collect()
+            } else {
+                Vec::new()
+            },
             counted: (0, 0),
             fleet: driver_fleet.take(),
             unrouted: Vec::new(),
@@ -559,14 +564,8 @@ async fn supervise(mut s: Supervised) {
             _ = s.ended.recv() => break false,
             Some(r) = s.reloads.recv() => {
                 // The shared parts (egroups, traps, auto-connects) change once, on the
-                // first worker; each applies the rest to its own SAs.
-                for tx in s.worker_reloads.iter().skip(1) {
-                    let _ = tx.send(Reload {
-                        config: r.config.clone(),
-                        diff: r.diff.clone(),
-                        stores: Default::default(),
-                    });
-                }
+                // first worker, which then passes the reload on to the others
+                // (`Driver::followers`) for their own SAs.
                 if let Some(tx) = s.worker_reloads.first() {
                     let _ = tx.send(r);
                 }

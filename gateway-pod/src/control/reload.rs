@@ -26,6 +26,7 @@ pub struct Reload {
 impl Driver {
     pub(super) fn reload(&mut self, reload: Reload) {
         let Reload { config, diff, stores } = reload;
+        let followers = std::mem::take(&mut self.followers);
         let now = Instant::now();
         // The shared parts (egroups and their tables, traps, auto-connects) are the first
         // worker's to change; every worker closes its own SAs and takes the new config.
@@ -106,6 +107,15 @@ impl Driver {
             self.publish(id);
         }
         self.connect_due(now);
+        // The shared parts are in their new state: the other workers follow.
+        for tx in &followers {
+            let _ = tx.send(Reload {
+                config: self.config.clone(),
+                diff: diff.clone(),
+                stores: Default::default(),
+            });
+        }
+        self.followers = followers;
         if primary {
             tracing::info!(%diff, closed = closing.len(), "configuration reloaded");
         } else {

@@ -78,13 +78,13 @@ impl SharedEgroups {
         self.lock().egroups.touch(egroup, peer_id, now);
     }
 
-    /// Dynamic eroutes per egroup.
-    pub(super) fn counts(&self) -> Vec<(String, usize)> {
-        self.lock()
-            .egroups
-            .counts()
-            .map(|(n, c)| (n.to_owned(), c))
-            .collect()
+    /// Calls `f` with the dynamic eroutes of each egroup, under the lock: two workers that
+    /// publish the counts one after the other publish them in that order (read outside the
+    /// lock, the later count could be overwritten by the earlier).
+    pub(super) fn with_counts(&self, mut f: impl FnMut(&str, usize)) {
+        for (n, c) in self.lock().egroups.counts() {
+            f(n, c);
+        }
     }
 
     pub(super) fn reconfigure(

@@ -120,6 +120,12 @@ impl IkeRouter {
     }
 }
 
+impl crate::dataplane::shared::IkeSink for IkeRouter {
+    fn try_send(&self, d: IkeDatagram) -> Result<(), IkeDatagram> {
+        IkeRouter::try_send(self, d)
+    }
+}
+
 /// The worker, of `n`, whose shards hold the IKE SPI `spi`.
 pub fn worker_of_spi(n: usize, spi: u64) -> usize {
     Shard::of_ike_spi(spi).index() % n.max(1)

@@ -172,7 +172,7 @@ pub async fn run(t: StaticTunnel, counters: DataplaneCounters) -> Result<(), Dat
         dev,
         t.tun_name.clone(),
         outer,
-        ike.into(),
+        Arc::new(ike),
         acquire,
         sa_events,
         counters,

@@ -39,7 +39,6 @@ use tokio::sync::mpsc;
 use tun_rs::{GROTable, VIRTIO_NET_HDR_LEN};
 
 use crate::cluster::{Link, Links};
-pub use crate::control::IkeRouter;
 
 mod egress;
 mod ingress;
@@ -114,6 +113,19 @@ fn crossed(
             let _ = events.send(SaEvent::Expired { spi_in });
             true
         }
+    }
+}
+
+/// Where the data plane sends the IKE messages it reads on port 4500 (the control plane's
+/// IKE workers, when the port does not steer IKE to them itself).
+pub trait IkeSink: Send + Sync {
+    /// Queues `d`; gives it back when it cannot be taken now (counted as an overflow).
+    fn try_send(&self, d: IkeDatagram) -> Result<(), IkeDatagram>;
+}
+
+impl IkeSink for mpsc::Sender<IkeDatagram> {
+    fn try_send(&self, d: IkeDatagram) -> Result<(), IkeDatagram> {
+        mpsc::Sender::try_send(self, d).map_err(mpsc::error::TrySendError::into_inner)
     }
 }
 
@@ -452,7 +464,7 @@ pub fn spawn(
     dev: tun_rs::SyncDevice,
     tun_name: String,
     outer: Outer,
-    ike: IkeRouter,
+    ike: Arc<dyn IkeSink>,
     acquire: mpsc::Sender<IpAddr>,
     sa_events: mpsc::UnboundedSender<SaEvent>,
     counters: DataplaneCounters,
@@ -562,7 +574,7 @@ struct WorkerTasks {
     egress: mpsc::UnboundedReceiver<EgressCommand>,
     ingress: mpsc::UnboundedReceiver<IngressCommand>,
     raw_ingress: Option<mpsc::UnboundedReceiver<IngressCommand>>,
-    ike: IkeRouter,
+    ike: Arc<dyn IkeSink>,
     acquire: mpsc::Sender<IpAddr>,
     sa_events: mpsc::UnboundedSender<SaEvent>,
     counters: DataplaneCounters,

@@ -138,13 +138,13 @@ impl Driver {
     }
 
     pub(in crate::control) fn publish_dynamic_counts(&self) {
-        for (egroup, n) in self.egroups.counts() {
-            self.gateway
-                .metrics
-                .dynamic_eroutes
-                .get_or_create(&crate::metrics::EgroupLabel { egroup })
-                .set(n as i64);
-        }
+        let gauges = &self.gateway.metrics.dynamic_eroutes;
+        self.egroups.with_counts(|egroup, n| {
+            let label = crate::metrics::EgroupLabel {
+                egroup: egroup.to_owned(),
+            };
+            gauges.get_or_create(&label).set(n as i64);
+        });
     }
 }
 

@@ -25,7 +25,7 @@ pub(super) async fn ingress(
     udp: Arc<Udp>,
     local: SocketAddr,
     mut commands: mpsc::UnboundedReceiver<IngressCommand>,
-    ike: IkeRouter,
+    ike: Arc<dyn IkeSink>,
     events: mpsc::UnboundedSender<SaEvent>,
     counters: DataplaneCounters,
     mut fleet: Option<Link>,
