@@ -197,7 +197,7 @@ impl Metrics {
         );
         r.register(
             "ike_passed_on_by_dataplane",
-            "IKE messages on port 4500 a data plane thread read and passed to an IKE worker (none while the port steers IKE to the workers' sockets)",
+            "IKE messages on port 4500 a data plane thread read and passed to an IKE worker (next to none while the port steers IKE to the workers' sockets)",
             d.ike_passed_on.clone(),
         );
         r.register(

@@ -120,7 +120,7 @@ pub fn route_ike(view: &super::View, remote: SocketAddr, datagram: &[u8]) -> Ike
 /// responder's if the original initiator sent it, else the initiator's); `None` for an
 /// IKE_SA_INIT request, whose SA has no responder SPI yet.
 fn ike_shard(h: &Header) -> Option<Shard> {
-    // Both SPIs set: an answer to our IKE_SA_INIT without the responder's SPI (a cookie,
+    // Only with the responder's SPI set: an answer to our IKE_SA_INIT without it (a cookie,
     // INVALID_KE_PAYLOAD) goes where new sites are placed, not by the SPI of ours.
     if h.spi_r == 0 {
         return None;

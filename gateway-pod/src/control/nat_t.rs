@@ -3,11 +3,11 @@
 //! worker's SAs, read here without waking a data plane thread.
 //!
 //! Its reads are offloaded like the data plane's (UDP GRO, which the kernel decides per
-//! group, not per socket), so a batch may carry ESP behind an IKE message of the same site:
-//! that ESP goes to the data plane's workers, as if their sockets had read it. (In a fleet,
-//! such ESP of another member's SA is dropped as an unknown SPI rather than forwarded: it
-//! takes an IKE message and ESP of one site, of equal length, joined in one batch, at a
-//! pod that does not own the site.)
+//! group, not per socket), so a batch may carry ESP behind an IKE message of the same site
+//! (ESP no longer than the IKE message, e.g. an ACK after a rekey's CREATE_CHILD_SA): that
+//! ESP goes to the data plane worker whose socket gets the site's ESP, as if it had read it,
+//! and in a fleet on to the member that owns its SA. (The reverse, a short IKE message at
+//! the end of a site's ESP batch, reaches a data plane socket and is passed on as before.)
 
 use std::io::IoSliceMut;
 use std::net::SocketAddr;

@@ -20,6 +20,8 @@ use std::os::fd::AsRawFd;
 
 use concentrator_fleet::shard::SHARD_BITS;
 
+use crate::dataplane::shared::SITE_MIX;
+
 /// Where the sockets of a group sit (by bind order) and what the datagrams look like.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct Group {
@@ -45,17 +47,29 @@ impl InitKey {
     }
 
     /// The worker, of `n`, that takes the new IKE SA whose initiator SPI is `spi_i`: the
-    /// program computes the same in the kernel.
+    /// program computes the same in the kernel. Every bit of the SPI moves the result (a
+    /// multiplication alone carries only low bits upward: a flood that fixed the low bits
+    /// of each half would land on one worker whatever the key).
     pub(crate) fn worker(&self, n: usize, spi_i: u64) -> usize {
         let [k0, k1] = self.0;
-        let h = ((spi_i >> 32) as u32 ^ k0).wrapping_mul(MIX_1) ^ spi_i as u32;
-        let h = (h ^ k1).wrapping_mul(MIX_2) >> 16;
+        let h = fmix((spi_i >> 32) as u32 ^ k0);
+        let h = fmix(h ^ spi_i as u32 ^ k1);
         (h % n.max(1) as u32) as usize
     }
 }
 
-const MIX_1: u32 = 0x9e37_79b1;
-const MIX_2: u32 = 0x85eb_ca6b;
+/// MurmurHash3's 32-bit finalizer (a bijection in which each input bit flips each output
+/// bit with probability about one half).
+fn fmix(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(FMIX_1);
+    h ^= h >> 13;
+    h = h.wrapping_mul(FMIX_2);
+    h ^ (h >> 16)
+}
+
+const FMIX_1: u32 = 0x85eb_ca6b;
+const FMIX_2: u32 = 0xc2b2_ae35;
 
 /// The IKE header's flags octet and its original-initiator bit (RFC 7296 §3.1).
 const FLAGS_OFFSET: u32 = 19;
@@ -95,7 +109,7 @@ pub(super) fn program(g: Group, key: InitKey) -> Vec<libc::sock_filter> {
             p.stmt(LD | ABS | H, NET + 40);
             p.label(Label::Spread);
             p.stmt(ALU | XOR | X, 0);
-            p.stmt(ALU | MUL | K, MIX_1);
+            p.stmt(ALU | MUL | K, SITE_MIX);
             p.stmt(ALU | RSH | K, 16);
             p.stmt(ALU | MOD | K, g.data);
             p.stmt(RET | A, 0);
@@ -133,13 +147,12 @@ pub(super) fn program(g: Group, key: InitKey) -> Vec<libc::sock_filter> {
     let [k0, k1] = key.0;
     p.stmt(LD | ABS | W, m);
     p.stmt(ALU | XOR | K, k0);
-    p.stmt(ALU | MUL | K, MIX_1);
+    p.fmix();
     p.stmt(MISC | TAX, 0);
     p.stmt(LD | ABS | W, m + 4);
     p.stmt(ALU | XOR | X, 0);
     p.stmt(ALU | XOR | K, k1);
-    p.stmt(ALU | MUL | K, MIX_2);
-    p.stmt(ALU | RSH | K, 16);
+    p.fmix();
     p.label(Label::Worker);
     p.stmt(ALU | MOD | K, g.ike);
     p.stmt(ALU | ADD | K, base);
@@ -251,6 +264,19 @@ impl Asm {
         self.code.push((code, k, t.into(), f.into()));
     }
 
+    /// A = [`fmix`](A), with X as scratch.
+    fn fmix(&mut self) {
+        for (shift, mul) in [(16, Some(FMIX_1)), (13, Some(FMIX_2)), (16, None)] {
+            // A ^= A >> shift
+            self.stmt(MISC | TAX, 0);
+            self.stmt(ALU | RSH | K, shift);
+            self.stmt(ALU | XOR | X, 0);
+            if let Some(mul) = mul {
+                self.stmt(ALU | MUL | K, mul);
+            }
+        }
+    }
+
     fn label(&mut self, l: Label) {
         self.labels.push((l, self.code.len()));
     }
@@ -301,15 +327,7 @@ mod tests {
     use super::*;
     use crate::control::workers::{IkeRouter, shard_for_worker, worker_of_spi};
 
-    /// The data plane socket, of `n`, the program gives ESP from `site` (one site, one
-    /// thread).
-    fn esp_socket(n: u32, site: std::net::SocketAddr) -> u32 {
-        let word = match site.ip() {
-            std::net::IpAddr::V4(a) => u32::from(a),
-            std::net::IpAddr::V6(a) => u128::from(a) as u32,
-        };
-        ((word ^ u32::from(site.port())).wrapping_mul(MIX_1) >> 16) % n.max(1)
-    }
+    use crate::dataplane::shared::site_worker as esp_socket;
 
     /// A group of `g.data + g.ike` sockets on one loopback port, the program attached.
     fn group(g: Group, key: InitKey) -> Vec<UdpSocket> {
@@ -423,6 +441,16 @@ mod tests {
                 seen[at - d] += 1;
             }
             assert!(seen.iter().all(|s| *s > 100 / n / 3), "{seen:?}");
+            // A flood that keeps the low bits of both halves of its SPIs still spreads.
+            let mut seen = vec![0; n];
+            for i in 1..100u64 {
+                let spi_i = (i << 52) | (i << 20) | 0x0005_0000_0005;
+                let m = ike(spi_i, 0, FLAG_INITIATOR as u8, true);
+                let at = landed(&socks, &from, &m);
+                assert_eq!(at, d + key.worker(n, spi_i));
+                seen[at - d] += 1;
+            }
+            assert!(seen.iter().all(|s| *s > 100 / n / 3), "fixed low bits: {seen:?}");
             // Too short for a header: the first worker.
             assert_eq!(landed(&socks, &from, &[0, 0, 0, 0, 1, 2, 3]), d);
         }

@@ -5,7 +5,7 @@
 //! fleet routes by), and worker `w` of `n` allocates only in the shards `s` with
 //! `s % n == w`. So any thread finds the worker of a message from its header alone, with no
 //! table and no lock: a new IKE_SA_INIT (responder SPI zero) goes to a worker by a keyed hash
-//! of the site's address and its SPI, every other message to the worker whose shards hold
+//! of its initiator SPI ([`super::steering::InitKey`]), every other message to the worker whose shards hold
 //! the SPI we allocated. An IKE SA stays in its worker for its whole life (rekeyed IKE SAs
 //! draw their SPIs in the shard of the first). The kernel makes the same choice for the
 //! workers' own sockets ([`super::steering`]), so a message read by a thread normally is

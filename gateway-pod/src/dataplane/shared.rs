@@ -68,8 +68,9 @@ pub struct DataplaneCounters {
     pub too_big: Counter,
     /// IKE messages on port 4500 dropped because the control plane was not keeping up.
     pub ike_overflow: Counter,
-    /// IKE messages on port 4500 a data plane thread read and passed to an IKE worker: none
-    /// while the port's program steers IKE to the workers' own sockets.
+    /// IKE messages on port 4500 a data plane thread read and passed to an IKE worker: next
+    /// to none while the port's program steers IKE to the workers' own sockets (only an IKE
+    /// message GRO joined behind a site's ESP).
     pub ike_passed_on: Counter,
     /// CHILD SA directions that reached a soft volume limit (a rekey was asked for).
     pub soft_expired: Counter,
@@ -223,6 +224,24 @@ pub struct DataplaneHandle {
     raw_esp: bool,
     /// SA changes of the control plane not sent yet ([`Self::defer_install`]).
     pending: Arc<std::sync::Mutex<Vec<SaChange>>>,
+    /// Each worker's ingress task of its UDP socket, in worker order (= the socket's place
+    /// in the port's SO_REUSEPORT group; `ingress` also holds the raw socket's task).
+    site_ingress: Vec<mpsc::UnboundedSender<IngressCommand>>,
+}
+
+/// Spreads ESP over the data plane's UDP sockets by site (the port's steering program
+/// computes the same in the kernel: `control::steering`).
+pub(crate) const SITE_MIX: u32 = 0x9e37_79b1;
+
+/// The worker, of `n`, whose UDP socket gets the ESP of the site at `site` when the port
+/// steers it (one site, one thread).
+pub(crate) fn site_worker(n: u32, site: SocketAddr) -> u32 {
+    let word = match site.ip() {
+        IpAddr::V4(a) => u32::from(a),
+        // The address's last word: what the program reads of an IPv6 header.
+        IpAddr::V6(a) => u128::from(a) as u32,
+    };
+    ((word ^ u32::from(site.port())).wrapping_mul(SITE_MIX) >> 16) % n.max(1)
 }
 
 /// The outer sockets of a data plane: at least one of the two.
@@ -278,16 +297,17 @@ impl DataplaneHandle {
 
     /// Sends the deferred changes to every worker, in the order they were made.
     pub fn flush(&self) {
-        let changes: Arc<[SaChange]> = {
-            let mut p = self
-                .pending
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if p.is_empty() {
-                return;
-            }
-            std::mem::take(&mut *p).into()
-        };
+        // Sent under the lock: with several IKE workers, one that took the list and sent
+        // it later could be overtaken by another's next list (an SA's Remove before its
+        // Install), or let the other send an IKE_AUTH answer before its SA was queued.
+        let mut p = self
+            .pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if p.is_empty() {
+            return;
+        }
+        let changes: Arc<[SaChange]> = std::mem::take(&mut *p).into();
         for tx in &self.ingress {
             let _ = tx.send(IngressCommand::Changes(changes.clone()));
         }
@@ -315,8 +335,18 @@ impl DataplaneHandle {
         for (spi, packet) in batch {
             per_worker[spi as usize % n].push(packet);
         }
+        self.queue(&self.ingress, per_worker)
+    }
+
+    /// Queues each worker's packets (`per_worker`, in the order of `to`) within the backlog;
+    /// how many were dropped.
+    fn queue(
+        &self,
+        to: &[mpsc::UnboundedSender<IngressCommand>],
+        per_worker: Vec<Vec<ForwardedEsp>>,
+    ) -> usize {
         let mut dropped = 0;
-        for (tx, packets) in self.ingress.iter().zip(per_worker) {
+        for (tx, packets) in to.iter().zip(per_worker) {
             if packets.is_empty() {
                 continue;
             }
@@ -335,14 +365,17 @@ impl DataplaneHandle {
     /// of the same site, the only way it lands there): opened by the workers as if their
     /// own sockets had read it. How many were dropped (the backlog is full).
     pub fn received(&self, batch: Vec<(SocketAddr, Vec<u8>)>) -> usize {
-        let batch = batch
-            .into_iter()
-            .filter_map(|(remote, packet)| {
-                let spi = u32::from_be_bytes(packet.get(..4)?.try_into().ok()?);
-                Some((spi, (remote, None, packet)))
-            })
-            .collect();
-        self.forwarded(batch)
+        // To the worker whose socket the port's program gives this site's ESP, so that its
+        // packets stay on one thread, in order.
+        let n = self.site_ingress.len();
+        let mut per_worker: Vec<Vec<ForwardedEsp>> = (0..n).map(|_| Vec::new()).collect();
+        for (remote, packet) in batch {
+            let w = site_worker(n as u32, remote) as usize;
+            if let Some(q) = per_worker.get_mut(w) {
+                q.push((remote, None, packet));
+            }
+        }
+        self.queue(&self.site_ingress, per_worker)
     }
 
     /// Sends packets toward `subnet` to `member` (which holds the site's tunnel) for a
@@ -408,6 +441,7 @@ impl DataplaneHandle {
                 udp: true,
                 raw_esp: false,
                 pending: Arc::default(),
+                site_ingress: Vec::new(),
             },
             DetachedWorker(erx),
         )
@@ -480,6 +514,7 @@ pub fn spawn(
         udp: outer.udp.is_some(),
         raw_esp: outer.raw_esp.is_some(),
         pending: Arc::default(),
+        site_ingress: Vec::new(),
     };
     let workers = match worker_sockets(dev, &outer) {
         Ok(w) => w,
@@ -492,6 +527,9 @@ pub fn spawn(
         let (etx, erx) = mpsc::unbounded_channel();
         let (itx, irx) = mpsc::unbounded_channel();
         handle.egress.push(etx);
+        if w.udp.is_some() {
+            handle.site_ingress.push(itx.clone());
+        }
         handle.ingress.push(itx);
         // With both kinds of socket, plain ESP gets an ingress task of its own, on the first
         // worker.

@@ -60,6 +60,17 @@ pub(super) async fn ingress(
                             let now = Instant::now();
                             let mut ready = 0;
                             for (remote, via, datagram) in &batch {
+                                // Read by an IKE worker's socket (not forwarded): another
+                                // member's SA goes to it, as from our own socket.
+                                if via.is_none()
+                                    && table.get(spi_of(datagram)).is_none()
+                                    && let Some(link) = fleet.as_mut()
+                                    && let Route::Member(_, to) = link.view().route(Shard::of_esp_spi(spi_of(datagram)))
+                                {
+                                    let epoch = link.view().epoch(Shard::of_esp_spi(spi_of(datagram)));
+                                    link.queue(Kind::Ingress, to, local, *remote, epoch, datagram);
+                                    continue;
+                                }
                                 if ready == tun_bufs.len() {
                                     write_tun(&dev, &tun_name, &mut gro, &mut tun_bufs[..ready], &counters).await;
                                     ready = 0;
@@ -71,6 +82,9 @@ pub(super) async fn ingress(
                                 }
                                 tracing::trace!(%remote, ?via, "forwarded ESP opened");
                                 ready += 1;
+                            }
+                            if let Some(link) = fleet.as_mut() {
+                                link.flush();
                             }
                             write_tun(&dev, &tun_name, &mut gro, &mut tun_bufs[..ready], &counters).await;
                         }
