@@ -73,9 +73,11 @@ impl Entropy for GatewayEntropy {
             4 => {
                 let mut b = [0u8; 4];
                 b.copy_from_slice(buf);
-                // A reserved value (below 256) is left as drawn: the engine draws again.
-                if let Some(spi) = shard.esp_spi(u32::from_be_bytes(b)) {
-                    buf.copy_from_slice(&spi.to_be_bytes());
+                // A reserved value (below 256): zero, which the engine draws again (the value
+                // as drawn would lie in another shard).
+                match shard.esp_spi(u32::from_be_bytes(b)) {
+                    Some(spi) => buf.copy_from_slice(&spi.to_be_bytes()),
+                    None => buf.fill(0),
                 }
             }
             _ => {}
@@ -87,9 +89,21 @@ impl Entropy for GatewayEntropy {
 impl GatewayEntropy {
     /// Standalone: an IKE SPI (freshly drawn in `buf`) in a shard of this worker's, or, for a
     /// later SA of an IKE SA, in the shard of its first (so that every IKE SA, rekeyed or
-    /// not, stays in its worker). ESP SPIs are left as drawn: nothing routes by them here.
+    /// not, stays in its worker); an inbound ESP SPI in the shard of its IKE SA (so that the
+    /// data plane's events about it reach that worker alone).
     fn worker_spi(&self, buf: &mut [u8], near: Option<u64>) -> Result<(), CryptoError> {
-        let (Some((w, n)), Ok(b)) = (self.worker, <[u8; 8]>::try_from(&*buf)) else {
+        let Some((w, n)) = self.worker else {
+            return Ok(());
+        };
+        if let (Ok(b), Some(near)) = (<[u8; 4]>::try_from(&*buf), near) {
+            match Shard::of_ike_spi(near).esp_spi(u32::from_be_bytes(b)) {
+                Some(spi) => buf.copy_from_slice(&spi.to_be_bytes()),
+                // Reserved (below 256): the engine draws again.
+                None => buf.fill(0),
+            }
+            return Ok(());
+        }
+        let Ok(b) = <[u8; 8]>::try_from(&*buf) else {
             return Ok(());
         };
         let random = u64::from_be_bytes(b);
@@ -156,6 +170,11 @@ mod tests {
                     let mut rekeyed = [0u8; 8];
                     e.spi(&mut rekeyed, Some(ike)).unwrap();
                     assert_eq!(crate::control::worker_of_spi(n, u64::from_be_bytes(rekeyed)), w);
+                    // Its CHILD SAs' inbound SPIs: the data plane's events find the worker.
+                    let mut esp = [0u8; 4];
+                    e.spi(&mut esp, Some(ike)).unwrap();
+                    let esp = u32::from_be_bytes(esp);
+                    assert!(esp == 0 || crate::control::worker_of_esp_spi(n, esp) == w);
                 }
             }
         }

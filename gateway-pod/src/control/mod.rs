@@ -63,7 +63,9 @@ pub use reload::Reload;
 use routes::Routes;
 use shared_state::{SharedEgroups, SharedRoutes};
 use workers::Peers;
-pub use workers::{IkeRouter, MAX_IKE_WORKERS, default_workers, shard_for_worker, worker_of_spi};
+pub use workers::{
+    IkeRouter, MAX_IKE_WORKERS, default_workers, shard_for_worker, worker_of_esp_spi, worker_of_spi,
+};
 
 /// Receive and send buffer asked for on the IKE port 500 socket.
 const IKE_SOCKET_BUFFER: usize = 4 << 20;
@@ -570,10 +572,12 @@ async fn supervise(mut s: Supervised) {
                     let _ = tx.send(r);
                 }
             }
-            // Named by an inbound ESP SPI: the worker holding its IKE SA acts, the others
-            // find no such CHILD SA (these come at most once per SA's lifetime).
+            // Named by an inbound ESP SPI, which lies in the shard of its IKE SA: to the
+            // worker that holds that.
             Some(e) = s.sa_events.recv() => {
-                for tx in &s.worker_sa_events {
+                let (SaEvent::Rekey { spi_in } | SaEvent::Expired { spi_in }) = e;
+                let w = worker_of_esp_spi(s.worker_sa_events.len(), spi_in);
+                if let Some(tx) = s.worker_sa_events.get(w) {
                     let _ = tx.send(e);
                 }
             }

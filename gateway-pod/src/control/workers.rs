@@ -126,6 +126,12 @@ impl crate::dataplane::shared::IkeSink for IkeRouter {
     }
 }
 
+/// The worker, of `n`, whose IKE SA has the inbound ESP SPI `spi` (drawn in its shard:
+/// `cluster::GatewayEntropy`).
+pub fn worker_of_esp_spi(n: usize, spi: u32) -> usize {
+    Shard::of_esp_spi(spi).index() % n.max(1)
+}
+
 /// The worker, of `n`, whose shards hold the IKE SPI `spi`.
 pub fn worker_of_spi(n: usize, spi: u64) -> usize {
     Shard::of_ike_spi(spi).index() % n.max(1)
