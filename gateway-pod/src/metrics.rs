@@ -50,6 +50,7 @@ pub const IKE_FAILURE_REASONS: &[&str] = &[
     "invalid_ke",
     "malformed",
     "child_sa_unsupported",
+    "spi_in_use",
     "dead_peer",
     "timeout",
     "other",

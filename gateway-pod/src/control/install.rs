@@ -14,6 +14,7 @@ use ipnet::IpNet;
 
 use super::driver::Driver;
 use super::events::ChildRecord;
+use crate::dataplane::backend::BackendError;
 use crate::dataplane::backend::{ChildSaSpec, Resume};
 use crate::dataplane::shared::SaEvent;
 
@@ -57,11 +58,18 @@ impl Driver {
         let counters = match self.backend.install_child(spec) {
             Ok(counters) => counters,
             Err(e) => {
-                self.gateway.metrics.count_ike_failure("child_sa_unsupported");
+                let collision = matches!(e, BackendError::SpiInUse(_));
+                self.gateway.metrics.count_ike_failure(if collision {
+                    "spi_in_use"
+                } else {
+                    "child_sa_unsupported"
+                });
                 // An IKE SA whose only CHILD SA cannot be carried would look up to the peer
                 // and carry nothing: it is deleted, so that the peer knows (and tries again
-                // as it is configured to). Beside a working CHILD SA it stays.
-                let deleting = rec.children.is_empty();
+                // as it is configured to). Beside a working CHILD SA it stays, unless our
+                // SPI collided (the engine would rekey or delete a CHILD SA that is not
+                // ours to remove): the peer starts again with new SPIs.
+                let deleting = rec.children.is_empty() || collision;
                 tracing::warn!(peer_id = %rec.peer_id, error = %e, deleting_ike_sa = deleting, "CHILD SA cannot be installed");
                 if deleting {
                     self.endpoint.delete(spi_r, Instant::now());
@@ -128,13 +136,15 @@ impl Driver {
     }
 
     pub(super) fn child_deleted(&mut self, spi_r: u64, spi_in: u32, spi_out: u32) {
-        self.backend.remove_child(spi_in);
+        // Only a CHILD SA the data plane carries for this IKE SA: one refused at install
+        // (its SPI another SA's) must not take the other's away.
         let Some(rec) = self.sas.get_mut(&spi_r) else {
             return;
         };
         let Some(pos) = rec.children.iter().position(|c| c.spi_in == spi_in) else {
             return;
         };
+        self.backend.remove_child(spi_in);
         let child = rec.children.remove(pos);
         tracing::info!(
             peer_id = %rec.peer_id,

@@ -69,6 +69,8 @@ pub enum BackendError {
     Keys(#[from] CryptoError),
     #[error("{0}")]
     Unsupported(&'static str),
+    #[error("inbound SPI {0:08x} is another CHILD SA's")]
+    SpiInUse(u32),
 }
 
 /// Something that carries CHILD SAs.
@@ -118,7 +120,8 @@ impl ChildSaBackend for DataplaneHandle {
             counters.note_inbound_seq(r.received_up_to);
         }
         let counters = Arc::new(counters.sending(outbound.counter()));
-        self.defer_install(
+        let replace = spec.resume.is_some();
+        let installed = self.defer_install(
             InboundSa {
                 sa: inbound,
                 local: spec.local,
@@ -135,7 +138,11 @@ impl ChildSaBackend for DataplaneHandle {
                 via: spec.via,
             },
             spec.subnets,
+            replace,
         );
+        if !installed {
+            return Err(BackendError::SpiInUse(spec.spi_in));
+        }
         Ok(counters)
     }
 
@@ -199,6 +206,32 @@ mod tests {
             via: Arc::default(),
             resume: None,
         }
+    }
+
+    #[test]
+    fn a_second_child_sa_with_an_inbound_spi_in_use_is_refused() {
+        let (handle, mut rx) = DataplaneHandle::detached();
+        let gcm = Encryption::AesGcm16 { key_bits: 128 };
+        assert!(handle.install_child(spec(gcm, None)).is_ok());
+        // Another SA drawing the same SPI would replace the first in the data plane.
+        assert!(matches!(
+            handle.install_child(spec(gcm, None)),
+            Err(BackendError::SpiInUse(0xa1))
+        ));
+        // The same SA taken over again replaces itself.
+        let resumed = ChildSaSpec {
+            resume: Some(Resume {
+                sent_up_to: 10,
+                received_up_to: 20,
+            }),
+            ..spec(gcm, None)
+        };
+        assert!(handle.install_child(resumed).is_ok());
+        // Once removed, the SPI may be drawn again.
+        handle.remove_child(0xa1);
+        assert!(handle.install_child(spec(gcm, None)).is_ok());
+        ChildSaBackend::flush(&handle);
+        assert_eq!(rx.installs(), 3);
     }
 
     #[test]

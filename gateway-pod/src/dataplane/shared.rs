@@ -222,11 +222,22 @@ pub struct DataplaneHandle {
     /// Which kinds of SA the data plane has a socket for.
     udp: bool,
     raw_esp: bool,
-    /// SA changes of the control plane not sent yet ([`Self::defer_install`]).
-    pending: Arc<std::sync::Mutex<Vec<SaChange>>>,
+    /// SA changes of the control plane not sent yet ([`Self::defer_install`]), and the
+    /// inbound SPIs installed through them.
+    pending: Arc<std::sync::Mutex<Pending>>,
     /// Each worker's ingress task of its UDP socket, in worker order (= the socket's place
     /// in the port's SO_REUSEPORT group; `ingress` also holds the raw socket's task).
     site_ingress: Vec<mpsc::UnboundedSender<IngressCommand>>,
+}
+
+/// What [`DataplaneHandle`]'s deferred installs hold.
+#[derive(Default)]
+struct Pending {
+    changes: Vec<SaChange>,
+    /// Inbound SPIs of the CHILD SAs installed (and not removed) by the control plane. SPIs
+    /// are random: at 100,000 tunnels two CHILD SAs drawing the same 32 bits is likely (about
+    /// one pair in 2^32 / 100,000^2 * 2), and the second would silently replace the first.
+    inbound: std::collections::HashSet<u32>,
 }
 
 /// Spreads ESP over the data plane's UDP sockets by site (the port's steering program
@@ -272,27 +283,40 @@ impl DataplaneHandle {
     /// control plane reach each worker as one command, so a burst of new sites wakes each
     /// data plane thread once, not once per SA and direction (measured: those wake-ups cost
     /// the data plane threads a fifth of the gateway's CPU under a load of new sites).
-    pub fn defer_install(&self, inbound: InboundSa, outbound: OutboundSa, subnets: Vec<IpNet>) {
+    /// `false` (nothing installed) when another CHILD SA installed this way has the same
+    /// inbound SPI, unless `replace` (the same SA again: a take-over).
+    pub fn defer_install(
+        &self,
+        inbound: InboundSa,
+        outbound: OutboundSa,
+        subnets: Vec<IpNet>,
+        replace: bool,
+    ) -> bool {
+        let mut p = self.pending();
+        if !p.inbound.insert(inbound.sa.spi()) && !replace {
+            return false;
+        }
         let change = SaChange::Install(
             Arc::new(SharedInbound::from(inbound)),
             Arc::new(outbound),
             subnets,
         );
-        self.defer(change);
+        p.changes.push(change);
+        true
     }
 
     /// [`Self::remove`] with the next [`Self::flush`].
     pub fn defer_remove(&self, spi_in: u32) {
-        self.defer(SaChange::Remove(spi_in));
+        let mut p = self.pending();
+        p.inbound.remove(&spi_in);
+        p.changes.push(SaChange::Remove(spi_in));
     }
 
-    fn defer(&self, change: SaChange) {
+    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
         // A poisoned lock only means a panic elsewhere while pushing: the list is whole.
-        let mut p = self
-            .pending
+        self.pending
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        p.push(change);
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Sends the deferred changes to every worker, in the order they were made.
@@ -300,14 +324,11 @@ impl DataplaneHandle {
         // Sent under the lock: with several IKE workers, one that took the list and sent
         // it later could be overtaken by another's next list (an SA's Remove before its
         // Install), or let the other send an IKE_AUTH answer before its SA was queued.
-        let mut p = self
-            .pending
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if p.is_empty() {
+        let mut p = self.pending();
+        if p.changes.is_empty() {
             return;
         }
-        let changes: Arc<[SaChange]> = std::mem::take(&mut *p).into();
+        let changes: Arc<[SaChange]> = std::mem::take(&mut p.changes).into();
         for tx in &self.ingress {
             let _ = tx.send(IngressCommand::Changes(changes.clone()));
         }
