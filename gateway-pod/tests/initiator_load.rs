@@ -1041,60 +1041,12 @@ fn ike_establishment_rate_ours_vs_strongswan() -> Result<()> {
 /// the per-core figure still says what each establishment costs the gateway.
 #[test]
 fn ike_workers_one_vs_two() -> Result<()> {
-    if prereq::require(&[netns::TOOLS]).is_skip() {
-        return Ok(());
-    }
-    let mut size = Size::from_env()?;
-    let Some(bin) = gateway_bin() else {
-        ensure!(
-            !size.full,
-            "no concentrator-gateway binary: cargo build --release -p concentrator-gateway"
-        );
-        eprintln!("SKIP: no concentrator-gateway binary at IKE_LOAD_GATEWAY_BIN");
-        return Ok(());
-    };
-    let wan = Wan::new()?;
-    let site = Netns::new("loadsite")?;
-    wan.attach(&site, "wan0", format!("{SITE_ADDR}/24").parse()?)?;
-    println!(
-        "IKE workers, 1 vs 2: IKE + CHILD SA establishments, {IKE} / {ESP}, PSK, window {}, {} generator \
-         thread(s); generator and gateway share this machine's {} cores:",
-        size.window,
-        size.threads,
-        std::thread::available_parallelism().map_or(0, usize::from)
-    );
-    let mut runs = Vec::new();
-    for scenario in size.scenarios.clone() {
-        println!("{}:", scenario.label());
-        let mut by_workers = Vec::new();
-        for workers in [1, 2] {
-            size.ike_workers = Some(workers);
-            let run = measure_ours(&wan, &site, &bin, &size, scenario)?;
-            report(&format!("{workers} worker(s)"), &run);
-            by_workers.push(run);
-        }
-        if let [one, two] = &by_workers[..] {
-            println!(
-                "  2 workers / 1: {:.2}x establishments/s, {:.2}x per gateway core; gateway cores busy: {:.2} vs {:.2}",
-                two.rate() / one.rate().max(1e-9),
-                two.per_core() / one.per_core().max(1e-9),
-                one.responder_cpu / one.seconds.max(1e-9),
-                two.responder_cpu / two.seconds.max(1e-9),
-            );
-        }
-        runs.extend(by_workers.into_iter().map(|r| (scenario, r)));
-    }
-    // Correctness only: every negotiation established. Rates are never asserted.
-    for (scenario, r) in &runs {
-        ensure!(
-            r.established == scenario.sas && r.failed == 0,
-            "{}: {} established, {} failed",
-            scenario.label(),
-            r.established,
-            r.failed
-        );
-    }
-    Ok(())
+    ab_ours(
+        "IKE workers, 1 vs 2",
+        ["1 worker(s)", "2 worker(s)"],
+        "2 workers / 1",
+        |size, i| size.ike_workers = Some(i + 1),
+    )
 }
 
 /// IKE on port 4500 read by the data plane's threads and passed to the IKE worker
@@ -1104,6 +1056,21 @@ fn ike_workers_one_vs_two() -> Result<()> {
 /// only: every SA established, and which threads read the IKE (checked in `measure_ours`).
 #[test]
 fn ike_on_4500_passed_on_vs_steered() -> Result<()> {
+    ab_ours(
+        "IKE on 4500 passed on by the data plane vs steered to the IKE worker (one worker)",
+        ["passed on", "steered"],
+        "steered / passed on",
+        |size, i| {
+            size.ike_workers = Some(1);
+            size.steering = i == 1;
+        },
+    )
+}
+
+/// Runs the generator against our gateway set up two ways (`set` with 0, then 1; a fresh
+/// gateway each) for each scenario, and prints each run and the ratios (`ratio`: second /
+/// first). Correctness only: every SA established in every run.
+fn ab_ours(what: &str, labels: [&str; 2], ratio: &str, set: impl Fn(&mut Size, usize)) -> Result<()> {
     if prereq::require(&[netns::TOOLS]).is_skip() {
         return Ok(());
     }
@@ -1120,36 +1087,35 @@ fn ike_on_4500_passed_on_vs_steered() -> Result<()> {
     let site = Netns::new("loadsite")?;
     wan.attach(&site, "wan0", format!("{SITE_ADDR}/24").parse()?)?;
     println!(
-        "IKE on 4500 passed on by the data plane vs steered to the IKE worker: {IKE} / {ESP}, PSK, window {}, \
-         {} generator thread(s), one IKE worker; generator and gateway share this machine's {} cores:",
+        "{what}: IKE + CHILD SA establishments, {IKE} / {ESP}, PSK, window {}, {} generator thread(s); \
+         generator and gateway share this machine's {} cores:",
         size.window,
         size.threads,
         std::thread::available_parallelism().map_or(0, usize::from)
     );
-    size.ike_workers = Some(1);
     for scenario in size.scenarios.clone() {
         println!("{}:", scenario.label());
         let mut runs = Vec::new();
-        for steering in [false, true] {
-            size.steering = steering;
+        for (i, label) in labels.iter().enumerate() {
+            set(&mut size, i);
             let run = measure_ours(&wan, &site, &bin, &size, scenario)?;
-            report(if steering { "steered" } else { "passed on" }, &run);
+            report(label, &run);
             ensure!(
                 run.established == scenario.sas && run.failed == 0,
-                "{}: {} established, {} failed",
+                "{label}, {}: {} established, {} failed",
                 scenario.label(),
                 run.established,
                 run.failed
             );
             runs.push(run);
         }
-        if let [off, on] = &runs[..] {
+        if let [a, b] = &runs[..] {
             println!(
-                "  steered / passed on: {:.2}x establishments/s, {:.2}x per gateway core; gateway cores busy: {:.2} vs {:.2}",
-                on.rate() / off.rate().max(1e-9),
-                on.per_core() / off.per_core().max(1e-9),
-                off.responder_cpu / off.seconds.max(1e-9),
-                on.responder_cpu / on.seconds.max(1e-9),
+                "  {ratio}: {:.2}x establishments/s, {:.2}x per gateway core; gateway cores busy: {:.2} vs {:.2}",
+                b.rate() / a.rate().max(1e-9),
+                b.per_core() / a.per_core().max(1e-9),
+                a.responder_cpu / a.seconds.max(1e-9),
+                b.responder_cpu / b.seconds.max(1e-9),
             );
         }
     }
