@@ -505,6 +505,18 @@ fn a_tunnel_the_gateway_initiated_survives_its_own_child_and_ike_rekeys() -> Res
 
 #[test]
 fn the_gateway_rekeys_child_sas_at_their_byte_limit_under_traffic() -> Result<()> {
+    rekeys_at_the_byte_limit("ss", &[])
+}
+
+/// The same with two IKE workers: the data plane's volume events reach the worker that
+/// holds the site's IKE SA (found from the CHILD SA's inbound SPI, drawn in that SA's
+/// shard), and IKE on port 500 is steered to it.
+#[test]
+fn with_two_ike_workers_the_byte_limit_rekeys_reach_the_sas_worker() -> Result<()> {
+    rekeys_at_the_byte_limit("sw", &["--ike-workers", "2"])
+}
+
+fn rekeys_at_the_byte_limit(tag: &str, args: &[&str]) -> Result<()> {
     if prereq::require(&[netns::TOOLS, strongswan::TOOLS, &[tools::CURL, tools::PYTHON3]]).is_skip() {
         return Ok(());
     }
@@ -515,12 +527,13 @@ fn the_gateway_rekeys_child_sas_at_their_byte_limit_under_traffic() -> Result<()
     // stream brings ~52 kB/s of inner packets toward the gateway, so the inbound SA reaches
     // 150 kB about every 3 s; the hard limit (165 kB) is never reached if the rekeys work.
     let s = SiteGateway::start_with(
-        "ss",
+        tag,
         ike,
         esp,
         &psk,
         &GatewayOptions {
             esp_extra: Some("    rekeyBytes: 150000\n"),
+            args,
             ..GatewayOptions::default()
         },
     )?;
