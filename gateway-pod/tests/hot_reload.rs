@@ -178,6 +178,17 @@ impl Site {
 
 #[test]
 fn config_changes_apply_without_touching_other_tunnels() -> Result<()> {
+    config_changes_apply(&[])
+}
+
+/// The same with two IKE workers: the five sites spread over them, and each worker applies
+/// the reload to its own SAs once the first has changed the shared parts.
+#[test]
+fn with_two_ike_workers_config_changes_apply_to_every_workers_tunnels() -> Result<()> {
+    config_changes_apply(&["--ike-workers", "2"])
+}
+
+fn config_changes_apply(args: &[&str]) -> Result<()> {
     if prereq::require(&[netns::TOOLS, strongswan::TOOLS, &[tools::CURL, tools::PING]]).is_skip() {
         return Ok(());
     }
@@ -196,7 +207,7 @@ fn config_changes_apply_without_touching_other_tunnels() -> Result<()> {
         broken: false,
     }
     .project(&config, "v1")?;
-    let gateway = Gateway::start(&gw, Path::new(BIN), dir.path(), "gw", GW_ADDR, &[])?;
+    let gateway = Gateway::start(&gw, Path::new(BIN), dir.path(), "gw", GW_ADDR, args)?;
     let metric = |name: &str, want: f64| {
         concentrator_e2e::gateway::wait_metric(&gw, name, want, TIMEOUT).with_context(|| gateway.log_tail(30))
     };
