@@ -122,7 +122,7 @@ impl IkeRouter {
 
 impl crate::dataplane::shared::IkeSink for IkeRouter {
     fn try_send(&self, d: IkeDatagram) -> Result<(), IkeDatagram> {
-        IkeRouter::try_send(self, d)
+        Self::try_send(self, d)
     }
 }
 

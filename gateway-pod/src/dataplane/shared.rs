@@ -126,7 +126,7 @@ pub trait IkeSink: Send + Sync {
 
 impl IkeSink for mpsc::Sender<IkeDatagram> {
     fn try_send(&self, d: IkeDatagram) -> Result<(), IkeDatagram> {
-        mpsc::Sender::try_send(self, d).map_err(mpsc::error::TrySendError::into_inner)
+        Self::try_send(self, d).map_err(mpsc::error::TrySendError::into_inner)
     }
 }
 
