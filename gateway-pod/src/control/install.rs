@@ -130,7 +130,15 @@ impl Driver {
             }
             SaEvent::Expired { .. } => {
                 tracing::warn!(peer_id = %rec.peer_id, spi_in = %spi, "CHILD SA reached its volume hard limit: removed");
-                self.backend.remove_child(spi_in);
+                // Its record goes with it: a later rekey or deletion of the engine's CHILD
+                // SA (or the other half's expiry) must not remove its SPI again, by then
+                // perhaps another SA's.
+                let spi_out = rec
+                    .children
+                    .iter()
+                    .find(|c| c.spi_in == spi_in)
+                    .map_or(0, |c| c.spi_out);
+                self.child_deleted(id, spi_in, spi_out);
             }
         }
     }

@@ -120,7 +120,6 @@ impl ChildSaBackend for DataplaneHandle {
             counters.note_inbound_seq(r.received_up_to);
         }
         let counters = Arc::new(counters.sending(outbound.counter()));
-        let replace = spec.resume.is_some();
         let installed = self.defer_install(
             InboundSa {
                 sa: inbound,
@@ -138,7 +137,6 @@ impl ChildSaBackend for DataplaneHandle {
                 via: spec.via,
             },
             spec.subnets,
-            replace,
         );
         if !installed {
             return Err(BackendError::SpiInUse(spec.spi_in));
@@ -218,7 +216,7 @@ mod tests {
             handle.install_child(spec(gcm, None)),
             Err(BackendError::SpiInUse(0xa1))
         ));
-        // The same SA taken over again replaces itself.
+        // A taken-over SA as well (its adoption never installs an SA held here).
         let resumed = ChildSaSpec {
             resume: Some(Resume {
                 sent_up_to: 10,
@@ -226,12 +224,15 @@ mod tests {
             }),
             ..spec(gcm, None)
         };
-        assert!(handle.install_child(resumed).is_ok());
+        assert!(matches!(
+            handle.install_child(resumed),
+            Err(BackendError::SpiInUse(0xa1))
+        ));
         // Once removed, the SPI may be drawn again.
         handle.remove_child(0xa1);
         assert!(handle.install_child(spec(gcm, None)).is_ok());
         ChildSaBackend::flush(&handle);
-        assert_eq!(rx.installs(), 3);
+        assert_eq!(rx.installs(), 2);
     }
 
     #[test]

@@ -235,8 +235,9 @@ pub struct DataplaneHandle {
 struct Pending {
     changes: Vec<SaChange>,
     /// Inbound SPIs of the CHILD SAs installed (and not removed) by the control plane. SPIs
-    /// are random: at 100,000 tunnels two CHILD SAs drawing the same 32 bits is likely (about
-    /// one pair in 2^32 / 100,000^2 * 2), and the second would silently replace the first.
+    /// are random: at 100,000 tunnels about one pair of CHILD SAs with the same 32 bits is
+    /// to be expected (N^2 / 2 pairs among 2^32 values), and the second would silently
+    /// replace the first.
     inbound: std::collections::HashSet<u32>,
 }
 
@@ -284,16 +285,10 @@ impl DataplaneHandle {
     /// data plane thread once, not once per SA and direction (measured: those wake-ups cost
     /// the data plane threads a fifth of the gateway's CPU under a load of new sites).
     /// `false` (nothing installed) when another CHILD SA installed this way has the same
-    /// inbound SPI, unless `replace` (the same SA again: a take-over).
-    pub fn defer_install(
-        &self,
-        inbound: InboundSa,
-        outbound: OutboundSa,
-        subnets: Vec<IpNet>,
-        replace: bool,
-    ) -> bool {
+    /// inbound SPI (a taken-over SA too: its adoption never installs an SA held here).
+    pub fn defer_install(&self, inbound: InboundSa, outbound: OutboundSa, subnets: Vec<IpNet>) -> bool {
         let mut p = self.pending();
-        if !p.inbound.insert(inbound.sa.spi()) && !replace {
+        if !p.inbound.insert(inbound.sa.spi()) {
             return false;
         }
         let change = SaChange::Install(
@@ -389,6 +384,9 @@ impl DataplaneHandle {
         // To the worker whose socket the port's program gives this site's ESP, so that its
         // packets stay on one thread, in order.
         let n = self.site_ingress.len();
+        if n == 0 {
+            return batch.len();
+        }
         let mut per_worker: Vec<Vec<ForwardedEsp>> = (0..n).map(|_| Vec::new()).collect();
         for (remote, packet) in batch {
             let w = site_worker(n as u32, remote) as usize;
