@@ -64,11 +64,8 @@ pub(super) async fn ingress(
                                 // member's SA goes to it, as from our own socket.
                                 if via.is_none()
                                     && table.get(spi_of(datagram)).is_none()
-                                    && let Some(link) = fleet.as_mut()
-                                    && let Route::Member(_, to) = link.view().route(Shard::of_esp_spi(spi_of(datagram)))
+                                    && to_owner(&mut fleet, local, *remote, spi_of(datagram), datagram)
                                 {
-                                    let epoch = link.view().epoch(Shard::of_esp_spi(spi_of(datagram)));
-                                    link.queue(Kind::Ingress, to, local, *remote, epoch, datagram);
                                     continue;
                                 }
                                 if ready == tun_bufs.len() {
@@ -139,11 +136,7 @@ pub(super) async fn ingress(
                 };
                 if table.get(spi).is_none() {
                     // Another member's SA (its shard is in the SPI): forwarded, once.
-                    if let Some(link) = fleet.as_mut()
-                        && let Route::Member(_, to) = link.view().route(Shard::of_esp_spi(spi))
-                    {
-                        let epoch = link.view().epoch(Shard::of_esp_spi(spi));
-                        link.queue(Kind::Ingress, to, local, m.addr, epoch, datagram);
+                    if to_owner(&mut fleet, local, m.addr, spi, datagram) {
                         continue;
                     }
                     counters.unknown_spi.inc();
@@ -176,6 +169,27 @@ pub(super) async fn ingress(
         }
         write_tun(&dev, &tun_name, &mut gro, &mut tun_bufs[..ready], &counters).await;
     }
+}
+
+/// Queues the ESP `datagram` for the member whose shard holds `spi`, if another member's;
+/// `false` when it is not forwarded (standalone, or the SA is ours).
+fn to_owner(
+    fleet: &mut Option<Link>,
+    local: SocketAddr,
+    remote: SocketAddr,
+    spi: u32,
+    datagram: &[u8],
+) -> bool {
+    let Some(link) = fleet.as_mut() else {
+        return false;
+    };
+    let shard = Shard::of_esp_spi(spi);
+    let Route::Member(_, to) = link.view().route(shard) else {
+        return false;
+    };
+    let epoch = link.view().epoch(shard);
+    link.queue(Kind::Ingress, to, local, remote, epoch, datagram);
+    true
 }
 
 /// What became of a datagram.
